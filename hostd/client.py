@@ -1,0 +1,383 @@
+"""Async client for hostd's local API: HTTP/1.1 + JSON over the daemon's Unix socket.
+
+One method per API call. Long operations answer with a stream of newline-delimited JSON
+events; the client hands each `progress` event to a callback, returns the `result` event
+and raises the `error` event, so a caller sees a stream exactly like a plain call.
+
+Every foreign exception (aiohttp's, OSError, bad JSON) becomes a HostdError at this edge,
+with the exit code the contract gives it: bad_request 2, not_found 3, an unreachable socket 4,
+anything else 1. This module must not print, exit or know about terminals: that is cli.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from hostd.errors import (
+    Busy,
+    ChunkCorrupt,
+    ChunkMissing,
+    DaemonUnreachable,
+    HostdError,
+    ManifestError,
+    NotFound,
+    OriginError,
+    TargetExists,
+    TierError,
+    TransientError,
+    UsageError,
+)
+
+JSON = dict[str, Any]
+T = TypeVar("T")
+ProgressCallback = Callable[[JSON], None]
+
+NDJSON = "application/x-ndjson"
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+"""One event line longer than this is a broken daemon, not a big result."""
+MAX_ERROR_BODY = 64 * 1024
+
+# The daemon's error codes this client raises as hostd's own classes. ConfigError and
+# DaemonUnreachable are left out on purpose: from the daemon they are plain failures (exit 1),
+# not a usage error of this command or an unreachable socket.
+_ERROR_CLASSES: dict[str, type[HostdError]] = {
+    cls.code: cls
+    for cls in (
+        UsageError,
+        NotFound,
+        ManifestError,
+        ChunkMissing,
+        ChunkCorrupt,
+        TransientError,
+        OriginError,
+        TargetExists,
+        TierError,
+        Busy,
+    )
+}
+
+
+class RemoteError(HostdError):
+    """An error the daemon reported under a code this client has no class for (exit 1)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def error_from_code(code: str, message: str) -> HostdError:
+    """The HostdError for an API error body or stream `error` event."""
+    cls = _ERROR_CLASSES.get(code)
+    if cls is None:
+        return RemoteError(code, message)
+    return cls(message)
+
+
+def resolve_socket(
+    explicit: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    *,
+    system_socket: Path | None = None,
+) -> Path:
+    """The socket to talk to: `--socket`, else `$HOSTD_SOCKET`, else the default.
+
+    The default is the per-user socket, unless nothing is there and the system daemon's
+    socket (`system_socket`, default /run/hostd/hostd.sock) exists: a host runs hostd under
+    systemd, and users run the CLI without options.
+    """
+    if explicit:
+        return Path(explicit)
+    from_env = environ.get("HOSTD_SOCKET")
+    if from_env:
+        return Path(from_env)
+    # Imported here: a client command should not pay for the config module unless it needs it.
+    from hostd.config import default_socket
+
+    if system_socket is None:
+        return default_socket(environ)
+    return default_socket(environ, system_socket=system_socket)
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """`path` made absolute against this process's working directory (the daemon has another).
+
+    Lexical only: the path need not exist here, and symlinks are the daemon's to follow.
+    """
+    return os.path.abspath(path)
+
+
+class EventReader:
+    """Splits NDJSON bytes into event objects. Pure: feed it bytes, get events back."""
+
+    def __init__(self, max_line: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max_line = max_line
+
+    def __repr__(self) -> str:
+        return f"<EventReader buffered={len(self._buffer)}>"
+
+    def feed(self, data: bytes) -> list[JSON]:
+        self._buffer += data
+        events: list[JSON] = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.strip():
+                events.append(_parse_event(line))
+        if len(self._buffer) > self._max_line:
+            raise HostdError(f"daemon sent an event line longer than {self._max_line} bytes")
+        return events
+
+    def finish(self) -> list[JSON]:
+        """Events left when the stream ends: a last line without its newline."""
+        line, self._buffer = bytes(self._buffer), bytearray()
+        return [_parse_event(line)] if line.strip() else []
+
+
+def _parse_event(line: bytes) -> JSON:
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise HostdError(f"daemon sent a malformed event: {line[:200]!r}") from exc
+    if not isinstance(event, dict):
+        raise HostdError(f"daemon sent an event that is not an object: {line[:200]!r}")
+    return event
+
+
+class Client:
+    """A connection pool to one daemon socket. Use as `async with Client(path) as c: ...`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], *, connect_timeout: float = 10.0):
+        self.socket_path = Path(socket_path)
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._session is not None else "closed"
+        return f"<Client socket={str(self.socket_path)!r} {state}>"
+
+    async def __aenter__(self) -> Client:
+        self._session = aiohttp.ClientSession(
+            base_url="http://hostd",
+            connector=aiohttp.UnixConnector(path=str(self.socket_path)),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection; a stream still open is cut, and the daemon cancels it."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- plain calls ------------------------------------------------------------------------
+
+    async def status(self) -> JSON:
+        return await self._call("GET", "/v1/status")
+
+    async def snapshots(self) -> JSON:
+        return await self._call("GET", "/v1/snapshots")
+
+    async def gc(self) -> JSON:
+        return await self._call("POST", "/v1/gc", {})
+
+    async def pin(
+        self,
+        *,
+        ref: str | None = None,
+        snapshot: str | None = None,
+        compat: Mapping[str, str] | None = None,
+    ) -> JSON:
+        return await self._call("POST", "/v1/pin", _pin_body(ref, snapshot, compat))
+
+    async def unpin(
+        self,
+        *,
+        ref: str | None = None,
+        snapshot: str | None = None,
+        compat: Mapping[str, str] | None = None,
+    ) -> JSON:
+        return await self._call("POST", "/v1/unpin", _pin_body(ref, snapshot, compat))
+
+    async def metrics(self) -> str:
+        async def read(response: aiohttp.ClientResponse) -> str:
+            return await response.text()
+
+        return await self._request("GET", "/metrics", None, read)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    async def restore(
+        self,
+        ref: str,
+        target: str | os.PathLike[str],
+        *,
+        mode: str = "auto",
+        replace: bool = False,
+        compat: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> JSON:
+        body = {
+            "ref": ref,
+            "target": absolute(target),
+            "mode": mode,
+            "replace": replace,
+            "compat": dict(compat or {}),
+        }
+        return await self._stream("/v1/restore", body, on_progress)
+
+    async def publish(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ref: str,
+        facts: list[str] | None = None,
+        compat: Mapping[str, str] | None = None,
+        meta: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> JSON:
+        body: JSON = {
+            "path": absolute(path),
+            "ref": ref,
+            "compat": dict(compat or {}),
+            "meta": dict(meta or {}),
+        }
+        if facts is not None:  # absent: the daemon's default facts
+            body["facts"] = list(facts)
+        return await self._stream("/v1/publish", body, on_progress)
+
+    async def prefetch(
+        self,
+        ref: str,
+        *,
+        tier: str | None = None,
+        compat: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> JSON:
+        body: JSON = {"ref": ref, "compat": dict(compat or {})}
+        if tier is not None:
+            body["tier"] = tier
+        return await self._stream("/v1/prefetch", body, on_progress)
+
+    async def verify(self, *, on_progress: ProgressCallback | None = None) -> JSON:
+        return await self._stream("/v1/verify", {}, on_progress)
+
+    # -- the edge ---------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, body: JSON | None = None) -> JSON:
+        async def read(response: aiohttp.ClientResponse) -> JSON:
+            try:
+                answer = await response.json(content_type=None)
+            except ValueError as exc:
+                raise HostdError(f"daemon sent malformed JSON for {path}") from exc
+            if not isinstance(answer, dict):
+                raise HostdError(f"daemon sent JSON that is not an object for {path}")
+            return answer
+
+        return await self._request(method, path, body, read)
+
+    async def _stream(self, path: str, body: JSON, on_progress: ProgressCallback | None) -> JSON:
+        async def read(response: aiohttp.ClientResponse) -> JSON:
+            if response.content_type != NDJSON:
+                raise HostdError(
+                    f"daemon answered {path} with {response.content_type}, not {NDJSON}"
+                )
+            reader = EventReader()
+            try:
+                async for data in response.content.iter_any():
+                    for event in reader.feed(data):
+                        outcome = _outcome(event, on_progress)
+                        if outcome is not None:
+                            return outcome
+            except aiohttp.ClientError as exc:
+                raise HostdError(f"daemon closed the stream early: {_describe(exc)}") from exc
+            for event in reader.finish():
+                outcome = _outcome(event, on_progress)
+                if outcome is not None:
+                    return outcome
+            raise HostdError("daemon closed the stream early, with no result or error")
+
+        return await self._request("POST", path, body, read)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: JSON | None,
+        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    ) -> T:
+        if self._session is None:
+            raise RuntimeError("Client used outside `async with`")
+        try:
+            async with self._session.request(method, path, json=body) as response:
+                if not 200 <= response.status < 300:
+                    raise await _error_from_response(response)
+                return await read(response)
+        except aiohttp.ClientConnectorError as exc:
+            raise DaemonUnreachable(
+                f"cannot reach the daemon at {self.socket_path}: {_describe(exc)}"
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise HostdError(
+                f"lost the connection to the daemon at {self.socket_path}: {_describe(exc)}"
+            ) from exc
+
+
+def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] | None) -> JSON:
+    if (ref is None) == (snapshot is None):
+        raise UsageError("name exactly one of a ref or a snapshot id")
+    body: JSON = {"compat": dict(compat or {})}
+    if ref is not None:
+        body["ref"] = ref
+    else:
+        body["snapshot"] = snapshot
+    return body
+
+
+def _outcome(event: JSON, on_progress: ProgressCallback | None) -> JSON | None:
+    """The result of a finished stream, None to read on, or the stream's error raised."""
+    kind = event.get("event")
+    if kind == "result":
+        return {key: value for key, value in event.items() if key != "event"}
+    if kind == "error":
+        code = str(event.get("error") or "internal")
+        raise error_from_code(code, str(event.get("message") or code))
+    if kind == "progress" and on_progress is not None:
+        on_progress(event)
+    return None  # progress, or an event kind newer than this client: read on
+
+
+async def _error_from_response(response: aiohttp.ClientResponse) -> HostdError:
+    raw = await response.content.read(MAX_ERROR_BODY)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        code: str = body["error"]
+        return error_from_code(code, str(body.get("message") or code))
+    text = raw.decode("utf-8", "replace").strip()[:200] or "no body"
+    return HostdError(f"daemon answered HTTP {response.status} {response.reason}: {text}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or str(exc.os_error)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,726 @@
+"""Config: the keys of hostd's TOML file, their defaults, and the per-user default paths.
+
+`load_config` reads one TOML file (or none: the embedded defaults), checks every key and
+value, and returns a frozen `Config` whose paths are absolute and whose sizes and durations
+are resolved to bytes and seconds. A wrong key or value raises `ConfigError` naming the key
+(`tiers[1].budget`, `peers.timeout`, `origin_options.region`) and the reason; tier indexes
+count from 0. Relative paths resolve against the directory of the file.
+
+With no file every path is per user (DESIGN.md "Config"), and derived from the cache
+directory, so two users or two `HOME`s never share a socket, tier, index or origin.
+
+It must not create, change or open anything but the config file itself: the daemon makes
+its directories. The only other filesystem access is `os.statvfs` for "%" budgets (on the
+nearest existing ancestor of the tier path) and `is_dir` on /dev/shm for the default `mem`
+tier. No module state: tests inject the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import ipaddress
+import math
+import os
+import pwd
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import blake3
+
+from hostd.errors import ConfigError
+
+# sun_path is 108 bytes on Linux, one of them the terminating NUL.
+MAX_SOCKET_PATH = 107
+SYSTEM_SOCKET = Path("/run/hostd/hostd.sock")
+DEFAULT_SHM_ROOT = Path("/dev/shm")
+
+ORIGIN_SCHEMES = ("s3", "gs", "az", "http", "https", "file")
+COMPRESS_MODES = ("auto", "never", "always")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
+DEFAULT_COMPAT_FACTS = ("gpu_model", "driver_major", "cuda", "arch", "format")
+DEFAULT_TIER_BUDGET = "50%"
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 256 * 1024 * 1024
+
+# The keys the loader accepts, per table. tests/test_config.py checks that config/hostd.toml
+# documents exactly these and that they match the dataclass fields below.
+TOP_KEYS = (
+    "origin",
+    "origin_options",
+    "socket",
+    "socket_mode",
+    "metrics_address",
+    "compat_facts",
+    "tiers",
+    "index",
+    "chunk_size",
+    "fetch_concurrency",
+    "upload_concurrency",
+    "retries",
+    "retry_base",
+    "retry_max",
+    "request_timeout",
+    "drain_timeout",
+    "idle_timeout",
+    "max_request_body",
+    "compress",
+    "compress_min_saving",
+    "log_level",
+    "log_format",
+    "peers",
+)
+TIER_KEYS = ("name", "path", "budget")
+PEER_KEYS = ("listen", "static", "dns", "dns_refresh", "secret_file", "hedge_after", "timeout")
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    # Kubernetes spelling, which operators of GPU fleets write by habit.
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+_DURATION_UNITS = {
+    "": Fraction(1),
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+}
+_MAX_SIZE = 2**63 - 1
+_MAX_DURATION = 10 * 365 * 86400.0
+_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
+_SIZE_RE = re.compile(rf"\s*{_NUMBER}\s*([A-Za-z]*)\s*")
+_DURATION_RE = re.compile(rf"\s*{_NUMBER}\s*([a-z]*)\s*")
+_PERCENT_RE = re.compile(rf"\s*{_NUMBER}\s*%\s*")
+_TIER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_FACT_RE = re.compile(r"[a-z][a-z0-9_]*")
+_MODE_RE = re.compile(r"(?:0o|0)?([0-7]{3})")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_SECRET_RE = re.compile(r"secret|key|token|passw|credential|sas", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str
+    path: Path
+    budget: int
+    budget_spec: str
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    listen: str
+    static: tuple[str, ...]
+    dns: tuple[str, ...]
+    dns_refresh: float
+    secret_file: Path | None
+    hedge_after: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Config:
+    origin: str
+    origin_options: dict[str, str] = field(hash=False)
+    socket: Path
+    socket_mode: int
+    metrics_address: str
+    compat_facts: tuple[str, ...]
+    tiers: tuple[TierConfig, ...]
+    index: Path
+    chunk_size: int
+    fetch_concurrency: int
+    upload_concurrency: int
+    retries: int
+    retry_base: float
+    retry_max: float
+    request_timeout: float
+    drain_timeout: float
+    idle_timeout: float
+    max_request_body: int
+    compress: str
+    compress_min_saving: float
+    log_level: str
+    log_format: str
+    peers: PeersConfig | None
+    source: Path | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able view for `status`: paths as strings, secrets in origin options hidden."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["origin"] = _redact_url(self.origin)
+        out["origin_options"] = {
+            k: ("***" if _SECRET_RE.search(k) else v) for k, v in self.origin_options.items()
+        }
+        out["socket_mode"] = f"{self.socket_mode:04o}"
+        return out
+
+
+@dataclass(frozen=True)
+class DefaultPaths:
+    """Where a daemon with no config keeps things, for the user and environment given."""
+
+    cache_dir: Path
+    data_dir: Path
+    socket: Path
+    shm_dir: Path | None
+
+
+def known_keys() -> frozenset[str]:
+    """Every leaf key the loader accepts: `origin`, `tiers[].budget`, `peers.timeout`..."""
+    top = {k for k in TOP_KEYS if k not in ("tiers", "peers")}
+    return frozenset(top | {f"tiers[].{k}" for k in TIER_KEYS} | {f"peers.{k}" for k in PEER_KEYS})
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """Bytes from a TOML integer or a string like "4MiB", "500MB", "1.5GiB", "1024".
+
+    Units: B KB MB GB TB (powers of 1000), KiB MiB GiB TiB and Ki Mi Gi Ti (powers of 1024),
+    any case. A fractional result is rounded down to whole bytes.
+    """
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ConfigError(key, f'expected a size like "4MiB" or a byte count, got {_show(text)}')
+    if isinstance(text, int):
+        n = text
+    else:
+        m = _SIZE_RE.fullmatch(text)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ConfigError(
+                key,
+                f"{text!r} is not a size: write a number and a unit (B, KB, MB, GB, TB, "
+                'KiB, MiB, GiB, TiB), e.g. "4MiB"',
+            )
+        n = math.floor(Fraction(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 0:
+        raise ConfigError(key, f"a size cannot be negative, got {text!r}")
+    if n > _MAX_SIZE:
+        raise ConfigError(key, f"{text!r} is too large (at most 2^63-1 bytes)")
+    return n
+
+
+def parse_duration(text: str | int | float, key: str) -> float:
+    """Seconds from a TOML number (seconds) or a string like "200ms", "30s", "5m", "1h"."""
+    if isinstance(text, bool) or not isinstance(text, int | float | str):
+        raise ConfigError(key, f'expected a duration like "30s" or seconds, got {_show(text)}')
+    if isinstance(text, str):
+        m = _DURATION_RE.fullmatch(text)
+        if m is None or m.group(2) not in _DURATION_UNITS:
+            raise ConfigError(
+                key,
+                f'{text!r} is not a duration: write a number and a unit (ms, s, m, h), e.g. "30s"',
+            )
+        seconds = float(Fraction(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    else:
+        seconds = float(text)
+    if math.isnan(seconds) or seconds < 0:
+        raise ConfigError(key, f"a duration cannot be negative or NaN, got {text!r}")
+    if seconds > _MAX_DURATION:
+        raise ConfigError(key, f"{text!r} is too long (at most 10 years)")
+    return seconds
+
+
+def parse_share(text: str | int | float, key: str) -> float:
+    """A share in [0, 1] from "10%" or a TOML number 0.1."""
+    if isinstance(text, str):
+        m = _PERCENT_RE.fullmatch(text)
+        if m is None:
+            raise ConfigError(key, f'{text!r} is not a share: write a percentage like "10%"')
+        share = float(Fraction(m.group(1)) / 100)
+    elif isinstance(text, int | float) and not isinstance(text, bool):
+        share = float(text)
+    else:
+        raise ConfigError(key, f'expected a share like "10%" or 0.1, got {_show(text)}')
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(key, f"a share must lie between 0% and 100%, got {text!r}")
+    return share
+
+
+def resolve_budget(
+    spec: str | int,
+    path: Path,
+    key: str,
+    statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
+) -> int:
+    """A tier budget in bytes: a size, or "N%" of the filesystem that holds `path`.
+
+    The filesystem is the one of `path` or, where it does not exist yet, of its nearest
+    existing ancestor (the daemon creates tier directories after loading the config).
+    """
+    m = _PERCENT_RE.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None:
+        budget = parse_size(spec, key)
+    else:
+        share = Fraction(m.group(1))
+        if not 0 < share <= 100:
+            raise ConfigError(key, f"a share of the filesystem must be in (0%, 100%], got {spec!r}")
+        budget = math.floor(_filesystem_size(path, key, statvfs) * share / 100)
+    if budget <= 0:
+        raise ConfigError(key, f"a tier budget must be at least 1 byte, got {spec!r}")
+    return budget
+
+
+def _filesystem_size(path: Path, key: str, statvfs: Callable[[Path], os.statvfs_result]) -> int:
+    probe = path
+    while True:
+        try:
+            st = statvfs(probe)
+        except (FileNotFoundError, NotADirectoryError):
+            if probe.parent == probe:
+                raise ConfigError(key, f"no existing ancestor of {path} to measure") from None
+            probe = probe.parent
+        except OSError as e:
+            raise ConfigError(key, f"cannot measure the filesystem of {probe}: {e}") from e
+        else:
+            return st.f_blocks * st.f_frsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Default paths
+
+
+def default_paths(
+    env: Mapping[str, str], *, uid: int | None = None, shm_root: Path = DEFAULT_SHM_ROOT
+) -> DefaultPaths:
+    """The per-user paths of DESIGN.md "Config", named after the cache directory.
+
+    cache_dir = $XDG_CACHE_HOME/hostd or $HOME/.cache/hostd; data_dir likewise with
+    $XDG_DATA_HOME and .local/share; socket = $XDG_RUNTIME_DIR/hostd/hostd.sock or
+    /tmp/hostd-<uid>-<tag>/hostd.sock; shm_dir = <shm_root>/hostd-<uid>-<tag> where shm_root
+    is a directory, else None. <tag> is the first 12 hex digits of BLAKE3 of the cache dir, so
+    two HOMEs of one user differ too. XDG variables that are not absolute paths are ignored,
+    as the XDG spec says.
+    """
+    uid = os.getuid() if uid is None else uid
+    home = functools.cache(lambda: _home(env, uid))
+    cache_dir = _xdg_dir(env, "XDG_CACHE_HOME", home, ".cache") / "hostd"
+    data_dir = _xdg_dir(env, "XDG_DATA_HOME", home, ".local/share") / "hostd"
+    tag = blake3.blake3(os.fsencode(str(cache_dir))).hexdigest()[:12]
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        socket = Path(os.path.normpath(runtime)) / "hostd" / "hostd.sock"
+    else:
+        socket = Path(f"/tmp/hostd-{uid}-{tag}/hostd.sock")
+    shm_dir = shm_root / f"hostd-{uid}-{tag}" if shm_root.is_dir() else None
+    return DefaultPaths(cache_dir=cache_dir, data_dir=data_dir, socket=socket, shm_dir=shm_dir)
+
+
+def default_socket(env: Mapping[str, str], *, system_socket: Path = SYSTEM_SOCKET) -> Path:
+    """The socket a client command uses when given no --socket and no $HOSTD_SOCKET.
+
+    The per-user default, unless nothing is there and the systemd unit's socket exists: a
+    user on a host whose daemon runs under systemd reaches it without flags.
+    """
+    own = default_paths(env).socket
+    if not os.path.exists(own) and _is_socket(system_socket):
+        return system_socket
+    return own
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _home(env: Mapping[str, str], uid: int) -> Path:
+    home = env.get("HOME", "")
+    if os.path.isabs(home):
+        return Path(os.path.normpath(home))
+    try:
+        return Path(pwd.getpwuid(uid).pw_dir)
+    except KeyError:
+        raise ConfigError("HOME", f"not set, and uid {uid} has no passwd entry") from None
+
+
+def _xdg_dir(env: Mapping[str, str], var: str, home: Callable[[], Path], under_home: str) -> Path:
+    value = env.get(var, "")
+    if os.path.isabs(value):
+        return Path(os.path.normpath(value))
+    return home() / under_home
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and check the config file at `path`; None gives the embedded defaults.
+
+    `env` (default os.environ) supplies HOME and the XDG variables of the default paths.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        return _build({}, env, base=None, source=None)
+    source = Path(os.path.abspath(path))
+    try:
+        with open(source, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read {source}: {e.strerror or e}") from e
+    except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
+        raise ConfigError("<file>", f"{source} is not valid TOML: {e}") from e
+    return _build(raw, env, base=source.parent, source=source)
+
+
+def _build(
+    raw: dict[str, Any], env: Mapping[str, str], base: Path | None, source: Path | None
+) -> Config:
+    _check_keys(raw, TOP_KEYS, "")
+    defaults = functools.cache(lambda: default_paths(env))
+
+    def get(key: str, default: Any) -> Any:
+        return raw.get(key, default)
+
+    if "origin" in raw:
+        origin = _origin(raw["origin"])
+    else:
+        origin = (defaults().data_dir / "origin").as_uri()
+    socket = _path(raw["socket"], "socket", base) if "socket" in raw else defaults().socket
+    if len(os.fsencode(str(socket))) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            "socket",
+            f"{socket} is {len(os.fsencode(str(socket)))} bytes long; a Unix socket path must "
+            f"be at most {MAX_SOCKET_PATH} bytes: set a shorter one",
+        )
+    tiers = _tiers(raw["tiers"], base) if "tiers" in raw else _default_tiers(defaults())
+    if "index" in raw:
+        index = _path(raw["index"], "index", base)
+    else:
+        index = defaults().cache_dir / "index.sqlite3"
+
+    chunk_size = parse_size(_size_value(get("chunk_size", "4MiB"), "chunk_size"), "chunk_size")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ConfigError("chunk_size", "must be a power of two from 64KiB to 256MiB")
+    retry_base = _duration(get("retry_base", "200ms"), "retry_base", positive=True)
+    retry_max = _duration(get("retry_max", "5s"), "retry_max", positive=True)
+    if retry_max < retry_base:
+        raise ConfigError("retry_max", f"must be at least retry_base ({retry_base}s)")
+    max_request_body = parse_size(
+        _size_value(get("max_request_body", "1MiB"), "max_request_body"), "max_request_body"
+    )
+    if max_request_body < 1024:
+        raise ConfigError("max_request_body", "must be at least 1KiB")
+    compress_min_saving = parse_share(get("compress_min_saving", 0.10), "compress_min_saving")
+    if compress_min_saving >= 1.0:
+        raise ConfigError("compress_min_saving", "must be below 100%: no chunk can save all")
+    level = _choice(get("log_level", "info"), "log_level", LOG_LEVELS, fold_case=True)
+
+    config = Config(
+        origin=origin,
+        origin_options=_origin_options(get("origin_options", {})),
+        socket=socket,
+        socket_mode=_mode(get("socket_mode", "0660"), "socket_mode"),
+        metrics_address=_address(get("metrics_address", "127.0.0.1:0"), "metrics_address", True),
+        compat_facts=_compat_facts(get("compat_facts", list(DEFAULT_COMPAT_FACTS))),
+        tiers=tiers,
+        index=index,
+        chunk_size=chunk_size,
+        fetch_concurrency=_int(get("fetch_concurrency", 16), "fetch_concurrency", 1, 1024),
+        upload_concurrency=_int(get("upload_concurrency", 16), "upload_concurrency", 1, 1024),
+        retries=_int(get("retries", 5), "retries", 1, 100),
+        retry_base=retry_base,
+        retry_max=retry_max,
+        request_timeout=_duration(get("request_timeout", "30s"), "request_timeout", True),
+        drain_timeout=_duration(get("drain_timeout", "30s"), "drain_timeout", False),
+        idle_timeout=_duration(get("idle_timeout", "60s"), "idle_timeout", True),
+        max_request_body=max_request_body,
+        compress=_choice(get("compress", "auto"), "compress", COMPRESS_MODES),
+        compress_min_saving=compress_min_saving,
+        log_level=level,
+        log_format=_choice(get("log_format", "logfmt"), "log_format", LOG_FORMATS),
+        peers=_peers(raw["peers"], base) if "peers" in raw else None,
+        source=source,
+    )
+    _check_not_in_tiers(config)
+    return config
+
+
+def _check_keys(table: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(prefix + key, f"unknown key{hint}")
+
+
+def _table(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a table, got {_show(value)}")
+    return value
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_show(value)}")
+    return value
+
+
+def _int(value: Any, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer, got {_show(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"must be from {lo} to {hi}, got {value}")
+    return value
+
+
+def _size_value(value: Any, key: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(key, f'expected a size like "4MiB" or a byte count, got {_show(value)}')
+    return value
+
+
+def _duration(value: Any, key: str, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(key, f'expected a duration like "30s" or seconds, got {_show(value)}')
+    seconds = parse_duration(value, key)
+    if positive and seconds <= 0:
+        raise ConfigError(key, f"must be more than 0, got {value!r}")
+    return seconds
+
+
+def _choice(value: Any, key: str, allowed: tuple[str, ...], fold_case: bool = False) -> str:
+    text = _string(value, key)
+    if fold_case:
+        text = text.lower()
+    if text not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return text
+
+
+def _path(value: Any, key: str, base: Path | None) -> Path:
+    text = _string(value, key)
+    if not text or "\0" in text:
+        raise ConfigError(key, "expected a path, got an empty string or a NUL byte")
+    if not os.path.isabs(text):
+        # Only a file can hold a relative path; resolve it against the file's directory.
+        text = os.path.join(base if base is not None else os.getcwd(), text)
+    return Path(os.path.normpath(text))
+
+
+def _origin(value: Any) -> str:
+    text = _string(value, "origin")
+    scheme, _, rest = text.partition("://")
+    if scheme not in ORIGIN_SCHEMES or not rest:
+        raise ConfigError(
+            "origin",
+            f"{text!r} is not an origin URL: use s3://, gs://, az://, http(s):// or file://",
+        )
+    if any(c.isspace() for c in text):
+        raise ConfigError("origin", f"{text!r} contains white space")
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(
+                "origin",
+                f"a file:// origin needs an absolute path, e.g. file:///srv/origin; got {text!r}",
+            )
+    elif not urlsplit(text).netloc:
+        raise ConfigError("origin", f"{text!r} names no bucket or host")
+    return text
+
+
+def _origin_options(value: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in _table(value, "origin_options").items():
+        if isinstance(v, bool):
+            out[k] = "true" if v else "false"
+        elif isinstance(v, str | int | float):
+            out[k] = str(v)
+        else:
+            raise ConfigError(
+                f"origin_options.{k}", f"expected a string, number or boolean, got {_show(v)}"
+            )
+    return out
+
+
+def _mode(value: Any, key: str) -> int:
+    if not isinstance(value, str):
+        raise ConfigError(key, f'expected an octal string like "0660", got {_show(value)}')
+    m = _MODE_RE.fullmatch(value)
+    if m is None:
+        raise ConfigError(key, f'{value!r} is not an octal file mode like "0660"')
+    return int(m.group(1), 8)
+
+
+def _address(value: Any, key: str, listen: bool) -> str:
+    """A "host:port" (host a name, an IPv4 address or a [bracketed] IPv6 address).
+
+    A listening address may be "" (off) and may use port 0 (any free port).
+    """
+    text = _string(value, key)
+    if listen and text == "":
+        return text
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            host = ""
+    elif not _HOST_RE.fullmatch(host):
+        host = ""
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ConfigError(
+            key, f'{text!r} is not "host:port" (an IPv6 host in brackets, port {lowest}-65535)'
+        )
+    return text
+
+
+def _string_list(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected an array of strings, got {_show(value)}")
+    for i, item in enumerate(value):
+        _string(item, f"{key}[{i}]")
+    return value
+
+
+def _compat_facts(value: Any) -> tuple[str, ...]:
+    facts = _string_list(value, "compat_facts")
+    if not facts:
+        raise ConfigError("compat_facts", 'needs at least one fact (e.g. "format")')
+    for i, fact in enumerate(facts):
+        if not _FACT_RE.fullmatch(fact):
+            raise ConfigError(f"compat_facts[{i}]", f"{fact!r} does not match [a-z][a-z0-9_]*")
+        if fact in facts[:i]:
+            raise ConfigError(f"compat_facts[{i}]", f"{fact!r} is listed twice")
+    return tuple(facts)
+
+
+def _default_tiers(paths: DefaultPaths) -> tuple[TierConfig, ...]:
+    places = [("mem", paths.shm_dir), ("disk", paths.cache_dir / "disk")]
+    return tuple(
+        TierConfig(
+            name=name,
+            path=path,
+            budget=resolve_budget(DEFAULT_TIER_BUDGET, path, f"tiers[{i}].budget"),
+            budget_spec=DEFAULT_TIER_BUDGET,
+        )
+        for i, (name, path) in enumerate((n, p) for n, p in places if p is not None)
+    )
+
+
+def _tiers(value: Any, base: Path | None) -> tuple[TierConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("tiers", f"expected an array of tables ([[tiers]]), got {_show(value)}")
+    if not value:
+        raise ConfigError("tiers", "needs at least one tier")
+    tiers: list[TierConfig] = []
+    for i, item in enumerate(value):
+        prefix = f"tiers[{i}]"
+        table = _table(item, prefix)
+        _check_keys(table, TIER_KEYS, prefix + ".")
+        for key in TIER_KEYS:
+            if key not in table:
+                raise ConfigError(
+                    f"{prefix}.{key}", "missing: every tier needs name, path and budget"
+                )
+        name = _string(table["name"], f"{prefix}.name")
+        if not _TIER_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"{prefix}.name", f"{name!r} does not match [a-z0-9][a-z0-9_-]* (64 at most)"
+            )
+        path = _path(table["path"], f"{prefix}.path", base)
+        for other in tiers:
+            if other.name == name:
+                raise ConfigError(f"{prefix}.name", f"{name!r} names two tiers")
+            if other.path == path:
+                raise ConfigError(f"{prefix}.path", f"{path} is also tier {other.name!r}")
+            if _inside(path, other.path) or _inside(other.path, path):
+                raise ConfigError(
+                    f"{prefix}.path", f"{path} nests with tier {other.name!r} at {other.path}"
+                )
+        budget_value = _size_value(table["budget"], f"{prefix}.budget")
+        budget = resolve_budget(budget_value, path, f"{prefix}.budget")
+        tiers.append(TierConfig(name=name, path=path, budget=budget, budget_spec=str(budget_value)))
+    return tuple(tiers)
+
+
+def _peers(value: Any, base: Path | None) -> PeersConfig:
+    table = _table(value, "peers")
+    _check_keys(table, PEER_KEYS, "peers.")
+
+    def addresses(key: str) -> tuple[str, ...]:
+        items = _string_list(table.get(key, []), f"peers.{key}")
+        return tuple(_address(a, f"peers.{key}[{i}]", False) for i, a in enumerate(items))
+
+    secret = table.get("secret_file")
+    return PeersConfig(
+        listen=_address(table.get("listen", "0.0.0.0:7460"), "peers.listen", True),
+        static=addresses("static"),
+        dns=addresses("dns"),
+        dns_refresh=_duration(table.get("dns_refresh", "10s"), "peers.dns_refresh", True),
+        secret_file=None if secret is None else _path(secret, "peers.secret_file", base),
+        hedge_after=_duration(table.get("hedge_after", "200ms"), "peers.hedge_after", False),
+        timeout=_duration(table.get("timeout", "5s"), "peers.timeout", True),
+    )
+
+
+def _check_not_in_tiers(config: Config) -> None:
+    """A tier directory holds only blobs: the tier's start-up sweep would take anything else."""
+    others: list[tuple[str, Path]] = [("index", config.index), ("socket", config.socket)]
+    if config.origin.startswith("file://"):
+        others.append(("origin", Path(os.path.normpath(unquote(urlsplit(config.origin).path)))))
+    for key, path in others:
+        for tier in config.tiers:
+            if path == tier.path or _inside(path, tier.path):
+                raise ConfigError(key, f"{path} lies inside tier {tier.name!r} ({tier.path})")
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path != parent and path.is_relative_to(parent)
+
+
+def _show(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    kind = "table" if isinstance(value, dict) else kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in the user part and any query string (a signed URL's token)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username}:***@{netloc.rpartition('@')[2]}"
+    query = "***" if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

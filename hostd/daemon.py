@@ -1,0 +1,352 @@
+"""The composition root: builds the concrete parts from a Config and runs the daemon.
+
+`serve(config, shutdown=...)` owns every long-lived task. Signals only set events. Stopping
+goes in a fixed order: tell systemd STOPPING, stop accepting new work, let in-flight
+operations finish for up to `drain_timeout` (then cancel them: a cancelled restore removes
+what it built, a cancelled fill keeps its partial blob for the next run), close the parts,
+remove the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from hostd import __version__
+from hostd.api_local import make_app, make_metrics_app
+from hostd.cache import Cache
+from hostd.config import Config, load_config
+from hostd.core.retry import RetryPolicy
+from hostd.errors import Busy, ConfigError, HostdError
+from hostd.fetch import Fetcher
+from hostd.fill import Filler
+from hostd.index import Index
+from hostd.maintain import gc, verify
+from hostd.metrics import Metrics, StateCollector
+from hostd.origin import Origin
+from hostd.publish import Publisher
+from hostd.restore import Progress, Resolver, Restorer
+from hostd.sources import LocalBlobSource, OriginSource
+from hostd.systemd import Notifier
+from hostd.tier import Tier
+
+log = logging.getLogger("hostd")
+
+
+class Daemon:
+    """Every part of one running hostd, built from one Config."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.in_flight = 0
+        self.accepting = True
+        self.metrics_address = ""
+        tiers = [Tier(t.name, t.path, t.budget) for t in config.tiers]
+        self.index = Index(config.index)
+        self.cache = Cache(
+            tiers, self.index, manifests_dir=config.index.parent / "manifests", clock=time.time
+        )
+        self.origin = Origin(
+            config.origin,
+            config.origin_options,
+            concurrency=config.fetch_concurrency + config.upload_concurrency,
+            retry=RetryPolicy(config.retries, config.retry_base, config.retry_max),
+            timeout=config.request_timeout,
+        )
+        self.fetcher = Fetcher(
+            [LocalBlobSource(self.cache), OriginSource(self.origin)], config.fetch_concurrency
+        )
+        self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
+        self.restorer = Restorer(
+            self.cache, self.filler, Resolver(self.origin, self.cache, config.compat_facts)
+        )
+        self.publisher = Publisher(
+            self.cache,
+            self.origin,
+            chunk_size=config.chunk_size,
+            compress=config.compress,
+            min_saving=config.compress_min_saving,
+            upload_concurrency=config.upload_concurrency,
+            compat_facts=config.compat_facts,
+        )
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
+
+    def __repr__(self) -> str:
+        return f"Daemon({self.config.socket}, in_flight={self.in_flight}, {self.cache!r})"
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise Busy("hostd is stopping; try again once it is back")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "socket": str(self.config.socket),
+            "metrics_address": self.metrics_address,
+            "origin": self.origin.url,
+            "index": str(self.config.index),
+            "config": str(self.config.source) if self.config.source else None,
+            "tiers": [
+                {
+                    "name": u.name,
+                    "path": u.path,
+                    "budget": u.budget,
+                    "used": u.used,
+                    "blobs": u.blobs,
+                }
+                for u in self.cache.usage()
+            ],
+            "in_flight": self.in_flight,
+            "snapshots": len(self.cache.snapshots()),
+        }
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        out = []
+        for s in sorted(self.cache.snapshots(), key=lambda s: -s.last_used):
+            m = s.manifest
+            blobs = m.blobs()
+            per_tier = {t.name: 0 for t in self.cache.tiers}
+            complete = True
+            for d, f in blobs.items():
+                b = self.cache.locate(d)
+                if b is None:
+                    complete = False
+                for c in self.cache.copies(d):
+                    if c.complete:
+                        per_tier[c.tier.name] += f.size
+            out.append(
+                {
+                    "id": s.id,
+                    "refs": self.index.refs_of(s.id),
+                    "files": len(m.files),
+                    "bytes": m.total_bytes,
+                    "pinned": s.pinned,
+                    "last_used": s.last_used,
+                    "tiers": per_tier,
+                    "complete": complete,
+                    "compat": dict(m.compat),
+                }
+            )
+        return out
+
+    async def gc(self) -> dict[str, Any]:
+        self.check_accepting()
+        return await gc(self.cache, busy=self.filler.filling())
+
+    async def verify(self, progress: Progress) -> dict[str, Any]:
+        return await verify(self.cache, progress)
+
+    def apply_reload(self, new: Config) -> None:
+        """Apply what can change while running; name what needs a restart."""
+        old = self.config
+        by_name = {t.name: t for t in new.tiers}
+        for t in self.cache.tiers:
+            nt = by_name.get(t.name)
+            if nt is not None and nt.path == t.root and nt.budget != t.budget:
+                log.info("tier %s budget %d -> %d", t.name, t.budget, nt.budget)
+                t.budget = nt.budget
+        logging.getLogger("hostd").setLevel(new.log_level.upper())
+        live = {"tiers", "log_level", "source"}
+        for f in dataclasses.fields(Config):
+            if f.name not in live and getattr(old, f.name) != getattr(new, f.name):
+                log.warning("config key %r changed; it takes effect when hostd restarts", f.name)
+        if [(t.name, t.path) for t in old.tiers] != [(t.name, t.path) for t in new.tiers]:
+            log.warning("tier names or paths changed; they take effect when hostd restarts")
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+        await self.origin.close()
+        self.index.close()
+
+
+def claim_socket(path: Path) -> None:
+    """Make the socket's directory (private when we create it) and clear a stale socket."""
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.stat(parent)
+    if st.st_uid != os.geteuid() and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise HostdError(f"socket directory {parent} is writable by other users; refusing it")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise HostdError(f"socket path {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            os.unlink(path)  # nobody answers: a socket left by a daemon that died
+            return
+    raise HostdError(f"another hostd is already serving on {path}")
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown: asyncio.Event,
+    reload: asyncio.Event | None = None,
+    notifier: Notifier | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Run one daemon until `shutdown` is set."""
+    notifier = notifier or Notifier(None)
+    d = Daemon(config, registry=registry)
+    try:
+        await asyncio.to_thread(d.cache.load)
+        claim_socket(config.socket)
+    except BaseException:
+        await d.close()
+        raise
+    runner = web.AppRunner(
+        make_app(d, config.max_request_body),
+        handler_cancellation=True,
+        shutdown_timeout=config.drain_timeout,
+        keepalive_timeout=config.idle_timeout,
+        access_log=None,
+    )
+    metrics_runner = web.AppRunner(make_metrics_app(d), access_log=None, handler_cancellation=True)
+    try:
+        await runner.setup()
+        await web.UnixSite(runner, str(config.socket)).start()
+        os.chmod(config.socket, config.socket_mode)
+        if config.metrics_address:
+            host, _, port = config.metrics_address.rpartition(":")
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, host.strip("[]") or None, int(port)).start()
+            addr = metrics_runner.addresses[0]
+            d.metrics_address = (
+                f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
+            )
+        log.info(
+            "hostd %s serving on %s; metrics on %s; origin %s; index %s; tiers %s",
+            __version__,
+            config.socket,
+            d.metrics_address or "off",
+            d.origin.url,
+            config.index,
+            ", ".join(f"{t.name}={t.root} ({t.budget} bytes)" for t in d.cache.tiers),
+        )
+        notifier.ready(f"serving on {config.socket}")
+        async with asyncio.TaskGroup() as tg:
+            helpers = []
+            if notifier.watchdog_interval:
+                helpers.append(tg.create_task(_watchdog(notifier, notifier.watchdog_interval)))
+            if reload is not None:
+                helpers.append(tg.create_task(_reloader(d, reload, notifier)))
+            await shutdown.wait()
+            for t in helpers:
+                t.cancel()
+        log.info(
+            "stopping: draining %d operation(s) for up to %ss", d.in_flight, config.drain_timeout
+        )
+        notifier.stopping("draining in-flight work")
+        d.accepting = False
+    finally:
+        await runner.cleanup()
+        await metrics_runner.cleanup()
+        await d.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.socket)
+        log.info("stopped")
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> None:
+    while True:
+        await reload.wait()
+        reload.clear()
+        notifier.reloading()
+        try:
+            new = await asyncio.to_thread(load_config, d.config.source)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e.message)
+        else:
+            d.apply_reload(new)
+            await d.cache.enforce_budgets()
+            log.info("config reloaded from %s", d.config.source or "embedded defaults")
+        notifier.ready(f"serving on {d.config.socket}")
+
+
+class _Logfmt(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return (
+            f"ts={ts}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)}"
+        )
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Json() if fmt == "json" else _Logfmt())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("hostd").setLevel(level.upper())
+
+
+def main(config_path: Path | None) -> int:
+    """`hostd serve`: run in the foreground until SIGTERM or SIGINT."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        print(f"hostd: {e.message}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    import uvloop
+
+    try:
+        uvloop.run(_main(config))
+    except HostdError as e:
+        log.error("%s", e.message)
+        print(f"hostd: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _main(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    shutdown, reload = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, shutdown.set)
+    loop.add_signal_handler(signal.SIGINT, shutdown.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    await serve(config, shutdown=shutdown, reload=reload, notifier=Notifier.from_env())

@@ -1,0 +1,127 @@
+"""hostd's own errors. Each one is a decision a caller branches on.
+
+Foreign exceptions (obstore's, OSError, aiohttp's) are translated into these at the edge of
+the module that talks to the foreign system. Each error carries the API error code, the HTTP
+status of the local API, and the exit code of the CLI, so the three always agree.
+"""
+
+from __future__ import annotations
+
+
+class HostdError(Exception):
+    """Base of every error hostd raises on purpose."""
+
+    code = "internal"
+    status = 500
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+class UsageError(HostdError):
+    """The caller asked for something malformed (bad JSON, a bad ref name, a bad argument)."""
+
+    code = "bad_request"
+    status = 400
+    exit_code = 2
+
+
+class ConfigError(HostdError):
+    """A config value is wrong. The message names the key."""
+
+    code = "bad_config"
+    status = 500
+    exit_code = 2
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config key {key!r}: {reason}")
+        self.key = key
+
+
+class NotFound(HostdError):
+    """No such ref, or no snapshot published under this host's compat key. Boot from scratch."""
+
+    code = "not_found"
+    status = 404
+    exit_code = 3
+
+
+class ManifestError(HostdError):
+    """A manifest that cannot be decoded or that breaks a format rule."""
+
+    code = "bad_manifest"
+    status = 422
+
+
+class ChunkMissing(HostdError):
+    """A chunk source does not have the chunk: try the next source."""
+
+    code = "chunk_missing"
+    status = 502
+
+
+class ChunkCorrupt(HostdError):
+    """Bytes that do not hash to their chunk id. Never cached or served; try the next source."""
+
+    code = "chunk_corrupt"
+    status = 502
+
+
+class TransientError(HostdError):
+    """A failure worth retrying (a timeout, a reset connection, a 5xx)."""
+
+    code = "transient"
+    status = 503
+
+
+class OriginError(HostdError):
+    """A permanent failure of the origin: bad credentials, no such bucket, retries exhausted."""
+
+    code = "origin_error"
+    status = 502
+
+
+class TargetExists(HostdError):
+    """The restore target exists and is not empty, and the caller did not ask to replace it."""
+
+    code = "target_exists"
+    status = 409
+
+
+class TierError(HostdError):
+    """A tier cannot take a write: not writable, or its filesystem is full."""
+
+    code = "tier_error"
+    status = 507
+
+
+class Busy(HostdError):
+    """The daemon is stopping or over a limit; try again later."""
+
+    code = "unavailable"
+    status = 503
+
+
+class DaemonUnreachable(HostdError):
+    """The client could not reach the daemon's socket."""
+
+    code = "unreachable"
+    status = 503
+    exit_code = 4
+
+
+def first_error(exc: BaseException) -> HostdError | None:
+    """The first hostd error in an exception or exception group: what a caller should see."""
+    if isinstance(exc, HostdError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_error(sub)
+            if found is not None:
+                return found
+    return None

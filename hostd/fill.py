@@ -1,0 +1,236 @@
+"""Making blobs complete in a tier: the part of a restore or prefetch that moves bytes.
+
+For each blob a snapshot needs, in file order: a complete copy in an acceptable tier is used
+as it is (after a size-and-mtime check, re-verified if that fails); one in another tier is
+copied in; a missing one is admitted to a tier and filled chunk by chunk through the shared
+fetcher, by a bounded pool of workers (which also bounds the bytes held in memory). A blob
+that another restore is filling is waited for, not filled twice. A partial blob left by an
+earlier run is resumed after its present chunks are re-hashed.
+
+On a full or unwritable tier the partial blob is removed (its space reclaimed); on any other
+failure or cancellation it is kept, closed, so the next restore resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hostd.cache import Blob, Cache, blob_is_intact
+from hostd.core.manifest import FileEntry
+from hostd.errors import ChunkCorrupt, TierError, first_error
+from hostd.fetch import Fetcher
+from hostd.tier import PartialBlob, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FillProgress:
+    total_bytes: int = 0
+    done_bytes: int = 0
+    by_source: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Open:
+    entry: FileEntry
+    tier: Tier
+    blob: PartialBlob
+    left: int
+
+
+class Filler:
+    def __init__(self, cache: Cache, fetcher: Fetcher, workers: int) -> None:
+        self.cache = cache
+        self.fetcher = fetcher
+        self.workers = workers
+        self._filling: dict[bytes, asyncio.Future[None]] = {}
+        self._seq = itertools.count()
+
+    def filling(self) -> set[bytes]:
+        """Blobs being filled right now."""
+        return set(self._filling)
+
+    def __repr__(self) -> str:
+        return f"Filler(filling={len(self._filling)}, workers={self.workers})"
+
+    async def ensure(
+        self,
+        entries: Sequence[FileEntry],
+        chunk_size: int,
+        tiers: Sequence[Tier],
+        progress: FillProgress,
+    ) -> dict[bytes, Blob]:
+        """Make every blob of `entries` complete in one of `tiers`; return where each is."""
+        seq = next(self._seq)
+        found: dict[bytes, Blob] = {}
+        pending = list({e.digest: e for e in entries if e.size}.values())
+        progress.total_bytes = sum(e.size for e in pending)
+        while pending:
+            mine: list[FileEntry] = []
+            waits: list[asyncio.Future[None]] = []
+            for e in pending:
+                b = await self._usable(e, chunk_size, tiers, progress)
+                if b is not None:
+                    found[e.digest] = b
+                elif e.digest in self._filling:
+                    waits.append(self._filling[e.digest])
+                else:
+                    self._filling[e.digest] = asyncio.get_running_loop().create_future()
+                    mine.append(e)
+            try:
+                await self._fill(mine, chunk_size, tiers, progress, seq)
+            finally:
+                for e in mine:
+                    self._filling.pop(e.digest).set_result(None)
+            for w in waits:
+                await asyncio.shield(w)
+            for e in mine:
+                b = self.cache.locate(e.digest, tiers)
+                if b is not None:
+                    found[e.digest] = b
+            # What others filled is usable next round; what they failed to fill, we fill then.
+            pending = [e for e in pending if e.digest not in found]
+        return found
+
+    async def _usable(
+        self, e: FileEntry, chunk_size: int, tiers: Sequence[Tier], progress: FillProgress
+    ) -> Blob | None:
+        """A complete, unchanged copy in `tiers`, copying one in from another tier if need be."""
+        for b in self.cache.copies(e.digest):
+            if not b.complete:
+                continue
+            if not self.cache.unchanged(b):
+                why = await asyncio.to_thread(blob_is_intact, b.path, b.digest, b.size, chunk_size)
+                if why is not None:
+                    log.warning(
+                        "blob %s in %s changed (%s): dropping it", b.digest.hex(), b.tier.name, why
+                    )
+                    await self.cache.remove(b.digest, b.tier)
+                    continue
+                st = b.tier.stat_blob(b.digest)
+                if st is not None:
+                    self.cache.completed(b.digest, b.tier, st)
+            if b.tier in tiers:
+                progress.done_bytes += b.size
+                progress.by_source[b.tier.name] += b.size
+                return b
+        for b in self.cache.copies(e.digest):
+            if b.complete:
+                return await self._copy_in(b, tiers, progress)
+        return None
+
+    async def _copy_in(self, src: Blob, tiers: Sequence[Tier], progress: FillProgress) -> Blob:
+        t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
+        try:
+            with self.cache.holding([src.digest]):
+                st = await asyncio.to_thread(t.copy_in, src.path, src.digest)
+        except BaseException:
+            self.cache.abandon(src.digest, t)
+            raise
+        self.cache.completed(src.digest, t, st)
+        progress.done_bytes += src.size
+        progress.by_source[src.tier.name] += src.size
+        b = self.cache.locate(src.digest, [t])
+        assert b is not None
+        return b
+
+    async def _fill(
+        self,
+        entries: Sequence[FileEntry],
+        chunk_size: int,
+        tiers: Sequence[Tier],
+        progress: FillProgress,
+        seq: int,
+    ) -> None:
+        if not entries:
+            return
+        work = [(e, i) for e in entries for i in range(len(e.chunks))]
+        opened: dict[bytes, asyncio.Future[_Open]] = {}
+        cursor = iter(range(len(work)))
+        done: set[bytes] = set()
+
+        async def open_blob(e: FileEntry) -> _Open:
+            t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
+            try:
+                pb = await asyncio.to_thread(t.open_partial, e.digest, e.size, len(e.chunks))
+                if pb.resumed:
+                    bad = await asyncio.to_thread(pb.recheck, e.chunks, chunk_size)
+                    if bad:
+                        log.warning(
+                            "resumed blob %s: %d chunks did not verify", e.digest.hex(), bad
+                        )
+            except BaseException:
+                self.cache.abandon(e.digest, t)
+                raise
+            present = [c.size for c, h in zip(e.chunks, pb.have, strict=True) if h]
+            progress.done_bytes += sum(present)
+            progress.by_source["resumed"] += sum(present)
+            return _Open(e, t, pb, len(e.chunks) - len(present))
+
+        async def get_open(e: FileEntry) -> _Open:
+            fut = opened.get(e.digest)
+            if fut is None:
+                fut = asyncio.get_running_loop().create_future()
+                opened[e.digest] = fut
+                try:
+                    fut.set_result(await open_blob(e))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: other workers re-raise it themselves
+                    raise
+            return await fut
+
+        async def finish(o: _Open) -> None:
+            st = await asyncio.to_thread(o.blob.complete)
+            self.cache.completed(o.entry.digest, o.tier, st)
+            done.add(o.entry.digest)
+
+        async def worker() -> None:
+            for n in cursor:
+                e, i = work[n]
+                o = await get_open(e)
+                if o.left == 0 and e.digest not in done:
+                    await finish(o)  # everything was already there (resumed)
+                if o.blob.have[i]:
+                    continue
+                c = e.chunks[i]
+                try:
+                    data, src = await self.fetcher.get(c, (seq, n))
+                except ChunkCorrupt as err:
+                    raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
+                await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+                progress.done_bytes += c.size
+                progress.by_source[src] += c.size
+                o.left -= 1
+                if o.left == 0:
+                    await finish(o)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.workers, len(work))):
+                    tg.create_task(worker())
+        except BaseException as exc:
+            err = first_error(exc)
+            await asyncio.shield(self._cleanup(opened, done, isinstance(err, TierError)))
+            if err is not None and not isinstance(exc, asyncio.CancelledError):
+                raise err from None
+            raise
+
+    async def _cleanup(
+        self, opened: dict[bytes, asyncio.Future[_Open]], done: set[bytes], discard: bool
+    ) -> None:
+        for digest, fut in opened.items():
+            if digest in done or not fut.done() or fut.cancelled() or fut.exception():
+                continue
+            o = fut.result()
+            if discard:
+                await asyncio.to_thread(o.blob.discard)
+                self.cache.abandon(digest, o.tier)
+            else:
+                o.blob.close()

@@ -1,0 +1,184 @@
+"""The embedded index: SQLite (WAL) records of blobs, chunk locations, snapshots, refs, pins.
+
+The tiers hold the bytes; the index remembers what they mean. It is written through on every
+change, read whole at start (the cache keeps an in-memory view), and reconciled with the
+tiers at start, so a lost or stale index costs a rescan, never a wrong byte. Statements are
+small and run on the caller's thread (the event loop): WAL with synchronous=NORMAL commits
+without an fsync, so each call costs microseconds.
+
+A schema version is recorded; an index of another version is moved aside and rebuilt from
+the tiers and the manifests kept beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostd.core import manifest as mf
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs(
+    digest BLOB NOT NULL, tier TEXT NOT NULL, size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL, complete INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    last_used REAL NOT NULL, PRIMARY KEY(digest, tier)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(
+    id TEXT PRIMARY KEY, manifest BLOB NOT NULL, last_used REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS refs(
+    ref TEXT NOT NULL, compat TEXT NOT NULL, snapshot TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY(ref, compat)) WITHOUT ROWID;
+"""
+
+
+@dataclass(slots=True)
+class BlobRow:
+    digest: bytes
+    tier: str
+    size: int
+    chunk_size: int
+    complete: bool
+    mtime_ns: int
+    last_used: float
+
+
+@dataclass(slots=True)
+class SnapshotRow:
+    id: str
+    manifest: bytes
+    last_used: float
+    pinned: bool
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rebuilt = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = self._open()
+        version = self._version()
+        if version is not None and version != SCHEMA_VERSION:
+            # Another schema: move it aside (kept for inspection) and start empty; the cache
+            # rebuilds it from the tiers and the manifests directory.
+            self.db.close()
+            os.replace(path, path.with_name(f"{path.name}.v{version}.old"))
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(path) + suffix)
+            self.db = self._open()
+            self.rebuilt = True
+        elif version is None:
+            self.rebuilt = True
+        with self.db:
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r})"
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _version(self) -> int | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return int(row[0]) if row else None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # blobs
+    def blobs(self) -> list[BlobRow]:
+        rows = self.db.execute(
+            "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used FROM blobs"
+        ).fetchall()
+        return [BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def put_blob(self, row: BlobRow) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO blobs VALUES(?,?,?,?,?,?,?)",
+            (
+                row.digest,
+                row.tier,
+                row.size,
+                row.chunk_size,
+                int(row.complete),
+                row.mtime_ns,
+                row.last_used,
+            ),
+        )
+
+    def delete_blob(self, digest: bytes, tier: str) -> None:
+        self.db.execute("DELETE FROM blobs WHERE digest=? AND tier=?", (digest, tier))
+
+    def touch_blobs(self, digests: Iterable[bytes], when: float) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE blobs SET last_used=? WHERE digest=?", ((when, d) for d in digests)
+            )
+
+    # snapshots
+    def snapshots(self) -> list[SnapshotRow]:
+        rows = self.db.execute("SELECT id, manifest, last_used, pinned FROM snapshots").fetchall()
+        return [SnapshotRow(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def put_snapshot(self, m: mf.Manifest, when: float) -> None:
+        self.db.execute(
+            "INSERT INTO snapshots VALUES(?,?,?,0) "
+            "ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used",
+            (m.snapshot_id, m.encoded, when),
+        )
+
+    def set_pinned(self, snapshot_id: str, pinned: bool) -> bool:
+        cur = self.db.execute(
+            "UPDATE snapshots SET pinned=? WHERE id=?", (int(pinned), snapshot_id)
+        )
+        return cur.rowcount > 0
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+            db.execute("DELETE FROM refs WHERE snapshot=?", (snapshot_id,))
+
+    # refs: the last resolution of each (ref, compat digest), used when the origin is down
+    def put_ref(self, ref: str, compat: str, snapshot_id: str, when: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO refs VALUES(?,?,?,?)", (ref, compat, snapshot_id, when)
+        )
+
+    def get_ref(self, ref: str, compat: str) -> str | None:
+        row = self.db.execute(
+            "SELECT snapshot FROM refs WHERE ref=? AND compat=?", (ref, compat)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def refs_of(self, snapshot_id: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT DISTINCT ref FROM refs WHERE snapshot=? ORDER BY ref", (snapshot_id,)
+        ).fetchall()
+        return [str(r[0]) for r in rows]

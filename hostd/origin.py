@@ -1,0 +1,510 @@
+"""The origin: durable object storage holding chunks, manifests and refs, through obstore.
+
+One code path for s3://, gs://, az://, http(s):// and file:// (and memory:// for tests):
+`obstore.store.from_url` picks the store, and every operation goes through `Origin._request`,
+which bounds it (one shared semaphore, a per-attempt timeout), retries transient failures
+with jittered backoff on the injected sleep and rng, counts outcomes in `OriginStats`, and
+translates obstore's exceptions into hostd's (`ChunkMissing`, `NotFound`, `OriginError`).
+
+Layout under the URL's path prefix (DESIGN.md, "Origin layout"):
+    chunks/<hex[0:2]>/<hex>          manifests/<snapshot-id>          refs/<ref>/<compat-digest>
+
+This module must not: decode or verify chunk bytes (callers check blake3 of the raw bytes;
+correctness never rests on the store), cache anything, let a foreign exception out, or put
+credentials into a URL, message or repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import obstore
+from obstore.exceptions import (
+    BaseError,
+    GenericError,
+    JoinError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from obstore.store import HTTPStore, LocalStore, MemoryStore, from_url
+
+from hostd.core.ids import HASH_LEN, is_hex_id
+from hostd.core.retry import RetryPolicy
+from hostd.errors import ChunkMissing, ConfigError, NotFound, OriginError, UsageError
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+T = TypeVar("T")
+
+MAX_REF_LEN = 256
+_REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+# The schemes obstore maps to a cloud or HTTP store; file:// and memory:// are built apart
+# because LocalStore takes no client options and must be told to create its directory.
+_REMOTE_SCHEMES = frozenset(
+    {"s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "http", "https"}
+)
+
+# obstore's ClientConfig keys. They must go in `client_options`: passed in the store config
+# (where the rest of origin_options go) obstore 0.12 panics ("Expected config prefix to
+# start with aws_") instead of raising, so origin_options is split before it gets there.
+_CLIENT_KEYS = frozenset(
+    {
+        "allow_http",
+        "allow_invalid_certificates",
+        "connect_timeout",
+        "default_content_type",
+        "http1_only",
+        "http2_keep_alive_interval",
+        "http2_keep_alive_timeout",
+        "http2_keep_alive_while_idle",
+        "http2_only",
+        "pool_idle_timeout",
+        "pool_max_idle_per_host",
+        "proxy_url",
+        "proxy_ca_certificate",
+        "proxy_excludes",
+        "randomize_addresses",
+        "read_timeout",
+        "root_certificate",
+        "timeout",
+        "user_agent",
+    }
+)
+_PROVIDER_PREFIXES = ("aws_", "google_", "azure_")
+_ENV_PREFIXES = {"s3": "AWS_", "s3a": "AWS_", "gs": "GOOGLE_"} | dict.fromkeys(
+    ("az", "azure", "abfs", "abfss", "adl"), "AZURE_"
+)
+_ENDPOINT_KEYS = frozenset(
+    {"endpoint", "endpoint_url", "aws_endpoint", "aws_endpoint_url", "aws_endpoint_url_s3"}
+)
+
+# obstore reports HTTP failures as text: "... Server returned non-2xx status code: 503 ...".
+_STATUS_RE = re.compile(r"status(?: code)?:? (\d{3})\b")
+_TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# A missing bucket or container comes back as the same "not found" as a missing object;
+# it is a broken deployment, not an absent chunk, and must not read as "boot from scratch".
+_NO_CONTAINER = ("NoSuchBucket", "ContainerNotFound", "The specified bucket does not exist")
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)\b([\w-]*(?:sig|signature|credential|token|key)[\w-]*)=[^&\s\"'<]+"
+)
+_USERINFO_RE = re.compile(r"(?<=//)[^/@\s]+@")
+_MAX_CAUSE = 400
+
+
+class Failure(enum.Enum):
+    """What a failed request means for the caller."""
+
+    MISSING = "missing"  # no such object: try the next source, or report absence
+    AUTH = "auth"  # credentials rejected: retrying will not help
+    TRANSIENT = "transient"  # timeout, connection error, 5xx, throttling: retry
+    PERMANENT = "permanent"  # anything else: fail now with the cause
+
+
+@dataclass
+class OriginStats:
+    """Counters by result, read by the metrics layer at scrape time.
+
+    One logical request counts once as ok, missing or failed; `requests_retried` counts
+    the extra attempts. Bytes are payload bytes of successful requests.
+    """
+
+    requests_ok: int = 0
+    requests_missing: int = 0
+    requests_retried: int = 0
+    requests_failed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class _Missing(Exception):
+    """Internal: the object is absent. Each public method turns it into its own answer."""
+
+
+def validate_ref(ref: str) -> str:
+    """Check a ref name: `/`-joined segments of [A-Za-z0-9._-]+, no `.`/`..`, <= 256 chars."""
+    if not isinstance(ref, str) or not ref:
+        raise UsageError(f"ref name must be a non-empty string, got {ref!r}")
+    if len(ref) > MAX_REF_LEN:
+        raise UsageError(f"ref name {ref[:64]!r}... is longer than {MAX_REF_LEN} characters")
+    for segment in ref.split("/"):
+        if segment in ("", ".", "..") or not _REF_SEGMENT.fullmatch(segment):
+            raise UsageError(
+                f"bad ref name {ref!r}: segments are [A-Za-z0-9._-]+ joined by '/', "
+                "with no empty, '.' or '..' segment"
+            )
+    return ref
+
+
+def classify(exc: BaseException) -> Failure:
+    """Decide what a foreign exception from one request attempt means. Pure."""
+    text = str(exc)
+    # TimeoutError (our own per-attempt deadline) is an OSError: test it first.
+    if isinstance(exc, TimeoutError):
+        return Failure.TRANSIENT
+    if isinstance(exc, FileNotFoundError | NotFoundError):
+        return Failure.PERMANENT if _names_missing_container(text) else Failure.MISSING
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return Failure.AUTH
+    if isinstance(exc, BaseError):
+        match = _STATUS_RE.search(text)
+        if match:
+            return _classify_status(int(match.group(1)), text)
+        if "builder error" in text or "(os error " in text:
+            # A client that cannot be built (http:// without allow_http) or a local
+            # filesystem error (EACCES, ENOSPC): the same request fails the same way.
+            return Failure.PERMANENT
+        if isinstance(exc, GenericError | JoinError):
+            # No status means it never got an HTTP answer: connect, reset, DNS, body read.
+            return Failure.TRANSIENT
+        return Failure.PERMANENT  # InvalidPath, NotSupported, Precondition, ...
+    if isinstance(exc, ConnectionError):
+        return Failure.TRANSIENT
+    return Failure.PERMANENT
+
+
+def _classify_status(status: int, text: str) -> Failure:
+    if status in (401, 403):
+        return Failure.AUTH
+    if status == 404:
+        return Failure.PERMANENT if _names_missing_container(text) else Failure.MISSING
+    if status in _TRANSIENT_STATUSES or status >= 500:
+        return Failure.TRANSIENT
+    return Failure.PERMANENT
+
+
+def _names_missing_container(text: str) -> bool:
+    return any(marker in text for marker in _NO_CONTAINER)
+
+
+def display_url(url: str) -> str:
+    """The URL without user info, query or fragment (where SAS tokens and keys hide)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    """A one-paragraph cause for a message: no Rust debug dump, no secrets."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    full = str(exc)
+    text = full.split("\n\nDebug source:", 1)[0].strip() or type(exc).__name__
+    text = _USERINFO_RE.sub("", text)
+    text = _SECRET_PARAM_RE.sub(r"\1=REDACTED", text)
+    text = " ".join(text.split())
+    if len(text) > _MAX_CAUSE:
+        text = text[:_MAX_CAUSE] + "..."
+    if "builder error" in full:
+        text += ' (an http:// endpoint needs origin_options allow_http = "true")'
+    if _names_missing_container(full):
+        text = "the bucket or container does not exist: " + text
+    return text
+
+
+def _is_panic(exc: BaseException) -> bool:
+    # pyo3's PanicException derives from BaseException and is not importable by name; a
+    # panic is an obstore bug, reported like any other permanent failure.
+    return type(exc).__name__ == "PanicException"
+
+
+def _split_options(
+    scheme: str, options: Mapping[str, str], timeout: float, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Split origin_options into obstore's store config and its HTTP client options."""
+    config: dict[str, str] = {}
+    client: dict[str, Any] = {}
+    for key, value in options.items():
+        name = key.lower()
+        for prefix in _PROVIDER_PREFIXES:
+            if name.startswith(prefix) and name[len(prefix) :] in _CLIENT_KEYS:
+                name = name[len(prefix) :]
+        if name in _CLIENT_KEYS:
+            client[name] = value
+        else:
+            config[key] = value
+    # obstore reads client settings such as AWS_ALLOW_HTTP from the environment only when
+    # no client_options are passed at all; passing any (the timeouts below) drops them. So
+    # the environment's client settings are carried over here, under the explicit options.
+    env_prefix = _ENV_PREFIXES.get(scheme)
+    endpoints = [v for k, v in config.items() if k.lower() in _ENDPOINT_KEYS]
+    if env_prefix is not None:
+        for name in _CLIENT_KEYS:
+            env_value = environ.get(env_prefix + name.upper())
+            if env_value is not None:
+                client.setdefault(name, env_value)
+        endpoints += [
+            v
+            for k, v in environ.items()
+            if k.startswith(env_prefix) and k.lower() in _ENDPOINT_KEYS
+        ]
+    # An http:// URL or endpoint is an explicit choice of plain HTTP; obstore would refuse
+    # it with an opaque "builder error" unless allow_http is also set.
+    if scheme == "http" or any(e.lower().startswith("http://") for e in endpoints):
+        client.setdefault("allow_http", "true")
+    # obstore's own deadline, so a request we stop waiting for is also dropped by the client.
+    client.setdefault("timeout", timedelta(seconds=timeout))
+    client.setdefault("connect_timeout", timedelta(seconds=min(timeout, 5.0)))
+    return config, client
+
+
+def _open_store(
+    url: str, options: Mapping[str, str], timeout: float, environ: Mapping[str, str]
+) -> ObjectStore:
+    scheme = urlsplit(url).scheme.lower()
+    shown = display_url(url)
+    try:
+        if scheme in ("file", "memory"):
+            if options:
+                raise ConfigError(
+                    "origin_options",
+                    f"a {scheme}:// origin takes no options, got {sorted(options)}",
+                )
+            if scheme == "memory":
+                return MemoryStore()
+            # mkdir: the default origin lives under $XDG_DATA_HOME and may not exist yet.
+            return LocalStore.from_url(url, mkdir=True)
+        if scheme not in _REMOTE_SCHEMES:
+            raise ConfigError(
+                "origin",
+                f"unsupported origin {shown!r}: use s3://, gs://, az://, http(s):// or file://",
+            )
+        config, client = _split_options(scheme, options, timeout, environ)
+        # The option keys are only known at run time (obstore checks them), so the typed
+        # per-store overloads of from_url cannot apply.
+        open_url: Callable[..., ObjectStore] = from_url
+        return open_url(
+            url,
+            config=config or None,
+            client_options=client,
+            # Retries are ours (counted, jittered on the injected rng and sleep).
+            retry_config={"max_retries": 0},
+        )
+    except ConfigError:
+        raise
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and not _is_panic(exc):
+            raise
+        key = "origin_options" if options else "origin"
+        raise ConfigError(key, f"cannot open origin {shown!r}: {_describe(exc, timeout)}") from exc
+
+
+class Origin:
+    """Chunks, manifests and refs in one object store, with limits, retries and counters."""
+
+    def __init__(
+        self,
+        url: str,
+        options: Mapping[str, str],
+        *,
+        concurrency: int = 16,
+        retry: RetryPolicy,
+        timeout: float = 30.0,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"origin concurrency must be at least 1, got {concurrency}")
+        if not timeout > 0:
+            raise ValueError(f"origin timeout must be positive, got {timeout}")
+        self._url = display_url(url)
+        self._store = _open_store(url, options, timeout, os.environ)
+        # Plain HTTP has no listing (obstore tries WebDAV PROPFIND, which a static server
+        # answers with 405): list_ref says "cannot list" rather than failing.
+        self._can_list = not isinstance(self._store, HTTPStore)
+        self._sem = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._retry = retry
+        self._timeout = timeout
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
+        self._closed = False
+        self.stats = OriginStats()
+
+    @property
+    def url(self) -> str:
+        """The origin's URL for status and logs, without credentials."""
+        return self._url
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Origin {self._url} {state} concurrency={self._concurrency} {self.stats}>"
+
+    # -- chunks ---------------------------------------------------------------------------
+
+    async def get_chunk(self, cid: bytes) -> bytes:
+        """The stored bytes of a chunk (raw or zstd, as published); the caller verifies."""
+        key = _chunk_key(cid)
+        try:
+            return await self._get("get chunk", key)
+        except _Missing:
+            raise ChunkMissing(f"chunk {cid.hex()} is not at origin {self._url}") from None
+
+    async def has_chunk(self, cid: bytes) -> bool:
+        key = _chunk_key(cid)
+
+        async def call() -> None:
+            await obstore.head_async(self._store, key)
+
+        try:
+            await self._request("head chunk", key, call)
+        except _Missing:
+            return False
+        return True
+
+    async def put_chunk(self, cid: bytes, data: bytes) -> None:
+        await self._put("put chunk", _chunk_key(cid), data)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    async def get_manifest(self, snapshot_id: str) -> bytes:
+        key = f"manifests/{_check_hex(snapshot_id, 'snapshot id')}"
+        try:
+            return await self._get("get manifest", key)
+        except _Missing:
+            raise NotFound(f"no manifest {snapshot_id} at origin {self._url}") from None
+
+    async def put_manifest(self, snapshot_id: str, data: bytes) -> None:
+        await self._put("put manifest", f"manifests/{_check_hex(snapshot_id, 'snapshot id')}", data)
+
+    # -- refs -----------------------------------------------------------------------------
+
+    async def get_ref(self, ref: str, compat_digest: str) -> str | None:
+        """The snapshot id `ref` points to under `compat_digest`, or None if it is not set."""
+        key = _ref_key(ref, compat_digest)
+        try:
+            data = await self._get("get ref", key)
+        except _Missing:
+            return None
+        text = data.decode("ascii", errors="replace").strip()
+        if not is_hex_id(text):
+            raise OriginError(
+                f"ref {ref} under compat key {compat_digest} at origin {self._url} holds "
+                f"{text[:80]!r}, not a 64-hex snapshot id"
+            )
+        return text
+
+    async def put_ref(self, ref: str, compat_digest: str, snapshot_id: str) -> None:
+        key = _ref_key(ref, compat_digest)
+        body = _check_hex(snapshot_id, "snapshot id").encode("ascii")
+        await self._put("put ref", key, body)
+
+    async def list_ref(self, ref: str) -> list[str] | None:
+        """The compat digests `ref` is set under (sorted); None if this store cannot list."""
+        prefix = f"refs/{validate_ref(ref)}/"
+        if not self._can_list:
+            return None
+
+        async def call() -> list[str]:
+            # With a delimiter, refs/<ref>/<sub>/... (a longer ref) stays out of the answer.
+            result = await obstore.list_with_delimiter_async(self._store, prefix)
+            names = (meta["path"].rpartition("/")[2] for meta in result["objects"])
+            return sorted(name for name in names if is_hex_id(name))
+
+        try:
+            return await self._request("list refs", prefix, call)
+        except _Missing:
+            return []
+
+    async def close(self) -> None:
+        """Refuse new requests. obstore holds no resource that needs an explicit release;
+        requests already running finish on their own deadline."""
+        self._closed = True
+
+    # -- the one request path -------------------------------------------------------------
+
+    async def _get(self, op: str, key: str) -> bytes:
+        async def call() -> bytes:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+
+        data = await self._request(op, key, call)
+        self.stats.bytes_in += len(data)
+        return data
+
+    async def _put(self, op: str, key: str, data: bytes) -> None:
+        async def call() -> None:
+            # One PUT, never multipart: the object appears whole or not at all, and no
+            # abandoned parts linger in the bucket. (LocalStore writes <key>#<n>, renames.)
+            await obstore.put_async(self._store, key, data, use_multipart=False)
+
+        await self._request(op, key, call, absent_ok=False)
+        self.stats.bytes_out += len(data)
+
+    async def _request(
+        self, op: str, key: str, call: Callable[[], Awaitable[T]], *, absent_ok: bool = True
+    ) -> T:
+        """Run `call` under the shared limit and deadline, retrying transient failures.
+
+        Raises _Missing for an absent object, OriginError for everything that is not ok.
+        With `absent_ok=False` (writes) "not found" is a failure: the bucket is missing.
+        """
+        if self._closed:
+            raise OriginError(f"origin {self._url} is closed ({op} {key})")
+        attempt = 0
+        while True:
+            try:
+                # The deadline starts once a slot is held: queueing is not the origin's fault.
+                async with self._sem, asyncio.timeout(self._timeout):
+                    result = await call()
+            except BaseException as exc:
+                # CancelledError (a caller's cancel) and KeyboardInterrupt pass through.
+                if not isinstance(exc, Exception) and not _is_panic(exc):
+                    raise
+                failure = classify(exc)
+                if failure is Failure.MISSING and not absent_ok:
+                    failure = Failure.PERMANENT
+                if failure is Failure.MISSING:
+                    self.stats.requests_missing += 1
+                    raise _Missing(key) from exc
+                if failure is Failure.TRANSIENT and self._retry.retries_left(attempt):
+                    self.stats.requests_retried += 1
+                    delay = self._retry.delay(attempt, self._rng)
+                    attempt += 1
+                    # Sleep without holding a slot, so other requests can still run.
+                    await self._sleep(delay)
+                    continue
+                self.stats.requests_failed += 1
+                raise self._failure(op, key, failure, attempt + 1, exc) from exc
+            self.stats.requests_ok += 1
+            return result
+
+    def _failure(
+        self, op: str, key: str, failure: Failure, attempts: int, exc: BaseException
+    ) -> OriginError:
+        cause = _describe(exc, self._timeout)
+        if failure is Failure.AUTH:
+            return OriginError(f"credentials rejected by origin {self._url} ({op} {key}): {cause}")
+        if failure is Failure.TRANSIENT:
+            return OriginError(
+                f"origin {self._url}: {op} {key} failed after {attempts} attempts: {cause}"
+            )
+        return OriginError(f"origin {self._url}: {op} {key} failed: {cause}")
+
+
+def _chunk_key(cid: bytes) -> str:
+    if not isinstance(cid, bytes) or len(cid) != HASH_LEN:
+        raise UsageError(f"a chunk id is {HASH_LEN} bytes, got {cid!r}")
+    h = cid.hex()
+    return f"chunks/{h[:2]}/{h}"
+
+
+def _ref_key(ref: str, compat_digest: str) -> str:
+    return f"refs/{validate_ref(ref)}/{_check_hex(compat_digest, 'compat digest')}"
+
+
+def _check_hex(text: str, what: str) -> str:
+    if not isinstance(text, str) or not is_hex_id(text):
+        raise UsageError(f"{what} must be 64 lowercase hex digits, got {text!r}")
+    return text

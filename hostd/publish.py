@@ -1,0 +1,396 @@
+"""Publish: a directory -> chunks and blobs -> origin -> manifest -> ref.
+
+Each file is read once: its chunks are hashed and written into a scratch blob in the first
+tier with room (so a later restore on this host is a cache hit), and the blob is renamed to
+its digest when the file is done. Uploads run beside the hashing of the next file, bounded,
+skipping chunks the origin already has. Whether a file's chunks are stored zstd is decided
+from a trial on a few of them (weights barely compress; caches and images do).
+
+Symlinks that stay inside the tree are kept; one that leaves it is stored as the file it
+points to. Other special files are refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from hostd.cache import Cache
+from hostd.core import codec, compat
+from hostd.core import manifest as mf
+from hostd.core.ids import compat_digest, file_digest
+from hostd.errors import HostdError, ManifestError, UsageError, first_error
+from hostd.origin import Origin, validate_ref
+from hostd.restore import Progress
+from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pwrite_all, tier_error
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    path: Path
+    ref: str
+    facts: Sequence[str] | None = None
+    compat: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=dict)
+    chunk_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    path: str  # in the manifest
+    source: str  # on disk
+    mode: int
+    size: int
+
+
+@dataclass
+class Tree:
+    files: list[SourceFile] = field(default_factory=list)
+    symlinks: list[mf.Symlink] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+def scan_tree(root: Path) -> Tree:
+    """Walk a directory to publish (blocking). Raises UsageError naming what cannot be kept."""
+    if not root.is_absolute():
+        raise UsageError(f"publish path {str(root)!r} is not absolute")
+    if not root.is_dir():
+        raise UsageError(f"publish path {str(root)!r} is not a directory")
+    real_root = os.path.realpath(root)
+    tree = Tree()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        entries = sorted(dirnames + filenames)
+        if not entries and rel_dir:
+            tree.dirs.append(rel_dir)
+        for name in entries:
+            full = os.path.join(dirpath, name)
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            _check_name(rel)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                _add_symlink(tree, root, real_root, full, rel)
+            elif stat.S_ISREG(st.st_mode):
+                tree.files.append(SourceFile(rel, full, st.st_mode & 0o777, st.st_size))
+            elif not stat.S_ISDIR(st.st_mode):
+                raise UsageError(f"{rel!r} is not a regular file, directory or symlink")
+    tree.files.sort(key=lambda f: f.path)
+    return tree
+
+
+def _raise(e: OSError) -> None:
+    raise UsageError(f"cannot read {e.filename!r}: {e.strerror}") from e
+
+
+def _check_name(rel: str) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"file name {rel!r} is not valid UTF-8") from e
+
+
+def _add_symlink(tree: Tree, root: Path, real_root: str, full: str, rel: str) -> None:
+    target = os.readlink(full)
+    try:
+        mf.check_symlink_target(rel, target)
+        tree.symlinks.append(mf.Symlink(rel, target))
+        return
+    except ManifestError:
+        pass
+    real = os.path.realpath(full)
+    inside = real == real_root or real.startswith(real_root + os.sep)
+    if inside:  # stays inside, but not in normal form: point at the same place, normalized
+        normal = os.path.relpath(real, os.path.realpath(os.path.dirname(full)))
+        try:
+            mf.check_symlink_target(rel, normal)
+        except ManifestError as e:
+            raise UsageError(f"symlink {rel!r} -> {target!r} cannot be kept: {e.message}") from e
+        tree.symlinks.append(mf.Symlink(rel, normal))
+        return
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise UsageError(
+            f"symlink {rel!r} points outside the tree to {target!r}, which is missing"
+        ) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"symlink {rel!r} points outside the tree to {real!r}, not a regular file")
+    tree.files.append(SourceFile(rel, real, st.st_mode & 0o777, st.st_size))
+
+
+def ingest(
+    src: str, size: int, chunk_size: int, dest: Path | None, cancel: threading.Event
+) -> list[tuple[bytes, int]]:
+    """Read a file once: hash each chunk and copy it into `dest` (blocking)."""
+    ids: list[tuple[bytes, int]] = []
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    out = -1
+    try:
+        if dest is not None:
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        buf = bytearray(min(chunk_size, max(size, 1)))
+        for off in range(0, size, chunk_size):
+            if cancel.is_set():
+                raise asyncio.CancelledError()
+            n = min(chunk_size, size - off)
+            view = memoryview(buf)[:n]
+            got = 0
+            while got < n:
+                r = os.preadv(fd, [view[got:]], off + got)
+                if r == 0:
+                    raise UsageError(f"{src!r} shrank while it was being published")
+                got += r
+            ids.append((blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest(), n))
+            if out >= 0:
+                pwrite_all(out, view, off)
+        if os.fstat(fd).st_size != size:
+            raise UsageError(f"{src!r} changed size while it was being published")
+        if out >= 0:
+            os.fsync(out)
+            os.fchmod(out, BLOB_MODE)
+    finally:
+        os.close(fd)
+        if out >= 0:
+            os.close(out)
+    return ids
+
+
+class Publisher:
+    def __init__(
+        self,
+        cache: Cache,
+        origin: Origin,
+        *,
+        chunk_size: int,
+        compress: str,
+        min_saving: float,
+        upload_concurrency: int,
+        compat_facts: Sequence[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.origin = origin
+        self.chunk_size = chunk_size
+        self.compress = compress
+        self.min_saving = min_saving
+        self.upload_concurrency = upload_concurrency
+        self.compat_facts = tuple(compat_facts)
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return (
+            f"Publisher({self.origin.url}, chunk_size={self.chunk_size}, compress={self.compress})"
+        )
+
+    async def publish(self, req: PublishRequest, progress: Progress) -> dict[str, Any]:
+        t0 = self.clock()
+        validate_ref(req.ref)
+        cs = req.chunk_size or self.chunk_size
+        progress.phase = "hash"
+        tree = await asyncio.to_thread(scan_tree, req.path)
+        progress.total_files = len(tree.files)
+        progress.fill.total_bytes = sum(f.size for f in tree.files)
+        facts = compat.publish_facts(req.facts, self.compat_facts, req.compat)
+        run = _Run(self, cs, progress)
+        entries = await run.all(tree.files)
+        t1 = self.clock()
+        m = mf.build(
+            chunk_size=cs,
+            files=entries,
+            symlinks=tree.symlinks,
+            dirs=tree.dirs,
+            compat=facts,
+            meta=req.meta,
+        )
+        progress.phase = "upload"
+        await self.origin.put_manifest(m.snapshot_id, m.encoded)
+        digest = compat_digest(facts)
+        await self.origin.put_ref(req.ref, digest, m.snapshot_id)
+        self.cache.record_snapshot(m)
+        self.cache.index.put_ref(req.ref, digest, m.snapshot_id, time.time())
+        t2 = self.clock()
+        return {
+            "snapshot": m.snapshot_id,
+            "ref": req.ref,
+            "compat": facts,
+            "files": len(m.files),
+            "symlinks": len(m.symlinks),
+            "chunks": m.chunk_count,
+            "bytes": m.total_bytes,
+            "new_chunks": run.new_chunks,
+            "compressed_chunks": run.compressed,
+            "stored_bytes": run.stored_bytes,
+            "cached": run.cached,
+            "timings": {"hash": t1 - t0, "commit": t2 - t1, "total": t2 - t0},
+        }
+
+
+class _Run:
+    """One publish's state: uploads in flight, chunks seen, counters."""
+
+    def __init__(self, p: Publisher, chunk_size: int, progress: Progress) -> None:
+        self.p = p
+        self.cs = chunk_size
+        self.progress = progress
+        self.sem = asyncio.Semaphore(p.upload_concurrency)
+        self.seen: set[bytes] = set()
+        self.new_chunks = 0
+        self.compressed = 0
+        self.stored_bytes = 0
+        self.cached = 0
+        self.cancel = threading.Event()
+
+    async def all(self, files: Sequence[SourceFile]) -> list[mf.FileEntry]:
+        out: list[mf.FileEntry] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for f in files:
+                    out.append(await self.file(f, tg))
+        except BaseException as exc:
+            self.cancel.set()
+            err = first_error(exc)
+            if err is not None and not isinstance(exc, asyncio.CancelledError):
+                raise err from None
+            raise
+        return out
+
+    async def file(self, f: SourceFile, tg: asyncio.TaskGroup) -> mf.FileEntry:
+        if f.size == 0:
+            self.progress.done_files += 1
+            return mf.FileEntry(f.path, f.mode, 0, ())
+        tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
+        scratch = (
+            tier.tmp_dir / f"publish-{os.getpid()}-{id(self)}-{self.progress.done_files}"
+            if tier
+            else None
+        )
+        try:
+            try:
+                ids = await asyncio.to_thread(
+                    ingest, f.source, f.size, self.cs, scratch, self.cancel
+                )
+            except OSError as e:
+                if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
+                    raise tier_error(tier.name, scratch, e, "storing a published blob") from e
+                raise UsageError(f"cannot read {f.path!r}: {e.strerror}") from e
+            digest = file_digest(ids)
+            codecs = await self._codecs(f, ids, scratch)
+            chunks = tuple(mf.Chunk(cid, n, c) for (cid, n), c in zip(ids, codecs, strict=True))
+            uploads: list[asyncio.Task[None]] = []
+            for i, c in enumerate(chunks):
+                if c.id not in self.seen:
+                    self.seen.add(c.id)
+                    src = scratch or Path(f.source)
+                    uploads.append(tg.create_task(self.upload(c, src, i * self.cs, not scratch)))
+            if tier is not None and scratch is not None:
+                # the uploads read the scratch blob: it is adopted once they are done with it
+                tg.create_task(self._adopt_after(uploads, tier, scratch, digest, f.size))
+                tier = scratch = None
+        finally:
+            if tier is not None:
+                self.p.cache.unreserve(tier, f.size)
+            if scratch is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(scratch)
+        self.progress.done_files += 1
+        self.progress.fill.done_bytes += f.size
+        return mf.FileEntry(f.path, f.mode, f.size, chunks)
+
+    async def _codecs(
+        self, f: SourceFile, ids: Sequence[tuple[bytes, int]], scratch: Path | None
+    ) -> list[int]:
+        mode = self.p.compress
+        if mode == "never":
+            return [mf.CODEC_RAW] * len(ids)
+        if mode == "auto":
+            src = str(scratch or f.source)
+            sample = codec.sample_indexes(len(ids))
+            packed = await asyncio.to_thread(
+                _trial, src, [(i * self.cs, ids[i][1]) for i in sample]
+            )
+            raw = [ids[i][1] for i in sample]
+            if not codec.worth_compressing(raw, packed, self.p.min_saving):
+                return [mf.CODEC_RAW] * len(ids)
+        return [mf.CODEC_ZSTD] * len(ids)  # confirmed (or refused) per chunk at upload
+
+    async def upload(self, c: mf.Chunk, src: Path, offset: int, recheck: bool) -> None:
+        async with self.sem:
+            data = await asyncio.to_thread(_read_chunk, str(src), offset, c, recheck)
+            if await self.p.origin.has_chunk(c.id):
+                return
+            stored: bytes | memoryview = data
+            if c.codec == mf.CODEC_ZSTD:
+                packed = await asyncio.to_thread(codec.compress, data)
+                codec_used, stored = codec.choose(data, packed, self.p.min_saving)
+                if codec_used == mf.CODEC_ZSTD:
+                    self.compressed += 1
+            await self.p.origin.put_chunk(c.id, bytes(stored))
+            self.new_chunks += 1
+            self.stored_bytes += len(stored)
+
+    async def _adopt_after(
+        self,
+        uploads: Sequence[asyncio.Task[None]],
+        tier: Tier,
+        scratch: Path,
+        digest: bytes,
+        size: int,
+    ) -> None:
+        try:
+            if uploads:
+                await asyncio.wait(uploads)
+            st = await asyncio.to_thread(_rename_in, tier, scratch, digest)
+        except BaseException:
+            self.p.cache.unreserve(tier, size)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+            raise
+        if st is None:
+            self.p.cache.unreserve(tier, size)
+        else:
+            self.p.cache.adopt(tier, size, st, self.cs)
+            self.cached += 1
+
+
+def _rename_in(tier: Tier, scratch: Path, digest: bytes) -> BlobStat | None:
+    dest = tier.blob_path(digest)
+    if dest.exists():
+        os.unlink(scratch)
+        return None
+    dest.parent.mkdir(exist_ok=True)
+    os.rename(scratch, dest)
+    st = os.stat(dest)
+    return BlobStat(digest, st.st_size, st.st_mtime_ns)
+
+
+def _trial(src: str, ranges: Sequence[tuple[int, int]]) -> list[int]:
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return [len(codec.compress(pread_exact(fd, n, off))) for off, n in ranges]
+    finally:
+        os.close(fd)
+
+
+def _read_chunk(src: str, offset: int, c: mf.Chunk, recheck: bool) -> bytes:
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = pread_exact(fd, c.size, offset)
+    finally:
+        os.close(fd)
+    if recheck:  # read from the user's file, which may have changed since it was hashed
+        try:
+            codec.verify(c, data)
+        except HostdError as e:
+            raise UsageError(f"{src!r} changed while it was being published") from e
+    return data

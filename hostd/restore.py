@@ -1,0 +1,266 @@
+"""Restore and prefetch: ref -> snapshot id -> manifest -> complete blobs -> target tree.
+
+Resolution asks the origin for the ref under the compat keys this host fits, most specific
+first, and remembers each answer in the index so a restore of a cached snapshot still works
+while the origin is down. Bytes move in fill.py; files are made in materialize.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostd.cache import Cache
+from hostd.core import compat
+from hostd.core import manifest as mf
+from hostd.core.ids import compat_digest, is_hex_id
+from hostd.errors import ManifestError, NotFound, OriginError, UsageError
+from hostd.fill import Filler, FillProgress
+from hostd.materialize import Cancelled, check_target, materialize
+from hostd.origin import Origin, validate_ref
+from hostd.tier import Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a running operation has done so far; the API samples it for progress events."""
+
+    phase: str = "resolve"
+    fill: FillProgress = field(default_factory=FillProgress)
+    total_files: int = 0
+    done_files: int = 0
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "event": "progress",
+            "phase": self.phase,
+            "done_bytes": self.fill.done_bytes,
+            "total_bytes": self.fill.total_bytes,
+            "done_files": self.done_files,
+            "total_files": self.total_files,
+        }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    snapshot_id: str
+    manifest: mf.Manifest
+    stale: bool  # answered from the local record because the origin was unreachable
+
+
+class Resolver:
+    def __init__(self, origin: Origin, cache: Cache, compat_facts: Sequence[str]) -> None:
+        self.origin = origin
+        self.cache = cache
+        self.compat_facts = tuple(compat_facts)
+
+    def __repr__(self) -> str:
+        return f"Resolver({self.origin.url}, facts={self.compat_facts})"
+
+    async def resolve(self, ref: str, given: Mapping[str, str]) -> Resolved:
+        """A ref (or a snapshot id) to its manifest for this host's compat facts."""
+        if is_hex_id(ref):
+            return Resolved(ref, await self.manifest(ref), False)
+        validate_ref(ref)
+        host = compat.host_facts(self.compat_facts, given)
+        digests = [
+            compat_digest({k: host.get(k, compat.UNKNOWN) for k in keys})
+            for keys in compat.candidate_keys(self.compat_facts, given)
+        ]
+        try:
+            sid = await self._lookup(ref, digests, host)
+        except OriginError as e:
+            for d in digests:
+                local = self.cache.index.get_ref(ref, d)
+                if local is not None and self.cache.snapshot(local) is not None:
+                    log.warning(
+                        "origin unreachable; using the last known %s -> %s: %s", ref, local, e
+                    )
+                    return Resolved(local, await self.manifest(local), True)
+            raise
+        return Resolved(sid, await self.manifest(sid), False)
+
+    async def _lookup(self, ref: str, digests: Sequence[str], host: Mapping[str, str]) -> str:
+        for d in digests:
+            sid = await self.origin.get_ref(ref, d)
+            if sid is not None:
+                self.cache.index.put_ref(ref, d, sid, time.time())
+                return sid
+        # Published under another set of facts: list the ref's keys and pick the snapshot
+        # that names the most facts, all of which this host has.
+        listed = await self.origin.list_ref(ref)
+        best: tuple[int, str, str] | None = None
+        for d in listed or []:
+            if d in digests:
+                continue
+            sid = await self.origin.get_ref(ref, d)
+            if sid is None:
+                continue
+            m = await self.manifest(sid)
+            if compat.matches(m.compat, host) and (best is None or len(m.compat) > best[0]):
+                best = (len(m.compat), sid, d)
+        if best is not None:
+            self.cache.index.put_ref(ref, best[2], best[1], time.time())
+            return best[1]
+        if listed:
+            raise NotFound(
+                f"ref {ref!r} has no snapshot for this host's compat facts "
+                f"({', '.join(f'{k}={v}' for k, v in host.items())}): boot from scratch and "
+                "publish one"
+            )
+        raise NotFound(f"no such ref {ref!r} at origin {self.origin.url}")
+
+    async def manifest(self, snapshot_id: str) -> mf.Manifest:
+        local = self.cache.snapshot(snapshot_id)
+        if local is not None:
+            return local.manifest
+        data = await self.origin.get_manifest(snapshot_id)
+        m = await asyncio.to_thread(mf.decode, data)
+        if m.snapshot_id != snapshot_id:
+            raise ManifestError(f"manifest {snapshot_id} at the origin does not hash to its id")
+        return m
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    ref: str
+    target: Path
+    mode: str = "auto"
+    replace: bool = False
+    compat: Mapping[str, str] = field(default_factory=dict)
+    tier: str | None = None
+    owner: tuple[int, int] | None = None  # uid, gid the new tree belongs to
+
+
+class Restorer:
+    def __init__(
+        self,
+        cache: Cache,
+        filler: Filler,
+        resolver: Resolver,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.filler = filler
+        self.resolver = resolver
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"Restorer({self.resolver!r})"
+
+    def _tiers(self, name: str | None) -> Sequence[Tier]:
+        return self.cache.tiers if name is None else [self.cache.tier(name)]
+
+    async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
+        t0 = self.clock()
+        tiers = self._tiers(req.tier)
+        await asyncio.to_thread(check_target, req.target, req.replace)
+        res = await self.resolver.resolve(req.ref, req.compat)
+        m = res.manifest
+        self.cache.record_snapshot(m)
+        t1 = self.clock()
+        progress.phase, progress.total_files = "fetch", len(m.files)
+        blobs = m.blobs()
+        with self.cache.holding(blobs):
+            where = await self.filler.ensure(
+                list(blobs.values()), m.chunk_size, tiers, progress.fill
+            )
+            t2 = self.clock()
+            progress.phase = "materialize"
+            self.cache.touch(blobs)
+            cancel = threading.Event()
+
+            def counted(_size: int) -> None:
+                progress.done_files += 1
+
+            job = asyncio.ensure_future(
+                asyncio.to_thread(
+                    materialize,
+                    m,
+                    req.target,
+                    lambda d: where[d].path,
+                    mode=req.mode,
+                    replace=req.replace,
+                    cancel=cancel,
+                    owner=req.owner,
+                    on_file=counted,
+                )
+            )
+            try:
+                outcome = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                cancel.set()  # the thread stops between files and removes what it built
+                with contextlib.suppress(Cancelled, Exception):
+                    await job
+                raise
+            except OSError as e:
+                raise UsageError(
+                    f"restoring into {str(req.target)!r} failed: {e.strerror or e}"
+                    f"{f' ({e.filename})' if e.filename else ''}"
+                ) from e
+        t3 = self.clock()
+        return {
+            "snapshot": res.snapshot_id,
+            "ref": req.ref,
+            "target": str(req.target),
+            "files": len(m.files),
+            "bytes": m.total_bytes,
+            "mode": req.mode,
+            "linked": outcome.linked,
+            "copied": outcome.copied,
+            "stale_ref": res.stale,
+            "timings": _timings(t0, t1, t2, t3),
+            "bytes_by_source": _by_source(progress.fill, self.cache),
+        }
+
+    async def prefetch(
+        self, ref: str, given: Mapping[str, str], tier: str | None, progress: Progress
+    ) -> dict[str, Any]:
+        t0 = self.clock()
+        tiers = self._tiers(tier)
+        res = await self.resolver.resolve(ref, given)
+        m = res.manifest
+        self.cache.record_snapshot(m)
+        t1 = self.clock()
+        progress.phase, progress.total_files = "fetch", len(m.files)
+        blobs = m.blobs()
+        with self.cache.holding(blobs):
+            await self.filler.ensure(list(blobs.values()), m.chunk_size, tiers, progress.fill)
+        self.cache.touch(blobs)
+        t2 = self.clock()
+        return {
+            "snapshot": res.snapshot_id,
+            "ref": ref,
+            "tier": tier,
+            "bytes": m.total_bytes,
+            "timings": {"resolve": t1 - t0, "fetch": t2 - t1, "total": t2 - t0},
+            "bytes_by_source": _by_source(progress.fill, self.cache),
+        }
+
+
+def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+    return {"resolve": t1 - t0, "fetch": t2 - t1, "materialize": t3 - t2, "total": t3 - t0}
+
+
+def _by_source(fill: FillProgress, cache: Cache) -> dict[str, int]:
+    out = {t.name: 0 for t in cache.tiers}
+    out["origin"] = 0
+    out.update(fill.by_source)
+    return out
+
+
+def peer_owner(uid: int, gid: int) -> tuple[int, int] | None:
+    """Whom a restored tree should belong to: the caller, when the daemon is root."""
+    if os.geteuid() == 0 and uid != 0:
+        return uid, gid
+    return None

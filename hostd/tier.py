@@ -1,0 +1,325 @@
+"""One tier: a cache directory of blobs with a byte budget.
+
+Layout under the tier's root:
+    blobs/<hex[0:2]>/<hex>   complete blobs, read-only (0444), named by file digest
+    partial/<hex>            a blob being filled, sparse, written chunk by chunk
+    partial/<hex>.have       one byte per chunk: 1 once that chunk's bytes are written
+    tmp/                     scratch (publish writes a blob here before it knows its digest)
+
+A chunk's presence byte is written only after its bytes, so a process killed between the two
+refetches the chunk rather than trusting a hole; a partial blob reopened after a restart has
+every present chunk re-hashed before it is trusted (see PartialBlob.recheck). A blob becomes
+complete by fsync, chmod read-only, rename into blobs/, fsync of the directory: nothing that
+looks complete was ever half written.
+
+All methods here do blocking file I/O: callers run them in a thread. This module knows
+nothing of the index, budgets or eviction (cache.py decides those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostd.core.ids import chunk_id
+from hostd.core.manifest import Chunk
+from hostd.errors import TierError
+
+BLOB_MODE = 0o444
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStat:
+    digest: bytes
+    size: int
+    mtime_ns: int
+
+
+def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
+    """Translate an OSError from a tier into hostd's error, naming tier, path and cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "its filesystem is full"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "it is not writable"
+    else:
+        why = os.strerror(e.errno) if e.errno else str(e)
+    return TierError(f"tier {tier!r} ({path}): {doing} failed: {why} ({e.strerror or e})")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise EOFError(f"short read at offset {offset + got}")
+        got += n
+    return bytes(buf)
+
+
+class PartialBlob:
+    """A blob being filled in one tier. Not thread-safe per chunk index; distinct chunks may be
+    written from different threads at once (pwrite at distinct offsets)."""
+
+    def __init__(self, tier: Tier, digest: bytes, size: int, n_chunks: int) -> None:
+        self.tier = tier
+        self.digest = digest
+        self.size = size
+        self.path = tier.partial_path(digest)
+        self.have_path = self.path.with_name(self.path.name + ".have")
+        self.resumed = False
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.have_fd = os.open(self.have_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        except OSError as e:
+            raise tier_error(tier.name, self.path, e, "creating a blob") from e
+        try:
+            st = os.fstat(self.fd)
+            have = os.pread(self.have_fd, n_chunks + 1, 0)
+            if st.st_size == size and len(have) == n_chunks:
+                self.have = bytearray(have)
+                self.resumed = any(self.have)
+            else:  # new, or a leftover that does not fit this blob: start over
+                os.ftruncate(self.fd, 0)
+                os.ftruncate(self.fd, size)
+                self.have = bytearray(n_chunks)
+                os.ftruncate(self.have_fd, 0)
+                pwrite_all(self.have_fd, self.have, 0)
+        except OSError as e:
+            self.close()
+            raise tier_error(tier.name, self.path, e, "preparing a blob") from e
+
+    def __repr__(self) -> str:
+        return (
+            f"PartialBlob({self.tier.name}:{self.digest.hex()[:12]} "
+            f"{sum(self.have)}/{len(self.have)} chunks)"
+        )
+
+    def missing(self) -> list[int]:
+        return [i for i, h in enumerate(self.have) if not h]
+
+    @property
+    def full(self) -> bool:
+        return all(self.have)
+
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        try:
+            pwrite_all(self.fd, data, offset)
+            # The presence byte goes after the data: a crash between the two loses the chunk,
+            # never trusts a hole.
+            pwrite_all(self.have_fd, b"\x01", index)
+        except OSError as e:
+            raise tier_error(self.tier.name, self.path, e, "writing a chunk") from e
+        self.have[index] = 1
+
+    def read(self, offset: int, size: int) -> bytes:
+        return pread_exact(self.fd, size, offset)
+
+    def recheck(self, chunks: Sequence[Chunk], chunk_size: int) -> int:
+        """Re-hash every chunk marked present; clear the ones that do not verify. Returns how
+        many were cleared. Used on a blob left by an earlier run (it may have died mid-write)."""
+        bad = 0
+        for i, c in enumerate(chunks):
+            if self.have[i] and chunk_id(self.read(i * chunk_size, c.size)) != c.id:
+                self.have[i] = 0
+                pwrite_all(self.have_fd, b"\x00", i)
+                bad += 1
+        return bad
+
+    def complete(self) -> BlobStat:
+        """fsync, make read-only, rename into blobs/, fsync the directory."""
+        if not self.full:
+            raise TierError(f"blob {self.digest.hex()} is not full; refusing to complete it")
+        dest = self.tier.blob_path(self.digest)
+        try:
+            os.fsync(self.fd)
+            os.fchmod(self.fd, BLOB_MODE)
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(self.path, dest)
+            _fsync_dir(dest.parent)
+            st = os.fstat(self.fd)
+        except OSError as e:
+            raise tier_error(self.tier.name, dest, e, "completing a blob") from e
+        finally:
+            self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.have_path)
+        return BlobStat(self.digest, st.st_size, st.st_mtime_ns)
+
+    def close(self) -> None:
+        for name in ("fd", "have_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def discard(self) -> None:
+        self.close()
+        for p in (self.path, self.have_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+class Tier:
+    """One cache directory. Holds no state beyond its paths: the index is the cache's."""
+
+    def __init__(self, name: str, root: Path, budget: int) -> None:
+        self.name = name
+        self.root = root
+        self.budget = budget
+        self.blobs_dir = root / "blobs"
+        self.partial_dir = root / "partial"
+        self.tmp_dir = root / "tmp"
+
+    def __repr__(self) -> str:
+        return f"Tier({self.name!r}, {str(self.root)!r}, budget={self.budget})"
+
+    def prepare(self) -> None:
+        """Create the layout and prove the tier writable; sweep scratch leftovers."""
+        probe = self.tmp_dir / f".probe-{os.getpid()}"
+        try:
+            for d in (self.root, self.blobs_dir, self.partial_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as e:
+            raise tier_error(self.name, self.root, e, "preparing the tier") from e
+        for p in self.tmp_dir.iterdir():
+            _remove(p)
+
+    def st_dev(self) -> int:
+        return os.stat(self.root).st_dev
+
+    def blob_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.blobs_dir / h[:2] / h
+
+    def partial_path(self, digest: bytes) -> Path:
+        return self.partial_dir / digest.hex()
+
+    def open_partial(self, digest: bytes, size: int, n_chunks: int) -> PartialBlob:
+        return PartialBlob(self, digest, size, n_chunks)
+
+    def stat_blob(self, digest: bytes) -> BlobStat | None:
+        try:
+            st = os.stat(self.blob_path(digest))
+        except FileNotFoundError:
+            return None
+        return BlobStat(digest, st.st_size, st.st_mtime_ns)
+
+    def scan(self) -> tuple[list[BlobStat], list[BlobStat]]:
+        """Complete blobs and partial blobs on disk (names that are not ids are ignored)."""
+        complete: list[BlobStat] = []
+        partial: list[BlobStat] = []
+        for sub in _iterdir(self.blobs_dir):
+            for p in _iterdir(sub):
+                if _is_hex(p.name):
+                    st = p.stat()
+                    complete.append(BlobStat(bytes.fromhex(p.name), st.st_size, st.st_mtime_ns))
+        for p in _iterdir(self.partial_dir):
+            if _is_hex(p.name):
+                st = p.stat()
+                partial.append(BlobStat(bytes.fromhex(p.name), st.st_size, st.st_mtime_ns))
+        return complete, partial
+
+    def remove_blob(self, digest: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(digest))
+
+    def remove_partial(self, digest: bytes) -> None:
+        p = self.partial_path(digest)
+        for q in (p, p.with_name(p.name + ".have")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(q)
+
+    def copy_in(self, src: Path, digest: bytes) -> BlobStat:
+        """Copy a complete blob from another tier into this one (demotion, promotion)."""
+        tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.copy"
+        dest = self.blob_path(digest)
+        try:
+            copy_file(src, tmp)
+            os.chmod(tmp, BLOB_MODE)
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+            st = os.stat(dest)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise tier_error(self.name, dest, e, "copying a blob in") from e
+        return BlobStat(digest, st.st_size, st.st_mtime_ns)
+
+
+def copy_file(src: Path | str, dst: Path | str, mode: int = 0o600) -> None:
+    """Copy with copy_file_range (clones where the filesystem can), then fsync."""
+    with open(src, "rb") as fi:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            size = os.fstat(fi.fileno()).st_size
+            copy_range(fi.fileno(), fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_range(fd_in: int, fd_out: int, size: int) -> None:
+    left = size
+    try:
+        while left > 0:
+            n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
+            if n == 0:
+                break
+            left -= n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    if left > 0:  # copy_file_range cannot do this pair: plain copy of the rest
+        os.lseek(fd_in, size - left, os.SEEK_SET)
+        os.lseek(fd_out, size - left, os.SEEK_SET)
+        with os.fdopen(os.dup(fd_in), "rb") as r, os.fdopen(os.dup(fd_out), "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 22)
+
+
+def _iterdir(p: Path) -> Iterator[Path]:
+    try:
+        yield from p.iterdir()
+    except FileNotFoundError:
+        return
+
+
+def _is_hex(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

@@ -1,0 +1,282 @@
+"""Real hostd daemons for tests: a process per daemon, its own config, HOME and socket.
+
+`Hostd` writes a config, starts `python -m hostd serve` as a child process, waits until the
+socket answers (polling with a deadline, never a fixed sleep), and talks to it over the real
+Unix socket with plain HTTP/1.1. Socket paths stay short (under /tmp) because a Unix socket
+path over 107 bytes cannot be bound.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def short_tmp(prefix: str = "hd") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def write_config(path: Path, values: Mapping[str, Any], tiers: list[dict[str, Any]]) -> None:
+    lines = [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for t in tiers:
+        lines.append("\n[[tiers]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        super().__init__("hostd", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.unix_path)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+def request(
+    sock: Path, method: str, path: str, body: Any = None, timeout: float = 60.0
+) -> tuple[int, Any]:
+    """One request; returns (status, decoded JSON body, or text if not JSON)."""
+    conn = UnixHTTPConnection(str(sock), timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def stream(sock: Path, path: str, body: Any, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """POST and read the whole NDJSON event stream."""
+    conn = UnixHTTPConnection(str(sock), timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        assert resp.status == 200, (resp.status, resp.read())
+        return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    finally:
+        conn.close()
+
+
+def outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The final event of a stream (result or error); checks the stream's shape."""
+    assert events, "empty stream"
+    assert events[-1]["event"] in ("result", "error"), events[-1]
+    assert all(e["event"] == "progress" for e in events[:-1]), events
+    return events[-1]
+
+
+class Hostd:
+    """One daemon process with its own root directory."""
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        origin: str | None = None,
+        origin_options: Mapping[str, str] | None = None,
+        tiers: list[dict[str, Any]] | None = None,
+        env: Mapping[str, str] | None = None,
+        **config: Any,
+    ) -> None:
+        self.root = root or short_tmp()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket = self.root / "s.sock"
+        self.config_path = self.root / "hostd.toml"
+        values: dict[str, Any] = {
+            "origin": origin or f"file://{self.root}/origin",
+            "socket": str(self.socket),
+            "index": str(self.root / "state" / "index.sqlite3"),
+            "metrics_address": "127.0.0.1:0",
+            "log_level": "debug",
+        }
+        if origin_options:
+            values["origin_options"] = dict(origin_options)
+        values.update(config)
+        self.tiers = tiers or [
+            {"name": "mem", "path": str(self.root / "mem"), "budget": "2GiB"},
+            {"name": "disk", "path": str(self.root / "disk"), "budget": "4GiB"},
+        ]
+        write_config(self.config_path, values, self.tiers)
+        self.env = {
+            **os.environ,
+            "HOME": str(self.root / "home"),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.env.pop("NOTIFY_SOCKET", None)
+        if env and "NOTIFY_SOCKET" in env:
+            self.env["NOTIFY_SOCKET"] = env["NOTIFY_SOCKET"]
+        self.log_path = self.root / "hostd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Hostd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, timeout: float = 30.0) -> Hostd:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hostd", "serve", "--config", str(self.config_path)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hostd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = request(self.socket, "GET", "/v1/status", timeout=2)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"hostd did not answer on {self.socket} in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def api(
+        self, method: str, path: str, body: Any = None, timeout: float = 60.0
+    ) -> tuple[int, Any]:
+        return request(self.socket, method, path, body, timeout)
+
+    def stream(self, path: str, body: Any, timeout: float = 120.0) -> dict[str, Any]:
+        """POST a long operation; return its final event."""
+        return outcome(stream(self.socket, path, body, timeout))
+
+    def publish(self, path: Path, ref: str, **kw: Any) -> dict[str, Any]:
+        out = self.stream("/v1/publish", {"path": str(path), "ref": ref, **kw})
+        assert out["event"] == "result", out
+        return out
+
+    def restore(self, ref: str, target: Path, **kw: Any) -> dict[str, Any]:
+        return self.stream("/v1/restore", {"ref": ref, "target": str(target), **kw})
+
+    def metrics(self) -> str:
+        status, text = self.api("GET", "/metrics")
+        assert status == 200
+        return str(text)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def make_tree(root: Path, *, seed: int = 1, big: int = 3 * 1024 * 1024 + 17) -> Path:
+    """A small tree with every kind of entry a snapshot keeps."""
+    import random
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "weights.bin").write_bytes(rng.randbytes(big))
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "sub" / "config.json").write_text(json.dumps({"seed": seed}) * 100)
+    (root / "sub" / "deeper" / "same-as-weights.bin").write_bytes(
+        (root / "weights.bin").read_bytes()
+    )
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "empty-dir").mkdir()
+    os.symlink("sub/config.json", root / "link-to-config")
+    os.symlink("../weights.bin", root / "sub" / "up-link")
+    return root
+
+
+def tree_digest(root: Path) -> dict[str, Any]:
+    """What a user compares between two trees: kinds, bytes, exec bits, symlink targets."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", p.read_bytes(), bool(p.stat().st_mode & 0o111))
+    return out
+
+
+def rmtree(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def iter_events(sock: Path, path: str, body: Any) -> Iterator[dict[str, Any]]:
+    """Read a stream event by event (for tests that act in the middle of one)."""
+    conn = UnixHTTPConnection(str(sock), 120)
+    conn.request("POST", path, body=json.dumps(body).encode())
+    resp = conn.getresponse()
+    try:
+        while True:
+            line = resp.readline()
+            if not line:
+                return
+            yield json.loads(line)
+    finally:
+        conn.close()
