@@ -116,8 +116,12 @@ class Hostd:
         origin_options: Mapping[str, str] | None = None,
         tiers: list[dict[str, Any]] | None = None,
         env: Mapping[str, str] | None = None,
+        wrap: list[str] | None = None,
         **config: Any,
     ) -> None:
+        """`wrap`: a command prefix the daemon runs under; its last element is a shell script
+        that ends with `exec "$@"` (e.g. ["unshare", "-m", "sh", "-c", "mount ... && exec \"$@\"",
+        "sh"]), so the daemon can run in its own mount namespace with a small tmpfs."""
         self.root = root or short_tmp()
         self.root.mkdir(parents=True, exist_ok=True)
         self.socket = self.root / "s.sock"
@@ -147,6 +151,7 @@ class Hostd:
         self.env.pop("NOTIFY_SOCKET", None)
         if env and "NOTIFY_SOCKET" in env:
             self.env["NOTIFY_SOCKET"] = env["NOTIFY_SOCKET"]
+        self.wrap = list(wrap or [])
         self.log_path = self.root / "hostd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -159,7 +164,15 @@ class Hostd:
     def start(self, timeout: float = 30.0) -> Hostd:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hostd", "serve", "--config", str(self.config_path)],
+            [
+                *self.wrap,
+                sys.executable,
+                "-m",
+                "hostd",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
