@@ -309,7 +309,7 @@ def default_paths(
     """The per-user paths of DESIGN.md "Config", named after the cache directory.
 
     cache_dir = $XDG_CACHE_HOME/hostd or $HOME/.cache/hostd; data_dir likewise with
-    $XDG_DATA_HOME and .local/share; socket = $XDG_RUNTIME_DIR/hostd/hostd.sock or
+    $XDG_DATA_HOME and .local/share; socket = $XDG_RUNTIME_DIR/hostd/hostd-<tag>.sock or
     /tmp/hostd-<uid>-<tag>/hostd.sock; shm_dir = <shm_root>/hostd-<uid>-<tag> where shm_root
     is a directory, else None. <tag> is the first 12 hex digits of BLAKE3 of the cache dir, so
     two HOMEs of one user differ too. XDG variables that are not absolute paths are ignored,
@@ -322,7 +322,8 @@ def default_paths(
     tag = blake3.blake3(os.fsencode(str(cache_dir))).hexdigest()[:12]
     runtime = env.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime):
-        socket = Path(os.path.normpath(runtime)) / "hostd" / "hostd.sock"
+        # tagged too: two HOMEs (two test runs) of one login share one XDG_RUNTIME_DIR
+        socket = Path(os.path.normpath(runtime)) / "hostd" / f"hostd-{tag}.sock"
     else:
         socket = Path(f"/tmp/hostd-{uid}-{tag}/hostd.sock")
     shm_dir = shm_root / f"hostd-{uid}-{tag}" if shm_root.is_dir() else None

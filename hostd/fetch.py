@@ -80,7 +80,7 @@ class FetchStats:
 
 @dataclass
 class _Flight:
-    task: asyncio.Task[tuple[bytes, str]]
+    task: asyncio.Task[tuple[bytes | memoryview, str]]
     waiters: int = 0
 
 
@@ -99,7 +99,7 @@ class Fetcher:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def get(self, chunk: Chunk, priority: Priority) -> tuple[bytes, str]:
+    async def get(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
         fl = self._flights.get(chunk.id)
         if fl is None:
             fl = _Flight(asyncio.create_task(self._load(chunk, priority)))
@@ -119,7 +119,7 @@ class Fetcher:
         if self._flights.get(cid) is fl:
             del self._flights[cid]
 
-    async def _load(self, chunk: Chunk, priority: Priority) -> tuple[bytes, str]:
+    async def _load(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
         async with self.limiter.slot(priority):
             problems: list[str] = []
             corrupt = False

@@ -343,8 +343,11 @@ class Origin:
 
     # -- chunks ---------------------------------------------------------------------------
 
-    async def get_chunk(self, cid: bytes) -> bytes:
-        """The stored bytes of a chunk (raw or zstd, as published); the caller verifies."""
+    async def get_chunk(self, cid: bytes) -> memoryview:
+        """The stored bytes of a chunk (raw or zstd, as published); the caller verifies.
+
+        A view of obstore's buffer, not a copy: a chunk is megabytes, and each copy costs
+        a share of a restore's time."""
         key = _chunk_key(cid)
         try:
             return await self._get("get chunk", key)
@@ -371,7 +374,7 @@ class Origin:
     async def get_manifest(self, snapshot_id: str) -> bytes:
         key = f"manifests/{_check_hex(snapshot_id, 'snapshot id')}"
         try:
-            return await self._get("get manifest", key)
+            return bytes(await self._get("get manifest", key))
         except _Missing:
             raise NotFound(f"no manifest {snapshot_id} at origin {self._url}") from None
 
@@ -387,7 +390,7 @@ class Origin:
             data = await self._get("get ref", key)
         except _Missing:
             return None
-        text = data.decode("ascii", errors="replace").strip()
+        text = bytes(data).decode("ascii", errors="replace").strip()
         if not is_hex_id(text):
             raise OriginError(
                 f"ref {ref} under compat key {compat_digest} at origin {self._url} holds "
@@ -424,10 +427,10 @@ class Origin:
 
     # -- the one request path -------------------------------------------------------------
 
-    async def _get(self, op: str, key: str) -> bytes:
-        async def call() -> bytes:
+    async def _get(self, op: str, key: str) -> memoryview:
+        async def call() -> memoryview:
             result = await obstore.get_async(self._store, key)
-            return bytes(await result.bytes_async())
+            return memoryview(await result.bytes_async())
 
         data = await self._request(op, key, call)
         self.stats.bytes_in += len(data)

@@ -23,7 +23,7 @@ from hostd.tier import pread_exact
 class ChunkSource(Protocol):
     name: str
 
-    async def get(self, chunk: Chunk) -> bytes: ...
+    async def get(self, chunk: Chunk) -> bytes | memoryview: ...
 
 
 class LocalBlobSource:
@@ -71,7 +71,7 @@ class OriginSource:
     def __repr__(self) -> str:
         return f"OriginSource({self.origin.url})"
 
-    async def get(self, chunk: Chunk) -> bytes:
+    async def get(self, chunk: Chunk) -> bytes | memoryview:
         stored = await self.origin.get_chunk(chunk.id)
         try:
             return await asyncio.to_thread(codec.decode, chunk, stored)

@@ -299,17 +299,17 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-    if left > 0:  # copy_file_range cannot do this pair: plain copy of the rest
-        os.lseek(fd_in, size - left, os.SEEK_SET)
-        os.lseek(fd_out, size - left, os.SEEK_SET)
-        with os.fdopen(os.dup(fd_in), "rb") as r, os.fdopen(os.dup(fd_out), "wb") as w:
-            shutil.copyfileobj(r, w, 1 << 22)
+    while left > 0:  # copy_file_range cannot do this pair (another filesystem type): sendfile
+        n = os.sendfile(fd_out, fd_in, size - left, min(left, 1 << 30))
+        if n == 0:
+            raise EOFError(f"source shrank while copying ({left} bytes short)")
+        left -= n
 
 
 def _iterdir(p: Path) -> Iterator[Path]:
     try:
         yield from p.iterdir()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # gone, or a stray file where a dir goes
         return
 
 

@@ -149,7 +149,16 @@ def test_xdg_variables_are_honoured(tmp_path: Path) -> None:
     assert config.index == tmp_path / "cache/hostd/index.sqlite3"
     assert config.tiers[-1].path == tmp_path / "cache/hostd/disk"
     assert config.origin == "file://" + str(tmp_path / "data/hostd/origin")
-    assert config.socket == tmp_path / "run/hostd/hostd.sock"
+    assert config.socket.parent == tmp_path / "run/hostd"
+    assert config.socket.name.startswith("hostd-") and config.socket.suffix == ".sock"
+
+
+def test_two_homes_sharing_a_runtime_dir_get_two_sockets(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    a = load_config(None, {"HOME": str(tmp_path / "a"), "XDG_RUNTIME_DIR": run})
+    b = load_config(None, {"HOME": str(tmp_path / "b"), "XDG_RUNTIME_DIR": run})
+    assert a.socket != b.socket
+    assert a.socket.parent == b.socket.parent == tmp_path / "run/hostd"
 
 
 def test_relative_xdg_variables_are_ignored(tmp_path: Path) -> None:
@@ -226,7 +235,8 @@ def test_loading_creates_nothing(tmp_path: Path, env: dict[str, str]) -> None:
 
 def test_default_socket_finds_the_system_daemon(short_tmp: Path) -> None:
     env = {"HOME": str(short_tmp), "XDG_RUNTIME_DIR": str(short_tmp / "run")}
-    own = short_tmp / "run/hostd/hostd.sock"
+    own = default_paths(env).socket
+    assert own.parent == short_tmp / "run/hostd"
     system = short_tmp / "sys.sock"
     assert default_socket(env, system_socket=system) == own  # neither exists
 
@@ -241,9 +251,9 @@ def test_default_socket_finds_the_system_daemon(short_tmp: Path) -> None:
 def test_default_socket_ignores_a_plain_file(short_tmp: Path) -> None:
     env = {"HOME": str(short_tmp), "XDG_RUNTIME_DIR": str(short_tmp)}
     (short_tmp / "sys.sock").touch()
-    assert default_socket(env, system_socket=short_tmp / "sys.sock") == (
-        short_tmp / "hostd/hostd.sock"
-    )
+    own = default_socket(env, system_socket=short_tmp / "sys.sock")
+    assert own == default_paths(env).socket
+    assert own.parent == short_tmp / "hostd"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,8 +222,10 @@ def test_unit_directives() -> None:
     assert seconds(d["Service.WatchdogSec"][0]) == 30
     assert d["Service.ProtectSystem"] == ["strict"]
     assert d["Service.RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
-    for key in ("PrivateTmp", "NoNewPrivileges", "ProtectHome", "ProtectKernelTunables"):
+    for key in ("NoNewPrivileges", "ProtectHome", "ProtectKernelTunables"):
         assert d[f"Service.{key}"] == ["yes"], key
+    # a private /tmp would swallow restores into /tmp targets while reporting success
+    assert "Service.PrivateTmp" not in d
     assert int(d["Service.LimitNOFILE"][0]) >= 65536
     assert d["Install.WantedBy"] == ["multi-user.target"]
 

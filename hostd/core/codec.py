@@ -50,7 +50,7 @@ def choose(
     return CODEC_RAW, data
 
 
-def decode(chunk: Chunk, stored: bytes) -> bytes:
+def decode(chunk: Chunk, stored: bytes | memoryview) -> bytes | memoryview:
     """Raw bytes of a stored chunk, verified against its id.
 
     The manifest's codec is tried first. A chunk object may have been uploaded by another
@@ -65,14 +65,19 @@ def decode(chunk: Chunk, stored: bytes) -> bytes:
     raise ChunkCorrupt(f"chunk {chunk.id.hex()} does not match its id ({len(stored)} bytes stored)")
 
 
-def _read(codec: int, stored: bytes, raw_size: int) -> bytes | None:
+def _read(codec: int, stored: bytes | memoryview, raw_size: int) -> bytes | memoryview | None:
     if codec == CODEC_RAW:
         return stored if len(stored) == raw_size else None
-    if not stored.startswith(ZSTD_MAGIC):
+    if bytes(stored[:4]) != ZSTD_MAGIC:
         return None
     try:
-        # max_output_size bounds the work a hostile frame can cause; a frame that claims more
-        # than the manifest's raw size is rejected by the size check above.
+        # zstandard sizes its output buffer from the frame header's content size when there
+        # is one, ignoring max_output_size: a frame claiming 1 GiB would allocate 1 GiB. So a
+        # stated size other than the manifest's is refused before decompressing; without one
+        # (-1), max_output_size bounds the output.
+        claimed = zstandard.frame_content_size(stored)
+        if claimed not in (-1, raw_size):
+            return None
         out: bytes = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_size)
     except zstandard.ZstdError:
         return None

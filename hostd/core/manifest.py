@@ -164,15 +164,15 @@ def _from_doc(doc: Any) -> Manifest:
     top = _map(doc, "manifest")
     keys = {"chunk_size", "compat", "dirs", "files", "format", "meta", "symlinks"}
     if set(top) != keys:
-        raise ManifestError(f"manifest keys {sorted(top)} are not {sorted(keys)}")
+        raise ManifestError(f"manifest keys {sorted(top, key=repr)} are not {sorted(keys)}")
     fmt = top["format"]
-    if fmt != FORMAT_VERSION:
+    if not _is_int(fmt) or fmt != FORMAT_VERSION:  # 1.0 and True == 1, but are not canonical
         raise ManifestError(f"manifest format {fmt!r} is not supported (this hostd reads 1)")
     files = []
     for i, f in enumerate(_list(top["files"], "files")):
         fm = _map(f, f"files[{i}]")
         if set(fm) != {"chunks", "mode", "path", "size"}:
-            raise ManifestError(f"files[{i}] has keys {sorted(fm)}")
+            raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
         chunks = []
         for j, c in enumerate(_list(fm["chunks"], f"files[{i}].chunks")):
             if not (isinstance(c, list) and len(c) == 3):
@@ -183,7 +183,7 @@ def _from_doc(doc: Any) -> Manifest:
     for i, s in enumerate(_list(top["symlinks"], "symlinks")):
         sm = _map(s, f"symlinks[{i}]")
         if set(sm) != {"path", "target"}:
-            raise ManifestError(f"symlinks[{i}] has keys {sorted(sm)}")
+            raise ManifestError(f"symlinks[{i}] has keys {sorted(sm, key=repr)}")
         symlinks.append(Symlink(sm["path"], sm["target"]))
     return Manifest(
         chunk_size=top["chunk_size"],
@@ -256,7 +256,7 @@ def check_symlink_target(link_path: str, target: Any) -> None:
 
 def validate(m: Manifest) -> None:
     """Raise ManifestError unless `m` is well-formed and safe to materialize."""
-    if m.format != FORMAT_VERSION:
+    if not _is_int(m.format) or m.format != FORMAT_VERSION:
         raise ManifestError(f"manifest format {m.format!r} is not supported")
     cs = m.chunk_size
     if not _is_int(cs) or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):

@@ -1,0 +1,250 @@
+"""Tier: one cache directory. Sparse fill out of order, presence written after data, atomic
+read-only completion, resume after a restart with present chunks re-hashed, scan at start,
+scratch sweep, copy_in. All synchronous (the tier is blocking I/O by design)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from hostd.core.ids import chunk_id
+from hostd.core.manifest import Chunk
+from hostd.errors import TierError
+from hostd.tier import BLOB_MODE, Tier
+
+CS = 64 * 1024
+# Three full chunks and a short last one; each chunk's bytes differ.
+DATA = b"".join(bytes([i + 1]) * CS for i in range(3)) + b"\x07" * 1000
+CHUNKS = tuple(
+    Chunk(chunk_id(DATA[o : o + CS]), len(DATA[o : o + CS])) for o in range(0, len(DATA), CS)
+)
+DIGEST = bytes.fromhex("ab" * 32)
+OTHER = bytes.fromhex("cd" * 32)
+
+
+def make_tier(root: Path, name: str = "disk") -> Tier:
+    t = Tier(name, root / name, budget=1 << 30)
+    t.prepare()
+    return t
+
+
+def piece(i: int) -> bytes:
+    return DATA[i * CS : i * CS + CHUNKS[i].size]
+
+
+@pytest.fixture
+def tier(tmp_path: Path) -> Tier:
+    return make_tier(tmp_path)
+
+
+def test_fill_out_of_order_then_complete(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    assert not pb.resumed
+    assert pb.missing() == [0, 1, 2, 3]
+    assert os.stat(pb.path).st_size == len(DATA)  # sparse, full length from the start
+    for i in (3, 1, 0, 2):
+        assert not pb.full
+        pb.write(i, i * CS, piece(i))
+    assert pb.full
+    assert pb.missing() == []
+    assert pb.read(CS, 10) == piece(1)[:10]
+    partial, have = pb.path, pb.have_path
+
+    st = pb.complete()
+
+    dest = tier.blob_path(DIGEST)
+    assert dest == tier.blobs_dir / DIGEST.hex()[:2] / DIGEST.hex()
+    assert dest.read_bytes() == DATA
+    info = os.stat(dest)
+    assert stat.S_IMODE(info.st_mode) == BLOB_MODE == 0o444
+    assert (st.digest, st.size, st.mtime_ns) == (DIGEST, len(DATA), info.st_mtime_ns)
+    assert not partial.exists()
+    assert not have.exists()
+    assert tier.stat_blob(DIGEST) == st
+    assert tier.stat_blob(OTHER) is None
+
+
+def test_presence_file_tracks_written_chunks(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    pb.write(2, 2 * CS, piece(2))
+    assert pb.have_path.read_bytes() == b"\x00\x00\x01\x00"
+    pb.close()
+    pb.close()  # idempotent
+
+
+def test_reopen_after_restart_resumes_with_only_missing_chunks(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    pb.write(0, 0, piece(0))
+    pb.write(3, 3 * CS, piece(3))
+    pb.close()  # the process "dies" here
+
+    again = Tier(tier.name, tier.root, tier.budget)  # a new run: a fresh Tier on the same dir
+    again.prepare()
+    pb2 = again.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    assert pb2.resumed
+    assert pb2.missing() == [1, 2]
+    assert pb2.recheck(CHUNKS, CS) == 0
+    assert pb2.missing() == [1, 2]
+    for i in pb2.missing():
+        pb2.write(i, i * CS, piece(i))
+    pb2.complete()
+    assert again.blob_path(DIGEST).read_bytes() == DATA
+
+
+def test_reopen_with_nothing_present_is_not_resumed(tier: Tier) -> None:
+    tier.open_partial(DIGEST, len(DATA), len(CHUNKS)).close()
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    assert not pb.resumed
+    assert pb.missing() == [0, 1, 2, 3]
+    pb.close()
+
+
+def test_leftover_that_does_not_fit_starts_over(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    pb.write(0, 0, piece(0))
+    pb.close()
+    # Same name, other geometry (a leftover of something else): nothing is trusted.
+    pb2 = tier.open_partial(DIGEST, len(DATA) - 1000, 3)
+    assert not pb2.resumed
+    assert pb2.missing() == [0, 1, 2]
+    assert os.stat(pb2.path).st_size == len(DATA) - 1000
+    assert pb2.read(0, 16) == b"\x00" * 16
+    pb2.close()
+
+
+def test_recheck_catches_a_present_chunk_corrupted_on_disk(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    pb.close()
+    # Flip a byte of chunk 1 behind the tier's back (a torn write, a bad disk).
+    with open(pb.path, "r+b") as f:
+        f.seek(CS + 100)
+        f.write(b"\xff")
+
+    pb2 = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    assert pb2.resumed
+    assert pb2.missing() == []
+    assert pb2.recheck(CHUNKS, CS) == 1
+    assert pb2.missing() == [1]
+    assert pb2.have_path.read_bytes() == b"\x01\x00\x01\x01"  # cleared on disk too
+    with pytest.raises(TierError, match="not full"):
+        pb2.complete()
+    pb2.write(1, CS, piece(1))
+    pb2.complete()
+    assert tier.blob_path(DIGEST).read_bytes() == DATA
+
+
+def test_complete_refuses_a_blob_that_is_not_full(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    pb.write(0, 0, piece(0))
+    with pytest.raises(TierError, match=rf"blob {DIGEST.hex()} is not full"):
+        pb.complete()
+    assert not tier.blob_path(DIGEST).exists()
+    assert pb.path.exists()
+    assert pb.have_path.exists()
+    pb.discard()
+    assert not pb.path.exists()
+    assert not pb.have_path.exists()
+
+
+def test_scan_finds_complete_and_partial_blobs_and_ignores_junk(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    done = pb.complete()
+    part = tier.open_partial(OTHER, 5000, 1)
+    part.write(0, 0, b"z" * 10)
+    part.close()
+    # Junk a human or another tool might leave: none of it is a blob.
+    (tier.blobs_dir / "ab" / "not-a-digest").write_bytes(b"x")
+    (tier.blobs_dir / "ab" / ("AB" * 32)).write_bytes(b"x")  # upper case is not our id
+    (tier.blobs_dir / "zz").mkdir()
+    (tier.blobs_dir / "zz" / ("ef" * 31)).write_bytes(b"x")  # 62 digits
+    (tier.blobs_dir / "README").write_text("a file where a fan-out dir would be")
+    (tier.partial_dir / "notes.txt").write_text("junk")
+    (tier.partial_dir / (OTHER.hex() + ".tmp")).write_bytes(b"junk")
+
+    complete, partial = tier.scan()
+
+    assert complete == [done]
+    assert [(p.digest, p.size) for p in partial] == [(OTHER, 5000)]
+
+
+def test_scan_of_a_tier_never_prepared_is_empty(tmp_path: Path) -> None:
+    t = Tier("mem", tmp_path / "nothing-here", budget=100)
+    assert t.scan() == ([], [])
+
+
+def test_prepare_sweeps_tmp_leftovers_and_keeps_blobs(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    pb.complete()
+    part = tier.open_partial(OTHER, 10, 1)
+    part.close()
+    (tier.tmp_dir / "publish.123.blob").write_bytes(b"half a file")
+    os.chmod(tier.tmp_dir / "publish.123.blob", 0o444)
+    (tier.tmp_dir / "scratch").mkdir()
+    (tier.tmp_dir / "scratch" / "inner").write_bytes(b"x")
+    os.symlink("/etc/passwd", tier.tmp_dir / "link")
+
+    tier.prepare()
+
+    assert list(tier.tmp_dir.iterdir()) == []
+    assert Path("/etc/passwd").exists()  # the link went, not its target
+    assert tier.blob_path(DIGEST).read_bytes() == DATA
+    assert part.path.exists()  # partial blobs are resumable, not scratch
+
+
+def test_prepare_names_the_tier_when_it_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    t = Tier("mem", blocker / "tier", budget=100)
+    with pytest.raises(TierError, match=r"tier 'mem' .*preparing the tier failed"):
+        t.prepare()
+
+
+def test_copy_in_makes_a_read_only_copy_and_leaves_no_scratch(tmp_path: Path) -> None:
+    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
+    pb = disk.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    src = pb.complete()
+
+    st = mem.copy_in(disk.blob_path(DIGEST), DIGEST)
+
+    dest = mem.blob_path(DIGEST)
+    assert dest.read_bytes() == DATA
+    assert stat.S_IMODE(os.stat(dest).st_mode) == BLOB_MODE
+    assert (st.digest, st.size) == (DIGEST, src.size)
+    assert st == mem.stat_blob(DIGEST)
+    assert list(mem.tmp_dir.iterdir()) == []
+    assert disk.blob_path(DIGEST).read_bytes() == DATA  # the source stays
+    assert not os.path.samefile(dest, disk.blob_path(DIGEST))  # a copy, not a link
+
+
+def test_copy_in_of_a_missing_source_raises_tier_error_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    mem = make_tier(tmp_path, "mem")
+    with pytest.raises(TierError, match=r"tier 'mem'.*copying a blob in failed"):
+        mem.copy_in(tmp_path / "no-such-blob", DIGEST)
+    assert list(mem.tmp_dir.iterdir()) == []
+    assert mem.stat_blob(DIGEST) is None
+
+
+def test_remove_blob_and_partial_are_idempotent(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, 10, 1)
+    pb.write(0, 0, b"0123456789")
+    pb.complete()
+    tier.open_partial(OTHER, 10, 1).close()
+    tier.remove_blob(DIGEST)
+    tier.remove_blob(DIGEST)
+    tier.remove_partial(OTHER)
+    tier.remove_partial(OTHER)
+    assert tier.scan() == ([], [])
+    assert list(tier.partial_dir.iterdir()) == []
