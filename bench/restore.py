@@ -30,7 +30,7 @@ from typing import Any
 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Hostd  # noqa: E402
+from harness import Hostd
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -69,10 +69,14 @@ def drop_cache(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
-            os.fdatasync(fd) if os.access(p, os.W_OK) else None
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def drop_after(rm_fn: Callable[[Path], None], out: Path, blobs: list[Path]) -> None:
+    rm_fn(out)
+    drop_cache(blobs)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -160,25 +164,30 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
     # publish vs hash + write once (both read tmpfs and write tmpfs); a fresh daemon, tier and
     # origin for every publish so each one does the whole job
     best_pub = best_ref = float("inf")
-    for rep in range(REPEAT):
+    for _rep in range(REPEAT):
         t, _ = timed(lambda: hash_and_write(src, shm / "ref-hw"))
         best_ref = min(best_ref, t)
         rm(shm / "ref-hw", origin, shm / "mem", shm / "d")
         with daemon(shm / "d", origin, [("mem", shm / "mem")]) as d:
             t, pub = timed(lambda: d.publish(src, "bench/model"))
             best_pub = min(best_pub, t)
-    res["publish"] = {"seconds": best_pub, "hash_write": best_ref, "ratio": best_ref / best_pub,
-                      "new_chunks": pub["new_chunks"], "compressed": pub["compressed_chunks"]}
+    res["publish"] = {
+        "seconds": best_pub,
+        "hash_write": best_ref,
+        "ratio": best_ref / best_pub,
+        "new_chunks": pub["new_chunks"],
+        "compressed": pub["compressed_chunks"],
+    }
 
     with daemon(shm / "d", origin, [("mem", shm / "mem")]) as d:
         assert d.proc is not None
         pid = d.proc.pid
         res["rss_idle"] = rss(pid)[0]
         # warm link from mem: O(files)
-        t_link = min(
-            timed(lambda: (restore(d, "bench/model", shm / "out", "link"), rm(shm / "out")))[0]
-            for _ in range(REPEAT)
-        )
+        t_link = float("inf")
+        for _ in range(REPEAT):
+            t_link = min(t_link, timed(lambda: restore(d, "bench/model", shm / "out", "link"))[0])
+            rm(shm / "out")
         res["warm_link"] = {"seconds": t_link, "ms_per_gib": t_link * 1000 / (size / GiB)}
         # warm copy from mem vs cp -r
         reset_hwm(pid)
@@ -194,7 +203,7 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
     # with an empty tier for every run
     best_cold = best_cpo = float("inf")
     peak = 0
-    for rep in range(REPEAT):
+    for _rep in range(REPEAT):
         t, _ = timed(lambda: sh("cp", "-r", str(origin), str(shm / "origin-copy")))
         best_cpo = min(best_cpo, t)
         rm(shm / "origin-copy", shm / "d2", shm / "mem2")
@@ -206,8 +215,12 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
             best_cold = min(best_cold, t)
         rm(shm / "out")
     res["rss_cold_peak"] = peak
-    res["cold_origin"] = {"seconds": best_cold, "cp_r_origin": best_cpo, "ratio": best_cpo / best_cold,
-                          "timings": out["timings"]}
+    res["cold_origin"] = {
+        "seconds": best_cold,
+        "cp_r_origin": best_cpo,
+        "ratio": best_cpo / best_cold,
+        "timings": out["timings"],
+    }
     rm(shm / "mem2", shm / "mem", shm / "d", shm / "d2")
 
     # cold disk tier vs cat of the blobs (page cache dropped before each run)
@@ -219,7 +232,7 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
         t_disk, t_cat, _ = pair(
             lambda: restore(d, "bench/model", shm / "out", "copy"),
             lambda: sh("sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, blobs)),
-            lambda: (rm(shm / "out"), drop_cache(blobs)),
+            lambda: drop_after(rm, shm / "out", blobs),
         )
         res["cold_disk"] = {"seconds": t_disk, "cat": t_cat, "ratio": t_cat / t_disk}
     rm(shm / "out")
@@ -227,7 +240,9 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="2GiB", help="snapshot size (default 2GiB)")
     ap.add_argument("--small", type=int, default=1000, help="number of small files")
     ap.add_argument("--half", action="store_true", help="also run at half the size (O(files), RSS)")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hostd.errors import HostdError, NotFound, UsageError
+from hostd.errors import Busy, HostdError, NotFound, UsageError
 from hostd.materialize import MODES
 from hostd.publish import PublishRequest
 from hostd.restore import Progress, RestoreRequest, peer_owner
@@ -132,6 +132,15 @@ def _path(body: Mapping[str, Any], key: str) -> Path:
     return p
 
 
+def _tier(d: Daemon, body: Mapping[str, Any]) -> str | None:
+    """The request's tier name, if any: naming a tier this host lacks is the caller's error."""
+    name = _opt_str(body, "tier")
+    names = [t.name for t in d.cache.tiers]
+    if name is not None and name not in names:
+        raise UsageError(f"field 'tier': no tier named {name!r} (tiers: {', '.join(names)})")
+    return name
+
+
 async def stream(
     request: web.Request, operation: str, work: Callable[[Progress], Awaitable[dict[str, Any]]]
 ) -> web.StreamResponse:
@@ -143,6 +152,7 @@ async def stream(
     progress = Progress()
     d.in_flight += 1
     task = asyncio.ensure_future(work(progress))
+    d.operations.add(task)  # the daemon cancels it when a stop's drain runs out
     result = "error"
     try:
         last: dict[str, Any] | None = None
@@ -156,6 +166,11 @@ async def stream(
                 break
         try:
             out = task.result()
+        except asyncio.CancelledError:  # by the daemon: it is stopping and the drain ran out
+            result = "cancelled"
+            log.info("%s cancelled: hostd is stopping", operation)
+            err = Busy(f"hostd stopped before the {operation} finished; it was cancelled")
+            await _send(resp, {"event": "error", **err.to_json()})
         except HostdError as e:
             result = "not_found" if isinstance(e, NotFound) else "error"
             log.info("%s failed: %s", operation, e.message)
@@ -176,6 +191,7 @@ async def stream(
         raise
     finally:
         d.in_flight -= 1
+        d.operations.discard(task)
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
@@ -198,9 +214,7 @@ async def restore(request: web.Request) -> web.StreamResponse:
     mode = _str(body, "mode", "auto")
     if mode not in MODES:
         raise UsageError(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
-    tier = _opt_str(body, "tier")
-    if tier is not None:
-        d.cache.tier(tier)
+    tier = _tier(d, body)
     _, uid, gid = peer_credentials(request)
     req = RestoreRequest(
         ref=_str(body, "ref"),
@@ -217,9 +231,7 @@ async def restore(request: web.Request) -> web.StreamResponse:
 async def prefetch(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON_KEY]
     body = await _body(request, {"ref", "tier", "compat"})
-    ref, tier, given = _str(body, "ref"), _opt_str(body, "tier"), _facts(body, "compat")
-    if tier is not None:
-        d.cache.tier(tier)
+    ref, tier, given = _str(body, "ref"), _tier(d, body), _facts(body, "compat")
     return await stream(request, "prefetch", lambda p: d.restorer.prefetch(ref, given, tier, p))
 
 

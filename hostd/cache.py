@@ -135,7 +135,10 @@ class Cache:
                 row = rows.pop((st.digest, t.name), None)
                 cs = row.chunk_size if row else sizes.get(st.digest, 0)
                 last = row.last_used if row else self.clock()
-                self._put(Blob(st.digest, t, st.size, cs, True, st.mtime_ns, last))
+                # Keep the mtime recorded at completion, not today's: a blob written through
+                # while the daemon was down must still fail unchanged() and be re-verified.
+                mtime = row.mtime_ns if row and row.complete else st.mtime_ns
+                self._put(Blob(st.digest, t, st.size, cs, True, mtime, last))
             for st in partial:
                 row = rows.pop((st.digest, t.name), None)
                 if row is None or row.complete:
@@ -245,6 +248,13 @@ class Cache:
     # snapshots, pins, holds ------------------------------------------------------------------
     def record_snapshot(self, m: mf.Manifest) -> None:
         now = self.clock()
+        # Blobs found on disk with no index row (a lost index) learn their chunk size here,
+        # which verify needs to check them.
+        for f in m.files:
+            for b in self._blobs.get(f.digest, {}).values():
+                if b.chunk_size == 0:
+                    b.chunk_size = m.chunk_size
+                    self.index.put_blob(b.row())
         if m.snapshot_id in self._snapshots:
             self._snapshots[m.snapshot_id].last_used = now
         else:

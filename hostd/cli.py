@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         # daemon sees the client go and cancels the work.
         _fail("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`hostd ls | head -1`). Point stdout at /dev/null so
+        # the interpreter's last flush does not fail again on the way out.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -364,8 +371,8 @@ class ProgressBar:
 
     def update(self, event: JSON) -> None:
         phase = str(event.get("phase") or self._title)
-        total = _number(event.get("total_bytes"))
-        done = _number(event.get("done_bytes"))
+        total = int(_number(event.get("total_bytes")))
+        done = int(_number(event.get("done_bytes")))
         files = ""
         if event.get("total_files"):
             files = f"{_count(event.get('done_files'))}/{_count(event.get('total_files'))} files"

@@ -54,6 +54,7 @@ class Daemon:
         self.config = config
         self.started = time.monotonic()
         self.in_flight = 0
+        self.operations: set[asyncio.Future[Any]] = set()  # streamed operations running
         self.accepting = True
         self.metrics_address = ""
         tiers = [Tier(t.name, t.path, t.budget) for t in config.tiers]
@@ -171,6 +172,20 @@ class Daemon:
         if [(t.name, t.path) for t in old.tiers] != [(t.name, t.path) for t in new.tiers]:
             log.warning("tier names or paths changed; they take effect when hostd restarts")
 
+    async def drain(self, grace: float) -> None:
+        """Let running operations finish for up to `grace` seconds, then cancel the rest: each
+        removes what it made, and its stream ends with an error while the client is still
+        connected."""
+        running = set(self.operations)
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=grace)
+        for t in late:
+            t.cancel()
+        if late:
+            log.warning("cancelled %d operation(s) that did not finish in time", len(late))
+            await asyncio.wait(late)
+
     async def close(self) -> None:
         await self.fetcher.close()
         await self.origin.close()
@@ -260,6 +275,7 @@ async def serve(
         )
         notifier.stopping("draining in-flight work")
         d.accepting = False
+        await d.drain(config.drain_timeout)
     finally:
         await runner.cleanup()
         await metrics_runner.cleanup()
@@ -339,7 +355,9 @@ def main(config_path: Path | None) -> int:
     except HostdError as e:
         log.error("%s", e.message)
         print(f"hostd: {e.message}", file=sys.stderr)
-        return 1
+        # A bad config value found only while building the parts (origin_options) is
+        # still a usage error: exit 2, as one found while loading the file.
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 

@@ -42,6 +42,7 @@ class _Open:
     tier: Tier
     blob: PartialBlob
     left: int
+    finishing: bool = False
 
 
 class Filler:
@@ -187,6 +188,9 @@ class Filler:
             return await fut
 
         async def finish(o: _Open) -> None:
+            if o.finishing:  # several workers can see a resumed blob already full
+                return
+            o.finishing = True
             st = await asyncio.to_thread(o.blob.complete)
             self.cache.completed(o.entry.digest, o.tier, st)
             done.add(o.entry.digest)
@@ -195,7 +199,7 @@ class Filler:
             for n in cursor:
                 e, i = work[n]
                 o = await get_open(e)
-                if o.left == 0 and e.digest not in done:
+                if o.left == 0:
                     await finish(o)  # everything was already there (resumed)
                 if o.blob.have[i]:
                     continue

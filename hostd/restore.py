@@ -125,7 +125,12 @@ class Resolver:
         if local is not None:
             return local.manifest
         data = await self.origin.get_manifest(snapshot_id)
-        m = await asyncio.to_thread(mf.decode, data)
+        try:
+            m = await asyncio.to_thread(mf.decode, data)
+        except ManifestError as e:  # name the manifest: decode only knows its bytes
+            raise ManifestError(
+                f"manifest {snapshot_id} at origin {self.origin.url}: {e.message}"
+            ) from e
         if m.snapshot_id != snapshot_id:
             raise ManifestError(f"manifest {snapshot_id} at the origin does not hash to its id")
         return m

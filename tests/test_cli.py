@@ -32,8 +32,9 @@ import pytest
 from aiohttp import web
 
 from hostd.cli import main
-from hostd.client import EventReader, resolve_socket
-from hostd.errors import HostdError
+from hostd.client import EventReader, error_from_code, resolve_socket
+from hostd.config import default_paths
+from hostd.errors import HostdError, TargetExists
 
 JSON = dict[str, Any]
 REPO = Path(__file__).resolve().parents[1]
@@ -65,11 +66,15 @@ class FakeDaemon:
         self.snapshots: dict[str, JSON] = {}
         self.contents: dict[str, dict[str, bytes]] = {}
         self.bad_blobs: list[JSON] = []
+        self.plain_text_errors = False
         self.requests: list[tuple[str, JSON]] = []
         self.streaming = threading.Event()  # `hang` sent its first event
         self.cancelled = threading.Event()  # ... and then saw the client go
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-hostd")
+        # A daemon thread: a test that fails before stop() must not hang the interpreter.
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fake-hostd", daemon=True
+        )
         self._runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
@@ -79,7 +84,11 @@ class FakeDaemon:
 
     def start(self) -> None:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(DEADLINE)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(DEADLINE)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self._runner is not None:
@@ -400,6 +409,8 @@ class FakeDaemon:
 
     async def _gc(self, request: web.Request) -> web.Response:
         await self._body(request)
+        if self.plain_text_errors:  # what a proxy or a panicking server might send
+            return web.Response(status=500, text="Internal Server Error")
         return web.json_response(
             {"removed_blobs": 2, "freed_bytes": 3 << 20, "removed_partials": 1}
         )
@@ -819,15 +830,14 @@ def test_socket_option_beats_environment(
 def test_default_socket_is_per_user_else_system(
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("HOSTD_SOCKET", raising=False)
     env = {"XDG_RUNTIME_DIR": str(short_dir), "HOME": str(short_dir)}
-    user = short_dir / "hostd" / "hostd.sock"
+    user = default_paths(env).socket  # where the config module puts it; not this test's business
     system = short_dir / "system.sock"
     assert resolve_socket(None, env, system_socket=system) == user
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(system))
         assert resolve_socket(None, env, system_socket=system) == system
-        user.parent.mkdir()
+        user.parent.mkdir(parents=True)
         user.touch()
         assert resolve_socket(None, env, system_socket=system) == user
     assert resolve_socket(None, {**env, "HOSTD_SOCKET": "/e.sock"}) == Path("/e.sock")
@@ -838,12 +848,14 @@ def test_default_socket_reaches_the_per_user_daemon(
     short_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HOSTD_SOCKET", raising=False)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir))
-    (short_dir / "hostd").mkdir()
-    fake = FakeDaemon(short_dir / "hostd" / "hostd.sock")
+    for name in ("XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.setenv(name, str(short_dir))
+    path = default_paths(os.environ).socket
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fake = FakeDaemon(path)
     fake.start()
     try:
-        assert run_json(capsys, "status")["socket"] == str(fake.socket_path)
+        assert run_json(capsys, "status")["socket"] == str(path)
     finally:
         fake.stop()
 
@@ -976,3 +988,31 @@ def test_ctrl_c_cancels_the_stream_and_exits_130(daemon: FakeDaemon, short_dir: 
                 proc.kill()
     assert (proc.returncode, out, err) == (130, "", "hostd: interrupted\n")
     assert daemon.cancelled.wait(DEADLINE), "the daemon never saw the client go"
+
+
+def test_subprocess_closed_stdout_is_quiet(daemon: FakeDaemon) -> None:
+    with hostd_process("ls", "--socket", str(daemon.socket_path)) as proc:
+        assert proc.stdout is not None
+        proc.stdout.close()  # `hostd ls | head -0`: the reader is gone before the first line
+        _, err = proc.communicate(timeout=DEADLINE)
+    assert (proc.returncode, err) == (1, "")
+
+
+def test_error_codes_map_to_exit_codes() -> None:
+    assert isinstance(error_from_code("target_exists", "m"), TargetExists)
+    assert error_from_code("bad_request", "m").exit_code == 2
+    assert error_from_code("not_found", "m").exit_code == 3
+    for code in ("bad_config", "unreachable", "something_new"):  # from the daemon: a failure
+        error = error_from_code(code, "m")
+        assert (error.code, error.exit_code, error.message) == (code, 1, "m")
+
+
+def test_error_without_a_json_body_exits_1(
+    daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.plain_text_errors = True
+    code, err = run_failing(capsys, "gc", *sock)
+    assert (code, err) == (
+        1,
+        "hostd: daemon answered HTTP 500 Internal Server Error: Internal Server Error\n",
+    )

@@ -1,0 +1,811 @@
+"""Cache: tiers + index. Admission charges budget, a tier never goes over it, LRU eviction
+demotes down the tiers and deletes from the last, pinned and held blobs never go, and the
+view survives a restart (load reconciles the index with the disk, rebuilding a stale one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import sqlite3
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+
+from hostd.cache import Cache, blob_is_intact
+from hostd.core import manifest as mf
+from hostd.core.eviction import Candidate, choose_victims
+from hostd.core.ids import chunk_id
+from hostd.core.manifest import Chunk, FileEntry
+from hostd.errors import TierError
+from hostd.index import Index
+from hostd.tier import BLOB_MODE, BlobStat, Tier
+
+CS = mf.MIN_CHUNK_SIZE
+
+
+class Clock:
+    """The injected clock: moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def content(name: str, size: int) -> bytes:
+    seed = name.encode() + b"|"
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def entry_of(name: str, data: bytes) -> FileEntry:
+    chunks = tuple(
+        Chunk(chunk_id(data[o : o + CS]), len(data[o : o + CS])) for o in range(0, len(data), CS)
+    )
+    return FileEntry(name, 0o644, len(data), chunks)
+
+
+def write_blob(tier: Tier, e: FileEntry, data: bytes) -> BlobStat:
+    pb = tier.open_partial(e.digest, e.size, len(e.chunks))
+    for i, c in enumerate(e.chunks):
+        pb.write(i, i * CS, data[i * CS : i * CS + c.size])
+    return pb.complete()
+
+
+def write_through(path: Path, data: bytes, *, append: bool) -> None:
+    """What root can do to a read-only blob: write into it, leaving it read-only again."""
+    os.chmod(path, 0o644)
+    with open(path, "ab" if append else "r+b") as f:
+        f.write(data)
+    os.chmod(path, BLOB_MODE)
+
+
+class Env:
+    """Tiers, index and manifests under one root; `open()` is a daemon start on them."""
+
+    def __init__(self, root: Path, budgets: dict[str, int]) -> None:
+        self.root = root
+        self.budgets = budgets
+        self.clock = Clock()
+        self.data: dict[bytes, bytes] = {}
+        self._indexes: list[Index] = []
+
+    def open(self, budgets: dict[str, int] | None = None) -> Cache:
+        tiers = [Tier(n, self.root / n, b) for n, b in (budgets or self.budgets).items()]
+        index = Index(self.root / "index.db")
+        self._indexes.append(index)
+        cache = Cache(tiers, index, manifests_dir=self.root / "manifests", clock=self.clock)
+        cache.load()
+        return cache
+
+    def close(self) -> None:
+        for index in self._indexes:
+            index.close()
+        self._indexes.clear()
+
+    def file(self, name: str, size: int) -> FileEntry:
+        data = content(name, size)
+        e = entry_of(name, data)
+        self.data[e.digest] = data
+        return e
+
+    async def put(self, cache: Cache, e: FileEntry, tiers: list[Tier] | None = None) -> Tier:
+        """Admit, fill and complete one blob, as a fill would; the clock ticks first."""
+        self.clock.tick()
+        t = await cache.admit(e.digest, e.size, CS, tiers if tiers is not None else cache.tiers)
+        st_ = await asyncio.to_thread(write_blob, t, e, self.data[e.digest])
+        cache.completed(e.digest, t, st_)
+        return t
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path, {"mem": 1000, "disk": 2000})
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def big_env(tmp_path: Path) -> Iterator[Env]:
+    """Room on disk for blobs of several chunks."""
+    e = Env(tmp_path, {"mem": 1000, "disk": 4 * CS})
+    yield e
+    e.close()
+
+
+def used(cache: Cache) -> dict[str, int]:
+    return {u.name: u.used for u in cache.usage()}
+
+
+def where(cache: Cache, e: FileEntry) -> list[tuple[str, bool]]:
+    return sorted((b.tier.name, b.complete) for b in cache.copies(e.digest))
+
+
+def view(cache: Cache) -> dict[tuple[bytes, str], tuple[Any, ...]]:
+    return {
+        (b.digest, b.tier.name): (b.size, b.chunk_size, b.complete, b.mtime_ns, b.last_used)
+        for t in cache.tiers
+        for d in cache.digests(t)
+        for b in cache.copies(d)
+        if b.tier is t
+    }
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+async def test_admission_charges_the_full_size_before_any_byte_is_written(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a = env.file("a", 400)
+
+    t = await cache.admit(a.digest, a.size, CS, [mem, disk])
+
+    assert t is mem
+    assert used(cache) == {"mem": 400, "disk": 0}
+    assert where(cache, a) == [("mem", False)]
+    assert cache.partial(a.digest) is not None
+    assert cache.locate(a.digest) is None
+    # Admitting it again while it fills charges nothing more.
+    assert await cache.admit(a.digest, a.size, CS, [mem, disk]) is mem
+    assert used(cache) == {"mem": 400, "disk": 0}
+
+    st_ = await asyncio.to_thread(write_blob, mem, a, env.data[a.digest])
+    cache.completed(a.digest, mem, st_)
+    assert used(cache) == {"mem": 400, "disk": 0}
+    b = cache.locate(a.digest)
+    assert b is not None
+    assert (b.tier, b.complete, b.mtime_ns) == (mem, True, st_.mtime_ns)
+
+
+async def test_abandon_returns_the_charge(env: Env) -> None:
+    cache = env.open()
+    mem = cache.tiers[0]
+    a = env.file("a", 400)
+    await cache.admit(a.digest, a.size, CS, [mem])
+    cache.abandon(a.digest, mem)
+    assert used(cache) == {"mem": 0, "disk": 0}
+    assert cache.copies(a.digest) == []
+
+
+async def test_admission_goes_to_the_first_tier_with_room(env: Env) -> None:
+    cache = env.open()
+    _mem, disk = cache.tiers
+    big = env.file("big", 1500)  # over mem's budget, within disk's
+    assert await env.put(cache, big) is disk
+    assert used(cache) == {"mem": 0, "disk": 1500}
+
+
+async def test_a_blob_bigger_than_every_budget_is_refused_naming_sizes(env: Env) -> None:
+    cache = env.open()
+    huge = env.file("huge", 5000)
+    with pytest.raises(TierError) as info:
+        await cache.admit(huge.digest, huge.size, CS, cache.tiers)
+    msg = info.value.message
+    assert huge.digest.hex() in msg
+    assert "5000 bytes" in msg
+    assert "mem: budget 1000 < 5000" in msg
+    assert "disk: budget 2000 < 5000" in msg
+    assert used(cache) == {"mem": 0, "disk": 0}
+
+
+async def test_reserve_and_adopt_account_like_admission(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    assert await cache.reserve(5000, cache.tiers) is None
+    t = await cache.reserve(600, cache.tiers)
+    assert t is mem
+    assert used(cache)["mem"] == 600
+    cache.unreserve(mem, 600)
+    assert used(cache)["mem"] == 0
+
+    a = env.file("a", 500)
+    t = await cache.reserve(a.size, [disk])
+    assert t is disk
+    st_ = await asyncio.to_thread(write_blob, disk, a, env.data[a.digest])
+    cache.adopt(disk, a.size, st_, CS)
+    assert used(cache) == {"mem": 0, "disk": 500}
+    assert where(cache, a) == [("disk", True)]
+
+
+# -- eviction -----------------------------------------------------------------------------------
+
+
+async def test_eviction_is_least_recently_used_first(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        (only,) = cache.tiers
+        a, b, c, d = (env.file(n, 300) for n in "abcd")
+        for x in (a, b, c):
+            await env.put(cache, x)
+        env.clock.tick()
+        cache.touch([a.digest])  # a is now more recent than b and c
+
+        await env.put(cache, d)  # needs 200 bytes: the LRU blob, b, goes
+
+        assert cache.locate(b.digest) is None
+        assert not only.blob_path(b.digest).exists()
+        assert {x.path for x in (a, c, d) if cache.locate(x.digest)} == {"a", "c", "d"}
+        assert cache.evictions[("only", "delete")] == 1
+
+        big = env.file("big", 600)  # 900 + 600 - 1000 = 500 needed: c (300), then a (300)
+        await env.put(cache, big)
+        assert cache.locate(c.digest) is None
+        assert cache.locate(a.digest) is None
+        assert cache.locate(d.digest) is not None
+        assert used(cache) == {"only": 900}
+        assert cache.evictions[("only", "delete")] == 3
+        assert sorted(s.digest for s in only.scan()[0]) == sorted([d.digest, big.digest])
+    finally:
+        env.close()
+
+
+async def test_eviction_demotes_to_the_next_tier_with_content_intact(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b = env.file("a", 600), env.file("b", 600)
+    await env.put(cache, a)
+    a_used = cache.locate(a.digest)
+    assert a_used is not None
+    a_last = a_used.last_used
+
+    await env.put(cache, b)  # mem: 600 + 600 > 1000, so a moves down to disk
+
+    assert where(cache, a) == [("disk", True)]
+    assert where(cache, b) == [("mem", True)]
+    assert used(cache) == {"mem": 600, "disk": 600}
+    assert cache.evictions[("mem", "demote")] == 1
+    assert not mem.blob_path(a.digest).exists()
+    moved = cache.locate(a.digest)
+    assert moved is not None
+    assert moved.tier is disk
+    assert moved.last_used == a_last  # demotion is not a use
+    assert moved.path.read_bytes() == env.data[a.digest]
+    assert stat.S_IMODE(os.stat(moved.path).st_mode) == BLOB_MODE
+    assert blob_is_intact(moved.path, a.digest, a.size, CS) is None
+    assert cache.unchanged(moved)
+    assert list(disk.tmp_dir.iterdir()) == []
+
+
+async def test_eviction_from_the_last_tier_deletes(env: Env) -> None:
+    cache = env.open()
+    _mem, disk = cache.tiers
+    files = [env.file(f"f{i}", 800) for i in range(3)]
+    for f in files:
+        await env.put(cache, f, [disk])
+    # disk held 1600; the third needed 400 more: f0, the oldest, was deleted.
+    assert cache.locate(files[0].digest) is None
+    assert not disk.blob_path(files[0].digest).exists()
+    assert cache.evictions[("disk", "delete")] == 1
+    assert used(cache) == {"mem": 0, "disk": 1600}
+
+
+async def test_demotion_cascades_down_and_deletes_at_the_bottom(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    d1, d2 = env.file("d1", 900), env.file("d2", 900)
+    await env.put(cache, d1, [disk])
+    await env.put(cache, d2, [disk])  # disk: 1800 of 2000
+    m1, m2 = env.file("m1", 700), env.file("m2", 700)
+    await env.put(cache, m1, [mem])
+
+    await env.put(cache, m2, [mem])  # m1 must leave mem; disk must make room for it: d1 goes
+
+    assert where(cache, m1) == [("disk", True)]
+    assert cache.locate(d1.digest) is None
+    assert where(cache, d2) == [("disk", True)]
+    assert used(cache) == {"mem": 700, "disk": 1600}
+    assert cache.evictions[("mem", "demote")] == 1
+    assert cache.evictions[("disk", "delete")] == 1
+
+
+async def test_a_victim_already_in_a_lower_tier_is_just_deleted(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a = env.file("a", 600)
+    await env.put(cache, a, [disk])
+    await env.put(cache, a, [mem])  # the same blob in both tiers
+    b = env.file("b", 600)
+    await env.put(cache, b, [mem])
+    assert where(cache, a) == [("disk", True)]
+    assert cache.evictions[("mem", "delete")] == 1
+    assert cache.evictions[("mem", "demote")] == 0
+    assert used(cache) == {"mem": 600, "disk": 600}
+
+
+async def test_pinned_snapshot_blobs_are_never_evicted(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        a, b = env.file("a", 500), env.file("b", 400)
+        await env.put(cache, a)
+        await env.put(cache, b)
+        m = mf.build(chunk_size=CS, files=[a])
+        cache.record_snapshot(m)
+        cache.set_pinned(m.snapshot_id, True)
+        assert a.digest in cache.pinned_blobs()
+
+        c = env.file("c", 500)  # 900 + 500 - 1000 = 400: b alone frees enough
+        await env.put(cache, c)
+        assert cache.locate(b.digest) is None
+        assert cache.locate(a.digest) is not None
+
+        d = env.file("d", 600)  # 1000 + 600 - 1000 = 600: only c (500) may go: not enough
+        with pytest.raises(TierError) as info:
+            await env.put(cache, d)
+        msg = info.value.message
+        assert f"blob {d.digest.hex()} of 600 bytes" in msg
+        assert "only: 600 bytes over budget, nothing evictable" in msg
+        # Nothing was evicted for nothing.
+        assert cache.locate(c.digest) is not None
+        assert cache.locate(a.digest) is not None
+        assert used(cache) == {"only": 1000}
+
+        cache.set_pinned(m.snapshot_id, False)
+        await env.put(cache, d)
+        assert cache.locate(a.digest) is None  # unpinned, and the least recently used
+    finally:
+        env.close()
+
+
+async def test_held_blobs_are_never_evicted(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        a, b = env.file("a", 600), env.file("b", 600)
+        await env.put(cache, a)
+        with cache.holding([a.digest]), cache.holding([a.digest]):
+            assert cache.is_held(a.digest)
+            with pytest.raises(TierError, match=rf"blob {b.digest.hex()} of 600 bytes"):
+                await env.put(cache, b)
+        # Held twice, released twice: evictable again.
+        assert not cache.is_held(a.digest)
+        await env.put(cache, b)
+        assert cache.locate(a.digest) is None
+        assert cache.locate(b.digest) is not None
+    finally:
+        env.close()
+
+
+async def test_partial_blobs_are_never_evicted(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        a, b = env.file("a", 600), env.file("b", 600)
+        await cache.admit(a.digest, a.size, CS, cache.tiers)  # being filled
+        with pytest.raises(TierError, match="nothing evictable"):
+            await cache.admit(b.digest, b.size, CS, cache.tiers)
+        assert where(cache, a) == [("only", False)]
+    finally:
+        env.close()
+
+
+async def test_enforce_budgets_after_a_lower_budget(env: Env) -> None:
+    cache = env.open()
+    files = [env.file(f"f{i}", 300) for i in range(3)]
+    for f in files:
+        await env.put(cache, f, [cache.tiers[0]])
+    env.close()
+    cache = env.open({"mem": 500, "disk": 2000})  # a reload with mem's budget lowered
+    assert used(cache)["mem"] == 900
+    await cache.enforce_budgets()
+    assert used(cache) == {"mem": 300, "disk": 600}
+    assert where(cache, files[2]) == [("mem", True)]
+    assert where(cache, files[0]) == [("disk", True)]
+
+
+# -- a tier never goes over budget, whatever happens ---------------------------------------------
+
+
+SIZES = st.integers(min_value=1, max_value=700)
+# tmpfs where there is one: a fsync there is free, and these tests run hundreds of them.
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+@pytest.fixture
+def fast_tmp() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="hd-cache-", dir=SHM))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random admits, fills, abandons, touches, holds, pins and removals over two tiers.
+
+    After every step: each tier's usage is within its budget and equals the sum of the sizes
+    the view holds there; every complete blob in the view is on disk with its size; a blob that
+    was complete in a tier when it got pinned or held is still there.
+    """
+
+    partials = Bundle("partials")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="hd-cache-", dir=SHM))
+        self.env = Env(self.root, {"mem": 1000, "disk": 1500})
+        self.loop = asyncio.new_event_loop()
+        self.cache = self.env.open()
+        self.n = 0
+        self.holds: list[tuple[contextlib.ExitStack, bytes]] = []
+        self.pins: dict[str, set[bytes]] = {}
+        self.entries: dict[bytes, FileEntry] = {}
+        self.homes: dict[bytes, set[str]] = {}  # tiers a blob was complete in when protected
+
+    def teardown(self) -> None:
+        for stack, _ in self.holds:
+            stack.close()
+        self.env.close()
+        self.loop.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def protected(self) -> set[bytes]:
+        return {h for _, h in self.holds} | {x for s in self.pins.values() for x in s}
+
+    def complete_digests(self) -> list[bytes]:
+        return sorted(d for d in self.entries if self.cache.locate(d) is not None)
+
+    def tiers(self, which: int) -> list[Tier]:
+        mem, disk = self.cache.tiers
+        return [[mem, disk], [mem], [disk]][which]
+
+    @rule(target=partials, size=SIZES, which=st.integers(0, 2))
+    def admit(self, size: int, which: int) -> Any:
+        self.n += 1
+        e = self.env.file(f"blob{self.n}", size)
+        self.entries[e.digest] = e
+        self.env.clock.tick()
+        try:
+            t = self.run(self.cache.admit(e.digest, size, CS, self.tiers(which)))
+        except TierError as err:
+            refusal = err.message
+        else:
+            return (e, t)
+        assert f"{size} bytes" in refusal
+        return multiple()  # admitted nothing
+
+    @rule(p=consumes(partials))
+    def complete(self, p: tuple[FileEntry, Tier]) -> None:
+        e, t = p
+        if self.cache.partial(e.digest) is None:
+            return
+        st_ = write_blob(t, e, self.env.data[e.digest])
+        self.cache.completed(e.digest, t, st_)
+
+    @rule(p=consumes(partials))
+    def abandon(self, p: tuple[FileEntry, Tier]) -> None:
+        e, t = p
+        t.remove_partial(e.digest)
+        self.cache.abandon(e.digest, t)
+
+    @precondition(lambda self: bool(self.complete_digests()))
+    @rule(data=st.data())
+    def touch(self, data: st.DataObject) -> None:
+        self.env.clock.tick()
+        self.cache.touch([data.draw(st.sampled_from(self.complete_digests()))])
+
+    @precondition(lambda self: bool(self.complete_digests()))
+    @rule(data=st.data())
+    def hold(self, data: st.DataObject) -> None:
+        d = data.draw(st.sampled_from(self.complete_digests()))
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.cache.holding([d]))
+        self.protect([d])
+        self.holds.append((stack, d))
+
+    @precondition(lambda self: bool(self.holds))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.holds) - 1))
+        stack, _ = self.holds.pop(i)
+        stack.close()
+
+    @precondition(lambda self: bool(self.complete_digests()))
+    @rule(data=st.data())
+    def pin(self, data: st.DataObject) -> None:
+        ds = data.draw(
+            st.lists(st.sampled_from(self.complete_digests()), min_size=1, max_size=3, unique=True)
+        )
+        files = [
+            FileEntry(f"p{i}", 0o644, self.entries[d].size, self.entries[d].chunks)
+            for i, d in enumerate(ds)
+        ]
+        m = mf.build(chunk_size=CS, files=files, meta={"n": str(self.n)})
+        self.n += 1
+        self.cache.record_snapshot(m)
+        self.cache.set_pinned(m.snapshot_id, True)
+        self.protect(ds)
+        self.pins[m.snapshot_id] = set(ds)
+
+    def protect(self, ds: list[bytes]) -> None:
+        for d in ds:
+            if d not in self.protected():
+                self.homes[d] = {b.tier.name for b in self.cache.copies(d) if b.complete}
+
+    @precondition(lambda self: bool(self.pins))
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.pins)))
+        self.cache.set_pinned(sid, False)
+        del self.pins[sid]
+
+    @precondition(lambda self: bool(self.complete_digests()))
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        d = data.draw(st.sampled_from(self.complete_digests()))
+        if d in self.protected():
+            return
+        b = self.cache.locate(d)
+        assert b is not None
+        self.run(self.cache.remove(d, b.tier))
+
+    @invariant()
+    def within_budget_and_consistent(self) -> None:
+        for u, t in zip(self.cache.usage(), self.cache.tiers, strict=True):
+            assert 0 <= u.used <= t.budget, (u.name, u.used, t.budget)
+            held_here = [b for d in self.cache.digests(t) for b in self.cache.copies(d)]
+            assert u.used == sum(b.size for b in held_here if b.tier is t)
+            for b in held_here:
+                if b.tier is t and b.complete:
+                    assert os.stat(b.path).st_size == b.size
+
+    @invariant()
+    def protected_blobs_stay(self) -> None:
+        for d in self.protected():
+            # Not evicted, not even demoted: every copy they had when protected is still there.
+            # Only `remove` (skipped for them) or eviction (which must skip them) could move one.
+            here = {b.tier.name for b in self.cache.copies(d) if b.complete}
+            assert self.homes[d] <= here, (d.hex(), self.homes[d], here)
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(
+    max_examples=30, stateful_step_count=25, deadline=None, derandomize=True
+)
+
+
+async def test_randomized_sequence_never_goes_over_budget(fast_tmp: Path) -> None:
+    """The same property without Hypothesis' shrinking: a long seeded run with real awaits."""
+    env = Env(fast_tmp, {"mem": 1000, "disk": 1500})
+    rng = random.Random(1234)
+    try:
+        cache = env.open()
+        live: list[FileEntry] = []
+        held: list[contextlib.ExitStack] = []
+        for step in range(150):
+            op = rng.random()
+            if op < 0.6 or not live:
+                e = env.file(f"r{step}", rng.randint(1, 800))
+                try:
+                    await env.put(cache, e, rng.choice([cache.tiers, cache.tiers[1:]]))
+                except TierError:
+                    pass
+                else:
+                    live.append(e)
+            elif op < 0.75:
+                env.clock.tick()
+                cache.touch([rng.choice(live).digest])
+            elif op < 0.9:
+                stack = contextlib.ExitStack()
+                stack.enter_context(cache.holding([rng.choice(live).digest]))
+                held.append(stack)
+            elif held:
+                held.pop(rng.randrange(len(held))).close()
+            for u, t in zip(cache.usage(), cache.tiers, strict=True):
+                assert u.used <= t.budget, (step, u)
+        for stack in held:
+            stack.close()
+    finally:
+        env.close()
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 100), st.floats(0, 100)), max_size=20),
+    st.integers(-5, 2000),
+)
+def test_choose_victims_frees_enough_least_recently_used_first(
+    items: list[tuple[int, float]], need: int
+) -> None:
+    cands = [Candidate(i, size, last) for i, (size, last) in enumerate(items)]
+    victims = choose_victims(cands, need)
+    if need <= 0:
+        assert victims == []
+        return
+    if sum(c.size for c in cands) < need:
+        assert victims is None
+        return
+    assert victims is not None
+    chosen = [cands[k] for k in victims]
+    assert sum(c.size for c in chosen) >= need
+    assert sum(c.size for c in chosen[:-1]) < need  # no more than needed
+    rest = [c for c in cands if c.key not in set(victims)]
+    assert all(c.last_used >= max(v.last_used for v in chosen) for c in rest)
+
+
+# -- restart: load() reconciles the index with the disk ------------------------------------------
+
+
+async def test_load_after_restart_restores_the_view(big_env: Env) -> None:
+    env = big_env
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b, c = env.file("a", 300), env.file("b", 1200), env.file("c", 100 + 2 * CS)
+    await env.put(cache, a, [mem])
+    await env.put(cache, b, [disk])
+    await env.put(cache, c, [disk])
+    m = mf.build(chunk_size=CS, files=[a, c])
+    cache.record_snapshot(m)
+    cache.set_pinned(m.snapshot_id, True)
+    p = env.file("p", 200)
+    await cache.admit(p.digest, p.size, CS, [mem])  # a fill interrupted by the restart
+    pb = mem.open_partial(p.digest, p.size, 1)
+    pb.close()
+    before = view(cache)
+    usage_before = used(cache)
+    env.close()
+
+    again = env.open()
+
+    assert view(again) == before
+    assert used(again) == usage_before == {"mem": 500, "disk": 1200 + c.size}
+    assert again.snapshot(m.snapshot_id) is not None
+    assert again.pinned_blobs() == {a.digest, c.digest}
+    loc = again.chunk_location(c.chunks[2].id)
+    assert loc is not None
+    assert loc[0].tier.name == "disk"
+    assert loc[1] == 2 * CS
+    assert where(again, p) == [("mem", False)]
+    for x in (a, b, c):
+        got = again.locate(x.digest)
+        assert got is not None
+        assert again.unchanged(got)
+
+
+async def test_a_blob_deleted_behind_the_index_is_dropped_at_load(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b = env.file("a", 300), env.file("b", 300)
+    await env.put(cache, a, [mem])
+    await env.put(cache, b, [disk])
+    env.close()
+    mem.remove_blob(a.digest)  # someone cleaned /dev/shm while the daemon was down
+
+    again = env.open()
+
+    assert again.copies(a.digest) == []
+    assert used(again) == {"mem": 0, "disk": 300}
+    assert [(r.digest, r.tier) for r in again.index.blobs()] == [(b.digest, "disk")]
+
+
+async def test_leftovers_the_index_does_not_know_are_handled_at_load(env: Env) -> None:
+    cache = env.open()
+    _mem, disk = cache.tiers
+    a = env.file("a", 300)
+    env.close()
+    # A complete blob the index never heard of (the daemon died before recording it) is
+    # adopted; a partial blob it never admitted cannot be resumed and is removed.
+    await asyncio.to_thread(write_blob, disk, a, env.data[a.digest])
+    stray = disk.open_partial(bytes(32), 100, 1)
+    stray.close()
+
+    again = env.open()
+
+    assert where(again, a) == [("disk", True)]
+    assert used(again) == {"mem": 0, "disk": 300}
+    assert not stray.path.exists()
+    assert not stray.have_path.exists()
+
+
+async def test_a_blob_changed_while_the_daemon_was_down_is_not_unchanged(env: Env) -> None:
+    cache = env.open()
+    a = env.file("a", 300)
+    await env.put(cache, a, [cache.tiers[0]])
+    path = cache.tiers[0].blob_path(a.digest)
+    env.close()
+    # Root writes through the read-only bit of a hardlinked blob while hostd is stopped.
+    old = os.stat(path)
+    write_through(path, b"X", append=False)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000))
+
+    again = env.open()
+
+    b = again.locate(a.digest)
+    assert b is not None
+    assert not again.unchanged(b)
+
+
+async def test_schema_mismatch_moves_the_index_aside_and_rebuilds(big_env: Env) -> None:
+    env = big_env
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b = env.file("a", 300), env.file("b", 100 + CS)
+    await env.put(cache, a, [mem])
+    await env.put(cache, b, [disk])
+    m = mf.build(chunk_size=CS, files=[a, b])
+    cache.record_snapshot(m)
+    p = env.file("p", 200)
+    await cache.admit(p.digest, p.size, CS, [mem])
+    mem.open_partial(p.digest, p.size, 1).close()
+    env.close()
+    db = sqlite3.connect(env.root / "index.db")
+    with contextlib.closing(db):
+        db.execute("UPDATE meta SET value='0' WHERE key='schema_version'")
+        db.commit()
+
+    again = env.open()
+
+    assert again.index.rebuilt
+    assert (env.root / "index.db.v0.old").exists()
+    assert where(again, a) == [("mem", True)]
+    assert where(again, b) == [("disk", True)]
+    assert again.snapshot(m.snapshot_id) is not None  # from the manifests dir
+    # Chunk sizes come back from the manifests, so blobs can be re-verified.
+    for x in (a, b):
+        got = again.locate(x.digest)
+        assert got is not None
+        assert got.chunk_size == CS
+        assert blob_is_intact(got.path, x.digest, x.size, got.chunk_size) is None
+    loc = again.chunk_location(b.chunks[1].id)
+    assert loc is not None
+    assert loc[1] == CS
+    # A partial blob has no row to resume from: removed.
+    assert again.copies(p.digest) == []
+    assert not mem.partial_path(p.digest).exists()
+    assert used(again) == {"mem": 300, "disk": b.size}
+    rows = {(r.digest, r.tier) for r in again.index.blobs()}
+    assert rows == {(a.digest, "mem"), (b.digest, "disk")}
+    env.close()
+    # The rebuilt index is of this version: the next start does not rebuild again.
+    third = env.open()
+    assert not third.index.rebuilt
+    assert view(third) == view(again)
+
+
+# -- unchanged() -----------------------------------------------------------------------------
+
+
+async def test_unchanged_detects_size_and_mtime_changes(env: Env) -> None:
+    cache = env.open()
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    assert cache.unchanged(b)
+    info = os.stat(b.path)
+
+    os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
+    assert not cache.unchanged(b)
+    os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert cache.unchanged(b)
+
+    write_through(b.path, b"more", append=True)
+    os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns))  # same mtime, other size
+    assert not cache.unchanged(b)
+
+    os.unlink(b.path)
+    assert not cache.unchanged(b)

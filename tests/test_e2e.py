@@ -1,0 +1,919 @@
+"""End-to-end checks with real daemon processes, as a user of hostd would make them.
+
+Every test starts real `hostd serve` processes (tests/harness.py) and talks to them over
+their real Unix socket, their TCP metrics port, signals and the `hostd` command line. The
+origin is a `file://` directory, or, where a fetch must be caught half way, that directory
+served over plain HTTP by a server in this process that holds chunk requests until the test
+lets them go. Nothing sleeps: every wait polls with a deadline or blocks on an event.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import (
+    ROOT,
+    Hostd,
+    UnixHTTPConnection,
+    make_tree,
+    outcome,
+    rmtree,
+    short_tmp,
+    stream,
+    tree_digest,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+import hostd
+
+KiB = 1024
+MiB = 1024 * 1024
+SMALL_CHUNK = 64 * KiB  # the smallest chunk size a snapshot may use: many chunks, few bytes
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A short scratch directory under /tmp (socket paths must stay short), removed after."""
+    root = short_tmp("e2")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def tree_with_outside_link(work: Path, name: str = "src", seed: int = 1) -> tuple[Path, Any]:
+    """make_tree plus a symlink that leaves the tree; returns (tree, what a restore gives)."""
+    src = make_tree(work / name, seed=seed)
+    outside = work / f"{name}-outside.bin"
+    outside.write_bytes(random.Random(seed + 100).randbytes(70_000))
+    outside.chmod(0o755)
+    os.symlink(outside, src / "sub" / "outside-link")
+    expected = tree_digest(src)
+    expected["sub/outside-link"] = ("file", outside.read_bytes(), True)
+    return src, expected
+
+
+def files_tree(root: Path, sizes: Mapping[str, int], seed: int) -> Path:
+    """A directory of random (so never deduplicated) files of the given sizes."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for name, size in sizes.items():
+        (root / name).write_bytes(rng.randbytes(size))
+    return root
+
+
+def hidden_leftovers(parent: Path) -> list[str]:
+    """Build or old-tree directories a restore left beside its target."""
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(".") and ".hostd-" in p.name
+    )
+
+
+def unique_bytes(tree: Path | Mapping[str, Any]) -> int:
+    """Bytes of distinct file contents (what a cold restore must fetch), of a tree or of what
+    tree_digest says of one."""
+    entries = tree_digest(tree) if isinstance(tree, Path) else tree
+    return sum(len(data) for data in {e[1] for e in entries.values() if e[0] == "file"})
+
+
+def blob_files(tier: Path) -> list[Path]:
+    """Complete blobs in a tier directory: `<tier>/blobs/xx/<digest>`."""
+    return sorted(p for p in (tier / "blobs").glob("*/*") if len(p.name) == 64)
+
+
+def partial_files(tier: Path) -> list[Path]:
+    return sorted(p for p in (tier / "partial").glob("*") if len(p.name) == 64)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, by (name, labels)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    got = samples(text).get((name, frozenset(labels.items())))
+    assert got is not None, f"no sample {name}{labels} in:\n{text}"
+    return got
+
+
+def raw_request(
+    sock: Path, method: str, path: str, body: bytes | None = None
+) -> tuple[int, str, Any]:
+    """One request with a body sent as is; returns (status, content type, decoded JSON)."""
+    conn = UnixHTTPConnection(str(sock), 30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def assert_error_body(body: Any, code: str) -> None:
+    assert isinstance(body, dict), body
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str), body
+    assert body["message"], body
+
+
+def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m hostd ARGS` as a user runs it (stdout and stderr captured, not a tty)."""
+    base = {k: v for k, v in os.environ.items() if k != "HOSTD_SOCKET"}
+    return subprocess.run(
+        [sys.executable, "-m", "hostd", *args],
+        env={**base, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def cli_json(*args: str) -> dict[str, Any]:
+    """A client command with --json that must succeed: exactly one JSON object on stdout."""
+    p = cli(*args, "--json")
+    assert p.returncode == 0, (args, p.returncode, p.stderr)
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout
+    out = json.loads(lines[0])
+    assert isinstance(out, dict)
+    return out
+
+
+def cli_fails(*args: str, code: int) -> str:
+    """A command that must fail with exit `code` and one line on stderr; returns the line."""
+    p = cli(*args)
+    assert p.returncode == code, (args, p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("hostd: "), p.stderr
+    return lines[0]
+
+
+class GatedOrigin:
+    """A `file://` origin's directory served over plain HTTP; chunk GETs wait for `gate`.
+
+    `asked` is set when the first chunk request arrives, so a test knows that a fetch is
+    under way before it acts (signals the daemon, kills it).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.gate = threading.Event()
+        self.asked = threading.Event()
+        handler = functools.partial(_GatedHandler, self, directory=str(directory))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> GatedOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+class _GatedHandler(SimpleHTTPRequestHandler):
+    def __init__(self, origin: GatedOrigin, *args: Any, **kwargs: Any) -> None:
+        self.origin = origin  # before super().__init__, which handles the request
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/chunks/"):
+            self.origin.asked.set()
+            self.origin.gate.wait(60)
+        super().do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle(self) -> None:
+        # the daemon may go away mid-answer (the test stopped it)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            super().handle()
+
+
+# -- publish and restore ------------------------------------------------------------------
+
+
+def test_publish_restore_modes_replace_and_cold_daemon(work: Path) -> None:
+    src, expected = tree_with_outside_link(work)
+    origin = f"file://{work}/origin"
+    want = unique_bytes(expected)
+    with Hostd(work / "a", origin=origin) as a:
+        pub = a.publish(src, "e2e/tree")
+        assert pub["files"] == 6, pub
+        assert pub["symlinks"] == 2, pub
+        assert pub["bytes"] == sum(len(v[1]) for v in expected.values() if v[0] == "file")
+
+        results: dict[str, dict[str, Any]] = {}
+        for mode in ("link", "copy", "auto"):
+            out = a.restore("e2e/tree", work / f"out-{mode}", mode=mode)
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"out-{mode}") == expected, mode
+            results[mode] = out
+        assert results["link"]["linked"] > 0
+        assert results["copy"]["linked"] == 0
+
+        # The result a script reads.
+        out = results["copy"]
+        assert out["snapshot"] == pub["snapshot"]
+        assert (out["files"], out["bytes"]) == (pub["files"], pub["bytes"])
+        timings = out["timings"]
+        assert set(timings) >= {"resolve", "fetch", "materialize", "total"}
+        assert all(isinstance(v, float) and v >= 0 for v in timings.values())
+        phases = timings["resolve"] + timings["fetch"] + timings["materialize"]
+        assert timings["total"] == pytest.approx(phases, abs=1e-3)
+        # publish left the blobs in the first tier: a restore on this host is a cache hit
+        assert out["bytes_by_source"]["mem"] == want
+        assert out["bytes_by_source"]["origin"] == 0
+
+        # An existing non-empty target: refused and untouched without replace ...
+        target = work / "existing"
+        (target / "keep").mkdir(parents=True)
+        (target / "keep" / "old.txt").write_text("old")
+        before = tree_digest(target)
+        refused = a.restore("e2e/tree", target)
+        assert refused["event"] == "error", refused
+        assert refused["error"] == "target_exists", refused
+        assert str(target) in refused["message"]
+        assert tree_digest(target) == before
+        a_file = work / "a-file"
+        a_file.write_text("x")
+        refused = a.restore("e2e/tree", a_file)
+        assert refused["error"] == "target_exists"
+        assert a_file.read_text() == "x"
+        # ... replaced with replace: the old content is gone, the new one complete.
+        out = a.restore("e2e/tree", target, replace=True, mode="link")
+        assert out["event"] == "result", out
+        assert tree_digest(target) == expected
+        # An empty directory is a fine target.
+        (work / "empty").mkdir()
+        assert a.restore("e2e/tree", work / "empty")["event"] == "result"
+        assert tree_digest(work / "empty") == expected
+        assert hidden_leftovers(work) == []
+
+    # A second host (empty tiers, the same origin) restores cold, then warm from its tier.
+    with Hostd(work / "b", origin=origin) as b:
+        cold = b.restore("e2e/tree", work / "cold")
+        assert cold["event"] == "result", cold
+        assert tree_digest(work / "cold") == expected
+        assert cold["bytes_by_source"]["origin"] == want
+        assert cold["bytes_by_source"]["mem"] == cold["bytes_by_source"]["disk"] == 0
+        warm = b.restore("e2e/tree", work / "warm", mode="link")
+        assert warm["bytes_by_source"]["origin"] == 0
+        assert warm["bytes_by_source"]["mem"] == want
+        assert tree_digest(work / "warm") == expected
+
+
+def test_concurrent_cold_restores_fetch_each_chunk_from_origin_once(work: Path) -> None:
+    src = files_tree(work / "src", {f"w{i}.bin": 300 * KiB + i for i in range(6)}, seed=7)
+    make_tree(src / "extra", seed=8, big=700 * KiB)
+    expected = tree_digest(src)
+    origin = f"file://{work}/origin"
+    with Hostd(work / "p", origin=origin) as p:
+        pub = p.publish(src, "e2e/many", chunk_size=SMALL_CHUNK)
+    chunks = pub["new_chunks"]  # distinct chunks, all new to this fresh origin
+    assert chunks > 30, pub
+
+    with Hostd(work / "c", origin=origin) as c:
+        targets = [work / f"out{i}" for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+            outs = list(pool.map(lambda t: c.restore("e2e/many", t, mode="copy"), targets))
+        for t, out in zip(targets, outs, strict=True):
+            assert out["event"] == "result", out
+            assert tree_digest(t) == expected
+        text = c.metrics()
+        assert sample(text, "hostd_chunks_fetched_total", source="origin") == chunks
+        assert sample(text, "hostd_chunk_errors_total", source="origin", kind="corrupt") == 0
+        assert sample(text, "hostd_operations_total", operation="restore", result="ok") == 8
+        # every byte came from the origin exactly once, whichever restore fetched it
+        assert sum(o["bytes_by_source"]["origin"] for o in outs) == unique_bytes(src)
+
+
+# -- prefetch, pin, ls, status --------------------------------------------------------------
+
+
+def test_prefetch_pin_ls_and_status(work: Path) -> None:
+    src = make_tree(work / "src")
+    origin = f"file://{work}/origin"
+    with Hostd(work / "p", origin=origin) as p:
+        sid = p.publish(src, "e2e/pf")["snapshot"]
+    with Hostd(work / "d", origin=origin) as d:
+        status, st = d.api("GET", "/v1/status")
+        assert status == 200
+        assert st["socket"] == str(d.socket)
+        assert st["version"] == hostd.__version__
+        host, _, port = st["metrics_address"].rpartition(":")
+        assert host == "127.0.0.1", st
+        assert int(port) > 0, st
+        with urllib.request.urlopen(f"http://{st['metrics_address']}/metrics", timeout=10) as r:
+            assert r.status == 200
+            assert b"hostd_tier_budget_bytes" in r.read()
+        assert [(t["name"], t["budget"], t["used"]) for t in st["tiers"]] == [
+            ("mem", 2 * 1024 * MiB, 0),
+            ("disk", 4 * 1024 * MiB, 0),
+        ]
+        assert d.api("GET", "/v1/snapshots") == (200, {"snapshots": []})
+
+        pf = d.stream("/v1/prefetch", {"ref": "e2e/pf", "tier": "disk"})
+        assert pf["event"] == "result", pf
+        assert pf["snapshot"] == sid, pf
+        assert pf["bytes_by_source"]["origin"] == unique_bytes(src)
+        (snap,) = d.api("GET", "/v1/snapshots")[1]["snapshots"]
+        assert snap["id"] == sid
+        assert "e2e/pf" in snap["refs"]
+        assert snap["complete"]
+        assert snap["tiers"] == {"mem": 0, "disk": unique_bytes(src)}
+        assert snap["pinned"] is False
+        tiers = {t["name"]: t for t in d.api("GET", "/v1/status")[1]["tiers"]}
+        assert tiers["disk"]["used"] == unique_bytes(src)
+        assert tiers["mem"]["used"] == 0
+        assert len(blob_files(work / "d" / "disk")) == tiers["disk"]["blobs"] > 0
+
+        # a restore after a prefetch is served by the tier that was filled
+        out = d.restore("e2e/pf", work / "out")
+        assert out["bytes_by_source"]["disk"] == unique_bytes(src)
+        assert out["bytes_by_source"]["origin"] == 0
+
+        assert d.api("POST", "/v1/pin", {"ref": "e2e/pf"}) == (
+            200,
+            {"snapshot": sid, "pinned": True},
+        )
+        assert d.api("GET", "/v1/snapshots")[1]["snapshots"][0]["pinned"] is True
+        assert d.api("POST", "/v1/unpin", {"snapshot": sid}) == (
+            200,
+            {"snapshot": sid, "pinned": False},
+        )
+        assert d.api("GET", "/v1/snapshots")[1]["snapshots"][0]["pinned"] is False
+        status, body = d.api("POST", "/v1/pin", {"ref": "e2e/no-such"})
+        assert status == 404
+        assert_error_body(body, "not_found")
+        status, body = d.api("POST", "/v1/pin", {"snapshot": "ab" * 32})
+        assert status == 404
+        assert_error_body(body, "not_found")
+        # naming a tier this host lacks is the caller's mistake
+        for path, body in [
+            ("/v1/prefetch", {"ref": "e2e/pf", "tier": "nvme"}),
+            ("/v1/restore", {"ref": "e2e/pf", "target": str(work / "out-nvme"), "tier": "nvme"}),
+        ]:
+            status, answer = d.api("POST", path, body)
+            assert status == 400, answer
+            assert_error_body(answer, "bad_request")
+            assert "nvme" in answer["message"], answer
+
+
+# -- gc and verify ------------------------------------------------------------------------------
+
+
+def test_gc_and_verify(work: Path) -> None:
+    src = files_tree(work / "src", {"a.bin": 500 * KiB, "b.bin": 300 * KiB + 5}, seed=3)
+    broken = files_tree(work / "broken", {"c.bin": 4 * SMALL_CHUNK}, seed=4)
+    origin_dir = work / "origin"
+    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+        p.publish(src, "e2e/ok")
+        before = set(origin_dir.glob("chunks/*/*"))
+        p.publish(broken, "e2e/broken", chunk_size=SMALL_CHUNK)
+        broken_chunks = sorted(set(origin_dir.glob("chunks/*/*")) - before)
+    assert len(broken_chunks) == 4
+    broken_chunks[2].unlink()  # the origin lost a chunk of e2e/broken
+
+    root = work / "d"
+    mem = root / "mem"
+    with Hostd(root, origin=f"file://{origin_dir}") as d:
+        assert d.restore("e2e/ok", work / "out")["event"] == "result"
+        clean = d.stream("/v1/verify", {})
+        assert clean["event"] == "result", clean
+        assert clean["bad"] == [], clean
+        assert clean["checked_blobs"] == 2, clean
+        assert clean["checked_bytes"] == unique_bytes(src)
+
+        # A fill that cannot finish leaves a partial blob to resume; gc removes it.
+        failed = d.restore("e2e/broken", work / "out-broken")
+        assert failed["event"] == "error", failed
+        assert broken_chunks[2].name in failed["message"]
+        assert not (work / "out-broken").exists()
+        assert len(partial_files(mem)) == 1
+        assert d.api("POST", "/v1/gc", {}) == (
+            200,
+            {"removed_blobs": 0, "removed_partials": 1, "freed_bytes": 4 * SMALL_CHUNK},
+        )
+        assert partial_files(mem) == []
+        assert len(blob_files(mem)) == 2  # what a known snapshot needs stays
+
+        # A blob corrupted on disk (root writes through the read-only bit) ...
+        victim = max(blob_files(mem), key=lambda b: b.stat().st_size)
+        size = victim.stat().st_size
+        os.chmod(victim, 0o644)
+        with open(victim, "r+b") as f:
+            f.seek(1000)
+            f.write(b"\xff" * 64)
+        bad = d.stream("/v1/verify", {})
+        assert bad["event"] == "result", bad
+        assert bad["bad"] == [
+            {"blob": victim.name, "tier": "mem", "reason": bad["bad"][0]["reason"]}
+        ]
+        assert not victim.exists()  # ... is reported and dropped ...
+        again = d.restore("e2e/ok", work / "out2", mode="copy")  # ... and fetched again
+        assert again["event"] == "result", again
+        assert again["bytes_by_source"]["origin"] == size
+        assert tree_digest(work / "out2") == tree_digest(src)
+        assert d.stream("/v1/verify", {})["bad"] == []
+
+    # A blob no snapshot names (left by something else): gc removes it.
+    stray = root / "disk" / "blobs" / "ab" / ("ab" * 32)
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"nobody wants this")
+    with Hostd(root, origin=f"file://{origin_dir}") as d:
+        status, out = d.api("POST", "/v1/gc", {})
+        assert status == 200, out
+        assert out["removed_blobs"] == 1, out
+        assert not stray.exists()
+        assert len(blob_files(mem)) == 2
+        assert d.restore("e2e/ok", work / "out3")["bytes_by_source"]["origin"] == 0
+
+
+# -- eviction -----------------------------------------------------------------------------------
+
+
+def test_eviction_demotes_lru_blobs_and_keeps_pinned_ones(work: Path) -> None:
+    big = files_tree(work / "big", {f"f{i}.bin": MiB for i in range(4)}, seed=11)
+    small = files_tree(work / "small", {f"g{i}.bin": MiB for i in range(2)}, seed=12)
+    origin = f"file://{work}/origin"
+    with Hostd(work / "p", origin=origin) as p:
+        p.publish(big, "e2e/big")
+        p.publish(small, "e2e/small")
+    budget = 2 * MiB + 512 * KiB
+    tiers = [
+        {"name": "mem", "path": str(work / "e" / "mem"), "budget": f"{budget}"},
+        {"name": "disk", "path": str(work / "e" / "disk"), "budget": "64MiB"},
+    ]
+    with Hostd(work / "e", origin=origin, tiers=tiers) as e:
+
+        def where(ref: str) -> dict[str, int]:
+            for s in e.api("GET", "/v1/snapshots")[1]["snapshots"]:
+                if ref in s["refs"]:
+                    return dict(s["tiers"])
+            raise AssertionError(f"{ref} is not listed")
+
+        def mem_used() -> int:
+            st = e.api("GET", "/v1/status")[1]
+            (mem,) = [t for t in st["tiers"] if t["name"] == "mem"]
+            assert mem["budget"] == budget
+            return int(mem["used"])
+
+        assert e.api("POST", "/v1/pin", {"ref": "e2e/big"})[0] == 200
+        # The snapshot is bigger than the mem tier: what does not fit goes to disk.
+        out = e.restore("e2e/big", work / "out-big")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "out-big") == tree_digest(big)
+        assert where("e2e/big") == {"mem": 2 * MiB, "disk": 2 * MiB}
+        assert mem_used() <= budget
+        # Pinned blobs stay: the next snapshot goes to disk instead.
+        out = e.restore("e2e/small", work / "out-small")
+        assert out["event"] == "result", out
+        assert where("e2e/big") == {"mem": 2 * MiB, "disk": 2 * MiB}
+        assert where("e2e/small") == {"mem": 0, "disk": 2 * MiB}
+        text = e.metrics()
+        assert sample(text, "hostd_evictions_total", tier="mem", action="demote") == 0
+        refused = e.stream("/v1/prefetch", {"ref": "e2e/small", "tier": "mem"})
+        assert refused["event"] == "error", refused
+        assert refused["error"] == "tier_error", refused
+
+        # Unpinned, they are the least recently used and move down to disk.
+        assert e.api("POST", "/v1/unpin", {"ref": "e2e/big"})[0] == 200
+        out = e.stream("/v1/prefetch", {"ref": "e2e/small", "tier": "mem"})
+        assert out["event"] == "result", out
+        assert where("e2e/small")["mem"] == 2 * MiB
+        assert where("e2e/big") == {"mem": 0, "disk": 4 * MiB}
+        assert mem_used() == 2 * MiB
+        text = e.metrics()
+        assert sample(text, "hostd_evictions_total", tier="mem", action="demote") == 2
+        assert sample(text, "hostd_tier_used_bytes", tier="mem") == 2 * MiB
+        assert sample(text, "hostd_tier_budget_bytes", tier="mem") == budget
+        # the demoted blobs still restore, from disk
+        out = e.restore("e2e/big", work / "out-big2", mode="link")
+        assert out["bytes_by_source"] == {"mem": 0, "disk": 4 * MiB, "origin": 0}
+        assert tree_digest(work / "out-big2") == tree_digest(big)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+ISSUE_METRICS = {
+    # restores and publishes by outcome
+    "hostd_operations_total": {"operation", "result"},
+    # phase-duration histograms
+    "hostd_phase_duration_seconds_bucket": {"operation", "phase", "le"},
+    "hostd_phase_duration_seconds_sum": {"operation", "phase"},
+    "hostd_phase_duration_seconds_count": {"operation", "phase"},
+    # bytes by source and by tier
+    "hostd_restore_bytes_total": {"source"},
+    "hostd_chunks_fetched_total": {"source"},
+    # origin requests by result
+    "hostd_origin_requests_total": {"result"},
+    # tier used and budget bytes
+    "hostd_tier_used_bytes": {"tier"},
+    "hostd_tier_budget_bytes": {"tier"},
+    "hostd_evictions_total": {"tier", "action"},
+    "hostd_chunks_in_flight": set(),
+    "hostd_singleflight_joins_total": set(),
+}
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool") or (
+        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
+    )
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing (Debian package 'prometheus'); CI must have it")
+        pytest.skip("promtool is not installed (Debian package 'prometheus')")
+    p = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_metrics_on_socket_and_tcp(work: Path) -> None:
+    src = make_tree(work / "src")
+    with Hostd(work / "d") as d:
+        d.publish(src, "e2e/m")
+        assert d.restore("e2e/m", work / "out")["event"] == "result"
+        assert d.restore("e2e/no-such", work / "out2")["error"] == "not_found"
+        assert d.restore("e2e/m", work / "out")["error"] == "target_exists"
+
+        on_socket = d.metrics()
+        address = d.api("GET", "/v1/status")[1]["metrics_address"]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain")
+            on_tcp = r.read().decode()
+        for text in (on_socket, on_tcp):
+            found = samples(text)
+            for name, labels in ISSUE_METRICS.items():
+                assert any(n == name and {k for k, _ in ls} == labels for n, ls in found), name
+            assert sample(text, "hostd_operations_total", operation="publish", result="ok") == 1
+            assert sample(text, "hostd_operations_total", operation="restore", result="ok") == 1
+            assert (
+                sample(text, "hostd_operations_total", operation="restore", result="not_found") == 1
+            )
+            assert sample(text, "hostd_operations_total", operation="restore", result="error") == 1
+            assert sample(text, "hostd_restore_bytes_total", source="mem") == unique_bytes(src)
+            assert (
+                sample(
+                    text, "hostd_phase_duration_seconds_count", operation="restore", phase="fetch"
+                )
+                == 1
+            )
+            assert sample(text, "hostd_tier_budget_bytes", tier="disk") == 4 * 1024 * MiB
+            assert sample(text, "hostd_origin_requests_total", result="ok") > 0
+            assert sample(text, "hostd_chunks_in_flight") == 0
+        promtool_check(on_socket)
+        promtool_check(on_tcp)
+        status, body = raw_request(d.socket, "POST", "/metrics", b"")[0::2]
+        assert status == 405
+        assert_error_body(body, "method_not_allowed")
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_api_errors_are_json(work: Path) -> None:
+    with Hostd(work / "d", max_request_body="1KiB") as d:
+        target = str(work / "out")
+        cases: list[tuple[str, str, bytes | None, int, str, str]] = [
+            ("GET", "/v1/nope", None, 404, "not_found", "/v1/nope"),
+            ("GET", "/nope", None, 404, "not_found", "/nope"),
+            ("GET", "/v1/restore", None, 405, "method_not_allowed", "GET"),
+            ("DELETE", "/v1/status", None, 405, "method_not_allowed", "DELETE"),
+            ("POST", "/v1/restore", b"{not json", 400, "bad_request", "JSON"),
+            ("POST", "/v1/restore", b"[1, 2]", 400, "bad_request", "object"),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"ref": "a/b", "target": target, "colour": "red"}).encode(),
+                400,
+                "bad_request",
+                "colour",
+            ),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"ref": "a/b", "target": target, "pad": "x" * 4096}).encode(),
+                413,
+                "too_large",
+                "",
+            ),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"ref": "a/b", "target": target, "mode": "fast"}).encode(),
+                400,
+                "bad_request",
+                "mode",
+            ),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"ref": "a/b", "target": "relative/out"}).encode(),
+                400,
+                "bad_request",
+                "target",
+            ),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"target": target}).encode(),
+                400,
+                "bad_request",
+                "ref",
+            ),
+            (
+                "POST",
+                "/v1/restore",
+                json.dumps({"ref": "a/b", "target": target, "replace": "yes"}).encode(),
+                400,
+                "bad_request",
+                "replace",
+            ),
+            ("POST", "/v1/gc", b'{"force": true}', 400, "bad_request", "force"),
+        ]
+        for method, path, body, status, code, mentions in cases:
+            got, ctype, answer = raw_request(d.socket, method, path, body)
+            assert got == status, (path, got, answer)
+            assert ctype.startswith("application/json"), (path, got, answer)
+            assert_error_body(answer, code)
+            assert mentions in answer["message"], (method, path, answer)
+        assert not (work / "out").exists()
+
+        # An error found once the stream has started is the stream's last event.
+        events = stream(d.socket, "/v1/publish", {"path": str(work / "missing"), "ref": "a/b"})
+        last = outcome(events)
+        assert last["event"] == "error", last
+        assert last["error"] == "bad_request", last
+        assert set(last) == {"event", "error", "message"}
+        # ... and the daemon keeps serving.
+        assert d.api("GET", "/v1/status")[0] == 200
+
+
+# -- daemon lifecycle ---------------------------------------------------------------------------
+
+
+class NotifyListener:
+    """The datagram socket systemd would own: collects the daemon's sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def expect(self, assignment: str, timeout: float = 20.0) -> list[str]:
+        """Read datagrams until one holds `assignment` (e.g. READY=1); return all read."""
+        deadline = time.monotonic() + timeout
+        read: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {assignment} from hostd; got {read}")
+            self.sock.settimeout(left)
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            read.append(msg)
+            self.messages.append(msg)
+            if assignment in msg.splitlines():
+                return read
+
+
+def test_sd_notify_reload_and_sigterm(work: Path) -> None:
+    listener = NotifyListener(work / "notify")
+    try:
+        d = Hostd(work / "d", env={"NOTIFY_SOCKET": str(listener.path)})
+        with d:
+            listener.expect("READY=1")
+
+            # SIGHUP applies a new tier budget ...
+            text = d.config_path.read_text()
+            assert text.count('budget = "2GiB"') == 1
+            d.config_path.write_text(text.replace('budget = "2GiB"', 'budget = "512MiB"'))
+            d.signal(signal.SIGHUP)
+            got = listener.expect("READY=1")
+            assert any("RELOADING=1" in m.splitlines() for m in got), got
+
+            def mem_budget() -> int:
+                st = d.api("GET", "/v1/status")[1]
+                return int(next(t["budget"] for t in st["tiers"] if t["name"] == "mem"))
+
+            assert mem_budget() == 512 * MiB
+            # ... and a broken config is refused, the running one kept.
+            d.config_path.write_text(text.replace('budget = "2GiB"', 'budget = "plenty"'))
+            d.signal(signal.SIGHUP)
+            listener.expect("READY=1")
+            line = wait_for(
+                lambda: next((x for x in d.log().splitlines() if "reload refused" in x), None),
+                "the refused reload in the log",
+            )
+            assert "budget" in line, line
+            assert "plenty" in line, line
+            assert mem_budget() == 512 * MiB
+            assert d.api("GET", "/v1/status")[0] == 200
+
+            # SIGTERM: STOPPING=1, exit 0, socket gone.
+            d.signal(signal.SIGTERM)
+            listener.expect("STOPPING=1")
+            assert d.wait(30) == 0
+            assert not d.socket.exists()
+    finally:
+        listener.close()
+
+
+def test_second_daemon_is_refused_and_a_stale_socket_is_cleared(work: Path) -> None:
+    with Hostd(work / "one") as one:
+        two = Hostd(work / "two", socket=str(one.socket))
+        p = subprocess.run(
+            [sys.executable, "-m", "hostd", "serve", "--config", str(two.config_path)],
+            env=two.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode != 0
+        assert f"another hostd is already serving on {one.socket}" in p.stderr, p.stderr
+        assert one.api("GET", "/v1/status")[0] == 200  # the first one is unharmed
+
+        one.kill()  # SIGKILL: the socket file stays behind
+        assert one.socket.exists()
+    with Hostd(work / "one") as again:  # the same config: it clears the stale socket
+        assert again.api("GET", "/v1/status")[1]["socket"] == str(again.socket)
+
+
+def test_restore_in_flight_at_sigterm_finishes(work: Path) -> None:
+    src = files_tree(work / "src", {"a.bin": 5 * SMALL_CHUNK, "b.bin": 3 * SMALL_CHUNK}, seed=21)
+    origin_dir = work / "origin"
+    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+        sid = p.publish(src, "e2e/drain", chunk_size=SMALL_CHUNK)["snapshot"]
+    target = work / "out"
+    with (
+        GatedOrigin(origin_dir) as http,
+        Hostd(work / "d", origin=http.url) as d,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        running = pool.submit(stream, d.socket, "/v1/restore", {"ref": sid, "target": str(target)})
+        assert http.asked.wait(20), "the restore never asked the origin for a chunk"
+        d.signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in d.log(), "the daemon to start stopping")
+        http.gate.set()
+        last = outcome(running.result(60))
+        assert last["event"] == "result", last
+        assert d.wait(30) == 0
+    assert tree_digest(target) == tree_digest(src)
+    assert hidden_leftovers(work) == []
+
+
+def test_restore_aborted_by_sigterm_leaves_nothing(work: Path) -> None:
+    src = files_tree(work / "src", {"a.bin": 5 * SMALL_CHUNK}, seed=22)
+    origin_dir = work / "origin"
+    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+        sid = p.publish(src, "e2e/abort", chunk_size=SMALL_CHUNK)["snapshot"]
+    target = work / "out"
+    with (
+        GatedOrigin(origin_dir) as http,
+        Hostd(work / "d", origin=http.url, drain_timeout="100ms") as d,
+    ):
+        conn = UnixHTTPConnection(str(d.socket), 60)
+        try:
+            conn.request(
+                "POST", "/v1/restore", body=json.dumps({"ref": sid, "target": str(target)})
+            )
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert http.asked.wait(20), "the restore never asked the origin for a chunk"
+            d.signal(signal.SIGTERM)
+            assert d.wait(30) == 0  # the drain ran out: the restore was cancelled
+            events = [json.loads(x) for x in resp.read().splitlines() if x.strip()]
+            last = outcome(events)  # the stream still ends with an error event
+            assert last["event"] == "error", last
+            assert last["error"] == "unavailable", last
+            assert "stopped" in last["message"]
+        finally:
+            conn.close()
+    assert not target.exists()
+    assert hidden_leftovers(work) == []
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_key(work: Path) -> None:
+    for text, key in [
+        ('chunk_size = "3MiB"\n', "chunk_size"),
+        ('socket_mode = "rw"\n', "socket_mode"),
+        ('[[tiers]]\nname = "mem"\npath = "/tmp/x"\nbudget = "lots"\n', "budget"),
+        ('colour = "red"\n', "colour"),
+    ]:
+        bad = work / "bad.toml"
+        bad.write_text(text)
+        p = cli("serve", "--config", str(bad), env={"HOME": str(work / "home")})
+        assert p.returncode == 2, (text, p.returncode, p.stderr)
+        assert key in p.stderr, p.stderr
+        assert "config key" in p.stderr, p.stderr
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_commands(work: Path) -> None:
+    src, expected = tree_with_outside_link(work)
+    with Hostd(work / "d") as d:
+        s = ("--socket", str(d.socket))
+        pub = cli_json("publish", str(src), "--ref", "cli/tree", *s)
+        sid = pub["snapshot"]
+        assert pub["files"] == 6
+        assert pub["new_chunks"] > 0
+        out = cli_json("restore", "cli/tree", str(work / "out"), "--mode", "copy", *s)
+        assert out["snapshot"] == sid
+        assert set(out) >= {"snapshot", "files", "bytes", "timings", "bytes_by_source"}
+        assert set(out["timings"]) >= {"resolve", "fetch", "materialize", "total"}
+        assert tree_digest(work / "out") == expected
+        line = cli_fails("restore", "cli/tree", str(work / "out"), *s, code=1)
+        assert "not empty" in line
+        cli_json("restore", "cli/tree", str(work / "out"), "--replace", *s)
+        assert tree_digest(work / "out") == expected
+
+        (snap,) = cli_json("ls", *s)["snapshots"]
+        assert snap["id"] == sid
+        assert "cli/tree" in snap["refs"]
+        st = cli_json("status", *s)
+        assert st["socket"] == str(d.socket)
+        assert st["version"] == hostd.__version__
+        assert cli_json("pin", "cli/tree", *s) == {"snapshot": sid, "pinned": True}
+        assert cli_json("unpin", "--snapshot", sid, *s) == {"snapshot": sid, "pinned": False}
+        pf = cli_json("prefetch", "cli/tree", "--tier", "disk", *s)
+        assert pf["snapshot"] == sid
+        assert cli_json("gc", *s)["removed_blobs"] == 0
+        assert cli_json("verify", *s)["bad"] == []
+
+        # exit codes scripts branch on
+        line = cli_fails("restore", "cli/no-such", str(work / "out2"), *s, code=3)
+        assert "cli/no-such" in line
+        assert not (work / "out2").exists()
+        cli_fails("restore", "cli/tree", str(work / "out3"), "--mode", "fast", *s, code=2)
+        cli_fails("status", "--socket", str(work / "nobody.sock"), code=4)
+        # $HOSTD_SOCKET stands in for --socket
+        p = cli("status", "--json", env={"HOSTD_SOCKET": str(d.socket)})
+        assert p.returncode == 0
+        assert json.loads(p.stdout)["pid"] == st["pid"]
+        # human output (not a tty): no JSON, no control codes
+        p = cli("restore", "cli/tree", str(work / "out4"), *s)
+        assert p.returncode == 0
+        assert sid in p.stdout
+        assert "\x1b" not in p.stdout + p.stderr
+    cli_fails("status", *s, code=4)  # the daemon is gone

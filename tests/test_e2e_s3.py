@@ -1,0 +1,92 @@
+"""End-to-end against S3: real daemon processes and moto's S3 server (tests/s3server.py).
+
+The origin is `s3://<bucket>/<prefix>`; one daemon gets the endpoint and keys from its
+config's origin_options, another from the standard AWS_* variables only. What lands in the
+bucket is listed with the server's own API, not through hostd.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Hostd, make_tree, rmtree, short_tmp, tree_digest
+from s3server import S3Bucket
+
+PREFIX = "fleet/snapshots"
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A short scratch directory under /tmp (socket paths must stay short), removed after."""
+    root = short_tmp("e3")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def source_tree(work: Path) -> tuple[Path, dict[str, Any]]:
+    """make_tree plus a symlink leaving the tree; returns (tree, what a restore gives)."""
+    src = make_tree(work / "src", seed=5)
+    outside = work / "outside.bin"
+    outside.write_bytes(random.Random(6).randbytes(50_000))
+    os.symlink(outside, src / "outside-link")
+    expected = tree_digest(src)
+    expected["outside-link"] = ("file", outside.read_bytes(), False)
+    return src, expected
+
+
+def unique_bytes(expected: dict[str, Any]) -> int:
+    return sum(len(data) for data in {e[1] for e in expected.values() if e[0] == "file"})
+
+
+def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
+    src, expected = source_tree(work)
+    origin = s3_server.url(PREFIX)
+    with Hostd(work / "a", origin=origin, origin_options=s3_server.options) as a:
+        status, st = a.api("GET", "/v1/status")
+        assert status == 200
+        assert st["origin"].startswith(f"s3://{s3_server.bucket}/{PREFIX}")
+        assert s3_server.access_key_id not in str(st)
+        assert s3_server.secret_access_key not in str(st)
+
+        pub = a.publish(src, "s3/tree")
+        sid = pub["snapshot"]
+        keys = s3_server.keys()
+        assert keys, "nothing reached the bucket"
+        assert all(k.startswith(PREFIX + "/") for k in keys), sorted(keys)
+        chunk_keys = {k for k in keys if k.startswith(f"{PREFIX}/chunks/")}
+        assert len(chunk_keys) == pub["new_chunks"] > 0
+        assert all(k.split("/")[-2] == k.split("/")[-1][:2] for k in chunk_keys), chunk_keys
+        assert f"{PREFIX}/manifests/{sid}" in keys
+        assert any(k.startswith(f"{PREFIX}/refs/s3/tree/") for k in keys), sorted(keys)
+        # publishing again uploads nothing new
+        assert a.publish(src, "s3/tree")["new_chunks"] == 0
+        assert s3_server.keys() == keys
+
+        for mode in ("link", "copy", "auto"):
+            out = a.restore("s3/tree", work / f"out-{mode}", mode=mode)
+            assert out["event"] == "result", out
+            assert out["snapshot"] == sid
+            assert tree_digest(work / f"out-{mode}") == expected, mode
+
+    # Another host, keys from the standard AWS variables only, restores cold from S3.
+    with Hostd(work / "b", origin=origin, env=s3_server.env) as b:
+        cold = b.restore("s3/tree", work / "cold")
+        assert cold["event"] == "result", cold
+        assert cold["snapshot"] == sid
+        assert cold["bytes_by_source"]["origin"] == unique_bytes(expected)
+        assert tree_digest(work / "cold") == expected
+        warm = b.restore("s3/tree", work / "warm", mode="link")
+        assert warm["bytes_by_source"]["origin"] == 0
+        assert warm["bytes_by_source"]["mem"] == unique_bytes(expected)
+        assert tree_digest(work / "warm") == expected
+        missing = b.restore("s3/no-such", work / "none")
+        assert missing["event"] == "error", missing
+        assert missing["error"] == "not_found", missing
+        assert not (work / "none").exists()
