@@ -32,7 +32,7 @@ from hostd.core.ids import compat_digest, file_digest
 from hostd.errors import HostdError, ManifestError, UsageError, first_error
 from hostd.origin import Origin, validate_ref
 from hostd.restore import Progress
-from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pwrite_all, tier_error
+from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,10 @@ def ingest(
                 raise asyncio.CancelledError()
             n = min(chunk_size, size - off)
             view = memoryview(buf)[:n]
-            got = 0
-            while got < n:
-                r = os.preadv(fd, [view[got:]], off + got)
-                if r == 0:
-                    raise UsageError(f"{src!r} shrank while it was being published")
-                got += r
+            try:
+                pread_into(fd, view, off)
+            except EOFError as e:
+                raise UsageError(f"{src!r} shrank while it was being published") from e
             ids.append((blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest(), n))
             if out >= 0:
                 pwrite_all(out, view, off)

@@ -13,18 +13,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostd.cache import Cache
+from hostd.cache import Blob, Cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
 from hostd.errors import ManifestError, NotFound, OriginError, UsageError
 from hostd.fill import Filler, FillProgress
-from hostd.materialize import Cancelled, check_target, materialize
+from hostd.materialize import Cancelled, Outcome, check_target, materialize
 from hostd.origin import Origin, validate_ref
 from hostd.tier import Tier
 
@@ -166,71 +166,11 @@ class Restorer:
     def _tiers(self, name: str | None) -> Sequence[Tier]:
         return self.cache.tiers if name is None else [self.cache.tier(name)]
 
-    async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
-        t0 = self.clock()
-        tiers = self._tiers(req.tier)
-        await asyncio.to_thread(check_target, req.target, req.replace)
-        res = await self.resolver.resolve(req.ref, req.compat)
-        m = res.manifest
-        self.cache.record_snapshot(m)
-        t1 = self.clock()
-        progress.phase, progress.total_files = "fetch", len(m.files)
-        blobs = m.blobs()
-        with self.cache.holding(blobs):
-            where = await self.filler.ensure(
-                list(blobs.values()), m.chunk_size, tiers, progress.fill
-            )
-            t2 = self.clock()
-            progress.phase = "materialize"
-            self.cache.touch(blobs)
-            cancel = threading.Event()
-
-            def counted(_size: int) -> None:
-                progress.done_files += 1
-
-            job = asyncio.ensure_future(
-                asyncio.to_thread(
-                    materialize,
-                    m,
-                    req.target,
-                    lambda d: where[d].path,
-                    mode=req.mode,
-                    replace=req.replace,
-                    cancel=cancel,
-                    owner=req.owner,
-                    on_file=counted,
-                )
-            )
-            try:
-                outcome = await asyncio.shield(job)
-            except asyncio.CancelledError:
-                cancel.set()  # the thread stops between files and removes what it built
-                with contextlib.suppress(Cancelled, Exception):
-                    await job
-                raise
-            except OSError as e:
-                raise UsageError(
-                    f"restoring into {str(req.target)!r} failed: {e.strerror or e}"
-                    f"{f' ({e.filename})' if e.filename else ''}"
-                ) from e
-        t3 = self.clock()
-        return {
-            "snapshot": res.snapshot_id,
-            "ref": req.ref,
-            "target": str(req.target),
-            "files": len(m.files),
-            "bytes": m.total_bytes,
-            "mode": req.mode,
-            "linked": outcome.linked,
-            "copied": outcome.copied,
-            "stale_ref": res.stale,
-            "timings": _timings(t0, t1, t2, t3),
-            "bytes_by_source": _by_source(progress.fill, self.cache),
-        }
-
-    async def prefetch(
+    @contextlib.asynccontextmanager
+    async def _filled(
         self, ref: str, given: Mapping[str, str], tier: str | None, progress: Progress
-    ) -> dict[str, Any]:
+    ) -> AsyncIterator[_Filled]:
+        """Resolve, then make every blob complete; the blobs stay held while the body runs."""
         t0 = self.clock()
         tiers = self._tiers(tier)
         res = await self.resolver.resolve(ref, given)
@@ -240,17 +180,87 @@ class Restorer:
         progress.phase, progress.total_files = "fetch", len(m.files)
         blobs = m.blobs()
         with self.cache.holding(blobs):
-            await self.filler.ensure(list(blobs.values()), m.chunk_size, tiers, progress.fill)
-        self.cache.touch(blobs)
-        t2 = self.clock()
+            where = await self.filler.ensure(
+                list(blobs.values()), m.chunk_size, tiers, progress.fill
+            )
+            self.cache.touch(blobs)
+            yield _Filled(res, where, t0, t1, self.clock())
+
+    async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
+        await asyncio.to_thread(check_target, req.target, req.replace)
+        async with self._filled(req.ref, req.compat, req.tier, progress) as f:
+            progress.phase = "materialize"
+            outcome = await self._materialize(f, req, progress)
+        t3 = self.clock()
+        m = f.resolved.manifest
         return {
-            "snapshot": res.snapshot_id,
-            "ref": ref,
-            "tier": tier,
+            "snapshot": f.resolved.snapshot_id,
+            "ref": req.ref,
+            "target": str(req.target),
+            "files": len(m.files),
             "bytes": m.total_bytes,
-            "timings": {"resolve": t1 - t0, "fetch": t2 - t1, "total": t2 - t0},
+            "mode": req.mode,
+            "linked": outcome.linked,
+            "copied": outcome.copied,
+            "stale_ref": f.resolved.stale,
+            "timings": _timings(f.t0, f.t1, f.t2, t3),
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
+
+    async def _materialize(self, f: _Filled, req: RestoreRequest, progress: Progress) -> Outcome:
+        cancel = threading.Event()
+
+        def counted(_size: int) -> None:
+            progress.done_files += 1
+
+        job = asyncio.ensure_future(
+            asyncio.to_thread(
+                materialize,
+                f.resolved.manifest,
+                req.target,
+                lambda d: f.where[d].path,
+                mode=req.mode,
+                replace=req.replace,
+                cancel=cancel,
+                owner=req.owner,
+                on_file=counted,
+            )
+        )
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops between files and removes what it built
+            with contextlib.suppress(Cancelled, Exception):
+                await job
+            raise
+        except OSError as e:
+            raise UsageError(
+                f"restoring into {str(req.target)!r} failed: {e.strerror or e}"
+                f"{f' ({e.filename})' if e.filename else ''}"
+            ) from e
+
+    async def prefetch(
+        self, ref: str, given: Mapping[str, str], tier: str | None, progress: Progress
+    ) -> dict[str, Any]:
+        async with self._filled(ref, given, tier, progress) as f:
+            pass
+        return {
+            "snapshot": f.resolved.snapshot_id,
+            "ref": ref,
+            "tier": tier,
+            "bytes": f.resolved.manifest.total_bytes,
+            "timings": {"resolve": f.t1 - f.t0, "fetch": f.t2 - f.t1, "total": f.t2 - f.t0},
+            "bytes_by_source": _by_source(progress.fill, self.cache),
+        }
+
+
+@dataclass(frozen=True)
+class _Filled:
+    resolved: Resolved
+    where: dict[bytes, Blob]
+    t0: float
+    t1: float
+    t2: float
 
 
 def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:

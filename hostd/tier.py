@@ -67,15 +67,19 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
-def pread_exact(fd: int, size: int, offset: int) -> bytes:
-    buf = bytearray(size)
-    view = memoryview(buf)
+def pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from `fd` at `offset`; EOFError if the file ends first."""
     got = 0
-    while got < size:
+    while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
             raise EOFError(f"short read at offset {offset + got}")
         got += n
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    buf = bytearray(size)
+    pread_into(fd, memoryview(buf), offset)
     return bytes(buf)
 
 

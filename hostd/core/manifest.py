@@ -286,18 +286,18 @@ def validate(m: Manifest) -> None:
         _check_file(f, cs)
     prev = ""
     for s in m.symlinks:
-        if not isinstance(s.path, str) or s.path <= prev:
+        check_path(s.path, "symlink")  # first: an empty or non-string path is not "out of order"
+        if s.path <= prev:
             raise ManifestError(f"symlink {s.path!r} is out of order or repeated")
         prev = s.path
-        check_path(s.path, "symlink")
         claim(s.path, "symlink")
         check_symlink_target(s.path, s.target)
     prev = ""
     for d in m.dirs:
-        if not isinstance(d, str) or d <= prev:
+        check_path(d, "dir")
+        if d <= prev:
             raise ManifestError(f"dir {d!r} is out of order or repeated")
         prev = d
-        check_path(d, "dir")
         claim(d, "dir")
     # No entry may sit under a file or a symlink: materializing it would write elsewhere.
     for path in kinds:
