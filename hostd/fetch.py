@@ -82,6 +82,7 @@ class FetchStats:
 class _Flight:
     task: asyncio.Task[tuple[bytes | memoryview, str]]
     waiters: int = 0
+    abandoned: bool = False  # cancelled by its last waiter leaving; may still be unwinding
 
 
 class Fetcher:
@@ -101,7 +102,9 @@ class Fetcher:
 
     async def get(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
         fl = self._flights.get(chunk.id)
-        if fl is None:
+        # An abandoned flight stays registered until its cancellation has unwound: joining it
+        # would raise CancelledError in a caller nobody cancelled. Start a new one instead.
+        if fl is None or fl.abandoned:
             fl = _Flight(asyncio.create_task(self._load(chunk, priority)))
             self._flights[chunk.id] = fl
             fl.task.add_done_callback(functools.partial(self._landed, chunk.id, fl))
@@ -113,6 +116,7 @@ class Fetcher:
         finally:
             fl.waiters -= 1
             if fl.waiters == 0 and not fl.task.done():
+                fl.abandoned = True
                 fl.task.cancel()  # nobody wants it any more
 
     def _landed(self, cid: bytes, fl: _Flight, _task: object) -> None:

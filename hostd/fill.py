@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from hostd.cache import Blob, Cache, blob_is_intact
@@ -75,18 +75,24 @@ class Filler:
         while pending:
             mine: list[FileEntry] = []
             waits: list[asyncio.Future[None]] = []
-            for e in pending:
-                b = await self._usable(e, chunk_size, tiers, progress)
-                if b is not None:
-                    found[e.digest] = b
-                elif e.digest in self._filling:
-                    waits.append(self._filling[e.digest])
-                else:
+            try:
+                for e in pending:
+                    if e.digest in self._filling:
+                        waits.append(self._filling[e.digest])
+                        continue
+                    # Claimed before _usable, which may copy the blob in from another tier:
+                    # two copies of one blob into one tier would race on one scratch file.
                     self._filling[e.digest] = asyncio.get_running_loop().create_future()
                     mine.append(e)
-            try:
+                    b = await self._usable(e, chunk_size, tiers, progress)
+                    if b is not None:
+                        found[e.digest] = b
+                        mine.pop()  # usable as it is: release the claim now, not after _fill
+                        self._filling.pop(e.digest).set_result(None)
                 await self._fill(mine, chunk_size, tiers, progress, seq)
             finally:
+                # Every exit (a failed copy-in, a cancel) releases every claim: a claim left
+                # behind would make the next ensure() of that blob wait forever.
                 for e in mine:
                     self._filling.pop(e.digest).set_result(None)
             for w in waits:
@@ -159,13 +165,7 @@ class Filler:
         async def open_blob(e: FileEntry) -> _Open:
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
             try:
-                pb = await asyncio.to_thread(t.open_partial, e.digest, e.size, len(e.chunks))
-                if pb.resumed:
-                    bad = await asyncio.to_thread(pb.recheck, e.chunks, chunk_size)
-                    if bad:
-                        log.warning(
-                            "resumed blob %s: %d chunks did not verify", e.digest.hex(), bad
-                        )
+                pb = await _closing_on_cancel(asyncio.to_thread(_open_checked, t, e, chunk_size))
             except BaseException:
                 self.cache.abandon(e.digest, t)
                 raise
@@ -237,4 +237,34 @@ class Filler:
                 await asyncio.to_thread(o.blob.discard)
                 self.cache.abandon(digest, o.tier)
             else:
-                o.blob.close()
+                await asyncio.to_thread(o.blob.close)  # waits out a write still running
+
+
+def _open_checked(t: Tier, e: FileEntry, chunk_size: int) -> PartialBlob:
+    """Open (or resume) a partial blob; a resumed one has its present chunks re-hashed."""
+    pb = t.open_partial(e.digest, e.size, len(e.chunks))
+    try:
+        if pb.resumed:
+            bad = pb.recheck(e.chunks, chunk_size)
+            if bad:
+                log.warning("resumed blob %s: %d chunks did not verify", e.digest.hex(), bad)
+    except BaseException:
+        pb.close()
+        raise
+    return pb
+
+
+async def _closing_on_cancel(opening: Awaitable[PartialBlob]) -> PartialBlob:
+    """Await a blob being opened in a thread; if we are cancelled meanwhile, the thread still
+    finishes, and the blob it opened is closed rather than leaking its descriptors."""
+    job = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(job: asyncio.Future[PartialBlob]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result().close()

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,12 @@ class PartialBlob:
         self.path = tier.partial_path(digest)
         self.have_path = self.path.with_name(self.path.name + ".have")
         self.resumed = False
+        # Writes of distinct chunks run in parallel threads; close() must not pull the fds
+        # from under one (a reused fd number would take another file's bytes), so it marks
+        # the blob closed and waits for the writes in progress.
+        self._io = threading.Condition()
+        self._writing = 0
+        self._closed = False
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -133,6 +140,10 @@ class PartialBlob:
         return all(self.have)
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        with self._io:
+            if self._closed:
+                raise TierError(f"blob {self.digest.hex()} in tier {self.tier.name!r} is closed")
+            self._writing += 1
         try:
             pwrite_all(self.fd, data, offset)
             # The presence byte goes after the data: a crash between the two loses the chunk,
@@ -140,6 +151,10 @@ class PartialBlob:
             pwrite_all(self.have_fd, b"\x01", index)
         except OSError as e:
             raise tier_error(self.tier.name, self.path, e, "writing a chunk") from e
+        finally:
+            with self._io:
+                self._writing -= 1
+                self._io.notify_all()
         self.have[index] = 1
 
     def read(self, offset: int, size: int) -> bytes:
@@ -177,11 +192,14 @@ class PartialBlob:
         return BlobStat(self.digest, st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
-        for name in ("fd", "have_fd"):
-            fd = getattr(self, name, -1)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        with self._io:
+            self._closed = True
+            self._io.wait_for(lambda: self._writing == 0)
+            for name in ("fd", "have_fd"):
+                fd = getattr(self, name, -1)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, name, -1)
 
     def discard(self) -> None:
         self.close()

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -31,7 +32,6 @@ from hypothesis.stateful import (
 
 from hostd.cache import Cache, blob_is_intact
 from hostd.core import manifest as mf
-from hostd.core.eviction import Candidate, choose_victims
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import Chunk, FileEntry
 from hostd.errors import TierError
@@ -56,7 +56,8 @@ class Clock:
 
 
 def content(name: str, size: int) -> bytes:
-    seed = name.encode() + b"|"
+    """Bytes that differ between names from the first 8 on (equal content is one blob)."""
+    seed = blake3.blake3(name.encode()).digest()
     return (seed * (size // len(seed) + 1))[:size]
 
 
@@ -420,7 +421,7 @@ async def test_enforce_budgets_after_a_lower_budget(env: Env) -> None:
 # -- a tier never goes over budget, whatever happens ---------------------------------------------
 
 
-SIZES = st.integers(min_value=1, max_value=700)
+SIZES = st.integers(min_value=8, max_value=700)
 # tmpfs where there is one: a fsync there is free, and these tests run hundreds of them.
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -585,7 +586,7 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None, derandomize=True
+    max_examples=100, stateful_step_count=30, deadline=None, derandomize=True
 )
 
 
@@ -622,29 +623,6 @@ async def test_randomized_sequence_never_goes_over_budget(fast_tmp: Path) -> Non
             stack.close()
     finally:
         env.close()
-
-
-@given(
-    st.lists(st.tuples(st.integers(1, 100), st.floats(0, 100)), max_size=20),
-    st.integers(-5, 2000),
-)
-def test_choose_victims_frees_enough_least_recently_used_first(
-    items: list[tuple[int, float]], need: int
-) -> None:
-    cands = [Candidate(i, size, last) for i, (size, last) in enumerate(items)]
-    victims = choose_victims(cands, need)
-    if need <= 0:
-        assert victims == []
-        return
-    if sum(c.size for c in cands) < need:
-        assert victims is None
-        return
-    assert victims is not None
-    chosen = [cands[k] for k in victims]
-    assert sum(c.size for c in chosen) >= need
-    assert sum(c.size for c in chosen[:-1]) < need  # no more than needed
-    rest = [c for c in cands if c.key not in set(victims)]
-    assert all(c.last_used >= max(v.last_used for v in chosen) for c in rest)
 
 
 # -- restart: load() reconciles the index with the disk ------------------------------------------

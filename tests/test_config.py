@@ -150,7 +150,8 @@ def test_xdg_variables_are_honoured(tmp_path: Path) -> None:
     assert config.tiers[-1].path == tmp_path / "cache/hostd/disk"
     assert config.origin == "file://" + str(tmp_path / "data/hostd/origin")
     assert config.socket.parent == tmp_path / "run/hostd"
-    assert config.socket.name.startswith("hostd-") and config.socket.suffix == ".sock"
+    assert config.socket.name.startswith("hostd-")
+    assert config.socket.suffix == ".sock"
 
 
 def test_two_homes_sharing_a_runtime_dir_get_two_sockets(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import blake3
@@ -39,20 +38,20 @@ def sdoc(path: Any, target: Any) -> dict[str, Any]:
     return {"path": path, "target": target}
 
 
-def doc(
-    files: Sequence[Any] = (),
-    symlinks: Sequence[Any] = (),
-    dirs: Sequence[Any] = (),
-    **top: Any,
-) -> dict[str, Any]:
+def doc(files: Any = (), symlinks: Any = (), dirs: Any = (), **top: Any) -> dict[str, Any]:
+    """A manifest document; tuples become arrays, anything else is packed as given."""
+
+    def arr(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
     d: dict[str, Any] = {
         "chunk_size": CS,
         "compat": {"format": "1"},
-        "dirs": list(dirs),
-        "files": list(files),
+        "dirs": arr(dirs),
+        "files": arr(files),
         "format": 1,
         "meta": {},
-        "symlinks": list(symlinks),
+        "symlinks": arr(symlinks),
     }
     d.update(top)
     return d
@@ -148,7 +147,7 @@ def manifests(draw: st.DrawFn) -> mf.Manifest:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(manifests())
 def test_decode_encode_round_trip_and_stable_id(m: mf.Manifest) -> None:
     data = mf.encode(m)
@@ -168,7 +167,7 @@ def test_decode_encode_round_trip_and_stable_id(m: mf.Manifest) -> None:
     assert rebuilt.snapshot_id == m.snapshot_id
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(manifests(), st.data())
 def test_a_changed_byte_is_refused_or_is_another_canonical_manifest(
     m: mf.Manifest, data: st.DataObject
@@ -184,7 +183,7 @@ def test_a_changed_byte_is_refused_or_is_another_canonical_manifest(
     assert other.snapshot_id != m.snapshot_id
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_garbage_is_a_manifest_error(data: bytes) -> None:
     try:
@@ -218,7 +217,7 @@ def _slots(d: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from(_slots(base_doc())), _values)
 def test_any_value_anywhere_is_refused_or_canonical(at: tuple[Any, ...], value: Any) -> None:
     d = base_doc()
@@ -247,7 +246,7 @@ def test_every_truncation_is_refused() -> None:
     [
         (b"\xc1", "not valid msgpack"),  # a byte msgpack never uses
         (BASE + b"\x00", "not valid msgpack"),  # trailing bytes
-        (b"\xff" * 16, "not a map"),
+        (b"\xff", "manifest is not a map"),  # -1, a negative fixint
         (pack([1, 2, 3]), "manifest is not a map"),
         (pack("manifest"), "manifest is not a map"),
         (pack({1: 2}), "not valid msgpack"),  # map keys are strings
@@ -272,7 +271,7 @@ def _swap(data: bytes, old: str, new: str) -> bytes:
     [
         (pack(_reorder(base_doc())), "not in canonical form"),
         (pack({**base_doc(), "compat": _reorder(base_doc()["compat"])}), "not in canonical form"),
-        (pack({**base_doc(), "files": [_reorder(fdoc("a", 1))]}), "not in canonical form"),
+        (pack(doc(files=[_reorder(fdoc("a"))])), "not in canonical form"),
         # the same values with longer encodings than needed
         (_swap(BASE, "a473697a6500", "a473697a65cc00"), "not in canonical form"),  # size 0
         (_swap(BASE, "73697a65ce00010000", "73697a65cf0000000000010000"), "not in canonical"),
@@ -309,12 +308,18 @@ def test_floats_are_refused(d: dict[str, Any], fragment: str) -> None:
     rejects(pack(d), fragment)
 
 
+def _with_bin_key(d: dict[str, Any]) -> dict[Any, Any]:
+    out: dict[Any, Any] = dict(d)
+    out[b"extra"] = 1
+    return out
+
+
 @pytest.mark.parametrize(
     ("d", "fragment"),
     [
         ({**base_doc(), "extra": 1}, "manifest keys ["),
         ({k: v for k, v in base_doc().items() if k != "meta"}, "manifest keys ["),
-        ({**base_doc(), b"extra": 1}, "manifest keys ["),  # a bin key among str keys
+        (_with_bin_key(base_doc()), "manifest keys ["),  # a bin key among str keys
         (doc(files=[{**fdoc("a"), "uid": 0}]), "files[0] has keys"),
         (doc(files=[{"path": "a", "size": 0, "mode": 0}]), "files[0] has keys"),
         (doc(symlinks=[{**sdoc("l", "x"), "mode": 0}]), "symlinks[0] has keys"),
@@ -347,8 +352,8 @@ def test_extra_or_missing_keys(d: dict[Any, Any], fragment: str) -> None:
         (doc(files=[fdoc("a", size=-1, chunks=[])]), "size -1 is not a non-negative integer"),
         (doc(files=[fdoc("a", chunks=[[ID, True, 0]])]), "chunk 0 size True, want 1"),
         (doc(files=[fdoc("a", chunks=[[ID, 1, True]])]), "chunk 0 codec True is unknown"),
-        (doc(dirs=[7]), "dir 7 is out of order or repeated"),
-        (doc(symlinks=[sdoc(7, "x")]), "symlink 7 is out of order or repeated"),
+        (doc(dirs=[7]), "dir: path 7 is not a non-empty string"),
+        (doc(symlinks=[sdoc(7, "x")]), "symlink: path 7 is not a non-empty string"),
         (doc(symlinks=[sdoc("l", b"x")]), "target b'x' is not a non-empty string"),
         (doc(compat={"format": 1}), "compat entry 'format': keys and values must be strings"),
         (doc(compat={b"format": "1"}), "keys and values must be strings"),

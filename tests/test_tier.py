@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,40 @@ def test_remove_blob_and_partial_are_idempotent(tier: Tier) -> None:
     tier.remove_partial(OTHER)
     assert tier.scan() == ([], [])
     assert list(tier.partial_dir.iterdir()) == []
+
+
+def test_write_after_close_is_a_tier_error_not_a_stray_fd(tier: Tier) -> None:
+    pb = tier.open_partial(b"\x05" * 32, 10, 1)
+    pb.close()
+    with pytest.raises(TierError, match="closed"):
+        pb.write(0, 0, b"0123456789")
+
+
+def test_close_waits_for_a_write_in_progress(tier: Tier) -> None:
+    """A fill cancelled mid-write closes its blob from another thread: the write finishes whole
+    (or is refused) and never lands on a descriptor number reused by another file."""
+    size = 256 * 1024 * 1024
+    pb = tier.open_partial(b"\x06" * 32, size, 1)
+    data = memoryview(bytearray(b"\x07" * size))
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        started.set()
+        try:
+            pb.write(0, 0, data)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    started.wait(5)
+    pb.close()  # returns only once no write is running
+    t.join(10)
+    assert pb.fd == -1
+    if errors:
+        assert all(isinstance(e, TierError) for e in errors), errors
+    else:
+        with open(pb.path, "rb") as f:
+            assert f.read(16) == b"\x07" * 16
+        assert pb.have[0] == 1

@@ -16,9 +16,13 @@ UNKNOWN = "none"
 
 
 def host_facts(names: Iterable[str], given: Mapping[str, str]) -> dict[str, str]:
-    """This host's value of each fact: the client's, else what hostd can tell, else none."""
+    """This host's value of each fact: the client's, else what hostd can tell, else none.
+
+    `format` is always among them: every snapshot is published under it and every restore
+    looks it up (candidate_keys), even when the configured facts leave it out.
+    """
     known = {"format": str(FORMAT_VERSION), "arch": normalize_arch(platform.machine())}
-    out = {n: known.get(n, UNKNOWN) for n in names}
+    out = {n: known.get(n, UNKNOWN) for n in (*names, "format")}
     out.update(given)
     return dict(sorted(out.items()))
 
