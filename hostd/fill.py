@@ -53,6 +53,13 @@ class Filler:
         self._filling: dict[bytes, asyncio.Future[None]] = {}
         self._seq = itertools.count()
 
+    def _release(self, digest: bytes, claims: dict[bytes, asyncio.Future[None]]) -> None:
+        """Drop our claim on a blob and wake whoever waits on it."""
+        fut = claims.pop(digest)
+        if self._filling.get(digest) is fut:
+            del self._filling[digest]
+        fut.set_result(None)
+
     def filling(self) -> set[bytes]:
         """Blobs being filled right now."""
         return set(self._filling)
@@ -74,6 +81,7 @@ class Filler:
         progress.total_bytes = sum(e.size for e in pending)
         while pending:
             mine: list[FileEntry] = []
+            claims: dict[bytes, asyncio.Future[None]] = {}
             waits: list[asyncio.Future[None]] = []
             try:
                 for e in pending:
@@ -82,19 +90,21 @@ class Filler:
                         continue
                     # Claimed before _usable, which may copy the blob in from another tier:
                     # two copies of one blob into one tier would race on one scratch file.
-                    self._filling[e.digest] = asyncio.get_running_loop().create_future()
-                    mine.append(e)
+                    claims[e.digest] = self._filling[e.digest] = (
+                        asyncio.get_running_loop().create_future()
+                    )
                     b = await self._usable(e, chunk_size, tiers, progress)
-                    if b is not None:
+                    if b is None:
+                        mine.append(e)
+                    else:
                         found[e.digest] = b
-                        mine.pop()  # usable as it is: release the claim now, not after _fill
-                        self._filling.pop(e.digest).set_result(None)
-                await self._fill(mine, chunk_size, tiers, progress, seq)
+                        self._release(e.digest, claims)  # usable as it is: release it now
+                await self._fill(mine, chunk_size, tiers, progress, seq, claims)
             finally:
-                # Every exit (a failed copy-in, a cancel) releases every claim: a claim left
+                # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.
-                for e in mine:
-                    self._filling.pop(e.digest).set_result(None)
+                for digest in list(claims):
+                    self._release(digest, claims)
             for w in waits:
                 await asyncio.shield(w)
             for e in mine:
@@ -154,6 +164,7 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         seq: int,
+        claims: dict[bytes, asyncio.Future[None]],
     ) -> None:
         if not entries:
             return
@@ -194,6 +205,8 @@ class Filler:
             st = await asyncio.to_thread(o.blob.complete)
             self.cache.completed(o.entry.digest, o.tier, st)
             done.add(o.entry.digest)
+            # whoever waits for this blob can go on now, not when this whole fill ends
+            self._release(o.entry.digest, claims)
 
         async def worker() -> None:
             for n in cursor:

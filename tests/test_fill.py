@@ -209,6 +209,29 @@ async def test_a_blob_already_there_is_not_held_up_by_another_fill(rig: Rig) -> 
     assert set(found1) == {there.digest, slow.digest}
 
 
+async def test_a_blob_another_fill_makes_is_usable_once_that_blob_is_done(rig: Rig) -> None:
+    """A restore that needs one blob of a big fill under way gets it when that blob completes,
+    not when the whole other fill ends."""
+    shared = rig.file("shared", pattern("shared", CS))
+    slow = rig.file("slow", pattern("slow", CS))
+    release_shared = rig.origin.gate(shared.chunks[0])
+    release_slow = rig.origin.gate(slow.chunks[0])
+
+    first = asyncio.create_task(rig.ensure([shared, slow]))
+    await rig.origin.until(lambda s: {shared.chunks[0].id, slow.chunks[0].id} <= set(s.order))
+    second = asyncio.create_task(rig.ensure([shared]))  # waits on the first's claim
+    release_shared.set()
+    async with asyncio.timeout(DEADLINE):
+        found, _ = await second
+    assert set(found) == {shared.digest}
+    assert not first.done(), "the first fill is still held on `slow`"
+    assert rig.origin.calls[shared.chunks[0].id] == 1
+    release_slow.set()
+    async with asyncio.timeout(DEADLINE):
+        found1, _ = await first
+    assert set(found1) == {shared.digest, slow.digest}
+
+
 async def test_a_missing_chunk_fails_ensure_naming_it_and_keeps_the_partial(rig: Rig) -> None:
     f = rig.file("f", pattern("f", 3 * CS))
     del rig.origin.stored[f.chunks[1].id]
