@@ -248,7 +248,7 @@ def main() -> int:
     ap.add_argument("--half", action="store_true", help="also run at half the size (O(files), RSS)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
-    from hostd.config import parse_size
+    from hostd.core.units import parse_size
 
     size = parse_size(args.size, "--size")
     runs = []

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import blake3
 
+from hostd.core.units import PERCENT_RE, parse_duration, parse_share, parse_size, show
 from hostd.errors import ConfigError
 
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
@@ -82,36 +83,6 @@ TOP_KEYS = (
 TIER_KEYS = ("name", "path", "budget")
 PEER_KEYS = ("listen", "static", "dns", "dns_refresh", "secret_file", "hedge_after", "timeout")
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    # Kubernetes spelling, which operators of GPU fleets write by habit.
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
-_DURATION_UNITS = {
-    "": Fraction(1),
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-}
-_MAX_SIZE = 2**63 - 1
-_MAX_DURATION = 10 * 365 * 86400.0
-_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
-_SIZE_RE = re.compile(rf"\s*{_NUMBER}\s*([A-Za-z]*)\s*")
-_DURATION_RE = re.compile(rf"\s*{_NUMBER}\s*([a-z]*)\s*")
-_PERCENT_RE = re.compile(rf"\s*{_NUMBER}\s*%\s*")
 _TIER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _FACT_RE = re.compile(r"[a-z][a-z0-9_]*")
 _MODE_RE = re.compile(r"(?:0o|0)?([0-7]{3})")
@@ -193,71 +164,7 @@ def known_keys() -> frozenset[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scalars
-
-
-def parse_size(text: str | int, key: str) -> int:
-    """Bytes from a TOML integer or a string like "4MiB", "500MB", "1.5GiB", "1024".
-
-    Units: B KB MB GB TB (powers of 1000), KiB MiB GiB TiB and Ki Mi Gi Ti (powers of 1024),
-    any case. A fractional result is rounded down to whole bytes.
-    """
-    if isinstance(text, bool) or not isinstance(text, int | str):
-        raise ConfigError(key, f'expected a size like "4MiB" or a byte count, got {_show(text)}')
-    if isinstance(text, int):
-        n = text
-    else:
-        m = _SIZE_RE.fullmatch(text)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise ConfigError(
-                key,
-                f"{text!r} is not a size: write a number and a unit (B, KB, MB, GB, TB, "
-                'KiB, MiB, GiB, TiB), e.g. "4MiB"',
-            )
-        n = math.floor(Fraction(m.group(1)) * _SIZE_UNITS[unit])
-    if n < 0:
-        raise ConfigError(key, f"a size cannot be negative, got {text!r}")
-    if n > _MAX_SIZE:
-        raise ConfigError(key, f"{text!r} is too large (at most 2^63-1 bytes)")
-    return n
-
-
-def parse_duration(text: str | int | float, key: str) -> float:
-    """Seconds from a TOML number (seconds) or a string like "200ms", "30s", "5m", "1h"."""
-    if isinstance(text, bool) or not isinstance(text, int | float | str):
-        raise ConfigError(key, f'expected a duration like "30s" or seconds, got {_show(text)}')
-    if isinstance(text, str):
-        m = _DURATION_RE.fullmatch(text)
-        if m is None or m.group(2) not in _DURATION_UNITS:
-            raise ConfigError(
-                key,
-                f'{text!r} is not a duration: write a number and a unit (ms, s, m, h), e.g. "30s"',
-            )
-        seconds = float(Fraction(m.group(1)) * _DURATION_UNITS[m.group(2)])
-    else:
-        seconds = float(text)
-    if math.isnan(seconds) or seconds < 0:
-        raise ConfigError(key, f"a duration cannot be negative or NaN, got {text!r}")
-    if seconds > _MAX_DURATION:
-        raise ConfigError(key, f"{text!r} is too long (at most 10 years)")
-    return seconds
-
-
-def parse_share(text: str | int | float, key: str) -> float:
-    """A share in [0, 1] from "10%" or a TOML number 0.1."""
-    if isinstance(text, str):
-        m = _PERCENT_RE.fullmatch(text)
-        if m is None:
-            raise ConfigError(key, f'{text!r} is not a share: write a percentage like "10%"')
-        share = float(Fraction(m.group(1)) / 100)
-    elif isinstance(text, int | float) and not isinstance(text, bool):
-        share = float(text)
-    else:
-        raise ConfigError(key, f'expected a share like "10%" or 0.1, got {_show(text)}')
-    if not 0.0 <= share <= 1.0:
-        raise ConfigError(key, f"a share must lie between 0% and 100%, got {text!r}")
-    return share
+# Budgets
 
 
 def resolve_budget(
@@ -271,7 +178,7 @@ def resolve_budget(
     The filesystem is the one of `path` or, where it does not exist yet, of its nearest
     existing ancestor (the daemon creates tier directories after loading the config).
     """
-    m = _PERCENT_RE.fullmatch(spec) if isinstance(spec, str) else None
+    m = PERCENT_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
         budget = parse_size(spec, key)
     else:
@@ -472,19 +379,19 @@ def _check_keys(table: dict[str, Any], known: tuple[str, ...], prefix: str) -> N
 
 def _table(value: Any, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(key, f"expected a table, got {_show(value)}")
+        raise ConfigError(key, f"expected a table, got {show(value)}")
     return value
 
 
 def _string(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {_show(value)}")
+        raise ConfigError(key, f"expected a string, got {show(value)}")
     return value
 
 
 def _int(value: Any, key: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"expected an integer, got {_show(value)}")
+        raise ConfigError(key, f"expected an integer, got {show(value)}")
     if not lo <= value <= hi:
         raise ConfigError(key, f"must be from {lo} to {hi}, got {value}")
     return value
@@ -492,13 +399,13 @@ def _int(value: Any, key: str, lo: int, hi: int) -> int:
 
 def _size_value(value: Any, key: str) -> str | int:
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ConfigError(key, f'expected a size like "4MiB" or a byte count, got {_show(value)}')
+        raise ConfigError(key, f'expected a size like "4MiB" or a byte count, got {show(value)}')
     return value
 
 
 def _duration(value: Any, key: str, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(key, f'expected a duration like "30s" or seconds, got {_show(value)}')
+        raise ConfigError(key, f'expected a duration like "30s" or seconds, got {show(value)}')
     seconds = parse_duration(value, key)
     if positive and seconds <= 0:
         raise ConfigError(key, f"must be more than 0, got {value!r}")
@@ -554,14 +461,14 @@ def _origin_options(value: Any) -> dict[str, str]:
             out[k] = str(v)
         else:
             raise ConfigError(
-                f"origin_options.{k}", f"expected a string, number or boolean, got {_show(v)}"
+                f"origin_options.{k}", f"expected a string, number or boolean, got {show(v)}"
             )
     return out
 
 
 def _mode(value: Any, key: str) -> int:
     if not isinstance(value, str):
-        raise ConfigError(key, f'expected an octal string like "0660", got {_show(value)}')
+        raise ConfigError(key, f'expected an octal string like "0660", got {show(value)}')
     m = _MODE_RE.fullmatch(value)
     if m is None:
         raise ConfigError(key, f'{value!r} is not an octal file mode like "0660"')
@@ -594,7 +501,7 @@ def _address(value: Any, key: str, listen: bool) -> str:
 
 def _string_list(value: Any, key: str) -> list[str]:
     if not isinstance(value, list):
-        raise ConfigError(key, f"expected an array of strings, got {_show(value)}")
+        raise ConfigError(key, f"expected an array of strings, got {show(value)}")
     for i, item in enumerate(value):
         _string(item, f"{key}[{i}]")
     return value
@@ -627,7 +534,7 @@ def _default_tiers(paths: DefaultPaths) -> tuple[TierConfig, ...]:
 
 def _tiers(value: Any, base: Path | None) -> tuple[TierConfig, ...]:
     if not isinstance(value, list):
-        raise ConfigError("tiers", f"expected an array of tables ([[tiers]]), got {_show(value)}")
+        raise ConfigError("tiers", f"expected an array of tables ([[tiers]]), got {show(value)}")
     if not value:
         raise ConfigError("tiers", "needs at least one tier")
     tiers: list[TierConfig] = []
@@ -694,13 +601,6 @@ def _check_not_in_tiers(config: Config) -> None:
 
 def _inside(path: Path, parent: Path) -> bool:
     return path != parent and path.is_relative_to(parent)
-
-
-def _show(value: Any) -> str:
-    kinds = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
-    kind = "table" if isinstance(value, dict) else kinds.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _jsonable(value: Any) -> Any:

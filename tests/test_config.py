@@ -32,11 +32,9 @@ from hostd.config import (
     default_socket,
     known_keys,
     load_config,
-    parse_duration,
-    parse_share,
-    parse_size,
     resolve_budget,
 )
+from hostd.core.units import parse_duration, parse_share, parse_size
 from hostd.errors import ConfigError
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "config" / "hostd.toml"
