@@ -32,7 +32,7 @@ from hostd.core.ids import compat_digest, file_digest
 from hostd.errors import HostdError, ManifestError, UsageError, first_error
 from hostd.origin import Origin, validate_ref
 from hostd.restore import Progress
-from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
+from hostd.tier import BLOB_MODE, Tier, pread_exact, pread_into, pwrite_all, tier_error
 
 
 @dataclass(frozen=True)
@@ -348,7 +348,7 @@ class _Run:
         try:
             if uploads:
                 await asyncio.wait(uploads)
-            st = await asyncio.to_thread(_rename_in, tier, scratch, digest)
+            st = await asyncio.to_thread(tier.install, scratch, digest)
         except BaseException:
             self.p.cache.unreserve(tier, size)
             with contextlib.suppress(FileNotFoundError):
@@ -359,17 +359,6 @@ class _Run:
         else:
             self.p.cache.adopt(tier, size, st, self.cs)
             self.cached += 1
-
-
-def _rename_in(tier: Tier, scratch: Path, digest: bytes) -> BlobStat | None:
-    dest = tier.blob_path(digest)
-    if dest.exists():
-        os.unlink(scratch)
-        return None
-    dest.parent.mkdir(exist_ok=True)
-    os.rename(scratch, dest)
-    st = os.stat(dest)
-    return BlobStat(digest, st.st_size, st.st_mtime_ns)
 
 
 def _trial(src: str, ranges: Sequence[tuple[int, int]]) -> list[int]:

@@ -9,8 +9,9 @@ Layout under the tier's root:
 A chunk's presence byte is written only after its bytes, so a process killed between the two
 refetches the chunk rather than trusting a hole; a partial blob reopened after a restart has
 every present chunk re-hashed before it is trusted (see PartialBlob.recheck). A blob becomes
-complete by fsync, chmod read-only, rename into blobs/, fsync of the directory: nothing that
-looks complete was ever half written.
+complete by fsync, chmod read-only, rename into blobs/: nothing that looks complete was ever
+half written. The directory is not fsynced per blob (a cost per file on NVMe): a rename that a
+power cut loses leaves no blob, which start-up's reconciliation turns into a refetch.
 
 All methods here do blocking file I/O: callers run them in a thread. This module knows
 nothing of the index, budgets or eviction (cache.py decides those).
@@ -50,14 +51,6 @@ def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError
     else:
         why = os.strerror(e.errno) if e.errno else str(e)
     return TierError(f"tier {tier!r} ({path}): {doing} failed: {why} ({e.strerror or e})")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -172,7 +165,7 @@ class PartialBlob:
         return bad
 
     def complete(self) -> BlobStat:
-        """fsync, make read-only, rename into blobs/, fsync the directory."""
+        """fsync, make read-only, rename into blobs/."""
         if not self.full:
             raise TierError(f"blob {self.digest.hex()} is not full; refusing to complete it")
         dest = self.tier.blob_path(self.digest)
@@ -181,7 +174,6 @@ class PartialBlob:
             os.fchmod(self.fd, BLOB_MODE)
             dest.parent.mkdir(exist_ok=True)
             os.rename(self.path, dest)
-            _fsync_dir(dest.parent)
             st = os.fstat(self.fd)
         except OSError as e:
             raise tier_error(self.tier.name, dest, e, "completing a blob") from e
@@ -204,7 +196,7 @@ class PartialBlob:
     def discard(self) -> None:
         self.close()
         for p in (self.path, self.have_path):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: the caller reports the failure
                 os.unlink(p)
 
 
@@ -280,6 +272,40 @@ class Tier:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(q)
 
+    def install(self, scratch: Path, digest: bytes) -> BlobStat | None:
+        """Rename a finished scratch file (fsynced, read-only) into blobs/ as `digest`; None,
+        and the scratch removed, when that blob is already there."""
+        dest = self.blob_path(digest)
+        if dest.exists():
+            os.unlink(scratch)
+            return None
+        dest.parent.mkdir(exist_ok=True)
+        os.rename(scratch, dest)
+        self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
+        st = os.stat(dest)
+        return BlobStat(digest, st.st_size, st.st_mtime_ns)
+
+    def write_whole(self, digest: bytes, data: bytes | memoryview) -> BlobStat:
+        """Write a blob that came whole (one verified chunk) without partial-blob state."""
+        scratch = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                pwrite_all(fd, data, 0)
+                os.fsync(fd)
+                os.fchmod(fd, BLOB_MODE)
+            finally:
+                os.close(fd)
+            st = self.install(scratch, digest)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # on a read-only tier this fails too
+                os.unlink(scratch)
+            raise tier_error(self.name, scratch, e, "writing a blob") from e
+        return st if st is not None else BlobStat(digest, len(data), self._mtime(digest))
+
+    def _mtime(self, digest: bytes) -> int:
+        return os.stat(self.blob_path(digest)).st_mtime_ns
+
     def copy_in(self, src: Path, digest: bytes) -> BlobStat:
         """Copy a complete blob from another tier into this one (demotion, promotion)."""
         tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.copy"
@@ -289,10 +315,9 @@ class Tier:
             os.chmod(tmp, BLOB_MODE)
             dest.parent.mkdir(exist_ok=True)
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
             st = os.stat(dest)
         except OSError as e:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(tmp)
             raise tier_error(self.name, dest, e, "copying a blob in") from e
         return BlobStat(digest, st.st_size, st.st_mtime_ns)
