@@ -260,6 +260,8 @@ async def serve(
             config.index,
             ", ".join(f"{t.name}={t.root} ({t.budget} bytes)" for t in d.cache.tiers),
         )
+        if config.peers is not None:
+            log.warning("[peers] is configured, but this version has no peer support: ignored")
         notifier.ready(f"serving on {config.socket}")
         async with asyncio.TaskGroup() as tg:
             helpers = []
