@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hostd.core import manifest as mf
 from hostd.errors import Busy, HostdError, NotFound, UsageError
 from hostd.materialize import MODES
 from hostd.publish import PublishRequest
@@ -244,8 +245,13 @@ async def publish(request: web.Request) -> web.StreamResponse:
     ):
         raise UsageError("field 'facts' must be a list of fact names")
     cs = body.get("chunk_size")
-    if cs is not None and (not isinstance(cs, int) or isinstance(cs, bool)):
-        raise UsageError("field 'chunk_size' must be an integer")
+    if cs is not None and (
+        not isinstance(cs, int)
+        or isinstance(cs, bool)
+        or not mf.MIN_CHUNK_SIZE <= cs <= mf.MAX_CHUNK_SIZE
+        or cs & (cs - 1)
+    ):
+        raise UsageError("field 'chunk_size' must be a power of two from 64 KiB to 256 MiB")
     req = PublishRequest(
         path=_path(body, "path"),
         ref=_str(body, "ref"),

@@ -694,6 +694,14 @@ def test_api_errors_are_json(work: Path) -> None:
                 "replace",
             ),
             ("POST", "/v1/gc", b'{"force": true}', 400, "bad_request", "force"),
+            (
+                "POST",
+                "/v1/publish",
+                json.dumps({"path": str(work), "ref": "a/b", "chunk_size": 1000}).encode(),
+                400,
+                "bad_request",
+                "chunk_size",
+            ),
         ]
         for method, path, body, status, code, mentions in cases:
             got, ctype, answer = raw_request(d.socket, method, path, body)
