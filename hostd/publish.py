@@ -313,20 +313,18 @@ class _Run:
             return [mf.CODEC_RAW] * len(ids)
         if mode == "auto":
             src = str(scratch or f.source)
-            sample = codec.sample_indexes(len(ids))
-            packed = await asyncio.to_thread(
-                _trial, src, [(i * self.cs, ids[i][1]) for i in sample]
-            )
-            raw = [ids[i][1] for i in sample]
+            ranges = codec.sample_ranges([n for _, n in ids], self.cs)
+            packed = await asyncio.to_thread(_trial, src, ranges)
+            raw = [n for _, n in ranges]
             if not codec.worth_compressing(raw, packed, self.p.min_saving):
                 return [mf.CODEC_RAW] * len(ids)
         return [mf.CODEC_ZSTD] * len(ids)  # confirmed (or refused) per chunk at upload
 
     async def upload(self, c: mf.Chunk, src: Path, offset: int, recheck: bool) -> None:
         async with self.sem:
-            data = await asyncio.to_thread(_read_chunk, str(src), offset, c, recheck)
             if await self.p.origin.has_chunk(c.id):
                 return
+            data = await asyncio.to_thread(_read_chunk, str(src), offset, c, recheck)
             stored: bytes | memoryview = data
             if c.codec == mf.CODEC_ZSTD:
                 packed = await asyncio.to_thread(codec.compress, data)
