@@ -366,16 +366,30 @@ class Cache:
         if victims is None:
             return False
         below = self.tiers[self.tiers.index(tier) + 1 :]
+        freed = 0
         for d in victims:
-            b = self._blobs[d][tier.name]
-            demotable = below and not any(self.locate(d, [t]) for t in below)
+            # Each await below lets a new restore take hold of a victim chosen before it:
+            # check again right before acting, and leave a held blob where it is.
+            b = self._blobs.get(d, {}).get(tier.name)
+            if b is None or not b.complete or self._held[d]:
+                continue
+            # A blob written through since completion is not copied down: the copy would get
+            # a fresh size and mtime and pass unchanged() with bytes nobody verified.
+            demotable = below and self.unchanged(b) and not any(self.locate(d, [t]) for t in below)
             if demotable and await self._demote(b, below):
+                freed += b.size
+                continue
+            if self._held[d] or self._blobs.get(d, {}).get(tier.name) is not b:
                 continue
             self._drop(d, tier.name)
             await asyncio.to_thread(tier.remove_blob, d)
             self.evictions[(tier.name, "delete")] += 1
+            freed += b.size
             log.info("evicted blob %s from tier %s", d.hex()[:16], tier.name)
-        return True
+        if freed >= need:
+            return True
+        # some victims were taken meanwhile: choose again for what is still missing
+        return freed > 0 and await self._make_room(tier, need - freed)
 
     async def _demote(self, b: Blob, below: Sequence[Tier]) -> bool:
         for t in below:
@@ -387,10 +401,12 @@ class Cache:
                 st = await asyncio.to_thread(t.copy_in, b.path, b.digest)
             except TierError as e:
                 log.warning("demoting blob %s to %s failed: %s", b.digest.hex()[:16], t.name, e)
-                self._used[t.name] -= b.size
                 continue
-            self._used[t.name] -= b.size
+            finally:  # a cancel (the admitting restore went away) returns the charge too
+                self._used[t.name] -= b.size
             self._put(Blob(b.digest, t, st.size, b.chunk_size, True, st.mtime_ns, b.last_used))
+            if self._held[b.digest]:
+                return False  # a restore took it during the copy: keep both copies
             self._drop(b.digest, b.tier.name)
             await asyncio.to_thread(b.tier.remove_blob, b.digest)
             self.evictions[(b.tier.name, "demote")] += 1

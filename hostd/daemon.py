@@ -187,6 +187,7 @@ class Daemon:
             await asyncio.wait(late)
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.publisher.close)
         await self.fetcher.close()
         await self.origin.close()
         self.index.close()

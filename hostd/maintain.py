@@ -47,7 +47,7 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
     progress.fill.total_bytes = sum(b.size for b in copies)
     progress.total_files = len(copies)
     bad: list[dict[str, str]] = []
-    checked = skipped = 0
+    checked = skipped = gone = 0
     for b in copies:
         if b.chunk_size <= 0:
             # No known manifest names it, so its chunk size (part of its digest) is unknown:
@@ -55,6 +55,13 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
             skipped += 1
             continue
         why = await asyncio.to_thread(blob_is_intact, b.path, b.digest, b.size, b.chunk_size)
+        if cache.locate(b.digest, [b.tier]) is not b:
+            # Evicted, demoted or replaced while it was hashed: what was read says nothing of
+            # what the tier holds now, and remove() would drop that instead.
+            gone += 1
+            progress.fill.done_bytes += b.size
+            progress.done_files += 1
+            continue
         if why is not None:
             log.warning("verify: blob %s in tier %s is bad: %s", b.digest.hex(), b.tier.name, why)
             bad.append({"blob": b.digest.hex(), "tier": b.tier.name, "reason": why})
@@ -67,7 +74,7 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
         progress.fill.done_bytes += b.size
         progress.done_files += 1
     return {
-        "checked_blobs": len(copies) - skipped,
+        "checked_blobs": len(copies) - skipped - gone,
         "checked_bytes": checked,
         "skipped_unreferenced": skipped,
         "bad": bad,

@@ -19,6 +19,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from hostd.errors import HostdError, ManifestError, UsageError, first_error
 from hostd.origin import Origin, validate_ref
 from hostd.restore import Progress
 from hostd.tier import BLOB_MODE, Tier, pread_exact, pread_into, pwrite_all, tier_error
+
+INGEST_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -129,18 +132,27 @@ def _add_symlink(tree: Tree, root: Path, real_root: str, full: str, rel: str) ->
     tree.files.append(SourceFile(rel, real, st.st_mode & 0o777, st.st_size))
 
 
+@dataclass
+class Ingested:
+    ids: list[tuple[bytes, int]]  # (chunk id, size), in file order
+    trial_raw: list[int]  # sizes of the sampled windows
+    trial_packed: list[int]  # their zstd sizes (empty when no trial was asked for)
+
+
 def ingest(
-    src: str, size: int, chunk_size: int, dest: Path | None, cancel: threading.Event
-) -> list[tuple[bytes, int]]:
-    """Read a file once: hash each chunk and copy it into `dest` (blocking)."""
-    ids: list[tuple[bytes, int]] = []
+    src: str, size: int, chunk_size: int, dest: Path | None, cancel: threading.Event, trial: bool
+) -> Ingested:
+    """Read a file once: hash each chunk, copy it into `dest`, and trial-compress a window of
+    the sampled chunks while their bytes are in hand (blocking)."""
+    out_ = Ingested([], [], [])
+    sample = set(codec.sample_indexes(-(-size // chunk_size))) if trial else set()
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     out = -1
     try:
         if dest is not None:
             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         buf = bytearray(min(chunk_size, max(size, 1)))
-        for off in range(0, size, chunk_size):
+        for index, off in enumerate(range(0, size, chunk_size)):
             if cancel.is_set():
                 raise asyncio.CancelledError()
             n = min(chunk_size, size - off)
@@ -149,7 +161,11 @@ def ingest(
                 pread_into(fd, view, off)
             except EOFError as e:
                 raise UsageError(f"{src!r} shrank while it was being published") from e
-            ids.append((blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest(), n))
+            out_.ids.append((blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest(), n))
+            if index in sample:
+                window = view[: codec.SAMPLE_WINDOW]
+                out_.trial_raw.append(len(window))
+                out_.trial_packed.append(len(codec.compress(window)))
             if out >= 0:
                 pwrite_all(out, view, off)
         if os.fstat(fd).st_size != size:
@@ -161,7 +177,7 @@ def ingest(
         os.close(fd)
         if out >= 0:
             os.close(out)
-    return ids
+    return out_
 
 
 class Publisher:
@@ -185,6 +201,12 @@ class Publisher:
         self.upload_concurrency = upload_concurrency
         self.compat_facts = tuple(compat_facts)
         self.clock = clock
+        # Reading and hashing the tree gets threads of its own: in the shared pool it would
+        # queue behind the uploads' chunk reads and leave the origin waiting for work.
+        self.ingest_pool = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="hostd-ingest")
+
+    def close(self) -> None:
+        self.ingest_pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         return (
@@ -274,16 +296,25 @@ class _Run:
             else None
         )
         try:
+            trial = self.p.compress == "auto"
             try:
-                ids = await asyncio.to_thread(
-                    ingest, f.source, f.size, self.cs, scratch, self.cancel
+                got = await asyncio.get_running_loop().run_in_executor(
+                    self.p.ingest_pool,
+                    ingest,
+                    f.source,
+                    f.size,
+                    self.cs,
+                    scratch,
+                    self.cancel,
+                    trial,
                 )
             except OSError as e:
                 if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
                     raise tier_error(tier.name, scratch, e, "storing a published blob") from e
                 raise UsageError(f"cannot read {f.path!r}: {e.strerror}") from e
+            ids = got.ids
             digest = file_digest(ids)
-            codecs = await self._codecs(f, ids, scratch)
+            codecs = self._codecs(got)
             chunks = tuple(mf.Chunk(cid, n, c) for (cid, n), c in zip(ids, codecs, strict=True))
             uploads: list[asyncio.Task[None]] = []
             for i, c in enumerate(chunks):
@@ -305,20 +336,14 @@ class _Run:
         self.progress.fill.done_bytes += f.size
         return mf.FileEntry(f.path, f.mode, f.size, chunks)
 
-    async def _codecs(
-        self, f: SourceFile, ids: Sequence[tuple[bytes, int]], scratch: Path | None
-    ) -> list[int]:
+    def _codecs(self, got: Ingested) -> list[int]:
         mode = self.p.compress
-        if mode == "never":
-            return [mf.CODEC_RAW] * len(ids)
-        if mode == "auto":
-            src = str(scratch or f.source)
-            ranges = codec.sample_ranges([n for _, n in ids], self.cs)
-            packed = await asyncio.to_thread(_trial, src, ranges)
-            raw = [n for _, n in ranges]
-            if not codec.worth_compressing(raw, packed, self.p.min_saving):
-                return [mf.CODEC_RAW] * len(ids)
-        return [mf.CODEC_ZSTD] * len(ids)  # confirmed (or refused) per chunk at upload
+        worth = mode == "always" or (
+            mode == "auto"
+            and codec.worth_compressing(got.trial_raw, got.trial_packed, self.p.min_saving)
+        )
+        # zstd is confirmed (or refused) per chunk at upload
+        return [mf.CODEC_ZSTD if worth else mf.CODEC_RAW] * len(got.ids)
 
     async def upload(self, c: mf.Chunk, src: Path, offset: int, recheck: bool) -> None:
         async with self.sem:
@@ -346,7 +371,10 @@ class _Run:
         try:
             if uploads:
                 await asyncio.wait(uploads)
-            st = await asyncio.to_thread(tier.install, scratch, digest)
+            try:
+                st = await asyncio.to_thread(tier.install, scratch, digest)
+            except OSError as e:
+                raise tier_error(tier.name, scratch, e, "storing a published blob") from e
         except BaseException:
             self.p.cache.unreserve(tier, size)
             with contextlib.suppress(FileNotFoundError):
@@ -357,14 +385,6 @@ class _Run:
         else:
             self.p.cache.adopt(tier, size, st, self.cs)
             self.cached += 1
-
-
-def _trial(src: str, ranges: Sequence[tuple[int, int]]) -> list[int]:
-    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return [len(codec.compress(pread_exact(fd, n, off))) for off, n in ranges]
-    finally:
-        os.close(fd)
 
 
 def _read_chunk(src: str, offset: int, c: mf.Chunk, recheck: bool) -> bytes:

@@ -50,10 +50,14 @@ def _read_verified(path: str, offset: int, chunk: Chunk) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as e:  # evicted between lookup and read
         raise ChunkMissing(f"chunk {chunk.id.hex()}: its local blob is gone") from e
+    except OSError as e:  # unreadable here: the next source has it
+        raise ChunkMissing(f"chunk {chunk.id.hex()}: local blob {path}: {e.strerror}") from e
     try:
         data = pread_exact(fd, chunk.size, offset)
     except EOFError as e:
         raise ChunkCorrupt(f"chunk {chunk.id.hex()}: local blob {path} is short") from e
+    except OSError as e:
+        raise ChunkMissing(f"chunk {chunk.id.hex()}: local blob {path}: {e.strerror}") from e
     finally:
         os.close(fd)
     codec.verify(chunk, data)

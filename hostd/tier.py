@@ -169,6 +169,10 @@ class PartialBlob:
         if not self.full:
             raise TierError(f"blob {self.digest.hex()} is not full; refusing to complete it")
         dest = self.tier.blob_path(self.digest)
+        with self._io:  # counted like a write, so a close() from elsewhere waits for it
+            if self._closed:
+                raise TierError(f"blob {self.digest.hex()} in tier {self.tier.name!r} is closed")
+            self._writing += 1
         try:
             os.fsync(self.fd)
             os.fchmod(self.fd, BLOB_MODE)
@@ -178,6 +182,9 @@ class PartialBlob:
         except OSError as e:
             raise tier_error(self.tier.name, dest, e, "completing a blob") from e
         finally:
+            with self._io:
+                self._writing -= 1
+                self._io.notify_all()
             self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.have_path)
@@ -308,7 +315,7 @@ class Tier:
 
     def copy_in(self, src: Path, digest: bytes) -> BlobStat:
         """Copy a complete blob from another tier into this one (demotion, promotion)."""
-        tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.copy"
+        tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}.copy"
         dest = self.blob_path(digest)
         try:
             copy_file(src, tmp)
@@ -349,7 +356,7 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
     while left > 0:  # copy_file_range cannot do this pair (another filesystem type): sendfile
         n = os.sendfile(fd_out, fd_in, size - left, min(left, 1 << 30))
         if n == 0:
-            raise EOFError(f"source shrank while copying ({left} bytes short)")
+            raise OSError(errno.EIO, f"source shrank while copying ({left} bytes short)")
         left -= n
 
 
