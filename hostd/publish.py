@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,10 @@ from hostd.cache import Cache
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
-from hostd.errors import HostdError, ManifestError, UsageError, first_error
+from hostd.errors import ManifestError, UsageError, first_error
 from hostd.origin import Origin, validate_ref
 from hostd.restore import Progress
-from hostd.tier import BLOB_MODE, Tier, pread_exact, pread_into, pwrite_all, tier_error
+from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
 
 INGEST_THREADS = 2
 
@@ -135,49 +137,85 @@ def _add_symlink(tree: Tree, root: Path, real_root: str, full: str, rel: str) ->
 @dataclass
 class Ingested:
     ids: list[tuple[bytes, int]]  # (chunk id, size), in file order
-    trial_raw: list[int]  # sizes of the sampled windows
-    trial_packed: list[int]  # their zstd sizes (empty when no trial was asked for)
+    codec: int  # what this file's chunks are offered to the origin as
+    blob: BlobStat | None  # the blob stored in the tier (None: not stored, or already there)
+
+
+Handoff = Callable[[mf.Chunk, bytes], None]
+
+
+class Stopped(Exception):
+    """The publish was cancelled while its ingest thread waited to hand a chunk over."""
+
+
+def decide_codec(fd: int, size: int, chunk_size: int, mode: str, min_saving: float) -> int:
+    """Trial-compress a window of the first, middle and last chunks (blocking)."""
+    if mode == "never":
+        return mf.CODEC_RAW
+    if mode == "always":
+        return mf.CODEC_ZSTD
+    raw: list[int] = []
+    packed: list[int] = []
+    for i in codec.sample_indexes(-(-size // chunk_size)):
+        window = pread_exact(fd, min(codec.SAMPLE_WINDOW, size - i * chunk_size), i * chunk_size)
+        raw.append(len(window))
+        packed.append(len(codec.compress(window)))
+    return mf.CODEC_ZSTD if codec.worth_compressing(raw, packed, min_saving) else mf.CODEC_RAW
 
 
 def ingest(
-    src: str, size: int, chunk_size: int, dest: Path | None, cancel: threading.Event, trial: bool
+    src: str,
+    size: int,
+    chunk_size: int,
+    *,
+    tier: Tier | None,
+    scratch: Path | None,
+    compress: str,
+    min_saving: float,
+    handoff: Handoff,
 ) -> Ingested:
-    """Read a file once: hash each chunk, copy it into `dest`, and trial-compress a window of
-    the sampled chunks while their bytes are in hand (blocking)."""
-    out_ = Ingested([], [], [])
-    sample = set(codec.sample_indexes(-(-size // chunk_size))) if trial else set()
+    """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand a
+    copy of its bytes to the uploaders, so what is uploaded is exactly what was hashed. The
+    scratch blob is installed in the tier under its digest at the end."""
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     out = -1
     try:
-        if dest is not None:
-            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        kind = decide_codec(fd, size, chunk_size, compress, min_saving)
+        if scratch is not None:
+            out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        ids: list[tuple[bytes, int]] = []
         buf = bytearray(min(chunk_size, max(size, 1)))
-        for index, off in enumerate(range(0, size, chunk_size)):
-            if cancel.is_set():
-                raise asyncio.CancelledError()
+        for off in range(0, size, chunk_size):
             n = min(chunk_size, size - off)
             view = memoryview(buf)[:n]
             try:
                 pread_into(fd, view, off)
             except EOFError as e:
                 raise UsageError(f"{src!r} shrank while it was being published") from e
-            out_.ids.append((blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest(), n))
-            if index in sample:
-                window = view[: codec.SAMPLE_WINDOW]
-                out_.trial_raw.append(len(window))
-                out_.trial_packed.append(len(codec.compress(window)))
+            cid = blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest()
+            ids.append((cid, n))
             if out >= 0:
                 pwrite_all(out, view, off)
+            handoff(mf.Chunk(cid, n, kind), bytes(view))
         if os.fstat(fd).st_size != size:
             raise UsageError(f"{src!r} changed size while it was being published")
-        if out >= 0:
+        blob = None
+        if out >= 0 and tier is not None and scratch is not None:
             os.fsync(out)
             os.fchmod(out, BLOB_MODE)
+            os.close(out)
+            out = -1
+            blob = tier.install(scratch, file_digest(ids))
+        return Ingested(ids, kind, blob)
+    except BaseException:
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch)
+        raise
     finally:
         os.close(fd)
         if out >= 0:
             os.close(out)
-    return out_
 
 
 class Publisher:
@@ -257,13 +295,17 @@ class Publisher:
 
 
 class _Run:
-    """One publish's state: uploads in flight, chunks seen, counters."""
+    """One publish: files ingested one after another on the ingest pool, their chunks handed
+    through a bounded queue to upload workers. The queue bounds the memory a publish holds."""
 
     def __init__(self, p: Publisher, chunk_size: int, progress: Progress) -> None:
         self.p = p
         self.cs = chunk_size
         self.progress = progress
-        self.sem = asyncio.Semaphore(p.upload_concurrency)
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | None] = asyncio.Queue(
+            maxsize=2 * p.upload_concurrency
+        )
         self.seen: set[bytes] = set()
         self.new_chunks = 0
         self.compressed = 0
@@ -275,127 +317,93 @@ class _Run:
         out: list[mf.FileEntry] = []
         try:
             async with asyncio.TaskGroup() as tg:
-                for f in files:
-                    out.append(await self.file(f, tg))
+                workers = [
+                    tg.create_task(self.uploader()) for _ in range(self.p.upload_concurrency)
+                ]
+                # INGEST_THREADS files at once: with many small files, one at a time would
+                # leave the ingest thread idle for a loop round trip between files.
+                slots = asyncio.Semaphore(INGEST_THREADS)
+
+                async def one(f: SourceFile) -> mf.FileEntry:
+                    async with slots:
+                        return await self.file(f)
+
+                jobs = [tg.create_task(one(f)) for f in files]
+                out = [await j for j in jobs]
+                for _ in workers:
+                    await self.queue.put(None)
         except BaseException as exc:
-            self.cancel.set()
+            self.cancel.set()  # an ingest thread waiting to hand a chunk over gives up
             err = first_error(exc)
             if err is not None and not isinstance(exc, asyncio.CancelledError):
                 raise err from None
             raise
         return out
 
-    async def file(self, f: SourceFile, tg: asyncio.TaskGroup) -> mf.FileEntry:
+    def handoff(self, chunk: mf.Chunk, data: bytes) -> None:
+        """Called on the ingest thread: queue a chunk for upload, waiting while the queue is
+        full (backpressure), and giving up when the publish is cancelled."""
+        fut = asyncio.run_coroutine_threadsafe(self.queue.put((chunk, data)), self.loop)
+        while True:
+            try:
+                fut.result(timeout=0.1)
+                return
+            except FutureTimeout:
+                if self.cancel.is_set():
+                    fut.cancel()
+                    raise Stopped() from None
+
+    async def file(self, f: SourceFile) -> mf.FileEntry:
         if f.size == 0:
             self.progress.done_files += 1
             return mf.FileEntry(f.path, f.mode, 0, ())
         tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
-        scratch = (
-            tier.tmp_dir / f"publish-{os.getpid()}-{id(self)}-{self.progress.done_files}"
-            if tier
-            else None
-        )
+        scratch = tier.tmp_dir / f"publish-{os.getpid()}-{id(f)}" if tier else None
         try:
-            trial = self.p.compress == "auto"
-            try:
-                got = await asyncio.get_running_loop().run_in_executor(
-                    self.p.ingest_pool,
+            got = await self.loop.run_in_executor(
+                self.p.ingest_pool,
+                functools.partial(
                     ingest,
                     f.source,
                     f.size,
                     self.cs,
-                    scratch,
-                    self.cancel,
-                    trial,
-                )
-            except OSError as e:
-                if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
-                    raise tier_error(tier.name, scratch, e, "storing a published blob") from e
-                raise UsageError(f"cannot read {f.path!r}: {e.strerror}") from e
-            ids = got.ids
-            digest = file_digest(ids)
-            codecs = self._codecs(got)
-            chunks = tuple(mf.Chunk(cid, n, c) for (cid, n), c in zip(ids, codecs, strict=True))
-            uploads: list[asyncio.Task[None]] = []
-            for i, c in enumerate(chunks):
-                if c.id not in self.seen:
-                    self.seen.add(c.id)
-                    src = scratch or Path(f.source)
-                    uploads.append(tg.create_task(self.upload(c, src, i * self.cs, not scratch)))
-            if tier is not None and scratch is not None:
-                # the uploads read the scratch blob: it is adopted once they are done with it
-                tg.create_task(self._adopt_after(uploads, tier, scratch, digest, f.size))
-                tier = scratch = None
+                    tier=tier,
+                    scratch=scratch,
+                    compress=self.p.compress,
+                    min_saving=self.p.min_saving,
+                    handoff=self.handoff,
+                ),
+            )
+        except OSError as e:
+            if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
+                raise tier_error(tier.name, scratch, e, "storing a published blob") from e
+            raise UsageError(f"cannot read {f.path!r}: {e.strerror}") from e
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, f.size)
-            if scratch is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(scratch)
+        if tier is not None and got.blob is not None:
+            self.p.cache.adopt(tier, 0, got.blob, self.cs)
+            self.cached += 1
         self.progress.done_files += 1
         self.progress.fill.done_bytes += f.size
+        chunks = tuple(mf.Chunk(cid, n, got.codec) for cid, n in got.ids)
         return mf.FileEntry(f.path, f.mode, f.size, chunks)
 
-    def _codecs(self, got: Ingested) -> list[int]:
-        mode = self.p.compress
-        worth = mode == "always" or (
-            mode == "auto"
-            and codec.worth_compressing(got.trial_raw, got.trial_packed, self.p.min_saving)
-        )
-        # zstd is confirmed (or refused) per chunk at upload
-        return [mf.CODEC_ZSTD if worth else mf.CODEC_RAW] * len(got.ids)
-
-    async def upload(self, c: mf.Chunk, src: Path, offset: int, recheck: bool) -> None:
-        async with self.sem:
+    async def uploader(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            c, data = item
+            if c.id in self.seen:
+                continue
+            self.seen.add(c.id)
             if await self.p.origin.has_chunk(c.id):
-                return
-            data = await asyncio.to_thread(_read_chunk, str(src), offset, c, recheck)
-            stored: bytes | memoryview = data
+                continue
+            stored: bytes = data
             if c.codec == mf.CODEC_ZSTD:
                 packed = await asyncio.to_thread(codec.compress, data)
-                codec_used, stored = codec.choose(data, packed, self.p.min_saving)
-                if codec_used == mf.CODEC_ZSTD:
+                kind, chosen = codec.choose(data, packed, self.p.min_saving)
+                stored = bytes(chosen)
+                if kind == mf.CODEC_ZSTD:
                     self.compressed += 1
-            await self.p.origin.put_chunk(c.id, bytes(stored))
+            await self.p.origin.put_chunk(c.id, stored)
             self.new_chunks += 1
             self.stored_bytes += len(stored)
-
-    async def _adopt_after(
-        self,
-        uploads: Sequence[asyncio.Task[None]],
-        tier: Tier,
-        scratch: Path,
-        digest: bytes,
-        size: int,
-    ) -> None:
-        try:
-            if uploads:
-                await asyncio.wait(uploads)
-            try:
-                st = await asyncio.to_thread(tier.install, scratch, digest)
-            except OSError as e:
-                raise tier_error(tier.name, scratch, e, "storing a published blob") from e
-        except BaseException:
-            self.p.cache.unreserve(tier, size)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(scratch)
-            raise
-        if st is None:
-            self.p.cache.unreserve(tier, size)
-        else:
-            self.p.cache.adopt(tier, size, st, self.cs)
-            self.cached += 1
-
-
-def _read_chunk(src: str, offset: int, c: mf.Chunk, recheck: bool) -> bytes:
-    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = pread_exact(fd, c.size, offset)
-    finally:
-        os.close(fd)
-    if recheck:  # read from the user's file, which may have changed since it was hashed
-        try:
-            codec.verify(c, data)
-        except HostdError as e:
-            raise UsageError(f"{src!r} changed while it was being published") from e
-    return data
