@@ -24,7 +24,7 @@ from hostd.cache import Blob, Cache, blob_is_intact
 from hostd.core.manifest import FileEntry
 from hostd.errors import ChunkCorrupt, TierError, first_error
 from hostd.fetch import Fetcher
-from hostd.tier import PartialBlob, Tier
+from hostd.tier import BlobStat, PartialBlob, Tier
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,24 @@ class Filler:
         if self._filling.get(digest) is fut:
             del self._filling[digest]
         fut.set_result(None)
+
+    async def _landing(
+        self, completing: Awaitable[BlobStat], tier: Tier, chunk_size: int
+    ) -> BlobStat:
+        """Await a thread that completes a blob. If we are cancelled meanwhile, the thread
+        still finishes; the blob it completed is then recorded, not left on disk unaccounted
+        (outside the budget until a restart)."""
+        job = asyncio.ensure_future(completing)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+
+            def landed(j: asyncio.Future[BlobStat]) -> None:
+                if not j.cancelled() and j.exception() is None:
+                    self.cache.adopt(tier, 0, j.result(), chunk_size)
+
+            job.add_done_callback(landed)
+            raise
 
     def filling(self) -> set[bytes]:
         """Blobs being filled right now."""
@@ -146,7 +164,9 @@ class Filler:
         t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
         try:
             with self.cache.holding([src.digest]):
-                st = await asyncio.to_thread(t.copy_in, src.path, src.digest)
+                st = await self._landing(
+                    asyncio.to_thread(t.copy_in, src.path, src.digest), t, src.chunk_size
+                )
         except BaseException:
             self.cache.abandon(src.digest, t)
             raise
@@ -202,7 +222,7 @@ class Filler:
             if o.finishing:  # several workers can see a resumed blob already full
                 return
             o.finishing = True
-            st = await asyncio.to_thread(o.blob.complete)
+            st = await self._landing(asyncio.to_thread(o.blob.complete), o.tier, chunk_size)
             self.cache.completed(o.entry.digest, o.tier, st)
             done.add(o.entry.digest)
             # whoever waits for this blob can go on now, not when this whole fill ends
@@ -219,7 +239,9 @@ class Filler:
                     data, src = await self.fetcher.get(c, (seq, n))
                 except ChunkCorrupt as err:
                     raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
-                st = await asyncio.to_thread(t.write_whole, e.digest, data)
+                st = await self._landing(
+                    asyncio.to_thread(t.write_whole, e.digest, data), t, chunk_size
+                )
             except BaseException:
                 self.cache.abandon(e.digest, t)
                 raise

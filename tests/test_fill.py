@@ -462,3 +462,40 @@ async def test_two_ensures_copying_in_one_blob_copy_it_once(tmp_path: Path) -> N
         assert rig.leftovers() == []
     finally:
         rig.close()
+
+
+class SlowTier(Tier):
+    """A tier whose whole-blob writes wait for a gate: a disk that is slow right now."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def write_whole(self, digest: bytes, data: bytes | memoryview) -> BlobStat:
+        self.started.set()
+        self.release.wait(DEADLINE)
+        return super().write_whole(digest, data)
+
+
+async def test_a_blob_completed_after_its_fill_was_cancelled_is_recorded(tmp_path: Path) -> None:
+    """The thread writing a blob outlives a cancelled restore; what it completes must be
+    known to the cache (and charged to the budget), not left on disk unaccounted."""
+    SlowTier.started.clear()
+    SlowTier.release.clear()
+    rig = Rig(tmp_path, mem_tier=SlowTier)
+    try:
+        small = rig.file("small", pattern("small", 1000))
+        job = asyncio.create_task(rig.ensure([small]))
+        assert await asyncio.to_thread(SlowTier.started.wait, DEADLINE)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        SlowTier.release.set()
+        # a done-callback records it once the thread is through: poll, with a deadline
+        async with asyncio.timeout(DEADLINE):
+            while rig.cache.locate(small.digest, [rig.mem]) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert_complete(rig, small, rig.mem)
+        assert {u.name: u.used for u in rig.cache.usage()}["mem"] == small.size
+    finally:
+        SlowTier.release.set()
+        rig.close()
