@@ -164,13 +164,14 @@ class Cache:
         }
 
     # the view ------------------------------------------------------------------------------
-    def _put(self, b: Blob) -> None:
+    def _put(self, b: Blob, persist: bool = True) -> None:
         old = self._blobs.setdefault(b.digest, {}).get(b.tier.name)
         if old is not None:
             self._used[b.tier.name] -= old.size
         self._blobs[b.digest][b.tier.name] = b
         self._used[b.tier.name] += b.size
-        self.index.put_blob(b.row())
+        if persist:
+            self.index.put_blob(b.row())
 
     def _drop(self, digest: bytes, tier: str) -> Blob | None:
         per = self._blobs.get(digest)
@@ -294,8 +295,19 @@ class Cache:
         self.index.touch_blobs(ds, now)
 
     # admission and eviction ---------------------------------------------------------------
-    async def admit(self, digest: bytes, size: int, chunk_size: int, tiers: Sequence[Tier]) -> Tier:
-        """Charge a blob about to be filled to the first of `tiers` that can make room."""
+    async def admit(
+        self,
+        digest: bytes,
+        size: int,
+        chunk_size: int,
+        tiers: Sequence[Tier],
+        *,
+        persist: bool = True,
+    ) -> Tier:
+        """Charge a blob about to be filled to the first of `tiers` that can make room.
+
+        `persist=False` keeps the partial record in memory only: for a blob written whole,
+        no partial file exists that a restart could resume."""
         async with self._lock:
             existing = self.partial(digest)
             if existing is not None and existing.tier in tiers:
@@ -309,7 +321,7 @@ class Cache:
                 if need > 0 and not await self._make_room(t, need):
                     why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
                     continue
-                self._put(Blob(digest, t, size, chunk_size, False, 0, self.clock()))
+                self._put(Blob(digest, t, size, chunk_size, False, 0, self.clock()), persist)
                 return t
             raise TierError(
                 f"no tier can take blob {digest.hex()} of {size} bytes ({'; '.join(why)})"

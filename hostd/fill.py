@@ -233,7 +233,7 @@ class Filler:
             chunk is the unit of resumption anyway); a third of the syscalls and thread hops
             per small file."""
             c = e.chunks[0]
-            t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
+            t = await self.cache.admit(e.digest, e.size, chunk_size, tiers, persist=False)
             try:
                 try:
                     data, src = await self.fetcher.get(c, (seq, n))
