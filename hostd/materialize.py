@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostd.core import manifest as mf
-from hostd.errors import HostdError, TargetExists, UsageError
+from hostd.errors import TargetExists, UsageError
 from hostd.tier import BLOB_MODE, copy_range
 
 MODES = ("link", "copy", "auto")
@@ -236,7 +236,3 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-def translate(e: OSError, target: Path) -> HostdError:
-    return HostdError(f"restoring into {str(target)!r} failed: {e.strerror or e} ({e.filename})")
