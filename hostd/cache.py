@@ -340,9 +340,8 @@ class Cache:
     def unreserve(self, tier: Tier, size: int) -> None:
         self._used[tier.name] -= size
 
-    def adopt(self, tier: Tier, reserved: int, st: BlobStat, chunk_size: int) -> None:
-        """Turn a reservation into a complete blob (publish wrote and renamed it)."""
-        self._used[tier.name] -= reserved
+    def adopt(self, tier: Tier, st: BlobStat, chunk_size: int) -> None:
+        """Record a complete blob that was installed in `tier`, replacing any record of it."""
         self._put(Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock()))
 
     def completed(self, digest: bytes, tier: Tier, st: BlobStat) -> None:
@@ -435,6 +434,17 @@ class Cache:
                     await self._make_room(t, over)
 
     # checks -----------------------------------------------------------------------------------
+    async def settle(self, b: Blob, why: str | None) -> None:
+        """Act on a re-hash of a complete blob: a bad one (`why` says how) is removed; an
+        intact one whose size or mtime moved (a touch, a chmod) gets them recorded anew, so
+        the cheap unchanged() check passes again."""
+        if why is not None:
+            await self.remove(b.digest, b.tier)
+        elif not self.unchanged(b):
+            st = b.tier.stat_blob(b.digest)
+            if st is not None:
+                self.completed(b.digest, b.tier, st)
+
     def unchanged(self, b: Blob) -> bool:
         """Whether a complete blob's size and mtime are still those recorded at completion.
 

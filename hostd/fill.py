@@ -73,7 +73,7 @@ class Filler:
 
             def landed(j: asyncio.Future[BlobStat]) -> None:
                 if not j.cancelled() and j.exception() is None:
-                    self.cache.adopt(tier, 0, j.result(), chunk_size)
+                    self.cache.adopt(tier, j.result(), chunk_size)
 
             job.add_done_callback(landed)
             raise
@@ -146,11 +146,9 @@ class Filler:
                     log.warning(
                         "blob %s in %s changed (%s): dropping it", b.digest.hex(), b.tier.name, why
                     )
-                    await self.cache.remove(b.digest, b.tier)
+                await self.cache.settle(b, why)
+                if why is not None:
                     continue
-                st = b.tier.stat_blob(b.digest)
-                if st is not None:
-                    self.cache.completed(b.digest, b.tier, st)
             if b.tier in tiers:
                 progress.done_bytes += b.size
                 progress.by_source[b.tier.name] += b.size

@@ -65,11 +65,7 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
         if why is not None:
             log.warning("verify: blob %s in tier %s is bad: %s", b.digest.hex(), b.tier.name, why)
             bad.append({"blob": b.digest.hex(), "tier": b.tier.name, "reason": why})
-            await cache.remove(b.digest, b.tier)
-        elif not cache.unchanged(b):
-            st = b.tier.stat_blob(b.digest)
-            if st is not None:
-                cache.completed(b.digest, b.tier, st)
+        await cache.settle(b, why)
         checked += b.size
         progress.fill.done_bytes += b.size
         progress.done_files += 1

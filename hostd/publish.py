@@ -138,7 +138,7 @@ def _add_symlink(tree: Tree, root: Path, real_root: str, full: str, rel: str) ->
 class Ingested:
     ids: list[tuple[bytes, int]]  # (chunk id, size), in file order
     codec: int  # what this file's chunks are offered to the origin as
-    blob: BlobStat | None  # the blob stored in the tier (None: not stored, or already there)
+    blob: BlobStat | None  # the blob stored in the tier (None: no tier had room)
 
 
 Handoff = Callable[[mf.Chunk, bytes], None]
@@ -382,7 +382,7 @@ class _Run:
             if tier is not None:
                 self.p.cache.unreserve(tier, f.size)
         if tier is not None and got.blob is not None:
-            self.p.cache.adopt(tier, 0, got.blob, self.cs)
+            self.p.cache.adopt(tier, got.blob, self.cs)
             self.cached += 1
         self.progress.done_files += 1
         self.progress.fill.done_bytes += f.size

@@ -176,9 +176,7 @@ class PartialBlob:
         try:
             os.fsync(self.fd)
             os.fchmod(self.fd, BLOB_MODE)
-            dest.parent.mkdir(exist_ok=True)
-            os.rename(self.path, dest)
-            st = os.fstat(self.fd)
+            return self.tier.install(self.path, self.digest)  # also drops the .have file
         except OSError as e:
             raise tier_error(self.tier.name, dest, e, "completing a blob") from e
         finally:
@@ -186,9 +184,6 @@ class PartialBlob:
                 self._writing -= 1
                 self._io.notify_all()
             self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.have_path)
-        return BlobStat(self.digest, st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
         with self._io:
@@ -279,13 +274,13 @@ class Tier:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(q)
 
-    def install(self, scratch: Path, digest: bytes) -> BlobStat | None:
-        """Rename a finished scratch file (fsynced, read-only) into blobs/ as `digest`; None,
-        and the scratch removed, when that blob is already there."""
+    def install(self, scratch: Path, digest: bytes) -> BlobStat:
+        """Rename a finished file (fsynced, read-only, verified) into blobs/ as `digest`.
+
+        The one way a blob becomes complete. It replaces whatever sits there already: that
+        file is not known to be intact (a leftover no record vouches for), this one is; the
+        rename is atomic, and restored trees linked to the old inode keep it."""
         dest = self.blob_path(digest)
-        if dest.exists():
-            os.unlink(scratch)
-            return None
         dest.parent.mkdir(exist_ok=True)
         os.rename(scratch, dest)
         self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
@@ -303,15 +298,11 @@ class Tier:
                 os.fchmod(fd, BLOB_MODE)
             finally:
                 os.close(fd)
-            st = self.install(scratch, digest)
+            return self.install(scratch, digest)
         except OSError as e:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(scratch)
             raise tier_error(self.name, scratch, e, "writing a blob") from e
-        return st if st is not None else BlobStat(digest, len(data), self._mtime(digest))
-
-    def _mtime(self, digest: bytes) -> int:
-        return os.stat(self.blob_path(digest)).st_mtime_ns
 
     def copy_in(self, src: Path, digest: bytes) -> BlobStat:
         """Copy a complete blob from another tier into this one (demotion, promotion)."""
@@ -320,14 +311,11 @@ class Tier:
         try:
             copy_file(src, tmp)
             os.chmod(tmp, BLOB_MODE)
-            dest.parent.mkdir(exist_ok=True)
-            os.rename(tmp, dest)
-            st = os.stat(dest)
+            return self.install(tmp, digest)
         except OSError as e:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(tmp)
             raise tier_error(self.name, dest, e, "copying a blob in") from e
-        return BlobStat(digest, st.st_size, st.st_mtime_ns)
 
 
 def copy_file(src: Path | str, dst: Path | str, mode: int = 0o600) -> None:

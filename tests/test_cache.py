@@ -226,7 +226,8 @@ async def test_reserve_and_adopt_account_like_admission(env: Env) -> None:
     t = await cache.reserve(a.size, [disk])
     assert t is disk
     st_ = await asyncio.to_thread(write_blob, disk, a, env.data[a.digest])
-    cache.adopt(disk, a.size, st_, CS)
+    cache.unreserve(disk, a.size)
+    cache.adopt(disk, st_, CS)
     assert used(cache) == {"mem": 0, "disk": 500}
     assert where(cache, a) == [("disk", True)]
 
