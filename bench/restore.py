@@ -5,8 +5,10 @@
 Generates a weights-like snapshot (a few large random files and many small ones) on tmpfs,
 starts a real daemon process, and times, each against its reference in the same run:
   publish            vs  BLAKE3 of the same bytes plus writing them once (same filesystem)
-  warm link (mem)    ms per GiB, and at half the size (O(files): should not scale with bytes)
-  warm copy (mem)    vs  `cp -r` of the same tree
+  warm link (mem)    ms per GiB, by an unprivileged caller (nobody, through curl, as a
+                     container's user would ask), and at half the size (O(files): should not
+                     scale with bytes)
+  warm copy (mem)    by a root caller (which gets copies, not the cache's inodes) vs `cp -r`
   cold disk tier     vs  `cat` of the same bytes to /dev/null (page cache dropped per file)
   cold file origin   vs  `cp -r` of the origin's files
   daemon RSS         idle, and peak during a restore (at two sizes: must not grow with size)
@@ -145,9 +147,28 @@ def restore(d: Hostd, ref: str, target: Path, mode: str) -> dict[str, Any]:
     return out
 
 
+NOBODY = 65534
+
+
+def restore_as_nobody(d: Hostd, ref: str, target: Path, mode: str) -> dict[str, Any]:
+    """A restore asked by an unprivileged caller: curl run as nobody, the whole call timed."""
+    body = json.dumps({"ref": ref, "target": str(target), "mode": mode})
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    curl = ["curl", "-sSN", "--unix-socket", str(d.socket), "-X", "POST", "-d", body]
+    out = subprocess.run(
+        [*as_nobody, *curl, "http://hostd/v1/restore"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    last: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    assert last["event"] == "result", last
+    return last
+
+
 def daemon(root: Path, origin: Path, tiers: list[tuple[str, Path]]) -> Hostd:
     spec = [{"name": n, "path": str(p), "budget": "20GiB"} for n, p in tiers]
-    return Hostd(root, origin=f"file://{origin}", tiers=spec, log_level="info")
+    return Hostd(root, origin=f"file://{origin}", tiers=spec, log_level="info", socket_mode="0666")
 
 
 def rm(*paths: Path) -> None:
@@ -183,11 +204,16 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
         assert d.proc is not None
         pid = d.proc.pid
         res["rss_idle"] = rss(pid)[0]
-        # warm link from mem: O(files)
+        # warm link from mem by an unprivileged caller: O(files)
+        home = shm / "home"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
         t_link = float("inf")
         for _ in range(REPEAT):
-            t_link = min(t_link, timed(lambda: restore(d, "bench/model", shm / "out", "link"))[0])
-            rm(shm / "out")
+            t, out = timed(lambda: restore_as_nobody(d, "bench/model", home / "out", "link"))
+            assert out["linked"] == res["files"], out
+            t_link = min(t_link, t)
+            rm(home / "out")
         res["warm_link"] = {"seconds": t_link, "ms_per_gib": t_link * 1000 / (size / GiB)}
         # warm copy from mem vs cp -r
         reset_hwm(pid)
@@ -210,7 +236,7 @@ def bench(size: int, small: int, shm: Path, disk: Path) -> dict[str, Any]:
         with daemon(shm / "d2", origin, [("mem", shm / "mem2")]) as d:
             assert d.proc is not None
             reset_hwm(d.proc.pid)
-            t, out = timed(lambda: restore(d, "bench/model", shm / "out", "link"))
+            t, out = timed(lambda: restore(d, "bench/model", shm / "out", "auto"))
             peak = max(peak, rss(d.proc.pid)[1])
             best_cold = min(best_cold, t)
         rm(shm / "out")

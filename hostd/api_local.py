@@ -5,6 +5,11 @@ JSON and oversized bodies included. Long operations answer a stream of newline-d
 JSON events that always ends with one `result` or `error`; the status line goes out before
 the outcome is known. A client that disconnects cancels its operation.
 
+Before a handler reads a byte of the body, `guard` decides for the caller (SO_PEERCRED and
+SO_PEERGROUPS, `request_caller`): whether `[access]` lets it use the route's class (403
+forbidden, access.py), and whether an operation that does work fits under the caps (503
+unavailable). `ROUTES` names each route's class.
+
 This module parses and answers; the work is done by the parts the daemon hands it.
 """
 
@@ -13,20 +18,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hostd import access
+from hostd.caller import Caller, peer_caller
 from hostd.core import manifest as mf
-from hostd.errors import Busy, HostdError, NotFound, UsageError
+from hostd.core import request as request_fields
+from hostd.core.request import parse_body
+from hostd.errors import Busy, Forbidden, HostdError, NotFound, RequestTimeout, UsageError
 from hostd.materialize import MODES
+from hostd.metrics import Snapshot
 from hostd.publish import PublishRequest
-from hostd.restore import Progress, RestoreRequest, peer_owner
+from hostd.restore import Progress, RestoreRequest
 
 if TYPE_CHECKING:
     from hostd.daemon import Daemon
@@ -35,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.25  # seconds between progress events while something changes
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -72,65 +84,59 @@ async def errors_as_json(
         )
 
 
-def peer_credentials(request: web.Request) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of the Unix socket."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+def request_caller(request: web.Request) -> Caller:
+    """Who sent `request`: SO_PEERCRED and SO_PEERGROUPS of its Unix socket, taken once.
+
+    A request that came some other way (the TCP metrics port) names no caller, and one whose
+    connection is already gone cannot be asked: both are Forbidden, never a guess.
+    """
+    if isinstance(known := request.get(CALLER_KEY), Caller):
+        return known
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
-        return (0, -1, -1)
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+        raise Forbidden("only a caller on hostd's Unix socket may ask for this")
+    try:
+        caller = peer_caller(sock)
+    except OSError as e:
+        raise Forbidden(f"cannot tell who is calling (SO_PEERCRED: {e.strerror or e})") from e
+    request[CALLER_KEY] = caller
+    return caller
 
 
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """The request's JSON object, read within `idle_timeout` and checked by core/request.py.
+
+    aiohttp's timeouts cover only the wait for a request, so a client that trickles its body
+    byte by byte would hold its connection (and its place under the caps) for ever. Past the
+    deadline it is answered 408 and the connection closes once that is sent: failing the
+    payload ends aiohttp's lingering read of the unread rest at once, and it then closes.
+    """
     if not request.can_read_body:
         return {}
+    timeout = request.app[DAEMON_KEY].config.idle_timeout
     try:
-        body = await request.json()
-    except json.JSONDecodeError as e:
-        raise UsageError(f"request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise UsageError(
-            f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
-    return body
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        request.content.set_exception(TimeoutError())
+        raise RequestTimeout(
+            f"the request body did not arrive within idle_timeout ({timeout:g}s)"
+        ) from None
+    except (web.RequestPayloadError, HttpProcessingError) as e:
+        # a broken chunked encoding or Content-Encoding: aiohttp wraps the parser's error
+        cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
+        why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+        raise UsageError(f"request body could not be read: {why}") from e
+    return parse_body(raw, allowed)
 
 
-def _str(body: Mapping[str, Any], key: str, default: str | None = None) -> str:
-    v = body.get(key, default)
-    if not isinstance(v, str) or not v:
-        raise UsageError(f"field {key!r} must be a non-empty string")
-    return v
-
-
-def _opt_str(body: Mapping[str, Any], key: str) -> str | None:
-    return None if body.get(key) is None else _str(body, key)
-
-
-def _bool(body: Mapping[str, Any], key: str) -> bool:
-    v = body.get(key, False)
-    if not isinstance(v, bool):
-        raise UsageError(f"field {key!r} must be true or false")
-    return v
-
-
-def _facts(body: Mapping[str, Any], key: str) -> dict[str, str]:
-    v = body.get(key, {})
-    if not isinstance(v, dict) or not all(
-        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
-    ):
-        raise UsageError(f"field {key!r} must be an object of strings")
-    return v
-
-
-def _path(body: Mapping[str, Any], key: str) -> Path:
-    p = Path(_str(body, key))
-    if not p.is_absolute() or "\x00" in str(p):
-        raise UsageError(f"field {key!r} must be an absolute path, got {str(p)!r}")
-    return p
+# The field helpers (core/request.py), under the names the handlers use.
+_str = request_fields.string
+_opt_str = request_fields.opt_string
+_bool = request_fields.boolean
+_facts = request_fields.facts
+_path = request_fields.path
 
 
 def _tier(d: Daemon, body: Mapping[str, Any]) -> str | None:
@@ -206,7 +212,10 @@ async def _send(resp: web.StreamResponse, event: Mapping[str, Any]) -> None:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[DAEMON_KEY].status())
+    d = request.app[DAEMON_KEY]
+    caller = request_caller(request)
+    may = access.classes(d.config.access, request.app[EUID_KEY], caller)
+    return web.json_response({**d.status(), "caller": {**caller.to_json(), "classes": list(may)}})
 
 
 async def restore(request: web.Request) -> web.StreamResponse:
@@ -216,15 +225,14 @@ async def restore(request: web.Request) -> web.StreamResponse:
     if mode not in MODES:
         raise UsageError(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     tier = _tier(d, body)
-    _, uid, gid = peer_credentials(request)
     req = RestoreRequest(
         ref=_str(body, "ref"),
         target=_path(body, "target"),
+        caller=request_caller(request),
         mode=mode,
         replace=_bool(body, "replace"),
         compat=_facts(body, "compat"),
         tier=tier,
-        owner=peer_owner(uid, gid),
     )
     return await stream(request, "restore", lambda p: d.restorer.restore(req, p))
 
@@ -255,6 +263,7 @@ async def publish(request: web.Request) -> web.StreamResponse:
     req = PublishRequest(
         path=_path(body, "path"),
         ref=_str(body, "ref"),
+        caller=request_caller(request),
         facts=facts,
         compat=_facts(body, "compat"),
         meta=_facts(body, "meta"),
@@ -302,28 +311,80 @@ async def verify(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[DAEMON_KEY].metrics.registry
-    body = await asyncio.to_thread(generate_latest, registry)
+    # Collected here on the loop, a consistent snapshot; only the formatting goes to a thread.
+    snapshot = Snapshot(request.app[DAEMON_KEY].metrics.registry)
+    body = await asyncio.to_thread(generate_latest, snapshot)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(daemon: Daemon, max_body: int) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=max_body)
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a route asks of its caller: a class of operation, and a place under the caps."""
+
+    cls: str
+    counted: bool  # it does work (status and listings do not)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Every route of the socket, with the class of operation (access.py) its caller needs, or
+# None for a route open to every socket user, and whether it counts under the caps.
+ROUTES: tuple[tuple[str, str, Handler, Rule | None], ...] = (
+    ("GET", "/v1/status", status, Rule("restore", counted=False)),
+    ("POST", "/v1/restore", restore, Rule("restore", counted=True)),
+    ("POST", "/v1/prefetch", prefetch, Rule("restore", counted=True)),
+    ("POST", "/v1/publish", publish, Rule("publish", counted=True)),
+    ("POST", "/v1/pin", pin, Rule("admin", counted=True)),
+    ("POST", "/v1/unpin", unpin, Rule("admin", counted=True)),
+    ("GET", "/v1/snapshots", snapshots, Rule("restore", counted=False)),
+    ("POST", "/v1/gc", gc, Rule("admin", counted=True)),
+    ("POST", "/v1/verify", verify, Rule("admin", counted=True)),
+    ("GET", "/metrics", metrics, None),
+)
+RULES_KEY: web.AppKey[dict[web.AbstractResource, Rule]] = web.AppKey("rules")
+OPERATIONS_KEY: web.AppKey[access.Operations] = web.AppKey("operations")
+EUID_KEY: web.AppKey[int] = web.AppKey("euid")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Decide for the caller before its handler reads a byte of the body: may it use the
+    route's class (403 if not), and is there room under the caps (503 if not). The place
+    under the caps is held until the handler returns or is cancelled (client gone)."""
+    resource = request.match_info.route.resource
+    rule = request.app[RULES_KEY].get(resource) if resource is not None else None
+    if rule is None:  # /metrics, or an answer of the router itself (404, 405)
+        return await handler(request)
+    config = request.app[DAEMON_KEY].config.access
+    caller = request_caller(request)
+    access.check(config, request.app[EUID_KEY], caller, rule.cls)
+    if not rule.counted:
+        return await handler(request)
+    operations = request.app[OPERATIONS_KEY]
+    slot = operations.take(config, caller.uid)
+    try:
+        return await handler(request)
+    finally:
+        operations.release(slot)
+
+
+def make_app(daemon: Daemon, max_body: int, *, euid: int | None = None) -> web.Application:
+    """The socket's app. `euid` is the daemon's effective uid (default: this process's)."""
+    app = web.Application(middlewares=[errors_as_json, guard], client_max_size=max_body)
     app[DAEMON_KEY] = daemon
-    app.add_routes(
-        [
-            web.get("/v1/status", status),
-            web.post("/v1/restore", restore),
-            web.post("/v1/prefetch", prefetch),
-            web.post("/v1/publish", publish),
-            web.post("/v1/pin", pin),
-            web.post("/v1/unpin", unpin),
-            web.get("/v1/snapshots", snapshots),
-            web.post("/v1/gc", gc),
-            web.post("/v1/verify", verify),
-            web.get("/metrics", metrics),
-        ]
-    )
+    app[EUID_KEY] = os.geteuid() if euid is None else euid
+    app[OPERATIONS_KEY] = access.Operations()
+    rules: dict[web.AbstractResource, Rule] = {}
+    for method, path, handler, rule in ROUTES:
+        # add_get also answers HEAD, on the same resource and so under the same rule
+        route = (
+            app.router.add_get(path, handler)
+            if method == "GET"
+            else app.router.add_route(method, path, handler)
+        )
+        if rule is not None and route.resource is not None:
+            rules[route.resource] = rule
+    app[RULES_KEY] = rules
     return app
 
 

@@ -8,12 +8,19 @@ deleted from the last; pinned snapshots' blobs and blobs held by a running resto
 
 Shared state changes only between awaits; admission and eviction run under one lock so two
 fills never count the same free bytes.
+
+Trust in a complete blob rests on its bytes having been hashed, and on the stat of its inode
+(size, mtime, ctime) being the one taken just before that hash. Before any use (a fill, a
+dedup read, a promotion or demotion) `vouch` compares that stat with the inode's and re-hashes
+on any difference; `settle` is the one place that acts on a re-hash. A blob hardlinked into a
+tree whose owner could write to it is marked lent (see `lent`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 from collections import Counter
@@ -23,10 +30,10 @@ from pathlib import Path
 
 from hostd.core import manifest as mf
 from hostd.core.eviction import Candidate, choose_victims
-from hostd.core.ids import chunk_id, file_digest
 from hostd.errors import ManifestError, TierError
-from hostd.index import BlobRow, Index
-from hostd.tier import BlobStat, Tier, pread_exact
+from hostd.index import UNKNOWN_CTIME, BlobRow, Index
+from hostd.lock import private_dir
+from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,10 @@ class Blob:
     complete: bool
     mtime_ns: int
     last_used: float
+    # The inode's ctime when its bytes were last verified; UNKNOWN_CTIME: never (re-hash).
+    ctime_ns: int = UNKNOWN_CTIME
+    # Hardlinked into a tree whose owner could write to it: kept for this inode's life.
+    lent: bool = False
 
     @property
     def path(self) -> Path:
@@ -56,7 +67,37 @@ class Blob:
             self.complete,
             self.mtime_ns,
             self.last_used,
+            self.ctime_ns,
+            self.lent,
         )
+
+    def record(self, st: BlobStat) -> None:
+        """Take `st` as the stat of this blob's verified bytes."""
+        self.size, self.mtime_ns, self.ctime_ns = st.size, st.mtime_ns, st.ctime_ns
+
+
+class Verdict(enum.Enum):
+    """What `check` found of a complete blob: the caller's next step differs for each."""
+
+    INTACT = "intact"  # this cache's record, bytes verified: use it
+    GONE = "gone"  # no longer this cache's record (evicted, replaced): look elsewhere
+    BAD = "bad"  # its bytes did not verify and it was dropped: corrupt data, count it
+    UNCHECKABLE = "uncheckable"  # no manifest gives its chunk size: cannot be vouched for
+
+
+@dataclass(frozen=True, slots=True)
+class Rehash:
+    """A re-hash of a blob file: `why` it is bad (None: intact), and `seen`, the stat taken
+    from the same descriptor before the hash, set only when the hash is good and the stat
+    after it was the same (so `seen` is the stat of the bytes that were hashed)."""
+
+    why: str | None
+    seen: BlobStat | None = None
+
+
+# A re-hash whose file changed under it is tried again this many times in all, then the blob
+# is taken as bad: something keeps writing to it.
+REHASH_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -88,6 +129,7 @@ class Cache:
         *,
         manifests_dir: Path,
         clock: Callable[[], float],
+        hasher: Callable[[Path, bytes, int, int], Rehash] | None = None,
     ) -> None:
         if not tiers:
             raise TierError("at least one tier is needed")
@@ -102,6 +144,9 @@ class Cache:
         self._chunks: dict[bytes, tuple[bytes, int]] = {}  # chunk id -> (blob digest, offset)
         self._lock = asyncio.Lock()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (tier, "demote"|"delete")
+        # rehash() by default; a test passes one it can pause mid-hash
+        self.hasher = hasher if hasher is not None else rehash
+        self._vouching: dict[tuple[bytes, str], asyncio.Future[Verdict | None]] = {}
 
     def __repr__(self) -> str:
         used = ", ".join(f"{t.name}={self._used[t.name]}/{t.budget}" for t in self.tiers)
@@ -110,7 +155,7 @@ class Cache:
     # start-up ----------------------------------------------------------------------------
     def load(self) -> None:
         """Prepare tiers and reconcile the index with what is really on disk (blocking)."""
-        self.manifests_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.manifests_dir)
         for t in self.tiers:
             t.prepare()
         rows = {(r.digest, r.tier): r for r in self.index.blobs()}
@@ -135,10 +180,18 @@ class Cache:
                 row = rows.pop((st.digest, t.name), None)
                 cs = row.chunk_size if row else sizes.get(st.digest, 0)
                 last = row.last_used if row else self.clock()
-                # Keep the mtime recorded at completion, not today's: a blob written through
-                # while the daemon was down must still fail unchanged() and be re-verified.
-                mtime = row.mtime_ns if row and row.complete else st.mtime_ns
-                self._put(Blob(st.digest, t, st.size, cs, True, mtime, last))
+                if row is not None and row.complete and row.size == st.size:
+                    # Keep the stat recorded at completion, not today's: a blob written
+                    # through while the daemon was down must fail unchanged() and be re-hashed.
+                    b = Blob(
+                        st.digest, t, st.size, cs, True, row.mtime_ns, last, row.ctime_ns, row.lent
+                    )
+                else:
+                    # No record vouches for these bytes (a lost or rebuilt index, a death
+                    # between install and record): never trusted by their mtime; the unknown
+                    # ctime makes the first use re-hash them (vouch, lazily: see there).
+                    b = Blob(st.digest, t, st.size, cs, True, st.mtime_ns, last)
+                self._put(b)
             for st in partial:
                 row = rows.pop((st.digest, t.name), None)
                 if row is None or row.complete:
@@ -341,12 +394,17 @@ class Cache:
         self._used[tier.name] -= size
 
     def adopt(self, tier: Tier, st: BlobStat, chunk_size: int) -> None:
-        """Record a complete blob that was installed in `tier`, replacing any record of it."""
-        self._put(Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock()))
+        """Record a complete blob that was installed in `tier`, replacing any record of it.
+        `st` is the stat of bytes we wrote and hashed ourselves (a new inode: not lent)."""
+        self._put(
+            Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns)
+        )
 
     def completed(self, digest: bytes, tier: Tier, st: BlobStat) -> None:
+        """Record a blob admitted for filling as complete; `st` as adopt's."""
         b = self._blobs[digest][tier.name]
-        b.complete, b.mtime_ns, b.last_used = True, st.mtime_ns, self.clock()
+        b.complete, b.last_used, b.lent = True, self.clock(), False
+        b.mtime_ns, b.ctime_ns = st.mtime_ns, st.ctime_ns
         self._put(b)
 
     def abandon(self, digest: bytes, tier: Tier) -> None:
@@ -384,9 +442,9 @@ class Cache:
             b = self._blobs.get(d, {}).get(tier.name)
             if b is None or not b.complete or self._held[d]:
                 continue
-            # A blob written through since completion is not copied down: the copy would get
-            # a fresh size and mtime and pass unchanged() with bytes nobody verified.
-            demotable = below and self.unchanged(b) and not any(self.locate(d, [t]) for t in below)
+            # copy_in hashes the copy before installing it, so a blob written through since
+            # its last check is deleted, never laundered into a fresh record below.
+            demotable = below and not any(self.locate(d, [t]) for t in below)
             if demotable and await self._demote(b, below):
                 freed += b.size
                 continue
@@ -409,13 +467,21 @@ class Cache:
                 continue
             self._used[t.name] += b.size  # charged while the copy runs
             try:
-                st = await asyncio.to_thread(t.copy_in, b.path, b.digest)
+                st = await asyncio.to_thread(t.copy_in, b.path, b.digest, b.size, b.chunk_size)
+            except BlobCopyCorrupt as e:
+                log.warning("not demoting blob %s: %s", b.digest.hex(), e.why)
+                return False  # the caller deletes it
             except TierError as e:
                 log.warning("demoting blob %s to %s failed: %s", b.digest.hex()[:16], t.name, e)
                 continue
             finally:  # a cancel (the admitting restore went away) returns the charge too
                 self._used[t.name] -= b.size
-            self._put(Blob(b.digest, t, st.size, b.chunk_size, True, st.mtime_ns, b.last_used))
+            # the copy was hashed: a new, verified inode, not lent
+            self._put(
+                Blob(
+                    b.digest, t, st.size, b.chunk_size, True, st.mtime_ns, b.last_used, st.ctime_ns
+                )
+            )
             if self._held[b.digest]:
                 return False  # a restore took it during the copy: keep both copies
             self._drop(b.digest, b.tier.name)
@@ -434,48 +500,190 @@ class Cache:
                     await self._make_room(t, over)
 
     # checks -----------------------------------------------------------------------------------
-    async def settle(self, b: Blob, why: str | None) -> None:
-        """Act on a re-hash of a complete blob: a bad one (`why` says how) is removed; an
-        intact one whose size or mtime moved (a touch, a chmod) gets them recorded anew, so
-        the cheap unchanged() check passes again."""
-        if why is not None:
-            await self.remove(b.digest, b.tier)
-        elif not self.unchanged(b):
-            st = b.tier.stat_blob(b.digest)
-            if st is not None:
-                self.completed(b.digest, b.tier, st)
-
     def unchanged(self, b: Blob) -> bool:
-        """Whether a complete blob's size and mtime are still those recorded at completion.
+        """Whether a complete blob's inode still has the size, mtime and ctime recorded when
+        its bytes were last verified: the cheap check that lets a use skip the re-hash.
 
         A hardlinked blob shares its inode with restored files, and root can write through a
-        read-only bit; a blob that changed must be re-verified before it is used again.
+        read-only bit and set the mtime back; no one can set the ctime back (utime sets it to
+        now). A link, an unlink (a client's `rm` of its tree) or a chmod moves it too: that
+        only costs a re-hash. Since multigrain timestamps (Linux 6.13) a change after a stat
+        always gets a later ctime; on older kernels one in the same clock tick as the stat
+        leaves it as it was, which this check (and rehash's before/after compare) cannot see.
         """
+        if b.ctime_ns == UNKNOWN_CTIME:
+            return False
         try:
             st = os.stat(b.path)
-        except FileNotFoundError:
+        except OSError:
             return False
-        return st.st_size == b.size and st.st_mtime_ns == b.mtime_ns
+        return BlobStat.of(b.digest, st).same_file_state(
+            BlobStat(b.digest, b.size, b.mtime_ns, b.ctime_ns)
+        )
+
+    async def vouch(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> bool:
+        """The check before any use of a complete blob: True if `b` is still this cache's
+        record of the blob and its bytes are verified; False if it is gone, was bad (then it
+        is dropped: the caller fetches it again) or cannot be checked. `check` says which."""
+        return await self.check(b, chunk_size, force=force) is Verdict.INTACT
+
+    async def check(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> Verdict:
+        """`vouch`, with the reason a blob cannot be used: GONE if `b` is no longer this
+        cache's record, BAD if its bytes did not verify (it is dropped), UNCHECKABLE if its
+        chunk size is unknown (`chunk_size` supplies it when a manifest gives it).
+
+        Cheap when `unchanged`; otherwise, or with `force`, re-hashed in a thread, one
+        re-hash per copy however many callers ask. Blobs with no trusted record (after an index
+        loss) are re-hashed here on first use, not at start-up: the chunk size that hashing
+        needs comes from a manifest the restore brings, blobs nobody asks for again cost
+        nothing before gc or eviction removes them, and start-up and the first restores do
+        not compete with a background hash of the whole cache for two cores and the disk.
+        """
+        if b.chunk_size <= 0 < chunk_size and self._current(b):
+            b.chunk_size = chunk_size
+            self.index.put_blob(b.row())
+        while True:
+            if not self._current(b):
+                return Verdict.GONE
+            if not force and self.unchanged(b):
+                return Verdict.INTACT
+            if b.chunk_size <= 0:
+                return Verdict.UNCHECKABLE
+            key = (b.digest, b.tier.name)
+            flight = self._vouching.get(key)
+            if flight is None:
+                break
+            done = await asyncio.shield(flight)
+            if done is None:  # its leader was cancelled; look again
+                force = False  # a finished re-hash (if any) counts for us too
+                continue
+            if done is Verdict.INTACT and not self._current(b):
+                return Verdict.GONE
+            return done
+        flight = self._vouching[key] = asyncio.get_running_loop().create_future()
+        outcome: Verdict | None = None
+        try:
+            r = await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+            if r.why is not None:
+                log.warning("blob %s in %s is bad: %s", b.digest.hex(), b.tier.name, r.why)
+            # Nothing awaits between this look and settle's own: it says whether a False
+            # from settle was a bad blob dropped or a record replaced during the hash.
+            current = self._current(b)
+            if await self.settle(b, r):
+                outcome = Verdict.INTACT
+            else:
+                outcome = Verdict.BAD if current else Verdict.GONE
+            return outcome
+        finally:
+            del self._vouching[key]
+            flight.set_result(outcome)
+
+    async def settle(self, b: Blob, r: Rehash) -> bool:
+        """Act on a re-hash of a complete blob: the one place that does. A bad one (`r.why`
+        says how) is removed; an intact one gets the stat taken before its hash recorded, so
+        `unchanged` passes again until the inode changes. Returns whether `b` is intact and
+        recorded. A re-hash of a record that was replaced or dropped meanwhile says nothing of
+        what the tier holds now: nothing is done."""
+        if not self._current(b):
+            return False
+        if r.why is not None or r.seen is None:
+            await self.remove(b.digest, b.tier)
+            return False
+        b.record(r.seen)
+        self._put(b)
+        return True
+
+    def lent(self, blobs: Iterable[Blob], writer: bool) -> None:
+        """Record that these complete blobs were just hardlinked into a caller's tree.
+
+        `writer`: the caller could write to the inode (root, the daemon's uid, a user
+        namespace mapped to either). Its blobs are marked lent, in the index, for the rest of
+        their inode's life; their record is left as it was, so the link's own ctime bump makes
+        the next use re-hash them, and from then on any write moves the ctime again.
+
+        Not `writer`: the caller cannot write to the inode, so the ctime our link moved is
+        recorded anew (size and mtime must still match the record), sparing the next use a
+        re-hash. Unless the blob is lent: a writer may hold a link, or an open descriptor
+        even after its `rm`, so the ctime may have moved for a write; it is left for the next
+        use to re-hash. A lent mark is not dropped when st_nlink falls back to 1 for that
+        reason: nlink does not count descriptors, and a writer polling its descriptor's ctime
+        would see our next link and could write before we record it. A new inode (a refetch,
+        a promotion, a demotion) starts unlent.
+
+        Called on the loop once the links are made. For a writer it may as well be called
+        before linking: then a daemon killed between the two cannot leave a linked blob
+        unmarked (its stale ctime would still force one re-hash, but not keep the mark).
+        """
+        for b in blobs:
+            cur = self._blobs.get(b.digest, {}).get(b.tier.name)
+            if cur is None or not cur.complete:
+                continue
+            if writer:
+                if not cur.lent:
+                    cur.lent = True
+                    self.index.put_blob(cur.row())
+                continue
+            if cur is not b or cur.lent or cur.ctime_ns == UNKNOWN_CTIME:
+                continue
+            try:
+                st = BlobStat.of(b.digest, os.stat(b.path))
+            except OSError:
+                continue
+            if (st.size, st.mtime_ns) == (b.size, b.mtime_ns) and st.ctime_ns != b.ctime_ns:
+                b.ctime_ns = st.ctime_ns
+                self.index.put_blob(b.row())
+
+    async def rehash(self, b: Blob) -> Rehash:
+        """Re-hash a blob in a thread (verify); act on the result with settle."""
+        return await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+
+    def _current(self, b: Blob) -> bool:
+        return b.complete and self._blobs.get(b.digest, {}).get(b.tier.name) is b
+
+
+def rehash(
+    path: Path,
+    digest: bytes,
+    size: int,
+    chunk_size: int,
+    *,
+    on_read: Callable[[int], None] | None = None,
+) -> Rehash:
+    """Re-hash a blob file against its name (blocking).
+
+    The stat is taken from the descriptor before the hash and again after it: if they differ,
+    the file changed while it was read, so the hash vouches for no stat. That attempt is
+    in doubt and is tried again, up to REHASH_ATTEMPTS in all; then the blob counts as bad.
+    Taking the stat after the hash instead would record a write that landed during it as good.
+    `on_read(offset)` runs after each chunk is read (a test's hook into the middle of a hash).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return Rehash(f"cannot open: {e.strerror}")
+    try:
+        for _ in range(REHASH_ATTEMPTS):
+            before = BlobStat.of(digest, os.fstat(fd))
+            if before.size != size:
+                return Rehash(f"size {before.size}, want {size}")
+            if chunk_size <= 0:
+                return Rehash("no manifest gives its chunk size")
+            try:
+                got = digest_of(fd, size, chunk_size, on_read)
+            except EOFError:
+                got = None  # it shrank under us: the stat after says so
+            if not BlobStat.of(digest, os.fstat(fd)).same_file_state(before):
+                continue
+            if got != digest:
+                return Rehash("content does not match its digest")
+            return Rehash(None, before)
+        return Rehash(f"it changed while it was hashed, {REHASH_ATTEMPTS} times")
+    except OSError as e:
+        return Rehash(f"cannot read: {e.strerror}")
+    finally:
+        os.close(fd)
 
 
 def blob_is_intact(path: Path, digest: bytes, size: int, chunk_size: int) -> str | None:
     """Re-hash a blob file against its name. None if intact, else what is wrong (blocking)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        return f"cannot open: {e.strerror}"
-    try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            return f"size {actual}, want {size}"
-        if chunk_size <= 0:
-            return "no manifest gives its chunk size"
-        ids = []
-        for off in range(0, size, chunk_size):
-            n = min(chunk_size, size - off)
-            ids.append((chunk_id(pread_exact(fd, n, off)), n))
-        if file_digest(ids) != digest:
-            return "content does not match its digest"
-        return None
-    finally:
-        os.close(fd)
+    return rehash(path, digest, size, chunk_size).why

@@ -39,7 +39,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hostd.client import JSON, Client, ProgressCallback, resolve_socket
-from hostd.errors import HostdError, UsageError
+from hostd.errors import Busy, Forbidden, HostdError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except HostdError as exc:
-        _fail(exc.message)
+        _fail(_explain(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         # asyncio.run has cancelled the command by now, which closed the connection: the
@@ -471,6 +471,7 @@ def _render_status(console: Console, result: JSON) -> None:
             ("metrics", result.get("metrics_address")),
             ("origin", result.get("origin")),
             ("in flight", _count(result.get("in_flight"))),
+            ("you", _caller(result.get("caller"))),
         ],
     )
     tiers: list[JSON] = result.get("tiers") or []
@@ -491,6 +492,14 @@ def _render_status(console: Console, result: JSON) -> None:
                 _count(tier.get("blobs")),
             )
         _print(console, table)
+
+
+def _caller(caller: object) -> str | None:
+    """The caller the daemon decided for, and what it may do: "uid 1000 gid 1000: restore"."""
+    if not isinstance(caller, dict):
+        return None
+    may = ", ".join(str(c) for c in caller.get("classes") or []) or "nothing"
+    return f"uid {caller.get('uid')} gid {caller.get('gid')}: may {may}"
 
 
 def _render_gc(console: Console, result: JSON) -> None:
@@ -642,6 +651,15 @@ def _when(value: object) -> str:
     if _is_number(value):  # seconds since the epoch
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_number(value)))
     return "never" if value is None else str(value)
+
+
+def _explain(exc: HostdError) -> str:
+    """The line a user reads for an error: what kind of refusal it is, then the daemon's why."""
+    if isinstance(exc, Forbidden):
+        return f"forbidden by hostd's [access] config: {exc.message}"
+    if isinstance(exc, Busy):
+        return f"hostd is busy: {exc.message}"
+    return exc.message
 
 
 def _fail(message: str) -> None:

@@ -6,7 +6,8 @@ and raises the `error` event, so a caller sees a stream exactly like a plain cal
 
 Every foreign exception (aiohttp's, OSError, bad JSON) becomes a HostdError at this edge,
 with the exit code the contract gives it: bad_request 2, not_found 3, an unreachable socket 4,
-anything else 1. This module must not print, exit or know about terminals: that is cli.py's.
+forbidden 5, anything else 1. This module must not print, exit or know about terminals:
+that is cli.py's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hostd.errors import (
     ChunkCorrupt,
     ChunkMissing,
     DaemonUnreachable,
+    Forbidden,
     HostdError,
     ManifestError,
     NotFound,
@@ -60,6 +62,7 @@ _ERROR_CLASSES: dict[str, type[HostdError]] = {
         TargetExists,
         TierError,
         Busy,
+        Forbidden,
     )
 }
 

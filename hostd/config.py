@@ -12,7 +12,8 @@ directory, so two users or two `HOME`s never share a socket, tier, index or orig
 It must not create, change or open anything but the config file itself: the daemon makes
 its directories. The only other filesystem access is `os.statvfs` for "%" budgets (on the
 nearest existing ancestor of the tier path) and `is_dir` on /dev/shm for the default `mem`
-tier. No module state: tests inject the environment.
+tier, plus the user and group database lookups that turn `[access]` names into ids. No
+module state: tests inject the environment and the daemon's effective uid.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import grp
 import ipaddress
 import math
 import os
@@ -79,15 +81,23 @@ TOP_KEYS = (
     "log_level",
     "log_format",
     "peers",
+    "access",
 )
 TIER_KEYS = ("name", "path", "budget")
 PEER_KEYS = ("listen", "static", "dns", "dns_refresh", "secret_file", "hedge_after", "timeout")
+ACCESS_CLASSES = ("restore", "publish", "admin")
+ACCESS_KEYS = (*ACCESS_CLASSES, "link_to_writers", "max_operations", "max_operations_per_uid")
+DEFAULT_MAX_OPERATIONS = 64
+DEFAULT_MAX_OPERATIONS_PER_UID = 16
+MAX_OPERATIONS_LIMIT = 65536
+MAX_ID = 2**32 - 2  # uid_t and gid_t are 32 bits; (uid_t)-1 means "no id"
 
 _TIER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _FACT_RE = re.compile(r"[a-z][a-z0-9_]*")
 _MODE_RE = re.compile(r"(?:0o|0)?([0-7]{3})")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _SECRET_RE = re.compile(r"secret|key|token|passw|credential|sas", re.IGNORECASE)
+_PRINCIPAL_RE = re.compile(r"(user|uid|group|gid):(.+)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,23 @@ class PeersConfig:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Who may use which class of operation, and how many operations run at once.
+
+    Each class lists callers as "uid:N", "gid:N" or "*": `user:NAME` and `group:NAME` are
+    resolved to ids when the config is loaded. Root and the daemon's own effective uid may
+    use every class whatever the lists say (access.py decides).
+    """
+
+    restore: tuple[str, ...]
+    publish: tuple[str, ...]
+    admin: tuple[str, ...]
+    link_to_writers: bool
+    max_operations: int
+    max_operations_per_uid: int
+
+
+@dataclass(frozen=True)
 class Config:
     origin: str
     origin_options: dict[str, str] = field(hash=False)
@@ -118,6 +145,7 @@ class Config:
     metrics_address: str
     compat_facts: tuple[str, ...]
     tiers: tuple[TierConfig, ...]
+    tiers_default: bool  # no [[tiers]] in the file: the per-user default tiers
     index: Path
     chunk_size: int
     fetch_concurrency: int
@@ -134,6 +162,7 @@ class Config:
     log_level: str
     log_format: str
     peers: PeersConfig | None
+    access: AccessConfig
     source: Path | None
 
     def to_json(self) -> dict[str, Any]:
@@ -159,8 +188,13 @@ class DefaultPaths:
 
 def known_keys() -> frozenset[str]:
     """Every leaf key the loader accepts: `origin`, `tiers[].budget`, `peers.timeout`..."""
-    top = {k for k in TOP_KEYS if k not in ("tiers", "peers")}
-    return frozenset(top | {f"tiers[].{k}" for k in TIER_KEYS} | {f"peers.{k}" for k in PEER_KEYS})
+    top = {k for k in TOP_KEYS if k not in ("tiers", "peers", "access")}
+    return frozenset(
+        top
+        | {f"tiers[].{k}" for k in TIER_KEYS}
+        | {f"peers.{k}" for k in PEER_KEYS}
+        | {f"access.{k}" for k in ACCESS_KEYS}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,14 +311,18 @@ def _xdg_dir(env: Mapping[str, str], var: str, home: Callable[[], Path], under_h
 # Loading
 
 
-def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: Path | None, env: Mapping[str, str] | None = None, *, euid: int | None = None
+) -> Config:
     """Read and check the config file at `path`; None gives the embedded defaults.
 
-    `env` (default os.environ) supplies HOME and the XDG variables of the default paths.
+    `env` (default os.environ) supplies HOME and the XDG variables of the default paths;
+    `euid` (default os.geteuid()) is the daemon's effective uid, which some defaults follow.
     """
     env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
     if path is None:
-        return _build({}, env, base=None, source=None)
+        return _build({}, env, base=None, source=None, euid=euid)
     source = Path(os.path.abspath(path))
     try:
         with open(source, "rb") as f:
@@ -293,11 +331,11 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
         raise ConfigError("<file>", f"cannot read {source}: {e.strerror or e}") from e
     except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
         raise ConfigError("<file>", f"{source} is not valid TOML: {e}") from e
-    return _build(raw, env, base=source.parent, source=source)
+    return _build(raw, env, base=source.parent, source=source, euid=euid)
 
 
 def _build(
-    raw: dict[str, Any], env: Mapping[str, str], base: Path | None, source: Path | None
+    raw: dict[str, Any], env: Mapping[str, str], base: Path | None, source: Path | None, euid: int
 ) -> Config:
     _check_keys(raw, TOP_KEYS, "")
     defaults = functools.cache(lambda: default_paths(env))
@@ -347,6 +385,7 @@ def _build(
         metrics_address=_address(get("metrics_address", "127.0.0.1:0"), "metrics_address", True),
         compat_facts=_compat_facts(get("compat_facts", list(DEFAULT_COMPAT_FACTS))),
         tiers=tiers,
+        tiers_default="tiers" not in raw,
         index=index,
         chunk_size=chunk_size,
         fetch_concurrency=_int(get("fetch_concurrency", 16), "fetch_concurrency", 1, 1024),
@@ -363,6 +402,7 @@ def _build(
         log_level=level,
         log_format=_choice(get("log_format", "logfmt"), "log_format", LOG_FORMATS),
         peers=_peers(raw["peers"], base) if "peers" in raw else None,
+        access=_access(raw.get("access", {}), euid),
         source=source,
     )
     _check_not_in_tiers(config)
@@ -586,6 +626,59 @@ def _peers(value: Any, base: Path | None) -> PeersConfig:
         hedge_after=_duration(table.get("hedge_after", "200ms"), "peers.hedge_after", False),
         timeout=_duration(table.get("timeout", "5s"), "peers.timeout", True),
     )
+
+
+def _access(value: Any, euid: int) -> AccessConfig:
+    table = _table(value, "access")
+    _check_keys(table, ACCESS_KEYS, "access.")
+
+    def callers(key: str, default: list[str]) -> tuple[str, ...]:
+        items = _string_list(table.get(key, default), f"access.{key}")
+        return tuple(_principal(x, f"access.{key}[{i}]") for i, x in enumerate(items))
+
+    link = table.get("link_to_writers", euid != 0)
+    if not isinstance(link, bool):
+        raise ConfigError("access.link_to_writers", f"expected true or false, got {show(link)}")
+    lim = MAX_OPERATIONS_LIMIT
+    return AccessConfig(
+        restore=callers("restore", ["*"]),
+        publish=callers("publish", []),
+        admin=callers("admin", []),
+        link_to_writers=link,
+        max_operations=_int(
+            table.get("max_operations", DEFAULT_MAX_OPERATIONS), "access.max_operations", 1, lim
+        ),
+        max_operations_per_uid=_int(
+            table.get("max_operations_per_uid", DEFAULT_MAX_OPERATIONS_PER_UID),
+            "access.max_operations_per_uid",
+            1,
+            lim,
+        ),
+    )
+
+
+def _principal(text: str, key: str) -> str:
+    """One caller of an `[access]` list, as "uid:N", "gid:N" or "*" (names looked up here)."""
+    if text == "*":
+        return text
+    m = _PRINCIPAL_RE.fullmatch(text)
+    if m is None:
+        raise ConfigError(
+            key, f'{text!r} is not "user:NAME", "uid:N", "group:NAME", "gid:N" or "*"'
+        )
+    kind, name = m.groups()
+    if kind in ("uid", "gid"):
+        if not (name.isascii() and name.isdigit()) or len(name) > 10 or int(name) > MAX_ID:
+            raise ConfigError(key, f"{text!r}: {kind} must be a number from 0 to {MAX_ID}")
+        return f"{kind}:{int(name)}"
+    try:
+        if kind == "user":
+            return f"uid:{pwd.getpwnam(name).pw_uid}"
+        return f"gid:{grp.getgrnam(name).gr_gid}"
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        raise ConfigError(
+            key, f"{text!r}: no {kind} named {name!r} on this host (use {kind[0]}id:N for a number)"
+        ) from None
 
 
 def _check_not_in_tiers(config: Config) -> None:

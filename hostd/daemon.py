@@ -22,12 +22,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from hostd import __version__
 from hostd.api_local import make_app, make_metrics_app
+from hostd.asuser import Storage
 from hostd.cache import Cache
 from hostd.config import Config, load_config
 from hostd.core.retry import RetryPolicy
@@ -35,6 +37,7 @@ from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
 from hostd.index import Index
+from hostd.lock import CacheLocks
 from hostd.maintain import gc, verify
 from hostd.metrics import Metrics, StateCollector
 from hostd.origin import Origin
@@ -73,8 +76,13 @@ class Daemon:
             [LocalBlobSource(self.cache), OriginSource(self.origin)], config.fetch_concurrency
         )
         self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
+        self.storage = Storage(own_storage(config))
         self.restorer = Restorer(
-            self.cache, self.filler, Resolver(self.origin, self.cache, config.compat_facts)
+            self.cache,
+            self.filler,
+            Resolver(self.origin, self.cache, config.compat_facts),
+            storage=self.storage,
+            link_to_writers=config.access.link_to_writers,
         )
         self.publisher = Publisher(
             self.cache,
@@ -84,6 +92,7 @@ class Daemon:
             min_saving=config.compress_min_saving,
             upload_concurrency=config.upload_concurrency,
             compat_facts=config.compat_facts,
+            storage=self.storage,
         )
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
@@ -165,7 +174,7 @@ class Daemon:
                 log.info("tier %s budget %d -> %d", t.name, t.budget, nt.budget)
                 t.budget = nt.budget
         logging.getLogger("hostd").setLevel(new.log_level.upper())
-        live = {"tiers", "log_level", "source"}
+        live = {"tiers", "tiers_default", "log_level", "source"}
         for f in dataclasses.fields(Config):
             if f.name not in live and getattr(old, f.name) != getattr(new, f.name):
                 log.warning("config key %r changed; it takes effect when hostd restarts", f.name)
@@ -191,6 +200,15 @@ class Daemon:
         await self.fetcher.close()
         await self.origin.close()
         self.index.close()
+
+
+def own_storage(config: Config) -> list[tuple[str, Path]]:
+    """hostd's own directories, which no restore or publish may touch."""
+    out = [(f"tier {t.name!r}", t.path) for t in config.tiers]
+    out.append(("index directory", config.index.parent))
+    if config.origin.startswith("file://"):
+        out.append(("origin", Path(os.path.normpath(unquote(urlsplit(config.origin).path)))))
+    return out
 
 
 def claim_socket(path: Path) -> None:
@@ -223,12 +241,40 @@ async def serve(
     notifier: Notifier | None = None,
     registry: CollectorRegistry | None = None,
 ) -> None:
-    """Run one daemon until `shutdown` is set."""
-    notifier = notifier or Notifier(None)
-    d = Daemon(config, registry=registry)
+    """Run one daemon until `shutdown` is set.
+
+    Start-up order: lock every tier and the index's directory, claim the socket, and only then
+    open the index and load the cache (which sweeps the tiers' tmp/). A second daemon on the
+    same cache, under any path spelling or socket, so stops at the first step having changed
+    nothing. The locks go last, after the socket is removed."""
+    if config.tiers_default:
+        log.log(
+            logging.WARNING if config.source else logging.INFO,
+            "no [[tiers]] in the config: using the per-user default tiers %s "
+            "(locked: no other daemon may use them while this one runs)",
+            ", ".join(f"{t.name}={t.path}" for t in config.tiers),
+        )
+    places = [(f"tier {t.name!r}", t.path) for t in config.tiers]
+    locks = await asyncio.to_thread(
+        CacheLocks.take, [*places, ("index", config.index.parent)], config.socket
+    )
+    try:
+        await _serve_locked(config, shutdown, reload, notifier or Notifier(None), registry)
+    finally:
+        locks.release()
+
+
+async def _serve_locked(
+    config: Config,
+    shutdown: asyncio.Event,
+    reload: asyncio.Event | None,
+    notifier: Notifier,
+    registry: CollectorRegistry | None,
+) -> None:
+    claim_socket(config.socket)
+    d = Daemon(config, registry=registry)  # opens the index
     try:
         await asyncio.to_thread(d.cache.load)
-        claim_socket(config.socket)
     except BaseException:
         await d.close()
         raise

@@ -31,6 +31,13 @@ class UsageError(HostdError):
     exit_code = 2
 
 
+class RequestTimeout(HostdError):
+    """The request's body did not arrive within `idle_timeout`; the connection is closed."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class ConfigError(HostdError):
     """A config value is wrong. The message names the key."""
 
@@ -105,6 +112,14 @@ class Busy(HostdError):
 
     code = "unavailable"
     status = 503
+
+
+class Forbidden(HostdError):
+    """The caller may not use this class of operation (`[access]` in the config)."""
+
+    code = "forbidden"
+    status = 403
+    exit_code = 5
 
 
 class DaemonUnreachable(HostdError):

@@ -1,11 +1,12 @@
 """Making blobs complete in a tier: the part of a restore or prefetch that moves bytes.
 
 For each blob a snapshot needs, in file order: a complete copy in an acceptable tier is used
-as it is (after a size-and-mtime check, re-verified if that fails); one in another tier is
-copied in; a missing one is admitted to a tier and filled chunk by chunk through the shared
-fetcher, by a bounded pool of workers (which also bounds the bytes held in memory). A blob
-that another restore is filling is waited for, not filled twice. A partial blob left by an
-earlier run is resumed after its present chunks are re-hashed.
+as it is (after Cache.vouch: its size, mtime and ctime checked, re-hashed on any doubt); one
+in another tier is copied in, the copy hashed before it is installed; a missing one is
+admitted to a tier and filled chunk by chunk through the shared fetcher, by a bounded pool of
+workers (which also bounds the bytes held in memory). A blob that another restore is filling
+is waited for, not filled twice. A partial blob left by an earlier run is resumed after its
+present chunks are re-hashed.
 
 On a full or unwritable tier the partial blob is removed (its space reclaimed); on any other
 failure or cancellation it is kept, closed, so the next restore resumes it.
@@ -20,11 +21,11 @@ from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
-from hostd.cache import Blob, Cache, blob_is_intact
+from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
 from hostd.errors import ChunkCorrupt, TierError, first_error
 from hostd.fetch import Fetcher
-from hostd.tier import BlobStat, PartialBlob, Tier
+from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
 
 log = logging.getLogger(__name__)
 
@@ -136,35 +137,39 @@ class Filler:
     async def _usable(
         self, e: FileEntry, chunk_size: int, tiers: Sequence[Tier], progress: FillProgress
     ) -> Blob | None:
-        """A complete, unchanged copy in `tiers`, copying one in from another tier if need be."""
+        """A complete, verified copy in `tiers`, copying one in from another tier if need be.
+        None: no copy is usable (any that failed its check is dropped): fill it."""
         for b in self.cache.copies(e.digest):
-            if not b.complete:
-                continue
-            if not self.cache.unchanged(b):
-                why = await asyncio.to_thread(blob_is_intact, b.path, b.digest, b.size, chunk_size)
-                if why is not None:
-                    log.warning(
-                        "blob %s in %s changed (%s): dropping it", b.digest.hex(), b.tier.name, why
-                    )
-                await self.cache.settle(b, why)
-                if why is not None:
-                    continue
-            if b.tier in tiers:
+            if b.complete and b.tier in tiers and await self.cache.vouch(b, chunk_size):
                 progress.done_bytes += b.size
                 progress.by_source[b.tier.name] += b.size
                 return b
         for b in self.cache.copies(e.digest):
-            if b.complete:
-                return await self._copy_in(b, tiers, progress)
+            # copy_in hashes the copy against the digest, so the source need not be vouched
+            # for first (that would hash it twice).
+            if b.complete and b.tier not in tiers and b.chunk_size > 0:
+                got = await self._copy_in(b, tiers, progress)
+                if got is not None:
+                    return got
         return None
 
-    async def _copy_in(self, src: Blob, tiers: Sequence[Tier], progress: FillProgress) -> Blob:
+    async def _copy_in(
+        self, src: Blob, tiers: Sequence[Tier], progress: FillProgress
+    ) -> Blob | None:
+        """Promote (or demote) `src` into `tiers`; None if it was bad (then it is dropped)."""
         t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
         try:
             with self.cache.holding([src.digest]):
                 st = await self._landing(
-                    asyncio.to_thread(t.copy_in, src.path, src.digest), t, src.chunk_size
+                    asyncio.to_thread(t.copy_in, src.path, src.digest, src.size, src.chunk_size),
+                    t,
+                    src.chunk_size,
                 )
+        except BlobCopyCorrupt as err:
+            self.cache.abandon(src.digest, t)
+            log.warning("blob %s in %s is bad: %s", src.digest.hex(), src.tier.name, err.why)
+            await self.cache.settle(src, Rehash(err.why))
+            return None
         except BaseException:
             self.cache.abandon(src.digest, t)
             raise

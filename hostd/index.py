@@ -6,8 +6,10 @@ tiers at start, so a lost or stale index costs a rescan, never a wrong byte. Sta
 small and run on the caller's thread (the event loop): WAL with synchronous=NORMAL commits
 without an fsync, so each call costs microseconds.
 
-A schema version is recorded; an index of another version is moved aside and rebuilt from
-the tiers and the manifests kept beside it.
+A schema version is recorded. An index of version 1 is migrated in place (pins, snapshots and
+refs kept; its blob rows get an unknown ctime, so each blob is re-hashed before its first use);
+one of any other version is moved aside and rebuilt from the tiers and the manifests kept
+beside it.
 """
 
 from __future__ import annotations
@@ -20,15 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostd.core import manifest as mf
+from hostd.lock import private_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# A ctime no file has: the blob's bytes have not been verified since this record was made (an
+# index migrated from version 1, or a blob found on disk with no row), so the next use
+# re-hashes it.
+UNKNOWN_CTIME = 0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs(
     digest BLOB NOT NULL, tier TEXT NOT NULL, size INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL, complete INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    last_used REAL NOT NULL, PRIMARY KEY(digest, tier)) WITHOUT ROWID;
+    last_used REAL NOT NULL, ctime_ns INTEGER NOT NULL DEFAULT 0,
+    lent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(digest, tier)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(
     id TEXT PRIMARY KEY, manifest BLOB NOT NULL, last_used REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0);
@@ -37,9 +46,21 @@ CREATE TABLE IF NOT EXISTS refs(
     PRIMARY KEY(ref, compat)) WITHOUT ROWID;
 """
 
+# Each step takes an index of version N to N+1 in place.
+_MIGRATIONS = {
+    1: """
+ALTER TABLE blobs ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN lent INTEGER NOT NULL DEFAULT 0;
+""",
+}
+
 
 @dataclass(slots=True)
 class BlobRow:
+    """A blob copy. size, mtime_ns and ctime_ns are the stat of its inode when its bytes were
+    last verified (ctime UNKNOWN_CTIME: never); `lent`: linked into a tree whose owner could
+    write to it (Cache.lent)."""
+
     digest: bytes
     tier: str
     size: int
@@ -47,6 +68,8 @@ class BlobRow:
     complete: bool
     mtime_ns: int
     last_used: float
+    ctime_ns: int = UNKNOWN_CTIME
+    lent: bool = False
 
 
 @dataclass(slots=True)
@@ -61,9 +84,11 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rebuilt = False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)  # the index and manifests are the daemon's alone
         self.db = self._open()
         version = self._version()
+        if version is not None and version < SCHEMA_VERSION and self._migrate(version):
+            version = SCHEMA_VERSION
         if version is not None and version != SCHEMA_VERSION:
             # Another schema: move it aside (kept for inspection) and start empty; the cache
             # rebuilds it from the tiers and the manifests directory.
@@ -92,6 +117,18 @@ class Index:
         db.execute("PRAGMA busy_timeout=5000")
         return db
 
+    def _migrate(self, version: int) -> bool:
+        """Bring an older index up to this version in place; False if no path leads here."""
+        if any(v not in _MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+            return False
+        with self._tx() as db:
+            for v in range(version, SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        return True
+
     def _version(self) -> int | None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -115,13 +152,17 @@ class Index:
     # blobs
     def blobs(self) -> list[BlobRow]:
         rows = self.db.execute(
-            "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used FROM blobs"
+            "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent"
+            " FROM blobs"
         ).fetchall()
-        return [BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+        return [
+            BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], bool(r[8])) for r in rows
+        ]
 
     def put_blob(self, row: BlobRow) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO blobs VALUES(?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO blobs(digest, tier, size, chunk_size, complete, mtime_ns,"
+            " last_used, ctime_ns, lent) VALUES(?,?,?,?,?,?,?,?,?)",
             (
                 row.digest,
                 row.tier,
@@ -130,6 +171,8 @@ class Index:
                 int(row.complete),
                 row.mtime_ns,
                 row.last_used,
+                row.ctime_ns,
+                int(row.lent),
             ),
         )
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Collection
 from typing import Any
 
-from hostd.cache import Cache, blob_is_intact
+from hostd.cache import Cache
 from hostd.restore import Progress
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,8 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
             # unreferenced, not bad. gc removes such blobs.
             skipped += 1
             continue
-        why = await asyncio.to_thread(blob_is_intact, b.path, b.digest, b.size, b.chunk_size)
+        r = await cache.rehash(b)
+        why = r.why
         if cache.locate(b.digest, [b.tier]) is not b:
             # Evicted, demoted or replaced while it was hashed: what was read says nothing of
             # what the tier holds now, and remove() would drop that instead.
@@ -65,7 +65,7 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
         if why is not None:
             log.warning("verify: blob %s in tier %s is bad: %s", b.digest.hex(), b.tier.name, why)
             bad.append({"blob": b.digest.hex(), "tier": b.tier.name, "reason": why})
-        await cache.settle(b, why)
+        await cache.settle(b, r)
         checked += b.size
         progress.fill.done_bytes += b.size
         progress.done_files += 1

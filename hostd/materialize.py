@@ -1,37 +1,41 @@
 """The one place that turns a manifest and complete blobs into a directory tree.
 
-The tree is built in a hidden sibling of the target and renamed into place, so a target
-either does not exist, or is the previous tree, or is the complete new tree. Files are
-hardlinked to their read-only blob (`link`: O(files)), copied with copy_file_range (`copy`),
-or linked where the target shares the blob's filesystem (`auto`). A file is copied rather
-than linked when linking would show the wrong mode (only read-only files match a blob's
-0444), or when the blob is at the link limit (EMLINK); an empty file is created.
+Everything in the caller's filesystem is done by the helper that holds the caller's rights
+(asuser.py / fsops.py): it makes a hidden build directory beside the target, the tree's
+directories, copies and empty files, symlinks, and renames the build into place, so a target
+either does not exist, or is the previous tree, or is the complete new tree, and a tree lands
+only where the caller could have made it. The daemon does one thing itself: it hardlinks its
+read-only blobs (`link`: O(files)) into directories the helper made and handed over as
+descriptors (under fs.protected_hardlinks only the blob's owner may link it).
+
+A file is copied rather than linked when linking would show the wrong mode (only read-only
+files match a blob's 0444), when the blob is at the link limit (EMLINK), on another mount
+(EXDEV, bind mounts of one filesystem included), or when linking is not allowed for this
+caller (`link_ok`); an empty file is created.
 
 Runs in a worker thread (blocking I/O). A `threading.Event` lets the async caller stop it
-between files; it then removes what it built and never renames.
+between batches; the helper then removes what it built and never renames.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-import secrets
-import shutil
+import posixpath
+import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostd.asuser import AsUser
 from hostd.core import manifest as mf
-from hostd.errors import TargetExists, UsageError
-from hostd.tier import BLOB_MODE, copy_range
+from hostd.errors import UsageError
+from hostd.tier import BLOB_MODE
 
 MODES = ("link", "copy", "auto")
-COPY_THREADS = 4
-_RENAME_EXCHANGE = 2
+BATCH_FILES = 128  # copies per request to the helper (its threads copy a batch in parallel)
+BATCH_BYTES = 1 << 30
 
 
 class Cancelled(Exception):
@@ -43,196 +47,156 @@ class Outcome:
     linked: int
     copied: int
     created: int
-
-
-def check_target(target: Path, replace: bool) -> None:
-    """Refuse a target we must not touch, before any bytes are fetched for it."""
-    if not target.is_absolute():
-        raise UsageError(f"target {str(target)!r} is not an absolute path")
-    if not target.parent.is_dir():
-        raise UsageError(f"target's parent directory {str(target.parent)!r} does not exist")
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise TargetExists(f"target {str(target)!r} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not replace:
-        raise TargetExists(f"target {str(target)!r} exists and is not empty (use replace)")
+    linked_digests: frozenset[bytes] = field(default_factory=frozenset)
+    old_tree_left: str | None = None
 
 
 def materialize(
     m: mf.Manifest,
-    target: Path,
+    fs: AsUser,
     blob_path: Callable[[bytes], Path],
     *,
     mode: str,
     replace: bool,
+    link_ok: bool,
     cancel: threading.Event,
-    owner: tuple[int, int] | None = None,
     on_file: Callable[[int], None] | None = None,
 ) -> Outcome:
+    """Build `m` through `fs` (whose `target` was already resolved) and rename it in."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    check_target(target, replace)
-    build = target.parent / f".{target.name}.hostd-{secrets.token_hex(6)}"
-    os.mkdir(build, 0o755)
     try:
-        out = _build(m, build, blob_path, mode, cancel, owner, on_file)
+        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file)
         if cancel.is_set():
             raise Cancelled()
-        _swap_in(build, target, replace)
-        return out
+        left = fs.commit(replace)
     except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
+        fs.abandon()
         raise
+    return Outcome(out.linked, out.copied, out.created, out.linked_digests, left)
+
+
+def _dirs(m: mf.Manifest) -> list[str]:
+    """Every directory of the tree, parents before children."""
+    out: set[str] = set()
+    parents = [
+        posixpath.dirname(p) for p in [*(f.path for f in m.files), *(s.path for s in m.symlinks)]
+    ]
+    for d in [*parents, *m.dirs]:
+        while d and d not in out:  # a directory already seen brought its parents along
+            out.add(d)
+            d = posixpath.dirname(d)
+    return sorted(out, key=lambda d: (d.count("/"), d))
 
 
 def _build(
     m: mf.Manifest,
-    root: Path,
+    fs: AsUser,
     blob_path: Callable[[bytes], Path],
     mode: str,
+    link_ok: bool,
     cancel: threading.Event,
-    owner: tuple[int, int] | None,
     on_file: Callable[[int], None] | None,
 ) -> Outcome:
-    dirs = {
-        str(Path(p).parent) for p in [*(f.path for f in m.files), *(s.path for s in m.symlinks)]
-    }
-    dirs.update(m.dirs)
-    for d in sorted(dirs - {"."}):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    root_dev = os.stat(root).st_dev
-    linked = created = 0
-    copies: list[tuple[Path, Path, int, int]] = []
+    candidates: list[mf.FileEntry] = []
+    copies: list[mf.FileEntry] = []
     for f in m.files:
-        if cancel.is_set():
-            raise Cancelled()
-        dest = root / f.path
-        if f.size == 0:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, f.mode)
-            os.close(fd)
-            os.chmod(dest, f.mode)
-            created += 1
-        else:
+        if not f.size:
+            continue
+        linkable = mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
+        (candidates if linkable else copies).append(f)
+    want = sorted({posixpath.dirname(f.path) for f in candidates})
+    dev, dirfds = fs.begin(_dirs(m), want)
+    linked: set[bytes] = set()
+    n_linked = 0
+    try:
+        owned = {d: _caller_dir(fd, fs.caller.uid) for d, fd in dirfds.items()}
+        for f in candidates:
+            if cancel.is_set():
+                raise Cancelled()
             src = blob_path(f.digest)
-            if not (_should_link(mode, f.mode, src, root_dev) and _link(src, dest)):
-                copies.append((src, dest, f.mode, f.size))
+            d = posixpath.dirname(f.path)
+            if (mode == "auto" and os.stat(src).st_dev != dev) or not owned[d]:
+                copies.append(f)
                 continue
-            linked += 1
+            if _link(fs, src, posixpath.basename(f.path), dirfds[d]):
+                linked.add(f.digest)
+                n_linked += 1
+                if on_file is not None:
+                    on_file(f.size)
+            else:
+                copies.append(f)
+    finally:
+        for fd in dirfds.values():
+            os.close(fd)
+    empties = [f for f in m.files if not f.size]
+    if empties:
+        fs.files([(f.path, f.mode, 0, "empty") for f in empties], [])
         if on_file is not None:
-            on_file(f.size)
-    _copy_all(copies, cancel, on_file)
-    for s in m.symlinks:
-        os.symlink(s.target, root / s.path)
-    if owner is not None:
-        _chown_tree(root, owner)
-    return Outcome(linked, len(copies), created)
+            for _ in empties:
+                on_file(0)
+    _copy_all(copies, fs, blob_path, cancel, on_file)
+    if m.symlinks:
+        fs.symlinks((s.path, s.target) for s in m.symlinks)
+    return Outcome(n_linked, len(copies), len(empties), frozenset(linked))
+
+
+def _caller_dir(fd: int, uid: int) -> bool:
+    """A directory descriptor from the helper really is a directory the caller owns: a
+    helper that lied could otherwise have the daemon link blobs anywhere."""
+    st = os.fstat(fd)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
 
 
 def _copy_all(
-    copies: list[tuple[Path, Path, int, int]],
+    copies: list[mf.FileEntry],
+    fs: AsUser,
+    blob_path: Callable[[bytes], Path],
     cancel: threading.Event,
     on_file: Callable[[int], None] | None,
 ) -> None:
-    """Copy files on a few threads: one copy stream leaves a disk's queue and a second core
-    idle. Largest first, so one big file does not finish last alone."""
-    lock = threading.Lock()
-
-    def one(job: tuple[Path, Path, int, int]) -> None:
+    """Copies go to the helper in batches, each with the blobs' descriptors: the helper
+    writes them as the caller. Largest first, so one big file does not finish last alone."""
+    copies.sort(key=lambda f: -f.size)
+    i = 0
+    while i < len(copies):
         if cancel.is_set():
             raise Cancelled()
-        src, dest, mode, size = job
-        _copy(src, dest, mode)
-        if on_file is not None:
-            with lock:
-                on_file(size)
-
-    copies.sort(key=lambda j: -j[3])
-    if len(copies) <= 1:
-        for job in copies:
-            one(job)
-        return
-    with ThreadPoolExecutor(max_workers=min(COPY_THREADS, len(copies))) as pool:
-        futures = [pool.submit(one, job) for job in copies]
+        batch: list[mf.FileEntry] = []
+        size = 0
+        while i < len(copies) and len(batch) < BATCH_FILES and (not batch or size < BATCH_BYTES):
+            batch.append(copies[i])
+            size += copies[i].size
+            i += 1
+        fds: list[int] = []
         try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            cancel.set()  # the rest stop before starting
-            raise
-
-
-def _should_link(mode: str, file_mode: int, src: Path, root_dev: int) -> bool:
-    if mode == "copy" or (file_mode & 0o555) != BLOB_MODE:
-        return False
-    return mode == "link" or os.stat(src).st_dev == root_dev
-
-
-def _link(src: Path, dest: Path) -> bool:
-    try:
-        os.link(src, dest)
-    except OSError as e:
-        if e.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM):
-            return False  # link limit, other filesystem, or protected_hardlinks: copy instead
-        raise
-    return True
-
-
-def _copy(src: Path, dest: Path, mode: int) -> None:
-    with open(src, "rb") as fi:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            copy_range(fi.fileno(), fd, os.fstat(fi.fileno()).st_size)
-            os.fchmod(fd, mode)
+            for f in batch:
+                fds.append(os.open(blob_path(f.digest), os.O_RDONLY | os.O_CLOEXEC))
+            fs.files([(f.path, f.mode, f.size, "copy") for f in batch], fds)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
+        if on_file is not None:
+            for f in batch:
+                on_file(f.size)
 
 
-def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
-    """Give the caller what the daemon made for it (copies, dirs, symlinks); links to blobs stay
-    the daemon's, read-only."""
-    uid, gid = owner
-    os.chown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if st.st_nlink == 1 or os.path.isdir(p) or os.path.islink(p):
-                os.lchown(p, uid, gid)
-
-
-def _swap_in(build: Path, target: Path, replace: bool) -> None:
+def _link(fs: AsUser, src: Path, name: str, dirfd: int) -> bool:
+    """Hardlink a blob into a directory the helper made, from the blob as the caller's mount
+    namespace sees it (checked to be the same inode): a link never crosses mounts. False
+    where it cannot be linked: copy instead."""
+    fd = fs.open_in_view(src)
+    if fd < 0:
+        return False
     try:
-        os.rename(build, target)  # target absent, or an empty directory
-        return
+        theirs, mine = os.fstat(fd), os.stat(src)
+        if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
+            return False  # something else sits at that path in the caller's namespace
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirfd, follow_symlinks=True)
     except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not replace:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise TargetExists(f"target {str(target)!r} appeared while restoring") from e
-            raise
-    if _exchange(build, target):
-        shutil.rmtree(build, ignore_errors=True)  # `build` now holds the old tree
-        return
-    old = target.parent / f".{target.name}.hostd-old-{secrets.token_hex(6)}"
-    os.rename(target, old)
-    os.rename(build, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where unsupported."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = getattr(_libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+        if e.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOENT):
+            return False  # link limit, another mount, or protected_hardlinks: copy instead
+        raise
+    finally:
+        os.close(fd)
+    return True

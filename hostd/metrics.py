@@ -58,6 +58,26 @@ class Metrics:
             self.phase_seconds.labels(operation, phase).observe(seconds)
 
 
+class Snapshot(Collector):
+    """Every metric of a registry, collected at once, to format later (e.g. in a thread).
+
+    Take it on the event loop: the state collector reads dicts that the loop changes
+    between awaits (the cache's blobs and evictions, fetch and origin stats), so a scrape
+    that iterated them from a worker thread could fail with "dictionary changed size
+    during iteration", or mix two moments. Collecting is cheap (no I/O); formatting, the
+    larger share, needs no loop state since every family here is a fresh object.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.families = list(registry.collect())
+
+    def __repr__(self) -> str:
+        return f"Snapshot({len(self.families)} families)"
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 class _Running(Protocol):
     @property
     def in_flight(self) -> int: ...

@@ -6,12 +6,19 @@ which bounds it (one shared semaphore, a per-attempt timeout), retries transient
 with jittered backoff on the injected sleep and rng, counts outcomes in `OriginStats`, and
 translates obstore's exceptions into hostd's (`ChunkMissing`, `NotFound`, `OriginError`).
 
+Every read is capped at the size the format allows for what it fetches (a chunk: the
+caller's `codec.max_stored_size` of its raw size; a manifest: `MAX_MANIFEST_BYTES`; a ref:
+`MAX_REF_BYTES`) before it is buffered: an object that states a larger size is refused
+without reading its body, and a server's body is streamed and dropped as soon as it
+passes the cap, so one that states less than it sends cannot make us hold more (a file://
+read is bounded by the size of the file it opened).
+
 Layout under the URL's path prefix (DESIGN.md, "Origin layout"):
     chunks/<hex[0:2]>/<hex>          manifests/<snapshot-id>          refs/<ref>/<compat-digest>
 
 This module must not: decode or verify chunk bytes (callers check blake3 of the raw bytes;
-correctness never rests on the store), cache anything, let a foreign exception out, or put
-credentials into a URL, message or repr.
+correctness never rests on the store), cache anything, let a foreign exception out, put
+credentials into a URL, message or repr, or buffer more of an object than its cap.
 """
 
 from __future__ import annotations
@@ -38,16 +45,36 @@ from obstore.exceptions import (
 )
 from obstore.store import HTTPStore, LocalStore, MemoryStore, from_url
 
+from hostd.core.codec import max_stored_size
 from hostd.core.ids import HASH_LEN, is_hex_id
+from hostd.core.manifest import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES
 from hostd.core.retry import RetryPolicy
-from hostd.errors import ChunkMissing, ConfigError, NotFound, OriginError, UsageError
+from hostd.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    ConfigError,
+    ManifestError,
+    NotFound,
+    OriginError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
+    from obstore import GetResult
     from obstore.store import ObjectStore
 
 T = TypeVar("T")
 
 MAX_REF_LEN = 256
+# A ref object holds a 64-hex snapshot id (FORMAT.md section 6), with surrounding whitespace
+# tolerated: a few hundred bytes is generous, and anything longer is not a ref.
+MAX_REF_BYTES = 256
+# The cap of a chunk read when the caller names none: the largest chunk the format allows,
+# stored as zstd's worst-case frame.
+MAX_CHUNK_OBJECT = max_stored_size(MAX_CHUNK_SIZE)
+# Objects larger than this are streamed in pieces of this size and joined; one within it
+# (every chunk of the default 4 MiB size, nearly every manifest) comes as a single buffer.
+_READ_PIECE = 16 * 1024 * 1024
 _REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 # The schemes obstore maps to a cloud or HTTP store; file:// and memory:// are built apart
@@ -117,7 +144,8 @@ class OriginStats:
     """Counters by result, read by the metrics layer at scrape time.
 
     One logical request counts once as ok, missing or failed; `requests_retried` counts
-    the extra attempts. Bytes are payload bytes of successful requests.
+    the extra attempts. Bytes are payload bytes of successful requests. An object refused
+    for being over its cap counts as failed, not retried, and adds no bytes.
     """
 
     requests_ok: int = 0
@@ -130,6 +158,15 @@ class OriginStats:
 
 class _Missing(Exception):
     """Internal: the object is absent. Each public method turns it into its own answer."""
+
+
+class _Oversized(Exception):
+    """Internal: the object is larger than its cap. `what` says how we know, for a message;
+    each public method turns it into its own answer."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
 
 
 def validate_ref(ref: str) -> str:
@@ -323,6 +360,8 @@ class Origin:
         # Plain HTTP has no listing (obstore tries WebDAV PROPFIND, which a static server
         # answers with 405): list_ref says "cannot list" rather than failing.
         self._can_list = not isinstance(self._store, HTTPStore)
+        # No server between us and the bytes: see _get.
+        self._local = isinstance(self._store, LocalStore | MemoryStore)
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._retry = retry
@@ -343,16 +382,23 @@ class Origin:
 
     # -- chunks ---------------------------------------------------------------------------
 
-    async def get_chunk(self, cid: bytes) -> memoryview:
+    async def get_chunk(self, cid: bytes, max_size: int = MAX_CHUNK_OBJECT) -> memoryview:
         """The stored bytes of a chunk (raw or zstd, as published); the caller verifies.
 
-        A view of obstore's buffer, not a copy: a chunk is megabytes, and each copy costs
-        a share of a restore's time."""
+        At most `max_size` bytes are read (the caller passes `codec.max_stored_size` of the
+        chunk's raw size): a larger object is ChunkCorrupt, never buffered whole. A view of
+        the buffer the object arrived in (one piece up to 16 MiB), not a further copy: a
+        chunk is megabytes, and each copy costs a share of a restore's time."""
         key = _chunk_key(cid)
         try:
-            return await self._get("get chunk", key)
+            return await self._get("get chunk", key, max_size)
         except _Missing:
             raise ChunkMissing(f"chunk {cid.hex()} is not at origin {self._url}") from None
+        except _Oversized as e:
+            raise ChunkCorrupt(
+                f"chunk {cid.hex()} at origin {self._url} {e.what}, over its cap of "
+                f"{max_size} bytes"
+            ) from None
 
     async def has_chunk(self, cid: bytes) -> bool:
         key = _chunk_key(cid)
@@ -374,9 +420,14 @@ class Origin:
     async def get_manifest(self, snapshot_id: str) -> bytes:
         key = f"manifests/{_check_hex(snapshot_id, 'snapshot id')}"
         try:
-            return bytes(await self._get("get manifest", key))
+            return bytes(await self._get("get manifest", key, MAX_MANIFEST_BYTES))
         except _Missing:
             raise NotFound(f"no manifest {snapshot_id} at origin {self._url}") from None
+        except _Oversized as e:
+            raise ManifestError(
+                f"manifest {key} at origin {self._url} {e.what}, over the format's limit of "
+                f"{MAX_MANIFEST_BYTES} bytes"
+            ) from None
 
     async def put_manifest(self, snapshot_id: str, data: bytes) -> None:
         await self._put("put manifest", f"manifests/{_check_hex(snapshot_id, 'snapshot id')}", data)
@@ -387,9 +438,14 @@ class Origin:
         """The snapshot id `ref` points to under `compat_digest`, or None if it is not set."""
         key = _ref_key(ref, compat_digest)
         try:
-            data = await self._get("get ref", key)
+            data = await self._get("get ref", key, MAX_REF_BYTES)
         except _Missing:
             return None
+        except _Oversized as e:
+            raise OriginError(
+                f"ref {key} at origin {self._url} {e.what}, over the limit of {MAX_REF_BYTES} "
+                "bytes for a ref: not a snapshot id"
+            ) from None
         text = bytes(data).decode("ascii", errors="replace").strip()
         if not is_hex_id(text):
             raise OriginError(
@@ -427,10 +483,19 @@ class Origin:
 
     # -- the one request path -------------------------------------------------------------
 
-    async def _get(self, op: str, key: str) -> memoryview:
+    async def _get(self, op: str, key: str, cap: int) -> memoryview:
         async def call() -> memoryview:
             result = await obstore.get_async(self._store, key)
-            return memoryview(await result.bytes_async())
+            _check_stated_size(result, cap)
+            if not self._local:
+                return await _read_capped(result, cap)
+            # A local read is of the file this get opened, up to the size fstat gave at open
+            # (obstore reads `take(size)` of that descriptor; a test holds it to that), so the
+            # check above bounds it. Its stream would read in 8 KiB thread hops, 10x slower.
+            data = memoryview(await result.bytes_async())
+            if len(data) > cap:
+                raise _Oversized(f"sent more than {cap} bytes (it stated {result.meta['size']})")
+            return data
 
         data = await self._request(op, key, call)
         self.stats.bytes_in += len(data)
@@ -461,6 +526,10 @@ class Origin:
                 # The deadline starts once a slot is held: queueing is not the origin's fault.
                 async with self._sem, asyncio.timeout(self._timeout):
                     result = await call()
+            except _Oversized:
+                # The object is wrong, not the connection: asking again gets the same bytes.
+                self.stats.requests_failed += 1
+                raise
             except BaseException as exc:
                 # CancelledError (a caller's cancel) and KeyboardInterrupt pass through.
                 if not isinstance(exc, Exception) and not _is_panic(exc):
@@ -494,6 +563,36 @@ class Origin:
                 f"origin {self._url}: {op} {key} failed after {attempts} attempts: {cause}"
             )
         return OriginError(f"origin {self._url}: {op} {key} failed: {cause}")
+
+
+def _check_stated_size(result: GetResult, cap: int) -> None:
+    """Refuse an object whose stated size is over `cap` before any of its body is read.
+
+    Only a shortcut: the size comes from the server (Content-Length, a stat), and
+    `_read_capped` holds the body to the cap whatever was stated."""
+    stated = result.meta["size"]
+    if stated > cap:
+        raise _Oversized(f"is {stated} bytes")
+
+
+async def _read_capped(result: GetResult, cap: int) -> memoryview:
+    """The object's body if it is at most `cap` bytes; _Oversized as soon as it passes it.
+
+    obstore's stream hands over a piece once it holds `min_chunk_size` bytes or the body
+    ends. Asked for cap + 1 (up to _READ_PIECE), an object within the cap comes as one piece,
+    and one over it is dropped holding at most the cap plus one piece (and one network read).
+    Past _READ_PIECE the pieces are joined, so for that moment an object is held twice.
+    """
+    pieces: list[bytes] = []
+    total = 0
+    async for piece in result.stream(min_chunk_size=min(cap + 1, _READ_PIECE)):
+        total += len(piece)
+        if total > cap:
+            raise _Oversized(f"sent more than {cap} bytes (it stated {result.meta['size']})")
+        pieces.append(piece)
+    if len(pieces) == 1:
+        return memoryview(pieces[0])
+    return memoryview(b"".join(pieces))
 
 
 def _chunk_key(cid: bytes) -> str:

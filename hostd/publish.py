@@ -6,8 +6,12 @@ its digest when the file is done. Uploads run beside the hashing of the next fil
 skipping chunks the origin already has. Whether a file's chunks are stored zstd is decided
 from a trial on a few of them (weights barely compress; caches and images do).
 
-Symlinks that stay inside the tree are kept; one that leaves it is stored as the file it
-points to. Other special files are refused by name.
+The source is read with the caller's rights, in its mount namespace, by descriptor: the
+helper of asuser.py walks it and opens each file for us, so a file the caller cannot read
+cannot be published, and a caller swapping files or symlinks under a running publish gets an
+error, never another file's bytes. Symlinks that stay inside the tree are kept; one that
+leaves it is stored as the file it points to (followed in the caller's root, with its
+rights). Other special files are refused by name, never opened.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import os
-import stat
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +32,9 @@ from typing import Any
 
 import blake3
 
+from hostd.asuser import AsUser, Storage
 from hostd.cache import Cache
+from hostd.caller import Caller
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
@@ -44,6 +50,7 @@ INGEST_THREADS = 2
 class PublishRequest:
     path: Path
     ref: str
+    caller: Caller  # whose rights read the source, in whose mount namespace
     facts: Sequence[str] | None = None
     compat: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, str] = field(default_factory=dict)
@@ -53,9 +60,10 @@ class PublishRequest:
 @dataclass(frozen=True, slots=True)
 class SourceFile:
     path: str  # in the manifest
-    source: str  # on disk
     mode: int
     size: int
+    ident: tuple[int, int]  # (dev, ino) the scan saw: the file opened later must be it
+    via: str | None = None  # a symlink's target outside the tree, in the caller's view
 
 
 @dataclass
@@ -65,73 +73,55 @@ class Tree:
     dirs: list[str] = field(default_factory=list)
 
 
-def scan_tree(root: Path) -> Tree:
-    """Walk a directory to publish (blocking). Raises UsageError naming what cannot be kept."""
+def scan_tree(fs: AsUser, root: Path, storage: Storage) -> Tree:
+    """Walk a directory to publish with the caller's rights (blocking; the helper walks by
+    descriptor and opens nothing but directories). Raises UsageError naming what cannot be
+    kept: a FIFO, socket or device is refused by name, never opened."""
     if not root.is_absolute():
         raise UsageError(f"publish path {str(root)!r} is not absolute")
-    if not root.is_dir():
-        raise UsageError(f"publish path {str(root)!r} is not a directory")
-    real_root = os.path.realpath(root)
-    tree = Tree()
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        entries = sorted(dirnames + filenames)
-        if not entries and rel_dir:
-            tree.dirs.append(rel_dir)
-        for name in entries:
-            full = os.path.join(dirpath, name)
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            _check_name(rel)
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                _add_symlink(tree, root, real_root, full, rel)
-            elif stat.S_ISREG(st.st_mode):
-                tree.files.append(SourceFile(rel, full, st.st_mode & 0o777, st.st_size))
-            elif not stat.S_ISDIR(st.st_mode):
-                raise UsageError(f"{rel!r} is not a regular file, directory or symlink")
+    chain = fs.source(str(root))
+    storage.check(f"publish path {str(root)!r}", chain, chain[0])
+    got = fs.scan()
+    tree = Tree(files=[_source(f) for f in got["files"]], dirs=list(got["dirs"]))
+    for link in got["symlinks"]:
+        _add_symlink(tree, str(link["path"]), str(link["target"]), link["resolved"])
     tree.files.sort(key=lambda f: f.path)
     return tree
 
 
-def _raise(e: OSError) -> None:
-    raise UsageError(f"cannot read {e.filename!r}: {e.strerror}") from e
+def _source(f: Mapping[str, Any]) -> SourceFile:
+    d, i = f["id"]
+    return SourceFile(str(f["path"]), int(f["mode"]), int(f["size"]), (int(d), int(i)), f["via"])
 
 
-def _check_name(rel: str) -> None:
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UsageError(f"file name {rel!r} is not valid UTF-8") from e
-
-
-def _add_symlink(tree: Tree, root: Path, real_root: str, full: str, rel: str) -> None:
-    target = os.readlink(full)
+def _add_symlink(tree: Tree, rel: str, target: str, resolved: Mapping[str, Any]) -> None:
     try:
         mf.check_symlink_target(rel, target)
         tree.symlinks.append(mf.Symlink(rel, target))
         return
     except ManifestError:
         pass
-    real = os.path.realpath(full)
-    inside = real == real_root or real.startswith(real_root + os.sep)
-    if inside:  # stays inside, but not in normal form: point at the same place, normalized
-        normal = os.path.relpath(real, os.path.realpath(os.path.dirname(full)))
+    kind = resolved["kind"]
+    if kind == "inside":  # stays inside, but not in normal form: point at the same place
+        normal = posixpath.relpath(str(resolved["rel"]) or ".", posixpath.dirname(rel) or ".")
         try:
             mf.check_symlink_target(rel, normal)
         except ManifestError as e:
             raise UsageError(f"symlink {rel!r} -> {target!r} cannot be kept: {e.message}") from e
         tree.symlinks.append(mf.Symlink(rel, normal))
-        return
-    try:
-        st = os.stat(real)
-    except OSError as e:
+    elif kind == "file":  # leaves the tree: stored as the file it points to
+        tree.files.append(_source(resolved))
+    elif kind == "missing":
+        raise UsageError(f"symlink {rel!r} points outside the tree to {target!r}, which is missing")
+    elif kind == "other":
         raise UsageError(
-            f"symlink {rel!r} points outside the tree to {target!r}, which is missing"
-        ) from e
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"symlink {rel!r} points outside the tree to {real!r}, not a regular file")
-    tree.files.append(SourceFile(rel, real, st.st_mode & 0o777, st.st_size))
+            f"symlink {rel!r} points outside the tree to {target!r}, a {resolved['type']}, "
+            "not a regular file"
+        )
+    else:
+        raise UsageError(
+            f"symlink {rel!r} points outside the tree to {target!r}: {resolved.get('message')}"
+        )
 
 
 @dataclass
@@ -164,6 +154,7 @@ def decide_codec(fd: int, size: int, chunk_size: int, mode: str, min_saving: flo
 
 
 def ingest(
+    open_src: Callable[[], int],
     src: str,
     size: int,
     chunk_size: int,
@@ -177,7 +168,7 @@ def ingest(
     """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand a
     copy of its bytes to the uploaders, so what is uploaded is exactly what was hashed. The
     scratch blob is installed in the tier under its digest at the end."""
-    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_src()
     out = -1
     try:
         kind = decide_codec(fd, size, chunk_size, compress, min_saving)
@@ -229,8 +220,10 @@ class Publisher:
         min_saving: float,
         upload_concurrency: int,
         compat_facts: Sequence[str],
+        storage: Storage,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.storage = storage
         self.cache = cache
         self.origin = origin
         self.chunk_size = chunk_size
@@ -256,11 +249,26 @@ class Publisher:
         validate_ref(req.ref)
         cs = req.chunk_size or self.chunk_size
         progress.phase = "hash"
-        tree = await asyncio.to_thread(scan_tree, req.path)
+        fs = await asyncio.to_thread(AsUser.start, req.caller)
+        try:
+            tree = await asyncio.to_thread(scan_tree, fs, req.path, self.storage)
+            return await self._publish(req, fs, tree, cs, progress, t0)
+        finally:
+            await asyncio.to_thread(fs.close)
+
+    async def _publish(
+        self,
+        req: PublishRequest,
+        fs: AsUser,
+        tree: Tree,
+        cs: int,
+        progress: Progress,
+        t0: float,
+    ) -> dict[str, Any]:
         progress.total_files = len(tree.files)
         progress.fill.total_bytes = sum(f.size for f in tree.files)
         facts = compat.publish_facts(req.facts, self.compat_facts, req.compat)
-        run = _Run(self, cs, progress)
+        run = _Run(self, fs, cs, progress)
         entries = await run.all(tree.files)
         t1 = self.clock()
         m = mf.build(
@@ -298,8 +306,9 @@ class _Run:
     """One publish: files ingested one after another on the ingest pool, their chunks handed
     through a bounded queue to upload workers. The queue bounds the memory a publish holds."""
 
-    def __init__(self, p: Publisher, chunk_size: int, progress: Progress) -> None:
+    def __init__(self, p: Publisher, fs: AsUser, chunk_size: int, progress: Progress) -> None:
         self.p = p
+        self.fs = fs
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
@@ -364,7 +373,8 @@ class _Run:
                 self.p.ingest_pool,
                 functools.partial(
                     ingest,
-                    f.source,
+                    functools.partial(self.fs.open_file, f.path, f.ident, f.via),
+                    f.path,
                     f.size,
                     self.cs,
                     tier=tier,

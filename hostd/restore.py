@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hostd.asuser import AsUser, Storage
 from hostd.cache import Blob, Cache
+from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
 from hostd.errors import ManifestError, NotFound, OriginError, UsageError
 from hostd.fill import Filler, FillProgress
-from hostd.materialize import Cancelled, Outcome, check_target, materialize
+from hostd.materialize import Cancelled, Outcome, materialize
 from hostd.origin import Origin, validate_ref
 from hostd.tier import Tier
 
@@ -140,11 +142,11 @@ class Resolver:
 class RestoreRequest:
     ref: str
     target: Path
+    caller: Caller  # whose rights build the tree, in whose mount namespace
     mode: str = "auto"
     replace: bool = False
     compat: Mapping[str, str] = field(default_factory=dict)
     tier: str | None = None
-    owner: tuple[int, int] | None = None  # uid, gid the new tree belongs to
 
 
 class Restorer:
@@ -153,11 +155,16 @@ class Restorer:
         cache: Cache,
         filler: Filler,
         resolver: Resolver,
+        *,
+        storage: Storage,
+        link_to_writers: bool,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
         self.filler = filler
         self.resolver = resolver
+        self.storage = storage
+        self.link_to_writers = link_to_writers
         self.clock = clock
 
     def __repr__(self) -> str:
@@ -187,13 +194,31 @@ class Restorer:
             yield _Filled(res, where, t0, t1, self.clock())
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
-        await asyncio.to_thread(check_target, req.target, req.replace)
-        async with self._filled(req.ref, req.compat, req.tier, progress) as f:
-            progress.phase = "materialize"
-            outcome = await self._materialize(f, req, progress)
+        writer = could_write_cache(req.caller, os.geteuid())
+        link_ok = self.link_to_writers or not writer
+        if req.mode == "link" and not link_ok:
+            raise UsageError(
+                f"mode 'link' would hand uid {req.caller.uid} the cache's own files, which it "
+                "could write to (root, hostd's own user, or a user namespace that maps either); "
+                "use mode 'copy' or 'auto', or set [access] link_to_writers = true"
+            )
+        fs = await asyncio.to_thread(AsUser.start, req.caller)
+        try:
+            info = await asyncio.to_thread(fs.target, str(req.target), req.replace)
+            self.storage.check(f"target {str(req.target)!r}", info.chain, info.existing)
+            async with self._filled(req.ref, req.compat, req.tier, progress) as f:
+                progress.phase = "materialize"
+                if writer and link_ok and req.mode != "copy":
+                    # marked before the links exist: a crash in between must not lose the mark
+                    self.cache.lent(f.where.values(), True)
+                outcome = await self._materialize(f, req, progress, fs, link_ok)
+                if outcome.linked_digests and not writer:
+                    self.cache.lent((f.where[d] for d in outcome.linked_digests), False)
+        finally:
+            await asyncio.to_thread(fs.close)
         t3 = self.clock()
         m = f.resolved.manifest
-        return {
+        out = {
             "snapshot": f.resolved.snapshot_id,
             "ref": req.ref,
             "target": str(req.target),
@@ -206,8 +231,14 @@ class Restorer:
             "timings": _timings(f.t0, f.t1, f.t2, t3),
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
+        if outcome.old_tree_left is not None:
+            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
+            out["old_tree_left"] = outcome.old_tree_left
+        return out
 
-    async def _materialize(self, f: _Filled, req: RestoreRequest, progress: Progress) -> Outcome:
+    async def _materialize(
+        self, f: _Filled, req: RestoreRequest, progress: Progress, fs: AsUser, link_ok: bool
+    ) -> Outcome:
         cancel = threading.Event()
 
         def counted(_size: int) -> None:
@@ -217,19 +248,19 @@ class Restorer:
             asyncio.to_thread(
                 materialize,
                 f.resolved.manifest,
-                req.target,
+                fs,
                 lambda d: f.where[d].path,
                 mode=req.mode,
                 replace=req.replace,
+                link_ok=link_ok,
                 cancel=cancel,
-                owner=req.owner,
                 on_file=counted,
             )
         )
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
-            cancel.set()  # the thread stops between files and removes what it built
+            cancel.set()  # the thread stops between batches and removes what it built
             with contextlib.suppress(Cancelled, Exception):
                 await job
             raise
@@ -272,10 +303,3 @@ def _by_source(fill: FillProgress, cache: Cache) -> dict[str, int]:
     out["origin"] = 0
     out.update(fill.by_source)
     return out
-
-
-def peer_owner(uid: int, gid: int) -> tuple[int, int] | None:
-    """Whom a restored tree should belong to: the caller, when the daemon is root."""
-    if os.geteuid() == 0 and uid != 0:
-        return uid, gid
-    return None

@@ -12,7 +12,7 @@ import asyncio
 import os
 from typing import Protocol
 
-from hostd.cache import Cache
+from hostd.cache import Cache, Verdict
 from hostd.core import codec
 from hostd.core.manifest import Chunk
 from hostd.errors import ChunkCorrupt, ChunkMissing
@@ -46,7 +46,20 @@ class LocalBlobSource:
         if loc is None:
             raise ChunkMissing(f"chunk {chunk.id.hex()} is in no local blob")
         blob, offset = loc
-        return await asyncio.to_thread(_read_verified, str(blob.path), offset, chunk)
+        # The blob is checked like any other use of it (a hardlinked one may have been written
+        # through); the chunk read is verified on its own as well. A blob that fails the check
+        # is corrupt data (counted, and dropped by the check), not a missing one.
+        verdict = await self.cache.check(blob)
+        if verdict is Verdict.BAD:
+            raise ChunkCorrupt(f"chunk {chunk.id.hex()}: local blob {blob.path} did not verify")
+        if verdict is not Verdict.INTACT:
+            raise ChunkMissing(f"chunk {chunk.id.hex()}: its local blob is {verdict.value}")
+        try:
+            return await asyncio.to_thread(_read_verified, str(blob.path), offset, chunk)
+        except ChunkCorrupt:
+            # Changed since the check: re-hash it now, so a bad blob is dropped, not kept.
+            await self.cache.vouch(blob, force=True)
+            raise
 
 
 def _read_verified(path: str, offset: int, chunk: Chunk) -> bytes:
@@ -80,7 +93,9 @@ class OriginSource:
         return f"OriginSource({self.origin.url})"
 
     async def get(self, chunk: Chunk) -> bytes | memoryview:
-        stored = await self.origin.get_chunk(chunk.id)
+        # The object may be raw or zstd whatever the manifest says, so the cap admits both;
+        # a larger one is ChunkCorrupt from get_chunk, refused before it is buffered.
+        stored = await self.origin.get_chunk(chunk.id, codec.max_stored_size(chunk.size))
         try:
             if chunk.size <= INLINE_VERIFY and len(stored) <= INLINE_VERIFY:
                 return codec.decode(chunk, stored)  # ~20 us: cheaper than a thread hop

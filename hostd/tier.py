@@ -24,22 +24,50 @@ import errno
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostd.core.ids import chunk_id
+from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
-from hostd.errors import TierError
+from hostd.errors import HostdError, TierError
+from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
 
 
+class BlobCopyCorrupt(HostdError):
+    """A blob copied between tiers does not hash to its digest: its source is bad. The
+    cache acts on it (drops the source); it is not meant to reach a caller."""
+
+    code = "blob_corrupt"
+    status = 500
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 @dataclass(frozen=True, slots=True)
 class BlobStat:
+    """What a blob's trust is checked against: no write, link, unlink or chmod of its inode
+    leaves all three as they were (ctime cannot be set back by anyone but the clock)."""
+
     digest: bytes
     size: int
     mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, digest: bytes, st: os.stat_result) -> BlobStat:
+        return cls(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def same_file_state(self, other: BlobStat) -> bool:
+        return (self.size, self.mtime_ns, self.ctime_ns) == (
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+        )
 
 
 def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
@@ -75,6 +103,23 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
     buf = bytearray(size)
     pread_into(fd, memoryview(buf), offset)
     return bytes(buf)
+
+
+def digest_of(
+    fd: int, size: int, chunk_size: int, on_read: Callable[[int], None] | None = None
+) -> bytes:
+    """The file digest of the first `size` bytes of `fd`, hashed chunk by chunk (blocking).
+    `on_read(offset)` runs after each chunk is read: a test's hook into the middle of a hash."""
+    ids = []
+    buf = bytearray(min(chunk_size, size))
+    for off in range(0, size, chunk_size):
+        n = min(chunk_size, size - off)
+        view = memoryview(buf)[:n]
+        pread_into(fd, view, off)
+        ids.append((chunk_id(view), n))
+        if on_read is not None:
+            on_read(off)
+    return file_digest(ids)
 
 
 class PartialBlob:
@@ -217,11 +262,13 @@ class Tier:
         return f"Tier({self.name!r}, {str(self.root)!r}, budget={self.budget})"
 
     def prepare(self) -> None:
-        """Create the layout and prove the tier writable; sweep scratch leftovers."""
+        """Create the layout, private (0700), and prove the tier writable; sweep scratch
+        leftovers. Only under the daemon's lock on this tier (hostd/lock.py): the sweep would
+        break another daemon's fills."""
         probe = self.tmp_dir / f".probe-{os.getpid()}"
         try:
             for d in (self.root, self.blobs_dir, self.partial_dir, self.tmp_dir):
-                d.mkdir(parents=True, exist_ok=True)
+                private_dir(d)
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as e:
@@ -247,7 +294,7 @@ class Tier:
             st = os.stat(self.blob_path(digest))
         except FileNotFoundError:
             return None
-        return BlobStat(digest, st.st_size, st.st_mtime_ns)
+        return BlobStat.of(digest, st)
 
     def scan(self) -> tuple[list[BlobStat], list[BlobStat]]:
         """Complete blobs and partial blobs on disk (names that are not ids are ignored)."""
@@ -256,12 +303,10 @@ class Tier:
         for sub in _iterdir(self.blobs_dir):
             for p in _iterdir(sub):
                 if _is_hex(p.name):
-                    st = p.stat()
-                    complete.append(BlobStat(bytes.fromhex(p.name), st.st_size, st.st_mtime_ns))
+                    complete.append(BlobStat.of(bytes.fromhex(p.name), p.stat()))
         for p in _iterdir(self.partial_dir):
             if _is_hex(p.name):
-                st = p.stat()
-                partial.append(BlobStat(bytes.fromhex(p.name), st.st_size, st.st_mtime_ns))
+                partial.append(BlobStat.of(bytes.fromhex(p.name), p.stat()))
         return complete, partial
 
     def remove_blob(self, digest: bytes) -> None:
@@ -284,8 +329,9 @@ class Tier:
         dest.parent.mkdir(exist_ok=True)
         os.rename(scratch, dest)
         self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
-        st = os.stat(dest)
-        return BlobStat(digest, st.st_size, st.st_mtime_ns)
+        # Taken after the rename (which moves ctime): the file was written by us alone, in
+        # this private tier, so this stat is of the verified bytes.
+        return BlobStat.of(digest, os.stat(dest))
 
     def write_whole(self, digest: bytes, data: bytes | memoryview) -> BlobStat:
         """Write a blob that came whole (one verified chunk) without partial-blob state."""
@@ -304,14 +350,43 @@ class Tier:
                 os.unlink(scratch)
             raise tier_error(self.name, scratch, e, "writing a blob") from e
 
-    def copy_in(self, src: Path, digest: bytes) -> BlobStat:
-        """Copy a complete blob from another tier into this one (demotion, promotion)."""
+    def copy_in(self, src: Path, digest: bytes, size: int, chunk_size: int) -> BlobStat:
+        """Copy a complete blob from another tier into this one (demotion, promotion).
+
+        The copy is hashed against `digest` before it is installed: the source may have been
+        written through since it was last verified (a hardlinked blob), and a copy must never
+        give changed bytes a fresh record. BlobCopyCorrupt if it does not match (nothing is
+        left behind); the copy lives in this private tier, so no one writes it after the hash.
+        """
         tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}.copy"
         dest = self.blob_path(digest)
+        if chunk_size <= 0:
+            raise BlobCopyCorrupt("no manifest gives its chunk size, so it cannot be checked")
         try:
-            copy_file(src, tmp)
-            os.chmod(tmp, BLOB_MODE)
+            with open(src, "rb") as fi:
+                have = os.fstat(fi.fileno()).st_size
+                if have != size:  # also keeps a source grown by a writer from filling the tier
+                    raise BlobCopyCorrupt(f"size {have}, want {size}")
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    try:
+                        copy_range(fi.fileno(), fd, size)
+                    except OSError as e:
+                        if os.fstat(fi.fileno()).st_size != size:  # truncated by a writer
+                            raise BlobCopyCorrupt("it shrank while it was copied") from e
+                        raise
+                    os.fsync(fd)
+                    os.fchmod(fd, BLOB_MODE)
+                    if digest_of(fd, size, chunk_size) != digest:
+                        raise BlobCopyCorrupt("content does not match its digest")
+                finally:
+                    os.close(fd)
             return self.install(tmp, digest)
+        except BlobCopyCorrupt as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            e.add_note(f"copying blob {digest.hex()} from {src} into tier {self.name!r}")
+            raise
         except OSError as e:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(tmp)

@@ -8,6 +8,24 @@ import pytest
 from s3server import MotoS3, S3Bucket
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (they are skipped otherwise, unless -m names slow)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (e.g. the 10,000-case fuzz) are opt-in: `--run-slow` or `-m slow`."""
+    if config.getoption("--run-slow") or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or -m slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3]:
     """One moto S3 server for the whole session (starting one costs about a second)."""

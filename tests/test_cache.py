@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,16 @@ from hypothesis.stateful import (
     rule,
 )
 
-from hostd.cache import Cache, blob_is_intact
+from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import Chunk, FileEntry
 from hostd.errors import TierError
-from hostd.index import Index
+from hostd.index import UNKNOWN_CTIME, Index
 from hostd.tier import BLOB_MODE, BlobStat, Tier
 
 CS = mf.MIN_CHUNK_SIZE
+DEADLINE = 5.0
 
 
 class Clock:
@@ -146,7 +148,15 @@ def where(cache: Cache, e: FileEntry) -> list[tuple[str, bool]]:
 
 def view(cache: Cache) -> dict[tuple[bytes, str], tuple[Any, ...]]:
     return {
-        (b.digest, b.tier.name): (b.size, b.chunk_size, b.complete, b.mtime_ns, b.last_used)
+        (b.digest, b.tier.name): (
+            b.size,
+            b.chunk_size,
+            b.complete,
+            b.mtime_ns,
+            b.last_used,
+            b.ctime_ns,
+            b.lent,
+        )
         for t in cache.tiers
         for d in cache.digests(t)
         for b in cache.copies(d)
@@ -768,7 +778,7 @@ async def test_schema_mismatch_moves_the_index_aside_and_rebuilds(big_env: Env) 
 # -- unchanged() -----------------------------------------------------------------------------
 
 
-async def test_unchanged_detects_size_and_mtime_changes(env: Env) -> None:
+async def test_unchanged_checks_size_mtime_and_ctime_which_no_one_can_set_back(env: Env) -> None:
     cache = env.open()
     a = env.file("a", 300)
     await env.put(cache, a)
@@ -776,10 +786,13 @@ async def test_unchanged_detects_size_and_mtime_changes(env: Env) -> None:
     assert b is not None
     assert cache.unchanged(b)
     info = os.stat(b.path)
+    assert (b.size, b.mtime_ns, b.ctime_ns) == (300, info.st_mtime_ns, info.st_ctime_ns)
 
     os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
     assert not cache.unchanged(b)
     os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert not cache.unchanged(b), "the mtime is back, the ctime is not"
+    assert await cache.vouch(b)  # re-hashed: intact, the new ctime recorded
     assert cache.unchanged(b)
 
     write_through(b.path, b"more", append=True)
@@ -788,3 +801,308 @@ async def test_unchanged_detects_size_and_mtime_changes(env: Env) -> None:
 
     os.unlink(b.path)
     assert not cache.unchanged(b)
+
+
+# -- trust: stat before hashing, lost index, lent blobs ------------------------------------------
+
+
+def poison(path: Path) -> None:
+    """The attack of issue 9 (5): root writes "EVIL" through a read-only blob (or a hardlink
+    to it) and sets its mtime back to what it was."""
+    old = os.stat(path)
+    write_through(path, b"EVIL", append=False)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    now = os.stat(path)
+    assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+
+
+def test_rehash_records_the_stat_taken_before_the_hash(tmp_path: Path) -> None:
+    tier = Tier("t", tmp_path / "t", 1 << 20)
+    tier.prepare()
+    data = content("x", 3 * CS)
+    e = entry_of("x", data)
+    write_blob(tier, e, data)
+    path = tier.blob_path(e.digest)
+    writes: list[int] = []
+
+    def rewrite_the_same_bytes(off: int) -> None:
+        # On the first attempt only, after the last chunk is read: a write that leaves the
+        # bytes as they were, but moves the ctime. The stat taken before the hash that is
+        # vouched for is the one after this write.
+        if off == 2 * CS and not writes:
+            write_through(path, data[:4], append=False)
+            writes.append(os.stat(path).st_ctime_ns)
+
+    r = rehash(path, e.digest, e.size, CS, on_read=rewrite_the_same_bytes)
+
+    assert r.why is None
+    assert r.seen is not None
+    assert r.seen.ctime_ns == writes[0] == os.stat(path).st_ctime_ns
+
+
+def test_a_write_during_a_rehash_is_never_vouched_for(tmp_path: Path) -> None:
+    tier = Tier("t", tmp_path / "t", 1 << 20)
+    tier.prepare()
+    data = content("x", 2 * CS)
+    e = entry_of("x", data)
+    write_blob(tier, e, data)
+    path = tier.blob_path(e.digest)
+    done: list[bool] = []
+
+    def evil_after_chunk_0_was_read(off: int) -> None:
+        if off == CS and not done:  # chunk 0 was read intact; the hash of it will match
+            poison(path)
+            done.append(True)
+
+    r = rehash(path, e.digest, e.size, CS, on_read=evil_after_chunk_0_was_read)
+    # The first attempt hashed good bytes, but its stat moved: in doubt, so tried again.
+    assert r == Rehash("content does not match its digest")
+
+    def keeps_writing(off: int) -> None:
+        write_through(path, data[:4], append=False)
+
+    r = rehash(path, e.digest, e.size, CS, on_read=keeps_writing)
+    assert r == Rehash(f"it changed while it was hashed, {REHASH_ATTEMPTS} times")
+
+
+async def test_a_write_racing_a_vouch_from_another_thread_drops_the_blob(env: Env) -> None:
+    """A write between the pre-hash fstat and the end of the hash, by a second thread gated on
+    events: the hash of what was read matches, yet the blob is not recorded as good."""
+    reading, written = threading.Event(), threading.Event()
+
+    def paused(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
+        def hook(off: int) -> None:
+            if not reading.is_set():
+                reading.set()  # chunk 0 was read, after the fstat
+                assert written.wait(DEADLINE)
+
+        return rehash(path, digest, size, chunk_size, on_read=hook)
+
+    cache = env.open()
+    cache.hasher = paused
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    os.utime(b.path)  # some doubt, so the next use re-hashes
+
+    async def writer() -> None:
+        assert await asyncio.to_thread(reading.wait, DEADLINE)
+        await asyncio.to_thread(poison, b.path)
+        written.set()
+
+    async with asyncio.timeout(DEADLINE), asyncio.TaskGroup() as tg:
+        tg.create_task(writer())
+        vouched = tg.create_task(cache.vouch(b))
+
+    assert not vouched.result()
+    assert cache.copies(a.digest) == []
+    assert not b.path.exists()
+    assert used(cache) == {"mem": 0, "disk": 0}
+
+
+async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> None:
+    calls: list[bytes] = []
+
+    def counting(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
+        calls.append(digest)
+        return rehash(path, digest, size, chunk_size)
+
+    cache = env.open()
+    cache.hasher = counting
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    os.utime(b.path)
+
+    got = await asyncio.gather(*(cache.vouch(b) for _ in range(5)))
+
+    assert got == [True] * 5
+    assert calls == [a.digest]
+    assert cache.unchanged(b)
+
+
+async def test_after_a_lost_index_blobs_are_rehashed_before_first_use(env: Env) -> None:
+    """A corrupted blob with a plausible mtime on disk is never served: blobs found with no
+    row are unverified until hashed."""
+    cache = env.open()
+    mem, disk = cache.tiers
+    good, bad = env.file("good", 300), env.file("bad", 300)
+    await env.put(cache, good, [mem])
+    await env.put(cache, bad, [disk])
+    cache.record_snapshot(mf.build(chunk_size=CS, files=[good, bad]))
+    env.close()
+    poison(disk.blob_path(bad.digest))
+    os.unlink(env.root / "index.db")  # lost; the manifests dir is kept
+
+    again = env.open()
+
+    assert again.index.rebuilt
+    g, b = again.locate(good.digest), again.locate(bad.digest)
+    assert g is not None
+    assert b is not None
+    assert (g.ctime_ns, b.ctime_ns) == (UNKNOWN_CTIME, UNKNOWN_CTIME)
+    assert not again.unchanged(g)
+    assert not again.unchanged(b)
+    assert await again.vouch(g)
+    assert again.unchanged(g)  # verified now, and recorded
+    assert not await again.vouch(b)
+    assert again.copies(bad.digest) == []
+    assert not disk.blob_path(bad.digest).exists()
+
+
+async def test_a_version_1_index_is_migrated_keeping_pins_and_rehashing_blobs(env: Env) -> None:
+    cache = env.open()
+    mem, _disk = cache.tiers
+    a, b = env.file("a", 300), env.file("b", 300)
+    await env.put(cache, a, [mem])
+    await env.put(cache, b, [mem])
+    m = mf.build(chunk_size=CS, files=[a, b])
+    cache.record_snapshot(m)
+    cache.set_pinned(m.snapshot_id, True)
+    cache.index.put_ref("r", "c", m.snapshot_id, 1.0)
+    env.close()
+    db = sqlite3.connect(env.root / "index.db")
+    with contextlib.closing(db):  # what a version-1 daemon left
+        db.execute(
+            "CREATE TABLE old AS SELECT digest, tier, size, chunk_size, complete, mtime_ns,"
+            " last_used FROM blobs"
+        )
+        db.execute("DROP TABLE blobs")
+        db.execute("ALTER TABLE old RENAME TO blobs")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+        db.commit()
+    poison(mem.blob_path(b.digest))  # its mtime is the one in the old row
+
+    again = env.open()
+
+    assert not again.index.rebuilt
+    assert again.pinned_blobs() == {a.digest, b.digest}
+    assert again.index.get_ref("r", "c") == m.snapshot_id
+    assert not (env.root / "index.db.v1.old").exists()
+    got_a, got_b = again.locate(a.digest), again.locate(b.digest)
+    assert got_a is not None
+    assert got_b is not None
+    assert got_a.ctime_ns == got_b.ctime_ns == UNKNOWN_CTIME
+    assert await again.vouch(got_a)
+    assert not await again.vouch(got_b)
+    assert again.copies(b.digest) == []
+    env.close()
+    third = env.open()
+    assert third.locate(a.digest) is not None
+    assert third.unchanged(third.locate(a.digest))  # type: ignore[arg-type]
+
+
+async def test_a_blob_lent_to_a_writer_is_rehashed_before_every_later_use(env: Env) -> None:
+    cache = env.open()
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    restored = env.root / "restored"
+    os.link(b.path, restored)  # what a link restore does
+
+    cache.lent([b], writer=True)
+
+    assert b.lent
+    assert [r.lent for r in cache.index.blobs()] == [True]
+    assert not cache.unchanged(b)  # our own link moved the ctime: re-hash first
+    assert await cache.vouch(b)
+    assert cache.unchanged(b)
+    assert b.lent, "a writer may still hold a link or a descriptor"
+    # Another caller's link (not a writer) does not whitewash a lent blob's record.
+    os.link(b.path, env.root / "other")
+    cache.lent([b], writer=False)
+    assert not cache.unchanged(b)
+    assert await cache.vouch(b)
+
+    # The attack: "EVIL" through the link, mtime set back. Never served again.
+    poison(restored)
+    assert not await cache.vouch(b)
+    assert cache.copies(a.digest) == []
+    assert restored.read_bytes()[:4] == b"EVIL"  # the caller's own inode, no longer ours
+    env.close()
+
+
+async def test_a_blob_lent_to_non_writers_keeps_its_record_and_an_rm_costs_a_rehash(
+    env: Env,
+) -> None:
+    calls: list[bytes] = []
+
+    def counting(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
+        calls.append(digest)
+        return rehash(path, digest, size, chunk_size)
+
+    cache = env.open()
+    cache.hasher = counting
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    restored = env.root / "restored"
+    os.link(b.path, restored)
+
+    cache.lent([b], writer=False)
+
+    assert not b.lent
+    assert cache.unchanged(b)  # the link's ctime was recorded: no re-hash
+    assert await cache.vouch(b)
+    assert calls == []
+    os.unlink(restored)  # the client's rm of its tree moves the ctime
+    assert not cache.unchanged(b)
+    assert await cache.vouch(b)  # a re-hash, never a failure
+    assert calls == [a.digest]
+    assert cache.locate(a.digest) is b
+    env.close()
+    again = env.open()
+    got = again.locate(a.digest)
+    assert got is not None
+    assert again.unchanged(got)
+    assert not got.lent
+
+
+async def test_lent_to_a_non_writer_does_not_vouch_for_an_unverified_blob(env: Env) -> None:
+    cache = env.open()
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    cache.record_snapshot(mf.build(chunk_size=CS, files=[a]))
+    env.close()
+    os.unlink(env.root / "index.db")
+    again = env.open()
+    got = again.locate(a.digest)
+    assert got is not None
+    os.link(got.path, env.root / "restored")
+
+    again.lent([got], writer=False)
+
+    assert got.ctime_ns == UNKNOWN_CTIME
+    assert not again.unchanged(got)
+    # and a record whose size or mtime no longer match is left for the next use to re-hash
+    assert await again.vouch(got)
+    os.utime(got.path, ns=(0, 1))
+    os.link(got.path, env.root / "restored-2")
+    recorded = got.ctime_ns
+    again.lent([got], writer=False)
+    assert got.ctime_ns == recorded
+    assert not again.unchanged(got)
+
+
+async def test_a_poisoned_blob_is_not_demoted(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b = env.file("a", 600), env.file("b", 600)
+    await env.put(cache, a)
+    blob = cache.locate(a.digest, [mem])
+    assert blob is not None
+    os.link(blob.path, env.root / "restored")
+    cache.lent([blob], writer=True)
+    poison(env.root / "restored")
+
+    await env.put(cache, b)  # a leaves mem
+
+    assert cache.locate(a.digest) is None, "deleted, not copied down with a fresh record"
+    assert not disk.blob_path(a.digest).exists()
+    assert list(disk.tmp_dir.iterdir()) == []
+    assert used(cache) == {"mem": 600, "disk": 0}
+    assert cache.evictions[("mem", "delete")] == 1

@@ -4,6 +4,7 @@ documented config/hostd.toml kept in step with the loader."""
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
 import math
 import os
@@ -21,10 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hostd.config import (
+    ACCESS_KEYS,
     MAX_SOCKET_PATH,
     PEER_KEYS,
     TIER_KEYS,
     TOP_KEYS,
+    AccessConfig,
     Config,
     PeersConfig,
     TierConfig,
@@ -552,6 +555,20 @@ BAD_VALUES = [
     ("[peers]\nsecret_file = 1", "peers.secret_file"),
     ('[peers]\nhedge_after = "x"', "peers.hedge_after"),
     ("[peers]\ntimeout = 0", "peers.timeout"),
+    ("access = 1", "access"),
+    ('[access]\nrestore = "*"', "access.restore"),
+    ('[access]\npublish = ["uid:0", "someone"]', "access.publish[1]"),
+    ('[access]\npublish = ["uid:-1"]', "access.publish[0]"),
+    ('[access]\npublish = ["uid:4294967295"]', "access.publish[0]"),
+    ('[access]\npublish = ["uid:' + "9" * 5000 + '"]', "access.publish[0]"),
+    ('[access]\npublish = ["user:a\\u0000b"]', "access.publish[0]"),
+    ("[access]\npublish = [0]", "access.publish[0]"),
+    ('[access]\nadmin = ["user:no-such-user-here"]', "access.admin[0]"),
+    ('[access]\nadmin = ["*", "group:no-such-group-here"]', "access.admin[1]"),
+    ('[access]\nadmin = ["gid: 5"]', "access.admin[0]"),
+    ('[access]\nlink_to_writers = "yes"', "access.link_to_writers"),
+    ("[access]\nmax_operations = 0", "access.max_operations"),
+    ("[access]\nmax_operations_per_uid = 65537", "access.max_operations_per_uid"),
 ]
 
 
@@ -565,10 +582,52 @@ def test_bad_value_names_its_key(tmp_path: Path, env: dict[str, str], text: str,
 
 def test_bad_values_cover_every_key() -> None:
     named = {re.sub(r"\[\d+\]", "[]", key) for _, key in BAD_VALUES}
-    leaves = {k for k in known_keys()} | {"tiers", "peers"}
+    leaves = {k for k in known_keys()} | {"tiers", "peers", "access"}
     # a bad value of a key inside an array or a table may be named by its element
     named |= {k.removesuffix("[]") for k in named}
     assert leaves - named == set()
+
+
+def test_access_defaults_follow_the_daemons_euid(env: dict[str, str]) -> None:
+    as_root = load_config(None, env, euid=0).access
+    assert as_root == AccessConfig(
+        restore=("*",),
+        publish=(),
+        admin=(),
+        link_to_writers=False,
+        max_operations=64,
+        max_operations_per_uid=16,
+    )
+    assert load_config(None, env, euid=1000).access.link_to_writers is True
+    assert load_config(None, env).access.link_to_writers is (os.geteuid() != 0)
+
+
+def test_access_names_become_ids(tmp_path: Path, env: dict[str, str]) -> None:
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    text = f"""
+[access]
+restore = ["user:nobody", "uid:007", "*"]
+publish = ["group:{group}", "gid:0"]
+admin = []
+link_to_writers = true
+max_operations = 3
+max_operations_per_uid = 1
+"""
+    access = load_config(write(tmp_path, text), env, euid=0).access
+    assert access.restore == (f"uid:{nobody.pw_uid}", "uid:7", "*")
+    assert access.publish == (f"gid:{nobody.pw_gid}", "gid:0")
+    assert access.admin == ()
+    assert access.link_to_writers is True
+    assert (access.max_operations, access.max_operations_per_uid) == (3, 1)
+    view = json.loads(json.dumps(load_config(write(tmp_path, text), env).to_json()))
+    assert view["access"]["publish"] == [f"gid:{nobody.pw_gid}", "gid:0"]
+
+
+def test_access_unknown_name_says_how_to_give_a_number(tmp_path: Path, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"no user named '12345'.*uid:N") as e:
+        load_config(write(tmp_path, '[access]\nrestore = ["user:12345"]'), env)
+    assert e.value.key == "access.restore[0]"
 
 
 @pytest.mark.parametrize(
@@ -695,18 +754,20 @@ def documented_keys(doc: dict[str, object]) -> set[str]:
         if key == "tiers":
             assert isinstance(value, list)
             keys |= {f"tiers[].{k}" for table in value for k in table}
-        elif key == "peers":
+        elif key in ("peers", "access"):
             assert isinstance(value, dict)
-            keys |= {f"peers.{k}" for k in value}
+            keys |= {f"{key}.{k}" for k in value}
         else:
             keys.add(key)
     return keys
 
 
 def test_loader_keys_match_the_dataclasses() -> None:
-    assert set(TOP_KEYS) == {f.name for f in dataclasses.fields(Config)} - {"source"}
+    derived = {"source", "tiers_default"}
+    assert set(TOP_KEYS) == {f.name for f in dataclasses.fields(Config)} - derived
     assert set(TIER_KEYS) == {f.name for f in dataclasses.fields(TierConfig)} - {"budget_spec"}
     assert set(PEER_KEYS) == {f.name for f in dataclasses.fields(PeersConfig)}
+    assert set(ACCESS_KEYS) == {f.name for f in dataclasses.fields(AccessConfig)}
 
 
 def test_config_file_documents_every_key() -> None:
@@ -721,7 +782,9 @@ def test_config_file_comments_every_key() -> None:
     for i, line in enumerate(lines):
         option = _OPTION.sub("", line, count=1) if _OPTION.match(line) else line
         if option.startswith("["):
-            section = {"[[tiers]]": "tiers[].", "[peers]": "peers."}[option.strip()]
+            section = {"[[tiers]]": "tiers[].", "[peers]": "peers.", "[access]": "access."}[
+                option.strip()
+            ]
             continue
         m = re.match(r"([a-z_]+) = ", option)
         if m is None:
@@ -744,9 +807,10 @@ def test_config_file_loads_without_home_or_existing_paths() -> None:
 
 
 def test_config_file_comments_out_only_defaults(tmp_path: Path, env: dict[str, str]) -> None:
-    """Turning on every commented-out line changes nothing: each shows the default value."""
-    as_is = load_config(CONFIG_FILE, env={})
-    full = load_config(write(tmp_path, uncomment(CONFIG_FILE.read_text())), env={})
+    """Turning on every commented-out line changes nothing: each shows the default value
+    (of a daemon running as root, as the systemd unit's does: link_to_writers follows it)."""
+    as_is = load_config(CONFIG_FILE, env={}, euid=0)
+    full = load_config(write(tmp_path, uncomment(CONFIG_FILE.read_text())), env={}, euid=0)
     assert dataclasses.replace(full, source=None, peers=as_is.peers) == dataclasses.replace(
         as_is, source=None
     )

@@ -246,7 +246,8 @@ def test_publish_restore_modes_replace_and_cold_daemon(work: Path) -> None:
     src, expected = tree_with_outside_link(work)
     origin = f"file://{work}/origin"
     want = unique_bytes(expected)
-    with Hostd(work / "a", origin=origin) as a:
+    # root clients trusted with links (test_trust.py has the default: root gets copies)
+    with Hostd(work / "a", origin=origin, access={"link_to_writers": True}) as a:
         pub = a.publish(src, "e2e/tree")
         assert pub["files"] == 6, pub
         assert pub["symlinks"] == 2, pub
@@ -311,7 +312,7 @@ def test_publish_restore_modes_replace_and_cold_daemon(work: Path) -> None:
         assert hidden_leftovers(work) == []
 
     # A second host (empty tiers, the same origin) restores cold, then warm from its tier.
-    with Hostd(work / "b", origin=origin) as b:
+    with Hostd(work / "b", origin=origin, access={"link_to_writers": True}) as b:
         cold = b.restore("e2e/tree", work / "cold")
         assert cold["event"] == "result", cold
         assert tree_digest(work / "cold") == expected

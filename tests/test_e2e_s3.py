@@ -19,6 +19,9 @@ from s3server import S3Bucket
 
 PREFIX = "fleet/snapshots"
 
+# root clients trusted with the cache's own inodes (test_trust.py has the default: copies)
+TRUSTING = {"link_to_writers": True}
+
 
 @pytest.fixture
 def work() -> Iterator[Path]:
@@ -48,7 +51,7 @@ def unique_bytes(expected: dict[str, Any]) -> int:
 def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
     src, expected = source_tree(work)
     origin = s3_server.url(PREFIX)
-    with Hostd(work / "a", origin=origin, origin_options=s3_server.options) as a:
+    with Hostd(work / "a", origin=origin, origin_options=s3_server.options, access=TRUSTING) as a:
         status, st = a.api("GET", "/v1/status")
         assert status == 200
         assert st["origin"].startswith(f"s3://{s3_server.bucket}/{PREFIX}")
@@ -76,7 +79,7 @@ def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
             assert tree_digest(work / f"out-{mode}") == expected, mode
 
     # Another host, keys from the standard AWS variables only, restores cold from S3.
-    with Hostd(work / "b", origin=origin, env=s3_server.env) as b:
+    with Hostd(work / "b", origin=origin, env=s3_server.env, access=TRUSTING) as b:
         cold = b.restore("s3/tree", work / "cold")
         assert cold["event"] == "result", cold
         assert cold["snapshot"] == sid

@@ -13,7 +13,9 @@ from hostd.core.codec import ZSTD_MAGIC
 def test_publish_then_restore_gives_the_same_tree() -> None:
     work = short_tmp()
     src = make_tree(work / "src")
-    with Hostd(work / "d") as d:
+    # a fleet that trusts its root clients with the cache's own inodes (test_trust.py has the
+    # default, where root gets copies)
+    with Hostd(work / "d", access={"link_to_writers": True}) as d:
         pub = d.publish(src, "demo/tree")
         assert pub["files"] == 5
         assert pub["new_chunks"] >= 1

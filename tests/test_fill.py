@@ -374,6 +374,116 @@ async def test_a_blob_written_through_is_dropped_and_fetched_again(rig: Rig) -> 
     assert +progress.by_source == {"origin": f.size}
 
 
+# -- the poisoning attack of issue 9 (5): a linked blob written through, its mtime set back ------
+
+
+def link_and_poison(rig: Rig, b: Blob, name: str = "restored") -> Path:
+    """What a link restore to a writer (root in a container) allows: the caller writes "EVIL"
+    through its hardlink to the blob and sets the mtime back to the recorded one."""
+    restored = rig.root / name
+    os.link(b.path, restored)
+    rig.cache.lent([b], writer=True)
+    os.chmod(restored, 0o644)
+    with open(restored, "r+b") as fh:
+        fh.write(b"EVIL")
+    os.chmod(restored, BLOB_MODE)
+    os.utime(restored, ns=(b.mtime_ns, b.mtime_ns))
+    st = os.stat(b.path)
+    assert (st.st_size, st.st_mtime_ns) == (b.size, b.mtime_ns)
+    return restored
+
+
+async def test_a_poisoned_linked_blob_is_dropped_and_fetched_again(rig: Rig) -> None:
+    f = rig.file("f", pattern("f", 2 * CS))
+    await rig.ensure([f])
+    b = rig.cache.locate(f.digest)
+    assert b is not None
+    restored = link_and_poison(rig, b)
+
+    found, progress = await rig.ensure([f])
+
+    assert +progress.by_source == {"origin": f.size}
+    assert_complete(rig, f, rig.mem)
+    assert os.stat(found[f.digest].path).st_ino != os.stat(restored).st_ino
+    assert restored.read_bytes()[:4] == b"EVIL"  # the caller keeps what it wrote
+
+
+async def test_a_poisoned_linked_blob_is_never_a_dedup_source(rig: Rig) -> None:
+    shared = pattern("shared", CS)
+    f = rig.file("f", shared + pattern("f", CS))
+    g = rig.file("g", shared + pattern("g", CS))  # its first chunk is f's first chunk
+    await rig.ensure([f])
+    rig.cache.record_snapshot(mf.build(chunk_size=CS, files=[f]))  # its chunks are indexed
+    b = rig.cache.locate(f.digest)
+    assert b is not None
+    assert rig.cache.chunk_location(g.chunks[0].id) == (b, 0)
+    link_and_poison(rig, b)
+
+    _, progress = await rig.ensure([g])
+
+    assert +progress.by_source == {"origin": g.size}
+    assert_complete(rig, g, rig.mem)
+    assert rig.cache.copies(f.digest) == []  # dropped when the dedup read checked it
+
+
+async def test_a_dedup_read_that_fails_its_chunk_hash_drops_the_blob(rig: Rig) -> None:
+    """Bytes bad with a stat that still matches the record (bit rot, or a write in the same
+    clock tick as the stat on a kernel without multigrain timestamps): the chunk hash catches
+    them, and the blob is re-hashed and dropped."""
+    shared = pattern("shared", CS)
+    f = rig.file("f", shared + pattern("f", CS))
+    g = rig.file("g", shared + pattern("g", CS))
+    await rig.ensure([f])
+    rig.cache.record_snapshot(mf.build(chunk_size=CS, files=[f]))  # its chunks are indexed
+    b = rig.cache.locate(f.digest)
+    assert b is not None
+    assert rig.cache.chunk_location(g.chunks[0].id) == (b, 0)
+    link_and_poison(rig, b)
+    tier_stat = b.tier.stat_blob(b.digest)
+    assert tier_stat is not None
+    b.record(tier_stat)  # as if the write left no trace in the stat
+
+    _, progress = await rig.ensure([g])
+
+    assert +progress.by_source == {"origin": g.size}
+    assert rig.cache.copies(f.digest) == []
+
+
+async def test_a_poisoned_blob_is_never_promoted(rig: Rig) -> None:
+    f = rig.file("f", pattern("f", 3 * CS))
+    await rig.ensure([f], [rig.disk])
+    b = rig.cache.locate(f.digest, [rig.disk])
+    assert b is not None
+    link_and_poison(rig, b)
+
+    found, progress = await rig.ensure([f], [rig.mem])
+
+    assert +progress.by_source == {"origin": f.size}
+    assert found[f.digest].tier is rig.mem
+    assert_complete(rig, f, rig.mem)
+    assert rig.cache.locate(f.digest, [rig.disk]) is None  # the bad source is dropped
+    assert rig.leftovers() == []
+    assert {u.name: u.used for u in rig.cache.usage()} == {"mem": f.size, "disk": 0}
+
+
+async def test_a_lent_blob_that_is_intact_is_promoted_and_the_copy_is_not_lent(
+    rig: Rig,
+) -> None:
+    f = rig.file("f", pattern("f", 3 * CS))
+    await rig.ensure([f], [rig.disk])
+    b = rig.cache.locate(f.digest, [rig.disk])
+    assert b is not None
+    os.link(b.path, rig.root / "restored")
+    rig.cache.lent([b], writer=True)
+
+    found, progress = await rig.ensure([f], [rig.mem])
+
+    assert +progress.by_source == {"disk": f.size}
+    assert_complete(rig, f, rig.mem)
+    assert not found[f.digest].lent  # a new, hashed inode that no one else holds
+    assert b.lent
+
+
 # -- tier failures -------------------------------------------------------------------------------
 
 
@@ -434,11 +544,11 @@ class GatedTier(Tier):
         self.copies = 0
         self.go = threading.Event()
 
-    def copy_in(self, src: Path, digest: bytes) -> BlobStat:
+    def copy_in(self, src: Path, digest: bytes, size: int, chunk_size: int) -> BlobStat:
         self.copies += 1
         self.loop.call_soon_threadsafe(self.started.set)
         assert self.go.wait(DEADLINE)
-        return super().copy_in(src, digest)
+        return super().copy_in(src, digest, size, chunk_size)
 
 
 async def test_two_ensures_copying_in_one_blob_copy_it_once(tmp_path: Path) -> None:

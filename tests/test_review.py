@@ -13,7 +13,7 @@ import pytest
 from test_cache import CS, Env, used, where, write_through
 
 import hostd.maintain
-from hostd.cache import blob_is_intact
+from hostd.cache import Rehash, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.restore import Progress
 
@@ -60,11 +60,11 @@ async def test_cancelling_an_admission_while_it_demotes_returns_the_lower_tiers_
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = disk.copy_in
 
-    def slow_copy_in(src: Path, digest: bytes) -> object:
+    def slow_copy_in(src: Path, digest: bytes, size: int, chunk_size: int) -> object:
         started.set()
         release.wait(DEADLINE)
         try:
-            return real(src, digest)
+            return real(src, digest, size, chunk_size)
         finally:
             finished.set()
 
@@ -87,7 +87,7 @@ async def test_cancelling_an_admission_while_it_demotes_returns_the_lower_tiers_
 
 
 async def test_verify_does_not_call_a_blob_bad_because_it_moved_while_being_hashed(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env,
 ) -> None:
     cache = env.open()
     mem, disk = cache.tiers
@@ -95,14 +95,13 @@ async def test_verify_does_not_call_a_blob_bad_because_it_moved_while_being_hash
     await env.put(cache, a)
     cache.record_snapshot(mf.build(chunk_size=CS, files=[a, b]))
     started, release = threading.Event(), threading.Event()
-    real = blob_is_intact
 
-    def slow_check(path: Path, digest: bytes, size: int, chunk_size: int) -> str | None:
+    def slow_check(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
         started.set()
         release.wait(DEADLINE)
-        return real(path, digest, size, chunk_size)
+        return rehash(path, digest, size, chunk_size)
 
-    monkeypatch.setattr(hostd.maintain, "blob_is_intact", slow_check)
+    cache.hasher = slow_check
     verifying = asyncio.create_task(hostd.maintain.verify(cache, Progress()))
     assert await asyncio.to_thread(started.wait, DEADLINE)
     await env.put(cache, b)  # a is demoted to disk while verify hashes its mem copy

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -192,17 +193,28 @@ def seconds(value: str) -> float:
     return float(value)
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def systemd_analyze() -> str:
+    """The systemd-analyze binary; a skip without it, a failure in CI."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze is missing (install the systemd package)")
         pytest.skip("systemd-analyze is not installed")
-    # verify checks that ExecStart's binary exists: point it at one that does.
+    return analyze
+
+
+def unit_copy(tmp_path: Path) -> Path:
+    """The unit, with an ExecStart whose binary exists (verify and security check that)."""
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/hostd " in text
     copy = tmp_path / "hostd.service"
     copy.write_text(text.replace("ExecStart=/usr/bin/hostd ", f"ExecStart={sys.executable} "))
+    return copy
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    copy = unit_copy(tmp_path)
     result = subprocess.run(
         [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -245,3 +257,120 @@ def test_unit_matches_the_config_it_points_to() -> None:
     for path in (config.index, Path(config.origin.removeprefix("file://"))):
         assert any(path.is_relative_to(w) for w in (*writable, cache, state)), path
     assert seconds(d["Service.TimeoutStopSec"][0]) > config.drain_timeout
+
+
+# The capabilities the caller-rights design uses, each argued for in the unit's comments:
+# the helpers' drop to a client's credentials, links into clients' directories (also of blobs
+# that aren't root's, under fs.protected_hardlinks), stopping a helper that runs under a
+# client's uid, and pinned memory.
+NEEDED_CAPS = {
+    "CAP_SYS_PTRACE",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_KILL",
+    "CAP_IPC_LOCK",
+}
+
+# Directives that would score better and break hostd (the unit's comments say why).
+FORBIDDEN = (
+    "User",
+    "DynamicUser",
+    "PrivateUsers",  # SO_PEERCRED's uids
+    "PrivateNetwork",  # origin, metrics, peers
+    "PrivateDevices",  # /dev/nvidia*
+    "MemoryDenyWriteExecute",  # the CUDA driver's JIT
+    "ProcSubset",  # /proc/driver/nvidia
+    "PrivateTmp",
+)
+
+# What hostd and its helpers call that a syscall filter could take away.
+NEEDED_SYSCALLS = (
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "openat2",
+    "linkat",
+    "renameat2",
+    "copy_file_range",
+    "sendfile",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "flock",
+    "setrlimit",
+    "mlock",
+    "ioctl",
+)
+
+
+def test_unit_hardening_keeps_what_hostd_needs() -> None:
+    d = unit_directives()
+    assert set(" ".join(d["Service.CapabilityBoundingSet"]).split()) == NEEDED_CAPS
+    for key in FORBIDDEN:
+        assert f"Service.{key}" not in d, key
+    assert not any("any" in v.split() for v in d.get("Service.IPAddressDeny", [])), d
+    families = set(d["Service.RestrictAddressFamilies"][0].split())
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= families
+    assert not families & {"~AF_INET", "~AF_INET6", "~AF_UNIX"}
+    # a private cache, a socket directory clients can reach
+    assert d["Service.UMask"] == ["0077"]
+    assert d["Service.StateDirectoryMode"] == ["0700"]
+    assert d["Service.CacheDirectoryMode"] == ["0700"]
+    assert d["Service.RuntimeDirectoryMode"] == ["0755"]
+    assert d["Service.SystemCallFilter"] == ["@system-service"]
+    assert d["Service.ProtectProc"] == ["invisible"]
+    assert d["Service.DevicePolicy"] == ["closed"]
+    assert any(v.startswith("char-nvidia") for v in d["Service.DeviceAllow"])
+    # restores land in the caller's mount namespace, not in the daemon's view of the host
+    assert "Service.BindPaths" not in d
+
+
+def syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """`systemd-analyze syscall-filter`: group -> its members (syscalls and groups)."""
+    out = subprocess.run(
+        [analyze, "syscall-filter"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        item = line.strip()
+        if item.startswith("@") and not line.startswith(" "):
+            current = groups.setdefault(item, [])
+        elif item and not item.startswith("#") and current is not None:
+            current.append(item)
+    return groups
+
+
+def test_unit_syscall_filter_allows_what_hostd_calls() -> None:
+    groups = syscall_groups(systemd_analyze())
+
+    def expand(name: str) -> set[str]:
+        out: set[str] = set()
+        for item in groups[name]:
+            out |= expand(item) if item.startswith("@") else {item}
+        return out
+
+    allowed: set[str] = set()
+    for name in unit_directives()["Service.SystemCallFilter"]:
+        assert not name.startswith("~"), name
+        for item in name.split():
+            allowed |= expand(item) if item.startswith("@") else {item}
+    assert [s for s in NEEDED_SYSCALLS if s not in allowed] == []
+
+
+def test_unit_exposure_is_at_most_3(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    copy = unit_copy(tmp_path)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    found = re.search(r"Overall exposure level for hostd\.service: (\d+\.\d+)", output)
+    assert found is not None, output
+    assert float(found.group(1)) <= 3.0, output

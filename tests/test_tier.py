@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hostd.core.ids import chunk_id
+from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
 from hostd.errors import TierError
-from hostd.tier import BLOB_MODE, Tier
+from hostd.tier import BLOB_MODE, BlobCopyCorrupt, Tier
 
 CS = 64 * 1024
 # Three full chunks and a short last one; each chunk's bytes differ.
@@ -23,6 +23,7 @@ CHUNKS = tuple(
     Chunk(chunk_id(DATA[o : o + CS]), len(DATA[o : o + CS])) for o in range(0, len(DATA), CS)
 )
 DIGEST = bytes.fromhex("ab" * 32)
+REAL = file_digest((c.id, c.size) for c in CHUNKS)  # DATA's true digest
 OTHER = bytes.fromhex("cd" * 32)
 
 
@@ -209,23 +210,29 @@ def test_prepare_names_the_tier_when_it_cannot_be_created(tmp_path: Path) -> Non
         t.prepare()
 
 
-def test_copy_in_makes_a_read_only_copy_and_leaves_no_scratch(tmp_path: Path) -> None:
-    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
-    pb = disk.open_partial(DIGEST, len(DATA), len(CHUNKS))
+def complete_in(t: Tier, digest: bytes = REAL) -> Path:
+    pb = t.open_partial(digest, len(DATA), len(CHUNKS))
     for i in range(len(CHUNKS)):
         pb.write(i, i * CS, piece(i))
-    src = pb.complete()
+    pb.complete()
+    return t.blob_path(digest)
 
-    st = mem.copy_in(disk.blob_path(DIGEST), DIGEST)
 
-    dest = mem.blob_path(DIGEST)
+def test_copy_in_makes_a_read_only_copy_and_leaves_no_scratch(tmp_path: Path) -> None:
+    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
+    src = complete_in(disk)
+
+    st = mem.copy_in(src, REAL, len(DATA), CS)
+
+    dest = mem.blob_path(REAL)
     assert dest.read_bytes() == DATA
     assert stat.S_IMODE(os.stat(dest).st_mode) == BLOB_MODE
-    assert (st.digest, st.size) == (DIGEST, src.size)
-    assert st == mem.stat_blob(DIGEST)
+    assert (st.digest, st.size) == (REAL, len(DATA))
+    assert st == mem.stat_blob(REAL)
+    assert st.ctime_ns == os.stat(dest).st_ctime_ns
     assert list(mem.tmp_dir.iterdir()) == []
-    assert disk.blob_path(DIGEST).read_bytes() == DATA  # the source stays
-    assert not os.path.samefile(dest, disk.blob_path(DIGEST))  # a copy, not a link
+    assert src.read_bytes() == DATA  # the source stays
+    assert not os.path.samefile(dest, src)  # a copy, not a link
 
 
 def test_copy_in_of_a_missing_source_raises_tier_error_and_leaves_nothing(
@@ -233,9 +240,38 @@ def test_copy_in_of_a_missing_source_raises_tier_error_and_leaves_nothing(
 ) -> None:
     mem = make_tier(tmp_path, "mem")
     with pytest.raises(TierError, match=r"tier 'mem'.*copying a blob in failed"):
-        mem.copy_in(tmp_path / "no-such-blob", DIGEST)
+        mem.copy_in(tmp_path / "no-such-blob", REAL, len(DATA), CS)
     assert list(mem.tmp_dir.iterdir()) == []
-    assert mem.stat_blob(DIGEST) is None
+    assert mem.stat_blob(REAL) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("evil", "content does not match its digest"),
+        ("grow", f"size {len(DATA) + 4}, want {len(DATA)}"),
+    ],
+)
+def test_copy_in_hashes_the_copy_and_installs_nothing_that_does_not_match(
+    tmp_path: Path, damage: str, why: str
+) -> None:
+    """A source written through since it was verified (a hardlinked blob, its mtime set
+    back) is not laundered into a fresh copy with a fresh stat."""
+    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
+    src = complete_in(disk)
+    old = os.stat(src)
+    os.chmod(src, 0o644)
+    with open(src, "ab" if damage == "grow" else "r+b") as f:
+        f.write(b"EVIL")
+    os.chmod(src, BLOB_MODE)
+    os.utime(src, ns=(old.st_atime_ns, old.st_mtime_ns))
+
+    with pytest.raises(BlobCopyCorrupt) as info:
+        mem.copy_in(src, REAL, len(DATA), CS)
+
+    assert info.value.why == why
+    assert mem.stat_blob(REAL) is None
+    assert list(mem.tmp_dir.iterdir()) == []
 
 
 def test_remove_blob_and_partial_are_idempotent(tier: Tier) -> None:

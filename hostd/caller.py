@@ -1,0 +1,92 @@
+"""Who is at the other end of the local socket: pid, uid, gid and groups, taken at connect.
+
+SO_PEERCRED gives the pid, uid and gid the peer had when it connected (translated into our
+namespaces); SO_PEERGROUPS (Linux 4.13+, option 59, which Python has no constant for) gives
+its supplementary groups. Both describe the connecting process at connect time, so a caller
+that drops or gains rights later is still judged by what it had then.
+
+What a caller may do is decided in access.py; what is done for it on the filesystem runs
+with exactly these credentials (asuser.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_NGROUPS_MAX = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Caller(pid={self.pid}, uid={self.uid}, gid={self.gid}, groups={self.groups})"
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "groups": list(self.groups)}
+
+
+def peer_caller(sock: socket.socket) -> Caller:
+    """The credentials of the process that connected `sock` (a Unix stream socket)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("iII", raw)  # uid_t and gid_t are unsigned
+    return Caller(pid, uid, gid, _peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            # ERANGE: the buffer is too small (the kernel says how big it must be only in C's
+            # optlen, which Python hides): grow it and ask again.
+            if e.errno == errno.ERANGE and size < _NGROUPS_MAX * 4:
+                size *= 4
+                continue
+            if e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):  # a kernel before 4.13
+                return ()
+            raise
+        n = len(raw) // 4
+        return tuple(struct.unpack(f"{n}I", raw[: n * 4]))
+
+
+def daemon_caller() -> Caller:
+    """The daemon itself, as a caller (in-process work that no socket client asked for)."""
+    return Caller(os.getpid(), os.geteuid(), os.getegid(), tuple(os.getgroups()))
+
+
+def could_write_cache(caller: Caller, daemon_uid: int) -> bool:
+    """Whether `caller` could write to a file the daemon owns, read-only bit or not: root, the
+    daemon's own uid, or a process in a user namespace that maps either (its capabilities
+    there apply to their files). Such callers must not get the cache's own inodes by link.
+    When in doubt (the map cannot be read), yes."""
+    if caller.uid in (0, daemon_uid):
+        return True
+    try:
+        with open(f"/proc/{caller.pid}/uid_map") as f:
+            theirs = f.read()
+        with open("/proc/self/uid_map") as f:
+            ours = f.read()
+    except OSError:
+        return True
+    if theirs == ours:
+        return False  # our own user namespace: its uid is all it has
+    for line in theirs.splitlines():
+        # inside, outside (as seen from our namespace), count
+        parts = line.split()
+        if len(parts) != 3:
+            return True
+        outside, count = int(parts[1]), int(parts[2])
+        if any(outside <= u < outside + count for u in (0, daemon_uid)):
+            return True
+    return False

@@ -1,0 +1,722 @@
+"""The helper process: filesystem work for one socket client, with its rights, by descriptor.
+
+The daemon runs as root beside untrusted clients, so it never touches a caller's files with
+its own rights. For each operation that does (a publish reads the source, a restore builds
+the target and may remove the tree it replaces) it starts this module as a child process
+(`python -m hostd.fsops FD`), which:
+
+1. reads one `init` message naming the caller (uid, gid, groups, pid, and a pidfd of it);
+2. drops to exactly those credentials (setgroups, setresgid, setresuid: they are per
+   process, so a thread could not do this) before it looks at any path, which also makes it
+   non-dumpable, so the caller cannot ptrace it and borrow the descriptors the daemon sends;
+3. opens the caller's root, `/proc/<pid>/root`, and resolves every path it is given under it
+   with openat2(RESOLVE_IN_ROOT): paths are the caller's own, in its mount namespace (a
+   container's `/models` is its own), never the host's;
+4. works below the directory it resolved only relative to directory descriptors, with
+   O_NOFOLLOW/RESOLVE_NO_SYMLINKS, checking what it opened with fstat, never resolving a path
+   again after checking it: a caller racing renames and symlinks can redirect nothing.
+   A FIFO, socket or device is never opened (O_PATH, fstat, then reopen regular files only).
+
+The daemon sends requests and reads answers over one Unix stream socket: frames of a 4-byte
+length and a JSON object, descriptors attached with SCM_RIGHTS. Blob descriptors come in to
+be copied from; source files and build directories go out. If the daemon goes away (EOF),
+the helper removes the tree it was building and exits, so a killed daemon leaves no debris.
+
+Standard library only: it starts once per operation, so it imports little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from hostd.fileio import copy_range
+
+MAX_FDS = 250  # per frame; the kernel's SCM_MAX_FD is 253
+MAX_FRAME = 64 << 20
+COPY_THREADS = 4
+BUILD_INFIX = ".hostd-"
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+_RENAME_EXCHANGE = 2
+_PR_SET_DUMPABLE = 4
+_AT_FDCWD = -100
+
+
+class Refused(Exception):
+    """What the helper answers with: a kind the daemon maps to its errors, and a message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing: used by both ends.
+
+
+def send_frame(
+    sock: socket.socket, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
+) -> None:
+    """One frame; past MAX_FDS descriptors, empty frames carry the rest (`nfds` says how
+    many the receiver is to wait for)."""
+    data = json.dumps({**obj, "nfds": len(fds)}, separators=(",", ":")).encode()
+    frame = struct.pack(">I", len(data)) + data
+    for i in range(0, max(len(fds), 1), MAX_FDS):
+        part = list(fds[i : i + MAX_FDS])
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(part)}i", *part))]
+        if i == 0:
+            sent = sock.sendmsg([frame], anc if part else [])
+            _send_rest(sock, frame, sent)
+        else:  # more descriptors than one message carries: empty frames bring the rest
+            empty = struct.pack(">I", 0)
+            _send_rest(sock, empty, sock.sendmsg([empty], anc))
+
+
+def _send_rest(sock: socket.socket, frame: bytes, sent: int) -> None:
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """One frame and every descriptor sent with it. None at EOF."""
+    fds: list[int] = []
+    header = _recv_with_fds(sock, 4, fds)
+    if header is None:
+        return None
+    (length,) = struct.unpack(">I", header)
+    if length > MAX_FRAME:
+        raise Refused("protocol", f"frame of {length} bytes is over the limit")
+    body = _recv_exact(sock, length) if length else b""
+    obj = json.loads(body) if body else {}
+    if not isinstance(obj, dict):
+        raise Refused("protocol", "a frame is not a JSON object")
+    while len(fds) < int(obj.get("nfds", 0)):  # the rest come with empty frames
+        if _recv_with_fds(sock, 4, fds) is None:
+            raise Refused("protocol", "the other end closed the socket mid-frame")
+    return obj, fds
+
+
+def _recv_with_fds(sock: socket.socket, n: int, fds: list[int]) -> bytes | None:
+    data, anc, _flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
+    if not data:
+        return None
+    if len(data) < n:
+        data += _recv_exact(sock, n - len(data))
+    return data
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise Refused("protocol", "the other end closed the socket mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Syscalls Python lacks.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    raw = os.fsencode(path)
+    for _ in range(16):  # EAGAIN: a rename raced the lookup; the kernel asks us to try again
+        fd = _libc.syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(raw),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:
+            raise OSError(err, os.strerror(err), path)
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
+
+
+def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
+    rc = _libc.renameat2(
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(old)),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(new)),
+        ctypes.c_uint(flags),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), new)
+
+
+# ---------------------------------------------------------------------------------------------
+# The helper.
+
+
+class Helper:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.root = -1  # the caller's root directory, O_PATH
+        # publish
+        self.src = -1
+        self.src_path = ""
+        # restore
+        self.parent = -1
+        self.parent_path = ""
+        self.name = ""
+        self.build = ""
+        self.build_fd = -1
+        self.dirs: dict[str, int] = {}
+        self.committed = False
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while True:
+                got = recv_frame(self.sock)
+                if got is None:
+                    return  # the daemon went away (or is done): clean up below
+                msg, fds = got
+                try:
+                    op = getattr(self, "op_" + str(msg.get("op")), None)
+                    if op is None:
+                        raise Refused("protocol", f"unknown operation {msg.get('op')!r}")
+                    reply, out = op(msg, fds)
+                except Refused as e:
+                    send_frame(self.sock, {"error": e.kind, "message": e.message})
+                    continue
+                except OSError as e:
+                    send_frame(self.sock, {"error": "os", "message": _oserror(e), "errno": e.errno})
+                    continue
+                finally:
+                    for fd in fds:
+                        _close(fd)
+                try:
+                    send_frame(self.sock, reply, out)
+                finally:
+                    for fd in out:
+                        _close(fd)
+                if msg.get("op") == "close":
+                    return
+        finally:
+            self.abort()
+
+    def op_close(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {"ok": True}, []
+
+    # -- who we act as ---------------------------------------------------------------------
+    def op_init(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Take the caller's root, then its credentials. The root is opened first, while we
+        may still be root: the kernel's ptrace check on /proc/<pid>/root refuses an opener
+        without the caller's capabilities (a container's root), which the caller's bare uid
+        lacks. Every lookup under it is made after the drop, with the caller's rights."""
+        uid, gid, pid = int(msg["uid"]), int(msg["gid"]), int(msg["pid"])
+        groups = [int(g) for g in msg["groups"]]
+        if pid <= 0:
+            raise Refused(
+                "forbidden",
+                "the calling process is not visible to hostd (another pid namespace): its "
+                "paths cannot be resolved in its own mount namespace",
+            )
+        pidfd = fds[0] if fds else -1
+        root_error = self._open_root(pid, pidfd)
+        if os.geteuid() == 0:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        elif os.geteuid() != uid:
+            raise Refused(
+                "forbidden",
+                f"hostd runs as uid {os.geteuid()} and cannot act with uid {uid}'s rights",
+            )
+        if os.getresuid() != (uid, uid, uid):
+            raise Refused("forbidden", f"could not take uid {uid}'s rights")
+        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        os.umask(0)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # a tree of many directories keeps one descriptor each
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if self.root < 0 and self._open_root(pid, pidfd) is not None:
+            raise Refused(
+                "forbidden",
+                f"cannot resolve paths in the caller's mount namespace: /proc/{pid}/root is "
+                f"closed to hostd ({root_error}) and to uid {uid} (the process holds "
+                f"capabilities uid {uid} lacks, or is not dumpable)",
+            )
+        return {"ok": True}, [os.dup(self.root)]
+
+    def _open_root(self, pid: int, pidfd: int) -> str | None:
+        """Open /proc/<pid>/root as self.root; None, or why it could not be opened."""
+        try:
+            proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Refused("gone", "the calling process went away") from None
+        try:
+            try:
+                root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+            except PermissionError as e:
+                return e.strerror
+            if pidfd >= 0:  # the pidfd pins the process we mean: /proc/<pid> must still be it
+                try:
+                    signal.pidfd_send_signal(pidfd, 0)
+                except ProcessLookupError:
+                    os.close(root)
+                    raise Refused("gone", "the calling process went away") from None
+            self.root = root
+            return None
+        finally:
+            os.close(proc)
+
+    def _resolve(self, path: str, flags: int) -> int:
+        """A caller's absolute path, resolved under its root with its rights."""
+        if not path.startswith("/") or "\0" in path:
+            raise Refused("usage", f"{path!r} is not an absolute path")
+        return openat2(self.root, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+
+    def _chain(self, fd: int) -> list[list[int]]:
+        """(dev, ino) of a directory and each of its ancestors up to the caller's root: what the
+        daemon compares with its own storage, whatever path spelling led here."""
+        top = os.fstat(self.root)
+        out: list[list[int]] = []
+        cur = os.dup(fd)
+        try:
+            for _ in range(4096):
+                st = os.fstat(cur)
+                if out and out[-1] == [st.st_dev, st.st_ino]:
+                    break
+                out.append([st.st_dev, st.st_ino])
+                if (st.st_dev, st.st_ino) == (top.st_dev, top.st_ino):
+                    break
+                up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+                os.close(cur)
+                cur = up
+        finally:
+            os.close(cur)
+        return out
+
+    # -- publish: read the source ----------------------------------------------------------
+    def op_source(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Resolve the directory to publish; where it is, for the daemon to check first."""
+        path = str(msg["path"])
+        try:
+            self.src = self._resolve(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise Refused("usage", f"publish path {path!r} does not exist") from None
+        except NotADirectoryError:
+            raise Refused("usage", f"publish path {path!r} is not a directory") from None
+        except PermissionError:
+            raise Refused("usage", f"publish path {path!r}: permission denied") from None
+        self.src_path = path
+        return {"chain": self._chain(self.src)}, []
+
+    def op_scan(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Walk the source by descriptor: files, symlinks (and where they lead), empty dirs."""
+        if self.src < 0:
+            raise Refused("protocol", "scan before source")
+        path = self.src_path
+        files: list[dict[str, Any]] = []
+        links: list[dict[str, Any]] = []
+        dirs: list[str] = []
+        ids: dict[tuple[int, int], str] = {}
+        st = os.fstat(self.src)
+        ids[(st.st_dev, st.st_ino)] = ""
+        stack: list[tuple[int, str]] = [(os.dup(self.src), "")]
+        try:
+            while stack:
+                dfd, rel_dir = stack.pop()
+                try:
+                    entries = sorted(_listdir(dfd, rel_dir))
+                    if not entries and rel_dir:
+                        dirs.append(rel_dir)
+                    for name in entries:
+                        rel = f"{rel_dir}/{name}" if rel_dir else name
+                        try:
+                            name.encode("utf-8")
+                        except UnicodeEncodeError:
+                            raise Refused(
+                                "usage", f"file name {rel!r} is not valid UTF-8"
+                            ) from None
+                        est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        if stat.S_ISLNK(est.st_mode):
+                            links.append({"path": rel, "target": os.readlink(name, dir_fd=dfd)})
+                        elif stat.S_ISREG(est.st_mode):
+                            ids[(est.st_dev, est.st_ino)] = rel
+                            files.append(_file(rel, est, None))
+                        elif stat.S_ISDIR(est.st_mode):
+                            sub = _open_dir(dfd, name, rel)
+                            sst = os.fstat(sub)
+                            if (sst.st_dev, sst.st_ino) != (est.st_dev, est.st_ino):
+                                os.close(sub)
+                                raise Refused("changed", f"{rel!r} changed while it was read")
+                            ids[(sst.st_dev, sst.st_ino)] = rel
+                            stack.append((sub, rel))
+                        else:
+                            raise Refused(
+                                "usage", f"{rel!r} is not a regular file, directory or symlink"
+                            )
+                finally:
+                    os.close(dfd)
+        finally:
+            for dfd, _ in stack:
+                os.close(dfd)
+        for link in links:
+            link["resolved"] = self._follow(path, link, ids)
+        return {"files": files, "symlinks": links, "dirs": sorted(dirs)}, []
+
+    def _follow(
+        self, root_path: str, link: dict[str, Any], ids: dict[tuple[int, int], str]
+    ) -> dict[str, Any]:
+        """Where a symlink of the source leads, followed in the caller's root with its rights."""
+        rel_dir = link["path"].rpartition("/")[0]
+        where = "/".join(p for p in (root_path.rstrip("/"), rel_dir) if p)
+        target = link["target"]
+        full = target if target.startswith("/") else f"{where}/{target}"
+        try:
+            fd = self._resolve(full, os.O_PATH)
+        except FileNotFoundError:
+            return {"kind": "missing"}
+        except OSError as e:
+            return {"kind": "error", "message": e.strerror or str(e)}
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        inside = ids.get((st.st_dev, st.st_ino))
+        if inside is not None:
+            return {"kind": "inside", "rel": inside}
+        if stat.S_ISREG(st.st_mode):
+            return {"kind": "file", **_file(link["path"], st, full)}
+        return {"kind": "other", "type": _kind(st.st_mode)}
+
+    def op_open(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """A source file to read: opened O_PATH, checked to be the regular file the scan saw,
+        then reopened for reading, which checks the caller's read permission."""
+        rel, via = str(msg["path"]), msg.get("via")
+        try:
+            if via is None:
+                fd = openat2(self.src, rel, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+            else:
+                fd = self._resolve(str(via), os.O_PATH)
+        except OSError as e:
+            raise Refused("changed", f"{rel!r} changed while it was published: {e.strerror}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or [st.st_dev, st.st_ino] != msg["id"]:
+                raise Refused("changed", f"{rel!r} changed while it was being published")
+            try:
+                rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            except PermissionError:
+                raise Refused("usage", f"cannot read {rel!r}: permission denied") from None
+        finally:
+            os.close(fd)
+        return {"ok": True}, [rfd]
+
+    # -- restore: build the target ---------------------------------------------------------
+    def op_target(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Resolve the target's parent, check the target, and sweep what an earlier restore
+        into it left behind."""
+        path, replace = str(msg["path"]), bool(msg["replace"])
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if not path.startswith("/") or name in ("", ".", ".."):
+            raise Refused("usage", f"target {path!r} is not an absolute path to a directory")
+        self.parent_path, self.name = parent or "/", name
+        try:
+            self.parent = self._resolve(self.parent_path, os.O_PATH | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Refused(
+                "usage", f"target's parent directory {self.parent_path!r} does not exist"
+            ) from None
+        except PermissionError:
+            raise Refused(
+                "usage", f"target's parent directory {self.parent_path!r}: permission denied"
+            ) from None
+        target_id = None
+        try:
+            st = os.stat(name, dir_fd=self.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise Refused("exists", f"target {path!r} exists and is not a directory")
+            target_id = [st.st_dev, st.st_ino]
+            if not replace:
+                fd = _open_dir(self.parent, name, path)
+                try:
+                    if _listdir(fd, path):
+                        raise Refused(
+                            "exists", f"target {path!r} exists and is not empty (use replace)"
+                        )
+                finally:
+                    os.close(fd)
+        self._sweep()
+        return {
+            "dev": os.fstat(self.parent).st_dev,
+            "chain": self._chain(self.parent),
+            "target": target_id,
+        }, []
+
+    def _sweep(self) -> None:
+        """Remove build directories of earlier restores into this target that nobody holds
+        (the helper that made one holds a lock on it while it lives)."""
+        prefix = f".{self.name}{BUILD_INFIX}"
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.parent)
+        except OSError:
+            return  # a parent we may search but not list: nothing to sweep that we can see
+        try:
+            names = [n for n in os.listdir(fd) if n.startswith(prefix)]
+        finally:
+            os.close(fd)
+        for n in names:
+            try:
+                d = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.parent)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a restore in progress holds it
+            finally:
+                os.close(d)
+            shutil.rmtree(n, dir_fd=self.parent, ignore_errors=True)
+
+    def op_begin(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Make the hidden build directory beside the target and every directory of the tree;
+        hand out descriptors of those the daemon links files into."""
+        if self.parent < 0:
+            raise Refused("protocol", "begin before target")
+        self.build = f".{self.name}{BUILD_INFIX}{os.urandom(6).hex()}"
+        where = f"{self.parent_path.rstrip('/')}/{self.name}"
+        try:
+            os.mkdir(self.build, 0o755, dir_fd=self.parent)
+        except PermissionError:
+            self.build = ""
+            raise Refused(
+                "forbidden", f"cannot create {where!r}: permission denied in its parent"
+            ) from None
+        self.build_fd = _open_dir(self.parent, self.build, self.build)
+        fcntl.flock(self.build_fd, fcntl.LOCK_EX)  # a sweep by another restore leaves it alone
+        self.dirs[""] = self.build_fd
+        for d in msg["dirs"]:  # sorted, parents first
+            up, _, leaf = d.rpartition("/")
+            os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
+            self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+        out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
+        return {"dev": os.fstat(self.build_fd).st_dev}, out
+
+    def op_files(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Create files: `copy` ones from the blob descriptors sent with the frame, in order,
+        on a few threads (one copy stream leaves a disk's queue and a second core idle)."""
+        jobs: list[Callable[[], None]] = []
+        it = iter(fds)
+        for path, mode, size, kind in msg["items"]:
+            up, _, leaf = str(path).rpartition("/")
+            dfd = self.dirs[up]
+            src = next(it) if kind == "copy" else -1
+            jobs.append(_creator(dfd, leaf, int(mode), int(size), src, str(path)))
+        _run_all(jobs)
+        return {"ok": True}, []
+
+    def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        for path, target in msg["items"]:
+            up, _, leaf = str(path).rpartition("/")
+            os.symlink(str(target), leaf, dir_fd=self.dirs[up])
+        return {"ok": True}, []
+
+    def op_commit(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Rename the build into place. With replace, swap it with the old tree atomically
+        (RENAME_EXCHANGE) and remove the old one with the caller's rights."""
+        target = f"{self.parent_path.rstrip('/')}/{self.name}"
+        left = None
+        here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
+        mine = os.fstat(self.build_fd)
+        if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+            raise Refused("changed", f"the tree being built for {target!r} was moved away")
+        try:
+            renameat2(self.parent, self.build, self.name, 0)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not msg.get("replace"):
+                raise Refused("exists", f"target {target!r} appeared while restoring") from e
+            renameat2(self.parent, self.build, self.name, _RENAME_EXCHANGE)
+            self.committed = True
+            try:  # the old tree, now under the build's name, goes with the caller's rights
+                shutil.rmtree(self.build, dir_fd=self.parent)
+            except OSError:
+                left = f"{self.parent_path.rstrip('/')}/{self.build}"
+        self.committed = True
+        self._close_dirs()
+        return {"ok": True, "old_tree_left": left}, []
+
+    def op_abort(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        self.abort()
+        return {"ok": True}, []
+
+    def abort(self) -> None:
+        self._close_dirs()
+        if self.build and not self.committed and self.parent >= 0:
+            shutil.rmtree(self.build, dir_fd=self.parent, ignore_errors=True)
+            self.build = ""
+
+    def _close_dirs(self) -> None:
+        for fd in self.dirs.values():
+            _close(fd)
+        self.dirs.clear()
+        self.build_fd = -1
+
+
+def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:
+    return {
+        "path": rel,
+        "mode": st.st_mode & 0o777,
+        "size": st.st_size,
+        "id": [st.st_dev, st.st_ino],
+        "via": via,
+    }
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _open_dir(dfd: int, name: str, what: str) -> int:
+    try:
+        return os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
+        )
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Refused("changed", f"{what!r} was replaced while hostd worked on it") from e
+        if e.errno == errno.EACCES:
+            raise Refused("usage", f"cannot read {what!r}: permission denied") from e
+        raise
+
+
+def _listdir(dfd: int, what: str) -> list[str]:
+    try:
+        return os.listdir(dfd)
+    except PermissionError:
+        raise Refused("usage", f"cannot read {what or '.'!r}: permission denied") from None
+
+
+def _creator(dfd: int, leaf: str, mode: int, size: int, src: int, path: str) -> Callable[[], None]:
+    def make() -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(leaf, flags, 0o600, dir_fd=dfd)
+        except FileExistsError:
+            raise Refused("changed", f"{path!r} appeared in the tree being built") from None
+        try:
+            if src >= 0:
+                copy_range(src, fd, size)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    return make
+
+
+def _run_all(jobs: list[Callable[[], None]]) -> None:
+    if len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    lock = threading.Lock()
+    queue = iter(jobs)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors:
+                    return
+                job = next(queue, None)
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException as e:
+                with lock:
+                    errors.append(e)
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(min(COPY_THREADS, len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _oserror(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _check_name(rel: str) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused("usage", f"file name {rel!r} is not valid UTF-8") from None
+
+
+def main() -> int:
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the daemon's group: it tells us
+    try:
+        Helper(sock).run()
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

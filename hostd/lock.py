@@ -1,0 +1,131 @@
+"""One daemon per cache: exclusive locks on the cache's directories, and their private mode.
+
+A daemon takes `flock(LOCK_EX | LOCK_NB)` on a `.lock` file in each tier directory and in
+the index's directory before it touches anything there (no tmp/ sweep, no index open, no
+socket claimed). flock locks the inode, not the path, so the lock holds against every
+spelling of a directory: a symlink, a bind mount, a config that differs only in `socket`.
+The kernel drops the lock with the last descriptor, so a daemon killed with SIGKILL leaves
+a lock file that the next one simply takes; the files are never removed (unlinking a lock
+file races with a daemon that has just opened it).
+
+The holder writes its pid and socket into the file once locked, so a second daemon can say
+whom it lost to. This module decides nothing else: it does no cache I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from hostd.errors import HostdError
+
+LOCK_NAME = ".lock"
+PRIVATE_MODE = 0o700
+
+
+class CacheLocked(HostdError):
+    """Another process holds the lock of a tier or of the index: this daemon must not start."""
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` a directory only its owner can enter (0700), creating it if needed.
+
+    Existing directories are chmodded too: versions before 0700 made them 0755. A shared
+    directory (sticky bit, like /tmp or /dev/shm) is refused rather than closed to everyone.
+    """
+    mode = _own_dir(path)
+    if stat.S_IMODE(mode) != PRIVATE_MODE:
+        os.chmod(path, PRIVATE_MODE)
+
+
+def _own_dir(path: Path) -> int:
+    """mkdir -p `path` (the last one 0700); its mode, or HostdError if it is a shared one."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_MODE)
+    mode = os.stat(path).st_mode
+    if mode & stat.S_ISVTX:
+        raise HostdError(
+            f"{path} is a shared directory (sticky bit); hostd needs one of its own there"
+        )
+    return mode
+
+
+class CacheLocks:
+    """The locks one daemon holds, one per directory; released by `release()` or at exit."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[str, Path, int]] = []  # (what, directory, fd)
+
+    def __repr__(self) -> str:
+        return f"CacheLocks({', '.join(f'{what}={d}' for what, d, _ in self._held)})"
+
+    @classmethod
+    def take(cls, places: Sequence[tuple[str, Path]], socket: Path) -> CacheLocks:
+        """Lock each (what, directory) in order, or release the ones taken and raise
+        CacheLocked naming the holder. Creates a missing directory (0700) and its lock file,
+        nothing else: blocking, run it in a thread."""
+        locks = cls()
+        try:
+            for what, directory in places:
+                locks._take(what, directory, socket)
+        except BaseException:
+            locks.release()
+            raise
+        return locks
+
+    def _take(self, what: str, directory: Path, socket: Path) -> None:
+        path = directory / LOCK_NAME
+        try:
+            _own_dir(directory)  # made 0700 if new; an old 0755 one is chmodded once locked
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise HostdError(f"{what} ({directory}): cannot open {path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise HostdError(f"{what} ({directory}): cannot lock {path}: {e.strerror}") from e
+            raise CacheLocked(self._refusal(what, directory, path, holder)) from None
+        # Written only once locked, so what a loser reads is the holder's (or, in the instant
+        # between the holder's flock and this write, a dead predecessor's: harmless).
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "socket": str(socket)}).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise HostdError(f"{what} ({directory}): cannot write {path}: {e.strerror}") from e
+        self._held.append((what, directory, fd))
+
+    def _refusal(self, what: str, directory: Path, path: Path, holder: dict[str, object]) -> str:
+        pid, sock = holder.get("pid", "unknown"), holder.get("socket", "unknown")
+        if pid == os.getpid():  # two places of this one config are the same directory
+            same = next(
+                (w for w, d, _ in self._held if os.path.samefile(d, directory)), "another one"
+            )
+            return f"{what} ({directory}) is the same directory as {same}; give each its own"
+        return (
+            f"{what} ({directory}) is locked by another hostd (pid {pid}, socket {sock}); "
+            f"one daemon per cache: stop that one or give this one other tiers and index "
+            f"(lock file {path})"
+        )
+
+    def release(self) -> None:
+        for _, _, fd in self._held:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing drops the flock; the file stays (see the module doc)
+        self._held.clear()
+
+
+def _holder(fd: int) -> dict[str, object]:
+    try:
+        doc = json.loads(os.pread(fd, 4096, 0))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -1,0 +1,485 @@
+"""A root daemon acts only with its caller's rights, in its caller's mount namespace.
+
+Each test drives a real daemon running as root over its real socket, as an attacker would:
+from an unprivileged account (`setpriv --reuid nobody`, with curl as the client), racing the
+daemon with a second process where a race is the attack, or from a client in a mount
+namespace of its own. Each is one of issue 9's reproductions, which succeeded before the
+helper process (hostd/fsops.py) did the caller's filesystem work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
+
+from hostd.asuser import AsUser
+from hostd.caller import Caller
+from hostd.errors import UsageError
+
+NOBODY = 65534
+JSON = "Content-Type: application/json"
+CURL = ("curl", "-sSN", "-X", "POST", "-H", JSON, "--unix-socket")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: needs root")
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A scratch directory that other users can reach (the socket and test trees live here)."""
+    root = short_tmp("tr")
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def daemon(work: Path, **config: Any) -> Hostd:
+    access = {"publish": [f"uid:{NOBODY}"], **config.pop("access", {})}
+    return Hostd(work / "d", socket_mode="0666", access=access, **config)
+
+
+def as_nobody(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kw)
+
+
+def curl_stream(sock: Path, path: str, body: dict[str, Any], *prefix: str) -> dict[str, Any]:
+    """POST a long operation with curl, run under `prefix` (e.g. setpriv ... as nobody);
+    return its final event."""
+    cmd = [
+        *prefix,
+        "curl",
+        "-sSN",
+        "--unix-socket",
+        str(sock),
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        "@-",
+        f"http://hostd{path}",
+    ]
+    out = subprocess.run(
+        cmd, input=json.dumps(body), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    if len(lines) == 1 and "event" not in lines[0]:
+        return {"event": "error", **lines[0]}  # an answer before the stream (403, 400...)
+    return outcome(lines)
+
+
+NOBODY_PREFIX = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+
+
+def nobody_stream(sock: Path, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    return curl_stream(sock, path, body, *NOBODY_PREFIX)
+
+
+def nobody_dir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    os.chown(p, NOBODY, NOBODY)
+    return p
+
+
+def world_readable_tree(p: Path) -> Path:
+    make_tree(p)
+    for dirpath, _, filenames in os.walk(p):
+        os.chmod(dirpath, 0o755)
+        for n in filenames:
+            q = os.path.join(dirpath, n)
+            if not os.path.islink(q):
+                os.chmod(q, os.stat(q).st_mode | 0o444)
+    return p
+
+
+def snapshot_of(p: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """What an attack must leave untouched: every entry's owner, mode and bytes."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(p):
+        for n in [".", *dirnames, *filenames]:
+            q = os.path.join(dirpath, n)
+            st = os.lstat(q)
+            data = Path(q).read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out[os.path.relpath(q, p)] = (st.st_uid, st.st_gid, st.st_mode, data)
+    return out
+
+
+# -- 1. publish reads with the caller's rights ------------------------------------------------
+
+
+def test_publish_cannot_read_what_the_caller_cannot(work: Path) -> None:
+    secret = work / "secret"
+    secret.write_bytes(b"root only\n")
+    secret.chmod(0o600)
+    src = world_readable_tree(work / "src")
+    os.symlink(str(secret), src / "leak")
+    with daemon(work) as d:
+        out = nobody_stream(d.socket, "/v1/publish", {"path": str(src), "ref": "t/leak"})
+        assert out["event"] == "error", out
+        assert "leak" in out["message"], out
+        assert "permission denied" in out["message"], out
+        # nothing was stored: no blob holds the secret's bytes
+        for tier in ("mem", "disk"):
+            for dirpath, _, files in os.walk(work / "d" / tier):
+                for n in files:
+                    assert b"root only" not in Path(dirpath, n).read_bytes()
+        out = nobody_stream(d.socket, "/v1/publish", {"path": "/etc", "ref": "t/etc"})
+        assert out["event"] == "error", out
+        # the same tree without the link publishes fine as nobody
+        (src / "leak").unlink()
+        out = nobody_stream(d.socket, "/v1/publish", {"path": str(src), "ref": "t/ok"})
+        assert out["event"] == "result", out
+
+
+def test_publish_refuses_special_files_without_opening_them(work: Path) -> None:
+    src = world_readable_tree(work / "src")
+    os.mkfifo(src / "pipe")
+    with daemon(work) as d:
+        t0 = time.monotonic()
+        out = nobody_stream(d.socket, "/v1/publish", {"path": str(src), "ref": "t/fifo"})
+        assert out["event"] == "error", out
+        assert "pipe" in out["message"], out
+        assert "not a regular file" in out["message"], out
+        assert time.monotonic() - t0 < 30
+        (src / "pipe").unlink()
+        assert (
+            nobody_stream(d.socket, "/v1/publish", {"path": str(src), "ref": "t/x"})["event"]
+            == "result"
+        )
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+        assert time.monotonic() - t0 < 30
+
+
+def test_a_file_swapped_for_a_fifo_after_the_scan_is_never_opened(work: Path) -> None:
+    """The race of item 6, made deterministic at the helper: scan, swap, open."""
+    src = world_readable_tree(work / "src")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    try:
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        fs = AsUser.start(caller)
+        try:
+            fs.source(str(src))
+            scan = fs.scan()
+            f = next(x for x in scan["files"] if x["path"] == "weights.bin")
+            (src / "weights.bin").unlink()
+            os.mkfifo(src / "weights.bin", 0o666)
+            t0 = time.monotonic()
+            with pytest.raises(UsageError, match="changed"):
+                fs.open_file(f["path"], f["id"], f["via"])
+            assert time.monotonic() - t0 < 10  # refused, not blocked in open()
+            # a symlink swapped in is not followed either
+            (src / "weights.bin").unlink()
+            os.symlink("/etc/passwd", src / "weights.bin")
+            with pytest.raises(UsageError, match="changed"):
+                fs.open_file(f["path"], f["id"], f["via"])
+        finally:
+            fs.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _uid_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+def wait_for(cond: Any, timeout: float = 20.0, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(step)
+
+
+# -- 2. restore writes with the caller's rights -----------------------------------------------
+
+
+def test_restore_lands_only_where_the_caller_could_write(work: Path) -> None:
+    src = world_readable_tree(work / "src")
+    private = work / "private"
+    private.mkdir(mode=0o700)
+    victim = work / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("root's\n")
+    victim.chmod(0o755)
+    before = snapshot_of(victim)
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{private}/x", "mode": "copy"}
+        )
+        assert out["event"] == "error", out
+        assert "permission denied" in out["message"].lower(), out
+        assert list(private.iterdir()) == []
+        out = nobody_stream(
+            d.socket,
+            "/v1/restore",
+            {"ref": "t/tree", "target": str(victim), "mode": "copy", "replace": True},
+        )
+        assert out["event"] == "error", out
+        assert snapshot_of(victim) == before
+        # where nobody may write, the tree lands, owned by nobody, modes exact
+        home = nobody_dir(work / "home")
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{home}/out", "mode": "copy"}
+        )
+        assert out["event"] == "result", out
+        assert tree_digest(home / "out") == tree_digest(src)
+        for dirpath, dirnames, filenames in os.walk(home / "out"):
+            for n in [".", *dirnames, *filenames]:
+                assert os.lstat(os.path.join(dirpath, n)).st_uid == NOBODY
+        assert (home / "out" / "run.sh").stat().st_mode & 0o777 == 0o755
+
+
+# -- 3. a caller racing renames and symlinks redirects nothing --------------------------------
+
+RACER = r"""
+import os, sys, time
+parent, victim, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+won = 0
+while time.monotonic() < deadline:
+    for n in os.listdir(parent):
+        if n.startswith(".out.hostd-"):
+            try:
+                os.rename(os.path.join(parent, n), os.path.join(parent, f".stolen-{won}"))
+                os.symlink(victim, os.path.join(parent, n))
+                won += 1
+            except OSError:
+                pass
+print(won)
+"""
+
+
+def test_racing_the_build_directory_redirects_no_write(work: Path) -> None:
+    src = work / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03}").write_bytes(os.urandom(64) + bytes([i % 256]))
+    world_readable_tree(src)
+    victim = work / "victim"
+    victim.mkdir(mode=0o755)
+    (victim / "precious").write_text("root's\n")
+    before = snapshot_of(victim)
+    home = nobody_dir(work / "home")
+    with daemon(work) as d:
+        d.publish(src, "t/many")
+        racer = subprocess.Popen(
+            [*NOBODY_PREFIX, sys.executable, "-c", RACER, str(home), str(victim), "60"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(15):
+                nobody_stream(
+                    d.socket,
+                    "/v1/restore",
+                    {"ref": "t/many", "target": f"{home}/out", "mode": "copy"},
+                )
+                if (home / "out").is_symlink():
+                    (home / "out").unlink()
+                shutil.rmtree(home / "out", ignore_errors=True)
+        finally:
+            racer.terminate()
+            racer.wait(30)
+    assert snapshot_of(victim) == before
+
+
+# -- 12. no restore or publish aims at hostd's own storage ------------------------------------
+
+
+def test_storage_is_off_limits_whatever_the_spelling(work: Path) -> None:
+    src = world_readable_tree(work / "src")
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        mem = work / "d" / "mem"
+        origin = work / "d" / "origin"
+        os.symlink(str(work / "d"), work / "alias")
+        for target in (mem, origin, work / "alias" / "disk", mem / "blobs", work / "d"):
+            out = curl_stream(
+                d.socket,
+                "/v1/restore",
+                {"ref": "t/tree", "target": str(target), "mode": "copy", "replace": True},
+            )
+            assert out["event"] == "error", (target, out)
+            assert "hostd's own storage" in out["message"], out
+        out = curl_stream(d.socket, "/v1/publish", {"path": str(mem), "ref": "t/mem"})
+        assert out["event"] == "error", out
+        assert "hostd's own storage" in out["message"], out
+        out = curl_stream(d.socket, "/v1/publish", {"path": str(work), "ref": "t/all"})
+        assert out["event"] == "error", out
+        assert "hostd's own storage" in out["message"], out
+        # the tiers and the origin still hold everything: a restore elsewhere works
+        out = d.restore("t/tree", work / "fine", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "fine") == tree_digest(src)
+
+
+# -- 13. paths are the caller's: its mount namespace ------------------------------------------
+
+
+def test_a_client_in_its_own_mount_namespace_gets_its_own_paths(work: Path) -> None:
+    src = world_readable_tree(work / "src")
+    models = work / "models"
+    models.mkdir()
+    (models / "only-on-host").mkdir()
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        body = json.dumps({"ref": "t/tree", "target": f"{models}/llama", "mode": "auto"})
+        missing = json.dumps({"ref": "t/tree", "target": f"{models}/only-on-host/x"})
+        script = (
+            f"mount -t tmpfs none {models} && "
+            f"curl -sSN --unix-socket {d.socket} -X POST -H '{JSON}' -d '{body}' "
+            "http://hostd/v1/restore && "
+            f"echo ==== && find {models}/llama -type f | sort && echo ==== && "
+            f"curl -sSN --unix-socket {d.socket} -X POST -H '{JSON}' -d '{missing}' "
+            "http://hostd/v1/restore"
+        )
+        out = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        first, listing, second = out.stdout.split("====\n")
+        assert json.loads(first.splitlines()[-1])["event"] == "result", first
+        assert f"{models}/llama/weights.bin" in listing.split()
+        # the host's view is untouched: nothing was made at the host's path
+        assert sorted(p.name for p in models.iterdir()) == ["only-on-host"]
+        err = json.loads(second.splitlines()[-1])
+        assert err["event"] == "error", err
+        assert "does not exist" in err["message"], err
+        assert list((models / "only-on-host").iterdir()) == []
+
+
+# -- 5. links: who gets the cache's own inodes ------------------------------------------------
+
+
+def test_links_go_to_callers_that_cannot_write_them_only(work: Path) -> None:
+    src = world_readable_tree(work / "src")
+    (src / "weights.bin").chmod(0o444)
+    home = nobody_dir(work / "home")
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{home}/l", "mode": "link"}
+        )
+        assert out["event"] == "result", out
+        assert out["linked"] >= 1, out
+        st = (home / "l" / "weights.bin").stat()
+        assert st.st_nlink > 1
+        assert st.st_uid == 0
+        assert st.st_mode & 0o777 == 0o444
+        assert (home / "l").stat().st_uid == NOBODY
+        # root could write through the link: it gets copies from auto, a refusal from link
+        out = d.restore("t/tree", work / "r-auto", mode="auto")
+        assert out["event"] == "result", out
+        assert out["linked"] == 0, out
+        assert (work / "r-auto" / "weights.bin").stat().st_nlink == 1
+        out = d.restore("t/tree", work / "r-link", mode="link")
+        assert out["event"] == "error", out
+        assert "link_to_writers" in out["message"], out
+
+
+def test_links_work_when_the_daemon_has_mounts_of_its_own(work: Path) -> None:
+    """Under systemd the daemon runs in a mount namespace of its own (ProtectSystem=...): a
+    blob's path there is another mount than the caller's, and a link never crosses mounts.
+    Links are made from the blob as the caller sees it, so they still work."""
+    src = world_readable_tree(work / "src")
+    (src / "weights.bin").chmod(0o444)
+    home = nobody_dir(work / "home")
+    own = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'exec "$@"', "sh"]
+    with Hostd(
+        work / "d", socket_mode="0666", access={"publish": [f"uid:{NOBODY}"]}, wrap=own
+    ) as d:
+        d.publish(src, "t/tree")
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{home}/l", "mode": "link"}
+        )
+        assert out["event"] == "result", out
+        assert out["linked"] >= 1, out
+        assert (home / "l" / "weights.bin").stat().st_nlink > 1
+        assert tree_digest(home / "l") == tree_digest(src)
+
+
+def test_a_rewritten_link_is_never_served(work: Path) -> None:
+    """Item 5: with link_to_writers on, root writes through a linked file and puts its mtime
+    back; the next restore must not hand out those bytes as verified."""
+    src = world_readable_tree(work / "src")
+    (src / "weights.bin").chmod(0o444)
+    good = (src / "weights.bin").read_bytes()
+    with daemon(work, access={"link_to_writers": True}) as d:
+        d.publish(src, "t/tree")
+        out = d.restore("t/tree", work / "l", mode="link")
+        assert out["event"] == "result", out
+        assert out["linked"] >= 1, out
+        victim = work / "l" / "weights.bin"
+        st = victim.stat()
+        with open(victim, "r+b") as f:
+            f.write(b"EVIL")
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        out = d.restore("t/tree", work / "c", mode="copy")
+        assert out["event"] == "result", out
+        assert (work / "c" / "weights.bin").read_bytes() == good
+
+
+# -- 10. a crash leaves no debris -------------------------------------------------------------
+
+
+def test_a_killed_daemon_leaves_no_build_directory(work: Path) -> None:
+    src = work / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"big{i}").write_bytes(os.urandom(32 << 20))
+    world_readable_tree(src)
+    home = nobody_dir(work / "home")
+    body = json.dumps({"ref": "t/big", "target": f"{home}/out", "mode": "copy"})
+    caught = False
+    for attempt in range(5):  # the build lasts a fraction of a second: catch it inside
+        with daemon(work) as d:
+            if attempt == 0:
+                d.publish(src, "t/big")
+            client = subprocess.Popen(
+                [*NOBODY_PREFIX, *CURL, str(d.socket), "-d", body, "http://hostd/v1/restore"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                wait_for(lambda: any(p.name.startswith(".out") for p in home.iterdir()), step=0)
+                d.kill()  # SIGKILL the daemon alone: its helper sees it go, removes the build
+            finally:
+                client.wait(60)
+        wait_for(lambda: not any(p.name.startswith(".out") for p in home.iterdir()), 60)
+        if not (home / "out").exists():
+            caught = True
+            break
+        shutil.rmtree(home / "out")
+    assert caught, "the restore always finished before the daemon was killed"
+    # a build left by a helper killed too is swept by the next restore into the target
+    leftover = home / ".out.hostd-0123456789ab"
+    leftover.mkdir()
+    (leftover / "junk").write_text("x")
+    os.chown(leftover, NOBODY, NOBODY)
+    os.chown(leftover / "junk", NOBODY, NOBODY)
+    with daemon(work) as d:
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/big", "target": f"{home}/out", "mode": "copy"}
+        )
+        assert out["event"] == "result", out
+    assert sorted(p.name for p in home.iterdir()) == ["out"]
