@@ -28,13 +28,8 @@ from typing import Any
 import hostd
 from hostd.caller import Caller
 from hostd.errors import Forbidden, HostdError, TargetExists, UsageError
-from hostd.fsops import (
-    RESOLVE_IN_ROOT,
-    RESOLVE_NO_MAGICLINKS,
-    openat2,
-    recv_frame,
-    send_frame,
-)
+from hostd.fileio import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from hostd.frames import FrameError, recv_frame, send_frame
 
 _PKG_PARENT = str(Path(hostd.__file__).resolve().parent.parent)
 _ERRORS: dict[str, type[HostdError]] = {
@@ -116,7 +111,7 @@ class AsUser:
             try:
                 send_frame(self.sock, {"op": op, **fields}, list(fds))
                 got = recv_frame(self.sock)
-            except OSError as e:
+            except (OSError, FrameError) as e:
                 got = None
                 cause: BaseException | None = e
             else:

@@ -7,6 +7,9 @@ status of the local API, and the exit code of the CLI, so the three always agree
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class HostdError(Exception):
     """Base of every error hostd raises on purpose."""
@@ -140,3 +143,12 @@ def first_error(exc: BaseException) -> HostdError | None:
             if found is not None:
                 return found
     return None
+
+
+def os_cause(e: OSError) -> str:
+    """Why a write into one of hostd's directories failed, in the words a user acts on."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "its filesystem is full"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "it is not writable"
+    return os.strerror(e.errno) if e.errno else str(e)

@@ -28,37 +28,35 @@ Standard library only: it starts once per operation, so it imports little.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import json
 import os
 import resource
 import shutil
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from hostd.fileio import copy_range
+from hostd.fileio import (
+    RENAME_EXCHANGE,
+    RESOLVE_BENEATH,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    copy_range,
+    libc,
+    openat2,
+    renameat2,
+)
+from hostd.frames import recv_frame, send_frame
 
-MAX_FDS = 250  # per frame; the kernel's SCM_MAX_FD is 253
-MAX_FRAME = 64 << 20
 COPY_THREADS = 4
 BUILD_INFIX = ".hostd-"
-
-_SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-_RENAME_EXCHANGE = 2
 _PR_SET_DUMPABLE = 4
-_AT_FDCWD = -100
 
 
 class Refused(Exception):
@@ -68,117 +66,6 @@ class Refused(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-# ---------------------------------------------------------------------------------------------
-# Framing: used by both ends.
-
-
-def send_frame(
-    sock: socket.socket, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
-) -> None:
-    """One frame; past MAX_FDS descriptors, empty frames carry the rest (`nfds` says how
-    many the receiver is to wait for)."""
-    data = json.dumps({**obj, "nfds": len(fds)}, separators=(",", ":")).encode()
-    frame = struct.pack(">I", len(data)) + data
-    for i in range(0, max(len(fds), 1), MAX_FDS):
-        part = list(fds[i : i + MAX_FDS])
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(part)}i", *part))]
-        if i == 0:
-            sent = sock.sendmsg([frame], anc if part else [])
-            _send_rest(sock, frame, sent)
-        else:  # more descriptors than one message carries: empty frames bring the rest
-            empty = struct.pack(">I", 0)
-            _send_rest(sock, empty, sock.sendmsg([empty], anc))
-
-
-def _send_rest(sock: socket.socket, frame: bytes, sent: int) -> None:
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
-
-
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One frame and every descriptor sent with it. None at EOF."""
-    fds: list[int] = []
-    header = _recv_with_fds(sock, 4, fds)
-    if header is None:
-        return None
-    (length,) = struct.unpack(">I", header)
-    if length > MAX_FRAME:
-        raise Refused("protocol", f"frame of {length} bytes is over the limit")
-    body = _recv_exact(sock, length) if length else b""
-    obj = json.loads(body) if body else {}
-    if not isinstance(obj, dict):
-        raise Refused("protocol", "a frame is not a JSON object")
-    while len(fds) < int(obj.get("nfds", 0)):  # the rest come with empty frames
-        if _recv_with_fds(sock, 4, fds) is None:
-            raise Refused("protocol", "the other end closed the socket mid-frame")
-    return obj, fds
-
-
-def _recv_with_fds(sock: socket.socket, n: int, fds: list[int]) -> bytes | None:
-    data, anc, _flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * 4))
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
-    if not data:
-        return None
-    if len(data) < n:
-        data += _recv_exact(sock, n - len(data))
-    return data
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise Refused("protocol", "the other end closed the socket mid-frame")
-        buf += chunk
-    return bytes(buf)
-
-
-# ---------------------------------------------------------------------------------------------
-# Syscalls Python lacks.
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    raw = os.fsencode(path)
-    for _ in range(16):  # EAGAIN: a rename raced the lookup; the kernel asks us to try again
-        fd = _libc.syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(dirfd),
-            ctypes.c_char_p(raw),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err != errno.EAGAIN:
-            raise OSError(err, os.strerror(err), path)
-    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
-
-
-def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
-    rc = _libc.renameat2(
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(old)),
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(new)),
-        ctypes.c_uint(flags),
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +150,7 @@ class Helper:
             )
         if os.getresuid() != (uid, uid, uid):
             raise Refused("forbidden", f"could not take uid {uid}'s rights")
-        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
         os.umask(0)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # a tree of many directories keeps one descriptor each
@@ -571,7 +458,7 @@ class Helper:
                 raise
             if not msg.get("replace"):
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
-            renameat2(self.parent, self.build, self.name, _RENAME_EXCHANGE)
+            renameat2(self.parent, self.build, self.name, RENAME_EXCHANGE)
             self.committed = True
             try:  # the old tree, now under the build's name, goes with the caller's rights
                 shutil.rmtree(self.build, dir_fd=self.parent)

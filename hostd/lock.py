@@ -23,7 +23,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from hostd.errors import HostdError
+from hostd.errors import HostdError, os_cause
 
 LOCK_NAME = ".lock"
 PRIVATE_MODE = 0o700
@@ -49,8 +49,11 @@ def _own_dir(path: Path) -> int:
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_MODE)
     mode = os.stat(path).st_mode
     if mode & stat.S_ISVTX:
+        # A fresh tmpfs mount is 1777 too, and looks just like an empty /dev/shm: say how.
         raise HostdError(
-            f"{path} is a shared directory (sticky bit); hostd needs one of its own there"
+            f"{path} is a shared directory (sticky bit, like /tmp or /dev/shm), and hostd "
+            f"will not close it to everyone (0700): use a directory of hostd's own in it, "
+            f"or mount a filesystem meant for hostd alone with mode=0700"
         )
     return mode
 
@@ -82,25 +85,32 @@ class CacheLocks:
         path = directory / LOCK_NAME
         try:
             _own_dir(directory)  # made 0700 if new; an old 0755 one is chmodded once locked
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except HostdError as e:
+            raise HostdError(f"{what}: {e.message}") from None
         except OSError as e:
-            raise HostdError(f"{what} ({directory}): cannot open {path}: {e.strerror}") from e
+            raise _failed(what, directory, f"creating {directory}", e) from e
+        # The lock is held on a read-only descriptor: one left open for writing would make
+        # the filesystem "busy" to a read-only remount, which must fail this daemon's writes
+        # (a tier error), not the remount. O_CREAT still creates a missing file.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _failed(what, directory, f"opening {path}", e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = _holder(fd)
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise HostdError(f"{what} ({directory}): cannot lock {path}: {e.strerror}") from e
+                raise _failed(what, directory, f"locking {path}", e) from e
             raise CacheLocked(self._refusal(what, directory, path, holder)) from None
         # Written only once locked, so what a loser reads is the holder's (or, in the instant
         # between the holder's flock and this write, a dead predecessor's: harmless).
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "socket": str(socket)}).encode(), 0)
+            _write_holder(path, socket)
         except OSError as e:
             os.close(fd)
-            raise HostdError(f"{what} ({directory}): cannot write {path}: {e.strerror}") from e
+            raise _failed(what, directory, f"writing {path}", e) from e
         self._held.append((what, directory, fd))
 
     def _refusal(self, what: str, directory: Path, path: Path, holder: dict[str, object]) -> str:
@@ -121,6 +131,24 @@ class CacheLocks:
             with contextlib.suppress(OSError):
                 os.close(fd)  # closing drops the flock; the file stays (see the module doc)
         self._held.clear()
+
+
+def _failed(what: str, directory: Path, doing: str, e: OSError) -> HostdError:
+    """The error of a lock that could not be taken for want of a writable directory: the
+    same words as a tier's own write errors ("not writable", "full")."""
+    return HostdError(f"{what} ({directory}): {doing} failed: {os_cause(e)} ({e.strerror or e})")
+
+
+def _write_holder(path: Path, socket: Path) -> None:
+    """Write this daemon's pid and socket into the lock file through a descriptor of its
+    own, closed at once. flock belongs to the lock's open file description, so closing this
+    other one leaves the lock held (unlike a POSIX fcntl lock, which any close drops)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "socket": str(socket)}).encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def _holder(fd: int) -> dict[str, object]:

@@ -20,7 +20,6 @@ nothing of the index, budgets or eviction (cache.py decides those).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import threading
@@ -30,7 +29,8 @@ from pathlib import Path
 
 from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
-from hostd.errors import HostdError, TierError
+from hostd.errors import HostdError, TierError, os_cause
+from hostd.fileio import copy_range
 from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
@@ -72,13 +72,7 @@ class BlobStat:
 
 def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
     """Translate an OSError from a tier into hostd's error, naming tier, path and cause."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        why = "its filesystem is full"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "it is not writable"
-    else:
-        why = os.strerror(e.errno) if e.errno else str(e)
-    return TierError(f"tier {tier!r} ({path}): {doing} failed: {why} ({e.strerror or e})")
+    return TierError(f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})")
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -391,36 +385,6 @@ class Tier:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(tmp)
             raise tier_error(self.name, dest, e, "copying a blob in") from e
-
-
-def copy_file(src: Path | str, dst: Path | str, mode: int = 0o600) -> None:
-    """Copy with copy_file_range (clones where the filesystem can), then fsync."""
-    with open(src, "rb") as fi:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            size = os.fstat(fi.fileno()).st_size
-            copy_range(fi.fileno(), fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def copy_range(fd_in: int, fd_out: int, size: int) -> None:
-    left = size
-    try:
-        while left > 0:
-            n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
-            if n == 0:
-                break
-            left -= n
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    while left > 0:  # copy_file_range cannot do this pair (another filesystem type): sendfile
-        n = os.sendfile(fd_out, fd_in, size - left, min(left, 1 << 30))
-        if n == 0:
-            raise OSError(errno.EIO, f"source shrank while copying ({left} bytes short)")
-        left -= n
 
 
 def _iterdir(p: Path) -> Iterator[Path]:

@@ -508,7 +508,10 @@ def test_eviction_demotes_lru_blobs_and_keeps_pinned_ones(work: Path) -> None:
         {"name": "mem", "path": str(work / "e" / "mem"), "budget": f"{budget}"},
         {"name": "disk", "path": str(work / "e" / "disk"), "budget": "64MiB"},
     ]
-    with Hostd(work / "e", origin=origin, tiers=tiers) as e:
+    # root clients trusted with links: the last restore links from disk (test_trust.py has the
+    # default, where root gets copies)
+    access = {"link_to_writers": True}
+    with Hostd(work / "e", origin=origin, tiers=tiers, access=access) as e:
 
         def where(ref: str) -> dict[str, int]:
             for s in e.api("GET", "/v1/snapshots")[1]["snapshots"]:

@@ -644,7 +644,8 @@ def test_full_tmpfs_during_fill_is_tier_error_and_space_is_reclaimed(work: Path)
         origin=f"file://{origin}",
         # The budget says 64 MiB; the filesystem under it holds 8.
         tiers=[{"name": "mem", "path": str(tier), "budget": "64MiB"}],
-        wrap=in_namespace(f"mount -t tmpfs -o size=8m hostd-test {tier}"),
+        # mode=0700: a fresh tmpfs is 1777 (sticky), which hostd refuses as a shared directory.
+        wrap=in_namespace(f"mount -t tmpfs -o size=8m,mode=0700 hostd-test {tier}"),
     ) as d:
 
         def fs_used() -> int:

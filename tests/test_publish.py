@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from hostd.asuser import Storage
 from hostd.cache import Cache
+from hostd.caller import daemon_caller
 from hostd.core.retry import RetryPolicy
 from hostd.index import Index
 from hostd.origin import Origin
@@ -53,9 +55,18 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
         min_saving=0.1,
         upload_concurrency=2,
         compat_facts=["format"],
+        storage=Storage(
+            [
+                ("tier 'mem'", tmp_path / "mem"),
+                ("index directory", tmp_path / "idx"),
+                ("origin", tmp_path / "origin"),
+            ]
+        ),
     )
     try:
-        job = asyncio.create_task(pub.publish(PublishRequest(src, "x/y"), Progress()))
+        job = asyncio.create_task(
+            pub.publish(PublishRequest(src, "x/y", caller=daemon_caller()), Progress())
+        )
         async with asyncio.timeout(DEADLINE):
             await origin.waiting.wait()  # uploads are held; ingest fills the queue and waits
         job.cancel()
