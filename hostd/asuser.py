@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -49,29 +51,50 @@ class TargetInfo:
     existing: tuple[int, int] | None  # (dev, ino) of the target, if it exists
 
 
-class AsUser:
-    """One helper process acting with one caller's rights. Thread-safe: calls take turns."""
+class Spawner:
+    """Starts helpers. A zygote (fsops.zygote: a small single-threaded process of the daemon's
+    user, started on first use) forks each one, so a helper costs a fork, not an
+    interpreter's start; a zygote that died is started again. Thread-safe."""
 
-    def __init__(self, caller: Caller, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.caller = caller
-        self.proc = proc
-        self.sock = sock
-        self.root_fd = -1  # the caller's root directory (O_PATH), opened by the helper
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
 
     def __repr__(self) -> str:
-        return f"AsUser(uid={self.caller.uid}, pid={self.proc.pid})"
+        return f"Spawner(zygote={self._proc.pid if self._proc else None})"
 
-    @classmethod
-    def start(cls, caller: Caller) -> AsUser:
-        """Start a helper and hand it the caller (blocking)."""
-        try:
-            pidfd = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
-        except ProcessLookupError:
-            raise UsageError("the calling process went away") from None
+    def spawn(self) -> tuple[socket.socket, int]:
+        """A new helper: our end of its socket, and a pidfd of it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(
+            with self._lock:
+                pid = self._fork(theirs) or self._fork(theirs, restart=True)
+            if not pid:
+                raise HostdError("hostd cannot start its helper process (see the log)")
+            return ours, os.pidfd_open(pid)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+
+    def _fork(self, theirs: socket.socket, restart: bool = False) -> int:
+        if restart or self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            self._start()
+        assert self._sock is not None
+        try:
+            send_frame(self._sock, {"op": "spawn"}, [theirs.fileno()])
+            got = recv_frame(self._sock)
+        except (OSError, FrameError):
+            return 0
+        return int(got[0].get("pid", 0)) if got is not None else 0
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
                 [sys.executable, "-S", "-m", "hostd.fsops", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -84,20 +107,61 @@ class AsUser:
             raise
         finally:
             theirs.close()
-        me = cls(caller, proc, ours)
+        self._sock = ours
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the zygote exits when it sees us go
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
+class AsUser:
+    """One helper process acting with one caller's rights. Thread-safe: calls take turns."""
+
+    def __init__(self, caller: Caller, sock: socket.socket, pidfd: int) -> None:
+        self.caller = caller
+        self.sock = sock
+        self.pidfd = pidfd
+        self.root_fd = -1  # the caller's root directory (O_PATH), opened by the helper
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"AsUser(uid={self.caller.uid})"
+
+    @classmethod
+    def start(cls, caller: Caller, spawner: Spawner) -> AsUser:
+        """Start a helper and hand it the caller (blocking)."""
         try:
-            _, fds = me.call(
-                "init",
-                [pidfd] if pidfd >= 0 else [],
-                uid=caller.uid,
-                gid=caller.gid,
-                groups=list(caller.groups),
-                pid=caller.pid,
-            )
-            me.root_fd = fds[0]
-        except BaseException:
-            me.close()
-            raise
+            pidfd = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
+        except ProcessLookupError:
+            raise UsageError("the calling process went away") from None
+        try:
+            sock, helper = spawner.spawn()
+            me = cls(caller, sock, helper)
+            try:
+                _, fds = me.call(
+                    "init",
+                    [pidfd] if pidfd >= 0 else [],
+                    uid=caller.uid,
+                    gid=caller.gid,
+                    groups=list(caller.groups),
+                    pid=caller.pid,
+                )
+                me.root_fd = fds[0]
+            except BaseException:
+                me.close()
+                raise
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -128,7 +192,8 @@ class AsUser:
         return reply, out
 
     def close(self) -> None:
-        """Tell the helper we are done (it removes an unfinished build) and reap it."""
+        """Tell the helper we are done (it removes an unfinished build) and wait for it to
+        exit, killing it if it does not."""
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -136,10 +201,12 @@ class AsUser:
             self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            if not select.select([self.pidfd], [], [], 30)[0]:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
+        finally:
+            os.close(self.pidfd)
 
     # -- publish ---------------------------------------------------------------------------
     def source(self, path: str) -> list[tuple[int, int]]:
@@ -189,15 +256,13 @@ class AsUser:
         self.call("abort")
 
     def open_in_view(self, path: Path) -> int:
-        """One of the daemon's own files as the caller's mount namespace sees it (O_PATH), so
-        a hardlink made from it stays on one mount with the caller's directories: a link
-        never crosses mounts, and a daemon under systemd has mounts of its own. -1 where the
-        caller cannot see it (a container without the tier): the caller then gets a copy."""
+        """One of the daemon's own directories as the caller's mount namespace sees it
+        (O_PATH), or -1 where the caller cannot see it."""
         try:
             return openat2(
                 self.root_fd,
                 str(path),
-                os.O_PATH | os.O_NOFOLLOW,
+                os.O_PATH | os.O_DIRECTORY,
                 RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
             )
         except OSError:

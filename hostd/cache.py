@@ -501,22 +501,27 @@ class Cache:
 
     # checks -----------------------------------------------------------------------------------
     def unchanged(self, b: Blob) -> bool:
-        """Whether a complete blob's inode still has the size, mtime and ctime recorded when
-        its bytes were last verified: the cheap check that lets a use skip the re-hash.
+        """Whether a complete blob's inode still has the state recorded when its bytes were
+        last verified: the cheap check that lets a use skip the re-hash.
 
-        A hardlinked blob shares its inode with restored files, and root can write through a
-        read-only bit and set the mtime back; no one can set the ctime back (utime sets it to
-        now). A link, an unlink (a client's `rm` of its tree) or a chmod moves it too: that
-        only costs a re-hash. Since multigrain timestamps (Linux 6.13) a change after a stat
-        always gets a later ctime; on older kernels one in the same clock tick as the stat
-        leaves it as it was, which this check (and rehash's before/after compare) cannot see.
+        Size and mtime always. The ctime too for a lent blob (one a caller that can write to
+        it holds a link to: root can write through a read-only bit and set the mtime back,
+        but no one can set the ctime back, since utime sets it to now). Not for a blob only
+        non-writers were given: they can neither write its bytes nor set its times, and a
+        link or an unlink (a client's `rm` of its tree) moves the ctime of every restored
+        blob, which must not cost a re-hash of the whole snapshot at the next restore.
+        Since multigrain timestamps (Linux 6.13) a change after a stat always gets a later
+        ctime; on older kernels one in the same clock tick as the stat leaves it as it was,
+        which this check (and rehash's before/after compare) cannot see.
         """
         if b.ctime_ns == UNKNOWN_CTIME:
-            return False
+            return False  # never verified since the index was lost or migrated
         try:
             st = os.stat(b.path)
         except OSError:
             return False
+        if not b.lent:
+            return st.st_size == b.size and st.st_mtime_ns == b.mtime_ns
         return BlobStat.of(b.digest, st).same_file_state(
             BlobStat(b.digest, b.size, b.mtime_ns, b.ctime_ns)
         )
@@ -593,45 +598,29 @@ class Cache:
         self._put(b)
         return True
 
-    def lent(self, blobs: Iterable[Blob], writer: bool) -> None:
-        """Record that these complete blobs were just hardlinked into a caller's tree.
+    def lent(self, blobs: Iterable[Blob]) -> None:
+        """Mark complete blobs as lent: hardlinked (or about to be) into the tree of a caller
+        that could write to the inode (root, the daemon's uid, a user namespace mapped to
+        either). Persisted, for the rest of the inode's life: from now on `unchanged` checks
+        the ctime too, which no one can set back, and a use re-hashes on any doubt. The
+        record is left as it was, so the link's own ctime bump makes the next use re-hash.
 
-        `writer`: the caller could write to the inode (root, the daemon's uid, a user
-        namespace mapped to either). Its blobs are marked lent, in the index, for the rest of
-        their inode's life; their record is left as it was, so the link's own ctime bump makes
-        the next use re-hash them, and from then on any write moves the ctime again.
+        The mark is not dropped when st_nlink falls back to 1: nlink does not count open
+        descriptors, and a writer polling its descriptor's ctime could write right after a
+        re-hash that cleared it. A new inode (a refetch, a promotion, a demotion) starts
+        unlent. Links to callers that cannot write need no mark: they can neither write the
+        bytes nor set the times.
 
-        Not `writer`: the caller cannot write to the inode, so the ctime our link moved is
-        recorded anew (size and mtime must still match the record), sparing the next use a
-        re-hash. Unless the blob is lent: a writer may hold a link, or an open descriptor
-        even after its `rm`, so the ctime may have moved for a write; it is left for the next
-        use to re-hash. A lent mark is not dropped when st_nlink falls back to 1 for that
-        reason: nlink does not count descriptors, and a writer polling its descriptor's ctime
-        would see our next link and could write before we record it. A new inode (a refetch,
-        a promotion, a demotion) starts unlent.
-
-        Called on the loop once the links are made. For a writer it may as well be called
-        before linking: then a daemon killed between the two cannot leave a linked blob
-        unmarked (its stale ctime would still force one re-hash, but not keep the mark).
+        Called on the loop before linking, so a daemon killed between the two cannot leave a
+        linked blob unmarked.
         """
+        changed: list[BlobRow] = []
         for b in blobs:
             cur = self._blobs.get(b.digest, {}).get(b.tier.name)
-            if cur is None or not cur.complete:
-                continue
-            if writer:
-                if not cur.lent:
-                    cur.lent = True
-                    self.index.put_blob(cur.row())
-                continue
-            if cur is not b or cur.lent or cur.ctime_ns == UNKNOWN_CTIME:
-                continue
-            try:
-                st = BlobStat.of(b.digest, os.stat(b.path))
-            except OSError:
-                continue
-            if (st.size, st.mtime_ns) == (b.size, b.mtime_ns) and st.ctime_ns != b.ctime_ns:
-                b.ctime_ns = st.ctime_ns
-                self.index.put_blob(b.row())
+            if cur is not None and cur.complete and not cur.lent:
+                cur.lent = True
+                changed.append(cur.row())
+        self.index.put_blobs(changed)  # one commit for the whole tree
 
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from hostd import __version__
 from hostd.api_local import make_app, make_metrics_app
-from hostd.asuser import Storage
+from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
 from hostd.config import Config, load_config
 from hostd.core.retry import RetryPolicy
@@ -77,11 +77,13 @@ class Daemon:
         )
         self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
         self.storage = Storage(own_storage(config))
+        self.spawner = Spawner()  # helpers that act with a caller's rights
         self.restorer = Restorer(
             self.cache,
             self.filler,
             Resolver(self.origin, self.cache, config.compat_facts),
             storage=self.storage,
+            spawner=self.spawner,
             link_to_writers=config.access.link_to_writers,
         )
         self.publisher = Publisher(
@@ -93,6 +95,7 @@ class Daemon:
             upload_concurrency=config.upload_concurrency,
             compat_facts=config.compat_facts,
             storage=self.storage,
+            spawner=self.spawner,
         )
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
@@ -197,6 +200,7 @@ class Daemon:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.publisher.close)
+        await asyncio.to_thread(self.spawner.close)
         await self.fetcher.close()
         await self.origin.close()
         self.index.close()

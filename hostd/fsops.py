@@ -2,8 +2,8 @@
 
 The daemon runs as root beside untrusted clients, so it never touches a caller's files with
 its own rights. For each operation that does (a publish reads the source, a restore builds
-the target and may remove the tree it replaces) it starts this module as a child process
-(`python -m hostd.fsops FD`), which:
+the target and may remove the tree it replaces) a helper process is forked from the zygote
+(`python -m hostd.fsops FD`, started once by the daemon), and the helper:
 
 1. reads one `init` message naming the caller (uid, gid, groups, pid, and a pidfd of it);
 2. drops to exactly those credentials (setgroups, setresgid, setresuid: they are per
@@ -594,12 +594,46 @@ def _check_name(rel: str) -> None:
         raise Refused("usage", f"file name {rel!r} is not valid UTF-8") from None
 
 
+def zygote(sock: socket.socket) -> None:
+    """Fork one helper per request: {"op": "spawn"} with the helper's socket attached,
+    answered with its pid. The zygote itself never reads a path or a caller's input: it
+    starts with the daemon, as the daemon's user, and only forks, so a helper costs a fork
+    of a small single-threaded process rather than an interpreter's start."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps helpers as they exit
+    while True:
+        got = recv_frame(sock)
+        if got is None:
+            return  # the daemon went away
+        _msg, fds = got
+        if len(fds) != 1:
+            for fd in fds:
+                _close(fd)
+            send_frame(sock, {"error": "protocol", "message": "spawn takes one socket"})
+            continue
+        pid = os.fork()
+        if pid == 0:  # the helper
+            code = 0
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                Helper(socket.socket(fileno=fds[0])).run()
+            except BaseException:
+                code = 1
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(fds[0])
+        send_frame(sock, {"pid": pid})
+
+
 def main() -> int:
-    fd = int(sys.argv[1])
-    sock = socket.socket(fileno=fd)
+    """`python -m hostd.fsops FD`: the zygote, on the socket FD it was handed."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the daemon's group: it tells us
     try:
-        Helper(sock).run()
+        zygote(sock)
     finally:
         sock.close()
     return 0

@@ -160,21 +160,12 @@ class Index:
         ]
 
     def put_blob(self, row: BlobRow) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO blobs(digest, tier, size, chunk_size, complete, mtime_ns,"
-            " last_used, ctime_ns, lent) VALUES(?,?,?,?,?,?,?,?,?)",
-            (
-                row.digest,
-                row.tier,
-                row.size,
-                row.chunk_size,
-                int(row.complete),
-                row.mtime_ns,
-                row.last_used,
-                row.ctime_ns,
-                int(row.lent),
-            ),
-        )
+        self.db.execute(_PUT_BLOB, _blob_values(row))
+
+    def put_blobs(self, rows: Iterable[BlobRow]) -> None:
+        """Write blob rows in one transaction (one commit for a whole snapshot's blobs)."""
+        with self._tx() as db:
+            db.executemany(_PUT_BLOB, (_blob_values(r) for r in rows))
 
     def delete_blob(self, digest: bytes, tier: str) -> None:
         self.db.execute("DELETE FROM blobs WHERE digest=? AND tier=?", (digest, tier))
@@ -225,3 +216,23 @@ class Index:
             "SELECT DISTINCT ref FROM refs WHERE snapshot=? ORDER BY ref", (snapshot_id,)
         ).fetchall()
         return [str(r[0]) for r in rows]
+
+
+_PUT_BLOB = (
+    "INSERT OR REPLACE INTO blobs(digest, tier, size, chunk_size, complete, mtime_ns,"
+    " last_used, ctime_ns, lent) VALUES(?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _blob_values(r: BlobRow) -> tuple[bytes, str, int, int, int, int, float, int, int]:
+    return (
+        r.digest,
+        r.tier,
+        r.size,
+        r.chunk_size,
+        int(r.complete),
+        r.mtime_ns,
+        r.last_used,
+        r.ctime_ns,
+        int(r.lent),
+    )

@@ -109,6 +109,7 @@ def _build(
     dev, dirfds = fs.begin(_dirs(m), want)
     linked: set[bytes] = set()
     n_linked = 0
+    views = _Views(fs)
     try:
         owned = {d: _caller_dir(fd, fs.caller.uid) for d, fd in dirfds.items()}
         for f in candidates:
@@ -116,10 +117,11 @@ def _build(
                 raise Cancelled()
             src = blob_path(f.digest)
             d = posixpath.dirname(f.path)
-            if (mode == "auto" and os.stat(src).st_dev != dev) or not owned[d]:
+            view, view_dev = views.of(src.parent.parent)
+            if view < 0 or (mode == "auto" and view_dev != dev) or not owned[d]:
                 copies.append(f)
                 continue
-            if _link(fs, src, posixpath.basename(f.path), dirfds[d]):
+            if _link(view, f"{src.parent.name}/{src.name}", posixpath.basename(f.path), dirfds[d]):
                 linked.add(f.digest)
                 n_linked += 1
                 if on_file is not None:
@@ -127,6 +129,7 @@ def _build(
             else:
                 copies.append(f)
     finally:
+        views.close()
         for fd in dirfds.values():
             os.close(fd)
     empties = [f for f in m.files if not f.size]
@@ -181,22 +184,45 @@ def _copy_all(
                 on_file(f.size)
 
 
-def _link(fs: AsUser, src: Path, name: str, dirfd: int) -> bool:
-    """Hardlink a blob into a directory the helper made, from the blob as the caller's mount
-    namespace sees it (checked to be the same inode): a link never crosses mounts. False
-    where it cannot be linked: copy instead."""
-    fd = fs.open_in_view(src)
-    if fd < 0:
-        return False
+class _Views:
+    """The tiers' blob directories as the caller's mount namespace sees them, opened once
+    per restore and checked to be the daemon's own (same device and inode). A link from
+    one stays on one mount with the caller's directories: a link never crosses mounts, and
+    a daemon under systemd has mounts of its own. A blob directory the caller cannot see
+    (a container without the tier) gives -1: its files are copied."""
+
+    def __init__(self, fs: AsUser) -> None:
+        self.fs = fs
+        self.fds: dict[Path, tuple[int, int]] = {}
+
+    def of(self, blobs_dir: Path) -> tuple[int, int]:
+        """(descriptor or -1, st_dev) of `blobs_dir` in the caller's view."""
+        got = self.fds.get(blobs_dir)
+        if got is None:
+            fd = self.fs.open_in_view(blobs_dir)
+            if fd >= 0:
+                theirs, mine = os.fstat(fd), os.stat(blobs_dir)
+                if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
+                    os.close(fd)  # something else sits at that path in the caller's view
+                    fd = -1
+            got = self.fds[blobs_dir] = (fd, os.stat(blobs_dir).st_dev)
+        return got
+
+    def close(self) -> None:
+        for fd, _ in self.fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self.fds.clear()
+
+
+def _link(view: int, rel: str, name: str, dirfd: int) -> bool:
+    """Hardlink a blob (`rel` below a verified blob directory) into a directory the helper
+    made. Below the blob directory nothing is the caller's: it is hostd's, 0700. False where
+    it cannot be linked: copy instead."""
     try:
-        theirs, mine = os.fstat(fd), os.stat(src)
-        if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
-            return False  # something else sits at that path in the caller's namespace
-        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirfd, follow_symlinks=True)
+        os.link(rel, name, src_dir_fd=view, dst_dir_fd=dirfd, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOENT):
             return False  # link limit, another mount, or protected_hardlinks: copy instead
         raise
-    finally:
-        os.close(fd)
     return True

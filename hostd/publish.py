@@ -32,7 +32,7 @@ from typing import Any
 
 import blake3
 
-from hostd.asuser import AsUser, Storage
+from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import Caller
 from hostd.core import codec, compat
@@ -221,9 +221,11 @@ class Publisher:
         upload_concurrency: int,
         compat_facts: Sequence[str],
         storage: Storage,
+        spawner: Spawner,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.storage = storage
+        self.spawner = spawner
         self.cache = cache
         self.origin = origin
         self.chunk_size = chunk_size
@@ -249,7 +251,7 @@ class Publisher:
         validate_ref(req.ref)
         cs = req.chunk_size or self.chunk_size
         progress.phase = "hash"
-        fs = await asyncio.to_thread(AsUser.start, req.caller)
+        fs = await asyncio.to_thread(AsUser.start, req.caller, self.spawner)
         try:
             tree = await asyncio.to_thread(scan_tree, fs, req.path, self.storage)
             return await self._publish(req, fs, tree, cs, progress, t0)

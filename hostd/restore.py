@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostd.asuser import AsUser, Storage
+from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Blob, Cache
 from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
@@ -157,6 +157,7 @@ class Restorer:
         resolver: Resolver,
         *,
         storage: Storage,
+        spawner: Spawner,
         link_to_writers: bool,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,6 +165,7 @@ class Restorer:
         self.filler = filler
         self.resolver = resolver
         self.storage = storage
+        self.spawner = spawner
         self.link_to_writers = link_to_writers
         self.clock = clock
 
@@ -202,7 +204,7 @@ class Restorer:
                 "could write to (root, hostd's own user, or a user namespace that maps either); "
                 "use mode 'copy' or 'auto', or set [access] link_to_writers = true"
             )
-        fs = await asyncio.to_thread(AsUser.start, req.caller)
+        fs = await asyncio.to_thread(AsUser.start, req.caller, self.spawner)
         try:
             info = await asyncio.to_thread(fs.target, str(req.target), req.replace)
             self.storage.check(f"target {str(req.target)!r}", info.chain, info.existing)
@@ -210,10 +212,8 @@ class Restorer:
                 progress.phase = "materialize"
                 if writer and link_ok and req.mode != "copy":
                     # marked before the links exist: a crash in between must not lose the mark
-                    self.cache.lent(f.where.values(), True)
+                    self.cache.lent(f.where.values())
                 outcome = await self._materialize(f, req, progress, fs, link_ok)
-                if outcome.linked_digests and not writer:
-                    self.cache.lent((f.where[d] for d in outcome.linked_digests), False)
         finally:
             await asyncio.to_thread(fs.close)
         t3 = self.clock()

@@ -787,10 +787,17 @@ async def test_unchanged_checks_size_mtime_and_ctime_which_no_one_can_set_back(e
     assert cache.unchanged(b)
     info = os.stat(b.path)
     assert (b.size, b.mtime_ns, b.ctime_ns) == (300, info.st_mtime_ns, info.st_ctime_ns)
-
+    # Only non-writers hold links to an unlent blob: they cannot set its times, and their
+    # links and unlinks move the ctime, which must not cost a re-hash.
+    os.link(b.path, env.root / "a-link")
+    os.unlink(env.root / "a-link")
+    assert cache.unchanged(b)
     os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
     assert not cache.unchanged(b)
     os.utime(b.path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert cache.unchanged(b)
+
+    cache.lent([b])  # a writer holds a link: the ctime counts from now on
     assert not cache.unchanged(b), "the mtime is back, the ctime is not"
     assert await cache.vouch(b)  # re-hashed: intact, the new ctime recorded
     assert cache.unchanged(b)
@@ -1003,7 +1010,7 @@ async def test_a_blob_lent_to_a_writer_is_rehashed_before_every_later_use(env: E
     restored = env.root / "restored"
     os.link(b.path, restored)  # what a link restore does
 
-    cache.lent([b], writer=True)
+    cache.lent([b])
 
     assert b.lent
     assert [r.lent for r in cache.index.blobs()] == [True]
@@ -1011,9 +1018,8 @@ async def test_a_blob_lent_to_a_writer_is_rehashed_before_every_later_use(env: E
     assert await cache.vouch(b)
     assert cache.unchanged(b)
     assert b.lent, "a writer may still hold a link or a descriptor"
-    # Another caller's link (not a writer) does not whitewash a lent blob's record.
+    # Another caller's link (not a writer) moves the ctime of a lent blob: re-hashed again.
     os.link(b.path, env.root / "other")
-    cache.lent([b], writer=False)
     assert not cache.unchanged(b)
     assert await cache.vouch(b)
 
@@ -1025,7 +1031,7 @@ async def test_a_blob_lent_to_a_writer_is_rehashed_before_every_later_use(env: E
     env.close()
 
 
-async def test_a_blob_lent_to_non_writers_keeps_its_record_and_an_rm_costs_a_rehash(
+async def test_links_to_non_writers_need_no_mark_and_their_rm_costs_no_rehash(
     env: Env,
 ) -> None:
     calls: list[bytes] = []
@@ -1041,18 +1047,16 @@ async def test_a_blob_lent_to_non_writers_keeps_its_record_and_an_rm_costs_a_reh
     b = cache.locate(a.digest)
     assert b is not None
     restored = env.root / "restored"
-    os.link(b.path, restored)
-
-    cache.lent([b], writer=False)
+    os.link(b.path, restored)  # a link restore for a caller that cannot write the inode
 
     assert not b.lent
-    assert cache.unchanged(b)  # the link's ctime was recorded: no re-hash
+    assert cache.unchanged(b)  # the link moved only the ctime: no re-hash
     assert await cache.vouch(b)
     assert calls == []
-    os.unlink(restored)  # the client's rm of its tree moves the ctime
-    assert not cache.unchanged(b)
-    assert await cache.vouch(b)  # a re-hash, never a failure
-    assert calls == [a.digest]
+    os.unlink(restored)  # the client's rm of its tree moves the ctime: no re-hash for it
+    assert cache.unchanged(b)
+    assert await cache.vouch(b)
+    assert calls == []
     assert cache.locate(a.digest) is b
     env.close()
     again = env.open()
@@ -1062,7 +1066,9 @@ async def test_a_blob_lent_to_non_writers_keeps_its_record_and_an_rm_costs_a_reh
     assert not got.lent
 
 
-async def test_lent_to_a_non_writer_does_not_vouch_for_an_unverified_blob(env: Env) -> None:
+async def test_a_blob_unverified_since_an_index_loss_is_rehashed_whoever_links_it(
+    env: Env,
+) -> None:
     cache = env.open()
     a = env.file("a", 300)
     await env.put(cache, a)
@@ -1074,17 +1080,11 @@ async def test_lent_to_a_non_writer_does_not_vouch_for_an_unverified_blob(env: E
     assert got is not None
     os.link(got.path, env.root / "restored")
 
-    again.lent([got], writer=False)
-
     assert got.ctime_ns == UNKNOWN_CTIME
     assert not again.unchanged(got)
-    # and a record whose size or mtime no longer match is left for the next use to re-hash
-    assert await again.vouch(got)
-    os.utime(got.path, ns=(0, 1))
-    os.link(got.path, env.root / "restored-2")
-    recorded = got.ctime_ns
-    again.lent([got], writer=False)
-    assert got.ctime_ns == recorded
+    assert await again.vouch(got)  # re-hashed, then trusted
+    assert again.unchanged(got)
+    os.utime(got.path, ns=(0, 1))  # a record whose mtime no longer matches: re-hash again
     assert not again.unchanged(got)
 
 
@@ -1096,7 +1096,7 @@ async def test_a_poisoned_blob_is_not_demoted(env: Env) -> None:
     blob = cache.locate(a.digest, [mem])
     assert blob is not None
     os.link(blob.path, env.root / "restored")
-    cache.lent([blob], writer=True)
+    cache.lent([blob])
     poison(env.root / "restored")
 
     await env.put(cache, b)  # a leaves mem

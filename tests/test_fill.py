@@ -382,7 +382,7 @@ def link_and_poison(rig: Rig, b: Blob, name: str = "restored") -> Path:
     through its hardlink to the blob and sets the mtime back to the recorded one."""
     restored = rig.root / name
     os.link(b.path, restored)
-    rig.cache.lent([b], writer=True)
+    rig.cache.lent([b])
     os.chmod(restored, 0o644)
     with open(restored, "r+b") as fh:
         fh.write(b"EVIL")
@@ -474,7 +474,7 @@ async def test_a_lent_blob_that_is_intact_is_promoted_and_the_copy_is_not_lent(
     b = rig.cache.locate(f.digest, [rig.disk])
     assert b is not None
     os.link(b.path, rig.root / "restored")
-    rig.cache.lent([b], writer=True)
+    rig.cache.lent([b])
 
     found, progress = await rig.ensure([f], [rig.mem])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hostd.asuser import Storage
+from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import daemon_caller
 from hostd.core.retry import RetryPolicy
@@ -47,6 +47,7 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
     )
     cache.load()
     origin = HeldOrigin(f"file://{tmp_path}/origin")
+    spawner = Spawner()
     pub = Publisher(
         cache,
         origin,
@@ -62,6 +63,7 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
                 ("origin", tmp_path / "origin"),
             ]
         ),
+        spawner=spawner,
     )
     try:
         job = asyncio.create_task(
@@ -81,3 +83,4 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
     finally:
         origin.gate.set()
         cache.index.close()
+        spawner.close()

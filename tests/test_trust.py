@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from harness import Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
 
-from hostd.asuser import AsUser
+from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.errors import UsageError
 
@@ -173,7 +173,8 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_never_opened(work: Path) ->
     try:
         caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
         wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
-        fs = AsUser.start(caller)
+        spawner = Spawner()
+        fs = AsUser.start(caller, spawner)
         try:
             fs.source(str(src))
             scan = fs.scan()
@@ -191,6 +192,7 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_never_opened(work: Path) ->
                 fs.open_file(f["path"], f["id"], f["via"])
         finally:
             fs.close()
+            spawner.close()
     finally:
         sleeper.kill()
         sleeper.wait()
