@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
-from hostd.errors import UsageError
+from hostd.errors import ChunkCorrupt, UsageError
 from hostd.tier import BLOB_MODE
 
 MODES = ("link", "copy", "auto")
@@ -61,12 +61,14 @@ def materialize(
     link_ok: bool,
     cancel: threading.Event,
     on_file: Callable[[int], None] | None = None,
+    lent: Callable[[bytes], bool] = lambda _: False,
 ) -> Outcome:
-    """Build `m` through `fs` (whose `target` was already resolved) and rename it in."""
+    """Build `m` through `fs` (whose `target` was already resolved) and rename it in.
+    `lent(digest)`: whether a caller that can write to that blob holds a link to it."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
-        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file)
+        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file, lent)
         if cancel.is_set():
             raise Cancelled()
         left = fs.commit(replace)
@@ -97,6 +99,7 @@ def _build(
     link_ok: bool,
     cancel: threading.Event,
     on_file: Callable[[int], None] | None,
+    lent: Callable[[bytes], bool],
 ) -> Outcome:
     candidates: list[mf.FileEntry] = []
     copies: list[mf.FileEntry] = []
@@ -138,7 +141,7 @@ def _build(
         if on_file is not None:
             for _ in empties:
                 on_file(0)
-    _copy_all(copies, fs, blob_path, cancel, on_file)
+    _copy_all(copies, fs, blob_path, cancel, on_file, lent)
     if m.symlinks:
         fs.symlinks((s.path, s.target) for s in m.symlinks)
     return Outcome(n_linked, len(copies), len(empties), frozenset(linked))
@@ -157,9 +160,14 @@ def _copy_all(
     blob_path: Callable[[bytes], Path],
     cancel: threading.Event,
     on_file: Callable[[int], None] | None,
+    lent: Callable[[bytes], bool],
 ) -> None:
     """Copies go to the helper in batches, each with the blobs' descriptors: the helper
-    writes them as the caller. Largest first, so one big file does not finish last alone."""
+    writes them as the caller. Largest first, so one big file does not finish last alone.
+
+    A blob lent to a writer (link_to_writers) may be written through a link while it is
+    copied: its state is compared before and after, and a copy that saw it move is not
+    handed over (the restore fails; the next use re-hashes the blob)."""
     copies.sort(key=lambda f: -f.size)
     i = 0
     while i < len(copies):
@@ -175,13 +183,27 @@ def _copy_all(
         try:
             for f in batch:
                 fds.append(os.open(blob_path(f.digest), os.O_RDONLY | os.O_CLOEXEC))
+            watched = {
+                fd: (f, _state(fd)) for f, fd in zip(batch, fds, strict=True) if lent(f.digest)
+            }
             fs.files([(f.path, f.mode, f.size, "copy") for f in batch], fds)
+            for fd, (f, before) in watched.items():
+                if _state(fd) != before:
+                    raise ChunkCorrupt(
+                        f"blob {f.digest.hex()} ({f.path!r}) was written to through a link "
+                        "while it was copied; try the restore again"
+                    )
         finally:
             for fd in fds:
                 os.close(fd)
         if on_file is not None:
             for f in batch:
                 on_file(f.size)
+
+
+def _state(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class _Views:

@@ -255,6 +255,7 @@ class Restorer:
                 link_ok=link_ok,
                 cancel=cancel,
                 on_file=counted,
+                lent=lambda d: f.where[d].lent,
             )
         )
         try:

@@ -9,6 +9,7 @@ helper process (hostd/fsops.py) did the caller's filesystem work.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,8 +17,9 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ from harness import Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
 
 from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
-from hostd.errors import UsageError
+from hostd.core import manifest as mf
+from hostd.core.ids import chunk_id
+from hostd.errors import ChunkCorrupt, UsageError
+from hostd.materialize import materialize
 
 NOBODY = 65534
 JSON = "Content-Type: application/json"
@@ -485,3 +490,72 @@ def test_a_killed_daemon_leaves_no_build_directory(work: Path) -> None:
         )
         assert out["event"] == "result", out
     assert sorted(p.name for p in home.iterdir()) == ["out"]
+
+
+class _WrittenDuringCopy(AsUser):
+    """A writer holding a link writes the blob while the helper copies it: the one moment
+    no test can hit for real, so this helper's `files` does it right after the real copy."""
+
+    blob: Path
+
+    def files(self, items: Sequence[tuple[str, int, int, str]], fds: Sequence[int]) -> None:
+        super().files(items, fds)
+        st = self.blob.stat()
+        with open(self.blob, "r+b") as f:
+            f.write(b"EVIL")
+        os.utime(self.blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _always(value: bool) -> Callable[[bytes], bool]:
+    return lambda _digest: value
+
+
+def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
+    data = os.urandom(100_000)
+    chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
+    entry = mf.FileEntry("weights.bin", 0o644, len(data), (chunk,))
+    m = mf.build(chunk_size=1 << 20, files=[entry])
+    blob = work / "blob"
+    blob.write_bytes(data)
+    blob.chmod(0o444)
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        for lent, expect_ok in ((False, True), (True, False)):
+            sock, pidfd = spawner.spawn()
+            fs = _WrittenDuringCopy(caller, sock, pidfd)
+            fs.blob = blob
+            _, fds = fs.call("init", uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
+            fs.root_fd = fds[0]
+            try:
+                fs.target(f"{home}/out-{lent}", False)
+                job = functools.partial(
+                    materialize,
+                    m,
+                    fs,
+                    lambda _d: blob,
+                    mode="copy",
+                    replace=False,
+                    link_ok=False,
+                    cancel=threading.Event(),
+                    lent=_always(lent),
+                )
+                if expect_ok:  # not lent: no writer holds a link, the copy is what it read
+                    job()
+                else:
+                    with pytest.raises(ChunkCorrupt, match="written to through a link"):
+                        job()
+            finally:
+                fs.close()
+            blob.chmod(0o644)
+            blob.write_bytes(data)
+            blob.chmod(0o444)
+        assert sorted(p.name for p in home.iterdir()) == ["out-False"], "no build left"
+        assert (home / "out-False" / "weights.bin").read_bytes() == data
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
