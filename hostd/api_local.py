@@ -16,11 +16,12 @@ This module parses and answers; the work is done by the parts the daemon hands i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hostd import access
-from hostd.caller import Caller, peer_caller
+from hostd.caller import Caller, peer_caller, peer_pidfd
 from hostd.core import manifest as mf
 from hostd.core import request as request_fields
 from hostd.core.request import parse_body
@@ -82,6 +83,20 @@ async def errors_as_json(
         return web.json_response(
             {"error": "internal", "message": "internal error (see the daemon's log)"}, status=500
         )
+
+
+@contextlib.contextmanager
+def caller_pidfd(request: web.Request) -> Iterator[int]:
+    """A pidfd of the process that connected (SO_PEERPIDFD), or -1, closed on exit: the work
+    that uses it is over when stream() returns, cancelled or not."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    fd = peer_pidfd(sock) if sock is not None and sock.family == socket.AF_UNIX else -1
+    try:
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def request_caller(request: web.Request) -> Caller:
@@ -225,16 +240,18 @@ async def restore(request: web.Request) -> web.StreamResponse:
     if mode not in MODES:
         raise UsageError(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     tier = _tier(d, body)
-    req = RestoreRequest(
-        ref=_str(body, "ref"),
-        target=_path(body, "target"),
-        caller=request_caller(request),
-        mode=mode,
-        replace=_bool(body, "replace"),
-        compat=_facts(body, "compat"),
-        tier=tier,
-    )
-    return await stream(request, "restore", lambda p: d.restorer.restore(req, p))
+    with caller_pidfd(request) as pidfd:
+        req = RestoreRequest(
+            ref=_str(body, "ref"),
+            target=_path(body, "target"),
+            caller=request_caller(request),
+            mode=mode,
+            replace=_bool(body, "replace"),
+            compat=_facts(body, "compat"),
+            tier=tier,
+            pidfd=pidfd,
+        )
+        return await stream(request, "restore", lambda p: d.restorer.restore(req, p))
 
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
@@ -260,16 +277,18 @@ async def publish(request: web.Request) -> web.StreamResponse:
         or cs & (cs - 1)
     ):
         raise UsageError("field 'chunk_size' must be a power of two from 64 KiB to 256 MiB")
-    req = PublishRequest(
-        path=_path(body, "path"),
-        ref=_str(body, "ref"),
-        caller=request_caller(request),
-        facts=facts,
-        compat=_facts(body, "compat"),
-        meta=_facts(body, "meta"),
-        chunk_size=cs,
-    )
-    return await stream(request, "publish", lambda p: d.publisher.publish(req, p))
+    with caller_pidfd(request) as pidfd:
+        req = PublishRequest(
+            path=_path(body, "path"),
+            ref=_str(body, "ref"),
+            caller=request_caller(request),
+            facts=facts,
+            compat=_facts(body, "compat"),
+            meta=_facts(body, "meta"),
+            chunk_size=cs,
+            pidfd=pidfd,
+        )
+        return await stream(request, "publish", lambda p: d.publisher.publish(req, p))
 
 
 async def pin(request: web.Request) -> web.Response:

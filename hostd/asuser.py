@@ -14,7 +14,9 @@ spelling of a path (symlinks, bind mounts, `..`) can aim one at a tier, the inde
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -22,17 +24,21 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import hostd
 from hostd.caller import Caller
-from hostd.errors import Forbidden, HostdError, TargetExists, UsageError
+from hostd.errors import Forbidden, HostdError, TargetExists, TransientError, UsageError
 from hostd.fileio import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from hostd.frames import FrameError, recv_frame, send_frame
 
+T = TypeVar("T")
+CALL_TIMEOUT = 120.0  # seconds one request to a helper may take (a batch of copies, a scan)
+CLOSE_GRACE = 10.0  # seconds a helper gets to clean up and exit before it is killed
 _PKG_PARENT = str(Path(hostd.__file__).resolve().parent.parent)
 _ERRORS: dict[str, type[HostdError]] = {
     "usage": UsageError,
@@ -56,23 +62,43 @@ class Spawner:
     user, started on first use) forks each one, so a helper costs a fork, not an
     interpreter's start; a zygote that died is started again. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 64) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        # Calls to helpers block on a process the caller may stop: they get threads of their
+        # own (one per operation in flight), never the loop's default pool.
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="hostd-asuser")
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking call on a helper (or one that waits on a helper) in the pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kw))
+
+    async def start(self, caller: Caller, caller_pidfd: int = -1) -> AsUser:
+        """AsUser.start in the pool; if we are cancelled meanwhile, the helper that starts
+        anyway is closed rather than leaked."""
+        job = asyncio.ensure_future(self.run(AsUser.start, caller, self, caller_pidfd))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_close_started)
+            raise
 
     def __repr__(self) -> str:
         return f"Spawner(zygote={self._proc.pid if self._proc else None})"
 
     def spawn(self) -> tuple[socket.socket, int]:
-        """A new helper: our end of its socket, and a pidfd of it."""
+        """A new helper: our end of its socket, and a pidfd of it (the zygote's)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
-                pid = self._fork(theirs) or self._fork(theirs, restart=True)
-            if not pid:
+                pidfd = self._fork(theirs)
+                if pidfd < 0:
+                    pidfd = self._fork(theirs, restart=True)
+            if pidfd < 0:
                 raise HostdError("hostd cannot start its helper process (see the log)")
-            return ours, os.pidfd_open(pid)
+            return ours, pidfd
         except BaseException:
             ours.close()
             raise
@@ -88,8 +114,13 @@ class Spawner:
             send_frame(self._sock, {"op": "spawn"}, [theirs.fileno()])
             got = recv_frame(self._sock)
         except (OSError, FrameError):
-            return 0
-        return int(got[0].get("pid", 0)) if got is not None else 0
+            return -1
+        if got is None:
+            return -1
+        _, fds = got
+        for extra in fds[1:]:
+            os.close(extra)
+        return fds[0] if fds else -1
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -124,6 +155,12 @@ class Spawner:
     def close(self) -> None:
         with self._lock:
             self._stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_started(job: asyncio.Future[AsUser]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result().close()
 
 
 class AsUser:
@@ -132,6 +169,9 @@ class AsUser:
     def __init__(self, caller: Caller, sock: socket.socket, pidfd: int) -> None:
         self.caller = caller
         self.sock = sock
+        # A helper the caller stopped (it runs as the caller, who may signal it) must not
+        # hold a daemon thread for ever: no single call takes this long.
+        self.sock.settimeout(CALL_TIMEOUT)
         self.pidfd = pidfd
         self.root_fd = -1  # the caller's root directory (O_PATH), opened by the helper
         self._lock = threading.Lock()
@@ -140,10 +180,15 @@ class AsUser:
         return f"AsUser(uid={self.caller.uid})"
 
     @classmethod
-    def start(cls, caller: Caller, spawner: Spawner) -> AsUser:
-        """Start a helper and hand it the caller (blocking)."""
+    def start(cls, caller: Caller, spawner: Spawner, caller_pidfd: int = -1) -> AsUser:
+        """Start a helper and hand it the caller (blocking). `caller_pidfd` pins the calling
+        process (SO_PEERPIDFD, taken from the connection: it cannot name a later process
+        that reuses the pid); without one, a pidfd of the pid is opened here."""
         try:
-            pidfd = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
+            if caller_pidfd >= 0:
+                pidfd = os.dup(caller_pidfd)
+            else:
+                pidfd = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
         except ProcessLookupError:
             raise UsageError("the calling process went away") from None
         try:
@@ -153,6 +198,7 @@ class AsUser:
                 _, fds = me.call(
                     "init",
                     [pidfd] if pidfd >= 0 else [],
+                    nfds=1,
                     uid=caller.uid,
                     gid=caller.gid,
                     groups=list(caller.groups),
@@ -168,28 +214,37 @@ class AsUser:
         return me
 
     def call(
-        self, op: str, fds: Sequence[int] = (), **fields: Any
+        self, op: str, fds: Sequence[int] = (), nfds: int = 0, **fields: Any
     ) -> tuple[dict[str, Any], list[int]]:
         """One request and its answer; an answered error is raised as hostd's own."""
         with self._lock:
             try:
                 send_frame(self.sock, {"op": op, **fields}, list(fds))
                 got = recv_frame(self.sock)
-            except (OSError, FrameError) as e:
+            except (OSError, FrameError, ValueError) as e:
                 got = None
                 cause: BaseException | None = e
             else:
                 cause = None
         if got is None:
-            raise HostdError(
-                f"hostd's helper for uid {self.caller.uid} died during {op!r}"
+            raise TransientError(
+                f"hostd's helper for uid {self.caller.uid} stopped answering during {op!r} "
+                "(killed, stopped, or over its time)"
             ) from cause
         reply, out = got
-        if "error" in reply:
+        if "error" in reply or len(out) != nfds:
             for fd in out:
                 os.close(fd)
+        if "error" in reply:
             raise _ERRORS.get(str(reply["error"]), HostdError)(str(reply["message"]))
+        if len(out) != nfds:
+            raise HostdError(f"hostd's helper answered {op!r} with {len(out)} descriptors")
         return reply, out
+
+    def kill(self) -> None:
+        """Stop a helper that no longer answers (the caller may have stopped it)."""
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def close(self) -> None:
         """Tell the helper we are done (it removes an unfinished build) and wait for it to
@@ -201,7 +256,7 @@ class AsUser:
             self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
         try:
-            if not select.select([self.pidfd], [], [], 30)[0]:
+            if not select.select([self.pidfd], [], [], CLOSE_GRACE)[0]:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except OSError:
             pass  # already gone
@@ -222,7 +277,7 @@ class AsUser:
     def open_file(self, path: str, ident: Sequence[int], via: str | None) -> int:
         """A source file opened for reading with the caller's rights, checked to be the
         regular file the scan saw."""
-        _, fds = self.call("open", path=path, id=list(ident), via=via)
+        _, fds = self.call("open", nfds=1, path=path, id=list(ident), via=via)
         return fds[0]
 
     # -- restore ---------------------------------------------------------------------------
@@ -237,7 +292,7 @@ class AsUser:
 
     def begin(self, dirs: Sequence[str], want: Sequence[str]) -> tuple[int, dict[str, int]]:
         """Make the build directory and `dirs` (parents first); descriptors of `want`."""
-        reply, fds = self.call("begin", dirs=list(dirs), want=list(want))
+        reply, fds = self.call("begin", nfds=len(want), dirs=list(dirs), want=list(want))
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(self, items: Sequence[tuple[str, int, int, str]], fds: Sequence[int]) -> None:
@@ -294,6 +349,10 @@ class Storage:
             except OSError:
                 continue
             inside[(st.st_dev, st.st_ino)] = f"{what} {p}"
+            # and the directories below (blobs/, blobs/ab/, tmp/, manifests/...), which may be
+            # bind-mounted elsewhere on their own: `..` from such a mount never leads here
+            for sub in _subdirs(p, depth=2):
+                inside.setdefault(sub, f"{what} {p}")
             for q in [p, *p.parents]:
                 with contextlib.suppress(OSError):
                     st = os.stat(q)
@@ -311,3 +370,19 @@ class Storage:
                 raise UsageError(f"{what} lies inside hostd's own storage ({inside[ident]})")
         if node is not None and node in above:
             raise UsageError(f"{what} holds hostd's own storage ({above[node]})")
+
+
+def _subdirs(p: Path, depth: int) -> list[tuple[int, int]]:
+    """(dev, ino) of the directories below `p`, `depth` levels deep (symlinks not followed)."""
+    out: list[tuple[int, int]] = []
+    try:
+        with os.scandir(p) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((st.st_dev, st.st_ino))
+                    if depth > 1:
+                        out += _subdirs(Path(e.path), depth - 1)
+    except OSError:
+        pass
+    return out

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import struct
 from dataclasses import dataclass
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _NGROUPS_MAX = 65536
 
 
@@ -65,21 +67,29 @@ def daemon_caller() -> Caller:
     return Caller(os.getpid(), os.geteuid(), os.getegid(), tuple(os.getgroups()))
 
 
-def could_write_cache(caller: Caller, daemon_uid: int) -> bool:
+def could_write_cache(caller: Caller, daemon_uid: int, pidfd: int = -1) -> bool:
     """Whether `caller` could write to a file the daemon owns, read-only bit or not: root, the
-    daemon's own uid, or a process in a user namespace that maps either (its capabilities
-    there apply to their files). Such callers must not get the cache's own inodes by link.
-    When in doubt (the map cannot be read), yes."""
+    daemon's own uid, a process holding CAP_DAC_OVERRIDE or CAP_FOWNER, or a process in a
+    user namespace (told apart by its inode, not its map's text) that maps either uid: its
+    capabilities there apply to their files. Such callers must not get the cache's own
+    inodes by link. `pidfd` (of the caller) confirms the /proc entries read were its own.
+    When in doubt, yes."""
     if caller.uid in (0, daemon_uid):
         return True
     try:
+        with open(f"/proc/{caller.pid}/status") as f:
+            status = f.read()
+        same_ns = _ns(f"/proc/{caller.pid}/ns/user") == _ns("/proc/self/ns/user")
         with open(f"/proc/{caller.pid}/uid_map") as f:
             theirs = f.read()
-        with open("/proc/self/uid_map") as f:
-            ours = f.read()
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, 0)  # still the process that connected
     except OSError:
         return True
-    if theirs == ours:
+    for line in status.splitlines():
+        if line.startswith("CapEff:") and int(line.split()[1], 16) & _WRITE_CAPS:
+            return True
+    if same_ns:
         return False  # our own user namespace: its uid is all it has
     for line in theirs.splitlines():
         # inside, outside (as seen from our namespace), count
@@ -90,3 +100,20 @@ def could_write_cache(caller: Caller, daemon_uid: int) -> bool:
         if any(outside <= u < outside + count for u in (0, daemon_uid)):
             return True
     return False
+
+
+_WRITE_CAPS = (1 << 1) | (1 << 3)  # CAP_DAC_OVERRIDE, CAP_FOWNER
+
+
+def _ns(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def peer_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the process that connected `sock` (SO_PEERPIDFD, Linux 6.5+), or -1. Unlike
+    the pid, it can never name a later process that reuses the number."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return -1

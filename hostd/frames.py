@@ -10,6 +10,7 @@ rest, and `nfds` in the object says how many to wait for.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from typing import Any
@@ -65,10 +66,14 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
 
 
 def _recv_with_fds(sock: socket.socket, n: int, fds: list[int]) -> bytes | None:
-    data, anc, _flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * 4))
+    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
     for level, kind, raw in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
+    if flags & socket.MSG_CTRUNC:  # descriptors dropped (out of them?): the frame is useless
+        for fd in fds:
+            os.close(fd)
+        raise FrameError("descriptors sent with a frame were lost (MSG_CTRUNC)")
     if not data:
         return None
     if len(data) < n:

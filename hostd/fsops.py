@@ -86,6 +86,7 @@ class Helper:
         self.build = ""
         self.build_fd = -1
         self.dirs: dict[str, int] = {}
+        self.target_id: list[int] | None = None
         self.committed = False
 
     # -- the loop ---------------------------------------------------------------------------
@@ -139,6 +140,9 @@ class Helper:
             )
         pidfd = fds[0] if fds else -1
         root_error = self._open_root(pid, pidfd)
+        # Not dumpable before the drop (the kernel clears it on a uid change only where
+        # fs.suid_dumpable is 0): the caller must never ptrace us or read our descriptors.
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
         if os.geteuid() == 0:
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
@@ -150,7 +154,6 @@ class Helper:
             )
         if os.getresuid() != (uid, uid, uid):
             raise Refused("forbidden", f"could not take uid {uid}'s rights")
-        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
         os.umask(0)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # a tree of many directories keeps one descriptor each
@@ -358,6 +361,7 @@ class Helper:
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused("exists", f"target {path!r} exists and is not a directory")
             target_id = [st.st_dev, st.st_ino]
+            self.target_id = target_id
             if not replace:
                 fd = _open_dir(self.parent, name, path)
                 try:
@@ -393,11 +397,13 @@ class Helper:
                 continue
             try:
                 fcntl.flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # held while removing, and only what still sits under that name
+                if _same(os.fstat(d), os.stat(n, dir_fd=self.parent, follow_symlinks=False)):
+                    shutil.rmtree(n, dir_fd=self.parent, ignore_errors=True)
             except OSError:
-                continue  # a restore in progress holds it
+                continue  # a restore in progress holds it, or it went meanwhile
             finally:
                 os.close(d)
-            shutil.rmtree(n, dir_fd=self.parent, ignore_errors=True)
 
     def op_begin(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Make the hidden build directory beside the target and every directory of the tree;
@@ -416,6 +422,9 @@ class Helper:
         self.build_fd = _open_dir(self.parent, self.build, self.build)
         fcntl.flock(self.build_fd, fcntl.LOCK_EX)  # a sweep by another restore leaves it alone
         self.dirs[""] = self.build_fd
+        here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
+        if not _same(here, os.fstat(self.build_fd)):  # swept or swapped before we locked it
+            raise Refused("changed", f"the tree being built for {where!r} was moved away")
         for d in msg["dirs"]:  # sorted, parents first
             up, _, leaf = d.rpartition("/")
             os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
@@ -448,9 +457,17 @@ class Helper:
         target = f"{self.parent_path.rstrip('/')}/{self.name}"
         left = None
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
-        mine = os.fstat(self.build_fd)
-        if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+        if not _same(here, os.fstat(self.build_fd)):
             raise Refused("changed", f"the tree being built for {target!r} was moved away")
+        try:  # what sits at the target now must be what was checked, or nothing
+            now = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+            seen = [now.st_dev, now.st_ino]
+        except FileNotFoundError:
+            seen = None
+        if seen is not None and self.target_id is None:
+            raise Refused("exists", f"target {target!r} appeared while restoring")
+        if seen is not None and seen != self.target_id:
+            raise Refused("changed", f"target {target!r} was replaced while restoring")
         try:
             renameat2(self.parent, self.build, self.name, 0)
         except OSError as e:
@@ -493,6 +510,10 @@ def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:
         "id": [st.st_dev, st.st_ino],
         "via": via,
     }
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _kind(mode: int) -> str:
@@ -625,7 +646,13 @@ def zygote(sock: socket.socket) -> None:
             finally:
                 os._exit(code)
         os.close(fds[0])
-        send_frame(sock, {"pid": pid})
+        # The helper waits for the daemon's first frame and runs as root until then, so it
+        # is still this pid: a pidfd of it lets the daemon reap or kill exactly it.
+        pidfd = os.pidfd_open(pid)
+        try:
+            send_frame(sock, {"pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
 
 
 def main() -> int:

@@ -55,6 +55,7 @@ class PublishRequest:
     compat: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, str] = field(default_factory=dict)
     chunk_size: int | None = None
+    pidfd: int = -1  # the caller's process, from the connection (SO_PEERPIDFD); not owned
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +252,12 @@ class Publisher:
         validate_ref(req.ref)
         cs = req.chunk_size or self.chunk_size
         progress.phase = "hash"
-        fs = await asyncio.to_thread(AsUser.start, req.caller, self.spawner)
+        fs = await self.spawner.start(req.caller, req.pidfd)
         try:
-            tree = await asyncio.to_thread(scan_tree, fs, req.path, self.storage)
+            tree = await self.spawner.run(scan_tree, fs, req.path, self.storage)
             return await self._publish(req, fs, tree, cs, progress, t0)
         finally:
-            await asyncio.to_thread(fs.close)
+            await self.spawner.run(fs.close)
 
     async def _publish(
         self,

@@ -31,6 +31,7 @@ from hostd.origin import Origin, validate_ref
 from hostd.tier import Tier
 
 log = logging.getLogger(__name__)
+CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it built
 
 
 @dataclass
@@ -147,6 +148,7 @@ class RestoreRequest:
     replace: bool = False
     compat: Mapping[str, str] = field(default_factory=dict)
     tier: str | None = None
+    pidfd: int = -1  # the caller's process, from the connection (SO_PEERPIDFD); not owned
 
 
 class Restorer:
@@ -196,7 +198,7 @@ class Restorer:
             yield _Filled(res, where, t0, t1, self.clock())
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
-        writer = could_write_cache(req.caller, os.geteuid())
+        writer = could_write_cache(req.caller, os.geteuid(), req.pidfd)
         link_ok = self.link_to_writers or not writer
         if req.mode == "link" and not link_ok:
             raise UsageError(
@@ -204,9 +206,9 @@ class Restorer:
                 "could write to (root, hostd's own user, or a user namespace that maps either); "
                 "use mode 'copy' or 'auto', or set [access] link_to_writers = true"
             )
-        fs = await asyncio.to_thread(AsUser.start, req.caller, self.spawner)
+        fs = await self.spawner.start(req.caller, req.pidfd)
         try:
-            info = await asyncio.to_thread(fs.target, str(req.target), req.replace)
+            info = await self.spawner.run(fs.target, str(req.target), req.replace)
             self.storage.check(f"target {str(req.target)!r}", info.chain, info.existing)
             async with self._filled(req.ref, req.compat, req.tier, progress) as f:
                 progress.phase = "materialize"
@@ -215,7 +217,7 @@ class Restorer:
                     self.cache.lent(f.where.values())
                 outcome = await self._materialize(f, req, progress, fs, link_ok)
         finally:
-            await asyncio.to_thread(fs.close)
+            await self.spawner.run(fs.close)
         t3 = self.clock()
         m = f.resolved.manifest
         out = {
@@ -245,7 +247,7 @@ class Restorer:
             progress.done_files += 1
 
         job = asyncio.ensure_future(
-            asyncio.to_thread(
+            self.spawner.run(
                 materialize,
                 f.resolved.manifest,
                 fs,
@@ -262,6 +264,9 @@ class Restorer:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops between batches and removes what it built
+            done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
+            if not done:  # a helper the caller stopped: the thread waits on it, kill it
+                fs.kill()
             with contextlib.suppress(Cancelled, Exception):
                 await job
             raise

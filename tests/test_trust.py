@@ -9,6 +9,7 @@ helper process (hostd/fsops.py) did the caller's filesystem work.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -330,6 +331,24 @@ def test_storage_is_off_limits_whatever_the_spelling(work: Path) -> None:
         out = curl_stream(d.socket, "/v1/publish", {"path": str(work), "ref": "t/all"})
         assert out["event"] == "error", out
         assert "hostd's own storage" in out["message"], out
+        # a bind mount of a directory below a tier, in a client's own mount namespace
+        (work / "bm").mkdir()
+        body = json.dumps({"ref": "t/tree", "target": f"{work}/bm/x", "mode": "copy"})
+        script = (
+            f"mount --bind {mem}/blobs {work}/bm && "
+            f"curl -sSN --unix-socket {d.socket} -X POST -H '{JSON}' -d '{body}' "
+            "http://hostd/v1/restore"
+        )
+        got = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        last = json.loads(got.stdout.splitlines()[-1])
+        assert last["event"] == "error", last
+        assert "hostd's own storage" in last["message"], last
         # the tiers and the origin still hold everything: a restore elsewhere works
         out = d.restore("t/tree", work / "fine", mode="copy")
         assert out["event"] == "result", out
@@ -528,7 +547,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             sock, pidfd = spawner.spawn()
             fs = _WrittenDuringCopy(caller, sock, pidfd)
             fs.blob = blob
-            _, fds = fs.call("init", uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
+            _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
             fs.root_fd = fds[0]
             try:
                 fs.target(f"{home}/out-{lent}", False)
@@ -559,3 +578,57 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
         spawner.close()
         sleeper.kill()
         sleeper.wait()
+
+
+def _helpers_of(daemon_pid: int) -> list[int]:
+    """Helper processes of a daemon: the children of its zygote (hostd.fsops)."""
+
+    def children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with open(task / "children") as f:
+                out += [int(c) for c in f.read().split()]
+        return out
+
+    return [h for z in children(daemon_pid) for h in children(z)]
+
+
+def test_a_helper_its_caller_stopped_holds_nothing_for_long(work: Path) -> None:
+    """The caller may signal its helper (it runs with the caller's uid): a stopped helper
+    must not hold a daemon thread, a place under the caps or its blobs for ever."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"max_operations_per_uid": 1}) as d:
+        d.publish(src, "t/tree")
+        assert d.proc is not None
+        body = json.dumps({"ref": "t/tree", "target": f"{home}/out", "mode": "copy"})
+        client = subprocess.Popen(
+            [*NOBODY_PREFIX, *CURL, str(d.socket), "-d", body, "http://hostd/v1/restore"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            helper = 0
+
+            def found() -> bool:
+                nonlocal helper
+                for h in _helpers_of(d.proc.pid):  # type: ignore[union-attr]
+                    with contextlib.suppress(OSError):
+                        if _uid_of(h) == NOBODY:
+                            helper = h
+                            return True
+                return False
+
+            wait_for(found, step=0.001)
+            as_nobody("kill", "-STOP", str(helper))  # what the caller itself may do
+        finally:
+            client.kill()
+            client.wait()
+        t0 = time.monotonic()
+        wait_for(lambda: d.api("GET", "/v1/status")[1]["in_flight"] == 0, timeout=60)
+        assert time.monotonic() - t0 < 45
+        wait_for(lambda: not Path(f"/proc/{helper}").exists(), timeout=30)
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{home}/again", "mode": "copy"}
+        )
+        assert out["event"] == "result", out
