@@ -28,6 +28,7 @@ Standard library only: it starts once per operation, so it imports little.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -76,6 +77,7 @@ class Helper:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.root = -1  # the caller's root directory, O_PATH
+        self.caller_caps = 0  # the caller's effective capabilities, as a bit mask
         # publish
         self.src = -1
         self.src_path = ""
@@ -154,6 +156,10 @@ class Helper:
             )
         if os.getresuid() != (uid, uid, uid):
             raise Refused("forbidden", f"could not take uid {uid}'s rights")
+        if uid == 0:
+            # Root keeps its capabilities through the drop: keep only those the caller had
+            # (a container's root may have dropped some), never more than it.
+            _limit_caps(self.caller_caps)
         os.umask(0)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # a tree of many directories keeps one descriptor each
@@ -178,6 +184,10 @@ class Helper:
                 root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
             except PermissionError as e:
                 return e.strerror
+            try:
+                self.caller_caps = _effective_caps(proc)
+            except OSError:
+                self.caller_caps = 0
             if pidfd >= 0:  # the pidfd pins the process we mean: /proc/<pid> must still be it
                 try:
                     signal.pidfd_send_signal(pidfd, 0)
@@ -510,6 +520,52 @@ def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:
         "id": [st.st_dev, st.st_ino],
         "via": via,
     }
+
+
+def _effective_caps(proc: int) -> int:
+    """CapEff of the process whose /proc directory `proc` is."""
+    fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        text = os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_CAP_VERSION_3 = 0x20080522
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def _limit_caps(allowed: int) -> None:
+    """Keep only the capabilities in `allowed` (effective and permitted), none inheritable,
+    and no new privileges from exec."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise Refused("forbidden", "cannot read the helper's capabilities")
+    for i in range(2):
+        mask = (allowed >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted &= mask
+        data[i].effective = data[i].permitted
+        data[i].inheritable = 0
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise Refused("forbidden", "cannot limit the helper to the caller's capabilities")
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:

@@ -287,6 +287,10 @@ FORBIDDEN = (
 
 # What hostd and its helpers call that a syscall filter could take away.
 NEEDED_SYSCALLS = (
+    "fork",  # the zygote forks helpers
+    "capget",  # a root caller's helper keeps only the caller's capabilities
+    "capset",
+    "prctl",
     "setgroups",
     "setresgid",
     "setresuid",

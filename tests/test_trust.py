@@ -632,3 +632,21 @@ def test_a_helper_its_caller_stopped_holds_nothing_for_long(work: Path) -> None:
             d.socket, "/v1/restore", {"ref": "t/tree", "target": f"{home}/again", "mode": "copy"}
         )
         assert out["event"] == "result", out
+
+
+def test_a_root_caller_keeps_only_the_capabilities_it_has(work: Path) -> None:
+    """A container's root is uid 0 too, often with capabilities dropped: its helper gets no
+    more than the caller had, so hostd lends it nothing it lacked."""
+    src = world_readable_tree(work / "src")
+    theirs = nobody_dir(work / "theirs")
+    theirs.chmod(0o700)  # root may write here only through CAP_DAC_OVERRIDE
+    weak = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all")
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        body = {"ref": "t/tree", "target": f"{theirs}/x", "mode": "copy"}
+        out = curl_stream(d.socket, "/v1/restore", body, *weak)
+        assert out["event"] == "error", out
+        assert "permission denied" in out["message"].lower(), out
+        assert list(theirs.iterdir()) == []
+        out = curl_stream(d.socket, "/v1/restore", body)  # root with all its capabilities
+        assert out["event"] == "result", out
