@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -278,6 +279,10 @@ class AsUser:
         """A source file opened for reading with the caller's rights, checked to be the
         regular file the scan saw."""
         _, fds = self.call("open", nfds=1, path=path, id=list(ident), via=via)
+        st = os.fstat(fds[0])
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(ident):
+            os.close(fds[0])  # a helper that lied: never read what it handed over
+            raise HostdError(f"hostd's helper handed over something else for {path!r}")
         return fds[0]
 
     # -- restore ---------------------------------------------------------------------------
