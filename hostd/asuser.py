@@ -356,7 +356,7 @@ class Storage:
             inside[(st.st_dev, st.st_ino)] = f"{what} {p}"
             # and the directories below (blobs/, blobs/ab/, tmp/, manifests/...), which may be
             # bind-mounted elsewhere on their own: `..` from such a mount never leads here
-            for sub in _subdirs(p, depth=2):
+            for sub in _subdirs(p, depth=2 if what.startswith("tier") else 1):
                 inside.setdefault(sub, f"{what} {p}")
             for q in [p, *p.parents]:
                 with contextlib.suppress(OSError):

@@ -107,6 +107,10 @@ class Filler:
                     if e.digest in self._filling:
                         waits.append(self._filling[e.digest])
                         continue
+                    b = self._ready(e, tiers, progress)
+                    if b is not None:  # the warm path: no claim, no await
+                        found[e.digest] = b
+                        continue
                     # Claimed before _usable, which may copy the blob in from another tier:
                     # two copies of one blob into one tier would race on one scratch file.
                     claims[e.digest] = self._filling[e.digest] = (
@@ -133,6 +137,16 @@ class Filler:
             # What others filled is usable next round; what they failed to fill, we fill then.
             pending = [e for e in pending if e.digest not in found]
         return found
+
+    def _ready(self, e: FileEntry, tiers: Sequence[Tier], progress: FillProgress) -> Blob | None:
+        """A complete copy in `tiers` whose record still holds (one stat): usable as it is.
+        Anything in doubt goes the long way, through _usable and a re-hash."""
+        for b in self.cache.copies(e.digest):
+            if b.complete and b.tier in tiers and self.cache.unchanged(b):
+                progress.done_bytes += b.size
+                progress.by_source[b.tier.name] += b.size
+                return b
+        return None
 
     async def _usable(
         self, e: FileEntry, chunk_size: int, tiers: Sequence[Tier], progress: FillProgress

@@ -813,6 +813,18 @@ async def test_unchanged_checks_size_mtime_and_ctime_which_no_one_can_set_back(e
 # -- trust: stat before hashing, lost index, lent blobs ------------------------------------------
 
 
+def count_rehashes(cache: Cache) -> list[bytes]:
+    """Make `cache` re-hash through a hasher that lists the digests it was asked for."""
+    calls: list[bytes] = []
+
+    def counting(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
+        calls.append(digest)
+        return rehash(path, digest, size, chunk_size)
+
+    cache.hasher = counting
+    return calls
+
+
 def poison(path: Path) -> None:
     """The attack of issue 9 (5): root writes "EVIL" through a read-only blob (or a hardlink
     to it) and sets its mtime back to what it was."""
@@ -909,14 +921,8 @@ async def test_a_write_racing_a_vouch_from_another_thread_drops_the_blob(env: En
 
 
 async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> None:
-    calls: list[bytes] = []
-
-    def counting(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
-        calls.append(digest)
-        return rehash(path, digest, size, chunk_size)
-
     cache = env.open()
-    cache.hasher = counting
+    calls = count_rehashes(cache)
     a = env.file("a", 300)
     await env.put(cache, a)
     b = cache.locate(a.digest)
@@ -1034,14 +1040,8 @@ async def test_a_blob_lent_to_a_writer_is_rehashed_before_every_later_use(env: E
 async def test_links_to_non_writers_need_no_mark_and_their_rm_costs_no_rehash(
     env: Env,
 ) -> None:
-    calls: list[bytes] = []
-
-    def counting(path: Path, digest: bytes, size: int, chunk_size: int) -> Rehash:
-        calls.append(digest)
-        return rehash(path, digest, size, chunk_size)
-
     cache = env.open()
-    cache.hasher = counting
+    calls = count_rehashes(cache)
     a = env.file("a", 300)
     await env.put(cache, a)
     b = cache.locate(a.digest)

@@ -95,6 +95,17 @@ def nobody_stream(sock: Path, path: str, body: dict[str, Any]) -> dict[str, Any]
     return curl_stream(sock, path, body, *NOBODY_PREFIX)
 
 
+def in_own_mount_namespace(script: str) -> subprocess.CompletedProcess[str]:
+    """Run a shell script as a client in a mount namespace of its own (as root)."""
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def nobody_dir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     os.chown(p, NOBODY, NOBODY)
@@ -339,13 +350,7 @@ def test_storage_is_off_limits_whatever_the_spelling(work: Path) -> None:
             f"curl -sSN --unix-socket {d.socket} -X POST -H '{JSON}' -d '{body}' "
             "http://hostd/v1/restore"
         )
-        got = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        got = in_own_mount_namespace(script)
         last = json.loads(got.stdout.splitlines()[-1])
         assert last["event"] == "error", last
         assert "hostd's own storage" in last["message"], last
@@ -375,13 +380,7 @@ def test_a_client_in_its_own_mount_namespace_gets_its_own_paths(work: Path) -> N
             f"curl -sSN --unix-socket {d.socket} -X POST -H '{JSON}' -d '{missing}' "
             "http://hostd/v1/restore"
         )
-        out = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = in_own_mount_namespace(script)
         assert out.returncode == 0, out.stderr
         first, listing, second = out.stdout.split("====\n")
         assert json.loads(first.splitlines()[-1])["event"] == "result", first
