@@ -134,6 +134,12 @@ class Spawner:
                 env={"PYTHONPATH": _PKG_PARENT, "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
                 cwd="/",
             )
+        except OSError as e:
+            ours.close()
+            raise HostdError(
+                f"hostd cannot start its helper process ({sys.executable} -m hostd.fsops): "
+                f"{e.strerror or e}"
+            ) from e
         except BaseException:
             ours.close()
             raise
