@@ -221,13 +221,14 @@ class _Views:
         """(descriptor or -1, st_dev) of `blobs_dir` in the caller's view."""
         got = self.fds.get(blobs_dir)
         if got is None:
+            mine = os.stat(blobs_dir)
             fd = self.fs.open_in_view(blobs_dir)
             if fd >= 0:
-                theirs, mine = os.fstat(fd), os.stat(blobs_dir)
+                theirs = os.fstat(fd)
                 if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
                     os.close(fd)  # something else sits at that path in the caller's view
                     fd = -1
-            got = self.fds[blobs_dir] = (fd, os.stat(blobs_dir).st_dev)
+            got = self.fds[blobs_dir] = (fd, mine.st_dev)
         return got
 
     def close(self) -> None:

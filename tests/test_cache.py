@@ -835,13 +835,18 @@ def poison(path: Path) -> None:
     assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
 
 
-def test_rehash_records_the_stat_taken_before_the_hash(tmp_path: Path) -> None:
+def blob_of_chunks(tmp_path: Path, n: int) -> tuple[Path, bytes, mf.FileEntry]:
+    """A complete blob of `n` chunks in a fresh tier: its path, bytes and entry."""
     tier = Tier("t", tmp_path / "t", 1 << 20)
     tier.prepare()
-    data = content("x", 3 * CS)
+    data = content("x", n * CS)
     e = entry_of("x", data)
     write_blob(tier, e, data)
-    path = tier.blob_path(e.digest)
+    return tier.blob_path(e.digest), data, e
+
+
+def test_rehash_records_the_stat_taken_before_the_hash(tmp_path: Path) -> None:
+    path, data, e = blob_of_chunks(tmp_path, 3)
     writes: list[int] = []
 
     def rewrite_the_same_bytes(off: int) -> None:
@@ -860,12 +865,7 @@ def test_rehash_records_the_stat_taken_before_the_hash(tmp_path: Path) -> None:
 
 
 def test_a_write_during_a_rehash_is_never_vouched_for(tmp_path: Path) -> None:
-    tier = Tier("t", tmp_path / "t", 1 << 20)
-    tier.prepare()
-    data = content("x", 2 * CS)
-    e = entry_of("x", data)
-    write_blob(tier, e, data)
-    path = tier.blob_path(e.digest)
+    path, data, e = blob_of_chunks(tmp_path, 2)
     done: list[bool] = []
 
     def evil_after_chunk_0_was_read(off: int) -> None:

@@ -408,7 +408,8 @@ async def test_a_poisoned_linked_blob_is_dropped_and_fetched_again(rig: Rig) -> 
     assert restored.read_bytes()[:4] == b"EVIL"  # the caller keeps what it wrote
 
 
-async def test_a_poisoned_linked_blob_is_never_a_dedup_source(rig: Rig) -> None:
+async def poisoned_dedup_source(rig: Rig) -> tuple[FileEntry, FileEntry, Blob]:
+    """f complete and indexed, g sharing f's first chunk, f's blob linked and poisoned."""
     shared = pattern("shared", CS)
     f = rig.file("f", shared + pattern("f", CS))
     g = rig.file("g", shared + pattern("g", CS))  # its first chunk is f's first chunk
@@ -418,6 +419,11 @@ async def test_a_poisoned_linked_blob_is_never_a_dedup_source(rig: Rig) -> None:
     assert b is not None
     assert rig.cache.chunk_location(g.chunks[0].id) == (b, 0)
     link_and_poison(rig, b)
+    return f, g, b
+
+
+async def test_a_poisoned_linked_blob_is_never_a_dedup_source(rig: Rig) -> None:
+    f, g, _ = await poisoned_dedup_source(rig)
 
     _, progress = await rig.ensure([g])
 
@@ -430,15 +436,7 @@ async def test_a_dedup_read_that_fails_its_chunk_hash_drops_the_blob(rig: Rig) -
     """Bytes bad with a stat that still matches the record (bit rot, or a write in the same
     clock tick as the stat on a kernel without multigrain timestamps): the chunk hash catches
     them, and the blob is re-hashed and dropped."""
-    shared = pattern("shared", CS)
-    f = rig.file("f", shared + pattern("f", CS))
-    g = rig.file("g", shared + pattern("g", CS))
-    await rig.ensure([f])
-    rig.cache.record_snapshot(mf.build(chunk_size=CS, files=[f]))  # its chunks are indexed
-    b = rig.cache.locate(f.digest)
-    assert b is not None
-    assert rig.cache.chunk_location(g.chunks[0].id) == (b, 0)
-    link_and_poison(rig, b)
+    f, g, b = await poisoned_dedup_source(rig)
     tier_stat = b.tier.stat_blob(b.digest)
     assert tier_stat is not None
     b.record(tier_stat)  # as if the write left no trace in the stat
