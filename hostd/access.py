@@ -1,6 +1,6 @@
 """Who may ask for what, and how many operations run at once: decisions, no I/O.
 
-Every local API route belongs to one class of operation (DESIGN.md "Trust model"):
+Every local API route belongs to one class of operation (docs/ARCHITECTURE.md, "Invariants"):
 `restore` (restore, prefetch, snapshots, status), `publish`, or `admin` (pin, unpin, gc,
 verify). `[access]` lists, per class, the callers allowed: "uid:N", "gid:N" or "*" (config.py
 has already turned `user:NAME` and `group:NAME` into ids). A caller matches a "gid:N" entry

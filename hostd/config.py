@@ -6,8 +6,8 @@ are resolved to bytes and seconds. A wrong key or value raises `ConfigError` nam
 (`tiers[1].budget`, `peers.timeout`, `origin_options.region`) and the reason; tier indexes
 count from 0. Relative paths resolve against the directory of the file.
 
-With no file every path is per user (DESIGN.md "Config"), and derived from the cache
-directory, so two users or two `HOME`s never share a socket, tier, index or origin.
+With no file every path is per user (docs/ARCHITECTURE.md, "Config"), and derived from the
+cache directory, so two users or two `HOME`s never share a socket, tier, index or origin.
 
 It must not create, change or open anything but the config file itself: the daemon makes
 its directories. The only other filesystem access is `os.statvfs` for "%" budgets (on the
@@ -84,7 +84,19 @@ TOP_KEYS = (
     "access",
 )
 TIER_KEYS = ("name", "path", "budget")
-PEER_KEYS = ("listen", "static", "dns", "dns_refresh", "secret_file", "hedge_after", "timeout")
+PEER_KEYS = (
+    "listen",
+    "static",
+    "dns",
+    "dns_refresh",
+    "secret_file",
+    "hedge_after",
+    "timeout",
+    "allow_unauthenticated",
+    "max_uploads",
+    "buffer",
+)
+MAX_UPLOADS_LIMIT = 4096
 ACCESS_CLASSES = ("restore", "publish", "admin")
 ACCESS_KEYS = (*ACCESS_CLASSES, "link_to_writers", "max_operations", "max_operations_per_uid")
 DEFAULT_MAX_OPERATIONS = 64
@@ -117,6 +129,9 @@ class PeersConfig:
     secret_file: Path | None
     hedge_after: float
     timeout: float
+    allow_unauthenticated: bool = False
+    max_uploads: int = 16
+    buffer: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -247,7 +262,7 @@ def _filesystem_size(path: Path, key: str, statvfs: Callable[[Path], os.statvfs_
 def default_paths(
     env: Mapping[str, str], *, uid: int | None = None, shm_root: Path = DEFAULT_SHM_ROOT
 ) -> DefaultPaths:
-    """The per-user paths of DESIGN.md "Config", named after the cache directory.
+    """The per-user paths of docs/ARCHITECTURE.md, "Config", named after the cache directory.
 
     cache_dir = $XDG_CACHE_HOME/hostd or $HOME/.cache/hostd; data_dir likewise with
     $XDG_DATA_HOME and .local/share; socket = $XDG_RUNTIME_DIR/hostd/hostd-<tag>.sock or
@@ -625,7 +640,23 @@ def _peers(value: Any, base: Path | None) -> PeersConfig:
         secret_file=None if secret is None else _path(secret, "peers.secret_file", base),
         hedge_after=_duration(table.get("hedge_after", "200ms"), "peers.hedge_after", False),
         timeout=_duration(table.get("timeout", "5s"), "peers.timeout", True),
+        allow_unauthenticated=_bool(
+            table.get("allow_unauthenticated", False), "peers.allow_unauthenticated"
+        ),
+        max_uploads=_int(table.get("max_uploads", 16), "peers.max_uploads", 1, MAX_UPLOADS_LIMIT),
+        buffer=_size(table.get("buffer", "256MiB"), "peers.buffer"),
     )
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {show(value)}")
+    return value
+
+
+def _size(value: Any, key: str) -> int:
+    """A byte count, absolute ("256MiB" or bytes): not a share of a filesystem."""
+    return parse_size(_size_value(value, key), key)
 
 
 def _access(value: Any, euid: int) -> AccessConfig:

@@ -29,9 +29,11 @@ from prometheus_client import CollectorRegistry
 
 from hostd import __version__
 from hostd.api_local import make_app, make_metrics_app
+from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
-from hostd.config import Config, load_config
+from hostd.config import Config, PeersConfig, load_config
+from hostd.core import peerauth
 from hostd.core.retry import RetryPolicy
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
@@ -39,11 +41,12 @@ from hostd.fill import Filler
 from hostd.index import Index
 from hostd.lock import CacheLocks
 from hostd.maintain import gc, verify
-from hostd.metrics import Metrics, StateCollector
+from hostd.metrics import Metrics, PeerCollector, StateCollector
 from hostd.origin import Origin
+from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
 from hostd.publish import Publisher
 from hostd.restore import Progress, Resolver, Restorer
-from hostd.sources import LocalBlobSource, OriginSource
+from hostd.sources import ChunkSource, LocalBlobSource, OriginSource
 from hostd.systemd import Notifier
 from hostd.tier import Tier
 
@@ -72,10 +75,22 @@ class Daemon:
             retry=RetryPolicy(config.retries, config.retry_base, config.retry_max),
             timeout=config.request_timeout,
         )
-        self.fetcher = Fetcher(
-            [LocalBlobSource(self.cache), OriginSource(self.origin)], config.fetch_concurrency
-        )
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.peers: Peers | None = None
+        if config.peers is not None and (secret := peer_secret(config.peers)) is not None:
+            self.peers = Peers(config, self.origin, self.metrics, secret or None)
+            sources: list[ChunkSource] = [
+                LocalBlobSource(self.cache),
+                self.peers.buffer,
+                self.peers.source,
+                self.peers.pull,
+            ]
+        else:
+            sources = [LocalBlobSource(self.cache), OriginSource(self.origin)]
+        self.fetcher = Fetcher(sources, config.fetch_concurrency)
         self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
+        if self.peers is not None:
+            self.peers.serve_from(self.cache, self.filler)
         self.storage = Storage(own_storage(config))
         self.spawner = Spawner()  # helpers that act with a caller's rights
         self.restorer = Restorer(
@@ -97,8 +112,9 @@ class Daemon:
             storage=self.storage,
             spawner=self.spawner,
         )
-        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
+        if self.peers is not None:
+            self.metrics.registry.register(PeerCollector(self.peers.client, self.peers.membership))
 
     def __repr__(self) -> str:
         return f"Daemon({self.config.socket}, in_flight={self.in_flight}, {self.cache!r})"
@@ -129,6 +145,7 @@ class Daemon:
             ],
             "in_flight": self.in_flight,
             "snapshots": len(self.cache.snapshots()),
+            "peers": self.peers.status() if self.peers is not None else None,
         }
 
     def list_snapshots(self) -> list[dict[str, Any]]:
@@ -202,8 +219,132 @@ class Daemon:
         await asyncio.to_thread(self.publisher.close)
         await asyncio.to_thread(self.spawner.close)
         await self.fetcher.close()
+        if self.peers is not None:
+            await self.peers.close()
         await self.origin.close()
         self.index.close()
+
+
+def peer_secret(config: PeersConfig) -> bytes | None:
+    """The cluster secret from `secret_file`; b"" when peers run unauthenticated by choice;
+    None when they stay off (no secret, and unauthenticated not allowed)."""
+    if config.secret_file is None:
+        return b"" if config.allow_unauthenticated else None
+    try:
+        with open(config.secret_file, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(64 * 1024)
+    except OSError as e:
+        why = f"cannot read {config.secret_file}: {e.strerror}"
+        raise ConfigError("peers.secret_file", why) from e
+    if st.st_mode & 0o004:
+        raise ConfigError(
+            "peers.secret_file", f"{config.secret_file} is readable by every user; chmod o-r it"
+        )
+    try:
+        return peerauth.load_secret(data, str(config.secret_file))
+    except peerauth.AuthError as e:
+        raise ConfigError("peers.secret_file", str(e)) from None
+
+
+class Peers:
+    """The peer parts of one daemon: membership, the client, the source the fetcher asks,
+    the origin's shared flight with the owner's buffer, and the server."""
+
+    def __init__(
+        self, config: Config, origin: Origin, metrics: Metrics, secret: bytes | None
+    ) -> None:
+        assert config.peers is not None
+        self.config = config.peers
+        self.node = new_node_id()
+        self.client = PeerClient(
+            self.node,
+            secret,
+            self.config.timeout,
+            pull_wait=2 * max(self.config.timeout, config.request_timeout),
+            observe=metrics.observe_peer,
+        )
+        self.membership = Membership(
+            self.config.static, self.config.dns, self.config.dns_refresh, self.client
+        )
+        self.buffer = ChunkBuffer(self.config.buffer)
+        # The buffer is looked at again inside the flight: a pull for another host may have
+        # landed while this host asked its holders (groupcache's re-check inside the load).
+        self.pull = OriginPull(
+            Fetcher([self.buffer, OriginSource(origin)], config.fetch_concurrency),
+            self.buffer,
+            self.membership.owns,
+        )
+        self.source = PeerSource(self.membership, self.client, self.config.hedge_after)
+        self.server: PeerServer | None = None
+        self.address = ""
+        self._runner: web.AppRunner | None = None
+
+    def __repr__(self) -> str:
+        return f"Peers({self.address or self.config.listen}, {self.membership!r})"
+
+    def serve_from(self, cache: Cache, filler: Filler) -> None:
+        self.server = PeerServer(
+            cache,
+            filler,
+            self.buffer,
+            self.pull,
+            self.membership,
+            self.node,
+            self.client.secret,
+            self.config.max_uploads,
+            self.config.timeout,
+            self.client.stats,
+        )
+
+    async def start(self) -> None:
+        assert self.server is not None
+        self._runner = web.AppRunner(
+            make_peer_app(self.server), access_log=None, handler_cancellation=True
+        )
+        await self._runner.setup()
+        host, _, port = self.config.listen.rpartition(":")
+        try:
+            await web.TCPSite(self._runner, host.strip("[]") or None, int(port)).start()
+        except OSError as e:
+            raise HostdError(f"peers.listen {self.config.listen}: {e.strerror or e}") from e
+        addr = self._runner.addresses[0]
+        self.membership.port = int(addr[1])
+        self.address = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+        if self.client.secret:
+            log.info(
+                "peers on %s (node %s), authenticated by %s",
+                self.address,
+                self.node,
+                self.config.secret_file,
+            )
+        else:
+            log.warning(
+                "peers on %s run WITHOUT authentication (allow_unauthenticated = true): "
+                "anyone who can reach the port can read cached chunks",
+                self.address,
+            )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def close(self) -> None:
+        await self.pull.fetcher.close()
+        await self.client.close()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.close)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listen": self.address or self.config.listen,
+            "node": self.node,
+            "self": self.membership.roster.self_name,
+            "auth": "hmac" if self.client.secret else "none",
+            "members": self.membership.to_json(),
+            "buffer": {"used": self.buffer.used, "capacity": self.buffer.capacity},
+            "uploading": self.server.uploading if self.server is not None else 0,
+        }
 
 
 def own_storage(config: Config) -> list[tuple[str, Path]]:
@@ -311,11 +452,18 @@ async def _serve_locked(
             config.index,
             ", ".join(f"{t.name}={t.root} ({t.budget} bytes)" for t in d.cache.tiers),
         )
-        if config.peers is not None:
-            log.warning("[peers] is configured, but this version has no peer support: ignored")
+        if d.peers is not None:
+            await d.peers.start()
+        elif config.peers is not None:
+            log.warning(
+                "peers are OFF: [peers] has no secret_file, and allow_unauthenticated is not "
+                "true; set one of them to share chunks with other hosts"
+            )
         notifier.ready(f"serving on {config.socket}")
         async with asyncio.TaskGroup() as tg:
             helpers = []
+            if d.peers is not None:
+                helpers.append(tg.create_task(d.peers.membership.run()))
             if notifier.watchdog_interval:
                 helpers.append(tg.create_task(_watchdog(notifier, notifier.watchdog_interval)))
             if reload is not None:
@@ -330,6 +478,8 @@ async def _serve_locked(
         d.accepting = False
         await d.drain(config.drain_timeout)
     finally:
+        if d.peers is not None:
+            await d.peers.stop()
         await runner.cleanup()
         await metrics_runner.cleanup()
         await d.close()

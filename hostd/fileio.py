@@ -1,5 +1,5 @@
 """Blocking file I/O shared by the daemon and its helper process (stdlib only): a copy loop,
-and the syscalls Python lacks (openat2, renameat2).
+a sendfile of a file range to a socket, and the syscalls Python lacks (openat2, renameat2).
 
 The helper (fsops.py) starts once per operation, so this module must stay light: no imports
 beyond the standard library.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
+import threading
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -77,3 +79,36 @@ def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), new)
+
+
+def send_range(
+    sock_fd: int, file_fd: int, offset: int, count: int, stall: float, stop: threading.Event
+) -> None:
+    """Send `count` bytes of `file_fd` from `offset` to a non-blocking socket by sendfile: the
+    kernel copies, no byte passes through Python. Waits for room in the socket's buffer in
+    short slices, so `stop` (the request was cancelled) is seen within 0.2 s; TimeoutError if
+    the receiver takes nothing for `stall` seconds; EOFError if the file is shorter."""
+    end = offset + count
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    waited = 0.0
+    while offset < end:
+        if stop.is_set():
+            raise InterruptedError("the request was cancelled")
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset, min(end - offset, 1 << 30))
+        except BlockingIOError:
+            n = -1
+        if n == 0:
+            raise EOFError(f"the file ends {end - offset} bytes short of the range")
+        if n > 0:
+            offset += n
+            waited = 0.0
+            continue
+        events = poller.poll(200)
+        if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events):
+            raise BrokenPipeError(errno.EPIPE, "the receiver closed the connection")
+        if not events:
+            waited += 0.2
+        if waited >= stall:
+            raise TimeoutError(f"the receiver took nothing for {stall:g} s")

@@ -20,6 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
@@ -53,6 +54,17 @@ class Filler:
         self.workers = workers
         self._filling: dict[bytes, asyncio.Future[None]] = {}
         self._seq = itertools.count()
+        # Chunks written (and verified) into partial blobs still filling: chunk id -> (the
+        # partial file, offset). The peer server serves them from there.
+        self._written: dict[bytes, tuple[Path, int]] = {}
+
+    def written(self, cid: bytes) -> tuple[Path, int] | None:
+        """Where a verified chunk of a blob still filling lies, if one holds it."""
+        return self._written.get(cid)
+
+    def _forget_written(self, entry: FileEntry) -> None:
+        for c in entry.chunks:
+            self._written.pop(c.id, None)
 
     def _release(self, digest: bytes, claims: dict[bytes, asyncio.Future[None]]) -> None:
         """Drop our claim on a blob and wake whoever waits on it."""
@@ -239,6 +251,7 @@ class Filler:
             if o.finishing:  # several workers can see a resumed blob already full
                 return
             o.finishing = True
+            self._forget_written(o.entry)  # about to be renamed: served as a blob from now
             st = await self._landing(asyncio.to_thread(o.blob.complete), o.tier, chunk_size)
             self.cache.completed(o.entry.digest, o.tier, st)
             done.add(o.entry.digest)
@@ -285,6 +298,8 @@ class Filler:
                 except ChunkCorrupt as err:
                     raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
                 await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+                if not o.finishing:
+                    self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size)
                 progress.done_bytes += c.size
                 progress.by_source[src] += c.size
                 o.left -= 1
@@ -309,6 +324,7 @@ class Filler:
             if digest in done or not fut.done() or fut.cancelled() or fut.exception():
                 continue
             o = fut.result()
+            self._forget_written(o.entry)
             if discard:
                 await asyncio.to_thread(o.blob.discard)
                 self.cache.abandon(digest, o.tier)

@@ -19,7 +19,9 @@ from hostd import __version__
 from hostd.cache import Cache
 from hostd.fetch import Fetcher
 from hostd.origin import Origin
+from hostd.peers import Membership, PeerClient
 
+PEER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -51,6 +53,17 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+
+        self.peer_seconds = Histogram(
+            "hostd_peer_request_duration_seconds",
+            "Requests to other hosts' peer API, by kind (chunk, have, health) and result.",
+            ["kind", "result"],
+            buckets=PEER_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_peer(self, kind: str, result: str, seconds: float) -> None:
+        self.peer_seconds.labels(kind, result).observe(seconds)
 
     def observe(self, operation: str, result: str, timings: dict[str, float] | None) -> None:
         self.operations.labels(operation, result).inc()
@@ -158,3 +171,81 @@ class StateCollector(Collector):
         info = GaugeMetricFamily("hostd_build_info", "hostd's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+class PeerCollector(Collector):
+    """The peer client's and server's counters, and the members by state, at scrape time."""
+
+    def __init__(self, client: PeerClient, membership: Membership) -> None:
+        self.client = client
+        self.membership = membership
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.client.stats
+        members = GaugeMetricFamily(
+            "hostd_peers",
+            "Peers known, by state (live, dead, rejecting, struck, self).",
+            labels=["state"],
+        )
+        for state, n in self.membership.roster.counts().items():
+            members.add_metric([state], n)
+        yield members
+        got = CounterMetricFamily(
+            "hostd_peer_chunks",
+            "Chunks got from peers, by the peer's role (owner, holder) and how it served them "
+            "(held: from its cache; pull: pulled through from its origin for us).",
+            labels=["role", "how"],
+        )
+        got_bytes = CounterMetricFamily(
+            "hostd_peer_chunk_bytes",
+            "Bytes of the chunks counted in hostd_peer_chunks.",
+            labels=["role", "how"],
+        )
+        for role in ("owner", "holder"):
+            for how in ("held", "pull"):
+                got.add_metric([role, how], st.chunks[(role, how)])
+                got_bytes.add_metric([role, how], st.bytes[(role, how)])
+        yield from (got, got_bytes)
+        yield CounterMetricFamily(
+            "hostd_origin_saved_bytes",
+            "Chunk bytes got from peers rather than from the origin.",
+            value=sum(st.bytes.values()),
+        )
+        strikes = CounterMetricFamily(
+            "hostd_peer_strikes", "Peers struck, by reason (corrupt, stall).", labels=["reason"]
+        )
+        for reason in ("corrupt", "stall"):
+            strikes.add_metric([reason], st.strikes[reason])
+        yield strikes
+        hedges = CounterMetricFamily(
+            "hostd_peer_hedges",
+            "Hedged chunk requests: started (a holder raced a slow owner), won (the holder "
+            "answered first).",
+            labels=["result"],
+        )
+        for r in ("started", "won"):
+            hedges.add_metric([r], st.hedges[r])
+        yield hedges
+        served = CounterMetricFamily(
+            "hostd_peer_served_chunks",
+            "Chunks this host served to peers, by where from (file: a blob by sendfile; "
+            "buffer: pulled earlier as owner; pull: pulled through from the origin now).",
+            labels=["source"],
+        )
+        served_bytes = CounterMetricFamily(
+            "hostd_peer_served_bytes",
+            "Bytes of the chunks in hostd_peer_served_chunks.",
+            labels=["source"],
+        )
+        for src in ("file", "buffer", "pull"):
+            served.add_metric([src], st.served_chunks[src])
+            served_bytes.add_metric([src], st.served_bytes[src])
+        yield from (served, served_bytes)
+        refused = CounterMetricFamily(
+            "hostd_peer_refused",
+            "Peer requests this host refused, by reason (unauthorized, missing, busy).",
+            labels=["reason"],
+        )
+        for r in ("unauthorized", "missing", "busy"):
+            refused.add_metric([r], st.refused[r])
+        yield refused

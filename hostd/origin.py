@@ -13,7 +13,7 @@ without reading its body, and a server's body is streamed and dropped as soon as
 passes the cap, so one that states less than it sends cannot make us hold more (a file://
 read is bounded by the size of the file it opened).
 
-Layout under the URL's path prefix (DESIGN.md, "Origin layout"):
+Layout under the URL's path prefix (docs/ARCHITECTURE.md, "Origin layout"):
     chunks/<hex[0:2]>/<hex>          manifests/<snapshot-id>          refs/<ref>/<compat-digest>
 
 This module must not: decode or verify chunk bytes (callers check blake3 of the raw bytes;

@@ -1,13 +1,12 @@
 """The `hostd` CLI and its client, against a fake local API on a real Unix socket.
 
-`FakeDaemon` implements the local API contract (DESIGN.md "Interfaces") in memory: JSON error
-bodies for every error, NDJSON streams that end in one `result` or `error`, and a few refs
-that misbehave on purpose (a stream cut short, one cut mid-line, one that never ends). It runs
-its own event loop in a thread, because `main` runs its own with `asyncio.run`; the tests
-call `main([...])` in-process and read stdout/stderr with capsys, and a few run
-`python -m hostd` as a real process. Concurrent events are ordered with threading events
-and deadlines, never sleeps.
-"""
+`FakeDaemon` implements the local API contract (docs/ARCHITECTURE.md, "Local API and events")
+in memory: JSON error bodies for every error, NDJSON streams that end in one `result` or
+`error`, and a few refs that misbehave on purpose (a stream cut short, one cut mid-line, one
+that never ends). It runs its own event loop in a thread, because `main` runs its own with
+`asyncio.run`; the tests call `main([...])` in-process and read stdout/stderr with capsys, and
+a few run `python -m hostd` as a real process. Concurrent events are ordered with threading
+events and deadlines, never sleeps."""
 
 from __future__ import annotations
 

@@ -136,6 +136,9 @@ def test_peers_defaults_when_the_table_is_empty(tmp_path: Path, env: dict[str, s
         secret_file=None,
         hedge_after=0.2,
         timeout=5.0,
+        allow_unauthenticated=False,
+        max_uploads=16,
+        buffer=256 * 2**20,
     )
 
 
@@ -555,6 +558,9 @@ BAD_VALUES = [
     ("[peers]\nsecret_file = 1", "peers.secret_file"),
     ('[peers]\nhedge_after = "x"', "peers.hedge_after"),
     ("[peers]\ntimeout = 0", "peers.timeout"),
+    ('[peers]\nallow_unauthenticated = "yes"', "peers.allow_unauthenticated"),
+    ("[peers]\nmax_uploads = 0", "peers.max_uploads"),
+    ('[peers]\nbuffer = "lots"', "peers.buffer"),
     ("access = 1", "access"),
     ('[access]\nrestore = "*"', "access.restore"),
     ('[access]\npublish = ["uid:0", "someone"]', "access.publish[1]"),

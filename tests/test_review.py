@@ -34,7 +34,8 @@ async def test_a_changed_blob_is_not_demoted_as_if_it_were_intact(env: Env) -> N
     await env.put(cache, a)
     blob = cache.locate(a.digest, [mem])
     assert blob is not None
-    # Root writes through a hardlinked blob's read-only bit (DESIGN.md, Data path).
+    # Root writes through a hardlinked blob's read-only bit (docs/ARCHITECTURE.md, "Data
+    # path: restore").
     old = os.stat(blob.path)
     write_through(blob.path, b"X", append=False)
     os.utime(blob.path, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000))

@@ -1,0 +1,365 @@
+"""The peer API: HTTP on a TCP port, for other hosts' hostd only.
+
+    GET  /v1/chunks/<id>?size=N[&codec=C][&pull=1]   a chunk's raw bytes
+    POST /v1/have   {"ids": [<id>, ...]}  ->  {"have": [<id>, ...]}
+    GET  /v1/health ->  {"node", "name", "version", "time", "uploads", "waiting"}
+
+Every request must carry proof of the cluster secret (core/peerauth.py), or it is answered
+401 before anything else is read; `[peers] allow_unauthenticated` turns that off. Ids must be
+64 lower-case hex digits in full. Errors are `{"error": CODE, "message": TEXT}`.
+
+A chunk is served from whichever local copy holds it: a complete blob (after the cache's
+check), a blob still filling whose chunk was verified and written, or the buffer of chunks
+this host pulled as owner. Blob bytes go by sendfile from a thread, straight from the page
+cache to the socket (uvloop has no loop.sendfile, and aiohttp's fallback would copy every
+byte through Python). With `pull=1` (the asker thinks we own the chunk) a chunk we lack is
+fetched from the origin, through the one flight this host's own fills share, and served:
+never from another peer (hop limit 1). The status and headers go out as soon as we know we
+will serve, so the asker can tell a slow origin from a dead peer; a pull that then fails
+cuts the connection, which the asker takes as "not served".
+
+Uploads run at most `max_uploads` at a time; the rest wait their turn, and when as many wait
+as run, an owner that knows hosts it already served answers 503 with them as `holders`, so
+the load spreads over the hosts that have the chunk rather than queueing on one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from hostd import __version__
+from hostd.api_local import errors_as_json
+from hostd.cache import Cache, Verdict
+from hostd.core import manifest as mf
+from hostd.core import peerauth
+from hostd.core.ids import is_hex_id
+from hostd.errors import HostdError, UsageError
+from hostd.fileio import send_range
+from hostd.fill import Filler
+from hostd.peers import (
+    MAX_HAVE_IDS,
+    NAME_HEADER,
+    NODE_HEADER,
+    PULL_PRIORITY,
+    SOURCE_HEADER,
+    ChunkBuffer,
+    Membership,
+    OriginPull,
+    PeerStats,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 80 * MAX_HAVE_IDS + 1024  # a `have` request
+RECIPIENTS_KEPT = 8  # hosts remembered per chunk, for busy answers
+RECIPIENT_CHUNKS = 65536  # chunks they are remembered for
+
+
+class Unauthorized(HostdError):
+    code = "unauthorized"
+    status = 401
+
+
+class SelfRequest(HostdError):
+    code = "self"
+    status = 409
+
+
+@dataclass
+class PeerServer:
+    """What the peer API serves from and how. Built by the daemon."""
+
+    cache: Cache
+    filler: Filler
+    buffer: ChunkBuffer
+    pull: OriginPull
+    membership: Membership
+    node: str
+    secret: bytes | None
+    max_uploads: int
+    timeout: float
+    stats: PeerStats
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.uploading = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(self.max_uploads)
+        self._recipients: OrderedDict[bytes, list[str]] = OrderedDict()
+        self.pool = ThreadPoolExecutor(self.max_uploads, thread_name_prefix="hostd-sendfile")
+
+    def __repr__(self) -> str:
+        return f"PeerServer(uploading={self.uploading}, waiting={self.waiting})"
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    @contextlib.asynccontextmanager
+    async def upload(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.uploading += 1
+        try:
+            yield
+        finally:
+            self.uploading -= 1
+            self._slots.release()
+
+    def served(self, cid: bytes, name: str) -> None:
+        """Remember a host we served `cid` to in full (a hint for busy answers)."""
+        if not name:
+            return
+        got = self._recipients.pop(cid, [])
+        if name not in got:
+            got = [*got[-(RECIPIENTS_KEPT - 1) :], name]
+        self._recipients[cid] = got
+        while len(self._recipients) > RECIPIENT_CHUNKS:
+            self._recipients.popitem(last=False)
+
+    def holders(self, cid: bytes, asker: str) -> list[str]:
+        got = [n for n in self._recipients.get(cid, []) if n != asker]
+        random.shuffle(got)  # spread the askers over them
+        return got[:4]
+
+    async def locate(self, chunk: mf.Chunk) -> tuple[Path, int] | bytes | None:
+        """Where a verified copy of the chunk lies: (file, offset) or the buffer's bytes."""
+        loc = self.cache.chunk_location(chunk.id)
+        if loc is not None:
+            blob, offset = loc
+            length = min(blob.chunk_size, blob.size - offset) if blob.chunk_size else -1
+            if length == chunk.size and await self.cache.check(blob) is Verdict.INTACT:
+                return blob.path, offset
+        written = self.filler.written(chunk.id)
+        if written is not None:
+            return written
+        data = self.buffer.peek(chunk.id)
+        return data if data is not None and len(data) == chunk.size else None
+
+    def holds(self, cid: bytes) -> bool:
+        """Cheap: a hint for `have`, not checked further (the asker verifies what it gets)."""
+        return (
+            self.cache.chunk_location(cid) is not None
+            or self.filler.written(cid) is not None
+            or self.buffer.peek(cid) is not None
+        )
+
+
+SERVER_KEY: web.AppKey[PeerServer] = web.AppKey("peer_server")
+SENDER_KEY: web.RequestKey[str] = web.RequestKey("sender", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 unless the request proves the cluster secret; the sender's node id is kept."""
+    srv = request.app[SERVER_KEY]
+    if srv.secret is None:
+        request[SENDER_KEY] = node = request.headers.get(NODE_HEADER, "")[:64]
+        srv.membership.heard_from(request.headers.get(NAME_HEADER, ""), node)
+        return await handler(request)
+    header = request.headers.get("Authorization")
+    if header is None:
+        srv.stats.refused["unauthorized"] += 1
+        raise Unauthorized(
+            "this peer API needs proof of the cluster secret ([peers] secret_file); "
+            "the request had no Authorization header"
+        )
+    body = await request.read() if request.can_read_body else b""
+    try:
+        node = peerauth.verify(
+            srv.secret, header, request.method, request.path_qs, srv.clock(), body
+        )
+    except peerauth.AuthError as e:
+        srv.stats.refused["unauthorized"] += 1
+        raise Unauthorized(str(e)) from None
+    request[SENDER_KEY] = node
+    srv.membership.heard_from(request.headers.get(NAME_HEADER, ""), node)
+    return await handler(request)
+
+
+def _chunk_id(request: web.Request) -> bytes:
+    text = request.match_info["id"]
+    if not is_hex_id(text):
+        raise UsageError(f"a chunk id is 64 lower-case hex digits, got {text[:80]!r}")
+    return bytes.fromhex(text)
+
+
+def _query_int(request: web.Request, key: str, lo: int, hi: int, default: int | None) -> int:
+    text = request.query.get(key)
+    if text is None:
+        if default is None:
+            raise UsageError(f"query parameter {key!r} is required")
+        return default
+    if not text.isdigit() or len(text) > 12 or not lo <= int(text) <= hi:
+        raise UsageError(f"query parameter {key!r} must be an integer {lo}..{hi}, got {text!r}")
+    return int(text)
+
+
+async def chunk(request: web.Request) -> web.StreamResponse:
+    srv = request.app[SERVER_KEY]
+    cid = _chunk_id(request)
+    size = _query_int(request, "size", 1, mf.MAX_CHUNK_SIZE, None)
+    codec = _query_int(request, "codec", 0, max(mf.CODECS), mf.CODEC_RAW)
+    if codec not in mf.CODECS:
+        raise UsageError(f"unknown codec {codec}")
+    pull = request.query.get("pull", "0") == "1"
+    if request[SENDER_KEY] == srv.node:
+        raise SelfRequest("this request came from this host itself")
+    want = mf.Chunk(cid, size, codec)
+    where = await _open_held(srv, want)
+    asker = request.headers.get(NAME_HEADER, "")[:300]
+    try:
+        if where is None and not pull:
+            srv.stats.refused["missing"] += 1
+            raise web.HTTPNotFound(text=f"chunk {cid.hex()} is not held here")
+        if srv.waiting >= srv.max_uploads and (hint := srv.holders(cid, asker)):
+            srv.stats.refused["busy"] += 1
+            return web.json_response(
+                {"error": "busy", "message": "this host is busy uploading", "holders": hint},
+                status=503,
+            )
+        how = "pull" if where is None else "held"
+        resp = web.StreamResponse(
+            headers={SOURCE_HEADER: how, "Content-Type": "application/octet-stream"}
+        )
+        resp.content_length = size
+        writer = await resp.prepare(request)
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()  # now: the asker's deadline is on the headers
+        async with srv.upload():
+            if where is None:
+                try:
+                    data = await srv.pull.fetch(want, PULL_PRIORITY)
+                except HostdError as e:
+                    log.info("peer pull of chunk %s failed: %s", cid.hex(), e.message)
+                    _cut(request)
+                    return resp
+                await resp.write(data)
+                served = "pull"
+            elif isinstance(where, bytes):
+                await resp.write(where)
+                served = "buffer"
+            else:
+                await _sendfile(request, srv, where[0], where[1], size)
+                served = "file"
+            await resp.write_eof()
+    finally:
+        if isinstance(where, tuple):
+            os.close(where[0])
+    srv.stats.served_chunks[served] += 1
+    srv.stats.served_bytes[served] += size
+    srv.served(cid, asker)
+    return resp
+
+
+def _cut(request: web.Request) -> None:
+    """End a response that cannot be completed: the asker sees a short body."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _open_held(srv: PeerServer, want: mf.Chunk) -> tuple[int, int] | bytes | None:
+    """A verified copy of the chunk: an open (fd, offset), the buffer's bytes, or None. A
+    file that went between the look and the open (evicted, or a partial blob completed) is
+    looked for once more."""
+    for _ in range(2):
+        where = await srv.locate(want)
+        if not isinstance(where, tuple):
+            return where
+        try:
+            return os.open(where[0], os.O_RDONLY | os.O_CLOEXEC), where[1]
+        except OSError:
+            continue
+    return None
+
+
+async def _sendfile(request: web.Request, srv: PeerServer, fd: int, offset: int, n: int) -> None:
+    """Send `n` bytes of `fd` at `offset` on the request's socket, by sendfile in a thread,
+    once the headers have left (the transport's buffer empty): nothing else writes to the
+    socket meanwhile. The socket is dup'ed so a connection closed under us cannot hand its
+    number to another. A failure or a cancel cuts the connection: the asker never mistakes
+    a short body for a chunk."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None:
+        raise ConnectionResetError("the asker is gone")
+    transport.set_write_buffer_limits(high=0)  # so drain() waits for an empty buffer
+    await request.writer.drain()
+    sock_fd = os.dup(sock.fileno())
+    stop = threading.Event()
+
+    def send() -> None:
+        try:
+            send_range(sock_fd, fd, offset, n, srv.timeout, stop)
+        finally:
+            os.close(sock_fd)
+
+    job = asyncio.get_running_loop().run_in_executor(srv.pool, send)
+    try:
+        await asyncio.shield(job)
+    except BaseException:
+        stop.set()
+        _cut(request)
+        with contextlib.suppress(BaseException):
+            await job  # the fd it reads is ours to close only after it stops
+        raise
+
+
+async def have(request: web.Request) -> web.StreamResponse:
+    srv = request.app[SERVER_KEY]
+    try:
+        doc = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError('the body must be JSON: {"ids": [...]}') from None
+    ids = doc.get("ids") if isinstance(doc, dict) else None
+    if not isinstance(ids, list) or len(ids) > MAX_HAVE_IDS:
+        raise UsageError(f'"ids" must be an array of at most {MAX_HAVE_IDS} chunk ids')
+    out = []
+    for i, text in enumerate(ids):
+        if not isinstance(text, str) or not is_hex_id(text):
+            raise UsageError(f"ids[{i}] is not 64 lower-case hex digits")
+        if srv.holds(bytes.fromhex(text)):
+            out.append(text)
+    return web.json_response({"have": out})
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    srv = request.app[SERVER_KEY]
+    return web.json_response(
+        {
+            "node": srv.node,
+            "name": srv.membership.roster.self_name,
+            "version": __version__,
+            "time": srv.clock(),
+            "uploads": srv.uploading,
+            "waiting": srv.waiting,
+        }
+    )
+
+
+def make_peer_app(server: PeerServer) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json, authenticate], client_max_size=MAX_BODY)
+    app[SERVER_KEY] = server
+    app.router.add_get("/v1/chunks/{id}", chunk)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/health", health)
+    return app

@@ -1,0 +1,204 @@
+"""The peers a host knows and what it thinks of each: pure state, every change given `now`.
+
+A member is named as the membership lists it ("10.0.0.12:7460"); that name is also its key
+for rendezvous hashing, so hosts that list the same peers agree on owners. States:
+
+- live: usable (a new member is live until a request or probe says otherwise);
+- dead: a request or probe could not reach it; probed again after a backoff that doubles
+  from 1 s to 60 s, live again at the first answer;
+- rejecting: it answered 401 to our proof (another secret, or clocks apart); probed again
+  with the same backoff;
+- struck: it sent bytes that did not verify, or stalled; skipped until the strike ends
+  (30 s, doubling per strike within 10 minutes, at most 10 minutes), then live again;
+- self: this host itself, under the name the others use for it; never asked.
+
+Only live members (and self) take part in placement. No state is shared with other hosts.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+STRIKE_BASE = 30.0
+STRIKE_MAX = 600.0
+
+
+class State(enum.Enum):
+    LIVE = "live"
+    DEAD = "dead"
+    REJECTING = "rejecting"
+    STRUCK = "struck"
+    SELF = "self"
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    found_by: str  # "static" or "dns"
+    since: float
+    state: State = State.LIVE
+    failures: int = 0  # in a row, for the backoff
+    retry_at: float = 0.0
+    strikes: int = 0
+    struck_at: float = 0.0
+    struck_until: float = 0.0
+    last_error: str = ""
+    node: str = ""  # its node id, once a probe has answered
+    probed: bool = False
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "address": self.name,
+            "state": self.state.value,
+            "since": round(self.since, 3),
+            "found_by": self.found_by,
+            "strikes": self.strikes,
+        }
+        if self.node:
+            out["node"] = self.node
+        if self.last_error:
+            out["last_error"] = self.last_error
+        if self.state in (State.DEAD, State.REJECTING):
+            out["retry_in"] = round(max(0.0, self.retry_at - now), 3)
+        if self.state is State.STRUCK:
+            out["struck_for"] = round(max(0.0, self.struck_until - now), 3)
+        return out
+
+
+def _backoff(n: int, base: float, cap: float) -> float:
+    return float(min(cap, base * 2.0 ** min(max(n - 1, 0), 30)))
+
+
+class Roster:
+    """Every member by name, and the transitions between states."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, Member] = {}
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for m in self.members.values():
+            counts[m.state.value] = counts.get(m.state.value, 0) + 1
+        return f"Roster({counts})"
+
+    @property
+    def self_name(self) -> str | None:
+        for m in self.members.values():
+            if m.state is State.SELF:
+                return m.name
+        return None
+
+    def update(self, listed: Mapping[str, str], now: float) -> tuple[list[str], list[str]]:
+        """Take the names now listed (name -> "static" or "dns"); return (added, removed).
+        Members that stay keep their state."""
+        added = [n for n in listed if n not in self.members]
+        removed = [n for n in self.members if n not in listed]
+        for n in removed:
+            del self.members[n]
+        for n in added:
+            self.members[n] = Member(n, listed[n], now)
+        return added, removed
+
+    def get(self, name: str) -> Member | None:
+        return self.members.get(name)
+
+    def _expire(self, m: Member, now: float) -> None:
+        if m.state is State.STRUCK and now >= m.struck_until:
+            m.state, m.since = State.LIVE, now
+
+    def usable(self, now: float) -> list[Member]:
+        """Members that may be asked for chunks now: live ones (a strike that ran out ends)."""
+        out = []
+        for m in self.members.values():
+            self._expire(m, now)
+            if m.state is State.LIVE:
+                out.append(m)
+        return out
+
+    def placement(self, now: float) -> list[str]:
+        """The names chunks are placed over: the usable members plus self, when known."""
+        names = [m.name for m in self.usable(now)]
+        me = self.self_name
+        if me is not None:
+            names.append(me)
+        return names
+
+    def due(self, now: float) -> list[Member]:
+        """Members to probe now: never probed yet, or dead/rejecting with the backoff run out."""
+        return [
+            m
+            for m in self.members.values()
+            if m.state is not State.SELF
+            and (not m.probed or (m.state in (State.DEAD, State.REJECTING) and m.retry_at <= now))
+        ]
+
+    def next_due(self) -> float | None:
+        times = [
+            m.retry_at for m in self.members.values() if m.state in (State.DEAD, State.REJECTING)
+        ]
+        return min(times) if times else None
+
+    # transitions ----------------------------------------------------------------------------
+    def answered(self, name: str, now: float, node: str = "") -> None:
+        """A probe or request got a proper answer: dead and rejecting members are live again."""
+        m = self.members.get(name)
+        if m is None:
+            return
+        m.probed = True
+        if node:
+            m.node = node
+        m.failures = 0
+        if m.state in (State.DEAD, State.REJECTING):
+            m.state, m.since, m.last_error = State.LIVE, now, ""
+
+    def failed(self, name: str, now: float, why: str) -> None:
+        """It could not be reached (refused, reset, unreachable, no answer to a probe)."""
+        self._back_off(name, now, why, State.DEAD)
+
+    def rejected(self, name: str, now: float, why: str) -> None:
+        """It answered 401 to our proof."""
+        self._back_off(name, now, why, State.REJECTING)
+
+    def _back_off(self, name: str, now: float, why: str, state: State) -> None:
+        m = self.members.get(name)
+        if m is None or m.state is State.SELF:
+            return
+        m.probed = True
+        m.failures += 1
+        m.retry_at = now + _backoff(m.failures, BACKOFF_MIN, BACKOFF_MAX)
+        m.last_error = why
+        if m.state is not state:
+            m.state, m.since = state, now
+
+    def strike(self, name: str, now: float, why: str) -> None:
+        """It sent bytes that did not verify, or stalled: skip it for a while."""
+        m = self.members.get(name)
+        if m is None or m.state is State.SELF:
+            return
+        if now - m.struck_at > STRIKE_MAX:
+            m.strikes = 0  # an old strike is forgiven
+        m.strikes += 1
+        m.struck_at = now
+        m.struck_until = now + _backoff(m.strikes, STRIKE_BASE, STRIKE_MAX)
+        m.last_error = why
+        m.state, m.since = State.STRUCK, now
+
+    def mark_self(self, name: str, now: float) -> None:
+        m = self.members.get(name)
+        if m is not None and m.state is not State.SELF:
+            m.state, m.since, m.probed, m.last_error = State.SELF, now, True, ""
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        for m in self.members.values():
+            out[m.state.value] += 1
+        return out
+
+    def to_json(self, now: float, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        chosen = self.members.values() if names is None else (self.members[n] for n in names)
+        return [m.to_json(now) for m in sorted(chosen, key=lambda m: m.name)]

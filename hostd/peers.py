@@ -1,0 +1,641 @@
+"""Peers as a chunk source: ask the chunk's owner, then peers that have it; never forward.
+
+The client half of the peer API (api_peer.py is the server half). `PeerSource.get(chunk)`
+places the chunk over the live members plus this host (rendezvous hashing, core/rendezvous.py)
+and asks, in order:
+
+1. the owner, with `pull=1`: an owner that lacks the chunk fetches it from the origin once
+   (its own single flight, shared by every host that asks) and serves everyone. If the owner
+   has not answered within `hedge_after`, the next peer known to hold the chunk is raced
+   against it, and the loser is cancelled;
+2. other peers that hold it (`pull=0`: serve only what you have), found from the owner's
+   hint when it is busy and from `have` queries to the peers ranked next for the chunk.
+
+If none of them serves it, the chunk is ChunkMissing and the fetcher goes on to the origin:
+the origin is never a hedge, so a slow owner pulling through a slow origin is not joined by
+every other host pulling the same bytes. Every answer is read with a cap (the chunk's raw
+size, exactly) and verified before it is returned; a peer that sends bad bytes or stalls is
+struck, one that cannot be reached is marked dead, one that answers 401 is marked rejecting
+(core/members.py). Nothing here ever fails a restore: the origin is the last resort.
+
+A pull-through is never forwarded: the peer server answers only from its own tiers, its
+buffer or the origin (hop limit 1), so hosts that disagree about membership cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from hostd.core import codec, peerauth, rendezvous
+from hostd.core.ids import is_hex_id
+from hostd.core.manifest import Chunk
+from hostd.core.members import Member, Roster
+from hostd.errors import ChunkCorrupt, ChunkMissing
+from hostd.fetch import Fetcher, Priority
+
+log = logging.getLogger(__name__)
+
+HAVE_FANOUT = 8  # peers asked whether they hold a chunk, when its owner could not serve it
+HAVE_TTL = 2.0  # seconds an answer to `have` is trusted
+MAX_HAVE_IDS = 4096  # ids in one `have` request
+HEALTH_BYTES = 64 * 1024  # the most a health answer may be
+NODE_HEADER = "X-Hostd-Node"  # the sender's node id (also in the signed Authorization)
+NAME_HEADER = "X-Hostd-Name"  # the sender's member name, when it knows it (owner hints)
+SOURCE_HEADER = "X-Hostd-Source"  # how a chunk is served: "held" or "pull"
+PULL_PRIORITY: Priority = (-1,)  # pull-throughs for other hosts go before our own fills
+
+
+class PeerFailure(Exception):
+    """One peer could not serve one request. `kind` decides what happens to the peer:
+    dead (unreachable), rejected (401), stall and corrupt (struck), self (it is us), and
+    missing, busy, failed (nothing: it is fine, it just has not got it)."""
+
+    def __init__(self, kind: str, message: str, holders: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.holders = holders or []
+
+
+@dataclass
+class PeerStats:
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, result)
+    chunks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (role, how)
+    bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    strikes: Counter[str] = field(default_factory=Counter)  # reason
+    hedges: Counter[str] = field(default_factory=Counter)  # started, won
+    served_chunks: Counter[str] = field(default_factory=Counter)  # how: blob, partial, ...
+    served_bytes: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # unauthorized, busy, missing, bad
+
+
+Observe = Callable[[str, str, float], None]  # (request kind, result, seconds)
+
+
+class ChunkBuffer:
+    """Recent chunks this host pulled from the origin as their owner, in memory, LRU by
+    bytes: the owner serves the hosts that ask after its flight landed without asking the
+    origin again, and its own restore finds them here too. Holds verified bytes only."""
+
+    name = "buffer"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"ChunkBuffer({self.used}/{self.capacity}, chunks={len(self._chunks)})"
+
+    def put(self, cid: bytes, data: bytes | memoryview) -> None:
+        if cid in self._chunks or len(data) > self.capacity:
+            return
+        self._chunks[cid] = bytes(data)
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, old = self._chunks.popitem(last=False)
+            self.used -= len(old)
+
+    def peek(self, cid: bytes) -> bytes | None:
+        data = self._chunks.get(cid)
+        if data is not None:
+            self._chunks.move_to_end(cid)
+        return data
+
+    async def get(self, chunk: Chunk) -> bytes:
+        data = self.peek(chunk.id)
+        if data is None or len(data) != chunk.size:
+            raise ChunkMissing(f"chunk {chunk.id.hex()} is not in the peer buffer")
+        return data
+
+
+class OriginPull:
+    """The origin behind its own single flight, shared by this host's fills and the pulls
+    other hosts ask of it as owner; a chunk this host owns is kept in the buffer."""
+
+    name = "origin"
+
+    def __init__(self, fetcher: Fetcher, buffer: ChunkBuffer, owns: Callable[[bytes], bool]):
+        self.fetcher = fetcher
+        self.buffer = buffer
+        self.owns = owns
+
+    def __repr__(self) -> str:
+        return f"OriginPull({self.fetcher!r})"
+
+    async def fetch(self, chunk: Chunk, priority: Priority) -> bytes | memoryview:
+        data, _ = await self.fetcher.get(chunk, priority)
+        if self.owns(chunk.id):
+            self.buffer.put(chunk.id, data)
+        return data
+
+    async def get(self, chunk: Chunk) -> bytes | memoryview:
+        return await self.fetch(chunk, (0,))
+
+
+class PeerClient:
+    """HTTP to other hosts' peer servers: signed requests, capped and verified answers."""
+
+    def __init__(
+        self,
+        node: str,
+        secret: bytes | None,
+        timeout: float,
+        pull_wait: float,
+        observe: Observe | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.secret = secret
+        self.timeout = timeout
+        self.pull_wait = pull_wait  # first byte of a pull-through: the owner's origin fetch
+        self.name = ""  # our member name, once membership has found it
+        self.observe = observe
+        self.clock = clock
+        self.stats = PeerStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"PeerClient(node={self.node}, auth={'hmac' if self.secret else 'none'})"
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=32, ttl_dns_cache=10),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def headers(self, method: str, target: str, body: bytes = b"") -> dict[str, str]:
+        h = {NODE_HEADER: self.node}
+        if self.name:
+            h[NAME_HEADER] = self.name
+        if self.secret is not None:
+            t = int(self.clock())
+            h["Authorization"] = peerauth.sign(self.secret, method, target, t, self.node, body)
+        return h
+
+    async def _send(
+        self, name: str, method: str, target: str, body: bytes = b""
+    ) -> aiohttp.ClientResponse:
+        """Send a request; the answer's status and headers must come within `timeout`."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._http().request(
+                    method,
+                    f"http://{name}{target}",
+                    data=body or None,
+                    headers=self.headers(method, target, body),
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            raise PeerFailure(
+                "stall", f"peer {name} sent no answer in {self.timeout:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise PeerFailure("dead", f"peer {name}: {_cause(e)}") from None
+
+    async def _refusal(self, name: str, resp: aiohttp.ClientResponse) -> PeerFailure:
+        """A non-200 answer as a PeerFailure (the body read with a small cap)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await resp.content.read(HEALTH_BYTES)
+            doc = _json(raw)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            doc = {}
+        msg = str(doc.get("message", resp.reason or resp.status))[:300]
+        kinds = {401: "rejected", 404: "missing", 409: "self", 503: "busy"}
+        holders = doc.get("holders")
+        hint = [h for h in holders if isinstance(h, str)][:16] if isinstance(holders, list) else []
+        return PeerFailure(kinds.get(resp.status, "failed"), f"peer {name}: {msg}", hint)
+
+    async def chunk(self, name: str, chunk: Chunk, pull: bool) -> tuple[bytes, str]:
+        """The chunk's raw bytes from peer `name`, verified; and how it served them."""
+        target = f"/v1/chunks/{chunk.id.hex()}?size={chunk.size}&codec={chunk.codec}"
+        if pull:
+            target += "&pull=1"
+        started = time.monotonic()
+        result = "error"
+        try:
+            resp = await self._send(name, "GET", target)
+            async with resp:
+                if resp.status != 200:
+                    raise await self._refusal(name, resp)
+                how = resp.headers.get(SOURCE_HEADER, "held")
+                if resp.content_length != chunk.size:
+                    raise PeerFailure(
+                        "corrupt",
+                        f"peer {name} offered {resp.content_length} bytes for chunk "
+                        f"{chunk.id.hex()} of {chunk.size}",
+                    )
+                data = await self._body(name, resp, chunk, self.pull_wait if how == "pull" else 0)
+            try:
+                if len(data) <= 256 * 1024:
+                    codec.verify(chunk, data)
+                else:
+                    await asyncio.to_thread(codec.verify, chunk, data)
+            except ChunkCorrupt as e:
+                raise PeerFailure("corrupt", f"peer {name}: {e.message}") from None
+            result = "ok"
+            return data, how
+        except PeerFailure as e:
+            result = e.kind
+            raise
+        finally:
+            self._observed("chunk", result, time.monotonic() - started)
+
+    async def _body(
+        self, name: str, resp: aiohttp.ClientResponse, chunk: Chunk, first_wait: float
+    ) -> bytes:
+        """Read exactly chunk.size bytes: no more is ever buffered. Each read must bring
+        bytes within `timeout` (the first within `first_wait` when the owner pulls through
+        from its origin, which may be slow: that is not a stalled peer)."""
+        buf = bytearray(chunk.size)
+        got = 0
+        wait = max(first_wait, self.timeout)
+        try:
+            while got < chunk.size:
+                try:
+                    async with asyncio.timeout(wait):
+                        piece = await resp.content.readany()
+                except TimeoutError:
+                    kind = "stall" if got or not first_wait else "failed"
+                    raise PeerFailure(
+                        kind, f"peer {name} sent nothing for {wait:g} s ({got}/{chunk.size} bytes)"
+                    ) from None
+                if not piece:
+                    break
+                if got + len(piece) > chunk.size:
+                    raise PeerFailure("corrupt", f"peer {name} sent more than {chunk.size} bytes")
+                buf[got : got + len(piece)] = piece
+                got += len(piece)
+                wait = self.timeout
+        except (aiohttp.ClientError, OSError) as e:
+            raise PeerFailure(
+                "failed", f"peer {name} broke off chunk {chunk.id.hex()}: {_cause(e)}"
+            ) from None
+        if got != chunk.size:
+            raise PeerFailure("failed", f"peer {name} closed after {got} of {chunk.size} bytes")
+        return bytes(buf)
+
+    async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+        """Which of `cids` peer `name` holds."""
+        started = time.monotonic()
+        result = "error"
+        body = json.dumps({"ids": [c.hex() for c in cids[:MAX_HAVE_IDS]]}).encode()
+        try:
+            resp = await self._send(name, "POST", "/v1/have", body)
+            async with resp:
+                if resp.status != 200:
+                    raise await self._refusal(name, resp)
+                raw = await self._small(name, resp, 80 * MAX_HAVE_IDS + 1024)
+            got = _json(raw).get("have")
+            asked = set(cids)
+            out = set()
+            for h in got if isinstance(got, list) else []:
+                if isinstance(h, str) and is_hex_id(h) and bytes.fromhex(h) in asked:
+                    out.add(bytes.fromhex(h))
+            result = "ok"
+            return out
+        except PeerFailure as e:
+            result = e.kind
+            raise
+        finally:
+            self._observed("have", result, time.monotonic() - started)
+
+    async def health(self, name: str) -> dict[str, Any]:
+        started = time.monotonic()
+        result = "error"
+        try:
+            resp = await self._send(name, "GET", "/v1/health")
+            async with resp:
+                if resp.status != 200:
+                    raise await self._refusal(name, resp)
+                doc = _json(await self._small(name, resp, HEALTH_BYTES))
+            result = "ok"
+            return doc
+        except PeerFailure as e:
+            result = e.kind
+            raise
+        finally:
+            self._observed("health", result, time.monotonic() - started)
+
+    async def _small(self, name: str, resp: aiohttp.ClientResponse, cap: int) -> bytes:
+        if resp.content_length is not None and resp.content_length > cap:
+            raise PeerFailure("failed", f"peer {name} answered {resp.content_length} bytes")
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await resp.content.read(cap + 1)
+        except TimeoutError:
+            raise PeerFailure("stall", f"peer {name} stalled mid-answer") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise PeerFailure("failed", f"peer {name}: {_cause(e)}") from None
+        if len(raw) > cap:
+            raise PeerFailure("failed", f"peer {name} answered more than {cap} bytes")
+        return raw
+
+    def _observed(self, kind: str, result: str, seconds: float) -> None:
+        self.stats.requests[(kind, result)] += 1
+        if self.observe is not None:
+            self.observe(kind, result, seconds)
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _cause(e: BaseException) -> str:
+    """A short cause for a failed connection: the OS error's text where there is one."""
+    inner: BaseException | None = e
+    while inner is not None:
+        if isinstance(inner, OSError) and inner.errno:
+            return os.strerror(inner.errno)  # not the loop's "Connect call failed (...)"
+        inner = inner.__cause__ or inner.__context__
+    return str(e) or type(e).__name__
+
+
+class Membership:
+    """Who the peers are: the static list and DNS names re-resolved every `dns_refresh`;
+    probes (health) of new members and of dead or rejecting ones when their backoff runs out.
+    Live members are not polled: a failed request marks one dead, which scales to thousands
+    of hosts. This host is found in the list by its node id (a probe that reaches ourselves)
+    or, before any probe, by an address bound to this host with our port."""
+
+    def __init__(
+        self,
+        static: tuple[str, ...],
+        dns: tuple[str, ...],
+        dns_refresh: float,
+        client: PeerClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.static = static
+        self.dns = dns
+        self.dns_refresh = dns_refresh
+        self.client = client
+        self.clock = clock
+        self.roster = Roster()
+        self.port = 0  # our peer port, once bound
+        self._resolved: dict[str, set[str]] = {}  # dns entry -> member names last seen
+        self._wake = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"Membership({self.roster!r}, self={self.roster.self_name})"
+
+    def placement(self) -> list[str]:
+        return self.roster.placement(self.clock())
+
+    def owner(self, cid: bytes) -> str | None:
+        return rendezvous.owner(cid, self.placement())
+
+    def owns(self, cid: bytes) -> bool:
+        me = self.roster.self_name
+        return me is not None and self.owner(cid) == me
+
+    async def refresh(self) -> None:
+        """Resolve the list again and take it (a DNS name that fails keeps its last answer)."""
+        listed: dict[str, str] = {n: "static" for n in self.static}
+        for entry in self.dns:
+            host, _, port = entry.rpartition(":")
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host.strip("[]"), int(port), type=socket.SOCK_STREAM
+                )
+            except OSError as e:
+                log.warning("peers: cannot resolve %s (%s); keeping its last answer", entry, e)
+            else:
+                self._resolved[entry] = {_name(str(i[4][0]), int(port)) for i in infos}
+            for n in self._resolved.get(entry, ()):
+                listed.setdefault(n, "dns")
+        now = self.clock()
+        added, removed = self.roster.update(listed, now)
+        for n in added:
+            if self.port and _is_local(n, self.port):
+                self.roster.mark_self(n, now)
+        if added or removed:
+            log.info("peers: %d listed (+%d, -%d)", len(listed), len(added), len(removed))
+            self._wake.set()
+        self.client.name = self.roster.self_name or ""
+
+    async def probe(self, m: Member) -> None:
+        try:
+            doc = await self.client.health(m.name)
+        except PeerFailure as e:
+            self.report(m.name, e)
+            return
+        node = doc.get("node")
+        if node == self.client.node:
+            self.roster.mark_self(m.name, self.clock())
+            self.client.name = m.name
+            return
+        self.roster.answered(m.name, self.clock(), node if isinstance(node, str) else "")
+
+    def heard_from(self, name: str, node: str) -> None:
+        """A member asked us something with the cluster's proof: it is up. A host that starts
+        probes every member, so the others stop counting it dead at once rather than when
+        their backoff runs out (they would place chunks differently meanwhile)."""
+        m = self.roster.get(name)
+        if m is not None and node != self.client.node:
+            self.roster.answered(name, self.clock(), node)
+
+    def report(self, name: str, e: PeerFailure) -> None:
+        """Act on a failed request to `name`."""
+        now = self.clock()
+        if e.kind == "dead":
+            self.roster.failed(name, now, e.message)
+            self._wake.set()  # probe it again when its backoff runs out
+        elif e.kind == "rejected":
+            self.roster.rejected(name, now, e.message)
+            self._wake.set()
+        elif e.kind in ("stall", "corrupt"):
+            self.roster.strike(name, now, e.message)
+            self.client.stats.strikes[e.kind] += 1
+            log.warning("peers: struck %s: %s", name, e.message)
+        elif e.kind == "self":
+            self.roster.mark_self(name, now)
+            self.client.name = name
+        else:
+            self.roster.answered(name, now)
+
+    async def run(self) -> None:
+        """Keep the roster current until cancelled."""
+        next_refresh = 0.0
+        while True:
+            now = self.clock()
+            if now >= next_refresh:
+                await self.refresh()
+                next_refresh = now + self.dns_refresh
+            due = self.roster.due(self.clock())
+            for at in range(0, len(due), 64):  # 64 probes at a time
+                async with asyncio.TaskGroup() as tg:
+                    for m in due[at : at + 64]:
+                        tg.create_task(self.probe(m))
+            self._wake.clear()
+            wake_at = min(next_refresh, self.roster.next_due() or next_refresh)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, wake_at - self.clock())):
+                    await self._wake.wait()
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return self.roster.to_json(self.clock())
+
+
+def _name(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _is_local(name: str, port: int) -> bool:
+    """Whether `name` ("ip:port") is an address of this host with our peer port: binding a
+    socket to an address succeeds only on the host that has it."""
+    host, _, p = name.rpartition(":")
+    if not p.isdigit() or int(p) != port:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name, not an address: the probe's node id decides
+    if ip.is_unspecified:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+class PeerSource:
+    """A ChunkSource: the chunk's owner, then peers that hold it (see the module docstring)."""
+
+    name = "peer"
+
+    def __init__(self, membership: Membership, client: PeerClient, hedge_after: float) -> None:
+        self.membership = membership
+        self.client = client
+        self.hedge_after = hedge_after
+        self._have: dict[tuple[str, bytes], tuple[float, bool]] = {}
+
+    def __repr__(self) -> str:
+        return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
+
+    async def get(self, chunk: Chunk) -> bytes:
+        owner = self.membership.owner(chunk.id)
+        me = self.membership.roster.self_name
+        problems: list[str] = []
+        tried: set[str] = set()
+        hint: list[str] = []
+        if owner is not None and owner != me:
+            tried.add(owner)
+            try:
+                return await self._owner(owner, chunk, tried)
+            except PeerFailure as e:
+                problems.append(e.message)
+                hint = e.holders
+        for name in await self._holders(chunk, tried, hint):
+            tried.add(name)
+            try:
+                return await self._fetch(name, chunk, "holder")
+            except PeerFailure as e:
+                problems.append(e.message)
+        why = "; ".join(problems) if problems else "no live peer holds it"
+        raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
+
+    async def _fetch(self, name: str, chunk: Chunk, role: str) -> bytes:
+        try:
+            data, how = await self.client.chunk(name, chunk, pull=role == "owner")
+        except PeerFailure as e:
+            self.membership.report(name, e)
+            raise
+        self.membership.roster.answered(name, self.membership.clock())
+        self.client.stats.chunks[(role, how)] += 1
+        self.client.stats.bytes[(role, how)] += len(data)
+        return data
+
+    async def _owner(self, owner: str, chunk: Chunk, tried: set[str]) -> bytes:
+        """Ask the owner; past `hedge_after`, race holders of the chunk against it, one at a
+        time, until one serves it. Every racer left is cancelled and awaited on every exit."""
+        first = asyncio.ensure_future(self._fetch(owner, chunk, "owner"))
+        racers: set[asyncio.Future[bytes]] = {first}
+        failure: PeerFailure | None = None
+        try:
+            done, _ = await asyncio.wait(racers, timeout=self.hedge_after)
+            if not done:
+                holders = await self._holders(chunk, tried, [])
+                if holders and not first.done():
+                    tried.add(holders[0])
+                    self.client.stats.hedges["started"] += 1
+                    racers.add(asyncio.ensure_future(self._fetch(holders[0], chunk, "holder")))
+            while racers:
+                done, racers = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    exc = t.exception()
+                    if exc is None:
+                        if t is not first:
+                            self.client.stats.hedges["won"] += 1
+                        return t.result()
+                    if isinstance(exc, PeerFailure):
+                        if t is first or failure is None:
+                            failure = exc
+                    else:
+                        raise exc
+            assert failure is not None
+            raise failure
+        finally:
+            for t in racers:
+                t.cancel()
+            if racers:
+                await asyncio.gather(*racers, return_exceptions=True)
+
+    async def _holders(self, chunk: Chunk, tried: set[str], hint: list[str]) -> list[str]:
+        """Peers that say they hold the chunk, best first: the owner's hint, then the peers
+        ranked next for the chunk that answer `have` with it (asked at once, answers cached)."""
+        usable = {m.name for m in self.membership.roster.usable(self.membership.clock())}
+        out = [h for h in dict.fromkeys(hint) if h in usable and h not in tried]
+        ranked = [n for n in rendezvous.rank(chunk.id, usable) if n not in tried and n not in out]
+        ask = ranked[:HAVE_FANOUT]
+        answers = await asyncio.gather(*(self._has(n, chunk.id) for n in ask))
+        out += [n for n, yes in zip(ask, answers, strict=True) if yes]
+        return out
+
+    async def _has(self, name: str, cid: bytes) -> bool:
+        now = time.monotonic()
+        cached = self._have.get((name, cid))
+        if cached is not None and now - cached[0] < HAVE_TTL:
+            return cached[1]
+        try:
+            yes = cid in await self.client.have(name, [cid])
+        except PeerFailure as e:
+            self.membership.report(name, e)
+            return False
+        if len(self._have) > 100_000:
+            self._have.clear()
+        self._have[(name, cid)] = (now, yes)
+        return yes
+
+
+def new_node_id() -> str:
+    return os.urandom(8).hex()

@@ -1,0 +1,700 @@
+"""Peers: placement, proof of the secret, member states, the sendfile path, and real daemons
+sharing chunks over loopback TCP, with peers that lie, stall, vanish or hold another secret.
+
+The fleet-shaped faults (a peer killed mid-transfer, a partition, an origin blocked for all
+but one host) run on a namespace cluster in tests/test_peers_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Hostd, rmtree, short_tmp, tree_digest
+from test_e2e import sample, wait_for
+
+from hostd.core import peerauth, rendezvous
+from hostd.core.members import BACKOFF_MAX, STRIKE_BASE, Roster, State
+from hostd.fileio import send_range
+from hostd.peers import ChunkBuffer
+
+# --- placement ------------------------------------------------------------------------------
+
+
+def ids(n: int, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(32) for _ in range(n)]
+
+
+def test_each_member_owns_about_its_share() -> None:
+    members = [f"10.0.0.{i}:7460" for i in range(8)]
+    owned = {m: 0 for m in members}
+    for cid in ids(8000):
+        owner = rendezvous.owner(cid, members)
+        assert owner == rendezvous.rank(cid, members)[0]
+        assert owner is not None
+        owned[owner] += 1
+    assert all(800 <= n <= 1200 for n in owned.values()), owned
+
+
+def test_a_member_leaving_moves_only_the_chunks_it_owned() -> None:
+    members = [f"10.0.0.{i}:7460" for i in range(10)]
+    gone = members[3]
+    rest = [m for m in members if m != gone]
+    for cid in ids(3000):
+        before = rendezvous.owner(cid, members)
+        after = rendezvous.owner(cid, rest)
+        if before != gone:
+            assert after == before
+        else:
+            assert after == rendezvous.rank(cid, members)[1]
+
+
+def test_placement_does_not_depend_on_list_order() -> None:
+    members = [f"h{i}:1" for i in range(6)]
+    for cid in ids(200):
+        assert rendezvous.owner(cid, members) == rendezvous.owner(cid, reversed(members))
+    assert rendezvous.owner(b"\0" * 32, []) is None
+
+
+# --- proof of the secret ------------------------------------------------------------------
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def test_a_signed_request_verifies_and_names_its_sender() -> None:
+    h = peerauth.sign(SECRET, "GET", "/v1/chunks/ab?size=1", 1000, "n1")
+    assert peerauth.verify(SECRET, h, "GET", "/v1/chunks/ab?size=1", 1010.0) == "n1"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"secret": b"another secret, just as long...."}, "same secret"),
+        ({"target": "/v1/chunks/ab?size=2"}, "same secret"),
+        ({"method": "POST"}, "same secret"),
+        ({"body": b"x"}, "same secret"),
+        ({"now": 1000.0 + 61}, "clock"),
+        ({"now": 1000.0 - 61}, "clock"),
+        ({"header": "hostd-hmac t=1000,node=n1,sig=" + "0" * 64}, "same secret"),
+        ({"header": "Bearer x"}, "is not"),
+        ({"header": None}, "is not"),  # the real header with a newline after it
+    ],
+)
+def test_a_request_without_the_right_proof_is_refused(change: dict[str, Any], why: str) -> None:
+    good = peerauth.sign(SECRET, "GET", "/v1/chunks/ab?size=1", 1000, "n1")
+    args: dict[str, Any] = {
+        "secret": SECRET,
+        "header": good,
+        "method": "GET",
+        "target": "/v1/chunks/ab?size=1",
+        "now": 1000.0,
+        "body": b"",
+    }
+    args.update(change)
+    if args["header"] is None:
+        args["header"] = good + "\n"
+    with pytest.raises(peerauth.AuthError, match=why):
+        peerauth.verify(
+            args["secret"],
+            args["header"],
+            args["method"],
+            args["target"],
+            args["now"],
+            args["body"],
+        )
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(peerauth.AuthError, match="16"):
+        peerauth.load_secret(b"  short \n", "key")
+    assert peerauth.load_secret(SECRET + b"\n", "key") == SECRET
+
+
+# --- member states --------------------------------------------------------------------------
+
+
+def test_dead_members_back_off_and_come_back_at_the_first_answer() -> None:
+    r = Roster()
+    r.update({"a:1": "static", "b:1": "static"}, 0.0)
+    assert {m.name for m in r.due(0.0)} == {"a:1", "b:1"}  # never probed yet
+    r.answered("b:1", 0.0)
+    gaps = []
+    for _ in range(9):
+        r.failed("a:1", 0.0, "refused")
+        gaps.append(r.members["a:1"].retry_at)
+    assert gaps[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert gaps[-1] == BACKOFF_MAX
+    assert r.members["a:1"].state is State.DEAD
+    assert [m.name for m in r.usable(1.0)] == ["b:1"]
+    assert [m.name for m in r.due(BACKOFF_MAX)] == ["a:1"]
+    r.answered("a:1", 61.0)
+    assert sorted(m.name for m in r.usable(61.0)) == ["a:1", "b:1"]
+
+
+def test_a_strike_skips_a_member_for_a_while_and_repeats_cost_more() -> None:
+    r = Roster()
+    r.update({"a:1": "static"}, 0.0)
+    r.strike("a:1", 0.0, "bad bytes")
+    assert r.usable(STRIKE_BASE - 1) == []
+    assert [m.name for m in r.usable(STRIKE_BASE)] == ["a:1"]
+    r.strike("a:1", 100.0, "bad bytes")
+    assert r.members["a:1"].struck_until == 100.0 + 2 * STRIKE_BASE
+    r.strike("a:1", 100.0 + 2000, "stall")  # long after: forgiven, back to the first length
+    assert r.members["a:1"].struck_until == 2100.0 + STRIKE_BASE
+
+
+def test_self_is_placed_but_never_asked() -> None:
+    r = Roster()
+    r.update({"a:1": "static", "me:1": "static"}, 0.0)
+    r.mark_self("me:1", 0.0)
+    assert [m.name for m in r.usable(0.0)] == ["a:1"]
+    assert sorted(r.placement(0.0)) == ["a:1", "me:1"]
+    r.failed("me:1", 0.0, "x")  # a failure never turns self into a peer
+    assert r.members["me:1"].state is State.SELF
+    assert r.due(0.0) == [r.members["a:1"]]
+
+
+def test_the_buffer_keeps_the_most_recent_chunks_within_its_bytes() -> None:
+    b = ChunkBuffer(10)
+    for i in range(5):
+        b.put(bytes([i]) * 32, b"abcd")
+    assert b.used == 8
+    assert b.peek(bytes([0]) * 32) is None
+    assert b.peek(bytes([4]) * 32) == b"abcd"
+    b.put(b"z" * 32, b"x" * 11)  # larger than the whole buffer: not kept
+    assert b.peek(b"z" * 32) is None
+
+
+# --- sendfile to a socket ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_range_sends_exactly_the_range(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    data = os.urandom(8 * 2**20 + 3)
+    (tmp_path / "f").write_bytes(data)
+    out = bytearray()
+
+    def read() -> None:
+        while len(out) < 5 * 2**20:
+            got = pair[1].recv(1 << 20)
+            if not got:
+                return
+            out.extend(got)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        send_range(pair[0].fileno(), fd, 2**20 + 1, 5 * 2**20, 5.0, threading.Event())
+    finally:
+        os.close(fd)
+    reader.join(10)
+    assert bytes(out) == data[2**20 + 1 : 6 * 2**20 + 1]
+
+
+def test_send_range_gives_up_on_a_receiver_that_reads_nothing(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    (tmp_path / "f").write_bytes(os.urandom(16 * 2**20))
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="took nothing"):
+            send_range(pair[0].fileno(), fd, 0, 16 * 2**20, 0.5, threading.Event())
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(InterruptedError):
+            send_range(pair[0].fileno(), fd, 0, 16 * 2**20, 30.0, stop)
+    finally:
+        os.close(fd)
+    assert time.monotonic() - started < 10
+
+
+def test_send_range_says_when_the_file_is_short(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(EOFError, match="short"):
+            send_range(pair[0].fileno(), fd, 50, 100, 1.0, threading.Event())
+    finally:
+        os.close(fd)
+
+
+# --- real daemons on loopback -------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    root = short_tmp("pe")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def key_file(path: Path, secret: bytes | None = None) -> Path:
+    path.write_bytes((secret or os.urandom(24)).hex().encode() + b"\n")
+    path.chmod(0o600)
+    return path
+
+
+class Fleet:
+    """Daemons sharing one origin, each listing every peer address (itself included)."""
+
+    def __init__(
+        self,
+        work: Path,
+        n: int,
+        extra: list[str] | None = None,
+        secret: bool = True,
+        **peers: Any,
+    ):
+        self.work = work
+        self.origin = f"file://{work}/origin"
+        self.ports = free_ports(n)
+        self.addrs = [f"127.0.0.1:{p}" for p in self.ports]
+        self.key = key_file(work / "cluster.key")
+        self.hosts: list[Hostd] = []
+        for i, port in enumerate(self.ports):
+            table = {
+                "listen": f"127.0.0.1:{port}",
+                "static": self.addrs + (extra or []),
+                "timeout": "2s",
+                **peers,
+            }
+            if secret:
+                table["secret_file"] = str(self.key)
+            self.hosts.append(self.host(f"h{i}", table))
+
+    def host(self, name: str, peers: dict[str, Any] | None, **config: Any) -> Hostd:
+        kw: dict[str, Any] = {"origin": self.origin, "access": {"link_to_writers": True}}
+        if peers is not None:
+            kw["peers"] = peers
+        return Hostd(self.work / name, **kw, **config)
+
+    def __enter__(self) -> Fleet:
+        with ThreadPoolExecutor(len(self.hosts)) as ex:
+            list(ex.map(lambda h: h.start(), self.hosts))
+        # Hosts started together may probe each other before all are listening; each one's
+        # first probe of the others then marks it live on them again.
+        for h in self.hosts:
+            wait_for(
+                lambda h=h: all(  # type: ignore[misc]
+                    member(h, a).get("state") in ("live", "self") for a in self.addrs
+                ),
+                f"{h.root.name} to see every host live",
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hosts:
+            h.close()
+
+    def publish(self, tree: Path, ref: str = "m/w") -> dict[str, Any]:
+        """Publish from a daemon outside the fleet: no fleet host holds anything yet."""
+        with self.host("pub", None) as pub:
+            return pub.publish(tree, ref)
+
+    def restore_all(self, hosts: list[Hostd], ref: str = "m/w") -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(len(hosts)) as ex:
+            return list(ex.map(lambda h: h.restore(ref, self.work / f"t-{h.root.name}"), hosts))
+
+
+def origin_chunk_bytes(h: Hostd) -> float:
+    return sample(h.metrics(), "hostd_origin_bytes_total", direction="in")
+
+
+def big_tree(root: Path, seed: int = 3) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(3):
+        (root / f"shard-{i}.bin").write_bytes(rng.randbytes(9 * 2**20 + i))
+    (root / "tokenizer.json").write_text(json.dumps(list(range(3000))))
+    return root
+
+
+def status_peers(h: Hostd) -> dict[str, Any]:
+    code, st = h.api("GET", "/v1/status")
+    assert code == 200
+    peers: dict[str, Any] = st["peers"]
+    return peers
+
+
+def member(h: Hostd, address: str) -> dict[str, Any]:
+    """A member's entry in `h`'s status ({} until the host has listed it)."""
+    got: dict[str, Any] = next(
+        (m for m in status_peers(h)["members"] if m["address"] == address), {}
+    )
+    return got
+
+
+def test_hosts_scaling_up_together_pull_each_chunk_from_the_origin_once(work: Path) -> None:
+    src = big_tree(work / "src")
+    with Fleet(work, 4) as fleet:
+        pub = fleet.publish(src)
+        outs = fleet.restore_all(fleet.hosts)
+        for h, out in zip(fleet.hosts, outs, strict=True):
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t-{h.root.name}") == tree_digest(src)
+        me = [status_peers(h) for h in fleet.hosts]
+        assert sorted(p["self"] for p in me) == sorted(fleet.addrs)
+        assert all(
+            m["state"] == "live" for p in me for m in p["members"] if m["address"] != p["self"]
+        )
+        chunk_bytes = sum(origin_chunk_bytes(h) for h in fleet.hosts)
+        # each chunk once, by its owner (manifests and refs are small, and read by each host)
+        assert chunk_bytes <= pub["stored_bytes"] * 1.05 + 4 * 64 * 1024, (
+            chunk_bytes,
+            pub["stored_bytes"],
+        )
+        from_peers = sum(o["bytes_by_source"].get("peer", 0) for o in outs)
+        assert from_peers >= 2 * pub["bytes"]  # most of the fleet's bytes came from peers
+        texts = [h.metrics() for h in fleet.hosts]
+        saved = sum(sample(t, "hostd_origin_saved_bytes_total") for t in texts)
+        assert saved == from_peers
+        served = sum(
+            sample(t, "hostd_peer_served_bytes_total", source=s)
+            for t in texts
+            for s in ("file", "buffer", "pull")
+        )
+        # what was served is what was got, but for the losers of hedged races
+        hedged = sum(sample(t, "hostd_peer_hedges_total", result="started") for t in texts)
+        assert from_peers <= served <= from_peers + hedged * 4 * 2**20
+
+
+def test_a_restore_from_a_fleet_that_holds_the_snapshot_reads_nothing_from_the_origin(
+    work: Path,
+) -> None:
+    src = big_tree(work / "src")
+    with Fleet(work, 3) as fleet:
+        fleet.publish(src)
+        first = fleet.hosts[0].restore("m/w", work / "t0")
+        assert first["event"] == "result"
+        before = origin_chunk_bytes(fleet.hosts[1])
+        out = fleet.hosts[1].restore("m/w", work / "t1")
+        got = out["bytes_by_source"]
+        # from peers, or from this host's buffer of chunks it pulled as owner for the first
+        assert got["peer"] + got.get("buffer", 0) == out["bytes"], got
+        assert got["origin"] == 0
+        assert tree_digest(work / "t1") == tree_digest(src)
+        # only the manifest and ref came from the origin
+        assert origin_chunk_bytes(fleet.hosts[1]) - before < 64 * 1024
+        text = fleet.hosts[0].metrics()
+        assert sample(text, "hostd_peer_served_chunks_total", source="file") > 0
+
+
+def wrong_bytes_peer(port: int, stop: threading.Event) -> threading.Thread:
+    """A peer that answers every chunk request with well-formed, wrong bytes."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Liar(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/v1/chunks/"):
+                size = int(self.path.split("size=")[1].split("&")[0])
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                self.wfile.write(b"\xee" * size)
+            else:
+                body = json.dumps({"node": "liar"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Liar)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+
+    def stopper() -> None:
+        stop.wait()
+        server.shutdown()
+        server.server_close()
+
+    threading.Thread(target=stopper, daemon=True).start()
+    return t
+
+
+def test_a_peer_sending_bad_bytes_is_struck_and_the_restore_is_exact(work: Path) -> None:
+    src = big_tree(work / "src")
+    (liar_port,) = free_ports(1)
+    liar = f"127.0.0.1:{liar_port}"
+    stop = threading.Event()
+    wrong_bytes_peer(liar_port, stop)
+    try:
+        with Fleet(work, 1, extra=[liar]) as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert member(h, liar)["state"] == "struck"
+            assert "does not match its id" in member(h, liar)["last_error"]
+            text = h.metrics()
+            assert sample(text, "hostd_peer_strikes_total", reason="corrupt") >= 1
+            assert sample(text, "hostd_peers", state="struck") == 1
+            assert out["bytes_by_source"].get("peer", 0) == 0
+    finally:
+        stop.set()
+
+
+def test_a_peer_that_accepts_and_never_answers_is_struck_after_the_timeout(work: Path) -> None:
+    src = big_tree(work / "src")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)  # connections complete in the kernel; nobody ever reads them
+    addr = f"127.0.0.1:{mute.getsockname()[1]}"
+    try:
+        with Fleet(work, 1, extra=[addr], timeout="500ms") as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            started = time.monotonic()
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert time.monotonic() - started < 20
+            assert member(h, addr)["state"] == "struck"
+            assert sample(h.metrics(), "hostd_peer_strikes_total", reason="stall") >= 1
+    finally:
+        mute.close()
+
+
+def test_an_owner_that_is_down_is_marked_dead_and_others_serve(work: Path) -> None:
+    src = big_tree(work / "src")
+    (gone_port,) = free_ports(1)  # nothing listens there
+    gone = f"127.0.0.1:{gone_port}"
+    with Fleet(work, 2, extra=[gone]) as fleet:
+        fleet.publish(src)
+        outs = fleet.restore_all(fleet.hosts)
+        for h, out in zip(fleet.hosts, outs, strict=True):
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t-{h.root.name}") == tree_digest(src)
+            m = member(h, gone)
+            assert m["state"] == "dead"
+            assert "refused" in m["last_error"].lower()
+            assert sample(h.metrics(), "hostd_peers", state="dead") == 1
+
+
+def peer_request(
+    addr: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    import http.client
+
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+def test_requests_without_the_secret_are_refused_and_hosts_with_another_are_rejecting(
+    work: Path,
+) -> None:
+    src = big_tree(work / "src")
+    with Fleet(work, 2) as fleet:
+        fleet.publish(src)
+        assert fleet.hosts[0].restore("m/w", work / "t0")["event"] == "result"
+        a = fleet.addrs[0]
+        # no proof
+        code, body = peer_request(a, "/v1/health")
+        assert (code, body["error"]) == (401, "unauthorized")
+        assert "secret" in body["message"]
+        # a proof made with another secret
+        other = b"x" * 32
+        path = "/v1/have"
+        payload = json.dumps({"ids": ["00" * 32]}).encode()
+        auth = peerauth.sign(other, "POST", path, int(time.time()), "intruder", payload)
+        code, body = peer_request(a, path, {"Authorization": auth}, "POST", payload)
+        assert code == 401
+        assert "same secret" in body["message"]
+        # a proof from the right secret but an old clock
+        secret = peerauth.load_secret(fleet.key.read_bytes(), "key")
+        auth = peerauth.sign(secret, "GET", "/v1/health", int(time.time()) - 600, "n")
+        code, body = peer_request(a, "/v1/health", {"Authorization": auth})
+        assert code == 401
+        assert "clock" in body["message"]
+        # a daemon with another secret: its peers reject it, and it restores from the origin
+        (port,) = free_ports(1)
+        odd = fleet.host(
+            "odd",
+            {
+                "listen": f"127.0.0.1:{port}",
+                "static": [*fleet.addrs, f"127.0.0.1:{port}"],
+                "secret_file": str(key_file(work / "other.key")),
+                "timeout": "2s",
+            },
+        )
+        with odd:
+            out = odd.restore("m/w", work / "t-odd")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t-odd") == tree_digest(src)
+            states = wait_for(
+                lambda: (
+                    {m["state"] for m in status_peers(odd)["members"]} == {"self", "rejecting"}
+                    and status_peers(odd)
+                ),
+                "the others to reject the odd host",
+            )
+            assert all(
+                "secret" in m["last_error"] for m in states["members"] if m["state"] != "self"
+            )
+        assert (
+            sample(fleet.hosts[0].metrics(), "hostd_peer_refused_total", reason="unauthorized") >= 3
+        )
+
+
+def test_peer_api_answers_bad_requests_with_a_json_error(work: Path) -> None:
+    with Fleet(work, 1, secret=False, allow_unauthenticated=True) as fleet:
+        a = fleet.addrs[0]
+        good = "ab" * 32
+        for path, code in [
+            (f"/v1/chunks/{good}", 400),  # no size
+            (f"/v1/chunks/{good}?size=0", 400),
+            (f"/v1/chunks/{good}?size=999999999999", 400),
+            (f"/v1/chunks/{good}?size=10&codec=7", 400),
+            (f"/v1/chunks/{good[:-1]}?size=10", 400),
+            (f"/v1/chunks/{good}%0a?size=10", 400),  # $ would match before a newline
+            (f"/v1/chunks/{good.upper()}?size=10", 400),
+            (f"/v1/chunks/{good}?size=10", 404),  # well formed, not held
+            ("/v1/nothing", 404),
+        ]:
+            got, body = peer_request(a, path)
+            assert got == code, (path, got, body)
+            assert set(body) == {"error", "message"}, body
+        many = json.dumps({"ids": [good] * 5000}).encode()
+        got, body = peer_request(a, "/v1/have", method="POST", body=many)
+        assert got in (400, 413)
+        assert "error" in body
+        got, body = peer_request(a, "/v1/have", method="POST", body=b'{"ids": ["zz"]}')
+        assert got == 400
+        assert "ids[0]" in body["message"]
+        got, body = peer_request(
+            a, "/v1/have", method="POST", body=json.dumps({"ids": [good]}).encode()
+        )
+        assert (got, body) == (200, {"have": []})
+        code, st = fleet.hosts[0].api("GET", "/v1/status")
+        assert st["peers"]["auth"] == "none"
+        assert "WITHOUT authentication" in fleet.hosts[0].log()
+
+
+def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
+    (port,) = free_ports(1)
+    h = Hostd(work / "h", peers={"listen": f"127.0.0.1:{port}"})
+    with h:
+        _code, st = h.api("GET", "/v1/status")
+        assert st["peers"] is None
+        assert "peers are OFF" in h.log()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "why"),
+    [(b"0123456789abcdef0123", 0o644, "readable by every user"), (b"short", 0o600, "16")],
+)
+def test_a_bad_secret_file_stops_the_daemon_with_its_key_named(
+    work: Path, content: bytes, mode: int, why: str
+) -> None:
+    key = work / "k"
+    key.write_bytes(content)
+    key.chmod(mode)
+    h = Hostd(work / "h", peers={"listen": "127.0.0.1:0", "secret_file": str(key)})
+    proc = subprocess.run(
+        [*h.wrap, sys.executable, "-m", "hostd", "serve", "--config", str(h.config_path)],
+        env=h.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "peers.secret_file" in proc.stderr
+    assert why in proc.stderr
+
+
+def test_hosts_that_list_each_other_under_different_names_never_loop(work: Path) -> None:
+    """Membership views that disagree: each host may think the other owns a chunk the other
+    thinks it owns. A pull is never forwarded, so each is served from the other's origin."""
+    src = big_tree(work / "src")
+    p0, p1 = free_ports(2)
+    key = key_file(work / "k")
+    fleet_hosts = []
+    for i, (port, static) in enumerate(
+        [
+            (p0, [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"]),
+            (p1, [f"127.0.0.2:{p0}", f"127.0.0.1:{p1}"]),  # h0 under another name
+        ]
+    ):
+        fleet_hosts.append(
+            Hostd(
+                work / f"h{i}",
+                origin=f"file://{work}/origin",
+                access={"link_to_writers": True},
+                peers={
+                    "listen": f"0.0.0.0:{port}",
+                    "static": static,
+                    "secret_file": str(key),
+                    "timeout": "2s",
+                },
+            )
+        )
+    with Hostd(work / "pub", origin=f"file://{work}/origin") as pub:
+        pub.publish(src, "m/w")
+    try:
+        for h in fleet_hosts:
+            h.start()
+        with ThreadPoolExecutor(2) as ex:
+            outs = list(ex.map(lambda h: h.restore("m/w", work / f"t-{h.root.name}"), fleet_hosts))
+        for h, out in zip(fleet_hosts, outs, strict=True):
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t-{h.root.name}") == tree_digest(src)
+    finally:
+        for h in fleet_hosts:
+            h.close()
