@@ -30,11 +30,9 @@ import contextlib
 import json
 import logging
 import os
-import random
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +58,12 @@ from hostd.peers import (
     Membership,
     OriginPull,
     PeerStats,
+    Uploads,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 80 * MAX_HAVE_IDS + 1024  # a `have` request
-RECIPIENTS_KEPT = 8  # hosts remembered per chunk, for busy answers
-RECIPIENT_CHUNKS = 65536  # chunks they are remembered for
 
 
 class Unauthorized(HostdError):
@@ -93,50 +90,18 @@ class PeerServer:
     max_uploads: int
     timeout: float
     stats: PeerStats
+    patience: float = 0.1  # how long a busy owner holds an asker for the first copy to land
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
-        self.uploading = 0
-        self.waiting = 0
-        self._slots = asyncio.Semaphore(self.max_uploads)
-        self._recipients: OrderedDict[bytes, list[str]] = OrderedDict()
+        self.uploads = Uploads(self.max_uploads)
         self.pool = ThreadPoolExecutor(self.max_uploads, thread_name_prefix="hostd-sendfile")
 
     def __repr__(self) -> str:
-        return f"PeerServer(uploading={self.uploading}, waiting={self.waiting})"
+        return f"PeerServer({self.uploads!r})"
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-    @contextlib.asynccontextmanager
-    async def upload(self) -> AsyncIterator[None]:
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.uploading += 1
-        try:
-            yield
-        finally:
-            self.uploading -= 1
-            self._slots.release()
-
-    def served(self, cid: bytes, name: str) -> None:
-        """Remember a host we served `cid` to in full (a hint for busy answers)."""
-        if not name:
-            return
-        got = self._recipients.pop(cid, [])
-        if name not in got:
-            got = [*got[-(RECIPIENTS_KEPT - 1) :], name]
-        self._recipients[cid] = got
-        while len(self._recipients) > RECIPIENT_CHUNKS:
-            self._recipients.popitem(last=False)
-
-    def holders(self, cid: bytes, asker: str) -> list[str]:
-        got = [n for n in self._recipients.get(cid, []) if n != asker]
-        random.shuffle(got)  # spread the askers over them
-        return got[:4]
 
     async def locate(self, chunk: mf.Chunk) -> tuple[Path, int] | bytes | None:
         """Where a verified copy of the chunk lies: (file, offset) or the buffer's bytes."""
@@ -230,45 +195,62 @@ async def chunk(request: web.Request) -> web.StreamResponse:
         if where is None and not pull:
             srv.stats.refused["missing"] += 1
             raise web.HTTPNotFound(text=f"chunk {cid.hex()} is not held here")
-        if srv.waiting >= srv.max_uploads and (hint := srv.holders(cid, asker)):
+        if (hint := await srv.uploads.admit(cid, asker, srv.patience)) is not None:
             srv.stats.refused["busy"] += 1
             return web.json_response(
-                {"error": "busy", "message": "this host is busy uploading", "holders": hint},
+                {
+                    "error": "busy",
+                    "message": f"this host is busy uploading ({srv.uploads.limit} at once)",
+                    "holders": hint,
+                },
                 status=503,
             )
-        how = "pull" if where is None else "held"
-        resp = web.StreamResponse(
-            headers={SOURCE_HEADER: how, "Content-Type": "application/octet-stream"}
-        )
-        resp.content_length = size
-        writer = await resp.prepare(request)
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:
-            send_headers()  # now: the asker's deadline is on the headers
-        async with srv.upload():
-            if where is None:
-                try:
-                    data = await srv.pull.fetch(want, PULL_PRIORITY)
-                except HostdError as e:
-                    log.info("peer pull of chunk %s failed: %s", cid.hex(), e.message)
-                    _cut(request)
-                    return resp
-                await resp.write(data)
-                served = "pull"
-            elif isinstance(where, bytes):
-                await resp.write(where)
-                served = "buffer"
-            else:
-                await _sendfile(request, srv, where[0], where[1], size)
-                served = "file"
-            await resp.write_eof()
+        with srv.uploads.taken():
+            resp, served = await _send(request, srv, want, where)
     finally:
         if isinstance(where, tuple):
             os.close(where[0])
-    srv.stats.served_chunks[served] += 1
-    srv.stats.served_bytes[served] += size
-    srv.served(cid, asker)
+    if served != "failed":
+        srv.stats.served_chunks[served] += 1
+        srv.stats.served_bytes[served] += size
+        srv.uploads.served(cid, asker)
     return resp
+
+
+async def _send(
+    request: web.Request, srv: PeerServer, want: mf.Chunk, where: tuple[int, int] | bytes | None
+) -> tuple[web.StreamResponse, str]:
+    """Answer 200 and the chunk's bytes: from `where`, or pulled from the origin first (the
+    status and headers go out before the pull, so the asker can tell a slow origin from a
+    dead peer; a pull that fails cuts the connection)."""
+    resp = web.StreamResponse(
+        headers={
+            SOURCE_HEADER: "pull" if where is None else "held",
+            "Content-Type": "application/octet-stream",
+        }
+    )
+    resp.content_length = want.size
+    writer = await resp.prepare(request)
+    send_headers = getattr(writer, "send_headers", None)
+    if send_headers is not None:
+        send_headers()  # now: the asker's deadline is on the headers
+    if where is None:
+        try:
+            data = bytes(await srv.pull.fetch(want, PULL_PRIORITY))
+        except HostdError as e:
+            log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)
+            _cut(request)
+            return resp, "failed"
+        served, where = "pull", data
+    else:
+        served = "file" if isinstance(where, tuple) else "buffer"
+    with srv.uploads.sending():
+        if isinstance(where, bytes):
+            await resp.write(where)
+        else:
+            await _sendfile(request, srv, where[0], where[1], want.size)
+        await resp.write_eof()
+    return resp, served
 
 
 def _cut(request: web.Request) -> None:
@@ -350,8 +332,8 @@ async def health(request: web.Request) -> web.StreamResponse:
             "name": srv.membership.roster.self_name,
             "version": __version__,
             "time": srv.clock(),
-            "uploads": srv.uploading,
-            "waiting": srv.waiting,
+            "uploads": srv.uploads.uploading,
+            "pending": srv.uploads.pending,
         }
     )
 

@@ -295,6 +295,7 @@ class Peers:
             self.config.max_uploads,
             self.config.timeout,
             self.client.stats,
+            patience=min(self.config.hedge_after / 2, self.config.timeout / 2),
         )
 
     async def start(self) -> None:
@@ -343,7 +344,7 @@ class Peers:
             "auth": "hmac" if self.client.secret else "none",
             "members": self.membership.to_json(),
             "buffer": {"used": self.buffer.used, "capacity": self.buffer.capacity},
-            "uploading": self.server.uploading if self.server is not None else 0,
+            "uploading": self.server.uploads.uploading if self.server is not None else 0,
         }
 
 

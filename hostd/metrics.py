@@ -226,6 +226,11 @@ class PeerCollector(Collector):
         for r in ("started", "won"):
             hedges.add_metric([r], st.hedges[r])
         yield hedges
+        yield CounterMetricFamily(
+            "hostd_peer_busy_waits",
+            "Times every peer asked for a chunk answered busy, and this host waited to ask again.",
+            value=st.hedges["busy_wait"],
+        )
         served = CounterMetricFamily(
             "hostd_peer_served_chunks",
             "Chunks this host served to peers, by where from (file: a blob by sendfile; "

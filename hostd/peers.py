@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import json
 import logging
 import os
+import random
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,11 @@ NODE_HEADER = "X-Hostd-Node"  # the sender's node id (also in the signed Authori
 NAME_HEADER = "X-Hostd-Name"  # the sender's member name, when it knows it (owner hints)
 SOURCE_HEADER = "X-Hostd-Source"  # how a chunk is served: "held" or "pull"
 PULL_PRIORITY: Priority = (-1,)  # pull-throughs for other hosts go before our own fills
+RECIPIENTS_KEPT = 8  # hosts remembered per chunk, for busy answers
+RECIPIENT_CHUNKS = 65536  # chunks they are remembered for
+BUSY_WAIT_BASE = 0.05  # the first wait between two rounds of asking, s (doubling, jittered)
+BUSY_WAIT_MAX = 0.25  # the longest
+HOLDER_TRIES = 8  # holders asked per round
 
 
 class PeerFailure(Exception):
@@ -120,6 +127,78 @@ class ChunkBuffer:
         if data is None or len(data) != chunk.size:
             raise ChunkMissing(f"chunk {chunk.id.hex()} is not in the peer buffer")
         return data
+
+
+class Uploads:
+    """The serving side's gate: at most `limit` requests in hand at once (pulling the chunk
+    through, or sending it). Past that an asker is told busy, with up to 4 hosts this one
+    already sent the chunk to, so the load spreads over the hosts that have it instead of
+    queueing on one; with none to name yet (the owner's own pull is still under way), the
+    asker waits a little and asks again."""
+
+    def __init__(self, limit: int, rng: random.Random | None = None) -> None:
+        self.limit = limit
+        self.pending = 0  # taken, not finished
+        self.uploading = 0  # sending now
+        self.rng = rng or random.Random()
+        self._recipients: OrderedDict[bytes, list[str]] = OrderedDict()
+        self._landed: dict[bytes, asyncio.Event] = {}  # set when a copy was sent in full
+
+    def __repr__(self) -> str:
+        return f"Uploads({self.uploading} sending, {self.pending}/{self.limit} taken)"
+
+    async def admit(self, cid: bytes, asker: str, patience: float) -> list[str] | None:
+        """None: take the request (then serve it inside `taken`). A list: answer busy,
+        naming these hosts that have the chunk (maybe none). With no host to name yet (the
+        owner's own pull is under way), wait up to `patience` for the first one to be sent
+        the chunk: asked again, it would only be told busy again."""
+        if self.pending < self.limit:
+            return None
+        hint = self.holders(cid, asker)
+        if hint:
+            return hint
+        if len(self._landed) > RECIPIENT_CHUNKS:
+            self._landed.clear()
+        landed = self._landed.setdefault(cid, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(patience):
+                await landed.wait()
+        if self.pending < self.limit:
+            return None
+        return self.holders(cid, asker)
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        self.uploading += 1
+        try:
+            yield
+        finally:
+            self.uploading -= 1
+
+    def served(self, cid: bytes, name: str) -> None:
+        """Remember a host we sent `cid` to in full."""
+        if not name:
+            return
+        landed = self._landed.pop(cid, None)
+        if landed is not None:
+            landed.set()
+        got = [n for n in self._recipients.pop(cid, []) if n != name]
+        self._recipients[cid] = [*got[-(RECIPIENTS_KEPT - 1) :], name]
+        while len(self._recipients) > RECIPIENT_CHUNKS:
+            self._recipients.popitem(last=False)
+
+    def holders(self, cid: bytes, asker: str) -> list[str]:
+        got = [n for n in self._recipients.get(cid, []) if n != asker]
+        self.rng.shuffle(got)  # spread the askers over them
+        return got[:4]
 
 
 class OriginPull:
@@ -391,6 +470,7 @@ class Membership:
         dns_refresh: float,
         client: PeerClient,
         clock: Callable[[], float] = time.monotonic,
+        placements: dict[frozenset[str], rendezvous.Placement] | None = None,
     ) -> None:
         self.static = static
         self.dns = dns
@@ -401,6 +481,9 @@ class Membership:
         self.port = 0  # our peer port, once bound
         self._resolved: dict[str, set[str]] = {}  # dns entry -> member names last seen
         self._wake = asyncio.Event()
+        # Placements by member set: shared between hosts by the fleet simulation
+        self._placements = placements if placements is not None else {}
+        self._placement: tuple[int, rendezvous.Placement] | None = None
 
     def __repr__(self) -> str:
         return f"Membership({self.roster!r}, self={self.roster.self_name})"
@@ -408,8 +491,21 @@ class Membership:
     def placement(self) -> list[str]:
         return self.roster.placement(self.clock())
 
+    def current(self) -> rendezvous.Placement:
+        """The placement over the usable members plus self, rebuilt only when they change."""
+        self.roster.tick(self.clock())  # a strike that ran out changes the set
+        if self._placement is None or self._placement[0] != self.roster.version:
+            key = frozenset(self.roster.placement(self.clock()))
+            p = self._placements.get(key)
+            if p is None:
+                if len(self._placements) > 64:
+                    self._placements.clear()
+                p = self._placements[key] = rendezvous.Placement(key)
+            self._placement = (self.roster.version, p)
+        return self._placement[1]
+
     def owner(self, cid: bytes) -> str | None:
-        return rendezvous.owner(cid, self.placement())
+        return self.current().owner(cid)
 
     def owns(self, cid: bytes) -> bool:
         me = self.roster.self_name
@@ -533,35 +629,80 @@ class PeerSource:
 
     name = "peer"
 
-    def __init__(self, membership: Membership, client: PeerClient, hedge_after: float) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        client: PeerClient,
+        hedge_after: float,
+        rng: random.Random | None = None,
+        busy_wait: float | None = None,
+    ) -> None:
         self.membership = membership
         self.client = client
         self.hedge_after = hedge_after
+        # how long peers answering busy are asked again before the origin is: as long as an
+        # owner's pull through its origin may take
+        self.busy_wait = client.pull_wait if busy_wait is None else busy_wait
+        self.rng = rng or random.Random()
         self._have: dict[tuple[str, bytes], tuple[float, bool]] = {}
 
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
 
     async def get(self, chunk: Chunk) -> bytes:
-        owner = self.membership.owner(chunk.id)
-        me = self.membership.roster.self_name
+        """The owner first, then holders; when every one of them was only busy, wait a little
+        (jittered, doubling) and ask again: the holders multiply as the chunk spreads, and
+        the origin is for when the peers cannot serve it, not for when they are busy."""
         problems: list[str] = []
-        tried: set[str] = set()
+        failed: set[str] = set()  # asked, and it will not serve this chunk
         hint: list[str] = []
-        if owner is not None and owner != me:
-            tried.add(owner)
-            try:
-                return await self._owner(owner, chunk, tried)
-            except PeerFailure as e:
-                problems.append(e.message)
-                hint = e.holders
-        for name in await self._holders(chunk, tried, hint):
-            tried.add(name)
-            try:
-                return await self._fetch(name, chunk, "holder")
-            except PeerFailure as e:
-                problems.append(e.message)
-        why = "; ".join(problems) if problems else "no live peer holds it"
+        started = self.membership.clock()
+        moves = 0
+        for attempt in itertools.count():
+            busy = False
+            owner = self.membership.owner(chunk.id)
+            skip = set(failed)
+            if owner is not None and owner != self.membership.roster.self_name:
+                skip.add(owner)
+                if owner not in failed:
+                    try:
+                        return await self._owner(owner, chunk, skip)
+                    except PeerFailure as e:
+                        problems.append(e.message)
+                        busy |= e.kind == "busy"
+                        hint += e.holders
+                        if e.kind != "busy":
+                            failed.add(owner)
+                        # Gone from the placement (dead, struck, rejecting): the member ranked
+                        # next owns the chunk now, for every host that saw the same, and
+                        # pulls it through once. Ask it, not the origin.
+                        if self.membership.owner(chunk.id) not in (owner, None) and moves < 3:
+                            moves += 1
+                            continue
+            queue = await self._holders(chunk, skip, hint)
+            tries = 0
+            while queue and tries < HOLDER_TRIES:
+                name = queue.pop(0)
+                skip.add(name)
+                tries += 1
+                try:
+                    return await self._fetch(name, chunk, "holder")
+                except PeerFailure as e:
+                    problems.append(e.message)
+                    busy |= e.kind == "busy"
+                    hint += e.holders
+                    if e.kind != "busy":
+                        failed.add(name)
+                    # a busy holder names the hosts it served: ask them next
+                    queue[:0] = [h for h in e.holders if h not in skip and h not in queue]
+            if not busy or self.membership.clock() - started > self.busy_wait:
+                break
+            self.client.stats.hedges["busy_wait"] += 1
+            await asyncio.sleep(
+                min(BUSY_WAIT_MAX, BUSY_WAIT_BASE * 2**attempt) * self.rng.uniform(0.5, 1.5)
+            )
+            hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
+        why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
 
     async def _fetch(self, name: str, chunk: Chunk, role: str) -> bytes:
@@ -613,16 +754,23 @@ class PeerSource:
     async def _holders(self, chunk: Chunk, tried: set[str], hint: list[str]) -> list[str]:
         """Peers that say they hold the chunk, best first: the owner's hint, then the peers
         ranked next for the chunk that answer `have` with it (asked at once, answers cached)."""
-        usable = {m.name for m in self.membership.roster.usable(self.membership.clock())}
-        out = [h for h in dict.fromkeys(hint) if h in usable and h not in tried]
-        ranked = [n for n in rendezvous.rank(chunk.id, usable) if n not in tried and n not in out]
-        ask = ranked[:HAVE_FANOUT]
-        answers = await asyncio.gather(*(self._has(n, chunk.id) for n in ask))
-        out += [n for n, yes in zip(ask, answers, strict=True) if yes]
+        placement = self.membership.current()
+        me = self.membership.roster.self_name
+        out = [
+            h for h in dict.fromkeys(hint) if h in placement.members and h not in tried and h != me
+        ]
+        ranked: list[str] = []
+        for n in placement.rank(chunk.id):
+            if n != me and n not in tried and n not in out:
+                ranked.append(n)
+                if len(ranked) == HAVE_FANOUT:
+                    break
+        answers = await asyncio.gather(*(self._has(n, chunk.id) for n in ranked))
+        out += [n for n, yes in zip(ranked, answers, strict=True) if yes]
         return out
 
     async def _has(self, name: str, cid: bytes) -> bool:
-        now = time.monotonic()
+        now = self.membership.clock()
         cached = self._have.get((name, cid))
         if cached is not None and now - cached[0] < HAVE_TTL:
             return cached[1]

@@ -380,6 +380,16 @@ class Cluster:
             ["bridge", "-n", self.ns("sw"), "link", "set", "dev", self._port(name), "state", state]
         )
 
+    def set_rate(self, name: str, rate: str) -> None:
+        """Change a shaped node's link rate, both directions (e.g. slow one host's link so a
+        transfer to it lasts long enough to act in the middle of it)."""
+        if (self.origin_rate if name == ORIGIN else self.host_rate) is None:
+            raise ValueError(f"{name}'s link is not shaped: there is no rate to change")
+        for ns, dev in ((self.ns(name), "eth0"), (self.ns("sw"), self._port(name))):
+            _cmd(
+                ["tc", "-n", ns, "qdisc", "change", "dev", dev, "root", "handle", "1:", *_tbf(rate)]
+            )
+
     def block(self, name: str, other: str) -> None:
         """Make `name` unable to reach `other`: connects fail at once with EHOSTUNREACH.
 

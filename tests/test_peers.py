@@ -7,6 +7,7 @@ but one host) run on a namespace cluster in tests/test_peers_cluster.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -27,7 +28,7 @@ from test_e2e import sample, wait_for
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
-from hostd.peers import ChunkBuffer
+from hostd.peers import ChunkBuffer, Uploads
 
 # --- placement ------------------------------------------------------------------------------
 
@@ -698,3 +699,42 @@ def test_hosts_that_list_each_other_under_different_names_never_loop(work: Path)
     finally:
         for h in fleet_hosts:
             h.close()
+
+
+# --- the serving gate ---------------------------------------------------------------------
+
+
+async def test_a_busy_host_names_the_hosts_it_served_and_never_the_asker() -> None:
+    u = Uploads(2, random.Random(1))
+    cid = b"c" * 32
+    assert await u.admit(cid, "a:1", 0.01) is None
+    with u.taken(), u.taken():
+        # at the limit with nobody served yet: the asker waits a little, then hears "busy"
+        started = asyncio.get_running_loop().time()
+        assert await u.admit(cid, "a:1", 0.05) == []
+        assert asyncio.get_running_loop().time() - started >= 0.05
+        u.served(cid, "b:1")
+        u.served(cid, "a:1")
+        assert await u.admit(cid, "a:1", 0.05) == ["b:1"]
+        assert sorted(await u.admit(cid, "z:1", 0.05) or []) == ["a:1", "b:1"]
+    assert await u.admit(cid, "a:1", 0.05) is None
+
+
+async def test_a_waiting_asker_is_answered_as_soon_as_a_first_copy_lands() -> None:
+    u = Uploads(1, random.Random(1))
+    cid = b"d" * 32
+    with u.taken():
+        waiting = asyncio.ensure_future(u.admit(cid, "a:1", 30.0))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        u.served(cid, "b:1")
+        assert await asyncio.wait_for(waiting, 5) == ["b:1"]
+
+
+def test_placement_remembers_owners_and_ranks() -> None:
+    members = [f"10.0.0.{i}:1" for i in range(12)]
+    p = rendezvous.Placement(members)
+    for cid in ids(100):
+        assert p.owner(cid) == rendezvous.owner(cid, members)
+        assert p.rank(cid) == rendezvous.rank(cid, members)
+        assert p.owner(cid) == p.rank(cid)[0]

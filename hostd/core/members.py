@@ -79,6 +79,10 @@ class Roster:
 
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
+        # Bumped whenever the set of usable members may have changed: placement is
+        # recomputed only then.
+        self.version = 0
+        self._next_expiry = float("inf")  # the earliest end of a strike
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -102,6 +106,8 @@ class Roster:
             del self.members[n]
         for n in added:
             self.members[n] = Member(n, listed[n], now)
+        if added or removed:
+            self.version += 1
         return added, removed
 
     def get(self, name: str) -> Member | None:
@@ -109,16 +115,27 @@ class Roster:
 
     def _expire(self, m: Member, now: float) -> None:
         if m.state is State.STRUCK and now >= m.struck_until:
-            m.state, m.since = State.LIVE, now
+            self._set(m, State.LIVE, now)
+
+    def _set(self, m: Member, state: State, now: float) -> None:
+        if m.state is not state:
+            m.state, m.since = state, now
+            self.version += 1
+
+    def tick(self, now: float) -> None:
+        """End the strikes that ran out by `now` (cheap when none has)."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = float("inf")
+        for m in self.members.values():
+            self._expire(m, now)
+            if m.state is State.STRUCK:
+                self._next_expiry = min(self._next_expiry, m.struck_until)
 
     def usable(self, now: float) -> list[Member]:
         """Members that may be asked for chunks now: live ones (a strike that ran out ends)."""
-        out = []
-        for m in self.members.values():
-            self._expire(m, now)
-            if m.state is State.LIVE:
-                out.append(m)
-        return out
+        self.tick(now)
+        return [m for m in self.members.values() if m.state is State.LIVE]
 
     def placement(self, now: float) -> list[str]:
         """The names chunks are placed over: the usable members plus self, when known."""
@@ -154,7 +171,8 @@ class Roster:
             m.node = node
         m.failures = 0
         if m.state in (State.DEAD, State.REJECTING):
-            m.state, m.since, m.last_error = State.LIVE, now, ""
+            self._set(m, State.LIVE, now)
+            m.last_error = ""
 
     def failed(self, name: str, now: float, why: str) -> None:
         """It could not be reached (refused, reset, unreachable, no answer to a probe)."""
@@ -172,8 +190,7 @@ class Roster:
         m.failures += 1
         m.retry_at = now + _backoff(m.failures, BACKOFF_MIN, BACKOFF_MAX)
         m.last_error = why
-        if m.state is not state:
-            m.state, m.since = state, now
+        self._set(m, state, now)
 
     def strike(self, name: str, now: float, why: str) -> None:
         """It sent bytes that did not verify, or stalled: skip it for a while."""
@@ -185,13 +202,15 @@ class Roster:
         m.strikes += 1
         m.struck_at = now
         m.struck_until = now + _backoff(m.strikes, STRIKE_BASE, STRIKE_MAX)
+        self._next_expiry = min(self._next_expiry, m.struck_until)
         m.last_error = why
-        m.state, m.since = State.STRUCK, now
+        self._set(m, State.STRUCK, now)
 
     def mark_self(self, name: str, now: float) -> None:
         m = self.members.get(name)
         if m is not None and m.state is not State.SELF:
-            m.state, m.since, m.probed, m.last_error = State.SELF, now, True, ""
+            self._set(m, State.SELF, now)
+            m.probed, m.last_error = True, ""
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in State}

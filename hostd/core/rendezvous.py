@@ -31,3 +31,33 @@ def owner(cid: bytes, members: Iterable[str]) -> str | None:
         if best is None or key < best:
             best = key
     return None if best is None else best[1]
+
+
+class Placement:
+    """Owners over one fixed set of members, remembered per chunk: a host asks for the owner
+    of every chunk it fetches, and the set changes far less often than that."""
+
+    def __init__(self, members: Iterable[str]) -> None:
+        self.members = frozenset(members)
+        self._owners: dict[bytes, str | None] = {}
+        self._ranks: dict[bytes, list[str]] = {}
+
+    def __repr__(self) -> str:
+        return f"Placement({len(self.members)} members, {len(self._owners)} chunks placed)"
+
+    def owner(self, cid: bytes) -> str | None:
+        got = self._owners.get(cid, "")
+        if got == "":
+            if len(self._owners) >= 1 << 16:
+                self._owners.clear()
+            got = self._owners[cid] = owner(cid, self.members)
+        return got
+
+    def rank(self, cid: bytes) -> list[str]:
+        """Every member, best first for `cid` (remembered, like owners)."""
+        got = self._ranks.get(cid)
+        if got is None:
+            if len(self._ranks) >= 1 << 12:
+                self._ranks.clear()
+            got = self._ranks[cid] = rank(cid, self.members)
+        return got
