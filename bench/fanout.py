@@ -1,7 +1,10 @@
 """Fleet fan-out benchmark: N hosts restoring one snapshot at once, with peers and without.
 
-    sudo .venv/bin/python bench/fanout.py --hosts 8 --size 256MiB \
+    .venv/bin/python bench/fanout.py --hosts 8 --size 256MiB \
         --origin-rate 400mbit --host-rate 1gbit [--rounds 1] [--mode link] [--json OUT]
+        [--peers-set hedge_after=10s] [--no-reference] [--profile DIR]
+
+as root (network namespaces and tc need it; the bench says so and stops otherwise).
 
 Builds a tests/netns.py Cluster (hosts h0..h{N-1} and an origin, each link shaped with tc),
 publishes a weights-like snapshot (4 safetensors-like shards and 20 small files of random
@@ -14,6 +17,10 @@ per round:
   late host    one host's daemon replaced by a fresh one (empty tier) that restores alone
                while the other N-1 hold the snapshot: its throughput against the host link
   origin-only  fresh daemons without [peers], every host restoring at once
+  reference    the same bytes moved by curl and a sendfile HTTP server on the schedule peers
+               aim for (each host pulls 1/N from the origin, then the rest from the others),
+               and one host fetching it all from the others: what this machine's CPUs and
+               emulated links allow at all, measured between the same runs
 For each run: the time until the last host finishes and each host's time, origin egress at
 the origin's link (tc-shaped veth counters) and by hostd's metrics, bytes by source per host,
 bytes each host uploaded to peers, the daemons' CPU seconds (/proc/<pid>/stat, the daemon and
@@ -295,6 +302,7 @@ class Setup:
     logs: Path  # daemons' logs are copied here before their roots are deleted
     origin_pid: int  # the origin's HTTP server
     reference: bool = True  # also time the stock-tools reference each round
+    peers_extra: dict[str, str | int] | None = None  # more [peers] keys (--peers-set)
     profile: Path | None = None  # py-spy's collapsed stacks of every daemon in every run
 
     def peer_addr(self, host: str) -> str:
@@ -314,6 +322,7 @@ class Setup:
                 "listen": self.peer_addr(host),
                 "static": [self.peer_addr(h) for h in self.cluster.hosts],
                 "secret_file": str(self.key),
+                **(self.peers_extra or {}),
             }
         return Hostd(root, wrap=["ip", "netns", "exec", self.cluster.ns(host)], **config)
 
@@ -337,7 +346,8 @@ def wait_all_live(daemons: list[Hostd], addrs: list[str], timeout: float = 60.0)
     while pending:
         d = pending[0]
         code, st = d.api("GET", "/v1/status")
-        states = {m["address"]: m["state"] for m in st.get("peers", {}).get("members", [])}
+        peers = st.get("peers", {}) if isinstance(st, dict) else {}
+        states = {m["address"]: m["state"] for m in peers.get("members", [])}
         if code == 200 and all(states.get(a) in ("live", "self") for a in addrs):
             pending.pop(0)
             continue
@@ -356,26 +366,27 @@ def profiled(s: Setup, pids: list[int], names: list[str]) -> Iterator[None]:
     if s.profile is None:
         yield
         return
-    spies = []
+    spies: list[tuple[str, subprocess.Popen[bytes]]] = []
+    quiet, pipe = subprocess.DEVNULL, subprocess.PIPE
     if shutil.which("perf") is not None:
         out = s.profile / f"{names[0].rsplit('-', 1)[0]}.perf.data"
         argv = ["perf", "record", "-a", "-F", "499", "-o", str(out)]
-        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        spies.append(("perf", subprocess.Popen(argv, stdout=quiet, stderr=pipe)))
     for pid, name in zip(pids, names, strict=True):
         out = s.profile / f"{name}.txt"
         argv = ["py-spy", "record", "--pid", str(pid), "--rate", "50"]
         argv += ["--native", "--format", "raw", "--output", str(out)]
-        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        spies.append(("py-spy", subprocess.Popen(argv, stdout=quiet, stderr=pipe)))
     time.sleep(1.0)  # py-spy attaches (no readiness signal; only used when profiling)
     try:
         yield
     finally:
-        for p in spies:
+        for _, p in spies:
             p.send_signal(signal.SIGINT)
-        for p in spies:
+        for tool, p in spies:
             _, err = p.communicate(timeout=60)
             if p.returncode not in (0, -signal.SIGINT):
-                print(f"py-spy exited {p.returncode}: {err.decode()[-300:]}", file=sys.stderr)
+                print(f"{tool} exited {p.returncode}: {err.decode()[-300:]}", file=sys.stderr)
 
 
 @contextmanager
@@ -581,6 +592,7 @@ def reference(s: Setup, sizes: dict[str, int]) -> dict[str, Any]:
     for: the snapshot cut into N parts, host i fetches part i from the origin (phase 1, all
     at once), then every host fetches the N-1 other parts from their hosts (phase 2, one
     `curl --parallel` per host), each byte written once to tmpfs; servers send by sendfile.
+    Then one host alone fetches the whole snapshot from the others (the late host's case).
     No hashing, no index, no chunking: a floor for the time, not a target."""
     c, hosts, n = s.cluster, s.cluster.hosts, len(s.cluster.hosts)
     root = s.work / "ref"
@@ -633,12 +645,30 @@ def reference(s: Setup, sizes: dict[str, int]) -> dict[str, Any]:
                 for h in hosts
             }
         )
+        # one host alone fetches the whole snapshot again, spread over the others
+        last, others = hosts[-1], hosts[:-1]
+        alone = phase(
+            {
+                last: [
+                    (url(others[j % len(others)], j), str(root / last / f"again{j}"))
+                    for j in range(n)
+                ]
+            }
+            if others
+            else {}
+        )
     finally:
         for p in servers:
             p.kill()
             p.wait()
         shutil.rmtree(root, ignore_errors=True)
-    return {"phase1": one, "phase2": two, "seconds": one["seconds"] + two["seconds"]}
+    return {
+        "phase1": one,
+        "phase2": two,
+        "seconds": one["seconds"] + two["seconds"],
+        "alone": alone,
+        "alone_rate": part * n / alone["seconds"] if alone["seconds"] > 0 else 0.0,
+    }
 
 
 def print_reference(x: dict[str, Any]) -> None:
@@ -648,6 +678,13 @@ def print_reference(x: dict[str, Any]) -> None:
         f"(machine cpu {one['machine_cpu_busy']:.0%}) + all-to-all {two['seconds']:.2f} s "
         f"(machine cpu {two['machine_cpu_busy']:.0%}; curl {two['curl_cpu_s']:.1f} s, "
         f"servers {two['servers_cpu_s']:.1f} s)" + ("" if one["ok"] and two["ok"] else " FAILED"),
+    )
+    alone = x["alone"]
+    print(
+        f"{'ref. late':<12} {alone['seconds']:>8.2f}s  = {x['alone_rate'] / MiB:.0f} MiB/s, one "
+        f"host fetching the snapshot from the others (machine cpu {alone['machine_cpu_busy']:.0%}; "
+        f"curl {alone['curl_cpu_s']:.1f} s, servers {alone['servers_cpu_s']:.1f} s)"
+        + ("" if alone["ok"] else " FAILED"),
         flush=True,
     )
 
@@ -707,6 +744,16 @@ def judge(r: dict[str, Any], size: int, b_o: float, b_p: float) -> list[tuple[st
                 "yes" if rate >= 0.8 * b_p else "NO",
             )
         )
+        if "reference" in r and r["reference"]["alone_rate"]:
+            ref_rate = r["reference"]["alone_rate"]
+            rows.append(
+                (
+                    "(reference late host: curl + sendfile)",
+                    f"{ref_rate / MiB:.0f} MiB/s = {ref_rate / b_p:.2f}x B_p; "
+                    f"hostd got {rate / ref_rate:.2f}x of it",
+                    "-",
+                )
+            )
     return rows
 
 
@@ -792,6 +839,31 @@ def code_state() -> str:
     return head.stdout.strip() + (changed if diff else "")
 
 
+def print_summary(rounds: list[dict[str, Any]], size: int, b_o: float, b_p: float) -> None:
+    """Median and range over the rounds of each figure a target is judged on."""
+    done = [r for r in rounds if "origin_only" in r]
+    if len(done) < 2:
+        return
+    bound = max(size / b_o, size / b_p)
+    figures: dict[str, list[float]] = {
+        "peers: time-to-all, s": [r["peers"]["time_to_all"] for r in done],
+        "peers: time-to-all / bound": [r["peers"]["time_to_all"] / bound for r in done],
+        "peers: origin egress / S": [r["peers"]["origin_egress_link"] / size for r in done],
+        "origin-only: time-to-all, s": [r["origin_only"]["time_to_all"] for r in done],
+        "origin-only / peers": [
+            r["origin_only"]["time_to_all"] / r["peers"]["time_to_all"] for r in done
+        ],
+    }
+    if all("late" in r for r in done):
+        figures["late host / B_p"] = [size / r["late"]["time_to_all"] / b_p for r in done]
+    if all("reference" in r for r in done):
+        figures["reference: time, s"] = [r["reference"]["seconds"] for r in done]
+        figures["reference late host / B_p"] = [r["reference"]["alone_rate"] / b_p for r in done]
+    print(f"\nover {len(done)} rounds: median (min..max)")
+    for name, xs in figures.items():
+        print(f"  {name:<30} {statistics.median(xs):7.2f}  ({min(xs):.2f}..{max(xs):.2f})")
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -806,6 +878,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the three runs")
     ap.add_argument("--mode", choices=("link", "copy"), default="link", help="restore mode")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument(
+        "--peers-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a [peers] key on every host (e.g. hedge_after=10s; digits make an integer); "
+        "repeatable",
+    )
     ap.add_argument(
         "--no-reference",
         action="store_true",
@@ -825,6 +905,13 @@ def main() -> int:
     if args.hosts < 1:
         ap.error("--hosts must be at least 1")
     size = parse_size(args.size, "--size")
+    peers_extra: dict[str, str | int] = {}
+    for kv in args.peers_set:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            ap.error(f"--peers-set wants KEY=VALUE, got {kv!r}")
+        value = value.strip()
+        peers_extra[key.strip()] = int(value) if value.isdigit() else value
     if args.profile is not None:
         if shutil.which("py-spy") is None:
             ap.error("--profile needs py-spy on PATH")
@@ -875,6 +962,7 @@ def main() -> int:
                 origin_pid=server.pid,
                 profile=args.profile,
                 reference=not args.no_reference,
+                peers_extra=peers_extra,
             )
             print(
                 f"{args.hosts} hosts at {args.host_rate} ({b_p / MiB:.1f} MiB/s), origin at "
@@ -887,6 +975,7 @@ def main() -> int:
                 one_round(setup, k, sizes, rounds[-1])
                 print_round(rounds[-1], size, b_o, b_p)
                 sys.stdout.flush()
+            print_summary(rounds, size, b_o, b_p)
     finally:
         for log in work.glob("*/hostd.log"):
             shutil.copyfile(log, logs / f"{log.parent.name}.log")

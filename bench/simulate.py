@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hostd.config import DEFAULT_MAX_UPLOADS
 from hostd.core import rendezvous
 from hostd.core.manifest import Chunk
 from hostd.core.units import parse_size
@@ -119,7 +120,7 @@ class Model:
     latency: float = 0.0002  # one way, host to host
     origin_latency: float = 0.02  # first byte from the origin
     fetch_concurrency: int = 16
-    max_uploads: int = 16
+    max_uploads: int = DEFAULT_MAX_UPLOADS
     hedge_after: float = 0.2
     timeout: float = 5.0
     dns_refresh: float = 10.0

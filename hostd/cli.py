@@ -492,6 +492,29 @@ def _render_status(console: Console, result: JSON) -> None:
                 _count(tier.get("blobs")),
             )
         _print(console, table)
+    peers = result.get("peers")
+    if isinstance(peers, dict):
+        _print(console, "")
+        _pairs(
+            console,
+            [
+                ("peers on", peers.get("listen")),
+                ("this host", peers.get("self") or "not in the peer list"),
+                ("auth", peers.get("auth")),
+            ],
+        )
+        members: list[JSON] = [m for m in peers.get("members") or [] if isinstance(m, dict)]
+        if members:
+            table = _table("PEER", "STATE", "FOR", "STRIKES", "LAST ERROR")
+            for m in members:
+                table.add_row(
+                    str(m.get("address")),
+                    str(m.get("state")),
+                    _duration(m.get("for_s")),
+                    _count(m.get("strikes")),
+                    str(m.get("last_error") or ""),
+                )
+            _print(console, table)
 
 
 def _caller(caller: object) -> str | None:

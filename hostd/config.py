@@ -97,6 +97,10 @@ PEER_KEYS = (
     "buffer",
 )
 MAX_UPLOADS_LIMIT = 4096
+# Few uploads at once spread a chunk fastest: each copy lands sooner, and the host that got it
+# serves others while the rest of the askers are sent to it (bench/simulate.py: at 300 hosts,
+# 4 at once finished in 1.20x the bound, 16 at once in 1.32x).
+DEFAULT_MAX_UPLOADS = 4
 ACCESS_CLASSES = ("restore", "publish", "admin")
 ACCESS_KEYS = (*ACCESS_CLASSES, "link_to_writers", "max_operations", "max_operations_per_uid")
 DEFAULT_MAX_OPERATIONS = 64
@@ -130,7 +134,7 @@ class PeersConfig:
     hedge_after: float
     timeout: float
     allow_unauthenticated: bool = False
-    max_uploads: int = 16
+    max_uploads: int = DEFAULT_MAX_UPLOADS
     buffer: int = 256 * 1024 * 1024
 
 
@@ -643,7 +647,9 @@ def _peers(value: Any, base: Path | None) -> PeersConfig:
         allow_unauthenticated=_bool(
             table.get("allow_unauthenticated", False), "peers.allow_unauthenticated"
         ),
-        max_uploads=_int(table.get("max_uploads", 16), "peers.max_uploads", 1, MAX_UPLOADS_LIMIT),
+        max_uploads=_int(
+            table.get("max_uploads", DEFAULT_MAX_UPLOADS), "peers.max_uploads", 1, MAX_UPLOADS_LIMIT
+        ),
         buffer=_size(table.get("buffer", "256MiB"), "peers.buffer"),
     )
 

@@ -573,8 +573,10 @@ class Membership:
         elif e.kind == "self":
             self.roster.mark_self(name, now)
             self.client.name = name
-        else:
-            self.roster.answered(name, now)
+        elif e.kind in ("missing", "busy"):
+            self.roster.answered(name, now)  # a proper answer: it is up
+        # "failed" (it broke off, or its own pull failed) says nothing either way: a peer
+        # that is gone is found by the next request, which cannot connect
 
     async def run(self) -> None:
         """Keep the roster current until cancelled."""

@@ -260,6 +260,22 @@ class FakeDaemon:
                     },
                 ],
                 "in_flight": 1,
+                "peers": {
+                    "listen": "10.0.0.1:7460",
+                    "node": "00112233aabbccdd",
+                    "self": "10.0.0.1:7460",
+                    "auth": "hmac",
+                    "members": [
+                        {"address": "10.0.0.1:7460", "state": "self", "for_s": 10.0},
+                        {
+                            "address": "10.0.0.2:7460",
+                            "state": "rejecting",
+                            "for_s": 65.0,
+                            "strikes": 0,
+                            "last_error": "peer 10.0.0.2:7460: signature does not match",
+                        },
+                    ],
+                },
             }
         )
 
@@ -527,6 +543,10 @@ def test_status(daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFixtu
     assert "/dev/shm/hostd" in out
     assert "25%" in out
     assert "1.0 GiB" in out
+    rejecting = next(line for line in out.splitlines() if "10.0.0.2:7460" in line)
+    assert "rejecting" in rejecting
+    assert "1m 05s" in rejecting
+    assert "signature does not match" in rejecting
 
 
 def test_ls(daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -137,7 +137,7 @@ def test_peers_defaults_when_the_table_is_empty(tmp_path: Path, env: dict[str, s
         hedge_after=0.2,
         timeout=5.0,
         allow_unauthenticated=False,
-        max_uploads=16,
+        max_uploads=4,
         buffer=256 * 2**20,
     )
 

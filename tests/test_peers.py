@@ -28,7 +28,7 @@ from test_e2e import sample, wait_for
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
-from hostd.peers import ChunkBuffer, Uploads
+from hostd.peers import ChunkBuffer, Membership, PeerClient, Uploads
 
 # --- placement ------------------------------------------------------------------------------
 
@@ -148,6 +148,10 @@ def test_a_strike_skips_a_member_for_a_while_and_repeats_cost_more() -> None:
     r = Roster()
     r.update({"a:1": "static"}, 0.0)
     r.strike("a:1", 0.0, "bad bytes")
+    r.strike("a:1", 0.5, "stalled")  # another request in flight when it went bad: same strike
+    assert r.members["a:1"].strikes == 1
+    assert r.members["a:1"].struck_until == STRIKE_BASE
+    assert r.due(1.0) == []  # not probed again while struck
     assert r.usable(STRIKE_BASE - 1) == []
     assert [m.name for m in r.usable(STRIKE_BASE)] == ["a:1"]
     r.strike("a:1", 100.0, "bad bytes")
@@ -738,3 +742,21 @@ def test_placement_remembers_owners_and_ranks() -> None:
         assert p.owner(cid) == rendezvous.owner(cid, members)
         assert p.rank(cid) == rendezvous.rank(cid, members)
         assert p.owner(cid) == p.rank(cid)[0]
+
+
+async def test_dns_names_become_members_and_this_host_finds_itself() -> None:
+    client = PeerClient("n1", None, 1.0, 2.0)
+    m = Membership((), ("localhost:7460", "no-such-host.invalid:7460"), 10.0, client)
+    m.port = 7460
+    await m.refresh()
+    names = set(m.roster.members)
+    assert "127.0.0.1:7460" in names
+    assert m.roster.self_name in ("127.0.0.1:7460", "[::1]:7460")
+    assert client.name == m.roster.self_name
+    assert set(m.placement()) == names  # live until a request says otherwise, self included
+    # a name that stops resolving keeps its last answer rather than emptying the fleet
+    m.dns = ("no-such-host.invalid:7460",)
+    m._resolved["no-such-host.invalid:7460"] = {"10.9.9.9:7460"}
+    await m.refresh()
+    assert "10.9.9.9:7460" in m.roster.members
+    await client.close()

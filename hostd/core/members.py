@@ -55,7 +55,7 @@ class Member:
         out: dict[str, Any] = {
             "address": self.name,
             "state": self.state.value,
-            "since": round(self.since, 3),
+            "for_s": round(max(0.0, now - self.since), 3),  # seconds in this state
             "found_by": self.found_by,
             "strikes": self.strikes,
         }
@@ -196,6 +196,10 @@ class Roster:
         """It sent bytes that did not verify, or stalled: skip it for a while."""
         m = self.members.get(name)
         if m is None or m.state is State.SELF:
+            return
+        m.probed = True
+        if m.state is State.STRUCK and now < m.struck_until:
+            m.last_error = why  # the requests in flight when it went bad: one strike, not one each
             return
         if now - m.struck_at > STRIKE_MAX:
             m.strikes = 0  # an old strike is forgiven
