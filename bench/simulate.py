@@ -172,13 +172,16 @@ class SimClient(PeerClient):
         self.host = host
         self.name = host.name
 
-    async def chunk(self, name: str, chunk: Chunk, pull: bool) -> tuple[bytes, str]:
+    async def chunk(
+        self, name: str, chunk: Chunk, pull: bool, answered: asyncio.Event | None = None
+    ) -> tuple[memoryview, str]:
         peer = self.sim.hosts.get(name)
         await asyncio.sleep(self.sim.model.latency)
         if peer is None or not peer.up:
             raise PeerFailure("dead", f"peer {name}: Connection refused")
         self.stats.requests[("chunk", "sent")] += 1
-        return await peer.serve(chunk, pull, self.host.name)
+        data, how = await peer.serve(chunk, pull, self.host.name, answered)
+        return memoryview(data), how
 
     async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
         peer = self.sim.hosts.get(name)
@@ -257,7 +260,9 @@ class SimHost:
     def holds(self, cid: bytes) -> bool:
         return cid in self.store or self.buffer.peek(cid) is not None
 
-    async def serve(self, chunk: Chunk, pull: bool, asker: str) -> tuple[bytes, str]:
+    async def serve(
+        self, chunk: Chunk, pull: bool, asker: str, answered: asyncio.Event | None
+    ) -> tuple[bytes, str]:
         """What api_peer.chunk decides, over the model."""
         held = self.holds(chunk.id)
         if not held and not pull:
@@ -266,6 +271,8 @@ class SimHost:
         if (hint := await self.uploads.admit(chunk.id, asker, patience)) is not None:
             raise PeerFailure("busy", f"peer {self.name}: busy", hint)
         with self.uploads.taken():
+            if answered is not None:
+                answered.set()  # the status line goes out before a pull
             if not held:
                 try:
                     await self.pull.fetch(chunk, PULL_PRIORITY)

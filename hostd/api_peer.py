@@ -45,7 +45,7 @@ from hostd.cache import Cache, Verdict
 from hostd.core import manifest as mf
 from hostd.core import peerauth
 from hostd.core.ids import is_hex_id
-from hostd.errors import HostdError, UsageError
+from hostd.errors import HostdError, NotFound, UsageError
 from hostd.fileio import send_range
 from hostd.fill import Filler
 from hostd.peers import (
@@ -194,7 +194,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     try:
         if where is None and not pull:
             srv.stats.refused["missing"] += 1
-            raise web.HTTPNotFound(text=f"chunk {cid.hex()} is not held here")
+            raise NotFound(f"chunk {cid.hex()} is not held here")
         if (hint := await srv.uploads.admit(cid, asker, srv.patience)) is not None:
             srv.stats.refused["busy"] += 1
             return web.json_response(
@@ -206,7 +206,11 @@ async def chunk(request: web.Request) -> web.StreamResponse:
                 status=503,
             )
         with srv.uploads.taken():
-            resp, served = await _send(request, srv, want, where)
+            try:
+                resp, served = await _send(request, srv, want, where)
+            except ConnectionError:  # the asker hung up (a hedge it lost, a restore cancelled)
+                _cut(request)
+                return web.Response(status=499)  # never sent: the connection is gone
     finally:
         if isinstance(where, tuple):
             os.close(where[0])

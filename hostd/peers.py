@@ -307,8 +307,11 @@ class PeerClient:
         hint = [h for h in holders if isinstance(h, str)][:16] if isinstance(holders, list) else []
         return PeerFailure(kinds.get(resp.status, "failed"), f"peer {name}: {msg}", hint)
 
-    async def chunk(self, name: str, chunk: Chunk, pull: bool) -> tuple[bytes, str]:
-        """The chunk's raw bytes from peer `name`, verified; and how it served them."""
+    async def chunk(
+        self, name: str, chunk: Chunk, pull: bool, answered: asyncio.Event | None = None
+    ) -> tuple[memoryview, str]:
+        """The chunk's raw bytes from peer `name`, verified; and how it served them.
+        `answered` is set once the peer has said it will serve them (its status line)."""
         target = f"/v1/chunks/{chunk.id.hex()}?size={chunk.size}&codec={chunk.codec}"
         if pull:
             target += "&pull=1"
@@ -320,6 +323,8 @@ class PeerClient:
                 if resp.status != 200:
                     raise await self._refusal(name, resp)
                 how = resp.headers.get(SOURCE_HEADER, "held")
+                if answered is not None:
+                    answered.set()
                 if resp.content_length != chunk.size:
                     raise PeerFailure(
                         "corrupt",
@@ -344,37 +349,42 @@ class PeerClient:
 
     async def _body(
         self, name: str, resp: aiohttp.ClientResponse, chunk: Chunk, first_wait: float
-    ) -> bytes:
-        """Read exactly chunk.size bytes: no more is ever buffered. Each read must bring
-        bytes within `timeout` (the first within `first_wait` when the owner pulls through
-        from its origin, which may be slow: that is not a stalled peer)."""
+    ) -> memoryview:
+        """Read exactly chunk.size bytes into one buffer: no more is ever buffered. Each read
+        must bring bytes within `timeout` (the first within `first_wait` when the owner pulls
+        through from its origin, which may be slow: that is not a stalled peer). One deadline,
+        moved on at each read, rather than a timer per read."""
         buf = bytearray(chunk.size)
         got = 0
         wait = max(first_wait, self.timeout)
+        loop = asyncio.get_running_loop()
         try:
-            while got < chunk.size:
-                try:
-                    async with asyncio.timeout(wait):
-                        piece = await resp.content.readany()
-                except TimeoutError:
-                    kind = "stall" if got or not first_wait else "failed"
-                    raise PeerFailure(
-                        kind, f"peer {name} sent nothing for {wait:g} s ({got}/{chunk.size} bytes)"
-                    ) from None
-                if not piece:
-                    break
-                if got + len(piece) > chunk.size:
-                    raise PeerFailure("corrupt", f"peer {name} sent more than {chunk.size} bytes")
-                buf[got : got + len(piece)] = piece
-                got += len(piece)
-                wait = self.timeout
+            async with asyncio.timeout(wait) as deadline:
+                while got < chunk.size:
+                    piece = await resp.content.readany()
+                    if not piece:
+                        break
+                    if got + len(piece) > chunk.size:
+                        raise PeerFailure(
+                            "corrupt", f"peer {name} sent more than {chunk.size} bytes"
+                        )
+                    buf[got : got + len(piece)] = piece
+                    got += len(piece)
+                    deadline.reschedule(loop.time() + self.timeout)
+        except TimeoutError:
+            kind = "stall" if got or not first_wait else "failed"
+            raise PeerFailure(
+                kind,
+                f"peer {name} sent nothing for {wait if not got else self.timeout:g} s "
+                f"({got}/{chunk.size} bytes)",
+            ) from None
         except (aiohttp.ClientError, OSError) as e:
             raise PeerFailure(
                 "failed", f"peer {name} broke off chunk {chunk.id.hex()}: {_cause(e)}"
             ) from None
         if got != chunk.size:
             raise PeerFailure("failed", f"peer {name} closed after {got} of {chunk.size} bytes")
-        return bytes(buf)
+        return memoryview(buf)
 
     async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
         """Which of `cids` peer `name` holds."""
@@ -651,7 +661,7 @@ class PeerSource:
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
 
-    async def get(self, chunk: Chunk) -> bytes:
+    async def get(self, chunk: Chunk) -> memoryview:
         """The owner first, then holders; when every one of them was only busy, wait a little
         (jittered, doubling) and ask again: the holders multiply as the chunk spreads, and
         the origin is for when the peers cannot serve it, not for when they are busy."""
@@ -707,9 +717,11 @@ class PeerSource:
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
 
-    async def _fetch(self, name: str, chunk: Chunk, role: str) -> bytes:
+    async def _fetch(
+        self, name: str, chunk: Chunk, role: str, answered: asyncio.Event | None = None
+    ) -> memoryview:
         try:
-            data, how = await self.client.chunk(name, chunk, pull=role == "owner")
+            data, how = await self.client.chunk(name, chunk, role == "owner", answered)
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
@@ -718,15 +730,24 @@ class PeerSource:
         self.client.stats.bytes[(role, how)] += len(data)
         return data
 
-    async def _owner(self, owner: str, chunk: Chunk, tried: set[str]) -> bytes:
-        """Ask the owner; past `hedge_after`, race holders of the chunk against it, one at a
-        time, until one serves it. Every racer left is cancelled and awaited on every exit."""
-        first = asyncio.ensure_future(self._fetch(owner, chunk, "owner"))
-        racers: set[asyncio.Future[bytes]] = {first}
+    async def _owner(self, owner: str, chunk: Chunk, tried: set[str]) -> memoryview:
+        """Ask the owner. If it has not begun to answer within `hedge_after` (its status
+        line: an owner pulling from its origin answers at once, so a slow origin is not a slow
+        owner), race holders of the chunk against it, one at a time, until one serves it.
+        Every racer left is cancelled and awaited on every exit, its outcome retrieved."""
+        answered = asyncio.Event()
+        first = asyncio.ensure_future(self._fetch(owner, chunk, "owner", answered))
+        racers: set[asyncio.Future[memoryview]] = {first}
         failure: PeerFailure | None = None
         try:
-            done, _ = await asyncio.wait(racers, timeout=self.hedge_after)
-            if not done:
+            waiter = asyncio.ensure_future(answered.wait())
+            try:
+                await asyncio.wait(
+                    {first, waiter}, timeout=self.hedge_after, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+            if not first.done() and not answered.is_set():
                 holders = await self._holders(chunk, tried, [])
                 if holders and not first.done():
                     tried.add(holders[0])
@@ -734,17 +755,21 @@ class PeerSource:
                     racers.add(asyncio.ensure_future(self._fetch(holders[0], chunk, "holder")))
             while racers:
                 done, racers = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+                won: memoryview | None = None
                 for t in done:
-                    exc = t.exception()
+                    exc = t.exception()  # retrieved for every racer that ended
                     if exc is None:
-                        if t is not first:
-                            self.client.stats.hedges["won"] += 1
-                        return t.result()
-                    if isinstance(exc, PeerFailure):
+                        if won is None:
+                            won = t.result()
+                            if t is not first:
+                                self.client.stats.hedges["won"] += 1
+                    elif isinstance(exc, PeerFailure):
                         if t is first or failure is None:
                             failure = exc
                     else:
                         raise exc
+                if won is not None:
+                    return won
             assert failure is not None
             raise failure
         finally:
