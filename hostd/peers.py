@@ -510,7 +510,9 @@ class Membership:
             if p is None:
                 if len(self._placements) > 64:
                     self._placements.clear()
-                p = self._placements[key] = rendezvous.Placement(key)
+                old = self._placement[1] if self._placement is not None else None
+                p = old.derive(key) if old is not None else rendezvous.Placement(key)
+                self._placements[key] = p
             self._placement = (self.roster.version, p)
         return self._placement[1]
 
@@ -670,6 +672,7 @@ class PeerSource:
         hint: list[str] = []
         started = self.membership.clock()
         moves = 0
+        retried = False
         for attempt in itertools.count():
             busy = False
             owner = self.membership.owner(chunk.id)
@@ -690,6 +693,12 @@ class PeerSource:
                         # pulls it through once. Ask it, not the origin.
                         if self.membership.owner(chunk.id) not in (owner, None) and moves < 3:
                             moves += 1
+                            continue
+                        # It broke off (going away, or its pull failed): once more, which
+                        # either gets the chunk or finds it gone and moves the placement.
+                        if e.kind == "failed" and not retried:
+                            retried = True
+                            failed.discard(owner)
                             continue
             queue = await self._holders(chunk, skip, hint)
             tries = 0

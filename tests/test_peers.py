@@ -760,3 +760,17 @@ async def test_dns_names_become_members_and_this_host_finds_itself() -> None:
     await m.refresh()
     assert "10.9.9.9:7460" in m.roster.members
     await client.close()
+
+
+def test_a_derived_placement_places_as_a_fresh_one() -> None:
+    members = [f"10.0.0.{i}:1" for i in range(20)]
+    chunks = ids(300)
+    p = rendezvous.Placement(members)
+    for cid in chunks:
+        p.owner(cid)
+    fewer = [m for m in members if m not in ("10.0.0.3:1", "10.0.0.7:1")]
+    more = [*fewer, "10.0.1.1:1", "10.0.1.2:1"]
+    q = p.derive(fewer).derive(more)
+    for cid in chunks:
+        assert q.owner(cid) == rendezvous.owner(cid, more)
+    assert rendezvous.Placement([]).owner(chunks[0]) is None

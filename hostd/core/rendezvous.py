@@ -35,23 +35,29 @@ def owner(cid: bytes, members: Iterable[str]) -> str | None:
 
 class Placement:
     """Owners over one fixed set of members, remembered per chunk: a host asks for the owner
-    of every chunk it fetches, and the set changes far less often than that."""
+    of every chunk it fetches, and the set changes far less often than that. A placement
+    for a slightly different set is derived from this one (`derive`) without weighing every
+    member again: a member added takes a chunk only if it outweighs the chunk's owner, and a
+    member removed gives up only the chunks it owned."""
 
     def __init__(self, members: Iterable[str]) -> None:
         self.members = frozenset(members)
-        self._owners: dict[bytes, str | None] = {}
+        self._best: dict[bytes, tuple[str, int]] = {}  # chunk -> (owner, its weight)
         self._ranks: dict[bytes, list[str]] = {}
 
     def __repr__(self) -> str:
-        return f"Placement({len(self.members)} members, {len(self._owners)} chunks placed)"
+        return f"Placement({len(self.members)} members, {len(self._best)} chunks placed)"
 
     def owner(self, cid: bytes) -> str | None:
-        got = self._owners.get(cid, "")
-        if got == "":
-            if len(self._owners) >= 1 << 16:
-                self._owners.clear()
-            got = self._owners[cid] = owner(cid, self.members)
-        return got
+        got = self._best.get(cid)
+        if got is None:
+            if not self.members:
+                return None
+            if len(self._best) >= 1 << 16:
+                self._best.clear()
+            w, m = min((-weight(m, cid), m) for m in self.members)
+            got = self._best[cid] = (m, -w)
+        return got[0]
 
     def rank(self, cid: bytes) -> list[str]:
         """Every member, best first for `cid` (remembered, like owners)."""
@@ -61,3 +67,20 @@ class Placement:
                 self._ranks.clear()
             got = self._ranks[cid] = rank(cid, self.members)
         return got
+
+    def derive(self, members: Iterable[str]) -> Placement:
+        """The placement over `members`, reusing what this one knows."""
+        new = Placement(members)
+        added = new.members - self.members
+        removed = self.members - new.members
+        if len(added) > 8:
+            return new  # a new fleet, more or less: weigh afresh, lazily
+        for cid, (m, w) in self._best.items():
+            if m in removed:
+                continue  # placed again when asked
+            for a in added:
+                wa = weight(a, cid)
+                if (-wa, a) < (-w, m):
+                    m, w = a, wa
+            new._best[cid] = (m, w)
+        return new
