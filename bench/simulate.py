@@ -15,6 +15,10 @@ plus a one-way latency per request; the peer server's choice of what to serve (h
 through, busy) is the few lines of api_peer.chunk, written again here over the model. Bytes
 are not hashed (the real client verifies; nothing here can be corrupt).
 
+With --machine-cores and --cpu-per-gib, the hosts also share one machine's CPUs, each chunk
+received costing that much CPU: what the namespace bench (8 hosts on one 2-core machine)
+adds to the network, for comparing the two; a fleet's hosts each have their own.
+
 Time is virtual: an event loop whose clock jumps to the next timer when nothing is ready,
 so 1,000 hosts pulling a snapshot take seconds of CPU, and the same seed gives the same run.
 
@@ -127,6 +131,11 @@ class Model:
     churn: float = 0.0
     churn_at: float = 0.3  # when, as a share of the bound
     seed: int = 1
+    # Hosts sharing one machine's CPUs (the namespace bench: 8 hosts on 2 cores): each chunk
+    # a host receives costs `cpu_per_gib` CPU seconds per GiB (verify, write, serve it on),
+    # on `machine_cores` cores shared by all. 0: every host has CPU to spare (a fleet).
+    machine_cores: int = 0
+    cpu_per_gib: float = 0.0
 
     @property
     def bound(self) -> float:
@@ -292,6 +301,9 @@ class SimHost:
         async def worker() -> None:
             for n, c in it:
                 await self.fetcher.get(c, (0, n))
+                if self.sim.cpu is not None:
+                    async with self.sim.cpu:
+                        await asyncio.sleep(c.size / (1 << 30) * self.sim.model.cpu_per_gib)
                 self.store.add(c.id)
 
         async with asyncio.TaskGroup() as tg:
@@ -312,6 +324,7 @@ class Sim:
         self.hosts: dict[str, SimHost] = {}
         self.placements: dict[frozenset[str], rendezvous.Placement] = {}
         self.origin_chunks: Counter[bytes] = Counter()
+        self.cpu = asyncio.Semaphore(model.machine_cores) if model.machine_cores else None
         self.pulls = 0
         self._data: dict[int, bytes] = {}
 
@@ -419,6 +432,8 @@ def runs(args: argparse.Namespace) -> Iterator[Model]:
                 origin_rate=_rate(args.origin_rate),
                 churn=churn,
                 seed=args.seed,
+                machine_cores=args.machine_cores,
+                cpu_per_gib=args.cpu_per_gib,
             )
 
 
@@ -430,6 +445,8 @@ def main() -> int:
     p.add_argument("--host-rate", default="1gbit")
     p.add_argument("--churn", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--machine-cores", type=int, default=0, help="hosts share this many cores")
+    p.add_argument("--cpu-per-gib", type=float, default=0.0, help="CPU s per GiB received")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     results = []
