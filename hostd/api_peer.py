@@ -63,6 +63,10 @@ from hostd.peers import (
 
 log = logging.getLogger(__name__)
 
+# Where a verified copy of a chunk lies: a file and offset, or bytes in memory; None: nowhere.
+Where = tuple[Path, int] | bytes | memoryview | None
+Held = tuple[int, int] | bytes | memoryview | None  # the same, the file opened: (fd, offset)
+
 MAX_BODY = 80 * MAX_HAVE_IDS + 1024  # a `have` request
 
 
@@ -103,7 +107,7 @@ class PeerServer:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    async def locate(self, chunk: mf.Chunk) -> tuple[Path, int] | bytes | None:
+    async def locate(self, chunk: mf.Chunk) -> Where:
         """Where a verified copy of the chunk lies: (file, offset) or the buffer's bytes."""
         loc = self.cache.chunk_location(chunk.id)
         if loc is not None:
@@ -222,7 +226,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
 
 
 async def _send(
-    request: web.Request, srv: PeerServer, want: mf.Chunk, where: tuple[int, int] | bytes | None
+    request: web.Request, srv: PeerServer, want: mf.Chunk, where: Held
 ) -> tuple[web.StreamResponse, str]:
     """Answer 200 and the chunk's bytes: from `where`, or pulled from the origin first (the
     status and headers go out before the pull, so the asker can tell a slow origin from a
@@ -240,7 +244,7 @@ async def _send(
         send_headers()  # now: the asker's deadline is on the headers
     if where is None:
         try:
-            data = bytes(await srv.pull.fetch(want, PULL_PRIORITY))
+            data = await srv.pull.fetch(want, PULL_PRIORITY)
         except HostdError as e:
             log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)
             _cut(request)
@@ -249,10 +253,10 @@ async def _send(
     else:
         served = "file" if isinstance(where, tuple) else "buffer"
     with srv.uploads.sending():
-        if isinstance(where, bytes):
-            await resp.write(where)
-        else:
+        if isinstance(where, tuple):
             await _sendfile(request, srv, where[0], where[1], want.size)
+        else:
+            await resp.write(where)
         await resp.write_eof()
     return resp, served
 
@@ -263,7 +267,7 @@ def _cut(request: web.Request) -> None:
         request.transport.abort()
 
 
-async def _open_held(srv: PeerServer, want: mf.Chunk) -> tuple[int, int] | bytes | None:
+async def _open_held(srv: PeerServer, want: mf.Chunk) -> Held:
     """A verified copy of the chunk: an open (fd, offset), the buffer's bytes, or None. A
     file that went between the look and the open (evicted, or a partial blob completed) is
     looked for once more."""

@@ -102,27 +102,28 @@ class ChunkBuffer:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._chunks: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"ChunkBuffer({self.used}/{self.capacity}, chunks={len(self._chunks)})"
 
     def put(self, cid: bytes, data: bytes | memoryview) -> None:
+        """Keep `data` as it is, not a copy: a fetched chunk's buffer is never written again."""
         if cid in self._chunks or len(data) > self.capacity:
             return
-        self._chunks[cid] = bytes(data)
+        self._chunks[cid] = data
         self.used += len(data)
         while self.used > self.capacity:
             _, old = self._chunks.popitem(last=False)
             self.used -= len(old)
 
-    def peek(self, cid: bytes) -> bytes | None:
+    def peek(self, cid: bytes) -> bytes | memoryview | None:
         data = self._chunks.get(cid)
         if data is not None:
             self._chunks.move_to_end(cid)
         return data
 
-    async def get(self, chunk: Chunk) -> bytes:
+    async def get(self, chunk: Chunk) -> bytes | memoryview:
         data = self.peek(chunk.id)
         if data is None or len(data) != chunk.size:
             raise ChunkMissing(f"chunk {chunk.id.hex()} is not in the peer buffer")
