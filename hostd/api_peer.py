@@ -116,8 +116,8 @@ class PeerServer:
             if length == chunk.size and await self.cache.check(blob) is Verdict.INTACT:
                 return blob.path, offset
         written = self.filler.written(chunk.id)
-        if written is not None:
-            return written
+        if written is not None and written[2] == chunk.size:
+            return written[0], written[1]
         data = self.buffer.peek(chunk.id)
         return data if data is not None and len(data) == chunk.size else None
 
@@ -151,16 +151,19 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             "this peer API needs proof of the cluster secret ([peers] secret_file); "
             "the request had no Authorization header"
         )
-    body = await request.read() if request.can_read_body else b""
+    name = request.headers.get(NAME_HEADER, "")
     try:
+        t, _, _ = peerauth.parse(header)  # cheap checks before the body is read
+        peerauth.check_time(t, srv.clock())
+        body = await request.read() if request.can_read_body else b""
         node = peerauth.verify(
-            srv.secret, header, request.method, request.path_qs, srv.clock(), body
+            srv.secret, header, request.method, request.path_qs, srv.clock(), body, name=name
         )
     except peerauth.AuthError as e:
         srv.stats.refused["unauthorized"] += 1
         raise Unauthorized(str(e)) from None
     request[SENDER_KEY] = node
-    srv.membership.heard_from(request.headers.get(NAME_HEADER, ""), node)
+    srv.membership.heard_from(name, node)
     return await handler(request)
 
 
@@ -249,6 +252,9 @@ async def _send(
             log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)
             _cut(request)
             return resp, "failed"
+        if len(data) != want.size:  # cannot be: the flight is keyed by id, size and codec
+            _cut(request)
+            return resp, "failed"
         served, where = "pull", data
     else:
         served = "file" if isinstance(where, tuple) else "buffer"
@@ -306,11 +312,14 @@ async def _sendfile(request: web.Request, srv: PeerServer, fd: int, offset: int,
     job = asyncio.get_running_loop().run_in_executor(srv.pool, send)
     try:
         await asyncio.shield(job)
-    except BaseException:
+    except BaseException as e:
         stop.set()
         _cut(request)
-        with contextlib.suppress(BaseException):
-            await job  # the fd it reads is ours to close only after it stops
+        while not job.done():  # the fd it reads is ours to close only once it has stopped
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({job})
+        if isinstance(e, OSError | EOFError):  # a receiver gone or stalled, a file cut short
+            raise ConnectionResetError(f"sendfile stopped: {e}") from e
         raise
 
 
@@ -349,7 +358,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 def make_peer_app(server: PeerServer) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, authenticate], client_max_size=MAX_BODY)
     app[SERVER_KEY] = server
-    app.router.add_get("/v1/chunks/{id}", chunk)
+    app.router.add_get("/v1/chunks/{id}", chunk, allow_head=False)
     app.router.add_post("/v1/have", have)
-    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/health", health, allow_head=False)
     return app

@@ -90,7 +90,8 @@ class Fetcher:
         self.sources = list(sources)
         self.limiter = PriorityLimiter(concurrency)
         self.stats = FetchStats()
-        self._flights: dict[bytes, _Flight] = {}
+        self._flights: dict[Chunk, _Flight] = {}  # by id, size and codec: a flight asked
+        # with a wrong size (a peer's pull) must not fail the right one
 
     def __repr__(self) -> str:
         names = ",".join(s.name for s in self.sources)
@@ -101,13 +102,13 @@ class Fetcher:
         return len(self._flights)
 
     async def get(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
-        fl = self._flights.get(chunk.id)
+        fl = self._flights.get(chunk)
         # An abandoned flight stays registered until its cancellation has unwound: joining it
         # would raise CancelledError in a caller nobody cancelled. Start a new one instead.
         if fl is None or fl.abandoned:
             fl = _Flight(asyncio.create_task(self._load(chunk, priority)))
-            self._flights[chunk.id] = fl
-            fl.task.add_done_callback(functools.partial(self._landed, chunk.id, fl))
+            self._flights[chunk] = fl
+            fl.task.add_done_callback(functools.partial(self._landed, chunk, fl))
         else:
             self.stats.joins += 1
         fl.waiters += 1
@@ -119,9 +120,9 @@ class Fetcher:
                 fl.abandoned = True
                 fl.task.cancel()  # nobody wants it any more
 
-    def _landed(self, cid: bytes, fl: _Flight, _task: object) -> None:
-        if self._flights.get(cid) is fl:
-            del self._flights[cid]
+    def _landed(self, key: Chunk, fl: _Flight, _task: object) -> None:
+        if self._flights.get(key) is fl:
+            del self._flights[key]
 
     async def _load(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
         async with self.limiter.slot(priority):

@@ -56,9 +56,9 @@ class Filler:
         self._seq = itertools.count()
         # Chunks written (and verified) into partial blobs still filling: chunk id -> (the
         # partial file, offset). The peer server serves them from there.
-        self._written: dict[bytes, tuple[Path, int]] = {}
+        self._written: dict[bytes, tuple[Path, int, int]] = {}  # + the chunk's size
 
-    def written(self, cid: bytes) -> tuple[Path, int] | None:
+    def written(self, cid: bytes) -> tuple[Path, int, int] | None:
         """Where a verified chunk of a blob still filling lies, if one holds it."""
         return self._written.get(cid)
 
@@ -299,7 +299,7 @@ class Filler:
                     raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
                 await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
                 if not o.finishing:
-                    self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size)
+                    self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size, c.size)
                 progress.done_bytes += c.size
                 progress.by_source[src] += c.size
                 o.left -= 1

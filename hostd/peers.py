@@ -254,7 +254,7 @@ class PeerClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=32, ttl_dns_cache=10),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
@@ -271,7 +271,9 @@ class PeerClient:
             h[NAME_HEADER] = self.name
         if self.secret is not None:
             t = int(self.clock())
-            h["Authorization"] = peerauth.sign(self.secret, method, target, t, self.node, body)
+            h["Authorization"] = peerauth.sign(
+                self.secret, method, target, t, self.node, body, self.name
+            )
         return h
 
     async def _send(
@@ -432,9 +434,14 @@ class PeerClient:
     async def _small(self, name: str, resp: aiohttp.ClientResponse, cap: int) -> bytes:
         if resp.content_length is not None and resp.content_length > cap:
             raise PeerFailure("failed", f"peer {name} answered {resp.content_length} bytes")
+        raw = b""
         try:
             async with asyncio.timeout(self.timeout):
-                raw = await resp.content.read(cap + 1)
+                while len(raw) <= cap:  # read() returns what is there: loop to the end
+                    piece = await resp.content.read(cap + 1 - len(raw))
+                    if not piece:
+                        break
+                    raw += piece
         except TimeoutError:
             raise PeerFailure("stall", f"peer {name} stalled mid-answer") from None
         except (aiohttp.ClientError, OSError) as e:
@@ -533,7 +540,7 @@ class Membership:
                 infos = await asyncio.get_running_loop().getaddrinfo(
                     host.strip("[]"), int(port), type=socket.SOCK_STREAM
                 )
-            except OSError as e:
+            except (OSError, UnicodeError, ValueError) as e:
                 log.warning("peers: cannot resolve %s (%s); keeping its last answer", entry, e)
             else:
                 self._resolved[entry] = {_name(str(i[4][0]), int(port)) for i in infos}
@@ -597,7 +604,10 @@ class Membership:
         while True:
             now = self.clock()
             if now >= next_refresh:
-                await self.refresh()
+                try:
+                    await self.refresh()
+                except Exception:  # a supervision point: membership must outlive a bad round
+                    log.exception("peers: refreshing the member list failed; trying again")
                 next_refresh = now + self.dns_refresh
             due = self.roster.due(self.clock())
             for at in range(0, len(due), 64):  # 64 probes at a time
@@ -758,7 +768,15 @@ class PeerSource:
             finally:
                 waiter.cancel()
             if not first.done() and not answered.is_set():
-                holders = await self._holders(chunk, tried, [])
+                # Look for a holder while the owner goes on: it may answer meanwhile.
+                lookup = asyncio.ensure_future(self._holders(chunk, tried, []))
+                try:
+                    await asyncio.wait({first, lookup}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not lookup.done():
+                        lookup.cancel()
+                    await asyncio.gather(lookup, return_exceptions=True)
+                holders = lookup.result() if not lookup.cancelled() else []
                 if holders and not first.done():
                     tried.add(holders[0])
                     self.client.stats.hedges["started"] += 1

@@ -91,6 +91,7 @@ def test_a_signed_request_verifies_and_names_its_sender() -> None:
         ({"header": "hostd-hmac t=1000,node=n1,sig=" + "0" * 64}, "same secret"),
         ({"header": "Bearer x"}, "is not"),
         ({"header": None}, "is not"),  # the real header with a newline after it
+        ({"name": "10.0.0.9:7460"}, "same secret"),  # another X-Hostd-Name than was signed
     ],
 )
 def test_a_request_without_the_right_proof_is_refused(change: dict[str, Any], why: str) -> None:
@@ -102,6 +103,7 @@ def test_a_request_without_the_right_proof_is_refused(change: dict[str, Any], wh
         "target": "/v1/chunks/ab?size=1",
         "now": 1000.0,
         "body": b"",
+        "name": "",
     }
     args.update(change)
     if args["header"] is None:
@@ -114,6 +116,7 @@ def test_a_request_without_the_right_proof_is_refused(change: dict[str, Any], wh
             args["target"],
             args["now"],
             args["body"],
+            name=args["name"],
         )
 
 
@@ -614,6 +617,8 @@ def test_peer_api_answers_bad_requests_with_a_json_error(work: Path) -> None:
             got, body = peer_request(a, path)
             assert got == code, (path, got, body)
             assert set(body) == {"error", "message"}, body
+        got, body = peer_request(a, f"/v1/chunks/{good}?size=10", method="HEAD")
+        assert got == 405
         many = json.dumps({"ids": [good] * 5000}).encode()
         got, body = peer_request(a, "/v1/have", method="POST", body=many)
         assert got in (400, 413)
@@ -755,7 +760,7 @@ async def test_dns_names_become_members_and_this_host_finds_itself() -> None:
     assert client.name == m.roster.self_name
     assert set(m.placement()) == names  # live until a request says otherwise, self included
     # a name that stops resolving keeps its last answer rather than emptying the fleet
-    m.dns = ("no-such-host.invalid:7460",)
+    m.dns = ("no-such-host.invalid:7460", "a..b:7460")  # the second is not even a DNS name
     m._resolved["no-such-host.invalid:7460"] = {"10.9.9.9:7460"}
     await m.refresh()
     assert "10.9.9.9:7460" in m.roster.members

@@ -2,7 +2,8 @@
 
 A request carries `Authorization: hostd-hmac t=<unix seconds>,node=<sender node id>,
 sig=<hex>`, where sig is HMAC-SHA256(secret, "hostd-peer-v1\\n" METHOD "\\n" PATH?QUERY "\\n" t
-"\\n" node "\\n" hex(SHA-256(body))). A receiver accepts it only if the MAC matches and `t` is
+"\\n" node "\\n" name "\\n" hex(SHA-256(body))), name being the sender's X-Hostd-Name ("" if
+none). A receiver accepts it only if the MAC matches and `t` is
 within `MAX_SKEW` seconds of its own clock. This proves the sender holds the secret; it does
 not hide the bytes (the chunks are verified by their ids anyway) and a captured request can be
 replayed within the skew window, to read the same chunk again and nothing else.
@@ -27,14 +28,18 @@ class AuthError(Exception):
     """Why a request's proof was refused: the text goes back in the 401 answer."""
 
 
-def _message(method: str, target: str, t: int, node: str, body: bytes) -> bytes:
+def _message(method: str, target: str, t: int, node: str, body: bytes, name: str) -> bytes:
     digest = hashlib.sha256(body).hexdigest()
-    return f"hostd-peer-v1\n{method}\n{target}\n{t}\n{node}\n{digest}".encode()
+    return f"hostd-peer-v1\n{method}\n{target}\n{t}\n{node}\n{name}\n{digest}".encode()
 
 
-def sign(secret: bytes, method: str, target: str, t: int, node: str, body: bytes = b"") -> str:
-    """The Authorization header value for a request to `target` (path and query)."""
-    sig = hmac.new(secret, _message(method, target, t, node, body), hashlib.sha256).hexdigest()
+def sign(
+    secret: bytes, method: str, target: str, t: int, node: str, body: bytes = b"", name: str = ""
+) -> str:
+    """The Authorization header value for a request to `target` (path and query), from the
+    member `name` (its X-Hostd-Name, signed too: the server acts on it)."""
+    msg = _message(method, target, t, node, body, name)
+    sig = hmac.new(secret, msg, hashlib.sha256).hexdigest()
     return f"{SCHEME} t={t},node={node},sig={sig}"
 
 
@@ -62,11 +67,13 @@ def verify(
     now: float,
     body: bytes = b"",
     skew: float = MAX_SKEW,
+    name: str = "",
 ) -> str:
     """Check a request's proof; return the sender's node id, or raise AuthError."""
     t, node, sig = parse(header)
     check_time(t, now, skew)
-    want = hmac.new(secret, _message(method, target, t, node, body), hashlib.sha256).hexdigest()
+    msg = _message(method, target, t, node, body, name)
+    want = hmac.new(secret, msg, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(want, sig):
         raise AuthError("signature does not match: the hosts do not share the same secret")
     return node
