@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
-from test_e2e import sample, wait_for
+from test_e2e import promtool_check, sample, wait_for
 
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, STRIKE_BASE, Roster, State
@@ -395,6 +395,7 @@ def test_hosts_scaling_up_together_pull_each_chunk_from_the_origin_once(work: Pa
         from_peers = sum(o["bytes_by_source"].get("peer", 0) for o in outs)
         assert from_peers >= 2 * pub["bytes"]  # most of the fleet's bytes came from peers
         texts = [h.metrics() for h in fleet.hosts]
+        promtool_check(texts[0])  # the peer metrics pass Prometheus's own linter
         saved = sum(sample(t, "hostd_origin_saved_bytes_total") for t in texts)
         assert saved == from_peers
         served = sum(
