@@ -318,6 +318,14 @@ class Fleet:
         return Hostd(self.work / name, **kw, **config)
 
     def __enter__(self) -> Fleet:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()  # a host that started must not outlive a failed start
+            raise
+        return self
+
+    def _start(self) -> None:
         with ThreadPoolExecutor(len(self.hosts)) as ex:
             list(ex.map(lambda h: h.start(), self.hosts))
         # Hosts started together may probe each other before all are listening; each one's
@@ -329,7 +337,6 @@ class Fleet:
                 ),
                 f"{h.root.name} to see every host live",
             )
-        return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.hosts:
