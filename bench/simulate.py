@@ -395,7 +395,7 @@ class Sim:
             "completion_over_bound": round(max(stayed) / m.bound, 3),
             "max_upload_over_fair": round(max(peer_sent.values()) / fair, 2) if fair else 0.0,
             "pull_throughs": self.pulls,
-            "busy_waits": sum(h.client.stats.hedges["busy_wait"] for h in self.hosts.values()),
+            "busy_waits": sum(h.client.stats.busy_waits for h in self.hosts.values()),
             "hedges": sum(h.client.stats.hedges["started"] for h in self.hosts.values()),
             "left": len(left),
             "joined": len(joined),

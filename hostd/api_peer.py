@@ -118,8 +118,7 @@ class PeerServer:
         written = self.filler.written(chunk.id)
         if written is not None and written[2] == chunk.size:
             return written[0], written[1]
-        data = self.buffer.peek(chunk.id)
-        return data if data is not None and len(data) == chunk.size else None
+        return self.buffer.find(chunk)
 
     def holds(self, cid: bytes) -> bool:
         """Cheap: a hint for `have`, not checked further (the asker verifies what it gets)."""

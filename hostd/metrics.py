@@ -229,7 +229,7 @@ class PeerCollector(Collector):
         yield CounterMetricFamily(
             "hostd_peer_busy_waits",
             "Times every peer asked for a chunk answered busy, and this host waited to ask again.",
-            value=st.hedges["busy_wait"],
+            value=st.busy_waits,
         )
         served = CounterMetricFamily(
             "hostd_peer_served_chunks",

@@ -84,9 +84,10 @@ class PeerStats:
     bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
     strikes: Counter[str] = field(default_factory=Counter)  # reason
     hedges: Counter[str] = field(default_factory=Counter)  # started, won
-    served_chunks: Counter[str] = field(default_factory=Counter)  # how: blob, partial, ...
+    busy_waits: int = 0  # rounds waited because every peer asked was busy
+    served_chunks: Counter[str] = field(default_factory=Counter)  # source: file, buffer, pull
     served_bytes: Counter[str] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)  # unauthorized, busy, missing, bad
+    refused: Counter[str] = field(default_factory=Counter)  # unauthorized, busy, missing
 
 
 Observe = Callable[[str, str, float], None]  # (request kind, result, seconds)
@@ -123,9 +124,14 @@ class ChunkBuffer:
             self._chunks.move_to_end(cid)
         return data
 
-    async def get(self, chunk: Chunk) -> bytes | memoryview:
+    def find(self, chunk: Chunk) -> bytes | memoryview | None:
+        """The chunk's bytes if held, at the chunk's own size."""
         data = self.peek(chunk.id)
-        if data is None or len(data) != chunk.size:
+        return data if data is not None and len(data) == chunk.size else None
+
+    async def get(self, chunk: Chunk) -> bytes | memoryview:
+        data = self.find(chunk)
+        if data is None:
             raise ChunkMissing(f"chunk {chunk.id.hex()} is not in the peer buffer")
         return data
 
@@ -299,10 +305,8 @@ class PeerClient:
     async def _refusal(self, name: str, resp: aiohttp.ClientResponse) -> PeerFailure:
         """A non-200 answer as a PeerFailure (the body read with a small cap)."""
         try:
-            async with asyncio.timeout(self.timeout):
-                raw = await resp.content.read(HEALTH_BYTES)
-            doc = _json(raw)
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            doc = _json(await self._small(name, resp, HEALTH_BYTES))
+        except PeerFailure:
             doc = {}
         msg = str(doc.get("message", resp.reason or resp.status))[:300]
         kinds = {401: "rejected", 404: "missing", 409: "self", 503: "busy"}
@@ -318,9 +322,7 @@ class PeerClient:
         target = f"/v1/chunks/{chunk.id.hex()}?size={chunk.size}&codec={chunk.codec}"
         if pull:
             target += "&pull=1"
-        started = time.monotonic()
-        result = "error"
-        try:
+        with self._timed("chunk"):
             resp = await self._send(name, "GET", target)
             async with resp:
                 if resp.status != 200:
@@ -342,13 +344,7 @@ class PeerClient:
                     await asyncio.to_thread(codec.verify, chunk, data)
             except ChunkCorrupt as e:
                 raise PeerFailure("corrupt", f"peer {name}: {e.message}") from None
-            result = "ok"
             return data, how
-        except PeerFailure as e:
-            result = e.kind
-            raise
-        finally:
-            self._observed("chunk", result, time.monotonic() - started)
 
     async def _body(
         self, name: str, resp: aiohttp.ClientResponse, chunk: Chunk, first_wait: float
@@ -391,45 +387,28 @@ class PeerClient:
 
     async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
         """Which of `cids` peer `name` holds."""
-        started = time.monotonic()
-        result = "error"
         body = json.dumps({"ids": [c.hex() for c in cids[:MAX_HAVE_IDS]]}).encode()
-        try:
+        with self._timed("have"):
             resp = await self._send(name, "POST", "/v1/have", body)
             async with resp:
                 if resp.status != 200:
                     raise await self._refusal(name, resp)
                 raw = await self._small(name, resp, 80 * MAX_HAVE_IDS + 1024)
-            got = _json(raw).get("have")
-            asked = set(cids)
-            out = set()
-            for h in got if isinstance(got, list) else []:
-                if isinstance(h, str) and is_hex_id(h) and bytes.fromhex(h) in asked:
-                    out.add(bytes.fromhex(h))
-            result = "ok"
-            return out
-        except PeerFailure as e:
-            result = e.kind
-            raise
-        finally:
-            self._observed("have", result, time.monotonic() - started)
+        got = _json(raw).get("have")
+        said = (
+            {bytes.fromhex(h) for h in got if isinstance(h, str) and is_hex_id(h)}
+            if isinstance(got, list)
+            else set()
+        )
+        return said & set(cids)
 
     async def health(self, name: str) -> dict[str, Any]:
-        started = time.monotonic()
-        result = "error"
-        try:
+        with self._timed("health"):
             resp = await self._send(name, "GET", "/v1/health")
             async with resp:
                 if resp.status != 200:
                     raise await self._refusal(name, resp)
-                doc = _json(await self._small(name, resp, HEALTH_BYTES))
-            result = "ok"
-            return doc
-        except PeerFailure as e:
-            result = e.kind
-            raise
-        finally:
-            self._observed("health", result, time.monotonic() - started)
+                return _json(await self._small(name, resp, HEALTH_BYTES))
 
     async def _small(self, name: str, resp: aiohttp.ClientResponse, cap: int) -> bytes:
         if resp.content_length is not None and resp.content_length > cap:
@@ -450,10 +429,21 @@ class PeerClient:
             raise PeerFailure("failed", f"peer {name} answered more than {cap} bytes")
         return raw
 
-    def _observed(self, kind: str, result: str, seconds: float) -> None:
-        self.stats.requests[(kind, result)] += 1
-        if self.observe is not None:
-            self.observe(kind, result, seconds)
+    @contextlib.contextmanager
+    def _timed(self, kind: str) -> Iterator[None]:
+        """Count and time one request by its result: ok, the PeerFailure's kind, or error."""
+        started = time.monotonic()
+        result = "error"
+        try:
+            yield
+            result = "ok"
+        except PeerFailure as e:
+            result = e.kind
+            raise
+        finally:
+            self.stats.requests[(kind, result)] += 1
+            if self.observe is not None:
+                self.observe(kind, result, time.monotonic() - started)
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -729,7 +719,7 @@ class PeerSource:
                     queue[:0] = [h for h in e.holders if h not in skip and h not in queue]
             if not busy or self.membership.clock() - started > self.busy_wait:
                 break
-            self.client.stats.hedges["busy_wait"] += 1
+            self.client.stats.busy_waits += 1
             await asyncio.sleep(
                 min(BUSY_WAIT_MAX, BUSY_WAIT_BASE * 2**attempt) * self.rng.uniform(0.5, 1.5)
             )

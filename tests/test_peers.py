@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -436,29 +437,28 @@ def test_a_restore_from_a_fleet_that_holds_the_snapshot_reads_nothing_from_the_o
         assert sample(text, "hostd_peer_served_chunks_total", source="file") > 0
 
 
+class WrongBytes(BaseHTTPRequestHandler):
+    """A peer that answers every chunk with the size asked for, of wrong bytes, and its
+    health like a peer would."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            size = int(self.path.split("size=")[1].split("&")[0])
+            body = b"\xee" * size
+        else:
+            body = json.dumps({"node": "liar"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 def wrong_bytes_peer(port: int, stop: threading.Event) -> threading.Thread:
-    """A peer that answers every chunk request with well-formed, wrong bytes."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Liar(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/v1/chunks/"):
-                size = int(self.path.split("size=")[1].split("&")[0])
-                self.send_response(200)
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                self.wfile.write(b"\xee" * size)
-            else:
-                body = json.dumps({"node": "liar"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Liar)
+    """A WrongBytes peer on loopback until `stop` is set."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), WrongBytes)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
 

@@ -32,7 +32,7 @@ import pytest
 from harness import Hostd, iter_events, outcome, rmtree, short_tmp, tree_digest
 from netns import ORIGIN, Cluster, require_netns, serve_dir
 from test_e2e import sample
-from test_peers import key_file, member, status_peers
+from test_peers import WrongBytes, key_file, member, status_peers
 
 from hostd.core import rendezvous
 
@@ -252,25 +252,6 @@ def busy(h: Hostd) -> bool:
 
 
 # --- fake peers in a namespace -------------------------------------------------------------
-
-
-class WrongBytes(BaseHTTPRequestHandler):
-    """A peer that answers every chunk with the size asked for, of wrong bytes, and its
-    health like a peer would."""
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/v1/chunks/"):
-            size = int(self.path.split("size=")[1].split("&")[0])
-            body = b"\xee" * size
-        else:
-            body = json.dumps({"node": "x"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def listening(cluster: Cluster, name: str, port: int) -> socket.socket:
