@@ -1,6 +1,7 @@
 """The peer API: HTTP on a TCP port, for other hosts' hostd only.
 
     GET  /v1/chunks/<id>?size=N[&codec=C][&pull=1]   a chunk's raw bytes
+         (a pull of a packed chunk adds &pack=<id>&off=O&len=L&psize=S: where it lies)
     POST /v1/have   {"ids": [<id>, ...]}  ->  {"have": [<id>, ...]}
     GET  /v1/health ->  {"node", "name", "version", "time", "uploads", "waiting"}
 
@@ -184,6 +185,20 @@ def _query_int(request: web.Request, key: str, lo: int, hi: int, default: int | 
     return int(text)
 
 
+def _packed(request: web.Request, size: int) -> mf.Packed | None:
+    """Where a pull finds a packed chunk at the origin (format 2), as the asker's manifest
+    says. Only where to read: the bytes read are verified against the id like any others."""
+    pack = request.query.get("pack")
+    if pack is None:
+        return None
+    if not is_hex_id(pack):
+        raise UsageError("query parameter 'pack' must be a 64-hex pack id")
+    psize = _query_int(request, "psize", 1, 1 << 62, None)
+    off = _query_int(request, "off", 0, psize - 1, None)
+    length = _query_int(request, "len", 1, min(mf.max_stored_size(size), psize - off), None)
+    return mf.Packed(bytes.fromhex(pack), off, length, psize)
+
+
 async def chunk(request: web.Request) -> web.StreamResponse:
     srv = request.app[SERVER_KEY]
     cid = _chunk_id(request)
@@ -194,7 +209,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     pull = request.query.get("pull", "0") == "1"
     if request[SENDER_KEY] == srv.node:
         raise SelfRequest("this request came from this host itself")
-    want = mf.Chunk(cid, size, codec)
+    want = mf.Chunk(cid, size, codec, _packed(request, size) if pull else None)
     where = await _open_held(srv, want)
     asker = request.headers.get(NAME_HEADER, "")[:300]
     try:

@@ -284,12 +284,22 @@ class AsUser:
     def open_file(self, path: str, ident: Sequence[int], via: str | None) -> int:
         """A source file opened for reading with the caller's rights, checked to be the
         regular file the scan saw."""
-        _, fds = self.call("open", nfds=1, path=path, id=list(ident), via=via)
-        st = os.fstat(fds[0])
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(ident):
-            os.close(fds[0])  # a helper that lied: never read what it handed over
-            raise HostdError(f"hostd's helper handed over something else for {path!r}")
-        return fds[0]
+        return self.open_files([(path, ident, via)])[0]
+
+    def open_files(self, items: Sequence[tuple[str, Sequence[int], str | None]]) -> list[int]:
+        """`open_file` for a batch of (path, (dev, ino), via), in one round trip."""
+        _, fds = self.call("open", nfds=len(items), items=[[p, list(i), v] for p, i, v in items])
+        try:
+            for (path, ident, _), fd in zip(items, fds, strict=True):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(ident):
+                    # a helper that lied: never read what it handed over
+                    raise HostdError(f"hostd's helper handed over something else for {path!r}")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     # -- restore ---------------------------------------------------------------------------
     def target(self, path: str, replace: bool) -> TargetInfo:
@@ -306,7 +316,11 @@ class AsUser:
         reply, fds = self.call("begin", nfds=len(want), dirs=list(dirs), want=list(want))
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
-    def files(self, items: Sequence[tuple[str, int, int, str]], fds: Sequence[int]) -> None:
+    def files(
+        self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
+    ) -> None:
+        """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
+        takes the next of `fds` as its source."""
         self.call("files", fds, items=[list(i) for i in items])
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:

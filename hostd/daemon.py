@@ -271,7 +271,7 @@ class Peers:
         # The buffer is looked at again inside the flight: a pull for another host may have
         # landed while this host asked its holders (groupcache's re-check inside the load).
         self.pull = OriginPull(
-            Fetcher([self.buffer, OriginSource(origin)], config.fetch_concurrency),
+            Fetcher([self.buffer, OriginSource(origin, window=0)], config.fetch_concurrency),
             self.buffer,
             self.membership.owns,
         )

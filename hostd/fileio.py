@@ -112,3 +112,15 @@ def send_range(
             waited += 0.2
         if waited >= stall:
             raise TimeoutError(f"the receiver took nothing for {stall:g} s")
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Make everything written to the filesystem holding `path` durable: one syncfs(2) for a
+    batch of files instead of an fsync each (Python has no os.syncfs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)

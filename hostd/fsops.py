@@ -321,9 +321,20 @@ class Helper:
         return {"kind": "other", "type": _kind(st.st_mode)}
 
     def op_open(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        """A source file to read: opened O_PATH, checked to be the regular file the scan saw,
-        then reopened for reading, which checks the caller's read permission."""
-        rel, via = str(msg["path"]), msg.get("via")
+        """Source files to read, each opened O_PATH, checked to be the regular file the scan
+        saw, then reopened for reading, which checks the caller's read permission. A batch
+        per request: a tree of small files costs one round trip per batch, not per file."""
+        out: list[int] = []
+        try:
+            for rel, ident, via in msg["items"]:
+                out.append(self._open_source(str(rel), list(ident), via))
+        except BaseException:
+            for fd in out:
+                os.close(fd)
+            raise
+        return {"ok": True}, out
+
+    def _open_source(self, rel: str, ident: list[int], via: str | None) -> int:
         try:
             if via is None:
                 fd = openat2(self.src, rel, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
@@ -333,15 +344,14 @@ class Helper:
             raise Refused("changed", f"{rel!r} changed while it was published: {e.strerror}") from e
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or [st.st_dev, st.st_ino] != msg["id"]:
+            if not stat.S_ISREG(st.st_mode) or [st.st_dev, st.st_ino] != ident:
                 raise Refused("changed", f"{rel!r} changed while it was being published")
             try:
-                rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+                return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
             except PermissionError:
                 raise Refused("usage", f"cannot read {rel!r}: permission denied") from None
         finally:
             os.close(fd)
-        return {"ok": True}, [rfd]
 
     # -- restore: build the target ---------------------------------------------------------
     def op_target(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -447,11 +457,12 @@ class Helper:
         on a few threads (one copy stream leaves a disk's queue and a second core idle)."""
         jobs: list[Callable[[], None]] = []
         it = iter(fds)
-        for path, mode, size, kind in msg["items"]:
+        for path, mode, size, kind, mtime in msg["items"]:
             up, _, leaf = str(path).rpartition("/")
             dfd = self.dirs[up]
             src = next(it) if kind == "copy" else -1
-            jobs.append(_creator(dfd, leaf, int(mode), int(size), src, str(path)))
+            when = None if mtime is None else int(mtime)
+            jobs.append(_creator(dfd, leaf, int(mode), int(size), src, str(path), when))
         _run_all(jobs)
         return {"ok": True}, []
 
@@ -517,6 +528,7 @@ def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:
         "path": rel,
         "mode": st.st_mode & 0o777,
         "size": st.st_size,
+        "mtime": st.st_mtime_ns,
         "id": [st.st_dev, st.st_ino],
         "via": via,
     }
@@ -604,7 +616,9 @@ def _listdir(dfd: int, what: str) -> list[str]:
         raise Refused("usage", f"cannot read {what or '.'!r}: permission denied") from None
 
 
-def _creator(dfd: int, leaf: str, mode: int, size: int, src: int, path: str) -> Callable[[], None]:
+def _creator(
+    dfd: int, leaf: str, mode: int, size: int, src: int, path: str, mtime: int | None
+) -> Callable[[], None]:
     def make() -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -615,6 +629,8 @@ def _creator(dfd: int, leaf: str, mode: int, size: int, src: int, path: str) -> 
             if src >= 0:
                 copy_range(src, fd, size)
             os.fchmod(fd, mode)
+            if mtime is not None:  # the recorded mtime; the atime is set to it too
+                os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
 

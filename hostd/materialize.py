@@ -8,10 +8,13 @@ only where the caller could have made it. The daemon does one thing itself: it h
 read-only blobs (`link`: O(files)) into directories the helper made and handed over as
 descriptors (under fs.protected_hardlinks only the blob's owner may link it).
 
-A file is copied rather than linked when linking would show the wrong mode (only read-only
-files match a blob's 0444), when the blob is at the link limit (EMLINK), on another mount
-(EXDEV, bind mounts of one filesystem included), or when linking is not allowed for this
-caller (`link_ok`); an empty file is created.
+Every file gets the mtime its manifest records (format 2). A file is copied rather than
+linked when linking would show the wrong mode (only read-only files match a blob's 0444) or
+the wrong mtime (a linked file is the blob's inode, shared by every restore of it: it keeps
+the mtime of the file it was stored for, and is never re-timed with utimensat), when the blob
+is at the link limit (EMLINK), on another mount (EXDEV, bind mounts of one filesystem
+included), or when linking is not allowed for this caller (`link_ok`); an empty file is
+created.
 
 Runs in a worker thread (blocking I/O). A `threading.Event` lets the async caller stop it
 between batches; the helper then removes what it built and never renames.
@@ -19,6 +22,7 @@ between batches; the helper then removes what it built and never renames.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import posixpath
@@ -48,6 +52,7 @@ class Outcome:
     copied: int
     created: int
     linked_digests: frozenset[bytes] = field(default_factory=frozenset)
+    mtime_copies: int = 0  # copied, not linked, because the blob has another file's mtime
     old_tree_left: str | None = None
 
 
@@ -62,20 +67,21 @@ def materialize(
     cancel: threading.Event,
     on_file: Callable[[int], None] | None = None,
     lent: Callable[[bytes], bool] = lambda _: False,
+    blob_mtime: Callable[[bytes], int | None] = lambda _: None,
 ) -> Outcome:
     """Build `m` through `fs` (whose `target` was already resolved) and rename it in.
     `lent(digest)`: whether a caller that can write to that blob holds a link to it."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
-        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file, lent)
+        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file, lent, blob_mtime)
         if cancel.is_set():
             raise Cancelled()
         left = fs.commit(replace)
     except BaseException:
         fs.abandon()
         raise
-    return Outcome(out.linked, out.copied, out.created, out.linked_digests, left)
+    return dataclasses.replace(out, old_tree_left=left)
 
 
 def _dirs(m: mf.Manifest) -> list[str]:
@@ -100,13 +106,18 @@ def _build(
     cancel: threading.Event,
     on_file: Callable[[int], None] | None,
     lent: Callable[[bytes], bool],
+    blob_mtime: Callable[[bytes], int | None],
 ) -> Outcome:
     candidates: list[mf.FileEntry] = []
     copies: list[mf.FileEntry] = []
+    mtime_copies = 0
     for f in m.files:
         if not f.size:
             continue
         linkable = mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
+        if linkable and f.mtime is not None and blob_mtime(f.digest) != f.mtime:
+            linkable = False
+            mtime_copies += 1
         (candidates if linkable else copies).append(f)
     want = sorted({posixpath.dirname(f.path) for f in candidates})
     dev, dirfds = fs.begin(_dirs(m), want)
@@ -137,14 +148,16 @@ def _build(
             os.close(fd)
     empties = [f for f in m.files if not f.size]
     if empties:
-        fs.files([(f.path, f.mode, 0, "empty") for f in empties], [])
+        fs.files([(f.path, f.mode, 0, "empty", f.mtime) for f in empties], [])
         if on_file is not None:
             for _ in empties:
                 on_file(0)
     _copy_all(copies, fs, blob_path, cancel, on_file, lent)
     if m.symlinks:
         fs.symlinks((s.path, s.target) for s in m.symlinks)
-    return Outcome(n_linked, len(copies), len(empties), frozenset(linked))
+    return Outcome(
+        n_linked, len(copies), len(empties), frozenset(linked), mtime_copies=mtime_copies
+    )
 
 
 def _caller_dir(fd: int, uid: int) -> bool:
@@ -186,7 +199,7 @@ def _copy_all(
             watched = {
                 fd: (f, _state(fd)) for f, fd in zip(batch, fds, strict=True) if lent(f.digest)
             }
-            fs.files([(f.path, f.mode, f.size, "copy") for f in batch], fds)
+            fs.files([(f.path, f.mode, f.size, "copy", f.mtime) for f in batch], fds)
             for fd, (f, before) in watched.items():
                 if _state(fd) != before:
                     raise ChunkCorrupt(

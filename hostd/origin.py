@@ -13,8 +13,8 @@ without reading its body, and a server's body is streamed and dropped as soon as
 passes the cap, so one that states less than it sends cannot make us hold more (a file://
 read is bounded by the size of the file it opened).
 
-Layout under the URL's path prefix (docs/ARCHITECTURE.md, "Origin layout"):
-    chunks/<hex[0:2]>/<hex>          manifests/<snapshot-id>          refs/<ref>/<compat-digest>
+Layout under the URL's path prefix (docs/FORMAT.md section 6):
+    chunks/<hex[0:2]>/<hex>   packs/<hex[0:2]>/<hex>   manifests/<snapshot-id>   refs/<ref>/<compat>
 
 This module must not: decode or verify chunk bytes (callers check blake3 of the raw bytes;
 correctness never rests on the store), cache anything, let a foreign exception out, put
@@ -198,9 +198,10 @@ def classify(exc: BaseException) -> Failure:
         match = _STATUS_RE.search(text)
         if match:
             return _classify_status(int(match.group(1)), text)
-        if "builder error" in text or "(os error " in text:
-            # A client that cannot be built (http:// without allow_http) or a local
-            # filesystem error (EACCES, ENOSPC): the same request fails the same way.
+        if "builder error" in text or "(os error " in text or "range was invalid" in text:
+            # A client that cannot be built (http:// without allow_http), a local
+            # filesystem error (EACCES, ENOSPC) or a range past the end of a local object:
+            # the same request fails the same way.
             return Failure.PERMANENT
         if isinstance(exc, GenericError | JoinError):
             # No status means it never got an HTTP answer: connect, reset, DNS, body read.
@@ -415,6 +416,45 @@ class Origin:
     async def put_chunk(self, cid: bytes, data: bytes) -> None:
         await self._put("put chunk", _chunk_key(cid), data)
 
+    # -- packs: many chunks' stored bytes in one object (format 2) --------------------------
+
+    async def get_pack_range(self, pack: bytes, offset: int, length: int) -> memoryview:
+        """`length` bytes at `offset` of a pack: one ranged GET. The caller splits and
+        verifies the chunks in it. Fewer bytes than asked (a pack shorter than its manifest
+        says) is ChunkCorrupt; a missing pack is ChunkMissing."""
+        key = _pack_key(pack)
+
+        async def call() -> memoryview:
+            got = await obstore.get_range_async(self._store, key, start=offset, length=length)
+            return memoryview(got)
+
+        try:
+            data = await self._request("get pack range", key, call)
+        except _Missing:
+            raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
+        if len(data) != length:
+            raise ChunkCorrupt(
+                f"pack {pack.hex()} at origin {self._url}: asked for {length} bytes at {offset}, "
+                f"got {len(data)}"
+            )
+        self.stats.bytes_in += length
+        return data
+
+    async def has_pack(self, pack: bytes) -> bool:
+        key = _pack_key(pack)
+
+        async def call() -> None:
+            await obstore.head_async(self._store, key)
+
+        try:
+            await self._request("head pack", key, call)
+        except _Missing:
+            return False
+        return True
+
+    async def put_pack(self, pack: bytes, data: bytes) -> None:
+        await self._put("put pack", _pack_key(pack), data)
+
     # -- manifests ------------------------------------------------------------------------
 
     async def get_manifest(self, snapshot_id: str) -> bytes:
@@ -596,10 +636,18 @@ async def _read_capped(result: GetResult, cap: int) -> memoryview:
 
 
 def _chunk_key(cid: bytes) -> str:
-    if not isinstance(cid, bytes) or len(cid) != HASH_LEN:
-        raise UsageError(f"a chunk id is {HASH_LEN} bytes, got {cid!r}")
-    h = cid.hex()
-    return f"chunks/{h[:2]}/{h}"
+    return _object_key("chunks", cid, "chunk")
+
+
+def _pack_key(pack: bytes) -> str:
+    return _object_key("packs", pack, "pack")
+
+
+def _object_key(prefix: str, oid: bytes, what: str) -> str:
+    if not isinstance(oid, bytes) or len(oid) != HASH_LEN:
+        raise UsageError(f"a {what} id is {HASH_LEN} bytes, got {oid!r}")
+    h = oid.hex()
+    return f"{prefix}/{h[:2]}/{h}"
 
 
 def _ref_key(ref: str, compat_digest: str) -> str:

@@ -322,6 +322,8 @@ class PeerClient:
         target = f"/v1/chunks/{chunk.id.hex()}?size={chunk.size}&codec={chunk.codec}"
         if pull:
             target += "&pull=1"
+            if (p := chunk.packed) is not None:  # where the owner finds it at the origin
+                target += f"&pack={p.pack.hex()}&off={p.offset}&len={p.length}&psize={p.pack_size}"
         with self._timed("chunk"):
             resp = await self._send(name, "GET", target)
             async with resp:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import posixpath
 import threading
@@ -38,10 +39,13 @@ from hostd.caller import Caller
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
-from hostd.errors import ManifestError, UsageError, first_error
+from hostd.errors import ManifestError, OriginError, UsageError, first_error
+from hostd.fileio import syncfs
 from hostd.origin import Origin, validate_ref
 from hostd.restore import Progress
 from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
+
+log = logging.getLogger(__name__)
 
 INGEST_THREADS = 2
 
@@ -65,6 +69,7 @@ class SourceFile:
     size: int
     ident: tuple[int, int]  # (dev, ino) the scan saw: the file opened later must be it
     via: str | None = None  # a symlink's target outside the tree, in the caller's view
+    mtime: int = 0  # ns, as the scan saw it; the one recorded is taken when it is read
 
 
 @dataclass
@@ -92,7 +97,14 @@ def scan_tree(fs: AsUser, root: Path, storage: Storage) -> Tree:
 
 def _source(f: Mapping[str, Any]) -> SourceFile:
     d, i = f["id"]
-    return SourceFile(str(f["path"]), int(f["mode"]), int(f["size"]), (int(d), int(i)), f["via"])
+    return SourceFile(
+        str(f["path"]),
+        int(f["mode"]),
+        int(f["size"]),
+        (int(d), int(i)),
+        f["via"],
+        int(f["mtime"]),
+    )
 
 
 def _add_symlink(tree: Tree, rel: str, target: str, resolved: Mapping[str, Any]) -> None:
@@ -130,6 +142,19 @@ class Ingested:
     ids: list[tuple[bytes, int]]  # (chunk id, size), in file order
     codec: int  # what this file's chunks are offered to the origin as
     blob: BlobStat | None  # the blob stored in the tier (None: no tier had room)
+    mtime: int  # ns, of the bytes that were read
+
+
+@dataclass(frozen=True, slots=True)
+class SmallFile:
+    """A file of one chunk, read whole: its chunk goes into a pack."""
+
+    cid: bytes
+    size: int
+    codec: int  # what `stored` is
+    stored: bytes
+    mtime: int
+    blob: BlobStat | None
 
 
 Handoff = Callable[[mf.Chunk, bytes], None]
@@ -172,6 +197,7 @@ def ingest(
     fd = open_src()
     out = -1
     try:
+        before = os.fstat(fd)
         kind = decide_codec(fd, size, chunk_size, compress, min_saving)
         if scratch is not None:
             out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -189,16 +215,18 @@ def ingest(
             if out >= 0:
                 pwrite_all(out, view, off)
             handoff(mf.Chunk(cid, n, kind), bytes(view))
-        if os.fstat(fd).st_size != size:
-            raise UsageError(f"{src!r} changed size while it was being published")
+        after = os.fstat(fd)
+        if after.st_size != size or after.st_mtime_ns != before.st_mtime_ns:
+            raise UsageError(f"{src!r} changed while it was being published")
         blob = None
         if out >= 0 and tier is not None and scratch is not None:
+            os.utime(out, ns=(after.st_mtime_ns, after.st_mtime_ns))
             os.fsync(out)
             os.fchmod(out, BLOB_MODE)
             os.close(out)
             out = -1
             blob = tier.install(scratch, file_digest(ids))
-        return Ingested(ids, kind, blob)
+        return Ingested(ids, kind, blob, after.st_mtime_ns)
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(OSError):
@@ -208,6 +236,65 @@ def ingest(
         os.close(fd)
         if out >= 0:
             os.close(out)
+
+
+def ingest_small(
+    fds: Sequence[int],
+    files: Sequence[SourceFile],
+    *,
+    tier: Tier | None,
+    compress: str,
+    min_saving: float,
+) -> list[SmallFile]:
+    """Read a batch of one-chunk files whole (blocking): hash each, choose its codec from
+    the whole chunk, and store its blob in `tier` with the file's mtime. The blobs are made
+    durable together by one syncfs before they are returned (and so before they are
+    recorded): one sync per batch, not an fsync per file. Closes `fds`."""
+    out: list[SmallFile] = []
+    scratch_base = f"publish-{os.getpid()}-{threading.get_ident()}"
+    try:
+        for i, (f, fd) in enumerate(zip(files, fds, strict=True)):
+            before = os.fstat(fd)
+            try:
+                data = pread_exact(fd, f.size, 0)
+            except EOFError as e:
+                raise UsageError(f"{f.path!r} shrank while it was being published") from e
+            after = os.fstat(fd)
+            if after.st_size != f.size or after.st_mtime_ns != before.st_mtime_ns:
+                raise UsageError(f"{f.path!r} changed while it was being published")
+            cid = blake3.blake3(data).digest()
+            kind, stored = mf.CODEC_RAW, data
+            if compress != "never":
+                kind, chosen = codec.choose(data, codec.compress(data), min_saving)
+                stored = bytes(chosen)
+            blob = None
+            if tier is not None:
+                blob = _store_small(tier, tier.tmp_dir / f"{scratch_base}-{i}", cid, data, after)
+            out.append(SmallFile(cid, f.size, kind, stored, after.st_mtime_ns, blob))
+        if tier is not None and out:
+            syncfs(tier.blobs_dir)
+        return out
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _store_small(
+    tier: Tier, scratch: Path, cid: bytes, data: bytes, st: os.stat_result
+) -> BlobStat:
+    try:
+        out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            pwrite_all(out, data, 0)
+            os.utime(out, ns=(st.st_mtime_ns, st.st_mtime_ns))
+            os.fchmod(out, BLOB_MODE)
+        finally:
+            os.close(out)
+        return tier.install(scratch, file_digest([(cid, len(data))]))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise tier_error(tier.name, scratch, e, "storing a published blob") from e
 
 
 class Publisher:
@@ -271,7 +358,8 @@ class Publisher:
         progress.total_files = len(tree.files)
         progress.fill.total_bytes = sum(f.size for f in tree.files)
         facts = compat.publish_facts(req.facts, self.compat_facts, req.compat)
-        run = _Run(self, fs, cs, progress)
+        digest = compat_digest(facts)
+        run = _Run(self, fs, cs, progress, await self._known(req.ref, digest))
         entries = await run.all(tree.files)
         t1 = self.clock()
         m = mf.build(
@@ -284,7 +372,6 @@ class Publisher:
         )
         progress.phase = "upload"
         await self.origin.put_manifest(m.snapshot_id, m.encoded)
-        digest = compat_digest(facts)
         await self.origin.put_ref(req.ref, digest, m.snapshot_id)
         self.cache.record_snapshot(m)
         self.cache.index.put_ref(req.ref, digest, m.snapshot_id, time.time())
@@ -300,28 +387,79 @@ class Publisher:
             "new_chunks": run.new_chunks,
             "compressed_chunks": run.compressed,
             "stored_bytes": run.stored_bytes,
+            "packs": run.packs,
             "cached": run.cached,
             "timings": {"hash": t1 - t0, "commit": t2 - t1, "total": t2 - t0},
         }
 
+    async def _known(self, ref: str, digest: str) -> dict[bytes, mf.Chunk]:
+        """The chunks the ref's current snapshot (under the same compat key) already stored
+        at the origin, by id: a republished tree's unchanged files point at them where they
+        are (in their packs) instead of being stored again. Empty when there is none, or it
+        cannot be read: then everything is stored anew, which is only slower."""
+        try:
+            sid = await self.origin.get_ref(ref, digest)
+            if sid is None:
+                return {}
+            local = self.cache.snapshot(sid)
+            if local is not None:
+                m = local.manifest
+            else:
+                m = await asyncio.to_thread(mf.decode, await self.origin.get_manifest(sid))
+                if m.snapshot_id != sid:
+                    return {}
+        except (OriginError, ManifestError) as e:
+            log.warning("publish %s: not reusing the previous snapshot's chunks: %s", ref, e)
+            return {}
+        return {c.id: c for f in m.files for c in f.chunks}
+
+
+# Small files are read, hashed and stored in batches of this many files or bytes: one round
+# trip to the caller's helper and one thread hop per batch, one syncfs per batch.
+SMALL_BATCH_FILES = 128
+SMALL_BATCH_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _PackUpload:
+    pack: bytes
+    data: bytes
+
 
 class _Run:
-    """One publish: files ingested one after another on the ingest pool, their chunks handed
-    through a bounded queue to upload workers. The queue bounds the memory a publish holds."""
+    """One publish: files ingested on the ingest pool, large ones one by one (their chunks
+    handed through a bounded queue to upload workers), small ones (one chunk, smaller than
+    the chunk size) in batches whose chunks are packed together into pack objects of up to
+    a chunk's size, in path order, so a restore reads a pack's neighbours with one ranged
+    GET. The queue bounds the memory a publish holds."""
 
-    def __init__(self, p: Publisher, fs: AsUser, chunk_size: int, progress: Progress) -> None:
+    def __init__(
+        self,
+        p: Publisher,
+        fs: AsUser,
+        chunk_size: int,
+        progress: Progress,
+        known: dict[bytes, mf.Chunk],
+    ) -> None:
         self.p = p
         self.fs = fs
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | None] = asyncio.Queue(
+        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | _PackUpload | None] = asyncio.Queue(
             maxsize=2 * p.upload_concurrency
         )
         self.seen: set[bytes] = set()
+        # Where each chunk is at the origin: the previous snapshot's, then this run's own.
+        self.placed: dict[bytes, mf.Chunk] = dict(known)
+        self.pack_parts: list[bytes] = []
+        self.pack_bytes = 0
+        # the chunks of the pack being filled: id -> (size, codec, offset, stored length)
+        self.filling: dict[bytes, tuple[int, int, int, int]] = {}
         self.new_chunks = 0
         self.compressed = 0
         self.stored_bytes = 0
+        self.packs = 0
         self.cached = 0
         self.cancel = threading.Event()
 
@@ -332,16 +470,46 @@ class _Run:
                 workers = [
                     tg.create_task(self.uploader()) for _ in range(self.p.upload_concurrency)
                 ]
-                # INGEST_THREADS files at once: with many small files, one at a time would
-                # leave the ingest thread idle for a loop round trip between files.
+                # INGEST_THREADS jobs at once: one at a time would leave the ingest thread
+                # idle for a loop round trip between them.
                 slots = asyncio.Semaphore(INGEST_THREADS)
 
-                async def one(f: SourceFile) -> mf.FileEntry:
+                async def one(f: SourceFile) -> list[SmallFile] | mf.FileEntry:
                     async with slots:
                         return await self.file(f)
 
-                jobs = [tg.create_task(one(f)) for f in files]
-                out = [await j for j in jobs]
+                async def batch(fs_: list[SourceFile]) -> list[SmallFile] | mf.FileEntry:
+                    async with slots:
+                        return await self.small(fs_)
+
+                jobs: list[tuple[list[SourceFile], asyncio.Task[Any]]] = []
+                pending: list[SourceFile] = []
+                size = 0
+                for f in files:
+                    if not 0 < f.size < self.cs:
+                        jobs.append(([f], tg.create_task(one(f))))
+                        continue
+                    pending.append(f)
+                    size += f.size
+                    if len(pending) >= SMALL_BATCH_FILES or size >= SMALL_BATCH_BYTES:
+                        jobs.append((pending, tg.create_task(batch(pending))))
+                        pending, size = [], 0
+                if pending:
+                    jobs.append((pending, tg.create_task(batch(pending))))
+                # Packs are filled in the tree's order, whatever order the batches end in.
+                smalls: list[tuple[SourceFile, SmallFile]] = []
+                for srcs, job in jobs:
+                    got = await job
+                    if isinstance(got, mf.FileEntry):
+                        out.append(got)
+                        continue
+                    for f, sf in zip(srcs, got, strict=True):
+                        await self.place(sf)
+                        smalls.append((f, sf))
+                await self.seal()
+                for f, sf in smalls:
+                    c = self.placed[sf.cid]
+                    out.append(mf.FileEntry(f.path, f.mode, f.size, (c,), sf.mtime))
                 for _ in workers:
                     await self.queue.put(None)
         except BaseException as exc:
@@ -352,23 +520,69 @@ class _Run:
             raise
         return out
 
-    def handoff(self, chunk: mf.Chunk, data: bytes) -> None:
-        """Called on the ingest thread: queue a chunk for upload, waiting while the queue is
-        full (backpressure), and giving up when the publish is cancelled."""
-        fut = asyncio.run_coroutine_threadsafe(self.queue.put((chunk, data)), self.loop)
-        while True:
-            try:
-                fut.result(timeout=0.1)
-                return
-            except FutureTimeout:
-                if self.cancel.is_set():
-                    fut.cancel()
-                    raise Stopped() from None
+    async def small(self, files: list[SourceFile]) -> list[SmallFile]:
+        total = sum(f.size for f in files)
+        tier = await self.p.cache.reserve(total, self.p.cache.tiers)
+        try:
+            fds = await self.loop.run_in_executor(
+                self.p.ingest_pool,
+                self.fs.open_files,
+                [(f.path, f.ident, f.via) for f in files],
+            )
+            got = await self.loop.run_in_executor(
+                self.p.ingest_pool,
+                functools.partial(
+                    ingest_small,
+                    fds,
+                    files,
+                    tier=tier,
+                    compress=self.p.compress,
+                    min_saving=self.p.min_saving,
+                ),
+            )
+        except OSError as e:
+            raise UsageError(f"cannot read {files[0].path!r} and others: {e.strerror}") from e
+        finally:
+            if tier is not None:
+                self.p.cache.unreserve(tier, total)
+        for sf in got:
+            if tier is not None and sf.blob is not None:
+                self.p.cache.adopt(tier, sf.blob, self.cs)
+                self.cached += 1
+        self.progress.done_files += len(files)
+        self.progress.fill.done_bytes += total
+        return got
+
+    async def place(self, sf: SmallFile) -> None:
+        """Put a small file's chunk into the pack being filled, unless the origin has it or
+        will (the previous snapshot's, or an earlier file of this tree with equal bytes)."""
+        if sf.cid in self.placed or sf.cid in self.filling:
+            return
+        if self.pack_parts and self.pack_bytes + len(sf.stored) > self.cs:
+            await self.seal()
+        self.filling[sf.cid] = (sf.size, sf.codec, self.pack_bytes, len(sf.stored))
+        self.pack_parts.append(sf.stored)
+        self.pack_bytes += len(sf.stored)
+        self.new_chunks += 1
+        self.stored_bytes += len(sf.stored)
+        self.compressed += sf.codec == mf.CODEC_ZSTD
+
+    async def seal(self) -> None:
+        """Close the pack being filled: name it by its content and queue its upload."""
+        if not self.pack_parts:
+            return
+        data = b"".join(self.pack_parts)
+        pack = blake3.blake3(data).digest()
+        for cid, (size, kind, offset, length) in self.filling.items():
+            self.placed[cid] = mf.Chunk(cid, size, kind, mf.Packed(pack, offset, length, len(data)))
+        self.pack_parts, self.pack_bytes, self.filling = [], 0, {}
+        self.packs += 1
+        await self.queue.put(_PackUpload(pack, data))
 
     async def file(self, f: SourceFile) -> mf.FileEntry:
         if f.size == 0:
             self.progress.done_files += 1
-            return mf.FileEntry(f.path, f.mode, 0, ())
+            return mf.FileEntry(f.path, f.mode, 0, (), f.mtime)
         tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
         scratch = tier.tmp_dir / f"publish-{os.getpid()}-{id(f)}" if tier else None
         try:
@@ -400,15 +614,34 @@ class _Run:
         self.progress.done_files += 1
         self.progress.fill.done_bytes += f.size
         chunks = tuple(mf.Chunk(cid, n, got.codec) for cid, n in got.ids)
-        return mf.FileEntry(f.path, f.mode, f.size, chunks)
+        return mf.FileEntry(f.path, f.mode, f.size, chunks, got.mtime)
+
+    def handoff(self, chunk: mf.Chunk, data: bytes) -> None:
+        """Called on the ingest thread: queue a chunk for upload, waiting while the queue is
+        full (backpressure), and giving up when the publish is cancelled."""
+        fut = asyncio.run_coroutine_threadsafe(self.queue.put((chunk, data)), self.loop)
+        while True:
+            try:
+                fut.result(timeout=0.1)
+                return
+            except FutureTimeout:
+                if self.cancel.is_set():
+                    fut.cancel()
+                    raise Stopped() from None
 
     async def uploader(self) -> None:
         while (item := await self.queue.get()) is not None:
+            if isinstance(item, _PackUpload):
+                # Named by its content: an upload that finds it there already is harmless,
+                # and asking first would cost a request per pack.
+                await self.p.origin.put_pack(item.pack, item.data)
+                continue
             c, data = item
             if c.id in self.seen:
                 continue
             self.seen.add(c.id)
-            if await self.p.origin.has_chunk(c.id):
+            known = self.placed.get(c.id)
+            if (known is not None and known.packed is None) or await self.p.origin.has_chunk(c.id):
                 continue
             stored: bytes = data
             if c.codec == mf.CODEC_ZSTD:

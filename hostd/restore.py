@@ -77,8 +77,7 @@ class Resolver:
         validate_ref(ref)
         host = compat.host_facts(self.compat_facts, given)
         digests = [
-            compat_digest({k: host.get(k, compat.UNKNOWN) for k in keys})
-            for keys in compat.candidate_keys(self.compat_facts, given)
+            compat_digest(facts) for facts in compat.lookup_digests(self.compat_facts, given, host)
         ]
         try:
             sid = await self._lookup(ref, digests, host)
@@ -229,6 +228,7 @@ class Restorer:
             "mode": req.mode,
             "linked": outcome.linked,
             "copied": outcome.copied,
+            "copied_for_mtime": outcome.mtime_copies,
             "stale_ref": f.resolved.stale,
             "timings": _timings(f.t0, f.t1, f.t2, t3),
             "bytes_by_source": _by_source(progress.fill, self.cache),
@@ -258,6 +258,7 @@ class Restorer:
                 cancel=cancel,
                 on_file=counted,
                 lent=lambda d: f.where[d].lent,
+                blob_mtime=lambda d: f.where[d].mtime_ns,
             )
         )
         try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from typing import Protocol
 
 from hostd.cache import Cache, Verdict
 from hostd.core import codec
-from hostd.core.manifest import Chunk
+from hostd.core.manifest import Chunk, Packed
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.origin import Origin
 from hostd.tier import pread_exact
@@ -81,24 +82,82 @@ def _read_verified(path: str, offset: int, chunk: Chunk) -> bytes:
     return data
 
 
+# A packed chunk is read with the window of its pack around it: one ranged GET brings the
+# neighbours a restore asks for next (publish packs a tree's small files in path order, the
+# order a restore fills them), so a cold restore costs about (bytes / window) requests, not
+# one per file. Publish writes packs no larger than a chunk, so a window is a whole pack.
+PACK_WINDOW = 8 * 1024 * 1024
+# Windows kept for the chunks still to be asked of them; least recently used go first.
+PACK_BUFFER = 64 * 1024 * 1024
+
+
 class OriginSource:
-    """The origin: the last resort, always asked last."""
+    """The origin: the last resort, always asked last.
+
+    `window` = 0 reads each packed chunk's own byte range: an owner's pull-through for its
+    peers, whose neighbours in the pack belong to other owners (reading the window there
+    would multiply the fleet's egress by the hosts sharing it)."""
 
     name = "origin"
 
-    def __init__(self, origin: Origin) -> None:
+    def __init__(
+        self, origin: Origin, *, window: int = PACK_WINDOW, buffer: int = PACK_BUFFER
+    ) -> None:
         self.origin = origin
+        self.window = window
+        self.buffer = buffer
+        self._windows: OrderedDict[tuple[bytes, int], memoryview] = OrderedDict()
+        self._held = 0
+        self._loading: dict[tuple[bytes, int], asyncio.Task[memoryview]] = {}
 
     def __repr__(self) -> str:
-        return f"OriginSource({self.origin.url})"
+        return f"OriginSource({self.origin.url}, window={self.window})"
 
     async def get(self, chunk: Chunk) -> bytes | memoryview:
-        # The object may be raw or zstd whatever the manifest says, so the cap admits both;
-        # a larger one is ChunkCorrupt from get_chunk, refused before it is buffered.
-        stored = await self.origin.get_chunk(chunk.id, codec.max_stored_size(chunk.size))
+        if chunk.packed is not None:
+            stored = await self._packed(chunk.packed)
+        else:
+            # The object may be raw or zstd whatever the manifest says, so the cap admits
+            # both; a larger one is ChunkCorrupt from get_chunk, refused before it is buffered.
+            stored = await self.origin.get_chunk(chunk.id, codec.max_stored_size(chunk.size))
         try:
             if chunk.size <= INLINE_VERIFY and len(stored) <= INLINE_VERIFY:
                 return codec.decode(chunk, stored)  # ~20 us: cheaper than a thread hop
             return await asyncio.to_thread(codec.decode, chunk, stored)
         except ChunkCorrupt as e:
             raise ChunkCorrupt(f"{e.message} (from origin {self.origin.url})") from e
+
+    async def _packed(self, p: Packed) -> memoryview:
+        """A packed chunk's stored bytes, from its pack window (read once, shared by every
+        chunk asked of it while it is buffered) or, where it crosses a window's edge or
+        windows are off, from a ranged GET of its own bytes."""
+        w = p.offset // self.window if self.window else -1
+        start = w * self.window
+        end = min(start + self.window, p.pack_size)
+        if w < 0 or p.offset + p.length > end:
+            return await self.origin.get_pack_range(p.pack, p.offset, p.length)
+        key = (p.pack, w)
+        data = self._windows.get(key)
+        if data is not None:
+            self._windows.move_to_end(key)
+        else:
+            task = self._loading.get(key)
+            if task is None:
+                task = asyncio.create_task(self._load(key, start, end - start))
+                self._loading[key] = task
+            # Shielded: other chunks wait on the same window; a read this caller gives up on
+            # still lands in the buffer for them (one GET of a few MiB, bounded by timeout).
+            data = await asyncio.shield(task)
+        return data[p.offset - start : p.offset - start + p.length]
+
+    async def _load(self, key: tuple[bytes, int], start: int, length: int) -> memoryview:
+        try:
+            data = await self.origin.get_pack_range(key[0], start, length)
+        finally:
+            del self._loading[key]
+        self._windows[key] = data
+        self._held += len(data)
+        while self._held > self.buffer and len(self._windows) > 1:
+            _, old = self._windows.popitem(last=False)
+            self._held -= len(old)
+        return data

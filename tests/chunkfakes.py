@@ -32,12 +32,18 @@ def pattern(seed: str, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def file_entry(path: str, data: bytes, chunk_size: int, mode: int = 0o644) -> FileEntry:
+# The mtime test entries record: a fixed, recognisable moment (2023-11-14 22:13:20 UTC).
+MTIME = 1_700_000_000_123_456_789
+
+
+def file_entry(
+    path: str, data: bytes, chunk_size: int, mode: int = 0o644, mtime: int = MTIME
+) -> FileEntry:
     chunks = tuple(
         Chunk(chunk_id(data[o : o + chunk_size]), len(data[o : o + chunk_size]))
         for o in range(0, len(data), chunk_size)
     )
-    return FileEntry(path, mode, len(data), chunks)
+    return FileEntry(path, mode, len(data), chunks, mtime)
 
 
 class FakeSource:

@@ -261,7 +261,8 @@ def make_tree(root: Path, *, seed: int = 1, big: int = 3 * 1024 * 1024 + 17) -> 
 
 
 def tree_digest(root: Path) -> dict[str, Any]:
-    """What a user compares between two trees: kinds, bytes, exec bits, symlink targets."""
+    """What a user compares between two trees: kinds, bytes, exec bits, mtimes (to the
+    nanosecond: mtime-based caches, make and .pyc files compare them), symlink targets."""
     out: dict[str, Any] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -272,7 +273,8 @@ def tree_digest(root: Path) -> dict[str, Any]:
             elif p.is_dir():
                 out[rel] = ("dir",)
             else:
-                out[rel] = ("file", p.read_bytes(), bool(p.stat().st_mode & 0o111))
+                st = p.stat()
+                out[rel] = ("file", p.read_bytes(), bool(st.st_mode & 0o111), st.st_mtime_ns)
     return out
 
 

@@ -26,13 +26,13 @@ def test_host_facts_unknown_are_none_format_and_arch_known() -> None:
         "arch": "x86_64",
         "cuda": "none",
         "driver_major": "none",
-        "format": "1",
+        "format": "2",
         "gpu_model": "none",
     }
-    assert compat.host_facts(["format"], {}) == {"format": "1"}
+    assert compat.host_facts(["format"], {}) == {"format": "2"}
     # format is a fact of every host, named or not: every snapshot is published under it.
-    assert compat.host_facts([], {}) == {"format": "1"}
-    assert compat.host_facts(["gpu_model"], {}) == {"format": "1", "gpu_model": "none"}
+    assert compat.host_facts([], {}) == {"format": "2"}
+    assert compat.host_facts(["gpu_model"], {}) == {"format": "2", "gpu_model": "none"}
 
 
 @pytest.mark.usefixtures("x86")
@@ -43,7 +43,7 @@ def test_client_values_override_and_are_kept() -> None:
         "arch": "riscv64",
         "cuda": "none",
         "driver_major": "none",
-        "format": "1",
+        "format": "2",
         "gpu_model": "H100",
         "image": "sha256:abc",  # a fact only the client knows is part of the host's facts
     }
@@ -65,7 +65,7 @@ def test_client_values_override_and_are_kept() -> None:
 def test_arch_is_normalized(monkeypatch: pytest.MonkeyPatch, machine: str, arch: str) -> None:
     assert compat.normalize_arch(machine) == arch
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    assert compat.host_facts(["arch"], {}) == {"arch": arch, "format": "1"}
+    assert compat.host_facts(["arch"], {}) == {"arch": arch, "format": "2"}
 
 
 @pytest.mark.usefixtures("x86")
@@ -73,14 +73,14 @@ def test_publish_facts() -> None:
     # The configured default, with this host's values.
     assert compat.publish_facts(None, DEFAULT, {}) == compat.host_facts(DEFAULT, {})
     # Plain weights: format alone, whatever else the client says.
-    assert compat.publish_facts(["format"], DEFAULT, {"gpu_model": "H100"}) == {"format": "1"}
+    assert compat.publish_facts(["format"], DEFAULT, {"gpu_model": "H100"}) == {"format": "2"}
     # format is always added; the client's values count only for the named facts.
     assert compat.publish_facts(["gpu_model"], DEFAULT, {"gpu_model": "H100", "cuda": "12.4"}) == {
-        "format": "1",
+        "format": "2",
         "gpu_model": "H100",
     }
     assert compat.publish_facts(["image"], DEFAULT, {"image": "sha256:abc"}) == {
-        "format": "1",
+        "format": "2",
         "image": "sha256:abc",
     }
 
@@ -115,12 +115,14 @@ def test_candidate_keys_most_specific_first_without_repeats(
 
 
 def test_matches() -> None:
-    host = {"arch": "x86_64", "format": "1", "gpu_model": "none"}
+    host = {"arch": "x86_64", "format": "2", "gpu_model": "none"}
     assert compat.matches({}, host)
     assert compat.matches({"format": "1"}, host)
     assert compat.matches({"format": "1", "gpu_model": "none"}, host)  # none is a value too
     assert compat.matches(host, host)
-    assert not compat.matches({"format": "2"}, host)
+    # Every format this host reads fits, not only the one it writes; a newer one does not.
+    assert compat.matches({"format": "2"}, host)
+    assert not compat.matches({"format": "3"}, host)
     assert not compat.matches({"format": "1", "gpu_model": "H100"}, host)
     assert not compat.matches({"format": "1", "cuda": "none"}, host)  # the host does not say
 
@@ -129,7 +131,7 @@ def test_matches() -> None:
 def test_a_restore_finds_the_snapshot_when_format_is_not_configured() -> None:
     # compat_facts = ["gpu_model"] is a valid config; publish adds format, so must restore.
     published = compat.publish_facts(None, ["gpu_model"], {})
-    assert published == {"format": "1", "gpu_model": "none"}
+    assert published == {"format": "2", "gpu_model": "none"}
     assert _tried(["gpu_model"], {})[0] == compat_digest(published)
     assert compat.matches(published, compat.host_facts(["gpu_model"], {}))
 
@@ -142,10 +144,7 @@ _value = st.sampled_from(["none", "H100", "1", "x86_64"])
 def _tried(configured: Sequence[str], given_: Mapping[str, str]) -> list[str]:
     """The compat digests a restore looks up, in order (FORMAT.md section 7)."""
     host = compat.host_facts(configured, given_)
-    return [
-        compat_digest({k: host.get(k, compat.UNKNOWN) for k in keys})
-        for keys in compat.candidate_keys(configured, given_)
-    ]
+    return [compat_digest(f) for f in compat.lookup_digests(configured, given_, host)]
 
 
 @settings(max_examples=100, deadline=None)
@@ -166,4 +165,9 @@ def test_a_restore_tries_the_key_its_snapshot_was_published_under(
     assert compat_digest(published) in _tried(configured, given_)
     # A snapshot keyed on format alone resolves on every host, however configured.
     plain = compat.publish_facts(["format"], configured, given_)
-    assert _tried(other_configured, other_given)[-1] == compat_digest(plain)
+    assert _tried(other_configured, other_given)[-2] == compat_digest(plain)
+    # So does one an older hostd published (format 1) under the same facts, after it.
+    old = published | {"format": "1"}
+    tried = _tried(configured, given_)
+    assert tried.index(compat_digest(old)) == tried.index(compat_digest(published)) + 1
+    assert _tried(other_configured, other_given)[-1] == compat_digest({"format": "1"})

@@ -83,7 +83,7 @@ def tree_with_outside_link(work: Path, name: str = "src", seed: int = 1) -> tupl
     outside.chmod(0o755)
     os.symlink(outside, src / "sub" / "outside-link")
     expected = tree_digest(src)
-    expected["sub/outside-link"] = ("file", outside.read_bytes(), True)
+    expected["sub/outside-link"] = ("file", outside.read_bytes(), True, outside.stat().st_mtime_ns)
     return src, expected
 
 

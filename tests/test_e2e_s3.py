@@ -40,7 +40,7 @@ def source_tree(work: Path) -> tuple[Path, dict[str, Any]]:
     outside.write_bytes(random.Random(6).randbytes(50_000))
     os.symlink(outside, src / "outside-link")
     expected = tree_digest(src)
-    expected["outside-link"] = ("file", outside.read_bytes(), False)
+    expected["outside-link"] = ("file", outside.read_bytes(), False, outside.stat().st_mtime_ns)
     return src, expected
 
 
@@ -58,18 +58,23 @@ def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
         assert s3_server.access_key_id not in str(st)
         assert s3_server.secret_access_key not in str(st)
 
-        pub = a.publish(src, "s3/tree")
+        # 1 MiB chunks: the 3 MiB file is 4 chunk objects, the small files one pack
+        pub = a.publish(src, "s3/tree", chunk_size=1 << 20)
         sid = pub["snapshot"]
         keys = s3_server.keys()
         assert keys, "nothing reached the bucket"
         assert all(k.startswith(PREFIX + "/") for k in keys), sorted(keys)
         chunk_keys = {k for k in keys if k.startswith(f"{PREFIX}/chunks/")}
-        assert len(chunk_keys) == pub["new_chunks"] > 0
-        assert all(k.split("/")[-2] == k.split("/")[-1][:2] for k in chunk_keys), chunk_keys
+        pack_keys = {k for k in keys if k.startswith(f"{PREFIX}/packs/")}
+        assert chunk_keys, "the large file's chunks are objects of their own"
+        assert len(pack_keys) == pub["packs"] > 0, "the small files are packed"
+        assert len(chunk_keys) < pub["new_chunks"]
+        objects = chunk_keys | pack_keys
+        assert all(k.split("/")[-2] == k.split("/")[-1][:2] for k in objects), objects
         assert f"{PREFIX}/manifests/{sid}" in keys
         assert any(k.startswith(f"{PREFIX}/refs/s3/tree/") for k in keys), sorted(keys)
         # publishing again uploads nothing new
-        assert a.publish(src, "s3/tree")["new_chunks"] == 0
+        assert a.publish(src, "s3/tree", chunk_size=1 << 20)["new_chunks"] == 0
         assert s3_server.keys() == keys
 
         for mode in ("link", "copy", "auto"):

@@ -363,7 +363,7 @@ def test_manifest_paths_that_escape_the_target_are_refused(work: Path) -> None:
     outside = work / "t" / "abs-escape.txt"
 
     def file(path: str) -> mf.FileEntry:
-        return mf.FileEntry(path, 0o644, len(content), (mf.Chunk(cid, len(content)),))
+        return mf.FileEntry(path, 0o644, len(content), (mf.Chunk(cid, len(content)),), 0)
 
     ok = file("ok.txt")
     # Built directly (not with mf.build) so the bad paths get past publish's validation.

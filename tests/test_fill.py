@@ -112,7 +112,9 @@ def complete_files(t: Tier) -> list[bytes]:
 async def test_ensure_fills_missing_blobs_and_reports_bytes_by_source(rig: Rig) -> None:
     big = rig.file("big", pattern("big", 3 * CS + 123))
     small = rig.file("small", pattern("small", 1000))
-    same = FileEntry("copy-of-small", 0o600, small.size, small.chunks)  # one blob for both
+    same = FileEntry(
+        "copy-of-small", 0o600, small.size, small.chunks, small.mtime
+    )  # one blob for both
     empty = rig.file("empty", b"")
 
     found, progress = await rig.ensure([big, small, same, empty])

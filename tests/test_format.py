@@ -65,7 +65,30 @@ GOLDEN_MANIFEST_HEX = (
     "41444d45"
 )
 
-# The doc's vectors table: its left column, mapped to the values above.
+# Format 2 (FORMAT.md "Format 2 golden vectors").
+WORLD = b"world"
+PACK_P = HELLO + WORLD
+CHUNK_ID_WORLD = "d7894ae9716d38d2dfad0ec55424ca321ee12453d51f1b3adeb77d0475ed988c"
+PACK_ID_P = "7bb205244d808356318ec65d0ae54f32ee3a7bab5dfaf431b01e567e03baab4f"
+SNAPSHOT_ID_V2 = "48d7dbf713ae7c867e7bfc2010c840129fa6e5ed5ff6143ac124deca28ca7246"
+COMPAT_DIGEST_GOLDEN_V2 = "a3652d95360bf7ad8750ec012837f099e4d11a7e3c367b157e3b1ad5a3c5dd05"
+MTIME = 1_700_000_000_123_456_789
+GOLDEN_MANIFEST_V2_HEX = (
+    "88aa6368756e6b5f73697a65ce00100000a6636f6d70617482a461726368a67838365f3634a6666f726d6174"
+    "a132a46469727391a56361636865a566696c65739385a66368756e6b739196c420ea8f163db38682925e4491"
+    "c5e58d4bb3506ef8c14eb78a86e908c5624a67200f0500000005a46d6f6465cd01a4a56d74696d65cf17979c"
+    "fe3d85cd15a470617468a6524541444d45a473697a650585a66368756e6b739293c42074cb441fd087764ca9"
+    "c3694da742ebe30cbeb3060a17009ca81825c7a8d10343ce001000000093c420ea8f163db38682925e4491c5"
+    "e58d4bb3506ef8c14eb78a86e908c5624a67200f0501a46d6f6465cd0180a56d74696d65cf17979cfe3d85cd"
+    "15a470617468b16d6f64656c2f776569676874732e62696ea473697a65ce0010000585a66368756e6b739196"
+    "c420d7894ae9716d38d2dfad0ec55424ca321ee12453d51f1b3adeb77d0475ed988c0500000505a46d6f6465"
+    "cd0124a56d74696d65d2c4653600a470617468a76f6c642e747874a473697a6505a6666f726d617402a46d65"
+    "746182aa637265617465645f6279a5686f737464a6736f75726365a6676f6c64656ea57061636b739192c420"
+    "7bb205244d808356318ec65d0ae54f32ee3a7bab5dfaf431b01e567e03baab4f0aa873796d6c696e6b739182"
+    "a470617468ac6d6f64656c2f726561646d65a6746172676574a92e2e2f524541444d45"
+)
+
+# The doc's vectors tables: their left column, mapped to the values above.
 DOC_TABLE = {
     "chunk_id(empty)": CHUNK_ID_EMPTY,
     "chunk_id(hello)": CHUNK_ID_HELLO,
@@ -77,6 +100,9 @@ DOC_TABLE = {
     "compat_digest(F)": COMPAT_DIGEST_F,
     "msgpack(F)": COMPAT_BODY_F,
     "snapshot_id(golden manifest)": SNAPSHOT_ID,
+    "chunk_id(world)": CHUNK_ID_WORLD,
+    "pack_id(P)": PACK_ID_P,
+    "snapshot_id(golden manifest v2)": SNAPSHOT_ID_V2,
 }
 
 
@@ -98,6 +124,40 @@ def golden_manifest() -> mf.Manifest:
         symlinks=[mf.Symlink("model/readme", "../README")],
         dirs=["cache"],
         compat={"format": "1", "arch": "x86_64"},
+        meta={"source": "golden", "created_by": "hostd"},
+        format=1,
+    )
+
+
+def golden_manifest_v2() -> mf.Manifest:
+    hello = bytes.fromhex(CHUNK_ID_HELLO)
+    world = bytes.fromhex(CHUNK_ID_WORLD)
+    pattern = bytes.fromhex(CHUNK_ID_PATTERN)
+    pack = bytes.fromhex(PACK_ID_P)
+    return mf.build(
+        chunk_size=1 << 20,
+        files=[
+            mf.FileEntry(
+                "model/weights.bin",
+                0o600,
+                (1 << 20) + 5,
+                (mf.Chunk(pattern, 1 << 20, mf.CODEC_RAW), mf.Chunk(hello, 5, mf.CODEC_ZSTD)),
+                MTIME,
+            ),
+            mf.FileEntry(
+                "README", 0o644, 5, (mf.Chunk(hello, 5, 0, mf.Packed(pack, 0, 5, 10)),), MTIME
+            ),
+            mf.FileEntry(
+                "old.txt",
+                0o444,
+                5,
+                (mf.Chunk(world, 5, 0, mf.Packed(pack, 5, 5, 10)),),
+                -1_000_000_000,
+            ),
+        ],
+        symlinks=[mf.Symlink("model/readme", "../README")],
+        dirs=["cache"],
+        compat={"format": "2", "arch": "x86_64"},
         meta={"source": "golden", "created_by": "hostd"},
     )
 
@@ -264,3 +324,53 @@ def test_doc_origin_keys_match() -> None:
         f"manifests/{SNAPSHOT_ID}",
         f"refs/{GOLDEN_REF}/{COMPAT_DIGEST_GOLDEN}",
     ]
+
+
+# -- format 2 -----------------------------------------------------------------------------------
+
+
+def test_golden_manifest_v2_bytes_and_ids() -> None:
+    assert chunk_id_hex(WORLD) == CHUNK_ID_WORLD
+    assert blake3.blake3(PACK_P).hexdigest() == PACK_ID_P
+    m = golden_manifest_v2()
+    assert m.encoded.hex() == GOLDEN_MANIFEST_V2_HEX
+    assert m.snapshot_id == SNAPSHOT_ID_V2
+    assert ids.compat_digest(m.compat) == COMPAT_DIGEST_GOLDEN_V2
+    back = mf.decode(bytes.fromhex(GOLDEN_MANIFEST_V2_HEX))
+    assert back == m
+    assert back.format == 2
+    assert back.packs == ((bytes.fromhex(PACK_ID_P), 10),)
+    assert [f.mtime for f in back.files] == [MTIME, MTIME, -1_000_000_000]
+    # The packed chunks' bytes are where the manifest says, and verify on their own.
+    for f in back.files:
+        for c in f.chunks:
+            if c.packed is not None:
+                p = c.packed
+                assert blake3.blake3(PACK_P[p.offset : p.offset + p.length]).digest() == c.id
+
+
+def chunk_id_hex(data: bytes) -> str:
+    return ids.chunk_id(data).hex()
+
+
+async def test_golden_snapshot_v2_origin_layout(tmp_path: Path) -> None:
+    root = tmp_path / "origin"
+    origin = Origin(
+        root.as_uri(), {}, retry=RetryPolicy(attempts=1, base=0.0, cap=0.0), rng=random.Random(0)
+    )
+    m = golden_manifest_v2()
+    await origin.put_chunk(bytes.fromhex(CHUNK_ID_HELLO), HELLO)
+    await origin.put_chunk(bytes.fromhex(CHUNK_ID_PATTERN), PATTERN)
+    await origin.put_pack(bytes.fromhex(PACK_ID_P), PACK_P)
+    await origin.put_manifest(m.snapshot_id, m.encoded)
+    await origin.put_ref(GOLDEN_REF, ids.compat_digest(m.compat), m.snapshot_id)
+    # a ranged read of the pack gives one chunk's stored bytes
+    got = await origin.get_pack_range(bytes.fromhex(PACK_ID_P), 5, 5)
+    assert bytes(got) == WORLD
+    await origin.close()
+    keys = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert keys == set(_doc_block("golden-origin-v2"))
+
+
+def test_doc_golden_manifest_v2_bytes_match() -> None:
+    assert "".join(_doc_block("golden-manifest-v2")) == GOLDEN_MANIFEST_V2_HEX

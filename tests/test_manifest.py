@@ -103,6 +103,17 @@ _text = st.text(alphabet=st.characters(codec="utf-8"), max_size=8)
 @st.composite
 def manifests(draw: st.DrawFn) -> mf.Manifest:
     chunk_size = 1 << draw(st.integers(16, 28))
+    fmt = draw(st.sampled_from(mf.READABLE_FORMATS))
+    pack_ids = draw(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=3))
+    pack_pool = [(p, 1 << 50) for p in pack_ids]
+
+    def packed(size: int) -> mf.Packed | None:
+        if fmt == 1 or not draw(st.booleans()):
+            return None
+        length = draw(st.integers(1, mf.max_stored_size(size)))
+        pack, pack_size = draw(st.sampled_from(pack_pool))
+        return mf.Packed(pack, draw(st.integers(0, 1 << 40)), length, pack_size)
+
     kinds = draw(st.dictionaries(_paths, st.sampled_from(["file", "symlink", "dir"]), max_size=8))
 
     def under_leaf(path: str) -> bool:
@@ -125,15 +136,18 @@ def manifests(draw: st.DrawFn) -> mf.Manifest:
         else:
             size = draw(st.integers(0, 3 * chunk_size))
             n = -(-size // chunk_size)
+            sizes = [chunk_size if i < n - 1 else size - chunk_size * (n - 1) for i in range(n)]
             chunks = tuple(
                 mf.Chunk(
                     draw(st.binary(min_size=32, max_size=32)),
-                    chunk_size if i < n - 1 else size - chunk_size * (n - 1),
+                    s,
                     draw(st.sampled_from(mf.CODECS)),
+                    packed(s),
                 )
-                for i in range(n)
+                for s in sizes
             )
-            files.append(mf.FileEntry(path, draw(st.integers(0, 0o777)), size, chunks))
+            mtime = None if fmt == 1 else draw(st.integers(mf.MIN_MTIME, mf.MAX_MTIME))
+            files.append(mf.FileEntry(path, draw(st.integers(0, 0o777)), size, chunks, mtime))
     compat = draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), _text))
     meta = draw(st.dictionaries(_text, _text, max_size=4))
     # Given in reverse order: build puts entries and maps in canonical order itself.
@@ -144,6 +158,7 @@ def manifests(draw: st.DrawFn) -> mf.Manifest:
         dirs=dirs[::-1],
         compat=dict(reversed(list(compat.items()))),
         meta=dict(reversed(list(meta.items()))),
+        format=fmt,
     )
 
 
@@ -163,6 +178,7 @@ def test_decode_encode_round_trip_and_stable_id(m: mf.Manifest) -> None:
         dirs=m.dirs,
         compat=m.compat,
         meta=m.meta,
+        format=m.format,
     )
     assert rebuilt.snapshot_id == m.snapshot_id
 
@@ -369,7 +385,7 @@ def test_wrong_types(d: dict[str, Any], fragment: str) -> None:
 @pytest.mark.parametrize(
     ("version", "fragment"),
     [
-        (2, "manifest format 2 is not supported (this hostd reads 1)"),
+        (3, "manifest format 3 is not supported (this hostd reads 1, 2)"),
         (0, "manifest format 0 is not supported"),
         ("1", "manifest format '1' is not supported"),
         (None, "manifest format None is not supported"),
@@ -568,3 +584,61 @@ def test_good_chunk_sizes(chunk_size: int) -> None:
 @pytest.mark.parametrize("name", ["GPU", "9x", "", "a-b", "a" * 65, "é"])
 def test_bad_compat_fact_names(name: str) -> None:
     rejects(pack(doc(compat={name: "x"})), f"compat fact name {name!r} is not")
+
+
+# -- format 2: mtimes and packs -------------------------------------------------------------
+
+P1, P2 = b"\x01" * 32, b"\x02" * 32
+
+
+def v2(files: Any, packs: Any) -> dict[str, Any]:
+    """A format 2 document: keys in canonical order (packs between meta and symlinks)."""
+    return {
+        "chunk_size": CS,
+        "compat": {"format": "2"},
+        "dirs": [],
+        "files": files,
+        "format": 2,
+        "meta": {},
+        "packs": packs,
+        "symlinks": [],
+    }
+
+
+def f2(path: str, chunk: list[Any], mtime: Any = 5, size: int = 10) -> dict[str, Any]:
+    return {"chunks": [chunk], "mode": 0o644, "mtime": mtime, "path": path, "size": size}
+
+
+def test_format_2_decodes_mtimes_and_packed_chunks() -> None:
+    m = mf.decode(pack(v2([f2("a", [ID, 10, 0, 0, 7, 10], mtime=-3)], [[P1, 100]])))
+    (f,) = m.files
+    assert f.mtime == -3
+    assert f.chunks[0].packed == mf.Packed(P1, 7, 10, 100)
+    assert mf.decode(m.encoded) == m
+
+
+@pytest.mark.parametrize(
+    ("d", "fragment"),
+    [
+        (v2([{**f2("a", [ID, 10, 0]), "mtime": None}], []), "mtime None is not a signed 64-bit"),
+        (v2([f2("a", [ID, 10, 0], mtime=1 << 63)], []), "is not a signed 64-bit"),
+        (v2([f2("a", [ID, 10, 0])], [[P1, 10]]), "packs lists 1 packs, but the chunks name 0"),
+        (v2([f2("a", [ID, 10, 0, 1, 0, 10])], [[P1, 10]]), "pack index 1 is not in packs"),
+        (v2([f2("a", [ID, 10, 0, 0, 0, 10])], [[P2, 10], [P1, 10]]), "out of order or repeated"),
+        (v2([f2("a", [ID, 10, 0, 0, 5, 10])], [[P1, 10]]), "end past its pack's size"),
+        (v2([f2("a", [ID, 10, 0, 0, 0, 0])], [[P1, 10]]), "stored length 0 is not in 1.."),
+        (v2([f2("a", [ID, 10, 0, 0, 0, 1 << 20])], [[P1, 1 << 21]]), "is not in 1.."),
+        (v2([f2("a", [ID, 10, 0, 0, 0, 10])], [[P1, 0]]), "size 0 is not a positive integer"),
+        (v2([f2("a", [ID, 10, 0, 0, 0])], [[P1, 10]]), "or [id, size, codec, pack, offset, "),
+    ],
+)
+def test_format_2_refusals(d: Any, fragment: str) -> None:
+    rejects(pack(d), fragment)
+
+
+def test_format_1_has_neither_mtimes_nor_packs() -> None:
+    with_mtime = doc(files=[{**fdoc("a", 10), "mtime": 5}])
+    rejects(pack(with_mtime), "files[0] has keys")
+    packed = doc(files=[fdoc("a", 10, chunks=[[ID, 10, 0, 0, 0, 10]])])
+    rejects(pack(packed), "is not [id, size, codec]")
+    rejects(pack({**doc(), "packs": []}), "manifest keys")

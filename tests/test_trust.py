@@ -516,7 +516,9 @@ class _WrittenDuringCopy(AsUser):
 
     blob: Path
 
-    def files(self, items: Sequence[tuple[str, int, int, str]], fds: Sequence[int]) -> None:
+    def files(
+        self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
+    ) -> None:
         super().files(items, fds)
         st = self.blob.stat()
         with open(self.blob, "r+b") as f:
@@ -531,7 +533,7 @@ def _always(value: bool) -> Callable[[bytes], bool]:
 def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
     data = os.urandom(100_000)
     chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
-    entry = mf.FileEntry("weights.bin", 0o644, len(data), (chunk,))
+    entry = mf.FileEntry("weights.bin", 0o644, len(data), (chunk,), 0)
     m = mf.build(chunk_size=1 << 20, files=[entry])
     blob = work / "blob"
     blob.write_bytes(data)

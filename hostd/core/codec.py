@@ -13,7 +13,15 @@ from collections.abc import Sequence
 import zstandard
 
 from hostd.core.ids import chunk_id
-from hostd.core.manifest import CODEC_RAW, CODEC_ZSTD, Chunk
+from hostd.core.manifest import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    ZSTD_FRAME_MARGIN,
+    Chunk,
+    max_stored_size,
+)
+
+__all__ = ["ZSTD_FRAME_MARGIN", "max_stored_size"]
 from hostd.errors import ChunkCorrupt
 
 ZSTD_LEVEL = 3
@@ -23,25 +31,6 @@ SAMPLE_CHUNKS = 3
 # ~0.4 GB/s, and a compile cache of a thousand small files would spend longer on trials than
 # on hashing.
 SAMPLE_WINDOW = 64 * 1024
-# Margin over zstd's compress bound: the largest frame header (ZSTD_FRAMEHEADERSIZE_MAX, 18
-# bytes) and a content checksum (4). ZSTD_COMPRESSBOUND already covers both for the frames
-# zstd writes (checked from 0 B to 8 MiB, levels -5..19, one-shot and streamed); the margin
-# is for other writers' header choices.
-ZSTD_FRAME_MARGIN = 18 + 4
-_ZSTD_SMALL = 128 * 1024
-
-
-def max_stored_size(raw_size: int) -> int:
-    """The most bytes a chunk of `raw_size` raw bytes may take at the origin, whichever codec
-    it was stored with: what a reader reads at most before decoding.
-
-    A chunk object may be raw or a zstd frame whatever the manifest says, so this admits
-    both: zstd's worst case, ZSTD_COMPRESSBOUND from zstd.h (the zstandard package does not
-    expose it), `size + size/256 + (128 KiB - size)/2048 below 128 KiB`, plus the margin.
-    It is never less than `raw_size`, so a raw object always fits.
-    """
-    small = (_ZSTD_SMALL - raw_size) >> 11 if raw_size < _ZSTD_SMALL else 0
-    return raw_size + (raw_size >> 8) + small + ZSTD_FRAME_MARGIN
 
 
 def sample_indexes(n_chunks: int) -> list[int]:

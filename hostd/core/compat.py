@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 
-from hostd.core.manifest import FORMAT_VERSION
+from hostd.core.manifest import FORMAT_VERSION, READABLE_FORMATS
 
 UNKNOWN = "none"
 
@@ -54,5 +54,29 @@ def candidate_keys(configured: Sequence[str], given: Mapping[str, str]) -> list[
 
 
 def matches(snapshot_facts: Mapping[str, str], host: Mapping[str, str]) -> bool:
-    """A snapshot fits a host when every fact it names has the host's value."""
-    return all(host.get(k) == v for k, v in snapshot_facts.items())
+    """A snapshot fits a host when every fact it names has the host's value; `format` fits
+    when this host reads that format, whichever one it writes."""
+    return all(
+        v in READABLE if k == "format" else host.get(k) == v for k, v in snapshot_facts.items()
+    )
+
+
+# The `format` values a restore looks a ref up under, newest first: a snapshot published by
+# an older hostd keeps resolving on a newer one (FORMAT.md section 7).
+READABLE = tuple(str(f) for f in sorted(READABLE_FORMATS, reverse=True))
+
+
+def lookup_digests(
+    configured: Sequence[str], given: Mapping[str, str], host: Mapping[str, str]
+) -> list[dict[str, str]]:
+    """The fact maps whose compat digests a restore tries, in order: each candidate name set
+    (candidate_keys), under each format this host reads, newest first. A client that names
+    a format itself gets that one only."""
+    formats = (given["format"],) if "format" in given else READABLE
+    out: list[dict[str, str]] = []
+    for keys in candidate_keys(configured, given):
+        for fmt in formats:
+            facts = {k: host.get(k, UNKNOWN) for k in keys} | {"format": fmt}
+            if facts not in out:
+                out.append(facts)
+    return out

@@ -22,7 +22,8 @@ import msgpack
 from hostd.core.ids import HASH_LEN, file_digest
 from hostd.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what publish writes
+READABLE_FORMATS = (1, 2)  # what this hostd restores (FORMAT.md section 7)
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 CODECS = (CODEC_RAW, CODEC_ZSTD)
@@ -34,11 +35,53 @@ MAX_PATH_BYTES = 4096
 _FACT_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
+# Margin over zstd's compress bound: the largest frame header (ZSTD_FRAMEHEADERSIZE_MAX, 18
+# bytes) and a content checksum (4). ZSTD_COMPRESSBOUND already covers both for the frames
+# zstd writes (checked from 0 B to 8 MiB, levels -5..19, one-shot and streamed); the margin
+# is for other writers' header choices.
+ZSTD_FRAME_MARGIN = 18 + 4
+_ZSTD_SMALL = 128 * 1024
+
+
+def max_stored_size(raw_size: int) -> int:
+    """The most bytes a chunk of `raw_size` raw bytes may take at the origin, whichever codec
+    it was stored with: what a reader reads at most before decoding (a format rule, so it
+    lives here; codec.py uses it).
+
+    A chunk object may be raw or a zstd frame whatever the manifest says, so this admits
+    both: zstd's worst case, ZSTD_COMPRESSBOUND from zstd.h (the zstandard package does not
+    expose it), `size + size/256 + (128 KiB - size)/2048 below 128 KiB`, plus the margin.
+    It is never less than `raw_size`, so a raw object always fits.
+    """
+    small = (_ZSTD_SMALL - raw_size) >> 11 if raw_size < _ZSTD_SMALL else 0
+    return raw_size + (raw_size >> 8) + small + ZSTD_FRAME_MARGIN
+
+
+# mtimes are signed nanoseconds since the epoch, as st_mtime_ns and utimensat take them.
+MIN_MTIME = -(1 << 63)
+MAX_MTIME = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """Where a chunk's stored bytes lie inside a pack object (format 2): `length` bytes at
+    `offset` of `packs/<pack>`, an object of `pack_size` bytes (a reader plans its ranged
+    reads of the pack with it)."""
+
+    pack: bytes
+    offset: int
+    length: int
+    pack_size: int
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     id: bytes
     size: int
     codec: int = CODEC_RAW
+    # None: stored as its own object, chunks/<id>. The location is where to fetch it from the
+    # origin only: the id alone names, verifies, dedups and assigns the chunk to a peer.
+    packed: Packed | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +90,7 @@ class FileEntry:
     mode: int
     size: int
     chunks: tuple[Chunk, ...]
+    mtime: int | None = None  # ns; None in format 1, which did not record it
 
     @cached_property
     def digest(self) -> bytes:
@@ -73,6 +117,7 @@ class Manifest:
     compat: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    packs: tuple[tuple[bytes, int], ...] = ()  # format 2: (id, size) of each pack, by id
 
     @cached_property
     def encoded(self) -> bytes:
@@ -107,26 +152,39 @@ def build(
     dirs: Sequence[str] = (),
     compat: Mapping[str, str] | None = None,
     meta: Mapping[str, str] | None = None,
+    format: int = FORMAT_VERSION,
 ) -> Manifest:
-    """A validated manifest with its entries in canonical (sorted) order."""
+    """A validated manifest with its entries in canonical (sorted) order. Format 2 lists
+    the packs its chunks name; format 1 (for tests and tools) has neither packs nor mtimes."""
+    ordered = tuple(sorted(files, key=lambda f: f.path))
+    packs = sorted(
+        {(c.packed.pack, c.packed.pack_size) for f in ordered for c in f.chunks if c.packed}
+    )
     m = Manifest(
         chunk_size=chunk_size,
-        files=tuple(sorted(files, key=lambda f: f.path)),
+        files=ordered,
         symlinks=tuple(sorted(symlinks, key=lambda s: s.path)),
         dirs=tuple(sorted(dirs)),
         compat=dict(sorted((compat or {}).items())),
         meta=dict(sorted((meta or {}).items())),
+        format=format,
+        packs=tuple(packs),
     )
     validate(m)
     return m
 
 
 def encode(m: Manifest) -> bytes:
-    doc = {
+    doc: dict[str, Any] = {
         "chunk_size": m.chunk_size,
         "compat": dict(sorted(m.compat.items())),
         "dirs": list(m.dirs),
-        "files": [
+        "files": [],
+        "format": m.format,
+        "meta": dict(sorted(m.meta.items())),
+    }
+    if m.format == 1:
+        doc["files"] = [
             {
                 "chunks": [[c.id, c.size, c.codec] for c in f.chunks],
                 "mode": f.mode,
@@ -134,13 +192,30 @@ def encode(m: Manifest) -> bytes:
                 "size": f.size,
             }
             for f in m.files
-        ],
-        "format": m.format,
-        "meta": dict(sorted(m.meta.items())),
-        "symlinks": [{"path": s.path, "target": s.target} for s in m.symlinks],
-    }
+        ]
+    else:
+        where = {p: i for i, (p, _) in enumerate(m.packs)}
+        doc["files"] = [
+            {
+                "chunks": [_chunk_doc(c, where) for c in f.chunks],
+                "mode": f.mode,
+                "mtime": f.mtime,
+                "path": f.path,
+                "size": f.size,
+            }
+            for f in m.files
+        ]
+        doc["packs"] = [[p, size] for p, size in m.packs]
+    doc["symlinks"] = [{"path": s.path, "target": s.target} for s in m.symlinks]
     out: bytes = msgpack.packb(doc, use_bin_type=True)
     return out
+
+
+def _chunk_doc(c: Chunk, where: Mapping[bytes, int]) -> list[Any]:
+    if c.packed is None:
+        return [c.id, c.size, c.codec]
+    # A pack missing from `packs` fails validate; here it must not raise a KeyError.
+    return [c.id, c.size, c.codec, where.get(c.packed.pack, -1), c.packed.offset, c.packed.length]
 
 
 def decode(data: bytes) -> Manifest:
@@ -162,23 +237,33 @@ def decode(data: bytes) -> Manifest:
 
 def _from_doc(doc: Any) -> Manifest:
     top = _map(doc, "manifest")
+    fmt = top.get("format")
+    if not _is_int(fmt) or fmt not in READABLE_FORMATS:  # 1.0 and True == 1: not canonical
+        raise ManifestError(
+            f"manifest format {fmt!r} is not supported (this hostd reads "
+            f"{', '.join(map(str, READABLE_FORMATS))})"
+        )
     keys = {"chunk_size", "compat", "dirs", "files", "format", "meta", "symlinks"}
+    file_keys = {"chunks", "mode", "path", "size"}
+    if fmt >= 2:
+        keys.add("packs")
+        file_keys.add("mtime")
     if set(top) != keys:
         raise ManifestError(f"manifest keys {sorted(top, key=repr)} are not {sorted(keys)}")
-    fmt = top["format"]
-    if not _is_int(fmt) or fmt != FORMAT_VERSION:  # 1.0 and True == 1, but are not canonical
-        raise ManifestError(f"manifest format {fmt!r} is not supported (this hostd reads 1)")
+    packs = []
+    for i, p in enumerate(_list(top.get("packs", []), "packs")):
+        if not (isinstance(p, list) and len(p) == 2):
+            raise ManifestError(f"packs[{i}] is not [id, size]")
+        packs.append((p[0], p[1]))
     files = []
     for i, f in enumerate(_list(top["files"], "files")):
         fm = _map(f, f"files[{i}]")
-        if set(fm) != {"chunks", "mode", "path", "size"}:
+        if set(fm) != file_keys:
             raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
         chunks = []
         for j, c in enumerate(_list(fm["chunks"], f"files[{i}].chunks")):
-            if not (isinstance(c, list) and len(c) == 3):
-                raise ManifestError(f"files[{i}].chunks[{j}] is not [id, size, codec]")
-            chunks.append(Chunk(c[0], c[1], c[2]))
-        files.append(FileEntry(fm["path"], fm["mode"], fm["size"], tuple(chunks)))
+            chunks.append(_chunk_from(c, packs, fmt, f"files[{i}].chunks[{j}]"))
+        files.append(FileEntry(fm["path"], fm["mode"], fm["size"], tuple(chunks), fm.get("mtime")))
     symlinks = []
     for i, s in enumerate(_list(top["symlinks"], "symlinks")):
         sm = _map(s, f"symlinks[{i}]")
@@ -193,7 +278,20 @@ def _from_doc(doc: Any) -> Manifest:
         compat=_map(top["compat"], "compat"),
         meta=_map(top["meta"], "meta"),
         format=fmt,
+        packs=tuple(packs),
     )
+
+
+def _chunk_from(c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, what: str) -> Chunk:
+    if isinstance(c, list) and len(c) == 3:
+        return Chunk(c[0], c[1], c[2])
+    if fmt >= 2 and isinstance(c, list) and len(c) == 6:
+        i, offset, length = c[3], c[4], c[5]
+        if not _is_int(i) or not 0 <= i < len(packs):
+            raise ManifestError(f"{what}: pack index {i!r} is not in packs")
+        return Chunk(c[0], c[1], c[2], Packed(packs[i][0], offset, length, packs[i][1]))
+    shape = "[id, size, codec] or [id, size, codec, pack, offset, length]"
+    raise ManifestError(f"{what} is not {shape if fmt >= 2 else '[id, size, codec]'}")
 
 
 def _map(v: Any, what: str) -> dict[Any, Any]:
@@ -256,8 +354,19 @@ def check_symlink_target(link_path: str, target: Any) -> None:
 
 def validate(m: Manifest) -> None:
     """Raise ManifestError unless `m` is well-formed and safe to materialize."""
-    if not _is_int(m.format) or m.format != FORMAT_VERSION:
+    if not _is_int(m.format) or m.format not in READABLE_FORMATS:
         raise ManifestError(f"manifest format {m.format!r} is not supported")
+    if m.format == 1 and m.packs:
+        raise ManifestError("a format 1 manifest has no packs")
+    prev_pack = b""
+    for p, size in m.packs:
+        if not isinstance(p, bytes) or len(p) != HASH_LEN:
+            raise ManifestError(f"pack id {p!r} is not {HASH_LEN} bytes")
+        if p <= prev_pack:
+            raise ManifestError(f"pack {p.hex()} is out of order or repeated")
+        if not _is_int(size) or not 1 <= size <= MAX_MTIME:
+            raise ManifestError(f"pack {p.hex()}: size {size!r} is not a positive integer")
+        prev_pack = p
     cs = m.chunk_size
     if not _is_int(cs) or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
         raise ManifestError(f"chunk_size {cs!r} is not a power of two in [64 KiB, 256 MiB]")
@@ -276,6 +385,7 @@ def validate(m: Manifest) -> None:
             raise ManifestError(f"path {path!r} appears twice ({kinds[path]} and {kind})")
         kinds[path] = kind
 
+    used: set[tuple[bytes, int]] = set()
     prev = ""
     for f in m.files:
         check_path(f.path, "file")
@@ -283,7 +393,11 @@ def validate(m: Manifest) -> None:
             raise ManifestError(f"file {f.path!r} is out of order or repeated")
         prev = f.path
         claim(f.path, "file")
-        _check_file(f, cs)
+        _check_file(f, cs, m.format, used)
+    if used != set(m.packs):
+        raise ManifestError(
+            f"packs lists {len(m.packs)} packs, but the chunks name {len(used)} (id, size) pairs"
+        )
     prev = ""
     for s in m.symlinks:
         check_path(s.path, "symlink")  # first: an empty or non-string path is not "out of order"
@@ -309,8 +423,13 @@ def validate(m: Manifest) -> None:
             parent = posixpath.dirname(parent)
 
 
-def _check_file(f: FileEntry, chunk_size: int) -> None:
+def _check_file(f: FileEntry, chunk_size: int, fmt: int, used: set[tuple[bytes, int]]) -> None:
     what = f"file {f.path!r}"
+    if fmt == 1:
+        if f.mtime is not None:
+            raise ManifestError(f"{what}: a format 1 manifest records no mtime")
+    elif f.mtime is None or not _is_int(f.mtime) or not MIN_MTIME <= f.mtime <= MAX_MTIME:
+        raise ManifestError(f"{what}: mtime {f.mtime!r} is not a signed 64-bit nanosecond count")
     if not _is_int(f.mode) or not 0 <= f.mode <= 0o777:
         raise ManifestError(f"{what}: mode {f.mode!r} is not in 0..0o777")
     if not _is_int(f.size) or f.size < 0:
@@ -326,3 +445,26 @@ def _check_file(f: FileEntry, chunk_size: int) -> None:
             raise ManifestError(f"{what}: chunk {i} size {c.size!r}, want {want}")
         if c.codec not in CODECS or not _is_int(c.codec):
             raise ManifestError(f"{what}: chunk {i} codec {c.codec!r} is unknown")
+        if c.packed is not None:
+            _check_packed(c, fmt, f"{what}: chunk {i}")
+            used.add((c.packed.pack, c.packed.pack_size))
+
+
+def _check_packed(c: Chunk, fmt: int, what: str) -> None:
+    p = c.packed
+    assert p is not None
+    if fmt == 1:
+        raise ManifestError(f"{what}: a format 1 manifest has no packed chunks")
+    if not isinstance(p.pack, bytes) or len(p.pack) != HASH_LEN:
+        raise ManifestError(f"{what}: pack id is not {HASH_LEN} bytes")
+    if not _is_int(p.offset) or not 0 <= p.offset <= MAX_MTIME:
+        raise ManifestError(f"{what}: pack offset {p.offset!r} is not a non-negative integer")
+    # The stored bytes are raw (exactly size) or a zstd frame within the format's bound
+    # (section 5): a length outside that range cannot verify, and a reader would be told to
+    # fetch more than a chunk may be.
+    if not _is_int(p.length) or not 1 <= p.length <= max_stored_size(c.size):
+        raise ManifestError(
+            f"{what}: stored length {p.length!r} is not in 1..{max_stored_size(c.size)}"
+        )
+    if _is_int(p.pack_size) and p.offset + p.length > p.pack_size:
+        raise ManifestError(f"{what}: bytes {p.offset}+{p.length} end past its pack's size")

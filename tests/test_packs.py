@@ -1,0 +1,103 @@
+"""Reading packed chunks from the origin (sources.OriginSource on a real file:// origin):
+one ranged read per pack window shared by its chunks, a chunk's own range where windows
+are off or it crosses a window's edge, and every chunk verified on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import blake3
+import pytest
+
+from hostd.core import codec
+from hostd.core import manifest as mf
+from hostd.core.ids import chunk_id
+from hostd.core.retry import RetryPolicy
+from hostd.errors import ChunkCorrupt, ChunkMissing
+from hostd.origin import Origin
+from hostd.sources import OriginSource
+
+
+def make_origin(tmp_path: Path) -> Origin:
+    return Origin(
+        (tmp_path / "origin").as_uri(),
+        {},
+        retry=RetryPolicy(attempts=1, base=0.0, cap=0.0),
+        rng=random.Random(0),
+    )
+
+
+async def put_pack(
+    origin: Origin, parts: list[bytes], zstd: frozenset[int] = frozenset()
+) -> list[mf.Chunk]:
+    """Store `parts` as one pack (those in `zstd` compressed); the chunks that name them."""
+    stored = [codec.compress(p) if i in zstd else p for i, p in enumerate(parts)]
+    data = b"".join(stored)
+    pack = blake3.blake3(data).digest()
+    await origin.put_pack(pack, data)
+    out, off = [], 0
+    for i, (raw, s) in enumerate(zip(parts, stored, strict=True)):
+        kind = mf.CODEC_ZSTD if i in zstd else mf.CODEC_RAW
+        out.append(mf.Chunk(chunk_id(raw), len(raw), kind, mf.Packed(pack, off, len(s), len(data))))
+        off += len(s)
+    return out
+
+
+async def test_chunks_of_one_pack_share_one_ranged_read(tmp_path: Path) -> None:
+    origin = make_origin(tmp_path)
+    rng = random.Random(1)
+    parts = [rng.randbytes(rng.randint(1, 9000)) for _ in range(50)]
+    chunks = await put_pack(origin, parts, zstd=frozenset({3, 7}))
+    src = OriginSource(origin)
+    before = origin.stats.requests_ok  # the upload
+    got = await asyncio.gather(*(src.get(c) for c in chunks))
+    assert [bytes(g) for g in got] == parts
+    assert origin.stats.requests_ok - before == 1  # one read for the 50 chunks asked at once
+    assert bytes(await src.get(chunks[10])) == parts[10]
+    assert origin.stats.requests_ok - before == 1  # still buffered
+
+
+async def test_without_windows_each_chunk_reads_its_own_range(tmp_path: Path) -> None:
+    origin = make_origin(tmp_path)
+    parts = [b"a" * 100, b"b" * 200, b"c" * 300]
+    chunks = await put_pack(origin, parts)
+    src = OriginSource(origin, window=0)
+    before = origin.stats.requests_ok
+    assert [bytes(await src.get(c)) for c in chunks] == parts
+    assert origin.stats.requests_ok - before == 3
+    assert origin.stats.bytes_in == 600  # nothing read beyond the chunks asked for
+
+
+async def test_windows_are_read_once_each_and_evicted_oldest_first(tmp_path: Path) -> None:
+    origin = make_origin(tmp_path)
+    parts = [bytes([i]) * 1000 for i in range(40)]  # 40 KB: 10 windows of 4 KB
+    chunks = await put_pack(origin, parts)
+    src = OriginSource(origin, window=4096, buffer=8192)
+    before = origin.stats.requests_ok
+    for c, p in zip(chunks, parts, strict=True):
+        assert bytes(await src.get(c)) == p
+    # Every chunk that crosses a window's edge is read on its own; each window once.
+    crossing = sum(
+        1 for c in chunks if c.packed and c.packed.offset // 4096 != (c.packed.offset + 999) // 4096
+    )
+    windows = -(-40_000 // 4096)
+    assert origin.stats.requests_ok - before == windows + crossing
+    assert src._held <= 8192  # the buffer keeps its bound
+
+
+async def test_bad_bytes_in_a_pack_are_corrupt_and_a_short_pack_too(tmp_path: Path) -> None:
+    origin = make_origin(tmp_path)
+    (good,) = await put_pack(origin, [b"good bytes"])
+    assert good.packed is not None
+    lying = mf.Chunk(chunk_id(b"other bytes"), 10, 0, good.packed)
+    with pytest.raises(ChunkCorrupt, match="from origin"):
+        await OriginSource(origin).get(lying)
+    assert good.packed is not None
+    longer = mf.Packed(good.packed.pack, 0, 10, 20)  # the manifest says the pack is longer
+    with pytest.raises((ChunkCorrupt, ChunkMissing)):
+        await OriginSource(origin).get(mf.Chunk(good.id, 10, 0, longer))
+    gone = mf.Packed(b"\x07" * 32, 0, 10, 10)
+    with pytest.raises(ChunkMissing, match="not at origin"):
+        await OriginSource(origin).get(mf.Chunk(good.id, 10, 0, gone))
