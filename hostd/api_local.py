@@ -315,7 +315,7 @@ async def _pin(request: web.Request, pinned: bool) -> web.Response:
 
 
 async def snapshots(request: web.Request) -> web.Response:
-    return web.json_response({"snapshots": request.app[DAEMON_KEY].list_snapshots()})
+    return web.json_response({"snapshots": await request.app[DAEMON_KEY].list_snapshots()})
 
 
 async def gc(request: web.Request) -> web.Response:

@@ -1,10 +1,18 @@
 """The tiers together: where each blob lives, what each tier holds, admission and eviction.
 
-The cache keeps an in-memory view of the index (blobs per tier, snapshots, pins, chunk
-locations) and writes every change through to it. Budget accounting charges a blob's full
-size from the moment it is admitted for filling, so a tier never holds more than its budget.
-Eviction is least-recently-used by bytes: a blob leaves a tier for the next one down, or is
-deleted from the last; pinned snapshots' blobs and blobs held by a running restore never go.
+The cache keeps an in-memory view of the blobs in each tier and writes every change through
+to the index; the snapshots it knows (records, pins, manifests, the chunk map) are
+hostd/snapshots.py's. Budget accounting charges a blob's full size from the moment it is
+admitted for filling, so a tier never holds more than its budget; a partial blob found at
+start is charged for the bytes it holds, until a fill resumes it.
+
+Eviction is least recently used by bytes, from one queue per tier (core/eviction.py's Lru),
+so an admission costs O(log n) per victim, not a scan of the tier: a blob leaves a tier for
+the next one down, or is deleted from the last. Pinned snapshots' blobs and blobs held by a
+running restore never go: the walk that meets one takes it out of the queue ("parks" it), and
+the release or unpin that frees it queues it again. A partial blob no fill is using (one a
+cancelled fill or a stopped daemon left) is evicted like the rest (its chunks are fetched
+again if it is wanted); one being filled never is (`busy` says which a fill holds).
 
 Shared state changes only between awaits; admission and eviction run under one lock so two
 fills never count the same free bytes.
@@ -24,15 +32,18 @@ import enum
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hostd.core import manifest as mf
-from hostd.core.eviction import Candidate, choose_victims
-from hostd.errors import ManifestError, TierError
+from hostd.core.eviction import Lru
+from hostd.core.ids import file_digest
+from hostd.errors import TierError
 from hostd.index import UNKNOWN_CTIME, BlobRow, Index
-from hostd.lock import private_dir
+from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
 from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,15 @@ class Blob:
     ctime_ns: int = UNKNOWN_CTIME
     # Hardlinked into a tree whose owner could write to it: kept for this inode's life.
     lent: bool = False
+    # Bytes counted against the tier's budget: the size, except for a partial blob found at
+    # start (the bytes it holds, until a fill resumes it).
+    charged: int = -1
+    # Its entry in the tier's eviction queue (the Lru's); None: not queued.
+    queued: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.charged < 0:
+            self.charged = self.size
 
     @property
     def path(self) -> Path:
@@ -74,6 +94,11 @@ class Blob:
     def record(self, st: BlobStat) -> None:
         """Take `st` as the stat of this blob's verified bytes."""
         self.size, self.mtime_ns, self.ctime_ns = st.size, st.mtime_ns, st.ctime_ns
+
+
+# Chunks smaller than this are found for dedup only as a blob of their own (chunk_location):
+# the smallest chunk size, so every full chunk of a larger blob is still looked up.
+DEDUP_QUERY_MIN = mf.MIN_CHUNK_SIZE
 
 
 class Verdict(enum.Enum):
@@ -101,17 +126,6 @@ REHASH_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
-class Snapshot:
-    manifest: mf.Manifest
-    last_used: float
-    pinned: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.manifest.snapshot_id
-
-
-@dataclass(slots=True)
 class TierUsage:
     name: str
     path: str
@@ -130,6 +144,7 @@ class Cache:
         manifests_dir: Path,
         clock: Callable[[], float],
         hasher: Callable[[Path, bytes, int, int], Rehash] | None = None,
+        decoded_chunks: int = DECODED_CHUNKS,
     ) -> None:
         if not tiers:
             raise TierError("at least one tier is needed")
@@ -137,11 +152,24 @@ class Cache:
         self.index = index
         self.manifests_dir = manifests_dir
         self.clock = clock
-        self._blobs: dict[bytes, dict[str, Blob]] = {}
+        self.snaps = Snapshots(index, manifests_dir, clock, decoded_chunks=decoded_chunks)
+        self._blobs: dict[str, dict[bytes, Blob]] = {t.name: {} for t in tiers}
         self._used: dict[str, int] = {t.name: 0 for t in tiers}
-        self._held: Counter[bytes] = Counter()
-        self._snapshots: dict[str, Snapshot] = {}
-        self._chunks: dict[bytes, tuple[bytes, int]] = {}  # chunk id -> (blob digest, offset)
+        # One eviction queue per tier: its complete blobs and idle partial ones.
+        self.queues: dict[str, Lru[Blob]] = {t.name: Lru() for t in tiers}
+        # What each running restore holds: taking and releasing a hold is O(1) in its size.
+        self._holds: list[frozenset[bytes]] = []
+        # Blobs a walk took out of a queue because they were held or pinned: queued again
+        # when neither is true any more.
+        self._parked: set[bytes] = set()
+        # Partial blobs admitted for a fill in this process, kept out of the queues while
+        # the fill may be using them: until they complete or are abandoned, or `busy` (when
+        # set) no longer names them.
+        self._filling: dict[tuple[bytes, str], Blob] = {}
+        # The blobs the running fills hold (Filler.filling), set by the composition root;
+        # None: every partial admitted in this process counts as being filled.
+        self.busy: Callable[[], Collection[bytes]] | None = None
+        self._unsized: set[bytes] = set()  # blobs whose chunk size no manifest gave yet
         self._lock = asyncio.Lock()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (tier, "demote"|"delete")
         # rehash() by default; a test passes one it can pause mid-hash
@@ -150,35 +178,28 @@ class Cache:
 
     def __repr__(self) -> str:
         used = ", ".join(f"{t.name}={self._used[t.name]}/{t.budget}" for t in self.tiers)
-        return f"Cache({used}, snapshots={len(self._snapshots)})"
+        return f"Cache({used}, snapshots={len(self.snaps)})"
 
     # start-up ----------------------------------------------------------------------------
     def load(self) -> None:
         """Prepare tiers and reconcile the index with what is really on disk (blocking)."""
-        private_dir(self.manifests_dir)
         for t in self.tiers:
             t.prepare()
+        self.snaps.load()
         rows = {(r.digest, r.tier): r for r in self.index.blobs()}
-        by_name = {t.name: t for t in self.tiers}
-        for srow in self.index.snapshots():
-            try:
-                self._add_snapshot(mf.decode(srow.manifest), srow.last_used, srow.pinned)
-            except ManifestError as e:
-                log.warning("dropping unreadable snapshot %s from the index: %s", srow.id, e)
-                self.index.delete_snapshot(srow.id)
-        for p in self.manifests_dir.glob("*"):
-            if p.name not in self._snapshots and len(p.name) == 64:
-                with contextlib.suppress(ManifestError, OSError):
-                    m = mf.decode(p.read_bytes())
-                    if m.snapshot_id == p.name:
-                        self._add_snapshot(m, self.clock(), False)
-                        self.index.put_snapshot(m, self.clock())
-        sizes = self._known_chunk_sizes()
+        scans = {t.name: t.scan() for t in self.tiers}
+        unsized = {
+            st.digest
+            for name, (complete, _) in scans.items()
+            for st in complete
+            if (row := rows.get((st.digest, name))) is None or row.chunk_size <= 0
+        }
+        sizes = self.snaps.chunk_sizes(unsized)
         for t in self.tiers:
-            complete, partial = t.scan()
+            complete, partial = scans[t.name]
             for st in complete:
                 row = rows.pop((st.digest, t.name), None)
-                cs = row.chunk_size if row else sizes.get(st.digest, 0)
+                cs = row.chunk_size if row and row.chunk_size > 0 else sizes.get(st.digest, 0)
                 last = row.last_used if row else self.clock()
                 if row is not None and row.complete and row.size == st.size:
                     # Keep the stat recorded at completion, not today's: a blob written
@@ -191,105 +212,118 @@ class Cache:
                     # between install and record): never trusted by their mtime; the unknown
                     # ctime makes the first use re-hash them (vouch, lazily: see there).
                     b = Blob(st.digest, t, st.size, cs, True, st.mtime_ns, last)
-                self._put(b)
+                self._put(b, persist=b.row() != row)
             for st in partial:
                 row = rows.pop((st.digest, t.name), None)
-                if row is None or row.complete:
-                    t.remove_partial(st.digest)  # unknown leftover: nothing to resume it with
+                held = _allocated(t.partial_path(st.digest), st.size)
+                if (
+                    row is None
+                    or row.complete
+                    or row.size != st.size
+                    or row.chunk_size <= 0
+                    or held is None
+                ):
+                    t.remove_partial(st.digest)  # nothing to resume it with
                     continue
-                self._put(Blob(st.digest, t, row.size, row.chunk_size, False, 0, row.last_used))
+                # Left by a fill the stop cut short: resumable, charged for what it holds,
+                # and evictable (no fill uses it now).
+                b = Blob(st.digest, t, row.size, row.chunk_size, False, 0, row.last_used)
+                b.charged = held
+                self._put(b, persist=False)
         for digest, tier in rows:  # in the index but gone from disk
             self.index.delete_blob(digest, tier)
-        for name in list(by_name):
+        for t in self.tiers:
             log.info(
-                "tier %s at %s: %d bytes used of %d",
-                name,
-                by_name[name].root,
-                self._used[name],
-                by_name[name].budget,
+                "tier %s at %s: %d bytes used of %d", t.name, t.root, self._used[t.name], t.budget
             )
-
-    def _known_chunk_sizes(self) -> dict[bytes, int]:
-        return {
-            f.digest: s.manifest.chunk_size
-            for s in self._snapshots.values()
-            for f in s.manifest.files
-        }
 
     # the view ------------------------------------------------------------------------------
     def _put(self, b: Blob, persist: bool = True) -> None:
-        old = self._blobs.setdefault(b.digest, {}).get(b.tier.name)
+        """Record `b` as the copy in its tier, replacing any record there."""
+        name = b.tier.name
+        per, queue = self._blobs[name], self.queues[name]
+        old = per.get(b.digest)
         if old is not None:
-            self._used[b.tier.name] -= old.size
-        self._blobs[b.digest][b.tier.name] = b
-        self._used[b.tier.name] += b.size
+            self._used[name] -= old.charged
+            queue.drop(old)
+            if old is not b and self._filling.get((b.digest, name)) is old:
+                del self._filling[(b.digest, name)]
+        if b.complete:
+            b.charged = b.size
+            self._filling.pop((b.digest, name), None)
+        per[b.digest] = b
+        self._used[name] += b.charged
+        if (b.digest, name) not in self._filling:
+            queue.push(b)
+        if b.chunk_size <= 0:
+            self._unsized.add(b.digest)
         if persist:
             self.index.put_blob(b.row())
 
     def _drop(self, digest: bytes, tier: str) -> Blob | None:
-        per = self._blobs.get(digest)
-        b = per.pop(tier, None) if per else None
+        b = self._blobs[tier].pop(digest, None)
         if b is not None:
-            self._used[tier] -= b.size
+            self._used[tier] -= b.charged
+            self.queues[tier].drop(b)
+            if self._filling.get((digest, tier)) is b:
+                del self._filling[(digest, tier)]
             self.index.delete_blob(digest, tier)
-            if not per:
-                del self._blobs[digest]
         return b
-
-    def _add_snapshot(self, m: mf.Manifest, last_used: float, pinned: bool) -> None:
-        self._snapshots[m.snapshot_id] = Snapshot(m, last_used, pinned)
-        for f in m.files:
-            for off, c in f.offsets(m.chunk_size):
-                self._chunks.setdefault(c.id, (f.digest, off))
 
     def locate(self, digest: bytes, tiers: Sequence[Tier] | None = None) -> Blob | None:
         """The complete copy of a blob in the first tier (of `tiers`, default all) holding it."""
-        per = self._blobs.get(digest, {})
         for t in tiers if tiers is not None else self.tiers:
-            b = per.get(t.name)
+            b = self._blobs[t.name].get(digest)
             if b is not None and b.complete:
                 return b
         return None
 
     def partial(self, digest: bytes) -> Blob | None:
-        for b in self._blobs.get(digest, {}).values():
-            if not b.complete:
+        for per in self._blobs.values():
+            b = per.get(digest)
+            if b is not None and not b.complete:
                 return b
         return None
 
-    def chunk_location(self, cid: bytes) -> tuple[Blob, int] | None:
-        """A complete local blob that holds chunk `cid`, and the chunk's offset in it."""
-        loc = self._chunks.get(cid)
-        if loc is None:
-            return None
-        b = self.locate(loc[0])
-        return (b, loc[1]) if b is not None else None
+    def chunk_location(
+        self, cid: bytes, size: int | None = None, *, small: bool = False
+    ) -> tuple[Blob, int] | None:
+        """A complete local blob that holds chunk `cid`, and the chunk's offset in it.
 
-    def snapshot(self, snapshot_id: str) -> Snapshot | None:
-        return self._snapshots.get(snapshot_id)
-
-    def snapshots(self) -> list[Snapshot]:
-        return list(self._snapshots.values())
+        With the chunk's `size`: first the blob that is that chunk alone (a small file's,
+        its digest computed, no index read); and a chunk under DEDUP_QUERY_MIN (64 KiB) is
+        looked up no further. The chunk map is a query per chunk, which a cold restore of
+        100,000 small files would pay for each (their only rows name the blobs being filled);
+        a small chunk that is only the tail of a large file is then fetched again. `small`
+        looks those up too (the peer server: a peer asks for a chunk it knows we hold)."""
+        if size is not None:
+            b = self.locate(file_digest([(cid, size)]))
+            if b is not None:
+                return b, 0
+            if size < DEDUP_QUERY_MIN and not small:
+                return None
+        for digest, offset in self.snaps.locations(cid):
+            b = self.locate(digest)
+            if b is not None:
+                return b, offset
+        return None
 
     def digests(self, tier: Tier) -> list[bytes]:
         """Every blob (complete or partial) held in `tier`."""
-        return [d for d, per in self._blobs.items() if tier.name in per]
+        return list(self._blobs[tier.name])
 
     def is_held(self, digest: bytes) -> bool:
-        return self._held[digest] > 0
+        return any(digest in h for h in self._holds)
+
+    def pinned(self, digest: bytes) -> bool:
+        return self.snaps.pinned(digest)
 
     def copies(self, digest: bytes) -> list[Blob]:
-        return list(self._blobs.get(digest, {}).values())
+        return [b for per in self._blobs.values() if (b := per.get(digest)) is not None]
 
     def usage(self) -> list[TierUsage]:
         return [
-            TierUsage(
-                t.name,
-                str(t.root),
-                t.budget,
-                self._used[t.name],
-                sum(1 for per in self._blobs.values() if t.name in per),
-            )
+            TierUsage(t.name, str(t.root), t.budget, self._used[t.name], len(self._blobs[t.name]))
             for t in self.tiers
         ]
 
@@ -300,52 +334,99 @@ class Cache:
         raise TierError(f"no tier named {name!r} (tiers: {', '.join(t.name for t in self.tiers)})")
 
     # snapshots, pins, holds ------------------------------------------------------------------
-    def record_snapshot(self, m: mf.Manifest) -> None:
-        now = self.clock()
-        # Blobs found on disk with no index row (a lost index) learn their chunk size here,
-        # which verify needs to check them.
-        for f in m.files:
-            for b in self._blobs.get(f.digest, {}).values():
-                if b.chunk_size == 0:
-                    b.chunk_size = m.chunk_size
-                    self.index.put_blob(b.row())
-        if m.snapshot_id in self._snapshots:
-            self._snapshots[m.snapshot_id].last_used = now
-        else:
-            self._add_snapshot(m, now, False)
-            path = self.manifests_dir / m.snapshot_id
-            if not path.exists():
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(m.encoded)
-                os.replace(tmp, path)
-        self.index.put_snapshot(m, now)
+    def snapshot(self, snapshot_id: str) -> Snapshot | None:
+        return self.snaps.get(snapshot_id)
+
+    def snapshots(self) -> list[Snapshot]:
+        return self.snaps.all()
+
+    async def load_manifest(self, snapshot_id: str) -> mf.Manifest | None:
+        """A known snapshot's manifest (decoded in a thread if need be); see Snapshots."""
+        return await self.snaps.load_manifest(snapshot_id)
+
+    def record_snapshot(self, m: mf.Manifest) -> Snapshot:
+        """Remember a snapshot being used; cheap on the loop (see Snapshots.record)."""
+        s = self.snaps.record(m)
+        if self._unsized:
+            # Blobs found on disk with no index row (a lost index) learn their chunk size
+            # here, which verify needs to check them.
+            learnt = [
+                b
+                for d in self._unsized.intersection(m.blobs())
+                for b in self.copies(d)
+                if b.chunk_size <= 0
+            ]
+            for b in learnt:
+                b.chunk_size = m.chunk_size
+                self._unsized.discard(b.digest)
+            self.index.put_blobs([b.row() for b in learnt])
+        return s
 
     def set_pinned(self, snapshot_id: str, pinned: bool) -> None:
-        s = self._snapshots[snapshot_id]
-        s.pinned = pinned
-        self.index.set_pinned(snapshot_id, pinned)
+        released = self.snaps.set_pinned(snapshot_id, pinned)
+        if self._parked:
+            for d in self._parked.intersection(released):
+                if not self.is_held(d):
+                    self._unpark(d)
 
     def pinned_blobs(self) -> set[bytes]:
-        return {f.digest for s in self._snapshots.values() if s.pinned for f in s.manifest.files}
+        return self.snaps.pinned_blobs()
+
+    async def forget_unnamed(self) -> list[str]:
+        """Forget the snapshots no ref names, no pin holds and no running restore uses."""
+        return await self.snaps.forget_unnamed(
+            lambda ds: any(not h.isdisjoint(ds) for h in self._holds)
+        )
+
+    async def named_blobs(self) -> set[bytes]:
+        """Every blob a known snapshot names."""
+        return await self.snaps.named_blobs()
+
+    def presence(self, snapshot_id: str) -> tuple[dict[str, int], bool]:
+        """Bytes of a snapshot's blobs complete in each tier, and whether all of them are
+        somewhere. Blocking (it reads the snapshot's blob list): call it in a thread."""
+        per_tier = {t.name: 0 for t in self.tiers}
+        complete = True
+        for d, size in self.snaps.blob_sizes(snapshot_id):
+            found = False
+            for name, per in self._blobs.items():
+                b = per.get(d)
+                if b is not None and b.complete:
+                    per_tier[name] += size
+                    found = True
+            complete = complete and found
+        return per_tier, complete
 
     @contextlib.contextmanager
     def holding(self, digests: Iterable[bytes]) -> Iterator[None]:
         """Keep these blobs from eviction while a restore uses them."""
-        held = list(digests)
-        self._held.update(held)
+        held = frozenset(digests)
+        self._holds.append(held)
         try:
             yield
         finally:
-            self._held.subtract(held)
-            self._held += Counter()  # drop zero counts
+            del self._holds[next(i for i, h in enumerate(self._holds) if h is held)]
+            if self._parked:
+                for d in self._parked.intersection(held):
+                    if not self.is_held(d) and not self.snaps.pinned(d):
+                        self._unpark(d)
+
+    def _unpark(self, digest: bytes) -> None:
+        self._parked.discard(digest)
+        for name, per in self._blobs.items():
+            b = per.get(digest)
+            if b is not None and (digest, name) not in self._filling:
+                self.queues[name].push(b)
 
     def touch(self, digests: Iterable[bytes]) -> None:
+        """Mark blobs used now. The queues see it when a walk meets them; the index rows are
+        written by the index's writer thread."""
         now = self.clock()
         ds = list(digests)
-        for d in ds:
-            for b in self._blobs.get(d, {}).values():
+        for per in self._blobs.values():
+            for b in filter(None, map(per.get, ds)):
                 b.last_used = now
-        self.index.touch_blobs(ds, now)
+        self.index.later(self.index.touch_blobs, ds, now)
 
     # admission and eviction ---------------------------------------------------------------
     async def admit(
@@ -363,7 +444,7 @@ class Cache:
         no partial file exists that a restart could resume."""
         async with self._lock:
             existing = self.partial(digest)
-            if existing is not None and existing.tier in tiers:
+            if existing is not None and existing.tier in tiers and await self._resume(existing):
                 return existing.tier
             why: list[str] = []
             for t in tiers:
@@ -374,11 +455,32 @@ class Cache:
                 if need > 0 and not await self._make_room(t, need):
                     why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
                     continue
-                self._put(Blob(digest, t, size, chunk_size, False, 0, self.clock()), persist)
+                b = Blob(digest, t, size, chunk_size, False, 0, self.clock())
+                self._filling[(digest, t.name)] = b
+                self._put(b, persist)
                 return t
             raise TierError(
                 f"no tier can take blob {digest.hex()} of {size} bytes ({'; '.join(why)})"
             )
+
+    async def _resume(self, b: Blob) -> bool:
+        """Take a partial blob up for a fill: out of the queue, charged its full size again.
+        False if the tier has no room for the rest (it is removed: filled afresh elsewhere).
+        Runs under the lock."""
+        t, key = b.tier, (b.digest, b.tier.name)
+        self._filling[key] = b
+        self.queues[t.name].drop(b)
+        short = b.size - b.charged
+        need = self._used[t.name] + short - t.budget
+        if short > 0 and need > 0 and not await self._make_room(t, need):
+            if self._drop(b.digest, t.name) is b:
+                await asyncio.to_thread(t.remove_partial, b.digest)
+            return False
+        if self._blobs[t.name].get(b.digest) is not b:
+            return False  # dropped meanwhile (gc): admitted afresh
+        self._used[t.name] += short
+        b.charged, b.last_used = b.size, self.clock()
+        return True
 
     async def reserve(self, size: int, tiers: Sequence[Tier]) -> Tier | None:
         """Charge `size` bytes not yet named by a digest (publish). None if no tier has room."""
@@ -393,23 +495,35 @@ class Cache:
     def unreserve(self, tier: Tier, size: int) -> None:
         self._used[tier.name] -= size
 
-    def adopt(self, tier: Tier, st: BlobStat, chunk_size: int) -> None:
+    def adopt(self, tier: Tier, st: BlobStat, chunk_size: int, *, persist: bool = True) -> Blob:
         """Record a complete blob that was installed in `tier`, replacing any record of it.
-        `st` is the stat of bytes we wrote and hashed ourselves (a new inode: not lent)."""
-        self._put(
-            Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns)
-        )
+        `st` is the stat of bytes we wrote and hashed ourselves (a new inode: not lent).
+        `persist=False`: in memory only, for a blob not yet durable; `record_durable` writes
+        its row once it is."""
+        b = Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns)
+        self._put(b, persist)
+        return b
 
-    def completed(self, digest: bytes, tier: Tier, st: BlobStat) -> None:
-        """Record a blob admitted for filling as complete; `st` as adopt's."""
-        b = self._blobs[digest][tier.name]
+    def completed(self, digest: bytes, tier: Tier, st: BlobStat, *, persist: bool = True) -> Blob:
+        """Record a blob admitted for filling as complete; `st` and `persist` as adopt's."""
+        b = self._blobs[tier.name][digest]
         b.complete, b.last_used, b.lent = True, self.clock(), False
         b.mtime_ns, b.ctime_ns = st.mtime_ns, st.ctime_ns
-        self._put(b)
+        self._put(b, persist)
+        return b
+
+    def record_durable(self, blobs: Iterable[Blob]) -> Future[None]:
+        """Write the index rows of blobs completed with `persist=False`, now that a sync made
+        them durable: one transaction. One no longer this cache's record (evicted, dropped,
+        filled again meanwhile) is skipped; its row is someone else's to write or delete."""
+        # On the index's writer thread: a transaction of a few hundred rows is milliseconds
+        # the loop would otherwise stall for. A row that lands after an eviction's delete
+        # names a file that is gone, and the next load drops it.
+        return self.index.later(self.index.put_blobs, [b.row() for b in blobs if self._current(b)])
 
     def abandon(self, digest: bytes, tier: Tier) -> None:
         """Forget a partial blob whose fill failed (its files are already removed)."""
-        b = self._blobs.get(digest, {}).get(tier.name)
+        b = self._blobs[tier.name].get(digest)
         if b is not None and not b.complete:
             self._drop(digest, tier.name)
 
@@ -420,27 +534,56 @@ class Cache:
             fn = tier.remove_blob if b.complete else tier.remove_partial
             await asyncio.to_thread(fn, digest)
 
+    def _keep(self, b: Blob, busy: Collection[bytes]) -> bool:
+        """Whether a queued blob must stay (a walk then takes it out of the queue)."""
+        if self.is_held(b.digest) or self.snaps.pinned(b.digest):
+            self._parked.add(b.digest)
+            return True
+        if not b.complete and b.digest in busy:
+            # A fill holds it and is about to resume it: back in the queue once it is idle.
+            self._filling[(b.digest, b.tier.name)] = b
+            return True
+        return False
+
+    def _busy(self) -> Collection[bytes]:
+        """What the running fills hold; idle partial blobs they let go of are queued."""
+        if self.busy is None:
+            return ()
+        busy = self.busy()
+        for key, b in list(self._filling.items()):
+            if b.digest not in busy:
+                del self._filling[key]
+                if self._blobs[key[1]].get(key[0]) is b:
+                    self.queues[key[1]].push(b)
+        return busy
+
     async def _make_room(self, tier: Tier, need: int) -> bool:
         """Evict from `tier` until `need` bytes are free. Runs under the lock."""
-        pinned = self.pinned_blobs()
-        cands = [
-            Candidate(d, b.size, b.last_used)
-            for d, per in self._blobs.items()
-            if (b := per.get(tier.name)) is not None
-            and b.complete
-            and d not in pinned
-            and not self._held[d]
-        ]
-        victims = choose_victims(cands, need)
+        busy = self._busy()
+        victims = self.queues[tier.name].victims(need, lambda b: self._keep(b, busy))
         if victims is None:
             return False
         below = self.tiers[self.tiers.index(tier) + 1 :]
+        per = self._blobs[tier.name]
         freed = 0
-        for d in victims:
-            # Each await below lets a new restore take hold of a victim chosen before it:
-            # check again right before acting, and leave a held blob where it is.
-            b = self._blobs.get(d, {}).get(tier.name)
-            if b is None or not b.complete or self._held[d]:
+        for b in victims:
+            d = b.digest
+            # Each await below lets a new restore take hold of a victim chosen before it (or
+            # a fill resume it, or a pin name it): check again right before acting, and
+            # leave such a blob where it is.
+            if (
+                per.get(d) is not b
+                or self.is_held(d)
+                or self.snaps.pinned(d)
+                or (d, tier.name) in self._filling
+            ):
+                continue
+            if not b.complete:  # a partial blob no fill uses: its chunks come again if asked
+                self._drop(d, tier.name)
+                await asyncio.to_thread(tier.remove_partial, d)
+                self.evictions[(tier.name, "delete")] += 1
+                freed += b.charged
+                log.info("evicted partial blob %s from tier %s", d.hex()[:16], tier.name)
                 continue
             # copy_in hashes the copy before installing it, so a blob written through since
             # its last check is deleted, never laundered into a fresh record below.
@@ -448,7 +591,7 @@ class Cache:
             if demotable and await self._demote(b, below):
                 freed += b.size
                 continue
-            if self._held[d] or self._blobs.get(d, {}).get(tier.name) is not b:
+            if self.is_held(d) or per.get(d) is not b:
                 continue
             self._drop(d, tier.name)
             await asyncio.to_thread(tier.remove_blob, d)
@@ -482,7 +625,7 @@ class Cache:
                     b.digest, t, st.size, b.chunk_size, True, st.mtime_ns, b.last_used, st.ctime_ns
                 )
             )
-            if self._held[b.digest]:
+            if self.is_held(b.digest):
                 return False  # a restore took it during the copy: keep both copies
             self._drop(b.digest, b.tier.name)
             await asyncio.to_thread(b.tier.remove_blob, b.digest)
@@ -616,7 +759,7 @@ class Cache:
         """
         changed: list[BlobRow] = []
         for b in blobs:
-            cur = self._blobs.get(b.digest, {}).get(b.tier.name)
+            cur = self._blobs[b.tier.name].get(b.digest)
             if cur is not None and cur.complete and not cur.lent:
                 cur.lent = True
                 changed.append(cur.row())
@@ -627,7 +770,7 @@ class Cache:
         return await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
 
     def _current(self, b: Blob) -> bool:
-        return b.complete and self._blobs.get(b.digest, {}).get(b.tier.name) is b
+        return b.complete and self._blobs[b.tier.name].get(b.digest) is b
 
 
 def rehash(
@@ -671,6 +814,15 @@ def rehash(
         return Rehash(f"cannot read: {e.strerror}")
     finally:
         os.close(fd)
+
+
+def _allocated(path: Path, size: int) -> int | None:
+    """The bytes a partial blob file holds (its allocated blocks, at most `size`); None if
+    it is gone."""
+    try:
+        return min(size, os.stat(path).st_blocks * 512)
+    except OSError:
+        return None
 
 
 def blob_is_intact(path: Path, digest: bytes, size: int, chunk_size: int) -> str | None:

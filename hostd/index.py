@@ -1,35 +1,56 @@
-"""The embedded index: SQLite (WAL) records of blobs, chunk locations, snapshots, refs, pins.
+"""The embedded index: SQLite (WAL) records of blobs, snapshots, the chunk map, refs, pins.
 
-The tiers hold the bytes; the index remembers what they mean. It is written through on every
-change, read whole at start (the cache keeps an in-memory view), and reconciled with the
-tiers at start, so a lost or stale index costs a rescan, never a wrong byte. Statements are
-small and run on the caller's thread (the event loop): WAL with synchronous=NORMAL commits
-without an fsync, so each call costs microseconds.
+The tiers hold the bytes; the index remembers what they mean. Blob rows are read whole at
+start (the cache keeps an in-memory view of them) and written through on every change;
+snapshot rows are small summaries (the manifests themselves are files beside the index),
+and the chunk map (chunk id -> blob, offset) is only ever queried per chunk, so neither costs
+memory per chunk. The index is reconciled with the tiers at start, so a lost or stale index
+costs a rescan, never a wrong byte.
 
-A schema version is recorded. An index of version 1 is migrated in place (pins, snapshots and
-refs kept; its blob rows get an unknown ctime, so each blob is re-hashed before its first use);
-one of any other version is moved aside and rebuilt from the tiers and the manifests kept
-beside it.
+Single-row statements run on the caller's thread (the event loop): WAL with
+synchronous=NORMAL commits without an fsync, so each costs microseconds. Work proportional to
+a manifest (its chunk rows, a restore's touches) goes to `later`, one writer thread that runs
+jobs in order and writes in batches, each its own short transaction under the one lock, so a
+statement from the loop waits at most one batch. `close` waits for the jobs queued.
+
+A schema version is recorded. An older index is migrated in place, step by step (version 1:
+pins, snapshots and refs kept, its blob rows get an unknown ctime, so each blob is re-hashed
+before its first use; version 2: its snapshots are indexed again from their manifests at the
+next load); one of any other version is moved aside and rebuilt from the tiers and the
+manifests kept beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import json
+import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import Any, TypeVar
 
-from hostd.core import manifest as mf
 from hostd.lock import private_dir
 
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
 
 # A ctime no file has: the blob's bytes have not been verified since this record was made (an
 # index migrated from version 1, or a blob found on disk with no row), so the next use
 # re-hashes it.
 UNKNOWN_CTIME = 0
+
+# Rows written per transaction by bulk writes: small enough that a statement from the loop
+# waiting for the lock waits about a millisecond.
+BATCH = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,19 +61,49 @@ CREATE TABLE IF NOT EXISTS blobs(
     lent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(digest, tier)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(
     id TEXT PRIMARY KEY, manifest BLOB NOT NULL, last_used REAL NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0);
+    pinned INTEGER NOT NULL DEFAULT 0, chunk_size INTEGER, files INTEGER, bytes INTEGER,
+    compat TEXT, blobs BLOB);
+CREATE TABLE IF NOT EXISTS chunks(
+    id BLOB NOT NULL, blob BLOB NOT NULL, offset INTEGER NOT NULL,
+    PRIMARY KEY(id, blob)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs(
     ref TEXT NOT NULL, compat TEXT NOT NULL, snapshot TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY(ref, compat)) WITHOUT ROWID;
 """
+# snapshots.manifest: the manifest's bytes in a version-2 row, until the next load moves them
+# to the manifests directory (empty since). snapshots.blobs: NULL until the snapshot's chunk
+# rows are written (a load indexes such a row again); then packed (digest, size) entries.
 
-# Each step takes an index of version N to N+1 in place.
-_MIGRATIONS = {
-    1: """
-ALTER TABLE blobs ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE blobs ADD COLUMN lent INTEGER NOT NULL DEFAULT 0;
-""",
+# Each step takes an index of version N to N+1 in place: the columns to add (those it does
+# not have yet), by table. New tables come from _SCHEMA.
+_MIGRATIONS: dict[int, dict[str, dict[str, str]]] = {
+    1: {
+        "blobs": {
+            "ctime_ns": "INTEGER NOT NULL DEFAULT 0",
+            "lent": "INTEGER NOT NULL DEFAULT 0",
+        }
+    },
+    2: {
+        "snapshots": {
+            "chunk_size": "INTEGER",
+            "files": "INTEGER",
+            "bytes": "INTEGER",
+            "compat": "TEXT",
+            "blobs": "BLOB",
+        }
+    },
 }
+
+_PACKED = struct.Struct(">32sQ")  # one blob of a snapshot: digest, size
+
+
+def pack_blobs(blobs: Iterable[tuple[bytes, int]]) -> bytes:
+    """A snapshot's distinct blobs, as stored in its row: (digest, size) entries."""
+    return b"".join(_PACKED.pack(d, size) for d, size in blobs)
+
+
+def unpack_blobs(packed: bytes) -> Iterator[tuple[bytes, int]]:
+    return _PACKED.iter_unpack(packed)
 
 
 @dataclass(slots=True)
@@ -74,17 +125,32 @@ class BlobRow:
 
 @dataclass(slots=True)
 class SnapshotRow:
+    """A snapshot's summary. `indexed`: its chunk rows and blob list are written (False: a
+    version-2 row, or a daemon that stopped before its writer got to it)."""
+
     id: str
-    manifest: bytes
     last_used: float
     pinned: bool
+    chunk_size: int = 0
+    files: int = 0
+    bytes: int = 0
+    compat: Mapping[str, str] = field(default_factory=dict)
+    indexed: bool = False
+
+
+T = TypeVar("T")
 
 
 class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rebuilt = False
+        self.closed = False
         private_dir(path.parent)  # the index and manifests are the daemon's alone
+        # One connection, shared by the loop and the writer thread: the lock keeps their
+        # statements (and the writer's transactions) from interleaving.
+        self._lock = threading.RLock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hostd-index")
         self.db = self._open()
         version = self._version()
         if version is not None and version < SCHEMA_VERSION and self._migrate(version):
@@ -101,9 +167,11 @@ class Index:
             self.rebuilt = True
         elif version is None:
             self.rebuilt = True
-        with self.db:
-            self.db.executescript(_SCHEMA)
-            self.db.execute(
+        with self._tx() as db:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(
                 "INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
 
@@ -123,9 +191,11 @@ class Index:
             return False
         with self._tx() as db:
             for v in range(version, SCHEMA_VERSION):
-                for stmt in _MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
+                for table, columns in _MIGRATIONS[v].items():
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for name, decl in columns.items():
+                        if name not in have:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         return True
 
@@ -138,29 +208,72 @@ class Index:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _first(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        with self._lock:
+            return self.db.execute(sql, args).rowcount
+
+    def _batched(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        it = iter(rows)
+        while batch := list(islice(it, BATCH)):
+            with self._tx() as db:
+                db.executemany(sql, batch)
+
+    # the writer thread
+    def later(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on the writer thread, after the jobs queued before it. A job that
+        fails is logged (and its future holds the error)."""
+
+        def job() -> T:
+            try:
+                return fn(*args)
+            except BaseException:
+                log.exception("index job %s failed", getattr(fn, "__name__", fn))
+                raise
+
+        return self._writer.submit(job)
+
+    def flush(self) -> None:
+        """Wait for the jobs queued so far (blocking)."""
+        self.later(lambda: None).result()
 
     def close(self) -> None:
-        self.db.close()
+        """Finish the queued jobs, then close."""
+        if self.closed:
+            return
+        self._writer.shutdown(wait=True)
+        with self._lock:
+            self.closed = True
+            self.db.close()
 
     # blobs
     def blobs(self) -> list[BlobRow]:
-        rows = self.db.execute(
+        rows = self._all(
             "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent"
             " FROM blobs"
-        ).fetchall()
+        )
         return [
             BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], bool(r[8])) for r in rows
         ]
 
     def put_blob(self, row: BlobRow) -> None:
-        self.db.execute(_PUT_BLOB, _blob_values(row))
+        self._exec(_PUT_BLOB, _blob_values(row))
 
     def put_blobs(self, rows: Iterable[BlobRow]) -> None:
         """Write blob rows in one transaction (one commit for a whole snapshot's blobs)."""
@@ -168,54 +281,163 @@ class Index:
             db.executemany(_PUT_BLOB, (_blob_values(r) for r in rows))
 
     def delete_blob(self, digest: bytes, tier: str) -> None:
-        self.db.execute("DELETE FROM blobs WHERE digest=? AND tier=?", (digest, tier))
+        self._exec("DELETE FROM blobs WHERE digest=? AND tier=?", (digest, tier))
 
     def touch_blobs(self, digests: Iterable[bytes], when: float) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE blobs SET last_used=? WHERE digest=?", ((when, d) for d in digests)
-            )
+        self._batched(
+            "UPDATE blobs SET last_used=? WHERE digest=?", ((when, d) for d in _in_order(digests))
+        )
 
     # snapshots
     def snapshots(self) -> list[SnapshotRow]:
-        rows = self.db.execute("SELECT id, manifest, last_used, pinned FROM snapshots").fetchall()
-        return [SnapshotRow(r[0], r[1], r[2], bool(r[3])) for r in rows]
-
-    def put_snapshot(self, m: mf.Manifest, when: float) -> None:
-        self.db.execute(
-            "INSERT INTO snapshots VALUES(?,?,?,0) "
-            "ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used",
-            (m.snapshot_id, m.encoded, when),
+        rows = self._all(
+            "SELECT id, last_used, pinned, chunk_size, files, bytes, compat, blobs IS NOT NULL"
+            " FROM snapshots"
         )
+        return [
+            SnapshotRow(
+                r[0],
+                r[1],
+                bool(r[2]),
+                r[3] or 0,
+                r[4] or 0,
+                r[5] or 0,
+                json.loads(r[6]) if r[6] else {},
+                bool(r[7]),
+            )
+            for r in rows
+        ]
+
+    def put_snapshot(self, s: SnapshotRow) -> None:
+        """Record a snapshot not indexed yet (`index_snapshot` does that); if it is known,
+        only its last use changes."""
+        self._exec(
+            "INSERT INTO snapshots(id, manifest, last_used, pinned, chunk_size, files, bytes,"
+            " compat) VALUES(?,x'',?,?,?,?,?,?)"
+            " ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used",
+            (
+                s.id,
+                s.last_used,
+                int(s.pinned),
+                s.chunk_size,
+                s.files,
+                s.bytes,
+                json.dumps(dict(s.compat), sort_keys=True),
+            ),
+        )
+
+    def touch_snapshot(self, snapshot_id: str, when: float) -> None:
+        self._exec("UPDATE snapshots SET last_used=? WHERE id=?", (when, snapshot_id))
+
+    def index_snapshot(
+        self, s: SnapshotRow, blobs: bytes, chunks: Iterable[tuple[bytes, bytes, int]]
+    ) -> None:
+        """Write a snapshot's chunk rows (chunk id, blob digest, offset), in batches, then
+        its blob list and summary, which mark it indexed. The row must exist."""
+        # In key order: each batch then changes a few neighbouring pages of the table, not
+        # one page per row all over it (chunk ids are random).
+        self._batched("INSERT OR IGNORE INTO chunks VALUES(?,?,?)", _in_order(chunks))
+        self._exec(
+            "UPDATE snapshots SET manifest=x'', chunk_size=?, files=?, bytes=?, compat=?,"
+            " blobs=? WHERE id=?",
+            (
+                s.chunk_size,
+                s.files,
+                s.bytes,
+                json.dumps(dict(s.compat), sort_keys=True),
+                blobs,
+                s.id,
+            ),
+        )
+
+    def legacy_manifest(self, snapshot_id: str) -> bytes:
+        """The manifest bytes a version-2 row holds (b"" if none)."""
+        row = self._first("SELECT manifest FROM snapshots WHERE id=?", (snapshot_id,))
+        return bytes(row[0]) if row else b""
+
+    def snapshot_blobs(self, snapshot_id: str) -> bytes | None:
+        """The packed blob list of an indexed snapshot (see unpack_blobs); None if not."""
+        row = self._first("SELECT blobs FROM snapshots WHERE id=?", (snapshot_id,))
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def all_snapshot_blobs(self) -> Iterator[tuple[str, int, bytes]]:
+        """(id, chunk size, packed blob list) of every indexed snapshot, one at a time."""
+        ids = [r[0] for r in self._all("SELECT id FROM snapshots WHERE blobs NOT NULL")]
+        for sid in ids:
+            row = self._first("SELECT chunk_size, blobs FROM snapshots WHERE id=?", (sid,))
+            if row is not None and row[1] is not None:
+                yield sid, row[0], bytes(row[1])
 
     def set_pinned(self, snapshot_id: str, pinned: bool) -> bool:
-        cur = self.db.execute(
-            "UPDATE snapshots SET pinned=? WHERE id=?", (int(pinned), snapshot_id)
+        return (
+            self._exec("UPDATE snapshots SET pinned=? WHERE id=?", (int(pinned), snapshot_id)) > 0
         )
-        return cur.rowcount > 0
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
             db.execute("DELETE FROM refs WHERE snapshot=?", (snapshot_id,))
 
+    def unnamed_snapshots(self) -> list[str]:
+        """Snapshots neither pinned nor named by a ref."""
+        rows = self._all(
+            "SELECT id FROM snapshots WHERE pinned=0"
+            " AND id NOT IN (SELECT snapshot FROM refs) ORDER BY id"
+        )
+        return [str(r[0]) for r in rows]
+
+    # the chunk map: where a local copy of a chunk may be
+    def chunk_locations(self, cid: bytes) -> list[tuple[bytes, int]]:
+        return self._all("SELECT blob, offset FROM chunks WHERE id=?", (cid,))
+
+    def chunk_blobs(self, cids: Sequence[bytes]) -> dict[bytes, list[bytes]]:
+        """The blobs holding each of `cids`, in queries of up to 500 ids."""
+        out: dict[bytes, list[bytes]] = {}
+        for i in range(0, len(cids), 500):
+            part = cids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for cid, blob in self._all(
+                f"SELECT id, blob FROM chunks WHERE id IN ({marks})", tuple(part)
+            ):
+                out.setdefault(cid, []).append(blob)
+        return out
+
+    def drop_chunks(self, rows: Iterable[tuple[bytes, bytes]]) -> None:
+        """Delete chunk rows, by (chunk id, blob digest), in batches."""
+        self._batched("DELETE FROM chunks WHERE id=? AND blob=?", _in_order(rows))
+
+    def count_chunks(self) -> int:
+        return int(self._first("SELECT count(*) FROM chunks")[0])
+
     # refs: the last resolution of each (ref, compat digest), used when the origin is down
     def put_ref(self, ref: str, compat: str, snapshot_id: str, when: float) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO refs VALUES(?,?,?,?)", (ref, compat, snapshot_id, when)
-        )
+        self._exec("INSERT OR REPLACE INTO refs VALUES(?,?,?,?)", (ref, compat, snapshot_id, when))
 
     def get_ref(self, ref: str, compat: str) -> str | None:
-        row = self.db.execute(
-            "SELECT snapshot FROM refs WHERE ref=? AND compat=?", (ref, compat)
-        ).fetchone()
+        row = self._first("SELECT snapshot FROM refs WHERE ref=? AND compat=?", (ref, compat))
         return str(row[0]) if row else None
 
     def refs_of(self, snapshot_id: str) -> list[str]:
-        rows = self.db.execute(
+        rows = self._all(
             "SELECT DISTINCT ref FROM refs WHERE snapshot=? ORDER BY ref", (snapshot_id,)
-        ).fetchall()
+        )
         return [str(r[0]) for r in rows]
+
+
+S = TypeVar("S", bound=tuple[Any, ...] | bytes)
+
+# Rows sorted at once, at most: a sort holds the GIL, and the loop waits for it meanwhile.
+SORT_RUN = 4096
+
+
+def _in_order(rows: Iterable[S]) -> Iterator[S]:
+    """`rows` sorted, in runs merged as they are read, so no one sort holds the GIL long."""
+    it = iter(rows)
+    runs = []
+    while run := list(islice(it, SORT_RUN)):
+        run.sort()
+        runs.append(run)
+    return heapq.merge(*runs)
 
 
 _PUT_BLOB = (

@@ -1,7 +1,11 @@
-"""Maintenance: gc (drop what nothing needs) and verify (re-hash every cached blob)."""
+"""Maintenance: gc (drop what nothing needs) and verify (re-hash every cached blob).
+
+Both walk every blob, so both yield to the loop as they go; neither decodes a manifest on it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection
 from typing import Any
@@ -13,26 +17,34 @@ log = logging.getLogger(__name__)
 
 
 async def gc(cache: Cache, busy: Collection[bytes]) -> dict[str, Any]:
-    """Remove partial blobs no fill is using, blobs no known snapshot names, and bring every
-    tier within its budget. `busy`: digests being filled right now."""
-    wanted = {f.digest for s in cache.snapshots() for f in s.manifest.files}
+    """Forget the snapshots no ref names and no pin holds (unless a restore is using one),
+    then remove partial blobs no fill is using and blobs no known snapshot names, and bring
+    every tier within its budget. `busy`: digests being filled right now."""
+    # A blob used since gc began belongs to a restore that recorded its snapshot meanwhile,
+    # which `wanted` may not show: it stays.
+    started = cache.clock()
+    forgot = await cache.forget_unnamed()
+    wanted = await cache.named_blobs()
     removed_blobs = removed_partials = freed = 0
     for u in list(cache.usage()):
         tier = cache.tier(u.name)
-        for digest in list(cache.digests(tier)):
+        for i, digest in enumerate(cache.digests(tier)):
+            if i % 4096 == 4095:
+                await asyncio.sleep(0)  # a tier of many blobs: let the loop breathe
             b = cache.locate(digest, [tier]) or cache.partial(digest)
             if b is None or b.tier is not tier or digest in busy or cache.is_held(digest):
                 continue
             if not b.complete:
                 removed_partials += 1
-            elif digest in wanted:
+            elif digest in wanted or cache.pinned(digest) or b.last_used > started:
                 continue
             else:
                 removed_blobs += 1
-            freed += b.size
+            freed += b.charged
             await cache.remove(digest, tier)
     await cache.enforce_budgets()
     return {
+        "forgot_snapshots": len(forgot),
         "removed_blobs": removed_blobs,
         "removed_partials": removed_partials,
         "freed_bytes": freed,

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+import hostd.maintain
 from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
@@ -41,6 +42,7 @@ from hostd.tier import BLOB_MODE, BlobStat, Tier
 
 CS = mf.MIN_CHUNK_SIZE
 DEADLINE = 5.0
+MTIME = 1_700_000_000_000_000_000  # what the test entries record (format 2 records one)
 
 
 class Clock:
@@ -67,7 +69,7 @@ def entry_of(name: str, data: bytes) -> FileEntry:
     chunks = tuple(
         Chunk(chunk_id(data[o : o + CS]), len(data[o : o + CS])) for o in range(0, len(data), CS)
     )
-    return FileEntry(name, 0o644, len(data), chunks)
+    return FileEntry(name, 0o644, len(data), chunks, MTIME)
 
 
 def write_blob(tier: Tier, e: FileEntry, data: bytes) -> BlobStat:
@@ -402,7 +404,7 @@ async def test_held_blobs_are_never_evicted(tmp_path: Path) -> None:
         env.close()
 
 
-async def test_partial_blobs_are_never_evicted(tmp_path: Path) -> None:
+async def test_partial_blobs_being_filled_are_never_evicted(tmp_path: Path) -> None:
     env = Env(tmp_path, {"only": 1000})
     try:
         cache = env.open()
@@ -413,6 +415,97 @@ async def test_partial_blobs_are_never_evicted(tmp_path: Path) -> None:
         assert where(cache, a) == [("only", False)]
     finally:
         env.close()
+
+
+async def test_a_partial_blob_no_fill_holds_is_evicted_by_its_last_use(tmp_path: Path) -> None:
+    """A partial blob a cancelled fill kept (the fills' `busy` no longer names it) is an
+    eviction candidate like a complete one; while a fill holds it, it is not."""
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        (only,) = cache.tiers
+        busy: set[bytes] = set()
+        cache.busy = lambda: busy
+        a, b, c, d = (env.file(n, 400) for n in "abcd")
+        await env.put(cache, b)
+        env.clock.tick()
+        busy.add(a.digest)  # a fill claims a, then admits it and writes a chunk
+        await cache.admit(a.digest, a.size, CS, cache.tiers)
+        pb = only.open_partial(a.digest, a.size, 1)
+        pb.write(0, 0, env.data[a.digest])
+        pb.close()
+
+        await env.put(cache, c)  # 200 bytes short: b goes, a is being filled
+        assert cache.locate(b.digest) is None
+        assert where(cache, a) == [("only", False)]
+
+        busy.discard(a.digest)  # the fill was cancelled, its partial kept for a resume
+        await env.put(cache, d)  # 200 short: a, older than c, goes with its files
+        assert cache.copies(a.digest) == []
+        assert not only.partial_path(a.digest).exists()
+        assert list(only.partial_dir.iterdir()) == []
+        assert {x.path for x in (c, d) if cache.locate(x.digest)} == {"c", "d"}
+        assert cache.evictions[("only", "delete")] == 2
+        assert used(cache) == {"only": 800}
+    finally:
+        env.close()
+
+
+async def test_a_partial_blob_left_at_a_stop_is_charged_what_it_holds(big_env: Env) -> None:
+    """After a restart a partial blob is charged the bytes it holds and can be evicted; a
+    resume charges its full size again, and keeps it from eviction while it fills."""
+    env = big_env
+    cache = env.open()
+    _mem, disk = cache.tiers
+    p = env.file("p", 3 * CS)
+    await cache.admit(p.digest, p.size, CS, [disk])
+    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
+    pb.write(0, 0, env.data[p.digest][:CS])  # one chunk of three, then the daemon stops
+    pb.close()
+    assert used(cache)["disk"] == 3 * CS
+    env.close()
+
+    again = env.open()
+    disk = again.tiers[1]
+    assert where(again, p) == [("disk", False)]
+    assert used(again)["disk"] == CS
+    assert await again.admit(p.digest, p.size, CS, [disk]) is disk  # a fill resumes it
+    assert used(again)["disk"] == 3 * CS
+    q = env.file("q", 2 * CS)
+    with pytest.raises(TierError, match="nothing evictable"):
+        await again.admit(q.digest, q.size, CS, [disk])
+    env.close()
+
+    third = env.open()
+    disk = third.tiers[1]
+    assert used(third)["disk"] == CS
+    big = env.file("big", 3 * CS + 1)  # one byte short: the idle partial goes
+    assert await third.admit(big.digest, big.size, CS, [disk]) is disk
+    assert third.copies(p.digest) == []
+    assert not disk.partial_path(p.digest).exists()
+    assert used(third)["disk"] == 3 * CS + 1
+    assert third.evictions[("disk", "delete")] == 1
+
+
+async def test_partial_blobs_that_cannot_be_resumed_are_removed_at_load(env: Env) -> None:
+    cache = env.open()
+    mem, _disk = cache.tiers
+    p, q = env.file("p", 300), env.file("q", 200)
+    for x in (p, q):
+        await cache.admit(x.digest, x.size, CS, [mem])
+        mem.open_partial(x.digest, x.size, 1).close()
+    env.close()
+    db = sqlite3.connect(env.root / "index.db")
+    with contextlib.closing(db):  # p's row no longer fits its file; q's has no chunk size
+        db.execute("UPDATE blobs SET size=size+1 WHERE digest=?", (p.digest,))
+        db.execute("UPDATE blobs SET chunk_size=0 WHERE digest=?", (q.digest,))
+        db.commit()
+
+    again = env.open()
+
+    assert again.copies(p.digest) == again.copies(q.digest) == []
+    assert list(mem.partial_dir.iterdir()) == []
+    assert used(again) == {"mem": 0, "disk": 0}
 
 
 async def test_enforce_budgets_after_a_lower_budget(env: Env) -> None:
@@ -544,7 +637,7 @@ class CacheMachine(RuleBasedStateMachine):
             st.lists(st.sampled_from(self.complete_digests()), min_size=1, max_size=3, unique=True)
         )
         files = [
-            FileEntry(f"p{i}", 0o644, self.entries[d].size, self.entries[d].chunks)
+            FileEntry(f"p{i}", 0o644, self.entries[d].size, self.entries[d].chunks, MTIME)
             for i, d in enumerate(ds)
         ]
         m = mf.build(chunk_size=CS, files=files, meta={"n": str(self.n)})
@@ -661,7 +754,9 @@ async def test_load_after_restart_restores_the_view(big_env: Env) -> None:
     again = env.open()
 
     assert view(again) == before
-    assert used(again) == usage_before == {"mem": 500, "disk": 1200 + c.size}
+    assert usage_before == {"mem": 500, "disk": 1200 + c.size}
+    # The partial blob holds no bytes yet: charged nothing until a fill resumes it.
+    assert used(again) == {"mem": 300, "disk": 1200 + c.size}
     assert again.snapshot(m.snapshot_id) is not None
     assert again.pinned_blobs() == {a.digest, c.digest}
     loc = again.chunk_location(c.chunks[2].id)
@@ -1106,3 +1201,164 @@ async def test_a_poisoned_blob_is_not_demoted(env: Env) -> None:
     assert list(disk.tmp_dir.iterdir()) == []
     assert used(cache) == {"mem": 600, "disk": 0}
     assert cache.evictions[("mem", "delete")] == 1
+
+
+# -- snapshots: kept in the index, forgotten by gc when nothing names them -------------------------
+
+
+async def test_gc_forgets_snapshots_no_ref_or_pin_names_and_then_their_blobs(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b, c, d, e = (env.file(n, 150) for n in "abcde")
+    for x in (a, b, c, d, e):
+        await env.put(cache, x, [mem if x in (a, b) else disk])
+    named = mf.build(chunk_size=CS, files=[a, b])
+    pinned = mf.build(chunk_size=CS, files=[c])
+    old = mf.build(chunk_size=CS, files=[b, d])  # shares b with `named`
+    in_use = mf.build(chunk_size=CS, files=[e])  # restored by id, still being restored
+    for m in (named, pinned, old, in_use):
+        cache.record_snapshot(m)
+    cache.index.put_ref("r", "k", named.snapshot_id, 1.0)
+    cache.set_pinned(pinned.snapshot_id, True)
+
+    with cache.holding(in_use.blobs()):
+        report = await hostd.maintain.gc(cache, busy=set())
+
+    assert report == {
+        "forgot_snapshots": 1,
+        "removed_blobs": 1,
+        "removed_partials": 0,
+        "freed_bytes": 150,
+    }
+    assert {s.id for s in cache.snapshots()} == {
+        named.snapshot_id,
+        pinned.snapshot_id,
+        in_use.snapshot_id,
+    }
+    assert old.snapshot_id not in {r.id for r in cache.index.snapshots()}
+    assert not (env.root / "manifests" / old.snapshot_id).exists()
+    assert cache.locate(d.digest) is None  # only `old` named it
+    assert not disk.blob_path(d.digest).exists()
+    assert cache.index.chunk_locations(d.chunks[0].id) == []
+    loc = cache.chunk_location(b.chunks[0].id)  # b's rows stay: `named` names it
+    assert loc is not None
+    assert loc[0].digest == b.digest
+    for x in (a, b, c, e):
+        assert cache.locate(x.digest) is not None
+
+    # The restore is over, and the ref moved on: both go at the next gc.
+    cache.index.put_ref("r", "k", pinned.snapshot_id, 2.0)
+    again = await hostd.maintain.gc(cache, busy=set())
+    assert (again["forgot_snapshots"], again["removed_blobs"]) == (2, 3)
+    assert [s.id for s in cache.snapshots()] == [pinned.snapshot_id]
+    assert [x.path for x in (a, b, c, d, e) if cache.locate(x.digest)] == ["c"]
+    assert cache.index.chunk_locations(a.chunks[0].id) == []
+    assert sorted(p.name for p in (env.root / "manifests").iterdir()) == [pinned.snapshot_id]
+    env.close()
+    # The forgetting is in the index: a restart does not bring them back.
+    third = env.open()
+    assert [s.id for s in third.snapshots()] == [pinned.snapshot_id]
+
+
+async def test_a_snapshot_recorded_again_during_gc_keeps_its_rows(env: Env) -> None:
+    """gc forgets a snapshot, and a restore by id records it again before gc's writer job
+    drops its chunk rows and manifest file: the new record's job, queued after, writes
+    them again."""
+    cache = env.open()
+    a = env.file("a", 150)
+    await env.put(cache, a)
+    m = mf.build(chunk_size=CS, files=[a])
+    cache.record_snapshot(m)
+    first, second = threading.Event(), threading.Event()
+    forgotten = asyncio.Event()
+    delete = cache.index.delete_snapshot
+
+    def deleting(snapshot_id: str) -> None:
+        delete(snapshot_id)
+        forgotten.set()
+
+    cache.index.delete_snapshot = deleting  # type: ignore[method-assign]
+    cache.index.later(first.wait, DEADLINE)  # the writer waits: gc's jobs queue behind
+    async with asyncio.timeout(DEADLINE):
+        forgetting = asyncio.create_task(cache.forget_unnamed())
+        await asyncio.sleep(0)  # it has queued its listing
+        cache.index.later(second.wait, DEADLINE)
+        first.set()
+        await forgotten.wait()  # listed and forgotten; its rows not dropped yet
+        assert cache.snapshot(m.snapshot_id) is None
+        cache.record_snapshot(m)
+        second.set()
+        assert await forgetting == [m.snapshot_id]
+        await asyncio.to_thread(cache.index.flush)
+    assert cache.snapshot(m.snapshot_id) is not None
+    assert cache.index.chunk_locations(a.chunks[0].id) == [(a.digest, 0)]
+    assert (env.root / "manifests" / m.snapshot_id).exists()
+
+
+async def test_manifests_are_decoded_on_demand_and_an_unreadable_one_is_forgotten(
+    env: Env,
+) -> None:
+    cache = env.open()
+    a, b = env.file("a", 150), env.file("b", 150)
+    ma, mb = mf.build(chunk_size=CS, files=[a]), mf.build(chunk_size=CS, files=[b])
+    cache.record_snapshot(ma)
+    cache.record_snapshot(mb)
+    cache.set_pinned(mb.snapshot_id, True)
+    env.close()
+    again = env.open()
+    s = again.snapshot(ma.snapshot_id)
+    assert s is not None
+    assert (s.files, s.bytes, s.chunk_size, s.pinned) == (1, 150, CS, False)
+    got = await again.load_manifest(ma.snapshot_id)
+    assert got == ma
+    assert s.manifest is got  # kept: decoded once
+    assert await again.load_manifest("0" * 64) is None
+    for m in (ma, mb):
+        (env.root / "manifests" / m.snapshot_id).write_bytes(b"not a manifest")
+    other = env.open()
+    assert await other.load_manifest(ma.snapshot_id) is None
+    assert other.snapshot(ma.snapshot_id) is None  # forgotten: its ref resolves it again
+    assert await other.load_manifest(mb.snapshot_id) is None
+    assert other.snapshot(mb.snapshot_id) is not None  # pinned: kept, pin and all
+    assert other.pinned_blobs() == {b.digest}
+
+
+async def test_a_version_2_index_is_migrated_and_its_snapshots_indexed_again(env: Env) -> None:
+    cache = env.open()
+    mem, _disk = cache.tiers
+    a, b = env.file("a", 300), env.file("b", 300)
+    await env.put(cache, a, [mem])
+    await env.put(cache, b, [mem])
+    m = mf.build(chunk_size=CS, files=[a, b])
+    cache.record_snapshot(m)
+    cache.set_pinned(m.snapshot_id, True)
+    cache.index.put_ref("r", "c", m.snapshot_id, 1.0)
+    env.close()
+    db = sqlite3.connect(env.root / "index.db")
+    with contextlib.closing(db):  # what a version-2 daemon left: manifests in the rows
+        db.execute(
+            "CREATE TABLE old(id TEXT PRIMARY KEY, manifest BLOB NOT NULL,"
+            " last_used REAL NOT NULL, pinned INTEGER NOT NULL DEFAULT 0)"
+        )
+        db.execute("INSERT INTO old SELECT id, ?, last_used, pinned FROM snapshots", (m.encoded,))
+        db.execute("DROP TABLE snapshots")
+        db.execute("ALTER TABLE old RENAME TO snapshots")
+        db.execute("DROP TABLE chunks")
+        db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        db.commit()
+    (env.root / "manifests" / m.snapshot_id).unlink()
+
+    again = env.open()
+
+    assert not again.index.rebuilt
+    assert not (env.root / "index.db.v2.old").exists()
+    assert again.pinned_blobs() == {a.digest, b.digest}
+    assert again.index.get_ref("r", "c") == m.snapshot_id
+    loc = again.chunk_location(b.chunks[0].id)
+    assert loc is not None
+    assert loc[0].digest == b.digest
+    assert (env.root / "manifests" / m.snapshot_id).read_bytes() == m.encoded
+    assert again.index.legacy_manifest(m.snapshot_id) == b""
+    s = again.snapshot(m.snapshot_id)
+    assert s is not None
+    assert (s.files, s.bytes) == (2, 600)

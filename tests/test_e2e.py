@@ -456,7 +456,12 @@ def test_gc_and_verify(work: Path) -> None:
         assert len(partial_files(mem)) == 1
         assert d.api("POST", "/v1/gc", {}) == (
             200,
-            {"removed_blobs": 0, "removed_partials": 1, "freed_bytes": 4 * SMALL_CHUNK},
+            {
+                "forgot_snapshots": 0,
+                "removed_blobs": 0,
+                "removed_partials": 1,
+                "freed_bytes": 4 * SMALL_CHUNK,
+            },
         )
         assert partial_files(mem) == []
         assert len(blob_files(mem)) == 2  # what a known snapshot needs stays

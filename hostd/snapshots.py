@@ -1,0 +1,451 @@
+"""The snapshots this host knows: their records, pins, manifests and the chunk map.
+
+A snapshot is remembered as a small record (`Snapshot`: id, last use, pin, sizes) in memory
+and a row in the index; its manifest is a file under the manifests directory, decoded on
+demand, the last few decoded kept (bounded in chunks). The chunk map (chunk id -> blob
+digest, offset: where a local copy of a chunk may lie) is in the index, queried per chunk.
+Pins are counted per blob, so whether a blob is pinned is one lookup.
+
+A newly recorded snapshot is indexed (manifest file, chunk rows, blob list) by the index's
+writer thread, so the loop pays for none of it, and its chunks are found once that is done
+(until then a fill fetches them elsewhere, which is only slower). A small one is indexed at
+once, on the loop, for what that costs is less than a thread hop. A load indexes whatever a
+stopped daemon left unindexed.
+
+Must not: decode or walk a big manifest on the loop; keep memory per chunk for a snapshot once
+it is indexed; forget a snapshot a ref names, a pin holds or a running restore uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import operator
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostd.core import manifest as mf
+from hostd.errors import ManifestError
+from hostd.index import Index, SnapshotRow, pack_blobs, unpack_blobs
+from hostd.lock import private_dir
+
+log = logging.getLogger(__name__)
+
+# Decoded manifests kept for reuse: at most this many, holding at most DECODED_CHUNKS chunks
+# in all (a decoded chunk costs a few hundred bytes; a manifest bigger than that is decoded
+# for each use instead).
+DECODED_MANIFESTS = 8
+DECODED_CHUNKS = 1 << 16
+
+# A manifest of at most this many chunks is indexed on the loop when it is recorded (a
+# millisecond or two), not by the writer thread.
+SMALL_MANIFEST_CHUNKS = 512
+
+
+@dataclass(slots=True, eq=False)
+class Snapshot:
+    """What is remembered of a known snapshot; its manifest is decoded on demand."""
+
+    id: str
+    last_used: float
+    pinned: bool
+    chunk_size: int
+    files: int
+    bytes: int
+    compat: Mapping[str, str]
+    _store: Snapshots = field(repr=False)
+
+    @property
+    def manifest(self) -> mf.Manifest:
+        """Its manifest: blocking when it is not among the last used (it is decoded from its
+        file); on the loop, `await Snapshots.load_manifest(id)` decodes it in a thread."""
+        return self._store.manifest(self.id)
+
+
+@dataclass(slots=True)
+class _Indexing:
+    """A snapshot whose indexing the writer thread has not finished."""
+
+    manifest: mf.Manifest
+    job: Future[None]
+
+
+_SIZE = operator.attrgetter("size")
+_CHUNKS = operator.attrgetter("chunks")
+
+
+def _chunk_count(m: mf.Manifest) -> int:
+    """m.chunk_count, without a Python frame per file (this runs on the loop)."""
+    return sum(map(len, map(_CHUNKS, m.files)))
+
+
+def decode_manifest(data: bytes) -> mf.Manifest:
+    """`mf.decode`, with the id and the file digests computed too (blocking: in a thread),
+    so that no later use computes them on the loop."""
+    m = mf.decode(data)
+    _ = m.snapshot_id
+    m.blobs()
+    return m
+
+
+def chunk_rows(m: mf.Manifest) -> Iterator[tuple[bytes, bytes, int]]:
+    """The chunk map entries of a manifest: (chunk id, blob digest, offset in the blob)."""
+    for digest, f in m.blobs().items():
+        for off, c in f.offsets(m.chunk_size):
+            yield c.id, digest, off
+
+
+class Snapshots:
+    def __init__(
+        self,
+        index: Index,
+        manifests_dir: Path,
+        clock: Callable[[], float],
+        *,
+        decoded_chunks: int = DECODED_CHUNKS,
+    ) -> None:
+        self.index = index
+        self.manifests_dir = manifests_dir
+        self.clock = clock
+        self.decoded_chunks = decoded_chunks
+        self._records: dict[str, Snapshot] = {}
+        self._pins: dict[bytes, int] = {}  # blob digest -> pinned snapshots that name it
+        self._indexing: dict[str, _Indexing] = {}
+        self._erasing: list[Future[None]] = []  # gc's jobs dropping forgotten snapshots' rows
+        self._decoded: OrderedDict[str, tuple[mf.Manifest, int]] = OrderedDict()
+        self._decoded_total = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Snapshots({len(self._records)}, pinned blobs={len(self._pins)}, "
+            f"indexing={len(self._indexing)}, decoded={len(self._decoded)})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, snapshot_id: str) -> Snapshot | None:
+        return self._records.get(snapshot_id)
+
+    def all(self) -> list[Snapshot]:
+        return list(self._records.values())
+
+    # start-up ----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the records, index what is not indexed yet (rows a version-2 index or a
+        stopped daemon left; manifests found with no row, after an index loss), count the
+        pins. Blocking."""
+        private_dir(self.manifests_dir)
+        for row in self.index.snapshots():
+            if not row.indexed:
+                m = self._unindexed(row.id)
+                if m is None:
+                    self.index.delete_snapshot(row.id)
+                    continue
+                row = self._summary(m, row.last_used, row.pinned)
+                self._write_index(m, row)
+            self._add(row)
+        for p in self.manifests_dir.glob("*"):
+            if p.suffix == ".tmp":  # a write cut short: its row, if any, is not indexed
+                p.unlink(missing_ok=True)
+            if p.name in self._records or len(p.name) != 64:
+                continue
+            with contextlib.suppress(ManifestError):
+                m = self._read(p.name)
+                row = self._summary(m, self.clock(), False)
+                self.index.put_snapshot(row)
+                self._write_index(m, row)
+                self._add(row)
+        for s in self._records.values():
+            if s.pinned:
+                for d in self._blobs_of(s.id):
+                    self._pins[d] = self._pins.get(d, 0) + 1
+
+    def _unindexed(self, snapshot_id: str) -> mf.Manifest | None:
+        try:
+            return self._read(snapshot_id)
+        except ManifestError as e:
+            legacy = self.index.legacy_manifest(snapshot_id)
+            if not legacy:
+                log.warning("dropping snapshot %s from the index: %s", snapshot_id, e)
+                return None
+        try:
+            m = decode_manifest(legacy)
+        except ManifestError as e:
+            log.warning("dropping unreadable snapshot %s from the index: %s", snapshot_id, e)
+            return None
+        return m if m.snapshot_id == snapshot_id else None
+
+    def _add(self, row: SnapshotRow) -> Snapshot:
+        s = Snapshot(
+            row.id,
+            row.last_used,
+            row.pinned,
+            row.chunk_size,
+            row.files,
+            row.bytes,
+            row.compat,
+            self,
+        )
+        self._records[row.id] = s
+        return s
+
+    @staticmethod
+    def _summary(m: mf.Manifest, last_used: float, pinned: bool) -> SnapshotRow:
+        size = sum(map(_SIZE, m.files))  # m.total_bytes, without a Python frame per file
+        return SnapshotRow(
+            m.snapshot_id,
+            last_used,
+            pinned,
+            m.chunk_size,
+            len(m.files),
+            size,
+            dict(m.compat),
+            indexed=False,
+        )
+
+    def _write_index(self, m: mf.Manifest, row: SnapshotRow) -> None:
+        """Keep the manifest's file and write its chunk rows and blob list (blocking: the
+        writer thread, or a load)."""
+        path = self.manifests_dir / m.snapshot_id
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(m.encoded)
+            os.replace(tmp, path)
+        blobs = pack_blobs((d, f.size) for d, f in m.blobs().items())
+        self.index.index_snapshot(row, blobs, chunk_rows(m))
+
+    # records ------------------------------------------------------------------------------
+    def record(self, m: mf.Manifest) -> Snapshot:
+        """Remember a snapshot (or that it was used again). O(files) for a new one, with the
+        indexing left to the writer thread."""
+        now = self.clock()
+        self._settle()
+        s = self._records.get(m.snapshot_id)
+        if s is not None:
+            self._remember(m)
+            s.last_used = now
+            self.index.touch_snapshot(s.id, now)
+            return s
+        n = _chunk_count(m)
+        self._remember(m, n)
+        row = self._summary(m, now, False)
+        self.index.put_snapshot(row)
+        s = self._add(row)
+        self._erasing = [f for f in self._erasing if not f.done()]
+        if n <= SMALL_MANIFEST_CHUNKS and not self._erasing:
+            self._write_index(m, row)
+        else:  # (after a gc's erasing too, which may be of this very snapshot's rows)
+            self._indexing[s.id] = _Indexing(m, self.index.later(self._write_index, m, row))
+        return s
+
+    def set_pinned(self, snapshot_id: str, pinned: bool) -> list[bytes]:
+        """Pin or unpin a known snapshot; returns the blobs no pin holds any more."""
+        s = self._records[snapshot_id]
+        self.index.set_pinned(snapshot_id, pinned)
+        if s.pinned == pinned:
+            return []
+        s.pinned = pinned
+        released: list[bytes] = []
+        for d in self._blobs_of(snapshot_id):
+            n = self._pins.get(d, 0) + (1 if pinned else -1)
+            if n > 0:
+                self._pins[d] = n
+            else:
+                self._pins.pop(d, None)
+                released.append(d)
+        return released
+
+    def pinned(self, digest: bytes) -> bool:
+        return digest in self._pins
+
+    def pinned_blobs(self) -> set[bytes]:
+        return set(self._pins)
+
+    def _settle(self) -> None:
+        """Let go of the in-memory state of snapshots the writer has indexed."""
+        for sid in [s for s, p in self._indexing.items() if p.job.done()]:
+            if self._indexing[sid].job.exception() is None:
+                del self._indexing[sid]
+
+    def _blobs_of(self, snapshot_id: str) -> list[bytes]:
+        """The distinct blobs a snapshot names (blocking for a big one: an index read)."""
+        self._settle()
+        p = self._indexing.get(snapshot_id)
+        if p is not None:
+            return list(p.manifest.blobs())
+        packed = self.index.snapshot_blobs(snapshot_id)
+        return [d for d, _ in unpack_blobs(packed)] if packed is not None else []
+
+    def blob_sizes(self, snapshot_id: str) -> list[tuple[bytes, int]]:
+        """(digest, size) of each distinct blob a snapshot names. Blocking: call it in a
+        thread (it reads the index)."""
+        p = self._indexing.get(snapshot_id)
+        if p is not None:
+            return [(d, f.size) for d, f in p.manifest.blobs().items()]
+        packed = self.index.snapshot_blobs(snapshot_id)
+        return list(unpack_blobs(packed)) if packed is not None else []
+
+    def locations(self, cid: bytes) -> list[tuple[bytes, int]]:
+        """(blob digest, offset) of each blob an indexed snapshot has holding chunk `cid`."""
+        return self.index.chunk_locations(cid)
+
+    def have_locations(self, cids: Sequence[bytes]) -> dict[bytes, list[bytes]]:
+        """The blobs the chunk map names for each of `cids` (blocking: call it in a thread)."""
+        return self.index.chunk_blobs(cids)
+
+    # manifests ----------------------------------------------------------------------------
+    def _read(self, snapshot_id: str) -> mf.Manifest:
+        """Decode a snapshot's manifest file (blocking); ManifestError if it cannot be."""
+        try:
+            data = (self.manifests_dir / snapshot_id).read_bytes()
+        except OSError as e:
+            raise ManifestError(f"manifest {snapshot_id}: cannot read its file: {e}") from e
+        m = decode_manifest(data)
+        if m.snapshot_id != snapshot_id:
+            raise ManifestError(f"manifest file {snapshot_id} does not hash to its name")
+        return m
+
+    def _kept(self, snapshot_id: str) -> mf.Manifest | None:
+        got = self._decoded.get(snapshot_id)
+        if got is not None:
+            self._decoded.move_to_end(snapshot_id)
+            return got[0]
+        p = self._indexing.get(snapshot_id)
+        return p.manifest if p is not None else None
+
+    def _remember(self, m: mf.Manifest, n: int | None = None) -> None:
+        """Keep a decoded manifest (of `n` chunks, if known) among the last used."""
+        sid = m.snapshot_id
+        if sid in self._decoded:
+            self._decoded.move_to_end(sid)
+            return
+        if n is None:
+            n = _chunk_count(m)
+        if n > self.decoded_chunks:
+            return
+        self._decoded[sid] = (m, n)
+        self._decoded_total += n
+        while self._decoded_total > self.decoded_chunks or len(self._decoded) > DECODED_MANIFESTS:
+            _, (_, k) = self._decoded.popitem(last=False)
+            self._decoded_total -= k
+
+    def manifest(self, snapshot_id: str) -> mf.Manifest:
+        """A known snapshot's manifest. Blocking when it is not among the last used: on the
+        loop, prefer load_manifest. KeyError if unknown, ManifestError if unreadable."""
+        if snapshot_id not in self._records:
+            raise KeyError(snapshot_id)
+        m = self._kept(snapshot_id)
+        if m is None:
+            m = self._read(snapshot_id)
+            self._remember(m)
+        return m
+
+    async def load_manifest(self, snapshot_id: str) -> mf.Manifest | None:
+        """A known snapshot's manifest, decoded in a thread if need be. None if the snapshot
+        is unknown, or its manifest file is unreadable (then it is forgotten: its ref
+        resolves it again)."""
+        if snapshot_id not in self._records:
+            return None
+        m = self._kept(snapshot_id)
+        if m is not None:
+            return m
+        try:
+            m = await asyncio.to_thread(self._read, snapshot_id)
+        except ManifestError as e:
+            s = self._records.get(snapshot_id)
+            log.warning("snapshot %s: %s", snapshot_id, e.message)
+            if s is not None and not s.pinned and snapshot_id not in self._indexing:
+                self._forget(snapshot_id)  # its ref resolves it again, from the origin
+            return None
+        if snapshot_id in self._records:
+            self._remember(m)
+        return m
+
+    # forgetting ---------------------------------------------------------------------------
+    def _forget(self, snapshot_id: str) -> None:
+        """Forget an unpinned snapshot's record and row (not its chunk rows: see _erase)."""
+        del self._records[snapshot_id]
+        self._indexing.pop(snapshot_id, None)
+        if (got := self._decoded.pop(snapshot_id, None)) is not None:
+            self._decoded_total -= got[1]
+        self.index.delete_snapshot(snapshot_id)
+
+    async def forget_unnamed(self, in_use: Callable[[Collection[bytes]], bool]) -> list[str]:
+        """Forget the snapshots no ref names and no pin holds, except those a running
+        operation uses (`in_use` of their blobs); then drop their chunk rows (those of blobs
+        no other snapshot names) and their manifest files. Returns the ids forgotten."""
+        # Listed by the writer, after what it has queued: every recorded snapshot is indexed.
+        listed = await asyncio.wrap_future(self.index.later(self._unnamed))
+        self._settle()
+        forgot: list[str] = []
+        for sid, digests in listed:
+            s = self._records.get(sid)
+            # Checked again on the loop, with no await from here to the forget: a restore
+            # that took it up since holds its blobs, a pin or a new ref shows.
+            if (
+                s is None
+                or s.pinned
+                or sid in self._indexing
+                or in_use(digests)
+                or self.index.refs_of(sid)
+            ):
+                continue
+            self._forget(sid)
+            forgot.append(sid)
+        if forgot:
+            # Recording one of them again queues its indexing after this (see record).
+            erasing = self.index.later(self._erase, forgot)
+            self._erasing.append(erasing)
+            await asyncio.wrap_future(erasing)
+        return forgot
+
+    def _unnamed(self) -> list[tuple[str, list[bytes]]]:
+        return [
+            (sid, [d for d, _ in unpack_blobs(self.index.snapshot_blobs(sid) or b"")])
+            for sid in self.index.unnamed_snapshots()
+        ]
+
+    def _erase(self, forgot: Iterable[str]) -> None:
+        """Drop forgotten snapshots' chunk rows (of blobs no known snapshot names) and their
+        manifest files. Blocking: the writer thread."""
+        named = self._named()
+        for sid in forgot:
+            path = self.manifests_dir / sid
+            try:
+                m = self._read(sid)
+            except ManifestError as e:  # its rows stay: they name blobs that gc removes
+                log.warning("forgotten snapshot %s: its chunk rows stay: %s", sid, e.message)
+            else:
+                self.index.drop_chunks((cid, d) for cid, d, _ in chunk_rows(m) if d not in named)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _named(self) -> set[bytes]:
+        return {
+            d for _, _, packed in self.index.all_snapshot_blobs() for d, _ in unpack_blobs(packed)
+        }
+
+    async def named_blobs(self) -> set[bytes]:
+        """Every blob a known snapshot names (computed by the writer, after what it has
+        queued), with those of snapshots recorded since."""
+        named = await asyncio.wrap_future(self.index.later(self._named))
+        self._settle()
+        for p in self._indexing.values():
+            named.update(p.manifest.blobs())
+        return named
+
+    def chunk_sizes(self, digests: Collection[bytes]) -> dict[bytes, int]:
+        """The chunk size a known snapshot gives each of `digests` (blocking)."""
+        out: dict[bytes, int] = {}
+        if digests:
+            for _, cs, packed in self.index.all_snapshot_blobs():
+                for d, _ in unpack_blobs(packed):
+                    if d in digests:
+                        out.setdefault(d, cs)
+        return out
