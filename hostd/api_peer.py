@@ -110,7 +110,7 @@ class PeerServer:
 
     async def locate(self, chunk: mf.Chunk) -> Where:
         """Where a verified copy of the chunk lies: (file, offset) or the buffer's bytes."""
-        loc = self.cache.chunk_location(chunk.id)
+        loc = self.cache.chunk_location(chunk.id, chunk.size, small=True)
         if loc is not None:
             blob, offset = loc
             length = min(blob.chunk_size, blob.size - offset) if blob.chunk_size else -1
@@ -121,13 +121,10 @@ class PeerServer:
             return written[0], written[1]
         return self.buffer.find(chunk)
 
-    def holds(self, cid: bytes) -> bool:
-        """Cheap: a hint for `have`, not checked further (the asker verifies what it gets)."""
-        return (
-            self.cache.chunk_location(cid) is not None
-            or self.filler.written(cid) is not None
-            or self.buffer.peek(cid) is not None
-        )
+    def holds(self, cid: bytes, in_blobs: bool) -> bool:
+        """Cheap: a hint for `have`, not checked further (the asker verifies what it gets).
+        `in_blobs`: the chunk map found it in a local blob (looked up for a whole batch)."""
+        return in_blobs or self.filler.written(cid) is not None or self.buffer.peek(cid) is not None
 
 
 SERVER_KEY: web.AppKey[PeerServer] = web.AppKey("peer_server")
@@ -346,12 +343,17 @@ async def have(request: web.Request) -> web.StreamResponse:
     ids = doc.get("ids") if isinstance(doc, dict) else None
     if not isinstance(ids, list) or len(ids) > MAX_HAVE_IDS:
         raise UsageError(f'"ids" must be an array of at most {MAX_HAVE_IDS} chunk ids')
-    out = []
     for i, text in enumerate(ids):
         if not isinstance(text, str) or not is_hex_id(text):
             raise UsageError(f"ids[{i}] is not 64 lower-case hex digits")
-        if srv.holds(bytes.fromhex(text)):
-            out.append(text)
+    wanted = [bytes.fromhex(t) for t in ids]
+    # One index read for the batch, off the loop (up to 4096 ids).
+    stored = await asyncio.to_thread(srv.cache.snaps.have_locations, wanted)
+    out = [
+        text
+        for text, cid in zip(ids, wanted, strict=True)
+        if srv.holds(cid, any(srv.cache.locate(d) is not None for d in stored.get(cid, ())))
+    ]
     return web.json_response({"have": out})
 
 

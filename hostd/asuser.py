@@ -131,7 +131,13 @@ class Spawner:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                env={"PYTHONPATH": _PKG_PARENT, "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                env={
+                    "PYTHONPATH": _PKG_PARENT,
+                    "PATH": os.defpath,
+                    "LC_ALL": "C.UTF-8",
+                    # HOSTD_NATIVE=0 makes the helper use fastcopy's pure-Python twin
+                    **{k: v for k, v in os.environ.items() if k == "HOSTD_NATIVE"},
+                },
                 cwd="/",
             )
         except OSError as e:
@@ -335,7 +341,7 @@ class AsUser:
     def abort(self) -> None:
         self.call("abort")
 
-    def open_in_view(self, path: Path) -> int:
+    def open_in_view(self, path: str | Path) -> int:
         """One of the daemon's own directories as the caller's mount namespace sees it
         (O_PATH), or -1 where the caller cannot see it."""
         try:

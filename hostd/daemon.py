@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -89,6 +90,7 @@ class Daemon:
             sources = [LocalBlobSource(self.cache), OriginSource(self.origin)]
         self.fetcher = Fetcher(sources, config.fetch_concurrency)
         self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
+        self.cache.busy = self.filler.filling  # partial blobs a fill holds are not evicted
         if self.peers is not None:
             self.peers.serve_from(self.cache, self.filler)
         self.storage = Storage(own_storage(config))
@@ -148,31 +150,22 @@ class Daemon:
             "peers": self.peers.status() if self.peers is not None else None,
         }
 
-    def list_snapshots(self) -> list[dict[str, Any]]:
+    async def list_snapshots(self) -> list[dict[str, Any]]:
         out = []
         for s in sorted(self.cache.snapshots(), key=lambda s: -s.last_used):
-            m = s.manifest
-            blobs = m.blobs()
-            per_tier = {t.name: 0 for t in self.cache.tiers}
-            complete = True
-            for d, f in blobs.items():
-                b = self.cache.locate(d)
-                if b is None:
-                    complete = False
-                for c in self.cache.copies(d):
-                    if c.complete:
-                        per_tier[c.tier.name] += f.size
+            # per blob: in a thread, so a cache of many snapshots does not stall the loop
+            per_tier, complete = await asyncio.to_thread(self.cache.presence, s.id)
             out.append(
                 {
                     "id": s.id,
                     "refs": self.index.refs_of(s.id),
-                    "files": len(m.files),
-                    "bytes": m.total_bytes,
+                    "files": s.files,
+                    "bytes": s.bytes,
                     "pinned": s.pinned,
                     "last_used": s.last_used,
                     "tiers": per_tier,
                     "complete": complete,
-                    "compat": dict(m.compat),
+                    "compat": dict(s.compat),
                 }
             )
         return out
@@ -219,10 +212,11 @@ class Daemon:
         await asyncio.to_thread(self.publisher.close)
         await asyncio.to_thread(self.spawner.close)
         await self.fetcher.close()
+        await self.filler.close()  # records the blobs still waiting for their sync
         if self.peers is not None:
             await self.peers.close()
         await self.origin.close()
-        self.index.close()
+        await asyncio.to_thread(self.index.close)  # after the writes it has queued
 
 
 def peer_secret(config: PeersConfig) -> bytes | None:
@@ -552,6 +546,7 @@ def main(config_path: Path | None) -> int:
         print(f"hostd: {e.message}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
+    _raise_open_files_limit()
     import uvloop
 
     try:
@@ -563,6 +558,16 @@ def main(config_path: Path | None) -> int:
         # still a usage error: exit 2, as one found while loading the file.
         return 2 if isinstance(e, ConfigError) else 1
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Take the hard limit on open files as the soft one: a restore of small files hands the
+    helper hundreds of blob descriptors at once, and a shell's soft limit is often 1024
+    (the unit sets LimitNOFILE itself)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _main(config: Config) -> None:

@@ -8,6 +8,15 @@ workers (which also bounds the bytes held in memory). A blob that another restor
 is waited for, not filled twice. A partial blob left by an earlier run is resumed after its
 present chunks are re-hashed.
 
+A blob gets the mtime of the file it is filled for (the one most of its files share) before
+its recorded stat, so a restore can link files with that mtime to it. No blob is fsynced on
+its own: each is written and renamed into place, recorded complete in memory at once, and
+handed to `Durability`, which syncs the tier's filesystem once for a batch and then writes the
+batch's index rows (hostd/durable.py); `ensure` returns only once every blob it made is
+recorded. One-chunk blobs (most files of a compile cache) skip partial-blob state, and are
+written by at most WRITERS workers at a time, up to WRITE_BATCH a thread hop, while the
+others fetch.
+
 On a full or unwritable tier the partial blob is removed (its space reclaimed); on any other
 failure or cancellation it is kept, closed, so the next restore resumes it.
 """
@@ -15,20 +24,29 @@ failure or cancellation it is kept, closed, so the next restore resumes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
+from hostd.durable import Durability
 from hostd.errors import ChunkCorrupt, TierError, first_error
 from hostd.fetch import Fetcher
 from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
 
 log = logging.getLogger(__name__)
+
+# Workers writing one-chunk blobs at once (the rest fetch meanwhile): two keep a thread in
+# the kernel while the other holds the GIL; more only contend for it.
+WRITERS = 2
+# One-chunk blobs written per thread hop, at most: a hop costs about as much as writing a
+# small blob, and a batch this size is written in a few milliseconds.
+WRITE_BATCH = 64
 
 
 @dataclass
@@ -36,6 +54,16 @@ class FillProgress:
     total_bytes: int = 0
     done_bytes: int = 0
     by_source: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Whole:
+    """A one-chunk blob fetched and admitted, waiting for a writer."""
+
+    entry: FileEntry
+    tier: Tier
+    data: bytes | memoryview
+    source: str
 
 
 @dataclass
@@ -48,10 +76,18 @@ class _Open:
 
 
 class Filler:
-    def __init__(self, cache: Cache, fetcher: Fetcher, workers: int) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        fetcher: Fetcher,
+        workers: int,
+        *,
+        durability: Durability | None = None,
+    ) -> None:
         self.cache = cache
         self.fetcher = fetcher
         self.workers = workers
+        self.durability = durability if durability is not None else Durability(cache)
         self._filling: dict[bytes, asyncio.Future[None]] = {}
         self._seq = itertools.count()
         # Chunks written (and verified) into partial blobs still filling: chunk id -> (the
@@ -73,12 +109,16 @@ class Filler:
             del self._filling[digest]
         fut.set_result(None)
 
+    async def close(self) -> None:
+        """Record what is still waiting for a sync (at shutdown)."""
+        await self.durability.close()
+
     async def _landing(
         self, completing: Awaitable[BlobStat], tier: Tier, chunk_size: int
     ) -> BlobStat:
         """Await a thread that completes a blob. If we are cancelled meanwhile, the thread
-        still finishes; the blob it completed is then recorded, not left on disk unaccounted
-        (outside the budget until a restart)."""
+        still finishes; the blob it completed is then recorded (once durable), not left on
+        disk unaccounted (outside the budget until a restart)."""
         job = asyncio.ensure_future(completing)
         try:
             return await asyncio.shield(job)
@@ -86,17 +126,31 @@ class Filler:
 
             def landed(j: asyncio.Future[BlobStat]) -> None:
                 if not j.cancelled() and j.exception() is None:
-                    self.cache.adopt(tier, j.result(), chunk_size)
+                    self._adopt([(tier, j.result())], chunk_size)
 
             job.add_done_callback(landed)
             raise
+
+    def _adopt(self, landed: Iterable[tuple[Tier, BlobStat]], chunk_size: int) -> None:
+        """Record blobs a thread completed after its fill was cancelled (their admissions
+        already abandoned), in memory now and in the index after the next sync."""
+        for tier, st in landed:
+            self.durability.add(self.cache.adopt(tier, st, chunk_size, persist=False))
+        self.durability.kick()
+
+    def _completed(self, digest: bytes, tier: Tier, st: BlobStat) -> Blob:
+        """A blob this fill admitted is installed: complete in memory now, recorded in the
+        index once a sync has made it durable."""
+        b = self.cache.completed(digest, tier, st, persist=False)
+        self.durability.add(b)
+        return b
 
     def filling(self) -> set[bytes]:
         """Blobs being filled right now."""
         return set(self._filling)
 
     def __repr__(self) -> str:
-        return f"Filler(filling={len(self._filling)}, workers={self.workers})"
+        return f"Filler(filling={len(self._filling)}, workers={self.workers}, {self.durability!r})"
 
     async def ensure(
         self,
@@ -105,10 +159,27 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
     ) -> dict[bytes, Blob]:
-        """Make every blob of `entries` complete in one of `tiers`; return where each is."""
+        """Make every blob of `entries` complete in one of `tiers`, durable and recorded;
+        return where each is."""
+        try:
+            return await self._ensure(entries, chunk_size, tiers, progress)
+        except BaseException:
+            # What this fill made before an error or a cancel gets its sync now (it runs on,
+            # owned by self.durability) rather than at the next fill's.
+            self.durability.kick()
+            raise
+
+    async def _ensure(
+        self,
+        entries: Sequence[FileEntry],
+        chunk_size: int,
+        tiers: Sequence[Tier],
+        progress: FillProgress,
+    ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found: dict[bytes, Blob] = {}
-        pending = list({e.digest: e for e in entries if e.size}.values())
+        wanted = one_per_blob(entries)
+        pending = wanted
         progress.total_bytes = sum(e.size for e in pending)
         while pending:
             mine: list[FileEntry] = []
@@ -148,6 +219,14 @@ class Filler:
                     found[e.digest] = b
             # What others filled is usable next round; what they failed to fill, we fill then.
             pending = [e for e in pending if e.digest not in found]
+            if not pending:
+                # Every blob is in memory; wait for the syncs that record them. One a failed
+                # sync dropped (ours, or another fill's that we found ready) is filled again.
+                await self.durability.flush(found.values())
+                for d, b in list(found.items()):
+                    if not any(c is b for c in self.cache.copies(d)):
+                        del found[d]
+                pending = [e for e in wanted if e.digest not in found]
         return found
 
     def _ready(self, e: FileEntry, tiers: Sequence[Tier], progress: FillProgress) -> Blob | None:
@@ -184,13 +263,12 @@ class Filler:
     ) -> Blob | None:
         """Promote (or demote) `src` into `tiers`; None if it was bad (then it is dropped)."""
         t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
+        copy = functools.partial(
+            t.copy_in, src.path, src.digest, src.size, src.chunk_size, durable=False
+        )
         try:
             with self.cache.holding([src.digest]):
-                st = await self._landing(
-                    asyncio.to_thread(t.copy_in, src.path, src.digest, src.size, src.chunk_size),
-                    t,
-                    src.chunk_size,
-                )
+                st = await self._landing(asyncio.to_thread(copy), t, src.chunk_size)
         except BlobCopyCorrupt as err:
             self.cache.abandon(src.digest, t)
             log.warning("blob %s in %s is bad: %s", src.digest.hex(), src.tier.name, err.why)
@@ -199,11 +277,10 @@ class Filler:
         except BaseException:
             self.cache.abandon(src.digest, t)
             raise
-        self.cache.completed(src.digest, t, st)
+        b = self._completed(src.digest, t, st)
         progress.done_bytes += src.size
         progress.by_source[src.tier.name] += src.size
-        b = self.cache.locate(src.digest, [t])
-        assert b is not None
+        await self.durability.step()
         return b
 
     async def _fill(
@@ -221,6 +298,13 @@ class Filler:
         opened: dict[bytes, asyncio.Future[_Open]] = {}
         cursor = iter(range(len(work)))
         done: set[bytes] = set()
+        # One-chunk blobs fetched, waiting for a writer; their bytes are bounded like the
+        # workers' own (fetchers wait while more than a worker's share each waits here).
+        queue: list[_Whole] = []
+        queued_bytes = 0
+        writers = 0
+        drained = asyncio.Event()
+        most = max(self.workers, 1) * chunk_size
 
         async def open_blob(e: FileEntry) -> _Open:
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
@@ -252,16 +336,20 @@ class Filler:
                 return
             o.finishing = True
             self._forget_written(o.entry)  # about to be renamed: served as a blob from now
-            st = await self._landing(asyncio.to_thread(o.blob.complete), o.tier, chunk_size)
-            self.cache.completed(o.entry.digest, o.tier, st)
+            complete = functools.partial(o.blob.complete, o.entry.mtime, durable=False)
+            st = await self._landing(asyncio.to_thread(complete), o.tier, chunk_size)
+            self._completed(o.entry.digest, o.tier, st)
             done.add(o.entry.digest)
             # whoever waits for this blob can go on now, not when this whole fill ends
             self._release(o.entry.digest, claims)
+            await self.durability.step()
 
         async def whole(e: FileEntry, n: int) -> None:
-            """A one-chunk blob: fetch it and write it whole, with no partial-blob state (the
-            chunk is the unit of resumption anyway); a third of the syscalls and thread hops
-            per small file."""
+            """A one-chunk blob: fetch it, then queue it to be written whole, with no
+            partial-blob state (the chunk is the unit of resumption anyway). This worker
+            writes the queue itself if fewer than WRITERS do; else it goes on fetching,
+            unless the queue holds too many bytes."""
+            nonlocal queued_bytes
             c = e.chunks[0]
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers, persist=False)
             try:
@@ -269,17 +357,29 @@ class Filler:
                     data, src = await self.fetcher.get(c, (seq, n))
                 except ChunkCorrupt as err:
                     raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
-                st = await self._landing(
-                    asyncio.to_thread(t.write_whole, e.digest, data), t, chunk_size
-                )
             except BaseException:
                 self.cache.abandon(e.digest, t)
                 raise
-            self.cache.completed(e.digest, t, st)
-            progress.done_bytes += c.size
-            progress.by_source[src] += c.size
-            done.add(e.digest)
-            self._release(e.digest, claims)
+            queue.append(_Whole(e, t, data, src))
+            queued_bytes += c.size
+            if writers < WRITERS:
+                await write_queued()
+            while queued_bytes > most:
+                drained.clear()
+                await drained.wait()
+
+        async def write_queued() -> None:
+            nonlocal writers, queued_bytes
+            writers += 1
+            try:
+                while queue:
+                    batch = queue[:WRITE_BATCH]
+                    del queue[:WRITE_BATCH]
+                    queued_bytes -= sum(w.entry.size for w in batch)
+                    drained.set()
+                    await self._write(batch, chunk_size, progress, done, claims)
+            finally:
+                writers -= 1
 
         async def worker() -> None:
             for n in cursor:
@@ -311,11 +411,60 @@ class Filler:
                 for _ in range(min(self.workers, len(work))):
                     tg.create_task(worker())
         except BaseException as exc:
+            for w in queue:  # fetched, never written
+                self.cache.abandon(w.entry.digest, w.tier)
+            queue.clear()
             err = first_error(exc)
             await asyncio.shield(self._cleanup(opened, done, isinstance(err, TierError)))
             if err is not None and not isinstance(exc, asyncio.CancelledError):
                 raise err from None
             raise
+
+    async def _write(
+        self,
+        batch: list[_Whole],
+        chunk_size: int,
+        progress: FillProgress,
+        done: set[bytes],
+        claims: dict[bytes, asyncio.Future[None]],
+    ) -> None:
+        """Write a batch of one-chunk blobs in one thread hop and record them (in memory; in
+        the index after their sync). The first failure is raised once the rest are
+        recorded. Cancelled, the thread still finishes and what it wrote is recorded."""
+        job = asyncio.ensure_future(asyncio.to_thread(_write_wholes, batch))
+        try:
+            results = await asyncio.shield(job)
+        except BaseException:
+            for w in batch:
+                self.cache.abandon(w.entry.digest, w.tier)
+            job.add_done_callback(functools.partial(self._adopt_written, batch, chunk_size))
+            raise
+        failure: TierError | None = None
+        for w, r in zip(batch, results, strict=True):
+            d = w.entry.digest
+            if isinstance(r, TierError):
+                self.cache.abandon(d, w.tier)  # write_whole left nothing behind
+                failure = failure or r
+                continue
+            self._completed(d, w.tier, r)
+            progress.done_bytes += w.entry.size
+            progress.by_source[w.source] += w.entry.size
+            done.add(d)
+            self._release(d, claims)
+        if failure is not None:
+            raise failure
+        await self.durability.step()
+
+    def _adopt_written(
+        self, batch: list[_Whole], chunk_size: int, job: asyncio.Future[list[BlobStat | TierError]]
+    ) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return
+        landed = job.result()
+        self._adopt(
+            ((w.tier, r) for w, r in zip(batch, landed, strict=True) if isinstance(r, BlobStat)),
+            chunk_size,
+        )
 
     async def _cleanup(
         self, opened: dict[bytes, asyncio.Future[_Open]], done: set[bytes], discard: bool
@@ -330,6 +479,64 @@ class Filler:
                 self.cache.abandon(digest, o.tier)
             else:
                 await asyncio.to_thread(o.blob.close)  # waits out a write still running
+
+
+def one_per_blob(entries: Iterable[FileEntry]) -> list[FileEntry]:
+    """The entry each non-empty blob is filled for, in file order of first appearance: of the
+    files sharing a blob, one with the mtime most of them have (the first such), since a file
+    is linked to a blob only if their mtimes agree."""
+    by_blob: dict[bytes, list[FileEntry]] = {}
+    for e in entries:
+        if e.size:
+            by_blob.setdefault(e.digest, []).append(e)
+    out = []
+    for files in by_blob.values():
+        if len(files) == 1:
+            out.append(files[0])
+            continue
+        count = Counter(f.mtime for f in files)
+        out.append(max(files, key=lambda f: count[f.mtime]))
+    return out
+
+
+def _write_wholes(batch: list[_Whole]) -> list[BlobStat | TierError]:
+    """Write one-chunk blobs (blocking), each with its file's mtime, none fsynced: one
+    outcome per blob, in order. The batch is one fastcopy.write_blobs call (in C, without
+    the GIL, where it was built), each blob written as Tier.write_whole(durable=False) would;
+    a tier whose class has a write_whole of its own (a test's slow disk) gets it called."""
+    import os
+    import threading
+
+    from hostd import fastcopy
+    from hostd.tier import BLOB_MODE, tier_error
+
+    out: list[BlobStat | TierError] = []
+    if any(type(w.tier).write_whole is not Tier.write_whole for w in batch):
+        for w in batch:
+            try:
+                out.append(w.tier.write_whole(w.entry.digest, w.data, w.entry.mtime, durable=False))
+            except TierError as e:
+                out.append(e)
+        return out
+    # Scratch names unique to this process, thread and place in the batch.
+    pid, tid = os.getpid(), threading.get_ident()
+    jobs: list[fastcopy.BlobJob] = [
+        (
+            f"{w.tier.tmp_dir}/{w.entry.digest.hex()}.{pid}.{tid}.{i}",
+            w.tier.blob_file(w.entry.digest),
+            w.data,
+            w.entry.mtime,
+            BLOB_MODE,
+        )
+        for i, w in enumerate(batch)
+    ]
+    for w, job, r in zip(batch, jobs, fastcopy.write_blobs(jobs), strict=True):
+        if len(r) == 3:
+            out.append(BlobStat(w.entry.digest, *r))
+        else:  # it left nothing behind
+            cause = fastcopy.blob_error(job, r)
+            out.append(tier_error(w.tier.name, cause.filename, cause, "writing a blob"))
+    return out
 
 
 def _open_checked(t: Tier, e: FileEntry, chunk_size: int) -> PartialBlob:

@@ -30,7 +30,6 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
@@ -38,7 +37,9 @@ from hostd.errors import ChunkCorrupt, UsageError
 from hostd.tier import BLOB_MODE
 
 MODES = ("link", "copy", "auto")
-BATCH_FILES = 128  # copies per request to the helper (its threads copy a batch in parallel)
+# Copies per request to the helper: a round trip (JSON, the blobs' descriptors) costs about
+# as much as copying 64 small files, so a tree of small files goes in large batches.
+BATCH_FILES = 512
 BATCH_BYTES = 1 << 30
 
 
@@ -59,7 +60,7 @@ class Outcome:
 def materialize(
     m: mf.Manifest,
     fs: AsUser,
-    blob_path: Callable[[bytes], Path],
+    blob_path: Callable[[bytes], str],
     *,
     mode: str,
     replace: bool,
@@ -70,7 +71,9 @@ def materialize(
     blob_mtime: Callable[[bytes], int | None] = lambda _: None,
 ) -> Outcome:
     """Build `m` through `fs` (whose `target` was already resolved) and rename it in.
-    `lent(digest)`: whether a caller that can write to that blob holds a link to it."""
+    `blob_path(digest)`: the blob's file, `<tier>/blobs/<xx>/<hex>` (a string: Path objects
+    cost more than the link itself, per file); `lent(digest)`: whether a caller that can
+    write to that blob holds a link to it; `blob_mtime(digest)`: the mtime its inode has."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
@@ -100,7 +103,7 @@ def _dirs(m: mf.Manifest) -> list[str]:
 def _build(
     m: mf.Manifest,
     fs: AsUser,
-    blob_path: Callable[[bytes], Path],
+    blob_path: Callable[[bytes], str],
     mode: str,
     link_ok: bool,
     cancel: threading.Event,
@@ -129,13 +132,14 @@ def _build(
         for f in candidates:
             if cancel.is_set():
                 raise Cancelled()
-            src = blob_path(f.digest)
-            d = posixpath.dirname(f.path)
-            view, view_dev = views.of(src.parent.parent)
+            sub, _, name = blob_path(f.digest).rpartition("/")
+            blobs_dir, _, shard = sub.rpartition("/")
+            d, _, leaf = f.path.rpartition("/")
+            view, view_dev = views.of(blobs_dir)
             if view < 0 or (mode == "auto" and view_dev != dev) or not owned[d]:
                 copies.append(f)
                 continue
-            if _link(view, f"{src.parent.name}/{src.name}", posixpath.basename(f.path), dirfds[d]):
+            if _link(view, f"{shard}/{name}", leaf, dirfds[d]):
                 linked.add(f.digest)
                 n_linked += 1
                 if on_file is not None:
@@ -170,7 +174,7 @@ def _caller_dir(fd: int, uid: int) -> bool:
 def _copy_all(
     copies: list[mf.FileEntry],
     fs: AsUser,
-    blob_path: Callable[[bytes], Path],
+    blob_path: Callable[[bytes], str],
     cancel: threading.Event,
     on_file: Callable[[int], None] | None,
     lent: Callable[[bytes], bool],
@@ -228,9 +232,9 @@ class _Views:
 
     def __init__(self, fs: AsUser) -> None:
         self.fs = fs
-        self.fds: dict[Path, tuple[int, int]] = {}
+        self.fds: dict[str, tuple[int, int]] = {}
 
-    def of(self, blobs_dir: Path) -> tuple[int, int]:
+    def of(self, blobs_dir: str) -> tuple[int, int]:
         """(descriptor or -1, st_dev) of `blobs_dir` in the caller's view."""
         got = self.fds.get(blobs_dir)
         if got is None:

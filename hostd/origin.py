@@ -363,6 +363,7 @@ class Origin:
         self._can_list = not isinstance(self._store, HTTPStore)
         # No server between us and the bytes: see _get.
         self._local = isinstance(self._store, LocalStore | MemoryStore)
+        self._ranges = True  # until the server shows it cannot answer a range
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._retry = retry
@@ -418,20 +419,50 @@ class Origin:
 
     # -- packs: many chunks' stored bytes in one object (format 2) --------------------------
 
-    async def get_pack_range(self, pack: bytes, offset: int, length: int) -> memoryview:
-        """`length` bytes at `offset` of a pack: one ranged GET. The caller splits and
-        verifies the chunks in it. Fewer bytes than asked (a pack shorter than its manifest
-        says) is ChunkCorrupt; a missing pack is ChunkMissing."""
-        key = _pack_key(pack)
+    async def get_pack_range(
+        self, pack: bytes, offset: int, length: int, pack_size: int
+    ) -> memoryview:
+        """`length` bytes at `offset` of a pack of `pack_size` bytes (as its manifest says):
+        one ranged GET, or a plain one when the range is the whole pack. The caller splits
+        and verifies the chunks in it. Fewer bytes than asked (a pack shorter than its
+        manifest says) is ChunkCorrupt; a missing pack is ChunkMissing.
 
-        async def call() -> memoryview:
-            got = await obstore.get_range_async(self._store, key, start=offset, length=length)
+        A server that cannot answer ranges (a plain web server may not) gets whole-pack GETs
+        from then on, read up to `pack_size` and sliced: correct, at the cost of the bytes
+        around each range."""
+        key = _pack_key(pack)
+        whole = offset == 0 and length == pack_size
+
+        async def ranged() -> memoryview:
+            try:
+                got = await obstore.get_range_async(self._store, key, start=offset, length=length)
+            except BaseException as exc:
+                if not _no_ranges(exc):
+                    raise
+                self._ranges = False
+                return (await read_whole())[offset : offset + length]
             return memoryview(got)
 
+        async def read_whole() -> memoryview:
+            result = await obstore.get_async(self._store, key)
+            _check_stated_size(result, pack_size)
+            if self._local:
+                return memoryview(await result.bytes_async())[: pack_size + 1]
+            return await _read_capped(result, pack_size)
+
+        async def plain() -> memoryview:
+            return (await read_whole())[offset : offset + length]
+
         try:
+            call = plain if whole or not self._ranges else ranged
             data = await self._request("get pack range", key, call)
         except _Missing:
             raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
+        except _Oversized as e:
+            raise ChunkCorrupt(
+                f"pack {pack.hex()} at origin {self._url} {e.what}, more than the {pack_size} "
+                "bytes its manifest says"
+            ) from None
         if len(data) != length:
             raise ChunkCorrupt(
                 f"pack {pack.hex()} at origin {self._url}: asked for {length} bytes at {offset}, "
@@ -603,6 +634,11 @@ class Origin:
                 f"origin {self._url}: {op} {key} failed after {attempts} attempts: {cause}"
             )
         return OriginError(f"origin {self._url}: {op} {key} failed: {cause}")
+
+
+def _no_ranges(exc: BaseException) -> bool:
+    """obstore's answer to a server that sent the whole object for a ranged GET."""
+    return "Range request not supported" in str(exc)
 
 
 def _check_stated_size(result: GetResult, cap: int) -> None:

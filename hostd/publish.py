@@ -24,7 +24,7 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -250,10 +250,10 @@ def ingest_small(
     the whole chunk, and store its blob in `tier` with the file's mtime. The blobs are made
     durable together by one syncfs before they are returned (and so before they are
     recorded): one sync per batch, not an fsync per file. Closes `fds`."""
-    out: list[SmallFile] = []
-    scratch_base = f"publish-{os.getpid()}-{threading.get_ident()}"
+    read: list[tuple[bytes, int, int, bytes, int]] = []  # a SmallFile's fields but its blob
+    store = _SmallStore(tier) if tier is not None else None
     try:
-        for i, (f, fd) in enumerate(zip(files, fds, strict=True)):
+        for f, fd in zip(files, fds, strict=True):
             before = os.fstat(fd)
             try:
                 data = pread_exact(fd, f.size, 0)
@@ -267,34 +267,75 @@ def ingest_small(
             if compress != "never":
                 kind, chosen = codec.choose(data, codec.compress(data), min_saving)
                 stored = bytes(chosen)
-            blob = None
-            if tier is not None:
-                blob = _store_small(tier, tier.tmp_dir / f"{scratch_base}-{i}", cid, data, after)
-            out.append(SmallFile(cid, f.size, kind, stored, after.st_mtime_ns, blob))
-        if tier is not None and out:
-            syncfs(tier.blobs_dir)
-        return out
+            if store is not None:
+                store.put(cid, data, after.st_mtime_ns)
+            read.append((cid, f.size, kind, stored, after.st_mtime_ns))
+        blobs: Sequence[BlobStat | None] = [None] * len(read)
+        if store is not None and read:
+            blobs = store.write()
+            store.sync()
+        return [SmallFile(*r, blob) for r, blob in zip(read, blobs, strict=True)]
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _store_small(
-    tier: Tier, scratch: Path, cid: bytes, data: bytes, st: os.stat_result
-) -> BlobStat:
-    try:
-        out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+class _SmallStore:
+    """The blobs of a batch of small files, queued by `put` and written into a tier together
+    by `write`: one fastcopy.write_blobs call (in C, without the GIL, where it was built) of
+    the fewest syscalls a blob: write, time, chmod, rename into blobs/, stat; no fsync (one
+    syncfs covers the batch). Files of the batch with the same bytes share one blob, which
+    gets the last one's mtime (as writing each in turn would leave it). A tier's
+    `write_whole` does the same for one blob with the checks a fill needs."""
+
+    def __init__(self, tier: Tier) -> None:
+        self.tier = tier
+        # Scratch names unique to this process and thread; each blob adds its index.
+        self.tmp = f"{tier.tmp_dir}/publish-{os.getpid()}-{threading.get_ident()}"
+        self.blobs = str(tier.blobs_dir)
+        self.jobs: list[tuple[str, str, bytes, int | None, int]] = []  # fastcopy.BlobJob
+        self.digests: list[bytes] = []  # of each job
+        self.job_of: dict[bytes, int] = {}  # digest -> its job
+        self.puts: list[int] = []  # the job of each put, in order
+
+    def __repr__(self) -> str:
+        return f"_SmallStore({self.tier.name!r}, {len(self.puts)} files, {len(self.jobs)} blobs)"
+
+    def put(self, cid: bytes, data: bytes, mtime: int) -> None:
+        """Queue one file's blob (its chunk `cid` is all of `data`)."""
+        digest = file_digest([(cid, len(data))])
+        i = self.job_of.get(digest)
+        if i is None:
+            i = self.job_of[digest] = len(self.jobs)
+            h = digest.hex()
+            self.jobs.append(
+                (f"{self.tmp}-{i}", f"{self.blobs}/{h[:2]}/{h}", data, mtime, BLOB_MODE)
+            )
+            self.digests.append(digest)
+        else:
+            scratch, dest, same, _, mode = self.jobs[i]
+            self.jobs[i] = (scratch, dest, same, mtime, mode)
+        self.puts.append(i)
+
+    def write(self) -> list[BlobStat]:
+        """Write every queued blob: the BlobStat of each put, in order. Every blob is tried;
+        then the first that failed (it left nothing behind) is raised as TierError."""
+        from hostd import fastcopy
+
+        stats: list[BlobStat] = []
+        done = fastcopy.write_blobs(self.jobs)
+        for digest, job, r in zip(self.digests, self.jobs, done, strict=True):
+            if len(r) != 3:
+                e = fastcopy.blob_error(job, r)
+                raise tier_error(self.tier.name, e.filename, e, "storing a published blob") from e
+            stats.append(BlobStat(digest, *r))
+        return [stats[i] for i in self.puts]
+
+    def sync(self) -> None:
         try:
-            pwrite_all(out, data, 0)
-            os.utime(out, ns=(st.st_mtime_ns, st.st_mtime_ns))
-            os.fchmod(out, BLOB_MODE)
-        finally:
-            os.close(out)
-        return tier.install(scratch, file_digest([(cid, len(data))]))
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
-        raise tier_error(tier.name, scratch, e, "storing a published blob") from e
+            syncfs(self.blobs)
+        except OSError as e:
+            raise tier_error(self.tier.name, self.blobs, e, "syncing published blobs") from e
 
 
 class Publisher:
@@ -325,9 +366,12 @@ class Publisher:
         # Reading and hashing the tree gets threads of its own: in the shared pool it would
         # queue behind the uploads' chunk reads and leave the origin waiting for work.
         self.ingest_pool = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="hostd-ingest")
+        # Opening batches of small files waits on the caller's helper (another process).
+        self.open_pool = ThreadPoolExecutor(1, thread_name_prefix="hostd-open")
 
     def close(self) -> None:
         self.ingest_pool.shutdown(wait=True, cancel_futures=True)
+        self.open_pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         return (
@@ -414,6 +458,24 @@ class Publisher:
         return {c.id: c for f in m.files for c in f.chunks}
 
 
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def _owned_fds(opening: Awaitable[list[int]]) -> list[int]:
+    """Await descriptors being opened in a thread; if we are cancelled meanwhile, the
+    thread still finishes, and what it opened is closed rather than leaked."""
+    job = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(
+            lambda j: None if j.cancelled() or j.exception() else _close_all(j.result())
+        )
+        raise
+
+
 # Small files are read, hashed and stored in batches of this many files or bytes: one round
 # trip to the caller's helper and one thread hop per batch, one syncfs per batch.
 SMALL_BATCH_FILES = 128
@@ -479,8 +541,28 @@ class _Run:
                         return await self.file(f)
 
                 async def batch(fs_: list[SourceFile]) -> list[SmallFile] | mf.FileEntry:
-                    async with slots:
-                        return await self.small(fs_)
+                    # The next batch is opened (by the caller's helper, another process)
+                    # while this one is read; reading runs one batch at a time, since
+                    # threads of small syscalls mostly fight over the GIL.
+                    async with ahead:
+                        fds = await _owned_fds(
+                            self.loop.run_in_executor(
+                                self.p.open_pool,
+                                self.fs.open_files,
+                                [(f.path, f.ident, f.via) for f in fs_],
+                            )
+                        )
+                        handed = False
+                        try:
+                            async with slots, reading:
+                                handed = True  # small() closes them from here on
+                                return await self.small(fs_, fds)
+                        finally:
+                            if not handed:
+                                _close_all(fds)
+
+                ahead = asyncio.Semaphore(2)
+                reading = asyncio.Semaphore(1)
 
                 jobs: list[tuple[list[SourceFile], asyncio.Task[Any]]] = []
                 pending: list[SourceFile] = []
@@ -520,15 +602,15 @@ class _Run:
             raise
         return out
 
-    async def small(self, files: list[SourceFile]) -> list[SmallFile]:
+    async def small(self, files: list[SourceFile], fds: list[int]) -> list[SmallFile]:
+        """Read, hash and store a batch of small files (ingest_small closes `fds`)."""
         total = sum(f.size for f in files)
-        tier = await self.p.cache.reserve(total, self.p.cache.tiers)
         try:
-            fds = await self.loop.run_in_executor(
-                self.p.ingest_pool,
-                self.fs.open_files,
-                [(f.path, f.ident, f.via) for f in files],
-            )
+            tier = await self.p.cache.reserve(total, self.p.cache.tiers)
+        except BaseException:
+            _close_all(fds)
+            raise
+        try:
             got = await self.loop.run_in_executor(
                 self.p.ingest_pool,
                 functools.partial(
@@ -545,10 +627,13 @@ class _Run:
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, total)
-        for sf in got:
-            if tier is not None and sf.blob is not None:
-                self.p.cache.adopt(tier, sf.blob, self.cs)
-                self.cached += 1
+        if tier is not None:
+            # ingest_small synced them: their rows go in one transaction
+            adopted = [
+                self.p.cache.adopt(tier, sf.blob, self.cs, persist=False) for sf in got if sf.blob
+            ]
+            await asyncio.wrap_future(self.p.cache.record_durable(adopted))
+            self.cached += len(adopted)
         self.progress.done_files += len(files)
         self.progress.fill.done_bytes += total
         return got

@@ -28,6 +28,7 @@ from hostd.errors import ManifestError, NotFound, OriginError, UsageError
 from hostd.fill import Filler, FillProgress
 from hostd.materialize import Cancelled, Outcome, materialize
 from hostd.origin import Origin, validate_ref
+from hostd.snapshots import decode_manifest
 from hostd.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,12 @@ class Resolver:
         raise NotFound(f"no such ref {ref!r} at origin {self.origin.url}")
 
     async def manifest(self, snapshot_id: str) -> mf.Manifest:
-        local = self.cache.snapshot(snapshot_id)
+        local = await self.cache.load_manifest(snapshot_id)
         if local is not None:
-            return local.manifest
+            return local
         data = await self.origin.get_manifest(snapshot_id)
         try:
-            m = await asyncio.to_thread(mf.decode, data)
+            m = await asyncio.to_thread(decode_manifest, data)
         except ManifestError as e:  # name the manifest: decode only knows its bytes
             raise ManifestError(
                 f"manifest {snapshot_id} at origin {self.origin.url}: {e.message}"
@@ -251,7 +252,7 @@ class Restorer:
                 materialize,
                 f.resolved.manifest,
                 fs,
-                lambda d: f.where[d].path,
+                lambda d: f.where[d].tier.blob_file(d),
                 mode=req.mode,
                 replace=req.replace,
                 link_ok=link_ok,

@@ -43,7 +43,7 @@ class LocalBlobSource:
         return "LocalBlobSource()"
 
     async def get(self, chunk: Chunk) -> bytes:
-        loc = self.cache.chunk_location(chunk.id)
+        loc = self.cache.chunk_location(chunk.id, chunk.size)
         if loc is None:
             raise ChunkMissing(f"chunk {chunk.id.hex()} is in no local blob")
         blob, offset = loc
@@ -135,7 +135,7 @@ class OriginSource:
         start = w * self.window
         end = min(start + self.window, p.pack_size)
         if w < 0 or p.offset + p.length > end:
-            return await self.origin.get_pack_range(p.pack, p.offset, p.length)
+            return await self.origin.get_pack_range(p.pack, p.offset, p.length, p.pack_size)
         key = (p.pack, w)
         data = self._windows.get(key)
         if data is not None:
@@ -143,16 +143,18 @@ class OriginSource:
         else:
             task = self._loading.get(key)
             if task is None:
-                task = asyncio.create_task(self._load(key, start, end - start))
+                task = asyncio.create_task(self._load(key, start, end - start, p.pack_size))
                 self._loading[key] = task
             # Shielded: other chunks wait on the same window; a read this caller gives up on
             # still lands in the buffer for them (one GET of a few MiB, bounded by timeout).
             data = await asyncio.shield(task)
         return data[p.offset - start : p.offset - start + p.length]
 
-    async def _load(self, key: tuple[bytes, int], start: int, length: int) -> memoryview:
+    async def _load(
+        self, key: tuple[bytes, int], start: int, length: int, pack_size: int
+    ) -> memoryview:
         try:
-            data = await self.origin.get_pack_range(key[0], start, length)
+            data = await self.origin.get_pack_range(key[0], start, length, pack_size)
         finally:
             del self._loading[key]
         self._windows[key] = data

@@ -9,9 +9,13 @@ Layout under the tier's root:
 A chunk's presence byte is written only after its bytes, so a process killed between the two
 refetches the chunk rather than trusting a hole; a partial blob reopened after a restart has
 every present chunk re-hashed before it is trusted (see PartialBlob.recheck). A blob becomes
-complete by fsync, chmod read-only, rename into blobs/: nothing that looks complete was ever
-half written. The directory is not fsynced per blob (a cost per file on NVMe): a rename that a
-power cut loses leaves no blob, which start-up's reconciliation turns into a refetch.
+complete by setting its recorded mtime, chmod read-only, rename into blobs/: nothing that
+looks complete was ever half written by a live process. Durability is the caller's choice:
+`durable=True` fsyncs each blob before its rename (a cost per file: a journal commit each on
+ext4); `durable=False` leaves it to one `sync` of the whole filesystem for a batch of blobs
+(syncfs(2)), which must return before any of them is recorded in the index. The directory is
+not fsynced per blob: a rename that a power cut loses leaves no blob, which start-up's
+reconciliation turns into a refetch (docs/ARCHITECTURE.md, "Durability").
 
 All methods here do blocking file I/O: callers run them in a thread. This module knows
 nothing of the index, budgets or eviction (cache.py decides those).
@@ -20,20 +24,25 @@ nothing of the index, budgets or eviction (cache.py decides those).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
 from hostd.errors import HostdError, TierError, os_cause
-from hostd.fileio import copy_range
+from hostd.fileio import copy_range, libc, syncfs
 from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
+
+# What set_mtime takes as "this filesystem cannot hold that time" (a FAT tier and a time
+# before 1980, say): the blob keeps the time it was written at, and its files are copied.
+_TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)
 
 
 class BlobCopyCorrupt(HostdError):
@@ -73,6 +82,23 @@ class BlobStat:
 def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
     """Translate an OSError from a tier into hostd's error, naming tier, path and cause."""
     return TierError(f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})")
+
+
+# libc's syncfs where it has one, else None: Tier.sync then fsyncs each blob instead.
+SYNCFS: Callable[[Path], None] | None = syncfs if hasattr(libc, "syncfs") else None
+
+
+def set_mtime(fd: int, mtime_ns: int | None) -> None:
+    """Give a blob the mtime of the file it is installed for (None: a format-1 entry, which
+    recorded none; the blob keeps its write time). Before the stat that gets recorded: the
+    time is part of what Cache.unchanged checks."""
+    if mtime_ns is None:
+        return
+    try:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    except OSError as e:
+        if e.errno not in _TIME_UNREPRESENTABLE:
+            raise
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -203,8 +229,9 @@ class PartialBlob:
                 bad += 1
         return bad
 
-    def complete(self) -> BlobStat:
-        """fsync, make read-only, rename into blobs/."""
+    def complete(self, mtime_ns: int | None = None, *, durable: bool = True) -> BlobStat:
+        """Set its mtime, make it read-only, rename it into blobs/; with `durable`, fsync it
+        first. Without, the caller must `Tier.sync` before recording it (see the module)."""
         if not self.full:
             raise TierError(f"blob {self.digest.hex()} is not full; refusing to complete it")
         dest = self.tier.blob_path(self.digest)
@@ -213,7 +240,9 @@ class PartialBlob:
                 raise TierError(f"blob {self.digest.hex()} in tier {self.tier.name!r} is closed")
             self._writing += 1
         try:
-            os.fsync(self.fd)
+            set_mtime(self.fd, mtime_ns)
+            if durable:
+                os.fsync(self.fd)
             os.fchmod(self.fd, BLOB_MODE)
             return self.tier.install(self.path, self.digest)  # also drops the .have file
         except OSError as e:
@@ -244,10 +273,18 @@ class PartialBlob:
 class Tier:
     """One cache directory. Holds no state beyond its paths: the index is the cache's."""
 
-    def __init__(self, name: str, root: Path, budget: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        budget: int,
+        *,
+        syncfs: Callable[[Path], None] | None = SYNCFS,
+    ) -> None:
         self.name = name
         self.root = root
         self.budget = budget
+        self._syncfs = syncfs  # None: fsync each blob instead (a test passes its own)
         self.blobs_dir = root / "blobs"
         self.partial_dir = root / "partial"
         self.tmp_dir = root / "tmp"
@@ -274,8 +311,12 @@ class Tier:
         return os.stat(self.root).st_dev
 
     def blob_path(self, digest: bytes) -> Path:
+        return Path(self.blob_file(digest))
+
+    def blob_file(self, digest: bytes) -> str:
+        """blob_path as a string: a restore of 100,000 files asks for as many."""
         h = digest.hex()
-        return self.blobs_dir / h[:2] / h
+        return f"{self.blobs_dir}/{h[:2]}/{h}"
 
     def partial_path(self, digest: bytes) -> Path:
         return self.partial_dir / digest.hex()
@@ -313,44 +354,67 @@ class Tier:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(q)
 
-    def install(self, scratch: Path, digest: bytes) -> BlobStat:
-        """Rename a finished file (fsynced, read-only, verified) into blobs/ as `digest`.
+    def install(self, scratch: Path, digest: bytes, *, partial: bool = True) -> BlobStat:
+        """Rename a finished file (read-only, verified, its mtime set) into blobs/ as `digest`.
 
         The one way a blob becomes complete. It replaces whatever sits there already: that
         file is not known to be intact (a leftover no record vouches for), this one is; the
-        rename is atomic, and restored trees linked to the old inode keep it."""
+        rename is atomic, and restored trees linked to the old inode keep it. `partial`: a
+        partial blob of this digest may be left to remove (not so for a blob written whole,
+        which the cache fills that way only when it knows of no partial one)."""
         dest = self.blob_path(digest)
-        dest.parent.mkdir(exist_ok=True)
-        os.rename(scratch, dest)
-        self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
+        try:
+            os.rename(scratch, dest)
+        except FileNotFoundError:  # the first blob under this prefix: one syscall otherwise
+            if not os.path.exists(scratch):
+                raise
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(scratch, dest)
+        if partial:
+            self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
         # Taken after the rename (which moves ctime): the file was written by us alone, in
         # this private tier, so this stat is of the verified bytes.
         return BlobStat.of(digest, os.stat(dest))
 
-    def write_whole(self, digest: bytes, data: bytes | memoryview) -> BlobStat:
-        """Write a blob that came whole (one verified chunk) without partial-blob state."""
+    def write_whole(
+        self,
+        digest: bytes,
+        data: bytes | memoryview,
+        mtime_ns: int | None = None,
+        *,
+        durable: bool = True,
+    ) -> BlobStat:
+        """Write a blob that came whole (one verified chunk) without partial-blob state. With
+        `durable`, fsynced before its rename; without, `sync` must follow before it is
+        recorded."""
         scratch = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
         try:
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 pwrite_all(fd, data, 0)
-                os.fsync(fd)
+                set_mtime(fd, mtime_ns)
+                if durable:
+                    os.fsync(fd)
                 os.fchmod(fd, BLOB_MODE)
             finally:
                 os.close(fd)
-            return self.install(scratch, digest)
+            return self.install(scratch, digest, partial=False)
         except OSError as e:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(scratch)
             raise tier_error(self.name, scratch, e, "writing a blob") from e
 
-    def copy_in(self, src: Path, digest: bytes, size: int, chunk_size: int) -> BlobStat:
+    def copy_in(
+        self, src: Path, digest: bytes, size: int, chunk_size: int, *, durable: bool = True
+    ) -> BlobStat:
         """Copy a complete blob from another tier into this one (demotion, promotion).
 
         The copy is hashed against `digest` before it is installed: the source may have been
         written through since it was last verified (a hardlinked blob), and a copy must never
         give changed bytes a fresh record. BlobCopyCorrupt if it does not match (nothing is
         left behind); the copy lives in this private tier, so no one writes it after the hash.
+        The copy keeps the source's mtime (the time of the file it was installed for), so
+        the files linked to it get theirs. `durable` as write_whole's.
         """
         tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}.copy"
         dest = self.blob_path(digest)
@@ -369,7 +433,10 @@ class Tier:
                         if os.fstat(fi.fileno()).st_size != size:  # truncated by a writer
                             raise BlobCopyCorrupt("it shrank while it was copied") from e
                         raise
-                    os.fsync(fd)
+                    # Taken after the copy: a touch during it is the source's time now.
+                    set_mtime(fd, os.fstat(fi.fileno()).st_mtime_ns)
+                    if durable:
+                        os.fsync(fd)
                     os.fchmod(fd, BLOB_MODE)
                     if digest_of(fd, size, chunk_size) != digest:
                         raise BlobCopyCorrupt("content does not match its digest")
@@ -385,6 +452,40 @@ class Tier:
             with contextlib.suppress(OSError):  # on a read-only tier this fails too
                 os.unlink(tmp)
             raise tier_error(self.name, dest, e, "copying a blob in") from e
+
+    def sync(self, digests: Iterable[bytes], *, each: bool = False) -> None:
+        """Make durable every blob installed here with `durable=False` (`digests` names
+        them): one syncfs of the tier's filesystem, which also commits their renames. Since
+        Linux 5.8 syncfs reports a write-back error on the filesystem that no one has seen
+        yet (a fresh descriptor starts unseen errors at zero), once. `each`, or where libc
+        has no syncfs: fsync each of `digests` (which reports an error of that file no one has
+        seen), then the directories they were renamed into. TierError if a write-back failed:
+        which blob, syncfs cannot say."""
+        try:
+            if self._syncfs is not None:
+                self._syncfs(self.blobs_dir)
+                if not each:
+                    return
+            dirs = {self.blobs_dir}
+            for d in digests:
+                p = self.blob_path(d)
+                try:
+                    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # evicted meanwhile: nothing to make durable
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dirs.add(p.parent)
+            for dp in dirs:
+                fd = os.open(dp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise tier_error(self.name, self.root, e, "syncing its blobs to disk") from e
 
 
 def _iterdir(p: Path) -> Iterator[Path]:

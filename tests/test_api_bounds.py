@@ -165,7 +165,10 @@ def test_scrapes_are_consistent_while_restores_and_evictions_run(tmp_path: Path)
                 i = 0
                 while not stop.is_set():
                     ref = refs[i % len(refs)]
-                    out = h.restore(ref, tmp_path / f"out{i % 2}", mode="copy", replace=True)
+                    # into the small tier: each restore evicts the last one's blobs
+                    out = h.restore(
+                        ref, tmp_path / f"out{i % 2}", mode="copy", replace=True, tier="mem"
+                    )
                     assert out["event"] == "result", out
                     restores.append(ref)
                     i += 1

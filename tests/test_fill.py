@@ -6,22 +6,27 @@ nothing behind when a tier cannot take a blob."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import os
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
-from chunkfakes import DEADLINE, FakeSource, file_entry, pattern
+from chunkfakes import DEADLINE, MTIME, FakeSource, file_entry, pattern
 
+import hostd.fill
 from hostd.cache import Blob, Cache
 from hostd.core import manifest as mf
 from hostd.core.manifest import FileEntry
+from hostd.durable import Durability
 from hostd.errors import ChunkMissing, TierError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler, FillProgress
-from hostd.index import Index
+from hostd.index import UNKNOWN_CTIME, BlobRow, Index
 from hostd.sources import LocalBlobSource
 from hostd.tier import BLOB_MODE, BlobStat, Tier
 
@@ -38,6 +43,7 @@ class Rig:
         disk: int = 64 * CS,
         workers: int = 4,
         mem_tier: type[Tier] = Tier,
+        durability: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.tiers = [mem_tier("mem", root / "mem", mem), Tier("disk", root / "disk", disk)]
@@ -47,12 +53,13 @@ class Rig:
         self.cache.load()
         self.origin = FakeSource("origin")
         self.fetcher = Fetcher([LocalBlobSource(self.cache), self.origin], concurrency=4)
-        self.filler = Filler(self.cache, self.fetcher, workers=workers)
+        self.durability = Durability(self.cache, **(durability or {}))
+        self.filler = Filler(self.cache, self.fetcher, workers=workers, durability=self.durability)
         self.data: dict[bytes, bytes] = {}
 
-    def file(self, path: str, data: bytes) -> FileEntry:
+    def file(self, path: str, data: bytes, mtime: int | None = MTIME) -> FileEntry:
         """A file whose chunks the origin holds."""
-        e = file_entry(path, data, CS)
+        e = dataclasses.replace(file_entry(path, data, CS), mtime=mtime)
         self.origin.add_file(e, data, CS)
         self.data[e.digest] = data
         return e
@@ -544,11 +551,13 @@ class GatedTier(Tier):
         self.copies = 0
         self.go = threading.Event()
 
-    def copy_in(self, src: Path, digest: bytes, size: int, chunk_size: int) -> BlobStat:
+    def copy_in(
+        self, src: Path, digest: bytes, size: int, chunk_size: int, *, durable: bool = True
+    ) -> BlobStat:
         self.copies += 1
         self.loop.call_soon_threadsafe(self.started.set)
         assert self.go.wait(DEADLINE)
-        return super().copy_in(src, digest, size, chunk_size)
+        return super().copy_in(src, digest, size, chunk_size, durable=durable)
 
 
 async def test_two_ensures_copying_in_one_blob_copy_it_once(tmp_path: Path) -> None:
@@ -580,10 +589,17 @@ class SlowTier(Tier):
     started = threading.Event()
     release = threading.Event()
 
-    def write_whole(self, digest: bytes, data: bytes | memoryview) -> BlobStat:
+    def write_whole(
+        self,
+        digest: bytes,
+        data: bytes | memoryview,
+        mtime_ns: int | None = None,
+        *,
+        durable: bool = True,
+    ) -> BlobStat:
         self.started.set()
         self.release.wait(DEADLINE)
-        return super().write_whole(digest, data)
+        return super().write_whole(digest, data, mtime_ns, durable=durable)
 
 
 async def test_a_blob_completed_after_its_fill_was_cancelled_is_recorded(tmp_path: Path) -> None:
@@ -606,6 +622,342 @@ async def test_a_blob_completed_after_its_fill_was_cancelled_is_recorded(tmp_pat
                 await asyncio.sleep(0.01)
         assert_complete(rig, small, rig.mem)
         assert {u.name: u.used for u in rig.cache.usage()}["mem"] == small.size
+        # ... and recorded in the index once its sync is through (no fill waits for it)
+        async with asyncio.timeout(DEADLINE):
+            while row_of(rig, small.digest, rig.mem) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert_mtime(rig, small, rig.mem, MTIME)
     finally:
         SlowTier.release.set()
+        rig.close()
+
+
+# -- mtimes ------------------------------------------------------------------------------------
+
+BEFORE_1970 = -86_400_000_000_001  # 1969-12-31, a nanosecond before a whole second
+
+
+def row_of(rig: Rig, digest: bytes, tier: Tier) -> BlobRow | None:
+    rows = [r for r in rig.index.blobs() if r.digest == digest and r.tier == tier.name]
+    return rows[0] if rows else None
+
+
+def assert_mtime(rig: Rig, e: FileEntry, tier: Tier, mtime: int) -> None:
+    """The blob has `mtime`, its record says so, and the record holds (no re-hash)."""
+    b = rig.cache.locate(e.digest, [tier])
+    assert b is not None
+    assert os.stat(b.path).st_mtime_ns == b.mtime_ns == mtime
+    assert rig.cache.unchanged(b)
+    row = row_of(rig, e.digest, tier)
+    assert row is not None
+    assert row.complete
+    assert (row.mtime_ns, row.ctime_ns) == (b.mtime_ns, b.ctime_ns)
+
+
+@pytest.mark.parametrize("mtime", [MTIME, BEFORE_1970])
+async def test_a_filled_blob_has_its_file_mtime_recorded(rig: Rig, mtime: int) -> None:
+    small = rig.file("small", pattern("small", 1000), mtime)
+    big = rig.file("big", pattern("big", 3 * CS + 5), mtime)
+
+    await rig.ensure([small, big])
+
+    assert_mtime(rig, small, rig.mem, mtime)
+    assert_mtime(rig, big, rig.mem, mtime)
+
+
+async def test_a_promoted_blob_keeps_its_mtime(rig: Rig) -> None:
+    small = rig.file("small", pattern("small", 1000), BEFORE_1970)
+    big = rig.file("big", pattern("big", 2 * CS), MTIME)
+    await rig.ensure([small, big], [rig.disk])
+
+    _, progress = await rig.ensure([small, big], [rig.mem])
+
+    assert +progress.by_source == {"disk": small.size + big.size}
+    assert_mtime(rig, small, rig.mem, BEFORE_1970)
+    assert_mtime(rig, big, rig.mem, MTIME)
+
+
+async def test_a_format_1_entry_leaves_the_blob_its_write_time(rig: Rig) -> None:
+    e = rig.file("old", pattern("old", 1000), None)
+    before = os.stat(rig.mem.root).st_mtime_ns - 10**9
+
+    await rig.ensure([e])
+
+    b = rig.cache.locate(e.digest)
+    assert b is not None
+    assert b.mtime_ns >= before
+    assert_mtime(rig, e, rig.mem, b.mtime_ns)
+
+
+async def test_a_blob_shared_by_files_gets_the_mtime_most_of_them_have(rig: Rig) -> None:
+    data = pattern("same", 1000)
+    files = [rig.file(f"f{i}", data, m) for i, m in enumerate([MTIME, 7, 7, BEFORE_1970])]
+
+    await rig.ensure(files)
+
+    assert_mtime(rig, files[0], rig.mem, 7)
+
+
+# -- durability: write, rename, one sync per batch, then the index rows -----------------------
+
+
+class Log:
+    """What happened, in order: each tier's syncs and each batch of index rows."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.events: list[tuple[str, frozenset[bytes]]] = []
+        real = rig.index.put_blobs
+
+        def put_blobs(rows: Any) -> None:
+            rows = list(rows)
+            self.events.append(("rows", frozenset(r.digest for r in rows if r.complete)))
+            real(rows)
+
+        rig.index.put_blobs = put_blobs  # type: ignore[method-assign]
+
+    def sync(self, digests: Any) -> None:
+        self.events.append(("sync", frozenset(digests)))
+
+    def check_order(self) -> None:
+        """Every blob's row was written after a sync that covered it."""
+        synced: set[bytes] = set()
+        for what, digests in self.events:
+            if what == "sync":
+                synced |= digests
+            else:
+                assert digests <= synced, "a row was written before its blob was synced"
+
+    @property
+    def syncs(self) -> int:
+        return sum(1 for what, _ in self.events if what == "sync")
+
+
+class LoggedTier(Tier):
+    """A tier whose syncs are logged, and held while `hold` is clear (a slow disk)."""
+
+    log: Log | None = None
+    hold = threading.Event()
+    syncing = threading.Event()
+    each: ClassVar[list[bool]] = []
+
+    def sync(self, digests: Any, *, each: bool = False) -> None:
+        digests = list(digests)
+        self.syncing.set()
+        assert self.hold.wait(DEADLINE)
+        super().sync(digests, each=each)
+        self.each.append(each)
+        if self.log is not None:
+            self.log.sync(digests)
+
+
+@pytest.fixture
+def logged(tmp_path: Path) -> Iterator[Rig]:
+    LoggedTier.hold.set()
+    LoggedTier.syncing.clear()
+    LoggedTier.each = []
+    r = Rig(tmp_path, mem=4096 * CS, mem_tier=LoggedTier)
+    LoggedTier.log = Log(r)
+    yield r
+    LoggedTier.hold.set()
+    LoggedTier.log = None
+    r.close()
+
+
+def fsync_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    return calls
+
+
+async def test_small_files_take_one_sync_per_batch_and_no_fsync_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    LoggedTier.hold.set()
+    rig = Rig(
+        tmp_path,
+        mem=4096 * CS,
+        mem_tier=LoggedTier,
+        durability={"max_blobs": 100, "max_delay": 3600},
+    )
+    log = LoggedTier.log = Log(rig)
+    writes: list[int] = []
+    real_write = hostd.fill._write_wholes
+
+    def counted(batch: Any) -> Any:
+        writes.append(len(batch))
+        return real_write(batch)
+
+    monkeypatch.setattr(hostd.fill, "_write_wholes", counted)
+    fsyncs = fsync_counter(monkeypatch)
+    try:
+        files = [rig.file(f"f{i}", pattern(f"f{i}", 100 + i)) for i in range(650)]
+        big = rig.file("big", pattern("big", 3 * CS))
+
+        found, _ = await rig.ensure([*files, big])
+
+        assert set(found) == {e.digest for e in [*files, big]}
+        assert fsyncs == []
+        # 651 blobs in batches of at least 100 (more gather while a sync runs), the last one
+        # at the end of ensure: a sync per batch, not per blob, and not one for the whole fill
+        sizes = [len(d) for what, d in log.events if what == "sync"]
+        assert 2 <= len(sizes) <= 7, sizes
+        assert all(n >= 100 for n in sizes[:-1]), sizes
+        assert sum(sizes) == len(found)
+        log.check_order()
+        rows = {r.digest for r in rig.index.blobs() if r.complete and r.tier == "mem"}
+        assert rows == set(found)
+        # several small blobs written per thread hop
+        assert sum(writes) == len(files)
+        assert len(writes) < len(files) / 2, writes
+        assert rig.durability.pending == 0
+    finally:
+        LoggedTier.log = None
+        rig.close()
+
+
+async def test_no_row_is_written_before_its_sync_returns(logged: Rig) -> None:
+    rig = logged
+    files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(20)]
+    LoggedTier.hold.clear()
+
+    job = asyncio.create_task(rig.ensure(files))
+    assert await asyncio.to_thread(LoggedTier.syncing.wait, DEADLINE)
+
+    # Every blob is written and complete in memory (a restore may use it), none recorded.
+    for e in files:
+        b = rig.cache.locate(e.digest)
+        assert b is not None
+        assert b.path.read_bytes() == rig.data[e.digest]
+    assert [r for r in rig.index.blobs() if r.complete] == []
+    assert not job.done()  # ensure waits for the rows
+
+    LoggedTier.hold.set()
+    async with asyncio.timeout(DEADLINE):
+        await job
+    assert {r.digest for r in rig.index.blobs() if r.complete} == {e.digest for e in files}
+    assert LoggedTier.log is not None
+    LoggedTier.log.check_order()
+
+
+async def test_a_stalled_fill_has_what_it_made_recorded_within_max_delay(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path, durability={"max_blobs": 10**6, "max_delay": 0.01})
+    try:
+        done = [rig.file(f"d{i}", pattern(f"d{i}", 500 + i)) for i in range(5)]
+        stuck = rig.file("stuck", pattern("stuck", 700))
+        release = rig.origin.gate(stuck.chunks[0])
+
+        job = asyncio.create_task(rig.ensure([*done, stuck]))
+        want = {e.digest for e in done}
+        async with asyncio.timeout(DEADLINE):
+            while {r.digest for r in rig.index.blobs() if r.complete} != want:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        assert not job.done()
+        release.set()
+        async with asyncio.timeout(DEADLINE):
+            await job
+    finally:
+        rig.close()
+
+
+async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
+    tmp_path: Path,
+) -> None:
+    broken = [True]
+
+    def syncfs(_path: Path) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class FailingTier(LoggedTier):
+        def __init__(self, name: str, root: Path, budget: int) -> None:
+            super().__init__(name, root, budget, syncfs=syncfs)
+
+    LoggedTier.hold.set()
+    LoggedTier.each = []
+    rig = Rig(tmp_path, mem_tier=FailingTier)
+    try:
+        files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(5)]
+        big = rig.file("big", pattern("big", 2 * CS))
+
+        with pytest.raises(TierError, match=r"tier 'mem' .*syncing its blobs to disk failed"):
+            await rig.ensure([*files, big])
+
+        # Nothing it may have lost is kept: not in memory, not on disk, not in the index.
+        for e in [*files, big]:
+            assert rig.cache.copies(e.digest) == []
+        assert complete_files(rig.mem) == []
+        assert [r for r in rig.index.blobs() if r.complete] == []
+        assert rig.durability.stats.dropped == len(files) + 1
+        assert {u.name: u.used for u in rig.cache.usage()}["mem"] == 0
+
+        broken[0] = False
+        calls = len(rig.origin.order)
+        found, _ = await rig.ensure([*files, big])
+        for e in [*files, big]:
+            assert_complete(rig, e, rig.mem)
+        assert len(rig.origin.order) - calls == len(files) + len(big.chunks)
+        # The sync after a failure fsyncs each blob too: an error the failed syncfs already
+        # reported would not be reported again, a blob's own fsync still reports it.
+        assert LoggedTier.each == [True]
+        assert {r.digest for r in rig.index.blobs() if r.complete} == set(found)
+    finally:
+        rig.close()
+
+
+async def test_a_restart_between_install_and_row_rehashes_and_keeps_the_blob(
+    tmp_path: Path,
+) -> None:
+    """A daemon dies after its blobs were renamed into place and before their sync returned
+    (so before their rows). The next one finds them with no row: it re-hashes each before its
+    first use and keeps it, fetching nothing."""
+    LoggedTier.hold.clear()
+    LoggedTier.syncing.clear()
+    first = Rig(tmp_path, mem_tier=LoggedTier)
+    files = [first.file(f"f{i}", pattern(f"f{i}", 2000 + i)) for i in range(8)]
+    job = asyncio.create_task(first.ensure(files))
+    assert await asyncio.to_thread(LoggedTier.syncing.wait, DEADLINE)
+    job.cancel()  # the sync runs on: owned by the durability, not by this fill
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    again = Rig(tmp_path)  # the next daemon, on the same tier and index
+    try:
+        for e in files:
+            (b,) = again.cache.copies(e.digest)
+            assert b.complete
+            assert b.ctime_ns == UNKNOWN_CTIME  # no row vouches for it: re-hashed first
+        again.data = first.data
+        _, progress = await again.ensure(files)
+        assert again.origin.order == []
+        assert +progress.by_source == {"mem": sum(e.size for e in files)}
+        for e in files:
+            assert_complete(again, e, again.mem)
+            assert_mtime(again, e, again.mem, MTIME)
+    finally:
+        LoggedTier.hold.set()
+        async with asyncio.timeout(DEADLINE):
+            await first.durability.flush()  # the first's sync ends; its rows land
+        first.close()
+        again.close()
+
+
+async def test_close_records_what_waits(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, durability={"max_blobs": 10**6, "max_delay": 3600})
+    try:
+        e = rig.file("e", pattern("e", 1000))
+        st = rig.mem.write_whole(e.digest, rig.data[e.digest], e.mtime, durable=False)
+        rig.durability.add(rig.cache.adopt(rig.mem, st, CS, persist=False))
+        assert row_of(rig, e.digest, rig.mem) is None
+        await rig.filler.close()
+        assert_mtime(rig, e, rig.mem, MTIME)
+        assert rig.durability.pending == 0
+    finally:
         rig.close()

@@ -5,7 +5,12 @@ are off or it crosses a window's edge, and every chunk verified on its own."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import blake3
@@ -101,3 +106,37 @@ async def test_bad_bytes_in_a_pack_are_corrupt_and_a_short_pack_too(tmp_path: Pa
     gone = mf.Packed(b"\x07" * 32, 0, 10, 10)
     with pytest.raises(ChunkMissing, match="not at origin"):
         await OriginSource(origin).get(mf.Chunk(good.id, 10, 0, gone))
+
+
+@pytest.fixture
+def plain_web_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A plain static web server (Python's http.server: it answers ranges with the whole
+    file), serving a directory as an http:// origin."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_an_origin_that_cannot_answer_ranges_is_read_whole(
+    tmp_path: Path, plain_web_server: tuple[str, Path]
+) -> None:
+    url, root = plain_web_server
+    local = make_origin(tmp_path)
+    parts = [b"x" * 3000, b"y" * 4000, b"z" * 5000]
+    chunks = await put_pack(local, parts)
+    # the same objects, served by the plain web server
+    shutil.copytree(tmp_path / "origin", root, dirs_exist_ok=True)
+    web = Origin(url, {}, retry=RetryPolicy(attempts=1, base=0.0, cap=0.0))
+    assert [bytes(await OriginSource(web).get(c)) for c in chunks] == parts  # a whole pack
+    exact = OriginSource(web, window=0)  # ranges: refused, then whole packs, sliced
+    assert [bytes(await exact.get(c)) for c in reversed(chunks)] == parts[::-1]
+    assert not web._ranges  # it learnt that the server cannot answer ranges
+    await web.close()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
 from test_e2e import promtool_check, sample, wait_for
+from test_small_files import small_tree
 
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, STRIKE_BASE, Roster, State
@@ -414,6 +415,27 @@ def test_hosts_scaling_up_together_pull_each_chunk_from_the_origin_once(work: Pa
         # what was served is what was got, but for the losers of hedged races
         hedged = sum(sample(t, "hostd_peer_hedges_total", result="started") for t in texts)
         assert from_peers <= served <= from_peers + hedged * 4 * 2**20
+
+
+def test_a_fleet_pulls_each_small_file_once_by_its_owner_from_its_pack(work: Path) -> None:
+    # Small files lie in packs: an owner pulling one through for the fleet reads only that
+    # chunk's bytes of the pack (its neighbours have other owners), so the fleet still
+    # pulls each chunk from the origin once.
+    src = small_tree(work / "src", n=200)
+    with Fleet(work, 3) as fleet:
+        pub = fleet.publish(src)
+        assert pub["packs"] >= 1, pub
+        outs = fleet.restore_all(fleet.hosts)
+        for h, out in zip(fleet.hosts, outs, strict=True):
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t-{h.root.name}") == tree_digest(src)
+        chunk_bytes = sum(origin_chunk_bytes(h) for h in fleet.hosts)
+        # manifests and refs are small, and read by each host
+        assert chunk_bytes <= pub["stored_bytes"] * 1.02 + 3 * 64 * 1024, (
+            chunk_bytes,
+            pub["stored_bytes"],
+        )
+        assert sum(o["bytes_by_source"].get("peer", 0) for o in outs) >= pub["bytes"]
 
 
 def test_a_restore_from_a_fleet_that_holds_the_snapshot_reads_nothing_from_the_origin(

@@ -34,6 +34,7 @@ from netns import ORIGIN, Cluster, require_netns, serve_dir
 from test_e2e import sample
 from test_peers import WrongBytes, key_file, member, status_peers
 
+from hostd.core import manifest as mf
 from hostd.core import rendezvous
 
 pytestmark = pytest.mark.root
@@ -82,8 +83,12 @@ def published() -> Iterator[Published]:
         with Hostd(work / "pub", origin=f"file://{work}/origin") as pub:
             out = pub.publish(src, REF)
         origin = work / "origin"
-        chunks = sorted(bytes.fromhex(p.name) for p in (origin / "chunks").glob("*/*"))
+        (manifest,) = (origin / "manifests").iterdir()
+        chunks = sorted(c.id for f in mf.decode(manifest.read_bytes()).files for c in f.chunks)
         assert len(chunks) == 13, chunks
+        # the shards' chunks are objects of their own; the tokenizer lies in a pack
+        assert len(list((origin / "chunks").glob("*/*"))) == 12
+        assert len(list((origin / "packs").glob("*/*"))) == 1
         yield Published(
             src,
             origin,

@@ -4,6 +4,7 @@ scratch sweep, copy_in. All synchronous (the tier is blocking I/O by design)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -14,7 +15,7 @@ import pytest
 from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
 from hostd.errors import TierError
-from hostd.tier import BLOB_MODE, BlobCopyCorrupt, Tier
+from hostd.tier import BLOB_MODE, SYNCFS, BlobCopyCorrupt, Tier
 
 CS = 64 * 1024
 # Three full chunks and a short last one; each chunk's bytes differ.
@@ -322,3 +323,150 @@ def test_close_waits_for_a_write_in_progress(tier: Tier) -> None:
         with open(pb.path, "rb") as f:
             assert f.read(16) == b"\x07" * 16
         assert pb.have[0] == 1
+
+
+# -- mtimes and durability ---------------------------------------------------------------------
+
+MTIME = 1_600_000_000_123_456_789  # 2020-09-13, nanoseconds included
+BEFORE_1970 = -86_400_000_000_001  # 1969-12-31, a nanosecond before a whole second
+
+
+class FsyncCount:
+    """Counts os.fsync calls (monkeypatched in), passing them through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fds: list[int] = []
+        real = os.fsync
+
+        def counted(fd: int) -> None:
+            self.fds.append(fd)
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", counted)
+
+
+@pytest.mark.parametrize("mtime", [MTIME, BEFORE_1970, 0])
+def test_write_whole_gives_the_blob_its_mtime_before_the_stat_it_returns(
+    tier: Tier, mtime: int
+) -> None:
+    st = tier.write_whole(REAL, DATA, mtime)
+    info = os.stat(tier.blob_path(REAL))
+    assert info.st_mtime_ns == st.mtime_ns == mtime
+    assert st.ctime_ns == info.st_ctime_ns  # the stat is the last word: nothing moved it since
+    assert stat.S_IMODE(info.st_mode) == BLOB_MODE
+
+
+def test_complete_gives_the_blob_its_mtime(tier: Tier) -> None:
+    pb = tier.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    st = pb.complete(BEFORE_1970, durable=False)
+    assert os.stat(tier.blob_path(DIGEST)).st_mtime_ns == st.mtime_ns == BEFORE_1970
+    assert tier.stat_blob(DIGEST) == st
+
+
+def test_no_mtime_keeps_the_write_time(tier: Tier) -> None:
+    """A format-1 entry records no mtime: the blob keeps the time it was written at."""
+    before = os.stat(tier.root).st_mtime_ns - 10**9
+    st = tier.write_whole(REAL, DATA, None)
+    assert st.mtime_ns >= before
+
+
+def test_copy_in_keeps_the_source_mtime(tmp_path: Path) -> None:
+    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
+    disk.write_whole(REAL, DATA, BEFORE_1970)
+    st = mem.copy_in(disk.blob_path(REAL), REAL, len(DATA), CS, durable=False)
+    assert os.stat(mem.blob_path(REAL)).st_mtime_ns == st.mtime_ns == BEFORE_1970
+    assert st == mem.stat_blob(REAL)
+
+
+def test_an_unrepresentable_mtime_leaves_the_write_time(
+    tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that cannot hold the time (EINVAL, EOVERFLOW) is no failure: the blob keeps
+    its write time, and the files that wanted the other time get copies."""
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise OSError(errno.EOVERFLOW, "Value too large")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    st = tier.write_whole(REAL, DATA, MTIME)
+    assert st.mtime_ns != MTIME
+    assert tier.blob_path(REAL).read_bytes() == DATA
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_fsyncs_each_blob_and_not_durable_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    mem, disk = make_tier(tmp_path, "mem"), make_tier(tmp_path, "disk")
+    fsyncs = FsyncCount(monkeypatch)
+    disk.write_whole(REAL, DATA, MTIME, durable=durable)
+    pb = disk.open_partial(DIGEST, len(DATA), len(CHUNKS))
+    for i in range(len(CHUNKS)):
+        pb.write(i, i * CS, piece(i))
+    pb.complete(MTIME, durable=durable)
+    mem.copy_in(disk.blob_path(REAL), REAL, len(DATA), CS, durable=durable)
+    assert len(fsyncs.fds) == (3 if durable else 0)
+
+
+def test_sync_is_one_syncfs_of_the_tier(tier: Tier, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def syncfs(path: Path) -> None:
+        calls.append(path)
+        assert path == tier.blobs_dir
+
+    t = Tier(tier.name, tier.root, tier.budget, syncfs=syncfs)
+    fsyncs = FsyncCount(monkeypatch)
+    digests = [bytes([i]) * 32 for i in range(20)]
+    for d in digests:
+        t.write_whole(d, b"x", MTIME, durable=False)
+    t.sync(digests)
+    assert len(calls) == 1
+    assert fsyncs.fds == []
+    t.sync(digests, each=True)  # after a failed sync: the blobs one by one as well
+    assert len(calls) == 2
+    assert len(fsyncs.fds) == 20 + 1 + len({d.hex()[:2] for d in digests})  # + blobs/ + prefixes
+
+
+def test_the_real_syncfs_runs_where_libc_has_it(tier: Tier) -> None:
+    if SYNCFS is None:
+        pytest.skip("this libc has no syncfs: Tier.sync fsyncs each blob instead")
+    tier.write_whole(REAL, DATA, MTIME, durable=False)
+    tier.sync([REAL])
+
+
+def test_without_syncfs_each_blob_and_its_directory_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = Tier("disk", tmp_path / "disk", 1 << 30, syncfs=None)
+    t.prepare()
+    t.write_whole(REAL, DATA, MTIME, durable=False)
+    fsyncs = FsyncCount(monkeypatch)
+    t.sync([REAL, OTHER])  # OTHER was evicted meanwhile: skipped
+    assert len(fsyncs.fds) == 3  # the blob, its prefix directory, blobs/
+
+
+def test_a_failed_sync_is_a_tier_error_naming_the_tier(tmp_path: Path) -> None:
+    def failing(_path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    t = Tier("disk", tmp_path / "disk", 1 << 30, syncfs=failing)
+    t.prepare()
+    t.write_whole(REAL, DATA, MTIME, durable=False)
+    with pytest.raises(TierError, match=r"tier 'disk' .*syncing its blobs to disk failed"):
+        t.sync([REAL])
+
+
+def test_install_makes_the_prefix_directory_only_when_missing(tier: Tier) -> None:
+    a = bytes.fromhex("01" * 32)
+    b = bytes.fromhex("01" + "02" * 31)  # same prefix
+    tier.write_whole(a, b"a")
+    assert tier.blob_path(a).parent.is_dir()
+    tier.write_whole(b, b"b")
+    assert tier.blob_path(b).read_bytes() == b"b"
+    scratch = tier.tmp_dir / "gone"
+    with pytest.raises(FileNotFoundError):
+        tier.install(scratch, bytes.fromhex("03" * 32))  # no scratch: not a missing prefix
+    assert not tier.blob_path(bytes.fromhex("03" * 32)).parent.exists()

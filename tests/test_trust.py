@@ -556,7 +556,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
                     materialize,
                     m,
                     fs,
-                    lambda _d: blob,
+                    lambda _d: str(blob),
                     mode="copy",
                     replace=False,
                     link_ok=False,

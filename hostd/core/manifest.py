@@ -9,7 +9,6 @@ and every symlink resolves inside the tree however its components are followed.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -255,14 +254,21 @@ def _from_doc(doc: Any) -> Manifest:
         if not (isinstance(p, list) and len(p) == 2):
             raise ManifestError(f"packs[{i}] is not [id, size]")
         packs.append((p[0], p[1]))
+    # Messages are formatted only on failure: a manifest has 100,000 files to go through.
     files = []
-    for i, f in enumerate(_list(top["files"], "files")):
-        fm = _map(f, f"files[{i}]")
-        if set(fm) != file_keys:
+    for i, fm in enumerate(_list(top["files"], "files")):
+        if type(fm) is not dict or fm.keys() != file_keys:
+            _map(fm, f"files[{i}]")
             raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
+        cl = fm["chunks"]
+        if type(cl) is not list:
+            raise ManifestError(f"files[{i}].chunks is not a list")
         chunks = []
-        for j, c in enumerate(_list(fm["chunks"], f"files[{i}].chunks")):
-            chunks.append(_chunk_from(c, packs, fmt, f"files[{i}].chunks[{j}]"))
+        for j, c in enumerate(cl):
+            if type(c) is list and len(c) == 3:
+                chunks.append(Chunk(c[0], c[1], c[2]))
+            else:
+                chunks.append(_chunk_from(c, packs, fmt, i, j))
         files.append(FileEntry(fm["path"], fm["mode"], fm["size"], tuple(chunks), fm.get("mtime")))
     symlinks = []
     for i, s in enumerate(_list(top["symlinks"], "symlinks")):
@@ -282,7 +288,8 @@ def _from_doc(doc: Any) -> Manifest:
     )
 
 
-def _chunk_from(c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, what: str) -> Chunk:
+def _chunk_from(c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, f: int, j: int) -> Chunk:
+    what = f"files[{f}].chunks[{j}]"
     if isinstance(c, list) and len(c) == 3:
         return Chunk(c[0], c[1], c[2])
     if fmt >= 2 and isinstance(c, list) and len(c) == 6:
@@ -307,7 +314,7 @@ def _list(v: Any, what: str) -> list[Any]:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # not bool, which is an int to isinstance
 
 
 def check_path(path: Any, what: str) -> str:
@@ -414,40 +421,58 @@ def validate(m: Manifest) -> None:
         prev = d
         claim(d, "dir")
     # No entry may sit under a file or a symlink: materializing it would write elsewhere.
+    clear: set[str] = set()  # parents already walked up to the top
     for path in kinds:
-        parent = posixpath.dirname(path)
-        while parent:
+        parent = path.rpartition("/")[0]
+        while parent and parent not in clear:
             kind = kinds.get(parent)
             if kind is not None and kind != "dir":
                 raise ManifestError(f"path {path!r} is inside {kind} {parent!r}")
-            parent = posixpath.dirname(parent)
+            clear.add(parent)
+            parent = parent.rpartition("/")[0]
 
 
 def _check_file(f: FileEntry, chunk_size: int, fmt: int, used: set[tuple[bytes, int]]) -> None:
-    what = f"file {f.path!r}"
     if fmt == 1:
         if f.mtime is not None:
-            raise ManifestError(f"{what}: a format 1 manifest records no mtime")
-    elif f.mtime is None or not _is_int(f.mtime) or not MIN_MTIME <= f.mtime <= MAX_MTIME:
-        raise ManifestError(f"{what}: mtime {f.mtime!r} is not a signed 64-bit nanosecond count")
-    if not _is_int(f.mode) or not 0 <= f.mode <= 0o777:
-        raise ManifestError(f"{what}: mode {f.mode!r} is not in 0..0o777")
-    if not _is_int(f.size) or f.size < 0:
-        raise ManifestError(f"{what}: size {f.size!r} is not a non-negative integer")
+            raise ManifestError(f"file {f.path!r}: a format 1 manifest records no mtime")
+    elif type(f.mtime) is not int or not MIN_MTIME <= f.mtime <= MAX_MTIME:
+        raise ManifestError(
+            f"file {f.path!r}: mtime {f.mtime!r} is not a signed 64-bit nanosecond count"
+        )
+    if type(f.mode) is not int or not 0 <= f.mode <= 0o777:
+        raise ManifestError(f"file {f.path!r}: mode {f.mode!r} is not in 0..0o777")
+    if type(f.size) is not int or f.size < 0:
+        raise ManifestError(f"file {f.path!r}: size {f.size!r} is not a non-negative integer")
     expected = -(-f.size // chunk_size)
     if len(f.chunks) != expected:
-        raise ManifestError(f"{what}: {len(f.chunks)} chunks for {f.size} bytes, want {expected}")
+        raise ManifestError(
+            f"file {f.path!r}: {len(f.chunks)} chunks for {f.size} bytes, want {expected}"
+        )
+    last = expected - 1
     for i, c in enumerate(f.chunks):
-        if not isinstance(c.id, bytes) or len(c.id) != HASH_LEN:
-            raise ManifestError(f"{what}: chunk {i} id is not {HASH_LEN} bytes")
-        want = chunk_size if i < expected - 1 else f.size - chunk_size * (expected - 1)
-        if not _is_int(c.size) or c.size != want:
-            raise ManifestError(f"{what}: chunk {i} size {c.size!r}, want {want}")
-        if c.codec not in CODECS or not _is_int(c.codec):
-            raise ManifestError(f"{what}: chunk {i} codec {c.codec!r} is unknown")
+        want = chunk_size if i < last else f.size - chunk_size * last
+        if (
+            type(c.id) is not bytes
+            or len(c.id) != HASH_LEN
+            or type(c.size) is not int
+            or c.size != want
+            or type(c.codec) is not int
+            or c.codec not in CODECS
+        ):
+            _chunk_problem(f, i, c, want)
         if c.packed is not None:
-            _check_packed(c, fmt, f"{what}: chunk {i}")
+            _check_packed(c, fmt, f"file {f.path!r}: chunk {i}")
             used.add((c.packed.pack, c.packed.pack_size))
+
+
+def _chunk_problem(f: FileEntry, i: int, c: Chunk, want: int) -> None:
+    what = f"file {f.path!r}: chunk {i}"
+    if not isinstance(c.id, bytes) or len(c.id) != HASH_LEN:
+        raise ManifestError(f"{what} id is not {HASH_LEN} bytes")
+    if not _is_int(c.size) or c.size != want:
+        raise ManifestError(f"{what} size {c.size!r}, want {want}")
+    raise ManifestError(f"{what} codec {c.codec!r} is unknown")
 
 
 def _check_packed(c: Chunk, fmt: int, what: str) -> None:

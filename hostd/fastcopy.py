@@ -1,0 +1,328 @@
+"""Batches of small-file syscalls, compiled where it pays: a restore's files, a tier's blobs.
+
+`create_files`: the restore helper (fsops.py) creates every file of a `copy` restore with
+the caller's rights. Per job `(dirfd, leaf, mode, size, src_fd, mtime_ns)`:
+
+    open `leaf` under `dirfd` (O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600)
+    copy `size` bytes from `src_fd`'s position (fileio.copy_range: copy_file_range, else
+        sendfile); src_fd -1 makes an empty file
+    fchmod(mode); utime(mtime_ns, mtime_ns) unless mtime_ns is None; close
+
+The first failure stops the batch (jobs already started finish) and is raised as
+OSError(errno, strerror, filename) with the job's path (`paths[i]`, else its leaf), so an
+O_EXCL collision is a FileExistsError; a source that ends early is EIO, "source shrank
+while copying".
+
+`write_blobs`: a fill (fill.py) or a publish (publish.py) stores a batch of one-chunk blobs
+in a tier. Per job `(scratch, dest, data, mtime_ns, mode)`:
+
+    open `scratch` (O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600; a name taken already
+        is a leftover of the caller's own, whose scratch names are unique to its pid,
+        thread and batch index: it is unlinked and opened again)
+    pwrite all of `data`; utime(mtime_ns, mtime_ns) unless None, where EINVAL, EOVERFLOW
+        or ERANGE (a time the filesystem cannot hold) leave the write time, as
+        tier.set_mtime does; fchmod(mode); close
+    rename to `dest`, making `dest`'s directory (one level) where the rename says ENOENT,
+    then stat `dest`
+
+No fsync: the caller syncs the batch (syncfs). Every job is tried whatever the others did;
+the answer is one outcome per job, in order: `(size, mtime_ns, ctime_ns)` of the final stat,
+or `(errno, stage)` (STAGES names the stage; `blob_error` makes it an OSError naming the
+path). A job that failed before its rename leaves no scratch file behind.
+
+A tree of small files costs the twins 40-60 µs of CPU a file, plus GIL contention between
+their threads, against ~30 µs for `cp -r` (bench/fastcopy.py, 2 cores, tmpfs). So the same
+loops are compiled in native/fastcopy.c (`hostd._fastcopy`: ~24 µs a file), where they run
+without the GIL; this module chooses it at import when it was built and the environment's
+`HOSTD_NATIVE` is not `0`, else the pure-Python twins below. Both give the same files and
+the same errors (tests/test_native.py).
+
+Standard library only, and cheap to import: the helper imports it once per operation. It
+resolves nothing beyond one leaf name under a directory descriptor already checked, but for
+write_blobs, whose paths are the daemon's own, in its private tier directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from hostd.fileio import copy_range
+
+Job = tuple[int, str, int, int, int, int | None]
+"""(dirfd, leaf name, mode, size, source descriptor or -1, mtime in ns or None)"""
+
+_Native = Callable[[Sequence[Job], int], "tuple[int, int, int, int] | None"]
+
+BlobJob = tuple[str, str, "bytes | bytearray | memoryview", int | None, int]
+"""(scratch path, destination path, the blob's bytes, mtime in ns or None, mode)"""
+Written = tuple[int, int, int]
+"""(size, mtime_ns, ctime_ns) of a blob's stat, taken after its rename"""
+Failed = tuple[int, int]
+"""(errno, stage) of a blob that failed: STAGES[stage] says at what"""
+
+_NativeBlobs = Callable[[Sequence[BlobJob], int], "list[Written | Failed]"]
+
+OPEN, WRITE, UTIME, CHMOD, CLOSE, RENAME, MKDIR, STAT = range(8)
+STAGES = (
+    "opening its scratch file",
+    "writing it",
+    "setting its mtime",
+    "setting its mode",
+    "closing it",
+    "renaming it into place",
+    "making its directory",
+    "reading its stat",
+)
+# write_blobs runs on one native thread: a second only adds CPU (bench/fastcopy.py --blobs,
+# 2 cores: every scratch file is made in, and renamed out of, the one tmp/ directory, whose
+# lock serialises them), and fill.py already runs two writers.
+BLOB_THREADS = 1
+
+TWIN_THREADS = 4  # one copy stream leaves a disk's queue and a second core idle
+# The native loop takes one thread per SPLIT_BYTES of the batch, up to NATIVE_THREADS: a
+# batch of small files costs least on one (bench/fastcopy.py, 2 busy cores: files created
+# in one directory serialise on its lock, and more threads only add CPU), big copies go
+# faster on several (one stream leaves a disk's queue, and a big host's cores, idle).
+NATIVE_THREADS = 4
+SPLIT_BYTES = 8 << 20
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _load() -> tuple[_Native | None, _NativeBlobs | None, str]:
+    """The compiled create_files and write_blobs, or None and why not."""
+    try:
+        from hostd._fastcopy import create_files, write_blobs
+    except ImportError as e:  # one built from an older native/fastcopy.c lacks write_blobs
+        return None, None, f"the extension hostd._fastcopy was not built, or is stale ({e})"
+    return create_files, write_blobs, ""
+
+
+_NATIVE, _NATIVE_BLOBS, WHY_NOT_NATIVE = _load()
+IMPLEMENTATION = (
+    "native" if _NATIVE is not None and os.environ.get("HOSTD_NATIVE") != "0" else "python"
+)
+
+
+def create_files(jobs: Sequence[Job], paths: Sequence[str] | None = None) -> None:
+    """Create every job's file, with the implementation chosen at import (IMPLEMENTATION)."""
+    if IMPLEMENTATION == "native":
+        native_create_files(jobs, paths)
+    else:
+        twin_create_files(jobs, paths)
+
+
+def native_create_files(
+    jobs: Sequence[Job], paths: Sequence[str] | None = None, threads: int | None = None
+) -> None:
+    """The compiled loop (RuntimeError where it was not built); `threads` None: by size."""
+    if _NATIVE is None:
+        raise RuntimeError(WHY_NOT_NATIVE)
+    if threads is None:
+        total = sum(max(job[3], 0) for job in jobs)
+        threads = max(1, min(NATIVE_THREADS, total // SPLIT_BYTES))
+    failed = _NATIVE(jobs, threads)
+    if failed is not None:
+        index, err, _stage, short_by = failed
+        message = _shrank(short_by) if short_by >= 0 else os.strerror(err)
+        raise OSError(err, message, _name(jobs, paths, index))
+
+
+def twin_create_files(
+    jobs: Sequence[Job], paths: Sequence[str] | None = None, threads: int = TWIN_THREADS
+) -> None:
+    """The pure-Python loop, on `threads` threads pulling the next job in turn."""
+    failed: list[tuple[int, OSError]] = []
+    if len(jobs) <= 1 or threads <= 1:
+        for i, job in enumerate(jobs):
+            try:
+                _make(job)
+            except OSError as e:
+                failed.append((i, e))
+                break
+    else:
+        lock = threading.Lock()
+        queue = iter(enumerate(jobs))
+        crashed: list[BaseException] = []
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if failed or crashed:
+                        return
+                    got = next(queue, None)
+                if got is None:
+                    return
+                i, job = got
+                try:
+                    _make(job)
+                except OSError as e:
+                    with lock:
+                        failed.append((i, e))
+                    return
+                except BaseException as e:  # a bad job: re-raised by the caller's thread
+                    with lock:
+                        crashed.append(e)
+                    return
+
+        workers = [threading.Thread(target=worker) for _ in range(min(threads, len(jobs)))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if crashed:
+            raise crashed[0]
+    if failed:
+        i, cause = failed[0]
+        raise OSError(cause.errno, cause.strerror, _name(jobs, paths, i)) from cause
+
+
+def _make(job: Job) -> None:
+    dfd, leaf, mode, size, src, mtime = job
+    fd = os.open(leaf, _FLAGS, 0o600, dir_fd=dfd)
+    try:
+        if src >= 0:
+            copy_range(src, fd, size)
+        os.fchmod(fd, mode)
+        if mtime is not None:  # the recorded mtime; the atime is set to it too
+            os.utime(fd, ns=(mtime, mtime))
+    finally:
+        os.close(fd)
+
+
+def _shrank(left: int) -> str:
+    """The message fileio.copy_range gives a source that ended `left` bytes early (EIO)."""
+    return f"source shrank while copying ({left} bytes short)"
+
+
+def _name(jobs: Sequence[Job], paths: Sequence[str] | None, index: int) -> str:
+    return paths[index] if paths is not None else jobs[index][1]
+
+
+def write_blobs(jobs: Sequence[BlobJob]) -> list[Written | Failed]:
+    """Write every job's blob, with the implementation chosen at import (IMPLEMENTATION)."""
+    if IMPLEMENTATION == "native":
+        return native_write_blobs(jobs)
+    return twin_write_blobs(jobs)
+
+
+def native_write_blobs(
+    jobs: Sequence[BlobJob], threads: int = BLOB_THREADS
+) -> list[Written | Failed]:
+    """The compiled loop (RuntimeError where it was not built)."""
+    if _NATIVE_BLOBS is None:
+        raise RuntimeError(WHY_NOT_NATIVE)
+    return _NATIVE_BLOBS(jobs, threads)
+
+
+def twin_write_blobs(jobs: Sequence[BlobJob]) -> list[Written | Failed]:
+    """The pure-Python loop, on the calling thread."""
+    return [_write_blob(job) for job in jobs]
+
+
+def blob_error(job: BlobJob, failed: Failed) -> OSError:
+    """A failed job's outcome as the OSError the os module would have raised, naming the
+    path the failing call was given (the scratch file, `dest`, or `dest`'s directory) and,
+    in its message, the stage."""
+    err, stage = failed
+    scratch, dest = job[0], job[1]
+    path = scratch if stage < RENAME else dest.rpartition("/")[0] if stage == MKDIR else dest
+    return OSError(err, f"{os.strerror(err)}, {STAGES[stage]}", path)
+
+
+def _write_blob(job: BlobJob) -> Written | Failed:
+    scratch, dest, data, mtime, mode = job
+    try:
+        fd = _open_scratch(scratch)
+    except OSError as e:
+        return _errno(e), OPEN
+    err, stage = 0, WRITE
+    try:
+        _pwrite_all(fd, data)
+        stage = UTIME
+        if mtime is not None:
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            except OSError as e:
+                if e.errno not in _TIME_UNREPRESENTABLE:
+                    raise
+        stage = CHMOD
+        os.fchmod(fd, mode)
+    except OSError as e:
+        err = _errno(e)
+    except BaseException:  # a bad job (or an interrupt): no scratch file is left behind
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
+    try:
+        os.close(fd)  # Linux frees the descriptor even when it reports an error
+    except OSError as e:
+        if not err and e.errno != errno.EINTR:
+            err, stage = _errno(e), CLOSE
+    if not err:
+        err, stage = _install(scratch, dest)
+    if err:
+        with contextlib.suppress(OSError):  # best effort: on a read-only tier this fails too
+            os.unlink(scratch)
+        return err, stage
+    try:
+        st = os.stat(dest)
+    except OSError as e:
+        return _errno(e), STAT
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+_TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)  # as tier.set_mtime's
+
+
+def _open_scratch(path: str) -> int:
+    try:
+        return os.open(path, _FLAGS, 0o600)
+    except FileExistsError:
+        # A leftover of this caller's (its names are its own: pid, thread, batch index).
+        os.unlink(path)
+        return os.open(path, _FLAGS, 0o600)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")  # lengths in bytes, whatever the view's format
+    offset = 0
+    while offset < len(view):
+        n = os.pwrite(fd, view[offset:], offset)
+        if n == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        offset += n
+
+
+def _install(scratch: str, dest: str) -> tuple[int, int]:
+    """rename(scratch, dest), making dest's directory where it is missing: (0 or errno,
+    stage)."""
+    try:
+        os.rename(scratch, dest)
+        return 0, RENAME
+    except FileNotFoundError:  # the first blob of its prefix: one syscall otherwise
+        pass
+    except OSError as e:
+        return _errno(e), RENAME
+    parent = dest.rpartition("/")[0]
+    if not parent:
+        return errno.ENOENT, RENAME
+    try:
+        os.mkdir(parent, 0o777)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return _errno(e), MKDIR
+    try:
+        os.rename(scratch, dest)
+    except OSError as e:
+        return _errno(e), RENAME
+    return 0, RENAME
+
+
+def _errno(e: OSError) -> int:
+    return e.errno if e.errno is not None else errno.EIO

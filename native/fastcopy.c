@@ -1,0 +1,534 @@
+/* hostd._fastcopy: batches of small-file syscalls, in C, without the GIL.
+ *
+ * The native half of hostd/fastcopy.py (which holds the pure-Python twins and the contract).
+ *
+ * create_files(jobs, threads): a restore's files, from source descriptors. Per job
+ * (dirfd, leaf, mode, size, src_fd, mtime_ns or None)
+ *
+ *     openat(dirfd, leaf, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600)
+ *     copy `size` bytes from src_fd's position: copy_file_range, else sendfile
+ *     fchmod(mode); futimens(mtime, mtime) unless mtime is None; close
+ *
+ * src_fd -1 creates an empty file. Workers take the next job index atomically; the first
+ * failure stops them all (each finishes the job it holds). The answer is None, or
+ * (index, errno, stage, short_by) of the first failure: stage 0 open, 1 copy, 2 fchmod,
+ * 3 futimens, 4 close; short_by the bytes missing when the source ended early (errno EIO),
+ * else -1. Python builds the exception, so both twins word it alike.
+ *
+ * write_blobs(jobs, threads): a tier's blobs, from bytes in memory. Per job
+ * (scratch, dest, data, mtime_ns or None, mode)
+ *
+ *     open(scratch, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600) (a scratch name
+ *         taken already is a leftover of the caller's: unlinked, and opened again)
+ *     pwrite all of data; futimens(mtime, mtime) unless None (EINVAL, EOVERFLOW, ERANGE
+ *         ignored: the filesystem cannot hold that time, the blob keeps its write time)
+ *     fchmod(mode); close; rename(scratch, dest), and where that is ENOENT,
+ *         mkdir(dirname(dest), 0777) and rename again; stat(dest)
+ *
+ * Every job is tried, whatever the others did; no fsync (the caller syncs the batch). The
+ * answer has one tuple per job, in order: (size, mtime_ns, ctime_ns) of the final stat, or
+ * (errno, stage) where it failed: stage 0 open, 1 write, 2 futimens, 3 fchmod, 4 close,
+ * 5 rename, 6 mkdir, 7 stat. A job that failed before its rename leaves no scratch behind.
+ *
+ * create_files runs in the restore helper after it took the caller's credentials and
+ * capabilities: threads are created here, from the calling thread, so they inherit exactly
+ * those (the capability sets are per thread). Nothing there resolves a path beyond one leaf
+ * name under a directory descriptor the caller already checked. write_blobs runs in the
+ * daemon, on paths inside its own private tier directories.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_THREADS 16
+#define STEP (1LL << 30) /* at most 1 GiB a call, as fileio.copy_range */
+#define NS 1000000000LL
+
+/* ---- a pool of threads taking the next job index ------------------------------------------ */
+
+struct pool {
+    size_t n;
+    atomic_size_t next;
+    atomic_int stop;
+    int (*one)(void *ctx, size_t i); /* runs job i; nonzero stops the pool */
+    void *ctx;
+};
+
+static void pool_work(struct pool *p) {
+    while (!atomic_load_explicit(&p->stop, memory_order_relaxed)) {
+        size_t i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        if (i >= p->n)
+            return;
+        if (p->one(p->ctx, i))
+            atomic_store(&p->stop, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    /* Signals are the interpreter's main thread's business, never a worker's. */
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    pool_work((struct pool *)arg);
+    return NULL;
+}
+
+/* Run n jobs on `threads` threads, the calling one included (clamped to 1..MAX_THREADS, and
+ * to n). Called without the GIL. */
+static void pool_run(size_t n, int threads, int (*one)(void *, size_t), void *ctx) {
+    struct pool p = {.n = n, .one = one, .ctx = ctx};
+    atomic_init(&p.next, 0);
+    atomic_init(&p.stop, 0);
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if ((size_t)threads > n)
+        threads = (int)n;
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[started], NULL, worker, &p) != 0)
+            break; /* fewer threads, same result */
+        started++;
+    }
+    pool_work(&p);
+    for (int t = 0; t < started; t++)
+        pthread_join(tids[t], NULL);
+}
+
+/* mtime in ns (any sign) -> timespec, flooring as os.utime(ns=...) does. */
+static int ns_to_timespec(PyObject *obj, struct timespec *ts) {
+    long long ns = PyLong_AsLongLong(obj);
+    if (ns == -1 && PyErr_Occurred())
+        return -1;
+    long long sec = ns / NS, rem = ns % NS;
+    if (rem < 0) {
+        rem += NS;
+        sec -= 1;
+    }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+    return 0;
+}
+
+/* ---- create_files --------------------------------------------------------------------------- */
+
+enum stage { STAGE_OPEN, STAGE_COPY, STAGE_CHMOD, STAGE_UTIME, STAGE_CLOSE };
+
+struct job {
+    int dirfd;
+    const char *leaf;
+    mode_t mode;
+    long long size;
+    int src;
+    int has_mtime;
+    struct timespec times[2];
+};
+
+struct batch {
+    struct job *jobs;
+    pthread_mutex_t lock; /* guards the fail_* fields: the first failure wins */
+    int failed;
+    size_t fail_index;
+    int fail_errno;
+    int fail_stage;
+    long long short_by;
+};
+
+/* Copy `size` bytes, as hostd.fileio.copy_range: copy_file_range from the source's position
+ * (it clones where the filesystem can), falling back to sendfile from offset size-left for
+ * the pairs it cannot do; EIO with *short_by set where the source ends early. */
+static int copy_range(int src, int dst, long long size, long long *short_by) {
+    long long left = size;
+    while (left > 0) {
+        ssize_t n = copy_file_range(src, NULL, dst, NULL, (size_t)(left < STEP ? left : STEP), 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)
+                break;
+            return errno;
+        }
+        if (n == 0)
+            break;
+        left -= n;
+    }
+    while (left > 0) {
+        off_t off = (off_t)(size - left);
+        ssize_t n = sendfile(dst, src, &off, (size_t)(left < STEP ? left : STEP));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0) {
+            *short_by = left;
+            return EIO;
+        }
+        left -= n;
+    }
+    return 0;
+}
+
+/* One job; 0, or an errno with *stage (and *short_by) saying where it failed. */
+static int make_file(const struct job *j, int *stage, long long *short_by) {
+    int fd, err = 0;
+    do {
+        fd = openat(j->dirfd, j->leaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                    0600);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        *stage = STAGE_OPEN;
+        return errno;
+    }
+    if (j->src >= 0) {
+        err = copy_range(j->src, fd, j->size, short_by);
+        if (err)
+            *stage = STAGE_COPY;
+    }
+    if (!err) {
+        int rc;
+        do {
+            rc = fchmod(fd, j->mode);
+        } while (rc < 0 && errno == EINTR);
+        if (rc < 0) {
+            err = errno;
+            *stage = STAGE_CHMOD;
+        }
+    }
+    if (!err && j->has_mtime && futimens(fd, j->times) < 0) {
+        err = errno;
+        *stage = STAGE_UTIME;
+    }
+    /* Linux frees the descriptor even when close reports an error (EINTR included). */
+    if (close(fd) < 0 && !err && errno != EINTR) {
+        err = errno;
+        *stage = STAGE_CLOSE;
+    }
+    return err;
+}
+
+static int create_one(void *ctx, size_t i) {
+    struct batch *b = ctx;
+    int stage = 0;
+    long long short_by = -1;
+    int err = make_file(&b->jobs[i], &stage, &short_by);
+    if (!err)
+        return 0;
+    pthread_mutex_lock(&b->lock);
+    if (!b->failed) {
+        b->failed = 1;
+        b->fail_index = i;
+        b->fail_errno = err;
+        b->fail_stage = stage;
+        b->short_by = short_by;
+    }
+    pthread_mutex_unlock(&b->lock);
+    return 1;
+}
+
+static PyObject *create_files(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *seq_in;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i:create_files", &seq_in, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "jobs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct job *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct job));
+    PyObject **names = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject *result = NULL;
+    if (jobs == NULL || names == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *mtime;
+        int mode;
+        if (!PyTuple_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "job %zd is not a tuple", i);
+            goto done;
+        }
+        if (!PyArg_ParseTuple(item, "iO&iLiO:job", &jobs[i].dirfd, PyUnicode_FSConverter,
+                              &names[i], &mode, &jobs[i].size, &jobs[i].src, &mtime))
+            goto done;
+        jobs[i].leaf = PyBytes_AS_STRING(names[i]);
+        jobs[i].mode = (mode_t)mode;
+        if (mtime != Py_None) {
+            if (ns_to_timespec(mtime, &jobs[i].times[0]) < 0)
+                goto done;
+            jobs[i].times[1] = jobs[i].times[0];
+            jobs[i].has_mtime = 1;
+        }
+    }
+    {
+        struct batch b = {.jobs = jobs};
+        pthread_mutex_init(&b.lock, NULL);
+        Py_BEGIN_ALLOW_THREADS
+        pool_run((size_t)n, threads, create_one, &b);
+        Py_END_ALLOW_THREADS
+        pthread_mutex_destroy(&b.lock);
+        if (b.failed)
+            result = Py_BuildValue("(niiL)", (Py_ssize_t)b.fail_index, b.fail_errno,
+                                   b.fail_stage, b.short_by);
+        else
+            result = Py_NewRef(Py_None);
+    }
+done:
+    if (names != NULL)
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_XDECREF(names[i]);
+    PyMem_Free(names);
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* ---- write_blobs ---------------------------------------------------------------------------- */
+
+enum blob_stage { B_OPEN, B_WRITE, B_UTIME, B_CHMOD, B_CLOSE, B_RENAME, B_MKDIR, B_STAT };
+
+struct blob {
+    PyObject *scratch, *dest; /* bytes, from PyUnicode_FSConverter */
+    Py_buffer data;           /* held across the GIL release: the exporter stays alive */
+    int has_data;
+    mode_t mode;
+    int has_mtime;
+    struct timespec times[2];
+    /* the outcome */
+    int err, stage;
+    struct stat st;
+};
+
+static int open_scratch(const char *path) {
+    const int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd;
+    do {
+        fd = open(path, flags, 0600);
+    } while (fd < 0 && errno == EINTR);
+    if (fd >= 0 || errno != EEXIST)
+        return fd;
+    /* The name carries the caller's pid, thread and batch index: a file there is a leftover
+     * of an earlier batch of this thread that died half way, never someone else's. */
+    if (unlink(path) < 0)
+        return -1;
+    do {
+        fd = open(path, flags, 0600);
+    } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+static int write_all(int fd, const char *p, Py_ssize_t len) {
+    Py_ssize_t off = 0;
+    while (off < len) {
+        ssize_t n = pwrite(fd, p + off, (size_t)(len - off), (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO;
+        off += n;
+    }
+    return 0;
+}
+
+/* rename(scratch, dest); where dest's directory is missing (ENOENT), make it and again. */
+static int install(const char *scratch, const char *dest, int *stage) {
+    *stage = B_RENAME;
+    if (rename(scratch, dest) == 0)
+        return 0;
+    if (errno != ENOENT)
+        return errno;
+    const char *slash = strrchr(dest, '/');
+    if (slash == NULL || slash == dest)
+        return ENOENT;
+    size_t len = (size_t)(slash - dest);
+    char dir[PATH_MAX];
+    if (len >= sizeof dir) {
+        *stage = B_MKDIR;
+        return ENAMETOOLONG;
+    }
+    memcpy(dir, dest, len);
+    dir[len] = '\0';
+    if (mkdir(dir, 0777) < 0 && errno != EEXIST) {
+        *stage = B_MKDIR;
+        return errno;
+    }
+    if (rename(scratch, dest) < 0)
+        return errno;
+    return 0;
+}
+
+/* One blob; 0, or an errno with *stage saying where it failed. */
+static int write_blob(struct blob *b, int *stage) {
+    const char *scratch = PyBytes_AS_STRING(b->scratch);
+    int err = 0, rc;
+    int fd = open_scratch(scratch);
+    if (fd < 0) {
+        *stage = B_OPEN;
+        return errno;
+    }
+    err = write_all(fd, b->data.buf, b->data.len);
+    if (err)
+        *stage = B_WRITE;
+    if (!err && b->has_mtime && futimens(fd, b->times) < 0 && errno != EINVAL &&
+        errno != EOVERFLOW && errno != ERANGE) {
+        err = errno;
+        *stage = B_UTIME;
+    }
+    if (!err) {
+        do {
+            rc = fchmod(fd, b->mode);
+        } while (rc < 0 && errno == EINTR);
+        if (rc < 0) {
+            err = errno;
+            *stage = B_CHMOD;
+        }
+    }
+    /* Linux frees the descriptor even when close reports an error (EINTR included). */
+    if (close(fd) < 0 && !err && errno != EINTR) {
+        err = errno;
+        *stage = B_CLOSE;
+    }
+    if (!err)
+        err = install(scratch, PyBytes_AS_STRING(b->dest), stage);
+    if (err) {
+        unlink(scratch); /* best effort: on a read-only tier this fails too */
+        return err;
+    }
+    if (stat(PyBytes_AS_STRING(b->dest), &b->st) < 0) {
+        *stage = B_STAT;
+        return errno;
+    }
+    return 0;
+}
+
+static int blob_one(void *ctx, size_t i) {
+    struct blob *b = &((struct blob *)ctx)[i];
+    b->err = write_blob(b, &b->stage);
+    return 0; /* each blob is independent: the others go on */
+}
+
+static PyObject *ns_of(const struct timespec *ts) {
+    return PyLong_FromLongLong((long long)ts->tv_sec * NS + ts->tv_nsec);
+}
+
+static PyObject *outcome(const struct blob *b) {
+    if (b->err)
+        return Py_BuildValue("(ii)", b->err, b->stage);
+    PyObject *size = PyLong_FromLongLong((long long)b->st.st_size);
+    PyObject *mtime = ns_of(&b->st.st_mtim);
+    PyObject *ctime = ns_of(&b->st.st_ctim);
+    PyObject *t = NULL;
+    if (size != NULL && mtime != NULL && ctime != NULL)
+        t = PyTuple_Pack(3, size, mtime, ctime);
+    Py_XDECREF(size);
+    Py_XDECREF(mtime);
+    Py_XDECREF(ctime);
+    return t;
+}
+
+static PyObject *write_blobs(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *seq_in;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i:write_blobs", &seq_in, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "jobs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
+    struct blob *blobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct blob));
+    PyObject *result = NULL;
+    if (blobs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        struct blob *b = &blobs[i];
+        PyObject *mtime;
+        int mode;
+        if (!PyTuple_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "job %zd is not a tuple", i);
+            goto done;
+        }
+        if (!PyArg_ParseTuple(item, "O&O&y*Oi:job", PyUnicode_FSConverter, &b->scratch,
+                              PyUnicode_FSConverter, &b->dest, &b->data, &mtime, &mode))
+            goto done;
+        b->has_data = 1;
+        b->mode = (mode_t)mode;
+        if (mtime != Py_None) {
+            if (ns_to_timespec(mtime, &b->times[0]) < 0)
+                goto done;
+            b->times[1] = b->times[0];
+            b->has_mtime = 1;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pool_run((size_t)n, threads, blob_one, blobs);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *t = outcome(&blobs[i]);
+        if (t == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, t);
+    }
+done:
+    if (blobs != NULL)
+        for (i = 0; i < n; i++) {
+            Py_XDECREF(blobs[i].scratch);
+            Py_XDECREF(blobs[i].dest);
+            if (blobs[i].has_data)
+                PyBuffer_Release(&blobs[i].data);
+        }
+    PyMem_Free(blobs);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"create_files", create_files, METH_VARARGS,
+     "create_files(jobs, threads=1) -> None | (index, errno, stage, short_by)\n\n"
+     "Create each job's file (see hostd/fastcopy.py) on `threads` threads without the GIL; "
+     "None, or where the first failure happened."},
+    {"write_blobs", write_blobs, METH_VARARGS,
+     "write_blobs(jobs, threads=1) -> [(size, mtime_ns, ctime_ns) | (errno, stage)]\n\n"
+     "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
+     "one outcome per job, in order."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "hostd._fastcopy",
+    .m_doc = "Batches of file syscalls for restores and tiers, in C (the twins are "
+             "hostd/fastcopy.py).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__fastcopy(void) { return PyModule_Create(&module); }
