@@ -31,11 +31,13 @@ or `(errno, stage)` (STAGES names the stage; `blob_error` makes it an OSError na
 path). A job that failed before its rename leaves no scratch file behind.
 
 A tree of small files costs the twins 40-60 µs of CPU a file, plus GIL contention between
-their threads, against ~30 µs for `cp -r` (bench/fastcopy.py, 2 cores, tmpfs). So the same
-loops are compiled in native/fastcopy.c (`hostd._fastcopy`: ~24 µs a file), where they run
-without the GIL; this module chooses it at import when it was built and the environment's
-`HOSTD_NATIVE` is not `0`, else the pure-Python twins below. Both give the same files and
-the same errors (tests/test_native.py).
+their threads, against ~30 µs for `cp -r` (bench/fastcopy.py, 2 cores, tmpfs); a blob of
+1-16 KiB ~50 µs (Tier.write_whole ~95, and ~150 µs of wall a blob from two threads, which
+fight over the GIL: bench/fastcopy.py --blobs). So the same loops are compiled in
+native/fastcopy.c (`hostd._fastcopy`: ~24 µs a file, ~40 µs a blob, most of it in the
+kernel), where they run without the GIL; this module chooses it at import when it was built
+and the environment's `HOSTD_NATIVE` is not `0`, else the pure-Python twins below. Both
+give the same files and the same errors (tests/test_native.py).
 
 Standard library only, and cheap to import: the helper imports it once per operation. It
 resolves nothing beyond one leaf name under a directory descriptor already checked, but for
@@ -77,9 +79,9 @@ STAGES = (
     "making its directory",
     "reading its stat",
 )
-# write_blobs runs on one native thread: a second only adds CPU (bench/fastcopy.py --blobs,
-# 2 cores: every scratch file is made in, and renamed out of, the one tmp/ directory, whose
-# lock serialises them), and fill.py already runs two writers.
+# write_blobs runs on one native thread a call: its callers make two calls at once (fill's
+# WRITERS, publish's INGEST_THREADS), which takes 2 cores' blobs from ~40 µs to ~26 µs of
+# wall a blob; two threads in one call, ~32 µs (bench/fastcopy.py --blobs).
 BLOB_THREADS = 1
 
 TWIN_THREADS = 4  # one copy stream leaves a disk's queue and a second core idle

@@ -27,17 +27,20 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostd import fastcopy
 from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkCorrupt, TierError, first_error
 from hostd.fetch import Fetcher
-from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
+from hostd.tier import BLOB_MODE, BlobCopyCorrupt, BlobStat, PartialBlob, Tier, tier_error
 
 log = logging.getLogger(__name__)
 
@@ -504,12 +507,6 @@ def _write_wholes(batch: list[_Whole]) -> list[BlobStat | TierError]:
     outcome per blob, in order. The batch is one fastcopy.write_blobs call (in C, without
     the GIL, where it was built), each blob written as Tier.write_whole(durable=False) would;
     a tier whose class has a write_whole of its own (a test's slow disk) gets it called."""
-    import os
-    import threading
-
-    from hostd import fastcopy
-    from hostd.tier import BLOB_MODE, tier_error
-
     out: list[BlobStat | TierError] = []
     if any(type(w.tier).write_whole is not Tier.write_whole for w in batch):
         for w in batch:

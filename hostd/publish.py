@@ -33,6 +33,7 @@ from typing import Any
 
 import blake3
 
+from hostd import fastcopy
 from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import Caller
@@ -320,8 +321,6 @@ class _SmallStore:
     def write(self) -> list[BlobStat]:
         """Write every queued blob: the BlobStat of each put, in order. Every blob is tried;
         then the first that failed (it left nothing behind) is raised as TierError."""
-        from hostd import fastcopy
-
         stats: list[BlobStat] = []
         done = fastcopy.write_blobs(self.jobs)
         for digest, job, r in zip(self.digests, self.jobs, done, strict=True):
