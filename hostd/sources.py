@@ -87,8 +87,10 @@ def _read_verified(path: str, offset: int, chunk: Chunk) -> bytes:
 # order a restore fills them), so a cold restore costs about (bytes / window) requests, not
 # one per file. Publish writes packs no larger than a chunk, so a window is a whole pack.
 PACK_WINDOW = 8 * 1024 * 1024
-# Windows kept for the chunks still to be asked of them; least recently used go first.
+# Windows kept for the chunks still to be asked of them; least recently used go first, and
+# any not asked for in PACK_IDLE seconds (the restore that read them is over).
 PACK_BUFFER = 64 * 1024 * 1024
+PACK_IDLE = 5.0
 
 
 class OriginSource:
@@ -107,8 +109,10 @@ class OriginSource:
         self.window = window
         self.buffer = buffer
         self._windows: OrderedDict[tuple[bytes, int], memoryview] = OrderedDict()
+        self._used: dict[tuple[bytes, int], float] = {}  # loop time of each one's last use
         self._held = 0
         self._loading: dict[tuple[bytes, int], asyncio.Task[memoryview]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"OriginSource({self.origin.url}, window={self.window})"
@@ -140,6 +144,7 @@ class OriginSource:
         data = self._windows.get(key)
         if data is not None:
             self._windows.move_to_end(key)
+            self._used[key] = asyncio.get_running_loop().time()
         else:
             task = self._loading.get(key)
             if task is None:
@@ -157,9 +162,25 @@ class OriginSource:
             data = await self.origin.get_pack_range(key[0], start, length, pack_size)
         finally:
             del self._loading[key]
+        loop = asyncio.get_running_loop()
         self._windows[key] = data
+        self._used[key] = loop.time()
         self._held += len(data)
         while self._held > self.buffer and len(self._windows) > 1:
-            _, old = self._windows.popitem(last=False)
-            self._held -= len(old)
+            self._drop_oldest()
+        if self._expiry is None:
+            self._expiry = loop.call_later(PACK_IDLE, self._expire)
         return data
+
+    def _drop_oldest(self) -> None:
+        old_key, old = self._windows.popitem(last=False)
+        del self._used[old_key]
+        self._held -= len(old)
+
+    def _expire(self) -> None:
+        """Drop the windows no chunk was asked of for PACK_IDLE seconds (oldest first)."""
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - PACK_IDLE
+        while self._windows and self._used[next(iter(self._windows))] <= cutoff:
+            self._drop_oldest()
+        self._expiry = loop.call_later(PACK_IDLE, self._expire) if self._windows else None

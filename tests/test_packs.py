@@ -16,6 +16,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from hostd import sources
 from hostd.core import codec
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
@@ -140,3 +141,19 @@ async def test_an_origin_that_cannot_answer_ranges_is_read_whole(
     assert [bytes(await exact.get(c)) for c in reversed(chunks)] == parts[::-1]
     assert not web._ranges  # it learnt that the server cannot answer ranges
     await web.close()
+
+
+async def test_windows_no_chunk_was_asked_of_for_a_while_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "PACK_IDLE", 0.05)
+    origin = make_origin(tmp_path)
+    chunks = await put_pack(origin, [b"a" * 1000, b"b" * 2000])
+    src = OriginSource(origin)
+    assert bytes(await src.get(chunks[0])) == b"a" * 1000
+    assert src._held > 0  # kept for the next chunk of the restore
+    deadline = asyncio.get_running_loop().time() + 10
+    while src._held:  # the restore is over: nothing asks, the window goes
+        assert asyncio.get_running_loop().time() < deadline, "the idle window was kept"
+        await asyncio.sleep(0.01)
+    assert bytes(await src.get(chunks[1])) == b"b" * 2000  # read again when asked again
