@@ -135,6 +135,11 @@ class Durability:
             return
         target = self._added
         while self._settled < target:
+            if self._flight is not None and self._flight.done():
+                # It ended short of `target` (blobs came while it ran) and its _landed has
+                # not run yet: awaiting it again would not yield, and this would spin.
+                self._flight.result()  # the failure it ended with, if any
+                self._flight = None
             if self._flight is None:
                 self._start()
             assert self._flight is not None
