@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import errno
 import os
+import signal
 import stat
 import threading
 from collections.abc import Iterator
@@ -961,3 +962,41 @@ async def test_close_records_what_waits(tmp_path: Path) -> None:
         assert rig.durability.pending == 0
     finally:
         rig.close()
+
+
+def _alarm(_signum: int, _frame: object) -> None:
+    raise TimeoutError("flush spun without yielding")
+
+
+async def test_a_flush_that_finds_a_finished_sync_not_yet_landed_starts_the_next(
+    rig: Rig,
+) -> None:
+    # The state a flush can meet for one turn of the loop: the sync task has ended (short of
+    # the blobs added since) and its done-callback, which clears it, has not run yet. The
+    # flush must start the next sync, not await the finished task again without yielding
+    # (a spin no timeout can end: SIGALRM ends it here, as a failure).
+    d = Durability(rig.cache, max_blobs=10**6, max_delay=3600)
+
+    def blob(name: str) -> Blob:
+        data = pattern(name, 700)
+        e = rig.file(name, data)
+        st = rig.mem.write_whole(e.digest, data, e.mtime, durable=False)
+        return rig.cache.adopt(rig.mem, st, CS, persist=False)
+
+    d.add(blob("first"))
+    d.kick()
+    flight = d._flight
+    assert flight is not None
+    await asyncio.shield(flight)
+    d.add(blob("second"))
+    d._flight = flight  # ended, and (as if) its callback had not run yet
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, DEADLINE)
+    try:
+        await d.flush()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not d.pending
+    rig.index.flush()
+    assert len([r for r in rig.index.blobs() if r.complete]) == 2
