@@ -27,20 +27,17 @@ import asyncio
 import functools
 import itertools
 import logging
-import os
-import threading
 from collections import Counter
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostd import fastcopy
 from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkCorrupt, TierError, first_error
 from hostd.fetch import Fetcher
-from hostd.tier import BLOB_MODE, BlobCopyCorrupt, BlobStat, PartialBlob, Tier, tier_error
+from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
 
 log = logging.getLogger(__name__)
 
@@ -512,36 +509,15 @@ def one_per_blob(entries: Iterable[FileEntry]) -> list[FileEntry]:
 
 def _write_wholes(batch: list[_Whole]) -> list[BlobStat | TierError]:
     """Write one-chunk blobs (blocking), each with its file's mtime, none fsynced: one
-    outcome per blob, in order. The batch is one fastcopy.write_blobs call (in C, without
-    the GIL, where it was built), each blob written as Tier.write_whole(durable=False) would;
-    a tier whose class has a write_whole of its own (a test's slow disk) gets it called."""
-    out: list[BlobStat | TierError] = []
-    if any(type(w.tier).write_whole is not Tier.write_whole for w in batch):
-        for w in batch:
-            try:
-                out.append(w.tier.write_whole(w.entry.digest, w.data, w.entry.mtime, durable=False))
-            except TierError as e:
-                out.append(e)
-        return out
-    # Scratch names unique to this process, thread and place in the batch.
-    pid, tid = os.getpid(), threading.get_ident()
-    jobs: list[fastcopy.BlobJob] = [
-        (
-            f"{w.tier.tmp_dir}/{w.entry.digest.hex()}.{pid}.{tid}.{i}",
-            w.tier.blob_file(w.entry.digest),
-            w.data,
-            w.entry.mtime,
-            BLOB_MODE,
-        )
-        for i, w in enumerate(batch)
-    ]
-    for w, job, r in zip(batch, jobs, fastcopy.write_blobs(jobs), strict=True):
-        if len(r) == 3:
-            out.append(BlobStat(w.entry.digest, *r))
-        else:  # it left nothing behind
-            cause = fastcopy.blob_error(job, r)
-            out.append(tier_error(w.tier.name, cause.filename, cause, "writing a blob"))
-    return out
+    outcome per blob, in order; one Tier.write_wholes call per tier the batch touches."""
+    by_tier: dict[Tier, list[int]] = {}
+    for i, w in enumerate(batch):
+        by_tier.setdefault(w.tier, []).append(i)
+    results: dict[int, BlobStat | TierError] = {}
+    for tier, idx in by_tier.items():
+        blobs = [(batch[i].entry.digest, batch[i].data, batch[i].entry.mtime) for i in idx]
+        results.update(zip(idx, tier.write_wholes(blobs), strict=True))
+    return [results[i] for i in range(len(batch))]
 
 
 def _open_checked(t: Tier, e: FileEntry, chunk_size: int) -> PartialBlob:

@@ -471,18 +471,6 @@ class Origin:
         self.stats.bytes_in += length
         return data
 
-    async def has_pack(self, pack: bytes) -> bool:
-        key = _pack_key(pack)
-
-        async def call() -> None:
-            await obstore.head_async(self._store, key)
-
-        try:
-            await self._request("head pack", key, call)
-        except _Missing:
-            return False
-        return True
-
     async def put_pack(self, pack: bytes, data: bytes) -> None:
         await self._put("put pack", _pack_key(pack), data)
 

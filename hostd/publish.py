@@ -33,17 +33,22 @@ from typing import Any
 
 import blake3
 
-from hostd import fastcopy
 from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import Caller
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
-from hostd.errors import ManifestError, OriginError, UsageError, first_error
-from hostd.fileio import syncfs
+from hostd.errors import (
+    ManifestError,
+    NotFound,
+    OriginError,
+    TierError,
+    UsageError,
+    first_error,
+)
 from hostd.origin import Origin, validate_ref
-from hostd.restore import Progress
+from hostd.restore import Progress, Resolver
 from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
 
 log = logging.getLogger(__name__)
@@ -282,59 +287,41 @@ def ingest_small(
 
 
 class _SmallStore:
-    """The blobs of a batch of small files, queued by `put` and written into a tier together
-    by `write`: one fastcopy.write_blobs call (in C, without the GIL, where it was built) of
-    the fewest syscalls a blob: write, time, chmod, rename into blobs/, stat; no fsync (one
-    syncfs covers the batch). Files of the batch with the same bytes share one blob, which
-    gets the last one's mtime (as writing each in turn would leave it). A tier's
-    `write_whole` does the same for one blob with the checks a fill needs."""
+    """The blobs of a batch of small files, queued by `put`, written into a tier together
+    by `write` (Tier.write_wholes: no fsync) and made durable by one `sync`. Files of the
+    batch with the same bytes share one blob, which gets the last one's mtime (as writing
+    each in turn would leave it)."""
 
     def __init__(self, tier: Tier) -> None:
         self.tier = tier
-        # Scratch names unique to this process and thread; each blob adds its index.
-        self.tmp = f"{tier.tmp_dir}/publish-{os.getpid()}-{threading.get_ident()}"
-        self.blobs = str(tier.blobs_dir)
-        self.jobs: list[tuple[str, str, bytes, int | None, int]] = []  # fastcopy.BlobJob
-        self.digests: list[bytes] = []  # of each job
-        self.job_of: dict[bytes, int] = {}  # digest -> its job
-        self.puts: list[int] = []  # the job of each put, in order
+        self.blobs: dict[bytes, tuple[bytes, int]] = {}  # digest -> (bytes, mtime), by put
+        self.puts: list[bytes] = []  # the digest of each put, in order
 
     def __repr__(self) -> str:
-        return f"_SmallStore({self.tier.name!r}, {len(self.puts)} files, {len(self.jobs)} blobs)"
+        return f"_SmallStore({self.tier.name!r}, {len(self.puts)} files, {len(self.blobs)} blobs)"
 
     def put(self, cid: bytes, data: bytes, mtime: int) -> None:
         """Queue one file's blob (its chunk `cid` is all of `data`)."""
         digest = file_digest([(cid, len(data))])
-        i = self.job_of.get(digest)
-        if i is None:
-            i = self.job_of[digest] = len(self.jobs)
-            h = digest.hex()
-            self.jobs.append(
-                (f"{self.tmp}-{i}", f"{self.blobs}/{h[:2]}/{h}", data, mtime, BLOB_MODE)
-            )
-            self.digests.append(digest)
-        else:
-            scratch, dest, same, _, mode = self.jobs[i]
-            self.jobs[i] = (scratch, dest, same, mtime, mode)
-        self.puts.append(i)
+        self.blobs[digest] = (data, mtime)
+        self.puts.append(digest)
 
     def write(self) -> list[BlobStat]:
         """Write every queued blob: the BlobStat of each put, in order. Every blob is tried;
-        then the first that failed (it left nothing behind) is raised as TierError."""
-        stats: list[BlobStat] = []
-        done = fastcopy.write_blobs(self.jobs)
-        for digest, job, r in zip(self.digests, self.jobs, done, strict=True):
-            if len(r) != 3:
-                e = fastcopy.blob_error(job, r)
-                raise tier_error(self.tier.name, e.filename, e, "storing a published blob") from e
-            stats.append(BlobStat(digest, *r))
-        return [stats[i] for i in self.puts]
+        then the first that failed (it left nothing behind) is raised."""
+        got = self.tier.write_wholes(
+            [(d, data, mtime) for d, (data, mtime) in self.blobs.items()],
+            "storing a published blob",
+        )
+        stats: dict[bytes, BlobStat] = {}
+        for d, r in zip(self.blobs, got, strict=True):
+            if isinstance(r, TierError):
+                raise r
+            stats[d] = r
+        return [stats[d] for d in self.puts]
 
     def sync(self) -> None:
-        try:
-            syncfs(self.blobs)
-        except OSError as e:
-            raise tier_error(self.tier.name, self.blobs, e, "syncing published blobs") from e
+        self.tier.sync(self.blobs)
 
 
 class Publisher:
@@ -361,6 +348,8 @@ class Publisher:
         self.min_saving = min_saving
         self.upload_concurrency = upload_concurrency
         self.compat_facts = tuple(compat_facts)
+        # Reads the ref's previous manifest (the local record first) to reuse its chunks.
+        self.resolver = Resolver(origin, cache, self.compat_facts)
         self.clock = clock
         # Reading and hashing the tree gets threads of its own: in the shared pool it would
         # queue behind the uploads' chunk reads and leave the origin waiting for work.
@@ -444,14 +433,8 @@ class Publisher:
             sid = await self.origin.get_ref(ref, digest)
             if sid is None:
                 return {}
-            local = self.cache.snapshot(sid)
-            if local is not None:
-                m = local.manifest
-            else:
-                m = await asyncio.to_thread(mf.decode, await self.origin.get_manifest(sid))
-                if m.snapshot_id != sid:
-                    return {}
-        except (OriginError, ManifestError) as e:
+            m = await self.resolver.manifest(sid)
+        except (OriginError, ManifestError, NotFound) as e:
             log.warning("publish %s: not reusing the previous snapshot's chunks: %s", ref, e)
             return {}
         return {c.id: c for f in m.files for c in f.chunks}

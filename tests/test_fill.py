@@ -12,7 +12,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -590,17 +590,14 @@ class SlowTier(Tier):
     started = threading.Event()
     release = threading.Event()
 
-    def write_whole(
+    def write_wholes(
         self,
-        digest: bytes,
-        data: bytes | memoryview,
-        mtime_ns: int | None = None,
-        *,
-        durable: bool = True,
-    ) -> BlobStat:
+        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None]],
+        doing: str = "writing a blob",
+    ) -> list[BlobStat | TierError]:
         self.started.set()
         self.release.wait(DEADLINE)
-        return super().write_whole(digest, data, mtime_ns, durable=durable)
+        return super().write_wholes(blobs, doing)
 
 
 async def test_a_blob_completed_after_its_fill_was_cancelled_is_recorded(tmp_path: Path) -> None:

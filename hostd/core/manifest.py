@@ -289,9 +289,8 @@ def _from_doc(doc: Any) -> Manifest:
 
 
 def _chunk_from(c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, f: int, j: int) -> Chunk:
+    """A chunk entry that is not [id, size, codec] (_from_doc takes those itself)."""
     what = f"files[{f}].chunks[{j}]"
-    if isinstance(c, list) and len(c) == 3:
-        return Chunk(c[0], c[1], c[2])
     if fmt >= 2 and isinstance(c, list) and len(c) == 6:
         i, offset, length = c[3], c[4], c[5]
         if not _is_int(i) or not 0 <= i < len(packs):
