@@ -42,6 +42,7 @@ from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
 from hostd.core.ids import file_digest
 from hostd.errors import TierError
+from hostd.fastcopy import Stat
 from hostd.index import UNKNOWN_CTIME, BlobRow, Index
 from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
 from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
@@ -648,7 +649,7 @@ class Cache:
                     await self._make_room(t, over)
 
     # checks -----------------------------------------------------------------------------------
-    def unchanged(self, b: Blob) -> bool:
+    def unchanged(self, b: Blob, seen: Stat | int | None = None) -> bool:
         """Whether a complete blob's inode still has the state recorded when its bytes were
         last verified: the cheap check that lets a use skip the re-hash.
 
@@ -661,18 +662,25 @@ class Cache:
         Since multigrain timestamps (Linux 6.13) a change after a stat always gets a later
         ctime; on older kernels one in the same clock tick as the stat leaves it as it was,
         which this check (and rehash's before/after compare) cannot see.
+
+        `seen`: the blob file's stat taken just before, `(size, mtime_ns, ctime_ns)`, or the
+        errno of a failed one (fastcopy.stat_paths: a restore stats all its blobs at once,
+        off the loop); None: stat it now.
         """
         if b.ctime_ns == UNKNOWN_CTIME:
             return False  # never verified since the index was lost or migrated
-        try:
-            st = os.stat(b.file)
-        except OSError:
+        if seen is None:
+            try:
+                st = os.stat(b.file)
+            except OSError:
+                return False
+            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if isinstance(seen, int):
             return False
-        if not b.lent:
-            return st.st_size == b.size and st.st_mtime_ns == b.mtime_ns
-        return BlobStat.of(b.digest, st).same_file_state(
-            BlobStat(b.digest, b.size, b.mtime_ns, b.ctime_ns)
-        )
+        size, mtime_ns, ctime_ns = seen
+        if size != b.size or mtime_ns != b.mtime_ns:
+            return False
+        return not b.lent or ctime_ns == b.ctime_ns
 
     async def vouch(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> bool:
         """The check before any use of a complete blob: True if `b` is still this cache's
@@ -773,6 +781,10 @@ class Cache:
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""
         return await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+
+    def current(self, b: Blob) -> bool:
+        """Whether `b` is complete and still this cache's record of its blob in its tier."""
+        return self._current(b)
 
     def _current(self, b: Blob) -> bool:
         return b.complete and self._blobs[b.tier.name].get(b.digest) is b

@@ -22,6 +22,7 @@ between batches; the helper then removes what it built and never renames.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
 import os
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
 from hostd.errors import ChunkCorrupt, UsageError
+from hostd.fastcopy import LinkJob, link_files
 from hostd.tier import BLOB_MODE
 
 MODES = ("link", "copy", "auto")
@@ -41,6 +43,11 @@ MODES = ("link", "copy", "auto")
 # as much as copying 64 small files, so a tree of small files goes in large batches.
 BATCH_FILES = 512
 BATCH_BYTES = 1 << 30
+# Links per native call (fastcopy.link_files): a cancel is seen between two.
+LINK_BATCH = 1024
+# Where a link fails with one of these, the file is copied instead: the blob is at its link
+# limit, on another mount, or protected_hardlinks refuses it; ENOENT: the blob went.
+_COPY_INSTEAD = frozenset({errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOENT})
 
 
 class Cancelled(Exception):
@@ -129,9 +136,9 @@ def _build(
     views = _Views(fs)
     try:
         owned = {d: _caller_dir(fd, fs.caller.uid) for d, fd in dirfds.items()}
+        jobs: list[LinkJob] = []
+        linking: list[mf.FileEntry] = []
         for f in candidates:
-            if cancel.is_set():
-                raise Cancelled()
             sub, _, name = blob_path(f.digest).rpartition("/")
             blobs_dir, _, shard = sub.rpartition("/")
             d, _, leaf = f.path.rpartition("/")
@@ -139,13 +146,25 @@ def _build(
             if view < 0 or (mode == "auto" and view_dev != dev) or not owned[d]:
                 copies.append(f)
                 continue
-            if _link(view, f"{shard}/{name}", leaf, dirfds[d]):
-                linked.add(f.digest)
-                n_linked += 1
-                if on_file is not None:
-                    on_file(f.size)
-            else:
-                copies.append(f)
+            jobs.append((view, f"{shard}/{name}", dirfds[d], leaf))
+            linking.append(f)
+        # Each link: a blob, named below a blob directory checked above (nothing below it
+        # is the caller's: it is hostd's, 0700), into a directory the helper made; no
+        # symlink is followed.
+        for i in range(0, len(jobs), LINK_BATCH):
+            if cancel.is_set():
+                raise Cancelled()
+            done = link_files(jobs[i : i + LINK_BATCH])
+            for f, err in zip(linking[i : i + LINK_BATCH], done, strict=True):
+                if err == 0:
+                    linked.add(f.digest)
+                    n_linked += 1
+                    if on_file is not None:
+                        on_file(f.size)
+                elif err in _COPY_INSTEAD:
+                    copies.append(f)
+                else:
+                    raise OSError(err, os.strerror(err), f.path)
     finally:
         views.close()
         for fd in dirfds.values():
@@ -181,40 +200,101 @@ def _copy_all(
 ) -> None:
     """Copies go to the helper in batches, each with the blobs' descriptors: the helper
     writes them as the caller. Largest first, so one big file does not finish last alone.
+    While the helper creates one batch, this thread opens the next one's blobs (a second
+    thread waits for the helper's answer): the two halves of a small file's cost overlap.
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: its state is compared before and after, and a copy that saw it move is not
     handed over (the restore fails; the next use re-hashes the blob)."""
     copies.sort(key=lambda f: -f.size)
+    batches: list[list[mf.FileEntry]] = []
     i = 0
     while i < len(copies):
-        if cancel.is_set():
-            raise Cancelled()
         batch: list[mf.FileEntry] = []
         size = 0
         while i < len(copies) and len(batch) < BATCH_FILES and (not batch or size < BATCH_BYTES):
             batch.append(copies[i])
             size += copies[i].size
             i += 1
-        fds: list[int] = []
+        batches.append(batch)
+    if not batches:
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hostd-copy") as sender:
+        sent: _Sent | None = None
         try:
-            for f in batch:
-                fds.append(os.open(blob_path(f.digest), os.O_RDONLY | os.O_CLOEXEC))
-            watched = {
-                fd: (f, _state(fd)) for f, fd in zip(batch, fds, strict=True) if lent(f.digest)
-            }
-            fs.files([(f.path, f.mode, f.size, "copy", f.mtime) for f in batch], fds)
-            for fd, (f, before) in watched.items():
+            for batch in batches:
+                if cancel.is_set():
+                    raise Cancelled()
+                opened = _open_batch(batch, blob_path, lent)
+                items = [(f.path, f.mode, f.size, "copy", f.mtime) for f in batch]
+                try:
+                    job = sender.submit(fs.files, items, opened.fds)
+                except BaseException:
+                    opened.close()
+                    raise
+                last, sent = sent, _Sent(opened, job)
+                if last is not None:
+                    last.finish(on_file)
+            last, sent = sent, None
+            if last is not None:
+                last.finish(on_file)
+        finally:
+            if sent is not None:  # a failure while it was out: wait for its answer, quietly
+                concurrent.futures.wait([sent.job])
+                sent.opened.close()
+
+
+@dataclass
+class _Opened:
+    """A batch of copies with its blobs opened, and the state of the lent ones."""
+
+    batch: list[mf.FileEntry]
+    fds: list[int]
+    watched: dict[int, tuple[mf.FileEntry, tuple[int, int, int]]]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _open_batch(
+    batch: list[mf.FileEntry], blob_path: Callable[[bytes], str], lent: Callable[[bytes], bool]
+) -> _Opened:
+    opened = _Opened(batch, [], {})
+    try:
+        for f in batch:
+            opened.fds.append(os.open(blob_path(f.digest), os.O_RDONLY | os.O_CLOEXEC))
+        for f, fd in zip(batch, opened.fds, strict=True):
+            if lent(f.digest):
+                opened.watched[fd] = (f, _state(fd))
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+@dataclass
+class _Sent:
+    """A batch the helper is creating."""
+
+    opened: _Opened
+    job: concurrent.futures.Future[None]
+
+    def finish(self, on_file: Callable[[int], None] | None) -> None:
+        """Wait for the helper's answer, check the lent blobs did not move meanwhile."""
+        try:
+            self.job.result()
+            for fd, (f, before) in self.opened.watched.items():
                 if _state(fd) != before:
                     raise ChunkCorrupt(
                         f"blob {f.digest.hex()} ({f.path!r}) was written to through a link "
                         "while it was copied; try the restore again"
                     )
         finally:
-            for fd in fds:
-                os.close(fd)
+            self.opened.close()
         if on_file is not None:
-            for f in batch:
+            for f in self.opened.batch:
                 on_file(f.size)
 
 
@@ -253,16 +333,3 @@ class _Views:
             if fd >= 0:
                 os.close(fd)
         self.fds.clear()
-
-
-def _link(view: int, rel: str, name: str, dirfd: int) -> bool:
-    """Hardlink a blob (`rel` below a verified blob directory) into a directory the helper
-    made. Below the blob directory nothing is the caller's: it is hostd's, 0700. False where
-    it cannot be linked: copy instead."""
-    try:
-        os.link(rel, name, src_dir_fd=view, dst_dir_fd=dirfd, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOENT):
-            return False  # link limit, another mount, or protected_hardlinks: copy instead
-        raise
-    return True

@@ -30,6 +30,13 @@
  * (errno, stage) where it failed: stage 0 open, 1 write, 2 futimens, 3 fchmod, 4 close,
  * 5 rename, 6 mkdir, 7 stat. A job that failed before its rename leaves no scratch behind.
  *
+ * stat_paths(paths): stat() of each path (following symlinks, as os.stat), without the GIL.
+ * One answer per path, in order: (size, mtime_ns, ctime_ns), or the errno where it failed.
+ *
+ * link_files(jobs): linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job
+ * (src_dirfd, src_rel, dst_dirfd, name), without the GIL. Every job is tried; the answer is
+ * the errno of each (0: linked), in order.
+ *
  * create_files runs in the restore helper after it took the caller's credentials and
  * capabilities: threads are created here, from the calling thread, so they inherit exactly
  * those (the capability sets are per thread). Nothing there resolves a path beyond one leaf
@@ -510,6 +517,118 @@ done:
     return result;
 }
 
+/* ---- stat_paths, link_files --------------------------------------------------------------- */
+
+struct named {
+    PyObject *a, *b; /* bytes from PyUnicode_FSConverter; b unused by stat_paths */
+    int fd_a, fd_b;
+    int err;
+    struct stat st;
+};
+
+static void named_free(struct named *v, Py_ssize_t n) {
+    if (v == NULL)
+        return;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(v[i].a);
+        Py_XDECREF(v[i].b);
+    }
+    PyMem_Free(v);
+}
+
+static PyObject *stat_paths(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
+    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
+    PyObject *result = NULL;
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++)
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++)
+        v[i].err = stat(PyBytes_AS_STRING(v[i].a), &v[i].st) < 0 ? errno : 0;
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *t;
+        if (v[i].err) {
+            t = PyLong_FromLong(v[i].err);
+        } else {
+            PyObject *size = PyLong_FromLongLong((long long)v[i].st.st_size);
+            PyObject *mtime = ns_of(&v[i].st.st_mtim);
+            PyObject *ctime = ns_of(&v[i].st.st_ctim);
+            t = (size && mtime && ctime) ? PyTuple_Pack(3, size, mtime, ctime) : NULL;
+            Py_XDECREF(size);
+            Py_XDECREF(mtime);
+            Py_XDECREF(ctime);
+        }
+        if (t == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, t);
+    }
+done:
+    named_free(v, n);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyObject *link_files(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "jobs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
+    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
+    PyObject *result = NULL;
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "job %zd is not a tuple", i);
+            goto done;
+        }
+        if (!PyArg_ParseTuple(item, "iO&iO&:job", &v[i].fd_a, PyUnicode_FSConverter, &v[i].a,
+                              &v[i].fd_b, PyUnicode_FSConverter, &v[i].b))
+            goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++)
+        v[i].err = linkat(v[i].fd_a, PyBytes_AS_STRING(v[i].a), v[i].fd_b,
+                          PyBytes_AS_STRING(v[i].b), 0) < 0
+                       ? errno
+                       : 0;
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *e = PyLong_FromLong(v[i].err);
+        if (e == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, e);
+    }
+done:
+    named_free(v, n);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS,
      "create_files(jobs, threads=1) -> None | (index, errno, stage, short_by)\n\n"
@@ -519,6 +638,12 @@ static PyMethodDef methods[] = {
      "write_blobs(jobs, threads=1) -> [(size, mtime_ns, ctime_ns) | (errno, stage)]\n\n"
      "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "one outcome per job, in order."},
+    {"stat_paths", stat_paths, METH_O,
+     "stat_paths(paths) -> [(size, mtime_ns, ctime_ns) | errno]\n\n"
+     "stat() each path without the GIL; one outcome per path, in order."},
+    {"link_files", link_files, METH_O,
+     "link_files(jobs) -> [errno]\n\n"
+     "linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job without the GIL; 0: linked."},
     {NULL, NULL, 0, NULL},
 };
 

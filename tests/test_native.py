@@ -793,3 +793,64 @@ def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
     with pytest.raises(TierError, match=r"tier 'disk' .*storing a published blob failed"):
         ingest_small(fds, files, tier=tier, compress="never", min_saving=0.1)
     assert list(tier.tmp_dir.iterdir()) == []
+
+
+# -- stat_paths, link_files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stat_paths", [fastcopy.twin_stat_paths, fastcopy.native_stat_paths])
+def test_stat_paths_gives_what_os_stat_gives_and_each_errno(
+    tmp_path: Path, stat_paths: Callable[[Sequence[str]], list[fastcopy.Stat | int]]
+) -> None:
+    if stat_paths is fastcopy.native_stat_paths:
+        _native_or_skip()
+    (tmp_path / "a").write_bytes(b"x" * 1234)
+    os.utime(tmp_path / "a", ns=(5, -1_500_000_001))  # before 1970, with nanoseconds
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to("a")
+    paths = [str(tmp_path / n) for n in ("a", "missing", "link", "a/under-a-file", "d")]
+    got = stat_paths(paths)
+    st, d = os.stat(tmp_path / "a"), os.stat(tmp_path / "d")
+    assert got == [
+        (1234, -1_500_000_001, st.st_ctime_ns),
+        errno.ENOENT,
+        (1234, -1_500_000_001, st.st_ctime_ns),  # followed, as os.stat does
+        errno.ENOTDIR,
+        (d.st_size, d.st_mtime_ns, d.st_ctime_ns),
+    ]
+    assert stat_paths([]) == []
+
+
+@pytest.mark.parametrize("link_files", [fastcopy.twin_link_files, fastcopy.native_link_files])
+def test_link_files_links_each_job_and_gives_each_errno(
+    tmp_path: Path, link_files: Callable[[Sequence[fastcopy.LinkJob]], list[int]]
+) -> None:
+    if link_files is fastcopy.native_link_files:
+        _native_or_skip()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "ab").mkdir(parents=True)
+    dst.mkdir()
+    (src / "ab" / "blob").write_bytes(b"bytes")
+    (src / "ab" / "sym").symlink_to("blob")
+    (dst / "taken").write_bytes(b"")
+    s, d = os.open(src, os.O_PATH | os.O_DIRECTORY), os.open(dst, os.O_PATH | os.O_DIRECTORY)
+    try:
+        got = link_files(
+            [
+                (s, "ab/blob", d, "one"),
+                (s, "ab/gone", d, "two"),
+                (s, "ab/blob", d, "taken"),
+                (s, "ab/sym", d, "three"),  # the symlink itself, not what it points at
+                (s, "ab/blob", d, "four"),
+            ]
+        )
+    finally:
+        os.close(s)
+        os.close(d)
+    assert got == [0, errno.ENOENT, errno.EEXIST, 0, 0]
+    blob = os.stat(src / "ab" / "blob")
+    assert blob.st_nlink == 3
+    assert os.stat(dst / "one").st_ino == os.stat(dst / "four").st_ino == blob.st_ino
+    assert (dst / "three").is_symlink()
+    assert not (dst / "two").exists()
+    assert (dst / "taken").read_bytes() == b""
