@@ -15,13 +15,13 @@ import heapq
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from hostd.core.manifest import Chunk
 from hostd.errors import ChunkCorrupt, ChunkMissing
-from hostd.sources import ChunkSource
+from hostd.sources import BatchSource, ChunkSource
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,14 @@ class FetchStats:
     joins: int = 0
 
 
+Landed = tuple[bytes | memoryview, str]
+"""A chunk's verified raw bytes and the name of the source that gave them."""
+
+
 @dataclass
 class _Flight:
-    task: asyncio.Task[tuple[bytes | memoryview, str]]
+    # get's own task, or a future a batch of get_many sets
+    task: asyncio.Future[Landed]
     waiters: int = 0
     abandoned: bool = False  # cancelled by its last waiter leaving; may still be unwinding
 
@@ -88,6 +93,12 @@ class _Flight:
 class Fetcher:
     def __init__(self, sources: Sequence[ChunkSource], concurrency: int) -> None:
         self.sources = list(sources)
+        # The sources as batch sources, when every one answers batches (get_many); else None.
+        self._batched: list[BatchSource] | None = (
+            [s for s in self.sources if isinstance(s, BatchSource)]
+            if all(isinstance(s, BatchSource) for s in self.sources)
+            else None
+        )
         self.limiter = PriorityLimiter(concurrency)
         self.stats = FetchStats()
         self._flights: dict[Chunk, _Flight] = {}  # by id, size and codec: a flight asked
@@ -101,7 +112,7 @@ class Fetcher:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def get(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
+    async def get(self, chunk: Chunk, priority: Priority) -> Landed:
         fl = self._flights.get(chunk)
         # An abandoned flight stays registered until its cancellation has unwound: joining it
         # would raise CancelledError in a caller nobody cancelled. Start a new one instead.
@@ -120,11 +131,131 @@ class Fetcher:
                 fl.abandoned = True
                 fl.task.cancel()  # nobody wants it any more
 
+    async def landing(
+        self, chunks: Sequence[Chunk], priority: Priority
+    ) -> AsyncGenerator[tuple[int, Landed | BaseException], None]:
+        """`get` for several distinct chunks (a run of small files): yields (index, outcome)
+        as each lands, the outcome being the landed bytes or the exception `get` would have
+        raised for that chunk. Use it under contextlib.aclosing: leaving early is a waiter
+        leaving each chunk still in flight.
+
+        Each chunk still has its own flight, which anyone asking for it meanwhile joins,
+        and a chunk already in flight is joined. The others are asked of each source
+        together, under one limiter slot: a source with `get_many` answers the lot in one
+        go (the origin reads a pack window once and verifies the lot on one thread), and
+        costs the event loop a few µs a chunk where one `get` each costs ~100."""
+        loop = asyncio.get_running_loop()
+        flights: list[_Flight] = []
+        new: list[tuple[Chunk, asyncio.Future[Landed]]] = []
+        for c in chunks:
+            fl = self._flights.get(c)
+            if fl is None or fl.abandoned:
+                fut: asyncio.Future[Landed] = loop.create_future()
+                fl = _Flight(fut)
+                self._flights[c] = fl
+                fut.add_done_callback(functools.partial(self._landed, c, fl))
+                new.append((c, fut))
+            else:
+                self.stats.joins += 1
+            fl.waiters += 1
+            flights.append(fl)
+        batched = self._batched
+        if new and batched is None:  # a source answers one chunk at a time: each chunk
+            for c, fut in new:  # its own flight, as get makes, under its own slot
+                _follow(fut, asyncio.create_task(self._load(c, priority)))
+        elif new and batched is not None:
+            batch = asyncio.create_task(self._load_many(batched, new, priority))
+
+            def gone(_fut: object) -> None:  # every flight of the batch ended: stop it
+                if not batch.done() and all(f.done() for _, f in new):
+                    batch.cancel()
+
+            for _, f in new:
+                f.add_done_callback(gone)
+        waiting = {fl.task: i for i, fl in enumerate(flights)}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=waiting.__getitem__):
+                    i = waiting.pop(task)
+                    if task.cancelled():
+                        raise asyncio.CancelledError()  # the fetcher is closing
+                    exc = task.exception()
+                    yield i, (task.result() if exc is None else exc)
+        finally:
+            for fl in flights:
+                fl.waiters -= 1
+                if fl.waiters == 0 and not fl.task.done():
+                    fl.abandoned = True
+                    fl.task.cancel()  # nobody wants it any more
+
+    async def _load_many(
+        self,
+        sources: Sequence[BatchSource],
+        items: list[tuple[Chunk, asyncio.Future[Landed]]],
+        priority: Priority,
+    ) -> None:
+        """Settle every future of `items`: `_load` for a batch."""
+        try:
+            async with self.limiter.slot(priority):
+                problems: dict[Chunk, list[str]] = {}
+                corrupt: set[Chunk] = set()
+                left = items
+                for src in sources:
+                    left = [(c, f) for c, f in left if not f.done()]
+                    if not left:
+                        break
+                    got = await src.get_many([c for c, _ in left])
+                    keep: list[tuple[Chunk, asyncio.Future[Landed]]] = []
+                    for (c, f), r in zip(left, got, strict=True):
+                        if f.done():
+                            continue
+                        if isinstance(r, ChunkMissing):
+                            self.stats.missing[src.name] += 1
+                        elif isinstance(r, ChunkCorrupt):
+                            self.stats.corrupt[src.name] += 1
+                            corrupt.add(c)
+                            log.warning("corrupt chunk from %s: %s", src.name, r.message)
+                        elif isinstance(r, BaseException):
+                            f.set_exception(r)  # as get would raise it
+                            continue
+                        else:
+                            self.stats.chunks[src.name] += 1
+                            self.stats.bytes[src.name] += len(r)
+                            f.set_result((r, src.name))
+                            continue
+                        problems.setdefault(c, []).append(f"{src.name}: {r.message}")
+                        keep.append((c, f))
+                    left = keep
+                for c, f in left:
+                    if f.done():
+                        continue
+                    detail = "; ".join(problems.get(c, []))
+                    if c in corrupt:
+                        f.set_exception(
+                            ChunkCorrupt(
+                                f"chunk {c.id.hex()} could not be fetched intact ({detail})"
+                            )
+                        )
+                    else:
+                        f.set_exception(
+                            ChunkMissing(f"chunk {c.id.hex()} is in no source ({detail})")
+                        )
+        except BaseException as exc:
+            for _, f in items:
+                if not f.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        f.cancel()
+                    else:
+                        f.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
     def _landed(self, key: Chunk, fl: _Flight, _task: object) -> None:
         if self._flights.get(key) is fl:
             del self._flights[key]
 
-    async def _load(self, chunk: Chunk, priority: Priority) -> tuple[bytes | memoryview, str]:
+    async def _load(self, chunk: Chunk, priority: Priority) -> Landed:
         async with self.limiter.slot(priority):
             problems: list[str] = []
             corrupt = False
@@ -153,3 +284,24 @@ class Fetcher:
         for fl in list(self._flights.values()):
             fl.task.cancel()
         await asyncio.gather(*(f.task for f in self._flights.values()), return_exceptions=True)
+
+
+def _follow(fut: asyncio.Future[Landed], task: asyncio.Task[Landed]) -> None:
+    """Settle `fut` as `task` ends; cancelling `fut` cancels `task`."""
+
+    def settle(t: asyncio.Task[Landed]) -> None:
+        if fut.done():
+            return
+        if t.cancelled():
+            fut.cancel()
+        elif (exc := t.exception()) is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(t.result())
+
+    def stop(f: asyncio.Future[Landed]) -> None:
+        if f.cancelled():
+            task.cancel()
+
+    task.add_done_callback(settle)
+    fut.add_done_callback(stop)

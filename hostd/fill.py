@@ -24,6 +24,7 @@ failure or cancellation it is kept, closed, so the next restore resumes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -48,6 +49,9 @@ WRITERS = 2
 # One-chunk blobs written per thread hop, at most: a hop costs about as much as writing a
 # small blob, and a batch this size is written in a few milliseconds.
 WRITE_BATCH = 64
+# A run of one-chunk blobs fetched together (Fetcher.get_many) holds at most this many.
+RUN_FILES = 64
+RUN_BYTES = 4 << 20
 
 
 @dataclass
@@ -335,9 +339,28 @@ class Filler:
     ) -> None:
         if not entries:
             return
-        work = [(e, i) for e in entries for i in range(len(e.chunks))]
+        # What the workers take, in file order: a run of one-chunk blobs (fetched together,
+        # Fetcher.get_many), or one chunk of a larger blob; each with its place in the fill
+        # (the fetch priority).
+        work: list[list[tuple[FileEntry, int]] | tuple[FileEntry, int, int]] = []
+        run: list[tuple[FileEntry, int]] = []
+        run_bytes = n = 0
+        for e in entries:
+            if len(e.chunks) == 1 and self.cache.partial(e.digest) is None:
+                run.append((e, n))
+                run_bytes += e.size
+                if len(run) >= RUN_FILES or run_bytes >= RUN_BYTES:
+                    work.append(run)
+                    run, run_bytes = [], 0
+                n += 1
+                continue
+            for i in range(len(e.chunks)):
+                work.append((e, i, n))
+                n += 1
+        if run:
+            work.append(run)
         opened: dict[bytes, asyncio.Future[_Open]] = {}
-        cursor = iter(range(len(work)))
+        cursor = iter(work)
         done: set[bytes] = set()
         # One-chunk blobs fetched, waiting for a writer; their bytes are bounded like the
         # workers' own (fetchers wait while more than a worker's share each waits here).
@@ -385,26 +408,42 @@ class Filler:
             self._release(o.entry.digest, claims)
             await self.durability.step()
 
-        async def whole(e: FileEntry, n: int) -> None:
-            """A one-chunk blob: fetch it, then queue it to be written whole, with no
-            partial-blob state (the chunk is the unit of resumption anyway). This worker
-            writes the queue itself if fewer than WRITERS do; else it goes on fetching,
-            unless the queue holds too many bytes."""
+        async def wholes(run: list[tuple[FileEntry, int]]) -> None:
+            """A run of one-chunk blobs: fetch them together, then queue them to be written
+            whole, with no partial-blob state (the chunk is the unit of resumption anyway).
+            This worker writes the queue itself if fewer than WRITERS do; else it goes on
+            fetching, unless the queue holds too many bytes."""
             nonlocal queued_bytes
-            c = e.chunks[0]
-            t = await self.cache.admit(e.digest, e.size, chunk_size, tiers, persist=False)
+            admitted: list[tuple[FileEntry, Tier]] = []
+            waiting: set[int] = set()  # admitted, neither queued nor abandoned yet
             try:
-                try:
-                    data, src = await self.fetcher.get(c, (seq, n))
-                except ChunkCorrupt as err:
-                    raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
+                for e, _ in run:
+                    t = await self.cache.admit(e.digest, e.size, chunk_size, tiers, persist=False)
+                    waiting.add(len(admitted))
+                    admitted.append((e, t))
+                chunks = [e.chunks[0] for e, _ in run]
+                async with contextlib.aclosing(
+                    self.fetcher.landing(chunks, (seq, run[0][1]))
+                ) as landing:
+                    async for i, r in landing:
+                        waiting.discard(i)
+                        e, t = admitted[i]
+                        if isinstance(r, BaseException):
+                            self.cache.abandon(e.digest, t)
+                            if isinstance(r, ChunkCorrupt):
+                                raise ChunkCorrupt(f"file {e.path!r}: {r.message}") from r
+                            raise r
+                        data, src = r
+                        queue.append(_Whole(e, t, data, src))
+                        queued_bytes += e.size
+                        if writers < WRITERS:
+                            # what landed first is written, and usable, before the rest lands
+                            await write_queued()
             except BaseException:
-                self.cache.abandon(e.digest, t)
+                for i in waiting:
+                    e, t = admitted[i]
+                    self.cache.abandon(e.digest, t)
                 raise
-            queue.append(_Whole(e, t, data, src))
-            queued_bytes += c.size
-            if writers < WRITERS:
-                await write_queued()
             while queued_bytes > most:
                 drained.clear()
                 await drained.wait()
@@ -423,11 +462,11 @@ class Filler:
                 writers -= 1
 
         async def worker() -> None:
-            for n in cursor:
-                e, i = work[n]
-                if len(e.chunks) == 1 and self.cache.partial(e.digest) is None:
-                    await whole(e, n)
+            for item in cursor:
+                if isinstance(item, list):
+                    await wholes(item)
                     continue
+                e, i, n = item
                 o = await get_open(e)
                 if o.left == 0:
                     await finish(o)  # everything was already there (resumed)

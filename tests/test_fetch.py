@@ -11,8 +11,9 @@ corrupt and missing sources, and what it raises when every source fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -484,3 +485,149 @@ async def test_close_cancels_flights_in_progress() -> None:
             await t
     assert fake.cancelled == [c.id]
     assert fetcher.in_flight == 0
+
+
+# -- batches (Fetcher.landing) -----------------------------------------------------------------
+
+
+class BatchFake(FakeSource):
+    """A FakeSource that also answers batches, logging each batch it is asked."""
+
+    def __init__(self, name: str = "fake") -> None:
+        super().__init__(name)
+        self.batches: list[list[bytes]] = []
+
+    async def get_many(self, chunks: Sequence[Chunk]) -> list[bytes | memoryview | BaseException]:
+        self.batches.append([c.id for c in chunks])
+        got: list[bytes | memoryview | BaseException] = []
+        got += await asyncio.gather(*(self.get(c) for c in chunks), return_exceptions=True)
+        return got
+
+
+async def landed(
+    fetcher: Fetcher, chunks: list[Chunk], priority: tuple[int, ...] = (0,)
+) -> dict[int, object]:
+    out: dict[int, object] = {}
+    async with asyncio.timeout(DEADLINE):
+        async for i, r in fetcher.landing(chunks, priority):
+            out[i] = r
+    return out
+
+
+async def test_a_batch_asks_each_source_once_for_what_is_still_missing() -> None:
+    local, origin = BatchFake("dedup"), BatchFake("origin")
+    got = [chunk_of(f"batch{i}") for i in range(5)]
+    chunks = [c for c, _ in got]
+    local.stored[chunks[1].id] = got[1][1]
+    for c, data in got[:4]:
+        origin.stored[c.id] = data
+    origin.spoil(chunks[3])
+    fetcher = Fetcher([local, origin], concurrency=1)
+
+    out = await landed(fetcher, chunks)
+    assert out[0] == (got[0][1], "origin")
+    assert out[1] == (got[1][1], "dedup")
+    assert out[2] == (got[2][1], "origin")
+    bad, absent = out[3], out[4]
+    assert isinstance(bad, ChunkCorrupt)
+    assert chunks[3].id.hex() in bad.message
+    assert isinstance(absent, ChunkMissing)
+    assert chunks[4].id.hex() in absent.message
+    assert local.batches == [[c.id for c in chunks]]
+    assert origin.batches == [[c.id for i, c in enumerate(chunks) if i != 1]]
+    assert fetcher.stats.chunks == {"dedup": 1, "origin": 2}
+    assert fetcher.stats.corrupt == {"origin": 1}
+    assert fetcher.in_flight == 0
+    assert repr(fetcher.limiter) == "PriorityLimiter(0/1, waiting=0)"
+
+
+async def test_a_batch_joins_flights_in_progress_and_gets_join_the_batch() -> None:
+    src = BatchFake()
+    (a, da), (b, db) = chunk_of("joined-a"), chunk_of("joined-b")
+    src.stored[a.id], src.stored[b.id] = da, db
+    release_a, release_b = src.gate(a), src.gate(b)
+    fetcher = Fetcher([src], concurrency=4)
+
+    first = asyncio.create_task(fetcher.get(a, (0,)))  # a is in flight before the batch
+    await src.arrived(1)
+    batch = asyncio.create_task(landed(fetcher, [a, b]))
+    await src.arrived(2)
+    late = asyncio.create_task(fetcher.get(b, (1,)))  # joins the batch's flight of b
+    await asyncio.sleep(0)
+    assert src.batches == [[b.id]]
+    release_b.set()
+    async with asyncio.timeout(DEADLINE):
+        assert await late == (db, "fake")
+    assert not first.done()
+    release_a.set()
+    async with asyncio.timeout(DEADLINE):
+        assert await batch == {0: (da, "fake"), 1: (db, "fake")}
+        assert await first == (da, "fake")
+    assert src.calls == {a.id: 1, b.id: 1}
+    assert fetcher.stats.joins == 2
+
+
+async def test_what_lands_first_is_yielded_before_the_rest_lands() -> None:
+    """A one-at-a-time source (a peer) under a batch: each chunk its own flight, yielded as
+    it lands."""
+    src = FakeSource()
+    (a, da), (b, db) = chunk_of("first-a"), chunk_of("first-b")
+    src.stored[a.id], src.stored[b.id] = da, db
+    src.gate(a)
+    fetcher = Fetcher([src], concurrency=4)
+    async with asyncio.timeout(DEADLINE):
+        async with contextlib.aclosing(fetcher.landing([a, b], (0,))) as landing:
+            i, r = await anext(landing)
+            assert (i, r) == (1, (db, "fake"))  # b, while a is still held
+    # Leaving early left a's flight with no waiter: it is cancelled.
+    await src.until(lambda s: s.cancelled == [a.id])
+    assert fetcher.in_flight == 0
+
+
+async def test_leaving_a_batch_cancels_it_unless_someone_else_waits() -> None:
+    src = BatchFake()
+    (a, da), (b, db) = chunk_of("left-a"), chunk_of("left-b")
+    src.stored[a.id], src.stored[b.id] = da, db
+    src.gate_all = asyncio.Event()
+    fetcher = Fetcher([src], concurrency=4)
+
+    leaver = asyncio.create_task(landed(fetcher, [a, b]))
+    await src.arrived(2)
+    stayer = asyncio.create_task(fetcher.get(b, (1,)))
+    await asyncio.sleep(0)
+    leaver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    await asyncio.sleep(0)
+    assert src.cancelled == []  # b is still wanted: the batch goes on
+    src.gate_all.set()
+    async with asyncio.timeout(DEADLINE):
+        assert await stayer == (db, "fake")
+
+    src.gate_all = asyncio.Event()
+    alone = asyncio.create_task(landed(fetcher, [a]))
+    await src.arrived(3)
+    alone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await alone
+    await src.until(lambda s: s.cancelled == [a.id])  # nobody wanted it: the batch stopped
+    async with asyncio.timeout(DEADLINE):
+        # its slot comes back as the cancel unwinds: polled, the limiter has no event for it
+        while fetcher.limiter.active:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    assert fetcher.in_flight == 0
+
+
+async def test_a_batch_source_failing_otherwise_fails_each_chunk_of_the_batch() -> None:
+    class Down(BatchFake):
+        async def get_many(
+            self, chunks: Sequence[Chunk]
+        ) -> list[bytes | memoryview | BaseException]:
+            raise OriginError("origin file:///x: list failed: down")
+
+    c1, _ = chunk_of("down-1")
+    c2, _ = chunk_of("down-2")
+    fetcher = Fetcher([Down("origin")], concurrency=1)
+    out = await landed(fetcher, [c1, c2])
+    assert all(isinstance(r, OriginError) and "down" in r.message for r in out.values())
+    assert repr(fetcher.limiter) == "PriorityLimiter(0/1, waiting=0)"

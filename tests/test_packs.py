@@ -65,6 +65,36 @@ async def test_chunks_of_one_pack_share_one_ranged_read(tmp_path: Path) -> None:
     assert origin.stats.requests_ok - before == 1  # still buffered
 
 
+async def test_a_batch_reads_each_window_once_and_answers_each_chunk_on_its_own(
+    tmp_path: Path,
+) -> None:
+    """get_many (Fetcher.landing's batches): one read per window, every chunk verified, and
+    a chunk that is bad or absent is that chunk's outcome, not the batch's."""
+    origin = make_origin(tmp_path)
+    parts = [bytes([i]) * 1000 for i in range(12)]  # 12 KB: 3 windows of 4 KB
+    chunks = await put_pack(origin, parts, zstd=frozenset({5}))
+    own = mf.Chunk(chunk_id(b"own object"), 10)
+    await origin.put_chunk(own.id, b"own object")
+    p0 = chunks[0].packed
+    assert p0 is not None
+    lying = mf.Chunk(chunk_id(b"x" * 1000), 1000, 0, p0)  # chunk 0's bytes, another id
+    gone = mf.Chunk(chunk_id(b"gone"), 4, 0, mf.Packed(b"\x07" * 32, 0, 4, 4))
+    src = OriginSource(origin, window=4096)
+    before = origin.stats.requests_ok
+    got = await src.get_many([*chunks, own, lying, gone])
+    assert [bytes(g) for g in got[:12]] == parts  # type: ignore[arg-type]
+    assert bytes(got[12]) == b"own object"  # type: ignore[arg-type]
+    assert isinstance(got[13], ChunkCorrupt)
+    assert "from origin" in got[13].message
+    assert isinstance(got[14], ChunkMissing)
+    crossing = sum(
+        1 for c in chunks if c.packed and c.packed.offset // 4096 != (c.packed.offset + 999) // 4096
+    )
+    # 3 windows, the chunks crossing an edge, the chunk of its own (the absent pack failed)
+    assert origin.stats.requests_ok - before == 3 + crossing + 1
+    assert await src.get_many([]) == []
+
+
 async def test_without_windows_each_chunk_reads_its_own_range(tmp_path: Path) -> None:
     origin = make_origin(tmp_path)
     parts = [b"a" * 100, b"b" * 200, b"c" * 300]
