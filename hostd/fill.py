@@ -187,7 +187,10 @@ class Filler:
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found: dict[bytes, Blob] = {}
-        wanted = one_per_blob(entries)
+        # Pure work over the whole manifest: on a thread where it is big, so the loop (and
+        # status) runs in between.
+        big = len(entries) > YIELD_EVERY * 16
+        wanted = await asyncio.to_thread(one_per_blob, entries) if big else one_per_blob(entries)
         pending = wanted
         progress.total_bytes = sum(e.size for e in pending)
         while pending:
@@ -237,7 +240,9 @@ class Filler:
                 # Every blob is in memory; wait for the syncs that record them. One a failed
                 # sync dropped (ours, or another fill's that we found ready) is filled again.
                 await self.durability.flush(found.values())
-                for d, b in list(found.items()):
+                for i, (d, b) in enumerate(list(found.items())):
+                    if i % YIELD_EVERY == YIELD_EVERY - 1:
+                        await asyncio.sleep(0)
                     if not self.cache.current(b):
                         del found[d]
                 pending = [e for e in wanted if e.digest not in found]
@@ -249,17 +254,21 @@ class Filler:
         """The stat of each entry's complete copy in `tiers` (the first), taken in one batch
         in a thread: a restore of 100,000 warm files would otherwise spend about a second of
         the event loop on os.stat."""
-        found: dict[bytes, Blob] = {}
-        for e in entries:
+        blobs: list[Blob] = []
+        for i, e in enumerate(entries):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             b = self.cache.locate(e.digest, tiers)
             if b is not None:
-                found[e.digest] = b
-        if not found:
+                blobs.append(b)
+        if not blobs:
             return {}
-        blobs = list(found.values())
-        files = [b.file for b in blobs]
-        seen = await asyncio.to_thread(stat_paths, files) if len(files) > 16 else stat_paths(files)
-        return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
+
+        def stat_all() -> dict[bytes, tuple[Blob, Stat | int]]:
+            seen = stat_paths([b.file for b in blobs])
+            return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
+
+        return await asyncio.to_thread(stat_all) if len(blobs) > 16 else stat_all()
 
     def _ready(
         self,
