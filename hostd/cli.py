@@ -8,43 +8,34 @@ Output contract, which scripts rely on:
 - progress bars go to stderr, and only when stderr is a terminal.
 
 This module parses, prints and maps errors to exit codes; what a command means is the
-daemon's business, and how to talk to it is client.py's. The daemon module is imported only
-by `serve`, so the client commands start fast and work without the daemon's dependencies.
+daemon's business, how to talk to it is client.py's, and how output looks is output.py's.
+A client command imports small modules only: the daemon module only for `serve`, never
+asyncio or aiohttp, and rich only to draw on a terminal (tests/test_cli.py checks it). So
+the client commands start in tens of milliseconds and work without the daemon's
+dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import json
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import NoReturn, TextIO, TypeGuard
+from typing import NoReturn
 
-from rich.console import Console, RenderableType
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-
+from hostd import output
 from hostd.client import JSON, Client, ProgressCallback, resolve_socket
 from hostd.errors import Busy, Forbidden, HostdError, UsageError
+from hostd.output import Printer, count, duration, is_number, size, size_exact, sources, timings
 
 EXIT_INTERRUPTED = 130
 
-Call = Callable[[Client, ProgressCallback | None], Awaitable[JSON]]
-Render = Callable[[Console, JSON], None]
+Call = Callable[[Client, ProgressCallback | None], JSON]
+Render = Callable[[Printer, JSON], None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(_explain(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        # asyncio.run has cancelled the command by now, which closed the connection: the
-        # daemon sees the client go and cancels the work.
+        # The client closed its connection on the way out: the daemon sees the client go and
+        # cancels the work.
         _fail("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -203,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    def call(client: Client, progress: ProgressCallback | None) -> Awaitable[JSON]:
+    def call(client: Client, progress: ProgressCallback | None) -> JSON:
         return client.restore(
             args.ref,
             args.target,
@@ -217,7 +208,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    def call(client: Client, progress: ProgressCallback | None) -> Awaitable[JSON]:
+    def call(client: Client, progress: ProgressCallback | None) -> JSON:
         return client.publish(
             args.dir,
             ref=args.ref,
@@ -231,7 +222,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _prefetch(args: argparse.Namespace) -> int:
-    def call(client: Client, progress: ProgressCallback | None) -> Awaitable[JSON]:
+    def call(client: Client, progress: ProgressCallback | None) -> JSON:
         return client.prefetch(
             args.ref, tier=args.tier, compat=dict(args.compat), on_progress=progress
         )
@@ -306,215 +297,160 @@ def _run(
 ) -> int:
     """Talk to the daemon, print the result (as JSON, or for a human), then judge it."""
     socket = resolve_socket(args.socket, os.environ)
-    show_progress = bool(progress) and _isatty(sys.stderr)
+    show_progress = bool(progress) and output.isatty(sys.stderr)
 
-    async def talk() -> JSON:
-        async with Client(socket) as client:
-            if not show_progress:
-                return await call(client, None)
-            with ProgressBar(_console(sys.stderr), progress) as bar:
-                return await call(client, bar.update)
-
-    result = asyncio.run(talk())
+    with Client(socket) as client:
+        if show_progress:
+            with output.ProgressBar(sys.stderr, progress) as bar:
+                result = call(client, bar.update)
+        else:
+            result = call(client, None)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
     else:
-        render(_console(sys.stdout), result)
+        render(output.printer_for(sys.stdout), result)
+    sys.stdout.flush()
     failure = verdict(result) if verdict is not None else None
     if failure is not None:
         raise failure
     return 0
 
 
-# -- progress -------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """Shows a stream's progress events as one rich progress bar (a terminal only).
-
-    The bar restarts when the event's phase changes (resolve, fetch, materialize...), so the
-    speed and elapsed time shown are the phase's own.
-    """
-
-    def __init__(self, console: Console, title: str) -> None:
-        self._title = title
-        self._phase = ""
-        self._progress = Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TextColumn("{task.fields[files]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
-        self._task = self._progress.add_task(title, total=None, files="")
-
-    def __repr__(self) -> str:
-        return f"<ProgressBar {self._title} phase={self._phase or None}>"
-
-    def __enter__(self) -> ProgressBar:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
-
-    def update(self, event: JSON) -> None:
-        phase = str(event.get("phase") or self._title)
-        total = int(_number(event.get("total_bytes")))
-        done = int(_number(event.get("done_bytes")))
-        files = ""
-        if event.get("total_files"):
-            files = f"{_count(event.get('done_files'))}/{_count(event.get('total_files'))} files"
-        if phase != self._phase:
-            # One call: the refresh thread must not draw the new phase with the old numbers.
-            self._phase = phase
-            self._progress.reset(
-                self._task, total=total or None, completed=done, description=phase, files=files
-            )
-        else:
-            self._progress.update(self._task, total=total or None, completed=done, files=files)
-
-
 # -- rendering ------------------------------------------------------------------------------
 
 
-def _render_restore(console: Console, result: JSON) -> None:
-    _pairs(
-        console,
+def _render_restore(out: Printer, result: JSON) -> None:
+    out.pairs(
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
             ("target", result.get("target")),
-            ("files", _count(result.get("files"))),
-            ("bytes", _size_exact(result.get("bytes"))),
-            ("timings", _timings(result.get("timings"))),
-            ("sources", _sources(result.get("bytes_by_source"))),
-        ],
+            ("files", count(result.get("files"))),
+            ("bytes", size_exact(result.get("bytes"))),
+            ("timings", timings(result.get("timings"))),
+            ("sources", sources(result.get("bytes_by_source"))),
+        ]
     )
 
 
-def _render_publish(console: Console, result: JSON) -> None:
-    _pairs(
-        console,
+def _render_publish(out: Printer, result: JSON) -> None:
+    out.pairs(
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
-            ("files", _count(result.get("files"))),
-            ("chunks", _count(result.get("chunks"))),
-            ("bytes", _size_exact(result.get("bytes"))),
-            ("new chunks", _count(result.get("new_chunks"))),
-            ("compressed chunks", _count(result.get("compressed_chunks"))),
-            ("stored", _size_exact(result.get("stored_bytes"))),
-            ("timings", _timings(result.get("timings"))),
-        ],
+            ("files", count(result.get("files"))),
+            ("chunks", count(result.get("chunks"))),
+            ("bytes", size_exact(result.get("bytes"))),
+            ("new chunks", count(result.get("new_chunks"))),
+            ("compressed chunks", count(result.get("compressed_chunks"))),
+            ("stored", size_exact(result.get("stored_bytes"))),
+            ("timings", timings(result.get("timings"))),
+        ]
     )
 
 
-def _render_prefetch(console: Console, result: JSON) -> None:
-    _pairs(
-        console,
+def _render_prefetch(out: Printer, result: JSON) -> None:
+    out.pairs(
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
             ("tier", result.get("tier")),
-            ("bytes", _size_exact(result.get("bytes"))),
-            ("timings", _timings(result.get("timings"))),
-            ("sources", _sources(result.get("bytes_by_source"))),
+            ("bytes", size_exact(result.get("bytes"))),
+            ("timings", timings(result.get("timings"))),
+            ("sources", sources(result.get("bytes_by_source"))),
+        ]
+    )
+
+
+def _render_pin(out: Printer, result: JSON) -> None:
+    state = "pinned" if result.get("pinned") else "not pinned"
+    out.line(f"{result.get('snapshot')} {state}")
+
+
+def _render_ls(out: Printer, result: JSON) -> None:
+    snapshots: list[JSON] = result.get("snapshots") or []
+    if not snapshots:
+        out.line("no snapshots")
+        return
+    out.table(
+        ("SNAPSHOT", "REFS", "FILES", "SIZE", "PINNED", "LAST USED", "CACHED", "STATE"),
+        [
+            (
+                str(snap.get("id")),
+                ", ".join(str(ref) for ref in snap.get("refs") or []) or "-",
+                count(snap.get("files")),
+                size(snap.get("bytes")),
+                "yes" if snap.get("pinned") else "no",
+                output.when(snap.get("last_used")),
+                sources(snap.get("tiers")),
+                "complete" if snap.get("complete") else "partial",
+            )
+            for snap in snapshots
         ],
     )
 
 
-def _render_pin(console: Console, result: JSON) -> None:
-    state = "pinned" if result.get("pinned") else "not pinned"
-    _print(console, f"{result.get('snapshot')} {state}")
-
-
-def _render_ls(console: Console, result: JSON) -> None:
-    snapshots: list[JSON] = result.get("snapshots") or []
-    if not snapshots:
-        _print(console, "no snapshots")
-        return
-    table = _table("SNAPSHOT", "REFS", "FILES", "SIZE", "PINNED", "LAST USED", "CACHED", "STATE")
-    for snap in snapshots:
-        table.add_row(
-            str(snap.get("id")),
-            ", ".join(str(ref) for ref in snap.get("refs") or []) or "-",
-            _count(snap.get("files")),
-            _size(snap.get("bytes")),
-            "yes" if snap.get("pinned") else "no",
-            _when(snap.get("last_used")),
-            _sources(snap.get("tiers")),
-            "complete" if snap.get("complete") else "partial",
-        )
-    _print(console, table)
-
-
-def _render_status(console: Console, result: JSON) -> None:
-    _pairs(
-        console,
+def _render_status(out: Printer, result: JSON) -> None:
+    out.pairs(
         [
             ("version", result.get("version")),
             ("pid", result.get("pid")),
-            ("uptime", _duration(result.get("uptime"))),
+            ("uptime", duration(result.get("uptime"))),
             ("socket", result.get("socket")),
             ("metrics", result.get("metrics_address")),
             ("origin", result.get("origin")),
-            ("in flight", _count(result.get("in_flight"))),
+            ("in flight", count(result.get("in_flight"))),
             ("you", _caller(result.get("caller"))),
-        ],
+        ]
     )
     tiers: list[JSON] = result.get("tiers") or []
     if tiers:
-        _print(console, "")
-        table = _table("TIER", "PATH", "USED", "BUDGET", "USE", "BLOBS")
-        for tier in tiers:
-            used, budget = tier.get("used"), tier.get("budget")
-            share = "-"
-            if _is_number(used) and _is_number(budget) and budget > 0:
-                share = f"{100 * used / budget:.0f}%"
-            table.add_row(
-                str(tier.get("name")),
-                str(tier.get("path")),
-                _size(used),
-                _size(budget),
-                share,
-                _count(tier.get("blobs")),
-            )
-        _print(console, table)
+        out.line("")
+        out.table(
+            ("TIER", "PATH", "USED", "BUDGET", "USE", "BLOBS"),
+            [
+                (
+                    str(tier.get("name")),
+                    str(tier.get("path")),
+                    size(tier.get("used")),
+                    size(tier.get("budget")),
+                    _share(tier.get("used"), tier.get("budget")),
+                    count(tier.get("blobs")),
+                )
+                for tier in tiers
+            ],
+        )
     peers = result.get("peers")
     if isinstance(peers, dict):
-        _print(console, "")
-        _pairs(
-            console,
+        out.line("")
+        out.pairs(
             [
                 ("peers on", peers.get("listen")),
                 ("this host", peers.get("self") or "not in the peer list"),
                 ("auth", peers.get("auth")),
-            ],
+            ]
         )
         members: list[JSON] = [m for m in peers.get("members") or [] if isinstance(m, dict)]
         if members:
-            table = _table("PEER", "STATE", "FOR", "STRIKES", "LAST ERROR")
-            for m in members:
-                table.add_row(
-                    str(m.get("address")),
-                    str(m.get("state")),
-                    _duration(m.get("for_s")),
-                    _count(m.get("strikes")),
-                    str(m.get("last_error") or ""),
-                )
-            _print(console, table)
+            out.table(
+                ("PEER", "STATE", "FOR", "STRIKES", "LAST ERROR"),
+                [
+                    (
+                        str(m.get("address")),
+                        str(m.get("state")),
+                        duration(m.get("for_s")),
+                        count(m.get("strikes")),
+                        str(m.get("last_error") or ""),
+                    )
+                    for m in members
+                ],
+            )
+
+
+def _share(used: object, budget: object) -> str:
+    if is_number(used) and is_number(budget) and budget > 0:
+        return f"{100 * used / budget:.0f}%"
+    return "-"
 
 
 def _caller(caller: object) -> str | None:
@@ -525,155 +461,34 @@ def _caller(caller: object) -> str | None:
     return f"uid {caller.get('uid')} gid {caller.get('gid')}: may {may}"
 
 
-def _render_gc(console: Console, result: JSON) -> None:
-    _pairs(
-        console,
+def _render_gc(out: Printer, result: JSON) -> None:
+    out.pairs(
         [
-            ("removed blobs", _count(result.get("removed_blobs"))),
-            ("freed", _size_exact(result.get("freed_bytes"))),
-            ("removed partials", _count(result.get("removed_partials"))),
-        ],
+            ("removed blobs", count(result.get("removed_blobs"))),
+            ("freed", size_exact(result.get("freed_bytes"))),
+            ("removed partials", count(result.get("removed_partials"))),
+        ]
     )
 
 
-def _render_verify(console: Console, result: JSON) -> None:
+def _render_verify(out: Printer, result: JSON) -> None:
     bad: list[JSON] = result.get("bad") or []
-    _pairs(
-        console,
+    out.pairs(
         [
-            ("checked blobs", _count(result.get("checked_blobs"))),
-            ("checked", _size_exact(result.get("checked_bytes"))),
-            ("bad blobs", _count(len(bad))),
-        ],
+            ("checked blobs", count(result.get("checked_blobs"))),
+            ("checked", size_exact(result.get("checked_bytes"))),
+            ("bad blobs", count(len(bad))),
+        ]
     )
     if bad:
-        _print(console, "")
-        table = _table("BLOB", "TIER", "REASON")
-        for entry in bad:
-            table.add_row(str(entry.get("blob")), str(entry.get("tier")), str(entry.get("reason")))
-        _print(console, table)
+        out.line("")
+        out.table(
+            ("BLOB", "TIER", "REASON"),
+            [(str(e.get("blob")), str(e.get("tier")), str(e.get("reason"))) for e in bad],
+        )
 
 
-# -- formatting -----------------------------------------------------------------------------
-
-
-def _console(stream: TextIO) -> Console:
-    tty = _isatty(stream)
-    return Console(
-        file=stream,
-        force_terminal=tty,  # not a terminal: no control codes, whatever the environment says
-        color_system="auto" if tty else None,
-        width=None if tty else 1000,  # a pipe gets whole lines, not 80 columns
-        markup=False,  # refs, paths and messages are text, not rich markup
-        highlight=False,
-        emoji=False,
-        soft_wrap=not tty,
-    )
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no such method, or a closed stream
-        return False
-
-
-def _print(console: Console, renderable: RenderableType) -> None:
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    # A pipe or a file: rich pads cells to the column width; trailing blanks help nobody.
-    with console.capture() as captured:
-        console.print(renderable)
-    console.file.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
-
-
-def _pairs(console: Console, rows: Iterable[tuple[str, object]]) -> None:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    for key, value in rows:
-        grid.add_row(key, "-" if value is None or value == "" else str(value))
-    _print(console, grid)
-
-
-def _table(*headers: str) -> Table:
-    table = Table(box=None, pad_edge=False, padding=(0, 2), header_style="bold")
-    for header in headers:
-        table.add_column(header, overflow="fold")
-    return table
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _number(value: object) -> float:
-    return float(value) if _is_number(value) else 0.0
-
-
-def _count(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return "-" if value is None else str(value)
-
-
-def _size(value: object) -> str:
-    if not _is_number(value):
-        return "-" if value is None else str(value)
-    amount, units = _number(value), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    while abs(amount) >= 1024 and len(units) > 1:
-        amount /= 1024
-        units.pop(0)
-    return f"{amount:.0f} B" if units[0] == "B" else f"{amount:.1f} {units[0]}"
-
-
-def _size_exact(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1024:
-        return f"{_size(value)} ({value:,} bytes)"
-    return _size(value)
-
-
-def _seconds(value: object) -> str:
-    if not _is_number(value):
-        return str(value)
-    amount = _number(value)
-    return f"{amount:.3f} s" if amount < 10 else f"{amount:.1f} s"
-
-
-def _timings(value: object) -> str:
-    if not isinstance(value, dict) or not value:
-        return "-"
-    known = [key for key in ("resolve", "hash", "fetch", "upload", "materialize") if key in value]
-    others = [key for key in value if key not in known and key != "total"]
-    order = known + others + (["total"] if "total" in value else [])
-    return ", ".join(f"{key} {_seconds(value[key])}" for key in order)
-
-
-def _sources(value: object) -> str:
-    if not isinstance(value, dict) or not value:
-        return "-"
-    return ", ".join(f"{key} {_size(amount)}" for key, amount in value.items())
-
-
-def _duration(value: object) -> str:
-    if not _is_number(value):
-        return "-" if value is None else str(value)
-    seconds = int(_number(value))
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    if days:
-        return f"{days}d {hours}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m {seconds:02d}s"
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def _when(value: object) -> str:
-    if _is_number(value):  # seconds since the epoch
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_number(value)))
-    return "never" if value is None else str(value)
+# -- errors -----------------------------------------------------------------------------------
 
 
 def _explain(exc: HostdError) -> str:

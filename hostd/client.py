@@ -1,26 +1,26 @@
-"""Async client for hostd's local API: HTTP/1.1 + JSON over the daemon's Unix socket.
+"""Client for hostd's local API: HTTP/1.1 + JSON over the daemon's Unix socket, blocking.
 
 One method per API call. Long operations answer with a stream of newline-delimited JSON
 events; the client hands each `progress` event to a callback, returns the `result` event
 and raises the `error` event, so a caller sees a stream exactly like a plain call.
 
-Every foreign exception (aiohttp's, OSError, bad JSON) becomes a HostdError at this edge,
+Every foreign exception (OSError, bad HTTP, bad JSON) becomes a HostdError at this edge,
 with the exit code the contract gives it: bad_request 2, not_found 3, an unreachable socket 4,
 forbidden 5, anything else 1. This module must not print, exit or know about terminals:
-that is cli.py's.
+that is cli.py's. It imports the standard library's small modules only (no asyncio, no
+aiohttp, not even http.client): every client command pays for what it imports at start.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aiohttp
-
+from hostd import unixhttp
 from hostd.errors import (
     Busy,
     ChunkCorrupt,
@@ -45,6 +45,8 @@ NDJSON = "application/x-ndjson"
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 """One event line longer than this is a broken daemon, not a big result."""
 MAX_ERROR_BODY = 64 * 1024
+MAX_ANSWER_BYTES = MAX_EVENT_BYTES
+"""Nor is a plain answer (status, snapshots, metrics) longer than this."""
 
 # The daemon's error codes this client raises as hostd's own classes. ConfigError and
 # DaemonUnreachable are left out on purpose: from the daemon they are plain failures (exit 1),
@@ -100,8 +102,8 @@ def resolve_socket(
     from_env = environ.get("HOSTD_SOCKET")
     if from_env:
         return Path(from_env)
-    # Imported here: a client command should not pay for the config module unless it needs it.
-    from hostd.config import default_socket
+    # Imported here: a command given its socket pays nothing for finding one.
+    from hostd.paths import default_socket
 
     if system_socket is None:
         return default_socket(environ)
@@ -155,77 +157,77 @@ def _parse_event(line: bytes) -> JSON:
 
 
 class Client:
-    """A connection pool to one daemon socket. Use as `async with Client(path) as c: ...`."""
+    """The daemon's API over its socket, one connection per call.
+
+    Use as `with Client(path) as c: ...`: leaving the block cuts a call still in flight. Calls
+    block; an asyncio caller runs them in a thread (`asyncio.to_thread`), and may `close()`
+    from its own thread to cut the call.
+    """
 
     def __init__(self, socket_path: str | os.PathLike[str], *, connect_timeout: float = 10.0):
         self.socket_path = Path(socket_path)
         self._connect_timeout = connect_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._conn: unixhttp.Connection | None = None
 
     def __repr__(self) -> str:
-        state = "open" if self._session is not None else "closed"
+        state = "in a call" if self._conn is not None else "idle"
         return f"<Client socket={str(self.socket_path)!r} {state}>"
 
-    async def __aenter__(self) -> Client:
-        self._session = aiohttp.ClientSession(
-            base_url="http://hostd",
-            connector=aiohttp.UnixConnector(path=str(self.socket_path)),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-        )
+    def __enter__(self) -> Client:
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        self.close()
 
-    async def close(self) -> None:
-        """Close every connection; a stream still open is cut, and the daemon cancels it."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+    def close(self) -> None:
+        """Cut the call in flight, if any (from any thread); the daemon cancels a stream."""
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
 
     # -- plain calls ------------------------------------------------------------------------
 
-    async def status(self) -> JSON:
-        return await self._call("GET", "/v1/status")
+    def status(self) -> JSON:
+        return self._call("GET", "/v1/status")
 
-    async def snapshots(self) -> JSON:
-        return await self._call("GET", "/v1/snapshots")
+    def snapshots(self) -> JSON:
+        return self._call("GET", "/v1/snapshots")
 
-    async def gc(self) -> JSON:
-        return await self._call("POST", "/v1/gc", {})
+    def gc(self) -> JSON:
+        return self._call("POST", "/v1/gc", {})
 
-    async def pin(
+    def pin(
         self,
         *,
         ref: str | None = None,
         snapshot: str | None = None,
         compat: Mapping[str, str] | None = None,
     ) -> JSON:
-        return await self._call("POST", "/v1/pin", _pin_body(ref, snapshot, compat))
+        return self._call("POST", "/v1/pin", _pin_body(ref, snapshot, compat))
 
-    async def unpin(
+    def unpin(
         self,
         *,
         ref: str | None = None,
         snapshot: str | None = None,
         compat: Mapping[str, str] | None = None,
     ) -> JSON:
-        return await self._call("POST", "/v1/unpin", _pin_body(ref, snapshot, compat))
+        return self._call("POST", "/v1/unpin", _pin_body(ref, snapshot, compat))
 
-    async def metrics(self) -> str:
-        async def read(response: aiohttp.ClientResponse) -> str:
-            return await response.text()
+    def metrics(self) -> str:
+        def read(response: unixhttp.Response) -> str:
+            return _read_answer(response, "/metrics").decode(response.head.charset, "replace")
 
-        return await self._request("GET", "/metrics", None, read)
+        return self._request("GET", "/metrics", None, read)
 
     # -- streams ----------------------------------------------------------------------------
 
-    async def restore(
+    def restore(
         self,
         ref: str,
         target: str | os.PathLike[str],
@@ -242,9 +244,9 @@ class Client:
             "replace": replace,
             "compat": dict(compat or {}),
         }
-        return await self._stream("/v1/restore", body, on_progress)
+        return self._stream("/v1/restore", body, on_progress)
 
-    async def publish(
+    def publish(
         self,
         path: str | os.PathLike[str],
         *,
@@ -262,9 +264,9 @@ class Client:
         }
         if facts is not None:  # absent: the daemon's default facts
             body["facts"] = list(facts)
-        return await self._stream("/v1/publish", body, on_progress)
+        return self._stream("/v1/publish", body, on_progress)
 
-    async def prefetch(
+    def prefetch(
         self,
         ref: str,
         *,
@@ -275,39 +277,39 @@ class Client:
         body: JSON = {"ref": ref, "compat": dict(compat or {})}
         if tier is not None:
             body["tier"] = tier
-        return await self._stream("/v1/prefetch", body, on_progress)
+        return self._stream("/v1/prefetch", body, on_progress)
 
-    async def verify(self, *, on_progress: ProgressCallback | None = None) -> JSON:
-        return await self._stream("/v1/verify", {}, on_progress)
+    def verify(self, *, on_progress: ProgressCallback | None = None) -> JSON:
+        return self._stream("/v1/verify", {}, on_progress)
 
     # -- the edge ---------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, body: JSON | None = None) -> JSON:
-        async def read(response: aiohttp.ClientResponse) -> JSON:
+    def _call(self, method: str, path: str, body: JSON | None = None) -> JSON:
+        def read(response: unixhttp.Response) -> JSON:
             try:
-                answer = await response.json(content_type=None)
+                answer = json.loads(_read_answer(response, path))
             except ValueError as exc:
                 raise HostdError(f"daemon sent malformed JSON for {path}") from exc
             if not isinstance(answer, dict):
                 raise HostdError(f"daemon sent JSON that is not an object for {path}")
             return answer
 
-        return await self._request(method, path, body, read)
+        return self._request(method, path, body, read)
 
-    async def _stream(self, path: str, body: JSON, on_progress: ProgressCallback | None) -> JSON:
-        async def read(response: aiohttp.ClientResponse) -> JSON:
-            if response.content_type != NDJSON:
+    def _stream(self, path: str, body: JSON, on_progress: ProgressCallback | None) -> JSON:
+        def read(response: unixhttp.Response) -> JSON:
+            if response.head.media_type != NDJSON:
                 raise HostdError(
-                    f"daemon answered {path} with {response.content_type}, not {NDJSON}"
+                    f"daemon answered {path} with {response.head.media_type}, not {NDJSON}"
                 )
             reader = EventReader()
             try:
-                async for data in response.content.iter_any():
+                for data in response.body():
                     for event in reader.feed(data):
                         outcome = _outcome(event, on_progress)
                         if outcome is not None:
                             return outcome
-            except aiohttp.ClientError as exc:
+            except OSError as exc:
                 raise HostdError(f"daemon closed the stream early: {_describe(exc)}") from exc
             for event in reader.finish():
                 outcome = _outcome(event, on_progress)
@@ -315,30 +317,41 @@ class Client:
                     return outcome
             raise HostdError("daemon closed the stream early, with no result or error")
 
-        return await self._request("POST", path, body, read)
+        return self._request("POST", path, body, read)
 
-    async def _request(
+    def _request(
         self,
         method: str,
         path: str,
         body: JSON | None,
-        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        read: Callable[[unixhttp.Response], T],
     ) -> T:
-        if self._session is None:
-            raise RuntimeError("Client used outside `async with`")
+        """One exchange: connect, send, check the status, `read` the answer; always close."""
+        conn = unixhttp.Connection(str(self.socket_path), connect_timeout=self._connect_timeout)
+        self._conn = conn
         try:
-            async with self._session.request(method, path, json=body) as response:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise DaemonUnreachable(
+                    f"cannot reach the daemon at {self.socket_path}: {_describe(exc)}"
+                ) from exc
+            payload = None if body is None else json.dumps(body).encode()
+            try:
+                response = conn.request(method, path, payload, "application/json")
                 if not 200 <= response.status < 300:
-                    raise await _error_from_response(response)
-                return await read(response)
-        except aiohttp.ClientConnectorError as exc:
-            raise DaemonUnreachable(
-                f"cannot reach the daemon at {self.socket_path}: {_describe(exc)}"
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise HostdError(
-                f"lost the connection to the daemon at {self.socket_path}: {_describe(exc)}"
-            ) from exc
+                    raise _error_from_response(response)
+                return read(response)
+            except OSError as exc:
+                raise HostdError(
+                    f"lost the connection to the daemon at {self.socket_path}: {_describe(exc)}"
+                ) from exc
+            except unixhttp.ProtocolError as exc:
+                raise HostdError(f"daemon sent malformed HTTP: {exc}") from exc
+        finally:
+            # Also on KeyboardInterrupt: closing is what tells the daemon to cancel a stream.
+            self._conn = None
+            conn.close()
 
 
 def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] | None) -> JSON:
@@ -365,8 +378,15 @@ def _outcome(event: JSON, on_progress: ProgressCallback | None) -> JSON | None:
     return None  # progress, or an event kind newer than this client: read on
 
 
-async def _error_from_response(response: aiohttp.ClientResponse) -> HostdError:
-    raw = await response.content.read(MAX_ERROR_BODY)
+def _read_answer(response: unixhttp.Response, path: str) -> bytes:
+    raw = response.read(MAX_ANSWER_BYTES + 1)
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise HostdError(f"daemon answered {path} with more than {MAX_ANSWER_BYTES} bytes")
+    return raw
+
+
+def _error_from_response(response: unixhttp.Response) -> HostdError:
+    raw = response.read(MAX_ERROR_BODY)
     try:
         body = json.loads(raw)
     except ValueError:
@@ -375,12 +395,9 @@ async def _error_from_response(response: aiohttp.ClientResponse) -> HostdError:
         code: str = body["error"]
         return error_from_code(code, str(body.get("message") or code))
     text = raw.decode("utf-8", "replace").strip()[:200] or "no body"
-    return HostdError(f"daemon answered HTTP {response.status} {response.reason}: {text}")
+    head = response.head
+    return HostdError(f"daemon answered HTTP {head.status} {head.reason}: {text}")
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.os_error.strerror or str(exc.os_error)
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -3,8 +3,8 @@
 `FakeDaemon` implements the local API contract (docs/ARCHITECTURE.md, "Local API and events")
 in memory: JSON error bodies for every error, NDJSON streams that end in one `result` or
 `error`, and a few refs that misbehave on purpose (a stream cut short, one cut mid-line, one
-that never ends). It runs its own event loop in a thread, because `main` runs its own with
-`asyncio.run`; the tests call `main([...])` in-process and read stdout/stderr with capsys, and
+that never ends). It runs its own event loop in a thread, because `main` blocks the thread
+that calls it; the tests call `main([...])` in-process and read stdout/stderr with capsys, and
 a few run `python -m hostd` as a real process. Concurrent events are ordered with threading
 events and deadlines, never sleeps."""
 
@@ -31,9 +31,10 @@ import pytest
 from aiohttp import web
 
 from hostd.cli import main
-from hostd.client import EventReader, error_from_code, resolve_socket
-from hostd.config import default_paths
+from hostd.client import Client, EventReader, error_from_code, resolve_socket
 from hostd.errors import HostdError, TargetExists
+from hostd.output import PlainPrinter
+from hostd.paths import default_paths
 
 JSON = dict[str, Any]
 REPO = Path(__file__).resolve().parents[1]
@@ -952,6 +953,35 @@ def test_progress_bar_only_on_a_terminal(
     assert json.loads(capsys.readouterr().out)["files"] == 2  # stdout: still only the JSON
 
 
+def test_human_output_on_a_terminal_is_rich(
+    daemon: FakeDaemon, sock: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["status", *sock]) == 0
+    shown = terminal.getvalue()
+    assert "\x1b[1m" in shown  # bold keys and headers
+    assert "1h 02m 05s" in shown
+    assert "/dev/shm/hostd" in shown
+    assert "signature" in shown  # folded to the terminal's width
+
+
+def test_plain_output_is_whole_aligned_lines() -> None:
+    stream = io.StringIO()
+    printer = PlainPrinter(stream)
+    printer.table(("A", "WIDE"), [("1", "\u65e5\u672c"), ("22", "x\ny\x1b[31m")])
+    printer.pairs([("key", None), ("longer key", "v")])
+    printer.line("a\rb")
+    assert stream.getvalue() == (
+        "A     WIDE\n"
+        "1     \u65e5\u672c\n"  # two cells each: the column is 4 wide, and no blank trails
+        "22    x?y?[31m\n"  # one line per row, and nothing that drives a terminal
+        "key         -\n"
+        "longer key  v\n"
+        "a?b\n"
+    )
+
+
 # -- the stream reader ----------------------------------------------------------------------
 
 
@@ -1015,6 +1045,67 @@ def test_subprocess_closed_stdout_is_quiet(daemon: FakeDaemon) -> None:
         proc.stdout.close()  # `hostd ls | head -0`: the reader is gone before the first line
         _, err = proc.communicate(timeout=DEADLINE)
     assert (proc.returncode, err) == (1, "")
+
+
+# What a client command may import: not the daemon's stack (aiohttp, asyncio), not rich on a
+# pipe, not http.client (40 ms of email and ssl). Each costs more than the command's own work.
+# Nor the config loader (tomllib, difflib: ~90 ms), even to find the default socket.
+HEAVY_MODULES = (
+    "aiohttp",
+    "asyncio",
+    "rich",
+    "http",
+    "email",
+    "ssl",
+    "hostd.daemon",
+    "hostd.config",
+    "tomllib",
+    "difflib",
+)
+
+
+def test_client_commands_start_without_heavy_modules(daemon: FakeDaemon, short_dir: Path) -> None:
+    code = """if True:
+        import json, sys
+        from hostd.cli import main
+        sock, target, heavy = sys.argv[1], sys.argv[2], tuple(sys.argv[3].split(","))
+        commands = [
+            ["status", "--json"], ["status"], ["ls"], ["gc"], ["verify"], ["pin", "models/tiny"],
+            ["restore", "models/tiny", target, "--json"], ["prefetch", "models/tiny"],
+            ["restore", "no/such", target],
+        ]
+        codes = [main([*argv, "--socket", sock]) for argv in commands]
+        codes.append(main(["status", "--json", "--socket", sock + ".none"]))
+        default = main(["status", "--json"])  # no socket named: the default one is found
+        codes.append(4 if default == 0 else default)  # 0: a system daemon runs on this host
+        loaded = [m for m in sys.modules if m.split(".")[0] in heavy or m in heavy]
+        print(json.dumps({"codes": codes, "loaded": sorted(loaded)}))
+    """
+    argv = [str(daemon.socket_path), str(short_dir / "t"), ",".join(HEAVY_MODULES)]
+    env = {k: v for k, v in os.environ.items() if k not in ("HOSTD_SOCKET", "XDG_RUNTIME_DIR")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        env={**env, "HOME": str(short_dir / "home")},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report == {"codes": [0, 0, 0, 0, 0, 0, 0, 0, 3, 4, 4], "loaded": []}, proc.stderr
+
+
+async def test_an_asyncio_caller_runs_calls_in_a_thread_and_cuts_them_with_close(
+    daemon: FakeDaemon, short_dir: Path
+) -> None:
+    with Client(daemon.socket_path) as client:
+        assert (await asyncio.to_thread(client.status))["pid"] == 4242
+        restore = asyncio.ensure_future(asyncio.to_thread(client.restore, "hang", short_dir / "t"))
+        assert await asyncio.to_thread(daemon.streaming.wait, DEADLINE), "never streamed"
+        client.close()  # from the loop's thread: the call in the worker thread ends
+        with pytest.raises(HostdError, match="closed the stream early"):
+            await asyncio.wait_for(restore, DEADLINE)
+    assert await asyncio.to_thread(daemon.cancelled.wait, DEADLINE), "the daemon never saw it"
 
 
 def test_error_codes_map_to_exit_codes() -> None:

@@ -31,14 +31,13 @@ from hostd.config import (
     Config,
     PeersConfig,
     TierConfig,
-    default_paths,
-    default_socket,
     known_keys,
     load_config,
     resolve_budget,
 )
 from hostd.core.units import parse_duration, parse_share, parse_size
 from hostd.errors import ConfigError
+from hostd.paths import default_paths, default_socket
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "config" / "hostd.toml"
 UNITS = {
