@@ -754,7 +754,7 @@ class Cache:
         self._put(b)
         return True
 
-    def lent(self, blobs: Iterable[Blob]) -> None:
+    def lent(self, blobs: Iterable[Blob]) -> Future[None]:
         """Mark complete blobs as lent: hardlinked (or about to be) into the tree of a caller
         that could write to the inode (root, the daemon's uid, a user namespace mapped to
         either). Persisted, for the rest of the inode's life: from now on `unchanged` checks
@@ -767,8 +767,9 @@ class Cache:
         unlent. Links to callers that cannot write need no mark: they can neither write the
         bytes nor set the times.
 
-        Called on the loop before linking, so a daemon killed between the two cannot leave a
-        linked blob unmarked.
+        Called on the loop before linking, whose caller waits for the returned future (the
+        rows' transaction, on the index's writer thread) before it links: a daemon killed
+        between the two cannot leave a linked blob unmarked.
         """
         changed: list[BlobRow] = []
         for b in blobs:
@@ -776,7 +777,7 @@ class Cache:
             if cur is not None and cur.complete and not cur.lent:
                 cur.lent = True
                 changed.append(cur.row())
-        self.index.put_blobs(changed)  # one commit for the whole tree
+        return self.index.later(self.index.put_blobs, changed)  # one commit for the tree
 
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""

@@ -165,9 +165,12 @@ class Fetcher:
                 _follow(fut, asyncio.create_task(self._load(c, priority)))
         elif new and batched is not None:
             batch = asyncio.create_task(self._load_many(batched, new, priority))
+            open_flights = len(new)
 
             def gone(_fut: object) -> None:  # every flight of the batch ended: stop it
-                if not batch.done() and all(f.done() for _, f in new):
+                nonlocal open_flights
+                open_flights -= 1
+                if not open_flights and not batch.done():
                     batch.cancel()
 
             for _, f in new:

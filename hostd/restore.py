@@ -214,7 +214,7 @@ class Restorer:
                 progress.phase = "materialize"
                 if writer and link_ok and req.mode != "copy":
                     # marked before the links exist: a crash in between must not lose the mark
-                    self.cache.lent(f.where.values())
+                    await asyncio.wrap_future(self.cache.lent(f.where.values()))
                 outcome = await self._materialize(f, req, progress, fs, link_ok)
         finally:
             await self.spawner.run(fs.close)
