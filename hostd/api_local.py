@@ -29,14 +29,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hostd import access
+from hostd import access, prune, refs
 from hostd.caller import Caller, peer_caller, peer_pidfd
 from hostd.core import manifest as mf
 from hostd.core import request as request_fields
+from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
 from hostd.core.request import parse_body
 from hostd.errors import Busy, Forbidden, HostdError, NotFound, RequestTimeout, UsageError
 from hostd.materialize import MODES
 from hostd.metrics import Snapshot
+from hostd.origin import retry_observer as origin_retries
 from hostd.publish import PublishRequest
 from hostd.restore import Progress, RestoreRequest
 
@@ -164,26 +166,45 @@ def _tier(d: Daemon, body: Mapping[str, Any]) -> str | None:
 
 
 async def stream(
-    request: web.Request, operation: str, work: Callable[[Progress], Awaitable[dict[str, Any]]]
+    request: web.Request,
+    operation: str,
+    work: Callable[[Progress], Awaitable[dict[str, Any]]],
+    *,
+    admitted: bool = False,
 ) -> web.StreamResponse:
-    """Run `work`, streaming its progress as NDJSON, ending with one result or error event."""
+    """Run `work`, streaming its progress as NDJSON, ending with one result or error event.
+
+    The status line waits until the work says its request is admitted (`Progress.admitted`:
+    the ref resolved, the source scanned; `admitted=True`: at once), or until there is
+    something to tell (an origin retry, a warning): a failure before that (unknown ref, bad
+    request, forbidden, busy) is answered with its own HTTP status and JSON body, so
+    `curl -f` fails; only one after it is an `error` event in a 200 stream."""
     d = request.app[DAEMON_KEY]
     d.check_accepting()
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    progress = Progress()
+    progress = Progress(admitted=admitted)
     d.in_flight += 1
-    task = asyncio.ensure_future(work(progress))
+    # The work's tasks (and the fetch flights they start) inherit this: they report retries.
+    token = origin_retries.set(progress.on_retry)
+    try:
+        task = asyncio.ensure_future(work(progress))
+    finally:
+        origin_retries.reset(token)
     d.operations.add(task)  # the daemon cancels it when a stop's drain runs out
     result = "error"
+    resp: web.StreamResponse | None = None
     try:
         last: dict[str, Any] | None = None
+        warned = 0
         while True:
             done, _ = await asyncio.wait({task}, timeout=PROGRESS_EVERY)
-            ev = progress.event()
-            if ev != last and ev["phase"]:
-                await _send(resp, ev)
-                last = ev
+            if resp is None and not done and _to_tell(progress):
+                resp = await _start(request)
+            if resp is not None:
+                warned = await _warn(resp, progress, warned)
+                ev = progress.event()
+                if ev != last and ev["phase"]:
+                    await _send(resp, ev)
+                    last = ev
             if done:
                 break
         try:
@@ -192,19 +213,29 @@ async def stream(
             result = "cancelled"
             log.info("%s cancelled: hostd is stopping", operation)
             err = Busy(f"hostd stopped before the {operation} finished; it was cancelled")
+            if resp is None:
+                raise err from None
             await _send(resp, {"event": "error", **err.to_json()})
         except HostdError as e:
             result = "not_found" if isinstance(e, NotFound) else "error"
             log.info("%s failed: %s", operation, e.message)
+            if resp is None:  # known before the stream started: its own HTTP status
+                raise
             await _send(resp, {"event": "error", **e.to_json()})
         except Exception:
             log.exception("%s failed", operation)
-            await _send(resp, {"event": "error", "error": "internal", "message": "internal error"})
+            internal = {"error": "internal", "message": "internal error"}
+            if resp is None:
+                return web.json_response(internal, status=500)
+            await _send(resp, {"event": "error", **internal})
         else:
             result = "ok"
             d.metrics.observe(operation, result, out.get("timings"))
             for src, n in out.get("bytes_by_source", {}).items():
                 d.metrics.restore_bytes.labels(src).inc(n)
+            if resp is None:
+                resp = await _start(request)
+            await _warn(resp, progress, warned)
             await _send(resp, {"event": "result", **out})
         await resp.write_eof()
     except (asyncio.CancelledError, ConnectionError):
@@ -220,6 +251,23 @@ async def stream(
         if result != "ok":
             d.metrics.observe(operation, result, None)
     return resp
+
+
+def _to_tell(progress: Progress) -> bool:
+    return progress.admitted or progress.retry is not None or bool(progress.warnings)
+
+
+async def _start(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _warn(resp: web.StreamResponse, progress: Progress, sent: int) -> int:
+    """Send the warnings not sent yet, as `warning` events; how many are sent now."""
+    for warning in progress.warnings[sent:]:
+        await _send(resp, {"event": "warning", **warning})
+    return len(progress.warnings)
 
 
 async def _send(resp: web.StreamResponse, event: Mapping[str, Any]) -> None:
@@ -263,7 +311,11 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
 
 async def publish(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON_KEY]
-    body = await _body(request, {"path", "ref", "facts", "compat", "meta", "chunk_size"})
+    body = await _body(
+        request,
+        {"path", "ref", "facts", "compat", "meta", "chunk_size", "include", "exclude", "force"},
+    )
+    include, exclude = _patterns(body, "include"), _patterns(body, "exclude")
     facts = body.get("facts")
     if facts is not None and (
         not isinstance(facts, list) or not all(isinstance(f, str) and f for f in facts)
@@ -287,8 +339,26 @@ async def publish(request: web.Request) -> web.StreamResponse:
             meta=_facts(body, "meta"),
             chunk_size=cs,
             pidfd=pidfd,
+            include=include,
+            exclude=exclude,
+            force=_bool(body, "force"),
         )
         return await stream(request, "publish", lambda p: d.publisher.publish(req, p))
+
+
+def _patterns(body: Mapping[str, Any], name: str) -> list[str]:
+    """A list of publish filter patterns (core/pathfilter.py), each checked to compile."""
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise UsageError(f"field {name!r} must be a list of glob patterns")
+    for pattern in value:
+        try:
+            compile_pattern(pattern)
+        except ValueError as e:
+            raise UsageError(f"field {name!r}: {e}") from None
+    if len(value) > MAX_PATTERNS:
+        raise UsageError(f"field {name!r}: more than {MAX_PATTERNS} patterns")
+    return value
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -303,9 +373,7 @@ async def _pin(request: web.Request, pinned: bool) -> web.Response:
     d = request.app[DAEMON_KEY]
     body = await _body(request, {"ref", "snapshot", "compat"})
     if "snapshot" in body:
-        sid = _str(body, "snapshot")
-        if d.cache.snapshot(sid) is None:
-            raise NotFound(f"snapshot {sid} is not known on this host (prefetch it first)")
+        sid = prune.known_id(d.cache, _str(body, "snapshot"))  # a full id or unique prefix
     else:
         res = await d.restorer.resolver.resolve(_str(body, "ref"), _facts(body, "compat"))
         sid = res.snapshot_id
@@ -323,10 +391,75 @@ async def gc(request: web.Request) -> web.Response:
     return web.json_response(await request.app[DAEMON_KEY].gc())
 
 
+async def rm(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    body = await _body(request, {"names"})
+    names = body.get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UsageError("field 'names' must be a non-empty list of refs or snapshot ids")
+    d.check_accepting()
+    return web.json_response(await prune.rm(d.cache, names, d.filler.filling()))
+
+
+async def prune_snapshots(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    body = await _body(request, {"keep", "unused_for", "dry_run"})
+    keep, unused = body.get("keep"), body.get("unused_for")
+    if keep is not None and (type(keep) is not int or keep < 0):
+        raise UsageError("field 'keep' must be a whole number, 0 or more")
+    if unused is not None and (type(unused) not in (int, float) or not 0 <= unused < 1e12):
+        raise UsageError("field 'unused_for' must be a number of seconds, 0 or more")
+    d.check_accepting()
+    result = await prune.prune(
+        d.cache,
+        keep=keep,
+        unused_for=None if unused is None else float(unused),
+        dry_run=_bool(body, "dry_run"),
+        busy=d.filler.filling(),
+    )
+    return web.json_response(result)
+
+
+async def list_refs(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    prefix = request.query.get("prefix", "")
+    return web.json_response(await refs.list_refs(d.origin, d.restorer.resolver, d.cache, prefix))
+
+
+async def inspect(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    body = await _body(request, {"name", "compat"})
+    name, given = _str(body, "name"), _facts(body, "compat")
+    return web.json_response(
+        await refs.inspect(d.origin, d.restorer.resolver, d.cache, name, given)
+    )
+
+
+async def ref_history(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    body = await _body(request, {"ref", "limit"})
+    limit = body.get("limit", refs.HISTORY_SHOWN)
+    if type(limit) is not int or not 1 <= limit <= 10_000:
+        raise UsageError("field 'limit' must be a whole number from 1 to 10000")
+    log = d.publisher.reflog
+    return web.json_response(
+        await refs.history(log, d.restorer.resolver, d.cache, _str(body, "ref"), limit)
+    )
+
+
+async def ref_set(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    body = await _body(request, {"ref", "snapshot"})
+    ref, snapshot = _str(body, "ref"), _str(body, "snapshot")
+    d.check_accepting()
+    log = d.publisher.reflog
+    return web.json_response(await refs.set_ref(log, d.restorer.resolver, d.cache, ref, snapshot))
+
+
 async def verify(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON_KEY]
     await _body(request, set())
-    return await stream(request, "verify", d.verify)
+    return await stream(request, "verify", d.verify, admitted=True)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -358,6 +491,12 @@ ROUTES: tuple[tuple[str, str, Handler, Rule | None], ...] = (
     ("GET", "/v1/snapshots", snapshots, Rule("restore", counted=False)),
     ("POST", "/v1/gc", gc, Rule("admin", counted=True)),
     ("POST", "/v1/verify", verify, Rule("admin", counted=True)),
+    ("POST", "/v1/rm", rm, Rule("admin", counted=True)),
+    ("POST", "/v1/prune", prune_snapshots, Rule("admin", counted=True)),
+    ("GET", "/v1/refs", list_refs, Rule("restore", counted=True)),
+    ("POST", "/v1/inspect", inspect, Rule("restore", counted=True)),
+    ("POST", "/v1/ref/history", ref_history, Rule("restore", counted=True)),
+    ("POST", "/v1/ref/set", ref_set, Rule("publish", counted=True)),
     ("GET", "/metrics", metrics, None),
 )
 RULES_KEY: web.AppKey[dict[web.AbstractResource, Rule]] = web.AppKey("rules")

@@ -282,9 +282,10 @@ class AsUser:
         reply, _ = self.call("source", path=path)
         return [(int(d), int(i)) for d, i in reply["chain"]]
 
-    def scan(self) -> dict[str, Any]:
-        """The source's files, symlinks (with where they lead) and empty directories."""
-        reply, _ = self.call("scan")
+    def scan(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The source's files, symlinks (with where they lead) and empty directories, as the
+        filters keep them (core/pathfilter.py), and the special files it `skipped`."""
+        reply, _ = self.call("scan", include=list(include), exclude=list(exclude))
         return reply
 
     def open_file(self, path: str, ident: Sequence[int], via: str | None) -> int:

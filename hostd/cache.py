@@ -384,6 +384,13 @@ class Cache:
             lambda ds: any(not h.isdisjoint(ds) for h in self._holds)
         )
 
+    async def forget(self, ids: Collection[str]) -> tuple[list[str], list[str]]:
+        """Forget these unpinned snapshots unless a running restore uses one (rm, prune):
+        (forgotten, in use)."""
+        return await self.snaps.forget(
+            ids, lambda ds: any(not h.isdisjoint(ds) for h in self._holds)
+        )
+
     async def named_blobs(self) -> set[bytes]:
         """Every blob a known snapshot names."""
         return await self.snaps.named_blobs()

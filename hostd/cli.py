@@ -22,17 +22,21 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from hostd import output
+from hostd import __version__, output, snapview
 from hostd.client import JSON, Client, ProgressCallback, resolve_socket
-from hostd.errors import Busy, Forbidden, HostdError, UsageError
+from hostd.errors import Busy, Forbidden, HostdError, TargetExists, UsageError
 from hostd.output import Printer, count, duration, is_number, size, size_exact, sources, timings
 
 EXIT_INTERRUPTED = 130
+LS_WIDTH = 100  # `hostd ls` fits this many columns; `--wide` does not try
+LS_GAP = 2  # between its columns
 
 Call = Callable[[Client, ProgressCallback | None], JSON]
 Render = Callable[[Printer, JSON], None]
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except HostdError as exc:
-        _fail(_explain(exc))
+        _fail(_explain(exc, args))
         return exc.exit_code
     except KeyboardInterrupt:
         # The client closed its connection on the way out: the daemon sees the client go and
@@ -81,17 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hostd",
         description="Snapshot daemon for GPU hosts, and the client that talks to it.",
     )
-    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--version", action="version", version=f"hostd {__version__}", help="show the version"
+    )
+    commands = parser.add_subparsers(
+        metavar="COMMAND", required=True, help="what to do (`hostd COMMAND --help` for its options)"
+    )
 
+    # The client flags go before or after the command (`hostd --socket S ls`, `hostd ls
+    # --socket S`): the main parser holds them with their defaults, and each command's copy
+    # defaults to SUPPRESS, so a command sets them only when given there; given in both
+    # places, the one after the command wins. A command added with the `client` parent
+    # gets both positions without doing anything.
+    _client_flags(parser, default_socket=None, default_json=False)
     client = _Parser(add_help=False)
-    client.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="the daemon's socket (default: $HOSTD_SOCKET, else the per-user or system one)",
-    )
-    client.add_argument(
-        "--json", action="store_true", help="print the result as one JSON object on stdout"
-    )
+    _client_flags(client, default_socket=argparse.SUPPRESS, default_json=argparse.SUPPRESS)
     compat = _Parser(add_help=False)
     compat.add_argument(
         "--compat",
@@ -115,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(command=_serve)
 
     restore = add("restore", "restore a snapshot into a directory", client, compat)
-    restore.add_argument("ref", metavar="REF")
+    restore.add_argument("ref", metavar="REF", help="the ref to restore, e.g. models/llama")
     restore.add_argument("target", metavar="TARGET", help="directory to create")
     restore.add_argument(
         "--mode",
@@ -129,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.set_defaults(command=_restore)
 
     publish = add("publish", "publish a directory as a snapshot under a ref", client, compat)
-    publish.add_argument("dir", metavar="DIR")
-    publish.add_argument("--ref", metavar="REF", required=True)
+    publish.add_argument("dir", metavar="DIR", help="the directory to publish")
+    publish.add_argument(
+        "--ref", metavar="REF", required=True, help="the ref to point at it, e.g. models/llama"
+    )
     publish.add_argument(
         "--facts",
         metavar="A,B",
@@ -145,24 +155,156 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="metadata to record in the manifest (repeatable)",
     )
+    publish.add_argument(
+        "--exclude",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="leave out what matches, relative to DIR (repeatable); a name without '/' "
+        "matches at any depth (*.pyc), one with '/' from DIR's top (logs/*.txt), '**' any "
+        "directories; an excluded directory is not read",
+    )
+    publish.add_argument(
+        "--include",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="publish only what matches (repeatable; same patterns; --exclude wins)",
+    )
+    publish.add_argument(
+        "--force",
+        action="store_true",
+        help="move the ref even if DIR is empty or has under half the files or bytes of the "
+        "ref's current snapshot",
+    )
     publish.set_defaults(command=_publish)
 
     prefetch = add("prefetch", "fetch a snapshot into a tier ahead of a restore", client, compat)
-    prefetch.add_argument("ref", metavar="REF")
+    prefetch.add_argument("ref", metavar="REF", help="the ref to fetch")
     prefetch.add_argument("--tier", metavar="NAME", help="tier to fill (default: the first)")
     prefetch.set_defaults(command=_prefetch)
 
     for name, verb in (("pin", "keep"), ("unpin", "stop keeping")):
         pin = add(name, f"{verb} a snapshot in the cache regardless of eviction", client, compat)
-        pin.add_argument("ref", metavar="REF", nargs="?")
-        pin.add_argument("--snapshot", metavar="ID", help="a snapshot id instead of a REF")
+        pin.add_argument("ref", metavar="REF", nargs="?", help="the ref whose snapshot it is")
+        pin.add_argument(
+            "--snapshot", metavar="ID", help="a snapshot id (or unique prefix) instead of a REF"
+        )
         pin.set_defaults(command=_pin if name == "pin" else _unpin)
 
-    add("ls", "list the snapshots in the cache", client).set_defaults(command=_ls)
+    ls = add("ls", "list the snapshots in the cache", client)
+    ls.add_argument(
+        "--wide", action="store_true", help="full ids, every ref, exact times and tier sizes"
+    )
+    ls.set_defaults(command=_ls)
     add("status", "show the daemon's state", client).set_defaults(command=_status)
     add("gc", "remove unreferenced blobs and partial files", client).set_defaults(command=_gc)
     add("verify", "re-hash every cached blob", client).set_defaults(command=_verify)
+    _snapshot_commands(add, client, compat)
+    version = add("version", "show the version of this hostd command")
+    version.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help='print {"version": ...}'
+    )
+    version.set_defaults(command=_version)
     return parser
+
+
+def _snapshot_commands(
+    add: Callable[..., argparse.ArgumentParser], client: _Parser, compat: _Parser
+) -> None:
+    """rm, prune, refs, inspect, ref history|set (hostd/prune.py, hostd/refs.py)."""
+    rm = add("rm", "forget cached snapshots and remove the blobs only they use", client)
+    rm.add_argument(
+        "names",
+        metavar="REF|ID",
+        nargs="+",
+        help="a ref (every snapshot this host resolved it to) or a snapshot id or unique "
+        "prefix; a pinned one is refused until it is unpinned",
+    )
+    rm.set_defaults(command=_rm)
+    prune = add("prune", "forget cached snapshots by policy (pinned ones stay)", client)
+    prune.add_argument(
+        "--keep",
+        metavar="N",
+        type=_count,
+        help="keep the N snapshots each ref was most recently resolved to on this host",
+    )
+    prune.add_argument(
+        "--unused-for",
+        metavar="DURATION",
+        type=_duration,
+        help="drop snapshots not used for this long (30m, 12h, 7d, 2w); with --keep, only "
+        "those beyond the newest N",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="show what would go, and change nothing"
+    )
+    prune.set_defaults(command=_prune)
+    refs = add("refs", "list the refs at the origin", client)
+    refs.add_argument(
+        "prefix", metavar="PREFIX", nargs="?", default="", help="only refs whose name starts so"
+    )
+    refs.set_defaults(command=_refs)
+    inspect = add("inspect", "show a snapshot's manifest: summary and files", client, compat)
+    inspect.add_argument(
+        "name",
+        metavar="REF|ID",
+        help="a ref (resolved for this host) or a snapshot id or unique prefix",
+    )
+    inspect.set_defaults(command=_inspect)
+    ref = add("ref", "a ref's history at the origin, and rolling it back", client)
+    ref.add_argument(
+        "action",
+        choices=("history", "set"),
+        help="history: list what REF pointed at; set: point REF at ID (a new history entry)",
+    )
+    ref.add_argument("ref", metavar="REF", help="the ref, e.g. models/llama")
+    ref.add_argument(
+        "snapshot",
+        metavar="ID",
+        nargs="?",
+        help="for set: the snapshot id (or unique prefix) to point REF at",
+    )
+    ref.add_argument(
+        "--limit", metavar="N", type=_count, help="for history: entries per compat key (20)"
+    )
+    ref.set_defaults(command=_ref)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _duration(text: str) -> float:
+    from hostd.core.select import parse_age  # only when given: a few ms of imports
+
+    try:
+        return parse_age(text)
+    except HostdError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _client_flags(
+    parser: argparse.ArgumentParser, *, default_socket: object, default_json: object
+) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default_socket,
+        help="the daemon's socket (default: $HOSTD_SOCKET, else the per-user or system one)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default_json,
+        help="print the result as one JSON object on stdout",
+    )
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -179,7 +321,17 @@ def _fact_list(text: str) -> list[str]:
 # -- commands -------------------------------------------------------------------------------
 
 
+def _version(args: argparse.Namespace) -> int:
+    if args.json:
+        sys.stdout.write(json.dumps({"version": __version__}) + "\n")
+    else:
+        sys.stdout.write(f"hostd {__version__}\n")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.socket is not None or args.json:
+        raise UsageError("--socket and --json are for the client commands; serve takes --config")
     config: Path | None = args.config
     if config is None and os.environ.get("HOSTD_CONFIG"):
         config = Path(os.environ["HOSTD_CONFIG"])
@@ -215,10 +367,21 @@ def _publish(args: argparse.Namespace) -> int:
             facts=args.facts,
             compat=dict(args.compat),
             meta=dict(args.meta),
+            include=args.include,
+            exclude=args.exclude,
+            force=args.force,
             on_progress=progress,
         )
 
-    return _run(args, call, _render_publish, progress="publish")
+    return _run(args, call, _render_publish, progress="publish", warn=_publish_warnings)
+
+
+def _publish_warnings(result: JSON) -> list[str]:
+    return [
+        f"skipped {e.get('path')!r}: a {e.get('kind')}, not published (never opened)"
+        for e in result.get("skipped") or []
+        if isinstance(e, dict)
+    ]
 
 
 def _prefetch(args: argparse.Namespace) -> int:
@@ -258,11 +421,56 @@ def _check_pin_args(args: argparse.Namespace) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    return _run(args, lambda client, _: client.snapshots(), _render_ls)
+    render = _render_ls_wide if args.wide else _render_ls
+    return _run(args, lambda client, _: client.snapshots(), render)
 
 
 def _status(args: argparse.Namespace) -> int:
     return _run(args, lambda client, _: client.status(), _render_status)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    return _run(args, lambda client, _: client.rm(args.names), snapview.render_rm)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.keep is None and args.unused_for is None:
+        raise UsageError("say what to prune: --keep N, --unused-for DURATION, or both")
+    return _run(
+        args,
+        lambda client, _: client.prune(
+            keep=args.keep, unused_for=args.unused_for, dry_run=args.dry_run
+        ),
+        snapview.render_prune,
+    )
+
+
+def _refs(args: argparse.Namespace) -> int:
+    return _run(args, lambda client, _: client.refs(args.prefix), snapview.render_refs)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    return _run(
+        args,
+        lambda client, _: client.inspect(args.name, compat=dict(args.compat)),
+        snapview.render_inspect,
+    )
+
+
+def _ref(args: argparse.Namespace) -> int:
+    if args.action == "set":
+        if args.snapshot is None or args.limit is not None:
+            raise UsageError("usage: hostd ref set REF ID")
+        return _run(
+            args, lambda client, _: client.ref_set(args.ref, args.snapshot), snapview.render_ref_set
+        )
+    if args.snapshot is not None:
+        raise UsageError("usage: hostd ref history REF [--limit N]")
+    return _run(
+        args,
+        lambda client, _: client.ref_history(args.ref, limit=args.limit),
+        snapview.render_history,
+    )
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -294,8 +502,10 @@ def _run(
     *,
     progress: str = "",
     verdict: Callable[[JSON], HostdError | None] | None = None,
+    warn: Callable[[JSON], list[str]] | None = None,
 ) -> int:
-    """Talk to the daemon, print the result (as JSON, or for a human), then judge it."""
+    """Talk to the daemon, print the result (as JSON, or for a human), then judge it.
+    `warn`: lines the result gives to say on stderr (`hostd: warning: ...`), JSON or not."""
     socket = resolve_socket(args.socket, os.environ)
     show_progress = bool(progress) and output.isatty(sys.stderr)
 
@@ -310,6 +520,8 @@ def _run(
     else:
         render(output.printer_for(sys.stdout), result)
     sys.stdout.flush()
+    for line in warn(result) if warn is not None else []:
+        _fail(f"warning: {line}")
     failure = verdict(result) if verdict is not None else None
     if failure is not None:
         raise failure
@@ -327,10 +539,28 @@ def _render_restore(out: Printer, result: JSON) -> None:
             ("target", result.get("target")),
             ("files", count(result.get("files"))),
             ("bytes", size_exact(result.get("bytes"))),
+            ("mode", _how_restored(result)),
             ("timings", timings(result.get("timings"))),
             ("sources", sources(result.get("bytes_by_source"))),
         ]
+        + (
+            [("note", "the origin did not answer: used the ref's last known snapshot")]
+            if result.get("stale_ref")
+            else []
+        )
     )
+
+
+def _how_restored(result: JSON) -> str | None:
+    """What the mode did with the files: "link: 12 linked, 3 copied (1 for its mtime)"."""
+    mode = result.get("mode")
+    if mode is None:
+        return None
+    parts = [f"{count(result.get('linked'))} linked"] if mode != "copy" else []
+    copied = f"{count(result.get('copied'))} copied"
+    if result.get("copied_for_mtime"):
+        copied += f" ({count(result.get('copied_for_mtime'))} for its mtime)"
+    return f"{mode}: {', '.join([*parts, copied])}"
 
 
 def _render_publish(out: Printer, result: JSON) -> None:
@@ -344,9 +574,16 @@ def _render_publish(out: Printer, result: JSON) -> None:
             ("new chunks", count(result.get("new_chunks"))),
             ("compressed chunks", count(result.get("compressed_chunks"))),
             ("stored", size_exact(result.get("stored_bytes"))),
+            ("skipped", _skipped(result.get("skipped"))),
             ("timings", timings(result.get("timings"))),
         ]
     )
+
+
+def _skipped(entries: object) -> str | None:
+    if not isinstance(entries, list) or not entries:
+        return None
+    return ", ".join(f"{e.get('path')} ({e.get('kind')})" for e in entries if isinstance(e, dict))
 
 
 def _render_prefetch(out: Printer, result: JSON) -> None:
@@ -368,6 +605,33 @@ def _render_pin(out: Printer, result: JSON) -> None:
 
 
 def _render_ls(out: Printer, result: JSON) -> None:
+    """Fits LS_WIDTH columns: short ids, tier names, times as ages, refs shortened to fit."""
+    snapshots: list[JSON] = result.get("snapshots") or []
+    if not snapshots:
+        out.line("no snapshots")
+        return
+    now = time.time()
+    headers = ("SNAPSHOT", "REFS", "FILES", "SIZE", "PINNED", "LAST USED", "CACHED", "STATE")
+    rows = [
+        [
+            output.short_id(snap.get("id")),
+            "",  # the refs, once the other columns have taken their room
+            count(snap.get("files")),
+            size(snap.get("bytes")),
+            "yes" if snap.get("pinned") else "no",
+            output.ago(snap.get("last_used"), now),
+            output.tier_names(snap.get("tiers")),
+            "complete" if snap.get("complete") else "partial",
+        ]
+        for snap in snapshots
+    ]
+    room = output.room(headers, rows, column=1, total=LS_WIDTH, gap=LS_GAP)
+    for row, snap in zip(rows, snapshots, strict=True):
+        row[1] = output.fit_list([str(ref) for ref in snap.get("refs") or []], room) or "-"
+    out.table(headers, rows, gap=LS_GAP)
+
+
+def _render_ls_wide(out: Printer, result: JSON) -> None:
     snapshots: list[JSON] = result.get("snapshots") or []
     if not snapshots:
         out.line("no snapshots")
@@ -491,8 +755,23 @@ def _render_verify(out: Printer, result: JSON) -> None:
 # -- errors -----------------------------------------------------------------------------------
 
 
-def _explain(exc: HostdError) -> str:
-    """The line a user reads for an error: what kind of refusal it is, then the daemon's why."""
+# The request fields a command's flags fill: a bad_request names the field, the user the flag.
+_FLAGS = {"tier": "--tier", "mode": "--mode", "exclude": "--exclude", "include": "--include"}
+_FIELD = re.compile(r"field '(\w+)':? (.*)", re.DOTALL)
+
+
+def _explain(exc: HostdError, args: argparse.Namespace | None = None) -> str:
+    """The line a user reads for an error: what kind of refusal it is, then the daemon's why.
+    The API names a request field ("field 'tier': no tier named..."): a user reads the flag."""
+    field = _FIELD.match(exc.message) if isinstance(exc, UsageError) else None
+    if field is not None and field[1] in _FLAGS:
+        flag, reason = _FLAGS[field[1]], field[2]
+        given = getattr(args, field[1], None)
+        if isinstance(given, list):
+            given = " ".join(given)
+        return f"{flag} {given}: {reason}" if given else f"{flag}: {reason}"
+    if isinstance(exc, TargetExists):
+        return f"{exc.message}; --replace swaps it for the new tree"
     if isinstance(exc, Forbidden):
         return f"forbidden by hostd's [access] config: {exc.message}"
     if isinstance(exc, Busy):

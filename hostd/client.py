@@ -5,10 +5,11 @@ events; the client hands each `progress` event to a callback, returns the `resul
 and raises the `error` event, so a caller sees a stream exactly like a plain call.
 
 Every foreign exception (OSError, bad HTTP, bad JSON) becomes a HostdError at this edge,
-with the exit code the contract gives it: bad_request 2, not_found 3, an unreachable socket 4,
-forbidden 5, anything else 1. This module must not print, exit or know about terminals:
-that is cli.py's. It imports the standard library's small modules only (no asyncio, no
-aiohttp, not even http.client): every client command pays for what it imports at start.
+with the exit code the contract gives it: bad_request 2, not_found 3, an unreachable socket or
+a daemon gone before its answer 4, forbidden 5, anything else 1. This module must not print,
+exit or know about terminals: that is cli.py's. It imports the standard library's small
+modules only (no asyncio, no aiohttp, not even http.client): every client command pays for
+what it imports at start.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hostd.errors import (
     ManifestError,
     NotFound,
     OriginError,
+    Pinned,
     TargetExists,
     TierError,
     TransientError,
@@ -42,6 +44,7 @@ T = TypeVar("T")
 ProgressCallback = Callable[[JSON], None]
 
 NDJSON = "application/x-ndjson"
+_REF_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/"
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 """One event line longer than this is a broken daemon, not a big result."""
 MAX_ERROR_BODY = 64 * 1024
@@ -63,6 +66,7 @@ _ERROR_CLASSES: dict[str, type[HostdError]] = {
         OriginError,
         TargetExists,
         TierError,
+        Pinned,
         Busy,
         Forbidden,
     )
@@ -168,6 +172,7 @@ class Client:
         self.socket_path = Path(socket_path)
         self._connect_timeout = connect_timeout
         self._conn: unixhttp.Connection | None = None
+        self._cut = False  # close() cut a call: its end is this side's doing, not the daemon's
 
     def __repr__(self) -> str:
         state = "in a call" if self._conn is not None else "idle"
@@ -188,6 +193,7 @@ class Client:
         """Cut the call in flight, if any (from any thread); the daemon cancels a stream."""
         conn = self._conn
         if conn is not None:
+            self._cut = True
             conn.abort()
 
     # -- plain calls ------------------------------------------------------------------------
@@ -218,6 +224,40 @@ class Client:
         compat: Mapping[str, str] | None = None,
     ) -> JSON:
         return self._call("POST", "/v1/unpin", _pin_body(ref, snapshot, compat))
+
+    def rm(self, names: list[str]) -> JSON:
+        """Forget cached snapshots, by ref or snapshot id (or unique prefix)."""
+        return self._call("POST", "/v1/rm", {"names": list(names)})
+
+    def prune(
+        self, *, keep: int | None = None, unused_for: float | None = None, dry_run: bool = False
+    ) -> JSON:
+        body: JSON = {"dry_run": dry_run}
+        if keep is not None:
+            body["keep"] = keep
+        if unused_for is not None:
+            body["unused_for"] = unused_for
+        return self._call("POST", "/v1/prune", body)
+
+    def refs(self, prefix: str = "") -> JSON:
+        """The refs at the origin whose names start with `prefix`."""
+        if prefix.strip(_REF_CHARS):
+            raise UsageError(f"bad ref prefix {prefix!r}: refs are [A-Za-z0-9._-] joined by '/'")
+        return self._call("GET", f"/v1/refs?prefix={prefix}" if prefix else "/v1/refs")
+
+    def inspect(self, name: str, *, compat: Mapping[str, str] | None = None) -> JSON:
+        """A snapshot's manifest summary and entries, by ref or snapshot id (or prefix)."""
+        return self._call("POST", "/v1/inspect", {"name": name, "compat": dict(compat or {})})
+
+    def ref_history(self, ref: str, *, limit: int | None = None) -> JSON:
+        body: JSON = {"ref": ref}
+        if limit is not None:
+            body["limit"] = limit
+        return self._call("POST", "/v1/ref/history", body)
+
+    def ref_set(self, ref: str, snapshot: str) -> JSON:
+        """Point `ref` at a published snapshot (a rollback), as a new history entry."""
+        return self._call("POST", "/v1/ref/set", {"ref": ref, "snapshot": snapshot})
 
     def metrics(self) -> str:
         def read(response: unixhttp.Response) -> str:
@@ -254,6 +294,9 @@ class Client:
         facts: list[str] | None = None,
         compat: Mapping[str, str] | None = None,
         meta: Mapping[str, str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        force: bool = False,
         on_progress: ProgressCallback | None = None,
     ) -> JSON:
         body: JSON = {
@@ -262,6 +305,12 @@ class Client:
             "compat": dict(compat or {}),
             "meta": dict(meta or {}),
         }
+        if force:  # absent: refuse an empty or much smaller tree
+            body["force"] = True
+        if include:
+            body["include"] = list(include)
+        if exclude:
+            body["exclude"] = list(exclude)
         if facts is not None:  # absent: the daemon's default facts
             body["facts"] = list(facts)
         return self._stream("/v1/publish", body, on_progress)
@@ -310,14 +359,21 @@ class Client:
                         if outcome is not None:
                             return outcome
             except OSError as exc:
-                raise HostdError(f"daemon closed the stream early: {_describe(exc)}") from exc
+                if self._cut:  # cut by close() on this side
+                    raise HostdError("daemon closed the stream early: the call was cut") from exc
+                raise _stopped(path) from exc
             for event in reader.finish():
                 outcome = _outcome(event, on_progress)
                 if outcome is not None:
                     return outcome
-            raise HostdError("daemon closed the stream early, with no result or error")
+            raise _stopped(path)
 
-        return self._request("POST", path, body, read)
+        try:
+            return self._request("POST", path, body, read)
+        except _Lost as exc:  # sent, then the daemon went before its first byte
+            if self._cut:
+                raise
+            raise _stopped(path) from exc
 
     def _request(
         self,
@@ -343,7 +399,7 @@ class Client:
                     raise _error_from_response(response)
                 return read(response)
             except OSError as exc:
-                raise HostdError(
+                raise _Lost(
                     f"lost the connection to the daemon at {self.socket_path}: {_describe(exc)}"
                 ) from exc
             except unixhttp.ProtocolError as exc:
@@ -352,6 +408,25 @@ class Client:
             # Also on KeyboardInterrupt: closing is what tells the daemon to cancel a stream.
             self._conn = None
             conn.close()
+
+
+class _Lost(HostdError):
+    """The connection ended before an answer: a plain call fails (exit 1), a stream says the
+    daemon stopped (exit 4)."""
+
+
+# A stream cut before its result, in the words of what it was doing.
+_STOPPED = {
+    "/v1/restore": "the daemon stopped during the restore; run it again to resume",
+    "/v1/prefetch": "the daemon stopped during the prefetch; run it again to resume",
+    "/v1/publish": "the daemon stopped during the publish; run it again",
+    "/v1/verify": "the daemon stopped during the verify; run it again",
+}
+
+
+def _stopped(path: str) -> DaemonUnreachable:
+    """A stream the daemon left before its result: it was killed, crashed or restarted."""
+    return DaemonUnreachable(_STOPPED.get(path, "the daemon stopped before it answered"))
 
 
 def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] | None) -> JSON:

@@ -249,6 +249,13 @@ def _filesystem_size(path: Path, key: str, statvfs: Callable[[Path], os.statvfs_
 # Loading
 
 
+class ConfigUnreadable(ConfigError):
+    """The config file cannot be read (missing, no permission): a failure (exit 1), not a
+    usage error like a bad value in it (exit 2)."""
+
+    exit_code = 1
+
+
 def load_config(
     path: Path | None, env: Mapping[str, str] | None = None, *, euid: int | None = None
 ) -> Config:
@@ -266,7 +273,7 @@ def load_config(
         with open(source, "rb") as f:
             raw = tomllib.load(f)
     except OSError as e:
-        raise ConfigError("<file>", f"cannot read {source}: {e.strerror or e}") from e
+        raise ConfigUnreadable("<file>", f"cannot read {source}: {e.strerror or e}") from e
     except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
         raise ConfigError("<file>", f"{source} is not valid TOML: {e}") from e
     return _build(raw, env, base=source.parent, source=source, euid=euid)

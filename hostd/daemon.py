@@ -22,6 +22,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -34,8 +35,9 @@ from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
-from hostd.config import Config, PeersConfig, load_config
+from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
+from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
@@ -177,15 +179,35 @@ class Daemon:
     async def verify(self, progress: Progress) -> dict[str, Any]:
         return await maintain.verify(self.cache, progress)
 
-    def apply_reload(self, new: Config) -> None:
-        """Apply what can change while running; name what needs a restart."""
-        old = self.config
-        by_name = {t.name: t for t in new.tiers}
+    def choose_budgets(
+        self, tiers: Iterable[TierConfig], space: Mapping[str, Space], *, start: bool
+    ) -> None:
+        """Set each tier's budget from its config, a share capped by the free space of its
+        filesystem (core/budget.py), and log it with the reason: every tier at start, a
+        change at a reload. Here, not in config.py: the cap counts the bytes a tier already
+        holds as free, which only the cache knows once it has scanned the tiers (config.py
+        only measures filesystems, and must not depend on the cache); and not in cache.py,
+        which enforces budgets but does not choose them."""
+        used = {u.name: u.used for u in self.cache.usage()}
+        by_name = {t.name: t for t in tiers}
         for t in self.cache.tiers:
             nt = by_name.get(t.name)
-            if nt is not None and nt.path == t.root and nt.budget != t.budget:
-                log.info("tier %s budget %d -> %d", t.name, t.budget, nt.budget)
-                t.budget = nt.budget
+            if nt is None or nt.path != t.root or t.name not in space:
+                continue
+            b = choose(nt.budget_spec, nt.budget, space[t.name], used[t.name])
+            if start or b.bytes != t.budget:
+                log.info(
+                    "tier %s budget %s (%d bytes): %s", t.name, iec(b.bytes), b.bytes, b.reason
+                )
+                if b.warning is not None:
+                    log.warning("tier %s budget %s %s", t.name, iec(b.bytes), b.warning)
+            t.budget = b.bytes
+
+    def apply_reload(self, new: Config, space: Mapping[str, Space]) -> None:
+        """Apply what can change while running; name what needs a restart. `space`: the
+        tiers' filesystems, measured (measure_tiers) for their budgets."""
+        old = self.config
+        self.choose_budgets(new.tiers, space, start=False)
         logging.getLogger("hostd").setLevel(new.log_level.upper())
         live = {"tiers", "tiers_default", "log_level", "source"}
         for f in dataclasses.fields(Config):
@@ -415,6 +437,10 @@ async def _serve_locked(
     d = Daemon(config, registry=registry)  # opens the index
     try:
         await asyncio.to_thread(d.cache.load)
+        # After the load: the bytes a tier holds count as free space for its budget.
+        space = await asyncio.to_thread(measure_tiers, d.cache.tiers)
+        d.choose_budgets(config.tiers, space, start=True)
+        await d.cache.enforce_budgets()  # a cap below what a tier holds evicts down to it
     except BaseException:
         await d.close()
         raise
@@ -490,6 +516,20 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def measure_tiers(tiers: Iterable[Tier]) -> dict[str, Space]:
+    """Each tier's filesystem, by statvfs (blocking: call it in a thread). A tier that cannot
+    be measured keeps the budget its config resolved to."""
+    out: dict[str, Space] = {}
+    for t in tiers:
+        try:
+            st = os.statvfs(t.root)
+        except OSError as e:
+            log.warning("tier %s: cannot measure the filesystem of %s: %s", t.name, t.root, e)
+            continue
+        out[t.name] = Space(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+    return out
+
+
 async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> None:
     while True:
         await reload.wait()
@@ -500,7 +540,7 @@ async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> Non
         except ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e.message)
         else:
-            d.apply_reload(new)
+            d.apply_reload(new, await asyncio.to_thread(measure_tiers, d.cache.tiers))
             await d.cache.enforce_budgets()
             log.info("config reloaded from %s", d.config.source or "embedded defaults")
         notifier.ready(f"serving on {d.config.socket}")
@@ -545,7 +585,7 @@ def main(config_path: Path | None) -> int:
         config = load_config(config_path)
     except ConfigError as e:
         print(f"hostd: {e.message}", file=sys.stderr)
-        return 2
+        return e.exit_code  # 2 for a bad value; 1 for a file that cannot be read
     setup_logging(config.log_level, config.log_format)
     _raise_open_files_limit()
     _tune_interpreter()

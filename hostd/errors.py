@@ -117,6 +117,13 @@ class Busy(HostdError):
     status = 503
 
 
+class Pinned(HostdError):
+    """The operation would drop a pinned snapshot: unpin it first."""
+
+    code = "pinned"
+    status = 409
+
+
 class Forbidden(HostdError):
     """The caller may not use this class of operation (`[access]` in the config)."""
 

@@ -40,6 +40,7 @@ import stat
 import sys
 from typing import Any
 
+from hostd.core.pathfilter import PathFilter
 from hostd.fastcopy import Job, create_files
 from hostd.fileio import (
     RENAME_EXCHANGE,
@@ -238,14 +239,22 @@ class Helper:
         self.src_path = path
         return {"chain": self._chain(self.src)}, []
 
-    def op_scan(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        """Walk the source by descriptor: files, symlinks (and where they lead), empty dirs."""
+    def op_scan(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Walk the source by descriptor: files, symlinks (and where they lead), empty dirs.
+        `include`/`exclude` patterns (core/pathfilter.py) leave entries out, an excluded
+        directory unread; a FIFO, socket or device is never opened: it is skipped, and
+        named in `skipped`."""
         if self.src < 0:
             raise Refused("protocol", "scan before source")
+        try:
+            keep = PathFilter(list(msg.get("include") or []), list(msg.get("exclude") or []))
+        except ValueError as e:
+            raise Refused("usage", str(e)) from None
         path = self.src_path
         files: list[dict[str, Any]] = []
         links: list[dict[str, Any]] = []
         dirs: list[str] = []
+        skipped: list[dict[str, str]] = []
         ids: dict[tuple[int, int], str] = {}
         st = os.fstat(self.src)
         ids[(st.st_dev, st.st_ino)] = ""
@@ -255,8 +264,7 @@ class Helper:
                 dfd, rel_dir = stack.pop()
                 try:
                     entries = sorted(_listdir(dfd, rel_dir))
-                    if not entries and rel_dir:
-                        dirs.append(rel_dir)
+                    kept = 0
                     for name in entries:
                         rel = f"{rel_dir}/{name}" if rel_dir else name
                         try:
@@ -266,6 +274,13 @@ class Helper:
                                 "usage", f"file name {rel!r} is not valid UTF-8"
                             ) from None
                         est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        if keep.excludes(rel) or (
+                            not stat.S_ISDIR(est.st_mode) and not keep.includes(rel)
+                        ):
+                            # left out; known, so a symlink to it stays a symlink
+                            ids.setdefault((est.st_dev, est.st_ino), rel)
+                            continue
+                        kept += 1
                         if stat.S_ISLNK(est.st_mode):
                             links.append({"path": rel, "target": os.readlink(name, dir_fd=dfd)})
                         elif stat.S_ISREG(est.st_mode):
@@ -279,10 +294,11 @@ class Helper:
                                 raise Refused("changed", f"{rel!r} changed while it was read")
                             ids[(sst.st_dev, sst.st_ino)] = rel
                             stack.append((sub, rel))
-                        else:
-                            raise Refused(
-                                "usage", f"{rel!r} is not a regular file, directory or symlink"
-                            )
+                        else:  # stat'ed, never opened
+                            skipped.append({"path": rel, "kind": _kind(est.st_mode)})
+                            kept -= 1
+                    if not kept and rel_dir and keep.includes(rel_dir):
+                        dirs.append(rel_dir)
                 finally:
                     os.close(dfd)
         finally:
@@ -290,7 +306,8 @@ class Helper:
                 os.close(dfd)
         for link in links:
             link["resolved"] = self._follow(path, link, ids)
-        return {"files": files, "symlinks": links, "dirs": sorted(dirs)}, []
+        out = {"files": files, "symlinks": links, "dirs": sorted(dirs), "skipped": skipped}
+        return out, []
 
     def _follow(
         self, root_path: str, link: dict[str, Any], ids: dict[tuple[int, int], str]
@@ -361,10 +378,12 @@ class Helper:
         self.parent_path, self.name = parent or "/", name
         try:
             self.parent = self._resolve(self.parent_path, os.O_PATH | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise Refused(
                 "usage", f"target's parent directory {self.parent_path!r} does not exist"
             ) from None
+        except NotADirectoryError:
+            raise Refused("usage", self._not_a_dir(self.parent_path)) from None
         except PermissionError:
             raise Refused(
                 "usage", f"target's parent directory {self.parent_path!r}: permission denied"
@@ -383,9 +402,7 @@ class Helper:
                 fd = _open_dir(self.parent, name, path)
                 try:
                     if _listdir(fd, path):
-                        raise Refused(
-                            "exists", f"target {path!r} exists and is not empty (use replace)"
-                        )
+                        raise Refused("exists", f"target {path!r} exists and is not empty")
                 finally:
                     os.close(fd)
         self._sweep()
@@ -394,6 +411,18 @@ class Helper:
             "chain": self._chain(self.parent),
             "target": target_id,
         }, []
+
+    def _not_a_dir(self, parent: str) -> str:
+        """Why `parent` is not a directory: it is a file, or a file stands above it."""
+        try:
+            fd = self._resolve(parent, os.O_PATH)
+        except OSError:
+            return f"target's parent {parent!r} does not exist: a path above it is a file"
+        try:
+            kind = "a file" if stat.S_ISREG(os.fstat(fd).st_mode) else "not a directory"
+        finally:
+            os.close(fd)
+        return f"target's parent {parent!r} is {kind}"
 
     def _sweep(self) -> None:
         """Remove build directories of earlier restores into this target that nobody holds

@@ -69,7 +69,12 @@ CREATE TABLE IF NOT EXISTS chunks(
 CREATE TABLE IF NOT EXISTS refs(
     ref TEXT NOT NULL, compat TEXT NOT NULL, snapshot TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY(ref, compat)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ref_seen(
+    ref TEXT NOT NULL, compat TEXT NOT NULL, snapshot TEXT NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY(ref, compat, snapshot)) WITHOUT ROWID;
 """
+# ref_seen: every snapshot this host resolved a ref to (refs keeps only the last per compat
+# key), for `hostd rm REF` and `prune --keep`. A table an older hostd ignores: no new version.
 # snapshots.manifest: the manifest's bytes in a version-2 row, until the next load moves them
 # to the manifests directory (empty since). snapshots.blobs: NULL until the snapshot's chunk
 # rows are written (a load indexes such a row again); then packed (digest, size) entries.
@@ -377,6 +382,7 @@ class Index:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
             db.execute("DELETE FROM refs WHERE snapshot=?", (snapshot_id,))
+            db.execute("DELETE FROM ref_seen WHERE snapshot=?", (snapshot_id,))
 
     def unnamed_snapshots(self) -> list[str]:
         """Snapshots neither pinned nor named by a ref."""
@@ -411,7 +417,23 @@ class Index:
 
     # refs: the last resolution of each (ref, compat digest), used when the origin is down
     def put_ref(self, ref: str, compat: str, snapshot_id: str, when: float) -> None:
-        self._exec("INSERT OR REPLACE INTO refs VALUES(?,?,?,?)", (ref, compat, snapshot_id, when))
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO refs VALUES(?,?,?,?)", (ref, compat, snapshot_id, when)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO ref_seen VALUES(?,?,?,?)", (ref, compat, snapshot_id, when)
+            )
+
+    def ref_targets(self) -> list[tuple[str, str, float]]:
+        """(ref, snapshot, when this host last resolved the ref to it), for every snapshot a
+        ref was resolved to here and still known (now or before)."""
+        rows = self._all(
+            "SELECT ref, snapshot, max(seen) FROM (SELECT ref, snapshot, updated AS seen FROM refs"
+            " UNION ALL SELECT ref, snapshot, seen FROM ref_seen) GROUP BY ref, snapshot"
+            " ORDER BY ref, snapshot"
+        )
+        return [(str(r), str(sid), float(t)) for r, sid, t in rows]
 
     def get_ref(self, ref: str, compat: str) -> str | None:
         row = self._first("SELECT snapshot FROM refs WHERE ref=? AND compat=?", (ref, compat))

@@ -62,6 +62,8 @@ class Outcome:
     linked_digests: frozenset[bytes] = field(default_factory=frozenset)
     mtime_copies: int = 0  # copied, not linked, because the blob has another file's mtime
     old_tree_left: str | None = None
+    mode_copies: int = 0  # copied, not linked, for a mode a 0444 blob cannot show (exec bits)
+    limit_copies: int = 0  # copied, not linked, because the blob is at its link limit
 
 
 def materialize(
@@ -120,11 +122,13 @@ def _build(
 ) -> Outcome:
     candidates: list[mf.FileEntry] = []
     copies: list[mf.FileEntry] = []
-    mtime_copies = 0
+    mtime_copies = mode_copies = limit_copies = 0
     for f in m.files:
         if not f.size:
             continue
         linkable = mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
+        if mode != "copy" and link_ok and not linkable:
+            mode_copies += 1
         if linkable and f.mtime is not None and blob_mtime(f.digest) != f.mtime:
             linkable = False
             mtime_copies += 1
@@ -143,7 +147,9 @@ def _build(
             blobs_dir, _, shard = sub.rpartition("/")
             d, _, leaf = f.path.rpartition("/")
             view, view_dev = views.of(blobs_dir)
-            if view < 0 or (mode == "auto" and view_dev != dev) or not owned[d]:
+            if view < 0 or view_dev != dev or not owned[d]:
+                if mode == "link":  # links or fails: never a quiet copy of the tree
+                    raise _cannot_link(f, "the caller cannot see the blob's tier there")
                 copies.append(f)
                 continue
             jobs.append((view, f"{shard}/{name}", dirfds[d], leaf))
@@ -161,7 +167,10 @@ def _build(
                     n_linked += 1
                     if on_file is not None:
                         on_file(f.size)
+                elif mode == "link" and err in (errno.EXDEV, errno.EPERM):
+                    raise _cannot_link(f, os.strerror(err))
                 elif err in _COPY_INSTEAD:
+                    limit_copies += err == errno.EMLINK
                     copies.append(f)
                 else:
                     raise OSError(err, os.strerror(err), f.path)
@@ -179,7 +188,20 @@ def _build(
     if m.symlinks:
         fs.symlinks((s.path, s.target) for s in m.symlinks)
     return Outcome(
-        n_linked, len(copies), len(empties), frozenset(linked), mtime_copies=mtime_copies
+        n_linked,
+        len(copies),
+        len(empties),
+        frozenset(linked),
+        mtime_copies=mtime_copies,
+        mode_copies=mode_copies,
+        limit_copies=limit_copies,
+    )
+
+
+def _cannot_link(f: mf.FileEntry, why: str) -> UsageError:
+    return UsageError(
+        f"field 'mode': cannot link {f.path!r} into the target ({why}); "
+        "use --mode auto to copy what cannot be linked"
     )
 
 

@@ -15,6 +15,7 @@ read is bounded by the size of the file it opened).
 
 Layout under the URL's path prefix (docs/FORMAT.md section 6):
     chunks/<hex[0:2]>/<hex>   packs/<hex[0:2]>/<hex>   manifests/<snapshot-id>   refs/<ref>/<compat>
+    history/<ref>/<compat>/<seq>
 
 This module must not: decode or verify chunk bytes (callers check blake3 of the raw bytes;
 correctness never rests on the store), cache anything, let a foreign exception out, put
@@ -24,14 +25,16 @@ credentials into a URL, message or repr, or buffer more of an object than its ca
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
+import http
 import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import obstore
@@ -45,6 +48,7 @@ from obstore.exceptions import (
 )
 from obstore.store import HTTPStore, LocalStore, MemoryStore, from_url
 
+from hostd.core import refentry
 from hostd.core.codec import max_stored_size
 from hostd.core.ids import HASH_LEN, is_hex_id
 from hostd.core.manifest import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES
@@ -76,6 +80,7 @@ MAX_CHUNK_OBJECT = max_stored_size(MAX_CHUNK_SIZE)
 # (every chunk of the default 4 MiB size, nearly every manifest) comes as a single buffer.
 _READ_PIECE = 16 * 1024 * 1024
 _REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_REF_PREFIX = re.compile(r"[A-Za-z0-9._/-]{1,256}")
 
 # The schemes obstore maps to a cloud or HTTP store; file:// and memory:// are built apart
 # because LocalStore takes no client options and must be told to create its directory.
@@ -128,6 +133,14 @@ _SECRET_PARAM_RE = re.compile(
 )
 _USERINFO_RE = re.compile(r"(?<=//)[^/@\s]+@")
 _MAX_CAUSE = 400
+
+
+class RefKey(NamedTuple):
+    """A ref set under one compat key at the origin, and when it was last set."""
+
+    ref: str
+    compat_digest: str
+    modified: float  # epoch seconds
 
 
 class Failure(enum.Enum):
@@ -231,6 +244,84 @@ def display_url(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def cause_of(exc: BaseException) -> str | None:
+    """The kind of failure in a few words ("connection refused", "403 Forbidden"), or None
+    when it is none of the usual ones. Pure; reads obstore's text, whose debug part names
+    the transport's error kind."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    text = str(exc)
+    lower = text.lower()
+    match = _STATUS_RE.search(text)
+    if match:
+        code = int(match.group(1))
+        try:
+            return f"{code} {http.HTTPStatus(code).phrase}"
+        except ValueError:
+            return f"HTTP {code}"
+    for markers, cause in _CAUSES:
+        if any(marker in lower for marker in markers):
+            return cause
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    return None
+
+
+# Markers in obstore's error text (lower-cased), in order: a TLS failure is also a connect
+# error, a DNS one too, so those come before the plain ones.
+_CAUSES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("dns error", "failed to lookup address"), "DNS lookup failed"),
+    (("certificate", "invalidmessage", "invalidcontenttype", "tls", "ssl"), "TLS failed"),
+    (("connection refused", "connectionrefused"), "connection refused"),
+    (("connection reset", "connectionreset"), "connection reset"),
+    (("timed out", "timedout", "kind: timeout"), "timeout"),
+    (("kind: connect", "connecterror"), "cannot connect"),
+)
+
+
+def retry_text(note: RetryNote) -> str:
+    """The progress line while the origin is retried: what a user sees waiting."""
+    return (
+        f"origin not answering ({note.cause}), retry {note.retry}/{note.retries} "
+        f"in {note.delay:.1f} s"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryNote:
+    """One request the origin is about to retry: retry number `retry` of `retries`, after
+    `delay` seconds, because of `cause`; `key` is the object."""
+
+    op: str
+    key: str
+    cause: str
+    retry: int
+    retries: int
+    delay: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "key": self.key,
+            "cause": self.cause,
+            "retry": self.retry,
+            "retries": self.retries,
+            "delay_s": round(self.delay, 3),
+            "message": retry_text(self),
+        }
+
+
+RetryObserver = Callable[[RetryNote | None], None]
+retry_observer: contextvars.ContextVar[RetryObserver | None] = contextvars.ContextVar(
+    "hostd_origin_retry_observer", default=None
+)
+"""Who hears of the origin's retries: each operation sets its own (its tasks, and the fetch
+flights they start, inherit it), and gets None once a retried request has its answer. A
+context variable, not state of the shared Origin: two restores each hear their own."""
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
@@ -535,6 +626,89 @@ class Origin:
         except _Missing:
             return []
 
+    async def list_refs(self, prefix: str, limit: int) -> tuple[list[RefKey], bool] | None:
+        """Every (ref, compat digest, last modified) at the origin whose ref name starts with
+        `prefix` (as text), sorted, at most `limit` of them, and whether more were left out;
+        None if this store cannot list. Only what lies under the prefix's whole segments is
+        listed (`demo/ll` lists `refs/demo/`)."""
+        if prefix and not _REF_PREFIX.fullmatch(prefix):
+            raise UsageError(f"bad ref prefix {prefix!r}: refs are [A-Za-z0-9._-] joined by '/'")
+        if not self._can_list:
+            return None
+        base = prefix.rpartition("/")[0]
+        where = f"refs/{base}" if base else "refs"
+
+        async def call() -> tuple[list[RefKey], bool]:
+            found: list[RefKey] = []
+            async for batch in obstore.list(self._store, where, chunk_size=1000):
+                for meta in batch:
+                    ref, _, digest = meta["path"].removeprefix("refs/").rpartition("/")
+                    if not is_hex_id(digest) or not ref.startswith(prefix) or not _is_ref(ref):
+                        continue
+                    found.append(RefKey(ref, digest, meta["last_modified"].timestamp()))
+                    if len(found) > limit:
+                        return sorted(found)[:limit], True
+            return sorted(found), False
+
+        try:
+            return await self._request("list refs", where, call)
+        except _Missing:
+            return [], False
+
+    async def ref_modified(self, ref: str, compat_digest: str) -> float | None:
+        """When `ref` was last set under `compat_digest` (epoch seconds), None if it is not."""
+        return await self._modified("head ref", _ref_key(ref, compat_digest))
+
+    async def manifest_modified(self, snapshot_id: str) -> float | None:
+        """When a manifest was last uploaded (epoch seconds), None if it is not there."""
+        key = f"manifests/{_check_hex(snapshot_id, 'snapshot id')}"
+        return await self._modified("head manifest", key)
+
+    async def _modified(self, op: str, key: str) -> float | None:
+        async def call() -> float:
+            return (await obstore.head_async(self._store, key))["last_modified"].timestamp()
+
+        try:
+            return await self._request(op, key, call)
+        except _Missing:
+            return None
+
+    # -- ref history: history/<ref>/<compat>/<seq> (FORMAT.md section 6, core/refentry.py) --
+
+    async def list_history(self, ref: str, compat_digest: str) -> list[int] | None:
+        """The seqs of a ref's history entries under one compat key, ascending; None if this
+        store cannot list."""
+        prefix = _history_dir(ref, compat_digest)
+        if not self._can_list:
+            return None
+
+        async def call() -> list[int]:
+            result = await obstore.list_with_delimiter_async(self._store, prefix)
+            names = (meta["path"].rpartition("/")[2] for meta in result["objects"])
+            return sorted(s for s in map(refentry.parse_seq_name, names) if s is not None)
+
+        try:
+            return await self._request("list ref history", prefix, call)
+        except _Missing:
+            return []
+
+    async def get_history(self, ref: str, compat_digest: str, seq: int) -> bytes | None:
+        """An entry's bytes (the caller decodes them), None if there is none."""
+        key = _history_dir(ref, compat_digest) + refentry.seq_name(seq)
+        try:
+            return bytes(await self._get("get ref history", key, refentry.MAX_ENTRY_BYTES))
+        except _Missing:
+            return None
+        except _Oversized as e:
+            raise OriginError(
+                f"ref history entry {key} at origin {self._url} {e.what}, over the limit of "
+                f"{refentry.MAX_ENTRY_BYTES} bytes"
+            ) from None
+
+    async def put_history(self, ref: str, compat_digest: str, seq: int, data: bytes) -> None:
+        key = _history_dir(ref, compat_digest) + refentry.seq_name(seq)
+        await self._put("put ref history", key, data)
+
     async def close(self) -> None:
         """Refuse new requests. obstore holds no resource that needs an explicit release;
         requests already running finish on their own deadline."""
@@ -603,25 +777,48 @@ class Origin:
                     self.stats.requests_retried += 1
                     delay = self._retry.delay(attempt, self._rng)
                     attempt += 1
+                    _tell(
+                        RetryNote(
+                            op,
+                            key,
+                            cause_of(exc) or "no answer",
+                            attempt,
+                            self._retry.attempts - 1,
+                            delay,
+                        )
+                    )
                     # Sleep without holding a slot, so other requests can still run.
                     await self._sleep(delay)
                     continue
                 self.stats.requests_failed += 1
                 raise self._failure(op, key, failure, attempt + 1, exc) from exc
             self.stats.requests_ok += 1
+            if attempt:
+                _tell(None)
             return result
 
     def _failure(
         self, op: str, key: str, failure: Failure, attempts: int, exc: BaseException
     ) -> OriginError:
-        cause = _describe(exc, self._timeout)
+        # The cause first (what a user acts on), then the object, then the details.
+        detail = _describe(exc, self._timeout)
+        cause = cause_of(exc) or "origin error"
         if failure is Failure.AUTH:
-            return OriginError(f"credentials rejected by origin {self._url} ({op} {key}): {cause}")
+            return OriginError(
+                f"{cause}, credentials rejected by origin {self._url}: {op} {key}: {detail}"
+            )
         if failure is Failure.TRANSIENT:
             return OriginError(
-                f"origin {self._url}: {op} {key} failed after {attempts} attempts: {cause}"
+                f"{cause}: {op} {key} at origin {self._url} failed after {attempts} attempts: "
+                f"{detail}"
             )
-        return OriginError(f"origin {self._url}: {op} {key} failed: {cause}")
+        return OriginError(f"{cause}: {op} {key} at origin {self._url} failed: {detail}")
+
+
+def _tell(note: RetryNote | None) -> None:
+    observer = retry_observer.get()
+    if observer is not None:
+        observer(note)
 
 
 def _no_ranges(exc: BaseException) -> bool:
@@ -672,6 +869,18 @@ def _object_key(prefix: str, oid: bytes, what: str) -> str:
         raise UsageError(f"a {what} id is {HASH_LEN} bytes, got {oid!r}")
     h = oid.hex()
     return f"{prefix}/{h[:2]}/{h}"
+
+
+def _history_dir(ref: str, compat_digest: str) -> str:
+    return f"history/{validate_ref(ref)}/{_check_hex(compat_digest, 'compat digest')}/"
+
+
+def _is_ref(name: str) -> bool:
+    try:
+        validate_ref(name)
+    except UsageError:
+        return False
+    return True
 
 
 def _ref_key(ref: str, compat_digest: str) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import ProgressColumn
 
 PAIRS_GAP = 2  # between a key and its value
 TABLE_GAP = 4  # between table columns
@@ -34,7 +35,9 @@ class Printer(Protocol):
     def pairs(self, rows: Iterable[tuple[str, object]]) -> None:
         """Keys and their values, aligned; None or "" shows as "-"."""
 
-    def table(self, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None: ...
+    def table(
+        self, headers: Sequence[str], rows: Iterable[Sequence[str]], *, gap: int = TABLE_GAP
+    ) -> None: ...
 
 
 def printer_for(stream: TextIO) -> Printer:
@@ -63,8 +66,10 @@ class PlainPrinter:
     def pairs(self, rows: Iterable[tuple[str, object]]) -> None:
         self._write(align([[key, _value(value)] for key, value in rows], PAIRS_GAP))
 
-    def table(self, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-        self._write(align([list(headers), *(list(row) for row in rows)], TABLE_GAP))
+    def table(
+        self, headers: Sequence[str], rows: Iterable[Sequence[str]], *, gap: int = TABLE_GAP
+    ) -> None:
+        self._write(align([list(headers), *(list(row) for row in rows)], gap))
 
     def _write(self, lines: list[str]) -> None:
         self._stream.write("".join(line + "\n" for line in lines))
@@ -117,10 +122,13 @@ class RichPrinter:
             grid.add_row(key, _value(value))
         self._console.print(grid)
 
-    def table(self, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    def table(
+        self, headers: Sequence[str], rows: Iterable[Sequence[str]], *, gap: int = TABLE_GAP
+    ) -> None:
         from rich.table import Table
 
-        table = Table(box=None, pad_edge=False, padding=(0, TABLE_GAP // 2), header_style="bold")
+        padding = (0, gap - gap // 2, 0, gap // 2)  # right, then the next column's left
+        table = Table(box=None, pad_edge=False, padding=padding, header_style="bold")
         for header in headers:
             table.add_column(header, overflow="fold")
         for row in rows:
@@ -146,26 +154,21 @@ class ProgressBar:
     """Shows a stream's progress events as one rich progress bar, on a terminal's stderr.
 
     The bar restarts when the event's phase changes (resolve, fetch, materialize...), so the
-    speed and elapsed time shown are the phase's own.
+    speed and elapsed time shown are the phase's own. A phase counts bytes (in binary units,
+    the speed too: MiB with MiB/s), or files where files are its work (FILE_PHASES, or no
+    bytes to count): the bar then moves as each file completes. A byte phase whose files
+    complete too (a publish hashing them) shows them beside the bar.
     """
 
     def __init__(self, stream: TextIO, title: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._title = title
-        self._phase = ""
+        self._phase = ("", "")
         self._progress = Progress(
             TextColumn("{task.description:<12}"),
             BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            *_amount_columns(),
             TextColumn("{task.fields[files]}"),
             TimeElapsedColumn(),
             console=terminal_console(stream),
@@ -173,10 +176,10 @@ class ProgressBar:
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._task = self._progress.add_task(title, total=None, files="")
+        self._task = self._progress.add_task(title, total=None, files="", unit="bytes")
 
     def __repr__(self) -> str:
-        return f"<ProgressBar {self._title} phase={self._phase or None}>"
+        return f"<ProgressBar {self._title} phase={self._phase[0] or None}>"
 
     def __enter__(self) -> ProgressBar:
         self._progress.start()
@@ -192,19 +195,66 @@ class ProgressBar:
 
     def update(self, event: dict[str, Any]) -> None:
         phase = str(event.get("phase") or self._title)
-        total = int(number(event.get("total_bytes")))
-        done = int(number(event.get("done_bytes")))
-        files = ""
-        if event.get("total_files"):
-            files = f"{count(event.get('done_files'))}/{count(event.get('total_files'))} files"
-        if phase != self._phase:
+        total_bytes = int(number(event.get("total_bytes")))
+        total_files = int(number(event.get("total_files")))
+        done_files = int(number(event.get("done_files")))
+        if total_files and (phase in FILE_PHASES or not total_bytes):
+            unit, total, done, files = "files", total_files, done_files, ""
+        else:
+            unit, total, done = "bytes", total_bytes, int(number(event.get("done_bytes")))
+            # files beside the bar only once some complete: a fetch completes none
+            files = f"{count(done_files)}/{count(total_files)} files" if done_files else ""
+        retry = event.get("retry")
+        if isinstance(retry, dict) and retry.get("message"):
+            # "origin not answering (connection refused), retry 3/5 in 2.0 s", while it lasts
+            files = str(retry["message"])
+        if (phase, unit) != self._phase:
             # One call: the refresh thread must not draw the new phase with the old numbers.
-            self._phase = phase
+            self._phase = (phase, unit)
             self._progress.reset(
-                self._task, total=total or None, completed=done, description=phase, files=files
+                self._task,
+                total=total or None,
+                completed=done,
+                description=phase,
+                files=files,
+                unit=unit,
             )
         else:
             self._progress.update(self._task, total=total or None, completed=done, files=files)
+
+
+FILE_PHASES = frozenset({"materialize"})  # phases whose work is files, not bytes
+
+
+def _amount_columns() -> list[ProgressColumn]:
+    """The bar's done/total and speed columns, in the task's unit (rich imported here)."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(amount(task.completed, task.total, str(task.fields.get("unit"))))
+
+    class Speed(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(rate(task.finished_speed or task.speed, str(task.fields.get("unit"))))
+
+    return [Amount(), Speed()]
+
+
+def amount(done: float, total: float | None, unit: str) -> str:
+    """Progress in one unit: "1.5 MiB/4.0 GiB", "120/8,887 files"."""
+    if unit == "files":
+        of = f"/{count(int(total))}" if total else ""
+        return f"{count(int(done))}{of} files"
+    return f"{size(done)}/{size(total)}" if total else size(done)
+
+
+def rate(speed: float | None, unit: str) -> str:
+    """A speed in the unit its amount uses: "12.5 MiB/s", "310 files/s"."""
+    if speed is None:
+        return ""
+    return f"{speed:,.0f} files/s" if unit == "files" else f"{size(speed)}/s"
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -280,3 +330,66 @@ def when(value: object) -> str:
     if is_number(value):  # seconds since the epoch
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(number(value)))
     return "never" if value is None else str(value)
+
+
+def ago(value: object, now: float) -> str:
+    """Seconds since the epoch as an age: "just now", "5m ago", "3h ago", "12d ago"."""
+    if not is_number(value):
+        return "never" if value is None else str(value)
+    left = max(0, int(now - number(value)))
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= length and (unit != "s" or left >= 10):
+            return f"{left // length}{unit} ago"
+    return "just now"
+
+
+SHORT_ID = 12  # hex digits of an id that `ls` shows, as git and docker do
+
+
+def short_id(value: object) -> str:
+    return "-" if value is None else str(value)[:SHORT_ID]
+
+
+def tier_names(value: object) -> str:
+    """The tiers that hold any of a snapshot's bytes, from {tier: bytes}: "mem, disk"."""
+    if not isinstance(value, dict):
+        return "-"
+    return ", ".join(str(name) for name, amount in value.items() if number(amount) > 0) or "-"
+
+
+MIN_ROOM = 12  # a column squeezed by `room` keeps at least this many cells
+
+
+def room(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, column: int, total: int, gap: int
+) -> int:
+    """The cells left for `column` when the table's other columns take their widest cell and
+    the table must fit `total` cells (MIN_ROOM at least, so a crowded table still shows it)."""
+    others = sum(
+        max(width(row[i]) for row in (headers, *rows)) for i in range(len(headers)) if i != column
+    )
+    return max(MIN_ROOM, total - others - gap * (len(headers) - 1))
+
+
+def fit_list(items: Sequence[str], limit: int) -> str:
+    """Items joined by ", " in at most `limit` cells: those that fit, then "+N" for the rest;
+    a first item too long for the room is cut with "..."."""
+    for shown in range(len(items), 0, -1):
+        rest = len(items) - shown
+        text = ", ".join(items[:shown]) + (f" +{rest}" if rest else "")
+        if width(text) <= limit:
+            return text
+    if not items:
+        return ""
+    more = f" +{len(items) - 1}" if len(items) > 1 else ""
+    return shorten(items[0], limit - len(more)) + more
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` cells, its end replaced by "..." when cut."""
+    if width(text) <= limit:
+        return text
+    keep = text
+    while keep and width(keep) + 3 > limit:
+        keep = keep[:-1]
+    return keep + "..." if limit >= 3 else text[: max(limit, 0)]

@@ -39,6 +39,7 @@ from hostd.caller import Caller
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
+from hostd.core.select import shrink_refusal
 from hostd.errors import (
     ManifestError,
     NotFound,
@@ -48,6 +49,7 @@ from hostd.errors import (
     first_error,
 )
 from hostd.origin import Origin, validate_ref
+from hostd.refs import RefLog
 from hostd.restore import Progress, Resolver
 from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
 
@@ -66,6 +68,9 @@ class PublishRequest:
     meta: Mapping[str, str] = field(default_factory=dict)
     chunk_size: int | None = None
     pidfd: int = -1  # the caller's process, from the connection (SO_PEERPIDFD); not owned
+    include: Sequence[str] = ()  # patterns, core/pathfilter.py
+    exclude: Sequence[str] = ()
+    force: bool = False  # move the ref even to an empty or much smaller tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +88,30 @@ class Tree:
     files: list[SourceFile] = field(default_factory=list)
     symlinks: list[mf.Symlink] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {path, kind}, never opened
 
 
-def scan_tree(fs: AsUser, root: Path, storage: Storage) -> Tree:
+def scan_tree(
+    fs: AsUser,
+    root: Path,
+    storage: Storage,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Tree:
     """Walk a directory to publish with the caller's rights (blocking; the helper walks by
-    descriptor and opens nothing but directories). Raises UsageError naming what cannot be
-    kept: a FIFO, socket or device is refused by name, never opened."""
+    descriptor and opens nothing but directories), keeping what the filters keep. A FIFO,
+    socket or device (or a symlink out of the tree to one) is skipped, never opened, and
+    listed in `skipped`; raises UsageError naming anything else that cannot be kept."""
     if not root.is_absolute():
         raise UsageError(f"publish path {str(root)!r} is not absolute")
     chain = fs.source(str(root))
     storage.check(f"publish path {str(root)!r}", chain, chain[0])
-    got = fs.scan()
-    tree = Tree(files=[_source(f) for f in got["files"]], dirs=list(got["dirs"]))
+    got = fs.scan(include, exclude)
+    tree = Tree(
+        files=[_source(f) for f in got["files"]],
+        dirs=list(got["dirs"]),
+        skipped=[{"path": str(e["path"]), "kind": str(e["kind"])} for e in got["skipped"]],
+    )
     for link in got["symlinks"]:
         _add_symlink(tree, str(link["path"]), str(link["target"]), link["resolved"])
     tree.files.sort(key=lambda f: f.path)
@@ -111,6 +128,9 @@ def _source(f: Mapping[str, Any]) -> SourceFile:
         f["via"],
         int(f["mtime"]),
     )
+
+
+_SKIPPED_KINDS = frozenset({"FIFO", "socket", "device"})
 
 
 def _add_symlink(tree: Tree, rel: str, target: str, resolved: Mapping[str, Any]) -> None:
@@ -132,6 +152,8 @@ def _add_symlink(tree: Tree, rel: str, target: str, resolved: Mapping[str, Any])
         tree.files.append(_source(resolved))
     elif kind == "missing":
         raise UsageError(f"symlink {rel!r} points outside the tree to {target!r}, which is missing")
+    elif kind == "other" and resolved["type"] in _SKIPPED_KINDS:
+        tree.skipped.append({"path": rel, "kind": f"symlink to a {resolved['type']}"})
     elif kind == "other":
         raise UsageError(
             f"symlink {rel!r} points outside the tree to {target!r}, a {resolved['type']}, "
@@ -141,6 +163,16 @@ def _add_symlink(tree: Tree, rel: str, target: str, resolved: Mapping[str, Any])
         raise UsageError(
             f"symlink {rel!r} points outside the tree to {target!r}: {resolved.get('message')}"
         )
+
+
+def _skipped_warning(entry: Mapping[str, str]) -> dict[str, str]:
+    path, kind = entry["path"], entry["kind"]
+    return {
+        "warning": "skipped",
+        "path": path,
+        "kind": kind,
+        "message": f"skipped {path!r}: a {kind}, not published (never opened)",
+    }
 
 
 @dataclass
@@ -350,6 +382,7 @@ class Publisher:
         self.compat_facts = tuple(compat_facts)
         # Reads the ref's previous manifest (the local record first) to reuse its chunks.
         self.resolver = Resolver(origin, cache, self.compat_facts)
+        self.reflog = RefLog(origin)  # sets refs, keeping their history at the origin
         self.clock = clock
         # Reading and hashing the tree gets threads of its own: in the shared pool it would
         # queue behind the uploads' chunk reads and leave the origin waiting for work.
@@ -373,7 +406,12 @@ class Publisher:
         progress.phase = "hash"
         fs = await self.spawner.start(req.caller, req.pidfd)
         try:
-            tree = await self.spawner.run(scan_tree, fs, req.path, self.storage)
+            tree = await self.spawner.run(
+                scan_tree, fs, req.path, self.storage, req.include, req.exclude
+            )
+            for entry in tree.skipped:
+                progress.warnings.append(_skipped_warning(entry))
+            progress.admitted = True  # scanned: what fails from here is an `error` event
             return await self._publish(req, fs, tree, cs, progress, t0)
         finally:
             await self.spawner.run(fs.close)
@@ -391,7 +429,20 @@ class Publisher:
         progress.fill.total_bytes = sum(f.size for f in tree.files)
         facts = compat.publish_facts(req.facts, self.compat_facts, req.compat)
         digest = compat_digest(facts)
-        run = _Run(self, fs, cs, progress, await self._known(req.ref, digest))
+        before = await self._previous(req.ref, digest)
+        why = shrink_refusal(
+            files=len(tree.files),
+            symlinks=len(tree.symlinks),
+            size=progress.fill.total_bytes,
+            before=(len(before.files), before.total_bytes) if before is not None else None,
+        )
+        if why is not None and not req.force:
+            raise UsageError(
+                f"refusing to move ref {req.ref!r} to {str(req.path)!r}: {why}; "
+                "publish with --force to move it anyway"
+            )
+        known = {c.id: c for f in before.files for c in f.chunks} if before is not None else {}
+        run = _Run(self, fs, cs, progress, known)
         entries = await run.all(tree.files)
         t1 = self.clock()
         m = mf.build(
@@ -404,7 +455,7 @@ class Publisher:
         )
         progress.phase = "upload"
         await self.origin.put_manifest(m.snapshot_id, m.encoded)
-        await self.origin.put_ref(req.ref, digest, m.snapshot_id)
+        moved = await self.reflog.move(req.ref, digest, m.snapshot_id)
         self.cache.record_snapshot(m)
         self.cache.index.put_ref(req.ref, digest, m.snapshot_id, time.time())
         t2 = self.clock()
@@ -421,23 +472,26 @@ class Publisher:
             "stored_bytes": run.stored_bytes,
             "packs": run.packs,
             "cached": run.cached,
+            "skipped": tree.skipped,
+            "previous": moved.previous,
+            "ref_seq": moved.seq,
             "timings": {"hash": t1 - t0, "commit": t2 - t1, "total": t2 - t0},
         }
 
-    async def _known(self, ref: str, digest: str) -> dict[bytes, mf.Chunk]:
-        """The chunks the ref's current snapshot (under the same compat key) already stored
-        at the origin, by id: a republished tree's unchanged files point at them where they
-        are (in their packs) instead of being stored again. Empty when there is none, or it
-        cannot be read: then everything is stored anew, which is only slower."""
+    async def _previous(self, ref: str, digest: str) -> mf.Manifest | None:
+        """The ref's current snapshot under the same compat key: its chunks are already at
+        the origin (a republished tree's unchanged files point at them where they are, in
+        their packs, instead of being stored again), and its size is what a much smaller
+        tree is checked against. None when there is none, or it cannot be read: then
+        everything is stored anew, which is only slower."""
         try:
             sid = await self.origin.get_ref(ref, digest)
             if sid is None:
-                return {}
-            m = await self.resolver.manifest(sid)
+                return None
+            return await self.resolver.manifest(sid)
         except (OriginError, ManifestError, NotFound) as e:
             log.warning("publish %s: not reusing the previous snapshot's chunks: %s", ref, e)
-            return {}
-        return {c.id: c for f in m.files for c in f.chunks}
+            return None
 
 
 def _close_all(fds: Sequence[int]) -> None:

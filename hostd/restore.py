@@ -24,10 +24,10 @@ from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
-from hostd.errors import ManifestError, NotFound, OriginError, UsageError
+from hostd.errors import Forbidden, ManifestError, NotFound, OriginError, UsageError
 from hostd.fill import Filler, FillProgress
 from hostd.materialize import Cancelled, Outcome, materialize
-from hostd.origin import Origin, validate_ref
+from hostd.origin import Origin, RetryNote, validate_ref
 from hostd.snapshots import decode_manifest
 from hostd.tier import Tier
 
@@ -37,15 +37,28 @@ CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it bu
 
 @dataclass
 class Progress:
-    """What a running operation has done so far; the API samples it for progress events."""
+    """What a running operation has done so far; the API samples it for progress events.
+
+    `admitted` turns true once the request's own checks are past (the ref resolved, the
+    source scanned): a failure before that is answered with its own HTTP status, one after
+    it as an `error` event. `retry` is the origin's retry under way, if any (`on_retry`);
+    `warnings` only grows, and each one goes out once as a `warning` event."""
 
     phase: str = "resolve"
     fill: FillProgress = field(default_factory=FillProgress)
     total_files: int = 0
     done_files: int = 0
+    admitted: bool = False
+    retry: dict[str, Any] | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+    def on_retry(self, note: RetryNote | None) -> None:
+        """The origin's report: a failed request it retries after a delay, or None once one
+        that was retried got its answer."""
+        self.retry = None if note is None else note.to_json()
 
     def event(self) -> dict[str, Any]:
-        return {
+        ev: dict[str, Any] = {
             "event": "progress",
             "phase": self.phase,
             "done_bytes": self.fill.done_bytes,
@@ -53,6 +66,9 @@ class Progress:
             "done_files": self.done_files,
             "total_files": self.total_files,
         }
+        if self.retry is not None:
+            ev["retry"] = self.retry
+        return ev
 
 
 @dataclass(frozen=True)
@@ -179,16 +195,23 @@ class Restorer:
 
     @contextlib.asynccontextmanager
     async def _filled(
-        self, ref: str, given: Mapping[str, str], tier: str | None, progress: Progress
+        self,
+        ref: str,
+        given: Mapping[str, str],
+        tier: str | None,
+        progress: Progress,
+        only: Sequence[Tier] | None = None,
     ) -> AsyncIterator[_Filled]:
-        """Resolve, then make every blob complete; the blobs stay held while the body runs."""
+        """Resolve, then make every blob complete (in `only`'s tiers where given, else the
+        named one or any); the blobs stay held while the body runs."""
         t0 = self.clock()
-        tiers = self._tiers(tier)
+        tiers = self._tiers(tier) if only is None else only
         res = await self.resolver.resolve(ref, given)
         m = res.manifest
         self.cache.record_snapshot(m)
         t1 = self.clock()
         progress.phase, progress.total_files = "fetch", len(m.files)
+        progress.admitted = True  # resolved: what fails from here is an `error` event
         blobs = m.blobs()
         with self.cache.holding(blobs):
             where = await self.filler.ensure(
@@ -201,16 +224,19 @@ class Restorer:
         writer = could_write_cache(req.caller, os.geteuid(), req.pidfd)
         link_ok = self.link_to_writers or not writer
         if req.mode == "link" and not link_ok:
-            raise UsageError(
-                f"mode 'link' would hand uid {req.caller.uid} the cache's own files, which it "
+            raise Forbidden(
+                f"--mode link would hand uid {req.caller.uid} the cache's own files, which it "
                 "could write to (root, hostd's own user, or a user namespace that maps either); "
-                "use mode 'copy' or 'auto', or set [access] link_to_writers = true"
+                "use --mode auto (it copies them), or set [access] link_to_writers = true"
             )
         fs = await self.spawner.start(req.caller, req.pidfd)
         try:
             info = await self.spawner.run(fs.target, str(req.target), req.replace)
             self.storage.check(f"target {str(req.target)!r}", info.chain, info.existing)
-            async with self._filled(req.ref, req.compat, req.tier, progress) as f:
+            only = None
+            if req.mode == "link":  # links or fails, and fails before anything is built
+                only = await self.spawner.run(self._link_tiers, fs, info.dev, req)
+            async with self._filled(req.ref, req.compat, req.tier, progress, only) as f:
                 progress.phase = "materialize"
                 if writer and link_ok and req.mode != "copy":
                     # marked before the links exist: a crash in between must not lose the mark
@@ -230,6 +256,9 @@ class Restorer:
             "linked": outcome.linked,
             "copied": outcome.copied,
             "copied_for_mtime": outcome.mtime_copies,
+            "copied_for_mode": outcome.mode_copies,
+            "copied_for_link_limit": outcome.limit_copies,
+            "created": outcome.created,
             "stale_ref": f.resolved.stale,
             "timings": _timings(f.t0, f.t1, f.t2, t3),
             "bytes_by_source": _by_source(progress.fill, self.cache),
@@ -238,6 +267,35 @@ class Restorer:
             log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
             out["old_tree_left"] = outcome.old_tree_left
         return out
+
+    def _link_tiers(self, fs: AsUser, dev: int, req: RestoreRequest) -> list[Tier]:
+        """The tiers a `link` restore into a target on filesystem `dev` can link from: on that
+        filesystem, and seen by the caller (its mount namespace) as the daemon sees them. The
+        restore fills only those. None: a UsageError that says why. Blocking (stat, open)."""
+        ok: list[Tier] = []
+        why: list[str] = []
+        for t in self._tiers(req.tier):
+            mine = os.stat(t.blobs_dir)
+            fd = fs.open_in_view(t.blobs_dir)
+            if fd < 0:
+                why.append(f"tier {t.name} ({t.root}) is not visible to the caller")
+                continue
+            try:
+                theirs = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
+                why.append(f"tier {t.name} ({t.root}) is not visible to the caller")
+            elif theirs.st_dev != dev:
+                why.append(f"tier {t.name} is on another filesystem ({t.root})")
+            else:
+                ok.append(t)
+        if not ok:
+            raise UsageError(
+                f"field 'mode': cannot link into {str(req.target)!r}: {'; '.join(why)}, and a "
+                "hard link cannot cross filesystems; use --mode auto to copy instead"
+            )
+        return ok
 
     async def _materialize(
         self, f: _Filled, req: RestoreRequest, progress: Progress, fs: AsUser, link_ok: bool

@@ -405,6 +405,38 @@ class Snapshots:
             await asyncio.wrap_future(erasing)
         return forgot
 
+    async def forget(
+        self, ids: Collection[str], in_use: Callable[[Collection[bytes]], bool]
+    ) -> tuple[list[str], list[str]]:
+        """Forget these snapshots (`rm`, `prune`), named by a ref or not, except pinned ones
+        and those a running operation uses; then drop their chunk rows and manifest files as
+        forget_unnamed does. Returns (forgotten, left because in use)."""
+        # Listed by the writer, after what it has queued: every recorded snapshot is indexed.
+        listed = await asyncio.wrap_future(self.index.later(self._listed, list(ids)))
+        self._settle()
+        forgot: list[str] = []
+        busy: list[str] = []
+        for sid, digests in listed:
+            s = self._records.get(sid)
+            if s is None or s.pinned:
+                continue
+            if sid in self._indexing or in_use(digests):  # checked with no await before _forget
+                busy.append(sid)
+                continue
+            self._forget(sid)
+            forgot.append(sid)
+        if forgot:
+            erasing = self.index.later(self._erase, forgot)
+            self._erasing.append(erasing)
+            await asyncio.wrap_future(erasing)
+        return forgot, busy
+
+    def _listed(self, ids: Iterable[str]) -> list[tuple[str, list[bytes]]]:
+        return [
+            (sid, [d for d, _ in unpack_blobs(self.index.snapshot_blobs(sid) or b"")])
+            for sid in ids
+        ]
+
     def _unnamed(self) -> list[tuple[str, list[bytes]]]:
         return [
             (sid, [d for d, _ in unpack_blobs(self.index.snapshot_blobs(sid) or b"")])

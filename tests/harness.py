@@ -91,7 +91,11 @@ def stream(sock: Path, path: str, body: Any, timeout: float = 120.0) -> list[dic
     try:
         conn.request("POST", path, body=json.dumps(body).encode())
         resp = conn.getresponse()
-        assert resp.status == 200, (resp.status, resp.read())
+        if resp.status != 200:  # refused before streaming: its own status, one error body
+            answer = json.loads(resp.read())
+            assert resp.status >= 400, (resp.status, answer)
+            assert "error" in answer, (resp.status, answer)
+            return [{"event": "error", **answer}]
         return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
     finally:
         conn.close()
@@ -101,7 +105,7 @@ def outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The final event of a stream (result or error); checks the stream's shape."""
     assert events, "empty stream"
     assert events[-1]["event"] in ("result", "error"), events[-1]
-    assert all(e["event"] == "progress" for e in events[:-1]), events
+    assert all(e["event"] in ("progress", "warning") for e in events[:-1]), events
     return events[-1]
 
 
@@ -287,6 +291,12 @@ def iter_events(sock: Path, path: str, body: Any) -> Iterator[dict[str, Any]]:
     conn = UnixHTTPConnection(str(sock), 120)
     conn.request("POST", path, body=json.dumps(body).encode())
     resp = conn.getresponse()
+    if resp.status != 200:  # refused before streaming: one error body
+        try:
+            yield {"event": "error", **json.loads(resp.read())}
+        finally:
+            conn.close()
+        return
     try:
         while True:
             line = resp.readline()

@@ -15,7 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from hostd.core import ids
+from hostd.core import ids, refentry
 from hostd.core import manifest as mf
 from hostd.core.retry import RetryPolicy
 from hostd.errors import UsageError
@@ -374,3 +374,60 @@ async def test_golden_snapshot_v2_origin_layout(tmp_path: Path) -> None:
 
 def test_doc_golden_manifest_v2_bytes_match() -> None:
     assert "".join(_doc_block("golden-manifest-v2")) == GOLDEN_MANIFEST_V2_HEX
+
+
+# -- ref history entries (FORMAT.md section 6, "Ref history") ----------------------------------
+
+GOLDEN_REF_ENTRY_HEX = (
+    "85a26174ce6553f100a6636f6d706174c4206d344035ce9aea211ac9bec481752e6ec2fbe281e9a4fb077eed"
+    "3e9a76ddf37fa3726566af6c6c616d612d332d38622f766c6c6da373657101a8736e617073686f74c420a97f"
+    "e72fe132dbe3fa56fbf7fca6a57d7aa474fbcf63574685511f63e63761f1"
+)
+GOLDEN_REF_ENTRY_KEY = f"history/{GOLDEN_REF}/{COMPAT_DIGEST_GOLDEN}/00000000000000000001"
+
+
+def golden_ref_entry() -> refentry.Entry:
+    return refentry.Entry(GOLDEN_REF, COMPAT_DIGEST_GOLDEN, 1, SNAPSHOT_ID, 1_700_000_000)
+
+
+def test_golden_ref_entry_bytes() -> None:
+    data = refentry.encode(golden_ref_entry())
+    assert data.hex() == GOLDEN_REF_ENTRY_HEX
+    assert len(data) == 118
+    decoded = refentry.decode(data, ref=GOLDEN_REF, compat=COMPAT_DIGEST_GOLDEN, seq=1)
+    assert decoded == golden_ref_entry()
+
+
+def test_ref_entry_is_refused_under_another_key_or_when_not_canonical() -> None:
+    data = bytes.fromhex(GOLDEN_REF_ENTRY_HEX)
+    with pytest.raises(refentry.EntryError, match="not its own key"):
+        refentry.decode(data, ref=GOLDEN_REF, compat=COMPAT_DIGEST_GOLDEN, seq=2)
+    with pytest.raises(refentry.EntryError, match="not its own key"):
+        refentry.decode(data, ref="llama-3-8b/other", compat=COMPAT_DIGEST_GOLDEN, seq=1)
+    # the same map with `seq` as a uint8 (cc01) instead of a positive fixint: not canonical
+    longer = bytes.fromhex(GOLDEN_REF_ENTRY_HEX.replace("a373657101", "a3736571cc01"))
+    with pytest.raises(refentry.EntryError, match="canonical"):
+        refentry.decode(longer, ref=GOLDEN_REF, compat=COMPAT_DIGEST_GOLDEN, seq=1)
+    with pytest.raises(refentry.EntryError):
+        refentry.decode(data[:-1], ref=GOLDEN_REF, compat=COMPAT_DIGEST_GOLDEN, seq=1)
+    assert refentry.seq_name(1) == "00000000000000000001"
+    assert refentry.parse_seq_name("00000000000000000001") == 1
+    assert refentry.parse_seq_name("1") is None
+    assert refentry.parse_seq_name("00000000000000000000") is None
+
+
+async def test_golden_ref_entry_origin_key(tmp_path: Path) -> None:
+    root = tmp_path / "origin"
+    origin = Origin(root.as_uri(), {}, retry=RetryPolicy(attempts=1, base=0.0, cap=0.0))
+    await origin.put_history(
+        GOLDEN_REF, COMPAT_DIGEST_GOLDEN, 1, bytes.fromhex(GOLDEN_REF_ENTRY_HEX)
+    )
+    assert await origin.list_history(GOLDEN_REF, COMPAT_DIGEST_GOLDEN) == [1]
+    await origin.close()
+    keys = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert keys == {GOLDEN_REF_ENTRY_KEY}
+    assert GOLDEN_REF_ENTRY_KEY in _doc()
+
+
+def test_doc_golden_ref_entry_bytes_match() -> None:
+    assert "".join(_doc_block("golden-ref-entry")) == GOLDEN_REF_ENTRY_HEX

@@ -206,9 +206,9 @@ def systemd_analyze() -> str:
 def unit_copy(tmp_path: Path) -> Path:
     """The unit, with an ExecStart whose binary exists (verify and security check that)."""
     text = UNIT.read_text()
-    assert "ExecStart=/usr/bin/hostd " in text
+    assert "ExecStart=/opt/hostd/bin/hostd " in text
     copy = tmp_path / "hostd.service"
-    copy.write_text(text.replace("ExecStart=/usr/bin/hostd ", f"ExecStart={sys.executable} "))
+    copy.write_text(text.replace("ExecStart=/opt/hostd/bin/hostd ", f"ExecStart={sys.executable} "))
     return copy
 
 
@@ -228,7 +228,7 @@ def test_unit_directives() -> None:
     d = unit_directives()
     assert d["Service.Type"] == ["notify"]
     assert d["Service.NotifyAccess"] == ["main"]
-    assert d["Service.ExecStart"] == ["/usr/bin/hostd serve --config /etc/hostd/hostd.toml"]
+    assert d["Service.ExecStart"] == ["/opt/hostd/bin/hostd serve --config /etc/hostd/hostd.toml"]
     assert d["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["Service.Restart"] == ["on-failure"]
     assert seconds(d["Service.WatchdogSec"][0]) == 30
