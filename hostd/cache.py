@@ -401,10 +401,12 @@ class Cache:
             if slot >= 0 and tb.is_parked(slot) and (digest, name) not in self._filling:
                 tb.push(slot)
 
-    def touch(self, digests: Iterable[bytes]) -> None:
-        """Mark blobs used now. The queues see it when a walk meets them; the index rows are
-        written by the index's writer thread."""
-        now = self.clock()
+    def touch(self, digests: Iterable[bytes], now: float | None = None) -> None:
+        """Mark blobs used now (or at `now`: one use, touched in batches). The queues see it
+        when a walk meets them; the index rows are written by the index's writer thread.
+        About a microsecond a blob: a caller with 100,000 touches them in batches."""
+        if now is None:
+            now = self.clock()
         ds = list(digests)
         for tb in self._tb.values():
             if not len(tb):
