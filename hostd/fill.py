@@ -232,7 +232,7 @@ class Filler:
                 # sync dropped (ours, or another fill's that we found ready) is filled again.
                 await self.durability.flush(found.values())
                 for d, b in list(found.items()):
-                    if not any(c is b for c in self.cache.copies(d)):
+                    if not b.attached:  # no longer its tier's record (O(1): no lookup)
                         del found[d]
                 pending = [e for e in wanted if e.digest not in found]
         return found
