@@ -2,9 +2,14 @@
 
 The cache keeps an in-memory view of the blobs in each tier and writes every change through
 to the index; the snapshots it knows (records, pins, manifests, the chunk map) are
-hostd/snapshots.py's. Budget accounting charges a blob's full size from the moment it is
-admitted for filling, so a tier never holds more than its budget; a partial blob found at
-start is charged for the bytes it holds, until a fill resumes it.
+hostd/snapshots.py's. The view is compact (hostd/blobs.py: columns by slot, no Python object
+per blob, ~130 bytes each); a `Blob` is made when asked for and follows its record until the
+record is replaced or dropped. What follows a blob across awaits is therefore its `Blob`:
+"still this cache's record" is `Blob.attached`.
+
+Budget accounting charges a blob's full size from the moment it is admitted for filling, so
+a tier never holds more than its budget; a partial blob found at start is charged for the
+bytes it holds, until a fill resumes it.
 
 Eviction is least recently used by bytes, from one queue per tier (core/eviction.py's Lru),
 so an admission costs O(log n) per victim, not a scan of the tier: a blob leaves a tier for
@@ -36,8 +41,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from hostd.blobs import COMPLETE, LENT, Blob, Digests, TierBlobs, Values
 from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
 from hostd.core.ids import file_digest
@@ -49,57 +54,7 @@ from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class Blob:
-    """One blob in one tier."""
-
-    digest: bytes
-    tier: Tier
-    size: int
-    chunk_size: int
-    complete: bool
-    mtime_ns: int
-    last_used: float
-    # The inode's ctime when its bytes were last verified; UNKNOWN_CTIME: never (re-hash).
-    ctime_ns: int = UNKNOWN_CTIME
-    # Hardlinked into a tree whose owner could write to it: kept for this inode's life.
-    lent: bool = False
-    # Bytes counted against the tier's budget: the size, except for a partial blob found at
-    # start (the bytes it holds, until a fill resumes it).
-    charged: int = -1
-    # Its entry in the tier's eviction queue (the Lru's); None: not queued.
-    queued: Any = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.charged < 0:
-            self.charged = self.size
-
-    @property
-    def path(self) -> Path:
-        return self.tier.blob_path(self.digest)
-
-    @property
-    def file(self) -> str:
-        """`path` as a string: cheaper where every blob of a snapshot is looked at."""
-        return self.tier.blob_file(self.digest)
-
-    def row(self) -> BlobRow:
-        return BlobRow(
-            self.digest,
-            self.tier.name,
-            self.size,
-            self.chunk_size,
-            self.complete,
-            self.mtime_ns,
-            self.last_used,
-            self.ctime_ns,
-            self.lent,
-        )
-
-    def record(self, st: BlobStat) -> None:
-        """Take `st` as the stat of this blob's verified bytes."""
-        self.size, self.mtime_ns, self.ctime_ns = st.size, st.mtime_ns, st.ctime_ns
+__all__ = ["Blob", "Cache", "Rehash", "TierUsage", "Verdict"]
 
 
 # Chunks smaller than this are found for dedup only as a blob of their own (chunk_location):
@@ -159,23 +114,21 @@ class Cache:
         self.manifests_dir = manifests_dir
         self.clock = clock
         self.snaps = Snapshots(index, manifests_dir, clock, decoded_chunks=decoded_chunks)
-        self._blobs: dict[str, dict[bytes, Blob]] = {t.name: {} for t in tiers}
+        # Each tier's records, compact (hostd/blobs.py). A walk takes the ones held or
+        # pinned out of the queue and flags them parked: queued again when neither is true.
+        self._tb: dict[str, TierBlobs] = {t.name: TierBlobs(t) for t in tiers}
         self._used: dict[str, int] = {t.name: 0 for t in tiers}
         # One eviction queue per tier: its complete blobs and idle partial ones.
-        self.queues: dict[str, Lru[Blob]] = {t.name: Lru() for t in tiers}
+        self.queues: dict[str, Lru] = {name: tb.queue for name, tb in self._tb.items()}
         # What each running restore holds: taking and releasing a hold is O(1) in its size.
         self._holds: list[frozenset[bytes]] = []
-        # Blobs a walk took out of a queue because they were held or pinned: queued again
-        # when neither is true any more.
-        self._parked: set[bytes] = set()
-        # Partial blobs admitted for a fill in this process, kept out of the queues while
-        # the fill may be using them: until they complete or are abandoned, or `busy` (when
-        # set) no longer names them.
-        self._filling: dict[tuple[bytes, str], Blob] = {}
+        # Partial blobs (digest, tier) admitted for a fill in this process, kept out of the
+        # queues while the fill may be using them: until they complete, are abandoned or
+        # replaced, or `busy` (when set) no longer names them.
+        self._filling: set[tuple[bytes, str]] = set()
         # The blobs the running fills hold (Filler.filling), set by the composition root;
         # None: every partial admitted in this process counts as being filled.
         self.busy: Callable[[], Collection[bytes]] | None = None
-        self._unsized: set[bytes] = set()  # blobs whose chunk size no manifest gave yet
         self._lock = asyncio.Lock()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (tier, "demote"|"delete")
         # rehash() by default; a test passes one it can pause mid-hash
@@ -210,15 +163,15 @@ class Cache:
                 if row is not None and row.complete and row.size == st.size:
                     # Keep the stat recorded at completion, not today's: a blob written
                     # through while the daemon was down must fail unchanged() and be re-hashed.
-                    b = Blob(
-                        st.digest, t, st.size, cs, True, row.mtime_ns, last, row.ctime_ns, row.lent
+                    r = Values(
+                        st.size, cs, True, row.mtime_ns, last, row.ctime_ns, row.lent, st.size
                     )
                 else:
                     # No record vouches for these bytes (a lost or rebuilt index, a death
                     # between install and record): never trusted by their mtime; the unknown
                     # ctime makes the first use re-hash them (vouch, lazily: see there).
-                    b = Blob(st.digest, t, st.size, cs, True, st.mtime_ns, last)
-                self._put(b, persist=b.row() != row)
+                    r = Values(st.size, cs, True, st.mtime_ns, last, UNKNOWN_CTIME, False, st.size)
+                self._put(t, st.digest, r, persist=_row(st.digest, t.name, r) != row)
             for st in partial:
                 row = rows.pop((st.digest, t.name), None)
                 held = _allocated(t.partial_path(st.digest), st.size)
@@ -233,9 +186,10 @@ class Cache:
                     continue
                 # Left by a fill the stop cut short: resumable, charged for what it holds,
                 # and evictable (no fill uses it now).
-                b = Blob(st.digest, t, row.size, row.chunk_size, False, 0, row.last_used)
-                b.charged = held
-                self._put(b, persist=False)
+                r = Values(
+                    row.size, row.chunk_size, False, 0, row.last_used, UNKNOWN_CTIME, False, held
+                )
+                self._put(t, st.digest, r, persist=False)
         for digest, tier in rows:  # in the index but gone from disk
             self.index.delete_blob(digest, tier)
         for t in self.tiers:
@@ -244,51 +198,73 @@ class Cache:
             )
 
     # the view ------------------------------------------------------------------------------
-    def _put(self, b: Blob, persist: bool = True) -> None:
-        """Record `b` as the copy in its tier, replacing any record there."""
-        name = b.tier.name
-        per, queue = self._blobs[name], self.queues[name]
-        old = per.get(b.digest)
-        if old is not None:
-            self._used[name] -= old.charged
-            queue.drop(old)
-            if old is not b and self._filling.get((b.digest, name)) is old:
-                del self._filling[(b.digest, name)]
-        if b.complete:
-            b.charged = b.size
-            self._filling.pop((b.digest, name), None)
-        per[b.digest] = b
-        self._used[name] += b.charged
-        if (b.digest, name) not in self._filling:
-            queue.push(b)
-        if b.chunk_size <= 0:
-            self._unsized.add(b.digest)
+    def _put(
+        self, tier: Tier, digest: bytes, r: Values, persist: bool = True, *, filling: bool = False
+    ) -> int:
+        """Record a new copy of `digest` in `tier` (`filling`: admitted for a fill),
+        replacing any record there; its slot."""
+        name = tier.name
+        tb, key = self._tb[name], (digest, name)
+        slot = tb.find(digest)
+        if slot >= 0:
+            self._used[name] -= tb.charged[slot]
+            tb.queue.drop(slot)
+            tb.detach(slot)  # a Blob of the old record keeps its values
+            self._filling.discard(key)
+            tb.set(slot, r)
+        else:
+            slot = tb.add(digest, r)
+        if filling:
+            self._filling.add(key)
+        self._used[name] += r.charged
+        if key not in self._filling:
+            tb.push(slot)
         if persist:
-            self.index.put_blob(b.row())
+            self.index.put_blob(tb.row(slot, digest))
+        return slot
 
-    def _drop(self, digest: bytes, tier: str) -> Blob | None:
-        b = self._blobs[tier].pop(digest, None)
-        if b is not None:
-            self._used[tier] -= b.charged
-            self.queues[tier].drop(b)
-            if self._filling.get((digest, tier)) is b:
-                del self._filling[(digest, tier)]
-            self.index.delete_blob(digest, tier)
-        return b
+    def _reput(self, tb: TierBlobs, slot: int, digest: bytes, persist: bool = True) -> None:
+        """Charge and queue a record again after a change in place (completed, re-hashed)."""
+        name, key = tb.tier.name, (digest, tb.tier.name)
+        tb.queue.drop(slot)
+        self._used[name] -= tb.charged[slot]
+        if tb.complete(slot):
+            tb.charged[slot] = tb.size[slot]
+            self._filling.discard(key)
+        self._used[name] += tb.charged[slot]
+        if key not in self._filling:
+            tb.push(slot)
+        if persist:
+            self.index.put_blob(tb.row(slot, digest))
+
+    def _drop(self, digest: bytes, tier: str) -> Values | None:
+        """Forget the record of `digest` in `tier`; what it was (None: there was none)."""
+        tb = self._tb[tier]
+        slot = tb.find(digest)
+        if slot < 0:
+            return None
+        r = tb.values(slot)
+        self._used[tier] -= r.charged
+        tb.queue.drop(slot)
+        self._filling.discard((digest, tier))
+        tb.remove(slot)
+        self.index.delete_blob(digest, tier)
+        return r
 
     def locate(self, digest: bytes, tiers: Sequence[Tier] | None = None) -> Blob | None:
         """The complete copy of a blob in the first tier (of `tiers`, default all) holding it."""
         for t in tiers if tiers is not None else self.tiers:
-            b = self._blobs[t.name].get(digest)
-            if b is not None and b.complete:
-                return b
+            tb = self._tb[t.name]
+            slot = tb.find(digest)
+            if slot >= 0 and tb.flags[slot] & COMPLETE:
+                return tb.view(slot, digest)
         return None
 
     def partial(self, digest: bytes) -> Blob | None:
-        for per in self._blobs.values():
-            b = per.get(digest)
-            if b is not None and not b.complete:
-                return b
+        for tb in self._tb.values():
+            slot = tb.find(digest)
+            if slot >= 0 and not tb.flags[slot] & COMPLETE:
+                return tb.view(slot, digest)
         return None
 
     def chunk_location(
@@ -314,9 +290,9 @@ class Cache:
                 return b, offset
         return None
 
-    def digests(self, tier: Tier) -> list[bytes]:
-        """Every blob (complete or partial) held in `tier`."""
-        return list(self._blobs[tier.name])
+    def digests(self, tier: Tier) -> Digests:
+        """Every blob (complete or partial) held in `tier` now (a compact copy)."""
+        return self._tb[tier.name].digests()
 
     def is_held(self, digest: bytes) -> bool:
         return any(digest in h for h in self._holds)
@@ -325,11 +301,11 @@ class Cache:
         return self.snaps.pinned(digest)
 
     def copies(self, digest: bytes) -> list[Blob]:
-        return [b for per in self._blobs.values() if (b := per.get(digest)) is not None]
+        return [tb.view(slot, digest) for tb in self._tb.values() if (slot := tb.find(digest)) >= 0]
 
     def usage(self) -> list[TierUsage]:
         return [
-            TierUsage(t.name, str(t.root), t.budget, self._used[t.name], len(self._blobs[t.name]))
+            TierUsage(t.name, str(t.root), t.budget, self._used[t.name], len(self._tb[t.name]))
             for t in self.tiers
         ]
 
@@ -353,26 +329,23 @@ class Cache:
     def record_snapshot(self, m: mf.Manifest) -> Snapshot:
         """Remember a snapshot being used; cheap on the loop (see Snapshots.record)."""
         s = self.snaps.record(m)
-        if self._unsized:
+        if any(tb.unsized for tb in self._tb.values()):
             # Blobs found on disk with no index row (a lost index) learn their chunk size
             # here, which verify needs to check them.
-            learnt = [
-                b
-                for d in self._unsized.intersection(m.blobs())
-                for b in self.copies(d)
-                if b.chunk_size <= 0
-            ]
-            for b in learnt:
-                b.chunk_size = m.chunk_size
-                self._unsized.discard(b.digest)
-            self.index.put_blobs([b.row() for b in learnt])
+            learnt: list[BlobRow] = []
+            for d in m.blobs():
+                for tb in self._tb.values():
+                    if tb.unsized and (slot := tb.find(d)) >= 0 and tb.chunk_size[slot] <= 0:
+                        tb.set_chunk_size(slot, m.chunk_size)
+                        learnt.append(tb.row(slot, d))
+            self.index.put_blobs(learnt)
         return s
 
     def set_pinned(self, snapshot_id: str, pinned: bool) -> None:
         released = self.snaps.set_pinned(snapshot_id, pinned)
-        if self._parked:
-            for d in self._parked.intersection(released):
-                if not self.is_held(d):
+        if any(tb.parked for tb in self._tb.values()):
+            for d in released:
+                if self._is_parked(d) and not self.is_held(d):
                     self._unpark(d)
 
     def pinned_blobs(self) -> set[bytes]:
@@ -402,9 +375,9 @@ class Cache:
         complete = True
         for d, size in self.snaps.blob_sizes(snapshot_id):
             found = False
-            for name, per in self._blobs.items():
-                b = per.get(d)
-                if b is not None and b.complete:
+            for name, tb in self._tb.items():
+                slot = tb.find(d)
+                if slot >= 0 and tb.flags[slot] & COMPLETE:
                     per_tier[name] += size
                     found = True
             complete = complete and found
@@ -419,26 +392,37 @@ class Cache:
             yield
         finally:
             del self._holds[next(i for i, h in enumerate(self._holds) if h is held)]
-            if self._parked:
-                for d in self._parked.intersection(held):
-                    if not self.is_held(d) and not self.snaps.pinned(d):
+            if any(tb.parked for tb in self._tb.values()):
+                for d in held:
+                    if self._is_parked(d) and not self.is_held(d) and not self.snaps.pinned(d):
                         self._unpark(d)
 
-    def _unpark(self, digest: bytes) -> None:
-        self._parked.discard(digest)
-        for name, per in self._blobs.items():
-            b = per.get(digest)
-            if b is not None and (digest, name) not in self._filling:
-                self.queues[name].push(b)
+    def _is_parked(self, digest: bytes) -> bool:
+        return any(
+            tb.parked and (slot := tb.find(digest)) >= 0 and tb.is_parked(slot)
+            for tb in self._tb.values()
+        )
 
-    def touch(self, digests: Iterable[bytes]) -> None:
-        """Mark blobs used now. The queues see it when a walk meets them; the index rows are
-        written by the index's writer thread."""
-        now = self.clock()
+    def _unpark(self, digest: bytes) -> None:
+        for name, tb in self._tb.items():
+            slot = tb.find(digest)
+            if slot >= 0 and tb.is_parked(slot) and (digest, name) not in self._filling:
+                tb.push(slot)
+
+    def touch(self, digests: Iterable[bytes], now: float | None = None) -> None:
+        """Mark blobs used now (or at `now`: one use, touched in batches). The queues see it
+        when a walk meets them; the index rows are written by the index's writer thread.
+        About a microsecond a blob: a caller with 100,000 touches them in batches."""
+        if now is None:
+            now = self.clock()
         ds = list(digests)
-        for per in self._blobs.values():
-            for b in filter(None, map(per.get, ds)):
-                b.last_used = now
+        for tb in self._tb.values():
+            if not len(tb):
+                continue
+            find, last_used = tb.find, tb.last_used
+            for d in ds:
+                if (slot := find(d)) >= 0:
+                    last_used[slot] = now
         self.index.later(self.index.touch_blobs, ds, now)
 
     # admission and eviction ---------------------------------------------------------------
@@ -468,9 +452,8 @@ class Cache:
                 if need > 0 and not await self._make_room(t, need):
                     why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
                     continue
-                b = Blob(digest, t, size, chunk_size, False, 0, self.clock())
-                self._filling[(digest, t.name)] = b
-                self._put(b, persist)
+                r = Values(size, chunk_size, False, 0, self.clock(), UNKNOWN_CTIME, False, size)
+                self._put(t, digest, r, persist, filling=True)
                 return t
             raise TierError(
                 f"no tier can take blob {digest.hex()} of {size} bytes ({'; '.join(why)})"
@@ -480,19 +463,21 @@ class Cache:
         """Take a partial blob up for a fill: out of the queue, charged its full size again.
         False if the tier has no room for the rest (it is removed: filled afresh elsewhere).
         Runs under the lock."""
-        t, key = b.tier, (b.digest, b.tier.name)
-        self._filling[key] = b
-        self.queues[t.name].drop(b)
+        t, tb = b.tier, self._tb[b.tier.name]
+        self._filling.add((b.digest, t.name))
+        tb.queue.drop(b.slot)
         short = b.size - b.charged
         need = self._used[t.name] + short - t.budget
         if short > 0 and need > 0 and not await self._make_room(t, need):
-            if self._drop(b.digest, t.name) is b:
+            ours = b.attached
+            self._drop(b.digest, t.name)
+            if ours:
                 await asyncio.to_thread(t.remove_partial, b.digest)
             return False
-        if self._blobs[t.name].get(b.digest) is not b:
+        if not b.attached:
             return False  # dropped meanwhile (gc): admitted afresh
         self._used[t.name] += short
-        b.charged, b.last_used = b.size, self.clock()
+        tb.charged[b.slot], tb.last_used[b.slot] = b.size, self.clock()
         return True
 
     async def reserve(self, size: int, tiers: Sequence[Tier]) -> Tier | None:
@@ -513,17 +498,31 @@ class Cache:
         `st` is the stat of bytes we wrote and hashed ourselves (a new inode: not lent).
         `persist=False`: in memory only, for a blob not yet durable; `record_durable` writes
         its row once it is."""
-        b = Blob(st.digest, tier, st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns)
-        self._put(b, persist)
-        return b
+        r = Values(
+            st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns, False, st.size
+        )
+        return self._tb[tier.name].view(self._put(tier, st.digest, r, persist), st.digest)
 
     def completed(self, digest: bytes, tier: Tier, st: BlobStat, *, persist: bool = True) -> Blob:
         """Record a blob admitted for filling as complete; `st` and `persist` as adopt's."""
-        b = self._blobs[tier.name][digest]
-        b.complete, b.last_used, b.lent = True, self.clock(), False
-        b.mtime_ns, b.ctime_ns = st.mtime_ns, st.ctime_ns
-        self._put(b, persist)
-        return b
+        tb = self._tb[tier.name]
+        slot = tb.find(digest)
+        if slot < 0:
+            raise KeyError(f"no blob {digest.hex()} admitted to tier {tier.name}")
+        tb.queue.drop(slot)
+        was = tb.values(slot)
+        tb.set(
+            slot,
+            was._replace(
+                complete=True,
+                last_used=self.clock(),
+                lent=False,
+                mtime_ns=st.mtime_ns,
+                ctime_ns=st.ctime_ns,
+            ),
+        )
+        self._reput(tb, slot, digest, persist)
+        return tb.view(slot, digest)
 
     def record_durable(self, blobs: Iterable[Blob]) -> Future[None]:
         """Write the index rows of blobs completed with `persist=False`, now that a sync made
@@ -536,25 +535,27 @@ class Cache:
 
     def abandon(self, digest: bytes, tier: Tier) -> None:
         """Forget a partial blob whose fill failed (its files are already removed)."""
-        b = self._blobs[tier.name].get(digest)
-        if b is not None and not b.complete:
+        tb = self._tb[tier.name]
+        slot = tb.find(digest)
+        if slot >= 0 and not tb.complete(slot):
             self._drop(digest, tier.name)
 
     async def remove(self, digest: bytes, tier: Tier) -> None:
         """Delete a blob copy (a bad one found by verify, or gc)."""
-        b = self._drop(digest, tier.name)
-        if b is not None:
-            fn = tier.remove_blob if b.complete else tier.remove_partial
+        r = self._drop(digest, tier.name)
+        if r is not None:
+            fn = tier.remove_blob if r.complete else tier.remove_partial
             await asyncio.to_thread(fn, digest)
 
-    def _keep(self, b: Blob, busy: Collection[bytes]) -> bool:
+    def _keep(self, tb: TierBlobs, slot: int, busy: Collection[bytes]) -> bool:
         """Whether a queued blob must stay (a walk then takes it out of the queue)."""
-        if self.is_held(b.digest) or self.snaps.pinned(b.digest):
-            self._parked.add(b.digest)
+        digest = tb.slots.key(slot)
+        if self.is_held(digest) or self.snaps.pinned(digest):
+            tb.park(slot)
             return True
-        if not b.complete and b.digest in busy:
+        if not tb.complete(slot) and digest in busy:
             # A fill holds it and is about to resume it: back in the queue once it is idle.
-            self._filling[(b.digest, b.tier.name)] = b
+            self._filling.add((digest, tb.tier.name))
             return True
         return False
 
@@ -563,21 +564,26 @@ class Cache:
         if self.busy is None:
             return ()
         busy = self.busy()
-        for key, b in list(self._filling.items()):
-            if b.digest not in busy:
-                del self._filling[key]
-                if self._blobs[key[1]].get(key[0]) is b:
-                    self.queues[key[1]].push(b)
+        for key in [k for k in self._filling if k[0] not in busy]:
+            # Still in the set: the record is the one admitted for that fill (a new record
+            # or a drop takes the key out).
+            self._filling.discard(key)
+            tb = self._tb[key[1]]
+            slot = tb.find(key[0])
+            if slot >= 0:
+                tb.push(slot)
         return busy
 
     async def _make_room(self, tier: Tier, need: int) -> bool:
         """Evict from `tier` until `need` bytes are free. Runs under the lock."""
         busy = self._busy()
-        victims = self.queues[tier.name].victims(need, lambda b: self._keep(b, busy))
-        if victims is None:
+        tb = self._tb[tier.name]
+        slots = tb.queue.victims(need, lambda slot: self._keep(tb, slot, busy))
+        if slots is None:
             return False
+        # Views, so that a victim replaced or dropped during an await below is told apart.
+        victims = [tb.view(slot) for slot in slots]
         below = self.tiers[self.tiers.index(tier) + 1 :]
-        per = self._blobs[tier.name]
         freed = 0
         for b in victims:
             d = b.digest
@@ -585,7 +591,7 @@ class Cache:
             # a fill resume it, or a pin name it): check again right before acting, and
             # leave such a blob where it is.
             if (
-                per.get(d) is not b
+                not b.attached
                 or self.is_held(d)
                 or self.snaps.pinned(d)
                 or (d, tier.name) in self._filling
@@ -604,7 +610,7 @@ class Cache:
             if demotable and await self._demote(b, below):
                 freed += b.size
                 continue
-            if self.is_held(d) or per.get(d) is not b:
+            if self.is_held(d) or not b.attached:
                 continue
             self._drop(d, tier.name)
             await asyncio.to_thread(tier.remove_blob, d)
@@ -633,11 +639,10 @@ class Cache:
             finally:  # a cancel (the admitting restore went away) returns the charge too
                 self._used[t.name] -= b.size
             # the copy was hashed: a new, verified inode, not lent
-            self._put(
-                Blob(
-                    b.digest, t, st.size, b.chunk_size, True, st.mtime_ns, b.last_used, st.ctime_ns
-                )
+            r = Values(
+                st.size, b.chunk_size, True, st.mtime_ns, b.last_used, st.ctime_ns, False, st.size
             )
+            self._put(t, b.digest, r)
             if self.is_held(b.digest):
                 return False  # a restore took it during the copy: keep both copies
             self._drop(b.digest, b.tier.name)
@@ -708,7 +713,7 @@ class Cache:
         not compete with a background hash of the whole cache for two cores and the disk.
         """
         if b.chunk_size <= 0 < chunk_size and self._current(b):
-            b.chunk_size = chunk_size
+            self._tb[b.tier.name].set_chunk_size(b.slot, chunk_size)
             self.index.put_blob(b.row())
         while True:
             if not self._current(b):
@@ -757,8 +762,14 @@ class Cache:
         if r.why is not None or r.seen is None:
             await self.remove(b.digest, b.tier)
             return False
-        b.record(r.seen)
-        self._put(b)
+        tb, seen = self._tb[b.tier.name], r.seen
+        tb.queue.drop(b.slot)
+        tb.size[b.slot], tb.mtime_ns[b.slot], tb.ctime_ns[b.slot] = (
+            seen.size,
+            seen.mtime_ns,
+            seen.ctime_ns,
+        )
+        self._reput(tb, b.slot, b.digest)
         return True
 
     def lent(self, blobs: Iterable[Blob]) -> Future[None]:
@@ -780,10 +791,11 @@ class Cache:
         """
         changed: list[BlobRow] = []
         for b in blobs:
-            cur = self._blobs[b.tier.name].get(b.digest)
-            if cur is not None and cur.complete and not cur.lent:
-                cur.lent = True
-                changed.append(cur.row())
+            tb = self._tb[b.tier.name]
+            slot = tb.find(b.digest)
+            if slot >= 0 and tb.flags[slot] & (COMPLETE | LENT) == COMPLETE:
+                tb.flags[slot] |= LENT
+                changed.append(tb.row(slot, b.digest))
         return self.index.later(self.index.put_blobs, changed)  # one commit for the tree
 
     async def rehash(self, b: Blob) -> Rehash:
@@ -795,7 +807,7 @@ class Cache:
         return self._current(b)
 
     def _current(self, b: Blob) -> bool:
-        return b.complete and self._blobs[b.tier.name].get(b.digest) is b
+        return b.attached and b.complete
 
 
 def rehash(
@@ -839,6 +851,12 @@ def rehash(
         return Rehash(f"cannot read: {e.strerror}")
     finally:
         os.close(fd)
+
+
+def _row(digest: bytes, tier: str, r: Values) -> BlobRow:
+    return BlobRow(
+        digest, tier, r.size, r.chunk_size, r.complete, r.mtime_ns, r.last_used, r.ctime_ns, r.lent
+    )
 
 
 def _allocated(path: Path, size: int) -> int | None:

@@ -240,10 +240,8 @@ class Filler:
                 # Every blob is in memory; wait for the syncs that record them. One a failed
                 # sync dropped (ours, or another fill's that we found ready) is filled again.
                 await self.durability.flush(found.values())
-                for i, (d, b) in enumerate(list(found.items())):
-                    if i % YIELD_EVERY == YIELD_EVERY - 1:
-                        await asyncio.sleep(0)
-                    if not self.cache.current(b):
+                for d, b in list(found.items()):
+                    if not b.attached:  # no longer its tier's record (O(1): no lookup)
                         del found[d]
                 pending = [e for e in wanted if e.digest not in found]
         return found

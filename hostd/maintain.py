@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
-from hostd.cache import Cache
+from hostd.blobs import Digests
+from hostd.cache import Blob, Cache
 from hostd.restore import Progress
+from hostd.tier import Tier
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,21 @@ async def gc(cache: Cache, busy: Collection[bytes]) -> dict[str, Any]:
 
 async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
     """Re-hash every complete blob in every tier; drop and report the bad ones."""
-    copies = [b for t in cache.tiers for d in cache.digests(t) if (b := cache.locate(d, [t]))]
+    # The digests, not Blobs: a Blob held for each of a million blobs would cost more than
+    # the records themselves. Each is looked up again when its turn comes.
+    listed = [(t, cache.digests(t)) for t in cache.tiers]
     progress.phase = "verify"
-    progress.fill.total_bytes = sum(b.size for b in copies)
-    progress.total_files = len(copies)
+    total = count = 0
+    for b in _copies(listed, cache):
+        total += b.size
+        count += 1
+        if count % 4096 == 0:
+            await asyncio.sleep(0)  # a tier of many blobs: let the loop breathe
+    progress.fill.total_bytes = total
+    progress.total_files = count
     bad: list[dict[str, str]] = []
-    checked = skipped = gone = 0
-    for b in copies:
+    checked = verified = skipped = gone = 0
+    for b in _copies(listed, cache):
         if b.chunk_size <= 0:
             # No known manifest names it, so its chunk size (part of its digest) is unknown:
             # unreferenced, not bad. gc removes such blobs.
@@ -78,12 +88,22 @@ async def verify(cache: Cache, progress: Progress) -> dict[str, Any]:
             log.warning("verify: blob %s in tier %s is bad: %s", b.digest.hex(), b.tier.name, why)
             bad.append({"blob": b.digest.hex(), "tier": b.tier.name, "reason": why})
         await cache.settle(b, r)
+        verified += 1
         checked += b.size
         progress.fill.done_bytes += b.size
         progress.done_files += 1
     return {
-        "checked_blobs": len(copies) - skipped - gone,
+        "checked_blobs": verified,
         "checked_bytes": checked,
         "skipped_unreferenced": skipped,
         "bad": bad,
     }
+
+
+def _copies(listed: list[tuple[Tier, Digests]], cache: Cache) -> Iterator[Blob]:
+    """The complete copies still recorded of the digests listed for each tier."""
+    for t, digests in listed:
+        for d in digests:
+            b = cache.locate(d, [t])
+            if b is not None:
+                yield b

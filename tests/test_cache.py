@@ -32,7 +32,7 @@ from hypothesis.stateful import (
 )
 
 import hostd.maintain
-from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, blob_is_intact, rehash
+from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, Verdict, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import Chunk, FileEntry
@@ -275,6 +275,60 @@ async def test_eviction_is_least_recently_used_first(tmp_path: Path) -> None:
         assert sorted(s.digest for s in only.scan()[0]) == sorted([d.digest, big.digest])
     finally:
         env.close()
+
+
+async def test_equally_old_blobs_are_evicted_biggest_first(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        small, big, newer = env.file("small", 200), env.file("big", 400), env.file("newer", 300)
+        for x in (small, big, newer):
+            await env.put(cache, x)
+        env.clock.tick()
+        cache.touch([small.digest, big.digest])  # the same last use: a tie on age
+        cache.touch([newer.digest])  # no tick: a tie with them too, but smallest then
+        await env.put(cache, env.file("next", 400))  # 300 over: big goes, alone
+        assert [cache.locate(x.digest) is not None for x in (small, big, newer)] == [
+            True,
+            False,
+            True,
+        ]
+    finally:
+        env.close()
+
+
+async def test_a_blob_is_one_object_while_held_and_keeps_its_values_once_replaced(
+    env: Env,
+) -> None:
+    """Blob records are compact; a Blob is made on demand. While someone holds it, asking
+    again gives the same object, which follows its record; once the record is replaced (a
+    new inode) or dropped, the old Blob keeps what it was and no longer vouches."""
+    cache = env.open()
+    mem, _ = cache.tiers
+    a = env.file("a", 300)
+    await env.put(cache, a, [mem])
+    b = cache.locate(a.digest)
+    assert b is not None
+    assert cache.locate(a.digest) is b
+    assert cache.copies(a.digest) == [b]
+    cache.lent([b])
+    assert b.lent  # followed its record
+    old_mtime = b.mtime_ns
+
+    st_ = await asyncio.to_thread(write_blob, mem, a, env.data[a.digest])  # a new inode
+    fresh = cache.adopt(mem, st_, CS)
+    assert fresh is not b
+    assert cache.locate(a.digest) is fresh
+    assert (b.lent, b.mtime_ns, b.size, b.complete) == (True, old_mtime, 300, True)
+    assert (fresh.lent, fresh.mtime_ns) == (False, st_.mtime_ns)
+    assert await cache.check(b) is Verdict.GONE
+    assert await cache.check(fresh) is Verdict.INTACT
+
+    await cache.remove(a.digest, mem)
+    assert cache.copies(a.digest) == []
+    assert (fresh.size, fresh.complete) == (300, True)
+    assert await cache.check(fresh) is Verdict.GONE
+    assert used(cache) == {"mem": 0, "disk": 0}
 
 
 async def test_eviction_demotes_to_the_next_tier_with_content_intact(env: Env) -> None:

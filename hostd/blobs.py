@@ -1,0 +1,356 @@
+"""One tier's blob records, held compactly; `Blob`, a view of one, made on demand.
+
+A cache of a million blobs must not hold a Python object per blob: each record is a slot in
+`array` columns (sizes, times, flags) under a digest → slot map (core/slots.py), and the
+tier's eviction queue (core/eviction.py's Lru) orders the slots with no object per entry
+either. About 130 bytes a blob in all.
+
+A `Blob` is what the rest of hostd handles. It is made when asked for and shared while
+anyone holds it (a weak registry by slot), so `is` still tells one record from another and a
+Blob reflects its record's changes (completion, a lent mark, a use). When its record is
+replaced (a new inode: a refetch, a promotion) or dropped (evicted, removed), the Blob is
+detached: it keeps the values its record had then, like a copy taken at that moment, and no
+longer counts as the tier's record (`attached` is False).
+
+This module holds state only; what a change means for budgets, the queue and the index is
+the cache's (hostd/cache.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from hostd.core.eviction import Lru
+from hostd.core.ids import HASH_LEN
+from hostd.core.slots import DigestSlots
+from hostd.index import UNKNOWN_CTIME, BlobRow
+from hostd.tier import BlobStat, Tier
+
+# Entries of the Blob registry kept before dead ones are swept (then twice the live ones).
+_SWEEP_MIN = 4096
+
+# flags
+COMPLETE = 1
+LENT = 2  # hardlinked into a tree whose owner could write to it: kept for the inode's life
+PARKED = 4  # held or pinned when a walk met it: out of the queue until both are over
+
+
+class Values(NamedTuple):
+    """A record's values, as a detached Blob keeps them."""
+
+    size: int
+    chunk_size: int
+    complete: bool
+    mtime_ns: int
+    last_used: float
+    ctime_ns: int
+    lent: bool
+    charged: int
+
+
+class TierBlobs:
+    """The records of one tier's blobs (complete and partial), by digest.
+
+    Columns by slot: `size`, `chunk_size` (0: no manifest gave it yet), `mtime_ns` and
+    `ctime_ns` (the stat of the bytes when last verified; UNKNOWN_CTIME: never), `last_used`,
+    `charged` (bytes counted against the budget: the size, except for a partial blob found
+    at start, charged for what it holds until a fill resumes it) and `flags`.
+    """
+
+    def __init__(self, tier: Tier) -> None:
+        self.tier = tier
+        self.slots = DigestSlots(HASH_LEN)
+        self.size = array("q")
+        self.chunk_size = array("q")
+        self.mtime_ns = array("q")
+        self.ctime_ns = array("q")
+        self.last_used = array("d")
+        self.charged = array("q")
+        self.flags = bytearray()
+        self.queue = Lru(self.last_used, self.charged)
+        self.unsized = 0  # records with no chunk size (a blob found on disk with no row)
+        self.parked = 0  # records flagged PARKED
+        # The Blobs someone holds, by slot, weakly: the entries of those no one holds any
+        # more are swept once they outnumber the rest (no callback per Blob: they are many).
+        self._views: dict[int, weakref.ReferenceType[Blob]] = {}
+        self._sweep_at = _SWEEP_MIN
+
+    def __repr__(self) -> str:
+        return f"TierBlobs({self.tier.name}: {len(self)} blobs, {self.queue!r})"
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def find(self, digest: bytes) -> int:
+        """The slot of the tier's record of `digest`; -1 if none."""
+        return self.slots.find(digest)
+
+    def get(self, digest: bytes) -> Blob | None:
+        slot = self.slots.find(digest)
+        return None if slot < 0 else self.view(slot, digest)
+
+    def view(self, slot: int, digest: bytes | None = None) -> Blob:
+        """The Blob of the record at `slot`: the one someone holds already, else a new one."""
+        ref = self._views.get(slot)
+        if ref is not None and (b := ref()) is not None:
+            return b
+        b = Blob(self, slot, self.slots.key(slot) if digest is None else digest)
+        self._views[slot] = weakref.ref(b)
+        if len(self._views) > self._sweep_at:
+            self._views = {k: r for k, r in self._views.items() if r() is not None}
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(self._views))
+        return b
+
+    def complete(self, slot: int) -> bool:
+        return bool(self.flags[slot] & COMPLETE)
+
+    def add(self, digest: bytes, r: Values) -> int:
+        """Record `digest` (absent: `find` said so) with values `r`; its new slot."""
+        slot = self.slots.add(digest)
+        if slot == len(self.size):
+            self.size.append(0)
+            self.chunk_size.append(0)
+            self.mtime_ns.append(0)
+            self.ctime_ns.append(0)
+            self.last_used.append(0.0)
+            self.charged.append(0)
+            self.flags.append(0)
+        self._write(slot, r)
+        self.unsized += r.chunk_size <= 0
+        return slot
+
+    def set(self, slot: int, r: Values) -> None:
+        """Overwrite a record's values (out of the queue: the queue reads `charged`). Its
+        Blob sees the new values: `detach` it first if this is a new record."""
+        self.unsized += (r.chunk_size <= 0) - (self.chunk_size[slot] <= 0)
+        self._write(slot, r)
+
+    def _write(self, slot: int, r: Values) -> None:
+        self._unpark(slot)
+        self.size[slot] = r.size
+        self.chunk_size[slot] = max(r.chunk_size, 0)
+        self.mtime_ns[slot] = r.mtime_ns
+        self.ctime_ns[slot] = r.ctime_ns
+        self.last_used[slot] = r.last_used
+        self.charged[slot] = r.charged
+        self.flags[slot] = (COMPLETE if r.complete else 0) | (LENT if r.lent else 0)
+
+    def set_chunk_size(self, slot: int, chunk_size: int) -> None:
+        self.unsized += (chunk_size <= 0) - (self.chunk_size[slot] <= 0)
+        self.chunk_size[slot] = max(chunk_size, 0)
+
+    def push(self, slot: int) -> None:
+        """Queue a record for eviction (no longer parked)."""
+        self._unpark(slot)
+        self.queue.push(slot)
+
+    def park(self, slot: int) -> None:
+        """Mark a record a walk took out of the queue because it is held or pinned."""
+        if not self.flags[slot] & PARKED:
+            self.flags[slot] |= PARKED
+            self.parked += 1
+
+    def is_parked(self, slot: int) -> bool:
+        return bool(self.flags[slot] & PARKED)
+
+    def _unpark(self, slot: int) -> None:
+        if self.flags[slot] & PARKED:
+            self.flags[slot] &= ~PARKED & 0xFF
+            self.parked -= 1
+
+    def values(self, slot: int) -> Values:
+        f = self.flags[slot]
+        return Values(
+            self.size[slot],
+            self.chunk_size[slot],
+            bool(f & COMPLETE),
+            self.mtime_ns[slot],
+            self.last_used[slot],
+            self.ctime_ns[slot],
+            bool(f & LENT),
+            self.charged[slot],
+        )
+
+    def row(self, slot: int, digest: bytes | None = None) -> BlobRow:
+        r = self.values(slot)
+        d = self.slots.key(slot) if digest is None else digest
+        return BlobRow(
+            d,
+            self.tier.name,
+            r.size,
+            r.chunk_size,
+            r.complete,
+            r.mtime_ns,
+            r.last_used,
+            r.ctime_ns,
+            r.lent,
+        )
+
+    def detach(self, slot: int) -> None:
+        """The record at `slot` is about to be replaced or dropped: its Blob keeps its values."""
+        ref = self._views.pop(slot, None)
+        if ref is not None and (b := ref()) is not None:
+            b._detach(self.values(slot))
+
+    def remove(self, slot: int) -> None:
+        """Forget the record at `slot` (out of the queue: the caller's to do first)."""
+        self.detach(slot)
+        self.unsized -= self.chunk_size[slot] <= 0
+        self._unpark(slot)
+        self.flags[slot] = 0
+        self.slots.remove(slot)
+
+    def digests(self) -> Digests:
+        """Every digest recorded now, in a compact copy that later changes do not touch."""
+        out = bytearray()
+        for slot in self.slots.slots():
+            out += self.slots.key(slot)
+        return Digests(bytes(out))
+
+    def nbytes(self) -> int:
+        """What the records hold in buffers (an estimate of their memory, for tests)."""
+        cols = 8 * 6 + 1
+        return self.slots.nbytes() + cols * len(self.size) + self.queue.nbytes()
+
+
+class Digests:
+    """A list of digests in one bytes object (32 bytes each): what a walk over a tier takes."""
+
+    def __init__(self, packed: bytes) -> None:
+        self._packed = packed
+
+    def __len__(self) -> int:
+        return len(self._packed) // HASH_LEN
+
+    def __iter__(self) -> Iterator[bytes]:
+        p = self._packed
+        return (p[o : o + HASH_LEN] for o in range(0, len(p), HASH_LEN))
+
+    def __contains__(self, digest: object) -> bool:
+        return any(d == digest for d in self)
+
+    def __repr__(self) -> str:
+        return f"Digests({len(self)})"
+
+
+class Blob:
+    """One blob in one tier: a view of its record (see the module docstring)."""
+
+    __slots__ = ("__weakref__", "_at", "_slot", "_was", "digest", "tier")
+
+    def __init__(self, at: TierBlobs, slot: int, digest: bytes) -> None:
+        self.digest = digest
+        self.tier = at.tier
+        self._at: TierBlobs | None = at
+        self._slot = slot
+        self._was: Values | None = None
+
+    def _detach(self, values: Values) -> None:
+        self._at, self._was = None, values
+
+    @property
+    def attached(self) -> bool:
+        """Whether this is still the tier's record of the blob."""
+        return self._at is not None
+
+    @property
+    def slot(self) -> int:
+        return self._slot
+
+    def _values(self) -> Values:
+        at = self._at
+        if at is not None:
+            return at.values(self._slot)
+        assert self._was is not None
+        return self._was
+
+    @property
+    def size(self) -> int:
+        at = self._at
+        return at.size[self._slot] if at is not None else self._values().size
+
+    @property
+    def chunk_size(self) -> int:
+        at = self._at
+        return at.chunk_size[self._slot] if at is not None else self._values().chunk_size
+
+    @property
+    def complete(self) -> bool:
+        at = self._at
+        return bool(at.flags[self._slot] & COMPLETE) if at is not None else self._values().complete
+
+    @property
+    def mtime_ns(self) -> int:
+        at = self._at
+        return at.mtime_ns[self._slot] if at is not None else self._values().mtime_ns
+
+    @property
+    def ctime_ns(self) -> int:
+        at = self._at
+        return at.ctime_ns[self._slot] if at is not None else self._values().ctime_ns
+
+    @property
+    def last_used(self) -> float:
+        at = self._at
+        return at.last_used[self._slot] if at is not None else self._values().last_used
+
+    @property
+    def lent(self) -> bool:
+        at = self._at
+        return bool(at.flags[self._slot] & LENT) if at is not None else self._values().lent
+
+    @property
+    def charged(self) -> int:
+        at = self._at
+        return at.charged[self._slot] if at is not None else self._values().charged
+
+    @property
+    def path(self) -> Path:
+        return self.tier.blob_path(self.digest)
+
+    @property
+    def file(self) -> str:
+        """`path` as a string: cheaper where every blob of a snapshot is looked at."""
+        return self.tier.blob_file(self.digest)
+
+    def row(self) -> BlobRow:
+        r = self._values()
+        return BlobRow(
+            self.digest,
+            self.tier.name,
+            r.size,
+            r.chunk_size,
+            r.complete,
+            r.mtime_ns,
+            r.last_used,
+            r.ctime_ns,
+            r.lent,
+        )
+
+    def record(self, st: BlobStat) -> None:
+        """Take `st` as the stat of this blob's verified bytes, in memory only (the cache's
+        settle also writes the row)."""
+        at = self._at
+        if at is None:
+            assert self._was is not None
+            self._was = self._was._replace(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns)
+            return
+        at.size[self._slot], at.mtime_ns[self._slot] = st.size, st.mtime_ns
+        at.ctime_ns[self._slot] = st.ctime_ns
+
+    def stat(self) -> BlobStat:
+        """The recorded stat of its verified bytes."""
+        return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns)
+
+    def __repr__(self) -> str:
+        r = self._values()
+        state = "complete" if r.complete else f"partial {r.charged}/{r.size}"
+        gone = "" if self.attached else ", detached"
+        return f"Blob({self.tier.name}:{self.digest.hex()[:12]} {state}{gone})"
+
+
+__all__ = ["UNKNOWN_CTIME", "Blob", "Digests", "TierBlobs", "Values"]

@@ -1,0 +1,150 @@
+"""A map from fixed-width keys (32-byte digests) to slot numbers, with no Python object per
+key. Pure.
+
+A million cached blobs in a dict cost a bytes object, an int and a dict entry each (~150 B);
+here a key costs its own bytes in one bytearray plus ~6-12 bytes of index. A slot is a small
+int that the caller uses to index its own columns (`array` module arrays); slots freed by
+`remove` are given out again.
+
+The index is an open-addressing hash table (linear probing, tombstones for removals) split in
+SHARDS shards, each grown on its own: growing one rehashes ~1/SHARDS of the keys, so no add
+ever costs a pass over all of them (a million keys: ~1,000 per shard). A lookup is one hash,
+a probe or two and one compare of the key's bytes: about a microsecond.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+SHARD_BITS = 10
+SHARDS = 1 << SHARD_BITS
+_MASK = SHARDS - 1
+# Index entries: slot + 1; 0 empty; -1 a removed key (a tombstone: probes go on past it).
+_EMPTY = 0
+_GONE = -1
+_MIN_SIZE = 8
+
+
+class DigestSlots:
+    """Keys of `width` bytes to slots. `find` is -1 for an absent key; `add` takes an absent
+    key only (the caller looks first: it also decides what a present key means)."""
+
+    def __init__(self, width: int = 32) -> None:
+        self.width = width
+        self._keys = bytearray()  # slot s: _keys[s * width : (s + 1) * width]
+        self._free = array("i")
+        self._index = [array("i", bytes(4 * _MIN_SIZE)) for _ in range(SHARDS)]
+        self._filled = array("i", bytes(4 * SHARDS))  # used entries per shard, tombstones too
+        self._live = array("i", bytes(4 * SHARDS))
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"DigestSlots({self.count} keys, {self.capacity} slots)"
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def capacity(self) -> int:
+        """Slots ever given out (free ones included): how long the caller's columns are."""
+        return len(self._keys) // self.width
+
+    def key(self, slot: int) -> bytes:
+        w = self.width
+        return bytes(self._keys[slot * w : (slot + 1) * w])
+
+    def find(self, key: bytes) -> int:
+        h = hash(key)
+        idx = self._index[h & _MASK]
+        mask = len(idx) - 1
+        i = (h >> SHARD_BITS) & mask
+        keys, w = self._keys, self.width
+        while True:
+            v = idx[i]
+            if v > 0:
+                o = (v - 1) * w
+                if keys[o : o + w] == key:
+                    return v - 1
+            elif v == _EMPTY:
+                return -1
+            i = (i + 1) & mask
+
+    def add(self, key: bytes) -> int:
+        """Give an absent `key` a slot: a free one, else the next new one (== capacity)."""
+        if len(key) != self.width:
+            raise ValueError(f"a key of {len(key)} bytes, want {self.width}")
+        h = hash(key)
+        shard = h & _MASK
+        idx = self._index[shard]
+        if (self._filled[shard] + 1) * 3 > len(idx) * 2:
+            idx = self._rehash(shard)
+        mask = len(idx) - 1
+        i = (h >> SHARD_BITS) & mask
+        while idx[i] > 0:
+            i = (i + 1) & mask
+        if idx[i] == _EMPTY:
+            self._filled[shard] += 1
+        w = self.width
+        if self._free:
+            slot = self._free.pop()
+            self._keys[slot * w : (slot + 1) * w] = key
+        else:
+            slot = len(self._keys) // w
+            self._keys += key
+        idx[i] = slot + 1
+        self._live[shard] += 1
+        self.count += 1
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free `slot` (which must hold a key) and forget its key."""
+        key = self.key(slot)
+        h = hash(key)
+        shard = h & _MASK
+        idx = self._index[shard]
+        mask = len(idx) - 1
+        i = (h >> SHARD_BITS) & mask
+        while idx[i] != slot + 1:
+            i = (i + 1) & mask
+        idx[i] = _GONE
+        self._live[shard] -= 1
+        self.count -= 1
+        self._free.append(slot)
+
+    def _rehash(self, shard: int) -> array[int]:
+        """Rebuild one shard's index without its tombstones, sized for twice its keys."""
+        old = self._index[shard]
+        size = _MIN_SIZE
+        while (self._live[shard] + 1) * 3 > size:
+            size *= 2
+        idx = array("i", bytes(4 * size))
+        mask = size - 1
+        view, w = memoryview(self._keys), self.width
+        for v in old:
+            if v > 0:
+                o = (v - 1) * w
+                i = (hash(bytes(view[o : o + w])) >> SHARD_BITS) & mask
+                while idx[i] != _EMPTY:
+                    i = (i + 1) & mask
+                idx[i] = v
+        view.release()
+        self._index[shard] = idx
+        self._filled[shard] = self._live[shard]
+        return idx
+
+    def slots(self) -> Iterator[int]:
+        """Every slot holding a key (in no useful order)."""
+        for idx in self._index:
+            for v in idx:
+                if v > 0:
+                    yield v - 1
+
+    def nbytes(self) -> int:
+        """What the structure holds in buffers (an estimate of its memory, for tests)."""
+        return (
+            len(self._keys)
+            + 4 * len(self._free)
+            + sum(4 * len(idx) for idx in self._index)
+            + 8 * SHARDS
+        )
