@@ -235,9 +235,24 @@ def decode(data: bytes) -> Manifest:
         raise ManifestError(f"manifest is not valid msgpack: {e}") from e
     m = _from_doc(doc)
     validate(m)
-    if encode(m) != data:
+    if not _canonical(doc, data):
         raise ManifestError("manifest is not in canonical form (re-encoding differs)")
     return m
+
+
+def _canonical(doc: dict[str, Any], data: bytes) -> bool:
+    """Whether `data` is what `encode` makes of the manifest decoded from it: every map's
+    keys in sorted order (decoding keeps the order they came in, and a repeated key leaves
+    one entry), and msgpack's own shortest encoding of the values decoded. Cheaper than
+    `encode(m) != data` by the Python work per file (a quarter of a cold restore's resolve
+    for 10,000 files); `_from_doc` and `validate` have checked every value's type and shape."""
+    maps = [doc, doc["compat"], doc["meta"], *doc["files"], *doc["symlinks"]]
+    for m in maps:
+        keys = list(m)
+        if keys != sorted(keys):
+            return False
+    packed: bytes = msgpack.packb(doc, use_bin_type=True)
+    return packed == data
 
 
 def _from_doc(doc: Any) -> Manifest:
