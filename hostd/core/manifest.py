@@ -89,18 +89,25 @@ class Chunk:
         return hash(self.id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     path: str
     mode: int
     size: int
     chunks: tuple[Chunk, ...]
     mtime: int | None = None  # ns; None in format 1, which did not record it
+    # `digest`, once asked for (slots: a decoded manifest of 100,000 files is kept for
+    # reuse, and an instance dict per file would cost ~100 bytes of it)
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
     def digest(self) -> bytes:
         """The blob this file's content is cached as."""
-        return file_digest((c.id, c.size) for c in self.chunks)
+        d = self._digest
+        if d is None:
+            d = file_digest((c.id, c.size) for c in self.chunks)
+            object.__setattr__(self, "_digest", d)
+        return d
 
     def offsets(self, chunk_size: int) -> Iterator[tuple[int, Chunk]]:
         for i, c in enumerate(self.chunks):
