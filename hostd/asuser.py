@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import select
@@ -33,7 +34,14 @@ from typing import Any, TypeVar
 
 import hostd
 from hostd.caller import Caller
-from hostd.errors import Forbidden, HostdError, TargetExists, TransientError, UsageError
+from hostd.errors import (
+    Forbidden,
+    HostdError,
+    TargetError,
+    TargetExists,
+    TransientError,
+    UsageError,
+)
 from hostd.fileio import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from hostd.frames import FrameError, recv_frame, send_frame
 
@@ -49,6 +57,8 @@ _ERRORS: dict[str, type[HostdError]] = {
     "exists": TargetExists,
     "forbidden": Forbidden,
 }
+# What a filesystem answers when it cannot take what the request itself was right to ask.
+_TARGET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +259,11 @@ class AsUser:
             for fd in out:
                 os.close(fd)
         if "error" in reply:
-            raise _ERRORS.get(str(reply["error"]), HostdError)(str(reply["message"]))
+            kind = str(reply["error"])
+            cls = _ERRORS.get(kind, HostdError)
+            if kind == "os" and reply.get("errno") in _TARGET_ERRNOS:
+                cls = TargetError  # the caller's filesystem failed the write, not the request
+            raise cls(str(reply["message"]))
         if len(out) != nfds:
             raise HostdError(f"hostd's helper answered {op!r} with {len(out)} descriptors")
         return reply, out

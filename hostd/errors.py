@@ -103,6 +103,14 @@ class TargetExists(HostdError):
     status = 409
 
 
+class TargetError(HostdError):
+    """Writing the restore's target failed after it began (its filesystem full or read-only,
+    an I/O error): not a usage error, and nothing is left at the target."""
+
+    code = "target_error"
+    status = 500
+
+
 class TierError(HostdError):
     """A tier cannot take a write: not writable, or its filesystem is full."""
 

@@ -24,7 +24,7 @@ from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
-from hostd.errors import Forbidden, ManifestError, NotFound, OriginError, UsageError
+from hostd.errors import Forbidden, ManifestError, NotFound, OriginError, TargetError, UsageError
 from hostd.fill import Filler, FillProgress
 from hostd.materialize import Cancelled, Outcome, materialize
 from hostd.origin import Origin, RetryNote, validate_ref
@@ -337,10 +337,14 @@ class Restorer:
             with contextlib.suppress(Cancelled, Exception):
                 await job
             raise
+        except TargetError as e:  # the helper's write into the caller's filesystem
+            raise TargetError(
+                f"restoring into {str(req.target)!r} failed: {e.message}; the target is as it was"
+            ) from e
         except OSError as e:
-            raise UsageError(
+            raise TargetError(
                 f"restoring into {str(req.target)!r} failed: {e.strerror or e}"
-                f"{f' ({e.filename})' if e.filename else ''}"
+                f"{f' ({e.filename})' if e.filename else ''}; the target is as it was"
             ) from e
 
     async def prefetch(

@@ -454,3 +454,35 @@ def test_a_config_hostd_cannot_read_is_1_and_a_bad_value_is_2(work: Path) -> Non
     p = hostd("serve", "--config", str(work / "bad.toml"), timeout=DEADLINE)
     assert p.returncode == 2, p.stderr
     assert "did you mean 'fetch_concurrency'" in p.stderr
+
+
+def test_a_target_filesystem_that_fills_up_is_a_failure_not_a_usage_error(work: Path) -> None:
+    """Exit 2 is for usage errors only: a restore into a filesystem too small for the tree
+    fails with 1, says why, and leaves nothing behind."""
+    src = work / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(2 << 20))
+    (src / "small.txt").write_text("fits\n")
+    small = work / "small"
+    small.mkdir()
+    with Hostd(work / "d") as d:
+        d.publish(src, "m/big")
+        script = (
+            f"mount -t tmpfs -o size=1m none {small} && "
+            f"{sys.executable} -m hostd restore m/big {small}/t --mode copy --socket {d.socket}; "
+            f"echo exit=$?; ls -A {small}"
+        )
+        p = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=False,
+        )
+    out = p.stdout.splitlines()
+    assert out[0] == "exit=1", (p.stdout, p.stderr)
+    assert out[1:] == []  # the client's tmpfs holds nothing: no tree, no build directory
+    assert p.stderr.startswith(f"hostd: restoring into '{small}/t' failed: No space left"), p.stderr
+    assert "the target is as it was" in p.stderr
+    assert p.stderr.count("\n") == 1
