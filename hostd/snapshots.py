@@ -400,11 +400,7 @@ class Snapshots:
                 continue
             self._forget(sid)
             forgot.append(sid)
-        if forgot:
-            # Recording one of them again queues its indexing after this (see record).
-            erasing = self.index.later(self._erase, forgot)
-            self._erasing.append(erasing)
-            await asyncio.wrap_future(erasing)
+        await self._erase_all(forgot)
         return forgot
 
     async def forget(
@@ -427,11 +423,16 @@ class Snapshots:
                 continue
             self._forget(sid)
             forgot.append(sid)
+        await self._erase_all(forgot)
+        return forgot, busy
+
+    async def _erase_all(self, forgot: list[str]) -> None:
+        """Drop forgotten snapshots' chunk rows and manifest files, on the index's writer.
+        Recording one of them again queues its indexing after this (see record)."""
         if forgot:
             erasing = self.index.later(self._erase, forgot)
             self._erasing.append(erasing)
             await asyncio.wrap_future(erasing)
-        return forgot, busy
 
     def _listed(self, ids: Iterable[str]) -> list[tuple[str, list[bytes]]]:
         return [
