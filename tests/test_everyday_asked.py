@@ -486,3 +486,39 @@ def test_a_target_filesystem_that_fills_up_is_a_failure_not_a_usage_error(work: 
     assert p.stderr.startswith(f"hostd: restoring into '{small}/t' failed: No space left"), p.stderr
     assert "the target is as it was" in p.stderr
     assert p.stderr.count("\n") == 1
+
+
+def test_readme_filter_commands_run_verbatim(work: Path) -> None:
+    """README's "Everyday use" publishes with filters: run its lines as written."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(
+        r"<!-- everyday:filters -->\n```sh\n(.*?)```\n<!-- /everyday:filters -->", text, re.S
+    )
+    assert block, "README.md lacks the everyday:filters block"
+    commands = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(commands) == 2
+    model, cache = work / "model", work / "cache"
+    for rel in ("w.safetensors", "run.pyc", "__pycache__/m.cpython-311.pyc", "logs/a.log",
+                "sub/logs/kept.log", "config.json"):  # fmt: skip
+        (model / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model / rel).write_text(rel)
+    for rel in ("inductor/x/k.py", "triton/k.cubin", "meta.json", "other.txt"):
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / rel).write_text(rel)
+    with Hostd(work / "d") as d:
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HOSTD_SOCKET": str(d.socket),
+            "PYTHONPATH": str(ROOT),
+        }
+        for command in commands:
+            p = subprocess.run(
+                ["sh", "-c", command], cwd=work, env=env, capture_output=True, text=True,
+                timeout=120, check=False,
+            )  # fmt: skip
+            assert p.returncode == 0, (command, p.stderr)
+        for ref, out in (("demo/llama", "m"), ("demo/cc", "c")):
+            assert hostd("restore", ref, str(work / out), "--socket", str(d.socket)).returncode == 0
+    assert _files(work / "m") == {"w.safetensors", "sub/logs/kept.log", "config.json"}
+    assert _files(work / "c") == {"inductor/x/k.py", "meta.json"}
