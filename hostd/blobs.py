@@ -27,7 +27,7 @@ from typing import NamedTuple
 from hostd.core.eviction import Lru
 from hostd.core.ids import HASH_LEN
 from hostd.core.slots import DigestSlots
-from hostd.index import UNKNOWN_CTIME, BlobRow
+from hostd.index import UNKNOWN_CTIME, BlobRow, BlobValues
 from hostd.tier import BlobStat, Tier
 
 # Entries of the Blob registry kept before dead ones are swept (then twice the live ones).
@@ -121,6 +121,40 @@ class TierBlobs:
             self.flags.append(0)
         self._write(slot, r)
         self.unsized += r.chunk_size <= 0
+        return slot
+
+    def add_row(self, row: BlobValues) -> int:
+        """Record an index row as it stands (charged its size, not queued): how Cache.load
+        reads the index, with no object per row. A digest recorded already takes the row's
+        values (a table with no key may hold two rows of one blob: the later one counts).
+        Its slot."""
+        digest, _, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent = row
+        known = len(self.slots)
+        slot = self.slots.put(digest)
+        if slot < len(self.size):  # recorded already, or a slot freed before
+            self.unsized -= len(self.slots) == known and self.chunk_size[slot] <= 0
+            self._write(
+                slot,
+                Values(
+                    size,
+                    chunk_size,
+                    bool(complete),
+                    mtime_ns,
+                    last_used,
+                    ctime_ns,
+                    bool(lent),
+                    size,
+                ),
+            )
+        else:
+            self.size.append(size)
+            self.chunk_size.append(max(chunk_size, 0))
+            self.mtime_ns.append(mtime_ns)
+            self.ctime_ns.append(ctime_ns)
+            self.last_used.append(last_used)
+            self.charged.append(size)
+            self.flags.append((COMPLETE if complete else 0) | (LENT if lent else 0))
+        self.unsized += chunk_size <= 0
         return slot
 
     def set(self, slot: int, r: Values) -> None:

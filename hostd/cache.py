@@ -45,10 +45,10 @@ from pathlib import Path
 from hostd.blobs import COMPLETE, LENT, Blob, Digests, TierBlobs, Values
 from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
-from hostd.core.ids import file_digest
+from hostd.core.ids import HASH_LEN, file_digest
 from hostd.errors import TierError
 from hostd.fastcopy import Stat
-from hostd.index import UNKNOWN_CTIME, BlobRow, Index
+from hostd.index import BATCH, UNKNOWN_CTIME, BlobRow, Index, unpack_blobs
 from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
 from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
 
@@ -56,6 +56,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Blob", "Cache", "Rehash", "TierUsage", "Verdict"]
 
+
+# Load's state of each record, a byte by slot while it reconciles the index with the disk.
+_RECORDED = 0  # read from the index, its file not found (yet)
+_KEPT = 1  # its file found, its row right as it is
+_CHANGED = 2  # its file found, its row to be written
+
+# Unsized blobs found at load that are looked up through a set (few: after a crash, say);
+# more (a lost index) are looked up in the columns themselves, with no set of them.
+_FEW_UNSIZED = 1 << 16
 
 # Chunks smaller than this are found for dedup only as a blob of their own (chunk_location):
 # the smallest chunk size, so every full chunk of a larger blob is still looked up.
@@ -141,61 +150,152 @@ class Cache:
 
     # start-up ----------------------------------------------------------------------------
     def load(self) -> None:
-        """Prepare tiers and reconcile the index with what is really on disk (blocking)."""
+        """Prepare tiers and reconcile the index with what is really on disk (blocking; once,
+        on a new Cache).
+
+        Streamed, so that start-up holds little more than the view it builds (a million blobs:
+        no dict of rows or list of stats beside it): the index rows go straight into the
+        columns, a batch at a time, as recorded but not yet seen; each tier's scan comes a
+        directory at a time, each file reconciled with its record as it comes; the records
+        no file was found for are swept, their rows deleted; blobs found with no chunk size get
+        the one a known snapshot gives; only the rows that changed are written back.
+        """
         for t in self.tiers:
             t.prepare()
         self.snaps.load()
-        rows = {(r.digest, r.tier): r for r in self.index.blobs()}
-        scans = {t.name: t.scan() for t in self.tiers}
-        unsized = {
-            st.digest
-            for name, (complete, _) in scans.items()
-            for st in complete
-            if (row := rows.get((st.digest, name))) is None or row.chunk_size <= 0
-        }
-        sizes = self.snaps.chunk_sizes(unsized)
+        states = self._read_rows()
         for t in self.tiers:
-            complete, partial = scans[t.name]
-            for st in complete:
-                row = rows.pop((st.digest, t.name), None)
-                cs = row.chunk_size if row and row.chunk_size > 0 else sizes.get(st.digest, 0)
-                last = row.last_used if row else self.clock()
-                if row is not None and row.complete and row.size == st.size:
-                    # Keep the stat recorded at completion, not today's: a blob written
-                    # through while the daemon was down must fail unchanged() and be re-hashed.
-                    r = Values(
-                        st.size, cs, True, row.mtime_ns, last, row.ctime_ns, row.lent, st.size
-                    )
-                else:
-                    # No record vouches for these bytes (a lost or rebuilt index, a death
-                    # between install and record): never trusted by their mtime; the unknown
-                    # ctime makes the first use re-hash them (vouch, lazily: see there).
-                    r = Values(st.size, cs, True, st.mtime_ns, last, UNKNOWN_CTIME, False, st.size)
-                self._put(t, st.digest, r, persist=_row(st.digest, t.name, r) != row)
-            for st in partial:
-                row = rows.pop((st.digest, t.name), None)
-                held = _allocated(t.partial_path(st.digest), st.size)
-                if (
-                    row is None
-                    or row.complete
-                    or row.size != st.size
-                    or row.chunk_size <= 0
-                    or held is None
-                ):
-                    t.remove_partial(st.digest)  # nothing to resume it with
-                    continue
-                # Left by a fill the stop cut short: resumable, charged for what it holds,
-                # and evictable (no fill uses it now).
-                r = Values(
-                    row.size, row.chunk_size, False, 0, row.last_used, UNKNOWN_CTIME, False, held
-                )
-                self._put(t, st.digest, r, persist=False)
-        for digest, tier in rows:  # in the index but gone from disk
-            self.index.delete_blob(digest, tier)
+            self._reconcile(t, states[t.name])
+            self._sweep(t, states[t.name])
+        self._size_unsized(states)
         for t in self.tiers:
+            self._write_changed(self._tb[t.name], states[t.name])
             log.info(
                 "tier %s at %s: %d bytes used of %d", t.name, t.root, self._used[t.name], t.budget
             )
+
+    def _read_rows(self) -> dict[str, bytearray]:
+        """Every index row into its tier's columns, unqueued and uncharged; each tier's load
+        state by slot (all _RECORDED). Rows of no tier here (or not an id) are deleted."""
+        stale: list[tuple[bytes, str]] = []
+        for rows in self.index.blob_batches():
+            for row in rows:
+                tb = self._tb.get(row[1])
+                if tb is None or len(row[0]) != HASH_LEN:
+                    stale.append((row[0], row[1]))
+                else:
+                    tb.add_row(row)
+        self.index.delete_blobs(stale)
+        return {name: bytearray(len(tb.size)) for name, tb in self._tb.items()}
+
+    def _reconcile(self, t: Tier, state: bytearray) -> None:
+        """Meet each file of tier `t` with its record, as the scan finds them."""
+        tb = self._tb[t.name]
+        for found in t.complete_blobs():
+            for digest, (size, mtime_ns, _) in found:
+                slot = tb.find(digest)
+                if slot >= 0 and state[slot] == _RECORDED:
+                    if tb.flags[slot] & COMPLETE and tb.size[slot] == size:
+                        # Keep the stat recorded at completion, not today's: a blob written
+                        # through while the daemon was down must fail unchanged() and be
+                        # re-hashed.
+                        state[slot] = _KEPT
+                        continue
+                    cs, last = tb.chunk_size[slot], tb.last_used[slot]
+                else:  # no row (or a second file of one digest, in the wrong directory)
+                    cs, last = 0, self.clock()
+                # No record vouches for these bytes (a lost or rebuilt index, a death between
+                # install and record): never trusted by their mtime; the unknown ctime makes
+                # the first use re-hash them (vouch, lazily: see there).
+                r = Values(size, cs, True, mtime_ns, last, UNKNOWN_CTIME, False, size)
+                if slot >= 0:
+                    tb.set(slot, r)
+                else:
+                    slot = tb.add(digest, r)
+                    state.append(_RECORDED)
+                state[slot] = _CHANGED
+        for digest, (size, _, _) in t.partial_blobs():
+            slot = tb.find(digest)
+            held = None
+            if (
+                slot >= 0
+                and state[slot] == _RECORDED
+                and not tb.flags[slot] & COMPLETE
+                and tb.size[slot] == size
+                and tb.chunk_size[slot] > 0
+            ):
+                held = _allocated(t.partial_path(digest), size)
+            if held is None:
+                t.remove_partial(digest)  # nothing to resume it with; its row goes in the sweep
+                continue
+            # Left by a fill the stop cut short: resumable, charged for what it holds, and
+            # evictable (no fill uses it now). In memory only: its row stays as it was.
+            r = Values(
+                size, tb.chunk_size[slot], False, 0, tb.last_used[slot], UNKNOWN_CTIME, False, held
+            )
+            tb.set(slot, r)
+            state[slot] = _KEPT
+
+    def _sweep(self, t: Tier, state: bytearray) -> None:
+        """Forget the records whose file is gone (and delete their rows); charge and queue
+        the rest."""
+        tb, name = self._tb[t.name], t.name
+        gone: list[tuple[bytes, str]] = []
+        used = 0
+        for slot, st in enumerate(state):
+            if st == _RECORDED:
+                gone.append((tb.slots.key(slot), name))
+                tb.remove(slot)
+                if len(gone) >= BATCH:
+                    self.index.delete_blobs(gone)
+                    gone.clear()
+            else:
+                used += tb.charged[slot]
+                tb.push(slot)
+        self.index.delete_blobs(gone)
+        self._used[name] += used
+
+    def _size_unsized(self, states: dict[str, bytearray]) -> None:
+        """Give the complete blobs found with no chunk size the one the first known snapshot
+        naming them gives (as Snapshots.chunk_sizes does): in place, with no set or dict of
+        them unless they are few (a lost index makes it every blob)."""
+        tbs = [tb for tb in self._tb.values() if tb.unsized]
+        if not tbs:
+            return
+        few: set[bytes] | None = None
+        if sum(tb.unsized for tb in tbs) <= _FEW_UNSIZED:
+            few = {
+                tb.slots.key(slot)
+                for tb in tbs
+                for slot in range(len(tb.size))
+                if tb.chunk_size[slot] <= 0 and tb.flags[slot] & COMPLETE
+            }
+        for _, cs, packed in self.index.all_snapshot_blobs():
+            if cs <= 0:
+                continue
+            for digest, _ in unpack_blobs(packed):
+                if few is not None and digest not in few:
+                    continue
+                for tb in tbs:
+                    slot = tb.find(digest)
+                    if slot >= 0 and tb.chunk_size[slot] <= 0 and tb.flags[slot] & COMPLETE:
+                        tb.set_chunk_size(slot, cs)
+                        states[tb.tier.name][slot] = _CHANGED
+            if not any(tb.unsized for tb in tbs):
+                return
+
+    def _write_changed(self, tb: TierBlobs, state: bytearray) -> None:
+        """Write back the rows that load changed, in batches."""
+        slot = state.find(_CHANGED)
+        rows: list[BlobRow] = []
+        while slot >= 0:
+            rows.append(tb.row(slot))
+            if len(rows) >= BATCH:
+                self.index.put_blobs(rows)
+                rows.clear()
+            slot = state.find(_CHANGED, slot + 1)
+        if rows:
+            self.index.put_blobs(rows)
 
     # the view ------------------------------------------------------------------------------
     def _put(
@@ -851,12 +951,6 @@ def rehash(
         return Rehash(f"cannot read: {e.strerror}")
     finally:
         os.close(fd)
-
-
-def _row(digest: bytes, tier: str, r: Values) -> BlobRow:
-    return BlobRow(
-        digest, tier, r.size, r.chunk_size, r.complete, r.mtime_ns, r.last_used, r.ctime_ns, r.lent
-    )
 
 
 def _allocated(path: Path, size: int) -> int | None:

@@ -1,7 +1,7 @@
 """The embedded index: SQLite (WAL) records of blobs, snapshots, the chunk map, refs, pins.
 
-The tiers hold the bytes; the index remembers what they mean. Blob rows are read whole at
-start (the cache keeps an in-memory view of them) and written through on every change;
+The tiers hold the bytes; the index remembers what they mean. Blob rows are read at start, in
+batches (the cache keeps an in-memory view of them) and written through on every change;
 snapshot rows are small summaries (the manifests themselves are files beside the index),
 and the chunk map (chunk id -> blob, offset) is only ever queried per chunk, so neither costs
 memory per chunk. The index is reconciled with the tiers at start, so a lost or stale index
@@ -47,6 +47,18 @@ SCHEMA_VERSION = 3
 # index migrated from version 1, or a blob found on disk with no row), so the next use
 # re-hashes it.
 UNKNOWN_CTIME = 0
+
+# Blob rows read per query by blob_batches (Cache.load): a few hundred KiB of tuples.
+LOAD_BATCH = 4096
+
+# A blob row as stored (what blob_batches gives): digest, tier, size, chunk_size, complete
+# (0 or 1), mtime_ns, last_used, ctime_ns, lent (0 or 1). BlobRow's fields, in that order.
+BlobValues = tuple[bytes, str, int, int, int, int, float, int, int]
+
+_SELECT_BLOBS = (
+    "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent"
+    " FROM blobs"
+)
 
 # Rows written per transaction by bulk writes: small enough that a statement from the loop
 # waiting for the lock waits about a millisecond.
@@ -269,13 +281,29 @@ class Index:
 
     # blobs
     def blobs(self) -> list[BlobRow]:
-        rows = self._all(
-            "SELECT digest, tier, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent"
-            " FROM blobs"
-        )
         return [
-            BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], bool(r[8])) for r in rows
+            BlobRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], bool(r[8]))
+            for rows in self.blob_batches()
+            for r in rows
         ]
+
+    def blob_batches(self, size: int = LOAD_BATCH) -> Iterator[list[BlobValues]]:
+        """Every blob row as it is stored (BlobValues: no object per row), in table order,
+        `size` rows at a time, so that a million rows cost one batch of memory. One statement
+        stays open throughout; the lock is held per batch only (a row written meanwhile may or
+        may not be seen)."""
+        with self._lock:
+            cur = self.db.execute(_SELECT_BLOBS)
+        try:
+            while True:
+                with self._lock:
+                    rows: list[BlobValues] = cur.fetchmany(size)
+                if not rows:
+                    return
+                yield rows
+        finally:
+            with self._lock:
+                cur.close()
 
     def put_blob(self, row: BlobRow) -> None:
         self._exec(_PUT_BLOB, _blob_values(row))
@@ -287,6 +315,10 @@ class Index:
 
     def delete_blob(self, digest: bytes, tier: str) -> None:
         self._exec("DELETE FROM blobs WHERE digest=? AND tier=?", (digest, tier))
+
+    def delete_blobs(self, keys: Iterable[tuple[bytes, str]]) -> None:
+        """Delete blob rows by (digest, tier), in batches."""
+        self._batched("DELETE FROM blobs WHERE digest=? AND tier=?", keys)
 
     def touch_blobs(self, digests: Iterable[bytes], when: float) -> None:
         self._batched(

@@ -41,6 +41,9 @@ from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
 
+# A blob file a scan found: its digest and its stat, (size, mtime_ns, ctime_ns).
+Found = tuple[bytes, fastcopy.Stat]
+
 # What set_mtime takes as "this filesystem cannot hold that time" (a FAT tier and a time
 # before 1980, say): the blob keeps the time it was written at, and its files are copied.
 _TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)
@@ -333,17 +336,22 @@ class Tier:
         return BlobStat.of(digest, st)
 
     def scan(self) -> tuple[list[BlobStat], list[BlobStat]]:
-        """Complete blobs and partial blobs on disk (names that are not ids are ignored)."""
-        complete: list[BlobStat] = []
-        partial: list[BlobStat] = []
-        for sub in _iterdir(self.blobs_dir):
-            for p in _iterdir(sub):
-                if _is_hex(p.name):
-                    complete.append(BlobStat.of(bytes.fromhex(p.name), p.stat()))
-        for p in _iterdir(self.partial_dir):
-            if _is_hex(p.name):
-                partial.append(BlobStat.of(bytes.fromhex(p.name), p.stat()))
+        """Complete blobs and partial blobs on disk, as lists (see complete_blobs)."""
+        complete = [BlobStat(d, *st) for found in self.complete_blobs() for d, st in found]
+        partial = [BlobStat(d, *st) for d, st in self.partial_blobs()]
         return complete, partial
+
+    def complete_blobs(self) -> Iterator[list[Found]]:
+        """The complete blobs on disk, one directory (blobs/<xx>) at a time, so that a walk
+        of a million holds a few thousand at once. Names that are not ids are ignored, and so
+        is a file gone between its directory's listing and its stat."""
+        root = str(self.blobs_dir)
+        for sub in _listdir(root):
+            yield _found(f"{root}/{sub}")
+
+    def partial_blobs(self) -> list[Found]:
+        """The partial blobs on disk (their .have files aside), as complete_blobs."""
+        return _found(str(self.partial_dir))
 
     def remove_blob(self, digest: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -519,15 +527,35 @@ class Tier:
             raise tier_error(self.name, self.root, e, "syncing its blobs to disk") from e
 
 
-def _iterdir(p: Path) -> Iterator[Path]:
+def _listdir(d: str) -> list[str]:
     try:
-        yield from p.iterdir()
+        return os.listdir(d)
     except (FileNotFoundError, NotADirectoryError):  # gone, or a stray file where a dir goes
-        return
+        return []
 
 
-def _is_hex(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+def _found(d: str) -> list[Found]:
+    """The blob files in directory `d`: (digest, stat) of each name that is an id, stat in
+    one fastcopy.stat_paths call (in C where it was built)."""
+    ids: list[bytes] = []
+    paths: list[str] = []
+    for name in _listdir(d):
+        if (digest := _id(name)) is not None:
+            ids.append(digest)
+            paths.append(f"{d}/{name}")
+    stats = fastcopy.stat_paths(paths)
+    return [(digest, st) for digest, st in zip(ids, stats, strict=True) if not isinstance(st, int)]
+
+
+def _id(name: str) -> bytes | None:
+    """The digest a file name spells (64 lowercase hex digits), else None."""
+    if len(name) != 64:
+        return None
+    try:
+        digest = bytes.fromhex(name)
+    except ValueError:
+        return None
+    return digest if digest.hex() == name else None  # no upper case, no spaces
 
 
 def _remove(p: Path) -> None:

@@ -83,6 +83,38 @@ class DigestSlots:
         i = (h >> SHARD_BITS) & mask
         while idx[i] > 0:
             i = (i + 1) & mask
+        return self._claim(shard, idx, i, key)
+
+    def put(self, key: bytes) -> int:
+        """The slot of `key`: its own if present, else a new one as `add` gives (then `len`
+        grows by one). One hash and one probe for both: a bulk load (Cache.load) that may meet
+        a key twice."""
+        if len(key) != self.width:
+            raise ValueError(f"a key of {len(key)} bytes, want {self.width}")
+        h = hash(key)
+        shard = h & _MASK
+        idx = self._index[shard]
+        if (self._filled[shard] + 1) * 3 > len(idx) * 2:
+            idx = self._rehash(shard)
+        mask = len(idx) - 1
+        i = (h >> SHARD_BITS) & mask
+        keys, w = self._keys, self.width
+        free = -1  # the first tombstone on the way: where an absent key goes
+        while True:
+            v = idx[i]
+            if v > 0:
+                o = (v - 1) * w
+                if keys[o : o + w] == key:
+                    return v - 1
+            elif v == _EMPTY:
+                break
+            elif free < 0:
+                free = i
+            i = (i + 1) & mask
+        return self._claim(shard, idx, i if free < 0 else free, key)
+
+    def _claim(self, shard: int, idx: array[int], i: int, key: bytes) -> int:
+        """Give `key` a slot at entry `i` of its shard's index (empty or a tombstone)."""
         if idx[i] == _EMPTY:
             self._filled[shard] += 1
         w = self.width
