@@ -207,7 +207,15 @@ class Filler:
                     if e.digest in self._filling:
                         waits.append(self._filling[e.digest])
                         continue
-                    b = self._ready(e, tiers, progress, seen.get(e.digest))
+                    st = seen.get(e.digest)
+                    if st is None and not self.cache.copies(e.digest):
+                        # the cold path: no copy anywhere, nothing to check or copy in
+                        claims[e.digest] = self._filling[e.digest] = (
+                            asyncio.get_running_loop().create_future()
+                        )
+                        mine.append(e)
+                        continue
+                    b = self._ready(e, tiers, progress, st)
                     if b is not None:  # the warm path: no claim, no await
                         found[e.digest] = b
                         continue
