@@ -72,15 +72,7 @@ class DigestSlots:
 
     def add(self, key: bytes) -> int:
         """Give an absent `key` a slot: a free one, else the next new one (== capacity)."""
-        if len(key) != self.width:
-            raise ValueError(f"a key of {len(key)} bytes, want {self.width}")
-        h = hash(key)
-        shard = h & _MASK
-        idx = self._index[shard]
-        if (self._filled[shard] + 1) * 3 > len(idx) * 2:
-            idx = self._rehash(shard)
-        mask = len(idx) - 1
-        i = (h >> SHARD_BITS) & mask
+        shard, idx, mask, i = self._adding(key)
         while idx[i] > 0:
             i = (i + 1) & mask
         return self._claim(shard, idx, i, key)
@@ -89,15 +81,7 @@ class DigestSlots:
         """The slot of `key`: its own if present, else a new one as `add` gives (then `len`
         grows by one). One hash and one probe for both: a bulk load (Cache.load) that may meet
         a key twice."""
-        if len(key) != self.width:
-            raise ValueError(f"a key of {len(key)} bytes, want {self.width}")
-        h = hash(key)
-        shard = h & _MASK
-        idx = self._index[shard]
-        if (self._filled[shard] + 1) * 3 > len(idx) * 2:
-            idx = self._rehash(shard)
-        mask = len(idx) - 1
-        i = (h >> SHARD_BITS) & mask
+        shard, idx, mask, i = self._adding(key)
         keys, w = self._keys, self.width
         free = -1  # the first tombstone on the way: where an absent key goes
         while True:
@@ -112,6 +96,19 @@ class DigestSlots:
                 free = i
             i = (i + 1) & mask
         return self._claim(shard, idx, i if free < 0 else free, key)
+
+    def _adding(self, key: bytes) -> tuple[int, array[int], int, int]:
+        """Where adding `key` probes: its shard, the shard's index (grown first if one more
+        entry would fill it past two thirds), the index's mask and the first entry to look at."""
+        if len(key) != self.width:
+            raise ValueError(f"a key of {len(key)} bytes, want {self.width}")
+        h = hash(key)
+        shard = h & _MASK
+        idx = self._index[shard]
+        if (self._filled[shard] + 1) * 3 > len(idx) * 2:
+            idx = self._rehash(shard)
+        mask = len(idx) - 1
+        return shard, idx, mask, (h >> SHARD_BITS) & mask
 
     def _claim(self, shard: int, idx: array[int], i: int, key: bytes) -> int:
         """Give `key` a slot at entry `i` of its shard's index (empty or a tombstone)."""
