@@ -619,10 +619,9 @@ SWITCH_INTERVAL = 0.001
 
 
 def _tune_interpreter() -> None:
-    """Collect rarely (GC_YOUNG), leave what start-up made out of every collection, and hand
-    the GIL over sooner (SWITCH_INTERVAL)."""
+    """Collect rarely (GC_YOUNG) and hand the GIL over sooner (SWITCH_INTERVAL). What
+    start-up makes is frozen out of every collection once the cache is loaded."""
     gc.set_threshold(GC_YOUNG, 50, 100)
-    gc.freeze()
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -113,23 +113,39 @@ class Fetcher:
         return len(self._flights)
 
     async def get(self, chunk: Chunk, priority: Priority) -> Landed:
+        fl, _ = self._join(chunk, functools.partial(self._start, chunk, priority))
+        try:
+            return await asyncio.shield(fl.task)
+        finally:
+            self._leave(fl)
+
+    def _join(
+        self, chunk: Chunk, start: Callable[[], asyncio.Future[Landed]]
+    ) -> tuple[_Flight, bool]:
+        """The flight of `chunk`, with one more waiter: the one in the air, or a new one that
+        `start` makes (then True)."""
         fl = self._flights.get(chunk)
         # An abandoned flight stays registered until its cancellation has unwound: joining it
         # would raise CancelledError in a caller nobody cancelled. Start a new one instead.
+        fresh = fl is None or fl.abandoned
         if fl is None or fl.abandoned:
-            fl = _Flight(asyncio.create_task(self._load(chunk, priority)))
+            fl = _Flight(start())
             self._flights[chunk] = fl
             fl.task.add_done_callback(functools.partial(self._landed, chunk, fl))
         else:
             self.stats.joins += 1
         fl.waiters += 1
-        try:
-            return await asyncio.shield(fl.task)
-        finally:
-            fl.waiters -= 1
-            if fl.waiters == 0 and not fl.task.done():
-                fl.abandoned = True
-                fl.task.cancel()  # nobody wants it any more
+        return fl, fresh
+
+    def _start(self, chunk: Chunk, priority: Priority) -> asyncio.Task[Landed]:
+        return asyncio.create_task(self._load(chunk, priority))
+
+    @staticmethod
+    def _leave(fl: _Flight) -> None:
+        fl.waiters -= 1
+        if fl.waiters == 0 and not fl.task.done():
+            fl.abandoned = True
+            fl.task.cancel()  # nobody wants it any more
 
     async def landing(
         self, chunks: Sequence[Chunk], priority: Priority
@@ -145,25 +161,18 @@ class Fetcher:
         go (the origin reads a pack window once and verifies the lot on one thread), and
         costs the event loop a few µs a chunk where one `get` each costs ~100."""
         loop = asyncio.get_running_loop()
+        batched = self._batched
         flights: list[_Flight] = []
         new: list[tuple[Chunk, asyncio.Future[Landed]]] = []
         for c in chunks:
-            fl = self._flights.get(c)
-            if fl is None or fl.abandoned:
-                fut: asyncio.Future[Landed] = loop.create_future()
-                fl = _Flight(fut)
-                self._flights[c] = fl
-                fut.add_done_callback(functools.partial(self._landed, c, fl))
-                new.append((c, fut))
-            else:
-                self.stats.joins += 1
-            fl.waiters += 1
+            if batched is None:  # a source answers one chunk at a time: each chunk flies
+                fl, _ = self._join(c, functools.partial(self._start, c, priority))
+            else:  # alone, as get makes it; else the batch below settles the new flights
+                fl, fresh = self._join(c, loop.create_future)
+                if fresh:
+                    new.append((c, fl.task))
             flights.append(fl)
-        batched = self._batched
-        if new and batched is None:  # a source answers one chunk at a time: each chunk
-            for c, fut in new:  # its own flight, as get makes, under its own slot
-                _follow(fut, asyncio.create_task(self._load(c, priority)))
-        elif new and batched is not None:
+        if new and batched is not None:
             batch = asyncio.create_task(self._load_many(batched, new, priority))
             open_flights = len(new)
 
@@ -187,10 +196,7 @@ class Fetcher:
                     yield i, (task.result() if exc is None else exc)
         finally:
             for fl in flights:
-                fl.waiters -= 1
-                if fl.waiters == 0 and not fl.task.done():
-                    fl.abandoned = True
-                    fl.task.cancel()  # nobody wants it any more
+                self._leave(fl)
 
     async def _load_many(
         self,
@@ -213,37 +219,18 @@ class Fetcher:
                     for (c, f), r in zip(left, got, strict=True):
                         if f.done():
                             continue
-                        if isinstance(r, ChunkMissing):
-                            self.stats.missing[src.name] += 1
-                        elif isinstance(r, ChunkCorrupt):
-                            self.stats.corrupt[src.name] += 1
-                            corrupt.add(c)
-                            log.warning("corrupt chunk from %s: %s", src.name, r.message)
+                        if isinstance(r, ChunkMissing | ChunkCorrupt):
+                            if self._passed(src.name, r, problems.setdefault(c, [])):
+                                corrupt.add(c)
+                            keep.append((c, f))
                         elif isinstance(r, BaseException):
                             f.set_exception(r)  # as get would raise it
-                            continue
                         else:
-                            self.stats.chunks[src.name] += 1
-                            self.stats.bytes[src.name] += len(r)
-                            f.set_result((r, src.name))
-                            continue
-                        problems.setdefault(c, []).append(f"{src.name}: {r.message}")
-                        keep.append((c, f))
+                            f.set_result(self._landed_from(src.name, r))
                     left = keep
                 for c, f in left:
-                    if f.done():
-                        continue
-                    detail = "; ".join(problems.get(c, []))
-                    if c in corrupt:
-                        f.set_exception(
-                            ChunkCorrupt(
-                                f"chunk {c.id.hex()} could not be fetched intact ({detail})"
-                            )
-                        )
-                    else:
-                        f.set_exception(
-                            ChunkMissing(f"chunk {c.id.hex()} is in no source ({detail})")
-                        )
+                    if not f.done():
+                        f.set_exception(_nowhere(c, problems.get(c, []), c in corrupt))
         except BaseException as exc:
             for _, f in items:
                 if not f.done():
@@ -265,23 +252,27 @@ class Fetcher:
             for src in self.sources:
                 try:
                     data = await src.get(chunk)
-                except ChunkMissing as e:
-                    self.stats.missing[src.name] += 1
-                    problems.append(f"{src.name}: {e.message}")
+                except (ChunkMissing, ChunkCorrupt) as e:
+                    corrupt |= self._passed(src.name, e, problems)
                     continue
-                except ChunkCorrupt as e:
-                    self.stats.corrupt[src.name] += 1
-                    corrupt = True
-                    log.warning("corrupt chunk from %s: %s", src.name, e.message)
-                    problems.append(f"{src.name}: {e.message}")
-                    continue
-                self.stats.chunks[src.name] += 1
-                self.stats.bytes[src.name] += len(data)
-                return data, src.name
-        detail = "; ".join(problems)
-        if corrupt:
-            raise ChunkCorrupt(f"chunk {chunk.id.hex()} could not be fetched intact ({detail})")
-        raise ChunkMissing(f"chunk {chunk.id.hex()} is in no source ({detail})")
+                return self._landed_from(src.name, data)
+        raise _nowhere(chunk, problems, corrupt)
+
+    def _landed_from(self, name: str, data: bytes | memoryview) -> Landed:
+        self.stats.chunks[name] += 1
+        self.stats.bytes[name] += len(data)
+        return data, name
+
+    def _passed(self, name: str, e: ChunkMissing | ChunkCorrupt, problems: list[str]) -> bool:
+        """Count a source that did not have a chunk, or had it bad (returns True then), and
+        note why: the next source is asked."""
+        problems.append(f"{name}: {e.message}")
+        if isinstance(e, ChunkMissing):
+            self.stats.missing[name] += 1
+            return False
+        self.stats.corrupt[name] += 1
+        log.warning("corrupt chunk from %s: %s", name, e.message)
+        return True
 
     async def close(self) -> None:
         for fl in list(self._flights.values()):
@@ -289,22 +280,9 @@ class Fetcher:
         await asyncio.gather(*(f.task for f in self._flights.values()), return_exceptions=True)
 
 
-def _follow(fut: asyncio.Future[Landed], task: asyncio.Task[Landed]) -> None:
-    """Settle `fut` as `task` ends; cancelling `fut` cancels `task`."""
-
-    def settle(t: asyncio.Task[Landed]) -> None:
-        if fut.done():
-            return
-        if t.cancelled():
-            fut.cancel()
-        elif (exc := t.exception()) is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(t.result())
-
-    def stop(f: asyncio.Future[Landed]) -> None:
-        if f.cancelled():
-            task.cancel()
-
-    task.add_done_callback(settle)
-    fut.add_done_callback(stop)
+def _nowhere(chunk: Chunk, problems: list[str], corrupt: bool) -> ChunkMissing | ChunkCorrupt:
+    """What a chunk no source gave intact raises, with each source's reason."""
+    detail = "; ".join(problems)
+    if corrupt:
+        return ChunkCorrupt(f"chunk {chunk.id.hex()} could not be fetched intact ({detail})")
+    return ChunkMissing(f"chunk {chunk.id.hex()} is in no source ({detail})")

@@ -42,9 +42,6 @@ class BatchSource(ChunkSource, Protocol):
     ) -> list[bytes | memoryview | BaseException]: ...
 
 
-_UNSET = ChunkMissing("not read")  # a slot of OriginSource.get_many no read has filled yet
-
-
 class LocalBlobSource:
     """Another complete local blob that holds the same chunk (dedup across files/snapshots)."""
 
@@ -170,11 +167,11 @@ class OriginSource:
             raise ChunkCorrupt(f"{e.message} (from origin {self.origin.url})") from e
 
     async def get_many(self, chunks: Sequence[Chunk]) -> list[bytes | memoryview | BaseException]:
-        """`get` for a batch (Fetcher.get_many), one outcome each: every pack window the
+        """`get` for a batch (Fetcher.landing), one outcome each: every pack window the
         batch needs is read once, and the lot is decoded and verified on one thread, so
         the event loop hashes nothing (BLAKE3 lets go of the GIL for a few KiB and takes it
         back behind every other thread: ~50 µs a small chunk on a busy loop)."""
-        stored: list[bytes | memoryview | BaseException] = [_UNSET] * len(chunks)
+        stored: dict[int, bytes | memoryview | BaseException] = {}  # by the chunk's index
         windows: dict[tuple[bytes, int], list[int]] = {}
         singles: list[int] = []
         for i, c in enumerate(chunks):
@@ -183,7 +180,7 @@ class OriginSource:
             if span is None:
                 singles.append(i)
             else:
-                windows.setdefault((span[0], span[1]), []).append(i)
+                windows.setdefault(span, []).append(i)
 
         async def one(i: int) -> None:
             try:
@@ -209,7 +206,8 @@ class OriginSource:
         await asyncio.gather(
             *(window(k, idx) for k, idx in windows.items()), *(one(i) for i in singles)
         )
-        return await asyncio.to_thread(_decode_all, chunks, stored, self.origin.url)
+        got = [stored[i] for i in range(len(chunks))]  # every read filled its chunks' slots
+        return await asyncio.to_thread(_decode_all, chunks, got, self.origin.url)
 
     async def _stored(self, chunk: Chunk) -> bytes | memoryview:
         """A chunk's bytes as the origin stores them (raw or zstd), not verified yet."""
