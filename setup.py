@@ -1,19 +1,27 @@
-"""The compiled helper (native/): everything else about the package is in pyproject.toml.
+"""The compiled helpers (native/): everything else about the package is in pyproject.toml.
 
-Optional: where gcc or the Python headers are missing the build goes on without it, and
-hostd/fastcopy.py uses its pure-Python twin.
+Optional: where gcc or the Python headers are missing the build goes on without them, and
+hostd/fastcopy.py and hostd/core/slots.py use their pure-Python twins.
 """
 
 from setuptools import Extension, setup
+
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
 
 setup(
     ext_modules=[
         Extension(
             "hostd._fastcopy",
             sources=["native/fastcopy.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            extra_compile_args=CFLAGS,
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(
+            "hostd._slots",
+            sources=["native/slots.c"],
+            extra_compile_args=CFLAGS,
+            optional=True,
+        ),
     ]
 )

@@ -1,21 +1,36 @@
 """A map from fixed-width keys (32-byte digests) to slot numbers, with no Python object per
-key. Pure.
+key. Pure, but for choosing at import which twin `DigestSlots` is.
 
 A million cached blobs in a dict cost a bytes object, an int and a dict entry each (~150 B);
-here a key costs its own bytes in one bytearray plus ~6-12 bytes of index. A slot is a small
+here a key costs its own bytes in one buffer plus ~6-12 bytes of index. A slot is a small
 int that the caller uses to index its own columns (`array` module arrays); slots freed by
-`remove` are given out again.
+`remove` are given out again, the last freed first.
 
 The index is an open-addressing hash table (linear probing, tombstones for removals) split in
 SHARDS shards, each grown on its own: growing one rehashes ~1/SHARDS of the keys, so no add
-ever costs a pass over all of them (a million keys: ~1,000 per shard). A lookup is one hash,
-a probe or two and one compare of the key's bytes: about a microsecond.
+ever costs a pass over all of them (a million keys: ~1,000 per shard).
+
+Two twins: `PyDigestSlots` below, and the same structure compiled (native/slots.c,
+`hostd._slots`). A cold restore of 10,000 small files calls `find` ~90,000 times: ~0.5-0.7
+µs each here (a hash, array indexing, a slice compare) with 10,000 keys, ~1.7-2 µs with a
+million; compiled, ~0.05-0.08 µs and ~0.4-0.6 µs, where it waits on memory as a dict's
+lookup does (bench/slots.py). `DigestSlots` is the compiled one when it was built and the
+environment's `HOSTD_NATIVE` is not `0` (as hostd/fastcopy.py chooses), else the twin:
+`IMPLEMENTATION` says which, `WHY_NOT_NATIVE` why not. Both give the same slot for any
+sequence of calls, since callers index their columns by slot (tests/test_slots.py runs them
+side by side); only the order of `slots()` and the measure of `nbytes()` differ. Each hashes
+keys its own way.
+
+A slot argument out of range is an IndexError, `remove` of a slot that holds no key a
+ValueError; `key` of a freed slot gives the key it held last.
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Iterator
+from typing import Protocol
 
 SHARD_BITS = 10
 SHARDS = 1 << SHARD_BITS
@@ -24,13 +39,39 @@ _MASK = SHARDS - 1
 _EMPTY = 0
 _GONE = -1
 _MIN_SIZE = 8
+MAX_WIDTH = 1 << 16
 
 
-class DigestSlots:
+class Slots(Protocol):
+    """What both twins are (and what `DigestSlots(width)` gives)."""
+
+    def __init__(self, width: int = 32) -> None: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def capacity(self) -> int:
+        """Slots ever given out (free ones included): how long the caller's columns are."""
+        ...
+
+    def __len__(self) -> int: ...
+    def find(self, key: bytes, /) -> int: ...
+    def add(self, key: bytes, /) -> int: ...
+    def put(self, key: bytes, /) -> int: ...
+    def remove(self, slot: int, /) -> None: ...
+    def key(self, slot: int, /) -> bytes: ...
+    def slots(self) -> Iterator[int]: ...
+    def nbytes(self) -> int: ...
+
+
+class PyDigestSlots:
     """Keys of `width` bytes to slots. `find` is -1 for an absent key; `add` takes an absent
     key only (the caller looks first: it also decides what a present key means)."""
 
     def __init__(self, width: int = 32) -> None:
+        if not 1 <= width <= MAX_WIDTH:
+            raise ValueError(f"a width of {width} bytes, want 1 to {MAX_WIDTH}")
         self.width = width
         self._keys = bytearray()  # slot s: _keys[s * width : (s + 1) * width]
         self._free = array("i")
@@ -51,6 +92,9 @@ class DigestSlots:
         return len(self._keys) // self.width
 
     def key(self, slot: int) -> bytes:
+        """The key at `slot` (of a freed slot: the last it held)."""
+        if not 0 <= slot < self.capacity:
+            raise IndexError(f"slot {slot} out of range (capacity {self.capacity})")
         w = self.width
         return bytes(self._keys[slot * w : (slot + 1) * w])
 
@@ -127,14 +171,17 @@ class DigestSlots:
         return slot
 
     def remove(self, slot: int) -> None:
-        """Free `slot` (which must hold a key) and forget its key."""
+        """Free `slot` and forget its key (ValueError: it holds none)."""
         key = self.key(slot)
         h = hash(key)
         shard = h & _MASK
         idx = self._index[shard]
         mask = len(idx) - 1
         i = (h >> SHARD_BITS) & mask
-        while idx[i] != slot + 1:
+        # A held slot's entry is on its key's probe path, before any empty entry.
+        while (v := idx[i]) != slot + 1:
+            if v == _EMPTY:
+                raise ValueError(f"slot {slot} holds no key")
             i = (i + 1) & mask
         idx[i] = _GONE
         self._live[shard] -= 1
@@ -177,3 +224,27 @@ class DigestSlots:
             + sum(4 * len(idx) for idx in self._index)
             + 8 * SHARDS
         )
+
+
+def _load() -> tuple[type[Slots] | None, str]:
+    """The compiled twin, or None and why not."""
+    try:
+        from hostd import _slots
+    except ImportError as e:
+        return None, f"the extension hostd._slots was not built ({e})"
+    native = getattr(_slots, "DigestSlots", None)
+    missing = [n for n in _API if not hasattr(native, n)]
+    if missing:  # built from an older native/slots.c
+        return None, f"the extension hostd._slots is stale (no {', '.join(missing)})"
+    return _slots.DigestSlots, ""
+
+
+_API = ("find", "add", "put", "remove", "key", "slots", "nbytes", "capacity", "count", "width")
+NativeDigestSlots, WHY_NOT_NATIVE = _load()
+DigestSlots: type[Slots] = (
+    NativeDigestSlots
+    if NativeDigestSlots is not None and os.environ.get("HOSTD_NATIVE") != "0"
+    else PyDigestSlots
+)
+"""`DigestSlots(width=32)`: the compiled twin where it was built, unless HOSTD_NATIVE=0."""
+IMPLEMENTATION = "python" if DigestSlots is PyDigestSlots else "native"
