@@ -173,6 +173,16 @@ class TierBlobs:
         self.charged[slot] = r.charged
         self.flags[slot] = (COMPLETE if r.complete else 0) | (LENT if r.lent else 0)
 
+    def finish(self, slot: int, mtime_ns: int, ctime_ns: int, now: float) -> None:
+        """Mark a partial record complete with the stat of its bytes, used at `now`, charged
+        its size: a new inode, so not lent (out of the queue, as `set`)."""
+        self._unpark(slot)
+        self.charged[slot] = self.size[slot]
+        self.mtime_ns[slot] = mtime_ns
+        self.ctime_ns[slot] = ctime_ns
+        self.last_used[slot] = now
+        self.flags[slot] = COMPLETE
+
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
         self.unsized += (chunk_size <= 0) - (self.chunk_size[slot] <= 0)
         self.chunk_size[slot] = max(chunk_size, 0)
@@ -210,18 +220,17 @@ class TierBlobs:
         )
 
     def row(self, slot: int, digest: bytes | None = None) -> BlobRow:
-        r = self.values(slot)
-        d = self.slots.key(slot) if digest is None else digest
+        f = self.flags[slot]
         return BlobRow(
-            d,
+            self.slots.key(slot) if digest is None else digest,
             self.tier.name,
-            r.size,
-            r.chunk_size,
-            r.complete,
-            r.mtime_ns,
-            r.last_used,
-            r.ctime_ns,
-            r.lent,
+            self.size[slot],
+            self.chunk_size[slot],
+            bool(f & COMPLETE),
+            self.mtime_ns[slot],
+            self.last_used[slot],
+            self.ctime_ns[slot],
+            bool(f & LENT),
         )
 
     def detach(self, slot: int) -> None:
@@ -352,6 +361,9 @@ class Blob:
         return self.tier.blob_file(self.digest)
 
     def row(self) -> BlobRow:
+        at = self._at
+        if at is not None:
+            return at.row(self._slot, self.digest)
         r = self._values()
         return BlobRow(
             self.digest,

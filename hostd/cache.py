@@ -400,6 +400,11 @@ class Cache:
     def pinned(self, digest: bytes) -> bool:
         return self.snaps.pinned(digest)
 
+    def has_copy(self, digest: bytes) -> bool:
+        """Whether any tier holds a copy of the blob, complete or partial (`copies`, without
+        making the Blobs)."""
+        return any(tb.find(digest) >= 0 for tb in self._tb.values())
+
     def copies(self, digest: bytes) -> list[Blob]:
         return [tb.view(slot, digest) for tb in self._tb.values() if (slot := tb.find(digest)) >= 0]
 
@@ -540,24 +545,45 @@ class Cache:
         `persist=False` keeps the partial record in memory only: for a blob written whole,
         no partial file exists that a restart could resume."""
         async with self._lock:
-            existing = self.partial(digest)
-            if existing is not None and existing.tier in tiers and await self._resume(existing):
-                return existing.tier
-            why: list[str] = []
-            for t in tiers:
-                if size > t.budget:
-                    why.append(f"{t.name}: budget {t.budget} < {size}")
-                    continue
-                need = self._used[t.name] + size - t.budget
-                if need > 0 and not await self._make_room(t, need):
-                    why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
-                    continue
-                r = Values(size, chunk_size, False, 0, self.clock(), UNKNOWN_CTIME, False, size)
-                self._put(t, digest, r, persist, filling=True)
-                return t
-            raise TierError(
-                f"no tier can take blob {digest.hex()} of {size} bytes ({'; '.join(why)})"
-            )
+            return await self._admit(digest, size, chunk_size, tiers, persist)
+
+    async def admit_run(
+        self, blobs: Sequence[tuple[bytes, int]], chunk_size: int, tiers: Sequence[Tier]
+    ) -> list[Tier]:
+        """`admit` (persist=False) for a run of blobs written whole, (digest, size) each,
+        under one hold of the lock: the tier each was charged to, in order. If one cannot be
+        admitted, those admitted before it are abandoned and its TierError raised."""
+        got: list[Tier] = []
+        async with self._lock:
+            try:
+                for digest, size in blobs:
+                    got.append(await self._admit(digest, size, chunk_size, tiers, False))
+            except BaseException:
+                for (digest, _), t in zip(blobs, got, strict=False):
+                    self.abandon(digest, t)
+                raise
+        return got
+
+    async def _admit(
+        self, digest: bytes, size: int, chunk_size: int, tiers: Sequence[Tier], persist: bool
+    ) -> Tier:
+        """admit's body, under the lock."""
+        existing = self.partial(digest)
+        if existing is not None and existing.tier in tiers and await self._resume(existing):
+            return existing.tier
+        why: list[str] = []
+        for t in tiers:
+            if size > t.budget:
+                why.append(f"{t.name}: budget {t.budget} < {size}")
+                continue
+            need = self._used[t.name] + size - t.budget
+            if need > 0 and not await self._make_room(t, need):
+                why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
+                continue
+            r = Values(size, chunk_size, False, 0, self.clock(), UNKNOWN_CTIME, False, size)
+            self._put(t, digest, r, persist, filling=True)
+            return t
+        raise TierError(f"no tier can take blob {digest.hex()} of {size} bytes ({'; '.join(why)})")
 
     async def _resume(self, b: Blob) -> bool:
         """Take a partial blob up for a fill: out of the queue, charged its full size again.
@@ -609,19 +635,14 @@ class Cache:
         slot = tb.find(digest)
         if slot < 0:
             raise KeyError(f"no blob {digest.hex()} admitted to tier {tier.name}")
-        tb.queue.drop(slot)
-        was = tb.values(slot)
-        tb.set(
-            slot,
-            was._replace(
-                complete=True,
-                last_used=self.clock(),
-                lent=False,
-                mtime_ns=st.mtime_ns,
-                ctime_ns=st.ctime_ns,
-            ),
-        )
-        self._reput(tb, slot, digest, persist)
+        name = tier.name
+        tb.queue.drop(slot)  # before the charge changes: the queue reads it
+        self._used[name] += tb.size[slot] - tb.charged[slot]
+        tb.finish(slot, st.mtime_ns, st.ctime_ns, self.clock())  # charged its size from now
+        self._filling.discard((digest, name))
+        tb.push(slot)
+        if persist:
+            self.index.put_blob(tb.row(slot, digest))
         return tb.view(slot, digest)
 
     def record_durable(self, blobs: Iterable[Blob]) -> Future[None]:
@@ -631,7 +652,9 @@ class Cache:
         # On the index's writer thread: a transaction of a few hundred rows is milliseconds
         # the loop would otherwise stall for. A row that lands after an eviction's delete
         # names a file that is gone, and the next load drops it.
-        return self.index.later(self.index.put_blobs, [b.row() for b in blobs if self._current(b)])
+        return self.index.later(
+            self.index.put_blobs, [b.row() for b in blobs if b.attached and b.complete]
+        )
 
     def abandon(self, digest: bytes, tier: Tier) -> None:
         """Forget a partial blob whose fill failed (its files are already removed)."""

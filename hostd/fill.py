@@ -187,6 +187,7 @@ class Filler:
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found: dict[bytes, Blob] = {}
+        made: dict[bytes, Blob] = {}  # what our own fills completed, by digest
         # Pure work over the whole manifest: on a thread where it is big, so the loop (and
         # status) runs in between.
         big = len(entries) > YIELD_EVERY * 16
@@ -208,7 +209,7 @@ class Filler:
                         waits.append(self._filling[e.digest])
                         continue
                     st = seen.get(e.digest)
-                    if st is None and not self.cache.copies(e.digest):
+                    if st is None and not self.cache.has_copy(e.digest):
                         # the cold path: no copy anywhere, nothing to check or copy in
                         claims[e.digest] = self._filling[e.digest] = (
                             asyncio.get_running_loop().create_future()
@@ -230,7 +231,7 @@ class Filler:
                     else:
                         found[e.digest] = b
                         self._release(e.digest, claims)  # usable as it is: release it now
-                await self._fill(mine, chunk_size, tiers, progress, seq, claims)
+                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made)
             finally:
                 # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.
@@ -238,8 +239,12 @@ class Filler:
                     self._release(digest, claims)
             for w in waits:
                 await asyncio.shield(w)
-            for e in mine:
-                b = self.cache.locate(e.digest, tiers)
+            for i, e in enumerate(mine):
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
+                b = made.get(e.digest)
+                if b is None or not b.attached:  # (a complete record stays complete)
+                    b = self.cache.locate(e.digest, tiers)
                 if b is not None:
                     found[e.digest] = b
             # What others filled is usable next round; what they failed to fill, we fill then.
@@ -351,7 +356,9 @@ class Filler:
         progress: FillProgress,
         seq: int,
         claims: dict[bytes, asyncio.Future[None]],
+        done: dict[bytes, Blob],
     ) -> None:
+        """Fill `entries`' blobs; each one completed goes into `done`."""
         if not entries:
             return
         # What the workers take, in file order: a run of one-chunk blobs (fetched together,
@@ -376,7 +383,6 @@ class Filler:
             work.append(run)
         opened: dict[bytes, asyncio.Future[_Open]] = {}
         cursor = iter(work)
-        done: set[bytes] = set()
         # One-chunk blobs fetched, waiting for a writer; their bytes are bounded like the
         # workers' own (fetchers wait while more than a worker's share each waits here).
         queue: list[_Whole] = []
@@ -417,8 +423,7 @@ class Filler:
             self._forget_written(o.entry)  # about to be renamed: served as a blob from now
             complete = functools.partial(o.blob.complete, o.entry.mtime, durable=False)
             st = await self._landing(asyncio.to_thread(complete), o.tier, chunk_size)
-            self._completed(o.entry.digest, o.tier, st)
-            done.add(o.entry.digest)
+            done[o.entry.digest] = self._completed(o.entry.digest, o.tier, st)
             # whoever waits for this blob can go on now, not when this whole fill ends
             self._release(o.entry.digest, claims)
             await self.durability.step()
@@ -432,10 +437,11 @@ class Filler:
             admitted: list[tuple[FileEntry, Tier]] = []
             waiting: set[int] = set()  # admitted, neither queued nor abandoned yet
             try:
-                for e, _ in run:
-                    t = await self.cache.admit(e.digest, e.size, chunk_size, tiers, persist=False)
-                    waiting.add(len(admitted))
-                    admitted.append((e, t))
+                got = await self.cache.admit_run(
+                    [(e.digest, e.size) for e, _ in run], chunk_size, tiers
+                )
+                admitted = [(e, t) for (e, _), t in zip(run, got, strict=True)]
+                waiting.update(range(len(admitted)))
                 chunks = [e.chunks[0] for e, _ in run]
                 async with contextlib.aclosing(
                     self.fetcher.landing(chunks, (seq, run[0][1]))
@@ -520,7 +526,7 @@ class Filler:
         batch: list[_Whole],
         chunk_size: int,
         progress: FillProgress,
-        done: set[bytes],
+        done: dict[bytes, Blob],
         claims: dict[bytes, asyncio.Future[None]],
     ) -> None:
         """Write a batch of one-chunk blobs in one thread hop and record them (in memory; in
@@ -541,10 +547,9 @@ class Filler:
                 self.cache.abandon(d, w.tier)  # write_whole left nothing behind
                 failure = failure or r
                 continue
-            self._completed(d, w.tier, r)
+            done[d] = self._completed(d, w.tier, r)
             progress.done_bytes += w.entry.size
             progress.by_source[w.source] += w.entry.size
-            done.add(d)
             self._release(d, claims)
         if failure is not None:
             raise failure
@@ -562,7 +567,7 @@ class Filler:
         )
 
     async def _cleanup(
-        self, opened: dict[bytes, asyncio.Future[_Open]], done: set[bytes], discard: bool
+        self, opened: dict[bytes, asyncio.Future[_Open]], done: dict[bytes, Blob], discard: bool
     ) -> None:
         for digest, fut in opened.items():
             if digest in done or not fut.done() or fut.cancelled() or fut.exception():

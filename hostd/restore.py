@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it built
 # Blobs a restore marks used between turns of the loop.
 TOUCH_BATCH = 4096
+LEND_BATCH = 1024  # lent marks: a row each
 
 
 @dataclass
@@ -216,9 +217,8 @@ class Restorer:
         progress.admitted = True  # resolved: what fails from here is an `error` event
         blobs = m.blobs()
         with self.cache.holding(blobs):
-            where = await self.filler.ensure(
-                list(blobs.values()), m.chunk_size, tiers, progress.fill
-            )
+            # every file: of those sharing a blob, the fill picks the mtime most of them have
+            where = await self.filler.ensure(m.files, m.chunk_size, tiers, progress.fill)
             # One use, marked in batches with turns of the loop between them (a lookup per
             # blob: 100,000 are ~150 ms that status and other restores would wait for).
             now, ds = self.cache.clock(), list(blobs)
@@ -247,7 +247,7 @@ class Restorer:
                 progress.phase = "materialize"
                 if writer and link_ok and req.mode != "copy":
                     # marked before the links exist: a crash in between must not lose the mark
-                    await asyncio.wrap_future(self.cache.lent(f.where.values()))
+                    await self._lend(list(f.where.values()))
                 outcome = await self._materialize(f, req, progress, fs, link_ok)
         finally:
             await self.spawner.run(fs.close)
@@ -274,6 +274,16 @@ class Restorer:
             log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
             out["old_tree_left"] = outcome.old_tree_left
         return out
+
+    async def _lend(self, blobs: list[Blob]) -> None:
+        """Cache.lent for a whole tree, in batches with turns of the loop between them (each
+        a row per blob: 100,000 would stall status for a second), returning once every
+        batch's rows are committed."""
+        written = []
+        for i in range(0, len(blobs), LEND_BATCH):
+            written.append(asyncio.wrap_future(self.cache.lent(blobs[i : i + LEND_BATCH])))
+            await asyncio.sleep(0)
+        await asyncio.gather(*written)
 
     def _link_tiers(self, fs: AsUser, dev: int, req: RestoreRequest) -> list[Tier]:
         """The tiers a `link` restore into a target on filesystem `dev` can link from: on that

@@ -42,6 +42,10 @@ class BatchSource(ChunkSource, Protocol):
     ) -> list[bytes | memoryview | BaseException]: ...
 
 
+# What get_many answers for a chunk no local blob holds (Fetcher names the chunk itself).
+_NOT_LOCAL = ChunkMissing("in no local blob")
+
+
 class LocalBlobSource:
     """Another complete local blob that holds the same chunk (dedup across files/snapshots)."""
 
@@ -58,7 +62,7 @@ class LocalBlobSource:
         out: list[bytes | memoryview | BaseException] = []
         for c in chunks:
             if self.cache.chunk_location(c.id, c.size) is None:
-                out.append(ChunkMissing(f"chunk {c.id.hex()} is in no local blob"))
+                out.append(_NOT_LOCAL)  # the usual answer in a cold restore: made once
                 continue
             try:
                 out.append(await self.get(c))
