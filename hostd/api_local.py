@@ -245,6 +245,7 @@ async def stream(
     finally:
         d.in_flight -= 1
         d.operations.discard(task)
+        d.trimmer.ended()
         if not task.done():
             task.cancel()
             await asyncio.wait({task})

@@ -44,6 +44,7 @@ from hostd.fetch import Fetcher
 from hostd.fill import Filler
 from hostd.index import Index
 from hostd.lock import CacheLocks
+from hostd.memory import Trimmer
 from hostd.metrics import Metrics, PeerCollector, StateCollector
 from hostd.origin import Origin
 from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
@@ -64,6 +65,8 @@ class Daemon:
         self.started = time.monotonic()
         self.in_flight = 0
         self.operations: set[asyncio.Future[Any]] = set()  # streamed operations running
+        # Gives the heap an operation freed back to the system once none runs.
+        self.trimmer = Trimmer(lambda: self.in_flight > 0)
         self.accepting = True
         self.metrics_address = ""
         tiers = [Tier(t.name, t.path, t.budget) for t in config.tiers]
@@ -231,6 +234,7 @@ class Daemon:
             await asyncio.wait(late)
 
     async def close(self) -> None:
+        self.trimmer.close()
         await asyncio.to_thread(self.publisher.close)
         await asyncio.to_thread(self.spawner.close)
         await self.fetcher.close()
