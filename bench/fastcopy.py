@@ -2,19 +2,25 @@
 
     .venv/bin/python bench/fastcopy.py [--files 10000] [--rounds 5] [--dir /dev/shm]
     .venv/bin/python bench/fastcopy.py --blobs [--files 10000] [--rounds 5] [--dir /dev/shm]
+    .venv/bin/python bench/fastcopy.py --open [--files 10000] [--rounds 5] [--dir /dev/shm]
 
-Without --blobs, the restore helper's file-creation step (create_files):
+Without --blobs or --open, the restore helper's file-creation step (create_files):
 N files of 1-16 KiB (dirs of 100, each with a past mtime) are written once under --dir.
 Each round, interleaved, times (wall and CPU, children included):
   cp -r    `cp -r` of the tree (no -p: it keeps neither modes' umask nor mtimes)
-  python   mkdir of the directories, then fastcopy.twin_create_files in batches of 128
-           (as materialize sends them), the sources' descriptors opened beforehand
+  python   mkdir of the directories, then fastcopy.twin_create_files in batches of 512,
+           largest first (as materialize sends them: the files of a batch lie in many
+           directories), the sources' descriptors opened beforehand
   native   the same with fastcopy.native_create_files: its own choice of threads (auto),
            then each of --threads
 and prints the median of each with its ratio cp-r/that (above 1: faster than cp -r), and
 the best round's wall time.
 The sources' descriptors are opened outside the timing: the daemon opens them, not the
 helper.
+
+With --open, the daemon's side of a `copy` restore: opening N blobs (the tree above) in
+batches of 512, `os.open` in a loop (python) against fastcopy.native_open_paths (native);
+the descriptors are closed outside the timing.
 
 With --blobs, a tier's one-chunk blobs (write_blobs): N blobs of 1-16 KiB held in memory,
 each with a past mtime, written into a fresh tier under --dir each round (its 256 prefix
@@ -53,7 +59,7 @@ from hostd import fastcopy
 from hostd.tier import BLOB_MODE, Tier
 
 KiB = 1024
-BATCH = 128  # materialize.BATCH_FILES
+BATCH = 512  # materialize.BATCH_FILES
 BLOB_BATCH = 64  # fill.WRITE_BATCH
 
 
@@ -90,8 +96,10 @@ def timed(run: Callable[[], None]) -> tuple[float, float]:
 def restore(
     src: Path, dst: Path, tree: list[tuple[str, int, int, int]], create: Callable[..., None]
 ) -> Callable[[], None]:
-    """A closure that builds dst from src as the helper does; sources opened beforehand."""
-    fds = [os.open(src / rel, os.O_RDONLY | os.O_CLOEXEC) for rel, *_ in tree]
+    """A closure that builds dst from src as the helper does (its directories first, then
+    the files in batches, largest first); sources opened beforehand."""
+    order = sorted(tree, key=lambda t: -t[1])
+    fds = [os.open(src / rel, os.O_RDONLY | os.O_CLOEXEC) for rel, *_ in order]
 
     def run() -> None:
         try:
@@ -99,18 +107,20 @@ def restore(
             top = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             dirs: dict[str, int] = {}
             try:
-                for i in range(0, len(tree), BATCH):
+                for rel, *_ in tree:
+                    up = rel.rpartition("/")[0]
+                    if up not in dirs:
+                        os.mkdir(up, 0o755, dir_fd=top)
+                        dirs[up] = os.open(
+                            up, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top
+                        )
+                for i in range(0, len(order), BATCH):
                     jobs: list[fastcopy.Job] = []
                     paths = []
                     for (rel, size, mode, mtime), fd in zip(
-                        tree[i : i + BATCH], fds[i : i + BATCH], strict=True
+                        order[i : i + BATCH], fds[i : i + BATCH], strict=True
                     ):
                         up, _, leaf = rel.rpartition("/")
-                        if up not in dirs:
-                            os.mkdir(up, 0o755, dir_fd=top)
-                            dirs[up] = os.open(
-                                up, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top
-                            )
                         jobs.append((dirs[up], leaf, mode, size, fd, mtime))
                         paths.append(rel)
                     create(jobs, paths)
@@ -123,6 +133,35 @@ def restore(
                 os.close(fd)
 
     return run
+
+
+def bench_open(base: Path, n: int, rounds: int) -> None:
+    tree = make_tree(base / "src", n)
+    paths = [str(base / "src" / rel) for rel, *_ in tree]
+    opens: dict[str, Callable[[Sequence[str]], list[int]]] = {
+        "python": fastcopy.twin_open_paths,
+        "native": fastcopy.native_open_paths,
+    }
+    if fastcopy.WHY_NOT_NATIVE:
+        print(f"no native runs: {fastcopy.WHY_NOT_NATIVE}")
+        del opens["native"]
+    got: dict[str, list[tuple[float, float]]] = {x: [] for x in opens}
+    for _ in range(rounds):
+        for name, open_paths in opens.items():
+            fds: list[int] = []
+
+            def run(
+                open_paths: Callable[[Sequence[str]], list[int]] = open_paths,
+                fds: list[int] = fds,
+            ) -> None:
+                for i in range(0, len(paths), BATCH):
+                    fds.extend(open_paths(paths[i : i + BATCH]))
+
+            got[name].append(timed(run))
+            for fd in fds:
+                os.close(fd)
+    print(f"{n} blobs opened on {base.parent}, {rounds} rounds, {os.cpu_count()} cpus")
+    report(got, "python", n, "blob")
 
 
 Blob = tuple[bytes, bytes, int]
@@ -253,11 +292,14 @@ def main() -> int:
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--threads", default="1,2,4", help="native thread counts to time")
     ap.add_argument("--blobs", action="store_true", help="time write_blobs, not create_files")
+    ap.add_argument("--open", action="store_true", help="time open_paths, not create_files")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="fastcopy-", dir=args.dir))
     try:
         if args.blobs:
             bench_blobs(base, args.files, args.rounds)
+        elif args.open:
+            bench_open(base, args.files, args.rounds)
         else:
             bench_files(base, args.files, args.rounds, [int(t) for t in args.threads.split(",")])
     finally:

@@ -187,7 +187,8 @@ def _close_started(job: asyncio.Future[AsUser]) -> None:
 
 
 class AsUser:
-    """One helper process acting with one caller's rights. Thread-safe: calls take turns."""
+    """One helper process acting with one caller's rights. Thread-safe: calls take turns
+    sending and are answered in that order (`call`)."""
 
     def __init__(self, caller: Caller, sock: socket.socket, pidfd: int) -> None:
         self.caller = caller
@@ -197,7 +198,9 @@ class AsUser:
         self.sock.settimeout(CALL_TIMEOUT)
         self.pidfd = pidfd
         self.root_fd = -1  # the caller's root directory (O_PATH), opened by the helper
-        self._lock = threading.Lock()
+        self._sending = threading.Lock()
+        self._answers = threading.Condition()  # whose turn it is to read an answer
+        self._sent = self._answered = 0  # requests sent, answers read
 
     def __repr__(self) -> str:
         return f"AsUser(uid={self.caller.uid})"
@@ -239,21 +242,36 @@ class AsUser:
     def call(
         self, op: str, fds: Sequence[int] = (), nfds: int = 0, **fields: Any
     ) -> tuple[dict[str, Any], list[int]]:
-        """One request and its answer; an answered error is raised as hostd's own."""
-        with self._lock:
+        """One request and its answer; an answered error is raised as hostd's own.
+
+        Calls from several threads are pipelined: each sends its request in turn, without
+        waiting for the answers to those sent before, then takes its own answer in the
+        order sent (the helper reads and answers in order). A batch of copies sent while
+        the helper creates the one before waits on its socket, not on a round trip through
+        the daemon's threads (each return from a blocking call takes the GIL back, which
+        can take a switch interval while another thread holds it)."""
+        with self._sending:
             try:
                 send_frame(self.sock, {"op": op, **fields}, list(fds))
-                got = recv_frame(self.sock)
             except (OSError, FrameError, ValueError) as e:
-                got = None
-                cause: BaseException | None = e
-            else:
-                cause = None
+                raise self._gone(op) from e
+            ticket = self._sent
+            self._sent += 1
+        with self._answers:
+            self._answers.wait_for(lambda: self._answered == ticket)
+            try:
+                return self._answer(op, nfds)
+            finally:
+                self._answered += 1
+                self._answers.notify_all()
+
+    def _answer(self, op: str, nfds: int) -> tuple[dict[str, Any], list[int]]:
+        try:
+            got = recv_frame(self.sock)
+        except (OSError, FrameError, ValueError) as e:
+            raise self._gone(op) from e
         if got is None:
-            raise TransientError(
-                f"hostd's helper for uid {self.caller.uid} stopped answering during {op!r} "
-                "(killed, stopped, or over its time)"
-            ) from cause
+            raise self._gone(op)
         reply, out = got
         if "error" in reply or len(out) != nfds:
             for fd in out:
@@ -267,6 +285,12 @@ class AsUser:
         if len(out) != nfds:
             raise HostdError(f"hostd's helper answered {op!r} with {len(out)} descriptors")
         return reply, out
+
+    def _gone(self, op: str) -> TransientError:
+        return TransientError(
+            f"hostd's helper for uid {self.caller.uid} stopped answering during {op!r} "
+            "(killed, stopped, or over its time)"
+        )
 
     def kill(self) -> None:
         """Stop a helper that no longer answers (the caller may have stopped it)."""

@@ -98,28 +98,32 @@ class Helper:
                     return  # the daemon went away (or is done): clean up below
                 msg, fds = got
                 try:
-                    op = getattr(self, "op_" + str(msg.get("op")), None)
-                    if op is None:
-                        raise Refused("protocol", f"unknown operation {msg.get('op')!r}")
-                    reply, out = op(msg, fds)
-                except Refused as e:
-                    send_frame(self.sock, {"error": e.kind, "message": e.message})
-                    continue
-                except OSError as e:
-                    send_frame(self.sock, {"error": "os", "message": _oserror(e), "errno": e.errno})
-                    continue
+                    reply, out = self._answer(msg, fds)
                 finally:
-                    for fd in fds:
-                        _close(fd)
+                    # before the answer: the daemon closes its own copies of the blobs after
+                    # it, so the last close of each, which frees the file, is not ours
+                    _close_all(fds)
                 try:
                     send_frame(self.sock, reply, out)
                 finally:
-                    for fd in out:
-                        _close(fd)
+                    _close_all(out)
                 if msg.get("op") == "close":
                     return
         finally:
             self.abort()
+
+    def _answer(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Run one request: its answer, an error one where it was refused or failed."""
+        try:
+            op = getattr(self, "op_" + str(msg.get("op")), None)
+            if op is None:
+                raise Refused("protocol", f"unknown operation {msg.get('op')!r}")
+            reply: tuple[dict[str, Any], list[int]] = op(msg, fds)
+            return reply
+        except Refused as e:
+            return {"error": e.kind, "message": e.message}, []
+        except OSError as e:
+            return {"error": "os", "message": _oserror(e), "errno": e.errno}, []
 
     def op_close(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         return {"ok": True}, []
@@ -484,13 +488,14 @@ class Helper:
         costs Python 40-60 µs of CPU, C ~24, `cp -r` ~30), else in Python on a few threads."""
         jobs: list[Job] = []
         paths: list[str] = []
-        it = iter(fds)
+        dirs = self.dirs
+        sources = iter(fds)
         for path, mode, size, kind, mtime in msg["items"]:
-            up, _, leaf = str(path).rpartition("/")
-            src = next(it) if kind == "copy" else -1
-            when = None if mtime is None else int(mtime)
-            jobs.append((self.dirs[up], leaf, int(mode), int(size), src, when))
-            paths.append(str(path))
+            up, _, leaf = path.rpartition("/")
+            jobs.append(
+                (dirs[up], leaf, mode, size, next(sources) if kind == "copy" else -1, mtime)
+            )
+            paths.append(path)
         try:
             create_files(jobs, paths)
         except FileExistsError as e:  # O_EXCL: the name was taken after the build began
@@ -655,6 +660,16 @@ def _oserror(e: OSError) -> str:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close each descriptor: a run of consecutive numbers, as SCM_RIGHTS hands them out
+    where nothing else was opened meanwhile, in one close_range."""
+    if fds and fds[-1] - fds[0] == len(fds) - 1 and fds == list(range(fds[0], fds[-1] + 1)):
+        os.closerange(fds[0], fds[-1] + 1)
+        return
+    for fd in fds:
+        _close(fd)
 
 
 def _check_name(rel: str) -> None:

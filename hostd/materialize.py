@@ -16,38 +16,51 @@ is at the link limit (EMLINK), on another mount (EXDEV, bind mounts of one files
 included), or when linking is not allowed for this caller (`link_ok`); an empty file is
 created.
 
-Runs in a worker thread (blocking I/O). A `threading.Event` lets the async caller stop it
-between batches; the helper then removes what it built and never renames.
+Runs in a worker thread (blocking I/O), with a few threads of its own: copies go to the
+helper from one while this one links, and each batch of copies is sent from a thread of its
+own while the helper still creates the one before (`AsUser.call` pipelines them), so the
+helper, which does most of the work, never waits on a round trip. The blobs are opened,
+checked and closed a batch at a time in C (fastcopy), never a file at a time in Python: a
+loop of os calls gives the GIL up and takes it back at every file, which the daemon's other
+threads make slow. A `threading.Event` lets the async caller stop it between batches; the
+helper then removes what it built and never renames.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import errno
+import operator
 import os
-import posixpath
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
 from hostd.errors import ChunkCorrupt, UsageError
-from hostd.fastcopy import LinkJob, link_files
+from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.tier import BLOB_MODE
 
 MODES = ("link", "copy", "auto")
-# Copies per request to the helper: a round trip (JSON, the blobs' descriptors) costs about
-# as much as copying 64 small files, so a tree of small files goes in large batches.
+# Copies per request to the helper: a request (JSON, the blobs' descriptors) costs about as
+# much as copying 64 small files, so a tree of small files goes in large batches.
 BATCH_FILES = 512
 BATCH_BYTES = 1 << 30
+# A small first batch: the helper starts on it while the next is opened.
+FIRST_FILES = 64
+# Batches sent beyond the one the helper is creating: it finds the next on its socket, and
+# the daemon has that long to send another (its threads share the GIL with the others).
+AHEAD = 2
 # Links per native call (fastcopy.link_files): a cancel is seen between two.
 LINK_BATCH = 1024
 # Where a link fails with one of these, the file is copied instead: the blob is at its link
 # limit, on another mount, or protected_hardlinks refuses it; ENOENT: the blob went.
 _COPY_INSTEAD = frozenset({errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOENT})
+_SIZE = operator.attrgetter("size")
 
 
 class Cancelled(Exception):
@@ -99,14 +112,45 @@ def materialize(
 def _dirs(m: mf.Manifest) -> list[str]:
     """Every directory of the tree, parents before children."""
     out: set[str] = set()
-    parents = [
-        posixpath.dirname(p) for p in [*(f.path for f in m.files), *(s.path for s in m.symlinks)]
-    ]
+    parents = {*(f.path.rpartition("/")[0] for f in m.files)}
+    parents.update(s.path.rpartition("/")[0] for s in m.symlinks)
     for d in [*parents, *m.dirs]:
         while d and d not in out:  # a directory already seen brought its parents along
             out.add(d)
-            d = posixpath.dirname(d)
+            d = d.rpartition("/")[0]
     return sorted(out, key=lambda d: (d.count("/"), d))
+
+
+@dataclass
+class _Plan:
+    """What each file of the tree will be, before anything is built."""
+
+    links: list[mf.FileEntry]  # to link, where the caller's view allows
+    copies: list[mf.FileEntry]
+    empties: list[mf.FileEntry]
+    mtime_copies: int = 0
+    mode_copies: int = 0
+
+
+def _plan(
+    m: mf.Manifest, mode: str, link_ok: bool, blob_mtime: Callable[[bytes], int | None]
+) -> _Plan:
+    empties = [f for f in m.files if not f.size]
+    if mode == "copy" or not link_ok:
+        return _Plan([], [f for f in m.files if f.size], empties)
+    plan = _Plan([], [], empties)
+    for f in m.files:
+        if not f.size:
+            continue
+        if (f.mode & 0o555) != BLOB_MODE:
+            plan.mode_copies += 1
+            plan.copies.append(f)
+        elif f.mtime is not None and blob_mtime(f.digest) != f.mtime:
+            plan.mtime_copies += 1
+            plan.copies.append(f)
+        else:
+            plan.links.append(f)
+    return plan
 
 
 def _build(
@@ -120,29 +164,76 @@ def _build(
     lent: Callable[[bytes], bool],
     blob_mtime: Callable[[bytes], int | None],
 ) -> Outcome:
-    candidates: list[mf.FileEntry] = []
-    copies: list[mf.FileEntry] = []
-    mtime_copies = mode_copies = limit_copies = 0
-    for f in m.files:
-        if not f.size:
-            continue
-        linkable = mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
-        if mode != "copy" and link_ok and not linkable:
-            mode_copies += 1
-        if linkable and f.mtime is not None and blob_mtime(f.digest) != f.mtime:
-            linkable = False
-            mtime_copies += 1
-        (candidates if linkable else copies).append(f)
-    want = sorted({posixpath.dirname(f.path) for f in candidates})
-    dev, dirfds = fs.begin(_dirs(m), want)
-    linked: set[bytes] = set()
-    n_linked = 0
+    """Links are made here while the helper creates the copies known beforehand (a thread
+    of this one sends them), but those of a blob that is also linked: a link moves the
+    blob's ctime, which the check of a lent blob's copy would take for a write. They, and
+    the copies a link failure adds, go after."""
+    plan = _plan(m, mode, link_ok, blob_mtime)
+    dev, dirfds = fs.begin(_dirs(m), sorted({f.path.rpartition("/")[0] for f in plan.links}))
+    links = _Links()
+    done = _Done(on_file)
+    if not plan.links:
+        _send_files(plan.copies, plan.empties, fs, blob_path, cancel.is_set, done, lent)
+    else:
+        linking = {f.digest for f in plan.links}
+        early = [f for f in plan.copies if f.digest not in linking]
+        late = [f for f in plan.copies if f.digest in linking]
+        halt = threading.Event()  # a link failed: the copies stop too
+
+        def stop() -> bool:
+            return cancel.is_set() or halt.is_set()
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hostd-copy") as pool:
+            job = pool.submit(_send_files, early, plan.empties, fs, blob_path, stop, done, lent)
+            try:
+                _link_all(plan.links, links, fs, blob_path, dev, dirfds, mode, cancel, done)
+            except BaseException:
+                halt.set()  # the pool's exit waits for the copies to stop
+                raise
+            job.result()
+        _send_files(late + links.copies, [], fs, blob_path, cancel.is_set, done, lent)
+    if m.symlinks:
+        fs.symlinks((s.path, s.target) for s in m.symlinks)
+    return Outcome(
+        links.n,
+        len(plan.copies) + len(links.copies),
+        len(plan.empties),
+        frozenset(links.digests),
+        mtime_copies=plan.mtime_copies,
+        mode_copies=plan.mode_copies,
+        limit_copies=links.limit_copies,
+    )
+
+
+@dataclass
+class _Links:
+    """What linking did: files linked (and their blobs), copies it left to make."""
+
+    n: int = 0
+    digests: set[bytes] = field(default_factory=set)
+    copies: list[mf.FileEntry] = field(default_factory=list)
+    limit_copies: int = 0
+
+
+def _link_all(
+    files: list[mf.FileEntry],
+    out: _Links,
+    fs: AsUser,
+    blob_path: Callable[[bytes], str],
+    dev: int,
+    dirfds: dict[str, int],
+    mode: str,
+    cancel: threading.Event,
+    done: _Done,
+) -> None:
+    """Link `files` into the helper's directories `dirfds` (closed here), on filesystem
+    `dev`; what cannot be linked goes to `out.copies` (in `link` mode: fails)."""
     views = _Views(fs)
     try:
-        owned = {d: _caller_dir(fd, fs.caller.uid) for d, fd in dirfds.items()}
+        owned = _caller_dirs(dirfds, fs.caller.uid)
         jobs: list[LinkJob] = []
         linking: list[mf.FileEntry] = []
-        for f in candidates:
+        for f in files:
             sub, _, name = blob_path(f.digest).rpartition("/")
             blobs_dir, _, shard = sub.rpartition("/")
             d, _, leaf = f.path.rpartition("/")
@@ -150,7 +241,7 @@ def _build(
             if view < 0 or view_dev != dev or not owned[d]:
                 if mode == "link":  # links or fails: never a quiet copy of the tree
                     raise _cannot_link(f, "the caller cannot see the blob's tier there")
-                copies.append(f)
+                out.copies.append(f)
                 continue
             jobs.append((view, f"{shard}/{name}", dirfds[d], leaf))
             linking.append(f)
@@ -160,42 +251,39 @@ def _build(
         for i in range(0, len(jobs), LINK_BATCH):
             if cancel.is_set():
                 raise Cancelled()
-            done = link_files(jobs[i : i + LINK_BATCH])
-            for f, err in zip(linking[i : i + LINK_BATCH], done, strict=True):
+            linked: list[mf.FileEntry] = []
+            errs = link_files(jobs[i : i + LINK_BATCH])
+            for f, err in zip(linking[i : i + LINK_BATCH], errs, strict=True):
                 if err == 0:
-                    linked.add(f.digest)
-                    n_linked += 1
-                    if on_file is not None:
-                        on_file(f.size)
+                    linked.append(f)
                 elif mode == "link" and err in (errno.EXDEV, errno.EPERM):
                     raise _cannot_link(f, os.strerror(err))
                 elif err in _COPY_INSTEAD:
-                    limit_copies += err == errno.EMLINK
-                    copies.append(f)
+                    out.limit_copies += err == errno.EMLINK
+                    out.copies.append(f)
                 else:
                     raise OSError(err, os.strerror(err), f.path)
+            out.n += len(linked)
+            out.digests.update(f.digest for f in linked)
+            done.add(linked)
     finally:
         views.close()
-        for fd in dirfds.values():
-            os.close(fd)
-    empties = [f for f in m.files if not f.size]
-    if empties:
-        fs.files([(f.path, f.mode, 0, "empty", f.mtime) for f in empties], [])
-        if on_file is not None:
-            for _ in empties:
-                on_file(0)
-    _copy_all(copies, fs, blob_path, cancel, on_file, lent)
-    if m.symlinks:
-        fs.symlinks((s.path, s.target) for s in m.symlinks)
-    return Outcome(
-        n_linked,
-        len(copies),
-        len(empties),
-        frozenset(linked),
-        mtime_copies=mtime_copies,
-        mode_copies=mode_copies,
-        limit_copies=limit_copies,
-    )
+        close_fds(list(dirfds.values()))
+
+
+class _Done:
+    """`on_file` for each file made, called from the threads that make them, a batch at a
+    time under one lock (the caller's counter is a plain `+=`)."""
+
+    def __init__(self, on_file: Callable[[int], None] | None) -> None:
+        self.on_file = on_file
+        self.lock = threading.Lock()
+
+    def add(self, files: list[mf.FileEntry]) -> None:
+        if self.on_file is not None:
+            with self.lock:
+                for f in files:
+                    self.on_file(f.size)
 
 
 def _cannot_link(f: mf.FileEntry, why: str) -> UsageError:
@@ -205,65 +293,74 @@ def _cannot_link(f: mf.FileEntry, why: str) -> UsageError:
     )
 
 
-def _caller_dir(fd: int, uid: int) -> bool:
-    """A directory descriptor from the helper really is a directory the caller owns: a
-    helper that lied could otherwise have the daemon link blobs anywhere."""
-    st = os.fstat(fd)
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
+def _caller_dirs(dirfds: dict[str, int], uid: int) -> dict[str, bool]:
+    """Whether each directory descriptor from the helper really is a directory the caller
+    owns: a helper that lied could otherwise have the daemon link blobs anywhere."""
+    got = fstat_fds(list(dirfds.values()))
+    return {d: stat.S_ISDIR(st[0]) and st[1] == uid for d, st in zip(dirfds, got, strict=True)}
 
 
-def _copy_all(
+def _send_files(
     copies: list[mf.FileEntry],
+    empties: list[mf.FileEntry],
     fs: AsUser,
     blob_path: Callable[[bytes], str],
-    cancel: threading.Event,
-    on_file: Callable[[int], None] | None,
+    stop: Callable[[], bool],
+    done: _Done,
     lent: Callable[[bytes], bool],
 ) -> None:
-    """Copies go to the helper in batches, each with the blobs' descriptors: the helper
-    writes them as the caller. Largest first, so one big file does not finish last alone.
-    While the helper creates one batch, this thread opens the next one's blobs (a second
-    thread waits for the helper's answer): the two halves of a small file's cost overlap.
+    """The helper creates the empty files, and the copies in batches, each with the blobs'
+    descriptors: it writes them as the caller. Largest first, so one big file does not
+    finish last alone. Each batch is sent while the helper still creates the one before
+    (`AsUser.call` pipelines the calls of AHEAD + 1 threads), so it finds the next on its
+    socket when done; meanwhile this thread opens the one after. `stop()` is asked before
+    each batch.
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: its state is compared before and after, and a copy that saw it move is not
     handed over (the restore fails; the next use re-hashes the blob)."""
-    copies.sort(key=lambda f: -f.size)
-    batches: list[list[mf.FileEntry]] = []
-    i = 0
-    while i < len(copies):
-        batch: list[mf.FileEntry] = []
-        size = 0
-        while i < len(copies) and len(batch) < BATCH_FILES and (not batch or size < BATCH_BYTES):
-            batch.append(copies[i])
-            size += copies[i].size
-            i += 1
-        batches.append(batch)
-    if not batches:
-        return
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hostd-copy") as sender:
-        sent: _Sent | None = None
+    copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
+    sent: collections.deque[_Sent] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(AHEAD + 1, thread_name_prefix="hostd-copy") as pool:
         try:
-            for batch in batches:
-                if cancel.is_set():
+            if empties:
+                items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
+                sent.append(_Sent(_Opened(empties, [], {}), pool.submit(fs.files, items, [])))
+            for batch in _batches(copies):
+                if stop():
                     raise Cancelled()
                 opened = _open_batch(batch, blob_path, lent)
                 items = [(f.path, f.mode, f.size, "copy", f.mtime) for f in batch]
                 try:
-                    job = sender.submit(fs.files, items, opened.fds)
+                    job = pool.submit(fs.files, items, opened.fds)
                 except BaseException:
                     opened.close()
                     raise
-                last, sent = sent, _Sent(opened, job)
-                if last is not None:
-                    last.finish(on_file)
-            last, sent = sent, None
-            if last is not None:
-                last.finish(on_file)
+                sent.append(_Sent(opened, job))
+                while len(sent) > AHEAD:
+                    sent.popleft().finish(done)
+            while sent:
+                sent.popleft().finish(done)
         finally:
-            if sent is not None:  # a failure while it was out: wait for its answer, quietly
-                concurrent.futures.wait([sent.job])
-                sent.opened.close()
+            if sent:  # a failure while some were out: wait for their answers, quietly
+                concurrent.futures.wait([s.job for s in sent])
+                for s in sent:
+                    s.opened.close()
+
+
+def _batches(copies: list[mf.FileEntry]) -> Iterator[list[mf.FileEntry]]:
+    """BATCH_FILES at most (FIRST_FILES the first), and BATCH_BYTES unless it is one file."""
+    i = 0
+    most = FIRST_FILES
+    while i < len(copies):
+        batch: list[mf.FileEntry] = []
+        size = 0
+        while i < len(copies) and len(batch) < most and (not batch or size < BATCH_BYTES):
+            batch.append(copies[i])
+            size += copies[i].size
+            i += 1
+        yield batch
+        most = BATCH_FILES
 
 
 @dataclass
@@ -275,21 +372,19 @@ class _Opened:
     watched: dict[int, tuple[mf.FileEntry, tuple[int, int, int]]]
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        fds, self.fds = self.fds, []
+        close_fds(fds)
 
 
 def _open_batch(
     batch: list[mf.FileEntry], blob_path: Callable[[bytes], str], lent: Callable[[bytes], bool]
 ) -> _Opened:
-    opened = _Opened(batch, [], {})
+    opened = _Opened(batch, open_paths([blob_path(f.digest) for f in batch]), {})
     try:
-        for f in batch:
-            opened.fds.append(os.open(blob_path(f.digest), os.O_RDONLY | os.O_CLOEXEC))
-        for f, fd in zip(batch, opened.fds, strict=True):
-            if lent(f.digest):
-                opened.watched[fd] = (f, _state(fd))
+        watch = [(f, fd) for f, fd in zip(batch, opened.fds, strict=True) if lent(f.digest)]
+        if watch:
+            states = _states([fd for _, fd in watch])
+            opened.watched = {fd: (f, st) for (f, fd), st in zip(watch, states, strict=True)}
     except BaseException:
         opened.close()
         raise
@@ -303,26 +398,26 @@ class _Sent:
     opened: _Opened
     job: concurrent.futures.Future[None]
 
-    def finish(self, on_file: Callable[[int], None] | None) -> None:
+    def finish(self, done: _Done) -> None:
         """Wait for the helper's answer, check the lent blobs did not move meanwhile."""
         try:
             self.job.result()
-            for fd, (f, before) in self.opened.watched.items():
-                if _state(fd) != before:
+            watched = self.opened.watched
+            after = _states(list(watched)) if watched else []
+            for (f, before), now in zip(watched.values(), after, strict=True):
+                if now != before:
                     raise ChunkCorrupt(
                         f"blob {f.digest.hex()} ({f.path!r}) was written to through a link "
                         "while it was copied; try the restore again"
                     )
         finally:
             self.opened.close()
-        if on_file is not None:
-            for f in self.opened.batch:
-                on_file(f.size)
+        done.add(self.opened.batch)
 
 
-def _state(fd: int) -> tuple[int, int, int]:
-    st = os.fstat(fd)
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+def _states(fds: list[int]) -> list[tuple[int, int, int]]:
+    """(size, mtime_ns, ctime_ns) of each descriptor's file."""
+    return [(st[4], st[5], st[6]) for st in fstat_fds(fds)]
 
 
 class _Views:

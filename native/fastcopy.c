@@ -33,9 +33,24 @@
  * stat_paths(paths): stat() of each path (following symlinks, as os.stat), without the GIL.
  * One answer per path, in order: (size, mtime_ns, ctime_ns), or the errno where it failed.
  *
- * link_files(jobs): linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job
- * (src_dirfd, src_rel, dst_dirfd, name), without the GIL. Every job is tried; the answer is
- * the errno of each (0: linked), in order.
+ * link_files(jobs, threads): linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job
+ * (src_dirfd, src_rel, dst_dirfd, name), without the GIL, each thread a share of the jobs in
+ * order. Every job is tried; the answer is the errno of each (0: linked), in order.
+ *
+ * open_paths(paths): open(path, O_RDONLY|O_CLOEXEC) of each path (as os.open), without the
+ * GIL; the descriptors, in order. The first failure stops the batch: what was opened is
+ * closed and the failure raised as os.open raises it (OSError naming the path).
+ *
+ * fstat_fds(fds): fstat() of each descriptor, without the GIL: (st_mode, st_uid, st_dev,
+ * st_ino, st_size, st_mtime_ns, st_ctime_ns) of each, in order; the first failure raised
+ * as os.fstat raises it.
+ *
+ * close_fds(fds): close() of each descriptor, without the GIL; every one is closed, and the
+ * first failure (but EINTR, after which Linux has closed it) raised as os.close raises it.
+ *
+ * The daemon's side of a restore calls these once per batch rather than os.open, os.fstat
+ * or os.close once per file: each of those gives the GIL up and must take it back, which
+ * takes up to a switch interval (5 ms) where another thread runs Python meanwhile.
  *
  * create_files runs in the restore helper after it took the caller's credentials and
  * capabilities: threads are created here, from the calling thread, so they inherit exactly
@@ -67,6 +82,7 @@
 
 struct pool {
     size_t n;
+    size_t chunk; /* jobs a worker takes at a time */
     atomic_size_t next;
     atomic_int stop;
     int (*one)(void *ctx, size_t i); /* runs job i; nonzero stops the pool */
@@ -75,11 +91,15 @@ struct pool {
 
 static void pool_work(struct pool *p) {
     while (!atomic_load_explicit(&p->stop, memory_order_relaxed)) {
-        size_t i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        size_t i = atomic_fetch_add_explicit(&p->next, p->chunk, memory_order_relaxed);
         if (i >= p->n)
             return;
-        if (p->one(p->ctx, i))
-            atomic_store(&p->stop, 1);
+        size_t end = p->n - i < p->chunk ? p->n : i + p->chunk;
+        for (; i < end; i++)
+            if (p->one(p->ctx, i)) {
+                atomic_store(&p->stop, 1);
+                return;
+            }
     }
 }
 
@@ -93,8 +113,10 @@ static void *worker(void *arg) {
 }
 
 /* Run n jobs on `threads` threads, the calling one included (clamped to 1..MAX_THREADS, and
- * to n). Called without the GIL. */
-static void pool_run(size_t n, int threads, int (*one)(void *, size_t), void *ctx) {
+ * to n), each taking the next `chunk` jobs in turn (chunk 0: n / threads, one share each).
+ * Called without the GIL. */
+static void pool_run(size_t n, int threads, size_t chunk, int (*one)(void *, size_t),
+                     void *ctx) {
     struct pool p = {.n = n, .one = one, .ctx = ctx};
     atomic_init(&p.next, 0);
     atomic_init(&p.stop, 0);
@@ -104,6 +126,9 @@ static void pool_run(size_t n, int threads, int (*one)(void *, size_t), void *ct
         threads = MAX_THREADS;
     if ((size_t)threads > n)
         threads = (int)n;
+    if (threads < 1)
+        return;
+    p.chunk = chunk ? chunk : (n + (size_t)threads - 1) / (size_t)threads;
     pthread_t tids[MAX_THREADS];
     int started = 0;
     for (int t = 1; t < threads; t++) {
@@ -288,7 +313,7 @@ static PyObject *create_files(PyObject *self, PyObject *args) {
         struct batch b = {.jobs = jobs};
         pthread_mutex_init(&b.lock, NULL);
         Py_BEGIN_ALLOW_THREADS
-        pool_run((size_t)n, threads, create_one, &b);
+        pool_run((size_t)n, threads, 1, create_one, &b);
         Py_END_ALLOW_THREADS
         pthread_mutex_destroy(&b.lock);
         if (b.failed)
@@ -491,7 +516,7 @@ static PyObject *write_blobs(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    pool_run((size_t)n, threads, blob_one, blobs);
+    pool_run((size_t)n, threads, 1, blob_one, blobs);
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     if (result == NULL)
@@ -517,7 +542,7 @@ done:
     return result;
 }
 
-/* ---- stat_paths, link_files --------------------------------------------------------------- */
+/* ---- stat_paths, link_files, open_paths ----------------------------------------------------- */
 
 struct named {
     PyObject *a, *b; /* bytes from PyUnicode_FSConverter; b unused by stat_paths */
@@ -583,9 +608,21 @@ done:
     return result;
 }
 
-static PyObject *link_files(PyObject *self, PyObject *arg) {
+static int link_one(void *ctx, size_t i) {
+    struct named *v = &((struct named *)ctx)[i];
+    v->err = linkat(v->fd_a, PyBytes_AS_STRING(v->a), v->fd_b, PyBytes_AS_STRING(v->b), 0) < 0
+                 ? errno
+                 : 0;
+    return 0; /* each link is independent: the others go on */
+}
+
+static PyObject *link_files(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *seq = PySequence_Fast(arg, "jobs must be a sequence");
+    PyObject *seq_in;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i:link_files", &seq_in, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "jobs must be a sequence");
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
@@ -605,12 +642,10 @@ static PyObject *link_files(PyObject *self, PyObject *arg) {
                               &v[i].fd_b, PyUnicode_FSConverter, &v[i].b))
             goto done;
     }
+    /* One share of the jobs per thread (chunk 0): the jobs come in tree order, so each
+     * thread links into directories of its own, and no two wait on one directory's lock. */
     Py_BEGIN_ALLOW_THREADS
-    for (i = 0; i < n; i++)
-        v[i].err = linkat(v[i].fd_a, PyBytes_AS_STRING(v[i].a), v[i].fd_b,
-                          PyBytes_AS_STRING(v[i].b), 0) < 0
-                       ? errno
-                       : 0;
+    pool_run((size_t)n, threads, 0, link_one, v);
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     if (result == NULL)
@@ -629,6 +664,159 @@ done:
     return result;
 }
 
+static PyObject *open_paths(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, opened = 0;
+    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
+    PyObject *result = NULL;
+    int err = 0;
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++)
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (; opened < n; opened++) {
+        int fd;
+        do {
+            fd = open(PyBytes_AS_STRING(v[opened].a), O_RDONLY | O_CLOEXEC);
+        } while (fd < 0 && errno == EINTR);
+        if (fd < 0) {
+            err = errno;
+            break;
+        }
+        v[opened].fd_a = fd;
+    }
+    if (err)
+        for (i = 0; i < opened; i++)
+            close(v[i].fd_a);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PySequence_Fast_GET_ITEM(seq, opened));
+        goto done;
+    }
+    result = PyList_New(n);
+    if (result == NULL) {
+        for (i = 0; i < n; i++)
+            close(v[i].fd_a);
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *fd = PyLong_FromLong(v[i].fd_a);
+        if (fd == NULL) { /* the list holds the ones before: close those and the rest */
+            for (Py_ssize_t j = 0; j < n; j++)
+                close(v[j].fd_a);
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, fd);
+    }
+done:
+    named_free(v, n);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* The descriptors of a sequence of ints, as C ints (PyMem); NULL with an exception set. */
+static int *fds_of(PyObject *seq, Py_ssize_t n) {
+    int *fds = PyMem_Calloc(n ? (size_t)n : 1, sizeof(int));
+    if (fds == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (fd == -1 && PyErr_Occurred()) {
+            PyMem_Free(fds);
+            return NULL;
+        }
+        if (fd < INT_MIN || fd > INT_MAX) { /* as os.close says it; -1 and such: EBADF */
+            PyErr_SetString(PyExc_OverflowError, "descriptor out of the range of a C int");
+            PyMem_Free(fds);
+            return NULL;
+        }
+        fds[i] = (int)fd;
+    }
+    return fds;
+}
+
+static PyObject *fstat_fds(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, done = 0;
+    PyObject *result = NULL;
+    int err = 0;
+    struct stat *st = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct stat));
+    int *fds = st == NULL ? NULL : fds_of(seq, n);
+    if (st == NULL)
+        PyErr_NoMemory();
+    if (fds == NULL)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (; done < n; done++)
+        if (fstat(fds[done], &st[done]) < 0) {
+            err = errno;
+            break;
+        }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(kkKKLNN)", (unsigned long)st[i].st_mode,
+                                    (unsigned long)st[i].st_uid, (unsigned long long)st[i].st_dev,
+                                    (unsigned long long)st[i].st_ino, (long long)st[i].st_size,
+                                    ns_of(&st[i].st_mtim), ns_of(&st[i].st_ctim));
+        if (t == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, t);
+    }
+done:
+    PyMem_Free(fds);
+    PyMem_Free(st);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyObject *close_fds(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int err = 0;
+    int *fds = fds_of(seq, n);
+    Py_DECREF(seq);
+    if (fds == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (close(fds[i]) < 0 && errno != EINTR && !err)
+            err = errno;
+    Py_END_ALLOW_THREADS
+    PyMem_Free(fds);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS,
      "create_files(jobs, threads=1) -> None | (index, errno, stage, short_by)\n\n"
@@ -641,9 +829,20 @@ static PyMethodDef methods[] = {
     {"stat_paths", stat_paths, METH_O,
      "stat_paths(paths) -> [(size, mtime_ns, ctime_ns) | errno]\n\n"
      "stat() each path without the GIL; one outcome per path, in order."},
-    {"link_files", link_files, METH_O,
-     "link_files(jobs) -> [errno]\n\n"
-     "linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job without the GIL; 0: linked."},
+    {"link_files", link_files, METH_VARARGS,
+     "link_files(jobs, threads=1) -> [errno]\n\n"
+     "linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job on `threads` threads without "
+     "the GIL; 0: linked."},
+    {"open_paths", open_paths, METH_O,
+     "open_paths(paths) -> [fd]\n\n"
+     "open(path, O_RDONLY|O_CLOEXEC) each path without the GIL; the first failure closes "
+     "what was opened and raises OSError naming the path."},
+    {"fstat_fds", fstat_fds, METH_O,
+     "fstat_fds(fds) -> [(mode, uid, dev, ino, size, mtime_ns, ctime_ns)]\n\n"
+     "fstat() each descriptor without the GIL; the first failure raised as OSError."},
+    {"close_fds", close_fds, METH_O,
+     "close_fds(fds) -> None\n\n"
+     "close() each descriptor without the GIL; the first failure raised as OSError."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,8 +5,9 @@ Each case runs the same jobs through both into two fresh directories and compare
 out: bytes, permission bits, mtime and atime to the nanosecond (negative ones included), and
 the exception (type, errno, message, filename) or, for write_blobs, each job's outcome. The
 native half is skipped where the extension was not built (no gcc or no Python headers);
-under CI=true that fails instead. The last cases run fill's and publish's use of
-write_blobs under both.
+under CI=true that fails instead. Then fill's and publish's use of write_blobs under both;
+then the daemon's batches (stat_paths, link_files on threads, open_paths, fstat_fds,
+close_fds), each against what the os module gives, and the choice of threads.
 """
 
 from __future__ import annotations
@@ -854,3 +855,125 @@ def test_link_files_links_each_job_and_gives_each_errno(
     assert (dst / "three").is_symlink()
     assert not (dst / "two").exists()
     assert (dst / "taken").read_bytes() == b""
+
+
+@pytest.mark.parametrize("open_paths", [fastcopy.twin_open_paths, fastcopy.native_open_paths])
+def test_open_paths_opens_each_for_reading_and_the_first_failure_leaks_nothing(
+    tmp_path: Path, open_paths: Callable[[Sequence[str]], list[int]]
+) -> None:
+    if open_paths is fastcopy.native_open_paths:
+        _native_or_skip()
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(name.encode() * 3)
+    (tmp_path / "link").symlink_to("b")
+    fds = open_paths([str(tmp_path / n) for n in ("a", "link", "a")])
+    try:
+        assert [os.read(fd, 10) for fd in fds] == [b"aaa", b"bbb", b"aaa"]  # followed, as os.open
+        assert len(set(fds)) == 3
+        for fd in fds:
+            assert os.get_inheritable(fd) is False  # O_CLOEXEC
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.write(fd, b"x")  # O_RDONLY
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert open_paths([]) == []
+    before = set(os.listdir("/proc/self/fd"))
+    for bad, kind in (("missing", FileNotFoundError), ("a/under-a-file", NotADirectoryError)):
+        paths = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / bad), str(tmp_path / "a")]
+        with pytest.raises(kind) as got:
+            open_paths(paths)
+        assert got.value.errno is not None
+        assert (got.value.filename, got.value.strerror) == (paths[2], os.strerror(got.value.errno))
+    assert set(os.listdir("/proc/self/fd")) == before, "what was opened before it is closed"
+
+
+def test_threads_go_by_bytes_or_to_small_files_spread_over_directories() -> None:
+    def jobs(n: int, size: int, dirs: int) -> list[fastcopy.Job]:
+        return [(3 + i % dirs, f"f{i}", 0o644, size, -1, None) for i in range(n)]
+
+    spread = jobs(512, 16 * KiB, 100)  # largest first: one directory, then another
+    assert fastcopy.threads_for(spread) == fastcopy.SMALL_THREADS
+    assert fastcopy.threads_for(sorted(spread)) == 1  # a directory's files together
+    assert fastcopy.threads_for(jobs(512, 16 * KiB, 1)) == 1
+    assert fastcopy.threads_for(jobs(fastcopy.SMALL_FILES - 1, KiB, 100)) == 1
+    assert fastcopy.threads_for(jobs(24, MiB, 1)) == 24 * MiB // fastcopy.SPLIT_BYTES
+    assert fastcopy.threads_for(jobs(512, 16 * MiB, 1)) == fastcopy.NATIVE_THREADS
+    assert fastcopy.threads_for([]) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_links_on_threads_give_each_job_its_own_errno(tmp_path: Path, threads: int) -> None:
+    """Each thread links its share of the jobs; the answers stay in the jobs' order."""
+    _native_or_skip()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "blob").write_bytes(b"x")
+    dirs = [tmp_path / f"d{i}" for i in range(5)]
+    for d in dirs:
+        d.mkdir()
+        (d / "taken-3").write_bytes(b"")
+    s = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    fds = [os.open(d, os.O_PATH | os.O_DIRECTORY) for d in dirs]
+    try:
+        jobs = [
+            (s, "blob" if k != 7 else "gone", fds[i], f"taken-{k}" if k == 3 else f"l{k}")
+            for i in range(5)
+            for k in range(10)
+        ]
+        got = fastcopy.native_link_files(jobs, threads)
+    finally:
+        os.close(s)
+        for fd in fds:
+            os.close(fd)
+    want = [
+        errno.EEXIST if k == 3 else errno.ENOENT if k == 7 else 0 for _ in dirs for k in range(10)
+    ]
+    assert got == want
+    assert os.stat(src / "blob").st_nlink == 1 + 5 * 8
+    assert fastcopy.twin_link_files([]) == fastcopy.native_link_files([], threads) == []
+
+
+@pytest.mark.parametrize(
+    ("fstat_fds", "close_fds"),
+    [
+        (fastcopy.twin_fstat_fds, fastcopy.twin_close_fds),
+        (fastcopy.native_fstat_fds, fastcopy.native_close_fds),
+    ],
+)
+def test_fstat_fds_and_close_fds_do_what_os_does_for_each(
+    tmp_path: Path,
+    fstat_fds: Callable[[Sequence[int]], list[fastcopy.FdStat]],
+    close_fds: Callable[[Sequence[int]], None],
+) -> None:
+    if fstat_fds is fastcopy.native_fstat_fds:
+        _native_or_skip()
+    (tmp_path / "f").write_bytes(b"x" * 1234)
+    os.utime(tmp_path / "f", ns=(5, -1_500_000_001))
+    fds = [os.open(tmp_path / "f", os.O_RDONLY), os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)]
+    got = fstat_fds(fds)
+    for fd, st in zip(fds, got, strict=True):
+        want = os.fstat(fd)
+        assert st == (
+            want.st_mode,
+            want.st_uid,
+            want.st_dev,
+            want.st_ino,
+            want.st_size,
+            want.st_mtime_ns,
+            want.st_ctime_ns,
+        )
+    assert got[0][4:6] == (1234, -1_500_000_001)
+    assert fstat_fds([]) == []
+    close_fds([fds[1]])
+    with pytest.raises(OSError, match="Bad file descriptor") as failed:
+        fstat_fds(fds)
+    assert failed.value.errno == errno.EBADF
+    spare = os.dup(fds[0])
+    with pytest.raises(OSError, match="Bad file descriptor") as failed:  # raised once all are
+        close_fds([fds[1], fds[0], spare])
+    assert failed.value.errno == errno.EBADF
+    for fd in (fds[0], spare):
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)
+    close_fds([])

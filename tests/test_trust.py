@@ -9,6 +9,7 @@ helper process (hostd/fsops.py) did the caller's filesystem work.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -32,7 +33,7 @@ from hostd.caller import Caller
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.errors import ChunkCorrupt, UsageError
-from hostd.materialize import materialize
+from hostd.materialize import Cancelled, materialize
 
 NOBODY = 65534
 JSON = "Content-Type: application/json"
@@ -574,6 +575,136 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             blob.chmod(0o444)
         assert sorted(p.name for p in home.iterdir()) == ["out-False"], "no build left"
         assert (home / "out-False" / "weights.bin").read_bytes() == data
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_calls_sent_ahead_from_several_threads_each_get_their_own_answer(work: Path) -> None:
+    """Batches of copies go to the helper without waiting for the answers owed before them
+    (AsUser.call): each call still gets its own answer, a refused batch its own error, and
+    every file is made as the caller, from the descriptors sent with its own batch."""
+    home = nobody_dir(work / "home")
+    blob = work / "blob"
+    blob.write_bytes(b"bytes")
+    blob.chmod(0o444)
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        fs = AsUser.start(Caller(sleeper.pid, NOBODY, NOBODY, ()), spawner)
+        try:
+            fs.target(f"{home}/out", False)
+            fs.begin(["d"], [])
+            fs.files([("d/taken", 0o644, 0, "empty", None)], [])
+
+            def batch(i: int) -> BaseException | None:
+                items: list[tuple[str, int, int, str, int | None]] = [
+                    (f"d/f{i}-{k}", 0o640, 5, "copy", i) for k in range(20)
+                ]
+                if i % 10 == 3:  # refused: the last name is taken
+                    items.append(("d/taken", 0o644, 0, "empty", None))
+                fds = [os.open(blob, os.O_RDONLY | os.O_CLOEXEC) for _ in range(20)]
+                try:
+                    fs.files(items, fds)
+                except UsageError as e:
+                    return e
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                return None
+
+            start = threading.Barrier(4)
+
+            def worker(first: int) -> list[BaseException | None]:
+                start.wait()
+                return [batch(i) for i in range(first, 40, 4)]
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(worker, range(4)))
+            answers = {i: got[i % 4][i // 4] for i in range(40)}
+            for i, answer in answers.items():
+                if i % 10 == 3:
+                    assert "'d/taken' appeared in the tree being built" in str(answer), i
+                else:
+                    assert answer is None, (i, answer)
+            assert fs.commit(False) is None
+        finally:
+            fs.close()
+        out = home / "out" / "d"
+        assert len(list(out.iterdir())) == 40 * 20 + 1
+        for i in range(40):
+            for k in range(20):
+                st = os.stat(out / f"f{i}-{k}")
+                assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o640)
+                assert (st.st_mtime_ns, (out / f"f{i}-{k}").read_bytes()) == (i, b"bytes")
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+class _CancelledAfterFirstCopies(AsUser):
+    """The caller goes away once the helper has answered a first batch of copies, while the
+    next ones are already on its socket."""
+
+    cancel: threading.Event
+
+    def files(
+        self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
+    ) -> None:
+        super().files(items, fds)
+        if fds:
+            self.cancel.set()
+
+
+@pytest.mark.parametrize("mode", ["copy", "auto"])
+def test_a_cancel_with_batches_of_copies_out_leaves_nothing(work: Path, mode: str) -> None:
+    """Batches go to the helper ahead of its answers, and in `auto` from a thread of their
+    own while links are made: a cancel still stops them, waits for those out, and the
+    helper removes everything built."""
+    blobs = work / "blobs"
+    blobs.mkdir()
+    blobs.chmod(0o755)
+    files = []
+    for i in range(3000):  # half of them linked in `auto` (read-only), half copied
+        data = os.urandom(1000 + i % 3000)
+        chunk = mf.Chunk(chunk_id(data), len(data))
+        entry = mf.FileEntry(f"d{i % 30}/f{i}", 0o755 if i % 2 else 0o644, len(data), (chunk,), i)
+        blob = blobs / entry.digest.hex()
+        blob.write_bytes(data)
+        blob.chmod(0o444)
+        os.utime(blob, ns=(i, i))
+        files.append(entry)
+    mtimes = {f.digest: f.mtime for f in files}
+    m = mf.build(chunk_size=1 << 20, files=files)
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        sock, pidfd = spawner.spawn()
+        fs = _CancelledAfterFirstCopies(Caller(sleeper.pid, NOBODY, NOBODY, ()), sock, pidfd)
+        fs.cancel = threading.Event()
+        _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
+        fs.root_fd = fds[0]
+        try:
+            fs.target(f"{home}/out", False)
+            with pytest.raises(Cancelled):
+                materialize(
+                    m,
+                    fs,
+                    lambda d: f"{blobs}/{d.hex()}",
+                    mode=mode,
+                    replace=False,
+                    link_ok=True,
+                    cancel=fs.cancel,
+                    blob_mtime=mtimes.get,
+                )
+        finally:
+            fs.close()
+        assert list(home.iterdir()) == [], "no target, no build directory"
     finally:
         spawner.close()
         sleeper.kill()
