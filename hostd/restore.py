@@ -219,13 +219,16 @@ class Restorer:
         with self.cache.holding(blobs):
             # every file: of those sharing a blob, the fill picks the mtime most of them have
             where = await self.filler.ensure(m.files, m.chunk_size, tiers, progress.fill)
+            now = self.cache.clock()
+            yield _Filled(res, where, t0, t1, self.clock())
             # One use, marked in batches with turns of the loop between them (a lookup per
             # blob: 100,000 are ~150 ms that status and other restores would wait for).
-            now, ds = self.cache.clock(), list(blobs)
+            # After the body, still held: the index writes it queues would otherwise hold
+            # the GIL while the tree is built.
+            ds = list(blobs)
             for i in range(0, len(ds), TOUCH_BATCH):
                 self.cache.touch(ds[i : i + TOUCH_BATCH], now)
                 await asyncio.sleep(0)
-            yield _Filled(res, where, t0, t1, self.clock())
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
         writer = could_write_cache(req.caller, os.geteuid(), req.pidfd)
