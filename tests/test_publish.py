@@ -1,9 +1,11 @@
-"""Publish in process: cancellation half way through, with uploads held at the origin."""
+"""Publish in process: cancellation half way through, with uploads held at the origin (of a
+large file's chunks, and of the packs of a tree of small files)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from pathlib import Path
 
@@ -34,6 +36,11 @@ class HeldOrigin(Origin):
         self.waiting.set()
         await self.gate.wait()
         await super().put_chunk(cid, data)
+
+    async def put_pack(self, pack: bytes, data: bytes) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().put_pack(pack, data)
 
 
 async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: Path) -> None:
@@ -79,6 +86,73 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
         await asyncio.wait_for(asyncio.to_thread(pub.close), DEADLINE)
         assert list(tier.tmp_dir.iterdir()) == []
         assert [u.used for u in cache.usage()] == [0]
+        assert not (tmp_path / "origin" / "manifests").exists()
+    finally:
+        origin.gate.set()
+        cache.index.close()
+        spawner.close()
+
+
+def _open_under(root: Path) -> list[str]:
+    """What this process has open under `root`."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (listdir's own)
+            continue
+        if target.startswith(f"{root}/"):
+            out.append(target)
+    return out
+
+
+async def test_cancelled_publish_of_small_files_closes_every_descriptor(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    rng = random.Random(3)
+    for i in range(3000):  # far more batches than are read ahead, and packs than are queued
+        p = src / f"d{i // 100:02d}" / f"f{i:04d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(rng.randint(512, 2048)))
+    cs = 64 * 1024
+    tier = Tier("mem", tmp_path / "mem", 1 << 30)
+    cache = Cache(
+        [tier], Index(tmp_path / "idx" / "i.db"), manifests_dir=tmp_path / "m", clock=time.time
+    )
+    cache.load()
+    origin = HeldOrigin(f"file://{tmp_path}/origin")
+    spawner = Spawner()
+    pub = Publisher(
+        cache,
+        origin,
+        chunk_size=cs,
+        compress="auto",
+        min_saving=0.1,
+        upload_concurrency=2,
+        compat_facts=["format"],
+        storage=Storage(
+            [
+                ("tier 'mem'", tmp_path / "mem"),
+                ("index directory", tmp_path / "idx"),
+                ("origin", tmp_path / "origin"),
+            ]
+        ),
+        spawner=spawner,
+    )
+    progress = Progress()
+    try:
+        job = asyncio.create_task(
+            pub.publish(PublishRequest(src, "x/small", caller=daemon_caller()), progress)
+        )
+        async with asyncio.timeout(DEADLINE):
+            await origin.waiting.wait()  # the first pack's upload is held; batches go on
+        job.cancel()
+        async with asyncio.timeout(DEADLINE):
+            with pytest.raises(asyncio.CancelledError):
+                await job
+        await asyncio.wait_for(asyncio.to_thread(pub.close), DEADLINE)
+        assert _open_under(src) == []  # opened, queued, read: every batch's closed
+        assert progress.done_files < 3000
+        assert list(tier.tmp_dir.iterdir()) == []
         assert not (tmp_path / "origin" / "manifests").exists()
     finally:
         origin.gate.set()

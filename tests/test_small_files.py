@@ -1,27 +1,38 @@
 """Small files and format 2, end to end: packs at the origin, mtimes kept in every restore
-mode, and snapshots an older hostd published (format 1) still restoring.
+mode, compression chosen per file, and snapshots an older hostd published (format 1) still
+restoring.
 
 Real daemons (tests/harness.py) on a file:// origin; a user's checks: the tree that comes
 back (bytes, exec bits, mtimes to the nanosecond), what lies at the origin, and how many
-requests a cold restore made.
+requests a cold restore made. Then the stages a batch of small files goes through, on
+their own: the codec chosen from a sample, a file changing while it is read, and
+descriptors handed to a stage that never runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import errno
 import os
 import random
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hostd import publish
+from hostd.core import codec
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id, compat_digest
 from hostd.core.retry import RetryPolicy
+from hostd.errors import UsageError
 from hostd.origin import Origin
+from hostd.publish import SourceFile, read_small
 
 KiB = 1024
 CHUNK = 256 * KiB  # small packs, so a small tree makes several
@@ -180,3 +191,205 @@ def test_a_format_1_snapshot_still_restores(work: Path) -> None:
         assert pub["compat"]["format"] == "2"
         out = a.restore("sf/old", work / "newest")
         assert out["snapshot"] == pub["snapshot"]  # the newer format is tried first
+
+
+def test_small_files_that_compress_are_stored_zstd_and_random_ones_raw(work: Path) -> None:
+    src = work / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    text = [
+        b"".join(b"def f%d(x): return x + %d\n" % (i, j) for j in range(40 + i)) for i in range(9)
+    ]
+    for i, data in enumerate(text):
+        (src / f"t{i}.py").write_bytes(data)
+    for i in range(30):
+        (src / f"r{i}.bin").write_bytes(rng.randbytes(rng.randint(KiB, 16 * KiB)))
+    origin = work / "origin"
+    with Hostd(work / "a", origin=origin.as_uri(), chunk_size="256KiB") as a:
+        pub = a.publish(src, "sf/zstd")
+        assert pub["compressed_chunks"] == len(text), pub
+        assert pub["stored_bytes"] < pub["bytes"] - sum(map(len, text)) // 2, pub
+    (manifest,) = origin_keys(origin, "manifests")
+    m = mf.decode(manifest.read_bytes())
+    assert {f.path for f in m.files if f.chunks[0].codec == mf.CODEC_ZSTD} == {
+        f"t{i}.py" for i in range(len(text))
+    }
+    with Hostd(work / "b", origin=origin.as_uri()) as b:
+        out = b.restore("sf/zstd", work / "cold", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "cold") == tree_digest(src)
+
+
+# -- the stages of a batch, on their own ------------------------------------------------------
+
+RNG = random.Random(11)
+TEXT = b"".join(b"%d: a line of a compile cache's source\n" % i for i in range(400))  # ~16 KiB
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        RNG.randbytes(16 * KiB),
+        RNG.randbytes(700),  # all of it is the sample
+        TEXT,
+        TEXT[:600],
+        bytes(12 * KiB),
+        RNG.randbytes(8 * KiB) + TEXT[: 8 * KiB],  # compressible where the sample ends
+        TEXT[: 8 * KiB] + RNG.randbytes(8 * KiB),
+        RNG.randbytes(15 * KiB) + bytes(KiB),  # its sample compresses, the whole saves <10%
+        RNG.randbytes(KiB // 2) + TEXT[:KiB],
+        TEXT * 64,  # 1.6 MiB: a 64th of it each from start, middle and end
+        base64.b64encode(RNG.randbytes(12 * KiB)),  # no repeats: only coding shows
+        RNG.randbytes(6 * KiB).hex().encode(),
+    ],
+    ids=[
+        "random",
+        "random-tiny",
+        "text",
+        "text-tiny",
+        "zeros",
+        "random-then-text",
+        "text-then-random",
+        "mostly-random",
+        "tiny-mixed",
+        "text-1.6MiB",
+        "base64",
+        "hex",
+    ],
+)
+def test_a_small_files_codec_is_what_a_whole_file_trial_chooses(data: bytes) -> None:
+    kind, stored = codec.choose_small(data, 0.10)
+    whole_kind, whole = codec.choose(data, codec.compress(data), 0.10)
+    assert (kind, stored) == (whole_kind, bytes(whole))
+    assert codec.decode(mf.Chunk(chunk_id(data), len(data), kind), stored) == data
+
+
+def test_random_bytes_are_tried_on_a_sample_not_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[tuple[str, int]] = []
+    trial, compress = codec._trial, codec.compress
+
+    def sampled(data: bytes) -> int:
+        tried.append(("sample", len(data)))
+        return trial(data)
+
+    def whole(data: bytes | memoryview) -> bytes:
+        tried.append(("whole", len(data)))
+        return compress(data)
+
+    monkeypatch.setattr(codec, "_trial", sampled)
+    monkeypatch.setattr(codec, "compress", whole)
+    for size in (700, 16 * KiB, 1024 * KiB):
+        data = RNG.randbytes(size)
+        assert codec.choose_small(data, 0.10) == (mf.CODEC_RAW, data)
+        assert tried == [("sample", min(size, 3 * max(codec.SMALL_WINDOW, size // 64)))]
+        tried.clear()
+    # one whose sample compresses is tried whole, and stored as that trial left it
+    assert codec.choose_small(TEXT, 0.10) == (mf.CODEC_ZSTD, compress(TEXT))
+    assert tried == [("sample", 3 * codec.SMALL_WINDOW), ("whole", len(TEXT))]
+
+
+def _batch(root: Path, contents: dict[str, bytes]) -> tuple[list[int], list[SourceFile]]:
+    """The descriptors of a batch and its files as the scan saw them."""
+    fds, files = [], []
+    for name, data in contents.items():
+        p = root / name
+        if not p.exists():
+            p.write_bytes(data)
+        st = p.stat()
+        fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+        files.append(
+            SourceFile(name, 0o644, len(data), (st.st_dev, st.st_ino), None, st.st_mtime_ns)
+        )
+    return fds, files
+
+
+def _closed(fds: list[int]) -> bool:
+    return all(_is_closed(fd) for fd in fds)
+
+
+def _is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        return e.errno == errno.EBADF
+    return False
+
+
+def test_a_batch_is_read_under_the_mtimes_the_scan_saw(tmp_path: Path) -> None:
+    contents = {"a": b"alpha" * 100, "b": RNG.randbytes(3000), "c": TEXT}
+    fds, files = _batch(tmp_path, contents)
+    got = read_small(fds, files, compress="auto", min_saving=0.1)
+    assert _closed(fds)
+    assert [r[4] for r in got.files] == [f.mtime for f in files]
+    assert got.data == list(contents.values())
+    assert [r[0] for r in got.files] == [chunk_id(d) for d in contents.values()]
+    assert [r[2] for r in got.files] == [mf.CODEC_ZSTD, mf.CODEC_RAW, mf.CODEC_ZSTD]
+
+
+def test_a_file_rewritten_after_the_scan_is_read_again_between_two_stats(tmp_path: Path) -> None:
+    fds, files = _batch(tmp_path, {"a": b"x" * 100})
+    (tmp_path / "a").write_bytes(b"y" * 100)
+    os.utime(tmp_path / "a", ns=(5, 5))  # same size, another mtime than the scan saw
+    got = read_small(fds, files, compress="never", min_saving=0.1)
+    assert got.data == [b"y" * 100]
+    assert got.files[0][4] == 5  # the mtime its bytes were read under
+
+
+def test_a_file_that_changes_while_it_is_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fds, files = _batch(tmp_path, {"ok": b"fine", "busy": b"b" * 100})
+    real = os.pread
+    writes = iter(range(1, 100))
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if os.fstat(fd).st_ino == files[1].ident[1]:  # someone writes it as it is read
+            t = next(writes)
+            os.utime(tmp_path / "busy", ns=(t, t))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with pytest.raises(UsageError, match="'busy' changed while it was being published"):
+        read_small(fds, files, compress="auto", min_saving=0.1)
+    assert _closed(fds)
+
+
+def test_a_file_that_shrank_is_refused(tmp_path: Path) -> None:
+    fds, files = _batch(tmp_path, {"a": b"a" * 100})
+    os.truncate(tmp_path / "a", 40)
+    with pytest.raises(UsageError, match="'a' shrank while it was being published"):
+        read_small(fds, files, compress="auto", min_saving=0.1)
+    assert _closed(fds)
+
+
+async def test_descriptors_handed_to_a_stage_that_never_runs_are_closed(tmp_path: Path) -> None:
+    pool = ThreadPoolExecutor(1)
+    busy = threading.Event()
+    try:
+        pool.submit(busy.wait)  # the stage's one thread is taken: the batch waits its turn
+        fds, files = _batch(tmp_path, {"a": b"a", "b": b"b"})
+        job = asyncio.create_task(
+            publish._run_closing_fds(
+                pool, lambda: read_small(fds, files, compress="auto", min_saving=0.1), fds
+            )
+        )
+        await asyncio.sleep(0)  # it is queued
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert _closed(fds)
+        # and when the pool shuts down under a queued batch
+        fds, files = _batch(tmp_path, {"a": b"a", "b": b"b"})
+        job = asyncio.create_task(
+            publish._run_closing_fds(
+                pool, lambda: read_small(fds, files, compress="auto", min_saving=0.1), fds
+            )
+        )
+        await asyncio.sleep(0)
+        pool.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert _closed(fds)
+    finally:
+        busy.set()
+        pool.shutdown(wait=True)
