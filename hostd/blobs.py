@@ -183,6 +183,18 @@ class TierBlobs:
         self.last_used[slot] = now
         self.flags[slot] = COMPLETE
 
+    def unchanged(self, slot: int, size: int, mtime_ns: int, ctime_ns: int) -> bool:
+        """Whether a fresh stat of a complete record's file shows the state recorded when its
+        bytes were last verified (Cache.unchanged says why these fields)."""
+        f = self.flags[slot]
+        return (
+            bool(f & COMPLETE)
+            and self.ctime_ns[slot] != UNKNOWN_CTIME
+            and size == self.size[slot]
+            and mtime_ns == self.mtime_ns[slot]
+            and (not f & LENT or ctime_ns == self.ctime_ns[slot])
+        )
+
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
         self.unsized += (chunk_size <= 0) - (self.chunk_size[slot] <= 0)
         self.chunk_size[slot] = max(chunk_size, 0)
@@ -387,6 +399,15 @@ class Blob:
             return
         at.size[self._slot], at.mtime_ns[self._slot] = st.size, st.mtime_ns
         at.ctime_ns[self._slot] = st.ctime_ns
+
+    def intact(self, seen: tuple[int, int, int] | int) -> bool:
+        """Whether this is still its tier's record, complete, and `seen` (a stat of its file
+        taken just before, or the errno of one that failed) shows the state recorded when
+        its bytes were last verified: a warm restore's check of each blob, in one call."""
+        at = self._at
+        if at is None or isinstance(seen, int):
+            return False
+        return at.unchanged(self._slot, *seen)
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""

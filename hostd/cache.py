@@ -812,6 +812,8 @@ class Cache:
             seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if isinstance(seen, int):
             return False
+        if b.attached:
+            return b.intact(seen)
         size, mtime_ns, ctime_ns = seen
         if size != b.size or mtime_ns != b.mtime_ns:
             return False

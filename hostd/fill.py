@@ -209,6 +209,12 @@ class Filler:
                         waits.append(self._filling[e.digest])
                         continue
                     st = seen.get(e.digest)
+                    if st is not None and st[0].intact(st[1]):  # the warm path, in one call
+                        warm = st[0]
+                        progress.done_bytes += warm.size
+                        progress.by_source[warm.tier.name] += warm.size
+                        found[e.digest] = warm
+                        continue
                     if st is None and not self.cache.has_copy(e.digest):
                         # the cold path: no copy anywhere, nothing to check or copy in
                         claims[e.digest] = self._filling[e.digest] = (
