@@ -133,6 +133,30 @@ def test_mtimes_are_exact_in_every_mode_and_links_never_retime_a_blob(work: Path
         assert tree_digest(work / "link") == expected  # the first link restore is unchanged
 
 
+def test_files_sharing_a_blob_link_to_the_mtime_most_of_them_have(work: Path) -> None:
+    """Three files with equal bytes, the first (in path order) with its own mtime: a cold
+    restore fills their one blob with the other two's mtime, so a link restore links those
+    two and copies only the first."""
+    src = work / "src"
+    src.mkdir()
+    for name, t in (("a.txt", 1_600_000_000_000_000_001), ("b.txt", 1_700_000_000_000_000_002)):
+        for p in (src / name, src / f"{name}.2"):
+            p.write_bytes(b"one blob for three files\n" * 40)
+            p.chmod(0o444)
+            os.utime(p, ns=(t, t))
+    (src / "a.txt.2").unlink()  # a.txt alone has the first mtime; b.txt and b.txt.2 share
+    origin = work / "origin"
+    with Hostd(work / "a", origin=origin.as_uri()) as a:
+        a.publish(src, "sf/majority")
+    with Hostd(work / "b", origin=origin.as_uri(), access={"link_to_writers": True}) as b:
+        out = b.restore("sf/majority", work / "out", mode="link")
+        assert out["event"] == "result", out
+        assert (out["linked"], out["copied_for_mtime"]) == (2, 1), out
+        got = work / "out"
+        assert (got / "b.txt").stat().st_ino == (got / "b.txt.2").stat().st_ino
+        assert tree_digest(got) == tree_digest(src)
+
+
 def test_a_republish_stores_only_what_changed(work: Path) -> None:
     src = small_tree(work / "src")
     origin = work / "origin"
