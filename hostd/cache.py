@@ -629,6 +629,20 @@ class Cache:
         )
         return self._tb[tier.name].view(self._put(tier, st.digest, r, persist), st.digest)
 
+    def adopt_durable(self, tier: Tier, stats: Sequence[BlobStat], chunk_size: int) -> Future[None]:
+        """`adopt` for a batch of blobs already durable (a publish's synced batch), with their
+        rows written in one transaction: `adopt(persist=False)` then `record_durable`,
+        without a Blob each. The future is the rows' transaction."""
+        now, name = self.clock(), tier.name
+        rows: list[BlobRow] = []
+        for st in stats:
+            r = Values(st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size)
+            self._put(tier, st.digest, r, persist=False)
+            rows.append(
+                BlobRow(st.digest, name, st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns)
+            )
+        return self.index.later(self.index.put_blobs, rows)
+
     def completed(self, digest: bytes, tier: Tier, st: BlobStat, *, persist: bool = True) -> Blob:
         """Record a blob admitted for filling as complete; `st` and `persist` as adopt's."""
         tb = self._tb[tier.name]

@@ -799,11 +799,9 @@ class _Run:
     ) -> list[SmallFile]:
         """Record a batch's stored (and synced) blobs: their rows go in one transaction."""
         if tier is not None:
-            adopted = [
-                self.p.cache.adopt(tier, sf.blob, self.cs, persist=False) for sf in got if sf.blob
-            ]
-            await asyncio.wrap_future(self.p.cache.record_durable(adopted))
-            self.cached += len(adopted)
+            stored = [sf.blob for sf in got if sf.blob]
+            await asyncio.wrap_future(self.p.cache.adopt_durable(tier, stored, self.cs))
+            self.cached += len(stored)
         self.progress.done_files += len(files)
         self.progress.fill.done_bytes += sum(f.size for f in files)
         return got
