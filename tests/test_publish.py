@@ -43,11 +43,10 @@ class HeldOrigin(Origin):
         await super().put_pack(pack, data)
 
 
-async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    cs = 64 * 1024
-    (src / "big.bin").write_bytes(os.urandom(300 * cs))  # far more chunks than the queue holds
+def _held_publisher(
+    tmp_path: Path, cs: int, compress: str
+) -> tuple[Tier, Cache, HeldOrigin, Spawner, Publisher]:
+    """A Publisher over a fresh cache with one tier, whose origin holds uploads (HeldOrigin)."""
     tier = Tier("mem", tmp_path / "mem", 1 << 30)
     cache = Cache(
         [tier], Index(tmp_path / "idx" / "i.db"), manifests_dir=tmp_path / "m", clock=time.time
@@ -59,7 +58,7 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
         cache,
         origin,
         chunk_size=cs,
-        compress="never",
+        compress=compress,
         min_saving=0.1,
         upload_concurrency=2,
         compat_facts=["format"],
@@ -72,6 +71,15 @@ async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: P
         ),
         spawner=spawner,
     )
+    return tier, cache, origin, spawner, pub
+
+
+async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cs = 64 * 1024
+    (src / "big.bin").write_bytes(os.urandom(300 * cs))  # far more chunks than the queue holds
+    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, cs, "never")
     try:
         job = asyncio.create_task(
             pub.publish(PublishRequest(src, "x/y", caller=daemon_caller()), Progress())
@@ -113,31 +121,7 @@ async def test_cancelled_publish_of_small_files_closes_every_descriptor(tmp_path
         p = src / f"d{i // 100:02d}" / f"f{i:04d}"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(rng.randbytes(rng.randint(512, 2048)))
-    cs = 64 * 1024
-    tier = Tier("mem", tmp_path / "mem", 1 << 30)
-    cache = Cache(
-        [tier], Index(tmp_path / "idx" / "i.db"), manifests_dir=tmp_path / "m", clock=time.time
-    )
-    cache.load()
-    origin = HeldOrigin(f"file://{tmp_path}/origin")
-    spawner = Spawner()
-    pub = Publisher(
-        cache,
-        origin,
-        chunk_size=cs,
-        compress="auto",
-        min_saving=0.1,
-        upload_concurrency=2,
-        compat_facts=["format"],
-        storage=Storage(
-            [
-                ("tier 'mem'", tmp_path / "mem"),
-                ("index directory", tmp_path / "idx"),
-                ("origin", tmp_path / "origin"),
-            ]
-        ),
-        spawner=spawner,
-    )
+    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto")
     progress = Progress()
     try:
         job = asyncio.create_task(
