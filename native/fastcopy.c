@@ -561,9 +561,19 @@ static void named_free(struct named *v, Py_ssize_t n) {
     PyMem_Free(v);
 }
 
-static PyObject *stat_paths(PyObject *self, PyObject *arg) {
+static int stat_one(void *ctx, size_t i) {
+    struct named *v = &((struct named *)ctx)[i];
+    v->err = stat(PyBytes_AS_STRING(v->a), &v->st) < 0 ? errno : 0;
+    return 0; /* each stat is independent: the others go on */
+}
+
+static PyObject *stat_paths(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
+    PyObject *seq_in;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i:stat_paths", &seq_in, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "paths must be a sequence");
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
@@ -577,8 +587,7 @@ static PyObject *stat_paths(PyObject *self, PyObject *arg) {
         if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
             goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (i = 0; i < n; i++)
-        v[i].err = stat(PyBytes_AS_STRING(v[i].a), &v[i].st) < 0 ? errno : 0;
+    pool_run((size_t)n, threads, 0, stat_one, v);
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     if (result == NULL)
@@ -826,9 +835,10 @@ static PyMethodDef methods[] = {
      "write_blobs(jobs, threads=1) -> [(size, mtime_ns, ctime_ns) | (errno, stage)]\n\n"
      "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "one outcome per job, in order."},
-    {"stat_paths", stat_paths, METH_O,
-     "stat_paths(paths) -> [(size, mtime_ns, ctime_ns) | errno]\n\n"
-     "stat() each path without the GIL; one outcome per path, in order."},
+    {"stat_paths", stat_paths, METH_VARARGS,
+     "stat_paths(paths, threads=1) -> [(size, mtime_ns, ctime_ns) | errno]\n\n"
+     "stat() each path on `threads` threads without the GIL; one outcome per path, in "
+     "order."},
     {"link_files", link_files, METH_VARARGS,
      "link_files(jobs, threads=1) -> [errno]\n\n"
      "linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job on `threads` threads without "

@@ -822,6 +822,22 @@ def test_stat_paths_gives_what_os_stat_gives_and_each_errno(
     assert stat_paths([]) == []
 
 
+def test_stat_paths_on_two_threads_gives_each_outcome_in_order(tmp_path: Path) -> None:
+    _native_or_skip()
+    paths = []
+    for i in range(fastcopy.STAT_SPLIT + 37):  # enough for two threads, not a multiple
+        p = tmp_path / f"f{i}"
+        if i % 7:
+            p.write_bytes(b"x" * i)
+            os.utime(p, ns=(i, -i * 1_000_003))
+        paths.append(str(p))  # every seventh is missing
+    want = fastcopy.twin_stat_paths(paths)
+    assert fastcopy.native_stat_paths(paths, 2) == want
+    assert fastcopy.native_stat_paths(paths) == want  # two threads, by size
+    assert want[0] == errno.ENOENT
+    assert want[1] == (1, -1_000_003, os.stat(paths[1]).st_ctime_ns)
+
+
 @pytest.mark.parametrize("link_files", [fastcopy.twin_link_files, fastcopy.native_link_files])
 def test_link_files_links_each_job_and_gives_each_errno(
     tmp_path: Path, link_files: Callable[[Sequence[fastcopy.LinkJob]], list[int]]
