@@ -52,6 +52,21 @@ class Values(NamedTuple):
     charged: int
 
 
+def state_holds(
+    seen: tuple[int, int, int], size: int, mtime_ns: int, ctime_ns: int, lent: bool
+) -> bool:
+    """Whether a stat `seen` (size, mtime_ns, ctime_ns) of a blob's file shows the state
+    recorded when its bytes were last verified: size and mtime always, the ctime too for a
+    lent blob; never for a record not verified since its index was lost (Cache.unchanged
+    says why)."""
+    return (
+        ctime_ns != UNKNOWN_CTIME
+        and seen[0] == size
+        and seen[1] == mtime_ns
+        and (not lent or seen[2] == ctime_ns)
+    )
+
+
 class TierBlobs:
     """The records of one tier's blobs (complete and partial), by digest.
 
@@ -174,25 +189,20 @@ class TierBlobs:
         self.flags[slot] = (COMPLETE if r.complete else 0) | (LENT if r.lent else 0)
 
     def finish(self, slot: int, mtime_ns: int, ctime_ns: int, now: float) -> None:
-        """Mark a partial record complete with the stat of its bytes, used at `now`, charged
-        its size: a new inode, so not lent (out of the queue, as `set`)."""
+        """Mark a partial record complete with the stat of its bytes, used at `now`: a new
+        inode, so not lent (out of the queue, as `set`)."""
         self._unpark(slot)
-        self.charged[slot] = self.size[slot]
         self.mtime_ns[slot] = mtime_ns
         self.ctime_ns[slot] = ctime_ns
         self.last_used[slot] = now
         self.flags[slot] = COMPLETE
 
-    def unchanged(self, slot: int, size: int, mtime_ns: int, ctime_ns: int) -> bool:
-        """Whether a fresh stat of a complete record's file shows the state recorded when its
-        bytes were last verified (Cache.unchanged says why these fields)."""
+    def unchanged(self, slot: int, seen: tuple[int, int, int]) -> bool:
+        """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
+        state recorded when its bytes were last verified."""
         f = self.flags[slot]
-        return (
-            bool(f & COMPLETE)
-            and self.ctime_ns[slot] != UNKNOWN_CTIME
-            and size == self.size[slot]
-            and mtime_ns == self.mtime_ns[slot]
-            and (not f & LENT or ctime_ns == self.ctime_ns[slot])
+        return bool(f & COMPLETE) and state_holds(
+            seen, self.size[slot], self.mtime_ns[slot], self.ctime_ns[slot], bool(f & LENT)
         )
 
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
@@ -407,7 +417,7 @@ class Blob:
         at = self._at
         if at is None or isinstance(seen, int):
             return False
-        return at.unchanged(self._slot, *seen)
+        return at.unchanged(self._slot, seen)
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""

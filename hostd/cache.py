@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostd.blobs import COMPLETE, LENT, Blob, Digests, TierBlobs, Values
+from hostd.blobs import COMPLETE, LENT, Blob, Digests, TierBlobs, Values, state_holds
 from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
 from hostd.core.ids import HASH_LEN, file_digest
@@ -633,14 +633,11 @@ class Cache:
         """`adopt` for a batch of blobs already durable (a publish's synced batch), with their
         rows written in one transaction: `adopt(persist=False)` then `record_durable`,
         without a Blob each. The future is the rows' transaction."""
-        now, name = self.clock(), tier.name
+        now, tb = self.clock(), self._tb[tier.name]
         rows: list[BlobRow] = []
         for st in stats:
             r = Values(st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size)
-            self._put(tier, st.digest, r, persist=False)
-            rows.append(
-                BlobRow(st.digest, name, st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns)
-            )
+            rows.append(tb.row(self._put(tier, st.digest, r, persist=False), st.digest))
         return self.index.later(self.index.put_blobs, rows)
 
     def completed(self, digest: bytes, tier: Tier, st: BlobStat, *, persist: bool = True) -> Blob:
@@ -649,14 +646,9 @@ class Cache:
         slot = tb.find(digest)
         if slot < 0:
             raise KeyError(f"no blob {digest.hex()} admitted to tier {tier.name}")
-        name = tier.name
-        tb.queue.drop(slot)  # before the charge changes: the queue reads it
-        self._used[name] += tb.size[slot] - tb.charged[slot]
-        tb.finish(slot, st.mtime_ns, st.ctime_ns, self.clock())  # charged its size from now
-        self._filling.discard((digest, name))
-        tb.push(slot)
-        if persist:
-            self.index.put_blob(tb.row(slot, digest))
+        tb.queue.drop(slot)  # before finish changes what the queue reads
+        tb.finish(slot, st.mtime_ns, st.ctime_ns, self.clock())
+        self._reput(tb, slot, digest, persist)  # charged its full size from now
         return tb.view(slot, digest)
 
     def record_durable(self, blobs: Iterable[Blob]) -> Future[None]:
@@ -828,10 +820,7 @@ class Cache:
             return False
         if b.attached:
             return b.intact(seen)
-        size, mtime_ns, ctime_ns = seen
-        if size != b.size or mtime_ns != b.mtime_ns:
-            return False
-        return not b.lent or ctime_ns == b.ctime_ns
+        return state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, b.lent)
 
     async def vouch(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> bool:
         """The check before any use of a complete blob: True if `b` is still this cache's

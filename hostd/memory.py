@@ -66,10 +66,6 @@ class Trimmer:
     def __repr__(self) -> str:
         return f"Trimmer(trims={self.trims}, released={self.released})"
 
-    @property
-    def available(self) -> bool:
-        return self._trim is not None
-
     def ended(self) -> None:
         """An operation ended (on the loop): trim once the daemon has been idle a while."""
         if self._trim is None:

@@ -280,19 +280,6 @@ def ingest(
             os.close(out)
 
 
-def ingest_small(
-    fds: Sequence[int],
-    files: Sequence[SourceFile],
-    *,
-    tier: Tier | None,
-    compress: str,
-    min_saving: float,
-) -> list[SmallFile]:
-    """Read a batch of one-chunk files and store their blobs (blocking): `read_small`, then
-    `store_small`, on one thread. Closes `fds`."""
-    return store_small(read_small(fds, files, compress=compress, min_saving=min_saving), tier)
-
-
 @dataclass(frozen=True, slots=True)
 class SmallRead:
     """A batch of one-chunk files read whole, their blobs not yet stored."""

@@ -749,10 +749,11 @@ def test_a_fill_batch_gives_blob_stats_and_names_what_failed(
 def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
 ) -> None:
-    """ingest_small: files of a batch with equal bytes get one blob with the last one's
-    mtime (as one write each would leave it); a blob that cannot be written is TierError."""
+    """read_small then store_small: files of a batch with equal bytes get one blob with the
+    last one's mtime (as one write each would leave it); a blob that cannot be written is
+    TierError."""
     from hostd.errors import TierError
-    from hostd.publish import SourceFile, ingest_small
+    from hostd.publish import SourceFile, read_small, store_small
     from hostd.tier import Tier
 
     if impl == "native":
@@ -773,7 +774,7 @@ def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
         return fds, files
 
     fds, files = batch()
-    got = ingest_small(fds, files, tier=tier, compress="never", min_saving=0.1)
+    got = store_small(read_small(fds, files, compress="never", min_saving=0.1), tier)
     a, b, c = got
     assert a.blob is not None
     assert b.blob is not None
@@ -792,7 +793,7 @@ def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
     prefix.write_bytes(b"in the way")
     fds, files = batch()
     with pytest.raises(TierError, match=r"tier 'disk' .*storing a published blob failed"):
-        ingest_small(fds, files, tier=tier, compress="never", min_saving=0.1)
+        store_small(read_small(fds, files, compress="never", min_saving=0.1), tier)
     assert list(tier.tmp_dir.iterdir()) == []
 
 
