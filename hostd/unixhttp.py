@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import os
+import select
+import signal
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 MAX_HEAD = 64 * 1024
@@ -24,6 +28,46 @@ MAX_HEAD = 64 * 1024
 MAX_LINE = 4096
 """Nor is a chunk-size or trailer line longer than this."""
 RECV_BYTES = 256 * 1024
+
+
+def _wakeup_fd() -> int:
+    """The read end of a pipe the interpreter writes to when a signal arrives (installed on
+    first use, from the main thread, where no other is); -1 where there is none.
+
+    A blocking recv misses a Ctrl-C that lands between the interpreter's last check for
+    signals and the system call: the handler only flags it, and recv waits on for data a
+    stalled stream may never send. Waiting on the socket and this pipe together cannot miss
+    it: the byte the signal wrote is there however early it came."""
+    global _WAKEUP
+    if _WAKEUP is None:
+        _WAKEUP = -1
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            if signal.set_wakeup_fd(w, warn_on_full_buffer=False) == -1:
+                _WAKEUP = r
+            else:  # someone else's (an event loop's): put it back, wait as before
+                signal.set_wakeup_fd(-1)
+                os.close(r)
+                os.close(w)
+    return _WAKEUP
+
+
+_WAKEUP: int | None = None
+
+
+def _recv(sock: socket.socket) -> bytes:
+    """sock.recv, interruptible by a signal however early it came (see _wakeup_fd)."""
+    fd = _wakeup_fd() if threading.current_thread() is threading.main_thread() else -1
+    if fd >= 0:
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        poll.register(fd, select.POLLIN)
+        # A signal's handler runs (and Ctrl-C raises) once poll returns: on EINTR, or at once
+        # if the signal came before poll started and left its byte in the pipe.
+        while not any(f != fd for f, _ in poll.poll()):
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 512)
+    return sock.recv(RECV_BYTES)
 
 
 class ProtocolError(Exception):
@@ -232,7 +276,7 @@ class Connection:
         while (end := buffered.find(b"\r\n\r\n")) < 0:
             if len(buffered) > MAX_HEAD:
                 raise ProtocolError(f"a response head longer than {MAX_HEAD} bytes")
-            data = sock.recv(RECV_BYTES)
+            data = _recv(sock)
             if not data:
                 raise ConnectionClosed("the daemon closed the connection without an answer")
             buffered += data
@@ -240,7 +284,7 @@ class Connection:
         return Response(self, head, BodyDecoder(head, method=method), bytes(buffered[end + 4 :]))
 
     def recv(self) -> bytes:
-        return self._connected().recv(RECV_BYTES)
+        return _recv(self._connected())
 
     def abort(self) -> None:
         """Cut the connection, from any thread: a recv blocked on it returns, and the daemon
