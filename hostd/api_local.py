@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hostd import access, prune, refs
 from hostd.caller import Caller, peer_caller, peer_pidfd
+from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core import request as request_fields
 from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
@@ -196,11 +197,20 @@ async def stream(
         last: dict[str, Any] | None = None
         warned = 0
         while True:
-            done, _ = await asyncio.wait({task}, timeout=PROGRESS_EVERY)
+            # a `file` event goes out as it happens; progress at most every PROGRESS_EVERY
+            news = asyncio.ensure_future(progress.news.wait())
+            done, _ = await asyncio.wait(
+                {task, news}, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED
+            )
+            news.cancel()
+            progress.news.clear()
+            done.discard(news)
             if resp is None and not done and _to_tell(progress):
                 resp = await _start(request)
             if resp is not None:
                 warned = await _warn(resp, progress, warned)
+                while progress.files:
+                    await _send(resp, progress.files.popleft())
                 ev = progress.event()
                 if ev != last and ev["phase"]:
                     await _send(resp, ev)
@@ -236,6 +246,8 @@ async def stream(
             if resp is None:
                 resp = await _start(request)
             await _warn(resp, progress, warned)
+            while progress.files:
+                await _send(resp, progress.files.popleft())
             await _send(resp, {"event": "result", **out})
         await resp.write_eof()
     except (asyncio.CancelledError, ConnectionError):
@@ -284,11 +296,33 @@ async def status(request: web.Request) -> web.Response:
 
 async def restore(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON_KEY]
-    body = await _body(request, {"ref", "target", "mode", "replace", "compat", "tier"})
+    body = await _body(
+        request,
+        {
+            "ref",
+            "target",
+            "mode",
+            "replace",
+            "compat",
+            "tier",
+            "progressive",
+            "keep_partial",
+            "order",
+        },
+    )
     mode = _str(body, "mode", "auto")
     if mode not in MODES:
         raise UsageError(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     tier = _tier(d, body)
+    progressive = _bool(body, "progressive")
+    if not progressive and ("keep_partial" in body or "order" in body):
+        raise UsageError("fields 'keep_partial' and 'order' are for a progressive restore only")
+    if progressive and _bool(body, "replace"):
+        raise UsageError(
+            "field 'progressive': a progressive restore cannot replace a tree (the old one "
+            "cannot stay whole while the new one arrives in its place); restore into a new "
+            "directory, or drop replace"
+        )
     with caller_pidfd(request) as pidfd:
         req = RestoreRequest(
             ref=_str(body, "ref"),
@@ -296,6 +330,9 @@ async def restore(request: web.Request) -> web.StreamResponse:
             caller=request_caller(request),
             mode=mode,
             replace=_bool(body, "replace"),
+            progressive=progressive,
+            keep_partial=_bool(body, "keep_partial"),
+            order=_patterns(body, "order"),
             compat=_facts(body, "compat"),
             tier=tier,
             pidfd=pidfd,
@@ -314,7 +351,18 @@ async def publish(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON_KEY]
     body = await _body(
         request,
-        {"path", "ref", "facts", "compat", "meta", "chunk_size", "include", "exclude", "force"},
+        {
+            "path",
+            "ref",
+            "kind",
+            "facts",
+            "compat",
+            "meta",
+            "chunk_size",
+            "include",
+            "exclude",
+            "force",
+        },
     )
     include, exclude = _patterns(body, "include"), _patterns(body, "exclude")
     facts = body.get("facts")
@@ -322,6 +370,11 @@ async def publish(request: web.Request) -> web.StreamResponse:
         not isinstance(facts, list) or not all(isinstance(f, str) and f for f in facts)
     ):
         raise UsageError("field 'facts' must be a list of fact names")
+    kind = _str(body, "kind", compat.DEFAULT_KIND)
+    if kind not in compat.KINDS:
+        raise UsageError(f"field 'kind' must be one of {', '.join(compat.KINDS)}, got {kind!r}")
+    if facts is not None and "kind" in body:
+        raise UsageError("fields 'kind' and 'facts' both choose the compat facts: give one")
     cs = body.get("chunk_size")
     if cs is not None and (
         not isinstance(cs, int)
@@ -336,6 +389,7 @@ async def publish(request: web.Request) -> web.StreamResponse:
             ref=_str(body, "ref"),
             caller=request_caller(request),
             facts=facts,
+            kind=kind,
             compat=_facts(body, "compat"),
             meta=_facts(body, "meta"),
             chunk_size=cs,

@@ -356,9 +356,25 @@ class AsUser:
             None if existing is None else (int(existing[0]), int(existing[1])),
         )
 
-    def begin(self, dirs: Sequence[str], want: Sequence[str]) -> tuple[int, dict[str, int]]:
-        """Make the build directory and `dirs` (parents first); descriptors of `want`."""
-        reply, fds = self.call("begin", nfds=len(want), dirs=list(dirs), want=list(want))
+    def begin(
+        self,
+        dirs: Sequence[str],
+        want: Sequence[str],
+        *,
+        progressive: bool = False,
+        keep: bool = False,
+    ) -> tuple[int, dict[str, int]]:
+        """Make the build directory and `dirs` (parents first); descriptors of `want`.
+        `progressive`: build in the target itself, made now; each file then lands whole as
+        it is sent, and a failure removes what was placed unless `keep`."""
+        reply, fds = self.call(
+            "begin",
+            nfds=len(want),
+            dirs=list(dirs),
+            want=list(want),
+            progressive=progressive,
+            keep=keep,
+        )
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(

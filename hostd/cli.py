@@ -37,6 +37,9 @@ from hostd.output import Printer, count, duration, is_number, size, size_exact, 
 EXIT_INTERRUPTED = 130
 LS_WIDTH = 100  # `hostd ls` fits this many columns; `--wide` does not try
 LS_GAP = 2  # between its columns
+# The snapshot kinds (core/compat.py's KINDS, which this module does not import: it pulls in
+# the manifest codec, and every client command pays for its imports).
+KINDS = ("files", "compile-cache", "process")
 
 Call = Callable[[Client, ProgressCallback | None], JSON]
 Render = Callable[[Printer, JSON], None]
@@ -134,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--replace", action="store_true", help="replace TARGET if it exists and is not empty"
     )
+    restore.add_argument(
+        "--progressive",
+        action="store_true",
+        help="make TARGET at once and land each file in it as soon as it is verified, printing "
+        "its path (with --json: its `file` event) as it lands",
+    )
+    restore.add_argument(
+        "--order",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="with --progressive: fetch files matching this first (repeatable, in order)",
+    )
+    restore.add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="with --progressive: a failed restore keeps the files that landed",
+    )
     restore.set_defaults(command=_restore)
 
     publish = add("publish", "publish a directory as a snapshot under a ref", client, compat)
@@ -141,11 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--ref", metavar="REF", required=True, help="the ref to point at it, e.g. models/llama"
     )
-    publish.add_argument(
+    chosen = publish.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--kind",
+        choices=KINDS,
+        help="what the snapshot is, which picks the compat facts it is keyed on: files (weights, "
+        "portable trees: format alone; the default), compile-cache (GPU model, driver major, "
+        "CUDA, arch), process (also the exact driver and the kernel)",
+    )
+    chosen.add_argument(
         "--facts",
         metavar="A,B",
         type=_fact_list,
-        help="the compat facts the snapshot depends on (default: the daemon's compat_facts)",
+        help="the compat facts the snapshot depends on, instead of a kind's",
     )
     publish.add_argument(
         "--meta",
@@ -346,6 +375,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    if (args.order or args.keep_partial) and not args.progressive:
+        raise UsageError("--order and --keep-partial need --progressive")
+
+    def landed(event: JSON) -> None:
+        line = json.dumps(event) if args.json else str(event.get("path"))
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
     def call(client: Client, progress: ProgressCallback | None) -> JSON:
         return client.restore(
             args.ref,
@@ -354,6 +391,10 @@ def _restore(args: argparse.Namespace) -> int:
             replace=args.replace,
             compat=dict(args.compat),
             on_progress=progress,
+            progressive=args.progressive,
+            keep_partial=args.keep_partial,
+            order=args.order,
+            on_file=landed if args.progressive else None,
         )
 
     return _run(args, call, _render_restore, progress="restore")
@@ -364,6 +405,7 @@ def _publish(args: argparse.Namespace) -> int:
         return client.publish(
             args.dir,
             ref=args.ref,
+            kind=args.kind,
             facts=args.facts,
             compat=dict(args.compat),
             meta=dict(args.meta),
@@ -381,7 +423,7 @@ def _publish_warnings(result: JSON) -> list[str]:
         f"skipped {e.get('path')!r}: a {e.get('kind')}, not published (never opened)"
         for e in result.get("skipped") or []
         if isinstance(e, dict)
-    ]
+    ] + [str(w) for w in result.get("warnings") or []]
 
 
 def _prefetch(args: argparse.Namespace) -> int:
@@ -563,11 +605,19 @@ def _how_restored(result: JSON) -> str | None:
     return f"{mode}: {', '.join([*parts, copied])}"
 
 
+def _facts_line(facts: object) -> str:
+    if not isinstance(facts, dict):
+        return "-"
+    return ", ".join(f"{k}={v}" for k, v in facts.items())
+
+
 def _render_publish(out: Printer, result: JSON) -> None:
     out.pairs(
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
+            ("kind", result.get("kind") or "own facts"),
+            ("compat", _facts_line(result.get("compat"))),
             ("files", count(result.get("files"))),
             ("chunks", count(result.get("chunks"))),
             ("bytes", size_exact(result.get("bytes"))),
@@ -665,6 +715,7 @@ def _render_status(out: Printer, result: JSON) -> None:
             ("origin", result.get("origin")),
             ("in flight", count(result.get("in_flight"))),
             ("you", _caller(result.get("caller"))),
+            *_host(result.get("host")),
         ]
     )
     tiers: list[JSON] = result.get("tiers") or []
@@ -715,6 +766,30 @@ def _share(used: object, budget: object) -> str:
     if is_number(used) and is_number(budget) and budget > 0:
         return f"{100 * used / budget:.0f}%"
     return "-"
+
+
+def _host(host: object) -> list[tuple[str, str]]:
+    """The host's facts in two lines: "x86_64, kernel 6.1.0, format 2" and "8 x NVIDIA H100
+    80GB HBM3, 81559 MiB, MIG off; driver 550.54.15, CUDA 12.4", or "none (why)" without
+    NVML. None from a daemon that does not report them."""
+    if not isinstance(host, dict) or not isinstance(facts := host.get("facts"), dict):
+        return []
+    machine = f"{facts.get('arch')}, kernel {facts.get('kernel')}, format {facts.get('format')}"
+    if host.get("nvml") != "ok":
+        return [("host", machine), ("GPUs", f"none ({host.get('nvml')})")]
+    models: dict[str, int] = {}
+    for gpu in host.get("gpus") or []:
+        name = str(gpu.get("name") or "unknown model") if isinstance(gpu, dict) else "?"
+        models[name] = models.get(name, 0) + 1
+    if models:
+        seen = " + ".join(f"{n} x {name}" for name, n in models.items())
+        memory, mig = facts.get("gpu_memory"), facts.get("mig")
+        seen += f", {memory} MiB" if memory != "none" else ", memory unknown"
+        seen += f", MIG {mig if mig != 'none' else 'unknown'}"
+    else:
+        seen = "none (NVML sees no GPU)"
+    driver = f"driver {facts.get('driver')}, CUDA {facts.get('cuda')}"
+    return [("host", machine), ("GPUs", f"{seen}; {driver}")]
 
 
 def _caller(caller: object) -> str | None:

@@ -278,21 +278,37 @@ class Client:
         replace: bool = False,
         compat: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        progressive: bool = False,
+        keep_partial: bool = False,
+        order: list[str] | None = None,
+        on_file: ProgressCallback | None = None,
     ) -> JSON:
-        body = {
+        """`progressive`: the target appears at once and each file lands whole as soon as
+        its blob is verified; `on_file` gets each `file` event ({path, size, done_files,
+        total_files, done_bytes, total_bytes}) in the order they land. `order`: paths or
+        globs, fetched first in that order. A failure removes what landed unless
+        `keep_partial`."""
+        body: JSON = {
             "ref": ref,
             "target": absolute(target),
             "mode": mode,
             "replace": replace,
             "compat": dict(compat or {}),
         }
-        return self._stream("/v1/restore", body, on_progress)
+        if progressive:
+            body["progressive"] = True
+            if keep_partial:
+                body["keep_partial"] = True
+            if order:
+                body["order"] = list(order)
+        return self._stream("/v1/restore", body, on_progress, on_file)
 
     def publish(
         self,
         path: str | os.PathLike[str],
         *,
         ref: str,
+        kind: str | None = None,
         facts: list[str] | None = None,
         compat: Mapping[str, str] | None = None,
         meta: Mapping[str, str] | None = None,
@@ -313,7 +329,9 @@ class Client:
             body["include"] = list(include)
         if exclude:
             body["exclude"] = list(exclude)
-        if facts is not None:  # absent: the daemon's default facts
+        if kind is not None:  # absent: files
+            body["kind"] = kind
+        if facts is not None:  # absent: the kind's facts
             body["facts"] = list(facts)
         return self._stream("/v1/publish", body, on_progress)
 
@@ -347,7 +365,13 @@ class Client:
 
         return self._request(method, path, body, read)
 
-    def _stream(self, path: str, body: JSON, on_progress: ProgressCallback | None) -> JSON:
+    def _stream(
+        self,
+        path: str,
+        body: JSON,
+        on_progress: ProgressCallback | None,
+        on_file: ProgressCallback | None = None,
+    ) -> JSON:
         def read(response: unixhttp.Response) -> JSON:
             if response.head.media_type != NDJSON:
                 raise HostdError(
@@ -357,7 +381,7 @@ class Client:
             try:
                 for data in response.body():
                     for event in reader.feed(data):
-                        outcome = _outcome(event, on_progress)
+                        outcome = _outcome(event, on_progress, on_file)
                         if outcome is not None:
                             return outcome
             except OSError as exc:
@@ -365,7 +389,7 @@ class Client:
                     raise HostdError("daemon closed the stream early: the call was cut") from exc
                 raise _stopped(path) from exc
             for event in reader.finish():
-                outcome = _outcome(event, on_progress)
+                outcome = _outcome(event, on_progress, on_file)
                 if outcome is not None:
                     return outcome
             raise _stopped(path)
@@ -442,7 +466,9 @@ def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] |
     return body
 
 
-def _outcome(event: JSON, on_progress: ProgressCallback | None) -> JSON | None:
+def _outcome(
+    event: JSON, on_progress: ProgressCallback | None, on_file: ProgressCallback | None = None
+) -> JSON | None:
     """The result of a finished stream, None to read on, or the stream's error raised."""
     kind = event.get("event")
     if kind == "result":
@@ -452,6 +478,8 @@ def _outcome(event: JSON, on_progress: ProgressCallback | None) -> JSON | None:
         raise error_from_code(code, str(event.get("message") or code))
     if kind == "progress" and on_progress is not None:
         on_progress(event)
+    if kind == "file" and on_file is not None:
+        on_file(event)
     return None  # progress, or an event kind newer than this client: read on
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from hostd.core import compat
 from hostd.core.units import PERCENT_RE, parse_duration, parse_share, parse_size, show
 from hostd.errors import ConfigError
 from hostd.paths import DefaultPaths, default_paths
@@ -46,7 +47,7 @@ ORIGIN_SCHEMES = ("s3", "gs", "az", "http", "https", "file")
 COMPRESS_MODES = ("auto", "never", "always")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
-DEFAULT_COMPAT_FACTS = ("gpu_model", "driver_major", "cuda", "arch", "format")
+DEFAULT_COMPAT_FACTS = compat.COMPILE_CACHE_FACTS  # the compile-cache kind's
 DEFAULT_TIER_BUDGET = "50%"
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
@@ -78,7 +79,9 @@ TOP_KEYS = (
     "log_format",
     "peers",
     "access",
+    "kinds",
 )
+KIND_KEYS = compat.KINDS
 TIER_KEYS = ("name", "path", "budget")
 PEER_KEYS = (
     "listen",
@@ -158,7 +161,8 @@ class Config:
     socket: Path
     socket_mode: int
     metrics_address: str
-    compat_facts: tuple[str, ...]
+    compat_facts: tuple[str, ...]  # the compile-cache kind's facts (kinds["compile-cache"])
+    kinds: dict[str, tuple[str, ...]] = field(hash=False)  # each snapshot kind's compat facts
     tiers: tuple[TierConfig, ...]
     tiers_default: bool  # no [[tiers]] in the file: the per-user default tiers
     index: Path
@@ -193,12 +197,13 @@ class Config:
 
 def known_keys() -> frozenset[str]:
     """Every leaf key the loader accepts: `origin`, `tiers[].budget`, `peers.timeout`..."""
-    top = {k for k in TOP_KEYS if k not in ("tiers", "peers", "access")}
+    top = {k for k in TOP_KEYS if k not in ("tiers", "peers", "access", "kinds")}
     return frozenset(
         top
         | {f"tiers[].{k}" for k in TIER_KEYS}
         | {f"peers.{k}" for k in PEER_KEYS}
         | {f"access.{k}" for k in ACCESS_KEYS}
+        | {f"kinds.{k}" for k in KIND_KEYS}
     )
 
 
@@ -321,6 +326,7 @@ def _build(
     if compress_min_saving >= 1.0:
         raise ConfigError("compress_min_saving", "must be below 100%: no chunk can save all")
     level = _choice(get("log_level", "info"), "log_level", LOG_LEVELS, fold_case=True)
+    kinds = _kinds(raw.get("kinds", {}), raw.get("compat_facts"))
 
     config = Config(
         origin=origin,
@@ -328,7 +334,8 @@ def _build(
         socket=socket,
         socket_mode=_mode(get("socket_mode", "0660"), "socket_mode"),
         metrics_address=_address(get("metrics_address", "127.0.0.1:0"), "metrics_address", True),
-        compat_facts=_compat_facts(get("compat_facts", list(DEFAULT_COMPAT_FACTS))),
+        compat_facts=kinds["compile-cache"],
+        kinds=kinds,
         tiers=tiers,
         tiers_default="tiers" not in raw,
         index=index,
@@ -492,16 +499,39 @@ def _string_list(value: Any, key: str) -> list[str]:
     return value
 
 
-def _compat_facts(value: Any) -> tuple[str, ...]:
-    facts = _string_list(value, "compat_facts")
+def _kinds(value: Any, compat_facts: Any) -> dict[str, tuple[str, ...]]:
+    """Each snapshot kind's compat facts: `[kinds]`, where `compat_facts` (older) sets the
+    compile-cache list; `process` defaults to that list plus the exact driver and kernel."""
+    table = _table(value, "kinds")
+    _check_keys(table, KIND_KEYS, "kinds.")
+    cc: tuple[str, ...] = compat.COMPILE_CACHE_FACTS
+    if compat_facts is not None:
+        cc = _fact_list(compat_facts, "compat_facts")
+    if "compile-cache" in table:
+        listed = _fact_list(table["compile-cache"], "kinds.compile-cache")
+        if compat_facts is not None and listed != cc:
+            raise ConfigError(
+                "kinds.compile-cache",
+                f"compat_facts sets the same list, to {list(cc)}: keep one of the two",
+            )
+        cc = listed
+    base = compat.default_kinds(cc)
+    for kind in ("files", "process"):
+        if kind in table:
+            base[kind] = _fact_list(table[kind], f"kinds.{kind}")
+    return base
+
+
+def _fact_list(value: Any, key: str) -> tuple[str, ...]:
+    facts = _string_list(value, key)
     if not facts:
-        raise ConfigError("compat_facts", 'needs at least one fact (e.g. "format")')
+        raise ConfigError(key, 'needs at least one fact (e.g. "format")')
     for i, fact in enumerate(facts):
         if not _FACT_RE.fullmatch(fact):
-            raise ConfigError(f"compat_facts[{i}]", f"{fact!r} does not match [a-z][a-z0-9_]*")
+            raise ConfigError(f"{key}[{i}]", f"{fact!r} does not match [a-z][a-z0-9_]*")
         if fact in facts[:i]:
-            raise ConfigError(f"compat_facts[{i}]", f"{fact!r} is listed twice")
-    return tuple(facts)
+            raise ConfigError(f"{key}[{i}]", f"{fact!r} is listed twice")
+    return compat.with_format(facts)  # every kind's facts include format
 
 
 def _default_tiers(paths: DefaultPaths) -> tuple[TierConfig, ...]:

@@ -42,10 +42,11 @@ from hostd.core.retry import RetryPolicy
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
+from hostd.hostfacts import HostFacts, detect
 from hostd.index import Index
 from hostd.lock import CacheLocks
 from hostd.memory import Trimmer
-from hostd.metrics import Metrics, PeerCollector, StateCollector
+from hostd.metrics import HostCollector, Metrics, PeerCollector, StateCollector
 from hostd.origin import Origin
 from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
 from hostd.publish import Publisher
@@ -60,8 +61,11 @@ log = logging.getLogger("hostd")
 class Daemon:
     """Every part of one running hostd, built from one Config."""
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: Config, host: HostFacts, *, registry: CollectorRegistry | None = None
+    ) -> None:
         self.config = config
+        self.host = host  # detected before: NVML's init blocks (seconds on a big GPU host)
         self.started = time.monotonic()
         self.in_flight = 0
         self.operations: set[asyncio.Future[Any]] = set()  # streamed operations running
@@ -100,10 +104,11 @@ class Daemon:
             self.peers.serve_from(self.cache, self.filler)
         self.storage = Storage(own_storage(config))
         self.spawner = Spawner()  # helpers that act with a caller's rights
+        resolver = Resolver(self.origin, self.cache, config.kinds, host.facts)
         self.restorer = Restorer(
             self.cache,
             self.filler,
-            Resolver(self.origin, self.cache, config.compat_facts),
+            resolver,
             storage=self.storage,
             spawner=self.spawner,
             link_to_writers=config.access.link_to_writers,
@@ -115,11 +120,12 @@ class Daemon:
             compress=config.compress,
             min_saving=config.compress_min_saving,
             upload_concurrency=config.upload_concurrency,
-            compat_facts=config.compat_facts,
+            resolver=resolver,
             storage=self.storage,
             spawner=self.spawner,
         )
         self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
+        self.metrics.registry.register(HostCollector(self.host))
         if self.peers is not None:
             self.metrics.registry.register(PeerCollector(self.peers.client, self.peers.membership))
 
@@ -153,6 +159,7 @@ class Daemon:
             "in_flight": self.in_flight,
             "snapshots": len(self.cache.snapshots()),
             "peers": self.peers.status() if self.peers is not None else None,
+            "host": self.host.to_json(),
         }
 
     async def list_snapshots(self) -> list[dict[str, Any]]:
@@ -243,6 +250,7 @@ class Daemon:
             await self.peers.close()
         await self.origin.close()
         await asyncio.to_thread(self.index.close)  # after the writes it has queued
+        await asyncio.to_thread(self.host.close)
 
 
 def peer_secret(config: PeersConfig) -> bytes | None:
@@ -438,7 +446,12 @@ async def _serve_locked(
     registry: CollectorRegistry | None,
 ) -> None:
     claim_socket(config.socket)
-    d = Daemon(config, registry=registry)  # opens the index
+    facts = await asyncio.to_thread(detect)  # never raises: without NVML, its facts say why
+    try:
+        d = Daemon(config, facts, registry=registry)  # opens the index
+    except BaseException:
+        facts.close()
+        raise
     try:
         await asyncio.to_thread(d.cache.load)
         # After the load: the bytes a tier holds count as free space for its budget.

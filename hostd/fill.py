@@ -29,14 +29,14 @@ import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostd.cache import Blob, Cache, Rehash
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
-from hostd.errors import ChunkCorrupt, TierError, first_error
+from hostd.errors import ChunkCorrupt, ChunkMissing, TierError, first_error
 from hostd.fastcopy import Stat, stat_paths
 from hostd.fetch import Fetcher
 from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
@@ -78,6 +78,19 @@ class _Open:
     blob: PartialBlob
     left: int
     finishing: bool = False
+
+
+class _Landed(dict[bytes, Blob]):
+    """Blobs complete, by digest; each one set is announced to `on_ready` at once."""
+
+    def __init__(self, on_ready: Callable[[bytes, Blob], None] | None) -> None:
+        super().__init__()
+        self.on_ready = on_ready
+
+    def __setitem__(self, digest: bytes, blob: Blob) -> None:
+        super().__setitem__(digest, blob)
+        if self.on_ready is not None:
+            self.on_ready(digest, blob)
 
 
 # The warm path checks this many blobs (a stat each) between turns of the event loop.
@@ -167,11 +180,14 @@ class Filler:
         chunk_size: int,
         tiers: Sequence[Tier],
         progress: FillProgress,
+        on_ready: Callable[[bytes, Blob], None] | None = None,
     ) -> dict[bytes, Blob]:
         """Make every blob of `entries` complete in one of `tiers`, durable and recorded;
-        return where each is."""
+        return where each is. `on_ready(digest, blob)`, where given, hears of each blob as
+        soon as it is complete and verified (before its sync), in the order they complete:
+        a progressive restore places its files then. A blob may be announced again."""
         try:
-            return await self._ensure(entries, chunk_size, tiers, progress)
+            return await self._ensure(entries, chunk_size, tiers, progress, on_ready)
         except BaseException:
             # What this fill made before an error or a cancel gets its sync now (it runs on,
             # owned by self.durability) rather than at the next fill's.
@@ -184,10 +200,11 @@ class Filler:
         chunk_size: int,
         tiers: Sequence[Tier],
         progress: FillProgress,
+        on_ready: Callable[[bytes, Blob], None] | None,
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
-        found: dict[bytes, Blob] = {}
-        made: dict[bytes, Blob] = {}  # what our own fills completed, by digest
+        found: dict[bytes, Blob] = _Landed(on_ready)
+        made: dict[bytes, Blob] = _Landed(on_ready)  # what our own fills completed
         # Pure work over the whole manifest: on a thread where it is big, so the loop (and
         # status) runs in between.
         big = len(entries) > YIELD_EVERY * 16
@@ -457,8 +474,8 @@ class Filler:
                         e, t = admitted[i]
                         if isinstance(r, BaseException):
                             self.cache.abandon(e.digest, t)
-                            if isinstance(r, ChunkCorrupt):
-                                raise ChunkCorrupt(f"file {e.path!r}: {r.message}") from r
+                            if isinstance(r, (ChunkCorrupt, ChunkMissing)):
+                                raise type(r)(f"file {e.path!r}: {r.message}") from r
                             raise r
                         data, src = r
                         queue.append(_Whole(e, t, data, src))
@@ -502,8 +519,8 @@ class Filler:
                 c = e.chunks[i]
                 try:
                     data, src = await self.fetcher.get(c, (seq, n))
-                except ChunkCorrupt as err:
-                    raise ChunkCorrupt(f"file {e.path!r}: {err.message}") from err
+                except (ChunkCorrupt, ChunkMissing) as err:
+                    raise type(err)(f"file {e.path!r}: {err.message}") from err
                 await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
                 if not o.finishing:
                     self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size, c.size)

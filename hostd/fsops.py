@@ -44,6 +44,7 @@ from hostd.core.pathfilter import PathFilter
 from hostd.fastcopy import Job, create_files
 from hostd.fileio import (
     RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
     RESOLVE_BENEATH,
     RESOLVE_IN_ROOT,
     RESOLVE_NO_MAGICLINKS,
@@ -55,6 +56,7 @@ from hostd.fileio import (
 from hostd.frames import recv_frame, send_frame
 
 BUILD_INFIX = ".hostd-"
+PART_PREFIX = ".hostd-part-"  # a progressive restore's file before it is whole
 _PR_SET_DUMPABLE = 4
 
 
@@ -88,6 +90,11 @@ class Helper:
         self.dirs: dict[str, int] = {}
         self.target_id: list[int] | None = None
         self.committed = False
+        # a progressive restore builds in the target itself, each file landing whole
+        self.progressive = False
+        self.keep = False  # progressive: what was placed stays when the restore fails
+        self.made_target = False  # progressive: the target is ours (else it was empty)
+        self.parts = 0  # progressive: scratch names handed out
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -457,9 +464,12 @@ class Helper:
 
     def op_begin(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Make the hidden build directory beside the target and every directory of the tree;
-        hand out descriptors of those the daemon links files into."""
+        hand out descriptors of those the daemon links files into. Progressive: the target
+        itself instead, at once, where each file then lands whole (op_files)."""
         if self.parent < 0:
             raise Refused("protocol", "begin before target")
+        if msg.get("progressive"):
+            return self._begin_in_place(msg)
         self.build = f".{self.name}{BUILD_INFIX}{os.urandom(6).hex()}"
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
         try:
@@ -482,6 +492,36 @@ class Helper:
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
         return {"dev": os.fstat(self.build_fd).st_dev}, out
 
+    def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """The target directory, made now (or the empty one there, as op_target checked), and
+        the tree's directories in it."""
+        where = f"{self.parent_path.rstrip('/')}/{self.name}"
+        self.progressive, self.keep = True, bool(msg.get("keep"))
+        try:
+            os.mkdir(self.name, 0o755, dir_fd=self.parent)
+            self.made_target = True
+        except FileExistsError:
+            pass  # the empty directory op_target saw: checked again below
+        except PermissionError:
+            raise Refused(
+                "forbidden", f"cannot create {where!r}: permission denied in its parent"
+            ) from None
+        fd = _open_dir(self.parent, self.name, where)
+        self.dirs[""] = fd
+        st = os.fstat(fd)
+        if not self.made_target and [st.st_dev, st.st_ino] != self.target_id:
+            raise Refused("changed", f"target {where!r} was replaced while restoring")
+        if not self.made_target and _listdir(fd, where):
+            raise Refused("exists", f"target {where!r} is not empty")
+        self.target_id = [st.st_dev, st.st_ino]
+        self.build = self.name  # what abort removes (unless keep)
+        for d in msg["dirs"]:  # sorted, parents first
+            up, _, leaf = d.rpartition("/")
+            os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
+            self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+        out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
+        return {"dev": st.st_dev}, out
+
     def op_files(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Create files: `copy` ones from the blob descriptors sent with the frame, in order.
         hostd.fastcopy makes the batch in C without the GIL where it was built (a small file
@@ -492,6 +532,9 @@ class Helper:
         sources = iter(fds)
         for path, mode, size, kind, mtime in msg["items"]:
             up, _, leaf = path.rpartition("/")
+            if self.progressive:  # written under a scratch name, renamed in once whole
+                leaf = f"{PART_PREFIX}{self.parts}"
+                self.parts += 1
             jobs.append(
                 (dirs[up], leaf, mode, size, next(sources) if kind == "copy" else -1, mtime)
             )
@@ -500,7 +543,31 @@ class Helper:
             create_files(jobs, paths)
         except FileExistsError as e:  # O_EXCL: the name was taken after the build began
             raise Refused("changed", f"{e.filename!r} appeared in the tree being built") from None
+        except BaseException:
+            if self.progressive:
+                self._drop_parts(jobs)
+            raise
+        if self.progressive:
+            self._land(jobs, paths)
         return {"ok": True}, []
+
+    def _land(self, jobs: list[Job], paths: list[str]) -> None:
+        """Rename each complete file from its scratch name to its own, never over a name
+        someone else made meanwhile: the target is the caller's, visible while it fills."""
+        for i, (job, path) in enumerate(zip(jobs, paths, strict=True)):
+            try:
+                renameat2(job[0], job[1], path.rpartition("/")[2], RENAME_NOREPLACE)
+            except OSError as e:
+                self._drop_parts(jobs[i:])
+                if e.errno == errno.EEXIST:
+                    raise Refused("changed", f"{path!r} appeared in the target") from None
+                raise
+
+    @staticmethod
+    def _drop_parts(jobs: list[Job]) -> None:
+        for job in jobs:
+            with contextlib.suppress(OSError):
+                os.unlink(job[1], dir_fd=job[0])
 
     def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         for path, target in msg["items"]:
@@ -510,9 +577,14 @@ class Helper:
 
     def op_commit(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Rename the build into place. With replace, swap it with the old tree atomically
-        (RENAME_EXCHANGE) and remove the old one with the caller's rights."""
+        (RENAME_EXCHANGE) and remove the old one with the caller's rights. Progressive: the
+        tree is in place already."""
         target = f"{self.parent_path.rstrip('/')}/{self.name}"
         left = None
+        if self.progressive:
+            self.committed = True
+            self._close_dirs()
+            return {"ok": True, "old_tree_left": None}, []
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
         if not _same(here, os.fstat(self.build_fd)):
             raise Refused("changed", f"the tree being built for {target!r} was moved away")
@@ -547,10 +619,33 @@ class Helper:
         return {"ok": True}, []
 
     def abort(self) -> None:
+        if self.progressive and not self.committed and self.dirs and not self.keep:
+            self._unplace()
         self._close_dirs()
+        if self.progressive:
+            self.build = ""  # the target: removed above where it was ours, or kept
         if self.build and not self.committed and self.parent >= 0:
             shutil.rmtree(self.build, dir_fd=self.parent, ignore_errors=True)
             self.build = ""
+
+    def _unplace(self) -> None:
+        """A failed progressive restore: remove what it placed. The target goes if it made
+        it, and is still the directory it made; an empty one that was there is emptied."""
+        fd = self.dirs[""]
+        try:
+            st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+            here = [st.st_dev, st.st_ino] == self.target_id
+        except OSError:
+            here = False
+        if self.made_target and here:
+            shutil.rmtree(self.name, dir_fd=self.parent, ignore_errors=True)
+            return
+        for name in _listdir(fd, self.name) if here else []:
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)
+                else:
+                    os.unlink(name, dir_fd=fd)
 
     def _close_dirs(self) -> None:
         for fd in self.dirs.values():

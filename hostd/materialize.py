@@ -34,9 +34,10 @@ import dataclasses
 import errno
 import operator
 import os
+import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hostd.asuser import AsUser
@@ -88,7 +89,7 @@ def materialize(
     replace: bool,
     link_ok: bool,
     cancel: threading.Event,
-    on_file: Callable[[int], None] | None = None,
+    on_files: Callable[[list[mf.FileEntry]], object] | None = None,
     lent: Callable[[bytes], bool] = lambda _: False,
     blob_mtime: Callable[[bytes], int | None] = lambda _: None,
 ) -> Outcome:
@@ -99,7 +100,7 @@ def materialize(
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
-        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_file, lent, blob_mtime)
+        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_files, lent, blob_mtime)
         if cancel.is_set():
             raise Cancelled()
         left = fs.commit(replace)
@@ -107,6 +108,159 @@ def materialize(
         fs.abandon()
         raise
     return dataclasses.replace(out, old_tree_left=left)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A blob complete and verified, as a progressive restore places its files from it."""
+
+    digest: bytes
+    path: str  # the blob's file
+    lent: bool  # a caller that could write it holds a link to it
+    mtime: int | None  # its inode's mtime (ns)
+
+
+class Placer:
+    """A progressive restore: the target directory exists from `begin`, and each file lands
+    in it, whole (a scratch name renamed in, or a link of the complete blob), as soon as its
+    blob is ready. The fill announces each blob (`ready`, from the loop's thread) and says
+    when there are no more (`end`); `run`, on a thread of its own, places what is announced,
+    a batch at a time (all that is waiting, so a burst of small blobs goes in one request),
+    calling `on_files` in the order the files landed. A failure or a cancel removes what was
+    placed, unless `keep`."""
+
+    def __init__(
+        self,
+        m: mf.Manifest,
+        fs: AsUser,
+        *,
+        mode: str,
+        link_ok: bool,
+        cancel: threading.Event,
+        on_files: Callable[[list[mf.FileEntry]], object],
+        lend: Callable[[list[bytes]], None] | None = None,
+        keep: bool = False,
+    ) -> None:
+        """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
+        linked: the caller could write to them."""
+        if mode not in MODES:
+            raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
+        self.cancel, self.lend, self.keep = cancel, lend, keep
+        self.done = _Done(on_files)
+        self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
+        for f in m.files:
+            if f.size:
+                self.files[f.digest].append(f)
+        self.waiting: queue.SimpleQueue[Ready | None] = queue.SimpleQueue()
+        self.dev = -1
+        self.dirfds: dict[str, int] = {}
+        self.links = _Links()
+        self.copied = self.mtime_copies = self.mode_copies = 0
+
+    def begin(self) -> None:
+        """Make the target and its directories, and the empty files. Blocking."""
+        linked_dirs = [] if self.mode == "copy" or not self.link_ok else _dirs(self.m)
+        self.dev, self.dirfds = self.fs.begin(
+            _dirs(self.m), linked_dirs, progressive=True, keep=self.keep
+        )
+        empties = [f for f in self.m.files if not f.size]
+        if empties:
+            items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
+            self.fs.files(items, [])
+            self.done.add(empties)
+
+    def ready(self, r: Ready) -> None:
+        """A blob is complete: its files go in next. Any thread; a repeat is ignored."""
+        self.waiting.put(r)
+
+    def end(self) -> None:
+        """No more blobs will come: `run` returns once it has placed what came."""
+        self.waiting.put(None)
+
+    def run(self) -> Outcome:
+        """Place files as their blobs are announced, until `end`; then the symlinks. On any
+        failure (or `cancel`) the helper removes what was placed, unless `keep`."""
+        seen: dict[bytes, Ready] = {}
+        try:
+            ended = False
+            while not ended:
+                batch: list[Ready] = []
+                item = self.waiting.get()
+                while True:
+                    if item is None:
+                        ended = True
+                    elif item.digest not in seen and item.digest in self.files:
+                        seen[item.digest] = item
+                        batch.append(item)
+                    if ended or len(batch) >= BATCH_FILES:
+                        break
+                    try:
+                        item = self.waiting.get_nowait()
+                    except queue.Empty:
+                        break
+                if self.cancel.is_set():
+                    raise Cancelled()
+                if batch:
+                    self._place(batch, seen)
+            if self.m.symlinks:
+                self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)
+            self.fs.commit(False)
+        except BaseException:
+            self.fs.abandon()
+            raise
+        finally:
+            close_fds(list(self.dirfds.values()))
+            self.dirfds = {}
+        return Outcome(
+            self.links.n,
+            self.copied,
+            sum(1 for f in self.m.files if not f.size),
+            frozenset(self.links.digests),
+            mtime_copies=self.mtime_copies,
+            mode_copies=self.mode_copies,
+            limit_copies=self.links.limit_copies,
+        )
+
+    def _place(self, batch: list[Ready], seen: dict[bytes, Ready]) -> None:
+        files = [f for r in batch for f in self.files[r.digest]]
+        plan = _plan(files, self.mode, self.link_ok, lambda d: seen[d].mtime)
+        self.mtime_copies += plan.mtime_copies
+        self.mode_copies += plan.mode_copies
+
+        def blob_path(d: bytes) -> str:
+            return seen[d].path
+
+        links = _Links()
+        if plan.links:
+            if self.lend is not None:
+                self.lend(sorted({f.digest for f in plan.links}))
+            _link_all(
+                plan.links,
+                links,
+                self.fs,
+                blob_path,
+                self.dev,
+                self.dirfds,
+                self.mode,
+                self.cancel,
+                self.done,
+            )
+            self.links.n += links.n
+            self.links.digests |= links.digests
+            self.links.limit_copies += links.limit_copies
+        copies = plan.copies + links.copies
+        self.copied += len(copies)
+        _send_files(
+            copies,
+            [],
+            self.fs,
+            blob_path,
+            self.cancel.is_set,
+            self.done,
+            lambda d: seen[d].lent,
+            largest_first=False,
+        )
 
 
 def _dirs(m: mf.Manifest) -> list[str]:
@@ -133,13 +287,16 @@ class _Plan:
 
 
 def _plan(
-    m: mf.Manifest, mode: str, link_ok: bool, blob_mtime: Callable[[bytes], int | None]
+    files: Sequence[mf.FileEntry],
+    mode: str,
+    link_ok: bool,
+    blob_mtime: Callable[[bytes], int | None],
 ) -> _Plan:
-    empties = [f for f in m.files if not f.size]
+    empties = [f for f in files if not f.size]
     if mode == "copy" or not link_ok:
-        return _Plan([], [f for f in m.files if f.size], empties)
+        return _Plan([], [f for f in files if f.size], empties)
     plan = _Plan([], [], empties)
-    for f in m.files:
+    for f in files:
         if not f.size:
             continue
         if (f.mode & 0o555) != BLOB_MODE:
@@ -160,7 +317,7 @@ def _build(
     mode: str,
     link_ok: bool,
     cancel: threading.Event,
-    on_file: Callable[[int], None] | None,
+    on_files: Callable[[list[mf.FileEntry]], object] | None,
     lent: Callable[[bytes], bool],
     blob_mtime: Callable[[bytes], int | None],
 ) -> Outcome:
@@ -168,10 +325,10 @@ def _build(
     of this one sends them), but those of a blob that is also linked: a link moves the
     blob's ctime, which the check of a lent blob's copy would take for a write. They, and
     the copies a link failure adds, go after."""
-    plan = _plan(m, mode, link_ok, blob_mtime)
+    plan = _plan(m.files, mode, link_ok, blob_mtime)
     dev, dirfds = fs.begin(_dirs(m), sorted({f.path.rpartition("/")[0] for f in plan.links}))
     links = _Links()
-    done = _Done(on_file)
+    done = _Done(on_files)
     if not plan.links:
         _send_files(plan.copies, plan.empties, fs, blob_path, cancel.is_set, done, lent)
     else:
@@ -190,6 +347,8 @@ def _build(
             except BaseException:
                 halt.set()  # the pool's exit waits for the copies to stop
                 raise
+            finally:
+                close_fds(list(dirfds.values()))
             job.result()
         _send_files(late + links.copies, [], fs, blob_path, cancel.is_set, done, lent)
     if m.symlinks:
@@ -226,8 +385,8 @@ def _link_all(
     cancel: threading.Event,
     done: _Done,
 ) -> None:
-    """Link `files` into the helper's directories `dirfds` (closed here), on filesystem
-    `dev`; what cannot be linked goes to `out.copies` (in `link` mode: fails)."""
+    """Link `files` into the helper's directories `dirfds`, on filesystem `dev`; what cannot
+    be linked goes to `out.copies` (in `link` mode: fails)."""
     views = _Views(fs)
     try:
         owned = _caller_dirs(dirfds, fs.caller.uid)
@@ -268,22 +427,20 @@ def _link_all(
             done.add(linked)
     finally:
         views.close()
-        close_fds(list(dirfds.values()))
 
 
 class _Done:
-    """`on_file` for each file made, called from the threads that make them, a batch at a
-    time under one lock (the caller's counter is a plain `+=`)."""
+    """`on_files` for each batch of files made, called from the threads that make them under
+    one lock (the caller's counters are plain `+=`)."""
 
-    def __init__(self, on_file: Callable[[int], None] | None) -> None:
-        self.on_file = on_file
+    def __init__(self, on_files: Callable[[list[mf.FileEntry]], object] | None) -> None:
+        self.on_files = on_files
         self.lock = threading.Lock()
 
     def add(self, files: list[mf.FileEntry]) -> None:
-        if self.on_file is not None:
+        if self.on_files is not None and files:
             with self.lock:
-                for f in files:
-                    self.on_file(f.size)
+                self.on_files(files)
 
 
 def _cannot_link(f: mf.FileEntry, why: str) -> UsageError:
@@ -308,18 +465,21 @@ def _send_files(
     stop: Callable[[], bool],
     done: _Done,
     lent: Callable[[bytes], bool],
+    *,
+    largest_first: bool = True,
 ) -> None:
     """The helper creates the empty files, and the copies in batches, each with the blobs'
     descriptors: it writes them as the caller. Largest first, so one big file does not
-    finish last alone. Each batch is sent while the helper still creates the one before
-    (`AsUser.call` pipelines the calls of AHEAD + 1 threads), so it finds the next on its
-    socket when done; meanwhile this thread opens the one after. `stop()` is asked before
-    each batch.
+    finish last alone (unless not `largest_first`: a progressive restore's load order). Each
+    batch is sent while the helper still creates the one before (`AsUser.call` pipelines the
+    calls of AHEAD + 1 threads), so it finds the next on its socket when done; meanwhile
+    this thread opens the one after. `stop()` is asked before each batch.
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: its state is compared before and after, and a copy that saw it move is not
     handed over (the restore fails; the next use re-hashes the blob)."""
-    copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
+    if largest_first:
+        copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
     sent: collections.deque[_Sent] = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(AHEAD + 1, thread_name_prefix="hostd-copy") as pool:
         try:

@@ -1,9 +1,10 @@
 """Prometheus metrics on an injected registry.
 
 Events (restores, publishes, phase durations, bytes by source) are counted where they
-happen; state (tier use and budget, evictions, chunks in flight, origin requests) is read at
-scrape time from the parts that own it, by a collector, so the numbers can never drift from
-the truth. Labels are bounded sets: tier, source, result, phase; never ids or paths.
+happen; state (tier use and budget, evictions, chunks in flight, origin requests, GPU memory)
+is read at scrape time from the parts that own it, by a collector, so the numbers can never
+drift from the truth. Labels are bounded sets: tier, source, result, phase, a GPU's index
+and model; never ids or paths.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from hostd import __version__
 from hostd.cache import Cache
 from hostd.fetch import Fetcher
+from hostd.hostfacts import HostFacts
 from hostd.origin import Origin
 from hostd.peers import Membership, PeerClient
 
@@ -257,3 +259,40 @@ class PeerCollector(Collector):
         for r in ("unauthorized", "missing", "busy"):
             refused.add_metric([r], st.refused[r])
         yield refused
+
+
+class HostCollector(Collector):
+    """This host's facts as one info gauge, and each GPU's memory asked of NVML at scrape
+    time. Without NVML there are no GPU series at all, not zeros."""
+
+    def __init__(self, host: HostFacts) -> None:
+        self.host = host
+
+    def __repr__(self) -> str:
+        return f"HostCollector({self.host!r})"
+
+    def collect(self) -> Iterator[Metric]:
+        facts = self.host.facts
+        info = GaugeMetricFamily(
+            "hostd_host_info",
+            "This host's compat facts (none: the host cannot tell); always 1.",
+            labels=list(facts),
+        )
+        info.add_metric(list(facts.values()), 1)
+        yield info
+        readings = self.host.memory()
+        if not readings:
+            return
+        labels = ["gpu", "model"]
+        total = GaugeMetricFamily(
+            "hostd_gpu_memory_total_bytes", "A GPU's memory, as NVML reports it.", labels=labels
+        )
+        used = GaugeMetricFamily(
+            "hostd_gpu_memory_used_bytes",
+            "A GPU's memory in use now, by any process.",
+            labels=labels,
+        )
+        for gpu, used_bytes, total_bytes in readings:
+            total.add_metric([str(gpu.index), gpu.name], total_bytes)
+            used.add_metric([str(gpu.index), gpu.name], used_bytes)
+        yield from (total, used)

@@ -66,7 +66,8 @@ class PublishRequest:
     path: Path
     ref: str
     caller: Caller  # whose rights read the source, in whose mount namespace
-    facts: Sequence[str] | None = None
+    facts: Sequence[str] | None = None  # the compat fact names; None: the kind's
+    kind: str = compat.DEFAULT_KIND
     compat: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, str] = field(default_factory=dict)
     chunk_size: int | None = None
@@ -175,6 +176,16 @@ def _skipped_warning(entry: Mapping[str, str]) -> dict[str, str]:
         "path": path,
         "kind": kind,
         "message": f"skipped {path!r}: a {kind}, not published (never opened)",
+    }
+
+
+def _no_gpu_warning(facts: Mapping[str, str]) -> dict[str, str]:
+    unknown = ", ".join(k for k in sorted(facts) if k in compat.GPU_FACTS)
+    return {
+        "warning": "no_gpu_facts",
+        "message": f"this host cannot tell its GPU facts ({unknown}: none; see hostd status), "
+        "so the snapshot makes no GPU claim and every host restores it; give them with "
+        "--compat if it depends on a GPU",
     }
 
 
@@ -412,7 +423,7 @@ class Publisher:
         compress: str,
         min_saving: float,
         upload_concurrency: int,
-        compat_facts: Sequence[str],
+        resolver: Resolver,
         storage: Storage,
         spawner: Spawner,
         clock: Callable[[], float] = time.monotonic,
@@ -425,9 +436,9 @@ class Publisher:
         self.compress = compress
         self.min_saving = min_saving
         self.upload_concurrency = upload_concurrency
-        self.compat_facts = tuple(compat_facts)
-        # Reads the ref's previous manifest (the local record first) to reuse its chunks.
-        self.resolver = Resolver(origin, cache, self.compat_facts)
+        # Knows the host's facts and each kind's; reads the ref's previous manifest (the
+        # local record first) to reuse its chunks.
+        self.resolver = resolver
         self.reflog = RefLog(origin)  # sets refs, keeping their history at the origin
         self.clock = clock
         # Reading and hashing the tree gets threads of its own: in the shared pool it would
@@ -479,8 +490,11 @@ class Publisher:
     ) -> dict[str, Any]:
         progress.total_files = len(tree.files)
         progress.fill.total_bytes = sum(f.size for f in tree.files)
-        facts = compat.publish_facts(req.facts, self.compat_facts, req.compat)
+        names = self.resolver.kinds[req.kind] if req.facts is None else req.facts
+        facts = compat.publish_facts(names, req.compat, self.resolver.known)
         digest = compat_digest(facts)
+        if not compat.gpu_claim(facts) and compat.GPU_FACTS & set(names):
+            progress.warnings.append(_no_gpu_warning(facts))
         before = await self._previous(req.ref, digest)
         why = shrink_refusal(
             files=len(tree.files),
@@ -511,6 +525,7 @@ class Publisher:
         return {
             "snapshot": snapshot_id,
             "ref": req.ref,
+            "kind": req.kind if req.facts is None else compat.kind_of(facts, self.resolver.kinds),
             "compat": facts,
             "files": len(m.files),
             "symlinks": len(m.symlinks),
@@ -522,6 +537,7 @@ class Publisher:
             "packs": run.packs,
             "cached": run.cached,
             "skipped": tree.skipped,
+            "warnings": [w["message"] for w in progress.warnings if w["warning"] != "skipped"],
             "previous": moved.previous,
             "ref_seq": moved.seq,
             "timings": {"hash": t1 - t0, "commit": t2 - t1, "total": t2 - t0},

@@ -8,6 +8,7 @@ while the origin is down. Bytes move in fill.py; files are made in materialize.p
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -24,9 +25,10 @@ from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
+from hostd.core.pathfilter import load_order
 from hostd.errors import Forbidden, ManifestError, NotFound, OriginError, TargetError, UsageError
 from hostd.fill import Filler, FillProgress
-from hostd.materialize import Cancelled, Outcome, materialize
+from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize
 from hostd.origin import Origin, RetryNote, validate_ref
 from hostd.snapshots import decode_manifest
 from hostd.tier import Tier
@@ -36,6 +38,8 @@ CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it bu
 # Blobs a restore marks used between turns of the loop.
 TOUCH_BATCH = 4096
 LEND_BATCH = 1024  # lent marks: a row each
+LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
+MISS_SHOWN = 3  # published fact sets a miss lists
 
 
 @dataclass
@@ -54,6 +58,29 @@ class Progress:
     admitted: bool = False
     retry: dict[str, Any] | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    # A progressive restore's `file` events not sent yet, and a wake-up for the stream.
+    files: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
+    news: asyncio.Event = field(default_factory=asyncio.Event)
+    placed_bytes: int = 0
+    files_bytes: int = 0  # the bytes of every file: a `file` event's total_bytes
+
+    def placed(self, files: Sequence[mf.FileEntry]) -> None:
+        """Files that landed in a progressive restore's target, in order (on the loop)."""
+        for f in files:
+            self.done_files += 1
+            self.placed_bytes += f.size
+            self.files.append(
+                {
+                    "event": "file",
+                    "path": f.path,
+                    "size": f.size,
+                    "done_files": self.done_files,
+                    "total_files": self.total_files,
+                    "done_bytes": self.placed_bytes,
+                    "total_bytes": self.files_bytes,
+                }
+            )
+        self.news.set()
 
     def on_retry(self, note: RetryNote | None) -> None:
         """The origin's report: a failed request it retries after a delay, or None once one
@@ -74,6 +101,18 @@ class Progress:
         return ev
 
 
+class NoSnapshotFits(NotFound):
+    """The ref exists, under compat facts this host does not fit. The answer also lists the
+    nearest published fact sets and what differs in each (`nearest`), for scripts."""
+
+    def __init__(self, message: str, nearest: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.nearest = nearest
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "nearest": self.nearest}
+
+
 @dataclass(frozen=True)
 class Resolved:
     snapshot_id: str
@@ -82,25 +121,38 @@ class Resolved:
 
 
 class Resolver:
-    def __init__(self, origin: Origin, cache: Cache, compat_facts: Sequence[str]) -> None:
+    """Refs to snapshots for this host: `kinds` names each snapshot kind's compat facts,
+    `known` the facts this host tells itself (hostfacts.py; compat.basic_facts without)."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        cache: Cache,
+        kinds: compat.Kinds,
+        known: Mapping[str, str] | None = None,
+    ) -> None:
         self.origin = origin
         self.cache = cache
-        self.compat_facts = tuple(compat_facts)
+        self.kinds = {k: tuple(v) for k, v in kinds.items()}
+        self.known = dict(compat.basic_facts() if known is None else known)
 
     def __repr__(self) -> str:
-        return f"Resolver({self.origin.url}, facts={self.compat_facts})"
+        return f"Resolver({self.origin.url}, kinds={self.kinds})"
+
+    def host(self, given: Mapping[str, str]) -> dict[str, str]:
+        """This host's facts for a restore: every fact a kind names, and the client's."""
+        names = {n for names in self.kinds.values() for n in names} | set(self.known)
+        return compat.host_facts(sorted(names), given, self.known)
 
     async def resolve(self, ref: str, given: Mapping[str, str]) -> Resolved:
         """A ref (or a snapshot id) to its manifest for this host's compat facts."""
         if is_hex_id(ref):
             return Resolved(ref, await self.manifest(ref), False)
         validate_ref(ref)
-        host = compat.host_facts(self.compat_facts, given)
-        digests = [
-            compat_digest(facts) for facts in compat.lookup_digests(self.compat_facts, given, host)
-        ]
+        host = self.host(given)
+        digests = [compat_digest(facts) for facts in compat.lookup_digests(self.kinds, given, host)]
         try:
-            sid = await self._lookup(ref, digests, host)
+            sid = await self._lookup(ref, digests, host, given)
         except OriginError as e:
             for d in digests:
                 local = self.cache.index.get_ref(ref, d)
@@ -112,16 +164,26 @@ class Resolver:
             raise
         return Resolved(sid, await self.manifest(sid), False)
 
-    async def _lookup(self, ref: str, digests: Sequence[str], host: Mapping[str, str]) -> str:
-        for d in digests:
-            sid = await self.origin.get_ref(ref, d)
-            if sid is not None:
-                self.cache.index.put_ref(ref, d, sid, time.time())
-                return sid
-        # Published under another set of facts: list the ref's keys and pick the snapshot
-        # that names the most facts, all of which this host has.
+    async def _lookup(
+        self, ref: str, digests: Sequence[str], host: Mapping[str, str], given: Mapping[str, str]
+    ) -> str:
+        # One listing of the ref's keys where the origin can list: then only the keys that
+        # exist are read, most specific first.
         listed = await self.origin.list_ref(ref)
+        if listed is None:
+            for d, sid in zip(digests, await self._read_keys(ref, digests), strict=True):
+                if sid is not None:
+                    return self._remember(ref, d, sid)
+        else:
+            present = set(listed)
+            for d in digests:
+                sid = await self.origin.get_ref(ref, d) if d in present else None
+                if sid is not None:
+                    return self._remember(ref, d, sid)
+        # Published under another set of facts: among the ref's other keys, pick the snapshot
+        # that names the most facts, all of which this host has.
         best: tuple[int, str, str] | None = None
+        near: list[tuple[list[str], str, Mapping[str, str]]] = []
         for d in listed or []:
             if d in digests:
                 continue
@@ -129,18 +191,82 @@ class Resolver:
             if sid is None:
                 continue
             m = await self.manifest(sid)
-            if compat.matches(m.compat, host) and (best is None or len(m.compat) > best[0]):
+            differ = compat.differences(m.compat, host)
+            if not differ and (best is None or len(m.compat) > best[0]):
                 best = (len(m.compat), sid, d)
+            near.append((differ, sid, m.compat))
         if best is not None:
-            self.cache.index.put_ref(ref, best[2], best[1], time.time())
-            return best[1]
+            return self._remember(ref, best[2], best[1])
         if listed:
+            raise self._miss(ref, host, given, near)
+        if listed is None:  # an origin that cannot list: another fact set may hold it
             raise NotFound(
-                f"ref {ref!r} has no snapshot for this host's compat facts "
-                f"({', '.join(f'{k}={v}' for k, v in host.items())}): boot from scratch and "
-                "publish one"
+                f"ref {ref!r} not found at origin {self.origin.url} under this host's compat "
+                f"facts ({_shown(host)}); the origin cannot list, so other fact sets it may "
+                "be published under are not known"
             )
         raise NotFound(f"no such ref {ref!r} at origin {self.origin.url}")
+
+    def _remember(self, ref: str, digest: str, sid: str) -> str:
+        """The answer for `ref` under `digest`, kept for when the origin is down."""
+        self.cache.index.put_ref(ref, digest, sid, time.time())
+        return sid
+
+    async def _read_keys(self, ref: str, digests: Sequence[str]) -> list[str | None]:
+        """Each key's snapshot id, where the origin cannot list: the most specific key alone
+        (an origin that does not answer is retried for one key, not for each), then the rest
+        at once (one round trip more, not one per key)."""
+        first = await self.origin.get_ref(ref, digests[0])
+        if first is not None:
+            return [first] + [None] * (len(digests) - 1)
+        sem = asyncio.Semaphore(LOOKUP_PARALLEL)
+
+        async def get(d: str) -> str | None:
+            async with sem:
+                return await self.origin.get_ref(ref, d)
+
+        return [None, *await asyncio.gather(*map(get, digests[1:]))]
+
+    def _miss(
+        self,
+        ref: str,
+        host: Mapping[str, str],
+        given: Mapping[str, str],
+        near: list[tuple[list[str], str, Mapping[str, str]]],
+    ) -> NoSnapshotFits:
+        """Why no snapshot of `ref` fits this host: for the nearest published fact sets, which
+        facts differ, and how to publish one that fits. One line, as every CLI error."""
+        near.sort(key=lambda n: (len(n[0]), n[1]))
+        shown = []
+        nearest = []
+        for differ, sid, facts in near[:MISS_SHOWN]:
+            kind = compat.kind_of(facts, self.kinds)
+            said = ", ".join(
+                f"{k}: published {facts[k]}, this host {host.get(k, compat.UNKNOWN)}"
+                for k in differ
+            )
+            shown.append(f"{sid[:12]} ({kind or 'own facts'}) {said}")
+            nearest.append(
+                {
+                    "snapshot": sid,
+                    "kind": kind,
+                    "differ": {
+                        k: {"published": facts[k], "host": host.get(k, compat.UNKNOWN)}
+                        for k in differ
+                    },
+                }
+            )
+        more = f"; and {len(near) - MISS_SHOWN} more" if len(near) > MISS_SHOWN else ""
+        facts = near[0][2] if near else {}
+        kind = compat.kind_of(facts, self.kinds) or compat.DEFAULT_KIND
+        own = sorted(set(facts) - set(self.kinds[kind]) - {"format"})
+        hint = "".join(f" --compat {k}={given.get(k, 'VALUE')}" for k in own)
+        return NoSnapshotFits(
+            f"ref {ref!r} has no snapshot for this host. Nearest published: "
+            f"{'; '.join(shown)}{more}. Boot from scratch, then publish one for this host: "
+            f"hostd publish DIR --ref {ref} --kind {kind}{hint}",
+            nearest,
+        )
 
     async def manifest(self, snapshot_id: str) -> mf.Manifest:
         local = await self.cache.load_manifest(snapshot_id)
@@ -168,6 +294,9 @@ class RestoreRequest:
     compat: Mapping[str, str] = field(default_factory=dict)
     tier: str | None = None
     pidfd: int = -1  # the caller's process, from the connection (SO_PEERPIDFD); not owned
+    progressive: bool = False  # each file lands as soon as its blob is ready (Placer)
+    keep_partial: bool = False  # progressive: a failure keeps what was placed
+    order: Sequence[str] = ()  # progressive: paths or globs, the load order (fetch priority)
 
 
 class Restorer:
@@ -231,6 +360,12 @@ class Restorer:
                 await asyncio.sleep(0)
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
+        if req.progressive and req.replace:
+            raise UsageError(
+                "field 'progressive': a progressive restore cannot replace a tree (the old one "
+                "cannot stay whole while the new one arrives in its place); restore into a new "
+                "directory, or drop replace"
+            )
         writer = could_write_cache(req.caller, os.geteuid(), req.pidfd)
         link_ok = self.link_to_writers or not writer
         if req.mode == "link" and not link_ok:
@@ -246,6 +381,8 @@ class Restorer:
             only = None
             if req.mode == "link":  # links or fails, and fails before anything is built
                 only = await self.spawner.run(self._link_tiers, fs, info.dev, req)
+            if req.progressive:
+                return await self._progressive(req, progress, fs, only, writer, link_ok)
             async with self._filled(req.ref, req.compat, req.tier, progress, only) as f:
                 progress.phase = "materialize"
                 if writer and link_ok and req.mode != "copy":
@@ -255,9 +392,21 @@ class Restorer:
         finally:
             await self.spawner.run(fs.close)
         t3 = self.clock()
-        m = f.resolved.manifest
         out = {
-            "snapshot": f.resolved.snapshot_id,
+            **self._result(req, f.resolved, outcome, progress),
+            "timings": _timings(f.t0, f.t1, f.t2, t3),
+        }
+        if outcome.old_tree_left is not None:
+            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
+            out["old_tree_left"] = outcome.old_tree_left
+        return out
+
+    def _result(
+        self, req: RestoreRequest, res: Resolved, outcome: Outcome, progress: Progress
+    ) -> dict[str, Any]:
+        m = res.manifest
+        return {
+            "snapshot": res.snapshot_id,
             "ref": req.ref,
             "target": str(req.target),
             "files": len(m.files),
@@ -269,14 +418,87 @@ class Restorer:
             "copied_for_mode": outcome.mode_copies,
             "copied_for_link_limit": outcome.limit_copies,
             "created": outcome.created,
-            "stale_ref": f.resolved.stale,
-            "timings": _timings(f.t0, f.t1, f.t2, t3),
+            "stale_ref": res.stale,
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
-        if outcome.old_tree_left is not None:
-            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
-            out["old_tree_left"] = outcome.old_tree_left
-        return out
+
+    async def _progressive(
+        self,
+        req: RestoreRequest,
+        progress: Progress,
+        fs: AsUser,
+        only: Sequence[Tier] | None,
+        writer: bool,
+        link_ok: bool,
+    ) -> dict[str, Any]:
+        """Resolve, make the target at once, then fill with each file placed as its blob
+        is ready (materialize.Placer), fetching in the caller's load order."""
+        t0 = self.clock()
+        tiers = self._tiers(req.tier) if only is None else only
+        res = await self.resolver.resolve(req.ref, req.compat)
+        m = res.manifest
+        self.cache.record_snapshot(m)
+        t1 = self.clock()
+        progress.phase, progress.total_files = "fetch", len(m.files)
+        progress.admitted = True
+        progress.fill.total_bytes = m.total_bytes
+        progress.files_bytes = m.total_bytes
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        where: dict[bytes, Blob] = {}  # each blob announced, on the loop
+
+        def lend(digests: list[bytes]) -> None:  # on the placer's thread, before it links
+            async def marked() -> None:
+                await self._lend([where[d] for d in digests])
+
+            asyncio.run_coroutine_threadsafe(marked(), loop).result()
+
+        placer = Placer(
+            m,
+            fs,
+            mode=req.mode,
+            link_ok=link_ok,
+            cancel=cancel,
+            on_files=lambda files: loop.call_soon_threadsafe(progress.placed, files),
+            lend=lend if writer and link_ok and req.mode != "copy" else None,
+            keep=req.keep_partial,
+        )
+
+        def ready(digest: bytes, b: Blob) -> None:
+            where[digest] = b
+            placer.ready(Ready(digest, b.tier.blob_file(digest), b.lent, b.mtime_ns))
+
+        await self.spawner.run(placer.begin)  # the target exists from here
+        job = asyncio.ensure_future(self.spawner.run(placer.run))
+        order = [m.files[i] for i in load_order([f.path for f in m.files], req.order)]
+        blobs = m.blobs()
+        try:
+            with self.cache.holding(blobs):
+                await self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
+                t2 = self.clock()
+                progress.phase = "materialize"
+                placer.end()
+                outcome = await asyncio.shield(job)
+                now = self.cache.clock()
+                ds = list(blobs)
+                for i in range(0, len(ds), TOUCH_BATCH):
+                    self.cache.touch(ds[i : i + TOUCH_BATCH], now)
+                    await asyncio.sleep(0)
+        except BaseException:
+            cancel.set()  # the placer stops between batches; the helper removes what it placed
+            placer.end()
+            done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
+            if not done:
+                fs.kill()
+            with contextlib.suppress(Cancelled, Exception):
+                await job
+            raise
+        t3 = self.clock()
+        return {
+            **self._result(req, res, outcome, progress),
+            "progressive": True,
+            "timings": _timings(t0, t1, t2, t3),
+        }
 
     async def _lend(self, blobs: list[Blob]) -> None:
         """Cache.lent for a whole tree, in batches with turns of the loop between them (each
@@ -322,8 +544,8 @@ class Restorer:
     ) -> Outcome:
         cancel = threading.Event()
 
-        def counted(_size: int) -> None:
-            progress.done_files += 1
+        def counted(files: list[mf.FileEntry]) -> None:
+            progress.done_files += len(files)
 
         job = asyncio.ensure_future(
             self.spawner.run(
@@ -335,7 +557,7 @@ class Restorer:
                 replace=req.replace,
                 link_ok=link_ok,
                 cancel=cancel,
-                on_file=counted,
+                on_files=counted,
                 lent=lambda d: f.where[d].lent,
                 blob_mtime=lambda d: f.where[d].mtime_ns,
             )
@@ -382,6 +604,10 @@ class _Filled:
     t0: float
     t1: float
     t2: float
+
+
+def _shown(facts: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in facts.items())
 
 
 def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:

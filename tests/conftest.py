@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from s3server import MotoS3, S3Bucket
@@ -37,3 +41,25 @@ def moto_s3() -> Iterator[MotoS3]:
 def s3_server(moto_s3: MotoS3) -> S3Bucket:
     """A fresh bucket on the session's moto S3 server: endpoint, bucket, options, env."""
     return moto_s3.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the fake libnvidia-ml.so.1; `old/` under it holds one built without
+    nvmlSystemGetCudaDriverVersion_v2, as drivers before CUDA 10.1 were."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("gcc is missing; CI must have it")
+        pytest.skip("gcc is not installed")
+    root = tmp_path_factory.mktemp("fakenvml")
+    (root / "old").mkdir()
+    source = str(Path(__file__).with_name("fakenvml.c"))
+    for out, flags in ((root, []), (root / "old", ["-DFAKE_NVML_NO_CUDA_V2"])):
+        subprocess.run(
+            [gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
+             "-o", str(out / "libnvidia-ml.so.1"), source],
+            check=True,
+            timeout=60,
+        )  # fmt: skip
+    return root

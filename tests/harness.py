@@ -8,17 +8,22 @@ path over 107 bytes cannot be bound.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +110,7 @@ def outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The final event of a stream (result or error); checks the stream's shape."""
     assert events, "empty stream"
     assert events[-1]["event"] in ("result", "error"), events[-1]
-    assert all(e["event"] in ("progress", "warning") for e in events[:-1]), events
+    assert all(e["event"] in ("progress", "warning", "file") for e in events[:-1]), events
     return events[-1]
 
 
@@ -305,3 +310,75 @@ def iter_events(sock: Path, path: str, body: Any) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
     finally:
         conn.close()
+
+
+def nvml_env(lib: Path | None, gpus: str = "", **extra: str) -> dict[str, str]:
+    """The environment of a process that loads the fake from `lib` (None: no fake)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_NVML_")}
+    env["PYTHONPATH"] = str(ROOT)
+    if lib is not None:
+        env["LD_LIBRARY_PATH"] = str(lib)
+        env["FAKE_NVML_GPUS"] = gpus
+        env.update({f"FAKE_NVML_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+HELD_FOR = 60.0  # seconds a held GET waits at most
+
+
+class HeldOrigin:
+    """A `file://` origin's directory over plain HTTP. A GET of a chunk in `held` waits until
+    its event is set; one in `missing` is answered 404. `asked` lists chunk GETs in order."""
+
+    def __init__(self, directory: Path) -> None:
+        self.held: dict[str, threading.Event] = {}
+        self.missing: set[str] = set()
+        self.asked: queue.Queue[str] = queue.Queue()
+        handler = functools.partial(_Handler, self, directory=str(directory))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def hold(self, chunk: bytes) -> threading.Event:
+        ev = self.held[chunk.hex()] = threading.Event()
+        return ev
+
+    def __enter__(self) -> HeldOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ev in self.held.values():
+            ev.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def __init__(self, origin: HeldOrigin, *args: Any, **kwargs: Any) -> None:
+        self.origin = origin
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/chunks/"):
+            key = self.path.rsplit("/", 1)[-1]
+            self.origin.asked.put(key)
+            if key in self.origin.missing:
+                self.send_error(404)
+                return
+            held = self.origin.held.get(key)
+            if held is not None:
+                held.wait(HELD_FOR)
+        super().do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            super().handle()

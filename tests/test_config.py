@@ -96,6 +96,11 @@ def test_every_default(tmp_path: Path, env: dict[str, str]) -> None:
     assert config.socket_mode == 0o660
     assert config.metrics_address == "127.0.0.1:0"
     assert config.compat_facts == ("gpu_model", "driver_major", "cuda", "arch", "format")
+    assert config.kinds == {
+        "files": ("format",),
+        "compile-cache": config.compat_facts,
+        "process": ("gpu_model", "driver_major", "cuda", "arch", "driver", "kernel", "format"),
+    }
     expected_tiers = [TierConfig("disk", home / ".cache/hostd/disk", fs_size(tmp_path) // 2, "50%")]
     if Path("/dev/shm").is_dir():
         shm = Path(f"/dev/shm/hostd-{uid}-{tag}")
@@ -416,6 +421,9 @@ dns_refresh = "1m"
 secret_file = "cluster.key"
 hedge_after = 0.05
 timeout = "5s"
+
+[kinds]
+files = ["format", "arch"]
 """
     c = load_config(write(tmp_path, text), env)
     assert c.origin == "s3://bucket/prefix"
@@ -424,6 +432,12 @@ timeout = "5s"
     assert c.socket_mode == 0o600
     assert c.metrics_address == "[::1]:9464"
     assert c.compat_facts == ("format", "gpu_model")
+    # compat_facts is the compile-cache list, and what process adds to
+    assert c.kinds == {
+        "files": ("format", "arch"),
+        "compile-cache": ("format", "gpu_model"),
+        "process": ("gpu_model", "driver", "kernel", "format"),
+    }
     assert c.index == Path("/var/lib/x/index.sqlite3")
     assert c.tiers == (TierConfig("mem", Path("/dev/shm/x"), 2**30, "1GiB"),)
     assert (c.chunk_size, c.fetch_concurrency, c.upload_concurrency) == (2**20, 64, 8)
@@ -487,6 +501,13 @@ BAD_VALUES = [
     ('compat_facts = ["GPU"]', "compat_facts[0]"),
     ('compat_facts = ["format", "format"]', "compat_facts[1]"),
     ('compat_facts = ["format", 1]', "compat_facts[1]"),
+    ('[kinds]\nfiles = "format"', "kinds.files"),
+    ("[kinds]\nfiles = []", "kinds.files"),
+    ('[kinds]\nprocess = ["Driver"]', "kinds.process[0]"),
+    ('[kinds]\ncompile-cache = ["cuda", "cuda"]', "kinds.compile-cache[1]"),
+    ('compat_facts = ["cuda"]\n[kinds]\ncompile-cache = ["arch"]', "kinds.compile-cache"),
+    ('[kinds]\nweights = ["format"]', "kinds.weights"),
+    ('kinds = ["files"]', "kinds"),
     ("index = 5", "index"),
     ('index = ""', "index"),
     ('chunk_size = "3MiB"', "chunk_size"),
@@ -587,10 +608,30 @@ def test_bad_value_names_its_key(tmp_path: Path, env: dict[str, str], text: str,
 
 def test_bad_values_cover_every_key() -> None:
     named = {re.sub(r"\[\d+\]", "[]", key) for _, key in BAD_VALUES}
-    leaves = {k for k in known_keys()} | {"tiers", "peers", "access"}
+    leaves = {k for k in known_keys()} | {"tiers", "peers", "access", "kinds"}
     # a bad value of a key inside an array or a table may be named by its element
     named |= {k.removesuffix("[]") for k in named}
     assert leaves - named == set()
+
+
+def test_kinds_table_sets_each_list(tmp_path: Path, env: dict[str, str]) -> None:
+    text = """
+[kinds]
+compile-cache = ["gpu_model", "cuda", "triton"]
+process = ["driver", "kernel"]
+"""
+    assert load_config(write(tmp_path, text), env).kinds == {
+        "files": ("format",),
+        "compile-cache": ("gpu_model", "cuda", "triton", "format"),
+        "process": ("driver", "kernel", "format"),
+    }
+    # compile-cache set: compat_facts reports the same list
+    assert load_config(write(tmp_path, text), env).compat_facts == (
+        "gpu_model",
+        "cuda",
+        "triton",
+        "format",
+    )
 
 
 def test_access_defaults_follow_the_daemons_euid(env: dict[str, str]) -> None:
@@ -742,7 +783,7 @@ def test_config_is_hashable_and_frozen(env: dict[str, str]) -> None:
 # config/hostd.toml documents every key, with its default
 
 
-_OPTION = re.compile(r"#\s?(?=[a-z_]+ = |\[)")
+_OPTION = re.compile(r"#\s?(?=[a-z_-]+ = |\[)")
 
 
 def uncomment(text: str) -> str:
@@ -759,7 +800,7 @@ def documented_keys(doc: dict[str, object]) -> set[str]:
         if key == "tiers":
             assert isinstance(value, list)
             keys |= {f"tiers[].{k}" for table in value for k in table}
-        elif key in ("peers", "access"):
+        elif key in ("peers", "access", "kinds"):
             assert isinstance(value, dict)
             keys |= {f"{key}.{k}" for k in value}
         else:
@@ -787,11 +828,14 @@ def test_config_file_comments_every_key() -> None:
     for i, line in enumerate(lines):
         option = _OPTION.sub("", line, count=1) if _OPTION.match(line) else line
         if option.startswith("["):
-            section = {"[[tiers]]": "tiers[].", "[peers]": "peers.", "[access]": "access."}[
-                option.strip()
-            ]
+            section = {
+                "[[tiers]]": "tiers[].",
+                "[peers]": "peers.",
+                "[access]": "access.",
+                "[kinds]": "kinds.",
+            }[option.strip()]
             continue
-        m = re.match(r"([a-z_]+) = ", option)
+        m = re.match(r"([a-z_-]+) = ", option)
         if m is None:
             continue
         before = lines[i - 1]

@@ -14,11 +14,12 @@ import pytest
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import daemon_caller
+from hostd.core import compat
 from hostd.core.retry import RetryPolicy
 from hostd.index import Index
 from hostd.origin import Origin
 from hostd.publish import Publisher, PublishRequest
-from hostd.restore import Progress
+from hostd.restore import Progress, Resolver
 from hostd.tier import Tier
 
 DEADLINE = 10.0
@@ -61,7 +62,7 @@ def _held_publisher(
         compress=compress,
         min_saving=0.1,
         upload_concurrency=2,
-        compat_facts=["format"],
+        resolver=Resolver(origin, cache, compat.default_kinds()),
         storage=Storage(
             [
                 ("tier 'mem'", tmp_path / "mem"),

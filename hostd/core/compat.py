@@ -1,8 +1,10 @@
 """Compat keys: which facts a snapshot is valid under, and how a restore looks them up. Pure.
 
-A publish names the facts its snapshot depends on (plain weights: `format` alone); a host
-knows values for its facts, `none` where it cannot tell yet. A restore tries the compat keys
-a snapshot is most likely published under, most specific first, then falls back to listing.
+A publish keys its snapshot on the facts of its *kind* (plain weights, `files`: `format`
+alone; `compile-cache`: the GPU, driver and CUDA; `process`: the exact driver and kernel too),
+plus the facts its client adds. A host knows values for its facts, `none` where it cannot
+tell. A restore tries the compat keys a snapshot is most likely published under, most
+specific first, then falls back to listing; a miss explains itself (`differences`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,55 @@ from hostd.core.manifest import FORMAT_VERSION, READABLE_FORMATS
 
 UNKNOWN = "none"
 
+KINDS = ("files", "compile-cache", "process")
+DEFAULT_KIND = "files"
+# The facts that describe the GPU side of a host. A snapshot whose GPU facts are all `none`
+# made no GPU claim (every publish before hosts knew them): it fits any GPU.
+GPU_FACTS = frozenset(
+    {"gpu_model", "gpu_count", "gpu_memory", "mig", "driver", "driver_major", "cuda"}
+)
+COMPILE_CACHE_FACTS = ("gpu_model", "driver_major", "cuda", "arch", "format")
+PROCESS_EXTRA_FACTS = ("driver", "kernel")
 
-def host_facts(names: Iterable[str], given: Mapping[str, str]) -> dict[str, str]:
-    """This host's value of each fact: the client's, else what hostd can tell, else none.
+Kinds = Mapping[str, Sequence[str]]
+
+
+def default_kinds(compile_cache: Sequence[str] = COMPILE_CACHE_FACTS) -> dict[str, tuple[str, ...]]:
+    """Each kind's fact names: `process` is `compile-cache` plus the exact driver and kernel."""
+    cc = with_format(compile_cache)
+    return {
+        "files": ("format",),
+        "compile-cache": cc,
+        "process": with_format(
+            [*(f for f in cc if f != "format"), *(f for f in PROCESS_EXTRA_FACTS if f not in cc)]
+        ),
+    }
+
+
+def with_format(names: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(names)
+    return out if "format" in out else (*out, "format")
+
+
+def basic_facts() -> dict[str, str]:
+    """What hostd tells without asking the GPU: its format, the CPU arch and the kernel."""
+    return {
+        "format": str(FORMAT_VERSION),
+        "arch": normalize_arch(platform.machine()),
+        "kernel": platform.release() or UNKNOWN,
+    }
+
+
+def host_facts(
+    names: Iterable[str], given: Mapping[str, str], known: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """This host's value of each fact: the client's, else what the host can tell (`known`,
+    by default `basic_facts`), else none.
 
     `format` is always among them: every snapshot is published under it and every restore
     looks it up (candidate_keys), even when the configured facts leave it out.
     """
-    known = {"format": str(FORMAT_VERSION), "arch": normalize_arch(platform.machine())}
+    known = basic_facts() if known is None else known
     out = {n: known.get(n, UNKNOWN) for n in (*names, "format")}
     out.update(given)
     return dict(sorted(out.items()))
@@ -33,32 +76,51 @@ def normalize_arch(machine: str) -> str:
 
 
 def publish_facts(
-    facts: Sequence[str] | None, default: Sequence[str], given: Mapping[str, str]
+    names: Sequence[str], given: Mapping[str, str], known: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The compat facts a snapshot is published under."""
-    names = list(facts) if facts is not None else list(default)
-    if "format" not in names:
-        names.append("format")  # a snapshot is never valid across format versions
-    return host_facts(names, {k: v for k, v in given.items() if k in names})
+    """The compat facts a snapshot is published under: the named ones (a kind's, or the
+    client's own pick) with this host's values, `format` always, and every fact the client
+    gives, added or overriding."""
+    return host_facts(names, given, known)
 
 
-def candidate_keys(configured: Sequence[str], given: Mapping[str, str]) -> list[tuple[str, ...]]:
-    """Fact-name sets to try in order: all the host knows, the configured set, format alone."""
-    everything = tuple(sorted({*configured, *given, "format"}))
-    configured_set = tuple(sorted({*configured, "format"}))
+def gpu_claim(facts: Mapping[str, str]) -> bool:
+    """Whether a fact set says anything about the GPU (a value other than none)."""
+    return any(v != UNKNOWN for k, v in facts.items() if k in GPU_FACTS)
+
+
+def candidate_keys(kinds: Kinds, given: Mapping[str, str]) -> list[tuple[str, ...]]:
+    """Fact-name sets to try in order: each kind's with the client's facts, most specific
+    kind first, then each kind's alone."""
+    order = [kinds[k] for k in reversed(KINDS) if k in kinds]
     out: list[tuple[str, ...]] = []
-    for keys in (everything, configured_set, ("format",)):
-        if keys not in out:
-            out.append(keys)
+    for extra in (tuple(given), ()):
+        for names in order:
+            keys = tuple(sorted({*names, *extra, "format"}))
+            if keys not in out:
+                out.append(keys)
     return out
 
 
+def differences(snapshot_facts: Mapping[str, str], host: Mapping[str, str]) -> list[str]:
+    """The facts a snapshot names that this host does not fit, by name. `format` fits when
+    this host reads that format, whichever one it writes; GPU facts that are all `none` make
+    no claim and fit every host."""
+    claim = gpu_claim(snapshot_facts)
+    return [
+        k
+        for k, v in sorted(snapshot_facts.items())
+        if (
+            v not in READABLE
+            if k == "format"
+            else (k not in GPU_FACTS or claim) and host.get(k, UNKNOWN) != v
+        )
+    ]
+
+
 def matches(snapshot_facts: Mapping[str, str], host: Mapping[str, str]) -> bool:
-    """A snapshot fits a host when every fact it names has the host's value; `format` fits
-    when this host reads that format, whichever one it writes."""
-    return all(
-        v in READABLE if k == "format" else host.get(k) == v for k, v in snapshot_facts.items()
-    )
+    """A snapshot fits a host when every fact it names has the host's value (differences)."""
+    return not differences(snapshot_facts, host)
 
 
 # The `format` values a restore looks a ref up under, newest first: a snapshot published by
@@ -67,16 +129,29 @@ READABLE = tuple(str(f) for f in sorted(READABLE_FORMATS, reverse=True))
 
 
 def lookup_digests(
-    configured: Sequence[str], given: Mapping[str, str], host: Mapping[str, str]
+    kinds: Kinds, given: Mapping[str, str], host: Mapping[str, str]
 ) -> list[dict[str, str]]:
     """The fact maps whose compat digests a restore tries, in order: each candidate name set
     (candidate_keys), under each format this host reads, newest first. A client that names
-    a format itself gets that one only."""
+    a format itself gets that one only. Last, the same sets with every GPU fact `none`: a
+    snapshot published before this host knew its GPU made no GPU claim, and fits it."""
     formats = (given["format"],) if "format" in given else READABLE
+    keys = candidate_keys(kinds, given)
     out: list[dict[str, str]] = []
-    for keys in candidate_keys(configured, given):
-        for fmt in formats:
-            facts = {k: host.get(k, UNKNOWN) for k in keys} | {"format": fmt}
-            if facts not in out:
-                out.append(facts)
+    for no_gpu in (False, True):
+        for names in keys:
+            for fmt in formats:
+                facts = {k: host.get(k, UNKNOWN) for k in names} | {"format": fmt}
+                if no_gpu:
+                    facts |= {k: UNKNOWN for k in names if k in GPU_FACTS}
+                if facts not in out:
+                    out.append(facts)
     return out
+
+
+def kind_of(facts: Mapping[str, str], kinds: Kinds) -> str | None:
+    """The most specific kind whose fact names a fact set holds all of (the rest are facts a
+    client added), if any."""
+    names = set(facts)
+    fitting = [k for k in KINDS if k in kinds and set(kinds[k]) | {"format"} <= names]
+    return max(fitting, key=lambda k: len(kinds[k]), default=None)

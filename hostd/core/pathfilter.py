@@ -122,3 +122,18 @@ def _self_and_parents(rel: str) -> Iterable[str]:
     while rel:
         yield rel
         rel = rel.rpartition("/")[0]
+
+
+def load_order(rels: Sequence[str], patterns: Sequence[str]) -> list[int]:
+    """The indices of `rels` in a load order (a progressive restore's `order`): those the
+    first pattern matches (a path, or a glob as above), then the second's, ..., then the
+    rest; each group in its given order."""
+    compiled = [compile_pattern(p) for p in patterns]
+
+    def rank(i: int) -> int:
+        for n, p in enumerate(compiled):
+            if any(p.fullmatch(q) for q in _self_and_parents(rels[i])):
+                return n
+        return len(compiled)
+
+    return sorted(range(len(rels)), key=rank) if compiled else list(range(len(rels)))

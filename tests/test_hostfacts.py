@@ -1,0 +1,383 @@
+"""The host's own facts (hostd/hostfacts.py): their spelling, NVML absent for real, and NVML
+present through pynvml's real ctypes code talking to a fake libnvidia-ml.so.1 (fakenvml.c).
+
+No GPU can be had here, so the fake stands in for the driver's library alone: it exports the
+C functions pynvml calls, with NVML's return codes and struct layouts. dlopen reads
+LD_LIBRARY_PATH once, at process start, so every run against the fake is its own process: a
+`python -c` that prints what detect() found, or a real daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import ROOT, Hostd, nvml_env, rmtree, short_tmp
+from test_e2e import promtool_check, sample, samples
+
+from hostd.core.compat import normalize_arch
+from hostd.core.manifest import FORMAT_VERSION
+from hostd.hostfacts import NO_LIBRARY, Gpu, cuda_fact, detect, gpu_facts, mig_fact
+
+JSON = dict[str, Any]
+MiB = 1024 * 1024
+GPU_FACTS = ("gpu_model", "gpu_count", "gpu_memory", "mig", "driver", "driver_major", "cuda")
+H100 = "NVIDIA H100 80GB HBM3"
+A100 = "NVIDIA A100-SXM4-80GB"
+T4 = "Tesla T4"  # no MIG: NVML answers NOT_SUPPORTED
+
+
+def real_facts() -> dict[str, str]:
+    """The facts this host tells without a GPU, computed here independently."""
+    return {
+        "arch": normalize_arch(platform.machine()),
+        "kernel": platform.release() or "none",
+        "format": str(FORMAT_VERSION),
+    }
+
+
+# -- the spelling (a contract: these strings enter compat digests) -----------------------------
+
+
+def gpu(index: int, name: str, mib: int, mig: str = "off") -> Gpu:
+    return Gpu(index, name, f"GPU-{index}", mib * MiB, mig)
+
+
+def test_one_model_eight_times() -> None:
+    gpus = [gpu(i, H100, 81559) for i in range(8)]
+    assert gpu_facts(gpus, "550.54.15", 12040) == {
+        "gpu_model": H100,
+        "gpu_count": "8",
+        "gpu_memory": "81559",
+        "mig": "off",
+        "driver": "550.54.15",
+        "driver_major": "550",
+        "cuda": "12.4",
+    }
+
+
+def test_several_models_are_sorted_and_joined_and_memory_sorts_as_numbers() -> None:
+    gpus = [gpu(0, H100, 81559), gpu(1, T4, 15360), gpu(2, A100, 81920), gpu(3, H100, 81559)]
+    facts = gpu_facts(gpus, "535.104.05", 12020)
+    assert facts["gpu_model"] == f"{A100}+{H100}+{T4}"
+    assert facts["gpu_memory"] == "15360+81559+81920"  # not "15360" last, as text would sort
+    assert gpu_facts([gpu(0, T4, 9000), gpu(1, T4, 15360)], "", 0)["gpu_memory"] == "9000+15360"
+    assert (facts["gpu_count"], facts["driver_major"], facts["cuda"]) == ("4", "535", "12.2")
+
+
+def test_memory_is_floored_to_whole_mib() -> None:
+    odd = Gpu(0, H100, "", 81559 * MiB + MiB - 1, "off")
+    assert gpu_facts([odd], "", 0)["gpu_memory"] == "81559"
+
+
+def test_what_no_device_could_tell_is_none() -> None:
+    facts = gpu_facts([gpu(0, H100, 81559), Gpu(1, "", "", 0, "none")], "", 0)
+    assert facts == {
+        "gpu_model": "none",
+        "gpu_count": "2",  # NVML counted them
+        "gpu_memory": "none",
+        "mig": "none",
+        "driver": "none",
+        "driver_major": "none",
+        "cuda": "none",
+    }
+    assert gpu_facts([], "550.54.15", 12040) == {
+        "gpu_model": "none",
+        "gpu_count": "0",
+        "gpu_memory": "none",
+        "mig": "none",
+        "driver": "550.54.15",
+        "driver_major": "550",
+        "cuda": "12.4",
+    }
+
+
+def test_mig_on_off_mixed() -> None:
+    assert mig_fact(["on", "on"]) == "on"
+    assert mig_fact(["off", "off"]) == "off"
+    assert mig_fact(["on", "off"]) == "mixed"
+    assert mig_fact(["unsupported", "off"]) == "off"  # a GPU without MIG has it off
+    assert mig_fact(["unsupported", "on"]) == "mixed"
+    assert mig_fact(["on", "none"]) == "none"  # one device could not tell
+    assert mig_fact([]) == "none"
+
+
+def test_cuda_versions() -> None:
+    assert [cuda_fact(v) for v in (12040, 11080, 10010, 12000, 0)] == [
+        "12.4",
+        "11.8",
+        "10.1",
+        "12.0",
+        "none",
+    ]
+
+
+# -- NVML absent, for real ----------------------------------------------------------------------
+
+
+def nvml_is_absent() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return True
+    return False
+
+
+absent_only = pytest.mark.skipif(not nvml_is_absent(), reason="this host has NVML")
+
+
+@absent_only
+def test_without_nvml_the_gpu_facts_are_none_and_say_why() -> None:
+    host = detect()
+    assert host.nvml == NO_LIBRARY
+    assert host.facts == {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")}
+    assert all(isinstance(v, str) for v in host.facts.values())
+    assert host.gpus == ()
+    assert host.memory() == []
+    host.close()
+    host.close()
+
+
+def test_importing_hostd_does_not_import_pynvml() -> None:
+    code = (
+        "import sys, hostd.daemon, hostd.cli, hostd.metrics, hostd.hostfacts; "
+        "print('pynvml' in sys.modules)"
+    )
+    p = run([sys.executable, "-W", "error", "-c", code])
+    assert (p.returncode, p.stdout, p.stderr) == (0, "False\n", "")
+
+
+def test_without_pynvml_the_facts_say_so() -> None:
+    # The import system refuses a module whose sys.modules entry is None, as if not installed.
+    out = run_detect(None, prelude="import sys; sys.modules['pynvml'] = None")
+    assert out["nvml"] == "pynvml not installed"
+    assert out["facts"] == {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")}
+
+
+@absent_only
+def test_a_daemon_without_nvml_reports_it_in_status_and_has_no_gpu_metrics(work: Path) -> None:
+    with Hostd(work / "d") as d:
+        status = cli_status_json(d)
+        text = d.metrics()
+        human = cli_status(d)
+    facts = {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")}
+    assert status["host"] == {"facts": facts, "nvml": NO_LIBRARY, "gpus": []}
+    assert "hostd_gpu_" not in text
+    assert info_labels(text) == facts
+    promtool_check(text)
+    assert f"GPUs       none ({NO_LIBRARY})" in human.splitlines()
+    assert f"host       {facts['arch']}, kernel {facts['kernel']}, format {FORMAT_VERSION}" in (
+        human.splitlines()
+    )
+
+
+# -- NVML present: pynvml's real code against the fake library -----------------------------------
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A short scratch directory under /tmp (socket paths must stay short), removed after."""
+    root = short_tmp("hf")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def run(argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+DETECT = """
+import json
+from hostd.hostfacts import detect
+host = detect()
+out = host.to_json()
+out["memory"] = [[g.index, used, total] for g, used, total in host.memory()]
+host.close()
+host.close()  # idempotent: a second nvmlShutdown would fail, and log that it did
+out["memory_after_close"] = host.memory()
+try:
+    import pynvml
+    pynvml.nvmlDeviceGetCount()
+    out["after_close"] = "initialised"
+except ImportError:
+    out["after_close"] = "no pynvml"
+except pynvml.NVMLError as e:
+    out["after_close"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def run_detect(lib: Path | None, gpus: str = "", *, prelude: str = "", **extra: str) -> JSON:
+    env = nvml_env(lib, gpus, **extra)
+    p = run([sys.executable, "-W", "error", "-c", f"{prelude}\n{DETECT}"], env)
+    assert p.returncode == 0, p.stderr
+    assert "NVML shutdown failed" not in p.stderr  # warnings reach stderr, logging unset
+    out: JSON = json.loads(p.stdout)
+    return out
+
+
+def test_eight_of_one_model(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml, ";".join([f"{H100},81559,0,1024"] * 8), cuda="12040")
+    assert out["nvml"] == "ok"
+    assert out["facts"] == {
+        **real_facts(),
+        "gpu_model": H100,
+        "gpu_count": "8",
+        "gpu_memory": "81559",
+        "mig": "off",
+        "driver": "550.54.15",
+        "driver_major": "550",
+        "cuda": "12.4",
+    }
+    assert out["gpus"][7] == {
+        "index": 7,
+        "name": H100,
+        "uuid": "GPU-fa4e0000-0000-4000-8000-000000000007",
+        "memory_total": 81559 * MiB,
+        "mig": "off",
+    }
+    assert out["memory"] == [[i, 1024 * MiB, 81559 * MiB] for i in range(8)]
+    assert out["memory_after_close"] == []
+    assert out["after_close"] == "NVMLError_Uninitialized"  # close() shut NVML down
+
+
+def test_mixed_models_and_mig(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml, f"{H100},81559,0;{A100},81920,1", driver="535.104.05", cuda="12020")
+    f = out["facts"]
+    assert f["gpu_model"] == f"{A100}+{H100}"
+    assert (f["gpu_count"], f["gpu_memory"], f["mig"]) == ("2", "81559+81920", "mixed")
+    assert (f["driver"], f["driver_major"], f["cuda"]) == ("535.104.05", "535", "12.2")
+    assert [g["mig"] for g in out["gpus"]] == ["off", "on"]
+
+
+def test_mig_on_everywhere(fake_nvml: Path) -> None:
+    assert run_detect(fake_nvml, f"{A100},81920,1;{A100},81920,1")["facts"]["mig"] == "on"
+
+
+def test_a_gpu_without_mig_counts_as_off(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml, f"{T4},15360,x;{H100},81559,0")
+    assert out["nvml"] == "ok"
+    assert [g["mig"] for g in out["gpus"]] == ["unsupported", "off"]
+    assert (out["facts"]["mig"], out["facts"]["gpu_memory"]) == ("off", "15360+81559")
+
+
+def test_init_failure_is_reported(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml, f"{H100},81559,0", init_error="9")  # DRIVER_NOT_LOADED
+    assert out["nvml"] == "NVML init failed: Driver Not Loaded"
+    assert out["facts"] == {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")}
+    assert (out["gpus"], out["memory"]) == ([], [])
+
+
+def test_nvml_with_no_devices(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml, "")
+    assert out["nvml"] == "ok"
+    assert out["facts"] == {
+        **real_facts(),
+        "gpu_model": "none",
+        "gpu_count": "0",
+        "gpu_memory": "none",
+        "mig": "none",
+        "driver": "550.54.15",
+        "driver_major": "550",
+        "cuda": "12.4",
+    }
+    assert (out["gpus"], out["memory"]) == ([], [])
+
+
+def test_a_gpu_lost_at_start_leaves_its_facts_unknown(fake_nvml: Path, work: Path) -> None:
+    (work / "lost").write_text("1")
+    out = run_detect(fake_nvml, f"{H100},81559,0;{H100},81559,0", lost_file=str(work / "lost"))
+    assert out["nvml"] == "ok"
+    f = out["facts"]
+    assert (f["gpu_count"], f["gpu_model"], f["gpu_memory"], f["mig"]) == ("2", *["none"] * 3)
+    assert (f["driver"], f["cuda"]) == ("550.54.15", "12.4")
+    assert out["gpus"][1] == {"index": 1, "name": "", "uuid": "", "memory_total": 0, "mig": "none"}
+    assert out["memory"] == [[0, 0, 81559 * MiB]]
+
+
+def test_an_old_driver_without_the_v2_cuda_call(fake_nvml: Path) -> None:
+    out = run_detect(fake_nvml / "old", f"{H100},81559,0", cuda="10000")
+    assert out["facts"]["cuda"] == "10.0"
+
+
+def test_a_daemon_with_gpus_reports_them_and_survives_a_lost_one(
+    fake_nvml: Path, work: Path
+) -> None:
+    lost = work / "lost"
+    env = nvml_env(fake_nvml, f"{H100},81559,0,1024;{A100},81920,1,2048", lost_file=str(lost))
+    with Hostd(work / "d", env=env) as d:
+        status = cli_status_json(d)
+        human = cli_status(d).splitlines()
+        text = d.metrics()
+        lost.write_text("1")  # GPU 1 falls off the bus: NVML_ERROR_GPU_IS_LOST from now on
+        after = d.metrics()
+        assert d.api("GET", "/v1/status")[0] == 200
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0  # closing shuts NVML down cleanly
+        log = d.log()
+    host = status["host"]
+    assert host["nvml"] == "ok"
+    assert host["facts"] == {
+        **real_facts(),
+        "gpu_model": f"{A100}+{H100}",
+        "gpu_count": "2",
+        "gpu_memory": "81559+81920",
+        "mig": "mixed",
+        "driver": "550.54.15",
+        "driver_major": "550",
+        "cuda": "12.4",
+    }
+    assert [(g["index"], g["name"], g["memory_total"]) for g in host["gpus"]] == [
+        (0, H100, 81559 * MiB),
+        (1, A100, 81920 * MiB),
+    ]
+    assert (
+        f"GPUs       1 x {H100} + 1 x {A100}, 81559+81920 MiB, MIG mixed; "
+        "driver 550.54.15, CUDA 12.4"
+    ) in human
+
+    assert info_labels(text) == host["facts"]
+    for i, model, total, used in ((0, H100, 81559, 1024), (1, A100, 81920, 2048)):
+        labels = {"gpu": str(i), "model": model}
+        assert sample(text, "hostd_gpu_memory_total_bytes", **labels) == total * MiB
+        assert sample(text, "hostd_gpu_memory_used_bytes", **labels) == used * MiB
+    promtool_check(text)
+
+    gpus_after = {dict(ls)["gpu"] for n, ls in samples(after) if n.startswith("hostd_gpu_")}
+    assert gpus_after == {"0"}  # the lost one is left out; the scrape still answers
+    promtool_check(after)
+    assert "GPU 1: no memory reading from NVML: GPU is lost" in log
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def cli(d: Hostd, *argv: str) -> str:
+    p = run([sys.executable, "-m", "hostd", *argv, "--socket", str(d.socket)])
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    return p.stdout
+
+
+def cli_status_json(d: Hostd) -> JSON:
+    out: JSON = json.loads(cli(d, "status", "--json"))
+    return out
+
+
+def cli_status(d: Hostd) -> str:
+    return cli(d, "status")
+
+
+def info_labels(text: str) -> dict[str, str]:
+    [labels] = [dict(ls) for (n, ls), v in samples(text).items() if n == "hostd_host_info"]
+    assert sample(text, "hostd_host_info", **labels) == 1
+    return labels

@@ -1,0 +1,138 @@
+"""`hostd.loader.load_safetensors`: a snapshot of safetensors shards loaded as it arrives,
+against a real daemon (tests/harness.py) fetching from an HTTP origin that holds chosen
+chunks until the test lets them go. Arrays are compared with safetensors' own loader."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import HeldOrigin, Hostd, rmtree, short_tmp
+
+from hostd import loader
+from hostd.core.ids import chunk_id
+from hostd.errors import NotFound, UsageError
+
+np = pytest.importorskip("numpy")
+st_numpy = pytest.importorskip("safetensors.numpy")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+DEADLINE = 60.0
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    root = short_tmp("ls")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def shard(path: Path, seed: int, names: list[str]) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    tensors = {
+        n: rng.standard_normal((64, 300 + i)).astype(np.float16) for i, n in enumerate(names)
+    }
+    tensors[names[0] + ".bf16"] = rng.standard_normal(1000).astype(ml_dtypes.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st_numpy.save_file(tensors, str(path), metadata={"format": "np"})
+    return tensors
+
+
+@pytest.fixture
+def model(work: Path) -> dict[str, Any]:
+    src = work / "src"
+    want: dict[str, Any] = {}
+    for i in range(3):
+        want |= shard(src / f"model-{i + 1:05d}-of-00003.safetensors", i, [f"l{i}.a", f"l{i}.b"])
+    (src / "config.json").write_text('{"layers": 3}')
+    with Hostd(work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+        pub.publish(src, "m/tiny")
+    return want
+
+
+def same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert set(got) == set(want)
+    layers = [n.split(".")[0] for n in got]
+    assert layers == sorted(layers)  # shard by shard, in path order
+    for name, arr in want.items():
+        assert got[name].dtype == arr.dtype, name
+        assert got[name].shape == arr.shape, name
+        assert got[name].tobytes() == arr.tobytes(), name
+
+
+def test_a_snapshot_loads_into_a_state_dict(work: Path, model: dict[str, Any]) -> None:
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        seen: list[str] = []
+        got = loader.load_safetensors(
+            "m/tiny", socket=h.socket, target=work / "out", on_file=lambda e: seen.append(e["path"])
+        )
+        same(got, model)
+        assert sorted(seen) == sorted(os.listdir(work / "out"))
+        # without a target, the files go to a temporary directory that is gone afterwards
+        before = set(os.listdir("/dev/shm"))
+        same(loader.load_safetensors("m/tiny", socket=h.socket), model)
+        assert {n for n in os.listdir("/dev/shm") if n.startswith("hostd-load-")} <= before
+
+
+def test_each_shard_is_loaded_while_the_next_is_fetched(
+    work: Path, model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    last = (work / "src" / "model-00003-of-00003.safetensors").read_bytes()
+    loads: queue.Queue[str] = queue.Queue()
+    real = loader.load_file
+
+    def observed(path: Any, **kwargs: Any) -> dict[str, Any]:
+        loads.put(Path(path).name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(loader, "load_file", observed)
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = origin.hold(chunk_id(last[:CHUNK]))
+        out: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: out.update(loader.load_safetensors("m/tiny", socket=h.socket)),
+            daemon=True,
+        )
+        worker.start()
+        first = {loads.get(timeout=DEADLINE), loads.get(timeout=DEADLINE)}
+        # two shards loaded while the third's bytes are still held at the origin
+        assert first == {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"}
+        assert worker.is_alive()
+        held.set()
+        worker.join(DEADLINE)
+        assert loads.get_nowait() == "model-00003-of-00003.safetensors"
+    same(out, model)
+
+
+def test_what_goes_wrong_is_said(work: Path, model: dict[str, Any]) -> None:
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        with pytest.raises(NotFound, match="no such ref"):
+            loader.load_safetensors("m/none", socket=h.socket)
+        with pytest.raises(UsageError, match="numpy arrays live in host memory"):
+            loader.load_safetensors("m/tiny", socket=h.socket, device="cuda")
+        # a tensor name in two shards
+        src = work / "dup"
+        shard(src / "a.safetensors", 1, ["x"])
+        shard(src / "b.safetensors", 2, ["x"])
+        h.publish(src, "m/dup")
+        with pytest.raises(loader.LoaderError, match=r"tensor 'x(\.bf16)?': also in a.safetensors"):
+            loader.load_safetensors("m/dup", socket=h.socket)
+        (work / "plain").mkdir()
+        (work / "plain" / "readme").write_text("no weights")
+        h.publish(work / "plain", "m/plain")
+        with pytest.raises(loader.LoaderError, match=r"no \.safetensors file"):
+            loader.load_safetensors("m/plain", socket=h.socket, target=work / "p")
+        # a shard that is not safetensors: the restore is stopped and what landed removed
+        (work / "bad").mkdir()
+        (work / "bad" / "w.safetensors").write_bytes(b"\xff" * 64)
+        h.publish(work / "bad", "m/bad")
+        with pytest.raises(loader.LoaderError, match=r"w\.safetensors"):
+            loader.load_safetensors("m/bad", socket=h.socket, target=work / "b")

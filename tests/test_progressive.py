@@ -1,0 +1,245 @@
+"""Progressive restores, as a loader uses them: the target appears at once, each file lands
+whole as soon as its blob is verified (a `file` event says so), the load order sets what is
+fetched first, and a failure takes back what landed unless asked to keep it. A real daemon
+(tests/harness.py) fetches from a plain HTTP origin that holds chosen chunks until the test
+lets them go; nothing sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import HeldOrigin, Hostd, request, rmtree, short_tmp
+
+from hostd.cli import main
+from hostd.client import Client
+from hostd.core.ids import chunk_id
+from hostd.errors import HostdError, UsageError
+
+DEADLINE = 60.0
+CHUNK = 64 * 1024
+JSON = dict[str, Any]
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    root = short_tmp("pr")
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+# Files of two chunks each (not packed: a file is packed only below the chunk size).
+NAMES = ["a.bin", "b.bin", "w/c.bin", "w/d.bin"]
+
+
+@pytest.fixture
+def published(work: Path) -> dict[str, bytes]:
+    src = work / "src"
+    files = {n: os.urandom(CHUNK + 1000 + i) for i, n in enumerate(NAMES)}
+    for n, data in files.items():
+        (src / n).parent.mkdir(parents=True, exist_ok=True)
+        (src / n).write_bytes(data)
+    (src / "empty").write_bytes(b"")
+    (src / "w" / "to-a").symlink_to("../a.bin")
+    os.utime(src / "b.bin", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    with Hostd(work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+        pub.publish(src, "m/weights")
+    return files
+
+
+def first_chunk(data: bytes) -> bytes:
+    return chunk_id(data[:CHUNK])
+
+
+class Restore:
+    """A progressive restore on a thread of its own, its `file` events in a queue."""
+
+    def __init__(self, h: Hostd, target: Path, **kwargs: Any) -> None:
+        self.events: queue.Queue[JSON] = queue.Queue()
+        self.result: JSON | None = None
+        self.error: BaseException | None = None
+        self.client = Client(h.socket)
+        self.thread = threading.Thread(target=self._run, args=(target, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, target: Path, kwargs: dict[str, Any]) -> None:
+        try:
+            self.result = self.client.restore(
+                "m/weights", target, progressive=True, on_file=self.events.put, **kwargs
+            )
+        except BaseException as e:
+            self.error = e
+
+    def next_file(self) -> JSON:
+        return self.events.get(timeout=DEADLINE)
+
+    def wait(self) -> JSON:
+        self.thread.join(DEADLINE)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def test_each_file_lands_whole_as_its_blob_is_verified(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=2) as h,
+    ):
+        held = origin.hold(first_chunk(published["b.bin"]))
+        r = Restore(h, target)
+        landed: dict[str, JSON] = {}
+        # Every file but b.bin lands while b.bin's chunk is held.
+        while len(landed) < 4:
+            ev = r.next_file()
+            landed[ev["path"]] = ev
+            # a file named in an event is there, whole, with its recorded mtime
+            p = target / ev["path"]
+            assert p.stat().st_size == ev["size"]
+            if ev["size"]:
+                assert p.read_bytes() == published[ev["path"]]
+        assert set(landed) == {"empty", "a.bin", "w/c.bin", "w/d.bin"}
+        assert target.is_dir()
+        # b.bin is not there under its name, nor anything that looks like it
+        assert sorted(os.listdir(target)) == ["a.bin", "empty", "w"]
+        assert r.result is None  # the restore is still running
+        held.set()
+        ev = r.next_file()
+        assert ev["path"] == "b.bin"
+        result = r.wait()
+    assert result["progressive"] is True
+    assert result["files"] == 5
+    assert (target / "b.bin").read_bytes() == published["b.bin"]
+    assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert os.readlink(target / "w" / "to-a") == "../a.bin"
+    # counts run up to the totals, one event per file
+    assert ev["done_files"] == ev["total_files"] == 5
+    assert ev["done_bytes"] == ev["total_bytes"] == sum(map(len, published.values()))
+
+
+def test_the_load_order_is_the_fetch_order(work: Path, published: dict[str, bytes]) -> None:
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1) as h,
+    ):
+        r = Restore(h, work / "out", order=["w/d.bin", "w/*", "b.bin"])
+        result = r.wait()
+        assert result["files"] == 5
+        asked = [origin.asked.get_nowait() for _ in range(origin.asked.qsize())]
+    firsts = {first_chunk(published[n]).hex(): n for n in NAMES}
+    in_order = [firsts[k] for k in asked if k in firsts]
+    assert in_order == ["w/d.bin", "w/c.bin", "b.bin", "a.bin"]
+    events = []
+    while not r.events.empty():
+        events.append(r.events.get_nowait()["path"])
+    assert [p for p in events if p != "empty"] == in_order
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_failed_restore_takes_back_what_landed_unless_kept(
+    work: Path, published: dict[str, bytes], keep: bool
+) -> None:
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1, retries=1) as h,
+    ):
+        origin.missing.add(first_chunk(published["b.bin"]).hex())
+        r = Restore(h, target, order=["a.bin"], keep_partial=keep)
+        with pytest.raises(HostdError, match=r"b\.bin"):
+            r.wait()
+        landed = []
+        while not r.events.empty():
+            landed.append(r.events.get_nowait()["path"])
+        assert "a.bin" in landed
+        if keep:
+            assert (target / "a.bin").read_bytes() == published["a.bin"]
+            assert not (target / "b.bin").exists()
+            names = {p.name for p in target.rglob("*")}
+            assert not [n for n in names if n.startswith(".hostd")]  # no scratch left
+        else:
+            assert not target.exists()
+        # An empty target that was there stays, emptied.
+        rmtree(target)
+        target.mkdir()
+        r = Restore(h, target, order=["a.bin"])
+        with pytest.raises(HostdError):
+            r.wait()
+        assert target.is_dir()
+        assert os.listdir(target) == []
+
+
+def test_a_cancelled_restore_takes_back_what_landed(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        origin.hold(first_chunk(published["b.bin"]))
+        r = Restore(h, target)
+        while r.next_file()["path"] != "a.bin":
+            pass
+        assert (target / "a.bin").exists()
+        r.client.close()  # the caller goes away
+        r.thread.join(DEADLINE)
+        deadline = time.monotonic() + DEADLINE
+        while target.exists():  # the daemon sees the caller gone and takes the files back
+            assert time.monotonic() < deadline, sorted(os.listdir(target))
+            time.sleep(0.02)
+
+
+def test_progressive_is_refused_where_it_cannot_hold(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        (work / "old").mkdir()
+        (work / "old" / "keep").write_text("x")
+        body = {"ref": "m/weights", "target": str(work / "old"), "progressive": True}
+        status, answer = request(h.socket, "POST", "/v1/restore", {**body, "replace": True})
+        assert status == 400
+        assert "cannot replace a tree" in answer["message"]
+        assert (work / "old" / "keep").read_text() == "x"
+        status, answer = request(
+            h.socket, "POST", "/v1/restore", {**body, "target": str(work / "n"), "order": [""]}
+        )
+        assert status == 400
+        assert "field 'order'" in answer["message"]
+        plain = {"ref": "m/weights", "target": str(work / "n"), "keep_partial": True}
+        status, answer = request(h.socket, "POST", "/v1/restore", plain)
+        assert status == 400
+        assert "progressive restore only" in answer["message"]
+        with Client(h.socket) as c, pytest.raises(UsageError):
+            c.restore("m/weights", work / "old", replace=True, progressive=True)
+
+
+def test_the_cli_prints_each_file_as_it_lands(
+    work: Path, published: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Hostd(work / "d", origin=f"file://{work}/origin", fetch_concurrency=1) as h:
+        sock = ["--socket", str(h.socket)]
+        argv = ["restore", "m/weights", str(work / "out"), "--progressive", "--order", "w/*"]
+        assert main([*argv, *sock]) == 0
+        out = capsys.readouterr().out.splitlines()
+        landed = out[: out.index(next(line for line in out if line.startswith("snapshot")))]
+        assert landed == ["empty", "w/c.bin", "w/d.bin", "a.bin", "b.bin"]
+        assert (
+            main(["restore", "m/weights", str(work / "j"), "--progressive", "--json", *sock]) == 0
+        )
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [e.get("event") for e in lines[:-1]] == ["file"] * 5
+        assert lines[-1]["progressive"] is True
+        # --order and --keep-partial mean nothing without --progressive
+        assert main(["restore", "m/weights", str(work / "k"), "--order", "a.bin", *sock]) == 2
+        assert "--order and --keep-partial need --progressive" in capsys.readouterr().err
