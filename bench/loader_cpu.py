@@ -54,11 +54,12 @@ TARGET = 0.8
 Loader = Callable[[Path], dict[str, Any]]
 
 
-def make_shard(path: Path, size: int, rng: np.random.Generator) -> None:
-    """An fp16 shard of `size` bytes of tensor data (rounded down to whole elements)."""
+def make_shard(path: Path, size: int, rng: np.random.Generator, first_layer: int = 0) -> int:
+    """An fp16 shard of `size` bytes of tensor data (rounded down to whole elements), its
+    layers numbered from `first_layer`; the number of the next layer."""
     tensors: dict[str, np.ndarray[Any, Any]] = {}
     left = size // 2  # fp16 elements still to place
-    layer = 0
+    layer = first_layer
     while left > 0:
         for name in ("q", "k", "v", "o"):
             rows = min(HIDDEN, left // HIDDEN)
@@ -74,6 +75,7 @@ def make_shard(path: Path, size: int, rng: np.random.Generator) -> None:
             left -= n
         layer += 1
     save_file(tensors, str(path), metadata={"format": "np", "bench": "loader_cpu"})
+    return layer
 
 
 def fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:

@@ -69,6 +69,13 @@ class _Handler(SimpleHTTPRequestHandler):
             super().handle()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # not socketserver's 5: a daemon opens a connection per chunk GET in flight (16 by
+    # default), and a connect the backlog drops is retried a second later
+    request_queue_size = 1024
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)
@@ -77,11 +84,10 @@ def main() -> int:
     args = ap.parse_args()
     bucket = Bucket(float(parse_size(args.rate, "--rate")))
     handler = type("Handler", (_Handler,), {"bucket": bucket})
-    server = ThreadingHTTPServer(
+    server = _Server(
         ("127.0.0.1", args.port),
         lambda *a, **kw: handler(*a, directory=str(args.dir), **kw),
     )
-    server.daemon_threads = True
 
     def stop(_sig: int, _frame: object) -> None:
         print(f"bytes_out {bucket.sent}", flush=True)

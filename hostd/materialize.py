@@ -160,7 +160,8 @@ class Placer:
 
     def begin(self) -> None:
         """Make the target and its directories, and the empty files. Blocking."""
-        linked_dirs = [] if self.mode == "copy" or not self.link_ok else _dirs(self.m)
+        # where links may go: every directory, the top one ("") included
+        linked_dirs = [] if self.mode == "copy" or not self.link_ok else ["", *_dirs(self.m)]
         self.dev, self.dirfds = self.fs.begin(
             _dirs(self.m), linked_dirs, progressive=True, keep=self.keep
         )

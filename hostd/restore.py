@@ -474,7 +474,21 @@ class Restorer:
         blobs = m.blobs()
         try:
             with self.cache.holding(blobs):
-                await self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
+                fill = asyncio.ensure_future(
+                    self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
+                )
+                try:
+                    await asyncio.wait({fill, job}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (this restore cancelled, too)
+                    if not fill.done():
+                        fill.cancel()
+                        await asyncio.wait({fill})
+                if job.done():  # before the fill's end: the placer failed (it runs to end())
+                    if not fill.cancelled():
+                        fill.exception()  # retrieved: the placer's failure is the one told
+                    await job
+                    raise AssertionError("the placer ended before it was told to")
+                await fill
                 t2 = self.clock()
                 progress.phase = "materialize"
                 placer.end()

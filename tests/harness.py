@@ -27,6 +27,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import hostd.cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -326,17 +330,27 @@ def nvml_env(lib: Path | None, gpus: str = "", **extra: str) -> dict[str, str]:
 HELD_FOR = 60.0  # seconds a held GET waits at most
 
 
+class _Backlogged(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # not 5: a connect the backlog drops is retried a second later
+
+
 class HeldOrigin:
     """A `file://` origin's directory over plain HTTP. A GET of a chunk in `held` waits until
-    its event is set; one in `missing` is answered 404. `asked` lists chunk GETs in order."""
+    its event is set; one in `missing` is answered 404; every chunk GET waits for `gate`
+    (open unless the test clears it). `asked` lists chunk GETs in order, and `first` is set
+    at the first, so a test knows a fetch is under way before it acts."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, gated: bool = False) -> None:
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.first = threading.Event()
         self.held: dict[str, threading.Event] = {}
         self.missing: set[str] = set()
         self.asked: queue.Queue[str] = queue.Queue()
         handler = functools.partial(_Handler, self, directory=str(directory))
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
+        self.server = _Backlogged(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -352,6 +366,7 @@ class HeldOrigin:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.gate.set()
         for ev in self.held.values():
             ev.set()
         self.server.shutdown()
@@ -368,6 +383,8 @@ class _Handler(SimpleHTTPRequestHandler):
         if self.path.startswith("/chunks/"):
             key = self.path.rsplit("/", 1)[-1]
             self.origin.asked.put(key)
+            self.origin.first.set()
+            self.origin.gate.wait(HELD_FOR)
             if key in self.origin.missing:
                 self.send_error(404)
                 return
@@ -382,3 +399,33 @@ class _Handler(SimpleHTTPRequestHandler):
     def handle(self) -> None:
         with contextlib.suppress(ConnectionError, TimeoutError):
             super().handle()
+
+
+class Cli:
+    """`hostd ...` in-process against one daemon: exit code, stdout, stderr."""
+
+    def __init__(self, h: Hostd, capsys: pytest.CaptureFixture[str]) -> None:
+        self.h, self.capsys = h, capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = hostd.cli.main([*argv, "--socket", str(self.h.socket)])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert code == 0, (argv, out, err)
+        return out
+
+    def json(self, *argv: str) -> dict[str, Any]:
+        out = self.ok(*argv, "--json")
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def fails(self, code: int, *argv: str) -> str:
+        got, out, err = self(*argv)
+        assert got == code, (argv, got, out, err)
+        assert err.startswith("hostd: "), err
+        assert err.count("\n") == 1, err
+        return err

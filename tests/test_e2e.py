@@ -10,8 +10,6 @@ lets them go. Nothing sleeps: every wait polls with a deadline or blocks on an e
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import functools
 import json
 import os
 import random
@@ -21,17 +19,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import (
     ROOT,
+    HeldOrigin,
     Hostd,
     UnixHTTPConnection,
     make_tree,
@@ -187,56 +184,6 @@ def cli_fails(*args: str, code: int) -> str:
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("hostd: "), p.stderr
     return lines[0]
-
-
-class GatedOrigin:
-    """A `file://` origin's directory served over plain HTTP; chunk GETs wait for `gate`.
-
-    `asked` is set when the first chunk request arrives, so a test knows that a fetch is
-    under way before it acts (signals the daemon, kills it).
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.gate = threading.Event()
-        self.asked = threading.Event()
-        handler = functools.partial(_GatedHandler, self, directory=str(directory))
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> GatedOrigin:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
-class _GatedHandler(SimpleHTTPRequestHandler):
-    def __init__(self, origin: GatedOrigin, *args: Any, **kwargs: Any) -> None:
-        self.origin = origin  # before super().__init__, which handles the request
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/chunks/"):
-            self.origin.asked.set()
-            self.origin.gate.wait(60)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def handle(self) -> None:
-        # the daemon may go away mid-answer (the test stopped it)
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            super().handle()
 
 
 # -- publish and restore ------------------------------------------------------------------
@@ -834,12 +781,12 @@ def test_restore_in_flight_at_sigterm_finishes(work: Path) -> None:
         sid = p.publish(src, "e2e/drain", chunk_size=SMALL_CHUNK)["snapshot"]
     target = work / "out"
     with (
-        GatedOrigin(origin_dir) as http,
+        HeldOrigin(origin_dir, gated=True) as http,
         Hostd(work / "d", origin=http.url) as d,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
         running = pool.submit(stream, d.socket, "/v1/restore", {"ref": sid, "target": str(target)})
-        assert http.asked.wait(20), "the restore never asked the origin for a chunk"
+        assert http.first.wait(20), "the restore never asked the origin for a chunk"
         d.signal(signal.SIGTERM)
         wait_for(lambda: "stopping" in d.log(), "the daemon to start stopping")
         try:  # new work is refused while the running restore drains
@@ -864,7 +811,7 @@ def test_restore_aborted_by_sigterm_leaves_nothing(work: Path) -> None:
         sid = p.publish(src, "e2e/abort", chunk_size=SMALL_CHUNK)["snapshot"]
     target = work / "out"
     with (
-        GatedOrigin(origin_dir) as http,
+        HeldOrigin(origin_dir, gated=True) as http,
         Hostd(work / "d", origin=http.url, drain_timeout="100ms") as d,
     ):
         conn = UnixHTTPConnection(str(d.socket), 60)
@@ -874,7 +821,7 @@ def test_restore_aborted_by_sigterm_leaves_nothing(work: Path) -> None:
             )
             resp = conn.getresponse()
             assert resp.status == 200
-            assert http.asked.wait(20), "the restore never asked the origin for a chunk"
+            assert http.first.wait(20), "the restore never asked the origin for a chunk"
             d.signal(signal.SIGTERM)
             assert d.wait(30) == 0  # the drain ran out: the restore was cancelled
             events = [json.loads(x) for x in resp.read().splitlines() if x.strip()]

@@ -5,7 +5,6 @@ with a file:// origin. Nothing sleeps; nothing is mocked."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, Hostd, rmtree, short_tmp
+from harness import ROOT, Cli, Hostd, rmtree, short_tmp
 
-from hostd.cli import main
 from hostd.core import refentry
 from hostd.core.select import Candidate, match_id, prune_plan, shrink_refusal
 from hostd.errors import NotFound, UsageError
@@ -51,36 +49,6 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 def tree(n: int, tag: bytes) -> dict[str, bytes]:
     return {f"part/{i:02d}.bin": tag * (1000 + i) for i in range(n)}
-
-
-class Cli:
-    """`hostd ...` in-process against one daemon: exit code, stdout, stderr."""
-
-    def __init__(self, h: Hostd, capsys: pytest.CaptureFixture[str]) -> None:
-        self.h, self.capsys = h, capsys
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([*argv, "--socket", str(self.h.socket)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self(*argv)
-        assert code == 0, (argv, out, err)
-        return out
-
-    def json(self, *argv: str) -> JSON:
-        out = self.ok(*argv, "--json")
-        result: JSON = json.loads(out)
-        return result
-
-    def fails(self, code: int, *argv: str) -> str:
-        got, out, err = self(*argv)
-        assert got == code, (argv, got, out, err)
-        assert err.startswith("hostd: "), err
-        assert err.count("\n") == 1, err
-        return err
 
 
 @pytest.fixture

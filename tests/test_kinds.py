@@ -4,16 +4,13 @@ that finds the snapshot its host fits, and one that explains why none fits. Real
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HeldOrigin, Hostd, nvml_env, request, rmtree, short_tmp
-
-from hostd.cli import main
+from harness import Cli, HeldOrigin, Hostd, nvml_env, request, rmtree, short_tmp
 
 JSON = dict[str, Any]
 
@@ -31,28 +28,6 @@ def work() -> Iterator[Path]:
 def hostd(work: Path) -> Iterator[Hostd]:
     with Hostd(work / "d") as h:
         yield h
-
-
-class Cli:
-    def __init__(self, h: Hostd, capsys: pytest.CaptureFixture[str]) -> None:
-        self.h, self.capsys = h, capsys
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([*argv, "--socket", str(self.h.socket)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def json(self, *argv: str) -> JSON:
-        code, out, err = self(*argv, "--json")
-        assert code == 0, (argv, out, err)
-        result: JSON = json.loads(out)
-        return result
-
-    def fails(self, code: int, *argv: str) -> str:
-        got, out, err = self(*argv)
-        assert got == code, (argv, got, out, err)
-        return err
 
 
 @pytest.fixture

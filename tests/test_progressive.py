@@ -91,16 +91,20 @@ class Restore:
         return self.result
 
 
+@pytest.mark.parametrize("mode", ["copy", "link"])
 def test_each_file_lands_whole_as_its_blob_is_verified(
-    work: Path, published: dict[str, bytes]
+    work: Path, published: dict[str, bytes], mode: str
 ) -> None:
     target = work / "out"
+    # link: the target beside the tier, on one filesystem, and root trusted with links
+    tiers = [{"name": "mem", "path": str(work / "d" / "mem"), "budget": "1GiB"}]
+    trusted = {"link_to_writers": True}
     with (
         HeldOrigin(work / "origin") as origin,
-        Hostd(work / "d", origin=origin.url, fetch_concurrency=2) as h,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=2, tiers=tiers, access=trusted) as h,
     ):
         held = origin.hold(first_chunk(published["b.bin"]))
-        r = Restore(h, target)
+        r = Restore(h, target, mode=mode)
         landed: dict[str, JSON] = {}
         # Every file but b.bin lands while b.bin's chunk is held.
         while len(landed) < 4:
@@ -122,6 +126,9 @@ def test_each_file_lands_whole_as_its_blob_is_verified(
         result = r.wait()
     assert result["progressive"] is True
     assert result["files"] == 5
+    assert result["linked" if mode == "link" else "copied"] == 4
+    if mode == "link":  # the file is the verified blob itself
+        assert (target / "b.bin").stat().st_nlink == 2
     assert (target / "b.bin").read_bytes() == published["b.bin"]
     assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
     assert os.readlink(target / "w" / "to-a") == "../a.bin"
@@ -243,3 +250,28 @@ def test_the_cli_prints_each_file_as_it_lands(
         # --order and --keep-partial mean nothing without --progressive
         assert main(["restore", "m/weights", str(work / "k"), "--order", "a.bin", *sock]) == 2
         assert "--order and --keep-partial need --progressive" in capsys.readouterr().err
+
+
+def test_a_name_taken_in_the_target_fails_the_restore_at_once(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """The target is the caller's and visible while it fills: a file made there under a name
+    of the snapshot is never overwritten, and the restore fails then, not once the rest of
+    the snapshot has been fetched."""
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=2) as h,
+    ):
+        held_c = origin.hold(first_chunk(published["w/c.bin"]))
+        origin.hold(first_chunk(published["b.bin"]))  # held to the end
+        r = Restore(h, target, order=["a.bin", "w/c.bin", "b.bin"], keep_partial=True)
+        while r.next_file()["path"] != "a.bin":
+            pass
+        (target / "w" / "c.bin").write_bytes(b"mine")
+        held_c.set()
+        with pytest.raises(HostdError, match=r"'w/c\.bin' appeared in the target"):
+            r.wait()
+        assert (target / "w" / "c.bin").read_bytes() == b"mine"
+        assert (target / "a.bin").read_bytes() == published["a.bin"]  # kept, as asked
+        assert not (target / "b.bin").exists()
