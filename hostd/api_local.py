@@ -197,7 +197,8 @@ async def stream(
         last: dict[str, Any] | None = None
         warned = 0
         while True:
-            # a `file` event goes out as it happens; progress at most every PROGRESS_EVERY
+            # a `file` event goes out as it happens; a progress event when something changed,
+            # at least every PROGRESS_EVERY
             news = asyncio.ensure_future(progress.news.wait())
             done, _ = await asyncio.wait(
                 {task, news}, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED

@@ -393,8 +393,14 @@ class AsUser:
         left = reply.get("old_tree_left")
         return None if left is None else str(left)
 
-    def abort(self) -> None:
-        self.call("abort")
+    def abort(self, linked: Sequence[tuple[str, int]] = ()) -> None:
+        """Remove the build, or what a progressive restore placed: the helper's own files
+        and `linked`, the (path, inode) of each link the daemon made."""
+        self.call("abort", linked=[list(x) for x in linked])
+
+    def unplace(self, paths: Sequence[str]) -> None:
+        """Take back files a progressive restore placed, whatever it was asked to keep."""
+        self.call("unplace", paths=list(paths))
 
     def open_in_view(self, path: str | Path) -> int:
         """One of the daemon's own directories as the caller's mount namespace sees it
@@ -409,11 +415,11 @@ class AsUser:
         except OSError:
             return -1
 
-    def abandon(self) -> None:
+    def abandon(self, linked: Sequence[tuple[str, int]] = ()) -> None:
         """Best effort abort on a failure path: a helper that is gone, or that fails here,
         removes its build anyway when it sees the daemon's end close."""
         with contextlib.suppress(HostdError, OSError):
-            self.abort()
+            self.abort(linked)
 
 
 class Storage:

@@ -94,7 +94,9 @@ class Helper:
         self.progressive = False
         self.keep = False  # progressive: what was placed stays when the restore fails
         self.made_target = False  # progressive: the target is ours (else it was empty)
-        self.parts = 0  # progressive: scratch names handed out
+        self.made_dirs: list[str] = []  # progressive: the tree's directories it made
+        self.placed: list[tuple[str, int]] = []  # progressive: (path, inode) it landed
+        self.parts = 0  # progressive: the next scratch name's number
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -493,13 +495,14 @@ class Helper:
         return {"dev": os.fstat(self.build_fd).st_dev}, out
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        """The target directory, made now (or the empty one there, as op_target checked), and
-        the tree's directories in it."""
+        """The target directory, made now (or the empty one there, as op_target checked),
+        locked for this restore (a second progressive restore into it is refused), and the
+        tree's directories in it."""
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
-        self.progressive, self.keep = True, bool(msg.get("keep"))
+        made = False
         try:
             os.mkdir(self.name, 0o755, dir_fd=self.parent)
-            self.made_target = True
+            made = True
         except FileExistsError:
             pass  # the empty directory op_target saw: checked again below
         except PermissionError:
@@ -507,18 +510,34 @@ class Helper:
                 "forbidden", f"cannot create {where!r}: permission denied in its parent"
             ) from None
         fd = _open_dir(self.parent, self.name, where)
-        self.dirs[""] = fd
-        st = os.fstat(fd)
-        if not self.made_target and [st.st_dev, st.st_ino] != self.target_id:
-            raise Refused("changed", f"target {where!r} was replaced while restoring")
-        if not self.made_target and _listdir(fd, where):
-            raise Refused("exists", f"target {where!r} is not empty")
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Refused(
+                    "exists", f"target {where!r} is being filled by another progressive restore"
+                ) from None
+            st = os.fstat(fd)
+            if not made and [st.st_dev, st.st_ino] != self.target_id:
+                raise Refused("changed", f"target {where!r} was replaced while restoring")
+            if not made and _listdir(fd, where):
+                raise Refused("exists", f"target {where!r} is not empty")
+        except BaseException:
+            os.close(fd)
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.name, dir_fd=self.parent)
+            raise
+        # From here on, an abort takes back what this restore placed, and only that.
+        self.progressive, self.keep, self.made_target = True, bool(msg.get("keep")), made
         self.target_id = [st.st_dev, st.st_ino]
-        self.build = self.name  # what abort removes (unless keep)
+        self.dirs[""] = fd
+        self.parts = int.from_bytes(os.urandom(4))  # scratch names no other restore guesses
         for d in msg["dirs"]:  # sorted, parents first
             up, _, leaf = d.rpartition("/")
             os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
             self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+            self.made_dirs.append(d)
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
         return {"dev": st.st_dev}, out
 
@@ -541,11 +560,13 @@ class Helper:
             paths.append(path)
         try:
             create_files(jobs, paths)
-        except FileExistsError as e:  # O_EXCL: the name was taken after the build began
-            raise Refused("changed", f"{e.filename!r} appeared in the tree being built") from None
-        except BaseException:
+        except BaseException as e:
             if self.progressive:
                 self._drop_parts(jobs)
+            if isinstance(e, FileExistsError):  # O_EXCL: the name was taken meanwhile
+                raise Refused(
+                    "changed", f"{e.filename!r} appeared in the tree being built"
+                ) from None
             raise
         if self.progressive:
             self._land(jobs, paths)
@@ -555,13 +576,16 @@ class Helper:
         """Rename each complete file from its scratch name to its own, never over a name
         someone else made meanwhile: the target is the caller's, visible while it fills."""
         for i, (job, path) in enumerate(zip(jobs, paths, strict=True)):
+            leaf = path.rpartition("/")[2]
             try:
-                renameat2(job[0], job[1], path.rpartition("/")[2], RENAME_NOREPLACE)
+                renameat2(job[0], job[1], leaf, RENAME_NOREPLACE)
+                st = os.stat(leaf, dir_fd=job[0], follow_symlinks=False)
             except OSError as e:
                 self._drop_parts(jobs[i:])
                 if e.errno == errno.EEXIST:
                     raise Refused("changed", f"{path!r} appeared in the target") from None
                 raise
+            self.placed.append((path, st.st_ino))
 
     @staticmethod
     def _drop_parts(jobs: list[Job]) -> None:
@@ -573,6 +597,17 @@ class Helper:
         for path, target in msg["items"]:
             up, _, leaf = str(path).rpartition("/")
             os.symlink(str(target), leaf, dir_fd=self.dirs[up])
+            if self.progressive:
+                st = os.stat(leaf, dir_fd=self.dirs[up], follow_symlinks=False)
+                self.placed.append((str(path), st.st_ino))
+        return {"ok": True}, []
+
+    def op_unplace(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """A progressive restore's files to take back whatever `keep` says: a batch whose
+        source moved while it was copied. Only names this helper placed, as it placed them."""
+        gone = set(msg["paths"])
+        self._remove([(p, ino) for p, ino in self.placed if p in gone])
+        self.placed = [(p, ino) for p, ino in self.placed if p not in gone]
         return {"ok": True}, []
 
     def op_commit(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -614,38 +649,48 @@ class Helper:
         self._close_dirs()
         return {"ok": True, "old_tree_left": left}, []
 
-    def op_abort(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        self.abort()
+    def op_abort(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        self.abort(msg.get("linked"))
         return {"ok": True}, []
 
-    def abort(self) -> None:
+    def abort(self, linked: list[list[Any]] | None = None) -> None:
+        """Remove the build; for a progressive restore, what it placed (unless `keep`):
+        `linked`, the daemon's links as [path, inode], and this helper's own files."""
         if self.progressive and not self.committed and self.dirs and not self.keep:
-            self._unplace()
+            self._unplace(linked or [])
         self._close_dirs()
         if self.progressive:
-            self.build = ""  # the target: removed above where it was ours, or kept
+            self.build = ""
         if self.build and not self.committed and self.parent >= 0:
             shutil.rmtree(self.build, dir_fd=self.parent, ignore_errors=True)
             self.build = ""
 
-    def _unplace(self) -> None:
-        """A failed progressive restore: remove what it placed. The target goes if it made
-        it, and is still the directory it made; an empty one that was there is emptied."""
-        fd = self.dirs[""]
-        try:
-            st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
-            here = [st.st_dev, st.st_ino] == self.target_id
-        except OSError:
-            here = False
-        if self.made_target and here:
-            shutil.rmtree(self.name, dir_fd=self.parent, ignore_errors=True)
-            return
-        for name in _listdir(fd, self.name) if here else []:
+    def _unplace(self, linked: list[list[Any]]) -> None:
+        """Take back exactly what this progressive restore placed: each file or symlink it
+        landed (and each link the daemon made), where the name still holds that inode; then
+        its directories, deepest first, where empty; then the target, if it made it and it
+        is empty. Whatever else is there (the caller's own files) stays."""
+        self._remove([*self.placed, *((str(p), int(i)) for p, i in linked)])
+        self.placed = []
+        for d in reversed(self.made_dirs):
+            up, _, leaf = d.rpartition("/")
             with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)
-                else:
-                    os.unlink(name, dir_fd=fd)
+                os.rmdir(leaf, dir_fd=self.dirs[up])
+        if self.made_target:
+            with contextlib.suppress(OSError):  # not empty, or not ours any more: left
+                st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+                if [st.st_dev, st.st_ino] == self.target_id:
+                    os.rmdir(self.name, dir_fd=self.parent)
+
+    def _remove(self, entries: list[tuple[str, int]]) -> None:
+        for path, ino in entries:
+            up, _, leaf = path.rpartition("/")
+            dfd = self.dirs.get(up)
+            if dfd is None:
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_ino == ino:
+                    os.unlink(leaf, dir_fd=dfd)
 
     def _close_dirs(self) -> None:
         for fd in self.dirs.values():

@@ -580,8 +580,9 @@ def load_safetensors(
     (dtypes, shapes, offsets) as `load_file` checks it.
 
     `target`: where the files land, kept. None: a temporary directory, removed before this
-    returns (the arrays own their memory), on /dev/shm where there is one (the default
-    `mem` tier's filesystem, so `mode="auto"` can link rather than copy). `socket`: the
+    returns, each shard as soon as it is loaded (the arrays own their memory), on /dev/shm
+    where there is one (the default `mem` tier's filesystem, so `mode="auto"` can link
+    rather than copy). `socket`: the
     daemon's (default as the CLI finds it). `on_file`: each `file` event, as it arrives.
 
     Raises the restore's error (hostd.errors) if it fails, LoaderError for a bad shard or a
@@ -600,10 +601,15 @@ def load_safetensors(
     from hostd.client import Client, resolve_socket
 
     with contextlib.ExitStack() as stack:
+        scratch = target is None
         if target is None:
-            scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            # (a late link of a failed restore must not turn the cleanup into the error)
             target = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="hostd-load-", dir=scratch)
+                tempfile.TemporaryDirectory(
+                    prefix="hostd-load-",
+                    dir="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    ignore_cleanup_errors=True,
+                )
             )
         root = os.fspath(target)
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -644,6 +650,8 @@ def load_safetensors(
                 if os.stat(where).st_size != item["size"]:
                     raise LoaderError(where, f"is not the {item['size']} bytes hostd placed")
                 shards[path] = load_file(where, device=device, framework=framework, threads=threads)
+                if scratch:  # loaded: its bytes are in the arrays, its file only takes room
+                    os.unlink(where)
         except BaseException:
             client.close()  # the daemon sees the caller go, stops, and removes what it placed
             raise

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import operator
@@ -116,7 +117,7 @@ class Ready:
 
     digest: bytes
     path: str  # the blob's file
-    lent: bool  # a caller that could write it holds a link to it
+    lent: Callable[[], bool]  # whether a caller that could write it holds a link, now
     mtime: int | None  # its inode's mtime (ns)
 
 
@@ -156,6 +157,7 @@ class Placer:
         self.dev = -1
         self.dirfds: dict[str, int] = {}
         self.links = _Links()
+        self.linked: list[tuple[str, bytes]] = []  # (path, digest) of each link made
         self.copied = self.mtime_copies = self.mode_copies = 0
 
     def begin(self) -> None:
@@ -208,7 +210,7 @@ class Placer:
                 self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)
             self.fs.commit(False)
         except BaseException:
-            self.fs.abandon()
+            self.fs.abandon(self._linked(seen))
             raise
         finally:
             close_fds(list(self.dirfds.values()))
@@ -223,6 +225,14 @@ class Placer:
             limit_copies=self.links.limit_copies,
         )
 
+    def _linked(self, seen: dict[bytes, Ready]) -> list[tuple[str, int]]:
+        """(path, inode) of each link made, for the helper to take back."""
+        out = []
+        for path, digest in self.linked:
+            with contextlib.suppress(OSError):
+                out.append((path, os.stat(seen[digest].path).st_ino))
+        return out
+
     def _place(self, batch: list[Ready], seen: dict[bytes, Ready]) -> None:
         files = [f for r in batch for f in self.files[r.digest]]
         plan = _plan(files, self.mode, self.link_ok, lambda d: seen[d].mtime)
@@ -236,32 +246,40 @@ class Placer:
         if plan.links:
             if self.lend is not None:
                 self.lend(sorted({f.digest for f in plan.links}))
-            _link_all(
-                plan.links,
-                links,
-                self.fs,
-                blob_path,
-                self.dev,
-                self.dirfds,
-                self.mode,
-                self.cancel,
-                self.done,
-            )
+            try:
+                _link_all(
+                    plan.links,
+                    links,
+                    self.fs,
+                    blob_path,
+                    self.dev,
+                    self.dirfds,
+                    self.mode,
+                    self.cancel,
+                    self.done,
+                )
+            finally:  # what was linked before a failure is taken back too
+                self.linked += [(f.path, f.digest) for f in links.made]
             self.links.n += links.n
             self.links.digests |= links.digests
             self.links.limit_copies += links.limit_copies
         copies = plan.copies + links.copies
         self.copied += len(copies)
-        _send_files(
-            copies,
-            [],
-            self.fs,
-            blob_path,
-            self.cancel.is_set,
-            self.done,
-            lambda d: seen[d].lent,
-            largest_first=False,
-        )
+        try:
+            _send_files(
+                copies,
+                [],
+                self.fs,
+                blob_path,
+                self.cancel.is_set,
+                self.done,
+                lambda d: seen[d].lent(),
+                largest_first=False,
+            )
+        except ChunkCorrupt:
+            # a lent blob moved while it was copied: those copies go, whatever `keep` says
+            self.fs.unplace([f.path for f in copies])
+            raise
 
 
 def _dirs(m: mf.Manifest) -> list[str]:
@@ -373,6 +391,7 @@ class _Links:
     digests: set[bytes] = field(default_factory=set)
     copies: list[mf.FileEntry] = field(default_factory=list)
     limit_copies: int = 0
+    made: list[mf.FileEntry] = field(default_factory=list)  # each file linked
 
 
 def _link_all(
@@ -425,6 +444,7 @@ def _link_all(
                     raise OSError(err, os.strerror(err), f.path)
             out.n += len(linked)
             out.digests.update(f.digest for f in linked)
+            out.made += linked
             done.add(linked)
     finally:
         views.close()

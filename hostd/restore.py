@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import os
+import shlex
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -167,8 +168,14 @@ class Resolver:
     async def _lookup(
         self, ref: str, digests: Sequence[str], host: Mapping[str, str], given: Mapping[str, str]
     ) -> str:
-        # One listing of the ref's keys where the origin can list: then only the keys that
-        # exist are read, most specific first.
+        # The most specific key first, on its own: a listing that lags a new ref (an
+        # eventually consistent one) cannot hide it, and an origin that does not answer is
+        # retried for one request, not for several. Then one listing of the ref's keys
+        # where the origin can list, and only the keys that exist are read, most specific
+        # first; where it cannot (plain HTTP), every other key at once.
+        first = await self.origin.get_ref(ref, digests[0])
+        if first is not None:
+            return self._remember(ref, digests[0], first)
         listed = await self.origin.list_ref(ref)
         if listed is None:
             for d, sid in zip(digests, await self._read_keys(ref, digests), strict=True):
@@ -213,12 +220,8 @@ class Resolver:
         return sid
 
     async def _read_keys(self, ref: str, digests: Sequence[str]) -> list[str | None]:
-        """Each key's snapshot id, where the origin cannot list: the most specific key alone
-        (an origin that does not answer is retried for one key, not for each), then the rest
-        at once (one round trip more, not one per key)."""
-        first = await self.origin.get_ref(ref, digests[0])
-        if first is not None:
-            return [first] + [None] * (len(digests) - 1)
+        """Each key's snapshot id (the first is known to be missing), where the origin cannot
+        list: all at once, one round trip rather than one per key."""
         sem = asyncio.Semaphore(LOOKUP_PARALLEL)
 
         async def get(d: str) -> str | None:
@@ -259,12 +262,18 @@ class Resolver:
         more = f"; and {len(near) - MISS_SHOWN} more" if len(near) > MISS_SHOWN else ""
         facts = near[0][2] if near else {}
         kind = compat.kind_of(facts, self.kinds) or compat.DEFAULT_KIND
+        # the facts beyond the kind's: the client gives them (this host's value where it
+        # knows one, as `hostd publish` would not add it)
         own = sorted(set(facts) - set(self.kinds[kind]) - {"format"})
-        hint = "".join(f" --compat {k}={given.get(k, 'VALUE')}" for k in own)
+        hint = "".join(f" --compat {k}={shlex.quote(_value_for(k, given, host))}" for k in own)
+        published = (
+            f"Nearest published: {'; '.join(shown)}{more}."
+            if shown
+            else "Its other keys were removed while they were listed."
+        )
         return NoSnapshotFits(
-            f"ref {ref!r} has no snapshot for this host. Nearest published: "
-            f"{'; '.join(shown)}{more}. Boot from scratch, then publish one for this host: "
-            f"hostd publish DIR --ref {ref} --kind {kind}{hint}",
+            f"ref {ref!r} has no snapshot for this host. {published} Boot from scratch, then "
+            f"publish one for this host: hostd publish DIR --ref {ref} --kind {kind}{hint}",
             nearest,
         )
 
@@ -449,7 +458,10 @@ class Restorer:
 
         def lend(digests: list[bytes]) -> None:  # on the placer's thread, before it links
             async def marked() -> None:
-                await self._lend([where[d] for d in digests])
+                # Durable first: a lent mark is a row, and no row may precede its blob's sync.
+                lent = [where[d] for d in digests]
+                await self.filler.durability.flush(lent)
+                await self._lend(lent)
 
             asyncio.run_coroutine_threadsafe(marked(), loop).result()
 
@@ -466,14 +478,15 @@ class Restorer:
 
         def ready(digest: bytes, b: Blob) -> None:
             where[digest] = b
-            placer.ready(Ready(digest, b.tier.blob_file(digest), b.lent, b.mtime_ns))
+            placer.ready(Ready(digest, b.tier.blob_file(digest), lambda: b.lent, b.mtime_ns))
 
-        await self.spawner.run(placer.begin)  # the target exists from here
-        job = asyncio.ensure_future(self.spawner.run(placer.run))
         order = [m.files[i] for i in load_order([f.path for f in m.files], req.order)]
         blobs = m.blobs()
-        try:
-            with self.cache.holding(blobs):
+        # Held until the placer has stopped, whatever happens: it reads the blobs.
+        with self.cache.holding(blobs):
+            await self.spawner.run(placer.begin)  # the target exists from here
+            job = asyncio.ensure_future(self.spawner.run(placer.run))
+            try:
                 fill = asyncio.ensure_future(
                     self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
                 )
@@ -493,20 +506,20 @@ class Restorer:
                 progress.phase = "materialize"
                 placer.end()
                 outcome = await asyncio.shield(job)
-                now = self.cache.clock()
-                ds = list(blobs)
-                for i in range(0, len(ds), TOUCH_BATCH):
-                    self.cache.touch(ds[i : i + TOUCH_BATCH], now)
-                    await asyncio.sleep(0)
-        except BaseException:
-            cancel.set()  # the placer stops between batches; the helper removes what it placed
-            placer.end()
-            done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
-            if not done:
-                fs.kill()
-            with contextlib.suppress(Cancelled, Exception):
-                await job
-            raise
+            except BaseException:
+                cancel.set()  # the placer stops between batches; the helper takes back the rest
+                placer.end()
+                done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
+                if not done:
+                    fs.kill()
+                with contextlib.suppress(Cancelled, Exception):
+                    await job
+                raise
+            now = self.cache.clock()
+            ds = list(blobs)
+            for i in range(0, len(ds), TOUCH_BATCH):
+                self.cache.touch(ds[i : i + TOUCH_BATCH], now)
+                await asyncio.sleep(0)
         t3 = self.clock()
         return {
             **self._result(req, res, outcome, progress),
@@ -618,6 +631,13 @@ class _Filled:
     t0: float
     t1: float
     t2: float
+
+
+def _value_for(fact: str, given: Mapping[str, str], host: Mapping[str, str]) -> str:
+    """What to give as `fact` in a publish for this host: the client's value, else the
+    host's own where it knows one, else a placeholder."""
+    value = given.get(fact, host.get(fact, compat.UNKNOWN))
+    return "VALUE" if value == compat.UNKNOWN else value
 
 
 def _shown(facts: Mapping[str, str]) -> str:

@@ -185,9 +185,17 @@ def test_matches_and_differences() -> None:
     legacy = {"arch": "x86_64", "cuda": "none", "driver_major": "none", "gpu_model": "none"}
     assert compat.matches(legacy | {"format": "2"}, host)
     assert compat.differences(legacy | {"format": "2", "arch": "aarch64"}, host) == ["arch"]
-    # One real GPU fact is a claim: then each none is compared like any value.
+    # Each detected fact published as none is no claim, even beside a real one (an older
+    # hostd's publish with only --compat gpu_model=...); a real value is compared.
     claim = legacy | {"format": "2", "gpu_model": "H100"}
-    assert compat.differences(claim, host) == ["cuda", "driver_major"]
+    assert compat.differences(claim, host) == []
+    assert compat.differences(claim | {"gpu_model": "A100"}, host) == ["gpu_model"]
+    assert compat.differences({"format": "2", "kernel": "none"}, host) == []
+    # A fact hostd does not detect is a plain value: none is compared like any other.
+    assert compat.differences({"format": "2", "torch": "none"}, host) == []
+    assert compat.differences({"format": "2", "torch": "none"}, host | {"torch": "2.5"}) == [
+        "torch"
+    ]
 
 
 def test_kind_of() -> None:
@@ -258,3 +266,15 @@ def test_a_restore_tries_the_key_its_snapshot_was_published_under(
     old = published | {"format": "1"}
     assert tried.index(compat_digest(old)) == tried.index(compat_digest(published)) + 1
     assert compat_digest({"format": "1"}) in _tried(other, other_given, known)
+
+
+def test_a_gpu_host_finds_what_an_older_hostd_published_by_its_key() -> None:
+    """An older hostd knew only format and arch; a client gave it gpu_model, so its key was
+    gpu_model=H100 with cuda and driver_major none. The same client on a GPU host that
+    knows all three still finds it by that key (an HTTP origin cannot list)."""
+    given_ = {"gpu_model": "NVIDIA H100 80GB HBM3"}
+    old = {"arch": "x86_64", "cuda": "none", "driver_major": "none", "format": "2"} | given_
+    host = compat.host_facts(KINDS["process"], given_, GPU_HOST)
+    tried = [compat_digest(f) for f in compat.lookup_digests(KINDS, given_, host)]
+    assert compat_digest(old) in tried
+    assert compat.matches(old, host)

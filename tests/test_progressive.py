@@ -21,7 +21,7 @@ from harness import HeldOrigin, Hostd, request, rmtree, short_tmp
 from hostd.cli import main
 from hostd.client import Client
 from hostd.core.ids import chunk_id
-from hostd.errors import HostdError, UsageError
+from hostd.errors import HostdError, TargetExists, UsageError
 
 DEADLINE = 60.0
 CHUNK = 64 * 1024
@@ -72,9 +72,10 @@ class Restore:
         self.thread.start()
 
     def _run(self, target: Path, kwargs: dict[str, Any]) -> None:
+        ref = kwargs.pop("ref", "m/weights")
         try:
             self.result = self.client.restore(
-                "m/weights", target, progressive=True, on_file=self.events.put, **kwargs
+                ref, target, progressive=True, on_file=self.events.put, **kwargs
             )
         except BaseException as e:
             self.error = e
@@ -275,3 +276,55 @@ def test_a_name_taken_in_the_target_fails_the_restore_at_once(
         assert (target / "w" / "c.bin").read_bytes() == b"mine"
         assert (target / "a.bin").read_bytes() == published["a.bin"]  # kept, as asked
         assert not (target / "b.bin").exists()
+
+
+def test_a_second_progressive_restore_into_the_same_target_is_refused(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """Two replicas restoring into one shared path: the second is refused while the first
+    fills it, and takes nothing of the first's with it."""
+    src = work / "one"
+    src.mkdir()
+    (src / "a.bin").write_bytes(published["a.bin"])  # no empty file: the target stays empty
+    with Hostd(work / "pub2", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+        pub.publish(src, "m/one")
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin", gated=True) as origin,
+        Hostd(work / "d", origin=origin.url) as h,
+    ):
+        first = Restore(h, target, ref="m/one")
+        assert origin.first.wait(DEADLINE)  # the first has made the target and is fetching
+        assert os.listdir(target) == []
+        second = Restore(h, target, ref="m/one")
+        with pytest.raises(TargetExists, match="being filled by another progressive restore"):
+            second.wait()
+        origin.gate.set()
+        assert first.wait()["files"] == 1
+    assert (target / "a.bin").read_bytes() == published["a.bin"]
+
+
+def test_a_failed_restore_takes_back_only_what_it_placed(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1, retries=1) as h,
+    ):
+        held = origin.hold(first_chunk(published["b.bin"]))
+        origin.missing.add(first_chunk(published["w/d.bin"]).hex())
+        r = Restore(h, target, order=["a.bin", "b.bin", "w/d.bin"])
+        while r.next_file()["path"] != "a.bin":
+            pass
+        (target / "mine.txt").write_text("the caller's own")  # made while it restores
+        (target / "w" / "notes").write_text("and in a directory it made")
+        held.set()
+        with pytest.raises(HostdError, match=r"w/d\.bin"):
+            r.wait()
+    # the caller's files stay, with the directories that hold them; the rest is gone
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
+        "mine.txt",
+        "w",
+        "w/notes",
+    ]

@@ -23,6 +23,11 @@ DEFAULT_KIND = "files"
 GPU_FACTS = frozenset(
     {"gpu_model", "gpu_count", "gpu_memory", "mig", "driver", "driver_major", "cuda"}
 )
+# What a hostd before this one could tell itself; of the facts this one detects, the rest
+# (the GPU facts and the kernel) were `none` unless the client gave them. Published as
+# `none`, such a fact is no claim: the publisher could not tell.
+OLD_KNOWN = frozenset({"format", "arch"})
+DETECTED = GPU_FACTS | {"kernel"}
 COMPILE_CACHE_FACTS = ("gpu_model", "driver_major", "cuda", "arch", "format")
 PROCESS_EXTRA_FACTS = ("driver", "kernel")
 
@@ -104,16 +109,15 @@ def candidate_keys(kinds: Kinds, given: Mapping[str, str]) -> list[tuple[str, ..
 
 def differences(snapshot_facts: Mapping[str, str], host: Mapping[str, str]) -> list[str]:
     """The facts a snapshot names that this host does not fit, by name. `format` fits when
-    this host reads that format, whichever one it writes; GPU facts that are all `none` make
-    no claim and fit every host."""
-    claim = gpu_claim(snapshot_facts)
+    this host reads that format, whichever one it writes; a fact hostd detects (DETECTED)
+    published as `none` is no claim (its publisher could not tell) and fits every host."""
     return [
         k
         for k, v in sorted(snapshot_facts.items())
         if (
             v not in READABLE
             if k == "format"
-            else (k not in GPU_FACTS or claim) and host.get(k, UNKNOWN) != v
+            else not (v == UNKNOWN and k in DETECTED) and host.get(k, UNKNOWN) != v
         )
     ]
 
@@ -133,17 +137,21 @@ def lookup_digests(
 ) -> list[dict[str, str]]:
     """The fact maps whose compat digests a restore tries, in order: each candidate name set
     (candidate_keys), under each format this host reads, newest first. A client that names
-    a format itself gets that one only. Last, the same sets with every GPU fact `none`: a
-    snapshot published before this host knew its GPU made no GPU claim, and fits it."""
+    a format itself gets that one only. Then the keys of snapshots published without what
+    this host knows: the same sets with every GPU fact `none` (a publish on a host without
+    a GPU), and as a hostd before this one keyed them (OLD_KNOWN and the client's facts,
+    the rest `none`). Those fit this host (`differences`), after its own."""
     formats = (given["format"],) if "format" in given else READABLE
     keys = candidate_keys(kinds, given)
     out: list[dict[str, str]] = []
-    for no_gpu in (False, True):
+    for spelled in ("own", "no_gpu", "old"):
         for names in keys:
             for fmt in formats:
                 facts = {k: host.get(k, UNKNOWN) for k in names} | {"format": fmt}
-                if no_gpu:
+                if spelled == "no_gpu":
                     facts |= {k: UNKNOWN for k in names if k in GPU_FACTS}
+                elif spelled == "old":
+                    facts |= {k: UNKNOWN for k in names if k in DETECTED and k not in given}
                 if facts not in out:
                     out.append(facts)
     return out
