@@ -45,7 +45,7 @@ import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Hostd
+from harness import Hostd, rmtree
 from loader_cpu import back_memory, checksum, make_shard
 
 from hostd import loader
@@ -59,6 +59,7 @@ OVERLAP_TARGET = 1.15
 FIRST_TARGET = 1.3
 CPU_TARGET = 0.8
 BALANCE = 1.5  # the fetch alone and the load alone within this of each other
+SIZE = [0]  # the snapshot's bytes, once written
 
 
 @contextlib.contextmanager
@@ -104,7 +105,7 @@ def fetch_alone(root: Path, origin: str, target: Path) -> tuple[float, Hostd]:
 
 
 def load_ours(h: Hostd, target: Path, first: list[float]) -> float:
-    back_memory(total_bytes(target.parent / "src"))
+    back_memory(SIZE[0])
     t = time.perf_counter()
 
     def landed(e: Any) -> None:
@@ -127,7 +128,7 @@ def load_reference(files: list[Path]) -> float:
 def restore_then_load(root: Path, origin: str, target: Path) -> float:
     h = daemon(root, origin).start()
     try:
-        back_memory(total_bytes(target.parent / "src"))
+        back_memory(SIZE[0])
         t = time.perf_counter()
         with Client(h.socket) as c:
             c.restore(REF, target, mode="auto")
@@ -147,24 +148,29 @@ def total_bytes(d: Path) -> int:
 
 
 def one_round(work: Path, origin_dir: Path, rate: int, n: int) -> dict[str, float]:
+    """One round; each daemon and what it restored are removed once measured (tmpfs holds
+    the snapshot several times over otherwise)."""
     r = work / f"r{n}"
     r.mkdir()
     size = total_bytes(work / "src")
     first_share = shards(work / "src")[0].stat().st_size / size
     with throttled(origin_dir, rate) as url:
-        f, warm = fetch_alone(r / "a", url, work / f"fetched{n}")
+        f, warm = fetch_alone(r / "a", url, r / "fetched")
         try:
-            load = load_ours(warm, work / f"warm{n}", [])
-            ref = load_reference(shards(work / f"fetched{n}"))
+            load = load_ours(warm, r / "warm", [])
+            ref = load_reference(shards(r / "fetched"))
         finally:
             warm.close()
+            rmtree(r)
         cold = daemon(r / "b", url).start()
         try:
             first: list[float] = []
-            p = load_ours(cold, work / f"prog{n}", first)
+            p = load_ours(cold, r / "prog", first)
         finally:
             cold.close()
-        s = restore_then_load(r / "c", url, work / f"seq{n}")
+            rmtree(r)
+        s = restore_then_load(r / "c", url, r / "seq")
+        rmtree(r)
     return {
         "fetch": f,
         "load": load,
@@ -194,19 +200,22 @@ def main() -> int:
             name = f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
             layer = make_shard(src / name, args.shard_mib * MiB, rng, layer)
         size = total_bytes(src)
+        SIZE[0] = size
         origin_dir = work / "origin"
         with Hostd(work / "pub", origin=origin_dir.as_uri()) as pub:
             pub.publish(src, REF)
+        rmtree(work / "pub")  # its tier: a copy of the snapshot tmpfs need not hold
         rate = 0
         note = ""
         if args.rate == "auto":
             fast = 1 << 40
             with throttled(origin_dir, fast) as url:
-                f0, warm = fetch_alone(work / "cal", url, work / "cal-out")
+                f0, warm = fetch_alone(work / "cal", url, work / "cal" / "out")
                 try:
-                    l0 = load_ours(warm, work / "cal-load", [])
+                    l0 = load_ours(warm, work / "cal" / "load", [])
                 finally:
                     warm.close()
+                    rmtree(work / "cal")
             if f0 > BALANCE * l0:
                 rate, note = (
                     fast,

@@ -42,7 +42,7 @@ from hostd.core.retry import RetryPolicy
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
-from hostd.hostfacts import HostFacts, detect
+from hostd.hostfacts import HostFacts, detect_bounded, detect_timeout
 from hostd.index import Index
 from hostd.lock import CacheLocks
 from hostd.memory import Trimmer
@@ -446,7 +446,10 @@ async def _serve_locked(
     registry: CollectorRegistry | None,
 ) -> None:
     claim_socket(config.socket)
-    facts = await asyncio.to_thread(detect)  # never raises: without NVML, its facts say why
+    # Never raises: without NVML, its facts say why. Bounded: NVML may hang, so detect() runs
+    # on a daemon thread of its own that nobody joins, and this executor thread returns after
+    # HOSTD_NVML_TIMEOUT seconds at most.
+    facts = await asyncio.to_thread(detect_bounded, detect_timeout(os.environ))
     try:
         d = Daemon(config, facts, registry=registry)  # opens the index
     except BaseException:

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from hostd import __version__
 from hostd.cache import Cache
 from hostd.fetch import Fetcher
-from hostd.hostfacts import HostFacts
+from hostd.hostfacts import GpuMemory, HostFacts
 from hostd.origin import Origin
 from hostd.peers import Membership, PeerClient
 
@@ -262,14 +262,19 @@ class PeerCollector(Collector):
 
 
 class HostCollector(Collector):
-    """This host's facts as one info gauge, and each GPU's memory asked of NVML at scrape
-    time. Without NVML there are no GPU series at all, not zeros."""
+    """This host's facts as one info gauge, and each GPU's memory as NVML last told it.
 
-    def __init__(self, host: HostFacts) -> None:
+    This runs on the event loop, and NVML can take seconds to answer (or never), so it never
+    asks NVML: `memory` (hostfacts.GpuMemory) answers from its last reading and refreshes it
+    on a thread of its own. Without NVML there are no GPU series at all, not zeros; nor for a
+    GPU NVML could not read (lost), or has left unanswered past its timeout."""
+
+    def __init__(self, host: HostFacts, memory: GpuMemory | None = None) -> None:
         self.host = host
+        self.memory = memory if memory is not None else GpuMemory.of(host)
 
     def __repr__(self) -> str:
-        return f"HostCollector({self.host!r})"
+        return f"HostCollector({self.host!r}, {self.memory!r})"
 
     def collect(self) -> Iterator[Metric]:
         facts = self.host.facts
@@ -280,7 +285,7 @@ class HostCollector(Collector):
         )
         info.add_metric(list(facts.values()), 1)
         yield info
-        readings = self.host.memory()
+        readings = self.memory.latest()
         if not readings:
             return
         labels = ["gpu", "model"]
@@ -289,7 +294,7 @@ class HostCollector(Collector):
         )
         used = GaugeMetricFamily(
             "hostd_gpu_memory_used_bytes",
-            "A GPU's memory in use now, by any process.",
+            "A GPU's memory in use, by any process, as last read (refreshed between scrapes).",
             labels=labels,
         )
         for gpu, used_bytes, total_bytes in readings:

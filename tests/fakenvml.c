@@ -14,13 +14,22 @@
  * Read at every device call:
  *   FAKE_NVML_LOST_FILE   a path; while that file exists and holds a device index, that device
  *                         answers NVML_ERROR_GPU_IS_LOST, as a GPU that fell off the bus does.
+ * Hangs, as real NVML's calls do (seconds, or for good) when a GPU has fallen off the bus:
+ *   FAKE_NVML_INIT_HOLD_FILE     a path; while that file exists, nvmlInit does not return
+ *   FAKE_NVML_MEMINFO_HOLD_FILE  a path; while that file exists, nvmlDeviceGetMemoryInfo does
+ *                                not return
+ *   A held call creates "<path>.held" when it starts waiting (so a test knows one is held), and
+ *   returns, as it would have, within 10 ms of the file's removal.
  *
  * Built with -DFAKE_NVML_NO_CUDA_V2 it lacks nvmlSystemGetCudaDriverVersion_v2, as drivers
  * before 10.1 do.
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef enum {
     NVML_SUCCESS = 0,
@@ -103,8 +112,24 @@ static void parse_devices(const char *spec) {
     free(copy);
 }
 
+/* Wait while the file that environment variable `var` names exists; see the top. */
+static void hold(const char *var) {
+    const char *path = getenv(var);
+    if (path == NULL || *path == '\0' || access(path, F_OK) != 0)
+        return;
+    char held[4096];
+    snprintf(held, sizeof held, "%s.held", path);
+    int fd = open(held, O_WRONLY | O_CREAT, 0644);
+    if (fd >= 0)
+        close(fd);
+    const struct timespec tick = {0, 10 * 1000 * 1000};
+    while (access(path, F_OK) == 0)
+        nanosleep(&tick, NULL);
+}
+
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     (void)flags;
+    hold("FAKE_NVML_INIT_HOLD_FILE");
     const char *fail = getenv("FAKE_NVML_INIT_ERROR");
     if (fail != NULL && *fail != '\0')
         return (nvmlReturn_t)atoi(fail);
@@ -218,6 +243,7 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
 }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
+    hold("FAKE_NVML_MEMINFO_HOLD_FILE");
     nvmlReturn_t r = check(device);
     if (r != NVML_SUCCESS)
         return r;

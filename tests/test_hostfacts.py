@@ -5,27 +5,50 @@ No GPU can be had here, so the fake stands in for the driver's library alone: it
 C functions pynvml calls, with NVML's return codes and struct layouts. dlopen reads
 LD_LIBRARY_PATH once, at process start, so every run against the fake is its own process: a
 `python -c` that prints what detect() found, or a real daemon.
+
+NVML can hang; the fake hangs on demand (a hold file: while it exists, the call waits), so the
+bounds around it (detection's, the memory readings') are tested in real daemons, and their
+logic in-process with a fake clock and readers that wait on events.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import json
+import logging
 import platform
+import queue
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from harness import ROOT, Hostd, nvml_env, rmtree, short_tmp
+from harness import ROOT, Hostd, make_tree, nvml_env, request, rmtree, short_tmp, tree_digest
 from test_e2e import promtool_check, sample, samples
 
 from hostd.core.compat import normalize_arch
 from hostd.core.manifest import FORMAT_VERSION
-from hostd.hostfacts import NO_LIBRARY, Gpu, cuda_fact, detect, gpu_facts, mig_fact
+from hostd.hostfacts import (
+    DETECT_TIMEOUT,
+    NO_LIBRARY,
+    Gpu,
+    GpuMemory,
+    HostFacts,
+    cuda_fact,
+    detect,
+    detect_bounded,
+    detect_timeout,
+    gpu_facts,
+    mig_fact,
+)
+
+T = TypeVar("T")
 
 JSON = dict[str, Any]
 MiB = 1024 * 1024
@@ -320,7 +343,14 @@ def test_a_daemon_with_gpus_reports_them_and_survives_a_lost_one(
         human = cli_status(d).splitlines()
         text = d.metrics()
         lost.write_text("1")  # GPU 1 falls off the bus: NVML_ERROR_GPU_IS_LOST from now on
-        after = d.metrics()
+
+        # A scrape answers from the last reading and starts the next: the loss shows within a
+        # few scrapes.
+        def without_gpu_1() -> str | None:
+            text = d.metrics()
+            return text if gpus_in(text) == {"0"} else None
+
+        after = poll("GPU 1 left out of /metrics", without_gpu_1)
         assert d.api("GET", "/v1/status")[0] == 200
         d.signal(signal.SIGTERM)
         assert d.wait() == 0  # closing shuts NVML down cleanly
@@ -353,10 +383,261 @@ def test_a_daemon_with_gpus_reports_them_and_survives_a_lost_one(
         assert sample(text, "hostd_gpu_memory_used_bytes", **labels) == used * MiB
     promtool_check(text)
 
-    gpus_after = {dict(ls)["gpu"] for n, ls in samples(after) if n.startswith("hostd_gpu_")}
-    assert gpus_after == {"0"}  # the lost one is left out; the scrape still answers
+    assert gpus_in(after) == {"0"}  # the lost one is left out; the scrape still answers
     promtool_check(after)
     assert "GPU 1: no memory reading from NVML: GPU is lost" in log
+
+
+# -- NVML that hangs: bounded detection, memory readings off the loop ----------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Reader:
+    """A GPU memory reader that answers `answers` (None: the device is lost), each device's
+    answer waiting until its gate is set. `asked` gets each index as a reading starts."""
+
+    def __init__(self, answers: dict[int, tuple[int, int] | None]) -> None:
+        self.answers = answers
+        self.gates = {i: threading.Event() for i in answers}
+        self.asked: queue.Queue[int] = queue.Queue()
+
+    def __call__(self, gpu: Gpu) -> tuple[int, int] | None:
+        self.asked.put(gpu.index)
+        assert self.gates[gpu.index].wait(30)
+        return self.answers[gpu.index]
+
+    def open(self, *indices: int) -> None:
+        for i in indices or tuple(self.gates):
+            self.gates[i].set()
+
+
+def refreshers() -> int:
+    return sum(t.name == "hostd-gpu-memory" for t in threading.enumerate())
+
+
+G0, G1 = gpu(0, H100, 81559), gpu(1, A100, 81920)
+AT_DETECTION = [(G0, 1 * MiB, G0.memory_total), (G1, 2 * MiB, G1.memory_total)]
+
+
+def test_gpu_memory_answers_from_its_last_reading_and_refreshes_on_a_thread() -> None:
+    clock, reader = Clock(), Reader({0: (5 * MiB, G0.memory_total), 1: (6 * MiB, G1.memory_total)})
+    memory = GpuMemory([G0, G1], reader, AT_DETECTION, stale_after=10, clock=clock)
+    assert memory.latest() == AT_DETECTION  # detection's reading is fresh: nothing asked
+    assert (reader.asked.empty(), memory.idle.is_set()) == (True, True)
+
+    clock.now += 1
+    assert memory.latest() == AT_DETECTION  # answered at once; a refresh started
+    assert reader.asked.get(timeout=30) == 0  # ... and is held in NVML
+    clock.now += 5
+    for _ in range(3):  # one refresh at a time, however many scrapes come meanwhile
+        assert memory.latest() == AT_DETECTION
+    assert (refreshers(), reader.asked.empty()) == (1, True)
+
+    reader.open()
+    assert memory.idle.wait(30)
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total), (G1, 6 * MiB, G1.memory_total)]
+    assert memory.idle.wait(30)  # that scrape started the next refresh; the gates are open
+
+
+def test_a_lost_gpu_is_left_out_at_once() -> None:
+    clock, reader = Clock(), Reader({0: (5 * MiB, G0.memory_total), 1: None})
+    reader.open()
+    memory = GpuMemory([G0, G1], reader, AT_DETECTION, stale_after=10, clock=clock)
+    clock.now += 1
+    memory.latest()
+    assert memory.idle.wait(30)
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total)]
+    assert memory.idle.wait(30)
+
+
+def test_a_reading_unanswered_past_the_bound_drops_that_gpu_until_nvml_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "hostd.hostfacts")
+    clock, reader = Clock(), Reader({0: (5 * MiB, G0.memory_total), 1: (6 * MiB, G1.memory_total)})
+    reader.open(0)  # GPU 1's reading hangs
+    memory = GpuMemory([G0, G1], reader, AT_DETECTION, stale_after=10, clock=clock)
+    clock.now += 1
+    memory.latest()
+    assert [reader.asked.get(timeout=30) for _ in range(2)] == [0, 1]  # GPU 0 read, GPU 1 held
+    clock.now += 9.9
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total), AT_DETECTION[1]]
+    assert "has not answered" not in caplog.text
+    clock.now += 0.1
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total)]  # GPU 1 dropped, not frozen
+    assert "NVML has not answered a GPU memory reading for 10.0 s" in caplog.text
+    assert "GPUs [1]" in caplog.text
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total)]
+    assert caplog.text.count("has not answered") == 1  # said once per stall
+
+    reader.open(1)
+    assert memory.idle.wait(30)
+    assert "NVML answered the GPU memory reading again" in caplog.text
+    assert memory.latest() == [(G0, 5 * MiB, G0.memory_total), (G1, 6 * MiB, G1.memory_total)]
+    assert memory.idle.wait(30)
+
+
+def test_without_nvml_gpu_memory_never_starts_a_thread() -> None:
+    clock = Clock()
+    memory = GpuMemory.of(HostFacts({"arch": "x86_64"}, "no NVML"), clock=clock)
+    clock.now += 100
+    assert (memory.latest(), memory.idle.is_set(), refreshers()) == ([], True, 0)
+
+
+class Late(HostFacts):
+    """Facts whose close() is seen (a detection's NVML shut down)."""
+
+    closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_detection_past_its_bound_is_dropped_and_its_nvml_shut_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    late = Late({"arch": "x"}, "ok")
+
+    def detector() -> HostFacts:
+        assert release.wait(30)
+        return late
+
+    started = time.monotonic()
+    host = detect_bounded(0.2, detector=detector)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert host.nvml == "NVML did not answer within 0.2 s; GPU facts unknown until hostd restarts"
+    assert host.facts == {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")}
+    assert (host.gpus, host.readings, host.timeout) == ((), (), 0.2)
+    assert "NVML did not answer within 0.2 s" in caplog.text
+    release.set()
+    assert late.closed.wait(30)
+
+
+def test_detection_within_its_bound_is_used() -> None:
+    found = HostFacts({"arch": "x"}, "ok")
+    host = detect_bounded(30, detector=lambda: found)
+    assert (host, host.timeout) == (found, 30)
+
+
+def test_the_nvml_timeout_comes_from_the_environment() -> None:
+    assert detect_timeout({}) == DETECT_TIMEOUT == 10
+    assert detect_timeout({"HOSTD_NVML_TIMEOUT": "1"}) == 1
+    assert detect_timeout({"HOSTD_NVML_TIMEOUT": " 2.5 "}) == 2.5
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        assert detect_timeout({"HOSTD_NVML_TIMEOUT": bad}) == DETECT_TIMEOUT, bad
+
+
+def test_a_daemon_whose_nvml_init_hangs_starts_without_gpu_facts(
+    fake_nvml: Path, work: Path
+) -> None:
+    hold = work / "init-hold"
+    hold.touch()  # nvmlInit does not return while this exists
+    env = {
+        **nvml_env(fake_nvml, f"{H100},81559,0,1024", init_hold_file=str(hold)),
+        "HOSTD_NVML_TIMEOUT": "1",
+    }
+    src = make_tree(work / "src")
+    started = time.monotonic()
+    with Hostd(work / "d", env=env) as d:
+        took = time.monotonic() - started
+        assert Path(f"{hold}.held").exists()  # detection did reach nvmlInit, and is held there
+        assert 1 <= took < 1 + 8, took  # the bound, plus starting Python and the cache
+        host = cli_status_json(d)["host"]
+        why = "NVML did not answer within 1 s; GPU facts unknown until hostd restarts"
+        assert host == {
+            "facts": {**real_facts(), **dict.fromkeys(GPU_FACTS, "none")},
+            "nvml": why,
+            "gpus": [],
+        }
+        assert f"GPUs       none ({why})" in cli_status(d).splitlines()
+        assert "hostd_gpu_" not in d.metrics()
+        d.publish(src, "hf/tree")  # restores that need no GPU fact work
+        assert d.restore("hf/tree", work / "out")["event"] == "result"
+        assert tree_digest(work / "out") == tree_digest(src)
+
+        hold.unlink()  # NVML answers at last: too late, what it found is dropped
+        poll("the late detection dropped", lambda: "past the 1 s bound: dropping" in d.log())
+        assert cli_status_json(d)["host"]["nvml"] == why
+        assert "hostd_gpu_" not in d.metrics()
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert "Traceback" not in d.log()
+
+
+def test_a_hung_memory_reading_slows_neither_status_nor_metrics(
+    fake_nvml: Path, work: Path
+) -> None:
+    hold = work / "meminfo-hold"
+    gpus = f"{H100},81559,0,1024;{A100},81920,1,2048"
+    env = {
+        **nvml_env(fake_nvml, gpus, meminfo_hold_file=str(hold)),
+        "HOSTD_NVML_TIMEOUT": "120",  # long: the cached values stay shown throughout
+    }
+    want = {("0", H100): (1024 * MiB, 81559 * MiB), ("1", A100): (2048 * MiB, 81920 * MiB)}
+    with Hostd(work / "d", env=env) as d:
+        assert memory_in(d.metrics()) == want  # detection's reading
+        hold.touch()  # from now on nvmlDeviceGetMemoryInfo does not return
+        held = Path(f"{hold}.held")
+        # Scrape until one has started a refresh (due 1 s after the last) and it is held.
+        poll("a memory reading held in NVML", lambda: d.metrics() and held.exists())
+
+        stop = threading.Event()
+
+        def scrape() -> list[tuple[float, str]]:
+            out = []
+            while not stop.is_set():
+                out.append(timed(d.metrics))
+            return out
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            scrapes = [pool.submit(scrape) for _ in range(2)]
+            try:
+                statuses = [
+                    timed(lambda: request(d.socket, "GET", "/v1/status")) for _ in range(30)
+                ]
+            finally:
+                stop.set()
+            scraped = [s for f in scrapes for s in f.result(timeout=60)]
+        assert all(status == 200 for _, (status, _) in statuses)
+        assert max(t for t, _ in statuses) < 0.5, sorted(t for t, _ in statuses)[-3:]
+        assert scraped
+        assert max(t for t, _ in scraped) < 0.5, sorted(t for t, _ in scraped)[-3:]
+        assert all(memory_in(text) == want for _, text in scraped)  # the cached values
+
+        # Stopping while NVML still holds the reading: close() gives up on it after a bound.
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert "NVML has not answered a call for over 2 s: not shutting it down" in d.log()
+
+
+def test_gauges_of_a_gpu_nvml_leaves_unanswered_go_and_come_back(
+    fake_nvml: Path, work: Path
+) -> None:
+    hold = work / "meminfo-hold"
+    env = {
+        **nvml_env(fake_nvml, f"{H100},81559,0,1024", meminfo_hold_file=str(hold)),
+        "HOSTD_NVML_TIMEOUT": "1",
+    }
+    with Hostd(work / "d", env=env) as d:
+        assert memory_in(d.metrics()) == {("0", H100): (1024 * MiB, 81559 * MiB)}
+        hold.touch()
+        poll("GPU 0's gauges dropped", lambda: "hostd_gpu_" not in d.metrics())
+        assert "NVML has not answered a GPU memory reading for" in d.log()
+        hold.unlink()
+        poll("GPU 0's gauges back", lambda: memory_in(d.metrics()) != {})
+        assert memory_in(d.metrics()) == {("0", H100): (1024 * MiB, 81559 * MiB)}
+        assert "NVML answered the GPU memory reading again" in d.log()
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert "not shutting it down" not in d.log()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -381,3 +662,35 @@ def info_labels(text: str) -> dict[str, str]:
     [labels] = [dict(ls) for (n, ls), v in samples(text).items() if n == "hostd_host_info"]
     assert sample(text, "hostd_host_info", **labels) == 1
     return labels
+
+
+def gpus_in(text: str) -> set[str]:
+    return {dict(ls)["gpu"] for n, ls in samples(text) if n.startswith("hostd_gpu_")}
+
+
+def memory_in(text: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """(gpu, model) -> (used, total) bytes, as a scrape shows them."""
+    out = {}
+    for name, ls in samples(text):
+        if name == "hostd_gpu_memory_used_bytes":
+            labels = dict(ls)
+            out[(labels["gpu"], labels["model"])] = (
+                sample(text, "hostd_gpu_memory_used_bytes", **labels),
+                sample(text, "hostd_gpu_memory_total_bytes", **labels),
+            )
+    return out
+
+
+def timed(call: Callable[[], T]) -> tuple[float, T]:
+    started = time.monotonic()
+    out = call()
+    return time.monotonic() - started, out
+
+
+def poll(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """`check()` once it is true, asked every 50 ms until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+    return got
