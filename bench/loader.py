@@ -8,8 +8,9 @@ A snapshot of --shards fp16 safetensors shards (bench/loader_cpu.py's writer: la
 4096x4096 matrices, random bits) is published to a `file://` origin on tmpfs, then served
 to the restoring daemons by bench/throttled.py: plain HTTP, every body sharing one byte rate
 (a shaped link to a bucket). Each daemon has one `mem` tier on /dev/shm and
-`[access] link_to_writers = true` (the bench runs as root), so the files land as links of
-the tier's blobs; targets are on /dev/shm too. Every load ends with a XOR over every array's
+`[access] link_to_writers = true` (the bench runs as root), and the shards are read-only, so
+the files land as links of the tier's blobs (targets are on /dev/shm too); a writable file
+would be copied, as a link would show the blob's mode. Every load ends with a XOR over every array's
 bytes (memory-bound, the same on every side), inside the timed region. Per round, each with
 fresh daemons:
   fetch alone     a cold `restore` (not progressive), from call to result            F
@@ -199,6 +200,9 @@ def main() -> int:
         for i in range(args.shards):
             name = f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
             layer = make_shard(src / name, args.shard_mib * MiB, rng, layer)
+            # read-only, as a blob is: a link restore then links it (a writable file is
+            # copied: a link would show the blob's 0444)
+            (src / name).chmod(0o444)
         size = total_bytes(src)
         SIZE[0] = size
         origin_dir = work / "origin"

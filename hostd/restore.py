@@ -41,6 +41,7 @@ TOUCH_BATCH = 4096
 LEND_BATCH = 1024  # lent marks: a row each
 LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
 MISS_SHOWN = 3  # published fact sets a miss lists
+ORDER_INLINE = 1024  # a load order over more files is worked out on a thread
 
 
 @dataclass
@@ -480,7 +481,15 @@ class Restorer:
             where[digest] = b
             placer.ready(Ready(digest, b.tier.blob_file(digest), lambda: b.lent, b.mtime_ns))
 
-        order = [m.files[i] for i in load_order([f.path for f in m.files], req.order)]
+        # Pure work over the whole manifest and the caller's patterns: on a thread where
+        # there is much of it, so the loop (status, other restores) runs in between.
+        paths = [f.path for f in m.files]
+        big = req.order and len(paths) > ORDER_INLINE
+        if big:
+            ranks = await asyncio.to_thread(load_order, paths, req.order)
+        else:
+            ranks = load_order(paths, req.order)
+        order = [m.files[i] for i in ranks]
         blobs = m.blobs()
         # Held until the placer has stopped, whatever happens: it reads the blobs.
         with self.cache.holding(blobs):
