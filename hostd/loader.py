@@ -601,7 +601,9 @@ def load_safetensors(
     rather than their sum. `order` (paths or globs) is the load order, which is also the
     fetch priority. Every byte read was verified by hostd against the snapshot's chunk ids
     before its file appeared; each shard's size is checked against its event, and its header
-    (dtypes, shapes, offsets) as `load_file` checks it.
+    (dtypes, shapes, offsets) as `load_file` checks it. A `.safetensors` symlink of the
+    snapshot (a hub cache's layout, names linking to blobs) is loaded through, once its
+    target has landed, if it stays inside the snapshot; a file reached twice is loaded once.
 
     `target`: where the files land, kept. None: a temporary directory, removed before this
     returns, each shard as soon as it is loaded (the arrays own their memory), on /dev/shm
@@ -658,6 +660,8 @@ def load_safetensors(
         worker = threading.Thread(target=restore, name="hostd-load-restore", daemon=True)
         worker.start()
         shards: dict[str, dict[str, Any]] = {}
+        loaded: set[str] = set()  # the real paths of the shards loaded
+        inside = os.path.realpath(root)
         try:
             while True:
                 kind, item = events.get()
@@ -671,10 +675,19 @@ def load_safetensors(
                 if not path.endswith(".safetensors"):
                     continue
                 where = os.path.join(root, path)
-                if os.stat(where).st_size != item["size"]:
+                real = os.path.realpath(where)
+                if "symlink" in item:  # (a hub cache's layout: snapshot names -> blobs)
+                    if os.path.commonpath([real, inside]) != inside:
+                        raise LoaderError(
+                            where, "links outside the snapshot: hostd did not verify it"
+                        )
+                elif os.stat(where).st_size != item["size"]:
                     raise LoaderError(where, f"is not the {item['size']} bytes hostd placed")
-                shards[path] = load_file(where, device=device, framework=framework, threads=threads)
-                if scratch:  # loaded: its bytes are in the arrays, its file only takes room
+                if real in loaded:  # a file and a link to it: loaded once
+                    continue
+                shards[path] = load_file(real, device=device, framework=framework, threads=threads)
+                loaded.add(real)
+                if scratch and "symlink" not in item:  # its bytes are in the arrays now
                     os.unlink(where)
         except BaseException:
             client.close()  # the daemon sees the caller go, stops, and removes what it placed

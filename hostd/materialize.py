@@ -141,13 +141,16 @@ class Placer:
         on_files: Callable[[list[mf.FileEntry]], object],
         lend: Callable[[list[bytes]], None] | None = None,
         keep: bool = False,
+        on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
-        linked: the caller could write to them."""
+        linked: the caller could write to them. `on_symlinks`: the symlinks, once made
+        (last, every file they may point at placed)."""
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
         self.cancel, self.lend, self.keep = cancel, lend, keep
+        self.on_symlinks = on_symlinks
         self.done = _Done(on_files)
         self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
         for f in m.files:
@@ -208,6 +211,8 @@ class Placer:
                     self._place(batch, seen)
             if self.m.symlinks:
                 self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)
+                if self.on_symlinks is not None:
+                    self.on_symlinks(list(self.m.symlinks))
             self.fs.commit(False)
         except BaseException:
             self.fs.abandon(self._linked(seen))

@@ -84,6 +84,24 @@ class Progress:
             )
         self.news.set()
 
+    def symlinked(self, links: Sequence[mf.Symlink]) -> None:
+        """A progressive restore's symlinks, made last: a `file` event each, with its
+        `symlink` target (the file counts are of regular files, unchanged)."""
+        for s in links:
+            self.files.append(
+                {
+                    "event": "file",
+                    "path": s.path,
+                    "size": 0,
+                    "symlink": s.target,
+                    "done_files": self.done_files,
+                    "total_files": self.total_files,
+                    "done_bytes": self.placed_bytes,
+                    "total_bytes": self.files_bytes,
+                }
+            )
+        self.news.set()
+
     def on_retry(self, note: RetryNote | None) -> None:
         """The origin's report: a failed request it retries after a delay, or None once one
         that was retried got its answer."""
@@ -473,6 +491,7 @@ class Restorer:
             link_ok=link_ok,
             cancel=cancel,
             on_files=lambda files: loop.call_soon_threadsafe(progress.placed, files),
+            on_symlinks=lambda links: loop.call_soon_threadsafe(progress.symlinked, links),
             lend=lend if writer and link_ok and req.mode != "copy" else None,
             keep=req.keep_partial,
         )

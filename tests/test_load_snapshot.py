@@ -136,3 +136,25 @@ def test_what_goes_wrong_is_said(work: Path, model: dict[str, Any]) -> None:
         h.publish(work / "bad", "m/bad")
         with pytest.raises(loader.LoaderError, match=r"w\.safetensors"):
             loader.load_safetensors("m/bad", socket=h.socket, target=work / "b")
+
+
+def test_a_hub_cache_layout_loads_through_its_links(work: Path) -> None:
+    """A Hugging Face cache keeps the bytes in blobs/<hash> and names them with symlinks in
+    snapshots/<rev>/: the shards are loaded through the links, each once."""
+    src = work / "hub"
+    want = shard(src / "blobs" / "3f2a9c", 7, ["h.a"])
+    snap = src / "snapshots" / "main"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to("../../blobs/3f2a9c")
+    (snap / "again.safetensors").symlink_to("model.safetensors")
+    (snap / "config.json").write_text("{}")
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        h.publish(src, "m/hub")
+        events: list[dict[str, Any]] = []
+        got = loader.load_safetensors("m/hub", socket=h.socket, on_file=events.append)
+        same(got, want)
+        links = {e["path"]: e["symlink"] for e in events if "symlink" in e}
+        assert links == {
+            "snapshots/main/model.safetensors": "../../blobs/3f2a9c",
+            "snapshots/main/again.safetensors": "model.safetensors",
+        }
