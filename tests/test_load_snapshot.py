@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def test_a_hub_cache_layout_loads_through_its_links(work: Path) -> None:
     (snap / "config.json").write_text("{}")
     with Hostd(work / "d", origin=f"file://{work}/origin") as h:
         h.publish(src, "m/hub")
-        events: list[dict[str, Any]] = []
+        events: list[Mapping[str, Any]] = []
         got = loader.load_safetensors("m/hub", socket=h.socket, on_file=events.append)
         same(got, want)
         links = {e["path"]: e["symlink"] for e in events if "symlink" in e}
