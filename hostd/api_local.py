@@ -318,12 +318,6 @@ async def restore(request: web.Request) -> web.StreamResponse:
     progressive = _bool(body, "progressive")
     if not progressive and ("keep_partial" in body or "order" in body):
         raise UsageError("fields 'keep_partial' and 'order' are for a progressive restore only")
-    if progressive and _bool(body, "replace"):
-        raise UsageError(
-            "field 'progressive': a progressive restore cannot replace a tree (the old one "
-            "cannot stay whole while the new one arrives in its place); restore into a new "
-            "directory, or drop replace"
-        )
     with caller_pidfd(request) as pidfd:
         req = RestoreRequest(
             ref=_str(body, "ref"),

@@ -15,7 +15,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,36 +71,29 @@ class Progress:
         for f in files:
             self.done_files += 1
             self.placed_bytes += f.size
-            self.files.append(
-                {
-                    "event": "file",
-                    "path": f.path,
-                    "size": f.size,
-                    "done_files": self.done_files,
-                    "total_files": self.total_files,
-                    "done_bytes": self.placed_bytes,
-                    "total_bytes": self.files_bytes,
-                }
-            )
+            self._file_event(f.path, f.size)
         self.news.set()
 
     def symlinked(self, links: Sequence[mf.Symlink]) -> None:
         """A progressive restore's symlinks, made last: a `file` event each, with its
         `symlink` target (the file counts are of regular files, unchanged)."""
         for s in links:
-            self.files.append(
-                {
-                    "event": "file",
-                    "path": s.path,
-                    "size": 0,
-                    "symlink": s.target,
-                    "done_files": self.done_files,
-                    "total_files": self.total_files,
-                    "done_bytes": self.placed_bytes,
-                    "total_bytes": self.files_bytes,
-                }
-            )
+            self._file_event(s.path, 0, symlink=s.target)
         self.news.set()
+
+    def _file_event(self, path: str, size: int, **extra: str) -> None:
+        self.files.append(
+            {
+                "event": "file",
+                "path": path,
+                "size": size,
+                **extra,
+                "done_files": self.done_files,
+                "total_files": self.total_files,
+                "done_bytes": self.placed_bytes,
+                "total_bytes": self.files_bytes,
+            }
+        )
 
     def on_retry(self, note: RetryNote | None) -> None:
         """The origin's report: a failed request it retries after a delay, or None once one
@@ -378,14 +371,9 @@ class Restorer:
             where = await self.filler.ensure(m.files, m.chunk_size, tiers, progress.fill)
             now = self.cache.clock()
             yield _Filled(res, where, t0, t1, self.clock())
-            # One use, marked in batches with turns of the loop between them (a lookup per
-            # blob: 100,000 are ~150 ms that status and other restores would wait for).
-            # After the body, still held: the index writes it queues would otherwise hold
-            # the GIL while the tree is built.
-            ds = list(blobs)
-            for i in range(0, len(ds), TOUCH_BATCH):
-                self.cache.touch(ds[i : i + TOUCH_BATCH], now)
-                await asyncio.sleep(0)
+            # One use, marked after the body, still held: the index writes it queues would
+            # otherwise hold the GIL while the tree is built.
+            await self._touch(blobs, now)
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
         if req.progressive and req.replace:
@@ -543,17 +531,21 @@ class Restorer:
                 with contextlib.suppress(Cancelled, Exception):
                     await job
                 raise
-            now = self.cache.clock()
-            ds = list(blobs)
-            for i in range(0, len(ds), TOUCH_BATCH):
-                self.cache.touch(ds[i : i + TOUCH_BATCH], now)
-                await asyncio.sleep(0)
+            await self._touch(blobs, self.cache.clock())
         t3 = self.clock()
         return {
             **self._result(req, res, outcome, progress),
             "progressive": True,
             "timings": _timings(t0, t1, t2, t3),
         }
+
+    async def _touch(self, blobs: Iterable[bytes], now: float) -> None:
+        """Mark the blobs used, in batches with turns of the loop between them (a lookup per
+        blob: 100,000 are ~150 ms that status and other restores would wait for)."""
+        ds = list(blobs)
+        for i in range(0, len(ds), TOUCH_BATCH):
+            self.cache.touch(ds[i : i + TOUCH_BATCH], now)
+            await asyncio.sleep(0)
 
     async def _lend(self, blobs: list[Blob]) -> None:
         """Cache.lent for a whole tree, in batches with turns of the loop between them (each
