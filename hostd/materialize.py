@@ -128,7 +128,12 @@ class Placer:
     when there are no more (`end`); `run`, on a thread of its own, places what is announced,
     a batch at a time (all that is waiting, so a burst of small blobs goes in one request),
     calling `on_files` in the order the files landed. A failure or a cancel removes what was
-    placed, unless `keep`."""
+    placed, unless `keep`.
+
+    `progressive=False` places the same way into the hidden build directory that
+    `materialize` uses, renamed into place (`replace` as there) once every file is in: a
+    cold restore that is not progressive still writes each file while the rest is fetched,
+    and the target is still either the old tree or the whole new one."""
 
     def __init__(
         self,
@@ -142,6 +147,8 @@ class Placer:
         lend: Callable[[list[bytes]], None] | None = None,
         keep: bool = False,
         on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
+        progressive: bool = True,
+        replace: bool = False,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
         linked: the caller could write to them. `on_symlinks`: the symlinks, once made
@@ -151,6 +158,7 @@ class Placer:
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
         self.cancel, self.lend, self.keep = cancel, lend, keep
         self.on_symlinks = on_symlinks
+        self.progressive, self.replace = progressive, replace
         self.done = _Done(on_files)
         self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
         for f in m.files:
@@ -168,7 +176,7 @@ class Placer:
         # where links may go: every directory, the top one ("") included
         linked_dirs = [] if self.mode == "copy" or not self.link_ok else ["", *_dirs(self.m)]
         self.dev, self.dirfds = self.fs.begin(
-            _dirs(self.m), linked_dirs, progressive=True, keep=self.keep
+            _dirs(self.m), linked_dirs, progressive=self.progressive, keep=self.keep
         )
         empties = [f for f in self.m.files if not f.size]
         if empties:
@@ -213,7 +221,7 @@ class Placer:
                 self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)
                 if self.on_symlinks is not None:
                     self.on_symlinks(list(self.m.symlinks))
-            self.fs.commit(False)
+            left = self.fs.commit(self.replace)
         except BaseException:
             self.fs.abandon(self._linked(seen))
             raise
@@ -228,6 +236,7 @@ class Placer:
             mtime_copies=self.mtime_copies,
             mode_copies=self.mode_copies,
             limit_copies=self.links.limit_copies,
+            old_tree_left=left,
         )
 
     def _linked(self, seen: dict[bytes, Ready]) -> list[tuple[str, int]]:
@@ -283,7 +292,9 @@ class Placer:
             )
         except ChunkCorrupt:
             # a lent blob moved while it was copied: those copies go, whatever `keep` says
-            self.fs.unplace([f.path for f in copies])
+            # (a build directory goes whole)
+            if self.progressive:
+                self.fs.unplace([f.path for f in copies])
             raise
 
 

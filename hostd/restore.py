@@ -346,25 +346,26 @@ class Restorer:
     def _tiers(self, name: str | None) -> Sequence[Tier]:
         return self.cache.tiers if name is None else [self.cache.tier(name)]
 
-    @contextlib.asynccontextmanager
-    async def _filled(
-        self,
-        ref: str,
-        given: Mapping[str, str],
-        tier: str | None,
-        progress: Progress,
-        only: Sequence[Tier] | None = None,
-    ) -> AsyncIterator[_Filled]:
-        """Resolve, then make every blob complete (in `only`'s tiers where given, else the
-        named one or any); the blobs stay held while the body runs."""
+    async def _resolve(
+        self, ref: str, given: Mapping[str, str], progress: Progress
+    ) -> tuple[Resolved, float, float]:
+        """The snapshot `ref` names for this host, recorded; with the times before and after."""
         t0 = self.clock()
-        tiers = self._tiers(tier) if only is None else only
         res = await self.resolver.resolve(ref, given)
         m = res.manifest
         self.cache.record_snapshot(m)
         t1 = self.clock()
         progress.phase, progress.total_files = "fetch", len(m.files)
         progress.admitted = True  # resolved: what fails from here is an `error` event
+        return res, t0, t1
+
+    @contextlib.asynccontextmanager
+    async def _filled(
+        self, res: Resolved, tiers: Sequence[Tier], progress: Progress, t0: float, t1: float
+    ) -> AsyncIterator[_Filled]:
+        """Make every blob of `res` complete in one of `tiers`; the blobs stay held while
+        the body runs."""
+        m = res.manifest
         blobs = m.blobs()
         with self.cache.holding(blobs):
             # every file: of those sharing a blob, the fill picks the mtime most of them have
@@ -374,6 +375,10 @@ class Restorer:
             # One use, marked after the body, still held: the index writes it queues would
             # otherwise hold the GIL while the tree is built.
             await self._touch(blobs, now)
+
+    def _cold(self, m: mf.Manifest, tiers: Sequence[Tier]) -> bool:
+        """Whether some blob of `m` has no complete copy in `tiers` (stops at the first)."""
+        return any(self.cache.locate(d, tiers) is None for d in m.blobs())
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
         if req.progressive and req.replace:
@@ -397,11 +402,20 @@ class Restorer:
             only = None
             if req.mode == "link":  # links or fails, and fails before anything is built
                 only = await self.spawner.run(self._link_tiers, fs, info.dev, req)
+            tiers = self._tiers(req.tier) if only is None else only
+            lend = writer and link_ok and req.mode != "copy"
             if req.progressive:
-                return await self._progressive(req, progress, fs, only, writer, link_ok)
-            async with self._filled(req.ref, req.compat, req.tier, progress, only) as f:
+                return await self._placing(req, progress, fs, tiers, lend, link_ok)
+            res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
+            if not lend and self._cold(res.manifest, tiers):
+                # Files are written while the rest is fetched, into the hidden build: one
+                # pass of the bytes through the target's filesystem overlaps the fetch. (A
+                # lent blob's mark needs its sync first: that path fills, then links.)
+                placed = (res, t0, t1)
+                return await self._placing(req, progress, fs, tiers, lend, link_ok, placed)
+            async with self._filled(res, tiers, progress, t0, t1) as f:
                 progress.phase = "materialize"
-                if writer and link_ok and req.mode != "copy":
+                if lend:
                     # marked before the links exist: a crash in between must not lose the mark
                     await self._lend(list(f.where.values()))
                 outcome = await self._materialize(f, req, progress, fs, link_ok)
@@ -438,25 +452,25 @@ class Restorer:
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
 
-    async def _progressive(
+    async def _placing(
         self,
         req: RestoreRequest,
         progress: Progress,
         fs: AsUser,
-        only: Sequence[Tier] | None,
-        writer: bool,
+        tiers: Sequence[Tier],
+        lend_first: bool,
         link_ok: bool,
+        resolved: tuple[Resolved, float, float] | None = None,
     ) -> dict[str, Any]:
-        """Resolve, make the target at once, then fill with each file placed as its blob
-        is ready (materialize.Placer), fetching in the caller's load order."""
-        t0 = self.clock()
-        tiers = self._tiers(req.tier) if only is None else only
-        res = await self.resolver.resolve(req.ref, req.compat)
+        """Fill with each file placed as its blob is ready (materialize.Placer). Progressive
+        (`resolved` None: resolved here): the target is made at once, files land in it in
+        the caller's load order, with a `file` event each. Otherwise, for a cold restore
+        already `resolved`: into the hidden build, renamed in at the end."""
+        if resolved is None:
+            res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
+        else:
+            res, t0, t1 = resolved
         m = res.manifest
-        self.cache.record_snapshot(m)
-        t1 = self.clock()
-        progress.phase, progress.total_files = "fetch", len(m.files)
-        progress.admitted = True
         progress.fill.total_bytes = m.total_bytes
         progress.files_bytes = m.total_bytes
         loop = asyncio.get_running_loop()
@@ -472,16 +486,29 @@ class Restorer:
 
             asyncio.run_coroutine_threadsafe(marked(), loop).result()
 
+        progressive = resolved is None
+
+        def counted(files: list[mf.FileEntry]) -> None:
+            progress.done_files += len(files)
+
         placer = Placer(
             m,
             fs,
             mode=req.mode,
             link_ok=link_ok,
             cancel=cancel,
-            on_files=lambda files: loop.call_soon_threadsafe(progress.placed, files),
-            on_symlinks=lambda links: loop.call_soon_threadsafe(progress.symlinked, links),
-            lend=lend if writer and link_ok and req.mode != "copy" else None,
+            on_files=lambda files: loop.call_soon_threadsafe(
+                progress.placed if progressive else counted, files
+            ),
+            on_symlinks=(
+                (lambda links: loop.call_soon_threadsafe(progress.symlinked, links))
+                if progressive
+                else None
+            ),
+            lend=lend if lend_first else None,
             keep=req.keep_partial,
+            progressive=progressive,
+            replace=req.replace,
         )
 
         def ready(digest: bytes, b: Blob) -> None:
@@ -498,9 +525,18 @@ class Restorer:
             ranks = load_order(paths, req.order)
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
+
+        async def placed() -> Outcome:
+            try:
+                return await asyncio.shield(job)
+            except (TargetError, OSError) as e:  # the helper's write into the caller's tree
+                if progressive:
+                    raise
+                raise _target_error(req, e) from e
+
         # Held until the placer has stopped, whatever happens: it reads the blobs.
         with self.cache.holding(blobs):
-            await self.spawner.run(placer.begin)  # the target exists from here
+            await self.spawner.run(placer.begin)  # the target (or the build) exists from here
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
                 fill = asyncio.ensure_future(
@@ -515,13 +551,13 @@ class Restorer:
                 if job.done():  # before the fill's end: the placer failed (it runs to end())
                     if not fill.cancelled():
                         fill.exception()  # retrieved: the placer's failure is the one told
-                    await job
+                    await placed()
                     raise AssertionError("the placer ended before it was told to")
                 await fill
                 t2 = self.clock()
                 progress.phase = "materialize"
                 placer.end()
-                outcome = await asyncio.shield(job)
+                outcome = await placed()
             except BaseException:
                 cancel.set()  # the placer stops between batches; the helper takes back the rest
                 placer.end()
@@ -533,11 +569,13 @@ class Restorer:
                 raise
             await self._touch(blobs, self.cache.clock())
         t3 = self.clock()
-        return {
-            **self._result(req, res, outcome, progress),
-            "progressive": True,
-            "timings": _timings(t0, t1, t2, t3),
-        }
+        out = {**self._result(req, res, outcome, progress), "timings": _timings(t0, t1, t2, t3)}
+        if progressive:
+            out["progressive"] = True
+        elif outcome.old_tree_left is not None:
+            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
+            out["old_tree_left"] = outcome.old_tree_left
+        return out
 
     async def _touch(self, blobs: Iterable[bytes], now: float) -> None:
         """Mark the blobs used, in batches with turns of the loop between them (a lookup per
@@ -619,20 +657,14 @@ class Restorer:
             with contextlib.suppress(Cancelled, Exception):
                 await job
             raise
-        except TargetError as e:  # the helper's write into the caller's filesystem
-            raise TargetError(
-                f"restoring into {str(req.target)!r} failed: {e.message}; the target is as it was"
-            ) from e
-        except OSError as e:
-            raise TargetError(
-                f"restoring into {str(req.target)!r} failed: {e.strerror or e}"
-                f"{f' ({e.filename})' if e.filename else ''}; the target is as it was"
-            ) from e
+        except (TargetError, OSError) as e:  # the helper's write into the caller's filesystem
+            raise _target_error(req, e) from e
 
     async def prefetch(
         self, ref: str, given: Mapping[str, str], tier: str | None, progress: Progress
     ) -> dict[str, Any]:
-        async with self._filled(ref, given, tier, progress) as f:
+        res, t0, t1 = await self._resolve(ref, given, progress)
+        async with self._filled(res, self._tiers(tier), progress, t0, t1) as f:
             pass
         return {
             "snapshot": f.resolved.snapshot_id,
@@ -651,6 +683,15 @@ class _Filled:
     t0: float
     t1: float
     t2: float
+
+
+def _target_error(req: RestoreRequest, e: TargetError | OSError) -> TargetError:
+    """A failure to write the caller's tree, said as such (the build never landed)."""
+    if isinstance(e, TargetError):
+        why = e.message
+    else:
+        why = f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+    return TargetError(f"restoring into {str(req.target)!r} failed: {why}; the target is as it was")
 
 
 def _value_for(fact: str, given: Mapping[str, str], host: Mapping[str, str]) -> str:

@@ -330,3 +330,94 @@ def test_a_failed_restore_takes_back_only_what_it_placed(
         "w",
         "w/notes",
     ]
+
+
+def hidden_builds(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.hostd-*"))
+
+
+def poll(what: str, check: Any) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Plain(Restore):
+    """A restore that is not progressive, on a thread of its own."""
+
+    def _run(self, target: Path, kwargs: dict[str, Any]) -> None:
+        try:
+            self.result = self.client.restore("m/weights", target, **kwargs)
+        except BaseException as e:
+            self.error = e
+
+
+def test_a_cold_copy_restore_writes_files_while_the_rest_is_fetched(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """Not progressive: the files are copied into the hidden build as their blobs are
+    verified, while a held chunk keeps the fetch going; the target appears only whole."""
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = origin.hold(first_chunk(published["b.bin"]))
+        r = Plain(h, target, mode="copy")
+
+        def others_built() -> bool:
+            builds = hidden_builds(target)
+            return len(builds) == 1 and all(
+                (builds[0] / n).is_file() and (builds[0] / n).read_bytes() == published[n]
+                for n in NAMES
+                if n != "b.bin"
+            )
+
+        poll("the other files in the build", others_built)
+        assert not (hidden_builds(target)[0] / "b.bin").exists()
+        assert not target.exists()
+        held.set()
+        result = r.wait()
+        assert "progressive" not in result
+        assert (result["copied"], result["linked"]) == (4, 0)
+        for n, data in published.items():
+            assert (target / n).read_bytes() == data
+        assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
+        assert os.readlink(target / "w" / "to-a") == "../a.bin"
+        assert hidden_builds(target) == []
+
+
+def test_a_failed_cold_restore_leaves_the_old_tree(work: Path, published: dict[str, bytes]) -> None:
+    target = work / "out"
+    target.mkdir()
+    (target / "old").write_bytes(b"old tree")
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1, retries=1) as h,
+    ):
+        origin.missing.add(first_chunk(published["w/d.bin"]).hex())
+        r = Plain(h, target, mode="copy", replace=True)
+        with pytest.raises(HostdError, match=r"w/d\.bin"):
+            r.wait()
+        assert os.listdir(target) == ["old"]
+        assert hidden_builds(target) == []
+        # The same restore once the chunk is there replaces the tree, whole.
+        origin.missing.clear()
+        result = Plain(h, target, mode="copy", replace=True).wait()
+        assert result["copied"] == 4
+        assert sorted(p.name for p in target.iterdir()) == ["a.bin", "b.bin", "empty", "w"]
+        assert hidden_builds(target) == []
+
+
+def test_a_cancelled_cold_restore_removes_its_build(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        origin.hold(first_chunk(published["b.bin"]))
+        r = Plain(h, target, mode="copy")
+        poll(
+            "a.bin in the build", lambda: any((b / "a.bin").exists() for b in hidden_builds(target))
+        )
+        r.client.close()  # the caller goes away
+        r.thread.join(DEADLINE)
+        poll("the build to go", lambda: not hidden_builds(target))
+        assert not target.exists()
