@@ -65,6 +65,7 @@ TOP_KEYS = (
     "index",
     "chunk_size",
     "fetch_concurrency",
+    "fetch_memory",
     "upload_concurrency",
     "retries",
     "retry_base",
@@ -168,6 +169,7 @@ class Config:
     index: Path
     chunk_size: int
     fetch_concurrency: int
+    fetch_memory: int
     upload_concurrency: int
     retries: int
     retry_base: float
@@ -317,6 +319,13 @@ def _build(
     retry_max = _duration(get("retry_max", "5s"), "retry_max", positive=True)
     if retry_max < retry_base:
         raise ConfigError("retry_max", f"must be at least retry_base ({retry_base}s)")
+    fetch_memory = parse_size(
+        _size_value(get("fetch_memory", "128MiB"), "fetch_memory"), "fetch_memory"
+    )
+    if fetch_memory < MIN_CHUNK_SIZE:
+        raise ConfigError(
+            "fetch_memory", "must be at least 64KiB (one chunk is let through anyway)"
+        )
     max_request_body = parse_size(
         _size_value(get("max_request_body", "1MiB"), "max_request_body"), "max_request_body"
     )
@@ -341,6 +350,7 @@ def _build(
         index=index,
         chunk_size=chunk_size,
         fetch_concurrency=_int(get("fetch_concurrency", 16), "fetch_concurrency", 1, 1024),
+        fetch_memory=fetch_memory,
         upload_concurrency=_int(get("upload_concurrency", 16), "upload_concurrency", 1, 1024),
         retries=_int(get("retries", 5), "retries", 1, 100),
         retry_base=retry_base,

@@ -98,7 +98,12 @@ class Daemon:
         else:
             sources = [LocalBlobSource(self.cache), OriginSource(self.origin)]
         self.fetcher = Fetcher(sources, config.fetch_concurrency)
-        self.filler = Filler(self.cache, self.fetcher, workers=config.fetch_concurrency)
+        self.filler = Filler(
+            self.cache,
+            self.fetcher,
+            workers=config.fetch_concurrency,
+            memory=config.fetch_memory,
+        )
         self.cache.busy = self.filler.filling  # partial blobs a fill holds are not evicted
         if self.peers is not None:
             self.peers.serve_from(self.cache, self.filler)

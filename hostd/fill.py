@@ -24,6 +24,7 @@ failure or cancellation it is kept, closed, so the next restore resumes it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -95,6 +96,60 @@ class _Landed(dict[bytes, Blob]):
 
 # The warm path checks this many blobs (a stat each) between turns of the event loop.
 YIELD_EVERY = 256
+# Bytes of fetched chunks the fills hold at once, by default (config `fetch_memory`).
+FETCH_MEMORY = 128 << 20
+
+
+class ByteBudget:
+    """Bytes held at once, whatever the number of requests: `take(n)` waits until n more
+    fit under the limit (first come, first served), `give(n)` hands them back. A take larger
+    than the whole limit is let through alone, when nothing else is held, so no request can
+    wait forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"ByteBudget({self.held}/{self.limit}, waiting={len(self._waiting)})"
+
+    async def take(self, n: int) -> None:
+        if not self._waiting and self._fits(n):
+            self.held += n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiting.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give(n)  # granted as we were cancelled: hand it on
+            else:
+                with contextlib.suppress(ValueError):  # (_wake may have dropped it)
+                    self._waiting.remove(entry)
+                self._wake()  # those behind us may fit now
+            raise
+
+    def give(self, n: int) -> None:
+        self.held -= n
+        self._wake()
+
+    def _fits(self, n: int) -> bool:
+        return self.held + n <= self.limit or self.held == 0
+
+    def _wake(self) -> None:
+        while self._waiting:
+            n, fut = self._waiting[0]
+            if fut.done():  # cancelled, its task not yet told
+                self._waiting.popleft()
+                continue
+            if not self._fits(n):
+                return
+            self._waiting.popleft()
+            self.held += n
+            fut.set_result(None)
 
 
 class Filler:
@@ -105,10 +160,14 @@ class Filler:
         workers: int,
         *,
         durability: Durability | None = None,
+        memory: int = FETCH_MEMORY,
     ) -> None:
+        """`workers` fill at once; `memory` bounds the bytes of fetched chunks that every
+        fill together holds (in flight or waiting to be written)."""
         self.cache = cache
         self.fetcher = fetcher
         self.workers = workers
+        self.budget = ByteBudget(memory)
         self.durability = durability if durability is not None else Durability(cache)
         self._filling: dict[bytes, asyncio.Future[None]] = {}
         self._seq = itertools.count()
@@ -459,6 +518,8 @@ class Filler:
             nonlocal queued_bytes
             admitted: list[tuple[FileEntry, Tier]] = []
             waiting: set[int] = set()  # admitted, neither queued nor abandoned yet
+            held = sum(e.size for e, _ in run)  # of the budget; each blob's goes on with it
+            await self.budget.take(held)
             try:
                 got = await self.cache.admit_run(
                     [(e.digest, e.size) for e, _ in run], chunk_size, tiers
@@ -480,6 +541,7 @@ class Filler:
                         data, src = r
                         queue.append(_Whole(e, t, data, src))
                         queued_bytes += e.size
+                        held -= e.size
                         if writers < WRITERS:
                             # what landed first is written, and usable, before the rest lands
                             await write_queued()
@@ -488,6 +550,8 @@ class Filler:
                     e, t = admitted[i]
                     self.cache.abandon(e.digest, t)
                 raise
+            finally:
+                self.budget.give(held)
             while queued_bytes > most:
                 drained.clear()
                 await drained.wait()
@@ -499,9 +563,13 @@ class Filler:
                 while queue:
                     batch = queue[:WRITE_BATCH]
                     del queue[:WRITE_BATCH]
-                    queued_bytes -= sum(w.entry.size for w in batch)
+                    size = sum(w.entry.size for w in batch)
+                    queued_bytes -= size
                     drained.set()
-                    await self._write(batch, chunk_size, progress, done, claims)
+                    try:
+                        await self._write(batch, chunk_size, progress, done, claims)
+                    finally:
+                        self.budget.give(size)
             finally:
                 writers -= 1
 
@@ -517,11 +585,14 @@ class Filler:
                 if o.blob.have[i]:
                     continue
                 c = e.chunks[i]
+                await self.budget.take(c.size)
                 try:
                     data, src = await self.fetcher.get(c, (seq, n))
+                    await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
                 except (ChunkCorrupt, ChunkMissing) as err:
                     raise type(err)(f"file {e.path!r}: {err.message}") from err
-                await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+                finally:
+                    self.budget.give(c.size)
                 if not o.finishing:
                     self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size, c.size)
                 progress.done_bytes += c.size
@@ -537,6 +608,7 @@ class Filler:
         except BaseException as exc:
             for w in queue:  # fetched, never written
                 self.cache.abandon(w.entry.digest, w.tier)
+            self.budget.give(sum(w.entry.size for w in queue))
             queue.clear()
             err = first_error(exc)
             await asyncio.shield(self._cleanup(opened, done, isinstance(err, TierError)))

@@ -109,6 +109,7 @@ def test_every_default(tmp_path: Path, env: dict[str, str]) -> None:
     assert config.index == home / ".cache/hostd/index.sqlite3"
     assert config.chunk_size == 4 * 2**20
     assert config.fetch_concurrency == 16
+    assert config.fetch_memory == 128 * 2**20
     assert config.upload_concurrency == 16
     assert config.retries == 5
     assert config.retry_base == 0.2
@@ -395,6 +396,7 @@ compat_facts = ["format", "gpu_model"]
 index = "/var/lib/x/index.sqlite3"
 chunk_size = "1MiB"
 fetch_concurrency = 64
+fetch_memory = "48MiB"
 upload_concurrency = 8
 retries = 3
 retry_base = "100ms"
@@ -441,6 +443,7 @@ files = ["format", "arch"]
     assert c.index == Path("/var/lib/x/index.sqlite3")
     assert c.tiers == (TierConfig("mem", Path("/dev/shm/x"), 2**30, "1GiB"),)
     assert (c.chunk_size, c.fetch_concurrency, c.upload_concurrency) == (2**20, 64, 8)
+    assert c.fetch_memory == 48 * 2**20
     assert (c.retries, c.retry_base, c.retry_max) == (3, 0.1, 2.0)
     assert (c.request_timeout, c.drain_timeout, c.idle_timeout) == (10.0, 0.0, 120.0)
     assert c.max_request_body == 64 * 1024
@@ -521,6 +524,9 @@ BAD_VALUES = [
     ("fetch_concurrency = 1025", "fetch_concurrency"),
     ('fetch_concurrency = "16"', "fetch_concurrency"),
     ("fetch_concurrency = true", "fetch_concurrency"),
+    ('fetch_memory = "1KiB"', "fetch_memory"),
+    ('fetch_memory = "lots"', "fetch_memory"),
+    ("fetch_memory = -5", "fetch_memory"),
     ("upload_concurrency = 0", "upload_concurrency"),
     ("upload_concurrency = 2.0", "upload_concurrency"),
     ("retries = 0", "retries"),

@@ -26,7 +26,7 @@ from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkMissing, TierError
 from hostd.fetch import Fetcher
-from hostd.fill import Filler, FillProgress
+from hostd.fill import ByteBudget, Filler, FillProgress
 from hostd.index import UNKNOWN_CTIME, BlobRow, Index
 from hostd.sources import LocalBlobSource
 from hostd.tier import BLOB_MODE, BlobStat, Tier
@@ -999,3 +999,100 @@ async def test_a_flush_that_finds_a_finished_sync_not_yet_landed_starts_the_next
     assert not d.pending
     rig.index.flush()
     assert len([r for r in rig.index.blobs() if r.complete]) == 2
+
+
+# -- the memory budget ---------------------------------------------------------------------------
+
+
+async def test_bytes_in_flight_are_bounded_by_the_budget_not_the_workers(tmp_path: Path) -> None:
+    """16 workers and a fetcher allowing 16 requests, but a budget of 3 chunks: at most 3
+    chunks are asked for at once, and the fill still completes, every byte right."""
+    rig = Rig(tmp_path, mem=256 * CS, workers=16)
+    try:
+        rig.fetcher = Fetcher([LocalBlobSource(rig.cache), rig.origin], concurrency=16)
+        rig.filler = Filler(
+            rig.cache, rig.fetcher, workers=16, durability=rig.durability, memory=3 * CS
+        )
+        files = [rig.file(f"f{i}", pattern(f"f{i}", 8 * CS)) for i in range(4)]
+        gate = rig.origin.gate_all = asyncio.Event()
+        job = asyncio.create_task(rig.ensure(files))
+        await rig.origin.arrived(3)
+        # Every worker is waiting for its share of the budget: none asks the origin.
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(rig.origin.order) == 3
+        assert rig.filler.budget.held == 3 * CS
+        gate.set()
+        found, _ = await job
+        assert len(found) == 4
+        for e in files:
+            assert_complete(rig, e, rig.mem)
+        assert rig.filler.budget.held == 0
+    finally:
+        rig.close()
+
+
+async def test_a_failed_fill_gives_its_budget_back(rig: Rig) -> None:
+    rig.filler = Filler(rig.cache, rig.fetcher, workers=4, durability=rig.durability, memory=2 * CS)
+    big = rig.file("big", pattern("big", 6 * CS))
+    smalls = [rig.file(f"s{i}", pattern(f"s{i}", 100 + i)) for i in range(10)]
+    del rig.origin.stored[big.chunks[3].id]
+    with pytest.raises(ChunkMissing, match="big"):
+        await rig.ensure([*smalls, big])
+    assert rig.filler.budget.held == 0
+    rig.origin.stored[big.chunks[3].id] = rig.data[big.digest][3 * CS : 4 * CS]
+    found, _ = await rig.ensure([*smalls, big])
+    assert len(found) == 11
+    assert rig.filler.budget.held == 0
+
+
+async def test_the_budget_serves_in_order_and_lets_an_oversized_take_through_alone() -> None:
+    b = ByteBudget(100)
+    await b.take(60)
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        await b.take(n)
+        order.append(name)
+
+    big = asyncio.create_task(take("big", 500))  # more than the whole budget
+    small = asyncio.create_task(take("small", 10))  # would fit, but waits its turn
+    await asyncio.sleep(0)
+    assert order == []
+    b.give(60)  # nothing held: the oversized one goes, alone
+    await big
+    assert order == ["big"]
+    assert b.held == 500
+    b.give(500)
+    await small
+    assert order == ["big", "small"]
+    assert b.held == 10
+
+
+async def test_a_cancelled_take_hands_its_turn_on() -> None:
+    b = ByteBudget(100)
+    await b.take(90)
+    first = asyncio.create_task(b.take(50))
+    second = asyncio.create_task(b.take(10))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.wait_for(second, DEADLINE)  # 90 + 10 fits once the one ahead left
+    assert b.held == 100
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_take_cancelled_just_before_its_turn_leaks_nothing() -> None:
+    b = ByteBudget(100)
+    await b.take(90)
+    first = asyncio.create_task(b.take(50))
+    second = asyncio.create_task(b.take(60))
+    await asyncio.sleep(0)
+    first.cancel()  # its future is cancelled now, its task told only at its next step
+    b.give(90)  # the wake-up passes over it
+    await asyncio.wait_for(second, DEADLINE)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert b.held == 60
+    b.give(60)
+    assert b.held == 0
