@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,39 @@ def thread_cpu(pid: int) -> dict[str, float]:
         fields = raw[raw.rindex(")") + 2 :].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
+
+
+class Rollup:
+    """Samples /proc/PID/smaps_rollup every 20 ms on a thread, keeping the largest of each
+    field (kB): what the peak RSS is made of (Anonymous, RssShmem, RssFile)."""
+
+    FIELDS = ("Rss", "Anonymous", "RssShmem", "RssFile")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Rollup:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        path = f"/proc/{self.pid}/smaps_rollup"
+        while not self.stop.wait(0.02):
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                key, _, rest = line.partition(":")
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(rest.split()[0]))
 
 
 def reset_hwm(pid: int) -> None:
@@ -477,6 +511,8 @@ class Bench:
         config: dict[str, Any] = {"log_level": "info", "socket_mode": "0666"}
         if self.args.fetch_concurrency is not None:
             config["fetch_concurrency"] = self.args.fetch_concurrency
+        if self.args.fetch_memory is not None:
+            config["fetch_memory"] = self.args.fetch_memory
         return Hostd(
             root,
             origin=f"s3://{BUCKET}/hostd",
@@ -527,7 +563,8 @@ class Bench:
                 reset_hwm(pid)
                 spy = self.profile(pid, case)
                 c0, w0, th0 = tree_cpu(pid), self.weed.cpu(), thread_cpu(pid)
-                t = check(run_timed(cmd), f"hostd restore ({case})", h.log())
+                with Rollup(pid) as rollup:
+                    t = check(run_timed(cmd), f"hostd restore ({case})", h.log())
                 c1, w1, th1 = tree_cpu(pid), self.weed.cpu(), thread_cpu(pid)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
@@ -545,6 +582,7 @@ class Bench:
             "daemon_cpu": c1 - c0,
             "server_cpu": w1 - w0,
             "daemon_peak_rss": peak,
+            "daemon_peak_kib": rollup.peak,
             "daemon_threads": {k: round(v - th0.get(k, 0.0), 2) for k, v in th1.items()},
             **{k: out.get(k) for k in keep},
         }
@@ -674,6 +712,7 @@ def main() -> int:
         "--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (all)"
     )
     ap.add_argument("--fetch-concurrency", type=int, help="the daemons' fetch_concurrency")
+    ap.add_argument("--fetch-memory", help="the daemons' fetch_memory, e.g. 64MiB")
     ap.add_argument("--weed", help="SeaweedFS's weed (default: PATH, else beside python)")
     ap.add_argument("--s5cmd", help="s5cmd (default: PATH, else beside python)")
     ap.add_argument(

@@ -320,7 +320,7 @@ def _build(
     if retry_max < retry_base:
         raise ConfigError("retry_max", f"must be at least retry_base ({retry_base}s)")
     fetch_memory = parse_size(
-        _size_value(get("fetch_memory", "128MiB"), "fetch_memory"), "fetch_memory"
+        _size_value(get("fetch_memory", "64MiB"), "fetch_memory"), "fetch_memory"
     )
     if fetch_memory < MIN_CHUNK_SIZE:
         raise ConfigError(

@@ -97,7 +97,7 @@ class _Landed(dict[bytes, Blob]):
 # The warm path checks this many blobs (a stat each) between turns of the event loop.
 YIELD_EVERY = 256
 # Bytes of fetched chunks the fills hold at once, by default (config `fetch_memory`).
-FETCH_MEMORY = 128 << 20
+FETCH_MEMORY = 64 << 20
 
 
 class ByteBudget:
@@ -573,6 +573,13 @@ class Filler:
             finally:
                 writers -= 1
 
+        async def fetch_into(o: _Open, i: int, n: int) -> str:
+            """Fetch chunk i of o's blob and write it there; the source's name. The bytes go
+            with this frame: a worker waiting for the budget holds none."""
+            data, src = await self.fetcher.get(o.entry.chunks[i], (seq, n))
+            await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+            return src
+
         async def worker() -> None:
             for item in cursor:
                 if isinstance(item, list):
@@ -587,8 +594,7 @@ class Filler:
                 c = e.chunks[i]
                 await self.budget.take(c.size)
                 try:
-                    data, src = await self.fetcher.get(c, (seq, n))
-                    await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+                    src = await fetch_into(o, i, n)
                 except (ChunkCorrupt, ChunkMissing) as err:
                     raise type(err)(f"file {e.path!r}: {err.message}") from err
                 finally:

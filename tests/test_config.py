@@ -109,7 +109,7 @@ def test_every_default(tmp_path: Path, env: dict[str, str]) -> None:
     assert config.index == home / ".cache/hostd/index.sqlite3"
     assert config.chunk_size == 4 * 2**20
     assert config.fetch_concurrency == 16
-    assert config.fetch_memory == 128 * 2**20
+    assert config.fetch_memory == 64 * 2**20
     assert config.upload_concurrency == 16
     assert config.retries == 5
     assert config.retry_base == 0.2
