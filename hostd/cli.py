@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from hostd import __version__, output, snapview
 from hostd.client import JSON, Client, ProgressCallback, resolve_socket
@@ -41,13 +41,21 @@ LS_GAP = 2  # between its columns
 # the manifest codec, and every client command pays for its imports).
 KINDS = ("files", "compile-cache", "process")
 
+# Every command (build_parser adds each; a test checks this list against it).
+COMMANDS = frozenset(
+    (
+        *("serve", "restore", "publish", "prefetch", "pin", "unpin", "ls", "status", "gc"),
+        *("verify", "version", "rm", "prune", "refs", "inspect", "ref"),
+    )
+)
+
 Call = Callable[[Client, ProgressCallback | None], JSON]
 Render = Callable[[Printer, JSON], None]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `hostd` command and return its exit code."""
-    parser = build_parser()
+    parser = build_parser(_command_in(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (already reported) or --help
@@ -83,7 +91,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The command `argv` names (its first word that is not a main-parser flag or its
+    value); None where there is none."""
+    words = iter(argv)
+    for w in words:
+        if w == "--socket":
+            next(words, None)
+        elif not w.startswith("-"):
+            return w
+    return None
+
+
+class _Unused:
+    """Stands in for the parser of a command this run does not name: what it is told is
+    dropped (argparse's add_argument calls cost a client command milliseconds it need not
+    pay). `hostd --help` still lists every command."""
+
+    def __getattr__(self, _name: str) -> Callable[..., _Unused]:
+        return lambda *_args, **_kwargs: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with `only`, a known command, that command's options alone (the
+    others are named, with their summaries, and nothing more)."""
     parser = _Parser(
         prog="hostd",
         description="Snapshot daemon for GPU hosts, and the client that talks to it.",
@@ -114,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def add(name: str, summary: str, *parents: _Parser) -> argparse.ArgumentParser:
+        if only is not None and name != only and only in COMMANDS:
+            commands.add_parser(name, help=summary, add_help=False)
+            return cast(argparse.ArgumentParser, _Unused())
         sub: argparse.ArgumentParser = commands.add_parser(
             name, help=summary, description=summary, parents=list(parents)
         )

@@ -25,7 +25,7 @@ import pytest
 from harness import ROOT, Hostd, make_tree, rmtree, short_tmp
 
 from hostd import __version__
-from hostd.cli import LS_WIDTH, build_parser, main
+from hostd.cli import COMMANDS, LS_WIDTH, _command_in, build_parser, main
 from hostd.core.budget import Space, choose
 from hostd.output import ProgressBar, width
 from hostd.paths import SYSTEM_SOCKET, default_paths
@@ -154,6 +154,23 @@ def test_every_argument_and_flag_has_help() -> None:
                         missing.append(f"{prog} {choice.dest}")
     assert seen > 30
     assert missing == []
+
+
+def test_a_command_parses_the_same_with_only_its_own_options_built() -> None:
+    """main() builds the options of the command it is given alone (a client command starts
+    faster): COMMANDS must name every command, and each must parse as in the whole CLI."""
+    whole = build_parser()
+    subs = next(a for a in whole._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == COMMANDS
+    for name, sub in subs.choices.items():
+        one = build_parser(name)
+        own = next(a for a in one._actions if isinstance(a, argparse._SubParsersAction))
+        assert set(own.choices) == COMMANDS  # `hostd --help` still lists them all
+        assert own.choices[name].format_help() == sub.format_help()
+        assert not [a for a in own.choices["status" if name != "status" else "ls"]._actions]
+    argv = ["--socket", "/run/x.sock", "--json", "ls", "--wide"]
+    assert _command_in(argv) == "ls"
+    assert vars(build_parser("ls").parse_args(argv)) == vars(whole.parse_args(argv))
 
 
 def test_help_lists_the_global_flags(capsys: pytest.CaptureFixture[str]) -> None:
