@@ -36,7 +36,7 @@ from hostd import fastcopy
 from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
 from hostd.errors import HostdError, TierError, os_cause
-from hostd.fileio import copy_range, libc, syncfs
+from hostd.fileio import copy_range, libc, start_writeback, syncfs
 from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
@@ -88,6 +88,8 @@ def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError
     return TierError(f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})")
 
 
+# A sync of at most this many blobs fsyncs each (and their directories), not the filesystem.
+FSYNC_EACH = 4
 # libc's syncfs where it has one, else None: Tier.sync then fsyncs each blob instead.
 SYNCFS: Callable[[Path], None] | None = syncfs if hasattr(libc, "syncfs") else None
 
@@ -211,6 +213,9 @@ class PartialBlob:
             # The presence byte goes after the data: a crash between the two loses the chunk,
             # never trusts a hole.
             pwrite_all(self.have_fd, b"\x01", index)
+            # On a disk, the chunk streams to it while the rest is fetched: the blob's sync
+            # (Tier.sync) then waits for its last chunks, not for all of it.
+            start_writeback(self.fd, offset, len(data))
         except OSError as e:
             raise tier_error(self.tier.name, self.path, e, "writing a chunk") from e
         finally:
@@ -284,11 +289,15 @@ class Tier:
         budget: int,
         *,
         syncfs: Callable[[Path], None] | None = SYNCFS,
+        fsync_each: int = FSYNC_EACH,
     ) -> None:
+        """`syncfs`: None fsyncs each blob instead (a test passes its own); `fsync_each`:
+        batches up to this many blobs are fsynced blob by blob instead (0: never)."""
         self.name = name
         self.root = root
         self.budget = budget
-        self._syncfs = syncfs  # None: fsync each blob instead (a test passes its own)
+        self._syncfs = syncfs
+        self._fsync_each = fsync_each
         self.blobs_dir = root / "blobs"
         self.partial_dir = root / "partial"
         self.tmp_dir = root / "tmp"
@@ -499,9 +508,15 @@ class Tier:
         yet (a fresh descriptor starts unseen errors at zero), once. `each`, or where libc
         has no syncfs: fsync each of `digests` (which reports an error of that file no one has
         seen), then the directories they were renamed into. TierError if a write-back failed:
-        which blob, syncfs cannot say."""
+        which blob, syncfs cannot say.
+
+        A batch of at most `fsync_each` blobs (big files' blobs, landing one by one) is
+        fsynced blob by blob too: a syncfs would also write back whatever else is dirty on
+        that filesystem (the restore's own copies on it, other programs' files), and wait."""
+        digests = list(digests)
+        few = len(digests) <= self._fsync_each and not each
         try:
-            if self._syncfs is not None:
+            if self._syncfs is not None and not few:
                 self._syncfs(self.blobs_dir)
                 if not each:
                     return

@@ -878,7 +878,7 @@ async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
 
     class FailingTier(LoggedTier):
         def __init__(self, name: str, root: Path, budget: int) -> None:
-            super().__init__(name, root, budget, syncfs=syncfs)
+            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
 
     LoggedTier.hold.set()
     LoggedTier.each = []

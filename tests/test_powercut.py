@@ -161,7 +161,7 @@ def start(disk: Disk, state: Path, *, syncfs: bool, data: dict[bytes, bytes]) ->
     tier = (
         Tier("disk", disk.mnt / "tier", 1 << 30)
         if syncfs
-        else Tier("disk", disk.mnt / "tier", 1 << 30, syncfs=_no_sync)
+        else Tier("disk", disk.mnt / "tier", 1 << 30, syncfs=_no_sync, fsync_each=0)
     )
     index = Index(state / "index.db")
     cache = Cache([tier], index, manifests_dir=state / "manifests", clock=time.time)

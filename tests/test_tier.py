@@ -452,7 +452,7 @@ def test_a_failed_sync_is_a_tier_error_naming_the_tier(tmp_path: Path) -> None:
     def failing(_path: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    t = Tier("disk", tmp_path / "disk", 1 << 30, syncfs=failing)
+    t = Tier("disk", tmp_path / "disk", 1 << 30, syncfs=failing, fsync_each=0)
     t.prepare()
     t.write_whole(REAL, DATA, MTIME, durable=False)
     with pytest.raises(TierError, match=r"tier 'disk' .*syncing its blobs to disk failed"):
@@ -470,3 +470,23 @@ def test_install_makes_the_prefix_directory_only_when_missing(tier: Tier) -> Non
     with pytest.raises(FileNotFoundError):
         tier.install(scratch, bytes.fromhex("03" * 32))  # no scratch: not a missing prefix
     assert not tier.blob_path(bytes.fromhex("03" * 32)).parent.exists()
+
+
+def test_a_few_blobs_are_fsynced_each_not_their_filesystem(
+    tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big files' blobs land a few at a time: syncing one fsyncs it (and the directories it
+    was renamed into), leaving the rest of the filesystem's dirty data (the restore's own
+    copies on it, other programs' files) to the kernel. A larger batch is one syncfs."""
+    calls: list[Path] = []
+    t = Tier(tier.name, tier.root, tier.budget, syncfs=calls.append, fsync_each=2)
+    fsyncs = FsyncCount(monkeypatch)
+    digests = [bytes([i]) * 32 for i in range(3)]
+    for d in digests:
+        t.write_whole(d, b"x", MTIME, durable=False)
+    t.sync(digests[:2])
+    assert calls == []
+    assert len(fsyncs.fds) == 2 + 1 + 2  # the blobs, blobs/, their two prefix directories
+    t.sync(digests)
+    assert calls == [t.blobs_dir]
+    assert len(fsyncs.fds) == 5
