@@ -507,8 +507,8 @@ class Bench:
     def drop(self, *extra: Path) -> None:
         self.how_dropped = drop_caches([self.weed.dir, *extra])
 
-    def daemon(self, root: Path, tiers: list[dict[str, Any]]) -> Hostd:
-        config: dict[str, Any] = {"log_level": "info", "socket_mode": "0666"}
+    def daemon(self, root: Path, tiers: list[dict[str, Any]], **extra: Any) -> Hostd:
+        config: dict[str, Any] = {"log_level": "info", "socket_mode": "0666", **extra}
         if self.args.fetch_concurrency is not None:
             config["fetch_concurrency"] = self.args.fetch_concurrency
         if self.args.fetch_memory is not None:
@@ -609,7 +609,8 @@ class Bench:
 def publish(b: Bench, src: Path) -> dict[str, Any]:
     root, tier = b.fresh(b.disk, "pub"), b.fresh(b.disk, "pubtier")
     try:
-        with b.daemon(root, [{"name": "disk", "path": str(tier), "budget": "64GiB"}]) as h:
+        extra = {"chunk_size": b.args.chunk_size} if b.args.chunk_size else {}
+        with b.daemon(root, [{"name": "disk", "path": str(tier), "budget": "64GiB"}], **extra) as h:
             cmd = [*b.cli, "publish", str(src), "--ref", REF, "--json", "--socket", str(h.socket)]
             t = check(run_timed(cmd), "hostd publish", h.log())
         out: dict[str, Any] = json.loads(t.out)
@@ -713,6 +714,7 @@ def main() -> int:
     )
     ap.add_argument("--fetch-concurrency", type=int, help="the daemons' fetch_concurrency")
     ap.add_argument("--fetch-memory", help="the daemons' fetch_memory, e.g. 64MiB")
+    ap.add_argument("--chunk-size", help="the publishing daemon's chunk_size, e.g. 16MiB")
     ap.add_argument("--weed", help="SeaweedFS's weed (default: PATH, else beside python)")
     ap.add_argument("--s5cmd", help="s5cmd (default: PATH, else beside python)")
     ap.add_argument(
