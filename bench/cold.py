@@ -595,7 +595,7 @@ class Bench:
             return None
         self.args.profile.mkdir(parents=True, exist_ok=True)
         out = self.args.profile / f"{case}-{self.seq}.perf"
-        cmd = [find_tool("perf", None), "record", "-F", "999", "-g", "-p", str(pid)]
+        cmd = [find_tool("perf", None), "record", "-F", "999", "--call-graph", "dwarf,16384", "-p", str(pid)]
         spy = subprocess.Popen(
             [*cmd, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

@@ -360,6 +360,19 @@ class Cache:
                 return tb.view(slot, digest)
         return None
 
+    def missing(self, digests: Iterable[bytes], tiers: Sequence[Tier]) -> bool:
+        """Whether some blob of `digests` has no complete copy in `tiers` (stops at the first
+        one; `locate` without making the Blobs)."""
+        tbs = [self._tb[t.name] for t in tiers]
+        for d in digests:
+            for tb in tbs:
+                slot = tb.find(d)
+                if slot >= 0 and tb.flags[slot] & COMPLETE:
+                    break
+            else:
+                return True
+        return False
+
     def partial(self, digest: bytes) -> Blob | None:
         for tb in self._tb.values():
             slot = tb.find(digest)

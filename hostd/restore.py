@@ -376,9 +376,16 @@ class Restorer:
             # otherwise hold the GIL while the tree is built.
             await self._touch(blobs, now)
 
-    def _cold(self, m: mf.Manifest, tiers: Sequence[Tier]) -> bool:
-        """Whether some blob of `m` has no complete copy in `tiers` (stops at the first)."""
-        return any(self.cache.locate(d, tiers) is None for d in m.blobs())
+    async def _cold(self, m: mf.Manifest, tiers: Sequence[Tier]) -> bool:
+        """Whether some blob of `m` has no complete copy in `tiers` (stops at the first),
+        with turns of the loop between batches (a warm tree of 100,000 files is looked up
+        whole)."""
+        blobs = list(m.blobs())
+        for i in range(0, len(blobs), TOUCH_BATCH):
+            if self.cache.missing(blobs[i : i + TOUCH_BATCH], tiers):
+                return True
+            await asyncio.sleep(0)
+        return False
 
     async def restore(self, req: RestoreRequest, progress: Progress) -> dict[str, Any]:
         if req.progressive and req.replace:
@@ -407,7 +414,7 @@ class Restorer:
             if req.progressive:
                 return await self._placing(req, progress, fs, tiers, lend, link_ok)
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
-            if not lend and self._cold(res.manifest, tiers):
+            if not lend and await self._cold(res.manifest, tiers):
                 # Files are written while the rest is fetched, into the hidden build: one
                 # pass of the bytes through the target's filesystem overlaps the fetch. (A
                 # lent blob's mark needs its sync first: that path fills, then links.)

@@ -193,6 +193,21 @@ async def test_admission_charges_the_full_size_before_any_byte_is_written(env: E
     assert (b.tier, b.complete, b.mtime_ns) == (mem, True, st_.mtime_ns)
 
 
+async def test_missing_is_true_until_every_blob_is_complete_in_the_tiers_asked(env: Env) -> None:
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b = env.file("a", 300), env.file("b", 300)
+    assert cache.missing([a.digest, b.digest], [mem, disk])
+    await env.put(cache, a, [mem])
+    await cache.admit(b.digest, b.size, CS, [disk])  # filling, not complete
+    assert cache.missing([a.digest, b.digest], [mem, disk])
+    assert not cache.missing([a.digest], [mem, disk])
+    assert cache.missing([a.digest], [disk])  # complete, but not where asked
+    await env.put(cache, b, [disk])
+    assert not cache.missing([a.digest, b.digest], [mem, disk])
+    assert not cache.missing([], [mem])
+
+
 async def test_abandon_returns_the_charge(env: Env) -> None:
     cache = env.open()
     mem = cache.tiers[0]
