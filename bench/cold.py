@@ -25,6 +25,7 @@ started before the timer):
                                                                           vs s5cmd
   disk-auto-nobody  one tier disk (/var/tmp); `--mode auto` by nobody into a directory of
                nobody's on /var/tmp: links, each byte written once (and synced)  vs s5cmd
+  CASE/obstore the hostd CASE with HOSTD_FAST_GET=0: every origin read through obstore
 Only the client's process is timed (`hostd restore`, its interpreter's start included; s5cmd
 whole). Per run: wall time; CPU seconds of the client (wait4) plus, for hostd, of the daemon
 and its helper processes (utime+stime+cutime+cstime over the process tree in /proc, a delta
@@ -214,9 +215,9 @@ def tree_cpu(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of each thread of `pid`, summed by thread name with digits dropped (the
-    event loop is the process's name; obstore's runtime `tokio-runtime-w`; to_thread's
-    `asyncio_`)."""
+    """CPU seconds of each thread of `pid`, summed by thread name with digits dropped: the
+    main thread as `event loop`, obstore's runtime `tokio-rt-worker`, Python's other threads
+    (to_thread's, the index writer, the placer) as `python`."""
     out: dict[str, float] = {}
     for d in glob.glob(f"/proc/{pid}/task/[0-9]*"):
         try:
@@ -224,6 +225,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
         except OSError:
             continue
         name = raw[raw.index("(") + 1 : raw.rindex(")")].rstrip("0123456789_-")
+        if d.endswith(f"/{pid}"):
+            name = "event loop"  # the main thread: it runs the loop
         fields = raw[raw.rindex(")") + 2 :].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
@@ -516,7 +519,13 @@ class Bench:
     def drop(self, *extra: Path) -> None:
         self.how_dropped = drop_caches([self.weed.dir, *extra])
 
-    def daemon(self, root: Path, tiers: list[dict[str, Any]], **extra: Any) -> Hostd:
+    def daemon(
+        self,
+        root: Path,
+        tiers: list[dict[str, Any]],
+        env: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> Hostd:
         config: dict[str, Any] = {"log_level": "info", "socket_mode": "0666", **extra}
         if self.args.fetch_concurrency is not None:
             config["fetch_concurrency"] = self.args.fetch_concurrency
@@ -527,6 +536,7 @@ class Bench:
             origin=f"s3://{BUCKET}/hostd",
             origin_options=self.weed.origin_options,
             tiers=tiers,
+            env=env,
             **config,
         )
 
@@ -550,6 +560,9 @@ class Bench:
         mem_tier = {"name": "mem", "path": str(mem), "budget": 2 * self.size}
         disk_tier = {"name": "disk", "path": str(tier_disk), "budget": max(4 * GiB, 2 * self.size)}
         owned: Path | None = None
+        # CASE/obstore: the same with every origin read through obstore (HOSTD_FAST_GET=0)
+        case, _, variant = case.partition("/")
+        env = {"HOSTD_FAST_GET": "0"} if variant == "obstore" else None
         if case == "copy":
             tiers, mode, target = [mem_tier, disk_tier], "copy", self.fresh(self.disk, "out")
         elif case == "disk-only":
@@ -562,7 +575,7 @@ class Bench:
             tiers, mode, target = [mem_tier], "auto", owned / "out"
         cmd = [*self.cli, "restore", REF, str(target), "--mode", mode, "--json"]
         try:
-            with self.daemon(root, tiers) as h:
+            with self.daemon(root, tiers, env) as h:
                 assert h.proc is not None
                 pid = h.proc.pid
                 cmd += ["--socket", str(h.socket)]
@@ -600,27 +613,22 @@ class Bench:
         }
 
     def profile(self, pid: int, case: str) -> subprocess.Popen[bytes] | None:
-        """--profile: `perf record` of the daemon's threads (kernel and native frames; where
-        the CPU goes) into DIR/<case>-<n>.perf, until stopped; read it with
-        `perf report -i FILE --no-children --sort dso,sym`."""
+        """--profile: the daemon sampled until stopped, into DIR/<case>-<n>.<ext>. `perf`
+        (--profiler perf, the default): every thread, kernel and native frames, where the
+        CPU goes; read it with `perf report -i FILE --no-children --sort sym`. `py-spy`:
+        the Python frames of the thread holding the GIL, as collapsed stacks."""
         if self.args.profile is None:
             return None
         self.args.profile.mkdir(parents=True, exist_ok=True)
-        out = self.args.profile / f"{case}-{self.seq}.perf"
-        cmd = [
-            find_tool("perf", None),
-            "record",
-            "-F",
-            "999",
-            "--call-graph",
-            "dwarf,16384",
-            "-p",
-            str(pid),
-        ]
-        spy = subprocess.Popen(
-            [*cmd, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        time.sleep(0.5)  # perf attaches before the call: a start it cannot announce
+        stem = self.args.profile / f"{case}-{self.seq}"
+        if self.args.profiler == "py-spy":
+            cmd = [find_tool("py-spy", None), "record", "--pid", str(pid), "--gil", "--rate"]
+            cmd += ["500", "--format", "raw", "--output", f"{stem}.txt"]
+        else:
+            cmd = [find_tool("perf", None), "record", "-F", "999", "--call-graph"]
+            cmd += ["dwarf,16384", "-p", str(pid), "-o", f"{stem}.perf"]
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # attached before the call: a start neither tool announces
         return spy
 
     def run(self, case: str) -> dict[str, Any]:
@@ -687,10 +695,10 @@ def summarize(runs: list[dict[str, Any]], cases: list[str], gib: float) -> dict[
         }
         if rs[0].get("daemon_peak_rss") is not None:
             row["peak_rss_mib"] = statistics.median(r["daemon_peak_rss"] / MiB for r in rs)
-        ref = by.get(REFERENCE.get(c, ""), {})
+        ref = by.get(REFERENCE.get(c.partition("/")[0], ""), {})
         pairs = [(r, ref[r["round"]]) for r in rs if r["round"] in ref]
         if pairs:
-            row["reference"] = REFERENCE[c]
+            row["reference"] = REFERENCE[c.partition("/")[0]]
             row["time_ratio"] = statistics.median(r["seconds"] / q["seconds"] for r, q in pairs)
             row["cpu_ratio"] = statistics.median(r["cpu"] / q["cpu"] for r, q in pairs)
         out[c] = row
@@ -750,12 +758,11 @@ def main() -> int:
         help="also time `hostd status` against `python -c pass` (default: on)",
     )
     ap.add_argument("--json", type=Path, help="write every run here")
-    ap.add_argument(
-        "--profile", type=Path, help="perf record each restore's daemon into this directory"
-    )
+    ap.add_argument("--profile", type=Path, help="profile each restore's daemon into DIR")
+    ap.add_argument("--profiler", choices=("perf", "py-spy"), default="perf")
     args = ap.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
+    unknown = sorted({c.removesuffix("/obstore") for c in cases} - set(CASES))
     if unknown or not cases:
         ap.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
     size = parse_size(args.size, "--size")

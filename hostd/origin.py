@@ -48,6 +48,7 @@ from obstore.exceptions import (
 )
 from obstore.store import HTTPStore, LocalStore, MemoryStore, from_url
 
+from hostd import fastget
 from hostd.core import refentry
 from hostd.core.codec import max_stored_size
 from hostd.core.ids import HASH_LEN, is_hex_id
@@ -454,6 +455,15 @@ class Origin:
         self._can_list = not isinstance(self._store, HTTPStore)
         # No server between us and the bytes: see _get.
         self._local = isinstance(self._store, LocalStore | MemoryStore)
+        # Chunk and pack reads go through fastget first, where obstore's requests would be
+        # plain ones (no proxy, no special client options): one copy of each byte, not two.
+        self._fast: fastget.FastGet | None = None
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in _REMOTE_SCHEMES:
+            _, client = _split_options(scheme, options, timeout, os.environ)
+            self._fast = fastget.for_store(
+                self._store, url, client, os.environ, threads=concurrency
+            )
         self._ranges = True  # until the server shows it cannot answer a range
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
@@ -484,7 +494,7 @@ class Origin:
         chunk is megabytes, and each copy costs a share of a restore's time."""
         key = _chunk_key(cid)
         try:
-            return await self._get("get chunk", key, max_size)
+            return await self._get("get chunk", key, max_size, fast=True)
         except _Missing:
             raise ChunkMissing(f"chunk {cid.hex()} is not at origin {self._url}") from None
         except _Oversized as e:
@@ -525,6 +535,10 @@ class Origin:
         whole = offset == 0 and length == pack_size
 
         async def ranged() -> memoryview:
+            if self._fast is not None:
+                fast = await _fast(self._fast, key, length, (offset, length))
+                if fast is not None:
+                    return fast
             try:
                 got = await obstore.get_range_async(self._store, key, start=offset, length=length)
             except BaseException as exc:
@@ -535,6 +549,10 @@ class Origin:
             return memoryview(got)
 
         async def read_whole() -> memoryview:
+            if self._fast is not None:
+                fast = await _fast(self._fast, key, pack_size)
+                if fast is not None:
+                    return fast
             result = await obstore.get_async(self._store, key)
             _check_stated_size(result, pack_size)
             if self._local:
@@ -713,11 +731,20 @@ class Origin:
         """Refuse new requests. obstore holds no resource that needs an explicit release;
         requests already running finish on their own deadline."""
         self._closed = True
+        if self._fast is not None:
+            self._fast.close()
 
     # -- the one request path -------------------------------------------------------------
 
-    async def _get(self, op: str, key: str, cap: int) -> memoryview:
+    async def _get(self, op: str, key: str, cap: int, *, fast: bool = False) -> memoryview:
+        """The object at `key`, at most `cap` bytes. `fast`: through fastget first (chunks:
+        the bulk of a restore's bytes)."""
+
         async def call() -> memoryview:
+            if fast and self._fast is not None:
+                got = await _fast(self._fast, key, cap)
+                if got is not None:
+                    return got
             result = await obstore.get_async(self._store, key)
             _check_stated_size(result, cap)
             if not self._local:
@@ -824,6 +851,16 @@ def _tell(note: RetryNote | None) -> None:
 def _no_ranges(exc: BaseException) -> bool:
     """obstore's answer to a server that sent the whole object for a ranged GET."""
     return "Range request not supported" in str(exc)
+
+
+async def _fast(
+    fast: fastget.FastGet, key: str, cap: int, span: tuple[int, int] | None = None
+) -> memoryview | None:
+    """fastget's answer (None: ask obstore), its refusal of a stated size as ours."""
+    try:
+        return await fast.get(key, cap, span)
+    except fastget.Oversized as e:
+        raise _Oversized(str(e)) from None
 
 
 def _check_stated_size(result: GetResult, cap: int) -> None:

@@ -1,0 +1,375 @@
+"""Capped, zero-copy GETs of chunk and pack objects: the hot path of a cold restore.
+
+obstore hands a streamed body to Python as new `bytes`, one copy per piece (with the memset
+and the fresh pages of each: ~7% of the daemon's CPU in a cold restore, in a thread that
+holds the GIL). Its zero-copy whole-body read cannot be used instead: a server that sends
+both Content-Length and chunked encoding gets any amount buffered for the size it stated,
+and an origin read must stay capped. So the chunk and pack GETs come here first: the URL
+obstore signs for the object (S3, GCS, Azure), or the object's plain URL on an http(s)
+origin, one HTTP/1.1 request on a pooled keep-alive connection, and the body received
+straight into a buffer of exactly its stated size (socket.recv_into: the kernel's copy,
+nothing else), once the stated size has passed the cap. The socket work runs on threads of
+its own, blocking, with the GIL released in every send and receive (on the event loop, a
+receive holds the GIL for its copy and stalls the threads that hash and write).
+
+Only the plain answer is taken here: 200 (206 with exactly the range asked for) with a
+Content-Length and no Transfer-Encoding, in a head of at most MAX_HEAD bytes. Anything else
+(another status, a redirect, chunked encoding, a connection that fails or closes early, a
+byte past the stated length in the same read) returns None, and the caller asks obstore
+the usual way, so every error, retry and status is obstore's as before. A stated size over
+the cap raises Oversized before any body byte is read. A pooled connection with anything to
+read before its next request (bytes past the last answer, an EOF) is dropped, never read
+for that answer. After OFF_AFTER fallbacks in a row this path is off for OFF_FOR seconds (a
+server it cannot talk to costs a failed try per request only that often).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import obstore
+from obstore.store import AzureStore, GCSStore, HTTPStore, ObjectStore, S3Store
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 64 * 1024  # a response head larger than this is not a plain answer
+IDLE_PER_HOST = 32  # keep-alive connections kept per host
+OFF_AFTER = 3  # fallbacks in a row that turn the path off ...
+OFF_FOR = 60.0  # ... for this long
+SIGNED_FOR = timedelta(minutes=15)  # a signed URL is used at once; the clock may be off
+# Client options under which obstore's requests and these are alike (anything else, a
+# proxy, other certificates, HTTP/2 only, and obstore alone talks to the origin).
+PLAIN_OPTIONS = frozenset({"timeout", "connect_timeout", "allow_http"})
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+DISABLE = "HOSTD_FAST_GET"  # "0" in the environment: obstore for every read
+
+
+class Oversized(Exception):
+    """The object's stated size is over the cap: refused before its body was read."""
+
+    def __init__(self, stated: int) -> None:
+        super().__init__(f"is {stated} bytes")
+        self.stated = stated
+
+
+class _Fallback(Exception):
+    """Not a plain answer: the caller asks obstore."""
+
+
+def for_store(
+    store: ObjectStore,
+    url: str,
+    client: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    threads: int = 16,
+) -> FastGet | None:
+    """The fast path for an origin's store, or None where obstore must do every read: a
+    local store, client options beyond PLAIN_OPTIONS, a proxy in the environment, or
+    HOSTD_FAST_GET=0. `threads`: requests at once (the origin's own limit)."""
+    if environ.get(DISABLE) == "0":
+        return None
+    if set(client) - PLAIN_OPTIONS:
+        return None
+    if any(environ.get(v) or environ.get(v.upper()) for v in PROXY_VARIABLES):
+        return None
+    if isinstance(store, HTTPStore):
+        base = url.rstrip("/")
+
+        async def plain(key: str) -> str:
+            return f"{base}/{quote(key)}"
+
+        return FastGet(plain, threads=threads)
+    if isinstance(store, S3Store | GCSStore | AzureStore):
+        signing = store
+
+        async def signed(key: str) -> str:
+            got: str = await obstore.sign_async(signing, "GET", key, SIGNED_FOR)
+            return got
+
+        return FastGet(signed, threads=threads)
+    return None
+
+
+class FastGet:
+    """GETs of one origin's objects, on pooled connections; see the module's doc."""
+
+    def __init__(
+        self, url_of: Callable[[str], Awaitable[str]], *, threads: int, timeout: float = 60.0
+    ) -> None:
+        """`url_of(key)`: the URL to GET; `threads`: requests at once; `timeout`: a
+        socket's, a backstop (the caller's own deadline cancels first, and shuts the socket
+        down)."""
+        self._url_of = url_of
+        self._timeout = timeout
+        self._idle: dict[tuple[str, int, bool], list[socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="hostd-fastget"
+        )
+        self._misses = 0
+        self._off_until = 0.0
+        self.taken = 0  # answers taken here
+        self.fallbacks = 0  # requests handed back to obstore
+
+    def __repr__(self) -> str:
+        idle = sum(len(v) for v in self._idle.values())
+        return f"FastGet(taken={self.taken}, fallbacks={self.fallbacks}, idle={idle})"
+
+    async def get(
+        self, key: str, cap: int, span: tuple[int, int] | None = None
+    ) -> memoryview | None:
+        """The object's body (`span`: its `length` bytes from `offset`, as a 206), or None:
+        ask obstore. Oversized if the stated size is over `cap` (a span's own length must
+        fit it too)."""
+        if time.monotonic() < self._off_until:
+            return None
+        abort = _Abort()
+        try:
+            try:
+                url = urlsplit(await self._url_of(key))
+            except Exception as e:  # signing failed (credentials): obstore says how
+                raise _Fallback(f"no URL for {key}: {e}") from None
+            tls = url.scheme == "https"
+            host = url.hostname
+            if url.scheme not in ("http", "https") or host is None:
+                raise _Fallback(f"not an http(s) URL: {url.scheme}")
+            port = url.port or (443 if tls else 80)
+            target = f"{url.path}?{url.query}" if url.query else url.path
+            netloc = url.netloc.rpartition("@")[2]  # (userinfo is not sent: obstore's job)
+            head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: hostd\r\n"
+            if span is not None:
+                head += f"Range: bytes={span[0]}-{span[0] + span[1] - 1}\r\n"
+            request = (head + "\r\n").encode("ascii")
+            loop = asyncio.get_running_loop()
+            job = loop.run_in_executor(
+                self._threads, self._fetch, (host, port, tls), request, cap, span, abort
+            )
+            try:
+                data = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                abort.now()  # the thread's receive returns at once; its socket is dropped
+                raise
+        except _Fallback as e:
+            self.fallbacks += 1
+            self._misses += 1
+            if self._misses >= OFF_AFTER:
+                self._off_until = time.monotonic() + OFF_FOR
+                self._misses = 0
+                log.info("origin reads go through obstore for %.0fs: %s", OFF_FOR, e)
+            return None
+        self.taken += 1
+        self._misses = 0
+        return data
+
+    def _fetch(
+        self,
+        where: tuple[str, int, bool],
+        request: bytes,
+        cap: int,
+        span: tuple[int, int] | None,
+        abort: _Abort,
+    ) -> memoryview:
+        """One request and its answer (blocking). A pooled connection that turns out closed
+        is replaced by a fresh one, once (its server may have dropped it while idle)."""
+        while True:
+            sock = self._take(where)
+            fresh = sock is None
+            if sock is None:
+                sock = self._connect(where)
+            if not abort.hold(sock):
+                sock.close()
+                raise _Fallback("cancelled")
+            try:
+                data, keep = _exchange(sock, request, cap, span)
+            except _Stale as e:
+                sock.close()
+                if fresh:
+                    raise _Fallback(str(e)) from None
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                abort.hold(None)
+            if keep:
+                self._give(where, sock)
+            else:
+                sock.close()
+            return data
+
+    def _take(self, where: tuple[str, int, bool]) -> socket.socket | None:
+        with self._lock:
+            idle = self._idle.get(where)
+            while idle:
+                sock = idle.pop()
+                if not _readable(sock):  # open, and nothing waiting on it
+                    return sock
+                sock.close()
+        return None
+
+    def _give(self, where: tuple[str, int, bool], sock: socket.socket) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(where, [])
+            if len(idle) < IDLE_PER_HOST:
+                idle.append(sock)
+                return
+        sock.close()
+
+    def _connect(self, where: tuple[str, int, bool]) -> socket.socket:
+        host, port, tls = where
+        try:
+            sock = socket.create_connection((host, port), timeout=self._timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Blocking from here, so a body is one MSG_WAITALL receive (one release of the
+            # GIL, not one per segment); the kernel's own timeouts are the backstop.
+            sock.settimeout(None)
+            backstop = struct.pack("ll", int(self._timeout), 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, backstop)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, backstop)
+            if tls:
+                with self._lock:
+                    if self._ssl is None:
+                        self._ssl = ssl.create_default_context()
+                    context = self._ssl
+                sock = context.wrap_socket(sock, server_hostname=host)
+        except OSError as e:
+            raise _Fallback(f"connecting to {host}:{port}: {e}") from None
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            for socks in self._idle.values():
+                for sock in socks:
+                    sock.close()
+            self._idle.clear()
+        self._threads.shutdown(wait=False)
+
+
+class _Stale(Exception):
+    """The connection closed before any byte of the answer."""
+
+
+class _Abort:
+    """A request's socket while a thread uses it, for a cancel to shut it down from the
+    loop's thread (its blocked receive then returns)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._done = False
+
+    def hold(self, sock: socket.socket | None) -> bool:
+        """Hold `sock` (None: let go); False if the request was cancelled already."""
+        with self._lock:
+            self._sock = sock
+            return not self._done
+
+    def now(self) -> None:
+        with self._lock:
+            self._done = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+
+def _readable(sock: socket.socket) -> bool:
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _exchange(
+    sock: socket.socket, request: bytes, cap: int, span: tuple[int, int] | None
+) -> tuple[memoryview, bool]:
+    """Send `request`, receive a plain answer: its body and whether the connection may
+    carry another (blocking)."""
+    scratch = bytearray(MAX_HEAD)
+    n = 0
+    try:
+        sock.sendall(request)
+        while True:
+            k = sock.recv_into(memoryview(scratch)[n:])
+            if k == 0:
+                raise _Stale("closed before the answer") if n == 0 else _Fallback("closed")
+            n += k
+            end = scratch.find(b"\r\n\r\n", 0, n)
+            if end >= 0:
+                break
+            if n >= MAX_HEAD:
+                raise _Fallback(f"a response head over {MAX_HEAD} bytes")
+    except OSError as e:
+        if n == 0:
+            raise _Stale(f"before the answer: {e}") from None
+        raise _Fallback(f"receiving the head: {e}") from None
+    length, keep = _parse(bytes(scratch[:end]), cap, span)
+    rest = n - (end + 4)
+    if rest > length:
+        raise _Fallback("more bytes than the stated length")
+    body = bytearray(length)
+    body[:rest] = scratch[end + 4 : n]
+    view = memoryview(body)
+    got = rest
+    # The rest of the body in one receive where it can be (TLS reads a record at a time).
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+    try:
+        while got < length:
+            k = sock.recv_into(view[got:], length - got, flags)
+            if k == 0:
+                raise _Fallback("closed mid-body")
+            got += k
+    except OSError as e:
+        raise _Fallback(f"receiving the body: {e}") from None
+    return view, keep
+
+
+def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bool]:
+    """The body's length from a plain answer's head, and whether the connection stays
+    open; _Fallback for any other answer, Oversized for a stated size over `cap`."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _Fallback(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    status = parts[1]
+    if status != (b"206" if span is not None else b"200"):
+        raise _Fallback(f"status {status.decode(errors='replace')}")
+    keep = parts[0] == b"HTTP/1.1"
+    lengths: list[bytes] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise _Fallback("a malformed header line")
+        name = name.strip().lower()
+        value = value.strip()
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            raise _Fallback("transfer-encoding")
+        elif name == b"connection" and value.lower() == b"close":
+            keep = False
+        elif name == b"content-range" and span is not None:
+            offset, length = span
+            if not value.startswith(f"bytes {offset}-{offset + length - 1}/".encode()):
+                raise _Fallback("a content-range other than the one asked for")
+    if len(set(lengths)) != 1 or not lengths[0].isdigit():
+        raise _Fallback("no single, numeric Content-Length")
+    length = int(lengths[0])
+    if length > cap:
+        raise Oversized(length)
+    if span is not None and length != span[1]:
+        raise _Fallback("a range of another length")
+    return length, keep

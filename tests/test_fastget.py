@@ -1,0 +1,363 @@
+"""Chunk and pack reads through hostd.fastget: capped, received straight into their buffer,
+on pooled keep-alive connections, and handed back to obstore for anything but the plain
+answer, so what a restore gets (bytes, errors, caps) is what obstore's path gives.
+
+Against the moto S3 server (signed URLs) and a raw HTTP server in the test's loop that
+answers as told: plainly, with both Content-Length and chunked encoding (the answer obstore's
+zero-copy read would buffer whole), with a size over the cap and a stalled body, with bytes
+past the stated length, with a 404, ignoring a range, and closing idle connections."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from s3server import S3Bucket
+
+from hostd import fastget
+from hostd.core import codec
+from hostd.core.ids import chunk_id
+from hostd.core.retry import RetryPolicy
+from hostd.errors import ChunkCorrupt, ChunkMissing, OriginError
+from hostd.origin import Origin
+
+FAST = RetryPolicy(attempts=2, base=0.0, cap=0.0)
+DATA = os.urandom(300_000)
+CID = chunk_id(DATA)
+KEY = f"chunks/{CID.hex()[:2]}/{CID.hex()}"
+
+Answer = Callable[[str, dict[str, str]], Awaitable[bytes]]
+
+
+@dataclass
+class Server:
+    """A raw HTTP/1.1 server: `answer(path, headers)` gives the bytes to send back for each
+    request; `close_idle` closes each connection after its first answer (as a server whose
+    keep-alive ran out between two requests)."""
+
+    answer: Answer
+    close_idle: bool = False
+    connections: int = 0
+    requests: list[str] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode().split("\r\n")
+                path = lines[0].split()[1]
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                }
+                self.requests.append(path)
+                writer.write(await self.answer(path, headers))
+                await writer.drain()
+                if self.close_idle:
+                    return
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Server], Awaitable[Origin]]]:
+    servers: list[asyncio.Server] = []
+    origins: list[Origin] = []
+
+    async def start(s: Server) -> Origin:
+        srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+        servers.append(srv)
+        s.port = srv.sockets[0].getsockname()[1]
+        o = Origin(f"http://127.0.0.1:{s.port}/o", {}, retry=FAST)
+        origins.append(o)
+        return o
+
+    yield start
+    for o in origins:
+        await o.close()
+    for srv in servers:
+        srv.close()
+        await srv.wait_closed()
+
+
+def plain(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+async def serves(data: bytes) -> Answer:
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        rng = headers.get("range")
+        if rng is None:
+            return plain(data)
+        a, b = (int(x) for x in rng.removeprefix("bytes=").split("-"))
+        crange = f"Content-Range: bytes {a}-{b}/{len(data)}\r\n"
+        return plain(data[a : b + 1], "206 Partial Content", crange)
+
+    return answer
+
+
+def fast_of(o: Origin) -> fastget.FastGet:
+    f = o._fast
+    assert f is not None
+    return f
+
+
+async def test_chunks_come_through_the_fast_path_on_one_connection(serve: Any) -> None:
+    s = Server(await serves(DATA))
+    o = await serve(s)
+    for _ in range(5):
+        got = await o.get_chunk(CID, codec.max_stored_size(len(DATA)))
+        assert bytes(got) == DATA
+    f = fast_of(o)
+    assert (f.taken, f.fallbacks) == (5, 0)
+    assert s.connections == 1  # kept alive
+    assert s.requests == [f"/o/{KEY}"] * 5
+
+
+async def test_a_pack_range_is_one_ranged_get(serve: Any) -> None:
+    s = Server(await serves(DATA))
+    o = await serve(s)
+    pack = CID
+    got = await o.get_pack_range(pack, 1000, 5000, len(DATA))
+    assert bytes(got) == DATA[1000:6000]
+    assert fast_of(o).taken == 1
+
+
+async def test_a_closed_idle_connection_is_replaced_not_fallen_back(serve: Any) -> None:
+    s = Server(await serves(DATA), close_idle=True)
+    o = await serve(s)
+    for _ in range(3):
+        assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+    f = fast_of(o)
+    assert (f.taken, f.fallbacks) == (3, 0)
+    assert s.connections == 3
+
+
+async def test_content_length_with_chunked_encoding_is_left_to_the_capped_stream(
+    serve: Any,
+) -> None:
+    """The answer that would make a zero-copy read buffer 8 MiB for a stated 10 bytes: the
+    fast path hands it back, and obstore's capped stream stops it at the cap."""
+    piece = b"x" * (1 << 20)
+
+    async def lying(path: str, headers: dict[str, str]) -> bytes:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(8))
+        return head + body + b"0\r\n\r\n"
+
+    o = await serve(Server(lying))
+    cap = codec.max_stored_size(len(DATA))
+    with pytest.raises(ChunkCorrupt, match=f"sent more than {cap} bytes"):
+        await o.get_chunk(CID, cap)
+    assert fast_of(o).taken == 0
+    assert fast_of(o).fallbacks >= 1
+
+
+async def test_a_stated_size_over_the_cap_is_refused_before_its_body(serve: Any) -> None:
+    stalled = asyncio.Event()
+
+    async def huge(path: str, headers: dict[str, str]) -> bytes:
+        stalled.set()
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n" + b"x" * 1000
+
+    o = await serve(Server(huge))
+    async with asyncio.timeout(10):  # no body byte past the head is waited for
+        with pytest.raises(ChunkCorrupt, match="is 1073741824 bytes, over its cap of 400000"):
+            await o.get_chunk(CID, 400_000)
+    assert stalled.is_set()
+
+
+async def test_bytes_past_the_stated_length_are_not_trusted(serve: Any) -> None:
+    async def extra(path: str, headers: dict[str, str]) -> bytes:
+        return plain(DATA) + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+
+    s = Server(extra)
+    o = await serve(s)
+    # The answer is its stated length; what follows it, nobody asked for: the connection
+    # is dropped, never read for the next answer.
+    for _ in range(2):
+        assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+    assert s.connections == 2
+
+
+async def test_other_answers_go_to_obstore_and_keep_their_meaning(serve: Any) -> None:
+    async def missing(path: str, headers: dict[str, str]) -> bytes:
+        return plain(b"no such key", "404 Not Found")
+
+    o = await serve(Server(missing))
+    with pytest.raises(ChunkMissing):
+        await o.get_chunk(CID, len(DATA))
+
+
+async def test_a_server_that_ignores_ranges_still_answers_through_obstore(serve: Any) -> None:
+    async def whole(path: str, headers: dict[str, str]) -> bytes:
+        return plain(DATA)  # 200 and the whole object, whatever the Range
+
+    o = await serve(Server(whole))
+    got = await o.get_pack_range(CID, 1000, 5000, len(DATA))
+    assert bytes(got) == DATA[1000:6000]
+    # the range fell back; obstore saw the whole object come, and the whole pack was read
+    assert (fast_of(o).fallbacks, fast_of(o).taken) == (1, 1)
+
+
+async def test_the_path_turns_off_after_fallbacks_in_a_row(serve: Any) -> None:
+    async def chunked(path: str, headers: dict[str, str]) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(
+            DATA
+        ) + b"%x\r\n%s\r\n0\r\n\r\n" % (len(DATA), DATA)
+
+    s = Server(chunked)
+    o = await serve(s)
+    for _ in range(fastget.OFF_AFTER + 3):
+        assert bytes(await o.get_chunk(CID, codec.max_stored_size(len(DATA)))) == DATA
+    # the fast path asked OFF_AFTER times, then obstore alone
+    assert fast_of(o).fallbacks == fastget.OFF_AFTER
+    assert len(s.requests) == 2 * fastget.OFF_AFTER + 3
+
+
+async def test_s3_reads_are_signed_urls_through_the_fast_path(s3_server: S3Bucket) -> None:
+    o = Origin(s3_server.url("pre"), s3_server.options, retry=FAST)
+    try:
+        await asyncio.to_thread(s3_server.put_raw, f"pre/{KEY}", DATA)
+        assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+        pack_key = f"pre/packs/{CID.hex()[:2]}/{CID.hex()}"
+        await asyncio.to_thread(s3_server.put_raw, pack_key, DATA)
+        assert bytes(await o.get_pack_range(CID, 7, 70_000, len(DATA))) == DATA[7:70_007]
+        f = fast_of(o)
+        assert (f.taken, f.fallbacks) == (2, 0)
+    finally:
+        await o.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "options"),
+    [
+        ({fastget.DISABLE: "0"}, {}),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, {}),
+        ({"http_proxy": "http://proxy:3128"}, {}),
+        ({}, {"allow_invalid_certificates": "true"}),
+    ],
+)
+def test_obstore_alone_where_its_requests_are_not_plain(
+    env: dict[str, str], options: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", fastget.DISABLE):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    o = Origin("http://127.0.0.1:9/o", options, retry=FAST)
+    assert o._fast is None
+    monkeypatch.undo()
+    assert Origin("http://127.0.0.1:9/o", {}, retry=FAST)._fast is not None
+    assert Origin("file:///nonexistent/o", {}, retry=FAST)._fast is None
+
+
+async def test_a_request_past_its_deadline_lets_go_of_its_socket(serve: Any) -> None:
+    """The caller's deadline cancels the read; the thread blocked in it is released (its
+    socket shut down, which the server sees), not left for the socket's own timeout."""
+    released = asyncio.Event()
+
+    class Stalling(Server):
+        async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(DATA) + DATA[:100])
+            await writer.drain()
+            if await reader.read() == b"":  # the client's end went away
+                released.set()
+            writer.close()
+
+    s = Stalling(await serves(DATA))
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    o = Origin(f"http://127.0.0.1:{port}/o", {}, retry=RetryPolicy(1, 0.0, 0.0), timeout=0.5)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(OriginError, match="get chunk"):
+                await o.get_chunk(CID, len(DATA))
+            await released.wait()
+    finally:
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+def _tls_files(where: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 (with its key): PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(
+        subject: str, key: Any, issuer: str, signer: Any, ca: bool, san: bool
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            ip = ipaddress.ip_address("127.0.0.1")
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip)]), False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("hostd test CA", ca_key, "hostd test CA", ca_key, True, False)
+    leaf = cert("127.0.0.1", key, "hostd test CA", ca_key, False, True)
+    paths = (where / "ca.pem", where / "cert.pem", where / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+async def test_an_https_origin_is_read_through_the_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS, verified against the CA the environment names (SSL_CERT_FILE, as OpenSSL and
+    obstore read it), on one kept-alive connection."""
+    ca, certfile, keyfile = _tls_files(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    s = Server(await serves(DATA))
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0, ssl=context)
+    port = srv.sockets[0].getsockname()[1]
+    o = Origin(f"https://127.0.0.1:{port}/o", {}, retry=FAST)
+    try:
+        for _ in range(3):
+            assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+        assert (fast_of(o).taken, fast_of(o).fallbacks) == (3, 0)
+        assert s.connections == 1
+    finally:
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
