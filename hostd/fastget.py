@@ -288,6 +288,10 @@ class _Abort:
 
 
 def _readable(sock: socket.socket) -> bool:
+    """Whether anything waits to be read: bytes (TLS ones already decrypted included) or
+    an EOF."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN)
     return bool(p.poll(0))
