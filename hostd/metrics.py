@@ -173,6 +173,17 @@ class StateCollector(Collector):
         ob.add_metric(["in"], o.bytes_in)
         ob.add_metric(["out"], o.bytes_out)
         yield ob
+        fast = self.origin.fast_reads
+        if fast is not None:
+            fr = CounterMetricFamily(
+                "hostd_origin_fast_reads",
+                "Chunk and pack reads by hostd's own HTTP client: answered, or handed to "
+                "obstore (any answer but a plain 200/206 with a Content-Length).",
+                labels=["result"],
+            )
+            fr.add_metric(["taken"], fast[0])
+            fr.add_metric(["fallback"], fast[1])
+            yield fr
         info = GaugeMetricFamily("hostd_build_info", "hostd's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

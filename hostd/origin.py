@@ -475,6 +475,13 @@ class Origin:
         self.stats = OriginStats()
 
     @property
+    def fast_reads(self) -> tuple[int, int] | None:
+        """Chunk and pack reads fastget answered, and those it handed to obstore; None
+        where it is off for this origin."""
+        f = self._fast
+        return None if f is None else (f.taken, f.fallbacks)
+
+    @property
     def url(self) -> str:
         """The origin's URL for status and logs, without credentials."""
         return self._url

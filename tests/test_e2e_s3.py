@@ -90,6 +90,10 @@ def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
         assert cold["snapshot"] == sid
         assert cold["bytes_by_source"]["origin"] == unique_bytes(expected)
         assert tree_digest(work / "cold") == expected
+        # the chunks and packs came through hostd's own client, none handed back
+        fast = {r: fast_reads(b, r) for r in ("taken", "fallback")}
+        assert fast["taken"] >= 5, fast  # 4 chunk objects and a pack, at least
+        assert fast["fallback"] == 0, fast
         warm = b.restore("s3/tree", work / "warm", mode="link")
         assert warm["bytes_by_source"]["origin"] == 0
         assert warm["bytes_by_source"]["mem"] == unique_bytes(expected)
@@ -98,3 +102,17 @@ def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
         assert missing["event"] == "error", missing
         assert missing["error"] == "not_found", missing
         assert not (work / "none").exists()
+
+    # Told not to (HOSTD_FAST_GET=0), every read is obstore's, and the metric is absent.
+    env = {**s3_server.env, "HOSTD_FAST_GET": "0"}
+    with Hostd(work / "c", origin=origin, env=env, access=TRUSTING) as c:
+        assert c.restore("s3/tree", work / "plain")["event"] == "result"
+        assert tree_digest(work / "plain") == expected
+        assert "hostd_origin_fast_reads" not in c.metrics()
+
+
+def fast_reads(h: Hostd, result: str) -> float:
+    for line in h.metrics().splitlines():
+        if line.startswith(f'hostd_origin_fast_reads_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no hostd_origin_fast_reads_total{{result={result!r}}} in /metrics")
