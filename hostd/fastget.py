@@ -35,7 +35,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -89,15 +89,15 @@ def for_store(
     if isinstance(store, HTTPStore):
         base = url.rstrip("/")
 
-        async def plain(key: str) -> str:
+        def plain(key: str) -> str:
             return f"{base}/{quote(key)}"
 
         return FastGet(plain, threads=threads)
     if isinstance(store, S3Store | GCSStore | AzureStore):
         signing = store
 
-        async def signed(key: str) -> str:
-            got: str = await obstore.sign_async(signing, "GET", key, SIGNED_FOR)
+        def signed(key: str) -> str:
+            got: str = obstore.sign(signing, "GET", key, SIGNED_FOR)
             return got
 
         return FastGet(signed, threads=threads)
@@ -108,9 +108,10 @@ class FastGet:
     """GETs of one origin's objects, on pooled connections; see the module's doc."""
 
     def __init__(
-        self, url_of: Callable[[str], Awaitable[str]], *, threads: int, timeout: float = 60.0
+        self, url_of: Callable[[str], str], *, threads: int, timeout: float = 60.0
     ) -> None:
-        """`url_of(key)`: the URL to GET; `threads`: requests at once; `timeout`: a
+        """`url_of(key)`: the URL to GET (blocking; called on the request's thread);
+        `threads`: requests at once; `timeout`: a
         socket's, a backstop (the caller's own deadline cancels first, and shuts the socket
         down)."""
         self._url_of = url_of
@@ -140,25 +141,8 @@ class FastGet:
             return None
         abort = _Abort()
         try:
-            try:
-                url = urlsplit(await self._url_of(key))
-            except Exception as e:  # signing failed (credentials): obstore says how
-                raise _Fallback(f"no URL for {key}: {e}") from None
-            tls = url.scheme == "https"
-            host = url.hostname
-            if url.scheme not in ("http", "https") or host is None:
-                raise _Fallback(f"not an http(s) URL: {url.scheme}")
-            port = url.port or (443 if tls else 80)
-            target = f"{url.path}?{url.query}" if url.query else url.path
-            netloc = url.netloc.rpartition("@")[2]  # (userinfo is not sent: obstore's job)
-            head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: hostd\r\n"
-            if span is not None:
-                head += f"Range: bytes={span[0]}-{span[0] + span[1] - 1}\r\n"
-            request = (head + "\r\n").encode("ascii")
             loop = asyncio.get_running_loop()
-            job = loop.run_in_executor(
-                self._threads, self._fetch, (host, port, tls), request, cap, span, abort
-            )
+            job = loop.run_in_executor(self._threads, self._fetch, key, cap, span, abort)
             try:
                 data = await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -176,16 +160,11 @@ class FastGet:
         self._misses = 0
         return data
 
-    def _fetch(
-        self,
-        where: tuple[str, int, bool],
-        request: bytes,
-        cap: int,
-        span: tuple[int, int] | None,
-        abort: _Abort,
-    ) -> memoryview:
-        """One request and its answer (blocking). A pooled connection that turns out closed
-        is replaced by a fresh one, once (its server may have dropped it while idle)."""
+    def _fetch(self, key: str, cap: int, span: tuple[int, int] | None, abort: _Abort) -> memoryview:
+        """One request and its answer (blocking, signing included: a thread's work, not the
+        loop's). A pooled connection that turns out closed is replaced by a fresh one, once
+        (its server may have dropped it while idle)."""
+        where, request = self._request(key, span)
         while True:
             sock = self._take(where)
             fresh = sock is None
@@ -211,6 +190,26 @@ class FastGet:
             else:
                 sock.close()
             return data
+
+    def _request(
+        self, key: str, span: tuple[int, int] | None
+    ) -> tuple[tuple[str, int, bool], bytes]:
+        """Where to send the GET of `key`, and its bytes."""
+        try:
+            url = urlsplit(self._url_of(key))
+        except Exception as e:  # signing failed (credentials): obstore says how
+            raise _Fallback(f"no URL for {key}: {e}") from None
+        tls = url.scheme == "https"
+        host = url.hostname
+        if url.scheme not in ("http", "https") or host is None:
+            raise _Fallback(f"not an http(s) URL: {url.scheme}")
+        port = url.port or (443 if tls else 80)
+        target = f"{url.path}?{url.query}" if url.query else url.path
+        netloc = url.netloc.rpartition("@")[2]  # (userinfo is not sent: obstore's job)
+        head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: hostd\r\n"
+        if span is not None:
+            head += f"Range: bytes={span[0]}-{span[0] + span[1] - 1}\r\n"
+        return (host, port, tls), (head + "\r\n").encode("ascii")
 
     def _take(self, where: tuple[str, int, bool]) -> socket.socket | None:
         with self._lock:
