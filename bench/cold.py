@@ -26,6 +26,7 @@ started before the timer):
   disk-auto-nobody  one tier disk (/var/tmp); `--mode auto` by nobody into a directory of
                nobody's on /var/tmp: links, each byte written once (and synced)  vs s5cmd
   CASE/obstore the hostd CASE with HOSTD_FAST_GET=0: every origin read through obstore
+  CASE/malloc  the hostd CASE with glibc's own malloc thresholds (memory.tune_malloc off)
 Only the client's process is timed (`hostd restore`, its interpreter's start included; s5cmd
 whole). Per run: wall time; CPU seconds of the client (wait4) plus, for hostd, of the daemon
 and its helper processes (utime+stime+cutime+cstime over the process tree in /proc, a delta
@@ -560,9 +561,11 @@ class Bench:
         mem_tier = {"name": "mem", "path": str(mem), "budget": 2 * self.size}
         disk_tier = {"name": "disk", "path": str(tier_disk), "budget": max(4 * GiB, 2 * self.size)}
         owned: Path | None = None
-        # CASE/obstore: the same with every origin read through obstore (HOSTD_FAST_GET=0)
+        # CASE/obstore: the same with every origin read through obstore (HOSTD_FAST_GET=0);
+        # CASE/malloc: with glibc's own malloc thresholds (an empty GLIBC_TUNABLES makes
+        # memory.tune_malloc leave them)
         case, _, variant = case.partition("/")
-        env = {"HOSTD_FAST_GET": "0"} if variant == "obstore" else None
+        env = {"obstore": {"HOSTD_FAST_GET": "0"}, "malloc": {"GLIBC_TUNABLES": ""}}.get(variant)
         if case == "copy":
             tiers, mode, target = [mem_tier, disk_tier], "copy", self.fresh(self.disk, "out")
         elif case == "disk-only":
@@ -762,7 +765,8 @@ def main() -> int:
     ap.add_argument("--profiler", choices=("perf", "py-spy"), default="perf")
     args = ap.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted({c.removesuffix("/obstore") for c in cases} - set(CASES))
+    variants = {c.partition("/")[2] for c in cases} - {"", "obstore", "malloc"}
+    unknown = sorted({c.partition("/")[0] for c in cases} - set(CASES)) + sorted(variants)
     if unknown or not cases:
         ap.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
     size = parse_size(args.size, "--size")

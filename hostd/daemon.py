@@ -45,7 +45,7 @@ from hostd.fill import Filler
 from hostd.hostfacts import HostFacts, detect_bounded, detect_timeout
 from hostd.index import Index
 from hostd.lock import CacheLocks
-from hostd.memory import Trimmer
+from hostd.memory import Trimmer, tune_malloc
 from hostd.metrics import HostCollector, Metrics, PeerCollector, StateCollector
 from hostd.origin import Origin
 from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
@@ -645,9 +645,12 @@ SWITCH_INTERVAL = 0.001
 
 def _tune_interpreter() -> None:
     """Collect rarely (GC_YOUNG) and hand the GIL over sooner (SWITCH_INTERVAL). What
-    start-up makes is frozen out of every collection once the cache is loaded."""
+    start-up makes is frozen out of every collection once the cache is loaded. Reuse freed
+    buffers (memory.tune_malloc)."""
     gc.set_threshold(GC_YOUNG, 50, 100)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    if not tune_malloc():
+        log.debug("memory: malloc's thresholds left as they are")
 
 
 def _raise_open_files_limit() -> None:
