@@ -54,6 +54,9 @@ SIGNED_FOR = timedelta(minutes=15)  # a signed URL is used at once; the clock ma
 # proxy, other certificates, HTTP/2 only, and obstore alone talks to the origin).
 PLAIN_OPTIONS = frozenset({"timeout", "connect_timeout", "allow_http"})
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+# Store settings that put headers on every GET (a requester-pays bucket, customer-provided
+# encryption keys): a signed URL alone would be refused, so obstore does those reads.
+HEADER_SETTINGS = ("request_payer", "sse_customer", "sse_c_")
 DISABLE = "HOSTD_FAST_GET"  # "0" in the environment: obstore for every read
 
 
@@ -76,13 +79,19 @@ def for_store(
     environ: Mapping[str, str],
     *,
     threads: int = 16,
+    config: Mapping[str, str] | None = None,
 ) -> FastGet | None:
     """The fast path for an origin's store, or None where obstore must do every read: a
-    local store, client options beyond PLAIN_OPTIONS, a proxy in the environment, or
-    HOSTD_FAST_GET=0. `threads`: requests at once (the origin's own limit)."""
+    local store, client options beyond PLAIN_OPTIONS, store `config` in HEADER_SETTINGS (or
+    such AWS_ variables), a proxy in the environment, or HOSTD_FAST_GET=0. `threads`:
+    requests at once (the origin's own limit)."""
     if environ.get(DISABLE) == "0":
         return None
     if set(client) - PLAIN_OPTIONS:
+        return None
+    names = [k.lower() for k in (config or {})]
+    names += [k.lower() for k in environ if k.startswith("AWS_")]
+    if any(h in n for n in names for h in HEADER_SETTINGS):
         return None
     if any(environ.get(v) or environ.get(v.upper()) for v in PROXY_VARIABLES):
         return None

@@ -460,9 +460,9 @@ class Origin:
         self._fast: fastget.FastGet | None = None
         scheme = urlsplit(url).scheme.lower()
         if scheme in _REMOTE_SCHEMES:
-            _, client = _split_options(scheme, options, timeout, os.environ)
+            config, client = _split_options(scheme, options, timeout, os.environ)
             self._fast = fastget.for_store(
-                self._store, url, client, os.environ, threads=concurrency
+                self._store, url, client, os.environ, threads=concurrency, config=config
             )
         self._ranges = True  # until the server shows it cannot answer a range
         self._sem = asyncio.Semaphore(concurrency)

@@ -250,6 +250,8 @@ async def test_s3_reads_are_signed_urls_through_the_fast_path(s3_server: S3Bucke
         ({"HTTPS_PROXY": "http://proxy:3128"}, {}),
         ({"http_proxy": "http://proxy:3128"}, {}),
         ({}, {"allow_invalid_certificates": "true"}),
+        ({}, {"request_payer": "true"}),
+        ({"AWS_SSE_CUSTOMER_KEY_BASE64": "a2V5"}, {}),
     ],
 )
 def test_obstore_alone_where_its_requests_are_not_plain(
@@ -259,9 +261,15 @@ def test_obstore_alone_where_its_requests_are_not_plain(
         monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    o = Origin("http://127.0.0.1:9/o", options, retry=FAST)
-    assert o._fast is None
+    s3 = {
+        "endpoint": "http://127.0.0.1:9",
+        "region": "us-east-1",
+        "access_key_id": "k",
+        "secret_access_key": "s",
+    }
+    assert Origin("s3://b/o", {**s3, **options}, retry=FAST)._fast is None
     monkeypatch.undo()
+    assert Origin("s3://b/o", s3, retry=FAST)._fast is not None
     assert Origin("http://127.0.0.1:9/o", {}, retry=FAST)._fast is not None
     assert Origin("file:///nonexistent/o", {}, retry=FAST)._fast is None
 
