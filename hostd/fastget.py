@@ -119,10 +119,9 @@ class FastGet:
     def __init__(
         self, url_of: Callable[[str], str], *, threads: int, timeout: float = 60.0
     ) -> None:
-        """`url_of(key)`: the URL to GET (blocking; called on the request's thread);
-        `threads`: requests at once; `timeout`: a
-        socket's, a backstop (the caller's own deadline cancels first, and shuts the socket
-        down)."""
+        """`url_of(key)`: the URL to GET (blocking; called on the request's thread).
+        `threads`: requests at once. `timeout`: a socket's, a backstop (the caller's own
+        deadline cancels first, and shuts the socket down)."""
         self._url_of = url_of
         self._timeout = timeout
         self._idle: dict[tuple[str, int, bool], list[socket.socket]] = {}
@@ -171,8 +170,8 @@ class FastGet:
 
     def _fetch(self, key: str, cap: int, span: tuple[int, int] | None, abort: _Abort) -> memoryview:
         """One request and its answer (blocking, signing included: a thread's work, not the
-        loop's). A pooled connection that turns out closed is replaced by a fresh one, once
-        (its server may have dropped it while idle)."""
+        loop's). A pooled connection that turns out closed before any byte of its answer is
+        dropped for the next one, then a fresh one (a server drops idle ones at will)."""
         where, request = self._request(key, span)
         while True:
             sock = self._take(where)
