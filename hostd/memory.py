@@ -15,17 +15,20 @@ that, returns the top of an arena), and the next buffer is faulted in and zeroed
 of the daemon's CPU in a cold restore. `tune_malloc` fixes both thresholds at start, so
 buffers are reused from the arenas; the idle trim above still gives the memory back.
 
-Where the C library has no malloc_trim or mallopt (musl), this does nothing.
+Where the C library has no malloc_trim or mallopt (musl), this does nothing. Both come from
+the process's own libc handle (hostd.fileio.libc): no library search at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
+
+from hostd.fileio import libc
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,8 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
     """Fix glibc's mmap and trim thresholds (see the module's doc); whether it did."""
     if any(v in environ for v in MALLOC_VARIABLES):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -60,16 +59,13 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    fn: Any = getattr(libc, "malloc_trim", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
-    return fn  # a ctypes call releases the GIL while it runs
+    trim: Callable[[int], int] = fn  # a ctypes call releases the GIL while it runs
+    return trim
 
 
 def rss_bytes() -> int:

@@ -391,7 +391,9 @@ def _split_options(
 
 def _open_store(
     url: str, options: Mapping[str, str], timeout: float, environ: Mapping[str, str]
-) -> ObjectStore:
+) -> tuple[ObjectStore, dict[str, str], dict[str, Any]]:
+    """The store, with the store config and client options it was opened with (both empty
+    for a local one)."""
     scheme = urlsplit(url).scheme.lower()
     shown = display_url(url)
     try:
@@ -402,9 +404,9 @@ def _open_store(
                     f"a {scheme}:// origin takes no options, got {sorted(options)}",
                 )
             if scheme == "memory":
-                return MemoryStore()
+                return MemoryStore(), {}, {}
             # mkdir: the default origin lives under $XDG_DATA_HOME and may not exist yet.
-            return LocalStore.from_url(url, mkdir=True)
+            return LocalStore.from_url(url, mkdir=True), {}, {}
         if scheme not in _REMOTE_SCHEMES:
             raise ConfigError(
                 "origin",
@@ -414,13 +416,14 @@ def _open_store(
         # The option keys are only known at run time (obstore checks them), so the typed
         # per-store overloads of from_url cannot apply.
         open_url: Callable[..., ObjectStore] = from_url
-        return open_url(
+        store = open_url(
             url,
             config=config or None,
             client_options=client,
             # Retries are ours (counted, jittered on the injected rng and sleep).
             retry_config={"max_retries": 0},
         )
+        return store, config, client
     except ConfigError:
         raise
     except BaseException as exc:
@@ -449,7 +452,7 @@ class Origin:
         if not timeout > 0:
             raise ValueError(f"origin timeout must be positive, got {timeout}")
         self._url = display_url(url)
-        self._store = _open_store(url, options, timeout, os.environ)
+        self._store, config, client = _open_store(url, options, timeout, os.environ)
         # Plain HTTP has no listing (obstore tries WebDAV PROPFIND, which a static server
         # answers with 405): list_ref says "cannot list" rather than failing.
         self._can_list = not isinstance(self._store, HTTPStore)
@@ -457,13 +460,9 @@ class Origin:
         self._local = isinstance(self._store, LocalStore | MemoryStore)
         # Chunk and pack reads go through fastget first, where obstore's requests would be
         # plain ones (no proxy, no special client options): one copy of each byte, not two.
-        self._fast: fastget.FastGet | None = None
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in _REMOTE_SCHEMES:
-            config, client = _split_options(scheme, options, timeout, os.environ)
-            self._fast = fastget.for_store(
-                self._store, url, client, os.environ, threads=concurrency, config=config
-            )
+        self._fast = fastget.for_store(
+            self._store, url, client, os.environ, threads=concurrency, config=config
+        )
         self._ranges = True  # until the server shows it cannot answer a range
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency

@@ -429,20 +429,16 @@ class Restorer:
         finally:
             await self.spawner.run(fs.close)
         t3 = self.clock()
-        out = {
+        return {
             **self._result(req, f.resolved, outcome, progress),
             "timings": _timings(f.t0, f.t1, f.t2, t3),
         }
-        if outcome.old_tree_left is not None:
-            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
-            out["old_tree_left"] = outcome.old_tree_left
-        return out
 
     def _result(
         self, req: RestoreRequest, res: Resolved, outcome: Outcome, progress: Progress
     ) -> dict[str, Any]:
         m = res.manifest
-        return {
+        out: dict[str, Any] = {
             "snapshot": res.snapshot_id,
             "ref": req.ref,
             "target": str(req.target),
@@ -458,6 +454,10 @@ class Restorer:
             "stale_ref": res.stale,
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
+        if outcome.old_tree_left is not None:
+            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
+            out["old_tree_left"] = outcome.old_tree_left
+        return out
 
     async def _placing(
         self,
@@ -579,9 +579,6 @@ class Restorer:
         out = {**self._result(req, res, outcome, progress), "timings": _timings(t0, t1, t2, t3)}
         if progressive:
             out["progressive"] = True
-        elif outcome.old_tree_left is not None:
-            log.warning("the replaced tree could not be removed: %s", outcome.old_tree_left)
-            out["old_tree_left"] = outcome.old_tree_left
         return out
 
     async def _touch(self, blobs: Iterable[bytes], now: float) -> None:
