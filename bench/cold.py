@@ -27,6 +27,9 @@ started before the timer):
                nobody's on /var/tmp: links, each byte written once (and synced)  vs s5cmd
   CASE/obstore the hostd CASE with HOSTD_FAST_GET=0: every origin read through obstore
   CASE/malloc  the hostd CASE with glibc's own malloc thresholds (memory.tune_malloc off)
+  CASE/perchunk  the hostd CASE restoring the same tree published with pack_size = 0: each
+               large file's chunk an object of its own, a GET per chunk (the layout before
+               packs of large files)
 Only the client's process is timed (`hostd restore`, its interpreter's start included; s5cmd
 whole). Per run: wall time; CPU seconds of the client (wait4) plus, for hostd, of the daemon
 and its helper processes (utime+stime+cutime+cstime over the process tree in /proc, a delta
@@ -75,6 +78,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 KiB = 1 << 10
 REF = "bench/cold"
+REF_PERCHUNK = "bench/cold-perchunk"  # the same tree, published with pack_size = 0
 BUCKET = "bench"
 REGION = "us-east-1"
 KEYS = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
@@ -532,6 +536,8 @@ class Bench:
             config["fetch_concurrency"] = self.args.fetch_concurrency
         if self.args.fetch_memory is not None:
             config["fetch_memory"] = self.args.fetch_memory
+        if self.args.fetch_range is not None:
+            config["fetch_range"] = self.args.fetch_range
         return Hostd(
             root,
             origin=f"s3://{BUCKET}/hostd",
@@ -563,8 +569,10 @@ class Bench:
         owned: Path | None = None
         # CASE/obstore: the same with every origin read through obstore (HOSTD_FAST_GET=0);
         # CASE/malloc: with glibc's own malloc thresholds (an empty GLIBC_TUNABLES makes
-        # memory.tune_malloc leave them)
+        # memory.tune_malloc leave them); CASE/perchunk: the tree published without packs of
+        # large files
         case, _, variant = case.partition("/")
+        ref = REF_PERCHUNK if variant == "perchunk" else REF
         env = {"obstore": {"HOSTD_FAST_GET": "0"}, "malloc": {"GLIBC_TUNABLES": ""}}.get(variant)
         if case == "copy":
             tiers, mode, target = [mem_tier, disk_tier], "copy", self.fresh(self.disk, "out")
@@ -576,7 +584,7 @@ class Bench:
         else:  # auto-nobody: onto the mem tier's filesystem, asked by nobody
             owned = self.fresh(self.shm, "home")
             tiers, mode, target = [mem_tier], "auto", owned / "out"
-        cmd = [*self.cli, "restore", REF, str(target), "--mode", mode, "--json"]
+        cmd = [*self.cli, "restore", ref, str(target), "--mode", mode, "--json"]
         try:
             with self.daemon(root, tiers, env) as h:
                 assert h.proc is not None
@@ -638,12 +646,14 @@ class Bench:
         return self.s5cmd(case) if case.startswith("s5cmd") else self.hostd(case)
 
 
-def publish(b: Bench, src: Path) -> dict[str, Any]:
+def publish(b: Bench, src: Path, ref: str, pack_size: str | None) -> dict[str, Any]:
     root, tier = b.fresh(b.disk, "pub"), b.fresh(b.disk, "pubtier")
     try:
         extra = {"chunk_size": b.args.chunk_size} if b.args.chunk_size else {}
+        if pack_size is not None:
+            extra["pack_size"] = pack_size
         with b.daemon(root, [{"name": "disk", "path": str(tier), "budget": "64GiB"}], **extra) as h:
-            cmd = [*b.cli, "publish", str(src), "--ref", REF, "--json", "--socket", str(h.socket)]
+            cmd = [*b.cli, "publish", str(src), "--ref", ref, "--json", "--socket", str(h.socket)]
             t = check(run_timed(cmd), "hostd publish", h.log())
         out: dict[str, Any] = json.loads(t.out)
         out["seconds"] = t.wall
@@ -747,6 +757,8 @@ def main() -> int:
     ap.add_argument("--fetch-concurrency", type=int, help="the daemons' fetch_concurrency")
     ap.add_argument("--fetch-memory", help="the daemons' fetch_memory, e.g. 64MiB")
     ap.add_argument("--chunk-size", help="the publishing daemon's chunk_size, e.g. 16MiB")
+    ap.add_argument("--pack-size", help="the publishing daemon's pack_size, e.g. 16MiB")
+    ap.add_argument("--fetch-range", help="the daemons' fetch_range, e.g. 16MiB")
     ap.add_argument(
         "--huge",
         action="store_true",
@@ -765,7 +777,7 @@ def main() -> int:
     ap.add_argument("--profiler", choices=("perf", "py-spy"), default="perf")
     args = ap.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    variants = {c.partition("/")[2] for c in cases} - {"", "obstore", "malloc"}
+    variants = {c.partition("/")[2] for c in cases} - {"", "obstore", "malloc", "perchunk"}
     unknown = sorted({c.partition("/")[0] for c in cases} - set(CASES)) + sorted(variants)
     if unknown or not cases:
         ap.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
@@ -804,7 +816,9 @@ def main() -> int:
         weed = stack.enter_context(Weed(weed_bin, s5cmd_bin, disk / "weed"))
         b = Bench(args, weed, disk, shm, tree, total)
         up = check(weed.s5cmd("cp", f"{src}/", f"s3://{BUCKET}/plain/"), "s5cmd cp (upload)")
-        pub = publish(b, src)
+        pub = publish(b, src, REF, args.pack_size)
+        if any(c.endswith("/perchunk") for c in cases):
+            publish(b, src, REF_PERCHUNK, "0")
         print(f"uploaded in {up.wall:.1f}s, published in {pub['seconds']:.1f}s", file=sys.stderr)
 
         runs: list[dict[str, Any]] = []
@@ -836,6 +850,8 @@ def main() -> int:
             "rounds": args.rounds,
             "cases": cases,
             "fetch_concurrency": args.fetch_concurrency,
+            "fetch_range": args.fetch_range,
+            "pack_size": args.pack_size,
             "page_cache": b.how_dropped,
             "huge": args.huge,
             "weed": version([weed_bin, "version"]),

@@ -51,6 +51,8 @@ DEFAULT_COMPAT_FACTS = compat.COMPILE_CACHE_FACTS  # the compile-cache kind's
 DEFAULT_TIER_BUDGET = "50%"
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
+MAX_FETCH_RANGE = 1024 * 1024 * 1024
+MAX_PACK_SIZE = 1024 * 1024 * 1024
 
 # The keys the loader accepts, per table. tests/test_config.py checks that config/hostd.toml
 # documents exactly these and that they match the dataclass fields below.
@@ -66,7 +68,9 @@ TOP_KEYS = (
     "chunk_size",
     "fetch_concurrency",
     "fetch_memory",
+    "fetch_range",
     "upload_concurrency",
+    "pack_size",
     "retries",
     "retry_base",
     "retry_max",
@@ -170,7 +174,9 @@ class Config:
     chunk_size: int
     fetch_concurrency: int
     fetch_memory: int
+    fetch_range: int
     upload_concurrency: int
+    pack_size: int
     retries: int
     retry_base: float
     retry_max: float
@@ -326,6 +332,15 @@ def _build(
         raise ConfigError(
             "fetch_memory", "must be at least 64KiB (one chunk is let through anyway)"
         )
+    fetch_range = parse_size(_size_value(get("fetch_range", "64MiB"), "fetch_range"), "fetch_range")
+    if fetch_range > MAX_FETCH_RANGE:
+        raise ConfigError("fetch_range", "must be at most 1GiB (0: one chunk a request)")
+    pack_size = parse_size(_size_value(get("pack_size", "64MiB"), "pack_size"), "pack_size")
+    if pack_size and not MIN_CHUNK_SIZE <= pack_size <= MAX_PACK_SIZE:
+        raise ConfigError(
+            "pack_size",
+            "must be 0 (large files' chunks stay objects of their own) or 64KiB to 1GiB",
+        )
     max_request_body = parse_size(
         _size_value(get("max_request_body", "1MiB"), "max_request_body"), "max_request_body"
     )
@@ -351,7 +366,9 @@ def _build(
         chunk_size=chunk_size,
         fetch_concurrency=_int(get("fetch_concurrency", 16), "fetch_concurrency", 1, 1024),
         fetch_memory=fetch_memory,
+        fetch_range=fetch_range,
         upload_concurrency=_int(get("upload_concurrency", 16), "upload_concurrency", 1, 1024),
+        pack_size=pack_size,
         retries=_int(get("retries", 5), "retries", 1, 100),
         retry_base=retry_base,
         retry_max=retry_max,

@@ -103,6 +103,7 @@ class Daemon:
             self.fetcher,
             workers=config.fetch_concurrency,
             memory=config.fetch_memory,
+            fetch_range=config.fetch_range,
         )
         self.cache.busy = self.filler.filling  # partial blobs a fill holds are not evicted
         if self.peers is not None:
@@ -125,6 +126,7 @@ class Daemon:
             compress=config.compress,
             min_saving=config.compress_min_saving,
             upload_concurrency=config.upload_concurrency,
+            pack_size=config.pack_size,
             resolver=resolver,
             storage=self.storage,
             spawner=self.spawner,

@@ -37,13 +37,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import obstore
 from obstore.store import AzureStore, GCSStore, HTTPStore, ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is not a plain answer
 IDLE_PER_HOST = 32  # keep-alive connections kept per host
@@ -145,7 +147,7 @@ class FastGet:
         """The object's body (`span`: its `length` bytes from `offset`, as a 206), or None:
         ask obstore. Oversized if the stated size is over `cap` (a span's own length must
         fit it too)."""
-        if time.monotonic() < self._off_until:
+        if not self.on:
             return None
         abort = _Abort()
         try:
@@ -157,21 +159,39 @@ class FastGet:
                 abort.now()  # the thread's receive returns at once; its socket is dropped
                 raise
         except _Fallback as e:
-            self.fallbacks += 1
-            self._misses += 1
-            if self._misses >= OFF_AFTER:
-                self._off_until = time.monotonic() + OFF_FOR
-                self._misses = 0
-                log.info("origin reads go through obstore for %.0fs: %s", OFF_FOR, e)
+            self._missed(e)
             return None
-        self.taken += 1
-        self._misses = 0
+        self._took()
         return data
 
     def _fetch(self, key: str, cap: int, span: tuple[int, int] | None, abort: _Abort) -> memoryview:
         """One request and its answer (blocking, signing included: a thread's work, not the
-        loop's). A pooled connection that turns out closed before any byte of its answer is
-        dropped for the next one, then a fresh one (a server drops idle ones at will)."""
+        loop's)."""
+        sock, where, length, keep, early = self._open(key, cap, span, abort)
+        try:
+            body = bytearray(length)
+            body[: len(early)] = early
+            view = memoryview(body)
+            _receive(sock, view[len(early) :])
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            abort.hold(None)
+        if keep:
+            self._give(where, sock)
+        else:
+            sock.close()
+        return view
+
+    def _open(
+        self, key: str, cap: int, span: tuple[int, int] | None, abort: _Abort
+    ) -> tuple[socket.socket, tuple[str, int, bool], int, bool, memoryview]:
+        """Send the GET of `key` and receive its answer's head (blocking): the connection,
+        held by `abort`, where it goes back to, the body's length, whether the connection may
+        carry another request, and the body's first bytes. A pooled connection that turns
+        out closed before any byte of its answer is dropped for the next one, then a fresh
+        one (a server drops idle ones at will)."""
         where, request = self._request(key, span)
         while True:
             sock = self._take(where)
@@ -182,22 +202,40 @@ class FastGet:
                 sock.close()
                 raise _Fallback("cancelled")
             try:
-                data, keep = _exchange(sock, request, cap, span)
+                length, keep, early = _head(sock, request, cap, span)
             except _Stale as e:
+                abort.hold(None)
                 sock.close()
                 if fresh:
                     raise _Fallback(str(e)) from None
                 continue
             except BaseException:
+                abort.hold(None)
                 sock.close()
                 raise
-            finally:
-                abort.hold(None)
-            if keep:
-                self._give(where, sock)
-            else:
-                sock.close()
-            return data
+            return sock, where, length, keep, early
+
+    def stream(self, key: str, offset: int, length: int) -> Stream:
+        """A ranged GET of `length` bytes at `offset` of `key`, to be received a piece at a
+        time (Stream.open, then Stream.read)."""
+        return Stream(self, key, offset, length)
+
+    def _missed(self, why: _Fallback) -> None:
+        self.fallbacks += 1
+        self._misses += 1
+        if self._misses >= OFF_AFTER:
+            self._off_until = time.monotonic() + OFF_FOR
+            self._misses = 0
+            log.info("origin reads go through obstore for %.0fs: %s", OFF_FOR, why)
+
+    def _took(self) -> None:
+        self.taken += 1
+        self._misses = 0
+
+    @property
+    def on(self) -> bool:
+        """False while fallbacks have turned this path off (OFF_FOR)."""
+        return time.monotonic() >= self._off_until
 
     def _request(
         self, key: str, span: tuple[int, int] | None
@@ -267,6 +305,123 @@ class FastGet:
         self._threads.shutdown(wait=False)
 
 
+class Broken(Exception):
+    """A stream's connection failed after its answer was taken: the bytes not yet read
+    must be asked for again (obstore's retries are not behind this path)."""
+
+
+class Stream:
+    """A ranged GET whose body is received a piece at a time, each piece into a buffer of
+    its own and handed, on the receiving thread, to the caller's `then` (a pack run's
+    chunks: each verified as it lands, and no more of the body held than the piece being
+    read). The connection is held between pieces, and goes back to the pool once the whole
+    range is read. Not for two reads at once."""
+
+    def __init__(self, fast: FastGet, key: str, offset: int, length: int) -> None:
+        self._fast = fast
+        self._key = key
+        self._span = (offset, length)
+        self._abort = _Abort()
+        self._sock: socket.socket | None = None
+        self._where: tuple[str, int, bool] | None = None
+        self._keep = False
+        self._early = memoryview(b"")  # body bytes that came with the head
+        self.left = length  # body bytes not read yet
+        self._busy: asyncio.Future[Any] | None = None  # a thread's job on the socket
+
+    def __repr__(self) -> str:
+        return f"Stream({self._key}, {self._span}, left={self.left})"
+
+    async def open(self) -> bool:
+        """Send the request and take the answer's head: False if it is not a plain answer
+        (then ask obstore); Oversized if it states more than the range."""
+        if not self._fast.on:
+            return False
+        try:
+            opened = await self._run(
+                self._fast._open, self._key, self._span[1], self._span, self._abort
+            )
+        except _Fallback as e:
+            self._fast._missed(e)
+            return False
+        self._sock, self._where, _, self._keep, self._early = opened
+        self._abort.hold(None)
+        self._fast._took()
+        return True
+
+    async def read(self, n: int, then: Callable[[memoryview], T]) -> T:
+        """The range's next `n` bytes, received into a buffer of their own and passed to
+        `then` on the receiving thread; its result. Broken if the connection fails: the
+        stream is done, and those bytes were not read."""
+        if n > self.left:
+            raise ValueError(f"{n} bytes asked of a stream with {self.left} left")
+        if self._sock is None:
+            raise Broken("the stream is closed")
+        try:
+            got: T = await self._run(self._piece, n, then)
+        except _Fallback as e:
+            self._drop()
+            raise Broken(str(e)) from None
+        return got
+
+    def _piece(self, n: int, then: Callable[[memoryview], T]) -> T:
+        sock = self._sock
+        assert sock is not None
+        buf = memoryview(bytearray(n))
+        early = len(self._early)
+        k = min(early, n)
+        buf[:k] = self._early[:k]
+        self._early = self._early[k:]
+        if not self._abort.hold(sock):
+            raise _Fallback("cancelled")
+        try:
+            _receive(sock, buf[k:])
+        finally:
+            self._abort.hold(None)
+        self.left -= n
+        return then(buf)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        job = asyncio.get_running_loop().run_in_executor(self._fast._threads, fn, *args)
+        self._busy = job
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            self._abort.now()  # the thread's receive returns at once
+            self._drop()
+            raise
+        finally:
+            self._busy = None
+
+    def close(self) -> None:
+        """Give the connection back if the whole range was read; else drop it."""
+        if self.left == 0 and self._keep and self._sock is not None and self._where is not None:
+            self._fast._give(self._where, self._sock)
+            self._sock = None
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection: now, or once the thread that uses it is done with it."""
+        sock, self._sock = self._sock, None
+        self._abort.now()
+        busy = self._busy
+        if busy is None or busy.done():
+            if sock is not None:
+                sock.close()
+            return
+
+        def closing(job: asyncio.Future[Any]) -> None:
+            if sock is not None:
+                sock.close()
+            if not job.cancelled() and job.exception() is None:
+                got = job.result()
+                if isinstance(got, tuple) and isinstance(got[0], socket.socket):
+                    got[0].close()  # an open that finished after its caller left
+
+        busy.add_done_callback(closing)
+
+
 class _Stale(Exception):
     """The connection closed before any byte of the answer."""
 
@@ -309,6 +464,20 @@ def _exchange(
 ) -> tuple[memoryview, bool]:
     """Send `request`, receive a plain answer: its body and whether the connection may
     carry another (blocking)."""
+    length, keep, early = _head(sock, request, cap, span)
+    body = bytearray(length)
+    body[: len(early)] = early
+    view = memoryview(body)
+    _receive(sock, view[len(early) :])
+    return view, keep
+
+
+def _head(
+    sock: socket.socket, request: bytes, cap: int, span: tuple[int, int] | None
+) -> tuple[int, bool, memoryview]:
+    """Send `request` and receive a plain answer's head: the body's length, whether the
+    connection may carry another, and the body's first bytes that came with the head
+    (blocking)."""
     scratch = bytearray(MAX_HEAD)
     n = 0
     try:
@@ -328,24 +497,24 @@ def _exchange(
             raise _Stale(f"before the answer: {e}") from None
         raise _Fallback(f"receiving the head: {e}") from None
     length, keep = _parse(bytes(scratch[:end]), cap, span)
-    rest = n - (end + 4)
-    if rest > length:
+    if n - (end + 4) > length:
         raise _Fallback("more bytes than the stated length")
-    body = bytearray(length)
-    body[:rest] = scratch[end + 4 : n]
-    view = memoryview(body)
-    got = rest
-    # The rest of the body in one receive where it can be (TLS reads a record at a time).
+    return length, keep, memoryview(scratch)[end + 4 : n]
+
+
+def _receive(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`: in one receive where it can be (TLS reads a record at a
+    time); _Fallback if the connection fails or closes first (blocking)."""
     flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+    got = 0
     try:
-        while got < length:
-            k = sock.recv_into(view[got:], length - got, flags)
+        while got < len(view):
+            k = sock.recv_into(view[got:], len(view) - got, flags)
             if k == 0:
                 raise _Fallback("closed mid-body")
             got += k
     except OSError as e:
         raise _Fallback(f"receiving the body: {e}") from None
-    return view, keep
 
 
 def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bool]:

@@ -10,6 +10,8 @@ is owned by the fetcher and cancelled when its last waiter leaves.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import heapq
 import itertools
@@ -18,10 +20,11 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from hostd.core.manifest import Chunk
 from hostd.errors import ChunkCorrupt, ChunkMissing
-from hostd.sources import BatchSource, ChunkSource
+from hostd.sources import BatchSource, ChunkRun, ChunkSource, adjacent
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,58 @@ class PriorityLimiter:
         self.active -= 1
 
 
+class ByteBudget:
+    """Bytes held at once, whatever the number of requests: `take(n)` waits until n more
+    fit under the limit (first come, first served), `give(n)` hands them back. A take larger
+    than the whole limit is let through alone, when nothing else is held, so no request can
+    wait forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"ByteBudget({self.held}/{self.limit}, waiting={len(self._waiting)})"
+
+    async def take(self, n: int) -> None:
+        if not self._waiting and self._fits(n):
+            self.held += n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiting.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give(n)  # granted as we were cancelled: hand it on
+            else:
+                with contextlib.suppress(ValueError):  # (_wake may have dropped it)
+                    self._waiting.remove(entry)
+                self._wake()  # those behind us may fit now
+            raise
+
+    def give(self, n: int) -> None:
+        self.held -= n
+        self._wake()
+
+    def _fits(self, n: int) -> bool:
+        return self.held + n <= self.limit or self.held == 0
+
+    def _wake(self) -> None:
+        while self._waiting:
+            n, fut = self._waiting[0]
+            if fut.done():  # cancelled, its task not yet told
+                self._waiting.popleft()
+                continue
+            if not self._fits(n):
+                return
+            self._waiting.popleft()
+            self.held += n
+            fut.set_result(None)
+
+
 @dataclass
 class FetchStats:
     chunks: Counter[str] = field(default_factory=Counter)
@@ -76,6 +131,13 @@ class FetchStats:
     missing: Counter[str] = field(default_factory=Counter)
     corrupt: Counter[str] = field(default_factory=Counter)
     joins: int = 0
+
+
+@runtime_checkable
+class RangedSource(BatchSource, Protocol):
+    """A source that reads adjacent packed chunks with one request (the origin)."""
+
+    def ranged(self, chunks: Sequence[Chunk]) -> ChunkRun: ...
 
 
 Landed = tuple[bytes | memoryview, str]
@@ -98,6 +160,12 @@ class Fetcher:
             [s for s in self.sources if isinstance(s, BatchSource)]
             if all(isinstance(s, BatchSource) for s in self.sources)
             else None
+        )
+        # The last source, where it reads adjacent packed chunks with one request and every
+        # source answers batches (no peers: they answer a chunk at a time); else None.
+        last = self.sources[-1] if self.sources else None
+        self._ranged = (
+            last if self._batched is not None and isinstance(last, RangedSource) else None
         )
         self.limiter = PriorityLimiter(concurrency)
         self.stats = FetchStats()
@@ -198,6 +266,168 @@ class Fetcher:
             for fl in flights:
                 self._leave(fl)
 
+    @property
+    def streams(self) -> bool:
+        """Whether `streaming` reads runs of adjacent packed chunks with one request."""
+        return self._ranged is not None
+
+    async def streaming(
+        self, chunks: Sequence[Chunk], priority: Priority, budget: ByteBudget
+    ) -> AsyncGenerator[tuple[int, Landed | BaseException, int], None]:
+        """`get` for a run of packed chunks in pack order, most `adjacent` to the one before
+        (a large file's, where `streams`; a gap starts another ranged GET): yields (index,
+        outcome, held) in order, the outcome as `landing`'s, `held` the bytes of `budget`
+        taken for it, which the caller gives back once done with the bytes. Use it under
+        contextlib.aclosing.
+
+        Each chunk has its own flight, as with `get`: one in the air is joined, and anyone
+        asking for one of these meanwhile joins it. The run's own chunks that no local blob
+        holds are read from the origin with one ranged GET, received a chunk at a time and
+        only when the caller asks for the next one: a chunk's share of `budget` is taken
+        (then a limiter slot, as `get` does) before its bytes are received, so a run holds
+        one chunk's bytes at a time, and no more than `budget` is held whatever the number
+        of runs. A chunk joined from another flight takes none: waiting on a flight while
+        holding some could starve that flight's own reader of it."""
+        ranged = self._ranged
+        batched = self._batched
+        assert ranged is not None
+        assert batched is not None
+        loop = asyncio.get_running_loop()
+        flights: list[_Flight | None] = []  # None once left (its bytes are the caller's)
+        owned: list[int] = []  # the chunks whose flights this run settles
+        for i, c in enumerate(chunks):
+            joined, fresh = self._join(c, loop.create_future)
+            flights.append(joined)
+            if fresh:
+                owned.append(i)
+        problems: dict[int, list[str]] = collections.defaultdict(list)
+        run: ChunkRun | None = None
+        run_to = -1  # the last chunk `run` reads
+        try:
+            remote: set[int] = set()  # owned, and in no local blob
+            if owned:
+                remote.update(
+                    await self._from_local(batched[:-1], chunks, flights, owned, problems, priority)
+                )
+            for i, c in enumerate(chunks):
+                fl = flights[i]
+                assert fl is not None
+                held = 0
+                if not fl.task.done() and i in remote:
+                    if run is None or i > run_to:
+                        if run is not None:
+                            run.close()
+                        run_to = _run_end(chunks, flights, remote, i)
+                        run = ranged.ranged(chunks[i : run_to + 1])
+                    await budget.take(c.size)
+                    held = c.size
+                    try:
+                        await self._read_next(ranged.name, run, c, fl, problems[i], priority)
+                    except BaseException:
+                        budget.give(held)
+                        raise
+                try:
+                    outcome: Landed | BaseException = await asyncio.shield(fl.task)
+                except asyncio.CancelledError:
+                    if fl.task.cancelled():
+                        budget.give(held)
+                        raise asyncio.CancelledError() from None  # the fetcher is closing
+                    budget.give(held)
+                    raise
+                except Exception as e:
+                    outcome = e
+                # Left at once: the flight, and so the bytes, are not kept for the run.
+                flights[i] = None
+                self._leave(fl)
+                yield i, outcome, held
+                del outcome, fl
+        finally:
+            if run is not None:
+                run.close()
+            for i in owned:
+                left = flights[i]
+                if left is not None and not left.task.done() and left.waiters > 1:
+                    self._hand_over(chunks[i], left, priority)
+            for left in flights:
+                if left is not None:
+                    self._leave(left)
+
+    async def _from_local(
+        self,
+        sources: Sequence[BatchSource],
+        chunks: Sequence[Chunk],
+        flights: list[_Flight | None],
+        owned: list[int],
+        problems: dict[int, list[str]],
+        priority: Priority,
+    ) -> list[int]:
+        """Settle the owned flights whose chunk one of `sources` (local blobs) gives; the
+        others, for the origin (why each was not here is noted in `problems`)."""
+        left = owned
+        for src in sources:
+            if not left:
+                break
+            async with self.limiter.slot(priority):
+                got = await src.get_many([chunks[i] for i in left])
+            keep: list[int] = []
+            for i, r in zip(left, got, strict=True):
+                fl = flights[i]
+                assert fl is not None
+                f = fl.task
+                if isinstance(r, ChunkMissing | ChunkCorrupt):
+                    self._passed(src.name, r, problems[i])
+                    keep.append(i)
+                elif isinstance(r, BaseException):
+                    f.set_exception(r)
+                else:
+                    f.set_result(self._landed_from(src.name, r))
+            left = keep
+        return left
+
+    async def _read_next(
+        self,
+        name: str,
+        run: ChunkRun,
+        chunk: Chunk,
+        fl: _Flight,
+        problems: list[str],
+        priority: Priority,
+    ) -> None:
+        """Receive `run`'s next chunk (`chunk`) under a limiter slot and settle its flight."""
+        fut = fl.task
+        try:
+            async with self.limiter.slot(priority):
+                data = await run.next()
+        except (ChunkMissing, ChunkCorrupt) as e:
+            corrupt = self._passed(name, e, problems)
+            if not fut.done():
+                fut.set_exception(_nowhere(chunk, problems, corrupt))
+        except Exception as e:
+            if not fut.done():
+                fut.set_exception(e)
+        else:
+            if not fut.done():
+                fut.set_result(self._landed_from(name, data))
+
+    def _hand_over(self, chunk: Chunk, fl: _Flight, priority: Priority) -> None:
+        """A run's flight that others wait on, left unread as the run stops: a `get` of its
+        own settles it."""
+        fut = fl.task
+        task = asyncio.create_task(self._load(chunk, priority))
+
+        def settle(t: asyncio.Task[Landed]) -> None:
+            if fut.done():
+                return
+            if t.cancelled():
+                fut.cancel()
+            elif (exc := t.exception()) is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(t.result())
+
+        task.add_done_callback(settle)
+        fut.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
+
     async def _load_many(
         self,
         sources: Sequence[BatchSource],
@@ -278,6 +508,20 @@ class Fetcher:
         for fl in list(self._flights.values()):
             fl.task.cancel()
         await asyncio.gather(*(f.task for f in self._flights.values()), return_exceptions=True)
+
+
+def _run_end(
+    chunks: Sequence[Chunk], flights: Sequence[_Flight | None], remote: set[int], i: int
+) -> int:
+    """The last of the chunks from `i` on that one ranged GET reads: adjacent, each one's
+    flight this run's to settle from the origin (`remote`) and not settled yet."""
+    j = i
+    while j + 1 < len(chunks) and adjacent(chunks[j], chunks[j + 1]) and j + 1 in remote:
+        nxt = flights[j + 1]
+        if nxt is None or nxt.task.done():
+            break
+        j += 1
+    return j
 
 
 def _nowhere(chunk: Chunk, problems: list[str], corrupt: bool) -> ChunkMissing | ChunkCorrupt:

@@ -24,7 +24,6 @@ failure or cancellation it is kept, closed, so the next restore resumes it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import itertools
@@ -39,7 +38,8 @@ from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkCorrupt, ChunkMissing, TierError, first_error
 from hostd.fastcopy import Stat, stat_paths
-from hostd.fetch import Fetcher
+from hostd.fetch import ByteBudget, Fetcher
+from hostd.sources import adjacent
 from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,40 @@ class _Whole:
     source: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Chunks start..stop-1 of a blob, adjacent in one pack; `n` is the first one's place in
+    the fill."""
+
+    entry: FileEntry
+    start: int
+    stop: int
+    n: int
+
+
+def _spans(e: FileEntry, n: int, most: int) -> list[_Span | tuple[FileEntry, int, int]]:
+    """A blob's chunks as the workers take them: spans of adjacent packed chunks, each of
+    at most `most` stored bytes (or one chunk), and each unpacked chunk alone (a GET of its
+    own object)."""
+    out: list[_Span | tuple[FileEntry, int, int]] = []
+    chunks = e.chunks
+    start = size = 0
+    for i, c in enumerate(chunks):
+        if c.packed is None:
+            if i > start:
+                out.append(_Span(e, start, i, n + start))
+            out.append((e, i, n + i))
+            start, size = i + 1, 0
+            continue
+        if i > start and (not adjacent(chunks[i - 1], c) or size + c.packed.length > most):
+            out.append(_Span(e, start, i, n + start))
+            start, size = i, 0
+        size += c.packed.length
+    if start < len(chunks):
+        out.append(_Span(e, start, len(chunks), n + start))
+    return out
+
+
 @dataclass
 class _Open:
     entry: FileEntry
@@ -98,58 +132,8 @@ class _Landed(dict[bytes, Blob]):
 YIELD_EVERY = 256
 # Bytes of fetched chunks the fills hold at once, by default (config `fetch_memory`).
 FETCH_MEMORY = 64 << 20
-
-
-class ByteBudget:
-    """Bytes held at once, whatever the number of requests: `take(n)` waits until n more
-    fit under the limit (first come, first served), `give(n)` hands them back. A take larger
-    than the whole limit is let through alone, when nothing else is held, so no request can
-    wait forever."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    def __repr__(self) -> str:
-        return f"ByteBudget({self.held}/{self.limit}, waiting={len(self._waiting)})"
-
-    async def take(self, n: int) -> None:
-        if not self._waiting and self._fits(n):
-            self.held += n
-            return
-        fut = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiting.append(entry)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.give(n)  # granted as we were cancelled: hand it on
-            else:
-                with contextlib.suppress(ValueError):  # (_wake may have dropped it)
-                    self._waiting.remove(entry)
-                self._wake()  # those behind us may fit now
-            raise
-
-    def give(self, n: int) -> None:
-        self.held -= n
-        self._wake()
-
-    def _fits(self, n: int) -> bool:
-        return self.held + n <= self.limit or self.held == 0
-
-    def _wake(self) -> None:
-        while self._waiting:
-            n, fut = self._waiting[0]
-            if fut.done():  # cancelled, its task not yet told
-                self._waiting.popleft()
-                continue
-            if not self._fits(n):
-                return
-            self._waiting.popleft()
-            self.held += n
-            fut.set_result(None)
+# Bytes of a blob's adjacent packed chunks read with one ranged GET (config `fetch_range`).
+FETCH_RANGE = 64 << 20
 
 
 class Filler:
@@ -161,12 +145,16 @@ class Filler:
         *,
         durability: Durability | None = None,
         memory: int = FETCH_MEMORY,
+        fetch_range: int = FETCH_RANGE,
     ) -> None:
         """`workers` fill at once; `memory` bounds the bytes of fetched chunks that every
-        fill together holds (in flight or waiting to be written)."""
+        fill together holds (in flight or waiting to be written); a worker reads adjacent
+        packed chunks of a blob, up to `fetch_range` bytes, with one ranged GET (where the
+        fetcher `streams`)."""
         self.cache = cache
         self.fetcher = fetcher
         self.workers = workers
+        self.fetch_range = fetch_range
         self.budget = ByteBudget(memory)
         self.durability = durability if durability is not None else Durability(cache)
         self._filling: dict[bytes, asyncio.Future[None]] = {}
@@ -240,13 +228,18 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None = None,
+        *,
+        ordered: bool = False,
     ) -> dict[bytes, Blob]:
         """Make every blob of `entries` complete in one of `tiers`, durable and recorded;
         return where each is. `on_ready(digest, blob)`, where given, hears of each blob as
         soon as it is complete and verified (before its sync), in the order they complete:
-        a progressive restore places its files then. A blob may be announced again."""
+        a progressive restore places its files then. A blob may be announced again.
+        `ordered`: the caller uses the blobs in `entries`' order as they come (a progressive
+        restore), so a large file is read in short spans (the first file then lands after
+        about its own share of the fetch, not the share of all the spans in flight)."""
         try:
-            return await self._ensure(entries, chunk_size, tiers, progress, on_ready)
+            return await self._ensure(entries, chunk_size, tiers, progress, on_ready, ordered)
         except BaseException:
             # What this fill made before an error or a cancel gets its sync now (it runs on,
             # owned by self.durability) rather than at the next fill's.
@@ -260,6 +253,7 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None,
+        ordered: bool,
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found: dict[bytes, Blob] = _Landed(on_ready)
@@ -313,7 +307,7 @@ class Filler:
                     else:
                         found[e.digest] = b
                         self._release(e.digest, claims)  # usable as it is: release it now
-                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made)
+                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made, ordered)
             finally:
                 # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.
@@ -430,6 +424,20 @@ class Filler:
         await self.durability.step()
         return b
 
+    def _span_bytes(self, entries: Sequence[FileEntry], chunk_size: int, ordered: bool) -> int:
+        """How much of a large file one ranged GET reads (0: a chunk at a time). At most
+        `fetch_range`, and short enough that every worker has a span of its own (a restore
+        of less than workers x fetch_range would otherwise run on fewer connections); two
+        chunks where the fill is `ordered`: with a span each in flight, the first file lands
+        after its own share of the fetch plus (workers - 1) spans."""
+        if not self.fetcher.streams or self.fetch_range < 2 * chunk_size:
+            return 0
+        if ordered:
+            return 2 * chunk_size
+        large = sum(e.size for e in entries if len(e.chunks) > 1)
+        share = -(-large // max(self.workers, 1))
+        return max(2 * chunk_size, min(self.fetch_range, share))
+
     async def _fill(
         self,
         entries: Sequence[FileEntry],
@@ -439,14 +447,17 @@ class Filler:
         seq: int,
         claims: dict[bytes, asyncio.Future[None]],
         done: dict[bytes, Blob],
+        ordered: bool = False,
     ) -> None:
         """Fill `entries`' blobs; each one completed goes into `done`."""
         if not entries:
             return
+        span_bytes = self._span_bytes(entries, chunk_size, ordered)
         # What the workers take, in file order: a run of one-chunk blobs (fetched together,
-        # Fetcher.get_many), or one chunk of a larger blob; each with its place in the fill
-        # (the fetch priority).
-        work: list[list[tuple[FileEntry, int]] | tuple[FileEntry, int, int]] = []
+        # Fetcher.get_many), one chunk of a larger blob, or a span of a larger blob's
+        # adjacent packed chunks (one ranged GET, Fetcher.streaming); each with its place in
+        # the fill (the fetch priority).
+        work: list[list[tuple[FileEntry, int]] | tuple[FileEntry, int, int] | _Span] = []
         run: list[tuple[FileEntry, int]] = []
         run_bytes = n = 0
         for e in entries:
@@ -457,6 +468,10 @@ class Filler:
                     work.append(run)
                     run, run_bytes = [], 0
                 n += 1
+                continue
+            if span_bytes:
+                work.extend(_spans(e, n, span_bytes))
+                n += len(e.chunks)
                 continue
             for i in range(len(e.chunks)):
                 work.append((e, i, n))
@@ -580,10 +595,54 @@ class Filler:
             await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
             return src
 
+        async def written(o: _Open, i: int, src: str) -> None:
+            """Chunk i of o's blob is written (from `src`): count it, finish a full blob."""
+            c = o.entry.chunks[i]
+            if not o.finishing:
+                self._written[c.id] = (o.tier.partial_path(o.entry.digest), i * chunk_size, c.size)
+            progress.done_bytes += c.size
+            progress.by_source[src] += c.size
+            o.left -= 1
+            if o.left == 0:
+                await finish(o)
+
+        async def span(item: _Span) -> None:
+            """Adjacent packed chunks of one blob: read in order with one ranged GET, each
+            written as it lands (its share of the budget taken by the fetcher, before its
+            bytes are received, and given back here once they are written)."""
+            e = item.entry
+            o = await get_open(e)
+            if o.left == 0:
+                await finish(o)  # everything was already there (resumed)
+            need = [i for i in range(item.start, item.stop) if not o.blob.have[i]]
+            if not need:
+                return
+            priority = (seq, item.n + need[0] - item.start)
+            chunks = [e.chunks[i] for i in need]
+            async with contextlib.aclosing(
+                self.fetcher.streaming(chunks, priority, self.budget)
+            ) as landing:
+                async for k, r, held in landing:
+                    try:
+                        if isinstance(r, BaseException):
+                            if isinstance(r, (ChunkCorrupt, ChunkMissing)):
+                                raise type(r)(f"file {e.path!r}: {r.message}") from r
+                            raise r
+                        i = need[k]
+                        await asyncio.to_thread(o.blob.write, i, i * chunk_size, r[0])
+                        src = r[1]
+                    finally:
+                        self.budget.give(held)
+                    del r  # the bytes: none are held while the next chunk is awaited
+                    await written(o, i, src)
+
         async def worker() -> None:
             for item in cursor:
                 if isinstance(item, list):
                     await wholes(item)
+                    continue
+                if isinstance(item, _Span):
+                    await span(item)
                     continue
                 e, i, n = item
                 o = await get_open(e)
@@ -599,13 +658,7 @@ class Filler:
                     raise type(err)(f"file {e.path!r}: {err.message}") from err
                 finally:
                     self.budget.give(c.size)
-                if not o.finishing:
-                    self._written[c.id] = (o.tier.partial_path(e.digest), i * chunk_size, c.size)
-                progress.done_bytes += c.size
-                progress.by_source[src] += c.size
-                o.left -= 1
-                if o.left == 0:
-                    await finish(o)
+                await written(o, i, src)
 
         try:
             async with asyncio.TaskGroup() as tg:

@@ -28,10 +28,11 @@ import asyncio
 import contextvars
 import enum
 import http
+import logging
 import os
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 MAX_REF_LEN = 256
 # A ref object holds a 64-hex snapshot id (FORMAT.md section 6), with surrounding whitespace
@@ -586,6 +589,11 @@ class Origin:
         self.stats.bytes_in += length
         return data
 
+    def pack_run(self, pack: bytes, offset: int, length: int, pack_size: int) -> PackRun:
+        """`length` bytes at `offset` of a pack, to be read in order, a piece at a time
+        (PackRun.read): one ranged GET where fastget can take it."""
+        return PackRun(self, pack, offset, length, pack_size)
+
     async def put_pack(self, pack: bytes, data: bytes) -> None:
         await self._put("put pack", _pack_key(pack), data)
 
@@ -846,6 +854,202 @@ class Origin:
                 f"{detail}"
             )
         return OriginError(f"{cause}: {op} {key} at origin {self._url} failed: {detail}")
+
+
+class PackRun:
+    """Adjacent ranges of one pack read in order, a piece at a time: a pack run's chunks.
+
+    Through fastget, the whole run is one ranged GET whose body is received a piece at a
+    time into a buffer of its own, and each piece handed to `then` on the thread that
+    received it (verified there: no hop to another thread). A connection that breaks
+    mid-run, or a piece over the request timeout, reopens the range at the first byte not
+    read, BREAKS times at most. Where fastget is off or cannot take the answer, or the run
+    broke that often, each piece is a ranged GET of its own through obstore
+    (get_pack_range, with its retries): correct, one request a piece, as before packs of
+    large files. A server that does not answer ranges gets one GET of the whole pack for
+    the run, through obstore's stream (the bytes before the run dropped as they come).
+    Holds none of the origin's request slots (the fetcher's limiter bounds runs), and one
+    piece of the body at a time."""
+
+    BREAKS = 2
+
+    def __init__(
+        self, origin: Origin, pack: bytes, offset: int, length: int, pack_size: int
+    ) -> None:
+        self._origin = origin
+        self._pack = pack
+        self._key = _pack_key(pack)
+        self._pos = offset
+        self._end = offset + length
+        self._pack_size = pack_size
+        self._stream: fastget.Stream | _WholePack | None = None
+        self._breaks = 0
+        self._fast = origin._fast is not None  # until fastget cannot take the answer
+
+    def __repr__(self) -> str:
+        return f"PackRun({self._key}, at {self._pos} of [..{self._end}), breaks={self._breaks})"
+
+    async def read(self, n: int, then: Callable[[memoryview], T]) -> T:
+        """`then` of the run's next `n` bytes (its exceptions pass through; the bytes count
+        as read). ChunkMissing for a missing pack, ChunkCorrupt for one shorter than its
+        manifest says, OriginError for an origin that keeps failing."""
+        if n > self._end - self._pos:
+            raise ValueError(f"{n} bytes asked of a pack run with {self._end - self._pos} left")
+        o = self._origin
+        while True:
+            stream = await self._opened()
+            if stream is None:
+                data = await self._piece(n)
+                self._pos += n
+                return then(data) if n <= _INLINE_THEN else await asyncio.to_thread(then, data)
+            try:
+                async with asyncio.timeout(o._timeout):
+                    got = await stream.read(n, then)
+            except (fastget.Broken, TimeoutError) as e:
+                self._breaks += 1
+                self._stream = None
+                stream.close()
+                o.stats.requests_retried += 1
+                log.info(
+                    "%s %s broke at byte %d (%s): asking again", o.url, self._key, self._pos, e
+                )
+                continue
+            finally:
+                if self._stream is stream:
+                    self._pos = self._end - stream.left
+            o.stats.bytes_in += n
+            return got
+
+    async def _piece(self, n: int) -> memoryview:
+        """The next `n` bytes as a ranged GET of their own through obstore."""
+        return await self._origin.get_pack_range(self._pack, self._pos, n, self._pack_size)
+
+    async def _opened(self) -> fastget.Stream | _WholePack | None:
+        """The run's GET, open (None: read the piece through obstore)."""
+        if self._stream is not None:
+            return self._stream
+        o = self._origin
+        if self._breaks >= self.BREAKS:
+            return None
+        if not o._ranges:
+            left = self._end - self._pos
+            whole = _WholePack(o, self._pack, self._pos, left, self._pack_size)
+            try:
+                async with asyncio.timeout(o._timeout):
+                    await whole.open()
+            except (fastget.Broken, TimeoutError):
+                whole.close()
+                self._breaks += 1
+                return None
+            self._stream = whole
+            return whole
+        if not self._fast or o._fast is None:
+            return None
+        stream = o._fast.stream(self._key, self._pos, self._end - self._pos)
+        try:
+            async with asyncio.timeout(o._timeout):
+                opened = await stream.open()
+        except fastget.Oversized as e:
+            o.stats.requests_failed += 1
+            raise ChunkCorrupt(
+                f"pack {self._pack.hex()} at origin {o.url}: a range of it {e}, more than asked"
+            ) from None
+        except TimeoutError:
+            stream.close()
+            self._breaks += 1
+            return None
+        if not opened:
+            self._fast = False
+            return None
+        o.stats.requests_ok += 1
+        self._stream = stream
+        return stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class _WholePack:
+    """A pack read whole through obstore's stream, for a server that answers no ranges:
+    the bytes before `offset` are dropped as they come, then each `read` assembles its
+    piece (a copy: such servers are the slow path). Raises fastget.Broken where the body
+    fails or ends early, _Oversized-as-ChunkCorrupt where it runs past the pack's size."""
+
+    def __init__(self, origin: Origin, pack: bytes, offset: int, length: int, size: int) -> None:
+        self._origin = origin
+        self._pack = pack
+        self._key = _pack_key(pack)
+        self._skip = offset
+        self._size = size
+        self._got = 0  # body bytes received
+        self._rest = memoryview(b"")  # received, not handed out yet
+        self._pieces: AsyncIterator[Any] | None = None
+        self.left = length  # of the run
+
+    async def open(self) -> None:
+        o = self._origin
+
+        async def call() -> GetResult:
+            result = await obstore.get_async(o._store, self._key)
+            _check_stated_size(result, self._size)
+            return result
+
+        try:
+            result = await o._request("get pack", self._key, call)
+        except _Missing:
+            raise ChunkMissing(f"pack {self._pack.hex()} is not at origin {o.url}") from None
+        except _Oversized as e:
+            raise ChunkCorrupt(
+                f"pack {self._pack.hex()} at origin {o.url} {e.what}, more than the "
+                f"{self._size} bytes its manifest says"
+            ) from None
+        self._pieces = aiter(result.stream(min_chunk_size=_WHOLE_PIECE))
+        while self._skip:
+            piece = await self._next()
+            k = min(self._skip, len(piece))
+            self._skip -= k
+            self._rest = piece[k:]
+
+    async def _next(self) -> memoryview:
+        assert self._pieces is not None
+        try:
+            piece = memoryview(await anext(self._pieces))
+        except StopAsyncIteration:
+            raise fastget.Broken(f"the body ended at byte {self._got}") from None
+        except Exception as e:
+            raise fastget.Broken(f"receiving the body: {cause_of(e) or e}") from None
+        self._got += len(piece)
+        if self._got > self._size:
+            raise ChunkCorrupt(
+                f"pack {self._pack.hex()} at origin {self._origin.url} sent more than the "
+                f"{self._size} bytes its manifest says"
+            )
+        return piece
+
+    async def read(self, n: int, then: Callable[[memoryview], T]) -> T:
+        buf = bytearray(n)
+        have = 0
+        while have < n:
+            if not self._rest:
+                self._rest = await self._next()
+            k = min(n - have, len(self._rest))
+            buf[have : have + k] = self._rest[:k]
+            self._rest = self._rest[k:]
+            have += k
+        self.left -= n
+        view = memoryview(buf)
+        return then(view) if n <= _INLINE_THEN else await asyncio.to_thread(then, view)
+
+    def close(self) -> None:
+        self._pieces = None  # obstore drops the connection with the stream
+
+
+# obstore's pieces of a pack read whole (one is held at a time, beside the piece assembled).
+_WHOLE_PIECE = 1 << 20
+# A piece this small is handed to `then` on the loop (a thread hop costs more).
+_INLINE_THEN = 256 * 1024
 
 
 def _tell(note: RetryNote | None) -> None:

@@ -6,6 +6,12 @@ its digest when the file is done. Uploads run beside the hashing of the next fil
 skipping chunks the origin already has. Whether a file's chunks are stored zstd is decided
 from a trial on a few of them (weights barely compress; caches and images do).
 
+Where chunks go at the origin: small files' chunks (one chunk, smaller than the chunk size)
+into packs of up to a chunk's size, in path order; a large file's, with `pack_size` set,
+into packs of that file of up to `pack_size`, in file order, so a restore reads many of them
+with one ranged GET; with `pack_size` 0, each into an object of its own. The bytes of large
+files' packs a publish holds (being filled, queued, being uploaded) are bounded (`_Budget`).
+
 The source is read with the caller's rights, in its mount namespace, by descriptor: the
 helper of asuser.py walks it and opens each file for us, so a file the caller cannot read
 cannot be published, and a caller swapping files or symlinks under a running publish gets an
@@ -19,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import os
 import posixpath
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -210,11 +217,14 @@ class SmallFile(NamedTuple):
     blob: BlobStat | None
 
 
-Handoff = Callable[[mf.Chunk, bytes], None]
+# A chunk and its bytes, handed over by `ingest`: the view is of its read buffer, valid only
+# during the call (a handoff that keeps the bytes copies them).
+Handoff = Callable[[mf.Chunk, memoryview], None]
 
 
 class Stopped(Exception):
-    """The publish was cancelled while its ingest thread waited to hand a chunk over."""
+    """The publish was cancelled while its ingest thread waited to hand a chunk over (to
+    the upload queue, or for room in the budget of packs held)."""
 
 
 def decide_codec(fd: int, size: int, chunk_size: int, mode: str, min_saving: float) -> int:
@@ -244,9 +254,10 @@ def ingest(
     min_saving: float,
     handoff: Handoff,
 ) -> Ingested:
-    """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand a
-    copy of its bytes to the uploaders, so what is uploaded is exactly what was hashed. The
-    scratch blob is installed in the tier under its digest at the end."""
+    """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand
+    its bytes over (`handoff` copies them to the uploaders, or into a pack), so what is
+    uploaded is exactly what was hashed. The scratch blob is installed in the tier under its
+    digest at the end."""
     fd = open_src()
     out = -1
     try:
@@ -267,7 +278,7 @@ def ingest(
             ids.append((cid, n))
             if out >= 0:
                 pwrite_all(out, view, off)
-            handoff(mf.Chunk(cid, n, kind), bytes(view))
+            handoff(mf.Chunk(cid, n, kind), view)
         after = os.fstat(fd)
         if after.st_size != size or after.st_mtime_ns != before.st_mtime_ns:
             raise UsageError(f"{src!r} changed while it was being published")
@@ -423,6 +434,7 @@ class Publisher:
         compress: str,
         min_saving: float,
         upload_concurrency: int,
+        pack_size: int,
         resolver: Resolver,
         storage: Storage,
         spawner: Spawner,
@@ -436,6 +448,10 @@ class Publisher:
         self.compress = compress
         self.min_saving = min_saving
         self.upload_concurrency = upload_concurrency
+        # Large files' chunks go into packs of up to this many bytes, one file's in each (0:
+        # into objects of their own); one publish holds PACKS_HELD such packs at most.
+        self.pack_size = pack_size
+        self.runs: set[_Run] = set()  # the publishes under way (for reprs and tests)
         # Knows the host's facts and each kind's; reads the ref's previous manifest (the
         # local record first) to reuse its chunks.
         self.resolver = resolver
@@ -459,7 +475,8 @@ class Publisher:
 
     def __repr__(self) -> str:
         return (
-            f"Publisher({self.origin.url}, chunk_size={self.chunk_size}, compress={self.compress})"
+            f"Publisher({self.origin.url}, chunk_size={self.chunk_size}, "
+            f"pack_size={self.pack_size}, compress={self.compress}, {len(self.runs)} running)"
         )
 
     async def publish(self, req: PublishRequest, progress: Progress) -> dict[str, Any]:
@@ -509,7 +526,11 @@ class Publisher:
             )
         known = {c.id: c for f in before.files for c in f.chunks} if before is not None else {}
         run = _Run(self, fs, cs, progress, known)
-        entries = await run.all(tree.files)
+        self.runs.add(run)
+        try:
+            entries = await run.all(tree.files)
+        finally:
+            self.runs.discard(run)
         t1 = self.clock()
         # Sorting, checking and encoding the manifest of 10,000 files takes ~100 ms: a
         # thread's, not the loop's.
@@ -602,10 +623,23 @@ def _join_and_hash(parts: list[bytes]) -> tuple[bytes, bytes]:
     return blake3.blake3(data).digest(), data
 
 
-def _small_entries(
-    smalls: Sequence[tuple[SourceFile, bytes, int]], placed: Mapping[bytes, mf.Chunk]
+def _entries(
+    larges: Sequence[mf.FileEntry],
+    packed: bool,
+    smalls: Sequence[tuple[SourceFile, bytes, int]],
+    placed: Mapping[bytes, mf.Chunk],
 ) -> list[mf.FileEntry]:
-    return [mf.FileEntry(f.path, f.mode, f.size, (placed[cid],), mtime) for f, cid, mtime in smalls]
+    """Every file's entry, each packed chunk where it was placed: the large files' (when
+    `packed`: their chunks went into packs, or were found placed already) and the small
+    files'."""
+    out = list(larges)
+    if packed:
+        out = [
+            mf.FileEntry(e.path, e.mode, e.size, tuple(placed[c.id] for c in e.chunks), e.mtime)
+            for e in larges
+        ]
+    out += [mf.FileEntry(f.path, f.mode, f.size, (placed[cid],), mtime) for f, cid, mtime in smalls]
+    return out
 
 
 async def _run_closing_fds(pool: ThreadPoolExecutor, fn: Callable[[], T], fds: Sequence[int]) -> T:
@@ -644,13 +678,157 @@ class _PackUpload:
         return f"_PackUpload({len(self.chunks)} chunks)"
 
 
+# The bytes of large files' packs one publish holds at once (`_Budget`), in packs of
+# `pack_size`: one being filled on each ingest thread, and as many again sealed, queued or
+# being uploaded side by side. (At least INGEST_THREADS packs in any case: each ingest thread
+# may hold a whole pack while it waits for room.) A larger budget would let more PUTs run at
+# once, at pack_size of memory each.
+PACKS_HELD = 2 * INGEST_THREADS
+
+
+@dataclass(frozen=True, slots=True)
+class _LargePack:
+    """A sealed pack of one large file's chunks, named and joined on its ingest thread as it
+    was filled: the uploader that takes it PUTs it and gives its bytes back to the budget."""
+
+    id: bytes
+    data: bytes
+    chunks: dict[bytes, tuple[int, int, int, int]]  # id -> (size, codec, offset, length)
+
+    def __repr__(self) -> str:
+        return f"_LargePack({self.id.hex()[:12]}, {len(self.chunks)} chunks, {len(self.data)} B)"
+
+
+class _Budget:
+    """The bytes of large files' packs a publish holds: being filled on the ingest threads,
+    sealed and queued, being uploaded. An ingest thread takes a chunk's stored bytes before
+    it adds them to a pack, waiting while they would pass `total` (backpressure on the
+    reading); an uploader gives a pack's bytes back once its PUT is done and it holds them
+    no more. Takers are ingest threads, the giver is the loop (a lock, never held across
+    anything slow).
+
+    A waiting taker always gets its bytes in the end: what each ingest thread fills is at
+    most a pack, its own included with the chunk it asks room for (a pack the chunk would
+    overflow is sealed, and so on its way to the uploaders, first), and everything sealed
+    is given back as the uploads finish. So `total` must be at least a pack per ingest
+    thread (PACKS_HELD is twice that). A take of more than `total` is let through when
+    nothing is held."""
+
+    def __init__(self, total: int, cancel: threading.Event) -> None:
+        self.total = total
+        self.held = 0
+        self.peak = 0  # the most held at once
+        self.waiting = 0  # takers waiting for room now
+        self._cancel = cancel
+        self._cond = threading.Condition()
+
+    def __repr__(self) -> str:
+        return (
+            f"_Budget({self.held} of {self.total} bytes held, peak {self.peak}, "
+            f"{self.waiting} waiting)"
+        )
+
+    def take(self, n: int) -> None:
+        """On an ingest thread: hold `n` more bytes, waiting for room; Stopped once the
+        publish is cancelled (`wake` tells a waiting taker)."""
+        with self._cond:
+            while not self._cancel.is_set() and self.held and self.held + n > self.total:
+                self.waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting -= 1
+            if self._cancel.is_set():
+                raise Stopped()
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake the takers waiting, to see that the publish was cancelled."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _pack_hasher() -> Any:
+    """A hasher for a large file's pack, fed a chunk at a time: on threads of blake3's own for
+    a large chunk, as the chunk's own hash is."""
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+class _FilePacks:
+    """The packs of one large file, filled on its ingest thread (`add` is the handoff of
+    `ingest`), in file order. Each chunk neither the ref's previous snapshot nor this run
+    has stored is compressed where its file's codec says to try (kept raw where zstd saves
+    too little), and its stored bytes are taken from the run's budget and appended to the
+    pack being filled, which is hashed as it grows. A pack is sealed when the next chunk
+    would take it past `pack_size` (a chunk larger than that gets a pack of its own) and
+    when the file ends, and is handed to the uploaders; a chunk stored already is left out,
+    to be pointed at where it is once everything is placed."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.buf = io.BytesIO()  # getvalue() hands its buffer over: no copy of the pack
+        self.hasher = _pack_hasher()
+        self.chunks: dict[bytes, tuple[int, int, int, int]] = {}  # as _LargePack's
+        self.held = 0  # bytes taken from the budget for the pack being filled
+
+    def __repr__(self) -> str:
+        return f"_FilePacks({len(self.chunks)} chunks filling, {self.held} bytes)"
+
+    def ingest(self, job: Callable[[], Ingested]) -> Ingested:
+        """On an ingest thread: run `job` (`ingest` with `add` as its handoff), then seal
+        the file's last pack. A file that fails gives back what its pack held."""
+        try:
+            got = job()
+            self.seal()
+            return got
+        finally:
+            self.run.budget.give(self.held)
+            self.held = 0
+
+    def add(self, chunk: mf.Chunk, data: memoryview) -> None:
+        run = self.run
+        if not run.on_loop(run.claim(chunk.id)):
+            return
+        kind: int = mf.CODEC_RAW
+        stored: bytes | memoryview = data
+        if chunk.codec == mf.CODEC_ZSTD:
+            kind, stored = codec.choose(data, codec.compress(data), run.p.min_saving)
+        n = len(stored)
+        if self.chunks and self.buf.tell() + n > run.pack_size:
+            self.seal()
+        run.budget.take(n)
+        self.held += n
+        self.chunks[chunk.id] = (chunk.size, kind, self.buf.tell(), n)
+        self.buf.write(stored)
+        self.hasher.update(stored)
+
+    def seal(self) -> None:
+        """Name the pack being filled and hand it to the uploaders (waiting while the upload
+        queue is full). Its bytes stay taken until its upload is done."""
+        if not self.chunks:
+            return
+        pack = _LargePack(self.hasher.digest(), self.buf.getvalue(), self.chunks)
+        self.buf, self.hasher, self.chunks = io.BytesIO(), _pack_hasher(), {}
+        # The pack's bytes are the uploader's to give back from here; if it is never queued
+        # (Stopped), the publish is over and its budget with it.
+        self.held = 0
+        self.run.on_loop(self.run.sealed(pack))
+
+
 class _Run:
     """One publish: files ingested on threads, large ones one by one on the ingest pool (their
-    chunks handed through a bounded queue to upload workers), small ones (one chunk, smaller
-    than the chunk size) in batches through the stages of Publisher's small-file pools,
-    their chunks packed together into pack objects of up to a chunk's size, in path order,
-    so a restore reads a pack's neighbours with one ranged GET. The queue bounds the memory
-    a publish holds."""
+    chunks handed through a bounded queue to upload workers, or, with `pack_size`, packed
+    into packs of their file on the ingest thread, bounded by `budget`, and the sealed packs
+    queued), small ones (one chunk, smaller than the chunk size) in batches through the
+    stages of Publisher's small-file pools, their chunks packed together into pack objects of
+    up to a chunk's size, in path order, so a restore reads a pack's neighbours with one
+    ranged GET. The queue and the budget bound the memory a publish holds."""
 
     def __init__(
         self,
@@ -665,12 +843,14 @@ class _Run:
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | _PackUpload | None] = asyncio.Queue(
-            maxsize=2 * p.upload_concurrency
+        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | _PackUpload | _LargePack | None] = (
+            asyncio.Queue(maxsize=2 * p.upload_concurrency)
         )
+        self.pack_size = p.pack_size  # large files' packs; 0: their chunks are objects
         self.seen: set[bytes] = set()
         # Where each chunk is at the origin: the previous snapshot's, then this run's own
-        # (a packed one once its pack is hashed, by the uploader that takes it).
+        # (a small file's once its pack is hashed, by the uploader that takes it; a large
+        # file's once its pack is sealed, hashed as it was filled).
         self.placed: dict[bytes, mf.Chunk] = dict(known)
         self.packed: set[bytes] = set()  # the chunks this run put in packs, sealed or not
         self.pack_parts: list[bytes] = []
@@ -683,11 +863,13 @@ class _Run:
         self.packs = 0
         self.cached = 0
         self.cancel = threading.Event()
+        unit = max(self.pack_size, mf.max_stored_size(chunk_size))
+        self.budget = _Budget(PACKS_HELD * unit, self.cancel)
 
     def __repr__(self) -> str:
         return (
             f"_Run({self.progress.done_files} files done, {self.packs} packs, "
-            f"{self.new_chunks} new chunks)"
+            f"{self.new_chunks} new chunks, {self.budget!r})"
         )
 
     async def all(self, files: Sequence[SourceFile]) -> list[mf.FileEntry]:
@@ -763,13 +945,14 @@ class _Run:
                     await self.queue.put(None)
         except BaseException as exc:
             self.cancel.set()  # an ingest thread waiting to hand a chunk over gives up
+            self.budget.wake()  # and one waiting for room for a chunk in its pack
             err = first_error(exc)
             if err is not None and not isinstance(exc, asyncio.CancelledError):
                 raise err from None
             raise
         # Every pack is hashed and uploaded: each packed chunk is placed. (Ten thousand
         # entries take milliseconds: a thread's. Nothing changes `placed` any more.)
-        return out + await asyncio.to_thread(_small_entries, smalls, self.placed)
+        return await asyncio.to_thread(_entries, out, bool(self.pack_size), smalls, self.placed)
 
     async def read(self, files: list[SourceFile], fds: list[int]) -> SmallRead:
         """Read and hash a batch of small files (closes `fds`)."""
@@ -842,21 +1025,22 @@ class _Run:
             return mf.FileEntry(f.path, f.mode, 0, (), f.mtime)
         tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
         scratch = tier.tmp_dir / f"publish-{os.getpid()}-{id(f)}" if tier else None
+        packs = _FilePacks(self) if self.pack_size else None
+        job = functools.partial(
+            ingest,
+            functools.partial(self.fs.open_file, f.path, f.ident, f.via),
+            f.path,
+            f.size,
+            self.cs,
+            tier=tier,
+            scratch=scratch,
+            compress=self.p.compress,
+            min_saving=self.p.min_saving,
+            handoff=self.handoff if packs is None else packs.add,
+        )
         try:
             got = await self.loop.run_in_executor(
-                self.p.ingest_pool,
-                functools.partial(
-                    ingest,
-                    functools.partial(self.fs.open_file, f.path, f.ident, f.via),
-                    f.path,
-                    f.size,
-                    self.cs,
-                    tier=tier,
-                    scratch=scratch,
-                    compress=self.p.compress,
-                    min_saving=self.p.min_saving,
-                    handoff=self.handoff,
-                ),
+                self.p.ingest_pool, job if packs is None else functools.partial(packs.ingest, job)
             )
         except OSError as e:
             if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
@@ -870,48 +1054,87 @@ class _Run:
             self.cached += 1
         self.progress.done_files += 1
         self.progress.fill.done_bytes += f.size
+        # With packs, where each chunk lies is known once every pack is sealed (`_entries`).
         chunks = tuple(mf.Chunk(cid, n, got.codec) for cid, n in got.ids)
         return mf.FileEntry(f.path, f.mode, f.size, chunks, got.mtime)
 
-    def handoff(self, chunk: mf.Chunk, data: bytes) -> None:
+    def handoff(self, chunk: mf.Chunk, data: memoryview) -> None:
         """Called on the ingest thread: queue a chunk for upload, waiting while the queue is
         full (backpressure), and giving up when the publish is cancelled."""
-        fut = asyncio.run_coroutine_threadsafe(self.queue.put((chunk, data)), self.loop)
+        self.on_loop(self.queue.put((chunk, bytes(data))))
+
+    def on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Called on an ingest thread: run `coro` on the loop, where the run's state
+        changes, and wait for it; Stopped (and `coro` cancelled) once the publish is."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         while True:
             try:
-                fut.result(timeout=0.1)
-                return
+                return fut.result(timeout=0.1)
             except FutureTimeout:
                 if self.cancel.is_set():
                     fut.cancel()
                     raise Stopped() from None
 
+    async def claim(self, cid: bytes) -> bool:
+        """Whether a large file's chunk is to go into its pack: not when the previous
+        snapshot stored it, nor when this run has put it in a pack (of this file, another,
+        or a small file's), sealed or not. No HEAD: dedup across refs through objects of
+        their own is what pack_size 0 is for."""
+        if cid in self.placed or cid in self.packed:
+            return False
+        self.packed.add(cid)
+        return True
+
+    async def sealed(self, pack: _LargePack) -> None:
+        """A large file's pack is sealed: its chunks are placed (its id is known) and
+        counted, and it is queued for upload, waiting while the queue is full."""
+        for cid, (size, kind, offset, length) in pack.chunks.items():
+            where = mf.Packed(pack.id, offset, length, len(pack.data))
+            self.placed[cid] = mf.Chunk(cid, size, kind, where)
+            self.compressed += kind == mf.CODEC_ZSTD
+        self.packs += 1
+        self.new_chunks += len(pack.chunks)
+        self.stored_bytes += len(pack.data)
+        await self.queue.put(pack)
+
     async def uploader(self) -> None:
         while (item := await self.queue.get()) is not None:
-            if isinstance(item, _PackUpload):
-                # Joining and hashing a pack of a chunk's size takes milliseconds: a thread's
-                # (blake3 releases the GIL). Named by its content: an upload that finds it
-                # there already is harmless, and asking first would cost a request per pack.
-                pack, data = await asyncio.to_thread(_join_and_hash, item.parts)
-                for cid, (size, kind, offset, length) in item.chunks.items():
-                    where = mf.Packed(pack, offset, length, len(data))
-                    self.placed[cid] = mf.Chunk(cid, size, kind, where)
-                await self.p.origin.put_pack(pack, data)
-                continue
-            c, data = item
-            if c.id in self.seen:
-                continue
-            self.seen.add(c.id)
-            known = self.placed.get(c.id)
-            if (known is not None and known.packed is None) or await self.p.origin.has_chunk(c.id):
-                continue
-            stored: bytes = data
-            if c.codec == mf.CODEC_ZSTD:
-                packed = await asyncio.to_thread(codec.compress, data)
-                kind, chosen = codec.choose(data, packed, self.p.min_saving)
-                stored = bytes(chosen)
-                if kind == mf.CODEC_ZSTD:
-                    self.compressed += 1
-            await self.p.origin.put_chunk(c.id, stored)
-            self.new_chunks += 1
-            self.stored_bytes += len(stored)
+            held = await self.upload(item)
+            # Not kept while this worker waits for the next: a pack's bytes, once given
+            # back to the budget, are held by no one.
+            del item
+            self.budget.give(held)
+
+    async def upload(self, item: tuple[mf.Chunk, bytes] | _PackUpload | _LargePack) -> int:
+        """Upload what was queued; the bytes to give back to the budget."""
+        if isinstance(item, _LargePack):
+            await self.p.origin.put_pack(item.id, item.data)
+            return len(item.data)
+        if isinstance(item, _PackUpload):
+            # Joining and hashing a pack of a chunk's size takes milliseconds: a thread's
+            # (blake3 releases the GIL). Named by its content: an upload that finds it
+            # there already is harmless, and asking first would cost a request per pack.
+            pack, data = await asyncio.to_thread(_join_and_hash, item.parts)
+            for cid, (size, kind, offset, length) in item.chunks.items():
+                where = mf.Packed(pack, offset, length, len(data))
+                self.placed[cid] = mf.Chunk(cid, size, kind, where)
+            await self.p.origin.put_pack(pack, data)
+            return 0
+        c, data = item
+        if c.id in self.seen:
+            return 0
+        self.seen.add(c.id)
+        known = self.placed.get(c.id)
+        if (known is not None and known.packed is None) or await self.p.origin.has_chunk(c.id):
+            return 0
+        stored: bytes = data
+        if c.codec == mf.CODEC_ZSTD:
+            packed = await asyncio.to_thread(codec.compress, data)
+            kind, chosen = codec.choose(data, packed, self.p.min_saving)
+            stored = bytes(chosen)
+            if kind == mf.CODEC_ZSTD:
+                self.compressed += 1
+        await self.p.origin.put_chunk(c.id, stored)
+        self.new_chunks += 1
+        self.stored_bytes += len(stored)
+        return 0

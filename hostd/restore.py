@@ -547,7 +547,9 @@ class Restorer:
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
                 fill = asyncio.ensure_future(
-                    self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
+                    self.filler.ensure(
+                        order, m.chunk_size, tiers, progress.fill, ready, ordered=progressive
+                    )
                 )
                 try:
                     await asyncio.wait({fill, job}, return_when=asyncio.FIRST_COMPLETED)

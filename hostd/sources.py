@@ -9,6 +9,7 @@ will be another source in this list.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from hostd.cache import Cache, Verdict
 from hostd.core import codec
 from hostd.core.manifest import Chunk, Packed
 from hostd.errors import ChunkCorrupt, ChunkMissing
-from hostd.origin import Origin
+from hostd.origin import Origin, PackRun
 from hostd.tier import pread_exact
 
 # Chunks up to this size are verified on the event loop: hashing 256 KiB takes about 40 us,
@@ -137,6 +138,42 @@ PACK_BUFFER = 64 * 1024 * 1024
 PACK_IDLE = 5.0
 
 
+def adjacent(a: Chunk, b: Chunk) -> bool:
+    """Whether `b`'s stored bytes start, in the same pack, where `a`'s end: one ranged GET
+    reads both."""
+    p, q = a.packed, b.packed
+    return p is not None and q is not None and p.pack == q.pack and p.offset + p.length == q.offset
+
+
+class ChunkRun:
+    """Adjacent packed chunks (each `adjacent` to the one before) read from the origin in
+    order with one ranged GET (origin.PackRun): `next()` gives each one's raw bytes,
+    verified on the thread that received them."""
+
+    def __init__(self, run: PackRun, chunks: Sequence[Chunk], url: str) -> None:
+        self._run = run
+        self._chunks = chunks
+        self._url = url
+        self._next = 0
+
+    def __repr__(self) -> str:
+        return f"ChunkRun({self._next}/{len(self._chunks)}, {self._run!r})"
+
+    async def next(self) -> bytes | memoryview:
+        """The next chunk's raw bytes, verified: ChunkCorrupt if they are not its own (the
+        run goes on with the one after), ChunkMissing if the pack is not there."""
+        c = self._chunks[self._next]
+        self._next += 1
+        assert c.packed is not None
+        try:
+            return await self._run.read(c.packed.length, functools.partial(codec.decode, c))
+        except ChunkCorrupt as e:
+            raise ChunkCorrupt(f"{e.message} (from origin {self._url})") from e
+
+    def close(self) -> None:
+        self._run.close()
+
+
 class OriginSource:
     """The origin: the last resort, always asked last.
 
@@ -169,6 +206,15 @@ class OriginSource:
             return await asyncio.to_thread(codec.decode, chunk, stored)
         except ChunkCorrupt as e:
             raise ChunkCorrupt(f"{e.message} (from origin {self.origin.url})") from e
+
+    def ranged(self, chunks: Sequence[Chunk]) -> ChunkRun:
+        """A reader of `chunks`, each `adjacent` to the one before (Fetcher.streaming)."""
+        first, last = chunks[0].packed, chunks[-1].packed
+        assert first is not None
+        assert last is not None
+        length = last.offset + last.length - first.offset
+        run = self.origin.pack_run(first.pack, first.offset, length, first.pack_size)
+        return ChunkRun(run, chunks, self.origin.url)
 
     async def get_many(self, chunks: Sequence[Chunk]) -> list[bytes | memoryview | BaseException]:
         """`get` for a batch (Fetcher.landing), one outcome each: every pack window the

@@ -110,7 +110,9 @@ def test_every_default(tmp_path: Path, env: dict[str, str]) -> None:
     assert config.chunk_size == 4 * 2**20
     assert config.fetch_concurrency == 16
     assert config.fetch_memory == 64 * 2**20
+    assert config.fetch_range == 64 * 2**20
     assert config.upload_concurrency == 16
+    assert config.pack_size == 64 * 2**20
     assert config.retries == 5
     assert config.retry_base == 0.2
     assert config.retry_max == 5.0
@@ -397,7 +399,9 @@ index = "/var/lib/x/index.sqlite3"
 chunk_size = "1MiB"
 fetch_concurrency = 64
 fetch_memory = "48MiB"
+fetch_range = 0
 upload_concurrency = 8
+pack_size = "16MiB"
 retries = 3
 retry_base = "100ms"
 retry_max = "2s"
@@ -444,6 +448,7 @@ files = ["format", "arch"]
     assert c.tiers == (TierConfig("mem", Path("/dev/shm/x"), 2**30, "1GiB"),)
     assert (c.chunk_size, c.fetch_concurrency, c.upload_concurrency) == (2**20, 64, 8)
     assert c.fetch_memory == 48 * 2**20
+    assert (c.fetch_range, c.pack_size) == (0, 16 * 2**20)
     assert (c.retries, c.retry_base, c.retry_max) == (3, 0.1, 2.0)
     assert (c.request_timeout, c.drain_timeout, c.idle_timeout) == (10.0, 0.0, 120.0)
     assert c.max_request_body == 64 * 1024
@@ -527,6 +532,11 @@ BAD_VALUES = [
     ('fetch_memory = "1KiB"', "fetch_memory"),
     ('fetch_memory = "lots"', "fetch_memory"),
     ("fetch_memory = -5", "fetch_memory"),
+    ('fetch_range = "2GiB"', "fetch_range"),
+    ('fetch_range = "wide"', "fetch_range"),
+    ('pack_size = "1KiB"', "pack_size"),
+    ('pack_size = "2GiB"', "pack_size"),
+    ("pack_size = -1", "pack_size"),
     ("upload_concurrency = 0", "upload_concurrency"),
     ("upload_concurrency = 2.0", "upload_concurrency"),
     ("retries = 0", "retries"),

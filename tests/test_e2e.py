@@ -377,7 +377,8 @@ def test_gc_and_verify(work: Path) -> None:
     src = files_tree(work / "src", {"a.bin": 500 * KiB, "b.bin": 300 * KiB + 5}, seed=3)
     broken = files_tree(work / "broken", {"c.bin": 4 * SMALL_CHUNK}, seed=4)
     origin_dir = work / "origin"
-    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+    # pack_size 0: each chunk an object of its own, so the origin can lose one of them
+    with Hostd(work / "p", origin=f"file://{origin_dir}", pack_size=0) as p:
         p.publish(src, "e2e/ok")
         before = set(origin_dir.glob("chunks/*/*"))
         p.publish(broken, "e2e/broken", chunk_size=SMALL_CHUNK)
@@ -777,7 +778,8 @@ def test_second_daemon_is_refused_and_a_stale_socket_is_cleared(work: Path) -> N
 def test_restore_in_flight_at_sigterm_finishes(work: Path) -> None:
     src = files_tree(work / "src", {"a.bin": 5 * SMALL_CHUNK, "b.bin": 3 * SMALL_CHUNK}, seed=21)
     origin_dir = work / "origin"
-    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+    # pack_size 0: chunks as objects of their own, whose GETs HeldOrigin holds
+    with Hostd(work / "p", origin=f"file://{origin_dir}", pack_size=0) as p:
         sid = p.publish(src, "e2e/drain", chunk_size=SMALL_CHUNK)["snapshot"]
     target = work / "out"
     with (
@@ -807,7 +809,8 @@ def test_restore_in_flight_at_sigterm_finishes(work: Path) -> None:
 def test_restore_aborted_by_sigterm_leaves_nothing(work: Path) -> None:
     src = files_tree(work / "src", {"a.bin": 5 * SMALL_CHUNK}, seed=22)
     origin_dir = work / "origin"
-    with Hostd(work / "p", origin=f"file://{origin_dir}") as p:
+    # pack_size 0: chunks as objects of their own, whose GETs HeldOrigin holds
+    with Hostd(work / "p", origin=f"file://{origin_dir}", pack_size=0) as p:
         sid = p.publish(src, "e2e/abort", chunk_size=SMALL_CHUNK)["snapshot"]
     target = work / "out"
     with (

@@ -51,7 +51,14 @@ def unique_bytes(expected: dict[str, Any]) -> int:
 def test_s3_origin_publish_and_restore(s3_server: S3Bucket, work: Path) -> None:
     src, expected = source_tree(work)
     origin = s3_server.url(PREFIX)
-    with Hostd(work / "a", origin=origin, origin_options=s3_server.options, access=TRUSTING) as a:
+    # pack_size 0: the large file's chunks as objects of their own, as checked below
+    with Hostd(
+        work / "a",
+        origin=origin,
+        origin_options=s3_server.options,
+        access=TRUSTING,
+        pack_size=0,
+    ) as a:
         status, st = a.api("GET", "/v1/status")
         assert status == 200
         assert st["origin"].startswith(f"s3://{s3_server.bucket}/{PREFIX}")

@@ -45,7 +45,7 @@ def test_compressible_files_are_stored_zstd_and_weights_raw() -> None:
     (src / "config.jsonl").write_bytes(text)  # ~3.4 MiB of text: three 1 MiB chunks and a tail
     (src / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     cs = 1024 * 1024
-    with Hostd(work / "d") as d:
+    with Hostd(work / "d", pack_size=0) as d:  # each chunk an object of its own, read below
         pub = d.publish(src, "demo/zstd", chunk_size=cs)
         text_chunks = -(-len(text) // cs)
         assert pub["compressed_chunks"] == text_chunks

@@ -189,8 +189,10 @@ def nsenter(d: Hostd, *cmd: str) -> str:
 
 
 def publish_to(origin: Path, root: Path, trees: dict[str, Path], **kw: Any) -> dict[str, str]:
-    """Publish `trees` (ref -> dir) into a file:// origin with a short-lived daemon."""
-    with Hostd(root, origin=f"file://{origin}") as pub:
+    """Publish `trees` (ref -> dir) into a file:// origin with a short-lived daemon, large
+    files' chunks as objects of their own (pack_size 0): what HttpOrigin gates and these
+    tests corrupt, lose or hold one by one."""
+    with Hostd(root, origin=f"file://{origin}", pack_size=0) as pub:
         return {ref: pub.publish(src, ref, **kw)["snapshot"] for ref, src in trees.items()}
 
 

@@ -25,8 +25,8 @@ from hostd.core import manifest as mf
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkMissing, TierError
-from hostd.fetch import Fetcher
-from hostd.fill import ByteBudget, Filler, FillProgress
+from hostd.fetch import ByteBudget, Fetcher
+from hostd.fill import Filler, FillProgress
 from hostd.index import UNKNOWN_CTIME, BlobRow, Index
 from hostd.sources import LocalBlobSource
 from hostd.tier import BLOB_MODE, BlobStat, Tier

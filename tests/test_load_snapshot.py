@@ -53,7 +53,10 @@ def model(work: Path) -> dict[str, Any]:
     for i in range(3):
         want |= shard(src / f"model-{i + 1:05d}-of-00003.safetensors", i, [f"l{i}.a", f"l{i}.b"])
     (src / "config.json").write_text('{"layers": 3}')
-    with Hostd(work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+    # pack_size 0: each chunk an object of its own, whose GETs HeldOrigin holds one by one
+    with Hostd(
+        work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB", pack_size=0
+    ) as pub:
         pub.publish(src, "m/tiny")
     return want
 

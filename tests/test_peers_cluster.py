@@ -80,7 +80,8 @@ def published() -> Iterator[Published]:
     work = short_tmp("pcs")
     try:
         src = source_tree(work / "src")
-        with Hostd(work / "pub", origin=f"file://{work}/origin") as pub:
+        # pack_size 0: the shards' chunks are objects of their own (below)
+        with Hostd(work / "pub", origin=f"file://{work}/origin", pack_size=0) as pub:
             out = pub.publish(src, REF)
         origin = work / "origin"
         (manifest,) = (origin / "manifests").iterdir()

@@ -51,7 +51,10 @@ def published(work: Path) -> dict[str, bytes]:
     (src / "empty").write_bytes(b"")
     (src / "w" / "to-a").symlink_to("../a.bin")
     os.utime(src / "b.bin", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
-    with Hostd(work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+    # pack_size 0: each chunk an object of its own, whose GETs HeldOrigin holds one by one
+    with Hostd(
+        work / "pub", origin=f"file://{work}/origin", chunk_size="64KiB", pack_size=0
+    ) as pub:
         pub.publish(src, "m/weights")
     return files
 
@@ -288,7 +291,9 @@ def test_a_second_progressive_restore_into_the_same_target_is_refused(
     src = work / "one"
     src.mkdir()
     (src / "a.bin").write_bytes(published["a.bin"])  # no empty file: the target stays empty
-    with Hostd(work / "pub2", origin=f"file://{work}/origin", chunk_size="64KiB") as pub:
+    with Hostd(
+        work / "pub2", origin=f"file://{work}/origin", chunk_size="64KiB", pack_size=0
+    ) as pub:
         pub.publish(src, "m/one")
     target = work / "out"
     with (

@@ -1,5 +1,5 @@
 """Publish in process: cancellation half way through, with uploads held at the origin (of a
-large file's chunks, and of the packs of a tree of small files)."""
+large file's chunks or packs, and of the packs of a tree of small files)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class HeldOrigin(Origin):
 
 
 def _held_publisher(
-    tmp_path: Path, cs: int, compress: str
+    tmp_path: Path, cs: int, compress: str, pack_size: int
 ) -> tuple[Tier, Cache, HeldOrigin, Spawner, Publisher]:
     """A Publisher over a fresh cache with one tier, whose origin holds uploads (HeldOrigin)."""
     tier = Tier("mem", tmp_path / "mem", 1 << 30)
@@ -62,6 +62,7 @@ def _held_publisher(
         compress=compress,
         min_saving=0.1,
         upload_concurrency=2,
+        pack_size=pack_size,
         resolver=Resolver(origin, cache, compat.default_kinds()),
         storage=Storage(
             [
@@ -75,12 +76,18 @@ def _held_publisher(
     return tier, cache, origin, spawner, pub
 
 
-async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pack_size", [0, 256 * 1024], ids=["chunk-objects", "packs"])
+async def test_cancelled_publish_stops_its_ingest_and_leaves_nothing(
+    tmp_path: Path, pack_size: int
+) -> None:
+    """A large file's chunks held at the origin, as objects of their own or in packs: the
+    ingest thread waits (for the queue, or for room in the budget of packs) and gives up."""
     src = tmp_path / "src"
     src.mkdir()
     cs = 64 * 1024
-    (src / "big.bin").write_bytes(os.urandom(300 * cs))  # far more chunks than the queue holds
-    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, cs, "never")
+    # far more chunks than the queue holds, and packs than the budget does
+    (src / "big.bin").write_bytes(os.urandom(300 * cs))
+    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, cs, "never", pack_size)
     try:
         job = asyncio.create_task(
             pub.publish(PublishRequest(src, "x/y", caller=daemon_caller()), Progress())
@@ -122,7 +129,8 @@ async def test_cancelled_publish_of_small_files_closes_every_descriptor(tmp_path
         p = src / f"d{i // 100:02d}" / f"f{i:04d}"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(rng.randbytes(rng.randint(512, 2048)))
-    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto")
+    # Small files' packs are the same whatever pack_size says (it is large files' alone).
+    tier, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 256 * 1024)
     progress = Progress()
     try:
         job = asyncio.create_task(
