@@ -228,18 +228,13 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None = None,
-        *,
-        ordered: bool = False,
     ) -> dict[bytes, Blob]:
         """Make every blob of `entries` complete in one of `tiers`, durable and recorded;
         return where each is. `on_ready(digest, blob)`, where given, hears of each blob as
         soon as it is complete and verified (before its sync), in the order they complete:
-        a progressive restore places its files then. A blob may be announced again.
-        `ordered`: the caller uses the blobs in `entries`' order as they come (a progressive
-        restore), so a large file is read in short spans (the first file then lands after
-        about its own share of the fetch, not the share of all the spans in flight)."""
+        a progressive restore places its files then. A blob may be announced again."""
         try:
-            return await self._ensure(entries, chunk_size, tiers, progress, on_ready, ordered)
+            return await self._ensure(entries, chunk_size, tiers, progress, on_ready)
         except BaseException:
             # What this fill made before an error or a cancel gets its sync now (it runs on,
             # owned by self.durability) rather than at the next fill's.
@@ -253,7 +248,6 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None,
-        ordered: bool,
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found: dict[bytes, Blob] = _Landed(on_ready)
@@ -307,7 +301,7 @@ class Filler:
                     else:
                         found[e.digest] = b
                         self._release(e.digest, claims)  # usable as it is: release it now
-                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made, ordered)
+                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made)
             finally:
                 # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.
@@ -424,18 +418,15 @@ class Filler:
         await self.durability.step()
         return b
 
-    def _span_bytes(self, entries: Sequence[FileEntry], chunk_size: int, ordered: bool) -> int:
-        """How much of a large file one ranged GET reads (0: a chunk at a time). At most
-        `fetch_range`, and short enough that every worker has a span of its own (a restore
-        of less than workers x fetch_range would otherwise run on fewer connections); two
-        chunks where the fill is `ordered`: with a span each in flight, the first file lands
-        after its own share of the fetch plus (workers - 1) spans."""
+    def _span_bytes(self, e: FileEntry, chunk_size: int) -> int:
+        """How much of a large file one ranged GET reads (0: a chunk at a time): at most
+        `fetch_range`, and no more than the file's share per worker, so that every worker
+        reads a span of the first file before any starts on the next. Files then complete
+        in order (a progressive restore's first file lands after about its own share of the
+        fetch, and a cold copy's build starts on it), not all together at the end."""
         if not self.fetcher.streams or self.fetch_range < 2 * chunk_size:
             return 0
-        if ordered:
-            return 2 * chunk_size
-        large = sum(e.size for e in entries if len(e.chunks) > 1)
-        share = -(-large // max(self.workers, 1))
+        share = -(-e.size // max(self.workers, 1))
         return max(2 * chunk_size, min(self.fetch_range, share))
 
     async def _fill(
@@ -447,12 +438,10 @@ class Filler:
         seq: int,
         claims: dict[bytes, asyncio.Future[None]],
         done: dict[bytes, Blob],
-        ordered: bool = False,
     ) -> None:
         """Fill `entries`' blobs; each one completed goes into `done`."""
         if not entries:
             return
-        span_bytes = self._span_bytes(entries, chunk_size, ordered)
         # What the workers take, in file order: a run of one-chunk blobs (fetched together,
         # Fetcher.get_many), one chunk of a larger blob, or a span of a larger blob's
         # adjacent packed chunks (one ranged GET, Fetcher.streaming); each with its place in
@@ -469,7 +458,7 @@ class Filler:
                     run, run_bytes = [], 0
                 n += 1
                 continue
-            if span_bytes:
+            if span_bytes := self._span_bytes(e, chunk_size):
                 work.extend(_spans(e, n, span_bytes))
                 n += len(e.chunks)
                 continue

@@ -547,9 +547,7 @@ class Restorer:
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
                 fill = asyncio.ensure_future(
-                    self.filler.ensure(
-                        order, m.chunk_size, tiers, progress.fill, ready, ordered=progressive
-                    )
+                    self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
                 )
                 try:
                     await asyncio.wait({fill, job}, return_when=asyncio.FIRST_COMPLETED)
