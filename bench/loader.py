@@ -6,8 +6,8 @@ load alone, and restore-then-load, with the origin shaped to a fixed rate.
 
 A snapshot of --shards fp16 safetensors shards (bench/loader_cpu.py's writer: layers of
 4096x4096 matrices, random bits) is published to a `file://` origin on tmpfs, then served
-to the restoring daemons by bench/throttled.py: plain HTTP, every body sharing one byte rate
-(a shaped link to a bucket). Each daemon has one `mem` tier on /dev/shm and
+to the restoring daemons by bench/throttled.py: plain HTTP with ranges, every body sharing
+one byte rate (a shaped link to a bucket). Each daemon has one `mem` tier on /dev/shm and
 `[access] link_to_writers = true` (the bench runs as root), and the shards are read-only, so
 the files land as links of the tier's blobs (targets are on /dev/shm too); a writable file
 would be copied, as a link would show the blob's mode. Every load ends with a XOR over every array's
@@ -75,6 +75,7 @@ def throttled(origin_dir: Path, rate: int) -> Iterator[str]:
             str(origin_dir),
             "--rate",
             str(rate),
+            "--ranges",  # as an object store: a large file's packs are read in ranges
         ],
         stdout=subprocess.PIPE,
         text=True,
