@@ -406,7 +406,7 @@ class Stream:
         sock, self._sock = self._sock, None
         self._abort.now()
         busy = self._busy
-        if busy is None or busy.done():
+        if busy is None:
             if sock is not None:
                 sock.close()
             return
@@ -419,7 +419,10 @@ class Stream:
                 if isinstance(got, tuple) and isinstance(got[0], socket.socket):
                     got[0].close()  # an open that finished after its caller left
 
-        busy.add_done_callback(closing)
+        if busy.done():
+            closing(busy)  # (an open that finished as its caller left: its socket too)
+        else:
+            busy.add_done_callback(closing)
 
 
 class _Stale(Exception):

@@ -140,6 +140,13 @@ class RangedSource(BatchSource, Protocol):
     def ranged(self, chunks: Sequence[Chunk]) -> ChunkRun: ...
 
 
+@runtime_checkable
+class HoldingSource(ChunkSource, Protocol):
+    """A source that tells, without reading, whether it may hold a chunk (local blobs)."""
+
+    def holds(self, chunk: Chunk) -> bool: ...
+
+
 Landed = tuple[bytes | memoryview, str]
 """A chunk's verified raw bytes and the name of the source that gave them."""
 
@@ -150,6 +157,8 @@ class _Flight:
     task: asyncio.Future[Landed]
     waiters: int = 0
     abandoned: bool = False  # cancelled by its last waiter leaving; may still be unwinding
+    # A streaming run's flight: set when anyone joins one of the run's flights
+    joined: asyncio.Event | None = None
 
 
 class Fetcher:
@@ -164,9 +173,13 @@ class Fetcher:
         # The last source, where it reads adjacent packed chunks with one request and every
         # source answers batches (no peers: they answer a chunk at a time); else None.
         last = self.sources[-1] if self.sources else None
+        local = self.sources[:-1]
         self._ranged = (
-            last if self._batched is not None and isinstance(last, RangedSource) else None
+            last
+            if isinstance(last, RangedSource) and all(isinstance(s, HoldingSource) for s in local)
+            else None
         )
+        self._local: list[HoldingSource] = [s for s in local if isinstance(s, HoldingSource)]
         self.limiter = PriorityLimiter(concurrency)
         self.stats = FetchStats()
         self._flights: dict[Chunk, _Flight] = {}  # by id, size and codec: a flight asked
@@ -202,6 +215,8 @@ class Fetcher:
             fl.task.add_done_callback(functools.partial(self._landed, chunk, fl))
         else:
             self.stats.joins += 1
+            if fl.joined is not None:
+                fl.joined.set()
         fl.waiters += 1
         return fl, fresh
 
@@ -283,56 +298,57 @@ class Fetcher:
         Each chunk has its own flight, as with `get`: one in the air is joined, and anyone
         asking for one of these meanwhile joins it. The run's own chunks that no local blob
         holds are read from the origin with one ranged GET, received a chunk at a time and
-        only when the caller asks for the next one: a chunk's share of `budget` is taken
-        (then a limiter slot, as `get` does) before its bytes are received, so a run holds
-        one chunk's bytes at a time, and no more than `budget` is held whatever the number
-        of runs. A chunk joined from another flight takes none: waiting on a flight while
-        holding some could starve that flight's own reader of it."""
+        only when the caller asks for the next one (a local one is read then, too): a chunk's
+        share of `budget` is taken (then a limiter slot, as `get` does) before its bytes are
+        received, so a run holds one chunk's bytes at a time, and no more than `budget` is
+        held whatever the number of runs. Two exceptions keep anyone from waiting on budget
+        that those waiting on it hold: a chunk joined from another flight takes none, and
+        once anyone joins one of this run's flights, the run reads on without (its joiners,
+        a batch of small files or another run, hold budget or bytes for it)."""
         ranged = self._ranged
-        batched = self._batched
         assert ranged is not None
-        assert batched is not None
         loop = asyncio.get_running_loop()
+        joined = asyncio.Event()
         flights: list[_Flight | None] = []  # None once left (its bytes are the caller's)
         owned: list[int] = []  # the chunks whose flights this run settles
         for i, c in enumerate(chunks):
-            joined, fresh = self._join(c, loop.create_future)
-            flights.append(joined)
+            flight, fresh = self._join(c, loop.create_future)
+            flights.append(flight)
             if fresh:
+                flight.joined = joined
                 owned.append(i)
         problems: dict[int, list[str]] = collections.defaultdict(list)
+        # owned, and in no local blob (a local one is read when reached, and the origin
+        # asked for it alone if it is gone by then)
+        remote = {i for i in owned if not any(s.holds(chunks[i]) for s in self._local)}
         run: ChunkRun | None = None
         run_to = -1  # the last chunk `run` reads
         try:
-            remote: set[int] = set()  # owned, and in no local blob
-            if owned:
-                remote.update(
-                    await self._from_local(batched[:-1], chunks, flights, owned, problems, priority)
-                )
             for i, c in enumerate(chunks):
                 fl = flights[i]
                 assert fl is not None
                 held = 0
-                if not fl.task.done() and i in remote:
-                    if run is None or i > run_to:
-                        if run is not None:
-                            run.close()
-                        run_to = _run_end(chunks, flights, remote, i)
-                        run = ranged.ranged(chunks[i : run_to + 1])
-                    await budget.take(c.size)
-                    held = c.size
+                if not fl.task.done() and fl.joined is joined:  # ours to read
+                    held = await _take(budget, c.size, joined)
                     try:
-                        await self._read_next(ranged.name, run, c, fl, problems[i], priority)
+                        if i not in remote:
+                            await self._read_local(c, fl, problems[i], priority)
+                        if not fl.task.done():
+                            if run is None or i > run_to:
+                                if run is not None:
+                                    run.close()
+                                run_to = _run_end(chunks, flights, remote, i)
+                                run = ranged.ranged(chunks[i : run_to + 1])
+                            await self._read_next(ranged.name, run, c, fl, problems[i], priority)
                     except BaseException:
                         budget.give(held)
                         raise
                 try:
                     outcome: Landed | BaseException = await asyncio.shield(fl.task)
                 except asyncio.CancelledError:
-                    if fl.task.cancelled():
-                        budget.give(held)
-                        raise asyncio.CancelledError() from None  # the fetcher is closing
                     budget.give(held)
+                    if fl.task.cancelled():
+                        raise asyncio.CancelledError() from None  # the fetcher is closing
                     raise
                 except Exception as e:
                     outcome = e
@@ -352,37 +368,23 @@ class Fetcher:
                 if left is not None:
                     self._leave(left)
 
-    async def _from_local(
-        self,
-        sources: Sequence[BatchSource],
-        chunks: Sequence[Chunk],
-        flights: list[_Flight | None],
-        owned: list[int],
-        problems: dict[int, list[str]],
-        priority: Priority,
-    ) -> list[int]:
-        """Settle the owned flights whose chunk one of `sources` (local blobs) gives; the
-        others, for the origin (why each was not here is noted in `problems`)."""
-        left = owned
-        for src in sources:
-            if not left:
-                break
-            async with self.limiter.slot(priority):
-                got = await src.get_many([chunks[i] for i in left])
-            keep: list[int] = []
-            for i, r in zip(left, got, strict=True):
-                fl = flights[i]
-                assert fl is not None
-                f = fl.task
-                if isinstance(r, ChunkMissing | ChunkCorrupt):
-                    self._passed(src.name, r, problems[i])
-                    keep.append(i)
-                elif isinstance(r, BaseException):
-                    f.set_exception(r)
-                else:
-                    f.set_result(self._landed_from(src.name, r))
-            left = keep
-        return left
+    async def _read_local(
+        self, chunk: Chunk, fl: _Flight, problems: list[str], priority: Priority
+    ) -> None:
+        """Settle a run's flight from a local blob, if one still holds the chunk; else note
+        why not (the origin is asked next)."""
+        for src in self._local:
+            try:
+                async with self.limiter.slot(priority):
+                    data = await src.get(chunk)
+            except (ChunkMissing, ChunkCorrupt) as e:
+                self._passed(src.name, e, problems)
+                continue
+            except Exception as e:
+                fl.task.set_exception(e)
+                return
+            fl.task.set_result(self._landed_from(src.name, data))
+            return
 
     async def _read_next(
         self,
@@ -508,6 +510,23 @@ class Fetcher:
         for fl in list(self._flights.values()):
             fl.task.cancel()
         await asyncio.gather(*(f.task for f in self._flights.values()), return_exceptions=True)
+
+
+async def _take(budget: ByteBudget, n: int, joined: asyncio.Event) -> int:
+    """`n` bytes of `budget` for a chunk a run reads: what was taken, 0 if anyone joins one
+    of the run's flights first (or had)."""
+    if joined.is_set():
+        return 0
+    take = asyncio.ensure_future(budget.take(n))
+    wake = asyncio.ensure_future(joined.wait())
+    try:
+        await asyncio.wait({take, wake}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        wake.cancel()
+        if not take.done():
+            take.cancel()  # (a take granted as it is cancelled gives its bytes back)
+    await asyncio.wait({take})  # (its cancel unwound; ours would still raise here)
+    return 0 if take.cancelled() else n
 
 
 def _run_end(

@@ -554,7 +554,7 @@ class Origin:
                 if not _no_ranges(exc):
                     raise
                 self._ranges = False
-                return (await read_whole())[offset : offset + length]
+                return _cut(await read_whole(), offset, length)
             return memoryview(got)
 
         async def read_whole() -> memoryview:
@@ -569,7 +569,7 @@ class Origin:
             return await _read_capped(result, pack_size)
 
         async def plain() -> memoryview:
-            return (await read_whole())[offset : offset + length]
+            return _cut(await read_whole(), offset, length)
 
         try:
             call = plain if whole or not self._ranges else ranged
@@ -895,6 +895,16 @@ class PackRun:
         manifest says, OriginError for an origin that keeps failing."""
         if n > self._end - self._pos:
             raise ValueError(f"{n} bytes asked of a pack run with {self._end - self._pos} left")
+        start = self._pos
+        try:
+            return await self._read(n, then)
+        except Exception:
+            if self._pos == start:  # failed before its bytes were had: the run moves past them
+                self.close()  # (a stream still at them is asked again from the next piece)
+                self._pos = start + n
+            raise
+
+    async def _read(self, n: int, then: Callable[[memoryview], T]) -> T:
         o = self._origin
         while True:
             stream = await self._opened()
@@ -935,8 +945,7 @@ class PackRun:
             left = self._end - self._pos
             whole = _WholePack(o, self._pack, self._pos, left, self._pack_size)
             try:
-                async with asyncio.timeout(o._timeout):
-                    await whole.open()
+                await whole.open()
             except (fastget.Broken, TimeoutError):
                 whole.close()
                 self._breaks += 1
@@ -1006,8 +1015,9 @@ class _WholePack:
                 f"{self._size} bytes its manifest says"
             ) from None
         self._pieces = aiter(result.stream(min_chunk_size=_WHOLE_PIECE))
-        while self._skip:
-            piece = await self._next()
+        while self._skip:  # (a timeout a piece: the bytes before a run may be most of a GiB)
+            async with asyncio.timeout(o._timeout):
+                piece = await self._next()
             k = min(self._skip, len(piece))
             self._skip -= k
             self._rest = piece[k:]
@@ -1044,6 +1054,13 @@ class _WholePack:
 
     def close(self) -> None:
         self._pieces = None  # obstore drops the connection with the stream
+
+
+def _cut(data: memoryview, offset: int, length: int) -> memoryview:
+    """`length` bytes at `offset` of a pack read whole: a copy where it is less than the
+    pack (a view would keep the whole pack, up to 1 GiB, alive with the chunk)."""
+    piece = data[offset : offset + length]
+    return piece if len(piece) == len(data) else memoryview(bytes(piece))
 
 
 # obstore's pieces of a pack read whole (one is held at a time, beside the piece assembled).

@@ -10,7 +10,7 @@ Where chunks go at the origin: small files' chunks (one chunk, smaller than the 
 into packs of up to a chunk's size, in path order; a large file's, with `pack_size` set,
 into packs of that file of up to `pack_size`, in file order, so a restore reads many of them
 with one ranged GET; with `pack_size` 0, each into an object of its own. The bytes of large
-files' packs a publish holds (being filled, queued, being uploaded) are bounded (`_Budget`).
+files' packs a publish holds (being filled, queued, being uploaded) are bounded (`PackBudget`).
 
 The source is read with the caller's rights, in its mount namespace, by descriptor: the
 helper of asuser.py walks it and opens each file for us, so a file the caller cannot read
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import logging
 import os
 import posixpath
@@ -57,6 +56,7 @@ from hostd.errors import (
     first_error,
 )
 from hostd.origin import Origin, validate_ref
+from hostd.packs import FilePacks, LargePack, PackBudget, PackUpload, Stopped, join_and_hash
 from hostd.refs import RefLog
 from hostd.restore import Progress, Resolver
 from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
@@ -64,6 +64,13 @@ from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrit
 log = logging.getLogger(__name__)
 
 INGEST_THREADS = 2
+
+# The bytes of large files' packs one publish holds at once (`PackBudget`), in packs of
+# `pack_size`: one being filled on each ingest thread, and as many again sealed, queued or
+# being uploaded side by side. (At least INGEST_THREADS packs in any case: each ingest thread
+# may hold a whole pack while it waits for room.) A larger budget would let more PUTs run at
+# once, at pack_size of memory each.
+PACKS_HELD = 2 * INGEST_THREADS
 
 T = TypeVar("T")
 
@@ -220,11 +227,6 @@ class SmallFile(NamedTuple):
 # A chunk and its bytes, handed over by `ingest`: the view is of its read buffer, valid only
 # during the call (a handoff that keeps the bytes copies them).
 Handoff = Callable[[mf.Chunk, memoryview], None]
-
-
-class Stopped(Exception):
-    """The publish was cancelled while its ingest thread waited to hand a chunk over (to
-    the upload queue, or for room in the budget of packs held)."""
 
 
 def decide_codec(fd: int, size: int, chunk_size: int, mode: str, min_saving: float) -> int:
@@ -617,12 +619,6 @@ async def _owned_fds(opening: Awaitable[list[int]]) -> list[int]:
         raise
 
 
-def _join_and_hash(parts: list[bytes]) -> tuple[bytes, bytes]:
-    """A pack's id and bytes (blocking)."""
-    data = b"".join(parts)
-    return blake3.blake3(data).digest(), data
-
-
 def _entries(
     larges: Sequence[mf.FileEntry],
     packed: bool,
@@ -666,161 +662,6 @@ SMALL_BATCH_BYTES = 4 * 1024 * 1024
 SMALL_BATCHES_AHEAD = 6
 
 
-@dataclass(frozen=True, slots=True)
-class _PackUpload:
-    """A sealed pack: its parts are joined and hashed on a thread by the uploader that
-    takes it, which then records where each of `chunks` lies in it."""
-
-    parts: list[bytes]
-    chunks: dict[bytes, tuple[int, int, int, int]]  # id -> (size, codec, offset, length)
-
-    def __repr__(self) -> str:
-        return f"_PackUpload({len(self.chunks)} chunks)"
-
-
-# The bytes of large files' packs one publish holds at once (`_Budget`), in packs of
-# `pack_size`: one being filled on each ingest thread, and as many again sealed, queued or
-# being uploaded side by side. (At least INGEST_THREADS packs in any case: each ingest thread
-# may hold a whole pack while it waits for room.) A larger budget would let more PUTs run at
-# once, at pack_size of memory each.
-PACKS_HELD = 2 * INGEST_THREADS
-
-
-@dataclass(frozen=True, slots=True)
-class _LargePack:
-    """A sealed pack of one large file's chunks, named and joined on its ingest thread as it
-    was filled: the uploader that takes it PUTs it and gives its bytes back to the budget."""
-
-    id: bytes
-    data: bytes
-    chunks: dict[bytes, tuple[int, int, int, int]]  # id -> (size, codec, offset, length)
-
-    def __repr__(self) -> str:
-        return f"_LargePack({self.id.hex()[:12]}, {len(self.chunks)} chunks, {len(self.data)} B)"
-
-
-class _Budget:
-    """The bytes of large files' packs a publish holds: being filled on the ingest threads,
-    sealed and queued, being uploaded. An ingest thread takes a chunk's stored bytes before
-    it adds them to a pack, waiting while they would pass `total` (backpressure on the
-    reading); an uploader gives a pack's bytes back once its PUT is done and it holds them
-    no more. Takers are ingest threads, the giver is the loop (a lock, never held across
-    anything slow).
-
-    A waiting taker always gets its bytes in the end: what each ingest thread fills is at
-    most a pack, its own included with the chunk it asks room for (a pack the chunk would
-    overflow is sealed, and so on its way to the uploaders, first), and everything sealed
-    is given back as the uploads finish. So `total` must be at least a pack per ingest
-    thread (PACKS_HELD is twice that). A take of more than `total` is let through when
-    nothing is held."""
-
-    def __init__(self, total: int, cancel: threading.Event) -> None:
-        self.total = total
-        self.held = 0
-        self.peak = 0  # the most held at once
-        self.waiting = 0  # takers waiting for room now
-        self._cancel = cancel
-        self._cond = threading.Condition()
-
-    def __repr__(self) -> str:
-        return (
-            f"_Budget({self.held} of {self.total} bytes held, peak {self.peak}, "
-            f"{self.waiting} waiting)"
-        )
-
-    def take(self, n: int) -> None:
-        """On an ingest thread: hold `n` more bytes, waiting for room; Stopped once the
-        publish is cancelled (`wake` tells a waiting taker)."""
-        with self._cond:
-            while not self._cancel.is_set() and self.held and self.held + n > self.total:
-                self.waiting += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self.waiting -= 1
-            if self._cancel.is_set():
-                raise Stopped()
-            self.held += n
-            self.peak = max(self.peak, self.held)
-
-    def give(self, n: int) -> None:
-        with self._cond:
-            self.held -= n
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Wake the takers waiting, to see that the publish was cancelled."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-def _pack_hasher() -> Any:
-    """A hasher for a large file's pack, fed a chunk at a time: on threads of blake3's own for
-    a large chunk, as the chunk's own hash is."""
-    return blake3.blake3(max_threads=blake3.blake3.AUTO)
-
-
-class _FilePacks:
-    """The packs of one large file, filled on its ingest thread (`add` is the handoff of
-    `ingest`), in file order. Each chunk neither the ref's previous snapshot nor this run
-    has stored is compressed where its file's codec says to try (kept raw where zstd saves
-    too little), and its stored bytes are taken from the run's budget and appended to the
-    pack being filled, which is hashed as it grows. A pack is sealed when the next chunk
-    would take it past `pack_size` (a chunk larger than that gets a pack of its own) and
-    when the file ends, and is handed to the uploaders; a chunk stored already is left out,
-    to be pointed at where it is once everything is placed."""
-
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.buf = io.BytesIO()  # getvalue() hands its buffer over: no copy of the pack
-        self.hasher = _pack_hasher()
-        self.chunks: dict[bytes, tuple[int, int, int, int]] = {}  # as _LargePack's
-        self.held = 0  # bytes taken from the budget for the pack being filled
-
-    def __repr__(self) -> str:
-        return f"_FilePacks({len(self.chunks)} chunks filling, {self.held} bytes)"
-
-    def ingest(self, job: Callable[[], Ingested]) -> Ingested:
-        """On an ingest thread: run `job` (`ingest` with `add` as its handoff), then seal
-        the file's last pack. A file that fails gives back what its pack held."""
-        try:
-            got = job()
-            self.seal()
-            return got
-        finally:
-            self.run.budget.give(self.held)
-            self.held = 0
-
-    def add(self, chunk: mf.Chunk, data: memoryview) -> None:
-        run = self.run
-        if not run.on_loop(run.claim(chunk.id)):
-            return
-        kind: int = mf.CODEC_RAW
-        stored: bytes | memoryview = data
-        if chunk.codec == mf.CODEC_ZSTD:
-            kind, stored = codec.choose(data, codec.compress(data), run.p.min_saving)
-        n = len(stored)
-        if self.chunks and self.buf.tell() + n > run.pack_size:
-            self.seal()
-        run.budget.take(n)
-        self.held += n
-        self.chunks[chunk.id] = (chunk.size, kind, self.buf.tell(), n)
-        self.buf.write(stored)
-        self.hasher.update(stored)
-
-    def seal(self) -> None:
-        """Name the pack being filled and hand it to the uploaders (waiting while the upload
-        queue is full). Its bytes stay taken until its upload is done."""
-        if not self.chunks:
-            return
-        pack = _LargePack(self.hasher.digest(), self.buf.getvalue(), self.chunks)
-        self.buf, self.hasher, self.chunks = io.BytesIO(), _pack_hasher(), {}
-        # The pack's bytes are the uploader's to give back from here; if it is never queued
-        # (Stopped), the publish is over and its budget with it.
-        self.held = 0
-        self.run.on_loop(self.run.sealed(pack))
-
-
 class _Run:
     """One publish: files ingested on threads, large ones one by one on the ingest pool (their
     chunks handed through a bounded queue to upload workers, or, with `pack_size`, packed
@@ -843,10 +684,11 @@ class _Run:
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | _PackUpload | _LargePack | None] = (
+        self.queue: asyncio.Queue[tuple[mf.Chunk, bytes] | PackUpload | LargePack | None] = (
             asyncio.Queue(maxsize=2 * p.upload_concurrency)
         )
         self.pack_size = p.pack_size  # large files' packs; 0: their chunks are objects
+        self.min_saving = p.min_saving
         self.seen: set[bytes] = set()
         # Where each chunk is at the origin: the previous snapshot's, then this run's own
         # (a small file's once its pack is hashed, by the uploader that takes it; a large
@@ -864,7 +706,7 @@ class _Run:
         self.cached = 0
         self.cancel = threading.Event()
         unit = max(self.pack_size, mf.max_stored_size(chunk_size))
-        self.budget = _Budget(PACKS_HELD * unit, self.cancel)
+        self.budget = PackBudget(PACKS_HELD * unit, self.cancel)
 
     def __repr__(self) -> str:
         return (
@@ -992,7 +834,7 @@ class _Run:
         self.progress.fill.done_bytes += sum(f.size for f in files)
         return got
 
-    def place(self, sf: SmallFile) -> _PackUpload | None:
+    def place(self, sf: SmallFile) -> PackUpload | None:
         """Put a small file's chunk into the pack being filled, unless the origin has it or
         will (the previous snapshot's, or an earlier file of this tree with equal bytes).
         The pack it closed to make room, if it did, is to be queued for upload."""
@@ -1010,11 +852,11 @@ class _Run:
         self.compressed += sf.codec == mf.CODEC_ZSTD
         return sealed
 
-    def seal(self) -> _PackUpload | None:
+    def seal(self) -> PackUpload | None:
         """Close the pack being filled, if any: an uploader names it by its content."""
         if not self.pack_parts:
             return None
-        pack = _PackUpload(self.pack_parts, self.filling)
+        pack = PackUpload(self.pack_parts, self.filling)
         self.pack_parts, self.pack_bytes, self.filling = [], 0, {}
         self.packs += 1
         return pack
@@ -1025,7 +867,7 @@ class _Run:
             return mf.FileEntry(f.path, f.mode, 0, (), f.mtime)
         tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
         scratch = tier.tmp_dir / f"publish-{os.getpid()}-{id(f)}" if tier else None
-        packs = _FilePacks(self) if self.pack_size else None
+        packs = FilePacks(self) if self.pack_size else None
         job = functools.partial(
             ingest,
             functools.partial(self.fs.open_file, f.path, f.ident, f.via),
@@ -1085,7 +927,7 @@ class _Run:
         self.packed.add(cid)
         return True
 
-    async def sealed(self, pack: _LargePack) -> None:
+    async def sealed(self, pack: LargePack) -> None:
         """A large file's pack is sealed: its chunks are placed (its id is known) and
         counted, and it is queued for upload, waiting while the queue is full."""
         for cid, (size, kind, offset, length) in pack.chunks.items():
@@ -1105,16 +947,16 @@ class _Run:
             del item
             self.budget.give(held)
 
-    async def upload(self, item: tuple[mf.Chunk, bytes] | _PackUpload | _LargePack) -> int:
+    async def upload(self, item: tuple[mf.Chunk, bytes] | PackUpload | LargePack) -> int:
         """Upload what was queued; the bytes to give back to the budget."""
-        if isinstance(item, _LargePack):
+        if isinstance(item, LargePack):
             await self.p.origin.put_pack(item.id, item.data)
             return len(item.data)
-        if isinstance(item, _PackUpload):
+        if isinstance(item, PackUpload):
             # Joining and hashing a pack of a chunk's size takes milliseconds: a thread's
             # (blake3 releases the GIL). Named by its content: an upload that finds it
             # there already is harmless, and asking first would cost a request per pack.
-            pack, data = await asyncio.to_thread(_join_and_hash, item.parts)
+            pack, data = await asyncio.to_thread(join_and_hash, item.parts)
             for cid, (size, kind, offset, length) in item.chunks.items():
                 where = mf.Packed(pack, offset, length, len(data))
                 self.placed[cid] = mf.Chunk(cid, size, kind, where)

@@ -71,6 +71,10 @@ class LocalBlobSource:
                 out.append(e)
         return out
 
+    def holds(self, chunk: Chunk) -> bool:
+        """Whether a local blob is on record with the chunk (not read, nor checked)."""
+        return self.cache.chunk_location(chunk.id, chunk.size) is not None
+
     async def get(self, chunk: Chunk) -> bytes:
         loc = self.cache.chunk_location(chunk.id, chunk.size)
         if loc is None:

@@ -31,7 +31,8 @@ from hostd.core.retry import RetryPolicy
 from hostd.errors import OriginError
 from hostd.index import Index
 from hostd.origin import Origin
-from hostd.publish import INGEST_THREADS, Publisher, PublishRequest, _Budget
+from hostd.packs import PackBudget
+from hostd.publish import INGEST_THREADS, Publisher, PublishRequest
 from hostd.restore import Progress, Resolver
 from hostd.tier import Tier
 
@@ -430,7 +431,7 @@ def budget_tree(root: Path) -> Path:
     return root
 
 
-async def held_at_the_budget(run: InProcess) -> _Budget:
+async def held_at_the_budget(run: InProcess) -> PackBudget:
     """The budget of the one publish under way, once both ingest threads wait for room in
     it (the origin holding pack uploads)."""
     (publish,) = await until(lambda: list(run.pub.runs), "the publish never started")

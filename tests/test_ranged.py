@@ -21,6 +21,7 @@ import pytest
 from test_fastget import Server, plain, serve
 
 from hostd.cache import Cache
+from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import CODEC_RAW, Chunk, FileEntry, Packed
 from hostd.core.retry import RetryPolicy
@@ -28,11 +29,13 @@ from hostd.errors import ChunkCorrupt
 from hostd.fetch import ByteBudget, Fetcher, Landed
 from hostd.fill import Filler, FillProgress
 from hostd.index import Index
-from hostd.origin import Origin
+from hostd.origin import Origin, _pack_key
 from hostd.sources import PACK_WINDOW, LocalBlobSource, OriginSource
 from hostd.tier import Tier
 
 __all__ = ["serve"]  # the fixture, used by name
+
+MTIME = 1_700_000_000 * 10**9
 
 CS = 256 * 1024
 FAST = RetryPolicy(attempts=2, base=0.0, cap=0.0)
@@ -411,3 +414,193 @@ async def test_a_server_that_ignores_ranges_gets_one_whole_get_per_run(serve: Se
     second = await read_all(f, chunks[8:], ByteBudget(CS))
     assert [bytes(r[0]) for r in second if not isinstance(r, BaseException)] == raws[8:]
     assert len(s.ranges) == asked + 1
+
+
+# -- found by attacking it --------------------------------------------------------------
+
+
+def ranges_or_whole(data: bytes) -> Callable[..., Awaitable[bytes]]:
+    """test_ranged.ranges_of, answering a GET without a Range header whole."""
+    inner = ranges_of(data)
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        if "range" not in headers:
+            return plain(data)
+        return await inner(path, headers)
+
+    return answer
+
+
+def _pending_bytes(gen: object) -> int:
+    """Chunk bytes a suspended `streaming` generator holds in settled flights it has not
+    yielded yet (outside any budget)."""
+    flights = gen.ag_frame.f_locals["flights"]  # type: ignore[attr-defined]
+    total = 0
+    for fl in flights:
+        if fl is None or not fl.task.done() or fl.task.cancelled():
+            continue
+        if fl.task.exception() is None:
+            total += len(fl.task.result()[0])
+    return total
+
+
+async def _settles(rig: FillRig, *tasks: asyncio.Task[object]) -> None:
+    """Every task ends within 10 s; else fail with the budget and flights as they are
+    then (before anything is cancelled)."""
+    _, pending = await asyncio.wait(tasks, timeout=10)
+    if pending:
+        state = f"{rig.filler.budget!r} {rig.fetcher!r}"
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(BaseException):
+                await t
+        pytest.fail(f"deadlock, {len(pending)} of {len(tasks)} fills stuck: {state}")
+    for t in tasks:
+        t.result()
+
+
+# -- deadlock: a one-chunk file's run (Filler.wholes) holds budget and joins a span's
+#       flight; the span's reader waits for that budget --------------------------------
+
+
+async def test_wholes_holding_budget_while_joining_a_span_flight_does_not_deadlock(
+    serve: Serve, fill_rig: Callable[..., FillRig]
+) -> None:
+    """Two restores through one Filler (fetch_memory = one chunk): restore 1 fills a large
+    file (spans [0,1] and [2,3]); restore 2 a one-chunk file whose chunk is the large
+    file's chunk 3 (publish points a deduped chunk at where it is: the same Chunk, the
+    same flight). The span reading chunk 3 owns that flight, and the run of small files
+    took the budget before joining it: the span reads on without."""
+    data, raws, chunks = a_pack(4)
+    gate = asyncio.Event()
+    inner = ranges_or_whole(data)
+
+    async def gated(path: str, headers: dict[str, str]) -> bytes:
+        if headers.get("range", "").startswith(f"bytes={2 * CS}-"):
+            await gate.wait()  # span [2,3] holds the budget for chunk 2 meanwhile
+        return await inner(path, headers)
+
+    s = RangeServer(gated)
+    rig = fill_rig(await serve(s), 64 * CS)
+    budget = ByteBudget(CS)
+    rig.filler.budget = budget
+    big = large(chunks, raws)
+    small = FileEntry("three.bin", 0o644, CS, (chunks[3],), MTIME)
+    fill1 = asyncio.create_task(rig.filler.ensure([big], CS, [rig.tier], FillProgress()))
+    async with asyncio.timeout(10):
+        while not any(r.startswith(f"bytes={2 * CS}-") for r in s.ranges):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    before = len(budget._waiting)
+    fill2 = asyncio.create_task(rig.filler.ensure([small], CS, [rig.tier], FillProgress()))
+    async with asyncio.timeout(10):
+        while len(budget._waiting) <= before:  # noqa: ASYNC110 (wholes() queued its take)
+            await asyncio.sleep(0.01)
+    gate.set()
+    await _settles(rig, fill1, fill2)
+    assert rig.blob(big) == data
+
+
+# -- memory: chunks a local blob holds are all read at the run's start, and held ---------
+
+
+async def test_a_run_of_local_chunks_holds_no_more_than_one_chunk(
+    serve: Serve, fill_rig: Callable[..., FillRig]
+) -> None:
+    """A run whose chunks another local blob holds (a new version of a file, most of it
+    unchanged) reads each when it is reached, under the budget: not all at the start,
+    their bytes waiting in flights outside it."""
+    data, raws, chunks = a_pack(8)
+    s = RangeServer(ranges_or_whole(data))
+    rig = fill_rig(await serve(s), 64 * CS)
+    v1 = large(chunks, raws)
+    await rig.fill(v1)  # v1: its blob now holds every chunk
+    rig.cache.record_snapshot(mf.build(chunk_size=CS, files=[v1]))
+    budget = ByteBudget(CS)
+    run = rig.fetcher.streaming(chunks, (0, 0), budget)
+    try:
+        i, r, held = await anext(run)
+        assert i == 0
+        assert held == CS  # a local chunk's share is taken too
+        del r
+        pending = _pending_bytes(run)
+    finally:
+        await run.aclose()
+    assert pending <= budget.limit, f"{pending // CS} chunks held outside the budget"
+
+
+# -- offsets: an error that is not `then`'s leaves PackRun behind ChunkRun -----------------
+
+
+async def test_a_range_refused_for_its_length_fails_that_chunk_alone(serve: Serve) -> None:
+    """The first answer states a Content-Length over the range (ChunkCorrupt for chunk 0);
+    every later answer is right, and every later chunk is read from its own bytes."""
+    data, _, chunks = a_pack(4)
+    inner = ranges_of(data)
+    answers = 0
+
+    async def lies_once(path: str, headers: dict[str, str]) -> bytes:
+        nonlocal answers
+        answers += 1
+        if answers == 1:
+            a, b = (int(x) for x in headers["range"].removeprefix("bytes=").split("-"))
+            return (
+                f"HTTP/1.1 206 Partial Content\r\nContent-Length: {b - a + 2}\r\n"
+                f"Content-Range: bytes {a}-{b}/{len(data)}\r\n\r\n"
+            ).encode()
+        return await inner(path, headers)
+
+    s = RangeServer(lies_once)
+    f = Fetcher([OriginSource(await serve(s))], 4)
+    got = await read_all(f, chunks, ByteBudget(CS))
+    assert isinstance(got[0], ChunkCorrupt)
+    wrong = [i for i in (1, 2, 3) if isinstance(got[i], BaseException)]
+    assert not wrong, f"chunks {wrong} failed: {[str(got[i])[:90] for i in wrong]}"
+
+
+# -- memory: a server without ranges: a chunk is a view of the whole pack ----------------
+
+
+async def test_a_chunk_from_a_server_without_ranges_does_not_hold_its_whole_pack(
+    serve: Serve,
+) -> None:
+    """get_pack_range on a server that ignores ranges reads the whole pack (packs of large
+    files: 64 MiB to 1 GiB): the chunk is a copy of its range, not a view that would keep
+    the whole pack alive while the chunk is held."""
+    data, raws, chunks = a_pack(16)
+
+    async def whole(path: str, headers: dict[str, str]) -> bytes:
+        return plain(data)
+
+    f = Fetcher([OriginSource(await serve(RangeServer(whole)), window=0)], 4)
+    got, _ = await f.get(chunks[5], (0, 0))
+    assert bytes(got) == raws[5]
+    base = memoryview(got.obj if isinstance(got, memoryview) else got)
+    assert base.nbytes <= 2 * CS, f"a {CS}-byte chunk holds a {base.nbytes}-byte buffer"
+
+
+# -- sockets: a Stream.open cancelled as its thread finishes --------------------------------
+
+
+async def test_an_open_cancelled_as_it_finishes_closes_its_socket(serve: Serve) -> None:
+    data, _, chunks = a_pack(4)
+    o = await serve(RangeServer(ranges_or_whole(data)))
+    fast = o._fast
+    assert fast is not None
+    p = chunks[0].packed
+    assert p is not None
+    st = fast.stream(_pack_key(p.pack), 0, len(data))
+    task = asyncio.create_task(st.open())
+    async with asyncio.timeout(10):
+        while st._busy is None:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        job = st._busy
+        while not job.done():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    task.cancel()  # the job is done; the task has not resumed yet
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    sock = job.result()[0]
+    leaked = sock.fileno() != -1
+    sock.close()
+    assert not leaked, "the socket _open returned is left open (shut down, never closed)"
