@@ -648,11 +648,11 @@ SWITCH_INTERVAL = 0.001
 def _tune_interpreter() -> None:
     """Collect rarely (GC_YOUNG) and hand the GIL over sooner (SWITCH_INTERVAL). What
     start-up makes is frozen out of every collection once the cache is loaded. Reuse freed
-    buffers (memory.tune_malloc)."""
+    buffers, in a few arenas (memory.tune_malloc)."""
     gc.set_threshold(GC_YOUNG, 50, 100)
     sys.setswitchinterval(SWITCH_INTERVAL)
     if not tune_malloc():
-        log.debug("memory: malloc's thresholds left as they are")
+        log.debug("memory: malloc's thresholds and arenas left as they are")
 
 
 def _raise_open_files_limit() -> None:

@@ -13,7 +13,13 @@ While an operation runs, the opposite: a cold restore allocates a buffer of a ch
 to the system (its mmap threshold follows the sizes freed, then its trim threshold, twice
 that, returns the top of an arena), and the next buffer is faulted in and zeroed afresh: ~9%
 of the daemon's CPU in a cold restore. `tune_malloc` fixes both thresholds at start, so
-buffers are reused from the arenas; the idle trim above still gives the memory back.
+buffers are reused from the arenas; the idle trim above still gives the memory back. It also
+caps the arenas at ARENA_MAX: glibc makes up to 8 per core, one per thread that allocates
+at once, and each keeps the buffers freed into it for the next allocation on its own
+threads. A restore's buffers are allocated on the threads that receive them (a pool of
+fetch_concurrency + upload_concurrency): with 16 arenas a cold GiB peaked at 274 MiB
+against 173-185 with 4 (152-164 with 2), for the same time and CPU (bench/RESULTS.md); with
+512 on a 64-core host, there would be no telling.
 
 Where the C library has no malloc_trim or mallopt (musl), this does nothing. Both come from
 the process's own libc handle (hostd.fileio.libc): no library search at start-up.
@@ -36,15 +42,22 @@ IDLE_DELAY = 1.0  # seconds without an operation before the heap is trimmed
 # mallopt's parameters (malloc.h) and what tune_malloc sets them to: allocations up to
 # MMAP_THRESHOLD come from the arenas (every default chunk size; glibc's maximum), and an
 # arena keeps up to TRIM_THRESHOLD free at its top until the idle trim.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
+ARENA_MAX = 4
 # Set in the environment, these are the operator's choice: tune_malloc leaves malloc alone.
-MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MALLOC_VARIABLES = (
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+)
 
 
 def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
-    """Fix glibc's mmap and trim thresholds (see the module's doc); whether it did."""
+    """Fix glibc's mmap and trim thresholds and cap its arenas (see the module's doc);
+    whether it did."""
     if any(v in environ for v in MALLOC_VARIABLES):
         return False
     mallopt = getattr(libc, "mallopt", None)
@@ -53,8 +66,10 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # (the mmap threshold first: setting either turns the sliding thresholds off)
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return (
+        bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        and bool(mallopt(M_ARENA_MAX, ARENA_MAX))
     )
 
 

@@ -113,3 +113,53 @@ def test_tuned_malloc_reuses_a_restores_buffers() -> None:
     assert faults("trim-only")[1] > 200_000  # the measure tells the two apart
     # An operator's own malloc settings are left alone.
     assert not memory.tune_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert not memory.tune_malloc({"MALLOC_ARENA_MAX": "8"})
+
+
+# Threads that each hold a buffer at once, so each wants an arena of its own; then the heaps
+# glibc made, from malloc_info's XML (one <heap nr=...> an arena).
+_ARENAS = """
+import ctypes, os, re, sys, tempfile, threading
+from hostd import memory
+if sys.argv[1] == "tune":
+    assert memory.tune_malloc({})
+hold = threading.Barrier(16)
+
+def busy():
+    b = bytearray(1 << 20)
+    hold.wait()
+    del b
+
+ts = [threading.Thread(target=busy) for _ in range(16)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(len(re.findall(r"<heap nr=", open(path).read())))
+"""
+
+
+def test_tuned_malloc_keeps_to_a_few_arenas() -> None:
+    """16 threads allocating at once: glibc's default makes an arena for most of them (up
+    to 8 per core), each keeping what was freed into it; tuned, at most ARENA_MAX."""
+    if memory._malloc_trim() is None:
+        pytest.skip("this C library has no mallopt (glibc has)")
+
+    def arenas(how: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _ARENAS, how], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert arenas("tune") <= memory.ARENA_MAX
+    assert arenas("default") > memory.ARENA_MAX  # the measure tells the two apart
