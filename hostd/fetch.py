@@ -171,7 +171,8 @@ class Fetcher:
             else None
         )
         # The last source, where it reads adjacent packed chunks with one request and every
-        # source answers batches (no peers: they answer a chunk at a time); else None.
+        # source before it tells whether it holds a chunk without reading it (local blobs;
+        # not peers, which answer a chunk at a time); else None.
         last = self.sources[-1] if self.sources else None
         local = self.sources[:-1]
         self._ranged = (

@@ -909,9 +909,9 @@ class PackRun:
         while True:
             stream = await self._opened()
             if stream is None:
-                data = await self._piece(n)
+                data = await o.get_pack_range(self._pack, self._pos, n, self._pack_size)
                 self._pos += n
-                return then(data) if n <= _INLINE_THEN else await asyncio.to_thread(then, data)
+                return await _handed(then, data)
             try:
                 async with asyncio.timeout(o._timeout):
                     got = await stream.read(n, then)
@@ -929,10 +929,6 @@ class PackRun:
                     self._pos = self._end - stream.left
             o.stats.bytes_in += n
             return got
-
-    async def _piece(self, n: int) -> memoryview:
-        """The next `n` bytes as a ranged GET of their own through obstore."""
-        return await self._origin.get_pack_range(self._pack, self._pos, n, self._pack_size)
 
     async def _opened(self) -> fastget.Stream | _WholePack | None:
         """The run's GET, open (None: read the piece through obstore)."""
@@ -1049,8 +1045,7 @@ class _WholePack:
             self._rest = self._rest[k:]
             have += k
         self.left -= n
-        view = memoryview(buf)
-        return then(view) if n <= _INLINE_THEN else await asyncio.to_thread(then, view)
+        return await _handed(then, memoryview(buf))
 
     def close(self) -> None:
         self._pieces = None  # obstore drops the connection with the stream
@@ -1067,6 +1062,11 @@ def _cut(data: memoryview, offset: int, length: int) -> memoryview:
 _WHOLE_PIECE = 1 << 20
 # A piece this small is handed to `then` on the loop (a thread hop costs more).
 _INLINE_THEN = 256 * 1024
+
+
+async def _handed(then: Callable[[memoryview], T], data: memoryview) -> T:
+    """`then(data)`: on the loop for a small piece, else on a thread."""
+    return then(data) if len(data) <= _INLINE_THEN else await asyncio.to_thread(then, data)
 
 
 def _tell(note: RetryNote | None) -> None:

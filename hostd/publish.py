@@ -927,13 +927,19 @@ class _Run:
         self.packed.add(cid)
         return True
 
+    def place_pack(
+        self, pack: bytes, size: int, chunks: Mapping[bytes, tuple[int, int, int, int]]
+    ) -> None:
+        """Record where each of `chunks` (id -> size, codec, offset, length) lies in a pack
+        named `pack` of `size` bytes."""
+        for cid, (n, kind, offset, length) in chunks.items():
+            self.placed[cid] = mf.Chunk(cid, n, kind, mf.Packed(pack, offset, length, size))
+
     async def sealed(self, pack: LargePack) -> None:
         """A large file's pack is sealed: its chunks are placed (its id is known) and
         counted, and it is queued for upload, waiting while the queue is full."""
-        for cid, (size, kind, offset, length) in pack.chunks.items():
-            where = mf.Packed(pack.id, offset, length, len(pack.data))
-            self.placed[cid] = mf.Chunk(cid, size, kind, where)
-            self.compressed += kind == mf.CODEC_ZSTD
+        self.place_pack(pack.id, len(pack.data), pack.chunks)
+        self.compressed += sum(kind == mf.CODEC_ZSTD for _, kind, _, _ in pack.chunks.values())
         self.packs += 1
         self.new_chunks += len(pack.chunks)
         self.stored_bytes += len(pack.data)
@@ -957,9 +963,7 @@ class _Run:
             # (blake3 releases the GIL). Named by its content: an upload that finds it
             # there already is harmless, and asking first would cost a request per pack.
             pack, data = await asyncio.to_thread(join_and_hash, item.parts)
-            for cid, (size, kind, offset, length) in item.chunks.items():
-                where = mf.Packed(pack, offset, length, len(data))
-                self.placed[cid] = mf.Chunk(cid, size, kind, where)
+            self.place_pack(pack, len(data), item.chunks)
             await self.p.origin.put_pack(pack, data)
             return 0
         c, data = item

@@ -125,6 +125,14 @@ def read_back(origin: Path, m: mf.Manifest, src: Path) -> None:
         assert got == (src / f.path).read_bytes(), f.path
 
 
+def restores_cold(work: Path, origin: Path, ref: str, src: Path) -> None:
+    """Another host, its cache cold, restores `ref` (copies) into what `src` holds."""
+    with Hostd(work / "b", origin=origin.as_uri()) as b:
+        out = b.restore(ref, work / "out", mode="copy")
+        assert out["event"] == "result", out
+    assert tree_digest(work / "out") == tree_digest(src)
+
+
 def assert_packed_in_file_order(m: mf.Manifest, pack_size: int) -> set[bytes]:
     """Every large file's chunks lie in packs that hold that file's chunks alone, in file
     order and back to back: each pack begins with one of its chunks and ends with another,
@@ -174,10 +182,7 @@ def test_large_files_go_into_few_packs_in_file_order_and_restore(work: Path) -> 
     assert pub["stored_bytes"] == sum(p.stat().st_size for p in packs.values())
     read_back(origin, m, src)
 
-    with Hostd(work / "b", origin=origin.as_uri()) as b:  # a cold cache
-        out = b.restore("lp/tree", work / "out", mode="copy")
-        assert out["event"] == "result", out
-    assert tree_digest(work / "out") == tree_digest(src)
+    restores_cold(work, origin, "lp/tree", src)
 
 
 def test_a_republish_stores_nothing_and_a_changed_region_only_its_chunks(work: Path) -> None:
@@ -216,10 +221,7 @@ def test_a_republish_stores_nothing_and_a_changed_region_only_its_chunks(work: P
     ]
     read_back(origin, m, src)
 
-    with Hostd(work / "b", origin=origin.as_uri()) as b:
-        out = b.restore("lp/again", work / "out", mode="copy")
-        assert out["event"] == "result", out
-    assert tree_digest(work / "out") == tree_digest(src)
+    restores_cold(work, origin, "lp/again", src)
 
 
 def test_pack_size_0_keeps_an_object_per_large_chunk(work: Path) -> None:
@@ -235,10 +237,7 @@ def test_pack_size_0_keeps_an_object_per_large_chunk(work: Path) -> None:
     assert pub["packs"] == len(objects(origin, "packs")) == 1  # the small files'
     read_back(origin, m, src)
 
-    with Hostd(work / "b", origin=origin.as_uri()) as b:
-        out = b.restore("lp/objects", work / "out", mode="copy")
-        assert out["event"] == "result", out
-    assert tree_digest(work / "out") == tree_digest(src)
+    restores_cold(work, origin, "lp/objects", src)
 
 
 def test_compressible_large_chunks_are_stored_compressed_in_packs(work: Path) -> None:
@@ -275,10 +274,7 @@ def test_compressible_large_chunks_are_stored_compressed_in_packs(work: Path) ->
     assert pub["stored_bytes"] == sum(p.stat().st_size for p in objects(origin, "packs").values())
     read_back(origin, m, src)
 
-    with Hostd(work / "b", origin=origin.as_uri()) as b:
-        out = b.restore("lp/zstd", work / "out", mode="copy")
-        assert out["event"] == "result", out
-    assert tree_digest(work / "out") == tree_digest(src)
+    restores_cold(work, origin, "lp/zstd", src)
 
 
 # -- in process: requests, dedup in one publish, the memory bound, failure ------------------
