@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/fanout.py --hosts 8 --size 256MiB \
         --origin-rate 400mbit --host-rate 1gbit [--rounds 1] [--mode link] [--json OUT]
-        [--peers-set hedge_after=10s] [--no-reference] [--profile DIR]
+        [--peers-set hedge_after=10s] [--origin-ranges] [--no-reference] [--profile DIR]
 
 as root (network namespaces and tc need it; the bench says so and stops otherwise).
 
 Builds a tests/netns.py Cluster (hosts h0..h{N-1} and an origin, each link shaped with tc),
 publishes a weights-like snapshot (4 safetensors-like shards and 20 small files of random
 bytes) to a file:// origin from a daemon in the root namespace, serves that directory from
-the origin's namespace over plain HTTP, and starts one real daemon per host namespace with
-the origin at http://<origin>:<port>, its own tmpfs tier and `access.link_to_writers`. Then,
+the origin's namespace over plain HTTP (python -m http.server, which ignores ranges; with
+--origin-ranges a server that answers them, as an object store does), and starts one real
+daemon per host namespace with the origin at http://<origin>:<port>, its own tmpfs tier and
+`access.link_to_writers`. Then,
 per round:
   peers        every host with [peers] (all hosts listed, a shared secret) restores at once;
                timed after every host sees every other live in GET /v1/status
@@ -571,6 +573,24 @@ def one_round(s: Setup, k: int, sizes: dict[str, int], res: dict[str, Any]) -> N
         print_reference(res["reference"])
 
 
+def serve_origin(c: Cluster, directory: Path, ranges: bool) -> subprocess.Popen[Any]:
+    """The origin's HTTP server in its namespace: http.server (no ranges: a pack is read
+    whole, once per host that needs it) or, with `ranges`, bench/throttled.py unthrottled
+    (the link's tbf shapes it) answering ranges."""
+    if not ranges:
+        return serve_dir(c, ORIGIN, directory, ORIGIN_PORT)
+    argv = [sys.executable, str(ROOT / "bench" / "throttled.py"), str(directory)]
+    argv += ["--bind", c.addr(ORIGIN), "--port", str(ORIGIN_PORT), "--ranges"]
+    proc = c.popen(ORIGIN, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(c, ORIGIN, ORIGIN_PORT, proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 # --- the reference: stock tools on an ideal static schedule ------------------------------
 
 SENDFILE_SERVER = """
@@ -887,6 +907,12 @@ def main() -> int:
         "repeatable",
     )
     ap.add_argument(
+        "--origin-ranges",
+        action="store_true",
+        help="serve the origin with bench/throttled.py, which answers ranged GETs as an "
+        "object store or nginx does (default: python -m http.server, which ignores them)",
+    )
+    ap.add_argument(
         "--no-reference",
         action="store_true",
         help="skip the reference run (curl and a sendfile HTTP server on the ideal schedule)",
@@ -949,7 +975,7 @@ def main() -> int:
         key.write_bytes(os.urandom(24).hex().encode() + b"\n")
         key.chmod(0o600)
         with Cluster(args.hosts, host_rate=args.host_rate, origin_rate=args.origin_rate) as c:
-            server = serve_dir(c, ORIGIN, origin_dir, ORIGIN_PORT)
+            server = serve_origin(c, origin_dir, args.origin_ranges)
             setup = Setup(
                 cluster=c,
                 work=work,
@@ -1004,6 +1030,7 @@ def write_json(
                 "hosts": args.hosts,
                 "size": size,
                 "origin_rate": args.origin_rate,
+                "origin_ranges": args.origin_ranges,
                 "host_rate": args.host_rate,
                 "mode": args.mode,
                 "cpus": os.cpu_count(),

@@ -1,16 +1,17 @@
 """A throttled origin for benchmarks: a directory (a `file://` origin's) served over plain
 HTTP with every response body sharing one byte rate, as a shaped link to a bucket would.
 
-    python bench/throttled.py DIR --rate 400MiB [--port 0] [--ranges]
+    python bench/throttled.py DIR [--rate 400MiB] [--port 0] [--bind 127.0.0.1] [--ranges]
                               [--latency 30ms] [--conn-rate 50MiB]
 
-prints `listening http://127.0.0.1:PORT` once it accepts, then serves until killed. One token
-bucket for all connections (a burst of at most 4 MiB), bodies sent 1 MiB at a time with
-sendfile(2); `requests` and `bytes_out` are logged on SIGTERM. Without --ranges, ranges are
-not served (a plain web server's behaviour: hostd falls back to whole objects). --latency
-holds each answer's head that long, and --conn-rate gives each connection a bucket of its own
-too: an object store's first-byte latency and per-connection throughput (S3's are tens of
-milliseconds and tens of MiB/s), what larger ranged GETs amortize.
+prints `listening http://ADDRESS:PORT` once it accepts, then serves until killed. One token
+bucket for all connections (a burst of at most 4 MiB; none without --rate), bodies sent 1
+MiB at a time with sendfile(2); `requests` and `bytes_out` are logged on SIGTERM. Without
+--ranges, ranges are not served (a plain web server's behaviour: hostd falls back to whole
+objects). --latency holds each answer's head that long, and --conn-rate gives each
+connection a bucket of its own too: an object store's first-byte latency and per-connection
+throughput (S3's are tens of milliseconds and tens of MiB/s), what larger ranged GETs
+amortize.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Bucket:
 
     def take(self, n: int) -> None:
         with self.lock:
+            if self.rate == float("inf"):  # counted, not held back
+                self.sent += n
+                return
             now = time.monotonic()
             self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
             self.at = now
@@ -134,13 +138,14 @@ class _Server(ThreadingHTTPServer):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)
-    ap.add_argument("--rate", required=True, help="bytes per second, e.g. 400MiB")
+    ap.add_argument("--rate", help="bytes per second of all bodies, e.g. 400MiB (default: none)")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--ranges", action="store_true", help="answer Range requests (206)")
     ap.add_argument("--latency", default="0s", help="held before each answer, e.g. 30ms")
     ap.add_argument("--conn-rate", help="bytes per second of each connection, e.g. 50MiB")
     args = ap.parse_args()
-    bucket = Bucket(float(parse_size(args.rate, "--rate")))
+    bucket = Bucket(float(parse_size(args.rate, "--rate")) if args.rate else float("inf"))
     requests = [0]
     attrs = {
         "bucket": bucket,
@@ -151,7 +156,7 @@ def main() -> int:
     }
     handler = type("Handler", (_Handler,), attrs)
     server = _Server(
-        ("127.0.0.1", args.port),
+        (args.bind, args.port),
         lambda *a, **kw: handler(*a, directory=str(args.dir), **kw),
     )
 
@@ -161,7 +166,7 @@ def main() -> int:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"listening http://127.0.0.1:{server.server_address[1]}", flush=True)
+    print(f"listening http://{args.bind}:{server.server_address[1]}", flush=True)
     server.serve_forever()
     return 0
 

@@ -305,12 +305,15 @@ class Peers:
         self.buffer = ChunkBuffer(self.config.buffer)
         # The buffer is looked at again inside the flight: a pull for another host may have
         # landed while this host asked its holders (groupcache's re-check inside the load).
+        self.source = PeerSource(
+            self.membership, self.client, self.config.hedge_after, origin=origin
+        )
         self.pull = OriginPull(
             Fetcher([self.buffer, OriginSource(origin, window=0)], config.fetch_concurrency),
             self.buffer,
             self.membership.owns,
+            self.source.owner_key,
         )
-        self.source = PeerSource(self.membership, self.client, self.config.hedge_after)
         self.server: PeerServer | None = None
         self.address = ""
         self._runner: web.AppRunner | None = None

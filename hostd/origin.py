@@ -27,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import functools
 import http
+import itertools
 import logging
 import os
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -466,7 +469,15 @@ class Origin:
         self._fast = fastget.for_store(
             self._store, url, client, os.environ, threads=concurrency, config=config
         )
-        self._ranges = True  # until the server shows it cannot answer a range
+        # Whether the server answers ranged GETs (a plain web server may not): None until a
+        # ranged read or answers_ranges's probe shows which. Where it does not, a pack is
+        # read whole once and every range of it cut from that read (_Tap).
+        self._ranges: bool | None = True if self._local else None
+        self._probe: asyncio.Future[bool | None] | None = None
+        self._probe_after = 0.0  # loop time before which a failed probe is not retried
+        self._taps: OrderedDict[tuple[bytes, int], _Tap] = OrderedDict()
+        self._tap_moved = asyncio.Event()  # a tap finished: a slot may be free
+        self._tap_expiry: asyncio.TimerHandle | None = None
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._retry = retry
@@ -482,6 +493,11 @@ class Origin:
         where it is off for this origin."""
         f = self._fast
         return None if f is None else (f.taken, f.fallbacks)
+
+    @property
+    def ignores_ranges(self) -> bool:
+        """Whether the server is known to answer ranged GETs with whole objects."""
+        return self._ranges is False
 
     @property
     def url(self) -> str:
@@ -537,16 +553,18 @@ class Origin:
         and verifies the chunks in it. Fewer bytes than asked (a pack shorter than its
         manifest says) is ChunkCorrupt; a missing pack is ChunkMissing.
 
-        A server that cannot answer ranges (a plain web server may not) gets whole-pack GETs
-        from then on, read up to `pack_size` and sliced: correct, at the cost of the bytes
-        around each range."""
+        A server that cannot answer ranges (a plain web server may not) gets one GET of the
+        whole pack, and this range and every other one asked while it is kept are cut from
+        it as it arrives (_Tap): a restore's spans and an owner's pull-throughs of the
+        pack's chunks cost the origin the pack once, not once a range."""
         key = _pack_key(pack)
         whole = offset == 0 and length == pack_size
 
-        async def ranged() -> memoryview:
+        async def ranged() -> memoryview | None:
             if self._fast is not None:
                 fast = await _fast(self._fast, key, length, (offset, length))
                 if fast is not None:
+                    self._ranges = True
                     return fast
             try:
                 got = await obstore.get_range_async(self._store, key, start=offset, length=length)
@@ -554,7 +572,8 @@ class Origin:
                 if not _no_ranges(exc):
                     raise
                 self._ranges = False
-                return _cut(await read_whole(), offset, length)
+                return None
+            self._ranges = True
             return memoryview(got)
 
         async def read_whole() -> memoryview:
@@ -568,12 +587,16 @@ class Origin:
                 return memoryview(await result.bytes_async())[: pack_size + 1]
             return await _read_capped(result, pack_size)
 
-        async def plain() -> memoryview:
-            return _cut(await read_whole(), offset, length)
-
         try:
-            call = plain if whole or not self._ranges else ranged
-            data = await self._request("get pack range", key, call)
+            data = None
+            if whole:
+                data = await self._request("get pack range", key, read_whole)
+            elif self._ranges is not False:
+                data = await self._request("get pack range", key, ranged)
+            if data is not None:
+                self.stats.bytes_in += len(data)
+            else:  # the server answers no ranges
+                data = await (await self._tap(pack, pack_size)).cut(offset, length)
         except _Missing:
             raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
         except _Oversized as e:
@@ -586,8 +609,89 @@ class Origin:
                 f"pack {pack.hex()} at origin {self._url}: asked for {length} bytes at {offset}, "
                 f"got {len(data)}"
             )
-        self.stats.bytes_in += length
         return data
+
+    async def answers_ranges(self, pack: bytes) -> bool:
+        """Whether the origin answers ranged GETs: known once a ranged read came back, and
+        until then asked once, with a one-byte range of `pack` (a server that ignores the
+        range is not read for the rest of the pack). A probe that fails tells nothing:
+        ranges are assumed, and it is tried again after PROBE_AGAIN seconds."""
+        if self._ranges is not None:
+            return self._ranges
+        loop = asyncio.get_running_loop()
+        if self._probe is None and loop.time() >= self._probe_after:
+            self._probe = asyncio.ensure_future(self._probe_ranges(pack))
+        if self._probe is None:
+            return True
+        answer = await asyncio.shield(self._probe)
+        return True if answer is None else answer
+
+    async def _probe_ranges(self, pack: bytes) -> bool | None:
+        key = _pack_key(pack)
+
+        async def call() -> bool:
+            try:
+                await obstore.get_range_async(self._store, key, start=0, length=1)
+            except BaseException as exc:
+                if _no_ranges(exc):
+                    return False
+                raise
+            return True
+
+        try:
+            answer = await self._request("probe ranges", key, call)
+        except (OriginError, _Missing):
+            self._probe_after = asyncio.get_running_loop().time() + PROBE_AGAIN
+            return None
+        finally:
+            self._probe = None
+        if self._ranges is None:
+            self._ranges = answer
+            log.info("origin %s %s ranged GETs", self._url, "answers" if answer else "ignores")
+        return self._ranges
+
+    async def _tap(self, pack: bytes, size: int) -> _Tap:
+        """The whole-pack read of `pack` (a server without ranges): the one kept or under
+        way, or a new one once fewer than TAPS are (the least recently used finished one
+        is dropped for it; with every one still reading, it waits for one to finish)."""
+        key = (pack, size)
+        loop = asyncio.get_running_loop()
+        while True:
+            tap = self._taps.get(key)
+            if tap is not None and not tap.failed:
+                self._taps.move_to_end(key)
+                tap.used = loop.time()
+                return tap
+            self._taps.pop(key, None)
+            if len(self._taps) >= TAPS:
+                finished = next((k for k, t in self._taps.items() if t.done), None)
+                if finished is None:
+                    moved = self._tap_moved
+                    await moved.wait()
+                    continue
+                del self._taps[finished]
+            tap = self._taps[key] = _Tap(self, pack, size)
+            tap.used = loop.time()
+            return tap
+
+    def _tapped(self, tap: _Tap) -> None:
+        """A tap finished: a failed one goes (the next reader asks again); a slot may be
+        free; finished ones nobody reads for TAP_IDLE seconds are dropped."""
+        if tap.failed and self._taps.get(tap.key) is tap:
+            del self._taps[tap.key]
+        self._tap_moved.set()
+        self._tap_moved = asyncio.Event()
+        self._expire_taps()
+
+    def _expire_taps(self) -> None:
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - TAP_IDLE
+        for k in [k for k, t in self._taps.items() if t.done and t.used <= cutoff]:
+            del self._taps[k]
+        if self._tap_expiry is not None:
+            self._tap_expiry.cancel()
+        idle = any(t.done for t in self._taps.values())
+        self._tap_expiry = loop.call_later(TAP_IDLE, self._expire_taps) if idle else None
 
     def pack_run(self, pack: bytes, offset: int, length: int, pack_size: int) -> PackRun:
         """`length` bytes at `offset` of a pack, to be read in order, a piece at a time
@@ -747,6 +851,8 @@ class Origin:
         self._closed = True
         if self._fast is not None:
             self._fast.close()
+        for tap in self._taps.values():
+            tap.close()
 
     # -- the one request path -------------------------------------------------------------
 
@@ -866,8 +972,8 @@ class PackRun:
     read, BREAKS times at most. Where fastget is off or cannot take the answer, or the run
     broke that often, each piece is a ranged GET of its own through obstore
     (get_pack_range, with its retries): correct, one request a piece, as before packs of
-    large files. A server that does not answer ranges gets one GET of the whole pack for
-    the run, through obstore's stream (the bytes before the run dropped as they come).
+    large files. For a server that does not answer ranges, each piece is cut from the
+    pack's one whole read (get_pack_range, _Tap), shared with every other run of the pack.
     Holds none of the origin's request slots (the fetcher's limiter bounds runs), and one
     piece of the body at a time."""
 
@@ -882,7 +988,7 @@ class PackRun:
         self._pos = offset
         self._end = offset + length
         self._pack_size = pack_size
-        self._stream: fastget.Stream | _WholePack | None = None
+        self._stream: fastget.Stream | None = None
         self._breaks = 0
         self._fast = origin._fast is not None  # until fastget cannot take the answer
 
@@ -930,24 +1036,14 @@ class PackRun:
             o.stats.bytes_in += n
             return got
 
-    async def _opened(self) -> fastget.Stream | _WholePack | None:
-        """The run's GET, open (None: read the piece through obstore)."""
+    async def _opened(self) -> fastget.Stream | None:
+        """The run's GET, open (None: read the piece through get_pack_range, which for a
+        server without ranges cuts it from the pack's one whole read)."""
         if self._stream is not None:
             return self._stream
         o = self._origin
-        if self._breaks >= self.BREAKS:
+        if self._breaks >= self.BREAKS or o._ranges is False:
             return None
-        if not o._ranges:
-            left = self._end - self._pos
-            whole = _WholePack(o, self._pack, self._pos, left, self._pack_size)
-            try:
-                await whole.open()
-            except (fastget.Broken, TimeoutError):
-                whole.close()
-                self._breaks += 1
-                return None
-            self._stream = whole
-            return whole
         if not self._fast or o._fast is None:
             return None
         stream = o._fast.stream(self._key, self._pos, self._end - self._pos)
@@ -966,6 +1062,7 @@ class PackRun:
         if not opened:
             self._fast = False
             return None
+        o._ranges = True
         o.stats.requests_ok += 1
         self._stream = stream
         return stream
@@ -976,79 +1073,129 @@ class PackRun:
             self._stream = None
 
 
-class _WholePack:
-    """A pack read whole through obstore's stream, for a server that answers no ranges:
-    the bytes before `offset` are dropped as they come, then each `read` assembles its
-    piece (a copy: such servers are the slow path). Raises fastget.Broken where the body
-    fails or ends early, _Oversized-as-ChunkCorrupt where it runs past the pack's size."""
+class _Tap:
+    """One GET of a whole pack, for a server that answers no ranges. The body lands in one
+    buffer of the pack's size as it comes, and a reader of a range waits only for the bytes
+    up to the range's end: a restore's spans of the pack and an owner's pull-throughs of
+    its chunks all share the one GET. A body that breaks off is asked again (the server
+    sends it from the start; the bytes already had are skipped), BREAKS times at most; a
+    failure is every waiting reader's, and the next reader starts a new tap."""
 
-    def __init__(self, origin: Origin, pack: bytes, offset: int, length: int, size: int) -> None:
+    BREAKS = 2
+
+    def __init__(self, origin: Origin, pack: bytes, size: int) -> None:
         self._origin = origin
-        self._pack = pack
-        self._key = _pack_key(pack)
-        self._skip = offset
-        self._size = size
-        self._got = 0  # body bytes received
-        self._rest = memoryview(b"")  # received, not handed out yet
-        self._pieces: AsyncIterator[Any] | None = None
-        self.left = length  # of the run
+        self.key = (pack, size)
+        self._name = _pack_key(pack)
+        self._buf = bytearray(size)
+        self._got = 0  # bytes of the body in _buf
+        self._moved = asyncio.Event()  # set (and replaced) as bytes arrive or it ends
+        self._failure: Callable[[], Exception] | None = None
+        self.done = False
+        self.used = 0.0  # loop time of the last reader's arrival
+        self._task = asyncio.create_task(self._run())
 
-    async def open(self) -> None:
-        o = self._origin
+    def __repr__(self) -> str:
+        state = "failed" if self.failed else "done" if self.done else "reading"
+        return f"_Tap({self._name}, {self._got}/{len(self._buf)}, {state})"
 
-        async def call() -> GetResult:
-            result = await obstore.get_async(o._store, self._key)
-            _check_stated_size(result, self._size)
-            return result
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
 
-        try:
-            result = await o._request("get pack", self._key, call)
-        except _Missing:
-            raise ChunkMissing(f"pack {self._pack.hex()} is not at origin {o.url}") from None
-        except _Oversized as e:
-            raise ChunkCorrupt(
-                f"pack {self._pack.hex()} at origin {o.url} {e.what}, more than the "
-                f"{self._size} bytes its manifest says"
-            ) from None
-        self._pieces = aiter(result.stream(min_chunk_size=_WHOLE_PIECE))
-        while self._skip:  # (a timeout a piece: the bytes before a run may be most of a GiB)
-            async with asyncio.timeout(o._timeout):
-                piece = await self._next()
-            k = min(self._skip, len(piece))
-            self._skip -= k
-            self._rest = piece[k:]
-
-    async def _next(self) -> memoryview:
-        assert self._pieces is not None
-        try:
-            piece = memoryview(await anext(self._pieces))
-        except StopAsyncIteration:
-            raise fastget.Broken(f"the body ended at byte {self._got}") from None
-        except Exception as e:
-            raise fastget.Broken(f"receiving the body: {cause_of(e) or e}") from None
-        self._got += len(piece)
-        if self._got > self._size:
-            raise ChunkCorrupt(
-                f"pack {self._pack.hex()} at origin {self._origin.url} sent more than the "
-                f"{self._size} bytes its manifest says"
-            )
-        return piece
-
-    async def read(self, n: int, then: Callable[[memoryview], T]) -> T:
-        buf = bytearray(n)
-        have = 0
-        while have < n:
-            if not self._rest:
-                self._rest = await self._next()
-            k = min(n - have, len(self._rest))
-            buf[have : have + k] = self._rest[:k]
-            self._rest = self._rest[k:]
-            have += k
-        self.left -= n
-        return await _handed(then, memoryview(buf))
+    async def cut(self, offset: int, length: int) -> memoryview:
+        """A copy of `length` bytes at `offset`, once they are in (a view would keep the
+        whole pack, up to 1 GiB, alive with a chunk)."""
+        end = offset + length
+        while self._got < end:
+            if self._failure is not None:
+                raise self._failure()
+            if self.done:  # shorter than its manifest says: the length check names it
+                return memoryview(bytes(memoryview(self._buf)[offset : self._got]))
+            await self._moved.wait()
+        return memoryview(bytes(memoryview(self._buf)[offset:end]))
 
     def close(self) -> None:
-        self._pieces = None  # obstore drops the connection with the stream
+        self._task.cancel()
+
+    def _wake(self) -> None:
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def _run(self) -> None:
+        o = self._origin
+        pack = self.key[0].hex()
+        try:
+            for attempt in itertools.count():
+                try:
+                    await self._read()
+                    break
+                except fastget.Broken as e:
+                    if attempt >= self.BREAKS:
+                        raise OriginError(
+                            f"pack {self._name} at origin {o.url} broke off {attempt + 1} "
+                            f"times ({e}, at byte {self._got} of {len(self._buf)})"
+                        ) from None
+                    o.stats.requests_retried += 1
+                    log.info(
+                        "%s %s broke at byte %d (%s): asking again", o.url, self._name, self._got, e
+                    )
+        except _Missing:
+            self._fail(ChunkMissing, f"pack {pack} is not at origin {o.url}")
+        except _Oversized as e:
+            self._fail(
+                ChunkCorrupt,
+                f"pack {pack} at origin {o.url} {e.what}, more than the {len(self._buf)} "
+                "bytes its manifest says",
+            )
+        except (ChunkCorrupt, OriginError) as e:
+            self._fail(type(e), e.message)
+        except asyncio.CancelledError:
+            self._fail(OriginError, f"origin {o.url} is closed (get pack {self._name})")
+            raise
+        finally:
+            self.done = True
+            self._wake()
+            o._tapped(self)
+
+    def _fail(self, kind: Callable[[str], Exception], message: str) -> None:
+        self._failure = functools.partial(kind, message)  # a fresh exception for each reader
+
+    async def _read(self) -> None:
+        o = self._origin
+        size = len(self._buf)
+
+        async def call() -> GetResult:
+            result = await obstore.get_async(o._store, self._name)
+            _check_stated_size(result, size)
+            return result
+
+        result = await o._request("get pack", self._name, call)
+        pieces = aiter(result.stream(min_chunk_size=_WHOLE_PIECE))
+        pos = 0  # of this answer's body
+        while True:
+            try:
+                async with asyncio.timeout(o._timeout):
+                    piece = await anext(pieces)
+            except StopAsyncIteration:
+                return  # (a body short of the pack's size: cut answers what there is)
+            except TimeoutError:
+                raise fastget.Broken(f"no bytes for {o._timeout:g} s") from None
+            except Exception as e:
+                raise fastget.Broken(f"receiving the body: {cause_of(e) or e}") from None
+            n = len(piece)
+            o.stats.bytes_in += n
+            if pos + n > size:
+                raise ChunkCorrupt(
+                    f"pack {self._name} at origin {o.url} sent more than the {size} bytes "
+                    "its manifest says"
+                )
+            if pos + n > self._got:  # (a body asked again skips what the last one brought)
+                k = max(self._got - pos, 0)
+                self._buf[pos + k : pos + n] = memoryview(piece)[k:]
+                self._got = pos + n
+                self._wake()
+            pos += n
 
 
 def _cut(data: memoryview, offset: int, length: int) -> memoryview:
@@ -1058,8 +1205,14 @@ def _cut(data: memoryview, offset: int, length: int) -> memoryview:
     return piece if len(piece) == len(data) else memoryview(bytes(piece))
 
 
-# obstore's pieces of a pack read whole (one is held at a time, beside the piece assembled).
+# obstore's pieces of a pack read whole by a _Tap.
 _WHOLE_PIECE = 1 << 20
+# Whole-pack reads (servers without ranges) kept at once, reading or read; a read one
+# nobody has cut a range of for TAP_IDLE seconds is dropped.
+TAPS = 2
+TAP_IDLE = 5.0
+# After a ranges probe that failed, seconds before another.
+PROBE_AGAIN = 30.0
 # A piece this small is handed to `then` on the loop (a thread hop costs more).
 _INLINE_THEN = 256 * 1024
 

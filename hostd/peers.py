@@ -37,7 +37,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -214,17 +214,24 @@ class OriginPull:
 
     name = "origin"
 
-    def __init__(self, fetcher: Fetcher, buffer: ChunkBuffer, owns: Callable[[bytes], bool]):
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        buffer: ChunkBuffer,
+        owns: Callable[[bytes], bool],
+        key: Callable[[Chunk], bytes] = lambda c: c.id,
+    ):
         self.fetcher = fetcher
         self.buffer = buffer
         self.owns = owns
+        self.key = key  # what a chunk's owner is found by (PeerSource.owner_key)
 
     def __repr__(self) -> str:
         return f"OriginPull({self.fetcher!r})"
 
     async def fetch(self, chunk: Chunk, priority: Priority) -> bytes | memoryview:
         data, _ = await self.fetcher.get(chunk, priority)
-        if self.owns(chunk.id):
+        if self.owns(self.key(chunk)):
             self.buffer.put(chunk.id, data)
         return data
 
@@ -641,6 +648,15 @@ def _is_local(name: str, port: int) -> bool:
     return True
 
 
+class RangeProbe(Protocol):
+    """What PeerSource asks of the origin (origin.Origin): whether it answers ranges."""
+
+    @property
+    def ignores_ranges(self) -> bool: ...
+
+    async def answers_ranges(self, pack: bytes) -> bool: ...
+
+
 class PeerSource:
     """A ChunkSource: the chunk's owner, then peers that hold it (see the module docstring)."""
 
@@ -653,8 +669,10 @@ class PeerSource:
         hedge_after: float,
         rng: random.Random | None = None,
         busy_wait: float | None = None,
+        origin: RangeProbe | None = None,
     ) -> None:
         self.membership = membership
+        self.origin = origin
         self.client = client
         self.hedge_after = hedge_after
         # how long peers answering busy are asked again before the origin is: as long as an
@@ -666,6 +684,17 @@ class PeerSource:
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
 
+    def owner_key(self, chunk: Chunk) -> bytes:
+        """What the chunk's owner is found by: its id; or, where the origin answers no
+        ranges, its pack's. There an owner's pull-through reads the whole pack (one GET,
+        origin._Tap, that every chunk of it is cut from), so one owner per pack pulls it
+        through once for all of its chunks, instead of every owner of one of them reading
+        the pack again (the fleet's egress times the chunks in a pack)."""
+        p = chunk.packed
+        if p is None or p.length == p.pack_size or self.origin is None:
+            return chunk.id
+        return p.pack if self.origin.ignores_ranges else chunk.id
+
     async def get(self, chunk: Chunk) -> memoryview:
         """The owner first, then holders; when every one of them was only busy, wait a little
         (jittered, doubling) and ask again: the holders multiply as the chunk spreads, and
@@ -676,9 +705,12 @@ class PeerSource:
         started = self.membership.clock()
         moves = 0
         retried = False
+        if (p := chunk.packed) is not None and self.origin is not None:
+            await self.origin.answers_ranges(p.pack)  # asked once; then owner_key knows
+        key = self.owner_key(chunk)
         for attempt in itertools.count():
             busy = False
-            owner = self.membership.owner(chunk.id)
+            owner = self.membership.owner(key)
             skip = set(failed)
             if owner is not None and owner != self.membership.roster.self_name:
                 skip.add(owner)
@@ -694,7 +726,7 @@ class PeerSource:
                         # Gone from the placement (dead, struck, rejecting): the member ranked
                         # next owns the chunk now, for every host that saw the same, and
                         # pulls it through once. Ask it, not the origin.
-                        if self.membership.owner(chunk.id) not in (owner, None) and moves < 3:
+                        if self.membership.owner(key) not in (owner, None) and moves < 3:
                             moves += 1
                             continue
                         # It broke off (going away, or its pull failed): once more, which

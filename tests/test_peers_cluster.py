@@ -103,6 +103,35 @@ def published() -> Iterator[Published]:
         rmtree(work)
 
 
+@pytest.fixture(scope="module")
+def published_packed() -> Iterator[Published]:
+    """The same tree in the default layout: each shard's chunks back to back in a pack of
+    its own (pack_size 64MiB), which the origin's plain http.server serves only whole."""
+    require_netns()
+    work = short_tmp("pcp")
+    try:
+        src = source_tree(work / "src")
+        with Hostd(work / "pub", origin=f"file://{work}/origin") as pub:
+            out = pub.publish(src, REF)
+        origin = work / "origin"
+        (manifest,) = (origin / "manifests").iterdir()
+        files = mf.decode(manifest.read_bytes()).files
+        chunks = sorted(c.id for f in files for c in f.chunks)
+        assert not (origin / "chunks").exists()
+        assert len(list((origin / "packs").glob("*/*"))) == 5  # a pack a shard, and one more
+        yield Published(
+            src,
+            origin,
+            tree_digest(src),
+            out["snapshot"],
+            out["bytes"],
+            out["stored_bytes"],
+            chunks,
+        )
+    finally:
+        rmtree(work)
+
+
 # --- a cluster with daemons ----------------------------------------------------------------
 
 
@@ -546,3 +575,29 @@ def test_an_origin_only_one_host_reaches_is_read_once(published: Published) -> N
             sent,
             published.stored_bytes,
         )
+
+
+def test_packs_from_an_origin_without_ranges_are_read_once_by_the_fleet(
+    published_packed: Published,
+) -> None:
+    """A plain web server answers a ranged GET with the whole pack. Every chunk of a shard
+    lies in one pack: its chunks' owners would each read the whole pack. Hosts that know
+    the origin ignores ranges find a packed chunk's owner by its pack, and the owner cuts
+    every chunk of it from one read: the fleet costs the origin about the snapshot."""
+    require_netns()
+    p = published_packed
+    with Site(p, 4, fetch_concurrency=4) as site:
+        hosts = site.start(*site.cluster.hosts)
+        site.wait_live(*site.cluster.hosts)
+        origin_sent = site.cluster.tx_bytes(ORIGIN)
+        with ThreadPoolExecutor(len(hosts)) as ex:
+            outs = list(
+                ex.map(lambda n: site.daemon(n).restore(REF, site.target(n)), site.cluster.hosts)
+            )
+        for name, out in zip(site.cluster.hosts, outs, strict=True):
+            site.check(name, out)
+        sent = site.cluster.tx_bytes(ORIGIN) - origin_sent
+        # (plus the heads of the ranged tries that found out, and each host's probe)
+        assert p.stored_bytes <= sent <= 1.25 * p.stored_bytes, (sent, p.stored_bytes)
+        came = sum(metric(h, "hostd_origin_bytes_total", direction="in") for h in hosts)
+        assert p.stored_bytes <= came <= sent, (came, sent)  # what came, not what was used
