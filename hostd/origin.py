@@ -564,16 +564,16 @@ class Origin:
             if self._fast is not None:
                 fast = await _fast(self._fast, key, length, (offset, length))
                 if fast is not None:
-                    self._ranges = True
+                    self._learnt(ranges=True)
                     return fast
             try:
                 got = await obstore.get_range_async(self._store, key, start=offset, length=length)
             except BaseException as exc:
                 if not _no_ranges(exc):
                     raise
-                self._ranges = False
+                self._learnt(ranges=False)
                 return None
-            self._ranges = True
+            self._learnt(ranges=True)
             return memoryview(got)
 
         async def read_whole() -> memoryview:
@@ -646,9 +646,23 @@ class Origin:
         finally:
             self._probe = None
         if self._ranges is None:
-            self._ranges = answer
-            log.info("origin %s %s ranged GETs", self._url, "answers" if answer else "ignores")
-        return self._ranges
+            self._learnt(ranges=answer)
+        return answer if self._ranges is None else self._ranges
+
+    def _learnt(self, *, ranges: bool) -> None:
+        """What a ranged read (or the probe) showed; a change is logged, a server that
+        ignores ranges as a warning: every pack is then read whole."""
+        if self._ranges is ranges:
+            return
+        self._ranges = ranges
+        if ranges:
+            log.info("origin %s answers ranged GETs", self._url)
+        else:
+            log.warning(
+                "origin %s ignores ranged GETs: each pack is read whole, once per host that "
+                "needs it (publish with pack_size = 0 for such an origin)",
+                self._url,
+            )
 
     async def _tap(self, pack: bytes, size: int) -> _Tap:
         """The whole-pack read of `pack` (a server without ranges): the one kept or under
@@ -1062,7 +1076,7 @@ class PackRun:
         if not opened:
             self._fast = False
             return None
-        o._ranges = True
+        o._learnt(ranges=True)
         o.stats.requests_ok += 1
         self._stream = stream
         return stream
@@ -1150,6 +1164,8 @@ class _Tap:
             )
         except (ChunkCorrupt, OriginError) as e:
             self._fail(type(e), e.message)
+        except Exception as e:  # not one of ours: still every reader's, named
+            self._fail(OriginError, f"reading pack {self._name} at origin {o.url}: {e!r}")
         except asyncio.CancelledError:
             self._fail(OriginError, f"origin {o.url} is closed (get pack {self._name})")
             raise
