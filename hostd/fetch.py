@@ -139,6 +139,10 @@ class RangedSource(BatchSource, Protocol):
 
     def ranged(self, chunks: Sequence[Chunk]) -> ChunkRun: ...
 
+    async def whole_packs(self, pack: bytes) -> bool:
+        """Whether a run reads its pack whole (a server that answers no ranges)."""
+        ...
+
 
 @runtime_checkable
 class HoldingSource(ChunkSource, Protocol):
@@ -286,6 +290,12 @@ class Fetcher:
     def streams(self) -> bool:
         """Whether `streaming` reads runs of adjacent packed chunks with one request."""
         return self._ranged is not None
+
+    async def whole_packs(self, chunk: Chunk) -> bool:
+        """Whether `streaming` reads the pack of a run that starts with `chunk` whole (its
+        server answers no ranges): then a run had best be the whole pack."""
+        p = chunk.packed
+        return self._ranged is not None and p is not None and await self._ranged.whole_packs(p.pack)
 
     async def streaming(
         self, chunks: Sequence[Chunk], priority: Priority, budget: ByteBudget

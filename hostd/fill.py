@@ -418,14 +418,18 @@ class Filler:
         await self.durability.step()
         return b
 
-    def _span_bytes(self, e: FileEntry, chunk_size: int) -> int:
+    def _span_bytes(self, e: FileEntry, chunk_size: int, whole_packs: bool) -> int:
         """How much of a large file one ranged GET reads (0: a chunk at a time): at most
         `fetch_range`, and no more than the file's share per worker, so that every worker
         reads a span of the first file before any starts on the next. Files then complete
         in order (a progressive restore's first file lands after about its own share of the
-        fetch, and a cold copy's build starts on it), not all together at the end."""
+        fetch, and a cold copy's build starts on it), not all together at the end. From a
+        server that answers no ranges (`whole_packs`), a run reads its pack from the start
+        whatever its span: there a span is a whole pack, and the pack is read once."""
         if not self.fetcher.streams or self.fetch_range < 2 * chunk_size:
             return 0
+        if whole_packs:
+            return 1 << 62  # (spans end where packs do: `adjacent`)
         share = -(-e.size // max(self.workers, 1))
         return max(2 * chunk_size, min(self.fetch_range, share))
 
@@ -449,6 +453,10 @@ class Filler:
         work: list[list[tuple[FileEntry, int]] | tuple[FileEntry, int, int] | _Span] = []
         run: list[tuple[FileEntry, int]] = []
         run_bytes = n = 0
+        whole_packs = False
+        if self.fetcher.streams:
+            first = next((e.chunks[0] for e in entries if len(e.chunks) > 1), None)
+            whole_packs = first is not None and await self.fetcher.whole_packs(first)
         for e in entries:
             if len(e.chunks) == 1 and self.cache.partial(e.digest) is None:
                 run.append((e, n))
@@ -458,7 +466,7 @@ class Filler:
                     run, run_bytes = [], 0
                 n += 1
                 continue
-            if span_bytes := self._span_bytes(e, chunk_size):
+            if span_bytes := self._span_bytes(e, chunk_size, whole_packs):
                 work.extend(_spans(e, n, span_bytes))
                 n += len(e.chunks)
                 continue

@@ -27,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-import functools
 import http
-import itertools
 import logging
 import os
 import random
 import re
-from collections import OrderedDict
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,7 +50,7 @@ from obstore.exceptions import (
 )
 from obstore.store import HTTPStore, LocalStore, MemoryStore, from_url
 
-from hostd import fastget
+from hostd import fastget, wholepacks
 from hostd.core import refentry
 from hostd.core.codec import max_stored_size
 from hostd.core.ids import HASH_LEN, is_hex_id
@@ -470,14 +468,14 @@ class Origin:
             self._store, url, client, os.environ, threads=concurrency, config=config
         )
         # Whether the server answers ranged GETs (a plain web server may not): None until a
-        # ranged read or answers_ranges's probe shows which. Where it does not, a pack is
-        # read whole once and every range of it cut from that read (_Tap).
-        self._ranges: bool | None = True if self._local else None
+        # ranged read or answers_ranges's probe shows which. Where it does not, packs are
+        # read whole (wholepacks); that verdict is tried again after RANGES_RECHECK. Object
+        # stores and local files answer ranges.
+        self._ranges: bool | None = None if isinstance(self._store, HTTPStore) else True
+        self._ranges_until = 0.0  # monotonic time when "no ranges" is to be tried again
         self._probe: asyncio.Future[bool | None] | None = None
-        self._probe_after = 0.0  # loop time before which a failed probe is not retried
-        self._taps: OrderedDict[tuple[bytes, int], _Tap] = OrderedDict()
-        self._tap_moved = asyncio.Event()  # a tap finished: a slot may be free
-        self._tap_expiry: asyncio.TimerHandle | None = None
+        self._probe_after = 0.0  # monotonic time before which a failed probe is not retried
+        self._taps = wholepacks.Taps(self)
         self._sem = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._retry = retry
@@ -495,9 +493,9 @@ class Origin:
         return None if f is None else (f.taken, f.fallbacks)
 
     @property
-    def ignores_ranges(self) -> bool:
-        """Whether the server is known to answer ranged GETs with whole objects."""
-        return self._ranges is False
+    def timeout(self) -> float:
+        """Seconds a request (or a piece of a body) may take."""
+        return self._timeout
 
     @property
     def url(self) -> str:
@@ -555,8 +553,8 @@ class Origin:
 
         A server that cannot answer ranges (a plain web server may not) gets one GET of the
         whole pack, and this range and every other one asked while it is kept are cut from
-        it as it arrives (_Tap): a restore's spans and an owner's pull-throughs of the
-        pack's chunks cost the origin the pack once, not once a range."""
+        it as it arrives (wholepacks.Taps): an owner's pull-throughs of the pack's chunks
+        cost the origin the pack once, not once a range."""
         key = _pack_key(pack)
         whole = offset == 0 and length == pack_size
 
@@ -591,12 +589,12 @@ class Origin:
             data = None
             if whole:
                 data = await self._request("get pack range", key, read_whole)
-            elif self._ranges is not False:
+            elif self._knows_ranges() is not False:
                 data = await self._request("get pack range", key, ranged)
             if data is not None:
                 self.stats.bytes_in += len(data)
             else:  # the server answers no ranges
-                data = await (await self._tap(pack, pack_size)).cut(offset, length)
+                data = await self._taps.cut(pack, pack_size, offset, length)
         except _Missing:
             raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
         except _Oversized as e:
@@ -611,47 +609,59 @@ class Origin:
             )
         return data
 
+    @property
+    def ignores_ranges(self) -> bool:
+        """Whether the server is known to answer ranged GETs with whole objects."""
+        return self._knows_ranges() is False
+
+    def _knows_ranges(self) -> bool | None:
+        if self._ranges is False and time.monotonic() >= self._ranges_until:
+            self._ranges = None  # (a stray whole answer must not settle it for good)
+        return self._ranges
+
     async def answers_ranges(self, pack: bytes) -> bool:
         """Whether the origin answers ranged GETs: known once a ranged read came back, and
-        until then asked once, with a one-byte range of `pack` (a server that ignores the
-        range is not read for the rest of the pack). A probe that fails tells nothing:
-        ranges are assumed, and it is tried again after PROBE_AGAIN seconds."""
-        if self._ranges is not None:
-            return self._ranges
-        loop = asyncio.get_running_loop()
-        if self._probe is None and loop.time() >= self._probe_after:
+        until then asked, with a one-byte range of `pack` whose body a server that ignores
+        the range is not read for. One probe at a time, one attempt of at most
+        PROBE_TIMEOUT, waited for PROBE_WAIT at most (ranges assumed meanwhile); one that
+        fails tells nothing, and is tried again after PROBE_AGAIN."""
+        known = self._knows_ranges()
+        if known is not None:
+            return known
+        if self._probe is None and time.monotonic() >= self._probe_after:
             self._probe = asyncio.ensure_future(self._probe_ranges(pack))
         if self._probe is None:
             return True
-        answer = await asyncio.shield(self._probe)
+        try:
+            async with asyncio.timeout(PROBE_WAIT):
+                answer = await asyncio.shield(self._probe)
+        except TimeoutError:
+            return True
         return True if answer is None else answer
 
     async def _probe_ranges(self, pack: bytes) -> bool | None:
         key = _pack_key(pack)
-
-        async def call() -> bool:
-            try:
-                await obstore.get_range_async(self._store, key, start=0, length=1)
-            except BaseException as exc:
-                if _no_ranges(exc):
-                    return False
-                raise
-            return True
-
         try:
-            answer = await self._request("probe ranges", key, call)
-        except (OriginError, _Missing):
-            self._probe_after = asyncio.get_running_loop().time() + PROBE_AGAIN
-            return None
+            async with self._sem, asyncio.timeout(min(self._timeout, PROBE_TIMEOUT)):
+                await obstore.get_range_async(self._store, key, start=0, length=1)
+            answer = True
+        except Exception as exc:
+            if not _no_ranges(exc):
+                log.info("origin %s: a ranges probe failed: %s", self._url, cause_of(exc) or exc)
+                self._probe_after = time.monotonic() + PROBE_AGAIN
+                return None
+            answer = False
         finally:
             self._probe = None
-        if self._ranges is None:
+        if self._knows_ranges() is None:
             self._learnt(ranges=answer)
-        return answer if self._ranges is None else self._ranges
+        return answer
 
     def _learnt(self, *, ranges: bool) -> None:
         """What a ranged read (or the probe) showed; a change is logged, a server that
         ignores ranges as a warning: every pack is then read whole."""
+        if ranges is False:
+            self._ranges_until = time.monotonic() + RANGES_RECHECK
         if self._ranges is ranges:
             return
         self._ranges = ranges
@@ -664,48 +674,25 @@ class Origin:
                 self._url,
             )
 
-    async def _tap(self, pack: bytes, size: int) -> _Tap:
-        """The whole-pack read of `pack` (a server without ranges): the one kept or under
-        way, or a new one once fewer than TAPS are (the least recently used finished one
-        is dropped for it; with every one still reading, it waits for one to finish)."""
-        key = (pack, size)
-        loop = asyncio.get_running_loop()
-        while True:
-            tap = self._taps.get(key)
-            if tap is not None and not tap.failed:
-                self._taps.move_to_end(key)
-                tap.used = loop.time()
-                return tap
-            self._taps.pop(key, None)
-            if len(self._taps) >= TAPS:
-                finished = next((k for k, t in self._taps.items() if t.done), None)
-                if finished is None:
-                    moved = self._tap_moved
-                    await moved.wait()
-                    continue
-                del self._taps[finished]
-            tap = self._taps[key] = _Tap(self, pack, size)
-            tap.used = loop.time()
-            return tap
+    async def open_whole(self, pack: bytes, size: int) -> GetResult:
+        """One GET of a whole pack of `size` bytes (as its manifest says), its body not
+        read yet (wholepacks)."""
+        key = _pack_key(pack)
 
-    def _tapped(self, tap: _Tap) -> None:
-        """A tap finished: a failed one goes (the next reader asks again); a slot may be
-        free; finished ones nobody reads for TAP_IDLE seconds are dropped."""
-        if tap.failed and self._taps.get(tap.key) is tap:
-            del self._taps[tap.key]
-        self._tap_moved.set()
-        self._tap_moved = asyncio.Event()
-        self._expire_taps()
+        async def call() -> GetResult:
+            result = await obstore.get_async(self._store, key)
+            _check_stated_size(result, size)
+            return result
 
-    def _expire_taps(self) -> None:
-        loop = asyncio.get_running_loop()
-        cutoff = loop.time() - TAP_IDLE
-        for k in [k for k, t in self._taps.items() if t.done and t.used <= cutoff]:
-            del self._taps[k]
-        if self._tap_expiry is not None:
-            self._tap_expiry.cancel()
-        idle = any(t.done for t in self._taps.values())
-        self._tap_expiry = loop.call_later(TAP_IDLE, self._expire_taps) if idle else None
+        try:
+            return await self._request("get pack", key, call)
+        except _Missing:
+            raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
+        except _Oversized as e:
+            raise ChunkCorrupt(
+                f"pack {pack.hex()} at origin {self._url} {e.what}, more than the {size} "
+                "bytes its manifest says"
+            ) from None
 
     def pack_run(self, pack: bytes, offset: int, length: int, pack_size: int) -> PackRun:
         """`length` bytes at `offset` of a pack, to be read in order, a piece at a time
@@ -865,8 +852,7 @@ class Origin:
         self._closed = True
         if self._fast is not None:
             self._fast.close()
-        for tap in self._taps.values():
-            tap.close()
+        self._taps.close()
 
     # -- the one request path -------------------------------------------------------------
 
@@ -979,17 +965,18 @@ class Origin:
 class PackRun:
     """Adjacent ranges of one pack read in order, a piece at a time: a pack run's chunks.
 
-    Through fastget, the whole run is one ranged GET whose body is received a piece at a
-    time into a buffer of its own, and each piece handed to `then` on the thread that
-    received it (verified there: no hop to another thread). A connection that breaks
-    mid-run, or a piece over the request timeout, reopens the range at the first byte not
-    read, BREAKS times at most. Where fastget is off or cannot take the answer, or the run
-    broke that often, each piece is a ranged GET of its own through obstore
-    (get_pack_range, with its retries): correct, one request a piece, as before packs of
-    large files. For a server that does not answer ranges, each piece is cut from the
-    pack's one whole read (get_pack_range, _Tap), shared with every other run of the pack.
-    Holds none of the origin's request slots (the fetcher's limiter bounds runs), and one
-    piece of the body at a time."""
+    Through fastget, the whole run is one ranged GET whose body is received a piece at a time
+    into a buffer of its own, and each piece handed to `then` on the thread that received it
+    (verified there: no hop to another thread). A connection that breaks mid-run, or a piece
+    over the request timeout, reopens the range at the first byte not read, BREAKS times at
+    most. Where fastget is off or cannot take the answer, or the run broke that often, each
+    piece is a ranged GET of its own through obstore (get_pack_range, with its retries):
+    correct, one request a piece, as before packs of large files. A server that does not
+    answer ranges gets one GET of the whole pack for the run (wholepacks.PackStream: the
+    bytes before the run dropped as they come; a fill cuts its spans at the packs' edges
+    there, so that is the pack once), or its pieces cut from the pack's whole read where
+    one is held (wholepacks.Taps). Holds none of the origin's request slots (the
+    fetcher's limiter bounds runs), and one piece of the body at a time."""
 
     BREAKS = 2
 
@@ -1002,7 +989,7 @@ class PackRun:
         self._pos = offset
         self._end = offset + length
         self._pack_size = pack_size
-        self._stream: fastget.Stream | None = None
+        self._stream: fastget.Stream | wholepacks.PackStream | None = None
         self._breaks = 0
         self._fast = origin._fast is not None  # until fastget cannot take the answer
 
@@ -1031,7 +1018,7 @@ class PackRun:
             if stream is None:
                 data = await o.get_pack_range(self._pack, self._pos, n, self._pack_size)
                 self._pos += n
-                return await _handed(then, data)
+                return await wholepacks.handed(then, data)
             try:
                 async with asyncio.timeout(o._timeout):
                     got = await stream.read(n, then)
@@ -1047,17 +1034,33 @@ class PackRun:
             finally:
                 if self._stream is stream:
                     self._pos = self._end - stream.left
-            o.stats.bytes_in += n
+            if isinstance(stream, fastget.Stream):  # (a PackStream counts what it receives)
+                o.stats.bytes_in += n
             return got
 
-    async def _opened(self) -> fastget.Stream | None:
-        """The run's GET, open (None: read the piece through get_pack_range, which for a
-        server without ranges cuts it from the pack's one whole read)."""
+    async def _opened(self) -> fastget.Stream | wholepacks.PackStream | None:
+        """The run's GET, open (None: read the piece through get_pack_range)."""
         if self._stream is not None:
             return self._stream
         o = self._origin
-        if self._breaks >= self.BREAKS or o._ranges is False:
+        if self._breaks >= self.BREAKS:
             return None
+        if o._knows_ranges() is False:
+            if o._taps.holds(self._pack, self._pack_size):
+                return None  # (its pieces cut from the read already held: get_pack_range)
+            left = self._end - self._pos
+            whole = wholepacks.PackStream(o, self._pack, self._pos, left, self._pack_size)
+            try:
+                await whole.open()
+            except (fastget.Broken, TimeoutError):
+                whole.close()
+                self._breaks += 1
+                return None
+            except BaseException:
+                whole.close()
+                raise
+            self._stream = whole
+            return whole
         if not self._fast or o._fast is None:
             return None
         stream = o._fast.stream(self._key, self._pos, self._end - self._pos)
@@ -1087,155 +1090,13 @@ class PackRun:
             self._stream = None
 
 
-class _Tap:
-    """One GET of a whole pack, for a server that answers no ranges. The body lands in one
-    buffer of the pack's size as it comes, and a reader of a range waits only for the bytes
-    up to the range's end: a restore's spans of the pack and an owner's pull-throughs of
-    its chunks all share the one GET. A body that breaks off is asked again (the server
-    sends it from the start; the bytes already had are skipped), BREAKS times at most; a
-    failure is every waiting reader's, and the next reader starts a new tap."""
-
-    BREAKS = 2
-
-    def __init__(self, origin: Origin, pack: bytes, size: int) -> None:
-        self._origin = origin
-        self.key = (pack, size)
-        self._name = _pack_key(pack)
-        self._buf = bytearray(size)
-        self._got = 0  # bytes of the body in _buf
-        self._moved = asyncio.Event()  # set (and replaced) as bytes arrive or it ends
-        self._failure: Callable[[], Exception] | None = None
-        self.done = False
-        self.used = 0.0  # loop time of the last reader's arrival
-        self._task = asyncio.create_task(self._run())
-
-    def __repr__(self) -> str:
-        state = "failed" if self.failed else "done" if self.done else "reading"
-        return f"_Tap({self._name}, {self._got}/{len(self._buf)}, {state})"
-
-    @property
-    def failed(self) -> bool:
-        return self._failure is not None
-
-    async def cut(self, offset: int, length: int) -> memoryview:
-        """A copy of `length` bytes at `offset`, once they are in (a view would keep the
-        whole pack, up to 1 GiB, alive with a chunk)."""
-        end = offset + length
-        while self._got < end:
-            if self._failure is not None:
-                raise self._failure()
-            if self.done:  # shorter than its manifest says: the length check names it
-                return memoryview(bytes(memoryview(self._buf)[offset : self._got]))
-            await self._moved.wait()
-        return memoryview(bytes(memoryview(self._buf)[offset:end]))
-
-    def close(self) -> None:
-        self._task.cancel()
-
-    def _wake(self) -> None:
-        self._moved.set()
-        self._moved = asyncio.Event()
-
-    async def _run(self) -> None:
-        o = self._origin
-        pack = self.key[0].hex()
-        try:
-            for attempt in itertools.count():
-                try:
-                    await self._read()
-                    break
-                except fastget.Broken as e:
-                    if attempt >= self.BREAKS:
-                        raise OriginError(
-                            f"pack {self._name} at origin {o.url} broke off {attempt + 1} "
-                            f"times ({e}, at byte {self._got} of {len(self._buf)})"
-                        ) from None
-                    o.stats.requests_retried += 1
-                    log.info(
-                        "%s %s broke at byte %d (%s): asking again", o.url, self._name, self._got, e
-                    )
-        except _Missing:
-            self._fail(ChunkMissing, f"pack {pack} is not at origin {o.url}")
-        except _Oversized as e:
-            self._fail(
-                ChunkCorrupt,
-                f"pack {pack} at origin {o.url} {e.what}, more than the {len(self._buf)} "
-                "bytes its manifest says",
-            )
-        except (ChunkCorrupt, OriginError) as e:
-            self._fail(type(e), e.message)
-        except Exception as e:  # not one of ours: still every reader's, named
-            self._fail(OriginError, f"reading pack {self._name} at origin {o.url}: {e!r}")
-        except asyncio.CancelledError:
-            self._fail(OriginError, f"origin {o.url} is closed (get pack {self._name})")
-            raise
-        finally:
-            self.done = True
-            self._wake()
-            o._tapped(self)
-
-    def _fail(self, kind: Callable[[str], Exception], message: str) -> None:
-        self._failure = functools.partial(kind, message)  # a fresh exception for each reader
-
-    async def _read(self) -> None:
-        o = self._origin
-        size = len(self._buf)
-
-        async def call() -> GetResult:
-            result = await obstore.get_async(o._store, self._name)
-            _check_stated_size(result, size)
-            return result
-
-        result = await o._request("get pack", self._name, call)
-        pieces = aiter(result.stream(min_chunk_size=_WHOLE_PIECE))
-        pos = 0  # of this answer's body
-        while True:
-            try:
-                async with asyncio.timeout(o._timeout):
-                    piece = await anext(pieces)
-            except StopAsyncIteration:
-                return  # (a body short of the pack's size: cut answers what there is)
-            except TimeoutError:
-                raise fastget.Broken(f"no bytes for {o._timeout:g} s") from None
-            except Exception as e:
-                raise fastget.Broken(f"receiving the body: {cause_of(e) or e}") from None
-            n = len(piece)
-            o.stats.bytes_in += n
-            if pos + n > size:
-                raise ChunkCorrupt(
-                    f"pack {self._name} at origin {o.url} sent more than the {size} bytes "
-                    "its manifest says"
-                )
-            if pos + n > self._got:  # (a body asked again skips what the last one brought)
-                k = max(self._got - pos, 0)
-                self._buf[pos + k : pos + n] = memoryview(piece)[k:]
-                self._got = pos + n
-                self._wake()
-            pos += n
-
-
-def _cut(data: memoryview, offset: int, length: int) -> memoryview:
-    """`length` bytes at `offset` of a pack read whole: a copy where it is less than the
-    pack (a view would keep the whole pack, up to 1 GiB, alive with the chunk)."""
-    piece = data[offset : offset + length]
-    return piece if len(piece) == len(data) else memoryview(bytes(piece))
-
-
-# obstore's pieces of a pack read whole by a _Tap.
-_WHOLE_PIECE = 1 << 20
-# Whole-pack reads (servers without ranges) kept at once, reading or read; a read one
-# nobody has cut a range of for TAP_IDLE seconds is dropped.
-TAPS = 2
-TAP_IDLE = 5.0
-# After a ranges probe that failed, seconds before another.
+# After a ranges probe that failed, seconds before another; its one attempt's limit; how
+# long a peer fetch waits for it.
 PROBE_AGAIN = 30.0
-# A piece this small is handed to `then` on the loop (a thread hop costs more).
-_INLINE_THEN = 256 * 1024
-
-
-async def _handed(then: Callable[[memoryview], T], data: memoryview) -> T:
-    """`then(data)`: on the loop for a small piece, else on a thread."""
-    return then(data) if len(data) <= _INLINE_THEN else await asyncio.to_thread(then, data)
+PROBE_TIMEOUT = 5.0
+PROBE_WAIT = 2.0
+# Seconds after which an origin found to ignore ranges is asked a range again.
+RANGES_RECHECK = 600.0
 
 
 def _tell(note: RetryNote | None) -> None:

@@ -705,9 +705,12 @@ class PeerSource:
         started = self.membership.clock()
         moves = 0
         retried = False
-        if (p := chunk.packed) is not None and self.origin is not None:
+        p = chunk.packed
+        if p is not None and p.length < p.pack_size and self.origin is not None:
             await self.origin.answers_ranges(p.pack)  # asked once; then owner_key knows
         key = self.owner_key(chunk)
+        if key != chunk.id and (got := await self._own_owner(chunk, key, problems, hint)):
+            return got
         for attempt in itertools.count():
             busy = False
             owner = self.membership.owner(key)
@@ -760,6 +763,24 @@ class PeerSource:
             hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
+
+    async def _own_owner(
+        self, chunk: Chunk, key: bytes, problems: list[str], hint: list[str]
+    ) -> memoryview | None:
+        """Where a chunk's owner is its pack's (owner_key), first ask the owner its own id
+        gives for it as held (pull=0), which fails fast while it lacks it: once the fleet
+        holds the pack, its chunks are served by as many hosts as they have owners, not
+        all by the pack's."""
+        mine = self.membership.owner(chunk.id)
+        if mine in (None, self.membership.roster.self_name, self.membership.owner(key)):
+            return None
+        assert mine is not None
+        try:
+            return await self._fetch(mine, chunk, "holder")
+        except PeerFailure as e:
+            problems.append(e.message)
+            hint += e.holders
+            return None
 
     async def _fetch(
         self, name: str, chunk: Chunk, role: str, answered: asyncio.Event | None = None

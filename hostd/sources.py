@@ -220,6 +220,9 @@ class OriginSource:
         run = self.origin.pack_run(first.pack, first.offset, length, first.pack_size)
         return ChunkRun(run, chunks, self.origin.url)
 
+    async def whole_packs(self, pack: bytes) -> bool:
+        return not await self.origin.answers_ranges(pack)
+
     async def get_many(self, chunks: Sequence[Chunk]) -> list[bytes | memoryview | BaseException]:
         """`get` for a batch (Fetcher.landing), one outcome each: every pack window the
         batch needs is read once, and the lot is decoded and verified on one thread, so

@@ -73,13 +73,18 @@ def ranges_of(data: bytes, *, cut: int | None = None) -> Callable[..., Awaitable
 
 
 class RangeServer(Server):
-    """The raw server, noting each request's Range header."""
+    """The raw server, noting each request's Range header ("" for none), but for the
+    one-byte probes (Origin.answers_ranges), counted apart."""
 
     def __init__(self, answer: Callable[..., Awaitable[bytes]], close_idle: bool = False):
         self.ranges: list[str] = []
+        self.probes = 0
 
         async def noting(path: str, headers: dict[str, str]) -> bytes:
-            self.ranges.append(headers.get("range", ""))
+            if headers.get("range") == "bytes=0-0":
+                self.probes += 1
+            else:
+                self.ranges.append(headers.get("range", ""))
             return await answer(path, headers)
 
         super().__init__(noting, close_idle=close_idle)

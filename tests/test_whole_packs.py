@@ -1,31 +1,37 @@
-"""Packs from a server that answers no ranges (a plain web server may not): the pack is read
-whole with one GET, and every range asked of it, now or while it is kept, is cut from that
-read as it arrives (origin._Tap). A restore's spans, a window and an owner's pull-throughs
-of single chunks all share it, so the origin sends each pack once, not once a chunk.
+"""Packs from a server that answers no ranges (a plain web server may not): each pack is read
+whole with one GET (hostd/wholepacks.py). A restore's runs stream it, each run a whole pack;
+every other read of a range (an owner's pull-throughs, windows) is cut from the pack's one
+read as it arrives (Taps), so the origin sends each pack once, not once a chunk.
 
 Against the raw HTTP server of tests/test_fastget.py, answering every GET whole: many
-chunks asked at once cost one GET; a body that breaks off is asked again and the bytes had
-are skipped; a missing pack fails every reader and is asked again later; at most TAPS packs
-are held; one nobody reads is dropped; a probe learns whether ranges are answered without
-reading a body; and peers then find an owner by the pack, not the chunk."""
+chunks asked at once cost one GET; so do runs and pull-throughs over more packs than are
+held at once; a body that breaks off is asked again and the bytes had are skipped; a
+missing pack fails every reader and is asked again later; at most TAPS packs are held; one
+nobody reads is dropped, and a read nobody waits for is stopped; a probe learns whether
+ranges are answered without reading a body, and a slow one holds nobody up for long; and
+peers then find an owner by the pack, not the chunk."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import pytest
 from test_fastget import Server, plain, serve
-from test_ranged import CS, RangeServer, a_pack, ranges_of
+from test_ranged import CS, FAST, FillRig, RangeServer, a_pack, fill_rig, large, ranges_of
 
 from hostd import origin as origin_mod
-from hostd.core.manifest import Chunk
-from hostd.errors import ChunkMissing
+from hostd import wholepacks
+from hostd.core.manifest import Chunk, Packed
+from hostd.errors import ChunkMissing, OriginError
+from hostd.fetch import ByteBudget, Fetcher
 from hostd.origin import Origin
 from hostd.peers import Membership, PeerClient, PeerSource
 from hostd.sources import OriginSource
 
-__all__ = ["serve"]  # the fixture, used by name
+__all__ = ["fill_rig", "serve"]  # the fixtures, used by name
 
 Serve = Callable[[Server], Awaitable[Origin]]
 
@@ -46,8 +52,9 @@ def whole(data: bytes, *, cut: int | None = None) -> Callable[..., Awaitable[byt
 
 
 async def learnt(o: Origin, chunk: Chunk) -> None:
-    """Have `o` find out that its server answers no ranges (reading one chunk)."""
-    assert bytes(await OriginSource(o, window=0).get(chunk))
+    """Have `o` find out that its server answers no ranges (its probe)."""
+    assert chunk.packed is not None
+    assert await o.answers_ranges(chunk.packed.pack) is False
     assert o.ignores_ranges
 
 
@@ -81,7 +88,7 @@ async def test_a_body_that_breaks_off_is_asked_again_and_what_came_is_kept(
     assert s.ranges.count("") == 2  # the broken read, then the whole body again
     assert o.stats.requests_retried >= 1
     # both bodies count, as the origin sent them (the broken one as far as it came)
-    assert len(data) + origin_mod._WHOLE_PIECE <= o.stats.bytes_in <= len(data) + cut
+    assert len(data) + wholepacks.PIECE <= o.stats.bytes_in <= len(data) + cut
 
 
 async def test_a_missing_pack_fails_every_reader_and_is_asked_again(serve: Serve) -> None:
@@ -106,9 +113,19 @@ async def test_a_missing_pack_fails_every_reader_and_is_asked_again(serve: Serve
     assert bytes(await src.get(lost[2])) == other[2 * CS : 3 * CS]
 
 
+def pack_of(packs: list[tuple[bytes, list[bytes], list[Chunk]]], path: str) -> int:
+    """Which of `packs` a request's path names."""
+    return next(i for i, p in enumerate(packs) if packed(p[2][0]).pack.hex() in path)
+
+
+def packed(c: Chunk) -> Packed:
+    assert c.packed is not None
+    return c.packed
+
+
 async def test_at_most_taps_packs_are_held_at_once(serve: Serve) -> None:
     """Three packs asked at once, with the first two held by the server: the third waits
-    for a slot; it starts once one of the first two is read, and takes that one's place."""
+    for a slot; it starts once one of the first two is read and left for TAP_GRACE."""
     packs = [a_pack(2) for _ in range(3)]
     release = [asyncio.Event() for _ in packs]
     reading = 0
@@ -116,8 +133,8 @@ async def test_at_most_taps_packs_are_held_at_once(serve: Serve) -> None:
 
     async def answer(path: str, headers: dict[str, str]) -> bytes:
         nonlocal reading, most
-        k = next(i for i, p in enumerate(packs) if p[2][0].packed.pack.hex() in path)  # type: ignore[union-attr]
-        if "range" in headers:  # (only the first, which finds out)
+        k = pack_of(packs, path)
+        if "range" in headers:  # (the probe)
             return plain(packs[k][0])
         reading += 1
         most = max(most, reading)
@@ -125,42 +142,200 @@ async def test_at_most_taps_packs_are_held_at_once(serve: Serve) -> None:
         reading -= 1
         return plain(packs[k][0])
 
-    s = RangeServer(answer)
-    o = await serve(s)
-    release[0].set()
+    o = await serve(RangeServer(answer))
     await learnt(o, packs[0][2][0])
-    release[0].clear()
-    o._taps.clear()  # (a fresh start: none kept)
     src = OriginSource(o, window=0)
     tasks = [asyncio.create_task(src.get(p[2][1])) for p in packs]
     async with asyncio.timeout(10):
-        while reading < origin_mod.TAPS:  # noqa: ASYNC110
+        while reading < wholepacks.TAPS:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     assert not any(t.done() for t in tasks)
-    first = next(k for k, p in enumerate(packs) if (p[2][0].packed.pack, 2 * CS) in o._taps)  # type: ignore[union-attr]
-    waiting = next(k for k in range(3) if (packs[k][2][0].packed.pack, 2 * CS) not in o._taps)  # type: ignore[union-attr]
+    keys = [(packed(p[2][0]).pack, 2 * CS) for p in packs]
+    first = next(k for k in range(3) if keys[k] in o._taps)
+    waiting = next(k for k in range(3) if keys[k] not in o._taps)
     release[first].set()
     assert bytes(await asyncio.wait_for(tasks[first], 10)) == packs[first][1][1]
     for e in release:
         e.set()
     got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert [bytes(g) for g in got] == [p[1][1] for p in packs]
-    assert most == origin_mod.TAPS
+    assert most == wholepacks.TAPS
     assert waiting != first
-    assert len(o._taps) <= origin_mod.TAPS
+    assert len(o._taps) <= wholepacks.TAPS
 
 
 async def test_a_pack_nobody_reads_is_dropped(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(origin_mod, "TAP_IDLE", 0.05)
+    monkeypatch.setattr(wholepacks, "TAP_IDLE", 0.05)
     data, raws, chunks = a_pack(4)
     o = await serve(RangeServer(whole(data)))
     await learnt(o, chunks[0])
     assert bytes(await OriginSource(o, window=0).get(chunks[3])) == raws[3]
+    assert len(o._taps) == 1
     async with asyncio.timeout(10):
-        while o._taps:  # noqa: ASYNC110
+        while len(o._taps):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+# -- found by attacking it ----------------------------------------------------------------
+
+
+async def test_runs_over_more_packs_than_taps_read_each_pack_once(serve: Serve) -> None:
+    """A restore's runs over three packs at once, each writing its chunks as it goes: each
+    run streams its pack with a GET of its own, and no pack is read twice (with runs
+    cutting their pieces from the held packs, a pack read but not yet consumed was dropped
+    for another and read again: 11 GETs a pack)."""
+    packs = [a_pack(16) for _ in range(3)]
+    gets: Counter[int] = Counter()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = pack_of(packs, path)
+        if "range" not in headers:
+            gets[k] += 1
+        return plain(packs[k][0])
+
+    o = await serve(RangeServer(answer))
+    await learnt(o, packs[0][2][0])
+    f = Fetcher([OriginSource(o)], 8)
+    budget = ByteBudget(64 * CS)
+
+    async def run(k: int) -> list[bytes]:
+        out = []
+        async with contextlib.aclosing(f.streaming(packs[k][2], (0, k), budget)) as it:
+            async for _, r, held in it:
+                assert not isinstance(r, BaseException), r
+                out.append(bytes(r[0]))
+                budget.give(held)
+                await asyncio.sleep(0.002)  # writing the chunk
+        return out
+
+    got = await asyncio.wait_for(asyncio.gather(*(run(k) for k in range(3))), 60)
+    assert got == [p[1] for p in packs]
+    assert gets == {0: 1, 1: 1, 2: 1}
+    assert o.stats.bytes_in == sum(len(p[0]) for p in packs)
+
+
+async def test_an_owners_pull_throughs_over_more_packs_than_taps_read_each_once(
+    serve: Serve,
+) -> None:
+    """Three hosts' pull-throughs, each walking its own pack a chunk at a time: each pack
+    stays held while its chunks keep being asked for."""
+    packs = [a_pack(16) for _ in range(3)]
+    gets: Counter[int] = Counter()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = pack_of(packs, path)
+        if "range" not in headers:
+            gets[k] += 1
+        return plain(packs[k][0])
+
+    o = await serve(RangeServer(answer))
+    await learnt(o, packs[0][2][0])
+    src = OriginSource(o, window=0)
+
+    async def host(k: int) -> None:
+        for c, raw in zip(packs[k][2], packs[k][1], strict=True):
+            assert bytes(await src.get(c)) == raw
+            await asyncio.sleep(0.002)
+
+    await asyncio.wait_for(asyncio.gather(*(host(k) for k in range(3))), 60)
+    assert gets == {0: 1, 1: 1, 2: 1}
+
+
+async def test_a_read_nobody_waits_for_gives_its_place_up(serve: Serve) -> None:
+    """Reads of two packs whose readers all left (cancelled restores) hold both places:
+    another pack is read once TAP_GRACE has passed, and the abandoned reads are stopped."""
+    packs = [a_pack(4) for _ in range(3)]
+    slow = asyncio.Event()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = pack_of(packs, path)
+        if k in (0, 1) and "range" not in headers:
+            await slow.wait()
+        return plain(packs[k][0])
+
+    o = await serve(RangeServer(answer))
+    await learnt(o, packs[2][2][0])
+    readers = [
+        asyncio.create_task(o.get_pack_range(q.pack, q.offset, q.length, q.pack_size))
+        for q in (packed(packs[k][2][0]) for k in (0, 1))
+    ]
+    async with asyncio.timeout(10):
+        while len(o._taps) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    q = packed(packs[2][2][1])
+    try:
+        got = await asyncio.wait_for(
+            o.get_pack_range(q.pack, q.offset, q.length, q.pack_size), 3 + wholepacks.TAP_GRACE
+        )
+        assert bytes(got) == packs[2][1][1]
+        abandoned = [(packed(packs[k][2][0]).pack, 4 * CS) for k in (0, 1)]
+        assert sum(key in o._taps for key in abandoned) == 1  # one stopped, for its place
+    finally:
+        slow.set()
+
+
+async def test_a_read_stopped_before_it_began_fails_its_readers(serve: Serve) -> None:
+    data, _, chunks = a_pack(4)
+    o = await serve(RangeServer(whole(data)))
+    await learnt(o, chunks[0])
+    q = packed(chunks[2])
+    reader = asyncio.create_task(o.get_pack_range(q.pack, q.offset, q.length, q.pack_size))
+    async with asyncio.timeout(10):
+        while not len(o._taps):  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    await o.close()  # before the read's task first ran
+    with pytest.raises(OriginError):
+        await asyncio.wait_for(reader, 5)
+
+
+async def test_a_pack_too_large_to_read_whole_is_refused_by_name(serve: Serve) -> None:
+    """The size a manifest (or a peer's pull) claims is not taken on trust: a pack larger
+    than any publish makes is refused, not mapped."""
+    data, _, chunks = a_pack(4)
+    o = await serve(RangeServer(whole(data)))
+    await learnt(o, chunks[0])
+    q = packed(chunks[1])
+    with pytest.raises(OriginError, match="read whole"):
+        await o.get_pack_range(q.pack, q.offset, q.length, 1 << 50)
+
+
+async def test_a_probe_that_hangs_holds_a_peer_fetch_up_for_probe_wait_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(origin_mod, "PROBE_WAIT", 0.3)
+    done = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()  # an origin that takes the request and never answers
+        writer.close()
+
+    srv = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    o = Origin(f"http://127.0.0.1:{port}/o", {}, retry=FAST, timeout=30.0)
+    client = PeerClient("n1", None, 1.0, 2.0)
+    source = PeerSource(Membership((), (), 10.0, client), client, 0.2, origin=o)
+    _, _, chunks = a_pack(4)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(ChunkMissing):  # no peer: the origin's turn
+            await source.get(chunks[1])
+        assert loop.time() - started < origin_mod.PROBE_WAIT + 1.0
+        started = loop.time()
+        with pytest.raises(ChunkMissing):  # the same probe, still under way
+            await source.get(chunks[2])
+        assert loop.time() - started < origin_mod.PROBE_WAIT + 1.0
+    finally:
+        done.set()
+        await client.close()
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
 
 
 async def test_the_probe_asks_for_one_byte_once(serve: Serve) -> None:
@@ -171,14 +346,14 @@ async def test_the_probe_asks_for_one_byte_once(serve: Serve) -> None:
     o = await serve(s)
     assert await o.answers_ranges(p.pack) is False
     assert await o.answers_ranges(p.pack) is False
-    assert s.ranges == ["bytes=0-0"]
+    assert (s.probes, s.ranges) == (1, [])
     assert o.stats.bytes_in == 0  # the body that came with the 200 was not read
 
     r = RangeServer(ranges_of(data))
     o = await serve(r)
     assert await o.answers_ranges(p.pack) is True
     assert await o.answers_ranges(p.pack) is True
-    assert r.ranges == ["bytes=0-0"]
+    assert (r.probes, r.ranges) == (1, [])
 
 
 async def test_a_probe_that_fails_tells_nothing_and_waits_to_be_tried_again(
@@ -195,7 +370,7 @@ async def test_a_probe_that_fails_tells_nothing_and_waits_to_be_tried_again(
     o = await serve(s)
     assert await o.answers_ranges(p.pack) is True  # assumed
     assert await o.answers_ranges(p.pack) is True
-    assert len(s.ranges) == 1  # not asked again for PROBE_AGAIN seconds
+    assert s.probes == 1  # not asked again for PROBE_AGAIN seconds
     assert not o.ignores_ranges
 
 
@@ -220,3 +395,28 @@ async def test_peers_find_a_packed_chunks_owner_by_its_pack_where_ranges_are_ign
     assert await r.answers_ranges(chunks[1].packed.pack)
     assert [ranged.owner_key(c) for c in chunks] == [c.id for c in chunks]
     await client.close()
+
+
+async def test_a_fill_reads_each_pack_of_a_large_file_with_one_get(
+    serve: Serve, fill_rig: Callable[..., FillRig]
+) -> None:
+    """A large file in two packs, a fetch_range of 4 chunks: from a server that answers
+    ranges, 8 spans; from one that does not (found by the fill's probe), a span a pack,
+    each one GET from the pack's first byte, not a GET from byte 0 per span."""
+    packs = [a_pack(16) for _ in range(2)]
+    gets: Counter[int] = Counter()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = pack_of(packs, path)
+        if "range" not in headers:
+            gets[k] += 1
+        return plain(packs[k][0])
+
+    s = RangeServer(answer)
+    rig = fill_rig(await serve(s), 4 * CS)
+    e = large(packs[0][2] + packs[1][2], packs[0][1] + packs[1][1])
+    await rig.fill(e)
+    assert rig.blob(e) == packs[0][0] + packs[1][0]
+    assert gets == {0: 1, 1: 1}
+    assert s.probes == 1
+    assert s.ranges == ["", ""]  # no other range was tried
