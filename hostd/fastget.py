@@ -218,7 +218,12 @@ class FastGet:
     def stream(self, key: str, offset: int, length: int) -> Stream:
         """A ranged GET of `length` bytes at `offset` of `key`, to be received a piece at a
         time (Stream.open, then Stream.read)."""
-        return Stream(self, key, offset, length)
+        return Stream(self, key, (offset, length), length)
+
+    def whole(self, key: str, cap: int) -> Stream:
+        """A GET of all of `key`, at most `cap` bytes (Oversized if it states more), to be
+        received a piece at a time: a pack from a server that answers no ranges."""
+        return Stream(self, key, None, cap)
 
     def _missed(self, why: _Fallback) -> None:
         self.fallbacks += 1
@@ -311,22 +316,24 @@ class Broken(Exception):
 
 
 class Stream:
-    """A ranged GET whose body is received a piece at a time, each piece into a buffer of
-    its own and handed, on the receiving thread, to the caller's `then` (a pack run's
-    chunks: each verified as it lands, and no more of the body held than the piece being
-    read). The connection is held between pieces, and goes back to the pool once the whole
-    range is read. Not for two reads at once."""
+    """A ranged GET (or, with no `span`, a whole object's of at most `cap` bytes) whose
+    body is received a piece at a time, each piece into a buffer of its own and handed, on
+    the receiving thread, to the caller's `then` (a pack run's chunks: each verified as it
+    lands, and no more of the body held than the piece being read). The connection is held
+    between pieces, and goes back to the pool once the whole body is read. Not for two
+    reads at once."""
 
-    def __init__(self, fast: FastGet, key: str, offset: int, length: int) -> None:
+    def __init__(self, fast: FastGet, key: str, span: tuple[int, int] | None, cap: int) -> None:
         self._fast = fast
         self._key = key
-        self._span = (offset, length)
+        self._span = span
+        self._cap = cap
         self._abort = _Abort()
         self._sock: socket.socket | None = None
         self._where: tuple[str, int, bool] | None = None
         self._keep = False
         self._early = memoryview(b"")  # body bytes that came with the head
-        self.left = length  # body bytes not read yet
+        self.left = cap  # body bytes not read yet (once open: of the stated length)
         self._busy: asyncio.Future[Any] | None = None  # a thread's job on the socket
 
     def __repr__(self) -> str:
@@ -339,12 +346,12 @@ class Stream:
             return False
         try:
             opened = await self._run(
-                self._fast._open, self._key, self._span[1], self._span, self._abort
+                self._fast._open, self._key, self._cap, self._span, self._abort
             )
         except _Fallback as e:
             self._fast._missed(e)
             return False
-        self._sock, self._where, _, self._keep, self._early = opened
+        self._sock, self._where, self.left, self._keep, self._early = opened
         self._abort.hold(None)
         self._fast._took()
         return True

@@ -674,6 +674,11 @@ class Origin:
                 self._url,
             )
 
+    def fast_whole(self, pack: bytes, size: int) -> fastget.Stream | None:
+        """fastget's GET of a whole pack of at most `size` bytes (wholepacks), where
+        fastget takes this origin's reads."""
+        return None if self._fast is None else self._fast.whole(_pack_key(pack), size)
+
     async def open_whole(self, pack: bytes, size: int) -> GetResult:
         """One GET of a whole pack of `size` bytes (as its manifest says), its body not
         read yet (wholepacks)."""

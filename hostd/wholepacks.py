@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from hostd import fastget
 from hostd.errors import ChunkCorrupt, HostdError, OriginError
 from hostd.fastget import Broken
 
@@ -51,6 +52,7 @@ MAX_WHOLE = 1 << 30  # the largest pack read whole (config's most for pack_size)
 
 class Stats(Protocol):
     bytes_in: int
+    requests_ok: int
     requests_retried: int
 
 
@@ -65,6 +67,10 @@ class Origin(Protocol):
 
     @property
     def timeout(self) -> float: ...
+
+    def fast_whole(self, pack: bytes, size: int) -> fastget.Stream | None:
+        """fastget's GET of the whole pack, where fastget takes this origin's reads."""
+        ...
 
     def open_whole(self, pack: bytes, size: int) -> Awaitable[GetResult]:
         """One GET of a whole pack of `size` bytes (as its manifest says), through the
@@ -82,33 +88,57 @@ def _check_size(origin: Origin, pack: bytes, size: int) -> None:
 
 
 class _Body:
-    """One whole-pack GET's pieces, each under the origin's timeout; Broken where the body
-    fails or ends early, ChunkCorrupt where it runs past `size`."""
+    """One whole-pack GET's pieces, each under the origin's timeout: through fastget where
+    it takes the answer (each piece received straight into its buffer, a timeout a piece
+    however long the body), else obstore's stream (whose client timeout covers the whole
+    body). Broken where the body fails or ends early, ChunkCorrupt where it runs past
+    `size`."""
 
     def __init__(self, origin: Origin, pack: bytes, size: int) -> None:
         self._origin = origin
         self._pack = pack
         self._size = size
+        self._fast: fastget.Stream | None = None
         self._pieces: AsyncIterator[Any] | None = None
         self.got = 0
 
     async def open(self) -> None:
-        result = await self._origin.open_whole(self._pack, self._size)
+        o = self._origin
+        fast = o.fast_whole(self._pack, self._size)
+        if fast is not None:
+            try:
+                async with asyncio.timeout(o.timeout):
+                    opened = await fast.open()
+            except fastget.Oversized as e:
+                fast.close()
+                raise ChunkCorrupt(
+                    f"pack {self._pack.hex()} at origin {o.url} {e}, more than the "
+                    f"{self._size} bytes its manifest says"
+                ) from None
+            except TimeoutError:
+                fast.close()
+                raise Broken(f"no answer in {o.timeout:g} s") from None
+            except BaseException:
+                fast.close()
+                raise
+            if opened:
+                o.stats.requests_ok += 1
+                self._fast = fast
+                return
+            fast.close()
+        result = await o.open_whole(self._pack, self._size)
         self._pieces = aiter(result.stream(min_chunk_size=PIECE))
 
     async def next(self) -> memoryview | None:
         """The next piece; None at the body's end."""
-        assert self._pieces is not None
         o = self._origin
         try:
             async with asyncio.timeout(o.timeout):
-                piece = memoryview(await anext(self._pieces))
-        except StopAsyncIteration:
-            return None
+                piece = await self._next()
         except TimeoutError:
             raise Broken(f"no bytes for {o.timeout:g} s") from None
-        except Exception as e:
-            raise Broken(f"receiving the body: {e}") from None
+        if piece is None:
+            return None
         self.got += len(piece)
         o.stats.bytes_in += len(piece)
         if self.got > self._size:
@@ -118,8 +148,26 @@ class _Body:
             )
         return piece
 
+    async def _next(self) -> memoryview | None:
+        if self._fast is not None:
+            k = min(PIECE, self._fast.left)
+            return await self._fast.read(k, _same) if k else None
+        assert self._pieces is not None
+        try:
+            return memoryview(await anext(self._pieces))
+        except StopAsyncIteration:
+            return None
+        except Exception as e:
+            raise Broken(f"receiving the body: {e}") from None
+
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self._pieces = None  # obstore drops the connection with the stream
+
+
+def _same(piece: memoryview) -> memoryview:
+    return piece
 
 
 class PackStream:

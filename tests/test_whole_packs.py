@@ -420,3 +420,24 @@ async def test_a_fill_reads_each_pack_of_a_large_file_with_one_get(
     assert gets == {0: 1, 1: 1}
     assert s.probes == 1
     assert s.ranges == ["", ""]  # no other range was tried
+
+
+async def test_a_whole_pack_fastget_cannot_take_is_read_through_obstore(serve: Serve) -> None:
+    """A body in chunked encoding (with a Content-Length too, which obstore wants): fastget
+    hands the GET to obstore, whose stream reads it, still one GET per pack."""
+    data, raws, chunks = a_pack(8)
+
+    async def chunked(path: str, headers: dict[str, str]) -> bytes:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return head % len(data) + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+
+    s = RangeServer(chunked)
+    o = await serve(s)
+    await learnt(o, chunks[0])
+    src = OriginSource(o, window=0)
+    got = await asyncio.gather(*(src.get(c) for c in chunks))
+    assert [bytes(g) for g in got] == raws
+    assert s.ranges.count("") == 2  # fastget's try, then obstore's GET
+    assert o.stats.bytes_in == len(data)
+    assert o.fast_reads is not None
+    assert o.fast_reads[0] == 0  # none taken by fastget
