@@ -1006,13 +1006,21 @@ def test_event_reader_splits_lines_across_reads() -> None:
 
 
 def hostd_process(*argv: str) -> subprocess.Popen[str]:
+    """The CLI as a process, with Ctrl-C's default disposition: a suite started in the
+    background of a non-interactive shell (`make test &`) ignores SIGINT, and a child that
+    inherits that never sees the Ctrl-C a test sends it."""
     return subprocess.Popen(
         [sys.executable, "-m", "hostd", *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_subprocess_status_json(daemon: FakeDaemon) -> None:
