@@ -390,10 +390,13 @@ class Taps:
                 cutoff = loop.time() - TAP_GRACE
                 idle = [t for t in self._taps.values() if not t.readers and t.used <= cutoff]
                 if not idle:
+                    # Woken when a tap ends or loses its last reader; or when one unread
+                    # now has been for TAP_GRACE.
                     moved = self._moved
-                    soonest = min(t.used for t in self._taps.values()) + TAP_GRACE
+                    unread = [t.used for t in self._taps.values() if not t.readers]
+                    until = min(unread) + TAP_GRACE if unread else None
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout_at(max(soonest, loop.time() + 0.01)):
+                        async with asyncio.timeout_at(until):
                             await moved.wait()
                     continue
                 self._drop(min(idle, key=lambda t: (not t.done, t.used)))
