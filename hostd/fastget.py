@@ -70,6 +70,11 @@ class Oversized(Exception):
         self.stated = stated
 
 
+class Whole(Exception):
+    """A ranged GET answered 200 with the whole object: the server answers no ranges (not
+    a fault of this path, so not counted against it)."""
+
+
 class _Fallback(Exception):
     """Not a plain answer: the caller asks obstore."""
 
@@ -132,6 +137,7 @@ class FastGet:
         self._threads = concurrent.futures.ThreadPoolExecutor(
             threads, thread_name_prefix="hostd-fastget"
         )
+        self._closed = False
         self._misses = 0
         self._off_until = 0.0
         self.taken = 0  # answers taken here
@@ -146,13 +152,16 @@ class FastGet:
     ) -> memoryview | None:
         """The object's body (`span`: its `length` bytes from `offset`, as a 206), or None:
         ask obstore. Oversized if the stated size is over `cap` (a span's own length must
-        fit it too)."""
+        fit it too); Whole if a span was answered with the whole object."""
         if not self.on:
             return None
         abort = _Abort()
         try:
             loop = asyncio.get_running_loop()
-            job = loop.run_in_executor(self._threads, self._fetch, key, cap, span, abort)
+            try:
+                job = loop.run_in_executor(self._threads, self._fetch, key, cap, span, abort)
+            except RuntimeError:  # the pool is shut down: closed
+                return None
             try:
                 data = await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -274,6 +283,9 @@ class FastGet:
 
     def _give(self, where: tuple[str, int, bool], sock: socket.socket) -> None:
         with self._lock:
+            if self._closed:
+                sock.close()
+                return
             idle = self._idle.setdefault(where, [])
             if len(idle) < IDLE_PER_HOST:
                 idle.append(sock)
@@ -303,6 +315,7 @@ class FastGet:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for socks in self._idle.values():
                 for sock in socks:
                     sock.close()
@@ -389,7 +402,11 @@ class Stream:
         return then(buf)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        job = asyncio.get_running_loop().run_in_executor(self._fast._threads, fn, *args)
+        try:
+            job = asyncio.get_running_loop().run_in_executor(self._fast._threads, fn, *args)
+        except RuntimeError:  # the pool is shut down: the origin was closed
+            self._drop()
+            raise Broken("the origin is closed") from None
         self._busy = job
         try:
             return await asyncio.shield(job)
@@ -535,6 +552,8 @@ def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bo
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise _Fallback(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
     status = parts[1]
+    if span is not None and status == b"200":
+        raise Whole()
     if status != (b"206" if span is not None else b"200"):
         raise _Fallback(f"status {status.decode(errors='replace')}")
     keep = parts[0] == b"HTTP/1.1"

@@ -456,7 +456,9 @@ class Origin:
         if not timeout > 0:
             raise ValueError(f"origin timeout must be positive, got {timeout}")
         self._url = display_url(url)
+        self._opened_with = (url, dict(options))
         self._store, config, client = _open_store(url, options, timeout, os.environ)
+        self._whole_store: ObjectStore | None = None  # (open_whole's: no whole-body timeout)
         # Plain HTTP has no listing (obstore tries WebDAV PROPFIND, which a static server
         # answers with 405): list_ref says "cannot list" rather than failing.
         self._can_list = not isinstance(self._store, HTTPStore)
@@ -560,7 +562,11 @@ class Origin:
 
         async def ranged() -> memoryview | None:
             if self._fast is not None:
-                fast = await _fast(self._fast, key, length, (offset, length))
+                try:
+                    fast = await _fast(self._fast, key, length, (offset, length))
+                except fastget.Whole:
+                    self._learnt(ranges=False)
+                    return None
                 if fast is not None:
                     self._learnt(ranges=True)
                     return fast
@@ -683,9 +689,16 @@ class Origin:
         """One GET of a whole pack of `size` bytes (as its manifest says), its body not
         read yet (wholepacks)."""
         key = _pack_key(pack)
+        if self._whole_store is None:
+            # obstore's client timeout bounds a whole answer, body included: a large pack
+            # from a slow origin would break off at the same byte every time it is asked
+            # again. This store's is a day; wholepacks times each piece of the body.
+            url, options = self._opened_with
+            self._whole_store = _open_store(url, options, WHOLE_BODY_TIMEOUT, os.environ)[0]
+        store = self._whole_store
 
         async def call() -> GetResult:
-            result = await obstore.get_async(self._store, key)
+            result = await obstore.get_async(store, key)
             _check_stated_size(result, size)
             return result
 
@@ -977,11 +990,11 @@ class PackRun:
     most. Where fastget is off or cannot take the answer, or the run broke that often, each
     piece is a ranged GET of its own through obstore (get_pack_range, with its retries):
     correct, one request a piece, as before packs of large files. A server that does not
-    answer ranges gets one GET of the whole pack for the run (wholepacks.PackStream: the
-    bytes before the run dropped as they come; a fill cuts its spans at the packs' edges
-    there, so that is the pack once), or its pieces cut from the pack's whole read where
-    one is held (wholepacks.Taps). Holds none of the origin's request slots (the
-    fetcher's limiter bounds runs), and one piece of the body at a time."""
+    answer ranges gets one GET of the whole pack for a run from its first byte
+    (wholepacks.PackStream; a fill cuts its spans at the packs' edges there, so that is the
+    pack once), and any other run's pieces are cut from the pack's shared whole read
+    (wholepacks.Taps). Holds none of the origin's request slots (the fetcher's limiter
+    bounds runs), and one piece of the body at a time."""
 
     BREAKS = 2
 
@@ -1051,8 +1064,8 @@ class PackRun:
         if self._breaks >= self.BREAKS:
             return None
         if o._knows_ranges() is False:
-            if o._taps.holds(self._pack, self._pack_size):
-                return None  # (its pieces cut from the read already held: get_pack_range)
+            if self._pos > 0 or o._taps.holds(self._pack, self._pack_size):
+                return None  # (its pieces cut from the pack's shared whole read: Taps)
             left = self._end - self._pos
             whole = wholepacks.PackStream(o, self._pack, self._pos, left, self._pack_size)
             try:
@@ -1072,6 +1085,10 @@ class PackRun:
         try:
             async with asyncio.timeout(o._timeout):
                 opened = await stream.open()
+        except fastget.Whole:  # (its pieces now come from get_pack_range: a whole read)
+            stream.close()
+            o._learnt(ranges=False)
+            return None
         except fastget.Oversized as e:
             o.stats.requests_failed += 1
             raise ChunkCorrupt(
@@ -1102,6 +1119,9 @@ PROBE_TIMEOUT = 5.0
 PROBE_WAIT = 2.0
 # Seconds after which an origin found to ignore ranges is asked a range again.
 RANGES_RECHECK = 600.0
+# The client timeout of the store whole packs are read through (the body is timed a piece
+# at a time instead).
+WHOLE_BODY_TIMEOUT = 86400.0
 
 
 def _tell(note: RetryNote | None) -> None:

@@ -3,10 +3,12 @@
 A plain web server may answer a ranged GET with the whole object. origin.Origin finds that
 out (the first such answer, or its one-byte probe) and then reads packs through here:
 
-- `PackStream`: a restore's run over a pack (origin.PackRun), one GET of the pack streamed
-  through, the bytes before the run dropped as they come and each piece assembled as asked.
-  A fill cuts its spans at the packs' edges on such an origin (fill.Filler), so each pack is
-  one run and one GET, and memory holds a piece, not a pack.
+- `PackStream`: a restore's run from a pack's first byte (origin.PackRun), one GET of the
+  pack streamed through, each piece assembled as asked. A fill cuts its spans at the packs'
+  edges on such an origin (fill.Filler), so a pack of one file's chunks is one run and one
+  GET, and memory holds a piece, not a pack. A run that starts further in (a file that
+  reuses some of an older snapshot's pack) reads through `Taps`, so the rest of that pack's
+  runs share one read.
 - `Taps`: every other read of a range of a pack (an owner's pull-throughs for its peers, a
   window of small files' chunks): one GET of the pack whose body lands in one buffer as it
   comes (`_Tap`), each range waiting only for its own end and cut (copied) from it. A pack
@@ -233,7 +235,7 @@ class _Tap:
         self.readers = 0  # in cut now
         self.used = asyncio.get_running_loop().time()  # when a reader last came or left
         self._on_done = on_done
-        self._task = asyncio.ensure_future(self._run())
+        self._task: asyncio.Future[None] | None = asyncio.ensure_future(self._run())
         self._task.add_done_callback(self._ended)  # (also for a task cancelled before it ran)
 
     def __repr__(self) -> str:
@@ -261,7 +263,8 @@ class _Tap:
             return memoryview(bytes(whole[offset:end]))
 
     def stop(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
     def _wake(self) -> None:
         self._moved.set()
@@ -322,6 +325,7 @@ class _Tap:
         elif not task.cancelled() and (e := task.exception()) is not None:  # (retrieved)
             self._fail(OriginError, f"reading pack {self.key[0].hex()}: {e!r}")
         self.done = True
+        self._task = None  # (a cancelled task's traceback holds this tap: a cycle)
         self._wake()
         self._on_done(self)
 
@@ -368,6 +372,7 @@ class Taps:
         self._closed = True
         for tap in self._taps.values():
             tap.stop()
+        self._taps.clear()
         if self._expiry is not None:
             self._expiry.cancel()
 

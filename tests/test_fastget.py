@@ -210,9 +210,11 @@ async def test_a_server_that_ignores_ranges_still_answers_through_obstore(serve:
     o = await serve(Server(whole))
     got = await o.get_pack_range(CID, 1000, 5000, len(DATA))
     assert bytes(got) == DATA[1000:6000]
-    # the range fell back; obstore saw the whole object come; then the whole pack was
-    # read here, a piece at a time (wholepacks)
-    assert (fast_of(o).fallbacks, fast_of(o).taken) == (1, 1)
+    # the range was answered whole: the server answers no ranges, which is no fault of
+    # this path (not a fallback); then the whole pack was read here, a piece at a time
+    assert (fast_of(o).fallbacks, fast_of(o).taken) == (0, 1)
+    assert fast_of(o).on
+    assert o.ignores_ranges
 
 
 async def test_the_path_turns_off_after_fallbacks_in_a_row(serve: Any) -> None:

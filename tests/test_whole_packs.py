@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -441,3 +443,128 @@ async def test_a_whole_pack_fastget_cannot_take_is_read_through_obstore(serve: S
     assert o.stats.bytes_in == len(data)
     assert o.fast_reads is not None
     assert o.fast_reads[0] == 0  # none taken by fastget
+
+
+# -- found by attacking it, a second time ------------------------------------------------
+
+
+async def test_a_whole_pack_slower_than_the_request_timeout_still_arrives() -> None:
+    """obstore's client timeout covers a whole body: a pack that takes longer than it broke
+    off at the same byte every time it was asked again. Whole packs go through a store
+    without that timeout; each piece of the body is timed instead (here: 1 s a piece, the
+    body 1.6 s, in chunked encoding, which fastget leaves to obstore)."""
+    data, raws, chunks = a_pack(8)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" % len(data)
+                )
+                if b"range:" in head.lower():  # the probe: a whole answer, at once
+                    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+                    await writer.drain()
+                    continue
+                q = len(data) // 4
+                for i in range(4):
+                    part = data[i * q : (i + 1) * q]
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+                    await asyncio.sleep(0.4)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    o = Origin(f"http://127.0.0.1:{port}/o", {}, retry=FAST, timeout=1.0)
+    try:
+        await learnt(o, chunks[0])
+        got = await asyncio.gather(*(OriginSource(o, window=0).get(c) for c in chunks))
+        assert [bytes(g) for g in got] == raws
+    finally:
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_ranges_answered_whole_do_not_turn_the_fast_path_off(serve: Serve) -> None:
+    """Many first reads at once, each answered with the whole object: the server answers no
+    ranges, which is no fault of fastget; it stays on, and reads the pack whole."""
+    data, raws, chunks = a_pack(8)
+    o = await serve(RangeServer(whole(data)))
+    got = await asyncio.gather(*(OriginSource(o, window=0).get(c) for c in chunks))
+    assert [bytes(g) for g in got] == raws
+    fast = o._fast
+    assert fast is not None
+    assert fast.on
+    assert o.fast_reads == (1, 0)  # the whole pack, taken; no fallback
+
+
+async def test_a_stopped_read_frees_its_pack_without_the_cycle_collector(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wholepacks, "TAP_IDLE", 0.1)
+    data, _, chunks = a_pack(64)
+    half = len(data) // 2
+
+    async def stalls(path: str, headers: dict[str, str]) -> bytes:
+        body = plain(data)
+        return body if "range" in headers else body[: len(body) - len(data) + half]
+
+    o = await serve(RangeServer(stalls))
+    await learnt(o, chunks[0])
+    q = packed(chunks[1])
+    await o.get_pack_range(q.pack, q.offset, q.length, q.pack_size)
+    tap = weakref.ref(o._taps._taps[(q.pack, q.pack_size)])
+    gc.disable()
+    try:
+        async with asyncio.timeout(10):
+            while len(o._taps) or tap() is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # dropped after TAP_IDLE unread, its read stopped
+    finally:
+        gc.enable()
+
+
+async def test_a_file_that_reuses_part_of_an_old_pack_reads_it_at_most_twice(
+    serve: Serve, fill_rig: Callable[..., FillRig]
+) -> None:
+    """A new snapshot's file: chunks 0-7 and 9-15 of an older pack, a new chunk between.
+    Two spans in the old pack: the first streams it, the second (and any further) cut from
+    one shared read; before, each span read the pack from its first byte."""
+    d1, r1, c1 = a_pack(16)
+    d2, r2, c2 = a_pack(1)
+    gets: Counter[str] = Counter()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = "p2" if packed(c2[0]).pack.hex() in path else "p1"
+        if "range" not in headers:
+            gets[k] += 1
+        return plain(d2 if k == "p2" else d1)
+
+    rig = fill_rig(await serve(RangeServer(answer)), 4 * CS)
+    e = large(c1[:8] + c2 + c1[9:], r1[:8] + r2 + r1[9:])
+    await rig.fill(e)
+    assert rig.blob(e) == b"".join(r1[:8] + r2 + r1[9:])
+    assert gets == {"p1": 2, "p2": 1}
+
+
+async def test_a_run_read_after_its_origin_closed_fails_by_name(serve: Serve) -> None:
+    data, raws, chunks = a_pack(8)  # two pieces of the body (wholepacks.PIECE)
+    o = await serve(RangeServer(whole(data)))
+    await learnt(o, chunks[0])
+    run = o.pack_run(packed(chunks[0]).pack, 0, len(data), len(data))
+    for i in range(4):  # the first piece's chunks
+        assert bytes(await run.read(CS, bytes)) == raws[i]
+    await o.close()
+    with pytest.raises(OriginError, match="closed"):
+        await run.read(CS, bytes)
+    run.close()
