@@ -35,6 +35,7 @@ import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -138,6 +139,7 @@ class FastGet:
             threads, thread_name_prefix="hostd-fastget"
         )
         self._closed = False
+        self._aborts: weakref.WeakSet[_Abort] = weakref.WeakSet()  # requests under way
         self._misses = 0
         self._off_until = 0.0
         self.taken = 0  # answers taken here
@@ -155,7 +157,7 @@ class FastGet:
         fit it too); Whole if a span was answered with the whole object."""
         if not self.on:
             return None
-        abort = _Abort()
+        abort = self.new_abort()
         try:
             loop = asyncio.get_running_loop()
             try:
@@ -206,7 +208,7 @@ class FastGet:
             sock = self._take(where)
             fresh = sock is None
             if sock is None:
-                sock = self._connect(where)
+                sock = self._connect(where, abort)
             if not abort.hold(sock):
                 sock.close()
                 raise _Fallback("cancelled")
@@ -292,10 +294,13 @@ class FastGet:
                 return
         sock.close()
 
-    def _connect(self, where: tuple[str, int, bool]) -> socket.socket:
+    def _connect(self, where: tuple[str, int, bool], abort: _Abort) -> socket.socket:
+        """A new connection (blocking). Its socket is held by `abort` while it connects, so
+        a cancel (or close) ends a connect to an origin that drops SYNs at once: a shutdown
+        wakes a blocked connect. Without that, the thread would wait out the timeout."""
         host, port, tls = where
         try:
-            sock = socket.create_connection((host, port), timeout=self._timeout)
+            sock = self._dial(host, port, abort)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Blocking from here, so a body is one MSG_WAITALL receive (one release of the
             # GIL, not one per segment); the kernel's own timeouts are the backstop.
@@ -313,9 +318,46 @@ class FastGet:
             raise _Fallback(f"connecting to {host}:{port}: {e}") from None
         return sock
 
+    def _dial(self, host: str, port: int, abort: _Abort) -> socket.socket:
+        """socket.create_connection, each try's socket held by `abort`."""
+        last: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, kind, proto)
+            if not abort.hold(sock):
+                sock.close()
+                raise _Fallback("cancelled")
+            try:
+                sock.settimeout(self._timeout)
+                sock.connect(address)
+                return sock
+            except OSError as e:
+                abort.hold(None)
+                sock.close()
+                last = e
+        raise last if last is not None else OSError(f"no address for {host}")
+
+    def new_abort(self) -> _Abort:
+        """An abort for one request, which close() also sets off."""
+        abort = _Abort()
+        with self._lock:
+            if self._closed:
+                abort.now()
+            else:
+                self._aborts.add(abort)
+        return abort
+
     def close(self) -> None:
+        """Drop the idle connections, and end every request under way (its thread's
+        connect or receive returns at once)."""
         with self._lock:
             self._closed = True
+            aborts = list(self._aborts)
+            self._aborts.clear()
+        for abort in aborts:
+            abort.now()
+        with self._lock:
             for socks in self._idle.values():
                 for sock in socks:
                     sock.close()
@@ -341,7 +383,7 @@ class Stream:
         self._key = key
         self._span = span
         self._cap = cap
-        self._abort = _Abort()
+        self._abort = fast.new_abort()
         self._sock: socket.socket | None = None
         self._where: tuple[str, int, bool] | None = None
         self._keep = False

@@ -10,11 +10,13 @@ past the stated length, with a 404, ignoring a range, and closing idle connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
+import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,3 +374,55 @@ async def test_an_https_origin_is_read_through_the_fast_path(
         await o.close()
         srv.close()
         await srv.wait_closed()
+
+
+@contextlib.contextmanager
+def dropping_connects() -> Iterator[int]:
+    """A port whose listener never accepts and whose queue is full: the kernel drops every
+    further SYN, as a blackholed origin does, and a connect to it waits out its timeout."""
+    listener = socket.socket()
+    held: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            held.append(s)
+        yield port
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
+async def connecting(fast: fastget.FastGet) -> None:
+    """Until a request's thread is in its connect (its abort holds the socket)."""
+    async with asyncio.timeout(10):
+        while not any(a._sock is not None for a in fast._aborts):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_connect_that_gets_no_answer_ends_at_once_on_cancel_and_on_close() -> None:
+    """Before, a cancel left the request's thread in its connect for the whole timeout (a
+    pool of 16 threads could fill with them, and the daemon's exit waited for them)."""
+    with dropping_connects() as port:
+        fast = fastget.FastGet(lambda key: f"http://127.0.0.1:{port}/{key}", threads=1, timeout=30)
+        loop = asyncio.get_running_loop()
+        try:
+            task = asyncio.create_task(fast.get("k", 100))
+            await connecting(fast)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # the pool's one thread is free again: it runs the next job at once
+            await asyncio.wait_for(loop.run_in_executor(fast._threads, lambda: None), 5)
+            task = asyncio.create_task(fast.get("k", 100))
+            await connecting(fast)
+            fast.close()
+            assert await asyncio.wait_for(task, 5) is None  # (obstore's turn, as any failure)
+        finally:
+            fast.close()
