@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from harness import Hostd  # noqa: E402
-from netns import ORIGIN, Cluster, netns_problem, serve_dir, wait_listening  # noqa: E402
+from netns import ORIGIN, Cluster, netns_problem, serve, serve_dir, wait_listening  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from hostd.core.units import parse_size  # noqa: E402
@@ -581,14 +581,7 @@ def serve_origin(c: Cluster, directory: Path, ranges: bool) -> subprocess.Popen[
         return serve_dir(c, ORIGIN, directory, ORIGIN_PORT)
     argv = [sys.executable, str(ROOT / "bench" / "throttled.py"), str(directory)]
     argv += ["--bind", c.addr(ORIGIN), "--port", str(ORIGIN_PORT), "--ranges"]
-    proc = c.popen(ORIGIN, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(c, ORIGIN, ORIGIN_PORT, proc=proc)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
+    return serve(c, ORIGIN, argv, ORIGIN_PORT)
 
 
 # --- the reference: stock tools on an ideal static schedule ------------------------------

@@ -687,7 +687,7 @@ class PeerSource:
     def owner_key(self, chunk: Chunk) -> bytes:
         """What the chunk's owner is found by: its id; or, where the origin answers no
         ranges, its pack's. There an owner's pull-through reads the whole pack (one GET,
-        origin._Tap, that every chunk of it is cut from), so one owner per pack pulls it
+        wholepacks.Taps, that every chunk of it is cut from), so one owner per pack pulls it
         through once for all of its chunks, instead of every owner of one of them reading
         the pack again (the fleet's egress times the chunks in a pack)."""
         p = chunk.packed

@@ -491,10 +491,19 @@ def serve_dir(
 
     The server's request log goes to /dev/null unless `stderr=` says otherwise.
     """
+    argv = [sys.executable, "-m", "http.server", "--bind", cluster.addr(name)]
+    return serve(cluster, name, [*argv, "--directory", str(directory), str(port)], port, **kw)
+
+
+def serve(
+    cluster: Cluster, name: str, argv: list[str], port: int, **kw: Any
+) -> subprocess.Popen[Any]:
+    """Run the server `argv` in node `name`'s namespace; returns once it listens on
+    name:port (killed if it does not). Its output goes to /dev/null unless `kw` says
+    otherwise."""
     kw.setdefault("stdout", subprocess.DEVNULL)
     kw.setdefault("stderr", subprocess.DEVNULL)
-    argv = [sys.executable, "-m", "http.server", "--bind", cluster.addr(name)]
-    proc = cluster.popen(name, [*argv, "--directory", str(directory), str(port)], **kw)
+    proc = cluster.popen(name, argv, **kw)
     try:
         wait_listening(cluster, name, port, proc=proc)
     except BaseException:

@@ -74,31 +74,38 @@ def source_tree(root: Path) -> Path:
     return root
 
 
+def publish(work: Path, **config: Any) -> Published:
+    """source_tree published to a file:// origin under `work` (the directory the origin
+    namespace will serve), by a daemon with `config`."""
+    src = source_tree(work / "src")
+    with Hostd(work / "pub", origin=f"file://{work}/origin", **config) as pub:
+        out = pub.publish(src, REF)
+    origin = work / "origin"
+    (manifest,) = (origin / "manifests").iterdir()
+    chunks = sorted(c.id for f in mf.decode(manifest.read_bytes()).files for c in f.chunks)
+    return Published(
+        src,
+        origin,
+        tree_digest(src),
+        out["snapshot"],
+        out["bytes"],
+        out["stored_bytes"],
+        chunks,
+    )
+
+
 @pytest.fixture(scope="module")
 def published() -> Iterator[Published]:
     require_netns()
     work = short_tmp("pcs")
     try:
-        src = source_tree(work / "src")
         # pack_size 0: the shards' chunks are objects of their own (below)
-        with Hostd(work / "pub", origin=f"file://{work}/origin", pack_size=0) as pub:
-            out = pub.publish(src, REF)
-        origin = work / "origin"
-        (manifest,) = (origin / "manifests").iterdir()
-        chunks = sorted(c.id for f in mf.decode(manifest.read_bytes()).files for c in f.chunks)
-        assert len(chunks) == 13, chunks
+        p = publish(work, pack_size=0)
+        assert len(p.chunks) == 13, p.chunks
         # the shards' chunks are objects of their own; the tokenizer lies in a pack
-        assert len(list((origin / "chunks").glob("*/*"))) == 12
-        assert len(list((origin / "packs").glob("*/*"))) == 1
-        yield Published(
-            src,
-            origin,
-            tree_digest(src),
-            out["snapshot"],
-            out["bytes"],
-            out["stored_bytes"],
-            chunks,
-        )
+        assert len(list((p.origin / "chunks").glob("*/*"))) == 12
+        assert len(list((p.origin / "packs").glob("*/*"))) == 1
+        yield p
     finally:
         rmtree(work)
 
@@ -110,24 +117,10 @@ def published_packed() -> Iterator[Published]:
     require_netns()
     work = short_tmp("pcp")
     try:
-        src = source_tree(work / "src")
-        with Hostd(work / "pub", origin=f"file://{work}/origin") as pub:
-            out = pub.publish(src, REF)
-        origin = work / "origin"
-        (manifest,) = (origin / "manifests").iterdir()
-        files = mf.decode(manifest.read_bytes()).files
-        chunks = sorted(c.id for f in files for c in f.chunks)
-        assert not (origin / "chunks").exists()
-        assert len(list((origin / "packs").glob("*/*"))) == 5  # a pack a shard, and one more
-        yield Published(
-            src,
-            origin,
-            tree_digest(src),
-            out["snapshot"],
-            out["bytes"],
-            out["stored_bytes"],
-            chunks,
-        )
+        p = publish(work)
+        assert not (p.origin / "chunks").exists()
+        assert len(list((p.origin / "packs").glob("*/*"))) == 5  # a pack a shard, and one more
+        yield p
     finally:
         rmtree(work)
 

@@ -115,7 +115,7 @@ async def test_a_missing_pack_fails_every_reader_and_is_asked_again(serve: Serve
     assert bytes(await src.get(lost[2])) == other[2 * CS : 3 * CS]
 
 
-def pack_of(packs: list[tuple[bytes, list[bytes], list[Chunk]]], path: str) -> int:
+def pack_of(packs: list[Pack], path: str) -> int:
     """Which of `packs` a request's path names."""
     return next(i for i, p in enumerate(packs) if packed(p[2][0]).pack.hex() in path)
 
@@ -123,6 +123,25 @@ def pack_of(packs: list[tuple[bytes, list[bytes], list[Chunk]]], path: str) -> i
 def packed(c: Chunk) -> Packed:
     assert c.packed is not None
     return c.packed
+
+
+Pack = tuple[bytes, list[bytes], list[Chunk]]
+
+
+class WholePacks(RangeServer):
+    """A server without ranges for `packs`, counting each one's GETs without a range (read
+    whole) in `gets`, by its place in `packs`."""
+
+    def __init__(self, packs: list[Pack]) -> None:
+        self.gets: Counter[int] = Counter()
+
+        async def answer(path: str, headers: dict[str, str]) -> bytes:
+            k = pack_of(packs, path)
+            if "range" not in headers:
+                self.gets[k] += 1
+            return plain(packs[k][0])
+
+        super().__init__(answer)
 
 
 async def test_at_most_taps_packs_are_held_at_once(serve: Serve) -> None:
@@ -189,15 +208,8 @@ async def test_runs_over_more_packs_than_taps_read_each_pack_once(serve: Serve) 
     cutting their pieces from the held packs, a pack read but not yet consumed was dropped
     for another and read again: 11 GETs a pack)."""
     packs = [a_pack(16) for _ in range(3)]
-    gets: Counter[int] = Counter()
-
-    async def answer(path: str, headers: dict[str, str]) -> bytes:
-        k = pack_of(packs, path)
-        if "range" not in headers:
-            gets[k] += 1
-        return plain(packs[k][0])
-
-    o = await serve(RangeServer(answer))
+    s = WholePacks(packs)
+    o = await serve(s)
     await learnt(o, packs[0][2][0])
     f = Fetcher([OriginSource(o)], 8)
     budget = ByteBudget(64 * CS)
@@ -214,7 +226,7 @@ async def test_runs_over_more_packs_than_taps_read_each_pack_once(serve: Serve) 
 
     got = await asyncio.wait_for(asyncio.gather(*(run(k) for k in range(3))), 60)
     assert got == [p[1] for p in packs]
-    assert gets == {0: 1, 1: 1, 2: 1}
+    assert s.gets == {0: 1, 1: 1, 2: 1}
     assert o.stats.bytes_in == sum(len(p[0]) for p in packs)
 
 
@@ -224,15 +236,8 @@ async def test_an_owners_pull_throughs_over_more_packs_than_taps_read_each_once(
     """Three hosts' pull-throughs, each walking its own pack a chunk at a time: each pack
     stays held while its chunks keep being asked for."""
     packs = [a_pack(16) for _ in range(3)]
-    gets: Counter[int] = Counter()
-
-    async def answer(path: str, headers: dict[str, str]) -> bytes:
-        k = pack_of(packs, path)
-        if "range" not in headers:
-            gets[k] += 1
-        return plain(packs[k][0])
-
-    o = await serve(RangeServer(answer))
+    s = WholePacks(packs)
+    o = await serve(s)
     await learnt(o, packs[0][2][0])
     src = OriginSource(o, window=0)
 
@@ -242,7 +247,7 @@ async def test_an_owners_pull_throughs_over_more_packs_than_taps_read_each_once(
             await asyncio.sleep(0.002)
 
     await asyncio.wait_for(asyncio.gather(*(host(k) for k in range(3))), 60)
-    assert gets == {0: 1, 1: 1, 2: 1}
+    assert s.gets == {0: 1, 1: 1, 2: 1}
 
 
 async def test_a_read_nobody_waits_for_gives_its_place_up(serve: Serve) -> None:
@@ -406,20 +411,12 @@ async def test_a_fill_reads_each_pack_of_a_large_file_with_one_get(
     ranges, 8 spans; from one that does not (found by the fill's probe), a span a pack,
     each one GET from the pack's first byte, not a GET from byte 0 per span."""
     packs = [a_pack(16) for _ in range(2)]
-    gets: Counter[int] = Counter()
-
-    async def answer(path: str, headers: dict[str, str]) -> bytes:
-        k = pack_of(packs, path)
-        if "range" not in headers:
-            gets[k] += 1
-        return plain(packs[k][0])
-
-    s = RangeServer(answer)
+    s = WholePacks(packs)
     rig = fill_rig(await serve(s), 4 * CS)
     e = large(packs[0][2] + packs[1][2], packs[0][1] + packs[1][1])
     await rig.fill(e)
     assert rig.blob(e) == packs[0][0] + packs[1][0]
-    assert gets == {0: 1, 1: 1}
+    assert s.gets == {0: 1, 1: 1}
     assert s.probes == 1
     assert s.ranges == ["", ""]  # no other range was tried
 
@@ -540,21 +537,14 @@ async def test_a_file_that_reuses_part_of_an_old_pack_reads_it_at_most_twice(
     """A new snapshot's file: chunks 0-7 and 9-15 of an older pack, a new chunk between.
     Two spans in the old pack: the first streams it, the second (and any further) cut from
     one shared read; before, each span read the pack from its first byte."""
-    d1, r1, c1 = a_pack(16)
-    d2, r2, c2 = a_pack(1)
-    gets: Counter[str] = Counter()
-
-    async def answer(path: str, headers: dict[str, str]) -> bytes:
-        k = "p2" if packed(c2[0]).pack.hex() in path else "p1"
-        if "range" not in headers:
-            gets[k] += 1
-        return plain(d2 if k == "p2" else d1)
-
-    rig = fill_rig(await serve(RangeServer(answer)), 4 * CS)
+    old, new = a_pack(16), a_pack(1)
+    (_, r1, c1), (_, r2, c2) = old, new
+    s = WholePacks([old, new])
+    rig = fill_rig(await serve(s), 4 * CS)
     e = large(c1[:8] + c2 + c1[9:], r1[:8] + r2 + r1[9:])
     await rig.fill(e)
     assert rig.blob(e) == b"".join(r1[:8] + r2 + r1[9:])
-    assert gets == {"p1": 2, "p2": 1}
+    assert s.gets == {0: 2, 1: 1}  # the old pack twice, the new one once
 
 
 async def test_a_run_read_after_its_origin_closed_fails_by_name(serve: Serve) -> None:
