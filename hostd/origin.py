@@ -924,10 +924,12 @@ class Origin:
                 # The deadline starts once a slot is held: queueing is not the origin's fault.
                 async with self._sem, asyncio.timeout(self._timeout):
                     result = await call()
-            except _Oversized:
+            except _Oversized as exc:
                 # The object is wrong, not the connection: asking again gets the same bytes.
+                # Raised without the frames below: they hold the answer, whose connection
+                # (its body still coming) is dropped now, not when a collector finds them.
                 self.stats.requests_failed += 1
-                raise
+                raise exc.with_traceback(None) from None
             except BaseException as exc:
                 # CancelledError (a caller's cancel) and KeyboardInterrupt pass through.
                 if not isinstance(exc, Exception) and not _is_panic(exc):

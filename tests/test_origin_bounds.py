@@ -198,17 +198,23 @@ async def _http_server(app: web.Application) -> AsyncIterator[str]:
 
 
 async def test_an_http_origin_stating_a_huge_size_is_refused_from_its_headers() -> None:
-    """The server states 1 GiB and then sends one byte a second: refused at once."""
-    sent: list[int] = []
+    """The server states 1 GiB and then trickles its body: refused at once, from the head,
+    and each connection dropped then, not held open for a body nobody reads."""
+    dropped: list[str] = []
+    all_dropped = asyncio.Event()
 
     async def huge(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(1 << 30)})
         await response.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            for _ in range(30):
+        try:
+            for _ in range(600):  # 30 s
                 await response.write(b"x")
-                sent.append(1)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):  # (cancelled: the peer closed)
+            dropped.append(request.path)
+            if len(dropped) == 3:
+                all_dropped.set()
+            raise
         return response
 
     app = web.Application()
@@ -223,9 +229,12 @@ async def test_an_http_origin_stating_a_huge_size_is_refused_from_its_headers() 
             cid = chunk_id(b"x")
             with pytest.raises(ChunkCorrupt, match=f"{cid.hex()} .* over its cap of 86 bytes"):
                 await OriginSource(origin).get(Chunk(cid, 0, CODEC_RAW))
-    assert origin.stats.requests_failed == 3
-    assert origin.stats.requests_retried == 0
-    assert len(sent) <= 6  # nobody waited for the body
+            await all_dropped.wait()  # the server sees each connection closed
+        assert origin.stats.requests_failed == 3
+        assert origin.stats.requests_retried == 0
+        assert sorted(dropped) == sorted(
+            [f"/manifests/{SID}", f"/refs/r/{DIGEST}", f"/chunks/{cid.hex()[:2]}/{cid.hex()}"]
+        )
 
 
 async def test_a_file_origin_reads_no_more_than_the_file_it_opened(tmp_path: Path) -> None:
