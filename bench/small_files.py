@@ -22,7 +22,8 @@ of the rounds' ratios. After every restore each file's bytes, exec bit and mtime
 compared with the source: mtimes are reported ("mtimes exact: yes/no"), not failed on.
 
 Then, on a fresh daemon: `GET /v1/status` latency over the socket, idle and while a cold and
-a warm copy restore run (p99 target: within 3x idle), and the daemon's VmRSS/VmHWM after
+a warm copy restore run (p99 target: within 3x idle), beside a trivial server in a process of
+its own asked alike (what the loaded machine's scheduling alone costs a request), and the daemon's VmRSS/VmHWM after
 those runs with the number of chunks it knows (the tiers' blobs), and its VmRSS at rest, two
 seconds later (hostd gives freed heap back once idle: hostd/memory.py).
 --files 100000 runs that size instead; --scale runs 10,000 and 100,000 and checks that every
@@ -430,9 +431,13 @@ def run_size(place: Place, files: int, rounds: int) -> dict[str, Any]:
     return res
 
 
-def probe_status(sock: Path, during: Callable[[], Any]) -> tuple[list[float], Any]:
-    """Ask for status back to back (5 ms apart) while `during` runs; its latencies and result."""
+def probe_status(
+    sock: Path, during: Callable[[], Any], reference: Path | None = None
+) -> tuple[list[float], list[float], Any]:
+    """Ask for status back to back (5 ms apart) while `during` runs, and as often of the
+    `reference` server, half way between: both latencies and `during`'s result."""
     lat: list[float] = []
+    ref: list[float] = []
     done = threading.Event()
     errors: list[BaseException] = []
 
@@ -440,7 +445,10 @@ def probe_status(sock: Path, during: Callable[[], Any]) -> tuple[list[float], An
         try:
             while not done.is_set():
                 lat.append(status_once(sock))
-                done.wait(0.005)
+                done.wait(0.0025)
+                if reference is not None:
+                    ref.append(status_once(reference))
+                done.wait(0.0025)
         except BaseException as e:  # reported after the restore
             errors.append(e)
 
@@ -453,27 +461,77 @@ def probe_status(sock: Path, during: Callable[[], Any]) -> tuple[list[float], An
         th.join()
     if errors:
         raise BenchError(f"status failed during a restore: {errors[0]!r}")
-    return lat, result
+    return lat, ref, result
+
+
+# The reference for status latency: a trivial server in a process of its own, answering a
+# body of the same size from memory, asked in the same way under the same load. What the
+# machine's scheduling alone costs a request while a restore keeps both cores busy.
+REFERENCE_SERVER = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(sys.argv[1])
+sock.listen(128)
+body = b'{"x": "' + b"y" * max(0, int(sys.argv[2]) - 10) + b'"}'
+answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % len(
+    body
+) + b"Connection: close\r\n\r\n" + body
+print("ready", flush=True)
+while True:
+    conn, _ = sock.accept()
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = conn.recv(8192)
+            if not got:
+                break
+            head += got
+        conn.sendall(answer)
+"""
+
+
+@contextlib.contextmanager
+def reference_server(path: Path, size: int) -> Iterator[Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REFERENCE_SERVER, str(path), str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise BenchError("the reference status server did not start")
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+        path.unlink(missing_ok=True)
 
 
 def status_and_rss(place: Place, entries: list[Entry]) -> dict[str, Any]:
-    """Status latency idle and during cold and warm copy restores; RSS and known chunks after."""
+    """Status latency idle and during cold and warm copy restores, beside a reference server
+    asked alike; RSS and known chunks after."""
     out = place.base / "out"
     res: dict[str, Any] = {}
     with place.daemon("probe") as d:
         assert d.proc is not None
         pid = d.proc.pid
-        for _ in range(20):  # warm up the connection path
-            status_once(d.socket)
-        idle = [status_once(d.socket) for _ in range(300)]
-        res["rss_idle"] = rss(pid)[0]
-        lats = {}
-        for kind in ("cold", "warm"):
-            lat, _ = probe_status(
-                d.socket, lambda: hostd_cli(d.socket, "restore", REF, str(out), "--mode", "copy")
-            )
-            lats[kind] = lat
-            rm(out)
+        size = len(json.dumps(d.api("GET", "/v1/status")[1]))
+        with reference_server(place.base / "ref.sock", size) as ref_sock:
+            for _ in range(20):  # warm up the connection path
+                status_once(d.socket)
+                status_once(ref_sock)
+            idle = [status_once(d.socket) for _ in range(300)]
+            ref_idle = [status_once(ref_sock) for _ in range(300)]
+            res["rss_idle"] = rss(pid)[0]
+            lats, refs = {}, {}
+            for kind in ("cold", "warm"):
+                lats[kind], refs[kind], _ = probe_status(
+                    d.socket,
+                    lambda: hostd_cli(d.socket, "restore", REF, str(out), "--mode", "copy"),
+                    ref_sock,
+                )
+                rm(out)
         target = place.base / "home" / "out"
         if place.link_caller == "nobody":
             curl_as_nobody(
@@ -489,6 +547,7 @@ def status_and_rss(place: Place, entries: list[Entry]) -> dict[str, Any]:
     idle_p99 = pct(idle, 99)
     res["status"] = {
         "idle": {"p50": pct(idle, 50), "p99": idle_p99, "n": len(idle)},
+        "reference_idle": {"p50": pct(ref_idle, 50), "p99": pct(ref_idle, 99)},
         **{
             kind: {
                 "p50": pct(lat, 50),
@@ -497,6 +556,7 @@ def status_and_rss(place: Place, entries: list[Entry]) -> dict[str, Any]:
                 "n": len(lat),
                 "ratio_p99": pct(lat, 99) / idle_p99,
                 "met": pct(lat, 99) <= STATUS_LIMIT * idle_p99,
+                "reference_p99": pct(refs[kind], 99),
             }
             for kind, lat in lats.items()
         },
@@ -556,7 +616,7 @@ def run_million(place: Place, per_snapshot: int, chunks: int = MILLION) -> dict[
             status_once(d.socket)
         idle = [status_once(d.socket) for _ in range(100)]
         out = base / "out"
-        lat, (t_restore, _) = probe_status(
+        lat, _, (t_restore, _) = probe_status(
             d.socket,
             lambda: hostd_cli(d.socket, "restore", "bench/million-0", str(out), "--mode", "copy"),
         )
@@ -688,8 +748,9 @@ def ops_table(runs: list[dict[str, Any]]) -> list[str]:
 def status_table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| fs | files | status p99 idle | during cold copy | during warm copy | met (<= 3x) "
+        "| reference server p99: idle / cold / warm "
         "| daemon RSS after / at rest / peak | known chunks |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         s, m = run["status"], run["rss"]
@@ -697,9 +758,11 @@ def status_table(runs: list[dict[str, Any]]) -> list[str]:
             f"{s[k]['p99'] * 1000:.1f} ms ({s[k]['ratio_p99']:.1f}x, n={s[k]['n']})"
             for k in ("cold", "warm")
         ]
+        ref = [s["reference_idle"]["p99"], s["cold"]["reference_p99"], s["warm"]["reference_p99"]]
         lines.append(
             f"| {run['fs']} | {run['files']:,} | {s['idle']['p99'] * 1000:.1f} ms "
             f"| {during[0]} | {during[1]} | {yes(s['cold']['met'] and s['warm']['met'])} "
+            f"| {' / '.join(f'{x * 1000:.1f}' for x in ref)} ms "
             f"| {m['after'] / MiB:.0f} / {m['rest'] / MiB:.0f} / {m['peak'] / MiB:.0f} MiB "
             f"| {m['known_chunks']:,} |"
         )

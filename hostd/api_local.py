@@ -36,6 +36,7 @@ from hostd.core import manifest as mf
 from hostd.core import request as request_fields
 from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
 from hostd.core.request import parse_body
+from hostd.desk import answer, caller_part
 from hostd.errors import Busy, Forbidden, HostdError, NotFound, RequestTimeout, UsageError
 from hostd.materialize import MODES
 from hostd.metrics import Snapshot
@@ -184,6 +185,7 @@ async def stream(
     d.check_accepting()
     progress = Progress(admitted=admitted)
     d.in_flight += 1
+    d.board.refresh()  # the desk's status counts it at once
     # The work's tasks (and the fetch flights they start) inherit this: they report retries.
     token = origin_retries.set(progress.on_retry)
     try:
@@ -257,6 +259,7 @@ async def stream(
         raise
     finally:
         d.in_flight -= 1
+        d.board.refresh()
         d.operations.discard(task)
         d.trimmer.ended()
         if not task.done():
@@ -289,10 +292,12 @@ async def _send(resp: web.StreamResponse, event: Mapping[str, Any]) -> None:
 
 
 async def status(request: web.Request) -> web.Response:
+    """The status, fresh: the desk (desk.py) answers most status requests off the loop, and
+    hands here those it cannot take whole; both answer the same document."""
     d = request.app[DAEMON_KEY]
-    caller = request_caller(request)
-    may = access.classes(d.config.access, request.app[EUID_KEY], caller)
-    return web.json_response({**d.status(), "caller": {**caller.to_json(), "classes": list(may)}})
+    part = caller_part(d.config.access, request.app[EUID_KEY], request_caller(request))
+    body = answer(d.board, d.board.refresh(), 0.0, part)
+    return web.Response(body=body, headers={"Content-Type": "application/json; charset=utf-8"})
 
 
 async def restore(request: web.Request) -> web.StreamResponse:
@@ -574,6 +579,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     finally:
         operations.release(slot)
+        request.app[DAEMON_KEY].board.refresh()  # what it changed shows in the next status
 
 
 def make_app(daemon: Daemon, max_body: int, *, euid: int | None = None) -> web.Application:

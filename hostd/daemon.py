@@ -39,6 +39,7 @@ from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
+from hostd.desk import Board, Desk
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
@@ -68,6 +69,8 @@ class Daemon:
         self.host = host  # detected before: NVML's init blocks (seconds on a big GPU host)
         self.started = time.monotonic()
         self.in_flight = 0
+        # The status as the socket's desk answers it off the loop (desk.py): rendered here.
+        self.board = Board(self.status, self.started)
         self.operations: set[asyncio.Future[Any]] = set()  # streamed operations running
         # Gives the heap an operation freed back to the system once none runs.
         self.trimmer = Trimmer(lambda: self.in_flight > 0)
@@ -395,6 +398,22 @@ def own_storage(config: Config) -> list[tuple[str, Path]]:
     return out
 
 
+def listen_unix(path: Path, mode: int) -> socket.socket:
+    """The socket's listener, bound at `path` with `mode` (claim_socket went first)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+LISTEN_BACKLOG = 128  # aiohttp's and asyncio's
+
+
 def claim_socket(path: Path) -> None:
     """Make the socket's directory (private when we create it) and clear a stale socket."""
     parent = path.parent
@@ -483,10 +502,9 @@ async def _serve_locked(
         access_log=None,
     )
     metrics_runner = web.AppRunner(make_metrics_app(d), access_log=None, handler_cancellation=True)
+    desk: Desk | None = None
     try:
         await runner.setup()
-        await web.UnixSite(runner, str(config.socket)).start()
-        os.chmod(config.socket, config.socket_mode)
         if config.metrics_address:
             host, _, port = config.metrics_address.rpartition(":")
             await metrics_runner.setup()
@@ -495,6 +513,16 @@ async def _serve_locked(
             d.metrics_address = (
                 f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
             )
+        assert runner.server is not None
+        d.board.refresh()
+        desk = Desk(
+            listen_unix(config.socket, config.socket_mode),
+            d.board,
+            lambda: d.config.access,
+            os.geteuid(),
+            runner.server,
+        )
+        desk.start()
         log.info(
             "hostd %s serving on %s; metrics on %s; origin %s; index %s; tiers %s",
             __version__,
@@ -530,6 +558,8 @@ async def _serve_locked(
         d.accepting = False
         await d.drain(config.drain_timeout)
     finally:
+        if desk is not None:
+            await desk.stop()
         if d.peers is not None:
             await d.peers.stop()
         await runner.cleanup()
@@ -572,6 +602,7 @@ async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> Non
         else:
             d.apply_reload(new, await asyncio.to_thread(measure_tiers, d.cache.tiers))
             await d.cache.enforce_budgets()
+            d.board.refresh()  # new budgets show in the next status
             log.info("config reloaded from %s", d.config.source or "embedded defaults")
         notifier.ready(f"serving on {d.config.socket}")
 

@@ -1,0 +1,342 @@
+"""The socket's desk (hostd/desk.py): `GET /v1/status` answered off the event loop, every
+other request handed to the loop as it came, against a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import HeldOrigin, Hostd, make_tree, request, rmtree, short_tmp, stream
+
+from hostd import desk
+from hostd.config import load_config
+from hostd.daemon import serve
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    root = short_tmp("dk")
+    root.chmod(0o711)  # nobody may pass through to a socket
+    try:
+        yield root
+    finally:
+        rmtree(root)
+
+
+def exchange(sock: Path, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data` on a fresh connection and read until the daemon closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(data)
+        out = bytearray()
+        while chunk := s.recv(65536):
+            out += chunk
+    return bytes(out)
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP/1.1 responses in `raw`, one after another (Content-Length bodies only)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        n = int(headers["content-length"])
+        out.append((status, headers, rest[:n]))
+        raw = rest[n:]
+    return out
+
+
+GET_STATUS = b"GET /v1/status HTTP/1.1\r\nHost: hostd\r\nConnection: close\r\n\r\n"
+
+
+def by_desk(headers: dict[str, str]) -> bool:
+    """The desk's answers carry no Server header; aiohttp's always do."""
+    return "server" not in headers
+
+
+# -- what the desk takes, and what it leaves to the loop -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "keep"),
+    [
+        (b"GET /v1/status HTTP/1.1\r\nHost: x", True),
+        (b"GET /v1/status?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*", True),
+        (b"GET /v1/status HTTP/1.1\r\nConnection: close", False),
+        (b"GET /v1/status HTTP/1.1\r\nconnection: Keep-Alive, Close", False),
+        (b"GET /v1/status HTTP/1.0\r\nHost: x", False),
+        (b"GET /v1/status HTTP/1.1\r\nContent-Length: 0", True),
+        (b"GET /v1/status HTTP/1.1\r\nContent-Length: 2", None),
+        (b"GET /v1/status HTTP/1.1\r\nTransfer-Encoding: chunked", None),
+        (b"GET /v1/status HTTP/1.1\r\nExpect: 100-continue", None),
+        (b"GET /v1/status HTTP/1.1\r\nUpgrade: websocket", None),
+        (b"GET /v1/status HTTP/2.0\r\nHost: x", None),
+        (b"GET /v1/statusx HTTP/1.1", None),
+        (b"GET /v1/status/ HTTP/1.1", None),
+        (b"HEAD /v1/status HTTP/1.1", None),
+        (b"POST /v1/status HTTP/1.1", None),
+        (b"GET  /v1/status HTTP/1.1", None),
+        (b"GET /v1/status HTTP/1.1\r\nbad header line", None),
+        (b"GET /v1/status HTTP/1.1\r\nHost : x", None),
+    ],
+)
+def test_the_desk_takes_only_plain_status_requests(head: bytes, keep: bool | None) -> None:
+    assert desk._status_request(head) == keep
+
+
+# -- a daemon in this process, so a test can block its loop ---------------------------------
+
+
+@asynccontextmanager
+async def daemon_here(root: Path) -> AsyncIterator[Hostd]:
+    """A daemon served on this test's event loop (Hostd only writes its config here)."""
+    h = Hostd(root)
+    shutdown = asyncio.Event()
+    task = asyncio.ensure_future(serve(load_config(h.config_path, h.env), shutdown=shutdown))
+    try:
+        deadline = time.monotonic() + 30
+        while not h.socket.exists() or not await _answers(h.socket):
+            assert not task.done(), task.exception()
+            assert time.monotonic() < deadline, "the daemon did not start"
+            await asyncio.sleep(0.02)
+        yield h
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _answers(sock: Path) -> bool:
+    try:
+        return (await asyncio.to_thread(request, sock, "GET", "/v1/status", None, 2))[0] == 200
+    except OSError:
+        return False
+
+
+def block_loop(seconds: float) -> None:
+    """Called ON the loop: it runs nothing for `seconds` (the stall a long step makes)."""
+    time.sleep(seconds)
+
+
+def ask_while_blocked(sock: Path, data: bytes) -> bytes:
+    """Called ON the loop, blocking it: `data`'s answer, asked from another thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(exchange, sock, data).result(10)
+
+
+async def test_status_is_answered_while_the_loop_is_blocked(work: Path) -> None:
+    async with daemon_here(work / "d") as h:
+        raw = ask_while_blocked(h.socket, GET_STATUS)  # the loop runs nothing meanwhile
+        [(status, headers, body)] = responses(raw)
+        assert status == 200
+        assert by_desk(headers)
+        doc = json.loads(body)
+        assert doc["pid"] == os.getpid()
+        assert doc["in_flight"] == 0
+        assert doc["caller"]["uid"] == os.geteuid()
+        assert doc["caller"]["classes"] == ["restore", "publish", "admin"]
+
+        # A rendering the loop could not refresh says how old it is.
+        block_loop(desk.STALE_AFTER + 0.2)
+        stale = json.loads(responses(ask_while_blocked(h.socket, GET_STATUS))[0][2])
+        assert stale["status_age"] >= desk.STALE_AFTER + 0.2
+        assert stale["uptime"] >= doc["uptime"] + desk.STALE_AFTER + 0.2  # the desk's clock
+
+        # Once the loop runs again it renders afresh, and it answers what the desk hands on.
+        deadline = time.monotonic() + 10
+        while (await asyncio.to_thread(request, h.socket, "GET", "/v1/status"))[1][
+            "status_age"
+        ] > desk.STALE_AFTER:
+            assert time.monotonic() < deadline, "the status was never rendered again"
+        status, snaps = await asyncio.to_thread(request, h.socket, "GET", "/v1/snapshots")
+        assert (status, snaps) == (200, {"snapshots": []})
+
+
+async def test_a_failed_desk_leaves_the_socket_to_the_loop(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault no request can cause: the desk's own code raising. Nothing goes unanswered."""
+
+    def broken(self: desk.Desk, conn: socket.socket) -> bool | None:
+        raise RuntimeError("the desk broke")
+
+    async with daemon_here(work / "d") as h:
+        monkeypatch.setattr(desk.Desk, "_serve", broken)
+        for _ in range(3):  # the connection the desk failed on, then the loop's own accepts
+            status, doc = await asyncio.to_thread(request, h.socket, "GET", "/v1/status")
+            assert status == 200
+            assert doc["status_age"] == 0.0  # the loop's fresh answer
+
+
+# -- a real daemon process --------------------------------------------------------------------
+
+
+def test_the_desk_answers_a_status_as_current_as_the_last_operation(work: Path) -> None:
+    src = make_tree(work / "src")
+    origin_dir = work / "origin"
+    with Hostd(work / "p", origin=f"file://{origin_dir}", pack_size=0) as p:
+        sid = p.publish(src, "desk/now", chunk_size=64 * 1024)["snapshot"]
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        HeldOrigin(origin_dir, gated=True) as http,
+        Hostd(work / "d", origin=http.url) as d,
+    ):
+        [(_, headers, body)] = responses(exchange(d.socket, GET_STATUS))
+        assert by_desk(headers)
+        assert json.loads(body)["in_flight"] == 0
+        target = str(work / "o")
+        running = pool.submit(stream, d.socket, "/v1/restore", {"ref": sid, "target": target})
+        try:
+            assert http.first.wait(20), "the restore never asked the origin for a chunk"
+            [(_, headers, body)] = responses(exchange(d.socket, GET_STATUS))
+            assert by_desk(headers)
+            assert json.loads(body)["in_flight"] == 1  # at once, not a quarter second later
+        finally:
+            http.gate.set()
+        assert running.result(60)[-1]["event"] == "result"
+        [(_, headers, body)] = responses(exchange(d.socket, GET_STATUS))
+        assert by_desk(headers)
+        doc = json.loads(body)
+        assert doc["in_flight"] == 0
+        assert doc["snapshots"] == 1
+        assert doc["tiers"][0]["blobs"] > 0
+
+
+def test_the_connection_goes_on_after_a_status(work: Path) -> None:
+    with Hostd(work / "d") as d:
+        # pipelined: the desk answers the first, takes only its head, and hands on the rest
+        two = (
+            b"GET /v1/status HTTP/1.1\r\nHost: hostd\r\n\r\n"
+            b"GET /v1/snapshots HTTP/1.1\r\nHost: hostd\r\nConnection: close\r\n\r\n"
+        )
+        (s1, h1, b1), (s2, _, b2) = responses(exchange(d.socket, two))
+        assert (s1, s2) == (200, 200)
+        assert by_desk(h1)
+        assert "connection" not in h1
+        assert json.loads(b1)["in_flight"] == 0
+        assert json.loads(b2) == {"snapshots": []}
+        # one kept-alive connection, three status requests one after another
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(d.socket))
+            for _ in range(3):
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: hostd\r\n\r\n")
+                raw = b""
+                while not (got := responses_if_whole(raw)):
+                    chunk = s.recv(65536)
+                    assert chunk, "the daemon closed a kept-alive connection"
+                    raw += chunk
+                assert got[0][0] == 200
+        # HTTP/1.0: answered, then closed
+        [(status, headers, _)] = responses(exchange(d.socket, b"GET /v1/status HTTP/1.0\r\n\r\n"))
+        assert status == 200
+        assert headers["connection"] == "close"
+
+
+def responses_if_whole(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return []
+    n = next(
+        int(v)
+        for k, _, v in (x.partition(b":") for x in head.split(b"\r\n")[1:])
+        if k.lower() == b"content-length"
+    )
+    return responses(raw) if len(rest) >= n else []
+
+
+def test_what_the_desk_does_not_take_the_loop_answers(work: Path) -> None:
+    with Hostd(work / "d") as d:
+        cases: list[tuple[bytes, int]] = [
+            (b"POST /v1/status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 405),
+            (b"GET /v1/statusx HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 404),
+            (
+                b"GET /v1/status HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n"
+                b"Connection: close\r\n\r\n{}",
+                200,
+            ),
+            (b"GET /v1/status?verbose=1 HTTP/1.1\r\nConnection: close\r\n\r\n", 200),
+        ]
+        for data, want in cases:
+            [(status, _, body)] = responses(exchange(d.socket, data))
+            assert status == want, (data, body)
+        # a malformed head is the loop's to refuse, with its own 400
+        raw = exchange(d.socket, b"GET /v1/status HTTP/1.1\r\nbad line\r\n\r\n")
+        assert raw.split(b" ", 2)[1] == b"400", raw[:200]
+
+
+def test_idle_and_trickling_connections_do_not_hold_up_a_status(work: Path) -> None:
+    with Hostd(work / "d") as d:
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(50)]
+        trickle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for s in [*idle, trickle]:
+                s.connect(str(d.socket))
+            trickle.sendall(b"GET /v1/sta")
+            started = time.monotonic()
+            status, doc = request(d.socket, "GET", "/v1/status", timeout=5)
+            assert status == 200
+            assert doc["in_flight"] == 0
+            # the trickled head, finished after the desk gave it to the loop, is still answered
+            time.sleep(desk.HAND_OVER_AFTER * 2)
+            trickle.settimeout(10)
+            trickle.sendall(b"tus HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := trickle.recv(65536):
+                raw += chunk
+            [(status, headers, body)] = responses(raw)
+            assert status == 200
+            assert not by_desk(headers)  # the loop's answer: the same document
+            assert set(json.loads(body)) == set(doc)
+            assert time.monotonic() - started < 10
+        finally:
+            for s in [*idle, trickle]:
+                s.close()
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+
+
+def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    root.chmod(0o711)
+    with Hostd(root, socket_mode="0666", access={"restore": ["uid:1"]}) as d:
+        done = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={nobody.pw_uid}",
+                f"--regid={nobody.pw_gid}",
+                "--clear-groups",
+                "curl",
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "--unix-socket",
+                str(d.socket),
+                "http://hostd/v1/status",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        body, _, code = done.stdout.rpartition("\n")
+        assert code == "403", done
+        err: dict[str, Any] = json.loads(body)
+        assert err["error"] == "forbidden"
+        assert f"uid {nobody.pw_uid}" in err["message"]
