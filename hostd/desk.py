@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import selectors
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 HAND_OVER_AFTER = 0.05  # a head not whole by then goes to the loop (a slow client's is)
 STALE_AFTER = 0.25  # the desk asks the loop for a fresh rendering past this age
 MAX_HEAD = 8192  # a status request's head is a few hundred bytes; longer: the loop's
+# A status is a few KiB (a large peer list makes it more). One sent from here must go into
+# the socket's buffer whole, without waiting for the client (over 200 KiB on Linux), so a
+# longer one is the loop's to send.
+MAX_ANSWER = 64 * 1024
+ACCEPT_PAUSE = 1.0  # out of descriptors: accept again after this (as asyncio does)
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _STATUS = b"GET /v1/status"
 
@@ -153,16 +160,23 @@ class Desk:
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         waiting: dict[socket.socket, float] = {}  # connection -> when it goes to the loop
+        resume = 0.0  # accepting paused until then (out of descriptors)
         try:
             while not self._stopping:
                 now = time.monotonic()
-                timeout = max(0.0, min(waiting.values()) - now) if waiting else None
+                if resume and now >= resume:
+                    sel.register(self._listener, selectors.EVENT_READ)
+                    resume = 0.0
+                wake = [*waiting.values(), resume] if resume else list(waiting.values())
+                timeout = max(0.0, min(wake) - now) if wake else None
                 for key, _ in sel.select(timeout):
                     conn = key.fileobj
                     if conn is self._wake_r:
                         continue
                     if conn is self._listener:
-                        self._accept(sel, waiting)
+                        resume = self._accept(sel, waiting)
+                        if resume:
+                            sel.unregister(self._listener)
                         continue
                     assert isinstance(conn, socket.socket)
                     served = self._serve(conn)
@@ -187,15 +201,24 @@ class Desk:
                 conn.close()
             sel.close()
 
-    def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
+    def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> float:
+        """Accept what is queued; 0, or when to accept again after running out of
+        descriptors (the queued connections wait in the backlog meanwhile, rather than the
+        thread spinning on a listener that stays readable)."""
         while True:
             try:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and the like: what the loop's server would log
-                log.warning("accepting a connection on the socket failed: %s", e)
-                return
+                return 0.0
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    raise
+                log.warning(
+                    "accepting on the socket failed: %s; accepting again in %gs", e, ACCEPT_PAUSE
+                )
+                return time.monotonic() + ACCEPT_PAUSE
             conn.setblocking(False)
             sel.register(conn, selectors.EVENT_READ)
             waiting[conn] = time.monotonic() + HAND_OVER_AFTER
@@ -225,7 +248,7 @@ class Desk:
             return False
         keep = _status_request(head[:end])
         body = None if keep is None else self._status_body(conn)
-        if body is None:
+        if body is None or len(body) > MAX_ANSWER:
             self._hand_over(conn)
             return True
         conn.recv(end + 4)  # the head, which is here whole; nothing past it

@@ -340,3 +340,33 @@ def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path) -> None:
         err: dict[str, Any] = json.loads(body)
         assert err["error"] == "forbidden"
         assert f"uid {nobody.pw_uid}" in err["message"]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_desk_waits_then_accepts_again(work: Path) -> None:
+    """With its descriptors used up, the desk neither spins on the listener nor stops: the
+    connections wait in the backlog, and are answered once descriptors are free again."""
+    with Hostd(work / "d", wrap=["prlimit", "--nofile=64:64"]) as d:
+        assert d.proc is not None
+        held: list[socket.socket] = []
+        try:
+            deadline = time.monotonic() + 20
+            while "accepting on the socket failed" not in d.log():
+                assert time.monotonic() < deadline, "the daemon never ran out of descriptors"
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                held.append(s)
+            assert "Too many open files" in d.log()
+            before = cpu_seconds(d.proc.pid)
+            time.sleep(1.0)  # a window to measure: spinning would burn the whole of it
+            assert cpu_seconds(d.proc.pid) - before < 0.3
+        finally:
+            for s in held:
+                s.close()
+        status, doc = request(d.socket, "GET", "/v1/status", timeout=20)
+        assert status == 200
+        assert doc["in_flight"] == 0
