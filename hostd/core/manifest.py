@@ -9,6 +9,7 @@ and every symlink resolves inside the tree however its components are followed.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,36 +235,37 @@ def decode(data: bytes) -> Manifest:
     """Decode and validate manifest bytes; anything off raises ManifestError saying what."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
-    try:
-        doc = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, max_bin_len=HASH_LEN
-        )
-    except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise ManifestError(f"manifest is not valid msgpack: {e}") from e
-    m = _from_doc(doc)
+    m, canonical = _read(data)
     validate(m)
-    if not _canonical(doc, data):
-        raise ManifestError("manifest is not in canonical form (re-encoding differs)")
+    if not canonical:  # said last: what is wrong with the content says more
+        raise ManifestError(_NOT_CANONICAL)
     return m
 
 
-def _canonical(doc: dict[str, Any], data: bytes) -> bool:
-    """Whether `data` is what `encode` makes of the manifest decoded from it: every map's
-    keys in sorted order (decoding keeps the order they came in, and a repeated key leaves
-    one entry), and msgpack's own shortest encoding of the values decoded. Cheaper than
-    `encode(m) != data` by the Python work per file (a quarter of a cold restore's resolve
-    for 10,000 files); `_from_doc` and `validate` have checked every value's type and shape."""
-    maps = [doc, doc["compat"], doc["meta"], *doc["files"], *doc["symlinks"]]
-    for m in maps:
-        keys = list(m)
-        if keys != sorted(keys):
-            return False
-    packed: bytes = msgpack.packb(doc, use_bin_type=True)
-    return packed == data
+def _read(data: bytes) -> tuple[Manifest, bool]:
+    """The manifest in `data`, read a value at a time, and whether every value's bytes are
+    msgpack's own encoding of it (canonical form: `decode` takes only what `encode` makes).
 
-
-def _from_doc(doc: Any) -> Manifest:
-    top = _map(doc, "manifest")
+    The files are read last, one at a time, each made a FileEntry before the next is read:
+    a manifest of 100,000 files decoded whole held its msgpack document (~60 MB of dicts and
+    lists) beside the entries made of it. They come first in the bytes (keys are sorted), so
+    a first pass skips over them, and the format and packs they need are read first."""
+    r = _Reader(data)
+    top: dict[Any, Any] = {}
+    files_at: tuple[int, int] | None = None  # where the files' array starts, and its length
+    n = r.map_header("manifest")
+    prev: str | None = None
+    for _ in range(n):
+        key = r.key()
+        if isinstance(key, str) and prev is not None and key <= prev:
+            r.canonical = False  # out of order, or repeated
+        prev = key if isinstance(key, str) else prev
+        if key == "files" and r.next_is_array():
+            files_at = r.skip_array()
+            top[key] = None
+        else:
+            top[key] = r.value()
+    r.end()
     fmt = top.get("format")
     if not _is_int(fmt) or fmt not in READABLE_FORMATS:  # 1.0 and True == 1: not canonical
         raise ManifestError(
@@ -282,48 +284,204 @@ def _from_doc(doc: Any) -> Manifest:
         if not (isinstance(p, list) and len(p) == 2):
             raise ManifestError(f"packs[{i}] is not [id, size]")
         packs.append((p[0], p[1]))
-    # Messages are formatted only on failure: a manifest has 100,000 files to go through.
-    files = []
-    for i, fm in enumerate(_list(top["files"], "files")):
-        if type(fm) is not dict or fm.keys() != file_keys:
-            _map(fm, f"files[{i}]")
-            raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
-        cl = fm["chunks"]
-        if type(cl) is not list:
-            raise ManifestError(f"files[{i}].chunks is not a list")
-        chunks = []
-        for j, c in enumerate(cl):
-            if type(c) is list and len(c) == 3:
-                chunks.append(Chunk(c[0], c[1], c[2]))
-            else:
-                chunks.append(_chunk_from(c, packs, fmt, i, j))
-        files.append(FileEntry(fm["path"], fm["mode"], fm["size"], tuple(chunks), fm.get("mtime")))
+    compat, meta = _map(top["compat"], "compat"), _map(top["meta"], "meta")
     symlinks = []
-    for i, s in enumerate(_list(top["symlinks"], "symlinks")):
-        sm = _map(s, f"symlinks[{i}]")
+    for i, sm in enumerate(_list(top["symlinks"], "symlinks")):
+        _map(sm, f"symlinks[{i}]")
         if set(sm) != {"path", "target"}:
             raise ManifestError(f"symlinks[{i}] has keys {sorted(sm, key=repr)}")
         symlinks.append(Symlink(sm["path"], sm["target"]))
-    return Manifest(
+    for m in (compat, meta, *top["symlinks"]):
+        if list(m) != sorted(m):
+            r.canonical = False
+    if files_at is None:
+        _list(top["files"], "files")  # (not an array: this raises)
+        files_at = (0, 0)
+    # Messages are formatted only on failure: a manifest has 100,000 files to go through.
+    # A decoded manifest of 100,000 files is kept for reuse (snapshots.py), so equal numbers
+    # are one object where that is free: a mode (a few values in a tree), and a one-chunk
+    # file's size, its chunk's and its packed length (28 bytes each, a third of a small
+    # file's integers). Only ints are shared: True == 1, but must stay what it was.
+    files = []
+    modes: dict[int, int] = {}
+    for i, fm in enumerate(r.values_at(*files_at)):
+        if type(fm) is not dict or fm.keys() != file_keys:
+            _map(fm, f"files[{i}]")
+            raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
+        if list(fm) != _FILE_KEYS_IN_ORDER[fmt]:
+            r.canonical = False
+        cl = fm["chunks"]
+        if type(cl) is not list:
+            raise ManifestError(f"files[{i}].chunks is not a list")
+        size, mode = fm["size"], fm["mode"]
+        if type(mode) is int:
+            mode = modes.setdefault(mode, mode)
+        if type(size) is not int:
+            size = None  # (validate says what is wrong with it)
+        chunks = []
+        for j, c in enumerate(cl):
+            if type(c) is list and len(c) == 3:
+                chunks.append(Chunk(c[0], _same(c[1], size), c[2]))
+            else:
+                chunks.append(_chunk_from(c, packs, fmt, i, j, size))
+        files.append(
+            FileEntry(
+                fm["path"],
+                mode,
+                fm["size"] if size is None else size,
+                tuple(chunks),
+                fm.get("mtime"),
+            )
+        )
+    m = Manifest(
         chunk_size=top["chunk_size"],
         files=tuple(files),
         symlinks=tuple(symlinks),
         dirs=tuple(_list(top["dirs"], "dirs")),
-        compat=_map(top["compat"], "compat"),
-        meta=_map(top["meta"], "meta"),
+        compat=compat,
+        meta=meta,
         format=fmt,
         packs=tuple(packs),
     )
+    return m, r.canonical
 
 
-def _chunk_from(c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, f: int, j: int) -> Chunk:
-    """A chunk entry that is not [id, size, codec] (_from_doc takes those itself)."""
+_NOT_CANONICAL = "manifest is not in canonical form (re-encoding differs)"
+_FILE_KEYS_IN_ORDER = {
+    1: ["chunks", "mode", "path", "size"],
+    2: ["chunks", "mode", "mtime", "path", "size"],
+}
+_UNPACK_OPTIONS: dict[str, Any] = {
+    "raw": False,
+    "strict_map_key": True,
+    "use_list": True,
+    "max_bin_len": HASH_LEN,
+}
+
+
+class _Reader:
+    """msgpack values read one at a time from `data`, each checked to be encoded as msgpack
+    encodes it; anything that is not msgpack is "not valid msgpack"."""
+
+    def __init__(self, data: bytes) -> None:
+        self.canonical = True  # every value read so far is encoded as msgpack encodes it
+        self._data = data
+        self._view = memoryview(data)
+        self._u = self._unpacker(0)
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # (one a reader: not shared)
+
+    def _unpacker(self, at: int) -> msgpack.Unpacker:
+        stream = io.BytesIO(self._data)  # (shares the bytes: no copy)
+        stream.seek(at)
+        self._base = at
+        return msgpack.Unpacker(stream, max_buffer_size=len(self._data), **_UNPACK_OPTIONS)
+
+    def _at(self) -> int:
+        return self._base + int(self._u.tell())
+
+    def map_header(self, what: str) -> int:
+        at = self._at()
+        if self._data[at : at + 1] and not _is_map_marker(self._data[at]):
+            self._call(self._u.unpack)  # what is not msgpack is said first
+            self.end()
+            raise ManifestError(f"{what} is not a map")
+        n = self._call(self._u.read_map_header)
+        self._canonical(at, _map_header(n))
+        return int(n)
+
+    def next_is_array(self) -> bool:
+        at = self._at()
+        return bool(self._data[at : at + 1]) and _is_array_marker(self._data[at])
+
+    def skip_array(self) -> tuple[int, int]:
+        """Skip over the array that comes next (structure checked, nothing built): where
+        its first item starts, and how many it holds."""
+        at = self._at()
+        n = self._call(self._u.read_array_header)
+        self._canonical(at, _array_header(n))
+        start = self._at()
+        for _ in range(n):
+            self._call(self._u.skip)
+        return start, int(n)
+
+    def key(self) -> Any:
+        """A map's key: a string or bytes (msgpack's strict_map_key), read as a value."""
+        k = self.value()
+        if type(k) not in (str, bytes):
+            raise ManifestError(
+                f"manifest is not valid msgpack: {type(k).__name__} is not allowed for map key"
+            )
+        return k
+
+    def value(self) -> Any:
+        at = self._at()
+        v = self._call(self._u.unpack)
+        self._canonical(at, self._pack(v))
+        return v
+
+    def end(self) -> None:
+        if self._at() != len(self._data):
+            raise ManifestError(
+                f"manifest is not valid msgpack: {len(self._data) - self._at()} bytes after its end"
+            )
+
+    def values_at(self, start: int, n: int) -> Iterator[Any]:
+        """The `n` values from byte `start` on (an array's items skipped over before)."""
+        if n:
+            self._u = self._unpacker(start)
+        for _ in range(n):
+            yield self.value()
+
+    def _canonical(self, at: int, encoded: bytes) -> None:
+        if self._view[at : self._at()] != encoded:
+            self.canonical = False
+
+    @staticmethod
+    def _call(read: Any) -> Any:
+        try:
+            return read()
+        except Exception as e:  # msgpack raises several unrelated types for bad input
+            raise ManifestError(f"manifest is not valid msgpack: {e}") from e
+
+
+def _is_map_marker(b: int) -> bool:
+    return 0x80 <= b <= 0x8F or b in (0xDE, 0xDF)
+
+
+def _is_array_marker(b: int) -> bool:
+    return 0x90 <= b <= 0x9F or b in (0xDC, 0xDD)
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    return b"\xde" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdf" + n.to_bytes(4, "big")
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+
+
+def _same(v: Any, like: int | None) -> Any:
+    """`like` where `v` is an int equal to it (one object for both), else `v`."""
+    return like if like is not None and type(v) is int and v == like else v
+
+
+def _chunk_from(
+    c: Any, packs: Sequence[tuple[Any, Any]], fmt: int, f: int, j: int, size: int | None
+) -> Chunk:
+    """A chunk entry that is not [id, size, codec] (_read takes those itself); `size`, the
+    file's, to share with an equal chunk size."""
     what = f"files[{f}].chunks[{j}]"
     if fmt >= 2 and isinstance(c, list) and len(c) == 6:
         i, offset, length = c[3], c[4], c[5]
         if not _is_int(i) or not 0 <= i < len(packs):
             raise ManifestError(f"{what}: pack index {i!r} is not in packs")
-        return Chunk(c[0], c[1], c[2], Packed(packs[i][0], offset, length, packs[i][1]))
+        csize = _same(c[1], size)
+        packed = Packed(packs[i][0], offset, _same(length, csize), packs[i][1])
+        return Chunk(c[0], csize, c[2], packed)
     shape = "[id, size, codec] or [id, size, codec, pack, offset, length]"
     raise ManifestError(f"{what} is not {shape if fmt >= 2 else '[id, size, codec]'}")
 
