@@ -186,6 +186,16 @@ async def stream(
     progress = Progress(admitted=admitted)
     d.in_flight += 1
     d.board.refresh()  # the desk's status counts it at once
+    running = True
+
+    def ended() -> None:
+        """Count the operation out, before its last event goes: whoever reads that event
+        and then asks for the status must not see it still running."""
+        nonlocal running
+        if running:
+            running = False
+            d.in_flight -= 1
+            d.board.refresh()
     # The work's tasks (and the fetch flights they start) inherit this: they report retries.
     token = origin_retries.set(progress.on_retry)
     try:
@@ -220,6 +230,7 @@ async def stream(
                     last = ev
             if done:
                 break
+        ended()
         try:
             out = task.result()
         except asyncio.CancelledError:  # by the daemon: it is stopping and the drain ran out
@@ -258,8 +269,7 @@ async def stream(
         log.info("%s cancelled: the client went away", operation)
         raise
     finally:
-        d.in_flight -= 1
-        d.board.refresh()
+        ended()
         d.operations.discard(task)
         d.trimmer.ended()
         if not task.done():

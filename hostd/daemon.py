@@ -534,6 +534,7 @@ async def _serve_locked(
         )
         if d.peers is not None:
             await d.peers.start()
+            d.board.refresh()  # with the peers' state from now on
         elif config.peers is not None:
             log.warning(
                 "peers are OFF: [peers] has no secret_file, and allow_unauthenticated is not "

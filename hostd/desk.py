@@ -4,34 +4,41 @@ While a restore of 100,000 files runs, the loop's steps are milliseconds long (f
 flights, admissions), and a status request waits its turn: 30-40 ms at p99, against 1 ms
 idle. A monitor that asks "is hostd alive, what is it doing" should not wait for the work.
 
-So one thread, the desk, accepts every connection on the socket. It peeks at what came (
-MSG_PEEK: nothing is taken from the connection), and:
+So one thread, the desk, accepts every connection on the socket. It peeks at what came
+(MSG_PEEK: nothing is taken from the connection), and:
 
-- a whole `GET /v1/status` head, with no body, from a caller who may ask for it: answered
-  here, from the status the loop last rendered (`Board`) and the caller's own part;
+- a whole, plain `GET /v1/status` head (`_status_request`: strictly formed, no body, nothing
+  sent after it yet) from a caller who may ask for it: answered here, from the status the
+  loop last rendered (`Board`) and the caller's own part;
 - anything else, and a request whose head has not come whole within HAND_OVER_AFTER: handed
   to aiohttp on the loop as it came (`loop.connect_accepted_socket`), which answers it as it
-  answers every request, errors (403, 404, 405, timeouts) included.
+  answers every request, errors (400, 403, 404, 405, timeouts) included.
 
-A connection the desk answered and that asks to stay open goes to aiohttp for what follows.
+A connection the desk answered that stays open waits with the desk for its next request.
 
-The status a desk answer carries is at most STALE_AFTER plus the loop's lag old, and says how
-old (`status_age`, seconds): the loop renders it at the start and end of every operation (so
-`in_flight` and the snapshot count are current for whoever just finished one), and again
-when the desk finds it older than STALE_AFTER. The desk asks for that rendering and does not
-wait for it: a loop that is stalled shows as a growing `status_age`, not as a status that
-never comes. `uptime` is the desk's own clock.
+Freshness. The loop renders the status at the start and end of every operation (before the
+operation's last event is sent, so whoever just saw one end is told it ended), at a reload,
+and every STALE_AFTER / 2 while status requests keep coming. The desk answers a rendering
+at most STALE_AFTER old; an older one (the first request after a quiet spell, or a loop too
+busy to keep to its timer) is asked of the loop and waited for FRESH_WAIT at most. If the loop
+has not rendered by then, the older rendering is answered: `status_age` (seconds) says how
+old, so a stalled loop shows as a growing `status_age`, not as a status that never comes.
+`uptime` is the desk's own clock.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
-import selectors
+import re
+import select
 import socket
+import termios
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -44,16 +51,24 @@ from hostd.config import AccessConfig
 log = logging.getLogger(__name__)
 
 HAND_OVER_AFTER = 0.05  # a head not whole by then goes to the loop (a slow client's is)
-STALE_AFTER = 0.25  # the desk asks the loop for a fresh rendering past this age
+STALE_AFTER = 0.25  # the oldest rendering answered without asking the loop for a new one
+FRESH_WAIT = 0.05  # how long the desk waits for the loop's new rendering
+KEEP_FRESH_FOR = 2.0  # the loop renders on a timer while status was asked this recently
 MAX_HEAD = 8192  # a status request's head is a few hundred bytes; longer: the loop's
-# A status is a few KiB (a large peer list makes it more). One sent from here must go into
-# the socket's buffer whole, without waiting for the client (over 200 KiB on Linux), so a
-# longer one is the loop's to send.
+# A status is a few KiB (a large peer list makes it more). The desk answers only into a
+# connection with nothing queued to its client, so an answer always fits in the socket's
+# buffer (over 200 KiB on Linux) at once; a longer one is the loop's to send.
 MAX_ANSWER = 64 * 1024
 ACCEPT_PAUSE = 1.0  # out of descriptors: accept again after this (as asyncio does)
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _STATUS = b"GET /v1/status"
+# What the desk answers itself, in the strictest reading of HTTP/1.1 (RFC 9112): a request
+# line for /v1/status (a query of visible characters allowed), header names that are tokens,
+# values of visible characters, spaces and tabs. Anything else, the loop's parser judges.
+_REQUEST_LINE = re.compile(rb"GET /v1/status(?:\?[\x21-\x7e]*)? HTTP/1\.([01])")
+_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e\x80-\xff]|[ \t])*)")
+_ET = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 
 class Board:
@@ -67,29 +82,49 @@ class Board:
         self.started = started  # time.monotonic() at the daemon's start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._current: tuple[dict[str, Any], float] = ({}, -1.0)
-        self._asked = False
+        self._rendered = threading.Event()
+        self._asked_at = -KEEP_FRESH_FOR  # when the desk last read the board
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"Board(age={time.monotonic() - self._current[1]:.3f}s)"
 
     def refresh(self) -> dict[str, Any]:
-        """Render the status now (on the loop) and post it; the rendering."""
-        self._loop = asyncio.get_running_loop()
-        self._asked = False
+        """Render the status now (on the loop) and post it; the rendering. While status is
+        asked for, the next rendering is due in STALE_AFTER / 2."""
+        loop = self._loop = asyncio.get_running_loop()
         doc = self._render()
-        self._current = (doc, time.monotonic())
+        now = time.monotonic()
+        self._current = (doc, now)
+        self._rendered.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if now - self._asked_at < KEEP_FRESH_FOR:
+            self._timer = loop.call_later(STALE_AFTER / 2, self.refresh)
         return doc
 
+    def stop(self) -> None:
+        """On the loop: no more timed renderings."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def read(self) -> tuple[dict[str, Any], float]:
-        """The last rendering and its age in seconds (any thread); past STALE_AFTER a fresh
-        one is asked of the loop, not waited for."""
+        """The rendering to answer and its age in seconds (the desk's thread): at most
+        STALE_AFTER old, or the newest the loop made within FRESH_WAIT of being asked."""
+        self._asked_at = time.monotonic()
         doc, at = self._current
-        age = time.monotonic() - at
-        if age > STALE_AFTER and not self._asked and self._loop is not None:
-            self._asked = True
-            with contextlib.suppress(RuntimeError):  # the loop is closed: stopping
+        if self._asked_at - at > STALE_AFTER and self._loop is not None:
+            self._rendered.clear()
+            try:
                 self._loop.call_soon_threadsafe(self.refresh)
-        return doc, age
+            except RuntimeError:  # the loop is closed: stopping
+                pass
+            else:
+                self._rendered.wait(FRESH_WAIT)
+            doc, at = self._current
+        return doc, time.monotonic() - at
 
 
 def answer(board: Board, doc: dict[str, Any], age: float, caller_part: dict[str, Any]) -> bytes:
@@ -129,6 +164,9 @@ class Desk:
         self._stopping = False
         self._steps: set[asyncio.Task[Any]] = set()
         self._fallback: asyncio.Server | None = None
+        # The connections the desk holds: fd -> (socket, when it goes to the loop).
+        self._held: dict[int, tuple[socket.socket, float]] = {}
+        self._epoll = select.epoll()
         self.answered = 0  # status requests answered here
         self.handed = 0  # connections handed to the loop
         listener.setblocking(False)
@@ -143,6 +181,7 @@ class Desk:
     async def stop(self) -> None:
         """Stop accepting; connections neither answered nor handed over yet are closed."""
         self._stopping = True
+        self._board.stop()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         await asyncio.to_thread(self._thread.join)
@@ -152,56 +191,52 @@ class Desk:
             self._fallback.close()
         for s in (self._wake_r, self._wake_w, self._listener):
             s.close()
+        self._epoll.close()
 
     # -- the desk's thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        waiting: dict[socket.socket, float] = {}  # connection -> when it goes to the loop
+        ep = self._epoll
+        listener, wake = self._listener.fileno(), self._wake_r.fileno()
+        ep.register(listener, select.EPOLLIN)
+        ep.register(wake, select.EPOLLIN)
         resume = 0.0  # accepting paused until then (out of descriptors)
         try:
             while not self._stopping:
                 now = time.monotonic()
                 if resume and now >= resume:
-                    sel.register(self._listener, selectors.EVENT_READ)
+                    ep.register(listener, select.EPOLLIN)
                     resume = 0.0
-                wake = [*waiting.values(), resume] if resume else list(waiting.values())
-                timeout = max(0.0, min(wake) - now) if wake else None
-                for key, _ in sel.select(timeout):
-                    conn = key.fileobj
-                    if conn is self._wake_r:
+                due = [until for _, until in self._held.values()]
+                if resume:
+                    due.append(resume)
+                timeout = max(0.0, min(due) - now) if due else -1.0
+                for fd, _ in ep.poll(timeout):
+                    if fd == wake:
                         continue
-                    if conn is self._listener:
-                        resume = self._accept(sel, waiting)
+                    if fd == listener:
+                        resume = self._accept()
                         if resume:
-                            sel.unregister(self._listener)
+                            ep.unregister(listener)
                         continue
-                    assert isinstance(conn, socket.socket)
-                    served = self._serve(conn)
-                    if served is None:  # kept open: the next request has its own time
-                        waiting[conn] = time.monotonic() + HAND_OVER_AFTER
-                    elif served:
-                        sel.unregister(conn)
-                        del waiting[conn]
+                    held = self._held.get(fd)
+                    if held is not None:
+                        self._serve(held[0])
                 now = time.monotonic()
-                for conn in [c for c, until in waiting.items() if until <= now]:
-                    sel.unregister(conn)
-                    del waiting[conn]
-                    self._hand_over(conn)
+                for conn, until in list(self._held.values()):
+                    if until <= now:
+                        self._hand_over(conn)
         except Exception:
             log.exception("the socket's desk failed: the loop answers every request from now")
-            for conn in waiting:
+            for conn, _ in list(self._held.values()):
                 self._hand_over(conn)
-            waiting.clear()
             self._post(self._fall_back)
         finally:
-            for conn in waiting:
+            for conn, _ in list(self._held.values()):
+                self._let_go(conn)
                 conn.close()
-            sel.close()
 
-    def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> float:
+    def _accept(self) -> float:
         """Accept what is queued; 0, or when to accept again after running out of
         descriptors (the queued connections wait in the backlog meanwhile, rather than the
         thread spinning on a listener that stays readable)."""
@@ -220,51 +255,69 @@ class Desk:
                 )
                 return time.monotonic() + ACCEPT_PAUSE
             conn.setblocking(False)
-            sel.register(conn, selectors.EVENT_READ)
-            waiting[conn] = time.monotonic() + HAND_OVER_AFTER
+            self._hold(conn)
+            self._serve(conn)  # (edge-triggered: what came before registering counts too)
 
-    def _serve(self, conn: socket.socket) -> bool | None:
-        """Answer a whole status request on `conn`, or hand `conn` to the loop. True: done
-        with it; False: its head is not whole yet (it may still be a status request); None:
-        answered, and it stays open for another request (the loop's if none comes soon)."""
+    def _hold(self, conn: socket.socket) -> None:
+        """Hold `conn` until its next request is whole, HAND_OVER_AFTER at most. Watched
+        edge-triggered: a head that is not whole yet wakes the desk again only when more of
+        it comes, not at every turn while it sits unread."""
+        fd = conn.fileno()
+        if fd not in self._held:
+            self._epoll.register(fd, _ET)
+        self._held[fd] = (conn, time.monotonic() + HAND_OVER_AFTER)
+
+    def _let_go(self, conn: socket.socket) -> None:
+        """Stop holding `conn` (before it is closed or handed over)."""
+        fd = conn.fileno()
+        if self._held.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Answer a whole status request on `conn`, hand `conn` to the loop, or leave it
+        held while its head is not whole yet (and may still be a status request)."""
         try:
             head = conn.recv(MAX_HEAD, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return False
+            return
         except OSError:
-            conn.close()
-            return True
+            self._close(conn)
+            return
         if not head:  # closed: before asking anything, or after an answer
-            conn.close()
-            return True
+            self._close(conn)
+            return
         if not (head.startswith(_STATUS) or _STATUS.startswith(head)):
             self._hand_over(conn)
-            return True
+            return
         end = head.find(b"\r\n\r\n")
         if end < 0:
             if len(head) >= MAX_HEAD:
                 self._hand_over(conn)
-                return True
-            return False
-        keep = _status_request(head[:end])
+            return
+        # Bytes after the head (a pipelined request, a body): the loop's, with the head.
+        keep = _status_request(head[:end]) if len(head) == end + 4 else None
         body = None if keep is None else self._status_body(conn)
-        if body is None or len(body) > MAX_ANSWER:
+        if body is None or len(body) > MAX_ANSWER or _queued(conn):
             self._hand_over(conn)
-            return True
-        conn.recv(end + 4)  # the head, which is here whole; nothing past it
+            return
         response = (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
             b"Content-Length: %d\r\n%s\r\n" % (len(body), b"" if keep else b"Connection: close\r\n")
         ) + body
         try:
-            sent = conn.send(response)  # a few KiB into an empty socket buffer: all of it
+            conn.recv(end + 4)  # the head, whole here; nothing came after it
+            sent = conn.send(response)  # into an empty buffer: all of it
         except OSError:
             sent = -1
+        if sent != len(response):
+            self._close(conn)
+            return
         self.answered += 1
-        if sent == len(response) and keep:
-            return None
-        conn.close()
-        return True
+        if keep:
+            self._hold(conn)  # its next request has its own HAND_OVER_AFTER
+        else:
+            self._close(conn)
 
     def _status_body(self, conn: socket.socket) -> bytes | None:
         """The status for this connection's caller; None where the loop must answer: the
@@ -281,7 +334,12 @@ class Desk:
             return None
         return answer(self._board, doc, age, caller_part(config, self._euid, caller))
 
+    def _close(self, conn: socket.socket) -> None:
+        self._let_go(conn)
+        conn.close()
+
     def _hand_over(self, conn: socket.socket) -> None:
+        self._let_go(conn)
         self.handed += 1
         if not self._post(self._adopt, conn):
             conn.close()
@@ -301,7 +359,7 @@ class Desk:
         async def adopt() -> None:
             try:
                 await self._loop.connect_accepted_socket(self._factory, conn)
-            except OSError as e:
+            except Exception as e:
                 log.warning("handing a connection to the loop failed: %s", e)
                 conn.close()
 
@@ -324,30 +382,41 @@ class Desk:
         task.add_done_callback(self._steps.discard)
 
 
+def _queued(conn: socket.socket) -> bool:
+    """Whether bytes sent on `conn` are still unread by its client (an earlier answer): the
+    desk then leaves the connection to the loop, which may wait for the client."""
+    out = array.array("i", [0])
+    try:
+        fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, out)
+    except OSError:
+        return True
+    return out[0] > 0
+
+
 def _status_request(head: bytes) -> bool | None:
-    """For a request head (no blank line): None unless it is a `GET /v1/status` the desk can
-    answer (HTTP/1.x, no body); else whether its connection stays open after the answer."""
+    """For a request head (no blank line): None unless it is a `GET /v1/status` the desk
+    answers (strictly formed HTTP/1.x, no body, one Host in HTTP/1.1, no header twice);
+    else whether its connection stays open after the answer."""
     lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
         return None
-    method, target, version = parts
-    if method != b"GET" or target.partition(b"?")[0] != b"/v1/status":
-        return None
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        return None
-    keep = version == b"HTTP/1.1"  # (an HTTP/1.0 connection closes after the answer)
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or name != name.strip():
-            return None  # malformed: the loop's parser says how
-        name, value = name.lower(), value.strip().lower()
+    keep = line.group(1) == b"1"  # (an HTTP/1.0 connection closes after the answer)
+    seen: set[bytes] = set()
+    for raw in lines[1:]:
+        header = _HEADER.fullmatch(raw)
+        if header is None:
+            return None  # malformed, or a bare LF inside: the loop's parser says how
+        name, value = header.group(1).lower(), header.group(2).rstrip(b" \t").lower()
+        if name in seen:
+            return None
+        seen.add(name)
         if name == b"content-length" and value != b"0":
             return None
         if name in (b"transfer-encoding", b"expect", b"upgrade"):
             return None
-        if name == b"connection":
-            tokens = {t.strip() for t in value.split(b",")}
-            if b"close" in tokens:
-                keep = False
+        if name == b"connection" and b"close" in {t.strip() for t in value.split(b",")}:
+            keep = False
+    if line.group(1) == b"1" and b"host" not in seen:
+        return None  # HTTP/1.1 without Host: aiohttp answers 400
     return keep
