@@ -196,6 +196,7 @@ async def stream(
             running = False
             d.in_flight -= 1
             d.board.refresh()
+
     # The work's tasks (and the fetch flights they start) inherit this: they report retries.
     token = origin_retries.set(progress.on_retry)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -295,7 +296,7 @@ class Resolver:
             return local
         data = await self.origin.get_manifest(snapshot_id)
         try:
-            m = await asyncio.to_thread(decode_manifest, data)
+            m = await asyncio.to_thread(functools.partial(decode_manifest, data, keep_bytes=True))
         except ManifestError as e:  # name the manifest: decode only knows its bytes
             raise ManifestError(
                 f"manifest {snapshot_id} at origin {self.origin.url}: {e.message}"

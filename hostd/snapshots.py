@@ -86,11 +86,10 @@ def _chunk_count(m: mf.Manifest) -> int:
     return sum(map(len, map(_CHUNKS, m.files)))
 
 
-def decode_manifest(data: bytes) -> mf.Manifest:
-    """`mf.decode`, with the id and the file digests computed too (blocking: in a thread),
-    so that no later use computes them on the loop."""
-    m = mf.decode(data)
-    _ = m.snapshot_id
+def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:
+    """`mf.decode`, with the file digests computed too (blocking: in a thread), so that no
+    later use computes them on the loop. `keep_bytes`: for a manifest to be written out."""
+    m = mf.decode(data, keep_bytes=keep_bytes)
     m.blobs()
     return m
 
@@ -177,7 +176,7 @@ class Snapshots:
                 log.warning("dropping snapshot %s from the index: %s", snapshot_id, e)
                 return None
         try:
-            m = decode_manifest(legacy)
+            m = decode_manifest(legacy, keep_bytes=True)  # (written out as a file next)
         except ManifestError as e:
             log.warning("dropping unreadable snapshot %s from the index: %s", snapshot_id, e)
             return None
@@ -219,6 +218,9 @@ class Snapshots:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(m.encoded)
             os.replace(tmp, path)
+        # Written: a decoded manifest kept for reuse need not hold its bytes too (10 MB for
+        # 100,000 files); they are read from the file, or encoded again, if ever asked for.
+        m.__dict__.pop("encoded", None)
         blobs = pack_blobs((d, f.size) for d, f in m.blobs().items())
         self.index.index_snapshot(row, blobs, chunk_rows(m))
 
