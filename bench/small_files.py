@@ -23,9 +23,10 @@ compared with the source: mtimes are reported ("mtimes exact: yes/no"), not fail
 
 Then, on a fresh daemon: `GET /v1/status` latency over the socket, idle and while a cold and
 a warm copy restore run (p99 target: within 3x idle), beside a trivial server in a process of
-its own asked alike (what the loaded machine's scheduling alone costs a request), and the daemon's VmRSS/VmHWM after
-those runs with the number of chunks it knows (the tiers' blobs), and its VmRSS at rest, two
-seconds later (hostd gives freed heap back once idle: hostd/memory.py).
+its own asked alike (what the loaded machine's scheduling alone costs a request), and the
+daemon's VmRSS/VmHWM after those runs with the number of chunks it knows (the tiers' blobs),
+and its VmRSS at rest, two seconds later (hostd gives freed heap back once idle:
+hostd/memory.py).
 --files 100000 runs that size instead; --scale runs 10,000 and 100,000 and checks that every
 operation took at most 12x its 10,000-file time. --million (optional, slow) publishes
 snapshots of tiny distinct files into one daemon until it knows 1,000,000 chunks, restarts
