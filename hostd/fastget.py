@@ -400,14 +400,11 @@ class Stream:
         if not self._fast.on:
             return False
         try:
-            opened = await self._run(
-                self._fast._open, self._key, self._cap, self._span, self._abort
-            )
+            opened = await self._run(self._opening)
         except _Fallback as e:
             self._fast._missed(e)
             return False
         self._sock, self._where, self.left, self._keep, self._early = opened
-        self._abort.hold(None)
         self._fast._took()
         return True
 
@@ -420,26 +417,35 @@ class Stream:
         if self._sock is None:
             raise Broken("the stream is closed")
         try:
-            got: T = await self._run(self._piece, n, then)
+            got: T = await self._run(self._piece, self._sock, n, then)
         except _Fallback as e:
             self._drop()
             raise Broken(str(e)) from None
         return got
 
-    def _piece(self, n: int, then: Callable[[memoryview], T]) -> T:
-        sock = self._sock
-        assert sock is not None
+    def _opening(self) -> tuple[socket.socket, tuple[str, int, bool], int, bool, memoryview]:
+        """FastGet._open, on the thread; a connection opened for a stream dropped meanwhile
+        is closed here, not left to the loop (which may be gone by then)."""
+        opened = self._fast._open(self._key, self._cap, self._span, self._abort)
+        if not self._abort.let_go():
+            opened[0].close()
+            raise _Fallback("cancelled")
+        return opened
+
+    def _piece(self, sock: socket.socket, n: int, then: Callable[[memoryview], T]) -> T:
         buf = memoryview(bytearray(n))
         early = len(self._early)
         k = min(early, n)
         buf[:k] = self._early[:k]
         self._early = self._early[k:]
-        if not self._abort.hold(sock):
+        if not self._abort.hold(sock):  # dropped before its turn: closed here (_opening)
+            sock.close()
             raise _Fallback("cancelled")
         try:
             _receive(sock, buf[k:])
         finally:
-            self._abort.hold(None)
+            if not self._abort.let_go():  # dropped meanwhile: closed here too
+                sock.close()
         self.left -= n
         return then(buf)
 
@@ -509,6 +515,11 @@ class _Abort:
         with self._lock:
             self._sock = sock
             return not self._done
+
+    def let_go(self) -> bool:
+        """Let go of the socket held; False if the request was cancelled meanwhile (the
+        thread that used the socket then closes it)."""
+        return self.hold(None)
 
     def now(self) -> None:
         with self._lock:

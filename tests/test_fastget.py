@@ -309,6 +309,48 @@ async def test_a_request_past_its_deadline_lets_go_of_its_socket(serve: Any) -> 
         await srv.wait_closed()
 
 
+def test_a_stream_dropped_as_its_loop_ends_still_closes_its_socket() -> None:
+    """A whole read stopped mid-body (its thread blocked in the receive) just before the
+    loop ends, as at a shutdown: the thread closes the socket itself; a close left to a
+    callback on the loop would never run, and the socket would wait for a collector."""
+    served = socket.socket()
+    served.bind(("127.0.0.1", 0))
+    served.listen()
+    port = served.getsockname()[1]
+    held: list[socket.socket] = []
+
+    async def main() -> tuple[fastget.FastGet, socket.socket]:
+        o = Origin(f"http://127.0.0.1:{port}/o", {}, retry=FAST, timeout=30)
+        fast = o._fast
+        assert fast is not None
+        stream = fast.whole("packs/x", len(DATA))
+        opening = asyncio.ensure_future(stream.open())
+        conn, _ = await asyncio.to_thread(served.accept)
+        held.append(conn)
+        await asyncio.to_thread(conn.recv, 4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(DATA) + DATA[:10])
+        assert await opening
+        sock = stream._sock
+        assert sock is not None
+        reading = asyncio.ensure_future(stream.read(len(DATA), lambda b: b))
+        await asyncio.sleep(0)  # the receive is under way on its thread
+        assert stream._busy is not None
+        reading.cancel()
+        await asyncio.sleep(0)  # the stream drops its socket; its thread is still in recv
+        return fast, sock
+
+    loop = asyncio.new_event_loop()
+    try:
+        fast, sock = loop.run_until_complete(main())
+        loop.close()  # at once, as a process that is stopping: no more callbacks run
+        fast._threads.shutdown(wait=True)
+        assert sock.fileno() == -1, "the dropped stream's socket is still open"
+    finally:
+        for c in held:
+            c.close()
+        served.close()
+
+
 def _tls_files(where: Path) -> tuple[Path, Path, Path]:
     """A CA, and a certificate it signed for 127.0.0.1 (with its key): PEM files."""
     from cryptography import x509
