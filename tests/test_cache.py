@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import hostd.maintain
+from hostd import cache as cache_mod
 from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, Verdict, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
@@ -1098,6 +1099,76 @@ async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> 
     assert got == [True] * 5
     assert calls == [a.digest]
     assert cache.unchanged(b)
+
+
+async def test_many_doubtful_blobs_are_rehashed_together_and_the_bad_one_dropped(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_many: blobs whose stat moved (lent, then their links removed) are re-hashed a
+    batch a thread hop, each settled as vouch would; a poisoned one is dropped, an unmoved
+    one costs no hash, and what happened to each is said in order."""
+    monkeypatch.setattr(cache_mod, "REHASH_BATCH", 3)  # several batches of the five in doubt
+    cache = env.open()
+    files = [env.file(f"f{i}", 300 + i) for i in range(7)]
+    for f in files:
+        await env.put(cache, f)
+    blobs = [cache.locate(f.digest) for f in files]
+    assert all(b is not None for b in blobs)
+    held = [b for b in blobs if b is not None]
+    doubtful = held[:5]
+    cache.lent(doubtful)  # a writer's link moves the ctime, and the ctime now counts
+    for i, b in enumerate(doubtful):
+        os.link(b.path, env.root / f"link{i}")
+        os.unlink(env.root / f"link{i}")
+    poison(held[2].path)
+    await cache.remove(files[6].digest, held[6].tier)  # evicted meanwhile
+    calls = count_rehashes(cache)
+    hops: list[int] = []
+    rehash_all = cache._rehash_all
+
+    def counted(batch: list[Any]) -> list[Rehash]:
+        hops.append(len(batch))
+        return rehash_all(batch)
+
+    monkeypatch.setattr(cache, "_rehash_all", counted)
+
+    got = await cache.check_many(held, CS)
+
+    assert got == [
+        Verdict.INTACT,
+        Verdict.INTACT,
+        Verdict.BAD,
+        Verdict.INTACT,
+        Verdict.INTACT,
+        Verdict.INTACT,  # unmoved: no hash
+        Verdict.GONE,
+    ]
+    assert sorted(calls) == sorted(f.digest for f in files[:5])
+    assert hops == [3, 2]
+    assert cache.copies(files[2].digest) == []
+    for b in held[:2] + held[3:6]:
+        assert cache.unchanged(b)  # the new stats recorded
+    rows = {r.digest: r for r in cache.index.blobs()}
+    for b in held[:2] + held[3:5]:
+        assert rows[b.digest].ctime_ns == os.stat(b.path).st_ctime_ns  # and written
+    env.close()
+
+
+async def test_check_many_joins_a_rehash_already_under_way(env: Env) -> None:
+    cache = env.open()
+    calls = count_rehashes(cache)
+    a = env.file("a", 300)
+    await env.put(cache, a)
+    b = cache.locate(a.digest)
+    assert b is not None
+    os.utime(b.path)
+
+    one, many, more = await asyncio.gather(
+        cache.vouch(b), cache.check_many([b]), cache.check_many([b])
+    )
+
+    assert (one, many, more) == (True, [Verdict.INTACT], [Verdict.INTACT])
+    assert calls == [a.digest]
 
 
 async def test_after_a_lost_index_blobs_are_rehashed_before_first_use(env: Env) -> None:
