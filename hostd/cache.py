@@ -857,16 +857,11 @@ class Cache:
         nothing before gc or eviction removes them, and start-up and the first restores do
         not compete with a background hash of the whole cache for two cores and the disk.
         """
-        if b.chunk_size <= 0 < chunk_size and self._current(b):
-            self._tb[b.tier.name].set_chunk_size(b.slot, chunk_size)
-            self.index.put_blob(b.row())
+        self._learn_chunk_size(b, chunk_size)
         while True:
-            if not self._current(b):
-                return Verdict.GONE
-            if not force and self.unchanged(b):
-                return Verdict.INTACT
-            if b.chunk_size <= 0:
-                return Verdict.UNCHECKABLE
+            known = self._known(b, force=force)
+            if known is not None:
+                return known
             key = (b.digest, b.tier.name)
             flight = self._vouching.get(key)
             if flight is None:
@@ -899,6 +894,22 @@ class Cache:
             return Verdict.INTACT
         return Verdict.BAD if current else Verdict.GONE
 
+    def _learn_chunk_size(self, b: Blob, chunk_size: int) -> None:
+        """Record the chunk size a manifest gives a blob whose record lacks it."""
+        if b.chunk_size <= 0 < chunk_size and self._current(b):
+            self._tb[b.tier.name].set_chunk_size(b.slot, chunk_size)
+            self.index.put_blob(b.row())
+
+    def _known(self, b: Blob, *, force: bool = False) -> Verdict | None:
+        """What `check` can say of `b` without hashing it; None: it must be re-hashed."""
+        if not self._current(b):
+            return Verdict.GONE
+        if not force and self.unchanged(b):
+            return Verdict.INTACT
+        if b.chunk_size <= 0:
+            return Verdict.UNCHECKABLE
+        return None
+
     async def check_many(self, blobs: Sequence[Blob], chunk_size: int = 0) -> list[Verdict]:
         """`check` of each of `blobs` (distinct records), those in doubt re-hashed together,
         REHASH_BATCH (or REHASH_BATCH_BYTES) a thread hop. One at a time, each re-hash of a
@@ -907,16 +918,9 @@ class Cache:
         out: list[Verdict | None] = [None] * len(blobs)
         doubt: list[int] = []
         for i, b in enumerate(blobs):
-            if b.chunk_size <= 0 < chunk_size and self._current(b):
-                self._tb[b.tier.name].set_chunk_size(b.slot, chunk_size)
-                self.index.put_blob(b.row())
-            if not self._current(b):
-                out[i] = Verdict.GONE
-            elif self.unchanged(b):
-                out[i] = Verdict.INTACT
-            elif b.chunk_size <= 0:
-                out[i] = Verdict.UNCHECKABLE
-            else:
+            self._learn_chunk_size(b, chunk_size)
+            out[i] = self._known(b)
+            if out[i] is None:
                 doubt.append(i)
         while doubt:
             batch: list[int] = []

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 
 import hostd.maintain
 from hostd import cache as cache_mod
-from hostd.cache import REHASH_ATTEMPTS, Cache, Rehash, Verdict, blob_is_intact, rehash
+from hostd.cache import REHASH_ATTEMPTS, Blob, Cache, Rehash, Verdict, blob_is_intact, rehash
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import Chunk, FileEntry
@@ -1085,7 +1085,8 @@ async def test_a_write_racing_a_vouch_from_another_thread_drops_the_blob(env: En
     assert used(cache) == {"mem": 0, "disk": 0}
 
 
-async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> None:
+async def doubtful_blob(env: Env) -> tuple[Cache, list[bytes], FileEntry, Blob]:
+    """A cache (its re-hashes counted) holding one blob whose stat has moved: in doubt."""
     cache = env.open()
     calls = count_rehashes(cache)
     a = env.file("a", 300)
@@ -1093,6 +1094,11 @@ async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> 
     b = cache.locate(a.digest)
     assert b is not None
     os.utime(b.path)
+    return cache, calls, a, b
+
+
+async def test_concurrent_uses_of_a_doubtful_blob_share_one_rehash(env: Env) -> None:
+    cache, calls, a, b = await doubtful_blob(env)
 
     got = await asyncio.gather(*(cache.vouch(b) for _ in range(5)))
 
@@ -1155,13 +1161,7 @@ async def test_many_doubtful_blobs_are_rehashed_together_and_the_bad_one_dropped
 
 
 async def test_check_many_joins_a_rehash_already_under_way(env: Env) -> None:
-    cache = env.open()
-    calls = count_rehashes(cache)
-    a = env.file("a", 300)
-    await env.put(cache, a)
-    b = cache.locate(a.digest)
-    assert b is not None
-    os.utime(b.path)
+    cache, calls, a, b = await doubtful_blob(env)
 
     one, many, more = await asyncio.gather(
         cache.vouch(b), cache.check_many([b]), cache.check_many([b])

@@ -310,12 +310,13 @@ def _read(data: bytes) -> tuple[Manifest, bool]:
     # file's size, its chunk's and its packed length (28 bytes each, a third of a small
     # file's integers). Only ints are shared: True == 1, but must stay what it was.
     files = []
+    file_order = sorted(file_keys)  # (canonical: keys sorted)
     modes: dict[int, int] = {}
     for i, fm in enumerate(r.values_at(*files_at)):
         if type(fm) is not dict or fm.keys() != file_keys:
             _map(fm, f"files[{i}]")
             raise ManifestError(f"files[{i}] has keys {sorted(fm, key=repr)}")
-        if list(fm) != _FILE_KEYS_IN_ORDER[fmt]:
+        if list(fm) != file_order:
             r.canonical = False
         cl = fm["chunks"]
         if type(cl) is not list:
@@ -354,10 +355,6 @@ def _read(data: bytes) -> tuple[Manifest, bool]:
 
 
 _NOT_CANONICAL = "manifest is not in canonical form (re-encoding differs)"
-_FILE_KEYS_IN_ORDER = {
-    1: ["chunks", "mode", "path", "size"],
-    2: ["chunks", "mode", "mtime", "path", "size"],
-}
 _UNPACK_OPTIONS: dict[str, Any] = {
     "raw": False,
     "strict_map_key": True,
@@ -375,7 +372,7 @@ class _Reader:
         self._data = data
         self._view = memoryview(data)
         self._u = self._unpacker(0)
-        self._pack = msgpack.Packer(use_bin_type=True).pack  # (one a reader: not shared)
+        self._packer = msgpack.Packer(use_bin_type=True)  # (one a reader: not shared)
 
     def _unpacker(self, at: int) -> msgpack.Unpacker:
         stream = io.BytesIO(self._data)  # (shares the bytes: no copy)
@@ -393,7 +390,7 @@ class _Reader:
             self.end()
             raise ManifestError(f"{what} is not a map")
         n = self._call(self._u.read_map_header)
-        self._canonical(at, _map_header(n))
+        self._canonical(at, self._packer.pack_map_header(n))
         return int(n)
 
     def next_is_array(self) -> bool:
@@ -405,7 +402,7 @@ class _Reader:
         its first item starts, and how many it holds."""
         at = self._at()
         n = self._call(self._u.read_array_header)
-        self._canonical(at, _array_header(n))
+        self._canonical(at, self._packer.pack_array_header(n))
         start = self._at()
         for _ in range(n):
             self._call(self._u.skip)
@@ -423,7 +420,7 @@ class _Reader:
     def value(self) -> Any:
         at = self._at()
         v = self._call(self._u.unpack)
-        self._canonical(at, self._pack(v))
+        self._canonical(at, self._packer.pack(v))
         return v
 
     def end(self) -> None:
@@ -457,18 +454,6 @@ def _is_map_marker(b: int) -> bool:
 
 def _is_array_marker(b: int) -> bool:
     return 0x90 <= b <= 0x9F or b in (0xDC, 0xDD)
-
-
-def _map_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x80 | n])
-    return b"\xde" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdf" + n.to_bytes(4, "big")
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
 def _same(v: Any, like: int | None) -> Any:
