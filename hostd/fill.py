@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostd.blobs import intact_all
 from hostd.cache import Blob, Cache, Rehash, Verdict
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
@@ -128,6 +129,10 @@ class _Landed(dict[bytes, Blob]):
         super().__setitem__(digest, blob)
         if self.on_ready is not None:
             self.on_ready(digest, blob)
+
+    def told(self, digest: bytes, blob: Blob) -> None:
+        """Set, unannounced: `on_ready` heard of this blob already (from another _Landed)."""
+        super().__setitem__(digest, blob)
 
 
 # The warm path checks this many blobs (a stat each) between turns of the event loop.
@@ -252,8 +257,8 @@ class Filler:
         on_ready: Callable[[bytes, Blob], None] | None,
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
-        found: dict[bytes, Blob] = _Landed(on_ready)
-        made: dict[bytes, Blob] = _Landed(on_ready)  # what our own fills completed
+        found = _Landed(on_ready)
+        made = _Landed(on_ready)  # what our own fills completed
         # Pure work over the whole manifest: on a thread where it is big, so the loop (and
         # status) runs in between.
         big = len(entries) > YIELD_EVERY * 16
@@ -266,40 +271,39 @@ class Filler:
             claims: dict[bytes, asyncio.Future[None]] = {}
             waits: list[asyncio.Future[None]] = []
             seen: dict[bytes, tuple[Blob, Stat | int]] = {}
+            warm: set[bytes] = set()
+            filling = self._filling
             try:
                 for i, e in enumerate(pending):
                     if i % STAT_WINDOW == 0:  # (all at once: 45 MB of stats for 100,000)
-                        seen = await self._stats(pending[i : i + STAT_WINDOW], tiers)
+                        seen, warm = await self._stats(pending[i : i + STAT_WINDOW], tiers)
                     if i % YIELD_EVERY == YIELD_EVERY - 1:
                         # Let status and other restores in between (the blobs are held:
                         # nothing evicts them).
                         await asyncio.sleep(0)
-                    if e.digest in self._filling:
-                        waits.append(self._filling[e.digest])
+                    d = e.digest
+                    if d in filling:
+                        waits.append(filling[d])
                         continue
-                    st = seen.get(e.digest)
-                    if st is not None and st[0].intact(st[1]):  # the warm path, in one call
-                        warm = st[0]
-                        progress.done_bytes += warm.size
-                        progress.by_source[warm.tier.name] += warm.size
-                        found[e.digest] = warm
+                    if d in warm:  # the warm path: its copy's stat shows its verified state
+                        intact = seen[d][0]
+                        progress.done_bytes += e.size  # (the blob of e's bytes: its size)
+                        progress.by_source[intact.tier.name] += e.size
+                        found[d] = intact
                         continue
-                    if st is None and not self.cache.has_copy(e.digest):
+                    st = seen.get(d)
+                    if st is None and not self.cache.has_copy(d):
                         # the cold path: no copy anywhere, nothing to check or copy in
-                        claims[e.digest] = self._filling[e.digest] = (
-                            asyncio.get_running_loop().create_future()
-                        )
+                        claims[d] = filling[d] = asyncio.get_running_loop().create_future()
                         mine.append(e)
                         continue
                     b = self._ready(e, tiers, progress, st)
                     if b is not None:  # the warm path: no claim, no await
-                        found[e.digest] = b
+                        found[d] = b
                         continue
                     # Claimed before _usable, which may copy the blob in from another tier:
                     # two copies of one blob into one tier would race on one scratch file.
-                    claims[e.digest] = self._filling[e.digest] = (
-                        asyncio.get_running_loop().create_future()
-                    )
+                    claims[d] = filling[d] = asyncio.get_running_loop().create_future()
                     doubt.append(e)
                 # Copies in doubt (a changed stat: a lent blob whose links were removed, say)
                 # are re-hashed together, then what none vouched for goes the long way.
@@ -323,8 +327,10 @@ class Filler:
                 if i % YIELD_EVERY == YIELD_EVERY - 1:
                     await asyncio.sleep(0)
                 b = made.get(e.digest)
-                if b is None or not b.attached:  # (a complete record stays complete)
-                    b = self.cache.locate(e.digest, tiers)
+                if b is not None and b.attached:  # (a complete record stays complete)
+                    found.told(e.digest, b)  # announced as `made` got it
+                    continue
+                b = self.cache.locate(e.digest, tiers)
                 if b is not None:
                     found[e.digest] = b
             # What others filled is usable next round; what they failed to fill, we fill then.
@@ -341,10 +347,10 @@ class Filler:
 
     async def _stats(
         self, entries: Sequence[FileEntry], tiers: Sequence[Tier]
-    ) -> dict[bytes, tuple[Blob, Stat | int]]:
+    ) -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes]]:
         """The stat of each entry's complete copy in `tiers` (the first), taken in one batch
-        in a thread: a restore of 100,000 warm files would otherwise spend about a second of
-        the event loop on os.stat."""
+        in a thread (a restore of 100,000 warm files would otherwise spend about a second of
+        the event loop on os.stat), and the digests of those it shows intact (Blob.intact)."""
         blobs: list[Blob] = []
         for i, e in enumerate(entries):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
@@ -353,11 +359,15 @@ class Filler:
             if b is not None:
                 blobs.append(b)
         if not blobs:
-            return {}
+            return {}, set()
 
-        def stat_all() -> dict[bytes, tuple[Blob, Stat | int]]:
+        def stat_all() -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes]]:
             seen = stat_paths([b.file for b in blobs])
-            return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
+            ok = intact_all(blobs, seen)
+            return (
+                {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)},
+                {b.digest for b, good in zip(blobs, ok, strict=True) if good},
+            )
 
         return await asyncio.to_thread(stat_all) if len(blobs) > 16 else stat_all()
 

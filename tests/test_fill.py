@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import os
 import signal
 import stat
@@ -146,6 +147,24 @@ async def test_ensure_fills_missing_blobs_and_reports_bytes_by_source(rig: Rig) 
     assert found2 == found
     assert +progress2.by_source == {"mem": big.size + small.size}
     assert len(rig.origin.order) == calls
+
+
+def _hear(heard: list[bytes], digest: bytes, _blob: Blob) -> None:
+    heard.append(digest)
+
+
+async def test_each_blob_is_announced_once_cold_and_warm(rig: Rig) -> None:
+    """on_ready hears of each blob once per ensure (a progressive restore places a file per
+    announcement): a blob this fill made is not announced again when the fill returns it."""
+    files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(40)]
+    files.append(rig.file("big", pattern("big", 2 * CS + 5)))
+    for _ in range(2):  # cold, then warm
+        heard: list[bytes] = []
+        async with asyncio.timeout(DEADLINE):
+            found = await rig.filler.ensure(
+                files, CS, [rig.mem], FillProgress(), functools.partial(_hear, heard)
+            )
+        assert sorted(heard) == sorted(found) == sorted(f.digest for f in files)
 
 
 async def test_a_blob_in_another_tier_is_copied_in_not_fetched(rig: Rig) -> None:
