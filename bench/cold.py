@@ -70,7 +70,7 @@ from typing import Any
 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Hostd
+from harness import Hostd, compile_bytecode
 
 from hostd.core.units import parse_size
 
@@ -784,6 +784,7 @@ def main() -> int:
     size = parse_size(args.size, "--size")
     weed_bin, s5cmd_bin = find_tool("weed", args.weed), find_tool("s5cmd", args.s5cmd)
     signal.signal(signal.SIGTERM, _interrupt)
+    print(f"hostd from {compile_bytecode().parent} (bytecode written, as an install has it)")
 
     with contextlib.ExitStack() as stack:
         disk = Path(tempfile.mkdtemp(prefix="hostd-cold-", dir=DISK))

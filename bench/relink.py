@@ -42,13 +42,14 @@ def main() -> int:
     ap.add_argument("--tmpfs-dir", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    hostd_from = sf.hostd_from()  # (its bytecode written before anything is timed)
     base = Path(tempfile.mkdtemp(prefix="hrl", dir=args.tmpfs_dir))
     os.chmod(base, 0o755)
     try:
         result = run(base, args.files, args.rounds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    result["hostd_from"] = sf.hostd_from()
+    result["hostd_from"] = hostd_from
     for r in result["rounds"]:
         print(
             f"round {r['round']}: daemon {r['total']:.3f} s (fetch {r['fetch']:.3f}, "

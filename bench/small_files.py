@@ -62,7 +62,7 @@ import blake3
 from hostd.memory import IDLE_DELAY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Hostd, request
+from harness import Hostd, compile_bytecode, request
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB = 1 << 10
@@ -853,7 +853,9 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def hostd_from() -> str:
-    """Which hostd the daemons and the CLI import (the checkout this script is in)."""
+    """Which hostd the daemons and the CLI import (the checkout this script is in), its
+    bytecode written first (harness.compile_bytecode: as an install has it)."""
+    compile_bytecode()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import hostd, os; print(os.path.dirname(os.path.dirname(hostd.__file__)))"
     return sh(sys.executable, "-c", code, env=env)
