@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -196,6 +196,14 @@ class TierBlobs:
         self.ctime_ns[slot] = ctime_ns
         self.last_used[slot] = now
         self.flags[slot] = COMPLETE
+
+    def unchanged(self, slot: int, seen: tuple[int, int, int]) -> bool:
+        """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
+        state recorded when its bytes were last verified."""
+        f = self.flags[slot]
+        return bool(f & COMPLETE) and state_holds(
+            seen, self.size[slot], self.mtime_ns[slot], self.ctime_ns[slot], bool(f & LENT)
+        )
 
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
         self.unsized += (chunk_size <= 0) - (self.chunk_size[slot] <= 0)
@@ -406,7 +414,10 @@ class Blob:
         """Whether this is still its tier's record, complete, and `seen` (a stat of its file
         taken just before, or the errno of one that failed) shows the state recorded when
         its bytes were last verified: a warm restore's check of each blob, in one call."""
-        return intact_all((self,), (seen,))[0]
+        at = self._at
+        if at is None or isinstance(seen, int):
+            return False
+        return at.unchanged(self._slot, seen)
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""
@@ -419,23 +430,4 @@ class Blob:
         return f"Blob({self.tier.name}:{self.digest.hex()[:12]} {state}{gone})"
 
 
-def intact_all(blobs: Sequence[Blob], seen: Sequence[tuple[int, int, int] | int]) -> list[bool]:
-    """Blob.intact of each blob with its stat (whether it is still its tier's record,
-    complete, and its file, as `seen` shows it, has the state recorded when its bytes were
-    last verified), in one loop: a warm restore asks it of every blob."""
-    out: list[bool] = []
-    for b, st in zip(blobs, seen, strict=True):
-        at = b._at
-        if at is None or isinstance(st, int):
-            out.append(False)
-            continue
-        i = b._slot
-        f = at.flags[i]
-        out.append(
-            bool(f & COMPLETE)
-            and state_holds(st, at.size[i], at.mtime_ns[i], at.ctime_ns[i], bool(f & LENT))
-        )
-    return out
-
-
-__all__ = ["UNKNOWN_CTIME", "Blob", "Digests", "TierBlobs", "Values", "intact_all"]
+__all__ = ["UNKNOWN_CTIME", "Blob", "Digests", "TierBlobs", "Values"]

@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostd.blobs import intact_all
 from hostd.cache import Blob, Cache, Rehash, Verdict
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
@@ -271,12 +270,11 @@ class Filler:
             claims: dict[bytes, asyncio.Future[None]] = {}
             waits: list[asyncio.Future[None]] = []
             seen: dict[bytes, tuple[Blob, Stat | int]] = {}
-            warm: set[bytes] = set()
             filling = self._filling
             try:
                 for i, e in enumerate(pending):
                     if i % STAT_WINDOW == 0:  # (all at once: 45 MB of stats for 100,000)
-                        seen, warm = await self._stats(pending[i : i + STAT_WINDOW], tiers)
+                        seen = await self._stats(pending[i : i + STAT_WINDOW], tiers)
                     if i % YIELD_EVERY == YIELD_EVERY - 1:
                         # Let status and other restores in between (the blobs are held:
                         # nothing evicts them).
@@ -285,13 +283,13 @@ class Filler:
                     if d in filling:
                         waits.append(filling[d])
                         continue
-                    if d in warm:  # the warm path: its copy's stat shows its verified state
-                        intact = seen[d][0]
-                        progress.done_bytes += e.size  # (the blob of e's bytes: its size)
-                        progress.by_source[intact.tier.name] += e.size
-                        found[d] = intact
-                        continue
                     st = seen.get(d)
+                    if st is not None and st[0].intact(st[1]):  # the warm path, in one call
+                        warm = st[0]
+                        progress.done_bytes += warm.size
+                        progress.by_source[warm.tier.name] += warm.size
+                        found[d] = warm
+                        continue
                     if st is None and not self.cache.has_copy(d):
                         # the cold path: no copy anywhere, nothing to check or copy in
                         claims[d] = filling[d] = asyncio.get_running_loop().create_future()
@@ -347,10 +345,10 @@ class Filler:
 
     async def _stats(
         self, entries: Sequence[FileEntry], tiers: Sequence[Tier]
-    ) -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes]]:
+    ) -> dict[bytes, tuple[Blob, Stat | int]]:
         """The stat of each entry's complete copy in `tiers` (the first), taken in one batch
-        in a thread (a restore of 100,000 warm files would otherwise spend about a second of
-        the event loop on os.stat), and the digests of those it shows intact (Blob.intact)."""
+        in a thread: a restore of 100,000 warm files would otherwise spend about a second of
+        the event loop on os.stat."""
         blobs: list[Blob] = []
         for i, e in enumerate(entries):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
@@ -359,15 +357,11 @@ class Filler:
             if b is not None:
                 blobs.append(b)
         if not blobs:
-            return {}, set()
+            return {}
 
-        def stat_all() -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes]]:
+        def stat_all() -> dict[bytes, tuple[Blob, Stat | int]]:
             seen = stat_paths([b.file for b in blobs])
-            ok = intact_all(blobs, seen)
-            return (
-                {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)},
-                {b.digest for b, good in zip(blobs, ok, strict=True) if good},
-            )
+            return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
 
         return await asyncio.to_thread(stat_all) if len(blobs) > 16 else stat_all()
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import pytest
 from chunkfakes import DEADLINE, MTIME, FakeSource, file_entry, pattern
 
+import hostd.fastcopy
 import hostd.fill
 from hostd.cache import Blob, Cache
 from hostd.core import manifest as mf
@@ -158,13 +159,54 @@ async def test_each_blob_is_announced_once_cold_and_warm(rig: Rig) -> None:
     announcement): a blob this fill made is not announced again when the fill returns it."""
     files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(40)]
     files.append(rig.file("big", pattern("big", 2 * CS + 5)))
-    for _ in range(2):  # cold, then warm
+    for source in ("origin", "mem"):  # cold, then warm
         heard: list[bytes] = []
+        progress = FillProgress()
         async with asyncio.timeout(DEADLINE):
             found = await rig.filler.ensure(
-                files, CS, [rig.mem], FillProgress(), functools.partial(_hear, heard)
+                files, CS, [rig.mem], progress, functools.partial(_hear, heard)
             )
         assert sorted(heard) == sorted(found) == sorted(f.digest for f in files)
+        assert set(+progress.by_source) == {source}
+
+
+async def test_a_warm_blob_dropped_after_its_stat_is_fetched_again_not_announced(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob stated intact whose record goes (a failed sync of another fill drops it, a
+    verify removes it) before the warm path reaches it is filled again, and only the new
+    copy is announced: a placer keeps the first announcement of a blob."""
+    files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(40)]
+    await rig.ensure(files)
+    victim = files[30]
+    loop = asyncio.get_running_loop()
+    stat_paths = hostd.fastcopy.stat_paths
+    removing: list[asyncio.Task[None]] = []
+
+    def stat_then_drop(paths: Sequence[str]) -> list[Any]:  # on the stat thread
+        out = stat_paths(paths)
+        loop.call_soon_threadsafe(
+            lambda: removing.append(loop.create_task(rig.cache.remove(victim.digest, rig.mem)))
+        )
+        return out
+
+    monkeypatch.setattr(hostd.fill, "stat_paths", stat_then_drop)
+    stale: list[bytes] = []
+
+    def ready(digest: bytes, b: Blob) -> None:
+        if not b.attached:
+            stale.append(digest)
+
+    progress = FillProgress()
+    async with asyncio.timeout(DEADLINE):
+        found = await rig.filler.ensure(files, CS, [rig.mem], progress, ready)
+        await asyncio.gather(*removing)
+    assert removing
+    assert stale == []
+    assert found[victim.digest].attached
+    assert_complete(rig, victim, rig.mem)
+    assert progress.done_bytes == progress.total_bytes == sum(f.size for f in files)
+    assert progress.by_source["origin"] == victim.size
 
 
 async def test_a_blob_in_another_tier_is_copied_in_not_fetched(rig: Rig) -> None:
