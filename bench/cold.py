@@ -784,7 +784,7 @@ def main() -> int:
     size = parse_size(args.size, "--size")
     weed_bin, s5cmd_bin = find_tool("weed", args.weed), find_tool("s5cmd", args.s5cmd)
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"hostd from {compile_bytecode().parent} (bytecode written, as an install has it)")
+    print(f"daemons' hostd from {compile_bytecode().parent}, its bytecode written as installed")
 
     with contextlib.ExitStack() as stack:
         disk = Path(tempfile.mkdtemp(prefix="hostd-cold-", dir=DISK))
