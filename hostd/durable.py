@@ -1,10 +1,11 @@
 """Blobs made durable in batches, then recorded: the order a power cut cannot break.
 
-A fill writes each blob and renames it into blobs/ with no fsync of its own (Tier.write_whole,
-PartialBlob.complete and Tier.copy_in with `durable=False`), and the cache takes it as
+A fill writes each blob and names it in blobs/ (a rename, or a link of an unnamed file) with no
+fsync of its own (Tier.write_wholes, PartialBlob.complete and Tier.copy_in with
+`durable=False`), and the cache takes it as
 complete in memory at once, so a running restore can use it. `Durability` collects those
 blobs, makes a batch durable with one Tier.sync (a syncfs of the tier's filesystem: data,
-inodes and renames), and only after that returns writes the batch's index rows, in one
+inodes and names), and only after that returns writes the batch's index rows, in one
 transaction. So after a crash or a power cut a blob is either recorded and intact, or not
 recorded; a blob file with no row is re-hashed before its first use (Cache.load).
 

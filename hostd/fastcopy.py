@@ -85,7 +85,7 @@ Failure = tuple[int, int, int, int]
 BlobJob = tuple[str, str, "bytes | bytearray | memoryview", int | None, int]
 """(scratch path, destination path, the blob's bytes, mtime in ns or None, mode)"""
 Written = tuple[int, int, int]
-"""(size, mtime_ns, ctime_ns) of a blob's stat, taken after its rename"""
+"""(size, mtime_ns, ctime_ns) of a blob's stat, taken once it has its name"""
 Failed = tuple[int, int]
 """(errno, stage) of a blob that failed: STAGES[stage] says at what"""
 
@@ -434,7 +434,65 @@ def blob_error(job: BlobJob, failed: Failed) -> OSError:
     return OSError(err, f"{os.strerror(err)}, {STAGES[stage]}", path)
 
 
+# Set once a filesystem refused O_TMPFILE, or a file could not be named through /proc (the
+# native loop keeps its own): every blob then goes the scratch way.
+_no_unnamed = False
+
+
+def _write_unnamed(job: BlobJob) -> Written | None:
+    """The blob as an unnamed file named once whole (native/fastcopy.c, write_blobs): its
+    stat, or None for the scratch way. Python has no linkat(AT_EMPTY_PATH): /proc names it
+    (through linkat with AT_SYMLINK_FOLLOW, which os.link asks for only given a dir_fd)."""
+    global _no_unnamed
+    _, dest, data, mtime, mode = job
+    parent, _, leaf = dest.rpartition("/")
+    if _no_unnamed or not parent:
+        return None
+    where = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        try:
+            dfd = os.open(parent, where)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent, 0o777)
+            dfd = os.open(parent, where)
+    except OSError:
+        return None
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError as e:
+        os.close(dfd)
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            _no_unnamed = True
+        return None
+    try:
+        _pwrite_all(fd, data)
+        if mtime is not None:
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            except OSError as e:
+                if e.errno not in _TIME_UNREPRESENTABLE:
+                    raise
+        os.fchmod(fd, mode)
+        try:
+            os.link(f"/proc/self/fd/{fd}", leaf, dst_dir_fd=dfd, follow_symlinks=True)
+        except FileNotFoundError:
+            if not os.access("/proc/self/fd", os.X_OK):
+                _no_unnamed = True
+            raise
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (unnamed, its file goes with it)
+        os.close(dfd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _write_blob(job: BlobJob) -> Written | Failed:
+    written = _write_unnamed(job)
+    if written is not None:
+        return written
     scratch, dest, data, mtime, mode = job
     try:
         fd = _open_scratch(scratch)

@@ -9,8 +9,10 @@ Layout under the tier's root:
 A chunk's presence byte is written only after its bytes, so a process killed between the two
 refetches the chunk rather than trusting a hole; a partial blob reopened after a restart has
 every present chunk re-hashed before it is trusted (see PartialBlob.recheck). A blob becomes
-complete by setting its recorded mtime, chmod read-only, rename into blobs/: nothing that
-looks complete was ever half written by a live process. Durability is the caller's choice:
+complete by setting its recorded mtime, chmod read-only, rename into blobs/ (a blob written
+whole in a batch, `write_wholes`: an unnamed O_TMPFILE file linked into blobs/ once whole,
+where the filesystem has them): nothing that looks complete was ever half written by a live
+process. Durability is the caller's choice:
 `durable=True` fsyncs each blob before its rename (a cost per file: a journal commit each on
 ext4); `durable=False` leaves it to one `sync` of the whole filesystem for a batch of blobs
 (syncfs(2)), which must return before any of them is recorded in the index. The directory is
@@ -429,9 +431,12 @@ class Tier:
     ) -> list[BlobStat | TierError]:
         """write_whole(durable=False) for a batch of (digest, bytes, mtime_ns) (blocking):
         one fastcopy.write_blobs call (in C, without the GIL, where it was built), so a tree
-        of small files costs a thread hop per batch, not per blob. One outcome per blob, in
-        order; a blob that failed left nothing behind (its TierError says `doing`). `sync`
-        must follow before any is recorded."""
+        of small files costs a thread hop per batch, not per blob. Each blob is written as
+        an unnamed file (O_TMPFILE) and linked into blobs/ once whole, with no scratch name
+        to make and rename across directories (a rename from tmp/ cost ~10x the rest on
+        ext4); where that cannot be (no O_TMPFILE, a leftover at its name), as write_whole.
+        One outcome per blob, in order; a blob that failed left nothing behind (its
+        TierError says `doing`). `sync` must follow before any is recorded."""
         pid, tid = os.getpid(), threading.get_ident()  # scratch names: ours alone
         jobs: list[fastcopy.BlobJob] = [
             (
@@ -503,7 +508,7 @@ class Tier:
 
     def sync(self, digests: Iterable[bytes], *, each: bool = False) -> None:
         """Make durable every blob installed here with `durable=False` (`digests` names
-        them): one syncfs of the tier's filesystem, which also commits their renames. Since
+        them): one syncfs of the tier's filesystem, which also commits their names. Since
         Linux 5.8 syncfs reports a write-back error on the filesystem that no one has seen
         yet (a fresh descriptor starts unseen errors at zero), once. `each`, or where libc
         has no syncfs: fsync each of `digests` (which reports an error of that file no one has

@@ -512,11 +512,14 @@ def test_odd_times_empty_blobs_views_and_modes_are_the_same(
 def test_a_blob_replaces_what_sits_at_its_name_and_a_leftover_scratch(
     blobs_both: Callable[..., Wrote],
 ) -> None:
+    """A file at a blob's name (a leftover no record vouches for) makes that blob go the
+    scratch way, which replaces it, and a leftover at its scratch name too."""
+
     def prepare(out: Path) -> None:
         (out / "blobs" / "aa").mkdir()
         (out / "blobs" / "aa" / "old").write_bytes(b"a leftover no record vouches for")
         (out / "blobs" / "aa" / "old").chmod(0o444)
-        (out / "tmp" / "s1").write_bytes(b"scratch of a batch that died half way")
+        (out / "tmp" / "s0").write_bytes(b"scratch of a batch that died half way")
 
     specs = [BlobSpec("blobs/aa/old", b"new bytes", 5), BlobSpec("blobs/aa/other", b"o", 6)]
     got = blobs_both(specs, prepare)
@@ -537,6 +540,9 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         (out / "blobs" / "dd" / "a-dir").mkdir(parents=True)
         (out / "tmp" / "a-dir").mkdir()
         (out / "tmp" / "a-dir" / "inside").write_bytes(b"")
+        (out / "blobs" / "00").mkdir()
+        for leftover in ("x", "y"):  # a file at the name: the blob goes the scratch way
+            (out / "blobs" / "00" / leftover).write_bytes(b"left over")
 
     specs = [
         BlobSpec("blobs/00/ok0", b"0", 1),
@@ -547,6 +553,9 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         BlobSpec("blobs/00/x", b"5", 1, scratch="no-tmp/s"),  # no scratch directory
         BlobSpec("blobs/00/y", b"6", 1, scratch="tmp/a-dir"),  # a directory at the scratch
         BlobSpec("blobs/00/ok1", b"7", 2),
+        # Named only once whole (O_TMPFILE), a blob makes no scratch: these two are written.
+        BlobSpec("blobs/01/x", b"8", 3, scratch="no-tmp/s"),
+        BlobSpec("blobs/01/y", b"9", 4, scratch="tmp/a-dir/inside/s"),  # through a file
     ]
     got = blobs_both(specs, prepare)
     assert got.outcomes == [
@@ -558,14 +567,21 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         (errno.ENOENT, fastcopy.OPEN),
         (errno.EISDIR, fastcopy.OPEN),  # a leftover is unlinked: a directory is not
         (1, 2),
+        (1, 3),
+        (1, 4),
     ]
     assert sorted(got.files) == [
         "a-file",
         "blobs/00/ok0",
         "blobs/00/ok1",
+        "blobs/00/x",
+        "blobs/00/y",
+        "blobs/01/x",
+        "blobs/01/y",
         "blobs/ff",
         "tmp/a-dir/inside",
     ]
+    assert got.files["blobs/00/x"][4] == b"left over"  # what failed left what was there
 
 
 def test_the_error_names_the_path_and_the_stage() -> None:
@@ -651,6 +667,32 @@ def test_a_read_only_tier_fails_each_blob_alike(tmp_path: Path) -> None:
     ]
     assert list((rw / "tmp").iterdir()) == []  # no scratch left
     assert (rw / "blobs" / "cc" / "b3-native").read_bytes() == b"x"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("hide_proc", [False, True], ids=["with /proc", "no /proc"])
+def test_a_blob_is_named_whichever_way_the_process_can(tmp_path: Path, hide_proc: bool) -> None:
+    """An unnamed file is named by linkat(AT_EMPTY_PATH) where the kernel allows it, else
+    through /proc/self/fd (the Python twin always: os.link has no AT_EMPTY_PATH); with
+    neither (a tmpfs over /proc, for the twin), each blob is written under a scratch name
+    and renamed, as before. Every blob lands whole, with no scratch left, either way."""
+    for impl in ("python", "native"):
+        for d in ("tmp", "blobs"):
+            (tmp_path / impl / d).mkdir(parents=True)
+    t = f"{tmp_path}/{{impl}}"
+    setup = "mount -t tmpfs hostd-no-proc /proc" if hide_proc else "true"
+    got = _in_namespace(
+        setup,
+        tmp_path,
+        [(f"{t}/tmp/s{i}", f"{t}/blobs/a{i % 3}/b{i}", 100 + i) for i in range(6)],
+    )
+    assert got == [(100 + i, 5) for i in range(6)]
+    for impl in ("python", "native"):
+        assert list((tmp_path / impl / "tmp").iterdir()) == []
+        for i in range(6):
+            assert (tmp_path / impl / "blobs" / f"a{i % 3}" / f"b{i}").read_bytes() == b"x" * (
+                100 + i
+            )
 
 
 @pytest.mark.root
