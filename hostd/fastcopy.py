@@ -14,7 +14,19 @@ O_EXCL collision is a FileExistsError; a source that ends early is EIO, "source 
 while copying".
 
 `write_blobs`: a fill (fill.py) or a publish (publish.py) stores a batch of one-chunk blobs
-in a tier. Per job `(scratch, dest, data, mtime_ns, mode)`:
+in a tier. Per job `(scratch, dest, data, mtime_ns, mode)`, first as an unnamed file named
+only once whole:
+
+    open `dest`'s directory O_TMPFILE (O_WRONLY|O_CLOEXEC, 0600; making the directory, one
+        level, where it is missing), on the filesystem of `scratch`'s directory (the tier's)
+    pwrite, utime and fchmod as below; linkat to `dest` (AT_EMPTY_PATH, else through
+        /proc/self/fd); close; stat `dest`
+
+The file has no name until it is whole, as with a rename, and there is no scratch entry to
+make and remove (nor the filesystem's cross-directory rename lock, which every writer of a
+tier shares, to take). Anything else (no O_TMPFILE, no /proc to name through, a leftover at
+`dest`, a prefix directory leading off the tier, any failure) drops the unnamed file (and a
+directory it made) and the job goes the scratch way, whose outcome is the job's:
 
     open `scratch` (O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600; a name taken already
         is a leftover of the caller's own, whose scratch names are unique to its pid,
@@ -28,7 +40,7 @@ in a tier. Per job `(scratch, dest, data, mtime_ns, mode)`:
 No fsync: the caller syncs the batch (syncfs). Every job is tried whatever the others did;
 the answer is one outcome per job, in order: `(size, mtime_ns, ctime_ns)` of the final stat,
 or `(errno, stage)` (STAGES names the stage; `blob_error` makes it an OSError naming the
-path). A job that failed before its rename leaves no scratch file behind.
+path). A job that failed leaves no scratch file, and no unnamed one, behind.
 
 `stat_paths(paths)`: the stat of each path, `(size, mtime_ns, ctime_ns)`, or the errno where
 it failed: a warm restore checks every blob it uses this way (fill.py), ~6 µs a blob from
@@ -74,7 +86,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from hostd.fileio import copy_range
+from hostd.fileio import copy_range, link_fd
 
 Job = tuple[int, str, int, int, int, int | None]
 """(dirfd, leaf name, mode, size, source descriptor or -1, mtime in ns or None)"""
@@ -295,7 +307,21 @@ def native_write_blobs(
 
 def twin_write_blobs(jobs: Sequence[BlobJob]) -> list[Written | Failed]:
     """The pure-Python loop, on the calling thread."""
-    return [_write_blob(job) for job in jobs]
+    devs: dict[str, int] = {}  # st_dev of each scratch directory (the tier's filesystem)
+    return [_write_blob(job, _scratch_dev(job[0], devs)) for job in jobs]
+
+
+def _scratch_dev(scratch: str, devs: dict[str, int]) -> int:
+    """st_dev of `scratch`'s directory, 0 where it cannot be had (native: scratch_dev)."""
+    parent = scratch.rpartition("/")[0]
+    dev = devs.get(parent)
+    if dev is None:
+        try:
+            dev = os.stat(parent).st_dev if parent else 0
+        except OSError:
+            dev = 0
+        devs[parent] = dev
+    return dev
 
 
 STAT_SPLIT = 512
@@ -434,38 +460,64 @@ def blob_error(job: BlobJob, failed: Failed) -> OSError:
     return OSError(err, f"{os.strerror(err)}, {STAGES[stage]}", path)
 
 
-# Set once a filesystem refused O_TMPFILE, or a file could not be named through /proc (the
-# native loop keeps its own): every blob then goes the scratch way.
+# Set once a filesystem refused O_TMPFILE, or a file could not be named through /proc; once
+# linkat(AT_EMPTY_PATH) was refused. The native loop keeps its own.
 _no_unnamed = False
+_no_empty_path = False
 
 
-def _write_unnamed(job: BlobJob) -> Written | None:
-    """The blob as an unnamed file named once whole (native/fastcopy.c, write_blobs): its
-    stat, or None for the scratch way. Python has no linkat(AT_EMPTY_PATH): /proc names it
-    (through linkat with AT_SYMLINK_FOLLOW, which os.link asks for only given a dir_fd)."""
+def _name_unnamed(fd: int, dest: str) -> None:
+    """Give the unnamed file `fd` the name `dest` (native/fastcopy.c, name_unnamed)."""
+    global _no_empty_path, _no_unnamed
+    if not _no_empty_path:
+        try:
+            link_fd(fd, dest)
+            return
+        except (FileNotFoundError, PermissionError):
+            _no_empty_path = True
+    parent, _, leaf = dest.rpartition("/")
+    dfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # (os.link asks linkat to follow /proc's link only where given a dir_fd)
+        os.link(f"/proc/self/fd/{fd}", leaf, dst_dir_fd=dfd, follow_symlinks=True)
+    except FileNotFoundError:
+        if not os.access("/proc/self/fd", os.X_OK):
+            _no_unnamed = True
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | None:
+    """The blob as an unnamed file named once whole (native/fastcopy.c, write_unnamed): its
+    stat, or None for the scratch way, with nothing of this attempt left."""
     global _no_unnamed
     _, dest, data, mtime, mode = job
-    parent, _, leaf = dest.rpartition("/")
-    if _no_unnamed or not parent:
+    parent = dest.rpartition("/")[0]
+    if _no_unnamed or not tier_dev or not parent:
         return None
-    where = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+    made = False
     try:
         try:
-            dfd = os.open(parent, where)
+            fd = os.open(parent, flags, 0o600)
         except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.mkdir(parent, 0o777)
-            dfd = os.open(parent, where)
-    except OSError:
-        return None
-    try:
-        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                made = True
+            except FileExistsError:
+                pass
+            fd = os.open(parent, flags, 0o600)
     except OSError as e:
-        os.close(dfd)
         if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             _no_unnamed = True
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
         return None
+    named = False
     try:
+        if os.fstat(fd).st_dev != tier_dev:  # a prefix directory leading off the tier
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), parent)
         _pwrite_all(fd, data)
         if mtime is not None:
             try:
@@ -474,23 +526,32 @@ def _write_unnamed(job: BlobJob) -> Written | None:
                 if e.errno not in _TIME_UNREPRESENTABLE:
                     raise
         os.fchmod(fd, mode)
-        try:
-            os.link(f"/proc/self/fd/{fd}", leaf, dst_dir_fd=dfd, follow_symlinks=True)
-        except FileNotFoundError:
-            if not os.access("/proc/self/fd", os.X_OK):
-                _no_unnamed = True
-            raise
-        st = os.fstat(fd)
+        _name_unnamed(fd, dest)
+        named = True
     except OSError:
-        return None
+        pass
     finally:
-        os.close(fd)  # (unnamed, its file goes with it)
-        os.close(dfd)
+        try:
+            os.close(fd)  # (unnamed, its file goes with it)
+        except OSError as e:
+            if named and e.errno != errno.EINTR:  # named, but its write-back failed
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                named = False
+    st = None
+    if named:
+        with contextlib.suppress(OSError):  # else the scratch way's rename replaces it
+            st = os.stat(dest)
+    if st is None:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        return None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _write_blob(job: BlobJob) -> Written | Failed:
-    written = _write_unnamed(job)
+def _write_blob(job: BlobJob, tier_dev: int) -> Written | Failed:
+    written = _write_unnamed(job, tier_dev)
     if written is not None:
         return written
     scratch, dest, data, mtime, mode = job

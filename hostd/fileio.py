@@ -69,6 +69,26 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
 
 
+AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = -100
+
+
+def link_fd(fd: int, path: str) -> None:
+    """linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH): give the open file `fd` (an unnamed
+    O_TMPFILE one) the name `path`. os.link has no AT_EMPTY_PATH; kernels that ask for
+    CAP_DAC_READ_SEARCH for it refuse it with ENOENT (or EPERM) without."""
+    rc = libc.linkat(
+        ctypes.c_int(fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_int(AT_EMPTY_PATH),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
 def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
     rc = libc.renameat2(
         ctypes.c_int(dirfd),

@@ -377,11 +377,12 @@ class Tier:
     def install(self, scratch: Path, digest: bytes, *, partial: bool = True) -> BlobStat:
         """Rename a finished file (read-only, verified, its mtime set) into blobs/ as `digest`.
 
-        The one way a blob becomes complete. It replaces whatever sits there already: that
-        file is not known to be intact (a leftover no record vouches for), this one is; the
-        rename is atomic, and restored trees linked to the old inode keep it. `partial`: a
-        partial blob of this digest may be left to remove (not so for a blob written whole,
-        which the cache fills that way only when it knows of no partial one)."""
+        The way a blob becomes complete (but those `write_wholes` names as they are made). It
+        replaces whatever sits there already: that file is not known to be intact (a leftover
+        no record vouches for), this one is; the rename is atomic, and restored trees linked
+        to the old inode keep it. `partial`: a partial blob of this digest may be left to
+        remove (not so for a blob written whole, which the cache fills that way only when it
+        knows of no partial one)."""
         dest = self.blob_path(digest)
         try:
             os.rename(scratch, dest)

@@ -360,6 +360,7 @@ struct blob {
     mode_t mode;
     int has_mtime;
     struct timespec times[2];
+    dev_t tier_dev; /* st_dev of the scratch's directory (the tier's filesystem); 0: unknown */
     /* the outcome */
     int err, stage;
     struct stat st;
@@ -450,9 +451,10 @@ static int name_unnamed(int fd, const char *dest) {
 }
 
 /* One blob as an unnamed file named when whole (see the top of this file): 1 if it is
- * written (b->st its stat), 0 if the job is to be done with a scratch name instead. */
+ * written (b->st its stat), 0 if the job is to be done with a scratch name instead, with
+ * nothing of this attempt left (the prefix directory it made is removed again, if empty). */
 static int write_unnamed(struct blob *b) {
-    if (atomic_load_explicit(&no_unnamed, memory_order_relaxed))
+    if (b->tier_dev == 0 || atomic_load_explicit(&no_unnamed, memory_order_relaxed))
         return 0;
     const char *dest = PyBytes_AS_STRING(b->dest);
     const char *slash = strrchr(dest, '/');
@@ -462,22 +464,40 @@ static int write_unnamed(struct blob *b) {
         return 0;
     memcpy(dir, dest, len);
     dir[len] = '\0';
+    int made = 0;
     int fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
-    if (fd < 0 && errno == ENOENT && (mkdir(dir, 0777) == 0 || errno == EEXIST))
-        fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT) {
+        made = mkdir(dir, 0777) == 0;
+        if (made || errno == EEXIST)
+            fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    }
     if (fd < 0) {
         if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)
             atomic_store(&no_unnamed, 1);
+        if (made)
+            rmdir(dir);
         return 0;
     }
-    int ok = write_all(fd, b->data.buf, b->data.len) == 0 &&
+    struct stat st;
+    /* On the tier's filesystem, which the caller's sync covers: a prefix directory that
+     * leads elsewhere (a symlink) fails the scratch way's rename, EXDEV, as it always did. */
+    int ok = fstat(fd, &st) == 0 && st.st_dev == b->tier_dev &&
+             write_all(fd, b->data.buf, b->data.len) == 0 &&
              (!b->has_mtime || futimens(fd, b->times) == 0 || errno == EINVAL ||
               errno == EOVERFLOW || errno == ERANGE) &&
              fchmod(fd, b->mode) == 0 && name_unnamed(fd, dest) == 0;
-    if (ok && fstat(fd, &b->st) < 0) {
-        ok = 0; /* named, but with no stat to answer: the scratch way replaces it */
+    /* Unnamed, the file goes with its descriptor. Named, a close that reports an error
+     * (write-back on some filesystems) unnames it: the scratch way then answers. */
+    if (close(fd) < 0 && ok && errno != EINTR) {
+        unlink(dest);
+        ok = 0;
     }
-    close(fd); /* (unnamed, its file goes with it) */
+    /* The stat of the named file, after its close, as the scratch way takes it; a failure
+     * here leaves it to the scratch way, whose rename replaces it. */
+    if (ok && stat(dest, &b->st) < 0)
+        ok = 0;
+    if (!ok && made)
+        rmdir(dir);
     return ok;
 }
 
@@ -552,10 +572,28 @@ static PyObject *outcome(const struct blob *b) {
     return t;
 }
 
+/* st_dev of the directory of `scratch` (the tier's tmp/), 0 where it cannot be had: the
+ * jobs of a call name one or a few such directories, so the last one is kept in `last`. */
+static dev_t scratch_dev(const char *scratch, char *last, dev_t *last_dev) {
+    const char *slash = strrchr(scratch, '/');
+    size_t len = slash == NULL ? 0 : (size_t)(slash - scratch);
+    if (len == 0 || len >= PATH_MAX)
+        return 0;
+    if (strncmp(last, scratch, len) == 0 && last[len] == '\0')
+        return *last_dev;
+    struct stat st;
+    memcpy(last, scratch, len);
+    last[len] = '\0';
+    *last_dev = stat(last, &st) == 0 ? st.st_dev : 0;
+    return *last_dev;
+}
+
 static PyObject *write_blobs(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq_in;
     int threads = 1;
+    char last_dir[PATH_MAX] = "";
+    dev_t last_dev = 0;
     if (!PyArg_ParseTuple(args, "O|i:write_blobs", &seq_in, &threads))
         return NULL;
     PyObject *seq = PySequence_Fast(seq_in, "jobs must be a sequence");
@@ -588,6 +626,7 @@ static PyObject *write_blobs(PyObject *self, PyObject *args) {
             b->times[1] = b->times[0];
             b->has_mtime = 1;
         }
+        b->tier_dev = scratch_dev(PyBytes_AS_STRING(b->scratch), last_dir, &last_dev);
     }
     Py_BEGIN_ALLOW_THREADS
     pool_run((size_t)n, threads, 1, blob_one, blobs);

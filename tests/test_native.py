@@ -553,9 +553,10 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         BlobSpec("blobs/00/x", b"5", 1, scratch="no-tmp/s"),  # no scratch directory
         BlobSpec("blobs/00/y", b"6", 1, scratch="tmp/a-dir"),  # a directory at the scratch
         BlobSpec("blobs/00/ok1", b"7", 2),
-        # Named only once whole (O_TMPFILE), a blob makes no scratch: these two are written.
-        BlobSpec("blobs/01/x", b"8", 3, scratch="no-tmp/s"),
+        # Named only once whole (O_TMPFILE), a blob makes no scratch: this one is written...
         BlobSpec("blobs/01/y", b"9", 4, scratch="tmp/a-dir/inside/s"),  # through a file
+        # ... but with no scratch directory, the tier's filesystem is unknown: scratch way
+        BlobSpec("blobs/01/x", b"8", 3, scratch="no-tmp/s"),
     ]
     got = blobs_both(specs, prepare)
     assert got.outcomes == [
@@ -567,8 +568,8 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         (errno.ENOENT, fastcopy.OPEN),
         (errno.EISDIR, fastcopy.OPEN),  # a leftover is unlinked: a directory is not
         (1, 2),
-        (1, 3),
         (1, 4),
+        (errno.ENOENT, fastcopy.OPEN),
     ]
     assert sorted(got.files) == [
         "a-file",
@@ -576,12 +577,34 @@ def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[...,
         "blobs/00/ok1",
         "blobs/00/x",
         "blobs/00/y",
-        "blobs/01/x",
         "blobs/01/y",
         "blobs/ff",
         "tmp/a-dir/inside",
     ]
     assert got.files["blobs/00/x"][4] == b"left over"  # what failed left what was there
+
+
+def test_a_prefix_directory_leading_off_the_tier_fails_as_a_rename_across_filesystems(
+    blobs_both: Callable[..., Wrote], tmp_path: Path
+) -> None:
+    """blobs/aa a symlink to another filesystem: the blob is not written there (the batch's
+    syncfs, of the tier's filesystem, would not cover it), EXDEV, as the rename always said."""
+    elsewhere: list[Path] = []
+
+    def prepare(out: Path) -> None:
+        away = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        elsewhere.append(away)
+        (out / "blobs" / "aa").symlink_to(away)
+
+    if os.stat(tmp_path).st_dev == os.stat("/dev/shm").st_dev:
+        pytest.skip("needs the test's directory and /dev/shm on two filesystems")
+    try:
+        got = blobs_both([BlobSpec("blobs/aa/x", b"away", 1)], prepare)
+        assert got.outcomes == [(errno.EXDEV, fastcopy.RENAME)]
+        assert all(list(d.iterdir()) == [] for d in elsewhere)
+    finally:
+        for d in elsewhere:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_the_error_names_the_path_and_the_stage() -> None:
@@ -673,22 +696,24 @@ def test_a_read_only_tier_fails_each_blob_alike(tmp_path: Path) -> None:
 @pytest.mark.parametrize("hide_proc", [False, True], ids=["with /proc", "no /proc"])
 def test_a_blob_is_named_whichever_way_the_process_can(tmp_path: Path, hide_proc: bool) -> None:
     """An unnamed file is named by linkat(AT_EMPTY_PATH) where the kernel allows it, else
-    through /proc/self/fd (the Python twin always: os.link has no AT_EMPTY_PATH); with
-    neither (a tmpfs over /proc, for the twin), each blob is written under a scratch name
-    and renamed, as before. Every blob lands whole, with no scratch left, either way."""
+    through /proc/self/fd; with neither, each blob is written under a scratch name and
+    renamed, as before. Every blob lands whole, with no scratch left, either way, and both
+    implementations alike: the last blob's scratch name is taken by a directory, which only
+    the scratch way trips on."""
     for impl in ("python", "native"):
-        for d in ("tmp", "blobs"):
+        for d in ("tmp/a-dir", "blobs"):
             (tmp_path / impl / d).mkdir(parents=True)
     t = f"{tmp_path}/{{impl}}"
     setup = "mount -t tmpfs hostd-no-proc /proc" if hide_proc else "true"
     got = _in_namespace(
         setup,
         tmp_path,
-        [(f"{t}/tmp/s{i}", f"{t}/blobs/a{i % 3}/b{i}", 100 + i) for i in range(6)],
+        [(f"{t}/tmp/s{i}", f"{t}/blobs/a{i % 3}/b{i}", 100 + i) for i in range(5)]
+        + [(f"{t}/tmp/a-dir", f"{t}/blobs/a2/b5", 105)],
     )
     assert got == [(100 + i, 5) for i in range(6)]
     for impl in ("python", "native"):
-        assert list((tmp_path / impl / "tmp").iterdir()) == []
+        assert [p.name for p in (tmp_path / impl / "tmp").iterdir()] == ["a-dir"]
         for i in range(6):
             assert (tmp_path / impl / "blobs" / f"a{i % 3}" / f"b{i}").read_bytes() == b"x" * (
                 100 + i
@@ -717,6 +742,43 @@ def test_a_full_tier_fails_the_blob_that_does_not_fit_and_gives_its_space_back(
         ],
     )
     assert got == [(40 * KiB, 5), (errno.ENOSPC, fastcopy.WRITE), (20 * KiB, 5)]
+
+
+_TOO_BIG = """
+import json, resource, signal, sys
+from hostd import fastcopy
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50, 50))
+top = sys.argv[1]
+print(json.dumps([
+    write([(f"{top}/{impl}/tmp/s0", f"{top}/{impl}/blobs/cc/b0", b"x" * 100, 5, 0o444)])
+    for impl, write in (("python", fastcopy.twin_write_blobs),
+                        ("native", fastcopy.native_write_blobs))
+]))
+"""
+
+
+def test_a_blob_that_fails_leaves_nothing_not_even_its_prefix_directory(tmp_path: Path) -> None:
+    """A blob larger than the process may write (RLIMIT_FSIZE: EFBIG, a real refusal) fails
+    while written, in both ways (the unnamed file, then the scratch one), and leaves neither
+    file nor the prefix directory made for it."""
+    _native_or_skip()
+    for impl in ("python", "native"):
+        for d in ("tmp", "blobs"):
+            (tmp_path / impl / d).mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _TOO_BIG, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    py, c = json.loads(done.stdout)
+    assert py == c == [[errno.EFBIG, fastcopy.WRITE]]
+    for impl in ("python", "native"):
+        assert list((tmp_path / impl / "blobs").iterdir()) == []
+        assert list((tmp_path / impl / "tmp").iterdir()) == []
 
 
 def test_write_blobs_takes_the_implementation_chosen_at_import(
