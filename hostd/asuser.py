@@ -61,6 +61,18 @@ _ERRORS: dict[str, type[HostdError]] = {
 _TARGET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
 
 
+@dataclass
+class Ledger:
+    """What a progressive restore's helper says it placed, kept by the daemon: should the
+    helper die, a new one takes that back (AsUser.reclaim)."""
+
+    path: str  # the target
+    target_id: list[int]  # its (dev, inode)
+    made_target: bool
+    made_dirs: list[str]
+    placed: list[list[Any]]  # [path, inode] of each file and symlink landed
+
+
 @dataclass(frozen=True, slots=True)
 class TargetInfo:
     dev: int  # st_dev of the target's parent directory
@@ -201,6 +213,8 @@ class AsUser:
         self._sending = threading.Lock()
         self._answers = threading.Condition()  # whose turn it is to read an answer
         self._sent = self._answered = 0  # requests sent, answers read
+        self.target_path = ""
+        self.ledger: Ledger | None = None  # a progressive restore's, from `begin`
 
     def __repr__(self) -> str:
         return f"AsUser(uid={self.caller.uid})"
@@ -349,6 +363,7 @@ class AsUser:
     # -- restore ---------------------------------------------------------------------------
     def target(self, path: str, replace: bool) -> TargetInfo:
         reply, _ = self.call("target", path=path, replace=replace)
+        self.target_path = path
         existing = reply["target"]
         return TargetInfo(
             int(reply["dev"]),
@@ -375,6 +390,14 @@ class AsUser:
             progressive=progressive,
             keep=keep,
         )
+        if progressive and not keep:
+            self.ledger = Ledger(
+                self.target_path,
+                [int(x) for x in reply["target_id"]],
+                bool(reply["made_target"]),
+                [str(d) for d in reply["made_dirs"]],
+                [],
+            )
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(
@@ -382,10 +405,16 @@ class AsUser:
     ) -> None:
         """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
         takes the next of `fds` as its source."""
-        self.call("files", fds, items=[list(i) for i in items])
+        reply, _ = self.call("files", fds, items=[list(i) for i in items])
+        self._placed(reply)
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:
-        self.call("symlinks", items=[list(i) for i in items])
+        reply, _ = self.call("symlinks", items=[list(i) for i in items])
+        self._placed(reply)
+
+    def _placed(self, reply: dict[str, Any]) -> None:
+        if self.ledger is not None:
+            self.ledger.placed.extend(reply.get("placed", []))
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""
@@ -401,6 +430,23 @@ class AsUser:
     def unplace(self, paths: Sequence[str]) -> None:
         """Take back files a progressive restore placed, whatever it was asked to keep."""
         self.call("unplace", paths=list(paths))
+        if self.ledger is not None:
+            gone = set(paths)
+            self.ledger.placed = [e for e in self.ledger.placed if e[0] not in gone]
+
+    def reclaim(self, ledger: Ledger, linked: Sequence[tuple[str, int]]) -> None:
+        """Take back what a progressive restore whose helper died placed (that helper's
+        `ledger`, and the daemon's `linked`), as this caller: only names still holding the
+        inode placed there; then the directories it made, and the target, where empty."""
+        self.call(
+            "reclaim",
+            path=ledger.path,
+            target_id=ledger.target_id,
+            made_target=ledger.made_target,
+            made_dirs=ledger.made_dirs,
+            placed=ledger.placed,
+            linked=[list(x) for x in linked],
+        )
 
     def open_in_view(self, path: str | Path) -> int:
         """One of the daemon's own directories as the caller's mount namespace sees it
@@ -415,11 +461,17 @@ class AsUser:
         except OSError:
             return -1
 
-    def abandon(self, linked: Sequence[tuple[str, int]] = ()) -> None:
-        """Best effort abort on a failure path: a helper that is gone, or that fails here,
-        removes its build anyway when it sees the daemon's end close."""
-        with contextlib.suppress(HostdError, OSError):
+    def abandon(self, linked: Sequence[tuple[str, int]] = ()) -> bool:
+        """Best effort abort on a failure path: a helper that fails here removes its build
+        anyway when it sees the daemon's end close. False where it did not answer (gone):
+        a progressive restore's files are then for `reclaim` to take back."""
+        try:
             self.abort(linked)
+        except (TransientError, OSError, FrameError):
+            return False
+        except HostdError:
+            pass
+        return True
 
 
 class Storage:

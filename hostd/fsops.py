@@ -385,22 +385,7 @@ class Helper:
         """Resolve the target's parent, check the target, and sweep what an earlier restore
         into it left behind."""
         path, replace = str(msg["path"]), bool(msg["replace"])
-        parent, _, name = path.rstrip("/").rpartition("/")
-        if not path.startswith("/") or name in ("", ".", ".."):
-            raise Refused("usage", f"target {path!r} is not an absolute path to a directory")
-        self.parent_path, self.name = parent or "/", name
-        try:
-            self.parent = self._resolve(self.parent_path, os.O_PATH | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise Refused(
-                "usage", f"target's parent directory {self.parent_path!r} does not exist"
-            ) from None
-        except NotADirectoryError:
-            raise Refused("usage", self._not_a_dir(self.parent_path)) from None
-        except PermissionError:
-            raise Refused(
-                "usage", f"target's parent directory {self.parent_path!r}: permission denied"
-            ) from None
+        name = self._parent_of(path)
         target_id = None
         try:
             st = os.stat(name, dir_fd=self.parent, follow_symlinks=False)
@@ -424,6 +409,58 @@ class Helper:
             "chain": self._chain(self.parent),
             "target": target_id,
         }, []
+
+    def _parent_of(self, path: str) -> str:
+        """Resolve the parent of target `path` (self.parent, self.parent_path); its name."""
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if not path.startswith("/") or name in ("", ".", ".."):
+            raise Refused("usage", f"target {path!r} is not an absolute path to a directory")
+        self.parent_path, self.name = parent or "/", name
+        try:
+            self.parent = self._resolve(self.parent_path, os.O_PATH | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise Refused(
+                "usage", f"target's parent directory {self.parent_path!r} does not exist"
+            ) from None
+        except NotADirectoryError:
+            raise Refused("usage", self._not_a_dir(self.parent_path)) from None
+        except PermissionError:
+            raise Refused(
+                "usage", f"target's parent directory {self.parent_path!r}: permission denied"
+            ) from None
+        return name
+
+    def op_reclaim(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Take back what a progressive restore placed in target `path` whose helper died:
+        its ledger, as that helper answered it (`target_id`, `made_target`, `made_dirs`,
+        `placed`), and the daemon's `linked`, removed as that helper's abort would have
+        (only names that still hold the inode placed there). The target, locked as a
+        progressive restore locks it, must be the one that restore filled."""
+        path = str(msg["path"])
+        self._parent_of(path)
+        fd = _open_dir(self.parent, self.name, path)
+        self.dirs[""] = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(
+                "exists", f"target {path!r} is being filled by another progressive restore"
+            ) from None
+        st = os.fstat(fd)
+        if [st.st_dev, st.st_ino] != list(msg["target_id"]):
+            raise Refused("changed", f"target {path!r} was replaced since it was filled")
+        self.progressive, self.target_id = True, [st.st_dev, st.st_ino]
+        self.made_target = bool(msg["made_target"])
+        for d in msg["made_dirs"]:  # parents first: one gone takes its children's turn
+            up, _, leaf = str(d).rpartition("/")
+            if up in self.dirs:
+                with contextlib.suppress(OSError):
+                    self.dirs[str(d)] = _open_dir(self.dirs[up], leaf, str(d))
+                    self.made_dirs.append(str(d))
+        self.placed = [(str(p), int(i)) for p, i in msg["placed"]]
+        self._unplace(msg.get("linked") or [])
+        self._close_dirs()
+        return {"ok": True}, []
 
     def _not_a_dir(self, parent: str) -> str:
         """Why `parent` is not a directory: it is a file, or a file stands above it."""
@@ -539,7 +576,13 @@ class Helper:
             self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
             self.made_dirs.append(d)
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
-        return {"dev": st.st_dev}, out
+        # The daemon keeps what a reclaim needs, should this helper die (op_reclaim).
+        return {
+            "dev": st.st_dev,
+            "target_id": self.target_id,
+            "made_target": made,
+            "made_dirs": self.made_dirs,
+        }, out
 
     def op_files(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Create files: `copy` ones from the blob descriptors sent with the frame, in order.
@@ -569,7 +612,9 @@ class Helper:
                 ) from None
             raise
         if self.progressive:
+            before = len(self.placed)
             self._land(jobs, paths)
+            return {"ok": True, "placed": self.placed[before:]}, []
         return {"ok": True}, []
 
     def _land(self, jobs: list[Job], paths: list[str]) -> None:
@@ -594,13 +639,15 @@ class Helper:
                 os.unlink(job[1], dir_fd=job[0])
 
     def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        placed: list[tuple[str, int]] = []
         for path, target in msg["items"]:
             up, _, leaf = str(path).rpartition("/")
             os.symlink(str(target), leaf, dir_fd=self.dirs[up])
             if self.progressive:
                 st = os.stat(leaf, dir_fd=self.dirs[up], follow_symlinks=False)
                 self.placed.append((str(path), st.st_ino))
-        return {"ok": True}, []
+                placed.append((str(path), st.st_ino))
+        return {"ok": True, "placed": placed}, []
 
     def op_unplace(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A progressive restore's files to take back whatever `keep` says: a batch whose

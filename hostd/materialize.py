@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import logging
 import operator
 import os
 import queue
@@ -43,9 +44,11 @@ from dataclasses import dataclass, field
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
-from hostd.errors import ChunkCorrupt, UsageError
+from hostd.errors import ChunkCorrupt, HostdError, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.tier import BLOB_MODE
+
+log = logging.getLogger(__name__)
 
 MODES = ("link", "copy", "auto")
 # Copies per request to the helper: a request (JSON, the blobs' descriptors) costs about as
@@ -149,15 +152,18 @@ class Placer:
         on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
         progressive: bool = True,
         replace: bool = False,
+        respawn: Callable[[], AsUser] | None = None,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
         linked: the caller could write to them. `on_symlinks`: the symlinks, once made
-        (last, every file they may point at placed)."""
+        (last, every file they may point at placed). `respawn()`: a new helper for the
+        same caller (blocking), to take back what was placed should this one die."""
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
         self.cancel, self.lend, self.keep = cancel, lend, keep
         self.on_symlinks = on_symlinks
+        self.respawn = respawn
         self.progressive, self.replace = progressive, replace
         self.done = _Done(on_files)
         self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
@@ -223,7 +229,12 @@ class Placer:
                     self.on_symlinks(list(self.m.symlinks))
             left = self.fs.commit(self.replace)
         except BaseException:
-            self.fs.abandon(self._linked(seen))
+            linked = self._linked(seen)
+            if not self.fs.abandon(linked):
+                # (our copies of its directories share the dead helper's lock on the target)
+                close_fds(list(self.dirfds.values()))
+                self.dirfds = {}
+                self._reclaim(linked)
             raise
         finally:
             close_fds(list(self.dirfds.values()))
@@ -238,6 +249,25 @@ class Placer:
             limit_copies=self.links.limit_copies,
             old_tree_left=left,
         )
+
+    def _reclaim(self, linked: list[tuple[str, int]]) -> None:
+        """The helper died (killed, out of memory) with files of a progressive restore in
+        the caller's target: a new one, as the caller, takes back what the dead one said it
+        placed, and the daemon's links (a build directory goes at the next restore's sweep)."""
+        ledger = self.fs.ledger
+        if ledger is None or self.respawn is None:
+            return
+        try:
+            fresh = self.respawn()
+        except (HostdError, OSError) as e:
+            log.warning("could not take back the files placed in %s: %s", ledger.path, e)
+            return
+        try:
+            fresh.reclaim(ledger, linked)
+        except (HostdError, OSError) as e:
+            log.warning("could not take back the files placed in %s: %s", ledger.path, e)
+        finally:
+            fresh.close()
 
     def _linked(self, seen: dict[bytes, Ready]) -> list[tuple[str, int]]:
         """(path, inode) of each link made, for the helper to take back."""

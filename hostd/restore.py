@@ -517,6 +517,7 @@ class Restorer:
             keep=req.keep_partial,
             progressive=progressive,
             replace=req.replace,
+            respawn=functools.partial(AsUser.start, req.caller, self.spawner, req.pidfd),
         )
 
         def ready(digest: bytes, b: Blob) -> None:

@@ -426,3 +426,59 @@ def test_a_cancelled_cold_restore_removes_its_build(
         r.thread.join(DEADLINE)
         poll("the build to go", lambda: not hidden_builds(target))
         assert not target.exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            out.append(int(p))
+    return out
+
+
+def _helpers(h: Hostd) -> list[int]:
+    """The daemon's helper processes (forked by its zygote, hostd.fsops, a child of it)."""
+    assert h.proc is not None
+    zygotes = [
+        p
+        for p in _children(h.proc.pid)
+        if b"hostd.fsops" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    return [c for z in zygotes for c in _children(z)]
+
+
+@pytest.mark.parametrize("mode", ["copy", "link"])
+def test_a_helper_killed_mid_restore_fails_it_and_what_landed_is_taken_back(
+    work: Path, published: dict[str, bytes], mode: str
+) -> None:
+    """The helper that places files as the caller dies (kill -9, the OOM killer) while a
+    progressive restore runs: the restore fails naming what happened, and what had landed
+    goes, as after any failure: a new helper, as the caller, takes it back."""
+    target = work / "out"
+    # link: the target beside the tier, on one filesystem, and root trusted with links
+    tiers = [{"name": "mem", "path": str(work / "d" / "mem"), "budget": "1GiB"}]
+    trusted = {"link_to_writers": True}
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, tiers=tiers, access=trusted) as h,
+    ):
+        held = origin.hold(first_chunk(published["b.bin"]))
+        r = Restore(h, target, mode=mode)
+        while r.next_file()["path"] != "a.bin":
+            pass
+        assert (target / "a.bin").exists()
+        if mode == "link":
+            assert (target / "a.bin").stat().st_nlink == 2  # the blob's own inode
+        helpers = _helpers(h)
+        assert len(helpers) == 1
+        os.kill(helpers[0], 9)
+        held.set()
+        with pytest.raises(HostdError, match="helper"):
+            r.wait()
+        assert not target.exists(), sorted(os.listdir(target))
