@@ -220,10 +220,34 @@ class AsUser:
         return f"AsUser(uid={self.caller.uid})"
 
     @classmethod
-    def start(cls, caller: Caller, spawner: Spawner, caller_pidfd: int = -1) -> AsUser:
+    def start(
+        cls, caller: Caller, spawner: Spawner, caller_pidfd: int = -1, *, root_fd: int = -1
+    ) -> AsUser:
         """Start a helper and hand it the caller (blocking). `caller_pidfd` pins the calling
         process (SO_PEERPIDFD, taken from the connection: it cannot name a later process
-        that reuses the pid); without one, a pidfd of the pid is opened here."""
+        that reuses the pid); without one, a pidfd of the pid is opened here. `root_fd`: the
+        caller's root as an earlier helper of this caller opened it (`root_fd`), for work
+        that must be done even where the caller is gone (`reclaim`); the helper then keeps
+        none of a root caller's capabilities, which it can no longer read."""
+        if root_fd >= 0:
+            sock, helper = spawner.spawn()
+            me = cls(caller, sock, helper)
+            try:
+                _, fds = me.call(
+                    "init",
+                    [root_fd],
+                    nfds=1,
+                    uid=caller.uid,
+                    gid=caller.gid,
+                    groups=list(caller.groups),
+                    pid=caller.pid,
+                    root=True,
+                )
+                me.root_fd = fds[0]
+            except BaseException:
+                me.close()
+                raise
+            return me
         try:
             if caller_pidfd >= 0:
                 pidfd = os.dup(caller_pidfd)
@@ -311,6 +335,15 @@ class AsUser:
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
+    def stopped(self) -> bool:
+        """Kill the helper and wait until it is gone, its descriptors closed (the locks it
+        held released): False if it is not within CLOSE_GRACE."""
+        self.kill()
+        try:
+            return bool(select.select([self.pidfd], [], [], CLOSE_GRACE)[0])
+        except OSError:
+            return True  # (no pidfd any more: closed)
+
     def close(self) -> None:
         """Tell the helper we are done (it removes an unfinished build) and wait for it to
         exit, killing it if it does not."""
@@ -391,11 +424,12 @@ class AsUser:
             keep=keep,
         )
         if progressive and not keep:
+            asked = set(dirs)  # the helper answers for these alone (it may lie about them)
             self.ledger = Ledger(
                 self.target_path,
                 [int(x) for x in reply["target_id"]],
                 bool(reply["made_target"]),
-                [str(d) for d in reply["made_dirs"]],
+                [str(d) for d in reply["made_dirs"] if d in asked],
                 [],
             )
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
@@ -406,15 +440,21 @@ class AsUser:
         """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
         takes the next of `fds` as its source."""
         reply, _ = self.call("files", fds, items=[list(i) for i in items])
-        self._placed(reply)
+        self._placed(reply, {i[0] for i in items})
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:
-        reply, _ = self.call("symlinks", items=[list(i) for i in items])
-        self._placed(reply)
+        sent = [list(i) for i in items]
+        reply, _ = self.call("symlinks", items=sent)
+        self._placed(reply, {i[0] for i in sent})
 
-    def _placed(self, reply: dict[str, Any]) -> None:
+    def _placed(self, reply: dict[str, Any], sent: set[str]) -> None:
+        """Keep what the helper says it placed: of the paths sent, their inodes."""
         if self.ledger is not None:
-            self.ledger.placed.extend(reply.get("placed", []))
+            self.ledger.placed.extend(
+                [p, i]
+                for p, i in reply.get("placed", [])
+                if p in sent and type(i) is int  # (a lying helper names nothing else)
+            )
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""

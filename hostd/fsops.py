@@ -145,14 +145,19 @@ class Helper:
         lacks. Every lookup under it is made after the drop, with the caller's rights."""
         uid, gid, pid = int(msg["uid"]), int(msg["gid"]), int(msg["pid"])
         groups = [int(g) for g in msg["groups"]]
+        if msg.get("root"):
+            # The root an earlier helper of this caller opened: the caller may be gone. Its
+            # capabilities cannot be read any more, so a root caller's helper keeps none.
+            self.root = os.dup(fds[0])
+            pid = max(pid, 1)
         if pid <= 0:
             raise Refused(
                 "forbidden",
                 "the calling process is not visible to hostd (another pid namespace): its "
                 "paths cannot be resolved in its own mount namespace",
             )
-        pidfd = fds[0] if fds else -1
-        root_error = self._open_root(pid, pidfd)
+        pidfd = fds[0] if fds and not msg.get("root") else -1
+        root_error = None if self.root >= 0 else self._open_root(pid, pidfd)
         # Not dumpable before the drop (the kernel clears it on a uid change only where
         # fs.suid_dumpable is 0): the caller must never ptrace us or read our descriptors.
         libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -451,16 +456,30 @@ class Helper:
             raise Refused("changed", f"target {path!r} was replaced since it was filled")
         self.progressive, self.target_id = True, [st.st_dev, st.st_ino]
         self.made_target = bool(msg["made_target"])
-        for d in msg["made_dirs"]:  # parents first: one gone takes its children's turn
-            up, _, leaf = str(d).rpartition("/")
-            if up in self.dirs:
-                with contextlib.suppress(OSError):
-                    self.dirs[str(d)] = _open_dir(self.dirs[up], leaf, str(d))
-                    self.made_dirs.append(str(d))
-        self.placed = [(str(p), int(i)) for p, i in msg["placed"]]
+        for d in map(str, msg["made_dirs"]):  # parents first: one gone takes its children's
+            up, _, leaf = d.rpartition("/")
+            if up in self.dirs and _in_tree(d):
+                with contextlib.suppress(OSError, Refused):  # (replaced: left, with its own)
+                    self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+                    self.made_dirs.append(d)
+        self.placed = [(str(p), int(i)) for p, i in msg["placed"] if _in_tree(str(p))]
+        self._drop_scratch()
         self._unplace(msg.get("linked") or [])
         self._close_dirs()
         return {"ok": True}, []
+
+    def _drop_scratch(self) -> None:
+        """The scratch files (PART_PREFIX) of a batch the dead helper was writing, in the
+        tree's directories: names hostd keeps for itself, in a target this restore held
+        locked. (A file it had renamed in but not yet told of stays: no inode vouches it.)"""
+        for d, fd in self.dirs.items():
+            with contextlib.suppress(OSError, Refused):
+                for name in _listdir(fd, d):
+                    if name.startswith(PART_PREFIX):
+                        with contextlib.suppress(OSError):
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                            if stat.S_ISREG(st.st_mode):
+                                os.unlink(name, dir_fd=fd)
 
     def _not_a_dir(self, parent: str) -> str:
         """Why `parent` is not a directory: it is a file, or a file stands above it."""
@@ -842,6 +861,11 @@ def _listdir(dfd: int, what: str) -> list[str]:
 def _oserror(e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     return f"{e.strerror or e}{where}"
+
+
+def _in_tree(path: str) -> bool:
+    """A relative path that stays in the tree: no empty, '.' or '..' component."""
+    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 def _close(fd: int) -> None:

@@ -152,12 +152,13 @@ class Placer:
         on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
         progressive: bool = True,
         replace: bool = False,
-        respawn: Callable[[], AsUser] | None = None,
+        respawn: Callable[[int], AsUser] | None = None,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
         linked: the caller could write to them. `on_symlinks`: the symlinks, once made
-        (last, every file they may point at placed). `respawn()`: a new helper for the
-        same caller (blocking), to take back what was placed should this one die."""
+        (last, every file they may point at placed). `respawn(root_fd)`: a new helper for
+        the same caller, in the root this one opened (blocking: AsUser.start), to take back
+        what was placed should this one die."""
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
@@ -257,8 +258,14 @@ class Placer:
         ledger = self.fs.ledger
         if ledger is None or self.respawn is None:
             return
-        try:
-            fresh = self.respawn()
+        # Gone for sure, its lock on the target released, not merely slow to answer.
+        if not self.fs.stopped():
+            log.warning(
+                "could not take back the files placed in %s: its helper lives on", ledger.path
+            )
+            return
+        try:  # in the root the dead one opened: the caller may be gone too (kill -9 -1)
+            fresh = self.respawn(self.fs.root_fd)
         except (HostdError, OSError) as e:
             log.warning("could not take back the files placed in %s: %s", ledger.path, e)
             return

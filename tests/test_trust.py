@@ -781,3 +781,56 @@ def test_a_root_caller_keeps_only_the_capabilities_it_has(work: Path) -> None:
         assert list(theirs.iterdir()) == []
         out = curl_stream(d.socket, "/v1/restore", body)  # root with all its capabilities
         assert out["event"] == "result", out
+
+
+def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone_too(
+    work: Path,
+) -> None:
+    """A progressive restore's caller and helper both killed (`kill -9 -1` as that user): a
+    new helper, in the root the dead one opened, takes back what the ledger says was placed
+    and the scratch file of the batch it was writing, as nobody: the caller's own file
+    stays, and so does anything a lying ledger names outside the target."""
+    home = nobody_dir(work / "home")
+    secret = home / "secret"
+    secret.write_bytes(b"the caller's, beside the target")
+    os.chown(secret, NOBODY, NOBODY)
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        fs = AsUser.start(caller, spawner)
+        try:
+            target = home / "out"
+            fs.target(str(target), False)
+            fs.begin(["d"], [], progressive=True)
+            fs.files([("d/a", 0o644, 0, "empty", None), ("b", 0o644, 0, "empty", None)], [])
+            ledger = fs.ledger
+            assert ledger is not None
+            assert sorted(p for p, _ in ledger.placed) == ["b", "d/a"]
+            part = target / "d" / ".hostd-part-12345"  # a batch being written when it died
+            part.write_bytes(b"half")
+            os.chown(part, NOBODY, NOBODY)
+            mine = target / "mine"  # the caller's own, made while the restore ran
+            mine.write_bytes(b"keep")
+            os.chown(mine, NOBODY, NOBODY)
+            # as if the helper had lied: a directory out of the tree, a file in it
+            ledger.made_dirs.append("..")
+            ledger.placed.append(["../secret", secret.stat().st_ino])
+            sleeper.kill()
+            sleeper.wait()
+            assert fs.stopped()
+            fresh = AsUser.start(caller, spawner, root_fd=fs.root_fd)
+            try:
+                fresh.reclaim(ledger, [])
+            finally:
+                fresh.close()
+            assert sorted(p.name for p in target.iterdir()) == ["mine"]
+            assert secret.read_bytes() == b"the caller's, beside the target"
+        finally:
+            fs.close()
+    finally:
+        spawner.close()
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
