@@ -186,10 +186,14 @@ class Placer:
             _dirs(self.m), linked_dirs, progressive=self.progressive, keep=self.keep
         )
         empties = [f for f in self.m.files if not f.size]
-        if empties:
-            items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
-            self.fs.files(items, [])
-            self.done.add(empties)
+        try:
+            if empties:
+                items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
+                self.fs.files(items, [])
+                self.done.add(empties)
+        except BaseException:
+            self._failed([])  # (run, which would, is not called then)
+            raise
 
     def ready(self, r: Ready) -> None:
         """A blob is complete: its files go in next. Any thread; a repeat is ignored."""
@@ -230,12 +234,7 @@ class Placer:
                     self.on_symlinks(list(self.m.symlinks))
             left = self.fs.commit(self.replace)
         except BaseException:
-            linked = self._linked(seen)
-            if not self.fs.abandon(linked):
-                # (our copies of its directories share the dead helper's lock on the target)
-                close_fds(list(self.dirfds.values()))
-                self.dirfds = {}
-                self._reclaim(linked)
+            self._failed(self._linked(seen))
             raise
         finally:
             close_fds(list(self.dirfds.values()))
@@ -250,6 +249,16 @@ class Placer:
             limit_copies=self.links.limit_copies,
             old_tree_left=left,
         )
+
+    def _failed(self, linked: list[tuple[str, int]]) -> None:
+        """Take back what was placed (the helper aborts), or have a new helper do it where
+        this one is dead; our copies of the tree's directories are closed either way."""
+        answered = self.fs.abandon(linked)
+        # (before a reclaim: our copies share the dead helper's lock on the target)
+        close_fds(list(self.dirfds.values()))
+        self.dirfds = {}
+        if not answered:
+            self._reclaim(linked)
 
     def _reclaim(self, linked: list[tuple[str, int]]) -> None:
         """The helper died (killed, out of memory) with files of a progressive restore in
