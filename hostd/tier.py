@@ -434,8 +434,8 @@ class Tier:
         one fastcopy.write_blobs call (in C, without the GIL, where it was built), so a tree
         of small files costs a thread hop per batch, not per blob. Each blob is written as
         an unnamed file (O_TMPFILE) and linked into blobs/ once whole, with no scratch name
-        to make and rename across directories (a rename from tmp/ cost ~10x the rest on
-        ext4); where that cannot be (no O_TMPFILE, a leftover at its name), as write_whole.
+        to make and rename across directories (fastcopy.py says why); where that cannot be
+        (no O_TMPFILE, a leftover at its name), as write_whole.
         One outcome per blob, in order; a blob that failed left nothing behind (its
         TierError says `doing`). `sync` must follow before any is recorded."""
         pid, tid = os.getpid(), threading.get_ident()  # scratch names: ours alone
