@@ -70,7 +70,9 @@ class Ledger:
     target_id: list[int]  # its (dev, inode)
     made_target: bool
     made_dirs: list[str]
-    placed: list[list[Any]]  # [path, inode] of each file and symlink landed
+    # the inode of each file and symlink landed, by its path (the object the daemon sent:
+    # a tree's paths are held once, by its manifest)
+    placed: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +432,7 @@ class AsUser:
                 [int(x) for x in reply["target_id"]],
                 bool(reply["made_target"]),
                 [str(d) for d in reply["made_dirs"] if d in asked],
-                [],
+                {},
             )
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
@@ -440,21 +442,22 @@ class AsUser:
         """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
         takes the next of `fds` as its source."""
         reply, _ = self.call("files", fds, items=[list(i) for i in items])
-        self._placed(reply, {i[0] for i in items})
+        self._placed(reply, [i[0] for i in items])
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:
-        sent = [list(i) for i in items]
-        reply, _ = self.call("symlinks", items=sent)
-        self._placed(reply, {i[0] for i in sent})
+        sent = list(items)
+        reply, _ = self.call("symlinks", items=[list(i) for i in sent])
+        self._placed(reply, [i[0] for i in sent])
 
-    def _placed(self, reply: dict[str, Any], sent: set[str]) -> None:
+    def _placed(self, reply: dict[str, Any], sent: list[str]) -> None:
         """Keep what the helper says it placed: of the paths sent, their inodes."""
-        if self.ledger is not None:
-            self.ledger.placed.extend(
-                [p, i]
-                for p, i in reply.get("placed", [])
-                if p in sent and type(i) is int  # (a lying helper names nothing else)
-            )
+        if self.ledger is None:
+            return
+        ours = {p: p for p in sent}  # (a lying helper names nothing else)
+        for p, i in reply.get("placed", []):
+            path = ours.get(p)
+            if path is not None and type(i) is int:
+                self.ledger.placed[path] = i
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""
@@ -471,8 +474,8 @@ class AsUser:
         """Take back files a progressive restore placed, whatever it was asked to keep."""
         self.call("unplace", paths=list(paths))
         if self.ledger is not None:
-            gone = set(paths)
-            self.ledger.placed = [e for e in self.ledger.placed if e[0] not in gone]
+            for p in paths:
+                self.ledger.placed.pop(p, None)
 
     def reclaim(self, ledger: Ledger, linked: Sequence[tuple[str, int]]) -> None:
         """Take back what a progressive restore whose helper died placed (that helper's
@@ -484,7 +487,7 @@ class AsUser:
             target_id=ledger.target_id,
             made_target=ledger.made_target,
             made_dirs=ledger.made_dirs,
-            placed=ledger.placed,
+            placed=list(ledger.placed.items()),
             linked=[list(x) for x in linked],
         )
 

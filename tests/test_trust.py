@@ -807,7 +807,7 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
             fs.files([("d/a", 0o644, 0, "empty", None), ("b", 0o644, 0, "empty", None)], [])
             ledger = fs.ledger
             assert ledger is not None
-            assert sorted(p for p, _ in ledger.placed) == ["b", "d/a"]
+            assert sorted(ledger.placed) == ["b", "d/a"]
             part = target / "d" / ".hostd-part-12345"  # a batch being written when it died
             part.write_bytes(b"half")
             os.chown(part, NOBODY, NOBODY)
@@ -816,7 +816,7 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
             os.chown(mine, NOBODY, NOBODY)
             # as if the helper had lied: a directory out of the tree, a file in it
             ledger.made_dirs.append("..")
-            ledger.placed.append(["../secret", secret.stat().st_ino])
+            ledger.placed["../secret"] = secret.stat().st_ino
             sleeper.kill()
             sleeper.wait()
             assert fs.stopped()
