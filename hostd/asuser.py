@@ -231,30 +231,14 @@ class AsUser:
         caller's root as an earlier helper of this caller opened it (`root_fd`), for work
         that must be done even where the caller is gone (`reclaim`); the helper then keeps
         none of a root caller's capabilities, which it can no longer read."""
-        if root_fd >= 0:
-            sock, helper = spawner.spawn()
-            me = cls(caller, sock, helper)
-            try:
-                _, fds = me.call(
-                    "init",
-                    [root_fd],
-                    nfds=1,
-                    uid=caller.uid,
-                    gid=caller.gid,
-                    groups=list(caller.groups),
-                    pid=caller.pid,
-                    root=True,
-                )
-                me.root_fd = fds[0]
-            except BaseException:
-                me.close()
-                raise
-            return me
+        given = root_fd >= 0  # (else a pidfd of the caller is handed over)
         try:
-            if caller_pidfd >= 0:
-                pidfd = os.dup(caller_pidfd)
+            if given:
+                handed = os.dup(root_fd)
+            elif caller_pidfd >= 0:
+                handed = os.dup(caller_pidfd)
             else:
-                pidfd = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
+                handed = os.pidfd_open(caller.pid) if caller.pid > 0 else -1
         except ProcessLookupError:
             raise UsageError("the calling process went away") from None
         try:
@@ -263,20 +247,21 @@ class AsUser:
             try:
                 _, fds = me.call(
                     "init",
-                    [pidfd] if pidfd >= 0 else [],
+                    [handed] if handed >= 0 else [],
                     nfds=1,
                     uid=caller.uid,
                     gid=caller.gid,
                     groups=list(caller.groups),
                     pid=caller.pid,
+                    root=given,  # the descriptor is the root itself, not a pidfd
                 )
                 me.root_fd = fds[0]
             except BaseException:
                 me.close()
                 raise
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            if handed >= 0:
+                os.close(handed)
         return me
 
     def call(

@@ -33,7 +33,7 @@ directory it made) and the job goes the scratch way, whose outcome is the job's:
         thread and batch index: it is unlinked and opened again)
     pwrite all of `data`; utime(mtime_ns, mtime_ns) unless None, where EINVAL, EOVERFLOW
         or ERANGE (a time the filesystem cannot hold) leave the write time, as
-        tier.set_mtime does; fchmod(mode); close
+        set_mtime does; fchmod(mode); close
     rename to `dest`, making `dest`'s directory (one level) where the rename says ENOENT,
     then stat `dest`
 
@@ -519,12 +519,7 @@ def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | None:
         if os.fstat(fd).st_dev != tier_dev:  # a prefix directory leading off the tier
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), parent)
         _pwrite_all(fd, data)
-        if mtime is not None:
-            try:
-                os.utime(fd, ns=(mtime, mtime))
-            except OSError as e:
-                if e.errno not in _TIME_UNREPRESENTABLE:
-                    raise
+        set_mtime(fd, mtime)
         os.fchmod(fd, mode)
         _name_unnamed(fd, dest)
         named = True
@@ -563,12 +558,7 @@ def _write_blob(job: BlobJob, tier_dev: int) -> Written | Failed:
     try:
         _pwrite_all(fd, data)
         stage = UTIME
-        if mtime is not None:
-            try:
-                os.utime(fd, ns=(mtime, mtime))
-            except OSError as e:
-                if e.errno not in _TIME_UNREPRESENTABLE:
-                    raise
+        set_mtime(fd, mtime)
         stage = CHMOD
         os.fchmod(fd, mode)
     except OSError as e:
@@ -596,7 +586,22 @@ def _write_blob(job: BlobJob, tier_dev: int) -> Written | Failed:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-_TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)  # as tier.set_mtime's
+# What set_mtime takes as "this filesystem cannot hold that time" (a FAT tier and a time
+# before 1980, say): the blob keeps the time it was written at, and its files are copied.
+_TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)
+
+
+def set_mtime(fd: int, mtime_ns: int | None) -> None:
+    """Give a blob the mtime of the file it is installed for (None: a format-1 entry, which
+    recorded none; the blob keeps its write time). Before the stat that gets recorded: the
+    time is part of what Cache.unchanged checks. (Tier's, and the twin's.)"""
+    if mtime_ns is None:
+        return
+    try:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    except OSError as e:
+        if e.errno not in _TIME_UNREPRESENTABLE:
+            raise
 
 
 def _open_scratch(path: str) -> int:

@@ -445,13 +445,7 @@ class Helper:
         self._parent_of(path)
         fd = _open_dir(self.parent, self.name, path)
         self.dirs[""] = fd
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Refused(
-                "exists", f"target {path!r} is being filled by another progressive restore"
-            ) from None
-        st = os.fstat(fd)
+        st = _lock_target(fd, path)
         if [st.st_dev, st.st_ino] != list(msg["target_id"]):
             raise Refused("changed", f"target {path!r} was replaced since it was filled")
         self.progressive, self.target_id = True, [st.st_dev, st.st_ino]
@@ -567,13 +561,7 @@ class Helper:
             ) from None
         fd = _open_dir(self.parent, self.name, where)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Refused(
-                    "exists", f"target {where!r} is being filled by another progressive restore"
-                ) from None
-            st = os.fstat(fd)
+            st = _lock_target(fd, where)
             if not made and [st.st_dev, st.st_ino] != self.target_id:
                 raise Refused("changed", f"target {where!r} was replaced while restoring")
             if not made and _listdir(fd, where):
@@ -861,6 +849,17 @@ def _listdir(dfd: int, what: str) -> list[str]:
 def _oserror(e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     return f"{e.strerror or e}{where}"
+
+
+def _lock_target(fd: int, where: str) -> os.stat_result:
+    """Lock a progressive restore's target (open at `fd`) for this restore alone; its stat."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Refused(
+            "exists", f"target {where!r} is being filled by another progressive restore"
+        ) from None
+    return os.fstat(fd)
 
 
 def _in_tree(path: str) -> bool:

@@ -26,7 +26,6 @@ nothing of the index, budgets or eviction (cache.py decides those).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import threading
@@ -46,9 +45,7 @@ BLOB_MODE = 0o444
 # A blob file a scan found: its digest and its stat, (size, mtime_ns, ctime_ns).
 Found = tuple[bytes, fastcopy.Stat]
 
-# What set_mtime takes as "this filesystem cannot hold that time" (a FAT tier and a time
-# before 1980, say): the blob keeps the time it was written at, and its files are copied.
-_TIME_UNREPRESENTABLE = (errno.EINVAL, errno.EOVERFLOW, errno.ERANGE)
+set_mtime = fastcopy.set_mtime  # (the batch writers' twin uses it too)
 
 
 class BlobCopyCorrupt(HostdError):
@@ -94,19 +91,6 @@ def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError
 FSYNC_EACH = 4
 # libc's syncfs where it has one, else None: Tier.sync then fsyncs each blob instead.
 SYNCFS: Callable[[Path], None] | None = syncfs if hasattr(libc, "syncfs") else None
-
-
-def set_mtime(fd: int, mtime_ns: int | None) -> None:
-    """Give a blob the mtime of the file it is installed for (None: a format-1 entry, which
-    recorded none; the blob keeps its write time). Before the stat that gets recorded: the
-    time is part of what Cache.unchanged checks."""
-    if mtime_ns is None:
-        return
-    try:
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
-    except OSError as e:
-        if e.errno not in _TIME_UNREPRESENTABLE:
-            raise
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
