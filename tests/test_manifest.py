@@ -642,3 +642,41 @@ def test_format_1_has_neither_mtimes_nor_packs() -> None:
     packed = doc(files=[fdoc("a", 10, chunks=[[ID, 10, 0, 0, 0, 10]])])
     rejects(pack(packed), "is not [id, size, codec]")
     rejects(pack({**doc(), "packs": []}), "manifest keys")
+
+
+# -- runs: files are read RUN at a time, each run checked canonical in one packing ----------
+
+
+def _many(n: int, odd: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A format 2 document of `n` one-chunk packed files; `odd` replaces some of them."""
+    files = [f2(f"f{i:05d}", [ID, 10, 0, 0, 10 * i, 10]) for i in range(n)]
+    for i, f in (odd or {}).items():
+        files[i] = f
+    return v2(files, [[P1, 10 * n]])
+
+
+def test_a_manifest_of_several_runs_round_trips() -> None:
+    n = 2 * mf.RUN + 3
+    m = mf.decode(pack(_many(n)))
+    assert [f.path for f in m.files] == [f"f{i:05d}" for i in range(n)]
+    assert m.files[-1].chunks[0].packed == mf.Packed(P1, 10 * (n - 1), 10, 10 * n)
+    assert mf.encode(m) == pack(_many(n))
+
+
+def test_a_value_past_the_first_run_is_checked_canonical() -> None:
+    n = mf.RUN + 3
+    last = f2(f"f{n - 1:05d}", [ID, 10, 0, 0, 10 * (n - 1), 10], mtime=0x12345)
+    data = pack(_many(n, {n - 1: last}))
+    mf.decode(data)
+    # the same mtime as a uint64, not the shortest form
+    rejects(_swap(data, "a56d74696d65ce00012345", "a56d74696d65cf0000000000012345"), "canonical")
+
+
+def test_in_a_run_cut_short_what_came_before_is_judged_first() -> None:
+    """A value msgpack cannot read (a bin over 32 bytes) cuts the run short: the files read
+    before it are judged as reading one at a time would, and their fault is the one told."""
+    wrong_keys = {"chunks": [[ID, 10, 0, 0, 0, 10]], "mode": 0o644, "path": "x", "size": 10}
+    long_id = f2("y", [b"\x07" * 33, 10, 0, 0, 0, 10])
+    i = mf.RUN + 1
+    rejects(pack(_many(i + 4, {i: wrong_keys, i + 2: long_id})), f"files[{i}] has keys")
+    rejects(pack(_many(i + 4, {i: long_id, i + 2: wrong_keys})), "not valid msgpack")
