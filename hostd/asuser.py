@@ -265,9 +265,15 @@ class AsUser:
         return me
 
     def call(
-        self, op: str, fds: Sequence[int] = (), nfds: int = 0, **fields: Any
+        self,
+        op: str,
+        fds: Sequence[int] = (),
+        nfds: int = 0,
+        heard: Callable[[dict[str, Any]], None] | None = None,
+        **fields: Any,
     ) -> tuple[dict[str, Any], list[int]]:
-        """One request and its answer; an answered error is raised as hostd's own.
+        """One request and its answer; an answered error is raised as hostd's own, after
+        `heard` (where given) has seen it, as it sees every answer.
 
         Calls from several threads are pipelined: each sends its request in turn, without
         waiting for the answers to those sent before, then takes its own answer in the
@@ -285,12 +291,14 @@ class AsUser:
         with self._answers:
             self._answers.wait_for(lambda: self._answered == ticket)
             try:
-                return self._answer(op, nfds)
+                return self._answer(op, nfds, heard)
             finally:
                 self._answered += 1
                 self._answers.notify_all()
 
-    def _answer(self, op: str, nfds: int) -> tuple[dict[str, Any], list[int]]:
+    def _answer(
+        self, op: str, nfds: int, heard: Callable[[dict[str, Any]], None] | None
+    ) -> tuple[dict[str, Any], list[int]]:
         try:
             got = recv_frame(self.sock)
         except (OSError, FrameError, ValueError) as e:
@@ -298,6 +306,8 @@ class AsUser:
         if got is None:
             raise self._gone(op)
         reply, out = got
+        if heard is not None:
+            heard(reply)
         if "error" in reply or len(out) != nfds:
             for fd in out:
                 os.close(fd)
@@ -426,23 +436,25 @@ class AsUser:
     ) -> None:
         """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
         takes the next of `fds` as its source."""
-        reply, _ = self.call("files", fds, items=[list(i) for i in items])
-        self._placed(reply, [i[0] for i in items])
+        heard = functools.partial(self._placed, [i[0] for i in items])
+        self.call("files", fds, heard=heard, items=[list(i) for i in items])
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:
         sent = list(items)
-        reply, _ = self.call("symlinks", items=[list(i) for i in sent])
-        self._placed(reply, [i[0] for i in sent])
+        heard = functools.partial(self._placed, [i[0] for i in sent])
+        self.call("symlinks", heard=heard, items=[list(i) for i in sent])
 
-    def _placed(self, reply: dict[str, Any], sent: list[str]) -> None:
-        """Keep what the helper says it placed: of the paths sent, their inodes."""
-        if self.ledger is None:
+    def _placed(self, sent: list[str], reply: dict[str, Any]) -> None:
+        """Keep what the helper says it placed (a failed batch too, half landed): of the
+        paths sent, their inodes."""
+        if self.ledger is None or type(reply.get("placed")) is not list:
             return
         ours = {p: p for p in sent}  # (a lying helper names nothing else)
-        for p, i in reply.get("placed", []):
-            path = ours.get(p)
-            if path is not None and type(i) is int:
-                self.ledger.placed[path] = i
+        for item in reply["placed"]:
+            if type(item) is list and len(item) == 2 and type(item[1]) is int:
+                path = ours.get(item[0])
+                if path is not None:
+                    self.ledger.placed[path] = item[1]
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""

@@ -122,7 +122,11 @@ class Helper:
             self.abort()
 
     def _answer(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        """Run one request: its answer, an error one where it was refused or failed."""
+        """Run one request: its answer, an error one where it was refused or failed. An
+        error answer still says what the request placed before it failed (a progressive
+        batch half landed): the daemon's ledger must know it, should this helper die."""
+        before = len(self.placed)
+        failed: dict[str, Any]
         try:
             op = getattr(self, "op_" + str(msg.get("op")), None)
             if op is None:
@@ -130,9 +134,12 @@ class Helper:
             reply: tuple[dict[str, Any], list[int]] = op(msg, fds)
             return reply
         except Refused as e:
-            return {"error": e.kind, "message": e.message}, []
+            failed = {"error": e.kind, "message": e.message}
         except OSError as e:
-            return {"error": "os", "message": _oserror(e), "errno": e.errno}, []
+            failed = {"error": "os", "message": _oserror(e), "errno": e.errno}
+        if len(self.placed) > before:
+            failed["placed"] = self.placed[before:]
+        return failed, []
 
     def op_close(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         return {"ok": True}, []

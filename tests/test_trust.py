@@ -783,6 +783,46 @@ def test_a_root_caller_keeps_only_the_capabilities_it_has(work: Path) -> None:
         assert out["event"] == "result", out
 
 
+def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
+    """A progressive batch whose second file finds the caller's own file at its name fails
+    there; the first had landed. The helper's error answer says so, so that, the helper
+    killed before it could take it back, a new one does: the caller's file stays."""
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        fs = AsUser.start(caller, spawner)
+        try:
+            target = home / "out"
+            fs.target(str(target), False)
+            fs.begin([], [], progressive=True)
+            theirs = target / "b"
+            theirs.write_bytes(b"the caller's")
+            os.chown(theirs, NOBODY, NOBODY)
+            batch = [(name, 0o644, 0, "empty", None) for name in ("a", "b", "c")]
+            with pytest.raises(UsageError, match="'b' appeared in the target"):
+                fs.files(batch, [])
+            ledger = fs.ledger
+            assert ledger is not None
+            assert sorted(ledger.placed) == ["a"]
+            assert fs.stopped()
+            fresh = AsUser.start(caller, spawner, root_fd=fs.root_fd)
+            try:
+                fresh.reclaim(ledger, [])
+            finally:
+                fresh.close()
+            assert sorted(p.name for p in target.iterdir()) == ["b"]
+            assert theirs.read_bytes() == b"the caller's"
+        finally:
+            fs.close()
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone_too(
     work: Path,
 ) -> None:
