@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import logging
 import os
 import select
 import signal
@@ -49,6 +50,8 @@ T = TypeVar("T")
 CALL_TIMEOUT = 120.0  # seconds one request to a helper may take (a batch of copies, a scan)
 CLOSE_GRACE = 10.0  # seconds a helper gets to clean up and exit before it is killed
 _PKG_PARENT = str(Path(hostd.__file__).resolve().parent.parent)
+log = logging.getLogger(__name__)
+
 _ERRORS: dict[str, type[HostdError]] = {
     "usage": UsageError,
     "changed": UsageError,
@@ -204,8 +207,11 @@ class AsUser:
     """One helper process acting with one caller's rights. Thread-safe: calls take turns
     sending and are answered in that order (`call`)."""
 
-    def __init__(self, caller: Caller, sock: socket.socket, pidfd: int) -> None:
+    def __init__(
+        self, caller: Caller, sock: socket.socket, pidfd: int, spawner: Spawner | None = None
+    ) -> None:
         self.caller = caller
+        self.spawner = spawner  # where a successor comes from, should this one die
         self.sock = sock
         # A helper the caller stopped (it runs as the caller, who may signal it) must not
         # hold a daemon thread for ever: no single call takes this long.
@@ -216,6 +222,7 @@ class AsUser:
         self._answers = threading.Condition()  # whose turn it is to read an answer
         self._sent = self._answered = 0  # requests sent, answers read
         self.target_path = ""
+        self.building = False  # a build directory beside the target, from `begin`
         self.ledger: Ledger | None = None  # a progressive restore's, from `begin`
 
     def __repr__(self) -> str:
@@ -243,7 +250,7 @@ class AsUser:
             raise UsageError("the calling process went away") from None
         try:
             sock, helper = spawner.spawn()
-            me = cls(caller, sock, helper)
+            me = cls(caller, sock, helper, spawner)
             try:
                 _, fds = me.call(
                     "init",
@@ -420,6 +427,7 @@ class AsUser:
             progressive=progressive,
             keep=keep,
         )
+        self.building = not progressive
         if progressive and not keep:
             asked = set(dirs)  # the helper answers for these alone (it may lie about them)
             self.ledger = Ledger(
@@ -474,6 +482,15 @@ class AsUser:
             for p in paths:
                 self.ledger.placed.pop(p, None)
 
+    def linking(self, items: Sequence[tuple[str, int]]) -> None:
+        """Tell a progressive restore's helper of links about to be made in the target,
+        (path, the blob's inode) each: its own abort takes them back too."""
+        self.call("linking", items=[list(i) for i in items])
+
+    def sweep(self, path: str) -> None:
+        """Remove the build directories beside target `path` that no restore holds."""
+        self.call("sweep", path=path)
+
     def reclaim(self, ledger: Ledger, linked: Sequence[tuple[str, int]]) -> None:
         """Take back what a progressive restore whose helper died placed (that helper's
         `ledger`, and the daemon's `linked`), as this caller: only names still holding the
@@ -503,15 +520,44 @@ class AsUser:
 
     def abandon(self, linked: Sequence[tuple[str, int]] = ()) -> bool:
         """Best effort abort on a failure path: a helper that fails here removes its build
-        anyway when it sees the daemon's end close. False where it did not answer (gone):
-        a progressive restore's files are then for `reclaim` to take back."""
+        anyway when it sees the daemon's end close. False where it did not answer (gone,
+        killed): a successor as the same caller then takes back what it left (`_succeed`).
+        `linked`: the daemon's links into a progressive restore's target, (path, inode)."""
         try:
             self.abort(linked)
         except (TransientError, OSError, FrameError):
+            self._succeed(linked)
             return False
         except HostdError:
             pass
         return True
+
+    def _succeed(self, linked: Sequence[tuple[str, int]]) -> None:
+        """This helper died (killed, out of memory) mid-restore: a new one, as the caller,
+        in the root this one opened (the caller may be gone too: kill -9 -1), takes back a
+        progressive restore's files (`reclaim`) or removes the build directory (`sweep`).
+        Blocking; failures are logged."""
+        if (self.ledger is None and not self.building) or self.spawner is None:
+            return
+        where = self.ledger.path if self.ledger is not None else self.target_path
+        # Gone for sure, its locks on the target or the build released, not merely slow.
+        if not self.stopped():
+            log.warning("could not clean up the restore into %s: its helper lives on", where)
+            return
+        try:
+            fresh = AsUser.start(self.caller, self.spawner, root_fd=self.root_fd)
+        except (HostdError, OSError) as e:
+            log.warning("could not clean up the restore into %s: %s", where, e)
+            return
+        try:
+            if self.ledger is not None:
+                fresh.reclaim(self.ledger, linked)
+            else:
+                fresh.sweep(self.target_path)
+        except (HostdError, OSError) as e:
+            log.warning("could not clean up the restore into %s: %s", where, e)
+        finally:
+            fresh.close()
 
 
 class Storage:

@@ -96,30 +96,38 @@ class Helper:
         self.made_target = False  # progressive: the target is ours (else it was empty)
         self.made_dirs: list[str] = []  # progressive: the tree's directories it made
         self.placed: list[tuple[str, int]] = []  # progressive: (path, inode) it landed
+        # progressive: (path, inode) of each link the daemon said it was about to make, so
+        # that an abort of our own (the daemon died) takes them back too
+        self.linking: list[tuple[str, int]] = []
         self.parts = 0  # progressive: the next scratch name's number
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            while True:
-                got = recv_frame(self.sock)
-                if got is None:
-                    return  # the daemon went away (or is done): clean up below
-                msg, fds = got
-                try:
-                    reply, out = self._answer(msg, fds)
-                finally:
-                    # before the answer: the daemon closes its own copies of the blobs after
-                    # it, so the last close of each, which frees the file, is not ours
-                    _close_all(fds)
-                try:
-                    send_frame(self.sock, reply, out)
-                finally:
-                    _close_all(out)
-                if msg.get("op") == "close":
-                    return
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon went away mid-request (killed): clean up below, quietly
         finally:
             self.abort()
+
+    def _serve(self) -> None:
+        while True:
+            got = recv_frame(self.sock)
+            if got is None:
+                return  # the daemon went away (or is done): clean up below
+            msg, fds = got
+            try:
+                reply, out = self._answer(msg, fds)
+            finally:
+                # before the answer: the daemon closes its own copies of the blobs after
+                # it, so the last close of each, which frees the file, is not ours
+                _close_all(fds)
+            try:
+                send_frame(self.sock, reply, out)
+            finally:
+                _close_all(out)
+            if msg.get("op") == "close":
+                return
 
     def _answer(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Run one request: its answer, an error one where it was refused or failed. An
@@ -652,6 +660,21 @@ class Helper:
             with contextlib.suppress(OSError):
                 os.unlink(job[1], dir_fd=job[0])
 
+    def op_linking(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """The daemon is about to link these blobs, [path, inode] each, into a progressive
+        restore's target: should it die before it can say abort, ours takes them back too
+        (only names that then hold that inode)."""
+        if self.progressive and not self.keep:
+            self.linking += [(str(p), int(i)) for p, i in msg["items"] if _in_tree(str(p))]
+        return {"ok": True}, []
+
+    def op_sweep(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Remove the build directories beside target `path` that no restore holds: that of
+        a helper that died while the daemon lives on."""
+        self._parent_of(str(msg["path"]))
+        self._sweep()
+        return {"ok": True}, []
+
     def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         placed: list[tuple[str, int]] = []
         for path, target in msg["items"]:
@@ -718,7 +741,7 @@ class Helper:
         """Remove the build; for a progressive restore, what it placed (unless `keep`):
         `linked`, the daemon's links as [path, inode], and this helper's own files."""
         if self.progressive and not self.committed and self.dirs and not self.keep:
-            self._unplace(linked or [])
+            self._unplace([*(linked or []), *map(list, self.linking)])
         self._close_dirs()
         if self.progressive:
             self.build = ""

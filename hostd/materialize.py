@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
-from hostd.errors import ChunkCorrupt, HostdError, UsageError
+from hostd.errors import ChunkCorrupt, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.tier import BLOB_MODE
 
@@ -152,19 +152,15 @@ class Placer:
         on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
         progressive: bool = True,
         replace: bool = False,
-        respawn: Callable[[int], AsUser] | None = None,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
         linked: the caller could write to them. `on_symlinks`: the symlinks, once made
-        (last, every file they may point at placed). `respawn(root_fd)`: a new helper for
-        the same caller, in the root this one opened (blocking: AsUser.start), to take back
-        what was placed should this one die."""
+        (last, every file they may point at placed)."""
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
         self.cancel, self.lend, self.keep = cancel, lend, keep
         self.on_symlinks = on_symlinks
-        self.respawn = respawn
         self.progressive, self.replace = progressive, replace
         self.done = _Done(on_files)
         self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
@@ -251,39 +247,12 @@ class Placer:
         )
 
     def _failed(self, linked: list[tuple[str, int]]) -> None:
-        """Take back what was placed (the helper aborts), or have a new helper do it where
-        this one is dead; our copies of the tree's directories are closed either way."""
-        answered = self.fs.abandon(linked)
-        # (before a reclaim: our copies share the dead helper's lock on the target)
+        """Take back what was placed (the helper aborts; where it is dead, a new one: see
+        AsUser.abandon). Our copies of the tree's directories are closed first: they share
+        the helper's lock on the target, which a new helper must be able to take."""
         close_fds(list(self.dirfds.values()))
         self.dirfds = {}
-        if not answered:
-            self._reclaim(linked)
-
-    def _reclaim(self, linked: list[tuple[str, int]]) -> None:
-        """The helper died (killed, out of memory) with files of a progressive restore in
-        the caller's target: a new one, as the caller, takes back what the dead one said it
-        placed, and the daemon's links (a build directory goes at the next restore's sweep)."""
-        ledger = self.fs.ledger
-        if ledger is None or self.respawn is None:
-            return
-        # Gone for sure, its lock on the target released, not merely slow to answer.
-        if not self.fs.stopped():
-            log.warning(
-                "could not take back the files placed in %s: its helper lives on", ledger.path
-            )
-            return
-        try:  # in the root the dead one opened: the caller may be gone too (kill -9 -1)
-            fresh = self.respawn(self.fs.root_fd)
-        except (HostdError, OSError) as e:
-            log.warning("could not take back the files placed in %s: %s", ledger.path, e)
-            return
-        try:
-            fresh.reclaim(ledger, linked)
-        except (HostdError, OSError) as e:
-            log.warning("could not take back the files placed in %s: %s", ledger.path, e)
-        finally:
-            fresh.close()
+        self.fs.abandon(linked)
 
     def _linked(self, seen: dict[bytes, Ready]) -> list[tuple[str, int]]:
         """(path, inode) of each link made, for the helper to take back."""
@@ -317,6 +286,7 @@ class Placer:
                     self.mode,
                     self.cancel,
                     self.done,
+                    announce=self.fs.linking if self.progressive and not self.keep else None,
                 )
             finally:  # what was linked before a failure is taken back too
                 self.linked += [(f.path, f.digest) for f in links.made]
@@ -466,9 +436,11 @@ def _link_all(
     mode: str,
     cancel: threading.Event,
     done: _Done,
+    announce: Callable[[list[tuple[str, int]]], None] | None = None,
 ) -> None:
     """Link `files` into the helper's directories `dirfds`, on filesystem `dev`; what cannot
-    be linked goes to `out.copies` (in `link` mode: fails)."""
+    be linked goes to `out.copies` (in `link` mode: fails). `announce`, where given, hears
+    of each batch, (path, the blob's inode) each, before it is linked."""
     views = _Views(fs)
     try:
         owned = _caller_dirs(dirfds, fs.caller.uid)
@@ -493,6 +465,9 @@ def _link_all(
             if cancel.is_set():
                 raise Cancelled()
             linked: list[mf.FileEntry] = []
+            if announce is not None:
+                batch = linking[i : i + LINK_BATCH]
+                announce([(f.path, os.stat(blob_path(f.digest)).st_ino) for f in batch])
             errs = link_files(jobs[i : i + LINK_BATCH])
             for f, err in zip(linking[i : i + LINK_BATCH], errs, strict=True):
                 if err == 0:

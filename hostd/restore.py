@@ -517,7 +517,6 @@ class Restorer:
             keep=req.keep_partial,
             progressive=progressive,
             replace=req.replace,
-            respawn=lambda root: AsUser.start(req.caller, self.spawner, root_fd=root),
         )
 
         def ready(digest: bytes, b: Blob) -> None:

@@ -305,6 +305,12 @@ class Tier:
             raise tier_error(self.name, self.root, e, "preparing the tier") from e
         for p in self.tmp_dir.iterdir():
             _remove(p)
+        # A blob installed (its partial file renamed into blobs/) just before a kill leaves
+        # its .have: the next partial blob of that digest starts afresh, but nothing else
+        # would ever remove this one.
+        for p in self.partial_dir.glob("*.have"):
+            if not p.with_suffix("").exists():
+                _remove(p)
 
     def st_dev(self) -> int:
         return os.stat(self.root).st_dev

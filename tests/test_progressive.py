@@ -482,3 +482,52 @@ def test_a_helper_killed_mid_restore_fails_it_and_what_landed_is_taken_back(
         with pytest.raises(HostdError, match="helper"):
             r.wait()
         assert not target.exists(), sorted(os.listdir(target))
+
+
+def test_the_daemon_killed_mid_progressive_link_restore_leaves_none_of_its_links(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """kill -9 of the daemon while a progressive link restore runs: the helper, seeing the
+    daemon gone, takes back what landed, the daemon's links among it (it was told of each
+    before it was made), and the target the restore made. Nothing else would: the daemon
+    that knew of them is gone."""
+    target = work / "out"
+    tiers = [{"name": "mem", "path": str(work / "d" / "mem"), "budget": "1GiB"}]
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, tiers=tiers, access={"link_to_writers": True}) as h,
+    ):
+        origin.hold(first_chunk(published["b.bin"]))
+        r = Restore(h, target, mode="link")
+        while r.next_file()["path"] != "a.bin":
+            pass
+        assert (target / "a.bin").stat().st_nlink == 2  # a link of the daemon's
+        helpers = _helpers(h)
+        h.kill()
+        with pytest.raises(HostdError):
+            r.wait()
+        poll("the helper to take the tree back", lambda: not target.exists())
+        poll("the helper to exit", lambda: not any(Path(f"/proc/{p}").exists() for p in helpers))
+
+
+def test_a_helper_killed_mid_restore_leaves_no_build_directory(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """Not progressive: the helper dies while the daemon lives on. The restore fails, and
+    a new helper, as the caller, removes the hidden build the dead one was filling (it
+    was left for the next restore into that same target to sweep)."""
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = origin.hold(first_chunk(published["b.bin"]))
+        r = Plain(h, target, mode="copy")
+        poll(
+            "a.bin in the build", lambda: any((b / "a.bin").exists() for b in hidden_builds(target))
+        )
+        helpers = _helpers(h)
+        assert len(helpers) == 1
+        os.kill(helpers[0], 9)
+        held.set()
+        with pytest.raises(HostdError, match="helper"):
+            r.wait()
+        assert hidden_builds(target) == []
+        assert not target.exists()

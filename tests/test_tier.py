@@ -189,6 +189,8 @@ def test_prepare_sweeps_tmp_leftovers_and_keeps_blobs(tier: Tier) -> None:
     pb.complete()
     part = tier.open_partial(OTHER, 10, 1)
     part.close()
+    stray = tier.partial_dir / f"{'ab' * 32}.have"  # a blob installed just before a kill
+    stray.write_bytes(b"\x01")
     (tier.tmp_dir / "publish.123.blob").write_bytes(b"half a file")
     os.chmod(tier.tmp_dir / "publish.123.blob", 0o444)
     (tier.tmp_dir / "scratch").mkdir()
@@ -201,6 +203,8 @@ def test_prepare_sweeps_tmp_leftovers_and_keeps_blobs(tier: Tier) -> None:
     assert Path("/etc/passwd").exists()  # the link went, not its target
     assert tier.blob_path(DIGEST).read_bytes() == DATA
     assert part.path.exists()  # partial blobs are resumable, not scratch
+    assert part.have_path.exists()
+    assert not stray.exists()
 
 
 def test_prepare_names_the_tier_when_it_cannot_be_created(tmp_path: Path) -> None:
