@@ -7,8 +7,11 @@ status of the local API, and the exit code of the CLI, so the three always agree
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+from concurrent.futures import Future
+from typing import Any
 
 
 class HostdError(Exception):
@@ -158,6 +161,13 @@ def first_error(exc: BaseException) -> HostdError | None:
             if found is not None:
                 return found
     return None
+
+
+def unheard(job: Future[Any] | asyncio.Future[Any]) -> None:
+    """Take the outcome of a job whose waiters may all have left (a done callback): a
+    failure nobody waits for any more is no news, and asyncio would log it as an error."""
+    if not job.cancelled():
+        job.exception()
 
 
 def os_cause(e: OSError) -> str:

@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import re
 import select
 import socket
 import ssl
@@ -44,11 +45,14 @@ from urllib.parse import quote, urlsplit
 import obstore
 from obstore.store import AzureStore, GCSStore, HTTPStore, ObjectStore, S3Store
 
+from hostd.errors import unheard
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is not a plain answer
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # lines end in CRLF, or a bare LF (RFC 9112 2.2)
 IDLE_PER_HOST = 32  # keep-alive connections kept per host
 OFF_AFTER = 3  # fallbacks in a row that turn the path off ...
 OFF_FOR = 60.0  # ... for this long
@@ -104,12 +108,7 @@ def for_store(
     if any(environ.get(v) or environ.get(v.upper()) for v in PROXY_VARIABLES):
         return None
     if isinstance(store, HTTPStore):
-        base = url.rstrip("/")
-
-        def plain(key: str) -> str:
-            return f"{base}/{quote(key)}"
-
-        return FastGet(plain, threads=threads)
+        return FastGet(_plain_urls(url), threads=threads)
     if isinstance(store, S3Store | GCSStore | AzureStore):
         signing = store
 
@@ -119,6 +118,21 @@ def for_store(
 
         return FastGet(signed, threads=threads)
     return None
+
+
+def _plain_urls(url: str) -> Callable[[str], str]:
+    """An http(s) origin's object URLs, as obstore's HTTPStore makes them: the key joined
+    onto the base's path, percent-encoded (a path of any characters stays one), and the
+    base's query, if any, after it."""
+    base = urlsplit(url)
+    path = quote(base.path.rstrip("/"), safe="/%!$&'()*+,;=:@~-._")
+    query = f"?{base.query}" if base.query else ""
+    prefix = f"{base.scheme}://{base.netloc}{path}"
+
+    def plain(key: str) -> str:
+        return f"{prefix}/{quote(key)}{query}"
+
+    return plain
 
 
 class FastGet:
@@ -168,6 +182,7 @@ class FastGet:
                 data = await asyncio.shield(job)
             except asyncio.CancelledError:
                 abort.now()  # the thread's receive returns at once; its socket is dropped
+                job.add_done_callback(unheard)  # (its end is nobody's news)
                 raise
         except _Fallback as e:
             self._missed(e)
@@ -271,7 +286,10 @@ class FastGet:
         head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: hostd\r\n"
         if span is not None:
             head += f"Range: bytes={span[0]}-{span[0] + span[1] - 1}\r\n"
-        return (host, port, tls), (head + "\r\n").encode("ascii")
+        try:
+            return (host, port, tls), (head + "\r\n").encode("ascii")
+        except UnicodeEncodeError:  # a name that must be encoded first (IDNA): obstore's
+            raise _Fallback(f"not an ASCII request: {netloc!r}") from None
 
     def _take(self, where: tuple[str, int, bool]) -> socket.socket | None:
         with self._lock:
@@ -309,14 +327,31 @@ class FastGet:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, backstop)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, backstop)
             if tls:
-                with self._lock:
-                    if self._ssl is None:
-                        self._ssl = ssl.create_default_context()
-                    context = self._ssl
-                sock = context.wrap_socket(sock, server_hostname=host)
+                sock = self._handshake(sock, host, abort)
         except OSError as e:
             raise _Fallback(f"connecting to {host}:{port}: {e}") from None
         return sock
+
+    def _handshake(self, sock: socket.socket, host: str, abort: _Abort) -> ssl.SSLSocket:
+        """TLS over a new connection, held by `abort` while it shakes hands (the wrapped
+        socket: wrapping takes the plain one's descriptor away) and within the timeout: a
+        server that never answers the hello would hold the thread for good (_ssl retries a
+        blocking socket's want-read for ever, whatever SO_RCVTIMEO says)."""
+        with self._lock:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        sock.settimeout(self._timeout)
+        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        try:
+            if not abort.hold(tls):
+                raise _Fallback("cancelled")
+            tls.do_handshake()
+            tls.settimeout(None)
+        except BaseException:
+            tls.close()
+            raise
+        return tls
 
     def _dial(self, host: str, port: int, abort: _Abort) -> socket.socket:
         """socket.create_connection, each try's socket held by `abort`."""
@@ -566,9 +601,11 @@ def _head(
             k = sock.recv_into(memoryview(scratch)[n:])
             if k == 0:
                 raise _Stale("closed before the answer") if n == 0 else _Fallback("closed")
+            seen = max(0, n - 3)  # (a head in many small pieces is not searched anew each)
             n += k
-            end = scratch.find(b"\r\n\r\n", 0, n)
-            if end >= 0:
+            found = _HEAD_END.search(scratch, seen, n)
+            if found is not None:
+                end, start = found.span()
                 break
             if n >= MAX_HEAD:
                 raise _Fallback(f"a response head over {MAX_HEAD} bytes")
@@ -577,9 +614,9 @@ def _head(
             raise _Stale(f"before the answer: {e}") from None
         raise _Fallback(f"receiving the head: {e}") from None
     length, keep = _parse(bytes(scratch[:end]), cap, span)
-    if n - (end + 4) > length:
+    if n - start > length:
         raise _Fallback("more bytes than the stated length")
-    return length, keep, memoryview(scratch)[end + 4 : n]
+    return length, keep, memoryview(scratch)[start:n]
 
 
 def _receive(sock: socket.socket, view: memoryview) -> None:
@@ -600,7 +637,7 @@ def _receive(sock: socket.socket, view: memoryview) -> None:
 def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bool]:
     """The body's length from a plain answer's head, and whether the connection stays
     open; _Fallback for any other answer, Oversized for a stated size over `cap`."""
-    lines = head.split(b"\r\n")
+    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]  # (a bare LF too)
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise _Fallback(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
@@ -623,6 +660,11 @@ def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bo
             raise _Fallback("transfer-encoding")
         elif name == b"connection" and value.lower() == b"close":
             keep = False
+        elif name == b"content-encoding" and value.lower() != b"identity":
+            # (nobody asked for it): obstore reads it, and the bytes fail their check
+            raise _Fallback(f"content-encoding {value.decode(errors='replace')}")
+        elif name == b"content-type" and value.lower().startswith(b"multipart/"):
+            raise _Fallback("a multipart answer")  # (several ranges: not the one asked)
         elif name == b"content-range" and span is not None:
             offset, length = span
             if not value.startswith(f"bytes {offset}-{offset + length - 1}/".encode()):
@@ -630,8 +672,8 @@ def _parse(head: bytes, cap: int, span: tuple[int, int] | None) -> tuple[int, bo
     if len(set(lengths)) != 1 or not lengths[0].isdigit():
         raise _Fallback("no single, numeric Content-Length")
     length = int(lengths[0])
-    if length > cap:
-        raise Oversized(length)
     if span is not None and length != span[1]:
         raise _Fallback("a range of another length")
+    if length > cap:
+        raise Oversized(length)
     return length, keep

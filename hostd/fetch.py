@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from hostd.core.manifest import Chunk
-from hostd.errors import ChunkCorrupt, ChunkMissing
+from hostd.errors import ChunkCorrupt, ChunkMissing, unheard
 from hostd.sources import BatchSource, ChunkRun, ChunkSource, adjacent
 
 log = logging.getLogger(__name__)
@@ -484,9 +484,10 @@ class Fetcher:
             if not isinstance(exc, Exception):
                 raise
 
-    def _landed(self, key: Chunk, fl: _Flight, _task: object) -> None:
+    def _landed(self, key: Chunk, fl: _Flight, task: asyncio.Future[Landed]) -> None:
         if self._flights.get(key) is fl:
             del self._flights[key]
+        unheard(task)  # its waiters get its outcome; one that all of them left, nobody
 
     async def _load(self, chunk: Chunk, priority: Priority) -> Landed:
         async with self.limiter.slot(priority):

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 from hostd.cache import Cache, Verdict
 from hostd.core import codec
 from hostd.core.manifest import Chunk, Packed
-from hostd.errors import ChunkCorrupt, ChunkMissing
+from hostd.errors import ChunkCorrupt, ChunkMissing, unheard
 from hostd.origin import Origin, PackRun
 from hostd.tier import pread_exact
 
@@ -306,6 +306,7 @@ class OriginSource:
         if task is None:
             end = min(start + self.window, pack_size)
             task = asyncio.create_task(self._load(key, start, end - start, pack_size))
+            task.add_done_callback(unheard)  # (a failure all its readers left is no news)
             self._loading[key] = task
         # Shielded: other chunks wait on the same window; a read this caller gives up on
         # still lands in the buffer for them (one GET of a few MiB, bounded by timeout).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import ipaddress
 import os
 import socket
@@ -486,5 +487,160 @@ async def test_a_connect_that_gets_no_answer_ends_at_once_on_cancel_and_on_close
             await connecting(fast)
             fast.close()
             assert await asyncio.wait_for(task, 5) is None  # (obstore's turn, as any failure)
+        finally:
+            fast.close()
+
+
+@contextlib.contextmanager
+def silent_after_accept() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts connections (the kernel does, from its queue) and never says a
+    word: a TLS client's hello waits for ever, as behind a balancer with a dead backend or
+    an https:// URL aimed at a port that speaks something else."""
+    listener = socket.socket()
+    accepted: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1], accepted
+    finally:
+        for s in accepted:
+            s.close()
+        listener.close()
+
+
+async def test_a_tls_handshake_that_gets_no_answer_times_out_and_ends_on_cancel() -> None:
+    """Before, a thread shaking hands with a silent server was stuck for good: the abort
+    held the plain socket that wrapping had emptied, and _ssl retries a blocking socket's
+    want-read whatever its receive timeout says. Now the handshake has the request's
+    timeout, and a cancel ends it at once."""
+    with silent_after_accept() as (port, _):
+        fast = fastget.FastGet(lambda key: f"https://127.0.0.1:{port}/{key}", threads=1, timeout=1)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(10):
+                assert await fast.get("k", 100) is None  # timed out: obstore's turn
+            fast._off_until = 0.0  # (on again: the next request is this path's too)
+            task = asyncio.create_task(fast.get("k", 100))
+            await connecting(fast)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            started = loop.time()
+            await asyncio.wait_for(loop.run_in_executor(fast._threads, lambda: None), 5)
+            assert loop.time() - started < 0.9  # freed by the cancel, not by the timeout
+        finally:
+            fast.close()
+
+
+async def test_answers_whose_lines_end_in_a_bare_lf_are_taken(serve: Any) -> None:
+    async def lf(path: str, headers: dict[str, str]) -> bytes:
+        return f"HTTP/1.1 200 OK\nContent-Length: {len(DATA)}\n\n".encode() + DATA
+
+    o = await serve(Server(lf))
+    for _ in range(2):
+        assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+    assert (fast_of(o).taken, fast_of(o).fallbacks) == (2, 0)
+
+
+async def test_an_encoded_or_multipart_answer_goes_to_obstore(serve: Any) -> None:
+    """Content-Encoding nobody asked for, and a 206 that holds several parts (a length
+    other than the range's, however large): not this path's to read."""
+
+    async def gzip(path: str, headers: dict[str, str]) -> bytes:
+        return plain(DATA, extra="Content-Encoding: gzip\r\n")
+
+    o = await serve(Server(gzip))
+    assert await fast_of(o).get(KEY, len(DATA)) is None
+
+    async def multipart(path: str, headers: dict[str, str]) -> bytes:
+        body = b"--b\r\nContent-Range: bytes 0-9/300000\r\n\r\n" + DATA[:10] + b"\r\n--b--\r\n"
+        crange = "Content-Type: multipart/byteranges; boundary=b\r\n"
+        return plain(body + b"x" * 100_000, "206 Partial Content", crange)
+
+    o = await serve(Server(multipart))
+    assert await fast_of(o).get(KEY, 10, (0, 10)) is None  # not Oversized
+
+
+def test_plain_urls_are_the_keys_joined_onto_the_base_path_with_its_query() -> None:
+    url = fastget._plain_urls("http://127.0.0.1:9/pré fix/%41/?tok=a%2Fb")
+    assert url("packs/ab/cd") == "http://127.0.0.1:9/pr%C3%A9%20fix/%41/packs/ab/cd?tok=a%2Fb"
+    assert fastget._plain_urls("https://[::1]:9")("k") == "https://[::1]:9/k"
+
+
+async def test_an_origin_with_a_query_and_another_script_in_its_path_reads_right(
+    tmp_path: Path,
+) -> None:
+    """The same objects, through a real web server, under a base whose path is not ASCII
+    and which carries a query (a token): fastget asks for what obstore asks for."""
+    base = tmp_path / "pré"
+    (base / KEY).parent.mkdir(parents=True)
+    (base / KEY).write_bytes(DATA)
+    seen: list[str] = []
+
+    async def files(path: str, headers: dict[str, str]) -> bytes:
+        seen.append(path)
+        from urllib.parse import unquote, urlsplit
+
+        f = tmp_path / unquote(urlsplit(path).path).lstrip("/")
+        return plain(f.read_bytes()) if f.is_file() else plain(b"<html>a listing</html>")
+
+    s = Server(files)
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    o = Origin(f"http://127.0.0.1:{port}/pré?tok=abc", {}, retry=FAST)
+    try:
+        assert bytes(await o.get_chunk(CID, len(DATA))) == DATA
+        assert (fast_of(o).taken, fast_of(o).fallbacks) == (1, 0)
+        assert seen == [f"/pr%C3%A9/{KEY}?tok=abc"]
+    finally:
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
+        await s.stop()
+
+
+async def test_a_range_answered_with_more_than_asked_is_cut_off_at_the_range(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 206 with the range asked for in its Content-Range, but a body (and stated length)
+    a GiB longer: through obstore (fastget off), the read stops at the range, and so does
+    the probe for ranges (a head is all it reads)."""
+    monkeypatch.setenv("HOSTD_FAST_GET", "0")
+    sent: list[int] = []
+
+    async def fat(path: str, headers: dict[str, str]) -> bytes:
+        a, b = (int(x) for x in headers["range"].removeprefix("bytes=").split("-"))
+        head = f"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{len(DATA)}\r\n"
+        body = DATA[a : b + 1] + b"x" * (8 << 20)
+        sent.append(len(body))
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    o = await serve(Server(fat))
+    assert o._fast is None
+    assert await o.answers_ranges(CID) is True
+    with pytest.raises(ChunkCorrupt, match="sent more than 5000 bytes"):
+        await o.get_pack_range(CID, 1000, 5000, len(DATA))
+    assert sent  # (it was asked; what it sent past the range was never taken)
+
+
+async def test_a_cancelled_request_leaves_no_failure_for_asyncio_to_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request given up on (a deadline, a caller gone) ends on its thread with a failure
+    that nobody waits for: no "exception was never retrieved" error in the log for it."""
+    with silent_after_accept() as (port, _):
+        fast = fastget.FastGet(lambda key: f"http://127.0.0.1:{port}/{key}", threads=1, timeout=30)
+        loop = asyncio.get_running_loop()
+        try:
+            task = asyncio.create_task(fast.get("k", 100))
+            await connecting(fast)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            del task
+            await asyncio.wait_for(loop.run_in_executor(fast._threads, lambda: None), 5)
+            await asyncio.sleep(0.05)  # (the job's end reaches the loop)
+            gc.collect()
+            assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         finally:
             fast.close()
