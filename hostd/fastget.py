@@ -92,11 +92,12 @@ def for_store(
     *,
     threads: int = 16,
     config: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
 ) -> FastGet | None:
     """The fast path for an origin's store, or None where obstore must do every read: a
     local store, client options beyond PLAIN_OPTIONS, store `config` in HEADER_SETTINGS (or
     such AWS_ variables), a proxy in the environment, or HOSTD_FAST_GET=0. `threads`:
-    requests at once (the origin's own limit)."""
+    requests at once (the origin's own limit); `timeout`, FastGet's."""
     if environ.get(DISABLE) == "0":
         return None
     if set(client) - PLAIN_OPTIONS:
@@ -108,7 +109,7 @@ def for_store(
     if any(environ.get(v) or environ.get(v.upper()) for v in PROXY_VARIABLES):
         return None
     if isinstance(store, HTTPStore):
-        return FastGet(_plain_urls(url), threads=threads)
+        return FastGet(_plain_urls(url), threads=threads, timeout=timeout)
     if isinstance(store, S3Store | GCSStore | AzureStore):
         signing = store
 
@@ -116,7 +117,7 @@ def for_store(
             got: str = obstore.sign(signing, "GET", key, SIGNED_FOR)
             return got
 
-        return FastGet(signed, threads=threads)
+        return FastGet(signed, threads=threads, timeout=timeout)
     return None
 
 
@@ -142,8 +143,11 @@ class FastGet:
         self, url_of: Callable[[str], str], *, threads: int, timeout: float = 60.0
     ) -> None:
         """`url_of(key)`: the URL to GET (blocking; called on the request's thread).
-        `threads`: requests at once. `timeout`: a socket's, a backstop (the caller's own
-        deadline cancels first, and shuts the socket down)."""
+        `threads`: requests at once. `timeout`: how long a connect, a handshake, or a wait
+        for any byte of the answer may take: then this path gives up (a miss, towards
+        OFF_AFTER) and obstore is asked. Set it within the caller's own deadline, whose
+        cancel is no miss: a server this path cannot talk to that never answers it would
+        otherwise cost every request its whole deadline, for good."""
         self._url_of = url_of
         self._timeout = timeout
         self._idle: dict[tuple[str, int, bool], list[socket.socket]] = {}
@@ -228,7 +232,9 @@ class FastGet:
                 sock.close()
                 raise _Fallback("cancelled")
             try:
+                sock.settimeout(self._timeout)  # (_ssl retries a blocking want-read for ever)
                 length, keep, early = _head(sock, request, cap, span)
+                sock.settimeout(None)  # the body: one MSG_WAITALL receive, SO_RCVTIMEO its limit
             except _Stale as e:
                 abort.hold(None)
                 sock.close()
@@ -323,7 +329,8 @@ class FastGet:
             # Blocking from here, so a body is one MSG_WAITALL receive (one release of the
             # GIL, not one per segment); the kernel's own timeouts are the backstop.
             sock.settimeout(None)
-            backstop = struct.pack("ll", int(self._timeout), 0)
+            whole, part = divmod(self._timeout, 1.0)
+            backstop = struct.pack("ll", int(whole), max(int(part * 1e6), 0 if whole else 1))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, backstop)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, backstop)
             if tls:
@@ -574,19 +581,6 @@ def _readable(sock: socket.socket) -> bool:
     return bool(p.poll(0))
 
 
-def _exchange(
-    sock: socket.socket, request: bytes, cap: int, span: tuple[int, int] | None
-) -> tuple[memoryview, bool]:
-    """Send `request`, receive a plain answer: its body and whether the connection may
-    carry another (blocking)."""
-    length, keep, early = _head(sock, request, cap, span)
-    body = bytearray(length)
-    body[: len(early)] = early
-    view = memoryview(body)
-    _receive(sock, view[len(early) :])
-    return view, keep
-
-
 def _head(
     sock: socket.socket, request: bytes, cap: int, span: tuple[int, int] | None
 ) -> tuple[int, bool, memoryview]:
@@ -609,6 +603,8 @@ def _head(
                 break
             if n >= MAX_HEAD:
                 raise _Fallback(f"a response head over {MAX_HEAD} bytes")
+    except TimeoutError:
+        raise _Fallback(f"no answer within {sock.gettimeout()}s") from None
     except OSError as e:
         if n == 0:
             raise _Stale(f"before the answer: {e}") from None

@@ -467,7 +467,13 @@ class Origin:
         # Chunk and pack reads go through fastget first, where obstore's requests would be
         # plain ones (no proxy, no special client options): one copy of each byte, not two.
         self._fast = fastget.for_store(
-            self._store, url, client, os.environ, threads=concurrency, config=config
+            self._store,
+            url,
+            client,
+            os.environ,
+            threads=concurrency,
+            config=config,
+            timeout=timeout / 2,  # (an attempt that gets no answer there asks obstore)
         )
         # Whether the server answers ranged GETs (a plain web server may not): None until a
         # ranged read or answers_ranges's probe shows which. Where it does not, packs are

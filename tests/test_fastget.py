@@ -644,3 +644,23 @@ async def test_a_cancelled_request_leaves_no_failure_for_asyncio_to_log(
             assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         finally:
             fast.close()
+
+
+async def test_a_server_that_never_answers_this_path_turns_it_off() -> None:
+    """A server that takes the connection and says nothing (to this path; obstore may fare
+    better): each request gives up on this path within half the origin's timeout, a miss,
+    and asks obstore in the time left; after OFF_AFTER of them the path is off. Before,
+    the attempt's deadline cancelled it first, which counts as nothing: every request paid
+    its whole deadline here, for good."""
+    with silent_after_accept() as (port, _):
+        o = Origin(f"http://127.0.0.1:{port}/o", {}, retry=FAST, timeout=1.0)
+        try:
+            for _ in range(fastget.OFF_AFTER):
+                with pytest.raises(OriginError, match="no answer within"):
+                    await o.get_chunk(CID, len(DATA))
+                if not fast_of(o).on:
+                    break
+            assert not fast_of(o).on
+            assert fast_of(o).fallbacks >= fastget.OFF_AFTER
+        finally:
+            await o.close()
