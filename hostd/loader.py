@@ -29,6 +29,9 @@ import contextlib
 import json
 import os
 import queue
+import re
+import stat
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 from hostd.errors import HostdError, UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import numpy as np
     from numpy.typing import NDArray
@@ -177,8 +180,18 @@ def parse_header(raw: bytes, data_start: int, data_size: int, where: str) -> Hea
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LoaderError(where, f"the header is not UTF-8 ({e})") from e
+    _check_nesting(raw, where)
+    # A tensor's entry takes 40 bytes at the least ({"dtype":"U8","shape":[],"data_offsets":
+    # [0,0]} and its name): a header of more objects than that is refused as they are made,
+    # not after a 100 MB header of `{}`s has become gigabytes of dicts.
+    most_objects = 2 + len(raw) // 40
+    objects = 0
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal objects
+        objects += 1
+        if objects > most_objects:
+            raise LoaderError(where, f"the header holds over {most_objects} JSON objects")
         obj = dict(pairs)
         if len(obj) != len(pairs):  # the rare case: find the key given twice
             seen: set[str] = set()
@@ -203,6 +216,8 @@ def parse_header(raw: bytes, data_start: int, data_size: int, where: str) -> Hea
         raise LoaderError(where, f"the header is {_kind(obj)}, not a JSON object")
 
     metadata = _metadata(obj.pop("__metadata__", None), where)
+    for text in (*obj, *metadata, *metadata.values()):
+        _check_text(text, where)
     tensors = [_tensor(name, entry, data_size, where) for name, entry in obj.items()]
     tensors.sort(key=attrgetter("begin", "end"))
     pos, prev = 0, ""
@@ -229,6 +244,47 @@ def parse_header(raw: bytes, data_start: int, data_size: int, where: str) -> Hea
             "to no tensor (trailing bytes after the last tensor)",
         )
     return Header({t.name: t for t in tensors}, metadata, data_start, data_size)
+
+
+# A header nests 3 deep (the object, an entry, its shape); unknown fields of an entry may
+# hold more, and the reference's parser stops at 128. This depth no C stack minds.
+NESTING = 64
+# Up to this recursion limit, json's own RecursionError comes long before the C stack ends
+# (Python's default is 1,000; a 2,000,000-deep header was refused cleanly at 50,000).
+SAFE_RECURSION = 20_000
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a JSON escape, whose second byte may be a quote
+_NOT_SHAPE = bytes(b for b in range(256) if b not in b'"[]{}')  # what translate drops
+_STRING = re.compile(rb'"[^"]*"')
+_DEPTH = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1, ord('"'): 0}
+
+
+def _check_nesting(raw: bytes, where: str) -> None:
+    """Where the recursion limit was raised (ML code does), refuse JSON that nests deeper
+    than NESTING before the parser, which recurses, overflows the C stack on a few MB of
+    `[`s rather than fail. Without recursion: escapes and strings dropped, the brackets are
+    walked, and the walk stops at the first level too deep."""
+    if sys.getrecursionlimit() <= SAFE_RECURSION:
+        return
+    shape = _STRING.sub(b"", _ESCAPE.sub(b"", raw).translate(None, _NOT_SHAPE))
+    depth = 0
+    step = _DEPTH
+    for b in shape:
+        depth += step[b]
+        if depth > NESTING:
+            raise LoaderError(where, f"the header's JSON nests too deeply (over {NESTING})")
+
+
+def _check_text(text: str, where: str) -> None:
+    """A name or metadata string must be Unicode that UTF-8 can hold: JSON's \\u escapes
+    can spell a lone surrogate, which no program could print or save again."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoaderError(
+            where,
+            f"{_show(text.encode('utf-8', 'backslashreplace').decode())} is not valid "
+            "Unicode (a lone surrogate)",
+        ) from None
 
 
 def _metadata(value: object, where: str) -> dict[str, str]:
@@ -260,10 +316,16 @@ def _tensor(name: str, entry: object, data_size: int, where: str) -> TensorInfo:
         what = f"{len(shape)} dimensions" if type(shape) is list else _kind(shape)
         raise LoaderError(where, f"shape is {what}, not a list of at most {MAX_DIMS} ints", name)
     need = dtype.itemsize  # at most 64 factors under 2**63: a small big integer at worst
+    span = dtype.itemsize  # the same without the zeros: numpy and torch refuse over 2**63
     for dim in shape:
         if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
             raise LoaderError(where, f"shape has {dim!r:.40}, not an int in [0, 2**63)", name)
         need *= dim
+        span *= dim or 1
+    if need == 0 and span > _MAX_DIM:  # (else the bytes it needs say what is wrong)
+        raise LoaderError(
+            where, f"shape {shape} of {code} spans over 2**63 bytes (a zero in it or not)", name
+        )
     if type(offsets) is not list or len(offsets) != 2 or not all(type(x) is int for x in offsets):
         raise LoaderError(where, f"data_offsets is {offsets!r:.80}, not two ints", name)
     begin, end = offsets
@@ -290,11 +352,27 @@ def _tensor(name: str, entry: object, data_size: int, where: str) -> TensorInfo:
 def read_header(path: StrPath) -> Header:
     """The checked header of the safetensors file at `path`. LoaderError if it is not one;
     OSError if it cannot be opened or read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_regular(path)
     try:
         return _read_header(fd, os.fspath(path))
     finally:
         os.close(fd)
+
+
+def _open_regular(path: StrPath) -> int:
+    """`path` opened for reading, if it is a regular file: a FIFO would block the open (and
+    a device's reads never end), a directory's read fails with no name to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise LoaderError(os.fspath(path), f"is {kind}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _read_header(fd: int, where: str) -> Header:
@@ -356,7 +434,7 @@ def load_file(
         torch = _import_torch()
         torch_device = _torch_device(torch, device)
     where = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_regular(path)
     try:
         header = _read_header(fd, where)
         with contextlib.suppress(OSError):  # advice only
@@ -386,11 +464,27 @@ def _numpy_tensors(fd: int, header: Header, threads: int, where: str) -> dict[st
     out: dict[str, Any] = {}
     dests: list[memoryview] = []
     for t in header.tensors.values():
-        arr = np.empty(t.shape, dtypes[t.dtype])
+        with _allocating(where, t):
+            arr = np.empty(t.shape, dtypes[t.dtype])
         out[t.name] = arr
         dests.append(arr.reshape(-1).view(np.uint8).data)
     _read_all(fd, header.data_start, dests, threads, where)
     return out
+
+
+@contextlib.contextmanager
+def _allocating(where: str, t: TensorInfo) -> Iterator[None]:
+    """A shape the header allows but this numpy or torch cannot make (more dimensions than
+    it has, a size it cannot index): said as the loader's error, naming the tensor. Running
+    out of memory is not the file's fault, and is left as it is."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as e:
+        if "out of memory" in str(e).lower():
+            raise
+        raise LoaderError(
+            where, f"cannot make an array of shape {list(t.shape)}: {e}", t.name
+        ) from e
 
 
 def _codes(header: Header) -> list[str]:
@@ -452,7 +546,8 @@ def _torch_cpu(torch: Any, fd: int, header: Header, threads: int, where: str) ->
     out: dict[str, Any] = {}
     dests: list[memoryview] = []
     for t in header.tensors.values():
-        tensor = torch.empty(t.shape, dtype=dtypes[t.dtype])
+        with _allocating(where, t):
+            tensor = torch.empty(t.shape, dtype=dtypes[t.dtype])
         out[t.name] = tensor
         dests.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     _read_all(fd, header.data_start, dests, threads, where)
@@ -475,6 +570,8 @@ def _torch_staged(
         for _ in range(min(STAGES, -(-size // piece)))
     ]
     streams = [torch.cuda.Stream(device=device) for _ in ring]
+    for stream in streams:  # on_device came from the current stream's pool: wait for it
+        stream.wait_stream(torch.cuda.current_stream(device))
     copied: list[Any] = [None] * len(ring)  # each buffer's last copy, as a CUDA event
     for i, off in enumerate(range(0, size, piece)):
         k = i % len(ring)
@@ -492,7 +589,8 @@ def _torch_staged(
     for t in header.tensors.values():
         dtype = dtypes[t.dtype]
         if t.nbytes == 0:
-            out[t.name] = torch.empty(t.shape, dtype=dtype, device=device)
+            with _allocating(where, t):
+                out[t.name] = torch.empty(t.shape, dtype=dtype, device=device)
             continue
         raw = on_device[t.begin : t.end]
         if t.begin % DTYPES[t.dtype].itemsize:
@@ -613,7 +711,8 @@ def load_safetensors(
 
     Raises the restore's error (hostd.errors) if it fails, LoaderError for a bad shard or a
     tensor name found in two shards, and what `load_file` raises. A failure stops the
-    restore (the daemon removes what it placed).
+    restore and removes what it placed: the daemon does, or this call where the restore had
+    already ended (a bad last shard).
     """
     if framework not in ("numpy", "torch"):
         raise UsageError(f"framework {framework!r}: hostd.loader gives 'numpy' or 'torch'")
@@ -638,6 +737,7 @@ def load_safetensors(
                 )
             )
         root = os.fspath(target)
+        made = not os.path.lexists(root)  # (the restore makes it: a failed load removes it)
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         client = stack.enter_context(Client(resolve_socket(socket, os.environ)))
 
@@ -661,6 +761,7 @@ def load_safetensors(
         worker.start()
         shards: dict[str, dict[str, Any]] = {}
         loaded: set[str] = set()  # the real paths of the shards loaded
+        placed: list[str] = []  # what the restore said it placed, as far as read
         inside = os.path.realpath(root)
         try:
             while True:
@@ -669,6 +770,7 @@ def load_safetensors(
                     raise item
                 if kind == "result":
                     break
+                placed.append(str(item["path"]))
                 if on_file is not None:
                     on_file(item)
                 path = str(item["path"])
@@ -689,14 +791,49 @@ def load_safetensors(
                 loaded.add(real)
                 if scratch and "symlink" not in item:  # its bytes are in the arrays now
                     os.unlink(where)
+            if not shards:
+                raise LoaderError(ref, "the snapshot has no .safetensors file")
+            return _merged(shards)
         except BaseException:
             client.close()  # the daemon sees the caller go, stops, and removes what it placed
+            worker.join()
+            if not scratch:  # ... unless it had placed all of it already: then, we do
+                _take_back(root, [*placed, *_placed_in(events)], made)
             raise
         finally:
             worker.join()
-        if not shards:
-            raise LoaderError(ref, "the snapshot has no .safetensors file")
-        return _merged(shards)
+
+
+def _placed_in(events: queue.Queue[tuple[str, Any]]) -> list[str]:
+    """The paths of the `file` events not read yet (the restore has ended)."""
+    out = []
+    while not events.empty():
+        kind, item = events.get_nowait()
+        if kind == "file":
+            out.append(str(item["path"]))
+    return out
+
+
+def _take_back(root: str, paths: Sequence[str], made: bool) -> None:
+    """Remove what a restore whose shards failed to load placed in `root` (each file, then
+    each directory it leaves empty, then `root` if the restore made it), where the daemon
+    did not (the restore had ended). Whatever else is there stays."""
+    dirs: set[str] = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            where = os.path.join(root, path)
+            if not stat.S_ISDIR(os.lstat(where).st_mode):
+                os.unlink(where)
+        parent = os.path.dirname(path)
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+    for d in sorted(dirs, key=lambda d: d.count("/"), reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(root, d))
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
 
 
 def _merged(shards: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

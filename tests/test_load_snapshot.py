@@ -15,6 +15,7 @@ import pytest
 from harness import HeldOrigin, Hostd, rmtree, short_tmp
 
 from hostd import loader
+from hostd.client import Client
 from hostd.core.ids import chunk_id
 from hostd.errors import NotFound, UsageError
 
@@ -133,12 +134,57 @@ def test_what_goes_wrong_is_said(work: Path, model: dict[str, Any]) -> None:
         h.publish(work / "plain", "m/plain")
         with pytest.raises(loader.LoaderError, match=r"no \.safetensors file"):
             loader.load_safetensors("m/plain", socket=h.socket, target=work / "p")
+        assert not (work / "p").exists()
         # a shard that is not safetensors: the restore is stopped and what landed removed
         (work / "bad").mkdir()
         (work / "bad" / "w.safetensors").write_bytes(b"\xff" * 64)
         h.publish(work / "bad", "m/bad")
         with pytest.raises(loader.LoaderError, match=r"w\.safetensors"):
             loader.load_safetensors("m/bad", socket=h.socket, target=work / "b")
+        assert not (work / "b").exists()
+
+
+def test_a_bad_shard_read_after_the_restore_ended_is_taken_back_too(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last shard is bad, and the restore has ended by the time it is read: nothing is
+    left for the daemon to stop, so the loader removes what the restore placed itself (it
+    left a whole tree in the target, which a retry then found not empty). A file of the
+    caller's own in the target stays."""
+    src = work / "late"
+    shard(src / "a.safetensors", 1, ["x"])
+    (src / "z.safetensors").write_bytes(b"\xff" * 64)
+    (src / "sub").mkdir()
+    (src / "sub" / "notes.txt").write_text("placed too")
+    ended = threading.Event()
+    real_restore, real_load = Client.restore, loader.load_file
+
+    def restore(self: Client, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_restore(self, *args, **kwargs)
+        finally:
+            ended.set()
+
+    def load_file(path: Any, **kwargs: Any) -> dict[str, Any]:
+        assert ended.wait(DEADLINE)  # read once the restore is over
+        if Path(path).name == "z.safetensors" and keep.is_set():
+            (work / "t" / "mine").write_text("the caller's, made meanwhile")
+        return real_load(path, **kwargs)
+
+    keep = threading.Event()
+
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        h.publish(src, "m/late")
+        monkeypatch.setattr(Client, "restore", restore)
+        monkeypatch.setattr(loader, "load_file", load_file)
+        with pytest.raises(loader.LoaderError, match=r"z\.safetensors"):
+            loader.load_safetensors("m/late", socket=h.socket, target=work / "t")
+        assert not (work / "t").exists()
+        ended.clear()
+        keep.set()
+        with pytest.raises(loader.LoaderError, match=r"z\.safetensors"):
+            loader.load_safetensors("m/late", socket=h.socket, target=work / "t")
+        assert os.listdir(work / "t") == ["mine"]
 
 
 def test_a_hub_cache_layout_loads_through_its_links(work: Path) -> None:

@@ -583,3 +583,68 @@ def test_reprs_summarise(small_file: Path) -> None:
     header = loader.read_header(small_file)
     assert repr(header).startswith("Header(2 tensors, 28 bytes of data at ")
     assert isinstance(loader.LoaderError("f", "x"), ValueError)
+
+
+# -- headers built to hurt the loader rather than to be read ------------------------------
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63 - 1], [0, 2**32, 2**32], [0, *[2**62] * 40]])
+def test_an_empty_tensor_too_big_to_index_is_refused(tmp_path: Path, shape: list[int]) -> None:
+    """Zero bytes, so its span checks out, but no array of that shape can be made: the
+    loader's error naming it, not numpy's bare ValueError."""
+    path = build(tmp_path, {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}, b"")
+    with pytest.raises(LoaderError, match=r"tensor 'a': .*(spans over 2\*\*63|cannot make)"):
+        loader.load_file(path)
+
+
+def test_deep_nesting_is_refused_whatever_the_recursion_limit(tmp_path: Path) -> None:
+    """ML programs raise the recursion limit; the parser then recursed until the C stack
+    overflowed (SIGSEGV) on a 4 MB header of nested brackets."""
+    depth = 2_000_000
+    path = build(tmp_path, b'{"a":' + b"[" * depth + b"]" * depth + b"}", b"")
+    code = (
+        "import sys; sys.setrecursionlimit(10**7)\n"
+        "from hostd import loader\n"
+        f"try: loader.read_header({str(path)!r})\n"
+        "except loader.LoaderError as e: print(e); sys.exit(3)\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 3, (got.returncode, got.stderr[-500:])
+    assert "nests too deeply" in got.stdout
+
+
+@pytest.mark.parametrize("item", [b"{}", b'{"ab":"cd"}'])
+def test_a_header_of_many_objects_is_refused_before_they_are_built(
+    tmp_path: Path, item: bytes
+) -> None:
+    """{"x": [{}, {}, ...]}: each `{}` a dict, and 100 MB of them gigabytes of memory (2.6
+    GB, against 1.1 for the reference); no header holds more objects than one for every 40
+    of its bytes, and the parse stops at the first over that."""
+    path = build(tmp_path, b'{"x":[' + (item + b",") * 300_000 + item + b"]}", b"")
+    with pytest.raises(LoaderError, match=r"holds over \d+ JSON objects"):
+        loader.read_header(path)
+
+
+@pytest.mark.parametrize("where", ["name", "metadata"])
+def test_a_lone_surrogate_is_refused(tmp_path: Path, where: str) -> None:
+    raw = (
+        b'{"\\udc00w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+        if where == "name"
+        else b'{"__metadata__": {"k": "\\ud800"}, "a": {"dtype": "F32", "shape": [2], '
+        b'"data_offsets": [0, 8]}}'
+    )
+    path = build(tmp_path, raw, DATA)
+    with pytest.raises(LoaderError, match="not valid Unicode"):
+        loader.load_file(path)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the reference refuses it too
+        reference_load_file(str(path))
+
+
+def test_what_is_not_a_regular_file_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(LoaderError, match=r"dir\.safetensors: is a directory"):
+        loader.load_file(tmp_path / "dir.safetensors")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # an open of it for reading would wait for a writer for ever
+    with pytest.raises(LoaderError, match=r"fifo\.safetensors: is not a regular file"):
+        loader.read_header(fifo)
