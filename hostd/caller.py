@@ -69,11 +69,12 @@ def daemon_caller() -> Caller:
 
 def could_write_cache(caller: Caller, daemon_uid: int, pidfd: int = -1) -> bool:
     """Whether `caller` could write to a file the daemon owns, read-only bit or not: root, the
-    daemon's own uid, a process holding CAP_DAC_OVERRIDE or CAP_FOWNER, or a process in a
+    daemon's own uid, a process holding CAP_DAC_OVERRIDE or CAP_FOWNER (effective, permitted
+    or ambient), or one whose uid another process holding them runs as, or a process in a
     user namespace (told apart by its inode, not its map's text) that maps either uid: its
     capabilities there apply to their files. Such callers must not get the cache's own
     inodes by link. `pidfd` (of the caller) confirms the /proc entries read were its own.
-    When in doubt, yes."""
+    When in doubt, yes. Blocking (a /proc scan): run it on a thread."""
     if caller.uid in (0, daemon_uid):
         return True
     try:
@@ -86,11 +87,12 @@ def could_write_cache(caller: Caller, daemon_uid: int, pidfd: int = -1) -> bool:
             signal.pidfd_send_signal(pidfd, 0)  # still the process that connected
     except OSError:
         return True
-    for line in status.splitlines():
-        if line.startswith("CapEff:") and int(line.split()[1], 16) & _WRITE_CAPS:
-            return True
+    if _write_caps(status):
+        return True
     if same_ns:
-        return False  # our own user namespace: its uid is all it has
+        # our own user namespace: its uid is all it has, unless another of that uid's
+        # processes holds the capabilities (the caller's links are that uid's files)
+        return _uid_holds_write_caps(caller.uid)
     for line in theirs.splitlines():
         # inside, outside (as seen from our namespace), count
         parts = line.split()
@@ -103,6 +105,41 @@ def could_write_cache(caller: Caller, daemon_uid: int, pidfd: int = -1) -> bool:
 
 
 _WRITE_CAPS = (1 << 1) | (1 << 3)  # CAP_DAC_OVERRIDE, CAP_FOWNER
+# Permitted ones count as held: a process raises a permitted capability into its effective
+# set whenever it likes (capset), and ambient ones survive its execs.
+_CAP_SETS = ("CapEff:", "CapPrm:", "CapAmb:")
+
+
+def _write_caps(status: str) -> bool:
+    """Whether a process's /proc status shows CAP_DAC_OVERRIDE or CAP_FOWNER held."""
+    return any(
+        line.startswith(_CAP_SETS) and int(line.split()[1], 16) & _WRITE_CAPS
+        for line in status.splitlines()
+    )
+
+
+def _uid_holds_write_caps(uid: int) -> bool:
+    """Whether any process in our user namespace that runs as `uid` (real, effective, saved
+    or filesystem uid) holds CAP_DAC_OVERRIDE or CAP_FOWNER: it could write through a blob
+    linked into that uid's tree. Blocking: a /proc scan, a few ms a thousand processes."""
+    ours = _ns("/proc/self/ns/user")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        uids = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:")), [])
+        if str(uid) not in uids or not _write_caps(status):
+            continue
+        try:
+            if _ns(f"/proc/{pid}/ns/user") == ours:
+                return True
+        except OSError:
+            return True  # when in doubt, yes
+    return False
 
 
 def _ns(path: str) -> tuple[int, int]:

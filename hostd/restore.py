@@ -395,7 +395,7 @@ class Restorer:
                 "cannot stay whole while the new one arrives in its place); restore into a new "
                 "directory, or drop replace"
             )
-        writer = could_write_cache(req.caller, os.geteuid(), req.pidfd)
+        writer = await asyncio.to_thread(could_write_cache, req.caller, os.geteuid(), req.pidfd)
         link_ok = self.link_to_writers or not writer
         if req.mode == "link" and not link_ok:
             raise Forbidden(

@@ -874,3 +874,66 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+# A process as nobody holding CAP_FOWNER (ambient, so it survives the exec): with "drop" it
+# clears its effective set first, keeping the capability permitted (capset raises it again
+# at will). It says "ready" once it is as the test wants it, then waits.
+_CAPPED = r"""
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
+u32 = ctypes.c_uint32
+class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+h, d = H(0x20080522, 0), (D * 2)()
+assert libc.capget(ctypes.byref(h), d) == 0
+if sys.argv[1] == "drop":
+    d[0].e = d[1].e = 0
+    assert libc.capset(ctypes.byref(h), d) == 0
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def _nobody_process(*args: str, fowner: bool = False) -> Iterator[subprocess.Popen[str]]:
+    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner") if fowner else ()
+    proc = subprocess.Popen(
+        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _CAPPED, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_caller_with_a_write_capability_only_permitted_is_a_writer() -> None:
+    """CAP_FOWNER permitted but not effective: the caller raises it whenever it likes, then
+    chmods a linked blob and writes through it (every later restore of that blob, anyone's,
+    would hand out its bytes). So it is a writer: copies, no links."""
+    from hostd.caller import could_write_cache
+
+    with _nobody_process("drop", fowner=True) as capped:
+        status = Path(f"/proc/{capped.pid}/status").read_text()
+        assert "CapEff:\t0000000000000000" in status
+        assert could_write_cache(Caller(capped.pid, NOBODY, NOBODY, ()), os.geteuid())
+    with _nobody_process("keep") as plain:
+        assert not could_write_cache(Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid())
+
+
+def test_a_caller_whose_uid_runs_a_process_with_a_write_capability_is_a_writer() -> None:
+    """The caller holds nothing, but another process of its uid does: the links would land
+    in that uid's tree, where that process could write through them."""
+    from hostd.caller import could_write_cache
+
+    with _nobody_process("keep") as plain:
+        caller = Caller(plain.pid, NOBODY, NOBODY, ())
+        assert not could_write_cache(caller, os.geteuid())
+        with _nobody_process("keep", fowner=True):
+            assert could_write_cache(caller, os.geteuid())
