@@ -51,6 +51,7 @@ from hostd.fileio import send_range
 from hostd.fill import Filler
 from hostd.peers import (
     MAX_HAVE_IDS,
+    MIN_RATE,
     NAME_HEADER,
     NODE_HEADER,
     PULL_PRIORITY,
@@ -273,7 +274,13 @@ async def _send(
         if isinstance(where, tuple):
             await _sendfile(request, srv, where[0], where[1], want.size)
         else:
-            await resp.write(where)
+            # as sendfile's: an asker that does not read must not hold an upload slot
+            try:
+                async with asyncio.timeout(srv.timeout + want.size / MIN_RATE):
+                    await resp.write(where)
+            except TimeoutError:
+                _cut(request)
+                raise ConnectionResetError("the asker did not read the chunk in time") from None
         await resp.write_eof()
     return resp, served
 
@@ -338,7 +345,7 @@ async def have(request: web.Request) -> web.StreamResponse:
     srv = request.app[SERVER_KEY]
     try:
         doc = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise UsageError('the body must be JSON: {"ids": [...]}') from None
     ids = doc.get("ids") if isinstance(doc, dict) else None
     if not isinstance(ids, list) or len(ids) > MAX_HAVE_IDS:

@@ -54,6 +54,10 @@ HAVE_FANOUT = 8  # peers asked whether they hold a chunk, when its owner could n
 HAVE_TTL = 2.0  # seconds an answer to `have` is trusted
 MAX_HAVE_IDS = 4096  # ids in one `have` request
 HEALTH_BYTES = 64 * 1024  # the most a health answer may be
+# The slowest a chunk may come from a peer, or go to one, past the timeout: one that trickles
+# a byte a timeout keeps its connection for ever and holds a fetch slot (the origin is
+# faster); it is struck instead.
+MIN_RATE = 1 << 20  # bytes a second
 NODE_HEADER = "X-Hostd-Node"  # the sender's node id (also in the signed Authorization)
 NAME_HEADER = "X-Hostd-Name"  # the sender's member name, when it knows it (owner hints)
 SOURCE_HEADER = "X-Hostd-Source"  # how a chunk is served: "held" or "pull"
@@ -366,6 +370,8 @@ class PeerClient:
         got = 0
         wait = max(first_wait, self.timeout)
         loop = asyncio.get_running_loop()
+        # and the whole body by then, however steadily it trickles (MIN_RATE)
+        end = loop.time() + wait + self.timeout + chunk.size / MIN_RATE
         try:
             async with asyncio.timeout(wait) as deadline:
                 while got < chunk.size:
@@ -378,14 +384,15 @@ class PeerClient:
                         )
                     buf[got : got + len(piece)] = piece
                     got += len(piece)
-                    deadline.reschedule(loop.time() + self.timeout)
+                    deadline.reschedule(min(loop.time() + self.timeout, end))
         except TimeoutError:
             kind = "stall" if got or not first_wait else "failed"
-            raise PeerFailure(
-                kind,
-                f"peer {name} sent nothing for {wait if not got else self.timeout:g} s "
-                f"({got}/{chunk.size} bytes)",
-            ) from None
+            if got and loop.time() >= end:
+                why = f"sent {got} of {chunk.size} bytes, slower than {MIN_RATE >> 20} MiB/s"
+            else:
+                why = f"sent nothing for {wait if not got else self.timeout:g} s"
+                why += f" ({got}/{chunk.size} bytes)"
+            raise PeerFailure(kind, f"peer {name} {why}") from None
         except (aiohttp.ClientError, OSError) as e:
             raise PeerFailure(
                 "failed", f"peer {name} broke off chunk {chunk.id.hex()}: {_cause(e)}"
@@ -456,9 +463,11 @@ class PeerClient:
 
 
 def _json(raw: bytes) -> dict[str, Any]:
+    """A peer's JSON answer as a dict; {} for anything else (nesting past the parser's
+    recursion limit too: a member's health answer of `[`s must not end the daemon)."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -560,6 +569,9 @@ class Membership:
             doc = await self.client.health(m.name)
         except PeerFailure as e:
             self.report(m.name, e)
+            return
+        except Exception:  # a supervision point: one member's answer must not end the loop
+            log.exception("peers: probing %s failed", m.name)
             return
         node = doc.get("node")
         if node == self.client.node:

@@ -493,9 +493,58 @@ class WrongBytes(BaseHTTPRequestHandler):
         pass
 
 
-def wrong_bytes_peer(port: int, stop: threading.Event) -> threading.Thread:
-    """A WrongBytes peer on loopback until `stop` is set."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), WrongBytes)
+class DeepHealth(BaseHTTPRequestHandler):
+    """A member whose health answer nests past the JSON parser's recursion limit (10 KB),
+    and which holds no chunk."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            body, status = b'{"message": "no such chunk"}', 404
+        else:
+            body, status = b"[" * 5000 + b"]" * 5000, 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """A member that answers a chunk at once, with its size, then sends a byte every 0.3 s:
+    under any per-read timeout, for ever."""
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/v1/chunks/"):
+            body = json.dumps({"node": "trickle"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        size = int(self.path.split("size=")[1].split("&")[0])
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+            for _ in range(200):  # (a minute at most: the test's own end)
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass  # cut off: as it should be
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def wrong_bytes_peer(
+    port: int, stop: threading.Event, handler: type[BaseHTTPRequestHandler] = WrongBytes
+) -> threading.Thread:
+    """A WrongBytes peer (or another `handler`) on loopback until `stop` is set."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
 
@@ -527,6 +576,51 @@ def test_a_peer_sending_bad_bytes_is_struck_and_the_restore_is_exact(work: Path)
             assert sample(text, "hostd_peer_strikes_total", reason="corrupt") >= 1
             assert sample(text, "hostd_peers", state="struck") == 1
             assert out["bytes_by_source"].get("peer", 0) == 0
+    finally:
+        stop.set()
+
+
+def test_a_members_deeply_nested_answer_is_that_members_problem_alone(work: Path) -> None:
+    """Its health answer ended the daemon (RecursionError out of the prober); now it says
+    nothing, and the restore goes on without it."""
+    src = big_tree(work / "src")
+    (port,) = free_ports(1)
+    stop = threading.Event()
+    wrong_bytes_peer(port, stop, DeepHealth)
+    try:
+        with Fleet(work, 1, extra=[f"127.0.0.1:{port}"]) as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert h.proc is not None
+            assert h.proc.poll() is None  # still up
+            assert "RecursionError" not in h.log()
+    finally:
+        stop.set()
+
+
+def test_a_member_that_trickles_a_chunk_is_struck_by_its_rate(work: Path) -> None:
+    """A byte every 0.3 s never trips a 0.5 s timeout between reads: the restore hung for
+    good, holding fetch slots that other restores waited for. A chunk must come at
+    MIN_RATE past the timeout, or its member is struck and the origin asked."""
+    src = big_tree(work / "src")
+    (port,) = free_ports(1)
+    slow = f"127.0.0.1:{port}"
+    stop = threading.Event()
+    wrong_bytes_peer(port, stop, Trickle)
+    try:
+        with Fleet(work, 1, extra=[slow], timeout="500ms") as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            started = time.monotonic()
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert time.monotonic() - started < 30
+            assert member(h, slow)["state"] == "struck"
+            assert "slower than" in member(h, slow)["last_error"]
     finally:
         stop.set()
 
