@@ -789,6 +789,7 @@ def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:
         "mode": st.st_mode & 0o777,
         "size": st.st_size,
         "mtime": st.st_mtime_ns,
+        "ctime": st.st_ctime_ns,
         "id": [st.st_dev, st.st_ino],
         "via": via,
     }

@@ -99,6 +99,9 @@ class SourceFile:
     ident: tuple[int, int]  # (dev, ino) the scan saw: the file opened later must be it
     via: str | None = None  # a symlink's target outside the tree, in the caller's view
     mtime: int = 0  # ns, as the scan saw it; the one recorded is taken when it is read
+    # ns, as the scan saw it: nobody can set a ctime back, so a file rewritten in place with
+    # its size and mtime put back (rsync --inplace -t, touch -d) still shows its change
+    ctime: int = 0
 
 
 @dataclass
@@ -144,8 +147,28 @@ def _source(f: Mapping[str, Any]) -> SourceFile:
         int(f["size"]),
         (int(d), int(i)),
         f["via"],
-        int(f["mtime"]),
+        recordable_mtime(str(f["path"]), int(f["mtime"])),
+        int(f["ctime"]),
     )
+
+
+def recordable_mtime(path: str, ns: int) -> int:
+    """`ns`, if a manifest can record it (FORMAT.md section 4: a signed 64-bit count of
+    nanoseconds, the years 1677 to 2262); else UsageError naming the file (ext4 holds
+    mtimes to 2446)."""
+    if not mf.MIN_MTIME <= ns <= mf.MAX_MTIME:
+        raise UsageError(
+            f"{path!r}: its mtime ({ns} ns from 1970) is outside what a snapshot records "
+            "(a signed 64-bit count of nanoseconds: the years 1677 to 2262); set another "
+            "with touch, or exclude it"
+        )
+    return ns
+
+
+def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats of one open file show no change between them: size, mtime, and
+    the ctime, which a write moves whatever is done to the mtime afterwards."""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
 _SKIPPED_KINDS = frozenset({"FIFO", "socket", "device"})
@@ -282,8 +305,9 @@ def ingest(
                 pwrite_all(out, view, off)
             handoff(mf.Chunk(cid, n, kind), view)
         after = os.fstat(fd)
-        if after.st_size != size or after.st_mtime_ns != before.st_mtime_ns:
+        if after.st_size != size or not _same_state(before, after):
             raise UsageError(f"{src!r} changed while it was being published")
+        recordable_mtime(src, after.st_mtime_ns)
         blob = None
         if out >= 0 and tier is not None and scratch is not None:
             os.utime(out, ns=(after.st_mtime_ns, after.st_mtime_ns))
@@ -328,7 +352,7 @@ def read_small(
             data = _read_whole(fd, f)
             after = os.fstat(fd)
             mtime = after.st_mtime_ns
-            if after.st_size != f.size or mtime != f.mtime:
+            if after.st_size != f.size or mtime != f.mtime or after.st_ctime_ns != f.ctime:
                 # A stat after the read that matches the scan's says the file was not
                 # written from the scan to the end of the read, so one stat does for two.
                 # This one changed at some time since the scan: read it again between two.
@@ -353,9 +377,9 @@ def _read_between(fd: int, f: SourceFile) -> tuple[bytes, int]:
     before = os.fstat(fd)
     data = _read_whole(fd, f)
     after = os.fstat(fd)
-    if after.st_size != f.size or after.st_mtime_ns != before.st_mtime_ns:
+    if after.st_size != f.size or not _same_state(before, after):
         raise UsageError(f"{f.path!r} changed while it was being published")
-    return data, after.st_mtime_ns
+    return data, recordable_mtime(f.path, after.st_mtime_ns)
 
 
 def _read_whole(fd: int, f: SourceFile) -> bytes:

@@ -151,3 +151,54 @@ async def test_cancelled_publish_of_small_files_closes_every_descriptor(tmp_path
         origin.gate.set()
         cache.index.close()
         spawner.close()
+
+
+# -- a source rewritten while it is read ------------------------------------------------
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: Path) -> None:
+    """rsync --inplace -t, or a write and a touch -d: the size and the mtime are as they
+    were, so a check of those passed a file whose first chunk was one version and the rest
+    another, published as if it had ever been. The ctime moved, and nobody can move it back."""
+    from hostd.errors import UsageError
+    from hostd.publish import ingest
+
+    cs = 64 * 1024
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"A" * (4 * cs))
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    seen: list[bytes] = []
+
+    def rewritten(chunk: object, data: memoryview) -> None:
+        seen.append(bytes(data[:1]))
+        if len(seen) == 1:  # once the first chunk is read: the rest becomes version B
+            with open(src, "r+b") as f:
+                f.seek(cs)
+                f.write(b"B" * (3 * cs))
+            os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+
+    with pytest.raises(UsageError, match="changed while it was being published"):
+        ingest(
+            lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC),
+            str(src),
+            4 * cs,
+            cs,
+            tier=None,
+            scratch=None,
+            compress="never",
+            min_saving=0.1,
+            handoff=rewritten,
+        )
+    assert seen == [b"A", b"B", b"B", b"B"]  # (the mix it would have published)
+
+
+def test_a_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(tmp_path: Path) -> None:
+    """An mtime after 2262 (ext4 holds them to 2446) is past a signed 64-bit count of
+    nanoseconds: publish said "internal error" and left a blob no record named."""
+    from hostd.errors import UsageError
+    from hostd.publish import _source
+
+    far = (1 << 63) + 10**18
+    with pytest.raises(UsageError, match=r"'x/f': its mtime .* outside what a snapshot records"):
+        _source({"path": "x/f", "mode": 0o644, "size": 1, "id": [1, 2], "via": None,
+                 "mtime": far, "ctime": 0})  # fmt: skip

@@ -322,7 +322,9 @@ def _batch(root: Path, contents: dict[str, bytes]) -> tuple[list[int], list[Sour
         st = p.stat()
         fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
         files.append(
-            SourceFile(name, 0o644, len(data), (st.st_dev, st.st_ino), None, st.st_mtime_ns)
+            SourceFile(
+                name, 0o644, len(data), (st.st_dev, st.st_ino), None, st.st_mtime_ns, st.st_ctime_ns
+            )
         )
     return fds, files
 
