@@ -27,8 +27,16 @@ from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
-from hostd.core.pathfilter import load_order
-from hostd.errors import Forbidden, ManifestError, NotFound, OriginError, TargetError, UsageError
+from hostd.core.pathfilter import load_order, order_work
+from hostd.errors import (
+    Forbidden,
+    ManifestError,
+    NotFound,
+    OriginError,
+    TargetError,
+    UsageError,
+    unheard,
+)
 from hostd.fill import Filler, FillProgress
 from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize
 from hostd.origin import Origin, RetryNote, validate_ref
@@ -42,7 +50,12 @@ TOUCH_BATCH = 4096
 LEND_BATCH = 1024  # lent marks: a row each
 LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
 MISS_SHOWN = 3  # published fact sets a miss lists
-ORDER_INLINE = 1024  # a load order over more files is worked out on a thread
+# A load order's work (pathfilter.order_work: pattern characters x paths) done on the loop;
+# more goes to a thread, and past ORDER_WORK the request is refused: patterns built to be
+# slow (`?*?*...`) cost ~65 ns a unit, so ~3 s of a core at most; ten patterns of 50
+# characters over 100,000 files is within it.
+ORDER_INLINE = 50_000
+ORDER_WORK = 50_000_000
 
 
 @dataclass
@@ -526,11 +539,7 @@ class Restorer:
         # Pure work over the whole manifest and the caller's patterns: on a thread where
         # there is much of it, so the loop (status, other restores) runs in between.
         paths = [f.path for f in m.files]
-        big = req.order and len(paths) > ORDER_INLINE
-        if big:
-            ranks = await asyncio.to_thread(load_order, paths, req.order)
-        else:
-            ranks = load_order(paths, req.order)
+        ranks = await _load_order(paths, req.order)
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
 
@@ -679,6 +688,29 @@ class Restorer:
             "timings": {"resolve": f.t1 - f.t0, "fetch": f.t2 - f.t1, "total": f.t2 - f.t0},
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
+
+
+async def _load_order(paths: list[str], patterns: Sequence[str]) -> list[int]:
+    """pathfilter.load_order: on the loop where it is little work, else on a thread that
+    stops when the restore is given up (its caller gone: the work must not outlive it, on a
+    thread the loop's other jobs queue behind); refused past ORDER_WORK."""
+    work = order_work(paths, patterns)
+    if work <= ORDER_INLINE:
+        return load_order(paths, patterns)
+    if work > ORDER_WORK:
+        raise UsageError(
+            f"field 'order': {len(patterns)} patterns of {sum(map(len, patterns))} characters "
+            f"over {len(paths)} files is more matching than a load order gets (at most "
+            f"{ORDER_WORK:.0e} characters x files); give fewer or shorter patterns"
+        )
+    given_up = threading.Event()
+    job = asyncio.ensure_future(asyncio.to_thread(load_order, paths, patterns, given_up.is_set))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        given_up.set()
+        job.add_done_callback(unheard)
+        raise
 
 
 @dataclass(frozen=True)

@@ -303,3 +303,44 @@ def test_a_restore_ordered_by_a_pathological_pattern_holds_nobody_up(work: Path)
         assert not restore.is_alive()
     assert out["event"] == "result", out
     assert sorted(p.name for p in (work / "out").iterdir()) == sorted(p.name for p in src.iterdir())
+
+
+def test_a_load_order_built_to_be_slow_is_refused_or_kept_off_the_loop(work: Path) -> None:
+    """Patterns of many `?*` pieces cost their length for every path: 256 of 1,023
+    characters held the event loop 17 s over 1,000 files (every request waited), and, past
+    1,024 files, kept a worker thread busy after its caller had gone. Past ORDER_WORK the
+    restore is refused, saying why; below it the work runs on a thread while the daemon
+    answers."""
+    src = work / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i:04d}.safetensors").write_bytes(b"w")
+    slow = "?*" * 510 + "?"
+    with Hostd(work / "d") as h:
+        h.publish(src, "m/many")
+        got = h.restore(
+            "m/many", work / "out", order=[f"{slow}{i:02x}" for i in range(256)], progressive=True
+        )
+        assert got["event"] == "error", got
+        assert "more matching than a load order gets" in got["message"], got
+        assert not (work / "out").exists()
+        out: dict[str, Any] = {}
+        body = {"order": [f"{slow}{i:02x}" for i in range(60)], "progressive": True}
+
+        def run() -> None:
+            try:
+                out.update(h.restore("m/many", work / "out2", **body))
+            except BaseException as e:
+                out["error"] = e
+
+        restore = threading.Thread(target=run, daemon=True)
+        restore.start()
+        worst = 0.0
+        while restore.is_alive():
+            started = time.monotonic()
+            status, _ = request(h.socket, "GET", "/v1/snapshots", timeout=30)
+            worst = max(worst, time.monotonic() - started)
+            assert status == 200
+            restore.join(0.05)
+        assert out["event"] == "result", out
+        assert worst < 1.0, f"the loop answered in {worst:.2f} s at worst"

@@ -469,15 +469,27 @@ class PathFilter:
         return self.includes(rel) and not self.excludes(rel)
 
 
-def load_order(rels: Sequence[str], patterns: Sequence[str]) -> list[int]:
+def order_work(rels: Sequence[str], patterns: Sequence[str]) -> int:
+    """A bound on load_order's work, in pattern characters times paths: a name is stepped
+    through each live wildcard name, a step a piece, so patterns of many `?*` pieces cost
+    that much for every path (256 patterns of 1,000 characters: 17 ms a path)."""
+    return sum(map(len, patterns)) * len(rels) if patterns else 0
+
+
+def load_order(
+    rels: Sequence[str], patterns: Sequence[str], stop: Callable[[], bool] | None = None
+) -> list[int]:
     """The indices of `rels` in a load order (a progressive restore's `order`): those the
     first pattern matches (a path, or a glob as above), then the second's, ..., then the
-    rest; each group in its given order."""
+    rest; each group in its given order. `stop()`, where given, is asked every 256 paths:
+    true, and InterruptedError is raised (the caller gave up)."""
     if not patterns:
         return list(range(len(rels)))
     ranker = _Ranker([compile_pattern(p) for p in patterns])
     ranks = [0] * len(rels)
     # Sorted, a directory's paths come together, so its state is still remembered.
-    for i in sorted(range(len(rels)), key=rels.__getitem__):
+    for n, i in enumerate(sorted(range(len(rels)), key=rels.__getitem__)):
+        if stop is not None and not n & 255 and stop():
+            raise InterruptedError("the load order was given up")
         ranks[i] = ranker.rank(rels[i])
     return sorted(range(len(rels)), key=ranks.__getitem__)
