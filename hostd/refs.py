@@ -5,8 +5,10 @@ resolves, unchanged) plus, since this hostd, its history: `history/<ref>/<compat
 entry per time it was set (core/refentry.py, docs/FORMAT.md section 6). `RefLog.move` is the
 one way hostd sets a ref: the next entry first, then the ref object, so the newest entry is
 always what the ref was last set to (a writer stopped in between leaves an entry the ref
-object does not show yet; `ref history` marks which one is current). A rollback (`ref set`)
-is a new entry naming an old id: the sequence only goes up.
+object does not show yet; `ref history` marks which one is current). Two hosts setting one
+ref at once may leave one's entry on top of the other's ref object: the host whose snapshot
+the ref names then appends an entry naming it (`_settle`). A rollback (`ref set`) is a new
+entry naming an old id: the sequence only goes up.
 
 Entries are read with a cap and checked against their own key; the ref object stays the
 source of truth for a restore. On an origin that cannot list (plain HTTP) a ref is set
@@ -39,6 +41,7 @@ MAX_LISTED_FILES = 100_000  # inspect's file list; `files` still counts them all
 HISTORY_SHOWN = 20  # entries per compat key `ref history` reads by default
 SEARCHED_ENTRIES = 200  # entries per compat key an id prefix is matched against
 _PARALLEL = 8  # origin reads a listing makes at once (the origin's own limit still holds)
+SETTLE_TRIES = 3  # entries a move appends at most after finding another host's on top
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,27 @@ class RefLog:
                 return Moved(last, current)
         await self._write(ref, digest, last + 1, snapshot_id, None)
         await self.origin.put_ref(ref, digest, snapshot_id)
-        return Moved(last + 1, current)
+        return Moved(await self._settle(ref, digest, snapshot_id, last + 1), current)
+
+    async def _settle(self, ref: str, digest: str, sid: str, seq: int) -> int:
+        """Two hosts that set one ref at once both read the same last entry: the entry of
+        one may survive beside the ref object of the other, and the ref then names a
+        snapshot its history never recorded (a rollback cannot find it). So, the ref set,
+        the host whose snapshot it still names makes sure the newest entry names it too,
+        appending one where not (a few times at most: every such host does the same). The
+        seq of the entry that names it."""
+        for _ in range(SETTLE_TRIES):
+            if await self.origin.get_ref(ref, digest) != sid:
+                return seq  # another host's now: its own move settles it
+            seqs = await self.origin.list_history(ref, digest)
+            if not seqs:
+                return seq
+            raw = await self.origin.get_history(ref, digest, seqs[-1])
+            if raw is not None and _decoded(raw, ref, digest, seqs[-1]).snapshot == sid:
+                return seqs[-1]
+            seq = seqs[-1] + 1
+            await self._write(ref, digest, seq, sid, None)
+        return seq
 
     async def _write(self, ref: str, digest: str, seq: int, sid: str, at: float | None) -> None:
         when = int(at if at is not None else self.now())

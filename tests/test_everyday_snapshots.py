@@ -395,3 +395,54 @@ def test_rm_prune_need_admin_and_ref_set_needs_publish(work: Path, capsys: Any) 
         assert as_nobody("refs").returncode == 0
         assert as_nobody("inspect", "demo/nobody").returncode == 0
         assert ls_ids(cli) == {sid}
+
+
+async def test_two_hosts_moving_one_ref_at_once_leave_its_history_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Host A writes its entry; host B moves the ref whole (its own entry on top, the ref
+    object to its snapshot); then A's ref object lands last. The ref names A's snapshot and
+    the newest entry B's: a rollback could no longer find A's. A, whose snapshot the ref
+    still names, appends an entry that names it."""
+    from hostd.core.ids import compat_digest
+    from hostd.core.retry import RetryPolicy
+    from hostd.origin import Origin
+    from hostd.refs import RefLog
+
+    url = f"file://{tmp_path}/origin"
+    key = compat_digest({"format": "2"})
+    old, a_sid, b_sid = "c" * 64, "a" * 64, "b" * 64
+    origin = Origin(url, {}, retry=RetryPolicy(1, 0.0, 0.0))
+    b_origin = Origin(url, {}, retry=RetryPolicy(1, 0.0, 0.0))
+    b = RefLog(b_origin)
+
+    class Racing(Origin):
+        """A's origin: B's whole move comes between A's entry and A's ref object."""
+
+        raced = False
+
+        async def put_ref(self, ref: str, digest: str, snapshot_id: str) -> None:
+            if not self.raced:
+                self.raced = True
+                await b.move(ref, digest, b_sid)
+            await super().put_ref(ref, digest, snapshot_id)
+
+    racing = Racing(url, {}, retry=RetryPolicy(1, 0.0, 0.0))
+    try:
+        await RefLog(origin).move("m/r", key, old)
+        moved = await RefLog(racing).move("m/r", key, a_sid)
+        assert await origin.get_ref("m/r", key) == a_sid
+        seqs = await origin.list_history("m/r", key)
+        assert seqs is not None
+        raw = await origin.get_history("m/r", key, seqs[-1])
+        assert raw is not None
+        newest = refentry.decode(raw, ref="m/r", compat=key, seq=seqs[-1])
+        assert newest.snapshot == a_sid
+        assert moved.seq == seqs[-1]
+        # B's entry is there too, below it: what the ref was set to, in the order it was
+        names = [refentry.decode(r, ref="m/r", compat=key, seq=s).snapshot
+                 for s in seqs if (r := await origin.get_history("m/r", key, s))]  # fmt: skip
+        assert names == [old, a_sid, b_sid, a_sid]
+    finally:
+        for o in (origin, b_origin, racing):
+            await o.close()
