@@ -7,11 +7,13 @@ status of the local API, and the exit code of the CLI, so the three always agree
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (the CLI imports this module, and neither of these)
+    import asyncio
+    from concurrent.futures import Future
 
 
 class HostdError(Exception):
