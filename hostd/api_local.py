@@ -124,15 +124,20 @@ def request_caller(request: web.Request) -> Caller:
 
 
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The request's JSON object, read within `idle_timeout` and checked by core/request.py.
+    """The request's JSON object, read within `idle_timeout` and checked by core/request.py."""
+    if not request.body_exists:  # (can_read_body is false once guard has read it)
+        return {}
+    return parse_body(await _read_body(request), allowed)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request's body, read within `idle_timeout` (once: aiohttp keeps it).
 
     aiohttp's timeouts cover only the wait for a request, so a client that trickles its body
-    byte by byte would hold its connection (and its place under the caps) for ever. Past the
-    deadline it is answered 408 and the connection closes once that is sent: failing the
-    payload ends aiohttp's lingering read of the unread rest at once, and it then closes.
+    byte by byte would hold its connection for ever. Past the deadline it is answered 408
+    and the connection closes once that is sent: failing the payload ends aiohttp's
+    lingering read of the unread rest at once, and it then closes.
     """
-    if not request.can_read_body:
-        return {}
     timeout = request.app[DAEMON_KEY].config.idle_timeout
     try:
         async with asyncio.timeout(timeout):
@@ -147,7 +152,7 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
         cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
         why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
         raise UsageError(f"request body could not be read: {why}") from e
-    return parse_body(raw, allowed)
+    return raw
 
 
 # The field helpers (core/request.py), under the names the handlers use.
@@ -573,8 +578,10 @@ EUID_KEY: web.AppKey[int] = web.AppKey("euid")
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Decide for the caller before its handler reads a byte of the body: may it use the
-    route's class (403 if not), and is there room under the caps (503 if not). The place
-    under the caps is held until the handler returns or is cancelled (client gone)."""
+    route's class (403 if not); then, once the body is in (within client_max_size and
+    idle_timeout), is there room under the caps (503 if not). A body that is slow to come
+    holds no place: 64 requests whose bodies never ended held every place for a minute.
+    The place is held until the handler returns or is cancelled (client gone)."""
     resource = request.match_info.route.resource
     rule = request.app[RULES_KEY].get(resource) if resource is not None else None
     if rule is None:  # /metrics, or an answer of the router itself (404, 405)
@@ -584,6 +591,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     access.check(config, request.app[EUID_KEY], caller, rule.cls)
     if not rule.counted:
         return await handler(request)
+    if request.body_exists:
+        await _read_body(request)  # (kept: the handler reads it from there)
     operations = request.app[OPERATIONS_KEY]
     slot = operations.take(config, caller.uid)
     try:
