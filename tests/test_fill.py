@@ -181,13 +181,16 @@ async def test_a_warm_blob_dropped_after_its_stat_is_fetched_again_not_announced
     victim = files[30]
     loop = asyncio.get_running_loop()
     stat_paths = hostd.fastcopy.stat_paths
-    removing: list[asyncio.Task[None]] = []
+    removing: list[asyncio.Future[None]] = []
 
     def stat_then_drop(paths: Sequence[str]) -> list[Any]:  # on the stat thread
         out = stat_paths(paths)
-        loop.call_soon_threadsafe(
-            lambda: removing.append(loop.create_task(rig.cache.remove(victim.digest, rig.mem)))
-        )
+        if not removing:  # record and file both gone before the warm path goes on
+            removed = asyncio.run_coroutine_threadsafe(
+                rig.cache.remove(victim.digest, rig.mem), loop
+            )
+            removing.append(asyncio.wrap_future(removed, loop=loop))
+            removed.result(DEADLINE)
         return out
 
     monkeypatch.setattr(hostd.fill, "stat_paths", stat_then_drop)
