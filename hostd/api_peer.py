@@ -153,7 +153,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         t, _, _ = peerauth.parse(header)  # cheap checks before the body is read
         peerauth.check_time(t, srv.clock())
-        body = await request.read() if request.can_read_body else b""
+        body = await _read_body(request, srv)
         node = peerauth.verify(
             srv.secret, header, request.method, request.path_qs, srv.clock(), body, name=name
         )
@@ -163,6 +163,21 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     request[SENDER_KEY] = node
     srv.membership.heard_from(name, node)
     return await handler(request)
+
+
+async def _read_body(request: web.Request, srv: PeerServer) -> bytes:
+    """The body, whole within the peers' timeout: it is read before the proof is checked
+    (the proof covers it), so anyone who can reach the port could otherwise hold a
+    connection and its buffered body for ever by never sending the last bytes. Past it, the
+    connection is cut."""
+    if not request.can_read_body:
+        return b""
+    try:
+        async with asyncio.timeout(srv.timeout):
+            return await request.read()
+    except TimeoutError:
+        _cut(request)
+        raise ConnectionResetError(f"a request body took over {srv.timeout:g} s") from None
 
 
 def _chunk_id(request: web.Request) -> bytes:

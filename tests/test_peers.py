@@ -918,3 +918,27 @@ def test_a_derived_placement_places_as_a_fresh_one() -> None:
     for cid in chunks:
         assert q.owner(cid) == rendezvous.owner(cid, more)
     assert rendezvous.Placement([]).owner(chunks[0]) is None
+
+
+def test_a_body_that_never_ends_is_cut_before_its_proof_is_checked(work: Path) -> None:
+    """The proof covers the body, so the body is read first: a sender that never sends its
+    last bytes held the connection and its buffered body for ever, with no secret at all
+    (a well-formed, current, wrong proof). Now the connection is cut after the timeout."""
+    with Fleet(work, 1, timeout="500ms") as fleet:
+        h = fleet.hosts[0]
+        port = fleet.ports[0]
+        now = int(time.time())
+        proof = peerauth.sign(b"not the secret" * 3, "POST", "/v1/have", now, "n" * 16, b"x")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                f"POST /v1/have HTTP/1.1\r\nHost: x\r\nAuthorization: {proof}\r\n"
+                f"Content-Length: 300000\r\n\r\n".encode()
+                + b"{" * 1000
+            )
+            started = time.monotonic()
+            got = b""
+            while piece := s.recv(4096):  # until the daemon closes it (or the 10 s timeout)
+                got += piece
+            assert time.monotonic() - started < 5, got
+        assert h.proc is not None
+        assert h.proc.poll() is None
