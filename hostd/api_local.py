@@ -578,10 +578,9 @@ EUID_KEY: web.AppKey[int] = web.AppKey("euid")
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Decide for the caller before its handler reads a byte of the body: may it use the
-    route's class (403 if not); then, once the body is in (within client_max_size and
-    idle_timeout), is there room under the caps (503 if not). A body that is slow to come
-    holds no place: 64 requests whose bodies never ended held every place for a minute.
-    The place is held until the handler returns or is cancelled (client gone)."""
+    route's class (403 if not), and is there room under the caps (503 if not). The place
+    under the caps is held until the handler returns or is cancelled (client gone): so the
+    bodies being read are as many as the places, at most, each within client_max_size."""
     resource = request.match_info.route.resource
     rule = request.app[RULES_KEY].get(resource) if resource is not None else None
     if rule is None:  # /metrics, or an answer of the router itself (404, 405)
@@ -591,8 +590,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     access.check(config, request.app[EUID_KEY], caller, rule.cls)
     if not rule.counted:
         return await handler(request)
-    if request.body_exists:
-        await _read_body(request)  # (kept: the handler reads it from there)
     operations = request.app[OPERATIONS_KEY]
     slot = operations.take(config, caller.uid)
     try:

@@ -314,7 +314,12 @@ class AsUser:
             raise self._gone(op)
         reply, out = got
         if heard is not None:
-            heard(reply)
+            try:
+                heard(reply)
+            except BaseException:
+                for fd in out:
+                    os.close(fd)
+                raise
         if "error" in reply or len(out) != nfds:
             for fd in out:
                 os.close(fd)
@@ -460,6 +465,8 @@ class AsUser:
         ours = {p: p for p in sent}  # (a lying helper names nothing else)
         for item in reply["placed"]:
             if type(item) is list and len(item) == 2 and type(item[1]) is int:
+                if type(item[0]) is not str:
+                    continue
                 path = ours.get(item[0])
                 if path is not None:
                     self.ledger.placed[path] = item[1]

@@ -577,6 +577,12 @@ class Origin:
                     self._learnt(ranges=True)
                     return fast
             try:
+                if self._local:  # no server to lie; its stream moves 8 KiB a thread hop
+                    got = await obstore.get_range_async(
+                        self._store, key, start=offset, length=length
+                    )
+                    self._learnt(ranges=True)
+                    return memoryview(got)
                 result = await obstore.get_async(
                     self._store, key, options={"range": (offset, offset + length)}
                 )

@@ -167,8 +167,13 @@ def recordable_mtime(path: str, ns: int) -> int:
 
 def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
     """Whether two stats of one open file show no change between them: size, mtime, and
-    the ctime, which a write moves whatever is done to the mtime afterwards."""
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+    the ctime, which a write moves whatever is done to the mtime afterwards; but a link or
+    an unlink of another of its names moves it too (a tree restored by link shares its
+    inodes with the cache and other trees), so where the link count changed, the ctime
+    says nothing."""
+    if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
+        return False
+    return a.st_nlink != b.st_nlink or a.st_ctime_ns == b.st_ctime_ns
 
 
 _SKIPPED_KINDS = frozenset({"FIFO", "socket", "device"})

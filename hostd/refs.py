@@ -21,6 +21,7 @@ the origin, or let one unreadable entry or manifest fail a whole listing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from hostd.origin import Origin, validate_ref
 from hostd.restore import Resolver
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 MAX_LISTED_REFS = 10_000
 MAX_LISTED_FILES = 100_000  # inspect's file list; `files` still counts them all
 HISTORY_SHOWN = 20  # entries per compat key `ref history` reads by default
@@ -81,7 +83,12 @@ class RefLog:
                 return Moved(last, current)
         await self._write(ref, digest, last + 1, snapshot_id, None)
         await self.origin.put_ref(ref, digest, snapshot_id)
-        return Moved(await self._settle(ref, digest, snapshot_id, last + 1), current)
+        try:
+            seq = await self._settle(ref, digest, snapshot_id, last + 1)
+        except (OriginError, refentry.EntryError) as e:  # the ref is set: that stands
+            log.warning("ref %s: could not check its history after setting it: %s", ref, e)
+            seq = last + 1
+        return Moved(seq, current)
 
     async def _settle(self, ref: str, digest: str, sid: str, seq: int) -> int:
         """Two hosts that set one ref at once both read the same last entry: the entry of

@@ -15,7 +15,6 @@ import grp
 import json
 import os
 import pwd
-import socket
 import subprocess
 import sys
 import time
@@ -369,29 +368,3 @@ def test_cap_in_total_refuses_every_uid(work: Path) -> None:
             lambda: api(d, "POST", "/v1/prefetch", {"ref": "demo/cached"})
         )
         assert status == 200, body
-
-
-def test_a_body_that_never_ends_holds_no_place_under_the_caps(work: Path) -> None:
-    """A request whose body is slow to come is let in by class at once, but takes a place
-    under the caps only once its body is in: 64 such requests, from as many uids (a user's
-    subordinate uids), held every place until idle_timeout."""
-    with daemon(work / "d", access={"max_operations_per_uid": 1}) as d:
-        stalled = socket.socket(socket.AF_UNIX)
-        try:
-            stalled.connect(str(d.socket))
-            stalled.sendall(
-                b"POST /v1/gc HTTP/1.1\r\nHost: hostd\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 2\r\n\r\n{"
-            )
-            # (accepted first, its head whole: the loop starts it before the next)
-            status, body = d.api("POST", "/v1/gc")
-            assert status == 200, body
-            stalled.sendall(b"}")  # the rest of its body: it goes through too
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                piece = stalled.recv(4096)
-                assert piece, answer
-                answer += piece
-            assert answer.startswith(b"HTTP/1.1 200"), answer
-        finally:
-            stalled.close()

@@ -942,3 +942,4 @@ def test_a_body_that_never_ends_is_cut_before_its_proof_is_checked(work: Path) -
             assert time.monotonic() - started < 5, got
         assert h.proc is not None
         assert h.proc.poll() is None
+        assert "internal error" not in h.log()  # (anyone can do it: no error in the log)

@@ -202,3 +202,35 @@ def test_a_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(tmp_path
     with pytest.raises(UsageError, match=r"'x/f': its mtime .* outside what a snapshot records"):
         _source({"path": "x/f", "mode": 0o644, "size": 1, "id": [1, 2], "via": None,
                  "mtime": far, "ctime": 0})  # fmt: skip
+
+
+def test_a_file_linked_elsewhere_while_it_is_read_is_not_taken_for_changed(
+    tmp_path: Path,
+) -> None:
+    """A link or an unlink of another name of the file moves its ctime too (a tree restored
+    by link shares its inodes with the cache and other trees): with the link count changed,
+    the size and mtime alone say whether it was written."""
+    from hostd.publish import ingest
+
+    cs = 64 * 1024
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"A" * (4 * cs))
+    calls: list[int] = []
+
+    def linked(chunk: object, data: memoryview) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            os.link(src, tmp_path / "another-name")
+
+    got = ingest(
+        lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC),
+        str(src),
+        4 * cs,
+        cs,
+        tier=None,
+        scratch=None,
+        compress="never",
+        min_saving=0.1,
+        handoff=linked,
+    )
+    assert len(got.ids) == 4
