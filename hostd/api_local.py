@@ -124,20 +124,15 @@ def request_caller(request: web.Request) -> Caller:
 
 
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The request's JSON object, read within `idle_timeout` and checked by core/request.py."""
-    if not request.body_exists:  # (can_read_body is false once guard has read it)
-        return {}
-    return parse_body(await _read_body(request), allowed)
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The request's body, read within `idle_timeout` (once: aiohttp keeps it).
+    """The request's JSON object, read within `idle_timeout` and checked by core/request.py.
 
     aiohttp's timeouts cover only the wait for a request, so a client that trickles its body
-    byte by byte would hold its connection for ever. Past the deadline it is answered 408
-    and the connection closes once that is sent: failing the payload ends aiohttp's
-    lingering read of the unread rest at once, and it then closes.
+    byte by byte would hold its connection (and its place under the caps) for ever. Past the
+    deadline it is answered 408 and the connection closes once that is sent: failing the
+    payload ends aiohttp's lingering read of the unread rest at once, and it then closes.
     """
+    if not request.can_read_body:
+        return {}
     timeout = request.app[DAEMON_KEY].config.idle_timeout
     try:
         async with asyncio.timeout(timeout):
@@ -152,7 +147,7 @@ async def _read_body(request: web.Request) -> bytes:
         cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
         why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
         raise UsageError(f"request body could not be read: {why}") from e
-    return raw
+    return parse_body(raw, allowed)
 
 
 # The field helpers (core/request.py), under the names the handlers use.

@@ -84,9 +84,7 @@ def link_fd(fd: int, path: str) -> None:
         ctypes.c_char_p(os.fsencode(path)),
         ctypes.c_int(AT_EMPTY_PATH),
     )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
+    _check(rc, path)
 
 
 def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
@@ -97,9 +95,14 @@ def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
         ctypes.c_char_p(os.fsencode(new)),
         ctypes.c_uint(flags),
     )
+    _check(rc, new)
+
+
+def _check(rc: int, path: str) -> None:
+    """A libc call's result: OSError with its errno, naming `path`, where it failed."""
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), new)
+        raise OSError(err, os.strerror(err), path)
 
 
 def send_range(
@@ -155,8 +158,6 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     batch of files instead of an fsync each (Python has no os.syncfs)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        _check(libc.syncfs(fd), str(path))
     finally:
         os.close(fd)

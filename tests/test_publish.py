@@ -8,6 +8,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,12 +157,28 @@ async def test_cancelled_publish_of_small_files_closes_every_descriptor(tmp_path
 # -- a source rewritten while it is read ------------------------------------------------
 
 
+def _ingest(src: Path, chunk_size: int, handoff: Any) -> Any:
+    """publish.ingest of the whole of `src`, uncached, raw, each chunk handed to `handoff`."""
+    from hostd.publish import ingest
+
+    return ingest(
+        lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC),
+        str(src),
+        src.stat().st_size,
+        chunk_size,
+        tier=None,
+        scratch=None,
+        compress="never",
+        min_saving=0.1,
+        handoff=handoff,
+    )
+
+
 def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: Path) -> None:
     """rsync --inplace -t, or a write and a touch -d: the size and the mtime are as they
     were, so a check of those passed a file whose first chunk was one version and the rest
     another, published as if it had ever been. The ctime moved, and nobody can move it back."""
     from hostd.errors import UsageError
-    from hostd.publish import ingest
 
     cs = 64 * 1024
     src = tmp_path / "weights.bin"
@@ -178,17 +195,7 @@ def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: 
             os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
 
     with pytest.raises(UsageError, match="changed while it was being published"):
-        ingest(
-            lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC),
-            str(src),
-            4 * cs,
-            cs,
-            tier=None,
-            scratch=None,
-            compress="never",
-            min_saving=0.1,
-            handoff=rewritten,
-        )
+        _ingest(src, cs, rewritten)
     assert seen == [b"A", b"B", b"B", b"B"]  # (the mix it would have published)
 
 
@@ -210,8 +217,6 @@ def test_a_file_linked_elsewhere_while_it_is_read_is_not_taken_for_changed(
     """A link or an unlink of another name of the file moves its ctime too (a tree restored
     by link shares its inodes with the cache and other trees): with the link count changed,
     the size and mtime alone say whether it was written."""
-    from hostd.publish import ingest
-
     cs = 64 * 1024
     src = tmp_path / "weights.bin"
     src.write_bytes(b"A" * (4 * cs))
@@ -222,15 +227,5 @@ def test_a_file_linked_elsewhere_while_it_is_read_is_not_taken_for_changed(
         if len(calls) == 1:
             os.link(src, tmp_path / "another-name")
 
-    got = ingest(
-        lambda: os.open(src, os.O_RDONLY | os.O_CLOEXEC),
-        str(src),
-        4 * cs,
-        cs,
-        tier=None,
-        scratch=None,
-        compress="never",
-        min_saving=0.1,
-        handoff=linked,
-    )
+    got = _ingest(src, cs, linked)
     assert len(got.ids) == 4

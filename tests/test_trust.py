@@ -783,6 +783,17 @@ def test_a_root_caller_keeps_only_the_capabilities_it_has(work: Path) -> None:
         assert out["event"] == "result", out
 
 
+def _reclaim_by_a_successor(fs: AsUser, caller: Caller, spawner: Spawner, ledger: Any) -> None:
+    """`fs` made sure dead, a new helper of `caller`, in the root it opened, takes back what
+    `ledger` says it placed."""
+    assert fs.stopped()
+    fresh = AsUser.start(caller, spawner, root_fd=fs.root_fd)
+    try:
+        fresh.reclaim(ledger, [])
+    finally:
+        fresh.close()
+
+
 def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
     """A progressive batch whose second file finds the caller's own file at its name fails
     there; the first had landed. The helper's error answer says so, so that, the helper
@@ -807,12 +818,7 @@ def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
             ledger = fs.ledger
             assert ledger is not None
             assert sorted(ledger.placed) == ["a"]
-            assert fs.stopped()
-            fresh = AsUser.start(caller, spawner, root_fd=fs.root_fd)
-            try:
-                fresh.reclaim(ledger, [])
-            finally:
-                fresh.close()
+            _reclaim_by_a_successor(fs, caller, spawner, ledger)
             assert sorted(p.name for p in target.iterdir()) == ["b"]
             assert theirs.read_bytes() == b"the caller's"
         finally:
@@ -859,12 +865,7 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
             ledger.placed["../secret"] = secret.stat().st_ino
             sleeper.kill()
             sleeper.wait()
-            assert fs.stopped()
-            fresh = AsUser.start(caller, spawner, root_fd=fs.root_fd)
-            try:
-                fresh.reclaim(ledger, [])
-            finally:
-                fresh.close()
+            _reclaim_by_a_successor(fs, caller, spawner, ledger)
             assert sorted(p.name for p in target.iterdir()) == ["mine"]
             assert secret.read_bytes() == b"the caller's, beside the target"
         finally:
