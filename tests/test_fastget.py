@@ -76,10 +76,15 @@ class Server:
                 if self.close_idle:
                     return
         finally:
-            self.handlers.discard(me)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                writer.close()
+                await writer.wait_closed()  # (a TLS close waits for its shutdown)
+            except BaseException as e:
+                writer.transport.abort()  # stopped meanwhile: closed now, not left to GC
+                if not isinstance(e, Exception):
+                    raise
+            finally:
+                self.handlers.discard(me)  # (so stop() waits for its close too)
 
     async def stop(self) -> None:
         """End the connections still open (a client's idle keep-alive one, which obstore
