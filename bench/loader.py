@@ -2,7 +2,7 @@
 load alone, and restore-then-load, with the origin shaped to a fixed rate.
 
     .venv/bin/python bench/loader.py [--shards 4] [--shard-mib 512] [--rate auto|400MiB]
-        [--rounds 3] [--writable] [--json out.json]
+        [--rounds 3] [--writable] [--device cpu|cuda[:N]] [--json out.json]
 
 A snapshot of --shards fp16 safetensors shards (bench/loader_cpu.py's writer: layers of
 4096x4096 matrices, random bits) is published to a `file://` origin on tmpfs, then served
@@ -25,8 +25,11 @@ where even the unthrottled fetch is slower than 1.5x the load, it runs unthrottl
 so. Targets: P <= 1.15 x max(F, L); T1 <= 1.3 x the first shard's share of F; from the warm
 tier, L's throughput >= 0.8 x R's. Each ratio is taken within a round; the figure is the
 median over --rounds. --writable leaves the shards 0644, as most are: then every restore
-copies (a link would show the blob's 0444). Benchmarks are not tests: nothing
-here fails on a timing. Record results in bench/RESULTS.md.
+copies (a link would show the blob's 0444). --device cuda loads torch tensors onto
+that device (needs torch with CUDA): the reference is then safetensors.torch.load_file onto
+it, and the checksum a sum of every tensor's bytes on the device, synchronized, inside the
+timed region. Benchmarks are not tests: nothing here fails on a timing. Record results in
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Hostd, rmtree
@@ -63,6 +67,22 @@ FIRST_TARGET = 1.3
 CPU_TARGET = 0.8
 BALANCE = 1.5  # the fetch alone and the load alone within this of each other
 SIZE = [0]  # the snapshot's bytes, once written
+DEVICE = ["cpu"]  # where the loads go (--device)
+
+
+def framework() -> str:
+    return "numpy" if DEVICE[0] == "cpu" else "torch"
+
+
+def loaded(tensors: Iterable[Any]) -> None:
+    """Touch every byte loaded: a XOR on the CPU; on a device, a sum there, waited for."""
+    if DEVICE[0] == "cpu":
+        checksum(tensors)
+        return
+    import torch
+    from loader_gpu import device_sum
+
+    device_sum(torch, list(tensors)).item()
 
 
 @contextlib.contextmanager
@@ -116,16 +136,24 @@ def load_ours(h: Hostd, target: Path, first: list[float]) -> float:
         if not first and str(e["path"]).endswith(".safetensors"):
             first.append(time.perf_counter() - t)
 
-    arrays = loader.load_safetensors(REF, socket=h.socket, target=target, on_file=landed)
-    checksum(arrays.values())
+    arrays = loader.load_safetensors(
+        REF, socket=h.socket, target=target, on_file=landed, framework=framework(),
+        device=DEVICE[0],
+    )  # fmt: skip
+    loaded(arrays.values())
     return time.perf_counter() - t
 
 
 def load_reference(files: list[Path]) -> float:
     back_memory(sum(f.stat().st_size for f in files))
     t = time.perf_counter()
-    arrays = [safetensors.numpy.load_file(str(f)) for f in files]
-    checksum(a for d in arrays for a in d.values())
+    if DEVICE[0] == "cpu":
+        arrays = [safetensors.numpy.load_file(str(f)) for f in files]
+    else:
+        from safetensors.torch import load_file as torch_load_file
+
+        arrays = [torch_load_file(str(f), device=DEVICE[0]) for f in files]
+    loaded(a for d in arrays for a in d.values())
     return time.perf_counter() - t
 
 
@@ -136,8 +164,10 @@ def restore_then_load(root: Path, origin: str, target: Path) -> float:
         t = time.perf_counter()
         with Client(h.socket) as c:
             c.restore(REF, target, mode="auto")
-        arrays = [loader.load_file(f) for f in shards(target)]
-        checksum(a for d in arrays for a in d.values())
+        arrays = [
+            loader.load_file(f, framework=framework(), device=DEVICE[0]) for f in shards(target)
+        ]
+        loaded(a for d in arrays for a in d.values())
         return time.perf_counter() - t
     finally:
         h.close()
@@ -195,8 +225,10 @@ def main() -> int:
     ap.add_argument(
         "--writable", action="store_true", help="shards 0644, as most are: restores copy them"
     )
+    ap.add_argument("--device", default="cpu", help="cpu (numpy arrays) or cuda[:N] (torch)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    DEVICE[0] = args.device
     with tempfile.TemporaryDirectory(prefix="hostd-bl-", dir="/dev/shm") as tmp:
         work = Path(tmp)
         src = work / "src"
@@ -216,6 +248,8 @@ def main() -> int:
         with Hostd(work / "pub", origin=origin_dir.as_uri()) as pub:
             pub.publish(src, REF)
         rmtree(work / "pub")  # its tier: a copy of the snapshot tmpfs need not hold
+        if args.device != "cpu":  # CUDA's start and the pinned buffers: paid once, untimed
+            loader.load_file(shards(src)[0], framework="torch", device=args.device)
         rate = 0
         note = ""
         if args.rate == "auto":
@@ -255,6 +289,7 @@ def main() -> int:
         "rate_mib_s": rate / MiB,
         "origin": note,
         "writable": args.writable,
+        "device": args.device,
         "rounds": rounds,
         "median": med,
         "overlap": ratio(lambda r: r["progressive"] / max(r["fetch"], r["load"])),
@@ -277,7 +312,7 @@ def main() -> int:
         f"{out['first_file_over_share']:.2f}x its share of the fetch (target <= {FIRST_TARGET})"
     )
     print(
-        f"warm load {size / MiB / med['load']:.0f} MiB/s vs safetensors.numpy.load_file "
+        f"warm load {size / MiB / med['load']:.0f} MiB/s vs the reference "
         f"{size / MiB / med['reference']:.0f} MiB/s = {out['load_vs_reference']:.2f}x "
         f"(target >= {CPU_TARGET})"
     )

@@ -1,6 +1,7 @@
 """Link restores of blobs lent to a writer: each restore after the last one's tree was removed.
 
-    .venv/bin/python bench/relink.py [--files 10000] [--rounds 4] [--json out.json]
+    .venv/bin/python bench/relink.py [--files 10000] [--large-mib 0] [--rounds 4]
+        [--json out.json]
 
 With `[access] link_to_writers = true` a root caller gets links, and the blobs it gets are
 marked lent: from then on their ctime counts, and removing the tree (which moves the ctime of
@@ -11,8 +12,9 @@ The small-file tree of bench/small_files.py (N files of 1-16 KiB plus 20 of 1 Mi
 published, restored once by copy (warm), then restored by link --rounds times, each tree
 removed before the next; the first link round re-hashes nothing (the blobs are not lent yet),
 every later one re-hashes them all. Reference: `cp -al` of the same tree, same run. Reported:
-each round's daemon time (`timings`) and its ratio to `cp -al`. Not a test: nothing fails on
-a timing.
+each round's daemon time (`timings`) and its ratio to `cp -al`. --large-mib N: the tree is
+4 files of N MiB of random bytes instead (weights: the re-hash of big blobs, in GiB/s).
+Not a test: nothing fails on a timing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -38,6 +41,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--large-mib", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tmpfs-dir", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--json", type=Path)
@@ -46,7 +50,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="hrl", dir=args.tmpfs_dir))
     os.chmod(base, 0o755)
     try:
-        result = run(base, args.files, args.rounds)
+        result = run(base, args.files, args.rounds, args.large_mib)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result["hostd_from"] = hostd_from
@@ -54,7 +58,8 @@ def main() -> int:
         print(
             f"round {r['round']}: daemon {r['total']:.3f} s (fetch {r['fetch']:.3f}, "
             f"materialize {r['materialize']:.3f}), cp -al {r['cp_al']:.3f} s, "
-            f"ratio {r['ratio']:.2f}x, linked {r['linked']}"
+            f"ratio {r['ratio']:.2f}x, linked {r['linked']}, "
+            f"{result['bytes'] / r['total'] / (1 << 30):.2f} GiB/s"
         )
     later = [r["total"] for r in result["rounds"][1:]]
     if later:
@@ -65,9 +70,18 @@ def main() -> int:
     return 0
 
 
-def run(base: Path, files: int, rounds: int) -> dict[str, Any]:
+def run(base: Path, files: int, rounds: int, large_mib: int) -> dict[str, Any]:
     src = base / "src"
-    sf.make_tree(src, files)
+    if large_mib:
+        src.mkdir()
+        rng = random.Random(14)
+        for i in range(4):
+            with open(src / f"model-{i}.safetensors", "wb") as f:
+                for _ in range(large_mib):
+                    f.write(rng.randbytes(1 << 20))
+    else:
+        sf.make_tree(src, files)
+    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
     place = sf.Place(base, "self")  # the CLI as root, with link_to_writers on
     with place.daemon("pub") as p:
         sf.hostd_cli(p.socket, "publish", str(src), "--ref", sf.REF)
@@ -93,7 +107,7 @@ def run(base: Path, files: int, rounds: int) -> dict[str, Any]:
                     "linked": res["linked"],
                 }
             )
-    return {"files": files, "rounds": out}
+    return {"files": 4 if large_mib else files, "bytes": size, "rounds": out}
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ trailing byte. Unknown fields in a tensor's entry are ignored, as the reference 
 Every breach is one `LoaderError` naming the file, the tensor and what is wrong.
 
 `load_file` returns arrays that own memory filled from the file (never lazy mmap views: when
-it returns, the bytes are in memory). Each tensor gets its own allocation, so dropping one
-frees it. The data section is read with preadv(2) straight into those buffers (many small
-tensors share one call), in pieces of 16 MiB handed to a few threads: a read from the page
-cache is a memory copy, and one thread's copy is slower than the memory (bench/loader_cpu.py:
-on 2 cores, 2 threads loaded a warm file 1.3x as fast as one, and 3x as fast as
-safetensors.numpy.load_file). Not mmap: a file truncated under a mapping kills the process
-with SIGBUS, where a short read is an error.
+it returns, the bytes are in memory). On the CPU each tensor gets its own allocation, so
+dropping one frees it; a CUDA load's tensors are views of one device allocation per file.
+The data section is read with preadv(2) straight into those buffers (many small tensors
+share one call), in pieces of 16 MiB handed to a few threads: a read from the page cache is
+a memory copy, and one thread's copy is slower than the memory (bench/loader_cpu.py: on 2
+cores, 2 threads loaded a warm file 1.3x as fast as one, and 3x as fast as
+safetensors.numpy.load_file; on 16 cores, 8 threads 2.3x as fast as one, and 4x). Not mmap:
+a file truncated under a mapping kills the process with SIGBUS, where a short read is an
+error.
 
 numpy, ml_dtypes (for BF16 and F8) and torch are imported when a call needs them, never when
 this module is imported, and no other hostd module imports this one.
@@ -34,7 +36,7 @@ import stat
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
@@ -54,10 +56,14 @@ MAX_DIMS = 64  # numpy's most dimensions
 PIECE = 16 << 20  # bytes per preadv: a thread's unit of work
 _MAX_DIM = 2**63 - 1  # a dimension numpy and torch can index
 _IOV_MAX = 1024  # buffers per preadv (Linux's IOV_MAX)
-_MAX_THREADS = 4  # the default's cap: more did not read a cold file faster here (2 did)
-# A CUDA load stages through this many pinned host buffers of this size, one stream each.
-STAGES = 3
-STAGE_BYTES = 64 << 20
+# The default's cap. On a 16-core H200 host, 8 threads loaded warm files onto the GPU at 18
+# GiB/s against 12.5 for 4 (the page cache read 21.6 GiB/s on 8), and into numpy at 5.5
+# GiB/s against 4.7 (bench/RESULTS.md); 12 and 16 added under 10%.
+_MAX_THREADS = 8
+# A CUDA load's reading threads each stage through this many pinned host buffers of this
+# size, with a stream of its own (bench/loader_gpu.py).
+STAGES = 2
+STAGE_BYTES = 8 << 20
 
 
 class LoaderError(HostdError, ValueError):
@@ -407,12 +413,13 @@ def load_file(
 
     framework="numpy": numpy arrays (BF16 and F8 as ml_dtypes types), each owning its memory;
     device must be "cpu". framework="torch": torch tensors on `device` ("cpu", "cuda",
-    "cuda:N"). For a CUDA device the data section is read through a ring of pinned host
-    buffers, each copied to the device on a stream of its own while the next is read, into
-    one device allocation the tensors are views of (a writer's unaligned tensor is cloned);
-    the tensors are on the device when this returns. (Not measured on a GPU yet.)
+    "cuda:N"). For a CUDA device the data section is read by `threads` readers, each through
+    pinned host buffers of its own, copied to the device on a stream of its own while it
+    reads its next piece, into one device allocation the tensors are views of (a writer's
+    unaligned tensor is cloned); the tensors are on the device when this returns. On an H200
+    host: 18 GiB/s from the page cache, 3-5x safetensors.torch.load_file (bench/loader_gpu.py).
 
-    `threads`: how many threads read at once (default: the usable CPUs, at most 4).
+    `threads`: how many threads read at once (default: the usable CPUs, at most 8).
     LoaderError for a file that is not valid safetensors; LoaderUnavailable when numpy,
     ml_dtypes, torch or CUDA is missing; UsageError for an unknown framework or device;
     OSError when the file cannot be opened or read.
@@ -557,34 +564,63 @@ def _torch_cpu(torch: Any, fd: int, header: Header, threads: int, where: str) ->
 def _torch_staged(
     torch: Any, device: Any, fd: int, header: Header, threads: int, where: str
 ) -> dict[str, Any]:
-    """The data section to `device` through a ring of STAGES pinned buffers of STAGE_BYTES,
-    each with a CUDA stream of its own: while one piece is copied to the device, the next is
-    read into the next buffer (a buffer is reused once its copy's event has fired). The
-    pieces land in one device allocation, of which each tensor is a view."""
+    """The data section to `device` in pieces of STAGE_BYTES, by `threads` readers: each
+    reads every threads-th piece into pinned host buffers of its own (STAGES, in turn) and
+    copies it to the device on a CUDA stream of its own while it reads its next (a buffer is
+    reused once its copy's event has fired). The pieces land in one device allocation, of
+    which each tensor is a view.
+
+    A reader per stream, rather than one reading loop feeding a ring: the host side's copy
+    out of the page cache is the slow half (a thread moved 4.5 GiB/s on an H200 host, whose
+    link took 52 GiB/s pinned), so it must run on several threads at once, each overlapping
+    its reads with its own copies to the device."""
     dtypes = {code: _torch_dtype(torch, header, code, where) for code in _codes(header)}
     size = header.data_size
     on_device = torch.empty(size, dtype=torch.uint8, device=device)
     piece = max(1, min(STAGE_BYTES, size))
-    ring = [
-        torch.empty(piece, dtype=torch.uint8, pin_memory=True)
-        for _ in range(min(STAGES, -(-size // piece)))
-    ]
-    streams = [torch.cuda.Stream(device=device) for _ in ring]
-    for stream in streams:  # on_device came from the current stream's pool: wait for it
-        stream.wait_stream(torch.cuda.current_stream(device))
-    copied: list[Any] = [None] * len(ring)  # each buffer's last copy, as a CUDA event
-    for i, off in enumerate(range(0, size, piece)):
-        k = i % len(ring)
-        if copied[k] is not None:
-            copied[k].synchronize()  # its last piece is on the device: the buffer is free
-        n = min(piece, size - off)
-        _read_all(fd, header.data_start + off, [memoryview(ring[k].numpy())[:n]], threads, where)
-        with torch.cuda.stream(streams[k]):
-            on_device[off : off + n].copy_(ring[k][:n], non_blocking=True)
-            copied[k] = torch.cuda.Event()
-            copied[k].record(streams[k])
-    for stream in streams:
-        stream.synchronize()  # on the device when we return
+    offsets = range(0, size, piece)
+    readers = max(1, min(threads, len(offsets)))
+    # on_device came from the calling thread's current stream's pool: each reader waits for it
+    made = torch.cuda.current_stream(device)
+    stop = threading.Event()
+
+    def read(first: int) -> None:
+        mine = offsets[first::readers]
+        ring = [
+            torch.empty(piece, dtype=torch.uint8, pin_memory=True)
+            for _ in range(min(STAGES, len(mine)))
+        ]
+        views = [memoryview(buf.numpy()) for buf in ring]
+        copied: list[Any] = [None] * len(ring)  # each buffer's last copy, as a CUDA event
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(made)
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for i, off in enumerate(mine):
+                    if stop.is_set():
+                        return
+                    k = i % len(ring)
+                    if copied[k] is not None:
+                        copied[k].synchronize()  # its last piece is on the device
+                    n = min(piece, size - off)
+                    _read_run(fd, header.data_start + off, [views[k][:n]], where)
+                    on_device[off : off + n].copy_(ring[k][:n], non_blocking=True)
+                    copied[k] = torch.cuda.Event()
+                    copied[k].record(stream)
+        finally:
+            stream.synchronize()  # on the device when we return; the buffers free
+
+    if readers == 1:
+        read(0)
+    else:
+        with ThreadPoolExecutor(readers, thread_name_prefix="hostd-loader") as pool:
+            futures = [pool.submit(read, first) for first in range(readers)]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                stop.set()  # (after an error: the other readers stop at their next piece)
+            for future in futures:
+                future.result()
     out: dict[str, Any] = {}
     for t in header.tensors.values():
         dtype = dtypes[t.dtype]

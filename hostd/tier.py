@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,21 +118,45 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
     return bytes(buf)
 
 
+# A blob of several chunks is hashed by up to this many threads at once, each reading and
+# hashing its own chunks (pread and BLAKE3 both let go of the GIL), within this many bytes
+# of buffers: one thread moved ~1.8 GiB/s (a read, then a hash), the link of an H200 host
+# 51 GiB/s, and a warm link restore of lent blobs re-hashes every byte.
+HASH_THREADS = 8
+HASH_BUFFERS = 64 << 20
+
+
 def digest_of(
     fd: int, size: int, chunk_size: int, on_read: Callable[[int], None] | None = None
 ) -> bytes:
-    """The file digest of the first `size` bytes of `fd`, hashed chunk by chunk (blocking).
-    `on_read(offset)` runs after each chunk is read: a test's hook into the middle of a hash."""
-    ids = []
-    buf = bytearray(min(chunk_size, size))
-    for off in range(0, size, chunk_size):
+    """The file digest of the first `size` bytes of `fd`, hashed chunk by chunk (blocking),
+    its chunks spread over threads (HASH_THREADS). `on_read(offset)` runs after each chunk
+    is read, on the thread that read it: a test's hook into the middle of a hash."""
+    offsets = range(0, size, chunk_size)
+    threads = min(
+        HASH_THREADS, len(os.sched_getaffinity(0)), len(offsets), HASH_BUFFERS // chunk_size
+    )
+    local = threading.local()
+
+    def one(off: int) -> tuple[bytes, int]:
         n = min(chunk_size, size - off)
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(min(chunk_size, size))
         view = memoryview(buf)[:n]
         pread_into(fd, view, off)
-        ids.append((chunk_id(view), n))
+        got = chunk_id(view)
         if on_read is not None:
             on_read(off)
-    return file_digest(ids)
+        return got, n
+
+    if threads <= 1:
+        return file_digest(one(off) for off in offsets)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="hostd-hash")
+    try:
+        return file_digest(list(pool.map(one, offsets)))
+    finally:
+        pool.shutdown(cancel_futures=True)  # (after an error: the chunks not begun are not read)
 
 
 class PartialBlob:

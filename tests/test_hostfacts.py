@@ -19,6 +19,8 @@ import json
 import logging
 import platform
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +202,63 @@ def test_a_daemon_without_nvml_reports_it_in_status_and_has_no_gpu_metrics(work:
     assert f"host       {facts['arch']}, kernel {facts['kernel']}, format {FORMAT_VERSION}" in (
         human.splitlines()
     )
+
+
+# -- NVML present for real: a GPU host -----------------------------------------------------------
+
+
+def nvidia_smi(*args: str) -> str:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        pytest.skip("NVML is here but nvidia-smi is not: nothing to compare the facts with")
+    p = subprocess.run([smi, *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+@pytest.mark.skipif(nvml_is_absent(), reason="needs a GPU host (libnvidia-ml.so.1)")
+def test_a_gpu_host_reports_what_nvidia_smi_reports(work: Path) -> None:
+    """The facts, status and gauges of a daemon on a real GPU host, against nvidia-smi (the
+    driver's own tool, which reads NVML through its own code)."""
+    rows = [
+        [field.strip() for field in line.split(",")]
+        for line in nvidia_smi(
+            "--query-gpu=index,name,memory.total,driver_version,mig.mode.current",
+            "--format=csv,noheader,nounits",
+        ).splitlines()
+        if line.strip()
+    ]
+    [cuda] = re.findall(r"CUDA Version: (\d+\.\d+)", nvidia_smi())
+    names = {row[1] for row in rows}
+    driver = rows[0][3]
+    modes = {"Enabled": "on", "Disabled": "off"}
+    with Hostd(work / "d") as d:
+        status = cli_status_json(d)
+        text = d.metrics()
+        human = cli_status(d)
+    facts = status["host"]["facts"]
+    assert status["host"]["nvml"] == "ok"
+    assert facts == {
+        **real_facts(),
+        "gpu_model": "+".join(sorted(names)),
+        "gpu_count": str(len(rows)),
+        "gpu_memory": "+".join(str(m) for m in sorted({int(row[2]) for row in rows})),
+        "mig": mig_fact([modes.get(row[4], "none") for row in rows]),
+        "driver": driver,
+        "driver_major": driver.split(".")[0],
+        "cuda": cuda,
+    }
+    assert info_labels(text) == facts
+    assert gpus_in(text) == {row[0] for row in rows}
+    for index, name, mib, *_ in rows:
+        total = sample(text, "hostd_gpu_memory_total_bytes", gpu=index, model=name)
+        used = sample(text, "hostd_gpu_memory_used_bytes", gpu=index, model=name)
+        assert total // MiB == int(mib)
+        assert 0 <= used <= total
+    [line] = [line for line in human.splitlines() if line.startswith("GPUs ")]
+    assert line.endswith(f"; driver {driver}, CUDA {cuda}"), line
+    for name in names:
+        assert f"{sum(row[1] == name for row in rows)} x {name}" in line, line
 
 
 # -- NVML present: pynvml's real code against the fake library -----------------------------------

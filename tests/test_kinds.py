@@ -24,9 +24,16 @@ def work() -> Iterator[Path]:
         rmtree(root)
 
 
+def gpuless(lib: Path) -> dict[str, str]:
+    """The environment of a host without a GPU, whatever this machine has: its NVML (the
+    fake) finds no driver, as nvmlInit on a machine without one (NVML_ERROR_DRIVER_NOT_LOADED).
+    On a GPU host, the daemon would otherwise read the real GPU's facts."""
+    return nvml_env(lib, init_error="9")
+
+
 @pytest.fixture
-def hostd(work: Path) -> Iterator[Hostd]:
-    with Hostd(work / "d") as h:
+def hostd(work: Path, fake_nvml: Path) -> Iterator[Hostd]:
+    with Hostd(work / "d", env=gpuless(fake_nvml)) as h:
         yield h
 
 
@@ -55,7 +62,7 @@ def test_each_kind_keys_the_snapshot_on_its_facts(cli: Cli, work: Path) -> None:
     got = cli.json("publish", str(src), "--ref", "c/triton", "--kind", "compile-cache")
     assert got["kind"] == "compile-cache"
     assert set(got["compat"]) == {"arch", "cuda", "driver_major", "format", "gpu_model"}
-    # This machine has no NVIDIA driver: the GPU facts are none, and the publish says what
+    # This host has no NVIDIA driver: the GPU facts are none, and the publish says what
     # that means, on stderr and in the result.
     assert got["compat"]["gpu_model"] == "none"
     assert "warning: this host cannot tell its GPU facts" in err
@@ -237,7 +244,7 @@ def test_a_gpu_host_restores_what_was_published_before_it_knew_its_gpu(
     (the old default facts). Over an origin that cannot list (plain HTTP), a GPU host finds
     it by that key."""
     src = source(work)
-    with Hostd(work / "old", origin=f"file://{work}/origin") as old:
+    with Hostd(work / "old", origin=f"file://{work}/origin", env=gpuless(fake_nvml)) as old:
         facts = "gpu_model,driver_major,cuda,arch,format"
         before = Cli(old, capsys).json("publish", str(src), "--ref", "c/old", "--facts", facts)
     assert before["compat"]["gpu_model"] == "none"

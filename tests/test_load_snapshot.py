@@ -4,6 +4,7 @@ chunks until the test lets them go. Arrays are compared with safetensors' own lo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import queue
 import threading
@@ -84,6 +85,29 @@ def test_a_snapshot_loads_into_a_state_dict(work: Path, model: dict[str, Any]) -
         before = set(os.listdir("/dev/shm"))
         same(loader.load_safetensors("m/tiny", socket=h.socket), model)
         assert {n for n in os.listdir("/dev/shm") if n.startswith("hostd-load-")} <= before
+
+
+def cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
+def test_a_snapshot_loads_onto_a_cuda_device(work: Path, model: dict[str, Any]) -> None:
+    import torch
+
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        got = loader.load_safetensors("m/tiny", socket=h.socket, framework="torch", device="cuda")
+    assert set(got) == set(model)
+    for name, arr in model.items():
+        t = got[name]
+        assert t.device.type == "cuda", name
+        assert tuple(t.shape) == arr.shape, name
+        raw = t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+        assert raw == arr.tobytes(), name
 
 
 def test_each_shard_is_loaded_while_the_next_is_fetched(

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -577,6 +578,56 @@ def test_torch_tensors_on_a_cuda_device(tmp_path: Path) -> None:
     assert got["bf"].dtype == torch.bfloat16
     assert got["bf"].float().cpu().tolist() == [[0, 1], [2, 3]]
     assert tuple(got["none"].shape) == (0,)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
+def test_a_cuda_load_through_many_staging_pieces_lands_every_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging ring turned over many times (pieces far smaller than the tensors, and not
+    a divisor of them), with a tensor that straddles pieces and one that a writer left
+    unaligned: every byte on the device is the file's."""
+    import torch
+
+    monkeypatch.setattr(loader, "STAGE_BYTES", 4096 + 8)
+    monkeypatch.setattr(loader, "STAGES", 2)
+    rng = np.random.default_rng(5)
+    tensors = {
+        f"t{i}": rng.standard_normal(int(n)).astype(np.float32)
+        for i, n in enumerate(rng.integers(1, 20_000, size=12))
+    }
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    got = loader.load_file(path, framework="torch", device="cuda", threads=3)
+    assert list(got) == list(reference_load_file(path))
+    for name, arr in tensors.items():
+        assert got[name].device.type == "cuda", name
+        assert got[name].dtype == torch.float32, name
+        assert got[name].cpu().numpy().tobytes() == arr.tobytes(), name
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with a CUDA device")
+def test_a_cuda_load_whose_read_fails_stops_every_reader_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "STAGE_BYTES", 4096)
+    path = tmp_path / "big.safetensors"
+    save_file({"x": np.zeros(64 * 1024, dtype=np.float32)}, str(path))
+    real = loader._read_run
+    reads: list[int] = []
+    lock = threading.Lock()
+
+    def shrunk(fd: int, offset: int, bufs: list[memoryview], where: str) -> None:
+        with lock:
+            reads.append(offset)
+        if len(reads) == 5:  # as a file cut short under the reader
+            raise LoaderError(where, f"the file ends at byte {offset}")
+        real(fd, offset, bufs, where)
+
+    monkeypatch.setattr(loader, "_read_run", shrunk)
+    with pytest.raises(LoaderError, match="the file ends at byte"):
+        loader.load_file(path, framework="torch", device="cuda", threads=4)
+    assert len(reads) < 5 + 4 * loader.STAGES  # the others stopped at their next piece
 
 
 def test_reprs_summarise(small_file: Path) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from hostd import tier as tier_module
 from hostd.core.ids import chunk_id, file_digest
 from hostd.core.manifest import Chunk
 from hostd.errors import TierError
-from hostd.tier import BLOB_MODE, SYNCFS, BlobCopyCorrupt, Tier
+from hostd.tier import BLOB_MODE, SYNCFS, BlobCopyCorrupt, Tier, digest_of
 
 CS = 64 * 1024
 # Three full chunks and a short last one; each chunk's bytes differ.
@@ -494,3 +495,35 @@ def test_a_few_blobs_are_fsynced_each_not_their_filesystem(
     t.sync(digests)
     assert calls == [t.blobs_dir]
     assert len(fsyncs.fds) == 5
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_digest_hashed_on_several_threads_is_the_file_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(tier_module, "HASH_THREADS", threads)
+    data = os.urandom(10 * 4096 + 123)  # 11 chunks, the last one short
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    want = file_digest(
+        (chunk_id(data[off : off + 4096]), len(data[off : off + 4096]))
+        for off in range(0, len(data), 4096)
+    )
+    parallel = min(threads, len(os.sched_getaffinity(0))) > 1
+    both = threading.Barrier(2, timeout=30)
+    seen: list[int] = []
+
+    def hook(off: int) -> None:
+        seen.append(off)
+        if parallel and off < 2 * 4096:
+            both.wait()  # the first two chunks are hashed at once, or this times out
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert digest_of(fd, len(data), 4096, hook) == want
+        assert sorted(seen) == list(range(0, len(data), 4096))
+        # a file shorter than the size asked for: the read that comes up short says so
+        with pytest.raises(EOFError):
+            digest_of(fd, len(data) + 4096, 4096)
+    finally:
+        os.close(fd)
