@@ -59,6 +59,7 @@ from typing import Any
 
 import blake3
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (run from a checkout)
 from hostd.memory import IDLE_DELAY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
