@@ -612,10 +612,10 @@ class Cache:
         short = b.size - b.charged
         need = self._used[t.name] + short - t.budget
         if short > 0 and need > 0 and not await self._make_room(t, need):
-            ours = b.attached
-            self._drop(b.digest, t.name)
-            if ours:
-                await asyncio.to_thread(t.remove_partial, b.digest)
+            if b.attached:
+                await self._forget(b.digest, t)
+            else:
+                self._drop(b.digest, t.name)
             return False
         if not b.attached:
             return False  # dropped meanwhile (gc): admitted afresh
@@ -688,10 +688,20 @@ class Cache:
 
     async def remove(self, digest: bytes, tier: Tier) -> None:
         """Delete a blob copy (a bad one found by verify, or gc)."""
-        r = self._drop(digest, tier.name)
-        if r is not None:
-            fn = tier.remove_blob if r.complete else tier.remove_partial
-            await asyncio.to_thread(fn, digest)
+        await self._forget(digest, tier)
+
+    async def _forget(self, digest: bytes, tier: Tier) -> None:
+        """Drop a blob's record, then remove the file it named on a thread: only that inode,
+        taken now (a fill may install a new copy under the name before the thread runs)."""
+        tb = self._tb[tier.name]
+        slot = tb.find(digest)
+        if slot < 0:
+            return
+        partial = not tb.complete(slot)
+        ino = tier.inode(digest, partial=partial)
+        self._drop(digest, tier.name)
+        fn = tier.remove_partial_if if partial else tier.remove_blob_if
+        await asyncio.to_thread(fn, digest, ino)
 
     def _keep(self, tb: TierBlobs, slot: int, busy: Collection[bytes]) -> bool:
         """Whether a queued blob must stay (a walk then takes it out of the queue)."""
@@ -744,8 +754,7 @@ class Cache:
             ):
                 continue
             if not b.complete:  # a partial blob no fill uses: its chunks come again if asked
-                self._drop(d, tier.name)
-                await asyncio.to_thread(tier.remove_partial, d)
+                await self._forget(d, tier)
                 self.evictions[(tier.name, "delete")] += 1
                 freed += b.charged
                 log.info("evicted partial blob %s from tier %s", d.hex()[:16], tier.name)
@@ -758,8 +767,7 @@ class Cache:
                 continue
             if self.is_held(d) or not b.attached:
                 continue
-            self._drop(d, tier.name)
-            await asyncio.to_thread(tier.remove_blob, d)
+            await self._forget(d, tier)
             self.evictions[(tier.name, "delete")] += 1
             freed += b.size
             log.info("evicted blob %s from tier %s", d.hex()[:16], tier.name)
@@ -791,8 +799,7 @@ class Cache:
             self._put(t, b.digest, r)
             if self.is_held(b.digest):
                 return False  # a restore took it during the copy: keep both copies
-            self._drop(b.digest, b.tier.name)
-            await asyncio.to_thread(b.tier.remove_blob, b.digest)
+            await self._forget(b.digest, b.tier)
             self.evictions[(b.tier.name, "demote")] += 1
             log.info("demoted blob %s from %s to %s", b.digest.hex()[:16], b.tier.name, t.name)
             return True

@@ -126,6 +126,21 @@ HASH_THREADS = 8
 HASH_BUFFERS = 64 << 20
 
 
+def _unlink_if(path: Path, ino: int | None) -> bool:
+    """Unlink `path` if it is inode `ino`; whether it was. (Between the stat and the unlink
+    a rename over the name can still land: that window is two system calls, where the one
+    this closes was a thread pool's queue.)"""
+    if ino is None:
+        return False
+    try:
+        if os.stat(path).st_ino != ino:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def digest_of(
     fd: int, size: int, chunk_size: int, on_read: Callable[[int], None] | None = None
 ) -> bytes:
@@ -379,6 +394,13 @@ class Tier:
         """The partial blobs on disk (their .have files aside), as complete_blobs."""
         return _found(str(self.partial_dir))
 
+    def inode(self, digest: bytes, *, partial: bool = False) -> int | None:
+        """The inode of the blob's (or partial blob's) file now; None if there is none."""
+        try:
+            return os.stat(self.partial_path(digest) if partial else self.blob_path(digest)).st_ino
+        except OSError:
+            return None
+
     def remove_blob(self, digest: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.blob_path(digest))
@@ -388,6 +410,22 @@ class Tier:
         for q in (p, p.with_name(p.name + ".have")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(q)
+
+    def remove_blob_if(self, digest: bytes, ino: int | None) -> None:
+        """Remove the blob's file if it is still inode `ino` (`inode`, taken when its record
+        was dropped): the cache drops a record, then removes its file on a thread, and a
+        fill may have installed a new copy under the same name in between, which a new
+        record vouches for. None: there was no file to remove."""
+        _unlink_if(self.blob_path(digest), ino)
+
+    def remove_partial_if(self, digest: bytes, ino: int | None) -> None:
+        """Remove a partial blob (its file, and its `.have`) if its file is still inode `ino`;
+        a stray `.have` where there was no file. (A fill that reopened the same file, rather
+        than making a new one, is not told apart: it fails at its install, with an error.)"""
+        p = self.partial_path(digest)
+        if _unlink_if(p, ino) or ino is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p.with_name(p.name + ".have"))
 
     def install(self, scratch: Path, digest: bytes, *, partial: bool = True) -> BlobStat:
         """Rename a finished file (read-only, verified, its mtime set) into blobs/ as `digest`.

@@ -347,6 +347,36 @@ async def test_a_blob_is_one_object_while_held_and_keeps_its_values_once_replace
     assert used(cache) == {"mem": 0, "disk": 0}
 
 
+async def test_a_removal_leaves_the_copy_a_fill_made_after_its_record_went(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal drops the record, then unlinks on a thread. A fill that starts in between
+    (nothing recorded any more) may install a new copy under the same name first (a rename
+    over it): the removal must leave that one, which the fill's record will vouch for."""
+    cache = env.open()
+    mem = cache.tiers[0]
+    a = env.file("a", 900)  # several chunks, the last one short
+    await env.put(cache, a, [mem])
+    path = mem.blob_path(a.digest)
+    real = asyncio.to_thread
+    made: list[int] = []
+
+    def new_copy() -> None:
+        write_blob(mem, a, env.data[a.digest])
+        made.append(os.stat(path).st_ino)
+
+    async def late(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "").startswith("remove_blob"):
+            await real(new_copy)  # the fill got there before the removal's thread ran
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", late)
+    await cache.remove(a.digest, mem)
+    assert made, "the removal took no thread"
+    assert os.stat(path).st_ino == made[0]  # the fill's copy is still there, intact
+    assert blob_is_intact(path, a.digest, a.size, CS) is None
+
+
 async def test_eviction_demotes_to_the_next_tier_with_content_intact(env: Env) -> None:
     cache = env.open()
     mem, disk = cache.tiers
