@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -43,11 +44,18 @@ from hostd.desk import Board, Desk
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
+from hostd.guard import Guard, address_of
 from hostd.hostfacts import HostFacts, detect_bounded, detect_timeout
 from hostd.index import Index
 from hostd.lock import CacheLocks
 from hostd.memory import Trimmer, tune_malloc
-from hostd.metrics import HostCollector, Metrics, PeerCollector, StateCollector
+from hostd.metrics import (
+    GuardCollector,
+    HostCollector,
+    Metrics,
+    PeerCollector,
+    StateCollector,
+)
 from hostd.origin import Origin
 from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
 from hostd.publish import Publisher
@@ -76,6 +84,7 @@ class Daemon:
         self.trimmer = Trimmer(lambda: self.in_flight > 0)
         self.accepting = True
         self.metrics_address = ""
+        self.guard = Guard("socket", per_client=LOCAL_CONNECTIONS_PER_UID, total=LOCAL_CONNECTIONS)
         tiers = [Tier(t.name, t.path, t.budget) for t in config.tiers]
         self.index = Index(config.index)
         self.cache = Cache(
@@ -136,8 +145,11 @@ class Daemon:
         )
         self.metrics.registry.register(StateCollector(self.cache, self.fetcher, self.origin, self))
         self.metrics.registry.register(HostCollector(self.host))
+        guards = [self.guard]
         if self.peers is not None:
             self.metrics.registry.register(PeerCollector(self.peers.client, self.peers.membership))
+            guards.append(self.peers.guard)
+        self.metrics.registry.register(GuardCollector(guards))
 
     def __repr__(self) -> str:
         return f"Daemon({self.config.socket}, in_flight={self.in_flight}, {self.cache!r})"
@@ -320,6 +332,10 @@ class Peers:
         self.server: PeerServer | None = None
         self.address = ""
         self._runner: web.AppRunner | None = None
+        self._listening: asyncio.Server | None = None
+        self.guard = Guard(
+            "peer", per_client=PEER_CONNECTIONS_PER_HOST, total=PEER_CONNECTIONS
+        )
 
     def __repr__(self) -> str:
         return f"Peers({self.address or self.config.listen}, {self.membership!r})"
@@ -342,15 +358,25 @@ class Peers:
     async def start(self) -> None:
         assert self.server is not None
         self._runner = web.AppRunner(
-            make_peer_app(self.server), access_log=None, handler_cancellation=True
+            make_peer_app(self.server),
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=PEER_KEEPALIVE,
         )
         await self._runner.setup()
+        assert self._runner.server is not None
         host, _, port = self.config.listen.rpartition(":")
         try:
-            await web.TCPSite(self._runner, host.strip("[]") or None, int(port)).start()
+            # (not web.TCPSite: its protocols are aiohttp's alone, with no guard in front)
+            self._listening = await asyncio.get_running_loop().create_server(
+                self.guard.wrap(self._runner.server, address_of),
+                host.strip("[]") or None,
+                int(port),
+                reuse_address=True,
+            )
         except OSError as e:
             raise HostdError(f"peers.listen {self.config.listen}: {e.strerror or e}") from e
-        addr = self._runner.addresses[0]
+        addr = self._listening.sockets[0].getsockname()
         self.membership.port = int(addr[1])
         self.address = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
         if self.client.secret:
@@ -368,6 +394,8 @@ class Peers:
             )
 
     async def stop(self) -> None:
+        if self._listening is not None:
+            self._listening.close()  # no new connections; the runner ends the open ones
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -412,6 +440,26 @@ def listen_unix(path: Path, mode: int) -> socket.socket:
 
 
 LISTEN_BACKLOG = 128  # aiohttp's and asyncio's
+
+# Connections open at once (hostd/guard.py). On the socket: per uid, root and the daemon's own
+# uid uncapped (16 operations a uid by default, and status requests beside them); in all, each
+# an idle aiohttp connection of ~10-20 KiB.
+LOCAL_CONNECTIONS_PER_UID = 256
+LOCAL_CONNECTIONS = 4096
+# On the peer port: per host (an IPv4 address, an IPv6 /64), twice the most fetch_concurrency
+# a peer may fetch with; in all, a fleet of 2,000 hosts each fetching 16 chunks of us at once.
+PEER_CONNECTIONS_PER_HOST = 2048
+PEER_CONNECTIONS = 32768
+PEER_KEEPALIVE = 60.0  # idle seconds before a kept-alive peer connection is closed (aiohttp: 3630)
+
+
+def local_client(transport: asyncio.BaseTransport) -> int | None:
+    """A socket connection's key for its caps: the uid that connected (SO_PEERCRED); None
+    (uncapped) for root and the daemon's own uid."""
+    sock = transport.get_extra_info("socket")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    uid = int(struct.unpack("iII", raw)[1])
+    return None if uid in (0, os.geteuid()) else uid
 
 
 def claim_socket(path: Path) -> None:
@@ -520,7 +568,7 @@ async def _serve_locked(
             d.board,
             lambda: d.config.access,
             os.geteuid(),
-            runner.server,
+            d.guard.wrap(runner.server, local_client),
         )
         desk.start()
         log.info(

@@ -9,7 +9,7 @@ and model; never ids or paths.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from hostd import __version__
 from hostd.cache import Cache
 from hostd.fetch import Fetcher
+from hostd.guard import Guard
 from hostd.hostfacts import GpuMemory, HostFacts
 from hostd.origin import Origin
 from hostd.peers import Membership, PeerClient
@@ -187,6 +188,30 @@ class StateCollector(Collector):
         info = GaugeMetricFamily("hostd_build_info", "hostd's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+class GuardCollector(Collector):
+    """The connections each listener's guard (hostd/guard.py) holds and has closed."""
+
+    def __init__(self, guards: Sequence[Guard]) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "hostd_connections_open", "Connections open, by listener.", labels=["listener"]
+        )
+        closed = CounterMetricFamily(
+            "hostd_connections_closed",
+            "Connections the daemon closed unserved, by listener and reason: too_many (the "
+            "client, or everyone, had the most open already), no_head (no whole request head "
+            "within the deadline).",
+            labels=["listener", "reason"],
+        )
+        for g in self.guards:
+            held.add_metric([g.name], g.connections)
+            closed.add_metric([g.name, "too_many"], g.refused)
+            closed.add_metric([g.name, "no_head"], g.timed_out)
+        yield from (held, closed)
 
 
 class PeerCollector(Collector):

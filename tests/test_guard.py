@@ -1,0 +1,276 @@
+"""Connections that ask nothing (hostd/guard.py), as an attacker would hold them: idle ones, a
+head a byte at a time, many from one client. First the guard in front of a real aiohttp
+server on loopback with small limits; then the real daemon: nobody filling the socket with
+connections, and an idle connection to the peer port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from harness import Hostd, rmtree, short_tmp
+from test_e2e import sample
+from test_peers import free_ports, key_file
+
+from hostd import daemon, guard
+from hostd.guard import Guard, address_of
+
+DEADLINE = 30.0
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@contextlib.asynccontextmanager
+async def served(
+    g: Guard, client: Callable[[asyncio.BaseTransport], Hashable | None] = address_of
+) -> AsyncIterator[int]:
+    """A real aiohttp server on loopback behind `g`; yields its port."""
+
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="ok")
+
+    server = web.Server(hello)
+    listening = await asyncio.get_running_loop().create_server(
+        g.wrap(server, client), "127.0.0.1", 0
+    )
+    try:
+        yield listening.sockets[0].getsockname()[1]
+    finally:
+        listening.close()
+        await server.shutdown(1)
+        await listening.wait_closed()
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+OPENED: list[asyncio.StreamWriter] = []  # every client connection a test made, closed after
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while OPENED:
+        w = OPENED.pop()
+        w.close()
+        with contextlib.suppress(ConnectionError):
+            await w.wait_closed()
+
+
+async def connect(port: int) -> Conn:
+    conn = await asyncio.open_connection("127.0.0.1", port)
+    OPENED.append(conn[1])
+    return conn
+
+
+async def closed_by_server(conn: Conn) -> bool:
+    """Whether the server closes the connection (an EOF or a reset) within DEADLINE."""
+    try:
+        return await asyncio.wait_for(conn[0].read(), DEADLINE) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def served_ok(conn: Conn) -> bool:
+    conn[1].write(REQUEST)
+    await conn[1].drain()
+    status = await asyncio.wait_for(conn[0].readline(), DEADLINE)
+    await asyncio.wait_for(conn[0].readuntil(b"ok"), DEADLINE)
+    return status.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_client_with_the_most_connections_open_has_its_next_one_closed() -> None:
+    g = Guard("t", per_client=3, total=100, head_timeout=DEADLINE)
+    async with served(g) as port:
+        held = [await connect(port) for _ in range(3)]  # idle: they ask nothing
+        extra = await connect(port)
+        assert await closed_by_server(extra)
+        assert (g.refused, g.connections, dict(g.open)) == (1, 3, {"127.0.0.1": 3})
+        for conn in held:  # the ones let in are served as any
+            assert await served_ok(conn)
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        again = await connect(port)
+        assert await served_ok(again)  # a place came free
+        assert g.refused == 1
+
+
+async def test_everyone_together_has_a_cap_too() -> None:
+    g = Guard("t", per_client=100, total=2, head_timeout=DEADLINE)
+    async with served(g, lambda transport: None) as port:  # (None: a client never capped)
+        a, b = await connect(port), await connect(port)
+        assert await closed_by_server(await connect(port))
+        assert await served_ok(a)
+        assert await served_ok(b)
+        assert (g.refused, g.connections, dict(g.open)) == (1, 2, {})
+
+
+async def test_no_whole_head_within_the_deadline_is_closed_one_in_time_is_served() -> None:
+    g = Guard("t", per_client=100, total=100, head_timeout=0.5)
+    async with served(g) as port:
+        idle = await connect(port)
+        slow = await connect(port)
+        prompt = await connect(port)
+        split = await connect(port)
+        assert await served_ok(prompt)
+        split[1].write(REQUEST[:-1])  # the blank line straddles two sends
+        await split[1].drain()
+        split[1].write(REQUEST[-1:])
+        t = time.monotonic()
+
+        async def dribble() -> None:  # a head a byte at a time, never ending
+            with contextlib.suppress(ConnectionError):
+                for byte in REQUEST[:-4] + b"X-Slow: " + b"y" * 10_000:
+                    slow[1].write(bytes([byte]))
+                    await slow[1].drain()
+                    await asyncio.sleep(0.02)
+
+        dripping = asyncio.create_task(dribble())
+        assert await closed_by_server(idle)
+        assert await closed_by_server(slow)
+        dripping.cancel()
+        assert time.monotonic() - t < 0.5 + DEADLINE / 2
+        assert g.timed_out == 2
+        assert await asyncio.wait_for(split[0].readline(), DEADLINE) == b"HTTP/1.1 200 OK\r\n"
+        await asyncio.sleep(0.6)  # past the deadline: the served ones stay
+        assert await served_ok(prompt)
+        assert g.timed_out == 2
+        assert g.connections == 2
+
+
+def test_a_tcp_client_is_its_ipv4_address_or_its_ipv6_64() -> None:
+    class Peer:  # what a transport tells of its peer, and nothing else
+        def __init__(self, *peer: Any) -> None:
+            self.peer = peer
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.peer if name == "peername" else None
+
+    def key(*peer: Any) -> Hashable | None:
+        return address_of(Peer(*peer))  # type: ignore[arg-type]
+
+    assert key("10.1.2.3", 5000) == "10.1.2.3"
+    assert key("2001:db8:1:2:aaaa::1", 5000, 0, 0) == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:2:bbbb::9", 6000, 0, 0) == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:3::1", 5000, 0, 0) == "2001:db8:1:3::/64"
+    assert key("::ffff:10.1.2.3", 5000, 0, 0) == "10.1.2.3"
+    assert key("fe80::1%eth0", 5000, 0, 2) == "fe80::/64"
+    assert key() is None
+
+
+# -- the real daemon ------------------------------------------------------------------------
+
+NOBODY = pwd.getpwnam("nobody")
+
+HOLD = """
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    socks.append(s)
+print("held", flush=True)
+sys.stdin.readline()
+extra = socket.socket(socket.AF_UNIX)
+extra.connect(sys.argv[1])
+extra.settimeout(30)
+try:
+    print("closed" if extra.recv(1) == b"" else "data", flush=True)
+except ConnectionResetError:
+    print("closed", flush=True)
+except TimeoutError:
+    print("open", flush=True)
+"""
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        why = "needs root: runs the daemon as root and the client as nobody"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
+    path = short_tmp("gd")
+    path.chmod(0o711)
+    yield path
+    rmtree(path)
+
+
+def connections(h: Hostd, listener: str) -> tuple[float, float, float]:
+    """(open, closed as too many, closed with no head) from the daemon's metrics."""
+    text = h.metrics()
+    return (
+        sample(text, "hostd_connections_open", listener=listener),
+        sample(text, "hostd_connections_closed_total", listener=listener, reason="too_many"),
+        sample(text, "hostd_connections_closed_total", listener=listener, reason="no_head"),
+    )
+
+
+def wait_for(what: Callable[[], bool], why: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+
+
+def test_nobody_cannot_fill_the_socket_with_connections_and_root_still_gets_in(
+    work: Path,
+) -> None:
+    cap = daemon.LOCAL_CONNECTIONS_PER_UID
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    with Hostd(root, socket_mode="0666") as h:
+        holder = subprocess.Popen(
+            [
+                "setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
+                "--clear-groups", sys.executable, "-c", HOLD, str(h.socket), str(cap),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            assert holder.stdin is not None
+            assert holder.stdout.readline() == "held\n"
+            # each is the loop's once the desk has waited for a head that does not come
+            # (and one more: the metrics scrape's own, root's)
+            wait_for(
+                lambda: connections(h, "socket")[0] >= cap + 1, "the connections never arrived"
+            )
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "closed\n"  # nobody's one too many
+            assert connections(h, "socket")[1] == 1
+            code, _status = h.api("GET", "/v1/status")  # root is not capped
+            assert code == 200
+        finally:
+            holder.kill()
+            holder.communicate()  # (and its pipes closed)
+        wait_for(lambda: connections(h, "socket")[0] <= 1, "nobody's connections stayed")
+
+
+def test_an_idle_connection_to_the_peer_port_is_closed(work: Path) -> None:
+    [port] = free_ports(1)
+    key = key_file(work / "k")
+    with Hostd(work / "h", peers={"listen": f"127.0.0.1:{port}", "secret_file": str(key)}) as h:
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.settimeout(DEADLINE + guard.HEAD_TIMEOUT)
+        t = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert idle.recv(1) == b""
+        assert time.monotonic() - t < guard.HEAD_TIMEOUT + DEADLINE / 2
+        assert connections(h, "peer")[2] == 1
+        with socket.create_connection(("127.0.0.1", port)) as ok:  # a whole head: answered
+            ok.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ok.recv(12).startswith(b"HTTP/1.1 ")
+        idle.close()
