@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hostd import access, prune, refs
-from hostd.caller import Caller, peer_caller, peer_pidfd
+from hostd.caller import Caller, peer_caller, peer_pidfd, quota_uid
 from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core import request as request_fields
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.25  # seconds between progress events while something changes
+BODY_TIMEOUT = 10.0  # seconds a request's body may take to arrive (idle_timeout, if shorter)
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 
@@ -124,24 +125,25 @@ def request_caller(request: web.Request) -> Caller:
 
 
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The request's JSON object, read within `idle_timeout` and checked by core/request.py.
+    """The request's JSON object, read within BODY_TIMEOUT (or `idle_timeout`, if shorter) and
+    checked by core/request.py.
 
     aiohttp's timeouts cover only the wait for a request, so a client that trickles its body
     byte by byte would hold its connection (and its place under the caps) for ever. Past the
     deadline it is answered 408 and the connection closes once that is sent: failing the
     payload ends aiohttp's lingering read of the unread rest at once, and it then closes.
+    A body is a JSON object of a few hundred bytes: a client that cannot send it in 10 s
+    only holds a place others wait for.
     """
     if not request.can_read_body:
         return {}
-    timeout = request.app[DAEMON_KEY].config.idle_timeout
+    timeout = min(BODY_TIMEOUT, request.app[DAEMON_KEY].config.idle_timeout)
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()
     except TimeoutError:
         request.content.set_exception(TimeoutError())
-        raise RequestTimeout(
-            f"the request body did not arrive within idle_timeout ({timeout:g}s)"
-        ) from None
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g}s") from None
     except (web.RequestPayloadError, HttpProcessingError) as e:
         # a broken chunked encoding or Content-Encoding: aiohttp wraps the parser's error
         cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
@@ -586,7 +588,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not rule.counted:
         return await handler(request)
     operations = request.app[OPERATIONS_KEY]
-    slot = operations.take(config, caller.uid)
+    # (a rootless container's subordinate uids count as the user who made it)
+    slot = operations.take(config, quota_uid(caller.pid, caller.uid, request.app[EUID_KEY]))
     try:
         return await handler(request)
     finally:

@@ -36,6 +36,7 @@ from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
+from hostd.caller import quota_uid
 from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
@@ -333,9 +334,7 @@ class Peers:
         self.address = ""
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.Server | None = None
-        self.guard = Guard(
-            "peer", per_client=PEER_CONNECTIONS_PER_HOST, total=PEER_CONNECTIONS
-        )
+        self.guard = Guard("peer", per_client=PEER_CONNECTIONS_PER_HOST, total=PEER_CONNECTIONS)
 
     def __repr__(self) -> str:
         return f"Peers({self.address or self.config.listen}, {self.membership!r})"
@@ -454,12 +453,14 @@ PEER_KEEPALIVE = 60.0  # idle seconds before a kept-alive peer connection is clo
 
 
 def local_client(transport: asyncio.BaseTransport) -> int | None:
-    """A socket connection's key for its caps: the uid that connected (SO_PEERCRED); None
-    (uncapped) for root and the daemon's own uid."""
+    """A socket connection's key for its caps: the uid that connected (SO_PEERCRED), or the
+    user whose rootless container it runs in (`quota_uid`); None (uncapped) for root and the
+    daemon's own uid."""
     sock = transport.get_extra_info("socket")
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    uid = int(struct.unpack("iII", raw)[1])
-    return None if uid in (0, os.geteuid()) else uid
+    pid, uid, _ = struct.unpack("iII", raw)
+    euid = os.geteuid()
+    return None if uid in (0, euid) else quota_uid(pid, uid, euid)
 
 
 def claim_socket(path: Path) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from harness import Hostd, rmtree, short_tmp
 from test_e2e import sample
 from test_peers import free_ports, key_file
 
-from hostd import daemon, guard
+from hostd import caller, daemon, guard
 from hostd.guard import Guard, address_of
 
 DEADLINE = 30.0
@@ -170,25 +171,32 @@ def test_a_tcp_client_is_its_ipv4_address_or_its_ipv6_64() -> None:
 
 NOBODY = pwd.getpwnam("nobody")
 
-HOLD = """
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[2])):
+# Each connection asks once (a 404: any request the loop answers) and is then kept alive idle:
+# the guard's head deadline is behind it, aiohttp's keep-alive (idle_timeout) far off.
+ASK = """
+import socket
+def ask(path):
     s = socket.socket(socket.AF_UNIX)
-    s.connect(sys.argv[1])
-    socks.append(s)
-print("held", flush=True)
-sys.stdin.readline()
-extra = socket.socket(socket.AF_UNIX)
-extra.connect(sys.argv[1])
-extra.settimeout(30)
-try:
-    print("closed" if extra.recv(1) == b"" else "data", flush=True)
-except ConnectionResetError:
-    print("closed", flush=True)
-except TimeoutError:
-    print("open", flush=True)
+    s.connect(path)
+    s.settimeout(30)
+    s.sendall(b"GET /nope HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    try:
+        got = s.recv(65536)
+    except ConnectionResetError:
+        got = b""
+    return s, ("served" if got.startswith(b"HTTP/1.1 404") else "closed" if not got else "?")
 """
+
+HOLD = (
+    ASK
+    + """
+import sys
+socks = [ask(sys.argv[1]) for _ in range(int(sys.argv[2]))]
+print(",".join(sorted({how for _, how in socks})), flush=True)
+sys.stdin.readline()
+print(ask(sys.argv[1])[1], flush=True)
+"""
+)
 
 
 @pytest.fixture
@@ -241,12 +249,7 @@ def test_nobody_cannot_fill_the_socket_with_connections_and_root_still_gets_in(
         try:
             assert holder.stdout is not None
             assert holder.stdin is not None
-            assert holder.stdout.readline() == "held\n"
-            # each is the loop's once the desk has waited for a head that does not come
-            # (and one more: the metrics scrape's own, root's)
-            wait_for(
-                lambda: connections(h, "socket")[0] >= cap + 1, "the connections never arrived"
-            )
+            assert holder.stdout.readline() == "served\n"  # every one of them
             holder.stdin.write("\n")
             holder.stdin.flush()
             assert holder.stdout.readline() == "closed\n"  # nobody's one too many
@@ -257,6 +260,98 @@ def test_nobody_cannot_fill_the_socket_with_connections_and_root_still_gets_in(
             holder.kill()
             holder.communicate()  # (and its pipes closed)
         wait_for(lambda: connections(h, "socket")[0] <= 1, "nobody's connections stayed")
+
+
+# A rootless container's process, as a runtime makes one: a user namespace of its own, its
+# root mapped to a subordinate uid, then setuid(0) there (uid 200000 outside).
+CONNECT = (
+    ASK
+    + """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+    raise OSError(ctypes.get_errno(), "unshare")
+print("unshared", flush=True)
+sys.stdin.readline()  # its uid map is written meanwhile
+os.setuid(0)
+print(os.getuid(), flush=True)
+print(ask(sys.argv[1])[1], flush=True)
+"""
+)
+
+
+# The Python a process in a new user namespace runs (only the standard library): one that
+# nobody reaches from there (a venv's may link into a home directory it cannot pass).
+PLAIN_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin") or sys.executable
+
+
+def in_own_namespace(pid: int) -> None:
+    """Wait until `pid` has left our user namespace (unshare has run): its map is then its
+    namespace's to be written."""
+    ours = os.stat("/proc/self/ns/user").st_ino
+    wait_for(lambda: os.stat(f"/proc/{pid}/ns/user").st_ino != ours, "unshare never ran")
+
+
+def as_nobody(*argv: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            "setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
+            "--clear-groups", *argv,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )  # fmt: skip
+
+
+def test_the_uids_of_a_rootless_container_count_as_the_user_who_made_it(work: Path) -> None:
+    """nobody holds its most connections; a process in a user namespace nobody made, its root
+    mapped to uid 200000 (a subordinate uid, as newuidmap maps them), is refused too."""
+    cap = daemon.LOCAL_CONNECTIONS_PER_UID
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    with Hostd(root, socket_mode="0666") as h:
+        holder = as_nobody(sys.executable, "-c", HOLD, str(h.socket), str(cap))
+        inner = as_nobody(PLAIN_PYTHON, "-c", CONNECT, str(h.socket))
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "served\n"
+            assert inner.stdout is not None
+            assert inner.stdout.readline() == "unshared\n"
+            Path(f"/proc/{inner.pid}/uid_map").write_text("0 200000 1\n")
+            out, _ = inner.communicate("\n", timeout=DEADLINE + 10)
+            assert out == "0\nclosed\n"  # root in its namespace; one too many of nobody's
+            assert connections(h, "socket")[1] == 1
+        finally:
+            for p in (holder, inner):
+                p.kill()
+                p.communicate()
+
+
+def test_quota_uid_follows_the_namespace_to_the_user_who_made_it() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: writes a user namespace's uid map")
+    me = os.getpid()
+    assert caller.quota_uid(me, 1234, 0) == 1234  # our own namespace
+    assert caller.quota_uid(2**22 + 7, 1234, 0) == 1234  # no such process: its own
+    made = {"nobody": as_nobody("unshare", "--user", "cat"), "root": None}
+    made["root"] = subprocess.Popen(
+        ["unshare", "--user", "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for who, p in made.items():
+            assert p is not None
+            in_own_namespace(p.pid)
+            Path(f"/proc/{p.pid}/uid_map").write_text("0 200000 1\n")
+            want = NOBODY.pw_uid if who == "nobody" else 200000
+            assert caller.quota_uid(p.pid, 200000, 0) == want, who
+            # the daemon's own user made it: its uids stay apart as well
+            assert caller.quota_uid(p.pid, 200000, NOBODY.pw_uid) == 200000, who
+    finally:
+        for p in made.values():
+            assert p is not None
+            p.kill()
+            p.communicate()
 
 
 def test_an_idle_connection_to_the_peer_port_is_closed(work: Path) -> None:
