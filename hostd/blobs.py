@@ -37,6 +37,10 @@ _SWEEP_MIN = 4096
 COMPLETE = 1
 LENT = 2  # hardlinked into a tree whose owner could write to it: kept for the inode's life
 PARKED = 4  # held or pinned when a walk met it: out of the queue until both are over
+# Maybe hardlinked outside the tier (a restore used it, or it was there at start): an eviction
+# walk that meets it asks its link count, and one with other links is not evicted (its bytes
+# stay in use: removing our name would free nothing). Cleared when the count is 1.
+LINKED = 8
 
 
 class Values(NamedTuple):
@@ -168,7 +172,7 @@ class TierBlobs:
             self.ctime_ns.append(ctime_ns)
             self.last_used.append(last_used)
             self.charged.append(size)
-            self.flags.append((COMPLETE if complete else 0) | (LENT if lent else 0))
+            self.flags.append((COMPLETE | LINKED if complete else 0) | (LENT if lent else 0))
         self.unsized += chunk_size <= 0
         return slot
 
@@ -186,7 +190,7 @@ class TierBlobs:
         self.ctime_ns[slot] = r.ctime_ns
         self.last_used[slot] = r.last_used
         self.charged[slot] = r.charged
-        self.flags[slot] = (COMPLETE if r.complete else 0) | (LENT if r.lent else 0)
+        self.flags[slot] = (COMPLETE | LINKED if r.complete else 0) | (LENT if r.lent else 0)
 
     def finish(self, slot: int, mtime_ns: int, ctime_ns: int, now: float) -> None:
         """Mark a partial record complete with the stat of its bytes, used at `now`: a new

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -42,7 +43,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostd.blobs import COMPLETE, LENT, Blob, Digests, TierBlobs, Values, state_holds
+from hostd.blobs import (
+    COMPLETE,
+    LENT,
+    LINKED,
+    Blob,
+    Digests,
+    TierBlobs,
+    Values,
+    state_holds,
+)
 from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
 from hostd.core.ids import HASH_LEN, file_digest
@@ -541,10 +551,12 @@ class Cache:
         for tb in self._tb.values():
             if not len(tb):
                 continue
-            find, last_used = tb.find, tb.last_used
+            find, last_used, flags = tb.find, tb.last_used, tb.flags
             for d in ds:
                 if (slot := find(d)) >= 0:
                     last_used[slot] = now
+                    if flags[slot] & COMPLETE:
+                        flags[slot] |= LINKED  # (a link restore's, maybe)
         self.index.later(self.index.touch_blobs, ds, now)
 
     # admission and eviction ---------------------------------------------------------------
@@ -704,11 +716,22 @@ class Cache:
         await asyncio.to_thread(fn, digest, ino)
 
     def _keep(self, tb: TierBlobs, slot: int, busy: Collection[bytes]) -> bool:
-        """Whether a queued blob must stay (a walk then takes it out of the queue)."""
+        """Whether a queued blob must stay (a walk then takes it out of the queue, or moves
+        it where this marked it used)."""
         digest = tb.slots.key(slot)
         if self.is_held(digest) or self.snaps.pinned(digest):
             tb.park(slot)
             return True
+        if tb.flags[slot] & LINKED:
+            if _links(tb.tier.blob_path(digest)) > 1:
+                # A restored tree holds its inode: removing our name would free no byte, and
+                # the tier's budget is what its filesystem holds. Used, as far as eviction
+                # goes: it comes round again after everything else.
+                was = tb.last_used[slot]
+                now = self.clock()
+                tb.last_used[slot] = now if now > was else math.nextafter(was, math.inf)
+                return True
+            tb.flags[slot] &= ~LINKED & 0xFF
         if not tb.complete(slot) and digest in busy:
             # A fill holds it and is about to resume it: back in the queue once it is idle.
             self._filling.add((digest, tb.tier.name))
@@ -1069,6 +1092,15 @@ def rehash(
         return Rehash(f"cannot read: {e.strerror}")
     finally:
         os.close(fd)
+
+
+def _links(path: Path) -> int:
+    """A blob file's link count (0: gone). A stat on the loop: a microsecond or two where the
+    inode is cached, as a recently used blob's is."""
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 0
 
 
 def _allocated(path: Path, size: int) -> int | None:

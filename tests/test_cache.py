@@ -377,6 +377,37 @@ async def test_a_removal_leaves_the_copy_a_fill_made_after_its_record_went(
     assert blob_is_intact(path, a.digest, a.size, CS) is None
 
 
+async def test_a_blob_a_restored_tree_still_links_is_not_evicted_for_room_it_cannot_free(
+    env: Env, tmp_path: Path
+) -> None:
+    """A link restore's tree holds the blob's inode: removing the tier's name would free no
+    byte of the tier's filesystem (tmpfs: memory), yet count the blob's size as freed. So the
+    walk passes it by, and the tier's budget stays what its filesystem really holds."""
+    cache = env.open()
+    mem, disk = cache.tiers
+    a, b, c = env.file("a", 600), env.file("b", 600), env.file("c", 600)
+    await env.put(cache, a, [mem])
+    tree = tmp_path / "restored"
+    tree.mkdir()
+    os.link(mem.blob_path(a.digest), tree / "a.bin")  # as a link restore leaves it
+    cache.touch([a.digest])
+
+    assert await env.put(cache, b) is disk  # mem cannot make room: a's bytes are in use
+    assert [x.tier for x in cache.copies(a.digest)] == [mem]
+    assert mem.blob_path(a.digest).exists()
+    assert used(cache)["mem"] == 600
+
+    (tree / "a.bin").unlink()  # the tree is gone: a's bytes are the tier's alone again
+    assert await env.put(cache, c) is mem
+    assert mem.blob_path(c.digest).exists()
+    assert not mem.blob_path(a.digest).exists()  # evicted (demoted) for c
+    assert used(cache)["mem"] == 600
+    got = cache.locate(a.digest)
+    assert got is not None
+    assert got.tier is disk
+    assert blob_is_intact(got.path, a.digest, a.size, CS) is None
+
+
 async def test_eviction_demotes_to_the_next_tier_with_content_intact(env: Env) -> None:
     cache = env.open()
     mem, disk = cache.tiers
