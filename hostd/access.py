@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from hostd.caller import Caller
+from hostd.caller import GONE, Caller
 from hostd.config import ACCESS_CLASSES, AccessConfig
 from hostd.errors import Busy, Forbidden
 
@@ -105,8 +105,9 @@ class Operations:
                 f"([access] max_operations = {access.max_operations}); try again later"
             )
         if self.by_uid[uid] >= access.max_operations_per_uid:
+            who = "callers whose process has exited have" if uid == GONE else f"uid {uid} has"
             raise Busy(
-                f"uid {uid} has {self.by_uid[uid]} operations running, the most one caller "
+                f"{who} {self.by_uid[uid]} operations running, the most one caller "
                 f"may ([access] max_operations_per_uid = {access.max_operations_per_uid}); "
                 "try again when one has finished"
             )

@@ -135,6 +135,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
+async def close_unproven(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A 401 closes its connection: kept alive, it would let anyone who can reach the port
+    hold connections (against the guard's caps, hostd/guard.py) with a request a minute."""
+    response = await handler(request)
+    if response.status == 401:
+        response.force_close()
+    return response
+
+
+@web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 unless the request proves the cluster secret; the sender's node id is kept."""
     srv = request.app[SERVER_KEY]
@@ -397,7 +407,9 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 
 def make_peer_app(server: PeerServer) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json, authenticate], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[close_unproven, errors_as_json, authenticate], client_max_size=MAX_BODY
+    )
     app[SERVER_KEY] = server
     app.router.add_get("/v1/chunks/{id}", chunk, allow_head=False)
     app.router.add_post("/v1/have", have)

@@ -147,15 +147,22 @@ NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the parent of a user namespace, as a n
 NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4): the uid that made a user namespace
 
 
+GONE = -1  # quota_uid of a caller whose process had exited: all such share their caps
+
+
 def quota_uid(pid: int, uid: int, daemon_uid: int) -> int:
     """The uid whose caps a caller's operations and connections count against: its own,
     unless it runs in a user namespace that an unprivileged user made (a rootless container,
     `unshare -r`): then that user's, whose subordinate uids (/etc/subuid) would otherwise
     each bring caps of their own. A namespace that root or the daemon's user made (a
-    runtime's per-container or per-pod ranges) keeps its uids apart. Where nothing can be
-    told (the process gone, /proc hidden), its own uid. A few system calls: fine on the loop."""
+    runtime's per-container or per-pod ranges) keeps its uids apart. GONE where the process
+    that connected has exited (a child that connected and handed its socket on: its own uid
+    could be any of the subordinate ones); its own uid where nothing else can be told (pid 0:
+    another pid namespace's). A few system calls: fine on the loop."""
     try:
         fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return GONE if pid > 0 else uid
     except OSError:
         return uid
     try:

@@ -85,7 +85,8 @@ class Daemon:
         self.trimmer = Trimmer(lambda: self.in_flight > 0)
         self.accepting = True
         self.metrics_address = ""
-        self.guard = Guard("socket", per_client=LOCAL_CONNECTIONS_PER_UID, total=LOCAL_CONNECTIONS)
+        local = connection_caps()[0]
+        self.guard = Guard("socket", per_client=min(LOCAL_CONNECTIONS_PER_UID, local), total=local)
         tiers = [Tier(t.name, t.path, t.budget) for t in config.tiers]
         self.index = Index(config.index)
         self.cache = Cache(
@@ -334,7 +335,8 @@ class Peers:
         self.address = ""
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.Server | None = None
-        self.guard = Guard("peer", per_client=PEER_CONNECTIONS_PER_HOST, total=PEER_CONNECTIONS)
+        total = connection_caps()[1]
+        self.guard = Guard("peer", per_client=min(PEER_CONNECTIONS_PER_HOST, total), total=total)
 
     def __repr__(self) -> str:
         return f"Peers({self.address or self.config.listen}, {self.membership!r})"
@@ -450,6 +452,16 @@ LOCAL_CONNECTIONS = 4096
 PEER_CONNECTIONS_PER_HOST = 2048
 PEER_CONNECTIONS = 32768
 PEER_KEEPALIVE = 60.0  # idle seconds before a kept-alive peer connection is closed (aiohttp: 3630)
+
+
+def connection_caps() -> tuple[int, int]:
+    """The socket's and the peer port's totals (LOCAL_CONNECTIONS, PEER_CONNECTIONS), within
+    an eighth and a quarter of the open files this process may have: a flood that reaches
+    the limit (EMFILE) stops every accept and every file a restore opens."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files == resource.RLIM_INFINITY:
+        return LOCAL_CONNECTIONS, PEER_CONNECTIONS
+    return min(LOCAL_CONNECTIONS, max(16, files // 8)), min(PEER_CONNECTIONS, max(16, files // 4))
 
 
 def local_client(transport: asyncio.BaseTransport) -> int | None:
@@ -570,6 +582,7 @@ async def _serve_locked(
             lambda: d.config.access,
             os.geteuid(),
             d.guard.wrap(runner.server, local_client),
+            d.guard.wrap(runner.server, local_client, deadline=False),
         )
         desk.start()
         log.info(

@@ -153,12 +153,16 @@ class Desk:
         access_config: Callable[[], AccessConfig],
         euid: int,
         factory: Callable[[], asyncio.Protocol],
+        answered_factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         self._listener = listener
         self._board = board
         self._access = access_config
         self._euid = euid
         self._factory = factory
+        # for a connection the desk answered a request on: its next head is no first one
+        self._answered_factory = answered_factory or factory
+        self._answered_on: set[int] = set()  # fds of held connections the desk answered on
         self._loop = asyncio.get_running_loop()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
@@ -270,6 +274,7 @@ class Desk:
     def _let_go(self, conn: socket.socket) -> None:
         """Stop holding `conn` (before it is closed or handed over)."""
         fd = conn.fileno()
+        self._answered_on.discard(fd)
         if self._held.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
@@ -316,6 +321,7 @@ class Desk:
         self.answered += 1
         if keep:
             self._hold(conn)  # its next request has its own HAND_OVER_AFTER
+            self._answered_on.add(conn.fileno())
         else:
             self._close(conn)
 
@@ -339,9 +345,10 @@ class Desk:
         conn.close()
 
     def _hand_over(self, conn: socket.socket) -> None:
+        answered = conn.fileno() in self._answered_on
         self._let_go(conn)
         self.handed += 1
-        if not self._post(self._adopt, conn):
+        if not self._post(self._adopt, conn, answered):
             conn.close()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> bool:
@@ -353,12 +360,13 @@ class Desk:
 
     # -- on the loop ----------------------------------------------------------------------
 
-    def _adopt(self, conn: socket.socket) -> None:
-        """aiohttp serves `conn` from here on."""
+    def _adopt(self, conn: socket.socket, answered: bool) -> None:
+        """aiohttp serves `conn` from here on (`answered`: the desk answered on it before)."""
+        factory = self._answered_factory if answered else self._factory
 
         async def adopt() -> None:
             try:
-                await self._loop.connect_accepted_socket(self._factory, conn)
+                await self._loop.connect_accepted_socket(factory, conn)
             except Exception as e:
                 log.warning("handing a connection to the loop failed: %s", e)
                 conn.close()

@@ -10,12 +10,15 @@ million): each one a descriptor, a protocol, a task and buffers.
 
 `Guard.wrap` puts a thin protocol in front of aiohttp's, at the transport:
 
-- a client (`client(transport)`: an address, a uid; None for one that is never capped) with
-  `per_client` connections open has its next one closed at once, as has anyone while `total`
-  are open: counted in `refused`;
-- a connection whose first request head (up to its blank line) has not come whole within
-  `head_timeout` is closed: counted in `timed_out`. Later heads on a kept-alive connection
-  are aiohttp's (its keep-alive timeout; the caps bound them).
+- a client (`client(transport)`: an address, a uid) with `per_client` connections open has
+  its next one closed at once, as has any client while `total` are open: counted in
+  `refused`. A client None (root, the daemon's own uid) is never capped nor counted: others
+  filling the total cannot lock it out;
+- a connection whose first request head (up to its blank line; blank lines before it, which
+  HTTP lets a client send, do not count) has not come whole within `head_timeout` is closed:
+  counted in `timed_out`. Later heads on a kept-alive connection are aiohttp's (its
+  keep-alive timeout; the caps bound them), as are those of a connection whose first
+  request was answered before it came to aiohttp (`deadline=False`: the socket's desk).
 
 Everything runs on the event loop: no locks.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any, cast
@@ -32,7 +36,8 @@ from typing import Any, cast
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT = 10.0  # a request head is a few hundred bytes: a client has this long to send it
-_BLANK = (b"\r\n\r\n", b"\n\n")  # a head's end (aiohttp takes bare LFs too)
+_BLANK = b"\r\n\r\n"  # a head's end (aiohttp refuses bare LFs)
+LOG_EVERY = 10.0  # seconds between warnings of refused connections
 
 
 class Guard:
@@ -49,6 +54,7 @@ class Guard:
         self.connections = 0  # all open
         self.refused = 0
         self.timed_out = 0
+        self._warned = -LOG_EVERY  # when refusals were last logged
 
     def __repr__(self) -> str:
         return (
@@ -60,26 +66,38 @@ class Guard:
         self,
         factory: Callable[[], asyncio.Protocol],
         client: Callable[[asyncio.BaseTransport], Hashable | None],
+        *,
+        deadline: bool = True,
     ) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for the server: `factory`'s protocols, behind the guard."""
-        return lambda: _Guarded(self, factory(), client)
+        """A protocol factory for the server: `factory`'s protocols, behind the guard.
+        `deadline`: whether the first head must come within `head_timeout`."""
+        return lambda: _Guarded(self, factory(), client, deadline)
 
     def _admit(self, key: Hashable | None) -> bool:
-        if self.connections >= self.total:
-            return False
-        if key is not None and self.open[key] >= self.per_client:
+        if key is None:
+            return True
+        if self.connections >= self.total or self.open[key] >= self.per_client:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._warned >= LOG_EVERY:
+                self._warned = now
+                log.warning(
+                    "%s: refused a connection from %s (%d open from it, %d in all; %d "
+                    "refused so far)",
+                    self.name, key, self.open[key], self.connections, self.refused,
+                )  # fmt: skip
             return False
         self.connections += 1
-        if key is not None:
-            self.open[key] += 1
+        self.open[key] += 1
         return True
 
     def _release(self, key: Hashable | None) -> None:
+        if key is None:
+            return
         self.connections -= 1
-        if key is not None:
-            self.open[key] -= 1
-            if self.open[key] <= 0:
-                del self.open[key]
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
 
 
 class _Guarded(asyncio.Protocol):
@@ -90,13 +108,16 @@ class _Guarded(asyncio.Protocol):
         guard: Guard,
         inner: asyncio.Protocol,
         client: Callable[[asyncio.BaseTransport], Hashable | None],
+        deadline: bool,
     ) -> None:
         self._guard = guard
         self._inner = inner
         self._client = client
+        self._deadline = deadline
         self._admitted = False
         self._key: Hashable | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._began = False  # a byte of the first head came (blank lines before it aside)
         self._tail = b""  # the last bytes of the first head so far (its end may straddle)
         self._transport: asyncio.Transport | None = None
 
@@ -107,21 +128,12 @@ class _Guarded(asyncio.Protocol):
         except OSError:
             self._key = None
         if not self._guard._admit(self._key):
-            self._guard.refused += 1
-            if self._guard.refused & (self._guard.refused - 1) == 0:  # 1, 2, 4, 8...
-                log.warning(
-                    "%s: refused a connection from %s (%d open from it, %d in all; %d refused)",
-                    self._guard.name,
-                    self._key,
-                    self._guard.open[self._key] if self._key is not None else 0,
-                    self._guard.connections,
-                    self._guard.refused,
-                )
             self._transport.abort()  # (connection_lost still comes: it must not reach aiohttp)
             return
         self._admitted = True
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.head_timeout, self._late)
+        if self._deadline:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._guard.head_timeout, self._late)
         self._inner.connection_made(transport)
 
     def _late(self) -> None:
@@ -132,8 +144,12 @@ class _Guarded(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
-            seen = self._tail + data
-            if any(end in seen for end in _BLANK):
+            head = data
+            if not self._began:
+                head = data.lstrip(b"\r\n")
+                self._began = bool(head)
+            seen = self._tail + head
+            if _BLANK in seen:
                 self._timer.cancel()
                 self._timer = None
                 self._tail = b""
@@ -162,8 +178,8 @@ class _Guarded(asyncio.Protocol):
 
 
 def address_of(transport: asyncio.BaseTransport) -> Hashable | None:
-    """A TCP client's key: its IPv4 address, or its IPv6 address's /64 (one host is given a
-    whole /64 to pick addresses from)."""
+    """A TCP client's key: its address (an IPv4-mapped IPv6 one as IPv4). Not an IPv6 /64:
+    many hosts of a data centre share one."""
     peer: Any = transport.get_extra_info("peername")
     if not peer:
         return None
@@ -171,8 +187,6 @@ def address_of(transport: asyncio.BaseTransport) -> Hashable | None:
         ip = ipaddress.ip_address(str(peer[0]).split("%")[0])
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
     return str(ip)

@@ -24,7 +24,7 @@ from harness import Hostd, rmtree, short_tmp
 from test_e2e import sample
 from test_peers import free_ports, key_file
 
-from hostd import caller, daemon, guard
+from hostd import caller, daemon, desk, guard
 from hostd.guard import Guard, address_of
 
 DEADLINE = 30.0
@@ -104,14 +104,29 @@ async def test_a_client_with_the_most_connections_open_has_its_next_one_closed()
         assert g.refused == 1
 
 
-async def test_everyone_together_has_a_cap_too() -> None:
+async def test_everyone_together_has_a_cap_and_the_uncapped_get_in_past_it() -> None:
     g = Guard("t", per_client=100, total=2, head_timeout=DEADLINE)
-    async with served(g, lambda transport: None) as port:  # (None: a client never capped)
+    ports: list[int] = []
+
+    def each_its_own(transport: asyncio.BaseTransport) -> Hashable | None:
+        port = transport.get_extra_info("peername")[1]
+        return None if port in ports else port  # (a client in `ports`: root, say)
+
+    async with served(g, each_its_own) as port:
         a, b = await connect(port), await connect(port)
         assert await closed_by_server(await connect(port))
         assert await served_ok(a)
         assert await served_ok(b)
-        assert (g.refused, g.connections, dict(g.open)) == (1, 2, {})
+        assert (g.refused, g.connections) == (1, 2)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        ports.append(sock.getsockname()[1])
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)  # uncapped: let in
+        OPENED.append(writer)
+        assert await served_ok((reader, writer))
+        assert (g.refused, g.connections) == (1, 2)  # not counted
 
 
 async def test_no_whole_head_within_the_deadline_is_closed_one_in_time_is_served() -> None:
@@ -135,19 +150,22 @@ async def test_no_whole_head_within_the_deadline_is_closed_one_in_time_is_served
                     await asyncio.sleep(0.02)
 
         dripping = asyncio.create_task(dribble())
+        blank_first = await connect(port)  # blank lines, which HTTP allows, then a dribble
+        blank_first[1].write(b"\r\n\r\n\r\nGET / HTTP/1.1\r\n")
         assert await closed_by_server(idle)
         assert await closed_by_server(slow)
+        assert await closed_by_server(blank_first)
         dripping.cancel()
         assert time.monotonic() - t < 0.5 + DEADLINE / 2
-        assert g.timed_out == 2
+        assert g.timed_out == 3
         assert await asyncio.wait_for(split[0].readline(), DEADLINE) == b"HTTP/1.1 200 OK\r\n"
         await asyncio.sleep(0.6)  # past the deadline: the served ones stay
         assert await served_ok(prompt)
-        assert g.timed_out == 2
+        assert g.timed_out == 3
         assert g.connections == 2
 
 
-def test_a_tcp_client_is_its_ipv4_address_or_its_ipv6_64() -> None:
+def test_a_tcp_client_is_its_address() -> None:
     class Peer:  # what a transport tells of its peer, and nothing else
         def __init__(self, *peer: Any) -> None:
             self.peer = peer
@@ -159,11 +177,10 @@ def test_a_tcp_client_is_its_ipv4_address_or_its_ipv6_64() -> None:
         return address_of(Peer(*peer))  # type: ignore[arg-type]
 
     assert key("10.1.2.3", 5000) == "10.1.2.3"
-    assert key("2001:db8:1:2:aaaa::1", 5000, 0, 0) == "2001:db8:1:2::/64"
-    assert key("2001:db8:1:2:bbbb::9", 6000, 0, 0) == "2001:db8:1:2::/64"
-    assert key("2001:db8:1:3::1", 5000, 0, 0) == "2001:db8:1:3::/64"
+    assert key("2001:db8:1:2:aaaa::1", 5000, 0, 0) == "2001:db8:1:2:aaaa::1"
+    assert key("2001:db8:1:2:bbbb::9", 6000, 0, 0) == "2001:db8:1:2:bbbb::9"  # (same /64)
     assert key("::ffff:10.1.2.3", 5000, 0, 0) == "10.1.2.3"
-    assert key("fe80::1%eth0", 5000, 0, 2) == "fe80::/64"
+    assert key("fe80::1%eth0", 5000, 0, 2) == "fe80::1"
     assert key() is None
 
 
@@ -333,7 +350,8 @@ def test_quota_uid_follows_the_namespace_to_the_user_who_made_it() -> None:
         pytest.skip("needs root: writes a user namespace's uid map")
     me = os.getpid()
     assert caller.quota_uid(me, 1234, 0) == 1234  # our own namespace
-    assert caller.quota_uid(2**22 + 7, 1234, 0) == 1234  # no such process: its own
+    assert caller.quota_uid(2**22 + 7, 1234, 0) == caller.GONE  # exited: the shared caps
+    assert caller.quota_uid(0, 1234, 0) == 1234  # (pid 0: not in our pid namespace)
     made = {"nobody": as_nobody("unshare", "--user", "cat"), "root": None}
     made["root"] = subprocess.Popen(
         ["unshare", "--user", "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -354,18 +372,59 @@ def test_quota_uid_follows_the_namespace_to_the_user_who_made_it() -> None:
             p.communicate()
 
 
-def test_an_idle_connection_to_the_peer_port_is_closed(work: Path) -> None:
+def read_answer(sock: socket.socket) -> bytes:
+    """One HTTP answer's status line, the rest of it read and dropped (by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        assert got, f"closed after {data!r}"
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_real_daemon_closes_what_asks_nothing_and_keeps_what_it_answered(work: Path) -> None:
+    """An idle connection to the peer port is closed at the head deadline; a socket
+    connection whose first request the desk answered is not (its next request is no first
+    one: idle_timeout is its bound); an unproven peer request is answered 401 and closed."""
     [port] = free_ports(1)
     key = key_file(work / "k")
     with Hostd(work / "h", peers={"listen": f"127.0.0.1:{port}", "secret_file": str(key)}) as h:
+        kept = socket.socket(socket.AF_UNIX)
+        kept.settimeout(DEADLINE)
+        kept.connect(str(h.socket))
+        kept.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(kept) == b"HTTP/1.1 200 OK"
+        # the desk hands it to the loop once no next request came within HAND_OVER_AFTER:
+        # any deadline of its would run out before the idle one's, opened after that
+        time.sleep(4 * desk.HAND_OVER_AFTER)
         idle = socket.create_connection(("127.0.0.1", port))
         idle.settimeout(DEADLINE + guard.HEAD_TIMEOUT)
         t = time.monotonic()
-        with contextlib.suppress(ConnectionResetError):
-            assert idle.recv(1) == b""
+        assert closed(idle)
         assert time.monotonic() - t < guard.HEAD_TIMEOUT + DEADLINE / 2
         assert connections(h, "peer")[2] == 1
-        with socket.create_connection(("127.0.0.1", port)) as ok:  # a whole head: answered
-            ok.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert ok.recv(12).startswith(b"HTTP/1.1 ")
+        kept.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")  # past the head deadline
+        assert read_answer(kept).startswith(b"HTTP/1.1 404")
+        assert connections(h, "socket")[2] == 0
+        with socket.create_connection(("127.0.0.1", port)) as unproven:
+            unproven.settimeout(DEADLINE)
+            unproven.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(unproven).startswith(b"HTTP/1.1 401")
+            assert closed(unproven)  # not kept alive for the next one
         idle.close()
+        kept.close()
