@@ -253,9 +253,11 @@ class PeerCollector(Collector):
             value=sum(st.bytes.values()),
         )
         strikes = CounterMetricFamily(
-            "hostd_peer_strikes", "Peers struck, by reason (corrupt, stall).", labels=["reason"]
+            "hostd_peer_strikes",
+            "Peers struck, by reason (corrupt, stall, silent: pull-throughs taken and not sent).",
+            labels=["reason"],
         )
-        for reason in ("corrupt", "stall"):
+        for reason in ("corrupt", "stall", "silent"):
             strikes.add_metric([reason], st.strikes[reason])
         yield strikes
         hedges = CounterMetricFamily(

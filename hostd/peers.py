@@ -44,7 +44,7 @@ import aiohttp
 from hostd.core import codec, peerauth, rendezvous
 from hostd.core.ids import is_hex_id
 from hostd.core.manifest import Chunk
-from hostd.core.members import Member, Roster
+from hostd.core.members import SILENT_STRIKE, Member, Roster
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
 
@@ -71,8 +71,9 @@ HOLDER_TRIES = 8  # holders asked per round
 
 class PeerFailure(Exception):
     """One peer could not serve one request. `kind` decides what happens to the peer:
-    dead (unreachable), rejected (401), stall and corrupt (struck), self (it is us), and
-    missing, busy, failed (nothing: it is fine, it just has not got it)."""
+    dead (unreachable), rejected (401), stall and corrupt (struck), silent (it took a
+    pull-through and sent nothing: struck when again, core/members.py SILENT_STRIKE), self
+    (it is us), and missing, busy, failed (nothing: it is fine, it just has not got it)."""
 
     def __init__(self, kind: str, message: str, holders: list[str] | None = None) -> None:
         super().__init__(message)
@@ -386,7 +387,7 @@ class PeerClient:
                     got += len(piece)
                     deadline.reschedule(min(loop.time() + self.timeout, end))
         except TimeoutError:
-            kind = "stall" if got or not first_wait else "failed"
+            kind = "stall" if got or not first_wait else "silent"
             if got and loop.time() >= end:
                 why = f"sent {got} of {chunk.size} bytes, slower than {MIN_RATE >> 20} MiB/s"
             else:
@@ -601,13 +602,20 @@ class Membership:
             self.roster.strike(name, now, e.message)
             self.client.stats.strikes[e.kind] += 1
             log.warning("peers: struck %s: %s", name, e.message)
+        elif e.kind == "silent":  # took a pull-through, sent nothing: once, a slow origin's
+            if self.roster.silent_pull(name, now, e.message):
+                self.client.stats.strikes[e.kind] += 1
+                log.warning(
+                    "peers: struck %s: %s (%d times in a row)", name, e.message, SILENT_STRIKE
+                )
         elif e.kind == "self":
             self.roster.mark_self(name, now)
             self.client.name = name
         elif e.kind in ("missing", "busy"):
             self.roster.answered(name, now)  # a proper answer: it is up
         # "failed" (it broke off, or its own pull failed) says nothing either way: a peer
-        # that is gone is found by the next request, which cannot connect
+        # that is gone is found by the next request, which cannot connect. (A "silent" one is
+        # not asked again for the same chunk: that cost a second pull wait.)
 
     async def run(self) -> None:
         """Keep the roster current until cancelled."""

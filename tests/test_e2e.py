@@ -496,8 +496,14 @@ def test_eviction_demotes_lru_blobs_and_keeps_pinned_ones(work: Path) -> None:
         assert refused["event"] == "error", refused
         assert refused["error"] == "tier_error", refused
 
-        # Unpinned, they are the least recently used and move down to disk.
+        # Unpinned, they are the least recently used, but the restored tree links their
+        # inodes: moving them would free nothing of the tier's filesystem.
         assert e.api("POST", "/v1/unpin", {"ref": "e2e/big"})[0] == 200
+        refused = e.stream("/v1/prefetch", {"ref": "e2e/small", "tier": "mem"})
+        assert refused["event"] == "error", refused
+        assert "nothing evictable" in refused["message"], refused
+        # With the tree gone, they move down to disk.
+        rmtree(work / "out-big")
         out = e.stream("/v1/prefetch", {"ref": "e2e/small", "tier": "mem"})
         assert out["event"] == "result", out
         assert where("e2e/small")["mem"] == 2 * MiB

@@ -8,6 +8,7 @@ but one host) run on a namespace cluster in tests/test_peers_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -165,6 +166,18 @@ def test_a_strike_skips_a_member_for_a_while_and_repeats_cost_more() -> None:
     assert r.members["a:1"].struck_until == 2100.0 + STRIKE_BASE
 
 
+def test_silent_pull_throughs_strike_when_in_a_row_and_an_answer_between_forgives() -> None:
+    r = Roster()
+    r.update({"a:1": "static"}, 0.0)
+    assert not r.silent_pull("a:1", 0.0, "sent nothing")  # once: a slow origin's, maybe
+    r.answered("a:1", 1.0)  # it served something: the count starts again
+    assert not r.silent_pull("a:1", 2.0, "sent nothing")
+    assert r.silent_pull("a:1", 3.0, "sent nothing")  # twice in a row: struck
+    assert r.members["a:1"].state.value == "struck"
+    assert not r.silent_pull("a:1", 3.5, "sent nothing")  # in flight when it went bad
+    assert r.members["a:1"].strikes == 1
+
+
 def test_self_is_placed_but_never_asked() -> None:
     r = Roster()
     r.update({"a:1": "static", "me:1": "static"}, 0.0)
@@ -294,6 +307,7 @@ class Fleet:
         n: int,
         extra: list[str] | None = None,
         secret: bool = True,
+        config: dict[str, Any] | None = None,
         **peers: Any,
     ):
         self.work = work
@@ -311,7 +325,7 @@ class Fleet:
             }
             if secret:
                 table["secret_file"] = str(self.key)
-            self.hosts.append(self.host(f"h{i}", table))
+            self.hosts.append(self.host(f"h{i}", table, **(config or {})))
 
     def host(self, name: str, peers: dict[str, Any] | None, **config: Any) -> Hostd:
         kw: dict[str, Any] = {"origin": self.origin, "access": {"link_to_writers": True}}
@@ -539,6 +553,34 @@ class Trickle(BaseHTTPRequestHandler):
         pass
 
 
+class SilentPull(BaseHTTPRequestHandler):
+    """A member that takes every pull-through (200, its size, "pull") and then sends nothing;
+    that holds nothing otherwise (pull=0: 404)."""
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/v1/chunks/"):
+            body, status = json.dumps({"node": "silent"}).encode(), 200
+        elif "pull=1" not in self.path:
+            body, status = b'{"message": "no such chunk"}', 404
+        else:
+            size = int(self.path.split("size=")[1].split("&")[0])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.send_header("X-Hostd-Source", "pull")
+            self.end_headers()
+            self.wfile.flush()
+            with contextlib.suppress(OSError):
+                self.rfile.read(1)  # until the asker gives up and closes
+            return
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 def wrong_bytes_peer(
     port: int, stop: threading.Event, handler: type[BaseHTTPRequestHandler] = WrongBytes
 ) -> threading.Thread:
@@ -621,6 +663,33 @@ def test_a_member_that_trickles_a_chunk_is_struck_by_its_rate(work: Path) -> Non
             assert time.monotonic() - started < 30
             assert member(h, slow)["state"] == "struck"
             assert "slower than" in member(h, slow)["last_error"]
+    finally:
+        stop.set()
+
+
+def test_an_owner_whose_pull_throughs_never_send_a_byte_is_struck(work: Path) -> None:
+    """An owner that takes pull-throughs (200) and then sends nothing cost each chunk it owns
+    twice the pull wait (it was asked again), for ever: a slow origin, as far as the asker
+    could tell. Twice in a row with nothing served between, and it is struck."""
+    src = big_tree(work / "src")
+    (port,) = free_ports(1)
+    silent = f"127.0.0.1:{port}"
+    stop = threading.Event()
+    wrong_bytes_peer(port, stop, SilentPull)
+    try:
+        with Fleet(
+            work, 1, extra=[silent], timeout="500ms", config={"request_timeout": "1s"}
+        ) as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            started = time.monotonic()
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert time.monotonic() - started < 30
+            assert member(h, silent)["state"] == "struck"
+            assert "sent nothing" in member(h, silent)["last_error"]
+            assert sample(h.metrics(), "hostd_peer_strikes_total", reason="silent") == 1
     finally:
         stop.set()
 

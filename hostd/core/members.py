@@ -26,6 +26,10 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 STRIKE_BASE = 30.0
 STRIKE_MAX = 600.0
+# Pull-throughs in a row that a member took (200) and then sent nothing for, with nothing
+# served between, before it is struck: one is a slow origin's; two in a row, a member that
+# says yes to everything and delivers nothing.
+SILENT_STRIKE = 2
 
 
 class State(enum.Enum):
@@ -48,6 +52,7 @@ class Member:
     struck_at: float = 0.0
     struck_until: float = 0.0
     last_error: str = ""
+    silent: int = 0  # pull-throughs in a row taken and then not a byte sent
     node: str = ""  # its node id, once a probe has answered
     probed: bool = False
 
@@ -170,6 +175,7 @@ class Roster:
         if node:
             m.node = node
         m.failures = 0
+        m.silent = 0
         if m.state in (State.DEAD, State.REJECTING):
             self._set(m, State.LIVE, now)
             m.last_error = ""
@@ -191,6 +197,22 @@ class Roster:
         m.retry_at = now + _backoff(m.failures, BACKOFF_MIN, BACKOFF_MAX)
         m.last_error = why
         self._set(m, state, now)
+
+    def silent_pull(self, name: str, now: float, why: str) -> bool:
+        """It took a pull-through and sent nothing for the pull wait. Whether that struck it
+        (SILENT_STRIKE in a row)."""
+        m = self.members.get(name)
+        if m is None or m.state is State.SELF:
+            return False
+        m.last_error = why
+        if m.state is State.STRUCK and now < m.struck_until:
+            return False  # the requests in flight when it went bad: one strike, not one each
+        m.silent += 1
+        if m.silent < SILENT_STRIKE:
+            return False
+        m.silent = 0
+        self.strike(name, now, why)
+        return True
 
     def strike(self, name: str, now: float, why: str) -> None:
         """It sent bytes that did not verify, or stalled: skip it for a while."""
