@@ -52,12 +52,14 @@ class Server:
     requests: list[str] = field(default_factory=list)
     port: int = 0
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         me = asyncio.current_task()
         assert me is not None
         self.handlers.add(me)
+        self.writers.add(writer)
         try:
             while True:
                 try:
@@ -85,13 +87,20 @@ class Server:
                     raise
             finally:
                 self.handlers.discard(me)  # (so stop() waits for its close too)
+                self.writers.discard(writer)
 
     async def stop(self) -> None:
         """End the connections still open (a client's idle keep-alive one, which obstore
         drops in its own time): on Python 3.11 Server.wait_closed does not wait for them,
-        and a handler the loop's end cancels leaves its transport to the collector."""
-        for task in list(self.handlers):
-            task.cancel()
+        and a handler the loop's end cancels leaves its transport to the collector. Each is
+        aborted, so its handler's read ends and it returns: a handler task cancelled instead
+        makes 3.11's start_server log its CancelledError ("Exception in callback")."""
+        for writer in list(self.writers):
+            writer.transport.abort()
+        if self.handlers:  # one still waiting on its answer is cancelled after all
+            _, stuck = await asyncio.wait(set(self.handlers), timeout=10)
+            for task in stuck:
+                task.cancel()
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
 
