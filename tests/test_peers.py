@@ -677,9 +677,10 @@ def test_an_owner_whose_pull_throughs_never_send_a_byte_is_struck(work: Path) ->
     stop = threading.Event()
     wrong_bytes_peer(port, stop, SilentPull)
     try:
-        with Fleet(
-            work, 1, extra=[silent], timeout="500ms", config={"request_timeout": "1s"}
-        ) as fleet:
+        # (a pull wait of 2 x 2 s; the 2 s a head may take keeps a loaded machine's slow
+        # answer from striking it as a stall first)
+        quick = {"request_timeout": "1s"}
+        with Fleet(work, 1, extra=[silent], timeout="2s", config=quick) as fleet:
             fleet.publish(src)
             h = fleet.hosts[0]
             started = time.monotonic()
