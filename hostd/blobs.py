@@ -199,7 +199,7 @@ class TierBlobs:
         self.mtime_ns[slot] = mtime_ns
         self.ctime_ns[slot] = ctime_ns
         self.last_used[slot] = now
-        self.flags[slot] = COMPLETE
+        self.flags[slot] = COMPLETE | LINKED  # (filled for a restore, which may link it)
 
     def unchanged(self, slot: int, seen: tuple[int, int, int]) -> bool:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the

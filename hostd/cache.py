@@ -34,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -103,6 +103,8 @@ class Rehash:
 # A re-hash whose file changed under it is tried again this many times in all, then the blob
 # is taken as bad: something keeps writing to it.
 REHASH_ATTEMPTS = 3
+# Linked-out blobs whose link counts one walk that found too little asks again (~2 ms).
+RELINK_BATCH = 1024
 # Blobs in doubt re-hashed together, one thread hop (check_many): at most this many, or
 # this many bytes (a batch of large blobs holds the loop's answer back for no gain).
 REHASH_BATCH = 256
@@ -152,6 +154,9 @@ class Cache:
         # The blobs the running fills hold (Filler.filling), set by the composition root;
         # None: every partial admitted in this process counts as being filled.
         self.busy: Callable[[], Collection[bytes]] | None = None
+        # Blobs parked because a restored tree links them, by tier, longest parked first
+        # (_relink_check asks them again in that order).
+        self._linked_out: dict[str, dict[bytes, None]] = {t.name: {} for t in tiers}
         self._lock = asyncio.Lock()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (tier, "demote"|"delete")
         # rehash() by default; a test passes one it can pause mid-hash
@@ -265,6 +270,15 @@ class Cache:
                     gone.clear()
             else:
                 used += tb.charged[slot]
+                if tb.flags[slot] & LINKED:
+                    # A tree restored before the stop may still link it: asked here, on the
+                    # start's thread, so that no walk stats a whole tier on the loop.
+                    digest = tb.slots.key(slot)
+                    if _links(t.blob_path(digest)) > 1:
+                        tb.park(slot)
+                        self._linked_out[name][digest] = None
+                        continue
+                    tb.flags[slot] &= ~LINKED & 0xFF
                 tb.push(slot)
         self.index.delete_blobs(gone)
         self._used[name] += used
@@ -716,8 +730,7 @@ class Cache:
         await asyncio.to_thread(fn, digest, ino)
 
     def _keep(self, tb: TierBlobs, slot: int, busy: Collection[bytes]) -> bool:
-        """Whether a queued blob must stay (a walk then takes it out of the queue, or moves
-        it where this marked it used)."""
+        """Whether a queued blob must stay (a walk then takes it out of the queue)."""
         digest = tb.slots.key(slot)
         if self.is_held(digest) or self.snaps.pinned(digest):
             tb.park(slot)
@@ -725,11 +738,10 @@ class Cache:
         if tb.flags[slot] & LINKED:
             if _links(tb.tier.blob_path(digest)) > 1:
                 # A restored tree holds its inode: removing our name would free no byte, and
-                # the tier's budget is what its filesystem holds. Used, as far as eviction
-                # goes: it comes round again after everything else.
-                was = tb.last_used[slot]
-                now = self.clock()
-                tb.last_used[slot] = now if now > was else math.nextafter(was, math.inf)
+                # the tier's budget is what its filesystem holds. Parked until a walk that
+                # finds too little asks again (_relink_check), or a restore lets go of it.
+                tb.park(slot)
+                self._linked_out[tb.tier.name][digest] = None
                 return True
             tb.flags[slot] &= ~LINKED & 0xFF
         if not tb.complete(slot) and digest in busy:
@@ -737,6 +749,34 @@ class Cache:
             self._filling.add((digest, tb.tier.name))
             return True
         return False
+
+    async def _relink_check(self, tier: Tier) -> bool:
+        """Ask again, on a thread, the link counts of the RELINK_BATCH blobs parked longest as
+        linked out of `tier`; queue again those no tree links any more (a removed tree), and
+        put the others last. Whether any came back. A walk that found too little calls it:
+        each such admission costs one bounded batch of stats off the loop."""
+        parked = self._linked_out[tier.name]
+        if not parked:
+            return False
+        asked = list(itertools.islice(parked, RELINK_BATCH))
+        counts = await asyncio.to_thread(lambda: [_links(tier.blob_path(d)) for d in asked])
+        tb = self._tb[tier.name]
+        back = False
+        for d, n in zip(asked, counts, strict=True):
+            if d not in parked:
+                continue  # (gone meanwhile)
+            del parked[d]
+            if n > 1:
+                parked[d] = None  # still linked: last in line
+                continue
+            slot = tb.find(d)
+            if slot < 0 or not tb.is_parked(slot):
+                continue
+            tb.flags[slot] &= ~LINKED & 0xFF
+            if not (self.is_held(d) or self.snaps.pinned(d) or (d, tier.name) in self._filling):
+                tb.push(slot)
+                back = True
+        return back
 
     def _busy(self) -> Collection[bytes]:
         """What the running fills hold; idle partial blobs they let go of are queued."""
@@ -758,6 +798,9 @@ class Cache:
         busy = self._busy()
         tb = self._tb[tier.name]
         slots = tb.queue.victims(need, lambda slot: self._keep(tb, slot, busy))
+        if slots is None and await self._relink_check(tier):
+            busy = self._busy()
+            slots = tb.queue.victims(need, lambda slot: self._keep(tb, slot, busy))
         if slots is None:
             return False
         # Views, so that a victim replaced or dropped during an await below is told apart.

@@ -390,12 +390,20 @@ async def test_a_blob_a_restored_tree_still_links_is_not_evicted_for_room_it_can
     tree = tmp_path / "restored"
     tree.mkdir()
     os.link(mem.blob_path(a.digest), tree / "a.bin")  # as a link restore leaves it
-    cache.touch([a.digest])
+    # (not touched: a restore that failed and kept what it placed touches nothing)
 
     assert await env.put(cache, b) is disk  # mem cannot make room: a's bytes are in use
     assert [x.tier for x in cache.copies(a.digest)] == [mem]
     assert mem.blob_path(a.digest).exists()
     assert used(cache)["mem"] == 600
+    # parked, not walked again by every admission (each one a stat on the loop)
+    walked = cache.queues["mem"].walked
+    assert await env.put(cache, env.file("d", 600)) is disk
+    assert cache.queues["mem"].walked == walked
+    # after a restart too: found linked at start, parked there, not walked on the loop
+    again = env.open()
+    assert await env.put(again, env.file("e", 600)) is not again.tiers[0]
+    assert again.queues["mem"].walked == 0
 
     (tree / "a.bin").unlink()  # the tree is gone: a's bytes are the tier's alone again
     assert await env.put(cache, c) is mem
@@ -1394,6 +1402,7 @@ async def test_a_poisoned_blob_is_not_demoted(env: Env) -> None:
     os.link(blob.path, env.root / "restored")
     cache.lent([blob])
     poison(env.root / "restored")
+    os.unlink(env.root / "restored")  # the tree goes: evicting a frees its bytes again
 
     await env.put(cache, b)  # a leaves mem
 

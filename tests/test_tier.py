@@ -502,6 +502,7 @@ def test_a_digest_hashed_on_several_threads_is_the_file_digest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     monkeypatch.setattr(tier_module, "HASH_THREADS", threads)
+    monkeypatch.setattr(tier_module, "HASH_PARALLEL_MIN", 0)  # (a small blob, for the test)
     data = os.urandom(10 * 4096 + 123)  # 11 chunks, the last one short
     path = tmp_path / "blob"
     path.write_bytes(data)

@@ -125,9 +125,7 @@ class Lru:
 
         An entry `keep` says must stay (pinned, in use) is dropped from the queue on the
         way, so later walks do not meet it again: the caller pushes it back once it may go.
-        Unless `keep` marked it used instead (a new `last_used`): then it stays queued, moved
-        to its new place. The victims stay queued until the caller drops them (it may not
-        evict them all).
+        The victims stay queued until the caller drops them (it may not evict them all).
         """
         if need <= 0:
             return []
@@ -136,15 +134,11 @@ class Lru:
         chosen: list[tuple[int, float, int]] = []
         freed = 0
         t, x, s = self._t, self._x, self._s
-        moved: set[int] = set()  # marked used by `keep` in this walk
         try:
             while freed < need:
                 if self.bytes < need or not s:
                     return None  # what is left, the chosen included, is not enough
                 slot = s[0]
-                if slot in moved:
-                    return None  # round again: everything older was walked
-
                 self.walked += 1
                 used = self._last_used[slot]
                 if t[0] != used:  # used since it was queued: move it
@@ -152,12 +146,7 @@ class Lru:
                     self._down(0)
                     continue
                 if keep(slot):
-                    if self._last_used[slot] != used:  # marked used: it moves, still queued
-                        t[0], x[0] = self._last_used[slot], self._second(self._charged[slot])
-                        self._down(0)
-                        moved.add(slot)
-                    else:
-                        self.drop(slot)
+                    self.drop(slot)
                     continue
                 chosen.append((slot, t[0], x[0]))
                 freed += self._charged[slot]
