@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Hostd, rmtree
-from loader_cpu import back_memory, checksum, make_shard
+from loader_cpu import back_memory, checksum, emit, make_shard
 
 from hostd import loader
 from hostd.client import Client
@@ -316,10 +315,7 @@ def main() -> int:
         f"{size / MiB / med['reference']:.0f} MiB/s = {out['load_vs_reference']:.2f}x "
         f"(target >= {CPU_TARGET})"
     )
-    line = json.dumps(out)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
+    emit(out, args.json)
     return 0
 
 

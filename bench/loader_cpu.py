@@ -100,6 +100,14 @@ def checksum(arrays: Iterable[Any]) -> int:
     return x
 
 
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """A bench's figures as one JSON line, printed and, with --json, written to `path`."""
+    line = json.dumps(result)
+    print(line)
+    if path is not None:
+        path.write_text(line + "\n")
+
+
 def evict(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -249,10 +257,7 @@ def main() -> int:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
+    emit(result, args.json)
     return 0
 
 

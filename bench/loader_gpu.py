@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import mmap
 import os
 import shutil
@@ -43,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loader_cpu import make_shard
+from loader_cpu import emit, make_shard
 
 from hostd import loader
 
@@ -243,7 +242,7 @@ def main() -> int:
         print(f"  hostd/reference {ratio:.2f}x", flush=True)
         if args.sweep:
             sweep = []
-            defaults = (loader.STAGES, loader.STAGE_BYTES, loader._MAX_THREADS)
+            defaults = (loader.STAGES, loader.STAGE_BYTES)
             for stages, mib, threads in itertools.product((2, 3), (8, 16, 32), (4, 8, 16)):
                 loader.STAGES, loader.STAGE_BYTES = stages, mib * MiB
 
@@ -258,14 +257,11 @@ def main() -> int:
                     f"{r['gib_per_s']:6.2f} GiB/s",
                     flush=True,
                 )
-            loader.STAGES, loader.STAGE_BYTES, loader._MAX_THREADS = defaults
+            loader.STAGES, loader.STAGE_BYTES = defaults
             result["sweep"] = sweep
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -40,9 +40,14 @@ class Caller:
 
 def peer_caller(sock: socket.socket) -> Caller:
     """The credentials of the process that connected `sock` (a Unix stream socket)."""
+    return Caller(*peer_creds(sock), _peer_groups(sock))
+
+
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """SO_PEERCRED of a Unix stream socket: (pid, uid, gid) of the process that connected."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("iII", raw)  # uid_t and gid_t are unsigned
-    return Caller(pid, uid, gid, _peer_groups(sock))
+    return int(pid), int(uid), int(gid)
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:

@@ -20,7 +20,6 @@ import resource
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -36,7 +35,7 @@ from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
-from hostd.caller import quota_uid
+from hostd.caller import peer_creds, quota_uid
 from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
@@ -468,9 +467,7 @@ def local_client(transport: asyncio.BaseTransport) -> int | None:
     """A socket connection's key for its caps: the uid that connected (SO_PEERCRED), or the
     user whose rootless container it runs in (`quota_uid`); None (uncapped) for root and the
     daemon's own uid."""
-    sock = transport.get_extra_info("socket")
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("iII", raw)
+    pid, uid, _ = peer_creds(transport.get_extra_info("socket"))
     euid = os.geteuid()
     return None if uid in (0, euid) else quota_uid(pid, uid, euid)
 

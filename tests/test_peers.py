@@ -643,56 +643,52 @@ def test_a_members_deeply_nested_answer_is_that_members_problem_alone(work: Path
         stop.set()
 
 
-def test_a_member_that_trickles_a_chunk_is_struck_by_its_rate(work: Path) -> None:
-    """A byte every 0.3 s never trips a 0.5 s timeout between reads: the restore hung for
-    good, holding fetch slots that other restores waited for. A chunk must come at
-    MIN_RATE past the timeout, or its member is struck and the origin asked."""
+@contextlib.contextmanager
+def restored_beside(
+    work: Path, handler: type[BaseHTTPRequestHandler], **fleet: Any
+) -> Iterator[tuple[Hostd, str, float]]:
+    """A one-host fleet that also lists a bad member (`handler` on loopback) restores the
+    big tree, exactly: yields the host, the bad member's address and the restore's seconds."""
     src = big_tree(work / "src")
     (port,) = free_ports(1)
-    slow = f"127.0.0.1:{port}"
+    bad = f"127.0.0.1:{port}"
     stop = threading.Event()
-    wrong_bytes_peer(port, stop, Trickle)
+    wrong_bytes_peer(port, stop, handler)
     try:
-        with Fleet(work, 1, extra=[slow], timeout="500ms") as fleet:
-            fleet.publish(src)
-            h = fleet.hosts[0]
+        with Fleet(work, 1, extra=[bad], **fleet) as f:
+            f.publish(src)
+            h = f.hosts[0]
             started = time.monotonic()
             out = h.restore("m/w", work / "t")
             assert out["event"] == "result", out
             assert tree_digest(work / "t") == tree_digest(src)
-            assert time.monotonic() - started < 30
-            assert member(h, slow)["state"] == "struck"
-            assert "slower than" in member(h, slow)["last_error"]
+            yield h, bad, time.monotonic() - started
     finally:
         stop.set()
+
+
+def test_a_member_that_trickles_a_chunk_is_struck_by_its_rate(work: Path) -> None:
+    """A byte every 0.3 s never trips a 0.5 s timeout between reads: the restore hung for
+    good, holding fetch slots that other restores waited for. A chunk must come at
+    MIN_RATE past the timeout, or its member is struck and the origin asked."""
+    with restored_beside(work, Trickle, timeout="500ms") as (h, slow, took):
+        assert took < 30
+        assert member(h, slow)["state"] == "struck"
+        assert "slower than" in member(h, slow)["last_error"]
 
 
 def test_an_owner_whose_pull_throughs_never_send_a_byte_is_struck(work: Path) -> None:
     """An owner that takes pull-throughs (200) and then sends nothing cost each chunk it owns
     twice the pull wait (it was asked again), for ever: a slow origin, as far as the asker
     could tell. Twice in a row with nothing served between, and it is struck."""
-    src = big_tree(work / "src")
-    (port,) = free_ports(1)
-    silent = f"127.0.0.1:{port}"
-    stop = threading.Event()
-    wrong_bytes_peer(port, stop, SilentPull)
-    try:
-        # (a pull wait of 2 x 2 s; the 2 s a head may take keeps a loaded machine's slow
-        # answer from striking it as a stall first)
-        quick = {"request_timeout": "1s"}
-        with Fleet(work, 1, extra=[silent], timeout="2s", config=quick) as fleet:
-            fleet.publish(src)
-            h = fleet.hosts[0]
-            started = time.monotonic()
-            out = h.restore("m/w", work / "t")
-            assert out["event"] == "result", out
-            assert tree_digest(work / "t") == tree_digest(src)
-            assert time.monotonic() - started < 30
-            assert member(h, silent)["state"] == "struck"
-            assert "sent nothing" in member(h, silent)["last_error"]
-            assert sample(h.metrics(), "hostd_peer_strikes_total", reason="silent") == 1
-    finally:
-        stop.set()
+    # (a pull wait of 2 x 2 s; the 2 s a head may take keeps a loaded machine's slow answer
+    # from striking it as a stall first)
+    quick = {"request_timeout": "1s"}
+    with restored_beside(work, SilentPull, timeout="2s", config=quick) as (h, silent, took):
+        assert took < 30
+        assert member(h, silent)["state"] == "struck"
+        assert "sent nothing" in member(h, silent)["last_error"]
+        assert sample(h.metrics(), "hostd_peer_strikes_total", reason="silent") == 1
 
 
 def test_a_peer_that_accepts_and_never_answers_is_struck_after_the_timeout(work: Path) -> None:
