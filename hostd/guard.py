@@ -11,9 +11,14 @@ million): each one a descriptor, a protocol, a task and buffers.
 `Guard.wrap` puts a thin protocol in front of aiohttp's, at the transport:
 
 - a client (`client(transport)`: an address, a uid) with `per_client` connections open has
-  its next one closed at once, as has any client while `total` are open: counted in
-  `refused`. A client None (root, the daemon's own uid) is never capped nor counted: others
-  filling the total cannot lock it out;
+  its next one closed at once: counted in `refused`. A client None (root, the daemon's own
+  uid) is never capped nor counted: others filling the total cannot lock it out;
+- while `total` are open, a new connection displaces one of the client that has the most
+  open, if that is more than one more than the newcomer's client has (its oldest that has
+  not sent a head yet, else its oldest): counted in `displaced`. Otherwise (everyone holds
+  about as many) it is closed, counted in `refused`. A flood from many addresses, each under
+  its cap, then costs the flooders their own places, not a peer's first one: with plain
+  refusal, 16 addresses at the per-host cap filled the peer port for every host;
 - a connection whose first request head (up to its blank line; blank lines before it, which
   HTTP lets a client send, do not count) has not come whole within `head_timeout` is closed:
   counted in `timed_out`. Later heads on a kept-alive connection are aiohttp's (its
@@ -27,9 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any, cast
 
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 10.0  # a request head is a few hundred bytes: a client has this long to send it
 _BLANK = b"\r\n\r\n"  # a head's end (aiohttp refuses bare LFs)
 LOG_EVERY = 10.0  # seconds between warnings of refused connections
+DISPLACE_SCAN = 16  # of a client's oldest connections, those looked at for one with no head
 
 
 class Guard:
@@ -50,16 +56,21 @@ class Guard:
         self.per_client = per_client
         self.total = total
         self.head_timeout = head_timeout
-        self.open: Counter[Hashable] = Counter()  # connections open, by client
         self.connections = 0  # all open
         self.refused = 0
         self.timed_out = 0
+        self.displaced = 0
+        # The connections open, by client, oldest first; the clients by how many they hold,
+        # and the most any holds: the largest is found in O(1), a flood's every connection.
+        self._conns: dict[Hashable, dict[_Guarded, None]] = {}
+        self._holding: dict[int, dict[Hashable, None]] = {}
+        self._most = 0
         self._warned = -LOG_EVERY  # when refusals were last logged
 
     def __repr__(self) -> str:
         return (
             f"Guard({self.name}: {self.connections} open, refused {self.refused}, "
-            f"timed out {self.timed_out})"
+            f"displaced {self.displaced}, timed out {self.timed_out})"
         )
 
     def wrap(
@@ -73,31 +84,69 @@ class Guard:
         `deadline`: whether the first head must come within `head_timeout`."""
         return lambda: _Guarded(self, factory(), client, deadline)
 
-    def _admit(self, key: Hashable | None) -> bool:
+    @property
+    def open(self) -> dict[Hashable, int]:
+        """The connections open, by client."""
+        return {key: len(conns) for key, conns in self._conns.items()}
+
+    def _admit(self, conn: _Guarded, key: Hashable | None) -> bool:
         if key is None:
             return True
-        if self.connections >= self.total or self.open[key] >= self.per_client:
+        mine = len(self._conns.get(key, ()))
+        if mine >= self.per_client or (self.connections >= self.total and not self._displace(mine)):
             self.refused += 1
-            now = time.monotonic()
-            if now - self._warned >= LOG_EVERY:
-                self._warned = now
-                log.warning(
-                    "%s: refused a connection from %s (%d open from it, %d in all; %d "
-                    "refused so far)",
-                    self.name, key, self.open[key], self.connections, self.refused,
-                )  # fmt: skip
+            self._warn("refused a connection from %s (%d open from it, %d in all)", key, mine)
             return False
         self.connections += 1
-        self.open[key] += 1
+        self._conns.setdefault(key, {})[conn] = None
+        self._move(key, mine, mine + 1)
         return True
 
-    def _release(self, key: Hashable | None) -> None:
+    def _displace(self, mine: int) -> bool:
+        """Close a connection of the client holding the most, if it holds more than one more
+        than `mine`. Whether a place came free."""
+        if self._most <= mine + 1:
+            return False
+        key = next(iter(self._holding[self._most]))
+        conns = self._conns[key]
+        first = itertools.islice(conns, DISPLACE_SCAN)
+        victim = next((c for c in first if c.waiting), None) or next(iter(conns))
+        self.displaced += 1
+        self._warn("closed a connection of %s (%d open from it, %d in all)", key, len(conns))
+        victim.close_displaced()
+        return True
+
+    def _warn(self, what: str, key: Hashable, held: int) -> None:
+        now = time.monotonic()
+        if now - self._warned >= LOG_EVERY:
+            self._warned = now
+            log.warning(
+                "%s: " + what + " (%d refused, %d displaced so far)",
+                self.name, key, held, self.connections, self.refused, self.displaced,
+            )  # fmt: skip
+
+    def _release(self, conn: _Guarded, key: Hashable | None) -> None:
         if key is None:
             return
+        conns = self._conns[key]
+        del conns[conn]
         self.connections -= 1
-        self.open[key] -= 1
-        if self.open[key] <= 0:
-            del self.open[key]
+        self._move(key, len(conns) + 1, len(conns))
+        if not conns:
+            del self._conns[key]
+
+    def _move(self, key: Hashable, held: int, holds: int) -> None:
+        """`key` went from holding `held` connections to `holds` (one more or one fewer)."""
+        if held:
+            was = self._holding[held]
+            del was[key]
+            if not was:
+                del self._holding[held]
+                if self._most == held:
+                    self._most = holds  # (it alone held the most: now it holds one fewer)
+        if holds:
+            self._holding.setdefault(holds, {})[key] = None
+            self._most = max(self._most, holds)
 
 
 class _Guarded(asyncio.Protocol):
@@ -114,7 +163,8 @@ class _Guarded(asyncio.Protocol):
         self._inner = inner
         self._client = client
         self._deadline = deadline
-        self._admitted = False
+        self._admitted = False  # aiohttp's protocol was told of the connection
+        self._counted = False  # the guard counts it among its client's
         self._key: Hashable | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._began = False  # a byte of the first head came (blank lines before it aside)
@@ -127,14 +177,31 @@ class _Guarded(asyncio.Protocol):
             self._key = self._client(transport)
         except OSError:
             self._key = None
-        if not self._guard._admit(self._key):
+        if not self._guard._admit(self, self._key):
             self._transport.abort()  # (connection_lost still comes: it must not reach aiohttp)
             return
+        self._counted = self._key is not None
         self._admitted = True
         if self._deadline:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._guard.head_timeout, self._late)
         self._inner.connection_made(transport)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether its first head is still awaited."""
+        return self._timer is not None
+
+    def close_displaced(self) -> None:
+        """Closed to make room (Guard._displace): its place is free from now."""
+        self._uncount()
+        assert self._transport is not None
+        self._transport.abort()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._guard._release(self, self._key)
 
     def _late(self) -> None:
         self._timer = None
@@ -170,10 +237,10 @@ class _Guarded(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._uncount()
         if not self._admitted:
             return
         self._admitted = False
-        self._guard._release(self._key)
         self._inner.connection_lost(exc)
 
 

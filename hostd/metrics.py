@@ -203,13 +203,15 @@ class GuardCollector(Collector):
         closed = CounterMetricFamily(
             "hostd_connections_closed",
             "Connections the daemon closed unserved, by listener and reason: too_many (the "
-            "client, or everyone, had the most open already), no_head (no whole request head "
-            "within the deadline).",
+            "client, or everyone, had the most open already), displaced (one of the client "
+            "holding the most, closed to let in another's while everyone together had the "
+            "most open), no_head (no whole request head within the deadline).",
             labels=["listener", "reason"],
         )
         for g in self.guards:
             held.add_metric([g.name], g.connections)
             closed.add_metric([g.name, "too_many"], g.refused)
+            closed.add_metric([g.name, "displaced"], g.displaced)
             closed.add_metric([g.name, "no_head"], g.timed_out)
         yield from (held, closed)
 

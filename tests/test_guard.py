@@ -129,6 +129,49 @@ async def test_everyone_together_has_a_cap_and_the_uncapped_get_in_past_it() -> 
         assert (g.refused, g.connections) == (1, 2)  # not counted
 
 
+async def test_while_everyone_together_holds_the_most_the_largest_client_gives_up_a_place() -> None:
+    """A flooder under its own cap fills the total: a peer's first connection displaces the
+    flooder's oldest that asked nothing (not the one it asked on), and once everyone holds
+    about as many a newcomer is refused instead, with no place changing hands."""
+    g = Guard("t", per_client=100, total=4, head_timeout=DEADLINE)
+    who: dict[int, str] = {}
+
+    def named(transport: asyncio.BaseTransport) -> Hashable | None:
+        return who[transport.get_extra_info("peername")[1]]
+
+    async with served(g, named) as port:
+
+        async def connect_as(name: str, open_then: int) -> Conn:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            who[sock.getsockname()[1]] = name
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            OPENED.append(writer)
+            deadline = time.monotonic() + DEADLINE
+            while g.connections + g.refused + g.displaced < open_then:  # accepted, in order
+                assert time.monotonic() < deadline, "the server never took the connection"
+                await asyncio.sleep(0.01)
+            return reader, writer
+
+        asked = await connect_as("flood", 1)
+        assert await served_ok(asked)  # kept alive: it asked, no head is awaited on it now
+        silent = [await connect_as("flood", n) for n in (2, 3)]
+        b = await connect_as("b", 4)
+        assert g.connections == 4
+        c = await connect_as("c", 5)  # the total is full: flood holds 3, c none
+        assert await served_ok(c)
+        assert await closed_by_server(silent[0])
+        assert (g.displaced, g.refused, g.connections) == (1, 0, 4)
+        assert g.open == {"flood": 2, "b": 1, "c": 1}
+        again = await connect_as("b", 6)  # flood holds 2, b 1: not more than one more
+        assert await closed_by_server(again)
+        assert (g.displaced, g.refused, g.open) == (1, 1, {"flood": 2, "b": 1, "c": 1})
+        for conn in (asked, silent[1], b, c):
+            assert await served_ok(conn)
+
+
 async def test_no_whole_head_within_the_deadline_is_closed_one_in_time_is_served() -> None:
     g = Guard("t", per_client=100, total=100, head_timeout=0.5)
     async with served(g) as port:
@@ -393,6 +436,52 @@ def read_answer(sock: socket.socket) -> bytes:
 def closed(sock: socket.socket) -> bool:
     try:
         return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_flood_of_connections_to_the_peer_port_does_not_lock_a_peer_out(work: Path) -> None:
+    """One address (127.0.0.2) fills the peer port's total with connections that ask
+    nothing; a peer at another address (127.0.0.3) still gets in and is answered, the
+    flooder giving up one of its places."""
+    [port] = free_ports(1)
+    key = key_file(work / "k")
+    files = 1024  # the peer port's total: a quarter of the descriptors the daemon may have
+    total = daemon.PEER_CONNECTIONS if files >= 4 * daemon.PEER_CONNECTIONS else files // 4
+    peers = {"listen": f"127.0.0.1:{port}", "secret_file": str(key)}
+    with Hostd(work / "h", peers=peers, wrap=["prlimit", f"--nofile={files}:{files}"]) as h:
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(total):
+                flood.append(
+                    socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+                )
+                if len(flood) % 64 == 0 or len(flood) == total:  # (within the listen backlog)
+                    wait_for(
+                        lambda: connections(h, "peer")[0] == len(flood), "the flood was not let in"
+                    )
+            with socket.create_connection(
+                ("127.0.0.1", port), source_address=("127.0.0.3", 0)
+            ) as peer:
+                peer.settimeout(DEADLINE)
+                peer.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(peer).startswith(b"HTTP/1.1 401")  # served: unproven
+            metric = ("hostd_connections_closed_total", "peer", "displaced")
+            assert sample(h.metrics(), metric[0], listener=metric[1], reason=metric[2]) == 1
+            assert connections(h, "peer")[1] == 0  # nobody refused
+            assert sum(closed_now(s) for s in flood) == 1
+        finally:
+            for s in flood:
+                s.close()
+
+
+def closed_now(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` already (without waiting for more)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
     except ConnectionResetError:
         return True
 
