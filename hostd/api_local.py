@@ -208,6 +208,7 @@ async def stream(
     d.operations.add(task)  # the daemon cancels it when a stop's drain runs out
     result = "error"
     resp: web.StreamResponse | None = None
+    delivered = False  # the result event went out
     try:
         last: dict[str, Any] | None = None
         warned = 0
@@ -266,6 +267,7 @@ async def stream(
             while progress.files:
                 await _send(resp, progress.files.popleft())
             await _send(resp, {"event": "result", **out})
+            delivered = True
         await resp.write_eof()
     except (asyncio.CancelledError, ConnectionError):
         result = "cancelled"
@@ -278,6 +280,14 @@ async def stream(
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+        back, progress.take_back = progress.take_back, None
+        if back is not None and result == "cancelled" and not delivered:
+            # It had placed everything, but the caller went before it heard so: as any
+            # cancel, the progressive restore is taken back.
+            log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
+            await asyncio.shield(d.restorer.spawner.run(back.run))
+        elif back is not None:
+            back.close()
         if result != "ok":
             d.metrics.observe(operation, result, None)
     return resp
@@ -327,6 +337,7 @@ async def restore(request: web.Request) -> web.StreamResponse:
             "progressive",
             "keep_partial",
             "order",
+            "ranges",
         },
     )
     mode = _str(body, "mode", "auto")
@@ -334,8 +345,10 @@ async def restore(request: web.Request) -> web.StreamResponse:
         raise UsageError(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     tier = _tier(d, body)
     progressive = _bool(body, "progressive")
-    if not progressive and ("keep_partial" in body or "order" in body):
-        raise UsageError("fields 'keep_partial' and 'order' are for a progressive restore only")
+    if not progressive and ({"keep_partial", "order", "ranges"} & body.keys()):
+        raise UsageError(
+            "fields 'keep_partial', 'order' and 'ranges' are for a progressive restore only"
+        )
     with caller_pidfd(request) as pidfd:
         req = RestoreRequest(
             ref=_str(body, "ref"),
@@ -346,6 +359,7 @@ async def restore(request: web.Request) -> web.StreamResponse:
             progressive=progressive,
             keep_partial=_bool(body, "keep_partial"),
             order=_patterns(body, "order"),
+            ranges=_bool(body, "ranges"),
             compat=_facts(body, "compat"),
             tier=tier,
             pidfd=pidfd,

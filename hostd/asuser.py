@@ -76,6 +76,7 @@ class Ledger:
     # the inode of each file and symlink landed, by its path (the object the daemon sent:
     # a tree's paths are held once, by its manifest)
     placed: dict[str, int]
+    keep: bool = False  # keep_partial: only the scratch files of what never landed go
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +434,7 @@ class AsUser:
             keep=keep,
         )
         self.building = not progressive
-        if progressive and not keep:
+        if progressive:
             asked = set(dirs)  # the helper answers for these alone (it may lie about them)
             self.ledger = Ledger(
                 self.target_path,
@@ -441,6 +442,7 @@ class AsUser:
                 bool(reply["made_target"]),
                 [str(d) for d in reply["made_dirs"] if d in asked],
                 {},
+                keep,
             )
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
@@ -448,9 +450,41 @@ class AsUser:
         self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
     ) -> None:
         """Create files (path, mode, size, "copy" or "empty", mtime or None); each "copy"
-        takes the next of `fds` as its source."""
+        takes the next of `fds` as its source. A failed batch that landed some of its files
+        (a progressive restore's) raises with their paths as the error's `landed`."""
+        sent = [i[0] for i in items]
+        landed: list[str] = []
+
+        def heard(reply: dict[str, Any]) -> None:
+            self._placed(sent, reply)
+            if "error" in reply and type(reply.get("placed")) is list:
+                ours = set(sent)  # (a lying helper names nothing else)
+                for item in reply["placed"]:
+                    if type(item) is list and item and type(item[0]) is str and item[0] in ours:
+                        landed.append(item[0])
+
+        try:
+            self.call("files", fds, heard=heard, items=[list(i) for i in items])
+        except HostdError as e:
+            e.landed = landed  # type: ignore[attr-defined]
+            raise
+
+    def parts(self, paths: Sequence[str]) -> tuple[list[str], list[int]]:
+        """Make a progressive restore's files that the daemon writes in ranges, each under
+        a scratch name: those names (relative to the target) and a descriptor of each, open
+        for writing. Each lands with `land`; an abort removes those that did not."""
+        reply, fds = self.call("parts", nfds=len(paths), paths=list(paths))
+        names = reply.get("parts")
+        if type(names) is not list or len(names) != len(paths):
+            for fd in fds:
+                os.close(fd)
+            raise HostdError("hostd's helper answered 'parts' without a name for each file")
+        return [str(n) for n in names], fds
+
+    def land(self, items: Sequence[tuple[str, int, int | None]]) -> None:
+        """Land files `parts` made, now whole: (path, mode, mtime or None) each."""
         heard = functools.partial(self._placed, [i[0] for i in items])
-        self.call("files", fds, heard=heard, items=[list(i) for i in items])
+        self.call("land", heard=heard, items=[list(i) for i in items])
 
     def symlinks(self, items: Iterable[tuple[str, str]]) -> None:
         sent = list(items)
@@ -460,7 +494,7 @@ class AsUser:
     def _placed(self, sent: list[str], reply: dict[str, Any]) -> None:
         """Keep what the helper says it placed (a failed batch too, half landed): of the
         paths sent, their inodes."""
-        if self.ledger is None or type(reply.get("placed")) is not list:
+        if self.ledger is None or self.ledger.keep or type(reply.get("placed")) is not list:
             return
         ours = {p: p for p in sent}  # (a lying helper names nothing else)
         for item in reply["placed"]:
@@ -510,6 +544,7 @@ class AsUser:
             made_dirs=ledger.made_dirs,
             placed=list(ledger.placed.items()),
             linked=[list(x) for x in linked],
+            keep=ledger.keep,
         )
 
     def open_in_view(self, path: str | Path) -> int:

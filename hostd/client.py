@@ -198,6 +198,16 @@ class Client:
             self._cut = True
             conn.abort()
 
+    def stop(self) -> None:
+        """Ask the call in flight, if any, to stop (from any thread) without cutting it: the
+        daemon sees its client go and cancels a stream (a progressive restore takes back
+        what it placed), and the call still reads what the daemon sent before it saw that:
+        the result of a call that had ended already is returned as usual."""
+        conn = self._conn
+        if conn is not None:
+            self._cut = True
+            conn.stop()
+
     # -- plain calls ------------------------------------------------------------------------
 
     def status(self) -> JSON:
@@ -282,12 +292,16 @@ class Client:
         keep_partial: bool = False,
         order: list[str] | None = None,
         on_file: ProgressCallback | None = None,
+        ranges: bool = False,
+        on_range: ProgressCallback | None = None,
     ) -> JSON:
         """`progressive`: the target appears at once and each file lands whole as soon as
         its blob is verified; `on_file` gets each `file` event ({path, size, done_files,
         total_files, done_bytes, total_bytes}) in the order they land. `order`: paths or
         globs, fetched first in that order. A failure removes what landed unless
-        `keep_partial`."""
+        `keep_partial`. `ranges`: files of several chunks are also written a verified
+        chunk at a time under a scratch name before they land, and `on_range` gets a
+        `range` event ({path, part, offset, length}) for each chunk written."""
         body: JSON = {
             "ref": ref,
             "target": absolute(target),
@@ -301,7 +315,9 @@ class Client:
                 body["keep_partial"] = True
             if order:
                 body["order"] = list(order)
-        return self._stream("/v1/restore", body, on_progress, on_file)
+            if ranges:
+                body["ranges"] = True
+        return self._stream("/v1/restore", body, on_progress, on_file, on_range)
 
     def publish(
         self,
@@ -371,6 +387,7 @@ class Client:
         body: JSON,
         on_progress: ProgressCallback | None,
         on_file: ProgressCallback | None = None,
+        on_range: ProgressCallback | None = None,
     ) -> JSON:
         def read(response: unixhttp.Response) -> JSON:
             if response.head.media_type != NDJSON:
@@ -381,7 +398,7 @@ class Client:
             try:
                 for data in response.body():
                     for event in reader.feed(data):
-                        outcome = _outcome(event, on_progress, on_file)
+                        outcome = _outcome(event, on_progress, on_file, on_range)
                         if outcome is not None:
                             return outcome
             except OSError as exc:
@@ -389,7 +406,7 @@ class Client:
                     raise HostdError("daemon closed the stream early: the call was cut") from exc
                 raise _stopped(path) from exc
             for event in reader.finish():
-                outcome = _outcome(event, on_progress, on_file)
+                outcome = _outcome(event, on_progress, on_file, on_range)
                 if outcome is not None:
                     return outcome
             raise _stopped(path)
@@ -467,7 +484,10 @@ def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] |
 
 
 def _outcome(
-    event: JSON, on_progress: ProgressCallback | None, on_file: ProgressCallback | None = None
+    event: JSON,
+    on_progress: ProgressCallback | None,
+    on_file: ProgressCallback | None = None,
+    on_range: ProgressCallback | None = None,
 ) -> JSON | None:
     """The result of a finished stream, None to read on, or the stream's error raised."""
     kind = event.get("event")
@@ -480,6 +500,8 @@ def _outcome(
         on_progress(event)
     if kind == "file" and on_file is not None:
         on_file(event)
+    if kind == "range" and on_range is not None:
+        on_range(event)
     return None  # progress, or an event kind newer than this client: read on
 
 

@@ -22,13 +22,19 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-def copy_range(fd_in: int, fd_out: int, size: int) -> None:
+def copy_range(fd_in: int, fd_out: int, size: int, at: int | None = None) -> None:
     """Copy `size` bytes from the start of `fd_in` to `fd_out`: copy_file_range (which clones
-    where the filesystem can), else sendfile for pairs it cannot do (another filesystem type)."""
+    where the filesystem can), else sendfile for pairs it cannot do (another filesystem type).
+    `at`: the bytes at that offset of `fd_in`, to the same offset of `fd_out`."""
     left = size
+    base = at or 0
     try:
         while left > 0:
-            n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
+            step = min(left, 1 << 30)
+            if at is None:
+                n = os.copy_file_range(fd_in, fd_out, step)
+            else:
+                n = os.copy_file_range(fd_in, fd_out, step, base + size - left, base + size - left)
             if n == 0:
                 break
             left -= n
@@ -36,7 +42,9 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
     while left > 0:
-        n = os.sendfile(fd_out, fd_in, size - left, min(left, 1 << 30))
+        if at is not None:
+            os.lseek(fd_out, base + size - left, os.SEEK_SET)
+        n = os.sendfile(fd_out, fd_in, base + size - left, min(left, 1 << 30))
         if n == 0:
             raise OSError(errno.EIO, f"source shrank while copying ({left} bytes short)")
         left -= n

@@ -42,6 +42,9 @@ from hostd.fetch import ByteBudget, Fetcher
 from hostd.sources import adjacent
 from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
 
+# A verified chunk of a blob of several chunks, as a fill writes it: (digest, offset, bytes).
+Tee = Callable[[bytes, int, "bytes | memoryview"], None]
+
 log = logging.getLogger(__name__)
 
 # Workers writing one-chunk blobs at once (the rest fetch meanwhile): two keep a thread in
@@ -234,13 +237,17 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None = None,
+        tee: Tee | None = None,
     ) -> dict[bytes, Blob]:
         """Make every blob of `entries` complete in one of `tiers`, durable and recorded;
         return where each is. `on_ready(digest, blob)`, where given, hears of each blob as
         soon as it is complete and verified (before its sync), in the order they complete:
-        a progressive restore places its files then. A blob may be announced again."""
+        a progressive restore places its files then. A blob may be announced again.
+        `tee(digest, offset, data)`, where given, is handed each verified chunk this fill
+        fetches into a blob of several chunks, on the thread that writes it to the tier,
+        once written (a progressive restore's ranges); it must not raise."""
         try:
-            return await self._ensure(entries, chunk_size, tiers, progress, on_ready)
+            return await self._ensure(entries, chunk_size, tiers, progress, on_ready, tee)
         except BaseException:
             # What this fill made before an error or a cancel gets its sync now (it runs on,
             # owned by self.durability) rather than at the next fill's.
@@ -254,6 +261,7 @@ class Filler:
         tiers: Sequence[Tier],
         progress: FillProgress,
         on_ready: Callable[[bytes, Blob], None] | None,
+        tee: Tee | None,
     ) -> dict[bytes, Blob]:
         seq = next(self._seq)
         found = _Landed(on_ready)
@@ -313,7 +321,7 @@ class Filler:
                     else:
                         found[e.digest] = b
                         self._release(e.digest, claims)  # usable as it is: release it now
-                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made)
+                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made, tee)
             finally:
                 # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.
@@ -480,6 +488,7 @@ class Filler:
         seq: int,
         claims: dict[bytes, asyncio.Future[None]],
         done: dict[bytes, Blob],
+        tee: Tee | None = None,
     ) -> None:
         """Fill `entries`' blobs; each one completed goes into `done`."""
         if not entries:
@@ -623,11 +632,17 @@ class Filler:
             finally:
                 writers -= 1
 
+        def write(o: _Open, i: int, data: bytes | memoryview) -> None:
+            """Chunk i of o's blob, verified: into the tier, then to `tee` (on a thread)."""
+            o.blob.write(i, i * chunk_size, data)
+            if tee is not None:
+                tee(o.entry.digest, i * chunk_size, data)
+
         async def fetch_into(o: _Open, i: int, n: int) -> str:
             """Fetch chunk i of o's blob and write it there; the source's name. The bytes go
             with this frame: a worker waiting for the budget holds none."""
             data, src = await self.fetcher.get(o.entry.chunks[i], (seq, n))
-            await asyncio.to_thread(o.blob.write, i, i * chunk_size, data)
+            await asyncio.to_thread(write, o, i, data)
             return src
 
         async def written(o: _Open, i: int, src: str) -> None:
@@ -664,7 +679,7 @@ class Filler:
                                 raise type(r)(f"file {e.path!r}: {r.message}") from r
                             raise r
                         i = need[k]
-                        await asyncio.to_thread(o.blob.write, i, i * chunk_size, r[0])
+                        await asyncio.to_thread(write, o, i, r[0])
                         src = r[1]
                     finally:
                         self.budget.give(held)

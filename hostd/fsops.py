@@ -100,6 +100,9 @@ class Helper:
         # that an abort of our own (the daemon died) takes them back too
         self.linking: list[tuple[str, int]] = []
         self.parts = 0  # progressive: the next scratch name's number
+        # progressive: files written a range at a time by the daemon (op_parts), by path:
+        # (their directory's descriptor, scratch name, our descriptor of the file)
+        self.open_parts: dict[str, tuple[int, str, int]] = {}
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -455,7 +458,8 @@ class Helper:
         its ledger, as that helper answered it (`target_id`, `made_target`, `made_dirs`,
         `placed`), and the daemon's `linked`, removed as that helper's abort would have
         (only names that still hold the inode placed there). The target, locked as a
-        progressive restore locks it, must be the one that restore filled."""
+        progressive restore locks it, must be the one that restore filled. `keep`
+        (keep_partial): only the scratch files of what never landed go."""
         path = str(msg["path"])
         self._parent_of(path)
         fd = _open_dir(self.parent, self.name, path)
@@ -471,9 +475,10 @@ class Helper:
                 with contextlib.suppress(OSError, Refused):  # (replaced: left, with its own)
                     self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
                     self.made_dirs.append(d)
-        self.placed = [(str(p), int(i)) for p, i in msg["placed"] if _in_tree(str(p))]
         self._drop_scratch()
-        self._unplace(msg.get("linked") or [])
+        if not msg.get("keep"):
+            self.placed = [(str(p), int(i)) for p, i in msg["placed"] if _in_tree(str(p))]
+            self._unplace(msg.get("linked") or [])
         self._close_dirs()
         return {"ok": True}, []
 
@@ -660,6 +665,68 @@ class Helper:
             with contextlib.suppress(OSError):
                 os.unlink(job[1], dir_fd=job[0])
 
+    def op_parts(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """A progressive restore's files that the daemon writes a verified range at a time
+        (its `ranges`): each made empty under a scratch name, only the caller may read it,
+        a descriptor open for writing handed to the daemon. Each lands whole (op_land)."""
+        if not self.progressive:
+            raise Refused("usage", "files written in ranges are for a progressive restore")
+        names: list[str] = []
+        out: list[int] = []
+        try:
+            for path in map(str, msg["paths"]):
+                up, _, _ = path.rpartition("/")
+                if path in self.open_parts or up not in self.dirs:
+                    raise Refused("usage", f"{path!r}: not a file of this tree to write")
+                leaf = f"{PART_PREFIX}{self.parts}"
+                self.parts += 1
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(leaf, flags, 0o600, dir_fd=self.dirs[up])
+                self.open_parts[path] = (self.dirs[up], leaf, fd)
+                names.append(f"{up}/{leaf}" if up else leaf)
+                out.append(os.dup(fd))
+        except BaseException:
+            _close_all(out)
+            raise
+        return {"ok": True, "parts": names}, out
+
+    def op_land(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Files op_parts made, now whole ([path, mode, mtime or None] each): their mode and
+        mtime set, renamed in under their own names (never over one someone made)."""
+        before = len(self.placed)
+        for path, mode, mtime in msg["items"]:
+            path = str(path)
+            got = self.open_parts.pop(path, None)
+            if got is None:
+                raise Refused("usage", f"{path!r}: no file of this tree is being written there")
+            dfd, leaf, fd = got
+            try:
+                os.fchmod(fd, int(mode) & 0o7777)
+                if mtime is not None:
+                    os.utime(fd, ns=(int(mtime), int(mtime)))
+                ino = os.fstat(fd).st_ino
+                renameat2(dfd, leaf, path.rpartition("/")[2], RENAME_NOREPLACE)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(leaf, dir_fd=dfd)
+                if e.errno == errno.EEXIST:
+                    raise Refused("changed", f"{path!r} appeared in the target") from None
+                raise
+            finally:
+                _close(fd)
+            self.placed.append((path, ino))
+        return {"ok": True, "placed": self.placed[before:]}, []
+
+    def _drop_open_parts(self) -> None:
+        """The files op_parts made that never landed: gone, whatever `keep` says (none is
+        whole)."""
+        for dfd, leaf, fd in self.open_parts.values():
+            with contextlib.suppress(OSError):
+                if os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(leaf, dir_fd=dfd)
+            _close(fd)
+        self.open_parts.clear()
+
     def op_linking(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """The daemon is about to link these blobs, [path, inode] each, into a progressive
         restore's target: should it die before it can say abort, ours takes them back too
@@ -740,6 +807,7 @@ class Helper:
     def abort(self, linked: list[list[Any]] | None = None) -> None:
         """Remove the build; for a progressive restore, what it placed (unless `keep`):
         `linked`, the daemon's links as [path, inode], and this helper's own files."""
+        self._drop_open_parts()
         if self.progressive and not self.committed and self.dirs and not self.keep:
             self._unplace([*(linked or []), *map(list, self.linking)])
         self._close_dirs()

@@ -36,6 +36,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from operator import attrgetter
@@ -712,6 +713,7 @@ def _read_run(fd: int, offset: int, bufs: list[memoryview], where: str) -> None:
 # -- a snapshot, loaded as it arrives ---------------------------------------------------------
 
 SHARDS = ("*.safetensors",)  # the default load order: the shards first, in path order
+TAKE_BACK_WAIT = 10.0  # seconds a failed load waits for the daemon to take its target back
 
 
 def load_safetensors(
@@ -798,6 +800,7 @@ def load_safetensors(
         shards: dict[str, dict[str, Any]] = {}
         loaded: set[str] = set()  # the real paths of the shards loaded
         placed: list[str] = []  # what the restore said it placed, as far as read
+        ended = False  # its result was read
         inside = os.path.realpath(root)
         try:
             while True:
@@ -805,6 +808,7 @@ def load_safetensors(
                 if kind == "error":
                     raise item
                 if kind == "result":
+                    ended = True
                     break
                 placed.append(str(item["path"]))
                 if on_file is not None:
@@ -831,23 +835,39 @@ def load_safetensors(
                 raise LoaderError(ref, "the snapshot has no .safetensors file")
             return _merged(shards)
         except BaseException:
-            client.close()  # the daemon sees the caller go, stops, and removes what it placed
+            # The daemon sees the caller go, stops, and removes what it placed; the rest of
+            # its events are read meanwhile (a cut would drop them unread) ...
+            client.stop()
             worker.join()
             if not scratch:  # ... unless it had placed all of it already: then, we do
-                _take_back(root, [*placed, *_placed_in(events)], made)
+                rest, result = _placed_in(events)
+                _take_back(root, [*placed, *rest], made)
+                if made and not (ended or result):
+                    # the daemon's removal runs on after the call's end: wait for it
+                    _gone(root, TAKE_BACK_WAIT)
             raise
         finally:
             worker.join()
 
 
-def _placed_in(events: queue.Queue[tuple[str, Any]]) -> list[str]:
-    """The paths of the `file` events not read yet (the restore has ended)."""
+def _gone(path: str, wait: float) -> None:
+    """Wait until nothing is at `path`, for at most `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while os.path.lexists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _placed_in(events: queue.Queue[tuple[str, Any]]) -> tuple[list[str], bool]:
+    """The paths of the `file` events not read yet (the call has ended), and whether its
+    result was among them."""
     out = []
+    result = False
     while not events.empty():
         kind, item = events.get_nowait()
         if kind == "file":
             out.append(str(item["path"]))
-    return out
+        result = result or kind == "result"
+    return out, result
 
 
 def _take_back(root: str, paths: Sequence[str], made: bool) -> None:

@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
-from hostd.errors import ChunkCorrupt, UsageError
+from hostd.core.ids import verify_chunk
+from hostd.errors import ChunkCorrupt, HostdError, TargetError, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
-from hostd.tier import BLOB_MODE
+from hostd.fileio import copy_range
+from hostd.tier import BLOB_MODE, pread_into, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,26 @@ class Ready:
     mtime: int | None  # its inode's mtime (ns)
 
 
+@dataclass
+class _Part:
+    """A file of a progressive restore written a verified range at a time (`Placer.tee`),
+    under a scratch name, until its blob is complete and it lands."""
+
+    entry: mf.FileEntry
+    name: str  # its scratch name, relative to the target
+    fd: int  # open for writing (the helper made it, as the caller)
+    written: set[int] = field(default_factory=set)  # the offsets of the chunks written
+    error: OSError | None = None  # a write that failed: told when it would land
+    closed: bool = False  # landed or given up: fd is closed (its number may be another's)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # over fd's writes and close
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+
+
 class Placer:
     """A progressive restore: the target directory exists from `begin`, and each file lands
     in it, whole (a scratch name renamed in, or a link of the complete blob), as soon as its
@@ -173,6 +195,22 @@ class Placer:
         self.links = _Links()
         self.linked: list[tuple[str, bytes]] = []  # (path, digest) of each link made
         self.copied = self.mtime_copies = self.mode_copies = 0
+        self._seen: dict[bytes, Ready] = {}  # the blobs announced, by digest
+        # Files written by range (by_ranges), by blob; who hears of each range.
+        self.ranged: list[str] = []
+        self.parts: dict[bytes, list[_Part]] = {}
+        self.on_range: Callable[[list[tuple[str, str, int, int]]], object] | None = None
+
+    def by_ranges(
+        self, paths: Sequence[str], on_range: Callable[[list[tuple[str, str, int, int]]], object]
+    ) -> None:
+        """Write these files (of several chunks each) a verified chunk at a time as the fill
+        hands them to `tee`, under scratch names made by `begin`, each landing whole when
+        its blob is complete: `on_range` hears of each chunk written ([(path, scratch name,
+        offset, length)]), from the fill's thread. Progressive restores only; before begin."""
+        if not self.progressive:
+            raise UsageError("files written by range are for a progressive restore")
+        self.ranged, self.on_range = list(paths), on_range
 
     def begin(self) -> None:
         """Make the target and its directories, and the empty files. Blocking."""
@@ -187,9 +225,50 @@ class Placer:
                 items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
                 self.fs.files(items, [])
                 self.done.add(empties)
+            if self.ranged:
+                self._make_parts()
         except BaseException:
+            self._close_parts()
             self._failed([])  # (run, which would, is not called then)
             raise
+
+    def _make_parts(self) -> None:
+        entries = {f.path: f for f in self.m.files}
+        names, fds = self.fs.parts(self.ranged)
+        for path, name, fd in zip(self.ranged, names, fds, strict=True):
+            f = entries[path]
+            self.parts.setdefault(f.digest, []).append(_Part(f, name, fd))
+
+    def tee(self, digest: bytes, offset: int, data: bytes | memoryview) -> None:
+        """A verified chunk of blob `digest` at `offset`, as the fill writes it (on its
+        thread): into each file of that blob written by range, then told. Never raises: a
+        failed write (the target's filesystem full) is told when the file would land, and
+        the fill, which other restores may share, goes on."""
+        parts = self.parts.get(digest)
+        if not parts:
+            return
+        told = []
+        for p in parts:
+            with p.lock:  # (writes into one file take its inode's lock anyway)
+                if p.closed or p.error is not None or offset in p.written:
+                    continue
+                try:
+                    pwrite_all(p.fd, data, offset)
+                except OSError as e:
+                    p.error = e
+                    continue
+                p.written.add(offset)
+            told.append((p.entry.path, p.name, offset, len(data)))
+        if told and self.on_range is not None:
+            self.on_range(told)
+
+    def _close_parts(self) -> None:
+        """The descriptors of the parts not landed closed, no tee writing them (the helper
+        removes those files)."""
+        for parts in list(self.parts.values()):
+            for p in parts:
+                p.close()
+        self.parts.clear()
 
     def ready(self, r: Ready) -> None:
         """A blob is complete: its files go in next. Any thread; a repeat is ignored."""
@@ -202,7 +281,7 @@ class Placer:
     def run(self) -> Outcome:
         """Place files as their blobs are announced, until `end`; then the symlinks. On any
         failure (or `cancel`) the helper removes what was placed, unless `keep`."""
-        seen: dict[bytes, Ready] = {}
+        seen = self._seen
         try:
             ended = False
             while not ended:
@@ -233,6 +312,7 @@ class Placer:
             self._failed(self._linked(seen))
             raise
         finally:
+            self._close_parts()
             close_fds(list(self.dirfds.values()))
             self.dirfds = {}
         return Outcome(
@@ -254,6 +334,10 @@ class Placer:
         self.dirfds = {}
         self.fs.abandon(linked)
 
+    def links_made(self) -> list[tuple[str, int]]:
+        """(path, inode) of each link made (blocking: a stat each)."""
+        return self._linked(self._seen)
+
     def _linked(self, seen: dict[bytes, Ready]) -> list[tuple[str, int]]:
         """(path, inode) of each link made, for the helper to take back."""
         out = []
@@ -263,7 +347,69 @@ class Placer:
         return out
 
     def _place(self, batch: list[Ready], seen: dict[bytes, Ready]) -> None:
-        files = [f for r in batch for f in self.files[r.digest]]
+        if self.parts:
+            ranged = [(r, p) for r in batch for p in self.parts.get(r.digest, ())]
+            if ranged:
+                self._land(ranged)
+                done = {p.entry.path for _, p in ranged}
+                files = [f for r in batch for f in self.files[r.digest] if f.path not in done]
+                self._place_files(files, seen)
+                return
+        self._place_files([f for r in batch for f in self.files[r.digest]], seen)
+
+    def _land(self, ranged: list[tuple[Ready, _Part]]) -> None:
+        """Files written by range whose blobs are complete: the chunks no tee wrote (a blob
+        found already filled, or resumed, or filled by another restore) copied from the
+        blob, then each lands whole. Every tee of those blobs has returned: a blob is
+        complete only once each of its chunks' writes has."""
+        for r, p in ranged:
+            with p.lock:
+                if p.error is None:
+                    try:
+                        self._fill_part(r, p)
+                    except OSError as e:
+                        p.error = e
+                if p.error is not None:
+                    raise TargetError(f"writing {p.entry.path!r} in the target: {p.error}")
+        try:
+            self.fs.land([(p.entry.path, p.entry.mode, p.entry.mtime) for _, p in ranged])
+        finally:
+            for r, p in ranged:
+                p.close()
+                self.parts[r.digest].remove(p)
+                if not self.parts[r.digest]:
+                    del self.parts[r.digest]
+        self.copied += len(ranged)
+        self.done.add([p.entry for _, p in ranged])
+
+    def _fill_part(self, r: Ready, p: _Part) -> None:
+        """Copy into part `p` the chunks of its blob (`r`) that no tee wrote (its lock held).
+        A lent blob's bytes (a caller could write them) are hashed against their chunk ids
+        as copied."""
+        step = self.m.chunk_size
+        missing = [(i, c) for i, c in enumerate(p.entry.chunks) if i * step not in p.written]
+        if not missing:
+            return
+        check = r.lent()
+        src = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            for i, c in missing:
+                at = i * step
+                if check:
+                    buf = bytearray(c.size)
+                    pread_into(src, memoryview(buf), at)
+                    if not verify_chunk(c.id, buf):
+                        raise ChunkCorrupt(
+                            f"file {p.entry.path!r}: a lent blob's chunk {i} changed while "
+                            "it was copied"
+                        )
+                    pwrite_all(p.fd, buf, at)
+                    continue
+                copy_range(src, p.fd, c.size, at)
+        finally:
+            os.close(src)
+
+    def _place_files(self, files: list[mf.FileEntry], seen: dict[bytes, Ready]) -> None:
         plan = _plan(files, self.mode, self.link_ok, lambda d: seen[d].mtime)
         self.mtime_copies += plan.mtime_copies
         self.mode_copies += plan.mode_copies
@@ -469,20 +615,27 @@ def _link_all(
                 batch = linking[i : i + LINK_BATCH]
                 announce([(f.path, os.stat(blob_path(f.digest)).st_ino) for f in batch])
             errs = link_files(jobs[i : i + LINK_BATCH])
+            failed: HostdError | OSError | None = None
             for f, err in zip(linking[i : i + LINK_BATCH], errs, strict=True):
                 if err == 0:
                     linked.append(f)
+                elif failed is not None:
+                    continue
                 elif mode == "link" and err in (errno.EXDEV, errno.EPERM):
-                    raise _cannot_link(f, os.strerror(err))
+                    failed = _cannot_link(f, os.strerror(err))
                 elif err in _COPY_INSTEAD:
                     out.limit_copies += err == errno.EMLINK
                     out.copies.append(f)
+                elif err == errno.EEXIST:  # (a progressive restore's target is the caller's)
+                    failed = UsageError(f"{f.path!r} appeared in the target")
                 else:
-                    raise OSError(err, os.strerror(err), f.path)
-            out.n += len(linked)
+                    failed = OSError(err, os.strerror(err), f.path)
+            out.n += len(linked)  # (what was linked is told, and taken back, as any)
             out.digests.update(f.digest for f in linked)
             out.made += linked
             done.add(linked)
+            if failed is not None:
+                raise failed
     finally:
         views.close()
 
@@ -617,9 +770,15 @@ class _Sent:
     job: concurrent.futures.Future[None]
 
     def finish(self, done: _Done) -> None:
-        """Wait for the helper's answer, check the lent blobs did not move meanwhile."""
+        """Wait for the helper's answer, check the lent blobs did not move meanwhile. Files
+        of a failed batch that landed are told all the same (progressive, kept)."""
         try:
-            self.job.result()
+            try:
+                self.job.result()
+            except HostdError as e:
+                landed = set(getattr(e, "landed", ()))
+                done.add([f for f in self.opened.batch if f.path in landed])
+                raise
             watched = self.opened.watched
             after = _states(list(watched)) if watched else []
             for (f, before), now in zip(watched.values(), after, strict=True):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostd.asuser import AsUser, Spawner, Storage
+from hostd.asuser import AsUser, Ledger, Spawner, Storage
 from hostd.cache import Blob, Cache
 from hostd.caller import Caller, could_write_cache
 from hostd.core import compat
@@ -30,6 +30,7 @@ from hostd.core.ids import compat_digest, is_hex_id
 from hostd.core.pathfilter import load_order, order_work
 from hostd.errors import (
     Forbidden,
+    HostdError,
     ManifestError,
     NotFound,
     OriginError,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it built
 # Blobs a restore marks used between turns of the loop.
 TOUCH_BATCH = 4096
+RANGED_FILES = 256  # a progressive restore's files written by range at most (a descriptor each)
 LEND_BATCH = 1024  # lent marks: a row each
 LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
 MISS_SHOWN = 3  # published fact sets a miss lists
@@ -56,6 +58,39 @@ MISS_SHOWN = 3  # published fact sets a miss lists
 # characters over 100,000 files is within it.
 ORDER_INLINE = 50_000
 ORDER_WORK = 50_000_000
+
+
+@dataclass
+class TakeBack:
+    """What a progressive restore placed, kept once it has ended well until its result has
+    gone to the caller: should the caller go first (a loader that failed on a shard and
+    stopped the call), the stream takes the tree back, as a failure would have. A helper
+    for the caller, in the caller's root as the restore's helper opened it, removes what the
+    ledger and the daemon's links name (AsUser.reclaim)."""
+
+    caller: Caller
+    spawner: Spawner
+    root_fd: int  # owned: close()
+    ledger: Ledger
+    placer: Placer  # its links_made()
+
+    def run(self) -> None:
+        """Take the tree back (blocking), then close(); a failure is logged."""
+        try:
+            fs = AsUser.start(self.caller, self.spawner, root_fd=self.root_fd)
+            try:
+                fs.reclaim(self.ledger, self.placer.links_made())
+            finally:
+                fs.close()
+        except (HostdError, OSError) as e:
+            log.warning("could not take back the restore into %s: %s", self.ledger.path, e)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
 
 
 @dataclass
@@ -79,6 +114,7 @@ class Progress:
     news: asyncio.Event = field(default_factory=asyncio.Event)
     placed_bytes: int = 0
     files_bytes: int = 0  # the bytes of every file: a `file` event's total_bytes
+    take_back: TakeBack | None = None  # a progressive restore's, until its result is sent
 
     def placed(self, files: Sequence[mf.FileEntry]) -> None:
         """Files that landed in a progressive restore's target, in order (on the loop)."""
@@ -86,6 +122,15 @@ class Progress:
             self.done_files += 1
             self.placed_bytes += f.size
             self._file_event(f.path, f.size)
+        self.news.set()
+
+    def ranged(self, ranges: Sequence[tuple[str, str, int, int]]) -> None:
+        """Verified bytes written into files of a progressive restore with `ranges`, before
+        they land: (path, scratch name, offset, length) each, a `range` event each."""
+        for path, part, offset, length in ranges:
+            self.files.append(
+                {"event": "range", "path": path, "part": part, "offset": offset, "length": length}
+            )
         self.news.set()
 
     def symlinked(self, links: Sequence[mf.Symlink]) -> None:
@@ -332,6 +377,7 @@ class RestoreRequest:
     progressive: bool = False  # each file lands as soon as its blob is ready (Placer)
     keep_partial: bool = False  # progressive: a failure keeps what was placed
     order: Sequence[str] = ()  # progressive: paths or globs, the load order (fetch priority)
+    ranges: bool = False  # progressive: files of several chunks written, and told, by range
 
 
 class Restorer:
@@ -407,6 +453,11 @@ class Restorer:
                 "field 'progressive': a progressive restore cannot replace a tree (the old one "
                 "cannot stay whole while the new one arrives in its place); restore into a new "
                 "directory, or drop replace"
+            )
+        if req.ranges and req.mode == "link":
+            raise UsageError(
+                "field 'ranges': a file written a range at a time is a copy, and mode 'link' "
+                "makes none; use mode auto or copy"
             )
         writer = await asyncio.to_thread(could_write_cache, req.caller, os.geteuid(), req.pidfd)
         link_ok = self.link_to_writers or not writer
@@ -542,12 +593,17 @@ class Restorer:
         ranks = await _load_order(paths, req.order)
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
+        if req.ranges and progressive:
+            ranged = [f.path for f in order if len(f.chunks) > 1][:RANGED_FILES]
+            placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))
 
         async def placed() -> Outcome:
             try:
                 return await asyncio.shield(job)
             except (TargetError, OSError) as e:  # the helper's write into the caller's tree
                 if progressive:
+                    if isinstance(e, OSError):  # (the daemon's own: a link)
+                        raise TargetError(f"restoring into {str(req.target)!r}: {e}") from e
                     raise
                 raise _target_error(req, e) from e
 
@@ -557,7 +613,14 @@ class Restorer:
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
                 fill = asyncio.ensure_future(
-                    self.filler.ensure(order, m.chunk_size, tiers, progress.fill, ready)
+                    self.filler.ensure(
+                        order,
+                        m.chunk_size,
+                        tiers,
+                        progress.fill,
+                        ready,
+                        placer.tee if req.ranges else None,
+                    )
                 )
                 try:
                     await asyncio.wait({fill, job}, return_when=asyncio.FIRST_COMPLETED)
@@ -575,6 +638,7 @@ class Restorer:
                 progress.phase = "materialize"
                 placer.end()
                 outcome = await placed()
+                self._keep_take_back(progress, req, fs, placer)
             except BaseException:
                 cancel.set()  # the placer stops between batches; the helper takes back the rest
                 placer.end()
@@ -583,6 +647,8 @@ class Restorer:
                     fs.kill()
                 with contextlib.suppress(Cancelled, Exception):
                     await job
+                    # It had placed everything when the cancel came: the stream takes it back.
+                    self._keep_take_back(progress, req, fs, placer)
                 raise
             await self._touch(blobs, self.cache.clock())
         t3 = self.clock()
@@ -590,6 +656,18 @@ class Restorer:
         if progressive:
             out["progressive"] = True
         return out
+
+    def _keep_take_back(
+        self, progress: Progress, req: RestoreRequest, fs: AsUser, placer: Placer
+    ) -> None:
+        """A progressive restore placed everything: keep what it takes to take it back until
+        its result has gone out (TakeBack). Not where it keeps what it placed anyway."""
+        ledger = fs.ledger
+        ok = ledger is not None and not ledger.keep and progress.take_back is None
+        if placer.progressive and ok and ledger is not None and fs.root_fd >= 0:
+            progress.take_back = TakeBack(
+                req.caller, self.spawner, os.dup(fs.root_fd), ledger, placer
+            )
 
     async def _touch(self, blobs: Iterable[bytes], now: float) -> None:
         """Mark the blobs used, in batches with turns of the loop between them (a lookup per

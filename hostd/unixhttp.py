@@ -295,6 +295,14 @@ class Connection:
             with contextlib.suppress(OSError):  # not connected, or already gone
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def stop(self) -> None:
+        """Close our side for writing, from any thread: the daemon sees its client go (and
+        cancels a stream), and what it sent before that can still be read."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not connected, or already gone
+                sock.shutdown(socket.SHUT_WR)
+
     def close(self) -> None:
         """Close the socket. Only the thread that uses the connection may: a socket closed
         under another thread's recv could have its descriptor reused before the recv runs."""

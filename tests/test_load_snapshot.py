@@ -8,6 +8,7 @@ import importlib.util
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,39 @@ def test_a_bad_shard_read_after_the_restore_ended_is_taken_back_too(
         with pytest.raises(loader.LoaderError, match=r"z\.safetensors"):
             loader.load_safetensors("m/late", socket=h.socket, target=work / "t")
         assert os.listdir(work / "t") == ["mine"]
+
+
+def test_a_bad_first_shard_takes_back_a_tree_placed_whole_meanwhile(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first shard is bad, and by the time the loader has read it the daemon has placed
+    every other file: whether or not its result was sent, what the restore placed goes (a
+    cut call used to drop the events not read yet, and the daemon, done, took back
+    nothing)."""
+    src = work / "many"
+    (src / "0bad.safetensors").parent.mkdir(parents=True)
+    (src / "0bad.safetensors").write_bytes(b"\xff" * 64)
+    (src / "z").mkdir()
+    for i in range(300):
+        (src / "z" / f"f{i:03d}.bin").write_bytes(os.urandom(100 + i))
+    shard(src / "zz.safetensors", 1, ["x"])
+    real_load = loader.load_file
+
+    def load_file(path: Any, **kwargs: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + DEADLINE
+        while not (work / "t" / "zz.safetensors").exists():  # everything is placed
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return real_load(path, **kwargs)
+
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        h.publish(src, "m/many")
+        h.restore("m/many", work / "warm")  # warm: the rest lands within milliseconds
+        monkeypatch.setattr(loader, "load_file", load_file)
+        for _ in range(3):
+            with pytest.raises(loader.LoaderError, match=r"0bad\.safetensors"):
+                loader.load_safetensors("m/many", socket=h.socket, target=work / "t")
+            assert not (work / "t").exists()
 
 
 def test_a_hub_cache_layout_loads_through_its_links(work: Path) -> None:

@@ -64,10 +64,13 @@ def first_chunk(data: bytes) -> bytes:
 
 
 class Restore:
-    """A progressive restore on a thread of its own, its `file` events in a queue."""
+    """A progressive restore on a thread of its own, its `file` events in a queue (and its
+    `range` events, in the order they came, where `ranges`)."""
 
-    def __init__(self, h: Hostd, target: Path, **kwargs: Any) -> None:
+    def __init__(self, h: Hostd, target: Path, *, ranges: bool = False, **kwargs: Any) -> None:
         self.events: queue.Queue[JSON] = queue.Queue()
+        if ranges:
+            kwargs.update(ranges=True, on_range=self.events.put)
         self.result: JSON | None = None
         self.error: BaseException | None = None
         self.client = Client(h.socket)
@@ -139,6 +142,112 @@ def test_each_file_lands_whole_as_its_blob_is_verified(
     # counts run up to the totals, one event per file
     assert ev["done_files"] == ev["total_files"] == 5
     assert ev["done_bytes"] == ev["total_bytes"] == sum(map(len, published.values()))
+
+
+def second_chunk(data: bytes) -> bytes:
+    return chunk_id(data[CHUNK : 2 * CHUNK])
+
+
+def scratch(target: Path) -> list[str]:
+    return [str(p.relative_to(target)) for p in target.rglob(".hostd*")]
+
+
+def test_with_ranges_each_verified_chunk_can_be_read_before_its_file_lands(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """`ranges`: a file of several chunks is written under a scratch name a verified chunk
+    at a time, a `range` event each (the bytes are there when it comes), and lands whole
+    under its own name after its last range, as any file."""
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=2) as h,
+    ):
+        held = origin.hold(second_chunk(published["b.bin"]))
+        r = Restore(h, target, ranges=True, order=["b.bin"])
+        events = [r.next_file()]
+        while events[-1].get("event") != "range" or events[-1]["path"] != "b.bin":
+            events.append(r.next_file())
+        ev = events[-1]
+        assert (ev["offset"], ev["length"]) == (0, CHUNK)
+        with open(target / ev["part"], "rb") as part:  # the caller's to read
+            assert part.read(CHUNK) == published["b.bin"][:CHUNK]
+        assert ev["part"] in scratch(target)
+        assert not (target / "b.bin").exists()  # not under its name until whole
+        assert r.result is None
+        held.set()
+        result = r.wait()
+    while not r.events.empty():
+        events.append(r.events.get_nowait())
+    assert result["copied"] == 4
+    for name, data in published.items():
+        assert (target / name).read_bytes() == data
+        told = [i for i, e in enumerate(events) if e["path"] == name and e["event"] == "range"]
+        landed = [i for i, e in enumerate(events) if e["path"] == name and e["event"] == "file"]
+        # each chunk told once, each before the file's own event
+        got = sorted((events[i]["offset"], events[i]["length"]) for i in told)
+        assert got == [(0, CHUNK), (CHUNK, len(data) - CHUNK)]
+        assert len(landed) == 1
+        assert max(told) < landed[0]
+    assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert scratch(target) == []
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_failed_restore_with_ranges_leaves_no_file_written_in_part(
+    work: Path, published: dict[str, bytes], keep: bool
+) -> None:
+    """A file of which some ranges were written when the restore failed is not whole:
+    removed, whatever `keep_partial` says; what landed whole goes or stays as it says."""
+    target = work / "out"
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1, retries=1) as h,
+    ):
+        origin.missing.add(second_chunk(published["b.bin"]).hex())
+        r = Restore(h, target, ranges=True, order=["a.bin", "b.bin"], keep_partial=keep)
+        with pytest.raises(HostdError, match=r"b\.bin"):
+            r.wait()
+        told = []
+        while not r.events.empty():
+            told.append(r.events.get_nowait())
+        assert {"event": "range", "path": "b.bin", "offset": 0, "length": CHUNK}.items() <= next(
+            e for e in told if e["path"] == "b.bin"
+        ).items()  # its first chunk was written before the second was found missing
+        if keep:
+            assert (target / "a.bin").read_bytes() == published["a.bin"]
+            assert not (target / "b.bin").exists()
+            assert scratch(target) == []
+        else:
+            assert not target.exists()
+
+
+def test_with_ranges_a_file_whose_blob_is_cached_lands_whole_without_ranges(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    with Hostd(work / "d", origin=f"file://{work}/origin") as h:
+        with Client(h.socket) as c:
+            c.restore("m/weights", work / "warm")  # every blob cached
+        r = Restore(h, work / "out", ranges=True)
+        assert r.wait()["copied"] == 4
+        assert all(r.events.get_nowait()["event"] == "file" for _ in range(r.events.qsize()))
+        status, answer = request(
+            h.socket,
+            "POST",
+            "/v1/restore",
+            {"ref": "m/weights", "target": str(work / "l"), "progressive": True, "ranges": True,
+             "mode": "link"},
+        )  # fmt: skip
+        assert status == 400
+        assert "field 'ranges'" in answer["message"]
+        plain = {"ref": "m/weights", "target": str(work / "n"), "ranges": True}
+        status, answer = request(h.socket, "POST", "/v1/restore", plain)
+        assert status == 400
+        assert "progressive restore only" in answer["message"]
+    for name, data in published.items():
+        assert (work / "out" / name).read_bytes() == data
+    assert (work / "out" / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert scratch(work / "out") == []
 
 
 def test_the_load_order_is_the_fetch_order(work: Path, published: dict[str, bytes]) -> None:
@@ -258,25 +367,28 @@ def test_the_cli_prints_each_file_as_it_lands(
         assert "--order and --keep-partial need --progressive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["copy", "link"])
 def test_a_name_taken_in_the_target_fails_the_restore_at_once(
-    work: Path, published: dict[str, bytes]
+    work: Path, published: dict[str, bytes], mode: str
 ) -> None:
     """The target is the caller's and visible while it fills: a file made there under a name
     of the snapshot is never overwritten, and the restore fails then, not once the rest of
-    the snapshot has been fetched."""
+    the snapshot has been fetched (a link said so as an internal error)."""
     target = work / "out"
+    tiers = [{"name": "mem", "path": str(work / "d" / "mem"), "budget": "1GiB"}]
+    trusted = {"link_to_writers": True}
     with (
         HeldOrigin(work / "origin") as origin,
-        Hostd(work / "d", origin=origin.url, fetch_concurrency=2) as h,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=2, tiers=tiers, access=trusted) as h,
     ):
         held_c = origin.hold(first_chunk(published["w/c.bin"]))
         origin.hold(first_chunk(published["b.bin"]))  # held to the end
-        r = Restore(h, target, order=["a.bin", "w/c.bin", "b.bin"], keep_partial=True)
+        r = Restore(h, target, order=["a.bin", "w/c.bin", "b.bin"], keep_partial=True, mode=mode)
         while r.next_file()["path"] != "a.bin":
             pass
         (target / "w" / "c.bin").write_bytes(b"mine")
         held_c.set()
-        with pytest.raises(HostdError, match=r"'w/c\.bin' appeared in the target"):
+        with pytest.raises(UsageError, match=r"'w/c\.bin' appeared in the target"):
             r.wait()
         assert (target / "w" / "c.bin").read_bytes() == b"mine"
         assert (target / "a.bin").read_bytes() == published["a.bin"]  # kept, as asked
@@ -487,6 +599,30 @@ def test_a_helper_killed_mid_restore_fails_it_and_what_landed_is_taken_back(
         with pytest.raises(HostdError, match="helper"):
             r.wait()
         assert not target.exists(), sorted(os.listdir(target))
+
+
+def test_a_helper_killed_mid_restore_kept_partial_leaves_no_scratch_file(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """keep_partial: what landed whole stays when the helper dies, and a file being written
+    by range (a scratch name) goes, as after any failure."""
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = origin.hold(second_chunk(published["b.bin"]))
+        r = Restore(h, target, ranges=True, keep_partial=True, order=["a.bin", "b.bin"])
+        told: set[str] = set()
+        while not {"a.bin", "b.bin"} <= told:
+            ev = r.next_file()
+            if ev["event"] == "file" or ev["path"] == "b.bin":
+                told.add(ev["path"])
+        assert scratch(target) != []  # b.bin's, its first chunk written
+        _kill_the_helper(h)
+        held.set()
+        with pytest.raises(HostdError, match="helper"):
+            r.wait()
+        assert (target / "a.bin").read_bytes() == published["a.bin"]
+        assert scratch(target) == []
+        assert not (target / "b.bin").exists()
 
 
 def test_the_daemon_killed_mid_progressive_link_restore_leaves_none_of_its_links(
