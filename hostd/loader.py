@@ -27,7 +27,9 @@ this module is imported, and no other hostd module imports this one.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
@@ -462,6 +464,13 @@ def load_file(
 
 
 def _numpy_tensors(fd: int, header: Header, threads: int, where: str) -> dict[str, Any]:
+    out, dests = _numpy_arrays(header, where)
+    _read_all(fd, header.data_start, dests, threads, where)
+    return out
+
+
+def _numpy_arrays(header: Header, where: str) -> tuple[dict[str, Any], list[memoryview]]:
+    """An empty array for each tensor, by name, and their bytes, in file order."""
     try:
         import numpy as np
     except ImportError as e:
@@ -476,8 +485,7 @@ def _numpy_tensors(fd: int, header: Header, threads: int, where: str) -> dict[st
             arr = np.empty(t.shape, dtypes[t.dtype])
         out[t.name] = arr
         dests.append(arr.reshape(-1).view(np.uint8).data)
-    _read_all(fd, header.data_start, dests, threads, where)
-    return out
+    return out, dests
 
 
 @contextlib.contextmanager
@@ -550,6 +558,15 @@ def _torch_device(torch: Any, device: str) -> Any:
 
 
 def _torch_cpu(torch: Any, fd: int, header: Header, threads: int, where: str) -> dict[str, Any]:
+    out, dests = _torch_cpu_tensors(torch, header, where)
+    _read_all(fd, header.data_start, dests, threads, where)
+    return out
+
+
+def _torch_cpu_tensors(
+    torch: Any, header: Header, where: str
+) -> tuple[dict[str, Any], list[memoryview]]:
+    """An empty CPU tensor for each tensor, by name, and their bytes, in file order."""
     dtypes = {code: _torch_dtype(torch, header, code, where) for code in _codes(header)}
     out: dict[str, Any] = {}
     dests: list[memoryview] = []
@@ -558,8 +575,7 @@ def _torch_cpu(torch: Any, fd: int, header: Header, threads: int, where: str) ->
             tensor = torch.empty(t.shape, dtype=dtypes[t.dtype])
         out[t.name] = tensor
         dests.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    _read_all(fd, header.data_start, dests, threads, where)
-    return out
+    return out, dests
 
 
 def _torch_staged(
@@ -734,12 +750,16 @@ def load_safetensors(
     The snapshot is restored progressively (hostd's `file` events) into `target`, and each
     shard is loaded (`load_file`) as soon as it lands, while the later ones are still being
     fetched: the time to a loaded model approaches the larger of the fetch and the load
-    rather than their sum. `order` (paths or globs) is the load order, which is also the
-    fetch priority. Every byte read was verified by hostd against the snapshot's chunk ids
-    before its file appeared; each shard's size is checked against its event, and its header
-    (dtypes, shapes, offsets) as `load_file` checks it. A `.safetensors` symlink of the
-    snapshot (a hub cache's layout, names linking to blobs) is loaded through, once its
-    target has landed, if it stays inside the snapshot; a file reached twice is loaded once.
+    rather than their sum. Into host memory (numpy, or torch on "cpu") a shard is read even
+    as it arrives, a run at a time as hostd says its chunks are written (`ranges`: its
+    `range` events), so the fetch's end leaves one run to read, not a shard; such shards
+    are copies, not links, unless their blobs were cached already. `order` (paths or globs)
+    is the load order, which is also the fetch priority. Every byte read was verified by
+    hostd against the snapshot's chunk ids before it was told of; each shard's size is
+    checked against its event, and its header (dtypes, shapes, offsets) as `load_file`
+    checks it. A `.safetensors` symlink of the snapshot (a hub cache's layout, names linking
+    to blobs) is loaded through, once its target has landed, if it stays inside the
+    snapshot; a file reached twice is loaded once.
 
     `target`: where the files land, kept. None: a temporary directory, removed before this
     returns, each shard as soon as it is loaded (the arrays own their memory), on /dev/shm
@@ -762,6 +782,16 @@ def load_safetensors(
             "framework='torch' (pip install 'hostd[torch]')"
         )
     from hostd.client import Client, resolve_socket
+
+    if threads is None:
+        threads = min(_MAX_THREADS, len(os.sched_getaffinity(0)))
+    if threads < 1:
+        raise UsageError(f"threads={threads}: at least 1")
+    allocate: Allocate | None = None  # on the CPU, shards are read as their chunks land
+    if framework == "numpy":
+        allocate = _numpy_arrays
+    elif device == "cpu":
+        allocate = functools.partial(_torch_cpu_tensors, _import_torch())
 
     with contextlib.ExitStack() as stack:
         scratch = target is None
@@ -789,12 +819,17 @@ def load_safetensors(
                     progressive=True,
                     order=list(order),
                     on_file=lambda e: events.put(("file", e)),
+                    ranges=allocate is not None,
+                    on_range=lambda e: events.put(("range", e)),
                 )
             except BaseException as e:  # handed to the loading thread, raised there
                 events.put(("error", e))
             else:
                 events.put(("result", result))
 
+        pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="hostd-loader"))
+        arriving: dict[str, _Arriving] = {}  # shards being read as they land
+        stack.callback(_close_all, arriving)
         worker = threading.Thread(target=restore, name="hostd-load-restore", daemon=True)
         worker.start()
         shards: dict[str, dict[str, Any]] = {}
@@ -810,6 +845,16 @@ def load_safetensors(
                 if kind == "result":
                     ended = True
                     break
+                if kind == "range":
+                    path = str(item["path"])
+                    if allocate is not None and path.endswith(".safetensors"):
+                        a = arriving.get(path)
+                        if a is None:
+                            size, part = int(item["size"]), str(item["part"])
+                            a = _Arriving(root, path, part, size, allocate, pool)
+                            arriving[path] = a
+                        a.add(int(item["offset"]), int(item["length"]))
+                    continue
                 placed.append(str(item["path"]))
                 if on_file is not None:
                     on_file(item)
@@ -827,7 +872,13 @@ def load_safetensors(
                     raise LoaderError(where, f"is not the {item['size']} bytes hostd placed")
                 if real in loaded:  # a file and a link to it: loaded once
                     continue
-                shards[path] = load_file(real, device=device, framework=framework, threads=threads)
+                a = arriving.pop(path, None)
+                if a is not None:
+                    shards[path] = a.landed_whole(int(item["size"]))
+                else:
+                    shards[path] = load_file(
+                        real, device=device, framework=framework, threads=threads
+                    )
                 loaded.add(real)
                 if scratch and "symlink" not in item:  # its bytes are in the arrays now
                     os.unlink(where)
@@ -850,9 +901,121 @@ def load_safetensors(
             worker.join()
 
 
-def _gone(path: str, wait: float) -> None:
-    """Wait until nothing is at `path`, for at most `wait` seconds."""
-    deadline = time.monotonic() + wait
+if TYPE_CHECKING:
+    # A header's tensors, made empty, by name, and their bytes in file order.
+    Allocate = Callable[[Header, str], tuple[dict[str, Any], list[memoryview]]]
+
+
+class _Arriving:
+    """A shard read as its chunks land (`range` events of a progressive restore with
+    `ranges`): the bytes of its scratch file that hostd says are written and verified are
+    read into its tensors on `pool`, a run (PIECE bytes at most) at a time as soon as
+    everything under the run has landed; the rest once the file has landed whole."""
+
+    def __init__(
+        self, root: str, path: str, part: str, size: int, allocate: Allocate, pool: Executor
+    ) -> None:
+        self.where = os.path.join(root, path)
+        scratch = os.path.normpath(os.path.join(root, part))
+        if os.path.dirname(scratch) != os.path.dirname(os.path.normpath(self.where)):
+            raise LoaderError(self.where, f"hostd named a scratch file {part!r} beside no file")
+        self.fd = _open_regular(scratch)
+        self.size = size
+        self.allocate, self.pool = allocate, pool
+        self.landed: list[tuple[int, int]] = []  # [start, end) written, merged, in order
+        self.header: Header | None = None
+        self.out: dict[str, Any] = {}
+        self.runs: list[tuple[int, int, list[memoryview]]] = []  # (start, end, bufs) unread
+        self.reads: list[Future[None]] = []
+
+    def add(self, offset: int, length: int) -> None:
+        """Bytes [offset, offset + length) are written: read what they complete."""
+        i = bisect.bisect_left(self.landed, (offset, offset))
+        self.landed.insert(i, (offset, offset + length))
+        merged: list[tuple[int, int]] = []
+        for a, b in self.landed:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.landed = merged
+        if self.header is None and not self._read_header():
+            return
+        self._read(lambda start, end: self._covered(start, end))
+
+    def _covered(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.landed, (start, sys.maxsize)) - 1
+        return i >= 0 and self.landed[i][0] <= start and end <= self.landed[i][1]
+
+    def _read_header(self) -> bool:
+        """The header, parsed once its bytes have landed; whether it has."""
+        if not self._covered(0, 8):
+            return False
+        n = header_length(os.pread(self.fd, 8, 0), self.size, self.where)
+        if not self._covered(0, 8 + n):
+            return False
+        raw = bytearray(n)
+        if n:
+            _read_run(self.fd, 8, [memoryview(raw)], self.where)
+        self._begin(parse_header(bytes(raw), 8 + n, self.size - 8 - n, self.where))
+        return True
+
+    def _begin(self, header: Header) -> None:
+        self.header = header
+        self.out, dests = self.allocate(header, self.where)
+        for start, bufs in _runs(header.data_start, dests):
+            self.runs.append((start, start + sum(map(len, bufs)), bufs))
+
+    def _read(self, ready: Callable[[int, int], bool]) -> None:
+        left = []
+        for run in self.runs:
+            start, end, bufs = run
+            if ready(start, end):
+                self.reads.append(self.pool.submit(_read_run, self.fd, start, bufs, self.where))
+            else:
+                left.append(run)
+        self.runs = left
+
+    def landed_whole(self, size: int) -> dict[str, Any]:
+        """The file has landed whole (its scratch file renamed in, `size` bytes): read the
+        rest, wait for every read, and hand over the tensors."""
+        try:
+            st, ours = os.stat(self.where, follow_symlinks=False), os.fstat(self.fd)
+        except OSError as e:
+            raise LoaderError(self.where, f"is not there once landed ({e})") from e
+        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino) or size != self.size:
+            raise LoaderError(self.where, "is not the file hostd wrote its ranges into")
+        if ours.st_size != size:
+            raise LoaderError(self.where, f"is not the {size} bytes hostd placed")
+        if self.header is None:
+            self._begin(_read_header(self.fd, self.where))
+        self._read(lambda start, end: True)
+        try:
+            for read in self.reads:
+                read.result()
+        finally:
+            self.close()
+        return self.out
+
+    def close(self) -> None:
+        """Stop: the reads not begun are dropped, those running waited for, the file closed."""
+        for read in self.reads:
+            read.cancel()
+        wait(self.reads)
+        self.reads = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _close_all(arriving: Mapping[str, _Arriving]) -> None:
+    for a in arriving.values():
+        a.close()
+
+
+def _gone(path: str, seconds: float) -> None:
+    """Wait until nothing is at `path`, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
     while os.path.lexists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
 

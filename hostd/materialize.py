@@ -126,6 +126,10 @@ class Ready:
     mtime: int | None  # its inode's mtime (ns)
 
 
+# Chunks written into files before they land: [(path, scratch name, offset, length, size)].
+OnRange = Callable[[list[tuple[str, str, int, int, int]]], object]
+
+
 @dataclass
 class _Part:
     """A file of a progressive restore written a verified range at a time (`Placer.tee`),
@@ -199,15 +203,14 @@ class Placer:
         # Files written by range (by_ranges), by blob; who hears of each range.
         self.ranged: list[str] = []
         self.parts: dict[bytes, list[_Part]] = {}
-        self.on_range: Callable[[list[tuple[str, str, int, int]]], object] | None = None
+        self.on_range: OnRange | None = None
 
-    def by_ranges(
-        self, paths: Sequence[str], on_range: Callable[[list[tuple[str, str, int, int]]], object]
-    ) -> None:
+    def by_ranges(self, paths: Sequence[str], on_range: OnRange) -> None:
         """Write these files (of several chunks each) a verified chunk at a time as the fill
         hands them to `tee`, under scratch names made by `begin`, each landing whole when
         its blob is complete: `on_range` hears of each chunk written ([(path, scratch name,
-        offset, length)]), from the fill's thread. Progressive restores only; before begin."""
+        offset, length, the file's size)]), from the fill's thread. Progressive restores
+        only; before begin."""
         if not self.progressive:
             raise UsageError("files written by range are for a progressive restore")
         self.ranged, self.on_range = list(paths), on_range
@@ -258,7 +261,7 @@ class Placer:
                     p.error = e
                     continue
                 p.written.add(offset)
-            told.append((p.entry.path, p.name, offset, len(data)))
+            told.append((p.entry.path, p.name, offset, len(data), p.entry.size))
         if told and self.on_range is not None:
             self.on_range(told)
 

@@ -124,12 +124,20 @@ class Progress:
             self._file_event(f.path, f.size)
         self.news.set()
 
-    def ranged(self, ranges: Sequence[tuple[str, str, int, int]]) -> None:
+    def ranged(self, ranges: Sequence[tuple[str, str, int, int, int]]) -> None:
         """Verified bytes written into files of a progressive restore with `ranges`, before
-        they land: (path, scratch name, offset, length) each, a `range` event each."""
-        for path, part, offset, length in ranges:
+        they land: (path, scratch name, offset, length, the file's size) each, a `range`
+        event each."""
+        for path, part, offset, length, size in ranges:
             self.files.append(
-                {"event": "range", "path": path, "part": part, "offset": offset, "length": length}
+                {
+                    "event": "range",
+                    "path": path,
+                    "part": part,
+                    "offset": offset,
+                    "length": length,
+                    "size": size,
+                }
             )
         self.news.set()
 
@@ -594,7 +602,10 @@ class Restorer:
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
         if req.ranges and progressive:
-            ranged = [f.path for f in order if len(f.chunks) > 1][:RANGED_FILES]
+            # Not those whose blob is cached whole: they land (or link) at once anyway.
+            locate = self.cache.locate
+            ranged = [f.path for f in order if len(f.chunks) > 1 and locate(f.digest) is None]
+            ranged = ranged[:RANGED_FILES]
             placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))
 
         async def placed() -> Outcome:

@@ -116,13 +116,19 @@ def test_each_shard_is_loaded_while_the_next_is_fetched(
 ) -> None:
     last = (work / "src" / "model-00003-of-00003.safetensors").read_bytes()
     loads: queue.Queue[str] = queue.Queue()
-    real = loader.load_file
+    real, real_whole = loader.load_file, loader._Arriving.landed_whole
 
     def observed(path: Any, **kwargs: Any) -> dict[str, Any]:
         loads.put(Path(path).name)
         return real(path, **kwargs)
 
+    def observed_whole(self: loader._Arriving, size: int) -> dict[str, Any]:
+        out = real_whole(self, size)  # (a shard read as its chunks landed)
+        loads.put(Path(self.where).name)
+        return out
+
     monkeypatch.setattr(loader, "load_file", observed)
+    monkeypatch.setattr(loader._Arriving, "landed_whole", observed_whole)
     with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
         held = origin.hold(chunk_id(last[:CHUNK]))
         out: dict[str, Any] = {}
@@ -138,6 +144,46 @@ def test_each_shard_is_loaded_while_the_next_is_fetched(
         held.set()
         worker.join(DEADLINE)
         assert loads.get_nowait() == "model-00003-of-00003.safetensors"
+    same(out, model)
+
+
+def test_a_shard_is_read_as_its_chunks_land(
+    work: Path, model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a shard's last chunk held at the origin, the tensors under its first chunk are
+    read already, from the file hostd writes each verified chunk into before it lands."""
+    name = "model-00003-of-00003.safetensors"
+    last = (work / "src" / name).read_bytes()
+    monkeypatch.setattr(loader, "PIECE", 8 * 1024)  # runs of 8 KiB: several under a chunk
+    reads: queue.Queue[tuple[str, int]] = queue.Queue()
+    real = loader._read_run
+
+    def observed(fd: int, offset: int, bufs: list[memoryview], where: str) -> None:
+        reads.put((os.readlink(f"/proc/self/fd/{fd}"), offset))
+        real(fd, offset, bufs, where)
+
+    monkeypatch.setattr(loader, "_read_run", observed)
+    target = work / "t"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = origin.hold(chunk_id(last[CHUNK : 2 * CHUNK]))
+        out: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: out.update(
+                loader.load_safetensors("m/tiny", socket=h.socket, target=target)
+            ),
+            daemon=True,
+        )
+        worker.start()
+        data_start = 8 + int.from_bytes(last[:8], "little")
+        while True:
+            path, offset = reads.get(timeout=DEADLINE)
+            if Path(path).name.startswith(".hostd-part") and offset >= data_start:
+                break
+        assert offset + 8 * 1024 <= CHUNK  # under the first chunk
+        assert not (target / name).exists()  # not landed: its second chunk is held
+        assert worker.is_alive()
+        held.set()
+        worker.join(DEADLINE)
     same(out, model)
 
 

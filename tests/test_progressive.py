@@ -222,6 +222,32 @@ def test_a_failed_restore_with_ranges_leaves_no_file_written_in_part(
             assert not target.exists()
 
 
+def test_with_ranges_the_chunks_a_blob_had_already_are_copied_in_before_it_lands(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """A blob resumed (its first chunk kept from a failed restore) is fetched on from its
+    second chunk: only that one is written by range; the first is copied in from the blob
+    before the file lands."""
+    with (
+        HeldOrigin(work / "origin") as origin,
+        Hostd(work / "d", origin=origin.url, fetch_concurrency=1, retries=1) as h,
+    ):
+        origin.missing.add(second_chunk(published["b.bin"]).hex())
+        with Client(h.socket) as c, pytest.raises(HostdError, match=r"b\.bin"):
+            c.restore("m/weights", work / "first")
+        origin.missing.clear()
+        r = Restore(h, work / "out", ranges=True)
+        r.wait()
+    events = [r.events.get_nowait() for _ in range(r.events.qsize())]
+    told = [
+        (e["offset"], e["size"]) for e in events if e["event"] == "range" and e["path"] == "b.bin"
+    ]
+    assert told == [(CHUNK, len(published["b.bin"]))]
+    for name, data in published.items():
+        assert (work / "out" / name).read_bytes() == data
+    assert scratch(work / "out") == []
+
+
 def test_with_ranges_a_file_whose_blob_is_cached_lands_whole_without_ranges(
     work: Path, published: dict[str, bytes]
 ) -> None:
