@@ -2,17 +2,18 @@
 load alone, and restore-then-load, with the origin shaped to a fixed rate.
 
     .venv/bin/python bench/loader.py [--shards 4] [--shard-mib 512] [--rate auto|400MiB]
-        [--rounds 3] [--writable] [--device cpu|cuda[:N]] [--json out.json]
+        [--rounds 3] [--writable] [--copies] [--device cpu|cuda[:N]] [--json out.json]
 
 A snapshot of --shards fp16 safetensors shards (bench/loader_cpu.py's writer: layers of
 4096x4096 matrices, random bits) is published to a `file://` origin on tmpfs, then served
 to the restoring daemons by bench/throttled.py: plain HTTP with ranges, every body sharing
 one byte rate (a shaped link to a bucket). Each daemon has one `mem` tier on /dev/shm and
-`[access] link_to_writers = true` (the bench runs as root), and the shards are read-only, so
-the files land as links of the tier's blobs (targets are on /dev/shm too); a writable file
-would be copied, as a link would show the blob's mode. Every load ends with a XOR over every array's
-bytes (memory-bound, the same on every side), inside the timed region. Per round, each with
-fresh daemons:
+`[access] link_to_writers = true` (the bench runs as root), so the files land as links of
+the tier's blobs (targets are on /dev/shm too). --copies leaves link_to_writers off, as it
+is by default: root's restores then copy, and the loader's shards are written, and read, a
+chunk at a time as they arrive (the restore's `ranges`). Every load ends with a XOR over
+every array's bytes (memory-bound, the same on every side), inside the timed region. Per
+round, each with fresh daemons:
   fetch alone     a cold `restore` (not progressive), from call to result            F
   load alone      load_safetensors from the now-warm tier                             L
   reference       safetensors.numpy.load_file of the same restored files             R
@@ -66,6 +67,7 @@ FIRST_TARGET = 1.3
 CPU_TARGET = 0.8
 BALANCE = 1.5  # the fetch alone and the load alone within this of each other
 SIZE = [0]  # the snapshot's bytes, once written
+COPIES = [False]  # --copies: root's restores copy (no link_to_writers)
 DEVICE = ["cpu"]  # where the loads go (--device)
 
 
@@ -114,7 +116,7 @@ def daemon(root: Path, origin: str) -> Hostd:
         root,
         origin=origin,
         tiers=[{"name": "mem", "path": str(root / "mem"), "budget": "8GiB"}],
-        access={"link_to_writers": True},
+        access={"link_to_writers": not COPIES[0]},
     )
 
 
@@ -225,9 +227,16 @@ def main() -> int:
         "--writable", action="store_true", help="shards 0644, as most are: restores copy them"
     )
     ap.add_argument("--device", default="cpu", help="cpu (numpy arrays) or cuda[:N] (torch)")
+    ap.add_argument(
+        "--copies",
+        action="store_true",
+        help="every restore copies (root without link_to_writers, as by default): the "
+        "loader's shards are then written by range as they arrive",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     DEVICE[0] = args.device
+    COPIES[0] = args.copies
     with tempfile.TemporaryDirectory(prefix="hostd-bl-", dir="/dev/shm") as tmp:
         work = Path(tmp)
         src = work / "src"
@@ -288,6 +297,7 @@ def main() -> int:
         "rate_mib_s": rate / MiB,
         "origin": note,
         "writable": args.writable,
+        "copies": args.copies,
         "device": args.device,
         "rounds": rounds,
         "median": med,

@@ -141,10 +141,33 @@ class _Part:
     written: set[int] = field(default_factory=set)  # the offsets of the chunks written
     error: OSError | None = None  # a write that failed: told when it would land
     closed: bool = False  # landed or given up: fd is closed (its number may be another's)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # over fd's writes and close
+    writing: int = 0  # writes under way: fd is closed only once none is
+    lock: threading.Condition = field(default_factory=threading.Condition)
+
+    def write(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write a chunk at `offset` (chunks of one file are written at once, from several
+        fill threads); whether it was. A failure is kept, and told when the file lands."""
+        with self.lock:
+            if self.closed or self.error is not None or offset in self.written:
+                return False
+            self.writing += 1
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            self.error = e
+            return False
+        else:
+            with self.lock:
+                self.written.add(offset)
+            return True
+        finally:
+            with self.lock:
+                self.writing -= 1
+                self.lock.notify_all()
 
     def close(self) -> None:
         with self.lock:
+            self.lock.wait_for(lambda: self.writing == 0)
             if not self.closed:
                 self.closed = True
                 os.close(self.fd)
@@ -250,18 +273,11 @@ class Placer:
         parts = self.parts.get(digest)
         if not parts:
             return
-        told = []
-        for p in parts:
-            with p.lock:  # (writes into one file take its inode's lock anyway)
-                if p.closed or p.error is not None or offset in p.written:
-                    continue
-                try:
-                    pwrite_all(p.fd, data, offset)
-                except OSError as e:
-                    p.error = e
-                    continue
-                p.written.add(offset)
-            told.append((p.entry.path, p.name, offset, len(data), p.entry.size))
+        told = [
+            (p.entry.path, p.name, offset, len(data), p.entry.size)
+            for p in parts
+            if p.write(offset, data)
+        ]
         if told and self.on_range is not None:
             self.on_range(told)
 
@@ -486,6 +502,12 @@ class _Plan:
     mode_copies: int = 0
 
 
+def may_link(f: mf.FileEntry, mode: str, link_ok: bool) -> bool:
+    """Whether `f` would be linked, its blob's mtime aside: `mode` and `link_ok` allow it,
+    and the blob's 0444 can show its mode (no exec bit)."""
+    return mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
+
+
 def _plan(
     files: Sequence[mf.FileEntry],
     mode: str,
@@ -499,7 +521,7 @@ def _plan(
     for f in files:
         if not f.size:
             continue
-        if (f.mode & 0o555) != BLOB_MODE:
+        if not may_link(f, mode, link_ok):
             plan.mode_copies += 1
             plan.copies.append(f)
         elif f.mtime is not None and blob_mtime(f.digest) != f.mtime:

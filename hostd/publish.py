@@ -165,15 +165,57 @@ def recordable_mtime(path: str, ns: int) -> int:
     return ns
 
 
-def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
-    """Whether two stats of one open file show no change between them: size, mtime, and
-    the ctime, which a write moves whatever is done to the mtime afterwards; but a link or
-    an unlink of another of its names moves it too (a tree restored by link shares its
-    inodes with the cache and other trees), so where the link count changed, the ctime
-    says nothing."""
+SAME, CHANGED, UNCLEAR = "same", "changed", "unclear"
+CONFIRM_TRIES = 3  # reads again of a file whose link count moved with its ctime
+
+
+def _change(a: os.stat_result, b: os.stat_result) -> str:
+    """What two stats of one open file say of the time between them: SAME (size, mtime and
+    the ctime, which a write moves whatever is done to the mtime afterwards, as they were),
+    CHANGED, or UNCLEAR: the link count moved, and a link or an unlink of another of its
+    names moves the ctime too (a tree restored by link shares its inodes with the cache
+    and other trees), so a moved ctime may be a write or not."""
     if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
-        return False
-    return a.st_nlink != b.st_nlink or a.st_ctime_ns == b.st_ctime_ns
+        return CHANGED
+    if a.st_ctime_ns == b.st_ctime_ns:
+        return SAME
+    return UNCLEAR if a.st_nlink != b.st_nlink else CHANGED
+
+
+def _changed(path: str) -> UsageError:
+    return UsageError(f"{path!r} changed while it was being published")
+
+
+def _unclear(path: str) -> UsageError:
+    return UsageError(
+        f"{path!r}: its link count kept changing while it was being published (a tree being "
+        "linked and unlinked), so whether it was written meanwhile cannot be told; publish "
+        "it again"
+    )
+
+
+def _confirm(fd: int, src: str, size: int, chunk_size: int, ids: list[tuple[bytes, int]]) -> int:
+    """A file read whole into `ids` under stats that cannot tell (UNCLEAR): read it again
+    between two stats until they can, its chunks hashing as before; the mtime it has then.
+    UsageError where it changed (or kept its link count moving, CONFIRM_TRIES times)."""
+    buf = bytearray(min(chunk_size, max(size, 1)))
+    for _ in range(CONFIRM_TRIES):
+        before = os.fstat(fd)
+        for (cid, n), off in zip(ids, range(0, size, chunk_size), strict=True):
+            view = memoryview(buf)[:n]
+            try:
+                pread_into(fd, view, off)
+            except EOFError as e:
+                raise UsageError(f"{src!r} shrank while it was being published") from e
+            if blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest() != cid:
+                raise _changed(src)
+        after = os.fstat(fd)
+        seen = _change(before, after) if after.st_size == size else CHANGED
+        if seen == SAME:
+            return after.st_mtime_ns
+        if seen == CHANGED:
+            raise _changed(src)
+    raise _unclear(src)
 
 
 _SKIPPED_KINDS = frozenset({"FIFO", "socket", "device"})
@@ -310,18 +352,22 @@ def ingest(
                 pwrite_all(out, view, off)
             handoff(mf.Chunk(cid, n, kind), view)
         after = os.fstat(fd)
-        if after.st_size != size or not _same_state(before, after):
-            raise UsageError(f"{src!r} changed while it was being published")
-        recordable_mtime(src, after.st_mtime_ns)
+        seen = _change(before, after) if after.st_size == size else CHANGED
+        if seen == CHANGED:
+            raise _changed(src)
+        mtime = after.st_mtime_ns
+        if seen == UNCLEAR:
+            mtime = _confirm(fd, src, size, chunk_size, ids)
+        recordable_mtime(src, mtime)
         blob = None
         if out >= 0 and tier is not None and scratch is not None:
-            os.utime(out, ns=(after.st_mtime_ns, after.st_mtime_ns))
+            os.utime(out, ns=(mtime, mtime))
             os.fsync(out)
             os.fchmod(out, BLOB_MODE)
             os.close(out)
             out = -1
             blob = tier.install(scratch, file_digest(ids))
-        return Ingested(ids, kind, blob, after.st_mtime_ns)
+        return Ingested(ids, kind, blob, mtime)
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(OSError):
@@ -378,13 +424,18 @@ def read_small(
 
 
 def _read_between(fd: int, f: SourceFile) -> tuple[bytes, int]:
-    """All of `f` and the mtime it was read under; UsageError if it changed meanwhile."""
-    before = os.fstat(fd)
-    data = _read_whole(fd, f)
-    after = os.fstat(fd)
-    if after.st_size != f.size or not _same_state(before, after):
-        raise UsageError(f"{f.path!r} changed while it was being published")
-    return data, recordable_mtime(f.path, after.st_mtime_ns)
+    """All of `f` and the mtime it was read under; UsageError if it changed meanwhile. Read
+    again where the stats cannot tell (UNCLEAR), CONFIRM_TRIES times at most."""
+    for _ in range(CONFIRM_TRIES):
+        before = os.fstat(fd)
+        data = _read_whole(fd, f)
+        after = os.fstat(fd)
+        seen = _change(before, after) if after.st_size == f.size else CHANGED
+        if seen == SAME:
+            return data, recordable_mtime(f.path, after.st_mtime_ns)
+        if seen == CHANGED:
+            raise _changed(f.path)
+    raise _unclear(f.path)
 
 
 def _read_whole(fd: int, f: SourceFile) -> bytes:

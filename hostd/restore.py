@@ -39,7 +39,7 @@ from hostd.errors import (
     unheard,
 )
 from hostd.fill import Filler, FillProgress
-from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize
+from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize, may_link
 from hostd.origin import Origin, RetryNote, validate_ref
 from hostd.snapshots import decode_manifest
 from hostd.tier import Tier
@@ -602,10 +602,16 @@ class Restorer:
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
         if req.ranges and progressive:
-            # Not those whose blob is cached whole: they land (or link) at once anyway.
+            # Not those whose blob is cached whole (they land, or link, at once anyway), nor
+            # those linked (a range is a write: one a link does not make).
             locate = self.cache.locate
-            ranged = [f.path for f in order if len(f.chunks) > 1 and locate(f.digest) is None]
-            ranged = ranged[:RANGED_FILES]
+            ranged = [
+                f.path
+                for f in order
+                if len(f.chunks) > 1
+                and not may_link(f, req.mode, link_ok)
+                and locate(f.digest) is None
+            ][:RANGED_FILES]
             placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))
 
         async def placed() -> Outcome:

@@ -198,6 +198,7 @@ class OriginSource:
         self._held = 0
         self._loading: dict[tuple[bytes, int], asyncio.Task[memoryview]] = {}
         self._expiry: asyncio.TimerHandle | None = None
+        self._distrusted: dict[tuple[bytes, int], float] = {}  # windows not kept, until
 
     def __repr__(self) -> str:
         return f"OriginSource({self.origin.url}, window={self.window})"
@@ -209,7 +210,24 @@ class OriginSource:
                 return codec.decode(chunk, stored)  # ~20 us: cheaper than a thread hop
             return await asyncio.to_thread(codec.decode, chunk, stored)
         except ChunkCorrupt as e:
+            self._spoilt(chunk)
             raise ChunkCorrupt(f"{e.message} (from origin {self.origin.url})") from e
+
+    def _spoilt(self, chunk: Chunk) -> None:
+        """A chunk cut from a window did not verify: the window goes (it would serve the
+        same bad bytes to every retry until idle), and for PACK_IDLE it is read for each
+        ask, never kept (a read meanwhile may be as bad)."""
+        key = self._span(chunk.packed) if chunk.packed is not None else None
+        if key is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if len(self._distrusted) > 4096:
+            self._distrusted = {k: t for k, t in self._distrusted.items() if t > now}
+        self._distrusted[key] = now + PACK_IDLE
+        data = self._windows.pop(key, None)
+        if data is not None:
+            del self._used[key]
+            self._held -= len(data)
 
     def ranged(self, chunks: Sequence[Chunk]) -> ChunkRun:
         """A reader of `chunks`, each `adjacent` to the one before (Fetcher.streaming)."""
@@ -264,7 +282,11 @@ class OriginSource:
             *(window(k, idx) for k, idx in windows.items()), *(one(i) for i in singles)
         )
         got = [stored[i] for i in range(len(chunks))]  # every read filled its chunks' slots
-        return await asyncio.to_thread(_decode_all, chunks, got, self.origin.url)
+        out = await asyncio.to_thread(_decode_all, chunks, got, self.origin.url)
+        for c, r in zip(chunks, out, strict=True):
+            if isinstance(r, ChunkCorrupt):
+                self._spoilt(c)
+        return out
 
     async def _stored(self, chunk: Chunk) -> bytes | memoryview:
         """A chunk's bytes as the origin stores them (raw or zstd), not verified yet."""
@@ -320,6 +342,11 @@ class OriginSource:
         finally:
             del self._loading[key]
         loop = asyncio.get_running_loop()
+        until = self._distrusted.get(key)
+        if until is not None:
+            if loop.time() < until:
+                return data  # for the chunks waiting on this read alone
+            del self._distrusted[key]
         self._windows[key] = data
         self._used[key] = loop.time()
         self._held += len(data)

@@ -139,6 +139,40 @@ async def test_bad_bytes_in_a_pack_are_corrupt_and_a_short_pack_too(tmp_path: Pa
         await OriginSource(origin).get(mf.Chunk(good.id, 10, 0, gone))
 
 
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_window_that_did_not_verify_is_read_again(tmp_path: Path, batch: bool) -> None:
+    """A pack read with a flipped byte (a flaky proxy, a bad disk at the origin) fails its
+    chunks, and the next ask reads the window again: the bad bytes are not kept to fail
+    every retry while the window stays in use."""
+    origin = make_origin(tmp_path)
+    parts = [bytes([i]) * 1000 for i in range(4)]
+    chunks = await put_pack(origin, parts)
+    assert chunks[0].packed is not None
+    [stored] = [
+        p for p in (tmp_path / "origin").rglob("*") if p.name == chunks[0].packed.pack.hex()
+    ]
+    good = stored.read_bytes()
+    stored.write_bytes(good[:1500] + bytes([good[1500] ^ 1]) + good[1501:])  # in chunk 1
+    src = OriginSource(origin)
+
+    async def ask() -> list[bytes | BaseException]:
+        if batch:
+            got = await src.get_many(chunks)
+        else:
+            got = []
+            for c in chunks:
+                try:
+                    got.append(await src.get(c))
+                except ChunkCorrupt as e:
+                    got.append(e)
+        return [g if isinstance(g, BaseException) else bytes(g) for g in got]
+
+    first = await ask()
+    assert isinstance(first[1], ChunkCorrupt)
+    stored.write_bytes(good)  # the origin answers right again
+    assert await ask() == parts
+
+
 @pytest.fixture
 def plain_web_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A plain static web server (Python's http.server: it answers ranges with the whole

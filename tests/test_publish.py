@@ -199,6 +199,33 @@ def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: 
     assert seen == [b"A", b"B", b"B", b"B"]  # (the mix it would have published)
 
 
+def test_a_file_rewritten_while_another_name_of_it_is_made_is_refused(tmp_path: Path) -> None:
+    """The rewrite above, with a hard link to the file made meanwhile (another tool, an
+    excluded name): the link count moved with the ctime, which a link moves too, so the
+    stats cannot tell. The file is read again: it hashes otherwise, and is refused (it was
+    published torn, half A and half B, with the source's own mtime)."""
+    from hostd.errors import UsageError
+
+    cs = 64 * 1024
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"A" * (4 * cs))
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    seen: list[bytes] = []
+
+    def rewritten(chunk: object, data: memoryview) -> None:
+        seen.append(bytes(data[:1]))
+        if len(seen) == 2:  # half read: the rest becomes version B, and a link is made
+            with open(src, "r+b") as f:
+                f.seek(0)
+                f.write(b"B" * (4 * cs))
+            os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+            os.link(src, tmp_path / "another-name")
+
+    with pytest.raises(UsageError, match="changed while it was being published"):
+        _ingest(src, cs, rewritten)
+    assert seen == [b"A", b"A", b"B", b"B"]
+
+
 def test_a_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(tmp_path: Path) -> None:
     """An mtime after 2262 (ext4 holds them to 2446) is past a signed 64-bit count of
     nanoseconds: publish said "internal error" and left a blob no record named."""
