@@ -248,6 +248,21 @@ def test_with_ranges_the_chunks_a_blob_had_already_are_copied_in_before_it_lands
     assert scratch(work / "out") == []
 
 
+def test_with_ranges_a_file_that_is_linked_is_not_written_by_range(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """A range is a write of the file's bytes, which a link does not make: a file the
+    restore links (links allowed, its mode one a blob can show) lands as a link, cold."""
+    tiers = [{"name": "mem", "path": str(work / "d" / "mem"), "budget": "1GiB"}]
+    trusted = {"link_to_writers": True}
+    with Hostd(work / "d", origin=f"file://{work}/origin", tiers=tiers, access=trusted) as h:
+        r = Restore(h, work / "out", ranges=True)
+        result = r.wait()
+    assert result["linked"] == 4
+    assert all(r.events.get_nowait()["event"] == "file" for _ in range(r.events.qsize()))
+    assert (work / "out" / "b.bin").stat().st_nlink == 2
+
+
 def test_with_ranges_a_file_whose_blob_is_cached_lands_whole_without_ranges(
     work: Path, published: dict[str, bytes]
 ) -> None:
