@@ -666,12 +666,11 @@ class Helper:
                 os.unlink(job[1], dir_fd=job[0])
 
     def op_parts(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        """Files the daemon writes a verified range at a time as they are fetched (a
-        progressive restore's `ranges`, a cold copy's build): each made empty under a
-        scratch name, only the caller may read it, a descriptor open for writing handed to
-        the daemon. Each lands whole (op_land)."""
-        if not self.dirs:
-            raise Refused("usage", "files written in ranges need a tree being built (begin)")
+        """A progressive restore's files that the daemon writes a verified range at a time
+        (its `ranges`): each made empty under a scratch name, only the caller may read it,
+        a descriptor open for writing handed to the daemon. Each lands whole (op_land)."""
+        if not self.progressive:
+            raise Refused("usage", "files written in ranges are for a progressive restore")
         names: list[str] = []
         out: list[int] = []
         try:

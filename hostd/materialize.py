@@ -228,12 +228,14 @@ class Placer:
         self.parts: dict[bytes, list[_Part]] = {}
         self.on_range: OnRange | None = None
 
-    def by_ranges(self, paths: Sequence[str], on_range: OnRange | None = None) -> None:
+    def by_ranges(self, paths: Sequence[str], on_range: OnRange) -> None:
         """Write these files (of several chunks each) a verified chunk at a time as the fill
-        hands them to `tee`, from its buffer (not read back from the tier once the blob is
-        complete), under scratch names made by `begin`, each landing whole when its blob
-        is complete. `on_range`, where given, hears of each chunk written ([(path, scratch
-        name, offset, length, the file's size)]), from the fill's thread. Before begin."""
+        hands them to `tee`, under scratch names made by `begin`, each landing whole when
+        its blob is complete: `on_range` hears of each chunk written ([(path, scratch name,
+        offset, length, the file's size)]), from the fill's thread. Progressive restores
+        only; before begin."""
+        if not self.progressive:
+            raise UsageError("files written by range are for a progressive restore")
         self.ranged, self.on_range = list(paths), on_range
 
     def begin(self) -> None:

@@ -492,9 +492,7 @@ class Restorer:
                 # pass of the bytes through the target's filesystem overlaps the fetch. (A
                 # lent blob's mark needs its sync first: that path fills, then links.)
                 placed = (res, t0, t1)
-                return await self._placing(
-                    req, progress, fs, tiers, lend, link_ok, placed, info.dev
-                )
+                return await self._placing(req, progress, fs, tiers, lend, link_ok, placed)
             async with self._filled(res, tiers, progress, t0, t1) as f:
                 progress.phase = "materialize"
                 if lend:
@@ -543,7 +541,6 @@ class Restorer:
         lend_first: bool,
         link_ok: bool,
         resolved: tuple[Resolved, float, float] | None = None,
-        target_dev: int = -1,
     ) -> dict[str, Any]:
         """Fill with each file placed as its blob is ready (materialize.Placer). Progressive
         (`resolved` None: resolved here): the target is made at once, files land in it in
@@ -604,13 +601,9 @@ class Restorer:
         ranks = await _load_order(paths, req.order)
         order = [m.files[i] for i in ranks]
         blobs = m.blobs()
-        # A cold copy onto another filesystem than the tiers' writes its files of several
-        # chunks from the fill's buffers as they are fetched, into its build (on the tiers'
-        # own, a copy from the blob can be a reflink: XFS, btrfs). Not those whose blob is
-        # cached whole (they land, or link, at once anyway), nor those linked (a range is a
-        # write: one a link does not make).
-        tee = not progressive and all(t.st_dev() != target_dev for t in tiers)
-        if req.ranges or tee:
+        if req.ranges and progressive:
+            # Not those whose blob is cached whole (they land, or link, at once anyway), nor
+            # those linked (a range is a write: one a link does not make).
             locate = self.cache.locate
             ranged = [
                 f.path
@@ -619,11 +612,7 @@ class Restorer:
                 and not may_link(f, req.mode, link_ok)
                 and locate(f.digest) is None
             ][:RANGED_FILES]
-            told = req.ranges and progressive
-            placer.by_ranges(
-                ranged,
-                (lambda got: loop.call_soon_threadsafe(progress.ranged, got)) if told else None,
-            )
+            placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))
 
         async def placed() -> Outcome:
             try:
@@ -647,7 +636,7 @@ class Restorer:
                         tiers,
                         progress.fill,
                         ready,
-                        placer.tee if placer.ranged else None,
+                        placer.tee if req.ranges else None,
                     )
                 )
                 try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -542,50 +541,6 @@ def test_a_cold_copy_restore_writes_files_while_the_rest_is_fetched(
         assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
         assert os.readlink(target / "w" / "to-a") == "../a.bin"
         assert hidden_builds(target) == []
-
-
-@pytest.mark.parametrize("fail", [False, True])
-def test_a_cold_copy_onto_another_filesystem_writes_each_chunk_as_it_is_verified(
-    work: Path, published: dict[str, bytes], fail: bool
-) -> None:
-    """The tier on /dev/shm, the target elsewhere: a file of several chunks is written into
-    the hidden build from the fetch's own buffers, a chunk at a time, under a scratch name;
-    it lands there whole, and the build is renamed in whole. A failure leaves nothing."""
-    target = work / "out"
-    shm = Path(tempfile.mkdtemp(prefix="hostd-pr-", dir="/dev/shm"))
-    try:
-        assert os.stat(shm).st_dev != os.stat(work).st_dev
-        tiers = [{"name": "mem", "path": str(shm / "mem"), "budget": "1GiB"}]
-        with (
-            HeldOrigin(work / "origin") as origin,
-            Hostd(work / "d", origin=origin.url, tiers=tiers, retries=1) as h,
-        ):
-            if fail:  # its first chunk written (or not yet), its second missing
-                origin.missing.add(second_chunk(published["b.bin"]).hex())
-                with pytest.raises(HostdError, match=r"b\.bin"):
-                    Plain(h, target, mode="copy").wait()
-                assert not target.exists()
-                assert hidden_builds(target) == []
-                return
-            held = origin.hold(second_chunk(published["b.bin"]))
-            r = Plain(h, target, mode="copy")
-
-            def first_chunk_written() -> bool:
-                builds = hidden_builds(target)
-                parts = list(builds[0].glob(".hostd-part-*")) if len(builds) == 1 else []
-                return any(p.read_bytes()[:CHUNK] == published["b.bin"][:CHUNK] for p in parts)
-
-            poll("b.bin's first chunk in the build", first_chunk_written)
-            assert not target.exists()
-            held.set()
-            assert r.wait()["copied"] == 4
-            for n, data in published.items():
-                assert (target / n).read_bytes() == data
-            assert (target / "b.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
-            assert scratch(target) == []
-            assert hidden_builds(target) == []
-    finally:
-        rmtree(shm)
 
 
 def test_a_failed_cold_restore_leaves_the_old_tree(work: Path, published: dict[str, bytes]) -> None:
