@@ -309,7 +309,12 @@ class Helper:
                             raise Refused(
                                 "usage", f"file name {rel!r} is not valid UTF-8"
                             ) from None
-                        est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        try:
+                            est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            raise Refused(
+                                "changed", f"{rel!r} was removed while the tree was read"
+                            ) from None
                         if keep.excludes(rel) or (
                             not stat.S_ISDIR(est.st_mode) and not keep.includes(rel)
                         ):
@@ -933,6 +938,8 @@ def _open_dir(dfd: int, name: str, what: str) -> int:
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise Refused("changed", f"{what!r} was replaced while hostd worked on it") from e
+        if e.errno == errno.ENOENT:
+            raise Refused("changed", f"{what!r} was removed while hostd worked on it") from e
         if e.errno == errno.EACCES:
             raise Refused("usage", f"cannot read {what!r}: permission denied") from e
         raise
