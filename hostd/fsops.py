@@ -710,6 +710,8 @@ class Helper:
                 if mtime is not None:
                     os.utime(fd, ns=(int(mtime), int(mtime)))
                 ino = os.fstat(fd).st_ino
+                if os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_ino != ino:
+                    raise Refused("changed", f"{path!r}: its scratch file was replaced")
                 renameat2(dfd, leaf, path.rpartition("/")[2], RENAME_NOREPLACE)
             except OSError as e:
                 with contextlib.suppress(OSError):

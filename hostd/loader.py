@@ -829,6 +829,7 @@ def load_safetensors(
 
         pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="hostd-loader"))
         arriving: dict[str, _Arriving] = {}  # shards being read as they land
+        landed_first: set[str] = set()  # shards whose scratch file had gone when first told
         stack.callback(_close_all, arriving)
         worker = threading.Thread(target=restore, name="hostd-load-restore", daemon=True)
         worker.start()
@@ -849,11 +850,18 @@ def load_safetensors(
                     path = str(item["path"])
                     if allocate is not None and path.endswith(".safetensors"):
                         a = arriving.get(path)
-                        if a is None:
+                        if a is None and path not in landed_first:
                             size, part = int(item["size"]), str(item["part"])
-                            a = _Arriving(root, path, part, size, allocate, pool)
-                            arriving[path] = a
-                        a.add(int(item["offset"]), int(item["length"]))
+                            try:
+                                a = _Arriving(root, path, part, size, allocate, pool)
+                            except FileNotFoundError:
+                                # It landed before its first range was read (this thread
+                                # was loading another): read whole at its file event.
+                                landed_first.add(path)
+                            else:
+                                arriving[path] = a
+                        if a is not None:
+                            a.add(int(item["offset"]), int(item["length"]))
                     continue
                 placed.append(str(item["path"]))
                 if on_file is not None:

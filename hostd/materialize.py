@@ -404,7 +404,8 @@ class Placer:
     def _fill_part(self, r: Ready, p: _Part) -> None:
         """Copy into part `p` the chunks of its blob (`r`) that no tee wrote (its lock held).
         A lent blob's bytes (a caller could write them) are hashed against their chunk ids
-        as copied."""
+        as copied; one lent meanwhile must show the state it had before the copy (a write
+        through a link moves its ctime), as `_Sent.finish` checks a batch's."""
         step = self.m.chunk_size
         missing = [(i, c) for i, c in enumerate(p.entry.chunks) if i * step not in p.written]
         if not missing:
@@ -412,21 +413,33 @@ class Placer:
         check = r.lent()
         src = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            for i, c in missing:
-                at = i * step
-                if check:
-                    buf = bytearray(c.size)
-                    pread_into(src, memoryview(buf), at)
-                    if not verify_chunk(c.id, buf):
-                        raise ChunkCorrupt(
-                            f"file {p.entry.path!r}: a lent blob's chunk {i} changed while "
-                            "it was copied"
-                        )
-                    pwrite_all(p.fd, buf, at)
-                    continue
-                copy_range(src, p.fd, c.size, at)
+            before = _states([src])
+            self._copy_chunks(src, p, missing, check)
+            if not check and r.lent() and _states([src]) != before:
+                raise ChunkCorrupt(
+                    f"blob {p.entry.digest.hex()} ({p.entry.path!r}) was written to through a "
+                    "link while it was copied; try the restore again"
+                )
         finally:
             os.close(src)
+
+    def _copy_chunks(
+        self, src: int, p: _Part, missing: list[tuple[int, mf.Chunk]], check: bool
+    ) -> None:
+        step = self.m.chunk_size
+        for i, c in missing:
+            at = i * step
+            if check:
+                buf = bytearray(c.size)
+                pread_into(src, memoryview(buf), at)
+                if not verify_chunk(c.id, buf):
+                    raise ChunkCorrupt(
+                        f"file {p.entry.path!r}: a lent blob's chunk {i} changed while it "
+                        "was copied"
+                    )
+                pwrite_all(p.fd, buf, at)
+                continue
+            copy_range(src, p.fd, c.size, at)
 
     def _place_files(self, files: list[mf.FileEntry], seen: dict[bytes, Ready]) -> None:
         plan = _plan(files, self.mode, self.link_ok, lambda d: seen[d].mtime)

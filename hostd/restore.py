@@ -485,7 +485,9 @@ class Restorer:
             tiers = self._tiers(req.tier) if only is None else only
             lend = writer and link_ok and req.mode != "copy"
             if req.progressive:
-                return await self._placing(req, progress, fs, tiers, lend, link_ok)
+                return await self._placing(
+                    req, progress, fs, tiers, lend, link_ok, target_dev=info.dev
+                )
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
             if not lend and await self._cold(res.manifest, tiers):
                 # Files are written while the rest is fetched, into the hidden build: one
@@ -541,6 +543,7 @@ class Restorer:
         lend_first: bool,
         link_ok: bool,
         resolved: tuple[Resolved, float, float] | None = None,
+        target_dev: int = -1,
     ) -> dict[str, Any]:
         """Fill with each file placed as its blob is ready (materialize.Placer). Progressive
         (`resolved` None: resolved here): the target is made at once, files land in it in
@@ -603,13 +606,15 @@ class Restorer:
         blobs = m.blobs()
         if req.ranges and progressive:
             # Not those whose blob is cached whole (they land, or link, at once anyway), nor
-            # those linked (a range is a write: one a link does not make).
+            # those linked (a range is a write: one a link does not make; nothing links
+            # onto another filesystem than the tiers').
             locate = self.cache.locate
+            links = link_ok and any(t.st_dev() == target_dev for t in tiers)
             ranged = [
                 f.path
                 for f in order
                 if len(f.chunks) > 1
-                and not may_link(f, req.mode, link_ok)
+                and not may_link(f, req.mode, links)
                 and locate(f.digest) is None
             ][:RANGED_FILES]
             placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))

@@ -187,6 +187,32 @@ def test_a_shard_is_read_as_its_chunks_land(
     same(out, model)
 
 
+def test_a_shard_that_landed_before_its_ranges_were_read_is_loaded_whole(
+    work: Path, model: dict[str, Any]
+) -> None:
+    """The loader's thread is busy (here in on_file) while the next shard is fetched and
+    lands: its scratch file is gone when its first range is read. It is read whole at its
+    file event, as a shard told of no range is (this failed the whole load)."""
+    target = work / "t"
+    name = "model-00002-of-00003.safetensors"
+    data = (work / "src" / name).read_bytes()
+
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        held = [origin.hold(chunk_id(data[i : i + CHUNK])) for i in range(0, len(data), CHUNK)]
+
+        def slow(event: Mapping[str, Any]) -> None:
+            if event["path"] == "model-00001-of-00003.safetensors":
+                for each in held:  # its chunks come, and it lands, while this thread waits
+                    each.set()
+                deadline = time.monotonic() + DEADLINE
+                while not (target / name).exists():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+
+        out = loader.load_safetensors("m/tiny", socket=h.socket, target=target, on_file=slow)
+    same(out, model)
+
+
 def test_what_goes_wrong_is_said(work: Path, model: dict[str, Any]) -> None:
     with Hostd(work / "d", origin=f"file://{work}/origin") as h:
         with pytest.raises(NotFound, match="no such ref"):

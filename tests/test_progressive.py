@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -261,6 +262,28 @@ def test_with_ranges_a_file_that_is_linked_is_not_written_by_range(
     assert result["linked"] == 4
     assert all(r.events.get_nowait()["event"] == "file" for _ in range(r.events.qsize()))
     assert (work / "out" / "b.bin").stat().st_nlink == 2
+
+
+def test_with_ranges_a_file_that_cannot_link_across_filesystems_is_written_by_range(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """Links allowed, but the tier on /dev/shm and the target elsewhere: no link can be
+    made there (EXDEV), every file is copied, so those of several chunks are ranged."""
+    shm = Path(tempfile.mkdtemp(prefix="hostd-pr-", dir="/dev/shm"))
+    try:
+        assert os.stat(shm).st_dev != os.stat(work).st_dev
+        tiers = [{"name": "mem", "path": str(shm / "mem"), "budget": "1GiB"}]
+        trusted = {"link_to_writers": True}
+        with Hostd(work / "d", origin=f"file://{work}/origin", tiers=tiers, access=trusted) as h:
+            r = Restore(h, work / "out", ranges=True)
+            result = r.wait()
+    finally:
+        rmtree(shm)
+    assert (result["linked"], result["copied"]) == (0, 4)
+    events = [r.events.get_nowait() for _ in range(r.events.qsize())]
+    assert {e["path"] for e in events if e["event"] == "range"} == set(NAMES)
+    for name, data in published.items():
+        assert (work / "out" / name).read_bytes() == data
 
 
 def test_with_ranges_a_file_whose_blob_is_cached_lands_whole_without_ranges(
