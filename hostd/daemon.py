@@ -709,6 +709,7 @@ def main(config_path: Path | None) -> int:
         return e.exit_code  # 2 for a bad value; 1 for a file that cannot be read
     setup_logging(config.log_level, config.log_format)
     _raise_open_files_limit()
+    _drop_resource_override()
     _tune_interpreter()
     import uvloop
 
@@ -747,6 +748,19 @@ def _tune_interpreter() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     if not tune_malloc():
         log.debug("memory: malloc's thresholds and arenas left as they are")
+
+
+def _drop_resource_override() -> None:
+    """Give up CAP_SYS_RESOURCE, before any thread starts: the daemon writes into callers'
+    files (a progressive restore's ranges), and with it those writes would take the
+    filesystem's blocks reserved for root and pass the caller's quota, where the helper's
+    own copies, as the caller, fail with ENOSPC or EDQUOT. The unit's bounding set leaves it
+    out already; a daemon run as root elsewhere drops it here. Nothing of hostd's needs it
+    (the open files limit is only raised to the hard one)."""
+    from hostd.fsops import CAP_SYS_RESOURCE, drop_capability
+
+    if drop_capability(CAP_SYS_RESOURCE):
+        log.debug("dropped CAP_SYS_RESOURCE")
 
 
 def _raise_open_files_limit() -> None:

@@ -7,11 +7,13 @@ beyond the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import select
 import threading
+from collections.abc import Iterator
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -56,6 +58,22 @@ libc.syscall.restype = ctypes.c_long
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+@contextlib.contextmanager
+def writing_as(uid: int) -> Iterator[None]:
+    """This thread's filesystem uid is `uid` meanwhile (setfsuid: per thread). Writes by
+    the daemon into a caller's file, through a descriptor the caller's helper opened,
+    then count as the caller's where a filesystem asks who writes: ext4's blocks reserved
+    for root (resuid) are not the caller's to fill. A uid of -1 leaves it as it is."""
+    if uid < 0:
+        yield
+        return
+    before = libc.setfsuid(uid)
+    try:
+        yield
+    finally:
+        libc.setfsuid(before)
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:

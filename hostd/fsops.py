@@ -916,6 +916,24 @@ def _limit_caps(allowed: int) -> None:
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def drop_capability(cap: int) -> bool:
+    """Drop `cap` from this thread's effective and permitted sets (threads it starts later
+    inherit that); whether it was held and is dropped now."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        return False
+    word, bit = divmod(cap, 32)
+    if not data[word].permitted & (1 << bit):
+        return False
+    data[word].permitted &= ~(1 << bit) & 0xFFFFFFFF
+    data[word].effective &= ~(1 << bit) & 0xFFFFFFFF
+    return bool(libc.capset(ctypes.byref(header), data) == 0)
+
+
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 

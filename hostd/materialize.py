@@ -47,7 +47,7 @@ from hostd.core import manifest as mf
 from hostd.core.ids import verify_chunk
 from hostd.errors import ChunkCorrupt, HostdError, TargetError, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
-from hostd.fileio import copy_range
+from hostd.fileio import copy_range, writing_as
 from hostd.tier import BLOB_MODE, pread_into, pwrite_all
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class _Part:
     entry: mf.FileEntry
     name: str  # its scratch name, relative to the target
     fd: int  # open for writing (the helper made it, as the caller)
+    uid: int  # the caller's: whose writes these are (fileio.writing_as)
     written: set[int] = field(default_factory=set)  # the offsets of the chunks written
     error: OSError | None = None  # a write that failed: told when it would land
     closed: bool = False  # landed or given up: fd is closed (its number may be another's)
@@ -152,7 +153,8 @@ class _Part:
                 return False
             self.writing += 1
         try:
-            pwrite_all(self.fd, data, offset)
+            with writing_as(self.uid):
+                pwrite_all(self.fd, data, offset)
         except OSError as e:
             self.error = e
             return False
@@ -263,7 +265,7 @@ class Placer:
         names, fds = self.fs.parts(self.ranged)
         for path, name, fd in zip(self.ranged, names, fds, strict=True):
             f = entries[path]
-            self.parts.setdefault(f.digest, []).append(_Part(f, name, fd))
+            self.parts.setdefault(f.digest, []).append(_Part(f, name, fd, self.fs.caller.uid))
 
     def tee(self, digest: bytes, offset: int, data: bytes | memoryview) -> None:
         """A verified chunk of blob `digest` at `offset`, as the fill writes it (on its
@@ -414,7 +416,8 @@ class Placer:
         src = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             before = _states([src])
-            self._copy_chunks(src, p, missing, check)
+            with writing_as(p.uid):
+                self._copy_chunks(src, p, missing, check)
             if not check and r.lent() and _states([src]) != before:
                 raise ChunkCorrupt(
                     f"blob {p.entry.digest.hex()} ({p.entry.path!r}) was written to through a "

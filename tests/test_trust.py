@@ -139,6 +139,84 @@ def snapshot_of(p: Path) -> dict[str, tuple[int, int, int, bytes]]:
 # -- 1. publish reads with the caller's rights ------------------------------------------------
 
 
+def test_a_daemon_run_as_root_holds_no_cap_sys_resource(work: Path) -> None:
+    """The daemon writes verified chunks into callers' files (a progressive restore's
+    ranges): with CAP_SYS_RESOURCE those writes took a full filesystem's blocks reserved for
+    root, where the caller's own write failed with ENOSPC, and would pass its quota. The
+    unit leaves it out; a daemon started as root anywhere else gives it up."""
+    mine = next(
+        int(line.split()[1], 16)
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("CapEff:")
+    )
+    if not mine & (1 << 24):
+        pytest.skip("this root holds no CAP_SYS_RESOURCE to give up (its bounding set)")
+    with Hostd(work / "d") as h:
+        assert h.proc is not None
+        status = Path(f"/proc/{h.proc.pid}/status").read_text()
+        caps = {
+            k: int(v, 16)
+            for k, v in (
+                line.split(":\t")
+                for line in status.splitlines()
+                if line.startswith(("CapEff", "CapPrm"))
+            )
+        }
+        assert caps["CapEff"] & (1 << 24) == 0
+        assert caps["CapPrm"] & (1 << 24) == 0
+        assert caps["CapEff"] & (1 << 19)  # (CAP_SYS_PTRACE, which it needs, is kept)
+        assert h.api("GET", "/v1/status")[0] == 200
+
+
+def test_a_range_written_for_a_caller_is_the_callers_write(work: Path) -> None:
+    """ext4 keeps blocks for root (resuid): nobody's filesystem is full for nobody. A
+    progressive restore with ranges writes nobody's file from the daemon, which is root: it
+    took the reserve and landed a file nobody could not have written. Written as nobody's
+    (setfsuid), it fails as nobody's own copy does, and the reserve stays."""
+    tools = [t for t in ("mkfs.ext4", "losetup", "mount", "umount") if shutil.which(t) is None]
+    if tools or not Path("/dev/loop-control").exists():
+        pytest.skip(f"needs {', '.join(tools) or 'loop devices'} (e2fsprogs, util-linux)")
+    src = work / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(640 * 1024))  # 10 chunks of 64 KiB
+    image, ext = work / "ext.img", work / "ext"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "50", str(image)], check=True, timeout=60)
+    ext.mkdir()
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", "-t", "ext4", loop, str(ext)], check=True, timeout=60)
+        try:
+            (ext / "t").mkdir()  # nobody's empty target: it needs no block of its own
+            os.chown(ext / "t", NOBODY, NOBODY)
+            os.chown(ext, NOBODY, NOBODY)
+            fill = as_nobody("dd", "if=/dev/zero", f"of={ext}/fill", "bs=64k")
+            assert "No space left" in fill.stderr  # full, for nobody
+            reserved = os.statvfs(ext).f_bfree
+            assert reserved * os.statvfs(ext).f_frsize > 8 << 20  # root's reserve is there
+            origin = f"file://{work}/origin"
+            with Hostd(work / "pub", origin=origin, chunk_size="64KiB", pack_size=0) as pub:
+                pub.publish(src, "m/w")
+            with daemon(work, origin=origin) as h:  # cold: the file is written by range
+                body = {"ref": "m/w", "target": str(ext / "t"), "mode": "copy",
+                        "progressive": True, "ranges": True}  # fmt: skip
+                end = nobody_stream(h.socket, "/v1/restore", body)
+            assert end["event"] == "error", end
+            assert (
+                end["message"]
+                == "writing 'w.bin' in the target: [Errno 28] No space left on device"
+            )
+            assert os.statvfs(ext).f_bfree == reserved
+            assert os.listdir(ext / "t") == []
+        finally:
+            subprocess.run(["umount", str(ext)], check=True, timeout=60)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True, timeout=60)
+
+
 def test_publish_cannot_read_what_the_caller_cannot(work: Path) -> None:
     secret = work / "secret"
     secret.write_bytes(b"root only\n")
