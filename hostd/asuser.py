@@ -73,9 +73,9 @@ class Ledger:
     target_id: list[int]  # its (dev, inode)
     made_target: bool
     made_dirs: list[str]
-    # the inode of each file and symlink landed, by its path (the object the daemon sent:
-    # a tree's paths are held once, by its manifest)
-    placed: dict[str, int]
+    # the (inode, ctime) of each file and symlink landed, by its path (the object the daemon
+    # sent: a tree's paths are held once, by its manifest)
+    placed: dict[str, tuple[int, int]]
     keep: bool = False  # keep_partial: only the scratch files of what never landed go
 
 
@@ -498,12 +498,12 @@ class AsUser:
             return
         ours = {p: p for p in sent}  # (a lying helper names nothing else)
         for item in reply["placed"]:
-            if type(item) is list and len(item) == 2 and type(item[1]) is int:
+            if type(item) is list and len(item) == 3 and all(type(x) is int for x in item[1:]):
                 if type(item[0]) is not str:
                     continue
                 path = ours.get(item[0])
                 if path is not None:
-                    self.ledger.placed[path] = item[1]
+                    self.ledger.placed[path] = (item[1], item[2])
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""
@@ -542,7 +542,7 @@ class AsUser:
             target_id=ledger.target_id,
             made_target=ledger.made_target,
             made_dirs=ledger.made_dirs,
-            placed=list(ledger.placed.items()),
+            placed=[[p, ino, ctime] for p, (ino, ctime) in ledger.placed.items()],
             linked=[list(x) for x in linked],
             keep=ledger.keep,
         )

@@ -95,7 +95,9 @@ class Helper:
         self.keep = False  # progressive: what was placed stays when the restore fails
         self.made_target = False  # progressive: the target is ours (else it was empty)
         self.made_dirs: list[str] = []  # progressive: the tree's directories it made
-        self.placed: list[tuple[str, int]] = []  # progressive: (path, inode) it landed
+        # progressive: (path, inode, ctime) of what it landed; the ctime too, as ext4 gives
+        # a file the caller makes under a name it removed the inode number freed
+        self.placed: list[tuple[str, int, int]] = []
         # progressive: (path, inode) of each link the daemon said it was about to make, so
         # that an abort of our own (the daemon died) takes them back too
         self.linking: list[tuple[str, int]] = []
@@ -482,7 +484,7 @@ class Helper:
                     self.made_dirs.append(d)
         self._drop_scratch()
         if not msg.get("keep"):
-            self.placed = [(str(p), int(i)) for p, i in msg["placed"] if _in_tree(str(p))]
+            self.placed = [_placed(item) for item in msg["placed"] if _in_tree(str(item[0]))]
             self._unplace(msg.get("linked") or [])
         self._close_dirs()
         return {"ok": True}, []
@@ -662,7 +664,7 @@ class Helper:
                 if e.errno == errno.EEXIST:
                     raise Refused("changed", f"{path!r} appeared in the target") from None
                 raise
-            self.placed.append((path, st.st_ino))
+            self.placed.append((path, st.st_ino, st.st_ctime_ns))
 
     @staticmethod
     def _drop_parts(jobs: list[Job]) -> None:
@@ -713,6 +715,7 @@ class Helper:
                 if os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_ino != ino:
                     raise Refused("changed", f"{path!r}: its scratch file was replaced")
                 renameat2(dfd, leaf, path.rpartition("/")[2], RENAME_NOREPLACE)
+                landed = os.fstat(fd)  # (a rename moves the ctime)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     os.unlink(leaf, dir_fd=dfd)
@@ -721,7 +724,7 @@ class Helper:
                 raise
             finally:
                 _close(fd)
-            self.placed.append((path, ino))
+            self.placed.append((path, landed.st_ino, landed.st_ctime_ns))
         return {"ok": True, "placed": self.placed[before:]}, []
 
     def _drop_open_parts(self) -> None:
@@ -750,22 +753,22 @@ class Helper:
         return {"ok": True}, []
 
     def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        placed: list[tuple[str, int]] = []
+        placed: list[tuple[str, int, int]] = []
         for path, target in msg["items"]:
             up, _, leaf = str(path).rpartition("/")
             os.symlink(str(target), leaf, dir_fd=self.dirs[up])
             if self.progressive:
                 st = os.stat(leaf, dir_fd=self.dirs[up], follow_symlinks=False)
-                self.placed.append((str(path), st.st_ino))
-                placed.append((str(path), st.st_ino))
+                self.placed.append((str(path), st.st_ino, st.st_ctime_ns))
+                placed.append((str(path), st.st_ino, st.st_ctime_ns))
         return {"ok": True, "placed": placed}, []
 
     def op_unplace(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A progressive restore's files to take back whatever `keep` says: a batch whose
         source moved while it was copied. Only names this helper placed, as it placed them."""
         gone = set(msg["paths"])
-        self._remove([(p, ino) for p, ino in self.placed if p in gone])
-        self.placed = [(p, ino) for p, ino in self.placed if p not in gone]
+        self._remove([e for e in self.placed if e[0] in gone])
+        self.placed = [e for e in self.placed if e[0] not in gone]
         return {"ok": True}, []
 
     def op_commit(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -829,7 +832,7 @@ class Helper:
         landed (and each link the daemon made), where the name still holds that inode; then
         its directories, deepest first, where empty; then the target, if it made it and it
         is empty. Whatever else is there (the caller's own files) stays."""
-        self._remove([*self.placed, *((str(p), int(i)) for p, i in linked)])
+        self._remove([*self.placed, *((str(p), int(i), -1) for p, i in linked)])
         self.placed = []
         for d in reversed(self.made_dirs):
             up, _, leaf = d.rpartition("/")
@@ -841,14 +844,18 @@ class Helper:
                 if [st.st_dev, st.st_ino] == self.target_id:
                     os.rmdir(self.name, dir_fd=self.parent)
 
-    def _remove(self, entries: list[tuple[str, int]]) -> None:
-        for path, ino in entries:
+    def _remove(self, entries: list[tuple[str, int, int]]) -> None:
+        """Unlink each (path, inode, ctime) where the name still holds that inode, with that
+        ctime where one is given (-1: a link the daemon made to a blob, whose ctime moves
+        with every link of it)."""
+        for path, ino, ctime in entries:
             up, _, leaf = path.rpartition("/")
             dfd = self.dirs.get(up)
             if dfd is None:
                 continue
             with contextlib.suppress(OSError):
-                if os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_ino == ino:
+                st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
+                if st.st_ino == ino and ctime in (-1, st.st_ctime_ns):
                     os.unlink(leaf, dir_fd=dfd)
 
     def _close_dirs(self) -> None:
@@ -932,6 +939,11 @@ def drop_capability(cap: int) -> bool:
     data[word].permitted &= ~(1 << bit) & 0xFFFFFFFF
     data[word].effective &= ~(1 << bit) & 0xFFFFFFFF
     return bool(libc.capset(ctypes.byref(header), data) == 0)
+
+
+def _placed(item: Any) -> tuple[str, int, int]:
+    """A ledger's [path, inode, ctime] (or [path, inode]: any ctime)."""
+    return (str(item[0]), int(item[1]), int(item[2]) if len(item) > 2 else -1)
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:

@@ -385,6 +385,35 @@ def test_a_cancelled_restore_takes_back_what_landed(
             time.sleep(0.02)
 
 
+def test_a_file_the_caller_made_under_a_placed_name_is_not_taken_back(
+    work: Path, published: dict[str, bytes]
+) -> None:
+    """The caller removes a file the restore placed and makes its own under that name: ext4
+    gives it the inode number just freed, which was all a take-back compared, so a cancel
+    removed the caller's file. The ctime placed is compared too."""
+    target = work / "out"
+    with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
+        origin.hold(first_chunk(published["b.bin"]))
+        r = Restore(h, target, order=["a.bin"])
+        while r.next_file()["path"] != "a.bin":
+            pass
+        placed = (target / "a.bin").stat()
+        (target / "a.bin").unlink()
+        (target / "a.bin").write_bytes(b"the caller's own")
+        mine = (target / "a.bin").stat()
+        if mine.st_ino != placed.st_ino:
+            r.client.close()
+            pytest.skip("this filesystem did not reuse the inode number: nothing to show")
+        deadline = time.monotonic() + DEADLINE
+        while (target / "a.bin").stat().st_ctime_ns == placed.st_ctime_ns:  # (one clock tick)
+            assert time.monotonic() < deadline
+            os.utime(target / "a.bin")
+        r.client.close()  # the caller goes: the daemon takes back what it placed
+        r.thread.join(DEADLINE)
+        poll("the restore's files taken back", lambda: not (target / "w").exists())
+    assert (target / "a.bin").read_bytes() == b"the caller's own"
+
+
 def test_progressive_is_refused_where_it_cannot_hold(
     work: Path, published: dict[str, bytes]
 ) -> None:

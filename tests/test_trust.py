@@ -940,7 +940,8 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
             os.chown(mine, NOBODY, NOBODY)
             # as if the helper had lied: a directory out of the tree, a file in it
             ledger.made_dirs.append("..")
-            ledger.placed["../secret"] = secret.stat().st_ino
+            st = secret.stat()
+            ledger.placed["../secret"] = (st.st_ino, st.st_ctime_ns)
             sleeper.kill()
             sleeper.wait()
             _reclaim_by_a_successor(fs, caller, spawner, ledger)
