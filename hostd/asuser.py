@@ -277,7 +277,7 @@ class AsUser:
         op: str,
         fds: Sequence[int] = (),
         nfds: int = 0,
-        heard: Callable[[dict[str, Any]], None] | None = None,
+        heard: Callable[[dict[str, Any]], object] | None = None,
         **fields: Any,
     ) -> tuple[dict[str, Any], list[int]]:
         """One request and its answer; an answered error is raised as hostd's own, after
@@ -305,7 +305,7 @@ class AsUser:
                 self._answers.notify_all()
 
     def _answer(
-        self, op: str, nfds: int, heard: Callable[[dict[str, Any]], None] | None
+        self, op: str, nfds: int, heard: Callable[[dict[str, Any]], object] | None
     ) -> tuple[dict[str, Any], list[int]]:
         try:
             got = recv_frame(self.sock)
@@ -456,12 +456,7 @@ class AsUser:
         landed: list[str] = []
 
         def heard(reply: dict[str, Any]) -> None:
-            self._placed(sent, reply)
-            if "error" in reply and type(reply.get("placed")) is list:
-                ours = set(sent)  # (a lying helper names nothing else)
-                for item in reply["placed"]:
-                    if type(item) is list and item and type(item[0]) is str and item[0] in ours:
-                        landed.append(item[0])
+            landed.extend(self._placed(sent, reply))
 
         try:
             self.call("files", fds, heard=heard, items=[list(i) for i in items])
@@ -491,19 +486,21 @@ class AsUser:
         heard = functools.partial(self._placed, [i[0] for i in sent])
         self.call("symlinks", heard=heard, items=[list(i) for i in sent])
 
-    def _placed(self, sent: list[str], reply: dict[str, Any]) -> None:
+    def _placed(self, sent: list[str], reply: dict[str, Any]) -> list[str]:
         """Keep what the helper says it placed (a failed batch too, half landed): of the
-        paths sent, their inodes."""
-        if self.ledger is None or self.ledger.keep or type(reply.get("placed")) is not list:
-            return
+        paths sent, their inodes and ctimes. Those paths, as the daemon sent them."""
+        if type(reply.get("placed")) is not list:
+            return []
         ours = {p: p for p in sent}  # (a lying helper names nothing else)
+        out = []
         for item in reply["placed"]:
             if type(item) is list and len(item) == 3 and all(type(x) is int for x in item[1:]):
-                if type(item[0]) is not str:
-                    continue
-                path = ours.get(item[0])
+                path = ours.get(item[0]) if type(item[0]) is str else None
                 if path is not None:
-                    self.ledger.placed[path] = (item[1], item[2])
+                    out.append(path)
+                    if self.ledger is not None and not self.ledger.keep:
+                        self.ledger.placed[path] = (item[1], item[2])
+        return out
 
     def commit(self, replace: bool) -> str | None:
         """Rename the tree into place; the path of an old tree that could not be removed."""

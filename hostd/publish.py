@@ -169,13 +169,13 @@ SAME, CHANGED, UNCLEAR = "same", "changed", "unclear"
 CONFIRM_TRIES = 3  # reads again of a file whose link count moved with its ctime
 
 
-def _change(a: os.stat_result, b: os.stat_result) -> str:
-    """What two stats of one open file say of the time between them: SAME (size, mtime and
-    the ctime, which a write moves whatever is done to the mtime afterwards, as they were),
-    CHANGED, or UNCLEAR: the link count moved, and a link or an unlink of another of its
-    names moves the ctime too (a tree restored by link shares its inodes with the cache
-    and other trees), so a moved ctime may be a write or not."""
-    if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
+def _change(a: os.stat_result, b: os.stat_result, size: int) -> str:
+    """What two stats of one open file of `size` bytes say of the time between them: SAME
+    (size, mtime and the ctime, which a write moves whatever is done to the mtime
+    afterwards, as they were), CHANGED, or UNCLEAR: the link count moved, and a link or an
+    unlink of another of its names moves the ctime too (a tree restored by link shares its
+    inodes with the cache and other trees), so a moved ctime may be a write or not."""
+    if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns) or b.st_size != size:
         return CHANGED
     if a.st_ctime_ns == b.st_ctime_ns:
         return SAME
@@ -210,7 +210,7 @@ def _confirm(fd: int, src: str, size: int, chunk_size: int, ids: list[tuple[byte
             if blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest() != cid:
                 raise _changed(src)
         after = os.fstat(fd)
-        seen = _change(before, after) if after.st_size == size else CHANGED
+        seen = _change(before, after, size)
         if seen == SAME:
             return after.st_mtime_ns
         if seen == CHANGED:
@@ -352,7 +352,7 @@ def ingest(
                 pwrite_all(out, view, off)
             handoff(mf.Chunk(cid, n, kind), view)
         after = os.fstat(fd)
-        seen = _change(before, after) if after.st_size == size else CHANGED
+        seen = _change(before, after, size)
         if seen == CHANGED:
             raise _changed(src)
         mtime = after.st_mtime_ns
@@ -430,7 +430,7 @@ def _read_between(fd: int, f: SourceFile) -> tuple[bytes, int]:
         before = os.fstat(fd)
         data = _read_whole(fd, f)
         after = os.fstat(fd)
-        seen = _change(before, after) if after.st_size == f.size else CHANGED
+        seen = _change(before, after, f.size)
         if seen == SAME:
             return data, recordable_mtime(f.path, after.st_mtime_ns)
         if seen == CHANGED:

@@ -684,12 +684,10 @@ class Restorer:
     ) -> None:
         """A progressive restore placed everything: keep what it takes to take it back until
         its result has gone out (TakeBack). Not where it keeps what it placed anyway."""
-        ledger = fs.ledger
-        ok = ledger is not None and not ledger.keep and progress.take_back is None
-        if placer.progressive and ok and ledger is not None and fs.root_fd >= 0:
-            progress.take_back = TakeBack(
-                req.caller, self.spawner, os.dup(fs.root_fd), ledger, placer
-            )
+        ledger = fs.ledger  # (a progressive restore's alone)
+        if ledger is None or ledger.keep or progress.take_back is not None or fs.root_fd < 0:
+            return
+        progress.take_back = TakeBack(req.caller, self.spawner, os.dup(fs.root_fd), ledger, placer)
 
     async def _touch(self, blobs: Iterable[bytes], now: float) -> None:
         """Mark the blobs used, in batches with turns of the loop between them (a lookup per

@@ -488,58 +488,54 @@ def served_by_source(*hosts: Hostd) -> dict[str, float]:
     }
 
 
-class WrongBytes(BaseHTTPRequestHandler):
-    """A peer that answers every chunk with the size asked for, of wrong bytes, and its
-    health like a peer would."""
+class Member(BaseHTTPRequestHandler):
+    """A misbehaving member's server, quiet: what it answers is its subclass's."""
 
-    def do_GET(self) -> None:
-        if self.path.startswith("/v1/chunks/"):
-            size = int(self.path.split("size=")[1].split("&")[0])
-            body = b"\xee" * size
-        else:
-            body = json.dumps({"node": "liar"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class DeepHealth(BaseHTTPRequestHandler):
-    """A member whose health answer nests past the JSON parser's recursion limit (10 KB),
-    and which holds no chunk."""
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/v1/chunks/"):
-            body, status = b'{"message": "no such chunk"}', 404
-        else:
-            body, status = b"[" * 5000 + b"]" * 5000, 200
+    def answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
+    def size_asked(self) -> int:
+        return int(self.path.split("size=")[1].split("&")[0])
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-class Trickle(BaseHTTPRequestHandler):
+class WrongBytes(Member):
+    """A peer that answers every chunk with the size asked for, of wrong bytes, and its
+    health like a peer would."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            self.answer(200, b"\xee" * self.size_asked())
+        else:
+            self.answer(200, json.dumps({"node": "liar"}).encode())
+
+
+class DeepHealth(Member):
+    """A member whose health answer nests past the JSON parser's recursion limit (10 KB),
+    and which holds no chunk."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            self.answer(404, b'{"message": "no such chunk"}')
+        else:
+            self.answer(200, b"[" * 5000 + b"]" * 5000)
+
+
+class Trickle(Member):
     """A member that answers a chunk at once, with its size, then sends a byte every 0.3 s:
     under any per-read timeout, for ever."""
 
     def do_GET(self) -> None:
         if not self.path.startswith("/v1/chunks/"):
-            body = json.dumps({"node": "trickle"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, json.dumps({"node": "trickle"}).encode())
             return
-        size = int(self.path.split("size=")[1].split("&")[0])
         self.send_response(200)
-        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Length", str(self.size_asked()))
         self.end_headers()
         try:
             for _ in range(200):  # (a minute at most: the test's own end)
@@ -549,36 +545,24 @@ class Trickle(BaseHTTPRequestHandler):
         except OSError:
             pass  # cut off: as it should be
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
-
-class SilentPull(BaseHTTPRequestHandler):
+class SilentPull(Member):
     """A member that takes every pull-through (200, its size, "pull") and then sends nothing;
     that holds nothing otherwise (pull=0: 404)."""
 
     def do_GET(self) -> None:
         if not self.path.startswith("/v1/chunks/"):
-            body, status = json.dumps({"node": "silent"}).encode(), 200
+            self.answer(200, json.dumps({"node": "silent"}).encode())
         elif "pull=1" not in self.path:
-            body, status = b'{"message": "no such chunk"}', 404
+            self.answer(404, b'{"message": "no such chunk"}')
         else:
-            size = int(self.path.split("size=")[1].split("&")[0])
             self.send_response(200)
-            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Length", str(self.size_asked()))
             self.send_header("X-Hostd-Source", "pull")
             self.end_headers()
             self.wfile.flush()
             with contextlib.suppress(OSError):
                 self.rfile.read(1)  # until the asker gives up and closes
-            return
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def wrong_bytes_peer(

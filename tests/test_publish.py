@@ -174,6 +174,24 @@ def _ingest(src: Path, chunk_size: int, handoff: Any) -> Any:
     )
 
 
+MTIME = 1_600_000_000_000_000_000
+
+
+def _all_a(src: Path, chunk_size: int) -> Path:
+    """`src`: four chunks of version A, of mtime MTIME."""
+    src.write_bytes(b"A" * (4 * chunk_size))
+    os.utime(src, ns=(MTIME, MTIME))
+    return src
+
+
+def _rewrite(src: Path, at: int, data: bytes) -> None:
+    """Write `data` into `src` at `at`, in place, and put its mtime back (rsync --inplace -t)."""
+    with open(src, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+    os.utime(src, ns=(MTIME, MTIME))
+
+
 def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: Path) -> None:
     """rsync --inplace -t, or a write and a touch -d: the size and the mtime are as they
     were, so a check of those passed a file whose first chunk was one version and the rest
@@ -181,18 +199,13 @@ def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_refused(tmp_path: 
     from hostd.errors import UsageError
 
     cs = 64 * 1024
-    src = tmp_path / "weights.bin"
-    src.write_bytes(b"A" * (4 * cs))
-    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    src = _all_a(tmp_path / "weights.bin", cs)
     seen: list[bytes] = []
 
     def rewritten(chunk: object, data: memoryview) -> None:
         seen.append(bytes(data[:1]))
         if len(seen) == 1:  # once the first chunk is read: the rest becomes version B
-            with open(src, "r+b") as f:
-                f.seek(cs)
-                f.write(b"B" * (3 * cs))
-            os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+            _rewrite(src, cs, b"B" * (3 * cs))
 
     with pytest.raises(UsageError, match="changed while it was being published"):
         _ingest(src, cs, rewritten)
@@ -207,18 +220,13 @@ def test_a_file_rewritten_while_another_name_of_it_is_made_is_refused(tmp_path: 
     from hostd.errors import UsageError
 
     cs = 64 * 1024
-    src = tmp_path / "weights.bin"
-    src.write_bytes(b"A" * (4 * cs))
-    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    src = _all_a(tmp_path / "weights.bin", cs)
     seen: list[bytes] = []
 
     def rewritten(chunk: object, data: memoryview) -> None:
         seen.append(bytes(data[:1]))
         if len(seen) == 2:  # half read: the rest becomes version B, and a link is made
-            with open(src, "r+b") as f:
-                f.seek(0)
-                f.write(b"B" * (4 * cs))
-            os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+            _rewrite(src, 0, b"B" * (4 * cs))
             os.link(src, tmp_path / "another-name")
 
     with pytest.raises(UsageError, match="changed while it was being published"):
