@@ -728,8 +728,10 @@ def _send_files(
     this thread opens the one after. `stop()` is asked before each batch.
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
-    copied: its state is compared before and after, and a copy that saw it move is not
-    handed over (the restore fails; the next use re-hashes the blob)."""
+    copied: the state of a blob lent when its batch was opened, or by the time the helper
+    answered (another restore's link), is compared before and after, and a copy that saw it
+    move is not handed over (the restore fails; the next use re-hashes the blob). One lent
+    while copied fails even if no one wrote it: the link itself moves its ctime."""
     if largest_first:
         copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
     sent: collections.deque[_Sent] = collections.deque()
@@ -737,7 +739,7 @@ def _send_files(
         try:
             if empties:
                 items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
-                sent.append(_Sent(_Opened(empties, [], {}), pool.submit(fs.files, items, [])))
+                sent.append(_Sent(_Opened(empties, [], [], []), pool.submit(fs.files, items, [])))
             for batch in _batches(copies):
                 if stop():
                     raise Cancelled()
@@ -748,7 +750,7 @@ def _send_files(
                 except BaseException:
                     opened.close()
                     raise
-                sent.append(_Sent(opened, job))
+                sent.append(_Sent(opened, job, lent))
                 while len(sent) > AHEAD:
                     sent.popleft().finish(done)
             while sent:
@@ -777,11 +779,13 @@ def _batches(copies: list[mf.FileEntry]) -> Iterator[list[mf.FileEntry]]:
 
 @dataclass
 class _Opened:
-    """A batch of copies with its blobs opened, and the state of the lent ones."""
+    """A batch of copies with its blobs opened, each blob's state as opened, and whether
+    it was lent then."""
 
     batch: list[mf.FileEntry]
     fds: list[int]
-    watched: dict[int, tuple[mf.FileEntry, tuple[int, int, int]]]
+    before: list[tuple[int, int, int]]
+    lent: list[bool]
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
@@ -791,16 +795,14 @@ class _Opened:
 def _open_batch(
     batch: list[mf.FileEntry], blob_path: Callable[[bytes], str], lent: Callable[[bytes], bool]
 ) -> _Opened:
-    opened = _Opened(batch, open_paths([blob_path(f.digest) for f in batch]), {})
+    """The batch's blobs opened, with their states (one stat each, in C): a blob lent while
+    the helper copies it is checked against the state it had before, as one lent already."""
+    fds = open_paths([blob_path(f.digest) for f in batch])
     try:
-        watch = [(f, fd) for f, fd in zip(batch, opened.fds, strict=True) if lent(f.digest)]
-        if watch:
-            states = _states([fd for _, fd in watch])
-            opened.watched = {fd: (f, st) for (f, fd), st in zip(watch, states, strict=True)}
+        return _Opened(batch, fds, _states(fds), [lent(f.digest) for f in batch])
     except BaseException:
-        opened.close()
+        close_fds(fds)
         raise
-    return opened
 
 
 @dataclass
@@ -809,28 +811,32 @@ class _Sent:
 
     opened: _Opened
     job: concurrent.futures.Future[None]
+    lent: Callable[[bytes], bool] = lambda _: False
 
     def finish(self, done: _Done) -> None:
-        """Wait for the helper's answer, check the lent blobs did not move meanwhile. Files
-        of a failed batch that landed are told all the same (progressive, kept)."""
+        """Wait for the helper's answer, check the lent blobs (then or now) did not move
+        meanwhile. Files of a failed batch that landed are told all the same (progressive,
+        kept)."""
+        o = self.opened
         try:
             try:
                 self.job.result()
             except HostdError as e:
                 landed = set(getattr(e, "landed", ()))
-                done.add([f for f in self.opened.batch if f.path in landed])
+                done.add([f for f in o.batch if f.path in landed])
                 raise
-            watched = self.opened.watched
-            after = _states(list(watched)) if watched else []
-            for (f, before), now in zip(watched.values(), after, strict=True):
-                if now != before:
+            check = [i for i, was in enumerate(o.lent) if was or self.lent(o.batch[i].digest)]
+            after = _states([o.fds[i] for i in check]) if check else []
+            for i, now in zip(check, after, strict=True):
+                if now != o.before[i]:
+                    f = o.batch[i]
                     raise ChunkCorrupt(
                         f"blob {f.digest.hex()} ({f.path!r}) was written to through a link "
                         "while it was copied; try the restore again"
                     )
         finally:
-            self.opened.close()
-        done.add(self.opened.batch)
+            o.close()
+        done.add(o.batch)
 
 
 def _states(fds: list[int]) -> list[tuple[int, int, int]]:

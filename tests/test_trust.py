@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -593,19 +593,21 @@ class _WrittenDuringCopy(AsUser):
     no test can hit for real, so this helper's `files` does it right after the real copy."""
 
     blob: Path
+    lends: bool  # whether the blob is ever lent: from the start (lent) or as the write comes
+    lent: bool
+
+    def is_lent(self, _digest: bytes) -> bool:
+        return self.lends and self.lent
 
     def files(
         self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
     ) -> None:
         super().files(items, fds)
+        self.lent = True
         st = self.blob.stat()
         with open(self.blob, "r+b") as f:
             f.write(b"EVIL")
         os.utime(self.blob, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _always(value: bool) -> Callable[[bytes], bool]:
-    return lambda _digest: value
 
 
 def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
@@ -622,10 +624,13 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
     try:
         wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
         caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
-        for lent, expect_ok in ((False, True), (True, False)):
+        # lent: never, from the start, or only once the copy was under way (another
+        # restore's link to a writer, which wrote at once)
+        for lent, expect_ok in (("no", True), ("yes", False), ("meanwhile", False)):
             sock, pidfd = spawner.spawn()
             fs = _WrittenDuringCopy(caller, sock, pidfd)
             fs.blob = blob
+            fs.lends, fs.lent = lent != "no", lent == "yes"
             _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
             fs.root_fd = fds[0]
             try:
@@ -639,7 +644,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
                     replace=False,
                     link_ok=False,
                     cancel=threading.Event(),
-                    lent=_always(lent),
+                    lent=fs.is_lent,
                 )
                 if expect_ok:  # not lent: no writer holds a link, the copy is what it read
                     job()
@@ -651,8 +656,8 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             blob.chmod(0o644)
             blob.write_bytes(data)
             blob.chmod(0o444)
-        assert sorted(p.name for p in home.iterdir()) == ["out-False"], "no build left"
-        assert (home / "out-False" / "weights.bin").read_bytes() == data
+        assert sorted(p.name for p in home.iterdir()) == ["out-no"], "no build left"
+        assert (home / "out-no" / "weights.bin").read_bytes() == data
     finally:
         spawner.close()
         sleeper.kill()
