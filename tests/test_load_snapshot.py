@@ -147,11 +147,41 @@ def test_each_shard_is_loaded_while_the_next_is_fetched(
     same(out, model)
 
 
+def same_torch(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Tensors on the CPU with the arrays' dtypes, shapes and bytes."""
+    import torch
+
+    assert set(got) == set(want)
+    for name, arr in want.items():
+        t = got[name]
+        assert isinstance(t, torch.Tensor), name
+        assert t.device.type == "cpu", name
+        assert tuple(t.shape) == arr.shape, name
+        assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == arr.tobytes(), name
+    assert got["l0.a.bf16"].dtype == torch.bfloat16
+
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.parametrize(
+    "framework",
+    [
+        "numpy",
+        pytest.param(
+            "torch",
+            marks=pytest.mark.skipif(
+                not HAS_TORCH, reason="torch is not installed (pip install 'hostd[torch]')"
+            ),
+        ),
+    ],
+)
 def test_a_shard_is_read_as_its_chunks_land(
-    work: Path, model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    work: Path, model: dict[str, Any], monkeypatch: pytest.MonkeyPatch, framework: str
 ) -> None:
     """With a shard's last chunk held at the origin, the tensors under its first chunk are
-    read already, from the file hostd writes each verified chunk into before it lands."""
+    read already, from the file hostd writes each verified chunk into before it lands: into
+    numpy arrays, or torch tensors in host memory."""
     name = "model-00003-of-00003.safetensors"
     last = (work / "src" / name).read_bytes()
     monkeypatch.setattr(loader, "PIECE", 8 * 1024)  # runs of 8 KiB: several under a chunk
@@ -169,7 +199,9 @@ def test_a_shard_is_read_as_its_chunks_land(
         out: dict[str, Any] = {}
         worker = threading.Thread(
             target=lambda: out.update(
-                loader.load_safetensors("m/tiny", socket=h.socket, target=target)
+                loader.load_safetensors(
+                    "m/tiny", socket=h.socket, target=target, framework=framework
+                )
             ),
             daemon=True,
         )
@@ -184,7 +216,7 @@ def test_a_shard_is_read_as_its_chunks_land(
         assert worker.is_alive()
         held.set()
         worker.join(DEADLINE)
-    same(out, model)
+    (same_torch if framework == "torch" else same)(out, model)
 
 
 def test_a_shard_that_landed_before_its_ranges_were_read_is_loaded_whole(
