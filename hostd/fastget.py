@@ -59,7 +59,7 @@ OFF_FOR = 60.0  # ... for this long
 SIGNED_FOR = timedelta(minutes=15)  # a signed URL is used at once; the clock may be off
 # Client options under which obstore's requests and these are alike (anything else, a
 # proxy, other certificates, HTTP/2 only, and obstore alone talks to the origin).
-PLAIN_OPTIONS = frozenset({"timeout", "connect_timeout", "allow_http"})
+PLAIN_OPTIONS = frozenset({"timeout", "read_timeout", "connect_timeout", "allow_http"})
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 # Store settings that put headers on every GET (a requester-pays bucket, customer-provided
 # encryption keys): a signed URL alone would be refused, so obstore does those reads.

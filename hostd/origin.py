@@ -78,6 +78,12 @@ MAX_REF_LEN = 256
 # A ref object holds a 64-hex snapshot id (FORMAT.md section 6), with surrounding whitespace
 # tolerated: a few hundred bytes is generous, and anything longer is not a ref.
 MAX_REF_BYTES = 256
+# A transfer gets the request timeout to begin, and then its bytes at this rate at least:
+# a read or a write that keeps moving is not cut off at a fixed deadline (16 reads sharing a
+# slow link, a 64 MiB pack uploaded over a modest uplink, a large manifest). A connection
+# that stops moving is ended sooner, by the request timeout between reads (obstore's
+# read_timeout, fastget's socket timeout); one that trickles slower than this is cut off.
+MIN_RATE = 16 << 10  # bytes a second
 # The cap of a chunk read when the caller names none: the largest chunk the format allows,
 # stored as zstd's worst-case frame.
 MAX_CHUNK_OBJECT = max_stored_size(MAX_CHUNK_SIZE)
@@ -329,10 +335,41 @@ flights they start, inherit it), and gets None once a retried request has its an
 context variable, not state of the shared Origin: two restores each hear their own."""
 
 
+def limit(timeout: float, nbytes: int) -> float:
+    """Seconds a transfer of `nbytes` may take: `timeout` to begin, then MIN_RATE."""
+    return timeout + nbytes / MIN_RATE
+
+
+class _Deadline:
+    """An attempt's deadline, which grows once the size of what it moves is known."""
+
+    def __init__(self, cm: asyncio.Timeout, seconds: float) -> None:
+        self.cm = cm
+        self.seconds = seconds
+
+    def allow(self, nbytes: int) -> None:
+        when = self.cm.when()
+        if when is not None and nbytes > 0:
+            self.cm.reschedule(when + nbytes / MIN_RATE)
+            self.seconds += nbytes / MIN_RATE
+
+
+_deadline: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar(
+    "hostd_origin_deadline", default=None
+)
+
+
+def _allow(nbytes: int) -> None:
+    """Give the request under way (Origin._request) time for `nbytes` more at MIN_RATE."""
+    d = _deadline.get()
+    if d is not None:
+        d.allow(nbytes)
+
+
 def _describe(exc: BaseException, timeout: float) -> str:
     """A one-paragraph cause for a message: no Rust debug dump, no secrets."""
     if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g}s"
+        return f"not done within {timeout:g}s"
     full = str(exc)
     text = full.split("\n\nDebug source:", 1)[0].strip() or type(exc).__name__
     text = _USERINFO_RE.sub("", text)
@@ -354,9 +391,14 @@ def _is_panic(exc: BaseException) -> bool:
 
 
 def _split_options(
-    scheme: str, options: Mapping[str, str], timeout: float, environ: Mapping[str, str]
+    scheme: str,
+    options: Mapping[str, str],
+    timeout: float,
+    environ: Mapping[str, str],
+    writes: bool = False,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """Split origin_options into obstore's store config and its HTTP client options."""
+    """Split origin_options into obstore's store config and its HTTP client options
+    (`writes`: a client for uploads, whose answers come only once the body is sent)."""
     config: dict[str, str] = {}
     client: dict[str, Any] = {}
     for key, value in options.items():
@@ -387,17 +429,27 @@ def _split_options(
     # it with an opaque "builder error" unless allow_http is also set.
     if scheme == "http" or any(e.lower().startswith("http://") for e in endpoints):
         client.setdefault("allow_http", "true")
-    # obstore's own deadline, so a request we stop waiting for is also dropped by the client.
-    client.setdefault("timeout", timedelta(seconds=timeout))
+    # obstore's own limits: for reads, a connection that sends nothing for `timeout`
+    # (between reads: a slow answer that keeps moving goes on; not for uploads, whose answer
+    # starts only once the body is sent); and, as a backstop, a whole request past the
+    # longest any of ours may take. Origin._request's deadline, scaled by the size, comes
+    # first, and a cancelled await drops obstore's request and its connection with it.
+    if not writes:  # (a quarter over: a request's first answer is ours to time, below)
+        client.setdefault("read_timeout", timedelta(seconds=timeout * 1.25))
+    client.setdefault("timeout", timedelta(seconds=limit(timeout, MAX_MANIFEST_BYTES)))
     client.setdefault("connect_timeout", timedelta(seconds=min(timeout, 5.0)))
     return config, client
 
 
 def _open_store(
-    url: str, options: Mapping[str, str], timeout: float, environ: Mapping[str, str]
+    url: str,
+    options: Mapping[str, str],
+    timeout: float,
+    environ: Mapping[str, str],
+    writes: bool = False,
 ) -> tuple[ObjectStore, dict[str, str], dict[str, Any]]:
     """The store, with the store config and client options it was opened with (both empty
-    for a local one)."""
+    for a local one). `writes`: for uploads (_split_options)."""
     scheme = urlsplit(url).scheme.lower()
     shown = display_url(url)
     try:
@@ -416,7 +468,7 @@ def _open_store(
                 "origin",
                 f"unsupported origin {shown!r}: use s3://, gs://, az://, http(s):// or file://",
             )
-        config, client = _split_options(scheme, options, timeout, environ)
+        config, client = _split_options(scheme, options, timeout, environ, writes)
         # The option keys are only known at run time (obstore checks them), so the typed
         # per-store overloads of from_url cannot apply.
         open_url: Callable[..., ObjectStore] = from_url
@@ -459,6 +511,7 @@ class Origin:
         self._opened_with = (url, dict(options))
         self._store, config, client = _open_store(url, options, timeout, os.environ)
         self._whole_store: ObjectStore | None = None  # (open_whole's: no whole-body timeout)
+        self._write_store: ObjectStore | None = None  # (_put's: no read timeout)
         # Plain HTTP has no listing (obstore tries WebDAV PROPFIND, which a static server
         # answers with 405): list_ref says "cannot list" rather than failing.
         self._can_list = not isinstance(self._store, HTTPStore)
@@ -502,8 +555,12 @@ class Origin:
 
     @property
     def timeout(self) -> float:
-        """Seconds a request (or a piece of a body) may take."""
+        """Seconds a request may wait for an answer (or between reads of its body)."""
         return self._timeout
+
+    def limit(self, nbytes: int) -> float:
+        """Seconds a transfer of `nbytes` may take: the timeout, then MIN_RATE."""
+        return limit(self._timeout, nbytes)
 
     @property
     def url(self) -> str:
@@ -609,9 +666,9 @@ class Origin:
         try:
             data = None
             if whole:
-                data = await self._request("get pack range", key, read_whole)
+                data = await self._request("get pack range", key, read_whole, size=pack_size)
             elif self._knows_ranges() is not False:
-                data = await self._request("get pack range", key, ranged)
+                data = await self._request("get pack range", key, ranged, size=length)
             if data is not None:
                 self.stats.bytes_in += len(data)
             else:  # the server answers no ranges
@@ -896,11 +953,13 @@ class Origin:
 
         async def call() -> memoryview:
             if fast and self._fast is not None:
+                _allow(cap)  # (its size shows in a thread: the most it may be)
                 got = await _fast(self._fast, key, cap)
                 if got is not None:
                     return got
             result = await obstore.get_async(self._store, key)
             _check_stated_size(result, cap)
+            _allow(result.meta["size"])
             if not self._local:
                 return await _read_capped(result, cap)
             # A local read is of the file this get opened, up to the size fstat gave at open
@@ -916,19 +975,36 @@ class Origin:
         return data
 
     async def _put(self, op: str, key: str, data: bytes) -> None:
+        store = self._write_store
+        if store is None:
+            if self._local:
+                store = self._store
+            else:
+                url, options = self._opened_with
+                store = _open_store(url, options, self._timeout, os.environ, writes=True)[0]
+            self._write_store = store
+
         async def call() -> None:
             # One PUT, never multipart: the object appears whole or not at all, and no
             # abandoned parts linger in the bucket. (LocalStore writes <key>#<n>, renames.)
-            await obstore.put_async(self._store, key, data, use_multipart=False)
+            await obstore.put_async(store, key, data, use_multipart=False)
 
-        await self._request(op, key, call, absent_ok=False)
+        await self._request(op, key, call, absent_ok=False, size=len(data))
         self.stats.bytes_out += len(data)
 
     async def _request(
-        self, op: str, key: str, call: Callable[[], Awaitable[T]], *, absent_ok: bool = True
+        self,
+        op: str,
+        key: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        absent_ok: bool = True,
+        size: int = 0,
     ) -> T:
         """Run `call` under the shared limit and deadline, retrying transient failures.
 
+        The deadline of an attempt is the request timeout and `size` bytes at MIN_RATE; a
+        read whose size shows only in its answer's head adds it then (_allow).
         Raises _Missing for an absent object, OriginError for everything that is not ok.
         With `absent_ok=False` (writes) "not found" is a failure: the bucket is missing.
         """
@@ -936,10 +1012,16 @@ class Origin:
             raise OriginError(f"origin {self._url} is closed ({op} {key})")
         attempt = 0
         while True:
+            deadline: _Deadline | None = None
             try:
                 # The deadline starts once a slot is held: queueing is not the origin's fault.
-                async with self._sem, asyncio.timeout(self._timeout):
-                    result = await call()
+                async with self._sem, asyncio.timeout(limit(self._timeout, size)) as cm:
+                    deadline = _Deadline(cm, limit(self._timeout, size))
+                    token = _deadline.set(deadline)
+                    try:
+                        result = await call()
+                    finally:
+                        _deadline.reset(token)
             except _Oversized as exc:
                 # The object is wrong, not the connection: asking again gets the same bytes.
                 # Raised without the frames below: they hold the answer, whose connection
@@ -974,17 +1056,24 @@ class Origin:
                     await self._sleep(delay)
                     continue
                 self.stats.requests_failed += 1
-                raise self._failure(op, key, failure, attempt + 1, exc) from exc
+                took = deadline.seconds if deadline is not None else self._timeout
+                raise self._failure(op, key, failure, attempt + 1, exc, took) from exc
             self.stats.requests_ok += 1
             if attempt:
                 _tell(None)
             return result
 
     def _failure(
-        self, op: str, key: str, failure: Failure, attempts: int, exc: BaseException
+        self,
+        op: str,
+        key: str,
+        failure: Failure,
+        attempts: int,
+        exc: BaseException,
+        seconds: float,
     ) -> OriginError:
         # The cause first (what a user acts on), then the object, then the details.
-        detail = _describe(exc, self._timeout)
+        detail = _describe(exc, seconds)
         cause = cause_of(exc) or "origin error"
         if failure is Failure.AUTH:
             return OriginError(
@@ -1056,7 +1145,7 @@ class PackRun:
                 self._pos += n
                 return await wholepacks.handed(then, data)
             try:
-                async with asyncio.timeout(o._timeout):
+                async with asyncio.timeout(limit(o._timeout, n)):
                     got = await stream.read(n, then)
             except (fastget.Broken, TimeoutError) as e:
                 self._breaks += 1

@@ -70,6 +70,10 @@ class Origin(Protocol):
     @property
     def timeout(self) -> float: ...
 
+    def limit(self, nbytes: int) -> float:
+        """Seconds a transfer of `nbytes` may take (the timeout, then a minimum rate)."""
+        ...
+
     def fast_whole(self, pack: bytes, size: int) -> fastget.Stream | None:
         """fastget's GET of the whole pack, where fastget takes this origin's reads."""
         ...
@@ -134,11 +138,12 @@ class _Body:
     async def next(self) -> memoryview | None:
         """The next piece; None at the body's end."""
         o = self._origin
+        seconds = o.limit(PIECE)
         try:
-            async with asyncio.timeout(o.timeout):
+            async with asyncio.timeout(seconds):
                 piece = await self._next()
         except TimeoutError:
-            raise Broken(f"no bytes for {o.timeout:g} s") from None
+            raise Broken(f"not {PIECE >> 10} KiB in {seconds:g} s") from None
         if piece is None:
             return None
         self.got += len(piece)

@@ -445,7 +445,7 @@ async def test_a_stalled_request_times_out_and_is_retried() -> None:
         )
         try:
             async with asyncio.timeout(DEADLINE):
-                with pytest.raises(OriginError, match=r"after 2 attempts: no answer within 0.2s"):
+                with pytest.raises(OriginError, match=r"after 2 attempts: not done within 0.2s"):
                     await origin.get_manifest(SID_A)
         finally:
             stall.release.set()
@@ -524,3 +524,97 @@ async def test_messages_do_not_leak_url_credentials() -> None:
 )
 def test_classify(exc: BaseException, failure: Failure) -> None:
     assert classify(exc) is failure
+
+
+@contextlib.asynccontextmanager
+async def _slow_link(upstream: str, rate: int) -> AsyncIterator[str]:
+    """A TCP proxy to `upstream` (host:port) that every connection through it shares, at
+    `rate` bytes a second each way (a slow link, or a fast one split many ways); yields
+    its host:port."""
+    host, _, port = upstream.rpartition(":")
+    free = {"up": 0.0, "down": 0.0}  # when the link is next free, each way
+    loop = asyncio.get_running_loop()
+    open_ends: set[asyncio.StreamWriter] = set()
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str) -> None:
+        try:
+            while data := await r.read(4096):
+                start = max(loop.time(), free[way])
+                free[way] = start + len(data) / rate
+                await asyncio.sleep(free[way] - loop.time())
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(host, int(port))
+        except OSError:
+            cw.close()
+            return
+        open_ends.update((cw, uw))
+        try:
+            await asyncio.gather(pipe(cr, uw, "up"), pipe(ur, cw, "down"))
+        finally:
+            open_ends.difference_update((cw, uw))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for w in list(open_ends):
+            w.transport.abort()
+        await server.wait_closed()
+
+
+async def test_reads_that_share_a_slow_link_are_not_cut_off_while_they_move() -> None:
+    """Eight chunks of 160 KB at once over a 320 KB/s link: each takes ~4 s, four times the
+    request timeout, and keeps moving all the while. A deadline of the request timeout a
+    read failed every one of them, on every attempt, however long the link would carry
+    them; now each may take its size at origin.MIN_RATE, and only a stall (no byte for the
+    timeout) ends it."""
+    datas = [random.Random(i).randbytes(160_000) for i in range(8)]
+    objects = {f"/o/chunks/{chunk_id(d).hex()[:2]}/{chunk_id(d).hex()}": d for d in datas}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        body = objects.get(request.path)
+        return web.Response(body=body) if body is not None else web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", serve)
+    async with _http_server(app) as base, _slow_link(base.removeprefix("http://"), 320_000) as via:
+        origin = _origin(f"http://{via}/o", timeout=1.0, concurrency=8)
+        try:
+            async with asyncio.timeout(60):
+                got = await asyncio.gather(*(origin.get_chunk(chunk_id(d)) for d in datas))
+        finally:
+            await origin.close()
+    assert [bytes(g) for g in got] == datas
+    assert origin.stats.requests_retried == 0
+
+
+async def test_an_upload_slower_than_the_timeout_that_keeps_moving_goes_through(
+    s3_server: S3Bucket,
+) -> None:
+    """A 1 MB pack over a 400 KB/s uplink takes 2.5 s, past a 1 s request timeout: the
+    whole PUT had to fit in the timeout (the client's and ours), so a pack larger than
+    rate x timeout could never be published. Its answer starts only once its body is sent,
+    so no read timeout may apply to it either."""
+    data = random.Random(3).randbytes(1_000_000)
+    pack = chunk_id(data)
+    endpoint = s3_server.endpoint.removeprefix("http://")
+    async with _slow_link(endpoint, 400_000) as via:
+        options = {**s3_server.options, "endpoint": f"http://{via}"}
+        origin = _origin(s3_server.url(PREFIX), options, timeout=1.0)
+        try:
+            async with asyncio.timeout(60):
+                await origin.put_pack(pack, data)
+        finally:
+            await origin.close()
+    assert origin.stats.requests_retried == 0
+    reader = _origin(s3_server.url(PREFIX), s3_server.options)
+    assert bytes(await reader.get_pack_range(pack, 0, len(data), len(data))) == data
