@@ -631,7 +631,22 @@ class Restorer:
 
         # Held until the placer has stopped, whatever happens: it reads the blobs.
         with self.cache.holding(blobs):
-            await self.spawner.run(placer.begin)  # the target (or the build) exists from here
+            # The target (or the build) exists from here. A cancel meanwhile (the client
+            # gone) waits for begin's thread: then the placer, told to stop, takes back
+            # what begin made, while the helper (and the caller's root it holds) lives.
+            begun = asyncio.ensure_future(self.spawner.run(placer.begin))
+            try:
+                await asyncio.shield(begun)
+            except asyncio.CancelledError:
+                cancel.set()
+                placer.end()
+                ended, _ = await asyncio.wait({begun}, timeout=CANCEL_GRACE)
+                if not ended:  # a helper the caller stopped: the thread waits on it, kill it
+                    fs.kill()
+                with contextlib.suppress(Exception):
+                    await begun  # (a begin that failed took back what it made itself)
+                    await self.spawner.run(placer.run)  # raises Cancelled, once taken back
+                raise
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
                 fill = asyncio.ensure_future(

@@ -17,6 +17,7 @@ with a deadline, and the order of events is set by the gate.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -903,6 +904,70 @@ def test_client_disconnect_cancels_restore_and_leaves_nothing(work: Path) -> Non
         assert out["event"] == "result", out
         assert tree_digest(target) == tree_digest(src)
         assert hidden_builds(target) == []
+
+
+# A client that connects, asks for a restore and reads its events until it is killed.
+_RESTORING_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+body = json.dumps(json.loads(sys.argv[2])).encode()
+head = b"POST /v1/restore HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+s.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+while s.recv(65536):
+    pass
+"""
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["copy", "progressive"])
+def test_a_client_killed_while_its_tree_is_made_leaves_nothing(
+    work: Path, progressive: bool
+) -> None:
+    """The caller is killed while the helper makes the tree's directories and empty files
+    (the placer's begin, on its own thread). The cancel closed the helper under that
+    thread, and its clean-up then needed a new helper in the caller's root, which a dead
+    caller no longer has: the hidden build (or a progressive restore's target, with its
+    directories and empty files) stayed for good. Now the cancel waits for begin, and the
+    helper takes back what it made."""
+    src = work / "src"
+    for i in range(3000):  # many directories: begin makes each of them
+        sub = src / f"a{i % 30:02d}" / f"b{i:04d}"
+        sub.mkdir(parents=True)
+        (sub / "f").write_bytes(b"x" * (1 + i % 500))
+    (src / "e").mkdir()
+    for i in range(2000):  # and empty files, made right after them
+        (src / "e" / f"{i:04d}").write_bytes(b"")
+    origin = work / "origin"
+    publish_to(origin, work / "pub", {"demo/dirs": src})
+    target = work / "out"
+
+    def made() -> list[Path]:  # what begin makes: the hidden build, or the target itself
+        if progressive:
+            return [target] if target.exists() else []
+        return [target.parent / n for n in hidden_builds(target)]
+
+    with Hostd(work / "d", origin=f"file://{origin}") as d:
+        body: dict[str, Any] = {"ref": "demo/dirs", "target": str(target), "mode": "copy"}
+        if progressive:
+            body["progressive"] = True
+        client = subprocess.Popen(
+            [sys.executable, "-c", _RESTORING_CLIENT, str(d.socket), json.dumps(body)]
+        )
+        try:
+            # killed once the empty files are being made: begin is running
+            wait_for(
+                "the tree's empty files to be made",
+                lambda: any((m / "e").is_dir() and os.listdir(m / "e") for m in made()),
+            )
+        finally:
+            client.kill()
+            client.wait()
+        wait_for("the restore to be cancelled", lambda: assert_serving(d)["in_flight"] == 0)
+        wait_for("what begin made to be taken back", lambda: not made(), timeout=30)
+        assert "could not clean up" not in d.log()
+        out = d.restore("demo/dirs", target)
+        assert out["event"] == "result", out
+        assert tree_digest(target) == tree_digest(src)
 
 
 # -- 11. bad config values --------------------------------------------------------------------
