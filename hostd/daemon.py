@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -721,7 +722,32 @@ def main(config_path: Path | None) -> int:
         # A bad config value found only while building the parts (origin_options) is
         # still a usage error: exit 2, as one found while loading the file.
         return 2 if isinstance(e, ConfigError) else 1
+    _leave_stuck_threads()
     return 0
+
+
+# Seconds the threads still running after the daemon's own shutdown get to end.
+THREADS_GRACE = 5.0
+
+
+def _leave_stuck_threads() -> None:
+    """Exit now if a thread outlives the shutdown by THREADS_GRACE: one stuck in a caller's
+    filesystem (a write a FUSE server never answers) would hold the interpreter's exit,
+    which joins every pool thread, for as long as that server likes; the daemon's own work
+    (index, tiers) is closed by now."""
+    deadline = time.monotonic() + THREADS_GRACE
+    for t in threading.enumerate():
+        if t is threading.current_thread() or t.daemon:
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    stuck = [n for n in stuck if n != threading.current_thread().name]
+    if stuck:
+        log.warning("exiting past %d stuck thread(s): %s", len(stuck), ", ".join(stuck[:8]))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # The cyclic garbage collector's youngest generation is collected after this many new

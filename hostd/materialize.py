@@ -130,7 +130,7 @@ class Ready:
 OnRange = Callable[[list[tuple[str, str, int, int, int]]], object]
 
 
-@dataclass
+@dataclass(eq=False)  # (one part is itself alone: lists of them are searched by identity)
 class _Part:
     """A file of a progressive restore written a verified range at a time (`Placer.tee`),
     under a scratch name, until its blob is complete and it lands."""
@@ -173,6 +173,77 @@ class _Part:
             if not self.closed:
                 self.closed = True
                 os.close(self.fd)
+
+
+# The bytes of verified chunks a restore's ranges may hold, waiting for their writes into
+# the caller's files; a chunk past that is not written by range (it is copied in when its
+# file lands, as a chunk the fill did not fetch is).
+TEE_BYTES = 64 << 20
+
+
+class _Tees:
+    """The writes of a progressive restore's ranges, on a thread of the restore's own: the
+    fill hands each verified chunk over (a copy: the fill's buffer is reused) and goes on. A
+    caller whose filesystem blocks a write (a FUSE server that never answers) stalls this
+    restore's ranges alone, never the fill's threads, which every restore shares with the
+    daemon's other work. Daemonic: a write stuck in the kernel does not hold up an exit."""
+
+    def __init__(self, on_range: OnRange | None) -> None:
+        self.on_range = on_range
+        self.lock = threading.Condition()
+        self.queue: collections.deque[tuple[list[_Part], int, bytes]] = collections.deque()
+        self.held = 0  # bytes queued
+        self.busy: list[_Part] = []  # the parts of the write under way
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def put(self, parts: list[_Part], offset: int, data: bytes | memoryview) -> None:
+        with self.lock:
+            if self.stopped or self.held + len(data) > TEE_BYTES:
+                return  # copied when its file lands
+            self.queue.append((parts, offset, bytes(data)))
+            self.held += len(data)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="hostd-ranges", daemon=True)
+                self.thread.start()
+            self.lock.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: bool(self.queue) or self.stopped)
+                if self.stopped:
+                    return
+                parts, offset, data = self.queue.popleft()
+                self.busy = parts
+            try:
+                told = [
+                    (p.entry.path, p.name, offset, len(data), p.entry.size)
+                    for p in parts
+                    if p.write(offset, data)
+                ]
+                if told and self.on_range is not None:
+                    self.on_range(told)
+            finally:
+                with self.lock:
+                    self.held -= len(data)
+                    self.busy = []
+                    self.lock.notify_all()
+
+    def settle(self, part: _Part) -> None:
+        """Until no write into `part` waits or runs (its file is about to land)."""
+        with self.lock:
+            self.lock.wait_for(
+                lambda: all(part not in ps for ps, _, _ in self.queue) and part not in self.busy
+            )
+
+    def stop(self) -> None:
+        """Drop the writes not started (the parts are being given up)."""
+        with self.lock:
+            self.stopped = True
+            self.held -= sum(len(d) for _, _, d in self.queue)
+            self.queue.clear()
+            self.lock.notify_all()
 
 
 class Placer:
@@ -228,7 +299,7 @@ class Placer:
         # Files written by range (by_ranges), by blob; who hears of each range.
         self.ranged: list[str] = []
         self.parts: dict[bytes, list[_Part]] = {}
-        self.on_range: OnRange | None = None
+        self._tees = _Tees(None)
 
     def by_ranges(self, paths: Sequence[str], on_range: OnRange) -> None:
         """Write these files (of several chunks each) a verified chunk at a time as the fill
@@ -238,7 +309,7 @@ class Placer:
         only; before begin."""
         if not self.progressive:
             raise UsageError("files written by range are for a progressive restore")
-        self.ranged, self.on_range = list(paths), on_range
+        self.ranged, self._tees = list(paths), _Tees(on_range)
 
     def begin(self) -> None:
         """Make the target and its directories, and the empty files. Blocking."""
@@ -269,23 +340,18 @@ class Placer:
 
     def tee(self, digest: bytes, offset: int, data: bytes | memoryview) -> None:
         """A verified chunk of blob `digest` at `offset`, as the fill writes it (on its
-        thread): into each file of that blob written by range, then told. Never raises: a
-        failed write (the target's filesystem full) is told when the file would land, and
-        the fill, which other restores may share, goes on."""
+        thread): to be written into each file of that blob written by range, then told, on
+        this restore's own thread (_Tees). Never blocks on the caller's filesystem, never
+        raises: a failed write (the target's filesystem full) is told when the file would
+        land, and the fill, which other restores may share, goes on."""
         parts = self.parts.get(digest)
-        if not parts:
-            return
-        told = [
-            (p.entry.path, p.name, offset, len(data), p.entry.size)
-            for p in parts
-            if p.write(offset, data)
-        ]
-        if told and self.on_range is not None:
-            self.on_range(told)
+        if parts:
+            self._tees.put(list(parts), offset, data)
 
     def _close_parts(self) -> None:
         """The descriptors of the parts not landed closed, no tee writing them (the helper
         removes those files)."""
+        self._tees.stop()
         for parts in list(self.parts.values()):
             for p in parts:
                 p.close()
@@ -380,10 +446,12 @@ class Placer:
 
     def _land(self, ranged: list[tuple[Ready, _Part]]) -> None:
         """Files written by range whose blobs are complete: the chunks no tee wrote (a blob
-        found already filled, or resumed, or filled by another restore) copied from the
-        blob, then each lands whole. Every tee of those blobs has returned: a blob is
-        complete only once each of its chunks' writes has."""
+        found already filled, or resumed, or filled by another restore, or dropped past
+        TEE_BYTES) copied from the blob, then each lands whole. Every tee of those blobs
+        has been handed over (a blob is complete only once each of its chunks' tier writes
+        has), and its writes are waited for (settle)."""
         for r, p in ranged:
+            self._tees.settle(p)
             with p.lock:
                 if p.error is None:
                     try:

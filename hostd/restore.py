@@ -640,12 +640,12 @@ class Restorer:
             except asyncio.CancelledError:
                 cancel.set()
                 placer.end()
-                ended, _ = await asyncio.wait({begun}, timeout=CANCEL_GRACE)
-                if not ended:  # a helper the caller stopped: the thread waits on it, kill it
-                    fs.kill()
-                with contextlib.suppress(Exception):
-                    await begun  # (a begin that failed took back what it made itself)
-                    await self.spawner.run(placer.run)  # raises Cancelled, once taken back
+                if await _stopped(begun, fs, str(req.target)) and begun.exception() is None:
+                    # (a begin that failed took back what it made itself)
+                    taking = asyncio.ensure_future(self.spawner.run(placer.run))
+                    if await _stopped(taking, fs, str(req.target)):
+                        with contextlib.suppress(Exception):
+                            await taking  # raises Cancelled, once taken back
                 raise
             job = asyncio.ensure_future(self.spawner.run(placer.run))
             try:
@@ -679,13 +679,12 @@ class Restorer:
             except BaseException:
                 cancel.set()  # the placer stops between batches; the helper takes back the rest
                 placer.end()
-                done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
-                if not done:
-                    fs.kill()
-                with contextlib.suppress(Cancelled, Exception):
-                    await job
-                    # It had placed everything when the cancel came: the stream takes it back.
-                    self._keep_take_back(progress, req, fs, placer)
+                if await _stopped(job, fs, str(req.target)):
+                    with contextlib.suppress(Cancelled, Exception):
+                        await job
+                        # It had placed everything when the cancel came: the stream takes
+                        # it back.
+                        self._keep_take_back(progress, req, fs, placer)
                 raise
             await self._touch(blobs, self.cache.clock())
         t3 = self.clock()
@@ -778,11 +777,9 @@ class Restorer:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops between batches and removes what it built
-            done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
-            if not done:  # a helper the caller stopped: the thread waits on it, kill it
-                fs.kill()
-            with contextlib.suppress(Cancelled, Exception):
-                await job
+            if await _stopped(job, fs, str(req.target)):
+                with contextlib.suppress(Cancelled, Exception):
+                    await job
             raise
         except (TargetError, OSError) as e:  # the helper's write into the caller's filesystem
             raise _target_error(req, e) from e
@@ -801,6 +798,26 @@ class Restorer:
             "timings": {"resolve": f.t1 - f.t0, "fetch": f.t2 - f.t1, "total": f.t2 - f.t0},
             "bytes_by_source": _by_source(progress.fill, self.cache),
         }
+
+
+async def _stopped(job: asyncio.Future[Any], fs: AsUser, where: str) -> bool:
+    """Give a cancelled restore's thread `job` CANCEL_GRACE to stop, then kill its helper (a
+    helper the caller stopped, which the thread waits on) and give it CANCEL_GRACE again.
+    Whether it ended: past that the thread is stuck in the caller's filesystem (a write a
+    FUSE server never answers) and is left behind, rather than the operation's slot."""
+    done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
+    if not done:
+        fs.kill()
+        done, _ = await asyncio.wait({job}, timeout=CANCEL_GRACE)
+    if not done:
+        log.warning(
+            "the restore into %s was cancelled, but its thread is stuck in the caller's "
+            "filesystem; left behind",
+            where,
+        )
+        job.add_done_callback(lambda j: j.cancelled() or j.exception())
+        return False
+    return True
 
 
 async def _load_order(paths: list[str], patterns: Sequence[str]) -> list[int]:

@@ -1,0 +1,146 @@
+"""A caller's own filesystem that never answers a write (a FUSE server of its own, which any
+user may mount through fusermount on a stock distro) stalls that caller's restore alone:
+the daemon keeps serving everyone else, and it still stops when told to.
+
+The filesystem is real: tests/stallfs.py speaks the kernel's FUSE protocol and leaves each
+WRITE unanswered, so the writer waits in the kernel as it would on a hung network mount."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pwd
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Hostd, rmtree, short_tmp, tree_digest
+
+pytestmark = pytest.mark.root
+
+HERE = Path(__file__).resolve().parent
+NOBODY = pwd.getpwnam("nobody")
+DEADLINE = 60.0
+
+
+def wait_for(what: str, check: object, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def unmount(path: Path) -> None:
+    """Detach a mount (umount2 MNT_DETACH: umount(8) would stat it first, which root may not
+    do on a FUSE mount of another user's)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2(str(path).encode(), 2)
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse (a FUSE filesystem of the caller's)")
+    root = short_tmp("st")
+    root.chmod(0o755)  # nobody reaches its mountpoint and the socket
+    try:
+        yield root
+    finally:
+        unmount(root / "fuse")
+        rmtree(root)
+
+
+def test_a_caller_whose_filesystem_never_answers_a_write_stalls_its_own_restore_alone(
+    work: Path,
+) -> None:
+    """With `ranges`, the daemon writes each verified chunk into the caller's file itself.
+    Those writes ran on the event loop's shared threads: into a file on a filesystem that
+    never answers, each one took a thread for good, and once they were all taken every
+    other restore and /metrics waited with them, and the cancelled restore kept its slot.
+    Now they run on a thread of that restore's own, which is left behind when it is
+    cancelled."""
+    rng = random.Random(5)
+    big, other = work / "big", work / "other"
+    big.mkdir()
+    other.mkdir()
+    (big / "weights.bin").write_bytes(rng.randbytes(4 << 20))  # 64 chunks of 64 KiB
+    (other / "w.bin").write_bytes(rng.randbytes(1 << 20))
+    origin = f"file://{work}/origin"
+    with Hostd(work / "pub", origin=origin) as pub:
+        pub.publish(big, "m/big", chunk_size=65536)
+        pub.publish(other, "m/other", chunk_size=65536)
+    mnt = work / "fuse"
+    mnt.mkdir()
+    os.chown(mnt, NOBODY.pw_uid, NOBODY.pw_gid)
+    log = work / "stallfs.log"
+    fuse = subprocess.Popen(
+        [sys.executable, str(HERE / "stallfs.py"), str(mnt), "nobody", str(log)]
+    )
+    client: subprocess.Popen[bytes] | None = None
+    d = Hostd(work / "d", origin=origin, socket_mode="0666").start()
+    try:
+        # (root may not stat a FUSE mount of nobody's: its server says when it is up)
+        wait_for("the FUSE mount", lambda: log.exists() and "mounted" in log.read_text())
+        body = {
+            "ref": "m/big",
+            "target": str(mnt / "t"),
+            "progressive": True,
+            "ranges": True,
+            "mode": "copy",
+        }
+        client = subprocess.Popen(
+            [
+                *("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"),
+                *("curl", "-sN", "--unix-socket", str(d.socket), "-X", "POST"),
+                *("-H", "Content-Type: application/json", "--data-binary", json.dumps(body)),
+                "http://hostd/v1/restore",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for("a write into the caller's file", lambda: "WRITE" in log.read_text())
+        # everyone else is served meanwhile: a cold restore, the metrics
+        started = time.monotonic()
+        out = d.restore("m/other", work / "out")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "out") == tree_digest(other)
+        assert "hostd_operations_total" in d.metrics()
+        assert time.monotonic() - started < DEADLINE
+        # the stalled caller goes away: its restore is cancelled, its slot given back
+        client.kill()
+        client.wait()
+        client = None
+
+        def in_flight() -> int:
+            _, status = d.api("GET", "/v1/status")
+            return int(status["in_flight"])
+
+        wait_for("the stalled restore to be counted out", lambda: in_flight() == 0)
+        out = d.restore("m/other", work / "out2")  # and its slot is free for others
+        assert out["event"] == "result", out
+        # Once the server is gone the write fails, and the daemon stops as ever. (Not
+        # before: a FUSE request the server has read is waited out by the kernel even
+        # through SIGKILL, so a process with such a write cannot end until it is answered.)
+        fuse.kill()
+        fuse.wait()
+        unmount(mnt)
+        assert d.proc is not None
+        d.proc.terminate()
+        try:
+            d.proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"hostd did not stop:\n{d.log()[-4000:]}") from None
+        assert d.proc.returncode == 0, d.log()
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        fuse.kill()
+        fuse.wait()
+        unmount(mnt)
+        d.close()
