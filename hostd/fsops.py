@@ -56,6 +56,10 @@ from hostd.fileio import (
 from hostd.frames import recv_frame, send_frame
 
 BUILD_INFIX = ".hostd-"
+# The mark on a build directory the helper made (an extended attribute, as the caller, who
+# owns it): the sweep removes only those. Its name alone proves nothing: in a directory two
+# users may write, one can rename the other's tree to a build's name.
+BUILD_MARK = "user.hostd.build"
 PART_PREFIX = ".hostd-part-"  # a progressive restore's file before it is whole
 _PR_SET_DUMPABLE = 4
 
@@ -532,6 +536,8 @@ class Helper:
             except OSError:
                 continue
             try:
+                if not _marked_build(d):
+                    continue  # not a build of the caller's: a tree someone gave that name
                 fcntl.flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # held while removing, and only what still sits under that name
                 if _same(os.fstat(d), os.stat(n, dir_fd=self.parent, follow_symlinks=False)):
@@ -560,6 +566,7 @@ class Helper:
             ) from None
         self.build_fd = _open_dir(self.parent, self.build, self.build)
         fcntl.flock(self.build_fd, fcntl.LOCK_EX)  # a sweep by another restore leaves it alone
+        _mark_build(self.build_fd)  # (so a sweep after a crash knows it for one)
         self.dirs[""] = self.build_fd
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
         if not _same(here, os.fstat(self.build_fd)):  # swept or swapped before we locked it
@@ -793,12 +800,14 @@ class Helper:
             raise Refused("exists", f"target {target!r} appeared while restoring")
         if seen is not None and seen != self.target_id:
             raise Refused("changed", f"target {target!r} was replaced while restoring")
+        _unmark_build(self.build_fd)  # (the restored tree is no build any more)
         try:
             renameat2(self.parent, self.build, self.name, 0)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             if not msg.get("replace"):
+                _mark_build(self.build_fd)
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
             renameat2(self.parent, self.build, self.name, RENAME_EXCHANGE)
             self.committed = True
@@ -806,6 +815,13 @@ class Helper:
                 shutil.rmtree(self.build, dir_fd=self.parent)
             except OSError:
                 left = f"{self.parent_path.rstrip('/')}/{self.build}"
+                with contextlib.suppress(OSError):  # (a later restore's sweep may take it)
+                    old = _open_dir(self.parent, self.build, left)
+                    try:
+                        if _same(os.fstat(old), now):
+                            _mark_build(old)
+                    finally:
+                        os.close(old)
         self.committed = True
         self._close_dirs()
         return {"ok": True, "old_tree_left": left}, []
@@ -987,6 +1003,28 @@ def _listdir(dfd: int, what: str) -> list[str]:
 def _oserror(e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     return f"{e.strerror or e}{where}"
+
+
+def _mark_build(fd: int) -> None:
+    """Mark a build directory the caller owns as one (BUILD_MARK). Where the filesystem
+    keeps no user attributes, a build left by a crash stays until removed by hand."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, BUILD_MARK, b"1")
+
+
+def _unmark_build(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, BUILD_MARK)
+
+
+def _marked_build(fd: int) -> bool:
+    """Whether the directory at `fd` is a build this caller made: its own, and marked."""
+    if os.fstat(fd).st_uid != os.geteuid():
+        return False
+    try:
+        return os.getxattr(fd, BUILD_MARK) == b"1"
+    except OSError:
+        return False
 
 
 def _lock_target(fd: int, where: str) -> os.stat_result:

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from harness import Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
 
+from hostd import fsops
 from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.core import manifest as mf
@@ -574,18 +575,27 @@ def test_a_killed_daemon_leaves_no_build_directory(work: Path) -> None:
             break
         shutil.rmtree(home / "out")
     assert caught, "the restore always finished before the daemon was killed"
-    # a build left by a helper killed too is swept by the next restore into the target
+    # A build left by a helper killed too is swept by the next restore into the target: a
+    # directory of the caller's with the helper's mark. Not one with a build's name alone:
+    # in a directory two users may write, one can give the other's tree that name, and the
+    # sweep, as the caller, would remove what the other could not.
     leftover = home / ".out.hostd-0123456789ab"
-    leftover.mkdir()
-    (leftover / "junk").write_text("x")
-    os.chown(leftover, NOBODY, NOBODY)
-    os.chown(leftover / "junk", NOBODY, NOBODY)
+    renamed = home / ".out.hostd-000000000000"
+    for dir_ in (leftover, renamed):
+        dir_.mkdir()
+        (dir_ / "junk").write_text("x")
+        os.chown(dir_, NOBODY, NOBODY)
+        os.chown(dir_ / "junk", NOBODY, NOBODY)
+    os.setxattr(leftover, fsops.BUILD_MARK, b"1")  # as the helper marks its builds
     with daemon(work) as d:
         out = nobody_stream(
             d.socket, "/v1/restore", {"ref": "t/big", "target": f"{home}/out", "mode": "copy"}
         )
         assert out["event"] == "result", out
-    assert sorted(p.name for p in home.iterdir()) == ["out"]
+    assert sorted(p.name for p in home.iterdir()) == [renamed.name, "out"]
+    assert (renamed / "junk").read_text() == "x"
+    with pytest.raises(OSError, match="No data available"):  # no mark: the tree is no build
+        os.getxattr(home / "out", fsops.BUILD_MARK)
 
 
 class _WrittenDuringCopy(AsUser):
