@@ -56,6 +56,7 @@ from hostd.fileio import (
 from hostd.frames import recv_frame, send_frame
 
 BUILD_INFIX = ".hostd-"
+NAME_MAX = 255  # bytes of one name (Linux)
 # The mark on a build directory the helper made (an extended attribute, as the caller, who
 # owns it): the sweep removes only those. Its name alone proves nothing: in a directory two
 # users may write, one can rename the other's tree to a build's name.
@@ -521,7 +522,7 @@ class Helper:
     def _sweep(self) -> None:
         """Remove build directories of earlier restores into this target that nobody holds
         (the helper that made one holds a lock on it while it lives)."""
-        prefix = f".{self.name}{BUILD_INFIX}"
+        prefix = _build_prefix(self.name)
         try:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.parent)
         except OSError:
@@ -555,7 +556,7 @@ class Helper:
             raise Refused("protocol", "begin before target")
         if msg.get("progressive"):
             return self._begin_in_place(msg)
-        self.build = f".{self.name}{BUILD_INFIX}{os.urandom(6).hex()}"
+        self.build = f"{_build_prefix(self.name)}{os.urandom(6).hex()}"
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
         try:
             os.mkdir(self.build, 0o755, dir_fd=self.parent)
@@ -1003,6 +1004,17 @@ def _listdir(dfd: int, what: str) -> list[str]:
 def _oserror(e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     return f"{e.strerror or e}{where}"
+
+
+def _build_prefix(name: str) -> str:
+    """The start of the name of a build of target `name`: `.<name>.hostd-`, the target's
+    name cut (at a character) so that the whole, 12 hex digits after it, fits NAME_MAX
+    bytes: a target named up to the limit gets a build too."""
+    room = NAME_MAX - 1 - len(BUILD_INFIX) - 12
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > room:
+        name = raw[:room].decode("utf-8", "ignore")
+    return f".{name}{BUILD_INFIX}"
 
 
 def _mark_build(fd: int) -> None:

@@ -859,8 +859,15 @@ class Origin:
         `prefix` (as text), sorted, at most `limit` of them, and whether more were left out;
         None if this store cannot list. Only what lies under the prefix's whole segments is
         listed (`demo/ll` lists `refs/demo/`)."""
-        if prefix and not _REF_PREFIX.fullmatch(prefix):
-            raise UsageError(f"bad ref prefix {prefix!r}: refs are [A-Za-z0-9._-] joined by '/'")
+        # (its whole segments are listed under: none may be empty, '.' or '..')
+        if prefix and (
+            not _REF_PREFIX.fullmatch(prefix)
+            or any(seg in ("", ".", "..") for seg in prefix.split("/")[:-1])
+        ):
+            raise UsageError(
+                f"bad ref prefix {prefix!r}: refs are [A-Za-z0-9._-] segments joined by '/', "
+                "with no empty, '.' or '..' segment"
+            )
         if not self._can_list:
             return None
         base = prefix.rpartition("/")[0]

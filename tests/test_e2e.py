@@ -598,6 +598,19 @@ def test_metrics_on_socket_and_tcp(work: Path) -> None:
 # -- errors ------------------------------------------------------------------------------------
 
 
+def test_a_target_named_up_to_the_limit_is_restored(work: Path) -> None:
+    """A name of 255 bytes is a name the API takes; its hidden build's name, made from it,
+    is cut to fit (it failed as "File name too long", naming the build)."""
+    src = make_tree(work / "src")
+    with Hostd(work / "d", origin=f"file://{work}/origin") as d:
+        d.publish(src, "demo/long")
+        for name in ("n" * 255, "é" * 127 + "x"):  # (254 bytes of two-byte characters, and one)
+            out = d.restore("demo/long", work / name, mode="copy")
+            assert out["event"] == "result", out
+            assert tree_digest(work / name) == tree_digest(src)
+        assert hidden_leftovers(work) == []
+
+
 def test_api_errors_are_json(work: Path) -> None:
     with Hostd(work / "d", max_request_body="1KiB") as d:
         target = str(work / "out")

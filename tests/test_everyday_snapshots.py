@@ -220,6 +220,8 @@ def test_refs_lists_the_origin_and_inspect_shows_a_manifest(cli: Cli, work: Path
     human = cli.ok("refs", "models")
     assert re.search(rf"models/llama\s+\S{{12}}\s+.*format=2.*{a[:12]}\s+2\s+4\.9 KiB", human)
     assert "bad ref prefix" in cli.fails(2, "refs", "a b")
+    for outside in ("../../", "models/../x", "a//b"):  # a usage error, not the origin's
+        assert "no empty, '.' or '..' segment" in cli.fails(2, "refs", outside)
 
     info = cli.json("inspect", "models/llama")
     assert info["snapshot"] == a
