@@ -393,7 +393,13 @@ class AsUser:
         _, fds = self.call("open", nfds=len(items), items=[[p, list(i), v] for p, i, v in items])
         try:
             for (path, ident, _), fd in zip(items, fds, strict=True):
-                st = os.fstat(fd)
+                try:
+                    st = os.fstat(fd)
+                except OSError as e:  # (a FUSE mount of the caller's without allow_other)
+                    raise UsageError(
+                        f"cannot publish {path!r}: hostd cannot read it ({e.strerror}); a "
+                        "FUSE filesystem must be mounted with allow_other for hostd to read it"
+                    ) from None
                 if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(ident):
                     # a helper that lied: never read what it handed over
                     raise HostdError(f"hostd's helper handed over something else for {path!r}")

@@ -144,3 +144,47 @@ def test_a_caller_whose_filesystem_never_answers_a_write_stalls_its_own_restore_
         fuse.wait()
         unmount(mnt)
         d.close()
+
+
+def test_a_source_hostd_cannot_read_is_named_in_a_clear_error(work: Path) -> None:
+    """A caller publishing from its own FUSE mount (without allow_other, the default, the
+    kernel refuses every other uid, root's included): the publish failed with a bare
+    500 'internal' (a small file) or blamed hostd's own tier (a larger one)."""
+    mnt = work / "fuse"
+    mnt.mkdir()
+    os.chown(mnt, NOBODY.pw_uid, NOBODY.pw_gid)
+    log = work / "stallfs.log"
+    fuse = subprocess.Popen(
+        [sys.executable, str(HERE / "stallfs.py"), str(mnt), "nobody", str(log)]
+    )
+    as_nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    access = {"publish": ["user:nobody"]}
+    d = Hostd(work / "d", origin=f"file://{work}/origin", socket_mode="0666", access=access)
+    try:
+        d.start()
+        wait_for("the FUSE mount", lambda: log.exists() and "mounted" in log.read_text())
+        for name, size in (("small", "1M"), ("large", "8M")):
+            src = mnt / name
+            subprocess.run([*as_nobody, "mkdir", str(src)], check=True)
+            subprocess.run([*as_nobody, "truncate", "-s", size, str(src / "w.bin")], check=True)
+            body = json.dumps({"path": str(src), "ref": f"m/{name}"})
+            got = subprocess.run(
+                [
+                    *as_nobody,
+                    *("curl", "-sN", "--unix-socket", str(d.socket), "-X", "POST"),
+                    *("-H", "Content-Type: application/json", "--data-binary", body),
+                    "http://hostd/v1/publish",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            last = json.loads(got.strip().splitlines()[-1])
+            assert last.get("error") == "bad_request", last
+            assert "w.bin" in last["message"], last
+            assert "allow_other" in last["message"], last
+    finally:
+        fuse.kill()
+        fuse.wait()
+        unmount(mnt)
+        d.close()
