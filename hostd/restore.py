@@ -242,7 +242,19 @@ class Resolver:
                     )
                     return Resolved(local, await self.manifest(local), True)
             raise
-        return Resolved(sid, await self.manifest(sid), False)
+        return Resolved(sid, await self._manifest_of(ref, sid), False)
+
+    async def _manifest_of(self, ref: str, sid: str) -> mf.Manifest:
+        """The manifest a ref names: one that is not at the origin is a broken origin (a
+        partial copy, a manifest removed by hand), not an unknown ref: exit 1, not the 3
+        that tells a caller to publish one."""
+        try:
+            return await self.manifest(sid)
+        except NotFound as e:
+            raise ManifestError(
+                f"ref {ref!r} names snapshot {sid}, but {e.message}: the origin lacks an "
+                "object it should hold"
+            ) from e
 
     async def _lookup(
         self, ref: str, digests: Sequence[str], host: Mapping[str, str], given: Mapping[str, str]
@@ -276,7 +288,7 @@ class Resolver:
             sid = await self.origin.get_ref(ref, d)
             if sid is None:
                 continue
-            m = await self.manifest(sid)
+            m = await self._manifest_of(ref, sid)
             differ = compat.differences(m.compat, host)
             if not differ and (best is None or len(m.compat) > best[0]):
                 best = (len(m.compat), sid, d)

@@ -450,6 +450,24 @@ def test_unknown_ref_is_not_found_with_exit_code_3(work: Path) -> None:
         assert_serving(d)
 
 
+def test_a_ref_whose_manifest_is_gone_is_a_broken_origin_not_an_unknown_ref(work: Path) -> None:
+    """Exit 3 tells a caller there is no such ref, to publish one (boot from scratch):
+    automation would re-publish on every host. A ref whose manifest the origin lacks is a
+    broken origin: exit 1, naming the ref and the snapshot."""
+    origin = work / "origin"
+    src = make_tree(work / "src")
+    sid = publish_to(origin, work / "pub", {"demo/gone": src})["demo/gone"]
+    (origin / "manifests" / sid).unlink()
+    with Hostd(work / "d", origin=f"file://{origin}") as d:
+        target = work / "out"
+        message = failed(d.restore("demo/gone", target), "bad_manifest")
+        assert "demo/gone" in message
+        assert sid in message
+        cli = hostd_cli("restore", "demo/gone", str(target), "--socket", str(d.socket), home=d.root)
+        assert cli.returncode == 1, (cli.returncode, cli.stdout, cli.stderr)
+        assert_nothing_made(target)
+
+
 # -- 4. a corrupted chunk at the origin --------------------------------------------------------
 
 
