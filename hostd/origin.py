@@ -1082,6 +1082,12 @@ class Origin:
         # The cause first (what a user acts on), then the object, then the details.
         detail = _describe(exc, seconds)
         cause = cause_of(exc) or "origin error"
+        if failure is Failure.AUTH and isinstance(self._store, HTTPStore):
+            # (a web server: no credentials of ours to reject; its files' permissions, say)
+            return OriginError(
+                f"{cause}, access refused by origin {self._url}: {op} {key}: {detail}; check "
+                "that the server may read the objects (their permissions, its access rules)"
+            )
         if failure is Failure.AUTH:
             return OriginError(
                 f"{cause}, credentials rejected by origin {self._url}: {op} {key}: {detail}"

@@ -165,7 +165,9 @@ class _Body:
         except StopAsyncIteration:
             return None
         except Exception as e:
-            raise Broken(f"receiving the body: {e}") from None
+            # (obstore's text, without its multi-line debug dump of the client's error)
+            text = str(e).split("\n\nDebug source:", 1)[0].strip() or type(e).__name__
+            raise Broken(f"receiving the body: {' '.join(text.split())}") from None
 
     def close(self) -> None:
         if self._fast is not None:

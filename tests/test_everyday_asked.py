@@ -224,7 +224,7 @@ def test_a_403_origin_names_the_status_first_and_the_key_second(work: Path) -> N
         p = hostd("restore", "m/x", str(work / "out"), "--socket", str(d.socket))
         assert p.returncode == 1
         assert re.match(
-            r"hostd: 403 Forbidden, credentials rejected by origin http://127\.0\.0\.1:\d+/: "
+            r"hostd: 403 Forbidden, access refused by origin http://127\.0\.0\.1:\d+/: "
             r"get ref refs/m/x/[0-9a-f]{64}",
             p.stderr,
         ), p.stderr

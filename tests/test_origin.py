@@ -387,7 +387,7 @@ async def test_transient_answers_are_retried(status: int) -> None:
 
 @pytest.mark.parametrize(
     ("status", "message"),
-    [(403, "credentials rejected"), (401, "credentials rejected"), (400, "failed: .*400")],
+    [(403, "access refused .* permissions"), (401, "access refused"), (400, "failed: .*400")],
 )
 async def test_permanent_answers_fail_at_once(status: int, message: str) -> None:
     async def refuse(request: web.Request) -> web.Response:
