@@ -183,7 +183,7 @@ TEE_BYTES = 64 << 20
 
 class _Tees:
     """The writes of a progressive restore's ranges, on a thread of the restore's own: the
-    fill hands each verified chunk over (a copy: the fill's buffer is reused) and goes on. A
+    fill hands each verified chunk over (a copy where its buffer may be reused) and goes on. A
     caller whose filesystem blocks a write (a FUSE server that never answers) stalls this
     restore's ranges alone, never the fill's threads, which every restore shares with the
     daemon's other work. Daemonic: a write stuck in the kernel does not hold up an exit."""
@@ -191,7 +191,9 @@ class _Tees:
     def __init__(self, on_range: OnRange | None) -> None:
         self.on_range = on_range
         self.lock = threading.Condition()
-        self.queue: collections.deque[tuple[list[_Part], int, bytes]] = collections.deque()
+        self.queue: collections.deque[tuple[list[_Part], int, bytes | memoryview]] = (
+            collections.deque()
+        )
         self.held = 0  # bytes queued
         self.busy: list[_Part] = []  # the parts of the write under way
         self.stopped = False
@@ -201,7 +203,7 @@ class _Tees:
         with self.lock:
             if self.stopped or self.held + len(data) > TEE_BYTES:
                 return  # copied when its file lands
-            self.queue.append((parts, offset, bytes(data)))
+            self.queue.append((parts, offset, _kept(data)))
             self.held += len(data)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="hostd-ranges", daemon=True)
@@ -244,6 +246,16 @@ class _Tees:
             self.held -= sum(len(d) for _, _, d in self.queue)
             self.queue.clear()
             self.lock.notify_all()
+
+
+def _kept(data: bytes | memoryview) -> bytes | memoryview:
+    """`data` as it may be held after its caller returns: bytes and read-only views of bytes
+    as they are (nothing can change them), anything else copied (a buffer the fill reuses)."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, memoryview) and data.readonly and type(data.obj) is bytes:
+        return data
+    return bytes(data)
 
 
 class Placer:

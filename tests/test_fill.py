@@ -22,6 +22,7 @@ from chunkfakes import DEADLINE, MTIME, FakeSource, file_entry, pattern
 
 import hostd.fastcopy
 import hostd.fill
+import hostd.tier
 from hostd.cache import Blob, Cache
 from hostd.core import manifest as mf
 from hostd.core.manifest import FileEntry
@@ -864,10 +865,14 @@ async def test_small_files_take_one_sync_per_batch_and_no_fsync_each(
         found, _ = await rig.ensure([*files, big])
 
         assert set(found) == {e.digest for e in [*files, big]}
-        assert fsyncs == []
         # 651 blobs in batches of at least 100 (more gather while a sync runs), the last one
         # at the end of ensure: a sync per batch, not per blob, and not one for the whole fill
         sizes = [len(d) for what, d in log.events if what == "sync"]
+        # No fsync of a blob, but where the last batch is of a few (Tier.sync fsyncs those
+        # and their directories rather than sync the whole filesystem): it may be, on a
+        # machine where the batches before it gathered more.
+        few = sizes[-1] <= hostd.tier.FSYNC_EACH
+        assert fsyncs == [] or (few and len(fsyncs) <= 2 * sizes[-1] + 1), (fsyncs, sizes)
         assert 2 <= len(sizes) <= 7, sizes
         assert all(n >= 100 for n in sizes[:-1]), sizes
         assert sum(sizes) == len(found)
