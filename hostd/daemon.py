@@ -740,8 +740,8 @@ def _leave_stuck_threads() -> None:
         if t is threading.current_thread() or t.daemon:
             continue
         t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
-    stuck = [n for n in stuck if n != threading.current_thread().name]
+    me = threading.current_thread()
+    stuck = [t.name for t in threading.enumerate() if t is not me and not t.daemon]
     if stuck:
         log.warning("exiting past %d stuck thread(s): %s", len(stuck), ", ".join(stuck[:8]))
         logging.shutdown()

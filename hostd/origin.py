@@ -343,15 +343,21 @@ def limit(timeout: float, nbytes: int) -> float:
 class _Deadline:
     """An attempt's deadline, which grows once the size of what it moves is known."""
 
-    def __init__(self, cm: asyncio.Timeout, seconds: float) -> None:
+    def __init__(self, cm: asyncio.Timeout, given: float) -> None:
         self.cm = cm
-        self.seconds = seconds
+        when = cm.when()
+        self.start = (when if when is not None else 0.0) - given
+
+    @property
+    def seconds(self) -> float:
+        """How long the attempt was given, so far."""
+        when = self.cm.when()
+        return 0.0 if when is None else when - self.start
 
     def allow(self, nbytes: int) -> None:
         when = self.cm.when()
         if when is not None and nbytes > 0:
             self.cm.reschedule(when + nbytes / MIN_RATE)
-            self.seconds += nbytes / MIN_RATE
 
 
 _deadline: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar(
@@ -758,6 +764,11 @@ class Origin:
         fastget takes this origin's reads."""
         return None if self._fast is None else self._fast.whole(_pack_key(pack), size)
 
+    def _another_store(self, timeout: float, writes: bool = False) -> ObjectStore:
+        """A second client of the same store, with other limits (_split_options)."""
+        url, options = self._opened_with
+        return _open_store(url, options, timeout, os.environ, writes)[0]
+
     async def open_whole(self, pack: bytes, size: int) -> GetResult:
         """One GET of a whole pack of `size` bytes (as its manifest says), its body not
         read yet (wholepacks)."""
@@ -766,8 +777,7 @@ class Origin:
             # obstore's client timeout bounds a whole answer, body included: a large pack
             # from a slow origin would break off at the same byte every time it is asked
             # again. This store's is a day; wholepacks times each piece of the body.
-            url, options = self._opened_with
-            self._whole_store = _open_store(url, options, WHOLE_BODY_TIMEOUT, os.environ)[0]
+            self._whole_store = self._another_store(WHOLE_BODY_TIMEOUT)
         store = self._whole_store
 
         async def call() -> GetResult:
@@ -984,11 +994,7 @@ class Origin:
     async def _put(self, op: str, key: str, data: bytes) -> None:
         store = self._write_store
         if store is None:
-            if self._local:
-                store = self._store
-            else:
-                url, options = self._opened_with
-                store = _open_store(url, options, self._timeout, os.environ, writes=True)[0]
+            store = self._store if self._local else self._another_store(self._timeout, True)
             self._write_store = store
 
         async def call() -> None:
@@ -1022,8 +1028,9 @@ class Origin:
             deadline: _Deadline | None = None
             try:
                 # The deadline starts once a slot is held: queueing is not the origin's fault.
-                async with self._sem, asyncio.timeout(limit(self._timeout, size)) as cm:
-                    deadline = _Deadline(cm, limit(self._timeout, size))
+                given = limit(self._timeout, size)
+                async with self._sem, asyncio.timeout(given) as cm:
+                    deadline = _Deadline(cm, given)
                     token = _deadline.set(deadline)
                     try:
                         result = await call()

@@ -7,6 +7,7 @@ WRITE unanswered, so the writer waits in the kernel as it would on a hung networ
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
@@ -41,6 +43,52 @@ def unmount(path: Path) -> None:
     do on a FUSE mount of another user's)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.umount2(str(path).encode(), 2)
+
+
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def nobody_post(socket: Path, path: str, body: dict[str, Any]) -> list[str]:
+    """The command that POSTs `body` to `path` on the daemon's socket, as nobody (curl: its
+    output is the answer's stream)."""
+    return [
+        *AS_NOBODY,
+        *("curl", "-sN", "--unix-socket", str(socket), "-X", "POST"),
+        *("-H", "Content-Type: application/json", "--data-binary", json.dumps(body)),
+        f"http://hostd{path}",
+    ]
+
+
+class StalledMount:
+    """nobody's FUSE mount at `work`/fuse, whose server never answers a write, until `stop`."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / "fuse"
+        self.path.mkdir()
+        os.chown(self.path, NOBODY.pw_uid, NOBODY.pw_gid)
+        self.log = work / "stallfs.log"
+        server = [sys.executable, str(HERE / "stallfs.py"), str(self.path), "nobody"]
+        self.server = subprocess.Popen([*server, str(self.log)])
+        # (root may not stat a FUSE mount of nobody's: its server says when it is up)
+        wait_for("the FUSE mount", lambda: "mounted" in self.text())
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self) -> None:
+        """The server gone (the writes waiting on it fail), the mount detached."""
+        self.server.kill()
+        self.server.wait()
+        unmount(self.path)
+
+
+@contextlib.contextmanager
+def stalled_mount(work: Path) -> Iterator[StalledMount]:
+    mount = StalledMount(work)
+    try:
+        yield mount
+    finally:
+        mount.stop()
 
 
 @pytest.fixture
@@ -75,46 +123,33 @@ def test_a_caller_whose_filesystem_never_answers_a_write_stalls_its_own_restore_
     with Hostd(work / "pub", origin=origin) as pub:
         pub.publish(big, "m/big", chunk_size=65536)
         pub.publish(other, "m/other", chunk_size=65536)
-    mnt = work / "fuse"
-    mnt.mkdir()
-    os.chown(mnt, NOBODY.pw_uid, NOBODY.pw_gid)
-    log = work / "stallfs.log"
-    fuse = subprocess.Popen(
-        [sys.executable, str(HERE / "stallfs.py"), str(mnt), "nobody", str(log)]
-    )
     client: subprocess.Popen[bytes] | None = None
-    d = Hostd(work / "d", origin=origin, socket_mode="0666").start()
-    try:
-        # (root may not stat a FUSE mount of nobody's: its server says when it is up)
-        wait_for("the FUSE mount", lambda: log.exists() and "mounted" in log.read_text())
-        body = {
-            "ref": "m/big",
-            "target": str(mnt / "t"),
-            "progressive": True,
-            "ranges": True,
-            "mode": "copy",
-        }
-        client = subprocess.Popen(
-            [
-                *("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"),
-                *("curl", "-sN", "--unix-socket", str(d.socket), "-X", "POST"),
-                *("-H", "Content-Type: application/json", "--data-binary", json.dumps(body)),
-                "http://hostd/v1/restore",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for("a write into the caller's file", lambda: "WRITE" in log.read_text())
-        # everyone else is served meanwhile: a cold restore, the metrics
-        started = time.monotonic()
-        out = d.restore("m/other", work / "out")
-        assert out["event"] == "result", out
-        assert tree_digest(work / "out") == tree_digest(other)
-        assert "hostd_operations_total" in d.metrics()
-        assert time.monotonic() - started < DEADLINE
-        # the stalled caller goes away: its restore is cancelled, its slot given back
-        client.kill()
-        client.wait()
-        client = None
+    # (the mount's server goes first on the way out: a write stuck on it holds the daemon)
+    with Hostd(work / "d", origin=origin, socket_mode="0666") as d, stalled_mount(work) as mount:
+        try:
+            body = {
+                "ref": "m/big",
+                "target": str(mount.path / "t"),
+                "progressive": True,
+                "ranges": True,
+                "mode": "copy",
+            }
+            client = subprocess.Popen(
+                nobody_post(d.socket, "/v1/restore", body), stdout=subprocess.DEVNULL
+            )
+            wait_for("a write into the caller's file", lambda: "WRITE" in mount.text())
+            # everyone else is served meanwhile: a cold restore, the metrics
+            started = time.monotonic()
+            out = d.restore("m/other", work / "out")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "out") == tree_digest(other)
+            assert "hostd_operations_total" in d.metrics()
+            assert time.monotonic() - started < DEADLINE
+        finally:
+            # the stalled caller goes away: its restore is cancelled, its slot given back
+            if client is not None:
+                client.kill()
+                client.wait()
 
         def in_flight() -> int:
             _, status = d.api("GET", "/v1/status")
@@ -126,9 +161,7 @@ def test_a_caller_whose_filesystem_never_answers_a_write_stalls_its_own_restore_
         # Once the server is gone the write fails, and the daemon stops as ever. (Not
         # before: a FUSE request the server has read is waited out by the kernel even
         # through SIGKILL, so a process with such a write cannot end until it is answered.)
-        fuse.kill()
-        fuse.wait()
-        unmount(mnt)
+        mount.stop()
         assert d.proc is not None
         d.proc.terminate()
         try:
@@ -136,55 +169,25 @@ def test_a_caller_whose_filesystem_never_answers_a_write_stalls_its_own_restore_
         except subprocess.TimeoutExpired:
             raise AssertionError(f"hostd did not stop:\n{d.log()[-4000:]}") from None
         assert d.proc.returncode == 0, d.log()
-    finally:
-        if client is not None:
-            client.kill()
-            client.wait()
-        fuse.kill()
-        fuse.wait()
-        unmount(mnt)
-        d.close()
 
 
 def test_a_source_hostd_cannot_read_is_named_in_a_clear_error(work: Path) -> None:
     """A caller publishing from its own FUSE mount (without allow_other, the default, the
     kernel refuses every other uid, root's included): the publish failed with a bare
     500 'internal' (a small file) or blamed hostd's own tier (a larger one)."""
-    mnt = work / "fuse"
-    mnt.mkdir()
-    os.chown(mnt, NOBODY.pw_uid, NOBODY.pw_gid)
-    log = work / "stallfs.log"
-    fuse = subprocess.Popen(
-        [sys.executable, str(HERE / "stallfs.py"), str(mnt), "nobody", str(log)]
-    )
-    as_nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
     access = {"publish": ["user:nobody"]}
-    d = Hostd(work / "d", origin=f"file://{work}/origin", socket_mode="0666", access=access)
-    try:
-        d.start()
-        wait_for("the FUSE mount", lambda: log.exists() and "mounted" in log.read_text())
+    origin = f"file://{work}/origin"
+    with (
+        Hostd(work / "d", origin=origin, socket_mode="0666", access=access) as d,
+        stalled_mount(work) as mount,
+    ):
         for name, size in (("small", "1M"), ("large", "8M")):
-            src = mnt / name
-            subprocess.run([*as_nobody, "mkdir", str(src)], check=True)
-            subprocess.run([*as_nobody, "truncate", "-s", size, str(src / "w.bin")], check=True)
-            body = json.dumps({"path": str(src), "ref": f"m/{name}"})
-            got = subprocess.run(
-                [
-                    *as_nobody,
-                    *("curl", "-sN", "--unix-socket", str(d.socket), "-X", "POST"),
-                    *("-H", "Content-Type: application/json", "--data-binary", body),
-                    "http://hostd/v1/publish",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            src = mount.path / name
+            subprocess.run([*AS_NOBODY, "mkdir", str(src)], check=True)
+            subprocess.run([*AS_NOBODY, "truncate", "-s", size, str(src / "w.bin")], check=True)
+            command = nobody_post(d.socket, "/v1/publish", {"path": str(src), "ref": f"m/{name}"})
+            got = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             last = json.loads(got.strip().splitlines()[-1])
             assert last.get("error") == "bad_request", last
             assert "w.bin" in last["message"], last
             assert "allow_other" in last["message"], last
-    finally:
-        fuse.kill()
-        fuse.wait()
-        unmount(mnt)
-        d.close()
