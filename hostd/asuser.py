@@ -98,6 +98,11 @@ class Spawner:
         # Calls to helpers block on a process the caller may stop: they get threads of their
         # own (one per operation in flight), never the loop's default pool.
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="hostd-asuser")
+        # The targets progressive restores are filling, by (dev, inode), each with its
+        # restore's ledger: one restore at a time in a target. Kept here, not as a lock on
+        # the target, which any user who may open the target could take first (flock).
+        self._filling: dict[tuple[int, int], Ledger] = {}
+        self._filling_lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a blocking call on a helper (or one that waits on a helper) in the pool."""
@@ -116,6 +121,21 @@ class Spawner:
 
     def __repr__(self) -> str:
         return f"Spawner(zygote={self._proc.pid if self._proc else None})"
+
+    def claim(self, ledger: Ledger) -> bool:
+        """Claim `ledger`'s target for its progressive restore: False where another
+        restore's ledger holds it."""
+        key = (ledger.target_id[0], ledger.target_id[1])
+        with self._filling_lock:
+            held = self._filling.setdefault(key, ledger)
+        return held is ledger
+
+    def release(self, ledger: Ledger) -> None:
+        """Give up `ledger`'s claim on its target, if it holds one."""
+        key = (ledger.target_id[0], ledger.target_id[1])
+        with self._filling_lock:
+            if self._filling.get(key) is ledger:
+                del self._filling[key]
 
     def spawn(self) -> tuple[socket.socket, int]:
         """A new helper: our end of its socket, and a pidfd of it (the zygote's)."""
@@ -370,6 +390,8 @@ class AsUser:
             pass  # already gone
         finally:
             os.close(self.pidfd)
+            if self.ledger is not None and self.spawner is not None:
+                self.spawner.release(self.ledger)  # (once its helper has taken back, or died)
 
     # -- publish ---------------------------------------------------------------------------
     def source(self, path: str) -> list[tuple[int, int]]:
@@ -442,7 +464,7 @@ class AsUser:
         self.building = not progressive
         if progressive:
             asked = set(dirs)  # the helper answers for these alone (it may lie about them)
-            self.ledger = Ledger(
+            ledger = Ledger(
                 self.target_path,
                 [int(x) for x in reply["target_id"]],
                 bool(reply["made_target"]),
@@ -450,6 +472,14 @@ class AsUser:
                 {},
                 keep,
             )
+            if self.spawner is not None and not self.spawner.claim(ledger):
+                for fd in fds:
+                    os.close(fd)
+                self.abort()  # the directories it made go; the other restore's stay
+                raise TargetExists(
+                    f"target {self.target_path!r} is being filled by another progressive restore"
+                )
+            self.ledger = ledger
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(
@@ -538,17 +568,26 @@ class AsUser:
     def reclaim(self, ledger: Ledger, linked: Sequence[tuple[str, int]]) -> None:
         """Take back what a progressive restore whose helper died placed (that helper's
         `ledger`, and the daemon's `linked`), as this caller: only names still holding the
-        inode placed there; then the directories it made, and the target, where empty."""
-        self.call(
-            "reclaim",
-            path=ledger.path,
-            target_id=ledger.target_id,
-            made_target=ledger.made_target,
-            made_dirs=ledger.made_dirs,
-            placed=[[p, ino, ctime] for p, (ino, ctime) in ledger.placed.items()],
-            linked=[list(x) for x in linked],
-            keep=ledger.keep,
-        )
+        inode placed there; then the directories it made, and the target, where empty.
+        Refused where another progressive restore fills that target now."""
+        if self.spawner is not None and not self.spawner.claim(ledger):
+            raise TargetExists(
+                f"target {ledger.path!r} is being filled by another progressive restore"
+            )
+        try:
+            self.call(
+                "reclaim",
+                path=ledger.path,
+                target_id=ledger.target_id,
+                made_target=ledger.made_target,
+                made_dirs=ledger.made_dirs,
+                placed=[[p, ino, ctime] for p, (ino, ctime) in ledger.placed.items()],
+                linked=[list(x) for x in linked],
+                keep=ledger.keep,
+            )
+        finally:
+            if self.spawner is not None:
+                self.spawner.release(ledger)  # that restore is over, taken back
 
     def open_in_view(self, path: str | Path) -> int:
         """One of the daemon's own directories as the caller's mount namespace sees it

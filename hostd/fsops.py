@@ -469,14 +469,14 @@ class Helper:
         """Take back what a progressive restore placed in target `path` whose helper died:
         its ledger, as that helper answered it (`target_id`, `made_target`, `made_dirs`,
         `placed`), and the daemon's `linked`, removed as that helper's abort would have
-        (only names that still hold the inode placed there). The target, locked as a
-        progressive restore locks it, must be the one that restore filled. `keep`
+        (only names that still hold the inode placed there). The target, held for this by the
+        daemon as for a progressive restore, must be the one that restore filled. `keep`
         (keep_partial): only the scratch files of what never landed go."""
         path = str(msg["path"])
         self._parent_of(path)
         fd = _open_dir(self.parent, self.name, path)
         self.dirs[""] = fd
-        st = _lock_target(fd, path)
+        st = os.fstat(fd)  # (the daemon holds the target for this take-back: AsUser.reclaim)
         if [st.st_dev, st.st_ino] != list(msg["target_id"]):
             raise Refused("changed", f"target {path!r} was replaced since it was filled")
         self.progressive, self.target_id = True, [st.st_dev, st.st_ino]
@@ -496,8 +496,8 @@ class Helper:
 
     def _drop_scratch(self) -> None:
         """The scratch files (PART_PREFIX) of a batch the dead helper was writing, in the
-        tree's directories: names hostd keeps for itself, in a target this restore held
-        locked. (A file it had renamed in but not yet told of stays: no inode vouches it.)"""
+        tree's directories: names hostd keeps for itself, in a target this restore held.
+        (A file it had renamed in but not yet told of stays: no inode vouches it.)"""
         for d, fd in self.dirs.items():
             with contextlib.suppress(OSError, Refused):
                 for name in _listdir(fd, d):
@@ -558,15 +558,18 @@ class Helper:
             return self._begin_in_place(msg)
         self.build = f"{_build_prefix(self.name)}{os.urandom(6).hex()}"
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
-        try:
-            os.mkdir(self.build, 0o755, dir_fd=self.parent)
+        try:  # the caller's alone until it is whole (commit): no other user opens it to lock it
+            os.mkdir(self.build, 0o700, dir_fd=self.parent)
         except PermissionError:
             self.build = ""
             raise Refused(
                 "forbidden", f"cannot create {where!r}: permission denied in its parent"
             ) from None
         self.build_fd = _open_dir(self.parent, self.build, self.build)
-        fcntl.flock(self.build_fd, fcntl.LOCK_EX)  # a sweep by another restore leaves it alone
+        try:  # a sweep by another restore leaves it alone
+            fcntl.flock(self.build_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused("changed", f"the tree being built for {where!r} is locked") from None
         _mark_build(self.build_fd)  # (so a sweep after a crash knows it for one)
         self.dirs[""] = self.build_fd
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
@@ -581,8 +584,9 @@ class Helper:
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """The target directory, made now (or the empty one there, as op_target checked),
-        locked for this restore (a second progressive restore into it is refused), and the
-        tree's directories in it."""
+        and the tree's directories in it. The daemon refuses a second progressive restore
+        into it (AsUser.begin): a lock on the target, which any user who may open it could
+        take first, would not do."""
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
         made = False
         try:
@@ -596,7 +600,7 @@ class Helper:
             ) from None
         fd = _open_dir(self.parent, self.name, where)
         try:
-            st = _lock_target(fd, where)
+            st = os.fstat(fd)
             if not made and [st.st_dev, st.st_ino] != self.target_id:
                 raise Refused("changed", f"target {where!r} was replaced while restoring")
             if not made and _listdir(fd, where):
@@ -802,12 +806,14 @@ class Helper:
         if seen is not None and seen != self.target_id:
             raise Refused("changed", f"target {target!r} was replaced while restoring")
         _unmark_build(self.build_fd)  # (the restored tree is no build any more)
+        os.fchmod(self.build_fd, 0o755)
         try:
             renameat2(self.parent, self.build, self.name, 0)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             if not msg.get("replace"):
+                os.fchmod(self.build_fd, 0o700)
                 _mark_build(self.build_fd)
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
             renameat2(self.parent, self.build, self.name, RENAME_EXCHANGE)
@@ -1037,17 +1043,6 @@ def _marked_build(fd: int) -> bool:
         return os.getxattr(fd, BUILD_MARK) == b"1"
     except OSError:
         return False
-
-
-def _lock_target(fd: int, where: str) -> os.stat_result:
-    """Lock a progressive restore's target (open at `fd`) for this restore alone; its stat."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise Refused(
-            "exists", f"target {where!r} is being filled by another progressive restore"
-        ) from None
-    return os.fstat(fd)
 
 
 def _in_tree(path: str) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
+from harness import HeldOrigin, Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
 
 from hostd import fsops
 from hostd.asuser import AsUser, Spawner
@@ -395,6 +395,83 @@ def test_racing_the_build_directory_redirects_no_write(work: Path) -> None:
             racer.terminate()
             racer.wait(30)
     assert snapshot_of(victim) == before
+
+
+# Takes flock's exclusive lock on a directory, as any user who may open it can, and holds it
+# until its stdin closes; says "refused" where it may not open the directory.
+LOCKER = r"""
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+except PermissionError:
+    print("refused", flush=True)
+    sys.exit()
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def lock_as_nobody(path: Path) -> tuple[subprocess.Popen[str], str]:
+    """A process of nobody's that locks directory `path` (flock), and what it said."""
+    locker = subprocess.Popen(
+        [*NOBODY_PREFIX, sys.executable, "-c", LOCKER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout is not None
+    return locker, locker.stdout.readline().strip()
+
+
+def test_another_users_lock_on_a_target_keeps_no_progressive_restore_out(work: Path) -> None:
+    """An empty target in a place others may read: while nobody held flock's lock on it,
+    every progressive restore into it was refused as 'being filled by another progressive
+    restore' (the helper locked the target to keep a second restore out). The daemon keeps
+    that count itself now; a second restore is still refused."""
+    src = world_readable_tree(work / "src")
+    target = work / "shared"
+    target.mkdir(mode=0o755)
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        locker, said = lock_as_nobody(target)
+        try:
+            assert said == "held"
+            out = d.restore("t/tree", target, progressive=True, mode="copy")
+            assert out["event"] == "result", out
+        finally:
+            locker.communicate(timeout=30)
+    assert tree_digest(target) == tree_digest(src)
+
+
+def test_another_user_cannot_lock_a_tree_being_built(work: Path) -> None:
+    """A restore builds the tree in a hidden directory beside the target and locks it there
+    (a sweep by another restore leaves a locked build alone). Made 0755, anyone could open it
+    between its mkdir and that lock and take the lock first: the helper then waited on it.
+    It is the caller's alone until it is whole."""
+    src = work / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(100_000))
+    origin_dir = work / "origin"
+    with Hostd(work / "pub", origin=f"file://{origin_dir}", chunk_size="64KiB", pack_size=0) as pub:
+        pub.publish(src, "t/a")
+    with (
+        HeldOrigin(origin_dir, gated=True) as origin,
+        daemon(work, origin=origin.url) as d,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        done = pool.submit(d.restore, "t/a", work / "out", mode="copy")
+        assert origin.first.wait(60)  # fetching: the build is there
+        builds = list(work.glob(".out.hostd-*"))
+        assert len(builds) == 1
+        locker, said = lock_as_nobody(builds[0])
+        locker.communicate(timeout=30)
+        assert said == "refused"
+        origin.gate.set()
+        assert done.result(120)["event"] == "result"
+    assert stat.S_IMODE((work / "out").stat().st_mode) == 0o755
+    assert tree_digest(work / "out") == tree_digest(src)
+    assert not list(work.glob(".out.hostd-*"))
 
 
 # -- 12. no restore or publish aims at hostd's own storage ------------------------------------
