@@ -784,9 +784,22 @@ def _cannot_link(f: mf.FileEntry, why: str) -> UsageError:
 
 def _caller_dirs(dirfds: dict[str, int], uid: int) -> dict[str, bool]:
     """Whether each directory descriptor from the helper really is a directory the caller
-    owns: a helper that lied could otherwise have the daemon link blobs anywhere."""
-    got = fstat_fds(list(dirfds.values()))
+    owns: a helper that lied could otherwise have the daemon link blobs anywhere. One the
+    daemon may not even stat (a FUSE mount of the caller's without allow_other) is not one
+    to link into: its files are copied, by the helper."""
+    try:
+        got = fstat_fds(list(dirfds.values()))
+    except PermissionError:
+        return {d: _owned_dir(fd, uid) for d, fd in dirfds.items()}
     return {d: stat.S_ISDIR(st[0]) and st[1] == uid for d, st in zip(dirfds, got, strict=True)}
+
+
+def _owned_dir(fd: int, uid: int) -> bool:
+    try:
+        st = os.fstat(fd)
+    except PermissionError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
 
 
 def _send_files(

@@ -1,7 +1,8 @@
 """A tiny in-memory FUSE filesystem whose server never answers a write: a caller's filesystem
-that blocks whoever writes into it, for as long as its server likes.
+that blocks whoever writes into it, for as long as its server likes. With `--answer-writes`,
+an ordinary one that keeps what is written.
 
-    python tests/stallfs.py MOUNTPOINT USER LOG
+    python tests/stallfs.py MOUNTPOINT USER LOG [--answer-writes]
 
 Mounted as setuid `fusermount3` mounts for an ordinary user on a stock distro: root opens
 /dev/fuse and calls mount(2) for a mountpoint the user owns, with that user's user_id and
@@ -38,12 +39,14 @@ OPEN, READ, WRITE, STATFS, RELEASE, FSYNC, FLUSH, OPENDIR, READDIR = (
 )
 RELEASEDIR, FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 29, 30, 34, 35, 36, 38
 BATCH_FORGET, READDIRPLUS, RENAME2 = 42, 44, 45
+READLINK, SYMLINK = 5, 6
 
 
 class StallFS:
-    def __init__(self, fd: int, uid: int, gid: int, log: TextIO) -> None:
+    def __init__(self, fd: int, uid: int, gid: int, log: TextIO, stall: bool = True) -> None:
         self.fd = fd
         self.log = log
+        self.stall = stall
         self.now = int(time.time())
         root: dict[str, Any] = {"mode": stat.S_IFDIR | 0o755, "uid": uid, "gid": gid}
         self.nodes: dict[int, dict[str, Any]] = {1: {**root, "size": 0, "kids": {}, "nlink": 2}}
@@ -88,7 +91,7 @@ class StallFS:
                 raise
             length, op, unique, nid, uid, gid, _pid = struct.unpack_from("<IIQQIII", buf)
             body = buf[40:length]
-            if op == WRITE:
+            if op == WRITE and self.stall:
                 writes += 1
                 self.log.write(f"WRITE #{writes} from uid {uid}: left unanswered\n")
                 self.log.flush()
@@ -123,6 +126,7 @@ class StallFS:
                 valid = struct.unpack_from("<I", body)[0]
                 if valid & 8:
                     n["size"] = struct.unpack_from("<Q", body, 16)[0]
+                    del n.setdefault("data", bytearray())[n["size"] :]
                 if valid & 1:
                     mode = struct.unpack_from("<I", body, 68)[0]
                     n["mode"] = (n["mode"] & ~0o7777) | (mode & 0o7777)
@@ -140,6 +144,17 @@ class StallFS:
             i = self.make(nid, name, kind | (mode & 0o7777), uid, gid)
             extra = b"" if op == MKDIR else struct.pack("<QII", i, 0, 0)
             self.reply(unique, 0, self.entry(i) + extra)
+        elif op == SYMLINK:
+            name, target = body.split(b"\0")[:2]
+            if name.decode() in n["kids"]:
+                self.reply(unique, errno.EEXIST)
+                return
+            i = self.make(nid, name.decode(), stat.S_IFLNK | 0o777, uid, gid)
+            self.nodes[i]["data"] = bytearray(target)
+            self.nodes[i]["size"] = len(target)
+            self.reply(unique, 0, self.entry(i))
+        elif op == READLINK:
+            self.reply(unique, 0, bytes(n.get("data", b"")))
         elif op in (OPEN, OPENDIR):
             self.reply(unique, 0, struct.pack("<QII", nid, 0, 0))
         elif op in (READDIR, READDIRPLUS):
@@ -163,7 +178,16 @@ class StallFS:
             self.reply(unique)
         elif op == READ:
             _fh, offset, size = struct.unpack_from("<QQI", body)
-            self.reply(unique, 0, b"\0" * max(0, min(size, n["size"] - offset)))
+            data = n.setdefault("data", bytearray())
+            data.extend(b"\0" * (n["size"] - len(data)))
+            self.reply(unique, 0, bytes(data[offset : min(offset + size, n["size"])]))
+        elif op == WRITE:  # (answered: --answer-writes)
+            _fh, offset, size = struct.unpack_from("<QQI", body)
+            data = n.setdefault("data", bytearray())
+            data.extend(b"\0" * (max(n["size"], offset) - len(data)))
+            data[offset : offset + size] = body[40 : 40 + size]
+            n["size"] = max(n["size"], offset + size)
+            self.reply(unique, 0, struct.pack("<II", size, 0))
         elif op in (UNLINK, RMDIR):
             gone = n["kids"].pop(_name(body), None)
             self.reply(unique, errno.ENOENT if gone is None else 0)
@@ -180,6 +204,8 @@ class StallFS:
             fs = struct.pack("<QQQQQIII", 1 << 20, 1 << 19, 1 << 19, 1000, 900, 4096, 255, 4096)
             self.reply(unique, 0, fs + b"\0" * 28)
         else:
+            self.log.write(f"op {op}: not implemented\n")
+            self.log.flush()
             self.reply(unique, errno.ENOSYS)
 
 
@@ -188,7 +214,8 @@ def _name(body: bytes) -> str:
 
 
 def main(argv: list[str]) -> int:
-    mountpoint, user, log_path = argv
+    stall = "--answer-writes" not in argv
+    mountpoint, user, log_path = [a for a in argv if a != "--answer-writes"]
     pw = pwd.getpwnam(user)
     if os.stat(mountpoint).st_uid != pw.pw_uid:
         print(f"{mountpoint} is not {user}'s: fusermount mounts only there", file=sys.stderr)
@@ -207,7 +234,7 @@ def main(argv: list[str]) -> int:
     with log:
         log.write("mounted\n")
         log.flush()
-        StallFS(fd, pw.pw_uid, pw.pw_gid, log).serve()
+        StallFS(fd, pw.pw_uid, pw.pw_gid, log, stall).serve()
     return 0
 
 

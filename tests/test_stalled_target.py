@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Hostd, rmtree, short_tmp, tree_digest
+from harness import Hostd, make_tree, rmtree, short_tmp, tree_digest
 
 pytestmark = pytest.mark.root
 
@@ -60,15 +60,18 @@ def nobody_post(socket: Path, path: str, body: dict[str, Any]) -> list[str]:
 
 
 class StalledMount:
-    """nobody's FUSE mount at `work`/fuse, whose server never answers a write, until `stop`."""
+    """nobody's FUSE mount at `work`/fuse, whose server never answers a write, until `stop`
+    (not `stall`: an ordinary filesystem of nobody's)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, stall: bool = True) -> None:
         self.path = work / "fuse"
         self.path.mkdir()
         os.chown(self.path, NOBODY.pw_uid, NOBODY.pw_gid)
         self.log = work / "stallfs.log"
         server = [sys.executable, str(HERE / "stallfs.py"), str(self.path), "nobody"]
-        self.server = subprocess.Popen([*server, str(self.log)])
+        self.server = subprocess.Popen(
+            [*server, str(self.log), *([] if stall else ["--answer-writes"])]
+        )
         # (root may not stat a FUSE mount of nobody's: its server says when it is up)
         wait_for("the FUSE mount", lambda: "mounted" in self.text())
 
@@ -83,8 +86,8 @@ class StalledMount:
 
 
 @contextlib.contextmanager
-def stalled_mount(work: Path) -> Iterator[StalledMount]:
-    mount = StalledMount(work)
+def stalled_mount(work: Path, stall: bool = True) -> Iterator[StalledMount]:
+    mount = StalledMount(work, stall)
     try:
         yield mount
     finally:
@@ -191,3 +194,68 @@ def test_a_source_hostd_cannot_read_is_named_in_a_clear_error(work: Path) -> Non
             assert last.get("error") == "bad_request", last
             assert "w.bin" in last["message"], last
             assert "allow_other" in last["message"], last
+
+
+# What a tree holds, as its owner reads it (root may not read a FUSE mount of nobody's): each
+# entry's kind, and a file's bytes and exec bit, or a symlink's target.
+DIGEST = r"""
+import hashlib, json, os, stat, sys
+root, out = sys.argv[1], {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+        p = os.path.join(dirpath, name)
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            out[os.path.relpath(p, root)] = ["link", os.readlink(p)]
+        elif stat.S_ISDIR(st.st_mode):
+            out[os.path.relpath(p, root)] = ["dir"]
+        else:
+            data = open(p, "rb").read()
+            out[os.path.relpath(p, root)] = [hashlib.sha256(data).hexdigest(), st.st_mode & 0o111]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["whole", "progressive"])
+def test_a_target_hostd_cannot_stat_takes_copies(work: Path, progressive: bool) -> None:
+    """A caller restoring onto its own FUSE mount (without allow_other the kernel refuses the
+    daemon even a stat through a descriptor the helper opened there): `copy` worked, but
+    `auto`, which checks the directories it might link into, failed with a bare 'Permission
+    denied'. Nothing can be linked there (another filesystem than every tier's): the helper
+    copies it all."""
+    src = make_tree(work / "src")
+    for dirpath, _, _ in os.walk(src):
+        os.chmod(dirpath, 0o755)
+    origin = f"file://{work}/origin"
+    with Hostd(work / "pub", origin=origin) as pub:
+        pub.publish(src, "m/t", chunk_size=65536)
+    want = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", DIGEST, str(src)], capture_output=True, text=True
+    )
+    assert want.returncode == 0, want.stderr
+    with (
+        Hostd(work / "d", origin=origin, socket_mode="0666") as d,
+        stalled_mount(work, stall=False) as mount,
+    ):
+        for i, mode in enumerate(("auto", "copy", "auto")):  # cold, then warm
+            target = f"{mount.path}/{i}-{mode}"
+            body = {"ref": "m/t", "target": target, "mode": mode, "progressive": progressive}
+            got = subprocess.run(
+                nobody_post(d.socket, "/v1/restore", body), capture_output=True, text=True
+            )
+            last = json.loads(got.stdout.strip().splitlines()[-1])
+            assert last.get("event") == "result", last
+            assert last["linked"] == 0
+            tree = subprocess.run(
+                [*AS_NOBODY, sys.executable, "-c", DIGEST, target], capture_output=True, text=True
+            )
+            assert tree.returncode == 0, tree.stderr
+            assert json.loads(tree.stdout) == json.loads(want.stdout)
+        # and `link` says why it cannot
+        body = {"ref": "m/t", "target": f"{mount.path}/link", "mode": "link"}
+        got = subprocess.run(
+            nobody_post(d.socket, "/v1/restore", body), capture_output=True, text=True
+        )
+        last = json.loads(got.stdout.strip().splitlines()[-1])
+        assert last.get("error") == "bad_request", last
+        assert "a hard link cannot cross filesystems" in last["message"]
