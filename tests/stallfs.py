@@ -145,13 +145,13 @@ class StallFS:
             extra = b"" if op == MKDIR else struct.pack("<QII", i, 0, 0)
             self.reply(unique, 0, self.entry(i) + extra)
         elif op == SYMLINK:
-            name, target = body.split(b"\0")[:2]
-            if name.decode() in n["kids"]:
+            link_name, link_to = body.split(b"\0")[:2]
+            if _name(link_name) in n["kids"]:
                 self.reply(unique, errno.EEXIST)
                 return
-            i = self.make(nid, name.decode(), stat.S_IFLNK | 0o777, uid, gid)
-            self.nodes[i]["data"] = bytearray(target)
-            self.nodes[i]["size"] = len(target)
+            i = self.make(nid, _name(link_name), stat.S_IFLNK | 0o777, uid, gid)
+            self.nodes[i]["data"] = bytearray(link_to)
+            self.nodes[i]["size"] = len(link_to)
             self.reply(unique, 0, self.entry(i))
         elif op == READLINK:
             self.reply(unique, 0, bytes(n.get("data", b"")))
