@@ -144,6 +144,9 @@ _SECRET_PARAM_RE = re.compile(
 )
 _USERINFO_RE = re.compile(r"(?<=//)[^/@\s]+@")
 _MAX_CAUSE = 400
+# rustls's refusal of a server's certificate, shown only in obstore's debug dump:
+# "InvalidCertificate(UnknownIssuer)", "InvalidCertificate(\n Other(\n OtherError(\n Ca...".
+_BAD_CERT_RE = re.compile(r"InvalidCertificate\(([^)]*)")
 
 
 class RefKey(NamedTuple):
@@ -184,13 +187,32 @@ class _Missing(Exception):
     """Internal: the object is absent. Each public method turns it into its own answer."""
 
 
-class _Oversized(Exception):
-    """Internal: the object is larger than its cap. `what` says how we know, for a message;
-    each public method turns it into its own answer."""
+class _WrongObject(Exception):
+    """Internal: the object is not what was asked for, whichever attempt asks (no retry).
+    `what` says how we know, for a message; each public method turns it into its own
+    answer."""
 
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
+
+
+class _Oversized(_WrongObject):
+    """Internal: the object is larger than its cap."""
+
+
+class _Short(_WrongObject):
+    """Internal: the object ends before a range asked of it begins (416, or a local file)."""
+
+
+def _past_end(exc: BaseException) -> bool:
+    """obstore's answer to a range that starts past the object's end: a server's 416, or a
+    local file's invalid range."""
+    if not isinstance(exc, BaseError):
+        return False
+    text = str(exc)
+    match = _STATUS_RE.search(text)
+    return (match is not None and match.group(1) == "416") or "range was invalid" in text
 
 
 def validate_ref(ref: str) -> str:
@@ -222,6 +244,8 @@ def classify(exc: BaseException) -> Failure:
         match = _STATUS_RE.search(text)
         if match:
             return _classify_status(int(match.group(1)), text)
+        if _refused_certificate(text):
+            return Failure.PERMANENT  # the next handshake gets the same certificate
         if "builder error" in text or "(os error " in text or "range was invalid" in text:
             # A client that cannot be built (http:// without allow_http), a local
             # filesystem error (EACCES, ENOSPC) or a range past the end of a local object:
@@ -385,9 +409,21 @@ def _describe(exc: BaseException, timeout: float) -> str:
         text = text[:_MAX_CAUSE] + "..."
     if "builder error" in full:
         text += ' (an http:// endpoint needs origin_options allow_http = "true")'
+    cert = _refused_certificate(full)
+    if cert:
+        text += f" (the server's TLS certificate was refused: {cert})"
     if _names_missing_container(full):
         text = "the bucket or container does not exist: " + text
     return text
+
+
+def _refused_certificate(text: str) -> str:
+    """Why the TLS client refused the server's certificate, where it did; else ''."""
+    match = _BAD_CERT_RE.search(text)
+    if match is None:
+        return ""
+    names = re.findall(r"[A-Za-z]+", match.group(1))
+    return names[-1] if names else "invalid certificate"
 
 
 def _is_panic(exc: BaseException) -> bool:
@@ -539,6 +575,9 @@ class Origin:
         # read whole (wholepacks); that verdict is tried again after RANGES_RECHECK. Object
         # stores and local files answer ranges.
         self._ranges: bool | None = None if isinstance(self._store, HTTPStore) else True
+        # A web server's Content-Encoding changes the bytes sent (an object store's is only
+        # a stored header: the bytes are as stored, and verified as ever).
+        self._encodes = isinstance(self._store, HTTPStore)
         self._ranges_until = 0.0  # monotonic time when "no ranges" is to be tried again
         self._probe: asyncio.Future[bool | None] | None = None
         self._probe_after = 0.0  # monotonic time before which a failed probe is not retried
@@ -650,10 +689,13 @@ class Origin:
                     self._store, key, options={"range": (offset, offset + length)}
                 )
             except BaseException as exc:
+                if _past_end(exc):
+                    raise _Short(f"has no byte at {offset}") from None
                 if not _no_ranges(exc):
                     raise
                 self._learnt(ranges=False)
                 return None
+            _check_head(result, None, self._encodes)
             self._learnt(ranges=True)
             # (its body held to the range: get_range_async reads whatever the server sends)
             return await _read_capped(result, length)
@@ -664,7 +706,7 @@ class Origin:
                 if fast is not None:
                     return fast
             result = await obstore.get_async(self._store, key)
-            _check_stated_size(result, pack_size)
+            _check_head(result, pack_size, self._encodes)
             if self._local:
                 return memoryview(await result.bytes_async())[: pack_size + 1]
             return await _read_capped(result, pack_size)
@@ -685,6 +727,11 @@ class Origin:
             raise ChunkCorrupt(
                 f"pack {pack.hex()} at origin {self._url} {e.what}, more than the {pack_size} "
                 "bytes its manifest says"
+            ) from None
+        except _Short as e:
+            raise ChunkCorrupt(
+                f"pack {pack.hex()} at origin {self._url} {e.what}: it is shorter than the "
+                f"{pack_size} bytes its manifest says"
             ) from None
         if len(data) != length:
             raise ChunkCorrupt(
@@ -782,7 +829,7 @@ class Origin:
 
         async def call() -> GetResult:
             result = await obstore.get_async(store, key)
-            _check_stated_size(result, size)
+            _check_head(result, size, self._encodes)
             return result
 
         try:
@@ -975,7 +1022,7 @@ class Origin:
                 if got is not None:
                     return got
             result = await obstore.get_async(self._store, key)
-            _check_stated_size(result, cap)
+            _check_head(result, cap, self._encodes)
             _allow(result.meta["size"])
             if not self._local:
                 return await _read_capped(result, cap)
@@ -1036,7 +1083,7 @@ class Origin:
                         result = await call()
                     finally:
                         _deadline.reset(token)
-            except _Oversized as exc:
+            except _WrongObject as exc:
                 # The object is wrong, not the connection: asking again gets the same bytes.
                 # Raised without the frames below: they hold the answer, whose connection
                 # (its body still coming) is dropped now, not when a collector finds them.
@@ -1272,14 +1319,26 @@ async def _fast(
         raise _Oversized(str(e)) from None
 
 
-def _check_stated_size(result: GetResult, cap: int) -> None:
-    """Refuse an object whose stated size is over `cap` before any of its body is read.
+class _Encoded(Exception):
+    """A web server sent an object encoded (Content-Encoding): not its bytes as stored."""
 
-    Only a shortcut: the size comes from the server (Content-Length, a stat), and
-    `_read_capped` holds the body to the cap whatever was stated."""
-    stated = result.meta["size"]
-    if stated > cap:
-        raise _Oversized(f"is {stated} bytes")
+
+def _check_head(result: GetResult, cap: int | None, encodes: bool) -> None:
+    """Refuse an answer before any of its body is read: an object whose stated size is over
+    `cap` (None: no check), or one a web server (`encodes`) sent compressed.
+
+    The size is only a shortcut: it comes from the server (Content-Length, a stat), and
+    `_read_capped` holds the body to the cap whatever was stated. An encoded body would
+    fail its size or its hash, blamed on the object: the message names the encoding."""
+    encoding = result.attributes.get("Content-Encoding")
+    if encodes and encoding and str(encoding).lower() != "identity":
+        raise _Encoded(
+            f"the server sent it with Content-Encoding: {encoding}, not as stored; hostd "
+            "verifies the stored bytes: turn compression off for the origin's files (nginx: "
+            "gzip and gzip_static off; a proxy's compression)"
+        )
+    if cap is not None and result.meta["size"] > cap:
+        raise _Oversized(f"is {result.meta['size']} bytes")
 
 
 async def _read_capped(result: GetResult, cap: int) -> memoryview:

@@ -487,6 +487,39 @@ async def test_an_https_origin_is_read_through_the_fast_path(
             await asyncio.sleep(0.01)
 
 
+async def test_an_https_origin_whose_certificate_is_refused_says_so_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate from a CA the host does not trust: the error said 'error sending
+    request' (the certificate shows only in obstore's debug dump, which messages leave out),
+    after every retry, though each handshake meets the same certificate."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "ours").mkdir()
+    _, certfile, keyfile = _tls_files(tmp_path / "theirs")
+    trusted, _, _ = _tls_files(tmp_path / "ours")
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    s = Server(await serves(DATA))
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0, ssl=context)
+    port = srv.sockets[0].getsockname()[1]
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+
+    o = Origin(f"https://127.0.0.1:{port}/o", {}, retry=FAST, sleep=sleep)
+    try:
+        with pytest.raises(OriginError, match=r"TLS certificate was refused: \w+"):
+            await o.get_chunk(CID, len(DATA))
+        assert slept == []
+    finally:
+        await o.close()
+        srv.close()
+        await srv.wait_closed()
+        await s.stop()
+
+
 @contextlib.contextmanager
 def dropping_connects() -> Iterator[int]:
     """A port whose listener never accepts and whose queue is full: the kernel drops every

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from s3server import MotoS3, S3Bucket
 
 from hostd.core.ids import chunk_id, compat_digest
 from hostd.core.retry import RetryPolicy
-from hostd.errors import ChunkMissing, ConfigError, NotFound, OriginError, UsageError
+from hostd.errors import ChunkCorrupt, ChunkMissing, ConfigError, NotFound, OriginError, UsageError
 from hostd.origin import Failure, Origin, classify, display_url, validate_ref
 
 PREFIX = "pre/fix"
@@ -363,6 +364,64 @@ async def test_http_origin_reads_and_cannot_list(tmp_path: Path) -> None:
         assert await origin.get_ref("model/vllm", DIGEST_1) == SID_A
         assert await origin.get_ref("model/vllm", DIGEST_2) is None
         assert await origin.list_ref("model/vllm") is None
+
+
+async def test_a_web_server_that_compresses_what_it_sends_is_named(tmp_path: Path) -> None:
+    """A web server that compresses its answers (nginx's gzip or gzip_static, a proxy) does
+    not send the objects' bytes: each read failed on their size or hash, blamed on the
+    object (a pack 'more than its manifest says', a ref that held no snapshot id). The
+    encoding is named at once, without retries."""
+    publisher = _origin((tmp_path / "pub").as_uri())
+    data = random.Random(1).randbytes(3000)
+    cid = pack = chunk_id(data)
+    await publisher.put_chunk(cid, data)
+    await publisher.put_pack(pack, data)
+    await publisher.put_manifest(SID_A, b"manifest")
+    await publisher.put_ref("model/vllm", DIGEST_1, SID_A)
+
+    async def gzipped(request: web.Request) -> web.Response:
+        path = tmp_path / "pub" / request.match_info["tail"]
+        if not path.is_file():
+            return web.Response(status=404)
+        body = gzip.compress(path.read_bytes())
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", gzipped)
+    sleep = SleepRecorder()
+    async with _http_server(app) as base:
+        origin = _origin(base, sleep=sleep)
+        reads: list[Callable[[], Awaitable[object]]] = [
+            lambda: origin.get_ref("model/vllm", DIGEST_1),
+            lambda: origin.get_manifest(SID_A),
+            lambda: origin.get_chunk(cid),
+            lambda: origin.get_pack_range(pack, 0, len(data), len(data)),
+            lambda: origin.get_pack_range(pack, 100, 1000, len(data)),
+        ]
+        for read in reads:
+            with pytest.raises(OriginError, match="sent it with Content-Encoding: gzip"):
+                await read()
+        await origin.close()
+    assert sleep.delays == []
+
+
+async def test_a_pack_shorter_than_its_manifest_says_is_corrupt(tmp_path: Path) -> None:
+    """A range past a pack's end: a web server answers 416 and a local file has no such
+    range. Either said an origin error ('416 Range Not Satisfiable'), not the pack's fault."""
+    publisher = _origin((tmp_path / "pub").as_uri())
+    data = random.Random(2).randbytes(3000)
+    pack = chunk_id(data)
+    await publisher.put_pack(pack, data)
+    app = web.Application()
+    app.router.add_static("/base", tmp_path / "pub")
+    async with _http_server(app) as base:
+        for origin in (publisher, _origin(f"{base}/base")):
+            with pytest.raises(ChunkCorrupt, match="shorter than the 5000 bytes its manifest"):
+                await origin.get_pack_range(pack, 4000, 1000, 5000)
+            # (a range that starts inside it comes back short: corrupt as before)
+            with pytest.raises(ChunkCorrupt, match="asked for 1000 bytes at 2500, got 500"):
+                await origin.get_pack_range(pack, 2500, 1000, 5000)
+            await origin.close()
 
 
 @pytest.mark.parametrize("status", [503, 429, 500])
