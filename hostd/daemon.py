@@ -49,6 +49,7 @@ from hostd.guard import Guard, address_of
 from hostd.hostfacts import HostFacts, detect_bounded, detect_timeout
 from hostd.index import Index
 from hostd.lock import CacheLocks
+from hostd.materialize import RANGES_THREAD
 from hostd.memory import Trimmer, tune_malloc
 from hostd.metrics import (
     GuardCollector,
@@ -60,7 +61,7 @@ from hostd.metrics import (
 from hostd.origin import Origin
 from hostd.peers import ChunkBuffer, Membership, OriginPull, PeerClient, PeerSource, new_node_id
 from hostd.publish import Publisher
-from hostd.restore import Progress, Resolver, Restorer
+from hostd.restore import CANCEL_GRACE, Progress, Resolver, Restorer
 from hostd.sources import ChunkSource, LocalBlobSource, OriginSource
 from hostd.systemd import Notifier
 from hostd.tier import Tier
@@ -616,8 +617,13 @@ async def _serve_locked(
             "stopping: draining %d operation(s) for up to %ss", d.in_flight, config.drain_timeout
         )
         notifier.stopping("draining in-flight work")
+        # systemd's stop timeout (the unit's TimeoutStopSec) must not fire first: its SIGKILL
+        # would leave a process that a caller's stuck filesystem holds (below) with the
+        # cache's locks, socket and ports, and no daemon could start on that cache.
+        notifier.extend_timeout(config.drain_timeout + AFTER_DRAIN)
         d.accepting = False
         await d.drain(config.drain_timeout)
+        notifier.extend_timeout(AFTER_DRAIN)
     finally:
         if desk is not None:
             await desk.stop()
@@ -728,25 +734,39 @@ def main(config_path: Path | None) -> int:
 
 # Seconds the threads still running after the daemon's own shutdown get to end.
 THREADS_GRACE = 5.0
+# Seconds a stop may take past its drain: the operations cancelled then stop (a restore's
+# thread gets 2 x CANCEL_GRACE), the daemon closes, its threads get THREADS_GRACE; with room
+# for a loaded machine. Asked of systemd as the stop begins (EXTEND_TIMEOUT_USEC).
+AFTER_DRAIN = 2 * CANCEL_GRACE + THREADS_GRACE + 20.0
 
 
 def _leave_stuck_threads() -> None:
     """Exit now if a thread outlives the shutdown by THREADS_GRACE: one stuck in a caller's
     filesystem (a write a FUSE server never answers) would hold the interpreter's exit,
     which joins every pool thread, for as long as that server likes; the daemon's own work
-    (index, tiers) is closed by now."""
+    (index, tiers) is closed by now.
+
+    Such a thread holds the process itself too: the kernel waits out a FUSE request its
+    server has read, SIGKILL or not, and the process's descriptors stay open until its last
+    thread ends. So every descriptor is closed first: the tiers' and the index's locks, the
+    socket and the metrics port go now, and a daemon started meanwhile takes them over."""
+
+    def waited_for(t: threading.Thread) -> bool:
+        return t is not threading.current_thread() and (
+            not t.daemon or t.name == RANGES_THREAD
+        )
+
     deadline = time.monotonic() + THREADS_GRACE
     for t in threading.enumerate():
-        if t is threading.current_thread() or t.daemon:
-            continue
-        t.join(max(0.0, deadline - time.monotonic()))
-    me = threading.current_thread()
-    stuck = [t.name for t in threading.enumerate() if t is not me and not t.daemon]
+        if waited_for(t):
+            t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if waited_for(t)]
     if stuck:
         log.warning("exiting past %d stuck thread(s): %s", len(stuck), ", ".join(stuck[:8]))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os._exit(0)
 
 

@@ -179,6 +179,9 @@ class _Part:
 # the caller's files; a chunk past that is not written by range (it is copied in when its
 # file lands, as a chunk the fill did not fetch is).
 TEE_BYTES = 64 << 20
+# The name of the threads that write ranges into callers' files (_Tees): those a caller's
+# filesystem may hold in the kernel for as long as its server likes.
+RANGES_THREAD = "hostd-ranges"
 
 
 class _Tees:
@@ -206,7 +209,7 @@ class _Tees:
             self.queue.append((parts, offset, _kept(data)))
             self.held += len(data)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="hostd-ranges", daemon=True)
+                self.thread = threading.Thread(target=self._run, name=RANGES_THREAD, daemon=True)
                 self.thread.start()
             self.lock.notify_all()
 

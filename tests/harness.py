@@ -441,3 +441,38 @@ class Cli:
         assert err.startswith("hostd: "), err
         assert err.count("\n") == 1, err
         return err
+
+
+class NotifyListener:
+    """The datagram socket systemd would own: collects the daemon's sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def expect(self, assignment: str, timeout: float = 20.0) -> list[str]:
+        """Read datagrams until one holds `assignment` (e.g. READY=1, or EXTEND_TIMEOUT_USEC=
+        for any value); return all read."""
+        deadline = time.monotonic() + timeout
+        read: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {assignment} from hostd; got {read}")
+            self.sock.settimeout(left)
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            read.append(msg)
+            self.messages.append(msg)
+            lines = msg.splitlines()
+            if assignment in lines or (
+                assignment.endswith("=") and any(x.startswith(assignment) for x in lines)
+            ):
+                return read

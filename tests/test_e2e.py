@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from harness import (
     ROOT,
     HeldOrigin,
     Hostd,
+    NotifyListener,
     UnixHTTPConnection,
     make_tree,
     outcome,
@@ -698,37 +698,6 @@ def test_api_errors_are_json(work: Path) -> None:
 
 
 # -- daemon lifecycle ---------------------------------------------------------------------------
-
-
-class NotifyListener:
-    """The datagram socket systemd would own: collects the daemon's sd_notify messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[str] = []
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def expect(self, assignment: str, timeout: float = 20.0) -> list[str]:
-        """Read datagrams until one holds `assignment` (e.g. READY=1); return all read."""
-        deadline = time.monotonic() + timeout
-        read: list[str] = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {assignment} from hostd; got {read}")
-            self.sock.settimeout(left)
-            try:
-                msg = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            read.append(msg)
-            self.messages.append(msg)
-            if assignment in msg.splitlines():
-                return read
 
 
 def test_sd_notify_reload_and_sigterm(work: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Hostd, make_tree, rmtree, short_tmp, tree_digest
+from harness import Hostd, NotifyListener, make_tree, rmtree, short_tmp, tree_digest
 
 pytestmark = pytest.mark.root
 
@@ -259,3 +259,65 @@ def test_a_target_hostd_cannot_stat_takes_copies(work: Path, progressive: bool) 
         last = json.loads(got.stdout.strip().splitlines()[-1])
         assert last.get("error") == "bad_request", last
         assert "a hard link cannot cross filesystems" in last["message"]
+
+
+def test_a_daemon_held_by_a_callers_write_gives_up_the_cache_as_it_stops(work: Path) -> None:
+    """The kernel waits out a FUSE write its server has read, through SIGKILL, and a process
+    keeps its descriptors until its last thread ends. A stop with such a write took the
+    drain, then 20s for the cancelled restore, then 5s for the threads: past the unit's
+    TimeoutStopSec (45s), so systemd's SIGKILL came first and left a process holding the
+    cache's locks, its socket and its ports, and no daemon could start on that cache (a
+    restart, an upgrade) until that caller's server answered. The daemon asks systemd for
+    the time it needs, and closes every descriptor before it exits past the stuck thread."""
+    rng = random.Random(6)
+    big, other = work / "big", work / "other"
+    big.mkdir()
+    other.mkdir()
+    (big / "weights.bin").write_bytes(rng.randbytes(4 << 20))
+    (other / "w.bin").write_bytes(rng.randbytes(1 << 20))
+    origin = f"file://{work}/origin"
+    with Hostd(work / "pub", origin=origin) as pub:
+        pub.publish(big, "m/big", chunk_size=65536)
+        pub.publish(other, "m/other", chunk_size=65536)
+    listener = NotifyListener(work / "notify")
+    old = Hostd(
+        work / "d",
+        origin=origin,
+        socket_mode="0666",
+        drain_timeout="1s",
+        env={"NOTIFY_SOCKET": str(listener.path)},
+    )
+    with stalled_mount(work) as mount:
+        old.start()
+        try:
+            listener.expect("READY=1")
+            body = {"ref": "m/big", "target": str(mount.path / "t"), "progressive": True,
+                    "ranges": True, "mode": "copy"}  # fmt: skip
+            client = subprocess.Popen(
+                nobody_post(old.socket, "/v1/restore", body), stdout=subprocess.DEVNULL
+            )
+            wait_for("a write into the caller's file", lambda: "WRITE" in mount.text())
+            assert old.proc is not None
+            old.proc.terminate()
+            listener.expect("STOPPING=1")
+            extend = listener.expect("EXTEND_TIMEOUT_USEC=")[-1]
+            # the drain, the cancelled restore's 2 x 10s and the threads' 5s, with room
+            assert int(extend.split("=")[1]) >= (1 + 20 + 5) * 1_000_000
+            wait_for("the daemon to give up", lambda: "exiting past" in old.log())
+            # it cannot end while the write is held, but it holds nothing of the cache's
+            lingering = Path(f"/proc/{old.proc.pid}/task")
+            assert old.proc.poll() is None
+            for tid in os.listdir(lingering):
+                with contextlib.suppress(FileNotFoundError):
+                    assert set(os.listdir(lingering / tid / "fd")) <= {"0", "1", "2"}
+            with Hostd(work / "d", origin=origin) as new:  # the same cache, socket and tiers
+                out = new.restore("m/other", work / "out")
+                assert out["event"] == "result", out
+                assert tree_digest(work / "out") == tree_digest(other)
+            client.kill()
+            client.wait()
+        finally:
+            mount.stop()  # the write fails; the old daemon's last thread ends
+            old.close()
+            listener.close()
+    assert old.proc.returncode == 0, old.log()
