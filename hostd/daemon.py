@@ -752,9 +752,7 @@ def _leave_stuck_threads() -> None:
     socket and the metrics port go now, and a daemon started meanwhile takes them over."""
 
     def waited_for(t: threading.Thread) -> bool:
-        return t is not threading.current_thread() and (
-            not t.daemon or t.name == RANGES_THREAD
-        )
+        return t is not threading.current_thread() and (not t.daemon or t.name == RANGES_THREAD)
 
     deadline = time.monotonic() + THREADS_GRACE
     for t in threading.enumerate():
