@@ -144,6 +144,8 @@ _SECRET_PARAM_RE = re.compile(
 )
 _USERINFO_RE = re.compile(r"(?<=//)[^/@\s]+@")
 _MAX_CAUSE = 400
+# obstore's HTTP store needs each answer's Content-Length: a chunked one fails with this.
+_NO_LENGTH = "Content-Length Header missing"
 # rustls's refusal of a server's certificate, shown only in obstore's debug dump:
 # "InvalidCertificate(UnknownIssuer)", "InvalidCertificate(\n Other(\n OtherError(\n Ca...".
 _BAD_CERT_RE = re.compile(r"InvalidCertificate\(([^)]*)")
@@ -246,6 +248,8 @@ def classify(exc: BaseException) -> Failure:
             return _classify_status(int(match.group(1)), text)
         if _refused_certificate(text):
             return Failure.PERMANENT  # the next handshake gets the same certificate
+        if _NO_LENGTH in text:
+            return Failure.PERMANENT  # (a server that streams its answers always does)
         if "builder error" in text or "(os error " in text or "range was invalid" in text:
             # A client that cannot be built (http:// without allow_http), a local
             # filesystem error (EACCES, ENOSPC) or a range past the end of a local object:
@@ -409,6 +413,11 @@ def _describe(exc: BaseException, timeout: float) -> str:
         text = text[:_MAX_CAUSE] + "..."
     if "builder error" in full:
         text += ' (an http:// endpoint needs origin_options allow_http = "true")'
+    if _NO_LENGTH in full:
+        text += (
+            " (a web server origin must send each object with its Content-Length: one that "
+            "streams them, as nginx's gunzip and on-the-fly compression do, cannot be read)"
+        )
     cert = _refused_certificate(full)
     if cert:
         text += f" (the server's TLS certificate was refused: {cert})"
@@ -417,13 +426,31 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return text
 
 
+# rustls's CertificateError variants, in words (the rest by name).
+_CERT_WORDS = {
+    "Expired": "it has expired",
+    "NotValidYet": "it is not valid yet",
+    "NotValidForName": "it does not name this host",
+    "UnknownIssuer": "its issuer is not one this host trusts",
+    "BadSignature": "its signature does not verify against the issuer this host trusts",
+    "Revoked": "it is revoked",
+    "CaUsedAsEndEntity": "it is a CA certificate, not a server's",
+}
+
+
 def _refused_certificate(text: str) -> str:
-    """Why the TLS client refused the server's certificate, where it did; else ''."""
+    """Why the TLS client refused the server's certificate, where it did; else ''. The
+    variant is the first name inside InvalidCertificate(...), past Other(OtherError(...))."""
     match = _BAD_CERT_RE.search(text)
     if match is None:
         return ""
-    names = re.findall(r"[A-Za-z]+", match.group(1))
-    return names[-1] if names else "invalid certificate"
+    names = [
+        n for n in re.findall(r"[A-Za-z]+", match.group(1)) if n not in ("Other", "OtherError")
+    ]
+    if not names:
+        return "invalid certificate"
+    kind = names[0].removesuffix("Context")
+    return str(_CERT_WORDS.get(kind, kind))
 
 
 def _is_panic(exc: BaseException) -> bool:
@@ -1319,6 +1346,11 @@ async def _fast(
         raise _Oversized(str(e)) from None
 
 
+# Content-Encodings that make a web server's body other than the object's bytes (others,
+# such as aws-chunked, which S3-compatible servers store and send back, leave them as they are).
+_COMPRESSED = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
+
 class _Encoded(Exception):
     """A web server sent an object encoded (Content-Encoding): not its bytes as stored."""
 
@@ -1330,8 +1362,8 @@ def _check_head(result: GetResult, cap: int | None, encodes: bool) -> None:
     The size is only a shortcut: it comes from the server (Content-Length, a stat), and
     `_read_capped` holds the body to the cap whatever was stated. An encoded body would
     fail its size or its hash, blamed on the object: the message names the encoding."""
-    encoding = result.attributes.get("Content-Encoding")
-    if encodes and encoding and str(encoding).lower() != "identity":
+    encoding = str(result.attributes.get("Content-Encoding") or "")
+    if encodes and _COMPRESSED.intersection(c.strip() for c in encoding.lower().split(",")):
         raise _Encoded(
             f"the server sent it with Content-Encoding: {encoding}, not as stored; hostd "
             "verifies the stored bytes: turn compression off for the origin's files (nginx: "

@@ -411,8 +411,9 @@ def test_a_stream_dropped_as_its_loop_ends_still_closes_its_socket() -> None:
         served.close()
 
 
-def _tls_files(where: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a certificate it signed for 127.0.0.1 (with its key): PEM files."""
+def _tls_files(where: Path, expired: bool = False) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 (with its key): PEM files. `expired`:
+    the certificate's time ended a minute ago."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -430,7 +431,7 @@ def _tls_files(where: Path) -> tuple[Path, Path, Path]:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(minutes=-1 if expired and not ca else 60))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if san:
@@ -487,16 +488,24 @@ async def test_an_https_origin_is_read_through_the_fast_path(
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("another CA", "its signature does not verify against the issuer this host trusts"),
+        ("expired", "it has expired"),
+    ],
+)
 async def test_an_https_origin_whose_certificate_is_refused_says_so_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, why: str
 ) -> None:
-    """A certificate from a CA the host does not trust: the error said 'error sending
-    request' (the certificate shows only in obstore's debug dump, which messages leave out),
-    after every retry, though each handshake meets the same certificate."""
+    """A certificate from a CA the host does not trust, or one whose time is over: the error
+    said 'error sending request' (the certificate shows only in obstore's debug dump, which
+    messages leave out), after every retry, though each handshake meets the same
+    certificate."""
     (tmp_path / "theirs").mkdir()
     (tmp_path / "ours").mkdir()
-    _, certfile, keyfile = _tls_files(tmp_path / "theirs")
-    trusted, _, _ = _tls_files(tmp_path / "ours")
+    ca, certfile, keyfile = _tls_files(tmp_path / "theirs", expired=case == "expired")
+    trusted = _tls_files(tmp_path / "ours")[0] if case == "another CA" else ca
     monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certfile, keyfile)
@@ -510,7 +519,7 @@ async def test_an_https_origin_whose_certificate_is_refused_says_so_at_once(
 
     o = Origin(f"https://127.0.0.1:{port}/o", {}, retry=FAST, sleep=sleep)
     try:
-        with pytest.raises(OriginError, match=r"TLS certificate was refused: \w+"):
+        with pytest.raises(OriginError, match=f"TLS certificate was refused: {why}"):
             await o.get_chunk(CID, len(DATA))
         assert slept == []
     finally:

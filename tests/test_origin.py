@@ -424,6 +424,55 @@ async def test_a_pack_shorter_than_its_manifest_says_is_corrupt(tmp_path: Path) 
             await origin.close()
 
 
+@pytest.mark.parametrize("encoding", ["aws-chunked", "identity, identity", "none", "IDENTITY"])
+async def test_an_encoding_that_leaves_the_bytes_as_they_are_is_read(
+    tmp_path: Path, encoding: str
+) -> None:
+    """S3-compatible servers store `aws-chunked` (objects copied with newer aws-cli) and send
+    it back, from a public URL too, with the bytes as stored: read, as they were before the
+    check for compressed answers."""
+    publisher = _origin((tmp_path / "pub").as_uri())
+    data = random.Random(3).randbytes(3000)
+    cid = chunk_id(data)
+    await publisher.put_chunk(cid, data)
+    await publisher.put_manifest(SID_A, b"manifest")
+
+    async def tagged(request: web.Request) -> web.Response:
+        path = tmp_path / "pub" / request.match_info["tail"]
+        return web.Response(body=path.read_bytes(), headers={"Content-Encoding": encoding})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", tagged)
+    async with _http_server(app) as base:
+        origin = _origin(base)
+        assert await origin.get_manifest(SID_A) == b"manifest"
+        assert bytes(await origin.get_chunk(cid)) == data
+        await origin.close()
+
+
+async def test_a_web_server_that_streams_its_answers_is_named(tmp_path: Path) -> None:
+    """No Content-Length (chunked: nginx's gunzip, on-the-fly compression): obstore's web
+    store cannot read it, and each retry met the same answer. Told at once, and why."""
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"manifest")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", chunked)
+    sleep = SleepRecorder()
+    async with _http_server(app) as base:
+        origin = _origin(base, sleep=sleep)
+        with pytest.raises(OriginError, match="must send each object with its Content-Length"):
+            await origin.get_manifest(SID_A)
+        await origin.close()
+    assert sleep.delays == []
+
+
 @pytest.mark.parametrize("status", [503, 429, 500])
 async def test_transient_answers_are_retried(status: int) -> None:
     seen: list[str] = []
