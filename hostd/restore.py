@@ -495,6 +495,10 @@ class Restorer:
             if req.mode == "link":  # links or fails, and fails before anything is built
                 only = await self.spawner.run(self._link_tiers, fs, info.dev, req)
             tiers = self._tiers(req.tier) if only is None else only
+            # (a progressive restore fills an existing target itself, which may be a mount)
+            dev = info.existing[0] if req.progressive and info.existing else info.dev
+            if req.mode == "auto" and link_ok and not await asyncio.to_thread(_on, tiers, dev):
+                link_ok = False  # nothing can be linked there: every file is a copy, none lent
             lend = writer and link_ok and req.mode != "copy"
             if req.progressive:
                 return await self._placing(
@@ -830,6 +834,15 @@ async def _stopped(job: asyncio.Future[Any], fs: AsUser, where: str) -> bool:
         job.add_done_callback(lambda j: j.cancelled() or j.exception())
         return False
     return True
+
+
+def _on(tiers: Sequence[Tier], dev: int) -> bool:
+    """Whether one of `tiers` is on filesystem `dev` (blocking: a stat each)."""
+    for t in tiers:
+        with contextlib.suppress(OSError):
+            if os.stat(t.blobs_dir).st_dev == dev:
+                return True
+    return False
 
 
 async def _load_order(paths: list[str], patterns: Sequence[str]) -> list[int]:

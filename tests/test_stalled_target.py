@@ -222,7 +222,7 @@ def test_a_target_hostd_cannot_stat_takes_copies(work: Path, progressive: bool) 
     daemon even a stat through a descriptor the helper opened there): `copy` worked, but
     `auto`, which checks the directories it might link into, failed with a bare 'Permission
     denied'. Nothing can be linked there (another filesystem than every tier's): the helper
-    copies it all."""
+    copies it all, and the result says so (none 'copied for mtime')."""
     src = make_tree(work / "src")
     for dirpath, _, _ in os.walk(src):
         os.chmod(dirpath, 0o755)
@@ -246,6 +246,9 @@ def test_a_target_hostd_cannot_stat_takes_copies(work: Path, progressive: bool) 
             last = json.loads(got.stdout.strip().splitlines()[-1])
             assert last.get("event") == "result", last
             assert last["linked"] == 0
+            # every file is a copy there: none for its mtime (a blob of two files, each
+            # with its own mtime, counted one)
+            assert last["copied_for_mtime"] == 0
             tree = subprocess.run(
                 [*AS_NOBODY, sys.executable, "-c", DIGEST, target], capture_output=True, text=True
             )
