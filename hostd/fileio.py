@@ -113,11 +113,12 @@ def link_fd(fd: int, path: str) -> None:
     _check(rc, path)
 
 
-def renameat2(dirfd: int, old: str, new: str, flags: int) -> None:
+def renameat2(dirfd: int, old: str, new: str, flags: int, new_dirfd: int | None = None) -> None:
+    """Rename `old` to `new`, both under `dirfd` (`new` under `new_dirfd` where given)."""
     rc = libc.renameat2(
         ctypes.c_int(dirfd),
         ctypes.c_char_p(os.fsencode(old)),
-        ctypes.c_int(dirfd),
+        ctypes.c_int(dirfd if new_dirfd is None else new_dirfd),
         ctypes.c_char_p(os.fsencode(new)),
         ctypes.c_uint(flags),
     )

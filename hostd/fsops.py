@@ -62,6 +62,10 @@ NAME_MAX = 255  # bytes of one name (Linux)
 # users may write, one can rename the other's tree to a build's name.
 BUILD_MARK = "user.hostd.build"
 PART_PREFIX = ".hostd-part-"  # a progressive restore's file before it is whole
+# The tree a restore builds, inside its build directory: made there with the mode, group and
+# default ACL a directory made beside the target gets (inherited through the build, which
+# is the caller's alone: 0700), renamed out onto the target at the commit.
+BUILD_TREE = "tree"
 _PR_SET_DUMPABLE = 4
 
 
@@ -571,16 +575,17 @@ class Helper:
         except BlockingIOError:
             raise Refused("changed", f"the tree being built for {where!r} is locked") from None
         _mark_build(self.build_fd)  # (so a sweep after a crash knows it for one)
-        self.dirs[""] = self.build_fd
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
         if not _same(here, os.fstat(self.build_fd)):  # swept or swapped before we locked it
             raise Refused("changed", f"the tree being built for {where!r} was moved away")
+        os.mkdir(BUILD_TREE, 0o755, dir_fd=self.build_fd)
+        self.dirs[""] = _open_dir(self.build_fd, BUILD_TREE, where)
         for d in msg["dirs"]:  # sorted, parents first
             up, _, leaf = d.rpartition("/")
             os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
             self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
-        return {"dev": os.fstat(self.build_fd).st_dev}, out
+        return {"dev": os.fstat(self.dirs[""]).st_dev}, out
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """The target directory, made now (or the empty one there, as op_target checked),
@@ -794,7 +799,8 @@ class Helper:
             self._close_dirs()
             return {"ok": True, "old_tree_left": None}, []
         here = os.stat(self.build, dir_fd=self.parent, follow_symlinks=False)
-        if not _same(here, os.fstat(self.build_fd)):
+        tree = os.stat(BUILD_TREE, dir_fd=self.build_fd, follow_symlinks=False)
+        if not _same(here, os.fstat(self.build_fd)) or not _same(tree, os.fstat(self.dirs[""])):
             raise Refused("changed", f"the tree being built for {target!r} was moved away")
         try:  # what sits at the target now must be what was checked, or nothing
             now = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
@@ -805,31 +811,24 @@ class Helper:
             raise Refused("exists", f"target {target!r} appeared while restoring")
         if seen is not None and seen != self.target_id:
             raise Refused("changed", f"target {target!r} was replaced while restoring")
-        _unmark_build(self.build_fd)  # (the restored tree is no build any more)
-        os.fchmod(self.build_fd, 0o755)
         try:
-            renameat2(self.parent, self.build, self.name, 0)
+            renameat2(self.build_fd, BUILD_TREE, self.name, 0, self.parent)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             if not msg.get("replace"):
-                os.fchmod(self.build_fd, 0o700)
-                _mark_build(self.build_fd)
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
-            renameat2(self.parent, self.build, self.name, RENAME_EXCHANGE)
+            renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
             self.committed = True
-            try:  # the old tree, now under the build's name, goes with the caller's rights
-                shutil.rmtree(self.build, dir_fd=self.parent)
+            try:  # the old tree, now in the build directory, goes with the caller's rights
+                shutil.rmtree(BUILD_TREE, dir_fd=self.build_fd)
             except OSError:
-                left = f"{self.parent_path.rstrip('/')}/{self.build}"
-                with contextlib.suppress(OSError):  # (a later restore's sweep may take it)
-                    old = _open_dir(self.parent, self.build, left)
-                    try:
-                        if _same(os.fstat(old), now):
-                            _mark_build(old)
-                    finally:
-                        os.close(old)
+                # left in the build directory, marked: a later restore's sweep may take it
+                left = f"{self.parent_path.rstrip('/')}/{self.build}/{BUILD_TREE}"
         self.committed = True
+        if left is None:
+            with contextlib.suppress(OSError):  # (empty: the tree went out of it)
+                os.rmdir(self.build, dir_fd=self.parent)
         self._close_dirs()
         return {"ok": True, "old_tree_left": left}, []
 
@@ -885,6 +884,8 @@ class Helper:
         for fd in self.dirs.values():
             _close(fd)
         self.dirs.clear()
+        if self.build_fd >= 0:
+            _close(self.build_fd)
         self.build_fd = -1
 
 

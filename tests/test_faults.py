@@ -38,6 +38,7 @@ from harness import write_config as write_toml
 from prometheus_client.parser import text_string_to_metric_families
 from s3server import S3Bucket
 
+from hostd import fsops
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id, compat_digest
 
@@ -964,6 +965,9 @@ def test_a_client_killed_while_its_tree_is_made_leaves_nothing(
             return [target] if target.exists() else []
         return [target.parent / n for n in hidden_builds(target)]
 
+    def trees() -> list[Path]:  # where it makes the tree: the build's, or the target
+        return made() if progressive else [m / fsops.BUILD_TREE for m in made()]
+
     with Hostd(work / "d", origin=f"file://{origin}") as d:
         body: dict[str, Any] = {"ref": "demo/dirs", "target": str(target), "mode": "copy"}
         if progressive:
@@ -975,7 +979,7 @@ def test_a_client_killed_while_its_tree_is_made_leaves_nothing(
             # killed once the empty files are being made: begin is running
             wait_for(
                 "the tree's empty files to be made",
-                lambda: any((m / "e").is_dir() and os.listdir(m / "e") for m in made()),
+                lambda: any((m / "e").is_dir() and os.listdir(m / "e") for m in trees()),
             )
         finally:
             client.kill()

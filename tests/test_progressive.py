@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from harness import HeldOrigin, Hostd, request, rmtree, short_tmp
 
+from hostd import fsops
 from hostd.cli import main
 from hostd.client import Client
 from hostd.core.ids import chunk_id
@@ -534,6 +535,11 @@ def hidden_builds(target: Path) -> list[Path]:
     return sorted(target.parent.glob(f".{target.name}.hostd-*"))
 
 
+def built_trees(target: Path) -> list[Path]:
+    """The trees being built in the hidden builds (renamed onto the target at the commit)."""
+    return [b / fsops.BUILD_TREE for b in hidden_builds(target)]
+
+
 def poll(what: str, check: Any) -> None:
     deadline = time.monotonic() + DEADLINE
     while not check():
@@ -562,7 +568,7 @@ def test_a_cold_copy_restore_writes_files_while_the_rest_is_fetched(
         r = Plain(h, target, mode="copy")
 
         def others_built() -> bool:
-            builds = hidden_builds(target)
+            builds = built_trees(target)
             return len(builds) == 1 and all(
                 (builds[0] / n).is_file() and (builds[0] / n).read_bytes() == published[n]
                 for n in NAMES
@@ -570,7 +576,7 @@ def test_a_cold_copy_restore_writes_files_while_the_rest_is_fetched(
             )
 
         poll("the other files in the build", others_built)
-        assert not (hidden_builds(target)[0] / "b.bin").exists()
+        assert not (built_trees(target)[0] / "b.bin").exists()
         assert not target.exists()
         held.set()
         result = r.wait()
@@ -612,9 +618,7 @@ def test_a_cancelled_cold_restore_removes_its_build(
     with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
         origin.hold(first_chunk(published["b.bin"]))
         r = Plain(h, target, mode="copy")
-        poll(
-            "a.bin in the build", lambda: any((b / "a.bin").exists() for b in hidden_builds(target))
-        )
+        poll("a.bin in the build", lambda: any((b / "a.bin").exists() for b in built_trees(target)))
         r.client.close()  # the caller goes away
         r.thread.join(DEADLINE)
         poll("the build to go", lambda: not hidden_builds(target))
@@ -742,9 +746,7 @@ def test_a_helper_killed_mid_restore_leaves_no_build_directory(
     with HeldOrigin(work / "origin") as origin, Hostd(work / "d", origin=origin.url) as h:
         held = origin.hold(first_chunk(published["b.bin"]))
         r = Plain(h, target, mode="copy")
-        poll(
-            "a.bin in the build", lambda: any((b / "a.bin").exists() for b in hidden_builds(target))
-        )
+        poll("a.bin in the build", lambda: any((b / "a.bin").exists() for b in built_trees(target)))
         _kill_the_helper(h)
         held.set()
         with pytest.raises(HostdError, match="helper"):

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -472,6 +473,52 @@ def test_another_user_cannot_lock_a_tree_being_built(work: Path) -> None:
     assert stat.S_IMODE((work / "out").stat().st_mode) == 0o755
     assert tree_digest(work / "out") == tree_digest(src)
     assert not list(work.glob(".out.hostd-*"))
+
+
+def default_acl(path: Path, other: int) -> None:
+    """A default ACL on directory `path`: user::rwx group::r-x other::`other` (what setfacl -d
+    sets: system.posix_acl_default, version 2)."""
+    entries = [(0x01, 7), (0x04, 5), (0x20, other)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, 0xFFFFFFFF) for t, p in entries)
+    os.setxattr(path, "system.posix_acl_default", acl)
+
+
+@pytest.mark.parametrize("parent", ["setgid", "default ACL"])
+def test_a_restored_tree_gets_what_a_directory_made_there_gets(work: Path, parent: str) -> None:
+    """The build is the caller's alone while it is built (0700): the tree's top directory
+    was then chmod'ed 0755 at the commit, which dropped the setgid bit of a group's shared
+    directory and widened a default ACL's 0750 to 0755 (every user could list the tree and
+    read the files linked into it). It is made inside the build now, as it would be beside
+    the target, and renamed out."""
+    src = work / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_text("a\n")
+    (src / "b.bin").write_bytes(b"b" * 1000)
+    shared = work / "shared"
+    shared.mkdir()
+    if parent == "setgid":
+        os.chown(shared, 0, NOBODY)
+        shared.chmod(0o2775)
+    else:
+        default_acl(shared, other=0)
+    made = shared / "made"
+    made.mkdir(0o755)  # the reference: a directory made there
+    (shared / "replaced").mkdir()
+    with daemon(work) as d:
+        d.publish(src, "t/tree")
+        out = d.restore("t/tree", shared / "plain", mode="copy")
+        assert out["event"] == "result", out
+        out = d.restore("t/tree", shared / "replaced", mode="copy", replace=True)
+        assert out["event"] == "result", out
+    want = (made.stat().st_mode, made.stat().st_gid)
+    assert want[0] & (stat.S_ISGID if parent == "setgid" else 0o007) == (
+        stat.S_ISGID if parent == "setgid" else 0
+    )
+    for name in ("plain", "replaced"):
+        got = (shared / name).stat()
+        assert (stat.filemode(got.st_mode), got.st_gid) == (stat.filemode(want[0]), want[1])
+        assert tree_digest(shared / name) == tree_digest(src)
+    assert sorted(p.name for p in shared.iterdir()) == ["made", "plain", "replaced"]
 
 
 # -- 12. no restore or publish aims at hostd's own storage ------------------------------------
