@@ -453,33 +453,29 @@ class AsUser:
         """Make the build directory and `dirs` (parents first); descriptors of `want`.
         `progressive`: build in the target itself, made now; each file then lands whole as
         it is sent, and a failure removes what was placed unless `keep`."""
-        reply, fds = self.call(
-            "begin",
-            nfds=len(want),
-            dirs=list(dirs),
-            want=list(want),
-            progressive=progressive,
-            keep=keep,
+        if not progressive:
+            reply, fds = self.call("begin", nfds=len(want), dirs=list(dirs), want=list(want))
+            self.building = True
+            return int(reply["dev"]), dict(zip(want, fds, strict=True))
+        # The target first, held for this restore before anything is made in it.
+        reply, _ = self.call("begin", dirs=[], want=[], progressive=True, keep=keep)
+        ledger = Ledger(
+            self.target_path,
+            [int(x) for x in reply["target_id"]],
+            bool(reply["made_target"]),
+            [],
+            {},
+            keep,
         )
-        self.building = not progressive
-        if progressive:
-            asked = set(dirs)  # the helper answers for these alone (it may lie about them)
-            ledger = Ledger(
-                self.target_path,
-                [int(x) for x in reply["target_id"]],
-                bool(reply["made_target"]),
-                [str(d) for d in reply["made_dirs"] if d in asked],
-                {},
-                keep,
+        if self.spawner is not None and not self.spawner.claim(ledger):
+            self.call("abort", linked=[], refused=True)  # (a target it made is the other's)
+            raise TargetExists(
+                f"target {self.target_path!r} is being filled by another progressive restore"
             )
-            if self.spawner is not None and not self.spawner.claim(ledger):
-                for fd in fds:
-                    os.close(fd)
-                self.abort()  # the directories it made go; the other restore's stay
-                raise TargetExists(
-                    f"target {self.target_path!r} is being filled by another progressive restore"
-                )
-            self.ledger = ledger
+        self.ledger = ledger
+        made, fds = self.call("dirs", nfds=len(want), dirs=list(dirs), want=list(want))
+        asked = set(dirs)  # the helper answers for these alone (it may lie about them)
+        ledger.made_dirs.extend(str(d) for d in made["made_dirs"] if d in asked)
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(

@@ -588,10 +588,11 @@ class Helper:
         return {"dev": os.fstat(self.dirs[""]).st_dev}, out
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        """The target directory, made now (or the empty one there, as op_target checked),
-        and the tree's directories in it. The daemon refuses a second progressive restore
-        into it (AsUser.begin): a lock on the target, which any user who may open it could
-        take first, would not do."""
+        """The target directory, made now (or the empty one there, as op_target checked, if
+        the caller may write in it), and the tree's directories in it (`dirs`: none where
+        the daemon asks for them once it holds the target, op_dirs). The daemon refuses a
+        second progressive restore into it (AsUser.begin): a lock on the target, which any
+        user who may open it could take first, would not do."""
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
         made = False
         try:
@@ -606,10 +607,17 @@ class Helper:
         fd = _open_dir(self.parent, self.name, where)
         try:
             st = os.fstat(fd)
+            if not made and self.target_id is None:  # (not there when op_target looked)
+                raise Refused(
+                    "exists", f"target {where!r} appeared while restoring (another restore?)"
+                )
             if not made and [st.st_dev, st.st_ino] != self.target_id:
                 raise Refused("changed", f"target {where!r} was replaced while restoring")
             if not made and _listdir(fd, where):
                 raise Refused("exists", f"target {where!r} is not empty")
+            if not made and not os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
+                # (or it would hold the target from restores by those who may, placing nothing)
+                raise Refused("forbidden", f"cannot write in target {where!r}: permission denied")
         except BaseException:
             os.close(fd)
             if made:
@@ -621,19 +629,23 @@ class Helper:
         self.target_id = [st.st_dev, st.st_ino]
         self.dirs[""] = fd
         self.parts = int.from_bytes(os.urandom(4))  # scratch names no other restore guesses
+        dirs, out = self.op_dirs(msg, [])
+        # The daemon keeps what a reclaim needs, should this helper die (op_reclaim).
+        return {"dev": st.st_dev, "target_id": self.target_id, "made_target": made, **dirs}, out
+
+    def op_dirs(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """A progressive restore's directories, made in its target (`dirs`, parents first):
+        those made, and descriptors of `want`."""
+        if not self.progressive or "" not in self.dirs:
+            raise Refused("protocol", "dirs before a progressive begin")
+        before = len(self.made_dirs)
         for d in msg["dirs"]:  # sorted, parents first
             up, _, leaf = d.rpartition("/")
             os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
             self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
             self.made_dirs.append(d)
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
-        # The daemon keeps what a reclaim needs, should this helper die (op_reclaim).
-        return {
-            "dev": st.st_dev,
-            "target_id": self.target_id,
-            "made_target": made,
-            "made_dirs": self.made_dirs,
-        }, out
+        return {"made_dirs": self.made_dirs[before:]}, out
 
     def op_files(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Create files: `copy` ones from the blob descriptors sent with the frame, in order.
@@ -833,6 +845,8 @@ class Helper:
         return {"ok": True, "old_tree_left": left}, []
 
     def op_abort(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        if msg.get("refused"):  # another restore holds the target: its to fill, not to remove
+            self.made_target = False
         self.abort(msg.get("linked"))
         return {"ok": True}, []
 

@@ -500,9 +500,16 @@ def test_a_second_progressive_restore_into_the_same_target_is_refused(
         second = Restore(h, target, ref="m/one")
         with pytest.raises(TargetExists, match="being filled by another progressive restore"):
             second.wait()
+        # one whose tree has directories made none of them there (it used to make them
+        # first, and keep_partial kept them, mixed into the other's tree)
+        third = Restore(h, target, keep_partial=True)
+        with pytest.raises(TargetExists, match="being filled by another progressive restore"):
+            third.wait()
+        assert os.listdir(target) == []
         origin.gate.set()
         assert first.wait()["files"] == 1
     assert (target / "a.bin").read_bytes() == published["a.bin"]
+    assert os.listdir(target) == ["a.bin"]
 
 
 def test_a_failed_restore_takes_back_only_what_it_placed(

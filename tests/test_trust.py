@@ -438,6 +438,12 @@ def test_another_users_lock_on_a_target_keeps_no_progressive_restore_out(work: P
         locker, said = lock_as_nobody(target)
         try:
             assert said == "held"
+            # nor may a user who can read it but not write in it hold it (a progressive
+            # restore of its own would have, for as long as its fetch took)
+            body = {"ref": "t/tree", "target": str(target), "progressive": True}
+            out = nobody_stream(d.socket, "/v1/restore", body)
+            assert out["error"] == "forbidden", out
+            assert "cannot write in target" in out["message"], out
             out = d.restore("t/tree", target, progressive=True, mode="copy")
             assert out["event"] == "result", out
         finally:
