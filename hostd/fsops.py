@@ -545,8 +545,7 @@ class Helper:
                     continue  # not a build of the caller's: a tree someone gave that name
                 fcntl.flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # held while removing, and only what still sits under that name
-                if _same(os.fstat(d), os.stat(n, dir_fd=self.parent, follow_symlinks=False)):
-                    shutil.rmtree(n, dir_fd=self.parent, ignore_errors=True)
+                _remove_build(self.parent, n, d)
             except OSError:
                 continue  # a restore in progress holds it, or it went meanwhile
             finally:
@@ -617,6 +616,8 @@ class Helper:
                 raise Refused("exists", f"target {where!r} is not empty")
             if not made and not os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
                 # (or it would hold the target from restores by those who may, placing nothing)
+                if os.fstatvfs(fd).f_flag & os.ST_RDONLY:  # as a write there would say
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.name)
                 raise Refused("forbidden", f"cannot write in target {where!r}: permission denied")
         except BaseException:
             os.close(fd)
@@ -838,9 +839,8 @@ class Helper:
                 # left in the build directory, marked: a later restore's sweep may take it
                 left = f"{self.parent_path.rstrip('/')}/{self.build}/{BUILD_TREE}"
         self.committed = True
-        if left is None:
-            with contextlib.suppress(OSError):  # (empty: the tree went out of it)
-                os.rmdir(self.build, dir_fd=self.parent)
+        if left is None:  # (empty: the tree went out of it)
+            _remove_build(self.parent, self.build, self.build_fd)
         self._close_dirs()
         return {"ok": True, "old_tree_left": left}, []
 
@@ -856,12 +856,13 @@ class Helper:
         self._drop_open_parts()
         if self.progressive and not self.committed and self.dirs and not self.keep:
             self._unplace([*(linked or []), *map(list, self.linking)])
+        if not self.progressive and self.build_fd >= 0 and not self.committed:
+            _remove_build(self.parent, self.build, self.build_fd)
+        elif not self.progressive and self.build and not self.committed and self.parent >= 0:
+            with contextlib.suppress(OSError):  # made, never opened: empty, or not ours
+                os.rmdir(self.build, dir_fd=self.parent)
         self._close_dirs()
-        if self.progressive:
-            self.build = ""
-        if self.build and not self.committed and self.parent >= 0:
-            shutil.rmtree(self.build, dir_fd=self.parent, ignore_errors=True)
-            self.build = ""
+        self.build = ""
 
     def _unplace(self, linked: list[list[Any]]) -> None:
         """Take back exactly what this progressive restore placed: each file or symlink it
@@ -1036,6 +1037,23 @@ def _build_prefix(name: str) -> str:
     if len(raw) > room:
         name = raw[:room].decode("utf-8", "ignore")
     return f".{name}{BUILD_INFIX}"
+
+
+def _remove_build(parent: int, name: str, fd: int) -> None:
+    """Remove the build directory open at `fd`, named `name` in `parent`: what it holds,
+    through `fd` (nothing outside it, whatever names say now), then the directory itself
+    where `name` still is it. In a directory others may write, one may have moved the build
+    away and given its name to another tree of the caller's: that tree stays."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(entry, dir_fd=fd, ignore_errors=True)
+                else:
+                    os.unlink(entry, dir_fd=fd)
+    with contextlib.suppress(OSError):
+        if _same(os.fstat(fd), os.stat(name, dir_fd=parent, follow_symlinks=False)):
+            os.rmdir(name, dir_fd=parent)
 
 
 def _mark_build(fd: int) -> None:

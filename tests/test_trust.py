@@ -481,6 +481,73 @@ def test_another_user_cannot_lock_a_tree_being_built(work: Path) -> None:
     assert not list(work.glob(".out.hostd-*"))
 
 
+def test_a_build_moved_away_takes_nothing_else_with_it(work: Path) -> None:
+    """In a group's shared directory (2775, not sticky) a member may rename what the others
+    make. B moved A's build away while A's restore fetched and gave A's own directory the
+    build's name: A's commit refused ('moved away'), and the abort removed, by that name and
+    with A's rights, A's files, which B could not remove itself. The build is emptied
+    through its descriptor and removed by name only while the name is still it."""
+    a, b, group = 12001, 12002, 5001
+    as_a = ("setpriv", f"--reuid={a}", f"--regid={group}", f"--groups={group}")
+    as_b = ("setpriv", f"--reuid={b}", f"--regid={group}", f"--groups={group}")
+    src = work / "src"
+    src.mkdir()
+    (src / "model.bin").write_bytes(os.urandom(200_000))
+    origin_dir = work / "origin"
+    with Hostd(work / "pub", origin=f"file://{origin_dir}", chunk_size="64KiB", pack_size=0) as pub:
+        pub.publish(src, "t/m")
+    shared = work / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, group)
+    shared.chmod(0o2775)
+    mine = shared / "A_data"  # A's own work
+    (mine / "run1").mkdir(parents=True)
+    (mine / "run1" / "results.txt").write_text("A's results\n")
+    for p in (mine, mine / "run1", mine / "run1" / "results.txt"):
+        os.chown(p, a, group)
+    denied = subprocess.run([*as_b, "rm", "-rf", str(mine / "run1")], capture_output=True)
+    assert denied.returncode != 0  # B may not remove them
+    with (
+        HeldOrigin(origin_dir, gated=True) as origin,
+        daemon(work, origin=origin.url) as d,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        body = {"ref": "t/m", "target": str(shared / "model"), "mode": "copy"}
+        done = pool.submit(curl_stream, d.socket, "/v1/restore", body, *as_a)
+        assert origin.first.wait(60)  # the build is there, its fetch held
+        (build,) = [n for n in os.listdir(shared) if n.startswith(".model.hostd-")]
+        swap = f"cd {shared} && mv {build} moved && mv A_data {build}"
+        subprocess.run([*as_b, "sh", "-c", swap], check=True)
+        origin.gate.set()
+        out = done.result(120)
+        assert out["event"] == "error", out
+        assert "was moved away" in out["message"], out
+    assert (shared / build / "run1" / "results.txt").read_text() == "A's results\n"
+    assert os.listdir(shared / "moved") == []  # the build itself, emptied
+
+
+def test_a_read_only_target_says_so(work: Path) -> None:
+    """The check that a caller may write in an existing progressive target said 'permission
+    denied' (as 'forbidden') on a read-only mount, root's included; a write there says
+    'Read-only file system', as it does for a target the restore makes."""
+    src = work / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    ro = work / "ro"
+    (ro / "empty").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with daemon(work) as d:
+            d.publish(src, "t/a")
+            for name in ("empty", "new"):
+                out = d.restore("t/a", ro / name, progressive=True)
+                assert out["event"] == "error", out
+                assert "Read-only file system" in out["message"], out
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 def default_acl(path: Path, other: int) -> None:
     """A default ACL on directory `path`: user::rwx group::r-x other::`other` (what setfacl -d
     sets: system.posix_acl_default, version 2)."""
