@@ -579,12 +579,22 @@ class Helper:
             raise Refused("changed", f"the tree being built for {where!r} was moved away")
         os.mkdir(BUILD_TREE, 0o755, dir_fd=self.build_fd)
         self.dirs[""] = _open_dir(self.build_fd, BUILD_TREE, where)
-        for d in msg["dirs"]:  # sorted, parents first
-            up, _, leaf = d.rpartition("/")
-            os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
-            self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+        self._make_dirs(msg["dirs"], [])
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
         return {"dev": os.fstat(self.dirs[""]).st_dev}, out
+
+    def _make_dirs(self, dirs: list[str], made: list[str]) -> None:
+        """Make the tree's directories `dirs` (sorted, parents first), each added to `made`
+        as it is; a failure names the one in the target."""
+        for d in dirs:
+            up, _, leaf = d.rpartition("/")
+            try:
+                os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
+            except OSError as e:
+                e.filename = f"{self.parent_path.rstrip('/')}/{self.name}/{d}"
+                raise
+            self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
+            made.append(d)
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """The target directory, made now (or the empty one there, as op_target checked, if
@@ -640,11 +650,7 @@ class Helper:
         if not self.progressive or "" not in self.dirs:
             raise Refused("protocol", "dirs before a progressive begin")
         before = len(self.made_dirs)
-        for d in msg["dirs"]:  # sorted, parents first
-            up, _, leaf = d.rpartition("/")
-            os.mkdir(leaf, 0o755, dir_fd=self.dirs[up])
-            self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
-            self.made_dirs.append(d)
+        self._make_dirs(msg["dirs"], self.made_dirs)
         out = [os.dup(self.dirs[d]) for d in msg.get("want", [])]
         return {"made_dirs": self.made_dirs[before:]}, out
 
