@@ -214,7 +214,8 @@ def hostd_cli(sock: Path, *args: str) -> tuple[float, dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("HOSTD_SOCKET", None)
     t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    # (from ROOT: `-m` puts the working directory, which may be another checkout, first)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
     elapsed = time.perf_counter() - t
     if out.returncode != 0:
         raise BenchError(f"hostd {' '.join(args)} exited {out.returncode}: {out.stderr.strip()}")
@@ -857,7 +858,7 @@ def hostd_from() -> str:
     """Which hostd the daemons and the CLI import (the checkout this script is in), its
     bytecode written first (harness.compile_bytecode: as an install has it)."""
     compile_bytecode()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1"}  # (not the cwd's)
     code = "import hostd, os; print(os.path.dirname(os.path.dirname(hostd.__file__)))"
     return sh(sys.executable, "-c", code, env=env)
 

@@ -202,6 +202,9 @@ class Hostd:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # `-m` puts the working directory first on the path: run from another checkout
+            # (a benchmark's A/B), the daemon would import that checkout's hostd, not ROOT's
+            cwd=ROOT,
         )
         log.close()
         deadline = time.monotonic() + timeout
