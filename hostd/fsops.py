@@ -1069,11 +1069,6 @@ def _mark_build(fd: int) -> None:
         os.setxattr(fd, BUILD_MARK, b"1")
 
 
-def _unmark_build(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.removexattr(fd, BUILD_MARK)
-
-
 def _marked_build(fd: int) -> bool:
     """Whether the directory at `fd` is a build this caller made: its own, and marked."""
     if os.fstat(fd).st_uid != os.geteuid():

@@ -497,7 +497,7 @@ class Restorer:
             tiers = self._tiers(req.tier) if only is None else only
             # (a progressive restore fills an existing target itself, which may be a mount)
             dev = info.existing[0] if req.progressive and info.existing else info.dev
-            if req.mode == "auto" and link_ok and not await asyncio.to_thread(_on, tiers, dev):
+            if req.mode == "auto" and link_ok and not any(t.st_dev() == dev for t in tiers):
                 link_ok = False  # nothing can be linked there: every file is a copy, none lent
             lend = writer and link_ok and req.mode != "copy"
             if req.progressive:
@@ -834,15 +834,6 @@ async def _stopped(job: asyncio.Future[Any], fs: AsUser, where: str) -> bool:
         job.add_done_callback(lambda j: j.cancelled() or j.exception())
         return False
     return True
-
-
-def _on(tiers: Sequence[Tier], dev: int) -> bool:
-    """Whether one of `tiers` is on filesystem `dev` (blocking: a stat each)."""
-    for t in tiers:
-        with contextlib.suppress(OSError):
-            if os.stat(t.blobs_dir).st_dev == dev:
-                return True
-    return False
 
 
 async def _load_order(paths: list[str], patterns: Sequence[str]) -> list[int]:

@@ -451,17 +451,24 @@ def test_another_users_lock_on_a_target_keeps_no_progressive_restore_out(work: P
     assert tree_digest(target) == tree_digest(src)
 
 
+def published_file(work: Path, name: str, size: int, ref: str) -> tuple[Path, Path]:
+    """A tree of one file of `size` random bytes, published as `ref` in 64 KiB chunks, each
+    an object of its own (no packs: HeldOrigin holds chunk GETs) to a file:// origin in
+    `work`: the tree and the origin's directory."""
+    src, origin_dir = work / "src", work / "origin"
+    src.mkdir()
+    (src / name).write_bytes(os.urandom(size))
+    with Hostd(work / "pub", origin=f"file://{origin_dir}", chunk_size="64KiB", pack_size=0) as pub:
+        pub.publish(src, ref)
+    return src, origin_dir
+
+
 def test_another_user_cannot_lock_a_tree_being_built(work: Path) -> None:
     """A restore builds the tree in a hidden directory beside the target and locks it there
     (a sweep by another restore leaves a locked build alone). Made 0755, anyone could open it
     between its mkdir and that lock and take the lock first: the helper then waited on it.
     It is the caller's alone until it is whole."""
-    src = work / "src"
-    src.mkdir()
-    (src / "a.bin").write_bytes(os.urandom(100_000))
-    origin_dir = work / "origin"
-    with Hostd(work / "pub", origin=f"file://{origin_dir}", chunk_size="64KiB", pack_size=0) as pub:
-        pub.publish(src, "t/a")
+    src, origin_dir = published_file(work, "a.bin", 100_000, "t/a")
     with (
         HeldOrigin(origin_dir, gated=True) as origin,
         daemon(work, origin=origin.url) as d,
@@ -490,12 +497,7 @@ def test_a_build_moved_away_takes_nothing_else_with_it(work: Path) -> None:
     a, b, group = 12001, 12002, 5001
     as_a = ("setpriv", f"--reuid={a}", f"--regid={group}", f"--groups={group}")
     as_b = ("setpriv", f"--reuid={b}", f"--regid={group}", f"--groups={group}")
-    src = work / "src"
-    src.mkdir()
-    (src / "model.bin").write_bytes(os.urandom(200_000))
-    origin_dir = work / "origin"
-    with Hostd(work / "pub", origin=f"file://{origin_dir}", chunk_size="64KiB", pack_size=0) as pub:
-        pub.publish(src, "t/m")
+    _, origin_dir = published_file(work, "model.bin", 200_000, "t/m")
     shared = work / "shared"
     shared.mkdir()
     os.chown(shared, 0, group)
