@@ -3,7 +3,9 @@
     GET  /v1/chunks/<id>?size=N[&codec=C][&pull=1]   a chunk's raw bytes
          (a pull of a packed chunk adds &pack=<id>&off=O&len=L&psize=S: where it lies)
     POST /v1/have   {"ids": [<id>, ...]}  ->  {"have": [<id>, ...]}
-    GET  /v1/health ->  {"node", "name", "version", "time", "uploads", "waiting"}
+    GET  /v1/health[?challenge=<hex>] ->  {"node", "name", "version", "time", "uploads",
+         "waiting"} (a probe's challenge, asked from an address of this host, tells our
+         own membership that the probe reached ourselves)
 
 Every request must carry proof of the cluster secret (core/peerauth.py), or it is answered
 401 before anything else is read; `[peers] allow_unauthenticated` turns that off. Ids must be
@@ -394,6 +396,11 @@ async def have(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.StreamResponse:
     srv = request.app[SERVER_KEY]
+    challenge = request.query.get("challenge", "")
+    if 0 < len(challenge) <= 64:  # a probe's: did it come from this host? (Membership.probe)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if isinstance(peer, tuple) and peer:
+            srv.membership.reached(challenge, str(peer[0]))
     return web.json_response(
         {
             "node": srv.node,

@@ -256,10 +256,11 @@ class PeerCollector(Collector):
         )
         strikes = CounterMetricFamily(
             "hostd_peer_strikes",
-            "Peers struck, by reason (corrupt, stall, silent: pull-throughs taken and not sent).",
+            "Peers struck, by reason (corrupt, stall, silent: pull-throughs taken and not "
+            "sent, busy: only busy for whole busy waits, self: said it is this host, and is not).",
             labels=["reason"],
         )
-        for reason in ("corrupt", "stall", "silent"):
+        for reason in ("corrupt", "stall", "silent", "busy", "self"):
             strikes.add_metric([reason], st.strikes[reason])
         yield strikes
         hedges = CounterMetricFamily(

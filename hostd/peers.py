@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -44,7 +45,7 @@ import aiohttp
 from hostd.core import codec, peerauth, rendezvous
 from hostd.core.ids import is_hex_id
 from hostd.core.manifest import Chunk
-from hostd.core.members import SILENT_STRIKE, Member, Roster
+from hostd.core.members import BUSY_STRIKE, SILENT_STRIKE, Member, Roster, State
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
 
@@ -419,9 +420,12 @@ class PeerClient:
         )
         return said & set(cids)
 
-    async def health(self, name: str) -> dict[str, Any]:
+    async def health(self, name: str, challenge: str = "") -> dict[str, Any]:
+        """`name`'s health answer; `challenge`, where given, goes with the request (a
+        probe's: see Membership.probe)."""
+        target = f"/v1/health?challenge={challenge}" if challenge else "/v1/health"
         with self._timed("health"):
-            resp = await self._send(name, "GET", "/v1/health")
+            resp = await self._send(name, "GET", target)
             async with resp:
                 if resp.status != 200:
                     raise await self._refusal(name, resp)
@@ -487,8 +491,11 @@ class Membership:
     """Who the peers are: the static list and DNS names re-resolved every `dns_refresh`;
     probes (health) of new members and of dead or rejecting ones when their backoff runs out.
     Live members are not polled: a failed request marks one dead, which scales to thousands
-    of hosts. This host is found in the list by its node id (a probe that reaches ourselves)
-    or, before any probe, by an address bound to this host with our port."""
+    of hosts. This host is found in the list by an address bound to this host with our
+    port, or by a probe that reached our own server: each probe carries a fresh random
+    challenge, and our server notes the challenges it is asked from an address of this
+    host. What a member answers cannot make it "self": one that echoes our node id, answers
+    409 "self", or relays our probe to us (from its own address) is another host."""
 
     def __init__(
         self,
@@ -511,6 +518,9 @@ class Membership:
         # Placements by member set: shared between hosts by the fleet simulation
         self._placements = placements if placements is not None else {}
         self._placement: tuple[int, rendezvous.Placement] | None = None
+        # Challenges of the probes in flight -> whether one reached our own server from an
+        # address of this host.
+        self._challenges: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"Membership({self.roster!r}, self={self.roster.self_name})"
@@ -566,20 +576,38 @@ class Membership:
         self.client.name = self.roster.self_name or ""
 
     async def probe(self, m: Member) -> None:
+        challenge = secrets.token_hex(16)
+        self._challenges[challenge] = False
         try:
-            doc = await self.client.health(m.name)
+            doc = await self.client.health(m.name, challenge)
         except PeerFailure as e:
             self.report(m.name, e)
             return
         except Exception:  # a supervision point: one member's answer must not end the loop
             log.exception("peers: probing %s failed", m.name)
             return
-        node = doc.get("node")
-        if node == self.client.node:
+        finally:
+            reached = self._challenges.pop(challenge)
+        if reached:
             self.roster.mark_self(m.name, self.clock())
             self.client.name = m.name
             return
+        node = doc.get("node")
+        if node == self.client.node:
+            log.warning(
+                "peers: %s answered with this host's node id, but our probe never reached "
+                "this host: another host (echoing us, or relaying our probe), not taken for us",
+                m.name,
+            )
+            node = ""
         self.roster.answered(m.name, self.clock(), node if isinstance(node, str) else "")
+
+    def reached(self, challenge: str, ip: str) -> None:
+        """Our peer server was asked for its health with `challenge`, from `ip`: if that is
+        one of our probes' and `ip` an address of this host, the probe reached ourselves. A
+        member that relays our probe to us asks from its own address, which is not ours."""
+        if challenge in self._challenges and is_local_ip(ip):
+            self._challenges[challenge] = True
 
     def heard_from(self, name: str, node: str) -> None:
         """A member asked us something with the cluster's proof: it is up. A host that starts
@@ -599,9 +627,9 @@ class Membership:
             self.roster.rejected(name, now, e.message)
             self._wake.set()
         elif e.kind in ("stall", "corrupt"):
-            self.roster.strike(name, now, e.message)
-            self.client.stats.strikes[e.kind] += 1
-            log.warning("peers: struck %s: %s", name, e.message)
+            if self.roster.strike(name, now, e.message):
+                self.client.stats.strikes[e.kind] += 1
+                log.warning("peers: struck %s: %s", name, e.message)
         elif e.kind == "silent":  # took a pull-through, sent nothing: once, a slow origin's
             if self.roster.silent_pull(name, now, e.message):
                 self.client.stats.strikes[e.kind] += 1
@@ -609,8 +637,17 @@ class Membership:
                     "peers: struck %s: %s (%d times in a row)", name, e.message, SILENT_STRIKE
                 )
         elif e.kind == "self":
-            self.roster.mark_self(name, now)
-            self.client.name = name
+            # Our own server says so to a request from our node id; anyone else can say it
+            # too. A probe settles it (Membership.probe); one that already found another
+            # host there makes this a lie: struck.
+            m = self.roster.get(name)
+            if m is not None and m.probed and m.state is not State.SELF:
+                if self.roster.strike(name, now, f"{e.message} (a probe found another host)"):
+                    self.client.stats.strikes[e.kind] += 1
+                    log.warning("peers: struck %s: it says it is this host; a probe says not", name)
+            else:
+                self.roster.reprobe(name)
+                self._wake.set()
         elif e.kind in ("missing", "busy"):
             self.roster.answered(name, now)  # a proper answer: it is up
         # "failed" (it broke off, or its own pull failed) says nothing either way: a peer
@@ -648,15 +685,22 @@ def _name(ip: str, port: int) -> str:
 
 
 def _is_local(name: str, port: int) -> bool:
-    """Whether `name` ("ip:port") is an address of this host with our peer port: binding a
-    socket to an address succeeds only on the host that has it."""
+    """Whether `name` ("ip:port") is an address of this host with our peer port (a name,
+    not an address, is left to the probe)."""
     host, _, p = name.rpartition(":")
-    if not p.isdigit() or int(p) != port:
-        return False
+    return p.isdigit() and int(p) == port and is_local_ip(host.strip("[]"))
+
+
+def is_local_ip(text: str) -> bool:
+    """Whether `text` is an IP address of this host (in this network namespace): binding a
+    socket to an address succeeds only where the address is. An IPv4 address seen as
+    IPv6 (`::ffff:10.0.0.1`, on a dual-stack listener) is its IPv4 one."""
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False  # a name, not an address: the probe's node id decides
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     if ip.is_unspecified:
         return False
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -721,6 +765,7 @@ class PeerSource:
         the origin is for when the peers cannot serve it, not for when they are busy."""
         problems: list[str] = []
         failed: set[str] = set()  # asked, and it will not serve this chunk
+        busy_from: set[str] = set()  # asked, and it said only "busy"
         hint: list[str] = []
         started = self.membership.clock()
         moves = 0
@@ -742,10 +787,12 @@ class PeerSource:
                         return await self._owner(owner, chunk, skip)
                     except PeerFailure as e:
                         problems.append(e.message)
-                        busy |= e.kind == "busy"
-                        hint += e.holders
-                        if e.kind != "busy":
+                        if e.kind == "busy":
+                            busy = True
+                            busy_from.add(owner)
+                        else:
                             failed.add(owner)
+                        hint += e.holders
                         # Gone from the placement (dead, struck, rejecting): the member ranked
                         # next owns the chunk now, for every host that saw the same, and
                         # pulls it through once. Ask it, not the origin.
@@ -768,13 +815,18 @@ class PeerSource:
                     return await self._fetch(name, chunk, "holder")
                 except PeerFailure as e:
                     problems.append(e.message)
-                    busy |= e.kind == "busy"
-                    hint += e.holders
-                    if e.kind != "busy":
+                    if e.kind == "busy":
+                        busy = True
+                        busy_from.add(name)
+                    else:
                         failed.add(name)
+                    hint += e.holders
                     # a busy holder names the hosts it served: ask them next
                     queue[:0] = [h for h in e.holders if h not in skip and h not in queue]
-            if not busy or self.membership.clock() - started > self.busy_wait:
+            if not busy:
+                break
+            if self.membership.clock() - started > self.busy_wait:
+                self._busy_out(chunk, busy_from - failed)
                 break
             self.client.stats.busy_waits += 1
             await asyncio.sleep(
@@ -783,6 +835,17 @@ class PeerSource:
             hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
+
+    def _busy_out(self, chunk: Chunk, names: set[str]) -> None:
+        """These members kept this chunk "busy" until the busy wait ran out (and then served
+        nothing): BUSY_STRIKE chunks in a row, and each is struck. A member that answers
+        every request 503 cost each chunk it owns the whole busy wait, on every restore."""
+        why = f"answered only busy for chunk {chunk.id.hex()} for {self.busy_wait:g} s"
+        now = self.membership.clock()
+        for name in names:
+            if self.membership.roster.busy_out(name, now, why):
+                self.client.stats.strikes["busy"] += 1
+                log.warning("peers: struck %s: %s (%d chunks in a row)", name, why, BUSY_STRIKE)
 
     async def _own_owner(
         self, chunk: Chunk, key: bytes, problems: list[str], hint: list[str]
@@ -810,7 +873,7 @@ class PeerSource:
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
-        self.membership.roster.answered(name, self.membership.clock())
+        self.membership.roster.served(name, self.membership.clock())
         self.client.stats.chunks[(role, how)] += 1
         self.client.stats.bytes[(role, how)] += len(data)
         return data

@@ -178,6 +178,22 @@ def test_silent_pull_throughs_strike_when_in_a_row_and_an_answer_between_forgive
     assert r.members["a:1"].strikes == 1
 
 
+def test_busy_waits_run_out_strike_when_in_a_row_and_a_served_chunk_between_forgives() -> None:
+    r = Roster()
+    r.update({"a:1": "static"}, 0.0)
+    assert not r.busy_out("a:1", 0.0, "only busy")  # once: an owner whose origin is slow
+    r.answered("a:1", 1.0)  # a 404, or busy again: a proper answer, but nothing served
+    assert r.busy_out("a:1", 2.0, "only busy")  # twice in a row: struck
+    assert r.members["a:1"].state is State.STRUCK
+    assert not r.busy_out("a:1", 2.5, "only busy")  # chunks that waited together: one strike
+    assert r.members["a:1"].strikes == 1
+    r.update({"b:1": "static"}, 3.0)
+    assert not r.busy_out("b:1", 3.0, "only busy")
+    r.served("b:1", 4.0)  # it sent a chunk: the count starts again
+    assert not r.busy_out("b:1", 5.0, "only busy")
+    assert r.members["b:1"].state is State.LIVE
+
+
 def test_self_is_placed_but_never_asked() -> None:
     r = Roster()
     r.update({"a:1": "static", "me:1": "static"}, 0.0)
@@ -307,6 +323,7 @@ class Fleet:
         n: int,
         extra: list[str] | None = None,
         secret: bool = True,
+        extra_first: bool = False,
         config: dict[str, Any] | None = None,
         **peers: Any,
     ):
@@ -319,7 +336,9 @@ class Fleet:
         for i, port in enumerate(self.ports):
             table = {
                 "listen": f"127.0.0.1:{port}",
-                "static": self.addrs + (extra or []),
+                "static": [*(extra or []), *self.addrs]
+                if extra_first
+                else self.addrs + (extra or []),
                 "timeout": "2s",
                 **peers,
             }
@@ -358,9 +377,9 @@ class Fleet:
         for h in self.hosts:
             h.close()
 
-    def publish(self, tree: Path, ref: str = "m/w") -> dict[str, Any]:
+    def publish(self, tree: Path, ref: str = "m/w", **config: Any) -> dict[str, Any]:
         """Publish from a daemon outside the fleet: no fleet host holds anything yet."""
-        with self.host("pub", None) as pub:
+        with self.host("pub", None, **config) as pub:
             return pub.publish(tree, ref)
 
     def restore_all(self, hosts: list[Hostd], ref: str = "m/w") -> list[dict[str, Any]]:
@@ -394,6 +413,13 @@ def member(h: Hostd, address: str) -> dict[str, Any]:
         (m for m in status_peers(h)["members"] if m["address"] == address), {}
     )
     return got
+
+
+def probed(h: Hostd, impostor: str) -> bool:
+    """Whether `h` has probed a member that answers with `h`'s own node id: `h` either took
+    it for itself, or logged that it did not (and its status shows the member live)."""
+    state = member(h, impostor).get("state")
+    return state == "self" or (state == "live" and "never reached" in h.log())
 
 
 def test_hosts_scaling_up_together_pull_each_chunk_from_the_origin_once(work: Path) -> None:
@@ -629,10 +655,14 @@ def test_a_members_deeply_nested_answer_is_that_members_problem_alone(work: Path
 
 @contextlib.contextmanager
 def restored_beside(
-    work: Path, handler: type[BaseHTTPRequestHandler], **fleet: Any
+    work: Path,
+    handler: type[BaseHTTPRequestHandler],
+    publish: dict[str, Any] | None = None,
+    **fleet: Any,
 ) -> Iterator[tuple[Hostd, str, float]]:
     """A one-host fleet that also lists a bad member (`handler` on loopback) restores the
-    big tree, exactly: yields the host, the bad member's address and the restore's seconds."""
+    big tree (published with `publish`'s config), exactly: yields the host, the bad member's
+    address and the restore's seconds."""
     src = big_tree(work / "src")
     (port,) = free_ports(1)
     bad = f"127.0.0.1:{port}"
@@ -640,7 +670,7 @@ def restored_beside(
     wrong_bytes_peer(port, stop, handler)
     try:
         with Fleet(work, 1, extra=[bad], **fleet) as f:
-            f.publish(src)
+            f.publish(src, **(publish or {}))
             h = f.hosts[0]
             started = time.monotonic()
             out = h.restore("m/w", work / "t")
@@ -673,6 +703,91 @@ def test_an_owner_whose_pull_throughs_never_send_a_byte_is_struck(work: Path) ->
         assert member(h, silent)["state"] == "struck"
         assert "sent nothing" in member(h, silent)["last_error"]
         assert sample(h.metrics(), "hostd_peer_strikes_total", reason="silent") == 1
+
+
+class AlwaysBusy(Member):
+    """A member that answers every chunk 503 "busy", naming no holder, for ever."""
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/v1/chunks/"):
+            self.answer(200, json.dumps({"node": "busy"}).encode())
+        else:
+            self.answer(503, b'{"error": "busy", "message": "busy"}')
+
+
+def test_an_owner_that_is_only_ever_busy_is_struck(work: Path) -> None:
+    """A member answering every chunk 503 with no holder cost each chunk it owns the whole
+    busy wait (an owner's pull may take that long), on every restore, for ever: busy was a
+    healthy answer. Two chunks in a row kept busy until the wait ran out, and it is struck."""
+    # (a busy wait of 2 x 2 s; the 2 s a head may take keeps a loaded machine's slow answer
+    # from striking it as a stall first)
+    quick = {"request_timeout": "1s"}
+    tiny = {"chunk_size": "1MiB"}  # ~30 chunks: it owns more than two of them
+    with restored_beside(work, AlwaysBusy, tiny, timeout="2s", config=quick) as (h, busy, _):
+        assert member(h, busy)["state"] == "struck"
+        assert "answered only busy" in member(h, busy)["last_error"]
+        assert sample(h.metrics(), "hostd_peer_strikes_total", reason="busy") == 1
+
+
+class EchoesNode(Member):
+    """A member that answers a probe with the asker's own node id, and holds no chunk."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            self.answer(404, b'{"message": "no such chunk"}')
+        else:
+            self.answer(200, json.dumps({"node": self.headers.get("X-Hostd-Node")}).encode())
+
+
+class SaysSelf(Member):
+    """A member that answers every chunk 409 "this request came from this host itself"."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/chunks/"):
+            self.answer(409, b'{"error": "self", "message": "this request came from this host"}')
+        else:
+            self.answer(200, json.dumps({"node": "someone"}).encode())
+
+
+def test_a_member_that_echoes_our_node_id_is_not_taken_for_this_host(work: Path) -> None:
+    """A probe that came back with the asker's node id made the member "self": listed before
+    the host's own address, it became the name the host placed chunks under (the fleet's
+    owners then disagreed, and origin pulls rose). Only a probe that reached our own server
+    makes a member self."""
+    with restored_beside(work, EchoesNode, extra_first=True) as (h, liar, _):
+        wait_for(
+            lambda: probed(h, liar),
+            "the echoing member to be probed",
+        )
+        assert member(h, liar)["state"] == "live"
+        peers = status_peers(h)
+        assert peers["self"] == peers["listen"]
+
+
+def test_a_host_listed_by_a_name_finds_itself_by_its_probe(work: Path) -> None:
+    """A name is no address to bind: the probe that reaches the host's own server (from an
+    address of this host) finds it."""
+    (port,) = free_ports(1)
+    me = f"localhost:{port}"
+    peers = {
+        "listen": f"127.0.0.1:{port}",
+        "static": [me],
+        "secret_file": str(key_file(work / "cluster.key")),
+    }
+    with Hostd(work / "h", origin=f"file://{work}/origin", peers=peers) as h:
+        wait_for(lambda: status_peers(h)["self"] == me, "the host to find itself by name")
+        assert member(h, me)["state"] == "self"
+        assert "never reached" not in h.log()
+
+
+def test_a_member_that_answers_409_self_is_struck_not_taken_for_this_host(work: Path) -> None:
+    """A 409 "self" answer made its sender this host; anyone can send one."""
+    tiny = {"chunk_size": "1MiB"}  # it owns some of ~30 chunks
+    with restored_beside(work, SaysSelf, tiny, extra_first=True) as (h, liar, _):
+        assert member(h, liar)["state"] == "struck"
+        assert sample(h.metrics(), "hostd_peer_strikes_total", reason="self") == 1
+        peers = status_peers(h)
+        assert peers["self"] == peers["listen"]
 
 
 def test_a_peer_that_accepts_and_never_answers_is_struck_after_the_timeout(work: Path) -> None:

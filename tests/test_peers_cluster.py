@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from harness import Hostd, iter_events, outcome, rmtree, short_tmp, tree_digest
 from netns import ORIGIN, Cluster, require_netns, serve_dir
-from test_e2e import sample
-from test_peers import WrongBytes, key_file, member, status_peers
+from test_e2e import sample, wait_for
+from test_peers import WrongBytes, key_file, member, probed, status_peers
 
 from hostd.core import manifest as mf
 from hostd.core import rendezvous
@@ -468,6 +468,65 @@ def test_a_peer_that_sends_wrong_bytes_is_struck(published: Published) -> None:
             assert sample(text, "hostd_peer_strikes_total", reason="corrupt") >= 1
             assert sample(text, "hostd_peers", state="struck") == 1
             assert out["bytes_by_source"]["origin"] > 0
+        finally:
+            fake.close()
+
+
+class Relay(BaseHTTPRequestHandler):
+    """A member that passes every request on, as it came (proof included), to the host at
+    `target`, from its own namespace `via`, and answers with what that host said."""
+
+    cluster: Cluster
+    via: str
+    target: str
+
+    def do_GET(self) -> None:
+        host, port = self.target.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        s = self.cluster.socket(self.via)
+        try:
+            s.settimeout(10)
+            s.connect((host, int(port)))
+            conn.sock = s
+            keep = ("authorization", "x-hostd-node", "x-hostd-name")
+            conn.request(
+                "GET",
+                self.path,
+                headers={k: v for k, v in self.headers.items() if k.lower() in keep},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        self.send_response(resp.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_member_that_relays_our_probe_to_us_is_not_taken_for_this_host(
+    published: Published,
+) -> None:
+    """A member that relays a host's probe to that host's own server hands back the host's
+    own health answer, node id and all: the host took the relay for itself. Only a probe
+    that reaches our server from an address of this host makes a member "self"."""
+    require_netns()
+    with Site(published, 2) as site:
+        relay = type(
+            "ToH0", (Relay,), {"cluster": site.cluster, "via": "h1", "target": site.addrs["h0"]}
+        )
+        fake = serve_in(site.cluster, "h1", PORT, relay)
+        try:
+            (h,) = site.start("h0")
+            wait_for(
+                lambda: probed(h, site.addrs["h1"]),
+                "h0 to probe the relay",
+            )
+            assert member(h, site.addrs["h1"])["state"] == "live"
+            assert status_peers(h)["self"] == site.addrs["h0"]
         finally:
             fake.close()
 
