@@ -77,6 +77,10 @@ class Ledger:
     # sent: a tree's paths are held once, by its manifest)
     placed: dict[str, tuple[int, int]]
     keep: bool = False  # keep_partial: only the scratch files of what never landed go
+    # A descriptor of the target, the daemon's, open while the restore claims it: its inode
+    # cannot be freed meanwhile, so no new directory gets its number (the claim's key) should
+    # the caller kill its helper and remove the target while the fetch goes on.
+    pin: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +135,14 @@ class Spawner:
         return held is ledger
 
     def release(self, ledger: Ledger) -> None:
-        """Give up `ledger`'s claim on its target, if it holds one."""
+        """Give up `ledger`'s claim on its target, if it holds one, and its pin."""
         key = (ledger.target_id[0], ledger.target_id[1])
         with self._filling_lock:
             if self._filling.get(key) is ledger:
                 del self._filling[key]
+            pin, ledger.pin = ledger.pin, -1
+        if pin >= 0:
+            os.close(pin)
 
     def spawn(self) -> tuple[socket.socket, int]:
         """A new helper: our end of its socket, and a pidfd of it (the zygote's)."""
@@ -458,7 +465,7 @@ class AsUser:
             self.building = True
             return int(reply["dev"]), dict(zip(want, fds, strict=True))
         # The target first, held for this restore before anything is made in it.
-        reply, _ = self.call("begin", dirs=[], want=[], progressive=True, keep=keep)
+        reply, pin = self.call("begin", nfds=1, dirs=[], want=[], progressive=True, keep=keep)
         ledger = Ledger(
             self.target_path,
             [int(x) for x in reply["target_id"]],
@@ -466,16 +473,23 @@ class AsUser:
             [],
             {},
             keep,
+            pin[0],
         )
         if self.spawner is not None and not self.spawner.claim(ledger):
+            os.close(ledger.pin)
             self.call("abort", linked=[], refused=True)  # (a target it made is the other's)
             raise TargetExists(
                 f"target {self.target_path!r} is being filled by another progressive restore"
             )
         self.ledger = ledger
-        made, fds = self.call("dirs", nfds=len(want), dirs=list(dirs), want=list(want))
         asked = set(dirs)  # the helper answers for these alone (it may lie about them)
-        ledger.made_dirs.extend(str(d) for d in made["made_dirs"] if d in asked)
+
+        def heard(answer: dict[str, Any]) -> None:  # (a failed one too: those made before)
+            made = answer.get("made_dirs")
+            if type(made) is list:
+                ledger.made_dirs.extend(d for d in made if type(d) is str and d in asked)
+
+        _, fds = self.call("dirs", nfds=len(want), heard=heard, dirs=list(dirs), want=list(want))
         return int(reply["dev"]), dict(zip(want, fds, strict=True))
 
     def files(

@@ -146,8 +146,9 @@ class Helper:
     def _answer(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """Run one request: its answer, an error one where it was refused or failed. An
         error answer still says what the request placed before it failed (a progressive
-        batch half landed): the daemon's ledger must know it, should this helper die."""
-        before = len(self.placed)
+        batch half landed, the directories made before one failed): the daemon's ledger
+        must know it, should this helper die."""
+        before, made_before = len(self.placed), len(self.made_dirs)
         failed: dict[str, Any]
         try:
             op = getattr(self, "op_" + str(msg.get("op")), None)
@@ -161,6 +162,8 @@ class Helper:
             failed = {"error": "os", "message": _oserror(e), "errno": e.errno}
         if len(self.placed) > before:
             failed["placed"] = self.placed[before:]
+        if len(self.made_dirs) > made_before:
+            failed["made_dirs"] = self.made_dirs[made_before:]
         return failed, []
 
     def op_close(self, _msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -641,6 +644,7 @@ class Helper:
         self.dirs[""] = fd
         self.parts = int.from_bytes(os.urandom(4))  # scratch names no other restore guesses
         dirs, out = self.op_dirs(msg, [])
+        out.append(os.dup(fd))  # the daemon's pin on the target (asuser.Ledger)
         # The daemon keeps what a reclaim needs, should this helper die (op_reclaim).
         return {"dev": st.st_dev, "target_id": self.target_id, "made_target": made, **dirs}, out
 

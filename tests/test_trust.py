@@ -34,7 +34,7 @@ from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
-from hostd.errors import ChunkCorrupt, UsageError
+from hostd.errors import ChunkCorrupt, HostdError, UsageError
 from hostd.materialize import Cancelled, materialize
 
 NOBODY = 65534
@@ -170,21 +170,17 @@ def test_a_daemon_run_as_root_holds_no_cap_sys_resource(work: Path) -> None:
         assert h.api("GET", "/v1/status")[0] == 200
 
 
-def test_a_range_written_for_a_caller_is_the_callers_write(work: Path) -> None:
-    """ext4 keeps blocks for root (resuid): nobody's filesystem is full for nobody. A
-    progressive restore with ranges writes nobody's file from the daemon, which is root: it
-    took the reserve and landed a file nobody could not have written. Written as nobody's
-    (setfsuid), it fails as nobody's own copy does, and the reserve stays."""
+@contextlib.contextmanager
+def small_ext4(work: Path, size: int, *mkfs: str) -> Iterator[Path]:
+    """An ext4 filesystem of `size` bytes (mkfs.ext4 `mkfs` options) on a loop device,
+    mounted at work/ext while the block runs."""
     tools = [t for t in ("mkfs.ext4", "losetup", "mount", "umount") if shutil.which(t) is None]
     if tools or not Path("/dev/loop-control").exists():
         pytest.skip(f"needs {', '.join(tools) or 'loop devices'} (e2fsprogs, util-linux)")
-    src = work / "src"
-    src.mkdir()
-    (src / "w.bin").write_bytes(os.urandom(640 * 1024))  # 10 chunks of 64 KiB
     image, ext = work / "ext.img", work / "ext"
     with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-m", "50", str(image)], check=True, timeout=60)
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", *mkfs, str(image)], check=True, timeout=60)
     ext.mkdir()
     loop = subprocess.run(
         ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
@@ -192,31 +188,40 @@ def test_a_range_written_for_a_caller_is_the_callers_write(work: Path) -> None:
     try:
         subprocess.run(["mount", "-t", "ext4", loop, str(ext)], check=True, timeout=60)
         try:
-            (ext / "t").mkdir()  # nobody's empty target: it needs no block of its own
-            os.chown(ext / "t", NOBODY, NOBODY)
-            os.chown(ext, NOBODY, NOBODY)
-            fill = as_nobody("dd", "if=/dev/zero", f"of={ext}/fill", "bs=64k")
-            assert "No space left" in fill.stderr  # full, for nobody
-            reserved = os.statvfs(ext).f_bfree
-            assert reserved * os.statvfs(ext).f_frsize > 8 << 20  # root's reserve is there
-            origin = f"file://{work}/origin"
-            with Hostd(work / "pub", origin=origin, chunk_size="64KiB", pack_size=0) as pub:
-                pub.publish(src, "m/w")
-            with daemon(work, origin=origin) as h:  # cold: the file is written by range
-                body = {"ref": "m/w", "target": str(ext / "t"), "mode": "copy",
-                        "progressive": True, "ranges": True}  # fmt: skip
-                end = nobody_stream(h.socket, "/v1/restore", body)
-            assert end["event"] == "error", end
-            assert (
-                end["message"]
-                == "writing 'w.bin' in the target: [Errno 28] No space left on device"
-            )
-            assert os.statvfs(ext).f_bfree == reserved
-            assert os.listdir(ext / "t") == []
+            yield ext
         finally:
             subprocess.run(["umount", str(ext)], check=True, timeout=60)
     finally:
         subprocess.run(["losetup", "--detach", loop], check=True, timeout=60)
+
+
+def test_a_range_written_for_a_caller_is_the_callers_write(work: Path) -> None:
+    """ext4 keeps blocks for root (resuid): nobody's filesystem is full for nobody. A
+    progressive restore with ranges writes nobody's file from the daemon, which is root: it
+    took the reserve and landed a file nobody could not have written. Written as nobody's
+    (setfsuid), it fails as nobody's own copy does, and the reserve stays."""
+    src = work / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(640 * 1024))  # 10 chunks of 64 KiB
+    with small_ext4(work, 32 << 20, "-m", "50") as ext:
+        (ext / "t").mkdir()  # nobody's empty target: it needs no block of its own
+        os.chown(ext / "t", NOBODY, NOBODY)
+        os.chown(ext, NOBODY, NOBODY)
+        fill = as_nobody("dd", "if=/dev/zero", f"of={ext}/fill", "bs=64k")
+        assert "No space left" in fill.stderr  # full, for nobody
+        reserved = os.statvfs(ext).f_bfree
+        assert reserved * os.statvfs(ext).f_frsize > 8 << 20  # root's reserve is there
+        origin = f"file://{work}/origin"
+        with Hostd(work / "pub", origin=origin, chunk_size="64KiB", pack_size=0) as pub:
+            pub.publish(src, "m/w")
+        with daemon(work, origin=origin) as h:  # cold: the file is written by range
+            body = {"ref": "m/w", "target": str(ext / "t"), "mode": "copy",
+                    "progressive": True, "ranges": True}  # fmt: skip
+            end = nobody_stream(h.socket, "/v1/restore", body)
+        assert end["event"] == "error", end
+        assert end["message"] == "writing 'w.bin' in the target: [Errno 28] No space left on device"
+        assert os.statvfs(ext).f_bfree == reserved
+        assert os.listdir(ext / "t") == []
 
 
 def test_publish_cannot_read_what_the_caller_cannot(work: Path) -> None:
@@ -1121,6 +1126,35 @@ def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
         sleeper.wait()
 
 
+def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> None:
+    """A progressive restore's directories are made in its target once the daemon holds it;
+    where one cannot be made, the helper's error answer names those made before it, so
+    that, the helper killed before it could take them back, a new one does."""
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        fs = AsUser.start(caller, spawner)
+        try:
+            target = home / "out"
+            fs.target(str(target), False)
+            with pytest.raises(HostdError, match="File name too long"):
+                fs.begin(["a", "a/b", "c" * 300], [], progressive=True)
+            ledger = fs.ledger
+            assert ledger is not None
+            assert ledger.made_dirs == ["a", "a/b"]
+            _reclaim_by_a_successor(fs, caller, spawner, ledger)
+            assert not target.exists()  # made by this restore, and empty once taken back
+        finally:
+            fs.close()
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone_too(
     work: Path,
 ) -> None:
@@ -1168,6 +1202,51 @@ def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_a_removed_targets_claim_refuses_no_new_directory(work: Path) -> None:
+    """A progressive restore claims its target by (dev, inode) for as long as it runs. Its
+    caller killed its helper and removed the empty target while the fetch went on; a new
+    directory given the freed inode number (ext4 reuses them: here there are few) was then
+    refused to every progressive restore as 'being filled by another', until the old
+    restore ended. The daemon now holds the target open while it claims it: its number
+    is not free to reuse."""
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        with small_ext4(work, 16 << 20, "-N", "32") as ext:
+            os.chown(ext, NOBODY, NOBODY)
+            wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+            caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+            old = AsUser.start(caller, spawner)
+            try:
+                old.target(str(ext / "old"), False)
+                old.begin([], [], progressive=True)  # ... and its fetch goes on
+                old_ino = (ext / "old").stat().st_ino
+                assert old.stopped()  # the caller kills its own helper,
+                (ext / "old").rmdir()  # and removes its empty target
+                made: list[Path] = []
+                with contextlib.suppress(OSError):  # until ENOSPC: out of inodes
+                    for i in range(64):
+                        (ext / f"new{i}").mkdir()
+                        os.chown(ext / f"new{i}", NOBODY, NOBODY)
+                        made.append(ext / f"new{i}")
+                # one of them would have the old number, were it free: every one takes a
+                # progressive restore
+                assert len(made) > 4
+                for d in sorted(made, key=lambda d: d.stat().st_ino != old_ino)[:3]:
+                    fresh = AsUser.start(caller, spawner)
+                    try:
+                        fresh.target(str(d), False)
+                        fresh.begin([], [], progressive=True)
+                    finally:
+                        fresh.close()
+            finally:
+                old.close()
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
 
 
 # A process as nobody holding CAP_FOWNER (ambient, so it survives the exec): with "drop" it
