@@ -33,11 +33,11 @@ import errno
 import fcntl
 import os
 import resource
-import shutil
 import signal
 import socket
 import stat
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from hostd.core.pathfilter import PathFilter
@@ -596,8 +596,8 @@ class Helper:
             except OSError as e:
                 e.filename = f"{self.parent_path.rstrip('/')}/{self.name}/{d}"
                 raise
+            made.append(d)  # (before its open, which may fail: out of descriptors, say)
             self.dirs[d] = _open_dir(self.dirs[up], leaf, d)
-            made.append(d)
 
     def _begin_in_place(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """The target directory, made now (or the empty one there, as op_target checked, if
@@ -844,7 +844,7 @@ class Helper:
             renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
             self.committed = True
             try:  # the old tree, now in the build directory, goes with the caller's rights
-                shutil.rmtree(BUILD_TREE, dir_fd=self.build_fd)
+                _remove_tree(self.build_fd, BUILD_TREE)
             except OSError:
                 # left in the build directory, marked: a later restore's sweep may take it
                 left = f"{self.parent_path.rstrip('/')}/{self.build}/{BUILD_TREE}"
@@ -867,6 +867,9 @@ class Helper:
         if self.progressive and not self.committed and self.dirs and not self.keep:
             self._unplace([*(linked or []), *map(list, self.linking)])
         if not self.progressive and self.build_fd >= 0 and not self.committed:
+            for fd in self.dirs.values():  # first: out of descriptors, the removal's would fail
+                _close(fd)
+            self.dirs.clear()
             _remove_build(self.parent, self.build, self.build_fd)
         elif not self.progressive and self.build and not self.committed and self.parent >= 0:
             with contextlib.suppress(OSError):  # made, never opened: empty, or not ours
@@ -1058,12 +1061,79 @@ def _remove_build(parent: int, name: str, fd: int) -> None:
         for entry in os.listdir(fd):
             with contextlib.suppress(OSError):
                 if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
-                    shutil.rmtree(entry, dir_fd=fd, ignore_errors=True)
+                    _remove_tree(fd, entry)
                 else:
                     os.unlink(entry, dir_fd=fd)
     with contextlib.suppress(OSError):
         if _same(os.fstat(fd), os.stat(name, dir_fd=parent, follow_symlinks=False)):
             os.rmdir(name, dir_fd=parent)
+
+
+@dataclass
+class _Level:
+    """A directory being emptied by _remove_tree: open at `fd`, named `name` in `parent`,
+    with its subdirectories still to empty, and whether all it held went so far."""
+
+    parent: int
+    name: str
+    fd: int
+    subdirs: list[str]
+    whole: bool = True
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove directory `name` in `dir_fd` and everything in it, through descriptors (no
+    symlink followed, nothing outside it touched), a level at a time without recursing: a
+    manifest's path may nest ~2,000 directories, past Python's recursion limit, where
+    shutil.rmtree raised RecursionError (and the helper died, leaving the build for good).
+    What can be removed is; the first error is raised after."""
+    failed: OSError | None = None
+
+    def enter(parent: int, leaf: str) -> _Level:
+        fd = os.open(
+            leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+        )
+        level = _Level(parent, leaf, fd, [])
+        nonlocal failed
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        level.subdirs.append(entry.name)
+                        continue
+                    try:
+                        os.unlink(entry.name, dir_fd=fd)
+                    except OSError as e:
+                        failed, level.whole = failed or e, False
+        except OSError as e:
+            failed, level.whole = failed or e, False
+        return level
+
+    stack = [enter(dir_fd, name)]
+    try:
+        while stack:
+            top = stack[-1]
+            if top.subdirs:
+                sub = top.subdirs.pop()
+                try:
+                    stack.append(enter(top.fd, sub))
+                except OSError as e:
+                    failed, top.whole = failed or e, False
+                continue
+            stack.pop()
+            os.close(top.fd)
+            try:
+                if top.whole:  # (else it holds what could not go: the error is kept)
+                    os.rmdir(top.name, dir_fd=top.parent)
+            except OSError as e:
+                failed, top.whole = failed or e, False
+            if stack and not top.whole:
+                stack[-1].whole = False
+    finally:
+        for level in stack:
+            os.close(level.fd)
+    if failed is not None:
+        raise failed
 
 
 def _mark_build(fd: int) -> None:

@@ -189,12 +189,17 @@ def parse_header(raw: bytes, data_start: int, data_size: int, where: str) -> Hea
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LoaderError(where, f"the header is not UTF-8 ({e})") from e
-    _check_nesting(raw, where)
     # A tensor's entry takes 40 bytes at the least ({"dtype":"U8","shape":[],"data_offsets":
-    # [0,0]} and its name): a header of more objects than that is refused as they are made,
-    # not after a 100 MB header of `{}`s has become gigabytes of dicts.
+    # [0,0]} and its name), with two arrays in it: a header of more objects than that is
+    # refused as they are made, not after a 100 MB header of `{}`s has become gigabytes of
+    # dicts; one of more arrays (`[],[],...` in a field the loader ignores: 2.7 GB for
+    # 100 MB) before it is parsed.
     most_objects = 2 + len(raw) // 40
     objects = 0
+    shape = _shape(raw)
+    _check_nesting(shape, where)
+    if (arrays := shape.count(b"[")) > 2 * most_objects:
+        raise LoaderError(where, f"the header holds {arrays} JSON arrays, over {2 * most_objects}")
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal objects
@@ -267,14 +272,18 @@ _STRING = re.compile(rb'"[^"]*"')
 _DEPTH = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1, ord('"'): 0}
 
 
-def _check_nesting(raw: bytes, where: str) -> None:
+def _shape(raw: bytes) -> bytes:
+    """JSON's brackets outside its strings (escapes dropped first), in order."""
+    return _STRING.sub(b"", _ESCAPE.sub(b"", raw).translate(None, _NOT_SHAPE))
+
+
+def _check_nesting(shape: bytes, where: str) -> None:
     """Where the recursion limit was raised (ML code does), refuse JSON that nests deeper
     than NESTING before the parser, which recurses, overflows the C stack on a few MB of
-    `[`s rather than fail. Without recursion: escapes and strings dropped, the brackets are
-    walked, and the walk stops at the first level too deep."""
+    `[`s rather than fail. Without recursion: the brackets (`_shape`) are walked, and the
+    walk stops at the first level too deep."""
     if sys.getrecursionlimit() <= SAFE_RECURSION:
         return
-    shape = _STRING.sub(b"", _ESCAPE.sub(b"", raw).translate(None, _NOT_SHAPE))
     depth = 0
     step = _DEPTH
     for b in shape:
@@ -884,9 +893,17 @@ def load_safetensors(
                 if a is not None:
                     shards[path] = a.landed_whole(int(item["size"]))
                 else:
-                    shards[path] = load_file(
-                        real, device=device, framework=framework, threads=threads
-                    )
+                    try:
+                        shards[path] = load_file(
+                            real, device=device, framework=framework, threads=threads
+                        )
+                    except OSError as e:
+                        if "symlink" not in item:
+                            raise
+                        # a link of the snapshot's that loops, or leads nowhere
+                        raise LoaderError(
+                            where, f"links to {item['symlink']!r}: {e.strerror or e}"
+                        ) from e
                 loaded.add(real)
                 if scratch and "symlink" not in item:  # its bytes are in the arrays now
                     os.unlink(where)

@@ -37,7 +37,8 @@ from hostd.lock import private_dir
 log = logging.getLogger(__name__)
 
 # Decoded manifests kept for reuse: at most this many, holding at most DECODED_CHUNKS chunks
-# in all. A decoded file of one chunk costs ~650 bytes, so the bound is ~85 MB: room for a
+# in all (`_weight`: an entry without chunks, such as a directory or a meta pair, counts as
+# one). A decoded file of one chunk costs ~650 bytes, so the bound is ~85 MB: room for a
 # compile cache of 100,000 files, whose manifest takes ~2 s to decode (~20 us a file) and
 # would otherwise be decoded again by every restore of it. A bigger one is decoded for each
 # use.
@@ -81,9 +82,14 @@ _SIZE = operator.attrgetter("size")
 _CHUNKS = operator.attrgetter("chunks")
 
 
-def _chunk_count(m: mf.Manifest) -> int:
-    """m.chunk_count, without a Python frame per file (this runs on the loop)."""
-    return sum(map(len, map(_CHUNKS, m.files)))
+def _weight(m: mf.Manifest) -> int:
+    """What keeping a decoded manifest costs, in chunks: its chunks, and one for each entry
+    that has none (an empty file, a directory, a symlink, a compat or meta pair). Counting
+    chunks alone, a manifest of millions of meta pairs (a hostile origin's) weighed nothing
+    and was kept until a restart. Without a Python frame per file (this runs on the loop)."""
+    per_file = list(map(len, map(_CHUNKS, m.files)))
+    empty = per_file.count(0)
+    return sum(per_file) + empty + len(m.dirs) + len(m.symlinks) + len(m.compat) + len(m.meta)
 
 
 def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:
@@ -236,7 +242,7 @@ class Snapshots:
             s.last_used = now
             self.index.touch_snapshot(s.id, now)
             return s
-        n = _chunk_count(m)
+        n = _weight(m)
         self._remember(m, n)
         row = self._summary(m, now, False)
         self.index.put_snapshot(row)
@@ -324,13 +330,13 @@ class Snapshots:
         return p.manifest if p is not None else None
 
     def _remember(self, m: mf.Manifest, n: int | None = None) -> None:
-        """Keep a decoded manifest (of `n` chunks, if known) among the last used."""
+        """Keep a decoded manifest (of weight `n`, if known) among the last used."""
         sid = m.snapshot_id
         if sid in self._decoded:
             self._decoded.move_to_end(sid)
             return
         if n is None:
-            n = _chunk_count(m)
+            n = _weight(m)
         if n > self.decoded_chunks:
             return
         self._decoded[sid] = (m, n)

@@ -307,7 +307,10 @@ def tree_digest(root: Path) -> dict[str, Any]:
 
 
 def rmtree(p: Path) -> None:
-    shutil.rmtree(p, ignore_errors=True)
+    try:
+        shutil.rmtree(p, ignore_errors=True)
+    except RecursionError:  # (a tree nested past Python's limit: shutil recurses a level)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(p)], check=False)
 
 
 def iter_events(sock: Path, path: str, body: Any) -> Iterator[dict[str, Any]]:

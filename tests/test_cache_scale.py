@@ -224,6 +224,42 @@ def test_a_known_chunk_costs_no_python_memory_once_indexed(fast_tmp: Path) -> No
         cache.index.close()
 
 
+def test_manifests_without_chunks_are_kept_within_the_bound_too(fast_tmp: Path) -> None:
+    """Decoded manifests are kept up to a bound counted in chunks. One of no chunks but
+    many meta pairs (or directories, or empty files: what a hostile origin can serve, up to
+    256 MiB each) counted nothing, and the last 8 used were kept until a restart: 1.3 GB
+    after three restores of 28 MB manifests. Each entry without chunks now counts one."""
+    cache = open_cache(fast_tmp, 1 << 40, decoded_chunks=4_096)
+    try:
+
+        def hollow(k: int) -> mf.Manifest:  # 2,500 entries, no chunk
+            meta = {f"k{k}-{i:05d}": "v" * 40 for i in range(1_000)}
+            dirs = [f"d{k}/{i:05d}" for i in range(1_000)]
+            empty = [FileEntry(f"e{k}/{i:05d}", 0o644, 0, (), MTIME) for i in range(500)]
+            return mf.build(chunk_size=CS, files=empty, dirs=dirs, meta=meta)
+
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            one = hollow(0)
+            cost = tracemalloc.get_traced_memory()[0] - base  # one decoded, as a restore has
+            del one
+            gc.collect()
+            base = tracemalloc.get_traced_memory()[0]
+            for k in range(1, 9):
+                cache.record_snapshot(hollow(k))
+            cache.index.flush()
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert grown < 3 * cost, f"{grown / cost:.1f} manifests' worth kept"
+        assert len(cache.snapshots()) == 8  # (each still known, read again when used)
+    finally:
+        cache.index.close()
+
+
 def test_a_cached_blob_costs_well_under_200_bytes(fast_tmp: Path) -> None:
     """A million cached blobs must fit the daemon in < 300 MiB: the records, their index
     map and their eviction queue hold no Python object per blob. Measured with tracemalloc

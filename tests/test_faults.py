@@ -510,6 +510,72 @@ def test_corrupted_chunk_at_origin_is_named_and_never_materialized(work: Path) -
         assert tree_digest(target) == tree_digest(src)
 
 
+def test_a_tree_nested_past_the_recursion_limit_is_replaced_and_cleaned_up(
+    work: Path, request: pytest.FixtureRequest
+) -> None:
+    """A path may nest ~2,000 directories and still fit its 4,096 bytes. The helper removed
+    trees with shutil.rmtree, which recursed once a level and raised RecursionError past
+    ~1,000: a replace swapped the new tree in, then reported failure and left the old one;
+    a failed restore left its build beside the target, and every later restore there
+    failed on it, until removed by hand."""
+    src = work / "src"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # (a level at a time: pathlib's mkdir recurses too)
+        os.mkdir("d", dir_fd=fd)
+        fd, up = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(up)
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write(b"deep")
+    os.close(fd)
+    (src / "w.bin").write_bytes(os.urandom(3 * SMALL_CHUNK))  # chunks of its own, corruptible
+    origin = work / "origin"
+    ids = publish_to(origin, work / "pub", {"t/deep": src}, chunk_size=SMALL_CHUNK)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # (for the test's own os.walk and rmtree, which recurse)
+    request.addfinalizer(lambda: sys.setrecursionlimit(limit))
+    with Hostd(work / "d", origin=f"file://{origin}") as d:
+        target = work / "out"
+        assert d.restore("t/deep", target)["event"] == "result"
+        out = d.restore("t/deep", target, replace=True)
+        assert out["event"] == "result", out
+        assert tree_digest(target) == tree_digest(src)
+        assert hidden_builds(target) == []
+    # a cold restore that fails on a corrupt chunk, once its deep tree is made
+    m = read_manifest(origin, ids["t/deep"])
+    stored = origin / chunk_key(next(f for f in m.files if f.path == "w.bin").chunks[-1].id)
+    original = stored.read_bytes()
+    stored.write_bytes(bytes(b ^ 0x40 for b in original))
+    with Hostd(work / "d2", origin=f"file://{origin}") as d:
+        target = work / "out2"
+        failed(d.restore("t/deep", target), "chunk_corrupt")
+        assert_nothing_made(target)
+        stored.write_bytes(original)
+        assert d.restore("t/deep", target)["event"] == "result"
+        assert tree_digest(target) == tree_digest(src)
+
+
+def test_a_tree_of_more_directories_than_descriptors_fails_and_leaves_nothing(
+    work: Path,
+) -> None:
+    """The helper keeps each directory of the tree open while it is built. Out of
+    descriptors, the restore fails, and said so; but the removal of the build needed one
+    more, and left it, and a progressive restore left the directory whose open failed."""
+    src = work / "src"
+    for i in range(600):
+        (src / f"d{i:03d}").mkdir(parents=True)
+        (src / f"d{i:03d}" / "f").write_bytes(b"x")
+    origin = f"file://{work}/origin"
+    with Hostd(work / "pub", origin=origin) as pub:
+        pub.publish(src, "t/wide")
+    with Hostd(work / "d", origin=origin, wrap=["prlimit", "--nofile=400:400"]) as d:
+        for target, progressive in ((work / "out", False), (work / "prog", True)):
+            message = failed(d.restore("t/wide", target, progressive=progressive), "bad_request")
+            assert "Too many open files" in message, message
+            assert_nothing_made(target)
+        assert_serving(d)
+
+
 # -- 5. the origin down or slow ----------------------------------------------------------------
 
 

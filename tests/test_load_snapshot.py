@@ -271,6 +271,18 @@ def test_what_goes_wrong_is_said(work: Path, model: dict[str, Any]) -> None:
         with pytest.raises(loader.LoaderError, match=r"w\.safetensors"):
             loader.load_safetensors("m/bad", socket=h.socket, target=work / "b")
         assert not (work / "b").exists()
+        # a shard that is a link leading nowhere, or round in a loop: said as the shard's
+        for name, links in (
+            ("dangling", {"w.safetensors": "nowhere"}),
+            ("loop", {"w.safetensors": "v.safetensors", "v.safetensors": "w.safetensors"}),
+        ):
+            (work / name).mkdir()
+            for link, to in links.items():
+                (work / name / link).symlink_to(to)
+            h.publish(work / name, f"m/{name}")
+            with pytest.raises(loader.LoaderError, match=r"[wv]\.safetensors: links to"):
+                loader.load_safetensors(f"m/{name}", socket=h.socket, target=work / f"t-{name}")
+            assert not (work / f"t-{name}").exists()
 
 
 def test_a_bad_shard_read_after_the_restore_ended_is_taken_back_too(

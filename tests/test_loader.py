@@ -398,7 +398,7 @@ def test_a_long_name_is_cut_short_in_the_message(tmp_path: Path) -> None:
 
 def test_deep_nesting_is_refused(tmp_path: Path) -> None:
     path = build(tmp_path, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"")
-    with pytest.raises(LoaderError, match=r"nests too deeply|not valid JSON"):
+    with pytest.raises(LoaderError, match=r"nests too deeply|not valid JSON|\d+ JSON arrays"):
         loader.read_header(path)
 
 
@@ -674,6 +674,19 @@ def test_a_header_of_many_objects_is_refused_before_they_are_built(
     path = build(tmp_path, b'{"x":[' + (item + b",") * 300_000 + item + b"]}", b"")
     with pytest.raises(LoaderError, match=r"holds over \d+ JSON objects"):
         loader.read_header(path)
+
+
+def test_a_header_of_many_arrays_is_refused_before_they_are_built(tmp_path: Path) -> None:
+    """A tensor entry may carry fields the loader ignores: `"junk": [[],[],...]` made each
+    `[]` a list, 100 MB of them 2.7 GB (the reference: 1.1). No header holds more arrays
+    than two for every 40 of its bytes (a tensor's shape and offsets); a valid one beside
+    them still loads."""
+    entry = b'{"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "junk": ['
+    path = build(tmp_path, b'{"a":' + entry + b"[]," * 300_000 + b"[]]}}", DATA)
+    with pytest.raises(LoaderError, match=r"holds \d+ JSON arrays, over \d+"):
+        loader.read_header(path)
+    fine = build(tmp_path, b'{"a":' + entry + b"[1, 2], [3]]}}", DATA)
+    assert list(loader.load_file(fine)) == ["a"]
 
 
 @pytest.mark.parametrize("where", ["name", "metadata"])
