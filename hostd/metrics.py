@@ -256,11 +256,10 @@ class PeerCollector(Collector):
         )
         strikes = CounterMetricFamily(
             "hostd_peer_strikes",
-            "Peers struck, by reason (corrupt, stall, silent: pull-throughs taken and not "
-            "sent, busy: only busy for whole busy waits, self: said it is this host, and is not).",
+            "Peers struck, by reason (corrupt, stall, silent: pull-throughs taken and not sent).",
             labels=["reason"],
         )
-        for reason in ("corrupt", "stall", "silent", "busy", "self"):
+        for reason in ("corrupt", "stall", "silent"):
             strikes.add_metric([reason], st.strikes[reason])
         yield strikes
         hedges = CounterMetricFamily(

@@ -45,7 +45,7 @@ import aiohttp
 from hostd.core import codec, peerauth, rendezvous
 from hostd.core.ids import is_hex_id
 from hostd.core.manifest import Chunk
-from hostd.core.members import BUSY_STRIKE, SILENT_STRIKE, Member, Roster, State
+from hostd.core.members import SILENT_STRIKE, Member, Roster
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
 
@@ -495,7 +495,8 @@ class Membership:
     port, or by a probe that reached our own server: each probe carries a fresh random
     challenge, and our server notes the challenges it is asked from an address of this
     host. What a member answers cannot make it "self": one that echoes our node id, answers
-    409 "self", or relays our probe to us (from its own address) is another host."""
+    409 "self" (probed again, at most every SELF_REPROBE), or relays our probe to us (from
+    its own address) is another host."""
 
     def __init__(
         self,
@@ -576,6 +577,7 @@ class Membership:
         self.client.name = self.roster.self_name or ""
 
     async def probe(self, m: Member) -> None:
+        m.probed_at = self.clock()
         challenge = secrets.token_hex(16)
         self._challenges[challenge] = False
         try:
@@ -638,15 +640,9 @@ class Membership:
                 )
         elif e.kind == "self":
             # Our own server says so to a request from our node id; anyone else can say it
-            # too. A probe settles it (Membership.probe); one that already found another
-            # host there makes this a lie: struck.
-            m = self.roster.get(name)
-            if m is not None and m.probed and m.state is not State.SELF:
-                if self.roster.strike(name, now, f"{e.message} (a probe found another host)"):
-                    self.client.stats.strikes[e.kind] += 1
-                    log.warning("peers: struck %s: it says it is this host; a probe says not", name)
-            else:
-                self.roster.reprobe(name)
+            # too. A probe settles it (Membership.probe), asked again at most every
+            # SELF_REPROBE: a self-probe that once stalled is settled by the next one.
+            if self.roster.reprobe(name, now):
                 self._wake.set()
         elif e.kind in ("missing", "busy"):
             self.roster.answered(name, now)  # a proper answer: it is up
@@ -696,19 +692,21 @@ def is_local_ip(text: str) -> bool:
     socket to an address succeeds only where the address is. An IPv4 address seen as
     IPv6 (`::ffff:10.0.0.1`, on a dual-stack listener) is its IPv4 one."""
     try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        ip = ipaddress.ip_address(text)  # (a scope, "fe80::1%eth0", is kept: bound with it)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.is_unspecified:
         return False
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((str(ip), 0))
-        except OSError:
-            return False
+    try:
+        family, kind, _, _, where = socket.getaddrinfo(
+            str(ip), 0, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+        )[0]
+        with socket.socket(family, kind) as s:
+            s.bind(where)
+    except OSError:  # (socket.gaierror too)
+        return False
     return True
 
 
@@ -765,7 +763,6 @@ class PeerSource:
         the origin is for when the peers cannot serve it, not for when they are busy."""
         problems: list[str] = []
         failed: set[str] = set()  # asked, and it will not serve this chunk
-        busy_from: set[str] = set()  # asked, and it said only "busy"
         hint: list[str] = []
         started = self.membership.clock()
         moves = 0
@@ -787,12 +784,10 @@ class PeerSource:
                         return await self._owner(owner, chunk, skip)
                     except PeerFailure as e:
                         problems.append(e.message)
-                        if e.kind == "busy":
-                            busy = True
-                            busy_from.add(owner)
-                        else:
-                            failed.add(owner)
+                        busy |= e.kind == "busy"
                         hint += e.holders
+                        if e.kind != "busy":
+                            failed.add(owner)
                         # Gone from the placement (dead, struck, rejecting): the member ranked
                         # next owns the chunk now, for every host that saw the same, and
                         # pulls it through once. Ask it, not the origin.
@@ -815,18 +810,13 @@ class PeerSource:
                     return await self._fetch(name, chunk, "holder")
                 except PeerFailure as e:
                     problems.append(e.message)
-                    if e.kind == "busy":
-                        busy = True
-                        busy_from.add(name)
-                    else:
-                        failed.add(name)
+                    busy |= e.kind == "busy"
                     hint += e.holders
+                    if e.kind != "busy":
+                        failed.add(name)
                     # a busy holder names the hosts it served: ask them next
                     queue[:0] = [h for h in e.holders if h not in skip and h not in queue]
-            if not busy:
-                break
-            if self.membership.clock() - started > self.busy_wait:
-                self._busy_out(chunk, busy_from - failed)
+            if not busy or self.membership.clock() - started > self.busy_wait:
                 break
             self.client.stats.busy_waits += 1
             await asyncio.sleep(
@@ -835,17 +825,6 @@ class PeerSource:
             hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
-
-    def _busy_out(self, chunk: Chunk, names: set[str]) -> None:
-        """These members kept this chunk "busy" until the busy wait ran out (and then served
-        nothing): BUSY_STRIKE chunks in a row, and each is struck. A member that answers
-        every request 503 cost each chunk it owns the whole busy wait, on every restore."""
-        why = f"answered only busy for chunk {chunk.id.hex()} for {self.busy_wait:g} s"
-        now = self.membership.clock()
-        for name in names:
-            if self.membership.roster.busy_out(name, now, why):
-                self.client.stats.strikes["busy"] += 1
-                log.warning("peers: struck %s: %s (%d chunks in a row)", name, why, BUSY_STRIKE)
 
     async def _own_owner(
         self, chunk: Chunk, key: bytes, problems: list[str], hint: list[str]
@@ -873,7 +852,7 @@ class PeerSource:
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
-        self.membership.roster.served(name, self.membership.clock())
+        self.membership.roster.answered(name, self.membership.clock())
         self.client.stats.chunks[(role, how)] += 1
         self.client.stats.bytes[(role, how)] += len(data)
         return data

@@ -9,9 +9,8 @@ for rendezvous hashing, so hosts that list the same peers agree on owners. State
 - rejecting: it answered 401 to our proof (another secret, or clocks apart); probed again
   with the same backoff;
 - struck: it sent bytes that did not verify, or stalled, or took pull-throughs and sent
-  nothing, or kept an asker waiting on "busy" for the whole busy wait; skipped until the
-  strike ends (30 s, doubling per strike within 10 minutes, at most 10 minutes), then live
-  again;
+  nothing; skipped until the strike ends (30 s, doubling per strike within 10 minutes, at
+  most 10 minutes), then live again;
 - self: this host itself, under the name the others use for it; never asked.
 
 Only live members (and self) take part in placement. No state is shared with other hosts.
@@ -32,11 +31,9 @@ STRIKE_MAX = 600.0
 # served between, before it is struck: one is a slow origin's; two in a row, a member that
 # says yes to everything and delivers nothing.
 SILENT_STRIKE = 2
-# Chunks in a row for which a member answered only "busy" until the asker's busy wait ran
-# out, with nothing served by it between: one is an owner whose origin is slow; two, a member
-# that is never free for this host (or says so falsely), whose chunks are better placed on
-# the member ranked next.
-BUSY_STRIKE = 2
+# A member that answers 409 "self" (which our own server answers a request from us) is
+# probed again, at most this often: only a probe that reaches our own server makes it self.
+SELF_REPROBE = 10.0
 
 
 class State(enum.Enum):
@@ -60,9 +57,9 @@ class Member:
     struck_until: float = 0.0
     last_error: str = ""
     silent: int = 0  # pull-throughs in a row taken and then not a byte sent
-    busy_out: int = 0  # chunks in a row it kept busy for the whole busy wait
     node: str = ""  # its node id, once a probe has answered
     probed: bool = False
+    probed_at: float = float("-inf")  # when a probe of it last began
 
     def to_json(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -206,33 +203,14 @@ class Roster:
         m.last_error = why
         self._set(m, state, now)
 
-    def served(self, name: str, now: float) -> None:
-        """It sent us a chunk: every count of unhelpful answers in a row starts again."""
+    def reprobe(self, name: str, now: float) -> bool:
+        """Probe it again soon (it said something only a probe can settle), unless one began
+        within SELF_REPROBE: whether it will be."""
         m = self.members.get(name)
-        if m is not None:
-            m.busy_out = 0
-        self.answered(name, now)
-
-    def busy_out(self, name: str, now: float, why: str) -> bool:
-        """It answered only "busy" for one chunk until the asker's busy wait ran out.
-        Whether that struck it (BUSY_STRIKE chunks in a row, nothing served between)."""
-        m = self.members.get(name)
-        if m is None or m.state is State.SELF:
+        if m is None or m.state is State.SELF or now - m.probed_at < SELF_REPROBE:
             return False
-        m.last_error = why
-        if m.state is State.STRUCK and now < m.struck_until:
-            return False  # the chunks that waited on it together: one strike, not one each
-        m.busy_out += 1
-        if m.busy_out < BUSY_STRIKE:
-            return False
-        m.busy_out = 0
-        return self.strike(name, now, why)
-
-    def reprobe(self, name: str) -> None:
-        """Probe it again soon (it said something only a probe can settle)."""
-        m = self.members.get(name)
-        if m is not None and m.state is not State.SELF:
-            m.probed = False
+        m.probed = False
+        return True
 
     def silent_pull(self, name: str, now: float, why: str) -> bool:
         """It took a pull-through and sent nothing for the pull wait. Whether that struck it
