@@ -466,15 +466,25 @@ class AsUser:
             return int(reply["dev"]), dict(zip(want, fds, strict=True))
         # The target first, held for this restore before anything is made in it.
         reply, pin = self.call("begin", nfds=1, dirs=[], want=[], progressive=True, keep=keep)
-        ledger = Ledger(
-            self.target_path,
-            [int(x) for x in reply["target_id"]],
-            bool(reply["made_target"]),
-            [],
-            {},
-            keep,
-            pin[0],
-        )
+        try:
+            ledger = Ledger(
+                self.target_path,
+                [int(x) for x in reply["target_id"]],
+                bool(reply["made_target"]),
+                [],
+                {},
+                keep,
+                pin[0],
+            )
+            with contextlib.suppress(
+                PermissionError
+            ):  # (a caller's FUSE mount: not ours to look at)
+                st = os.fstat(ledger.pin)
+                if [st.st_dev, st.st_ino] != ledger.target_id:
+                    raise HostdError("hostd's helper answered 'begin' with another directory")
+        except BaseException:
+            os.close(pin[0])
+            raise
         if self.spawner is not None and not self.spawner.claim(ledger):
             os.close(ledger.pin)
             self.call("abort", linked=[], refused=True)  # (a target it made is the other's)

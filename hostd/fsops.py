@@ -843,6 +843,7 @@ class Helper:
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
             renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
             self.committed = True
+            self._close_tree()  # (the new tree is whole: its descriptors go before the old's)
             try:  # the old tree, now in the build directory, goes with the caller's rights
                 _remove_tree(self.build_fd, BUILD_TREE)
             except OSError:
@@ -867,9 +868,7 @@ class Helper:
         if self.progressive and not self.committed and self.dirs and not self.keep:
             self._unplace([*(linked or []), *map(list, self.linking)])
         if not self.progressive and self.build_fd >= 0 and not self.committed:
-            for fd in self.dirs.values():  # first: out of descriptors, the removal's would fail
-                _close(fd)
-            self.dirs.clear()
+            self._close_tree()  # first: out of descriptors, the removal's would fail
             _remove_build(self.parent, self.build, self.build_fd)
         elif not self.progressive and self.build and not self.committed and self.parent >= 0:
             with contextlib.suppress(OSError):  # made, never opened: empty, or not ours
@@ -908,10 +907,14 @@ class Helper:
                 if st.st_ino == ino and ctime in (-1, st.st_ctime_ns):
                     os.unlink(leaf, dir_fd=dfd)
 
-    def _close_dirs(self) -> None:
+    def _close_tree(self) -> None:
+        """Close the descriptors of the tree's directories (not the build's)."""
         for fd in self.dirs.values():
             _close(fd)
         self.dirs.clear()
+
+    def _close_dirs(self) -> None:
+        self._close_tree()
         if self.build_fd >= 0:
             _close(self.build_fd)
         self.build_fd = -1

@@ -33,7 +33,6 @@ import functools
 import json
 import os
 import queue
-import re
 import stat
 import sys
 import tempfile
@@ -196,9 +195,11 @@ def parse_header(raw: bytes, data_start: int, data_size: int, where: str) -> Hea
     # 100 MB) before it is parsed.
     most_objects = 2 + len(raw) // 40
     objects = 0
-    shape = _shape(raw)
-    _check_nesting(shape, where)
-    if (arrays := shape.count(b"[")) > 2 * most_objects:
+    arrays, deepest = _brackets(raw)
+    if deepest > NESTING and sys.getrecursionlimit() > SAFE_RECURSION:
+        # (the parser recurses: past this limit it overflows the C stack before it fails)
+        raise LoaderError(where, f"the header's JSON nests too deeply (over {NESTING})")
+    if arrays > 2 * most_objects:
         raise LoaderError(where, f"the header holds {arrays} JSON arrays, over {2 * most_objects}")
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -266,30 +267,34 @@ NESTING = 64
 # Up to this recursion limit, json's own RecursionError comes long before the C stack ends
 # (Python's default is 1,000; a 2,000,000-deep header was refused cleanly at 50,000).
 SAFE_RECURSION = 20_000
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a JSON escape, whose second byte may be a quote
 _NOT_SHAPE = bytes(b for b in range(256) if b not in b'"[]{}')  # what translate drops
-_STRING = re.compile(rb'"[^"]*"')
-_DEPTH = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1, ord('"'): 0}
+_SLICE = 1 << 22  # bytes of brackets and quotes looked at a time
 
 
-def _shape(raw: bytes) -> bytes:
-    """JSON's brackets outside its strings (escapes dropped first), in order."""
-    return _STRING.sub(b"", _ESCAPE.sub(b"", raw).translate(None, _NOT_SHAPE))
+def _brackets(raw: bytes) -> tuple[int, int]:
+    """(arrays, deepest nesting) of JSON `raw`, outside its strings, in bounded memory and
+    without a Python step per byte or an object per match: a regex over a 100 MB header of
+    escapes or tiny strings made an object of each (4 GB). Escapes go first (each escaped
+    backslash, then each escaped quote, left to right as a parser reads them), then all but
+    quotes and brackets; a bracket is outside every string where the quotes up to it are
+    even in number."""
+    import numpy as np
 
-
-def _check_nesting(shape: bytes, where: str) -> None:
-    """Where the recursion limit was raised (ML code does), refuse JSON that nests deeper
-    than NESTING before the parser, which recurses, overflows the C stack on a few MB of
-    `[`s rather than fail. Without recursion: the brackets (`_shape`) are walked, and the
-    walk stops at the first level too deep."""
-    if sys.getrecursionlimit() <= SAFE_RECURSION:
-        return
-    depth = 0
-    step = _DEPTH
-    for b in shape:
-        depth += step[b]
-        if depth > NESTING:
-            raise LoaderError(where, f"the header's JSON nests too deeply (over {NESTING})")
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = raw.translate(None, _NOT_SHAPE)
+    arrays = deepest = depth = odd = 0
+    for at in range(0, len(kept), _SLICE):
+        a = np.frombuffer(kept, np.uint8, min(_SLICE, len(kept) - at), at)
+        quote = a == 0x22
+        out = a[((np.cumsum(quote, dtype=np.uint8) + odd) & 1 == 0) & ~quote]
+        opens = (out == 0x5B) | (out == 0x7B)
+        arrays += int(np.count_nonzero(out == 0x5B))
+        if out.size:
+            level = np.cumsum(opens.astype(np.int32) * 2 - 1, dtype=np.int64) + depth
+            deepest, depth = max(deepest, int(level.max())), int(level[-1])
+        odd = (odd + int(np.count_nonzero(quote))) & 1
+    return arrays, deepest
 
 
 def _check_text(text: str, where: str) -> None:

@@ -330,9 +330,16 @@ class Placer:
         """Make the target and its directories, and the empty files. Blocking."""
         # where links may go: every directory, the top one ("") included
         linked_dirs = [] if self.mode == "copy" or not self.link_ok else ["", *_dirs(self.m)]
-        self.dev, self.dirfds = self.fs.begin(
-            _dirs(self.m), linked_dirs, progressive=self.progressive, keep=self.keep
-        )
+        try:
+            self.dev, self.dirfds = self.fs.begin(
+                _dirs(self.m), linked_dirs, progressive=self.progressive, keep=self.keep
+            )
+        except BaseException:
+            if self.fs.ledger is not None:
+                # It holds the target, and failed making the tree's directories: what it made
+                # (the ledger says) is taken back, by a successor should it not answer.
+                self._failed([])
+            raise
         empties = [f for f in self.m.files if not f.size]
         try:
             if empties:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import operator
 import os
@@ -80,16 +81,30 @@ class _Indexing:
 
 _SIZE = operator.attrgetter("size")
 _CHUNKS = operator.attrgetter("chunks")
+_PATH = operator.attrgetter("path")
+_TARGET = operator.attrgetter("target")
+# Characters of a manifest's strings (paths, link targets, compat and meta) that weigh as
+# much as a chunk when it is kept decoded (`_weight`).
+TEXT_PER_CHUNK = 256
 
 
 def _weight(m: mf.Manifest) -> int:
-    """What keeping a decoded manifest costs, in chunks: its chunks, and one for each entry
-    that has none (an empty file, a directory, a symlink, a compat or meta pair). Counting
-    chunks alone, a manifest of millions of meta pairs (a hostile origin's) weighed nothing
-    and was kept until a restart. Without a Python frame per file (this runs on the loop)."""
+    """What keeping a decoded manifest costs, in chunks: its chunks, one for each entry that
+    has none (an empty file, a directory, a symlink, a compat or meta pair), and one for each
+    TEXT_PER_CHUNK characters of its strings. Counting chunks alone, a manifest of millions
+    of meta pairs, or of one 32 MiB meta value (a hostile origin's), weighed next to nothing
+    and was kept until a restart. Without a Python frame per entry (this runs on the loop)."""
     per_file = list(map(len, map(_CHUNKS, m.files)))
     empty = per_file.count(0)
-    return sum(per_file) + empty + len(m.dirs) + len(m.symlinks) + len(m.compat) + len(m.meta)
+    text = (
+        sum(map(len, map(_PATH, m.files)))
+        + sum(map(len, m.dirs))
+        + sum(map(len, map(_PATH, m.symlinks)))
+        + sum(map(len, map(_TARGET, m.symlinks)))
+        + sum(map(len, itertools.chain(m.compat, m.compat.values(), m.meta, m.meta.values())))
+    )
+    entries = empty + len(m.dirs) + len(m.symlinks) + len(m.compat) + len(m.meta)
+    return sum(per_file) + entries + text // TEXT_PER_CHUNK
 
 
 def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:

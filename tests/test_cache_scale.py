@@ -224,15 +224,19 @@ def test_a_known_chunk_costs_no_python_memory_once_indexed(fast_tmp: Path) -> No
         cache.index.close()
 
 
-def test_manifests_without_chunks_are_kept_within_the_bound_too(fast_tmp: Path) -> None:
+@pytest.mark.parametrize("shape", ["many entries", "one long value"])
+def test_manifests_without_chunks_are_kept_within_the_bound_too(fast_tmp: Path, shape: str) -> None:
     """Decoded manifests are kept up to a bound counted in chunks. One of no chunks but
     many meta pairs (or directories, or empty files: what a hostile origin can serve, up to
     256 MiB each) counted nothing, and the last 8 used were kept until a restart: 1.3 GB
-    after three restores of 28 MB manifests. Each entry without chunks now counts one."""
+    after three restores of 28 MB manifests; so did one of a single 32 MiB meta value. Each
+    entry without chunks now counts one, and each TEXT_PER_CHUNK characters of text one."""
     cache = open_cache(fast_tmp, 1 << 40, decoded_chunks=4_096)
     try:
 
-        def hollow(k: int) -> mf.Manifest:  # 2,500 entries, no chunk
+        def hollow(k: int) -> mf.Manifest:  # 2,500 entries, or one of 2 MB; no chunk
+            if shape == "one long value":
+                return mf.build(chunk_size=CS, files=[], meta={"k": str(k) * 2_000_000})
             meta = {f"k{k}-{i:05d}": "v" * 40 for i in range(1_000)}
             dirs = [f"d{k}/{i:05d}" for i in range(1_000)]
             empty = [FileEntry(f"e{k}/{i:05d}", 0o644, 0, (), MTIME) for i in range(500)]
@@ -250,12 +254,13 @@ def test_manifests_without_chunks_are_kept_within_the_bound_too(fast_tmp: Path) 
             for k in range(1, 9):
                 cache.record_snapshot(hollow(k))
             cache.index.flush()
+            cache.record_snapshot(manifest("settle", 1))  # (lets go of what was indexed)
             gc.collect()
             grown = tracemalloc.get_traced_memory()[0] - base
         finally:
             tracemalloc.stop()
         assert grown < 3 * cost, f"{grown / cost:.1f} manifests' worth kept"
-        assert len(cache.snapshots()) == 8  # (each still known, read again when used)
+        assert len(cache.snapshots()) == 9  # (each still known, read again when used)
     finally:
         cache.index.close()
 

@@ -576,6 +576,32 @@ def test_a_tree_of_more_directories_than_descriptors_fails_and_leaves_nothing(
         assert_serving(d)
 
 
+def test_a_replace_removes_the_old_tree_with_the_descriptors_the_new_one_held(
+    work: Path,
+) -> None:
+    """The old tree is removed a level at a time, a descriptor each; the new tree's own (one
+    per directory) were still open then. Near the descriptor limit the old tree was left
+    (`old_tree_left`), with its build beside the target."""
+    deep, wide = work / "deep", work / "wide"
+    deep.joinpath(*["d"] * 80).mkdir(parents=True)
+    deep.joinpath(*["d"] * 80, "f").write_bytes(b"deep")
+    for i in range(330):
+        (wide / f"w{i:03d}").mkdir(parents=True)
+    (wide / "f").write_bytes(b"wide")
+    origin = f"file://{work}/origin"
+    with Hostd(work / "pub", origin=origin) as pub:
+        pub.publish(deep, "t/deep")
+        pub.publish(wide, "t/wide")
+    with Hostd(work / "d", origin=origin, wrap=["prlimit", "--nofile=400:400"]) as d:
+        target = work / "out"
+        assert d.restore("t/deep", target)["event"] == "result"
+        out = d.restore("t/wide", target, replace=True)
+        assert out["event"] == "result", out
+        assert "old_tree_left" not in out, out
+        assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in wide.iterdir())
+        assert hidden_builds(target) == []
+
+
 # -- 5. the origin down or slow ----------------------------------------------------------------
 
 

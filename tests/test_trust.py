@@ -29,13 +29,14 @@ from typing import Any
 import pytest
 from harness import HeldOrigin, Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
 
+import hostd.asuser
 from hostd import fsops
 from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.errors import ChunkCorrupt, HostdError, UsageError
-from hostd.materialize import Cancelled, materialize
+from hostd.materialize import Cancelled, Placer, materialize
 
 NOBODY = 65534
 JSON = "Content-Type: application/json"
@@ -1153,6 +1154,54 @@ def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> 
         spawner.close()
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_progressive_begin_that_failed_is_taken_back_though_its_helper_stops(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger knew the directories a failed `dirs` made, but nothing in the daemon's
+    own flow used it: the placer's begin failed, and the restore closed the helper. The
+    caller, stopping its helper right then, kept target and directories in place. The
+    placer now takes back a failed begin: a successor does, where the helper answers not."""
+    monkeypatch.setattr(hostd.asuser, "CALL_TIMEOUT", 2.0)  # (the stopped helper's wait)
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        fs = AsUser.start(caller, spawner)
+        try:
+            target = home / "out"
+            fs.target(str(target), False)
+            call = fs.call
+
+            def stopped_after_dirs(op: str, *args: Any, **kw: Any) -> Any:
+                try:
+                    return call(op, *args, **kw)
+                finally:
+                    if op == "dirs":  # the caller stops its helper at the worst moment
+                        os.kill(_helper_pid(fs), signal.SIGSTOP)
+
+            fs.call = stopped_after_dirs  # type: ignore[method-assign]
+            m = mf.build(chunk_size=1 << 16, files=[], dirs=["a", "a/b", "c" * 300])
+            placer = Placer(
+                m, fs, mode="copy", link_ok=False, cancel=threading.Event(), on_files=print
+            )
+            with pytest.raises(HostdError, match="File name too long"):
+                placer.begin()
+            assert not target.exists()
+        finally:
+            fs.close()
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _helper_pid(fs: AsUser) -> int:
+    with open(f"/proc/self/fdinfo/{fs.pidfd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
 
 
 def test_a_dead_helpers_progressive_files_are_reclaimed_after_the_caller_is_gone_too(
