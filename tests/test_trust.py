@@ -1092,11 +1092,10 @@ def _reclaim_by_a_successor(fs: AsUser, caller: Caller, spawner: Spawner, ledger
         fresh.close()
 
 
-def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
-    """A progressive batch whose second file finds the caller's own file at its name fails
-    there; the first had landed. The helper's error answer says so, so that, the helper
-    killed before it could take it back, a new one does: the caller's file stays."""
-    home = nobody_dir(work / "home")
+@contextlib.contextmanager
+def nobody_helper() -> Iterator[tuple[Caller, Spawner, AsUser]]:
+    """A process of nobody's (the caller), a spawner, and a helper acting for the caller;
+    all ended afterwards."""
     sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
     spawner = Spawner()
     try:
@@ -1104,27 +1103,36 @@ def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
         caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
         fs = AsUser.start(caller, spawner)
         try:
-            target = home / "out"
-            fs.target(str(target), False)
-            fs.begin([], [], progressive=True)
-            theirs = target / "b"
-            theirs.write_bytes(b"the caller's")
-            os.chown(theirs, NOBODY, NOBODY)
-            batch = [(name, 0o644, 0, "empty", None) for name in ("a", "b", "c")]
-            with pytest.raises(UsageError, match="'b' appeared in the target"):
-                fs.files(batch, [])
-            ledger = fs.ledger
-            assert ledger is not None
-            assert sorted(ledger.placed) == ["a"]
-            _reclaim_by_a_successor(fs, caller, spawner, ledger)
-            assert sorted(p.name for p in target.iterdir()) == ["b"]
-            assert theirs.read_bytes() == b"the caller's"
+            yield caller, spawner, fs
         finally:
             fs.close()
     finally:
         spawner.close()
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
+    """A progressive batch whose second file finds the caller's own file at its name fails
+    there; the first had landed. The helper's error answer says so, so that, the helper
+    killed before it could take it back, a new one does: the caller's file stays."""
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (caller, spawner, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+        fs.begin([], [], progressive=True)
+        theirs = target / "b"
+        theirs.write_bytes(b"the caller's")
+        os.chown(theirs, NOBODY, NOBODY)
+        batch = [(name, 0o644, 0, "empty", None) for name in ("a", "b", "c")]
+        with pytest.raises(UsageError, match="'b' appeared in the target"):
+            fs.files(batch, [])
+        ledger = fs.ledger
+        assert ledger is not None
+        assert sorted(ledger.placed) == ["a"]
+        _reclaim_by_a_successor(fs, caller, spawner, ledger)
+        assert sorted(p.name for p in target.iterdir()) == ["b"]
+        assert theirs.read_bytes() == b"the caller's"
 
 
 def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> None:
@@ -1132,28 +1140,16 @@ def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> 
     where one cannot be made, the helper's error answer names those made before it, so
     that, the helper killed before it could take them back, a new one does."""
     home = nobody_dir(work / "home")
-    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
-    spawner = Spawner()
-    try:
-        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
-        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
-        fs = AsUser.start(caller, spawner)
-        try:
-            target = home / "out"
-            fs.target(str(target), False)
-            with pytest.raises(HostdError, match="File name too long"):
-                fs.begin(["a", "a/b", "c" * 300], [], progressive=True)
-            ledger = fs.ledger
-            assert ledger is not None
-            assert ledger.made_dirs == ["a", "a/b"]
-            _reclaim_by_a_successor(fs, caller, spawner, ledger)
-            assert not target.exists()  # made by this restore, and empty once taken back
-        finally:
-            fs.close()
-    finally:
-        spawner.close()
-        sleeper.kill()
-        sleeper.wait()
+    with nobody_helper() as (caller, spawner, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+        with pytest.raises(HostdError, match="File name too long"):
+            fs.begin(["a", "a/b", "c" * 300], [], progressive=True)
+        ledger = fs.ledger
+        assert ledger is not None
+        assert ledger.made_dirs == ["a", "a/b"]
+        _reclaim_by_a_successor(fs, caller, spawner, ledger)
+        assert not target.exists()  # made by this restore, and empty once taken back
 
 
 def test_a_progressive_begin_that_failed_is_taken_back_though_its_helper_stops(
@@ -1165,38 +1161,24 @@ def test_a_progressive_begin_that_failed_is_taken_back_though_its_helper_stops(
     placer now takes back a failed begin: a successor does, where the helper answers not."""
     monkeypatch.setattr(hostd.asuser, "CALL_TIMEOUT", 2.0)  # (the stopped helper's wait)
     home = nobody_dir(work / "home")
-    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
-    spawner = Spawner()
-    try:
-        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
-        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
-        fs = AsUser.start(caller, spawner)
-        try:
-            target = home / "out"
-            fs.target(str(target), False)
-            call = fs.call
+    with nobody_helper() as (_, _, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+        call = fs.call
 
-            def stopped_after_dirs(op: str, *args: Any, **kw: Any) -> Any:
-                try:
-                    return call(op, *args, **kw)
-                finally:
-                    if op == "dirs":  # the caller stops its helper at the worst moment
-                        os.kill(_helper_pid(fs), signal.SIGSTOP)
+        def stopped_after_dirs(op: str, *args: Any, **kw: Any) -> Any:
+            try:
+                return call(op, *args, **kw)
+            finally:
+                if op == "dirs":  # the caller stops its helper at the worst moment
+                    os.kill(_helper_pid(fs), signal.SIGSTOP)
 
-            fs.call = stopped_after_dirs  # type: ignore[method-assign]
-            m = mf.build(chunk_size=1 << 16, files=[], dirs=["a", "a/b", "c" * 300])
-            placer = Placer(
-                m, fs, mode="copy", link_ok=False, cancel=threading.Event(), on_files=print
-            )
-            with pytest.raises(HostdError, match="File name too long"):
-                placer.begin()
-            assert not target.exists()
-        finally:
-            fs.close()
-    finally:
-        spawner.close()
-        sleeper.kill()
-        sleeper.wait()
+        fs.call = stopped_after_dirs  # type: ignore[method-assign]
+        m = mf.build(chunk_size=1 << 16, files=[], dirs=["a", "a/b", "c" * 300])
+        placer = Placer(m, fs, mode="copy", link_ok=False, cancel=threading.Event(), on_files=print)
+        with pytest.raises(HostdError, match="File name too long"):
+            placer.begin()
+        assert not target.exists()
 
 
 def _helper_pid(fs: AsUser) -> int:
