@@ -709,6 +709,37 @@ def test_the_header_checks_take_memory_in_proportion_to_the_header(piece: bytes)
     assert peak < 6 * len(raw), f"{peak / len(raw):.1f} times the header"
 
 
+def _arrays_and_depth(value: Any, level: int = 0) -> tuple[int, int]:
+    """What the header checks must find in json.dumps(value): its lists, its deepest nesting."""
+    if isinstance(value, list):
+        found = [_arrays_and_depth(v, level + 1) for v in value]
+        return 1 + sum(f[0] for f in found), max([level + 1, *(f[1] for f in found)])
+    if isinstance(value, dict):
+        found = [_arrays_and_depth(v, level + 1) for v in value.values()]
+        return sum(f[0] for f in found), max([level + 1, *(f[1] for f in found)])
+    return 0, level
+
+
+_TRICKY = st.text(alphabet='[]{}"\\ab,:\n', max_size=12)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | _TRICKY,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TRICKY, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.booleans())
+def test_the_header_checks_count_arrays_and_nesting_outside_strings(
+    value: Any, ascii_only: bool
+) -> None:
+    """Brackets, quotes and backslashes inside strings (escaped as JSON writes them) are not
+    JSON's own: the checks before the parse must count exactly the parser's arrays and
+    depth, or a valid header is refused."""
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert loader._brackets(raw) == _arrays_and_depth(value)
+
+
 @pytest.mark.parametrize("where", ["name", "metadata"])
 def test_a_lone_surrogate_is_refused(tmp_path: Path, where: str) -> None:
     raw = (
