@@ -200,7 +200,9 @@ class SimClient(PeerClient):
         self.stats.requests[("have", "sent")] += 1
         return {c for c in cids if peer.holds(c)}
 
-    async def health(self, name: str, challenge: str = "") -> dict[str, Any]:
+    async def health(
+        self, name: str, challenge: str = ""
+    ) -> tuple[dict[str, Any], tuple[str, int] | None]:
         raise AssertionError("the simulation does not probe")
 
 

@@ -5,7 +5,7 @@
     POST /v1/have   {"ids": [<id>, ...]}  ->  {"have": [<id>, ...]}
     GET  /v1/health[?challenge=<hex>] ->  {"node", "name", "version", "time", "uploads",
          "waiting"} (a probe's challenge, asked from an address of this host, tells our
-         own membership that the probe reached ourselves)
+         own membership that the probe reached ourselves, and on which connection)
 
 Every request must carry proof of the cluster secret (core/peerauth.py), or it is answered
 401 before anything else is read; `[peers] allow_unauthenticated` turns that off. Ids must be
@@ -399,8 +399,7 @@ async def health(request: web.Request) -> web.StreamResponse:
     challenge = request.query.get("challenge", "")
     if 0 < len(challenge) <= 64:  # a probe's: did it come from this host? (Membership.probe)
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        if isinstance(peer, tuple) and peer:
-            srv.membership.reached(challenge, str(peer[0]))
+        srv.membership.reached(challenge, peer)
     return web.json_response(
         {
             "node": srv.node,

@@ -48,6 +48,7 @@ from hostd.core.manifest import Chunk
 from hostd.core.members import SILENT_STRIKE, Member, Roster
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
+from hostd.unixhttp import BodyDecoder, ProtocolError, parse_head
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +322,7 @@ class PeerClient:
             doc = _json(await self._small(name, resp, HEALTH_BYTES))
         except PeerFailure:
             doc = {}
-        msg = str(doc.get("message", resp.reason or resp.status))[:300]
-        kinds = {401: "rejected", 404: "missing", 409: "self", 503: "busy"}
-        holders = doc.get("holders")
-        hint = [h for h in holders if isinstance(h, str)][:16] if isinstance(holders, list) else []
-        return PeerFailure(kinds.get(resp.status, "failed"), f"peer {name}: {msg}", hint)
+        return _refused(name, resp.status, resp.reason, doc)
 
     async def chunk(
         self, name: str, chunk: Chunk, pull: bool, answered: asyncio.Event | None = None
@@ -420,16 +417,39 @@ class PeerClient:
         )
         return said & set(cids)
 
-    async def health(self, name: str, challenge: str = "") -> dict[str, Any]:
-        """`name`'s health answer; `challenge`, where given, goes with the request (a
-        probe's: see Membership.probe)."""
+    async def health(
+        self, name: str, challenge: str = ""
+    ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+        """`name`'s health answer, and our end (address, port) of the connection that asked
+        for it; `challenge`, where given, goes with the request (a probe's: see
+        Membership.probe). On a connection of its own, closed after the answer, whose end
+        we know (aiohttp's pooled ones do not say), within `timeout` in all."""
         target = f"/v1/health?challenge={challenge}" if challenge else "/v1/health"
+        host, _, port = name.rpartition(":")
+        writer: asyncio.StreamWriter | None = None
         with self._timed("health"):
-            resp = await self._send(name, "GET", target)
-            async with resp:
-                if resp.status != 200:
-                    raise await self._refusal(name, resp)
-                return _json(await self._small(name, resp, HEALTH_BYTES))
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                    ours = endpoint(writer.get_extra_info("sockname"))
+                    head = [f"GET {target} HTTP/1.1", f"Host: {name}", "Connection: close"]
+                    head += [f"{k}: {v}" for k, v in self.headers("GET", target).items()]
+                    writer.write("\r\n".join([*head, "", ""]).encode("latin-1"))
+                    status, reason, raw = await _small_answer(reader, HEALTH_BYTES)
+            except TimeoutError:
+                raise PeerFailure(
+                    "stall", f"peer {name} sent no answer in {self.timeout:g} s"
+                ) from None
+            except (OSError, ValueError) as e:  # (ValueError: no port, or not a number)
+                raise PeerFailure("dead", f"peer {name}: {_cause(e)}") from None
+            except ProtocolError as e:
+                raise PeerFailure("failed", f"peer {name}: {e}") from None
+            finally:
+                if writer is not None:
+                    writer.close()
+            if status != 200:
+                raise _refused(name, status, reason, _json(raw))
+            return _json(raw), ours
 
     async def _small(self, name: str, resp: aiohttp.ClientResponse, cap: int) -> bytes:
         if resp.content_length is not None and resp.content_length > cap:
@@ -465,6 +485,38 @@ class PeerClient:
             self.stats.requests[(kind, result)] += 1
             if self.observe is not None:
                 self.observe(kind, result, time.monotonic() - started)
+
+
+def _refused(name: str, status: int, reason: str | None, doc: dict[str, Any]) -> PeerFailure:
+    """A member's non-200 answer (its JSON body `doc`) as a PeerFailure."""
+    msg = str(doc.get("message", reason or status))[:300]
+    kinds = {401: "rejected", 404: "missing", 409: "self", 503: "busy"}
+    holders = doc.get("holders")
+    hint = [h for h in holders if isinstance(h, str)][:16] if isinstance(holders, list) else []
+    return PeerFailure(kinds.get(status, "failed"), f"peer {name}: {msg}", hint)
+
+
+async def _small_answer(reader: asyncio.StreamReader, cap: int) -> tuple[int, str, bytes]:
+    """(status, reason, body) of an HTTP/1.1 answer whose body is at most `cap` bytes
+    (unixhttp's framing); ProtocolError for anything else."""
+    try:
+        raw_head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the connection ended before an answer") from None
+    except asyncio.LimitOverrunError:
+        raise ProtocolError("an answer's head longer than 64 KiB") from None
+    head = parse_head(raw_head[:-4])
+    decoder = BodyDecoder(head)
+    body = bytearray()
+    while not decoder.done:
+        data = await reader.read(65536)
+        if not data:
+            decoder.end()
+            break
+        body += decoder.feed(data)
+        if len(body) > cap:
+            raise ProtocolError(f"an answer of more than {cap} bytes")
+    return head.status, head.reason, bytes(body)
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -519,9 +571,9 @@ class Membership:
         # Placements by member set: shared between hosts by the fleet simulation
         self._placements = placements if placements is not None else {}
         self._placement: tuple[int, rendezvous.Placement] | None = None
-        # Challenges of the probes in flight -> whether one reached our own server from an
-        # address of this host.
-        self._challenges: dict[str, bool] = {}
+        # Challenges of the probes in flight -> the far end (address, port) of the
+        # connection on which one reached our own server, from an address of this host.
+        self._challenges: dict[str, tuple[str, int] | None] = {}
 
     def __repr__(self) -> str:
         return f"Membership({self.roster!r}, self={self.roster.self_name})"
@@ -579,9 +631,10 @@ class Membership:
     async def probe(self, m: Member) -> None:
         m.probed_at = self.clock()
         challenge = secrets.token_hex(16)
-        self._challenges[challenge] = False
+        self._challenges[challenge] = None
+        ours: tuple[str, int] | None = None
         try:
-            doc = await self.client.health(m.name, challenge)
+            doc, ours = await self.client.health(m.name, challenge)
         except PeerFailure as e:
             self.report(m.name, e)
             return
@@ -589,8 +642,8 @@ class Membership:
             log.exception("peers: probing %s failed", m.name)
             return
         finally:
-            reached = self._challenges.pop(challenge)
-        if reached:
+            seen = self._challenges.pop(challenge)
+        if seen is not None and seen == ours:  # our own server, asked on this very connection
             self.roster.mark_self(m.name, self.clock())
             self.client.name = m.name
             return
@@ -604,12 +657,15 @@ class Membership:
             node = ""
         self.roster.answered(m.name, self.clock(), node if isinstance(node, str) else "")
 
-    def reached(self, challenge: str, ip: str) -> None:
-        """Our peer server was asked for its health with `challenge`, from `ip`: if that is
-        one of our probes' and `ip` an address of this host, the probe reached ourselves. A
-        member that relays our probe to us asks from its own address, which is not ours."""
-        if challenge in self._challenges and is_local_ip(ip):
-            self._challenges[challenge] = True
+    def reached(self, challenge: str, peer: object) -> None:
+        """Our peer server was asked for its health with `challenge` on a connection from
+        `peer` (its far end, as the socket gives it): where that is one of our probes' and
+        `peer` an address of this host, the probe reached ourselves if `peer` is the probe's
+        own end. A member that relays our probe to us asks on a connection of its own: from
+        another port (of this host, or of another host, whose address is not ours)."""
+        end = endpoint(peer)
+        if challenge in self._challenges and end is not None and is_local_ip(end[0]):
+            self._challenges[challenge] = end
 
     def heard_from(self, name: str, node: str) -> None:
         """A member asked us something with the cluster's proof: it is up. A host that starts
@@ -685,6 +741,20 @@ def _is_local(name: str, port: int) -> bool:
     not an address, is left to the probe)."""
     host, _, p = name.rpartition(":")
     return p.isdigit() and int(p) == port and is_local_ip(host.strip("[]"))
+
+
+def endpoint(addr: object) -> tuple[str, int] | None:
+    """A socket's address as (IP, port), an IPv4 address seen as IPv6 as its IPv4 one, so
+    that the two ends of one connection compare equal; None for anything else."""
+    if not isinstance(addr, tuple) or len(addr) < 2 or not isinstance(addr[1], int):
+        return None
+    try:
+        ip = ipaddress.ip_address(str(addr[0]))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), addr[1]
 
 
 def is_local_ip(text: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import ipaddress
 import json
 import os
@@ -741,6 +742,48 @@ def test_a_member_that_echoes_our_node_id_is_not_taken_for_this_host(work: Path)
         assert peers["self"] == peers["listen"]
 
 
+def relay_to(target: str) -> type[BaseHTTPRequestHandler]:
+    class Relay(Member):
+        """A member on this very host that passes each request on, as it came (proof
+        included), to `target`, on a connection of its own, and answers what that said."""
+
+        def do_GET(self) -> None:
+            host, port = target.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            keep = ("authorization", "x-hostd-node", "x-hostd-name")
+            headers = {k: v for k, v in self.headers.items() if k.lower() in keep}
+            try:
+                conn.request("GET", self.path, headers=headers)
+                resp = conn.getresponse()
+                self.answer(resp.status, resp.read())
+            finally:
+                conn.close()
+
+    return Relay
+
+
+def test_a_member_on_this_host_that_relays_our_probe_is_not_taken_for_it(work: Path) -> None:
+    """A relay on this host (another process, a local proxy) reaches our server from an
+    address of ours, with our probe's challenge: that alone made it "self". The probe's
+    own connection must be the one our server was asked on."""
+    (port,) = free_ports(1)
+    relay = f"127.0.0.1:{port}"
+    fleet = Fleet(work, 1, extra=[relay], extra_first=True)
+    server = ThreadingHTTPServer(("127.0.0.1", port), relay_to(fleet.addrs[0]))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with fleet:
+            h = fleet.hosts[0]
+            wait_for(lambda: probed(h, relay), "the host to probe the relay")
+            assert member(h, relay)["state"] == "live"
+            peers = status_peers(h)
+            assert peers["self"] == peers["listen"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_host_listed_by_a_name_finds_itself_by_its_probe(work: Path) -> None:
     """A name is no address to bind: the probe that reaches the host's own server (from an
     address of this host) finds it."""
@@ -790,12 +833,14 @@ async def test_a_self_probe_that_stalled_once_is_settled_by_a_later_one() -> Non
     class OwnServer(PeerClient):  # our own server, whose first answer did not come in time
         calls = 0
 
-        async def health(self, name: str, challenge: str = "") -> dict[str, Any]:
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
             self.calls += 1
             if self.calls == 1:
                 raise PeerFailure("stall", f"peer {name} sent no answer in 5 s")
-            reached[0].reached(challenge, "127.0.0.1")  # what api_peer.health does
-            return {"node": self.node}
+            reached[0].reached(challenge, ("127.0.0.1", 40000))  # what api_peer.health does
+            return {"node": self.node}, ("127.0.0.1", 40000)  # (the probe's own end)
 
     client = OwnServer("me", None, 5.0, 10.0)
     me = "myhost.example:7460"  # a name: no bind test, only a probe can find it
