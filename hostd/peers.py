@@ -544,11 +544,12 @@ class Membership:
     probes (health) of new members and of dead or rejecting ones when their backoff runs out.
     Live members are not polled: a failed request marks one dead, which scales to thousands
     of hosts. This host is found in the list by an address bound to this host with our
-    port, or by a probe that reached our own server: each probe carries a fresh random
-    challenge, and our server notes the challenges it is asked from an address of this
-    host. What a member answers cannot make it "self": one that echoes our node id, answers
-    409 "self" (probed again, at most every SELF_REPROBE), or relays our probe to us (from
-    its own address) is another host."""
+    port, or by a probe that reached our own server on the probe's own connection: each
+    probe carries a fresh random challenge, and our server notes the challenges it is asked
+    from an address of this host, with the far end of the connection that brought each.
+    What a member answers cannot make it "self": one that echoes our node id, answers 409
+    "self" (probed again, at most every SELF_REPROBE), or relays our probe to us (on a
+    connection of its own) is another host."""
 
     def __init__(
         self,
