@@ -476,12 +476,12 @@ class AsUser:
                 keep,
                 pin[0],
             )
-            with contextlib.suppress(
-                PermissionError
-            ):  # (a caller's FUSE mount: not ours to look at)
-                st = os.fstat(ledger.pin)
-                if [st.st_dev, st.st_ino] != ledger.target_id:
-                    raise HostdError("hostd's helper answered 'begin' with another directory")
+            try:
+                st: os.stat_result | None = os.fstat(ledger.pin)
+            except PermissionError:  # (a caller's FUSE mount: not ours to look at)
+                st = None
+            if st is not None and [st.st_dev, st.st_ino] != ledger.target_id:
+                raise HostdError("hostd's helper answered 'begin' with another directory")
         except BaseException:
             os.close(pin[0])
             raise
