@@ -1134,6 +1134,59 @@ def test_an_ipv6_link_local_address_of_this_host_is_one_of_its_own() -> None:
     assert not is_local_ip(ip.split("%")[0].rsplit(":", 1)[0] + ":ffff%" + link[0][5])
 
 
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 200_000, "failed"),  # a head without end
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"10000\r\n"
+            + b"{" * 0x10000
+            + b"\r\n" * 40,
+            "failed",
+        ),  # a body past the cap
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "stall"),  # and then nothing
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "failed"),  # not HTTP
+        (b"", "failed"),  # closed at once
+    ],
+)
+async def test_a_probe_reads_a_hostile_health_answer_within_its_caps(
+    answer: bytes, kind: str
+) -> None:
+    """The health probe reads its answer on a connection of its own: a member's answer is
+    read to the head's limit and the body's cap, within the timeout, and told as a failure
+    of its kind, with nothing more buffered."""
+
+    handlers: list[asyncio.Task[None] | None] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)  # (not drained: the prober stops reading at its cap)
+            if answer:
+                await reader.read()  # until the prober hangs up
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PeerClient("n1", None, 1.0, 2.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PeerFailure) as info:
+            await client.health(f"127.0.0.1:{port}", "c" * 32)
+        assert info.value.kind == kind, info.value.message
+        assert time.monotonic() - started < 5
+    finally:
+        server.close()
+        await server.wait_closed()
+        await asyncio.wait_for(asyncio.gather(*(t for t in handlers if t)), 5)
+        await client.close()
+
+
 async def test_dns_names_become_members_and_this_host_finds_itself() -> None:
     client = PeerClient("n1", None, 1.0, 2.0)
     m = Membership((), ("localhost:7460", "no-such-host.invalid:7460"), 10.0, client)
