@@ -48,7 +48,7 @@ from hostd.core.manifest import Chunk
 from hostd.core.members import SILENT_STRIKE, Member, Roster
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
-from hostd.unixhttp import BodyDecoder, ProtocolError, parse_head
+from hostd.unixhttp import BodyDecoder, ConnectionClosed, ProtocolError, parse_head
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +426,8 @@ class PeerClient:
         we know (aiohttp's pooled ones do not say), within `timeout` in all."""
         target = f"/v1/health?challenge={challenge}" if challenge else "/v1/health"
         host, _, port = name.rpartition(":")
+        if not port.isascii() or not port.isdigit():
+            raise PeerFailure("dead", f"peer {name}: no port to reach it on")
         writer: asyncio.StreamWriter | None = None
         with self._timed("health"):
             try:
@@ -440,10 +442,10 @@ class PeerClient:
                 raise PeerFailure(
                     "stall", f"peer {name} sent no answer in {self.timeout:g} s"
                 ) from None
-            except (OSError, ValueError) as e:  # (ValueError: no port, or not a number)
+            except (ProtocolError, ValueError, UnicodeError) as e:  # (int() of a "digit")
+                raise PeerFailure("failed", f"peer {name} answered other than HTTP: {e}") from None
+            except OSError as e:  # (refused, reset, closed before an answer: ConnectionClosed)
                 raise PeerFailure("dead", f"peer {name}: {_cause(e)}") from None
-            except ProtocolError as e:
-                raise PeerFailure("failed", f"peer {name}: {e}") from None
             finally:
                 if writer is not None:
                     writer.close()
@@ -497,24 +499,27 @@ def _refused(name: str, status: int, reason: str | None, doc: dict[str, Any]) ->
 
 
 async def _small_answer(reader: asyncio.StreamReader, cap: int) -> tuple[int, str, bytes]:
-    """(status, reason, body) of an HTTP/1.1 answer whose body is at most `cap` bytes
-    (unixhttp's framing); ProtocolError for anything else."""
+    """(status, reason, body) of an HTTP/1.1 answer of at most `cap` bytes after its head
+    (framing and trailers included; unixhttp's framing); ConnectionClosed where it ended
+    before a head, ProtocolError for anything else."""
     try:
         raw_head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
-        raise ProtocolError("the connection ended before an answer") from None
+        raise ConnectionClosed("the connection ended before an answer") from None
     except asyncio.LimitOverrunError:
         raise ProtocolError("an answer's head longer than 64 KiB") from None
     head = parse_head(raw_head[:-4])
     decoder = BodyDecoder(head)
     body = bytearray()
+    read = 0
     while not decoder.done:
         data = await reader.read(65536)
         if not data:
             decoder.end()
             break
+        read += len(data)
         body += decoder.feed(data)
-        if len(body) > cap:
+        if read > cap:
             raise ProtocolError(f"an answer of more than {cap} bytes")
     return head.status, head.reason, bytes(body)
 
@@ -637,7 +642,13 @@ class Membership:
         try:
             doc, ours = await self.client.health(m.name, challenge)
         except PeerFailure as e:
-            self.report(m.name, e)
+            if e.kind in ("failed", "missing", "busy"):
+                # A health answer that is none (not HTTP, a 500, no such path): no peer there
+                # now. Probed again after a backoff, not at once (and again, and again).
+                self.roster.failed(m.name, self.clock(), e.message)
+                self._wake.set()
+            else:
+                self.report(m.name, e)
             return
         except Exception:  # a supervision point: one member's answer must not end the loop
             log.exception("peers: probing %s failed", m.name)

@@ -1147,7 +1147,12 @@ def test_an_ipv6_link_local_address_of_this_host_is_one_of_its_own() -> None:
         ),  # a body past the cap
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "stall"),  # and then nothing
         (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "failed"),  # not HTTP
-        (b"", "failed"),  # closed at once
+        (b"HTTP/1.1 2\xb20 OK\r\n\r\n", "failed"),  # a "digit" int() cannot read
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 20_000,
+            "failed",
+        ),  # trailers without end
+        (b"", "dead"),  # closed at once: nothing serves there (aiohttp's ServerDisconnected)
     ],
 )
 async def test_a_probe_reads_a_hostile_health_answer_within_its_caps(
@@ -1184,6 +1189,37 @@ async def test_a_probe_reads_a_hostile_health_answer_within_its_caps(
         server.close()
         await server.wait_closed()
         await asyncio.wait_for(asyncio.gather(*(t for t in handlers if t)), 5)
+        await client.close()
+
+
+async def test_a_member_whose_probe_answers_no_http_is_dead_and_probed_with_backoff() -> None:
+    """A listed port where no hostd answers (another service, a forwarder with no backend)
+    stayed live and placed, its probe's answer counting for nothing; once a request had
+    marked it dead, each probe left it due again at once: probed 20 times a second."""
+    probes: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        probes.append(1)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        with contextlib.suppress(OSError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    name = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = PeerClient("n1", None, 1.0, 2.0)
+    m = Membership((name,), (), 10.0, client)
+    running = asyncio.ensure_future(m.run())
+    try:
+        await asyncio.sleep(2.5)
+        assert m.roster.members[name].state is State.DEAD
+        assert 1 <= len(probes) <= 3, len(probes)  # at 0, 1 and 3 s: a doubling backoff
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        server.close()
+        await server.wait_closed()
         await client.close()
 
 

@@ -4,8 +4,9 @@ A member is named as the membership lists it ("10.0.0.12:7460"); that name is al
 for rendezvous hashing, so hosts that list the same peers agree on owners. States:
 
 - live: usable (a new member is live until a request or probe says otherwise);
-- dead: a request or probe could not reach it; probed again after a backoff that doubles
-  from 1 s to 60 s, live again at the first answer;
+- dead: a request or probe could not reach it (or the probe's answer was no health
+  answer); probed again after a backoff that doubles from 1 s to 60 s, live again at the
+  first answer;
 - rejecting: it answered 401 to our proof (another secret, or clocks apart); probed again
   with the same backoff;
 - struck: it sent bytes that did not verify, or stalled, or took pull-throughs and sent
