@@ -482,3 +482,28 @@ class NotifyListener:
                 assignment.endswith("=") and any(x.startswith(assignment) for x in lines)
             ):
                 return read
+
+
+@contextlib.contextmanager
+def small_ext4(work: Path, size: int, *mkfs: str) -> Iterator[Path]:
+    """An ext4 filesystem of `size` bytes (mkfs.ext4 `mkfs` options) on a loop device,
+    mounted at work/ext while the block runs."""
+    tools = [t for t in ("mkfs.ext4", "losetup", "mount", "umount") if shutil.which(t) is None]
+    if tools or not Path("/dev/loop-control").exists():
+        pytest.skip(f"needs {', '.join(tools) or 'loop devices'} (e2fsprogs, util-linux)")
+    image, ext = work / "ext.img", work / "ext"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", *mkfs, str(image)], check=True, timeout=60)
+    ext.mkdir()
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", "-t", "ext4", loop, str(ext)], check=True, timeout=60)
+        try:
+            yield ext
+        finally:
+            subprocess.run(["umount", str(ext)], check=True, timeout=60)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True, timeout=60)

@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HeldOrigin, Hostd, make_tree, outcome, rmtree, short_tmp, tree_digest
+from harness import (
+    HeldOrigin,
+    Hostd,
+    make_tree,
+    outcome,
+    rmtree,
+    short_tmp,
+    small_ext4,
+    tree_digest,
+)
 
 import hostd.asuser
 from hostd import fsops
@@ -169,31 +178,6 @@ def test_a_daemon_run_as_root_holds_no_cap_sys_resource(work: Path) -> None:
         assert caps["CapPrm"] & (1 << 24) == 0
         assert caps["CapEff"] & (1 << 19)  # (CAP_SYS_PTRACE, which it needs, is kept)
         assert h.api("GET", "/v1/status")[0] == 200
-
-
-@contextlib.contextmanager
-def small_ext4(work: Path, size: int, *mkfs: str) -> Iterator[Path]:
-    """An ext4 filesystem of `size` bytes (mkfs.ext4 `mkfs` options) on a loop device,
-    mounted at work/ext while the block runs."""
-    tools = [t for t in ("mkfs.ext4", "losetup", "mount", "umount") if shutil.which(t) is None]
-    if tools or not Path("/dev/loop-control").exists():
-        pytest.skip(f"needs {', '.join(tools) or 'loop devices'} (e2fsprogs, util-linux)")
-    image, ext = work / "ext.img", work / "ext"
-    with open(image, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", *mkfs, str(image)], check=True, timeout=60)
-    ext.mkdir()
-    loop = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mount", "-t", "ext4", loop, str(ext)], check=True, timeout=60)
-        try:
-            yield ext
-        finally:
-            subprocess.run(["umount", str(ext)], check=True, timeout=60)
-    finally:
-        subprocess.run(["losetup", "--detach", loop], check=True, timeout=60)
 
 
 def test_a_range_written_for_a_caller_is_the_callers_write(work: Path) -> None:
