@@ -1061,21 +1061,27 @@ def _remove_build(parent: int, name: str, fd: int) -> None:
     where `name` still is it. In a directory others may write, one may have moved the build
     away and given its name to another tree of the caller's: that tree stays."""
     with contextlib.suppress(OSError):
-        for entry in os.listdir(fd):
-            with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
-                    _remove_tree(fd, entry)
-                else:
-                    os.unlink(entry, dir_fd=fd)
+        _empty(fd)
     with contextlib.suppress(OSError):
         if _same(os.fstat(fd), os.stat(name, dir_fd=parent, follow_symlinks=False)):
             os.rmdir(name, dir_fd=parent)
 
 
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove directory `name` in `dir_fd` and everything in it (`_empty`); OSError where
+    something could not go (what could, did)."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        _empty(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
 @dataclass
 class _Level:
-    """A directory being emptied by _remove_tree: open at `fd`, named `name` in `parent`,
-    with its subdirectories still to empty, and whether all it held went so far."""
+    """A directory being emptied by _empty: open at `fd`, named `name` in `parent`, with its
+    subdirectories still to empty, and whether all it held went so far."""
 
     parent: int
     name: str
@@ -1084,56 +1090,56 @@ class _Level:
     whole: bool = True
 
 
-def _remove_tree(dir_fd: int, name: str) -> None:
-    """Remove directory `name` in `dir_fd` and everything in it, through descriptors (no
-    symlink followed, nothing outside it touched), a level at a time without recursing: a
+def _empty(top: int) -> None:
+    """Remove everything in the directory open at `top`, through descriptors (no symlink
+    followed, nothing outside it touched), a level at a time without recursing: a
     manifest's path may nest ~2,000 directories, past Python's recursion limit, where
     shutil.rmtree raised RecursionError (and the helper died, leaving the build for good).
     What can be removed is; the first error is raised after."""
     failed: OSError | None = None
 
-    def enter(parent: int, leaf: str) -> _Level:
-        fd = os.open(
-            leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
-        )
-        level = _Level(parent, leaf, fd, [])
+    def scan(level: _Level) -> _Level:
+        """Unlink what is not a directory; note the subdirectories."""
         nonlocal failed
         try:
-            with os.scandir(fd) as it:
+            with os.scandir(level.fd) as it:
                 for entry in it:
                     if entry.is_dir(follow_symlinks=False):
                         level.subdirs.append(entry.name)
                         continue
                     try:
-                        os.unlink(entry.name, dir_fd=fd)
+                        os.unlink(entry.name, dir_fd=level.fd)
                     except OSError as e:
                         failed, level.whole = failed or e, False
         except OSError as e:
             failed, level.whole = failed or e, False
         return level
 
-    stack = [enter(dir_fd, name)]
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    stack = [scan(_Level(-1, "", top, []))]
     try:
-        while stack:
-            top = stack[-1]
-            if top.subdirs:
-                sub = top.subdirs.pop()
+        while len(stack) > 1 or stack[0].subdirs:
+            level = stack[-1]
+            if level.subdirs:
+                sub = level.subdirs.pop()
                 try:
-                    stack.append(enter(top.fd, sub))
+                    stack.append(
+                        scan(_Level(level.fd, sub, os.open(sub, flags, dir_fd=level.fd), []))
+                    )
                 except OSError as e:
-                    failed, top.whole = failed or e, False
+                    failed, level.whole = failed or e, False
                 continue
             stack.pop()
-            os.close(top.fd)
+            os.close(level.fd)
             try:
-                if top.whole:  # (else it holds what could not go: the error is kept)
-                    os.rmdir(top.name, dir_fd=top.parent)
+                if level.whole:  # (else it holds what could not go: the error is kept)
+                    os.rmdir(level.name, dir_fd=level.parent)
             except OSError as e:
-                failed, top.whole = failed or e, False
-            if stack and not top.whole:
+                failed, level.whole = failed or e, False
+            if not level.whole:
                 stack[-1].whole = False
     finally:
-        for level in stack:
+        for level in stack[1:]:  # (the top one is the caller's)
             os.close(level.fd)
     if failed is not None:
         raise failed
