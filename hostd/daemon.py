@@ -545,6 +545,10 @@ async def _serve_locked(
         facts.close()
         raise
     try:
+        try:
+            await asyncio.to_thread(d.spawner.prestart)  # (it starts while the cache loads)
+        except HostdError as e:
+            log.warning("%s; trying again at the first publish or restore", e)
         await asyncio.to_thread(d.cache.load)
         # After the load: the bytes a tier holds count as free space for its budget.
         space = await asyncio.to_thread(measure_tiers, d.cache.tiers)

@@ -301,10 +301,11 @@ class Helper:
         except ValueError as e:
             raise Refused("usage", str(e)) from None
         path = self.src_path
-        files: list[dict[str, Any]] = []
+        files = _FileColumns()
         links: list[dict[str, Any]] = []
         dirs: list[str] = []
         skipped: list[dict[str, str]] = []
+        everything = keep.empty  # (no pattern to try on each entry)
         ids: dict[tuple[int, int], str] = {}
         st = os.fstat(self.src)
         ids[(st.st_dev, st.st_ino)] = ""
@@ -315,8 +316,9 @@ class Helper:
                 try:
                     entries = sorted(_listdir(dfd, rel_dir))
                     kept = 0
+                    prefix = f"{rel_dir}/" if rel_dir else ""
                     for name in entries:
-                        rel = f"{rel_dir}/{name}" if rel_dir else name
+                        rel = prefix + name
                         try:
                             name.encode("utf-8")
                         except UnicodeEncodeError:
@@ -329,19 +331,21 @@ class Helper:
                             raise Refused(
                                 "changed", f"{rel!r} was removed while the tree was read"
                             ) from None
-                        if keep.excludes(rel) or (
-                            not stat.S_ISDIR(est.st_mode) and not keep.includes(rel)
+                        mode = est.st_mode
+                        if not everything and (
+                            keep.excludes(rel)
+                            or (not stat.S_ISDIR(mode) and not keep.includes(rel))
                         ):
                             # left out; known, so a symlink to it stays a symlink
                             ids.setdefault((est.st_dev, est.st_ino), rel)
                             continue
                         kept += 1
-                        if stat.S_ISLNK(est.st_mode):
-                            links.append({"path": rel, "target": os.readlink(name, dir_fd=dfd)})
-                        elif stat.S_ISREG(est.st_mode):
+                        if stat.S_ISREG(mode):
                             ids[(est.st_dev, est.st_ino)] = rel
-                            files.append(_file(rel, est, None))
-                        elif stat.S_ISDIR(est.st_mode):
+                            files.add(rel, est)
+                        elif stat.S_ISLNK(mode):
+                            links.append({"path": rel, "target": os.readlink(name, dir_fd=dfd)})
+                        elif stat.S_ISDIR(mode):
                             sub = _open_dir(dfd, name, rel)
                             sst = os.fstat(sub)
                             if (sst.st_dev, sst.st_ino) != (est.st_dev, est.st_ino):
@@ -361,7 +365,12 @@ class Helper:
                 os.close(dfd)
         for link in links:
             link["resolved"] = self._follow(path, link, ids)
-        out = {"files": files, "symlinks": links, "dirs": sorted(dirs), "skipped": skipped}
+        out = {
+            "files": files.columns,
+            "symlinks": links,
+            "dirs": sorted(dirs),
+            "skipped": skipped,
+        }
         return out, []
 
     def _follow(
@@ -918,6 +927,33 @@ class Helper:
         if self.build_fd >= 0:
             _close(self.build_fd)
         self.build_fd = -1
+
+
+# The fields of each file a scan answers, a list of each (FILE_COLUMNS): one JSON list of
+# 10,000 numbers is encoded and decoded in a third of the time 10,000 objects take.
+FILE_COLUMNS = ("path", "mode", "size", "mtime", "ctime", "dev", "ino")
+
+
+class _FileColumns:
+    """The regular files a scan found, as columns (FILE_COLUMNS)."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {k: [] for k in FILE_COLUMNS}
+        c = self.columns
+        self._cols = (c["path"], c["mode"], c["size"], c["mtime"], c["ctime"], c["dev"], c["ino"])
+
+    def __repr__(self) -> str:
+        return f"_FileColumns({len(self.columns['path'])} files)"
+
+    def add(self, rel: str, st: os.stat_result) -> None:
+        path, mode, size, mtime, ctime, dev, ino = self._cols
+        path.append(rel)
+        mode.append(st.st_mode & 0o777)
+        size.append(st.st_size)
+        mtime.append(st.st_mtime_ns)
+        ctime.append(st.st_ctime_ns)
+        dev.append(st.st_dev)
+        ino.append(st.st_ino)
 
 
 def _file(rel: str, st: os.stat_result, via: str | None) -> dict[str, Any]:

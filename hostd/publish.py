@@ -48,6 +48,7 @@ from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, file_digest
 from hostd.core.select import shrink_refusal
 from hostd.errors import (
+    HostdError,
     ManifestError,
     NotFound,
     OriginError,
@@ -55,6 +56,7 @@ from hostd.errors import (
     UsageError,
     first_error,
 )
+from hostd.fsops import FILE_COLUMNS
 from hostd.origin import Origin, validate_ref
 from hostd.packs import FilePacks, LargePack, PackBudget, PackUpload, Stopped, join_and_hash
 from hostd.refs import RefLog
@@ -129,7 +131,7 @@ def scan_tree(
     storage.check(f"publish path {str(root)!r}", chain, chain[0])
     got = fs.scan(include, exclude)
     tree = Tree(
-        files=[_source(f) for f in got["files"]],
+        files=_sources(got["files"]),
         dirs=list(got["dirs"]),
         skipped=[{"path": str(e["path"]), "kind": str(e["kind"])} for e in got["skipped"]],
     )
@@ -137,6 +139,31 @@ def scan_tree(
         _add_symlink(tree, str(link["path"]), str(link["target"]), link["resolved"])
     tree.files.sort(key=lambda f: f.path)
     return tree
+
+
+def _sources(columns: Mapping[str, Any]) -> list[SourceFile]:
+    """The files of a scan's answer, given as columns (fsops.FILE_COLUMNS)."""
+    try:
+        cols = [columns[k] for k in FILE_COLUMNS]
+    except (KeyError, TypeError):
+        raise HostdError("hostd's helper answered a scan without its files' columns") from None
+    paths, *numbers = cols
+    if not all(type(c) is list and len(c) == len(paths) for c in cols):
+        raise HostdError("hostd's helper answered a scan with columns of different lengths")
+    if not all(type(p) is str for p in paths) or not all(
+        type(n) is int for c in numbers for n in c
+    ):
+        raise HostdError("hostd's helper answered a scan with a file's field of the wrong type")
+    modes, sizes, mtimes, ctimes, devs, inos = numbers
+    if mtimes and not mf.MIN_MTIME <= min(mtimes) <= max(mtimes) <= mf.MAX_MTIME:
+        for path, ns in zip(paths, mtimes, strict=True):
+            recordable_mtime(path, ns)  # (raises, naming the first file)
+    return [
+        SourceFile(path, mode, size, (dev, ino), None, mtime, ctime)
+        for path, mode, size, mtime, ctime, dev, ino in zip(
+            paths, modes, sizes, mtimes, ctimes, devs, inos, strict=True
+        )
+    ]
 
 
 def _source(f: Mapping[str, Any]) -> SourceFile:

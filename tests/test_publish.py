@@ -246,6 +246,42 @@ def test_a_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(tmp_path
                  "mtime": far, "ctime": 0})  # fmt: skip
 
 
+def test_a_scans_file_columns_are_checked_before_they_are_taken(tmp_path: Path) -> None:
+    """A scan answers its files as columns (fsops.FILE_COLUMNS): an mtime no snapshot records
+    is refused naming its file, and columns of other lengths or types are an error of the
+    helper's, not files taken with fields shifted or of the wrong kind."""
+    from hostd.errors import HostdError, UsageError
+    from hostd.publish import SourceFile, _sources
+
+    def cols(**over: list[Any]) -> dict[str, list[Any]]:
+        c: dict[str, list[Any]] = {
+            "path": ["a", "x/f"],
+            "mode": [0o644, 0o755],
+            "size": [1, 2],
+            "mtime": [5, 6],
+            "ctime": [7, 8],
+            "dev": [1, 1],
+            "ino": [3, 4],
+        }
+        return {**c, **over}
+
+    assert _sources(cols()) == [
+        SourceFile("a", 0o644, 1, (1, 3), None, 5, 7),
+        SourceFile("x/f", 0o755, 2, (1, 4), None, 6, 8),
+    ]
+    with pytest.raises(UsageError, match=r"'x/f': its mtime .* outside what a snapshot records"):
+        _sources(cols(mtime=[5, (1 << 63) + 10**18]))
+    bads: list[dict[str, list[Any]]] = [
+        cols(size=[1]),
+        cols(ino=[3, "4"]),
+        cols(mode=[0o644, True]),
+        {"path": []},
+    ]
+    for bad in bads:
+        with pytest.raises(HostdError, match="helper answered a scan"):
+            _sources(bad)
+
+
 def test_a_file_linked_elsewhere_while_it_is_read_is_not_taken_for_changed(
     tmp_path: Path,
 ) -> None:

@@ -46,6 +46,7 @@ from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.errors import ChunkCorrupt, HostdError, UsageError
 from hostd.materialize import Cancelled, Placer, materialize
+from hostd.publish import _sources
 
 NOBODY = 65534
 JSON = "Content-Type: application/json"
@@ -264,19 +265,18 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_never_opened(work: Path) ->
         fs = AsUser.start(caller, spawner)
         try:
             fs.source(str(src))
-            scan = fs.scan()
-            f = next(x for x in scan["files"] if x["path"] == "weights.bin")
+            f = next(x for x in _sources(fs.scan()["files"]) if x.path == "weights.bin")
             (src / "weights.bin").unlink()
             os.mkfifo(src / "weights.bin", 0o666)
             t0 = time.monotonic()
             with pytest.raises(UsageError, match="changed"):
-                fs.open_file(f["path"], f["id"], f["via"])
+                fs.open_file(f.path, f.ident, f.via)
             assert time.monotonic() - t0 < 10  # refused, not blocked in open()
             # a symlink swapped in is not followed either
             (src / "weights.bin").unlink()
             os.symlink("/etc/passwd", src / "weights.bin")
             with pytest.raises(UsageError, match="changed"):
-                fs.open_file(f["path"], f["id"], f["via"])
+                fs.open_file(f.path, f.ident, f.via)
         finally:
             fs.close()
             spawner.close()
