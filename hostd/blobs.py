@@ -27,8 +27,9 @@ from typing import NamedTuple
 from hostd.core.eviction import Lru
 from hostd.core.ids import HASH_LEN
 from hostd.core.slots import DigestSlots
+from hostd.fastcopy import Stat
 from hostd.index import UNKNOWN_CTIME, BlobRow, BlobValues
-from hostd.tier import BlobStat, Tier
+from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, BlobStat, Tier, is_exec
 
 # Entries of the Blob registry kept before dead ones are swept (then twice the live ones).
 _SWEEP_MIN = 4096
@@ -41,6 +42,9 @@ PARKED = 4  # held or pinned when a walk met it: out of the queue until both are
 # walk that meets it asks its link count, and one with other links is not evicted (its bytes
 # stay in use: removing our name would free nothing). Cleared when the count is 1.
 LINKED = 8
+# An exec blob (tier.EXEC_BLOB_MODE, not BLOB_MODE): what its file's stat showed when it was
+# installed, found at start, or verified; not in the index (every start stats every blob).
+EXEC = 16
 
 
 class Values(NamedTuple):
@@ -54,19 +58,21 @@ class Values(NamedTuple):
     ctime_ns: int
     lent: bool
     charged: int
+    exec: bool = False
 
 
 def state_holds(
-    seen: tuple[int, int, int], size: int, mtime_ns: int, ctime_ns: int, lent: bool
+    seen: Stat, size: int, mtime_ns: int, ctime_ns: int, lent: bool, exec_: bool
 ) -> bool:
-    """Whether a stat `seen` (size, mtime_ns, ctime_ns) of a blob's file shows the state
-    recorded when its bytes were last verified: size and mtime always, the ctime too for a
-    lent blob; never for a record not verified since its index was lost (Cache.unchanged
-    says why)."""
+    """Whether a stat `seen` (size, mtime_ns, ctime_ns, mode) of a blob's file shows the
+    state recorded when its bytes were last verified: size, mtime and mode (exec or not)
+    always, the ctime too for a lent blob; never for a record not verified since its index
+    was lost (Cache.unchanged says why)."""
     return (
         ctime_ns != UNKNOWN_CTIME
         and seen[0] == size
         and seen[1] == mtime_ns
+        and is_exec(seen[3]) == exec_
         and (not lent or seen[2] == ctime_ns)
     )
 
@@ -190,23 +196,37 @@ class TierBlobs:
         self.ctime_ns[slot] = r.ctime_ns
         self.last_used[slot] = r.last_used
         self.charged[slot] = r.charged
-        self.flags[slot] = (COMPLETE | LINKED if r.complete else 0) | (LENT if r.lent else 0)
+        self.flags[slot] = (
+            (COMPLETE | LINKED if r.complete else 0)
+            | (LENT if r.lent else 0)
+            | (EXEC if r.exec else 0)
+        )
 
-    def finish(self, slot: int, mtime_ns: int, ctime_ns: int, now: float) -> None:
-        """Mark a partial record complete with the stat of its bytes, used at `now`: a new
-        inode, so not lent (out of the queue, as `set`)."""
+    def finish(self, slot: int, st: BlobStat, now: float) -> None:
+        """Mark a partial record complete with the stat `st` of its bytes, used at `now`: a
+        new inode, so not lent (out of the queue, as `set`)."""
         self._unpark(slot)
-        self.mtime_ns[slot] = mtime_ns
-        self.ctime_ns[slot] = ctime_ns
+        self.mtime_ns[slot] = st.mtime_ns
+        self.ctime_ns[slot] = st.ctime_ns
         self.last_used[slot] = now
-        self.flags[slot] = COMPLETE | LINKED  # (filled for a restore, which may link it)
+        # (filled for a restore, which may link it)
+        self.flags[slot] = COMPLETE | LINKED | (EXEC if st.exec else 0)
 
-    def unchanged(self, slot: int, seen: tuple[int, int, int]) -> bool:
+    def set_exec(self, slot: int, exec_: bool) -> None:
+        """Take what a stat of the record's file showed of its mode."""
+        self.flags[slot] = (self.flags[slot] & ~EXEC & 0xFF) | (EXEC if exec_ else 0)
+
+    def unchanged(self, slot: int, seen: Stat) -> bool:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
         state recorded when its bytes were last verified."""
         f = self.flags[slot]
         return bool(f & COMPLETE) and state_holds(
-            seen, self.size[slot], self.mtime_ns[slot], self.ctime_ns[slot], bool(f & LENT)
+            seen,
+            self.size[slot],
+            self.mtime_ns[slot],
+            self.ctime_ns[slot],
+            bool(f & LENT),
+            bool(f & EXEC),
         )
 
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
@@ -243,6 +263,7 @@ class TierBlobs:
             self.ctime_ns[slot],
             bool(f & LENT),
             self.charged[slot],
+            bool(f & EXEC),
         )
 
     def row(self, slot: int, digest: bytes | None = None) -> BlobRow:
@@ -378,6 +399,17 @@ class Blob:
         return at.charged[self._slot] if at is not None else self._values().charged
 
     @property
+    def exec(self) -> bool:
+        """Whether its file is an exec blob (tier.EXEC_BLOB_MODE)."""
+        at = self._at
+        return bool(at.flags[self._slot] & EXEC) if at is not None else self._values().exec
+
+    @property
+    def mode(self) -> int:
+        """Its file's mode: tier.BLOB_MODE or EXEC_BLOB_MODE."""
+        return EXEC_BLOB_MODE if self.exec else BLOB_MODE
+
+    @property
     def path(self) -> Path:
         return self.tier.blob_path(self.digest)
 
@@ -409,12 +441,15 @@ class Blob:
         at = self._at
         if at is None:
             assert self._was is not None
-            self._was = self._was._replace(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns)
+            self._was = self._was._replace(
+                size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, exec=st.exec
+            )
             return
         at.size[self._slot], at.mtime_ns[self._slot] = st.size, st.mtime_ns
         at.ctime_ns[self._slot] = st.ctime_ns
+        at.set_exec(self._slot, st.exec)
 
-    def intact(self, seen: tuple[int, int, int] | int) -> bool:
+    def intact(self, seen: Stat | int) -> bool:
         """Whether this is still its tier's record, complete, and `seen` (a stat of its file
         taken just before, or the errno of one that failed) shows the state recorded when
         its bytes were last verified: a warm restore's check of each blob, in one call."""
@@ -425,7 +460,7 @@ class Blob:
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""
-        return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns)
+        return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns, self.exec)
 
     def __repr__(self) -> str:
         r = self._values()

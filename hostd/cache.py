@@ -60,7 +60,7 @@ from hostd.errors import TierError
 from hostd.fastcopy import Stat
 from hostd.index import BATCH, UNKNOWN_CTIME, BlobRow, Index, unpack_blobs
 from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
-from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of
+from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of, is_exec
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +211,14 @@ class Cache:
         """Meet each file of tier `t` with its record, as the scan finds them."""
         tb = self._tb[t.name]
         for found in t.complete_blobs():
-            for digest, (size, mtime_ns, _) in found:
+            for digest, (size, mtime_ns, _, mode) in found:
                 slot = tb.find(digest)
                 if slot >= 0 and state[slot] == _RECORDED:
                     if tb.flags[slot] & COMPLETE and tb.size[slot] == size:
                         # Keep the stat recorded at completion, not today's: a blob written
                         # through while the daemon was down must fail unchanged() and be
-                        # re-hashed.
+                        # re-hashed. Its mode is not in the index: today's it is.
+                        tb.set_exec(slot, is_exec(mode))
                         state[slot] = _KEPT
                         continue
                     cs, last = tb.chunk_size[slot], tb.last_used[slot]
@@ -226,14 +227,16 @@ class Cache:
                 # No record vouches for these bytes (a lost or rebuilt index, a death between
                 # install and record): never trusted by their mtime; the unknown ctime makes
                 # the first use re-hash them (vouch, lazily: see there).
-                r = Values(size, cs, True, mtime_ns, last, UNKNOWN_CTIME, False, size)
+                r = Values(
+                    size, cs, True, mtime_ns, last, UNKNOWN_CTIME, False, size, is_exec(mode)
+                )
                 if slot >= 0:
                     tb.set(slot, r)
                 else:
                     slot = tb.add(digest, r)
                     state.append(_RECORDED)
                 state[slot] = _CHANGED
-        for digest, (size, _, _) in t.partial_blobs():
+        for digest, (size, *_) in t.partial_blobs():
             slot = tb.find(digest)
             held = None
             if (
@@ -668,7 +671,15 @@ class Cache:
         `persist=False`: in memory only, for a blob not yet durable; `record_durable` writes
         its row once it is."""
         r = Values(
-            st.size, chunk_size, True, st.mtime_ns, self.clock(), st.ctime_ns, False, st.size
+            st.size,
+            chunk_size,
+            True,
+            st.mtime_ns,
+            self.clock(),
+            st.ctime_ns,
+            False,
+            st.size,
+            st.exec,
         )
         return self._tb[tier.name].view(self._put(tier, st.digest, r, persist), st.digest)
 
@@ -679,7 +690,9 @@ class Cache:
         now, tb = self.clock(), self._tb[tier.name]
         rows: list[BlobRow] = []
         for st in stats:
-            r = Values(st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size)
+            r = Values(
+                st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size, st.exec
+            )
             rows.append(tb.row(self._put(tier, st.digest, r, persist=False), st.digest))
         return self.index.later(self.index.put_blobs, rows)
 
@@ -690,7 +703,7 @@ class Cache:
         if slot < 0:
             raise KeyError(f"no blob {digest.hex()} admitted to tier {tier.name}")
         tb.queue.drop(slot)  # before finish changes what the queue reads
-        tb.finish(slot, st.mtime_ns, st.ctime_ns, self.clock())
+        tb.finish(slot, st, self.clock())
         self._reput(tb, slot, digest, persist)  # charged its full size from now
         return tb.view(slot, digest)
 
@@ -860,7 +873,15 @@ class Cache:
                 self._used[t.name] -= b.size
             # the copy was hashed: a new, verified inode, not lent
             r = Values(
-                st.size, b.chunk_size, True, st.mtime_ns, b.last_used, st.ctime_ns, False, st.size
+                st.size,
+                b.chunk_size,
+                True,
+                st.mtime_ns,
+                b.last_used,
+                st.ctime_ns,
+                False,
+                st.size,
+                st.exec,
             )
             self._put(t, b.digest, r)
             if self.is_held(b.digest):
@@ -894,7 +915,7 @@ class Cache:
         ctime; on older kernels one in the same clock tick as the stat leaves it as it was,
         which this check (and rehash's before/after compare) cannot see.
 
-        `seen`: the blob file's stat taken just before, `(size, mtime_ns, ctime_ns)`, or the
+        `seen`: the blob file's stat taken just before, `(size, mtime_ns, ctime_ns, mode)`, or the
         errno of a failed one (fastcopy.stat_paths: a restore stats all its blobs at once,
         off the loop); None: stat it now.
         """
@@ -905,12 +926,12 @@ class Cache:
                 st = os.stat(b.file)
             except OSError:
                 return False
-            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
         if isinstance(seen, int):
             return False
         if b.attached:
             return b.intact(seen)
-        return state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, b.lent)
+        return state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, b.lent, b.exec)
 
     async def vouch(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> bool:
         """The check before any use of a complete blob: True if `b` is still this cache's
@@ -1048,6 +1069,7 @@ class Cache:
             seen.mtime_ns,
             seen.ctime_ns,
         )
+        tb.set_exec(b.slot, seen.exec)
         self._reput(tb, b.slot, b.digest, persist=rows is None)
         if rows is not None:
             rows.append(tb.row(b.slot, b.digest))

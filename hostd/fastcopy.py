@@ -134,8 +134,8 @@ _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # directories (~5.5 µs a link on tmpfs, most of it the kernel's).
 LINK_THREADS = 2
 
-Stat = tuple[int, int, int]
-"""(size, mtime_ns, ctime_ns)"""
+Stat = tuple[int, int, int, int]
+"""(size, mtime_ns, ctime_ns, st_mode)"""
 LinkJob = tuple[int, str, int, str]
 """(source directory descriptor, source path under it, target directory descriptor, name)"""
 FdStat = tuple[int, int, int, int, int, int, int]
@@ -351,7 +351,7 @@ def twin_stat_paths(paths: Sequence[str]) -> list[Stat | int]:
         except OSError as e:
             out.append(_errno(e))
         else:
-            out.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            out.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
     return out
 
 

@@ -40,7 +40,7 @@ from hostd.errors import ChunkCorrupt, ChunkMissing, TierError, first_error
 from hostd.fastcopy import Stat, stat_paths
 from hostd.fetch import ByteBudget, Fetcher
 from hostd.sources import adjacent
-from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier
+from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier, blob_mode
 
 # A verified chunk of a blob of several chunks, as a fill writes it: (digest, offset, bytes).
 Tee = Callable[[bytes, int, "bytes | memoryview"], None]
@@ -562,7 +562,9 @@ class Filler:
                 return
             o.finishing = True
             self._forget_written(o.entry)  # about to be renamed: served as a blob from now
-            complete = functools.partial(o.blob.complete, o.entry.mtime, durable=False)
+            complete = functools.partial(
+                o.blob.complete, o.entry.mtime, durable=False, mode=blob_mode(o.entry.mode)
+            )
             st = await self._landing(asyncio.to_thread(complete), o.tier, chunk_size)
             done[o.entry.digest] = self._completed(o.entry.digest, o.tier, st)
             # whoever waits for this blob can go on now, not when this whole fill ends
@@ -787,8 +789,8 @@ class Filler:
 
 def one_per_blob(entries: Iterable[FileEntry]) -> list[FileEntry]:
     """The entry each non-empty blob is filled for, in file order of first appearance: of the
-    files sharing a blob, one with the mtime most of them have (the first such), since a file
-    is linked to a blob only if their mtimes agree."""
+    files sharing a blob, one with the mtime and blob mode (tier.blob_mode) most of them have
+    (the first such), since a file is linked to a blob only if both agree."""
     by_blob: dict[bytes, list[FileEntry]] = {}
     for e in entries:
         if e.size:
@@ -798,20 +800,24 @@ def one_per_blob(entries: Iterable[FileEntry]) -> list[FileEntry]:
         if len(files) == 1:
             out.append(files[0])
             continue
-        count = Counter(f.mtime for f in files)
-        out.append(max(files, key=lambda f: count[f.mtime]))
+        count = Counter((f.mtime, blob_mode(f.mode)) for f in files)
+        out.append(max(files, key=lambda f: count[f.mtime, blob_mode(f.mode)]))
     return out
 
 
 def _write_wholes(batch: list[_Whole]) -> list[BlobStat | TierError]:
-    """Write one-chunk blobs (blocking), each with its file's mtime, none fsynced: one
-    outcome per blob, in order; one Tier.write_wholes call per tier the batch touches."""
+    """Write one-chunk blobs (blocking), each with its file's mtime and blob mode, none
+    fsynced: one outcome per blob, in order; one Tier.write_wholes call per tier the batch
+    touches."""
     by_tier: dict[Tier, list[int]] = {}
     for i, w in enumerate(batch):
         by_tier.setdefault(w.tier, []).append(i)
     results: dict[int, BlobStat | TierError] = {}
     for tier, idx in by_tier.items():
-        blobs = [(batch[i].entry.digest, batch[i].data, batch[i].entry.mtime) for i in idx]
+        blobs = [
+            (w.entry.digest, w.data, w.entry.mtime, blob_mode(w.entry.mode))
+            for w in (batch[i] for i in idx)
+        ]
         results.update(zip(idx, tier.write_wholes(blobs), strict=True))
     return [results[i] for i in range(len(batch))]
 

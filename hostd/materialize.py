@@ -48,7 +48,7 @@ from hostd.core.ids import verify_chunk
 from hostd.errors import ChunkCorrupt, HostdError, TargetError, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.fileio import copy_range, writing_as
-from hostd.tier import BLOB_MODE, pread_into, pwrite_all
+from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, pread_into, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Outcome:
     linked_digests: frozenset[bytes] = field(default_factory=frozenset)
     mtime_copies: int = 0  # copied, not linked, because the blob has another file's mtime
     old_tree_left: str | None = None
-    mode_copies: int = 0  # copied, not linked, for a mode a 0444 blob cannot show (exec bits)
+    mode_copies: int = 0  # copied, not linked, for a mode its blob cannot show
     limit_copies: int = 0  # copied, not linked, because the blob is at its link limit
 
 
@@ -98,15 +98,17 @@ def materialize(
     on_files: Callable[[list[mf.FileEntry]], object] | None = None,
     lent: Callable[[bytes], bool] = lambda _: False,
     blob_mtime: Callable[[bytes], int | None] = lambda _: None,
+    blob_mode: Callable[[bytes], int] = lambda _: BLOB_MODE,
 ) -> Outcome:
     """Build `m` through `fs` (whose `target` was already resolved) and rename it in.
     `blob_path(digest)`: the blob's file, `<tier>/blobs/<xx>/<hex>` (a string: Path objects
     cost more than the link itself, per file); `lent(digest)`: whether a caller that can
-    write to that blob holds a link to it; `blob_mtime(digest)`: the mtime its inode has."""
+    write to that blob holds a link to it; `blob_mtime(digest)` and `blob_mode(digest)`:
+    the mtime and mode its inode has."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
-        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_files, lent, blob_mtime)
+        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_files, lent, blob_mtime, blob_mode)
         if cancel.is_set():
             raise Cancelled()
         left = fs.commit(replace)
@@ -124,6 +126,7 @@ class Ready:
     path: str  # the blob's file
     lent: Callable[[], bool]  # whether a caller that could write it holds a link, now
     mtime: int | None  # its inode's mtime (ns)
+    mode: int = BLOB_MODE  # its inode's: BLOB_MODE or EXEC_BLOB_MODE
 
 
 # Chunks written into files before they land: [(path, scratch name, offset, length, size)].
@@ -535,7 +538,9 @@ class Placer:
             copy_range(src, p.fd, c.size, at)
 
     def _place_files(self, files: list[mf.FileEntry], seen: dict[bytes, Ready]) -> None:
-        plan = _plan(files, self.mode, self.link_ok, lambda d: seen[d].mtime)
+        plan = _plan(
+            files, self.mode, self.link_ok, lambda d: seen[d].mtime, lambda d: seen[d].mode
+        )
         self.mtime_copies += plan.mtime_copies
         self.mode_copies += plan.mode_copies
 
@@ -608,10 +613,11 @@ class _Plan:
     mode_copies: int = 0
 
 
-def may_link(f: mf.FileEntry, mode: str, link_ok: bool) -> bool:
-    """Whether `f` would be linked, its blob's mtime aside: `mode` and `link_ok` allow it,
-    and the blob's 0444 can show its mode (no exec bit)."""
-    return mode != "copy" and link_ok and (f.mode & 0o555) == BLOB_MODE
+def may_link(f: mf.FileEntry, mode: str, link_ok: bool, shows: int = BLOB_MODE) -> bool:
+    """Whether `f` would be linked to a blob of mode `shows`, its mtime aside: `mode` and
+    `link_ok` allow it, and the blob's mode shows f's read and exec bits (0444 for a 0644
+    file, 0555 for a 0755 one: a link is read-only)."""
+    return mode != "copy" and link_ok and (f.mode & EXEC_BLOB_MODE) == shows
 
 
 def _plan(
@@ -619,6 +625,7 @@ def _plan(
     mode: str,
     link_ok: bool,
     blob_mtime: Callable[[bytes], int | None],
+    blob_mode: Callable[[bytes], int],
 ) -> _Plan:
     empties = [f for f in files if not f.size]
     if mode == "copy" or not link_ok:
@@ -627,7 +634,7 @@ def _plan(
     for f in files:
         if not f.size:
             continue
-        if not may_link(f, mode, link_ok):
+        if not may_link(f, mode, link_ok, blob_mode(f.digest)):
             plan.mode_copies += 1
             plan.copies.append(f)
         elif f.mtime is not None and blob_mtime(f.digest) != f.mtime:
@@ -648,12 +655,13 @@ def _build(
     on_files: Callable[[list[mf.FileEntry]], object] | None,
     lent: Callable[[bytes], bool],
     blob_mtime: Callable[[bytes], int | None],
+    blob_mode: Callable[[bytes], int],
 ) -> Outcome:
     """Links are made here while the helper creates the copies known beforehand (a thread
     of this one sends them), but those of a blob that is also linked: a link moves the
     blob's ctime, which the check of a lent blob's copy would take for a write. They, and
     the copies a link failure adds, go after."""
-    plan = _plan(m.files, mode, link_ok, blob_mtime)
+    plan = _plan(m.files, mode, link_ok, blob_mtime, blob_mode)
     dev, dirfds = fs.begin(_dirs(m), sorted({f.path.rpartition("/")[0] for f in plan.links}))
     links = _Links()
     done = _Done(on_files)

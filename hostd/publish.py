@@ -61,7 +61,16 @@ from hostd.origin import Origin, validate_ref
 from hostd.packs import FilePacks, LargePack, PackBudget, PackUpload, Stopped, join_and_hash
 from hostd.refs import RefLog
 from hostd.restore import Progress, Resolver
-from hostd.tier import BLOB_MODE, BlobStat, Tier, pread_exact, pread_into, pwrite_all, tier_error
+from hostd.tier import (
+    BLOB_MODE,
+    BlobStat,
+    Tier,
+    blob_mode,
+    pread_exact,
+    pread_into,
+    pwrite_all,
+    tier_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -352,11 +361,12 @@ def ingest(
     compress: str,
     min_saving: float,
     handoff: Handoff,
+    mode: int = BLOB_MODE,
 ) -> Ingested:
     """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand
     its bytes over (`handoff` copies them to the uploaders, or into a pack), so what is
     uploaded is exactly what was hashed. The scratch blob is installed in the tier under its
-    digest at the end."""
+    digest at the end, of `mode` (tier.blob_mode of the file's)."""
     fd = open_src()
     out = -1
     try:
@@ -390,7 +400,7 @@ def ingest(
         if out >= 0 and tier is not None and scratch is not None:
             os.utime(out, ns=(mtime, mtime))
             os.fsync(out)
-            os.fchmod(out, BLOB_MODE)
+            os.fchmod(out, mode)
             os.close(out)
             out = -1
             blob = tier.install(scratch, file_digest(ids))
@@ -481,15 +491,16 @@ def _read_whole(fd: int, f: SourceFile) -> bytes:
     return b"".join(parts)
 
 
-def store_small(read: SmallRead, tier: Tier | None) -> list[SmallFile]:
-    """Store the blobs of a batch read by `read_small` in `tier` with each file's mtime
-    (blocking). They are made durable together by one syncfs before they are returned (and
-    so before they are recorded): one sync per batch, not an fsync per file."""
+def store_small(read: SmallRead, modes: Sequence[int], tier: Tier | None) -> list[SmallFile]:
+    """Store the blobs of a batch read by `read_small` in `tier` with each file's mtime and
+    blob mode (tier.blob_mode of `modes`, the files') (blocking). They are made durable
+    together by one syncfs before they are returned (and so before they are recorded): one
+    sync per batch, not an fsync per file."""
     if tier is None or not read.files:
         return [SmallFile(*r, None) for r in read.files]
     store = _SmallStore(tier)
-    for (cid, _, _, _, mtime), data in zip(read.files, read.data, strict=True):
-        store.put(cid, data, mtime)
+    for (cid, _, _, _, mtime), data, mode in zip(read.files, read.data, modes, strict=True):
+        store.put(cid, data, mtime, blob_mode(mode))
     blobs = store.write()
     store.sync()
     return [SmallFile(*r, blob) for r, blob in zip(read.files, blobs, strict=True)]
@@ -498,28 +509,29 @@ def store_small(read: SmallRead, tier: Tier | None) -> list[SmallFile]:
 class _SmallStore:
     """The blobs of a batch of small files, queued by `put`, written into a tier together
     by `write` (Tier.write_wholes: no fsync) and made durable by one `sync`. Files of the
-    batch with the same bytes share one blob, which gets the last one's mtime (as writing
-    each in turn would leave it)."""
+    batch with the same bytes share one blob, which gets the last one's mtime and mode (as
+    writing each in turn would leave it)."""
 
     def __init__(self, tier: Tier) -> None:
         self.tier = tier
-        self.blobs: dict[bytes, tuple[bytes, int]] = {}  # digest -> (bytes, mtime), by put
+        # digest -> (bytes, mtime, mode), by put
+        self.blobs: dict[bytes, tuple[bytes, int, int]] = {}
         self.puts: list[bytes] = []  # the digest of each put, in order
 
     def __repr__(self) -> str:
         return f"_SmallStore({self.tier.name!r}, {len(self.puts)} files, {len(self.blobs)} blobs)"
 
-    def put(self, cid: bytes, data: bytes, mtime: int) -> None:
+    def put(self, cid: bytes, data: bytes, mtime: int, mode: int) -> None:
         """Queue one file's blob (its chunk `cid` is all of `data`)."""
         digest = file_digest([(cid, len(data))])
-        self.blobs[digest] = (data, mtime)
+        self.blobs[digest] = (data, mtime, mode)
         self.puts.append(digest)
 
     def write(self) -> list[BlobStat]:
         """Write every queued blob: the BlobStat of each put, in order. Every blob is tried;
         then the first that failed (it left nothing behind) is raised."""
         got = self.tier.write_wholes(
-            [(d, data, mtime) for d, (data, mtime) in self.blobs.items()],
+            [(d, data, mtime, mode) for d, (data, mtime, mode) in self.blobs.items()],
             "storing a published blob",
         )
         stats: dict[bytes, BlobStat] = {}
@@ -923,7 +935,9 @@ class _Run:
         total = sum(f.size for f in files)
         tier = await self.p.cache.reserve(total, self.p.cache.tiers)
         try:
-            got = await asyncio.wrap_future(self.p.store_pool.submit(store_small, read, tier))
+            got = await asyncio.wrap_future(
+                self.p.store_pool.submit(store_small, read, [f.mode for f in files], tier)
+            )
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, total)
@@ -986,6 +1000,7 @@ class _Run:
             compress=self.p.compress,
             min_saving=self.p.min_saving,
             handoff=self.handoff if packs is None else packs.add,
+            mode=blob_mode(f.mode),
         )
         try:
             got = await self.loop.run_in_executor(

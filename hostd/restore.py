@@ -42,7 +42,7 @@ from hostd.fill import Filler, FillProgress
 from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize, may_link
 from hostd.origin import Origin, RetryNote, validate_ref
 from hostd.snapshots import decode_manifest
-from hostd.tier import Tier
+from hostd.tier import Tier, blob_mode
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE = 10.0  # seconds a cancelled materialize gets to remove what it built
@@ -612,7 +612,9 @@ class Restorer:
 
         def ready(digest: bytes, b: Blob) -> None:
             where[digest] = b
-            placer.ready(Ready(digest, b.tier.blob_file(digest), lambda: b.lent, b.mtime_ns))
+            placer.ready(
+                Ready(digest, b.tier.blob_file(digest), lambda: b.lent, b.mtime_ns, b.mode)
+            )
 
         # Pure work over the whole manifest and the caller's patterns: on a thread where
         # there is much of it, so the loop (status, other restores) runs in between.
@@ -630,7 +632,7 @@ class Restorer:
                 f.path
                 for f in order
                 if len(f.chunks) > 1
-                and not may_link(f, req.mode, links)
+                and not may_link(f, req.mode, links, blob_mode(f.mode))
                 and locate(f.digest) is None
             ][:RANGED_FILES]
             placer.by_ranges(ranged, lambda got: loop.call_soon_threadsafe(progress.ranged, got))
@@ -787,6 +789,7 @@ class Restorer:
                 on_files=counted,
                 lent=lambda d: f.where[d].lent,
                 blob_mtime=lambda d: f.where[d].mtime_ns,
+                blob_mode=lambda d: f.where[d].mode,
             )
         )
         try:

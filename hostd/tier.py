@@ -42,8 +42,23 @@ from hostd.fileio import copy_range, libc, start_writeback, syncfs
 from hostd.lock import private_dir
 
 BLOB_MODE = 0o444
+# A blob installed for a file that is readable and executable by everyone: linked, it shows
+# the file's exec bits (as a 0444 blob shows a 0644 file's read bits).
+EXEC_BLOB_MODE = 0o555
 
-# A blob file a scan found: its digest and its stat, (size, mtime_ns, ctime_ns).
+
+def blob_mode(file_mode: int) -> int:
+    """The mode of a blob installed for a file of mode `file_mode`: EXEC_BLOB_MODE where
+    the file has r-x for everyone, else BLOB_MODE."""
+    return EXEC_BLOB_MODE if file_mode & EXEC_BLOB_MODE == EXEC_BLOB_MODE else BLOB_MODE
+
+
+def is_exec(mode: int) -> bool:
+    """Whether a blob file of mode `mode` (a stat's st_mode) is an exec blob."""
+    return mode & 0o7777 == EXEC_BLOB_MODE
+
+
+# A blob file a scan found: its digest and its stat, (size, mtime_ns, ctime_ns, mode).
 Found = tuple[bytes, fastcopy.Stat]
 
 set_mtime = fastcopy.set_mtime  # (the batch writers' twin uses it too)
@@ -70,10 +85,11 @@ class BlobStat:
     size: int
     mtime_ns: int
     ctime_ns: int
+    exec: bool = False  # its mode is EXEC_BLOB_MODE, not BLOB_MODE
 
     @classmethod
     def of(cls, digest: bytes, st: os.stat_result) -> BlobStat:
-        return cls(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return cls(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, is_exec(st.st_mode))
 
     def same_file_state(self, other: BlobStat) -> bool:
         return (self.size, self.mtime_ns, self.ctime_ns) == (
@@ -274,9 +290,12 @@ class PartialBlob:
                 bad += 1
         return bad
 
-    def complete(self, mtime_ns: int | None = None, *, durable: bool = True) -> BlobStat:
-        """Set its mtime, make it read-only, rename it into blobs/; with `durable`, fsync it
-        first. Without, the caller must `Tier.sync` before recording it (see the module)."""
+    def complete(
+        self, mtime_ns: int | None = None, *, durable: bool = True, mode: int = BLOB_MODE
+    ) -> BlobStat:
+        """Set its mtime, make it read-only (`mode`: BLOB_MODE or EXEC_BLOB_MODE), rename it
+        into blobs/; with `durable`, fsync it first. Without, the caller must `Tier.sync`
+        before recording it (see the module)."""
         if not self.full:
             raise TierError(f"blob {self.digest.hex()} is not full; refusing to complete it")
         dest = self.tier.blob_path(self.digest)
@@ -288,7 +307,7 @@ class PartialBlob:
             set_mtime(self.fd, mtime_ns)
             if durable:
                 os.fsync(self.fd)
-            os.fchmod(self.fd, BLOB_MODE)
+            os.fchmod(self.fd, mode)
             return self.tier.install(self.path, self.digest)  # also drops the .have file
         except OSError as e:
             raise tier_error(self.tier.name, dest, e, "completing a blob") from e
@@ -388,8 +407,8 @@ class Tier:
 
     def scan(self) -> tuple[list[BlobStat], list[BlobStat]]:
         """Complete blobs and partial blobs on disk, as lists (see complete_blobs)."""
-        complete = [BlobStat(d, *st) for found in self.complete_blobs() for d, st in found]
-        partial = [BlobStat(d, *st) for d, st in self.partial_blobs()]
+        complete = [_stat_of(d, st) for found in self.complete_blobs() for d, st in found]
+        partial = [_stat_of(d, st) for d, st in self.partial_blobs()]
         return complete, partial
 
     def complete_blobs(self) -> Iterator[list[Found]]:
@@ -467,10 +486,11 @@ class Tier:
         mtime_ns: int | None = None,
         *,
         durable: bool = True,
+        mode: int = BLOB_MODE,
     ) -> BlobStat:
-        """Write a blob that came whole (one verified chunk) without partial-blob state. With
-        `durable`, fsynced before its rename; without, `sync` must follow before it is
-        recorded."""
+        """Write a blob that came whole (one verified chunk) without partial-blob state, of
+        `mode` (BLOB_MODE or EXEC_BLOB_MODE). With `durable`, fsynced before its rename;
+        without, `sync` must follow before it is recorded."""
         scratch = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
         try:
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -479,7 +499,7 @@ class Tier:
                 set_mtime(fd, mtime_ns)
                 if durable:
                     os.fsync(fd)
-                os.fchmod(fd, BLOB_MODE)
+                os.fchmod(fd, mode)
             finally:
                 os.close(fd)
             return self.install(scratch, digest, partial=False)
@@ -490,10 +510,11 @@ class Tier:
 
     def write_wholes(
         self,
-        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None]],
+        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None, int]],
         doing: str = "writing a blob",
     ) -> list[BlobStat | TierError]:
-        """write_whole(durable=False) for a batch of (digest, bytes, mtime_ns) (blocking):
+        """write_whole(durable=False) for a batch of (digest, bytes, mtime_ns, mode)
+        (blocking):
         one fastcopy.write_blobs call (in C, without the GIL, where it was built), so a tree
         of small files costs a thread hop per batch, not per blob. Each blob is written as
         an unnamed file (O_TMPFILE) and linked into blobs/ once whole, with no scratch name
@@ -508,14 +529,14 @@ class Tier:
                 self.blob_file(digest),
                 data,
                 mtime_ns,
-                BLOB_MODE,
+                mode,
             )
-            for i, (digest, data, mtime_ns) in enumerate(blobs)
+            for i, (digest, data, mtime_ns, mode) in enumerate(blobs)
         ]
         out: list[BlobStat | TierError] = []
-        for (digest, _, _), job, r in zip(blobs, jobs, fastcopy.write_blobs(jobs), strict=True):
+        for (digest, *_, mode), job, r in zip(blobs, jobs, fastcopy.write_blobs(jobs), strict=True):
             if len(r) == 3:
-                out.append(BlobStat(digest, *r))
+                out.append(BlobStat(digest, *r, is_exec(mode)))
             else:
                 cause = fastcopy.blob_error(job, r)
                 out.append(tier_error(self.name, cause.filename, cause, doing))
@@ -530,8 +551,8 @@ class Tier:
         written through since it was last verified (a hardlinked blob), and a copy must never
         give changed bytes a fresh record. BlobCopyCorrupt if it does not match (nothing is
         left behind); the copy lives in this private tier, so no one writes it after the hash.
-        The copy keeps the source's mtime (the time of the file it was installed for), so
-        the files linked to it get theirs. `durable` as write_whole's.
+        The copy keeps the source's mtime (the time of the file it was installed for) and
+        mode, so the files linked to it get theirs. `durable` as write_whole's.
         """
         tmp = self.tmp_dir / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}.copy"
         dest = self.blob_path(digest)
@@ -551,10 +572,11 @@ class Tier:
                             raise BlobCopyCorrupt("it shrank while it was copied") from e
                         raise
                     # Taken after the copy: a touch during it is the source's time now.
-                    set_mtime(fd, os.fstat(fi.fileno()).st_mtime_ns)
+                    was = os.fstat(fi.fileno())
+                    set_mtime(fd, was.st_mtime_ns)
                     if durable:
                         os.fsync(fd)
-                    os.fchmod(fd, BLOB_MODE)
+                    os.fchmod(fd, EXEC_BLOB_MODE if is_exec(was.st_mode) else BLOB_MODE)
                     if digest_of(fd, size, chunk_size) != digest:
                         raise BlobCopyCorrupt("content does not match its digest")
                 finally:
@@ -616,6 +638,11 @@ def _listdir(d: str) -> list[str]:
         return os.listdir(d)
     except (FileNotFoundError, NotADirectoryError):  # gone, or a stray file where a dir goes
         return []
+
+
+def _stat_of(digest: bytes, st: fastcopy.Stat) -> BlobStat:
+    size, mtime_ns, ctime_ns, mode = st
+    return BlobStat(digest, size, mtime_ns, ctime_ns, is_exec(mode))
 
 
 def _found(d: str) -> list[Found]:

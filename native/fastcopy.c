@@ -51,7 +51,8 @@
  * 5 rename, 6 mkdir, 7 stat. A job that failed before its rename leaves no scratch behind.
  *
  * stat_paths(paths): stat() of each path (following symlinks, as os.stat), without the GIL.
- * One answer per path, in order: (size, mtime_ns, ctime_ns), or the errno where it failed.
+ * One answer per path, in order: (size, mtime_ns, ctime_ns, st_mode), or the errno where it
+ * failed.
  *
  * link_files(jobs, threads): linkat(src_dirfd, src_rel, dst_dirfd, name, 0) per job
  * (src_dirfd, src_rel, dst_dirfd, name), without the GIL, each thread a share of the jobs in
@@ -716,10 +717,13 @@ static PyObject *stat_paths(PyObject *self, PyObject *args) {
             PyObject *size = PyLong_FromLongLong((long long)v[i].st.st_size);
             PyObject *mtime = ns_of(&v[i].st.st_mtim);
             PyObject *ctime = ns_of(&v[i].st.st_ctim);
-            t = (size && mtime && ctime) ? PyTuple_Pack(3, size, mtime, ctime) : NULL;
+            PyObject *mode = PyLong_FromUnsignedLong((unsigned long)v[i].st.st_mode);
+            t = (size && mtime && ctime && mode) ? PyTuple_Pack(4, size, mtime, ctime, mode)
+                                                 : NULL;
             Py_XDECREF(size);
             Py_XDECREF(mtime);
             Py_XDECREF(ctime);
+            Py_XDECREF(mode);
         }
         if (t == NULL) {
             Py_CLEAR(result);
@@ -952,7 +956,7 @@ static PyMethodDef methods[] = {
      "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "one outcome per job, in order."},
     {"stat_paths", stat_paths, METH_VARARGS,
-     "stat_paths(paths, threads=1) -> [(size, mtime_ns, ctime_ns) | errno]\n\n"
+     "stat_paths(paths, threads=1) -> [(size, mtime_ns, ctime_ns, st_mode) | errno]\n\n"
      "stat() each path on `threads` threads without the GIL; one outcome per path, in "
      "order."},
     {"link_files", link_files, METH_VARARGS,

@@ -397,7 +397,7 @@ def test_the_scan_skips_names_that_are_not_ids_and_files_that_vanish(rig: Rig) -
     (mem.partial_dir / f"{e.digest.hex()}.have").write_bytes(b"x")
 
     assert [found for batch in mem.complete_blobs() for found in batch] == [
-        (e.digest, (st.size, st.mtime_ns, st.ctime_ns))
+        (e.digest, (st.size, st.mtime_ns, st.ctime_ns, mem.blob_path(e.digest).stat().st_mode))
     ]
     assert mem.partial_blobs() == []
     assert mem.scan() == ([st], [])

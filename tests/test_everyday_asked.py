@@ -148,8 +148,11 @@ def test_link_into_another_filesystem_fails_before_building_and_auto_copies(work
 
 
 def test_link_and_auto_say_how_many_files_they_linked_and_copied(work: Path) -> None:
+    src = make_tree(work / "src")
+    (src / "owner-only.sh").write_text("#!/bin/sh\necho mine\n")
+    (src / "owner-only.sh").chmod(0o744)
     with Hostd(work / "d", access={"link_to_writers": True}) as d:
-        d.publish(make_tree(work / "src"), "m/tree")
+        d.publish(src, "m/tree")
         sock = ("--socket", str(d.socket))
         for mode in ("link", "auto"):
             p = hostd(
@@ -157,10 +160,15 @@ def test_link_and_auto_say_how_many_files_they_linked_and_copied(work: Path) -> 
             )
             assert p.returncode == 0, p.stderr
             result = json.loads(p.stdout)
-            # run.sh is executable: a 0444 blob cannot show that, so it is a counted copy
-            assert result["linked"] >= 1, result
+            # run.sh (0755) is linked to its 0555 blob; owner-only.sh's 0744 neither a 0444
+            # nor a 0555 blob can show, so it is a counted copy
+            assert result["linked"] >= 2, result
             assert result["copied_for_mode"] == 1, result
             assert result["created"] == 1  # empty.txt
+            run = os.stat(work / f"{mode}-json" / "run.sh")
+            assert (run.st_nlink > 1, run.st_mode & 0o777) == (True, 0o555)
+            mine = os.stat(work / f"{mode}-json" / "owner-only.sh")
+            assert (mine.st_nlink, mine.st_mode & 0o777) == (1, 0o744)
             p = hostd("restore", "m/tree", str(work / f"{mode}-human"), "--mode", mode, *sock)
             assert p.returncode == 0, p.stderr
             line = f"{mode}: {result['linked']} linked, {result['copied']} copied"

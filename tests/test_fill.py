@@ -657,7 +657,7 @@ class SlowTier(Tier):
 
     def write_wholes(
         self,
-        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None]],
+        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None, int]],
         doing: str = "writing a blob",
     ) -> list[BlobStat | TierError]:
         self.started.set()

@@ -878,7 +878,7 @@ def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
         return fds, files
 
     fds, files = batch()
-    got = store_small(read_small(fds, files, compress="never", min_saving=0.1), tier)
+    got = store_small(read_small(fds, files, compress="never", min_saving=0.1), [0o644] * 3, tier)
     a, b, c = got
     assert a.blob is not None
     assert b.blob is not None
@@ -897,7 +897,7 @@ def test_a_publish_batch_shares_a_blob_between_equal_files_and_raises_a_failure(
     prefix.write_bytes(b"in the way")
     fds, files = batch()
     with pytest.raises(TierError, match=r"tier 'disk' .*storing a published blob failed"):
-        store_small(read_small(fds, files, compress="never", min_saving=0.1), tier)
+        store_small(read_small(fds, files, compress="never", min_saving=0.1), [0o644] * 3, tier)
     assert list(tier.tmp_dir.iterdir()) == []
 
 
@@ -918,11 +918,11 @@ def test_stat_paths_gives_what_os_stat_gives_and_each_errno(
     got = stat_paths(paths)
     st, d = os.stat(tmp_path / "a"), os.stat(tmp_path / "d")
     assert got == [
-        (1234, -1_500_000_001, st.st_ctime_ns),
+        (1234, -1_500_000_001, st.st_ctime_ns, st.st_mode),
         errno.ENOENT,
-        (1234, -1_500_000_001, st.st_ctime_ns),  # followed, as os.stat does
+        (1234, -1_500_000_001, st.st_ctime_ns, st.st_mode),  # followed, as os.stat does
         errno.ENOTDIR,
-        (d.st_size, d.st_mtime_ns, d.st_ctime_ns),
+        (d.st_size, d.st_mtime_ns, d.st_ctime_ns, d.st_mode),
     ]
     assert stat_paths([]) == []
 
@@ -940,7 +940,8 @@ def test_stat_paths_on_two_threads_gives_each_outcome_in_order(tmp_path: Path) -
     assert fastcopy.native_stat_paths(paths, 2) == want
     assert fastcopy.native_stat_paths(paths) == want  # two threads, by size
     assert want[0] == errno.ENOENT
-    assert want[1] == (1, -1_000_003, os.stat(paths[1]).st_ctime_ns)
+    st = os.stat(paths[1])
+    assert want[1] == (1, -1_000_003, st.st_ctime_ns, st.st_mode)
 
 
 @pytest.mark.parametrize("link_files", [fastcopy.twin_link_files, fastcopy.native_link_files])

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
@@ -154,6 +155,80 @@ def test_files_sharing_a_blob_link_to_the_mtime_most_of_them_have(work: Path) ->
         assert (out["linked"], out["copied_for_mtime"]) == (2, 1), out
         got = work / "out"
         assert (got / "b.txt").stat().st_ino == (got / "b.txt.2").stat().st_ino
+        assert tree_digest(got) == tree_digest(src)
+
+
+def test_executables_link_to_exec_blobs_however_the_blob_was_installed(work: Path) -> None:
+    """A blob installed for a file that is r-x for everyone is 0555, so a link restore links
+    executables (read-only, exec bits kept) rather than copying them: blobs stored by a
+    publish (a small file, a file of several chunks), filled cold (whole, chunk by chunk),
+    and found at start (the index keeps no mode: the scan's stat gives it). A mode neither
+    0444 nor 0555 shows (0744) is a counted copy, with its own mode."""
+    src = work / "src"
+    rng = random.Random(3)
+    files = {"bin/tool": (4 * KiB, 0o755), "lib/big.so": (3 * CHUNK + 5, 0o755)}
+    files |= {"data.txt": (5 * KiB, 0o444), "mine.sh": (KiB, 0o744)}
+    for name, (size, perm) in files.items():
+        p = src / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(size))
+        p.chmod(perm)
+    origin = work / "origin"
+
+    def linked(out: dict[str, Any], got: Path) -> None:
+        assert out["event"] == "result", out
+        assert (out["linked"], out["copied_for_mode"]) == (3, 1), out
+        for name, (_, perm) in files.items():
+            st = (got / name).stat()
+            want = (1, perm) if perm == 0o744 else (2, perm & 0o555)
+            assert (st.st_nlink, st.st_mode & 0o777) == want, name
+        assert tree_digest(got) == tree_digest(src)
+
+    config: dict[str, Any] = {"access": {"link_to_writers": True}, "chunk_size": "256KiB"}
+    with Hostd(work / "a", origin=origin.as_uri(), **config) as a:
+        a.publish(src, "sf/exec")
+        linked(a.restore("sf/exec", work / "published", mode="link"), work / "published")
+    with Hostd(work / "b", origin=origin.as_uri(), **config) as b:
+        linked(b.restore("sf/exec", work / "cold", mode="link"), work / "cold")
+    for t in ("cold", "published"):
+        rmtree(work / t)  # (their links would keep the blobs "linked out" at the next start)
+    with Hostd(work / "b", origin=origin.as_uri(), **config) as b:
+        linked(b.restore("sf/exec", work / "restarted", mode="link"), work / "restarted")
+
+
+def test_a_blob_is_linked_only_for_files_its_mode_shows(work: Path) -> None:
+    """Three files of equal bytes and mtime, two 0755 and one 0644: the blob is filled 0555
+    (the mode most of them want), linked for the two, and the 0644 file is a counted copy
+    with no exec bit. A blob whose mode changed behind hostd (root's chmod) is checked again
+    before use, and never linked for a file whose exec bits it would misstate."""
+    src = work / "src"
+    src.mkdir()
+    data = b"#!/bin/sh\necho same\n" * 50
+    for name, perm in (("a.sh", 0o755), ("b.txt", 0o644), ("c.sh", 0o755)):
+        (src / name).write_bytes(data)
+        (src / name).chmod(perm)
+        os.utime(src / name, ns=(1_600_000_000_000_000_007,) * 2)
+    origin = work / "origin"
+    with Hostd(work / "a", origin=origin.as_uri()) as a:
+        a.publish(src, "sf/modes")
+    with Hostd(work / "b", origin=origin.as_uri(), access={"link_to_writers": True}) as b:
+        out = b.restore("sf/modes", work / "one", mode="link")
+        assert (out["linked"], out["copied_for_mode"]) == (2, 1), out
+        got = work / "one"
+        assert (got / "a.sh").stat().st_ino == (got / "c.sh").stat().st_ino
+        assert (got / "a.sh").stat().st_mode & 0o777 == 0o555
+        assert ((got / "b.txt").stat().st_mode & 0o777, (got / "b.txt").stat().st_nlink) == (
+            0o644,
+            1,
+        )
+        assert tree_digest(got) == tree_digest(src)
+        (blob,) = [p for p in (work / "b").rglob("blobs/*/*") if p.read_bytes() == data]
+        os.chmod(blob, 0o444)  # behind hostd's back: now it would show b.txt, not a.sh
+        out = b.restore("sf/modes", work / "two", mode="link")
+        assert (out["linked"], out["copied_for_mode"]) == (1, 2), out
+        got = work / "two"
+        assert (got / "b.txt").stat().st_mode & 0o777 == 0o444
+        assert {(got / n).stat().st_mode & 0o777 for n in ("a.sh", "c.sh")} == {0o755}
         assert tree_digest(got) == tree_digest(src)
 
 
