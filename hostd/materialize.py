@@ -729,19 +729,28 @@ def _link_all(
     views = _Views(fs)
     try:
         owned = _caller_dirs(dirfds, fs.caller.uid)
+        # Per directory, not per file (a restore of 10,000 files spent 40 ms here): where
+        # each caller's directory links into (-1: not one to link into), and each blob
+        # directory's view in the caller's namespace (-1: none on `dev`).
+        into = {d: fd if owned[d] else -1 for d, fd in dirfds.items()}
+        seen: dict[str, int] = {}
         jobs: list[LinkJob] = []
         linking: list[mf.FileEntry] = []
         for f in files:
-            sub, _, name = blob_path(f.digest).rpartition("/")
-            blobs_dir, _, shard = sub.rpartition("/")
+            path = blob_path(f.digest)  # <blobs_dir>/<xx>/<hex>
+            cut = path.rfind("/", 0, path.rfind("/"))
+            view = seen.get(blobs_dir := path[:cut])
+            if view is None:
+                fd, view_dev = views.of(blobs_dir)
+                view = seen[blobs_dir] = fd if fd >= 0 and view_dev == dev else -1
             d, _, leaf = f.path.rpartition("/")
-            view, view_dev = views.of(blobs_dir)
-            if view < 0 or view_dev != dev or not owned[d]:
+            to = into[d]
+            if view < 0 or to < 0:
                 if mode == "link":  # links or fails: never a quiet copy of the tree
                     raise _cannot_link(f, "the caller cannot see the blob's tier there")
                 out.copies.append(f)
                 continue
-            jobs.append((view, f"{shard}/{name}", dirfds[d], leaf))
+            jobs.append((view, path[cut + 1 :], to, leaf))
             linking.append(f)
         # Each link: a blob, named below a blob directory checked above (nothing below it
         # is the caller's: it is hostd's, 0700), into a directory the helper made; no
