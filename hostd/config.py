@@ -511,7 +511,14 @@ def _address(value: Any, key: str, listen: bool) -> str:
     elif not _HOST_RE.fullmatch(host):
         host = ""
     lowest = 0 if listen else 1
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+    # (ASCII digits only: "²" is a digit int() refuses, "٧٤٦٠" one it reads as 7460, and a
+    # member named so is not the name the other hosts list it by)
+    if (
+        not sep
+        or not host
+        or not (port.isascii() and port.isdigit())
+        or not lowest <= int(port) <= 65535
+    ):
         raise ConfigError(
             key, f'{text!r} is not "host:port" (an IPv6 host in brackets, port {lowest}-65535)'
         )
