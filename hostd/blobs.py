@@ -29,7 +29,7 @@ from hostd.core.ids import HASH_LEN
 from hostd.core.slots import DigestSlots
 from hostd.fastcopy import Stat
 from hostd.index import UNKNOWN_CTIME, BlobRow, BlobValues
-from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, BlobStat, Tier, is_exec
+from hostd.tier import BLOB_MODE, BlobStat, Tier, mode_of
 
 # Entries of the Blob registry kept before dead ones are swept (then twice the live ones).
 _SWEEP_MIN = 4096
@@ -42,9 +42,6 @@ PARKED = 4  # held or pinned when a walk met it: out of the queue until both are
 # walk that meets it asks its link count, and one with other links is not evicted (its bytes
 # stay in use: removing our name would free nothing). Cleared when the count is 1.
 LINKED = 8
-# An exec blob (tier.EXEC_BLOB_MODE, not BLOB_MODE): what its file's stat showed when it was
-# installed, found at start, or verified; not in the index (every start stats every blob).
-EXEC = 16
 
 
 class Values(NamedTuple):
@@ -58,21 +55,19 @@ class Values(NamedTuple):
     ctime_ns: int
     lent: bool
     charged: int
-    exec: bool = False
+    mode: int = BLOB_MODE
 
 
-def state_holds(
-    seen: Stat, size: int, mtime_ns: int, ctime_ns: int, lent: bool, exec_: bool
-) -> bool:
-    """Whether a stat `seen` (size, mtime_ns, ctime_ns, mode) of a blob's file shows the
-    state recorded when its bytes were last verified: size, mtime and mode (exec or not)
-    always, the ctime too for a lent blob; never for a record not verified since its index
-    was lost (Cache.unchanged says why)."""
+def state_holds(seen: Stat, size: int, mtime_ns: int, ctime_ns: int, lent: bool, mode: int) -> bool:
+    """Whether a stat `seen` (size, mtime_ns, ctime_ns, st_mode) of a blob's file shows the
+    state recorded when its bytes were last verified: size, mtime and mode always, the
+    ctime too for a lent blob; never for a record not verified since its index was lost
+    (Cache.unchanged says why)."""
     return (
         ctime_ns != UNKNOWN_CTIME
         and seen[0] == size
         and seen[1] == mtime_ns
-        and is_exec(seen[3]) == exec_
+        and mode_of(seen[3]) == mode
         and (not lent or seen[2] == ctime_ns)
     )
 
@@ -80,8 +75,9 @@ def state_holds(
 class TierBlobs:
     """The records of one tier's blobs (complete and partial), by digest.
 
-    Columns by slot: `size`, `chunk_size` (0: no manifest gave it yet), `mtime_ns` and
-    `ctime_ns` (the stat of the bytes when last verified; UNKNOWN_CTIME: never), `last_used`,
+    Columns by slot: `size`, `chunk_size` (0: no manifest gave it yet), `mtime_ns`, `ctime_ns`
+    and `mode` (the stat of the bytes when last verified; UNKNOWN_CTIME: never; the mode is
+    not in the index: every start stats every blob, and takes it then), `last_used`,
     `charged` (bytes counted against the budget: the size, except for a partial blob found
     at start, charged for what it holds until a fill resumes it) and `flags`.
     """
@@ -93,6 +89,7 @@ class TierBlobs:
         self.chunk_size = array("q")
         self.mtime_ns = array("q")
         self.ctime_ns = array("q")
+        self.mode = array("H")
         self.last_used = array("d")
         self.charged = array("q")
         self.flags = bytearray()
@@ -141,6 +138,7 @@ class TierBlobs:
             self.chunk_size.append(0)
             self.mtime_ns.append(0)
             self.ctime_ns.append(0)
+            self.mode.append(BLOB_MODE)
             self.last_used.append(0.0)
             self.charged.append(0)
             self.flags.append(0)
@@ -152,7 +150,7 @@ class TierBlobs:
         """Record an index row as it stands (charged its size, not queued): how Cache.load
         reads the index, with no object per row. A digest recorded already takes the row's
         values (a table with no key may hold two rows of one blob: the later one counts).
-        Its slot."""
+        Its mode is BLOB_MODE until the scan finds its file. Its slot."""
         digest, _, size, chunk_size, complete, mtime_ns, last_used, ctime_ns, lent = row
         known = len(self.slots)
         slot = self.slots.put(digest)
@@ -176,6 +174,7 @@ class TierBlobs:
             self.chunk_size.append(max(chunk_size, 0))
             self.mtime_ns.append(mtime_ns)
             self.ctime_ns.append(ctime_ns)
+            self.mode.append(BLOB_MODE)
             self.last_used.append(last_used)
             self.charged.append(size)
             self.flags.append((COMPLETE | LINKED if complete else 0) | (LENT if lent else 0))
@@ -196,11 +195,8 @@ class TierBlobs:
         self.ctime_ns[slot] = r.ctime_ns
         self.last_used[slot] = r.last_used
         self.charged[slot] = r.charged
-        self.flags[slot] = (
-            (COMPLETE | LINKED if r.complete else 0)
-            | (LENT if r.lent else 0)
-            | (EXEC if r.exec else 0)
-        )
+        self.mode[slot] = r.mode
+        self.flags[slot] = (COMPLETE | LINKED if r.complete else 0) | (LENT if r.lent else 0)
 
     def finish(self, slot: int, st: BlobStat, now: float) -> None:
         """Mark a partial record complete with the stat `st` of its bytes, used at `now`: a
@@ -208,13 +204,9 @@ class TierBlobs:
         self._unpark(slot)
         self.mtime_ns[slot] = st.mtime_ns
         self.ctime_ns[slot] = st.ctime_ns
+        self.mode[slot] = st.mode
         self.last_used[slot] = now
-        # (filled for a restore, which may link it)
-        self.flags[slot] = COMPLETE | LINKED | (EXEC if st.exec else 0)
-
-    def set_exec(self, slot: int, exec_: bool) -> None:
-        """Take what a stat of the record's file showed of its mode."""
-        self.flags[slot] = (self.flags[slot] & ~EXEC & 0xFF) | (EXEC if exec_ else 0)
+        self.flags[slot] = COMPLETE | LINKED  # (filled for a restore, which may link it)
 
     def unchanged(self, slot: int, seen: Stat) -> bool:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
@@ -226,7 +218,7 @@ class TierBlobs:
             self.mtime_ns[slot],
             self.ctime_ns[slot],
             bool(f & LENT),
-            bool(f & EXEC),
+            self.mode[slot],
         )
 
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
@@ -263,7 +255,7 @@ class TierBlobs:
             self.ctime_ns[slot],
             bool(f & LENT),
             self.charged[slot],
-            bool(f & EXEC),
+            self.mode[slot],
         )
 
     def row(self, slot: int, digest: bytes | None = None) -> BlobRow:
@@ -303,7 +295,7 @@ class TierBlobs:
 
     def nbytes(self) -> int:
         """What the records hold in buffers (an estimate of their memory, for tests)."""
-        cols = 8 * 6 + 1
+        cols = 8 * 6 + 2 + 1
         return self.slots.nbytes() + cols * len(self.size) + self.queue.nbytes()
 
 
@@ -399,15 +391,11 @@ class Blob:
         return at.charged[self._slot] if at is not None else self._values().charged
 
     @property
-    def exec(self) -> bool:
-        """Whether its file is an exec blob (tier.EXEC_BLOB_MODE)."""
-        at = self._at
-        return bool(at.flags[self._slot] & EXEC) if at is not None else self._values().exec
-
-    @property
     def mode(self) -> int:
-        """Its file's mode: tier.BLOB_MODE or EXEC_BLOB_MODE."""
-        return EXEC_BLOB_MODE if self.exec else BLOB_MODE
+        """Its file's mode (tier.mode_of), as last verified: BLOB_MODE or EXEC_BLOB_MODE
+        where hostd made it."""
+        at = self._at
+        return at.mode[self._slot] if at is not None else self._values().mode
 
     @property
     def path(self) -> Path:
@@ -442,12 +430,11 @@ class Blob:
         if at is None:
             assert self._was is not None
             self._was = self._was._replace(
-                size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, exec=st.exec
+                size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, mode=st.mode
             )
             return
         at.size[self._slot], at.mtime_ns[self._slot] = st.size, st.mtime_ns
-        at.ctime_ns[self._slot] = st.ctime_ns
-        at.set_exec(self._slot, st.exec)
+        at.ctime_ns[self._slot], at.mode[self._slot] = st.ctime_ns, st.mode
 
     def intact(self, seen: Stat | int) -> bool:
         """Whether this is still its tier's record, complete, and `seen` (a stat of its file
@@ -460,7 +447,7 @@ class Blob:
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""
-        return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns, self.exec)
+        return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns, self.mode)
 
     def __repr__(self) -> str:
         r = self._values()

@@ -60,7 +60,7 @@ from hostd.errors import TierError
 from hostd.fastcopy import Stat
 from hostd.index import BATCH, UNKNOWN_CTIME, BlobRow, Index, unpack_blobs
 from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
-from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of, is_exec
+from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of, mode_of
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Cache:
                         # Keep the stat recorded at completion, not today's: a blob written
                         # through while the daemon was down must fail unchanged() and be
                         # re-hashed. Its mode is not in the index: today's it is.
-                        tb.set_exec(slot, is_exec(mode))
+                        tb.mode[slot] = mode_of(mode)
                         state[slot] = _KEPT
                         continue
                     cs, last = tb.chunk_size[slot], tb.last_used[slot]
@@ -228,7 +228,7 @@ class Cache:
                 # install and record): never trusted by their mtime; the unknown ctime makes
                 # the first use re-hash them (vouch, lazily: see there).
                 r = Values(
-                    size, cs, True, mtime_ns, last, UNKNOWN_CTIME, False, size, is_exec(mode)
+                    size, cs, True, mtime_ns, last, UNKNOWN_CTIME, False, size, mode_of(mode)
                 )
                 if slot >= 0:
                     tb.set(slot, r)
@@ -679,7 +679,7 @@ class Cache:
             st.ctime_ns,
             False,
             st.size,
-            st.exec,
+            st.mode,
         )
         return self._tb[tier.name].view(self._put(tier, st.digest, r, persist), st.digest)
 
@@ -691,7 +691,7 @@ class Cache:
         rows: list[BlobRow] = []
         for st in stats:
             r = Values(
-                st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size, st.exec
+                st.size, chunk_size, True, st.mtime_ns, now, st.ctime_ns, False, st.size, st.mode
             )
             rows.append(tb.row(self._put(tier, st.digest, r, persist=False), st.digest))
         return self.index.later(self.index.put_blobs, rows)
@@ -881,7 +881,7 @@ class Cache:
                 st.ctime_ns,
                 False,
                 st.size,
-                st.exec,
+                st.mode,
             )
             self._put(t, b.digest, r)
             if self.is_held(b.digest):
@@ -931,7 +931,7 @@ class Cache:
             return False
         if b.attached:
             return b.intact(seen)
-        return state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, b.lent, b.exec)
+        return state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, b.lent, b.mode)
 
     async def vouch(self, b: Blob, chunk_size: int = 0, *, force: bool = False) -> bool:
         """The check before any use of a complete blob: True if `b` is still this cache's
@@ -1069,7 +1069,7 @@ class Cache:
             seen.mtime_ns,
             seen.ctime_ns,
         )
-        tb.set_exec(b.slot, seen.exec)
+        tb.mode[b.slot] = seen.mode
         self._reput(tb, b.slot, b.digest, persist=rows is None)
         if rows is not None:
             rows.append(tb.row(b.slot, b.digest))

@@ -126,7 +126,7 @@ class Ready:
     path: str  # the blob's file
     lent: Callable[[], bool]  # whether a caller that could write it holds a link, now
     mtime: int | None  # its inode's mtime (ns)
-    mode: int = BLOB_MODE  # its inode's: BLOB_MODE or EXEC_BLOB_MODE
+    mode: int = BLOB_MODE  # its inode's (tier.mode_of: BLOB_MODE or EXEC_BLOB_MODE, if ours)
 
 
 # Chunks written into files before they land: [(path, scratch name, offset, length, size)].
@@ -616,7 +616,8 @@ class _Plan:
 def may_link(f: mf.FileEntry, mode: str, link_ok: bool, shows: int = BLOB_MODE) -> bool:
     """Whether `f` would be linked to a blob of mode `shows`, its mtime aside: `mode` and
     `link_ok` allow it, and the blob's mode shows f's read and exec bits (0444 for a 0644
-    file, 0555 for a 0755 one: a link is read-only)."""
+    file, 0555 for a 0755 one: a link is read-only). A blob of any other mode (a write bit,
+    setuid: a chmod behind hostd) shows no file's."""
     return mode != "copy" and link_ok and (f.mode & EXEC_BLOB_MODE) == shows
 
 

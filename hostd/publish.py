@@ -313,7 +313,7 @@ def _no_gpu_warning(facts: Mapping[str, str]) -> dict[str, str]:
 class Ingested:
     ids: list[tuple[bytes, int]]  # (chunk id, size), in file order
     codec: int  # what this file's chunks are offered to the origin as
-    blob: BlobStat | None  # the blob stored in the tier (None: no tier had room)
+    blob: BlobStat | None  # the blob stored in the tier (None: no tier had room, or it had it)
     mtime: int  # ns, of the bytes that were read
 
 
@@ -403,7 +403,7 @@ def ingest(
             os.fchmod(out, mode)
             os.close(out)
             out = -1
-            blob = tier.install(scratch, file_digest(ids))
+            blob = tier.install_new(scratch, file_digest(ids))
         return Ingested(ids, kind, blob, mtime)
     except BaseException:
         if scratch is not None:
@@ -517,6 +517,7 @@ class _SmallStore:
         # digest -> (bytes, mtime, mode), by put
         self.blobs: dict[bytes, tuple[bytes, int, int]] = {}
         self.puts: list[bytes] = []  # the digest of each put, in order
+        self.written: list[bytes] = []  # the digests `write` wrote
 
     def __repr__(self) -> str:
         return f"_SmallStore({self.tier.name!r}, {len(self.puts)} files, {len(self.blobs)} blobs)"
@@ -527,22 +528,22 @@ class _SmallStore:
         self.blobs[digest] = (data, mtime, mode)
         self.puts.append(digest)
 
-    def write(self) -> list[BlobStat]:
-        """Write every queued blob: the BlobStat of each put, in order. Every blob is tried;
+    def write(self) -> list[BlobStat | None]:
+        """Write every queued blob whose name no file has (Tier.install_new says why): the
+        BlobStat of each put, in order, None for those not written. Every blob is tried;
         then the first that failed (it left nothing behind) is raised."""
-        got = self.tier.write_wholes(
-            [(d, data, mtime, mode) for d, (data, mtime, mode) in self.blobs.items()],
-            "storing a published blob",
-        )
+        new = [d for d in self.blobs if not os.path.lexists(self.tier.blob_file(d))]
+        got = self.tier.write_wholes([(d, *self.blobs[d]) for d in new], "storing a published blob")
         stats: dict[bytes, BlobStat] = {}
-        for d, r in zip(self.blobs, got, strict=True):
+        for d, r in zip(new, got, strict=True):
             if isinstance(r, TierError):
                 raise r
             stats[d] = r
-        return [stats[d] for d in self.puts]
+        self.written = list(stats)
+        return [stats.get(d) for d in self.puts]
 
     def sync(self) -> None:
-        self.tier.sync(self.blobs)
+        self.tier.sync(self.written)
 
 
 class Publisher:

@@ -53,9 +53,11 @@ def blob_mode(file_mode: int) -> int:
     return EXEC_BLOB_MODE if file_mode & EXEC_BLOB_MODE == EXEC_BLOB_MODE else BLOB_MODE
 
 
-def is_exec(mode: int) -> bool:
-    """Whether a blob file of mode `mode` (a stat's st_mode) is an exec blob."""
-    return mode & 0o7777 == EXEC_BLOB_MODE
+def mode_of(st_mode: int) -> int:
+    """A stat's st_mode without the file type: what a blob's record keeps. A blob hostd
+    made has BLOB_MODE or EXEC_BLOB_MODE; any other (a chmod behind hostd's back, through a
+    link by a caller that may write the cache) is kept as it is, and links no file."""
+    return st_mode & 0o7777
 
 
 # A blob file a scan found: its digest and its stat, (size, mtime_ns, ctime_ns, mode).
@@ -85,11 +87,11 @@ class BlobStat:
     size: int
     mtime_ns: int
     ctime_ns: int
-    exec: bool = False  # its mode is EXEC_BLOB_MODE, not BLOB_MODE
+    mode: int = BLOB_MODE  # mode_of its file's
 
     @classmethod
     def of(cls, digest: bytes, st: os.stat_result) -> BlobStat:
-        return cls(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, is_exec(st.st_mode))
+        return cls(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode_of(st.st_mode))
 
     def same_file_state(self, other: BlobStat) -> bool:
         return (self.size, self.mtime_ns, self.ctime_ns) == (
@@ -479,6 +481,26 @@ class Tier:
         # this private tier, so this stat is of the verified bytes.
         return BlobStat.of(digest, os.stat(dest))
 
+    def install_new(self, scratch: Path, digest: bytes) -> BlobStat | None:
+        """`install` (partial=False) where no file has the name yet; None (and `scratch`
+        removed) where one has: a publish's copy of a blob the tier holds already must not
+        take its place. A restore that checked that inode links it by name afterwards, and
+        the publish's may differ in mtime and mode (the same bytes published 0755 and
+        0644): the link would show the publish's."""
+        dest = self.blob_path(digest)
+        try:
+            os.link(scratch, dest)
+        except FileNotFoundError:  # the first blob under this prefix
+            if not os.path.exists(scratch):
+                raise
+            dest.parent.mkdir(exist_ok=True)
+            return self.install_new(scratch, digest)
+        except FileExistsError:
+            os.unlink(scratch)
+            return None
+        os.unlink(scratch)
+        return BlobStat.of(digest, os.stat(dest))
+
     def write_whole(
         self,
         digest: bytes,
@@ -536,7 +558,7 @@ class Tier:
         out: list[BlobStat | TierError] = []
         for (digest, *_, mode), job, r in zip(blobs, jobs, fastcopy.write_blobs(jobs), strict=True):
             if len(r) == 3:
-                out.append(BlobStat(digest, *r, is_exec(mode)))
+                out.append(BlobStat(digest, *r, mode))
             else:
                 cause = fastcopy.blob_error(job, r)
                 out.append(tier_error(self.name, cause.filename, cause, doing))
@@ -576,7 +598,8 @@ class Tier:
                     set_mtime(fd, was.st_mtime_ns)
                     if durable:
                         os.fsync(fd)
-                    os.fchmod(fd, EXEC_BLOB_MODE if is_exec(was.st_mode) else BLOB_MODE)
+                    exe = mode_of(was.st_mode) == EXEC_BLOB_MODE
+                    os.fchmod(fd, EXEC_BLOB_MODE if exe else BLOB_MODE)
                     if digest_of(fd, size, chunk_size) != digest:
                         raise BlobCopyCorrupt("content does not match its digest")
                 finally:
@@ -642,7 +665,7 @@ def _listdir(d: str) -> list[str]:
 
 def _stat_of(digest: bytes, st: fastcopy.Stat) -> BlobStat:
     size, mtime_ns, ctime_ns, mode = st
-    return BlobStat(digest, size, mtime_ns, ctime_ns, is_exec(mode))
+    return BlobStat(digest, size, mtime_ns, ctime_ns, mode_of(mode))
 
 
 def _found(d: str) -> list[Found]:

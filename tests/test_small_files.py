@@ -230,6 +230,68 @@ def test_a_blob_is_linked_only_for_files_its_mode_shows(work: Path) -> None:
         assert (got / "b.txt").stat().st_mode & 0o777 == 0o444
         assert {(got / n).stat().st_mode & 0o777 for n in ("a.sh", "c.sh")} == {0o755}
         assert tree_digest(got) == tree_digest(src)
+        # A mode hostd never gives a blob (a chmod through a link, by a caller that may
+        # write the cache) links no file: not as 0444, not as 0555.
+        for odd in (0o4555, 0o755, 0o445):
+            os.chmod(blob, odd)
+            out = b.restore("sf/modes", work / oct(odd), mode="link")
+            assert (out["linked"], out["copied_for_mode"]) == (0, 3), out
+            got = work / oct(odd)
+            want = {"a.sh": 0o755, "b.txt": 0o644, "c.sh": 0o755}
+            assert {n: (got / n).stat().st_mode & 0o7777 for n in want} == want, oct(odd)
+
+
+def test_a_publish_never_replaces_a_blob_the_tier_holds(work: Path) -> None:
+    """The same bytes published 0644, then 0755 (a small file, one of several chunks): the
+    second publish leaves the blob's inode as it was. A restore that checked that inode
+    links it by name; had the publish put its own 0555 copy there, the 0644 file would have
+    come back executable. And a link restore of either tree, while the other is published
+    over and over, never shows a file's exec bits wrong nor fails."""
+    rng = random.Random(5)
+    files = {f"d{i % 4}/f{i:03d}": rng.randbytes(rng.randint(1, 8) * KiB) for i in range(120)}
+    files["big.bin"] = rng.randbytes(2 * CHUNK + 3)
+    trees = {}
+    for perm in (0o644, 0o755):
+        root = work / oct(perm)
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+            (root / name).chmod(perm)
+            os.utime(root / name, ns=(1_600_000_000_000_000_000,) * 2)
+        trees[perm] = root
+    config: dict[str, Any] = {"access": {"link_to_writers": True}, "chunk_size": "256KiB"}
+    with Hostd(work / "d", **config) as d:
+        d.publish(trees[0o644], "sf/plain")
+        blobs = {p.name: p.stat() for p in (work / "d").rglob("blobs/*/*")}
+        assert len(blobs) == len(files)
+        d.publish(trees[0o755], "sf/exec")
+        after = {p.name: p.stat() for p in (work / "d").rglob("blobs/*/*")}
+        assert {n: (s.st_ino, s.st_mode & 0o7777) for n, s in after.items()} == {
+            n: (s.st_ino, 0o444) for n, s in blobs.items()
+        }
+        stop = threading.Event()
+        published: list[dict[str, Any]] = []
+
+        def publisher() -> None:
+            while not stop.is_set():
+                for perm in (0o755, 0o644):
+                    published.append(d.publish(trees[perm], f"sf/again-{perm:o}"))
+
+        t = threading.Thread(target=publisher)
+        t.start()
+        try:
+            for i in range(4):
+                for ref, perm in (("sf/plain", 0o644), ("sf/exec", 0o755)):
+                    got = work / f"out-{i}-{perm:o}"
+                    out = d.restore(ref, got, mode="link")
+                    assert out["event"] == "result", out
+                    seen = {(got / n).stat().st_mode & 0o111 for n in files}
+                    assert seen == {perm & 0o111}, (ref, out)
+                    rmtree(got)
+        finally:
+            stop.set()
+            t.join()
+        assert published, "the publisher never ran beside the restores"
 
 
 def test_a_republish_stores_only_what_changed(work: Path) -> None:
