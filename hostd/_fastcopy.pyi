@@ -8,6 +8,7 @@ def create_files(
 def write_blobs(
     jobs: Sequence[tuple[str, str, bytes | bytearray | memoryview, int | None, int]],
     threads: int = 1,
+    replace: int = 1,
     /,
 ) -> list[tuple[int, int, int] | tuple[int, int]]: ...
 def stat_paths(

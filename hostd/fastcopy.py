@@ -144,7 +144,9 @@ FdStat = tuple[int, int, int, int, int, int, int]
 
 class _Extension(Protocol):
     def create_files(self, jobs: Sequence[Job], threads: int, /) -> Failure | None: ...
-    def write_blobs(self, jobs: Sequence[BlobJob], threads: int, /) -> list[Written | Failed]: ...
+    def write_blobs(
+        self, jobs: Sequence[BlobJob], threads: int, replace: int, /
+    ) -> list[Written | Failed]: ...
     def stat_paths(self, paths: Sequence[str], threads: int = 1, /) -> list[Stat | int]: ...
     def link_files(self, jobs: Sequence[LinkJob], threads: int = 1, /) -> list[int]: ...
     def open_paths(self, paths: Sequence[str], /) -> list[int]: ...
@@ -289,26 +291,27 @@ def _name(jobs: Sequence[Job], paths: Sequence[str] | None, index: int) -> str:
     return paths[index] if paths is not None else jobs[index][1]
 
 
-def write_blobs(jobs: Sequence[BlobJob]) -> list[Written | Failed]:
-    """Write every job's blob, with the implementation chosen at import (IMPLEMENTATION)."""
+def write_blobs(jobs: Sequence[BlobJob], *, replace: bool = True) -> list[Written | Failed]:
+    """Write every job's blob, with the implementation chosen at import (IMPLEMENTATION).
+    `replace` False: a file at a job's destination stays, and fails it (EEXIST, RENAME)."""
     if IMPLEMENTATION == "native":
-        return native_write_blobs(jobs)
-    return twin_write_blobs(jobs)
+        return native_write_blobs(jobs, replace=replace)
+    return twin_write_blobs(jobs, replace=replace)
 
 
 def native_write_blobs(
-    jobs: Sequence[BlobJob], threads: int = BLOB_THREADS
+    jobs: Sequence[BlobJob], threads: int = BLOB_THREADS, *, replace: bool = True
 ) -> list[Written | Failed]:
     """The compiled loop (RuntimeError where it was not built)."""
     if _NATIVE_BLOBS is None:
         raise RuntimeError(WHY_NOT_NATIVE)
-    return _NATIVE_BLOBS(jobs, threads)
+    return _NATIVE_BLOBS(jobs, threads, int(replace))
 
 
-def twin_write_blobs(jobs: Sequence[BlobJob]) -> list[Written | Failed]:
+def twin_write_blobs(jobs: Sequence[BlobJob], *, replace: bool = True) -> list[Written | Failed]:
     """The pure-Python loop, on the calling thread."""
     devs: dict[str, int] = {}  # st_dev of each scratch directory (the tier's filesystem)
-    return [_write_blob(job, _scratch_dev(job[0], devs)) for job in jobs]
+    return [_write_blob(job, _scratch_dev(job[0], devs), replace) for job in jobs]
 
 
 def _scratch_dev(scratch: str, devs: dict[str, int]) -> int:
@@ -487,9 +490,10 @@ def _name_unnamed(fd: int, dest: str) -> None:
         os.close(dfd)
 
 
-def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | None:
+def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | int | None:
     """The blob as an unnamed file named once whole (native/fastcopy.c, write_unnamed): its
-    stat, or None for the scratch way, with nothing of this attempt left."""
+    stat, or None for the scratch way (EEXIST where a file had the name), with nothing of
+    this attempt left."""
     global _no_unnamed
     _, dest, data, mtime, mode = job
     parent = dest.rpartition("/")[0]
@@ -515,13 +519,18 @@ def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | None:
                 os.rmdir(parent)
         return None
     named = False
+    taken = False
     try:
         if os.fstat(fd).st_dev != tier_dev:  # a prefix directory leading off the tier
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), parent)
         _pwrite_all(fd, data)
         set_mtime(fd, mtime)
         os.fchmod(fd, mode)
-        _name_unnamed(fd, dest)
+        try:
+            _name_unnamed(fd, dest)
+        except FileExistsError:
+            taken = True
+            raise
         named = True
     except OSError:
         pass
@@ -541,14 +550,16 @@ def _write_unnamed(job: BlobJob, tier_dev: int) -> Written | None:
         if made:
             with contextlib.suppress(OSError):
                 os.rmdir(parent)
-        return None
+        return errno.EEXIST if taken else None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _write_blob(job: BlobJob, tier_dev: int) -> Written | Failed:
+def _write_blob(job: BlobJob, tier_dev: int, replace: bool = True) -> Written | Failed:
     written = _write_unnamed(job, tier_dev)
-    if written is not None:
+    if isinstance(written, tuple):
         return written
+    if written == errno.EEXIST and not replace:
+        return errno.EEXIST, RENAME
     scratch, dest, data, mtime, mode = job
     try:
         fd = _open_scratch(scratch)
@@ -574,7 +585,7 @@ def _write_blob(job: BlobJob, tier_dev: int) -> Written | Failed:
         if not err and e.errno != errno.EINTR:
             err, stage = _errno(e), CLOSE
     if not err:
-        err, stage = _install(scratch, dest)
+        err, stage = _install(scratch, dest, replace)
     if err:
         with contextlib.suppress(OSError):  # best effort: on a read-only tier this fails too
             os.unlink(scratch)
@@ -623,11 +634,20 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         offset += n
 
 
-def _install(scratch: str, dest: str) -> tuple[int, int]:
-    """rename(scratch, dest), making dest's directory where it is missing: (0 or errno,
+def _put(scratch: str, dest: str, replace: bool) -> None:
+    """rename(scratch, dest), or without `replace` link then unlink (a file at dest stays)."""
+    if replace:
+        os.rename(scratch, dest)
+        return
+    os.link(scratch, dest)
+    os.unlink(scratch)
+
+
+def _install(scratch: str, dest: str, replace: bool = True) -> tuple[int, int]:
+    """_put(scratch, dest), making dest's directory where it is missing: (0 or errno,
     stage)."""
     try:
-        os.rename(scratch, dest)
+        _put(scratch, dest, replace)
         return 0, RENAME
     except FileNotFoundError:  # the first blob of its prefix: one syscall otherwise
         pass
@@ -643,7 +663,7 @@ def _install(scratch: str, dest: str) -> tuple[int, int]:
     except OSError as e:
         return _errno(e), MKDIR
     try:
-        os.rename(scratch, dest)
+        _put(scratch, dest, replace)
     except OSError as e:
         return _errno(e), RENAME
     return 0, RENAME

@@ -533,12 +533,13 @@ class _SmallStore:
         BlobStat of each put, in order, None for those not written. Every blob is tried;
         then the first that failed (it left nothing behind) is raised."""
         new = [d for d in self.blobs if not os.path.lexists(self.tier.blob_file(d))]
-        got = self.tier.write_wholes([(d, *self.blobs[d]) for d in new], "storing a published blob")
+        got = self.tier.write_new([(d, *self.blobs[d]) for d in new], "storing a published blob")
         stats: dict[bytes, BlobStat] = {}
         for d, r in zip(new, got, strict=True):
             if isinstance(r, TierError):
                 raise r
-            stats[d] = r
+            if r is not None:  # (None: a fill named it since the check above)
+                stats[d] = r
         self.written = list(stats)
         return [stats.get(d) for d in self.puts]
 

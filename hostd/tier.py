@@ -26,6 +26,7 @@ nothing of the index, budgets or eviction (cache.py decides those).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -544,6 +545,29 @@ class Tier:
         (no O_TMPFILE, a leftover at its name), as write_whole.
         One outcome per blob, in order; a blob that failed left nothing behind (its
         TierError says `doing`). `sync` must follow before any is recorded."""
+        out: list[BlobStat | TierError] = []
+        for r in self._write_wholes(blobs, doing, replace=True):
+            assert r is not None  # (only where a file is not replaced)
+            out.append(r)
+        return out
+
+    def write_new(
+        self,
+        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None, int]],
+        doing: str = "writing a blob",
+    ) -> list[BlobStat | TierError | None]:
+        """write_wholes, but a blob whose name a file has already is not written: its
+        outcome is None, and that file stays. A publish's way: a restore may have checked
+        that inode and links it by name (see install_new)."""
+        return self._write_wholes(blobs, doing, replace=False)
+
+    def _write_wholes(
+        self,
+        blobs: Sequence[tuple[bytes, bytes | memoryview, int | None, int]],
+        doing: str,
+        *,
+        replace: bool,
+    ) -> list[BlobStat | TierError | None]:
         pid, tid = os.getpid(), threading.get_ident()  # scratch names: ours alone
         jobs: list[fastcopy.BlobJob] = [
             (
@@ -555,10 +579,13 @@ class Tier:
             )
             for i, (digest, data, mtime_ns, mode) in enumerate(blobs)
         ]
-        out: list[BlobStat | TierError] = []
-        for (digest, *_, mode), job, r in zip(blobs, jobs, fastcopy.write_blobs(jobs), strict=True):
+        out: list[BlobStat | TierError | None] = []
+        got = fastcopy.write_blobs(jobs, replace=replace)
+        for (digest, *_, mode), job, r in zip(blobs, jobs, got, strict=True):
             if len(r) == 3:
                 out.append(BlobStat(digest, *r, mode))
+            elif not replace and r == (errno.EEXIST, fastcopy.RENAME):
+                out.append(None)
             else:
                 cause = fastcopy.blob_error(job, r)
                 out.append(tier_error(self.name, cause.filename, cause, doing))

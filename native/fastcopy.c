@@ -15,7 +15,7 @@
  * 3 futimens, 4 close; short_by the bytes missing when the source ended early (errno EIO),
  * else -1. Python builds the exception, so both twins word it alike.
  *
- * write_blobs(jobs, threads): a tier's blobs, from bytes in memory. Per job
+ * write_blobs(jobs, threads, replace): a tier's blobs, from bytes in memory. Per job
  * (scratch, dest, data, mtime_ns or None, mode), first as an unnamed file:
  *
  *     open(dirname(dest), O_TMPFILE|O_WRONLY|O_CLOEXEC, 0600) (where that is ENOENT,
@@ -34,7 +34,8 @@
  * /proc, a file already at dest, a prefix directory leading off the tier, a full or
  * read-only tier), the unnamed file vanishes with its descriptor (and a prefix directory
  * it made, with it) and the job is done the way below, whose outcome is the job's: a
- * failure is answered as it always was, and a leftover at dest is replaced. A filesystem
+ * failure is answered as it always was, and a leftover at dest is replaced (with `replace`
+ * 0, a file at dest fails the job, (EEXIST, 5), and stays as it was). A filesystem
  * that refuses O_TMPFILE, or no /proc to name a file through, turns the first way off for
  * the rest of the process.
  *
@@ -44,6 +45,7 @@
  *         ignored: the filesystem cannot hold that time, the blob keeps its write time)
  *     fchmod(mode); close; rename(scratch, dest), and where that is ENOENT,
  *         mkdir(dirname(dest), 0777) and rename again; stat(dest)
+ *         (with `replace` 0: link(scratch, dest) and unlink(scratch) instead of the rename)
  *
  * Every job is tried, whatever the others did; no fsync (the caller syncs the batch). The
  * answer has one tuple per job, in order: (size, mtime_ns, ctime_ns) of the final stat, or
@@ -365,6 +367,8 @@ struct blob {
     int has_mtime;
     struct timespec times[2];
     dev_t tier_dev; /* st_dev of the scratch's directory (the tier's filesystem); 0: unknown */
+    int replace;    /* 0: a file at dest is kept, and fails the job with EEXIST */
+    int taken;      /* the unnamed way found a file at dest */
     /* the outcome */
     int err, stage;
     struct stat st;
@@ -404,10 +408,21 @@ static int write_all(int fd, const char *p, Py_ssize_t len) {
     return 0;
 }
 
-/* rename(scratch, dest); where dest's directory is missing (ENOENT), make it and again. */
-static int install(const char *scratch, const char *dest, int *stage) {
+/* rename(scratch, dest), or with `replace` 0 link(scratch, dest) then unlink(scratch) (a
+ * file at dest stays: EEXIST); where dest's directory is missing (ENOENT), make it and
+ * again. */
+static int put(const char *scratch, const char *dest, int replace) {
+    if (replace)
+        return rename(scratch, dest);
+    if (link(scratch, dest) < 0)
+        return -1;
+    unlink(scratch);
+    return 0;
+}
+
+static int install(const char *scratch, const char *dest, int replace, int *stage) {
     *stage = B_RENAME;
-    if (rename(scratch, dest) == 0)
+    if (put(scratch, dest, replace) == 0)
         return 0;
     if (errno != ENOENT)
         return errno;
@@ -426,7 +441,7 @@ static int install(const char *scratch, const char *dest, int *stage) {
         *stage = B_MKDIR;
         return errno;
     }
-    if (rename(scratch, dest) < 0)
+    if (put(scratch, dest, replace) < 0)
         return errno;
     return 0;
 }
@@ -489,7 +504,7 @@ static int write_unnamed(struct blob *b) {
              write_all(fd, b->data.buf, b->data.len) == 0 &&
              (!b->has_mtime || futimens(fd, b->times) == 0 || errno == EINVAL ||
               errno == EOVERFLOW || errno == ERANGE) &&
-             fchmod(fd, b->mode) == 0 && name_unnamed(fd, dest) == 0;
+             fchmod(fd, b->mode) == 0 && (b->taken = name_unnamed(fd, dest)) == 0;
     /* Unnamed, the file goes with its descriptor. Named, a close that reports an error
      * (write-back on some filesystems) unnames it: the scratch way then answers. */
     if (close(fd) < 0 && ok && errno != EINTR) {
@@ -509,6 +524,10 @@ static int write_unnamed(struct blob *b) {
 static int write_blob(struct blob *b, int *stage) {
     if (write_unnamed(b))
         return 0;
+    if (!b->replace && b->taken == EEXIST) {
+        *stage = B_RENAME;
+        return EEXIST;
+    }
     const char *scratch = PyBytes_AS_STRING(b->scratch);
     int err = 0, rc;
     int fd = open_scratch(scratch);
@@ -539,7 +558,7 @@ static int write_blob(struct blob *b, int *stage) {
         *stage = B_CLOSE;
     }
     if (!err)
-        err = install(scratch, PyBytes_AS_STRING(b->dest), stage);
+        err = install(scratch, PyBytes_AS_STRING(b->dest), b->replace, stage);
     if (err) {
         unlink(scratch); /* best effort: on a read-only tier this fails too */
         return err;
@@ -595,10 +614,10 @@ static dev_t scratch_dev(const char *scratch, char *last, dev_t *last_dev) {
 static PyObject *write_blobs(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq_in;
-    int threads = 1;
+    int threads = 1, replace = 1;
     char last_dir[PATH_MAX] = "";
     dev_t last_dev = 0;
-    if (!PyArg_ParseTuple(args, "O|i:write_blobs", &seq_in, &threads))
+    if (!PyArg_ParseTuple(args, "O|ii:write_blobs", &seq_in, &threads, &replace))
         return NULL;
     PyObject *seq = PySequence_Fast(seq_in, "jobs must be a sequence");
     if (seq == NULL)
@@ -623,6 +642,7 @@ static PyObject *write_blobs(PyObject *self, PyObject *args) {
                               PyUnicode_FSConverter, &b->dest, &b->data, &mtime, &mode))
             goto done;
         b->has_data = 1;
+        b->replace = replace;
         b->mode = (mode_t)mode;
         if (mtime != Py_None) {
             if (ns_to_timespec(mtime, &b->times[0]) < 0)
@@ -952,7 +972,8 @@ static PyMethodDef methods[] = {
      "Create each job's file (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "None, or where the first failure happened."},
     {"write_blobs", write_blobs, METH_VARARGS,
-     "write_blobs(jobs, threads=1) -> [(size, mtime_ns, ctime_ns) | (errno, stage)]\n\n"
+     "write_blobs(jobs, threads=1, replace=1) -> [(size, mtime_ns, ctime_ns) | (errno, stage)]"
+     "\n\n"
      "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "one outcome per job, in order."},
     {"stat_paths", stat_paths, METH_VARARGS,

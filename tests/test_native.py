@@ -381,11 +381,11 @@ def test_the_helper_answers_a_taken_name_as_changed(
 
 # -- write_blobs -------------------------------------------------------------------------------
 
-WriteBlobs = Callable[[Sequence[fastcopy.BlobJob]], list[fastcopy.Written | fastcopy.Failed]]
+WriteBlobs = Callable[..., list[fastcopy.Written | fastcopy.Failed]]
 IMPLEMENTATIONS: list[tuple[str, WriteBlobs]] = [
     ("python", fastcopy.twin_write_blobs),
     ("native", fastcopy.native_write_blobs),
-    ("native x2", lambda jobs: fastcopy.native_write_blobs(jobs, 2)),
+    ("native x2", lambda jobs, **kw: fastcopy.native_write_blobs(jobs, 2, **kw)),
 ]
 
 
@@ -528,6 +528,47 @@ def test_a_blob_replaces_what_sits_at_its_name_and_a_leftover_scratch(
         "blobs/aa/old": (0o444, 9, 5, 5, b"new bytes"),
         "blobs/aa/other": (0o444, 1, 6, 6, b"o"),
     }
+
+
+@pytest.mark.parametrize("way", ["unnamed", "scratch"])
+def test_without_replace_a_file_at_a_blobs_name_stays(
+    monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """replace=False (a publish's): a file at a blob's name stays as it was, whichever way
+    the blob was written (an unnamed file, or where that cannot be, a scratch file linked
+    in, never renamed over it), and that job fails (EEXIST, RENAME) leaving no scratch; the
+    others are written. A restore may have checked that inode, and links it by name."""
+    _native_or_skip()
+    if way == "scratch":
+        monkeypatch.setattr(fastcopy, "_no_unnamed", True)  # (the twin's switch)
+        impls: list[tuple[str, WriteBlobs]] = [("python", fastcopy.twin_write_blobs)]
+    else:
+        impls = IMPLEMENTATIONS
+    for name, write in impls:
+        out = Path(tempfile.mkdtemp(prefix=name.replace(" ", "")))
+        try:
+            (out / "tmp").mkdir()
+            (out / "blobs" / "aa").mkdir(parents=True)
+            (out / "blobs" / "aa" / "old").write_bytes(b"the blob a restore checked")
+            (out / "blobs" / "aa" / "old").chmod(0o444)
+            before = os.stat(out / "blobs" / "aa" / "old")
+            jobs: list[fastcopy.BlobJob] = [
+                (str(out / "tmp/s0"), str(out / "blobs/aa/old"), b"same digest", 5, 0o555),
+                (str(out / "tmp/s1"), str(out / "blobs/aa/new"), b"n", 6, 0o444),
+            ]
+            got = write(jobs, replace=False)
+            assert got[0] == (errno.EEXIST, fastcopy.RENAME), name
+            assert len(got[1]) == 3, name
+            after = os.stat(out / "blobs" / "aa" / "old")
+            assert (after.st_ino, after.st_mode & 0o777, after.st_mtime_ns) == (
+                before.st_ino,
+                0o444,
+                before.st_mtime_ns,
+            ), name
+            assert (out / "blobs" / "aa" / "old").read_bytes() == b"the blob a restore checked"
+            assert os.listdir(out / "tmp") == [], name
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def test_each_failure_is_its_own_and_leaves_no_scratch(blobs_both: Callable[..., Wrote]) -> None:
@@ -787,8 +828,10 @@ def test_write_blobs_takes_the_implementation_chosen_at_import(
     calls: list[str] = []
 
     def called(name: str) -> WriteBlobs:
-        def write(jobs: Sequence[fastcopy.BlobJob]) -> list[fastcopy.Written | fastcopy.Failed]:
-            calls.append(name)
+        def write(
+            jobs: Sequence[fastcopy.BlobJob], *, replace: bool = True
+        ) -> list[fastcopy.Written | fastcopy.Failed]:
+            calls.append(f"{name} replace={replace}")
             return []
 
         return write
@@ -798,7 +841,13 @@ def test_write_blobs_takes_the_implementation_chosen_at_import(
     for impl in ("python", "native"):
         monkeypatch.setattr(fastcopy, "IMPLEMENTATION", impl)
         fastcopy.write_blobs([])
-    assert calls == ["python", "native"]
+        fastcopy.write_blobs([], replace=False)
+    assert calls == [
+        "python replace=True",
+        "python replace=False",
+        "native replace=True",
+        "native replace=False",
+    ]
 
 
 # -- write_blobs in a fill and a publish ---------------------------------------------------------
