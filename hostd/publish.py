@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import blake3
 
+from hostd import fastcopy
 from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import Caller
@@ -532,7 +533,11 @@ class _SmallStore:
         """Write every queued blob whose name no file has (Tier.install_new says why): the
         BlobStat of each put, in order, None for those not written. Every blob is tried;
         then the first that failed (it left nothing behind) is raised."""
-        new = [d for d in self.blobs if not os.path.lexists(self.tier.blob_file(d))]
+        # (One stat call for the batch, in C off the GIL: a Python stat each cost the store,
+        # the publish's busiest stage, ~40 ms a 10,000 files.)
+        names = list(self.blobs)
+        seen = fastcopy.stat_paths([self.tier.blob_file(d) for d in names])
+        new = [d for d, st in zip(names, seen, strict=True) if isinstance(st, int)]
         got = self.tier.write_new([(d, *self.blobs[d]) for d in new], "storing a published blob")
         stats: dict[bytes, BlobStat] = {}
         for d, r in zip(new, got, strict=True):
