@@ -585,7 +585,7 @@ def _write_blob(job: BlobJob, tier_dev: int, replace: bool = True) -> Written | 
         if not err and e.errno != errno.EINTR:
             err, stage = _errno(e), CLOSE
     if not err:
-        err, stage = _install(scratch, dest, replace)
+        err, stage = install_file(scratch, dest, replace)
     if err:
         with contextlib.suppress(OSError):  # best effort: on a read-only tier this fails too
             os.unlink(scratch)
@@ -643,7 +643,7 @@ def _put(scratch: str, dest: str, replace: bool) -> None:
     os.unlink(scratch)
 
 
-def _install(scratch: str, dest: str, replace: bool = True) -> tuple[int, int]:
+def install_file(scratch: str, dest: str, replace: bool = True) -> tuple[int, int]:
     """_put(scratch, dest), making dest's directory where it is missing: (0 or errno,
     stage)."""
     try:

@@ -488,18 +488,13 @@ class Tier:
         take its place. A restore that checked that inode links it by name afterwards, and
         the publish's may differ in mtime and mode (the same bytes published 0755 and
         0644): the link would show the publish's."""
-        dest = self.blob_path(digest)
-        try:
-            os.link(scratch, dest)
-        except FileNotFoundError:  # the first blob under this prefix
-            if not os.path.exists(scratch):
-                raise
-            dest.parent.mkdir(exist_ok=True)
-            return self.install_new(scratch, digest)
-        except FileExistsError:
+        dest = self.blob_file(digest)
+        err, _ = fastcopy.install_file(str(scratch), dest, replace=False)
+        if err == errno.EEXIST:
             os.unlink(scratch)
             return None
-        os.unlink(scratch)
+        if err:
+            raise OSError(err, os.strerror(err), dest)
         return BlobStat.of(digest, os.stat(dest))
 
     def write_whole(
