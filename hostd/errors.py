@@ -87,6 +87,21 @@ class ChunkCorrupt(HostdError):
     status = 502
 
 
+class BlobMoved(ChunkCorrupt):
+    """A lent blob's state (size, mtime, ctime) moved while a restore copied it: a write
+    through a link, or only a link another restore made (which moves the ctime as a write
+    does). The copy is not handed over; a restore whose tree is still hidden builds it
+    again, once the blob has been checked again."""
+
+    def __init__(self, digest: bytes, path: str) -> None:
+        super().__init__(
+            f"blob {digest.hex()} ({path!r}) was written to through a link while it was "
+            "copied; try the restore again"
+        )
+        self.digest = digest
+        self.path = path
+
+
 class TransientError(HostdError):
     """A failure worth retrying (a timeout, a reset connection, a 5xx)."""
 

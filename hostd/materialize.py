@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
 from hostd.core.ids import verify_chunk
-from hostd.errors import ChunkCorrupt, HostdError, TargetError, UsageError
+from hostd.errors import BlobMoved, ChunkCorrupt, HostdError, TargetError, UsageError
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.fileio import copy_range, writing_as
 from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, pread_into, pwrite_all
@@ -512,10 +512,7 @@ class Placer:
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
             if not check and r.lent() and _states([src]) != before:
-                raise ChunkCorrupt(
-                    f"blob {p.entry.digest.hex()} ({p.entry.path!r}) was written to through a "
-                    "link while it was copied; try the restore again"
-                )
+                raise BlobMoved(p.entry.digest, p.entry.path)
         finally:
             os.close(src)
 
@@ -851,8 +848,9 @@ def _send_files(
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: the state of a blob lent when its batch was opened, or by the time the helper
     answered (another restore's link), is compared before and after, and a copy that saw it
-    move is not handed over (the restore fails; the next use re-hashes the blob). One lent
-    while copied fails even if no one wrote it: the link itself moves its ctime."""
+    move is not handed over (BlobMoved: the restore builds its tree again, and the blob is
+    re-hashed first). One lent while copied moves even if no one wrote it: the link itself
+    moves its ctime."""
     if largest_first:
         copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
     sent: collections.deque[_Sent] = collections.deque()
@@ -950,11 +948,7 @@ class _Sent:
             after = _states([o.fds[i] for i in check]) if check else []
             for i, now in zip(check, after, strict=True):
                 if now != o.before[i]:
-                    f = o.batch[i]
-                    raise ChunkCorrupt(
-                        f"blob {f.digest.hex()} ({f.path!r}) was written to through a link "
-                        "while it was copied; try the restore again"
-                    )
+                    raise BlobMoved(o.batch[i].digest, o.batch[i].path)
         finally:
             o.close()
         done.add(o.batch)

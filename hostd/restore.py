@@ -29,6 +29,7 @@ from hostd.core import manifest as mf
 from hostd.core.ids import compat_digest, is_hex_id
 from hostd.core.pathfilter import load_order, order_work
 from hostd.errors import (
+    BlobMoved,
     Forbidden,
     HostdError,
     ManifestError,
@@ -51,6 +52,9 @@ TOUCH_BATCH = 4096
 RANGED_FILES = 256  # a progressive restore's files written by range at most (a descriptor each)
 LEND_BATCH = 1024  # lent marks: a row each
 LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
+# Times a restore builds its hidden tree again after a lent blob moved while it was copied
+# (errors.BlobMoved): another restore's link moves the blob's ctime as a write would.
+REBUILDS = 2
 MISS_SHOWN = 3  # published fact sets a miss lists
 # A load order's work (pathfilter.order_work: pattern characters x paths) done on the loop;
 # more goes to a thread, and past ORDER_WORK the request is refused: patterns built to be
@@ -505,18 +509,28 @@ class Restorer:
                     req, progress, fs, tiers, lend, link_ok, target_dev=info.dev
                 )
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
-            if not lend and await self._cold(res.manifest, tiers):
-                # Files are written while the rest is fetched, into the hidden build: one
-                # pass of the bytes through the target's filesystem overlaps the fetch. (A
-                # lent blob's mark needs its sync first: that path fills, then links.)
-                placed = (res, t0, t1)
-                return await self._placing(req, progress, fs, tiers, lend, link_ok, placed)
-            async with self._filled(res, tiers, progress, t0, t1) as f:
-                progress.phase = "materialize"
-                if lend:
-                    # marked before the links exist: a crash in between must not lose the mark
-                    await self._lend(list(f.where.values()))
-                outcome = await self._materialize(f, req, progress, fs, link_ok)
+            for rebuilds_left in range(REBUILDS, -1, -1):
+                try:
+                    if not lend and await self._cold(res.manifest, tiers):
+                        # Files are written while the rest is fetched, into the hidden build:
+                        # one pass of the bytes through the target's filesystem overlaps the
+                        # fetch. (A lent blob's mark needs its sync first: that path fills,
+                        # then links.)
+                        placed = (res, t0, t1)
+                        return await self._placing(req, progress, fs, tiers, lend, link_ok, placed)
+                    async with self._filled(res, tiers, progress, t0, t1) as f:
+                        progress.phase = "materialize"
+                        if lend:
+                            # marked before the links exist: a crash in between must not lose
+                            # the mark
+                            await self._lend(list(f.where.values()))
+                        outcome = await self._materialize(f, req, progress, fs, link_ok)
+                    break
+                except BlobMoved as e:
+                    # The tree was hidden, and is gone: build it again, the blob checked first.
+                    if not rebuilds_left:
+                        raise
+                    _rebuilding(progress, e, self.cache)
         finally:
             await self.spawner.run(fs.close)
         t3 = self.clock()
@@ -893,6 +907,26 @@ def _shown(facts: Mapping[str, str]) -> str:
 
 def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
     return {"resolve": t1 - t0, "fetch": t2 - t1, "materialize": t3 - t2, "total": t3 - t0}
+
+
+def _rebuilding(progress: Progress, e: BlobMoved, cache: Cache) -> None:
+    """A restore builds its tree again (REBUILDS): said in a warning; the counts start over,
+    but for the bytes fetched from elsewhere than the tiers (they were)."""
+    log.warning("%s; building the tree again", e.message)
+    progress.warnings.append(
+        {
+            "warning": "rebuilt",
+            "digest": e.digest.hex(),
+            "path": e.path,
+            "message": f"{e.message}: the copy was not handed over, and the tree is built again",
+        }
+    )
+    tiers = {t.name for t in cache.tiers}
+    fetched = collections.Counter(
+        {k: v for k, v in progress.fill.by_source.items() if k not in tiers}
+    )
+    progress.fill = FillProgress(by_source=fetched)
+    progress.phase, progress.done_files = "fetch", 0
 
 
 def _by_source(fill: FillProgress, cache: Cache) -> dict[str, int]:

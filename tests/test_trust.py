@@ -35,6 +35,7 @@ from harness import (
     rmtree,
     short_tmp,
     small_ext4,
+    stream,
     tree_digest,
 )
 
@@ -861,6 +862,53 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
         spawner.close()
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("meddle", ["link", "write"])
+def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
+    """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
+    copy restore runs while the test links the blob again, as another restore would ("link":
+    only its ctime moves), or writes through the link and puts the mtime back ("write"). The
+    copy that saw the blob move is not handed over; the restore builds its hidden tree again,
+    the blob checked first (re-hashed; a bad one fetched again), says so in a `rebuilt`
+    warning, and hands over the published bytes."""
+    src = work / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
+    (src / "small.txt").write_text("small")
+    want = tree_digest(src)
+    raced = False
+    with daemon(work, access={"link_to_writers": True}) as d:
+        d.publish(src, "t/big")
+        for attempt in range(8):  # the copy lasts tens of milliseconds: meddle inside it
+            lent = work / f"l{attempt}" / "big.bin"
+            out = d.restore("t/big", lent.parent, mode="link")  # (lends the blob now)
+            assert out["event"] == "result", out
+            assert out["linked"] == 2, out
+            target = work / f"c{attempt}"
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                body = {"ref": "t/big", "target": str(target), "mode": "copy"}
+                job = pool.submit(stream, d.socket, "/v1/restore", body)
+                build = f".{target.name}.hostd-*/**/big.bin"
+                wait_for(lambda j=job, b=build: j.done() or any(work.glob(b)), step=0)
+                if meddle == "link":
+                    os.link(lent, work / f"another{attempt}")
+                else:
+                    st = lent.stat()
+                    with open(lent, "r+b") as f:
+                        f.write(b"EVIL")
+                    os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                events = job.result()
+            assert outcome(events)["event"] == "result", events[-1]
+            assert tree_digest(target) == want
+            assert not any(work.glob(".c*")), "a build left behind"
+            rebuilt = [e for e in events if e.get("warning") == "rebuilt"]
+            if rebuilt:
+                assert rebuilt[0]["path"] == "big.bin", rebuilt
+                assert "built again" in rebuilt[0]["message"], rebuilt
+                raced = True
+                break
+    assert raced, "every copy was over before the blob moved"
 
 
 def test_calls_sent_ahead_from_several_threads_each_get_their_own_answer(work: Path) -> None:
