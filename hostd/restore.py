@@ -912,14 +912,14 @@ def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
 def _rebuilding(progress: Progress, e: BlobMoved, cache: Cache) -> None:
     """A restore builds its tree again (REBUILDS): said in a warning; the counts start over,
     but for the bytes fetched from elsewhere than the tiers (they were)."""
-    log.warning("%s; building the tree again", e.message)
+    message = (
+        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, moved while it was copied (a "
+        "write through a link, or another restore's link): the copy was not handed over, and "
+        "the tree is built again"
+    )
+    log.warning("%s", message)
     progress.warnings.append(
-        {
-            "warning": "rebuilt",
-            "digest": e.digest.hex(),
-            "path": e.path,
-            "message": f"{e.message}: the copy was not handed over, and the tree is built again",
-        }
+        {"warning": "rebuilt", "digest": e.digest.hex(), "path": e.path, "message": message}
     )
     tiers = {t.name for t in cache.tiers}
     fetched = collections.Counter(
