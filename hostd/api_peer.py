@@ -208,7 +208,8 @@ def _query_int(request: web.Request, key: str, lo: int, hi: int, default: int | 
         if default is None:
             raise UsageError(f"query parameter {key!r} is required")
         return default
-    if not text.isdigit() or len(text) > 12 or not lo <= int(text) <= hi:
+    # (ASCII digits only: "²" is a digit int() refuses, "٧" one it reads as 7)
+    if not (text.isascii() and text.isdigit()) or len(text) > 12 or not lo <= int(text) <= hi:
         raise UsageError(f"query parameter {key!r} must be an integer {lo}..{hi}, got {text!r}")
     return int(text)
 

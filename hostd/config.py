@@ -626,8 +626,14 @@ def _peers(value: Any, base: Path | None) -> PeersConfig:
         return tuple(_address(a, f"peers.{key}[{i}]", False) for i, a in enumerate(items))
 
     secret = table.get("secret_file")
+    listen = _address(table.get("listen", "0.0.0.0:7460"), "peers.listen", True)
+    if not listen:
+        raise ConfigError(
+            "peers.listen",
+            "is empty: peers listen for each other; to turn them off, remove [peers]",
+        )
     return PeersConfig(
-        listen=_address(table.get("listen", "0.0.0.0:7460"), "peers.listen", True),
+        listen=listen,
         static=addresses("static"),
         dns=addresses("dns"),
         dns_refresh=_duration(table.get("dns_refresh", "10s"), "peers.dns_refresh", True),

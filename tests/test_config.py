@@ -586,6 +586,7 @@ BAD_VALUES = [
     ('origin = "file:///srv/t/origin"\n' + tier("a", "/srv/t"), "origin"),
     ("peers = 1", "peers"),
     ('[peers]\nlisten = "7460"', "peers.listen"),
+    ('[peers]\nlisten = ""', "peers.listen"),  # (no [peers] table: peers off)
     ('[peers]\nstatic = "10.0.0.1:7460"', "peers.static"),
     ('[peers]\nstatic = ["10.0.0.1"]', "peers.static[0]"),
     ('[peers]\nstatic = ["10.0.0.1:1", "10.0.0.2:0"]', "peers.static[1]"),

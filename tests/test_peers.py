@@ -980,6 +980,8 @@ def test_peer_api_answers_bad_requests_with_a_json_error(work: Path) -> None:
             (f"/v1/chunks/{good}?size=0", 400),
             (f"/v1/chunks/{good}?size=999999999999", 400),
             (f"/v1/chunks/{good}?size=10&codec=7", 400),
+            (f"/v1/chunks/{good}?size=%C2%B2", 400),  # "²": a digit to isdigit, not to int
+            (f"/v1/chunks/{good}?size=10&codec=%C2%B9", 400),
             (f"/v1/chunks/{good[:-1]}?size=10", 400),
             (f"/v1/chunks/{good}%0a?size=10", 400),  # $ would match before a newline
             (f"/v1/chunks/{good.upper()}?size=10", 400),
