@@ -38,6 +38,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import aiohttp
@@ -73,9 +74,11 @@ HOLDER_TRIES = 8  # holders asked per round
 
 class PeerFailure(Exception):
     """One peer could not serve one request. `kind` decides what happens to the peer:
-    dead (unreachable), rejected (401), stall and corrupt (struck), silent (it took a
-    pull-through and sent nothing: struck when again, core/members.py SILENT_STRIKE), self
-    (it is us), and missing, busy, failed (nothing: it is fine, it just has not got it)."""
+    dead (unreachable, or no connection made within the timeout), rejected
+    (401), stall and corrupt (struck), silent (it took a chunk request, 200, and sent nothing
+    for the wait, or hung up with nothing sent, or little after the timeout: struck when again,
+    core/members.py SILENT_STRIKE), self (it is us), and missing, busy, failed (nothing: it
+    is fine, it just has not got it, or broke off quickly)."""
 
     def __init__(self, kind: str, message: str, holders: list[str] | None = None) -> None:
         super().__init__(message)
@@ -276,6 +279,7 @@ class PeerClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
+                trace_configs=[_connections_told()],
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
             )
@@ -300,6 +304,7 @@ class PeerClient:
         self, name: str, method: str, target: str, body: bytes = b""
     ) -> aiohttp.ClientResponse:
         """Send a request; the answer's status and headers must come within `timeout`."""
+        told: dict[str, bool] = {}  # "connected", once a connection is made or reused
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._http().request(
@@ -308,11 +313,10 @@ class PeerClient:
                     data=body or None,
                     headers=self.headers(method, target, body),
                     allow_redirects=False,
+                    trace_request_ctx=told,
                 )
-        except TimeoutError:
-            raise PeerFailure(
-                "stall", f"peer {name} sent no answer in {self.timeout:g} s"
-            ) from None
+        except TimeoutError:  # (aiohttp's own connect timeout is one too)
+            raise _timed_out(name, self.timeout, told.get("connected", False)) from None
         except (aiohttp.ClientError, OSError) as e:
             raise PeerFailure("dead", f"peer {name}: {_cause(e)}") from None
 
@@ -348,7 +352,10 @@ class PeerClient:
                         f"peer {name} offered {resp.content_length} bytes for chunk "
                         f"{chunk.id.hex()} of {chunk.size}",
                     )
-                data = await self._body(name, resp, chunk, self.pull_wait if how == "pull" else 0)
+                # (the pull wait only where we asked for a pull: a holder's answer that says
+                # "pull" to a plain request gets the timeout)
+                first_wait = self.pull_wait if pull and how == "pull" else 0
+                data = await self._body(name, resp, chunk, first_wait)
             try:
                 if len(data) <= 256 * 1024:
                     codec.verify(chunk, data)
@@ -369,6 +376,7 @@ class PeerClient:
         got = 0
         wait = max(first_wait, self.timeout)
         loop = asyncio.get_running_loop()
+        began = loop.time()
         # and the whole body by then, however steadily it trickles (MIN_RATE)
         end = loop.time() + wait + self.timeout + chunk.size / MIN_RATE
         try:
@@ -393,11 +401,10 @@ class PeerClient:
                 why += f" ({got}/{chunk.size} bytes)"
             raise PeerFailure(kind, f"peer {name} {why}") from None
         except (aiohttp.ClientError, OSError) as e:
-            raise PeerFailure(
-                "failed", f"peer {name} broke off chunk {chunk.id.hex()}: {_cause(e)}"
-            ) from None
+            why = _cause(e)
+            raise _cut_short(name, chunk, got, loop.time() - began, self.timeout, why) from None
         if got != chunk.size:
-            raise PeerFailure("failed", f"peer {name} closed after {got} of {chunk.size} bytes")
+            raise _cut_short(name, chunk, got, loop.time() - began, self.timeout, "closed")
         return memoryview(buf)
 
     async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
@@ -439,9 +446,7 @@ class PeerClient:
                     writer.write("\r\n".join([*head, "", ""]).encode("latin-1"))
                     status, reason, raw = await _small_answer(reader, HEALTH_BYTES)
             except TimeoutError:
-                raise PeerFailure(
-                    "stall", f"peer {name} sent no answer in {self.timeout:g} s"
-                ) from None
+                raise _timed_out(name, self.timeout, writer is not None) from None
             except (ProtocolError, ValueError, UnicodeError) as e:  # (int() of a "digit")
                 raise PeerFailure("failed", f"peer {name} answered other than HTTP: {e}") from None
             except OSError as e:  # (refused, reset, closed before an answer: ConnectionClosed)
@@ -487,6 +492,46 @@ class PeerClient:
             self.stats.requests[(kind, result)] += 1
             if self.observe is not None:
                 self.observe(kind, result, time.monotonic() - started)
+
+
+def _connections_told() -> aiohttp.TraceConfig:
+    """Tells each request's context (`trace_request_ctx`, a dict) "connected" once its
+    connection is made or taken from the pool: a timeout before that is no host there."""
+
+    async def connected(_s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: object) -> None:
+        told = ctx.trace_request_ctx
+        if isinstance(told, dict):
+            told["connected"] = True
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(connected)
+    trace.on_connection_reuseconn.append(connected)
+    return trace
+
+
+def _timed_out(name: str, timeout: float, connected: bool) -> PeerFailure:
+    """A request that got no answer within `timeout`. Before a connection was made: no host
+    there (a SYN unanswered: switched off, or a full queue), dead, probed again after its
+    backoff; after: a member that stalls, struck for a while."""
+    if not connected:
+        return PeerFailure("dead", f"peer {name}: no connection in {timeout:g} s")
+    return PeerFailure("stall", f"peer {name} sent no answer in {timeout:g} s")
+
+
+def _cut_short(
+    name: str, chunk: Chunk, got: int, took: float, timeout: float, why: str
+) -> PeerFailure:
+    """A chunk's body that ended (`why`: closed, reset) `took` seconds after its 200, with
+    `got` bytes of it. Quickly, with some sent: "failed" (a member going away, or its own
+    pull failing half way: asked once more). With nothing sent, or after `timeout`: "silent",
+    counted (SILENT_STRIKE): a member that says yes and hangs up before any deadline it
+    could trip, however often, must not cost each chunk that time again and again."""
+    kind = "failed" if got and took < timeout else "silent"
+    return PeerFailure(
+        kind,
+        f"peer {name} took chunk {chunk.id.hex()}, then {why} after {got} of {chunk.size} "
+        f"bytes in {took:.1f} s",
+    )
 
 
 def _refused(name: str, status: int, reason: str | None, doc: dict[str, Any]) -> PeerFailure:
@@ -934,7 +979,7 @@ class PeerSource:
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
-        self.membership.roster.answered(name, self.membership.clock())
+        self.membership.roster.answered(name, self.membership.clock(), served=True)
         self.client.stats.chunks[(role, how)] += 1
         self.client.stats.bytes[(role, how)] += len(data)
         return data

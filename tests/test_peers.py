@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import promtool_check, sample, wait_for
 from test_small_files import small_tree
 
+from hostd.core import manifest as mf
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, SELF_REPROBE, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
@@ -181,8 +182,9 @@ def test_silent_pull_throughs_strike_when_in_a_row_and_an_answer_between_forgive
     r = Roster()
     r.update({"a:1": "static"}, 0.0)
     assert not r.silent_pull("a:1", 0.0, "sent nothing")  # once: a slow origin's, maybe
-    r.answered("a:1", 1.0)  # it served something: the count starts again
+    r.answered("a:1", 1.0, served=True)  # it served a chunk: the count starts again
     assert not r.silent_pull("a:1", 2.0, "sent nothing")
+    r.answered("a:1", 2.5, "node")  # a probe's answer (or a "missing") forgives nothing
     assert r.silent_pull("a:1", 3.0, "sent nothing")  # twice in a row: struck
     assert r.members["a:1"].state.value == "struck"
     assert not r.silent_pull("a:1", 3.5, "sent nothing")  # in flight when it went bad
@@ -586,6 +588,30 @@ class SilentPull(Member):
                 self.rfile.read(1)  # until the asker gives up and closes
 
 
+class HangsUp(Member):
+    """A member that says yes to everything: it holds every chunk asked about (`have`), takes
+    every chunk request, pull-through or not, with its size and "pull" (the asker's longest
+    wait), and hangs up without a byte HANG_UP_AFTER later: before any deadline trips."""
+
+    def do_POST(self) -> None:
+        asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.answer(200, json.dumps({"have": asked.get("ids", [])}).encode())
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/v1/chunks/"):
+            self.answer(200, json.dumps({"node": "hangs-up"}).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.size_asked()))
+        self.send_header("X-Hostd-Source", "pull")
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(HANG_UP_AFTER)  # then the handler returns: HTTP/1.0, the connection closes
+
+
+HANG_UP_AFTER = 3.0  # under the pull wait of the test below (2 x 2 s), over its timeout
+
+
 def wrong_bytes_peer(
     port: int, stop: threading.Event, handler: type[BaseHTTPRequestHandler] = WrongBytes
 ) -> threading.Thread:
@@ -698,6 +724,18 @@ def test_an_owner_whose_pull_throughs_never_send_a_byte_is_struck(work: Path) ->
         assert member(h, silent)["state"] == "struck"
         assert "sent nothing" in member(h, silent)["last_error"]
         assert sample(h.metrics(), "hostd_peer_strikes_total", reason="silent") == 1
+
+
+def test_a_member_that_takes_chunk_requests_and_hangs_up_is_struck(work: Path) -> None:
+    """It hung up each request just before the pull wait: "failed", which strikes no one and
+    is asked once more, so each chunk it owned cost twice the pull wait, for good; and its
+    "pull" on a plain request gave it the pull wait for the chunks it claimed to hold. Now a
+    plain request waits the timeout, and a request taken and hung up on without a byte counts
+    as a silent one: it is struck, and the restore goes on from the origin."""
+    quick = {"request_timeout": "1s"}
+    with restored_beside(work, HangsUp, timeout="2s", config=quick) as (h, bad, took):
+        assert member(h, bad)["state"] == "struck", member(h, bad)
+        assert took < 30
 
 
 class EchoesNode(Member):
@@ -877,6 +915,56 @@ def test_a_peer_that_accepts_and_never_answers_is_struck_after_the_timeout(work:
             assert sample(h.metrics(), "hostd_peer_strikes_total", reason="stall") >= 1
     finally:
         mute.close()
+
+
+def test_a_member_that_takes_no_connection_is_dead_not_struck(work: Path) -> None:
+    """A host that is off (no answer to a SYN; here, a listener whose queue is full) timed
+    out its probe's connect and was struck as a stalled peer: never probed while struck, it
+    stayed out of placement (30 s to 10 min) however soon it was back. It is dead: probed
+    again after its backoff."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    addr = f"127.0.0.1:{full.getsockname()[1]}"
+    taken = socket.create_connection(full.getsockname())  # the one its queue holds
+    try:
+        with Fleet(work, 1, extra=[addr], timeout="500ms") as fleet:
+            h = fleet.hosts[0]
+            wait_for(lambda: member(h, addr)["state"] != "live", "the member to be probed")
+            m = member(h, addr)
+            assert m["state"] == "dead", m
+            assert "no connection" in m["last_error"], m
+    finally:
+        taken.close()
+        full.close()
+
+
+async def test_a_request_that_times_out_is_dead_before_a_connection_and_a_stall_after() -> None:
+    """The same timeout, told apart by whether a connection was made: a chunk request to a
+    listener that takes connections and never answers stalls; to one that takes none (its
+    queue full: SYNs dropped, as to a host switched off), the member is dead."""
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    taken = socket.create_connection(full.getsockname())
+    client = PeerClient("me", None, 0.5, 1.0)
+    chunk = mf.Chunk(b"\x01" * 32, 10, mf.CODEC_RAW)
+    try:
+        for listener, kind in ((mute, "stall"), (full, "dead")):
+            name = f"127.0.0.1:{listener.getsockname()[1]}"
+            with pytest.raises(PeerFailure) as got:
+                await client.chunk(name, chunk, False)
+            assert got.value.kind == kind, got.value.message
+            with pytest.raises(PeerFailure) as got:
+                await client.health(name)
+            assert got.value.kind == kind, got.value.message
+    finally:
+        await client.close()
+        for s in (taken, full, mute):
+            s.close()
 
 
 def test_an_owner_that_is_down_is_marked_dead_and_others_serve(work: Path) -> None:

@@ -28,9 +28,9 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 STRIKE_BASE = 30.0
 STRIKE_MAX = 600.0
-# Pull-throughs in a row that a member took (200) and then sent nothing for, with nothing
-# served between, before it is struck: one is a slow origin's; two in a row, a member that
-# says yes to everything and delivers nothing.
+# Pull-throughs in a row that a member took (200) and then sent nothing for (or hung up on
+# without a byte), with no chunk served between, before it is struck: one is a slow origin's;
+# two in a row, a member that says yes to everything and delivers nothing.
 SILENT_STRIKE = 2
 # A member that answers 409 "self" (which our own server answers a request from us) is
 # probed again, at most this often: only a probe that reaches our own server makes it self.
@@ -57,7 +57,7 @@ class Member:
     struck_at: float = 0.0
     struck_until: float = 0.0
     last_error: str = ""
-    silent: int = 0  # pull-throughs in a row taken and then not a byte sent
+    silent: int = 0  # chunk requests in a row taken (200) and then not a byte sent
     node: str = ""  # its node id, once a probe has answered
     probed: bool = False
     probed_at: float = float("-inf")  # when a probe of it last began
@@ -172,8 +172,11 @@ class Roster:
         return min(times) if times else None
 
     # transitions ----------------------------------------------------------------------------
-    def answered(self, name: str, now: float, node: str = "") -> None:
-        """A probe or request got a proper answer: dead and rejecting members are live again."""
+    def answered(self, name: str, now: float, node: str = "", *, served: bool = False) -> None:
+        """A probe or request got a proper answer: dead and rejecting members are live again.
+        `served`: the answer was a chunk, verified: only that forgives silent pull-throughs
+        (a member that answers probes, or says "missing" to some chunks, while it takes the
+        others and hangs up, is counted all the same)."""
         m = self.members.get(name)
         if m is None:
             return
@@ -181,7 +184,8 @@ class Roster:
         if node:
             m.node = node
         m.failures = 0
-        m.silent = 0
+        if served:
+            m.silent = 0
         if m.state in (State.DEAD, State.REJECTING):
             self._set(m, State.LIVE, now)
             m.last_error = ""
