@@ -18,6 +18,7 @@ the cache's (hostd/cache.py).
 
 from __future__ import annotations
 
+import stat
 import weakref
 from array import array
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ def state_holds(seen: Stat, size: int, mtime_ns: int, ctime_ns: int, lent: bool,
     (Cache.unchanged says why)."""
     return (
         ctime_ns != UNKNOWN_CTIME
+        and stat.S_ISREG(seen[3])  # (an lstat: a symlink put at its name is no blob)
         and seen[0] == size
         and seen[1] == mtime_ns
         and mode_of(seen[3]) == mode

@@ -37,6 +37,7 @@ import enum
 import itertools
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -825,12 +826,7 @@ class Cache:
             # Each await below lets a new restore take hold of a victim chosen before it (or
             # a fill resume it, or a pin name it): check again right before acting, and
             # leave such a blob where it is.
-            if (
-                not b.attached
-                or self.is_held(d)
-                or self.snaps.pinned(d)
-                or (d, tier.name) in self._filling
-            ):
+            if self._taken(b, tier):
                 continue
             if not b.complete:  # a partial blob no fill uses: its chunks come again if asked
                 await self._forget(d, tier)
@@ -844,7 +840,7 @@ class Cache:
             if demotable and await self._demote(b, below):
                 freed += b.size
                 continue
-            if self.is_held(d) or not b.attached:
+            if demotable and self._taken(b, tier):  # (the demotion's awaits: as above)
                 continue
             await self._forget(d, tier)
             self.evictions[(tier.name, "delete")] += 1
@@ -854,6 +850,17 @@ class Cache:
             return True
         # some victims were taken meanwhile: choose again for what is still missing
         return freed > 0 and await self._make_room(tier, need - freed)
+
+    def _taken(self, b: Blob, tier: Tier) -> bool:
+        """Whether an eviction victim chosen before an await is no longer one to evict: no
+        longer the record, or now held, pinned or being filled."""
+        d = b.digest
+        return (
+            not b.attached
+            or self.is_held(d)
+            or self.snaps.pinned(d)
+            or (d, tier.name) in self._filling
+        )
 
     async def _demote(self, b: Blob, below: Sequence[Tier]) -> bool:
         for t in below:
@@ -916,14 +923,14 @@ class Cache:
         which this check (and rehash's before/after compare) cannot see.
 
         `seen`: the blob file's stat taken just before, `(size, mtime_ns, ctime_ns, mode)`, or the
-        errno of a failed one (fastcopy.stat_paths: a restore stats all its blobs at once,
+        errno of a failed one (fastcopy.lstat_paths: a restore stats all its blobs at once,
         off the loop); None: stat it now.
         """
         if b.ctime_ns == UNKNOWN_CTIME:
             return False  # never verified since the index was lost or migrated
         if seen is None:
             try:
-                st = os.stat(b.file)
+                st = os.lstat(b.file)
             except OSError:
                 return False
             seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
@@ -1132,11 +1139,13 @@ def rehash(
     Taking the stat after the hash instead would record a write that landed during it as good.
     `on_read(offset)` runs after each chunk is read (a test's hook into the middle of a hash).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # (no symlink followed, no FIFO waited on: a tier holds regular files alone)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         return Rehash(f"cannot open: {e.strerror}")
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Rehash("not a regular file")
         for _ in range(REHASH_ATTEMPTS):
             before = BlobStat.of(digest, os.fstat(fd))
             if before.size != size:
@@ -1163,7 +1172,7 @@ def _links(path: Path) -> int:
     """A blob file's link count (0: gone). A stat on the loop: a microsecond or two where the
     inode is cached, as a recently used blob's is."""
     try:
-        return os.stat(path).st_nlink
+        return os.lstat(path).st_nlink
     except OSError:
         return 0
 
@@ -1172,7 +1181,7 @@ def _allocated(path: Path, size: int) -> int | None:
     """The bytes a partial blob file holds (its allocated blocks, at most `size`); None if
     it is gone."""
     try:
-        return min(size, os.stat(path).st_blocks * 512)
+        return min(size, os.lstat(path).st_blocks * 512)
     except OSError:
         return None
 

@@ -42,9 +42,10 @@ the answer is one outcome per job, in order: `(size, mtime_ns, ctime_ns)` of the
 or `(errno, stage)` (STAGES names the stage; `blob_error` makes it an OSError naming the
 path). A job that failed leaves no scratch file, and no unnamed one, behind.
 
-`stat_paths(paths)`: the stat of each path, `(size, mtime_ns, ctime_ns)`, or the errno where
-it failed: a warm restore checks every blob it uses this way (fill.py), ~6 µs a blob from
-Python's os.stat, ~1.5 µs here, and not on the event loop.
+`lstat_paths(paths)`: the lstat of each path (a symlink is not followed: a tier's files are
+regular files, and one that is not is no blob), `(size, mtime_ns, ctime_ns, st_mode)`, or
+the errno where it failed: a warm restore checks every blob it uses this way (fill.py), ~6
+µs a blob from Python's os.stat, ~1.5 µs here, and not on the event loop.
 
 `link_files(jobs)`: `link` restores (materialize.py), per job `(src_dirfd, src_rel,
 dst_dirfd, name)`, a linkat without following symlinks; the errno of each (0: linked).
@@ -147,7 +148,7 @@ class _Extension(Protocol):
     def write_blobs(
         self, jobs: Sequence[BlobJob], threads: int, replace: int, /
     ) -> list[Written | Failed]: ...
-    def stat_paths(self, paths: Sequence[str], threads: int = 1, /) -> list[Stat | int]: ...
+    def lstat_paths(self, paths: Sequence[str], threads: int = 1, /) -> list[Stat | int]: ...
     def link_files(self, jobs: Sequence[LinkJob], threads: int = 1, /) -> list[int]: ...
     def open_paths(self, paths: Sequence[str], /) -> list[int]: ...
     def fstat_fds(self, fds: Sequence[int], /) -> list[FdStat]: ...
@@ -165,7 +166,7 @@ def _load() -> tuple[_Extension | None, str]:
         for n in (
             "create_files",
             "write_blobs",
-            "stat_paths",
+            "lstat_paths",
             "link_files",
             "open_paths",
             "fstat_fds",
@@ -330,12 +331,12 @@ def _scratch_dev(scratch: str, devs: dict[str, int]) -> int:
 STAT_SPLIT = 512
 
 
-def stat_paths(paths: Sequence[str]) -> list[Stat | int]:
-    """Each path's stat, or the errno where it failed (IMPLEMENTATION's loop)."""
-    return native_stat_paths(paths) if IMPLEMENTATION == "native" else twin_stat_paths(paths)
+def lstat_paths(paths: Sequence[str]) -> list[Stat | int]:
+    """Each path's lstat, or the errno where it failed (IMPLEMENTATION's loop)."""
+    return native_lstat_paths(paths) if IMPLEMENTATION == "native" else twin_lstat_paths(paths)
 
 
-def native_stat_paths(paths: Sequence[str], threads: int | None = None) -> list[Stat | int]:
+def native_lstat_paths(paths: Sequence[str], threads: int | None = None) -> list[Stat | int]:
     """The compiled loop (RuntimeError where it was not built), on two threads for a batch
     of STAT_SPLIT or more (`threads` None): a stat is ~2.5 µs of path walk, and a warm
     restore of 10,000 files stats every blob before it can start."""
@@ -343,14 +344,14 @@ def native_stat_paths(paths: Sequence[str], threads: int | None = None) -> list[
         raise RuntimeError(WHY_NOT_NATIVE)
     if threads is None:
         threads = 2 if len(paths) >= STAT_SPLIT else 1
-    return _EXT.stat_paths(paths, threads)
+    return _EXT.lstat_paths(paths, threads)
 
 
-def twin_stat_paths(paths: Sequence[str]) -> list[Stat | int]:
+def twin_lstat_paths(paths: Sequence[str]) -> list[Stat | int]:
     out: list[Stat | int] = []
     for p in paths:
         try:
-            st = os.stat(p)
+            st = os.lstat(p)
         except OSError as e:
             out.append(_errno(e))
         else:

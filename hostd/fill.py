@@ -37,7 +37,7 @@ from hostd.cache import Blob, Cache, Rehash, Verdict
 from hostd.core.manifest import FileEntry
 from hostd.durable import Durability
 from hostd.errors import ChunkCorrupt, ChunkMissing, TierError, first_error
-from hostd.fastcopy import Stat, stat_paths
+from hostd.fastcopy import Stat, lstat_paths
 from hostd.fetch import ByteBudget, Fetcher
 from hostd.sources import adjacent
 from hostd.tier import BlobCopyCorrupt, BlobStat, PartialBlob, Tier, blob_mode
@@ -368,7 +368,7 @@ class Filler:
             return {}
 
         def stat_all() -> dict[bytes, tuple[Blob, Stat | int]]:
-            seen = stat_paths([b.file for b in blobs])
+            seen = lstat_paths([b.file for b in blobs])
             return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
 
         return await asyncio.to_thread(stat_all) if len(blobs) > 16 else stat_all()

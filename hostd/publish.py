@@ -536,7 +536,7 @@ class _SmallStore:
         # (One stat call for the batch, in C off the GIL: a Python stat each cost the store,
         # the publish's busiest stage, ~40 ms a 10,000 files.)
         names = list(self.blobs)
-        seen = fastcopy.stat_paths([self.tier.blob_file(d) for d in names])
+        seen = fastcopy.lstat_paths([self.tier.blob_file(d) for d in names])
         new = [d for d, st in zip(names, seen, strict=True) if isinstance(st, int)]
         got = self.tier.write_new([(d, *self.blobs[d]) for d in new], "storing a published blob")
         stats: dict[bytes, BlobStat] = {}

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,8 @@ from hostd.core.manifest import Chunk
 from hostd.errors import HostdError, TierError, os_cause
 from hostd.fileio import copy_range, libc, start_writeback, syncfs
 from hostd.lock import private_dir
+
+log = logging.getLogger(__name__)
 
 BLOB_MODE = 0o444
 # A blob installed for a file that is readable and executable by everyone: linked, it shows
@@ -156,12 +160,43 @@ def _unlink_if(path: Path, ino: int | None) -> bool:
     if ino is None:
         return False
     try:
-        if os.stat(path).st_ino != ino:
+        if os.lstat(path).st_ino != ino:
             return False
-        os.unlink(path)
     except FileNotFoundError:
         return False
+    _clear(path)
     return True
+
+
+def _clear(path: str | Path) -> None:
+    """Remove whatever is at `path` in a tier (a file, or a directory and all it holds:
+    nothing of a tier's own is a directory where a blob goes, and hostd never follows a
+    symlink there); nothing if there is nothing."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)  # (by descriptor: it follows no symlink inside either)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _stray(path: str, what: str) -> None:
+    """Remove `what` found at `path`, a name in a tier that holds only hostd's own files:
+    put there by hand (root), and never a blob."""
+    log.warning("tier: removing %s: %s, not a blob file", path, what)
+    try:
+        _clear(path)
+    except OSError as e:
+        log.warning("tier: could not remove %s: %s", path, os_cause(e))
+
+
+def _kind(st_mode: int) -> str:
+    if stat.S_ISDIR(st_mode):
+        return "a directory"
+    if stat.S_ISLNK(st_mode):
+        return "a symlink"
+    return "no regular file"
 
 
 def digest_of(
@@ -403,7 +438,7 @@ class Tier:
 
     def stat_blob(self, digest: bytes) -> BlobStat | None:
         try:
-            st = os.stat(self.blob_path(digest))
+            st = os.lstat(self.blob_path(digest))
         except FileNotFoundError:
             return None
         return BlobStat.of(digest, st)
@@ -420,7 +455,11 @@ class Tier:
         is a file gone between its directory's listing and its stat."""
         root = str(self.blobs_dir)
         for sub in _listdir(root):
-            yield _found(f"{root}/{sub}")
+            d = f"{root}/{sub}"
+            if _is_prefix(sub) and not _is_dir(d):  # (where blobs/<xx> goes: none could)
+                _stray(d, "no directory")
+                continue
+            yield _found(d)
 
     def partial_blobs(self) -> list[Found]:
         """The partial blobs on disk (their .have files aside), as complete_blobs."""
@@ -429,19 +468,17 @@ class Tier:
     def inode(self, digest: bytes, *, partial: bool = False) -> int | None:
         """The inode of the blob's (or partial blob's) file now; None if there is none."""
         try:
-            return os.stat(self.partial_path(digest) if partial else self.blob_path(digest)).st_ino
+            return os.lstat(self.partial_path(digest) if partial else self.blob_path(digest)).st_ino
         except OSError:
             return None
 
     def remove_blob(self, digest: bytes) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.blob_path(digest))
+        _clear(self.blob_path(digest))
 
     def remove_partial(self, digest: bytes) -> None:
         p = self.partial_path(digest)
         for q in (p, p.with_name(p.name + ".have")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(q)
+            _clear(q)
 
     def remove_blob_if(self, digest: bytes, ino: int | None) -> None:
         """Remove the blob's file if it is still inode `ino` (`inode`, taken when its record
@@ -456,8 +493,7 @@ class Tier:
         than making a new one, is not told apart: it fails at its install, with an error.)"""
         p = self.partial_path(digest)
         if _unlink_if(p, ino) or ino is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p.with_name(p.name + ".have"))
+            _clear(p.with_name(p.name + ".have"))
 
     def install(self, scratch: Path, digest: bytes, *, partial: bool = True) -> BlobStat:
         """Rename a finished file (read-only, verified, its mtime set) into blobs/ as `digest`.
@@ -471,16 +507,28 @@ class Tier:
         dest = self.blob_path(digest)
         try:
             os.rename(scratch, dest)
-        except FileNotFoundError:  # the first blob under this prefix: one syscall otherwise
-            if not os.path.exists(scratch):
+        except OSError as e:  # the first blob under this prefix: one syscall otherwise
+            if e.errno not in _IN_THE_WAY or not os.path.exists(scratch):
                 raise
-            dest.parent.mkdir(exist_ok=True)
+            self._make_way(dest)
             os.rename(scratch, dest)
         if partial:
             self.remove_partial(digest)  # a leftover of an earlier, interrupted fill
         # Taken after the rename (which moves ctime): the file was written by us alone, in
         # this private tier, so this stat is of the verified bytes.
         return BlobStat.of(digest, os.stat(dest))
+
+    def _make_way(self, dest: str | Path) -> None:
+        """Make blob name `dest` one a file can be renamed to: its blobs/<xx> directory made
+        (a stray where it goes removed), and a directory at the name itself removed."""
+        parent = os.path.dirname(dest)
+        if not _is_dir(parent):
+            if os.path.lexists(parent):
+                _stray(parent, "no directory")
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent, 0o700)
+        if _is_dir(str(dest)):
+            _stray(str(dest), "a directory")
 
     def install_new(self, scratch: Path, digest: bytes) -> BlobStat | None:
         """`install` (partial=False) where no file has the name yet; None (and `scratch`
@@ -576,6 +624,13 @@ class Tier:
         ]
         out: list[BlobStat | TierError | None] = []
         got = fastcopy.write_blobs(jobs, replace=replace)
+        blocked = [i for i, r in enumerate(got) if len(r) == 2 and r[0] in _IN_THE_WAY]
+        if blocked:  # something at a name, or at its blobs/<xx>, that no blob can be: once
+            for i in blocked:
+                self._make_way(jobs[i][1])
+            again = fastcopy.write_blobs([jobs[i] for i in blocked], replace=replace)
+            for i, r in zip(blocked, again, strict=True):
+                got[i] = r
         for (digest, *_, mode), job, r in zip(blobs, jobs, got, strict=True):
             if len(r) == 3:
                 out.append(BlobStat(digest, *r, mode))
@@ -692,15 +747,41 @@ def _stat_of(digest: bytes, st: fastcopy.Stat) -> BlobStat:
 
 def _found(d: str) -> list[Found]:
     """The blob files in directory `d`: (digest, stat) of each name that is an id, stat in
-    one fastcopy.stat_paths call (in C where it was built)."""
+    one fastcopy.lstat_paths call (in C where it was built). What sits at such a name and
+    is no regular file (a directory, a symlink: put there by hand) is removed."""
     ids: list[bytes] = []
     paths: list[str] = []
     for name in _listdir(d):
         if (digest := _id(name)) is not None:
             ids.append(digest)
             paths.append(f"{d}/{name}")
-    stats = fastcopy.stat_paths(paths)
-    return [(digest, st) for digest, st in zip(ids, stats, strict=True) if not isinstance(st, int)]
+    stats = fastcopy.lstat_paths(paths)
+    out: list[Found] = []
+    for digest, path, st in zip(ids, paths, stats, strict=True):
+        if isinstance(st, int):
+            continue
+        if not stat.S_ISREG(st[3]):
+            _stray(path, _kind(st[3]))
+            continue
+        out.append((digest, st))
+    return out
+
+
+# Errors of a rename (or link) into blobs/ that something in the way gives: no blobs/<xx>
+# directory, or a file there; a directory at the blob's own name.
+_IN_THE_WAY = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY)
+
+
+def _is_prefix(name: str) -> bool:
+    """Whether `name` is a blobs/<xx> directory's (two lowercase hex digits)."""
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _id(name: str) -> bytes | None:

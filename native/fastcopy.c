@@ -52,7 +52,7 @@
  * (errno, stage) where it failed: stage 0 open, 1 write, 2 futimens, 3 fchmod, 4 close,
  * 5 rename, 6 mkdir, 7 stat. A job that failed before its rename leaves no scratch behind.
  *
- * stat_paths(paths): stat() of each path (following symlinks, as os.stat), without the GIL.
+ * lstat_paths(paths): lstat() of each path (a symlink is not followed), without the GIL.
  * One answer per path, in order: (size, mtime_ns, ctime_ns, st_mode), or the errno where it
  * failed.
  *
@@ -679,10 +679,10 @@ done:
     return result;
 }
 
-/* ---- stat_paths, link_files, open_paths ----------------------------------------------------- */
+/* ---- lstat_paths, link_files, open_paths ----------------------------------------------------- */
 
 struct named {
-    PyObject *a, *b; /* bytes from PyUnicode_FSConverter; b unused by stat_paths */
+    PyObject *a, *b; /* bytes from PyUnicode_FSConverter; b unused by lstat_paths */
     int fd_a, fd_b;
     int err;
     struct stat st;
@@ -700,15 +700,15 @@ static void named_free(struct named *v, Py_ssize_t n) {
 
 static int stat_one(void *ctx, size_t i) {
     struct named *v = &((struct named *)ctx)[i];
-    v->err = stat(PyBytes_AS_STRING(v->a), &v->st) < 0 ? errno : 0;
+    v->err = lstat(PyBytes_AS_STRING(v->a), &v->st) < 0 ? errno : 0;
     return 0; /* each stat is independent: the others go on */
 }
 
-static PyObject *stat_paths(PyObject *self, PyObject *args) {
+static PyObject *lstat_paths(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq_in;
     int threads = 1;
-    if (!PyArg_ParseTuple(args, "O|i:stat_paths", &seq_in, &threads))
+    if (!PyArg_ParseTuple(args, "O|i:lstat_paths", &seq_in, &threads))
         return NULL;
     PyObject *seq = PySequence_Fast(seq_in, "paths must be a sequence");
     if (seq == NULL)
@@ -976,9 +976,9 @@ static PyMethodDef methods[] = {
      "\n\n"
      "Write each job's blob (see hostd/fastcopy.py) on `threads` threads without the GIL; "
      "one outcome per job, in order."},
-    {"stat_paths", stat_paths, METH_VARARGS,
-     "stat_paths(paths, threads=1) -> [(size, mtime_ns, ctime_ns, st_mode) | errno]\n\n"
-     "stat() each path on `threads` threads without the GIL; one outcome per path, in "
+    {"lstat_paths", lstat_paths, METH_VARARGS,
+     "lstat_paths(paths, threads=1) -> [(size, mtime_ns, ctime_ns, st_mode) | errno]\n\n"
+     "lstat() each path on `threads` threads without the GIL; one outcome per path, in "
      "order."},
     {"link_files", link_files, METH_VARARGS,
      "link_files(jobs, threads=1) -> [errno]\n\n"

@@ -489,6 +489,38 @@ async def test_a_victim_already_in_a_lower_tier_is_just_deleted(env: Env) -> Non
     assert used(cache) == {"mem": 600, "disk": 600}
 
 
+async def test_a_victim_pinned_while_its_demotion_failed_is_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eviction chose a blob, tried to demote it (awaits: the copy runs on a thread), and
+    the copy failed (its bytes were bad): the blob was deleted, checked for a hold but not
+    for a pin that came meanwhile. A pinned blob stays (its bad bytes are the next use's
+    re-hash to find)."""
+    cache = env.open()
+    mem, disk = cache.tiers
+    a = env.file("a", 600)
+    await env.put(cache, a, [mem])
+    m = mf.build(chunk_size=CS, files=[a])
+    cache.record_snapshot(m)
+    write_through(mem.blob_path(a.digest), b"X", append=False)  # the copy's hash fails
+    loop = asyncio.get_running_loop()
+    real_copy_in = disk.copy_in
+
+    def pinned_meanwhile(*args: Any, **kw: Any) -> BlobStat:
+        async def pin() -> None:
+            cache.set_pinned(m.snapshot_id, True)
+
+        asyncio.run_coroutine_threadsafe(pin(), loop).result()
+        return real_copy_in(*args, **kw)
+
+    monkeypatch.setattr(disk, "copy_in", pinned_meanwhile)
+    b = env.file("b", 600)
+    with contextlib.suppress(TierError):  # (mem: nothing else to evict)
+        await env.put(cache, b, [mem])
+    assert where(cache, a) == [("mem", True)]
+    assert mem.blob_path(a.digest).exists()
+
+
 async def test_pinned_snapshot_blobs_are_never_evicted(tmp_path: Path) -> None:
     env = Env(tmp_path, {"only": 1000})
     try:

@@ -892,3 +892,43 @@ def test_cli_commands(work: Path) -> None:
         assert sid in p.stdout
         assert "\x1b" not in p.stdout + p.stderr
     cli_fails("status", *s, code=4)  # the daemon is gone
+
+
+def test_what_is_put_at_a_blobs_name_behind_hostd_is_never_handed_out(work: Path) -> None:
+    """Root, by hand, while the daemon runs: a blob's file swapped for a symlink to a copy
+    outside the tier (same bytes, same mtime), another for a directory. Link restores linked
+    the symlink itself into the client's tree (whoever controls the outside path controls
+    what the file shows), and a dropped record over a directory was an internal error, in
+    the restore and in gc. Neither is a blob: the next use finds the name changed, re-hashes
+    it (a regular file only, no symlink followed), drops it, fetches it again."""
+    from hostd.core.ids import chunk_id, file_digest
+
+    src = work / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a" * 3000)
+    (src / "b.txt").write_bytes(b"b" * 5000)
+    (src / "c.txt").write_bytes(b"c" * 7000)
+    with Hostd(work / "d", access={"link_to_writers": True}) as d:
+        d.publish(src, "t/odd")
+        mem = Path(d.tiers[0]["path"])
+
+        def blob(name: str) -> Path:
+            data = (src / name).read_bytes()
+            h = file_digest([(chunk_id(data), len(data))]).hex()
+            return mem / "blobs" / h[:2] / h
+
+        outside = work / "outside"
+        shutil.copy2(blob("a.txt"), outside)
+        blob("a.txt").unlink()
+        blob("a.txt").symlink_to(outside)
+        blob("b.txt").unlink()
+        (blob("b.txt") / "inside").mkdir(parents=True)
+        for i, mode in enumerate(("link", "auto", "copy")):
+            out = d.restore("t/odd", work / f"t{i}", mode=mode)
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t{i}") == tree_digest(src)  # (a symlink: "link")
+        assert not blob("a.txt").is_symlink()
+        assert not blob("b.txt").is_dir()
+        assert outside.read_bytes() == b"a" * 3000  # not followed, not removed
+        status, answer = d.api("POST", "/v1/gc", {})
+        assert status == 200, answer

@@ -181,11 +181,11 @@ async def test_a_warm_blob_dropped_after_its_stat_is_fetched_again_not_announced
     await rig.ensure(files)
     victim = files[30]
     loop = asyncio.get_running_loop()
-    stat_paths = hostd.fastcopy.stat_paths
+    lstat_paths = hostd.fastcopy.lstat_paths
     removing: list[asyncio.Future[None]] = []
 
     def stat_then_drop(paths: Sequence[str]) -> list[Any]:  # on the stat thread
-        out = stat_paths(paths)
+        out = lstat_paths(paths)
         if not removing:  # record and file both gone before the warm path goes on
             removed = asyncio.run_coroutine_threadsafe(
                 rig.cache.remove(victim.digest, rig.mem), loop
@@ -194,7 +194,7 @@ async def test_a_warm_blob_dropped_after_its_stat_is_fetched_again_not_announced
             removed.result(DEADLINE)
         return out
 
-    monkeypatch.setattr(hostd.fill, "stat_paths", stat_then_drop)
+    monkeypatch.setattr(hostd.fill, "lstat_paths", stat_then_drop)
     stale: list[bytes] = []
 
     def ready(digest: bytes, b: Blob) -> None:

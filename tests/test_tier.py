@@ -528,3 +528,77 @@ def test_a_digest_hashed_on_several_threads_is_the_file_digest(
             digest_of(fd, len(data) + 4096, 4096)
     finally:
         os.close(fd)
+
+
+def test_a_scan_removes_what_is_no_blob_file_at_the_names_blobs_go(
+    tier: Tier, tmp_path: Path
+) -> None:
+    """A tier holds hostd's own regular files; what root put there by hand at a name a blob
+    goes (a symlink to a file outside, a directory, a file where blobs/<xx> goes, a
+    directory in partial/) is no blob. It was taken for one (a symlink was linked into
+    trees; a directory stopped the daemon's start, or every restore of its snapshot); the
+    scan removes it, following nothing."""
+    keep = tier.write_whole(REAL, DATA)
+    outside = tmp_path / "outside"
+    outside.write_bytes(DATA)
+    linked = Path(tier.blob_file(bytes.fromhex("11" * 32)))
+    linked.parent.mkdir()
+    linked.symlink_to(outside)
+    dir_blob = Path(tier.blob_file(bytes.fromhex("22" * 32)))
+    dir_blob.parent.mkdir()
+    (dir_blob / "inside").mkdir(parents=True)
+    prefix = tier.blobs_dir / "33"
+    prefix.write_bytes(b"where a directory goes")
+    dir_partial = tier.partial_path(OTHER)
+    dir_partial.mkdir()
+
+    complete, partial = tier.scan()
+
+    assert [b.digest for b in complete] == [keep.digest]
+    assert partial == []
+    for p in (linked, dir_blob, prefix, dir_partial):
+        assert not os.path.lexists(p), p
+    assert outside.read_bytes() == DATA  # not followed
+    assert tier.blob_path(REAL).read_bytes() == DATA
+
+
+@pytest.mark.parametrize("way", ["directory", "prefix_file"])
+@pytest.mark.parametrize("how", ["write_whole", "write_wholes", "install"])
+def test_a_blob_is_installed_past_what_is_in_its_way(tier: Tier, way: str, how: str) -> None:
+    """A directory at a blob's name, or a file where its blobs/<xx> goes, made every fill of
+    that blob fail ("Is a directory"), for good: what is in the way goes."""
+    dest = tier.blob_path(REAL)
+    if way == "directory":
+        (dest / "inside").mkdir(parents=True)
+    else:
+        dest.parent.write_bytes(b"x")
+    if how == "write_whole":
+        got = tier.write_whole(REAL, DATA)
+    elif how == "write_wholes":
+        (r,) = tier.write_wholes([(REAL, DATA, None, BLOB_MODE)])
+        assert not isinstance(r, TierError), r
+        got = r
+    else:
+        scratch = tier.tmp_dir / "scratch"
+        scratch.write_bytes(DATA)
+        scratch.chmod(BLOB_MODE)
+        got = tier.install(scratch, REAL, partial=False)
+    assert got.size == len(DATA)
+    assert stat.S_ISREG(os.lstat(dest).st_mode)
+    assert dest.read_bytes() == DATA
+
+
+def test_a_record_dropped_over_a_directory_removes_it(tier: Tier) -> None:
+    """Dropping a record whose name holds a directory (put there while hostd ran) raised
+    IsADirectoryError out of eviction and gc: an internal error, and the gc ended early."""
+    dest = tier.blob_path(REAL)
+    (dest / "inside").mkdir(parents=True)
+    tier.remove_blob_if(REAL, tier.inode(REAL))
+    assert not os.path.lexists(dest)
+    (dest / "inside").mkdir(parents=True)
+    tier.remove_blob(REAL)
+    assert not os.path.lexists(dest)
+    part = tier.partial_path(REAL)
+    part.mkdir()
+    tier.remove_partial(REAL)
+    assert not os.path.lexists(part)
