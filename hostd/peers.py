@@ -725,12 +725,14 @@ class Membership:
             self._challenges[challenge] = end
 
     def heard_from(self, name: str, node: str) -> None:
-        """A member asked us something with the cluster's proof: it is up. A host that starts
-        probes every member, so the others stop counting it dead at once rather than when
-        their backoff runs out (they would place chunks differently meanwhile)."""
-        m = self.roster.get(name)
-        if m is not None and node != self.client.node:
-            self.roster.answered(name, self.clock(), node)
+        """A member asked us something with the cluster's proof: where we count it dead (or
+        rejecting), it may be back. A host that starts probes every member, so the others
+        probe it now (one probe at a time) rather than when their backoff runs out (they
+        would place chunks differently meanwhile). Not taken for an answer itself: the name
+        is the sender's to choose, and anyone with the secret could bring a member that is
+        gone back into the placement, or forgive one its silent requests."""
+        if node != self.client.node and self.roster.probe_soon(name):
+            self._wake.set()
 
     def report(self, name: str, e: PeerFailure) -> None:
         """Act on a failed request to `name`."""

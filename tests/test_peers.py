@@ -896,6 +896,44 @@ async def test_a_self_probe_that_stalled_once_is_settled_by_a_later_one() -> Non
     await client.close()
 
 
+async def test_a_signed_request_naming_a_dead_member_asks_for_a_probe_and_revives_nothing() -> None:
+    """A request with the cluster's proof made the member it names (the sender's to choose)
+    live at once: anyone with the secret could bring a member that is gone back into the
+    placement. It asks for a probe now instead, and only the member's own answer revives
+    it."""
+    now = [1000.0]
+
+    class Flaky(PeerClient):
+        up = False
+
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            if not self.up:
+                raise PeerFailure("dead", f"peer {name}: connection refused")
+            return {"node": "theirs"}, ("127.0.0.1", 40000)
+
+    client = Flaky("me", None, 5.0, 10.0)
+    other = "10.0.0.2:7460"
+    m = Membership((other,), (), 10.0, client, clock=lambda: now[0])
+    await m.refresh()
+    for _ in range(8):  # down for a while: its backoff grows to a minute
+        for due in m.roster.due(now[0]):
+            await m.probe(due)
+        now[0] = max(now[0], m.roster.members[other].retry_at)
+    member_ = m.roster.members[other]
+    assert member_.state is State.DEAD
+    now[0] = member_.probed_at + 1
+    assert m.roster.due(now[0]) == []  # its backoff has not run out
+    m.heard_from(other, "forged")
+    assert member_.state is State.DEAD  # a claim, no answer
+    assert m.roster.due(now[0]) == [member_]  # probed now
+    client.up = True
+    await m.probe(member_)
+    assert m.roster.members[other].state is State.LIVE  # (read again: it changed)
+    await client.close()
+
+
 def test_a_peer_that_accepts_and_never_answers_is_struck_after_the_timeout(work: Path) -> None:
     src = big_tree(work / "src")
     mute = socket.socket()
@@ -1103,7 +1141,7 @@ def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
     with h:
         _code, st = h.api("GET", "/v1/status")
         assert st["peers"] is None
-        assert "peers are OFF" in h.log()
+        wait_for(lambda: "peers are OFF" in h.log(), "the log to say peers are off")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

@@ -217,6 +217,15 @@ class Roster:
         m.probed = False
         return True
 
+    def probe_soon(self, name: str) -> bool:
+        """Probe a dead or rejecting member in the prober's next round, its backoff aside
+        (it asked us something: it may be back). Whether it will be."""
+        m = self.members.get(name)
+        if m is None or m.state not in (State.DEAD, State.REJECTING) or not m.probed:
+            return False
+        m.probed = False
+        return True
+
     def silent_pull(self, name: str, now: float, why: str) -> bool:
         """It took a pull-through and sent nothing for the pull wait. Whether that struck it
         (SILENT_STRIKE in a row)."""
