@@ -532,6 +532,12 @@ class AsUser:
             e.landed = landed  # type: ignore[attr-defined]
             raise
 
+    def reopen(self, paths: Sequence[str]) -> list[int]:
+        """Descriptors, open for reading, of files this restore made (relative to the
+        target); the caller closes them."""
+        _, fds = self.call("reopen", nfds=len(paths), paths=list(paths))
+        return fds
+
     def parts(self, paths: Sequence[str]) -> tuple[list[str], list[int]]:
         """Make a progressive restore's files that the daemon writes in ranges, each under
         a scratch name: those names (relative to the target) and a descriptor of each, open

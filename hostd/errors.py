@@ -88,10 +88,11 @@ class ChunkCorrupt(HostdError):
 
 
 class BlobMoved(ChunkCorrupt):
-    """A lent blob's state (size, mtime, ctime) moved while a restore copied it: a write
-    through a link, or only a link another restore made (which moves the ctime as a write
-    does). The copy is not handed over; a restore whose tree is still hidden builds it
-    again, once the blob has been checked again."""
+    """A lent blob's state (size, mtime, ctime) moved while a restore copied it, and the
+    copy, read back, does not hash right: a write through a link reached it. (A link another
+    restore made moves the ctime too, but leaves the copy whole.) The copy is not handed
+    over; a restore whose tree is still hidden builds it again, once the blob has been
+    checked again."""
 
     def __init__(self, digest: bytes, path: str) -> None:
         super().__init__(

@@ -721,6 +721,23 @@ class Helper:
             with contextlib.suppress(OSError):
                 os.unlink(job[1], dir_fd=job[0])
 
+    def op_reopen(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Descriptors, open for reading, of files this tree made (`paths`, by its own
+        directory descriptors, no symlink followed): the daemon re-reads copies whose blob
+        moved while they were made, to hash them."""
+        out: list[int] = []
+        try:
+            for path in map(str, msg["paths"]):
+                up, _, leaf = path.rpartition("/")
+                if up not in self.dirs or not leaf:
+                    raise Refused("usage", f"{path!r}: not a file of this tree")
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                out.append(os.open(leaf, flags, dir_fd=self.dirs[up]))
+        except BaseException:
+            _close_all(out)
+            raise
+        return {"ok": True}, out
+
     def op_parts(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A progressive restore's files that the daemon writes a verified range at a time
         (its `ranges`): each made empty under a scratch name, only the caller may read it,

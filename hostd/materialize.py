@@ -847,10 +847,10 @@ def _send_files(
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: the state of a blob lent when its batch was opened, or by the time the helper
-    answered (another restore's link), is compared before and after, and a copy that saw it
-    move is not handed over (BlobMoved: the restore builds its tree again, and the blob is
-    re-hashed first). One lent while copied moves even if no one wrote it: the link itself
-    moves its ctime."""
+    answered (another restore's link), is compared before and after. One lent while copied
+    moves even if no one wrote it (the link itself moves its ctime): a copy that saw its
+    blob move is read back and hashed, and handed over only if whole (else BlobMoved: the
+    restore builds its tree again, and the blob is re-hashed first)."""
     if largest_first:
         copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
     sent: collections.deque[_Sent] = collections.deque()
@@ -869,7 +869,7 @@ def _send_files(
                 except BaseException:
                     opened.close()
                     raise
-                sent.append(_Sent(opened, job, lent))
+                sent.append(_Sent(opened, job, lent, fs))
                 while len(sent) > AHEAD:
                     sent.popleft().finish(done)
             while sent:
@@ -931,11 +931,13 @@ class _Sent:
     opened: _Opened
     job: concurrent.futures.Future[None]
     lent: Callable[[bytes], bool] = lambda _: False
+    fs: AsUser | None = None  # (to re-read a copy whose blob moved)
 
     def finish(self, done: _Done) -> None:
         """Wait for the helper's answer, check the lent blobs (then or now) did not move
-        meanwhile. Files of a failed batch that landed are told all the same (progressive,
-        kept)."""
+        meanwhile, or else that their copies hash right (a link another restore made moves
+        the blob's ctime as a write does). Files of a failed batch that landed are told all
+        the same (progressive, kept)."""
         o = self.opened
         try:
             try:
@@ -946,12 +948,47 @@ class _Sent:
                 raise
             check = [i for i, was in enumerate(o.lent) if was or self.lent(o.batch[i].digest)]
             after = _states([o.fds[i] for i in check]) if check else []
-            for i, now in zip(check, after, strict=True):
-                if now != o.before[i]:
-                    raise BlobMoved(o.batch[i].digest, o.batch[i].path)
+            moved = [o.batch[i] for i, now in zip(check, after, strict=True) if now != o.before[i]]
+            if moved:
+                bad = _badly_copied(self.fs, moved)
+                if bad is not None:
+                    raise BlobMoved(bad.digest, bad.path)
+                log.info(
+                    "%d copies whose lent blob moved while they were made (a link, or a write "
+                    "that missed them) were read back: they hash right",
+                    len(moved),
+                )
         finally:
             o.close()
         done.add(o.batch)
+
+
+def _badly_copied(fs: AsUser | None, files: list[mf.FileEntry]) -> mf.FileEntry | None:
+    """Of copies whose blob moved while they were made, the first whose bytes (read back
+    through the helper) do not hash to the file's chunks; None if every one does."""
+    if fs is None:
+        return files[0]
+    try:
+        fds = fs.reopen([f.path for f in files])
+    except (HostdError, OSError) as e:
+        log.warning("could not read back copies to check them: %s", e)
+        return files[0]
+    try:
+        for f, fd in zip(files, fds, strict=True):
+            if os.fstat(fd).st_size != f.size:
+                return f
+            at = 0
+            for c in f.chunks:
+                buf = bytearray(c.size)
+                pread_into(fd, memoryview(buf), at)
+                if not verify_chunk(c.id, buf):
+                    return f
+                at += c.size
+    except (OSError, EOFError):
+        return files[0]
+    finally:
+        close_fds(fds)
+    return None
 
 
 def _states(fds: list[int]) -> list[tuple[int, int, int]]:

@@ -52,8 +52,8 @@ TOUCH_BATCH = 4096
 RANGED_FILES = 256  # a progressive restore's files written by range at most (a descriptor each)
 LEND_BATCH = 1024  # lent marks: a row each
 LOOKUP_PARALLEL = 8  # ref reads a resolve makes at once
-# Times a restore builds its hidden tree again after a lent blob moved while it was copied
-# (errors.BlobMoved): another restore's link moves the blob's ctime as a write would.
+# Times a restore builds its hidden tree again after a copy of a lent blob that moved while
+# it was made did not hash right read back (errors.BlobMoved: a write through a link).
 REBUILDS = 2
 MISS_SHOWN = 3  # published fact sets a miss lists
 # A load order's work (pathfilter.order_work: pattern characters x paths) done on the loop;
@@ -913,9 +913,8 @@ def _rebuilding(progress: Progress, e: BlobMoved, cache: Cache) -> None:
     """A restore builds its tree again (REBUILDS): said in a warning; the counts start over,
     but for the bytes fetched from elsewhere than the tiers (they were)."""
     message = (
-        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, moved while it was copied (a "
-        "write through a link, or another restore's link): the copy was not handed over, and "
-        "the tree is built again"
+        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, was written to through a link "
+        "while it was copied: the copy was not handed over, and the tree is built again"
     )
     log.warning("%s", message)
     progress.warnings.append(

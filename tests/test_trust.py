@@ -790,11 +790,13 @@ def test_a_killed_daemon_leaves_no_build_directory(work: Path) -> None:
 
 class _WrittenDuringCopy(AsUser):
     """A writer holding a link writes the blob while the helper copies it: the one moment
-    no test can hit for real, so this helper's `files` does it right after the real copy."""
+    no test can hit for sure, so this helper's `files` does it right before the real copy
+    (the copy gets the write) or right after it (the copy is whole, the blob moved)."""
 
     blob: Path
     lends: bool  # whether the blob is ever lent: from the start (lent) or as the write comes
     lent: bool
+    before: bool  # the write lands before the copy reads the blob
 
     def is_lent(self, _digest: bytes) -> bool:
         return self.lends and self.lent
@@ -802,12 +804,15 @@ class _WrittenDuringCopy(AsUser):
     def files(
         self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
     ) -> None:
-        super().files(items, fds)
+        if not self.before:
+            super().files(items, fds)
         self.lent = True
         st = self.blob.stat()
         with open(self.blob, "r+b") as f:
             f.write(b"EVIL")
         os.utime(self.blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if self.before:
+            super().files(items, fds)
 
 
 def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
@@ -825,16 +830,19 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
         wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
         caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
         # lent: never, from the start, or only once the copy was under way (another
-        # restore's link to a writer, which wrote at once)
-        for lent, expect_ok in (("no", True), ("yes", False), ("meanwhile", False)):
+        # restore's link to a writer, which wrote at once); the write before the copy read
+        # the blob, or after. A copy whose blob moved is read back: handed over if whole.
+        cases = [("no", "after", True), ("yes", "after", True), ("meanwhile", "after", True)]
+        cases += [("yes", "before", False), ("meanwhile", "before", False)]
+        for lent, when, expect_ok in cases:
             sock, pidfd = spawner.spawn()
             fs = _WrittenDuringCopy(caller, sock, pidfd)
             fs.blob = blob
-            fs.lends, fs.lent = lent != "no", lent == "yes"
+            fs.lends, fs.lent, fs.before = lent != "no", lent == "yes", when == "before"
             _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
             fs.root_fd = fds[0]
             try:
-                fs.target(f"{home}/out-{lent}", False)
+                fs.target(f"{home}/out-{lent}-{when}", False)
                 job = functools.partial(
                     materialize,
                     m,
@@ -846,7 +854,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
                     cancel=threading.Event(),
                     lent=fs.is_lent,
                 )
-                if expect_ok:  # not lent: no writer holds a link, the copy is what it read
+                if expect_ok:  # not lent (no writer holds a link), or read back whole
                     job()
                 else:
                     with pytest.raises(ChunkCorrupt, match="written to through a link"):
@@ -856,8 +864,10 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             blob.chmod(0o644)
             blob.write_bytes(data)
             blob.chmod(0o444)
-        assert sorted(p.name for p in home.iterdir()) == ["out-no"], "no build left"
-        assert (home / "out-no" / "weights.bin").read_bytes() == data
+        made = ["out-meanwhile-after", "out-no-after", "out-yes-after"]
+        assert sorted(p.name for p in home.iterdir()) == made, "no build left"
+        for name in made:
+            assert (home / name / "weights.bin").read_bytes() == data
     finally:
         spawner.close()
         sleeper.kill()
@@ -868,10 +878,11 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
 def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
     """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
     copy restore runs while the test links the blob again, as another restore would ("link":
-    only its ctime moves), or writes through the link and puts the mtime back ("write"). The
-    copy that saw the blob move is not handed over; the restore builds its hidden tree again,
-    the blob checked first (re-hashed; a bad one fetched again), says so in a `rebuilt`
-    warning, and hands over the published bytes."""
+    only its ctime moves), or writes through the link, at the file's end, and puts the mtime
+    back ("write"). Either failed the restore. A copy that saw its blob move is read back:
+    whole (the link), it is handed over; not (the write), the restore builds its hidden tree
+    again, the blob checked first (re-hashed; a bad one fetched again), says so in a
+    `rebuilt` warning, and hands over the published bytes."""
     src = work / "src"
     src.mkdir()
     (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
@@ -896,6 +907,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
                 else:
                     st = lent.stat()
                     with open(lent, "r+b") as f:
+                        f.seek(-4, os.SEEK_END)  # (where the copy has not come yet)
                         f.write(b"EVIL")
                     os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
                 events = job.result()
@@ -903,7 +915,12 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
             assert tree_digest(target) == want
             assert not any(work.glob(".c*")), "a build left behind"
             rebuilt = [e for e in events if e.get("warning") == "rebuilt"]
-            if rebuilt:
+            if meddle == "link":
+                assert not rebuilt, rebuilt  # read back: whole
+                if "were read back: they hash right" in d.log():
+                    raced = True
+                    break
+            elif rebuilt:
                 assert rebuilt[0]["path"] == "big.bin", rebuilt
                 assert "built again" in rebuilt[0]["message"], rebuilt
                 raced = True
