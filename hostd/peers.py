@@ -76,9 +76,9 @@ class PeerFailure(Exception):
     """One peer could not serve one request. `kind` decides what happens to the peer:
     dead (unreachable, or no connection made within the timeout), rejected
     (401), stall and corrupt (struck), silent (it took a chunk request, 200, and sent nothing
-    for the wait, or hung up with nothing sent, or little after the timeout: struck when again,
-    core/members.py SILENT_STRIKE), self (it is us), and missing, busy, failed (nothing: it
-    is fine, it just has not got it, or broke off quickly)."""
+    for the wait, or hung up on it after the timeout: struck when again, core/members.py
+    SILENT_STRIKE), self (it is us), and missing, busy, failed (nothing: it is fine, it just
+    has not got it, or broke off within the timeout: going away, or its own pull failed)."""
 
     def __init__(self, kind: str, message: str, holders: list[str] | None = None) -> None:
         super().__init__(message)
@@ -522,11 +522,12 @@ def _cut_short(
     name: str, chunk: Chunk, got: int, took: float, timeout: float, why: str
 ) -> PeerFailure:
     """A chunk's body that ended (`why`: closed, reset) `took` seconds after its 200, with
-    `got` bytes of it. Quickly, with some sent: "failed" (a member going away, or its own
-    pull failing half way: asked once more). With nothing sent, or after `timeout`: "silent",
-    counted (SILENT_STRIKE): a member that says yes and hangs up before any deadline it
-    could trip, however often, must not cost each chunk that time again and again."""
-    kind = "failed" if got and took < timeout else "silent"
+    `got` bytes of it. Within `timeout`: "failed" (a member going away, or its own pull
+    failing: an origin that refused it, which strikes no one; asked once more). Later:
+    "silent", counted (SILENT_STRIKE), as if we had given up waiting: a member that says yes
+    and hangs up just before any deadline it could trip cost each chunk the pull wait, twice,
+    for good; now a timeout at most, and it is struck."""
+    kind = "failed" if took < timeout else "silent"
     return PeerFailure(
         kind,
         f"peer {name} took chunk {chunk.id.hex()}, then {why} after {got} of {chunk.size} "

@@ -530,7 +530,7 @@ class Restorer:
                     # The tree was hidden, and is gone: build it again, the blob checked first.
                     if not rebuilds_left:
                         raise
-                    _rebuilding(progress, e, self.cache)
+                    _rebuilding(progress, e)
         finally:
             await self.spawner.run(fs.close)
         t3 = self.clock()
@@ -909,9 +909,10 @@ def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
     return {"resolve": t1 - t0, "fetch": t2 - t1, "materialize": t3 - t2, "total": t3 - t0}
 
 
-def _rebuilding(progress: Progress, e: BlobMoved, cache: Cache) -> None:
-    """A restore builds its tree again (REBUILDS): said in a warning; the counts start over,
-    but for the bytes fetched from elsewhere than the tiers (they were)."""
+def _rebuilding(progress: Progress, e: BlobMoved) -> None:
+    """A restore builds its tree again (REBUILDS): said in a warning; the counts start over
+    (`bytes_by_source` then tells where the tree's bytes came from, its total the snapshot's,
+    as always: what the first pass fetched is in the metrics)."""
     message = (
         f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, was written to through a link "
         "while it was copied: the copy was not handed over, and the tree is built again"
@@ -920,11 +921,7 @@ def _rebuilding(progress: Progress, e: BlobMoved, cache: Cache) -> None:
     progress.warnings.append(
         {"warning": "rebuilt", "digest": e.digest.hex(), "path": e.path, "message": message}
     )
-    tiers = {t.name for t in cache.tiers}
-    fetched = collections.Counter(
-        {k: v for k, v in progress.fill.by_source.items() if k not in tiers}
-    )
-    progress.fill = FillProgress(by_source=fetched)
+    progress.fill = FillProgress()
     progress.phase, progress.done_files = "fetch", 0
 
 

@@ -457,7 +457,9 @@ class Tier:
         for sub in _listdir(root):
             d = f"{root}/{sub}"
             if _is_prefix(sub) and not _is_dir(d):  # (where blobs/<xx> goes: none could)
-                _stray(d, "no directory")
+                log.warning("tier: removing %s: no directory, where blobs go", d)
+                with contextlib.suppress(OSError):  # (unlink takes no directory)
+                    os.unlink(d)
                 continue
             yield _found(d)
 
@@ -519,14 +521,20 @@ class Tier:
         return BlobStat.of(digest, os.stat(dest))
 
     def _make_way(self, dest: str | Path) -> None:
-        """Make blob name `dest` one a file can be renamed to: its blobs/<xx> directory made
-        (a stray where it goes removed), and a directory at the name itself removed."""
+        """Make blob name `dest` one a file can be renamed to: its blobs/<xx> directory made,
+        a file or symlink where it goes unlinked first (never a directory: another install
+        may have made it since our rename failed, and its blob be in it already), and a
+        directory at the blob's name itself removed (nothing of hostd's is one)."""
         parent = os.path.dirname(dest)
-        if not _is_dir(parent):
-            if os.path.lexists(parent):
-                _stray(parent, "no directory")
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(parent, 0o700)
+        try:
+            os.mkdir(parent)
+        except FileExistsError:
+            if not _is_dir(parent):
+                log.warning("tier: removing %s: no directory, where blobs go", parent)
+                with contextlib.suppress(OSError):  # (unlink takes no directory)
+                    os.unlink(parent)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(parent)
         if _is_dir(str(dest)):
             _stray(str(dest), "a directory")
 

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -736,6 +737,39 @@ def test_a_member_that_takes_chunk_requests_and_hangs_up_is_struck(work: Path) -
     with restored_beside(work, HangsUp, timeout="2s", config=quick) as (h, bad, took):
         assert member(h, bad)["state"] == "struck", member(h, bad)
         assert took < 30
+
+
+def test_an_owner_whose_own_origin_pull_fails_is_not_struck(work: Path) -> None:
+    """An honest owner whose origin lost the objects for a moment hangs up the pull-throughs
+    it took (it cannot serve them): that is "failed", not a member hanging up on purpose,
+    and strikes no one; the next restore still gets from it what it holds."""
+    a, b = big_tree(work / "a", seed=3), big_tree(work / "b", seed=4)
+    with Fleet(work, 2) as fleet:
+        h0, h1 = fleet.hosts
+        origin = work / "origin"
+        fleet.publish(a, "m/a")
+        before = {p for p in origin.rglob("*") if p.is_file()}
+        fleet.publish(b, "m/b")
+        out = h1.restore("m/a", work / "t1a")  # h1 holds a's chunks now
+        assert out["event"] == "result", out
+        hidden = work / "hidden"
+        hidden.mkdir()
+        moved = []
+        for p in origin.rglob("*"):  # b's packs and chunks go for a moment
+            rel = p.relative_to(origin)
+            if p.is_file() and p not in before and rel.parts[0] not in ("refs", "manifests"):
+                moved.append((p, hidden / rel.as_posix().replace("/", "_")))
+        for p, dst in moved:
+            shutil.move(p, dst)
+        out = h0.restore("m/b", work / "t0b")
+        assert out["event"] == "error", out
+        for p, dst in moved:
+            shutil.move(dst, p)
+        out = h0.restore("m/a", work / "t0a")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "t0a") == tree_digest(a)
+        assert member(h0, fleet.addrs[1])["state"] == "live"
+        assert out["bytes_by_source"]["peer"] > 0
 
 
 class EchoesNode(Member):

@@ -602,3 +602,35 @@ def test_a_record_dropped_over_a_directory_removes_it(tier: Tier) -> None:
     part.mkdir()
     tier.remove_partial(REAL)
     assert not os.path.lexists(part)
+
+
+def test_installs_racing_into_a_new_prefix_all_land(tmp_path: Path) -> None:
+    """Clearing the way for a blob (a file where blobs/<xx> goes) took a blobs/<xx> that
+    another install had just made for a stray, and removed it, that blob in it: four
+    installs at once into a new prefix lost one in twenty. Nothing made is removed."""
+    lost = 0
+    for r in range(150):
+        t = Tier("mem", tmp_path / f"t{r}", budget=1 << 30)
+        t.prepare()
+        digests = [bytes([0xAB]) + os.urandom(31) for _ in range(4)]
+        scratch = []
+        for i in range(4):
+            p = t.tmp_dir / f"s{i}"
+            p.write_bytes(DATA[:100])
+            scratch.append(p)
+        start = threading.Barrier(4)
+
+        def install(t: Tier, start: threading.Barrier, src: Path, digest: bytes) -> None:
+            start.wait()
+            t.install(src, digest, partial=False)
+
+        threads = [
+            threading.Thread(target=install, args=(t, start, scratch[i], digests[i]))
+            for i in range(4)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        lost += sum(not t.blob_path(d).exists() for d in digests)
+    assert lost == 0

@@ -911,8 +911,10 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
                         f.write(b"EVIL")
                     os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
                 events = job.result()
-            assert outcome(events)["event"] == "result", events[-1]
+            out = outcome(events)
+            assert out["event"] == "result", out
             assert tree_digest(target) == want
+            assert sum(out["bytes_by_source"].values()) == out["bytes"], out  # (one pass's)
             assert not any(work.glob(".c*")), "a build left behind"
             rebuilt = [e for e in events if e.get("warning") == "rebuilt"]
             if meddle == "link":
