@@ -48,7 +48,7 @@ from hostd.cache import Cache, Verdict
 from hostd.core import manifest as mf
 from hostd.core import peerauth
 from hostd.core.ids import is_hex_id
-from hostd.errors import HostdError, NotFound, UsageError
+from hostd.errors import ChunkCorrupt, HostdError, NotFound, UsageError
 from hostd.fileio import send_range
 from hostd.fill import Filler
 from hostd.peers import (
@@ -62,6 +62,7 @@ from hostd.peers import (
     Membership,
     OriginPull,
     PeerStats,
+    PullGate,
     Uploads,
 )
 
@@ -72,6 +73,10 @@ Where = tuple[Path, int] | bytes | memoryview | None
 Held = tuple[int, int] | bytes | memoryview | None  # the same, the file opened: (fd, offset)
 
 MAX_BODY = 80 * MAX_HAVE_IDS + 1024  # a `have` request
+# Bodies read before their proof is checked (the proof covers them), at once: anyone who can
+# reach the port may send one, and each is held whole until its proof is checked (up to
+# MAX_BODY for `timeout`): past this many, 503 (~21 MB at most, not 2,048 per address).
+UNPROVEN_BODIES = 64
 
 
 class Unauthorized(HostdError):
@@ -103,6 +108,8 @@ class PeerServer:
 
     def __post_init__(self) -> None:
         self.uploads = Uploads(self.max_uploads)
+        self.pulls = PullGate(clock=time.monotonic)
+        self.unproven = 0  # request bodies being read before their proof is checked
         self.pool = ThreadPoolExecutor(self.max_uploads, thread_name_prefix="hostd-sendfile")
 
     def __repr__(self) -> str:
@@ -165,7 +172,16 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         t, _, _ = peerauth.parse(header)  # cheap checks before the body is read
         peerauth.check_time(t, srv.clock())
-        body = await _read_body(request, srv)
+        if request.can_read_body and request.method != "POST":
+            raise UsageError(f"a {request.method} request takes no body")
+        if request.can_read_body and srv.unproven >= UNPROVEN_BODIES:
+            srv.stats.refused["busy"] += 1
+            return _busy("this host is reading as many unproven request bodies as it may", [])
+        srv.unproven += request.can_read_body
+        try:
+            body = await _read_body(request, srv)
+        finally:
+            srv.unproven -= request.can_read_body
         if body is None:  # cut: too slow (counted, not logged: anyone can do it)
             srv.stats.refused["slow"] += 1
             return web.Response(status=408)
@@ -241,26 +257,32 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     want = mf.Chunk(cid, size, codec, _packed(request, size) if pull else None)
     where = await _open_held(srv, want)
     asker = request.headers.get(NAME_HEADER, "")[:300]
+    address = request.remote or ""
+    reads = max(size, want.packed.length if want.packed is not None else 0)
     try:
         if where is None and not pull:
             srv.stats.refused["missing"] += 1
             raise NotFound(f"chunk {cid.hex()} is not held here")
-        if (hint := await srv.uploads.admit(cid, asker, srv.patience)) is not None:
-            srv.stats.refused["busy"] += 1
-            return web.json_response(
-                {
-                    "error": "busy",
-                    "message": f"this host is busy uploading ({srv.uploads.limit} at once)",
-                    "holders": hint,
-                },
-                status=503,
+        if where is None and (barred := srv.pulls.barred(address)):
+            srv.stats.refused["barred"] += 1
+            raise NotFound(
+                f"chunk {cid.hex()} is not held here, and no pull is made for {address} for "
+                f"{barred:.0f} s: one it asked for did not verify"
             )
-        with srv.uploads.taken():
-            try:
-                resp, served = await _send(request, srv, want, where)
-            except ConnectionError:  # the asker hung up (a hedge it lost, a restore cancelled)
-                _cut(request)
-                return web.Response(status=499)  # never sent: the connection is gone
+        if where is None and srv.pulls.full(address, reads):
+            srv.stats.refused["busy"] += 1
+            return _busy(f"{address} has as many pulls in flight here as it may", [])
+        # (counted from here, before any await: its other requests meanwhile see it)
+        with srv.pulls.pulling(address, reads if where is None else 0):
+            if (hint := await srv.uploads.admit(cid, asker, srv.patience)) is not None:
+                srv.stats.refused["busy"] += 1
+                return _busy(f"this host is busy uploading ({srv.uploads.limit} at once)", hint)
+            with srv.uploads.taken():
+                try:
+                    resp, served = await _send(request, srv, want, where)
+                except ConnectionError:  # the asker hung up (a lost hedge, a cancelled restore)
+                    _cut(request)
+                    return web.Response(status=499)  # never sent: the connection is gone
     finally:
         if isinstance(where, tuple):
             os.close(where[0])
@@ -292,7 +314,18 @@ async def _send(
         try:
             data = await srv.pull.fetch(want, PULL_PRIORITY)
         except HostdError as e:
-            log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)
+            address = request.remote or ""
+            if isinstance(e, ChunkCorrupt):  # (what it named at the origin is not the chunk)
+                barred = srv.pulls.failed(address)
+                log.warning(
+                    "peer pull of chunk %s for %s did not verify: no pull for it for %.0f s (%s)",
+                    want.id.hex(),
+                    address,
+                    barred,
+                    e.message,
+                )
+            else:
+                log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)
             _cut(request)
             return resp, "failed"
         if len(data) != want.size:  # cannot be: the flight is keyed by id, size and codec
@@ -314,6 +347,10 @@ async def _send(
                 raise ConnectionResetError("the asker did not read the chunk in time") from None
         await resp.write_eof()
     return resp, served
+
+
+def _busy(message: str, holders: list[str]) -> web.Response:
+    return web.json_response({"error": "busy", "message": message, "holders": holders}, status=503)
 
 
 def _cut(request: web.Request) -> None:

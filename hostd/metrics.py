@@ -293,10 +293,11 @@ class PeerCollector(Collector):
         yield from (served, served_bytes)
         refused = CounterMetricFamily(
             "hostd_peer_refused",
-            "Peer requests this host refused, by reason (unauthorized, missing, busy).",
+            "Peer requests this host refused, by reason (unauthorized, missing, busy, barred: "
+            "a pull for an address whose last pull did not verify).",
             labels=["reason"],
         )
-        for r in ("unauthorized", "missing", "busy"):
+        for r in ("unauthorized", "missing", "busy", "barred"):
             refused.add_metric([r], st.refused[r])
         yield refused
 

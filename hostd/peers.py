@@ -218,6 +218,75 @@ class Uploads:
         return got[:4]
 
 
+# Pull-throughs an asking address may have in flight at one owner, in bytes read from the
+# origin (one at least, whatever its size): an asker can make the owner read up to a chunk's
+# most (256 MiB) from its origin with one request of a few hundred bytes.
+PULL_BYTES_PER_ASKER = 64 << 20
+# An address whose pull did not verify (it named bytes at the origin that are not the chunk
+# it named: an honest host names what a verified manifest says) gets no pull for this long,
+# doubling per repeat within PULL_PENALTY_MAX, at most PULL_PENALTY_MAX.
+PULL_PENALTY = 60.0
+PULL_PENALTY_MAX = 3600.0
+PULL_ASKERS_KEPT = 4096  # addresses whose penalty is remembered (the oldest forgotten first)
+
+
+class PullGate:
+    """The owner's bounds on the pull-throughs each asking address makes it do: bytes in
+    flight (PULL_BYTES_PER_ASKER), and none for a while after one that did not verify
+    (PULL_PENALTY). Keyed by the address the request came from: the node id and member name
+    a request carries are the sender's to choose."""
+
+    def __init__(
+        self, budget: int = PULL_BYTES_PER_ASKER, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.budget = budget
+        self.clock = clock
+        self._flying: dict[str, int] = {}
+        self._penalties: OrderedDict[str, tuple[float, int]] = OrderedDict()  # until, count
+
+    def __repr__(self) -> str:
+        return f"PullGate({len(self._flying)} asking, {len(self._penalties)} penalized)"
+
+    def barred(self, address: str) -> float:
+        """Seconds left of `address`'s penalty (0: none)."""
+        got = self._penalties.get(address)
+        return max(0.0, got[0] - self.clock()) if got is not None else 0.0
+
+    def full(self, address: str, nbytes: int) -> bool:
+        """Whether `address` has as many bytes of pulls in flight as it may, with `nbytes` more."""
+        flying = self._flying.get(address, 0)
+        return flying > 0 and flying + nbytes > self.budget
+
+    @contextlib.contextmanager
+    def pulling(self, address: str, nbytes: int) -> Iterator[None]:
+        """A pull-through for `address` of `nbytes` in flight while the body runs."""
+        if nbytes <= 0:
+            yield
+            return
+        self._flying[address] = self._flying.get(address, 0) + nbytes
+        try:
+            yield
+        finally:
+            left = self._flying.get(address, 0) - nbytes
+            if left > 0:
+                self._flying[address] = left
+            else:
+                self._flying.pop(address, None)
+
+    def failed(self, address: str) -> float:
+        """A pull `address` asked for did not verify: bar it. The penalty's seconds."""
+        now = self.clock()
+        until, count = self._penalties.pop(address, (0.0, 0))
+        if now - until > PULL_PENALTY_MAX:
+            count = 0  # an old one is forgiven
+        count += 1
+        took = min(PULL_PENALTY_MAX, PULL_PENALTY * 2.0 ** (count - 1))
+        self._penalties[address] = (now + took, count)
+        while len(self._penalties) > PULL_ASKERS_KEPT:
+            self._penalties.popitem(last=False)
+        return took
+
+
 class OriginPull:
     """The origin behind its own single flight, shared by this host's fills and the pulls
     other hosts ask of it as owner; a chunk this host owns is kept in the buffer."""

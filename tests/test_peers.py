@@ -32,15 +32,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import promtool_check, sample, wait_for
 from test_small_files import small_tree
 
+from hostd.api_peer import MAX_BODY, UNPROVEN_BODIES
 from hostd.core import manifest as mf
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, SELF_REPROBE, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
 from hostd.peers import (
+    PULL_PENALTY,
+    PULL_PENALTY_MAX,
     ChunkBuffer,
     Membership,
     PeerClient,
     PeerFailure,
+    PullGate,
     Uploads,
     _is_local,
     is_local_ip,
@@ -1073,6 +1077,111 @@ def peer_request(
         return resp.status, json.loads(raw) if raw else {}
     finally:
         conn.close()
+
+
+def test_a_pull_that_does_not_verify_bars_its_asker_from_pulls_for_a_while(work: Path) -> None:
+    """A pull-through names where the chunk lies at the origin; a request of a few hundred
+    bytes that names a real pack's bytes under another chunk id made the owner read them
+    (up to 256 MiB), find they are not the chunk, and cut the connection, and the next one
+    the same, for ever. The asking address gets no pull for a while after one: the next is
+    refused (404, counted), while what the owner holds is still served to it."""
+    src = small_tree(work / "src", n=20)
+    with Fleet(work, 1, secret=False, allow_unauthenticated=True) as fleet:
+        pub = fleet.publish(src)
+        h = fleet.hosts[0]
+        origin = work / "origin"
+        m = mf.decode(next((origin / "manifests").iterdir()).read_bytes())
+        packed = [c for f in m.files for c in f.chunks if c.packed is not None]
+        assert packed, pub
+        c = packed[0]
+        p = c.packed
+        assert p is not None
+        where = f"pull=1&pack={p.pack.hex()}&off={p.offset}&len={p.length}&psize={p.pack_size}"
+        liar = f"/v1/chunks/{'ab' * 32}?size={c.size}&{where}"  # real bytes, not that chunk
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            peer_request(fleet.addrs[0], liar)  # read, not verified: cut
+        got, body = peer_request(fleet.addrs[0], f"/v1/chunks/{'cd' * 32}?size={c.size}&{where}")
+        assert got == 404, body
+        assert "did not verify" in body["message"], body
+        honest = f"/v1/chunks/{c.id.hex()}?size={c.size}&{where}"
+        got, body = peer_request(fleet.addrs[0], honest)
+        assert got == 404, body  # a pull still: barred
+        assert sample(h.metrics(), "hostd_peer_refused_total", reason="barred") == 2
+        out = h.restore("m/w", work / "t")  # the owner holds it now
+        assert out["event"] == "result", out
+        host, port = fleet.addrs[0].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", f"/v1/chunks/{c.id.hex()}?size={c.size}")
+            resp = conn.getresponse()
+            assert resp.status == 200  # held: served
+            assert len(resp.read()) == c.size
+        finally:
+            conn.close()
+
+
+def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> None:
+    """A request whose proof only parses (no secret needed) had its body, up to MAX_BODY,
+    read and held before the proof was checked, for up to the timeout, on as many
+    connections as the guard allows (a thousand from one address: +260 MiB). Past
+    UNPROVEN_BODIES at once the answer is 503; a GET takes no body at all."""
+    with Fleet(work, 1) as fleet:
+        host, port = fleet.addrs[0].rsplit(":", 1)
+        forged = peerauth.sign(os.urandom(24), "POST", "/v1/have", int(time.time()), "x" * 16)
+        head = (
+            f"POST /v1/have HTTP/1.1\r\nHost: {host}\r\nAuthorization: {forged}\r\n"
+            f"Content-Length: {MAX_BODY - 1}\r\n\r\n"
+        ).encode() + b"{" * 1000  # then nothing more: the body is never whole
+        held = []
+        try:
+            for _ in range(UNPROVEN_BODIES):
+                s = socket.create_connection((host, int(port)), timeout=10)
+                s.sendall(head)
+                held.append(s)
+            deadline = time.monotonic() + 20
+            while True:  # (the server reads what was sent on its own time)
+                got, body = peer_request(
+                    fleet.addrs[0],
+                    "/v1/have",
+                    {"Authorization": forged},
+                    method="POST",
+                    body=b"{}",
+                )
+                if got == 503 or time.monotonic() > deadline:
+                    break
+            assert got == 503, body
+            assert "unproven" in body["message"], body
+        finally:
+            for s in held:
+                s.close()
+        got, body = peer_request(
+            fleet.addrs[0], "/v1/health", {"Authorization": forged}, body=b"x" * 10
+        )
+        assert got == 400, body
+        assert "takes no body" in body["message"], body
+
+
+def test_a_pull_gate_bounds_bytes_in_flight_per_address_and_bars_for_longer_each_time() -> None:
+    now = [0.0]
+    gate = PullGate(budget=100, clock=lambda: now[0])
+    assert not gate.full("a", 500)  # one at least, whatever its size
+    with gate.pulling("a", 60):
+        assert gate.full("a", 50)
+        assert not gate.full("a", 40)
+        assert not gate.full("b", 50)  # each address its own
+    assert not gate.full("a", 500)
+    with gate.pulling("a", 0), gate.pulling("a", 10):  # (a held chunk's: nothing to count)
+        pass
+    assert not gate.full("a", 500)
+    assert gate.barred("a") == 0
+    assert gate.failed("a") == PULL_PENALTY
+    now[0] += PULL_PENALTY / 2
+    assert gate.barred("a") == PULL_PENALTY / 2
+    now[0] += PULL_PENALTY
+    assert gate.barred("a") == 0
+    assert gate.failed("a") == 2 * PULL_PENALTY  # again soon: longer
+    now[0] += 10 * PULL_PENALTY_MAX
+    assert gate.failed("a") == PULL_PENALTY  # long after: forgiven
 
 
 def test_requests_without_the_secret_are_refused_and_hosts_with_another_are_rejecting(
