@@ -73,12 +73,12 @@ HOLDER_TRIES = 8  # holders asked per round
 
 
 class PeerFailure(Exception):
-    """One peer could not serve one request. `kind` decides what happens to the peer:
-    dead (unreachable, or no connection made within the timeout), rejected
-    (401), stall and corrupt (struck), silent (it took a chunk request, 200, and sent nothing
-    for the wait, or hung up on it after the timeout: struck when again, core/members.py
-    SILENT_STRIKE), self (it is us), and missing, busy, failed (nothing: it is fine, it just
-    has not got it, or broke off within the timeout: going away, or its own pull failed)."""
+    """One peer could not serve one request. `kind` decides what happens to the peer: dead
+    (unreachable, or no connection made within the timeout), rejected (401), stall and
+    corrupt (struck), silent (it took a chunk request, 200, and sent nothing for the wait, or
+    hung up on it after the timeout: struck when again, core/members.py SILENT_STRIKE), self
+    (it is us), and missing, busy, failed (nothing: it is fine, it just has not got it, or
+    broke off within the timeout: going away, or its own pull failed)."""
 
     def __init__(self, kind: str, message: str, holders: list[str] | None = None) -> None:
         super().__init__(message)

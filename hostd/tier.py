@@ -524,7 +524,8 @@ class Tier:
         """Make blob name `dest` one a file can be renamed to: its blobs/<xx> directory made,
         a file or symlink where it goes unlinked first (never a directory: another install
         may have made it since our rename failed, and its blob be in it already), and a
-        directory at the blob's name itself removed (nothing of hostd's is one)."""
+        directory at the blob's name itself removed (nothing of hostd's is one). Raises
+        nothing: what it could not clear, the write it clears for fails on, and says so."""
         parent = os.path.dirname(dest)
         try:
             os.mkdir(parent)
@@ -533,8 +534,10 @@ class Tier:
                 log.warning("tier: removing %s: no directory, where blobs go", parent)
                 with contextlib.suppress(OSError):  # (unlink takes no directory)
                     os.unlink(parent)
-                with contextlib.suppress(FileExistsError):
+                with contextlib.suppress(OSError):
                     os.mkdir(parent)
+        except OSError:
+            return  # (blobs/ itself gone, the tier read-only: the write says what)
         if _is_dir(str(dest)):
             _stray(str(dest), "a directory")
 

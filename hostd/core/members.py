@@ -28,9 +28,10 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 STRIKE_BASE = 30.0
 STRIKE_MAX = 600.0
-# Pull-throughs in a row that a member took (200) and then sent nothing for (or hung up on
-# without a byte), with no chunk served between, before it is struck: one is a slow origin's;
-# two in a row, a member that says yes to everything and delivers nothing.
+# Chunk requests in a row that a member took (200) and then did not serve (nothing sent for
+# the pull wait, or hung up on after the timeout), with no chunk served between, before it
+# is struck: one is a slow origin's; two in a row, a member that says yes to everything and
+# delivers nothing.
 SILENT_STRIKE = 2
 # A member that answers 409 "self" (which our own server answers a request from us) is
 # probed again, at most this often: only a probe that reaches our own server makes it self.
@@ -57,7 +58,7 @@ class Member:
     struck_at: float = 0.0
     struck_until: float = 0.0
     last_error: str = ""
-    silent: int = 0  # chunk requests in a row taken (200) and then not a byte sent
+    silent: int = 0  # chunk requests in a row taken (200) and then not served (SILENT_STRIKE)
     node: str = ""  # its node id, once a probe has answered
     probed: bool = False
     probed_at: float = float("-inf")  # when a probe of it last began
@@ -227,8 +228,8 @@ class Roster:
         return True
 
     def silent_pull(self, name: str, now: float, why: str) -> bool:
-        """It took a pull-through and sent nothing for the pull wait. Whether that struck it
-        (SILENT_STRIKE in a row)."""
+        """It took a chunk request and did not serve it (nothing for the pull wait, or hung
+        up after the timeout). Whether that struck it (SILENT_STRIKE in a row)."""
         m = self.members.get(name)
         if m is None or m.state is State.SELF:
             return False
