@@ -35,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,8 +76,11 @@ Held = tuple[int, int] | bytes | memoryview | None  # the same, the file opened:
 MAX_BODY = 80 * MAX_HAVE_IDS + 1024  # a `have` request
 # Bodies read before their proof is checked (the proof covers them), at once: anyone who can
 # reach the port may send one, and each is held whole until its proof is checked (up to
-# MAX_BODY for `timeout`): past this many, 503 (~21 MB at most, not 2,048 per address).
+# MAX_BODY for `timeout`): past this many, 503 (~21 MB at most, not 2,048 per address); and
+# so that one address cannot take them all from the fleet's signed `have`s, this many each
+# (a host asks as many at once as it fetches: `fetch_concurrency`, 16 by default).
 UNPROVEN_BODIES = 64
+UNPROVEN_PER_ADDRESS = 16
 
 
 class Unauthorized(HostdError):
@@ -109,7 +113,8 @@ class PeerServer:
     def __post_init__(self) -> None:
         self.uploads = Uploads(self.max_uploads)
         self.pulls = PullGate(clock=time.monotonic)
-        self.unproven = 0  # request bodies being read before their proof is checked
+        # request bodies being read before their proof is checked, by address
+        self.unproven: Counter[str] = Counter()
         self.pool = ThreadPoolExecutor(self.max_uploads, thread_name_prefix="hostd-sendfile")
 
     def __repr__(self) -> str:
@@ -174,14 +179,20 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         peerauth.check_time(t, srv.clock())
         if request.can_read_body and request.method != "POST":
             raise UsageError(f"a {request.method} request takes no body")
-        if request.can_read_body and srv.unproven >= UNPROVEN_BODIES:
+        address = request.remote or ""
+        if request.can_read_body and (
+            sum(srv.unproven.values()) >= UNPROVEN_BODIES
+            or srv.unproven[address] >= UNPROVEN_PER_ADDRESS
+        ):
             srv.stats.refused["busy"] += 1
             return _busy("this host is reading as many unproven request bodies as it may", [])
-        srv.unproven += request.can_read_body
+        srv.unproven[address] += request.can_read_body
         try:
             body = await _read_body(request, srv)
         finally:
-            srv.unproven -= request.can_read_body
+            srv.unproven[address] -= request.can_read_body
+            if not srv.unproven[address]:
+                del srv.unproven[address]
         if body is None:  # cut: too slow (counted, not logged: anyone can do it)
             srv.stats.refused["slow"] += 1
             return web.Response(status=408)
@@ -267,7 +278,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
             srv.stats.refused["barred"] += 1
             raise NotFound(
                 f"chunk {cid.hex()} is not held here, and no pull is made for {address} for "
-                f"{barred:.0f} s: one it asked for did not verify"
+                f"{barred:.0f} s: pulls it asked for did not verify"
             )
         if where is None and srv.pulls.full(address, reads):
             srv.stats.refused["busy"] += 1
@@ -316,13 +327,14 @@ async def _send(
         except HostdError as e:
             address = request.remote or ""
             if isinstance(e, ChunkCorrupt):  # (what it named at the origin is not the chunk)
-                barred = srv.pulls.failed(address)
+                reads = max(want.size, want.packed.length if want.packed is not None else 0)
+                barred = srv.pulls.failed(address, reads)
                 log.warning(
-                    "peer pull of chunk %s for %s did not verify: no pull for it for %.0f s (%s)",
+                    "peer pull of chunk %s for %s did not verify (%s)%s",
                     want.id.hex(),
                     address,
-                    barred,
                     e.message,
+                    f": no pull for it for {barred:.0f} s" if barred else "",
                 )
             else:
                 log.info("peer pull of chunk %s failed: %s", want.id.hex(), e.message)

@@ -94,13 +94,19 @@ class BlobMoved(ChunkCorrupt):
     over; a restore whose tree is still hidden builds it again, once the blob has been
     checked again."""
 
-    def __init__(self, digest: bytes, path: str) -> None:
+    def __init__(self, digest: bytes, path: str, why: str = "") -> None:
         super().__init__(
-            f"blob {digest.hex()} ({path!r}) was written to through a link while it was "
-            "copied; try the restore again"
+            f"blob {digest.hex()} ({path!r}) "
+            + (
+                f"moved while it was copied, and its copy could not be read back ({why})"
+                if why
+                else "was written to through a link while it was copied"
+            )
+            + "; try the restore again"
         )
         self.digest = digest
         self.path = path
+        self.why = why  # (the copy could not be read back: nothing known of it)
 
 
 class TransientError(HostdError):

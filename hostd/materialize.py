@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from hostd.asuser import AsUser
 from hostd.core import manifest as mf
 from hostd.core.ids import verify_chunk
-from hostd.errors import BlobMoved, ChunkCorrupt, HostdError, TargetError, UsageError
+from hostd.errors import BlobMoved, ChunkCorrupt, HostdError, TargetError, UsageError, os_cause
 from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.fileio import copy_range, writing_as
 from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, pread_into, pwrite_all
@@ -950,9 +950,9 @@ class _Sent:
             after = _states([o.fds[i] for i in check]) if check else []
             moved = [o.batch[i] for i, now in zip(check, after, strict=True) if now != o.before[i]]
             if moved:
-                bad = _badly_copied(self.fs, moved)
+                bad, why = _badly_copied(self.fs, moved)
                 if bad is not None:
-                    raise BlobMoved(bad.digest, bad.path)
+                    raise BlobMoved(bad.digest, bad.path, why)
                 log.info(
                     "%d copies whose lent blob moved while they were made (a link, or a write "
                     "that missed them) were read back: they hash right",
@@ -963,32 +963,35 @@ class _Sent:
         done.add(o.batch)
 
 
-def _badly_copied(fs: AsUser | None, files: list[mf.FileEntry]) -> mf.FileEntry | None:
+def _badly_copied(fs: AsUser | None, files: list[mf.FileEntry]) -> tuple[mf.FileEntry | None, str]:
     """Of copies whose blob moved while they were made, the first whose bytes (read back
-    through the helper) do not hash to the file's chunks; None if every one does."""
+    through the helper, as the caller) do not hash to the file's chunks, or that could not
+    be read back (and why: a mode that denies its owner reading, say); None if every one
+    hashes right."""
     if fs is None:
-        return files[0]
+        return files[0], "no helper to read it"
     try:
         fds = fs.reopen([f.path for f in files])
     except (HostdError, OSError) as e:
-        log.warning("could not read back copies to check them: %s", e)
-        return files[0]
+        why = e.message if isinstance(e, HostdError) else os_cause(e)
+        log.warning("could not read back copies to check them: %s", why)
+        return files[0], why
     try:
         for f, fd in zip(files, fds, strict=True):
             if os.fstat(fd).st_size != f.size:
-                return f
+                return f, ""
             at = 0
             for c in f.chunks:
                 buf = bytearray(c.size)
                 pread_into(fd, memoryview(buf), at)
                 if not verify_chunk(c.id, buf):
-                    return f
+                    return f, ""
                 at += c.size
-    except (OSError, EOFError):
-        return files[0]
+    except (OSError, EOFError) as e:
+        return files[0], os_cause(e) if isinstance(e, OSError) else str(e)
     finally:
         close_fds(fds)
-    return None
+    return None, ""
 
 
 def _states(fds: list[int]) -> list[tuple[int, int, int]]:

@@ -222,35 +222,51 @@ class Uploads:
 # origin (one at least, whatever its size): an asker can make the owner read up to a chunk's
 # most (256 MiB) from its origin with one request of a few hundred bytes.
 PULL_BYTES_PER_ASKER = 64 << 20
-# An address whose pull did not verify (it named bytes at the origin that are not the chunk
-# it named: an honest host names what a verified manifest says) gets no pull for this long,
-# doubling per repeat within PULL_PENALTY_MAX, at most PULL_PENALTY_MAX.
-PULL_PENALTY = 60.0
-PULL_PENALTY_MAX = 3600.0
-PULL_ASKERS_KEPT = 4096  # addresses whose penalty is remembered (the oldest forgotten first)
+# Bytes an asking address may make the owner read from its origin for pulls that did not
+# verify (the bytes it named at the origin are not the chunk it named: a lying asker, or an
+# origin whose bytes rotted: the owner cannot tell which), past which it gets no pull until
+# they drain, at PULL_WASTE_RATE a second: a lying asker's bytes are bounded by the rate, and
+# an honest one meeting a rotten pack is barred only once its waste passes a burst's worth.
+PULL_WASTE_BURST = 128 << 20
+PULL_WASTE_RATE = 2 << 20
+PULL_ASKERS_KEPT = 4096  # addresses whose waste is remembered (the oldest forgotten first)
 
 
 class PullGate:
     """The owner's bounds on the pull-throughs each asking address makes it do: bytes in
-    flight (PULL_BYTES_PER_ASKER), and none for a while after one that did not verify
-    (PULL_PENALTY). Keyed by the address the request came from: the node id and member name
-    a request carries are the sender's to choose."""
+    flight (PULL_BYTES_PER_ASKER), and bytes read for pulls that did not verify (a bucket of
+    PULL_WASTE_BURST draining at PULL_WASTE_RATE: full, no pull until it drains). Keyed by
+    the address the request came from: the node id and member name a request carries are
+    the sender's to choose (hosts behind one address share its bounds)."""
 
     def __init__(
-        self, budget: int = PULL_BYTES_PER_ASKER, clock: Callable[[], float] = time.monotonic
+        self,
+        budget: int = PULL_BYTES_PER_ASKER,
+        clock: Callable[[], float] = time.monotonic,
+        burst: int = PULL_WASTE_BURST,
+        rate: float = PULL_WASTE_RATE,
     ) -> None:
         self.budget = budget
         self.clock = clock
+        self.burst = burst
+        self.rate = rate
         self._flying: dict[str, int] = {}
-        self._penalties: OrderedDict[str, tuple[float, int]] = OrderedDict()  # until, count
+        self._wasted: OrderedDict[str, tuple[float, float]] = OrderedDict()  # bytes, at
 
     def __repr__(self) -> str:
-        return f"PullGate({len(self._flying)} asking, {len(self._penalties)} penalized)"
+        return f"PullGate({len(self._flying)} asking, {len(self._wasted)} with waste)"
+
+    def _waste(self, address: str, now: float) -> float:
+        got = self._wasted.get(address)
+        if got is None:
+            return 0.0
+        wasted, at = got
+        return max(0.0, wasted - (now - at) * self.rate)
 
     def barred(self, address: str) -> float:
-        """Seconds left of `address`'s penalty (0: none)."""
-        got = self._penalties.get(address)
-        return max(0.0, got[0] - self.clock()) if got is not None else 0.0
+        """Seconds until `address` may ask for a pull again (0: now)."""
+        over = self._waste(address, self.clock()) - self.burst
+        return over / self.rate if over > 0 else 0.0
 
     def full(self, address: str, nbytes: int) -> bool:
         """Whether `address` has as many bytes of pulls in flight as it may, with `nbytes` more."""
@@ -273,18 +289,16 @@ class PullGate:
             else:
                 self._flying.pop(address, None)
 
-    def failed(self, address: str) -> float:
-        """A pull `address` asked for did not verify: bar it. The penalty's seconds."""
+    def failed(self, address: str, nbytes: int) -> float:
+        """A pull `address` asked for, of `nbytes` read, did not verify. The seconds it is
+        barred for now (0: not yet)."""
         now = self.clock()
-        until, count = self._penalties.pop(address, (0.0, 0))
-        if now - until > PULL_PENALTY_MAX:
-            count = 0  # an old one is forgiven
-        count += 1
-        took = min(PULL_PENALTY_MAX, PULL_PENALTY * 2.0 ** (count - 1))
-        self._penalties[address] = (now + took, count)
-        while len(self._penalties) > PULL_ASKERS_KEPT:
-            self._penalties.popitem(last=False)
-        return took
+        wasted = self._waste(address, now) + nbytes
+        self._wasted.pop(address, None)
+        self._wasted[address] = (wasted, now)
+        while len(self._wasted) > PULL_ASKERS_KEPT:
+            self._wasted.popitem(last=False)
+        return self.barred(address)
 
 
 class OriginPull:

@@ -913,9 +913,14 @@ def _rebuilding(progress: Progress, e: BlobMoved) -> None:
     """A restore builds its tree again (REBUILDS): said in a warning; the counts start over
     (`bytes_by_source` then tells where the tree's bytes came from, its total the snapshot's,
     as always: what the first pass fetched is in the metrics)."""
+    how = (
+        f"moved while it was copied, and the copy could not be read back ({e.why})"
+        if e.why
+        else "was written to through a link while it was copied"
+    )
     message = (
-        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, was written to through a link "
-        "while it was copied: the copy was not handed over, and the tree is built again"
+        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, {how}: the copy was not "
+        "handed over, and the tree is built again"
     )
     log.warning("%s", message)
     progress.warnings.append(

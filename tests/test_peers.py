@@ -32,14 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import promtool_check, sample, wait_for
 from test_small_files import small_tree
 
-from hostd.api_peer import MAX_BODY, UNPROVEN_BODIES
+from hostd.api_peer import MAX_BODY, UNPROVEN_BODIES, UNPROVEN_PER_ADDRESS
 from hostd.core import manifest as mf
 from hostd.core import peerauth, rendezvous
 from hostd.core.members import BACKOFF_MAX, SELF_REPROBE, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
 from hostd.peers import (
-    PULL_PENALTY,
-    PULL_PENALTY_MAX,
+    PULL_WASTE_BURST,
     ChunkBuffer,
     Membership,
     PeerClient,
@@ -1079,12 +1078,13 @@ def peer_request(
         conn.close()
 
 
-def test_a_pull_that_does_not_verify_bars_its_asker_from_pulls_for_a_while(work: Path) -> None:
+def test_pulls_that_do_not_verify_bar_their_asker_once_past_a_bursts_bytes(work: Path) -> None:
     """A pull-through names where the chunk lies at the origin; a request of a few hundred
-    bytes that names a real pack's bytes under another chunk id made the owner read them
-    (up to 256 MiB), find they are not the chunk, and cut the connection, and the next one
-    the same, for ever. The asking address gets no pull for a while after one: the next is
-    refused (404, counted), while what the owner holds is still served to it."""
+    bytes that names a pack's bytes under another chunk id (here, 64 MiB past a small
+    pack's end) made the owner read them (up to 256 MiB), find they are not the chunk, and
+    cut the connection, and the next one the same, for ever. An honest asker meeting a
+    rotten pack wastes a little; past PULL_WASTE_BURST, the address gets no pull until its
+    waste drains (404, counted), while what the owner holds is still served to it."""
     src = small_tree(work / "src", n=20)
     with Fleet(work, 1, secret=False, allow_unauthenticated=True) as fleet:
         pub = fleet.publish(src)
@@ -1097,10 +1097,21 @@ def test_a_pull_that_does_not_verify_bars_its_asker_from_pulls_for_a_while(work:
         p = c.packed
         assert p is not None
         where = f"pull=1&pack={p.pack.hex()}&off={p.offset}&len={p.length}&psize={p.pack_size}"
-        liar = f"/v1/chunks/{'ab' * 32}?size={c.size}&{where}"  # real bytes, not that chunk
+        rotten = f"/v1/chunks/{'ab' * 32}?size={c.size}&{where}"  # real bytes, not that chunk
         with pytest.raises((ConnectionError, http.client.HTTPException)):
-            peer_request(fleet.addrs[0], liar)  # read, not verified: cut
-        got, body = peer_request(fleet.addrs[0], f"/v1/chunks/{'cd' * 32}?size={c.size}&{where}")
+            peer_request(fleet.addrs[0], rotten)  # read, not verified: cut
+        big = 64 << 20
+        lie = f"pull=1&pack={p.pack.hex()}&off={p.offset}&len={big}&psize={1 << 36}"
+        liar = f"/v1/chunks/{'cd' * 32}?size={big}&{lie}"
+        cut = 0
+        for _ in range(PULL_WASTE_BURST // big + 2):  # (the waste drains as time passes)
+            try:
+                got, body = peer_request(fleet.addrs[0], liar)
+            except (ConnectionError, http.client.HTTPException):
+                cut += 1  # read, not verified
+                continue
+            break
+        assert cut >= PULL_WASTE_BURST // big  # within the burst: a rotten pack's worth
         assert got == 404, body
         assert "did not verify" in body["message"], body
         honest = f"/v1/chunks/{c.id.hex()}?size={c.size}&{where}"
@@ -1124,7 +1135,8 @@ def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> Non
     """A request whose proof only parses (no secret needed) had its body, up to MAX_BODY,
     read and held before the proof was checked, for up to the timeout, on as many
     connections as the guard allows (a thousand from one address: +260 MiB). Past
-    UNPROVEN_BODIES at once the answer is 503; a GET takes no body at all."""
+    UNPROVEN_PER_ADDRESS from one address (UNPROVEN_BODIES in all) the answer is 503, and
+    another address is not starved by it; a GET takes no body at all."""
     with Fleet(work, 1) as fleet:
         host, port = fleet.addrs[0].rsplit(":", 1)
         forged = peerauth.sign(os.urandom(24), "POST", "/v1/have", int(time.time()), "x" * 16)
@@ -1134,7 +1146,8 @@ def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> Non
         ).encode() + b"{" * 1000  # then nothing more: the body is never whole
         held = []
         try:
-            for _ in range(UNPROVEN_BODIES):
+            assert UNPROVEN_PER_ADDRESS < UNPROVEN_BODIES
+            for _ in range(UNPROVEN_PER_ADDRESS):
                 s = socket.create_connection((host, int(port)), timeout=10)
                 s.sendall(head)
                 held.append(s)
@@ -1151,6 +1164,14 @@ def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> Non
                     break
             assert got == 503, body
             assert "unproven" in body["message"], body
+            other = http.client.HTTPConnection(
+                host, int(port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            try:  # another address: past the gate, its (forged) proof refused
+                other.request("POST", "/v1/have", body=b"{}", headers={"Authorization": forged})
+                assert other.getresponse().status == 401
+            finally:
+                other.close()
         finally:
             for s in held:
                 s.close()
@@ -1161,27 +1182,27 @@ def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> Non
         assert "takes no body" in body["message"], body
 
 
-def test_a_pull_gate_bounds_bytes_in_flight_per_address_and_bars_for_longer_each_time() -> None:
+def test_a_pull_gate_bounds_bytes_in_flight_and_wasted_per_address() -> None:
     now = [0.0]
-    gate = PullGate(budget=100, clock=lambda: now[0])
+    gate = PullGate(budget=100, clock=lambda: now[0], burst=1000, rate=10)
     assert not gate.full("a", 500)  # one at least, whatever its size
     with gate.pulling("a", 60):
         assert gate.full("a", 50)
         assert not gate.full("a", 40)
         assert not gate.full("b", 50)  # each address its own
-    assert not gate.full("a", 500)
     with gate.pulling("a", 0), gate.pulling("a", 10):  # (a held chunk's: nothing to count)
         pass
     assert not gate.full("a", 500)
+    assert gate.failed("a", 600) == 0  # within the burst: a rotten pack's chunk, say
     assert gate.barred("a") == 0
-    assert gate.failed("a") == PULL_PENALTY
-    now[0] += PULL_PENALTY / 2
-    assert gate.barred("a") == PULL_PENALTY / 2
-    now[0] += PULL_PENALTY
+    assert gate.failed("a", 600) == 20  # 1200 wasted: 200 over, drained at 10 a second
+    assert gate.barred("b") == 0
+    now[0] += 10
+    assert gate.barred("a") == 10
+    now[0] += 10
     assert gate.barred("a") == 0
-    assert gate.failed("a") == 2 * PULL_PENALTY  # again soon: longer
-    now[0] += 10 * PULL_PENALTY_MAX
-    assert gate.failed("a") == PULL_PENALTY  # long after: forgiven
+    now[0] += 1000
+    assert gate.failed("a", 600) == 0  # drained
 
 
 def test_requests_without_the_secret_are_refused_and_hosts_with_another_are_rejecting(

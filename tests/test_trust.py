@@ -874,6 +874,67 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
         sleeper.wait()
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o200])
+def test_a_copy_whose_lent_blob_was_only_linked_is_read_back(work: Path, mode: int) -> None:
+    """Another restore links a lent blob while the helper copies it (its ctime moves, its
+    bytes do not): the copy is read back as the caller and handed over whole. One whose mode
+    denies its owner reading cannot be read back: not handed over (a rebuild, where the
+    tree is hidden), and the error says why, not that the blob was written to."""
+    data = os.urandom(100_000)
+    chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
+    m = mf.build(
+        chunk_size=1 << 20, files=[mf.FileEntry("weights.bin", mode, len(data), (chunk,), 0)]
+    )
+    blob = work / "blob"
+    blob.write_bytes(data)
+    blob.chmod(0o444)
+    home = nobody_dir(work / "home")
+    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
+    spawner = Spawner()
+
+    class LinkedDuringCopy(AsUser):
+        def files(
+            self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
+        ) -> None:
+            super().files(items, fds)
+            os.link(blob, work / "another")  # (what another restore's link does to it)
+
+    try:
+        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
+        sock, pidfd = spawner.spawn()
+        fs = LinkedDuringCopy(Caller(sleeper.pid, NOBODY, NOBODY, ()), sock, pidfd)
+        _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
+        fs.root_fd = fds[0]
+        try:
+            fs.target(f"{home}/out", False)
+            job = functools.partial(
+                materialize,
+                m,
+                fs,
+                lambda _d: str(blob),
+                mode="copy",
+                replace=False,
+                link_ok=False,
+                cancel=threading.Event(),
+                lent=lambda _d: True,
+            )
+            if mode & 0o400:
+                job()
+            else:
+                with pytest.raises(ChunkCorrupt, match="could not be read back"):
+                    job()
+        finally:
+            fs.close()
+        if mode & 0o400:
+            assert (home / "out" / "weights.bin").read_bytes() == data
+        else:
+            assert not (home / "out").exists()
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
 @pytest.mark.parametrize("meddle", ["link", "write"])
 def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
     """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
