@@ -269,7 +269,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     where = await _open_held(srv, want)
     asker = request.headers.get(NAME_HEADER, "")[:300]
     address = request.remote or ""
-    reads = max(size, want.packed.length if want.packed is not None else 0)
+    reads = _origin_bytes(want)
     try:
         if where is None and not pull:
             srv.stats.refused["missing"] += 1
@@ -327,8 +327,7 @@ async def _send(
         except HostdError as e:
             address = request.remote or ""
             if isinstance(e, ChunkCorrupt):  # (what it named at the origin is not the chunk)
-                reads = max(want.size, want.packed.length if want.packed is not None else 0)
-                barred = srv.pulls.failed(address, reads)
+                barred = srv.pulls.failed(address, _origin_bytes(want))
                 log.warning(
                     "peer pull of chunk %s for %s did not verify (%s)%s",
                     want.id.hex(),
@@ -359,6 +358,11 @@ async def _send(
                 raise ConnectionResetError("the asker did not read the chunk in time") from None
         await resp.write_eof()
     return resp, served
+
+
+def _origin_bytes(want: mf.Chunk) -> int:
+    """What pulling `want` through reads from the origin, as its asker names it."""
+    return max(want.size, want.packed.length if want.packed is not None else 0)
 
 
 def _busy(message: str, holders: list[str]) -> web.Response:

@@ -191,6 +191,14 @@ def _stray(path: str, what: str) -> None:
         log.warning("tier: could not remove %s: %s", path, os_cause(e))
 
 
+def _unlink_no_dir(path: str) -> None:
+    """Remove the file or symlink where a blobs/<xx> directory goes; never a directory (one
+    another install made since this one looked stays, its blobs in it: unlink takes none)."""
+    log.warning("tier: removing %s: no directory, where blobs go", path)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _kind(st_mode: int) -> str:
     if stat.S_ISDIR(st_mode):
         return "a directory"
@@ -411,13 +419,15 @@ class Tier:
         except OSError as e:
             raise tier_error(self.name, self.root, e, "preparing the tier") from e
         for p in self.tmp_dir.iterdir():
-            _remove(p)
+            with contextlib.suppress(OSError):  # (a scratch left that will not go: no matter)
+                _clear(p)
         # A blob installed (its partial file renamed into blobs/) just before a kill leaves
         # its .have: the next partial blob of that digest starts afresh, but nothing else
         # would ever remove this one.
         for p in self.partial_dir.glob("*.have"):
             if not p.with_suffix("").exists():
-                _remove(p)
+                with contextlib.suppress(OSError):
+                    _clear(p)
 
     def st_dev(self) -> int:
         return os.stat(self.root).st_dev
@@ -457,9 +467,7 @@ class Tier:
         for sub in _listdir(root):
             d = f"{root}/{sub}"
             if _is_prefix(sub) and not _is_dir(d):  # (where blobs/<xx> goes: none could)
-                log.warning("tier: removing %s: no directory, where blobs go", d)
-                with contextlib.suppress(OSError):  # (unlink takes no directory)
-                    os.unlink(d)
+                _unlink_no_dir(d)
                 continue
             yield _found(d)
 
@@ -531,9 +539,7 @@ class Tier:
             os.mkdir(parent)
         except FileExistsError:
             if not _is_dir(parent):
-                log.warning("tier: removing %s: no directory, where blobs go", parent)
-                with contextlib.suppress(OSError):  # (unlink takes no directory)
-                    os.unlink(parent)
+                _unlink_no_dir(parent)
                 with contextlib.suppress(OSError):
                     os.mkdir(parent)
         except OSError:
@@ -804,11 +810,3 @@ def _id(name: str) -> bytes | None:
     except ValueError:
         return None
     return digest if digest.hex() == name else None  # no upper case, no spaces
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()

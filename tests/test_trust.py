@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -815,20 +814,58 @@ class _WrittenDuringCopy(AsUser):
             super().files(items, fds)
 
 
-def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
-    data = os.urandom(100_000)
-    chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
-    entry = mf.FileEntry("weights.bin", 0o644, len(data), (chunk,), 0)
-    m = mf.build(chunk_size=1 << 20, files=[entry])
-    blob = work / "blob"
-    blob.write_bytes(data)
-    blob.chmod(0o444)
-    home = nobody_dir(work / "home")
+@contextlib.contextmanager
+def _nobody_caller() -> Iterator[tuple[Spawner, Caller]]:
+    """A helper spawner and a process of nobody's to be the caller."""
     sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
     spawner = Spawner()
     try:
         wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
-        caller = Caller(sleeper.pid, NOBODY, NOBODY, ())
+        yield spawner, Caller(sleeper.pid, NOBODY, NOBODY, ())
+    finally:
+        spawner.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _one_blob(work: Path, data: bytes, mode: int) -> tuple[mf.Manifest, Path]:
+    """A manifest of one file, weights.bin, of `data` and `mode`, and its blob (0444)."""
+    chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
+    m = mf.build(
+        chunk_size=1 << 20, files=[mf.FileEntry("weights.bin", mode, len(data), (chunk,), 0)]
+    )
+    blob = work / "blob"
+    blob.write_bytes(data)
+    blob.chmod(0o444)
+    return m, blob
+
+
+def _copy_by(fs: AsUser, target: str, m: mf.Manifest, blob: Path, lent: Any) -> None:
+    """Start the helper `fs` as its caller, and have it build `m` at `target` by copies of
+    `blob` (a `copy` restore's materialize), whose lent state `lent` tells."""
+    _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=fs.caller.pid)
+    fs.root_fd = fds[0]
+    try:
+        fs.target(target, False)
+        materialize(
+            m,
+            fs,
+            lambda _d: str(blob),
+            mode="copy",
+            replace=False,
+            link_ok=False,
+            cancel=threading.Event(),
+            lent=lent,
+        )
+    finally:
+        fs.close()
+
+
+def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None:
+    data = os.urandom(100_000)
+    m, blob = _one_blob(work, data, 0o644)
+    home = nobody_dir(work / "home")
+    with _nobody_caller() as (spawner, caller):
         # lent: never, from the start, or only once the copy was under way (another
         # restore's link to a writer, which wrote at once); the write before the copy read
         # the blob, or after. A copy whose blob moved is read back: handed over if whole.
@@ -839,28 +876,12 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             fs = _WrittenDuringCopy(caller, sock, pidfd)
             fs.blob = blob
             fs.lends, fs.lent, fs.before = lent != "no", lent == "yes", when == "before"
-            _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
-            fs.root_fd = fds[0]
-            try:
-                fs.target(f"{home}/out-{lent}-{when}", False)
-                job = functools.partial(
-                    materialize,
-                    m,
-                    fs,
-                    lambda _d: str(blob),
-                    mode="copy",
-                    replace=False,
-                    link_ok=False,
-                    cancel=threading.Event(),
-                    lent=fs.is_lent,
-                )
-                if expect_ok:  # not lent (no writer holds a link), or read back whole
-                    job()
-                else:
-                    with pytest.raises(ChunkCorrupt, match="written to through a link"):
-                        job()
-            finally:
-                fs.close()
+            target = f"{home}/out-{lent}-{when}"
+            if expect_ok:  # not lent (no writer holds a link), or read back whole
+                _copy_by(fs, target, m, blob, fs.is_lent)
+            else:
+                with pytest.raises(ChunkCorrupt, match="written to through a link"):
+                    _copy_by(fs, target, m, blob, fs.is_lent)
             blob.chmod(0o644)
             blob.write_bytes(data)
             blob.chmod(0o444)
@@ -868,10 +889,6 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
         assert sorted(p.name for p in home.iterdir()) == made, "no build left"
         for name in made:
             assert (home / name / "weights.bin").read_bytes() == data
-    finally:
-        spawner.close()
-        sleeper.kill()
-        sleeper.wait()
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o200])
@@ -881,16 +898,8 @@ def test_a_copy_whose_lent_blob_was_only_linked_is_read_back(work: Path, mode: i
     denies its owner reading cannot be read back: not handed over (a rebuild, where the
     tree is hidden), and the error says why, not that the blob was written to."""
     data = os.urandom(100_000)
-    chunk = mf.Chunk(chunk_id(data), len(data), mf.CODEC_RAW)
-    m = mf.build(
-        chunk_size=1 << 20, files=[mf.FileEntry("weights.bin", mode, len(data), (chunk,), 0)]
-    )
-    blob = work / "blob"
-    blob.write_bytes(data)
-    blob.chmod(0o444)
+    m, blob = _one_blob(work, data, mode)
     home = nobody_dir(work / "home")
-    sleeper = subprocess.Popen([*NOBODY_PREFIX, "sleep", "60"])
-    spawner = Spawner()
 
     class LinkedDuringCopy(AsUser):
         def files(
@@ -899,40 +908,15 @@ def test_a_copy_whose_lent_blob_was_only_linked_is_read_back(work: Path, mode: i
             super().files(items, fds)
             os.link(blob, work / "another")  # (what another restore's link does to it)
 
-    try:
-        wait_for(lambda: _uid_of(sleeper.pid) == NOBODY)
-        sock, pidfd = spawner.spawn()
-        fs = LinkedDuringCopy(Caller(sleeper.pid, NOBODY, NOBODY, ()), sock, pidfd)
-        _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=sleeper.pid)
-        fs.root_fd = fds[0]
-        try:
-            fs.target(f"{home}/out", False)
-            job = functools.partial(
-                materialize,
-                m,
-                fs,
-                lambda _d: str(blob),
-                mode="copy",
-                replace=False,
-                link_ok=False,
-                cancel=threading.Event(),
-                lent=lambda _d: True,
-            )
-            if mode & 0o400:
-                job()
-            else:
-                with pytest.raises(ChunkCorrupt, match="could not be read back"):
-                    job()
-        finally:
-            fs.close()
+    with _nobody_caller() as (spawner, caller):
+        fs = LinkedDuringCopy(caller, *spawner.spawn())
         if mode & 0o400:
+            _copy_by(fs, f"{home}/out", m, blob, lambda _d: True)
             assert (home / "out" / "weights.bin").read_bytes() == data
         else:
+            with pytest.raises(ChunkCorrupt, match="could not be read back"):
+                _copy_by(fs, f"{home}/out", m, blob, lambda _d: True)
             assert not (home / "out").exists()
-    finally:
-        spawner.close()
-        sleeper.kill()
-        sleeper.wait()
 
 
 @pytest.mark.parametrize("meddle", ["link", "write"])
