@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: the suite is mostly waits on real daemons, so two halve it on a 2-core
+# machine; 0 runs it in one process
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test lint bench clean
 
@@ -21,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/restore.py $(ARGS)
