@@ -1057,18 +1057,28 @@ class PeerSource:
             hint += e.holders
             return None
 
-    async def _fetch(
+    async def _fetch(self, name: str, chunk: Chunk, role: str) -> memoryview:
+        data, how = await self._served(name, chunk, role)
+        self._count(role, how, data)
+        return data
+
+    async def _served(
         self, name: str, chunk: Chunk, role: str, answered: asyncio.Event | None = None
-    ) -> memoryview:
+    ) -> tuple[memoryview, str]:
+        """The chunk from `name`, and how it served it; not counted as got (see _count)."""
         try:
             data, how = await self.client.chunk(name, chunk, role == "owner", answered)
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
         self.membership.roster.answered(name, self.membership.clock(), served=True)
+        return data, how
+
+    def _count(self, role: str, how: str, data: memoryview) -> None:
+        """A chunk got from a peer and used: the bytes the origin was spared. Only the winner
+        of a hedged race counts: both racers can end in one turn of the loop."""
         self.client.stats.chunks[(role, how)] += 1
         self.client.stats.bytes[(role, how)] += len(data)
-        return data
 
     async def _owner(self, owner: str, chunk: Chunk, tried: set[str]) -> memoryview:
         """Ask the owner. If it has not begun to answer within `hedge_after` (its status
@@ -1076,8 +1086,8 @@ class PeerSource:
         owner), race holders of the chunk against it, one at a time, until one serves it.
         Every racer left is cancelled and awaited on every exit, its outcome retrieved."""
         answered = asyncio.Event()
-        first = asyncio.ensure_future(self._fetch(owner, chunk, "owner", answered))
-        racers: set[asyncio.Future[memoryview]] = {first}
+        first = asyncio.ensure_future(self._served(owner, chunk, "owner", answered))
+        racers: set[asyncio.Future[tuple[memoryview, str]]] = {first}
         failure: PeerFailure | None = None
         try:
             waiter = asyncio.ensure_future(answered.wait())
@@ -1100,15 +1110,18 @@ class PeerSource:
                 if holders and not first.done():
                     tried.add(holders[0])
                     self.client.stats.hedges["started"] += 1
-                    racers.add(asyncio.ensure_future(self._fetch(holders[0], chunk, "holder")))
+                    racers.add(asyncio.ensure_future(self._served(holders[0], chunk, "holder")))
             while racers:
                 done, racers = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-                won: memoryview | None = None
-                for t in done:
+                won: tuple[memoryview, str] | None = None
+                # the owner's answer first where both came in one turn (no hedge won then)
+                for t in sorted(done, key=lambda t: t is not first):
                     exc = t.exception()  # retrieved for every racer that ended
                     if exc is None:
                         if won is None:
                             won = t.result()
+                            role = "owner" if t is first else "holder"
+                            self._count(role, won[1], won[0])
                             if t is not first:
                                 self.client.stats.hedges["won"] += 1
                     elif isinstance(exc, PeerFailure):
@@ -1117,7 +1130,7 @@ class PeerSource:
                     else:
                         raise exc
                 if won is not None:
-                    return won
+                    return won[0]
             assert failure is not None
             raise failure
         finally:

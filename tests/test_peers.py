@@ -35,6 +35,7 @@ from test_small_files import small_tree
 from hostd.api_peer import MAX_BODY, UNPROVEN_BODIES, UNPROVEN_PER_ADDRESS
 from hostd.core import manifest as mf
 from hostd.core import peerauth, rendezvous
+from hostd.core.ids import chunk_id
 from hostd.core.members import BACKOFF_MAX, SELF_REPROBE, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
 from hostd.peers import (
@@ -43,6 +44,7 @@ from hostd.peers import (
     Membership,
     PeerClient,
     PeerFailure,
+    PeerSource,
     PullGate,
     Uploads,
     _is_local,
@@ -968,6 +970,51 @@ async def test_a_signed_request_naming_a_dead_member_asks_for_a_probe_and_revive
     client.up = True
     await m.probe(member_)
     assert m.roster.members[other].state is State.LIVE  # (read again: it changed)
+    await client.close()
+
+
+async def test_a_hedged_race_both_racers_win_at_once_counts_the_chunk_once() -> None:
+    """An owner slow to answer is raced by a holder; where both answers come in one turn of
+    the loop, the chunk was got once: `hostd_origin_saved_bytes` (the sum of these counts)
+    counted both, one chunk more than the restores got from peers."""
+    data = os.urandom(1000)
+    chunk = mf.Chunk(id=chunk_id(data), size=len(data))
+    go = asyncio.Event()
+    asked: list[str] = []
+
+    class Racing(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+        async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+            return set(cids)
+
+        async def chunk(
+            self, name: str, chunk: mf.Chunk, pull: bool, answered: asyncio.Event | None = None
+        ) -> tuple[memoryview, str]:
+            asked.append(name)
+            await go.wait()  # (the owner never says it will serve: the hedge starts)
+            return memoryview(data), "held"
+
+    client = Racing("me", None, 5.0, 10.0)
+    m = Membership(("10.0.0.2:7460", "10.0.0.3:7460"), (), 10.0, client)
+    await m.refresh()
+    for due in m.roster.due(time.monotonic()):
+        await m.probe(due)
+    source = PeerSource(m, client, 0.05)
+    got = asyncio.create_task(source.get(chunk))
+    async with asyncio.timeout(10):
+        while len(asked) < 2:  # noqa: ASYNC110 - the owner, then the holder racing it
+            await asyncio.sleep(0.01)
+    go.set()  # both answer now
+    assert bytes(await got) == data
+    assert client.stats.hedges["started"] == 1
+    assert sum(client.stats.chunks.values()) == 1
+    assert sum(client.stats.bytes.values()) == len(data)
+    assert client.stats.bytes[("owner", "held")] == len(data)  # the owner's, no hedge won
+    assert client.stats.hedges["won"] == 0
     await client.close()
 
 
