@@ -1,6 +1,7 @@
 """hostd.fastcopy's batches alone: twin vs native vs what they replace.
 
     .venv/bin/python bench/fastcopy.py [--files 10000] [--rounds 5] [--dir /dev/shm]
+        [--tree-order]
     .venv/bin/python bench/fastcopy.py --blobs [--files 10000] [--rounds 5] [--dir /dev/shm]
     .venv/bin/python bench/fastcopy.py --open [--files 10000] [--rounds 5] [--dir /dev/shm]
 
@@ -94,11 +95,16 @@ def timed(run: Callable[[], None]) -> tuple[float, float]:
 
 
 def restore(
-    src: Path, dst: Path, tree: list[tuple[str, int, int, int]], create: Callable[..., None]
+    src: Path,
+    dst: Path,
+    tree: list[tuple[str, int, int, int]],
+    create: Callable[..., None],
+    tree_order: bool = False,
 ) -> Callable[[], None]:
     """A closure that builds dst from src as the helper does (its directories first, then
-    the files in batches, largest first); sources opened beforehand."""
-    order = sorted(tree, key=lambda t: -t[1])
+    the files in batches, largest first, or in tree order as a restore's placer sends
+    them); sources opened beforehand."""
+    order = list(tree) if tree_order else sorted(tree, key=lambda t: -t[1])
     fds = [os.open(src / rel, os.O_RDONLY | os.O_CLOEXEC) for rel, *_ in order]
 
     def run() -> None:
@@ -255,7 +261,7 @@ def bench_blobs(base: Path, n: int, rounds: int) -> None:
     report(got, "whole", n, "blob")
 
 
-def bench_files(base: Path, n: int, rounds: int, counts: list[int]) -> None:
+def bench_files(base: Path, n: int, rounds: int, counts: list[int], tree_order: bool) -> None:
     tree = make_tree(base / "src", n)
     names = ["cp -r", "python x4", "native auto"] + [f"native x{t}" for t in counts]
     got: dict[str, list[tuple[float, float]]] = {x: [] for x in names}
@@ -271,7 +277,7 @@ def bench_files(base: Path, n: int, rounds: int, counts: list[int]) -> None:
                 got[name].append(timed(cp))
             elif name.startswith("python"):
                 got[name].append(
-                    timed(restore(base / "src", dst, tree, fastcopy.twin_create_files))
+                    timed(restore(base / "src", dst, tree, fastcopy.twin_create_files, tree_order))
                 )
             else:
                 t = None if name == "native auto" else int(name.split("x")[1])
@@ -279,9 +285,10 @@ def bench_files(base: Path, n: int, rounds: int, counts: list[int]) -> None:
                 def native(jobs: list[fastcopy.Job], paths: list[str], t: int | None = t) -> None:
                     fastcopy.native_create_files(jobs, paths, threads=t)
 
-                got[name].append(timed(restore(base / "src", dst, tree, native)))
+                got[name].append(timed(restore(base / "src", dst, tree, native, tree_order)))
             shutil.rmtree(dst)
-    print(f"{n} files of 1-16 KiB on {base.parent}, {rounds} rounds, {os.cpu_count()} cpus")
+    how = "tree order" if tree_order else "largest first"
+    print(f"{n} files of 1-16 KiB on {base.parent}, {how}, {rounds} rounds, {os.cpu_count()} cpus")
     report(got, "cp -r", n, "file")
 
 
@@ -293,6 +300,11 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2,4", help="native thread counts to time")
     ap.add_argument("--blobs", action="store_true", help="time write_blobs, not create_files")
     ap.add_argument("--open", action="store_true", help="time open_paths, not create_files")
+    ap.add_argument(
+        "--tree-order",
+        action="store_true",
+        help="send the files in tree order (a restore's placer), not largest first",
+    )
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="fastcopy-", dir=args.dir))
     try:
@@ -301,7 +313,8 @@ def main() -> int:
         elif args.open:
             bench_open(base, args.files, args.rounds)
         else:
-            bench_files(base, args.files, args.rounds, [int(t) for t in args.threads.split(",")])
+            counts = [int(t) for t in args.threads.split(",")]
+            bench_files(base, args.files, args.rounds, counts, args.tree_order)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -122,10 +122,12 @@ TWIN_THREADS = 4  # one copy stream leaves a disk's queue and a second core idle
 # The native loop takes one thread per SPLIT_BYTES of the batch, up to NATIVE_THREADS: big
 # copies go faster on several (one stream leaves a disk's queue, and a big host's cores,
 # idle). A batch of small files goes on SMALL_THREADS where, in the order given, most files
-# lie in another directory than the one before (materialize sends them largest first):
-# files created in one directory serialise on its lock, files in two do not. 10,000 small
-# files (bench/fastcopy.py, 2 cores, tmpfs): ~17 µs a file of wall on two threads where a
-# core is free, ~23 on one; the same CPU either way, so no loss where none is.
+# lie in another directory than the one before (materialize sends them largest first), or
+# where they do once taken from two shares in turn (`spread`: a placer's batches come in
+# tree order): files created in one directory serialise on its lock, files in two do not.
+# 10,000 small files (bench/fastcopy.py, 2 cores, tmpfs): ~17 µs a file of wall on two
+# threads where a core is free, ~23 on one (tree order: 9 against 14); the same CPU either
+# way, so no loss where none is.
 NATIVE_THREADS = 4
 SPLIT_BYTES = 8 << 20
 SMALL_THREADS = 2
@@ -201,11 +203,14 @@ def native_create_files(
     """The compiled loop (RuntimeError where it was not built); `threads` None: by size."""
     if _NATIVE is None:
         raise RuntimeError(WHY_NOT_NATIVE)
+    order: list[int] | None = None
     if threads is None:
-        threads = threads_for(jobs)
-    failed = _NATIVE(jobs, threads)
+        threads, order = spread(jobs)
+    failed = _NATIVE(jobs if order is None else [jobs[i] for i in order], threads)
     if failed is not None:
         index, err, _stage, short_by = failed
+        if order is not None:
+            index = order[index]
         message = _shrank(short_by) if short_by >= 0 else os.strerror(err)
         raise OSError(err, message, _name(jobs, paths, index))
 
@@ -216,9 +221,33 @@ def threads_for(jobs: Sequence[Job]) -> int:
     by_size = max(1, min(NATIVE_THREADS, sum(max(job[3], 0) for job in jobs) // SPLIT_BYTES))
     if by_size >= SMALL_THREADS or len(jobs) < SMALL_FILES:
         return by_size
+    return SMALL_THREADS if _spread_out(jobs) else by_size
+
+
+def spread(jobs: Sequence[Job]) -> tuple[int, list[int] | None]:
+    """threads_for's threads, and the order to give the jobs in (None: as they are). Many
+    small files in tree order (a directory's together: a progressive restore's, or the
+    placer's batches) would go on one thread; taken instead from SMALL_THREADS shares in
+    turn (the first of each, the second of each...), two threads work in two directories at
+    once, unless the batch has too few directories for that."""
+    threads = threads_for(jobs)
+    if threads > 1 or len(jobs) < SMALL_FILES:
+        return threads, None
+    share = -(-len(jobs) // SMALL_THREADS)
+    order = [
+        i
+        for k in range(share)
+        for i in range(k, len(jobs), share)  # (k, share + k, ...)
+    ]
+    if not _spread_out([jobs[i] for i in order]):
+        return threads, None
+    return SMALL_THREADS, order
+
+
+def _spread_out(jobs: Sequence[Job]) -> bool:
+    """Whether most files lie in another directory than the one before."""
     dirs = [job[0] for job in jobs]
-    moves = sum(map(operator.ne, dirs, dirs[1:]))
-    return SMALL_THREADS if 2 * moves > len(jobs) else by_size
+    return 2 * sum(map(operator.ne, dirs, dirs[1:])) > len(jobs)
 
 
 def twin_create_files(

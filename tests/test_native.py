@@ -1079,6 +1079,44 @@ def test_threads_go_by_bytes_or_to_small_files_spread_over_directories() -> None
     assert fastcopy.threads_for([]) == 1
 
 
+def test_small_files_in_tree_order_go_on_two_threads_in_two_directories() -> None:
+    """A placer's batches come in tree order, a directory's files together: taken from two
+    shares in turn, two threads work in two directories at once. A batch with too few
+    directories for that stays on one thread, in its order."""
+    tree = [(3 + i // 100, f"f{i}", 0o644, 8 * KiB, -1, None) for i in range(512)]
+    threads, order = fastcopy.spread(tree)
+    assert threads == fastcopy.SMALL_THREADS
+    assert order is not None
+    assert sorted(order) == list(range(512))
+    assert order[:4] == [0, 256, 1, 257]  # (directory 3, directory 5, ...)
+    one_dir = [(3, f"f{i}", 0o644, 8 * KiB, -1, None) for i in range(512)]
+    assert fastcopy.spread(one_dir) == (1, None)
+    largest_first = [(3 + i % 100, f"f{i}", 0o644, 8 * KiB, -1, None) for i in range(512)]
+    assert fastcopy.spread(largest_first) == (fastcopy.SMALL_THREADS, None)  # as they are
+    assert fastcopy.spread(tree[: fastcopy.SMALL_FILES - 1]) == (1, None)
+
+
+def test_a_failure_in_a_spread_batch_names_its_own_path(tmp_path: Path) -> None:
+    """The jobs go to the native loop in another order: a failure still names the path of
+    the job that failed, not of the one at its place in the order given."""
+    _native_or_skip()
+    dirs = []
+    for d in range(4):
+        (tmp_path / f"d{d}").mkdir()
+        dirs.append(os.open(tmp_path / f"d{d}", os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        (tmp_path / "d3" / "f250").write_bytes(b"")  # taken: O_EXCL fails
+        jobs = [(dirs[i // 80], f"f{i}", 0o644, 0, -1, None) for i in range(320)]
+        paths = [f"d{i // 80}/f{i}" for i in range(320)]
+        assert fastcopy.spread(jobs)[1] is not None  # (the batch is spread)
+        with pytest.raises(FileExistsError) as got:
+            fastcopy.native_create_files(jobs, paths)
+        assert got.value.filename == "d3/f250"
+    finally:
+        for fd in dirs:
+            os.close(fd)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_links_on_threads_give_each_job_its_own_errno(tmp_path: Path, threads: int) -> None:
     """Each thread links its share of the jobs; the answers stay in the jobs' order."""
