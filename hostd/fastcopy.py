@@ -247,7 +247,8 @@ def spread(jobs: Sequence[Job]) -> tuple[int, list[int] | None]:
 def _spread_out(jobs: Sequence[Job]) -> bool:
     """Whether most files lie in another directory than the one before."""
     dirs = [job[0] for job in jobs]
-    return 2 * sum(map(operator.ne, dirs, dirs[1:])) > len(jobs)
+    moves: int = sum(map(operator.ne, dirs, dirs[1:]))
+    return 2 * moves > len(jobs)
 
 
 def twin_create_files(
