@@ -33,7 +33,16 @@ from hypothesis.stateful import (
 
 import hostd.maintain
 from hostd import cache as cache_mod
-from hostd.cache import REHASH_ATTEMPTS, Blob, Cache, Rehash, Verdict, blob_is_intact, rehash
+from hostd.cache import (
+    REHASH_ATTEMPTS,
+    TOUCH_SAVED,
+    Blob,
+    Cache,
+    Rehash,
+    Verdict,
+    blob_is_intact,
+    rehash,
+)
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.core.manifest import Chunk, FileEntry
@@ -261,6 +270,44 @@ async def test_reserve_and_adopt_account_like_admission(env: Env) -> None:
 
 
 # -- eviction -----------------------------------------------------------------------------------
+
+
+async def test_a_use_is_kept_in_the_index_to_the_period_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A blob used again within TOUCH_SAVED of its last use writes no row (a restore of a
+    tree just filled, or a warm one in a loop, costs the index nothing); a use in a later
+    period does, and a restart reads it back: the last use known after a restart is never a
+    period behind."""
+    env = Env(tmp_path, {"only": 1000})
+    try:
+        cache = env.open()
+        a, b = env.file("a", 300), env.file("b", 300)
+        await env.put(cache, a)
+        await env.put(cache, b)
+        await asyncio.to_thread(cache.index.flush)
+        rows = {r.digest: r.last_used for r in cache.index.blobs()}
+
+        env.clock.now += 1  # the same period (the clock starts at 1000: period 16)
+        assert env.clock.now // TOUCH_SAVED == rows[a.digest] // TOUCH_SAVED
+        cache.touch([a.digest])
+        await asyncio.to_thread(cache.index.flush)
+        assert {r.digest: r.last_used for r in cache.index.blobs()} == rows  # no row written
+        assert cache.locate(a.digest).last_used == env.clock.now  # (in memory, it moved)
+
+        env.clock.now += TOUCH_SAVED  # a later period
+        cache.touch([a.digest])
+        await asyncio.to_thread(cache.index.flush)
+        now = {r.digest: r.last_used for r in cache.index.blobs()}
+        assert now == {a.digest: env.clock.now, b.digest: rows[b.digest]}
+
+        again = env.open()  # a restart: b is the least recently used, and goes first
+        c = env.file("c", 600)
+        await env.put(again, c)
+        assert again.locate(b.digest) is None
+        assert again.locate(a.digest) is not None
+    finally:
+        env.close()
 
 
 async def test_eviction_is_least_recently_used_first(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import blake3
 import pytest
 
 import hostd.snapshots
-from hostd.cache import Cache
+from hostd.cache import TOUCH_SAVED, Cache
 from hostd.core import manifest as mf
 from hostd.core.manifest import Chunk, FileEntry
 from hostd.index import Index
@@ -161,8 +161,10 @@ async def test_recording_a_big_snapshot_leaves_per_chunk_work_to_the_writer(
         monkeypatch.setattr(cache.index, "touch_blobs", touch_blobs)
 
         s = cache.record_snapshot(big)
+        first = big.files[0]  # (a blob touched is written where it is cached)
+        cache.adopt(cache.tiers[0], BlobStat(first.digest, first.size, 1, 1), CS, persist=False)
         with cache.holding(big.blobs()):
-            cache.touch(big.blobs())
+            cache.touch(big.blobs(), cache.clock() + TOUCH_SAVED)
         cache.set_pinned(s.id, True)  # its blob list, before the writer is done
         assert cache.pinned_blobs() == set(big.blobs())
 
