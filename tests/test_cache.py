@@ -293,7 +293,9 @@ async def test_a_use_is_kept_in_the_index_to_the_period_and_survives_a_restart(
         cache.touch([a.digest])
         await asyncio.to_thread(cache.index.flush)
         assert {r.digest: r.last_used for r in cache.index.blobs()} == rows  # no row written
-        assert cache.locate(a.digest).last_used == env.clock.now  # (in memory, it moved)
+        held = cache.locate(a.digest)
+        assert held is not None
+        assert held.last_used == env.clock.now  # (in memory, it moved)
 
         env.clock.now += TOUCH_SAVED  # a later period
         cache.touch([a.digest])
