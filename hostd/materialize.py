@@ -314,6 +314,7 @@ class Placer:
         self.linked: list[tuple[str, bytes]] = []  # (path, digest) of each link made
         self.copied = self.mtime_copies = self.mode_copies = 0
         self._seen: dict[bytes, Ready] = {}  # the blobs announced, by digest
+        self._sender: _Sender  # (run's, from its start)
         # Files written by range (by_ranges), by blob; who hears of each range.
         self.ranged: list[str] = []
         self.parts: dict[bytes, list[_Part]] = {}
@@ -394,11 +395,22 @@ class Placer:
         """Place files as their blobs are announced, until `end`; then the symlinks. On any
         failure (or `cancel`) the helper removes what was placed, unless `keep`."""
         seen = self._seen
+        sender = self._sender = _Sender(
+            self.fs,
+            self.cancel.is_set,
+            self.done,
+            lambda d: seen[d].lent(),
+            on_moved=self._moved if self.progressive else None,
+        )
         try:
             ended = False
             while not ended:
                 batch: list[Ready] = []
-                item = self.waiting.get()
+                try:
+                    item = self.waiting.get_nowait()
+                except queue.Empty:
+                    sender.drain()  # nothing waits: what is out is told before we wait
+                    item = self.waiting.get()
                 while True:
                     if item is None:
                         ended = True
@@ -415,15 +427,18 @@ class Placer:
                     raise Cancelled()
                 if batch:
                     self._place(batch, seen)
+            sender.drain()
             if self.m.symlinks:
                 self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)
                 if self.on_symlinks is not None:
                     self.on_symlinks(list(self.m.symlinks))
             left = self.fs.commit(self.replace)
         except BaseException:
+            sender.close()  # every batch out answered before the helper takes back
             self._failed(self._linked(seen))
             raise
         finally:
+            sender.close()
             self._close_parts()
             close_fds(list(self.dirfds.values()))
             self.dirfds = {}
@@ -568,23 +583,12 @@ class Placer:
             self.links.limit_copies += links.limit_copies
         copies = plan.copies + links.copies
         self.copied += len(copies)
-        try:
-            _send_files(
-                copies,
-                [],
-                self.fs,
-                blob_path,
-                self.cancel.is_set,
-                self.done,
-                lambda d: seen[d].lent(),
-                largest_first=False,
-            )
-        except ChunkCorrupt:
-            # a lent blob moved while it was copied: those copies go, whatever `keep` says
-            # (a build directory goes whole)
-            if self.progressive:
-                self.fs.unplace([f.path for f in copies])
-            raise
+        self._sender.send(copies, blob_path)
+
+    def _moved(self, files: list[mf.FileEntry]) -> None:
+        """A lent blob moved while it was copied: the copies not handed over go, whatever
+        `keep` says (a build directory goes whole)."""
+        self.fs.unplace([f.path for f in files])
 
 
 def _dirs(m: mf.Manifest) -> list[str]:
@@ -835,50 +839,106 @@ def _send_files(
     stop: Callable[[], bool],
     done: _Done,
     lent: Callable[[bytes], bool],
-    *,
-    largest_first: bool = True,
 ) -> None:
-    """The helper creates the empty files, and the copies in batches, each with the blobs'
-    descriptors: it writes them as the caller. Largest first, so one big file does not
-    finish last alone (unless not `largest_first`: a progressive restore's load order). Each
-    batch is sent while the helper still creates the one before (`AsUser.call` pipelines the
-    calls of AHEAD + 1 threads), so it finds the next on its socket when done; meanwhile
-    this thread opens the one after. `stop()` is asked before each batch.
+    """The helper creates the empty files, and the copies in batches (_Sender), largest
+    first, so one big file does not finish last alone."""
+    copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
+    with _Sender(fs, stop, done, lent) as sender:
+        if empties:
+            sender.empties(empties)
+        sender.send(copies, blob_path)
+        sender.drain()
+
+
+class _Sender:
+    """Copies on their way to the helper, in batches, each with the blobs' descriptors: it
+    writes them as the caller. Each batch is sent while the helper still creates the one
+    before (`AsUser.call` pipelines the calls of AHEAD + 1 threads), so it finds the next on
+    its socket when done; meanwhile this thread opens the one after. That holds across calls
+    of `send` (a placer's batches) until `drain`, which waits for every answer. `stop()` is
+    asked before each batch.
 
     A blob lent to a writer (link_to_writers) may be written through a link while it is
     copied: the state of a blob lent when its batch was opened, or by the time the helper
     answered (another restore's link), is compared before and after. One lent while copied
     moves even if no one wrote it (the link itself moves its ctime): a copy that saw its
     blob move is read back and hashed, and handed over only if whole (else BlobMoved: the
-    restore builds its tree again, and the blob is re-hashed first)."""
-    if largest_first:
-        copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
-    sent: collections.deque[_Sent] = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(AHEAD + 1, thread_name_prefix="hostd-copy") as pool:
+    restore builds its tree again, and the blob is re-hashed first). `on_moved`, where
+    given, hears of every copy not handed over then (that batch's, and those of the batches
+    still out, once answered), before BlobMoved is raised."""
+
+    def __init__(
+        self,
+        fs: AsUser,
+        stop: Callable[[], bool],
+        done: _Done,
+        lent: Callable[[bytes], bool],
+        on_moved: Callable[[list[mf.FileEntry]], None] | None = None,
+    ) -> None:
+        self.fs, self.stop, self.done, self.lent = fs, stop, done, lent
+        self.on_moved = on_moved
+        self.sent: collections.deque[_Sent] = collections.deque()
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            AHEAD + 1, thread_name_prefix="hostd-copy"
+        )
+
+    def __enter__(self) -> _Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def empties(self, files: list[mf.FileEntry]) -> None:
+        items = [(f.path, f.mode, 0, "empty", f.mtime) for f in files]
+        opened = _Opened(files, [], [], [])
+        self.sent.append(_Sent(opened, self.pool.submit(self.fs.files, items, [])))
+
+    def send(self, copies: list[mf.FileEntry], blob_path: Callable[[bytes], str]) -> None:
+        """Send `copies` in batches, in this order; returns with AHEAD batches at most
+        still out."""
+        for batch in _batches(copies):
+            if self.stop():
+                raise Cancelled()
+            opened = _open_batch(batch, blob_path, self.lent)
+            items = [(f.path, f.mode, f.size, "copy", f.mtime) for f in batch]
+            try:
+                job = self.pool.submit(self.fs.files, items, opened.fds)
+            except BaseException:
+                opened.close()
+                raise
+            self.sent.append(_Sent(opened, job, self.lent, self.fs))
+            while len(self.sent) > AHEAD:
+                self._finish()
+
+    def drain(self) -> None:
+        """Wait for every batch out; each one's files are `done` as it is answered."""
+        while self.sent:
+            self._finish()
+
+    def _finish(self) -> None:
+        s = self.sent.popleft()
         try:
-            if empties:
-                items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
-                sent.append(_Sent(_Opened(empties, [], [], []), pool.submit(fs.files, items, [])))
-            for batch in _batches(copies):
-                if stop():
-                    raise Cancelled()
-                opened = _open_batch(batch, blob_path, lent)
-                items = [(f.path, f.mode, f.size, "copy", f.mtime) for f in batch]
-                try:
-                    job = pool.submit(fs.files, items, opened.fds)
-                except BaseException:
-                    opened.close()
-                    raise
-                sent.append(_Sent(opened, job, lent, fs))
-                while len(sent) > AHEAD:
-                    sent.popleft().finish(done)
-            while sent:
-                sent.popleft().finish(done)
+            s.finish(self.done)
+        except ChunkCorrupt:
+            if self.on_moved is not None:
+                out = list(self.sent)
+                self._settle()
+                self.on_moved([f for x in (s, *out) for f in x.opened.batch])
+            raise
+
+    def _settle(self) -> None:
+        """Wait for the answers of the batches still out, quietly, and close their
+        descriptors (after a failure)."""
+        sent, self.sent = list(self.sent), collections.deque()
+        concurrent.futures.wait([x.job for x in sent])
+        for x in sent:
+            x.opened.close()
+
+    def close(self) -> None:
+        try:
+            self._settle()
         finally:
-            if sent:  # a failure while some were out: wait for their answers, quietly
-                concurrent.futures.wait([s.job for s in sent])
-                for s in sent:
-                    s.opened.close()
+            self.pool.shutdown()
 
 
 def _batches(copies: list[mf.FileEntry]) -> Iterator[list[mf.FileEntry]]:

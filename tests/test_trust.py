@@ -975,6 +975,61 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
     assert raced, "every copy was over before the blob moved"
 
 
+def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: Path) -> None:
+    """The same write through a link, into a progressive restore with keep_partial: that
+    restore cannot build again (its files are the caller's already), so it fails, and the
+    copies not handed over (the one that saw its blob written, and those sent with it) go
+    whatever keep_partial says; what was told to have landed stays."""
+    src = work / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
+    (src / "small.txt").write_text("small")
+    raced = False
+    with daemon(work, access={"link_to_writers": True}) as d:
+        d.publish(src, "t/big")
+        for attempt in range(8):  # the copy lasts tens of milliseconds: write inside it
+            lent = work / f"l{attempt}" / "big.bin"
+            out = d.restore("t/big", lent.parent, mode="link")  # (lends the blob now)
+            assert out["event"] == "result", out
+            target = work / f"c{attempt}"
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                body = {
+                    "ref": "t/big",
+                    "target": str(target),
+                    "mode": "copy",
+                    "progressive": True,
+                    "keep_partial": True,
+                    "order": ["small.txt", "big.bin"],
+                }
+                job = pool.submit(stream, d.socket, "/v1/restore", body)
+                wait_for(lambda j=job, t=target: j.done() or any(t.glob(".hostd-part-*")), step=0)
+                st = lent.stat()
+                with open(lent, "r+b") as f:
+                    f.seek(-4, os.SEEK_END)  # (where the copy has not come yet)
+                    f.write(b"EVIL")
+                os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                events = job.result()
+                out = outcome(events)
+            if out["event"] == "result":  # the copy was over before the write
+                assert (target / "big.bin").read_bytes()[-4:] != b"EVIL"
+                with open(lent, "r+b") as f:  # the published bytes back, for the next try
+                    f.seek(-4, os.SEEK_END)
+                    f.write((src / "big.bin").read_bytes()[-4:])
+                os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                continue
+            assert "written to through a link" in out["message"], out
+            landed = sorted(e["path"] for e in events if e.get("event") == "file")
+            assert "big.bin" not in landed, events
+            # nothing but what was told to have landed: no copy that saw the write, whole
+            # or under its scratch name
+            assert sorted(p.name for p in target.iterdir()) == landed
+            for path in landed:
+                assert (target / path).read_bytes() == (src / path).read_bytes()
+            raced = True
+            break
+    assert raced, "every copy was over before the blob was written"
+
+
 def test_calls_sent_ahead_from_several_threads_each_get_their_own_answer(work: Path) -> None:
     """Batches of copies go to the helper without waiting for the answers owed before them
     (AsUser.call): each call still gets its own answer, a refused batch its own error, and
