@@ -578,6 +578,10 @@ async def _serve_locked(
                 f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
             )
         assert runner.server is not None
+        # The peer port before the socket: a daemon that answers its socket answers peers
+        # (and one whose peer port is taken never answered anyone).
+        if d.peers is not None:
+            await d.peers.start()
         d.board.refresh()
         desk = Desk(
             listen_unix(config.socket, config.socket_mode),
@@ -597,10 +601,7 @@ async def _serve_locked(
             config.index,
             ", ".join(f"{t.name}={t.root} ({t.budget} bytes)" for t in d.cache.tiers),
         )
-        if d.peers is not None:
-            await d.peers.start()
-            d.board.refresh()  # with the peers' state from now on
-        elif config.peers is not None:
+        if config.peers is not None and d.peers is None:
             log.warning(
                 "peers are OFF: [peers] has no secret_file, and allow_unauthenticated is not "
                 "true; set one of them to share chunks with other hosts"
