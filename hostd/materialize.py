@@ -307,7 +307,7 @@ class Placer:
         for f in m.files:
             if f.size:
                 self.files[f.digest].append(f)
-        self.waiting: queue.SimpleQueue[Ready | None] = queue.SimpleQueue()
+        self.waiting: queue.SimpleQueue[list[Ready] | None] = queue.SimpleQueue()
         self.dev = -1
         self.dirfds: dict[str, int] = {}
         self.links = _Links()
@@ -383,9 +383,9 @@ class Placer:
                 p.close()
         self.parts.clear()
 
-    def ready(self, r: Ready) -> None:
-        """A blob is complete: its files go in next. Any thread; a repeat is ignored."""
-        self.waiting.put(r)
+    def ready(self, rs: list[Ready]) -> None:
+        """Blobs complete: their files go in next. Any thread; a repeat is ignored."""
+        self.waiting.put(rs)
 
     def end(self) -> None:
         """No more blobs will come: `run` returns once it has placed what came."""
@@ -404,29 +404,34 @@ class Placer:
         )
         try:
             ended = False
-            while not ended:
-                batch: list[Ready] = []
-                try:
-                    item = self.waiting.get_nowait()
-                except queue.Empty:
-                    sender.drain()  # nothing waits: what is out is told before we wait
-                    item = self.waiting.get()
-                while True:
-                    if item is None:
-                        ended = True
-                    elif item.digest not in seen and item.digest in self.files:
-                        seen[item.digest] = item
-                        batch.append(item)
-                    if ended or len(batch) >= BATCH_FILES:
-                        break
+            pending: collections.deque[Ready] = collections.deque()  # announced, not placed
+            while True:
+                # What was announced, waiting for more (what is out told first) only when
+                # nothing is
+                while not ended and len(pending) < BATCH_FILES:
                     try:
                         item = self.waiting.get_nowait()
                     except queue.Empty:
-                        break
+                        if pending:
+                            break
+                        sender.drain()
+                        item = self.waiting.get()
+                    if item is None:
+                        ended = True
+                    else:
+                        pending.extend(item)
+                batch: list[Ready] = []
+                while pending and len(batch) < BATCH_FILES:
+                    r = pending.popleft()
+                    if r.digest not in seen and r.digest in self.files:
+                        seen[r.digest] = r
+                        batch.append(r)
                 if self.cancel.is_set():
                     raise Cancelled()
                 if batch:
                     self._place(batch, seen)
+                elif ended and not pending:
+                    break
             sender.drain()
             if self.m.symlinks:
                 self.fs.symlinks((s.path, s.target) for s in self.m.symlinks)

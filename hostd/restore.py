@@ -624,11 +624,22 @@ class Restorer:
             replace=req.replace,
         )
 
+        # Blobs announced to the placer in one put per turn of the loop, not one each: a warm
+        # check announces hundreds between two of its awaits.
+        announced: list[Ready] = []
+
         def ready(digest: bytes, b: Blob) -> None:
             where[digest] = b
-            placer.ready(
+            if not announced:
+                loop.call_soon(tell)
+            announced.append(
                 Ready(digest, b.tier.blob_file(digest), lambda: b.lent, b.mtime_ns, b.mode)
             )
+
+        def tell() -> None:
+            if announced:
+                placer.ready(announced[:])
+                announced.clear()
 
         # Pure work over the whole manifest and the caller's patterns: on a thread where
         # there is much of it, so the loop (status, other restores) runs in between.
@@ -705,6 +716,7 @@ class Restorer:
                 await fill
                 t2 = self.clock()
                 progress.phase = "materialize"
+                tell()
                 placer.end()
                 outcome = await placed()
                 self._keep_take_back(progress, req, fs, placer)
