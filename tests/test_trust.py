@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -1028,6 +1029,33 @@ def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: P
             raced = True
             break
     assert raced, "every copy was over before the blob was written"
+
+
+def test_a_helper_whose_pidfd_is_past_1023_is_waited_for_and_stopped() -> None:
+    """A copy restore holds up to some 2,000 blob descriptors: a helper started meanwhile
+    got a pidfd past 1023, which select() refuses, and its close raised ValueError (a link
+    restore whose tree was committed answered "internal"; a dead helper's files were not
+    taken back)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: no descriptor past 1023 here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        with _nobody_caller() as (spawner, caller):
+            fs = AsUser.start(caller, spawner)
+            assert fs.pidfd > 1023
+            fs.close()  # waits for the helper to exit
+            other = AsUser.start(caller, spawner)
+            assert other.pidfd > 1023
+            try:
+                assert other.stopped()
+            finally:
+                other.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_calls_sent_ahead_from_several_threads_each_get_their_own_answer(work: Path) -> None:
