@@ -406,6 +406,7 @@ class Placer:
             ended = False
             pending: collections.deque[Ready] = collections.deque()  # announced, not placed
             while True:
+                sender.told()
                 # What was announced, waiting for more (what is out told first) only when
                 # nothing is
                 while not ended and len(pending) < BATCH_FILES:
@@ -439,7 +440,7 @@ class Placer:
                     self.on_symlinks(list(self.m.symlinks))
             left = self.fs.commit(self.replace)
         except BaseException:
-            sender.close()  # every batch out answered before the helper takes back
+            sender.settle(tell=self.progressive)  # before the helper takes back
             self._failed(self._linked(seen))
             raise
         finally:
@@ -919,6 +920,32 @@ class _Sender:
         """Wait for every batch out; each one's files are `done` as it is answered."""
         while self.sent:
             self._finish()
+
+    def told(self) -> None:
+        """Finish the batches already answered, in order, without waiting: their files are
+        told even while the batches that follow them are all links (nothing sent)."""
+        while self.sent and self.sent[0].job.done():
+            self._finish()
+
+    def settle(self, *, tell: bool) -> None:
+        """After a failure elsewhere, before the helper takes back: wait for each batch
+        still out. With `tell` (a progressive restore's: what landed may be kept), each is
+        finished as `drain` would (checked, its files told, a failed one's landed files
+        told), one whose lent blob moved handed to `on_moved`, nothing raised: a file left
+        in the target is one that was told. Without, quietly (a hidden build goes whole)."""
+        if not tell:
+            self._settle()
+            return
+        while self.sent:
+            x = self.sent.popleft()
+            try:
+                x.finish(self.done)
+            except ChunkCorrupt:
+                if self.on_moved is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_moved(x.opened.batch)
+            except Exception:  # (the failure being handled is the one raised)
+                pass
 
     def _finish(self) -> None:
         s = self.sent.popleft()

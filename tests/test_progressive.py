@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HeldOrigin, Hostd, request, rmtree, short_tmp, small_ext4
+from harness import HeldOrigin, Hostd, outcome, request, rmtree, short_tmp, small_ext4, stream
 
 from hostd import fsops
 from hostd.cli import main
@@ -477,6 +477,44 @@ def test_a_name_taken_in_the_target_fails_the_restore_at_once(
         assert (target / "w" / "c.bin").read_bytes() == b"mine"
         assert (target / "a.bin").read_bytes() == published["a.bin"]  # kept, as asked
         assert not (target / "b.bin").exists()
+
+
+def test_a_kept_partial_restore_that_fails_leaves_only_files_it_told(work: Path) -> None:
+    """Batches of copies stay out to the helper across the placer's batches: a restore that
+    fails with some out (a name taken in the middle of a warm tree of many small files)
+    waits for them and tells what they landed, so every file left (keep_partial) had its
+    `file` event, and no scratch file is left."""
+    src = work / "src"
+    names = sorted(f"d{i % 8}/f{i:05d}.txt" for i in range(3000))
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(f"file {i} ".encode() * 20)
+    target = work / "out"
+    taken = target / names[1000]
+    with Hostd(work / "d") as h:
+        h.publish(src, "t/many")
+        assert h.restore("t/many", work / "warm")["event"] == "result"  # all cached
+
+        def meddle() -> None:  # the caller makes one of the tree's names once it can
+            deadline = time.monotonic() + 30
+            while not taken.parent.is_dir() and time.monotonic() < deadline:
+                pass
+            taken.write_bytes(b"mine")
+
+        t = threading.Thread(target=meddle)
+        t.start()
+        body = {"ref": "t/many", "target": str(target), "mode": "copy", "progressive": True}
+        events = stream(h.socket, "/v1/restore", {**body, "keep_partial": True})
+        t.join()
+    out = outcome(events)
+    assert out["event"] == "error", out
+    assert "appeared in the target" in out["message"], out
+    told = {e["path"] for e in events if e.get("event") == "file"}
+    left = {str(f.relative_to(target)) for f in target.rglob("*") if f.is_file()}
+    assert taken.read_bytes() == b"mine"
+    assert left - {names[1000]} == told  # no file without its event, none told and gone
+    for name in told:
+        assert (target / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_a_second_progressive_restore_into_the_same_target_is_refused(
