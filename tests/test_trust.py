@@ -920,6 +920,25 @@ def test_a_copy_whose_lent_blob_was_only_linked_is_read_back(work: Path, mode: i
             assert not (home / "out").exists()
 
 
+def _big_and_small(work: Path) -> Path:
+    """A tree of a 96 MiB file (its copy lasts tens of milliseconds) and a small one."""
+    src = work / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
+    (src / "small.txt").write_text("small")
+    return src
+
+
+def _write_at_the_end(path: Path, data: bytes) -> None:
+    """Write `data` over the end of `path` (where a copy has not come yet, while it runs),
+    its mtime put back, as a writer through a link would."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-len(data), os.SEEK_END)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.parametrize("meddle", ["link", "write"])
 def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
     """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
@@ -929,10 +948,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
     whole (the link), it is handed over; not (the write), the restore builds its hidden tree
     again, the blob checked first (re-hashed; a bad one fetched again), says so in a
     `rebuilt` warning, and hands over the published bytes."""
-    src = work / "src"
-    src.mkdir()
-    (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
-    (src / "small.txt").write_text("small")
+    src = _big_and_small(work)
     want = tree_digest(src)
     raced = False
     with daemon(work, access={"link_to_writers": True}) as d:
@@ -951,11 +967,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
                 if meddle == "link":
                     os.link(lent, work / f"another{attempt}")
                 else:
-                    st = lent.stat()
-                    with open(lent, "r+b") as f:
-                        f.seek(-4, os.SEEK_END)  # (where the copy has not come yet)
-                        f.write(b"EVIL")
-                    os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    _write_at_the_end(lent, b"EVIL")
                 events = job.result()
             out = outcome(events)
             assert out["event"] == "result", out
@@ -981,10 +993,7 @@ def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: P
     restore cannot build again (its files are the caller's already), so it fails, and the
     copies not handed over (the one that saw its blob written, and those sent with it) go
     whatever keep_partial says; what was told to have landed stays."""
-    src = work / "src"
-    src.mkdir()
-    (src / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
-    (src / "small.txt").write_text("small")
+    src = _big_and_small(work)
     raced = False
     with daemon(work, access={"link_to_writers": True}) as d:
         d.publish(src, "t/big")
@@ -1004,19 +1013,13 @@ def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: P
                 }
                 job = pool.submit(stream, d.socket, "/v1/restore", body)
                 wait_for(lambda j=job, t=target: j.done() or any(t.glob(".hostd-part-*")), step=0)
-                st = lent.stat()
-                with open(lent, "r+b") as f:
-                    f.seek(-4, os.SEEK_END)  # (where the copy has not come yet)
-                    f.write(b"EVIL")
-                os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                _write_at_the_end(lent, b"EVIL")
                 events = job.result()
                 out = outcome(events)
             if out["event"] == "result":  # the copy was over before the write
                 assert (target / "big.bin").read_bytes()[-4:] != b"EVIL"
-                with open(lent, "r+b") as f:  # the published bytes back, for the next try
-                    f.seek(-4, os.SEEK_END)
-                    f.write((src / "big.bin").read_bytes()[-4:])
-                os.utime(lent, ns=(st.st_atime_ns, st.st_mtime_ns))
+                # the published bytes back, for the next try
+                _write_at_the_end(lent, (src / "big.bin").read_bytes()[-4:])
                 continue
             assert "written to through a link" in out["message"], out
             landed = sorted(e["path"] for e in events if e.get("event") == "file")
