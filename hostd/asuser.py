@@ -374,6 +374,13 @@ class AsUser:
         return reply, out
 
     def _gone(self, op: str) -> TransientError:
+        # An answer lost (over its time, or the stream broken): answers are paired with
+        # requests by order, so the next call would take this one's late answer for its own
+        # (a batch told created that is not). The helper goes, and every later call fails at
+        # once; what it placed is taken back by a successor (abandon).
+        self.kill()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         return TransientError(
             f"hostd's helper for uid {self.caller.uid} stopped answering during {op!r} "
             "(killed, stopped, or over its time)"

@@ -45,7 +45,7 @@ from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
-from hostd.errors import ChunkCorrupt, HostdError, UsageError
+from hostd.errors import ChunkCorrupt, HostdError, TransientError, UsageError
 from hostd.materialize import Cancelled, Placer, materialize
 from hostd.publish import _sources
 
@@ -1361,6 +1361,30 @@ def test_a_progressive_begin_that_failed_is_taken_back_though_its_helper_stops(
         with pytest.raises(HostdError, match="File name too long"):
             placer.begin()
         assert not target.exists()
+
+
+def test_a_call_past_its_time_ends_the_helper_so_no_later_call_takes_its_answer(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are paired with requests by order. A batch whose answer did not come in time
+    (a target filesystem that stalls, then recovers) failed, and the helper's late answer to
+    it was then taken by the next call as its own: files told created that were not. The
+    helper now goes at the first lost answer, and every later call fails at once."""
+    monkeypatch.setattr(hostd.asuser, "CALL_TIMEOUT", 1.0)
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (_, _, fs):
+        fs.target(f"{home}/out", False)
+        fs.begin(["d"], [])
+        os.kill(_helper_pid(fs), signal.SIGSTOP)
+        with pytest.raises(TransientError, match="stopped answering"):
+            fs.files([("d/a", 0o644, 0, "empty", None)], [])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_helper_pid(fs), signal.SIGCONT)  # (it recovers, or is gone)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="stopped answering"):
+            fs.files([("d/b", 0o644, 0, "empty", None)], [])
+        assert time.monotonic() - started < 1.0  # at once, not after its own timeout
+        assert fs.stopped()
 
 
 def _helper_pid(fs: AsUser) -> int:
