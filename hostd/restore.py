@@ -624,8 +624,8 @@ class Restorer:
             replace=req.replace,
         )
 
-        # Blobs announced to the placer in one put per turn of the loop, not one each: a warm
-        # check announces hundreds between two of its awaits.
+        # Blobs announced to the placer in one put per turn of the loop, not one each: the
+        # fill's check announces the blobs cached already by the hundred between two awaits.
         announced: list[Ready] = []
 
         def ready(digest: bytes, b: Blob) -> None:
