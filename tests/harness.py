@@ -46,6 +46,47 @@ def compile_bytecode() -> Path:
     return package
 
 
+# Ports for daemons told theirs ahead (a peer list): from a block below the kernel's ephemeral
+# range (no connection's own end lands there), one block per pytest-xdist worker, taken in
+# turn, so two workers, or a test and the one before it, never get the same port.
+_PORT_BLOCK = 3000
+
+
+def _port_block() -> range:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    k = int(worker) if worker.isdigit() else 0
+    start = max(1024, low - _PORT_BLOCK * (k + 1))
+    return range(start, start + _PORT_BLOCK)
+
+
+_ports: Iterator[int] = iter(())
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports nothing is bound to now (on any address), from this worker's block."""
+    global _ports
+    out: list[int] = []
+    for _ in range(2 * _PORT_BLOCK):
+        port = next(_ports, None)
+        if port is None:
+            _ports = iter(_port_block())
+            continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        out.append(port)
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"no {n} free ports in {_port_block()}")
+
+
 def short_tmp(prefix: str = "hd") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 

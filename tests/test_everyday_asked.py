@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, Hostd, iter_events, make_tree, rmtree, short_tmp
+from harness import ROOT, Hostd, free_ports, iter_events, make_tree, rmtree, short_tmp
 
 from hostd.core.pathfilter import PathFilter, compile_pattern
 
@@ -47,9 +47,8 @@ def hostd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on (and no other test is given)."""
+    return free_ports(1)[0]
 
 
 class Origin(http.server.ThreadingHTTPServer):

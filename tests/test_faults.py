@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from aiohttp import web
-from harness import ROOT, Hostd, iter_events, make_tree, rmtree, short_tmp, tree_digest
+from harness import ROOT, Hostd, free_ports, iter_events, make_tree, rmtree, short_tmp, tree_digest
 from harness import write_config as write_toml
 from prometheus_client.parser import text_string_to_metric_families
 from s3server import S3Bucket
@@ -141,11 +140,8 @@ def hostd_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    """A loopback port nothing listens on (and no other test is given)."""
+    return free_ports(1)[0]
 
 
 def random_file(path: Path, size: int, seed: int) -> None:

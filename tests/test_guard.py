@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from harness import Hostd, rmtree, short_tmp
+from harness import Hostd, free_ports, rmtree, short_tmp
 from test_e2e import sample
-from test_peers import free_ports, key_file
+from test_peers import key_file
 
 from hostd import caller, daemon, desk, guard
 from hostd.guard import Guard, address_of

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Hostd, rmtree, short_tmp, tree_digest
+from harness import Hostd, free_ports, rmtree, short_tmp, tree_digest
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import promtool_check, sample, wait_for
 from test_small_files import small_tree
@@ -289,17 +289,6 @@ def test_send_range_says_when_the_file_is_short(
 
 
 # --- real daemons on loopback -------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
