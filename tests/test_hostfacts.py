@@ -538,7 +538,11 @@ def test_a_reading_unanswered_past_the_bound_drops_that_gpu_until_nvml_answers(
 
     reader.open(1)
     assert memory.idle.wait(30)
-    assert "NVML answered the GPU memory reading again" in caplog.text
+    # (said once the refresh is done, after `idle` is set for the next one)
+    deadline = time.monotonic() + 30
+    while "NVML answered the GPU memory reading again" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.01)
     assert memory.latest() == [(G0, 5 * MiB, G0.memory_total), (G1, 6 * MiB, G1.memory_total)]
     assert memory.idle.wait(30)
 
