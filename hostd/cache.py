@@ -587,7 +587,7 @@ class Cache:
                     if flags[slot] & COMPLETE:
                         flags[slot] |= LINKED  # (a link restore's, maybe)
         if stale:
-            self.index.later(self.index.touch_blobs, [d for d in ds if d in stale], now)
+            self.index.later(self.index.touch_blobs, list(stale), now)  # (it sorts them)
 
     # admission and eviction ---------------------------------------------------------------
     async def admit(

@@ -929,6 +929,15 @@ def _big_and_small(work: Path) -> Path:
     return src
 
 
+def _lend_big(d: Hostd, target: Path) -> Path:
+    """Link-restore _big_and_small's tree (published as t/big) into `target`, which lends
+    its blobs (root, link_to_writers): big.bin there, the link to its blob."""
+    out = d.restore("t/big", target, mode="link")
+    assert out["event"] == "result", out
+    assert out["linked"] == 2, out
+    return target / "big.bin"
+
+
 def _write_at_the_end(path: Path, data: bytes) -> None:
     """Write `data` over the end of `path` (where a copy has not come yet, while it runs),
     its mtime put back, as a writer through a link would."""
@@ -954,10 +963,7 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
     with daemon(work, access={"link_to_writers": True}) as d:
         d.publish(src, "t/big")
         for attempt in range(8):  # the copy lasts tens of milliseconds: meddle inside it
-            lent = work / f"l{attempt}" / "big.bin"
-            out = d.restore("t/big", lent.parent, mode="link")  # (lends the blob now)
-            assert out["event"] == "result", out
-            assert out["linked"] == 2, out
+            lent = _lend_big(d, work / f"l{attempt}")
             target = work / f"c{attempt}"
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 body = {"ref": "t/big", "target": str(target), "mode": "copy"}
@@ -998,9 +1004,7 @@ def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: P
     with daemon(work, access={"link_to_writers": True}) as d:
         d.publish(src, "t/big")
         for attempt in range(8):  # the copy lasts tens of milliseconds: write inside it
-            lent = work / f"l{attempt}" / "big.bin"
-            out = d.restore("t/big", lent.parent, mode="link")  # (lends the blob now)
-            assert out["event"] == "result", out
+            lent = _lend_big(d, work / f"l{attempt}")
             target = work / f"c{attempt}"
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 body = {
