@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import tracemalloc
 from typing import Any
 
 import blake3
@@ -705,3 +706,37 @@ def test_in_a_run_cut_short_what_came_before_is_judged_first() -> None:
     i = mf.RUN + 1
     rejects(pack(_many(i + 4, {i: wrong_keys, i + 2: long_id})), f"files[{i}] has keys")
     rejects(pack(_many(i + 4, {i: long_id, i + 2: wrong_keys})), "not valid msgpack")
+
+
+def test_encoding_a_big_manifest_holds_little_beside_its_bytes() -> None:
+    """A publish's peak was the manifest encoded as one document of dicts and lists (~6x
+    its bytes) beside the entries; packed a file at a time, the buffer's growth and the
+    final copy are all it holds (under 4x its bytes)."""
+    pack = bytes(32)
+    files = [
+        mf.FileEntry(
+            f"dir{i // 100:04d}/file{i:06d}.pyc",
+            0o644,
+            100,
+            (
+                mf.Chunk(
+                    blake3.blake3(b"%d" % i).digest(),
+                    100,
+                    0,
+                    mf.Packed(pack, 100 * i, 100, 4 << 20),
+                ),
+            ),
+            1_700_000_000_000_000_000 + i,
+        )
+        for i in range(20_000)
+    ]
+    m = mf.build(chunk_size=4 << 20, files=files)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        data = mf.encode(m)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(data), (peak, len(data))
+    assert mf.decode(data).files == m.files  # and it is still the canonical encoding

@@ -188,40 +188,52 @@ def build(
 
 
 def encode(m: Manifest) -> bytes:
-    doc: dict[str, Any] = {
-        "chunk_size": m.chunk_size,
-        "compat": dict(sorted(m.compat.items())),
-        "dirs": list(m.dirs),
-        "files": [],
-        "format": m.format,
-        "meta": dict(sorted(m.meta.items())),
-    }
-    if m.format == 1:
-        doc["files"] = [
-            {
-                "chunks": [[c.id, c.size, c.codec] for c in f.chunks],
-                "mode": f.mode,
-                "path": f.path,
-                "size": f.size,
-            }
-            for f in m.files
-        ]
-    else:
-        where = {p: i for i, (p, _) in enumerate(m.packs)}
-        doc["files"] = [
-            {
-                "chunks": [_chunk_doc(c, where) for c in f.chunks],
-                "mode": f.mode,
-                "mtime": f.mtime,
-                "path": f.path,
-                "size": f.size,
-            }
-            for f in m.files
-        ]
-        doc["packs"] = [[p, size] for p, size in m.packs]
-    doc["symlinks"] = [{"path": s.path, "target": s.target} for s in m.symlinks]
-    out: bytes = msgpack.packb(doc, use_bin_type=True)
+    """The manifest's canonical bytes: msgpack of one map, its keys in sorted order. Packed
+    a file at a time into one buffer: the whole document as dicts and lists first held ~50 MB
+    for 100,000 files beside the entries, the peak of a publish."""
+    where = {p: i for i, (p, _) in enumerate(m.packs)}
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack_map_header(7 if m.format == 1 else 8)
+    packer.pack("chunk_size")
+    packer.pack(m.chunk_size)
+    packer.pack("compat")
+    packer.pack(dict(sorted(m.compat.items())))
+    packer.pack("dirs")
+    packer.pack(list(m.dirs))
+    packer.pack("files")
+    packer.pack_array_header(len(m.files))
+    for f in m.files:
+        packer.pack(_file_doc(f, where) if m.format != 1 else _file_doc_v1(f))
+    packer.pack("format")
+    packer.pack(m.format)
+    packer.pack("meta")
+    packer.pack(dict(sorted(m.meta.items())))
+    if m.format != 1:
+        packer.pack("packs")
+        packer.pack([[p, size] for p, size in m.packs])
+    packer.pack("symlinks")
+    packer.pack([{"path": s.path, "target": s.target} for s in m.symlinks])
+    out: bytes = packer.bytes()
     return out
+
+
+def _file_doc(f: FileEntry, where: Mapping[bytes, int]) -> dict[str, Any]:
+    return {
+        "chunks": [_chunk_doc(c, where) for c in f.chunks],
+        "mode": f.mode,
+        "mtime": f.mtime,
+        "path": f.path,
+        "size": f.size,
+    }
+
+
+def _file_doc_v1(f: FileEntry) -> dict[str, Any]:
+    return {
+        "chunks": [[c.id, c.size, c.codec] for c in f.chunks],
+        "mode": f.mode,
+        "path": f.path,
+        "size": f.size,
+    }
 
 
 def _chunk_doc(c: Chunk, where: Mapping[bytes, int]) -> list[Any]:
