@@ -3,7 +3,7 @@
 A cache of a million blobs must not hold a Python object per blob: each record is a slot in
 `array` columns (sizes, times, flags) under a digest → slot map (core/slots.py), and the
 tier's eviction queue (core/eviction.py's Lru) orders the slots with no object per entry
-either. About 130 bytes a blob in all.
+either. About 120 bytes a blob in all (`TierBlobs.nbytes`).
 
 A `Blob` is what the rest of hostd handles. It is made when asked for and shared while
 anyone holds it (a weak registry by slot), so `is` still tells one record from another and a
@@ -74,6 +74,41 @@ def state_holds(seen: Stat, size: int, mtime_ns: int, ctime_ns: int, lent: bool,
     )
 
 
+class Charged:
+    """Each slot's charge (what it counts against the tier's budget): its size, but for the
+    few records charged otherwise (a partial blob found at start, charged for what it holds),
+    kept aside: a column of its own cost 8 MB a million blobs for nearly all copies of
+    `size`. Set a record's size before its charge."""
+
+    __slots__ = ("_other", "_size")
+
+    def __init__(self, size: array[int]) -> None:
+        self._size = size
+        self._other: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._size)
+
+    def __getitem__(self, slot: int) -> int:
+        other = self._other
+        return other[slot] if slot in other else self._size[slot]
+
+    def __setitem__(self, slot: int, charged: int) -> None:
+        if charged == self._size[slot]:
+            self._other.pop(slot, None)
+        else:
+            self._other[slot] = charged
+
+    def forget(self, slot: int) -> None:
+        self._other.pop(slot, None)
+
+
+def _chunk_size(n: int) -> int:
+    """A chunk size as its column holds it (32 bits): 0, unknown, for anything out of range
+    (a manifest refuses any over 256 MiB; an index row could say anything)."""
+    return n if 0 < n <= 0xFFFFFFFF else 0
+
+
 class TierBlobs:
     """The records of one tier's blobs (complete and partial), by digest.
 
@@ -88,12 +123,12 @@ class TierBlobs:
         self.tier = tier
         self.slots = DigestSlots(HASH_LEN)
         self.size = array("q")
-        self.chunk_size = array("q")
+        self.chunk_size = array("I")
         self.mtime_ns = array("q")
         self.ctime_ns = array("q")
         self.mode = array("H")
         self.last_used = array("d")
-        self.charged = array("q")
+        self.charged = Charged(self.size)
         self.flags = bytearray()
         self.queue = Lru(self.last_used, self.charged)
         self.unsized = 0  # records with no chunk size (a blob found on disk with no row)
@@ -142,7 +177,6 @@ class TierBlobs:
             self.ctime_ns.append(0)
             self.mode.append(BLOB_MODE)
             self.last_used.append(0.0)
-            self.charged.append(0)
             self.flags.append(0)
         self._write(slot, r)
         self.unsized += r.chunk_size <= 0
@@ -157,7 +191,7 @@ class TierBlobs:
         known = len(self.slots)
         slot = self.slots.put(digest)
         if slot < len(self.size):  # recorded already, or a slot freed before
-            self.unsized -= len(self.slots) == known and self.chunk_size[slot] <= 0
+            self.unsized -= len(self.slots) == known and self.chunk_size[slot] == 0
             self._write(
                 slot,
                 Values(
@@ -173,26 +207,25 @@ class TierBlobs:
             )
         else:
             self.size.append(size)
-            self.chunk_size.append(max(chunk_size, 0))
+            self.chunk_size.append(_chunk_size(chunk_size))
             self.mtime_ns.append(mtime_ns)
             self.ctime_ns.append(ctime_ns)
             self.mode.append(BLOB_MODE)
             self.last_used.append(last_used)
-            self.charged.append(size)
             self.flags.append((COMPLETE | LINKED if complete else 0) | (LENT if lent else 0))
-        self.unsized += chunk_size <= 0
+        self.unsized += _chunk_size(chunk_size) == 0
         return slot
 
     def set(self, slot: int, r: Values) -> None:
         """Overwrite a record's values (out of the queue: the queue reads `charged`). Its
         Blob sees the new values: `detach` it first if this is a new record."""
-        self.unsized += (r.chunk_size <= 0) - (self.chunk_size[slot] <= 0)
+        self.unsized += (_chunk_size(r.chunk_size) == 0) - (self.chunk_size[slot] == 0)
         self._write(slot, r)
 
     def _write(self, slot: int, r: Values) -> None:
         self._unpark(slot)
         self.size[slot] = r.size
-        self.chunk_size[slot] = max(r.chunk_size, 0)
+        self.chunk_size[slot] = _chunk_size(r.chunk_size)
         self.mtime_ns[slot] = r.mtime_ns
         self.ctime_ns[slot] = r.ctime_ns
         self.last_used[slot] = r.last_used
@@ -224,8 +257,8 @@ class TierBlobs:
         )
 
     def set_chunk_size(self, slot: int, chunk_size: int) -> None:
-        self.unsized += (chunk_size <= 0) - (self.chunk_size[slot] <= 0)
-        self.chunk_size[slot] = max(chunk_size, 0)
+        self.unsized += (_chunk_size(chunk_size) == 0) - (self.chunk_size[slot] == 0)
+        self.chunk_size[slot] = _chunk_size(chunk_size)
 
     def push(self, slot: int) -> None:
         """Queue a record for eviction (no longer parked)."""
@@ -283,8 +316,9 @@ class TierBlobs:
     def remove(self, slot: int) -> None:
         """Forget the record at `slot` (out of the queue: the caller's to do first)."""
         self.detach(slot)
-        self.unsized -= self.chunk_size[slot] <= 0
+        self.unsized -= self.chunk_size[slot] == 0
         self._unpark(slot)
+        self.charged.forget(slot)
         self.flags[slot] = 0
         self.slots.remove(slot)
 
@@ -297,7 +331,7 @@ class TierBlobs:
 
     def nbytes(self) -> int:
         """What the records hold in buffers (an estimate of their memory, for tests)."""
-        cols = 8 * 6 + 2 + 1
+        cols = 8 * 5 + 4 + 2 + 1
         return self.slots.nbytes() + cols * len(self.size) + self.queue.nbytes()
 
 

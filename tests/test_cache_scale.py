@@ -292,3 +292,28 @@ def test_a_cached_blob_costs_well_under_200_bytes(fast_tmp: Path) -> None:
         assert grown / n < 200, f"{grown / n:.0f} bytes per cached blob"
     finally:
         cache.index.close()
+
+
+def test_a_cached_blob_costs_its_record_and_little_more(fast_tmp: Path) -> None:
+    """100,000 complete blobs recorded (as a start reads them from the index): their digest
+    slots, columns and eviction queue cost ~120 bytes a blob (arrays grow ahead of need),
+    nothing per blob beside (131 when each had its own `charged` column and a 64-bit chunk
+    size: the figure bench/blob_records.py and the million-chunk RSS target watch)."""
+    cache = open_cache(fast_tmp, 1 << 50)
+    (tier,) = cache.tiers
+    try:
+        digests = ids("record", 100_000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for d in digests:
+                cache.adopt(tier, BlobStat(d, 1000, 1, 1), CS, persist=False)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert cache.locate(digests[-1]) is not None
+        assert grown / len(digests) <= 124, f"{grown / len(digests):.0f} bytes a blob"
+    finally:
+        cache.index.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -54,6 +54,12 @@ _TMASK = (1 << _TBITS) - 1
 _ARITY = 4  # a 4-ary heap: half the levels of a binary one, for Python's cost per level
 
 
+class Charges(Protocol):
+    """Each slot's charge, by slot: an array, or blobs.Charged."""
+
+    def __getitem__(self, slot: int, /) -> int: ...
+
+
 class Lru:
     """One tier's evictable entries, least recently used first (equally old: the biggest
     first), by slot: the caller's small-int handle for an entry, whose `last_used` and
@@ -67,7 +73,7 @@ class Lru:
     counts the entries walks have looked at (tests count work with it).
     """
 
-    def __init__(self, last_used: Sequence[float], charged: Sequence[int]) -> None:
+    def __init__(self, last_used: Sequence[float], charged: Charges) -> None:
         self._last_used = last_used
         self._charged = charged
         self._t = array("d")  # the last use an entry was queued with
