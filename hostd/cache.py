@@ -479,9 +479,10 @@ class Cache:
         """A known snapshot's manifest (decoded in a thread if need be); see Snapshots."""
         return await self.snaps.load_manifest(snapshot_id)
 
-    def record_snapshot(self, m: mf.Manifest) -> Snapshot:
-        """Remember a snapshot being used; cheap on the loop (see Snapshots.record)."""
-        s = self.snaps.record(m)
+    def record_snapshot(self, m: mf.Manifest, *, built: bool = False) -> Snapshot:
+        """Remember a snapshot being used; cheap on the loop (see Snapshots.record; `built`:
+        a publish's own)."""
+        s = self.snaps.record(m, built=built)
         if any(tb.unsized for tb in self._tb.values()):
             # Blobs found on disk with no index row (a lost index) learn their chunk size
             # here, which verify needs to check them.

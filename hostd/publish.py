@@ -671,7 +671,7 @@ class Publisher:
         progress.phase = "upload"
         await self.origin.put_manifest(snapshot_id, m.encoded)
         moved = await self.reflog.move(req.ref, digest, snapshot_id)
-        self.cache.record_snapshot(m)
+        self.cache.record_snapshot(m, built=True)
         self.cache.index.put_ref(req.ref, digest, snapshot_id, time.time())
         t2 = self.clock()
         return {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import operator
@@ -49,6 +50,14 @@ DECODED_CHUNKS = 1 << 17
 # A manifest of at most this many chunks is indexed on the loop when it is recorded (a
 # millisecond or two), not by the writer thread.
 SMALL_MANIFEST_CHUNKS = 512
+
+# A manifest a publish built is kept decoded only up to this weight (~0.1 s to decode again).
+# Its objects were made among the publish's short-lived ones: kept, a 100,000-file one held
+# ~50 MB and pinned as much again of the heap they shared (pymalloc frees an arena only when
+# all of it is free), the resting RSS of a daemon that publishes grew ~45 MB a publish of
+# 100,000 files, and the next publish peaked on top (bench/RESULTS.md). One a restore asks
+# for is decoded in one go on a thread, and kept then.
+BUILT_KEPT_CHUNKS = 8192
 
 
 @dataclass(slots=True, eq=False)
@@ -105,6 +114,13 @@ def _weight(m: mf.Manifest) -> int:
     )
     entries = empty + len(m.dirs) + len(m.symlinks) + len(m.compat) + len(m.meta)
     return sum(per_file) + entries + text // TEXT_PER_CHUNK
+
+
+def _settle_on(loop: asyncio.AbstractEventLoop, store: Snapshots, _job: Future[None]) -> None:
+    """`store._settle` on `loop`, asked from the index's writer thread (nothing once the loop
+    is closed: a stopping daemon)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(store._settle)
 
 
 def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:
@@ -246,9 +262,9 @@ class Snapshots:
         self.index.index_snapshot(row, blobs, chunk_rows(m))
 
     # records ------------------------------------------------------------------------------
-    def record(self, m: mf.Manifest) -> Snapshot:
+    def record(self, m: mf.Manifest, *, built: bool = False) -> Snapshot:
         """Remember a snapshot (or that it was used again). O(files) for a new one, with the
-        indexing left to the writer thread."""
+        indexing left to the writer thread. `built`: a publish's own (BUILT_KEPT_CHUNKS)."""
         now = self.clock()
         self._settle()
         s = self._records.get(m.snapshot_id)
@@ -258,7 +274,8 @@ class Snapshots:
             self.index.touch_snapshot(s.id, now)
             return s
         n = _weight(m)
-        self._remember(m, n)
+        if not built or n <= BUILT_KEPT_CHUNKS:
+            self._remember(m, n)
         row = self._summary(m, now, False)
         self.index.put_snapshot(row)
         s = self._add(row)
@@ -266,7 +283,14 @@ class Snapshots:
         if n <= SMALL_MANIFEST_CHUNKS and not self._erasing:
             self._write_index(m, row)
         else:  # (after a gc's erasing too, which may be of this very snapshot's rows)
-            self._indexing[s.id] = _Indexing(m, self.index.later(self._write_index, m, row))
+            job = self.index.later(self._write_index, m, row)
+            self._indexing[s.id] = _Indexing(m, job)
+            # Let go of the manifest once it is indexed, not at the next call: that may be a
+            # publish's, whose garbage it would then be freed among.
+            with contextlib.suppress(RuntimeError):  # (no loop runs: settled at the next call)
+                job.add_done_callback(
+                    functools.partial(_settle_on, asyncio.get_running_loop(), self)
+                )
         return s
 
     def set_pinned(self, snapshot_id: str, pinned: bool) -> list[bytes]:
