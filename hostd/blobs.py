@@ -179,7 +179,7 @@ class TierBlobs:
             self.last_used.append(0.0)
             self.flags.append(0)
         self._write(slot, r)
-        self.unsized += r.chunk_size <= 0
+        self.unsized += _chunk_size(r.chunk_size) == 0
         return slot
 
     def add_row(self, row: BlobValues) -> int:

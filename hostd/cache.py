@@ -662,6 +662,11 @@ class Cache:
             return False
         if not b.attached:
             return False  # dropped meanwhile (gc): admitted afresh
+        # Out of the queue again before its charge changes, and filling: a walk for room may
+        # have put it back, where the filler had not claimed it yet (the queue reads charges
+        # as they were when queued).
+        tb.queue.drop(b.slot)
+        self._filling.add((b.digest, t.name))
         self._used[t.name] += short
         tb.charged[b.slot], tb.last_used[b.slot] = b.size, self.clock()
         return True

@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 
 import hostd.maintain
 from hostd import cache as cache_mod
+from hostd.blobs import TierBlobs, Values
 from hostd.cache import (
     REHASH_ATTEMPTS,
     TOUCH_SAVED,
@@ -705,6 +706,40 @@ async def test_a_partial_blob_left_at_a_stop_is_charged_what_it_holds(big_env: E
     assert not disk.partial_path(p.digest).exists()
     assert used(third)["disk"] == 3 * CS + 1
     assert third.evictions[("disk", "delete")] == 1
+
+
+async def test_a_resume_that_makes_room_before_its_fill_is_claimed_keeps_the_queue_true(
+    big_env: Env,
+) -> None:
+    """A partial blob found at start, resumed where room must be made for the rest while no
+    fill names it busy yet: the walk for room queued it again at its partial charge, and the
+    resume then charged it its full size while queued (the queue's byte count drifted from
+    the charges it holds). It leaves the queue, and counts as filling, whatever the walk did."""
+    env = big_env
+    cache = env.open()
+    _mem, disk = cache.tiers
+    r, p = env.file("r", CS), env.file("p", 3 * CS)
+    await env.put(cache, r, [disk])
+    env.clock.tick()
+    await cache.admit(p.digest, p.size, CS, [disk])
+    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
+    pb.write(0, 0, env.data[p.digest][:CS])  # one chunk of three, then the daemon stops
+    pb.close()
+    cache.index.flush()
+    env.close()
+
+    again = env.open({"mem": 1000, "disk": 3 * CS})
+    disk = again.tiers[1]
+    again.busy = lambda: ()  # no fill names p (yet)
+    assert used(again)["disk"] == 2 * CS  # p's resume needs one more: r, older, must go
+    assert await again.admit(p.digest, p.size, CS, [disk]) is disk
+    assert again.copies(r.digest) == []
+    queue = again.queues["disk"]
+    assert (len(queue), queue.bytes) == (0, 0)  # p filling: nothing queued
+    assert used(again)["disk"] == 3 * CS
+    st_ = await asyncio.to_thread(write_blob, disk, p, env.data[p.digest])
+    again.completed(p.digest, disk, st_)
+    assert (len(queue), queue.bytes) == (1, 3 * CS)
 
 
 async def test_partial_blobs_that_cannot_be_resumed_are_removed_at_load(env: Env) -> None:
@@ -1653,3 +1688,21 @@ async def test_a_version_2_index_is_migrated_and_its_snapshots_indexed_again(env
     s = again.snapshot(m.snapshot_id)
     assert s is not None
     assert (s.files, s.bytes) == (2, 600)
+
+
+def test_a_record_whose_chunk_size_no_column_holds_is_unsized_and_counted_so(
+    tmp_path: Path,
+) -> None:
+    """Chunk sizes are held in 32 bits: one out of range (an index row could say anything;
+    manifests stop at 256 MiB) is recorded as unknown, learnt from a manifest later, and
+    counted among the unsized records until then, however it came in."""
+    tb = TierBlobs(Tier("t", tmp_path / "t", 1 << 30))
+    for i, cs in enumerate((1 << 40, -1, 0)):
+        slot = tb.add(bytes([i]) * 32, Values(10, cs, True, 1, 1.0, 1, False, 10))
+        assert tb.chunk_size[slot] == 0
+    assert tb.unsized == 3
+    tb.set_chunk_size(0, CS)
+    tb.remove(1)
+    assert tb.unsized == 1
+    tb.remove(2)
+    assert tb.unsized == 0
