@@ -39,7 +39,8 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ class Cache:
         # One eviction queue per tier: its complete blobs and idle partial ones.
         self.queues: dict[str, Lru] = {name: tb.queue for name, tb in self._tb.items()}
         # What each running restore holds: taking and releasing a hold is O(1) in its size.
-        self._holds: list[frozenset[bytes]] = []
+        self._holds: list[AbstractSet[bytes]] = []
         # Partial blobs (digest, tier) admitted for a fill in this process, kept out of the
         # queues while the fill may be using them: until they complete, are abandoned or
         # replaced, or `busy` (when set) no longer names them.
@@ -538,9 +539,13 @@ class Cache:
         return per_tier, complete
 
     @contextlib.contextmanager
-    def holding(self, digests: Iterable[bytes]) -> Iterator[None]:
-        """Keep these blobs from eviction while a restore uses them."""
-        held = frozenset(digests)
+    def holding(self, digests: Iterable[bytes] | Mapping[bytes, object]) -> Iterator[None]:
+        """Keep these blobs from eviction while a restore uses them. A mapping's keys are held
+        as they are, not copied (a manifest's blobs: 4 MB a 100,000): it must not change
+        meanwhile."""
+        held: AbstractSet[bytes] = (
+            digests.keys() if isinstance(digests, Mapping) else frozenset(digests)
+        )
         self._holds.append(held)
         try:
             yield
