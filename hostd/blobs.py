@@ -3,7 +3,7 @@
 A cache of a million blobs must not hold a Python object per blob: each record is a slot in
 `array` columns (sizes, times, flags) under a digest → slot map (core/slots.py), and the
 tier's eviction queue (core/eviction.py's Lru) orders the slots with no object per entry
-either. About 120 bytes a blob in all (`TierBlobs.nbytes`).
+either. About 105-120 bytes a blob in all (`TierBlobs.nbytes`; arrays grow ahead of need).
 
 A `Blob` is what the rest of hostd handles. It is made when asked for and shared while
 anyone holds it (a weak registry by slot), so `is` still tells one record from another and a

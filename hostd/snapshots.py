@@ -269,7 +269,8 @@ class Snapshots:
         self._settle()
         s = self._records.get(m.snapshot_id)
         if s is not None:
-            self._remember(m)
+            if not built or _weight(m) <= BUILT_KEPT_CHUNKS:  # (a tree published again)
+                self._remember(m)
             s.last_used = now
             self.index.touch_snapshot(s.id, now)
             return s

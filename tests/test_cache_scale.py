@@ -316,6 +316,8 @@ async def test_a_published_manifest_is_let_go_once_indexed_unless_it_is_small(
         assert snaps._kept(big.snapshot_id) is None
         assert snaps._kept(small.snapshot_id) is small
         assert snaps._kept(restored.snapshot_id) is restored
+        cache.record_snapshot(big, built=True)  # the same tree published again
+        assert snaps._kept(big.snapshot_id) is None
         again = await snaps.load_manifest(big.snapshot_id)
         assert again is not None
         assert again.files == big.files
