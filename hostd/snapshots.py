@@ -86,6 +86,7 @@ class _Indexing:
 
     manifest: mf.Manifest
     job: Future[None]
+    keep: bool = True  # False: a publish's own, too big to keep decoded (BUILT_KEPT_CHUNKS)
 
 
 _SIZE = operator.attrgetter("size")
@@ -269,13 +270,19 @@ class Snapshots:
         self._settle()
         s = self._records.get(m.snapshot_id)
         if s is not None:
-            if not built or _weight(m) <= BUILT_KEPT_CHUNKS:  # (a tree published again)
+            p = self._indexing.get(s.id)
+            # (a tree published again; or a restore handed the publish's own copy while it is
+            # being indexed: kept, it would pin the heap all the same)
+            if (not built or _weight(m) <= BUILT_KEPT_CHUNKS) and not (
+                p is not None and p.manifest is m and not p.keep
+            ):
                 self._remember(m)
             s.last_used = now
             self.index.touch_snapshot(s.id, now)
             return s
         n = _weight(m)
-        if not built or n <= BUILT_KEPT_CHUNKS:
+        keep = not built or n <= BUILT_KEPT_CHUNKS
+        if keep:
             self._remember(m, n)
         row = self._summary(m, now, False)
         self.index.put_snapshot(row)
@@ -285,7 +292,7 @@ class Snapshots:
             self._write_index(m, row)
         else:  # (after a gc's erasing too, which may be of this very snapshot's rows)
             job = self.index.later(self._write_index, m, row)
-            self._indexing[s.id] = _Indexing(m, job)
+            self._indexing[s.id] = _Indexing(m, job, keep)
             # Let go of the manifest once it is indexed, not at the next call: that may be a
             # publish's, whose garbage it would then be freed among.
             with contextlib.suppress(RuntimeError):  # (no loop runs: settled at the next call)

@@ -301,15 +301,21 @@ async def test_a_published_manifest_is_let_go_once_indexed_unless_it_is_small(
     """A publish's own manifest is kept decoded only up to BUILT_KEPT_CHUNKS: its objects lie
     among the publish's garbage, and kept, they pinned as much again of the heap. It is let
     go as soon as the writer has indexed it, not at the next call (a publish's). A restore's
-    is kept, and the big one is read again from its file when asked for."""
+    is kept, and the big one is read again from its file when asked for. A restore handed
+    the publish's own copy while it is being indexed does not keep it either."""
     cache = open_cache(fast_tmp, 1 << 40)
+    writer = threading.Event()
     try:
         big, small = manifest("big", 10_000), manifest("small", 600)
         restored = manifest("restored", 10_000)
+        cache.index.later(writer.wait)  # the writer is busy: big stays being indexed
         for m in (big, small):
             cache.record_snapshot(m, built=True)
         cache.record_snapshot(restored)
         snaps = cache.snaps
+        assert await snaps.load_manifest(big.snapshot_id) is big  # a restore, meanwhile
+        cache.record_snapshot(big)
+        writer.set()
         async with asyncio.timeout(30):
             while snaps._indexing:  # noqa: ASYNC110 - settled by a call the writer queues
                 await asyncio.sleep(0.01)
@@ -322,4 +328,5 @@ async def test_a_published_manifest_is_let_go_once_indexed_unless_it_is_small(
         assert again is not None
         assert again.files == big.files
     finally:
+        writer.set()  # (a failure above must not leave the writer waiting: close joins it)
         cache.index.close()
