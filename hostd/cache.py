@@ -662,8 +662,8 @@ class Cache:
         if short > 0 and need > 0 and not await self._make_room(t, need):
             if b.attached:
                 await self._forget(b.digest, t)
-            else:
-                self._drop(b.digest, t.name)
+            # (detached: dropped meanwhile, or replaced, say by a publish's complete copy of
+            # the same bytes, which stays: dropping "its" digest would forget that one)
             return False
         if not b.attached:
             return False  # dropped meanwhile (gc): admitted afresh

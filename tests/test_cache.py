@@ -742,6 +742,40 @@ async def test_a_resume_that_makes_room_before_its_fill_is_claimed_keeps_the_que
     assert (len(queue), queue.bytes) == (1, 3 * CS)
 
 
+async def test_a_resume_that_finds_no_room_leaves_a_complete_copy_made_meanwhile(
+    big_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial blob's resume that cannot make room for the rest gives it up. Where a
+    complete copy of the same bytes took its record while room was sought (a publish's,
+    installed during the walk's awaits), that copy stays recorded: the resume dropped the
+    digest's record, whatever it was by then."""
+    env = big_env
+    cache = env.open()
+    _mem, disk = cache.tiers
+    p = env.file("p", 3 * CS)
+    await cache.admit(p.digest, p.size, CS, [disk])
+    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
+    pb.write(0, 0, env.data[p.digest][:CS])
+    pb.close()
+    cache.index.flush()
+    env.close()
+
+    again = env.open({"mem": 1000, "disk": 2 * CS})  # no room for the rest of p
+    disk = again.tiers[1]
+    seeking = again._make_room
+
+    async def published_meanwhile(tier: Tier, need: int) -> bool:
+        st_ = await asyncio.to_thread(write_blob, disk, p, env.data[p.digest])
+        again.adopt(disk, st_, CS)
+        return await seeking(tier, need)
+
+    monkeypatch.setattr(again, "_make_room", published_meanwhile)
+    with again.holding([p.digest]), pytest.raises(TierError):  # (a restore uses the copy)
+        await again.admit(p.digest, p.size, CS, [disk])
+    assert where(again, p) == [("disk", True)]
+    assert again.locate(p.digest) is not None
+
+
 async def test_partial_blobs_that_cannot_be_resumed_are_removed_at_load(env: Env) -> None:
     cache = env.open()
     mem, _disk = cache.tiers
