@@ -672,17 +672,25 @@ async def test_a_partial_blob_no_fill_holds_is_evicted_by_its_last_use(tmp_path:
         env.close()
 
 
+async def left_partial(env: Env, cache: Cache, tier: Tier, name: str) -> FileEntry:
+    """A blob of three chunks admitted to `tier` with one written, as a daemon stopped mid-fill
+    leaves it (its row flushed)."""
+    p = env.file(name, 3 * CS)
+    await cache.admit(p.digest, p.size, CS, [tier])
+    pb = tier.open_partial(p.digest, p.size, len(p.chunks))
+    pb.write(0, 0, env.data[p.digest][:CS])
+    pb.close()
+    cache.index.flush()
+    return p
+
+
 async def test_a_partial_blob_left_at_a_stop_is_charged_what_it_holds(big_env: Env) -> None:
     """After a restart a partial blob is charged the bytes it holds and can be evicted; a
     resume charges its full size again, and keeps it from eviction while it fills."""
     env = big_env
     cache = env.open()
     _mem, disk = cache.tiers
-    p = env.file("p", 3 * CS)
-    await cache.admit(p.digest, p.size, CS, [disk])
-    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
-    pb.write(0, 0, env.data[p.digest][:CS])  # one chunk of three, then the daemon stops
-    pb.close()
+    p = await left_partial(env, cache, disk, "p")
     assert used(cache)["disk"] == 3 * CS
     env.close()
 
@@ -718,14 +726,10 @@ async def test_a_resume_that_makes_room_before_its_fill_is_claimed_keeps_the_que
     env = big_env
     cache = env.open()
     _mem, disk = cache.tiers
-    r, p = env.file("r", CS), env.file("p", 3 * CS)
+    r = env.file("r", CS)
     await env.put(cache, r, [disk])
     env.clock.tick()
-    await cache.admit(p.digest, p.size, CS, [disk])
-    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
-    pb.write(0, 0, env.data[p.digest][:CS])  # one chunk of three, then the daemon stops
-    pb.close()
-    cache.index.flush()
+    p = await left_partial(env, cache, disk, "p")
     env.close()
 
     again = env.open({"mem": 1000, "disk": 3 * CS})
@@ -752,12 +756,7 @@ async def test_a_resume_that_finds_no_room_leaves_a_complete_copy_made_meanwhile
     env = big_env
     cache = env.open()
     _mem, disk = cache.tiers
-    p = env.file("p", 3 * CS)
-    await cache.admit(p.digest, p.size, CS, [disk])
-    pb = disk.open_partial(p.digest, p.size, len(p.chunks))
-    pb.write(0, 0, env.data[p.digest][:CS])
-    pb.close()
-    cache.index.flush()
+    p = await left_partial(env, cache, disk, "p")
     env.close()
 
     again = env.open({"mem": 1000, "disk": 2 * CS})  # no room for the rest of p
