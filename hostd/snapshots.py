@@ -51,13 +51,14 @@ DECODED_CHUNKS = 1 << 17
 # millisecond or two), not by the writer thread.
 SMALL_MANIFEST_CHUNKS = 512
 
-# A manifest a publish built is kept decoded only up to this weight (~0.1 s to decode again).
-# Its objects were made among the publish's short-lived ones: kept, a 100,000-file one held
-# ~50 MB and pinned as much again of the heap they shared (pymalloc frees an arena only when
-# all of it is free), the resting RSS of a daemon that publishes grew ~45 MB a publish of
-# 100,000 files, and the next publish peaked on top (bench/RESULTS.md). One a restore asks
-# for is decoded in one go on a thread, and kept then.
-BUILT_KEPT_CHUNKS = 8192
+# A manifest a publish built is kept decoded only up to this weight (a compile cache of ~30,000
+# files; one this size decodes again in ~0.4 s). Its objects were made among the publish's
+# short-lived ones: kept, a 100,000-file one held ~50 MB and pinned as much again of the heap
+# they shared (pymalloc frees an arena only when all of it is free), the resting RSS of a
+# daemon that publishes grew ~45 MB a publish of 100,000 files, and the next publish peaked
+# on top (bench/RESULTS.md). One a restore asks for is decoded in one go on a thread, and
+# kept then.
+BUILT_KEPT_CHUNKS = 1 << 15
 
 
 @dataclass(slots=True, eq=False)

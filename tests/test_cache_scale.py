@@ -296,13 +296,14 @@ def test_a_cached_blob_costs_its_record_and_little_more(fast_tmp: Path) -> None:
 
 
 async def test_a_published_manifest_is_let_go_once_indexed_unless_it_is_small(
-    fast_tmp: Path,
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A publish's own manifest is kept decoded only up to BUILT_KEPT_CHUNKS: its objects lie
     among the publish's garbage, and kept, they pinned as much again of the heap. It is let
     go as soon as the writer has indexed it, not at the next call (a publish's). A restore's
     is kept, and the big one is read again from its file when asked for. A restore handed
     the publish's own copy while it is being indexed does not keep it either."""
+    monkeypatch.setattr(hostd.snapshots, "BUILT_KEPT_CHUNKS", 5_000)
     cache = open_cache(fast_tmp, 1 << 40)
     writer = threading.Event()
     try:
