@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -948,6 +949,20 @@ def _write_at_the_end(path: Path, data: bytes) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _race(
+    d: Hostd, body: dict[str, Any], started: tuple[Path, str], meddle: Callable[[], object]
+) -> list[dict[str, Any]]:
+    """The events of a restore of `body`, with `meddle` run as soon as a path matching
+    `started` (a directory, a glob pattern under it) says its copy is under way, or the
+    restore is over (then the meddling came too late)."""
+    root, pattern = started
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(stream, d.socket, "/v1/restore", body)
+        wait_for(lambda: job.done() or any(root.glob(pattern)), step=0)
+        meddle()
+        return job.result()
+
+
 @pytest.mark.parametrize("meddle", ["link", "write"])
 def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
     """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
@@ -965,16 +980,14 @@ def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str
         for attempt in range(8):  # the copy lasts tens of milliseconds: meddle inside it
             lent = _lend_big(d, work / f"l{attempt}")
             target = work / f"c{attempt}"
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                body = {"ref": "t/big", "target": str(target), "mode": "copy"}
-                job = pool.submit(stream, d.socket, "/v1/restore", body)
-                build = f".{target.name}.hostd-*/**/big.bin"
-                wait_for(lambda j=job, b=build: j.done() or any(work.glob(b)), step=0)
-                if meddle == "link":
-                    os.link(lent, work / f"another{attempt}")
-                else:
-                    _write_at_the_end(lent, b"EVIL")
-                events = job.result()
+            events = _race(
+                d,
+                {"ref": "t/big", "target": str(target), "mode": "copy"},
+                (work, f".{target.name}.hostd-*/**/big.bin"),
+                functools.partial(os.link, lent, work / f"another{attempt}")
+                if meddle == "link"
+                else functools.partial(_write_at_the_end, lent, b"EVIL"),
+            )
             out = outcome(events)
             assert out["event"] == "result", out
             assert tree_digest(target) == want
@@ -1006,20 +1019,21 @@ def test_a_progressive_copy_that_saw_its_lent_blob_written_is_taken_away(work: P
         for attempt in range(8):  # the copy lasts tens of milliseconds: write inside it
             lent = _lend_big(d, work / f"l{attempt}")
             target = work / f"c{attempt}"
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                body = {
-                    "ref": "t/big",
-                    "target": str(target),
-                    "mode": "copy",
-                    "progressive": True,
-                    "keep_partial": True,
-                    "order": ["small.txt", "big.bin"],
-                }
-                job = pool.submit(stream, d.socket, "/v1/restore", body)
-                wait_for(lambda j=job, t=target: j.done() or any(t.glob(".hostd-part-*")), step=0)
-                _write_at_the_end(lent, b"EVIL")
-                events = job.result()
-                out = outcome(events)
+            body = {
+                "ref": "t/big",
+                "target": str(target),
+                "mode": "copy",
+                "progressive": True,
+                "keep_partial": True,
+                "order": ["small.txt", "big.bin"],
+            }
+            events = _race(
+                d,
+                body,
+                (target, ".hostd-part-*"),
+                functools.partial(_write_at_the_end, lent, b"EVIL"),
+            )
+            out = outcome(events)
             if out["event"] == "result":  # the copy was over before the write
                 assert (target / "big.bin").read_bytes()[-4:] != b"EVIL"
                 # the published bytes back, for the next try
