@@ -347,8 +347,7 @@ class Placer:
         empties = [f for f in self.m.files if not f.size]
         try:
             if empties:
-                items = [(f.path, f.mode, 0, "empty", f.mtime) for f in empties]
-                self.fs.files(items, [])
+                self.fs.files(_empty_items(empties), [])
                 self.done.add(empties)
             if self.ranged:
                 self._make_parts()
@@ -856,6 +855,11 @@ def _send_files(
         sender.drain()
 
 
+def _empty_items(files: list[mf.FileEntry]) -> list[tuple[str, int, int, str, int | None]]:
+    """The helper's items that create `files`, all empty."""
+    return [(f.path, f.mode, 0, "empty", f.mtime) for f in files]
+
+
 class _Sender:
     """Copies on their way to the helper, in batches, each with the blobs' descriptors: it
     writes them as the caller. Each batch is sent while the helper still creates the one
@@ -895,9 +899,8 @@ class _Sender:
         self.close()
 
     def empties(self, files: list[mf.FileEntry]) -> None:
-        items = [(f.path, f.mode, 0, "empty", f.mtime) for f in files]
         opened = _Opened(files, [], [], [])
-        self.sent.append(_Sent(opened, self.pool.submit(self.fs.files, items, [])))
+        self.sent.append(_Sent(opened, self.pool.submit(self.fs.files, _empty_items(files), [])))
 
     def send(self, copies: list[mf.FileEntry], blob_path: Callable[[bytes], str]) -> None:
         """Send `copies` in batches, in this order; returns with AHEAD batches at most
