@@ -81,11 +81,17 @@ def _recv_with_fds(sock: socket.socket, n: int, fds: list[int]) -> bytes | None:
     return data
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """`n` bytes, received into one buffer of that size: a scan's answer of 100,000 files is
+    ~10 MB, which `recv` took a piece at a time, each into a new buffer of all that was left,
+    then joined and copied (a quarter slower, the same peak)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
             raise FrameError("the other end closed the socket mid-frame")
-        buf += chunk
-    return bytes(buf)
+        got += k
+    view.release()
+    return buf

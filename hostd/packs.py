@@ -1,7 +1,7 @@
 """Packs at publish: many chunks' stored bytes in one origin object (FORMAT.md, "Packs").
 
-Small files' chunks are collected by the publish and joined here (`PackUpload`,
-`join_and_hash`); a large file's are packed on its ingest thread as they are read
+Small files' chunks are collected by the publish (`PackUpload`, `PackChunks`) and
+hashed here (`hash_pack`); a large file's are packed on its ingest thread as they are read
 (`FilePacks`), in file order and back to back, into packs of up to `pack_size`, under a
 byte budget per publish (`PackBudget`) that keeps what the packs hold bounded: being
 filled, sealed and queued, being uploaded.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Coroutine
+from array import array
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -42,22 +43,49 @@ class Stopped(Exception):
     the upload queue, or for room in the budget of packs held)."""
 
 
-def join_and_hash(parts: list[bytes]) -> tuple[bytes, bytes]:
-    """A pack's id and bytes (blocking)."""
-    data = b"".join(parts)
-    return blake3.blake3(data).digest(), data
+def hash_pack(data: bytes) -> bytes:
+    """A pack's id (blocking)."""
+    return blake3.blake3(data).digest()
+
+
+class PackChunks:
+    """The chunks of a small files' pack: id -> (size, codec, offset, length), as columns. A
+    pack of a chunk's size holds up to ~80,000 tiny files' chunks: a tuple and a dict entry
+    each, made and let go in bulk among a publish's lasting objects, left the heap pinned."""
+
+    __slots__ = ("_values", "ids")
+
+    def __init__(self) -> None:
+        self.ids: list[bytes] = []
+        self._values = array("q")  # (size, codec, offset, length) of each, in a row
+
+    def __repr__(self) -> str:
+        return f"PackChunks({len(self.ids)} chunks)"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, cid: bytes, size: int, kind: int, offset: int, length: int) -> None:
+        self.ids.append(cid)
+        self._values.extend((size, kind, offset, length))
+
+    def items(self) -> Iterator[tuple[bytes, tuple[int, int, int, int]]]:
+        v = self._values
+        for i, cid in enumerate(self.ids):
+            yield cid, (v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3])
 
 
 @dataclass(frozen=True, slots=True)
 class PackUpload:
-    """A sealed pack: its parts are joined and hashed on a thread by the uploader that
-    takes it, which then records where each of `chunks` lies in it."""
+    """A sealed pack of small files' chunks, their stored bytes back to back: hashed on a
+    thread by the uploader that takes it, which then records where each of `chunks` lies
+    in it."""
 
-    parts: list[bytes]
-    chunks: dict[bytes, tuple[int, int, int, int]]  # id -> (size, codec, offset, length)
+    data: bytes
+    chunks: PackChunks
 
     def __repr__(self) -> str:
-        return f"PackUpload({len(self.chunks)} chunks)"
+        return f"PackUpload({len(self.chunks)} chunks, {len(self.data)} B)"
 
 
 @dataclass(frozen=True, slots=True)

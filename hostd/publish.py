@@ -23,15 +23,19 @@ rights). Other special files are refused by name, never opened.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
+import io
 import logging
 import os
 import posixpath
 import threading
 import time
+from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -40,7 +44,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import blake3
 
-from hostd import fastcopy
+from hostd import fastcopy, memory
 from hostd.asuser import AsUser, Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import Caller
@@ -57,9 +61,17 @@ from hostd.errors import (
     UsageError,
     first_error,
 )
-from hostd.fsops import FILE_COLUMNS
+from hostd.fsops import FILE_COLUMNS, NUMBER_COLUMNS, unrecordable_mtime
 from hostd.origin import Origin, validate_ref
-from hostd.packs import FilePacks, LargePack, PackBudget, PackUpload, Stopped, join_and_hash
+from hostd.packs import (
+    FilePacks,
+    LargePack,
+    PackBudget,
+    PackChunks,
+    PackUpload,
+    Stopped,
+    hash_pack,
+)
 from hostd.refs import RefLog
 from hostd.restore import Progress, Resolver
 from hostd.tier import (
@@ -116,9 +128,78 @@ class SourceFile:
     ctime: int = 0
 
 
+class Files:
+    """The regular files a scan found, as columns (a path list, number arrays): a publish of
+    100,000 files holds no object per file but its path until it reads it (a SourceFile,
+    made on demand, shares the path): 48 bytes of numbers a file, where SourceFiles of the
+    JSON's ints took ~300 beside the path."""
+
+    __slots__ = ("ctime", "dev", "ino", "mode", "mtime", "paths", "size", "via")
+
+    def __init__(
+        self, paths: list[str] | None = None, numbers: Mapping[str, array[int]] | None = None
+    ) -> None:
+        n = numbers or {k: array(code) for k, code in NUMBER_COLUMNS.items()}
+        self.paths = paths if paths is not None else []
+        self.mode, self.size, self.mtime = n["mode"], n["size"], n["mtime"]
+        self.ctime, self.dev, self.ino = n["ctime"], n["dev"], n["ino"]
+        self.via: dict[int, str] = {}  # a symlink's target outside the tree, by index
+
+    def __repr__(self) -> str:
+        return f"Files({len(self.paths)} files)"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> SourceFile:
+        return SourceFile(
+            self.paths[i],
+            self.mode[i],
+            self.size[i],
+            (self.dev[i], self.ino[i]),
+            self.via.get(i),
+            self.mtime[i],
+            self.ctime[i],
+        )
+
+    def __iter__(self) -> Iterator[SourceFile]:
+        return map(self.__getitem__, range(len(self.paths)))
+
+    def append(self, f: SourceFile) -> None:
+        values = (f.mode, f.size, f.mtime, f.ctime, *f.ident)
+        columns = (self.mode, self.size, self.mtime, self.ctime, self.dev, self.ino)
+        if not (
+            all(0 <= n <= 0xFFFF_FFFF_FFFF_FFFF for n in (f.mode, f.size, *f.ident))
+            and all(mf.MIN_MTIME <= n <= mf.MAX_MTIME for n in (f.mtime, f.ctime))
+        ):
+            raise HostdError(f"hostd's helper answered {f.path!r} with a field out of range")
+        if f.via is not None:
+            self.via[len(self.paths)] = f.via
+        self.paths.append(f.path)
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+
+    def sort(self) -> None:
+        """In path order."""
+        order = sorted(range(len(self.paths)), key=self.paths.__getitem__)
+        self.paths = [self.paths[i] for i in order]
+        for name in NUMBER_COLUMNS:
+            column = getattr(self, name)
+            setattr(self, name, array(column.typecode, map(column.__getitem__, order)))
+        if self.via:
+            at = {old: new for new, old in enumerate(order) if old in self.via}
+            self.via = {at[i]: v for i, v in self.via.items()}
+
+    def clear(self) -> None:
+        self.paths = []
+        for name in NUMBER_COLUMNS:
+            setattr(self, name, array(getattr(self, name).typecode))
+        self.via = {}
+
+
 @dataclass
 class Tree:
-    files: list[SourceFile] = field(default_factory=list)
+    files: Files = field(default_factory=Files)
     symlinks: list[mf.Symlink] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {path, kind}, never opened
@@ -147,33 +228,35 @@ def scan_tree(
     )
     for link in got["symlinks"]:
         _add_symlink(tree, str(link["path"]), str(link["target"]), link["resolved"])
-    tree.files.sort(key=lambda f: f.path)
+    tree.files.sort()
     return tree
 
 
-def _sources(columns: Mapping[str, Any]) -> list[SourceFile]:
-    """The files of a scan's answer, given as columns (fsops.FILE_COLUMNS)."""
-    try:
-        cols = [columns[k] for k in FILE_COLUMNS]
-    except (KeyError, TypeError):
-        raise HostdError("hostd's helper answered a scan without its files' columns") from None
-    paths, *numbers = cols
-    if not all(type(c) is list and len(c) == len(paths) for c in cols):
-        raise HostdError("hostd's helper answered a scan with columns of different lengths")
-    if not all(type(p) is str for p in paths) or not all(
-        type(n) is int for c in numbers for n in c
-    ):
-        raise HostdError("hostd's helper answered a scan with a file's field of the wrong type")
-    modes, sizes, mtimes, ctimes, devs, inos = numbers
-    if mtimes and not mf.MIN_MTIME <= min(mtimes) <= max(mtimes) <= mf.MAX_MTIME:
-        for path, ns in zip(paths, mtimes, strict=True):
-            recordable_mtime(path, ns)  # (raises, naming the first file)
-    return [
-        SourceFile(path, mode, size, (dev, ino), None, mtime, ctime)
-        for path, mode, size, mtime, ctime, dev, ino in zip(
-            paths, modes, sizes, mtimes, ctimes, devs, inos, strict=True
-        )
-    ]
+def _sources(columns: Mapping[str, Any]) -> Files:
+    """The files of a scan's answer, given as columns (fsops.FILE_COLUMNS: the paths a list,
+    each number column the base64 of an array of NUMBER_COLUMNS' type)."""
+    if not isinstance(columns, Mapping) or not all(k in columns for k in FILE_COLUMNS):
+        raise HostdError("hostd's helper answered a scan without its files' columns")
+    paths = columns["path"]
+    if type(paths) is not list or not all(type(p) is str for p in paths):
+        raise HostdError("hostd's helper answered a scan with a file's path not a string")
+    numbers = {}
+    for name, code in NUMBER_COLUMNS.items():
+        numbers[name] = column = array(code)
+        text = columns[name]
+        try:
+            if type(text) is not str:
+                raise ValueError(name)
+            column.frombytes(base64.b64decode(text, validate=True))
+        except (ValueError, binascii.Error):
+            raise HostdError(
+                f"hostd's helper answered a scan with its {name!r} column not an array"
+            ) from None
+        if len(column) != len(paths):
+            raise HostdError("hostd's helper answered a scan with columns of different lengths")
+    if paths and max(numbers["mode"]) > 0o777:
+        raise HostdError("hostd's helper answered a scan with a file's mode out of range")
+    return Files(paths, numbers)
 
 
 def _source(f: Mapping[str, Any]) -> SourceFile:
@@ -194,11 +277,7 @@ def recordable_mtime(path: str, ns: int) -> int:
     nanoseconds, the years 1677 to 2262); else UsageError naming the file (ext4 holds
     mtimes to 2446)."""
     if not mf.MIN_MTIME <= ns <= mf.MAX_MTIME:
-        raise UsageError(
-            f"{path!r}: its mtime ({ns} ns from 1970) is outside what a snapshot records "
-            "(a signed 64-bit count of nanoseconds: the years 1677 to 2262); set another "
-            "with touch, or exclude it"
-        )
+        raise UsageError(unrecordable_mtime(path, ns))
     return ns
 
 
@@ -617,6 +696,8 @@ class Publisher:
             tree = await self.spawner.run(
                 scan_tree, fs, req.path, self.storage, req.include, req.exclude
             )
+            if len(tree.files) >= TRIM_FILES:  # (the scan's answer, decoded, is garbage now)
+                await asyncio.to_thread(memory.trim_heap)
             for entry in tree.skipped:
                 progress.warnings.append(_skipped_warning(entry))
             progress.admitted = True  # scanned: what fails from here is an `error` event
@@ -634,7 +715,7 @@ class Publisher:
         t0: float,
     ) -> dict[str, Any]:
         progress.total_files = len(tree.files)
-        progress.fill.total_bytes = sum(f.size for f in tree.files)
+        progress.fill.total_bytes = sum(tree.files.size)
         names = self.resolver.kinds[req.kind] if req.facts is None else req.facts
         facts = compat.publish_facts(names, req.compat, self.resolver.known)
         digest = compat_digest(facts)
@@ -659,8 +740,8 @@ class Publisher:
             entries = await run.all(tree.files)
         finally:
             self.runs.discard(run)
-        # The scan's records of the files go too (their paths live on in the entries): ~20
-        # MB a 100,000 files, held through the manifest's build otherwise.
+        # The scan's columns go too (their paths live on in the entries): ~5 MB a 100,000
+        # files, held through the manifest's build otherwise.
         tree.files.clear()
         t1 = self.clock()
         # Sorting, checking and encoding the manifest of 10,000 files takes ~100 ms: a
@@ -719,6 +800,8 @@ def _build_manifest(
     meta: Mapping[str, str],
 ) -> tuple[mf.Manifest, str]:
     """The manifest and its snapshot id (its canonical bytes, encoded and hashed here)."""
+    if len(files) >= TRIM_FILES:  # (the files' batches and the maps of chunks are garbage)
+        memory.trim_heap()
     m = mf.build(
         chunk_size=chunk_size,
         files=files,
@@ -748,22 +831,50 @@ async def _owned_fds(opening: Awaitable[list[int]]) -> list[int]:
         raise
 
 
+class _Smalls:
+    """A publish's small files as they are placed in packs: each one's index in the tree's
+    `files`, chunk id and recorded mtime, in columns."""
+
+    __slots__ = ("at", "files", "ids", "mtimes")
+
+    def __init__(self, files: Files) -> None:
+        self.files = files
+        self.at = array("L")
+        self.ids: list[bytes] = []
+        self.mtimes = array("q")
+
+    def __repr__(self) -> str:
+        return f"_Smalls({len(self.ids)} files)"
+
+    def add(self, i: int, cid: bytes, mtime: int) -> None:
+        self.at.append(i)
+        self.ids.append(cid)
+        self.mtimes.append(mtime)
+
+
 def _entries(
     larges: Sequence[mf.FileEntry],
     packed: bool,
-    smalls: Sequence[tuple[SourceFile, bytes, int]],
+    smalls: _Smalls,
     placed: Mapping[bytes, mf.Chunk],
 ) -> list[mf.FileEntry]:
     """Every file's entry, each packed chunk where it was placed: the large files' (when
     `packed`: their chunks went into packs, or were found placed already) and the small
     files'."""
+    if len(smalls.files) >= TRIM_FILES:  # (the batches' garbage, before the entries are made)
+        memory.trim_heap()
     out = list(larges)
     if packed:
         out = [
             mf.FileEntry(e.path, e.mode, e.size, tuple(placed[c.id] for c in e.chunks), e.mtime)
             for e in larges
         ]
-    out += [mf.FileEntry(f.path, f.mode, f.size, (placed[cid],), mtime) for f, cid, mtime in smalls]
+    files = smalls.files
+    paths, modes, sizes = files.paths, files.mode, files.size
+    out += [
+        mf.FileEntry(paths[i], modes[i], sizes[i], (placed[cid],), mtime)
+        for i, cid, mtime in zip(smalls.at, smalls.ids, smalls.mtimes, strict=True)
+    ]
     return out
 
 
@@ -777,6 +888,11 @@ async def _run_closing_fds(pool: ThreadPoolExecutor, fn: Callable[[], T], fds: S
         if job.cancel():  # True only for a job that never ran
             _close_all(fds)
 
+
+# A publish of this many files or more gives the heap's free pages back (memory.trim_heap)
+# after its scan and before it builds its manifest: each phase's garbage, ~30 MB a 100,000
+# files, stayed resident under the next phase's peak until the idle trim (bench/RESULTS.md).
+TRIM_FILES = 10_000
 
 # Small files are read, hashed and stored in batches of this many files or bytes: one round
 # trip to the caller's helper and one thread hop per stage per batch, one syncfs per batch.
@@ -824,10 +940,10 @@ class _Run:
         # file's once its pack is sealed, hashed as it was filled).
         self.placed: dict[bytes, mf.Chunk] = dict(known)
         self.packed: set[bytes] = set()  # the chunks this run put in packs, sealed or not
-        self.pack_parts: list[bytes] = []
-        self.pack_bytes = 0
-        # the chunks of the pack being filled: id -> (size, codec, offset, stored length)
-        self.filling: dict[bytes, tuple[int, int, int, int]] = {}
+        # The small files' pack being filled: their stored bytes, back to back (not kept
+        # each its own bytes until the pack is sealed), and where each chunk lies in it.
+        self.pack_buf = io.BytesIO()
+        self.filling = PackChunks()
         self.new_chunks = 0
         self.compressed = 0
         self.stored_bytes = 0
@@ -843,10 +959,11 @@ class _Run:
             f"{self.new_chunks} new chunks, {self.budget!r})"
         )
 
-    async def all(self, files: Sequence[SourceFile]) -> list[mf.FileEntry]:
+    async def all(self, files: Files) -> list[mf.FileEntry]:
         out: list[mf.FileEntry] = []
-        # each small file with its chunk id and mtime (not its bytes: those go with its pack)
-        smalls: list[tuple[SourceFile, bytes, int]] = []
+        # Each small file's index in `files`, chunk id and mtime (not its bytes: those go
+        # with its pack), in path order.
+        smalls = _Smalls(files)
         try:
             async with asyncio.TaskGroup() as tg:
                 workers = [
@@ -863,13 +980,15 @@ class _Run:
                     async with slots:
                         return await self.file(f)
 
-                async def batch(fs_: list[SourceFile]) -> list[SmallFile]:
+                async def batch(at: array[int]) -> list[SmallFile]:
                     # Batches enter each stage's queue in path order (the semaphore wakes its
                     # waiters in order), each stage's next queued before it is done with one.
                     # The permit is given back once the batch is placed (below), so reading
                     # waits for uploads, and a batch's bytes are held by this publish at most
-                    # SMALL_BATCHES_AHEAD batches before they reach the upload queue.
+                    # SMALL_BATCHES_AHEAD batches before they reach the upload queue. Its
+                    # files' records are made here: not one for every file of the tree.
                     await ahead.acquire()
+                    fs_ = [files[i] for i in at]
                     async with opened:  # until they are read and closed
                         fds = await _owned_fds(
                             self.loop.run_in_executor(
@@ -884,29 +1003,28 @@ class _Run:
 
                 larges: list[asyncio.Task[mf.FileEntry]] = []
                 # (taken off as they are placed: a done task holds its batch's bytes)
-                batches: deque[tuple[list[SourceFile], asyncio.Task[list[SmallFile]]]] = deque()
-                pending: list[SourceFile] = []
-                size = 0
-                for f in files:
-                    if not 0 < f.size < self.cs:
-                        larges.append(tg.create_task(one(f)))
+                batches: deque[tuple[array[int], asyncio.Task[list[SmallFile]]]] = deque()
+                pending, size = array("L"), 0
+                for i, n in enumerate(files.size):
+                    if not 0 < n < self.cs:
+                        larges.append(tg.create_task(one(files[i])))
                         continue
-                    pending.append(f)
-                    size += f.size
+                    pending.append(i)
+                    size += n
                     if len(pending) >= SMALL_BATCH_FILES or size >= SMALL_BATCH_BYTES:
                         batches.append((pending, tg.create_task(batch(pending))))
-                        pending, size = [], 0
+                        pending, size = array("L"), 0
                 if pending:
                     batches.append((pending, tg.create_task(batch(pending))))
                 # Packs are filled in the tree's order, whatever order the batches end in
                 # (and whatever the large files do meanwhile).
                 while batches:
-                    srcs, job = batches.popleft()
-                    for f, sf in zip(srcs, await job, strict=True):
+                    at, job = batches.popleft()
+                    for i, sf in zip(at, await job, strict=True):
                         sealed = self.place(sf)
                         if sealed is not None:
                             await self.queue.put(sealed)
-                        smalls.append((f, sf.cid, sf.mtime))
+                        smalls.add(i, sf.cid, sf.mtime)
                     ahead.release()
                 if (sealed := self.seal()) is not None:
                     await self.queue.put(sealed)
@@ -976,12 +1094,11 @@ class _Run:
         if sf.cid in self.placed or sf.cid in self.packed:
             return None
         sealed = None
-        if self.pack_parts and self.pack_bytes + len(sf.stored) > self.cs:
+        if self.filling and self.pack_buf.tell() + len(sf.stored) > self.cs:
             sealed = self.seal()
-        self.filling[sf.cid] = (sf.size, sf.codec, self.pack_bytes, len(sf.stored))
+        self.filling.add(sf.cid, sf.size, sf.codec, self.pack_buf.tell(), len(sf.stored))
         self.packed.add(sf.cid)
-        self.pack_parts.append(sf.stored)
-        self.pack_bytes += len(sf.stored)
+        self.pack_buf.write(sf.stored)
         self.new_chunks += 1
         self.stored_bytes += len(sf.stored)
         self.compressed += sf.codec == mf.CODEC_ZSTD
@@ -989,10 +1106,10 @@ class _Run:
 
     def seal(self) -> PackUpload | None:
         """Close the pack being filled, if any: an uploader names it by its content."""
-        if not self.pack_parts:
+        if not self.filling:
             return None
-        pack = PackUpload(self.pack_parts, self.filling)
-        self.pack_parts, self.pack_bytes, self.filling = [], 0, {}
+        pack = PackUpload(self.pack_buf.getvalue(), self.filling)  # (no copy of the bytes)
+        self.pack_buf, self.filling = io.BytesIO(), PackChunks()
         self.packs += 1
         return pack
 
@@ -1064,7 +1181,7 @@ class _Run:
         return True
 
     def place_pack(
-        self, pack: bytes, size: int, chunks: Mapping[bytes, tuple[int, int, int, int]]
+        self, pack: bytes, size: int, chunks: Mapping[bytes, tuple[int, int, int, int]] | PackChunks
     ) -> None:
         """Record where each of `chunks` (id -> size, codec, offset, length) lies in a pack
         named `pack` of `size` bytes."""
@@ -1095,12 +1212,12 @@ class _Run:
             await self.p.origin.put_pack(item.id, item.data)
             return len(item.data)
         if isinstance(item, PackUpload):
-            # Joining and hashing a pack of a chunk's size takes milliseconds: a thread's
-            # (blake3 releases the GIL). Named by its content: an upload that finds it
-            # there already is harmless, and asking first would cost a request per pack.
-            pack, data = await asyncio.to_thread(join_and_hash, item.parts)
-            self.place_pack(pack, len(data), item.chunks)
-            await self.p.origin.put_pack(pack, data)
+            # Hashing a pack of a chunk's size takes milliseconds: a thread's (blake3
+            # releases the GIL). Named by its content: an upload that finds it there
+            # already is harmless, and asking first would cost a request per pack.
+            pack = await asyncio.to_thread(hash_pack, item.data)
+            self.place_pack(pack, len(item.data), item.chunks)
+            await self.p.origin.put_pack(pack, item.data)
             return 0
         c, data = item
         if c.id in self.seen:

@@ -246,40 +246,124 @@ def test_a_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(tmp_path
                  "mtime": far, "ctime": 0})  # fmt: skip
 
 
+async def test_a_scanned_file_whose_mtime_a_snapshot_cannot_record_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """The helper's scan carries mtimes as signed 64-bit numbers: a file set after 2262
+    (tmpfs and ext4 hold such times) is refused naming it, before anything is stored."""
+    from hostd.errors import UsageError
+
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "a").write_bytes(b"a")
+    (src / "x" / "f").write_bytes(b"f")
+    far = (1 << 63) + 10**18
+    os.utime(src / "x" / "f", ns=(far, far))
+    _, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 0)
+    origin.gate.set()
+    try:
+        with pytest.raises(UsageError, match=r"'x/f': its mtime .* outside what a snapshot"):
+            await pub.publish(PublishRequest(src, "x/far", caller=daemon_caller()), Progress())
+        stored = [*(tmp_path / "origin").rglob("*"), *(tmp_path / "mem").rglob("*")]
+        assert [p for p in stored if p.is_file()] == []
+    finally:
+        await asyncio.to_thread(pub.close)
+        cache.index.close()
+        spawner.close()
+
+
+async def test_a_big_publish_gives_its_phases_garbage_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish of TRIM_FILES files or more trims the heap after its scan, before it makes
+    its entries, and before it builds its manifest (each phase's garbage would stay resident
+    under the next one's peak); a small one never pays for a trim."""
+    from hostd import memory, publish
+
+    trims: list[int] = []
+    real = memory.trim_heap
+
+    def trim() -> int:
+        trims.append(1)
+        return real()
+
+    monkeypatch.setattr(publish, "TRIM_FILES", 40)
+    monkeypatch.setattr(memory, "trim_heap", trim)
+    _, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 0)
+    origin.gate.set()
+    try:
+        for n, ref in ((39, "x/small"), (40, "x/big")):
+            src = tmp_path / ref
+            src.mkdir(parents=True)
+            for i in range(n):
+                (src / f"f{i:03d}").write_bytes(ref.encode() + bytes([i]))
+            trims.clear()
+            got = await pub.publish(PublishRequest(src, ref, caller=daemon_caller()), Progress())
+            assert got["files"] == n
+            assert len(trims) == (3 if n >= 40 else 0)
+    finally:
+        await asyncio.to_thread(pub.close)
+        cache.index.close()
+        spawner.close()
+
+
 def test_a_scans_file_columns_are_checked_before_they_are_taken(tmp_path: Path) -> None:
-    """A scan answers its files as columns (fsops.FILE_COLUMNS): an mtime no snapshot records
-    is refused naming its file, and columns of other lengths or types are an error of the
+    """A scan answers its files as columns (fsops.FILE_COLUMNS: the paths a list, each number
+    column the base64 of an array): columns of other lengths or types are an error of the
     helper's, not files taken with fields shifted or of the wrong kind."""
-    from hostd.errors import HostdError, UsageError
+    from array import array
+
+    from hostd.errors import HostdError
+    from hostd.fsops import NUMBER_COLUMNS, encode_numbers
     from hostd.publish import SourceFile, _sources
 
-    def cols(**over: list[Any]) -> dict[str, list[Any]]:
-        c: dict[str, list[Any]] = {
-            "path": ["a", "x/f"],
-            "mode": [0o644, 0o755],
-            "size": [1, 2],
-            "mtime": [5, 6],
-            "ctime": [7, 8],
-            "dev": [1, 1],
-            "ino": [3, 4],
-        }
+    def cols(**over: Any) -> dict[str, Any]:
+        numbers = {"mode": [0o644, 0o755], "size": [1, 2], "mtime": [5, -6], "ctime": [7, 8]}
+        numbers |= {"dev": [1, 1], "ino": [3, (1 << 64) - 1]}
+        c: dict[str, Any] = {"path": ["a", "x/f"]}
+        c |= {k: encode_numbers(array(NUMBER_COLUMNS[k], v)) for k, v in numbers.items()}
         return {**c, **over}
 
-    assert _sources(cols()) == [
+    assert list(_sources(cols())) == [
         SourceFile("a", 0o644, 1, (1, 3), None, 5, 7),
-        SourceFile("x/f", 0o755, 2, (1, 4), None, 6, 8),
+        SourceFile("x/f", 0o755, 2, (1, (1 << 64) - 1), None, -6, 8),
     ]
-    with pytest.raises(UsageError, match=r"'x/f': its mtime .* outside what a snapshot records"):
-        _sources(cols(mtime=[5, (1 << 63) + 10**18]))
-    bads: list[dict[str, list[Any]]] = [
-        cols(size=[1]),
-        cols(ino=[3, "4"]),
-        cols(mode=[0o644, True]),
+    bads: list[dict[str, Any]] = [
+        cols(size=encode_numbers(array("Q", [1]))),
+        cols(ino=[3, 4]),
+        cols(mode=encode_numbers(array("Q", [0o644, 0o1000]))),
+        cols(ctime="not base64!"),
+        cols(dev=encode_numbers(array("Q", [1, 1]))[:-4]),  # not whole numbers
+        cols(path=["a", 7]),
         {"path": []},
+        ["a"],  # type: ignore[list-item]
     ]
     for bad in bads:
         with pytest.raises(HostdError, match="helper answered a scan"):
             _sources(bad)
+
+
+def test_a_scans_files_sort_by_path_with_their_fields_and_symlinked_files(tmp_path: Path) -> None:
+    """The scan's columns are sorted together: each path keeps its own numbers, and a file
+    taken through a symlink out of the tree keeps where it was reached from."""
+    from hostd.publish import Files, SourceFile
+
+    files = Files()
+    wanted = [
+        SourceFile("b/z", 0o644, 10, (1, 30), None, 100, 1000),
+        SourceFile("a.txt", 0o600, 11, (1, 31), None, 101, 1001),
+        SourceFile("a/b", 0o755, 12, (2, 32), None, 102, 1002),
+        SourceFile("link", 0o644, 13, (2, 33), "/elsewhere/file", 103, 1003),
+        SourceFile("0", 0o644, 14, (2, 34), None, -104, 1004),
+    ]
+    for f in wanted:
+        files.append(f)
+    files.sort()
+    assert list(files) == sorted(wanted, key=lambda f: f.path)
+    assert files[3] == wanted[0]  # (0, a.txt, a/b, b/z: "." before "/")
+    files.clear()
+    assert list(files) == []
+    assert not files.via
 
 
 def test_a_file_linked_elsewhere_while_it_is_read_is_not_taken_for_changed(

@@ -13,7 +13,7 @@ import io
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import blake3
@@ -189,10 +189,18 @@ def build(
 
 def encode(m: Manifest) -> bytes:
     """The manifest's canonical bytes: msgpack of one map, its keys in sorted order. Packed
-    a file at a time into one buffer: the whole document as dicts and lists first held ~50 MB
-    for 100,000 files beside the entries, the peak of a publish."""
+    a file at a time: the whole document as dicts and lists first held ~50 MB for 100,000
+    files beside the entries, the peak of a publish. The packer's buffer is copied out every
+    _ENCODE_RUN files into one that grows by an eighth: one packer's buffer for it all, grown
+    by doubling and copied out at the end, held 2.5x the bytes (10 -> 25 MB at 100,000)."""
     where = {p: i for i, (p, _) in enumerate(m.packs)}
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    out = io.BytesIO()  # (getvalue hands its buffer over: no copy)
+
+    def flush() -> None:
+        out.write(packer.getbuffer())
+        packer.reset()
+
     packer.pack_map_header(7 if m.format == 1 else 8)
     packer.pack("chunk_size")
     packer.pack(m.chunk_size)
@@ -202,8 +210,11 @@ def encode(m: Manifest) -> bytes:
     packer.pack(list(m.dirs))
     packer.pack("files")
     packer.pack_array_header(len(m.files))
-    for f in m.files:
-        packer.pack(_file_doc(f, where) if m.format != 1 else _file_doc_v1(f))
+    doc = _file_doc_v1 if m.format == 1 else partial(_file_doc, where=where)
+    for i, f in enumerate(m.files):
+        packer.pack(doc(f))
+        if i % _ENCODE_RUN == _ENCODE_RUN - 1:
+            flush()
     packer.pack("format")
     packer.pack(m.format)
     packer.pack("meta")
@@ -213,8 +224,12 @@ def encode(m: Manifest) -> bytes:
         packer.pack([[p, size] for p, size in m.packs])
     packer.pack("symlinks")
     packer.pack([{"path": s.path, "target": s.target} for s in m.symlinks])
-    out: bytes = packer.bytes()
-    return out
+    flush()
+    return out.getvalue()
+
+
+# Files packed into the packer's buffer before it is copied out (a few hundred KB at most).
+_ENCODE_RUN = 1024
 
 
 def _file_doc(f: FileEntry, where: Mapping[bytes, int]) -> dict[str, Any]:
