@@ -519,8 +519,10 @@ class Placer:
     def _fill_part(self, r: Ready, p: _Part) -> None:
         """Copy into part `p` the chunks of its blob (`r`) that no tee wrote (its lock held).
         A lent blob's bytes (a caller could write them) are hashed against their chunk ids
-        as copied; one lent meanwhile must show the state it had before the copy (a write
-        through a link moves its ctime), as `_Sent.finish` checks a batch's."""
+        as copied. One lent meanwhile that no longer shows the state it had before the copy
+        (a write through a link moves its ctime, and so does the link another restore made)
+        is copied again, hashed so: what lands is verified whatever the blob did meanwhile,
+        and a link alone no longer fails the restore (a progressive one is not built again)."""
         step = self.m.chunk_size
         missing = [(i, c) for i, c in enumerate(p.entry.chunks) if i * step not in p.written]
         if not missing:
@@ -531,8 +533,13 @@ class Placer:
             before = _states([src])
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
-            if not check and r.lent() and _states([src]) != before:
-                raise BlobMoved(p.entry.digest, p.entry.path)
+                if not check and r.lent() and _states([src]) != before:
+                    log.info(
+                        "file %r: its blob was lent and moved while it was copied: "
+                        "copied again, each chunk hashed",
+                        p.entry.path,
+                    )
+                    self._copy_chunks(src, p, missing, True)
         finally:
             os.close(src)
 

@@ -803,3 +803,57 @@ def test_a_helper_killed_mid_restore_leaves_no_build_directory(
             r.wait()
         assert hidden_builds(target) == []
         assert not target.exists()
+
+
+@pytest.mark.parametrize("meddle", ["link", "write"])
+def test_a_part_whose_blob_is_lent_and_moves_while_it_is_copied_in_is_copied_again_hashed(
+    tmp_path: Path, meddle: str
+) -> None:
+    """With ranges, the chunks of a file's blob that no tee wrote are copied into its part
+    when the blob completes. If another restore lends the blob meanwhile, linking it (its
+    ctime moves), that failed the progressive restore, which is not built again: the part
+    is now copied again, each chunk hashed, and lands right. A write through that link
+    instead still fails it, naming the file, and none of its bytes are taken for good."""
+    from hostd.core import manifest as mf
+    from hostd.errors import ChunkCorrupt
+    from hostd.materialize import Placer, Ready, _Part
+
+    cs = 64 * 1024
+    data = os.urandom(3 * cs - 100)
+    chunks = tuple(
+        mf.Chunk(chunk_id(data[i : i + cs]), len(data[i : i + cs])) for i in range(0, len(data), cs)
+    )
+    entry = mf.FileEntry("w.bin", 0o644, len(data), chunks, 1)
+    m = mf.build(chunk_size=cs, files=[entry])
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    calls = []
+
+    def lent() -> bool:  # asked before the copy, then after it: lent by then, and moved
+        calls.append(1)
+        if len(calls) == 2:
+            if meddle == "link":
+                os.link(blob, tmp_path / "a-link")
+            else:
+                with open(blob, "r+b") as f:
+                    f.write(b"EVIL")
+        return len(calls) >= 2
+
+    placer = Placer.__new__(Placer)  # (only what _fill_part reads)
+    placer.m = m
+    part_path = tmp_path / "part"
+    fd = os.open(part_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        part = _Part(entry, "part", fd, os.getuid())
+        part.written.add(cs)  # (the tee wrote the middle chunk)
+        os.pwrite(fd, data[cs : 2 * cs], cs)
+        ready = Ready(entry.digest, str(blob), lent, None)
+        if meddle == "link":
+            placer._fill_part(ready, part)
+            assert part_path.read_bytes() == data
+        else:
+            with pytest.raises(ChunkCorrupt, match=r"'w\.bin': a lent blob's chunk 0 changed"):
+                placer._fill_part(ready, part)
+    finally:
+        os.close(fd)
+    assert len(calls) == 2
