@@ -52,16 +52,27 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     header = _recv_with_fds(sock, 4, fds)
     if header is None:
         return None
-    (length,) = struct.unpack(">I", header)
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length} bytes is over the limit")
-    body = _recv_exact(sock, length) if length else b""
-    obj = json.loads(body) if body else {}
-    if not isinstance(obj, dict):
-        raise FrameError("a frame is not a JSON object")
-    while len(fds) < int(obj.get("nfds", 0)):  # the rest come with empty frames
-        if _recv_with_fds(sock, 4, fds) is None:
-            raise FrameError("the other end closed the socket mid-frame")
+    try:
+        (length,) = struct.unpack(">I", header)
+        if length > MAX_FRAME:
+            raise FrameError(f"frame of {length} bytes is over the limit")
+        body = _recv_exact(sock, length) if length else b""
+        try:
+            obj = json.loads(body) if body else {}
+        except ValueError as e:
+            raise FrameError(f"a frame is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise FrameError("a frame is not a JSON object")
+        nfds = obj.get("nfds", 0)
+        if type(nfds) is not int or not 0 <= nfds <= 1 << 20:
+            raise FrameError(f"a frame's nfds {nfds!r} is not a count")
+        while len(fds) < nfds:  # the rest come with empty frames
+            if _recv_with_fds(sock, 4, fds) is None:
+                raise FrameError("the other end closed the socket mid-frame")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return obj, fds
 
 

@@ -972,12 +972,16 @@ class _FileColumns:
     def add(self, rel: str, st: os.stat_result) -> None:
         if not MIN_NS <= st.st_mtime_ns <= MAX_NS:
             raise Refused("usage", unrecordable_mtime(rel, st.st_mtime_ns))
+        if not 0 <= st.st_size <= MAX_NS:
+            raise Refused("usage", f"{rel!r}: its filesystem says its size is {st.st_size}")
         mode, size, mtime, ctime, dev, ino = self._cols
         self.paths.append(rel)
         mode.append(st.st_mode & 0o777)
         size.append(st.st_size)
         mtime.append(st.st_mtime_ns)
-        ctime.append(st.st_ctime_ns)
+        # (only compared, never recorded: one past what a snapshot holds is clamped, and
+        # the daemon's compare then reads the file again between two stats)
+        ctime.append(min(max(st.st_ctime_ns, MIN_NS), MAX_NS))
         dev.append(st.st_dev)
         ino.append(st.st_ino)
 

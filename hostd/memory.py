@@ -6,7 +6,10 @@ frees them, but glibc's malloc keeps most of that memory mapped in its arenas, s
 daemon's RSS stays at its peak for hours: 270-290 MiB after restores of 30,000 files that
 need ~100 MiB at rest (bench/RESULTS.md). `malloc_trim(0)` returns the free pages of every
 arena. It costs a walk over the heap (milliseconds), so it runs in a thread, once the last
-operation has been over for IDLE_DELAY seconds, never while one runs.
+operation has been over for IDLE_DELAY seconds. The one exception is `trim_heap`, which a
+publish of many small files calls between its phases (~2 ms each): what one phase freed
+would otherwise lie under the next one's peak. It also hands back the free buffers of a
+restore running then, which its next chunks fault in afresh.
 
 While an operation runs, the opposite: a cold restore allocates a buffer of a chunk's size
 (4 MiB) per chunk fetched, on a dozen threads. glibc's defaults give each freed buffer back

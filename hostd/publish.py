@@ -169,7 +169,8 @@ class Files:
         values = (f.mode, f.size, f.mtime, f.ctime, *f.ident)
         columns = (self.mode, self.size, self.mtime, self.ctime, self.dev, self.ino)
         if not (
-            all(0 <= n <= 0xFFFF_FFFF_FFFF_FFFF for n in (f.mode, f.size, *f.ident))
+            0 <= f.mode <= 0o777
+            and all(0 <= n <= 0xFFFF_FFFF_FFFF_FFFF for n in (f.size, *f.ident))
             and all(mf.MIN_MTIME <= n <= mf.MAX_MTIME for n in (f.mtime, f.ctime))
         ):
             raise HostdError(f"hostd's helper answered {f.path!r} with a field out of range")
@@ -260,6 +261,13 @@ def _sources(columns: Mapping[str, Any]) -> Files:
 
 
 def _source(f: Mapping[str, Any]) -> SourceFile:
+    try:
+        return _source_of(f)
+    except (KeyError, TypeError, ValueError):
+        raise HostdError("hostd's helper answered a symlinked file's fields malformed") from None
+
+
+def _source_of(f: Mapping[str, Any]) -> SourceFile:
     d, i = f["id"]
     return SourceFile(
         str(f["path"]),
@@ -268,7 +276,7 @@ def _source(f: Mapping[str, Any]) -> SourceFile:
         (int(d), int(i)),
         f["via"],
         recordable_mtime(str(f["path"]), int(f["mtime"])),
-        int(f["ctime"]),
+        min(max(int(f["ctime"]), mf.MIN_MTIME), mf.MAX_MTIME),  # (only compared)
     )
 
 
@@ -451,7 +459,10 @@ def ingest(
     out = -1
     try:
         before = os.fstat(fd)
-        kind = decide_codec(fd, size, chunk_size, compress, min_saving)
+        try:
+            kind = decide_codec(fd, size, chunk_size, compress, min_saving)
+        except EOFError as e:
+            raise UsageError(f"{src!r} shrank while it was being published") from e
         if scratch is not None:
             out = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         ids: list[tuple[bytes, int]] = []

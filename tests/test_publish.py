@@ -307,6 +307,77 @@ async def test_a_big_publish_gives_its_phases_garbage_back(
         spawner.close()
 
 
+def test_the_helpers_columns_take_any_ctime_and_refuse_a_size_no_file_has() -> None:
+    """A ctime is only compared (a file read again between two stats when it differs),
+    never recorded: one past 2262 (FUSE, NFS, a clock set so) is held at the signed 64-bit
+    limit; as it was, it stopped the helper (an array's OverflowError) and the publish said
+    the helper stopped answering. A negative size is refused, naming the file."""
+    import types
+
+    from hostd.fsops import MAX_NS, Refused, _FileColumns
+
+    def stat(**over: int) -> Any:
+        st = os.stat(__file__)
+        return types.SimpleNamespace(
+            **{k: getattr(st, k) for k in dir(st) if k.startswith("st_")} | over
+        )
+
+    cols = _FileColumns()
+    cols.add("far", stat(st_ctime_ns=(1 << 63) + 5))
+    cols.add("early", stat(st_ctime_ns=-(1 << 63) - 5))
+    assert list(cols.numbers["ctime"]) == [MAX_NS, -(1 << 63)]
+    with pytest.raises(Refused, match="'neg': its filesystem says its size is -1"):
+        cols.add("neg", stat(st_size=-1))
+    assert cols.paths == ["far", "early"]
+
+
+def test_a_file_reached_through_a_symlink_is_checked_as_a_scanned_one() -> None:
+    """A file a symlink out of the tree leads to comes as JSON fields: malformed, or a mode
+    no file has, it is the helper's error at once (not an internal one, nor a refusal of
+    the manifest once every file was read and stored)."""
+    from hostd.errors import HostdError
+    from hostd.publish import Files, _source
+
+    good = {"path": "l", "mode": 0o644, "size": 1, "id": [1, 2], "via": "/x/f", "mtime": 5}
+    good |= {"ctime": (1 << 63) + 5}  # (held at the limit, as a scanned file's)
+    assert _source(good).ctime == (1 << 63) - 1
+    for bad in ({**good, "id": [1]}, {**good, "mode": "x"}, {"path": "l"}):
+        with pytest.raises(HostdError, match="helper answered a symlinked file"):
+            _source(bad)
+    with pytest.raises(HostdError, match="helper answered 'l' with a field out of range"):
+        Files().append(_source({**good, "mode": 0o4755}))
+
+
+async def test_a_large_file_that_shrinks_after_the_scan_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut short between the scan and its read (compress=auto samples it first)
+    said "internal error" (an EOFError), not what happened."""
+    from hostd import publish
+    from hostd.errors import UsageError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 * 64 * 1024))
+    scan = publish.scan_tree
+
+    def scan_then_shrink(*args: Any, **kwargs: Any) -> Any:
+        tree = scan(*args, **kwargs)
+        os.truncate(src / "big", 10)
+        return tree
+
+    monkeypatch.setattr(publish, "scan_tree", scan_then_shrink)
+    _, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 0)
+    origin.gate.set()
+    try:
+        with pytest.raises(UsageError, match="'big' shrank while it was being published"):
+            await pub.publish(PublishRequest(src, "x/s", caller=daemon_caller()), Progress())
+    finally:
+        await asyncio.to_thread(pub.close)
+        cache.index.close()
+        spawner.close()
+
+
 def test_a_scans_file_columns_are_checked_before_they_are_taken(tmp_path: Path) -> None:
     """A scan answers its files as columns (fsops.FILE_COLUMNS: the paths a list, each number
     column the base64 of an array): columns of other lengths or types are an error of the
