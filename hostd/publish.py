@@ -901,8 +901,9 @@ async def _run_closing_fds(pool: ThreadPoolExecutor, fn: Callable[[], T], fds: S
 
 
 # A publish of this many files or more gives the heap's free pages back (memory.trim_heap)
-# after its scan and before it builds its manifest: each phase's garbage, ~30 MB a 100,000
-# files, stayed resident under the next phase's peak until the idle trim (bench/RESULTS.md).
+# after its scan, before it makes its entries and before it builds its manifest: each
+# phase's garbage, ~30 MB a 100,000 files, stayed resident under the next phase's peak
+# until the idle trim (bench/RESULTS.md).
 TRIM_FILES = 10_000
 
 # Small files are read, hashed and stored in batches of this many files or bytes: one round
