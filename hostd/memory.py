@@ -6,8 +6,8 @@ frees them, but glibc's malloc keeps most of that memory mapped in its arenas, s
 daemon's RSS stays at its peak for hours: 270-290 MiB after restores of 30,000 files that
 need ~100 MiB at rest (bench/RESULTS.md). `malloc_trim(0)` returns the free pages of every
 arena. It costs a walk over the heap (milliseconds), so it runs in a thread, once the last
-operation has been over for IDLE_DELAY seconds. The one exception is `trim_heap`, which a
-publish of many small files calls between its phases (~2 ms each): what one phase freed
+operation has been over for IDLE_DELAY seconds. The one exception is `trim_heap`, which an
+operation over TRIM_FILES files calls between its phases (~2 ms each): what one phase freed
 would otherwise lie under the next one's peak. It also hands back the free buffers of a
 restore running then, which its next chunks fault in afresh.
 
@@ -42,6 +42,11 @@ from hostd.fileio import libc
 log = logging.getLogger(__name__)
 
 IDLE_DELAY = 1.0  # seconds without an operation before the heap is trimmed
+# An operation over this many files trims between its phases (`trim_heap`): a publish after
+# its scan, before its entries and before its manifest; a manifest's decode once it is done.
+# Each phase's garbage (~15-30 MB at 100,000 files) stayed resident under the next phase's
+# peak until the idle trim (bench/RESULTS.md).
+TRIM_FILES = 10_000
 # mallopt's parameters (malloc.h) and what tune_malloc sets them to: allocations up to
 # MMAP_THRESHOLD come from the arenas (every default chunk size; glibc's maximum), and an
 # arena keeps up to TRIM_THRESHOLD free at its top until the idle trim.

@@ -707,7 +707,7 @@ class Publisher:
             tree = await self.spawner.run(
                 scan_tree, fs, req.path, self.storage, req.include, req.exclude
             )
-            if len(tree.files) >= TRIM_FILES:  # (the scan's answer, decoded, is garbage now)
+            if len(tree.files) >= memory.TRIM_FILES:  # (the scan's answer, decoded, is garbage now)
                 await asyncio.to_thread(memory.trim_heap)
             for entry in tree.skipped:
                 progress.warnings.append(_skipped_warning(entry))
@@ -811,7 +811,7 @@ def _build_manifest(
     meta: Mapping[str, str],
 ) -> tuple[mf.Manifest, str]:
     """The manifest and its snapshot id (its canonical bytes, encoded and hashed here)."""
-    if len(files) >= TRIM_FILES:  # (the files' batches and the maps of chunks are garbage)
+    if len(files) >= memory.TRIM_FILES:  # (the files' batches and the maps of chunks are garbage)
         memory.trim_heap()
     m = mf.build(
         chunk_size=chunk_size,
@@ -872,7 +872,7 @@ def _entries(
     """Every file's entry, each packed chunk where it was placed: the large files' (when
     `packed`: their chunks went into packs, or were found placed already) and the small
     files'."""
-    if len(smalls.files) >= TRIM_FILES:  # (the batches' garbage, before the entries are made)
+    if len(smalls.files) >= memory.TRIM_FILES:  # (the batches' garbage, before the entries)
         memory.trim_heap()
     out = list(larges)
     if packed:
@@ -899,12 +899,6 @@ async def _run_closing_fds(pool: ThreadPoolExecutor, fn: Callable[[], T], fds: S
         if job.cancel():  # True only for a job that never ran
             _close_all(fds)
 
-
-# A publish of this many files or more gives the heap's free pages back (memory.trim_heap)
-# after its scan, before it makes its entries and before it builds its manifest: each
-# phase's garbage, ~30 MB a 100,000 files, stayed resident under the next phase's peak
-# until the idle trim (bench/RESULTS.md).
-TRIM_FILES = 10_000
 
 # Small files are read, hashed and stored in batches of this many files or bytes: one round
 # trip to the caller's helper and one thread hop per stage per batch, one syncfs per batch.

@@ -272,13 +272,14 @@ async def test_a_scanned_file_whose_mtime_a_snapshot_cannot_record_is_refused_by
         spawner.close()
 
 
-async def test_a_big_publish_gives_its_phases_garbage_back(
+async def test_a_big_publish_and_a_big_decode_give_their_phases_garbage_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A publish of TRIM_FILES files or more trims the heap after its scan, before it makes
-    its entries, and before it builds its manifest (each phase's garbage would stay resident
-    under the next one's peak); a small one never pays for a trim."""
-    from hostd import memory, publish
+    """A publish of memory.TRIM_FILES files or more trims the heap after its scan, before it
+    makes its entries, and before it builds its manifest, and a decode of its manifest once
+    it is done (each phase's garbage would stay resident under the next one's peak); a
+    small one never pays for a trim."""
+    from hostd import memory
 
     trims: list[int] = []
     real = memory.trim_heap
@@ -287,7 +288,7 @@ async def test_a_big_publish_gives_its_phases_garbage_back(
         trims.append(1)
         return real()
 
-    monkeypatch.setattr(publish, "TRIM_FILES", 40)
+    monkeypatch.setattr(memory, "TRIM_FILES", 40)
     monkeypatch.setattr(memory, "trim_heap", trim)
     _, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 0)
     origin.gate.set()
@@ -301,6 +302,10 @@ async def test_a_big_publish_gives_its_phases_garbage_back(
             got = await pub.publish(PublishRequest(src, ref, caller=daemon_caller()), Progress())
             assert got["files"] == n
             assert len(trims) == (3 if n >= 40 else 0)
+            trims.clear()
+            m = await asyncio.to_thread(cache.snaps._read, got["snapshot"])  # (its file)
+            assert len(m.files) == n
+            assert len(trims) == (1 if n >= 40 else 0)
     finally:
         await asyncio.to_thread(pub.close)
         cache.index.close()
