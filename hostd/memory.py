@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 IDLE_DELAY = 1.0  # seconds without an operation before the heap is trimmed
 # An operation over this many files trims between its phases (`trim_heap`): a publish after
-# its scan, before its entries and before its manifest; a manifest's decode once it is done.
+# its scan, every TRIM_FILES small files placed, before its entries and before its
+# manifest; a manifest's decode once it is done.
 # Each phase's garbage (~15-30 MB at 100,000 files) stayed resident under the next phase's
 # peak until the idle trim (bench/RESULTS.md).
 TRIM_FILES = 10_000

@@ -1024,6 +1024,10 @@ class _Run:
                     batches.append((pending, tg.create_task(batch(pending))))
                 # Packs are filled in the tree's order, whatever order the batches end in
                 # (and whatever the large files do meanwhile).
+                # Every TRIM_FILES small files placed, while more come, the heap is trimmed:
+                # what the batches freed stayed resident (~30 MB at 100,000 files), among
+                # what the publish keeps (its chunk maps, the blob records).
+                trim_at = memory.TRIM_FILES
                 while batches:
                     at, job = batches.popleft()
                     for i, sf in zip(at, await job, strict=True):
@@ -1032,6 +1036,9 @@ class _Run:
                             await self.queue.put(sealed)
                         smalls.add(i, sf.cid, sf.mtime)
                     ahead.release()
+                    if batches and len(smalls.ids) >= trim_at:  # (the batches' garbage)
+                        trim_at += memory.TRIM_FILES
+                        await asyncio.to_thread(memory.trim_heap)
                 if (sealed := self.seal()) is not None:
                     await self.queue.put(sealed)
                 for large in larges:

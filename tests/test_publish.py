@@ -275,10 +275,11 @@ async def test_a_scanned_file_whose_mtime_a_snapshot_cannot_record_is_refused_by
 async def test_a_big_publish_and_a_big_decode_give_their_phases_garbage_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A publish of memory.TRIM_FILES files or more trims the heap after its scan, before it
-    makes its entries, and before it builds its manifest, and a decode of its manifest once
-    it is done (each phase's garbage would stay resident under the next one's peak); a
-    small one never pays for a trim."""
+    """A publish of memory.TRIM_FILES files or more trims the heap after its scan, every
+    TRIM_FILES small files placed while more batches come, before it makes its entries and
+    before it builds its manifest, and a decode of its manifest once it is done (each
+    phase's garbage would stay resident under the next one's peak); a small one never pays
+    for a trim."""
     from hostd import memory
 
     trims: list[int] = []
@@ -293,15 +294,16 @@ async def test_a_big_publish_and_a_big_decode_give_their_phases_garbage_back(
     _, cache, origin, spawner, pub = _held_publisher(tmp_path, 64 * 1024, "auto", 0)
     origin.gate.set()
     try:
-        for n, ref in ((39, "x/small"), (40, "x/big")):
+        # (a batch of small files is SMALL_BATCH_FILES: 512; 1,100 files are three)
+        for n, ref, during in ((39, "x/small", 0), (40, "x/big", 0), (1100, "x/bigger", 2)):
             src = tmp_path / ref
             src.mkdir(parents=True)
             for i in range(n):
-                (src / f"f{i:03d}").write_bytes(ref.encode() + bytes([i]))
+                (src / f"f{i:04d}").write_bytes(ref.encode() + i.to_bytes(2, "big"))
             trims.clear()
             got = await pub.publish(PublishRequest(src, ref, caller=daemon_caller()), Progress())
             assert got["files"] == n
-            assert len(trims) == (3 if n >= 40 else 0)
+            assert len(trims) == (3 + during if n >= 40 else 0)
             trims.clear()
             m = await asyncio.to_thread(cache.snaps._read, got["snapshot"])  # (its file)
             assert len(m.files) == n
