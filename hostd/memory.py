@@ -107,6 +107,13 @@ def trim_heap() -> int:
 _trim_now: Callable[[int], int] | None = None
 
 
+def trim_for(files: int) -> None:
+    """`trim_heap`, for an operation over `files` files: only from TRIM_FILES up (a smaller
+    one's garbage is small, and it never pays for a trim). Blocking: a thread's."""
+    if files >= TRIM_FILES:
+        trim_heap()
+
+
 def rss_bytes() -> int:
     """This process's resident set size now (0 where /proc says nothing)."""
     try:

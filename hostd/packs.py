@@ -1,10 +1,10 @@
 """Packs at publish: many chunks' stored bytes in one origin object (FORMAT.md, "Packs").
 
-Small files' chunks are collected by the publish (`PackUpload`, `PackChunks`) and
-hashed here (`hash_pack`); a large file's are packed on its ingest thread as they are read
-(`FilePacks`), in file order and back to back, into packs of up to `pack_size`, under a
-byte budget per publish (`PackBudget`) that keeps what the packs hold bounded: being
-filled, sealed and queued, being uploaded.
+Small files' chunks are collected by the publish (`PackUpload`, `PackChunks`), which
+names each pack as a chunk is named (BLAKE3 of its bytes); a large file's are packed on its
+ingest thread as they are read (`FilePacks`), in file order and back to back, into packs of
+up to `pack_size`, under a byte budget per publish (`PackBudget`) that keeps what the packs
+hold bounded: being filled, sealed and queued, being uploaded.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ class Run(Protocol):
 class Stopped(Exception):
     """The publish was cancelled while its ingest thread waited to hand a chunk over (to
     the upload queue, or for room in the budget of packs held)."""
-
-
-def hash_pack(data: bytes) -> bytes:
-    """A pack's id (blocking)."""
-    return blake3.blake3(data).digest()
 
 
 class PackChunks:

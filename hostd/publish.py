@@ -50,7 +50,7 @@ from hostd.cache import Cache
 from hostd.caller import Caller
 from hostd.core import codec, compat
 from hostd.core import manifest as mf
-from hostd.core.ids import compat_digest, file_digest
+from hostd.core.ids import chunk_id, compat_digest, file_digest
 from hostd.core.select import shrink_refusal
 from hostd.errors import (
     HostdError,
@@ -70,7 +70,6 @@ from hostd.packs import (
     PackChunks,
     PackUpload,
     Stopped,
-    hash_pack,
 )
 from hostd.refs import RefLog
 from hostd.restore import Progress, Resolver
@@ -230,6 +229,8 @@ def scan_tree(
     for link in got["symlinks"]:
         _add_symlink(tree, str(link["path"]), str(link["target"]), link["resolved"])
     tree.files.sort()
+    del got
+    memory.trim_for(len(tree.files))  # (the scan's answer, decoded, is garbage now)
     return tree
 
 
@@ -707,8 +708,6 @@ class Publisher:
             tree = await self.spawner.run(
                 scan_tree, fs, req.path, self.storage, req.include, req.exclude
             )
-            if len(tree.files) >= memory.TRIM_FILES:  # (the scan's answer, decoded, is garbage now)
-                await asyncio.to_thread(memory.trim_heap)
             for entry in tree.skipped:
                 progress.warnings.append(_skipped_warning(entry))
             progress.admitted = True  # scanned: what fails from here is an `error` event
@@ -811,8 +810,7 @@ def _build_manifest(
     meta: Mapping[str, str],
 ) -> tuple[mf.Manifest, str]:
     """The manifest and its snapshot id (its canonical bytes, encoded and hashed here)."""
-    if len(files) >= memory.TRIM_FILES:  # (the files' batches and the maps of chunks are garbage)
-        memory.trim_heap()
+    memory.trim_for(len(files))  # (the files' batches and the maps of chunks are garbage)
     m = mf.build(
         chunk_size=chunk_size,
         files=files,
@@ -872,8 +870,7 @@ def _entries(
     """Every file's entry, each packed chunk where it was placed: the large files' (when
     `packed`: their chunks went into packs, or were found placed already) and the small
     files'."""
-    if len(smalls.files) >= memory.TRIM_FILES:  # (the batches' garbage, before the entries)
-        memory.trim_heap()
+    memory.trim_for(len(smalls.files))  # (the batches' garbage, before the entries)
     out = list(larges)
     if packed:
         out = [
@@ -1228,7 +1225,7 @@ class _Run:
             # Hashing a pack of a chunk's size takes milliseconds: a thread's (blake3
             # releases the GIL). Named by its content: an upload that finds it there
             # already is harmless, and asking first would cost a request per pack.
-            pack = await asyncio.to_thread(hash_pack, item.data)
+            pack = await asyncio.to_thread(chunk_id, item.data)  # (BLAKE3 of its bytes)
             self.place_pack(pack, len(item.data), item.chunks)
             await self.p.origin.put_pack(pack, item.data)
             return 0

@@ -131,9 +131,7 @@ def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:
     later use computes them on the loop. `keep_bytes`: for a manifest to be written out."""
     m = mf.decode(data, keep_bytes=keep_bytes)
     m.blobs()
-    if len(m.files) >= memory.TRIM_FILES:
-        # (the decode's garbage: a restore of 100,000 files peaked ~15 MiB lower)
-        memory.trim_heap()
+    memory.trim_for(len(m.files))  # (the decode's garbage: 15 MiB off a 100,000-file restore)
     return m
 
 
