@@ -1027,8 +1027,16 @@ class PeerSource:
                     hint += e.holders
                     if e.kind != "busy":
                         failed.add(name)
-                    # a busy holder names the hosts it served: ask them next
-                    queue[:0] = [h for h in e.holders if h not in skip and h not in queue]
+                    # a busy holder names the hosts it served: ask them next (members only,
+                    # as _holders keeps them: a name is the answer's to choose, any host,
+                    # port and path)
+                    members = self.membership.current().members
+                    me = self.membership.roster.self_name
+                    queue[:0] = [
+                        h
+                        for h in dict.fromkeys(e.holders)
+                        if h in members and h != me and h not in skip and h not in queue
+                    ]
             if not busy or self.membership.clock() - started > self.busy_wait:
                 break
             self.client.stats.busy_waits += 1

@@ -253,6 +253,11 @@ class _Tap:
     def failed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def opened(self) -> bool:
+        """Whether its GET was answered within its size (its buffer mapped)."""
+        return self._buf is not None
+
     async def cut(self, offset: int, length: int) -> memoryview:
         """A copy of `length` bytes at `offset`, once they are in (a view would keep the
         whole pack alive with a chunk); fewer where the body ended short of them."""
@@ -365,7 +370,7 @@ class Taps:
 
     async def cut(self, pack: bytes, size: int, offset: int, length: int) -> memoryview:
         """A copy of `length` bytes at `offset` of the pack, from its whole read."""
-        tap = await self._tap(pack, size)
+        tap = await self._tap(pack, size, offset + length)
         tap.readers += 1
         try:
             return await tap.cut(offset, length)
@@ -383,30 +388,54 @@ class Taps:
         if self._expiry is not None:
             self._expiry.cancel()
 
-    async def _tap(self, pack: bytes, size: int) -> _Tap:
+    async def _tap(self, pack: bytes, size: int, end: int) -> _Tap:
         """The pack's tap: kept or under way, or a new one once fewer than TAPS are held
         (making room by dropping one nobody has read for TAP_GRACE, finished ones first,
-        its read stopped if it was under way; with none such, waiting for one)."""
+        its read stopped if it was under way; with none such, waiting for one). A reader
+        that has waited TAP_GRACE takes the place of a finished tap nobody is reading at
+        that moment however recently it was read: packs read without a pause would
+        otherwise keep a third one waiting for as long as they are asked for. A tap of
+        the same pack opened under another size serves a range up to `end` within it: its
+        answer stated no more than that size, so the pack is what it reads (the size is
+        the asker's to state: a peer's pull names it, and each other size a whole read)."""
         key = (pack, size)
         loop = asyncio.get_running_loop()
+        since = loop.time()
         while True:
             if self._closed:
                 raise OriginError(f"origin {self._origin.url} is closed (get pack {pack.hex()})")
             tap = self._taps.get(key)
+            if tap is None or tap.failed:
+                tap = next(
+                    (
+                        t
+                        for t in self._taps.values()
+                        if t.key[0] == pack and t.opened and not t.failed and end <= t.key[1]
+                    ),
+                    tap,
+                )
             if tap is not None and not tap.failed:
+                key = tap.key
                 self._taps.move_to_end(key)
                 tap.used = loop.time()
                 return tap
             self._taps.pop(key, None)
             if len(self._taps) >= TAPS:
-                cutoff = loop.time() - TAP_GRACE
-                idle = [t for t in self._taps.values() if not t.readers and t.used <= cutoff]
+                now = loop.time()
+                starved = now - since >= TAP_GRACE
+                idle = [
+                    t
+                    for t in self._taps.values()
+                    if not t.readers and (t.used <= now - TAP_GRACE or (starved and t.done))
+                ]
                 if not idle:
                     # Woken when a tap ends or loses its last reader; or when one unread
-                    # now has been for TAP_GRACE.
+                    # now has been for TAP_GRACE, or this reader has waited that long.
                     moved = self._moved
-                    unread = [t.used for t in self._taps.values() if not t.readers]
-                    until = min(unread) + TAP_GRACE if unread else None
+                    wake = [t.used + TAP_GRACE for t in self._taps.values() if not t.readers]
+                    if not starved:
+                        wake.append(since + TAP_GRACE)
+                    until = min(wake, default=None)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout_at(until):
                             await moved.wait()

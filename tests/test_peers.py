@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from harness import Hostd, free_ports, rmtree, short_tmp, tree_digest
@@ -1606,3 +1606,70 @@ def test_a_body_that_never_ends_is_cut_before_its_proof_is_checked(work: Path) -
         assert h.proc is not None
         assert h.proc.poll() is None
         assert "internal error" not in h.log()  # (anyone can do it: no error in the log)
+
+
+class _Canary(BaseHTTPRequestHandler):
+    """Any server on the network: records every request that reaches it."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(self.path)
+        body = b"{}"
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def busy_naming(target: str) -> type[BaseHTTPRequestHandler]:
+    """A member that says it holds every chunk (`have`), and answers every chunk request
+    busy, naming `target` (no member: any address, with a path of its choosing) a holder."""
+
+    class BusyHolder(Member):
+        def do_POST(self) -> None:
+            asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.answer(200, json.dumps({"have": asked.get("ids", [])}).encode())
+
+        def do_GET(self) -> None:
+            if not self.path.startswith("/v1/chunks/"):
+                self.answer(200, json.dumps({"node": "busy"}).encode())
+                return
+            doc = {"error": "busy", "message": "busy", "holders": [target]}
+            self.answer(503, json.dumps(doc).encode())
+
+    return BusyHolder
+
+
+def test_a_busy_members_holders_hint_cannot_send_requests_outside_the_fleet(
+    work: Path,
+) -> None:
+    """A busy holder's answer names the hosts it served, and the asker tries them next:
+    only those that are members of the placement, as PeerSource._holders keeps them. A name
+    is the answer's to choose (any host, port and path: `host:port/path?`), so a member, or
+    anything answering at a listed address, must not make this host send signed GETs
+    anywhere else."""
+    canary_port, bad_port = free_ports(2)
+    _Canary.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", canary_port), _Canary)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stop = threading.Event()
+    target = f"127.0.0.1:{canary_port}/internal/admin?x="
+    wrong_bytes_peer(bad_port, stop, busy_naming(target))
+    src = big_tree(work / "src")
+    try:
+        with Fleet(work, 1, extra=[f"127.0.0.1:{bad_port}"], timeout="500ms") as fleet:
+            fleet.publish(src)
+            h = fleet.hosts[0]
+            out = h.restore("m/w", work / "t")
+            assert out["event"] == "result", out
+            assert tree_digest(work / "t") == tree_digest(src)
+            assert _Canary.seen == [], _Canary.seen[:3]
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()

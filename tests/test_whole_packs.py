@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import weakref
 from collections import Counter
@@ -558,3 +559,72 @@ async def test_a_run_read_after_its_origin_closed_fails_by_name(serve: Serve) ->
     with pytest.raises(OriginError, match="closed"):
         await run.read(CS, bytes)
     run.close()
+
+
+async def test_a_pull_naming_its_pack_with_another_size_does_not_read_the_pack_again(
+    serve: Serve,
+) -> None:
+    """On an origin that answers no ranges, an owner's pull-through is cut from one whole
+    read of the pack (wholepacks.Taps), whose size is the asker's `psize`. The peer API
+    charges a pull `max(size, len)` (api_peer._origin_bytes) and a pull that verifies wastes
+    nothing, so a tap kept by (pack, size) alone would let an asker naming the right chunk
+    with psize real+1, real+2, ... make the owner GET the whole pack (64 MiB by default,
+    1 GiB at most) once per request, for a chunk's charge: a tap of the pack opened under
+    another size that holds the range serves it."""
+    data, raws, chunks = a_pack(16)
+    s = RangeServer(whole(data))
+    o = await serve(s)
+    await learnt(o, chunks[0])
+    src = OriginSource(o, window=0)  # as the owner's pull fetcher reads
+    c = chunks[3]
+    assert c.packed is not None
+    for k in range(4):
+        lie = dataclasses.replace(c.packed, pack_size=c.packed.pack_size + k)
+        got = await asyncio.wait_for(src.get(dataclasses.replace(c, packed=lie)), 30)
+        assert bytes(got) == raws[3]
+    assert s.ranges.count("") == 1, f"the pack was read whole {s.ranges.count('')} times"
+    assert o.stats.bytes_in <= len(data) + 4 * c.size
+
+
+async def test_packs_read_without_a_pause_do_not_keep_a_third_waiting(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TAPS packs whose chunks are asked for without a pause (pull-throughs of a popular
+    snapshot) are never unread for TAP_GRACE; a reader of another pack takes a finished
+    one's place once it has waited that long, rather than for as long as they stay
+    popular."""
+    monkeypatch.setattr(wholepacks, "TAP_GRACE", 0.2)
+    packs = [a_pack(2) for _ in range(wholepacks.TAPS + 1)]
+    gets: Counter[int] = Counter()
+
+    async def answer(path: str, headers: dict[str, str]) -> bytes:
+        k = pack_of(packs, path)
+        if "range" not in headers:
+            gets[k] += 1
+        return plain(packs[k][0])
+
+    o = await serve(RangeServer(answer))
+    await learnt(o, packs[0][2][0])
+    src = OriginSource(o, window=0)
+    stop = asyncio.Event()
+    reads = Counter[int]()
+
+    async def hot(k: int) -> None:
+        while not stop.is_set():
+            assert bytes(await src.get(packs[k][2][1])) == packs[k][1][1]
+            reads[k] += 1
+            await asyncio.sleep(0)  # (a finished pack's cut need not wait for anything)
+
+    hots = [asyncio.create_task(hot(k)) for k in range(wholepacks.TAPS)]
+    try:
+        async with asyncio.timeout(10):
+            while min(reads[k] for k in range(wholepacks.TAPS)) < 10:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        third = packs[wholepacks.TAPS]
+        got = await asyncio.wait_for(src.get(third[2][0]), 10 * wholepacks.TAP_GRACE)
+        assert bytes(got) == third[1][0]
+        assert all(not t.done() for t in hots)  # the others were still being read
+    finally:
+        stop.set()
+        await asyncio.gather(*hots)
+    assert gets[wholepacks.TAPS] == 1
