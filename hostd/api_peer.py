@@ -49,7 +49,7 @@ from hostd.cache import Cache, Verdict
 from hostd.core import manifest as mf
 from hostd.core import peerauth
 from hostd.core.ids import is_hex_id
-from hostd.errors import ChunkCorrupt, HostdError, NotFound, UsageError
+from hostd.errors import ChunkCorrupt, ChunkMissing, HostdError, NotFound, UsageError
 from hostd.fileio import send_range
 from hostd.fill import Filler
 from hostd.peers import (
@@ -57,6 +57,7 @@ from hostd.peers import (
     MIN_RATE,
     NAME_HEADER,
     NODE_HEADER,
+    PULL_MISS_BYTES,
     PULL_PRIORITY,
     SOURCE_HEADER,
     ChunkBuffer,
@@ -278,7 +279,8 @@ async def chunk(request: web.Request) -> web.StreamResponse:
             srv.stats.refused["barred"] += 1
             raise NotFound(
                 f"chunk {cid.hex()} is not held here, and no pull is made for {address} for "
-                f"{barred:.0f} s: pulls it asked for did not verify"
+                f"{barred:.0f} s: pulls it asked for did not verify, or named chunks the "
+                "origin does not hold"
             )
         if where is None and srv.pulls.full(address, reads):
             srv.stats.refused["busy"] += 1
@@ -330,6 +332,16 @@ async def _send(
                 barred = srv.pulls.failed(address, _origin_bytes(want))
                 log.warning(
                     "peer pull of chunk %s for %s did not verify (%s)%s",
+                    want.id.hex(),
+                    address,
+                    e.message,
+                    f": no pull for it for {barred:.0f} s" if barred else "",
+                )
+            elif isinstance(e, ChunkMissing):  # (a GET of the origin's, for nothing)
+                wasted = max(_origin_bytes(want), PULL_MISS_BYTES)
+                barred = srv.pulls.failed(address, wasted)
+                log.info(
+                    "peer pull of chunk %s for %s failed: %s%s",
                     want.id.hex(),
                     address,
                     e.message,

@@ -230,12 +230,17 @@ PULL_BYTES_PER_ASKER = 64 << 20
 PULL_WASTE_BURST = 128 << 20
 PULL_WASTE_RATE = 2 << 20
 PULL_ASKERS_KEPT = 4096  # addresses whose waste is remembered (the oldest forgotten first)
+# A pull of a chunk the origin does not hold costs the owner a GET whatever the size it
+# names: it counts as this many bytes of waste, so an address naming ids nobody published
+# makes the owner ask the origin PULL_WASTE_BURST / PULL_MISS_BYTES times, then two a second.
+PULL_MISS_BYTES = 1 << 20
 
 
 class PullGate:
     """The owner's bounds on the pull-throughs each asking address makes it do: bytes in
-    flight (PULL_BYTES_PER_ASKER), and bytes read for pulls that did not verify (a bucket of
-    PULL_WASTE_BURST draining at PULL_WASTE_RATE: full, no pull until it drains). Keyed by
+    flight (PULL_BYTES_PER_ASKER), and bytes read for pulls that did not verify or named a
+    chunk the origin does not hold (PULL_MISS_BYTES each; a bucket of PULL_WASTE_BURST
+    draining at PULL_WASTE_RATE: full, no pull until it drains). Keyed by
     the address the request came from: the node id and member name a request carries are
     the sender's to choose (hosts behind one address share its bounds)."""
 
@@ -290,8 +295,9 @@ class PullGate:
                 self._flying.pop(address, None)
 
     def failed(self, address: str, nbytes: int) -> float:
-        """A pull `address` asked for, of `nbytes` read, did not verify. The seconds it is
-        barred for now (0: not yet)."""
+        """A pull `address` asked for, of `nbytes` read, did not verify (or, counted as
+        PULL_MISS_BYTES at least, found no such chunk). The seconds it is barred for now (0:
+        not yet)."""
         now = self.clock()
         wasted = self._waste(address, now) + nbytes
         self._wasted.pop(address, None)

@@ -39,6 +39,7 @@ from hostd.core.ids import chunk_id
 from hostd.core.members import BACKOFF_MAX, SELF_REPROBE, STRIKE_BASE, Roster, State
 from hostd.fileio import send_range
 from hostd.peers import (
+    PULL_MISS_BYTES,
     PULL_WASTE_BURST,
     ChunkBuffer,
     Membership,
@@ -1165,6 +1166,33 @@ def test_pulls_that_do_not_verify_bar_their_asker_once_past_a_bursts_bytes(work:
             assert len(resp.read()) == c.size
         finally:
             conn.close()
+
+
+def test_pulls_of_chunks_the_origin_does_not_hold_bar_their_asker_too(work: Path) -> None:
+    """A pull of an id nobody published costs the owner a GET of the origin, whatever size
+    it names, and was never counted: an address naming made-up ids made the owner ask the
+    origin for each, for ever. Each counts as PULL_MISS_BYTES of waste: past a burst's worth
+    the address is barred (404, counted), and the origin is not asked."""
+    src = small_tree(work / "src", n=5)
+    with Fleet(work, 1, secret=False, allow_unauthenticated=True) as fleet:
+        fleet.publish(src)
+        h = fleet.hosts[0]
+        most = PULL_WASTE_BURST // PULL_MISS_BYTES
+        pulled = 0
+        for _ in range(2 * most):
+            made_up = os.urandom(32).hex()
+            try:
+                got, body = peer_request(fleet.addrs[0], f"/v1/chunks/{made_up}?size=1&pull=1")
+            except (ConnectionError, http.client.HTTPException):
+                pulled += 1  # a pull: the origin asked, nothing found, the connection cut
+                continue
+            break
+        assert got == 404, body
+        assert "no pull is made" in body["message"], body
+        assert most <= pulled < 2 * most  # (the waste drains as time passes)
+        assert sample(h.metrics(), "hostd_peer_refused_total", reason="barred") == 1
+        out = h.restore("m/w", work / "t")  # the host's own restores are not the asker's
+        assert out["event"] == "result", out
 
 
 def test_bodies_read_before_their_proof_are_bounded_in_number(work: Path) -> None:
