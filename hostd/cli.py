@@ -880,6 +880,11 @@ def _explain(exc: HostdError, args: argparse.Namespace | None = None) -> str:
             given = " ".join(given)
         return f"{flag} {given}: {reason}" if given else f"{flag}: {reason}"
     if isinstance(exc, TargetExists):
+        if args is not None and getattr(args, "progressive", False):
+            # (refused with --replace: the old tree cannot stay whole while files land)
+            if "not empty" in exc.message:
+                return f"{exc.message}; remove it first: a progressive restore fills an empty one"
+            return exc.message
         return f"{exc.message}; --replace swaps it for the new tree"
     if isinstance(exc, Forbidden):
         return f"forbidden by hostd's [access] config: {exc.message}"

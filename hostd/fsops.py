@@ -452,8 +452,10 @@ class Helper:
             if not replace:
                 fd = _open_dir(self.parent, name, path)
                 try:
-                    if _listdir(fd, path):
-                        raise Refused("exists", f"target {path!r} exists and is not empty")
+                    if names := _listdir(fd, path):
+                        raise Refused(
+                            "exists", f"target {path!r} exists and is not empty{_cut_off(names)}"
+                        )
                 finally:
                     os.close(fd)
         self._sweep()
@@ -636,8 +638,8 @@ class Helper:
                 )
             if not made and [st.st_dev, st.st_ino] != self.target_id:
                 raise Refused("changed", f"target {where!r} was replaced while restoring")
-            if not made and _listdir(fd, where):
-                raise Refused("exists", f"target {where!r} is not empty")
+            if not made and (names := _listdir(fd, where)):
+                raise Refused("exists", f"target {where!r} is not empty{_cut_off(names)}")
             if not made and not os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
                 # (or it would hold the target from restores by those who may, placing nothing)
                 if os.fstatvfs(fd).f_flag & os.ST_RDONLY:  # as a write there would say
@@ -1125,6 +1127,16 @@ def _listdir(dfd: int, what: str) -> list[str]:
         return os.listdir(dfd)
     except PermissionError:
         raise Refused("usage", f"cannot read {what or '.'!r}: permission denied") from None
+
+
+def _cut_off(names: list[str]) -> str:
+    """What a target's names say of how it came to hold them, where a progressive restore
+    into it was cut off (its daemon and helper killed together): the scratch files of what
+    had not landed are still there."""
+    part = next((n for n in names if n.startswith(PART_PREFIX)), None)
+    if part is None:
+        return ""
+    return f" (it holds {part!r}: a progressive restore into it was cut off before it was done)"
 
 
 def _oserror(e: OSError) -> str:

@@ -339,6 +339,25 @@ def test_messages_name_flags_and_paths_as_the_user_wrote_them(work: Path) -> Non
         assert p.returncode == 2
         assert "does not exist" in p.stderr, p.stderr
 
+        # what a progressive restore leaves where its daemon and helper were killed together:
+        # the files that landed and the scratch file of one that had not
+        cut = work / "cut"
+        cut.mkdir()
+        (cut / "a.bin").write_bytes(b"landed")
+        (cut / ".hostd-part-7").write_bytes(b"half")
+        p = hostd("restore", "m/tree", str(cut), "--progressive", *sock)
+        assert p.returncode == 1
+        assert "'.hostd-part-7': a progressive restore into it was cut off" in p.stderr, p.stderr
+        assert "remove it first" in p.stderr, p.stderr
+        assert "--replace" not in p.stderr  # (refused with --progressive)
+        p = hostd("restore", "m/tree", str(cut), *sock)
+        assert p.returncode == 1
+        assert "was cut off" in p.stderr, p.stderr
+        assert "--replace" in p.stderr, p.stderr
+        p = hostd("restore", "m/tree", str(cut), "--replace", *sock)
+        assert p.returncode == 0, p.stderr
+        assert not (cut / ".hostd-part-7").exists()
+
         (work / "afile").write_text("x")
         p = hostd("restore", "m/tree", str(work / "afile" / "out"), *sock)
         assert p.returncode == 2
