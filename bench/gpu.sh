@@ -12,8 +12,9 @@
 #                  safetensors.torch.load_file, the link's ceilings, and a staging sweep
 #   overlap_gpu.*  bench/loader.py --device cuda: progressive loading onto the device
 #   overlap_cpu.*  bench/loader.py on the CPU, on this machine's cores; loader_cpu.*, warm
-#   relink.*       loads into numpy; link restores re-hashing 2 GiB of lent blobs (these
-#                  three skipped by --quick)
+#   relink.*       loads into numpy; link restores re-hashing 2 GiB of lent blobs;
+#   small_files.*  bench/small_files.py on tmpfs: issue 11's small-file figures on this
+#                  host's cores (these four skipped by --quick)
 # Each step has a time limit of its own, so that one that hangs leaves the others' figures.
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR [--quick]}
@@ -52,4 +53,6 @@ if [ "$quick" != --quick ]; then
     step overlap_cpu 120 "$py" bench/loader.py --rounds 3 --json "$out/overlap_cpu.json"
     step loader_cpu 90 "$py" bench/loader_cpu.py --rounds 3 --small 0 --json "$out/loader_cpu.json"
     step relink 90 "$py" bench/relink.py --large-mib 512 --rounds 3 --json "$out/relink.json"
+    step small_files 240 "$py" bench/small_files.py --files 10000 --fs tmpfs --rounds 3 \
+        --link-caller self --json "$out/small_files.json"
 fi

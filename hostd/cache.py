@@ -940,7 +940,9 @@ class Cache:
         but no one can set the ctime back, since utime sets it to now). Not for a blob only
         non-writers were given: they can neither write its bytes nor set its times, and a
         link or an unlink (a client's `rm` of its tree) moves the ctime of every restored
-        blob, which must not cost a re-hash of the whole snapshot at the next restore.
+        blob, which must not cost a re-hash of the whole snapshot at the next restore. (A
+        root process that reaches a non-writer's tree can write through its links: where
+        one may, `[access] link_checks = "all"` lends every linked blob.)
         Since multigrain timestamps (Linux 6.13) a change after a stat always gets a later
         ctime; on older kernels one in the same clock tick as the stat leaves it as it was,
         which this check (and rehash's before/after compare) cannot see.
@@ -1115,8 +1117,9 @@ class Cache:
         The mark is not dropped when st_nlink falls back to 1: nlink does not count open
         descriptors, and a writer polling its descriptor's ctime could write right after a
         re-hash that cleared it. A new inode (a refetch, a promotion, a demotion) starts
-        unlent. Links to callers that cannot write need no mark: they can neither write the
-        bytes nor set the times.
+        unlent. Links to callers that cannot write get no mark unless `[access] link_checks`
+        is "all": they can neither write the bytes nor set the times, though a root process
+        that reaches their tree can (restore.py decides which links lend).
 
         Called on the loop before linking, whose caller waits for the returned future (the
         rows' transaction, on the index's writer thread) before it links: a daemon killed

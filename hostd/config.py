@@ -106,7 +106,16 @@ MAX_UPLOADS_LIMIT = 4096
 # 4 at once finished in 1.20x the bound, 16 at once in 1.32x).
 DEFAULT_MAX_UPLOADS = 4
 ACCESS_CLASSES = ("restore", "publish", "admin")
-ACCESS_KEYS = (*ACCESS_CLASSES, "link_to_writers", "max_operations", "max_operations_per_uid")
+ACCESS_KEYS = (
+    *ACCESS_CLASSES,
+    "link_to_writers",
+    "link_checks",
+    "max_operations",
+    "max_operations_per_uid",
+)
+# [access] link_checks: which linked blobs are checked by ctime before every later use
+# (restore.py, cache.py `lent`): those linked to callers that could write them, or all.
+LINK_CHECKS = ("writers", "all")
 DEFAULT_MAX_OPERATIONS = 64
 DEFAULT_MAX_OPERATIONS_PER_UID = 16
 MAX_OPERATIONS_LIMIT = 65536
@@ -157,6 +166,7 @@ class AccessConfig:
     link_to_writers: bool
     max_operations: int
     max_operations_per_uid: int
+    link_checks: str = "writers"
 
 
 @dataclass(frozen=True)
@@ -672,6 +682,12 @@ def _access(value: Any, euid: int) -> AccessConfig:
     link = table.get("link_to_writers", euid != 0)
     if not isinstance(link, bool):
         raise ConfigError("access.link_to_writers", f"expected true or false, got {show(link)}")
+    checks = table.get("link_checks", "writers")
+    if checks not in LINK_CHECKS:
+        raise ConfigError(
+            "access.link_checks",
+            f"expected one of {', '.join(map(repr, LINK_CHECKS))}, got {show(checks)}",
+        )
     lim = MAX_OPERATIONS_LIMIT
     return AccessConfig(
         restore=callers("restore", ["*"]),
@@ -687,6 +703,7 @@ def _access(value: Any, euid: int) -> AccessConfig:
             1,
             lim,
         ),
+        link_checks=checks,
     )
 
 

@@ -133,6 +133,7 @@ class Daemon:
             storage=self.storage,
             spawner=self.spawner,
             link_to_writers=config.access.link_to_writers,
+            link_checks=config.access.link_checks,
         )
         self.publisher = Publisher(
             self.cache,

@@ -414,6 +414,7 @@ class Restorer:
         storage: Storage,
         spawner: Spawner,
         link_to_writers: bool,
+        link_checks: str = "writers",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
@@ -422,6 +423,9 @@ class Restorer:
         self.storage = storage
         self.spawner = spawner
         self.link_to_writers = link_to_writers
+        # "all": every blob a restore links is lent (config [access] link_checks), not only
+        # those linked to callers that could write them
+        self.lend_all = link_checks == "all"
         self.clock = clock
 
     def __repr__(self) -> str:
@@ -503,7 +507,7 @@ class Restorer:
             dev = info.existing[0] if req.progressive and info.existing else info.dev
             if req.mode == "auto" and link_ok and not any(t.st_dev() == dev for t in tiers):
                 link_ok = False  # nothing can be linked there: every file is a copy, none lent
-            lend = writer and link_ok and req.mode != "copy"
+            lend = (writer or self.lend_all) and link_ok and req.mode != "copy"
             if req.progressive:
                 return await self._placing(
                     req, progress, fs, tiers, lend, link_ok, target_dev=info.dev

@@ -613,6 +613,8 @@ BAD_VALUES = [
     ('[access]\nadmin = ["*", "group:no-such-group-here"]', "access.admin[1]"),
     ('[access]\nadmin = ["gid: 5"]', "access.admin[0]"),
     ('[access]\nlink_to_writers = "yes"', "access.link_to_writers"),
+    ('[access]\nlink_checks = "none"', "access.link_checks"),
+    ("[access]\nlink_checks = true", "access.link_checks"),
     ("[access]\nmax_operations = 0", "access.max_operations"),
     ("[access]\nmax_operations_per_uid = 65537", "access.max_operations_per_uid"),
 ]
@@ -663,6 +665,7 @@ def test_access_defaults_follow_the_daemons_euid(env: dict[str, str]) -> None:
         link_to_writers=False,
         max_operations=64,
         max_operations_per_uid=16,
+        link_checks="writers",
     )
     assert load_config(None, env, euid=1000).access.link_to_writers is True
     assert load_config(None, env).access.link_to_writers is (os.geteuid() != 0)
@@ -677,6 +680,7 @@ restore = ["user:nobody", "uid:007", "*"]
 publish = ["group:{group}", "gid:0"]
 admin = []
 link_to_writers = true
+link_checks = "all"
 max_operations = 3
 max_operations_per_uid = 1
 """
@@ -685,6 +689,7 @@ max_operations_per_uid = 1
     assert access.publish == (f"gid:{nobody.pw_gid}", "gid:0")
     assert access.admin == ()
     assert access.link_to_writers is True
+    assert access.link_checks == "all"
     assert (access.max_operations, access.max_operations_per_uid) == (3, 1)
     view = json.loads(json.dumps(load_config(write(tmp_path, text), env).to_json()))
     assert view["access"]["publish"] == [f"gid:{nobody.pw_gid}", "gid:0"]

@@ -734,6 +734,46 @@ def test_a_rewritten_link_is_never_served(work: Path) -> None:
         assert (work / "c" / "weights.bin").read_bytes() == good
 
 
+def test_with_link_checks_all_a_link_to_a_non_writer_rewritten_by_root_is_never_served(
+    work: Path,
+) -> None:
+    """nobody restores by link: its tree holds the blobs' own inodes, which nobody cannot
+    write. A root process that reaches nobody's tree (a root container on a volume it
+    shares) can: it writes through one and puts its mtime back. Only blobs lent to callers
+    that could write them are checked by ctime by default; with `[access] link_checks =
+    "all"` every linked blob is, and the next restores, link and copy, by nobody and by
+    root, get the published bytes."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "all"}) as d:
+        d.publish(src, "t/l")
+        want = tree_digest(src)
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
+        )
+        assert out["event"] == "result", out
+        assert out["linked"] > 0, out
+        p = home / "a" / "weights.bin"
+        st = p.stat()
+        assert st.st_nlink > 1  # the blob's inode itself
+        assert st.st_uid == 0
+        fd = os.open(p, os.O_RDWR)  # root: the read-only bit does not stop it
+        try:
+            os.pwrite(fd, b"EVIL", 100)
+        finally:
+            os.close(fd)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+        for k, mode in enumerate(("link", "copy")):
+            out = nobody_stream(
+                d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/b{k}", "mode": mode}
+            )
+            assert out["event"] == "result", out
+            assert tree_digest(home / f"b{k}") == want, mode
+        out = d.restore("t/l", work / "c", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "c") == want
+
+
 # -- 10. a crash leaves no debris -------------------------------------------------------------
 
 
