@@ -664,16 +664,22 @@ class Origin:
             ) from None
 
     async def has_chunk(self, cid: bytes) -> bool:
-        key = _chunk_key(cid)
+        return await self.chunk_stored_size(cid) is not None
 
-        async def call() -> None:
-            await obstore.head_async(self._store, key)
+    async def chunk_stored_size(self, cid: bytes) -> int | None:
+        """The size of a chunk's object at the origin (a HEAD), None if there is none. Only
+        a hint (a server's answer): publish uploads again over an object of a size its bytes
+        cannot have (a zero-byte or truncated object), and readers verify what they get."""
+        return await self._stored_size("head chunk", _chunk_key(cid))
+
+    async def _stored_size(self, op: str, key: str) -> int | None:
+        async def call() -> int:
+            return int((await obstore.head_async(self._store, key))["size"])
 
         try:
-            await self._request("head chunk", key, call)
+            return await self._request(op, key, call)
         except _Missing:
-            return False
-        return True
+            return None
 
     async def put_chunk(self, cid: bytes, data: bytes) -> None:
         await self._put("put chunk", _chunk_key(cid), data)
@@ -873,6 +879,10 @@ class Origin:
         """`length` bytes at `offset` of a pack, to be read in order, a piece at a time
         (PackRun.read): one ranged GET where fastget can take it."""
         return PackRun(self, pack, offset, length, pack_size)
+
+    async def pack_stored_size(self, pack: bytes) -> int | None:
+        """The size of a pack's object at the origin (a HEAD), None if there is none."""
+        return await self._stored_size("head pack", _pack_key(pack))
 
     async def put_pack(self, pack: bytes, data: bytes) -> None:
         await self._put("put pack", _pack_key(pack), data)

@@ -743,7 +743,7 @@ class Publisher:
                 f"refusing to move ref {req.ref!r} to {str(req.path)!r}: {why}; "
                 "publish with --force to move it anyway"
             )
-        known = {c.id: c for f in before.files for c in f.chunks} if before is not None else {}
+        known = await self._reusable(req.ref, before) if before is not None else {}
         run = _Run(self, fs, cs, progress, known)
         self.runs.add(run)
         try:
@@ -784,6 +784,40 @@ class Publisher:
             "previous": moved.previous,
             "ref_seq": moved.seq,
             "timings": {"hash": t1 - t0, "commit": t2 - t1, "total": t2 - t0},
+        }
+
+    async def _reusable(self, ref: str, before: mf.Manifest) -> dict[bytes, mf.Chunk]:
+        """The previous snapshot's chunks a publish may point at where they are: those in
+        objects of their own (the uploader looks at each, as at any chunk), and those in
+        packs found at the origin at the size its manifest states (one HEAD a pack). A pack
+        that is missing, or of another size (a truncated or damaged object), is not reused:
+        its chunks are stored anew, so publishing the tree again repairs the ref."""
+        if not before.packs:
+            return {c.id: c for f in before.files for c in f.chunks}
+
+        async def intact(pack: bytes, size: int) -> bool:
+            try:
+                return await self.origin.pack_stored_size(pack) == size
+            except OriginError as e:
+                log.warning("publish %s: cannot look at pack %s: %s", ref, pack.hex(), e)
+                return False
+
+        oks = await asyncio.gather(*(intact(p, n) for p, n in before.packs))
+        good = {p for (p, _), ok in zip(before.packs, oks, strict=True) if ok}
+        if len(good) < len(before.packs):
+            log.warning(
+                "publish %s: %d of the previous snapshot's %d packs are missing or damaged at "
+                "origin %s: their chunks are stored anew",
+                ref,
+                len(before.packs) - len(good),
+                len(before.packs),
+                self.origin.url,
+            )
+        return {
+            c.id: c
+            for f in before.files
+            for c in f.chunks
+            if c.packed is None or c.packed.pack in good
         }
 
     async def _previous(self, ref: str, digest: str) -> mf.Manifest | None:
@@ -1233,16 +1267,31 @@ class _Run:
         if c.id in self.seen:
             return 0
         self.seen.add(c.id)
-        known = self.placed.get(c.id)
-        if (known is not None and known.packed is None) or await self.p.origin.has_chunk(c.id):
+        # (one the previous snapshot stored as an object of its own too: it may be damaged)
+        # An object under the chunk's name is taken as the chunk only where its size is one
+        # the chunk's bytes can have: raw, or as this publish would store them. One of any
+        # other size (zero bytes, a truncated upload, a damaged bucket) is written over:
+        # named by content, any valid bytes for the id may replace it.
+        there = await self.p.origin.chunk_stored_size(c.id)
+        if there is not None and there == len(data):
             return 0
         stored: bytes = data
+        kind = mf.CODEC_RAW
         if c.codec == mf.CODEC_ZSTD:
             packed = await asyncio.to_thread(codec.compress, data)
             kind, chosen = codec.choose(data, packed, self.p.min_saving)
             stored = bytes(chosen)
-            if kind == mf.CODEC_ZSTD:
-                self.compressed += 1
+        if there is not None and there == len(stored):
+            return 0
+        if there is not None:
+            log.warning(
+                "chunk %s at origin %s is %d bytes, which its bytes cannot be: uploading it again",
+                c.id.hex(),
+                self.p.origin.url,
+                there,
+            )
+        if kind == mf.CODEC_ZSTD:
+            self.compressed += 1
         await self.p.origin.put_chunk(c.id, stored)
         self.new_chunks += 1
         self.stored_bytes += len(stored)

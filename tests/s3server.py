@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
+import obstore
 from moto.server import ThreadedMotoServer
+from obstore.store import S3Store
 
 REGION = "us-east-1"
 ACCESS_KEY_ID = "testing-key-id"
@@ -77,6 +79,19 @@ class S3Bucket:
         status, body = _call(self.endpoint, "PUT", f"/{self.bucket}/{quote(key)}", data)
         if status != 200:
             raise RuntimeError(f"writing {key} failed: {status} {body!r}")
+
+    def overwrite(self, key: str, data: bytes) -> None:
+        """`put_raw` over an object that exists: signed, as the server takes no unsigned
+        overwrite (blocking)."""
+        store = S3Store(
+            self.bucket,
+            endpoint=self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            client_options={"allow_http": True},
+        )
+        obstore.put(store, key, data)
 
 
 class MotoS3:

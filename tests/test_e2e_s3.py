@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from harness import Hostd, make_tree, rmtree, short_tmp, tree_digest
 from s3server import S3Bucket
 
 PREFIX = "fleet/snapshots"
+DAMAGED_PREFIX = "damaged"  # an origin damaged behind hostd's back
+CS = 256 << 10  # a small chunk size, for several chunks a small file
 
 # root clients trusted with the cache's own inodes (test_trust.py has the default: copies)
 TRUSTING = {"link_to_writers": True}
@@ -149,3 +152,56 @@ def test_s3_large_files_in_packs_restore_with_ranged_gets(s3_server: S3Bucket, w
         assert cold["bytes_by_source"]["origin"] == len(data)
         assert fast_reads(b, "taken") == 6
         assert fast_reads(b, "fallback") == 0
+
+
+def _chunk_key(data: bytes) -> str:
+    h = blake3.blake3(data).hexdigest()
+    return f"{DAMAGED_PREFIX}/chunks/{h[:2]}/{h}"
+
+
+@pytest.mark.parametrize("bad", [b"", b"truncated"], ids=["zero-byte", "short"])
+def test_publish_does_not_trust_a_damaged_chunk_object(
+    s3_server: S3Bucket, work: Path, bad: bytes
+) -> None:
+    """A chunk object under its name with bytes of a size the chunk cannot have (zero bytes,
+    a truncated upload by another writer, a damaged bucket) was taken by publish as already
+    there, on a HEAD: the snapshot it made restored nowhere, and publishing again did not
+    mend it. Publish writes over it, and the snapshot restores."""
+    data = random.Random(1).randbytes(3 * CS)
+    src = work / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(data)
+    # the damaged object, under the right name, before any publish
+    s3_server.put_raw(_chunk_key(data[CS : 2 * CS]), bad)
+    origin = s3_server.url(DAMAGED_PREFIX)
+    with Hostd(work / "a", origin=origin, origin_options=s3_server.options, pack_size=0) as a:
+        a.publish(src, "dmg/chunk", chunk_size=CS)
+    with Hostd(work / "b", origin=origin, origin_options=s3_server.options) as b:
+        out = b.restore("dmg/chunk", work / "out", mode="copy")
+        assert out["event"] == "result", out
+        assert (work / "out" / "big.bin").read_bytes() == data
+
+
+def test_republish_does_not_reuse_a_damaged_pack(s3_server: S3Bucket, work: Path) -> None:
+    """A republish points the tree's unchanged chunks at the previous snapshot's packs. One
+    truncated at the origin since (a damaged bucket, a bad lifecycle rule) was reused with no
+    look at it, so every later publish pointed at it again. Each previous pack gets a HEAD:
+    one missing or of another size than its manifest states is not reused."""
+    src = work / "src"
+    src.mkdir()
+    rng = random.Random(2)
+    for i in range(20):
+        (src / f"f{i:02}.bin").write_bytes(rng.randbytes(10_000))
+    origin = s3_server.url(DAMAGED_PREFIX)
+    with Hostd(work / "a", origin=origin, origin_options=s3_server.options) as a:
+        a.publish(src, "dmg/pack", chunk_size=CS)
+        packs = sorted(k for k in s3_server.keys() if k.startswith(f"{DAMAGED_PREFIX}/packs/"))  # noqa: SIM118
+        assert packs
+        for key in packs:
+            s3_server.overwrite(key, b"")  # behind hostd's back
+        (src / "new.bin").write_bytes(rng.randbytes(5000))  # a changed tree, published again
+        a.publish(src, "dmg/pack", chunk_size=CS)
+    with Hostd(work / "b", origin=origin, origin_options=s3_server.options) as b:
+        out = b.restore("dmg/pack", work / "out", mode="copy")
+        assert out["event"] == "result", out
+        assert (work / "out" / "f07.bin").read_bytes() == (src / "f07.bin").read_bytes()

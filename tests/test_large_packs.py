@@ -293,9 +293,9 @@ class WatchedOrigin(Origin):
         self.most_in_flight = 0
         self.fail_after: int | None = None
 
-    async def has_chunk(self, cid: bytes) -> bool:
+    async def chunk_stored_size(self, cid: bytes) -> int | None:
         self.calls["has_chunk"] += 1
-        return await super().has_chunk(cid)
+        return await super().chunk_stored_size(cid)
 
     async def put_chunk(self, cid: bytes, data: bytes) -> None:
         self.calls["put_chunk"] += 1
