@@ -37,6 +37,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hostd.errors import HostdError, TierError
 from hostd.lock import private_dir
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,18 @@ class Index:
         # statements (and the writer's transactions) from interleaving.
         self._lock = threading.RLock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hostd-index")
+        try:
+            self._start(path)
+        except sqlite3.Error as e:
+            self._writer.shutdown(wait=False)
+            with contextlib.suppress(Exception):
+                self.db.close()
+            raise HostdError(
+                f"index ({path}): cannot open it: {_cause(e)}; if it is damaged, move it "
+                f"aside (with its -wal and -shm files) and hostd rebuilds it from the tiers"
+            ) from e
+
+    def _start(self, path: Path) -> None:
         self.db = self._open()
         version = self._version()
         if version is not None and version < SCHEMA_VERSION and self._migrate(version):
@@ -226,13 +239,23 @@ class Index:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self.db.execute("BEGIN")
             try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+                self.db.execute("BEGIN")
+                try:
+                    yield self.db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):  # (a failed one may be gone)
+                        self.db.execute("ROLLBACK")
+                    raise
+                try:
+                    self.db.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                # Named, as a tier's write errors are: not an `internal error`.
+                raise TierError(f"index ({self.path}): writing failed: {_cause(e)}") from e
 
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
@@ -482,6 +505,16 @@ S = TypeVar("S", bound=tuple[Any, ...] | bytes)
 
 # Rows sorted at once, at most: a sort holds the GIL, and the loop waits for it meanwhile.
 SORT_RUN = 4096
+
+
+def _cause(e: sqlite3.Error) -> str:
+    """An SQLite error in the words of os_cause, where it has them."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return f"its filesystem is full ({e})"
+    if name.startswith("SQLITE_READONLY"):
+        return f"it is not writable ({e})"
+    return str(e)
 
 
 def _in_order(rows: Iterable[S]) -> Iterator[S]:

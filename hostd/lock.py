@@ -47,7 +47,16 @@ def private_dir(path: Path) -> None:
 def _own_dir(path: Path) -> int:
     """mkdir -p `path` (the last one 0700); its mode, or HostdError if it is a shared one."""
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_MODE)
-    mode = os.stat(path).st_mode
+    st = os.stat(path)
+    mode = st.st_mode
+    if st.st_uid != os.geteuid():
+        # Its owner could rename, replace or rewrite whatever hostd keeps in it (a blob of
+        # the same size and mtime is used unchecked), and chmod it open again.
+        raise HostdError(
+            f"{path} is owned by uid {st.st_uid}, not by hostd's (uid {os.geteuid()}): "
+            f"its owner could change the cache behind hostd's back; chown it to uid "
+            f"{os.geteuid()} or use another directory"
+        )
     if mode & stat.S_ISVTX:
         # A fresh tmpfs mount is 1777 too, and looks just like an empty /dev/shm: say how.
         raise HostdError(

@@ -36,7 +36,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -631,11 +631,18 @@ class _SmallStore:
         new = [d for d, st in zip(names, seen, strict=True) if isinstance(st, int)]
         got = self.tier.write_new([(d, *self.blobs[d]) for d in new], "storing a published blob")
         stats: dict[bytes, BlobStat] = {}
+        failed: TierError | None = None
         for d, r in zip(new, got, strict=True):
             if isinstance(r, TierError):
-                raise r
-            if r is not None:  # (None: a fill named it since the check above)
+                failed = failed or r
+            elif r is not None:  # (None: a fill named it since the check above)
                 stats[d] = r
+        if failed is not None:
+            # Those written are neither synced nor recorded: removed, not left in the tier
+            # uncounted (the ones a fill has put its own copy in the place of since, kept).
+            for st in stats.values():
+                self.tier.remove_unrecorded(st)
+            raise failed
         self.written = list(stats)
         return [stats.get(d) for d in self.puts]
 
@@ -687,6 +694,36 @@ class Publisher:
         self.open_pool = ThreadPoolExecutor(1, thread_name_prefix="hostd-open")
         self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="hostd-read")
         self.store_pool = ThreadPoolExecutor(1, thread_name_prefix="hostd-store")
+
+    def adopt_late(
+        self,
+        job: Future[T],
+        tier: Tier,
+        chunk_size: int,
+        blobs: Callable[[T], Sequence[BlobStat | None]],
+    ) -> None:
+        """A publish failed or was cancelled while a thread of it was storing blobs (`job`,
+        not cancellable once begun): the blobs it leaves, durable, in the tier are recorded
+        once it is done, or the tier's filesystem would hold bytes no budget counts and no
+        eviction frees until the next start."""
+        if job.cancelled():
+            return
+        loop = asyncio.get_running_loop()
+
+        def adopt(done: Future[T]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            stored = [b for b in blobs(done.result()) if b is not None]
+            if stored:
+                self.cache.adopt_durable(tier, stored, chunk_size)
+
+        def done(j: Future[T]) -> None:
+            with contextlib.suppress(
+                RuntimeError
+            ):  # (the loop is closed: the next start finds them)
+                loop.call_soon_threadsafe(adopt, j)
+
+        job.add_done_callback(done)
 
     def close(self) -> None:
         for pool in (self.ingest_pool, self.open_pool, self.read_pool, self.store_pool):
@@ -1111,9 +1148,13 @@ class _Run:
         total = sum(f.size for f in files)
         tier = await self.p.cache.reserve(total, self.p.cache.tiers)
         try:
-            got = await asyncio.wrap_future(
-                self.p.store_pool.submit(store_small, read, [f.mode for f in files], tier)
-            )
+            job = self.p.store_pool.submit(store_small, read, [f.mode for f in files], tier)
+            try:
+                got = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:
+                if tier is not None:
+                    self.p.adopt_late(job, tier, self.cs, lambda got: [sf.blob for sf in got])
+                raise
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, total)
@@ -1177,10 +1218,15 @@ class _Run:
             handoff=self.handoff if packs is None else packs.add,
             mode=blob_mode(f.mode),
         )
+        ingesting = self.p.ingest_pool.submit(
+            job if packs is None else functools.partial(packs.ingest, job)
+        )
         try:
-            got = await self.loop.run_in_executor(
-                self.p.ingest_pool, job if packs is None else functools.partial(packs.ingest, job)
-            )
+            got = await asyncio.wrap_future(ingesting)
+        except asyncio.CancelledError:
+            if tier is not None:
+                self.p.adopt_late(ingesting, tier, self.cs, lambda got: [got.blob])
+            raise
         except OSError as e:
             if tier is not None and scratch is not None and e.filename in (None, str(scratch)):
                 raise tier_error(tier.name, scratch, e, "storing a published blob") from e

@@ -466,7 +466,11 @@ class Tier:
         root = str(self.blobs_dir)
         for sub in _listdir(root):
             d = f"{root}/{sub}"
-            if _is_prefix(sub) and not _is_dir(d):  # (where blobs/<xx> goes: none could)
+            if not _is_prefix(sub):
+                # No blob lives there: never listed, never followed (a symlink with such a
+                # name may lead out of the tier, and _found removes what it finds).
+                continue
+            if not _is_dir(d):  # (where blobs/<xx> goes: none could)
                 _unlink_no_dir(d)
                 continue
             yield _found(d)
@@ -484,6 +488,14 @@ class Tier:
 
     def remove_blob(self, digest: bytes) -> None:
         _clear(self.blob_path(digest))
+
+    def remove_unrecorded(self, st: BlobStat) -> None:
+        """Remove the blob file this tier's writer installed with stat `st` and nothing has
+        recorded, if that file is still at its name (same size, mtime and ctime)."""
+        path = self.blob_file(st.digest)
+        with contextlib.suppress(OSError):
+            if st.same_file_state(BlobStat.of(st.digest, os.lstat(path))):
+                os.unlink(path)
 
     def remove_partial(self, digest: bytes) -> None:
         p = self.partial_path(digest)
