@@ -21,7 +21,7 @@ from __future__ import annotations
 import stat
 import weakref
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -137,6 +137,10 @@ class TierBlobs:
         # more are swept once they outnumber the rest (no callback per Blob: they are many).
         self._views: dict[int, weakref.ReferenceType[Blob]] = {}
         self._sweep_at = _SWEEP_MIN
+        # Set where links are guarded by leases ([access] link_checks = "lease"): whether
+        # the daemon holds an unbroken read lease on a digest's blob here. A record with
+        # none is then checked by ctime too, as a lent one is (hostd/leases.py says why).
+        self.leased: Callable[[bytes], bool] | None = None
 
     def __repr__(self) -> str:
         return f"TierBlobs({self.tier.name}: {len(self)} blobs, {self.queue!r})"
@@ -247,12 +251,14 @@ class TierBlobs:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
         state recorded when its bytes were last verified."""
         f = self.flags[slot]
+        leased = self.leased
+        strict = bool(f & LENT) or (leased is not None and not leased(self.slots.key(slot)))
         return bool(f & COMPLETE) and state_holds(
             seen,
             self.size[slot],
             self.mtime_ns[slot],
             self.ctime_ns[slot],
-            bool(f & LENT),
+            strict,
             self.mode[slot],
         )
 

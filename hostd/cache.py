@@ -58,9 +58,11 @@ from hostd.blobs import (
 from hostd.core import manifest as mf
 from hostd.core.eviction import Lru
 from hostd.core.ids import HASH_LEN, file_digest
-from hostd.errors import TierError
+from hostd.errors import BlobUnheld, TierError
 from hostd.fastcopy import Stat
 from hostd.index import BATCH, UNKNOWN_CTIME, BlobRow, Index, unpack_blobs
+from hostd.leases import Busy as LeaseBusy
+from hostd.leases import Leases
 from hostd.snapshots import DECODED_CHUNKS, Snapshot, Snapshots
 from hostd.tier import BlobCopyCorrupt, BlobStat, Tier, digest_of, mode_of
 
@@ -147,6 +149,9 @@ class Cache:
         # Each tier's records, compact (hostd/blobs.py). A walk takes the ones held or
         # pinned out of the queue and flags them parked: queued again when neither is true.
         self._tb: dict[str, TierBlobs] = {t.name: TierBlobs(t) for t in tiers}
+        # The read leases held on blobs linked out ([access] link_checks = "lease"), by
+        # (digest, tier name); None: none are taken (`guard_links`).
+        self.leases: Leases | None = None
         self._used: dict[str, int] = {t.name: 0 for t in tiers}
         # One eviction queue per tier: its complete blobs and idle partial ones.
         self.queues: dict[str, Lru] = {name: tb.queue for name, tb in self._tb.items()}
@@ -164,6 +169,8 @@ class Cache:
         self._linked_out: dict[str, dict[bytes, None]] = {t.name: {} for t in tiers}
         self._lock = asyncio.Lock()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (tier, "demote"|"delete")
+        # Blobs re-hashed, by tier: a use that found its state in doubt, or verify.
+        self.rehashes: Counter[str] = Counter()
         # rehash() by default; a test passes one it can pause mid-hash
         self.hasher = hasher if hasher is not None else rehash
         self._vouching: dict[tuple[bytes, str], asyncio.Future[Verdict | None]] = {}
@@ -346,6 +353,8 @@ class Cache:
             self._used[name] -= tb.charged[slot]
             tb.queue.drop(slot)
             tb.detach(slot)  # a Blob of the old record keeps its values
+            if self.leases is not None:
+                self.leases.release(key)  # (held on the old inode)
             self._filling.discard(key)
             tb.set(slot, r)
         else:
@@ -383,6 +392,8 @@ class Cache:
         self._used[tier] -= r.charged
         tb.queue.drop(slot)
         self._filling.discard((digest, tier))
+        if self.leases is not None:
+            self.leases.release((digest, tier))  # (its descriptor would keep the inode)
         tb.remove(slot)
         self.index.delete_blob(digest, tier)
         return r
@@ -942,7 +953,8 @@ class Cache:
         link or an unlink (a client's `rm` of its tree) moves the ctime of every restored
         blob, which must not cost a re-hash of the whole snapshot at the next restore. (A
         root process that reaches a non-writer's tree can write through its links: where
-        one may, `[access] link_checks = "all"` lends every linked blob.)
+        one may, `[access] link_checks = "lease"` checks the ctime of every blob the daemon
+        holds no unbroken read lease on, and "all" lends every linked blob.)
         Since multigrain timestamps (Linux 6.13) a change after a stat always gets a later
         ctime; on older kernels one in the same clock tick as the stat leaves it as it was,
         which this check (and rehash's before/after compare) cannot see.
@@ -1003,6 +1015,7 @@ class Cache:
         outcome: Verdict | None = None
         try:
             r = await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+            self.rehashes[b.tier.name] += 1
             outcome = await self._verdict(b, r)
             return outcome
         finally:
@@ -1072,6 +1085,8 @@ class Cache:
             rows: list[BlobRow] = []
             try:
                 hashed = await asyncio.to_thread(self._rehash_all, [blobs[i] for i in batch])
+                for i in batch:
+                    self.rehashes[blobs[i].tier.name] += 1
                 for i, r in zip(batch, hashed, strict=True):
                     done[i] = out[i] = await self._verdict(blobs[i], r, rows)
             finally:
@@ -1118,8 +1133,9 @@ class Cache:
         descriptors, and a writer polling its descriptor's ctime could write right after a
         re-hash that cleared it. A new inode (a refetch, a promotion, a demotion) starts
         unlent. Links to callers that cannot write get no mark unless `[access] link_checks`
-        is "all": they can neither write the bytes nor set the times, though a root process
-        that reaches their tree can (restore.py decides which links lend).
+        is "all" (or "lease" and no lease can be held on the blob): they can neither write
+        the bytes nor set the times, though a root process that reaches their tree can
+        (restore.py decides which links lend, `lease` which are held).
 
         Called on the loop before linking, whose caller waits for the returned future (the
         rows' transaction, on the index's writer thread) before it links: a daemon killed
@@ -1134,12 +1150,52 @@ class Cache:
                 changed.append(tb.row(slot, b.digest))
         return self.index.later(self.index.put_blobs, changed)  # one commit for the tree
 
+    def guard_links(self, leases: Leases) -> None:
+        """Guard the blobs restores link out with read leases ([access] link_checks =
+        "lease"): from now on a record the daemon holds no unbroken lease on is checked by
+        ctime as a lent one is (hostd/leases.py)."""
+        self.leases = leases
+        for name, tb in self._tb.items():
+            tb.leased = lambda digest, name=name: leases.holds((digest, name))
+
+    def lease(self, blobs: Sequence[Blob]) -> list[Blob]:
+        """Hold a read lease on each blob before a restore links it out (blocking: on a
+        thread). A new lease is checked against the record: its inode must still show the
+        state last verified, or BlobUnheld (the restore checks it again, re-hashing it). The
+        blobs none can be held on (a filesystem that takes no leases, too many held) are
+        returned: the caller lends them instead."""
+        leases = self.leases
+        assert leases is not None
+        lend: list[Blob] = []
+        for b in blobs:
+            if not b.attached or not b.complete:
+                raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
+            key = (b.digest, b.tier.name)
+            try:
+                got = leases.take(key, str(b.file))
+            except LeaseBusy as e:
+                raise BlobUnheld(b.digest, str(b.file), str(e)) from None
+            if got is None:
+                lend.append(b)
+                continue
+            fd, new = got
+            if not new:
+                continue
+            st = os.fstat(fd)
+            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+            if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
+                leases.release(key)
+                raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
+        return lend
+
     def _rehash_all(self, blobs: list[Blob]) -> list[Rehash]:
         return [self.hasher(b.path, b.digest, b.size, b.chunk_size) for b in blobs]
 
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""
-        return await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+        r = await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+        self.rehashes[b.tier.name] += 1
+        return r
 
     def current(self, b: Blob) -> bool:
         """Whether `b` is complete and still this cache's record of its blob in its tier."""

@@ -114,8 +114,9 @@ ACCESS_KEYS = (
     "max_operations_per_uid",
 )
 # [access] link_checks: which linked blobs are checked by ctime before every later use
-# (restore.py, cache.py `lent`): those linked to callers that could write them, or all.
-LINK_CHECKS = ("writers", "all")
+# (restore.py, cache.py `lent`): those linked to callers that could write them; those too,
+# and the others where the daemon holds no read lease on them (hostd/leases.py); or all.
+LINK_CHECKS = ("writers", "lease", "all")
 DEFAULT_MAX_OPERATIONS = 64
 DEFAULT_MAX_OPERATIONS_PER_UID = 16
 MAX_OPERATIONS_LIMIT = 65536

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from hostd import __version__, maintain
+from hostd import __version__, leases, maintain
 from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
@@ -48,6 +48,7 @@ from hostd.fill import Filler
 from hostd.guard import Guard, address_of
 from hostd.hostfacts import HostFacts, detect_bounded, detect_timeout
 from hostd.index import Index
+from hostd.leases import Leases
 from hostd.lock import CacheLocks
 from hostd.materialize import RANGES_THREAD
 from hostd.memory import Trimmer, tune_malloc
@@ -121,6 +122,12 @@ class Daemon:
             fetch_range=config.fetch_range,
         )
         self.cache.busy = self.filler.filling  # partial blobs a fill holds are not evicted
+        # Read leases on the blobs linked to callers that cannot write them, where asked
+        # ([access] link_checks = "lease"): a break is heard by `leases_broken`.
+        self.leases = Leases() if config.access.link_checks == "lease" else None
+        if self.leases is not None:
+            self.cache.guard_links(self.leases)
+        self._lease_scan: asyncio.Task[None] | None = None
         if self.peers is not None:
             self.peers.serve_from(self.cache, self.filler)
         self.storage = Storage(own_storage(config))
@@ -266,8 +273,27 @@ class Daemon:
             log.warning("cancelled %d operation(s) that did not finish in time", len(late))
             await asyncio.wait(late)
 
+    def leases_broken(self) -> None:
+        """A read lease broke (someone opened a blob linked out for writing): give up the
+        broken ones at once, on a thread (the opener waits until then). Their blobs are
+        checked by ctime from now on, and re-hashed before their next use."""
+        if self._lease_scan is None or self._lease_scan.done():
+            self._lease_scan = asyncio.ensure_future(self._scan_leases())
+
+    async def _scan_leases(self) -> None:
+        assert self.leases is not None
+        for digest, tier in await asyncio.to_thread(self.leases.scan):
+            log.warning(
+                "blob %s in tier %s was opened for writing through a link: it is re-hashed "
+                "before its next use",
+                digest.hex(),
+                tier,
+            )
+
     async def close(self) -> None:
         self.trimmer.close()
+        if self.leases is not None:
+            self.leases.close()
         await asyncio.to_thread(self.publisher.close)
         await asyncio.to_thread(self.spawner.close)
         await self.fetcher.close()
@@ -545,6 +571,8 @@ async def _serve_locked(
     except BaseException:
         facts.close()
         raise
+    if d.leases is not None:
+        asyncio.get_running_loop().add_signal_handler(leases.SIGNAL, d.leases_broken)
     try:
         try:
             await asyncio.to_thread(d.spawner.prestart)  # (it starts while the cache loads)

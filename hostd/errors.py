@@ -109,6 +109,21 @@ class BlobMoved(ChunkCorrupt):
         self.why = why  # (the copy could not be read back: nothing known of it)
 
 
+class BlobUnheld(BlobMoved):
+    """A blob about to be linked out to a caller could not be held as verified by a read
+    lease (hostd/leases.py): it is open for writing somewhere, or changed since its check.
+    Not linked; a restore whose tree is still hidden builds it again, checked first."""
+
+    def __init__(self, digest: bytes, path: str, why: str) -> None:
+        ChunkCorrupt.__init__(
+            self,
+            f"blob {digest.hex()} ({path!r}) could not be linked: {why}; try the restore again",
+        )
+        self.digest = digest
+        self.path = path
+        self.why = why
+
+
 class TransientError(HostdError):
     """A failure worth retrying (a timeout, a reset connection, a 5xx)."""
 

@@ -127,6 +127,24 @@ class StateCollector(Collector):
             for action in ("demote", "delete"):
                 ev.add_metric([t.name, action], self.cache.evictions[(t.name, action)])
         yield ev
+        rh = CounterMetricFamily(
+            "hostd_blob_rehashes",
+            "Blobs re-hashed: a use that found a blob's state in doubt (a lent blob's ctime "
+            "moved, a broken lease), or verify.",
+            labels=["tier"],
+        )
+        for t in self.cache.tiers:
+            rh.add_metric([t.name], self.cache.rehashes[t.name])
+        yield rh
+        if (leases := self.cache.leases) is not None:
+            yield GaugeMetricFamily(
+                "hostd_link_leases", "Read leases held on blobs linked out.", value=len(leases)
+            )
+            yield CounterMetricFamily(
+                "hostd_link_lease_breaks",
+                "Read leases broken: a blob linked out was opened for writing.",
+                value=leases.broken,
+            )
         yield GaugeMetricFamily(
             "hostd_chunks_in_flight", "Chunk fetches under way.", value=self.fetcher.in_flight
         )

@@ -423,8 +423,9 @@ class Restorer:
         self.storage = storage
         self.spawner = spawner
         self.link_to_writers = link_to_writers
-        # "all": every blob a restore links is lent (config [access] link_checks), not only
-        # those linked to callers that could write them
+        # [access] link_checks: "all", every blob a restore links is lent, not only those
+        # linked to callers that could write them; "lease", those others are held by read
+        # leases (hostd/leases.py) before they are linked (the cache's `leases` set)
         self.lend_all = link_checks == "all"
         self.clock = clock
 
@@ -508,9 +509,11 @@ class Restorer:
             if req.mode == "auto" and link_ok and not any(t.st_dev() == dev for t in tiers):
                 link_ok = False  # nothing can be linked there: every file is a copy, none lent
             lend = (writer or self.lend_all) and link_ok and req.mode != "copy"
+            # (the others' links held by leases, where the cache takes them)
+            hold = not lend and link_ok and req.mode != "copy" and self.cache.leases is not None
             if req.progressive:
                 return await self._placing(
-                    req, progress, fs, tiers, lend, link_ok, target_dev=info.dev
+                    req, progress, fs, tiers, lend, link_ok, target_dev=info.dev, hold=hold
                 )
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
             for rebuilds_left in range(REBUILDS, -1, -1):
@@ -521,13 +524,17 @@ class Restorer:
                         # fetch. (A lent blob's mark needs its sync first: that path fills,
                         # then links.)
                         placed = (res, t0, t1)
-                        return await self._placing(req, progress, fs, tiers, lend, link_ok, placed)
+                        return await self._placing(
+                            req, progress, fs, tiers, lend, link_ok, placed, hold=hold
+                        )
                     async with self._filled(res, tiers, progress, t0, t1) as f:
                         progress.phase = "materialize"
                         if lend:
                             # marked before the links exist: a crash in between must not lose
                             # the mark
                             await self._lend(list(f.where.values()))
+                        elif hold:
+                            await self._hold(list(f.where.values()))
                         outcome = await self._materialize(f, req, progress, fs, link_ok)
                     break
                 except BlobMoved as e:
@@ -578,11 +585,13 @@ class Restorer:
         link_ok: bool,
         resolved: tuple[Resolved, float, float] | None = None,
         target_dev: int = -1,
+        hold: bool = False,
     ) -> dict[str, Any]:
         """Fill with each file placed as its blob is ready (materialize.Placer). Progressive
         (`resolved` None: resolved here): the target is made at once, files land in it in
         the caller's load order, with a `file` event each. Otherwise, for a cold restore
-        already `resolved`: into the hidden build, renamed in at the end."""
+        already `resolved`: into the hidden build, renamed in at the end. The blobs linked
+        are lent first (`lend_first`), or held by read leases (`hold`)."""
         if resolved is None:
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
         else:
@@ -603,6 +612,14 @@ class Restorer:
 
             asyncio.run_coroutine_threadsafe(marked(), loop).result()
 
+        def held(digests: list[bytes]) -> None:  # on the placer's thread, before it links
+            async def blobs() -> list[Blob]:
+                return [where[d] for d in digests]
+
+            unheld = self.cache.lease(asyncio.run_coroutine_threadsafe(blobs(), loop).result())
+            if unheld:
+                lend([b.digest for b in unheld])
+
         progressive = resolved is None
 
         def counted(files: list[mf.FileEntry]) -> None:
@@ -622,7 +639,7 @@ class Restorer:
                 if progressive
                 else None
             ),
-            lend=lend if lend_first else None,
+            lend=lend if lend_first else held if hold else None,
             keep=req.keep_partial,
             progressive=progressive,
             replace=req.replace,
@@ -758,6 +775,13 @@ class Restorer:
         for i in range(0, len(ds), TOUCH_BATCH):
             self.cache.touch(ds[i : i + TOUCH_BATCH], now)
             await asyncio.sleep(0)
+
+    async def _hold(self, blobs: list[Blob]) -> None:
+        """Hold a read lease on each blob a restore is about to link out to a caller that
+        cannot write it (Cache.lease, on a thread); lend those no lease can be held on."""
+        unheld = await asyncio.to_thread(self.cache.lease, blobs)
+        if unheld:
+            await self._lend(unheld)
 
     async def _lend(self, blobs: list[Blob]) -> None:
         """Cache.lent for a whole tree, in batches with turns of the loop between them (each

@@ -39,6 +39,7 @@ from harness import (
     stream,
     tree_digest,
 )
+from test_e2e import sample
 
 import hostd.asuser
 from hostd import fsops
@@ -772,6 +773,129 @@ def test_with_link_checks_all_a_link_to_a_non_writer_rewritten_by_root_is_never_
         out = d.restore("t/l", work / "c", mode="copy")
         assert out["event"] == "result", out
         assert tree_digest(work / "c") == want
+
+
+def _link_as_nobody(d: Hostd, target: Path) -> dict[str, Any]:
+    out = nobody_stream(
+        d.socket, "/v1/restore", {"ref": "t/l", "target": str(target), "mode": "link"}
+    )
+    assert out["event"] == "result", out
+    assert out["linked"] > 0, out
+    return out
+
+
+def test_with_link_checks_lease_a_write_through_a_link_breaks_its_lease_and_is_never_served(
+    work: Path,
+) -> None:
+    """With `[access] link_checks = "lease"` the daemon holds a read lease on each blob it
+    links to a caller that cannot write it. A root process that opens one for writing
+    through that caller's tree breaks it (its open waits until the daemon gives it up),
+    so the write that puts the mtime back is caught: the blob is re-hashed before its next
+    use, and every later restore gets the published bytes."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "lease"}) as d:
+        d.publish(src, "t/l")
+        want = tree_digest(src)
+        _link_as_nobody(d, home / "a")
+        assert sample(d.metrics(), "hostd_link_leases") > 0
+        p = home / "a" / "weights.bin"
+        st = p.stat()
+        fd = os.open(p, os.O_RDWR)  # the lease breaks; the open goes on once it is given up
+        try:
+            os.pwrite(fd, b"EVIL", 100)
+        finally:
+            os.close(fd)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+        wait_for(lambda: "was opened for writing through a link" in d.log())
+        assert sample(d.metrics(), "hostd_link_lease_breaks_total") == 1
+        for k, mode in enumerate(("link", "copy")):
+            out = nobody_stream(
+                d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/b{k}", "mode": mode}
+            )
+            assert out["event"] == "result", out
+            assert tree_digest(home / f"b{k}") == want, mode
+        out = d.restore("t/l", work / "c", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "c") == want
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_under_leases_a_cold_link_restore_holds_what_it_links(
+    work: Path, progressive: bool
+) -> None:
+    """A cold restore links each file as its blob lands (the placer, before it links a
+    batch, takes the batch's leases), progressive or into its hidden build: a write through
+    one of its links afterwards is caught as through a warm restore's."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work) as p:
+        p.publish(src, "t/l")
+    origin = f"file://{work}/d/origin"
+    with Hostd(work / "c", socket_mode="0666", origin=origin, access={"link_checks": "lease"}) as d:
+        body = {"ref": "t/l", "target": f"{home}/a", "mode": "link", "progressive": progressive}
+        out = nobody_stream(d.socket, "/v1/restore", body)
+        assert out["event"] == "result", out
+        assert out["linked"] > 0, out
+        assert sample(d.metrics(), "hostd_link_leases") > 0
+        victim = home / "a" / "weights.bin"
+        st = victim.stat()
+        with open(victim, "r+b") as f:
+            f.write(b"EVIL")
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        out = d.restore("t/l", work / "b", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "b") == tree_digest(src)
+
+
+@pytest.mark.parametrize("checks", ["lease", "all"])
+def test_a_linked_tree_removed_costs_a_rehash_only_where_every_link_is_lent(
+    work: Path, checks: str
+) -> None:
+    """Removing a linked tree moves the ctime of every blob it linked, as a write does. With
+    link_checks = "all" (every link lent) the next restore re-hashes them all; with "lease"
+    the leases held since the first restore say no one opened them for writing, and nothing
+    is re-hashed."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": checks}) as d:
+        d.publish(src, "t/l")
+        _link_as_nobody(d, home / "a")
+        before = sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem")
+        rmtree(home / "a")
+        _link_as_nobody(d, home / "b")
+        assert tree_digest(home / "b") == tree_digest(src)
+        rehashed = sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem") - before
+        if checks == "lease":
+            assert rehashed == 0
+        else:
+            assert rehashed > 0
+
+
+def test_a_blob_open_for_writing_is_not_linked_under_leases(work: Path) -> None:
+    """A blob some process holds open for writing cannot be leased: the restore does not
+    link it (it checks it again, then refuses, naming it), and links it once it is closed."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "lease"}) as d:
+        d.publish(src, "t/l")
+        blob = max(
+            (p for p in (d.root / "mem" / "blobs").rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size,
+        )
+        fd = os.open(blob, os.O_RDWR)  # root, behind hostd's back
+        try:
+            out = nobody_stream(
+                d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
+            )
+            assert out["event"] == "error", out
+            assert "could not be linked" in out["message"], out
+            assert "open for writing" in out["message"], out
+            assert not (home / "a").exists()
+        finally:
+            os.close(fd)
+        _link_as_nobody(d, home / "a")
+        assert tree_digest(home / "a") == tree_digest(src)
 
 
 # -- 10. a crash leaves no debris -------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""Read leases on blobs linked out: any open of one for writing, through any name, is heard.
+
+A link restore hands a caller the cache's own inode. That caller cannot write it, but a root
+process that reaches its tree can (a root container on a volume it shares), and put the
+mtime back; a link or an unlink (a client's `rm` of its tree) moves the ctime as a write
+does, so the ctime alone cannot tell them apart without a re-hash after every `rm`. With
+`[access] link_checks = "lease"` the daemon holds a read lease (fcntl F_SETLEASE, F_RDLCK)
+on each blob before it links it to a caller that cannot write it. The kernel breaks the
+lease on any open of the inode for writing, and on a truncate, through whatever name,
+before the opener gets its descriptor (it waits until the lease is given up), and tells
+the daemon with a signal; links and unlinks do not break it. So while a blob's lease holds,
+no one has written it since the lease was taken, whatever its ctime says.
+
+`Cache` asks `holds` in its check of a blob's state: a blob with no lease that holds is
+checked by ctime too (`blobs.state_holds`), which any write moves, and is re-hashed before
+its next use where it moved. A broken lease is given up at once (the opener goes on) and
+forgotten, so the next check re-hashes. Leases are per process: after a restart none holds,
+and a blob linked out before it is re-hashed at its next use where its ctime moved.
+
+The signal names no descriptor that Python can read, so a break makes `scan` ask each
+lease (F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one
+system call a lease, on a thread, only when a signal came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
+# Leases held at most: a descriptor each. Past it a blob is lent instead (ctime-checked).
+MOST = 100_000
+# What a failed take means: the filesystem takes no leases, or the process has no
+# descriptor to spare (lend the blob instead), versus someone holds it open for writing
+# now (EAGAIN: do not link it).
+NOT_HERE = (errno.EINVAL, errno.ENOLCK, errno.ENOSYS, errno.EMFILE, errno.ENFILE)
+
+
+Key = tuple[bytes, str]  # a blob's (digest, tier name)
+
+
+class Busy(Exception):
+    """The blob is open for writing somewhere right now: no read lease can be taken."""
+
+
+class Leases:
+    """The read leases this daemon holds, by blob: (digest, tier name)."""
+
+    def __init__(self, most: int = MOST) -> None:
+        self.most = most
+        self._fds: dict[Key, int] = {}
+        self._lock = threading.Lock()
+        self.broken = 0  # leases broken since start (a writer opened the blob)
+
+    def __repr__(self) -> str:
+        return f"Leases({len(self._fds)} held, {self.broken} broken)"
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def take(self, key: Key, path: str) -> tuple[int, bool] | None:
+        """Hold a read lease on the file at `path` for `key` (blocking): the descriptor it is
+        held on and whether it is new (then the caller fstats it: the inode it verified, in
+        the state it verified?), or None where this filesystem or process can hold no more
+        (the caller lends the blob instead). One held already for `key` and not broken is
+        kept. Busy if the file is open for writing now."""
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is not None and _holding(fd):
+                return fd, False
+            if fd is not None:
+                self._forget(key)
+            if len(self._fds) >= self.most:
+                return None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno in NOT_HERE:
+                    return None
+                raise
+            try:
+                fcntl.fcntl(fd, F_SETSIG, SIGNAL)
+                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as e:
+                os.close(fd)
+                if e.errno == errno.EAGAIN:
+                    raise Busy(f"{path} is open for writing") from None
+                if e.errno in NOT_HERE:
+                    return None
+                raise
+            self._fds[key] = fd
+            return fd, True
+
+    def holds(self, key: Key) -> bool:
+        """Whether a lease taken for `key` still holds: none broke it since it was taken.
+        (Under the lock: a descriptor `scan` closes meanwhile could be reused by `take`.)"""
+        with self._lock:
+            fd = self._fds.get(key)
+            return fd is not None and _holding(fd)
+
+    def release(self, key: Key) -> None:
+        """Give up `key`'s lease, if any (its blob is dropped or replaced)."""
+        with self._lock:
+            if key in self._fds:
+                self._forget(key)
+
+    def scan(self) -> list[Key]:
+        """Give up every lease being broken (the openers waiting on them go on), and
+        forget them; their keys (blocking)."""
+        broken: list[Key] = []
+        with self._lock:
+            for key, fd in list(self._fds.items()):
+                if not _holding(fd):
+                    broken.append(key)
+                    self._forget(key)
+        self.broken += len(broken)
+        return broken
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._fds):
+                self._forget(key)
+
+    def _forget(self, key: Key) -> None:
+        fd = self._fds.pop(key)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+
+
+def _holding(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False

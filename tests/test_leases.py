@@ -1,0 +1,114 @@
+"""hostd.leases against the real kernel: what breaks a read lease and what does not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostd.leases import SIGNAL, Busy, Leases
+
+KEY = (b"\x01" * 32, "mem")
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> Path:
+    p = tmp_path / "blob"
+    p.write_bytes(b"x" * 4096)
+    p.chmod(0o444)
+    os.link(p, tmp_path / "link")  # a restored tree's name for it
+    return p
+
+
+@pytest.fixture
+def heard() -> Iterator[list[int]]:
+    """The lease-break signals this process got (it holds the leases)."""
+    got: list[int] = []
+    old = signal.signal(SIGNAL, lambda *_: got.append(1))
+    try:
+        yield got
+    finally:
+        signal.signal(SIGNAL, old)
+
+
+def open_for_writing(path: Path) -> subprocess.Popen[bytes]:
+    """Another process opening `path` for writing (it waits while a lease holds)."""
+    code = f"import os; os.close(os.open({str(path)!r}, os.O_WRONLY)); print('opened', flush=True)"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+
+
+def wait(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_an_open_for_writing_through_another_name_breaks_the_lease(
+    blob: Path, heard: list[int]
+) -> None:
+    leases = Leases()
+    got = leases.take(KEY, str(blob))
+    assert got is not None
+    assert got[1] is True  # new
+    assert leases.holds(KEY)
+    writer = open_for_writing(blob.with_name("link"))
+    try:
+        wait(lambda: heard)  # told by the signal; the writer waits for the lease to go
+        assert writer.poll() is None
+        assert not leases.holds(KEY)  # breaking: no longer a lease that holds
+        assert leases.scan() == [KEY]  # given up: the writer goes on
+        assert writer.wait(10) == 0
+        assert writer.stdout is not None
+        assert writer.stdout.read() == b"opened\n"
+    finally:
+        writer.kill()
+        writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
+    assert len(leases) == 0
+    assert leases.broken == 1
+
+
+def test_links_and_unlinks_do_not_break_it(blob: Path, heard: list[int]) -> None:
+    leases = Leases()
+    assert leases.take(KEY, str(blob)) is not None
+    os.unlink(blob.with_name("link"))  # a client's rm of its tree
+    os.link(blob, blob.with_name("again"))  # another restore's link
+    os.stat(blob)
+    assert leases.holds(KEY)
+    assert not heard
+    assert leases.scan() == []
+    got = leases.take(KEY, str(blob))
+    assert got is not None
+    assert got[1] is False  # the one held is kept
+    leases.close()
+    assert len(leases) == 0
+
+
+def test_a_file_open_for_writing_takes_no_lease(blob: Path) -> None:
+    leases = Leases()
+    fd = os.open(blob, os.O_RDWR)
+    try:
+        with pytest.raises(Busy, match="open for writing"):
+            leases.take(KEY, str(blob))
+    finally:
+        os.close(fd)
+    assert len(leases) == 0
+    assert leases.take(KEY, str(blob)) is not None
+
+
+def test_past_its_most_none_is_taken(blob: Path, tmp_path: Path) -> None:
+    leases = Leases(most=1)
+    assert leases.take(KEY, str(blob)) is not None
+    other = tmp_path / "other"
+    other.write_bytes(b"y")
+    assert leases.take((b"\x02" * 32, "mem"), str(other)) is None  # (the caller lends it)
+    leases.release(KEY)
+    assert leases.take((b"\x02" * 32, "mem"), str(other)) is not None
