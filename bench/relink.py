@@ -1,7 +1,7 @@
 """Link restores of blobs lent to a writer: each restore after the last one's tree was removed.
 
     .venv/bin/python bench/relink.py [--files 10000] [--large-mib 0] [--rounds 4]
-        [--json out.json]
+        [--link-checks writers|lease|all] [--json out.json]
 
 With `[access] link_to_writers = true` a root caller gets links, and the blobs it gets are
 marked lent: from then on their ctime counts, and removing the tree (which moves the ctime of
@@ -14,6 +14,11 @@ removed before the next; the first link round re-hashes nothing (the blobs are n
 every later one re-hashes them all. Reference: `cp -al` of the same tree, same run. Reported:
 each round's daemon time (`timings`) and its ratio to `cp -al`. --large-mib N: the tree is
 4 files of N MiB of random bytes instead (weights: the re-hash of big blobs, in GiB/s).
+--link-checks C: the restores are asked by nobody (curl through setpriv: a caller that
+cannot write the blobs, as root), into a directory of its own, from a daemon with
+`[access] link_checks = C`: "writers" lends nothing (no round re-hashes), "lease" holds a
+read lease on each blob it links (the first round takes them, none re-hashes), "all" lends
+every one (as above). Needs root.
 Not a test: nothing fails on a timing.
 """
 
@@ -44,13 +49,16 @@ def main() -> int:
     ap.add_argument("--large-mib", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tmpfs-dir", type=Path, default=Path("/dev/shm"))
+    ap.add_argument("--link-checks", choices=("writers", "lease", "all"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.link_checks and os.geteuid() != 0:
+        ap.error("--link-checks restores as nobody: it needs root (setpriv)")
     hostd_from = sf.hostd_from()  # (its bytecode written before anything is timed)
     base = Path(tempfile.mkdtemp(prefix="hrl", dir=args.tmpfs_dir))
     os.chmod(base, 0o755)
     try:
-        result = run(base, args.files, args.rounds, args.large_mib)
+        result = run(base, args.files, args.rounds, args.large_mib, args.link_checks)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result["hostd_from"] = hostd_from
@@ -70,7 +78,9 @@ def main() -> int:
     return 0
 
 
-def run(base: Path, files: int, rounds: int, large_mib: int) -> dict[str, Any]:
+def run(
+    base: Path, files: int, rounds: int, large_mib: int, checks: str | None = None
+) -> dict[str, Any]:
     src = base / "src"
     if large_mib:
         src.mkdir()
@@ -82,11 +92,15 @@ def run(base: Path, files: int, rounds: int, large_mib: int) -> dict[str, Any]:
     else:
         sf.make_tree(src, files)
     size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
-    place = sf.Place(base, "self")  # the CLI as root, with link_to_writers on
+    # the CLI as root, with link_to_writers on; or nobody (curl), under `checks`
+    place = sf.Place(base, "nobody" if checks else "self")
+    home = base / "home"  # nobody's
+    home.mkdir()
+    os.chown(home, sf.NOBODY, sf.NOBODY)
     with place.daemon("pub") as p:
         sf.hostd_cli(p.socket, "publish", str(src), "--ref", sf.REF)
     out: list[dict[str, Any]] = []
-    with place.daemon("rest") as d:
+    with place.daemon("rest", access={"link_checks": checks} if checks else None) as d:
         sf.hostd_cli(d.socket, "restore", sf.REF, str(base / "warm"), "--mode", "copy")
         shutil.rmtree(base / "warm")
         for i in range(rounds):
@@ -94,9 +108,13 @@ def run(base: Path, files: int, rounds: int, large_mib: int) -> dict[str, Any]:
             subprocess.run(["cp", "-al", str(src), str(base / "ref")], check=True)
             cp_al = time.perf_counter() - t
             shutil.rmtree(base / "ref")
-            target = base / f"out{i}"
-            _, res = sf.hostd_cli(d.socket, "restore", sf.REF, str(target), "--mode", "link")
-            shutil.rmtree(target)  # moves the ctime of every linked (lent) blob
+            target = (home if checks else base) / f"out{i}"
+            if checks:
+                ask = {"ref": sf.REF, "target": str(target), "mode": "link"}
+                _, res = sf.curl_as_nobody(d.socket, "/v1/restore", ask)
+            else:
+                _, res = sf.hostd_cli(d.socket, "restore", sf.REF, str(target), "--mode", "link")
+            shutil.rmtree(target)  # moves the ctime of every linked blob
             timings = res["timings"]
             out.append(
                 {
@@ -107,7 +125,12 @@ def run(base: Path, files: int, rounds: int, large_mib: int) -> dict[str, Any]:
                     "linked": res["linked"],
                 }
             )
-    return {"files": 4 if large_mib else files, "bytes": size, "rounds": out}
+    return {
+        "files": 4 if large_mib else files,
+        "bytes": size,
+        "link_checks": checks,
+        "rounds": out,
+    }
 
 
 if __name__ == "__main__":

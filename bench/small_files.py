@@ -299,12 +299,15 @@ class Place:
     base: Path
     link_caller: str  # "nobody" (curl as nobody) or "self" (the CLI, with link_to_writers)
 
-    def daemon(self, name: str, **config: Any) -> Hostd:
+    def daemon(self, name: str, access: dict[str, Any] | None = None, **config: Any) -> Hostd:
         root = self.base / name
         rm(root)
         root.mkdir()
         os.chmod(root, 0o755)  # nobody must reach the socket
-        access = {"link_to_writers": True} if self.link_caller == "self" else {}
+        access = {
+            **({"link_to_writers": True} if self.link_caller == "self" else {}),
+            **(access or {}),
+        }
         return Hostd(
             root,
             origin=f"file://{self.base / 'origin'}",
