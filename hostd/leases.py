@@ -29,6 +29,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import threading
 
@@ -38,7 +39,8 @@ F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
-# Leases held at most: a descriptor each. Past it a blob is lent instead (ctime-checked).
+# Leases held at most: a descriptor each, and no more than half the process may open (the
+# rest are a restore's). Past it a blob is lent instead (ctime-checked).
 MOST = 100_000
 # What a failed take means: the filesystem takes no leases, or the process has no
 # descriptor to spare (lend the blob instead), versus someone holds it open for writing
@@ -56,7 +58,9 @@ class Busy(Exception):
 class Leases:
     """The read leases this daemon holds, by blob: (digest, tier name)."""
 
-    def __init__(self, most: int = MOST) -> None:
+    def __init__(self, most: int | None = None) -> None:
+        if most is None:
+            most = min(MOST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
         self.most = most
         self._fds: dict[Key, int] = {}
         self._lock = threading.Lock()
