@@ -1178,6 +1178,9 @@ class Cache:
             if got is None:
                 lend.append(b)
                 continue
+            if not b.attached:  # dropped meanwhile, its lease released before it was taken
+                leases.release(key)
+                raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
             fd, new = got
             if not new:
                 continue
