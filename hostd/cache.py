@@ -1014,7 +1014,7 @@ class Cache:
         flight = self._vouching[key] = asyncio.get_running_loop().create_future()
         outcome: Verdict | None = None
         try:
-            r = await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+            r = await asyncio.to_thread(self._hash, b)
             self.rehashes[b.tier.name] += 1
             outcome = await self._verdict(b, r)
             return outcome
@@ -1181,10 +1181,9 @@ class Cache:
             if not b.attached:  # dropped meanwhile, its lease released before it was taken
                 leases.release(key)
                 raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
-            fd, new = got
+            st, new = got
             if not new:
                 continue
-            st = os.fstat(fd)
             seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
             if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
                 leases.release(key)
@@ -1192,11 +1191,26 @@ class Cache:
         return lend
 
     def _rehash_all(self, blobs: list[Blob]) -> list[Rehash]:
-        return [self.hasher(b.path, b.digest, b.size, b.chunk_size) for b in blobs]
+        return [self._hash(b) for b in blobs]
+
+    def _hash(self, b: Blob) -> Rehash:
+        """Re-hash a blob (blocking). Where links are guarded by leases, its lease is taken
+        first and kept: one that cannot be, as the blob is open for writing somewhere (a
+        writable shared mapping outlives its descriptor, and its stores move no time until
+        written back), makes it bad, to be fetched again into a new inode; one taken means
+        no one can write it from the hash on without breaking it."""
+        if self.leases is not None:
+            try:
+                self.leases.take((b.digest, b.tier.name), str(b.path))
+            except LeaseBusy:
+                return Rehash("it is open for writing somewhere (a writable mapping, say)")
+            except OSError:
+                pass  # (gone, say: the hash says so)
+        return self.hasher(b.path, b.digest, b.size, b.chunk_size)
 
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""
-        r = await asyncio.to_thread(self.hasher, b.path, b.digest, b.size, b.chunk_size)
+        r = await asyncio.to_thread(self._hash, b)
         self.rehashes[b.tier.name] += 1
         return r
 

@@ -128,6 +128,7 @@ class Daemon:
         if self.leases is not None:
             self.cache.guard_links(self.leases)
         self._lease_scan: asyncio.Task[None] | None = None
+        self._lease_rescan = False  # a break heard since the running scan began
         if self.peers is not None:
             self.peers.serve_from(self.cache, self.filler)
         self.storage = Storage(own_storage(config))
@@ -277,18 +278,23 @@ class Daemon:
         """A read lease broke (someone opened a blob linked out for writing): give up the
         broken ones at once, on a thread (the opener waits until then). Their blobs are
         checked by ctime from now on, and re-hashed before their next use."""
+        # A break heard while a scan runs may come after that scan passed its lease: the
+        # running scan goes round again, or its opener would wait for lease-break-time.
+        self._lease_rescan = True
         if self._lease_scan is None or self._lease_scan.done():
             self._lease_scan = asyncio.ensure_future(self._scan_leases())
 
     async def _scan_leases(self) -> None:
         assert self.leases is not None
-        for digest, tier in await asyncio.to_thread(self.leases.scan):
-            log.warning(
-                "blob %s in tier %s was opened for writing through a link: it is re-hashed "
-                "before its next use",
-                digest.hex(),
-                tier,
-            )
+        while self._lease_rescan:
+            self._lease_rescan = False
+            for digest, tier in await asyncio.to_thread(self.leases.scan):
+                log.warning(
+                    "blob %s in tier %s was opened for writing through a link: it is "
+                    "re-hashed before its next use",
+                    digest.hex(),
+                    tier,
+                )
 
     async def close(self) -> None:
         self.trimmer.close()

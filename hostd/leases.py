@@ -6,10 +6,14 @@ mtime back; a link or an unlink (a client's `rm` of its tree) moves the ctime as
 does, so the ctime alone cannot tell them apart without a re-hash after every `rm`. With
 `[access] link_checks = "lease"` the daemon holds a read lease (fcntl F_SETLEASE, F_RDLCK)
 on each blob before it links it to a caller that cannot write it. The kernel breaks the
-lease on any open of the inode for writing, and on a truncate, through whatever name,
+lease on any open of the inode for writing, and on a truncate(2), through whatever name,
 before the opener gets its descriptor (it waits until the lease is given up), and tells
 the daemon with a signal; links and unlinks do not break it. So while a blob's lease holds,
-no one has written it since the lease was taken, whatever its ctime says.
+no one has written it since the lease was taken, whatever its ctime says. (An open for
+reading with O_TRUNC breaks none, and empties the file: every use's size check sees it.)
+A lease cannot be taken while anything holds the inode open for writing, a writable shared
+mapping included (its stores move no time until written back): a re-hash takes the lease
+first (Cache._hash), and a blob it cannot take one on counts as bad.
 
 `Cache` asks `holds` in its check of a blob's state: a blob with no lease that holds is
 checked by ctime too (`blobs.state_holds`), which any write moves, and is re-hashed before
@@ -39,9 +43,11 @@ F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
-# Leases held at most: a descriptor each, and no more than half the process may open (the
-# rest are a restore's). Past it a blob is lent instead (ctime-checked).
+# Leases held at most: a descriptor each, and no more than a quarter of those the process
+# may open (the rest are for its work: a restore hands its helper hundreds of blob
+# descriptors, each connection is one). Past it a blob is lent instead (ctime-checked).
 MOST = 100_000
+LIMIT_SHARE = 4
 # What a failed take means: the filesystem takes no leases, or the process has no
 # descriptor to spare (lend the blob instead), versus someone holds it open for writing
 # now (EAGAIN: do not link it).
@@ -60,10 +66,12 @@ class Leases:
 
     def __init__(self, most: int | None = None) -> None:
         if most is None:
-            most = min(MOST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+            files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            most = MOST if files == resource.RLIM_INFINITY else min(MOST, files // LIMIT_SHARE)
         self.most = most
         self._fds: dict[Key, int] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.broken = 0  # leases broken since start (a writer opened the blob)
 
     def __repr__(self) -> str:
@@ -72,16 +80,19 @@ class Leases:
     def __len__(self) -> int:
         return len(self._fds)
 
-    def take(self, key: Key, path: str) -> tuple[int, bool] | None:
-        """Hold a read lease on the file at `path` for `key` (blocking): the descriptor it is
-        held on and whether it is new (then the caller fstats it: the inode it verified, in
-        the state it verified?), or None where this filesystem or process can hold no more
-        (the caller lends the blob instead). One held already for `key` and not broken is
-        kept. Busy if the file is open for writing now."""
+    def take(self, key: Key, path: str) -> tuple[os.stat_result, bool] | None:
+        """Hold a read lease on the file at `path` for `key` (blocking): the stat of the
+        inode it is held on and whether it is new (then the caller checks that stat: the
+        inode it verified, in the state it verified?), or None where this filesystem or
+        process can hold no more, or the leases are closed (the caller lends the blob
+        instead). One held already for `key` and not broken is kept. Busy if the file is
+        open for writing now."""
         with self._lock:
+            if self._closed:
+                return None
             fd = self._fds.get(key)
             if fd is not None and _holding(fd):
-                return fd, False
+                return os.fstat(fd), False
             if fd is not None:
                 self._forget(key)
             if len(self._fds) >= self.most:
@@ -103,7 +114,7 @@ class Leases:
                     return None
                 raise
             self._fds[key] = fd
-            return fd, True
+            return os.fstat(fd), True
 
     def holds(self, key: Key) -> bool:
         """Whether a lease taken for `key` still holds: none broke it since it was taken.
@@ -131,7 +142,11 @@ class Leases:
         return broken
 
     def close(self) -> None:
+        """Give every lease up; none is taken from now on (a thread of a cancelled restore
+        may still ask: once the event loop is gone, a break's signal would end the
+        process)."""
         with self._lock:
+            self._closed = True
             for key in list(self._fds):
                 self._forget(key)
 

@@ -57,6 +57,7 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
     got = leases.take(KEY, str(blob))
     assert got is not None
     assert got[1] is True  # new
+    assert got[0].st_ino == blob.stat().st_ino
     assert leases.holds(KEY)
     writer = open_for_writing(blob.with_name("link"))
     try:
@@ -112,3 +113,11 @@ def test_past_its_most_none_is_taken(blob: Path, tmp_path: Path) -> None:
     assert leases.take((b"\x02" * 32, "mem"), str(other)) is None  # (the caller lends it)
     leases.release(KEY)
     assert leases.take((b"\x02" * 32, "mem"), str(other)) is not None
+
+
+def test_closed_leases_take_none(blob: Path) -> None:
+    leases = Leases()
+    assert leases.take(KEY, str(blob)) is not None
+    leases.close()
+    assert len(leases) == 0
+    assert leases.take(KEY, str(blob)) is None
