@@ -114,8 +114,9 @@ ACCESS_KEYS = (
     "max_operations_per_uid",
 )
 # [access] link_checks: which linked blobs are checked by ctime before every later use
-# (restore.py, cache.py `lent`): those linked to callers that could write them; those too,
-# and the others where the daemon holds no read lease on them (hostd/leases.py); or all.
+# (restore.py, cache.py `lent`): those linked to callers that could write them; those, and
+# the others where the daemon holds no read lease on them (hostd/leases.py: the default); or
+# all.
 LINK_CHECKS = ("writers", "lease", "all")
 DEFAULT_MAX_OPERATIONS = 64
 DEFAULT_MAX_OPERATIONS_PER_UID = 16
@@ -167,7 +168,7 @@ class AccessConfig:
     link_to_writers: bool
     max_operations: int
     max_operations_per_uid: int
-    link_checks: str = "writers"
+    link_checks: str = "lease"
 
 
 @dataclass(frozen=True)
@@ -683,7 +684,7 @@ def _access(value: Any, euid: int) -> AccessConfig:
     link = table.get("link_to_writers", euid != 0)
     if not isinstance(link, bool):
         raise ConfigError("access.link_to_writers", f"expected true or false, got {show(link)}")
-    checks = table.get("link_checks", "writers")
+    checks = table.get("link_checks", "lease")
     if checks not in LINK_CHECKS:
         raise ConfigError(
             "access.link_checks",

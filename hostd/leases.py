@@ -4,16 +4,16 @@ A link restore hands a caller the cache's own inode. That caller cannot write it
 process that reaches its tree can (a root container on a volume it shares), and put the
 mtime back; a link or an unlink (a client's `rm` of its tree) moves the ctime as a write
 does, so the ctime alone cannot tell them apart without a re-hash after every `rm`. With
-`[access] link_checks = "lease"` the daemon holds a read lease (fcntl F_SETLEASE, F_RDLCK)
-on each blob before it links it to a caller that cannot write it. The kernel breaks the
-lease on any open of the inode for writing, and on a truncate(2), through whatever name,
-before the opener gets its descriptor (it waits until the lease is given up), and tells
-the daemon with a signal; links and unlinks do not break it. So while a blob's lease holds,
-no one has written it since the lease was taken, whatever its ctime says. (An open for
-reading with O_TRUNC breaks none, and empties the file: every use's size check sees it.)
-A lease cannot be taken while anything holds the inode open for writing, a writable shared
-mapping included (its stores move no time until written back): a re-hash takes the lease
-first (Cache._hash), and a blob it cannot take one on counts as bad.
+`[access] link_checks = "lease"` (the default) the daemon holds a read lease (fcntl
+F_SETLEASE, F_RDLCK) on each blob before it links it to a caller that cannot write it. The
+kernel breaks the lease on any open of the inode for writing, and on a truncate(2), through
+whatever name, before the opener gets its descriptor (it waits until the lease is given up),
+and tells the daemon with a signal; links and unlinks do not break it. So while a blob's
+lease holds, no one has written it since the lease was taken, whatever its ctime says. (An
+open for reading with O_TRUNC breaks none, and empties the file: every use's size check sees
+it.) A lease cannot be taken while anything holds the inode open for writing, a writable
+shared mapping included (its stores move no time until written back): a re-hash takes the
+lease first (Cache._hash), and a blob it cannot take one on counts as bad.
 
 `Cache` asks `holds` in its check of a blob's state: a blob with no lease that holds is
 checked by ctime too (`blobs.state_holds`), which any write moves, and is re-hashed before
@@ -21,9 +21,9 @@ its next use where it moved. A broken lease is given up at once (the opener goes
 forgotten, so the next check re-hashes. Leases are per process: after a restart none holds,
 and a blob linked out before it is re-hashed at its next use where its ctime moved.
 
-The signal names no descriptor that Python can read, so a break makes `scan` ask each
-lease (F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one
-system call a lease, on a thread, only when a signal came.
+The signal names no descriptor that Python can read, so a break makes `scan` ask each lease
+(F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one system
+call a lease, on a thread, only when a signal came.
 """
 
 from __future__ import annotations

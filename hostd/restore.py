@@ -414,7 +414,7 @@ class Restorer:
         storage: Storage,
         spawner: Spawner,
         link_to_writers: bool,
-        link_checks: str = "writers",
+        link_checks: str = "lease",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache

@@ -665,7 +665,7 @@ def test_access_defaults_follow_the_daemons_euid(env: dict[str, str]) -> None:
         link_to_writers=False,
         max_operations=64,
         max_operations_per_uid=16,
-        link_checks="writers",
+        link_checks="lease",
     )
     assert load_config(None, env, euid=1000).access.link_to_writers is True
     assert load_config(None, env).access.link_to_writers is (os.geteuid() != 0)

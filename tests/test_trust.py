@@ -784,17 +784,18 @@ def _link_as_nobody(d: Hostd, target: Path) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("access", [{}, {"link_checks": "lease"}], ids=["default", "lease"])
 def test_with_link_checks_lease_a_write_through_a_link_breaks_its_lease_and_is_never_served(
-    work: Path,
+    work: Path, access: dict[str, str]
 ) -> None:
-    """With `[access] link_checks = "lease"` the daemon holds a read lease on each blob it
-    links to a caller that cannot write it. A root process that opens one for writing
+    """With `[access] link_checks = "lease"`, the default, the daemon holds a read lease on
+    each blob it links to a caller that cannot write it. A root process that opens one for writing
     through that caller's tree breaks it (its open waits until the daemon gives it up),
     so the write that puts the mtime back is caught: the blob is re-hashed before its next
     use, and every later restore gets the published bytes."""
     src = world_readable_tree(work / "src")
     home = nobody_dir(work / "home")
-    with daemon(work, access={"link_checks": "lease"}) as d:
+    with daemon(work, access=access) as d:
         d.publish(src, "t/l")
         want = tree_digest(src)
         _link_as_nobody(d, home / "a")
