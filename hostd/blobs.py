@@ -251,8 +251,10 @@ class TierBlobs:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
         state recorded when its bytes were last verified."""
         f = self.flags[slot]
-        leased = self.leased
-        strict = bool(f & LENT) or (leased is not None and not leased(self.slots.key(slot)))
+        strict = bool(f & LENT)
+        if not strict and seen[2] != self.ctime_ns[slot] and (leased := self.leased) is not None:
+            # (asked only where the ctime moved: a lease costs a system call to ask)
+            strict = not leased(self.slots.key(slot))
         return bool(f & COMPLETE) and state_holds(
             seen,
             self.size[slot],
