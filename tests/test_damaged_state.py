@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import Hostd, make_tree, rmtree, short_tmp, tree_digest
+from test_faults import in_namespace, nsenter
 
 
 @pytest.fixture
@@ -32,22 +32,6 @@ def need_root() -> None:
     missing = [t for t in ("unshare", "nsenter", "mount", "find") if not shutil.which(t)]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
-
-
-def in_namespace(script: str) -> list[str]:
-    return ["unshare", "-m", "sh", "-c", f'set -e; {script}; exec "$@"', "sh"]
-
-
-def nsenter(d: Hostd, *cmd: str) -> str:
-    assert d.proc is not None
-    done = subprocess.run(
-        ["nsenter", "-t", str(d.proc.pid), "-m", *cmd],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return done.stdout
 
 
 def random_file(path: Path, size: int, seed: int) -> None:

@@ -15,6 +15,7 @@ from harness import tree_digest
 from test_e2e import sample
 from test_trust import (  # noqa: F401  (fixtures)
     daemon,
+    link_as_nobody,
     nobody_dir,
     nobody_stream,
     wait_for,
@@ -45,10 +46,7 @@ def test_a_writer_opening_linked_files_one_after_another_is_never_held_for_the_b
     home = nobody_dir(work / "home")
     with daemon(work, access={"link_checks": "lease"}) as d:
         d.publish(src, "t/l")
-        out = nobody_stream(
-            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
-        )
-        assert out["event"] == "result", out
+        link_as_nobody(d, home / "a")
         assert sample(d.metrics(), "hostd_link_leases") >= 2000
         files = sorted(str(p) for p in (home / "a").glob("f*.bin"))[:40]
         code = (
@@ -118,10 +116,7 @@ def test_a_writable_mapping_kept_past_a_broken_lease_cannot_launder_a_write(work
     with daemon(work, access={"link_checks": "lease"}) as d:
         d.publish(src, "t/l")
         want = tree_digest(src)
-        out = nobody_stream(
-            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
-        )
-        assert out["event"] == "result", out
+        link_as_nobody(d, home / "a")
         p = home / "a" / "weights.bin"
         fd = os.open(p, os.O_RDWR)  # the lease breaks
         m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
@@ -152,10 +147,7 @@ def test_an_open_for_reading_with_o_trunc_breaks_no_lease_but_the_size_check_cat
     with daemon(work, access={"link_checks": "lease"}) as d:
         d.publish(src, "t/l")
         want = tree_digest(src)
-        out = nobody_stream(
-            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
-        )
-        assert out["event"] == "result", out
+        link_as_nobody(d, home / "a")
         p = home / "a" / "weights.bin"
         st = p.stat()
         os.close(os.open(p, os.O_RDONLY | os.O_TRUNC))
@@ -177,10 +169,7 @@ def test_blobs_linked_before_a_restart_are_rehashed_before_they_are_trusted(work
     want = tree_digest(src)
     with daemon(work, access={"link_checks": "lease"}) as d:
         d.publish(src, "t/l")
-        out = nobody_stream(
-            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
-        )
-        assert out["event"] == "result", out
+        link_as_nobody(d, home / "a")
     p = home / "a" / "weights.bin"
     st = p.stat()
     with open(p, "r+b") as f:  # no daemon: no lease to break

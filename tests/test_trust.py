@@ -735,47 +735,8 @@ def test_a_rewritten_link_is_never_served(work: Path) -> None:
         assert (work / "c" / "weights.bin").read_bytes() == good
 
 
-def test_with_link_checks_all_a_link_to_a_non_writer_rewritten_by_root_is_never_served(
-    work: Path,
-) -> None:
-    """nobody restores by link: its tree holds the blobs' own inodes, which nobody cannot
-    write. A root process that reaches nobody's tree (a root container on a volume it
-    shares) can: it writes through one and puts its mtime back. Only blobs lent to callers
-    that could write them are checked by ctime by default; with `[access] link_checks =
-    "all"` every linked blob is, and the next restores, link and copy, by nobody and by
-    root, get the published bytes."""
-    src = world_readable_tree(work / "src")
-    home = nobody_dir(work / "home")
-    with daemon(work, access={"link_checks": "all"}) as d:
-        d.publish(src, "t/l")
-        want = tree_digest(src)
-        out = nobody_stream(
-            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/a", "mode": "link"}
-        )
-        assert out["event"] == "result", out
-        assert out["linked"] > 0, out
-        p = home / "a" / "weights.bin"
-        st = p.stat()
-        assert st.st_nlink > 1  # the blob's inode itself
-        assert st.st_uid == 0
-        fd = os.open(p, os.O_RDWR)  # root: the read-only bit does not stop it
-        try:
-            os.pwrite(fd, b"EVIL", 100)
-        finally:
-            os.close(fd)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
-        for k, mode in enumerate(("link", "copy")):
-            out = nobody_stream(
-                d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/b{k}", "mode": mode}
-            )
-            assert out["event"] == "result", out
-            assert tree_digest(home / f"b{k}") == want, mode
-        out = d.restore("t/l", work / "c", mode="copy")
-        assert out["event"] == "result", out
-        assert tree_digest(work / "c") == want
-
-
-def _link_as_nobody(d: Hostd, target: Path) -> dict[str, Any]:
+def link_as_nobody(d: Hostd, target: Path) -> dict[str, Any]:
+    """A link restore of t/l by nobody (who cannot write the blobs) into `target`."""
     out = nobody_stream(
         d.socket, "/v1/restore", {"ref": "t/l", "target": str(target), "mode": "link"}
     )
@@ -784,41 +745,72 @@ def _link_as_nobody(d: Hostd, target: Path) -> dict[str, Any]:
     return out
 
 
+def write_through(p: Path) -> None:
+    """What a root process that reaches a caller's linked tree can do: write through the
+    blob's read-only bit, then put its mtime back."""
+    st = p.stat()
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"EVIL", 100)
+    finally:
+        os.close(fd)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def later_restores_get(d: Hostd, src: Path, home: Path, work: Path) -> None:
+    """The restores of t/l after that, link and copy by nobody and a copy by root, get the
+    published bytes."""
+    want = tree_digest(src)
+    for k, mode in enumerate(("link", "copy")):
+        out = nobody_stream(
+            d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/b{k}", "mode": mode}
+        )
+        assert out["event"] == "result", out
+        assert tree_digest(home / f"b{k}") == want, mode
+    out = d.restore("t/l", work / "c", mode="copy")
+    assert out["event"] == "result", out
+    assert tree_digest(work / "c") == want
+
+
+def test_with_link_checks_all_a_link_to_a_non_writer_rewritten_by_root_is_never_served(
+    work: Path,
+) -> None:
+    """nobody restores by link: its tree holds the blobs' own inodes, which nobody cannot
+    write. A root process that reaches nobody's tree (a root container on a volume it
+    shares) can: it writes through one and puts its mtime back. With `[access] link_checks =
+    "all"` every linked blob is checked by ctime, and the next restores, link and copy, by
+    nobody and by root, get the published bytes."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "all"}) as d:
+        d.publish(src, "t/l")
+        link_as_nobody(d, home / "a")
+        p = home / "a" / "weights.bin"
+        assert p.stat().st_nlink > 1  # the blob's inode itself
+        assert p.stat().st_uid == 0
+        write_through(p)
+        later_restores_get(d, src, home, work)
+
+
 @pytest.mark.parametrize("access", [{}, {"link_checks": "lease"}], ids=["default", "lease"])
 def test_with_link_checks_lease_a_write_through_a_link_breaks_its_lease_and_is_never_served(
     work: Path, access: dict[str, str]
 ) -> None:
     """With `[access] link_checks = "lease"`, the default, the daemon holds a read lease on
-    each blob it links to a caller that cannot write it. A root process that opens one for writing
-    through that caller's tree breaks it (its open waits until the daemon gives it up),
-    so the write that puts the mtime back is caught: the blob is re-hashed before its next
-    use, and every later restore gets the published bytes."""
+    each blob it links to a caller that cannot write it. A root process that opens one for
+    writing through that caller's tree breaks it (its open waits until the daemon gives it
+    up), so the write that puts the mtime back is caught: the blob is re-hashed before its
+    next use, and every later restore gets the published bytes."""
     src = world_readable_tree(work / "src")
     home = nobody_dir(work / "home")
     with daemon(work, access=access) as d:
         d.publish(src, "t/l")
-        want = tree_digest(src)
-        _link_as_nobody(d, home / "a")
+        link_as_nobody(d, home / "a")
         assert sample(d.metrics(), "hostd_link_leases") > 0
-        p = home / "a" / "weights.bin"
-        st = p.stat()
-        fd = os.open(p, os.O_RDWR)  # the lease breaks; the open goes on once it is given up
-        try:
-            os.pwrite(fd, b"EVIL", 100)
-        finally:
-            os.close(fd)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+        write_through(home / "a" / "weights.bin")  # its open waits for the lease to go
         wait_for(lambda: "was opened for writing through a link" in d.log())
         assert sample(d.metrics(), "hostd_link_lease_breaks_total") == 1
-        for k, mode in enumerate(("link", "copy")):
-            out = nobody_stream(
-                d.socket, "/v1/restore", {"ref": "t/l", "target": f"{home}/b{k}", "mode": mode}
-            )
-            assert out["event"] == "result", out
-            assert tree_digest(home / f"b{k}") == want, mode
-        out = d.restore("t/l", work / "c", mode="copy")
-        assert out["event"] == "result", out
-        assert tree_digest(work / "c") == want
+        later_restores_get(d, src, home, work)
 
 
 @pytest.mark.parametrize("progressive", [False, True])
@@ -861,10 +853,10 @@ def test_a_linked_tree_removed_costs_a_rehash_only_where_every_link_is_lent(
     home = nobody_dir(work / "home")
     with daemon(work, access={"link_checks": checks}) as d:
         d.publish(src, "t/l")
-        _link_as_nobody(d, home / "a")
+        link_as_nobody(d, home / "a")
         before = sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem")
         rmtree(home / "a")
-        _link_as_nobody(d, home / "b")
+        link_as_nobody(d, home / "b")
         assert tree_digest(home / "b") == tree_digest(src)
         rehashed = sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem") - before
         if checks == "lease":
@@ -895,7 +887,7 @@ def test_a_blob_open_for_writing_is_not_linked_under_leases(work: Path) -> None:
             assert not (home / "a").exists()
         finally:
             os.close(fd)
-        _link_as_nobody(d, home / "a")
+        link_as_nobody(d, home / "a")
         assert tree_digest(home / "a") == tree_digest(src)
 
 
