@@ -1175,6 +1175,8 @@ class Cache:
                 got = leases.take(key, str(b.file))
             except LeaseBusy as e:
                 raise BlobUnheld(b.digest, str(b.file), str(e)) from None
+            except OSError as e:  # (gone from under its name, say: checked again)
+                raise BlobUnheld(b.digest, str(b.file), f"cannot hold it: {e.strerror}") from e
             if got is None:
                 lend.append(b)
                 continue

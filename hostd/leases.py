@@ -48,10 +48,18 @@ SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 # descriptors, each connection is one). Past it a blob is lent instead (ctime-checked).
 MOST = 100_000
 LIMIT_SHARE = 4
-# What a failed take means: the filesystem takes no leases, or the process has no
-# descriptor to spare (lend the blob instead), versus someone holds it open for writing
-# now (EAGAIN: do not link it).
-NOT_HERE = (errno.EINVAL, errno.ENOLCK, errno.ENOSYS, errno.EMFILE, errno.ENFILE)
+# What a failed take means: the filesystem takes no leases, the process may not take one
+# on that file (not its owner, no CAP_LEASE), or it has no descriptor to spare (lend the
+# blob instead), versus someone holds it open for writing now (EAGAIN: do not link it).
+NOT_HERE = (
+    errno.EINVAL,
+    errno.ENOLCK,
+    errno.ENOSYS,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EACCES,
+    errno.EPERM,
+)
 
 
 Key = tuple[bytes, str]  # a blob's (digest, tier name)
