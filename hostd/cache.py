@@ -1192,6 +1192,32 @@ class Cache:
                 raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
         return lend
 
+    def record_leased(self) -> None:
+        """At a clean stop (blocking): a blob whose lease still holds was not written since
+        the lease was taken, however its ctime moved since (links, a client's `rm`), so its
+        ctime now is recorded as its verified state. After the restart no lease holds, and
+        the ctime check trusts it unless the ctime moved while the daemon was down; a stop
+        that skips this (a crash) has those blobs re-hashed at their next use instead."""
+        if self.leases is None:
+            return
+        rows: list[BlobRow] = []
+        for (digest, name), st in self.leases.held():
+            tb = self._tb.get(name)
+            slot = tb.find(digest) if tb is not None else -1
+            if tb is None or slot < 0 or tb.flags[slot] & (COMPLETE | LENT) != COMPLETE:
+                continue
+            if tb.ctime_ns[slot] == UNKNOWN_CTIME:
+                continue  # never verified here: nothing to carry over
+            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+            if not state_holds(
+                seen, tb.size[slot], tb.mtime_ns[slot], st.st_ctime_ns, False, tb.mode[slot]
+            ):
+                continue  # its size, mtime or mode moved (a utime, a chmod): checked later
+            tb.ctime_ns[slot] = st.st_ctime_ns
+            rows.append(tb.row(slot, digest))
+        if rows:
+            self.index.put_blobs(rows)
+
     def _rehash_all(self, blobs: list[Blob]) -> list[Rehash]:
         return [self._hash(b) for b in blobs]
 

@@ -299,6 +299,8 @@ class Daemon:
     async def close(self) -> None:
         self.trimmer.close()
         if self.leases is not None:
+            # (after the work has stopped: no restore links or re-hashes any more)
+            await asyncio.to_thread(self.cache.record_leased)
             self.leases.close()
         await asyncio.to_thread(self.publisher.close)
         await asyncio.to_thread(self.spawner.close)

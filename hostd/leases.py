@@ -19,7 +19,9 @@ lease first (Cache._hash), and a blob it cannot take one on counts as bad.
 checked by ctime too (`blobs.state_holds`), which any write moves, and is re-hashed before
 its next use where it moved. A broken lease is given up at once (the opener goes on) and
 forgotten, so the next check re-hashes. Leases are per process: after a restart none holds,
-and a blob linked out before it is re-hashed at its next use where its ctime moved.
+and a blob linked out before it is re-hashed at its next use where its ctime moved since
+the clean stop recorded it (Cache.record_leased), or since its last verification after a
+crash.
 
 The signal names no descriptor that Python can read, so a break makes `scan` ask each lease
 (F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one system
@@ -148,6 +150,12 @@ class Leases:
                     self._forget(key)
         self.broken += len(broken)
         return broken
+
+    def held(self) -> list[tuple[Key, os.stat_result]]:
+        """Each lease that still holds, with its inode's stat now (blocking): no one has
+        opened it for writing since the lease was taken."""
+        with self._lock:
+            return [(key, os.fstat(fd)) for key, fd in self._fds.items() if _holding(fd)]
 
     def close(self) -> None:
         """Give every lease up; none is taken from now on (a thread of a cancelled restore

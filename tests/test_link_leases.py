@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import tree_digest
+from harness import rmtree, tree_digest
 from test_e2e import sample
 from test_trust import (  # noqa: F401  (fixtures)
     daemon,
@@ -183,3 +183,21 @@ def test_blobs_linked_before_a_restart_are_rehashed_before_they_are_trusted(work
             )
             assert out["event"] == "result", out
             assert tree_digest(home / f"b{k}") == want, mode
+
+
+def test_a_clean_restart_rehashes_nothing_whose_lease_held(work: Path) -> None:
+    """A clean stop records, for each blob whose lease still holds, the ctime its links and
+    unlinks gave it (the lease says no one wrote it): after the restart, with no lease, the
+    ctime check trusts those blobs, and nothing is re-hashed. (A write while the daemon is
+    down moves the ctime again: the test above.)"""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "lease"}) as d:
+        d.publish(src, "t/l")
+        link_as_nobody(d, home / "a")
+        link_as_nobody(d, home / "b")
+        rmtree(home / "a")  # (unlinks: every linked blob's ctime moves again)
+    with daemon(work, access={"link_checks": "lease"}) as d:
+        link_as_nobody(d, home / "c")
+        assert tree_digest(home / "c") == tree_digest(src)
+        assert sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem") == 0
