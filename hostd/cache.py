@@ -359,6 +359,10 @@ class Cache:
             tb.set(slot, r)
         else:
             slot = tb.add(digest, r)
+            if self.leases is not None:
+                # (a lease a re-hash took as the last record went, on its removed inode,
+                # must not pass for one on this new inode)
+                self.leases.release(key)
         if filling:
             self._filling.add(key)
         self._used[name] += r.charged
@@ -392,9 +396,11 @@ class Cache:
         self._used[tier] -= r.charged
         tb.queue.drop(slot)
         self._filling.discard((digest, tier))
-        if self.leases is not None:
-            self.leases.release((digest, tier))  # (its descriptor would keep the inode)
         tb.remove(slot)
+        if self.leases is not None:
+            # After the views are detached: a take on a thread that ran in between sees its
+            # Blob detached and gives the lease up itself (Cache.lease, _hash).
+            self.leases.release((digest, tier))  # (its descriptor would keep the inode)
         self.index.delete_blob(digest, tier)
         return r
 
@@ -1192,6 +1198,18 @@ class Cache:
                 raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
         return lend
 
+    def doubt(self, keys: Iterable[tuple[bytes, str]]) -> None:
+        """Blobs whose lease broke, (digest, tier name) each: someone opened them for
+        writing, and may not have written yet (then the ctime has not moved, and a copy
+        would read whatever they write next). Their records' ctime is made unknown, in
+        memory: the next use re-hashes them, taking the lease again first, which cannot be
+        taken while that writer holds them open."""
+        for digest, name in keys:
+            tb = self._tb.get(name)
+            slot = tb.find(digest) if tb is not None else -1
+            if tb is not None and slot >= 0 and tb.complete(slot):
+                tb.ctime_ns[slot] = UNKNOWN_CTIME
+
     def record_leased(self) -> None:
         """At a clean stop (blocking): a blob whose lease still holds was not written since
         the lease was taken, however its ctime moved since (links, a client's `rm`), so its
@@ -1228,12 +1246,17 @@ class Cache:
         written back), makes it bad, to be fetched again into a new inode; one taken means
         no one can write it from the hash on without breaking it."""
         if self.leases is not None:
+            key = (b.digest, b.tier.name)
             try:
-                self.leases.take((b.digest, b.tier.name), str(b.path))
+                self.leases.take(key, str(b.path))
             except LeaseBusy:
                 return Rehash("it is open for writing somewhere (a writable mapping, say)")
             except OSError:
                 pass  # (gone, say: the hash says so)
+            if not b.attached:
+                # Dropped or replaced meanwhile (a removal unlinks the file after dropping
+                # the record): a lease kept under its key would be on the wrong inode.
+                self.leases.release(key)
         return self.hasher(b.path, b.digest, b.size, b.chunk_size)
 
     async def rehash(self, b: Blob) -> Rehash:

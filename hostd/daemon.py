@@ -288,7 +288,9 @@ class Daemon:
         assert self.leases is not None
         while self._lease_rescan:
             self._lease_rescan = False
-            for digest, tier in await asyncio.to_thread(self.leases.scan):
+            broken = await asyncio.to_thread(self.leases.scan)
+            self.cache.doubt(broken)
+            for digest, tier in broken:
                 log.warning(
                     "blob %s in tier %s was opened for writing through a link: it is "
                     "re-hashed before its next use",

@@ -201,3 +201,24 @@ def test_a_clean_restart_rehashes_nothing_whose_lease_held(work: Path) -> None:
         link_as_nobody(d, home / "c")
         assert tree_digest(home / "c") == tree_digest(src)
         assert sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem") == 0
+
+
+def test_a_broken_lease_has_its_blob_rehashed_though_nothing_was_written_yet(work: Path) -> None:
+    """An open for writing breaks the lease before a byte is written: the ctime has not
+    moved, and a copy that trusted it would read whatever the opener writes next. A broken
+    lease makes its blob's state unknown: the next use re-hashes it."""
+    src = world_readable_tree(work / "src")
+    home = nobody_dir(work / "home")
+    with daemon(work, access={"link_checks": "lease"}) as d:
+        d.publish(src, "t/l")
+        link_as_nobody(d, home / "a")
+        # verify re-hashes every blob (their leases held): their records take the ctime the
+        # links gave them, so only a doubt, not the ctime, can make the next use re-hash
+        assert d.stream("/v1/verify", {})["event"] == "result"
+        before = sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem")
+        os.close(os.open(home / "a" / "weights.bin", os.O_WRONLY))  # opened, nothing written
+        wait_for(lambda: "was opened for writing through a link" in d.log())
+        out = d.restore("t/l", work / "c", mode="copy")
+        assert out["event"] == "result", out
+        assert tree_digest(work / "c") == tree_digest(src)
+        assert sample(d.metrics(), "hostd_blob_rehashes_total", tier="mem") == before + 1
