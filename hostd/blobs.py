@@ -253,8 +253,13 @@ class TierBlobs:
         f = self.flags[slot]
         strict = bool(f & LENT)
         if not strict and seen[2] != self.ctime_ns[slot] and (leased := self.leased) is not None:
-            # (asked only where the ctime moved: a lease costs a system call to ask)
-            strict = not leased(self.slots.key(slot))
+            # Asked only where the ctime moved (a system call). A lease that holds vouches
+            # that links and unlinks alone moved it: the record takes it, so the next check
+            # asks nothing (Cache.record_leased writes it at a clean stop).
+            if f & COMPLETE and leased(self.slots.key(slot)):
+                self.ctime_ns[slot] = seen[2]
+            else:
+                strict = True
         return bool(f & COMPLETE) and state_holds(
             seen,
             self.size[slot],
