@@ -1164,15 +1164,17 @@ class Cache:
         for name, tb in self._tb.items():
             tb.leased = lambda digest, name=name: leases.holds((digest, name))
 
-    def lease(self, blobs: Sequence[Blob]) -> list[Blob]:
+    def lease(self, blobs: Sequence[Blob]) -> int:
         """Hold a read lease on each blob before a restore links it out (blocking: on a
         thread). A new lease is checked against the record: its inode must still show the
-        state last verified, or BlobUnheld (the restore checks it again, re-hashing it). The
-        blobs none can be held on (a filesystem that takes no leases, too many held) are
-        returned: the caller lends them instead."""
+        state last verified, or BlobUnheld (the restore checks it again, re-hashing it). A
+        blob none can be held on (a filesystem that takes no leases, too many held) is
+        linked without one: with no lease its ctime is checked at every use, as a lent
+        blob's, until a later restore takes one (a lent mark would last the inode's life).
+        The number of those."""
         leases = self.leases
         assert leases is not None
-        lend: list[Blob] = []
+        unheld = 0
         for b in blobs:
             if not b.attached or not b.complete:
                 raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
@@ -1184,7 +1186,7 @@ class Cache:
             except OSError as e:  # (gone from under its name, say: checked again)
                 raise BlobUnheld(b.digest, str(b.file), f"cannot hold it: {e.strerror}") from e
             if got is None:
-                lend.append(b)
+                unheld += 1
                 continue
             if not b.attached:  # dropped meanwhile, its lease released before it was taken
                 leases.release(key)
@@ -1196,7 +1198,7 @@ class Cache:
             if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
                 leases.release(key)
                 raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
-        return lend
+        return unheld
 
     def doubt(self, keys: Iterable[tuple[bytes, str]]) -> None:
         """Blobs whose lease broke, (digest, tier name) each: someone opened them for

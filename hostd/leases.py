@@ -47,7 +47,7 @@ F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 # Leases held at most: a descriptor each, and no more than a quarter of those the process
 # may open (the rest are for its work: a restore hands its helper hundreds of blob
-# descriptors, each connection is one). Past it a blob is lent instead (ctime-checked).
+# descriptors, each connection is one). Past it a blob is linked with none (ctime-checked).
 MOST = 100_000
 LIMIT_SHARE = 4
 # What a failed take means: the filesystem takes no leases, the process may not take one
@@ -94,7 +94,7 @@ class Leases:
         """Hold a read lease on the file at `path` for `key` (blocking): the stat of the
         inode it is held on and whether it is new (then the caller checks that stat: the
         inode it verified, in the state it verified?), or None where this filesystem or
-        process can hold no more, or the leases are closed (the caller lends the blob
+        process can hold no more, or the leases are closed (the blob goes without one
         instead). One held already for `key` and not broken is kept. Busy if the file is
         open for writing now."""
         with self._lock:

@@ -616,9 +616,7 @@ class Restorer:
             async def blobs() -> list[Blob]:
                 return [where[d] for d in digests]
 
-            unheld = self.cache.lease(asyncio.run_coroutine_threadsafe(blobs(), loop).result())
-            if unheld:
-                lend([b.digest for b in unheld])
+            self.cache.lease(asyncio.run_coroutine_threadsafe(blobs(), loop).result())
 
         progressive = resolved is None
 
@@ -778,10 +776,9 @@ class Restorer:
 
     async def _hold(self, blobs: list[Blob]) -> None:
         """Hold a read lease on each blob a restore is about to link out to a caller that
-        cannot write it (Cache.lease, on a thread); lend those no lease can be held on."""
-        unheld = await asyncio.to_thread(self.cache.lease, blobs)
-        if unheld:
-            await self._lend(unheld)
+        cannot write it (Cache.lease, on a thread): those none can be held on are checked
+        by their ctime until one is."""
+        await asyncio.to_thread(self.cache.lease, blobs)
 
     async def _lend(self, blobs: list[Blob]) -> None:
         """Cache.lent for a whole tree, in batches with turns of the loop between them (each

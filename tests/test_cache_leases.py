@@ -84,7 +84,7 @@ async def test_a_lease_a_rehash_takes_on_a_blob_being_removed_is_not_kept_for_it
     new = cache.locate(a.digest, [mem])
     assert new is not None
     path = str(mem.blob_path(a.digest))
-    assert cache.lease([new]) == []  # "held": linked to a non-writer, not lent
+    assert cache.lease([new]) == 0  # "held": linked to a non-writer
     os.link(path, env.root / "callers-link")  # the restore's link (moves the ctime)
     root_writes_through(str(env.root / "callers-link"), leases)
     with open(path, "rb") as f:  # noqa: ASYNC230  (a few bytes of a local file)
