@@ -1192,7 +1192,7 @@ class Cache:
                 leases.release(key)
                 raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
             st, new = got
-            if not new:
+            if not new or st is None:
                 continue
             seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
             if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):

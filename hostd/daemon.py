@@ -124,7 +124,7 @@ class Daemon:
         self.cache.busy = self.filler.filling  # partial blobs a fill holds are not evicted
         # Read leases on the blobs linked to callers that cannot write them, where asked
         # ([access] link_checks = "lease"): a break is heard by `leases_broken`.
-        self.leases = Leases() if config.access.link_checks == "lease" else None
+        self.leases = Leases(lease_budget()) if config.access.link_checks == "lease" else None
         if self.leases is not None:
             self.cache.guard_links(self.leases)
         self._lease_scan: asyncio.Task[None] | None = None
@@ -500,6 +500,22 @@ def connection_caps() -> tuple[int, int]:
     if files == resource.RLIM_INFINITY:
         return LOCAL_CONNECTIONS, PEER_CONNECTIONS
     return min(LOCAL_CONNECTIONS, max(16, files // 8)), min(PEER_CONNECTIONS, max(16, files // 4))
+
+
+# Descriptors kept for the daemon's own work beside its connections and leases: a restore's
+# blobs handed to its helper, tier and index files, origin connections.
+WORK_FILES = 2048
+
+
+def lease_budget() -> int:
+    """The read leases the daemon may hold (a descriptor each): what the open files it may
+    have leave after both connection caps and WORK_FILES, and never under a quarter of
+    them (leases.MOST at most)."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files == resource.RLIM_INFINITY:
+        return leases.MOST
+    local, peer = connection_caps()
+    return min(leases.MOST, max(files // 4, files - local - peer - WORK_FILES))
 
 
 def local_client(transport: asyncio.BaseTransport) -> int | None:

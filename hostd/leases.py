@@ -90,19 +90,19 @@ class Leases:
     def __len__(self) -> int:
         return len(self._fds)
 
-    def take(self, key: Key, path: str) -> tuple[os.stat_result, bool] | None:
+    def take(self, key: Key, path: str) -> tuple[os.stat_result | None, bool] | None:
         """Hold a read lease on the file at `path` for `key` (blocking): the stat of the
-        inode it is held on and whether it is new (then the caller checks that stat: the
-        inode it verified, in the state it verified?), or None where this filesystem or
-        process can hold no more, or the leases are closed (the blob goes without one
-        instead). One held already for `key` and not broken is kept. Busy if the file is
-        open for writing now."""
+        inode a new one is held on (the caller checks it: the inode it verified, in the
+        state it verified?) and True; (None, False) for one held already and not broken,
+        which is kept; None where this filesystem or process can hold no more, or the
+        leases are closed (the blob goes without one). Busy if the file is open for
+        writing now."""
         with self._lock:
             if self._closed:
                 return None
             fd = self._fds.get(key)
             if fd is not None and _holding(fd):
-                return os.fstat(fd), False
+                return None, False
             if fd is not None:
                 self._forget(key)
             if len(self._fds) >= self.most:

@@ -57,6 +57,7 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
     got = leases.take(KEY, str(blob))
     assert got is not None
     assert got[1] is True  # new
+    assert got[0] is not None
     assert got[0].st_ino == blob.stat().st_ino
     assert leases.holds(KEY)
     writer = open_for_writing(blob.with_name("link"))
