@@ -45,9 +45,9 @@ F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
-# Leases held at most: a descriptor each, and no more than a quarter of those the process
-# may open (the rest are for its work: a restore hands its helper hundreds of blob
-# descriptors, each connection is one). Past it a blob is linked with none (ctime-checked).
+# Leases held at most: a descriptor each (the daemon gives a Leases no more than its
+# descriptor limit leaves for them: daemon.lease_budget; alone, a quarter of that limit).
+# Past it a blob is linked with none (ctime-checked).
 MOST = 100_000
 LIMIT_SHARE = 4
 # What a failed take means: the filesystem takes no leases, the process may not take one
