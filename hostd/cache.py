@@ -1139,9 +1139,9 @@ class Cache:
         descriptors, and a writer polling its descriptor's ctime could write right after a
         re-hash that cleared it. A new inode (a refetch, a promotion, a demotion) starts
         unlent. Links to callers that cannot write get no mark unless `[access] link_checks`
-        is "all" (or "lease" and no lease can be held on the blob): they can neither write
-        the bytes nor set the times, though a root process that reaches their tree can
-        (restore.py decides which links lend, `lease` which are held).
+        is "all": they can neither write the bytes nor set the times, though a root process
+        that reaches their tree can (under "lease", the default, `lease` holds those
+        instead; restore.py decides which links lend).
 
         Called on the loop before linking, whose caller waits for the returned future (the
         rows' transaction, on the index's writer thread) before it links: a daemon killed

@@ -51,8 +51,8 @@ SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 MOST = 100_000
 LIMIT_SHARE = 4
 # What a failed take means: the filesystem takes no leases, the process may not take one
-# on that file (not its owner, no CAP_LEASE), or it has no descriptor to spare (lend the
-# blob instead), versus someone holds it open for writing now (EAGAIN: do not link it).
+# on that file (not its owner, no CAP_LEASE), or it has no descriptor to spare (the blob
+# goes without one), versus someone holds it open for writing now (EAGAIN: do not link it).
 NOT_HERE = (
     errno.EINVAL,
     errno.ENOLCK,
