@@ -33,23 +33,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import logging
 import os
-import resource
 import signal
 import threading
-
-log = logging.getLogger(__name__)
 
 F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 # Leases held at most: a descriptor each (the daemon gives a Leases no more than its
-# descriptor limit leaves for them: daemon.lease_budget; alone, a quarter of that limit).
-# Past it a blob is linked with none (ctime-checked).
+# descriptor limit leaves for them: daemon.lease_budget). Past it a blob is linked with none
+# (ctime-checked).
 MOST = 100_000
-LIMIT_SHARE = 4
 # What a failed take means: the filesystem takes no leases, the process may not take one
 # on that file (not its owner, no CAP_LEASE), or it has no descriptor to spare (the blob
 # goes without one), versus someone holds it open for writing now (EAGAIN: do not link it).
@@ -74,10 +69,7 @@ class Busy(Exception):
 class Leases:
     """The read leases this daemon holds, by blob: (digest, tier name)."""
 
-    def __init__(self, most: int | None = None) -> None:
-        if most is None:
-            files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            most = MOST if files == resource.RLIM_INFINITY else min(MOST, files // LIMIT_SHARE)
+    def __init__(self, most: int = MOST) -> None:
         self.most = most
         self._fds: dict[Key, int] = {}
         self._lock = threading.Lock()

@@ -831,11 +831,7 @@ def test_under_leases_a_cold_link_restore_holds_what_it_links(
         assert out["event"] == "result", out
         assert out["linked"] > 0, out
         assert sample(d.metrics(), "hostd_link_leases") > 0
-        victim = home / "a" / "weights.bin"
-        st = victim.stat()
-        with open(victim, "r+b") as f:
-            f.write(b"EVIL")
-        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        write_through(home / "a" / "weights.bin")
         out = d.restore("t/l", work / "b", mode="copy")
         assert out["event"] == "result", out
         assert tree_digest(work / "b") == tree_digest(src)
