@@ -36,6 +36,7 @@ import fcntl
 import os
 import signal
 import threading
+from collections.abc import Iterable
 
 F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
@@ -45,6 +46,9 @@ SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 # descriptor limit leaves for them: daemon.lease_budget). Past it a blob is linked with none
 # (ctime-checked).
 MOST = 100_000
+# Breaks remembered by blob (`broken_since`): a restore that began before the oldest
+# forgotten one takes every blob it asks about as broken.
+BREAKS_KEPT = 65_536
 # What a failed take means: the filesystem takes no leases, the process may not take one
 # on that file (not its owner, no CAP_LEASE), or it has no descriptor to spare (the blob
 # goes without one), versus someone holds it open for writing now (EAGAIN: do not link it).
@@ -74,7 +78,12 @@ class Leases:
         self._fds: dict[Key, int] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.broken = 0  # leases broken since start (a writer opened the blob)
+        # Leases broken since start (a writer opened the blob); each break's number, by
+        # digest, recorded before its lease is given up (the writer waiting on it goes on
+        # only after): the BREAKS_KEPT latest, `_floor` the newest forgotten.
+        self.broken = 0
+        self._breaks: dict[bytes, int] = {}
+        self._floor = 0
 
     def __repr__(self) -> str:
         return f"Leases({len(self._fds)} held, {self.broken} broken)"
@@ -96,6 +105,7 @@ class Leases:
             if fd is not None and _holding(fd):
                 return None, False
             if fd is not None:
+                self._broke(key)  # (before its writer may go on)
                 self._forget(key)
             if len(self._fds) >= self.most:
                 return None
@@ -125,22 +135,43 @@ class Leases:
             fd = self._fds.get(key)
             return fd is not None and _holding(fd)
 
-    def release(self, key: Key) -> None:
-        """Give up `key`'s lease, if any (its blob is dropped or replaced)."""
+    def holds_on(self, key: Key, dev: int, ino: int) -> bool:
+        """Whether a lease taken for `key` still holds, on the inode (`dev`, `ino`): none
+        broke it since it was taken, so no one opened that inode for writing since."""
         with self._lock:
-            if key in self._fds:
+            fd = self._fds.get(key)
+            if fd is None or not _holding(fd):
+                return False
+            st = os.fstat(fd)
+            return (st.st_dev, st.st_ino) == (dev, ino)
+
+    def broken_since(self, count: int, digests: Iterable[bytes]) -> set[bytes]:
+        """Of `digests`, those whose lease broke since `broken` was `count`: someone opened
+        them for writing since. All of them where breaks since then were forgotten."""
+        with self._lock:
+            if count < self._floor:
+                return set(digests)
+            breaks = self._breaks
+            return {d for d in digests if breaks.get(d, -1) > count}
+
+    def release(self, key: Key) -> None:
+        """Give up `key`'s lease, if any (its blob is dropped or replaced); one being
+        broken counts as broken."""
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                if not _holding(fd):
+                    self._broke(key)
                 self._forget(key)
 
     def scan(self) -> list[Key]:
         """Give up every lease being broken (the openers waiting on them go on), and
         forget them; their keys (blocking)."""
-        broken: list[Key] = []
         with self._lock:
-            for key, fd in list(self._fds.items()):
-                if not _holding(fd):
-                    broken.append(key)
-                    self._forget(key)
-        self.broken += len(broken)
+            broken = [key for key, fd in self._fds.items() if not _holding(fd)]
+            for key in broken:
+                self._broke(key)  # (before its writer may go on)
+                self._forget(key)
         return broken
 
     def held(self) -> list[tuple[Key, os.stat_result]]:
@@ -157,6 +188,15 @@ class Leases:
             self._closed = True
             for key in list(self._fds):
                 self._forget(key)
+
+    def _broke(self, key: Key) -> None:
+        """Record a break of `key`'s lease (the lock held), before it is given up."""
+        self.broken += 1
+        digest = key[0]
+        self._breaks.pop(digest, None)  # (the newest last)
+        self._breaks[digest] = self.broken
+        while len(self._breaks) > BREAKS_KEPT:
+            self._floor = self._breaks.pop(next(iter(self._breaks)))
 
     def _forget(self, key: Key) -> None:
         fd = self._fds.pop(key)

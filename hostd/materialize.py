@@ -46,7 +46,7 @@ from hostd.asuser import AsUser
 from hostd.core import manifest as mf
 from hostd.core.ids import verify_chunk
 from hostd.errors import BlobMoved, ChunkCorrupt, HostdError, TargetError, UsageError, os_cause
-from hostd.fastcopy import LinkJob, close_fds, fstat_fds, link_files, open_paths
+from hostd.fastcopy import FdStat, LinkJob, close_fds, fstat_fds, link_files, open_paths
 from hostd.fileio import copy_range, writing_as
 from hostd.tier import BLOB_MODE, EXEC_BLOB_MODE, digest_of, pread_into, pwrite_all
 
@@ -86,6 +86,61 @@ class Outcome:
     limit_copies: int = 0  # copied, not linked, because the blob is at its link limit
 
 
+State = tuple[int, int, int]
+"""A blob file's (size, mtime_ns, ctime_ns)."""
+
+
+def _state(st: FdStat) -> State:
+    return st[4], st[5], st[6]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Which copies a restore checks before it hands them over, against a write through a
+    link while, or just before, their blob was read (a link hands out the cache's inode).
+
+    Watched: a blob lent to a writer (`lent`, now), or, with `every`, any blob (`[access]
+    link_checks = "lease"`: a root process that reaches a non-writer's link can write it).
+    A watched blob's state as its copy's batch was opened must be the state its bytes were
+    last verified in (`verified`: the restore's check made the record show it), and the
+    same once the copy is made; a write moves the ctime. A copy whose blob moved, or whose
+    blob's read lease broke since the restore began (`broken`: a break is recorded before
+    the writer may go on, whatever the clock's grain), is read back as the caller and
+    handed over only if it hashes right. Where the blob's lease held on that very inode
+    from its take to now (`held`), no one wrote it: a ctime moved by links alone (another
+    restore's, this one's) costs no read back."""
+
+    lent: Callable[[bytes], bool] = lambda _: False
+    every: bool = False
+    verified: Callable[[bytes], State | None] = lambda _: None
+    broken: Callable[[Sequence[bytes]], set[bytes]] = lambda _: set()
+    held: Callable[[bytes, int, int], bool] = lambda _d, _dev, _ino: False  # (dev, ino)
+
+    def watched(self, digest: bytes) -> bool:
+        return self.every or self.lent(digest)
+
+    def moved(
+        self,
+        files: Sequence[mf.FileEntry],
+        before: Sequence[FdStat],
+        verified: Sequence[State | None],
+        after: Sequence[FdStat],
+    ) -> list[int]:
+        """Of the copies of watched blobs `files` (each blob's state as its batch was opened,
+        its record's verified state then, its state once copied), those to read back."""
+        broken = self.broken([f.digest for f in files])
+        out = []
+        for i, f in enumerate(files):
+            b = before[i]
+            if f.digest not in broken and (
+                (after[i] == b and verified[i] in (None, _state(b)))
+                or self.held(f.digest, b[2], b[3])
+            ):
+                continue
+            out.append(i)
+        return out
+
+
 def materialize(
     m: mf.Manifest,
     fs: AsUser,
@@ -96,19 +151,22 @@ def materialize(
     link_ok: bool,
     cancel: threading.Event,
     on_files: Callable[[list[mf.FileEntry]], object] | None = None,
-    lent: Callable[[bytes], bool] = lambda _: False,
+    watch: Watch | None = None,
     blob_mtime: Callable[[bytes], int | None] = lambda _: None,
     blob_mode: Callable[[bytes], int] = lambda _: BLOB_MODE,
 ) -> Outcome:
     """Build `m` through `fs` (whose `target` was already resolved) and rename it in.
     `blob_path(digest)`: the blob's file, `<tier>/blobs/<xx>/<hex>` (a string: Path objects
-    cost more than the link itself, per file); `lent(digest)`: whether a caller that can
-    write to that blob holds a link to it; `blob_mtime(digest)` and `blob_mode(digest)`:
-    the mtime and mode its inode has."""
+    cost more than the link itself, per file); `watch`: which copies are checked against
+    a write through a link (none where not given); `blob_mtime(digest)` and
+    `blob_mode(digest)`: the mtime and mode its inode has."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     try:
-        out = _build(m, fs, blob_path, mode, link_ok, cancel, on_files, lent, blob_mtime, blob_mode)
+        watch = watch or Watch()
+        out = _build(
+            m, fs, blob_path, mode, link_ok, cancel, on_files, watch, blob_mtime, blob_mode
+        )
         if cancel.is_set():
             raise Cancelled()
         left = fs.commit(replace)
@@ -292,16 +350,19 @@ class Placer:
         on_symlinks: Callable[[list[mf.Symlink]], object] | None = None,
         progressive: bool = True,
         replace: bool = False,
+        watch: Watch | None = None,
     ) -> None:
         """`lend(digests)`: mark the blobs lent (and wait for the mark) before they are
         linked: the caller could write to them. `on_symlinks`: the symlinks, once made
-        (last, every file they may point at placed)."""
+        (last, every file they may point at placed). `watch`: which copies are checked
+        against a write through a link (where not given, those of the blobs announced lent)."""
         if mode not in MODES:
             raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.m, self.fs, self.mode, self.link_ok = m, fs, mode, link_ok
         self.cancel, self.lend, self.keep = cancel, lend, keep
         self.on_symlinks = on_symlinks
         self.progressive, self.replace = progressive, replace
+        self.watch = watch or Watch(lent=lambda d: self._seen[d].lent())
         self.done = _Done(on_files)
         self.files: dict[bytes, list[mf.FileEntry]] = collections.defaultdict(list)
         for f in m.files:
@@ -398,7 +459,7 @@ class Placer:
             self.fs,
             self.cancel.is_set,
             self.done,
-            lambda d: seen[d].lent(),
+            self.watch,
             on_moved=self._moved if self.progressive else None,
         )
         try:
@@ -519,8 +580,8 @@ class Placer:
     def _fill_part(self, r: Ready, p: _Part) -> None:
         """Copy into part `p` the chunks of its blob (`r`) that no tee wrote (its lock held).
         A lent blob's bytes (a caller could write them) are hashed against their chunk ids
-        as copied. One lent meanwhile that no longer shows the state it had before the copy
-        (a write through a link moves its ctime, and so does the link another restore made)
+        as copied. One watched (lent meanwhile; any under leases) that moved (Watch.moved:
+        a write through a link moves its ctime, and so does the link another restore made)
         is copied again, hashed so: what lands is verified whatever the blob did meanwhile,
         and a link alone no longer fails the restore (a progressive one is not built again)."""
         step = self.m.chunk_size
@@ -530,12 +591,18 @@ class Placer:
         check = r.lent()
         src = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            before = _states([src])
+            w = self.watch
+            before = fstat_fds([src])
+            verified = [w.verified(r.digest)]
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
-                if not check and r.lent() and _states([src]) != before:
+                if (
+                    not check
+                    and w.watched(r.digest)
+                    and w.moved([p.entry], before, verified, fstat_fds([src]))
+                ):
                     log.info(
-                        "file %r: its blob was lent and moved while it was copied: "
+                        "file %r: its blob moved while it was copied: "
                         "copied again, each chunk hashed",
                         p.entry.path,
                     )
@@ -667,20 +734,20 @@ def _build(
     link_ok: bool,
     cancel: threading.Event,
     on_files: Callable[[list[mf.FileEntry]], object] | None,
-    lent: Callable[[bytes], bool],
+    watch: Watch,
     blob_mtime: Callable[[bytes], int | None],
     blob_mode: Callable[[bytes], int],
 ) -> Outcome:
     """Links are made here while the helper creates the copies known beforehand (a thread
     of this one sends them), but those of a blob that is also linked: a link moves the
-    blob's ctime, which the check of a lent blob's copy would take for a write. They, and
-    the copies a link failure adds, go after."""
+    blob's ctime, which the check of a watched blob's copy would take for a write (a read
+    back). They, and the copies a link failure adds, go after."""
     plan = _plan(m.files, mode, link_ok, blob_mtime, blob_mode)
     dev, dirfds = fs.begin(_dirs(m), sorted({f.path.rpartition("/")[0] for f in plan.links}))
     links = _Links()
     done = _Done(on_files)
     if not plan.links:
-        _send_files(plan.copies, plan.empties, fs, blob_path, cancel.is_set, done, lent)
+        _send_files(plan.copies, plan.empties, fs, blob_path, cancel.is_set, done, watch)
     else:
         linking = {f.digest for f in plan.links}
         early = [f for f in plan.copies if f.digest not in linking]
@@ -691,7 +758,7 @@ def _build(
             return cancel.is_set() or halt.is_set()
 
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hostd-copy") as pool:
-            job = pool.submit(_send_files, early, plan.empties, fs, blob_path, stop, done, lent)
+            job = pool.submit(_send_files, early, plan.empties, fs, blob_path, stop, done, watch)
             try:
                 _link_all(plan.links, links, fs, blob_path, dev, dirfds, mode, cancel, done)
             except BaseException:
@@ -700,7 +767,7 @@ def _build(
             finally:
                 close_fds(list(dirfds.values()))
             job.result()
-        _send_files(late + links.copies, [], fs, blob_path, cancel.is_set, done, lent)
+        _send_files(late + links.copies, [], fs, blob_path, cancel.is_set, done, watch)
     if m.symlinks:
         fs.symlinks((s.path, s.target) for s in m.symlinks)
     return Outcome(
@@ -850,12 +917,12 @@ def _send_files(
     blob_path: Callable[[bytes], str],
     stop: Callable[[], bool],
     done: _Done,
-    lent: Callable[[bytes], bool],
+    watch: Watch,
 ) -> None:
     """The helper creates the empty files, and the copies in batches (_Sender), largest
     first, so one big file does not finish last alone."""
     copies.sort(key=_SIZE, reverse=True)  # stable: equal sizes keep the tree's order
-    with _Sender(fs, stop, done, lent) as sender:
+    with _Sender(fs, stop, done, watch) as sender:
         if empties:
             sender.empties(empties)
         sender.send(copies, blob_path)
@@ -875,24 +942,24 @@ class _Sender:
     of `send` (a placer's batches) until `drain`, which waits for every answer. `stop()` is
     asked before each batch.
 
-    A blob lent to a writer (link_to_writers) may be written through a link while it is
-    copied: the state of a blob lent when its batch was opened, or by the time the helper
-    answered (another restore's link), is compared before and after. One lent while copied
-    moves even if no one wrote it (the link itself moves its ctime): a copy that saw its
-    blob move is read back and hashed, and handed over only if whole (else BlobMoved: the
-    restore builds its tree again, and the blob is re-hashed first). `on_moved`, where
-    given, hears of every copy not handed over then (that batch's, and those of the batches
-    still out, once answered), before BlobMoved is raised."""
+    A blob linked out may be written through a link while it is copied: a watched one's
+    (`Watch`: lent when its batch was opened, or by the time the helper answered, or any
+    under leases) state is compared with the state it was verified in, and before and after.
+    One linked while copied moves even if no one wrote it (the link itself moves its ctime):
+    a copy that saw its blob move is read back and hashed, and handed over only if whole
+    (else BlobMoved: the restore builds its tree again, and the blob is re-hashed first).
+    `on_moved`, where given, hears of every copy not handed over then (that batch's, and
+    those of the batches still out, once answered), before BlobMoved is raised."""
 
     def __init__(
         self,
         fs: AsUser,
         stop: Callable[[], bool],
         done: _Done,
-        lent: Callable[[bytes], bool],
+        watch: Watch,
         on_moved: Callable[[list[mf.FileEntry]], None] | None = None,
     ) -> None:
-        self.fs, self.stop, self.done, self.lent = fs, stop, done, lent
+        self.fs, self.stop, self.done, self.watch = fs, stop, done, watch
         self.on_moved = on_moved
         self.sent: collections.deque[_Sent] = collections.deque()
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -906,7 +973,7 @@ class _Sender:
         self.close()
 
     def empties(self, files: list[mf.FileEntry]) -> None:
-        opened = _Opened(files, [], [], [])
+        opened = _Opened(files, [], [], [], [])
         self.sent.append(_Sent(opened, self.pool.submit(self.fs.files, _empty_items(files), [])))
 
     def send(self, copies: list[mf.FileEntry], blob_path: Callable[[bytes], str]) -> None:
@@ -915,14 +982,14 @@ class _Sender:
         for batch in _batches(copies):
             if self.stop():
                 raise Cancelled()
-            opened = _open_batch(batch, blob_path, self.lent)
+            opened = _open_batch(batch, blob_path, self.watch)
             items = [(f.path, f.mode, f.size, "copy", f.mtime) for f in batch]
             try:
                 job = self.pool.submit(self.fs.files, items, opened.fds)
             except BaseException:
                 opened.close()
                 raise
-            self.sent.append(_Sent(opened, job, self.lent, self.fs))
+            self.sent.append(_Sent(opened, job, self.watch, self.fs))
             while len(self.sent) > AHEAD:
                 self._finish()
 
@@ -941,7 +1008,7 @@ class _Sender:
         """After a failure elsewhere, before the helper takes back: wait for each batch
         still out. With `tell` (a progressive restore's: what landed may be kept), each is
         finished as `drain` would (checked, its files told, a failed one's landed files
-        told), one whose lent blob moved handed to `on_moved`, nothing raised: a file left
+        told), one whose watched blob moved handed to `on_moved`, nothing raised: a file left
         in the target is one that was told. Without, quietly (a hidden build goes whole)."""
         if not tell:
             self._settle()
@@ -1000,13 +1067,14 @@ def _batches(copies: list[mf.FileEntry]) -> Iterator[list[mf.FileEntry]]:
 
 @dataclass
 class _Opened:
-    """A batch of copies with its blobs opened, each blob's state as opened, and whether
-    it was lent then."""
+    """A batch of copies with its blobs opened, each blob's stat as opened, whether it was
+    watched then, and the state its record was verified in then (watched ones)."""
 
     batch: list[mf.FileEntry]
     fds: list[int]
-    before: list[tuple[int, int, int]]
-    lent: list[bool]
+    before: list[FdStat]
+    watched: list[bool]
+    verified: list[State | None]
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
@@ -1014,13 +1082,17 @@ class _Opened:
 
 
 def _open_batch(
-    batch: list[mf.FileEntry], blob_path: Callable[[bytes], str], lent: Callable[[bytes], bool]
+    batch: list[mf.FileEntry], blob_path: Callable[[bytes], str], watch: Watch
 ) -> _Opened:
-    """The batch's blobs opened, with their states (one stat each, in C): a blob lent while
-    the helper copies it is checked against the state it had before, as one lent already."""
+    """The batch's blobs opened, with their stats (one each, in C): a blob lent while the
+    helper copies it is checked against the state it had before, as one lent already."""
     fds = open_paths([blob_path(f.digest) for f in batch])
     try:
-        return _Opened(batch, fds, _states(fds), [lent(f.digest) for f in batch])
+        watched = [watch.watched(f.digest) for f in batch]
+        verified = [
+            watch.verified(f.digest) if w else None for f, w in zip(batch, watched, strict=True)
+        ]
+        return _Opened(batch, fds, fstat_fds(fds), watched, verified)
     except BaseException:
         close_fds(fds)
         raise
@@ -1032,14 +1104,14 @@ class _Sent:
 
     opened: _Opened
     job: concurrent.futures.Future[None]
-    lent: Callable[[bytes], bool] = lambda _: False
+    watch: Watch = field(default_factory=lambda: Watch())
     fs: AsUser | None = None  # (to re-read a copy whose blob moved)
 
     def finish(self, done: _Done) -> None:
-        """Wait for the helper's answer, check the lent blobs (then or now) did not move
-        meanwhile, or else that their copies hash right (a link another restore made moves
-        the blob's ctime as a write does). Files of a failed batch that landed are told all
-        the same (progressive, kept)."""
+        """Wait for the helper's answer, check the watched blobs (then or now) did not move
+        since they were verified, or else that their copies hash right (a link another
+        restore made moves the blob's ctime as a write does). Files of a failed batch that
+        landed are told all the same (progressive, kept)."""
         o = self.opened
         try:
             try:
@@ -1048,15 +1120,24 @@ class _Sent:
                 landed = set(getattr(e, "landed", ()))
                 done.add([f for f in o.batch if f.path in landed])
                 raise
-            check = [i for i, was in enumerate(o.lent) if was or self.lent(o.batch[i].digest)]
-            after = _states([o.fds[i] for i in check]) if check else []
-            moved = [o.batch[i] for i, now in zip(check, after, strict=True) if now != o.before[i]]
+            w = self.watch
+            check = [i for i, was in enumerate(o.watched) if was or w.lent(o.batch[i].digest)]
+            after = fstat_fds([o.fds[i] for i in check]) if check else []
+            moved = [
+                o.batch[check[j]]
+                for j in w.moved(
+                    [o.batch[i] for i in check],
+                    [o.before[i] for i in check],
+                    [o.verified[i] for i in check],
+                    after,
+                )
+            ]
             if moved:
                 bad, why = _badly_copied(self.fs, moved)
                 if bad is not None:
                     raise BlobMoved(bad.digest, bad.path, why)
                 log.info(
-                    "%d copies whose lent blob moved while they were made (a link, or a write "
+                    "%d copies whose blob moved while they were made (a link, or a write "
                     "that missed them) were read back: they hash right",
                     len(moved),
                 )
@@ -1090,11 +1171,6 @@ def _badly_copied(fs: AsUser | None, files: list[mf.FileEntry]) -> tuple[mf.File
     finally:
         close_fds(fds)
     return None, ""
-
-
-def _states(fds: list[int]) -> list[tuple[int, int, int]]:
-    """(size, mtime_ns, ctime_ns) of each descriptor's file."""
-    return [(st[4], st[5], st[6]) for st in fstat_fds(fds)]
 
 
 class _Views:

@@ -40,7 +40,7 @@ from hostd.errors import (
     unheard,
 )
 from hostd.fill import Filler, FillProgress
-from hostd.materialize import Cancelled, Outcome, Placer, Ready, materialize, may_link
+from hostd.materialize import Cancelled, Outcome, Placer, Ready, State, Watch, materialize, may_link
 from hostd.origin import Origin, RetryNote, validate_ref
 from hostd.snapshots import decode_manifest
 from hostd.tier import Tier, blob_mode
@@ -511,9 +511,12 @@ class Restorer:
             lend = (writer or self.lend_all) and link_ok and req.mode != "copy"
             # (the others' links held by leases, where the cache takes them)
             hold = not lend and link_ok and req.mode != "copy" and self.cache.leases is not None
+            # (before any blob is checked: a lease broken since makes a copy of its blob
+            # read back, materialize.Watch)
+            since = self.cache.leases.broken if self.cache.leases is not None else 0
             if req.progressive:
                 return await self._placing(
-                    req, progress, fs, tiers, lend, link_ok, target_dev=info.dev, hold=hold
+                    req, progress, fs, tiers, lend, link_ok, since, target_dev=info.dev, hold=hold
                 )
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
             for rebuilds_left in range(REBUILDS, -1, -1):
@@ -525,7 +528,7 @@ class Restorer:
                         # then links.)
                         placed = (res, t0, t1)
                         return await self._placing(
-                            req, progress, fs, tiers, lend, link_ok, placed, hold=hold
+                            req, progress, fs, tiers, lend, link_ok, since, placed, hold=hold
                         )
                     async with self._filled(res, tiers, progress, t0, t1) as f:
                         progress.phase = "materialize"
@@ -535,7 +538,7 @@ class Restorer:
                             await self._lend(list(f.where.values()))
                         elif hold:
                             await self._hold(list(f.where.values()))
-                        outcome = await self._materialize(f, req, progress, fs, link_ok)
+                        outcome = await self._materialize(f, req, progress, fs, link_ok, since)
                     break
                 except BlobMoved as e:
                     # The tree was hidden, and is gone: build it again, the blob checked first.
@@ -583,6 +586,7 @@ class Restorer:
         tiers: Sequence[Tier],
         lend_first: bool,
         link_ok: bool,
+        since: int,
         resolved: tuple[Resolved, float, float] | None = None,
         target_dev: int = -1,
         hold: bool = False,
@@ -641,6 +645,7 @@ class Restorer:
             keep=req.keep_partial,
             progressive=progressive,
             replace=req.replace,
+            watch=self._watch(since, where.__getitem__),
         )
 
         # Blobs announced to the placer in one put per turn of the loop, not one each: the
@@ -819,8 +824,38 @@ class Restorer:
             )
         return ok
 
+    def _watch(self, since: int, blob: Callable[[bytes], Blob]) -> Watch:
+        """What a restore's copies check against a write through a link (materialize.Watch):
+        `blob(digest)` is the blob each is copied from, `since` the count of leases broken
+        when the restore began. Under leases every blob is watched (a root process reaching
+        a non-writer's link may write it), else the lent ones."""
+
+        def verified(digest: bytes) -> State:
+            b = blob(digest)
+            return b.size, b.mtime_ns, b.ctime_ns
+
+        def lent(digest: bytes) -> bool:
+            return blob(digest).lent
+
+        leases = self.cache.leases
+        if leases is None:
+            return Watch(lent=lent, verified=verified)
+        return Watch(
+            lent=lent,
+            every=True,
+            verified=verified,
+            broken=lambda digests: leases.broken_since(since, digests),
+            held=lambda d, dev, ino: leases.holds_on((d, blob(d).tier.name), dev, ino),
+        )
+
     async def _materialize(
-        self, f: _Filled, req: RestoreRequest, progress: Progress, fs: AsUser, link_ok: bool
+        self,
+        f: _Filled,
+        req: RestoreRequest,
+        progress: Progress,
+        fs: AsUser,
+        link_ok: bool,
+        since: int,
     ) -> Outcome:
         cancel = threading.Event()
 
@@ -838,7 +873,7 @@ class Restorer:
                 link_ok=link_ok,
                 cancel=cancel,
                 on_files=counted,
-                lent=lambda d: f.where[d].lent,
+                watch=self._watch(since, f.where.__getitem__),
                 blob_mtime=lambda d: f.where[d].mtime_ns,
                 blob_mode=lambda d: f.where[d].mode,
             )
@@ -956,7 +991,7 @@ def _rebuilding(progress: Progress, e: BlobMoved) -> None:
         else "was written to through a link while it was copied"
     )
     message = (
-        f"blob {e.digest.hex()} ({e.path!r}), lent to a writer, {how}: the copy was not "
+        f"blob {e.digest.hex()} ({e.path!r}), linked out, {how}: the copy was not "
         "handed over, and the tree is built again"
     )
     log.warning("%s", message)

@@ -122,3 +122,51 @@ def test_closed_leases_take_none(blob: Path) -> None:
     leases.close()
     assert len(leases) == 0
     assert leases.take(KEY, str(blob)) is None
+
+
+def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_count_as_all(
+    blob: Path, heard: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that began before a break asks `broken_since` with the count it read then:
+    the break is recorded before the lease is given up, so before the writer can write. The
+    inode the lease is on is told apart from another (a refetched blob's). Past BREAKS_KEPT
+    breaks, a count older than the newest forgotten break takes every blob as broken."""
+    leases = Leases()
+    since = leases.broken
+    assert leases.take(KEY, str(blob)) is not None
+    st = blob.stat()
+    assert leases.holds_on(KEY, st.st_dev, st.st_ino)
+    assert not leases.holds_on(KEY, st.st_dev, st.st_ino + 1)
+    writer = open_for_writing(blob.with_name("link"))
+    try:
+        wait(lambda: heard)
+        assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == set()  # not given up yet
+        assert not leases.holds_on(KEY, st.st_dev, st.st_ino)  # (breaking)
+        leases.scan()
+        assert writer.wait(10) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
+    assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == {KEY[0]}
+    assert leases.broken_since(leases.broken, [KEY[0]]) == set()  # (a copy begun after)
+
+    monkeypatch.setattr("hostd.leases.BREAKS_KEPT", 2)
+    now = leases.broken
+    for i in range(3):  # three more breaks, each of another blob: the oldest is forgotten
+        key = (bytes([0x10 + i]) * 32, "mem")
+        assert leases.take(key, str(blob)) is not None
+        w = open_for_writing(blob)
+        try:
+            wait(lambda key=key: not leases.holds(key))
+            leases.scan()
+            assert w.wait(10) == 0
+        finally:
+            w.kill()
+            w.wait()
+            if w.stdout is not None:
+                w.stdout.close()
+    other = b"\x03" * 32  # never broken
+    assert leases.broken_since(now, [other]) == {other}  # (a break since may be forgotten)
+    assert leases.broken_since(now + 1, [other, b"\x12" * 32]) == {b"\x12" * 32}

@@ -816,7 +816,7 @@ def test_a_part_whose_blob_is_lent_and_moves_while_it_is_copied_in_is_copied_aga
     instead still fails it, naming the file, and none of its bytes are taken for good."""
     from hostd.core import manifest as mf
     from hostd.errors import ChunkCorrupt
-    from hostd.materialize import Placer, Ready, _Part
+    from hostd.materialize import Placer, Ready, Watch, _Part
 
     cs = 64 * 1024
     data = os.urandom(3 * cs - 100)
@@ -841,6 +841,7 @@ def test_a_part_whose_blob_is_lent_and_moves_while_it_is_copied_in_is_copied_aga
 
     placer = Placer.__new__(Placer)  # (only what _fill_part reads)
     placer.m = m
+    placer.watch = Watch(lent=lambda _d: lent())
     part_path = tmp_path / "part"
     fd = os.open(part_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -48,7 +48,7 @@ from hostd.caller import Caller
 from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id
 from hostd.errors import ChunkCorrupt, HostdError, TransientError, UsageError
-from hostd.materialize import Cancelled, Placer, materialize
+from hostd.materialize import Cancelled, Placer, Watch, materialize
 from hostd.publish import _sources
 
 NOBODY = 65534
@@ -1010,7 +1010,7 @@ def _copy_by(fs: AsUser, target: str, m: mf.Manifest, blob: Path, lent: Any) -> 
             replace=False,
             link_ok=False,
             cancel=threading.Event(),
-            lent=lent,
+            watch=Watch(lent=lent),
         )
     finally:
         fs.close()
@@ -1116,19 +1116,24 @@ def _race(
         return job.result()
 
 
-@pytest.mark.parametrize("meddle", ["link", "write"])
-def test_a_copy_that_saw_a_lent_blob_move_is_built_again(work: Path, meddle: str) -> None:
+@pytest.mark.parametrize(
+    ("meddle", "checks"), [("link", "writers"), ("write", "writers"), ("write", "lease")]
+)
+def test_a_copy_that_saw_a_lent_blob_move_is_built_again(
+    work: Path, meddle: str, checks: str
+) -> None:
     """Root restores with link_to_writers on: a link restore lends a big file's blob, then a
     copy restore runs while the test links the blob again, as another restore would ("link":
     only its ctime moves), or writes through the link, at the file's end, and puts the mtime
     back ("write"). Either failed the restore. A copy that saw its blob move is read back:
     whole (the link), it is handed over; not (the write), the restore builds its hidden tree
     again, the blob checked first (re-hashed; a bad one fetched again), says so in a
-    `rebuilt` warning, and hands over the published bytes."""
+    `rebuilt` warning, and hands over the published bytes. (Under leases the copy restore's
+    check re-hashes the blob under a lease, so a link alone costs no read back.)"""
     src = _big_and_small(work)
     want = tree_digest(src)
     raced = False
-    with daemon(work, access={"link_to_writers": True}) as d:
+    with daemon(work, access={"link_to_writers": True, "link_checks": checks}) as d:
         d.publish(src, "t/big")
         for attempt in range(8):  # the copy lasts tens of milliseconds: meddle inside it
             lent = _lend_big(d, work / f"l{attempt}")

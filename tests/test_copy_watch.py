@@ -1,0 +1,91 @@
+# ruff: noqa: F811  (the `work` fixture, imported)
+"""A copy restore racing a root process that writes through another caller's link to the
+same blob, under the default `[access] link_checks = "lease"`: live, with real leases. The
+write breaks the blob's lease first; the daemon gives it up at once and the writer goes on,
+perhaps while a copy of that blob is being made (materialize.Watch)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import outcome, stream, tree_digest
+from test_trust import (  # noqa: F401  (fixtures)
+    daemon,
+    nobody_dir,
+    nobody_stream,
+    wait_for,
+    work,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: needs root")
+
+ATTEMPTS = 8  # the copy lasts tens of milliseconds: the write must land inside one of them
+
+
+def _big_tree(p: Path) -> Path:
+    """A 96 MiB file (its copy lasts tens of milliseconds) and a small one, world-readable."""
+    p.mkdir()
+    (p / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
+    (p / "small.txt").write_text("small")
+    for q in p.iterdir():
+        q.chmod(0o644)
+    return p
+
+
+def _evil_at_the_end(path: Path) -> None:
+    """Root writing through a link it reaches, at the file's end (where a copy comes last),
+    then putting the mtime back."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"EVIL")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_racing(d: Any, target: Path, linked: Path) -> list[dict[str, Any]]:
+    """The events of root's copy restore of t/big into `target`, with `linked` written as
+    soon as the hidden build exists (its blobs checked, their copies about to be made or
+    under way), or after the restore."""
+    body = {"ref": "t/big", "target": str(target), "mode": "copy"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(stream, d.socket, "/v1/restore", body)
+        wait_for(lambda: job.done() or any(target.parent.glob(f".{target.name}.hostd-*")), step=0)
+        _evil_at_the_end(linked)
+        return job.result()
+
+
+def test_a_copy_never_hands_over_what_root_wrote_through_a_non_writers_link_meanwhile(
+    work: Path,
+) -> None:
+    """nobody link-restores a big file (the daemon holds a read lease on its blob). Root
+    copy-restores the same snapshot while a root process writes through nobody's link and
+    puts the mtime back: the copy either saw the published bytes, or was read back (its
+    blob moved, its lease broke), found bad, and built again from the blob fetched anew.
+    Root's tree is the published one every time; a copy used to hand the write over."""
+    src = _big_tree(work / "src")
+    want = tree_digest(src)
+    home = nobody_dir(work / "home")
+    caught = 0
+    with daemon(work) as d:
+        d.publish(src, "t/big")
+        for attempt in range(ATTEMPTS):
+            mine = home / f"l{attempt}"
+            out = nobody_stream(
+                d.socket, "/v1/restore", {"ref": "t/big", "target": str(mine), "mode": "link"}
+            )
+            assert out["event"] == "result", out
+            assert out["linked"] == 2, out
+            target = work / f"c{attempt}"
+            events = _copy_racing(d, target, mine / "big.bin")
+            out = outcome(events)
+            assert out["event"] == "result", out
+            assert tree_digest(target) == want, f"attempt {attempt}: the write was handed over"
+            assert not any(work.glob(".c*")), "a build left behind"
+            if any(e.get("warning") == "rebuilt" for e in events):
+                caught += 1
+                break
+    assert caught, "every copy was over before the write"
