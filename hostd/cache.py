@@ -559,7 +559,7 @@ class Cache:
     def holding(self, digests: Iterable[bytes] | Mapping[bytes, object]) -> Iterator[None]:
         """Keep these blobs from eviction while a restore uses them. A mapping's keys are held
         as they are, not copied (a manifest's blobs: 4 MB a 100,000): it must not change
-        meanwhile."""
+        meanwhile, but to grow (a publish's, as it stores them)."""
         held: AbstractSet[bytes] = (
             digests.keys() if isinstance(digests, Mapping) else frozenset(digests)
         )

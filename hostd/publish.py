@@ -748,7 +748,11 @@ class Publisher:
             for entry in tree.skipped:
                 progress.warnings.append(_skipped_warning(entry))
             progress.admitted = True  # scanned: what fails from here is an `error` event
-            return await self._publish(req, fs, tree, cs, progress, t0)
+            # The blobs it stores are held until the snapshot naming them is recorded: gc
+            # and eviction would take them for blobs no snapshot names.
+            stored: dict[bytes, None] = {}
+            with self.cache.holding(stored):
+                return await self._publish(req, fs, tree, cs, progress, t0, stored)
         finally:
             await self.spawner.run(fs.close)
 
@@ -760,6 +764,7 @@ class Publisher:
         cs: int,
         progress: Progress,
         t0: float,
+        stored: dict[bytes, None],
     ) -> dict[str, Any]:
         progress.total_files = len(tree.files)
         progress.fill.total_bytes = sum(tree.files.size)
@@ -781,7 +786,7 @@ class Publisher:
                 "publish with --force to move it anyway"
             )
         known = await self._reusable(req.ref, before) if before is not None else {}
-        run = _Run(self, fs, cs, progress, known)
+        run = _Run(self, fs, cs, progress, known, stored)
         self.runs.add(run)
         try:
             entries = await run.all(tree.files)
@@ -997,9 +1002,11 @@ class _Run:
         chunk_size: int,
         progress: Progress,
         known: dict[bytes, mf.Chunk],
+        stored: dict[bytes, None],
     ) -> None:
         self.p = p
         self.fs = fs
+        self.stored = stored  # the blobs it stored (held: Publisher.publish), added as adopted
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
@@ -1166,6 +1173,7 @@ class _Run:
         """Record a batch's stored (and synced) blobs: their rows go in one transaction."""
         if tier is not None:
             stored = [sf.blob for sf in got if sf.blob]
+            self.stored.update(dict.fromkeys(b.digest for b in stored))
             await asyncio.wrap_future(self.p.cache.adopt_durable(tier, stored, self.cs))
             self.cached += len(stored)
         self.progress.done_files += len(files)
@@ -1236,6 +1244,7 @@ class _Run:
                 self.p.cache.unreserve(tier, f.size)
         if tier is not None and got.blob is not None:
             self.p.cache.adopt(tier, got.blob, self.cs)
+            self.stored[got.blob.digest] = None
             self.cached += 1
         self.progress.done_files += 1
         self.progress.fill.done_bytes += f.size

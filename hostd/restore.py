@@ -377,15 +377,13 @@ class Resolver:
         if local is not None:
             return local
         data = await self.origin.get_manifest(snapshot_id)
+        decode = functools.partial(decode_manifest, data, keep_bytes=True, expect_id=snapshot_id)
         try:
-            m = await asyncio.to_thread(functools.partial(decode_manifest, data, keep_bytes=True))
+            return await asyncio.to_thread(decode)
         except ManifestError as e:  # name the manifest: decode only knows its bytes
             raise ManifestError(
                 f"manifest {snapshot_id} at origin {self.origin.url}: {e.message}"
             ) from e
-        if m.snapshot_id != snapshot_id:
-            raise ManifestError(f"manifest {snapshot_id} at the origin does not hash to its id")
-        return m
 
 
 @dataclass(frozen=True)

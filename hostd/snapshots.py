@@ -126,10 +126,13 @@ def _settle_on(loop: asyncio.AbstractEventLoop, store: Snapshots, _job: Future[N
         loop.call_soon_threadsafe(store._settle)
 
 
-def decode_manifest(data: bytes, *, keep_bytes: bool = False) -> mf.Manifest:
+def decode_manifest(
+    data: bytes, *, keep_bytes: bool = False, expect_id: str | None = None
+) -> mf.Manifest:
     """`mf.decode`, with the file digests computed too (blocking: in a thread), so that no
-    later use computes them on the loop. `keep_bytes`: for a manifest to be written out."""
-    m = mf.decode(data, keep_bytes=keep_bytes)
+    later use computes them on the loop. `keep_bytes`: for a manifest to be written out;
+    `expect_id`: the id its bytes must hash to, checked first."""
+    m = mf.decode(data, keep_bytes=keep_bytes, expect_id=expect_id)
     m.blobs()
     memory.trim_for(len(m.files))  # (the decode's garbage: 15 MiB off a 100,000-file restore)
     return m

@@ -350,6 +350,8 @@ def test_malformed_or_truncated_manifest_is_bad_manifest(work: Path) -> None:
             target.parent.mkdir(exist_ok=True)
             message = failed(d.restore(ref, target), "bad_manifest")
             assert ids[ref] in message, message  # names the snapshot whose manifest is bad
+            # checked before a byte is decoded: what is wrong is that these are not its bytes
+            assert "does not hash to its id" in message, message
             assert_nothing_made(target)
             assert_serving(d)
         assert metric(d, "hostd_operations_total", operation="restore", result="error") == 4
