@@ -160,6 +160,15 @@ class TierError(HostdError):
     code = "tier_error"
     status = 507
 
+    def __init__(self, message: str, cause_errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = cause_errno  # the OSError's, where one was the cause
+
+    @property
+    def full(self) -> bool:
+        """Whether the tier's filesystem (or the daemon's quota on it) is full."""
+        return self.errno in FULL
+
 
 class Busy(HostdError):
     """The daemon is stopping or over a limit; try again later."""
@@ -210,9 +219,13 @@ def unheard(job: Future[Any] | asyncio.Future[Any]) -> None:
         job.exception()
 
 
+# A filesystem full, or the writer's quota on it.
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def os_cause(e: OSError) -> str:
     """Why a write into one of hostd's directories failed, in the words a user acts on."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in FULL:
         return "its filesystem is full"
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "it is not writable"

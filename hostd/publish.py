@@ -53,6 +53,7 @@ from hostd.core import manifest as mf
 from hostd.core.ids import chunk_id, compat_digest, file_digest
 from hostd.core.select import shrink_refusal
 from hostd.errors import (
+    FULL,
     HostdError,
     ManifestError,
     NotFound,
@@ -404,6 +405,7 @@ class Ingested:
     codec: int  # what this file's chunks are offered to the origin as
     blob: BlobStat | None  # the blob stored in the tier (None: no tier had room, or it had it)
     mtime: int  # ns, of the bytes that were read
+    full: OSError | None = None  # why none was stored: the tier's filesystem filled up
 
 
 class SmallFile(NamedTuple):
@@ -455,9 +457,23 @@ def ingest(
     """Read a file once (blocking): hash each chunk, copy it into a scratch blob, and hand
     its bytes over (`handoff` copies them to the uploaders, or into a pack), so what is
     uploaded is exactly what was hashed. The scratch blob is installed in the tier under its
-    digest at the end, of `mode` (tier.blob_mode of the file's)."""
+    digest at the end, of `mode` (tier.blob_mode of the file's). Caching is best effort: a
+    tier whose filesystem fills up gets no blob (the scratch goes, `full` says why), and
+    the file is published all the same."""
     fd = open_src()
     out = -1
+    full: OSError | None = None
+
+    def drop(e: OSError) -> None:  # the tier's filesystem is full: no blob
+        nonlocal out, full
+        if out >= 0:
+            os.close(out)
+            out = -1
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch)
+        full = e
+
     try:
         before = os.fstat(fd)
         try:
@@ -478,7 +494,12 @@ def ingest(
             cid = blake3.blake3(view, max_threads=blake3.blake3.AUTO).digest()
             ids.append((cid, n))
             if out >= 0:
-                pwrite_all(out, view, off)
+                try:
+                    pwrite_all(out, view, off)
+                except OSError as e:
+                    if e.errno not in FULL:
+                        raise
+                    drop(e)
             handoff(mf.Chunk(cid, n, kind), view)
         after = os.fstat(fd)
         seen = _change(before, after, size)
@@ -490,13 +511,18 @@ def ingest(
         recordable_mtime(src, mtime)
         blob = None
         if out >= 0 and tier is not None and scratch is not None:
-            os.utime(out, ns=(mtime, mtime))
-            os.fsync(out)
-            os.fchmod(out, mode)
-            os.close(out)
-            out = -1
-            blob = tier.install_new(scratch, file_digest(ids))
-        return Ingested(ids, kind, blob, mtime)
+            try:
+                os.utime(out, ns=(mtime, mtime))
+                os.fsync(out)
+                os.fchmod(out, mode)
+                os.close(out)
+                out = -1
+                blob = tier.install_new(scratch, file_digest(ids))
+            except OSError as e:
+                if e.errno not in FULL:
+                    raise
+                drop(e)
+        return Ingested(ids, kind, blob, mtime, full)
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(OSError):
@@ -1007,6 +1033,7 @@ class _Run:
         self.p = p
         self.fs = fs
         self.stored = stored  # the blobs it stored (held: Publisher.publish), added as adopted
+        self.full: set[str] = set()  # the tiers whose filesystem filled up (`filled`)
         self.cs = chunk_size
         self.progress = progress
         self.loop = asyncio.get_running_loop()
@@ -1153,19 +1180,24 @@ class _Run:
     ) -> tuple[list[SmallFile], Tier | None]:
         """Store a batch's blobs in the first tier with room: durable, not yet recorded."""
         total = sum(f.size for f in files)
-        tier = await self.p.cache.reserve(total, self.p.cache.tiers)
+        tier = await self.p.cache.reserve(total, self.tiers())
+        modes = [f.mode for f in files]
         try:
-            job = self.p.store_pool.submit(store_small, read, [f.mode for f in files], tier)
+            job = self.p.store_pool.submit(store_small, read, modes, tier)
             try:
-                got = await asyncio.wrap_future(job)
+                return await asyncio.wrap_future(job), tier
             except asyncio.CancelledError:
                 if tier is not None:
                     self.p.adopt_late(job, tier, self.cs, lambda got: [sf.blob for sf in got])
                 raise
+            except TierError as e:
+                if tier is None or not e.full:
+                    raise
+                self.filled(tier, e.message)  # (store_small left none of the batch's blobs)
+                return store_small(read, modes, None), None
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, total)
-        return got, tier
 
     async def record(
         self, files: list[SourceFile], got: list[SmallFile], tier: Tier | None
@@ -1210,7 +1242,7 @@ class _Run:
         if f.size == 0:
             self.progress.done_files += 1
             return mf.FileEntry(f.path, f.mode, 0, (), f.mtime)
-        tier = await self.p.cache.reserve(f.size, self.p.cache.tiers)
+        tier = await self.p.cache.reserve(f.size, self.tiers())
         scratch = tier.tmp_dir / f"publish-{os.getpid()}-{id(f)}" if tier else None
         packs = FilePacks(self) if self.pack_size else None
         job = functools.partial(
@@ -1242,6 +1274,10 @@ class _Run:
         finally:
             if tier is not None:
                 self.p.cache.unreserve(tier, f.size)
+        if tier is not None and got.full is not None:
+            self.filled(
+                tier, tier_error(tier.name, scratch or "", got.full, "storing a blob").message
+            )
         if tier is not None and got.blob is not None:
             self.p.cache.adopt(tier, got.blob, self.cs)
             self.stored[got.blob.digest] = None
@@ -1251,6 +1287,27 @@ class _Run:
         # With packs, where each chunk lies is known once every pack is sealed (`_entries`).
         chunks = tuple(mf.Chunk(cid, n, got.codec) for cid, n in got.ids)
         return mf.FileEntry(f.path, f.mode, f.size, chunks, got.mtime)
+
+    def tiers(self) -> list[Tier]:
+        """The tiers it may still store blobs in: those whose filesystem did not fill up."""
+        return [t for t in self.p.cache.tiers if t.name not in self.full]
+
+    def filled(self, tier: Tier, why: str) -> None:
+        """A tier's filesystem filled up while the run stored a blob (more than its budget
+        left room for: something else writes there too, or the budget is over its size):
+        the rest of the publish is not cached in it, and says so once. Caching is best
+        effort; the snapshot is published whole all the same."""
+        if tier.name in self.full:
+            return
+        self.full.add(tier.name)
+        message = (
+            f"{why}: the rest of this publish is not cached in tier {tier.name!r}; the "
+            "snapshot is published whole all the same"
+        )
+        log.warning("publish: %s", message)
+        self.progress.warnings.append(
+            {"warning": "tier_full", "tier": tier.name, "message": message}
+        )
 
     def handoff(self, chunk: mf.Chunk, data: memoryview) -> None:
         """Called on the ingest thread: queue a chunk for upload, waiting while the queue is

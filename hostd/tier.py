@@ -108,7 +108,9 @@ class BlobStat:
 
 def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
     """Translate an OSError from a tier into hostd's error, naming tier, path and cause."""
-    return TierError(f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})")
+    return TierError(
+        f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})", e.errno
+    )
 
 
 # A sync of at most this many blobs fsyncs each (and their directories), not the filesystem.
