@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -107,6 +108,10 @@ class Rehash:
 # A re-hash whose file changed under it is tried again this many times in all, then the blob
 # is taken as bad: something keeps writing to it.
 REHASH_ATTEMPTS = 3
+# How often a tier's filesystem is asked, at most, how much it has free (statvfs): a tier may
+# hold its budget, or less where its filesystem has less room (other writers on a shared
+# /dev/shm, a budget over the filesystem's size).
+ROOM_EVERY = 1.0
 # Linked-out blobs whose link counts one walk that found too little asks again (~2 ms).
 RELINK_BATCH = 1024
 # Blobs in doubt re-hashed together, one thread hop (check_many): at most this many, or
@@ -153,6 +158,8 @@ class Cache:
         # (digest, tier name); None: none are taken (`guard_links`).
         self.leases: Leases | None = None
         self._used: dict[str, int] = {t.name: 0 for t in tiers}
+        # By tier: (when its filesystem was measured, the most it could hold then), `_limit`.
+        self._room: dict[str, tuple[float, int]] = {}
         # One eviction queue per tier: its complete blobs and idle partial ones.
         self.queues: dict[str, Lru] = {name: tb.queue for name, tb in self._tb.items()}
         # What each running restore holds: taking and releasing a hold is O(1) in its size.
@@ -658,9 +665,11 @@ class Cache:
             if size > t.budget:
                 why.append(f"{t.name}: budget {t.budget} < {size}")
                 continue
-            need = self._used[t.name] + size - t.budget
+            limit = self._limit(t)
+            need = self._used[t.name] + size - limit
             if need > 0 and not await self._make_room(t, need):
-                why.append(f"{t.name}: {need} bytes over budget, nothing evictable")
+                over = "budget" if limit >= t.budget else f"its filesystem's room ({limit} bytes)"
+                why.append(f"{t.name}: {need} bytes over {over}, nothing evictable")
                 continue
             r = Values(size, chunk_size, False, 0, self.clock(), UNKNOWN_CTIME, False, size)
             self._put(t, digest, r, persist, filling=True)
@@ -675,7 +684,7 @@ class Cache:
         self._filling.add((b.digest, t.name))
         tb.queue.drop(b.slot)
         short = b.size - b.charged
-        need = self._used[t.name] + short - t.budget
+        need = self._used[t.name] + short - self._limit(t)
         if short > 0 and need > 0 and not await self._make_room(t, need):
             if b.attached:
                 await self._forget(b.digest, t)
@@ -693,11 +702,38 @@ class Cache:
         tb.charged[b.slot], tb.last_used[b.slot] = b.size, self.clock()
         return True
 
+    def _limit(self, t: Tier) -> int:
+        """What `t` may hold now: its budget, or less where its filesystem has less room:
+        what the tier held plus what the filesystem had free when last measured (ROOM_EVERY
+        ago at most; what is admitted or evicted since moves `_used` and the free bytes
+        alike)."""
+        now = time.monotonic()
+        room = self._room.get(t.name)
+        if room is None or now - room[0] >= ROOM_EVERY:
+            free = t.free_bytes()
+            room = (now, t.budget if free is None else self._used[t.name] + free)
+            self._room[t.name] = room
+        return min(t.budget, room[1])
+
+    def cramped(self, name: str) -> None:
+        """Tier `name`'s filesystem filled up (ENOSPC) before its budget did: until it is
+        measured again, it may hold no more than it holds now, so what is admitted next
+        evicts from it, or goes to the next tier."""
+        if name in self._used:
+            self._room[name] = (time.monotonic(), self._used[name])
+            log.warning(
+                "tier %s: its filesystem is full with %d bytes of blobs in it (budget %d): "
+                "it holds no more than that until it has room again",
+                name,
+                self._used[name],
+                next(t.budget for t in self.tiers if t.name == name),
+            )
+
     async def reserve(self, size: int, tiers: Sequence[Tier]) -> Tier | None:
         """Charge `size` bytes not yet named by a digest (publish). None if no tier has room."""
         async with self._lock:
             for t in tiers:
-                need = self._used[t.name] + size - t.budget
+                need = self._used[t.name] + size - self._limit(t)
                 if size <= t.budget and (need <= 0 or await self._make_room(t, need)):
                     self._used[t.name] += size
                     return t
@@ -904,7 +940,7 @@ class Cache:
 
     async def _demote(self, b: Blob, below: Sequence[Tier]) -> bool:
         for t in below:
-            need = self._used[t.name] + b.size - t.budget
+            need = self._used[t.name] + b.size - self._limit(t)
             if b.size > t.budget or (need > 0 and not await self._make_room(t, need)):
                 continue
             self._used[t.name] += b.size  # charged while the copy runs

@@ -160,9 +160,12 @@ class TierError(HostdError):
     code = "tier_error"
     status = 507
 
-    def __init__(self, message: str, cause_errno: int | None = None) -> None:
+    def __init__(
+        self, message: str, cause_errno: int | None = None, tier: str | None = None
+    ) -> None:
         super().__init__(message)
         self.errno = cause_errno  # the OSError's, where one was the cause
+        self.tier = tier  # the tier's name, where one tier refused
 
     @property
     def full(self) -> bool:

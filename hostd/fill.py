@@ -58,6 +58,9 @@ STAT_WINDOW = 8192
 # A run of one-chunk blobs fetched together (Fetcher.get_many) holds at most this many.
 RUN_FILES = 64
 RUN_BYTES = 4 << 20
+# Rounds of a fill that may end on a tier's full filesystem (Cache.cramped) before the
+# restore fails with it.
+FULL_RETRIES = 3
 
 
 @dataclass
@@ -272,6 +275,7 @@ class Filler:
         wanted = await asyncio.to_thread(one_per_blob, entries) if big else one_per_blob(entries)
         pending = wanted
         progress.total_bytes = sum(e.size for e in pending)
+        full_left = FULL_RETRIES
         while pending:
             mine: list[FileEntry] = []
             doubt: list[FileEntry] = []
@@ -321,7 +325,16 @@ class Filler:
                     else:
                         found[e.digest] = b
                         self._release(e.digest, claims)  # usable as it is: release it now
-                await self._fill(mine, chunk_size, tiers, progress, seq, claims, made, tee)
+                try:
+                    await self._fill(mine, chunk_size, tiers, progress, seq, claims, made, tee)
+                except TierError as err:
+                    # A tier's filesystem filled up before its budget did (another writer
+                    # on a shared /dev/shm, say): what was not filled goes round again,
+                    # admitted under the room it has now (evicting, or to the next tier).
+                    if not err.full or err.tier is None or not full_left:
+                        raise
+                    full_left -= 1
+                    self.cache.cramped(err.tier)
             finally:
                 # Every exit (a failed copy-in, a cancel) releases every claim left: one left
                 # behind would make the next ensure() of that blob wait forever.

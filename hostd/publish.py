@@ -1300,6 +1300,7 @@ class _Run:
         if tier.name in self.full:
             return
         self.full.add(tier.name)
+        self.p.cache.cramped(tier.name)
         message = (
             f"{why}: the rest of this publish is not cached in tier {tier.name!r}; the "
             "snapshot is published whole all the same"

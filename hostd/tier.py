@@ -109,7 +109,9 @@ class BlobStat:
 def tier_error(tier: str, path: Path | str, e: OSError, doing: str) -> TierError:
     """Translate an OSError from a tier into hostd's error, naming tier, path and cause."""
     return TierError(
-        f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})", e.errno
+        f"tier {tier!r} ({path}): {doing} failed: {os_cause(e)} ({e.strerror or e})",
+        e.errno,
+        tier,
     )
 
 
@@ -407,6 +409,14 @@ class Tier:
 
     def __repr__(self) -> str:
         return f"Tier({self.name!r}, {str(self.root)!r}, budget={self.budget})"
+
+    def free_bytes(self) -> int | None:
+        """The bytes its filesystem has free for the daemon now (statvfs); None if unknown."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def prepare(self) -> None:
         """Create the layout, private (0700), and prove the tier writable; sweep scratch
