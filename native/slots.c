@@ -17,7 +17,10 @@
  * The hash is this file's own (the twin uses Python's hash()): the key's bytes mixed 16 at a
  * time by 64x64->128-bit multiplies (as wyhash does), good for any keys, not only for the
  * uniformly random digests hostd gives it. Its low SHARD_BITS bits choose the shard, the
- * bits above them where probing starts.
+ * bits above them where probing starts. Keyed, as Python's hash() is, by secrets drawn per
+ * table: keys come from manifests before their bytes are verified, and with known constants
+ * a first word that zeroes a multiply (load64(p) == P1) makes the next 8 bytes vanish from
+ * the hash, so that anyone could pick 2**64 keys of one hash, one probe run between them.
  *
  * Every call holds the GIL from start to end and calls no Python code once it has begun to
  * change the table; allocations come first, so a MemoryError leaves the table as it was.
@@ -28,8 +31,10 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/random.h>
 
 #define SHARD_BITS 10
 #define SHARDS (1 << SHARD_BITS)
@@ -51,7 +56,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Py_ssize_t width;
-    Py_ssize_t count;    /* keys held */
+    uint64_t seed, secret; /* the hash's keys, random per table */
+    Py_ssize_t count;      /* keys held */
     Py_ssize_t capacity; /* slots ever given out */
     int page_bits;       /* slots per page: 1 << page_bits */
     unsigned char **pages;
@@ -89,10 +95,10 @@ static inline uint64_t load64(const unsigned char *p) {
     return v;
 }
 
-static inline uint64_t hash_key(const unsigned char *p, size_t n) {
-    uint64_t h = P0 ^ n;
+static inline uint64_t hash_key(const Slots *t, const unsigned char *p, size_t n) {
+    uint64_t h = P0 ^ t->seed ^ n, k = P1 ^ t->secret;
     for (; n >= 16; p += 16, n -= 16)
-        h = mum(load64(p) ^ P1, load64(p + 8) ^ h);
+        h = mum(load64(p) ^ k, load64(p + 8) ^ h);
     uint64_t a = 0, b = 0;
     if (n > 8) {
         a = load64(p);
@@ -100,7 +106,7 @@ static inline uint64_t hash_key(const unsigned char *p, size_t n) {
     } else {
         memcpy(&a, p, n);
     }
-    return mum(mum(a ^ P2, b ^ h ^ P3), h ^ P1);
+    return mum(mum(a ^ P2 ^ t->secret, b ^ h ^ P3), h ^ k);
 }
 
 /* ---- the table ----------------------------------------------------------------------------- */
@@ -125,7 +131,7 @@ static inline uint32_t start_of(const Shard *s, uint64_t h) {
 
 /* The slot holding `key` (width bytes), or -1. */
 static Py_ssize_t lookup(Slots *t, const unsigned char *key) {
-    uint64_t h = hash_key(key, (size_t)t->width);
+    uint64_t h = hash_key(t, key, (size_t)t->width);
     Shard *s = shard_of(t, h);
     if (s->idx == NULL)
         return -1;
@@ -159,7 +165,8 @@ static int rehash(Slots *t, Shard *s) {
         uint32_t v = s->idx[j];
         if (v == EMPTY || v == GONE)
             continue;
-        uint32_t i = (uint32_t)(hash_key(key_at(t, v - 1), (size_t)t->width) >> SHARD_BITS) & mask;
+        uint64_t h = hash_key(t, key_at(t, v - 1), (size_t)t->width);
+        uint32_t i = (uint32_t)(h >> SHARD_BITS) & mask;
         while (idx[i] != EMPTY)
             i = (i + 1) & mask;
         idx[i] = v;
@@ -178,7 +185,7 @@ static int adding(Slots *t, const unsigned char *key, Py_ssize_t n, Shard **shar
         PyErr_Format(PyExc_ValueError, "a key of %zd bytes, want %zd", n, t->width);
         return -1;
     }
-    uint64_t h = hash_key(key, (size_t)n);
+    uint64_t h = hash_key(t, key, (size_t)n);
     Shard *s = shard_of(t, h);
     if (((uint64_t)s->filled + 1) * 3 > (uint64_t)s->size * 2 && rehash(t, s) < 0)
         return -1;
@@ -279,6 +286,13 @@ static PyObject *slots_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (t == NULL)
         return NULL;
     t->width = width;
+    uint64_t keys[2];
+    if (getrandom(keys, sizeof keys, 0) != (ssize_t)sizeof keys) {
+        Py_DECREF(t);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    t->seed = keys[0];
+    t->secret = keys[1];
     int bits = 0;
     while (((Py_ssize_t)2 << bits) * width <= PAGE_BYTES)
         bits++;
@@ -364,7 +378,7 @@ static PyObject *slots_remove(Slots *t, PyObject *arg) {
     Py_ssize_t slot;
     if (get_slot(t, arg, &slot) < 0)
         return NULL;
-    uint64_t h = hash_key(key_at(t, slot), (size_t)t->width);
+    uint64_t h = hash_key(t, key_at(t, slot), (size_t)t->width);
     Shard *s = shard_of(t, h);
     uint32_t want = (uint32_t)slot + 1, i = 0, v = EMPTY;
     if (s->idx != NULL) {
