@@ -131,6 +131,7 @@ class TierUsage:
     used: int
     blobs: int
     evictions: Counter[str] = field(default_factory=Counter)
+    room: int = 0  # what it may hold now: its budget, or less where its filesystem is fuller
 
 
 class Cache:
@@ -482,8 +483,16 @@ class Cache:
         return [tb.view(slot, digest) for tb in self._tb.values() if (slot := tb.find(digest)) >= 0]
 
     def usage(self) -> list[TierUsage]:
+        """Each tier's use; its room as last measured (`_limit`: nothing is measured here)."""
         return [
-            TierUsage(t.name, str(t.root), t.budget, self._used[t.name], len(self._tb[t.name]))
+            TierUsage(
+                t.name,
+                str(t.root),
+                t.budget,
+                self._used[t.name],
+                len(self._tb[t.name]),
+                room=min(t.budget, self._room.get(t.name, (0, t.budget))[1]),
+            )
             for t in self.tiers
         ]
 

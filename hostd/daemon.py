@@ -187,6 +187,7 @@ class Daemon:
                     "budget": u.budget,
                     "used": u.used,
                     "blobs": u.blobs,
+                    "room": u.room,
                 }
                 for u in self.cache.usage()
             ],

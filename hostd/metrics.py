@@ -115,11 +115,18 @@ class StateCollector(Collector):
         used = GaugeMetricFamily("hostd_tier_used_bytes", "Bytes held in a tier.", labels=["tier"])
         budget = GaugeMetricFamily("hostd_tier_budget_bytes", "A tier's budget.", labels=["tier"])
         blobs = GaugeMetricFamily("hostd_tier_blobs", "Blobs held in a tier.", labels=["tier"])
+        room = GaugeMetricFamily(
+            "hostd_tier_room_bytes",
+            "What a tier may hold now: its budget, or less where its filesystem has less room "
+            "(other writers), as last measured.",
+            labels=["tier"],
+        )
         for u in self.cache.usage():
             used.add_metric([u.name], u.used)
             budget.add_metric([u.name], u.budget)
             blobs.add_metric([u.name], u.blobs)
-        yield from (used, budget, blobs)
+            room.add_metric([u.name], u.room)
+        yield from (used, budget, blobs, room)
         ev = CounterMetricFamily(
             "hostd_evictions", "Blobs evicted from a tier, by action.", labels=["tier", "action"]
         )

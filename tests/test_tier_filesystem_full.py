@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import Hostd, short_tmp, tree_digest
+from test_e2e import sample
 
 pytestmark = pytest.mark.root
 
@@ -110,3 +111,7 @@ def test_a_restore_whose_mem_tier_filesystem_is_full_fills_the_next_tier() -> No
         held = sum(p.stat().st_size for p in (theirs / "blobs").rglob("*") if p.is_file())
         assert used["mem"] == held, (used, held)
         assert list((theirs / "tmp").iterdir()) == []
+        # What the operator sees: the room the filesystem leaves it, below its budget.
+        mem_status = status["tiers"][0]
+        assert mem_status["room"] < 8 << 20 < mem_status["budget"], mem_status
+        assert sample(h.metrics(), "hostd_tier_room_bytes", tier="mem") == mem_status["room"]
