@@ -769,6 +769,13 @@ def _render_status(out: Printer, result: JSON) -> None:
                 for tier in tiers
             ],
         )
+        for tier in tiers:
+            room, budget = tier.get("room"), tier.get("budget")
+            if is_number(room) and is_number(budget) and room < budget:
+                out.line(
+                    f"tier {tier.get('name')}: its filesystem leaves it room for {size(room)} "
+                    f"of its {size(budget)} budget (something else writes there)"
+                )
     peers = result.get("peers")
     if isinstance(peers, dict):
         out.line("")

@@ -251,6 +251,7 @@ class FakeDaemon:
                         "budget": 1 << 30,
                         "used": 1 << 28,
                         "blobs": 3,
+                        "room": 1 << 29,  # (others write /dev/shm too)
                     },
                     {
                         "name": "disk",
@@ -544,6 +545,8 @@ def test_status(daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFixtu
     assert "/dev/shm/hostd" in out
     assert "25%" in out
     assert "1.0 GiB" in out
+    assert "tier mem: its filesystem leaves it room for 512.0 MiB of its 1.0 GiB budget" in out
+    assert "tier disk:" not in out  # (room as its budget, or not told)
     rejecting = next(line for line in out.splitlines() if "10.0.0.2:7460" in line)
     assert "rejecting" in rejecting
     assert "1m 05s" in rejecting
