@@ -247,16 +247,19 @@ class TierBlobs:
         self.last_used[slot] = now
         self.flags[slot] = COMPLETE | LINKED  # (filled for a restore, which may link it)
 
-    def unchanged(self, slot: int, seen: Stat) -> bool:
+    def unchanged(self, slot: int, seen: Stat, leased: bool | None = None) -> bool:
         """Whether a complete record's file, as a fresh stat `seen` shows it, still has the
-        state recorded when its bytes were last verified."""
+        state recorded when its bytes were last verified. `leased`: whether its read lease
+        holds, where the caller asked already (Cache.leased_moved); else asked here."""
         f = self.flags[slot]
         strict = bool(f & LENT)
-        if not strict and seen[2] != self.ctime_ns[slot] and (leased := self.leased) is not None:
+        ctime = self.ctime_ns[slot]
+        if not strict and seen[2] != ctime and (ask := self.leased) is not None:
             # Asked only where the ctime moved (a system call). A lease that holds vouches
             # that links and unlinks alone moved it: the record takes it, so the next check
             # asks nothing (Cache.record_leased writes it at a clean stop).
-            if f & COMPLETE and leased(self.slots.key(slot)):
+            held = leased if leased is not None else ask(self.slots.key(slot))
+            if f & COMPLETE and held and ctime != UNKNOWN_CTIME:
                 self.ctime_ns[slot] = seen[2]
             else:
                 strict = True
@@ -485,14 +488,15 @@ class Blob:
         at.size[self._slot], at.mtime_ns[self._slot] = st.size, st.mtime_ns
         at.ctime_ns[self._slot], at.mode[self._slot] = st.ctime_ns, st.mode
 
-    def intact(self, seen: Stat | int) -> bool:
+    def intact(self, seen: Stat | int, leased: bool | None = None) -> bool:
         """Whether this is still its tier's record, complete, and `seen` (a stat of its file
         taken just before, or the errno of one that failed) shows the state recorded when
-        its bytes were last verified: a warm restore's check of each blob, in one call."""
+        its bytes were last verified: a warm restore's check of each blob, in one call.
+        `leased` as TierBlobs.unchanged's."""
         at = self._at
         if at is None or isinstance(seen, int):
             return False
-        return at.unchanged(self._slot, seen)
+        return at.unchanged(self._slot, seen, leased)
 
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""

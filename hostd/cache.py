@@ -1223,7 +1223,13 @@ class Cache:
         for b in blobs:
             if not b.attached or not b.complete:
                 raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
-            key = (b.digest, b.tier.name)
+        keys = [(b.digest, b.tier.name) for b in blobs]
+        # Those held already, and not broken, asked all at once (take would ask each).
+        for b, key, kept in zip(blobs, keys, leases.holding(keys), strict=True):
+            if kept:
+                if not b.attached:  # dropped meanwhile: its lease goes with it
+                    raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
+                continue
             try:
                 got = leases.take(key, str(b.file))
             except LeaseBusy as e:
@@ -1244,6 +1250,26 @@ class Cache:
                 leases.release(key)
                 raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
         return unheld
+
+    def leased_moved(self, seen: Iterable[tuple[Blob, Stat | int]]) -> tuple[set[bytes], int]:
+        """Of blobs with a fresh stat each, those not lent whose ctime moved from their
+        record and whose read lease holds, asked in one native call (`unchanged` would ask
+        each: after a client's `rm`, every blob of the tree); and the count of breaks before
+        they were asked (blocking). The answer stands while that count does: a lease given
+        up since may have let a writer in."""
+        leases = self.leases
+        if leases is None:
+            return set(), 0
+        count = leases.broken
+        ask = [
+            b
+            for b, st in seen
+            if not isinstance(st, int) and st[2] != b.ctime_ns and b.complete and not b.lent
+        ]
+        if not ask:
+            return set(), count
+        held = leases.holding([(b.digest, b.tier.name) for b in ask])
+        return {b.digest for b, ok in zip(ask, held, strict=True) if ok}, count
 
     def doubt(self, keys: Iterable[tuple[bytes, str]]) -> None:
         """Blobs whose lease broke, (digest, tier name) each: someone opened them for

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import operator
 import os
 import threading
@@ -88,6 +89,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from hostd.fileio import copy_range, link_fd
+
+# (not in every Python's fcntl module: the kernel's numbers)
+F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 
 Job = tuple[int, str, int, int, int, int | None]
 """(dirfd, leaf name, mode, size, source descriptor or -1, mtime in ns or None)"""
@@ -154,6 +158,7 @@ class _Extension(Protocol):
     def link_files(self, jobs: Sequence[LinkJob], threads: int = 1, /) -> list[int]: ...
     def open_paths(self, paths: Sequence[str], /) -> list[int]: ...
     def fstat_fds(self, fds: Sequence[int], /) -> list[FdStat]: ...
+    def lease_types(self, fds: Sequence[int], /) -> list[int]: ...
     def close_fds(self, fds: Sequence[int], /) -> None: ...
 
 
@@ -456,6 +461,29 @@ def twin_fstat_fds(fds: Sequence[int]) -> list[FdStat]:
 
 def _fdstat(st: os.stat_result) -> FdStat:
     return st.st_mode, st.st_uid, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def lease_types(fds: Sequence[int]) -> list[int]:
+    """Each descriptor's F_GETLEASE (IMPLEMENTATION's loop): its lease's type (a lease
+    being broken answers the type it is to become), or -errno where it failed."""
+    return native_lease_types(fds) if IMPLEMENTATION == "native" else twin_lease_types(fds)
+
+
+def native_lease_types(fds: Sequence[int]) -> list[int]:
+    """The compiled loop (RuntimeError where it was not built)."""
+    if _EXT is None:
+        raise RuntimeError(WHY_NOT_NATIVE)
+    return _EXT.lease_types(fds)
+
+
+def twin_lease_types(fds: Sequence[int]) -> list[int]:
+    out = []
+    for fd in fds:
+        try:
+            out.append(fcntl.fcntl(fd, F_GETLEASE))
+        except OSError as e:
+            out.append(-(e.errno or errno.EIO))
+    return out
 
 
 def close_fds(fds: Sequence[int]) -> None:

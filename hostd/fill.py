@@ -282,11 +282,15 @@ class Filler:
             claims: dict[bytes, asyncio.Future[None]] = {}
             waits: list[asyncio.Future[None]] = []
             seen: dict[bytes, tuple[Blob, Stat | int]] = {}
+            leased: set[bytes] = set()
+            breaks = 0
             filling = self._filling
             try:
                 for i, e in enumerate(pending):
                     if i % STAT_WINDOW == 0:  # (all at once: 45 MB of stats for 100,000)
-                        seen = await self._stats(pending[i : i + STAT_WINDOW], tiers)
+                        seen, leased, breaks = await self._stats(
+                            pending[i : i + STAT_WINDOW], tiers
+                        )
                     if i % YIELD_EVERY == YIELD_EVERY - 1:
                         # Let status and other restores in between (the blobs are held:
                         # nothing evicts them).
@@ -296,7 +300,9 @@ class Filler:
                         waits.append(filling[d])
                         continue
                     st = seen.get(d)
-                    if st is not None and st[0].intact(st[1]):  # the warm path, in one call
+                    # (the leases asked with the stats, while no break was heard since)
+                    held = d in leased if leased and self._breaks() == breaks else None
+                    if st is not None and st[0].intact(st[1], held):  # the warm path, one call
                         warm = st[0]
                         progress.done_bytes += warm.size
                         progress.by_source[warm.tier.name] += warm.size
@@ -364,12 +370,16 @@ class Filler:
                 pending = [e for e in wanted if e.digest not in found]
         return found
 
+    def _breaks(self) -> int:
+        leases = self.cache.leases
+        return leases.broken if leases is not None else 0
+
     async def _stats(
         self, entries: Sequence[FileEntry], tiers: Sequence[Tier]
-    ) -> dict[bytes, tuple[Blob, Stat | int]]:
+    ) -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes], int]:
         """The stat of each entry's complete copy in `tiers` (the first), taken in one batch
         in a thread: a restore of 100,000 warm files would otherwise spend about a second of
-        the event loop on os.stat."""
+        the event loop on os.stat. With them, Cache.leased_moved's answer for those copies."""
         blobs: list[Blob] = []
         for i, e in enumerate(entries):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
@@ -378,11 +388,12 @@ class Filler:
             if b is not None:
                 blobs.append(b)
         if not blobs:
-            return {}
+            return {}, set(), 0
 
-        def stat_all() -> dict[bytes, tuple[Blob, Stat | int]]:
+        def stat_all() -> tuple[dict[bytes, tuple[Blob, Stat | int]], set[bytes], int]:
             seen = lstat_paths([b.file for b in blobs])
-            return {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
+            out = {b.digest: (b, st) for b, st in zip(blobs, seen, strict=True)}
+            return out, *self.cache.leased_moved(out.values())
 
         return await asyncio.to_thread(stat_all) if len(blobs) > 16 else stat_all()
 

@@ -404,6 +404,7 @@ class Tier:
         self._syncfs = syncfs
         self._fsync_each = fsync_each
         self.blobs_dir = root / "blobs"
+        self._blobs_prefix = f"{self.blobs_dir}/"  # (blob_file: no Path's str per blob)
         self.partial_dir = root / "partial"
         self.tmp_dir = root / "tmp"
 
@@ -450,7 +451,7 @@ class Tier:
     def blob_file(self, digest: bytes) -> str:
         """blob_path as a string: a restore of 100,000 files asks for as many."""
         h = digest.hex()
-        return f"{self.blobs_dir}/{h[:2]}/{h}"
+        return f"{self._blobs_prefix}{h[:2]}/{h}"
 
     def partial_path(self, digest: bytes) -> Path:
         return self.partial_dir / digest.hex()

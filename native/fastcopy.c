@@ -68,6 +68,10 @@
  * st_ino, st_size, st_mtime_ns, st_ctime_ns) of each, in order; the first failure raised
  * as os.fstat raises it.
  *
+ * lease_types(fds): fcntl(fd, F_GETLEASE) of each descriptor, without the GIL: the lease
+ * type (F_RDLCK, F_WRLCK, F_UNLCK: a lease being broken answers the type it is to become),
+ * or -errno where it failed, in order.
+ *
  * close_fds(fds): close() of each descriptor, without the GIL; every one is closed, and the
  * first failure (but EINTR, after which Linux has closed it) raised as os.close raises it.
  *
@@ -966,6 +970,34 @@ static PyObject *close_fds(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *lease_types(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int *fds = fds_of(seq, n);
+    Py_DECREF(seq);
+    if (fds == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int r = fcntl(fds[i], F_GETLEASE);
+        fds[i] = r < 0 ? -errno : r; /* (the answers take the descriptors' places) */
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, v);
+    }
+    PyMem_Free(fds);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS,
      "create_files(jobs, threads=1) -> None | (index, errno, stage, short_by)\n\n"
@@ -991,6 +1023,9 @@ static PyMethodDef methods[] = {
     {"fstat_fds", fstat_fds, METH_O,
      "fstat_fds(fds) -> [(mode, uid, dev, ino, size, mtime_ns, ctime_ns)]\n\n"
      "fstat() each descriptor without the GIL; the first failure raised as OSError."},
+    {"lease_types", lease_types, METH_O,
+     "lease_types(fds) -> [type | -errno]\n\n"
+     "fcntl(fd, F_GETLEASE) each descriptor without the GIL; -errno where it failed."},
     {"close_fds", close_fds, METH_O,
      "close_fds(fds) -> None\n\n"
      "close() each descriptor without the GIL; the first failure raised as OSError."},

@@ -137,11 +137,14 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     st = blob.stat()
     assert leases.holds_on(KEY, st.st_dev, st.st_ino)
     assert not leases.holds_on(KEY, st.st_dev, st.st_ino + 1)
+    never = (b"\x02" * 32, "mem")
+    assert leases.holding([KEY, never]) == [True, False]
     writer = open_for_writing(blob.with_name("link"))
     try:
         wait(lambda: heard)
         assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == set()  # not given up yet
         assert not leases.holds_on(KEY, st.st_dev, st.st_ino)  # (breaking)
+        assert leases.holding([KEY, never]) == [False, False]
         leases.scan()
         assert writer.wait(10) == 0
     finally:

@@ -13,6 +13,7 @@ close_fds), each against what the os module gives, and the choice of threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -1147,6 +1148,29 @@ def test_native_links_on_threads_give_each_job_its_own_errno(tmp_path: Path, thr
     assert got == want
     assert os.stat(src / "blob").st_nlink == 1 + 5 * 8
     assert fastcopy.twin_link_files([]) == fastcopy.native_link_files([], threads) == []
+
+
+@pytest.mark.parametrize("lease_types", [fastcopy.twin_lease_types, fastcopy.native_lease_types])
+def test_lease_types_answers_each_descriptors_lease_as_fcntl_does(
+    tmp_path: Path, lease_types: Callable[[Sequence[int]], list[int]]
+) -> None:
+    """A read lease held, none, and a descriptor that is not one: F_RDLCK, F_UNLCK, and
+    -EBADF, in order (the checks of a whole tree's leases in one call, Leases.holding)."""
+    if lease_types is fastcopy.native_lease_types:
+        _native_or_skip()
+    (tmp_path / "leased").write_bytes(b"x")
+    (tmp_path / "not").write_bytes(b"y")
+    leased = os.open(tmp_path / "leased", os.O_RDONLY)
+    other = os.open(tmp_path / "not", os.O_RDONLY)
+    try:
+        fcntl.fcntl(leased, 1024, fcntl.F_RDLCK)  # F_SETLEASE
+        bad = os.dup(other)
+        os.close(bad)
+        assert lease_types([leased, other, bad]) == [fcntl.F_RDLCK, fcntl.F_UNLCK, -errno.EBADF]
+        assert lease_types([]) == []
+    finally:
+        os.close(leased)
+        os.close(other)
 
 
 @pytest.mark.parametrize(
