@@ -1249,6 +1249,7 @@ class Cache:
             if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
                 leases.release(key)
                 raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
+            leases.vouch(key, new)  # (not before: a write before the take moved that ctime)
         return unheld
 
     def leased_moved(self, seen: Iterable[tuple[Blob, Stat | int]]) -> tuple[set[bytes], int]:
@@ -1318,19 +1319,27 @@ class Cache:
         writable shared mapping outlives its descriptor, and its stores move no time until
         written back), makes it bad, to be fetched again into a new inode; one taken means
         no one can write it from the hash on without breaking it."""
-        if self.leases is not None:
-            key = (b.digest, b.tier.name)
-            try:
-                self.leases.take(key, str(b.path))
-            except LeaseBusy:
-                return Rehash("it is open for writing somewhere (a writable mapping, say)")
-            except OSError:
-                pass  # (gone, say: the hash says so)
-            if not b.attached:
-                # Dropped or replaced meanwhile (a removal unlinks the file after dropping
-                # the record): a lease kept under its key would be on the wrong inode.
-                self.leases.release(key)
-        return self.hasher(b.path, b.digest, b.size, b.chunk_size)
+        if self.leases is None:
+            return self.hasher(b.path, b.digest, b.size, b.chunk_size)
+        key = (b.digest, b.tier.name)
+        got = None
+        try:
+            got = self.leases.take(key, str(b.path))
+        except LeaseBusy:
+            return Rehash("it is open for writing somewhere (a writable mapping, say)")
+        except OSError:
+            pass  # (gone, say: the hash says so)
+        if not b.attached:
+            # Dropped or replaced meanwhile (a removal unlinks the file after dropping
+            # the record): a lease kept under its key would be on the wrong inode.
+            self.leases.release(key)
+        r = self.hasher(b.path, b.digest, b.size, b.chunk_size)
+        # The lease vouches for nothing until the hash passed (Leases.vouch): taken while
+        # a write just made stands, it would have the ctime that write moved taken meanwhile
+        # (TierBlobs.unchanged) and a copy of the written bytes handed over.
+        if got is not None and got[1] and r.why is None and b.attached:
+            self.leases.vouch(key, got[1])
+        return r
 
     async def rehash(self, b: Blob) -> Rehash:
         """Re-hash a blob in a thread (verify); act on the result with settle."""

@@ -77,6 +77,15 @@ class Leases:
     def __init__(self, most: int = MOST) -> None:
         self.most = most
         self._fds: dict[Key, int] = {}
+        # Each lease's number (`holds_on`: the same lease at two moments), and those not
+        # vouched for yet: a lease is taken before its blob is checked (its state against
+        # the record, Cache.lease; its bytes, Cache._hash), and vouches for nothing until
+        # the check passed (`vouch`): a write before the take moved a ctime that a lease
+        # taken then would otherwise vouch for.
+        self._ids: dict[Key, int] = {}
+        self._at: dict[Key, tuple[int, int, int]] = {}  # (size, mtime_ns, ctime_ns) at the take
+        self._taken = 0
+        self._unvouched: set[Key] = set()
         self._lock = threading.Lock()
         self._closed = False
         # Leases broken since start (a writer opened the blob); each break's number, by
@@ -92,19 +101,22 @@ class Leases:
     def __len__(self) -> int:
         return len(self._fds)
 
-    def take(self, key: Key, path: str) -> tuple[os.stat_result | None, bool] | None:
+    def take(self, key: Key, path: str) -> tuple[os.stat_result | None, int] | None:
         """Hold a read lease on the file at `path` for `key` (blocking): the stat of the
         inode a new one is held on (the caller checks it: the inode it verified, in the
-        state it verified?) and True; (None, False) for one held already and not broken,
-        which is kept; None where this filesystem or process can hold no more, or the
-        leases are closed (the blob goes without one). Busy if the file is open for
-        writing now."""
+        state it verified? then `vouch`es for it) and its number; (None, 0) for one held
+        already, not broken and vouched for, which is kept (one not vouched for yet is
+        kept too, and answered as a new one); None where this filesystem or process can
+        hold no more, or the leases are closed (the blob goes without one). Busy if the
+        file is open for writing now."""
         with self._lock:
             if self._closed:
                 return None
             fd = self._fds.get(key)
             if fd is not None and _holding(fd):
-                return None, False
+                if key in self._unvouched:
+                    return os.fstat(fd), self._ids[key]
+                return None, 0
             if fd is not None:
                 self._broke(key)  # (before its writer may go on)
                 self._forget(key)
@@ -127,31 +139,50 @@ class Leases:
                     return None
                 raise
             self._fds[key] = fd
-            return os.fstat(fd), True
+            self._taken += 1
+            self._ids[key] = self._taken
+            self._unvouched.add(key)
+            st = os.fstat(fd)
+            self._at[key] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            return st, self._taken
+
+    def vouch(self, key: Key, number: int) -> None:
+        """The blob lease `number` (`take`'s) was taken on was checked since (its state, its
+        bytes): from now on that lease vouches that no one wrote it, while it holds. (One
+        broken meanwhile, and another taken in its place, vouches for nothing.)"""
+        with self._lock:
+            if self._ids.get(key) == number:
+                self._unvouched.discard(key)
 
     def holds(self, key: Key) -> bool:
-        """Whether a lease taken for `key` still holds: none broke it since it was taken.
-        (Under the lock: a descriptor `scan` closes meanwhile could be reused by `take`.)"""
+        """Whether a lease taken for `key` and vouched for still holds: none broke it since
+        it was taken. (Under the lock: a descriptor `scan` closes meanwhile could be reused
+        by `take`.)"""
         with self._lock:
             fd = self._fds.get(key)
-            return fd is not None and _holding(fd)
+            return fd is not None and key not in self._unvouched and _holding(fd)
 
     def holding(self, keys: Sequence[Key]) -> list[bool]:
         """`holds` of each key, under one hold of the lock and in one native call."""
         with self._lock:
-            fds = [self._fds.get(key, -1) for key in keys]
+            fds = [-1 if k in self._unvouched else self._fds.get(k, -1) for k in keys]
             types = iter(lease_types([fd for fd in fds if fd >= 0]))
             return [fd >= 0 and next(types) == fcntl.F_RDLCK for fd in fds]
 
-    def holds_on(self, key: Key, dev: int, ino: int) -> bool:
-        """Whether a lease taken for `key` still holds, on the inode (`dev`, `ino`): none
-        broke it since it was taken, so no one opened that inode for writing since."""
+    def holds_on(self, key: Key, dev: int, ino: int) -> tuple[int, tuple[int, int, int]] | None:
+        """The number of the lease taken for `key` and vouched for, where it still holds on
+        the inode (`dev`, `ino`), and that inode's (size, mtime_ns, ctime_ns) at its take:
+        none broke it since it was taken, so no one opened that inode for writing since.
+        The same number at two moments: the same lease held throughout (one taken in
+        between vouches for nothing before its take). None: no such lease."""
         with self._lock:
             fd = self._fds.get(key)
-            if fd is None or not _holding(fd):
-                return False
+            if fd is None or key in self._unvouched or not _holding(fd):
+                return None
             st = os.fstat(fd)
-            return (st.st_dev, st.st_ino) == (dev, ino)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                return None
+            return self._ids[key], self._at[key]
 
     def broken_since(self, count: int, digests: Iterable[bytes]) -> set[bytes]:
         """Of `digests`, those whose lease broke since `broken` was `count`: someone opened
@@ -183,10 +214,14 @@ class Leases:
         return broken
 
     def held(self) -> list[tuple[Key, os.stat_result]]:
-        """Each lease that still holds, with its inode's stat now (blocking): no one has
-        opened it for writing since the lease was taken."""
+        """Each lease vouched for that still holds, with its inode's stat now (blocking): no
+        one has opened it for writing since the lease was taken."""
         with self._lock:
-            return [(key, os.fstat(fd)) for key, fd in self._fds.items() if _holding(fd)]
+            return [
+                (key, os.fstat(fd))
+                for key, fd in self._fds.items()
+                if key not in self._unvouched and _holding(fd)
+            ]
 
     def close(self) -> None:
         """Give every lease up; none is taken from now on (a thread of a cancelled restore
@@ -208,6 +243,8 @@ class Leases:
 
     def _forget(self, key: Key) -> None:
         fd = self._fds.pop(key)
+        del self._ids[key], self._at[key]
+        self._unvouched.discard(key)
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
         os.close(fd)

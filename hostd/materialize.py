@@ -106,15 +106,19 @@ class Watch:
     same once the copy is made; a write moves the ctime. A copy whose blob moved, or whose
     blob's read lease broke since the restore began (`broken`: a break is recorded before
     the writer may go on, whatever the clock's grain), is read back as the caller and
-    handed over only if it hashes right. Where the blob's lease held on that very inode
-    from its take to now (`held`), no one wrote it: a ctime moved by links alone (another
-    restore's, this one's) costs no read back."""
+    handed over only if it hashes right. Where a lease on the blob, vouched for, holds on
+    that very inode now (`held`: its number, and the inode's state at its take), and held
+    as the batch was opened, or was taken since in the state the blob had then, no one
+    wrote it meanwhile: a ctime moved by links alone (another restore's, this one's) costs
+    no read back. (One taken since on a blob that moved meanwhile vouches for nothing
+    before its take: a write then, undone before a re-hash took it, was read by the
+    copy.)"""
 
     lent: Callable[[bytes], bool] = lambda _: False
     every: bool = False
     verified: Callable[[bytes], State | None] = lambda _: None
     broken: Callable[[Sequence[bytes]], set[bytes]] = lambda _: set()
-    held: Callable[[bytes, int, int], bool] = lambda _d, _dev, _ino: False  # (dev, ino)
+    held: Callable[[bytes, int, int], tuple[int, State] | None] = lambda _d, _dev, _ino: None
 
     def watched(self, digest: bytes) -> bool:
         return self.every or self.lent(digest)
@@ -124,21 +128,35 @@ class Watch:
         files: Sequence[mf.FileEntry],
         before: Sequence[FdStat],
         verified: Sequence[State | None],
+        held: Sequence[int | None],
         after: Sequence[FdStat],
     ) -> list[int]:
         """Of the copies of watched blobs `files` (each blob's state as its batch was opened,
-        its record's verified state then, its state once copied), those to read back."""
+        its record's verified state then, the lease held on it then, its state once
+        copied), those to read back."""
         broken = self.broken([f.digest for f in files])
         out = []
         for i, f in enumerate(files):
             b = before[i]
             if f.digest not in broken and (
                 (after[i] == b and verified[i] in (None, _state(b)))
-                or self.held(f.digest, b[2], b[3])
+                or self._held_throughout(f.digest, b, held[i])
             ):
                 continue
             out.append(i)
         return out
+
+    def _held_throughout(self, digest: bytes, before: FdStat, then: int | None) -> bool:
+        """Whether a lease vouched for holds on the inode `before` is the stat of, and held
+        as it was taken (lease `then`), or was taken since with the inode as it was then."""
+        now = self.held(digest, before[2], before[3])
+        return now is not None and (now[0] == then or now[1] == _state(before))
+
+    def lease(self, digest: bytes, before: FdStat) -> int | None:
+        """The number of the lease vouched for that holds on the inode `before` is the stat
+        of (asked as a batch is opened: `moved`'s `held`)."""
+        now = self.held(digest, before[2], before[3])
+        return None if now is None else now[0]
 
 
 def materialize(
@@ -594,12 +612,13 @@ class Placer:
             w = self.watch
             before = fstat_fds([src])
             verified = [w.verified(r.digest)]
+            held = [w.lease(r.digest, before[0])]
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
                 if (
                     not check
                     and w.watched(r.digest)
-                    and w.moved([p.entry], before, verified, fstat_fds([src]))
+                    and w.moved([p.entry], before, verified, held, fstat_fds([src]))
                 ):
                     log.info(
                         "file %r: its blob moved while it was copied: "
@@ -973,7 +992,7 @@ class _Sender:
         self.close()
 
     def empties(self, files: list[mf.FileEntry]) -> None:
-        opened = _Opened(files, [], [], [], [])
+        opened = _Opened(files, [], [], [], [], [])
         self.sent.append(_Sent(opened, self.pool.submit(self.fs.files, _empty_items(files), [])))
 
     def send(self, copies: list[mf.FileEntry], blob_path: Callable[[bytes], str]) -> None:
@@ -1075,6 +1094,7 @@ class _Opened:
     before: list[FdStat]
     watched: list[bool]
     verified: list[State | None]
+    held: list[int | None]
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
@@ -1092,7 +1112,12 @@ def _open_batch(
         verified = [
             watch.verified(f.digest) if w else None for f, w in zip(batch, watched, strict=True)
         ]
-        return _Opened(batch, fds, fstat_fds(fds), watched, verified)
+        before = fstat_fds(fds)
+        held = [
+            watch.lease(f.digest, st) if w else None
+            for f, w, st in zip(batch, watched, before, strict=True)
+        ]
+        return _Opened(batch, fds, before, watched, verified, held)
     except BaseException:
         close_fds(fds)
         raise
@@ -1129,6 +1154,7 @@ class _Sent:
                     [o.batch[i] for i in check],
                     [o.before[i] for i in check],
                     [o.verified[i] for i in check],
+                    [o.held[i] for i in check],
                     after,
                 )
             ]

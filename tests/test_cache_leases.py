@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -136,3 +137,45 @@ def _open_files() -> list[str]:
         except OSError:
             continue  # (the listing's own descriptor, closed since)
     return out
+
+
+async def test_a_lease_a_rehash_took_vouches_for_no_ctime_before_its_hash_passed(
+    env: Env,  # noqa: F811
+    leases: Leases,
+) -> None:
+    """No lease holds on a blob linked out (the daemon restarted, say). A root process
+    writes through the link and puts the mtime back; the next use re-hashes it, taking its
+    lease first (Cache._hash). While that hash runs, another restore's cheap check must
+    not take the lease for one that vouches: it took the moved ctime as a link's and said
+    the written blob was intact (copies and links of it handed over)."""
+    cache = env.open()
+    cache.guard_links(leases)
+    mem = cache.tiers[0]
+    a = env.file("a", 900)
+    await env.put(cache, a, [mem])
+    b = cache.locate(a.digest, [mem])
+    assert b is not None
+    os.link(mem.blob_path(a.digest), env.root / "callers-link")
+    assert await cache.vouch(b)  # (the link's ctime: re-hashed, the lease taken)
+    leases.close()
+    after = Leases()  # a restart: no lease holds
+    cache.guard_links(after)
+    root_writes_through(str(env.root / "callers-link"), after)
+
+    hashing, go = threading.Event(), threading.Event()
+    real = cache.hasher
+
+    def held_up(*args: Any) -> Any:
+        hashing.set()
+        assert go.wait(20)
+        return real(*args)
+
+    cache.hasher = held_up
+    use = asyncio.create_task(cache.vouch(b))
+    try:
+        assert await asyncio.to_thread(hashing.wait, 20)  # its lease is taken
+        assert not cache.unchanged(b), "a lease taken before the hash vouched for a write"
+    finally:
+        go.set()
+        assert not await use  # the hash finds the write: dropped
+        after.close()

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import outcome, stream, tree_digest
 from test_trust import (  # noqa: F401  (fixtures)
+    NOBODY,
+    _nobody_caller,
+    _one_blob,
     daemon,
     nobody_dir,
     nobody_stream,
     wait_for,
     work,
 )
+
+from hostd.asuser import AsUser
+from hostd.errors import ChunkCorrupt
+from hostd.materialize import State, Watch, materialize
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: needs root")
 
@@ -89,3 +98,60 @@ def test_a_copy_never_hands_over_what_root_wrote_through_a_non_writers_link_mean
                 caught += 1
                 break
     assert caught, "every copy was over before the write"
+
+
+def test_a_lease_taken_after_the_copy_opened_its_blob_vouches_for_no_copy(work: Path) -> None:
+    """No lease held on the blob as the copy's batch was opened (the daemon restarted, say):
+    a root process writes through a link before the copy reads it and puts the bytes back
+    after, and a re-hash (another restore's check) takes the blob's lease before the batch
+    is finished. That lease holds on the inode at the finish, but vouches for nothing
+    before its take: the copy is read back, and not handed over. (Watch.held used to be
+    asked at the finish alone, and the write was handed over.)"""
+    data = os.urandom(100_000)
+    m, blob = _one_blob(work, data, 0o644)
+    home = nobody_dir(work / "home")
+    taken: list[State] = []  # the blob's state as a re-hash took its lease
+
+    class WrittenThenPutBack(AsUser):
+        def files(
+            self, items: Sequence[tuple[str, int, int, str, int | None]], fds: Sequence[int]
+        ) -> None:
+            st = blob.stat()
+            blob.chmod(0o644)
+            with open(blob, "r+b", buffering=0) as f:
+                f.write(b"EVIL")
+                super().files(items, fds)
+                f.seek(0)
+                f.write(data[:4])
+            blob.chmod(0o444)
+            os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+            taken.append(verified(b""))  # (a re-hash: its lease holds from now on)
+
+    def verified(_d: bytes) -> State:
+        st = blob.stat()
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def held(_d: bytes, _dev: int, _ino: int) -> tuple[int, State] | None:
+        return (7, taken[0]) if taken else None
+
+    watch = Watch(every=True, verified=verified, held=held)
+    with _nobody_caller() as (spawner, caller):
+        fs = WrittenThenPutBack(caller, *spawner.spawn())
+        _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=caller.pid)
+        fs.root_fd = fds[0]
+        try:
+            fs.target(f"{home}/out", False)
+            with pytest.raises(ChunkCorrupt, match="written to through a link"):
+                materialize(
+                    m,
+                    fs,
+                    lambda _d: str(blob),
+                    mode="copy",
+                    replace=False,
+                    link_ok=False,
+                    cancel=threading.Event(),
+                    watch=watch,
+                )
+        finally:
+            fs.close()
+    assert not (home / "out").exists(), "the written copy was handed over"

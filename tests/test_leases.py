@@ -50,15 +50,25 @@ def wait(cond: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def vouched(leases: Leases, key: tuple[bytes, str], blob: Path) -> int:
+    """A lease taken on `blob` for `key` and vouched for (its caller checked the blob):
+    its number."""
+    got = leases.take(key, str(blob))
+    assert got is not None
+    leases.vouch(key, got[1])
+    return got[1]
+
+
 def test_an_open_for_writing_through_another_name_breaks_the_lease(
     blob: Path, heard: list[int]
 ) -> None:
     leases = Leases()
     got = leases.take(KEY, str(blob))
     assert got is not None
-    assert got[1] is True  # new
+    assert got[1] > 0  # new: its number
     assert got[0] is not None
     assert got[0].st_ino == blob.stat().st_ino
+    leases.vouch(KEY, got[1])
     assert leases.holds(KEY)
     writer = open_for_writing(blob.with_name("link"))
     try:
@@ -80,7 +90,7 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
 
 def test_links_and_unlinks_do_not_break_it(blob: Path, heard: list[int]) -> None:
     leases = Leases()
-    assert leases.take(KEY, str(blob)) is not None
+    vouched(leases, KEY, blob)
     os.unlink(blob.with_name("link"))  # a client's rm of its tree
     os.link(blob, blob.with_name("again"))  # another restore's link
     os.stat(blob)
@@ -89,7 +99,7 @@ def test_links_and_unlinks_do_not_break_it(blob: Path, heard: list[int]) -> None
     assert leases.scan() == []
     got = leases.take(KEY, str(blob))
     assert got is not None
-    assert got[1] is False  # the one held is kept
+    assert got == (None, 0)  # the one held is kept
     leases.close()
     assert len(leases) == 0
 
@@ -133,17 +143,20 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     breaks, a count older than the newest forgotten break takes every blob as broken."""
     leases = Leases()
     since = leases.broken
-    assert leases.take(KEY, str(blob)) is not None
+    number = vouched(leases, KEY, blob)
     st = blob.stat()
-    assert leases.holds_on(KEY, st.st_dev, st.st_ino)
-    assert not leases.holds_on(KEY, st.st_dev, st.st_ino + 1)
+    assert leases.holds_on(KEY, st.st_dev, st.st_ino) == (
+        number,
+        (st.st_size, st.st_mtime_ns, st.st_ctime_ns),  # (the inode's state at the take)
+    )
+    assert leases.holds_on(KEY, st.st_dev, st.st_ino + 1) is None
     never = (b"\x02" * 32, "mem")
     assert leases.holding([KEY, never]) == [True, False]
     writer = open_for_writing(blob.with_name("link"))
     try:
         wait(lambda: heard)
         assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == set()  # not given up yet
-        assert not leases.holds_on(KEY, st.st_dev, st.st_ino)  # (breaking)
+        assert leases.holds_on(KEY, st.st_dev, st.st_ino) is None  # (breaking)
         assert leases.holding([KEY, never]) == [False, False]
         leases.scan()
         assert writer.wait(10) == 0
@@ -159,7 +172,7 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     now = leases.broken
     for i in range(3):  # three more breaks, each of another blob: the oldest is forgotten
         key = (bytes([0x10 + i]) * 32, "mem")
-        assert leases.take(key, str(blob)) is not None
+        vouched(leases, key, blob)
         w = open_for_writing(blob)
         try:
             wait(lambda key=key: not leases.holds(key))
