@@ -119,6 +119,7 @@ class Watch:
     verified: Callable[[bytes], State | None] = lambda _: None
     broken: Callable[[Sequence[bytes]], set[bytes]] = lambda _: set()
     held: Callable[[bytes, int, int], tuple[int, State] | None] = lambda _d, _dev, _ino: None
+    number: Callable[[bytes], int | None] = lambda _: None  # its lease's, if one was taken
 
     def watched(self, digest: bytes) -> bool:
         return self.every or self.lent(digest)
@@ -152,11 +153,11 @@ class Watch:
         now = self.held(digest, before[2], before[3])
         return now is not None and (now[0] == then or now[1] == _state(before))
 
-    def lease(self, digest: bytes, before: FdStat) -> int | None:
-        """The number of the lease vouched for that holds on the inode `before` is the stat
-        of (asked as a batch is opened: `moved`'s `held`)."""
-        now = self.held(digest, before[2], before[3])
-        return None if now is None else now[0]
+    def lease(self, digest: bytes) -> int | None:
+        """The number of the blob's lease, asked as a batch is opened (`moved`'s `held`):
+        no system call a file. Whether it held then, and on that inode, the finish asks
+        only where the blob moved: the same lease holding then held throughout."""
+        return self.number(digest)
 
 
 def materialize(
@@ -612,7 +613,7 @@ class Placer:
             w = self.watch
             before = fstat_fds([src])
             verified = [w.verified(r.digest)]
-            held = [w.lease(r.digest, before[0])]
+            held = [w.lease(r.digest)]
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
                 if (
@@ -1113,10 +1114,7 @@ def _open_batch(
             watch.verified(f.digest) if w else None for f, w in zip(batch, watched, strict=True)
         ]
         before = fstat_fds(fds)
-        held = [
-            watch.lease(f.digest, st) if w else None
-            for f, w, st in zip(batch, watched, before, strict=True)
-        ]
+        held = [watch.lease(f.digest) if w else None for f, w in zip(batch, watched, strict=True)]
         return _Opened(batch, fds, before, watched, verified, held)
     except BaseException:
         close_fds(fds)

@@ -844,6 +844,7 @@ class Restorer:
             verified=verified,
             broken=lambda digests: leases.broken_since(since, digests),
             held=lambda d, dev, ino: leases.holds_on((d, blob(d).tier.name), dev, ino),
+            number=lambda d: leases.number((d, blob(d).tier.name)),
         )
 
     async def _materialize(
