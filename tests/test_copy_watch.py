@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 from harness import outcome, stream, tree_digest
 from test_trust import (  # noqa: F401  (fixtures)
-    NOBODY,
+    _copy_by,
     _nobody_caller,
     _one_blob,
     daemon,
@@ -28,7 +27,7 @@ from test_trust import (  # noqa: F401  (fixtures)
 
 from hostd.asuser import AsUser
 from hostd.errors import ChunkCorrupt
-from hostd.materialize import State, Watch, materialize
+from hostd.materialize import State, Watch
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: needs root")
 
@@ -137,21 +136,6 @@ def test_a_lease_taken_after_the_copy_opened_its_blob_vouches_for_no_copy(work: 
     watch = Watch(every=True, verified=verified, held=held)
     with _nobody_caller() as (spawner, caller):
         fs = WrittenThenPutBack(caller, *spawner.spawn())
-        _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=caller.pid)
-        fs.root_fd = fds[0]
-        try:
-            fs.target(f"{home}/out", False)
-            with pytest.raises(ChunkCorrupt, match="written to through a link"):
-                materialize(
-                    m,
-                    fs,
-                    lambda _d: str(blob),
-                    mode="copy",
-                    replace=False,
-                    link_ok=False,
-                    cancel=threading.Event(),
-                    watch=watch,
-                )
-        finally:
-            fs.close()
+        with pytest.raises(ChunkCorrupt, match="written to through a link"):
+            _copy_by(fs, f"{home}/out", m, blob, watch)
     assert not (home / "out").exists(), "the written copy was handed over"

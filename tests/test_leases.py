@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,10 +38,19 @@ def heard() -> Iterator[list[int]]:
         signal.signal(SIGNAL, old)
 
 
-def open_for_writing(path: Path) -> subprocess.Popen[bytes]:
-    """Another process opening `path` for writing (it waits while a lease holds)."""
+@contextlib.contextmanager
+def open_for_writing(path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process opening `path` for writing (it waits while a lease holds); killed,
+    if still there, on the way out."""
     code = f"import os; os.close(os.open({str(path)!r}, os.O_WRONLY)); print('opened', flush=True)"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        yield writer
+    finally:
+        writer.kill()
+        writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
 
 
 def wait(cond: object, timeout: float = 10.0) -> None:
@@ -70,8 +80,7 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
     assert got[0].st_ino == blob.stat().st_ino
     leases.vouch(KEY, got[1])
     assert leases.holds(KEY)
-    writer = open_for_writing(blob.with_name("link"))
-    try:
+    with open_for_writing(blob.with_name("link")) as writer:
         wait(lambda: heard)  # told by the signal; the writer waits for the lease to go
         assert writer.poll() is None
         assert not leases.holds(KEY)  # breaking: no longer a lease that holds
@@ -79,11 +88,6 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
         assert writer.wait(10) == 0
         assert writer.stdout is not None
         assert writer.stdout.read() == b"opened\n"
-    finally:
-        writer.kill()
-        writer.wait()
-        if writer.stdout is not None:
-            writer.stdout.close()
     assert len(leases) == 0
     assert leases.broken == 1
 
@@ -152,19 +156,13 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     assert leases.holds_on(KEY, st.st_dev, st.st_ino + 1) is None
     never = (b"\x02" * 32, "mem")
     assert leases.holding([KEY, never]) == [True, False]
-    writer = open_for_writing(blob.with_name("link"))
-    try:
+    with open_for_writing(blob.with_name("link")) as writer:
         wait(lambda: heard)
         assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == set()  # not given up yet
         assert leases.holds_on(KEY, st.st_dev, st.st_ino) is None  # (breaking)
         assert leases.holding([KEY, never]) == [False, False]
         leases.scan()
         assert writer.wait(10) == 0
-    finally:
-        writer.kill()
-        writer.wait()
-        if writer.stdout is not None:
-            writer.stdout.close()
     assert leases.broken_since(since, [KEY[0], b"\x02" * 32]) == {KEY[0]}
     assert leases.broken_since(leases.broken, [KEY[0]]) == set()  # (a copy begun after)
 
@@ -173,16 +171,10 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     for i in range(3):  # three more breaks, each of another blob: the oldest is forgotten
         key = (bytes([0x10 + i]) * 32, "mem")
         vouched(leases, key, blob)
-        w = open_for_writing(blob)
-        try:
+        with open_for_writing(blob) as w:
             wait(lambda key=key: not leases.holds(key))
             leases.scan()
             assert w.wait(10) == 0
-        finally:
-            w.kill()
-            w.wait()
-            if w.stdout is not None:
-                w.stdout.close()
     other = b"\x03" * 32  # never broken
     assert leases.broken_since(now, [other]) == {other}  # (a break since may be forgotten)
     assert leases.broken_since(now + 1, [other, b"\x12" * 32]) == {b"\x12" * 32}

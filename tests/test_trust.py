@@ -995,9 +995,9 @@ def _one_blob(work: Path, data: bytes, mode: int) -> tuple[mf.Manifest, Path]:
     return m, blob
 
 
-def _copy_by(fs: AsUser, target: str, m: mf.Manifest, blob: Path, lent: Any) -> None:
+def _copy_by(fs: AsUser, target: str, m: mf.Manifest, blob: Path, watch: Watch) -> None:
     """Start the helper `fs` as its caller, and have it build `m` at `target` by copies of
-    `blob` (a `copy` restore's materialize), whose lent state `lent` tells."""
+    `blob` (a `copy` restore's materialize), checked as `watch` says."""
     _, fds = fs.call("init", nfds=1, uid=NOBODY, gid=NOBODY, groups=[], pid=fs.caller.pid)
     fs.root_fd = fds[0]
     try:
@@ -1010,7 +1010,7 @@ def _copy_by(fs: AsUser, target: str, m: mf.Manifest, blob: Path, lent: Any) -> 
             replace=False,
             link_ok=False,
             cancel=threading.Event(),
-            watch=Watch(lent=lent),
+            watch=watch,
         )
     finally:
         fs.close()
@@ -1033,10 +1033,10 @@ def test_a_copy_that_saw_a_lent_blob_move_is_not_handed_over(work: Path) -> None
             fs.lends, fs.lent, fs.before = lent != "no", lent == "yes", when == "before"
             target = f"{home}/out-{lent}-{when}"
             if expect_ok:  # not lent (no writer holds a link), or read back whole
-                _copy_by(fs, target, m, blob, fs.is_lent)
+                _copy_by(fs, target, m, blob, Watch(lent=fs.is_lent))
             else:
                 with pytest.raises(ChunkCorrupt, match="written to through a link"):
-                    _copy_by(fs, target, m, blob, fs.is_lent)
+                    _copy_by(fs, target, m, blob, Watch(lent=fs.is_lent))
             blob.chmod(0o644)
             blob.write_bytes(data)
             blob.chmod(0o444)
@@ -1066,11 +1066,11 @@ def test_a_copy_whose_lent_blob_was_only_linked_is_read_back(work: Path, mode: i
     with _nobody_caller() as (spawner, caller):
         fs = LinkedDuringCopy(caller, *spawner.spawn())
         if mode & 0o400:
-            _copy_by(fs, f"{home}/out", m, blob, lambda _d: True)
+            _copy_by(fs, f"{home}/out", m, blob, Watch(lent=lambda _d: True))
             assert (home / "out" / "weights.bin").read_bytes() == data
         else:
             with pytest.raises(ChunkCorrupt, match="could not be read back"):
-                _copy_by(fs, f"{home}/out", m, blob, lambda _d: True)
+                _copy_by(fs, f"{home}/out", m, blob, Watch(lent=lambda _d: True))
             assert not (home / "out").exists()
 
 
