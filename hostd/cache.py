@@ -161,6 +161,9 @@ class Cache:
         self._used: dict[str, int] = {t.name: 0 for t in tiers}
         # By tier: (when its filesystem was measured, the most it could hold then), `_limit`.
         self._room: dict[str, tuple[float, int]] = {}
+        # By tier: bytes charged with no record that are being written there (a publish's
+        # reservations, demotions' copies), `_unwritten`.
+        self._reserved: dict[str, int] = {t.name: 0 for t in tiers}
         # One eviction queue per tier: its complete blobs and idle partial ones.
         self.queues: dict[str, Lru] = {name: tb.queue for name, tb in self._tb.items()}
         # What each running restore holds: taking and releasing a hold is O(1) in its size.
@@ -720,9 +723,24 @@ class Cache:
         room = self._room.get(t.name)
         if room is None or now - room[0] >= ROOM_EVERY:
             free = t.free_bytes()
-            room = (now, t.budget if free is None else self._used[t.name] + free)
+            held = self._used[t.name] - self._unwritten(t)
+            room = (now, t.budget if free is None else held + free)
             self._room[t.name] = room
         return min(t.budget, room[1])
+
+    def _unwritten(self, t: Tier) -> int:
+        """Bytes charged to `t` that its filesystem does not hold yet, so that its free bytes
+        count them still: blobs being filled are charged their size when admitted, yet their
+        chunks take room only as they are written (a partial file is sparse), and so with a
+        publish's reservations and demotions' copies."""
+        tb, charged, partial = self._tb[t.name], self._reserved[t.name], []
+        for digest, name in self._filling:
+            slot = tb.find(digest) if name == t.name else -1
+            if slot >= 0:
+                charged += tb.charged[slot]
+                if tb.size[slot] > tb.chunk_size[slot]:  # (a one-chunk blob is written whole)
+                    partial.append(digest)
+        return max(0, charged - t.allocated(partial))
 
     def cramped(self, name: str) -> None:
         """Tier `name`'s filesystem filled up (ENOSPC) before its budget did: until it is
@@ -745,11 +763,13 @@ class Cache:
                 need = self._used[t.name] + size - self._limit(t)
                 if size <= t.budget and (need <= 0 or await self._make_room(t, need)):
                     self._used[t.name] += size
+                    self._reserved[t.name] += size
                     return t
             return None
 
     def unreserve(self, tier: Tier, size: int) -> None:
         self._used[tier.name] -= size
+        self._reserved[tier.name] -= size
 
     def adopt(self, tier: Tier, st: BlobStat, chunk_size: int, *, persist: bool = True) -> Blob:
         """Record a complete blob that was installed in `tier`, replacing any record of it.
@@ -953,6 +973,7 @@ class Cache:
             if b.size > t.budget or (need > 0 and not await self._make_room(t, need)):
                 continue
             self._used[t.name] += b.size  # charged while the copy runs
+            self._reserved[t.name] += b.size
             try:
                 st = await asyncio.to_thread(t.copy_in, b.path, b.digest, b.size, b.chunk_size)
             except BlobCopyCorrupt as e:
@@ -963,6 +984,7 @@ class Cache:
                 continue
             finally:  # a cancel (the admitting restore went away) returns the charge too
                 self._used[t.name] -= b.size
+                self._reserved[t.name] -= b.size
             # the copy was hashed: a new, verified inode, not lent
             r = Values(
                 st.size,

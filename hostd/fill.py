@@ -746,7 +746,8 @@ class Filler:
             self.budget.give(sum(w.entry.size for w in queue))
             queue.clear()
             err = first_error(exc)
-            await asyncio.shield(self._cleanup(opened, done, isinstance(err, TierError)))
+            failed = err if isinstance(err, TierError) else None
+            await asyncio.shield(self._cleanup(opened, done, failed))
             if err is not None and not isinstance(exc, asyncio.CancelledError):
                 raise err from None
             raise
@@ -797,14 +798,20 @@ class Filler:
         )
 
     async def _cleanup(
-        self, opened: dict[bytes, asyncio.Future[_Open]], done: dict[bytes, Blob], discard: bool
+        self,
+        opened: dict[bytes, asyncio.Future[_Open]],
+        done: dict[bytes, Blob],
+        failed: TierError | None,
     ) -> None:
+        """Close the partial blobs a failed fill left. Those in the tier that `failed` (all,
+        where it names none) are removed: a full or unwritable tier. Those in another tier
+        stay, for the next round (Filler._ensure) or a later fill to resume."""
         for digest, fut in opened.items():
             if digest in done or not fut.done() or fut.cancelled() or fut.exception():
                 continue
             o = fut.result()
             self._forget_written(o.entry)
-            if discard:
+            if failed is not None and failed.tier in (None, o.tier.name):
                 await asyncio.to_thread(o.blob.discard)
                 self.cache.abandon(digest, o.tier)
             else:

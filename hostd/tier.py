@@ -419,6 +419,19 @@ class Tier:
             return None
         return st.f_bavail * st.f_frsize
 
+    def allocated(self, partial: Iterable[bytes]) -> int:
+        """The bytes the filesystem holds for the partial blobs of `partial` and for the
+        scratch files in tmp/ (all of it being written: the start sweeps leftovers)."""
+        total = 0
+        for digest in partial:
+            with contextlib.suppress(OSError):  # (not opened yet, or completed meanwhile)
+                total += os.stat(self.partial_path(digest)).st_blocks * 512
+        with contextlib.suppress(OSError), os.scandir(self.tmp_dir) as scratch:
+            for entry in scratch:
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+        return total
+
     def prepare(self) -> None:
         """Create the layout, private (0700), and prove the tier writable; sweep scratch
         leftovers. Only under the daemon's lock on this tier (hostd/lock.py): the sweep would

@@ -5,13 +5,22 @@ mount namespace of its own with an 8 MiB tmpfs as its tier."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import Hostd, short_tmp, tree_digest
+from harness import HeldOrigin, Hostd, short_tmp, tree_digest
 from test_e2e import sample
+
+from hostd import cache
+from hostd.core.ids import chunk_id
 
 pytestmark = pytest.mark.root
 
@@ -115,3 +124,146 @@ def test_a_restore_whose_mem_tier_filesystem_is_full_fills_the_next_tier() -> No
         mem_status = status["tiers"][0]
         assert mem_status["room"] < 8 << 20 < mem_status["budget"], mem_status
         assert sample(h.metrics(), "hostd_tier_room_bytes", tier="mem") == mem_status["room"]
+
+
+MiB = 1 << 20
+DEADLINE = 30.0
+
+
+def _asked(http: HeldOrigin) -> Counter[str]:
+    got: Counter[str] = Counter()
+    while not http.asked.empty():
+        got[http.asked.get_nowait()] += 1
+    return got
+
+
+def _published(root: Path, trees: dict[str, dict[str, bytes]]) -> Path:
+    """Publish each tree (ref: {name: bytes}) in 1 MiB chunks, one origin object each (no
+    packs, so that a test can hold one chunk); the origin's directory."""
+    with Hostd(root / "pub", chunk_size="1MiB", pack_size=0) as pub:
+        for ref, files in trees.items():
+            src = root / "src" / ref
+            src.mkdir(parents=True)
+            for name, data in files.items():
+                (src / name).write_bytes(data)
+            pub.publish(src, ref)
+    return root / "pub" / "origin"
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    return [chunk_id(data[i : i + MiB]) for i in range(0, len(data), MiB)]
+
+
+def _until(ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_blob_being_filled_takes_its_room_before_its_chunks_land() -> None:
+    """A blob being filled is charged its size when admitted, but its partial file is sparse:
+    its chunks take room only as they land. The free bytes measured meanwhile counted that
+    room a second time, so a restore arriving then was put in the mem tier too, and the
+    first fill met a full filesystem, threw its chunks away and fetched them again."""
+    root = short_tmp("tu")
+    mem = root / "mem"
+    mem.mkdir()
+    a, b = os.urandom(6 * MiB), os.urandom(5 * MiB)
+    origin = _published(root, {"t/a": {"a.bin": a}, "t/b": {"b.bin": b}, "t/s": {"s": b"s"}})
+    tiers = [
+        {"name": "mem", "path": str(mem), "budget": "1GiB"},
+        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
+    ]
+    with (
+        HeldOrigin(origin) as http,
+        Hostd(
+            root / "h", origin=http.url, tiers=tiers, chunk_size="1MiB", wrap=_small_tmpfs_wrap(mem)
+        ) as h,
+    ):
+        assert h.restore("t/s", root / "s", mode="copy")["event"] == "result"
+        first, *rest = _chunks(a)
+        held = [http.hold(c) for c in rest]
+        out: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: out.update(h.restore("t/a", root / "a", mode="copy")), daemon=True
+        )
+        worker.start()
+        seen: Counter[str] = Counter()
+
+        def fetching() -> bool:  # every chunk of a asked, the first written
+            seen.update(_asked(http))
+            return seen.keys() >= {c.hex() for c in _chunks(a)} or bool(out)
+
+        def admitted() -> bool:  # a charged to the mem tier, with s
+            _, status = h.api("GET", "/v1/status")
+            return status["tiers"][0]["used"] == len(a) + 1 or bool(out)
+
+        _until(fetching, "a's fetch")
+        _until(admitted, "a's admission to the mem tier")
+        time.sleep(cache.ROOM_EVERY)  # (what it measured at a's admission goes stale)
+        got = h.restore("t/b", root / "b", mode="copy")
+        assert got["event"] == "result", got
+        for ev in held:
+            ev.set()
+        worker.join(DEADLINE)
+        assert out["event"] == "result", out
+        assert (root / "a" / "a.bin").read_bytes() == a
+        assert (root / "b" / "b.bin").read_bytes() == b
+        assert "its filesystem is full" not in h.log()
+        seen.update(_asked(http))
+        assert seen[first.hex()] == 1  # (a's chunks were not thrown away and fetched again)
+
+
+def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier() -> None:
+    """A fill that meets a full mem tier removes its partial blobs there, and goes round
+    again; its partial blobs in the disk tier stay and are resumed: they were thrown away
+    too, and every chunk they held fetched again."""
+    root = short_tmp("tk")
+    mem = root / "mem"
+    mem.mkdir()
+    x, y = os.urandom(12 * MiB), os.urandom(6 * MiB)  # (x more than the mem tier can hold)
+    origin = _published(root, {"t/xy": {"x.bin": x, "y.bin": y}, "t/s": {"s": b"s"}})
+    tiers = [
+        {"name": "mem", "path": str(mem), "budget": "1GiB"},
+        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
+    ]
+    with (
+        HeldOrigin(origin) as http,
+        Hostd(
+            root / "h", origin=http.url, tiers=tiers, chunk_size="1MiB", wrap=_small_tmpfs_wrap(mem)
+        ) as h,
+    ):
+        assert h.proc is not None
+        theirs = Path(f"/proc/{h.proc.pid}/root{mem}")
+        assert h.restore("t/s", root / "s", mode="copy")["event"] == "result"
+        xs, ys = _chunks(x), _chunks(y)
+        x_last, y_last = http.hold(xs[-1]), http.hold(ys[-1])
+        out: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: out.update(h.restore("t/xy", root / "out", mode="copy")), daemon=True
+        )
+        worker.start()
+        seen: Counter[str] = Counter()
+
+        def y_written() -> bool:  # every chunk asked, and y's first five in the mem tier
+            seen.update(_asked(http))
+            partial = list((theirs / "partial").glob("*"))
+            held = sum(p.stat().st_blocks * 512 for p in partial)
+            return (seen.keys() >= {c.hex() for c in xs + ys} and held >= 5 * MiB) or bool(out)
+
+        _until(y_written, "y's first chunks in the mem tier")
+        with contextlib.suppress(OSError), open(theirs / "other-writer", "wb") as other:
+            while True:  # another writer takes the rest of the filesystem
+                other.write(b"\0" * (64 << 10))
+                other.flush()
+        y_last.set()
+        _until(lambda: "its filesystem is full" in h.log() or bool(out), "the full filesystem")
+        x_last.set()
+        worker.join(DEADLINE)
+        assert out["event"] == "result", out
+        assert (root / "out" / "x.bin").read_bytes() == x
+        assert (root / "out" / "y.bin").read_bytes() == y
+        seen.update(_asked(http))
+        again = [i for i, c in enumerate(xs[:-1]) if seen[c.hex()] > 1]
+        assert again == [], f"x's chunks {again} were fetched again"
