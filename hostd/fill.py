@@ -466,22 +466,31 @@ class Filler:
     async def _copy_in(
         self, src: Blob, tiers: Sequence[Tier], progress: FillProgress
     ) -> Blob | None:
-        """Promote (or demote) `src` into `tiers`; None if it was bad (then it is dropped)."""
-        t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
-        copy = functools.partial(
-            t.copy_in, src.path, src.digest, src.size, src.chunk_size, durable=False
-        )
-        try:
-            with self.cache.holding([src.digest]):
-                st = await self._landing(asyncio.to_thread(copy), t, src.chunk_size)
-        except BlobCopyCorrupt as err:
-            self.cache.abandon(src.digest, t)
-            log.warning("blob %s in %s is bad: %s", src.digest.hex(), src.tier.name, err.why)
-            await self.cache.settle(src, Rehash(err.why))
-            return None
-        except BaseException:
-            self.cache.abandon(src.digest, t)
-            raise
+        """Promote (or demote) `src` into `tiers`; None if it was bad (then it is dropped).
+        A tier whose filesystem fills up under the copy holds no more than it does from then
+        on (Cache.cramped): the copy is admitted again, evicting or to the next tier."""
+        for full_left in range(FULL_RETRIES, -1, -1):
+            t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
+            copy = functools.partial(
+                t.copy_in, src.path, src.digest, src.size, src.chunk_size, durable=False
+            )
+            try:
+                with self.cache.holding([src.digest]):
+                    st = await self._landing(asyncio.to_thread(copy), t, src.chunk_size)
+                break
+            except BlobCopyCorrupt as err:
+                self.cache.abandon(src.digest, t)
+                log.warning("blob %s in %s is bad: %s", src.digest.hex(), src.tier.name, err.why)
+                await self.cache.settle(src, Rehash(err.why))
+                return None
+            except TierError as err:
+                self.cache.abandon(src.digest, t)
+                if not err.full or err.tier != t.name or not full_left:
+                    raise
+                self.cache.cramped(t.name)
+            except BaseException:
+                self.cache.abandon(src.digest, t)
+                raise
         b = self._completed(src.digest, t, st)
         progress.done_bytes += src.size
         progress.by_source[src.tier.name] += src.size

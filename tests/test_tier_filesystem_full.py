@@ -267,3 +267,33 @@ def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier() -> Non
         seen.update(_asked(http))
         again = [i for i, c in enumerate(xs[:-1]) if seen[c.hex()] > 1]
         assert again == [], f"x's chunks {again} were fetched again"
+
+
+def test_a_promotion_into_a_tier_that_fills_up_evicts_there_and_lands() -> None:
+    """A restore that names the mem tier promotes a blob the disk tier holds. Another writer
+    takes most of the mem filesystem after the daemon measured its room: the copy meets a
+    full filesystem, the tier holds no more than it does from then on, and the copy is
+    admitted again, evicting what no restore holds there (it used to fail the restore)."""
+    root = short_tmp("tp")
+    mem = root / "mem"
+    mem.mkdir()
+    old, new = os.urandom(4 * MiB), os.urandom(3 * MiB)
+    origin = _published(root, {"t/old": {"old.bin": old}, "t/new": {"new.bin": new}})
+    tiers = [
+        {"name": "mem", "path": str(mem), "budget": "1GiB"},
+        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
+    ]
+    url = f"file://{origin}"
+    with Hostd(root / "h", origin=url, tiers=tiers, wrap=_small_tmpfs_wrap(mem)) as h:
+        assert h.proc is not None
+        theirs = Path(f"/proc/{h.proc.pid}/root{mem}")
+        assert h.restore("t/new", root / "n0", tier="disk")["event"] == "result"
+        assert h.restore("t/old", root / "o0", mode="copy")["event"] == "result"  # (measured)
+        (theirs / "other-writer").write_bytes(b"\0" * (7 * MiB // 2))
+        got = h.restore("t/new", root / "n1", mode="copy", tier="mem")
+        assert got["event"] == "result", got
+        assert (root / "n1" / "new.bin").read_bytes() == new
+        assert got["bytes_by_source"]["disk"] == len(new), got  # (promoted, not fetched)
+        _, status = h.api("GET", "/v1/status")
+        held = sum(p.stat().st_size for p in (theirs / "blobs").rglob("*") if p.is_file())
+        assert status["tiers"][0]["used"] == held == len(new)  # (t/old's blob made way)
