@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 from harness import HeldOrigin, Hostd, short_tmp, tree_digest
 from test_e2e import sample
+from test_faults import in_namespace, need_root
 
 from hostd import cache
 from hostd.core.ids import chunk_id
@@ -27,15 +27,8 @@ pytestmark = pytest.mark.root
 
 def _small_tmpfs_wrap(mem: Path) -> list[str]:
     """A prefix that runs the daemon in its own mount namespace, `mem` an 8 MiB tmpfs."""
-    probe = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "x", str(mem)],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
-    mount = f'mount -t tmpfs -o size=8m,mode=0700 hostd-test {mem} && exec "$@"'
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"]
+    need_root()
+    return in_namespace(f"mount -t tmpfs -o size=8m,mode=0700 hostd-test {mem}")
 
 
 def _tree(p: Path) -> Path:
