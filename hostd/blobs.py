@@ -498,6 +498,15 @@ class Blob:
             return False
         return at.unchanged(self._slot, seen, leased)
 
+    def state(self) -> tuple[int, int, int]:
+        """(size, mtime_ns, ctime_ns) of its verified bytes, as recorded: one call."""
+        at = self._at
+        if at is None:
+            r = self._values()
+            return r.size, r.mtime_ns, r.ctime_ns
+        s = self._slot
+        return at.size[s], at.mtime_ns[s], at.ctime_ns[s]
+
     def stat(self) -> BlobStat:
         """The recorded stat of its verified bytes."""
         return BlobStat(self.digest, self.size, self.mtime_ns, self.ctime_ns, self.mode)

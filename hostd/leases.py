@@ -162,10 +162,11 @@ class Leases:
             fd = self._fds.get(key)
             return fd is not None and key not in self._unvouched and _holding(fd)
 
-    def number(self, key: Key) -> int | None:
-        """The number of the lease taken for `key`, if one is (held or not, vouched for or
-        not: `holds_on` says)."""
-        return self._ids.get(key)
+    def numbers(self, keys: Sequence[Key]) -> list[int | None]:
+        """The number of the lease taken for each key, if one is (held or not, vouched for
+        or not: `holds_on` says)."""
+        ids = self._ids
+        return [ids.get(key) for key in keys]
 
     def holding(self, keys: Sequence[Key]) -> list[bool]:
         """`holds` of each key, under one hold of the lock and in one native call."""

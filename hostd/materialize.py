@@ -102,7 +102,7 @@ class Watch:
     Watched: a blob lent to a writer (`lent`, now), or, with `every`, any blob (`[access]
     link_checks = "lease"`: a root process that reaches a non-writer's link can write it).
     A watched blob's state as its copy's batch was opened must be the state its bytes were
-    last verified in (`verified`: the restore's check made the record show it), and the
+    last verified in (`recorded`: the restore's check made the record show it), and the
     same once the copy is made; a write moves the ctime. A copy whose blob moved, or whose
     blob's read lease broke since the restore began (`broken`: a break is recorded before
     the writer may go on, whatever the clock's grain), is read back as the caller and
@@ -116,13 +116,34 @@ class Watch:
 
     lent: Callable[[bytes], bool] = lambda _: False
     every: bool = False
-    verified: Callable[[bytes], State | None] = lambda _: None
+    # Of a batch's blobs, as it is opened: each one's verified state, and its lease's number
+    # (if one was taken; whether it held then, and on that inode, the finish asks only
+    # where the blob moved: the same lease holding then held throughout). No system call.
+    recorded: Callable[[Sequence[bytes]], tuple[list[State | None], list[int | None]]] = (
+        lambda digests: ([None] * len(digests), [None] * len(digests))
+    )
     broken: Callable[[Sequence[bytes]], set[bytes]] = lambda _: set()
     held: Callable[[bytes, int, int], tuple[int, State] | None] = lambda _d, _dev, _ino: None
-    number: Callable[[bytes], int | None] = lambda _: None  # its lease's, if one was taken
 
     def watched(self, digest: bytes) -> bool:
         return self.every or self.lent(digest)
+
+    def opened(
+        self, digests: Sequence[bytes]
+    ) -> tuple[list[bool], list[State | None], list[int | None]]:
+        """Of a batch as it is opened: whether each blob is watched, and what `recorded`
+        says of those that are (None for the others)."""
+        if self.every:
+            return [True] * len(digests), *self.recorded(digests)
+        watched = [self.lent(d) for d in digests]
+        states: list[State | None] = [None] * len(digests)
+        numbers: list[int | None] = [None] * len(digests)
+        at = [i for i, w in enumerate(watched) if w]
+        if at:
+            got = self.recorded([digests[i] for i in at])
+            for j, i in enumerate(at):
+                states[i], numbers[i] = got[0][j], got[1][j]
+        return watched, states, numbers
 
     def moved(
         self,
@@ -152,12 +173,6 @@ class Watch:
         as it was taken (lease `then`), or was taken since with the inode as it was then."""
         now = self.held(digest, before[2], before[3])
         return now is not None and (now[0] == then or now[1] == _state(before))
-
-    def lease(self, digest: bytes) -> int | None:
-        """The number of the blob's lease, asked as a batch is opened (`moved`'s `held`):
-        no system call a file. Whether it held then, and on that inode, the finish asks
-        only where the blob moved: the same lease holding then held throughout."""
-        return self.number(digest)
 
 
 def materialize(
@@ -612,8 +627,7 @@ class Placer:
         try:
             w = self.watch
             before = fstat_fds([src])
-            verified = [w.verified(r.digest)]
-            held = [w.lease(r.digest)]
+            verified, held = w.recorded([r.digest])
             with writing_as(p.uid):
                 self._copy_chunks(src, p, missing, check)
                 if (
@@ -1109,13 +1123,8 @@ def _open_batch(
     helper copies it is checked against the state it had before, as one lent already."""
     fds = open_paths([blob_path(f.digest) for f in batch])
     try:
-        watched = [watch.watched(f.digest) for f in batch]
-        verified = [
-            watch.verified(f.digest) if w else None for f, w in zip(batch, watched, strict=True)
-        ]
-        before = fstat_fds(fds)
-        held = [watch.lease(f.digest) if w else None for f, w in zip(batch, watched, strict=True)]
-        return _Opened(batch, fds, before, watched, verified, held)
+        watched, verified, held = watch.opened([f.digest for f in batch])
+        return _Opened(batch, fds, fstat_fds(fds), watched, verified, held)
     except BaseException:
         close_fds(fds)
         raise

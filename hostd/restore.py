@@ -828,23 +828,26 @@ class Restorer:
         when the restore began. Under leases every blob is watched (a root process reaching
         a non-writer's link may write it), else the lent ones."""
 
-        def verified(digest: bytes) -> State:
-            b = blob(digest)
-            return b.size, b.mtime_ns, b.ctime_ns
+        leases = self.cache.leases
+
+        def recorded(digests: Sequence[bytes]) -> tuple[list[State | None], list[int | None]]:
+            blobs = [blob(d) for d in digests]
+            states: list[State | None] = [b.state() for b in blobs]
+            if leases is None:
+                return states, [None] * len(blobs)
+            return states, leases.numbers([(b.digest, b.tier.name) for b in blobs])
 
         def lent(digest: bytes) -> bool:
             return blob(digest).lent
 
-        leases = self.cache.leases
         if leases is None:
-            return Watch(lent=lent, verified=verified)
+            return Watch(lent=lent, recorded=recorded)
         return Watch(
             lent=lent,
             every=True,
-            verified=verified,
+            recorded=recorded,
             broken=lambda digests: leases.broken_since(since, digests),
             held=lambda d, dev, ino: leases.holds_on((d, blob(d).tier.name), dev, ino),
-            number=lambda d: leases.number((d, blob(d).tier.name)),
         )
 
     async def _materialize(
