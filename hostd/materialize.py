@@ -90,8 +90,7 @@ State = tuple[int, int, int]
 """A blob file's (size, mtime_ns, ctime_ns)."""
 
 
-def _state(st: FdStat) -> State:
-    return st[4], st[5], st[6]
+_state: Callable[[FdStat], State] = operator.itemgetter(4, 5, 6)
 
 
 @dataclass(frozen=True)
@@ -157,6 +156,8 @@ class Watch:
         its record's verified state then, the lease held on it then, its state once
         copied), those to read back."""
         broken = self.broken([f.digest for f in files])
+        if not broken and after == before and list(map(_state, before)) == verified:
+            return []  # (a batch no one touched: compared in C)
         out = []
         for i, f in enumerate(files):
             b = before[i]
@@ -1153,18 +1154,22 @@ class _Sent:
                 done.add([f for f in o.batch if f.path in landed])
                 raise
             w = self.watch
-            check = [i for i, was in enumerate(o.watched) if was or w.lent(o.batch[i].digest)]
-            after = fstat_fds([o.fds[i] for i in check]) if check else []
-            moved = [
-                o.batch[check[j]]
-                for j in w.moved(
-                    [o.batch[i] for i in check],
-                    [o.before[i] for i in check],
-                    [o.verified[i] for i in check],
-                    [o.held[i] for i in check],
-                    after,
-                )
-            ]
+            if w.every:  # (every one watched: the batch as it is)
+                after = fstat_fds(o.fds)
+                moved = [o.batch[j] for j in w.moved(o.batch, o.before, o.verified, o.held, after)]
+            else:
+                check = [i for i, was in enumerate(o.watched) if was or w.lent(o.batch[i].digest)]
+                after = fstat_fds([o.fds[i] for i in check]) if check else []
+                moved = [
+                    o.batch[check[j]]
+                    for j in w.moved(
+                        [o.batch[i] for i in check],
+                        [o.before[i] for i in check],
+                        [o.verified[i] for i in check],
+                        [o.held[i] for i in check],
+                        after,
+                    )
+                ]
             if moved:
                 bad, why = _badly_copied(self.fs, moved)
                 if bad is not None:
