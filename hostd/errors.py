@@ -90,10 +90,9 @@ class ChunkCorrupt(HostdError):
 class BlobMoved(ChunkCorrupt):
     """A blob's state (size, mtime, ctime) moved while a restore copied it (or its read
     lease broke), and the copy, read back, does not hash right: a write through a link
-    reached it (materialize.Watch). (A link another
-    restore made moves the ctime too, but leaves the copy whole.) The copy is not handed
-    over; a restore whose tree is still hidden builds it again, once the blob has been
-    checked again."""
+    reached it (materialize.Watch). (A link another restore made moves the ctime too, but
+    leaves the copy whole.) The copy is not handed over; a restore whose tree is still
+    hidden builds it again, once the blob has been checked again."""
 
     def __init__(self, digest: bytes, path: str, why: str = "") -> None:
         super().__init__(

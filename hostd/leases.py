@@ -23,6 +23,13 @@ and a blob linked out before it is re-hashed at its next use where its ctime mov
 the clean stop recorded it (Cache.record_leased), or since its last verification after a
 crash.
 
+A lease is taken before its blob is checked (its state against the record, `Cache.lease`;
+its bytes, `Cache._hash`), and vouches for nothing until that check passed (`vouch`): a
+write just before the take moved a ctime that the lease would otherwise vouch for. Each
+lease is numbered, so that a copy can tell the lease it saw as its batch was opened from
+one taken since (materialize.Watch); each break is recorded before the lease is given up,
+so before its writer can write (`broken_since`).
+
 The signal names no descriptor that Python can read, so a break makes `scan` ask each lease
 (F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one system
 call a lease, on a thread, only when a signal came.

@@ -1276,7 +1276,8 @@ class _Run:
                 self.p.cache.unreserve(tier, f.size)
         if tier is not None and got.full is not None:
             self.filled(
-                tier, tier_error(tier.name, scratch or "", got.full, "storing a blob").message
+                tier,
+                tier_error(tier.name, scratch or "", got.full, "storing a published blob").message,
             )
         if tier is not None and got.blob is not None:
             self.p.cache.adopt(tier, got.blob, self.cs)

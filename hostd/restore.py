@@ -827,7 +827,6 @@ class Restorer:
         `blob(digest)` is the blob each is copied from, `since` the count of leases broken
         when the restore began. Under leases every blob is watched (a root process reaching
         a non-writer's link may write it), else the lent ones."""
-
         leases = self.cache.leases
 
         def recorded(digests: Sequence[bytes]) -> tuple[list[State | None], list[int | None]]:
