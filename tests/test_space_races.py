@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `work` fixture, imported)
 """Cache space under concurrency, against real daemons: what gc and eviction may take while
 other operations run."""
 
@@ -5,15 +6,17 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
-from harness import Hostd, short_tmp
+from harness import Hostd
+from test_faults import work  # noqa: F401  (a fixture)
 
 
-def test_gc_during_a_publish_keeps_the_blobs_it_stored() -> None:
+def test_gc_during_a_publish_keeps_the_blobs_it_stored(work: Path) -> None:
     """A publish records its snapshot only at the end: gc running meanwhile must not take the
     blobs it already stored for ones no snapshot names."""
-    root = short_tmp("pg")
+    root = work
     src = root / "src"
     src.mkdir()
     rng = random.Random(5)

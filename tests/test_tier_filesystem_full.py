@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `work` fixture, imported)
 """A tier whose filesystem fills up before its budget says so (something else writes there
 too, or the budget is over the filesystem's size): caching is best effort, so a publish
 still publishes, and leaves nothing half-written in the tier. Live: the daemon runs in a
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HeldOrigin, Hostd, short_tmp, tree_digest
+from harness import HeldOrigin, Hostd, tree_digest
 from test_e2e import sample
-from test_faults import in_namespace, need_root
+from test_faults import in_namespace, need_root, work  # noqa: F401  (a fixture)
 
 from hostd import cache
 from hostd.core.ids import chunk_id
@@ -41,8 +42,8 @@ def _tree(p: Path) -> Path:
     return p
 
 
-def test_a_publish_whose_tier_fills_up_is_published_whole_and_leaves_no_scratch() -> None:
-    root = short_tmp("tf")
+def test_a_publish_whose_tier_fills_up_is_published_whole_and_leaves_no_scratch(work: Path) -> None:
+    root = work
     mem = root / "mem"
     mem.mkdir()
     src = _tree(root / "src")
@@ -75,12 +76,12 @@ def test_a_publish_whose_tier_fills_up_is_published_whole_and_leaves_no_scratch(
         assert tree_digest(root / "out") == tree_digest(src)
 
 
-def test_a_restore_whose_mem_tier_filesystem_is_full_fills_the_next_tier() -> None:
+def test_a_restore_whose_mem_tier_filesystem_is_full_fills_the_next_tier(work: Path) -> None:
     """Another writer fills most of the mem tier's filesystem (a shared /dev/shm): a cold
     restore puts there what fits, the rest in the disk tier, and hands over the whole tree,
     at once and after the daemon measured the room before the other writer came. Such a
     restore used to fail on every try with 'its filesystem is full'."""
-    root = short_tmp("tr")
+    root = work
     mem = root / "mem"
     mem.mkdir()
     src = _tree(root / "src")
@@ -154,12 +155,12 @@ def _until(ready: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def test_a_blob_being_filled_takes_its_room_before_its_chunks_land() -> None:
+def test_a_blob_being_filled_takes_its_room_before_its_chunks_land(work: Path) -> None:
     """A blob being filled is charged its size when admitted, but its partial file is sparse:
     its chunks take room only as they land. The free bytes measured meanwhile counted that
     room a second time, so a restore arriving then was put in the mem tier too, and the
     first fill met a full filesystem, threw its chunks away and fetched them again."""
-    root = short_tmp("tu")
+    root = work
     mem = root / "mem"
     mem.mkdir()
     a, b = os.urandom(6 * MiB), os.urandom(5 * MiB)
@@ -208,11 +209,11 @@ def test_a_blob_being_filled_takes_its_room_before_its_chunks_land() -> None:
         assert seen[first.hex()] == 1  # (a's chunks were not thrown away and fetched again)
 
 
-def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier() -> None:
+def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier(work: Path) -> None:
     """A fill that meets a full mem tier removes its partial blobs there, and goes round
     again; its partial blobs in the disk tier stay and are resumed: they were thrown away
     too, and every chunk they held fetched again."""
-    root = short_tmp("tk")
+    root = work
     mem = root / "mem"
     mem.mkdir()
     x, y = os.urandom(12 * MiB), os.urandom(6 * MiB)  # (x more than the mem tier can hold)
@@ -262,12 +263,12 @@ def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier() -> Non
         assert again == [], f"x's chunks {again} were fetched again"
 
 
-def test_a_promotion_into_a_tier_that_fills_up_evicts_there_and_lands() -> None:
+def test_a_promotion_into_a_tier_that_fills_up_evicts_there_and_lands(work: Path) -> None:
     """A restore that names the mem tier promotes a blob the disk tier holds. Another writer
     takes most of the mem filesystem after the daemon measured its room: the copy meets a
     full filesystem, the tier holds no more than it does from then on, and the copy is
     admitted again, evicting what no restore holds there (it used to fail the restore)."""
-    root = short_tmp("tp")
+    root = work
     mem = root / "mem"
     mem.mkdir()
     old, new = os.urandom(4 * MiB), os.urandom(3 * MiB)
