@@ -774,7 +774,8 @@ def _render_status(out: Printer, result: JSON) -> None:
             if is_number(room) and is_number(budget) and room < budget:
                 out.line(
                     f"tier {tier.get('name')}: its filesystem leaves it room for {size(room)} "
-                    f"of its {size(budget)} budget (something else writes there)"
+                    f"of its {size(budget)} budget (something else writes there, or the "
+                    "budget is over the filesystem's size)"
                 )
     peers = result.get("peers")
     if isinstance(peers, dict):
