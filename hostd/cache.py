@@ -1279,7 +1279,9 @@ class Cache:
         record and whose read lease holds, asked in one native call (`unchanged` would ask
         each: after a client's `rm`, every blob of the tree); and the count of breaks before
         they were asked (blocking). The answer stands while that count does: a lease given
-        up since may have let a writer in."""
+        up since may have let a writer in. (One the kernel broke itself is not counted, but
+        its writer went on lease-break-time after the open that broke it, seconds after the
+        stats these answers go with were taken: the ctime checks see its write.)"""
         leases = self.leases
         if leases is None:
             return set(), 0

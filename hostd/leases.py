@@ -28,7 +28,10 @@ its bytes, `Cache._hash`), and vouches for nothing until that check passed (`vou
 write just before the take moved a ctime that the lease would otherwise vouch for. Each
 lease is numbered, so that a copy can tell the lease it saw as its batch was opened from
 one taken since (materialize.Watch); each break is recorded before the lease is given up,
-so before its writer can write (`broken_since`).
+so before its writer can write (`broken_since`). Unless the kernel gives it up itself, when
+the daemon has not within /proc/sys/fs/lease-break-time (45 s): then no break is counted,
+and the lease is seen gone only by asking it (`holds`, `holding`, `holds_on`), and the
+write by the ctime it moved.
 
 The signal names no descriptor that Python can read, so a break makes `scan` ask each lease
 (F_GETLEASE: a lease being broken reports the type it is to become, F_UNLCK): one system

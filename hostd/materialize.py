@@ -104,7 +104,8 @@ class Watch:
     last verified in (`recorded`: the restore's check made the record show it), and the
     same once the copy is made; a write moves the ctime. A copy whose blob moved, or whose
     blob's read lease broke since the restore began (`broken`: a break is recorded before
-    the writer may go on, whatever the clock's grain), is read back as the caller and
+    the writer may go on, whatever the clock's grain, unless the kernel broke it itself:
+    leases.py), is read back as the caller and
     handed over only if it hashes right. Where a lease on the blob, vouched for, holds on
     that very inode now (`held`: its number, and the inode's state at its take), and held
     as the batch was opened, or was taken since in the state the blob had then, no one
