@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_files as sf
 
 from hostd.cache import Blob, Cache
+from hostd.core.manifest import FileEntry
 from hostd.core.retry import RetryPolicy
 from hostd.fetch import Fetcher
 from hostd.fill import Filler, FillProgress, one_per_blob
@@ -53,17 +55,42 @@ from hostd.tier import Tier
 WORKERS = 16  # the default fetch_concurrency
 
 
+@dataclass
+class Parts:
+    """The daemon's parts a fill goes through, over a fresh tier under a root."""
+
+    entries: list[FileEntry]
+    chunk_size: int
+    tier: Tier
+    index: Index
+    cache: Cache
+    origin: Origin
+    fetcher: Fetcher
+    filler: Filler
+
+    @classmethod
+    def under(cls, root: Path, origin_url: str, manifest_bytes: bytes) -> Parts:
+        m = decode_manifest(manifest_bytes)
+        tier = Tier("mem", root / "mem", 1 << 40)
+        index = Index(root / "index.db")
+        cache = Cache([tier], index, manifests_dir=root / "manifests", clock=time.time)
+        cache.load()
+        origin = Origin(origin_url, {}, concurrency=2 * WORKERS, retry=RetryPolicy(3, 0.1, 1.0))
+        fetcher = Fetcher([LocalBlobSource(cache), OriginSource(origin)], WORKERS)
+        filler = Filler(cache, fetcher, workers=WORKERS)
+        entries = one_per_blob(m.files)
+        return cls(entries, m.chunk_size, tier, index, cache, origin, fetcher, filler)
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+        await self.origin.close()
+        self.index.close()
+
+
 async def fill_once(root: Path, origin_url: str, manifest_bytes: bytes) -> tuple[float, float, int]:
     """One cold fill into a fresh tier under `root`: (loop CPU s, wall s, blobs)."""
-    m = decode_manifest(manifest_bytes)
-    entries = one_per_blob(m.files)
-    tier = Tier("mem", root / "mem", 1 << 40)
-    index = Index(root / "index.db")
-    cache = Cache([tier], index, manifests_dir=root / "manifests", clock=time.time)
-    cache.load()
-    origin = Origin(origin_url, {}, concurrency=2 * WORKERS, retry=RetryPolicy(3, 0.1, 1.0))
-    fetcher = Fetcher([LocalBlobSource(cache), OriginSource(origin)], WORKERS)
-    filler = Filler(cache, fetcher, workers=WORKERS)
+    p = Parts.under(root, origin_url, manifest_bytes)
+    entries, tier, filler = p.entries, p.tier, p.filler
     heard: list[tuple[bytes, str, int, int]] = []
 
     def ready(digest: bytes, b: Blob) -> None:  # what a restore's placer is told of each
@@ -71,13 +98,11 @@ async def fill_once(root: Path, origin_url: str, manifest_bytes: bytes) -> tuple
 
     try:
         t0, c0 = time.perf_counter(), time.thread_time()
-        await filler.ensure(entries, m.chunk_size, [tier], FillProgress(), on_ready=ready)
+        await filler.ensure(entries, p.chunk_size, [tier], FillProgress(), on_ready=ready)
         await filler.close()
         cpu, wall = time.thread_time() - c0, time.perf_counter() - t0
     finally:
-        await fetcher.close()
-        await origin.close()
-        index.close()
+        await p.close()
     if len({d for d, *_ in heard}) != len(entries):
         raise SystemExit(f"{len(heard)} blobs announced, {len(entries)} filled")
     return cpu, wall, len(entries)
@@ -89,20 +114,13 @@ async def warm_rounds(
     """The tree filled once into a tier under `root`, its blobs leased; then per round, a
     link and an unlink of every blob, the check and the hold: [(check s, hold s)] of loop
     CPU, and the number of blobs."""
-    m = decode_manifest(manifest_bytes)
-    entries = one_per_blob(m.files)
-    tier = Tier("mem", root / "mem", 1 << 40)
-    index = Index(root / "index.db")
-    cache = Cache([tier], index, manifests_dir=root / "manifests", clock=time.time)
-    cache.load()
+    p = Parts.under(root, origin_url, manifest_bytes)
+    entries, tier, cache, filler = p.entries, p.tier, p.cache, p.filler
     leases = Leases(len(entries) + 1)
     cache.guard_links(leases)
-    origin = Origin(origin_url, {}, concurrency=2 * WORKERS, retry=RetryPolicy(3, 0.1, 1.0))
-    fetcher = Fetcher([LocalBlobSource(cache), OriginSource(origin)], WORKERS)
-    filler = Filler(cache, fetcher, workers=WORKERS)
     out = []
     try:
-        where = await filler.ensure(entries, m.chunk_size, [tier], FillProgress())
+        where = await filler.ensure(entries, p.chunk_size, [tier], FillProgress())
         cache.lease(list(where.values()))
         for _ in range(rounds):
             links = root / "links"
@@ -111,16 +129,14 @@ async def warm_rounds(
                 os.link(b.file, links / str(i))
             shutil.rmtree(links)
             c0 = time.thread_time()
-            where = await filler.ensure(entries, m.chunk_size, [tier], FillProgress())
+            where = await filler.ensure(entries, p.chunk_size, [tier], FillProgress())
             c1 = time.thread_time()
             cache.lease(list(where.values()))  # (on the loop's thread here: timed alike)
             out.append((c1 - c0, time.thread_time() - c1))
         await filler.close()
     finally:
-        await fetcher.close()
-        await origin.close()
         leases.close()
-        index.close()
+        await p.close()
     return out, len(entries)
 
 

@@ -32,6 +32,22 @@ def _small_tmpfs_wrap(mem: Path) -> list[str]:
     return in_namespace(f"mount -t tmpfs -o size=8m,mode=0700 hostd-test {mem}")
 
 
+def _mem_then_disk(root: Path, mem: Path) -> list[dict[str, Any]]:
+    """A mem tier at `mem` (an 8 MiB tmpfs: _small_tmpfs_wrap) under a 1 GiB budget, and a
+    disk tier with room."""
+    return [
+        {"name": "mem", "path": str(mem), "budget": "1GiB"},
+        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
+    ]
+
+
+def _daemon(root: Path, origin: str, tiers: list[dict[str, Any]], mem: Path) -> Hostd:
+    """A daemon over `origin` in 1 MiB chunks, `mem` an 8 MiB tmpfs of its own."""
+    return Hostd(
+        root / "h", origin=origin, tiers=tiers, chunk_size="1MiB", wrap=_small_tmpfs_wrap(mem)
+    )
+
+
 def _tree(p: Path) -> Path:
     """30 files of 1 MiB and 200 small ones: ~31 MiB, four times the tier's filesystem."""
     p.mkdir()
@@ -91,10 +107,7 @@ def test_a_restore_whose_mem_tier_filesystem_is_full_fills_the_next_tier(work: P
         small.mkdir()
         (small / "a.txt").write_text("a")
         pub.publish(small, "t/small")
-    tiers = [
-        {"name": "mem", "path": str(mem), "budget": "1GiB"},
-        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
-    ]
+    tiers = _mem_then_disk(root, mem)
     origin = f"file://{root / 'pub' / 'origin'}"
     with Hostd(root / "h", origin=origin, tiers=tiers, wrap=_small_tmpfs_wrap(mem)) as h:
         assert h.proc is not None
@@ -165,16 +178,8 @@ def test_a_blob_being_filled_takes_its_room_before_its_chunks_land(work: Path) -
     mem.mkdir()
     a, b = os.urandom(6 * MiB), os.urandom(5 * MiB)
     origin = _published(root, {"t/a": {"a.bin": a}, "t/b": {"b.bin": b}, "t/s": {"s": b"s"}})
-    tiers = [
-        {"name": "mem", "path": str(mem), "budget": "1GiB"},
-        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
-    ]
-    with (
-        HeldOrigin(origin) as http,
-        Hostd(
-            root / "h", origin=http.url, tiers=tiers, chunk_size="1MiB", wrap=_small_tmpfs_wrap(mem)
-        ) as h,
-    ):
+    tiers = _mem_then_disk(root, mem)
+    with HeldOrigin(origin) as http, _daemon(root, http.url, tiers, mem) as h:
         assert h.restore("t/s", root / "s", mode="copy")["event"] == "result"
         first, *rest = _chunks(a)
         held = [http.hold(c) for c in rest]
@@ -218,16 +223,8 @@ def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier(work: Pa
     mem.mkdir()
     x, y = os.urandom(12 * MiB), os.urandom(6 * MiB)  # (x more than the mem tier can hold)
     origin = _published(root, {"t/xy": {"x.bin": x, "y.bin": y}, "t/s": {"s": b"s"}})
-    tiers = [
-        {"name": "mem", "path": str(mem), "budget": "1GiB"},
-        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
-    ]
-    with (
-        HeldOrigin(origin) as http,
-        Hostd(
-            root / "h", origin=http.url, tiers=tiers, chunk_size="1MiB", wrap=_small_tmpfs_wrap(mem)
-        ) as h,
-    ):
+    tiers = _mem_then_disk(root, mem)
+    with HeldOrigin(origin) as http, _daemon(root, http.url, tiers, mem) as h:
         assert h.proc is not None
         theirs = Path(f"/proc/{h.proc.pid}/root{mem}")
         assert h.restore("t/s", root / "s", mode="copy")["event"] == "result"
@@ -273,10 +270,7 @@ def test_a_promotion_into_a_tier_that_fills_up_evicts_there_and_lands(work: Path
     mem.mkdir()
     old, new = os.urandom(4 * MiB), os.urandom(3 * MiB)
     origin = _published(root, {"t/old": {"old.bin": old}, "t/new": {"new.bin": new}})
-    tiers = [
-        {"name": "mem", "path": str(mem), "budget": "1GiB"},
-        {"name": "disk", "path": str(root / "disk"), "budget": "4GiB"},
-    ]
+    tiers = _mem_then_disk(root, mem)
     url = f"file://{origin}"
     with Hostd(root / "h", origin=url, tiers=tiers, wrap=_small_tmpfs_wrap(mem)) as h:
         assert h.proc is not None
