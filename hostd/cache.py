@@ -1246,32 +1246,36 @@ class Cache:
             if not b.attached or not b.complete:
                 raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
         keys = [(b.digest, b.tier.name) for b in blobs]
-        # Those held already, and not broken, asked all at once (take would ask each).
-        for b, key, kept in zip(blobs, keys, leases.holding(keys), strict=True):
-            if kept:
-                if not b.attached:  # dropped meanwhile: its lease goes with it
-                    raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
-                continue
-            try:
-                got = leases.take(key, str(b.file))
-            except LeaseBusy as e:
-                raise BlobUnheld(b.digest, str(b.file), str(e)) from None
-            except OSError as e:  # (gone from under its name, say: checked again)
-                raise BlobUnheld(b.digest, str(b.file), f"cannot hold it: {e.strerror}") from e
+        # Those held already, and not broken, asked all at once (take would ask each); the
+        # others taken all at once (a lease each, in C).
+        kept = leases.holding(keys)
+        rest = [i for i, k in enumerate(kept) if not k]
+        took = leases.take_many([(keys[i], blobs[i].file) for i in rest])
+        for i, got in zip(rest, took, strict=True):
+            b, key = blobs[i], keys[i]
+            if isinstance(got, LeaseBusy):
+                raise BlobUnheld(b.digest, b.file, str(got))
+            if isinstance(got, OSError):  # (gone from under its name, say: checked again)
+                raise BlobUnheld(b.digest, b.file, f"cannot hold it: {got.strerror}") from got
             if got is None:
                 unheld += 1
                 continue
+            if isinstance(got, Exception):
+                raise got
             if not b.attached:  # dropped meanwhile, its lease released before it was taken
                 leases.release(key)
-                raise BlobUnheld(b.digest, str(b.file), "it is no longer the cache's record")
+                raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")
             st, new = got
             if not new or st is None:
                 continue
-            seen = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+            seen = (st[4], st[5], st[6], st[0])
             if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
                 leases.release(key)
-                raise BlobUnheld(b.digest, str(b.file), "it changed since it was verified")
+                raise BlobUnheld(b.digest, b.file, "it changed since it was verified")
             leases.vouch(key, new)  # (not before: a write before the take moved that ctime)
+        for b, k in zip(blobs, kept, strict=True):
+            if k and not b.attached:  # dropped meanwhile: its lease goes with it
+                raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")
         return unheld
 
     def leased_moved(self, seen: Iterable[tuple[Blob, Stat | int]]) -> tuple[set[bytes], int]:

@@ -91,7 +91,9 @@ from typing import Protocol
 from hostd.fileio import copy_range, link_fd
 
 # (not in every Python's fcntl module: the kernel's numbers)
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 
 Job = tuple[int, str, int, int, int, int | None]
 """(dirfd, leaf name, mode, size, source descriptor or -1, mtime in ns or None)"""
@@ -148,6 +150,10 @@ LinkJob = tuple[int, str, int, str]
 FdStat = tuple[int, int, int, int, int, int, int]
 """(st_mode, st_uid, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)"""
 
+Taken = tuple[int, FdStat] | tuple[int, int]
+"""take_leases' answer for a path: (descriptor, its stat) or (errno, stage): 0 open,
+1 F_SETSIG, 2 F_SETLEASE, 3 fstat"""
+
 
 class _Extension(Protocol):
     def create_files(self, jobs: Sequence[Job], threads: int, /) -> Failure | None: ...
@@ -159,6 +165,7 @@ class _Extension(Protocol):
     def open_paths(self, paths: Sequence[str], /) -> list[int]: ...
     def fstat_fds(self, fds: Sequence[int], /) -> list[FdStat]: ...
     def lease_types(self, fds: Sequence[int], /) -> list[int]: ...
+    def take_leases(self, paths: Sequence[str], signal: int, /) -> list[Taken]: ...
     def close_fds(self, fds: Sequence[int], /) -> None: ...
 
 
@@ -456,10 +463,10 @@ def native_fstat_fds(fds: Sequence[int]) -> list[FdStat]:
 
 
 def twin_fstat_fds(fds: Sequence[int]) -> list[FdStat]:
-    return [_fdstat(os.fstat(fd)) for fd in fds]
+    return [fdstat_of(os.fstat(fd)) for fd in fds]
 
 
-def _fdstat(st: os.stat_result) -> FdStat:
+def fdstat_of(st: os.stat_result) -> FdStat:
     return st.st_mode, st.st_uid, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -483,6 +490,42 @@ def twin_lease_types(fds: Sequence[int]) -> list[int]:
             out.append(fcntl.fcntl(fd, F_GETLEASE))
         except OSError as e:
             out.append(-(e.errno or errno.EIO))
+    return out
+
+
+def take_leases(paths: Sequence[str], signal: int) -> list[Taken]:
+    """A read lease on each file, its breaks told by `signal` (IMPLEMENTATION's loop):
+    every path tried, one answer each (Taken), in order."""
+    if IMPLEMENTATION == "native":
+        return native_take_leases(paths, signal)
+    return twin_take_leases(paths, signal)
+
+
+def native_take_leases(paths: Sequence[str], signal: int) -> list[Taken]:
+    """The compiled loop (RuntimeError where it was not built)."""
+    if _EXT is None:
+        raise RuntimeError(WHY_NOT_NATIVE)
+    return _EXT.take_leases(paths, signal)
+
+
+def twin_take_leases(paths: Sequence[str], signal: int) -> list[Taken]:
+    out: list[Taken] = []
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            out.append((e.errno or errno.EIO, 0))
+            continue
+        stage = 1
+        try:
+            fcntl.fcntl(fd, F_SETSIG, signal)
+            stage = 2
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+            stage = 3
+            out.append((fd, fdstat_of(os.fstat(fd))))
+        except OSError as e:
+            os.close(fd)
+            out.append((e.errno or errno.EIO, stage))
     return out
 
 

@@ -48,10 +48,16 @@ import signal
 import threading
 from collections.abc import Iterable, Sequence
 
-from hostd.fastcopy import F_GETLEASE, lease_types
+from hostd.fastcopy import (
+    F_GETLEASE,
+    F_SETLEASE,
+    F_SETSIG,
+    FdStat,
+    fdstat_of,
+    lease_types,
+    take_leases,
+)
 
-F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
-F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 SIGNAL = signal.SIGRTMIN + 3  # (Python uses none of the real-time signals)
 # Leases held at most: a descriptor each (the daemon gives a Leases no more than its
 # descriptor limit leaves for them: daemon.lease_budget). Past it a blob is linked with none
@@ -75,6 +81,8 @@ NOT_HERE = (
 
 
 Key = tuple[bytes, str]  # a blob's (digest, tier name)
+# What `take` answers for one (key, path), or the exception it raises (take_many).
+Took = tuple[FdStat | None, int] | None | Exception
 
 
 class Busy(Exception):
@@ -111,50 +119,92 @@ class Leases:
     def __len__(self) -> int:
         return len(self._fds)
 
-    def take(self, key: Key, path: str) -> tuple[os.stat_result | None, int] | None:
+    def take(self, key: Key, path: str) -> tuple[FdStat | None, int] | None:
         """Hold a read lease on the file at `path` for `key` (blocking): the stat of the
-        inode a new one is held on (the caller checks it: the inode it verified, in the
-        state it verified? then `vouch`es for it) and its number; (None, 0) for one held
-        already, not broken and vouched for, which is kept (one not vouched for yet is
-        kept too, and answered as a new one); None where this filesystem or process can
-        hold no more, or the leases are closed (the blob goes without one). Busy if the
-        file is open for writing now."""
+        inode a new one is held on (fastcopy.FdStat: the caller checks it, the inode it
+        verified, in the state it verified? then `vouch`es for it) and its number; (None, 0)
+        for one held already, not broken and vouched for, which is kept (one not vouched
+        for yet is kept too, and answered as a new one); None where this filesystem or
+        process can hold no more, or the leases are closed (the blob goes without one).
+        Busy if the file is open for writing now."""
         with self._lock:
             if self._closed:
                 return None
-            fd = self._fds.get(key)
-            if fd is not None and _holding(fd):
-                if key in self._unvouched:
-                    return os.fstat(fd), self._ids[key]
-                return None, 0
-            if fd is not None:
-                self._broke(key)  # (before its writer may go on)
-                self._forget(key)
-            if len(self._fds) >= self.most:
+            return self._take(key, path)
+
+    def take_many(self, items: Sequence[tuple[Key, str]]) -> list[Took]:
+        """`take` of each (key, path), under one hold of the lock, those with no lease yet
+        in one native call (fastcopy.take_leases): what `take` answers for each, or the
+        exception it raises (Busy, OSError), in order."""
+        out: list[Took] = [None] * len(items)
+        with self._lock:
+            if self._closed:
+                return out
+            fresh: list[int] = []
+            asked: set[Key] = set()
+            for i, (key, path) in enumerate(items):
+                if key in self._fds or key in asked:
+                    out[i] = self._took(key, path)
+                else:
+                    asked.add(key)
+                    fresh.append(i)
+            fresh = fresh[: max(0, self.most - len(self._fds))]  # (past `most`: None)
+            got = take_leases([items[i][1] for i in fresh], SIGNAL)
+            for i, (first, second) in zip(fresh, got, strict=True):
+                key, path = items[i]
+                if isinstance(second, tuple):
+                    out[i] = second, self._held(key, first, second)
+                elif second == 2 and first == errno.EAGAIN:
+                    out[i] = Busy(f"{path} is open for writing")
+                elif first not in NOT_HERE:
+                    out[i] = OSError(first, os.strerror(first), path)
+        return out
+
+    def _took(self, key: Key, path: str) -> Took:
+        try:
+            return self._take(key, path)
+        except (Busy, OSError) as e:
+            return e
+
+    def _take(self, key: Key, path: str) -> tuple[FdStat | None, int] | None:
+        """`take`'s body (the lock held, not closed)."""
+        fd = self._fds.get(key)
+        if fd is not None and _holding(fd):
+            if key in self._unvouched:
+                return fdstat_of(os.fstat(fd)), self._ids[key]
+            return None, 0
+        if fd is not None:
+            self._broke(key)  # (before its writer may go on)
+            self._forget(key)
+        if len(self._fds) >= self.most:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno in NOT_HERE:
                 return None
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno in NOT_HERE:
-                    return None
-                raise
-            try:
-                fcntl.fcntl(fd, F_SETSIG, SIGNAL)
-                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
-            except OSError as e:
-                os.close(fd)
-                if e.errno == errno.EAGAIN:
-                    raise Busy(f"{path} is open for writing") from None
-                if e.errno in NOT_HERE:
-                    return None
-                raise
-            self._fds[key] = fd
-            self._taken += 1
-            self._ids[key] = self._taken
-            self._unvouched.add(key)
-            st = os.fstat(fd)
-            self._at[key] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
-            return st, self._taken
+            raise
+        try:
+            fcntl.fcntl(fd, F_SETSIG, SIGNAL)
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EAGAIN:
+                raise Busy(f"{path} is open for writing") from None
+            if e.errno in NOT_HERE:
+                return None
+            raise
+        st = fdstat_of(os.fstat(fd))
+        return st, self._held(key, fd, st)
+
+    def _held(self, key: Key, fd: int, st: FdStat) -> int:
+        """Keep a new lease, on `fd` (the lock held), unvouched: its number."""
+        self._fds[key] = fd
+        self._taken += 1
+        self._ids[key] = self._taken
+        self._unvouched.add(key)
+        self._at[key] = st[4], st[5], st[6]
+        return self._taken
 
     def vouch(self, key: Key, number: int) -> None:
         """The blob lease `number` (`take`'s) was taken on was checked since (its state, its

@@ -72,6 +72,15 @@
  * type (F_RDLCK, F_WRLCK, F_UNLCK: a lease being broken answers the type it is to become),
  * or -errno where it failed, in order.
  *
+ * take_leases(paths, signal): a read lease on each file, without the GIL:
+ *
+ *     open(path, O_RDONLY|O_NOFOLLOW|O_CLOEXEC|O_NONBLOCK); fcntl(F_SETSIG, signal);
+ *     fcntl(F_SETLEASE, F_RDLCK); fstat
+ *
+ * Every path is tried. One answer per path, in order: (fd, fstat_fds' stat tuple), or
+ * (errno, stage) where it failed (stage 0 open, 1 F_SETSIG, 2 F_SETLEASE, 3 fstat; the
+ * descriptor closed: EAGAIN at 2, someone holds the file open for writing).
+ *
  * close_fds(fds): close() of each descriptor, without the GIL; every one is closed, and the
  * first failure (but EINTR, after which Linux has closed it) raised as os.close raises it.
  *
@@ -998,6 +1007,78 @@ static PyObject *lease_types(PyObject *self, PyObject *arg) {
     return out;
 }
 
+static PyObject *take_leases(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *arg;
+    int sig;
+    if (!PyArg_ParseTuple(args, "Oi", &arg, &sig))
+        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
+    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
+    PyObject *result = NULL;
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++)
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        struct named *x = &v[i];
+        int fd;
+        do {
+            fd = open(PyBytes_AS_STRING(x->a), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+        } while (fd < 0 && errno == EINTR);
+        x->fd_a = -1;
+        x->fd_b = 0; /* the stage */
+        if (fd < 0) {
+            x->err = errno;
+            continue;
+        }
+        if (fcntl(fd, F_SETSIG, sig) < 0)
+            x->fd_b = 1;
+        else if (fcntl(fd, F_SETLEASE, F_RDLCK) < 0)
+            x->fd_b = 2;
+        else if (fstat(fd, &x->st) < 0)
+            x->fd_b = 3;
+        else {
+            x->fd_a = fd;
+            continue;
+        }
+        x->err = errno;
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    for (i = 0; result != NULL && i < n; i++) {
+        struct named *x = &v[i];
+        PyObject *t;
+        if (x->fd_a < 0)
+            t = Py_BuildValue("(ii)", x->err, x->fd_b);
+        else
+            t = Py_BuildValue("(i(kkKKLNN))", x->fd_a, (unsigned long)x->st.st_mode,
+                              (unsigned long)x->st.st_uid, (unsigned long long)x->st.st_dev,
+                              (unsigned long long)x->st.st_ino, (long long)x->st.st_size,
+                              ns_of(&x->st.st_mtim), ns_of(&x->st.st_ctim));
+        if (t == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, t);
+    }
+    if (result == NULL) /* (no answer: no lease is kept) */
+        for (i = 0; i < n; i++)
+            if (v != NULL && v[i].fd_a >= 0)
+                close(v[i].fd_a);
+done:
+    named_free(v, n);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS,
      "create_files(jobs, threads=1) -> None | (index, errno, stage, short_by)\n\n"
@@ -1026,6 +1107,10 @@ static PyMethodDef methods[] = {
     {"lease_types", lease_types, METH_O,
      "lease_types(fds) -> [type | -errno]\n\n"
      "fcntl(fd, F_GETLEASE) each descriptor without the GIL; -errno where it failed."},
+    {"take_leases", take_leases, METH_VARARGS,
+     "take_leases(paths, signal) -> [(fd, stat) | (errno, stage)]\n\n"
+     "A read lease on each file (open, F_SETSIG, F_SETLEASE, fstat) without the GIL; every "
+     "path tried, one answer each, in order."},
     {"close_fds", close_fds, METH_O,
      "close_fds(fds) -> None\n\n"
      "close() each descriptor without the GIL; the first failure raised as OSError."},

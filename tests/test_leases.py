@@ -77,7 +77,7 @@ def test_an_open_for_writing_through_another_name_breaks_the_lease(
     assert got is not None
     assert got[1] > 0  # new: its number
     assert got[0] is not None
-    assert got[0].st_ino == blob.stat().st_ino
+    assert got[0][3] == blob.stat().st_ino  # (its fstat_fds tuple)
     leases.vouch(KEY, got[1])
     assert leases.holds(KEY)
     with open_for_writing(blob.with_name("link")) as writer:
@@ -178,3 +178,33 @@ def test_a_break_is_recorded_before_its_writer_goes_on_and_forgotten_breaks_coun
     other = b"\x03" * 32  # never broken
     assert leases.broken_since(now, [other]) == {other}  # (a break since may be forgotten)
     assert leases.broken_since(now + 1, [other, b"\x12" * 32]) == {b"\x12" * 32}
+
+
+def test_take_many_answers_as_take_does_for_each(tmp_path: Path) -> None:
+    """A batch of takes in one native call: a new lease's stat and number, Busy for a file
+    open for writing, None past `most`, and the one held already kept (None, 0) once
+    vouched for."""
+    files = [tmp_path / n for n in ("a", "busy", "c", "d")]
+    for f in files:
+        f.write_bytes(b"x")
+    keys = [(bytes([i]) * 32, "mem") for i in range(4)]
+    writing = os.open(files[1], os.O_WRONLY)
+    leases = Leases(3)
+    try:
+        got = leases.take_many([(k, str(f)) for k, f in zip(keys, files, strict=True)])
+        assert isinstance(got[1], Busy)
+        assert got[3] is None  # (past `most`: a lease each for a, busy's try and c)
+        for i in (0, 2):
+            answer = got[i]
+            assert isinstance(answer, tuple)
+            st, number = answer
+            assert st is not None
+            assert st[3] == files[i].stat().st_ino
+            assert number > 0
+            assert not leases.holds(keys[i])  # (not vouched for yet)
+            leases.vouch(keys[i], number)
+            assert leases.holds(keys[i])
+        assert leases.take_many([(keys[0], str(files[0]))]) == [(None, 0)]
+    finally:
+        os.close(writing)
+        leases.close()

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -1148,6 +1149,33 @@ def test_native_links_on_threads_give_each_job_its_own_errno(tmp_path: Path, thr
     assert got == want
     assert os.stat(src / "blob").st_nlink == 1 + 5 * 8
     assert fastcopy.twin_link_files([]) == fastcopy.native_link_files([], threads) == []
+
+
+@pytest.mark.parametrize("take_leases", [fastcopy.twin_take_leases, fastcopy.native_take_leases])
+def test_take_leases_holds_each_lease_or_says_where_it_failed(
+    tmp_path: Path, take_leases: Callable[[Sequence[str], int], list[fastcopy.Taken]]
+) -> None:
+    """A lease taken (its descriptor and fstat), a file that is not there (ENOENT at the
+    open), one held open for writing (EAGAIN at F_SETLEASE, its descriptor closed)."""
+    if take_leases is fastcopy.native_take_leases:
+        _native_or_skip()
+    (tmp_path / "ok").write_bytes(b"x" * 7)
+    (tmp_path / "busy").write_bytes(b"y")
+    writing = os.open(tmp_path / "busy", os.O_WRONLY)
+    try:
+        got = take_leases([str(tmp_path / n) for n in ("ok", "gone", "busy")], signal.SIGRTMIN + 3)
+        fd, st = got[0]
+        try:
+            assert isinstance(st, tuple)
+            assert st == fastcopy.twin_fstat_fds([fd])[0]
+            assert st[4] == 7
+            assert fcntl.fcntl(fd, 1025) == fcntl.F_RDLCK  # F_GETLEASE
+        finally:
+            os.close(fd)
+        assert got[1:] == [(errno.ENOENT, 0), (errno.EAGAIN, 2)]
+        assert take_leases([], signal.SIGRTMIN + 3) == []
+    finally:
+        os.close(writing)
 
 
 @pytest.mark.parametrize("lease_types", [fastcopy.twin_lease_types, fastcopy.native_lease_types])
