@@ -141,9 +141,12 @@ class Leases:
             if self._closed:
                 return out
             fresh: list[int] = []
+            again: list[int] = []  # a key asked twice: taken (or kept) after the batch
             asked: set[Key] = set()
             for i, (key, path) in enumerate(items):
-                if key in self._fds or key in asked:
+                if key in asked:
+                    again.append(i)
+                elif key in self._fds:
                     out[i] = self._took(key, path)
                 else:
                     asked.add(key)
@@ -158,6 +161,8 @@ class Leases:
                     out[i] = Busy(f"{path} is open for writing")
                 elif first not in NOT_HERE:
                     out[i] = OSError(first, os.strerror(first), path)
+            for i in again:
+                out[i] = self._took(*items[i])
         return out
 
     def _took(self, key: Key, path: str) -> Took:

@@ -205,6 +205,10 @@ def test_take_many_answers_as_take_does_for_each(tmp_path: Path) -> None:
             leases.vouch(keys[i], number)
             assert leases.holds(keys[i])
         assert leases.take_many([(keys[0], str(files[0]))]) == [(None, 0)]
+        twice = leases.take_many([(keys[3], str(files[3]))] * 2)  # (room for one more)
+        assert isinstance(twice[0], tuple)
+        assert twice[1] == (twice[0][0], twice[0][1])  # the same lease, not vouched yet
+        assert len(leases) == 3  # one descriptor for it, not two
     finally:
         os.close(writing)
         leases.close()
