@@ -1251,28 +1251,39 @@ class Cache:
         kept = leases.holding(keys)
         rest = [i for i, k in enumerate(kept) if not k]
         took = leases.take_many([(keys[i], blobs[i].file) for i in rest])
-        for i, got in zip(rest, took, strict=True):
-            b, key = blobs[i], keys[i]
-            if isinstance(got, LeaseBusy):
-                raise BlobUnheld(b.digest, b.file, str(got))
-            if isinstance(got, OSError):  # (gone from under its name, say: checked again)
-                raise BlobUnheld(b.digest, b.file, f"cannot hold it: {got.strerror}") from got
-            if got is None:
-                unheld += 1
-                continue
-            if isinstance(got, Exception):
-                raise got
-            if not b.attached:  # dropped meanwhile, its lease released before it was taken
-                leases.release(key)
-                raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")
-            st, new = got
-            if not new or st is None:
-                continue
-            seen = (st[4], st[5], st[6], st[0])
-            if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
-                leases.release(key)
-                raise BlobUnheld(b.digest, b.file, "it changed since it was verified")
-            leases.vouch(key, new)  # (not before: a write before the take moved that ctime)
+        done = 0
+        try:
+            for i, got in zip(rest, took, strict=True):
+                done += 1
+                b, key = blobs[i], keys[i]
+                if isinstance(got, LeaseBusy):
+                    raise BlobUnheld(b.digest, b.file, str(got))
+                if isinstance(got, OSError):  # (gone from under its name, say: checked again)
+                    raise BlobUnheld(b.digest, b.file, f"cannot hold it: {got.strerror}") from got
+                if got is None:
+                    unheld += 1
+                    continue
+                if isinstance(got, Exception):
+                    raise got
+                if not b.attached:  # dropped meanwhile, its lease released before it was taken
+                    leases.release(key)
+                    raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")
+                st, new = got
+                if not new or st is None:
+                    continue
+                seen = (st[4], st[5], st[6], st[0])
+                if not state_holds(seen, b.size, b.mtime_ns, b.ctime_ns, True, b.mode):
+                    leases.release(key)
+                    raise BlobUnheld(b.digest, b.file, "it changed since it was verified")
+                leases.vouch(key, new)  # (not before: a write before the take moved that ctime)
+        except BaseException:
+            # The leases this batch took for the blobs after the one that failed are given
+            # up: none was checked (nor its record asked: one dropped meanwhile would keep
+            # its removed inode, nothing else releasing it).
+            for i, got in zip(rest[done:], took[done:], strict=True):
+                if isinstance(got, tuple) and got[1]:
+                    leases.release(keys[i])
+            raise
         for b, k in zip(blobs, kept, strict=True):
             if k and not b.attached:  # dropped meanwhile: its lease goes with it
                 raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")

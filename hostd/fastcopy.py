@@ -510,22 +510,31 @@ def native_take_leases(paths: Sequence[str], signal: int) -> list[Taken]:
 
 def twin_take_leases(paths: Sequence[str], signal: int) -> list[Taken]:
     out: list[Taken] = []
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            out.append((e.errno or errno.EIO, 0))
-            continue
-        stage = 1
-        try:
-            fcntl.fcntl(fd, F_SETSIG, signal)
-            stage = 2
-            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
-            stage = 3
-            out.append((fd, fdstat_of(os.fstat(fd))))
-        except OSError as e:
-            os.close(fd)
-            out.append((e.errno or errno.EIO, stage))
+    try:
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                out.append((e.errno or errno.EIO, 0))
+                continue
+            stage = 1
+            try:
+                fcntl.fcntl(fd, F_SETSIG, signal)
+                stage = 2
+                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+                stage = 3
+                out.append((fd, fdstat_of(os.fstat(fd))))
+            except BaseException as e:
+                os.close(fd)
+                if not isinstance(e, OSError):
+                    raise
+                out.append((e.errno or errno.EIO, stage))
+    except BaseException:
+        # (no answer: no lease is kept, as the native loop keeps none where it raises)
+        for first, second in out:
+            if isinstance(second, tuple):
+                os.close(first)
+        raise
     return out
 
 

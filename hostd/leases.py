@@ -151,7 +151,11 @@ class Leases:
                 else:
                     asked.add(key)
                     fresh.append(i)
-            fresh = fresh[: max(0, self.most - len(self._fds))]  # (past `most`: None)
+            # Past `most`, taken one by one after the batch, as `take` would (None where no
+            # room is left: a batch member that fails takes none).
+            room = max(0, self.most - len(self._fds))
+            again[:0] = fresh[room:]
+            fresh = fresh[:room]
             got = take_leases([items[i][1] for i in fresh], SIGNAL)
             for i, (first, second) in zip(fresh, got, strict=True):
                 key, path = items[i]
@@ -161,7 +165,7 @@ class Leases:
                     out[i] = Busy(f"{path} is open for writing")
                 elif first not in NOT_HERE:
                     out[i] = OSError(first, os.strerror(first), path)
-            for i in again:
+            for i in sorted(again):
                 out[i] = self._took(*items[i])
         return out
 

@@ -1013,10 +1013,12 @@ static PyObject *take_leases(PyObject *self, PyObject *args) {
     int sig;
     if (!PyArg_ParseTuple(args, "Oi", &arg, &sig))
         return NULL;
-    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
+    /* A tuple, not PySequence_Fast's list itself: a path's __fspath__ may change the list
+     * while the paths are converted. */
+    PyObject *seq = PySequence_Tuple(arg);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq), i;
     struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
     PyObject *result = NULL;
     if (v == NULL) {
@@ -1024,7 +1026,7 @@ static PyObject *take_leases(PyObject *self, PyObject *args) {
         goto done;
     }
     for (i = 0; i < n; i++)
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
+        if (!PyUnicode_FSConverter(PyTuple_GET_ITEM(seq, i), &v[i].a))
             goto done;
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {

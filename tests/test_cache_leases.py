@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from test_cache import Env, env  # noqa: F401  (fixture)
 
+from hostd.errors import BlobUnheld
 from hostd.leases import SIGNAL, Leases
 
 
@@ -179,3 +180,44 @@ async def test_a_lease_a_rehash_took_vouches_for_no_ctime_before_its_hash_passed
         go.set()
         assert not await use  # the hash finds the write: dropped
         after.close()
+
+
+def test_a_lease_batch_that_fails_midway_keeps_no_lease_on_a_blob_dropped_meanwhile(
+    env: Env,  # noqa: F811
+    leases: Leases,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Cache.lease` takes every new lease first (Leases.take_many), then checks each blob.
+    The first that fails (changed since it was verified, here) raises; a blob after it that
+    was dropped meanwhile (a removal, its file unlinked on a thread after the record goes,
+    `_drop` having released nothing yet held) must not keep the lease the batch took on it:
+    nothing else would give it up, and its descriptor keeps the removed inode."""
+
+    async def main() -> None:
+        cache = env.open()
+        cache.guard_links(leases)
+        mem = cache.tiers[0]
+        a, b = env.file("a", 300), env.file("b", 400)
+        for e in (a, b):
+            await env.put(cache, e, [mem])
+        ba, bb = cache.locate(a.digest, [mem]), cache.locate(b.digest, [mem])
+        assert ba is not None
+        assert bb is not None
+        st = os.stat(ba.file)
+        os.utime(ba.file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # changed since verified
+        real = leases.holding
+
+        def holding(keys: Any) -> list[bool]:
+            got = real(keys)
+            cache._drop(b.digest, mem.name)  # (on the loop, meanwhile: the file still there)
+            return got
+
+        monkeypatch.setattr(leases, "holding", holding)
+        with pytest.raises(BlobUnheld, match="changed since"):
+            cache.lease([ba, bb])
+        os.unlink(bb.file)  # the removal's thread
+        gone = [name for name in _open_files() if "/blobs/" in name and name.endswith(" (deleted)")]
+        assert not gone, gone
+        assert len(leases) == 0, len(leases)
+
+    asyncio.run(main())

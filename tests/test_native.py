@@ -1244,3 +1244,39 @@ def test_fstat_fds_and_close_fds_do_what_os_does_for_each(
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)
     close_fds([])
+
+
+def test_twin_take_leases_keeps_no_lease_where_it_raises(tmp_path: Path) -> None:
+    """A path that is no path (the native loop raises before it opens any): the twin's
+    leases taken on the paths before it are given up, not left on descriptors no one has."""
+    (tmp_path / "a").write_bytes(b"x")
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(TypeError):
+            fastcopy.twin_take_leases([str(tmp_path / "a"), None], signal.SIGRTMIN + 3)  # type: ignore[list-item]
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_native_take_leases_survives_a_path_that_changes_the_list(tmp_path: Path) -> None:
+    """A path's __fspath__ that empties the list being converted: a copy is converted
+    (the list itself read past its end was a crash)."""
+    _native_or_skip()
+    (tmp_path / "a").write_bytes(b"x")
+    code = (
+        "import os, signal, sys\n"
+        "from hostd import fastcopy\n"
+        "paths = []\n"
+        "class P:\n"
+        "    def __fspath__(self):\n"
+        "        paths.clear()\n"
+        "        return sys.argv[1]\n"
+        "paths.extend([P(), P(), P()])\n"
+        "got = fastcopy.native_take_leases(paths, signal.SIGRTMIN + 3)\n"
+        "assert len(got) == 3 and all(isinstance(g[1], tuple) for g in got), got\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert r.stdout == "ok\n"
