@@ -711,6 +711,30 @@ static void named_free(struct named *v, Py_ssize_t n) {
     PyMem_Free(v);
 }
 
+/* A sequence of paths as a tuple of its own (a path's __fspath__ may change the sequence
+ * while the paths are converted) and an array of *n entries, each path converted into
+ * `a` (PyUnicode_FSConverter): both new (named_free the array). NULL, with an exception
+ * set and nothing left, where anything fails. */
+static struct named *named_of(PyObject *arg, PyObject **tuple, Py_ssize_t *n) {
+    PyObject *seq = PySequence_Tuple(arg);
+    if (seq == NULL)
+        return NULL;
+    *n = PyTuple_GET_SIZE(seq);
+    struct named *v = PyMem_Calloc(*n ? (size_t)*n : 1, sizeof(struct named));
+    if (v == NULL)
+        PyErr_NoMemory();
+    for (Py_ssize_t i = 0; v != NULL && i < *n; i++)
+        if (!PyUnicode_FSConverter(PyTuple_GET_ITEM(seq, i), &v[i].a)) {
+            named_free(v, *n);
+            v = NULL;
+        }
+    if (v == NULL)
+        Py_DECREF(seq);
+    else
+        *tuple = seq;
+    return v;
+}
+
 static int stat_one(void *ctx, size_t i) {
     struct named *v = &((struct named *)ctx)[i];
     v->err = lstat(PyBytes_AS_STRING(v->a), &v->st) < 0 ? errno : 0;
@@ -723,19 +747,12 @@ static PyObject *lstat_paths(PyObject *self, PyObject *args) {
     int threads = 1;
     if (!PyArg_ParseTuple(args, "O|i:lstat_paths", &seq_in, &threads))
         return NULL;
-    PyObject *seq = PySequence_Fast(seq_in, "paths must be a sequence");
-    if (seq == NULL)
+    PyObject *seq;
+    Py_ssize_t n, i;
+    struct named *v = named_of(seq_in, &seq, &n);
+    if (v == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i;
-    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
     PyObject *result = NULL;
-    if (v == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < n; i++)
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
-            goto done;
     Py_BEGIN_ALLOW_THREADS
     pool_run((size_t)n, threads, 0, stat_one, v);
     Py_END_ALLOW_THREADS
@@ -828,20 +845,13 @@ done:
 
 static PyObject *open_paths(PyObject *self, PyObject *arg) {
     (void)self;
-    PyObject *seq = PySequence_Fast(arg, "paths must be a sequence");
-    if (seq == NULL)
+    PyObject *seq;
+    Py_ssize_t n, i, opened = 0;
+    struct named *v = named_of(arg, &seq, &n);
+    if (v == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, opened = 0;
-    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
     PyObject *result = NULL;
     int err = 0;
-    if (v == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < n; i++)
-        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &v[i].a))
-            goto done;
     Py_BEGIN_ALLOW_THREADS
     for (; opened < n; opened++) {
         int fd;
@@ -860,7 +870,7 @@ static PyObject *open_paths(PyObject *self, PyObject *arg) {
     Py_END_ALLOW_THREADS
     if (err) {
         errno = err;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PySequence_Fast_GET_ITEM(seq, opened));
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyTuple_GET_ITEM(seq, opened));
         goto done;
     }
     result = PyList_New(n);
@@ -1013,21 +1023,12 @@ static PyObject *take_leases(PyObject *self, PyObject *args) {
     int sig;
     if (!PyArg_ParseTuple(args, "Oi", &arg, &sig))
         return NULL;
-    /* A tuple, not PySequence_Fast's list itself: a path's __fspath__ may change the list
-     * while the paths are converted. */
-    PyObject *seq = PySequence_Tuple(arg);
-    if (seq == NULL)
+    PyObject *seq;
+    Py_ssize_t n, i;
+    struct named *v = named_of(arg, &seq, &n);
+    if (v == NULL)
         return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(seq), i;
-    struct named *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct named));
     PyObject *result = NULL;
-    if (v == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < n; i++)
-        if (!PyUnicode_FSConverter(PyTuple_GET_ITEM(seq, i), &v[i].a))
-            goto done;
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
         struct named *x = &v[i];
@@ -1073,9 +1074,8 @@ static PyObject *take_leases(PyObject *self, PyObject *args) {
     }
     if (result == NULL) /* (no answer: no lease is kept) */
         for (i = 0; i < n; i++)
-            if (v != NULL && v[i].fd_a >= 0)
+            if (v[i].fd_a >= 0)
                 close(v[i].fd_a);
-done:
     named_free(v, n);
     Py_DECREF(seq);
     return result;

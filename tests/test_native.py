@@ -1257,9 +1257,19 @@ def test_twin_take_leases_keeps_no_lease_where_it_raises(tmp_path: Path) -> None
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
-def test_native_take_leases_survives_a_path_that_changes_the_list(tmp_path: Path) -> None:
-    """A path's __fspath__ that empties the list being converted: a copy is converted
-    (the list itself read past its end was a crash)."""
+@pytest.mark.parametrize(
+    "call",
+    [
+        "fastcopy.native_take_leases(paths, signal.SIGRTMIN + 3)",
+        "fastcopy.native_lstat_paths(paths)",
+        "fastcopy.native_open_paths(paths)",
+    ],
+)
+def test_native_path_batches_survive_a_path_that_changes_the_list(
+    tmp_path: Path, call: str
+) -> None:
+    """A path's __fspath__ that empties the list being converted: a copy of its own is
+    converted (the list itself read past its end was a crash)."""
     _native_or_skip()
     (tmp_path / "a").write_bytes(b"x")
     code = (
@@ -1271,8 +1281,8 @@ def test_native_take_leases_survives_a_path_that_changes_the_list(tmp_path: Path
         "        paths.clear()\n"
         "        return sys.argv[1]\n"
         "paths.extend([P(), P(), P()])\n"
-        "got = fastcopy.native_take_leases(paths, signal.SIGRTMIN + 3)\n"
-        "assert len(got) == 3 and all(isinstance(g[1], tuple) for g in got), got\n"
+        f"got = {call}\n"
+        "assert len(got) == 3, got\n"
         "print('ok')\n"
     )
     r = subprocess.run(
