@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from harness import outcome, stream, tree_digest
 from test_trust import (  # noqa: F401  (fixtures)
+    _big_and_small,
     _copy_by,
     _nobody_caller,
     _one_blob,
+    _write_at_the_end,
     daemon,
     nobody_dir,
     nobody_stream,
@@ -34,26 +36,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: 
 ATTEMPTS = 8  # the copy lasts tens of milliseconds: the write must land inside one of them
 
 
-def _big_tree(p: Path) -> Path:
-    """A 96 MiB file (its copy lasts tens of milliseconds) and a small one, world-readable."""
-    p.mkdir()
-    (p / "big.bin").write_bytes(os.urandom(8 << 20) * 12)
-    (p / "small.txt").write_text("small")
-    for q in p.iterdir():
-        q.chmod(0o644)
-    return p
-
-
-def _evil_at_the_end(path: Path) -> None:
-    """Root writing through a link it reaches, at the file's end (where a copy comes last),
-    then putting the mtime back."""
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(-4, os.SEEK_END)
-        f.write(b"EVIL")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def _copy_racing(d: Any, target: Path, linked: Path) -> list[dict[str, Any]]:
     """The events of root's copy restore of t/big into `target`, with `linked` written as
     soon as the hidden build exists (its blobs checked, their copies about to be made or
@@ -62,7 +44,7 @@ def _copy_racing(d: Any, target: Path, linked: Path) -> list[dict[str, Any]]:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         job = pool.submit(stream, d.socket, "/v1/restore", body)
         wait_for(lambda: job.done() or any(target.parent.glob(f".{target.name}.hostd-*")), step=0)
-        _evil_at_the_end(linked)
+        _write_at_the_end(linked, b"EVIL")
         return job.result()
 
 
@@ -74,7 +56,7 @@ def test_a_copy_never_hands_over_what_root_wrote_through_a_non_writers_link_mean
     puts the mtime back: the copy either saw the published bytes, or was read back (its
     blob moved, its lease broke), found bad, and built again from the blob fetched anew.
     Root's tree is the published one every time; a copy used to hand the write over."""
-    src = _big_tree(work / "src")
+    src = _big_and_small(work)
     want = tree_digest(src)
     home = nobody_dir(work / "home")
     caught = 0
