@@ -19,6 +19,10 @@ import pytest
 from harness import Hostd, make_tree, short_tmp
 from prometheus_client.parser import text_string_to_metric_families
 
+from hostd import api_local
+from hostd.core.pathfilter import MAX_PATTERNS
+from hostd.errors import UsageError
+
 IDLE = 1.0  # the daemon's idle_timeout in these tests
 
 
@@ -208,3 +212,15 @@ def test_scrapes_are_consistent_while_restores_and_evictions_run(tmp_path: Path)
             if s.name == "hostd_evictions_total"
         )
         assert evictions > 0
+
+
+def test_too_many_order_patterns_are_refused_before_any_is_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The count is the cheap check: a 1 MiB body holds 100,000 short patterns, which took
+    the loop over a second to compile before the count refused them."""
+    compiled: list[str] = []
+    monkeypatch.setattr(api_local, "compile_pattern", compiled.append)
+    with pytest.raises(UsageError, match=f"more than {MAX_PATTERNS} patterns"):
+        api_local._patterns({"order": ["?a"] * (MAX_PATTERNS + 1)}, "order")
+    assert compiled == []
