@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -20,7 +21,7 @@ from harness import Hostd, make_tree, short_tmp
 from prometheus_client.parser import text_string_to_metric_families
 
 from hostd import api_local
-from hostd.core.pathfilter import MAX_PATTERNS
+from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
 from hostd.errors import UsageError
 
 IDLE = 1.0  # the daemon's idle_timeout in these tests
@@ -222,5 +223,27 @@ def test_too_many_order_patterns_are_refused_before_any_is_compiled(
     compiled: list[str] = []
     monkeypatch.setattr(api_local, "compile_pattern", compiled.append)
     with pytest.raises(UsageError, match=f"more than {MAX_PATTERNS} patterns"):
-        api_local._patterns({"order": ["?a"] * (MAX_PATTERNS + 1)}, "order")
+        asyncio.run(api_local._patterns({"order": ["?a"] * (MAX_PATTERNS + 1)}, "order"))
     assert compiled == []
+
+
+def test_long_patterns_are_compiled_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 patterns of 1,024 characters take half a second to compile: a request's check
+    compiles them on a thread, the loop (every other client) going on; a few short ones
+    stay on the loop (a thread hop would cost more)."""
+    where: list[threading.Thread] = []
+    real = compile_pattern
+
+    def compiling(pattern: str) -> object:
+        where.append(threading.current_thread())
+        return real(pattern)
+
+    monkeypatch.setattr(api_local, "compile_pattern", compiling)
+    long = ["dir/" * 200 + f"{i}.bin" for i in range(16)]
+    assert sum(map(len, long)) > api_local.PATTERN_CHARS_ON_LOOP
+    assert asyncio.run(api_local._patterns({"order": long}, "order")) == long
+    assert where
+    assert threading.main_thread() not in where
+    where.clear()
+    asyncio.run(api_local._patterns({"order": ["*.safetensors"]}, "order"))
+    assert where == [threading.main_thread()]
