@@ -1,12 +1,13 @@
 """Who may ask for what, and how many operations run at once: decisions, no I/O.
 
 Every local API route belongs to one class of operation (docs/ARCHITECTURE.md, "Invariants"):
-`restore` (restore, prefetch, snapshots, status), `publish`, or `admin` (pin, unpin, gc,
-verify). `[access]` lists, per class, the callers allowed: "uid:N", "gid:N" or "*" (config.py
-has already turned `user:NAME` and `group:NAME` into ids). A caller matches a "gid:N" entry
-through its primary gid or any supplementary group, as SO_PEERCRED and SO_PEERGROUPS gave
-them at connect. Root and the daemon's own effective uid may always use every class: the
-daemon cannot be locked out of itself by its config.
+`restore` (restore, prefetch, snapshots, status, refs, inspect, ref history), `publish`
+(publish, ref set), or `admin` (pin, unpin, gc, verify, rm, prune). `[access]` lists, per
+class, the callers allowed: "uid:N", "gid:N" or "*" (config.py has already turned `user:NAME`
+and `group:NAME` into ids). A caller matches a "gid:N" entry through its primary gid or any
+supplementary group, as SO_PEERCRED and SO_PEERGROUPS gave them at connect. Root and the
+daemon's own effective uid may always use every class: the daemon cannot be locked out of
+itself by its config.
 
 `Operations` counts the operations that do work, in total and per caller uid, against
 `max_operations` and `max_operations_per_uid`. It is plain state changed only in synchronous
@@ -26,9 +27,9 @@ from hostd.errors import Busy, Forbidden
 
 CLASSES = ACCESS_CLASSES
 _WHAT = {
-    "restore": "restore, prefetch, snapshots and status",
-    "publish": "publish",
-    "admin": "pin, unpin, gc and verify",
+    "restore": "restore, prefetch, snapshots, status, refs, inspect and ref history",
+    "publish": "publish and ref set",
+    "admin": "pin, unpin, gc, verify, rm and prune",
 }
 
 

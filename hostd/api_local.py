@@ -614,7 +614,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     operations = request.app[OPERATIONS_KEY]
     # (a rootless container's subordinate uids count as the user who made it)
-    slot = operations.take(config, quota_uid(caller.pid, caller.uid, request.app[EUID_KEY]))
+    with caller_pidfd(request) as pidfd:
+        key = quota_uid(caller.pid, caller.uid, request.app[EUID_KEY], pidfd)
+    slot = operations.take(config, key)
     try:
         return await handler(request)
     finally:

@@ -155,7 +155,7 @@ NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4): the uid that made a user namespace
 GONE = -1  # quota_uid of a caller whose process had exited: all such share their caps
 
 
-def quota_uid(pid: int, uid: int, daemon_uid: int) -> int:
+def quota_uid(pid: int, uid: int, daemon_uid: int, pidfd: int = -1) -> int:
     """The uid whose caps a caller's operations and connections count against: its own,
     unless it runs in a user namespace that an unprivileged user made (a rootless container,
     `unshare -r`): then that user's, whose subordinate uids (/etc/subuid) would otherwise
@@ -163,13 +163,18 @@ def quota_uid(pid: int, uid: int, daemon_uid: int) -> int:
     runtime's per-container or per-pod ranges) keeps its uids apart. GONE where the process
     that connected has exited (a child that connected and handed its socket on: its own uid
     could be any of the subordinate ones); its own uid where nothing else can be told (pid 0:
-    another pid namespace's). A few system calls: fine on the loop."""
+    another pid namespace's). `pidfd` (SO_PEERPIDFD) confirms the namespace read was the
+    caller's: once it has exited, its pid may name any later process, whose namespace says
+    nothing of the caller. A few system calls: fine on the loop."""
     try:
         fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return GONE if pid > 0 else uid
     except OSError:
         return uid
+    if pidfd >= 0 and not _alive(pidfd):  # (alive after the open: the namespace was its own)
+        os.close(fd)
+        return GONE
     try:
         ours = _ns("/proc/self/ns/user")
         while True:
@@ -192,6 +197,17 @@ def quota_uid(pid: int, uid: int, daemon_uid: int) -> int:
         return uid
     finally:
         os.close(fd)
+
+
+def _alive(pidfd: int) -> bool:
+    """Whether the process `pidfd` names has not exited (signal 0: nothing is sent)."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # (there, but not ours to signal: a daemon that is not root)
+    return True
 
 
 def _ns(path: str) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
-from hostd.caller import peer_creds, quota_uid
+from hostd.caller import peer_creds, peer_pidfd, quota_uid
 from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
@@ -523,9 +523,17 @@ def local_client(transport: asyncio.BaseTransport) -> int | None:
     """A socket connection's key for its caps: the uid that connected (SO_PEERCRED), or the
     user whose rootless container it runs in (`quota_uid`); None (uncapped) for root and the
     daemon's own uid."""
-    pid, uid, _ = peer_creds(transport.get_extra_info("socket"))
+    sock = transport.get_extra_info("socket")
+    pid, uid, _ = peer_creds(sock)
     euid = os.geteuid()
-    return None if uid in (0, euid) else quota_uid(pid, uid, euid)
+    if uid in (0, euid):
+        return None
+    pidfd = peer_pidfd(sock)
+    try:
+        return quota_uid(pid, uid, euid, pidfd)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def claim_socket(path: Path) -> None:
