@@ -1289,6 +1289,12 @@ class Cache:
                 raise BlobUnheld(b.digest, b.file, "it is no longer the cache's record")
         return unheld
 
+    def lease_breaks(self) -> int:
+        """The count of read leases broken so far (0 without leases): taken before blobs
+        are checked, a lease broken since makes what trusted it ask again (Leases.broken_since,
+        materialize.Watch)."""
+        return self.leases.broken if self.leases is not None else 0
+
     def leased_moved(self, seen: Iterable[tuple[Blob, Stat | int]]) -> tuple[set[bytes], int]:
         """Of blobs with a fresh stat each, those not lent whose ctime moved from their
         record and whose read lease holds, asked in one native call (`unchanged` would ask
@@ -1298,9 +1304,9 @@ class Cache:
         its writer went on lease-break-time after the open that broke it, seconds after the
         stats these answers go with were taken: the ctime checks see its write.)"""
         leases = self.leases
+        count = self.lease_breaks()
         if leases is None:
-            return set(), 0
-        count = leases.broken
+            return set(), count
         ask = [
             b
             for b, st in seen

@@ -301,7 +301,7 @@ class Filler:
                         continue
                     st = seen.get(d)
                     # (the leases asked with the stats, while no break was heard since)
-                    held = d in leased if leased and self._breaks() == breaks else None
+                    held = d in leased if leased and self.cache.lease_breaks() == breaks else None
                     if st is not None and st[0].intact(st[1], held):  # the warm path, one call
                         warm = st[0]
                         progress.done_bytes += warm.size
@@ -369,10 +369,6 @@ class Filler:
                         del found[d]
                 pending = [e for e in wanted if e.digest not in found]
         return found
-
-    def _breaks(self) -> int:
-        leases = self.cache.leases
-        return leases.broken if leases is not None else 0
 
     async def _stats(
         self, entries: Sequence[FileEntry], tiers: Sequence[Tier]

@@ -517,13 +517,15 @@ class Restorer:
                     tiers,
                     lend,
                     link_ok,
-                    self._breaks(),
+                    self.cache.lease_breaks(),
                     target_dev=info.dev,
                     hold=hold,
                 )
             res, t0, t1 = await self._resolve(req.ref, req.compat, progress)
             for rebuilds_left in range(REBUILDS, -1, -1):
-                since = self._breaks()  # (this build's: a rebuild's blobs are checked anew)
+                since = (
+                    self.cache.lease_breaks()
+                )  # (this build's: a rebuild's blobs are checked anew)
                 try:
                     if not lend and await self._cold(res.manifest, tiers):
                         # Files are written while the rest is fetched, into the hidden build:
@@ -827,11 +829,6 @@ class Restorer:
                 "hard link cannot cross filesystems; use --mode auto to copy instead"
             )
         return ok
-
-    def _breaks(self) -> int:
-        """The count of leases broken so far, taken before a build's blobs are checked: a
-        lease broken since makes a copy of its blob read back (materialize.Watch)."""
-        return self.cache.leases.broken if self.cache.leases is not None else 0
 
     def _watch(self, since: int, blob: Callable[[bytes], Blob]) -> Watch:
         """What a restore's copies check against a write through a link (materialize.Watch):

@@ -16,8 +16,12 @@ from typing import Any
 import pytest
 from test_cache import Env, env  # noqa: F401  (fixture)
 
+from hostd.blobs import Blob
+from hostd.cache import Cache
+from hostd.core.manifest import FileEntry
 from hostd.errors import BlobUnheld
 from hostd.leases import SIGNAL, Leases
+from hostd.tier import Tier
 
 
 @pytest.fixture
@@ -50,6 +54,26 @@ def root_writes_through(path: str, leases: Leases) -> None:
     assert w.returncode == 0
 
 
+async def leased_cache(
+    env: Env,  # noqa: F811
+    leases: Leases,
+    *sizes: int,
+) -> tuple[Cache, Tier, list[FileEntry], list[Blob]]:
+    """A cache whose links `leases` guard, with a blob in its mem tier for a file of each
+    size: the cache, that tier, the files and their blobs."""
+    cache = env.open()
+    cache.guard_links(leases)
+    mem = cache.tiers[0]
+    files = [env.file(chr(ord("a") + i), n) for i, n in enumerate(sizes)]
+    blobs = []
+    for e in files:
+        await env.put(cache, e, [mem])
+        b = cache.locate(e.digest, [mem])
+        assert b is not None
+        blobs.append(b)
+    return cache, mem, files, blobs
+
+
 async def test_a_lease_a_rehash_takes_on_a_blob_being_removed_is_not_kept_for_its_refill(
     env: Env,  # noqa: F811
     leases: Leases,
@@ -64,13 +88,7 @@ async def test_a_lease_a_rehash_takes_on_a_blob_being_removed_is_not_kept_for_it
     old one; `Cache.lease` keeps that lease ("not new") and the new inode is linked out with
     no lease on it. A root process then writes through the link, puts the mtime back, and
     every later use vouches for its bytes (the ctime is not asked: `holds` says leased)."""
-    cache = env.open()
-    cache.guard_links(leases)
-    mem = cache.tiers[0]
-    a = env.file("a", 900)
-    await env.put(cache, a, [mem])
-    old = cache.locate(a.digest, [mem])
-    assert old is not None
+    cache, mem, (a,), (old,) = await leased_cache(env, leases, 900)
     real = asyncio.to_thread
 
     async def late(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -149,13 +167,7 @@ async def test_a_lease_a_rehash_took_vouches_for_no_ctime_before_its_hash_passed
     lease first (Cache._hash). While that hash runs, another restore's cheap check must
     not take the lease for one that vouches: it took the moved ctime as a link's and said
     the written blob was intact (copies and links of it handed over)."""
-    cache = env.open()
-    cache.guard_links(leases)
-    mem = cache.tiers[0]
-    a = env.file("a", 900)
-    await env.put(cache, a, [mem])
-    b = cache.locate(a.digest, [mem])
-    assert b is not None
+    cache, mem, (a,), (b,) = await leased_cache(env, leases, 900)
     os.link(mem.blob_path(a.digest), env.root / "callers-link")
     assert await cache.vouch(b)  # (the link's ctime: re-hashed, the lease taken)
     leases.close()
@@ -194,15 +206,7 @@ def test_a_lease_batch_that_fails_midway_keeps_no_lease_on_a_blob_dropped_meanwh
     nothing else would give it up, and its descriptor keeps the removed inode."""
 
     async def main() -> None:
-        cache = env.open()
-        cache.guard_links(leases)
-        mem = cache.tiers[0]
-        a, b = env.file("a", 300), env.file("b", 400)
-        for e in (a, b):
-            await env.put(cache, e, [mem])
-        ba, bb = cache.locate(a.digest, [mem]), cache.locate(b.digest, [mem])
-        assert ba is not None
-        assert bb is not None
+        cache, mem, (_, b), (ba, bb) = await leased_cache(env, leases, 300, 400)
         st = os.stat(ba.file)
         os.utime(ba.file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # changed since verified
         real = leases.holding

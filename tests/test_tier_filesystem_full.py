@@ -11,14 +11,13 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import HeldOrigin, Hostd, tree_digest
 from test_e2e import sample
-from test_faults import in_namespace, need_root, work  # noqa: F401  (a fixture)
+from test_faults import in_namespace, need_root, wait_for, work  # noqa: F401  (a fixture)
 
 from hostd import cache
 from hostd.core.ids import chunk_id
@@ -161,13 +160,6 @@ def _chunks(data: bytes) -> list[bytes]:
     return [chunk_id(data[i : i + MiB]) for i in range(0, len(data), MiB)]
 
 
-def _until(ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_blob_being_filled_takes_its_room_before_its_chunks_land(work: Path) -> None:
     """A blob being filled is charged its size when admitted, but its partial file is sparse:
     its chunks take room only as they land. The free bytes measured meanwhile counted that
@@ -198,8 +190,8 @@ def test_a_blob_being_filled_takes_its_room_before_its_chunks_land(work: Path) -
             _, status = h.api("GET", "/v1/status")
             return status["tiers"][0]["used"] == len(a) + 1 or bool(out)
 
-        _until(fetching, "a's fetch")
-        _until(admitted, "a's admission to the mem tier")
+        wait_for("a's fetch", fetching)
+        wait_for("a's admission to the mem tier", admitted)
         time.sleep(cache.ROOM_EVERY)  # (what it measured at a's admission goes stale)
         got = h.restore("t/b", root / "b", mode="copy")
         assert got["event"] == "result", got
@@ -243,13 +235,13 @@ def test_a_full_tier_keeps_the_partial_blobs_a_fill_has_in_another_tier(work: Pa
             held = sum(p.stat().st_blocks * 512 for p in partial)
             return (seen.keys() >= {c.hex() for c in xs + ys} and held >= 5 * MiB) or bool(out)
 
-        _until(y_written, "y's first chunks in the mem tier")
+        wait_for("y's first chunks in the mem tier", y_written)
         with contextlib.suppress(OSError), open(theirs / "other-writer", "wb") as other:
             while True:  # another writer takes the rest of the filesystem
                 other.write(b"\0" * (64 << 10))
                 other.flush()
         y_last.set()
-        _until(lambda: "its filesystem is full" in h.log() or bool(out), "the full filesystem")
+        wait_for("the full filesystem", lambda: "its filesystem is full" in h.log() or bool(out))
         x_last.set()
         worker.join(DEADLINE)
         assert out["event"] == "result", out
