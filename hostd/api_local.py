@@ -260,9 +260,7 @@ async def stream(
             await _send(resp, {"event": "error", **internal})
         else:
             result = "ok"
-            d.metrics.observe(operation, result, out.get("timings"))
-            for src, n in out.get("bytes_by_source", {}).items():
-                d.metrics.restore_bytes.labels(src).inc(n)
+            d.metrics.observe(operation, result, out)
             if resp is None:
                 resp = await _start(request)
             await _warn(resp, progress, warned)

@@ -114,6 +114,7 @@ class Daemon:
         else:
             sources = [LocalBlobSource(self.cache), OriginSource(self.origin)]
         self.fetcher = Fetcher(sources, config.fetch_concurrency)
+        self.metrics.sources([*(t.name for t in tiers), *(s.name for s in sources), "resumed"])
         self.filler = Filler(
             self.cache,
             self.fetcher,

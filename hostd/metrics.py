@@ -9,8 +9,8 @@ and model; never ids or paths.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +26,10 @@ from hostd.peers import Membership, PeerClient
 
 PEER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# What a stream (api_local.stream) can end as, for each operation that runs as one.
+OPERATIONS = ("restore", "publish", "prefetch", "verify")
+RESULTS = ("ok", "error", "not_found", "cancelled")
+PUBLISH_KINDS = ("read", "stored")  # the source tree's bytes; those the origin was sent
 
 
 class Metrics:
@@ -40,6 +44,13 @@ class Metrics:
             ["operation", "result"],
             registry=registry,
         )
+        # Each at 0 from the start: a series that first appears at 1 is an increase that
+        # Prometheus's rate() and increase() never see, so an alert on the first failure
+        # after a (re)start, `increase(hostd_operations_total{result="error"}[5m]) > 0`,
+        # would not fire.
+        for operation in OPERATIONS:
+            for result in RESULTS:
+                self.operations.labels(operation, result)
         self.phase_seconds = Histogram(
             "hostd_phase_duration_seconds",
             "Time spent in each phase of an operation.",
@@ -59,6 +70,8 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        for kind in PUBLISH_KINDS:
+            self.publish_bytes.labels(kind)
 
         self.peer_seconds = Histogram(
             "hostd_peer_request_duration_seconds",
@@ -71,10 +84,24 @@ class Metrics:
     def observe_peer(self, kind: str, result: str, seconds: float) -> None:
         self.peer_seconds.labels(kind, result).observe(seconds)
 
-    def observe(self, operation: str, result: str, timings: dict[str, float] | None) -> None:
+    def sources(self, names: Iterable[str]) -> None:
+        """Where restores may get bytes from (tiers, chunk sources), each at 0 from the start,
+        as the operations are."""
+        for name in names:
+            self.restore_bytes.labels(name)
+
+    def observe(self, operation: str, result: str, out: Mapping[str, Any] | None) -> None:
+        """A finished operation, with its result document `out` where it succeeded: its
+        phases' timings, and the bytes it restored by source or published."""
         self.operations.labels(operation, result).inc()
-        for phase, seconds in (timings or {}).items():
+        out = out or {}
+        for phase, seconds in out.get("timings", {}).items():
             self.phase_seconds.labels(operation, phase).observe(seconds)
+        for src, n in out.get("bytes_by_source", {}).items():
+            self.restore_bytes.labels(src).inc(n)
+        if operation == "publish":
+            self.publish_bytes.labels("read").inc(out.get("bytes", 0))
+            self.publish_bytes.labels("stored").inc(out.get("stored_bytes", 0))
 
 
 class Snapshot(Collector):

@@ -557,7 +557,7 @@ def promtool_check(text: str) -> None:
 def test_metrics_on_socket_and_tcp(work: Path) -> None:
     src = make_tree(work / "src")
     with Hostd(work / "d") as d:
-        d.publish(src, "e2e/m")
+        published = d.publish(src, "e2e/m")
         assert d.restore("e2e/m", work / "out")["event"] == "result"
         assert d.restore("e2e/no-such", work / "out2")["error"] == "not_found"
         assert d.restore("e2e/m", work / "out")["error"] == "target_exists"
@@ -579,6 +579,10 @@ def test_metrics_on_socket_and_tcp(work: Path) -> None:
             )
             assert sample(text, "hostd_operations_total", operation="restore", result="error") == 1
             assert sample(text, "hostd_restore_bytes_total", source="mem") == unique_bytes(src)
+            assert sample(text, "hostd_restore_bytes_total", source="origin") == 0  # none yet
+            assert sample(text, "hostd_publish_bytes_total", kind="read") == published["bytes"]
+            stored = sample(text, "hostd_publish_bytes_total", kind="stored")
+            assert stored == published["stored_bytes"] > 0
             assert (
                 sample(
                     text, "hostd_phase_duration_seconds_count", operation="restore", phase="fetch"
