@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml setup.py native/fastcopy.c native/slots.c
+$(STAMP): pyproject.toml setup.py native/fastcopy.c native/slots.c native/desk.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -1,7 +1,7 @@
 """The compiled helpers (native/): everything else about the package is in pyproject.toml.
 
 Optional: where gcc or the Python headers are missing the build goes on without them, and
-hostd/fastcopy.py and hostd/core/slots.py use their pure-Python twins.
+hostd/fastcopy.py, hostd/core/slots.py and hostd/desk.py use their pure-Python twins.
 """
 
 from setuptools import Extension, setup
@@ -21,6 +21,13 @@ setup(
             "hostd._slots",
             sources=["native/slots.c"],
             extra_compile_args=CFLAGS,
+            optional=True,
+        ),
+        Extension(
+            "hostd._desk",
+            sources=["native/desk.c"],
+            extra_compile_args=CFLAGS,
+            extra_link_args=["-pthread"],
             optional=True,
         ),
     ]

@@ -60,6 +60,20 @@ def entries(access: AccessConfig, cls: str) -> tuple[str, ...]:
     raise ValueError(f"no class of operation named {cls!r}")
 
 
+def lists(access: AccessConfig, cls: str) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
+    """Class `cls`'s entries as (whether "*" is one, the uids, the gids): what the native
+    desk (native/desk.c) matches callers against, as `matches` does."""
+    uids: list[int] = []
+    gids: list[int] = []
+    for e in entries(access, cls):
+        kind, _, number = e.partition(":")
+        if e != "*" and kind not in ("uid", "gid"):
+            raise ValueError(f"not a resolved [access] entry: {e!r}")
+        if e != "*":
+            (uids if kind == "uid" else gids).append(int(number))
+    return "*" in entries(access, cls), tuple(uids), tuple(gids)
+
+
 def allowed(access: AccessConfig, euid: int, caller: Caller, cls: str) -> bool:
     """Whether `caller` may use class `cls` under `access`, in a daemon running as `euid`."""
     listed = entries(access, cls)

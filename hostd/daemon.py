@@ -41,7 +41,7 @@ from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
-from hostd.desk import Board, Desk
+from hostd.desk import Board, Desk, NativeDesk, make_desk
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
@@ -172,10 +172,11 @@ class Daemon:
             raise Busy("hostd is stopping; try again once it is back")
 
     def status(self) -> dict[str, Any]:
+        """The status as the loop renders it (desk.Board); each answer appends the uptime,
+        the rendering's age and the caller's part (desk.answer, native/desk.c)."""
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "uptime": round(time.monotonic() - self.started, 3),
             "socket": str(self.config.socket),
             "metrics_address": self.metrics_address,
             "origin": self.origin.url,
@@ -631,7 +632,7 @@ async def _serve_locked(
         access_log=None,
     )
     metrics_runner = web.AppRunner(make_metrics_app(d), access_log=None, handler_cancellation=True)
-    desk: Desk | None = None
+    desk: Desk | NativeDesk | None = None
     try:
         await runner.setup()
         if config.metrics_address:
@@ -648,7 +649,7 @@ async def _serve_locked(
         if d.peers is not None:
             await d.peers.start()
         d.board.refresh()
-        desk = Desk(
+        desk = make_desk(
             listen_unix(config.socket, config.socket_mode),
             d.board,
             lambda: d.config.access,

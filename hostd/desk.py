@@ -16,6 +16,14 @@ So one thread, the desk, accepts every connection on the socket. It peeks at wha
 
 A connection the desk answered that stays open waits with the desk for its next request.
 
+Two desks keep that contract: `NativeDesk`, a thread in C (native/desk.c) that never takes
+the GIL, where the extension hostd._desk is built and the environment's `HOSTD_NATIVE` is
+not `0` (as hostd/fastcopy.py chooses); else `Desk`, its twin in Python, whose thread needs
+the GIL for every step: while a restore keeps the loop and the workers busy it waits its
+turn for each (2 ms a status at the median, 15-25 ms at p99 during a cold small-file
+restore on 2 cores, against 0.4 and 4 ms for a trivial server in a process of its own;
+bench/status_load.py). `make_desk` picks one.
+
 Freshness. The loop renders the status at the start and end of every operation (before the
 operation's last event is sent, so whoever just saw one end is told it ended), at a reload,
 and every STALE_AFTER / 2 while status requests keep coming. The desk answers a rendering
@@ -35,12 +43,14 @@ import errno
 import fcntl
 import json
 import logging
+import os
 import re
 import select
 import socket
 import termios
 import threading
 import time
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -71,6 +81,19 @@ _HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e\x80-
 _ET = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 
+def _load() -> tuple[types.ModuleType | None, str]:
+    """The compiled module, or None and why not."""
+    try:
+        from hostd import _desk
+    except ImportError as e:
+        return None, f"the extension hostd._desk was not built ({e})"
+    return _desk, ""
+
+
+_EXT, WHY_NOT_NATIVE = _load()
+NATIVE = _EXT is not None and os.environ.get("HOSTD_NATIVE") != "0"
+
+
 class Board:
     """The daemon's status as the loop last rendered it, read by the desk's thread.
 
@@ -85,6 +108,9 @@ class Board:
         self._rendered = threading.Event()
         self._asked_at = -KEEP_FRESH_FOR  # when the desk last read the board
         self._timer: asyncio.TimerHandle | None = None
+        # A native desk's: where each rendering goes, and when it was last asked for one.
+        self.post: Callable[[dict[str, Any], float], None] | None = None
+        self.asked_at: Callable[[], float] = lambda: self._asked_at
 
     def __repr__(self) -> str:
         return f"Board(age={time.monotonic() - self._current[1]:.3f}s)"
@@ -97,12 +123,19 @@ class Board:
         now = time.monotonic()
         self._current = (doc, now)
         self._rendered.set()
+        if self.post is not None:
+            self.post(doc, now)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if now - self._asked_at < KEEP_FRESH_FOR:
+        if now - self.asked_at() < KEEP_FRESH_FOR:
             self._timer = loop.call_later(STALE_AFTER / 2, self.refresh)
         return doc
+
+    @property
+    def current(self) -> tuple[dict[str, Any], float]:
+        """The last rendering and its time.monotonic()."""
+        return self._current
 
     def stop(self) -> None:
         """On the loop: no more timed renderings."""
@@ -128,7 +161,8 @@ class Board:
 
 
 def answer(board: Board, doc: dict[str, Any], age: float, caller_part: dict[str, Any]) -> bytes:
-    """A status body: the rendering, its age, the uptime now, and the caller's part."""
+    """A status body: the rendering, then the uptime now, its age, and the caller's part
+    (as the native desk writes it: the rendering's JSON, those three keys appended)."""
     out = {
         **doc,
         "uptime": round(time.monotonic() - board.started, 3),
@@ -143,8 +177,87 @@ def caller_part(config: AccessConfig, euid: int, caller: Caller) -> dict[str, An
     return {**caller.to_json(), "classes": list(access.classes(config, euid, caller))}
 
 
-class Desk:
-    """The thread that accepts the socket's connections (see the module's doc)."""
+def make_desk(
+    listener: socket.socket,
+    board: Board,
+    access_config: Callable[[], AccessConfig],
+    euid: int,
+    factory: Callable[[], asyncio.Protocol],
+    answered_factory: Callable[[], asyncio.Protocol] | None = None,
+) -> Desk | NativeDesk:
+    """The desk for the socket `listener` (see the module's doc): the native one where it
+    can be had (NATIVE), else the twin. On the loop."""
+    kind = NativeDesk if NATIVE else Desk
+    return kind(listener, board, access_config, euid, factory, answered_factory)
+
+
+class _Front:
+    """What both desks do on the loop: serve the connections they hand over, and accept on
+    the socket themselves once a desk has failed."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        board: Board,
+        factory: Callable[[], asyncio.Protocol],
+        answered_factory: Callable[[], asyncio.Protocol] | None,
+    ) -> None:
+        self._listener = listener
+        self._board = board
+        self._factory = factory
+        # for a connection the desk answered a request on: its next head is no first one
+        self._answered_factory = answered_factory or factory
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._steps: set[asyncio.Task[Any]] = set()
+        self._fallback: asyncio.Server | None = None
+        listener.setblocking(False)
+
+    async def _stopped(self) -> None:
+        """The end of a stop, once the desk's thread is gone."""
+        if self._steps:
+            await asyncio.wait(self._steps)
+        if self._fallback is not None:
+            self._fallback.close()
+        self._listener.close()
+
+    # -- on the loop ----------------------------------------------------------------------
+
+    def _adopt(self, conn: socket.socket, answered: bool) -> None:
+        """aiohttp serves `conn` from here on (`answered`: the desk answered on it before)."""
+        factory = self._answered_factory if answered else self._factory
+
+        async def adopt() -> None:
+            try:
+                await self._loop.connect_accepted_socket(factory, conn)
+            except Exception as e:
+                log.warning("handing a connection to the loop failed: %s", e)
+                conn.close()
+
+        self._step(adopt())
+
+    def _fall_back(self) -> None:
+        """The desk failed: the loop accepts on the socket itself."""
+
+        async def fall_back() -> None:
+            if not self._stopping:
+                self._fallback = await self._loop.create_unix_server(
+                    self._factory, sock=self._listener
+                )
+
+        self._step(fall_back())
+
+    def _step(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+
+
+class NativeDesk(_Front):
+    """The desk in C (native/desk.c): a thread that never takes the GIL. It is told each
+    rendering of the status (Board.post), with the `[access]` lists as they stand, and tells
+    the loop through `notify_fd` what is the loop's: a connection handed over, a rendering
+    asked for, a pause in accepting (out of descriptors), or its own failure."""
 
     def __init__(
         self,
@@ -155,25 +268,109 @@ class Desk:
         factory: Callable[[], asyncio.Protocol],
         answered_factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
-        self._listener = listener
-        self._board = board
+        super().__init__(listener, board, factory, answered_factory)
+        self._access = access_config
+        self._posted_access: AccessConfig | None = None
+        from hostd import _desk
+
+        self._ext = _desk
+        self._native = _desk.Desk(
+            listener.fileno(),
+            board.started,
+            euid,
+            HAND_OVER_AFTER,
+            STALE_AFTER,
+            FRESH_WAIT,
+            ACCEPT_PAUSE,
+            MAX_HEAD,
+            MAX_ANSWER,
+        )
+        board.post = self._tell
+        board.asked_at = self._native.asked_at
+        doc, at = board.current
+        if doc:
+            self._tell(doc, at)
+
+    def __repr__(self) -> str:
+        return f"NativeDesk(answered={self.answered}, handed={self.handed})"
+
+    @property
+    def answered(self) -> int:
+        """Status requests answered by the desk."""
+        return self._native.answered
+
+    @property
+    def handed(self) -> int:
+        """Connections handed to the loop."""
+        return self._native.handed
+
+    def start(self) -> None:
+        self._loop.add_reader(self._native.notify_fd, self._take)
+        self._native.start()
+
+    async def stop(self) -> None:
+        """Stop accepting; connections neither answered nor handed over yet are closed."""
+        self._stopping = True
+        self._board.stop()
+        self._board.post = None
+        self._loop.remove_reader(self._native.notify_fd)
+        await asyncio.to_thread(self._native.stop)
+        for kind, fd, _ in self._native.take():  # handed over, never adopted
+            if kind == self._ext.HAND_OVER:
+                os.close(fd)
+        await self._stopped()
+
+    def _tell(self, doc: dict[str, Any], at: float) -> None:
+        """Post a rendering to the native desk (Board.post), with the [access] lists."""
+        config = self._access()
+        if config is not self._posted_access:  # (a reload makes a new one)
+            self._native.set_access(*(access.lists(config, c) for c in access.CLASSES))
+            self._posted_access = config
+        self._native.post(json.dumps(doc).encode(), at)
+
+    def _take(self) -> None:
+        for kind, fd, answered in self._native.take():
+            if kind == self._ext.HAND_OVER:
+                self._adopt(socket.socket(fileno=fd), answered)
+            elif kind == self._ext.RENDER:
+                self._board.refresh()
+            elif kind == self._ext.PAUSED:
+                log.warning(
+                    "accepting on the socket failed: %s; accepting again in %gs",
+                    OSError(fd, os.strerror(fd)),
+                    ACCEPT_PAUSE,
+                )
+            elif kind == self._ext.FAILED:
+                log.error(
+                    "the socket's desk failed (%s): the loop answers every request from now",
+                    os.strerror(fd),
+                )
+                self._fall_back()
+
+
+class Desk(_Front):
+    """The desk's twin in Python: the thread that accepts the socket's connections (see the
+    module's doc)."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        board: Board,
+        access_config: Callable[[], AccessConfig],
+        euid: int,
+        factory: Callable[[], asyncio.Protocol],
+        answered_factory: Callable[[], asyncio.Protocol] | None = None,
+    ) -> None:
+        super().__init__(listener, board, factory, answered_factory)
         self._access = access_config
         self._euid = euid
-        self._factory = factory
-        # for a connection the desk answered a request on: its next head is no first one
-        self._answered_factory = answered_factory or factory
         self._answered_on: set[int] = set()  # fds of held connections the desk answered on
-        self._loop = asyncio.get_running_loop()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._stopping = False
-        self._steps: set[asyncio.Task[Any]] = set()
-        self._fallback: asyncio.Server | None = None
         # The connections the desk holds: fd -> (socket, when it goes to the loop).
         self._held: dict[int, tuple[socket.socket, float]] = {}
         self._epoll = select.epoll()
         self.answered = 0  # status requests answered here
         self.handed = 0  # connections handed to the loop
-        listener.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="hostd-desk", daemon=True)
 
     def __repr__(self) -> str:
@@ -189,13 +386,10 @@ class Desk:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         await asyncio.to_thread(self._thread.join)
-        if self._steps:
-            await asyncio.wait(self._steps)
-        if self._fallback is not None:
-            self._fallback.close()
-        for s in (self._wake_r, self._wake_w, self._listener):
+        for s in (self._wake_r, self._wake_w):
             s.close()
         self._epoll.close()
+        await self._stopped()
 
     # -- the desk's thread ----------------------------------------------------------------
 
@@ -357,37 +551,6 @@ class Desk:
         except RuntimeError:  # the loop is closed
             return False
         return True
-
-    # -- on the loop ----------------------------------------------------------------------
-
-    def _adopt(self, conn: socket.socket, answered: bool) -> None:
-        """aiohttp serves `conn` from here on (`answered`: the desk answered on it before)."""
-        factory = self._answered_factory if answered else self._factory
-
-        async def adopt() -> None:
-            try:
-                await self._loop.connect_accepted_socket(factory, conn)
-            except Exception as e:
-                log.warning("handing a connection to the loop failed: %s", e)
-                conn.close()
-
-        self._step(adopt())
-
-    def _fall_back(self) -> None:
-        """The desk failed: the loop accepts on the socket itself."""
-
-        async def fall_back() -> None:
-            if not self._stopping:
-                self._fallback = await self._loop.create_unix_server(
-                    self._factory, sock=self._listener
-                )
-
-        self._step(fall_back())
-
-    def _step(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        self._steps.add(task)
-        task.add_done_callback(self._steps.discard)
 
 
 def _queued(conn: socket.socket) -> bool:

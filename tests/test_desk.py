@@ -1,5 +1,6 @@
 """The socket's desk (hostd/desk.py): `GET /v1/status` answered off the event loop, every
-other request handed to the loop as it came, against a real daemon."""
+other request handed to the loop as it came, against a real daemon. Both desks: the native
+one (native/desk.c) and its Python twin (`implementation`), each against the same tests."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import concurrent.futures
 import json
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,33 @@ from typing import Any
 import pytest
 from harness import HeldOrigin, Hostd, make_tree, request, rmtree, short_tmp, stream
 
-from hostd import desk
+from hostd import daemon, desk
 from hostd.config import load_config
 from hostd.daemon import serve
+
+IMPLEMENTATIONS = ["native", "python"]
+
+
+def native_missing() -> str | None:
+    """Why the native desk cannot be tested here (under CI=true it must be)."""
+    if desk.WHY_NOT_NATIVE and os.environ.get("CI") != "true":
+        return desk.WHY_NOT_NATIVE
+    return None
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which desk: in this process (desk.NATIVE), and in a daemon started with `env_of`."""
+    kind: str = request.param
+    if kind == "native" and (why := native_missing()):
+        pytest.skip(why)
+    monkeypatch.setattr(desk, "NATIVE", kind == "native")
+    return kind
+
+
+def env_of(implementation: str) -> dict[str, str]:
+    """A daemon's environment for `implementation` (HOSTD_NATIVE=0 takes every twin)."""
+    return {"HOSTD_NATIVE": "1" if implementation == "native" else "0"}
 
 
 @pytest.fixture
@@ -104,8 +130,96 @@ def by_desk(headers: dict[str, str]) -> bool:
         (b"GET /v1/status HTTP/1.1\r\nHost: x\r\n folded", None),
     ],
 )
-def test_the_desk_takes_only_plain_status_requests(head: bytes, keep: bool | None) -> None:
-    assert desk._status_request(head) == keep
+def test_the_desk_takes_only_plain_status_requests(
+    head: bytes, keep: bool | None, implementation: str
+) -> None:
+    assert reader(implementation)(head) == keep
+
+
+def reader(implementation: str) -> Callable[[bytes], bool | None]:
+    """The desk's reading of a request head, as `implementation` does it."""
+    if implementation == "python":
+        return desk._status_request
+    from hostd import _desk
+
+    return _desk.status_request
+
+
+# Pieces of heads, plain and odd, that random heads are made of.
+_PIECES = [
+    b"GET /v1/status",
+    b" HTTP/1.1",
+    b" HTTP/1.0",
+    b"?a=1",
+    b"?",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"Host: h",
+    b"host:x",
+    b"Connection: close",
+    b"Connection: keep-alive, Close ",
+    b"connection:\tclose\t",
+    b"Content-Length: 0",
+    b"Content-Length: 00",
+    b"Transfer-Encoding: chunked",
+    b"Expect: 100-continue",
+    b"Upgrade: h2c",
+    b"X-A: b c",
+    b"X-A:",
+    b": v",
+    b" folded",
+    b"\t",
+    b" ",
+    b"\x00",
+    b"\x7f",
+    b"\xff",
+    b"\x01",
+    b"GET",
+    b"HTTP/1.1",
+    b":",
+    b",",
+]
+
+
+def random_head(rng: random.Random) -> bytes:
+    """A head (no blank line) made of pieces: most start as a status request does."""
+    parts = [b"GET /v1/status HTTP/1.1\r\nHost: h"] if rng.random() < 0.7 else []
+    for _ in range(rng.randrange(0, 12)):
+        parts.append(rng.choice(_PIECES))
+        if rng.random() < 0.5:
+            parts.append(b"\r\n")
+    return b"".join(parts).replace(b"\r\n\r\n", b"\r\n")
+
+
+def test_both_desks_read_every_head_alike() -> None:
+    """The native reading against the twin's regular expressions, on random heads."""
+    if why := native_missing():
+        pytest.skip(why)
+    native, twin = reader("native"), reader("python")
+    rng = random.Random(11)
+    taken = 0
+    for _ in range(20000):
+        head = random_head(rng)
+        assert native(head) == twin(head), head
+        taken += twin(head) is not None
+    assert taken > 1000  # the mix reaches both answers
+
+
+def test_a_head_of_many_lines_is_the_loops() -> None:
+    """The native desk takes a head of at most MAX_HEADERS lines: a longer one is the loop's
+    to read (the twin has no such bound)."""
+    if why := native_missing():
+        pytest.skip(why)
+    from hostd import _desk
+
+    def head(n: int) -> bytes:
+        return b"GET /v1/status HTTP/1.1\r\nHost: h" + b"".join(
+            b"\r\nX-%d: y" % i for i in range(n - 1)
+        )
+
+    assert reader("native")(head(_desk.MAX_HEADERS)) is True
+    assert reader("native")(head(_desk.MAX_HEADERS + 1)) is None
 
 
 # -- a daemon in this process, so a test can block its loop ---------------------------------
@@ -147,7 +261,9 @@ def ask_while_blocked(sock: Path, data: bytes) -> bytes:
         return pool.submit(exchange, sock, data).result(10)
 
 
-async def test_status_is_answered_while_the_loop_is_blocked(work: Path) -> None:
+async def test_status_is_answered_while_the_loop_is_blocked(
+    work: Path, implementation: str
+) -> None:
     async with daemon_here(work / "d") as h:
         raw = ask_while_blocked(h.socket, GET_STATUS)  # the loop runs nothing meanwhile
         [(status, headers, body)] = responses(raw)
@@ -176,25 +292,34 @@ async def test_status_is_answered_while_the_loop_is_blocked(work: Path) -> None:
 
 
 async def test_a_failed_desk_leaves_the_socket_to_the_loop(
-    work: Path, monkeypatch: pytest.MonkeyPatch
+    work: Path, implementation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fault no request can cause: the desk's own code raising. Nothing goes unanswered."""
+    """The desk is handed a socket that is bound but not listening: its accept fails
+    (EINVAL), as no request can make it fail. The loop then listens and accepts itself, and
+    nothing goes unanswered."""
 
-    def broken(self: desk.Desk, conn: socket.socket) -> bool | None:
-        raise RuntimeError("the desk broke")
+    def bound_only(path: Path, mode: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        return sock
 
+    monkeypatch.setattr(daemon, "listen_unix", bound_only)
     async with daemon_here(work / "d") as h:
-        monkeypatch.setattr(desk.Desk, "_serve", broken)
-        for _ in range(3):  # the connection the desk failed on, then the loop's own accepts
-            status, doc = await asyncio.to_thread(request, h.socket, "GET", "/v1/status")
+        for _ in range(3):
+            raw = await asyncio.to_thread(exchange, h.socket, GET_STATUS)
+            [(status, headers, body)] = responses(raw)
             assert status == 200
-            assert doc["status_age"] == 0.0  # the loop's fresh answer
+            assert not by_desk(headers)  # the loop's answer
+            assert json.loads(body)["status_age"] == 0.0
 
 
 # -- a real daemon process --------------------------------------------------------------------
 
 
-def test_the_desk_answers_a_status_as_current_as_the_last_operation(work: Path) -> None:
+def test_the_desk_answers_a_status_as_current_as_the_last_operation(
+    work: Path, implementation: str
+) -> None:
     src = make_tree(work / "src")
     origin_dir = work / "origin"
     with Hostd(work / "p", origin=f"file://{origin_dir}", pack_size=0) as p:
@@ -202,7 +327,7 @@ def test_the_desk_answers_a_status_as_current_as_the_last_operation(work: Path) 
     with (
         concurrent.futures.ThreadPoolExecutor(1) as pool,
         HeldOrigin(origin_dir, gated=True) as http,
-        Hostd(work / "d", origin=http.url) as d,
+        Hostd(work / "d", origin=http.url, env=env_of(implementation)) as d,
     ):
         [(_, headers, body)] = responses(exchange(d.socket, GET_STATUS))
         assert by_desk(headers)
@@ -225,8 +350,8 @@ def test_the_desk_answers_a_status_as_current_as_the_last_operation(work: Path) 
         assert doc["tiers"][0]["blobs"] > 0
 
 
-def test_the_connection_goes_on_after_a_status(work: Path) -> None:
-    with Hostd(work / "d") as d:
+def test_the_connection_goes_on_after_a_status(work: Path, implementation: str) -> None:
+    with Hostd(work / "d", env=env_of(implementation)) as d:
         # pipelined: both answered, in order (the loop's: the desk takes only a lone head)
         two = (
             b"GET /v1/status HTTP/1.1\r\nHost: hostd\r\n\r\n"
@@ -267,8 +392,8 @@ def responses_if_whole(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return responses(raw) if len(rest) >= n else []
 
 
-def test_what_the_desk_does_not_take_the_loop_answers(work: Path) -> None:
-    with Hostd(work / "d") as d:
+def test_what_the_desk_does_not_take_the_loop_answers(work: Path, implementation: str) -> None:
+    with Hostd(work / "d", env=env_of(implementation)) as d:
         cases: list[tuple[bytes, int]] = [
             (b"POST /v1/status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 405),
             (b"GET /v1/statusx HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 404),
@@ -287,8 +412,10 @@ def test_what_the_desk_does_not_take_the_loop_answers(work: Path) -> None:
         assert raw.split(b" ", 2)[1] == b"400", raw[:200]
 
 
-def test_idle_and_trickling_connections_do_not_hold_up_a_status(work: Path) -> None:
-    with Hostd(work / "d") as d:
+def test_idle_and_trickling_connections_do_not_hold_up_a_status(
+    work: Path, implementation: str
+) -> None:
+    with Hostd(work / "d", env=env_of(implementation)) as d:
         idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(50)]
         trickle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -318,12 +445,14 @@ def test_idle_and_trickling_connections_do_not_hold_up_a_status(work: Path) -> N
         assert d.wait(30) == 0
 
 
-def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path) -> None:
+def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path, implementation: str) -> None:
     nobody = pwd.getpwnam("nobody")
     root = work / "d"
     root.mkdir(mode=0o711)
     root.chmod(0o711)
-    with Hostd(root, socket_mode="0666", access={"restore": ["uid:1"]}) as d:
+    with Hostd(
+        root, socket_mode="0666", access={"restore": ["uid:1"]}, env=env_of(implementation)
+    ) as d:
         done = subprocess.run(
             [
                 "setpriv",
@@ -350,15 +479,75 @@ def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path) -> None:
         assert f"uid {nobody.pw_uid}" in err["message"]
 
 
+def status_as(sock: Path, uid: int, gid: int, groups: list[int]) -> tuple[int, bool, Any]:
+    """`GET /v1/status` asked with curl as another user: (HTTP code, whether the desk
+    answered, the body's JSON)."""
+    done = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+            "curl",
+            "-s",
+            "-i",
+            "--unix-socket",
+            str(sock),
+            "http://hostd/v1/status",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    [(code, headers, body)] = responses(done.stdout)
+    return code, by_desk(headers), json.loads(body)
+
+
+def test_the_desk_lets_in_whom_access_lists(work: Path, implementation: str) -> None:
+    """Callers `[access] restore` lists by uid, by primary or supplementary group, or by "*"
+    get the desk's own answer, which says who they are and what they may do; others get
+    the loop's 403."""
+    nobody = pwd.getpwnam("nobody")
+    other = nobody.pw_gid + 1000  # a group nobody is not in
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    root.chmod(0o711)
+    listed = {"restore": [f"gid:{other}", "uid:4242"], "publish": [f"gid:{other}"]}
+    with Hostd(root, socket_mode="0666", access=listed, env=env_of(implementation)) as d:
+        code, desk_answered, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, [other])
+        assert (code, desk_answered) == (200, True)
+        assert doc["caller"] == {
+            "pid": doc["caller"]["pid"],
+            "uid": nobody.pw_uid,
+            "gid": nobody.pw_gid,
+            "groups": [other],
+            "classes": ["restore", "publish"],
+        }
+        assert doc["caller"]["pid"] > 0
+        code, desk_answered, doc = status_as(d.socket, 4242, other, [])  # uid; gid primary
+        assert (code, desk_answered, doc["caller"]["classes"]) == (
+            200,
+            True,
+            ["restore", "publish"],
+        )
+        code, desk_answered, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, [])
+        assert (code, desk_answered, doc["error"]) == (403, False, "forbidden")
+    with Hostd(root, socket_mode="0666", env=env_of(implementation)) as d:  # restore: "*"
+        code, desk_answered, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, [])
+        assert (code, desk_answered, doc["caller"]["classes"]) == (200, True, ["restore"])
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_out_of_descriptors_the_desk_waits_then_accepts_again(work: Path) -> None:
+def test_out_of_descriptors_the_desk_waits_then_accepts_again(
+    work: Path, implementation: str
+) -> None:
     """With its descriptors used up, the desk neither spins on the listener nor stops: the
     connections wait in the backlog, and are answered once descriptors are free again."""
-    with Hostd(work / "d", wrap=["prlimit", "--nofile=64:64"]) as d:
+    with Hostd(work / "d", wrap=["prlimit", "--nofile=64:64"], env=env_of(implementation)) as d:
         assert d.proc is not None
         held: list[socket.socket] = []
         try:
@@ -393,11 +582,13 @@ def test_out_of_descriptors_the_desk_waits_then_accepts_again(work: Path) -> Non
 # -- what a hostile or odd client does ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Hostd]:
+@pytest.fixture(scope="module", params=IMPLEMENTATIONS)
+def shared(request: pytest.FixtureRequest) -> Iterator[Hostd]:
+    if request.param == "native" and (why := native_missing()):
+        pytest.skip(why)
     root = short_tmp("dk")
     try:
-        with Hostd(root) as d:
+        with Hostd(root, env=env_of(request.param)) as d:
             yield d
     finally:
         rmtree(root)
