@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from hostd import access, prune, refs
 from hostd.caller import Caller, peer_caller, peer_pidfd, quota_uid
@@ -554,10 +554,14 @@ async def verify(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The metrics in the format the scraper asks for (Accept): OpenMetrics for a Prometheus
+    server, which asks for it first, else the text format (0.0.4, which every scraper reads;
+    not the client library's latest, whose media type changes with its version)."""
     # Collected here on the loop, a consistent snapshot; only the formatting goes to a thread.
     snapshot = Snapshot(request.app[DAEMON_KEY].metrics.registry)
-    body = await asyncio.to_thread(generate_latest, snapshot)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = await asyncio.to_thread(encode, snapshot)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from harness import (
     stream,
     tree_digest,
 )
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 import hostd
@@ -566,8 +567,22 @@ def test_metrics_on_socket_and_tcp(work: Path) -> None:
         address = d.api("GET", "/v1/status")[1]["metrics_address"]
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
             assert r.status == 200
-            assert r.headers["Content-Type"].startswith("text/plain")
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             on_tcp = r.read().decode()
+        # A Prometheus server asks for OpenMetrics first, and gets it.
+        asked = urllib.request.Request(
+            f"http://{address}/metrics",
+            headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
+        )
+        with urllib.request.urlopen(asked, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            parse = openmetrics_parser.text_string_to_metric_families  # (untyped)
+            families = {f.name: f for f in parse(r.read().decode())}  # type: ignore[no-untyped-call]
+        assert families["hostd_operations"].type == "counter"
+        assert any(
+            s.labels == {"operation": "publish", "result": "ok"} and s.value == 1
+            for s in families["hostd_operations"].samples
+        )
         for text in (on_socket, on_tcp):
             found = samples(text)
             for name, labels in ISSUE_METRICS.items():
