@@ -62,6 +62,8 @@ _ERRORS: dict[str, type[HostdError]] = {
 }
 # What a filesystem answers when it cannot take what the request itself was right to ask.
 _TARGET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+# What it answers when the caller's own rights forbid it: exit 5, 403, as [access] would.
+_FORBIDDEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 
 @dataclass
@@ -368,6 +370,8 @@ class AsUser:
             cls = _ERRORS.get(kind, HostdError)
             if kind == "os" and reply.get("errno") in _TARGET_ERRNOS:
                 cls = TargetError  # the caller's filesystem failed the write, not the request
+            elif kind == "os" and reply.get("errno") in _FORBIDDEN_ERRNOS:
+                cls = Forbidden
             raise cls(str(reply["message"]))
         if len(out) != nfds:
             raise HostdError(f"hostd's helper answered {op!r} with {len(out)} descriptors")

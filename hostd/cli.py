@@ -895,7 +895,10 @@ def _explain(exc: HostdError, args: argparse.Namespace | None = None) -> str:
             return exc.message
         return f"{exc.message}; --replace swaps it for the new tree"
     if isinstance(exc, Forbidden):
-        return f"forbidden by hostd's [access] config: {exc.message}"
+        # (403 is also the caller's own rights refusing: a target where it may not write)
+        if "[access]" in exc.message:
+            return f"forbidden by hostd's [access] config: {exc.message}"
+        return f"forbidden: {exc.message}"
     if isinstance(exc, Busy):
         return f"hostd is busy: {exc.message}"
     return exc.message

@@ -287,7 +287,7 @@ class Helper:
         except NotADirectoryError:
             raise Refused("usage", f"publish path {path!r} is not a directory") from None
         except PermissionError:
-            raise Refused("usage", f"publish path {path!r}: permission denied") from None
+            raise Refused("forbidden", f"publish path {path!r}: permission denied") from None
         self.src_path = path
         return {"chain": self._chain(self.src)}, []
 
@@ -429,7 +429,7 @@ class Helper:
             try:
                 return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
             except PermissionError:
-                raise Refused("usage", f"cannot read {rel!r}: permission denied") from None
+                raise Refused("forbidden", f"cannot read {rel!r}: permission denied") from None
         finally:
             os.close(fd)
 
@@ -444,6 +444,10 @@ class Helper:
             st = os.stat(name, dir_fd=self.parent, follow_symlinks=False)
         except FileNotFoundError:
             pass
+        except PermissionError:  # the parent may be opened, not searched (mode 0700, not ours)
+            raise Refused(
+                "forbidden", f"cannot look for target {path!r}: permission denied in its parent"
+            ) from None
         else:
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused("exists", f"target {path!r} exists and is not a directory")
@@ -481,7 +485,7 @@ class Helper:
             raise Refused("usage", self._not_a_dir(self.parent_path)) from None
         except PermissionError:
             raise Refused(
-                "usage", f"target's parent directory {self.parent_path!r}: permission denied"
+                "forbidden", f"target's parent directory {self.parent_path!r}: permission denied"
             ) from None
         return name
 
@@ -871,7 +875,12 @@ class Helper:
                 raise
             if not msg.get("replace"):
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
-            renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
+            try:
+                renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
+            except PermissionError:  # (moving a directory out writes its `..`: the owner's)
+                raise Refused(
+                    "forbidden", f"cannot replace {target!r}: permission denied to move it"
+                ) from None
             self.committed = True
             self._close_tree()  # (the new tree is whole: its descriptors go before the old's)
             try:  # the old tree, now in the build directory, goes with the caller's rights
@@ -1118,7 +1127,7 @@ def _open_dir(dfd: int, name: str, what: str) -> int:
         if e.errno == errno.ENOENT:
             raise Refused("changed", f"{what!r} was removed while hostd worked on it") from e
         if e.errno == errno.EACCES:
-            raise Refused("usage", f"cannot read {what!r}: permission denied") from e
+            raise Refused("forbidden", f"cannot read {what!r}: permission denied") from e
         raise
 
 
@@ -1126,7 +1135,7 @@ def _listdir(dfd: int, what: str) -> list[str]:
     try:
         return os.listdir(dfd)
     except PermissionError:
-        raise Refused("usage", f"cannot read {what or '.'!r}: permission denied") from None
+        raise Refused("forbidden", f"cannot read {what or '.'!r}: permission denied") from None
 
 
 def _cut_off(names: list[str]) -> str:
