@@ -331,7 +331,8 @@ class NativeDesk(_Front):
     def _take(self) -> None:
         for kind, fd, answered in self._native.take():
             if kind == self._ext.HAND_OVER:
-                self._adopt(socket.socket(fileno=fd), answered)
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+                self._adopt(conn, answered)
             elif kind == self._ext.RENDER:
                 self._board.refresh()
             elif kind == self._ext.PAUSED:
