@@ -684,7 +684,7 @@ def _render_prefetch(out: Printer, result: JSON) -> None:
 
 
 def _render_pin(out: Printer, result: JSON) -> None:
-    state = "pinned" if result.get("pinned") else "not pinned"
+    state = "pinned" if result.get("pinned") else "unpinned"
     out.line(f"{result.get('snapshot')} {state}")
 
 

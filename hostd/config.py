@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from hostd.core import compat
 from hostd.core.units import PERCENT_RE, parse_duration, parse_share, parse_size, show
-from hostd.errors import ConfigError
+from hostd.errors import FILE, ConfigError
 from hostd.paths import DefaultPaths, default_paths
 
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
@@ -298,9 +298,9 @@ def load_config(
         with open(source, "rb") as f:
             raw = tomllib.load(f)
     except OSError as e:
-        raise ConfigUnreadable("<file>", f"cannot read {source}: {e.strerror or e}") from e
+        raise ConfigUnreadable(FILE, f"cannot read {source}: {e.strerror or e}") from e
     except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
-        raise ConfigError("<file>", f"{source} is not valid TOML: {e}") from e
+        raise ConfigError(FILE, f"{source} is not valid TOML: {e}") from e
     return _build(raw, env, base=source.parent, source=source, euid=euid)
 
 

@@ -46,6 +46,9 @@ class RequestTimeout(HostdError):
     status = 408
 
 
+FILE = "<file>"  # a ConfigError's key where the config file itself is at fault
+
+
 class ConfigError(HostdError):
     """A config value is wrong. The message names the key."""
 
@@ -54,7 +57,10 @@ class ConfigError(HostdError):
     exit_code = 2
 
     def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config key {key!r}: {reason}")
+        # (FILE: the file as a whole, which cannot be read or is not TOML)
+        super().__init__(
+            f"config file: {reason}" if key == FILE else f"config key {key!r}: {reason}"
+        )
         self.key = key
 
 

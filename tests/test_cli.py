@@ -772,7 +772,7 @@ def test_pin_and_unpin(
     }
     assert daemon.snapshots[snapshot_id]["pinned"]
     out = run_human(capsys, "unpin", "--snapshot", snapshot_id, *sock)
-    assert out == f"{snapshot_id} not pinned\n"
+    assert out == f"{snapshot_id} unpinned\n"
     assert daemon.last_body("/v1/unpin") == {"snapshot": snapshot_id, "compat": {}}
     assert run_human(capsys, "pin", "--snapshot", snapshot_id, *sock) == f"{snapshot_id} pinned\n"
 

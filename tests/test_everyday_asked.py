@@ -473,8 +473,7 @@ def test_a_config_hostd_cannot_read_is_1_and_a_bad_value_is_2(work: Path) -> Non
     p = hostd("serve", "--config", str(work / "missing.toml"), timeout=DEADLINE)
     assert p.returncode == 1, p.stderr
     assert p.stderr == (
-        f"hostd: config key '<file>': cannot read {work / 'missing.toml'}: "
-        "No such file or directory\n"
+        f"hostd: config file: cannot read {work / 'missing.toml'}: No such file or directory\n"
     )
     (work / "bad.toml").write_text("fetch_concurency = 3\n")
     p = hostd("serve", "--config", str(work / "bad.toml"), timeout=DEADLINE)
