@@ -757,9 +757,14 @@ class Origin:
         except _Missing:
             raise ChunkMissing(f"pack {pack.hex()} is not at origin {self._url}") from None
         except _Oversized as e:
+            # (a ranged answer is held to the range asked, a whole one to the pack's size)
+            asked = (
+                f"{pack_size} bytes its manifest says"
+                if whole
+                else f"{length} bytes asked for at {offset}"
+            )
             raise ChunkCorrupt(
-                f"pack {pack.hex()} at origin {self._url} {e.what}, more than the {pack_size} "
-                "bytes its manifest says"
+                f"pack {pack.hex()} at origin {self._url} {e.what}, more than the {asked}"
             ) from None
         except _Short as e:
             raise ChunkCorrupt(
@@ -812,7 +817,8 @@ class Origin:
             answer = True
         except Exception as exc:
             if not _no_ranges(exc):
-                log.info("origin %s: a ranges probe failed: %s", self._url, cause_of(exc) or exc)
+                why = cause_of(exc) or _describe(exc, self._timeout)
+                log.info("origin %s: a ranges probe failed: %s", self._url, why)
                 self._probe_after = time.monotonic() + PROBE_AGAIN
                 return None
             answer = False

@@ -293,7 +293,6 @@ class _Tap:
             for attempt in itertools.count():
                 try:
                     await self._read()
-                    return
                 except Broken as e:
                     if attempt >= BREAKS:
                         raise OriginError(
@@ -308,6 +307,16 @@ class _Tap:
                         self._got,
                         e,
                     )
+                    continue
+                if self._got < size:
+                    # A whole answer shorter than the pack (a proxy's error page sent as a
+                    # 200): failed, so the next reader asks again rather than being cut
+                    # from it for as long as reads keep coming.
+                    raise ChunkCorrupt(
+                        f"pack {pack.hex()} at origin {o.url} is {self._got} bytes, shorter "
+                        f"than the {size} bytes its manifest says"
+                    )
+                return
         except HostdError as e:  # ChunkMissing, ChunkCorrupt, OriginError
             self._fail(type(e), e.message)
         except Exception as e:  # not one of ours: still every reader's, named
