@@ -563,10 +563,14 @@ class Filler:
 
         async def open_blob(e: FileEntry) -> _Open:
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
+            forget = functools.partial(self.cache.abandon, e.digest, t)
             try:
-                pb = await _closing_on_cancel(asyncio.to_thread(_open_checked, t, e, chunk_size))
+                opening = asyncio.to_thread(_open_checked, t, e, chunk_size)
+                pb = await _closing_on_cancel(opening, forget)
+            except asyncio.CancelledError:
+                raise  # (the thread's outcome decides: _closing_on_cancel)
             except BaseException:
-                self.cache.abandon(e.digest, t)
+                forget()
                 raise
             present = [c.size for c, h in zip(e.chunks, pb.have, strict=True) if h]
             progress.done_bytes += sum(present)
@@ -581,8 +585,11 @@ class Filler:
                 try:
                     fut.set_result(await open_blob(e))
                 except BaseException as exc:
-                    fut.set_exception(exc)
-                    fut.exception()  # retrieved: other workers re-raise it themselves
+                    # A worker awaiting `fut` that is cancelled cancels it too: a cancelled
+                    # fill finds it done, and must not fail on it (InvalidStateError).
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # retrieved: other workers re-raise it themselves
                     raise
             return await fut
 
@@ -872,17 +879,23 @@ def _open_checked(t: Tier, e: FileEntry, chunk_size: int) -> PartialBlob:
     return pb
 
 
-async def _closing_on_cancel(opening: Awaitable[PartialBlob]) -> PartialBlob:
+async def _closing_on_cancel(
+    opening: Awaitable[PartialBlob], forget: Callable[[], None]
+) -> PartialBlob:
     """Await a blob being opened in a thread; if we are cancelled meanwhile, the thread still
-    finishes, and the blob it opened is closed rather than leaking its descriptors."""
+    finishes, and the blob it opened is closed rather than leaking its descriptors. Its record
+    stays, as a cancelled fill leaves the blobs it had open (_cleanup): the file is there, to
+    resume, evict or gc. `forget` drops the record where the thread failed (no file)."""
     job = asyncio.ensure_future(opening)
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
-        job.add_done_callback(_close_result)
+        job.add_done_callback(functools.partial(_close_result, forget))
         raise
 
 
-def _close_result(job: asyncio.Future[PartialBlob]) -> None:
+def _close_result(forget: Callable[[], None], job: asyncio.Future[PartialBlob]) -> None:
     if not job.cancelled() and job.exception() is None:
         job.result().close()
+    else:
+        forget()

@@ -695,6 +695,79 @@ async def test_a_blob_completed_after_its_fill_was_cancelled_is_recorded(tmp_pat
         rig.close()
 
 
+def _open_here(path: Path) -> bool:
+    """Whether this process holds a descriptor of `path`."""
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fds / fd) == str(path) for fd in os.listdir(fds))
+
+
+class SlowOpenTier(Tier):
+    """A tier whose partial blobs open only once a gate opens: a big resumed blob whose
+    present chunks are being re-hashed (PartialBlob.recheck), a slow disk."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def open_partial(self, digest: bytes, size: int, n_chunks: int) -> hostd.tier.PartialBlob:
+        pb = super().open_partial(digest, size, n_chunks)
+        self.started.set()
+        self.release.wait(DEADLINE)
+        return pb
+
+
+async def test_a_partial_blob_opened_after_its_fill_was_cancelled_stays_known(
+    tmp_path: Path,
+) -> None:
+    """A restore cancelled (its client killed) while a partial blob is being opened: the
+    thread still makes the file, so the cache must keep knowing it (charged, evictable,
+    resumable, gc'able), not forget it and leave it on disk until the next restart."""
+    SlowOpenTier.started.clear()
+    SlowOpenTier.release.clear()
+    rig = Rig(tmp_path, mem_tier=SlowOpenTier, workers=1)
+    try:
+        f = rig.file("f", pattern("f", 3 * CS + 5))
+        job = asyncio.create_task(rig.ensure([f]))
+        assert await asyncio.to_thread(SlowOpenTier.started.wait, DEADLINE)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        SlowOpenTier.release.set()
+        path = rig.mem.partial_path(f.digest)
+        async with asyncio.timeout(DEADLINE):  # the thread made it; its done-callback closed it
+            while not path.exists() or _open_here(path):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+        assert rig.cache.partial(f.digest) is not None, rig.leftovers()
+        await rig.cache.remove(f.digest, rig.mem)  # what gc and eviction do with it
+        assert rig.leftovers() == []
+    finally:
+        SlowOpenTier.release.set()
+        rig.close()
+
+
+async def test_a_restore_cancelled_while_workers_wait_on_one_opening_blob_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Several workers wait for one multi-chunk blob to open when the restore is cancelled
+    (its client killed): the fill ends cancelled, not with an InvalidStateError from the
+    open's shared future, which the cancelled waiters cancelled."""
+    SlowOpenTier.started.clear()
+    SlowOpenTier.release.clear()
+    rig = Rig(tmp_path, mem_tier=SlowOpenTier, workers=4)
+    try:
+        f = rig.file("f", pattern("f", 3 * CS + 5))
+        job = asyncio.create_task(rig.ensure([f]))
+        assert await asyncio.to_thread(SlowOpenTier.started.wait, DEADLINE)
+        # (the other workers asked for the same blob at once: they wait on its open)
+        job.cancel()
+        SlowOpenTier.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    finally:
+        SlowOpenTier.release.set()
+        rig.close()
+
+
 # -- mtimes ------------------------------------------------------------------------------------
 
 BEFORE_1970 = -86_400_000_000_001  # 1969-12-31, a nanosecond before a whole second
