@@ -193,17 +193,21 @@ def make_desk(
 
 class _Front:
     """What both desks do on the loop: serve the connections they hand over, and accept on
-    the socket themselves once a desk has failed."""
+    the socket themselves once a desk has failed. Each desk sets itself up in `_set_up`."""
 
     def __init__(
         self,
         listener: socket.socket,
         board: Board,
+        access_config: Callable[[], AccessConfig],
+        euid: int,
         factory: Callable[[], asyncio.Protocol],
-        answered_factory: Callable[[], asyncio.Protocol] | None,
+        answered_factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         self._listener = listener
         self._board = board
+        self._access = access_config
+        self._euid = euid
         self._factory = factory
         # for a connection the desk answered a request on: its next head is no first one
         self._answered_factory = answered_factory or factory
@@ -212,6 +216,10 @@ class _Front:
         self._steps: set[asyncio.Task[Any]] = set()
         self._fallback: asyncio.Server | None = None
         listener.setblocking(False)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        raise NotImplementedError
 
     async def _stopped(self) -> None:
         """The end of a stop, once the desk's thread is gone."""
@@ -259,25 +267,15 @@ class NativeDesk(_Front):
     the loop through `notify_fd` what is the loop's: a connection handed over, a rendering
     asked for, a pause in accepting (out of descriptors), or its own failure."""
 
-    def __init__(
-        self,
-        listener: socket.socket,
-        board: Board,
-        access_config: Callable[[], AccessConfig],
-        euid: int,
-        factory: Callable[[], asyncio.Protocol],
-        answered_factory: Callable[[], asyncio.Protocol] | None = None,
-    ) -> None:
-        super().__init__(listener, board, factory, answered_factory)
-        self._access = access_config
+    def _set_up(self) -> None:
         self._posted_access: AccessConfig | None = None
         from hostd import _desk
 
         self._ext = _desk
         self._native = _desk.Desk(
-            listener.fileno(),
-            board.started,
-            euid,
+            self._listener.fileno(),
+            self._board.started,
+            self._euid,
             HAND_OVER_AFTER,
             STALE_AFTER,
             FRESH_WAIT,
@@ -285,9 +283,9 @@ class NativeDesk(_Front):
             MAX_HEAD,
             MAX_ANSWER,
         )
-        board.post = self._tell
-        board.asked_at = self._native.asked_at
-        doc, at = board.current
+        self._board.post = self._tell
+        self._board.asked_at = self._native.asked_at
+        doc, at = self._board.current
         if doc:
             self._tell(doc, at)
 
@@ -353,18 +351,7 @@ class Desk(_Front):
     """The desk's twin in Python: the thread that accepts the socket's connections (see the
     module's doc)."""
 
-    def __init__(
-        self,
-        listener: socket.socket,
-        board: Board,
-        access_config: Callable[[], AccessConfig],
-        euid: int,
-        factory: Callable[[], asyncio.Protocol],
-        answered_factory: Callable[[], asyncio.Protocol] | None = None,
-    ) -> None:
-        super().__init__(listener, board, factory, answered_factory)
-        self._access = access_config
-        self._euid = euid
+    def _set_up(self) -> None:
         self._answered_on: set[int] = set()  # fds of held connections the desk answered on
         self._wake_r, self._wake_w = socket.socketpair()
         # The connections the desk holds: fd -> (socket, when it goes to the loop).

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `work` fixture, imported)
 """A caller's own rights refusing it, as an operator meets it: the README and the exit code
 table say such a refusal is `forbidden` (403, exit 5) like one by `[access]`, and that the
 message names the problem. A target under a directory the caller cannot search, or a publish
@@ -10,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, Hostd, make_tree, rmtree, short_tmp
+from harness import ROOT, Hostd, make_tree
+from test_trust import work  # noqa: F401  (a fixture)
 
 NOBODY = 65534
 AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
@@ -23,16 +24,6 @@ AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 WEAK_ROOT = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as other users: needs root")
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    root = short_tmp("er")
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        rmtree(root)
 
 
 def curl_as_nobody(sock: Path, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `work` fixture, imported)
 """hostd's metrics as a real Prometheus server scrapes them, as operators run it.
 
 The other metrics tests read the exposition with prometheus_client's parser and lint it
@@ -20,14 +21,15 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, Hostd, free_ports, make_tree, rmtree, short_tmp
+from harness import ROOT, Hostd, free_ports, make_tree
 from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
+from test_e2e import wait_for
+from test_faults import work  # noqa: F401  (a fixture)
 
 SCRAPE_INTERVAL = "1s"
 # What Prometheus 2.x (2.42, Debian 12's) asks a target for: OpenMetrics first.
@@ -47,15 +49,6 @@ REJECTIONS = (
     "prometheus_target_scrapes_exceeded_body_size_limit_total",
     "prometheus_target_scrape_pool_exceeded_label_limits_total",
 )
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    root = short_tmp("pm")
-    try:
-        yield root
-    finally:
-        rmtree(root)
 
 
 def prometheus_binary() -> str:
@@ -166,17 +159,6 @@ class Prometheus:
         }
 
 
-def poll(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def status_json(d: Hostd) -> dict[str, Any]:
     """`hostd status --json`, as an operator runs it."""
     p = subprocess.run(
@@ -220,7 +202,7 @@ def test_a_prometheus_server_scrapes_hostd(work: Path) -> None:
         assert d.restore("prom/m", work / "out2")["event"] == "result"
         done = time.time()
         status = status_json(d)
-        target = poll(lambda: scraped_since(prom, done), "a clean scrape of hostd", timeout=30)
+        target = wait_for(lambda: scraped_since(prom, done), "a clean scrape of hostd", timeout=30)
         assert target["scrapeUrl"] == f"http://{target_address}/metrics"
         assert prom.value('up{job="hostd"}') == 1
 
@@ -276,7 +258,7 @@ def test_a_prometheus_server_scrapes_hostd(work: Path) -> None:
         # an alert on the first failure fires: its series was there, at 0, before it
         assert d.restore("prom/none", work / "out3")["error"] == "not_found"
         failed = time.time()
-        poll(lambda: scraped_since(prom, failed), "a scrape after the failed restore")
+        wait_for(lambda: scraped_since(prom, failed), "a scrape after the failed restore")
         not_found = 'hostd_operations_total{operation="restore",result="not_found"}'
         assert prom.value(not_found) == 1
         assert prom.value(f"increase({not_found}[1m])") > 0
@@ -302,7 +284,7 @@ def test_a_prometheus_server_scrapes_hostd(work: Path) -> None:
         d.close()
         d.start()
         restarted = time.time()
-        poll(lambda: scraped_since(prom, restarted), "a scrape of the restarted hostd")
+        wait_for(lambda: scraped_since(prom, restarted), "a scrape of the restarted hostd")
         counters = prom.query('{__name__=~"hostd_.+_total"}')
         assert counters
         assert {k: v for k, v in counters.items() if v != 0} == {}
