@@ -11,6 +11,7 @@ with exactly these credentials (asuser.py).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _NGROUPS_MAX = 65536
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,21 +53,23 @@ def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    size = 64 * 4
+    # Through libc, not socket.getsockopt: that one refuses a buffer over 1024 bytes (256
+    # groups), and a caller in more groups would be one no route could tell.
+    n = 64
     while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as e:
-            # ERANGE: the buffer is too small (the kernel says how big it must be only in C's
-            # optlen, which Python hides): grow it and ask again.
-            if e.errno == errno.ERANGE and size < _NGROUPS_MAX * 4:
-                size *= 4
-                continue
-            if e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):  # a kernel before 4.13
-                return ()
-            raise
-        n = len(raw) // 4
-        return tuple(struct.unpack(f"{n}I", raw[: n * 4]))
+        groups = (ctypes.c_uint32 * n)()
+        size = ctypes.c_uint32(ctypes.sizeof(groups))
+        fd = sock.fileno()
+        if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, groups, ctypes.byref(size)) == 0:
+            return tuple(groups[: size.value // 4])
+        err = ctypes.get_errno()
+        # ERANGE: the buffer is too small; the kernel said in `size` how big it must be.
+        if err == errno.ERANGE and n < _NGROUPS_MAX:
+            n = min(_NGROUPS_MAX, max(4 * n, size.value // 4))
+            continue
+        if err in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):  # a kernel before 4.13
+            return ()
+        raise OSError(err, os.strerror(err))
 
 
 def daemon_caller() -> Caller:

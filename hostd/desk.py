@@ -332,7 +332,12 @@ class NativeDesk(_Front):
                 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
                 self._adopt(conn, answered)
             elif kind == self._ext.RENDER:
-                self._board.refresh()
+                # (as the twin's call_soon_threadsafe does: a failed rendering is logged, and
+                # the records after it in this batch, connections handed over, still served)
+                try:
+                    self._board.refresh()
+                except Exception:
+                    log.exception("rendering the status failed")
             elif kind == self._ext.PAUSED:
                 log.warning(
                     "accepting on the socket failed: %s; accepting again in %gs",
@@ -465,7 +470,8 @@ class Desk(_Front):
         """Answer a whole status request on `conn`, hand `conn` to the loop, or leave it
         held while its head is not whole yet (and may still be a status request)."""
         try:
-            head = conn.recv(MAX_HEAD, socket.MSG_PEEK)
+            # one byte past MAX_HEAD: whether anything follows a head of MAX_HEAD bytes
+            head = conn.recv(MAX_HEAD + 1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -478,7 +484,7 @@ class Desk(_Front):
             self._hand_over(conn)
             return
         end = head.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end + 4 > MAX_HEAD:
             if len(head) >= MAX_HEAD:
                 self._hand_over(conn)
             return

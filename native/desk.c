@@ -406,9 +406,11 @@ static int put(struct desk *d, size_t *at, const char *fmt, ...) {
             *at += (size_t)n;
             return 0;
         }
-        size_t cap = 2 * d->out_cap;
-        if (cap < *at + (size_t)n + 1)
-            cap = *at + (size_t)n + 1;
+        size_t need = *at + (size_t)n + 1, cap = 2 * d->out_cap;
+        if (cap > d->max_answer + 512) /* (room for the head and the answer, never more) */
+            cap = d->max_answer + 512;
+        if (cap < need)
+            cap = need;
         if (cap > d->max_answer + 512)
             return -1;
         char *o = realloc(d->out, cap);
@@ -521,7 +523,8 @@ static int queued(int fd) {
 /* Answer a whole status request on fd, hand fd to the loop, or leave it held while its
  * head is not whole yet (and may still be a status request). */
 static void serve(struct desk *d, int fd) {
-    ssize_t n = recv(fd, d->buf, d->max_head, MSG_PEEK | MSG_DONTWAIT);
+    /* One byte past max_head: whether anything follows a head of max_head bytes. */
+    ssize_t n = recv(fd, d->buf, d->max_head + 1, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0) {
         if (errno != EAGAIN && errno != EINTR)
             close_conn(d, fd);
@@ -537,7 +540,7 @@ static void serve(struct desk *d, int fd) {
         return;
     }
     const char *end = memmem(d->buf, (size_t)n, "\r\n\r\n", 4);
-    if (end == NULL) {
+    if (end == NULL || (size_t)(end - d->buf) + 4 > d->max_head) {
         if ((size_t)n >= d->max_head)
             hand_over(d, fd);
         return;
@@ -739,7 +742,7 @@ static int Desk_init(DeskObject *self, PyObject *args, PyObject *kw) {
     d->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     d->notify = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     d->epoll = epoll_create1(EPOLL_CLOEXEC);
-    d->buf = malloc(d->max_head);
+    d->buf = malloc(d->max_head + 1);
     d->out_cap = 4096;
     d->out = malloc(d->out_cap);
     d->groups_cap = 64;

@@ -314,6 +314,53 @@ async def test_a_failed_desk_leaves_the_socket_to_the_loop(
             assert json.loads(body)["status_age"] == 0.0
 
 
+def wait_handed(front: desk.Desk | desk.NativeDesk, handed: int) -> None:
+    """Called ON the loop, blocking it: until the desk has handed `handed` connections over."""
+    deadline = time.monotonic() + 10
+    while front.handed < handed:
+        assert time.monotonic() < deadline, "the desk never handed the request over"
+        time.sleep(0.005)
+
+
+async def test_a_rendering_that_fails_loses_no_connection(
+    work: Path, implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rendering the desk asks for that raises must not take the connections handed over
+    beside it down with it: each is still answered."""
+    failing = False
+    status = daemon.Daemon.status
+
+    def render(self: daemon.Daemon) -> dict[str, Any]:
+        if failing:
+            raise RuntimeError("rendering failed")
+        return status(self)
+
+    desks: list[desk.Desk | desk.NativeDesk] = []
+
+    def keep(*args: Any) -> desk.Desk | desk.NativeDesk:
+        desks.append(desk.make_desk(*args))
+        return desks[-1]
+
+    monkeypatch.setattr(daemon.Daemon, "status", render)
+    monkeypatch.setattr(daemon, "make_desk", keep)
+    get = b"GET /v1/snapshots HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    async with daemon_here(work / "d") as h:
+        [front] = desks
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            failing = True
+            # On the loop, blocking it: a status past STALE_AFTER (the desk asks the loop
+            # for a rendering), then a request the desk hands over, both waiting for it.
+            block_loop(desk.STALE_AFTER + 0.1)
+            handed = front.handed
+            assert responses(ask_while_blocked(h.socket, GET_STATUS))[0][0] == 200
+            other = pool.submit(exchange, h.socket, get, 10)
+            wait_handed(front, handed + 1)
+            raw = await asyncio.wrap_future(other)  # the loop runs again: the rendering fails
+            failing = False
+        [(code, _, body)] = responses(raw)
+        assert (code, json.loads(body)) == (200, {"snapshots": []})
+
+
 # -- a real daemon process --------------------------------------------------------------------
 
 
@@ -479,8 +526,10 @@ def test_a_caller_who_may_not_ask_gets_the_loops_403(work: Path, implementation:
         assert f"uid {nobody.pw_uid}" in err["message"]
 
 
-def status_as(sock: Path, uid: int, gid: int, groups: list[int]) -> tuple[int, bool, Any]:
-    """`GET /v1/status` asked with curl as another user: (HTTP code, whether the desk
+def status_as(
+    sock: Path, uid: int, gid: int, groups: list[int], path: str = "/v1/status"
+) -> tuple[int, bool, Any]:
+    """`GET path` (the status) asked with curl as another user: (HTTP code, whether the desk
     answered, the body's JSON)."""
     done = subprocess.run(
         [
@@ -493,7 +542,7 @@ def status_as(sock: Path, uid: int, gid: int, groups: list[int]) -> tuple[int, b
             "-i",
             "--unix-socket",
             str(sock),
-            "http://hostd/v1/status",
+            f"http://hostd{path}",
         ],
         capture_output=True,
         timeout=30,
@@ -535,6 +584,45 @@ def test_the_desk_lets_in_whom_access_lists(work: Path, implementation: str) -> 
     with Hostd(root, socket_mode="0666", env=env_of(implementation)) as d:  # restore: "*"
         code, desk_answered, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, [])
         assert (code, desk_answered, doc["caller"]["classes"]) == (200, True, ["restore"])
+
+
+def test_a_caller_in_hundreds_of_groups_is_told_who_it_is(work: Path, implementation: str) -> None:
+    """SO_PEERGROUPS of a caller in more than 256 groups needs more than the 1024 bytes that
+    Python's socket.getsockopt allows: the loop must still tell who is calling, as the
+    native desk does, not answer 403 ("cannot tell who is calling")."""
+    nobody = pwd.getpwnam("nobody")
+    groups = [100000 + i for i in range(300)]
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    root.chmod(0o711)
+    listed = {"restore": [f"gid:{groups[-1]}"]}
+    with Hostd(root, socket_mode="0666", access=listed, env=env_of(implementation)) as d:
+        code, _, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, groups)
+        assert code == 200, doc
+        assert (doc["caller"]["groups"], doc["caller"]["classes"]) == (groups, ["restore"])
+        code, _, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, groups, "/v1/snapshots")
+        assert (code, doc) == (200, {"snapshots": []})
+
+
+def test_an_answer_just_under_max_answer_is_the_desks(work: Path, implementation: str) -> None:
+    """An answer of up to MAX_ANSWER bytes is the desk's, however its buffer grew: a body
+    of 65,376 to 65,536 bytes (the caller's groups make it one) is not handed to the loop."""
+    nobody = pwd.getpwnam("nobody")
+    root = work / "d"
+    root.mkdir(mode=0o711)
+    root.chmod(0o711)
+    with Hostd(root, socket_mode="0666", env=env_of(implementation)) as d:
+        code, _, doc = status_as(d.socket, nobody.pw_uid, nobody.pw_gid, [])
+        assert code == 200
+        # each group adds 8 bytes ("1xxxxx, "): a body of MAX_ANSWER - 64 or so
+        bare = len(json.dumps(doc).encode())
+        n = (desk.MAX_ANSWER - 64 - bare) // 8
+        code, by, doc = status_as(
+            d.socket, nobody.pw_uid, nobody.pw_gid, list(range(10**5, 10**5 + n))
+        )
+        size = len(json.dumps(doc).encode())
+        assert (code, by) == (200, True), (size, doc.get("error"))
+        assert desk.MAX_ANSWER - 160 < size <= desk.MAX_ANSWER
 
 
 def cpu_seconds(pid: int) -> float:
@@ -679,6 +767,23 @@ def test_the_answer_does_not_depend_on_how_the_head_arrives(shared: Hostd) -> No
         while chunk := s.recv(65536):
             split += chunk
     assert whole.split(b" ", 2)[1] == split.split(b" ", 2)[1] == b"400"
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.1"])
+def test_bytes_after_a_closing_head_of_max_head_bytes_end_in_a_clean_close(
+    shared: Hostd, version: bytes
+) -> None:
+    """A head of exactly MAX_HEAD bytes is the desk's; bytes after it are seen as after any
+    other head (the loop's), not left unread in a connection the desk closes (a reset)."""
+    head = b"GET /v1/status " + version + b"\r\nHost: h\r\nConnection: close\r\nX-Pad: "
+    head += b"a" * (desk.MAX_HEAD - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == desk.MAX_HEAD
+    raw, err = read_all(shared.socket, head)
+    [(status, headers, _)] = responses(raw)
+    assert (status, by_desk(headers), err) == (200, True, None)
+    raw, err = read_all(shared.socket, head + b"XXXX", pause=0.2)
+    assert err is None  # EOF, not a reset
+    assert not by_desk(responses(raw)[0][1])  # (aiohttp's answer: 400)
 
 
 @pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.1"])
