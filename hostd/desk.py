@@ -20,9 +20,9 @@ Two desks keep that contract: `NativeDesk`, a thread in C (native/desk.c) that n
 the GIL, where the extension hostd._desk is built and the environment's `HOSTD_NATIVE` is
 not `0` (as hostd/fastcopy.py chooses); else `Desk`, its twin in Python, whose thread needs
 the GIL for every step: while a restore keeps the loop and the workers busy it waits its
-turn for each (2 ms a status at the median, 15-25 ms at p99 during a cold small-file
-restore on 2 cores, against 0.4 and 4 ms for a trivial server in a process of its own;
-bench/status_load.py). `make_desk` picks one.
+turn for each (2.5-3.5 ms a status at the median, 20-26 ms at p99 during a cold
+small-file restore on 2 cores; the native desk 0.3-0.4 ms and 5-8 ms; a trivial server in
+a process of its own 0.3-0.5 ms and 2-4 ms; bench/status_load.py). `make_desk` picks one.
 
 Freshness. The loop renders the status at the start and end of every operation (before the
 operation's last event is sent, so whoever just saw one end is told it ended), at a reload,
@@ -313,9 +313,9 @@ class NativeDesk(_Front):
         self._board.post = None
         self._loop.remove_reader(self._native.notify_fd)
         await asyncio.to_thread(self._native.stop)
-        for kind, fd, _ in self._native.take():  # handed over, never adopted
-            if kind == self._ext.HAND_OVER:
-                os.close(fd)
+        for kind, fd, answered in self._native.take():  # handed over, not adopted yet
+            if kind == self._ext.HAND_OVER:  # (served as the twin's are: the loop has them)
+                self._adopt(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), answered)
         await self._stopped()
 
     def _tell(self, doc: dict[str, Any], at: float) -> None:
@@ -329,8 +329,7 @@ class NativeDesk(_Front):
     def _take(self) -> None:
         for kind, fd, answered in self._native.take():
             if kind == self._ext.HAND_OVER:
-                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
-                self._adopt(conn, answered)
+                self._adopt(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), answered)
             elif kind == self._ext.RENDER:
                 # (as the twin's call_soon_threadsafe does: a failed rendering is logged, and
                 # the records after it in this batch, connections handed over, still served)

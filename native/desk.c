@@ -4,9 +4,10 @@
  * contract, in C. Why: the twin's thread needs the GIL for each of its ten system calls and
  * for every line between them, and while a restore keeps the loop and the workers busy each
  * of those waits its turn (the switch interval, or longer where other threads queue for it
- * too): 2 ms a status at the median and 15-25 ms at p99 during a cold small-file restore
- * on 2 cores, against 0.4 / 4 ms for a trivial server in a process of its own. Here, a
- * status costs what the kernel's scheduling costs, whatever the loop and the workers do.
+ * too): 2.5-3.5 ms a status at the median and 20-26 ms at p99 during a cold small-file
+ * restore on 2 cores. Here, a status costs what the kernel's scheduling costs, whatever the
+ * loop and the workers do: 0.3-0.4 ms and 5-8 ms, against 0.3-0.5 ms and 2-4 ms for a
+ * trivial server in a process of its own (bench/RESULTS.md).
  *
  * Desk(listener_fd, started, euid, hand_over_after, stale_after, fresh_wait, accept_pause,
  *      max_head, max_answer)
