@@ -339,11 +339,8 @@ static void hold(struct desk *d, int fd) {
         unlink_held(d, fd);
     else {
         struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.fd = fd};
-        if (epoll_ctl(d->epoll, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            c->answered = 0;
-            atomic_fetch_add(&d->handed, 1);
-            if (push(d, HAND_OVER, fd, 0) < 0)
-                close(fd);
+        if (epoll_ctl(d->epoll, EPOLL_CTL_ADD, fd, &ev) < 0) { /* (out of memory, or watches) */
+            hand_over(d, fd);
             return;
         }
     }
