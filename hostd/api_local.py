@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client.exposition import choose_encoder
 
 from hostd import access, prune, refs
 from hostd.caller import Caller, peer_caller, peer_pidfd, quota_uid
@@ -39,7 +38,7 @@ from hostd.core.request import parse_body
 from hostd.desk import answer, caller_part
 from hostd.errors import Busy, Forbidden, HostdError, NotFound, RequestTimeout, UsageError
 from hostd.materialize import MODES
-from hostd.metrics import Snapshot
+from hostd.metrics import Snapshot, render
 from hostd.origin import retry_observer as origin_retries
 from hostd.publish import PublishRequest
 from hostd.restore import Progress, RestoreRequest
@@ -559,8 +558,8 @@ async def metrics(request: web.Request) -> web.Response:
     not the client library's latest, whose media type changes with its version)."""
     # Collected here on the loop, a consistent snapshot; only the formatting goes to a thread.
     snapshot = Snapshot(request.app[DAEMON_KEY].metrics.registry)
-    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = await asyncio.to_thread(encode, snapshot)
+    accept = request.headers.get("Accept", "")
+    body, content_type = await asyncio.to_thread(render, snapshot, accept)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

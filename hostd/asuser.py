@@ -61,9 +61,13 @@ _ERRORS: dict[str, type[HostdError]] = {
     "forbidden": Forbidden,
 }
 # What a filesystem answers when it cannot take what the request itself was right to ask.
-_TARGET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+# EPERM among them: an immutable or append-only file, a system call filter (the unit's
+# SystemCallErrorNumber=EPERM), not only rights, so never told as the caller's (forbidden).
+_TARGET_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM}
+)
 # What it answers when the caller's own rights forbid it: exit 5, 403, as [access] would.
-_FORBIDDEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+_FORBIDDEN_ERRNOS = frozenset({errno.EACCES})
 
 
 @dataclass

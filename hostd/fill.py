@@ -564,9 +564,17 @@ class Filler:
         async def open_blob(e: FileEntry) -> _Open:
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
             forget = functools.partial(self.cache.abandon, e.digest, t)
+
+            def forget_late() -> None:
+                # (a fill cancelled: its claim is gone, and another fill may have claimed
+                # the blob and taken up this record meanwhile, admit resuming it: that
+                # fill's now, to complete or abandon)
+                if e.digest not in self._filling:
+                    forget()
+
             try:
                 opening = asyncio.to_thread(_open_checked, t, e, chunk_size)
-                pb = await _closing_on_cancel(opening, forget)
+                pb = await _closing_on_cancel(opening, forget_late)
             except asyncio.CancelledError:
                 raise  # (the thread's outcome decides: _closing_on_cancel)
             except BaseException:

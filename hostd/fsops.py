@@ -286,8 +286,8 @@ class Helper:
             raise Refused("usage", f"publish path {path!r} does not exist") from None
         except NotADirectoryError:
             raise Refused("usage", f"publish path {path!r} is not a directory") from None
-        except PermissionError:
-            raise Refused("forbidden", f"publish path {path!r}: permission denied") from None
+        except PermissionError as e:
+            raise _denied(e, f"publish path {path!r}") from None
         self.src_path = path
         return {"chain": self._chain(self.src)}, []
 
@@ -428,8 +428,8 @@ class Helper:
                 raise Refused("changed", f"{rel!r} changed while it was being published")
             try:
                 return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-            except PermissionError:
-                raise Refused("forbidden", f"cannot read {rel!r}: permission denied") from None
+            except PermissionError as e:
+                raise _denied(e, f"cannot read {rel!r}") from None
         finally:
             os.close(fd)
 
@@ -444,10 +444,8 @@ class Helper:
             st = os.stat(name, dir_fd=self.parent, follow_symlinks=False)
         except FileNotFoundError:
             pass
-        except PermissionError:  # the parent may be opened, not searched (mode 0700, not ours)
-            raise Refused(
-                "forbidden", f"cannot look for target {path!r}: permission denied in its parent"
-            ) from None
+        except PermissionError as e:  # the parent may be opened, not searched (0700, not ours)
+            raise _denied(e, f"cannot look for target {path!r} in its parent") from None
         else:
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused("exists", f"target {path!r} exists and is not a directory")
@@ -483,10 +481,8 @@ class Helper:
             ) from None
         except NotADirectoryError:
             raise Refused("usage", self._not_a_dir(self.parent_path)) from None
-        except PermissionError:
-            raise Refused(
-                "forbidden", f"target's parent directory {self.parent_path!r}: permission denied"
-            ) from None
+        except PermissionError as e:
+            raise _denied(e, f"target's parent directory {self.parent_path!r}") from None
         return name
 
     def op_reclaim(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -583,11 +579,9 @@ class Helper:
         where = f"{self.parent_path.rstrip('/')}/{self.name}"
         try:  # the caller's alone until it is whole (commit): no other user opens it to lock it
             os.mkdir(self.build, 0o700, dir_fd=self.parent)
-        except PermissionError:
+        except PermissionError as e:
             self.build = ""
-            raise Refused(
-                "forbidden", f"cannot create {where!r}: permission denied in its parent"
-            ) from None
+            raise _denied(e, f"cannot create {where!r} in its parent") from None
         self.build_fd = _open_dir(self.parent, self.build, self.build)
         try:  # a sweep by another restore leaves it alone
             fcntl.flock(self.build_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -629,10 +623,8 @@ class Helper:
             made = True
         except FileExistsError:
             pass  # the empty directory op_target saw: checked again below
-        except PermissionError:
-            raise Refused(
-                "forbidden", f"cannot create {where!r}: permission denied in its parent"
-            ) from None
+        except PermissionError as e:
+            raise _denied(e, f"cannot create {where!r} in its parent") from None
         fd = _open_dir(self.parent, self.name, where)
         try:
             st = os.fstat(fd)
@@ -877,10 +869,8 @@ class Helper:
                 raise Refused("exists", f"target {target!r} appeared while restoring") from e
             try:
                 renameat2(self.build_fd, BUILD_TREE, self.name, RENAME_EXCHANGE, self.parent)
-            except PermissionError:  # (moving a directory out writes its `..`: the owner's)
-                raise Refused(
-                    "forbidden", f"cannot replace {target!r}: permission denied to move it"
-                ) from None
+            except PermissionError as e:  # (moving a directory out writes its `..`: the owner's)
+                raise _denied(e, f"cannot replace {target!r} (moving it out)") from None
             self.committed = True
             self._close_tree()  # (the new tree is whole: its descriptors go before the old's)
             try:  # the old tree, now in the build directory, goes with the caller's rights
@@ -1134,8 +1124,8 @@ def _open_dir(dfd: int, name: str, what: str) -> int:
 def _listdir(dfd: int, what: str) -> list[str]:
     try:
         return os.listdir(dfd)
-    except PermissionError:
-        raise Refused("forbidden", f"cannot read {what or '.'!r}: permission denied") from None
+    except PermissionError as e:
+        raise _denied(e, f"cannot read {what or '.'!r}") from None
 
 
 def _cut_off(names: list[str]) -> str:
@@ -1146,6 +1136,15 @@ def _cut_off(names: list[str]) -> str:
     if part is None:
         return ""
     return f" (it holds {part!r}: a progressive restore into it was cut off before it was done)"
+
+
+def _denied(e: PermissionError, what: str) -> Exception:
+    """EACCES is the caller's own rights refusing `what`: forbidden (403, exit 5). EPERM is
+    not always (an immutable or append-only file, a system call filter): it stays an OSError,
+    answered as the filesystem refusing the request (asuser), `what` named."""
+    if e.errno == errno.EACCES:
+        return Refused("forbidden", f"{what}: permission denied")
+    return OSError(e.errno, e.strerror, what)
 
 
 def _oserror(e: OSError) -> str:

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    exposition,
+    openmetrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -122,6 +129,38 @@ class Snapshot(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return iter(self.families)
+
+
+TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+MAX_ACCEPT = 4096  # characters of an Accept header read: a scraper names a few media types
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an Accept header asks for OpenMetrics 1.0.0: that media type with no version
+    or version 1.0.0, and a q above 0 (q=0 refuses it). Pure and total: any header, however
+    odd, is an answer (the client library's choose_encoder raised on `version=x`, echoed a
+    version it never wrote, and honoured `escaping=dots`, which renames every metric)."""
+    for item in accept[:MAX_ACCEPT].split(","):
+        kind, *params = item.split(";")
+        if kind.strip().lower() != "application/openmetrics-text":
+            continue
+        fields = {k.strip().lower(): v.strip() for k, _, v in (p.partition("=") for p in params)}
+        try:
+            q = float(fields.get("q", "1"))
+        except ValueError:
+            continue
+        if fields.get("version", "1.0.0") == "1.0.0" and q > 0:
+            return True
+    return False
+
+
+def render(snapshot: Collector, accept: str) -> tuple[bytes, str]:
+    """The body and Content-Type answering `accept` (blocking: formats every family)."""
+    if wants_openmetrics(accept):
+        encode = openmetrics.exposition.generate_latest  # (untyped)
+        return encode(snapshot), OPENMETRICS_TYPE  # type: ignore[no-untyped-call]
+    return exposition.generate_latest(snapshot), TEXT_TYPE
 
 
 class _Running(Protocol):

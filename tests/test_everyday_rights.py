@@ -7,10 +7,13 @@ the CLI blamed `[access]` for refusals `[access]` had no part in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,30 @@ def test_the_cli_exits_5_and_does_not_blame_access_for_the_callers_rights(work: 
         assert p.stderr.startswith("hostd: forbidden: "), p.stderr
         assert "[access]" not in p.stderr, p.stderr
         assert str(theirs / "out") in p.stderr, p.stderr
+
+
+@contextlib.contextmanager
+def _immutable(path: Path) -> Iterator[None]:
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr (e2fsprogs)")
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip(f"{path}'s filesystem keeps no immutable flag")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_immutable_parent_is_not_the_callers_rights(work: Path) -> None:
+    """Root, every capability held, restores into an immutable directory: the filesystem
+    refuses (EPERM), not root's rights nor [access]; hostd must not answer 403 `forbidden`
+    (exit 5, "forbidden"), which sends an operator to its [access] table or its chmods."""
+    src = make_tree(work / "src", big=70 * 1024)
+    (work / "imm").mkdir()
+    with Hostd(work / "d") as d:
+        d.publish(src, "rv/imm")
+        with _immutable(work / "imm"):
+            out = d.restore("rv/imm", work / "imm" / "out", mode="copy")
+        assert out["event"] == "error", out
+        assert out["error"] != "forbidden", out
+        assert "not permitted" in out["message"].lower(), out

@@ -768,6 +768,60 @@ async def test_a_restore_cancelled_while_workers_wait_on_one_opening_blob_is_can
         rig.close()
 
 
+class TwoOpensTier(Tier):
+    """A tier whose first partial-blob open waits for `first`, then fails (EIO: a disk that
+    errs once), and whose second waits for `second`, then opens: two fills of one blob."""
+
+    opens = 0
+    started: ClassVar[list[threading.Event]] = [threading.Event(), threading.Event()]
+    gates: ClassVar[list[threading.Event]] = [threading.Event(), threading.Event()]
+
+    def open_partial(self, digest: bytes, size: int, n_chunks: int) -> hostd.tier.PartialBlob:
+        k = min(type(self).opens, 1)
+        type(self).opens += 1
+        self.started[k].set()
+        self.gates[k].wait(DEADLINE)
+        if k == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().open_partial(digest, size, n_chunks)
+
+
+async def test_a_cancelled_fills_late_failure_leaves_the_next_fills_record(
+    tmp_path: Path,
+) -> None:
+    """Fill A is cancelled while its blob opens; fill B of the same blob comes and takes up
+    the record A left (admit resumes it); then A's opening thread fails. A's late `forget`
+    must not drop B's record: B would write a blob the cache no longer charges, and fail at
+    the end (`completed`: KeyError, a 500 to a restore that did nothing wrong)."""
+    TwoOpensTier.opens = 0
+    for ev in (*TwoOpensTier.started, *TwoOpensTier.gates):
+        ev.clear()
+    rig = Rig(tmp_path, mem_tier=TwoOpensTier, workers=1)
+    try:
+        f = rig.file("f", pattern("f", 3 * CS + 5))
+        a = asyncio.create_task(rig.ensure([f]))
+        assert await asyncio.to_thread(TwoOpensTier.started[0].wait, DEADLINE)
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        b = asyncio.create_task(rig.ensure([f]))
+        assert await asyncio.to_thread(TwoOpensTier.started[1].wait, DEADLINE)
+        TwoOpensTier.gates[0].set()  # A's thread fails now, after B took the record up
+        async with asyncio.timeout(DEADLINE):
+            while TwoOpensTier.opens < 2 or not TwoOpensTier.gates[0].is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # (A's done-callback runs on the loop)
+        assert rig.cache.partial(f.digest) is not None, "B's record was dropped by A's forget"
+        TwoOpensTier.gates[1].set()
+        found, _ = await b
+        assert f.digest in found
+        assert rig.leftovers() == []
+    finally:
+        for ev in TwoOpensTier.gates:
+            ev.set()
+        rig.close()
+
+
 # -- mtimes ------------------------------------------------------------------------------------
 
 BEFORE_1970 = -86_400_000_000_001  # 1969-12-31, a nanosecond before a whole second
