@@ -244,7 +244,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     prefetch = add("prefetch", "fetch a snapshot into a tier ahead of a restore", client, compat)
     prefetch.add_argument("ref", metavar="REF", help="the ref to fetch")
-    prefetch.add_argument("--tier", metavar="NAME", help="tier to fill (default: the first)")
+    prefetch.add_argument(
+        "--tier",
+        metavar="NAME",
+        help="tier to fill (default: the first with room, as restores do; the result names none)",
+    )
     prefetch.set_defaults(command=_prefetch)
 
     for name, verb in (("pin", "keep"), ("unpin", "stop keeping")):
