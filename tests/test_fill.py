@@ -13,7 +13,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -787,7 +787,7 @@ class TwoOpensTier(Tier):
 
 
 async def test_a_cancelled_fills_late_failure_leaves_the_next_fills_record(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fill A is cancelled while its blob opens; fill B of the same blob comes and takes up
     the record A left (admit resumes it); then A's opening thread fails. A's late `forget`
@@ -796,6 +796,14 @@ async def test_a_cancelled_fills_late_failure_leaves_the_next_fills_record(
     TwoOpensTier.opens = 0
     for ev in (*TwoOpensTier.started, *TwoOpensTier.gates):
         ev.clear()
+    closed = asyncio.Event()  # A's late callback (fill._close_result) has run
+    real = hostd.fill._close_result
+
+    def spied(forget: Callable[[], None], job: asyncio.Future[hostd.tier.PartialBlob]) -> None:
+        real(forget, job)
+        closed.set()
+
+    monkeypatch.setattr(hostd.fill, "_close_result", spied)
     rig = Rig(tmp_path, mem_tier=TwoOpensTier, workers=1)
     try:
         f = rig.file("f", pattern("f", 3 * CS + 5))
@@ -808,9 +816,7 @@ async def test_a_cancelled_fills_late_failure_leaves_the_next_fills_record(
         assert await asyncio.to_thread(TwoOpensTier.started[1].wait, DEADLINE)
         TwoOpensTier.gates[0].set()  # A's thread fails now, after B took the record up
         async with asyncio.timeout(DEADLINE):
-            while TwoOpensTier.opens < 2 or not TwoOpensTier.gates[0].is_set():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)  # (A's done-callback runs on the loop)
+            await closed.wait()
         assert rig.cache.partial(f.digest) is not None, "B's record was dropped by A's forget"
         TwoOpensTier.gates[1].set()
         found, _ = await b
