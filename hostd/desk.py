@@ -124,7 +124,10 @@ class Board:
         self._current = (doc, now)
         self._rendered.set()
         if self.post is not None:
-            self.post(doc, now)
+            try:  # (a rendering the native desk cannot take fails its status, not the caller)
+                self.post(doc, now)
+            except Exception:
+                log.exception("posting the status to the socket's desk failed")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
