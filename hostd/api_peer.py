@@ -329,7 +329,9 @@ async def _send(
         except HostdError as e:
             address = request.remote or ""
             if isinstance(e, ChunkCorrupt):  # (what it named at the origin is not the chunk)
-                barred = srv.pulls.failed(address, _origin_bytes(want))
+                # (a GET at least, as a miss: of one byte, it was a GET for nothing too)
+                wasted = max(_origin_bytes(want), PULL_MISS_BYTES)
+                barred = srv.pulls.failed(address, wasted)
                 log.warning(
                     "peer pull of chunk %s for %s did not verify (%s)%s",
                     want.id.hex(),
@@ -354,6 +356,10 @@ async def _send(
         if len(data) != want.size:  # cannot be: the flight is keyed by id, size and codec
             _cut(request)
             return resp, "failed"
+        # Kept, owned or not: an asker that thinks we own it (membership differs), or anyone
+        # replaying a signed pull to another host (the proof names none), asks again, and
+        # each ask read the origin again.
+        srv.buffer.put(want.id, data)
         served, where = "pull", data
     else:
         served = "file" if isinstance(where, tuple) else "buffer"

@@ -223,10 +223,11 @@ class Uploads:
 # most (256 MiB) from its origin with one request of a few hundred bytes.
 PULL_BYTES_PER_ASKER = 64 << 20
 # Bytes an asking address may make the owner read from its origin for pulls that did not
-# verify (the bytes it named at the origin are not the chunk it named: a lying asker, or an
-# origin whose bytes rotted: the owner cannot tell which), past which it gets no pull until
-# they drain, at PULL_WASTE_RATE a second: a lying asker's bytes are bounded by the rate, and
-# an honest one meeting a rotten pack is barred only once its waste passes a burst's worth.
+# verify (PULL_MISS_BYTES each at least, a GET; the bytes it named at the origin are not the
+# chunk it named: a lying asker, or an origin whose bytes rotted: the owner cannot tell
+# which), past which it gets no pull until they drain, at PULL_WASTE_RATE a second: a lying
+# asker's bytes are bounded by the rate, and an honest one meeting a rotten pack is barred
+# only once its waste passes a burst's worth.
 PULL_WASTE_BURST = 128 << 20
 PULL_WASTE_RATE = 2 << 20
 PULL_ASKERS_KEPT = 4096  # addresses whose waste is remembered (the oldest forgotten first)
@@ -626,7 +627,12 @@ def _cut_short(
 
 def _refused(name: str, status: int, reason: str | None, doc: dict[str, Any]) -> PeerFailure:
     """A member's non-200 answer (its JSON body `doc`) as a PeerFailure."""
-    msg = str(doc.get("message", reason or status))[:300]
+    # (its text, escaped: a member's newlines and terminal escapes must not forge lines in
+    # our log, our status or a restore's error)
+    msg = "".join(
+        c if c.isprintable() else ascii(c)[1:-1]
+        for c in str(doc.get("message", reason or status))[:300]
+    )
     kinds = {401: "rejected", 404: "missing", 409: "self", 503: "busy"}
     holders = doc.get("holders")
     hint = [h for h in holders if isinstance(h, str)][:16] if isinstance(holders, list) else []
@@ -961,6 +967,8 @@ class PeerSource:
         self.busy_wait = client.pull_wait if busy_wait is None else busy_wait
         self.rng = rng or random.Random()
         self._have: dict[tuple[str, bytes], tuple[float, bool]] = {}
+        # Members busy to every chunk asked of them (since, last), none served (_waits_on)
+        self._busy_since: dict[str, tuple[float, float]] = {}
 
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
@@ -1003,7 +1011,7 @@ class PeerSource:
                         return await self._owner(owner, chunk, skip)
                     except PeerFailure as e:
                         problems.append(e.message)
-                        busy |= e.kind == "busy"
+                        busy |= self._waits_on(owner, e)
                         hint += e.holders
                         if e.kind != "busy":
                             failed.add(owner)
@@ -1029,7 +1037,7 @@ class PeerSource:
                     return await self._fetch(name, chunk, "holder")
                 except PeerFailure as e:
                     problems.append(e.message)
-                    busy |= e.kind == "busy"
+                    busy |= self._waits_on(name, e)
                     hint += e.holders
                     if e.kind != "busy":
                         failed.add(name)
@@ -1052,6 +1060,25 @@ class PeerSource:
             hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
+
+    def _waits_on(self, name: str, e: PeerFailure) -> bool:
+        """Whether `name`'s answer is worth asking again for: a busy one, unless `name` has
+        been busy to every chunk asked of it for longer than the busy wait, and served none
+        meanwhile. Busy is no fault (an owner pulling through a fleet's scale-up says it),
+        but a member that says it holds every chunk (`have`) and answers each busy cost
+        every chunk the whole wait, for ever; now the wait once."""
+        if e.kind != "busy":
+            return False
+        now = self.membership.clock()
+        since, last = self._busy_since.get(name, (now, now))
+        if now - last > self.busy_wait:  # not asked meanwhile: busy anew
+            since = now
+        if len(self._busy_since) > 4 * HAVE_FANOUT * HOLDER_TRIES:  # (members come and go)
+            self._busy_since = {
+                n: t for n, t in self._busy_since.items() if now - t[1] <= self.busy_wait
+            }
+        self._busy_since[name] = (since, now)
+        return now - since <= self.busy_wait
 
     async def _own_owner(
         self, chunk: Chunk, key: bytes, problems: list[str], hint: list[str]
@@ -1085,6 +1112,7 @@ class PeerSource:
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
+        self._busy_since.pop(name, None)
         self.membership.roster.answered(name, self.membership.clock(), served=True)
         return data, how
 
