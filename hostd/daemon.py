@@ -488,7 +488,7 @@ LISTEN_BACKLOG = 128  # aiohttp's and asyncio's
 # an idle aiohttp connection of ~10-20 KiB.
 LOCAL_CONNECTIONS_PER_UID = 256
 LOCAL_CONNECTIONS = 4096
-# On the peer port: per host (an IPv4 address, an IPv6 /64), twice the most fetch_concurrency
+# On the peer port: per address (guard.address_of), twice the most fetch_concurrency
 # a peer may fetch with; in all, a fleet of 2,000 hosts each fetching 16 chunks of us at once.
 PEER_CONNECTIONS_PER_HOST = 2048
 PEER_CONNECTIONS = 32768
