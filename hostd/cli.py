@@ -417,7 +417,8 @@ def _restore(args: argparse.Namespace) -> int:
         raise UsageError("--order and --keep-partial need --progressive")
 
     def landed(event: JSON) -> None:
-        line = json.dumps(event) if args.json else str(event.get("path"))
+        # a path is the publisher's: its control characters would drive the caller's terminal
+        line = json.dumps(event) if args.json else output.plain(str(event.get("path")))
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 

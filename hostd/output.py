@@ -22,9 +22,18 @@ if TYPE_CHECKING:
 PAIRS_GAP = 2  # between a key and its value
 TABLE_GAP = 4  # between table columns
 
-# Control characters would break a line into two, or drive the terminal reading a log: a
-# cell or line of plain output shows each as "?", as ls does.
-_CONTROL = {code: "?" for code in (*range(32), 127)}
+# Control characters would break a line into two, or drive the terminal reading a log (C1's
+# CSI among them), and bidi overrides make a name read as another: a cell or line of plain
+# output shows each as "?", as ls does.
+_CONTROL = {
+    code: "?"
+    for code in (*range(32), *range(127, 160), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+
+
+def plain(text: str) -> str:
+    """`text` with each control character shown as "?": safe on one line of a terminal."""
+    return text.translate(_CONTROL)
 
 
 class Printer(Protocol):
@@ -61,7 +70,7 @@ class PlainPrinter:
         return f"<PlainPrinter {getattr(self._stream, 'name', self._stream)!r}>"
 
     def line(self, text: str) -> None:
-        self._stream.write(text.translate(_CONTROL) + "\n")
+        self._stream.write(plain(text) + "\n")
 
     def pairs(self, rows: Iterable[tuple[str, object]]) -> None:
         self._write(align([[key, _value(value)] for key, value in rows], PAIRS_GAP))
@@ -77,7 +86,7 @@ class PlainPrinter:
 
 def align(rows: list[list[str]], gap: int) -> list[str]:
     """Rows of cells as lines, each column as wide as its widest cell, then `gap` spaces."""
-    rows = [[cell.translate(_CONTROL) for cell in row] for row in rows]
+    rows = [[plain(cell) for cell in row] for row in rows]
     columns = max((len(row) for row in rows), default=0)
     widths = [
         max((width(row[i]) for row in rows if i < len(row)), default=0) for i in range(columns)
