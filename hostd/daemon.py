@@ -41,7 +41,7 @@ from hostd.config import Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
-from hostd.desk import Board, Desk, NativeDesk, make_desk
+from hostd.desk import Board, Desk, NativeDesk, desk_kind
 from hostd.errors import Busy, ConfigError, HostdError
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
@@ -649,7 +649,7 @@ async def _serve_locked(
         if d.peers is not None:
             await d.peers.start()
         d.board.refresh()
-        desk = make_desk(
+        desk = desk_kind()(
             listen_unix(config.socket, config.socket_mode),
             d.board,
             lambda: d.config.access,

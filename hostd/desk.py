@@ -22,7 +22,7 @@ not `0` (as hostd/fastcopy.py chooses); else `Desk`, its twin in Python, whose t
 the GIL for every step: while a restore keeps the loop and the workers busy it waits its
 turn for each (2.5-3.5 ms a status at the median, 20-26 ms at p99 during a cold
 small-file restore on 2 cores; the native desk 0.3-0.4 ms and 5-8 ms; a trivial server in
-a process of its own 0.3-0.5 ms and 2-4 ms; bench/status_load.py). `make_desk` picks one.
+a process of its own 0.3-0.5 ms and 2-4 ms; bench/status_load.py). `desk_kind` picks one.
 
 Freshness. The loop renders the status at the start and end of every operation (before the
 operation's last event is sent, so whoever just saw one end is told it ended), at a reload,
@@ -180,18 +180,10 @@ def caller_part(config: AccessConfig, euid: int, caller: Caller) -> dict[str, An
     return {**caller.to_json(), "classes": list(access.classes(config, euid, caller))}
 
 
-def make_desk(
-    listener: socket.socket,
-    board: Board,
-    access_config: Callable[[], AccessConfig],
-    euid: int,
-    factory: Callable[[], asyncio.Protocol],
-    answered_factory: Callable[[], asyncio.Protocol] | None = None,
-) -> Desk | NativeDesk:
-    """The desk for the socket `listener` (see the module's doc): the native one where it
-    can be had (NATIVE), else the twin. On the loop."""
-    kind = NativeDesk if NATIVE else Desk
-    return kind(listener, board, access_config, euid, factory, answered_factory)
+def desk_kind() -> type[Desk] | type[NativeDesk]:
+    """The desk to accept on the socket (see the module's doc): the native one where it can
+    be had (NATIVE), else the twin."""
+    return NativeDesk if NATIVE else Desk
 
 
 class _Front:

@@ -337,12 +337,15 @@ async def test_a_rendering_that_fails_loses_no_connection(
 
     desks: list[desk.Desk | desk.NativeDesk] = []
 
-    def keep(*args: Any) -> desk.Desk | desk.NativeDesk:
-        desks.append(desk.make_desk(*args))
-        return desks[-1]
+    def kind() -> Callable[..., desk.Desk | desk.NativeDesk]:
+        def keep(*args: Any) -> desk.Desk | desk.NativeDesk:
+            desks.append(desk.desk_kind()(*args))
+            return desks[-1]
+
+        return keep
 
     monkeypatch.setattr(daemon.Daemon, "status", render)
-    monkeypatch.setattr(daemon, "make_desk", keep)
+    monkeypatch.setattr(daemon, "desk_kind", kind)
     get = b"GET /v1/snapshots HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
     async with daemon_here(work / "d") as h:
         [front] = desks
