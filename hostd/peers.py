@@ -969,6 +969,9 @@ class PeerSource:
         self._have: dict[tuple[str, bytes], tuple[float, bool]] = {}
         # Members busy to every chunk asked of them (since, last), none served (_waits_on)
         self._busy_since: dict[str, tuple[float, float]] = {}
+        # Requests in flight to each member, each set once it said it will serve (200): a
+        # member sending us a chunk, or pulling one through for us, is not busy to everything
+        self._taking: dict[str, set[asyncio.Event]] = {}
 
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
@@ -1071,7 +1074,9 @@ class PeerSource:
             return False
         now = self.membership.clock()
         since, last = self._busy_since.get(name, (now, now))
-        if now - last > self.busy_wait:  # not asked meanwhile: busy anew
+        # busy anew: not asked meanwhile, or sending us one now (busy with us, not to all)
+        serving = any(said.is_set() for said in self._taking.get(name, ()))
+        if now - last > self.busy_wait or serving:
             since = now
         if len(self._busy_since) > 4 * HAVE_FANOUT * HOLDER_TRIES:  # (members come and go)
             self._busy_since = {
@@ -1107,11 +1112,18 @@ class PeerSource:
         self, name: str, chunk: Chunk, role: str, answered: asyncio.Event | None = None
     ) -> tuple[memoryview, str]:
         """The chunk from `name`, and how it served it; not counted as got (see _count)."""
+        said = answered if answered is not None else asyncio.Event()
+        taking = self._taking.setdefault(name, set())
+        taking.add(said)
         try:
-            data, how = await self.client.chunk(name, chunk, role == "owner", answered)
+            data, how = await self.client.chunk(name, chunk, role == "owner", said)
         except PeerFailure as e:
             self.membership.report(name, e)
             raise
+        finally:
+            taking.discard(said)
+            if not taking and self._taking.get(name) is taking:
+                del self._taking[name]
         self._busy_since.pop(name, None)
         self.membership.roster.answered(name, self.membership.clock(), served=True)
         return data, how

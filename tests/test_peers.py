@@ -1701,3 +1701,56 @@ def test_a_busy_members_holders_hint_cannot_send_requests_outside_the_fleet(
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+async def test_a_member_busy_only_while_it_serves_this_host_is_still_waited_on() -> None:
+    """A member that answers busy ("as many pulls in flight here as it may") because it is
+    serving this host a chunk (its pull through a slow origin under way, 200 already said)
+    serves none until that one lands: past the busy wait from its first busy, every chunk
+    asked of it meanwhile went to the origin at once, though it serves them as soon as its
+    one pull lands (it was not busy to everything: it was busy with us)."""
+    first, later, other = (os.urandom(1000 + i) for i in range(3))
+    chunks = [mf.Chunk(id=chunk_id(d), size=len(d)) for d in (first, later, other)]
+    landed = asyncio.Event()
+
+    class Pulling(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+        async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+            return set()
+
+        async def chunk(
+            self, name: str, chunk: mf.Chunk, pull: bool, answered: asyncio.Event | None = None
+        ) -> tuple[memoryview, str]:
+            if chunk.id == chunks[0].id:  # said 200 at once; its pull lands in 0.7 s
+                if answered is not None:
+                    answered.set()
+                await asyncio.sleep(0.7)
+                landed.set()
+                return memoryview(first), "pull"
+            if not landed.is_set():
+                raise PeerFailure("busy", f"peer {name}: as many pulls in flight as it may")
+            return memoryview(later if chunk.id == chunks[1].id else other), "held"
+
+    client = Pulling("me", None, 5.0, 10.0)
+    m = Membership(("10.0.0.2:7460",), (), 10.0, client)
+    await m.refresh()
+    for due in m.roster.due(time.monotonic()):
+        await m.probe(due)
+    source = PeerSource(m, client, 5.0, busy_wait=0.4)
+    pulled = asyncio.create_task(source.get(chunks[0]))
+    busy = asyncio.create_task(source.get(chunks[2]))  # busy the whole wait: the origin's
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.sleep(0.5)
+            assert bytes(await source.get(chunks[1])) == later  # served once the pull landed
+            assert bytes(await pulled) == first
+    finally:
+        for t in (pulled, busy):
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+        await client.close()
