@@ -63,15 +63,15 @@ def entries(access: AccessConfig, cls: str) -> tuple[str, ...]:
 def lists(access: AccessConfig, cls: str) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
     """Class `cls`'s entries as (whether "*" is one, the uids, the gids): what the native
     desk (native/desk.c) matches callers against, as `matches` does."""
-    uids: list[int] = []
-    gids: list[int] = []
-    for e in entries(access, cls):
+    listed = entries(access, cls)
+    ids: dict[str, list[int]] = {"uid": [], "gid": []}
+    for e in listed:
         kind, _, number = e.partition(":")
-        if e != "*" and kind not in ("uid", "gid"):
+        if e != "*" and kind not in ids:
             raise ValueError(f"not a resolved [access] entry: {e!r}")
         if e != "*":
-            (uids if kind == "uid" else gids).append(int(number))
-    return "*" in entries(access, cls), tuple(uids), tuple(gids)
+            ids[kind].append(int(number))
+    return "*" in listed, tuple(ids["uid"]), tuple(ids["gid"])
 
 
 def allowed(access: AccessConfig, euid: int, caller: Caller, cls: str) -> bool:

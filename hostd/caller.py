@@ -20,10 +20,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from hostd.fileio import libc
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _NGROUPS_MAX = 65536
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,7 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
         groups = (ctypes.c_uint32 * n)()
         size = ctypes.c_uint32(ctypes.sizeof(groups))
         fd = sock.fileno()
-        if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, groups, ctypes.byref(size)) == 0:
+        if libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, groups, ctypes.byref(size)) == 0:
             return tuple(groups[: size.value // 4])
         err = ctypes.get_errno()
         # ERANGE: the buffer is too small; the kernel said in `size` how big it must be.

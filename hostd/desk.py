@@ -36,6 +36,7 @@ old, so a stalled loop shows as a growing `status_age`, not as a status that nev
 
 from __future__ import annotations
 
+import abc
 import array
 import asyncio
 import contextlib
@@ -186,7 +187,7 @@ def desk_kind() -> type[Desk] | type[NativeDesk]:
     return NativeDesk if NATIVE else Desk
 
 
-class _Front:
+class _Front(abc.ABC):
     """What both desks do on the loop: serve the connections they hand over, and accept on
     the socket themselves once a desk has failed. Each desk sets itself up in `_set_up`."""
 
@@ -213,8 +214,9 @@ class _Front:
         listener.setblocking(False)
         self._set_up()
 
+    @abc.abstractmethod
     def _set_up(self) -> None:
-        raise NotImplementedError
+        """The desk's own parts, made at the end of __init__ (the shared ones are set)."""
 
     async def _stopped(self) -> None:
         """The end of a stop, once the desk's thread is gone."""
@@ -238,6 +240,10 @@ class _Front:
                 conn.close()
 
         self._step(adopt())
+
+    def _adopt_fd(self, fd: int, answered: bool) -> None:
+        """`_adopt` of a connection handed over as a descriptor (a Unix stream socket)."""
+        self._adopt(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), answered)
 
     def _fall_back(self) -> None:
         """The desk failed: the loop accepts on the socket itself."""
@@ -310,7 +316,7 @@ class NativeDesk(_Front):
         await asyncio.to_thread(self._native.stop)
         for kind, fd, answered in self._native.take():  # handed over, not adopted yet
             if kind == self._ext.HAND_OVER:  # (served as the twin's are: the loop has them)
-                self._adopt(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), answered)
+                self._adopt_fd(fd, answered)
         await self._stopped()
 
     def _tell(self, doc: dict[str, Any], at: float) -> None:
@@ -324,7 +330,7 @@ class NativeDesk(_Front):
     def _take(self) -> None:
         for kind, fd, answered in self._native.take():
             if kind == self._ext.HAND_OVER:
-                self._adopt(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), answered)
+                self._adopt_fd(fd, answered)
             elif kind == self._ext.RENDER:
                 # (as the twin's call_soon_threadsafe does: a failed rendering is logged, and
                 # the records after it in this batch, connections handed over, still served)
@@ -333,11 +339,7 @@ class NativeDesk(_Front):
                 except Exception:
                     log.exception("rendering the status failed")
             elif kind == self._ext.PAUSED:
-                log.warning(
-                    "accepting on the socket failed: %s; accepting again in %gs",
-                    OSError(fd, os.strerror(fd)),
-                    ACCEPT_PAUSE,
-                )
+                _paused(OSError(fd, os.strerror(fd)))
             elif kind == self._ext.FAILED:
                 log.error(
                     "the socket's desk failed (%s): the loop answers every request from now",
@@ -435,9 +437,7 @@ class Desk(_Front):
             except OSError as e:
                 if e.errno not in _OUT_OF_RESOURCES:
                     raise
-                log.warning(
-                    "accepting on the socket failed: %s; accepting again in %gs", e, ACCEPT_PAUSE
-                )
+                _paused(e)
                 return time.monotonic() + ACCEPT_PAUSE
             conn.setblocking(False)
             self._hold(conn)
@@ -539,6 +539,11 @@ class Desk(_Front):
         except RuntimeError:  # the loop is closed
             return False
         return True
+
+
+def _paused(e: OSError) -> None:
+    """Accepting ran out of descriptors (either desk): said once a pause."""
+    log.warning("accepting on the socket failed: %s; accepting again in %gs", e, ACCEPT_PAUSE)
 
 
 def _queued(conn: socket.socket) -> bool:

@@ -5,12 +5,16 @@ bidi overrides) shown as "?", never sent to the caller's terminal (a real daemon
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from harness import ROOT, Hostd
+from harness import Hostd
+from test_e2e import cli
 from test_faults import work  # noqa: F401  (a fixture)
+
+
+def at(h: Hostd) -> dict[str, str]:
+    """The CLI's environment for daemon `h`."""
+    return {"HOSTD_SOCKET": str(h.socket)}
 
 
 def test_a_progressive_restore_prints_landed_paths_without_control_characters(
@@ -24,15 +28,10 @@ def test_a_progressive_restore_prints_landed_paths_without_control_characters(
     (src / "new\nline").write_bytes(b"b")
     with Hostd(work / "d") as h:
         h.publish(src, "t/esc")
-        got = subprocess.run(
-            [sys.executable, "-m", "hostd", "restore", "t/esc", str(work / "out"), "--progressive"],
-            env={**os.environ, "HOSTD_SOCKET": str(h.socket), "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            cwd=ROOT,
-            check=True,
-        )
-    assert b"\x1b" not in got.stdout
-    lines = got.stdout.decode().splitlines()
+        got = cli("restore", "t/esc", str(work / "out"), "--progressive", env=at(h))
+    assert got.returncode == 0, got.stderr
+    assert "\x1b" not in got.stdout
+    lines = got.stdout.splitlines()
     assert "?[31mred" in lines
     assert "new?line" in lines
     assert sorted(os.listdir(work / "out")) == ["\x1b[31mred", "new\nline"]
@@ -46,14 +45,9 @@ def test_inspect_shows_c1_and_bidi_controls_in_a_name_as_question_marks(work: Pa
     (src / "x\u202etxt.exe").write_bytes(b"b")
     with Hostd(work / "d") as h:
         h.publish(src, "t/bidi")
-        got = subprocess.run(
-            [sys.executable, "-m", "hostd", "inspect", "t/bidi"],
-            env={**os.environ, "HOSTD_SOCKET": str(h.socket), "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            cwd=ROOT,
-            check=True,
-        )
-    text = got.stdout.decode()
+        got = cli("inspect", "t/bidi", env=at(h))
+    assert got.returncode == 0, got.stderr
+    text = got.stdout
     assert "\u009b" not in text
     assert "\u202e" not in text
     assert "a?2Jb" in text
