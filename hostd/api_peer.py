@@ -358,8 +358,8 @@ async def _send(
             return resp, "failed"
         # Kept, owned or not: an asker that thinks we own it (membership differs), or anyone
         # replaying a signed pull to another host (the proof names none), asks again, and
-        # each ask read the origin again.
-        srv.buffer.put(want.id, data)
+        # each ask read the origin again. Not owned, in a share that cannot push out ours.
+        srv.pull.keep(want, data)
         served, where = "pull", data
     else:
         served = "file" if isinstance(where, tuple) else "buffer"

@@ -104,35 +104,68 @@ Observe = Callable[[str, str, float], None]  # (request kind, result, seconds)
 
 
 class ChunkBuffer:
-    """Recent chunks this host pulled from the origin as their owner, in memory, LRU by
-    bytes: the owner serves the hosts that ask after its flight landed without asking the
-    origin again, and its own restore finds them here too. Holds verified bytes only."""
+    """Recent chunks this host pulled from the origin, in memory, LRU by bytes: the owner
+    serves the hosts that ask after its flight landed without asking the origin again, and
+    its own restore finds them here too. Holds verified bytes only.
+
+    Chunks it pulled for an asker without owning them (a member whose view of the
+    membership differs, a signed pull replayed to another host) are kept too, so that their
+    repeats do not read the origin again, but in a share of their own (OTHERS_SHARE of the
+    bytes): however many of them an asker cycles through, they push out only each other,
+    never the chunks this host owns."""
 
     name = "buffer"
+    OTHERS_SHARE = 0.25
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self._chunks: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
+        self._owned: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
+        self._others: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
+        self._others_used = 0
 
     def __repr__(self) -> str:
-        return f"ChunkBuffer({self.used}/{self.capacity}, chunks={len(self._chunks)})"
+        held = len(self._owned) + len(self._others)
+        return f"ChunkBuffer({self.used}/{self.capacity}, chunks={held})"
 
-    def put(self, cid: bytes, data: bytes | memoryview) -> None:
-        """Keep `data` as it is, not a copy: a fetched chunk's buffer is never written again."""
-        if cid in self._chunks or len(data) > self.capacity:
+    def put(self, cid: bytes, data: bytes | memoryview, owned: bool = True) -> None:
+        """Keep `data` as it is, not a copy: a fetched chunk's buffer is never written again.
+        An owned chunk takes any room; one held for others takes room only from others."""
+        if cid in self._owned or len(data) > self.capacity:
             return
-        self._chunks[cid] = data
+        if cid in self._others:
+            if not owned:
+                return
+            self._others_used -= len(self._others.pop(cid))
+            self.used -= len(data)
+        if owned:
+            self._owned[cid] = data
+        else:
+            if len(data) > self.capacity * self.OTHERS_SHARE:
+                return
+            self._others[cid] = data
+            self._others_used += len(data)
+            while self._others_used > self.capacity * self.OTHERS_SHARE:
+                self._others_used -= self._pop(self._others)
         self.used += len(data)
         while self.used > self.capacity:
-            _, old = self._chunks.popitem(last=False)
-            self.used -= len(old)
+            if self._others:
+                self._others_used -= self._pop(self._others)
+            else:
+                self._pop(self._owned)
+
+    def _pop(self, chunks: OrderedDict[bytes, bytes | memoryview]) -> int:
+        _, old = chunks.popitem(last=False)
+        self.used -= len(old)
+        return len(old)
 
     def peek(self, cid: bytes) -> bytes | memoryview | None:
-        data = self._chunks.get(cid)
-        if data is not None:
-            self._chunks.move_to_end(cid)
-        return data
+        for chunks in (self._owned, self._others):
+            data = chunks.get(cid)
+            if data is not None:
+                chunks.move_to_end(cid)
+                return data
+        return None
 
     def find(self, chunk: Chunk) -> bytes | memoryview | None:
         """The chunk's bytes if held, at the chunk's own size."""
@@ -334,6 +367,10 @@ class OriginPull:
         if self.owns(self.key(chunk)):
             self.buffer.put(chunk.id, data)
         return data
+
+    def keep(self, chunk: Chunk, data: bytes | memoryview) -> None:
+        """Keep a chunk pulled for an asker, owned or not (`ChunkBuffer`'s shares)."""
+        self.buffer.put(chunk.id, data, owned=self.owns(self.key(chunk)))
 
     async def get(self, chunk: Chunk) -> bytes | memoryview:
         return await self.fetch(chunk, (0,))

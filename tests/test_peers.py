@@ -220,6 +220,36 @@ def test_the_buffer_keeps_the_most_recent_chunks_within_its_bytes() -> None:
     assert b.peek(b"z" * 32) is None
 
 
+def test_chunks_pulled_for_others_never_push_out_the_ones_this_host_owns() -> None:
+    """An asker cycling through more distinct chunks than the buffer holds, none of them
+    ours: the chunks we own stay, and the asker's repeats of its latest are still held."""
+    b = ChunkBuffer(20)
+    owned = [bytes([i]) * 32 for i in range(3)]
+    for cid in owned:
+        b.put(cid, b"oooo")
+    for i in range(100, 200):
+        b.put(bytes([i]) * 32, b"xx", owned=False)
+    assert all(b.peek(cid) == b"oooo" for cid in owned)
+    assert b.peek(bytes([199]) * 32) == b"xx"  # the latest others' chunks, in their share
+    assert b.peek(bytes([190]) * 32) is None
+    assert b.used == 3 * 4 + 2 * 2
+    # An owned chunk takes the room others' chunks held, and one of ours held as another's
+    # (the membership changed) moves to our share.
+    b.put(bytes([198]) * 32, b"xx")
+    b.put(b"n" * 32, b"nnnn")
+    assert b.peek(b"n" * 32) == b"nnnn"
+    assert b.peek(bytes([198]) * 32) == b"xx"
+    assert all(b.peek(cid) == b"oooo" for cid in owned)
+    assert b.peek(bytes([199]) * 32) == b"xx"
+    assert b.used == b.capacity
+    # Full: the next owned chunk pushes out others' first.
+    b.put(b"m" * 32, b"mm")
+    assert b.peek(bytes([199]) * 32) is None
+    assert b.peek(b"m" * 32) == b"mm"
+    assert all(b.peek(cid) == b"oooo" for cid in owned)
+    assert b.used == b.capacity
+
+
 # --- sendfile to a socket ---------------------------------------------------------------------
 
 
