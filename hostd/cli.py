@@ -900,9 +900,8 @@ def _explain(exc: HostdError, args: argparse.Namespace | None = None) -> str:
             return exc.message
         return f"{exc.message}; --replace swaps it for the new tree"
     if isinstance(exc, Forbidden):
-        # (403 is also the caller's own rights refusing: a target where it may not write)
-        if "[access]" in exc.message:
-            return f"forbidden by hostd's [access] config: {exc.message}"
+        # (403: [access] refusing, whose messages name it and the key, or the caller's own
+        # rights: a target where it may not write)
         return f"forbidden: {exc.message}"
     if isinstance(exc, Busy):
         return f"hostd is busy: {exc.message}"

@@ -35,7 +35,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -1224,9 +1224,6 @@ class _Run:
         self.filling.add(sf.cid, sf.size, sf.codec, self.pack_buf.tell(), len(sf.stored))
         self.packed.add(sf.cid)
         self.pack_buf.write(sf.stored)
-        self.new_chunks += 1
-        self.stored_bytes += len(sf.stored)
-        self.compressed += sf.codec == mf.CODEC_ZSTD
         return sealed
 
     def seal(self) -> PackUpload | None:
@@ -1235,7 +1232,6 @@ class _Run:
             return None
         pack = PackUpload(self.pack_buf.getvalue(), self.filling)  # (no copy of the bytes)
         self.pack_buf, self.filling = io.BytesIO(), PackChunks()
-        self.packs += 1
         return pack
 
     async def file(self, f: SourceFile) -> mf.FileEntry:
@@ -1338,6 +1334,30 @@ class _Run:
         self.packed.add(cid)
         return True
 
+    async def put_pack(
+        self, pack: bytes, data: bytes, chunks: Iterable[tuple[bytes, tuple[int, int, int, int]]]
+    ) -> None:
+        """Upload a pack, and count it and its chunks as stored, unless the origin has an
+        object of its size under its name already. Named by its content, that object is this
+        pack: another ref's publish of the same files stored it (a large file's packs are cut
+        from its own bytes alone, so the same weights under a second ref, or in a variant of
+        a model, cost a HEAD a pack instead of their upload), or this ref's publish that
+        failed after it. Readers verify every chunk all the same; one of any other size (a
+        truncated upload, a damaged bucket) is written over."""
+        try:
+            there = await self.p.origin.pack_stored_size(pack)
+        except OriginError as e:
+            log.info("publish: cannot look for pack %s, uploading it: %s", pack.hex(), e)
+            there = None
+        if there == len(data):
+            return
+        await self.p.origin.put_pack(pack, data)
+        kinds = [kind for _, (_, kind, _, _) in chunks]
+        self.packs += 1
+        self.new_chunks += len(kinds)
+        self.compressed += kinds.count(mf.CODEC_ZSTD)
+        self.stored_bytes += len(data)
+
     def place_pack(
         self, pack: bytes, size: int, chunks: Mapping[bytes, tuple[int, int, int, int]] | PackChunks
     ) -> None:
@@ -1347,13 +1367,9 @@ class _Run:
             self.placed[cid] = mf.Chunk(cid, n, kind, mf.Packed(pack, offset, length, size))
 
     async def sealed(self, pack: LargePack) -> None:
-        """A large file's pack is sealed: its chunks are placed (its id is known) and
-        counted, and it is queued for upload, waiting while the queue is full."""
+        """A large file's pack is sealed: its chunks are placed (its id is known), and it
+        is queued for upload, waiting while the queue is full."""
         self.place_pack(pack.id, len(pack.data), pack.chunks)
-        self.compressed += sum(kind == mf.CODEC_ZSTD for _, kind, _, _ in pack.chunks.values())
-        self.packs += 1
-        self.new_chunks += len(pack.chunks)
-        self.stored_bytes += len(pack.data)
         await self.queue.put(pack)
 
     async def uploader(self) -> None:
@@ -1367,15 +1383,14 @@ class _Run:
     async def upload(self, item: tuple[mf.Chunk, bytes] | PackUpload | LargePack) -> int:
         """Upload what was queued; the bytes to give back to the budget."""
         if isinstance(item, LargePack):
-            await self.p.origin.put_pack(item.id, item.data)
+            await self.put_pack(item.id, item.data, item.chunks.items())
             return len(item.data)
         if isinstance(item, PackUpload):
             # Hashing a pack of a chunk's size takes milliseconds: a thread's (blake3
-            # releases the GIL). Named by its content: an upload that finds it there
-            # already is harmless, and asking first would cost a request per pack.
+            # releases the GIL).
             pack = await asyncio.to_thread(chunk_id, item.data)  # (BLAKE3 of its bytes)
             self.place_pack(pack, len(item.data), item.chunks)
-            await self.p.origin.put_pack(pack, item.data)
+            await self.put_pack(pack, item.data, item.chunks.items())
             return 0
         c, data = item
         if c.id in self.seen:

@@ -224,6 +224,50 @@ def test_a_republish_stores_nothing_and_a_changed_region_only_its_chunks(work: P
     restores_cold(work, origin, "lp/again", src)
 
 
+def test_the_same_large_files_under_another_ref_cost_a_head_a_pack_not_their_upload(
+    work: Path,
+) -> None:
+    """A variant of a model under a second ref (the same weights, its own small files):
+    the packs of the large files it shares are found at the origin by their names and
+    sizes, not uploaded again; a pack damaged at the origin since is uploaded again."""
+    base = large_tree(work / "base")
+    variant = work / "variant"
+    variant.mkdir()
+    for rel in ("a.bin", "b/c.bin", "d.bin"):  # e.bin differs, the small files too
+        (variant / rel).parent.mkdir(parents=True, exist_ok=True)
+        (variant / rel).write_bytes((base / rel).read_bytes())
+    rng = random.Random(77)
+    (variant / "e.bin").write_bytes(rng.randbytes(CS))
+    (variant / "config.json").write_bytes(rng.randbytes(700))
+    origin = work / "origin"
+    with Hostd(work / "a", origin=origin.as_uri(), chunk_size="64KiB", pack_size="256KiB") as a:
+        a.publish(base, "lp/base")
+        packs = objects(origin, "packs")
+        written = {name: p.stat().st_mtime_ns for name, p in packs.items()}
+        pub = a.publish(variant, "lp/variant")
+        # e.bin's pack and the small files' pack: the only uploads
+        assert pub["packs"] == 2, pub
+        assert pub["new_chunks"] == 2, pub
+        assert pub["stored_bytes"] == CS + 700, pub
+        assert {n: p.stat().st_mtime_ns for n, p in packs.items()} == written
+        m = manifest(origin, pub["snapshot"])
+        read_back(origin, m, variant)
+
+        # One of the shared packs truncated at the origin: the next publish of the variant
+        # (to a third ref) stores it whole again.
+        shared = next(c.packed for f in m.files if f.path == "a.bin" for c in f.chunks)
+        assert shared is not None
+        damaged = packs[shared.pack.hex()]
+        damaged.write_bytes(damaged.read_bytes()[:100])
+        again = a.publish(variant, "lp/variant2")
+    assert again["packs"] == 1, again
+    assert again["stored_bytes"] == shared.pack_size, again
+    assert damaged.stat().st_size == shared.pack_size
+    read_back(origin, manifest(origin, again["snapshot"]), variant)
+
+    restores_cold(work, origin, "lp/variant", variant)
+
+
 def test_pack_size_0_keeps_an_object_per_large_chunk(work: Path) -> None:
     src = large_tree(work / "src")
     origin = work / "origin"
@@ -286,7 +330,7 @@ class WatchedOrigin(Origin):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, {}, retry=RetryPolicy(1, 0.0, 0.0))
-        self.calls: dict[str, int] = {"has_chunk": 0, "put_chunk": 0, "put_pack": 0}
+        self.calls = {"has_chunk": 0, "put_chunk": 0, "head_pack": 0, "put_pack": 0}
         self.gate = asyncio.Event()
         self.gate.set()
         self.in_flight = 0  # pack uploads under way (held at the gate or not)
@@ -296,6 +340,10 @@ class WatchedOrigin(Origin):
     async def chunk_stored_size(self, cid: bytes) -> int | None:
         self.calls["has_chunk"] += 1
         return await super().chunk_stored_size(cid)
+
+    async def pack_stored_size(self, pack: bytes) -> int | None:
+        self.calls["head_pack"] += 1
+        return await super().pack_stored_size(pack)
 
     async def put_chunk(self, cid: bytes, data: bytes) -> None:
         self.calls["put_chunk"] += 1
@@ -368,7 +416,7 @@ async def until(what: Callable[[], T], message: str) -> T:
 
 
 @pytest.mark.parametrize("pack_size", [0, PACK], ids=["chunk-objects", "packs"])
-async def test_large_chunks_cost_a_put_a_pack_not_a_head_and_a_put_a_chunk(
+async def test_large_chunks_cost_a_head_and_a_put_a_pack_not_a_head_and_a_put_a_chunk(
     tmp_path: Path, pack_size: int
 ) -> None:
     src = large_tree(tmp_path / "src", smalls=0)
@@ -380,9 +428,19 @@ async def test_large_chunks_cost_a_put_a_pack_not_a_head_and_a_put_a_chunk(
     chunks = sum(len(chunk_sizes(size)) for size in LARGE.values())
     packs = sum(raw_packs(chunk_sizes(size), PACK) for size in LARGE.values())
     if pack_size:
-        assert run.origin.calls == {"has_chunk": 0, "put_chunk": 0, "put_pack": packs}
+        assert run.origin.calls == {
+            "has_chunk": 0,
+            "put_chunk": 0,
+            "head_pack": packs,
+            "put_pack": packs,
+        }
     else:
-        assert run.origin.calls == {"has_chunk": chunks, "put_chunk": chunks, "put_pack": 0}
+        assert run.origin.calls == {
+            "has_chunk": chunks,
+            "put_chunk": chunks,
+            "head_pack": 0,
+            "put_pack": 0,
+        }
     assert result["packs"] == (packs if pack_size else 0)
     assert result["new_chunks"] == chunks
     read_back(run.origin_dir, manifest(run.origin_dir, result["snapshot"]), src)
