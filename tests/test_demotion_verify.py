@@ -1,5 +1,6 @@
-"""Faults found in review: a changed blob laundered by demotion, a demotion's charge left
-behind by a cancel, and verify judging a blob that moved while it was being hashed."""
+"""Demotion and verify under faults: a changed blob is not laundered by demotion, a
+cancelled demotion leaves no charge behind, and verify does not judge a blob that moved
+while it was being hashed."""
 
 from __future__ import annotations
 
