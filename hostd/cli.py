@@ -247,7 +247,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     prefetch.add_argument(
         "--tier",
         metavar="NAME",
-        help="tier to fill (default: the first with room, as restores do; the result names none)",
+        help="tier to fill (default: the first with room, as restores do; the result says where "
+        "its blobs are)",
     )
     prefetch.set_defaults(command=_prefetch)
 
@@ -680,7 +681,10 @@ def _render_prefetch(out: Printer, result: JSON) -> None:
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
-            ("tier", result.get("tier")),
+            # where its blobs are now (an older daemon says only the tier asked for)
+            ("tiers", sources(result["tiers"]))
+            if "tiers" in result
+            else ("tier", result.get("tier")),
             ("bytes", size_exact(result.get("bytes"))),
             ("timings", timings(result.get("timings"))),
             ("sources", sources(result.get("bytes_by_source"))),

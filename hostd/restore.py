@@ -903,11 +903,14 @@ class Restorer:
     ) -> dict[str, Any]:
         res, t0, t1 = await self._resolve(ref, given, progress)
         async with self._filled(res, self._tiers(tier), progress, t0, t1) as f:
-            pass
+            # Where its blobs are now, as `ls` says it: with no tier asked, the first that
+            # had room took each.
+            held, _ = await asyncio.to_thread(self.cache.presence, f.resolved.snapshot_id)
         return {
             "snapshot": f.resolved.snapshot_id,
             "ref": ref,
             "tier": tier,
+            "tiers": held,
             "bytes": f.resolved.manifest.total_bytes,
             "timings": {"resolve": f.t1 - f.t0, "fetch": f.t2 - f.t1, "total": f.t2 - f.t0},
             "bytes_by_source": _by_source(progress.fill, self.cache),

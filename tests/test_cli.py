@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -377,7 +378,8 @@ class FakeDaemon:
 
     async def _prefetch(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        tier = body.get("tier", "mem")
+        asked = body.get("tier")
+        tier = asked or "mem"
         if tier not in ("mem", "disk"):
             raise FakeError(400, "bad_request", f"no tier named {tier!r}")
         response = await self._open(request)
@@ -395,7 +397,8 @@ class FakeDaemon:
             "event": "result",
             "snapshot": snapshot_id,
             "ref": body["ref"],
-            "tier": tier,
+            "tier": asked,
+            "tiers": {"mem": size if tier == "mem" else 0, "disk": size if tier == "disk" else 0},
             "bytes": size,
             "bytes_by_source": {"disk": size},
             "timings": {"fetch": 0.5, "total": 0.5},
@@ -747,10 +750,11 @@ def test_prefetch(daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFix
     assert result["bytes"] == 5013
     assert daemon.last_body("/v1/prefetch") == {"ref": "models/tiny", "tier": "disk", "compat": {}}
 
+    assert result["tiers"] == {"mem": 0, "disk": 5013}
+
     out = run_human(capsys, "prefetch", "models/tiny", "--compat", "a=b", *sock)
-    assert "tier" in out
-    assert "mem" in out
-    assert "disk 4.9 KiB" in out
+    assert re.search(r"^tiers\s+mem 4.9 KiB, disk 0 B$", out, re.M), out
+    assert "disk 4.9 KiB" in out  # (where its bytes came from)
     assert daemon.last_body("/v1/prefetch") == {"ref": "models/tiny", "compat": {"a": "b"}}
 
     code, err = run_failing(capsys, "prefetch", "models/tiny", "--tier", "gpu", *sock)

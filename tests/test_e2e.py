@@ -328,6 +328,7 @@ def test_prefetch_pin_ls_and_status(work: Path) -> None:
         assert pf["event"] == "result", pf
         assert pf["snapshot"] == sid, pf
         assert pf["bytes_by_source"]["origin"] == unique_bytes(src)
+        assert pf["tiers"] == {"mem": 0, "disk": unique_bytes(src)}, pf
         (snap,) = d.api("GET", "/v1/snapshots")[1]["snapshots"]
         assert snap["id"] == sid
         assert "e2e/pf" in snap["refs"]
