@@ -135,6 +135,16 @@ class Env:
         cache.completed(e.digest, t, st_)
         return t
 
+    async def one_of_two_in_mem(self) -> tuple[Cache, FileEntry, FileEntry, Blob]:
+        """A cache whose mem tier holds blob a (600 bytes) alone, and blob b (600 bytes)
+        not yet put, which sends a down when it is: (cache, a, b, a's blob in mem)."""
+        cache = self.open()
+        a, b = self.file("a", 600), self.file("b", 600)
+        await self.put(cache, a)
+        blob = cache.locate(a.digest, [cache.tiers[0]])
+        assert blob is not None
+        return cache, a, b, blob
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
@@ -1542,12 +1552,8 @@ async def test_a_blob_unverified_since_an_index_loss_is_rehashed_whoever_links_i
 
 
 async def test_a_poisoned_blob_is_not_demoted(env: Env) -> None:
-    cache = env.open()
-    mem, disk = cache.tiers
-    a, b = env.file("a", 600), env.file("b", 600)
-    await env.put(cache, a)
-    blob = cache.locate(a.digest, [mem])
-    assert blob is not None
+    cache, a, b, blob = await env.one_of_two_in_mem()
+    disk = cache.tiers[1]
     os.link(blob.path, env.root / "restored")
     cache.lent([blob])
     poison(env.root / "restored")

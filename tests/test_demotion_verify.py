@@ -29,12 +29,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 async def test_a_changed_blob_is_not_demoted_as_if_it_were_intact(env: Env) -> None:
-    cache = env.open()
-    mem, _disk = cache.tiers
-    a, b = env.file("a", 600), env.file("b", 600)
-    await env.put(cache, a)
-    blob = cache.locate(a.digest, [mem])
-    assert blob is not None
+    cache, a, b, blob = await env.one_of_two_in_mem()
     # Root writes through a hardlinked blob's read-only bit (docs/ARCHITECTURE.md, "Data
     # path: restore").
     old = os.stat(blob.path)
