@@ -273,22 +273,27 @@ async def stream(
         log.info("%s cancelled: the client went away", operation)
         raise
     finally:
-        ended()
-        d.operations.discard(task)
-        d.trimmer.ended()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-        back, progress.take_back = progress.take_back, None
-        if back is not None and result == "cancelled" and not delivered:
-            # It had placed everything, but the caller went before it heard so: as any
-            # cancel, the progressive restore is taken back.
-            log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
-            await asyncio.shield(d.restorer.spawner.run(back.run))
-        elif back is not None:
-            back.close()
-        if result != "ok":
-            d.metrics.observe(operation, result, None)
+        # Counted out last where nothing counted it out yet (the client went): while its
+        # work stops and what it placed is taken back, it is still running, and still holds
+        # its place under the caps (until this handler returns).
+        try:
+            d.operations.discard(task)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            back, progress.take_back = progress.take_back, None
+            if back is not None and result == "cancelled" and not delivered:
+                # It had placed everything, but the caller went before it heard so: as any
+                # cancel, the progressive restore is taken back.
+                log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
+                await asyncio.shield(d.restorer.spawner.run(back.run))
+            elif back is not None:
+                back.close()
+            if result != "ok":
+                d.metrics.observe(operation, result, None)
+        finally:
+            ended()
+            d.trimmer.ended()
     return resp
 
 

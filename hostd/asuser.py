@@ -80,7 +80,8 @@ class Ledger:
     made_target: bool
     made_dirs: list[str]
     # the (inode, ctime) of each file and symlink landed, by its path (the object the daemon
-    # sent: a tree's paths are held once, by its manifest)
+    # sent: a tree's paths are held once, by its manifest); ctime -1 (any): one of a batch
+    # the helper was landing when last heard of (AsUser._placed)
     placed: dict[str, tuple[int, int]]
     keep: bool = False  # keep_partial: only the scratch files of what never landed go
     # A descriptor of the target, the daemon's, open while the restore claims it: its inode
@@ -352,20 +353,25 @@ class AsUser:
     def _answer(
         self, op: str, nfds: int, heard: Callable[[dict[str, Any]], object] | None
     ) -> tuple[dict[str, Any], list[int]]:
-        try:
-            got = recv_frame(self.sock)
-        except (OSError, FrameError, ValueError) as e:
-            raise self._gone(op) from e
-        if got is None:
-            raise self._gone(op)
-        reply, out = got
-        if heard is not None:
+        ahead = True  # one frame may come ahead of the answer: a batch's `landing` (_placed)
+        while True:
             try:
-                heard(reply)
-            except BaseException:
-                for fd in out:
-                    os.close(fd)
-                raise
+                got = recv_frame(self.sock)
+            except (OSError, FrameError, ValueError) as e:
+                raise self._gone(op) from e
+            if got is None:
+                raise self._gone(op)
+            reply, out = got
+            if heard is not None:
+                try:
+                    heard(reply)
+                except BaseException:
+                    for fd in out:
+                        os.close(fd)
+                    raise
+            if not (ahead and not out and "landing" in reply):
+                break
+            ahead = False
         if "error" in reply or len(out) != nfds:
             for fd in out:
                 os.close(fd)
@@ -574,18 +580,34 @@ class AsUser:
 
     def _placed(self, sent: list[str], reply: dict[str, Any]) -> list[str]:
         """Keep what the helper says it placed (a failed batch too, half landed): of the
-        paths sent, their inodes and ctimes. Those paths, as the daemon sent them."""
+        paths sent, their inodes and ctimes. Those paths, as the daemon sent them.
+
+        A batch's `landing`, which comes before its renames, is kept by inode alone (a
+        rename moves the ctime): killed before its answer, the helper may have landed any
+        of it. The answer then says what did land."""
+        ours = {p: p for p in sent}  # (a lying helper names nothing else)
+        ledger = self.ledger if self.ledger is not None and not self.ledger.keep else None
+        if type(reply.get("landing")) is list:
+            for item in reply["landing"]:
+                if type(item) is list and len(item) == 2 and type(item[1]) is int:
+                    path = ours.get(item[0]) if type(item[0]) is str else None
+                    if path is not None and ledger is not None:
+                        ledger.placed[path] = (item[1], -1)
+            return []
+        if ledger is not None:  # (what it was landing and did not: not there)
+            for p in sent:
+                if ledger.placed.get(p, (0, 0))[1] == -1:
+                    del ledger.placed[p]
         if type(reply.get("placed")) is not list:
             return []
-        ours = {p: p for p in sent}  # (a lying helper names nothing else)
         out = []
         for item in reply["placed"]:
             if type(item) is list and len(item) == 3 and all(type(x) is int for x in item[1:]):
                 path = ours.get(item[0]) if type(item[0]) is str else None
                 if path is not None:
                     out.append(path)
-                    if self.ledger is not None and not self.ledger.keep:
-                        self.ledger.placed[path] = (item[1], item[2])
+                    if ledger is not None:
+                        ledger.placed[path] = (item[1], item[2])
         return out
 
     def commit(self, replace: bool) -> str | None:

@@ -39,6 +39,7 @@ import socket
 import stat
 import sys
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -517,14 +518,15 @@ class Helper:
     def _drop_scratch(self) -> None:
         """The scratch files (PART_PREFIX) of a batch the dead helper was writing, in the
         tree's directories: names hostd keeps for itself, in a target this restore held.
-        (A file it had renamed in but not yet told of stays: no inode vouches it.)"""
+        (A file or symlink it had renamed in but not yet told of is in the ledger by its
+        inode: _landing.)"""
         for d, fd in self.dirs.items():
             with contextlib.suppress(OSError, Refused):
                 for name in _listdir(fd, d):
                     if name.startswith(PART_PREFIX):
                         with contextlib.suppress(OSError):
                             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                            if stat.S_ISREG(st.st_mode):
+                            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                                 os.unlink(name, dir_fd=fd)
 
     def _not_a_dir(self, parent: str) -> str:
@@ -702,7 +704,17 @@ class Helper:
 
     def _land(self, jobs: list[Job], paths: list[str]) -> None:
         """Rename each complete file from its scratch name to its own, never over a name
-        someone else made meanwhile: the target is the caller's, visible while it fills."""
+        someone else made meanwhile: the target is the caller's, visible while it fills.
+        The daemon hears each file's inode first (`landing`, a frame ahead of the answer):
+        killed between a rename and the answer, we leave no file its ledger does not name."""
+        try:
+            self._landing(
+                (path, os.stat(job[1], dir_fd=job[0], follow_symlinks=False).st_ino)
+                for job, path in zip(jobs, paths, strict=True)
+            )
+        except BaseException:
+            self._drop_parts(jobs)
+            raise
         for i, (job, path) in enumerate(zip(jobs, paths, strict=True)):
             leaf = path.rpartition("/")[2]
             try:
@@ -714,6 +726,14 @@ class Helper:
                     raise Refused("changed", f"{path!r} appeared in the target") from None
                 raise
             self.placed.append((path, st.st_ino, st.st_ctime_ns))
+
+    def _landing(self, files: Iterable[tuple[str, int]]) -> None:
+        """Tell the daemon the inode of each file of a batch about to be renamed in (path,
+        inode), in a frame ahead of the batch's answer, so that its ledger names them all
+        should we die between a rename and that answer. Not where what landed stays
+        anyway (keep_partial)."""
+        if not self.keep:
+            send_frame(self.sock, {"landing": [[path, ino] for path, ino in files]})
 
     @staticmethod
     def _drop_parts(jobs: list[Job]) -> None:
@@ -767,6 +787,11 @@ class Helper:
         """Files op_parts made, now whole ([path, mode, mtime or None] each): their mode and
         mtime set, renamed in under their own names (never over one someone made)."""
         before = len(self.placed)
+        self._landing(
+            (str(path), os.fstat(self.open_parts[str(path)][2]).st_ino)
+            for path, _, _ in msg["items"]
+            if str(path) in self.open_parts
+        )
         for path, mode, mtime in msg["items"]:
             path = str(path)
             got = self.open_parts.pop(path, None)
@@ -819,15 +844,29 @@ class Helper:
         return {"ok": True}, []
 
     def op_symlinks(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        placed: list[tuple[str, int, int]] = []
-        for path, target in msg["items"]:
-            up, _, leaf = str(path).rpartition("/")
-            os.symlink(str(target), leaf, dir_fd=self.dirs[up])
-            if self.progressive:
-                st = os.stat(leaf, dir_fd=self.dirs[up], follow_symlinks=False)
-                self.placed.append((str(path), st.st_ino, st.st_ctime_ns))
-                placed.append((str(path), st.st_ino, st.st_ctime_ns))
-        return {"ok": True, "placed": placed}, []
+        """Make symlinks ([path, target] each). Progressive: each under a scratch name, then
+        landed as files are (`_land`), so that the ledger names every one that landed."""
+        if not self.progressive:
+            for path, target in msg["items"]:
+                up, _, leaf = str(path).rpartition("/")
+                os.symlink(str(target), leaf, dir_fd=self.dirs[up])
+            return {"ok": True, "placed": []}, []
+        jobs: list[Job] = []
+        paths: list[str] = []
+        try:
+            for path, target in msg["items"]:
+                dfd = self.dirs[str(path).rpartition("/")[0]]
+                scratch = f"{PART_PREFIX}{self.parts}"
+                self.parts += 1
+                os.symlink(str(target), scratch, dir_fd=dfd)
+                jobs.append((dfd, scratch, 0, 0, -1, None))
+                paths.append(str(path))
+        except BaseException:
+            self._drop_parts(jobs)
+            raise
+        before = len(self.placed)
+        self._land(jobs, paths)
+        return {"ok": True, "placed": self.placed[before:]}, []
 
     def op_unplace(self, msg: dict[str, Any], _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A progressive restore's files to take back whatever `keep` says: a batch whose

@@ -42,7 +42,7 @@ from harness import (
 from test_e2e import sample
 
 import hostd.asuser
-from hostd import fsops
+from hostd import frames, fsops
 from hostd.asuser import AsUser, Spawner
 from hostd.caller import Caller
 from hostd.core import manifest as mf
@@ -1491,6 +1491,79 @@ def test_a_batch_that_failed_half_landed_is_in_the_ledger(work: Path) -> None:
         _reclaim_by_a_successor(fs, caller, spawner, ledger)
         assert sorted(p.name for p in target.iterdir()) == ["b"]
         assert theirs.read_bytes() == b"the caller's"
+
+
+def test_a_batch_landed_but_never_answered_is_in_the_ledger(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper killed (kill -9, the OOM killer) after a batch's renames, before its
+    answer: those files had landed, and the ledger, filled from answers alone, named none
+    of them. The successor took back the rest; they stayed, and so did their directory and
+    the target. The helper now tells the inodes of a batch ahead of its renames."""
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (caller, spawner, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+        fs.begin(["w"], [], progressive=True)
+        fs.files([("a", 0o644, 0, "empty", None)], [])
+        lost: list[dict[str, Any]] = []
+
+        def killed_before_it_answers(sock: Any) -> Any:
+            got = frames.recv_frame(sock)
+            if got is not None and not lost and "w/c" in str(got[0].get("placed")):
+                lost.append(got[0])  # (as if never sent: it was killed right before)
+                os.kill(_helper_pid(fs), signal.SIGKILL)
+                return None
+            return got
+
+        monkeypatch.setattr(hostd.asuser, "recv_frame", killed_before_it_answers)
+        with pytest.raises(TransientError, match="stopped answering"):
+            fs.files([("w/c", 0o644, 0, "empty", None)], [])
+        assert lost
+        assert (target / "w" / "c").exists()  # landed
+        ledger = fs.ledger
+        assert ledger is not None
+        _reclaim_by_a_successor(fs, caller, spawner, ledger)
+        assert not target.exists(), sorted(str(p) for p in target.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", ["ranged", "symlink"])
+def test_a_ranged_file_or_symlink_landed_but_never_answered_is_in_the_ledger(
+    work: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """As above, for a file the daemon wrote in ranges (`parts`, then `land`), and for a
+    symlink."""
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (caller, spawner, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+        fs.begin(["w"], [], progressive=True)
+        if kind == "ranged":
+            _, fds = fs.parts(["w/big"])
+            for fd in fds:
+                os.write(fd, b"ranges")
+                os.close(fd)
+
+        def killed_before_it_answers(sock: Any) -> Any:
+            got = frames.recv_frame(sock)
+            if got is not None and "placed" in got[0]:
+                os.kill(_helper_pid(fs), signal.SIGKILL)
+                return None  # (as if never sent: it was killed right before)
+            return got
+
+        monkeypatch.setattr(hostd.asuser, "recv_frame", killed_before_it_answers)
+        make = (
+            functools.partial(fs.land, [("w/big", 0o644, None)])
+            if kind == "ranged"
+            else functools.partial(fs.symlinks, [("w/big", "elsewhere")])
+        )
+        with pytest.raises(TransientError, match="stopped answering"):
+            make()
+        assert os.path.lexists(target / "w" / "big")  # landed
+        ledger = fs.ledger
+        assert ledger is not None
+        _reclaim_by_a_successor(fs, caller, spawner, ledger)
+        assert not target.exists(), sorted(str(p) for p in target.rglob("*"))
 
 
 def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> None:
