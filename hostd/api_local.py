@@ -210,6 +210,7 @@ async def stream(
     result = "error"
     resp: web.StreamResponse | None = None
     delivered = False  # the result event went out
+    observed = False  # counted in the metrics
     try:
         last: dict[str, Any] | None = None
         warned = 0
@@ -217,10 +218,15 @@ async def stream(
             # a `file` event goes out as it happens; a progress event when something changed,
             # at least every PROGRESS_EVERY
             news = asyncio.ensure_future(progress.news.wait())
-            done, _ = await asyncio.wait(
-                {task, news}, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED
-            )
-            news.cancel()
+            try:
+                done, _ = await asyncio.wait(
+                    {task, news}, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                # also when the handler is cancelled here (the client went away): a wait
+                # left pending is destroyed with the Progress ("Task was destroyed but it
+                # is pending!", logged at ERROR)
+                news.cancel()
             progress.news.clear()
             done.discard(news)
             if resp is None and not done and _to_tell(progress):
@@ -260,6 +266,7 @@ async def stream(
         else:
             result = "ok"
             d.metrics.observe(operation, result, out)
+            observed = True  # (its client may still go before it hears: counted once)
             if resp is None:
                 resp = await _start(request)
             await _warn(resp, progress, warned)
@@ -268,10 +275,16 @@ async def stream(
             await _send(resp, {"event": "result", **out})
             delivered = True
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         result = "cancelled"
         log.info("%s cancelled: the client went away", operation)
         raise
+    except ConnectionError:
+        # An event could not be written: the client went away. Nothing is left to answer,
+        # and it is no internal error: aiohttp ends the response it is handed back quietly.
+        result = "cancelled"
+        log.info("%s cancelled: the client went away", operation)
+        return resp if resp is not None else web.Response()
     finally:
         # Counted out last where nothing counted it out yet (the client went): while its
         # work stops and what it placed is taken back, it is still running, and still holds
@@ -289,7 +302,7 @@ async def stream(
                 await asyncio.shield(d.restorer.spawner.run(back.run))
             elif back is not None:
                 back.close()
-            if result != "ok":
+            if not observed:
                 d.metrics.observe(operation, result, None)
         finally:
             ended()

@@ -453,9 +453,10 @@ class Client:
             conn.close()
 
 
-class _Lost(HostdError):
-    """The connection ended before an answer: a plain call fails (exit 1), a stream says the
-    daemon stopped (exit 4)."""
+class _Lost(DaemonUnreachable):
+    """The connection ended before a whole answer: the daemon went (stopped, killed) while
+    it had the call. Exit 4, as a stream cut so (which says what it was doing), so that a
+    script tells "hostd is gone, try again once it is back" from a failure."""
 
 
 # A stream cut before its result, in the words of what it was doing.

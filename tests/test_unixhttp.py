@@ -242,9 +242,7 @@ def test_a_stream_in_any_framing(short_dir: Path, answer: bytes) -> None:
     ("answer", "message"),
     [
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "daemon sent malformed HTTP: not an HTTP/1.1 status line"),
-        (b"", "lost the connection to the daemon at "),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[1]", "JSON that is not an object"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{", "lost the connection to the daemon"),
         (b"HTTP/1.1 200 OK\r\n\r\nnot json", "malformed JSON for /v1/status"),
         (b"HTTP/1.1 502 Bad Gateway\r\n\r\n<html>", "daemon answered HTTP 502 Bad Gateway: <html>"),
     ],
@@ -258,6 +256,21 @@ def test_a_plain_call_that_goes_wrong_exits_1(short_dir: Path, answer: bytes, me
         client.status()
     assert message in caught.value.message
     assert caught.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "answer", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"], ids=["none", "cut"]
+)
+def test_a_plain_call_the_daemon_went_away_from_exits_4(short_dir: Path, answer: bytes) -> None:
+    """The daemon killed or stopped while it had the call (nothing, or half an answer, then
+    the connection closed): 'gone', as a stream cut so, not a failure of the call."""
+    with (
+        Canned(short_dir / "s.sock", answer) as canned,
+        Client(canned.path) as client,
+        pytest.raises(HostdError, match="lost the connection to the daemon at ") as caught,
+    ):
+        client.status()
+    assert caught.value.exit_code == 4
 
 
 def test_an_error_body_keeps_its_code(short_dir: Path) -> None:

@@ -1,0 +1,100 @@
+"""The local API's stream loop, cancelled as aiohttp cancels a handler whose client went
+away: it must leave no task of its own pending (a pending `Event.wait()` task is destroyed
+with the operation's Progress, and asyncio logs that at ERROR)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+
+from hostd import api_local
+from hostd.restore import Progress
+
+
+class _Request:
+    method = "POST"
+    path = "/v1/restore"
+
+    def __init__(self, daemon: Any) -> None:
+        self.app = {api_local.DAEMON_KEY: daemon}
+
+
+def _daemon(observe: Callable[..., None] = lambda *a: None) -> Any:
+    """What `stream` uses of the daemon, and nothing more."""
+    return SimpleNamespace(
+        check_accepting=lambda: None,
+        in_flight=0,
+        board=SimpleNamespace(refresh=lambda: None),
+        operations=set(),
+        trimmer=SimpleNamespace(ended=lambda: None),
+        metrics=SimpleNamespace(observe=observe),
+    )
+
+
+async def test_a_cancelled_stream_leaves_no_pending_wait_behind() -> None:
+    started = asyncio.Event()
+    daemon = _daemon()
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        started.set()
+        await asyncio.Event().wait()  # a restore still fetching
+        return {}
+
+    before = asyncio.all_tasks()
+    handler = asyncio.ensure_future(
+        api_local.stream(cast(web.Request, _Request(daemon)), "restore", work)
+    )
+    await started.wait()
+    await asyncio.sleep(0)  # the loop is in its wait for news or the end of the work
+    handler.cancel()  # the client hung up
+    await asyncio.wait({handler})
+    assert handler.cancelled()
+    for _ in range(3):  # let cancelled tasks unwind
+        await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
+    assert [t for t in left if not t.done()] == []
+    assert daemon.in_flight == 0
+
+
+class _GoneResponse:
+    """A stream response whose client has gone: every write fails as aiohttp's does."""
+
+    async def write(self, data: bytes) -> None:
+        raise ClientConnectionResetError("Cannot write to closing transport")
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        raise ClientConnectionResetError("Cannot write to closing transport")
+
+
+async def test_a_client_gone_before_its_result_is_a_cancel_not_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    observed: list[str] = []
+    daemon = _daemon(observe=lambda op, result, out: observed.append(result))
+    gone = _GoneResponse()
+
+    async def start(request: web.Request) -> _GoneResponse:
+        return gone
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        return {"snapshot": "0" * 64}  # the restore is done; its client is not there to hear
+
+    monkeypatch.setattr(api_local, "_start", start)
+    request = _Request(daemon)
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] = functools.partial(
+        api_local.stream, operation="restore", work=work
+    )
+    with caplog.at_level(logging.INFO, logger="hostd.api_local"):
+        resp = await api_local.errors_as_json(cast(web.Request, request), handler)
+    assert cast(object, resp) is gone  # handed back for aiohttp to end, not a 500 answer
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert observed == ["ok"]  # it did its work; counted once
+    assert daemon.in_flight == 0
