@@ -31,13 +31,13 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from hostd import __version__, leases, maintain
+from hostd import __version__, access, leases, maintain
 from hostd.api_local import make_app, make_metrics_app
 from hostd.api_peer import PeerServer, make_peer_app
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
 from hostd.caller import peer_creds, peer_pidfd, quota_uid
-from hostd.config import Config, PeersConfig, TierConfig, load_config
+from hostd.config import AccessConfig, Config, PeersConfig, TierConfig, load_config
 from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
@@ -256,7 +256,19 @@ class Daemon:
         old = self.config
         self.choose_budgets(new.tiers, space, start=False)
         logging.getLogger("hostd").setLevel(new.log_level.upper())
-        live = {"tiers", "tiers_default", "log_level", "source"}
+        # [access]: who may use what, the caps and link_to_writers apply to the requests
+        # after this one (each request reads them from here; the desks with the next
+        # rendering): revoking a caller needs no restart. link_checks does (leases or not).
+        rights = dataclasses.replace(new.access, link_checks=old.access.link_checks)
+        if rights != old.access:
+            log.info("config: [access] now %s", _shown_access(rights))
+        self.restorer.link_to_writers = rights.link_to_writers
+        self.config = dataclasses.replace(old, access=rights, log_level=new.log_level)
+        if new.access.link_checks != old.access.link_checks:
+            log.warning(
+                "config key 'access.link_checks' changed; it takes effect when hostd restarts"
+            )
+        live = {"tiers", "tiers_default", "log_level", "source", "access"}
         for f in dataclasses.fields(Config):
             if f.name not in live and getattr(old, f.name) != getattr(new, f.name):
                 log.warning("config key %r changed; it takes effect when hostd restarts", f.name)
@@ -731,6 +743,15 @@ def measure_tiers(tiers: Iterable[Tier]) -> dict[str, Space]:
     return out
 
 
+def _shown_access(a: AccessConfig) -> str:
+    lists = " ".join(f"{c}={','.join(getattr(a, c)) or '-'}" for c in access.CLASSES)
+    return (
+        f"{lists} max_operations={a.max_operations} "
+        f"max_operations_per_uid={a.max_operations_per_uid} "
+        f"link_to_writers={str(a.link_to_writers).lower()}"
+    )
+
+
 async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> None:
     while True:
         await reload.wait()
@@ -742,6 +763,7 @@ async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> Non
             log.error("reload refused, keeping the running config: %s", e.message)
         else:
             d.apply_reload(new, await asyncio.to_thread(measure_tiers, d.cache.tiers))
+            d.board.refresh()  # the desk's [access] lists, at once
             await d.cache.enforce_budgets()
             d.board.refresh()  # new budgets show in the next status
             log.info("config reloaded from %s", d.config.source or "embedded defaults")

@@ -15,6 +15,7 @@ import grp
 import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from harness import ROOT, Hostd, iter_events, make_tree, rmtree, short_tmp
+from harness import ROOT, Hostd, iter_events, make_tree, rmtree, short_tmp, toml_value
 from test_faults import SMALL_CHUNK, HttpOrigin, publish_to, wait_for
 
 from hostd import access
@@ -368,3 +369,47 @@ def test_cap_in_total_refuses_every_uid(work: Path) -> None:
             lambda: api(d, "POST", "/v1/prefetch", {"ref": "demo/cached"})
         )
         assert status == 200, body
+
+
+def test_a_reload_grants_and_revokes_at_once(work: Path) -> None:
+    """`systemctl reload` after editing [access]: the next request is judged by the new
+    lists and caps (a revoked caller is refused without a restart), on the loop's routes and
+    the desk's status alike; link_checks, which needs a restart, is said to need one."""
+    with daemon(work / "d", access={"restore": []}) as d:
+        reloads = 0
+
+        def reload(**rights: Any) -> None:
+            nonlocal reloads
+            lines = d.config_path.read_text().splitlines()
+            at = next(i for i, x in enumerate(lines) if x.startswith("access = "))
+            lines[at] = f"access = {toml_value(rights)}"
+            d.config_path.write_text("\n".join(lines) + "\n")
+            d.signal(signal.SIGHUP)
+            reloads += 1
+            wait_for(f"reload {reloads}", lambda: d.log().count("config reloaded") >= reloads)
+
+        def classes() -> list[str]:
+            """What `hostd status` tells nobody it may do (status is a restore operation)."""
+            done = cli(d, "status", "--json")
+            if done.returncode == 5:
+                assert "[access] restore" in done.stderr, done.stderr
+                return []
+            assert done.returncode == 0, done.stderr
+            return list(json.loads(done.stdout)["caller"]["classes"])
+
+        assert api(d, "GET", "/v1/snapshots")[0] == 403
+        assert classes() == []
+
+        reload(restore=["*"], publish=["user:nobody"])
+        assert api(d, "GET", "/v1/snapshots") == (200, {"snapshots": []})
+        assert classes() == ["restore", "publish"]
+        assert f"[access] now restore=* publish=uid:{NOBODY.pw_uid} admin=-" in d.log()
+
+        # the caps too (read from the same place by every request)
+        reload(restore=["*"], max_operations_per_uid=1, max_operations=2)
+        assert "max_operations=2 max_operations_per_uid=1 link_to_writers=false" in d.log()
+
+        reload(restore=[], link_checks="all")
+        assert api(d, "GET", "/v1/snapshots")[0] == 403  # revoked, with no restart
+        assert classes() == []
+        assert "'access.link_checks' changed; it takes effect when hostd restarts" in d.log()
