@@ -54,7 +54,7 @@ from hostd import fastget, wholepacks
 from hostd.core import refentry
 from hostd.core.codec import max_stored_size
 from hostd.core.ids import HASH_LEN, is_hex_id
-from hostd.core.manifest import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES
+from hostd.core.manifest import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, Chunk
 from hostd.core.retry import RetryPolicy
 from hostd.errors import (
     ChunkCorrupt,
@@ -1415,6 +1415,16 @@ def _chunk_key(cid: bytes) -> str:
 
 def _pack_key(pack: bytes) -> str:
     return _object_key("packs", pack, "pack")
+
+
+def stored_at(chunk: Chunk, url: str) -> str:
+    """Where a chunk's stored bytes lie at the origin, for a message: its own object, or its
+    pack's key and the offset in it (a pack damaged in place at its size is mended by
+    deleting that object and publishing again: the operator needs its name)."""
+    p = chunk.packed
+    if p is None:
+        return f"from origin {url}"
+    return f"from origin {url}, pack object {_pack_key(p.pack)} at offset {p.offset}"
 
 
 def _object_key(prefix: str, oid: bytes, what: str) -> str:

@@ -19,7 +19,7 @@ from hostd.cache import Cache, Verdict
 from hostd.core import codec
 from hostd.core.manifest import Chunk, Packed
 from hostd.errors import ChunkCorrupt, ChunkMissing, unheard
-from hostd.origin import Origin, PackRun
+from hostd.origin import Origin, PackRun, stored_at
 from hostd.tier import pread_exact
 
 # Chunks up to this size are verified on the event loop: hashing 256 KiB takes about 40 us,
@@ -108,7 +108,7 @@ def _decode_all(
         try:
             out.append(codec.decode(chunk, got))
         except ChunkCorrupt as e:
-            out.append(ChunkCorrupt(f"{e.message} (from origin {url})"))
+            out.append(ChunkCorrupt(f"{e.message} ({stored_at(chunk, url)})"))
     return out
 
 
@@ -172,7 +172,7 @@ class ChunkRun:
         try:
             return await self._run.read(c.packed.length, functools.partial(codec.decode, c))
         except ChunkCorrupt as e:
-            raise ChunkCorrupt(f"{e.message} (from origin {self._url})") from e
+            raise ChunkCorrupt(f"{e.message} ({stored_at(c, self._url)})") from e
 
     def close(self) -> None:
         self._run.close()
@@ -211,7 +211,7 @@ class OriginSource:
             return await asyncio.to_thread(codec.decode, chunk, stored)
         except ChunkCorrupt as e:
             self._spoilt(chunk)
-            raise ChunkCorrupt(f"{e.message} (from origin {self.origin.url})") from e
+            raise ChunkCorrupt(f"{e.message} ({stored_at(chunk, self.origin.url)})") from e
 
     def _spoilt(self, chunk: Chunk) -> None:
         """A chunk cut from a window did not verify: the window goes (it would serve the

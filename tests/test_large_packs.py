@@ -566,3 +566,25 @@ async def test_a_failed_pack_upload_leaves_nothing_that_looks_complete(tmp_path:
     assert list(run.tier.tmp_dir.iterdir()) == []
     assert not (run.origin_dir / "history").exists()
     assert len(objects(run.origin_dir, "packs")) <= 3  # those let through, named by content
+
+
+def test_a_pack_damaged_at_its_size_is_named_where_a_restore_refuses_it(work: Path) -> None:
+    """A pack damaged in place at its size is not seen by a publish (its HEAD says it is
+    there), so the way to mend it is to delete that object: the restore that refuses its
+    chunks names it."""
+    src = large_tree(work / "src")
+    origin = work / "origin"
+    with Hostd(work / "a", origin=origin.as_uri(), chunk_size="64KiB", pack_size="256KiB") as a:
+        pub = a.publish(src, "lp/damaged")
+    m = manifest(origin, pub["snapshot"])
+    shared = next(c.packed for f in m.files if f.path == "a.bin" for c in f.chunks)
+    assert shared is not None
+    damaged = objects(origin, "packs")[shared.pack.hex()]
+    damaged.write_bytes(bytes(b ^ 0xFF for b in damaged.read_bytes()))  # (its size kept)
+    key = f"packs/{shared.pack.hex()[:2]}/{shared.pack.hex()}"
+    with Hostd(work / "b", origin=origin.as_uri()) as b:
+        out = b.restore("lp/damaged", work / "out", mode="copy")
+    assert out["event"] == "error", out
+    assert out["error"] == "chunk_corrupt", out
+    assert key in out["message"], out
+    assert not (work / "out").exists()
