@@ -681,10 +681,9 @@ def _render_prefetch(out: Printer, result: JSON) -> None:
         [
             ("snapshot", result.get("snapshot")),
             ("ref", result.get("ref")),
-            # where its blobs are now (an older daemon says only the tier asked for)
-            ("tiers", sources(result["tiers"]))
-            if "tiers" in result
-            else ("tier", result.get("tier")),
+            ("tier", result.get("tier") or "the first with room"),
+            # where its blobs are now, a blob in two tiers in both (an older daemon: absent)
+            ("held", sources(result.get("tiers"))),
             ("bytes", size_exact(result.get("bytes"))),
             ("timings", timings(result.get("timings"))),
             ("sources", sources(result.get("bytes_by_source"))),

@@ -753,7 +753,8 @@ def test_prefetch(daemon: FakeDaemon, sock: list[str], capsys: pytest.CaptureFix
     assert result["tiers"] == {"mem": 0, "disk": 5013}
 
     out = run_human(capsys, "prefetch", "models/tiny", "--compat", "a=b", *sock)
-    assert re.search(r"^tiers\s+mem 4.9 KiB, disk 0 B$", out, re.M), out
+    assert re.search(r"^tier\s+the first with room$", out, re.M), out
+    assert re.search(r"^held\s+mem 4.9 KiB, disk 0 B$", out, re.M), out
     assert "disk 4.9 KiB" in out  # (where its bytes came from)
     assert daemon.last_body("/v1/prefetch") == {"ref": "models/tiny", "compat": {"a": "b"}}
 
