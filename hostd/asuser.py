@@ -68,6 +68,8 @@ _TARGET_ERRNOS = frozenset(
 )
 # What it answers when the caller's own rights forbid it: exit 5, 403, as [access] would.
 _FORBIDDEN_ERRNOS = frozenset({errno.EACCES})
+# The ops whose answer a `landing` frame may come ahead of (fsops.Helper._landing).
+_LANDING_OPS = frozenset({"files", "land", "symlinks"})
 
 
 @dataclass
@@ -353,7 +355,11 @@ class AsUser:
     def _answer(
         self, op: str, nfds: int, heard: Callable[[dict[str, Any]], object] | None
     ) -> tuple[dict[str, Any], list[int]]:
-        ahead = True  # one frame may come ahead of the answer: a batch's `landing` (_placed)
+        # One frame may come ahead of a batch's answer: its `landing` (_placed), without
+        # descriptors. Any other (a second one, one before an op that lands nothing, an answer
+        # that says `landing`) is out of turn: answers are paired with requests by order, so
+        # neither it nor any after it can be taken for an answer.
+        ahead = op in _LANDING_OPS
         while True:
             try:
                 got = recv_frame(self.sock)
@@ -362,6 +368,10 @@ class AsUser:
             if got is None:
                 raise self._gone(op)
             reply, out = got
+            if "landing" in reply and (not ahead or out):
+                for fd in out:
+                    os.close(fd)
+                raise self._gone(op)
             if heard is not None:
                 try:
                     heard(reply)
@@ -369,7 +379,7 @@ class AsUser:
                     for fd in out:
                         os.close(fd)
                     raise
-            if not (ahead and not out and "landing" in reply):
+            if "landing" not in reply:
                 break
             ahead = False
         if "error" in reply or len(out) != nfds:
@@ -523,9 +533,14 @@ class AsUser:
             )
         self.ledger = ledger
         asked = set(dirs)  # the helper answers for these alone (it may lie about them)
+        # Until the answer says which it made, any of them may be there: a helper killed
+        # while it makes them leaves no directory its successor does not name (each is
+        # removed only where empty, and the target held by this restore was empty).
+        ledger.made_dirs.extend(dirs)
 
         def heard(answer: dict[str, Any]) -> None:  # (a failed one too: those made before)
             made = answer.get("made_dirs")
+            del ledger.made_dirs[:]
             if type(made) is list:
                 ledger.made_dirs.extend(d for d in made if type(d) is str and d in asked)
 

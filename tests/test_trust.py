@@ -1566,6 +1566,91 @@ def test_a_ranged_file_or_symlink_landed_but_never_answered_is_in_the_ledger(
         assert not target.exists(), sorted(str(p) for p in target.rglob("*"))
 
 
+def test_directories_made_but_never_answered_are_taken_back(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper killed while it makes a progressive restore's directories (`dirs`), before
+    its answer: the ledger, filled from that answer alone, named none of them, and they
+    stayed, and so did the target the restore made. The daemon now keeps the directories
+    it asked for until the answer says which were made."""
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (caller, spawner, fs):
+        target = home / "out"
+        fs.target(str(target), False)
+
+        def killed_before_it_answers(sock: Any) -> Any:
+            got = frames.recv_frame(sock)
+            if got is not None and got[0].get("made_dirs"):
+                os.kill(_helper_pid(fs), signal.SIGKILL)
+                return None  # (as if never sent: it was killed right before)
+            return got
+
+        monkeypatch.setattr(hostd.asuser, "recv_frame", killed_before_it_answers)
+        with pytest.raises(TransientError, match="stopped answering"):
+            fs.begin(["a", "a/b", "c"], [], progressive=True)
+        assert (target / "a" / "b").is_dir()  # made
+        ledger = fs.ledger
+        assert ledger is not None
+        _reclaim_by_a_successor(fs, caller, spawner, ledger)
+        assert not target.exists(), sorted(str(p) for p in target.rglob("*"))
+
+
+@pytest.mark.parametrize("how", ["twice", "with a descriptor", "before a target"])
+def test_a_landing_out_of_turn_ends_the_helper(
+    work: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A `landing` frame comes once, without descriptors, and only ahead of a batch's
+    answer. One more (taken for the answer, it said a batch had landed that had not, and
+    every later answer went to the request after its own), one with a descriptor, or one
+    ahead of another op is out of turn: the helper, which answers as its caller may make
+    it, is ended, as where it stops answering, and nothing later is paired with it."""
+    home = nobody_dir(work / "home")
+    with nobody_helper() as (_, _, fs):
+        target = home / "out"
+        if how != "before a target":
+            fs.target(str(target), False)
+            fs.begin(["w"], [], progressive=True)
+        real = frames.recv_frame
+        r, w = os.pipe()
+        os.close(w)
+        try:
+
+            def out_of_turn(sock: Any) -> Any:
+                if how == "before a target":
+                    return {"landing": [["w/a", 1]]}, []
+                got = real(sock)
+                if got is not None and "landing" in got[0]:
+                    return got[0], [os.dup(r)]
+                return got
+
+            monkeypatch.setattr(hostd.asuser, "recv_frame", out_of_turn)
+            if how == "twice":  # the real landing, then the same again where the answer goes
+                first = True
+
+                def twice(sock: Any) -> Any:
+                    nonlocal first
+                    got = real(sock)
+                    if got is not None and "landing" in got[0] and first:
+                        first = False
+                        monkeypatch.setattr(hostd.asuser, "recv_frame", lambda _s: got)
+                    return got
+
+                monkeypatch.setattr(hostd.asuser, "recv_frame", twice)
+            call = (
+                functools.partial(fs.target, str(target), False)
+                if how == "before a target"
+                else functools.partial(fs.files, [("w/a", 0o644, 0, "empty", None)], [])
+            )
+            with pytest.raises(TransientError, match="stopped answering"):
+                call()
+        finally:
+            os.close(r)
+        monkeypatch.setattr(hostd.asuser, "recv_frame", real)
+        assert fs.stopped()
+        with pytest.raises(TransientError):  # (no later call takes a stale answer)
+            fs.call("close")
+
+
 def test_directories_made_before_a_failed_dirs_are_in_the_ledger(work: Path) -> None:
     """A progressive restore's directories are made in its target once the daemon holds it;
     where one cannot be made, the helper's error answer names those made before it, so
