@@ -136,8 +136,9 @@ class ChunkBuffer:
         if cid in self._others:
             if not owned:
                 return
-            self._others_used -= len(self._others.pop(cid))
-            self.used -= len(data)
+            moved = len(self._others.pop(cid))
+            self._others_used -= moved
+            self.used -= moved
         if owned:
             self._owned[cid] = data
         else:
