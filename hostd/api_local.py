@@ -200,6 +200,15 @@ async def stream(
             d.in_flight -= 1
             d.board.refresh()
 
+    def resumed() -> None:
+        """Count it in again where it was counted out for a result that never went (the
+        client went as it was written): it runs again while what it placed is taken back."""
+        nonlocal running
+        if not running:
+            running = True
+            d.in_flight += 1
+            d.board.refresh()
+
     # The work's tasks (and the fetch flights they start) inherit this: they report retries.
     token = origin_retries.set(progress.on_retry)
     try:
@@ -298,6 +307,7 @@ async def stream(
             if back is not None and result == "cancelled" and not delivered:
                 # It had placed everything, but the caller went before it heard so: as any
                 # cancel, the progressive restore is taken back.
+                resumed()
                 log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
                 await asyncio.shield(d.restorer.spawner.run(back.run))
             elif back is not None:

@@ -414,8 +414,6 @@ class Client:
         try:
             return self._request("POST", path, body, read)
         except _Lost as exc:  # sent, then the daemon went before its first byte
-            if self._cut:
-                raise
             raise _stopped(path) from exc
 
     def _request(
@@ -442,6 +440,8 @@ class Client:
                     raise _error_from_response(response)
                 return read(response)
             except OSError as exc:
+                if self._cut:  # cut by close() on this side: not the daemon gone
+                    raise HostdError("the call was cut before the daemon answered") from exc
                 raise _Lost(
                     f"lost the connection to the daemon at {self.socket_path}: {_describe(exc)}"
                 ) from exc

@@ -128,7 +128,7 @@ class ChunkBuffer:
         held = len(self._owned) + len(self._others)
         return f"ChunkBuffer({self.used}/{self.capacity}, chunks={held})"
 
-    def put(self, cid: bytes, data: bytes | memoryview, owned: bool = True) -> None:
+    def put(self, cid: bytes, data: bytes | memoryview, *, owned: bool = True) -> None:
         """Keep `data` as it is, not a copy: a fetched chunk's buffer is never written again.
         An owned chunk takes any room; one held for others takes room only from others."""
         if cid in self._owned or len(data) > self.capacity:

@@ -371,22 +371,35 @@ def test_cap_in_total_refuses_every_uid(work: Path) -> None:
         assert status == 200, body
 
 
+def reload_access(d: Hostd, rights: dict[str, Any]) -> None:
+    """Write `rights` as d's [access], SIGHUP it, and wait until it says it reloaded."""
+    lines = d.config_path.read_text().splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("access = "))
+    lines[at] = f"access = {toml_value(rights)}"
+    d.config_path.write_text("\n".join(lines) + "\n")
+    before = d.log().count("config reloaded")
+    d.signal(signal.SIGHUP)
+    wait_for("the reload", lambda: d.log().count("config reloaded") > before)
+
+
+def test_a_reload_lowers_a_cap_for_the_next_operation(work: Path) -> None:
+    with held_prefetch(work, {"max_operations_per_uid": 16}) as (d, _):
+        status, body = d.api("POST", "/v1/pin", {"ref": "demo/cached"})
+        assert status == 200, body  # under the cap: root's held prefetch is one of 16
+        reload_access(d, {"max_operations_per_uid": 1})
+        status, body = d.api("POST", "/v1/pin", {"ref": "demo/cached"})
+        assert status == 503, body
+        assert "max_operations_per_uid = 1" in body["message"]
+
+
 def test_a_reload_grants_and_revokes_at_once(work: Path) -> None:
     """`systemctl reload` after editing [access]: the next request is judged by the new
     lists and caps (a revoked caller is refused without a restart), on the loop's routes and
     the desk's status alike; link_checks, which needs a restart, is said to need one."""
     with daemon(work / "d", access={"restore": []}) as d:
-        reloads = 0
 
         def reload(**rights: Any) -> None:
-            nonlocal reloads
-            lines = d.config_path.read_text().splitlines()
-            at = next(i for i, x in enumerate(lines) if x.startswith("access = "))
-            lines[at] = f"access = {toml_value(rights)}"
-            d.config_path.write_text("\n".join(lines) + "\n")
-            d.signal(signal.SIGHUP)
-            reloads += 1
-            wait_for(f"reload {reloads}", lambda: d.log().count("config reloaded") >= reloads)
+            reload_access(d, rights)
 
         def classes() -> list[str]:
             """What `hostd status` tells nobody it may do (status is a restore operation)."""

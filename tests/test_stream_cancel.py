@@ -98,3 +98,38 @@ async def test_a_client_gone_before_its_result_is_a_cancel_not_an_internal_error
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert observed == ["ok"]  # it did its work; counted once
     assert daemon.in_flight == 0
+
+
+async def test_a_take_back_after_a_result_that_could_not_be_written_is_still_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A progressive restore that placed everything, whose client went as its result was
+    written: it was counted out for that result, but what it placed is taken back now, and
+    until that is done it is running (in_flight), as a client gone earlier is."""
+    daemon = _daemon()
+    seen: list[int] = []
+
+    async def run(fn: Callable[[], object]) -> object:
+        return fn()
+
+    daemon.restorer = SimpleNamespace(spawner=SimpleNamespace(run=run))
+    back = SimpleNamespace(
+        ledger=SimpleNamespace(path="/out"),
+        run=lambda: seen.append(daemon.in_flight),
+        close=lambda: None,
+    )
+
+    async def start(request: web.Request) -> _GoneResponse:
+        return _GoneResponse()
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        progress.take_back = cast(Any, back)  # it placed everything: taken back on a cancel
+        return {"snapshot": "0" * 64}
+
+    monkeypatch.setattr(api_local, "_start", start)
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] = functools.partial(
+        api_local.stream, operation="restore", work=work
+    )
+    await api_local.errors_as_json(cast(web.Request, _Request(daemon)), handler)
+    assert seen == [1]  # taken back while still counted
+    assert daemon.in_flight == 0

@@ -273,6 +273,37 @@ def test_a_plain_call_the_daemon_went_away_from_exits_4(short_dir: Path, answer:
     assert caught.value.exit_code == 4
 
 
+def test_a_plain_call_cut_by_its_own_caller_is_not_the_daemon_gone(short_dir: Path) -> None:
+    """`Client.close()` from another thread cuts a call the daemon has not answered: that
+    end is this side's doing (exit 1), not the daemon's going away (exit 4)."""
+    path = short_dir / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(DEADLINE)
+        with Client(path) as client:
+            failed: list[BaseException] = []
+
+            def call() -> None:
+                try:
+                    client.status()
+                except BaseException as e:
+                    failed.append(e)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            conn, _ = listener.accept()  # the call is in flight: never answered
+            with conn:
+                conn.settimeout(DEADLINE)
+                assert conn.recv(4096).startswith(b"GET /v1/status ")
+                client.close()
+                caller.join(DEADLINE)
+    (e,) = failed
+    assert isinstance(e, HostdError)
+    assert "cut" in e.message, e.message
+    assert e.exit_code == 1
+
+
 def test_an_error_body_keeps_its_code(short_dir: Path) -> None:
     body = b'{"error": "not_found", "message": "no snapshot for ref \'a/b\'"}'
     answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
