@@ -1383,10 +1383,12 @@ def _helpers_of(daemon_pid: int) -> list[int]:
 def test_a_helper_its_caller_stopped_holds_nothing_for_long(work: Path) -> None:
     """The caller may signal its helper (it runs with the caller's uid): a stopped helper
     must not hold a daemon thread, a place under the caps or its blobs for ever."""
-    src = world_readable_tree(work / "src")
+    _, origin_dir = published_file(work, "a.bin", 200_000, "t/tree")
     home = nobody_dir(work / "home")
-    with daemon(work, access={"max_operations_per_uid": 1}) as d:
-        d.publish(src, "t/tree")
+    with (
+        HeldOrigin(origin_dir, gated=True) as origin,  # its helper stays while this is shut
+        daemon(work, origin=origin.url, access={"max_operations_per_uid": 1}) as d,
+    ):
         assert d.proc is not None
         body = json.dumps({"ref": "t/tree", "target": f"{home}/out", "mode": "copy"})
         client = subprocess.Popen(
@@ -1406,11 +1408,13 @@ def test_a_helper_its_caller_stopped_holds_nothing_for_long(work: Path) -> None:
                             return True
                 return False
 
-            wait_for(found, step=0.001)
+            wait_for(found)
+            assert origin.first.wait(60)  # fetching: the helper made the build, and waits
             as_nobody("kill", "-STOP", str(helper))  # what the caller itself may do
         finally:
             client.kill()
             client.wait()
+            origin.gate.set()
         t0 = time.monotonic()
         wait_for(lambda: d.api("GET", "/v1/status")[1]["in_flight"] == 0, timeout=60)
         assert time.monotonic() - t0 < 45
