@@ -81,13 +81,12 @@ def run(root: Path, shards: int, shard_mib: int, rounds: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--shard-mib", type=int, default=256)
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    ap.add_argument("--shards", type=int, default=4, help="weight files (default 4)")
+    ap.add_argument("--shard-mib", type=int, default=256, help="MiB each (default 256)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where it all lives")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     hostd_from = sf.hostd_from()
