@@ -704,6 +704,10 @@ class Publisher:
         # into objects of their own); one publish holds PACKS_HELD such packs at most.
         self.pack_size = pack_size
         self.runs: set[_Run] = set()  # the publishes under way (for reprs and tests)
+        # The packs being put by a publish under way, by id: another publish of the same
+        # files waits for that one instead of asking the origin, and uploading, itself.
+        self.pack_puts: dict[bytes, asyncio.Future[None]] = {}
+        self.pack_joins = 0  # pack puts that waited for another publish's (for tests)
         # Knows the host's facts and each kind's; reads the ref's previous manifest (the
         # local record first) to reuse its chunks.
         self.resolver = resolver
@@ -1343,20 +1347,51 @@ class _Run:
         from its own bytes alone, so the same weights under a second ref, or in a variant of
         a model, cost a HEAD a pack instead of their upload), or this ref's publish that
         failed after it. Readers verify every chunk all the same; one of any other size (a
-        truncated upload, a damaged bucket) is written over."""
+        truncated upload, a damaged bucket) is written over. A publish of this daemon's
+        putting the same pack is waited for (`Publisher.pack_puts`), and where it succeeds,
+        this one has nothing to do."""
+        puts = self.p.pack_puts
+        other = puts.get(pack)
+        if other is not None:
+            self.p.pack_joins += 1
+            await asyncio.wait({other})
+            if not other.cancelled() and other.exception() is None:
+                return
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        puts[pack] = mine
+        try:
+            stored = await self._put_pack(pack, data)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                mine.cancel()
+            else:
+                mine.set_exception(e)
+                mine.exception()  # (retrieved: a publish waiting for it reads it itself)
+            raise
+        else:
+            mine.set_result(None)
+        finally:
+            if puts.get(pack) is mine:
+                del puts[pack]
+        if not stored:
+            return
+        kinds = [kind for _, (_, kind, _, _) in chunks]
+        self.packs += 1
+        self.new_chunks += len(kinds)
+        self.compressed += kinds.count(mf.CODEC_ZSTD)
+        self.stored_bytes += len(data)
+
+    async def _put_pack(self, pack: bytes, data: bytes) -> bool:
+        """HEAD, then PUT unless an object of its size is there: whether it was put."""
         try:
             there = await self.p.origin.pack_stored_size(pack)
         except OriginError as e:
             log.info("publish: cannot look for pack %s, uploading it: %s", pack.hex(), e)
             there = None
         if there == len(data):
-            return
+            return False
         await self.p.origin.put_pack(pack, data)
-        kinds = [kind for _, (_, kind, _, _) in chunks]
-        self.packs += 1
-        self.new_chunks += len(kinds)
-        self.compressed += kinds.count(mf.CODEC_ZSTD)
-        self.stored_bytes += len(data)
+        return True
 
     def place_pack(
         self, pack: bytes, size: int, chunks: Mapping[bytes, tuple[int, int, int, int]] | PackChunks

@@ -527,6 +527,41 @@ async def test_packs_held_stay_within_the_budget_while_the_origin_is_slow(
     read_back(run.origin_dir, m, src)
 
 
+async def test_two_publishes_of_the_same_files_at_once_put_each_pack_once(
+    tmp_path: Path,
+) -> None:
+    """A model published under two refs at once in one daemon (variants built side by
+    side): the second reaches packs the first is still putting, and waits for those puts
+    instead of finding them missing at the origin and uploading them too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(random.Random(3).randbytes(10 * CS))  # 3 packs
+    run = InProcess(tmp_path, pack_size=PACK)
+    run.origin.gate.clear()
+    try:
+        first = run.publish(src, "lp/one")
+        # all of it read, its three packs held at the origin as they are put
+        await until(lambda: run.origin.in_flight == 3, "the first publish's packs never went")
+        put = run.origin.calls["put_pack"]
+        second = run.publish(src, "lp/two")
+        await until(
+            lambda: run.pub.pack_joins or run.origin.calls["put_pack"] > put,
+            "the second publish never reached a pack the first was putting",
+        )
+        assert run.origin.calls["put_pack"] == put  # it waits: it neither asks nor puts
+        run.origin.gate.set()
+        one, two = await asyncio.wait_for(asyncio.gather(first, second), DEADLINE)
+    finally:
+        await run.close()
+    assert one["snapshot"] == two["snapshot"]
+    assert run.origin.calls["put_pack"] == one["packs"] + two["packs"] == 3
+    assert two["packs"] == two["stored_bytes"] == 0
+    assert one["stored_bytes"] + two["stored_bytes"] == sum(
+        p.stat().st_size for p in objects(run.origin_dir, "packs").values()
+    )
+    read_back(run.origin_dir, manifest(run.origin_dir, one["snapshot"]), src)
+
+
 async def test_a_publish_cancelled_while_its_threads_wait_for_room_stops_them(
     tmp_path: Path,
 ) -> None:
