@@ -1351,8 +1351,7 @@ class _Run:
         putting the same pack is waited for (`Publisher.pack_puts`), and where it succeeds,
         this one has nothing to do."""
         puts = self.p.pack_puts
-        other = puts.get(pack)
-        if other is not None:
+        while (other := puts.get(pack)) is not None:  # (one that failed: this one tries)
             self.p.pack_joins += 1
             await asyncio.wait({other})
             if not other.cancelled() and other.exception() is None:
