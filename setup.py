@@ -8,27 +8,16 @@ from setuptools import Extension, setup
 
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
 
-setup(
-    ext_modules=[
-        Extension(
-            "hostd._fastcopy",
-            sources=["native/fastcopy.c"],
-            extra_compile_args=CFLAGS,
-            extra_link_args=["-pthread"],
-            optional=True,
-        ),
-        Extension(
-            "hostd._slots",
-            sources=["native/slots.c"],
-            extra_compile_args=CFLAGS,
-            optional=True,
-        ),
-        Extension(
-            "hostd._desk",
-            sources=["native/desk.c"],
-            extra_compile_args=CFLAGS,
-            extra_link_args=["-pthread"],
-            optional=True,
-        ),
-    ]
-)
+
+def native(name: str, *, threads: bool = False) -> Extension:
+    """hostd._NAME from native/NAME.c; `threads`: it starts pthreads of its own."""
+    return Extension(
+        f"hostd._{name}",
+        sources=[f"native/{name}.c"],
+        extra_compile_args=CFLAGS,
+        extra_link_args=["-pthread"] if threads else [],
+        optional=True,
+    )
+
+
+setup(ext_modules=[native("fastcopy", threads=True), native("slots"), native("desk", threads=True)])

@@ -6,6 +6,7 @@ nothing behind when a tier cannot take a blob."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -13,7 +14,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -715,19 +716,32 @@ class SlowOpenTier(Tier):
         return pb
 
 
+@contextlib.asynccontextmanager
+async def opening(
+    tmp_path: Path, workers: int
+) -> AsyncIterator[tuple[Rig, FileEntry, asyncio.Task[Any]]]:
+    """A fill of one blob of several chunks (`rig.ensure`), under way, its partial blob held
+    opening at SlowOpenTier's gate: (rig, the file, the fill's task)."""
+    SlowOpenTier.started.clear()
+    SlowOpenTier.release.clear()
+    rig = Rig(tmp_path, mem_tier=SlowOpenTier, workers=workers)
+    try:
+        f = rig.file("f", pattern("f", 3 * CS + 5))
+        job = asyncio.create_task(rig.ensure([f]))
+        assert await asyncio.to_thread(SlowOpenTier.started.wait, DEADLINE)
+        yield rig, f, job
+    finally:
+        SlowOpenTier.release.set()
+        rig.close()
+
+
 async def test_a_partial_blob_opened_after_its_fill_was_cancelled_stays_known(
     tmp_path: Path,
 ) -> None:
     """A restore cancelled (its client killed) while a partial blob is being opened: the
     thread still makes the file, so the cache must keep knowing it (charged, evictable,
     resumable, gc'able), not forget it and leave it on disk until the next restart."""
-    SlowOpenTier.started.clear()
-    SlowOpenTier.release.clear()
-    rig = Rig(tmp_path, mem_tier=SlowOpenTier, workers=1)
-    try:
-        f = rig.file("f", pattern("f", 3 * CS + 5))
-        job = asyncio.create_task(rig.ensure([f]))
-        assert await asyncio.to_thread(SlowOpenTier.started.wait, DEADLINE)
+    async with opening(tmp_path, workers=1) as (rig, f, job):
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
@@ -740,9 +754,6 @@ async def test_a_partial_blob_opened_after_its_fill_was_cancelled_stays_known(
         assert rig.cache.partial(f.digest) is not None, rig.leftovers()
         await rig.cache.remove(f.digest, rig.mem)  # what gc and eviction do with it
         assert rig.leftovers() == []
-    finally:
-        SlowOpenTier.release.set()
-        rig.close()
 
 
 async def test_a_restore_cancelled_while_workers_wait_on_one_opening_blob_is_cancelled(
@@ -751,21 +762,12 @@ async def test_a_restore_cancelled_while_workers_wait_on_one_opening_blob_is_can
     """Several workers wait for one multi-chunk blob to open when the restore is cancelled
     (its client killed): the fill ends cancelled, not with an InvalidStateError from the
     open's shared future, which the cancelled waiters cancelled."""
-    SlowOpenTier.started.clear()
-    SlowOpenTier.release.clear()
-    rig = Rig(tmp_path, mem_tier=SlowOpenTier, workers=4)
-    try:
-        f = rig.file("f", pattern("f", 3 * CS + 5))
-        job = asyncio.create_task(rig.ensure([f]))
-        assert await asyncio.to_thread(SlowOpenTier.started.wait, DEADLINE)
+    async with opening(tmp_path, workers=4) as (_, _, job):
         # (the other workers asked for the same blob at once: they wait on its open)
         job.cancel()
         SlowOpenTier.release.set()
         with pytest.raises(asyncio.CancelledError):
             await job
-    finally:
-        SlowOpenTier.release.set()
-        rig.close()
 
 
 class TwoOpensTier(Tier):

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from subprocess import CompletedProcess
 
 from harness import Hostd
 from test_e2e import cli
 from test_faults import work  # noqa: F401  (a fixture)
 
 
-def at(h: Hostd) -> dict[str, str]:
-    """The CLI's environment for daemon `h`."""
-    return {"HOSTD_SOCKET": str(h.socket)}
+def published_names(work: Path, names: list[str], ref: str, *args: str) -> CompletedProcess[str]:
+    """Publish files named `names` as `ref` into a daemon, then run `hostd ARGS` against
+    it."""
+    src = work / "src"
+    src.mkdir()
+    for i, name in enumerate(names):
+        (src / name).write_bytes(b"%d" % i)
+    with Hostd(work / "d") as h:
+        h.publish(src, ref)
+        return cli(*args, env={"HOSTD_SOCKET": str(h.socket)})
 
 
 def test_a_progressive_restore_prints_landed_paths_without_control_characters(
@@ -22,13 +30,10 @@ def test_a_progressive_restore_prints_landed_paths_without_control_characters(
 ) -> None:
     """A name is the publisher's: ESC, BEL or a newline in it must not reach the restoring
     caller's terminal raw (inspect already shows each as "?")."""
-    src = work / "src"
-    src.mkdir()
-    (src / "\x1b[31mred").write_bytes(b"a")
-    (src / "new\nline").write_bytes(b"b")
-    with Hostd(work / "d") as h:
-        h.publish(src, "t/esc")
-        got = cli("restore", "t/esc", str(work / "out"), "--progressive", env=at(h))
+    names = ["\x1b[31mred", "new\nline"]
+    got = published_names(
+        work, names, "t/esc", "restore", "t/esc", str(work / "out"), "--progressive"
+    )
     assert got.returncode == 0, got.stderr
     assert "\x1b" not in got.stdout
     lines = got.stdout.splitlines()
@@ -39,13 +44,7 @@ def test_a_progressive_restore_prints_landed_paths_without_control_characters(
 
 def test_inspect_shows_c1_and_bidi_controls_in_a_name_as_question_marks(work: Path) -> None:
     """U+009B is a one-character CSI to some terminals; U+202E makes `txt.exe` read backwards."""
-    src = work / "src"
-    src.mkdir()
-    (src / "a\u009b2Jb").write_bytes(b"a")
-    (src / "x\u202etxt.exe").write_bytes(b"b")
-    with Hostd(work / "d") as h:
-        h.publish(src, "t/bidi")
-        got = cli("inspect", "t/bidi", env=at(h))
+    got = published_names(work, ["a\u009b2Jb", "x\u202etxt.exe"], "t/bidi", "inspect", "t/bidi")
     assert got.returncode == 0, got.stderr
     text = got.stdout
     assert "\u009b" not in text
