@@ -305,7 +305,12 @@ async def test_a_big_publish_and_a_big_decode_give_their_phases_garbage_back(
             assert got["files"] == n
             assert len(trims) == (3 + during if n >= 40 else 0)
             trims.clear()
-            m = await asyncio.to_thread(cache.snaps._read, got["snapshot"])  # (its file)
+            # (its file: a big manifest's is written by the index's writer thread, after)
+            written = cache.snaps.manifests_dir / got["snapshot"]
+            async with asyncio.timeout(DEADLINE):
+                while not written.exists():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            m = await asyncio.to_thread(cache.snaps._read, got["snapshot"])
             assert len(m.files) == n
             assert len(trims) == (1 if n >= 40 else 0)
     finally:
