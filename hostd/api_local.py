@@ -274,8 +274,10 @@ async def stream(
             await _send(resp, {"event": "error", **internal})
         else:
             result = "ok"
-            d.metrics.observe(operation, result, out)
-            observed = True  # (its client may still go before it hears: counted once)
+            if progress.take_back is None:
+                # done whether or not its client hears it (counted once)
+                d.metrics.observe(operation, result, out)
+                observed = True
             if resp is None:
                 resp = await _start(request)
             await _warn(resp, progress, warned)
@@ -283,6 +285,9 @@ async def stream(
                 await _send(resp, progress.files.popleft())
             await _send(resp, {"event": "result", **out})
             delivered = True
+            if not observed:  # a progressive restore, whose client heard it: it stays
+                d.metrics.observe(operation, result, out)
+                observed = True
         await resp.write_eof()
     except asyncio.CancelledError:
         result = "cancelled"

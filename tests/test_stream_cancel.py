@@ -105,8 +105,10 @@ async def test_a_take_back_after_a_result_that_could_not_be_written_is_still_run
 ) -> None:
     """A progressive restore that placed everything, whose client went as its result was
     written: it was counted out for that result, but what it placed is taken back now, and
-    until that is done it is running (in_flight), as a client gone earlier is."""
-    daemon = _daemon()
+    until that is done it is running (in_flight), as a client gone earlier is; and it is
+    counted a cancel, not a success, since nothing of it stays."""
+    observed: list[str] = []
+    daemon = _daemon(observe=lambda op, result, out: observed.append(result))
     seen: list[int] = []
 
     async def run(fn: Callable[[], object]) -> object:
@@ -132,4 +134,45 @@ async def test_a_take_back_after_a_result_that_could_not_be_written_is_still_run
     )
     await api_local.errors_as_json(cast(web.Request, _Request(daemon)), handler)
     assert seen == [1]  # taken back while still counted
+    assert daemon.in_flight == 0
+    assert observed == ["cancelled"]  # nothing of it stays: not counted a success
+
+
+class _HeardResponse:
+    """A stream response whose client reads everything."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.events.append(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        pass
+
+
+async def test_a_progressive_restore_whose_client_heard_its_result_is_counted_a_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    observed: list[str] = []
+    daemon = _daemon(observe=lambda op, result, out: observed.append(result))
+    closed: list[bool] = []
+    back = SimpleNamespace(run=lambda: pytest.fail("taken back"), close=lambda: closed.append(True))
+    heard = _HeardResponse()
+
+    async def start(request: web.Request) -> _HeardResponse:
+        return heard
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        progress.take_back = cast(Any, back)
+        return {"snapshot": "0" * 64}
+
+    monkeypatch.setattr(api_local, "_start", start)
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] = functools.partial(
+        api_local.stream, operation="restore", work=work
+    )
+    await api_local.errors_as_json(cast(web.Request, _Request(daemon)), handler)
+    assert any(b'"result"' in e for e in heard.events)
+    assert observed == ["ok"]
+    assert closed == [True]  # kept: its ledger is let go
     assert daemon.in_flight == 0
