@@ -142,6 +142,9 @@ class OriginError(HostdError):
 
     code = "origin_error"
     status = 502
+    # The origin did not answer through every retry (timeouts, refused connections, 5xx):
+    # a next request to it now would most likely fare the same.
+    unanswered = False
 
 
 class TargetExists(HostdError):

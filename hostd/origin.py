@@ -1190,10 +1190,12 @@ class Origin:
                 f"{cause}, credentials rejected by origin {self._url}: {op} {key}: {detail}"
             )
         if failure is Failure.TRANSIENT:
-            return OriginError(
+            err = OriginError(
                 f"{cause}: {op} {key} at origin {self._url} failed after {attempts} attempts: "
                 f"{detail}"
             )
+            err.unanswered = True
+            return err
         return OriginError(f"{cause}: {op} {key} at origin {self._url} failed: {detail}")
 
 

@@ -1381,10 +1381,15 @@ class _Run:
         self.stored_bytes += len(data)
 
     async def _put_pack(self, pack: bytes, data: bytes) -> bool:
-        """HEAD, then PUT unless an object of its size is there: whether it was put."""
+        """HEAD, then PUT unless an object of its size is there: whether it was put. A HEAD
+        refused (credentials that may write but not read, say) is no reason not to put; one
+        the origin did not answer through its retries is this publish's failure: a PUT's own
+        retries would only double the time it takes to say so."""
         try:
             there = await self.p.origin.pack_stored_size(pack)
         except OriginError as e:
+            if e.unanswered:
+                raise
             log.info("publish: cannot look for pack %s, uploading it: %s", pack.hex(), e)
             there = None
         if there == len(data):

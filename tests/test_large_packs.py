@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 from harness import Hostd, rmtree, short_tmp, tree_digest
+from s3server import MotoS3
 
 from hostd.asuser import Spawner, Storage
 from hostd.cache import Cache
@@ -328,11 +329,16 @@ class WatchedOrigin(Origin):
     """A real file:// origin that counts chunk and pack requests, can hold pack uploads at
     a gate (a slow origin), and can fail the pack upload after `fail_after` of them."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url, {}, retry=RetryPolicy(1, 0.0, 0.0))
+    def __init__(
+        self, url: str, options: dict[str, str] | None = None, *, attempts: int = 1
+    ) -> None:
+        super().__init__(url, options or {}, retry=RetryPolicy(attempts, 0.0, 0.0))
         self.calls = {"has_chunk": 0, "put_chunk": 0, "head_pack": 0, "put_pack": 0}
         self.gate = asyncio.Event()
         self.gate.set()
+        # run (in a thread) at the first pack HEAD, which every HEAD then waits for
+        self.before_heads: Callable[[], None] | None = None
+        self._heads_held: asyncio.Future[None] | None = None
         self.in_flight = 0  # pack uploads under way (held at the gate or not)
         self.most_in_flight = 0
         self.fail_after: int | None = None
@@ -343,6 +349,10 @@ class WatchedOrigin(Origin):
 
     async def pack_stored_size(self, pack: bytes) -> int | None:
         self.calls["head_pack"] += 1
+        if self.before_heads is not None and self._heads_held is None:
+            self._heads_held = asyncio.ensure_future(asyncio.to_thread(self.before_heads))
+        if self._heads_held is not None:
+            await asyncio.shield(self._heads_held)
         return await super().pack_stored_size(pack)
 
     async def put_chunk(self, cid: bytes, data: bytes) -> None:
@@ -365,7 +375,14 @@ class WatchedOrigin(Origin):
 class InProcess:
     """A Publisher over a fresh cache with one tier and a WatchedOrigin."""
 
-    def __init__(self, root: Path, *, pack_size: int, compress: str = "never") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        pack_size: int,
+        compress: str = "never",
+        origin: WatchedOrigin | None = None,
+    ) -> None:
         self.root = root
         self.tier = Tier("mem", root / "mem", 1 << 30)
         self.cache = Cache(
@@ -373,7 +390,7 @@ class InProcess:
         )
         self.cache.load()
         self.origin_dir = root / "origin"
-        self.origin = WatchedOrigin(self.origin_dir.as_uri())
+        self.origin = origin or WatchedOrigin(self.origin_dir.as_uri())
         self.spawner = Spawner()
         self.pub = Publisher(
             self.cache,
@@ -601,6 +618,28 @@ async def test_a_failed_pack_upload_leaves_nothing_that_looks_complete(tmp_path:
     assert list(run.tier.tmp_dir.iterdir()) == []
     assert not (run.origin_dir / "history").exists()
     assert len(objects(run.origin_dir, "packs")) <= 3  # those let through, named by content
+
+
+async def test_an_origin_gone_before_a_pack_is_looked_for_fails_the_publish_at_its_head(
+    tmp_path: Path,
+) -> None:
+    """An S3 server that stops answering in the middle of a publish (it crashed, its host
+    went): the pack's HEAD fails through its retries, and that fails the publish; the PUT
+    is not tried after it with retries of its own, which would double the time a dead
+    origin takes to fail each pack."""
+    src = large_tree(tmp_path / "src")
+    server = MotoS3().__enter__()
+    bucket = server.new_bucket()
+    origin = WatchedOrigin(f"s3://{bucket.bucket}", bucket.options, attempts=3)
+    origin.before_heads = lambda: server.__exit__(None, None, None)  # the origin dies
+    run = InProcess(tmp_path, pack_size=PACK, origin=origin)
+    try:
+        with pytest.raises(OriginError, match=r"head pack packs/.* failed after 3 attempts"):
+            await asyncio.wait_for(run.publish(src, "lp/gone"), DEADLINE)
+        assert run.origin.calls["put_pack"] == 0
+    finally:
+        await run.close()
+        server.__exit__(None, None, None)
 
 
 def test_a_pack_damaged_at_its_size_is_named_where_a_restore_refuses_it(work: Path) -> None:
