@@ -67,7 +67,8 @@ class Metrics:
         )
         self.restore_bytes = Counter(
             "hostd_restore_bytes",
-            "Bytes restores and prefetches obtained, by where they came from.",
+            "Bytes of the restores and prefetches that succeeded, by where they came from "
+            "(what failed or cancelled ones fetched: hostd_chunk_fetched_bytes).",
             ["source"],
             registry=registry,
         )
@@ -178,9 +179,15 @@ class StateCollector(Collector):
         self.running = running
 
     def collect(self) -> Iterator[Metric]:
-        used = GaugeMetricFamily("hostd_tier_used_bytes", "Bytes held in a tier.", labels=["tier"])
+        used = GaugeMetricFamily(
+            "hostd_tier_used_bytes",
+            "Bytes held in a tier, with those reserved for blobs being filled at their full size.",
+            labels=["tier"],
+        )
         budget = GaugeMetricFamily("hostd_tier_budget_bytes", "A tier's budget.", labels=["tier"])
-        blobs = GaugeMetricFamily("hostd_tier_blobs", "Blobs held in a tier.", labels=["tier"])
+        blobs = GaugeMetricFamily(
+            "hostd_tier_blobs", "Blobs held in a tier, those being filled too.", labels=["tier"]
+        )
         room = GaugeMetricFamily(
             "hostd_tier_room_bytes",
             "What a tier may hold now: its budget, or less where its filesystem has less room "

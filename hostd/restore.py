@@ -996,7 +996,7 @@ def _timings(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
 def _rebuilding(progress: Progress, e: BlobMoved) -> None:
     """A restore builds its tree again (REBUILDS): said in a warning; the counts start over
     (`bytes_by_source` then tells where the tree's bytes came from, its total the snapshot's,
-    as always: what the first pass fetched is in the metrics)."""
+    as always: what the first pass fetched is in hostd_chunk_fetched_bytes)."""
     how = (
         f"moved while it was copied, and the copy could not be read back ({e.why})"
         if e.why
