@@ -302,26 +302,42 @@ async def stream(
     finally:
         # Counted out last where nothing counted it out yet (the client went): while its
         # work stops and what it placed is taken back, it is still running, and still holds
-        # its place under the caps (until this handler returns).
-        try:
-            d.operations.discard(task)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-            back, progress.take_back = progress.take_back, None
-            if back is not None and result == "cancelled" and not delivered:
-                # It had placed everything, but the caller went before it heard so: as any
-                # cancel, the progressive restore is taken back.
-                resumed()
-                log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
-                await asyncio.shield(d.restorer.spawner.run(back.run))
-            elif back is not None:
-                back.close()
-            if not observed:
-                d.metrics.observe(operation, result, None)
-        finally:
-            ended()
-            d.trimmer.ended()
+        # its place under the caps (until this handler returns). A client gone as an event
+        # was written (ConnectionError) is heard of twice: aiohttp then cancels this handler
+        # too, as the connection is lost, while the winding down waits; it is seen through.
+        async def wind_down() -> None:
+            try:
+                d.operations.discard(task)
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
+                back, progress.take_back = progress.take_back, None
+                if back is not None and result == "cancelled" and not delivered:
+                    # It had placed everything, but the caller went before it heard so: as
+                    # any cancel, the progressive restore is taken back.
+                    resumed()
+                    log.info("%s: taking back what it placed in %s", operation, back.ledger.path)
+                    await d.restorer.spawner.run(back.run)
+                elif back is not None:
+                    back.close()
+                if not observed:
+                    d.metrics.observe(operation, result, None)
+            finally:
+                ended()
+                d.trimmer.ended()
+
+        winding = asyncio.ensure_future(wind_down())
+        cancelled = False
+        while not winding.done():
+            try:
+                await asyncio.shield(winding)
+            except asyncio.CancelledError:
+                if winding.done() and winding.cancelled():
+                    raise
+                cancelled = True
+        winding.result()
+        if cancelled:
+            raise asyncio.CancelledError
     return resp
 
 

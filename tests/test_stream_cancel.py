@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
 from hostd import api_local
+from hostd.core import manifest as mf
 from hostd.restore import Progress
 
 
@@ -176,3 +178,98 @@ async def test_a_progressive_restore_whose_client_heard_its_result_is_counted_a_
     assert observed == ["ok"]
     assert closed == [True]  # kept: its ledger is let go
     assert daemon.in_flight == 0
+
+
+async def _settle(handler: asyncio.Future[Any]) -> None:
+    """Let a cancelled handler run what it runs at once (a few steps of the loop)."""
+    for _ in range(5):
+        if handler.done():
+            return
+        await asyncio.sleep(0)
+
+
+async def test_a_take_back_outlasts_the_cancel_of_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The result could not be written (ClientConnectionResetError: the transport is
+    closing), so what the restore placed is taken back; then aiohttp, hearing the connection
+    lost, cancels the handler (handler_cancellation=True) while that take-back runs. The
+    handler must not count the operation out (in_flight, and its place under the caps,
+    which the guard gives back when the handler returns) until the take-back is done."""
+    observed: list[str] = []
+    daemon = _daemon(observe=lambda op, result, out: observed.append(result))
+    taking = threading.Event()
+    release = threading.Event()
+
+    async def run(fn: Callable[[], object]) -> object:
+        return await asyncio.to_thread(fn)
+
+    def take_back() -> None:
+        taking.set()
+        release.wait(60)
+
+    daemon.restorer = SimpleNamespace(spawner=SimpleNamespace(run=run))
+    back = SimpleNamespace(ledger=SimpleNamespace(path="/out"), run=take_back, close=lambda: None)
+
+    async def start(request: web.Request) -> _GoneResponse:
+        return _GoneResponse()
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        progress.take_back = cast(Any, back)
+        return {"snapshot": "0" * 64}
+
+    monkeypatch.setattr(api_local, "_start", start)
+    handler = asyncio.ensure_future(
+        api_local.stream(cast(web.Request, _Request(daemon)), "restore", work)
+    )
+    try:
+        assert await asyncio.to_thread(taking.wait, 60)
+        handler.cancel()  # aiohttp's connection_lost, for the same hang-up
+        await _settle(handler)
+        assert not handler.done()  # still taking back
+        assert daemon.in_flight == 1
+    finally:
+        release.set()
+    await asyncio.wait({handler})
+    assert daemon.in_flight == 0
+    assert observed == ["cancelled"]  # taken back: nothing of it stays
+
+
+async def test_a_work_unwinding_outlasts_the_cancel_of_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event could not be written mid-restore (ConnectionError): the handler cancels the
+    work and waits while it unwinds (a progressive restore takes back what it placed); the
+    cancel aiohttp then sends for the lost connection must not count it out before the
+    work is done, nor leave the cancel uncounted in the metrics."""
+    observed: list[str] = []
+    daemon = _daemon(observe=lambda op, result, out: observed.append(result))
+    unwinding = asyncio.Event()
+    unwound = asyncio.Event()
+
+    async def start(request: web.Request) -> _GoneResponse:
+        return _GoneResponse()
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        progress.placed([mf.FileEntry("a", 0o644, 1, ())])  # a `file` event to write
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            unwinding.set()
+            await unwound.wait()  # its abort: what it placed, taken back
+            raise
+        return {}
+
+    monkeypatch.setattr(api_local, "_start", start)
+    handler = asyncio.ensure_future(
+        api_local.stream(cast(web.Request, _Request(daemon)), "restore", work, admitted=True)
+    )
+    await unwinding.wait()
+    handler.cancel()  # aiohttp's connection_lost
+    await _settle(handler)
+    assert not handler.done()
+    assert daemon.in_flight == 1
+    unwound.set()
+    await asyncio.wait({handler})
+    assert daemon.in_flight == 0
+    assert observed == ["cancelled"]
