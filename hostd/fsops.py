@@ -81,6 +81,12 @@ class Refused(Exception):
         self.message = message
 
 
+def _taken(name: str) -> Refused:
+    """A name this restore was about to make (O_EXCL), made by someone else meanwhile: in a
+    progressive restore's target, one of its scratch names."""
+    return Refused("changed", f"{name!r} appeared in the tree being built")
+
+
 # ---------------------------------------------------------------------------------------------
 # The helper.
 
@@ -689,12 +695,17 @@ class Helper:
         try:
             create_files(jobs, paths)
         except BaseException as e:
+            # O_EXCL: a name was taken meanwhile (in a progressive restore's target, the
+            # scratch name of the file the error names): not ours to remove
+            name = str(e.filename) if isinstance(e, FileExistsError) else None
+            taken = paths.index(name) if name in paths else -1
             if self.progressive:
-                self._drop_parts(jobs)
-            if isinstance(e, FileExistsError):  # O_EXCL: the name was taken meanwhile
-                raise Refused(
-                    "changed", f"{e.filename!r} appeared in the tree being built"
-                ) from None
+                self._drop_parts([job for i, job in enumerate(jobs) if i != taken])
+            if name is not None:
+                if self.progressive and taken >= 0:
+                    up, leaf = name.rpartition("/")[0], jobs[taken][1]
+                    name = f"{up}/{leaf}" if up else leaf
+                raise _taken(name) from None
             raise
         if self.progressive:
             before = len(self.placed)
@@ -774,7 +785,10 @@ class Helper:
                 leaf = f"{PART_PREFIX}{self.parts}"
                 self.parts += 1
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(leaf, flags, 0o600, dir_fd=self.dirs[up])
+                try:
+                    fd = os.open(leaf, flags, 0o600, dir_fd=self.dirs[up])
+                except FileExistsError:
+                    raise _taken(f"{up}/{leaf}" if up else leaf) from None
                 self.open_parts[path] = (self.dirs[up], leaf, fd)
                 names.append(f"{up}/{leaf}" if up else leaf)
                 out.append(os.dup(fd))
@@ -855,10 +869,14 @@ class Helper:
         paths: list[str] = []
         try:
             for path, target in msg["items"]:
-                dfd = self.dirs[str(path).rpartition("/")[0]]
+                up = str(path).rpartition("/")[0]
+                dfd = self.dirs[up]
                 scratch = f"{PART_PREFIX}{self.parts}"
                 self.parts += 1
-                os.symlink(str(target), scratch, dir_fd=dfd)
+                try:
+                    os.symlink(str(target), scratch, dir_fd=dfd)
+                except FileExistsError:
+                    raise _taken(f"{up}/{scratch}" if up else scratch) from None
                 jobs.append((dfd, scratch, 0, 0, -1, None))
                 paths.append(str(path))
         except BaseException:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -858,3 +859,36 @@ def test_a_part_whose_blob_is_lent_and_moves_while_it_is_copied_in_is_copied_aga
     finally:
         os.close(fd)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("what", ["file", "ranged", "symlink"])
+def test_a_scratch_name_someone_took_in_the_target_is_named_in_the_error(
+    work: Path, what: str
+) -> None:
+    """The target is the caller's, visible while it fills: a name the helper was about to
+    make its scratch file (or symlink) under, taken by someone else meanwhile, fails the
+    batch with an error that names it, as a file's own name taken does, not a bare errno.
+    (The helper in process: which scratch name comes next is its to know.)"""
+    ours, theirs = socket.socketpair()
+    helper = fsops.Helper(ours)
+    helper.root = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        target = work / "out"
+        helper.op_target({"path": str(target), "replace": False}, [])
+        helper.op_begin({"progressive": True, "dirs": ["d"], "want": []}, [])
+        scratch = f"{fsops.PART_PREFIX}{helper.parts}"
+        (target / "d" / scratch).write_bytes(b"mine")
+        op: Callable[[], object] = {
+            "file": lambda: helper.op_files({"items": [["d/f", 0o644, 0, "empty", None]]}, []),
+            "ranged": lambda: helper.op_parts({"paths": ["d/f"]}, []),
+            "symlink": lambda: helper.op_symlinks({"items": [["d/l", "f"]]}, []),
+        }[what]
+        with pytest.raises(fsops.Refused, match=rf"'d/{scratch}' appeared in the tree being built"):
+            op()
+        assert (target / "d" / scratch).read_bytes() == b"mine"
+        assert sorted(os.listdir(target / "d")) == [scratch]  # nothing of ours left
+    finally:
+        helper.abort()
+        os.close(helper.root)
+        ours.close()
+        theirs.close()
