@@ -398,9 +398,11 @@ class HeldOrigin:
     """A `file://` origin's directory over plain HTTP. A GET of a chunk in `held` waits until
     its event is set; one in `missing` is answered 404; every chunk GET waits for `gate`
     (open unless the test clears it). `asked` lists chunk GETs in order, and `first` is set
-    at the first, so a test knows a fetch is under way before it acts."""
+    at the first, so a test knows a fetch is under way before it acts. `packs`: GETs of
+    packs (small files' bytes) are asked, listed and held at `gate` as chunks' are."""
 
-    def __init__(self, directory: Path, *, gated: bool = False) -> None:
+    def __init__(self, directory: Path, *, gated: bool = False, packs: bool = False) -> None:
+        self.packs = packs
         self.gate = threading.Event()
         if not gated:
             self.gate.set()
@@ -439,7 +441,9 @@ class _Handler(SimpleHTTPRequestHandler):
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
-        if self.path.startswith("/chunks/"):
+        if self.path.startswith("/chunks/") or (
+            self.origin.packs and self.path.startswith("/packs/")
+        ):
             key = self.path.rsplit("/", 1)[-1]
             self.origin.asked.put(key)
             self.origin.first.set()

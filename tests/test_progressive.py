@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import socket
 import tempfile
 import threading
@@ -485,25 +486,39 @@ def test_a_name_taken_in_the_target_fails_the_restore_at_once(
 
 def test_a_kept_partial_restore_that_fails_leaves_only_files_it_told(work: Path) -> None:
     """Batches of copies stay out to the helper across the placer's batches: a restore that
-    fails with some out (a name taken in the middle of a warm tree of many small files)
-    waits for them and tells what they landed, so every file left (keep_partial) had its
-    `file` event, and no scratch file is left."""
+    fails with some out (a name taken in the middle of a tree of many small files, a third
+    of them cached, the rest arriving) waits for them and tells what they landed, so every
+    file left (keep_partial) had its `file` event, and no scratch file is left."""
     src = work / "src"
     names = sorted(f"d{i % 8}/f{i:05d}.txt" for i in range(3000))
     for i, name in enumerate(names):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(f"file {i} ".encode() * 20)
+    part = work / "part"  # the same bytes for the first 1000 names: cached beforehand
+    for name in names[:1000]:
+        (part / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, part / name)
+    origin_dir = work / "origin"
+    with Hostd(work / "pub", origin=origin_dir.as_uri(), pack_size=0) as pub:
+        pub.publish(part, "t/part")
+        pub.publish(src, "t/many")
     target = work / "out"
-    taken = target / names[1000]
-    with Hostd(work / "d") as h:
-        h.publish(src, "t/many")
-        assert h.restore("t/many", work / "warm")["event"] == "result"  # all cached
+    taken = target / names[2000]
+    with (
+        HeldOrigin(origin_dir, packs=True) as origin,
+        Hostd(work / "d", origin=origin.url) as h,
+    ):
+        assert h.restore("t/part", work / "warm")["event"] == "result"
+        while not origin.asked.empty():
+            origin.asked.get()
+        origin.gate.clear()
 
-        def meddle() -> None:  # the caller makes one of the tree's names once it can
-            deadline = time.monotonic() + 30
-            while not taken.parent.is_dir() and time.monotonic() < deadline:
-                pass
+        def meddle() -> None:
+            # the rest is being fetched: the target and its directories are made, and the
+            # cached files land meanwhile; the caller makes one of the names still to come
+            origin.asked.get(timeout=DEADLINE)
             taken.write_bytes(b"mine")
+            origin.gate.set()
 
         t = threading.Thread(target=meddle)
         t.start()
@@ -516,7 +531,8 @@ def test_a_kept_partial_restore_that_fails_leaves_only_files_it_told(work: Path)
     told = {e["path"] for e in events if e.get("event") == "file"}
     left = {str(f.relative_to(target)) for f in target.rglob("*") if f.is_file()}
     assert taken.read_bytes() == b"mine"
-    assert left - {names[1000]} == told  # no file without its event, none told and gone
+    assert set(names[:1000]) <= told  # (those cached landed while the rest was held)
+    assert left - {names[2000]} == told  # no file without its event, none told and gone
     for name in told:
         assert (target / name).read_bytes() == (src / name).read_bytes()
 
