@@ -604,7 +604,7 @@ async def test_a_tls_handshake_that_gets_no_answer_times_out_and_ends_on_cancel(
     want-read whatever its receive timeout says. Now the handshake has the request's
     timeout, and a cancel ends it at once."""
     with silent_after_accept() as (port, _):
-        fast = fastget.FastGet(lambda key: f"https://127.0.0.1:{port}/{key}", threads=1, timeout=1)
+        fast = fastget.FastGet(lambda key: f"https://127.0.0.1:{port}/{key}", threads=1, timeout=3)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(10):
@@ -617,7 +617,7 @@ async def test_a_tls_handshake_that_gets_no_answer_times_out_and_ends_on_cancel(
                 await task
             started = loop.time()
             await asyncio.wait_for(loop.run_in_executor(fast._threads, lambda: None), 5)
-            assert loop.time() - started < 0.9  # freed by the cancel, not by the timeout
+            assert loop.time() - started < 2.5  # freed by the cancel, not by the timeout
         finally:
             fast.close()
 

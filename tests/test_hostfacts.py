@@ -669,10 +669,12 @@ def test_a_hung_memory_reading_slows_neither_status_nor_metrics(
             finally:
                 stop.set()
             scraped = [s for f in scrapes for s in f.result(timeout=60)]
+        # (a status or scrape that waited for the held reading would take its 120 s; the
+        # bound leaves room for a loaded machine's scheduling)
         assert all(status == 200 for _, (status, _) in statuses)
-        assert max(t for t, _ in statuses) < 0.5, sorted(t for t, _ in statuses)[-3:]
+        assert max(t for t, _ in statuses) < 5, sorted(t for t, _ in statuses)[-3:]
         assert scraped
-        assert max(t for t, _ in scraped) < 0.5, sorted(t for t, _ in scraped)[-3:]
+        assert max(t for t, _ in scraped) < 5, sorted(t for t, _ in scraped)[-3:]
         assert all(memory_in(text) == want for _, text in scraped)  # the cached values
 
         # Stopping while NVML still holds the reading: close() gives up on it after a bound.
