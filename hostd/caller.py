@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from hostd.fileio import libc
@@ -132,9 +133,33 @@ def _write_caps(status: str) -> bool:
 def _uid_holds_write_caps(uid: int) -> bool:
     """Whether any process in our user namespace that runs as `uid` (real, effective, saved
     or filesystem uid) holds CAP_DAC_OVERRIDE or CAP_FOWNER: it could write through a blob
-    linked into that uid's tree. Blocking: a /proc scan, a few ms a thousand processes."""
+    linked into that uid's tree. Blocking: a /proc scan, a few ms a thousand processes.
+
+    One seen holding them is looked at again, HOLD_CHECKS times HOLD_PAUSE apart: a process
+    that is taking `uid` holds root's capabilities for the moment between its setresuid and
+    its exec (setpriv; a container runtime's init, which keeps them through the change to
+    apply the container's own), and once it has let them go it cannot take them back. What
+    matters is who holds them once the links exist; one that holds them on is a writer."""
+    holders = _holding(uid, None)
+    for _ in range(HOLD_CHECKS):
+        if not holders:
+            return False
+        _pause(HOLD_PAUSE)
+        holders = _holding(uid, holders)
+    return bool(holders)
+
+
+HOLD_CHECKS = 3
+HOLD_PAUSE = 0.01  # seconds
+_pause = time.sleep
+
+
+def _holding(uid: int, pids: list[str] | None) -> list[str]:
+    """Of `pids` (None: every process), those in our user namespace that run as `uid` and
+    hold a write capability; one whose namespace cannot be read counts (when in doubt)."""
     ours = _ns("/proc/self/ns/user")
-    for pid in os.listdir("/proc"):
+    out = []
+    for pid in os.listdir("/proc") if pids is None else pids:
         if not pid.isdigit():
             continue
         try:
@@ -147,10 +172,10 @@ def _uid_holds_write_caps(uid: int) -> bool:
             continue
         try:
             if _ns(f"/proc/{pid}/ns/user") == ours:
-                return True
+                out.append(pid)
         except OSError:
-            return True  # when in doubt, yes
-    return False
+            out.append(pid)  # when in doubt, yes
+    return out
 
 
 NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the parent of a user namespace, as a new fd

@@ -1885,3 +1885,67 @@ def test_a_caller_whose_uid_runs_a_process_with_a_write_capability_is_a_writer()
         assert not could_write_cache(caller, os.geteuid())
         with _nobody_process("keep", fowner=True):
             assert could_write_cache(caller, os.geteuid())
+
+
+# A process as nobody holding CAP_FOWNER (ambient), as one taking uid nobody holds root's
+# capabilities between its setresuid and its exec; it lets every capability go (permitted
+# too: it cannot raise them again) when told "drop", and says "dropped".
+_TAKING = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
+u32 = ctypes.c_uint32
+class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+print("ready", flush=True)
+assert sys.stdin.readline() == "drop\n"
+h, d = H(0x20080522, 0), (D * 2)()
+assert libc.capset(ctypes.byref(h), d) == 0
+print("dropped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_is_no_writer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process taking the caller's uid holds root's capabilities for a moment (setpriv, or a
+    container runtime's init, between its setresuid and its exec): one that lets them go
+    before the links exist could never write through them, so the caller is no writer (its
+    link restore was refused, or copied, whenever another of its uid was starting). One that
+    holds them on still makes it one (the test above)."""
+    from hostd import caller as caller_module
+
+    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
+    taking = subprocess.Popen(
+        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _TAKING],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert taking.stdin is not None
+    assert taking.stdout is not None
+    try:
+        assert taking.stdout.readline() == "ready\n"
+        assert "CapEff:\t0000000000000000" not in Path(f"/proc/{taking.pid}/status").read_text()
+        paused: list[float] = []
+
+        def pause(seconds: float) -> None:  # the scan saw it holding them: now it drops them
+            assert taking.stdin is not None
+            assert taking.stdout is not None
+            if not paused:
+                taking.stdin.write("drop\n")
+                taking.stdin.flush()
+                assert taking.stdout.readline() == "dropped\n"
+            paused.append(seconds)
+
+        monkeypatch.setattr(caller_module, "_pause", pause)
+        with _nobody_process("keep") as plain:
+            assert not caller_module.could_write_cache(
+                Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid()
+            )
+        assert len(paused) == 1  # looked at again once, after it had let them go
+    finally:
+        taking.kill()
+        taking.wait()
+        taking.stdin.close()
+        taking.stdout.close()
