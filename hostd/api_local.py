@@ -445,6 +445,13 @@ async def publish(request: web.Request) -> web.StreamResponse:
         not isinstance(facts, list) or not all(isinstance(f, str) and f for f in facts)
     ):
         raise UsageError("field 'facts' must be a list of fact names")
+    given = _facts(body, "compat")
+    for name in [*(facts or []), *given]:
+        # (checked here, not first when the manifest is built: a typo is a usage error, 2)
+        if not mf.FACT_NAME.fullmatch(name):
+            raise UsageError(
+                f"compat fact name {name!r} must match [a-z][a-z0-9_]* (64 characters at most)"
+            )
     kind = _str(body, "kind", compat.DEFAULT_KIND)
     if kind not in compat.KINDS:
         raise UsageError(f"field 'kind' must be one of {', '.join(compat.KINDS)}, got {kind!r}")
@@ -465,7 +472,7 @@ async def publish(request: web.Request) -> web.StreamResponse:
             caller=request_caller(request),
             facts=facts,
             kind=kind,
-            compat=_facts(body, "compat"),
+            compat=given,
             meta=_facts(body, "meta"),
             chunk_size=cs,
             pidfd=pidfd,

@@ -881,7 +881,13 @@ def _render_verify(out: Printer, result: JSON) -> None:
 
 
 # The request fields a command's flags fill: a bad_request names the field, the user the flag.
-_FLAGS = {"tier": "--tier", "mode": "--mode", "exclude": "--exclude", "include": "--include"}
+_FLAGS = {
+    "tier": "--tier",
+    "mode": "--mode",
+    "exclude": "--exclude",
+    "include": "--include",
+    "limit": "--limit",
+}
 _FIELD = re.compile(r"field '(\w+)':? (.*)", re.DOTALL)
 
 

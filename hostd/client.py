@@ -415,6 +415,8 @@ class Client:
             return self._request("POST", path, body, read)
         except _Lost as exc:  # sent, then the daemon went before its first byte
             raise _stopped(path) from exc
+        except _CancelledByStop as exc:
+            raise _stopped(path) from exc
 
     def _request(
         self,
@@ -484,6 +486,13 @@ def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] |
     return body
 
 
+class _CancelledByStop(Busy):
+    """A stream's `unavailable` error event. Caps are checked before a stream starts (a 503
+    answer: busy, exit 1); after its first byte, `unavailable` is the daemon stopping with the
+    call still running (SIGTERM, `systemctl restart`, its drain ran out): exit 4, as a daemon
+    killed mid-stream, so that a script retries once it is back."""
+
+
 def _outcome(
     event: JSON,
     on_progress: ProgressCallback | None,
@@ -496,7 +505,10 @@ def _outcome(
         return {key: value for key, value in event.items() if key != "event"}
     if kind == "error":
         code = str(event.get("error") or "internal")
-        raise error_from_code(code, str(event.get("message") or code))
+        message = str(event.get("message") or code)
+        if code == Busy.code:
+            raise _CancelledByStop(message)
+        raise error_from_code(code, message)
     if kind == "progress" and on_progress is not None:
         on_progress(event)
     if kind == "file" and on_file is not None:

@@ -650,7 +650,15 @@ async def _serve_locked(
         if config.metrics_address:
             host, _, port = config.metrics_address.rpartition(":")
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, host.strip("[]") or None, int(port)).start()
+            try:
+                await web.TCPSite(metrics_runner, host.strip("[]") or None, int(port)).start()
+            except OSError as e:
+                # (a port another exporter holds, an address not on this host: a message
+                # naming the key, not a traceback)
+                raise HostdError(
+                    f"metrics_address {config.metrics_address}: cannot listen there: "
+                    f'{e.strerror or e}; pick a free port (0: any), or "" to turn metrics off'
+                ) from e
             addr = metrics_runner.addresses[0]
             d.metrics_address = (
                 f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"

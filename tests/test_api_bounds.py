@@ -93,6 +93,24 @@ def test_malformed_bodies_are_400(daemon: Hostd, body: bytes, message: str) -> N
     assert answer["message"].startswith(message), answer
 
 
+@pytest.mark.parametrize(
+    "extra", [{"facts": ["gpu_model", "BAD"]}, {"compat": {"Torch": "2.5"}}, {"facts": ["a" * 65]}]
+)
+def test_a_publish_with_a_bad_fact_name_is_400_before_any_work(
+    daemon: Hostd, tmp_path: Path, extra: dict[str, Any]
+) -> None:
+    """A fact name the manifest cannot hold is the caller's mistake (exit 2), found before
+    the source is read; it was a 500-class failure (exit 1) found only once the tree was
+    hashed and its chunks stored."""
+    src = make_tree(tmp_path / "src", big=1)
+    body = {"path": str(src), "ref": "bounds/facts", **extra}
+    status, answer = daemon.api("POST", "/v1/publish", body)
+    assert status == 400, answer
+    assert answer["error"] == "bad_request"
+    assert answer["message"].startswith("compat fact name "), answer
+    assert "must match [a-z][a-z0-9_]*" in answer["message"], answer
+
+
 def test_a_body_aiohttp_cannot_decode_is_400(daemon: Hostd) -> None:
     status, answer = send_raw(daemon, "POST", "/v1/gc", b"not gzip", Content_Encoding="gzip")
     assert status == 400, answer

@@ -57,6 +57,8 @@ class FakeDaemon:
     - `cut/early`: a progress event, then the stream ends cleanly with no result or error;
     - `cut/abort`: a progress event and half a line, then the connection is cut;
     - `fail/origin`: a progress event, then an `origin_error` error event;
+    - `cut/stopping`: a progress event, then the `unavailable` error event a stopping daemon
+      sends when its drain runs out (api_local's cancelled operation);
     - `bad/line`: a line that is not JSON;
     - `hang`: a progress event, then nothing until the client goes (sets `cancelled`).
     """
@@ -212,6 +214,11 @@ class FakeDaemon:
             await self._send(response, {"event": "progress", "phase": "fetch"})
             error = {"event": "error", "error": "origin_error", "message": "origin said 403"}
             await self._send(response, error)
+        elif ref == "cut/stopping":
+            await self._send(response, {"event": "progress", "phase": "fetch"})
+            message = "hostd stopped before the restore finished; it was cancelled"
+            stopped = {"event": "error", "error": "unavailable", "message": message}
+            await self._send(response, stopped)
         elif ref == "bad/line":
             await response.write(b"this is not json\n")
         elif ref == "hang":
@@ -657,6 +664,9 @@ STOPPED = "hostd: the daemon stopped during the restore; run it again to resume\
         ("fail/origin", 1, "hostd: origin said 403\n"),
         ("cut/early", 4, STOPPED),  # a daemon gone mid-stream: exit 4, as if unreachable
         ("cut/abort", 4, STOPPED),
+        # a daemon stopped (SIGTERM, a restart) whose drain ran out tells the stream so: the
+        # same exit 4 and advice as one killed, not "hostd is busy" and exit 1
+        ("cut/stopping", 4, STOPPED),
         ("bad/line", 1, "hostd: daemon sent a malformed event: b'this is not json'\n"),
     ],
 )

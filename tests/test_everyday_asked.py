@@ -482,6 +482,30 @@ def test_a_config_hostd_cannot_read_is_1_and_a_bad_value_is_2(work: Path) -> Non
     assert "did you mean 'fetch_concurrency'" in p.stderr
 
 
+def test_a_metrics_port_already_taken_stops_the_start_with_a_message(work: Path) -> None:
+    """An exporter already on metrics_address (the shipped config's fixed 9464) is named in
+    one line, with what to do, and exit 1: no traceback, and nothing left serving."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (work / "taken.toml").write_text(
+            f'origin = "file://{work}/origin"\n'
+            f'socket = "{work}/s.sock"\n'
+            f'index = "{work}/index/index.sqlite3"\n'
+            f'metrics_address = "127.0.0.1:{port}"\n'
+            f'[[tiers]]\nname = "disk"\npath = "{work}/disk"\nbudget = "64MiB"\n'
+        )
+        p = hostd("serve", "--config", str(work / "taken.toml"), timeout=DEADLINE)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith(f"hostd: metrics_address 127.0.0.1:{port}: cannot listen there"), last
+    assert "address already in use" in last, last
+    assert "pick a free port" in last, last
+    assert not (work / "s.sock").exists()
+
+
 def test_a_target_filesystem_that_fills_up_is_a_failure_not_a_usage_error(work: Path) -> None:
     """Exit 2 is for usage errors only: a restore into a filesystem too small for the tree
     fails with 1, says why, and leaves nothing behind."""

@@ -481,3 +481,20 @@ def test_documented_socket_names_are_the_real_ones() -> None:
     # the unit's socket: the config it ships with, and the one a client finds without flags
     assert f'socket = "{SYSTEM_SOCKET}"' in CONFIG_FILE.read_text()
     assert str(SYSTEM_SOCKET) in README.read_text()
+
+
+def test_a_refused_limit_names_the_flag_not_the_api_field() -> None:
+    """`hostd ref history R --limit 0`: the daemon names its request field; a user reads the
+    flag they typed, as for --tier and --mode."""
+    from argparse import Namespace
+
+    from hostd.cli import _explain
+    from hostd.errors import UsageError
+
+    refused = UsageError("field 'limit' must be a whole number from 1 to 10000")
+    assert _explain(refused, Namespace(limit=0)) == (
+        "--limit: must be a whole number from 1 to 10000"
+    )
+    assert _explain(refused, Namespace(limit=20000)) == (
+        "--limit 20000: must be a whole number from 1 to 10000"
+    )

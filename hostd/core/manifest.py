@@ -32,7 +32,7 @@ MAX_CHUNK_SIZE = 256 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_PATH_BYTES = 4096
-_FACT_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_FACT_RE = FACT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 # Margin over zstd's compress bound: the largest frame header (ZSTD_FRAMEHEADERSIZE_MAX, 18
