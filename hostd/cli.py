@@ -887,6 +887,7 @@ _FLAGS = {
     "exclude": "--exclude",
     "include": "--include",
     "limit": "--limit",
+    "facts": "--facts",
 }
 _FIELD = re.compile(r"field '(\w+)':? (.*)", re.DOTALL)
 

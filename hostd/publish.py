@@ -768,6 +768,7 @@ class Publisher:
     async def publish(self, req: PublishRequest, progress: Progress) -> dict[str, Any]:
         t0 = self.clock()
         validate_ref(req.ref)
+        self._check_facts(req)
         cs = req.chunk_size or self.chunk_size
         progress.phase = "hash"
         fs = await self.spawner.start(req.caller, req.pidfd)
@@ -785,6 +786,23 @@ class Publisher:
                 return await self._publish(req, fs, tree, cs, progress, t0, stored)
         finally:
             await self.spawner.run(fs.close)
+
+    def _check_facts(self, req: PublishRequest) -> None:
+        """A fact the publish names (`facts`) must be one hostd knows (it tells, detects, or
+        a kind names) or one the request gives a value: a name it can know nothing of (a
+        typo, `gpu_modle`) would be published as `none`, which every host fits, and a
+        compile cache meant for one GPU would go to every other."""
+        given = set(req.compat)
+        names = {n for names in self.resolver.kinds.values() for n in names}
+        known = names | set(self.resolver.known) | compat.DETECTED | set(compat.basic_facts())
+        for name in req.facts or ():
+            if name not in known and name not in given:
+                raise UsageError(
+                    f"field 'facts': {name!r} is no fact hostd knows "
+                    f"({', '.join(sorted(known))}) and the request gives it no value: give "
+                    f"it one ({name}=VALUE in compat, --compat on the command line), or name "
+                    "a fact hostd knows"
+                )
 
     async def _publish(
         self,

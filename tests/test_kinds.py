@@ -88,6 +88,27 @@ def test_each_kind_keys_the_snapshot_on_its_facts(cli: Cli, work: Path) -> None:
         assert (work / "out" / "sub" / "kernel.cubin").read_bytes() == b"k" * 3000
 
 
+def test_a_fact_hostd_knows_nothing_of_is_refused_unless_given(
+    cli: Cli, hostd: Hostd, work: Path
+) -> None:
+    """`--facts gpu_modle` (a typo) would be published as `gpu_modle = none`, which every
+    host fits: the compile cache of one GPU handed to all. Refused before the tree is read,
+    naming the fact and how to give it; a fact of the client's own, given a value, is
+    taken, as is one hostd detects (none here, with a warning)."""
+    src = source(work)
+    err = cli.fails(2, "publish", str(src), "--ref", "c/typo", "--facts", "gpu_modle,arch")
+    assert "--facts gpu_modle arch: 'gpu_modle' is no fact hostd knows" in err, err
+    assert "gpu_model" in err  # the known ones, listed
+    assert "gpu_modle=VALUE in compat, --compat on the command line" in err, err
+    assert "no such ref 'c/typo'" in cli.fails(3, "restore", "c/typo", str(work / "t"))
+    own = cli.json(
+        "publish", str(src), "--ref", "c/own", "--facts", "triton,arch", "--compat", "triton=3.1"
+    )
+    assert own["compat"]["triton"] == "3.1"
+    gpu = cli.json("publish", str(src), "--ref", "c/gpu", "--facts", "gpu_model,arch")
+    assert gpu["compat"]["gpu_model"] == "none"
+
+
 def test_kind_and_facts_are_one_choice(cli: Cli, hostd: Hostd, work: Path) -> None:
     src = source(work)
     err = cli.fails(2, "publish", str(src), "--ref", "r", "--kind", "files", "--facts", "arch")
