@@ -262,7 +262,7 @@ async def stream(
             await _send(resp, {"event": "error", **err.to_json()})
         except HostdError as e:
             result = "not_found" if isinstance(e, NotFound) else "error"
-            log.info("%s failed: %s", operation, e.message)
+            log.info("%s by %s failed: %s", operation, _who(request), e.message)
             if resp is None:  # known before the stream started: its own HTTP status
                 raise
             await _send(resp, {"event": "error", **e.to_json()})
@@ -274,6 +274,7 @@ async def stream(
             await _send(resp, {"event": "error", **internal})
         else:
             result = "ok"
+            _done(request, operation, {**out, "seconds": out.get("timings", {}).get("total")})
             if progress.take_back is None:
                 # done whether or not its client hears it (counted once)
                 d.metrics.observe(operation, result, out)
@@ -339,6 +340,30 @@ async def stream(
         if cancelled:
             raise asyncio.CancelledError
     return resp
+
+
+def _done(request: web.Request, operation: str, out: Mapping[str, Any]) -> None:
+    """One log line for an operation that succeeded: who asked, and what it did (the
+    result's plain values), so that "who moved this ref, removed that snapshot" is answered
+    by the log."""
+    what = " ".join(
+        f"{k}={_plain(v)}" for k, v in out.items() if isinstance(v, str | int | float | bool)
+    )
+    log.info("%s by %s: %s", operation, _who(request), what)
+
+
+def _plain(v: str | float | bool) -> str:
+    """A value as a log line shows it: bare where that cannot be misread, else quoted."""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, str) and v and not any(c in v for c in ' "=\\'):
+        return v
+    return json.dumps(v)
+
+
+def _who(request: web.Request) -> str:
+    known = request.get(CALLER_KEY)
+    return f"uid {known.uid} (pid {known.pid})" if isinstance(known, Caller) else "a caller"
 
 
 def _to_tell(progress: Progress) -> bool:
@@ -525,7 +550,9 @@ async def _pin(request: web.Request, pinned: bool) -> web.Response:
         sid = res.snapshot_id
         d.cache.record_snapshot(res.manifest)
     d.cache.set_pinned(sid, pinned)
-    return web.json_response({"snapshot": sid, "pinned": pinned})
+    out = {"snapshot": sid, "pinned": pinned}
+    _done(request, "pin" if pinned else "unpin", out)
+    return web.json_response(out)
 
 
 async def snapshots(request: web.Request) -> web.Response:
@@ -534,7 +561,9 @@ async def snapshots(request: web.Request) -> web.Response:
 
 async def gc(request: web.Request) -> web.Response:
     await _body(request, set())
-    return web.json_response(await request.app[DAEMON_KEY].gc())
+    out = await request.app[DAEMON_KEY].gc()
+    _done(request, "gc", out)
+    return web.json_response(out)
 
 
 async def rm(request: web.Request) -> web.Response:
@@ -544,7 +573,9 @@ async def rm(request: web.Request) -> web.Response:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UsageError("field 'names' must be a non-empty list of refs or snapshot ids")
     d.check_accepting()
-    return web.json_response(await prune.rm(d.cache, names, d.filler.filling()))
+    out = await prune.rm(d.cache, names, d.filler.filling())
+    _done(request, "rm", {"names": " ".join(names), **out})
+    return web.json_response(out)
 
 
 async def prune_snapshots(request: web.Request) -> web.Response:
@@ -563,6 +594,7 @@ async def prune_snapshots(request: web.Request) -> web.Response:
         dry_run=_bool(body, "dry_run"),
         busy=d.filler.filling(),
     )
+    _done(request, "prune", result)
     return web.json_response(result)
 
 
@@ -598,8 +630,9 @@ async def ref_set(request: web.Request) -> web.Response:
     body = await _body(request, {"ref", "snapshot"})
     ref, snapshot = _str(body, "ref"), _str(body, "snapshot")
     d.check_accepting()
-    log = d.publisher.reflog
-    return web.json_response(await refs.set_ref(log, d.restorer.resolver, d.cache, ref, snapshot))
+    out = await refs.set_ref(d.publisher.reflog, d.restorer.resolver, d.cache, ref, snapshot)
+    _done(request, "ref set", {"ref": ref, **out})
+    return web.json_response(out)
 
 
 async def verify(request: web.Request) -> web.StreamResponse:

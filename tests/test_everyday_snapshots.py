@@ -286,6 +286,17 @@ def test_history_rollback_and_old_readers(cli: Cli, hostd: Hostd, work: Path) ->
     cli.fails(3, "ref", "history", "no/such")
     assert cli.json("ref", "history", "demo/llama", "--limit", "1")["keys"][0]["older"] == 2
 
+    # who moved the ref, and to what: the daemon's log says (and of each publish)
+    uid = os.getuid()
+    lines = hostd.log().splitlines()
+    [moved] = [ln for ln in lines if f"ref set by uid {uid} (pid " in ln]
+    assert "ref=demo/llama " in moved, moved
+    assert f"snapshot={v1} " in moved, moved
+    assert f"previous={v2} " in moved, moved
+    published = [ln for ln in lines if f"publish by uid {uid} (pid " in ln]
+    assert len(published) == 3, published
+    assert f"snapshot={v2} " in published[1], published
+
 
 def test_a_ref_from_before_history_keeps_its_old_target(cli: Cli, hostd: Hostd, work: Path) -> None:
     v1 = publish(cli, write_tree(work / "src", tree(2, b"o")), "demo/old")
