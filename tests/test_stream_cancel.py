@@ -28,6 +28,9 @@ class _Request:
     def __init__(self, daemon: Any) -> None:
         self.app = {api_local.DAEMON_KEY: daemon}
 
+    def get(self, key: object, default: object = None) -> object:
+        return default  # (no caller taken: a web.Request's own keys)
+
 
 def _daemon(observe: Callable[..., None] = lambda *a: None) -> Any:
     """What `stream` uses of the daemon, and nothing more."""
