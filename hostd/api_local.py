@@ -36,7 +36,14 @@ from hostd.core import request as request_fields
 from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
 from hostd.core.request import parse_body
 from hostd.desk import answer, caller_part
-from hostd.errors import Busy, Forbidden, HostdError, NotFound, RequestTimeout, UsageError
+from hostd.errors import (
+    Forbidden,
+    HostdError,
+    NotFound,
+    RequestTimeout,
+    Stopping,
+    UsageError,
+)
 from hostd.materialize import MODES
 from hostd.metrics import Snapshot, render
 from hostd.origin import retry_observer as origin_retries
@@ -256,7 +263,7 @@ async def stream(
         except asyncio.CancelledError:  # by the daemon: it is stopping and the drain ran out
             result = "cancelled"
             log.info("%s cancelled: hostd is stopping", operation)
-            err = Busy(f"hostd stopped before the {operation} finished; it was cancelled")
+            err = Stopping(f"hostd stopped before the {operation} finished; it was cancelled")
             if resp is None:
                 raise err from None
             await _send(resp, {"event": "error", **err.to_json()})

@@ -506,7 +506,7 @@ def _outcome(
     if kind == "error":
         code = str(event.get("error") or "internal")
         message = str(event.get("message") or code)
-        if code == Busy.code:
+        if code == Busy.code:  # (in a stream: caps are checked before it starts)
             raise _CancelledByStop(message)
         raise error_from_code(code, message)
     if kind == "progress" and on_progress is not None:
@@ -533,7 +533,11 @@ def _error_from_response(response: unixhttp.Response) -> HostdError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         code: str = body["error"]
-        return error_from_code(code, str(body.get("message") or code))
+        message = str(body.get("message") or code)
+        if code == Busy.code and body.get("stopping") is True:
+            # (not a cap: the daemon is going, exit 4, as when it is gone already)
+            return DaemonUnreachable(message)
+        return error_from_code(code, message)
     text = raw.decode("utf-8", "replace").strip()[:200] or "no body"
     head = response.head
     return HostdError(f"daemon answered HTTP {head.status} {head.reason}: {text}")

@@ -42,7 +42,7 @@ from hostd.core import peerauth
 from hostd.core.budget import Space, choose, iec
 from hostd.core.retry import RetryPolicy
 from hostd.desk import Board, Desk, NativeDesk, desk_kind
-from hostd.errors import Busy, ConfigError, HostdError
+from hostd.errors import ConfigError, HostdError, Stopping
 from hostd.fetch import Fetcher
 from hostd.fill import Filler
 from hostd.guard import Guard, address_of
@@ -169,7 +169,7 @@ class Daemon:
 
     def check_accepting(self) -> None:
         if not self.accepting:
-            raise Busy("hostd is stopping; try again once it is back")
+            raise Stopping("hostd is stopping; try again once it is back")
 
     def status(self) -> dict[str, Any]:
         """The status as the loop renders it (desk.Board); each answer appends the uptime,

@@ -27,7 +27,7 @@ class HostdError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message}
 
 
@@ -186,6 +186,15 @@ class Busy(HostdError):
 
     code = "unavailable"
     status = 503
+
+
+class Stopping(Busy):
+    """The daemon is stopping (SIGTERM, a restart): it refuses a new operation, or cancels
+    one its drain outlasted. Told apart from a cap (`"stopping": true` beside the code), so
+    that a client exits 4 as for a daemon gone, and a script tries again once it is back."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "stopping": True}
 
 
 class Pinned(HostdError):

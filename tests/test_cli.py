@@ -46,9 +46,10 @@ DEADLINE = 20.0
 class FakeError(Exception):
     """An API error answered as a JSON body before any stream starts."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **extra: object) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.extra = extra
 
 
 class FakeDaemon:
@@ -59,6 +60,8 @@ class FakeDaemon:
     - `fail/origin`: a progress event, then an `origin_error` error event;
     - `cut/stopping`: a progress event, then the `unavailable` error event a stopping daemon
       sends when its drain runs out (api_local's cancelled operation);
+    - `refused/stopping`, `refused/busy`: 503 `unavailable` before any stream, from a daemon
+      that is stopping (`"stopping": true`), or over a cap;
     - `bad/line`: a line that is not JSON;
     - `hang`: a progress event, then nothing until the client goes (sets `cancelled`).
     """
@@ -161,7 +164,7 @@ class FakeDaemon:
             response: web.StreamResponse = await handler(request)
             return response
         except FakeError as exc:
-            body = {"error": exc.code, "message": exc.message}
+            body = {"error": exc.code, "message": exc.message, **exc.extra}
             return web.json_response(body, status=exc.status)
         except web.HTTPException as exc:
             code = "not_found" if exc.status == 404 else "bad_request"
@@ -297,6 +300,11 @@ class FakeDaemon:
         target = self._absolute(body, "target")
         if body.get("mode") not in ("link", "copy", "auto"):
             raise FakeError(400, "bad_request", "mode must be link, copy or auto")
+        if body.get("ref") == "refused/stopping":
+            message = "hostd is stopping; try again once it is back"
+            raise FakeError(503, "unavailable", message, stopping=True)
+        if body.get("ref") == "refused/busy":
+            raise FakeError(503, "unavailable", "uid 0 has 4 operations running")
         response = await self._open(request)
         if await self._misbehave(request, response, str(body.get("ref"))):
             return response
@@ -667,6 +675,10 @@ STOPPED = "hostd: the daemon stopped during the restore; run it again to resume\
         # a daemon stopped (SIGTERM, a restart) whose drain ran out tells the stream so: the
         # same exit 4 and advice as one killed, not "hostd is busy" and exit 1
         ("cut/stopping", 4, STOPPED),
+        # refused as it stops: exit 4 too (a script tries again once it is back); over a
+        # cap, busy and exit 1
+        ("refused/stopping", 4, "hostd: hostd is stopping; try again once it is back\n"),
+        ("refused/busy", 1, "hostd: hostd is busy: uid 0 has 4 operations running\n"),
         ("bad/line", 1, "hostd: daemon sent a malformed event: b'this is not json'\n"),
     ],
 )

@@ -147,7 +147,8 @@ def raw_request(
 
 def assert_error_body(body: Any, code: str) -> None:
     assert isinstance(body, dict), body
-    assert set(body) == {"error", "message"}, body
+    # (and `stopping`, where a stopping daemon refuses: unavailable, but no cap)
+    assert set(body) - {"stopping"} == {"error", "message"}, body
     assert body["error"] == code, body
     assert isinstance(body["message"], str), body
     assert body["message"], body
@@ -806,6 +807,7 @@ def test_restore_in_flight_at_sigterm_finishes(work: Path) -> None:
         else:
             assert status == 503, body
             assert_error_body(body, "unavailable")
+            assert body.get("stopping") is True, body  # (not a cap: a client exits 4)
         http.gate.set()
         last = outcome(running.result(60))
         assert last["event"] == "result", last
@@ -839,6 +841,7 @@ def test_restore_aborted_by_sigterm_leaves_nothing(work: Path) -> None:
             last = outcome(events)  # the stream still ends with an error event
             assert last["event"] == "error", last
             assert last["error"] == "unavailable", last
+            assert last.get("stopping") is True, last
             assert "stopped" in last["message"]
         finally:
             conn.close()
