@@ -55,7 +55,11 @@ Render = Callable[[Printer, JSON], None]
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `hostd` command and return its exit code."""
-    parser = build_parser(_command_in(sys.argv[1:] if argv is None else argv))
+    raw = sys.argv[1:] if argv is None else argv
+    command_word = _command_in(raw)
+    if command_word is None and "--version" in raw and "--json" in raw:
+        return _version(argparse.Namespace(json=True))  # (as `hostd version --json`)
+    parser = build_parser(command_word)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (already reported) or --help

@@ -103,7 +103,9 @@ def resolve_socket(
     socket (`system_socket`, default /run/hostd/hostd.sock) exists: a host runs hostd under
     systemd, and users run the CLI without options.
     """
-    if explicit:
+    if explicit is not None:
+        if not os.fspath(explicit):
+            raise UsageError("--socket: an empty path names no socket")
         return Path(explicit)
     from_env = environ.get("HOSTD_SOCKET")
     if from_env:
@@ -433,7 +435,9 @@ class Client:
                 conn.connect()
             except OSError as exc:
                 raise DaemonUnreachable(
-                    f"cannot reach the daemon at {self.socket_path}: {_describe(exc)}"
+                    f"cannot reach the daemon at {self.socket_path}: {_describe(exc)}; is "
+                    "hostd running (systemctl status hostd, or `hostd serve`), and is this its "
+                    "socket (--socket, $HOSTD_SOCKET)?"
                 ) from exc
             payload = None if body is None else json.dumps(body).encode()
             try:

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from hostd import __version__
 from hostd.cli import main
 from hostd.client import Client, EventReader, error_from_code, resolve_socket
 from hostd.errors import HostdError, TargetExists
@@ -852,7 +853,25 @@ def test_missing_socket_exits_4(short_dir: Path, capsys: pytest.CaptureFixture[s
     for argv in (["status"], ["restore", "r", "/t", "--json"], ["gc"]):
         code, err = run_failing(capsys, *argv, "--socket", str(path))
         assert code == 4
-        assert err == f"hostd: cannot reach the daemon at {path}: No such file or directory\n"
+        assert err.startswith(
+            f"hostd: cannot reach the daemon at {path}: No such file or directory; is hostd "
+            "running (systemctl status hostd, or `hostd serve`), and is this its socket "
+            "(--socket, $HOSTD_SOCKET)?"
+        ), err
+
+
+def test_an_empty_socket_path_is_a_usage_error_not_the_default_socket(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, err = run_failing(capsys, "status", "--socket", "")
+    assert (code, err) == (2, "hostd: --socket: an empty path names no socket\n")
+
+
+def test_version_as_json_before_or_as_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--version", "--json"], ["--json", "--version"], ["version", "--json"]):
+        assert main(argv) == 0
+        out, _ = capsys.readouterr()
+        assert json.loads(out) == {"version": __version__}, argv
 
 
 def test_socket_nobody_listens_on_exits_4(
@@ -863,7 +882,7 @@ def test_socket_nobody_listens_on_exits_4(
         dead.bind(str(path))  # bound, never listening: what a crashed daemon leaves behind
         code, err = run_failing(capsys, "ls", "--socket", str(path))
     assert code == 4
-    assert err == f"hostd: cannot reach the daemon at {path}: Connection refused\n"
+    assert err.startswith(f"hostd: cannot reach the daemon at {path}: Connection refused; "), err
 
 
 def test_socket_option_beats_environment(
