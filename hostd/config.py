@@ -405,6 +405,12 @@ def _check_keys(table: dict[str, Any], known: tuple[str, ...], prefix: str) -> N
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            if prefix and key in TOP_KEYS:
+                # (TOML: a key written after a [table] or [[tiers]] header belongs to it)
+                hint += (
+                    f"; {key!r} is a top-level key: write it above the first [table] or "
+                    "[[tiers]] header"
+                )
             raise ConfigError(prefix + key, f"unknown key{hint}")
 
 

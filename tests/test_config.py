@@ -724,6 +724,17 @@ def test_unknown_key_is_named(
         assert f"did you mean {hint!r}" in str(e.value)
 
 
+def test_a_top_level_key_written_under_a_table_says_where_it_belongs(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """TOML gives a key written after a [[tiers]] header to that tier: the error says where
+    a top-level key goes, not just that the tier knows no such key."""
+    with pytest.raises(ConfigError, match="unknown key") as e:
+        load_config(write(tmp_path, tier("a", "a") + 'log_level = "debug"'), env)
+    assert e.value.key == "tiers[0].log_level"
+    assert "'log_level' is a top-level key: write it above the first [table]" in str(e.value)
+
+
 def test_origin_options_are_not_checked_for_names(tmp_path: Path, env: dict[str, str]) -> None:
     text = 'origin_options = { anything_obstore_takes = "x", float = 1.5 }'
     assert load_config(write(tmp_path, text), env).origin_options == {
