@@ -492,9 +492,10 @@ def _pin_body(ref: str | None, snapshot: str | None, compat: Mapping[str, str] |
 
 class _CancelledByStop(Busy):
     """A stream's `unavailable` error event. Caps are checked before a stream starts (a 503
-    answer: busy, exit 1); after its first byte, `unavailable` is the daemon stopping with the
-    call still running (SIGTERM, `systemctl restart`, its drain ran out): exit 4, as a daemon
-    killed mid-stream, so that a script retries once it is back."""
+    answer: busy, exit 1, unless it says `stopping`); after its first byte, `unavailable` is
+    the daemon stopping with the call still running (SIGTERM, `systemctl restart`, its drain
+    ran out): exit 4, as a daemon killed mid-stream, so that a script retries once it is
+    back."""
 
 
 def _outcome(

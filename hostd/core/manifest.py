@@ -32,7 +32,7 @@ MAX_CHUNK_SIZE = 256 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_PATH_BYTES = 4096
-_FACT_RE = FACT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+FACT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 # Margin over zstd's compress bound: the largest frame header (ZSTD_FRAMEHEADERSIZE_MAX, 18
@@ -737,7 +737,7 @@ def validate(m: Manifest) -> None:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise ManifestError(f"{name} entry {k!r}: keys and values must be strings")
     for k in m.compat:
-        if not _FACT_RE.fullmatch(k):
+        if not FACT_NAME.fullmatch(k):
             raise ManifestError(f"compat fact name {k!r} is not [a-z][a-z0-9_]*")
 
     kinds: dict[str, str] = {}
