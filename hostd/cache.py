@@ -212,9 +212,8 @@ class Cache:
         self._size_unsized(states)
         for t in self.tiers:
             self._write_changed(self._tb[t.name], states[t.name])
-            log.info(
-                "tier %s at %s: %d bytes used of %d", t.name, t.root, self._used[t.name], t.budget
-            )
+            # (its budget is logged once chosen: Daemon.choose_budgets caps it by the room)
+            log.info("tier %s at %s: %d bytes used", t.name, t.root, self._used[t.name])
 
     def _read_rows(self) -> dict[str, bytearray]:
         """Every index row into its tier's columns, unqueued and uncharged; each tier's load

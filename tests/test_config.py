@@ -321,6 +321,8 @@ def test_parse_size_of_the_largest_exact_unit_round_trips(size: int) -> None:
         ("30s", 30.0),
         ("5m", 300.0),
         ("1h", 3600.0),
+        ("1d", 86400.0),  # (the units prune --unused-for takes)
+        ("2w", 1209600.0),
         ("1.5s", 1.5),
         ("30", 30.0),
         (30, 30.0),
@@ -334,7 +336,7 @@ def test_parse_duration(text: str | int | float, expected: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "s", "-1s", -1, "5d", "1m30s", "30S", "fast", float("nan"), float("inf"), False]
+    "text", ["", "s", "-1s", -1, "5y", "1m30s", "30S", "fast", float("nan"), float("inf"), False]
 )
 def test_parse_duration_rejects(text: str | int | float) -> None:
     with pytest.raises(ConfigError) as e:

@@ -35,6 +35,8 @@ _DURATION_UNITS = {
     "s": Fraction(1),
     "m": Fraction(60),
     "h": Fraction(3600),
+    "d": Fraction(86400),
+    "w": Fraction(604800),
 }
 _MAX_SIZE = 2**63 - 1
 _MAX_DURATION = 10 * 365 * 86400.0
@@ -72,7 +74,8 @@ def parse_size(text: str | int, key: str) -> int:
 
 
 def parse_duration(text: str | int | float, key: str) -> float:
-    """Seconds from a TOML number (seconds) or a string like "200ms", "30s", "5m", "1h"."""
+    """Seconds from a TOML number (seconds) or a string like "200ms", "30s", "5m", "1h", "1d"
+    or "2w" (the units `prune --unused-for` takes too)."""
     if isinstance(text, bool) or not isinstance(text, int | float | str):
         raise ConfigError(key, f'expected a duration like "30s" or seconds, got {show(text)}')
     if isinstance(text, str):
@@ -80,7 +83,8 @@ def parse_duration(text: str | int | float, key: str) -> float:
         if m is None or m.group(2) not in _DURATION_UNITS:
             raise ConfigError(
                 key,
-                f'{text!r} is not a duration: write a number and a unit (ms, s, m, h), e.g. "30s"',
+                f"{text!r} is not a duration: write a number and a unit (ms, s, m, h, d, w), "
+                'e.g. "30s"',
             )
         seconds = float(Fraction(m.group(1)) * _DURATION_UNITS[m.group(2)])
     else:
