@@ -102,7 +102,7 @@ def test_prune_policy() -> None:
     pinned = next(v for v in prune_plan(snaps, keep=0, unused_for=None, now=now) if v.id[0] == "d")
     assert not pinned.drop
     assert "pinned" in pinned.why
-    with pytest.raises(UsageError, match="--keep N, --unused-for"):
+    with pytest.raises(UsageError, match="fields 'keep', 'unused_for', or both"):
         prune_plan(snaps, keep=None, unused_for=None, now=now)
 
 

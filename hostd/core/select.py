@@ -80,7 +80,8 @@ def prune_plan(
     may go. With both, a snapshot goes only when both let it go (beyond its refs' newest
     `keep`, and unused that long). A pinned snapshot always stays."""
     if keep is None and unused_for is None:
-        raise UsageError("say what to prune: --keep N, --unused-for DURATION, or both")
+        # (the API's words: the CLI says this in its own before it asks)
+        raise UsageError("say what to prune: fields 'keep', 'unused_for', or both")
     if keep is not None and keep < 0:
         raise UsageError(f"--keep must be 0 or more, got {keep}")
     if unused_for is not None and unused_for < 0:
