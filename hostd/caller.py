@@ -90,8 +90,10 @@ def could_write_cache(caller: Caller, daemon_uid: int, pidfd: int = -1) -> bool:
     if caller.uid in (0, daemon_uid):
         return True
     try:
-        with open(f"/proc/{caller.pid}/status") as f:
-            status = f.read()
+        statuses = _task_statuses(str(caller.pid))  # (each thread's: its credentials)
+        if not statuses:
+            return True  # gone, or not to be read: in doubt
+        status = "\n".join(statuses)
         same_ns = _ns(f"/proc/{caller.pid}/ns/user") == _ns("/proc/self/ns/user")
         with open(f"/proc/{caller.pid}/uid_map") as f:
             theirs = f.read()
@@ -140,13 +142,13 @@ def _uid_holds_write_caps(uid: int) -> bool:
     its exec (setpriv; a container runtime's init, which keeps them through the change to
     apply the container's own), and once it has let them go it cannot take them back. What
     matters is who holds them once the links exist; one that holds them on is a writer."""
-    holders = _holding(uid, None)
+    # Every process, at every look: a holder can hand its capabilities on to a fresh pid
+    # (fork, then exit) between two looks, and only the pids of the first would be missed.
     for _ in range(HOLD_CHECKS):
-        if not holders:
+        if not _holding(uid):
             return False
         _pause(HOLD_PAUSE)
-        holders = _holding(uid, holders)
-    return bool(holders)
+    return bool(_holding(uid))
 
 
 HOLD_CHECKS = 3
@@ -154,27 +156,43 @@ HOLD_PAUSE = 0.01  # seconds
 _pause = time.sleep
 
 
-def _holding(uid: int, pids: list[str] | None) -> list[str]:
-    """Of `pids` (None: every process), those in our user namespace that run as `uid` and
-    hold a write capability; one whose namespace cannot be read counts (when in doubt)."""
+def _holding(uid: int) -> list[str]:
+    """The processes in our user namespace one of whose threads runs as `uid` and holds a
+    write capability; one whose namespace cannot be read counts (when in doubt).
+    Credentials are per thread, and /proc/PID/status shows the thread-group leader's only:
+    a leader that let its capabilities go may have a thread that holds them on."""
     ours = _ns("/proc/self/ns/user")
     out = []
-    for pid in os.listdir("/proc") if pids is None else pids:
+    for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        uids = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:")), [])
-        if str(uid) not in uids or not _write_caps(status):
+        for status in _task_statuses(pid):
+            uids = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:")), [])
+            if str(uid) in uids and _write_caps(status):
+                break
+        else:
             continue
         try:
             if _ns(f"/proc/{pid}/ns/user") == ours:
                 out.append(pid)
         except OSError:
             out.append(pid)  # when in doubt, yes
+    return out
+
+
+def _task_statuses(pid: str) -> list[str]:
+    """The /proc status of each thread of process `pid` (none where it is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out.append(f.read())
+        except OSError:
+            continue  # (a thread gone meanwhile)
     return out
 
 

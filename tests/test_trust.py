@@ -1949,3 +1949,139 @@ def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_
         taking.wait()
         taking.stdin.close()
         taking.stdout.close()
+
+
+# As nobody holding CAP_FOWNER (ambient): a reaper (PR_SET_CHILD_SUBREAPER) that lets every
+# capability go once it has started the holder below it, which keeps them. Told "hand", the
+# holder hands them on to a fresh pid (fork; its child says "handed"), then exits, and the
+# reaper reaps it ("reaped"): at every moment a process of nobody holds CAP_FOWNER.
+_HANDING = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
+u32 = ctypes.c_uint32
+class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+holder = os.fork()
+if holder == 0:
+    assert sys.stdin.readline() == "hand\n"
+    if os.fork() == 0:
+        print("handed", flush=True)
+        sys.stdin.readline()
+    os._exit(0)
+h, d = H(0x20080522, 0), (D * 2)()
+assert libc.capset(ctypes.byref(h), d) == 0
+print("ready", holder, flush=True)
+os.waitpid(holder, 0)
+print("reaped", flush=True)
+os.wait()
+"""
+
+
+def test_a_write_capability_handed_on_to_a_fresh_pid_between_the_looks_still_makes_a_writer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process of the caller's uid holds CAP_FOWNER and, while the daemon looks again, hands
+    it on to a child and exits (a fork-and-exit loop does so every few ms, forever): the
+    process seen first is gone at the next look, yet one of that uid holds the capability
+    throughout and can write through the links. Every look is at every process."""
+    from hostd import caller as caller_module
+
+    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
+    handing = subprocess.Popen(
+        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _HANDING],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert handing.stdin is not None
+    assert handing.stdout is not None
+    try:
+        word, holder = handing.stdout.readline().split()
+        assert word == "ready"
+        assert "CapPrm:\t0000000000000000" in Path(f"/proc/{handing.pid}/status").read_text()
+        assert "CapPrm:\t0000000000000000" not in Path(f"/proc/{holder}/status").read_text()
+        paused: list[float] = []
+
+        def pause(seconds: float) -> None:  # the scan saw the holder: it hands them on
+            assert handing.stdin is not None
+            assert handing.stdout is not None
+            if not paused:
+                handing.stdin.write("hand\n")
+                handing.stdin.flush()
+                said = sorted(handing.stdout.readline() for _ in range(2))
+                assert said == ["handed\n", "reaped\n"]
+                assert not Path(f"/proc/{holder}").exists()  # gone, not a zombie
+            paused.append(seconds)
+
+        monkeypatch.setattr(caller_module, "_pause", pause)
+        with _nobody_process("keep") as plain:
+            assert caller_module.could_write_cache(
+                Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid()
+            )
+        assert len(paused) == caller_module.HOLD_CHECKS
+    finally:
+        # its end of stdin closed, the holder there is exits and the reaper reaps it (one
+        # killed instead would be left to pid 1, and a zombie still shows its capabilities)
+        handing.stdin.close()
+        try:
+            handing.wait(timeout=30)
+        finally:
+            handing.kill()
+            handing.wait()
+            handing.stdout.close()
+
+
+# As nobody holding CAP_FOWNER (ambient): a second thread keeps it, while the thread-group
+# leader, which /proc/PID/status describes, lets every capability go. Credentials are per
+# thread: the second one can chmod a blob linked to nobody, then write through it.
+_THREADED = r"""
+import ctypes, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
+u32 = ctypes.c_uint32
+class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+started, done = threading.Event(), threading.Event()
+def keep():
+    started.set()
+    done.wait()
+threading.Thread(target=keep).start()
+started.wait()
+h, d = H(0x20080522, 0), (D * 2)()  # (pid 0: this thread only)
+assert libc.capset(ctypes.byref(h), d) == 0
+print("ready", flush=True)
+sys.stdin.readline()
+done.set()
+"""
+
+
+def test_a_thread_holding_a_write_capability_makes_a_writer_whatever_its_leader_holds() -> None:
+    """A process of nobody's whose leader let CAP_FOWNER go but whose other thread holds it
+    on: /proc/PID/status (the leader's) shows nothing, the thread's own status shows it. As
+    the caller, or as another process of its uid, it makes the caller a writer."""
+    from hostd.caller import could_write_cache
+
+    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
+    threaded = subprocess.Popen(
+        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _THREADED],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert threaded.stdin is not None
+    assert threaded.stdout is not None
+    try:
+        assert threaded.stdout.readline() == "ready\n"
+        assert "CapPrm:\t0000000000000000" in Path(f"/proc/{threaded.pid}/status").read_text()
+        tasks = [
+            Path(t, "status").read_text() for t in Path(f"/proc/{threaded.pid}/task").iterdir()
+        ]
+        assert any("CapPrm:\t0000000000000008" in t for t in tasks)
+        assert could_write_cache(Caller(threaded.pid, NOBODY, NOBODY, ()), os.geteuid())
+        with _nobody_process("keep") as plain:
+            assert could_write_cache(Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid())
+    finally:
+        threaded.kill()
+        threaded.wait()
+        threaded.stdin.close()
+        threaded.stdout.close()
