@@ -306,7 +306,10 @@ async def test_s3_reads_are_signed_urls_through_the_fast_path(s3_server: S3Bucke
     ],
 )
 def test_obstore_alone_where_its_requests_are_not_plain(
-    env: dict[str, str], options: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str],
+    options: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", fastget.DISABLE):
         monkeypatch.delenv(name, raising=False)
@@ -322,7 +325,8 @@ def test_obstore_alone_where_its_requests_are_not_plain(
     monkeypatch.undo()
     assert Origin("s3://b/o", s3, retry=FAST)._fast is not None
     assert Origin("http://127.0.0.1:9/o", {}, retry=FAST)._fast is not None
-    assert Origin("file:///nonexistent/o", {}, retry=FAST)._fast is None
+    # (a file:// origin's directory is made: one of the test's own, not nobody's HOME)
+    assert Origin((tmp_path / "o").as_uri(), {}, retry=FAST)._fast is None
 
 
 async def test_a_request_past_its_deadline_lets_go_of_its_socket(serve: Any) -> None:
