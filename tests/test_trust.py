@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -1824,15 +1825,46 @@ def test_a_removed_targets_claim_refuses_no_new_directory(work: Path) -> None:
         sleeper.wait()
 
 
-# A process as nobody holding CAP_FOWNER (ambient, so it survives the exec): with "drop" it
-# clears its effective set first, keeping the capability permitted (capset raises it again
-# at will). It says "ready" once it is as the test wants it, then waits.
-_CAPPED = r"""
-import ctypes, sys, time
+# What each script below starts with: the modules they use, and libc's capget and capset
+# with their structures (version 3).
+_CAPS = r"""
+import ctypes, os, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
 class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
 u32 = ctypes.c_uint32
 class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+"""
+
+
+def _as(uid: int) -> tuple[str, ...]:
+    return ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups")
+
+
+@pytest.fixture
+def cap_uid(request: pytest.FixtureRequest) -> int:
+    """A uid of this test's own, that no user has: its processes holding capabilities make
+    no other test's caller (nobody, or another test's uid, on the other worker) a writer."""
+    return 61000 + zlib.crc32(request.node.nodeid.encode()) % 4000
+
+
+def _fowner_script(script: str, uid: int) -> subprocess.Popen[str]:
+    """`script` run as `uid` with CAP_FOWNER ambient (it survives the exec), its stdin and
+    stdout piped."""
+    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
+    return subprocess.Popen(
+        [*_as(uid), *caps, sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+# A process as nobody holding CAP_FOWNER (ambient, so it survives the exec): with "drop" it
+# clears its effective set first, keeping the capability permitted (capset raises it again
+# at will). It says "ready" once it is as the test wants it, then waits.
+_CAPPED = (
+    _CAPS
+    + r"""
 h, d = H(0x20080522, 0), (D * 2)()
 assert libc.capget(ctypes.byref(h), d) == 0
 if sys.argv[1] == "drop":
@@ -1841,13 +1873,14 @@ if sys.argv[1] == "drop":
 print("ready", flush=True)
 time.sleep(60)
 """
+)
 
 
 @contextlib.contextmanager
-def _nobody_process(*args: str, fowner: bool = False) -> Iterator[subprocess.Popen[str]]:
+def _nobody_process(*args: str, uid: int, fowner: bool = False) -> Iterator[subprocess.Popen[str]]:
     caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner") if fowner else ()
     proc = subprocess.Popen(
-        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _CAPPED, *args],
+        [*_as(uid), *caps, sys.executable, "-c", _CAPPED, *args],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -1861,41 +1894,40 @@ def _nobody_process(*args: str, fowner: bool = False) -> Iterator[subprocess.Pop
         proc.stdout.close()
 
 
-def test_a_caller_with_a_write_capability_only_permitted_is_a_writer() -> None:
+def test_a_caller_with_a_write_capability_only_permitted_is_a_writer(cap_uid: int) -> None:
     """CAP_FOWNER permitted but not effective: the caller raises it whenever it likes, then
     chmods a linked blob and writes through it (every later restore of that blob, anyone's,
     would hand out its bytes). So it is a writer: copies, no links."""
     from hostd.caller import could_write_cache
 
-    with _nobody_process("drop", fowner=True) as capped:
+    with _nobody_process("drop", uid=cap_uid, fowner=True) as capped:
         status = Path(f"/proc/{capped.pid}/status").read_text()
         assert "CapEff:\t0000000000000000" in status
-        assert could_write_cache(Caller(capped.pid, NOBODY, NOBODY, ()), os.geteuid())
-    with _nobody_process("keep") as plain:
-        assert not could_write_cache(Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid())
+        assert could_write_cache(Caller(capped.pid, cap_uid, cap_uid, ()), os.geteuid())
+    with _nobody_process("keep", uid=cap_uid) as plain:
+        assert not could_write_cache(Caller(plain.pid, cap_uid, cap_uid, ()), os.geteuid())
 
 
-def test_a_caller_whose_uid_runs_a_process_with_a_write_capability_is_a_writer() -> None:
+def test_a_caller_whose_uid_runs_a_process_with_a_write_capability_is_a_writer(
+    cap_uid: int,
+) -> None:
     """The caller holds nothing, but another process of its uid does: the links would land
     in that uid's tree, where that process could write through them."""
     from hostd.caller import could_write_cache
 
-    with _nobody_process("keep") as plain:
-        caller = Caller(plain.pid, NOBODY, NOBODY, ())
+    with _nobody_process("keep", uid=cap_uid) as plain:
+        caller = Caller(plain.pid, cap_uid, cap_uid, ())
         assert not could_write_cache(caller, os.geteuid())
-        with _nobody_process("keep", fowner=True):
+        with _nobody_process("keep", uid=cap_uid, fowner=True):
             assert could_write_cache(caller, os.geteuid())
 
 
 # A process as nobody holding CAP_FOWNER (ambient), as one taking uid nobody holds root's
 # capabilities between its setresuid and its exec; it lets every capability go (permitted
 # too: it cannot raise them again) when told "drop", and says "dropped".
-_TAKING = r"""
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
-u32 = ctypes.c_uint32
-class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+_TAKING = (
+    _CAPS
+    + r"""
 print("ready", flush=True)
 assert sys.stdin.readline() == "drop\n"
 h, d = H(0x20080522, 0), (D * 2)()
@@ -1903,10 +1935,12 @@ assert libc.capset(ctypes.byref(h), d) == 0
 print("dropped", flush=True)
 sys.stdin.readline()
 """
+)
 
 
 def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_is_no_writer(
     monkeypatch: pytest.MonkeyPatch,
+    cap_uid: int,
 ) -> None:
     """A process taking the caller's uid holds root's capabilities for a moment (setpriv, or a
     container runtime's init, between its setresuid and its exec): one that lets them go
@@ -1915,13 +1949,7 @@ def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_
     holds them on still makes it one (the test above)."""
     from hostd import caller as caller_module
 
-    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
-    taking = subprocess.Popen(
-        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _TAKING],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    taking = _fowner_script(_TAKING, cap_uid)
     assert taking.stdin is not None
     assert taking.stdout is not None
     try:
@@ -1939,9 +1967,9 @@ def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_
             paused.append(seconds)
 
         monkeypatch.setattr(caller_module, "_pause", pause)
-        with _nobody_process("keep") as plain:
+        with _nobody_process("keep", uid=cap_uid) as plain:
             assert not caller_module.could_write_cache(
-                Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid()
+                Caller(plain.pid, cap_uid, cap_uid, ()), os.geteuid()
             )
         assert len(paused) == 1  # looked at again once, after it had let them go
     finally:
@@ -1955,12 +1983,9 @@ def test_a_process_holding_a_write_capability_for_a_moment_of_its_change_of_uid_
 # capability go once it has started the holder below it, which keeps them. Told "hand", the
 # holder hands them on to a fresh pid (fork; its child says "handed"), then exits, and the
 # reaper reaps it ("reaped"): at every moment a process of nobody holds CAP_FOWNER.
-_HANDING = r"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
-u32 = ctypes.c_uint32
-class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+_HANDING = (
+    _CAPS
+    + r"""
 assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
 holder = os.fork()
 if holder == 0:
@@ -1976,10 +2001,12 @@ os.waitpid(holder, 0)
 print("reaped", flush=True)
 os.wait()
 """
+)
 
 
 def test_a_write_capability_handed_on_to_a_fresh_pid_between_the_looks_still_makes_a_writer(
     monkeypatch: pytest.MonkeyPatch,
+    cap_uid: int,
 ) -> None:
     """A process of the caller's uid holds CAP_FOWNER and, while the daemon looks again, hands
     it on to a child and exits (a fork-and-exit loop does so every few ms, forever): the
@@ -1987,13 +2014,7 @@ def test_a_write_capability_handed_on_to_a_fresh_pid_between_the_looks_still_mak
     throughout and can write through the links. Every look is at every process."""
     from hostd import caller as caller_module
 
-    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
-    handing = subprocess.Popen(
-        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _HANDING],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    handing = _fowner_script(_HANDING, cap_uid)
     assert handing.stdin is not None
     assert handing.stdout is not None
     try:
@@ -2015,9 +2036,9 @@ def test_a_write_capability_handed_on_to_a_fresh_pid_between_the_looks_still_mak
             paused.append(seconds)
 
         monkeypatch.setattr(caller_module, "_pause", pause)
-        with _nobody_process("keep") as plain:
+        with _nobody_process("keep", uid=cap_uid) as plain:
             assert caller_module.could_write_cache(
-                Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid()
+                Caller(plain.pid, cap_uid, cap_uid, ()), os.geteuid()
             )
         assert len(paused) == caller_module.HOLD_CHECKS
     finally:
@@ -2035,12 +2056,9 @@ def test_a_write_capability_handed_on_to_a_fresh_pid_between_the_looks_still_mak
 # As nobody holding CAP_FOWNER (ambient): a second thread keeps it, while the thread-group
 # leader, which /proc/PID/status describes, lets every capability go. Credentials are per
 # thread: the second one can chmod a blob linked to nobody, then write through it.
-_THREADED = r"""
-import ctypes, sys, threading
-libc = ctypes.CDLL(None, use_errno=True)
-class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
-u32 = ctypes.c_uint32
-class D(ctypes.Structure): _fields_ = [("e", u32), ("p", u32), ("i", u32)]
+_THREADED = (
+    _CAPS
+    + r"""
 started, done = threading.Event(), threading.Event()
 def keep():
     started.set()
@@ -2053,21 +2071,18 @@ print("ready", flush=True)
 sys.stdin.readline()
 done.set()
 """
+)
 
 
-def test_a_thread_holding_a_write_capability_makes_a_writer_whatever_its_leader_holds() -> None:
+def test_a_thread_holding_a_write_capability_makes_a_writer_whatever_its_leader_holds(
+    cap_uid: int,
+) -> None:
     """A process of nobody's whose leader let CAP_FOWNER go but whose other thread holds it
     on: /proc/PID/status (the leader's) shows nothing, the thread's own status shows it. As
     the caller, or as another process of its uid, it makes the caller a writer."""
     from hostd.caller import could_write_cache
 
-    caps = ("--inh-caps=+fowner", "--ambient-caps=+fowner")
-    threaded = subprocess.Popen(
-        [*NOBODY_PREFIX, *caps, sys.executable, "-c", _THREADED],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    threaded = _fowner_script(_THREADED, cap_uid)
     assert threaded.stdin is not None
     assert threaded.stdout is not None
     try:
@@ -2077,9 +2092,9 @@ def test_a_thread_holding_a_write_capability_makes_a_writer_whatever_its_leader_
             Path(t, "status").read_text() for t in Path(f"/proc/{threaded.pid}/task").iterdir()
         ]
         assert any("CapPrm:\t0000000000000008" in t for t in tasks)
-        assert could_write_cache(Caller(threaded.pid, NOBODY, NOBODY, ()), os.geteuid())
-        with _nobody_process("keep") as plain:
-            assert could_write_cache(Caller(plain.pid, NOBODY, NOBODY, ()), os.geteuid())
+        assert could_write_cache(Caller(threaded.pid, cap_uid, cap_uid, ()), os.geteuid())
+        with _nobody_process("keep", uid=cap_uid) as plain:
+            assert could_write_cache(Caller(plain.pid, cap_uid, cap_uid, ()), os.geteuid())
     finally:
         threaded.kill()
         threaded.wait()
