@@ -25,14 +25,23 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import NoReturn, cast
 
 from hostd import __version__, output, snapview
-from hostd.client import JSON, Client, ProgressCallback, resolve_socket
+from hostd.client import Client, resolve_socket
 from hostd.errors import Busy, Forbidden, HostdError, TargetExists, UsageError
-from hostd.output import Printer, count, duration, is_number, size, size_exact, sources, timings
+from hostd.output import count, duration, is_number, size, size_exact, sources, timings
+
+# Types for the checker alone: typing and pathlib cost a client command ~6 ms of imports.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+    from hostd.client import JSON, ProgressCallback
+    from hostd.output import Printer
+
+    Call = Callable[[Client, ProgressCallback | None], JSON]
+    Render = Callable[[Printer, JSON], None]
 
 EXIT_INTERRUPTED = 130
 LS_WIDTH = 100  # `hostd ls` fits this many columns; `--wide` does not try
@@ -48,9 +57,6 @@ COMMANDS = frozenset(
         *("verify", "version", "rm", "prune", "refs", "inspect", "ref"),
     )
 )
-
-Call = Callable[[Client, ProgressCallback | None], JSON]
-Render = Callable[[Printer, JSON], None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +92,43 @@ def main(argv: list[str] | None = None) -> int:
 # -- arguments ------------------------------------------------------------------------------
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, less shutil: argparse makes one to check every option it
+    is given, and finds the terminal's width with shutil, whose import (bz2, lzma, fnmatch)
+    costs a client command ~2 ms. The width comes out as shutil's get_terminal_size gives it."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _columns() - 2  # (argparse's own margin)
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size().columns tells it: $COLUMNS, else
+    stdout's terminal, else 80."""
+    with contextlib.suppress(KeyError, ValueError):
+        columns = int(os.environ["COLUMNS"])
+        if columns > 0:
+            return columns
+    out = sys.__stdout__
+    try:
+        return (out is not None and os.get_terminal_size(out.fileno()).columns) or 80
+    except (ValueError, OSError):
+        return 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr, like every other failure."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         where = self.prog.removeprefix("hostd").strip()
@@ -97,11 +138,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _command_in(argv: list[str]) -> str | None:
     """The command `argv` names (its first word that is not a main-parser flag or its
-    value); None where there is none."""
+    value); None where there is none, or where the main parser's help is asked for first
+    (`hostd --help status` lists every command)."""
     words = iter(argv)
     for w in words:
         if w == "--socket":
             next(words, None)
+        elif w in ("-h", "--help"):
+            return None
         elif not w.startswith("-"):
             return w
     return None
@@ -109,8 +153,8 @@ def _command_in(argv: list[str]) -> str | None:
 
 class _Unused:
     """Stands in for the parser of a command this run does not name: what it is told is
-    dropped (argparse's add_argument calls cost a client command milliseconds it need not
-    pay). `hostd --help` still lists every command."""
+    dropped (argparse's parsers and add_argument calls cost a client command milliseconds
+    it need not pay). `hostd --help`, which names no command, still lists every one."""
 
     def __getattr__(self, _name: str) -> Callable[..., _Unused]:
         return lambda *_args, **_kwargs: self
@@ -150,17 +194,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     def add(name: str, summary: str, *parents: _Parser) -> argparse.ArgumentParser:
         if only is not None and name != only and only in COMMANDS:
-            commands.add_parser(name, help=summary, add_help=False)
-            return cast(argparse.ArgumentParser, _Unused())
+            return _Unused()  # type: ignore[return-value]
         sub: argparse.ArgumentParser = commands.add_parser(
             name, help=summary, description=summary, parents=list(parents)
         )
         return sub
 
     serve = add("serve", "run the daemon")
-    serve.add_argument(
-        "--config", metavar="FILE", type=Path, help="TOML config (default: $HOSTD_CONFIG)"
-    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config (default: $HOSTD_CONFIG)")
     serve.set_defaults(command=_serve)
 
     restore = add("restore", "restore a snapshot into a directory", client, compat)
@@ -404,9 +445,12 @@ def _version(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if args.socket is not None or args.json:
         raise UsageError("--socket and --json are for the client commands; serve takes --config")
-    config: Path | None = args.config
-    if config is None and os.environ.get("HOSTD_CONFIG"):
-        config = Path(os.environ["HOSTD_CONFIG"])
+    from pathlib import Path
+
+    given: str | None = args.config
+    if given is None:
+        given = os.environ.get("HOSTD_CONFIG") or None
+    config = None if given is None else Path(given)
     try:
         daemon = importlib.import_module("hostd.daemon")
     except ModuleNotFoundError as exc:

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from types import TracebackType
-from typing import Any, TypeVar
 
 from hostd import unixhttp
 from hostd.errors import (
@@ -40,9 +36,16 @@ from hostd.errors import (
     UsageError,
 )
 
-JSON = dict[str, Any]
-T = TypeVar("T")
-ProgressCallback = Callable[[JSON], None]
+# Types for the checker alone: typing and pathlib cost every client command ~6 ms of imports.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
+    from typing import Any, TypeVar
+
+    JSON = dict[str, Any]
+    T = TypeVar("T")
+    ProgressCallback = Callable[[JSON], None]
 
 NDJSON = "application/x-ndjson"
 _REF_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/"
@@ -95,8 +98,8 @@ def resolve_socket(
     explicit: str | os.PathLike[str] | None,
     environ: Mapping[str, str],
     *,
-    system_socket: Path | None = None,
-) -> Path:
+    system_socket: str | os.PathLike[str] | None = None,
+) -> str:
     """The socket to talk to: `--socket`, else `$HOSTD_SOCKET`, else the default.
 
     The default is the per-user socket, unless nothing is there and the system daemon's
@@ -106,16 +109,16 @@ def resolve_socket(
     if explicit is not None:
         if not os.fspath(explicit):
             raise UsageError("--socket: an empty path names no socket")
-        return Path(explicit)
+        return os.fspath(explicit)
     from_env = environ.get("HOSTD_SOCKET")
     if from_env:
-        return Path(from_env)
+        return from_env
     # Imported here: a command given its socket pays nothing for finding one.
     from hostd.paths import default_socket
 
     if system_socket is None:
         return default_socket(environ)
-    return default_socket(environ, system_socket=system_socket)
+    return default_socket(environ, system_socket=os.fspath(system_socket))
 
 
 def absolute(path: str | os.PathLike[str]) -> str:
@@ -173,14 +176,14 @@ class Client:
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], *, connect_timeout: float = 10.0):
-        self.socket_path = Path(socket_path)
+        self.socket_path = os.fspath(socket_path)
         self._connect_timeout = connect_timeout
         self._conn: unixhttp.Connection | None = None
         self._cut = False  # close() cut a call: its end is this side's doing, not the daemon's
 
     def __repr__(self) -> str:
         state = "in a call" if self._conn is not None else "idle"
-        return f"<Client socket={str(self.socket_path)!r} {state}>"
+        return f"<Client socket={self.socket_path!r} {state}>"
 
     def __enter__(self) -> Client:
         return self
@@ -428,7 +431,7 @@ class Client:
         read: Callable[[unixhttp.Response], T],
     ) -> T:
         """One exchange: connect, send, check the status, `read` the answer; always close."""
-        conn = unixhttp.Connection(str(self.socket_path), connect_timeout=self._connect_timeout)
+        conn = unixhttp.Connection(self.socket_path, connect_timeout=self._connect_timeout)
         self._conn = conn
         try:
             try:

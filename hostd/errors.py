@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # (the CLI imports this module, and neither of these)
+# Types for the checker alone: the CLI imports this module, and none of these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import asyncio
     from concurrent.futures import Future
+    from typing import Any
 
 
 class HostdError(Exception):

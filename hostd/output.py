@@ -11,13 +11,29 @@ is cli.py's business; this module must not talk to the daemon.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
 
+# Types for the checker alone (typing costs a client command ~2 ms of imports).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from types import TracebackType
+    from typing import Any, Protocol, TextIO, TypeGuard
+
     from rich.console import Console
     from rich.progress import ProgressColumn
+
+    class Printer(Protocol):
+        """Where a command's human output goes."""
+
+        def line(self, text: str) -> None: ...
+
+        def pairs(self, rows: Iterable[tuple[str, object]]) -> None:
+            """Keys and their values, aligned; None or "" shows as "-"."""
+
+        def table(
+            self, headers: Sequence[str], rows: Iterable[Sequence[str]], *, gap: int = ...
+        ) -> None: ...
+
 
 PAIRS_GAP = 2  # between a key and its value
 TABLE_GAP = 4  # between table columns
@@ -34,19 +50,6 @@ _CONTROL = {
 def plain(text: str) -> str:
     """`text` with each control character shown as "?": safe on one line of a terminal."""
     return text.translate(_CONTROL)
-
-
-class Printer(Protocol):
-    """Where a command's human output goes."""
-
-    def line(self, text: str) -> None: ...
-
-    def pairs(self, rows: Iterable[tuple[str, object]]) -> None:
-        """Keys and their values, aligned; None or "" shows as "-"."""
-
-    def table(
-        self, headers: Sequence[str], rows: Iterable[Sequence[str]], *, gap: int = TABLE_GAP
-    ) -> None: ...
 
 
 def printer_for(stream: TextIO) -> Printer:

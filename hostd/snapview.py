@@ -7,13 +7,18 @@ client command pays for what it imports. Must not talk to the daemon.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from hostd import output
-from hostd.output import Printer, count, size, size_exact
+from hostd.output import count, size, size_exact
 
-JSON = dict[str, Any]
+# Types for the checker alone (a client command pays for what it imports).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    from hostd.output import Printer
+
+    JSON = dict[str, Any]
 SHORT_ID = 12  # hex digits of an id in a table; --json has them whole
 
 

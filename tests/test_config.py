@@ -250,22 +250,22 @@ def test_default_socket_finds_the_system_daemon(short_tmp: Path) -> None:
     own = default_paths(env).socket
     assert own.parent == short_tmp / "run/hostd"
     system = short_tmp / "sys.sock"
-    assert default_socket(env, system_socket=system) == own  # neither exists
+    assert default_socket(env, system_socket=system) == str(own)  # neither exists
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(system))
-        assert default_socket(env, system_socket=system) == system
+        assert default_socket(env, system_socket=system) == str(system)
         own.parent.mkdir(parents=True)
         own.touch()
-        assert default_socket(env, system_socket=system) == own
+        assert default_socket(env, system_socket=system) == str(own)
 
 
 def test_default_socket_ignores_a_plain_file(short_tmp: Path) -> None:
     env = {"HOME": str(short_tmp), "XDG_RUNTIME_DIR": str(short_tmp)}
     (short_tmp / "sys.sock").touch()
     own = default_socket(env, system_socket=short_tmp / "sys.sock")
-    assert own == default_paths(env).socket
-    assert own.parent == short_tmp / "hostd"
+    assert own == str(default_paths(env).socket)
+    assert Path(own).parent == short_tmp / "hostd"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,20 +157,28 @@ def test_every_argument_and_flag_has_help() -> None:
 
 
 def test_a_command_parses_the_same_with_only_its_own_options_built() -> None:
-    """main() builds the options of the command it is given alone (a client command starts
-    faster): COMMANDS must name every command, and each must parse as in the whole CLI."""
+    """main() builds the command it is given alone (a client command starts faster):
+    COMMANDS must name every command, and each must parse as in the whole CLI."""
     whole = build_parser()
     subs = next(a for a in whole._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subs.choices) == COMMANDS
     for name, sub in subs.choices.items():
         one = build_parser(name)
         own = next(a for a in one._actions if isinstance(a, argparse._SubParsersAction))
-        assert set(own.choices) == COMMANDS  # `hostd --help` still lists them all
+        assert set(own.choices) == {name}
         assert own.choices[name].format_help() == sub.format_help()
-        assert not [a for a in own.choices["status" if name != "status" else "ls"]._actions]
     argv = ["--socket", "/run/x.sock", "--json", "ls", "--wide"]
     assert _command_in(argv) == "ls"
     assert vars(build_parser("ls").parse_args(argv)) == vars(whole.parse_args(argv))
+    # the main parser's help, asked for before a command, is the whole CLI's
+    assert _command_in(["--json", "--help", "ls"]) is None
+    assert _command_in(["-h", "status"]) is None
+
+
+def test_help_before_a_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help", "status")
+    assert code == 0
+    assert all(f"\n    {name} " in out for name in COMMANDS)
 
 
 def test_help_lists_the_global_flags(capsys: pytest.CaptureFixture[str]) -> None:
