@@ -484,7 +484,8 @@ def test_a_config_hostd_cannot_read_is_1_and_a_bad_value_is_2(work: Path) -> Non
 
 def test_a_metrics_port_already_taken_stops_the_start_with_a_message(work: Path) -> None:
     """An exporter already on metrics_address (the shipped config's fixed 9464) is named in
-    one line, with what to do, and exit 1: no traceback, and nothing left serving."""
+    one line, the log's last, with what to do, and exit 1: no traceback, and nothing left
+    serving."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -500,9 +501,11 @@ def test_a_metrics_port_already_taken_stops_the_start_with_a_message(work: Path)
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     last = p.stderr.splitlines()[-1]
-    assert last.startswith(f"hostd: metrics_address 127.0.0.1:{port}: cannot listen there"), last
+    assert "level=error" in last, last
+    assert f'msg="metrics_address 127.0.0.1:{port}: cannot listen there' in last, last
     assert "address already in use" in last, last
     assert "pick a free port" in last, last
+    assert p.stderr.count("cannot listen there") == 1, p.stderr  # said once
     assert not (work / "s.sock").exists()
 
 
