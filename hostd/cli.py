@@ -427,6 +427,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _pairs(flag: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The KEY=VALUE pairs of a repeatable flag; a key given twice with two values is a
+    usage error (which one was meant?), not the last one silently."""
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if out.setdefault(key, value) != value:
+            raise UsageError(f"{flag}: {key!r} given twice, as {out[key]!r} and {value!r}")
+    return out
+
+
 def _fact_list(text: str) -> list[str]:
     return [fact.strip() for fact in text.split(",") if fact.strip()]
 
@@ -477,7 +487,7 @@ def _restore(args: argparse.Namespace) -> int:
             args.target,
             mode=args.mode,
             replace=args.replace,
-            compat=dict(args.compat),
+            compat=_pairs("--compat", args.compat),
             on_progress=progress,
             progressive=args.progressive,
             keep_partial=args.keep_partial,
@@ -495,8 +505,8 @@ def _publish(args: argparse.Namespace) -> int:
             ref=args.ref,
             kind=args.kind,
             facts=args.facts,
-            compat=dict(args.compat),
-            meta=dict(args.meta),
+            compat=_pairs("--compat", args.compat),
+            meta=_pairs("--meta", args.meta),
             include=args.include,
             exclude=args.exclude,
             force=args.force,
@@ -517,7 +527,7 @@ def _publish_warnings(result: JSON) -> list[str]:
 def _prefetch(args: argparse.Namespace) -> int:
     def call(client: Client, progress: ProgressCallback | None) -> JSON:
         return client.prefetch(
-            args.ref, tier=args.tier, compat=dict(args.compat), on_progress=progress
+            args.ref, tier=args.tier, compat=_pairs("--compat", args.compat), on_progress=progress
         )
 
     return _run(args, call, _render_prefetch, progress="prefetch")
@@ -528,7 +538,7 @@ def _pin(args: argparse.Namespace) -> int:
     return _run(
         args,
         lambda client, _: client.pin(
-            ref=args.ref, snapshot=args.snapshot, compat=dict(args.compat)
+            ref=args.ref, snapshot=args.snapshot, compat=_pairs("--compat", args.compat)
         ),
         _render_pin,
     )
@@ -539,7 +549,7 @@ def _unpin(args: argparse.Namespace) -> int:
     return _run(
         args,
         lambda client, _: client.unpin(
-            ref=args.ref, snapshot=args.snapshot, compat=dict(args.compat)
+            ref=args.ref, snapshot=args.snapshot, compat=_pairs("--compat", args.compat)
         ),
         _render_pin,
     )
@@ -582,7 +592,7 @@ def _refs(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda client, _: client.inspect(args.name, compat=dict(args.compat)),
+        lambda client, _: client.inspect(args.name, compat=_pairs("--compat", args.compat)),
         snapview.render_inspect,
     )
 

@@ -759,6 +759,27 @@ def test_publish_human_and_default_facts(
     assert "2.0 KiB (2,048 bytes)" in out
 
 
+def test_a_key_given_twice_with_two_values_is_a_usage_error(
+    daemon: FakeDaemon, sock: list[str], short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--compat torch=2.5 --compat torch=2.6` meant one of them: asked, not guessed (the last
+    one won, and a compile cache was keyed on a version its publisher did not mean)."""
+    (short_dir / "src").mkdir()
+    for flag in ("--compat", "--meta"):
+        argv = ["publish", str(short_dir / "src"), "--ref", "r", flag, "k=1", flag, "k=2"]
+        code, err = run_failing(capsys, *argv, *sock)
+        assert (code, err) == (2, f"hostd: {flag}: 'k' given twice, as '1' and '2'\n")
+    code, err = run_failing(capsys, "restore", "r", str(short_dir / "t"), *sock,
+                            "--compat", "a=x", "--compat", "a=y")  # fmt: skip
+    assert (code, err) == (2, "hostd: --compat: 'a' given twice, as 'x' and 'y'\n")
+    assert not [seen for seen, _ in daemon.requests if seen != "/v1/status"]  # nothing asked
+    assert not (short_dir / "t").exists()
+    # the same value twice says one thing: taken
+    run_json(capsys, "publish", str(short_dir / "src"), "--ref", "r", "--meta", "k=1",
+             "--meta", "k=1", *sock)  # fmt: skip
+    assert daemon.last_body("/v1/publish")["meta"] == {"k": "1"}
+
+
 def test_publish_missing_directory_is_a_usage_error(
     daemon: FakeDaemon, sock: list[str], short_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
