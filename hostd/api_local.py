@@ -34,7 +34,7 @@ from hostd.core import compat
 from hostd.core import manifest as mf
 from hostd.core import request as request_fields
 from hostd.core.pathfilter import MAX_PATTERNS, compile_pattern
-from hostd.core.request import parse_body
+from hostd.core.request import parse_body, parse_query
 from hostd.desk import answer, caller_part
 from hostd.errors import (
     Forbidden,
@@ -607,7 +607,7 @@ async def prune_snapshots(request: web.Request) -> web.Response:
 
 async def list_refs(request: web.Request) -> web.Response:
     d = request.app[DAEMON_KEY]
-    prefix = request.query.get("prefix", "")
+    prefix = parse_query(request.query.items(), {"prefix"}).get("prefix", "")
     return web.json_response(await refs.list_refs(d.origin, d.restorer.resolver, d.cache, prefix))
 
 

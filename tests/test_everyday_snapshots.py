@@ -200,7 +200,9 @@ def test_prune_keep_unused_for_and_dry_run(cli: Cli, hostd: Hostd, work: Path) -
 # -- refs, inspect ----------------------------------------------------------------------------
 
 
-def test_refs_lists_the_origin_and_inspect_shows_a_manifest(cli: Cli, work: Path) -> None:
+def test_refs_lists_the_origin_and_inspect_shows_a_manifest(
+    cli: Cli, hostd: Hostd, work: Path
+) -> None:
     files = {"config.json": b"{}", "weights/model.bin": b"w" * 5000}
     a = publish(cli, write_tree(work / "a", files), "models/llama", "--meta", "source=test")
     b = publish(cli, write_tree(work / "b", tree(2, b"x")), "models/mistral", "--facts", "format")
@@ -222,6 +224,18 @@ def test_refs_lists_the_origin_and_inspect_shows_a_manifest(cli: Cli, work: Path
     assert "bad ref prefix" in cli.fails(2, "refs", "a b")
     for outside in ("../../", "models/../x", "a//b"):  # a usage error, not the origin's
         assert "no empty, '.' or '..' segment" in cli.fails(2, "refs", outside)
+    # the API's query: a parameter misspelt or given twice is named, not ignored (a listing of
+    # every ref for `?prefx=models/` read as the models' alone)
+    assert hostd.api("GET", "/v1/refs?prefx=models/") == (
+        400,
+        {"error": "bad_request", "message": "unknown query parameter(s) 'prefx'; allowed: prefix"},
+    )
+    assert hostd.api("GET", "/v1/refs?prefix=models/&prefix=other/") == (
+        400,
+        {"error": "bad_request", "message": "query parameter 'prefix' given twice"},
+    )
+    status, body = hostd.api("GET", "/v1/refs?prefix=models/m")
+    assert (status, [r["ref"] for r in body["refs"]]) == (200, ["models/mistral"])
 
     info = cli.json("inspect", "models/llama")
     assert info["snapshot"] == a

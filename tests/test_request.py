@@ -161,6 +161,17 @@ def test_unknown_fields_are_named() -> None:
     assert refused('{"x": 1}', set()) == "unknown field(s) 'x'; allowed: none"
 
 
+def test_query_parameters_are_known_and_given_once() -> None:
+    assert rq.parse_query([("prefix", "m/")], {"prefix"}) == {"prefix": "m/"}
+    assert rq.parse_query([], {"prefix"}) == {}
+    with pytest.raises(UsageError, match=r"^unknown query parameter\(s\) 'a', 'z'; allowed: p$"):
+        rq.parse_query([("z", "1"), ("p", ""), ("a", "2")], {"p"})
+    with pytest.raises(UsageError, match=r"^query parameter 'p' given twice$"):
+        rq.parse_query([("p", "1"), ("p", "1")], {"p"})
+    with pytest.raises(UsageError, match="NUL"):
+        rq.parse_query([("p", "a\x00b")], {"p"})
+
+
 # field helpers
 
 

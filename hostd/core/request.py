@@ -19,7 +19,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,24 @@ def parse_body(raw: bytes, allowed: Collection[str]) -> dict[str, Any]:
             f"allowed: {', '.join(sorted(allowed)) or 'none'}"
         )
     return body
+
+
+def parse_query(items: Iterable[tuple[str, str]], allowed: Collection[str]) -> dict[str, str]:
+    """A URL query's parameters (decoded: `request.query.items()`), each at most once and
+    each one of `allowed`: a misspelt one is the caller's error, not a filter left out."""
+    params: dict[str, str] = {}
+    for key, value in items:
+        if key in params:
+            raise UsageError(f"query parameter {key!r} given twice")
+        params[key] = value
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise UsageError(
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+        )
+    _check_strings(dict(params))
+    return params
 
 
 def _check_strings(body: dict[str, Any]) -> None:
