@@ -826,13 +826,16 @@ def main(config_path: Path | None) -> int:
 
     try:
         uvloop.run(_main(config))
+    except ConfigError as e:
+        # A bad config value found only while building the parts (origin_options) is still
+        # a usage error: said and exited as one found while loading the file (2).
+        print(f"hostd: {e.message}", file=sys.stderr)
+        return 2
     except HostdError as e:
-        # Once the log is set up, the failure is its last line, once (a log pipeline parses
-        # it as the rest; a second, plain copy would be one more line to tell apart).
+        # Anything else: the log's last line, once (a log pipeline parses it as the rest;
+        # a second, plain copy would be one more line to tell apart).
         log.error("%s", e.message)
-        # A bad config value found only while building the parts (origin_options) is
-        # still a usage error: exit 2, as one found while loading the file.
-        return 2 if isinstance(e, ConfigError) else 1
+        return 1
     _leave_stuck_threads()
     return 0
 
