@@ -447,6 +447,17 @@ class Peers:
                 self.address,
             )
 
+    def rekey(self, secret: bytes) -> bool:
+        """Take a new cluster secret (its key file rewritten, at a reload): the requests from
+        now on are signed and checked with it, and the old one is refused. Whether it
+        changed. Peers running unauthenticated stay so (that is a restart's to change)."""
+        if not self.client.secret or not secret or secret == self.client.secret:
+            return False
+        self.client.secret = secret
+        if self.server is not None:
+            self.server.secret = secret
+        return True
+
     async def stop(self) -> None:
         if self._listening is not None:
             self._listening.close()  # no new connections; the runner ends the open ones
@@ -771,11 +782,34 @@ async def _reloader(d: Daemon, reload: asyncio.Event, notifier: Notifier) -> Non
             log.error("reload refused, keeping the running config: %s", e.message)
         else:
             d.apply_reload(new, await asyncio.to_thread(measure_tiers, d.cache.tiers))
+            await _reload_secret(d, new)
             d.board.refresh()  # the desk's [access] lists, at once
             await d.cache.enforce_budgets()
             d.board.refresh()  # new budgets show in the next status
             log.info("config reloaded from %s", d.config.source or "embedded defaults")
         notifier.ready(f"serving on {d.config.socket}")
+
+
+async def _reload_secret(d: Daemon, new: Config) -> None:
+    """Read the cluster secret's key file again, where the peers' config names the same one:
+    a secret rotated (a leaked one revoked) takes effect at the reload, as `[access]` does,
+    not silently at the next restart. A key file that cannot be used keeps the running one."""
+    if d.peers is None or new.peers is None or new.peers.secret_file is None:
+        return
+    if new.peers.secret_file != d.peers.config.secret_file:
+        return  # logged by apply_reload as a key that needs a restart
+    try:
+        secret = await asyncio.to_thread(peer_secret, new.peers)
+    except ConfigError as e:
+        log.error("reload: keeping the running cluster secret: %s", e.message)
+        return
+    if secret is not None and d.peers.rekey(secret):
+        log.warning(
+            "peers: the cluster secret changed (%s): requests are signed and checked with "
+            "the new one from now on; hosts still holding the old one are refused until "
+            "they reload too",
+            new.peers.secret_file,
+        )
 
 
 class _Logfmt(logging.Formatter):

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1391,6 +1392,33 @@ def test_peer_api_answers_bad_requests_with_a_json_error(work: Path) -> None:
         code, st = fleet.hosts[0].api("GET", "/v1/status")
         assert st["peers"]["auth"] == "none"
         assert "WITHOUT authentication" in fleet.hosts[0].log()
+
+
+def test_a_new_secret_file_takes_effect_at_a_reload(work: Path) -> None:
+    """The key file rewritten (a leaked secret rotated) and the daemon reloaded: the old
+    secret was still accepted, the new one refused, and nothing said so until a restart.
+    Now the reload takes the new secret for the requests after it, both ways."""
+    with Fleet(work, 1) as fleet:
+        h, addr = fleet.hosts[0], fleet.addrs[0]
+        old = peerauth.load_secret(fleet.key.read_bytes(), "key")
+
+        def health(secret: bytes) -> int:
+            auth = peerauth.sign(secret, "GET", "/v1/health", int(time.time()), "n" * 16)
+            return peer_request(addr, "/v1/health", {"Authorization": auth})[0]
+
+        assert health(old) == 200
+        key_file(fleet.key)
+        new = peerauth.load_secret(fleet.key.read_bytes(), "key")
+        h.signal(signal.SIGHUP)
+        wait_for(lambda: "cluster secret changed" in h.log(), "the new secret taken")
+        assert health(old) == 401
+        assert health(new) == 200
+        assert status_peers(h)["auth"] == "hmac"
+        # a key file made unusable is refused, and the running secret kept
+        fleet.key.write_bytes(b"short\n")
+        h.signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the running cluster secret" in h.log(), "the refusal")
+        assert health(new) == 200
 
 
 def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
