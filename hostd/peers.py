@@ -1068,6 +1068,22 @@ class PeerSource:
                             retried = True
                             failed.discard(owner)
                             continue
+            deputy = self._deputy(key, owner, failed) if owner in failed else None
+            if deputy is not None:
+                # The owner is live but will not serve it (its own origin fails, or it lacks
+                # the chunk and pulls nothing): the member ranked next pulls it through, once
+                # for every host that saw the same, rather than each of them reading the
+                # owner's share from the origin (one such host in a fleet of a hundred would
+                # double the bucket's egress).
+                skip.add(deputy)
+                try:
+                    return await self._fetch(deputy, chunk, "owner")
+                except PeerFailure as e:
+                    problems.append(e.message)
+                    busy |= self._waits_on(deputy, e)
+                    hint += e.holders
+                    if e.kind != "busy":
+                        failed.add(deputy)
             queue = await self._holders(chunk, skip, hint)
             tries = 0
             while queue and tries < HOLDER_TRIES:
@@ -1101,6 +1117,17 @@ class PeerSource:
             hint = [h for h in dict.fromkeys(hint) if h not in failed][-16:]
         why = "; ".join(problems[-4:]) if problems else "no live peer holds it"
         raise ChunkMissing(f"chunk {chunk.id.hex()}: {why}")
+
+    def _deputy(self, key: bytes, owner: str | None, failed: set[str]) -> str | None:
+        """The member ranked next after the owner for `key`, that has not failed this chunk
+        (every host that saw the owner fail finds the same one); None where that is this
+        host (it reads the chunk from the origin itself, and serves the others' pulls from
+        the same flight), or there is none. One deputy only: past it, the origin."""
+        ranked = self.membership.current().rank(key)
+        if len(ranked) < 2 or ranked[0] != owner:
+            return None
+        n = ranked[1]
+        return None if n == self.membership.roster.self_name or n in failed else n
 
     def _waits_on(self, name: str, e: PeerFailure) -> bool:
         """Whether `name`'s answer is worth asking again for: a busy one, unless `name` has

@@ -798,6 +798,30 @@ def test_an_owner_whose_own_origin_pull_fails_is_not_struck(work: Path) -> None:
         assert out["bytes_by_source"]["peer"] > 0
 
 
+def test_an_owner_that_cannot_pull_hands_its_share_to_the_member_ranked_next(
+    work: Path,
+) -> None:
+    """A live host whose own origin fails (credentials for another bucket, say) owns a share
+    of every snapshot it cannot serve: each other host read that share from the origin
+    itself, so one such host in a fleet of N made the bucket send its share N-1 times. The
+    member ranked next pulls it through instead, once, and the others get it from there."""
+    src = big_tree(work / "src", seed=5)
+    fleet = Fleet(work, 3)
+    broken = fleet.hosts[2]  # its origin: a bucket that holds nothing
+    conf = broken.config_path.read_text()
+    broken.config_path.write_text(conf.replace(fleet.origin, f"file://{work}/elsewhere"))
+    with fleet:
+        fleet.publish(src, "m/x")
+        outs = fleet.restore_all(fleet.hosts[:2], "m/x")  # at once: no host holds it yet
+        for h, out in zip(fleet.hosts, outs, strict=False):
+            assert out["event"] == "result", out
+            assert tree_digest(work / f"t-{h.root.name}") == tree_digest(src)
+        read = sum(out["bytes_by_source"].get("origin", 0) for out in outs)
+        # each chunk from the origin once (it was 1.3x: the broken host's share twice)
+        assert read <= outs[0]["bytes"] * 1.02, (read, outs)
+        assert member(fleet.hosts[0], fleet.addrs[2])["state"] == "live"  # struck by no one
+
+
 class EchoesNode(Member):
     """A member that answers a probe with the asker's own node id, and holds no chunk."""
 
