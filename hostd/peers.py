@@ -69,6 +69,9 @@ RECIPIENTS_KEPT = 8  # hosts remembered per chunk, for busy answers
 RECIPIENT_CHUNKS = 65536  # chunks they are remembered for
 BUSY_WAIT_BASE = 0.05  # the first wait between two rounds of asking, s (doubling, jittered)
 BUSY_WAIT_MAX = 0.25  # the longest
+# How long a member that was busy to everything for a whole busy wait before, serving none,
+# is waited on when it is busy anew, until it serves a chunk (PeerSource._waits_on)
+SPENT_BUSY_WAIT = 1.0
 HOLDER_TRIES = 8  # holders asked per round
 
 
@@ -1007,6 +1010,9 @@ class PeerSource:
         self._have: dict[tuple[str, bytes], tuple[float, bool]] = {}
         # Members busy to every chunk asked of them (since, last), none served (_waits_on)
         self._busy_since: dict[str, tuple[float, float]] = {}
+        # Members that stayed busy to every chunk past a whole busy wait, serving none: later
+        # they are waited on SPENT_BUSY_WAIT at most, until they serve one
+        self._spent: set[str] = set()
         # Requests in flight to each member, each set once it said it will serve (200): a
         # member sending us a chunk, or pulling one through for us, is not busy to everything
         self._taking: dict[str, set[asyncio.Event]] = {}
@@ -1148,7 +1154,16 @@ class PeerSource:
                 n: t for n, t in self._busy_since.items() if now - t[1] <= self.busy_wait
             }
         self._busy_since[name] = (since, now)
-        return now - since <= self.busy_wait
+        # One that was busy to everything for a whole wait before, serving nothing, is
+        # waited on briefly when it is busy anew (after an idle spell): else a member stuck
+        # busy (its upload slots held for ever, or a liar) cost every restore after each
+        # idle minute the whole wait again, on every host
+        wait = min(self.busy_wait, SPENT_BUSY_WAIT) if name in self._spent else self.busy_wait
+        if now - since <= wait:
+            return True
+        if len(self._spent) < 4 * HAVE_FANOUT * HOLDER_TRIES:
+            self._spent.add(name)
+        return False
 
     async def _own_owner(
         self, chunk: Chunk, key: bytes, problems: list[str], hint: list[str]
@@ -1190,6 +1205,7 @@ class PeerSource:
             if not taking and self._taking.get(name) is taking:
                 del self._taking[name]
         self._busy_since.pop(name, None)
+        self._spent.discard(name)
         self.membership.roster.answered(name, self.membership.clock(), served=True)
         return data, how
 
