@@ -1047,6 +1047,16 @@ class PeerSource:
         key = self.owner_key(chunk)
         if key != chunk.id and (got := await self._own_owner(chunk, key, problems, hint)):
             return got
+
+        def refused(name: str, e: PeerFailure) -> bool:
+            """`name` did not serve the chunk: noted; whether its answer is worth waiting for
+            (busy: see _waits_on). Any other answer rules it out for this chunk."""
+            problems.append(e.message)
+            hint.extend(e.holders)
+            if e.kind != "busy":
+                failed.add(name)
+            return self._waits_on(name, e)
+
         for attempt in itertools.count():
             busy = False
             owner = self.membership.owner(key)
@@ -1057,11 +1067,7 @@ class PeerSource:
                     try:
                         return await self._owner(owner, chunk, skip)
                     except PeerFailure as e:
-                        problems.append(e.message)
-                        busy |= self._waits_on(owner, e)
-                        hint += e.holders
-                        if e.kind != "busy":
-                            failed.add(owner)
+                        busy |= refused(owner, e)
                         # Gone from the placement (dead, struck, rejecting): the member ranked
                         # next owns the chunk now, for every host that saw the same, and
                         # pulls it through once. Ask it, not the origin.
@@ -1085,11 +1091,7 @@ class PeerSource:
                 try:
                     return await self._fetch(deputy, chunk, "owner")
                 except PeerFailure as e:
-                    problems.append(e.message)
-                    busy |= self._waits_on(deputy, e)
-                    hint += e.holders
-                    if e.kind != "busy":
-                        failed.add(deputy)
+                    busy |= refused(deputy, e)
             queue = await self._holders(chunk, skip, hint)
             tries = 0
             while queue and tries < HOLDER_TRIES:
@@ -1099,11 +1101,7 @@ class PeerSource:
                 try:
                     return await self._fetch(name, chunk, "holder")
                 except PeerFailure as e:
-                    problems.append(e.message)
-                    busy |= self._waits_on(name, e)
-                    hint += e.holders
-                    if e.kind != "busy":
-                        failed.add(name)
+                    busy |= refused(name, e)
                     # a busy holder names the hosts it served: ask them next (members only,
                     # as _holders keeps them: a name is the answer's to choose, any host,
                     # port and path)
