@@ -1355,9 +1355,36 @@ class Cache:
             self.index.put_blobs(rows)
 
     def _rehash_all(self, blobs: list[Blob]) -> list[Rehash]:
-        return [self._hash(b) for b in blobs]
+        unsure = [b.ctime_ns == UNKNOWN_CTIME for b in blobs]
+        return self._durable(blobs, unsure, [self._hash_once(b) for b in blobs])
 
     def _hash(self, b: Blob) -> Rehash:
+        """Re-hash a blob (blocking), made durable first where no record vouched for it
+        (`_durable`)."""
+        unsure = b.ctime_ns == UNKNOWN_CTIME
+        return self._durable([b], [unsure], [self._hash_once(b)])[0]
+
+    @staticmethod
+    def _durable(blobs: list[Blob], unsure: list[bool], hashed: list[Rehash]) -> list[Rehash]:
+        """Sync the blobs that hashed right but that no record vouched for (`unsure`: found
+        at start with no row, named by a fill or a publish a stop cut short before its
+        sync), before settle writes their rows: what was hashed may be the page cache alone,
+        and a row must not outlive the bytes ("Durability"). One sync per tier for the
+        batch; a failed one makes its blobs bad (dropped, fetched again)."""
+        by_tier: dict[str, tuple[Tier, list[int]]] = {}
+        for i, (b, u, r) in enumerate(zip(blobs, unsure, hashed, strict=True)):
+            if u and r.why is None:
+                by_tier.setdefault(b.tier.name, (b.tier, []))[1].append(i)
+        out = list(hashed)
+        for tier, idx in by_tier.values():
+            try:
+                tier.sync([blobs[i].digest for i in idx])
+            except TierError as e:
+                for i in idx:
+                    out[i] = Rehash(f"it could not be made durable: {e.message}")
+        return out
+
+    def _hash_once(self, b: Blob) -> Rehash:
         """Re-hash a blob (blocking). Where links are guarded by leases, its lease is taken
         first and kept: one that cannot be, as the blob is open for writing somewhere (a
         writable shared mapping outlives its descriptor, and its stores move no time until

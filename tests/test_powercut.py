@@ -315,3 +315,66 @@ async def test_the_control_without_a_sync_loses_recorded_blobs(disk: Disk, tmp_p
     disk.reboot(image)
 
     assert lost_or_wrong(disk.mnt / "tier", rows) != []
+
+
+async def crash_then_rehash_then_cut(disk: Disk, state: Path) -> tuple[Path, Path]:
+    """A fill whose blobs are all named in the tier but none synced or recorded (the daemon
+    killed before its batch's sync: only the page cache holds them); the next daemon's fill
+    re-hashes each (no record vouches for them) and records them; the power is cut there.
+    Returns the cut image and the index as it was at the cut."""
+    entries, chunks = snapshot(120, seed=7)
+    # A sync that writes nothing: what the kill leaves is in the page cache alone.
+    run = start(disk, state, syncfs=False, data=chunks)
+    # No batch is due before every blob is named.
+    run.durability = Durability(run.cache, max_blobs=1 << 20, max_delay=3600)
+    run.filler = Filler(
+        run.cache,
+        Fetcher([LocalBlobSource(run.cache), run.origin], concurrency=4),
+        workers=4,
+        durability=run.durability,
+    )
+    job = asyncio.create_task(run.filler.ensure(entries, CS, [run.tier], FillProgress()))
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while not all(  # noqa: ASYNC110 - polls the cache, which signals nothing
+                run.cache.locate(e.digest) is not None for e in entries
+            ):
+                await asyncio.sleep(0.01)
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        run.close()
+    # The kill came before any batch's rows: every blob is named in the tier, none recorded.
+    with contextlib.closing(sqlite3.connect(state / "index.db")) as db, db:
+        db.execute("DELETE FROM blobs")
+    assert recorded(state / "index.db") == []
+
+    run = start(disk, state, syncfs=True, data=chunks)
+    try:
+        found = await run.filler.ensure(entries, CS, [run.tier], FillProgress())
+        assert len(found) == len({e.digest for e in entries})
+        assert not any(run.origin.calls.values())  # all re-hashed in place, none fetched
+        image = disk.cut()
+        at_cut = state / "index-at-cut.db"
+        with contextlib.closing(sqlite3.connect(at_cut)) as dst:
+            run.index.db.backup(dst)
+    finally:
+        await run.filler.close()
+        run.close()
+    return image, at_cut
+
+
+async def test_a_power_cut_after_a_crash_loses_nothing_a_rehash_recorded(
+    disk: Disk, tmp_path: Path
+) -> None:
+    """Blobs a killed daemon named but never synced are re-hashed by the next one from the
+    page cache, which vouches for nothing on the device: their rows wait for a sync too."""
+    state = tmp_path / "state"
+    image, at_cut = await crash_then_rehash_then_cut(disk, state)
+    rows = recorded(at_cut)
+    assert len(rows) == len({e.digest for e in snapshot(120, seed=7)[0]})
+
+    disk.reboot(image)
+
+    assert lost_or_wrong(disk.mnt / "tier", rows) == []
