@@ -3,6 +3,7 @@
     .venv/bin/python bench/fanout.py --hosts 8 --size 256MiB \
         --origin-rate 400mbit --host-rate 1gbit [--rounds 1] [--mode link] [--json OUT]
         [--peers-set hedge_after=10s] [--origin-ranges] [--no-reference] [--profile DIR]
+        [--broken N]
 
 as root (network namespaces and tc need it; the bench says so and stops otherwise).
 
@@ -18,6 +19,9 @@ per round:
                timed after every host sees every other live in GET /v1/status
   late host    one host's daemon replaced by a fresh one (empty tier) that restores alone
                while the other N-1 hold the snapshot: its throughput against the host link
+  broken       (--broken N) the last N hosts' own origin holds nothing (credentials for
+               another bucket): live members that cannot pull what they own; the others
+               restore at once, and what the origin sends is the figure
   origin-only  fresh daemons without [peers], every host restoring at once
   reference    the same bytes moved by curl and a sendfile HTTP server on the schedule peers
                aim for (each host pulls 1/N from the origin, then the rest from the others),
@@ -306,15 +310,18 @@ class Setup:
     reference: bool = True  # also time the stock-tools reference each round
     peers_extra: dict[str, str | int] | None = None  # more [peers] keys (--peers-set)
     profile: Path | None = None  # py-spy's collapsed stacks of every daemon in every run
+    broken: int = 0  # hosts whose own origin holds nothing (--broken), in a run of their own
 
     def peer_addr(self, host: str) -> str:
         return f"{self.cluster.addr(host)}:{PEER_PORT}"
 
-    def daemon(self, host: str, name: str, peers: bool) -> Hostd:
-        """A daemon in `host`'s namespace with an empty tier of its own under `name`."""
+    def daemon(self, host: str, name: str, peers: bool, broken: bool = False) -> Hostd:
+        """A daemon in `host`'s namespace with an empty tier of its own under `name`;
+        `broken`: its origin is a prefix of the origin's server that holds nothing (a host
+        whose credentials name another bucket)."""
         root = self.work / name
         config: dict[str, Any] = {
-            "origin": self.origin_url,
+            "origin": f"{self.origin_url}/no-such-bucket" if broken else self.origin_url,
             "tiers": [{"name": "mem", "path": str(root / "mem"), "budget": self.budget}],
             "access": {"link_to_writers": True},
             "log_level": "info",
@@ -564,6 +571,18 @@ def one_round(s: Setup, k: int, sizes: dict[str, int], res: dict[str, Any]) -> N
             print_run("late", out)
     discard(s, f"r{k}-late", f"r{k}-late-t-{hosts[-1]}")
     discard(s, *(f"r{k}-peers{x}-{h}" for h in hosts for x in ("", "-t")))
+    if 0 < s.broken < len(hosts):
+        # The last hosts' own origin holds nothing: live members that cannot pull what they
+        # own. The others restore at once; what the origin sends is the figure.
+        good = hosts[: -s.broken]
+        broken_fleet = [
+            s.daemon(h, f"r{k}-broken-{h}", peers=True, broken=h not in good) for h in hosts
+        ]
+        with running(broken_fleet) as fleet:
+            wait_all_live(fleet, addrs)
+            res["broken"] = restore_at_once(s, fleet[: len(good)], good, f"r{k}-broken", sizes)
+            print_run("broken", res["broken"])
+        discard(s, *(f"r{k}-broken{x}-{h}" for h in hosts for x in ("", "-t")))
     with running([s.daemon(h, f"r{k}-origin-{h}", peers=False) for h in hosts]) as plain:
         res["origin_only"] = restore_at_once(s, plain, hosts, f"r{k}-origin", sizes)
         print_run("origin_only", res["origin_only"])
@@ -747,6 +766,17 @@ def judge(r: dict[str, Any], size: int, b_o: float, b_p: float) -> list[tuple[st
                 "-",
             )
         )
+    if "broken" in r:
+        x = r["broken"]
+        rows.append(
+            (
+                "origin egress <= 1.2x S (with broken hosts)",
+                f"{x['origin_egress_link'] / size:.3f}x S at the link "
+                f"({x['hosts']} hosts restoring, {len(r['peers']['per_host']) - x['hosts']} "
+                "broken)",
+                "yes" if x["origin_egress_link"] <= 1.2 * size else "NO",
+            )
+        )
     if "late" in r:
         late = r["late"]
         rate = size / late["time_to_all"]
@@ -810,7 +840,7 @@ def print_round(r: dict[str, Any], size: int, b_o: float, b_p: float) -> None:
         print(f"  after the peers run, {h} sees: {odd}")
     p = r["peers"]
     served = sum(x["uploaded"] for x in p["per_host"])
-    for name in ("peers", "late", "origin_only"):
+    for name in ("peers", "late", "broken", "origin_only"):
         if name in r:
             x = r[name]
             print(
@@ -867,6 +897,10 @@ def print_summary(rounds: list[dict[str, Any]], size: int, b_o: float, b_p: floa
             r["origin_only"]["time_to_all"] / r["peers"]["time_to_all"] for r in done
         ],
     }
+    if all("broken" in r for r in done):
+        figures["broken: origin egress / S"] = [
+            r["broken"]["origin_egress_link"] / size for r in done
+        ]
     if all("late" in r for r in done):
         figures["late host / B_p"] = [size / r["late"]["time_to_all"] / b_p for r in done]
     if all("reference" in r for r in done):
@@ -904,6 +938,14 @@ def main() -> int:
         action="store_true",
         help="serve the origin with bench/throttled.py, which answers ranged GETs as an "
         "object store or nginx does (default: python -m http.server, which ignores them)",
+    )
+    ap.add_argument(
+        "--broken",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a run where the last N hosts' own origin holds nothing (live members that "
+        "cannot pull what they own) and the others restore at once: the origin's egress",
     )
     ap.add_argument(
         "--no-reference",
@@ -982,6 +1024,7 @@ def main() -> int:
                 profile=args.profile,
                 reference=not args.no_reference,
                 peers_extra=peers_extra,
+                broken=args.broken,
             )
             print(
                 f"{args.hosts} hosts at {args.host_rate} ({b_p / MiB:.1f} MiB/s), origin at "
