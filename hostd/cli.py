@@ -112,10 +112,12 @@ class _Formatter(argparse.HelpFormatter):
 def _columns() -> int:
     """The terminal's width as shutil.get_terminal_size().columns tells it: $COLUMNS, else
     stdout's terminal, else 80."""
-    with contextlib.suppress(KeyError, ValueError):
-        columns = int(os.environ["COLUMNS"])
-        if columns > 0:
-            return columns
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
     out = sys.__stdout__
     try:
         return (out is not None and os.get_terminal_size(out.fileno()).columns) or 80

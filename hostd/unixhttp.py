@@ -13,14 +13,14 @@ translates neither: client.py is the edge that turns both into HostdError.
 
 from __future__ import annotations
 
+import _socket  # socket.py's C core: its import makes an enum of every constant and pulls in
+import _thread  # selectors, ~3 ms of a client command's start for nothing this module uses
 import codecs
 import contextlib
 import os
 import select
 import signal
-import socket
 import struct
-import threading
 from collections.abc import Iterator
 
 MAX_HEAD = 64 * 1024
@@ -31,33 +31,43 @@ RECV_BYTES = 256 * 1024
 
 
 def _wakeup_fd() -> int:
-    """The read end of a pipe the interpreter writes to when a signal arrives (installed on
-    first use, from the main thread, where no other is); -1 where there is none.
+    """The read end of a pipe the interpreter writes to when a signal arrives, in the main
+    thread (where signals are handled; installed on first use there, where no one else's
+    is); -1 in any other thread, or where there is none.
 
     A blocking recv misses a Ctrl-C that lands between the interpreter's last check for
     signals and the system call: the handler only flags it, and recv waits on for data a
     stalled stream may never send. Waiting on the socket and this pipe together cannot miss
     it: the byte the signal wrote is there however early it came."""
-    global _WAKEUP
-    if _WAKEUP is None:
-        _WAKEUP = -1
-        if threading.current_thread() is threading.main_thread():
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            if signal.set_wakeup_fd(w, warn_on_full_buffer=False) == -1:
-                _WAKEUP = r
-            else:  # someone else's (an event loop's): put it back, wait as before
-                signal.set_wakeup_fd(-1)
-                os.close(r)
-                os.close(w)
-    return _WAKEUP
+    global _WAKEUP, _MAIN
+    me = _thread.get_ident()
+    if _WAKEUP is None and me not in _OTHERS:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (an ident, once another's, is never main's)
+            os.close(r)
+            os.close(w)
+            _OTHERS.add(me)
+            return -1
+        if old == -1:
+            _WAKEUP, _MAIN = r, me
+        else:  # someone else's (an event loop's): put it back, wait as before
+            signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            _WAKEUP = -1
+    return _WAKEUP if _WAKEUP is not None and me == _MAIN else -1
 
 
 _WAKEUP: int | None = None
+_MAIN: int | None = None  # the thread that installed it: the main one
+_OTHERS: set[int] = set()  # threads found not to be the main one
 
 
-def _recv(sock: socket.socket) -> bytes:
+def _recv(sock: _socket.socket) -> bytes:
     """sock.recv, interruptible by a signal however early it came (see _wakeup_fd)."""
-    fd = _wakeup_fd() if threading.current_thread() is threading.main_thread() else -1
+    fd = _wakeup_fd()
     if fd >= 0:
         poll = select.poll()
         poll.register(sock, select.POLLIN)
@@ -233,7 +243,7 @@ class Connection:
     def __init__(self, path: str, *, connect_timeout: float) -> None:
         self.path = path
         self._connect_timeout = connect_timeout
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._aborted = False
 
     def __repr__(self) -> str:
@@ -241,19 +251,19 @@ class Connection:
         return f"<Connection {self.path!r} {state}>"
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout says
             # A blocking socket with a send timeout, not settimeout(): a Unix socket's connect
             # waits for room in a full listen backlog only when blocking, for SO_SNDTIMEO.
             seconds, fraction = divmod(self._connect_timeout, 1)
             timeout = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, timeout)
             try:
                 sock.connect(self.path)
             except BlockingIOError as exc:  # EAGAIN: the backlog stayed full
                 raise TimeoutError(f"timed out after {self._connect_timeout:g}s") from exc
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
         except BaseException:
             sock.close()
             raise
@@ -293,7 +303,7 @@ class Connection:
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):  # not connected, or already gone
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(_socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """Close our side for writing, from any thread: the daemon sees its client go (and
@@ -301,7 +311,7 @@ class Connection:
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):  # not connected, or already gone
-                sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(_socket.SHUT_WR)
 
     def close(self) -> None:
         """Close the socket. Only the thread that uses the connection may: a socket closed
@@ -310,7 +320,7 @@ class Connection:
         if sock is not None:
             sock.close()
 
-    def _connected(self) -> socket.socket:
+    def _connected(self) -> _socket.socket:
         if self._sock is None:
             raise ConnectionClosed("the connection is closed")
         return self._sock

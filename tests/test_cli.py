@@ -1133,8 +1133,9 @@ def test_subprocess_closed_stdout_is_quiet(daemon: FakeDaemon) -> None:
 # What a client command may import: not the daemon's stack (aiohttp, asyncio), not rich on a
 # pipe, not http.client (40 ms of email and ssl). Each costs more than the command's own work.
 # Nor the config loader (tomllib, difflib: ~90 ms), even to find the default socket. Nor
-# typing, pathlib, dataclasses (inspect) or shutil (bz2, lzma): 1-9 ms each, where the
-# interpreter itself starts in ~10 ms and `hostd status` should take at most 3 times that.
+# typing, pathlib, dataclasses (inspect), shutil (bz2, lzma), socket (selectors; unixhttp
+# uses its C core) or threading: 1-9 ms each, where the interpreter itself starts in ~10 ms
+# and `hostd status` should take at most 3 times that.
 HEAVY_MODULES = (
     "aiohttp",
     "asyncio",
@@ -1151,6 +1152,9 @@ HEAVY_MODULES = (
     "dataclasses",
     "inspect",
     "shutil",
+    "socket",
+    "selectors",
+    "threading",
 )
 
 

@@ -351,3 +351,40 @@ def test_a_full_listen_backlog_is_unreachable_after_the_connect_timeout(short_di
             for filler in waiting:
                 filler.close()
     assert caught.value.exit_code == 4
+
+
+# The interrupt pipe (unixhttp._wakeup_fd), in a fresh interpreter: it is per process.
+WAKEUP_SCRIPT = """if True:
+    import os, signal, threading
+    from hostd import unixhttp
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(unixhttp._wakeup_fd()))
+    t.start(); t.join()
+    mine = unixhttp._wakeup_fd()
+    print(seen[0], mine >= 0, signal.set_wakeup_fd(-1) >= 0, unixhttp._wakeup_fd() == mine)
+"""
+
+# Where a wakeup fd of someone else's is set (an event loop's), it is left as it was.
+WAKEUP_TAKEN_SCRIPT = """if True:
+    import os, signal
+    from hostd import unixhttp
+    r, w = os.pipe2(os.O_NONBLOCK)
+    signal.set_wakeup_fd(w)
+    print(unixhttp._wakeup_fd(), signal.set_wakeup_fd(-1) == w)
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "said"),
+    [(WAKEUP_SCRIPT, "-1 True True True"), (WAKEUP_TAKEN_SCRIPT, "-1 True")],
+)
+def test_the_interrupt_pipe_is_the_main_threads_and_leaves_anothers_alone(
+    script: str, said: str
+) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.stdout.strip(), done.stderr) == (said, "")
