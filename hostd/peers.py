@@ -985,6 +985,17 @@ class RangeProbe(Protocol):
     async def answers_ranges(self, pack: bytes) -> bool: ...
 
 
+class _HaveAsk:
+    """The ids to ask one member about in the next `have` request, and its answer: the ids
+    it holds, None if the request failed."""
+
+    __slots__ = ("ids", "said")
+
+    def __init__(self, said: asyncio.Future[set[bytes] | None]) -> None:
+        self.ids: set[bytes] = set()
+        self.said = said
+
+
 class PeerSource:
     """A ChunkSource: the chunk's owner, then peers that hold it (see the module docstring)."""
 
@@ -1016,6 +1027,10 @@ class PeerSource:
         # Requests in flight to each member, each set once it said it will serve (200): a
         # member sending us a chunk, or pulling one through for us, is not busy to everything
         self._taking: dict[str, set[asyncio.Event]] = {}
+        # `have` asks by member: the ids asked for the next request, and the task that sends
+        # them, one request at a time (_has)
+        self._asking: dict[str, _HaveAsk] = {}
+        self._asker: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"PeerSource({self.membership!r}, hedge_after={self.hedge_after})"
@@ -1291,19 +1306,55 @@ class PeerSource:
         return out
 
     async def _has(self, name: str, cid: bytes) -> bool:
+        """Whether `name` says it holds `cid`. The asks for one member wait for one request at
+        a time, each with every id asked by then: a restore's fetches ask for many chunks at
+        once, and a request each went past what a member reads of one host's unproven bodies
+        at a time (its busy answers read as "no": a host joining a fleet that held every
+        chunk read its own share from the origin)."""
         now = self.membership.clock()
         cached = self._have.get((name, cid))
         if cached is not None and now - cached[0] < HAVE_TTL:
             return cached[1]
+        ask = self._asking.get(name)
+        if ask is None:
+            ask = self._asking[name] = _HaveAsk(asyncio.get_running_loop().create_future())
+        ask.ids.add(cid)
+        if name not in self._asker:
+            self._asker[name] = asyncio.ensure_future(self._ask_have(name))
+        said = await asyncio.shield(ask.said)
+        return said is not None and cid in said
+
+    async def _ask_have(self, name: str) -> None:
+        """Send `name` the ids asked of it, a request at a time, until none are waiting; each
+        ask hears the set it holds (None: the request failed, or this task was cancelled).
+        It leaves `_asker` in the same step as it finds nothing more to ask: an ask made
+        after that starts another."""
         try:
-            yes = cid in await self.client.have(name, [cid])
-        except PeerFailure as e:
-            self.membership.report(name, e)
-            return False
-        if len(self._have) > 100_000:
-            self._have.clear()
-        self._have[(name, cid)] = (now, yes)
-        return yes
+            await asyncio.sleep(0)  # the asks of this turn of the loop go together
+            while (ask := self._asking.pop(name, None)) is not None:
+                ids = list(ask.ids)
+                got: set[bytes] = set()
+                try:
+                    for at in range(0, len(ids), MAX_HAVE_IDS):
+                        got |= await self.client.have(name, ids[at : at + MAX_HAVE_IDS])
+                except PeerFailure as e:
+                    self.membership.report(name, e)
+                    ask.said.set_result(None)
+                    continue
+                except BaseException:
+                    ask.said.set_result(None)
+                    raise
+                now = self.membership.clock()
+                if len(self._have) > 100_000:
+                    self._have.clear()
+                for cid in ids:
+                    self._have[(name, cid)] = (now, cid in got)
+                ask.said.set_result(got)
+        finally:
+            del self._asker[name]
+            left = self._asking.pop(name, None)  # (only where cancelled: nothing sends it)
+            if left is not None:
+                left.said.set_result(None)
 
 
 def new_node_id() -> str:

@@ -1836,3 +1836,49 @@ async def test_a_member_busy_only_while_it_serves_this_host_is_still_waited_on()
             with contextlib.suppress(BaseException):
                 await t
         await client.close()
+
+
+async def test_asks_whether_a_member_holds_chunks_go_one_request_at_a_time() -> None:
+    """A restore's fetches ask a member about many chunks at once. A request each went past
+    the unproven bodies a member reads from one host at a time (16): the rest were answered
+    busy, read as "does not hold it", and a host joining a fleet that held every chunk read
+    its own share from the origin. The asks of a turn of the loop go in one request now, and
+    those made while it is out in the next, one at a time."""
+    held = {os.urandom(32) for _ in range(200)}
+    in_flight, most, requests = 0, 0, 0
+
+    class Counting(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+        async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+            nonlocal in_flight, most, requests
+            in_flight, requests = in_flight + 1, requests + 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.01)
+                if in_flight > 16:
+                    raise PeerFailure("busy", f"peer {name}: as many unproven bodies as it may")
+                return held & set(cids)
+            finally:
+                in_flight -= 1
+
+    client = Counting("me", None, 5.0, 10.0)
+    m = Membership(("10.0.0.2:7460",), (), 10.0, client)
+    await m.refresh()
+    source = PeerSource(m, client, 5.0)
+    asked = [*held, *(os.urandom(32) for _ in range(100))]
+    try:
+        async with asyncio.timeout(10):
+            first = await asyncio.gather(*(source._has("10.0.0.2:7460", c) for c in asked[:150]))
+            rest = await asyncio.gather(
+                *(source._has("10.0.0.2:7460", c) for c in asked[150:]),
+                *(source._has("10.0.0.2:7460", c) for c in asked[:10]),  # (answered: kept)
+            )
+    finally:
+        await client.close()
+    assert [*first, *rest[:150]] == [c in held for c in asked]
+    assert all(rest[150:])
+    assert (most, requests) == (1, 2)
