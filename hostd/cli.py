@@ -144,9 +144,10 @@ def _command_in(argv: list[str]) -> str | None:
     (`hostd --help status` lists every command)."""
     words = iter(argv)
     for w in words:
-        if w == "--socket":
+        # (argparse takes a long flag's unique prefix too: `--sock S`, `--he`)
+        if w == "--socket" or (len(w) > 2 and "--socket".startswith(w)):
             next(words, None)
-        elif w in ("-h", "--help"):
+        elif w == "-h" or (len(w) > 2 and "--help".startswith(w)):
             return None
         elif not w.startswith("-"):
             return w

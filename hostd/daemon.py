@@ -456,6 +456,7 @@ class Peers:
         self.client.secret = secret
         if self.server is not None:
             self.server.secret = secret
+        self.membership.rekeyed()
         return True
 
     async def stop(self) -> None:

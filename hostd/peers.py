@@ -46,7 +46,7 @@ import aiohttp
 from hostd.core import codec, peerauth, rendezvous
 from hostd.core.ids import is_hex_id
 from hostd.core.manifest import Chunk
-from hostd.core.members import SILENT_STRIKE, Member, Roster
+from hostd.core.members import SILENT_STRIKE, Member, Roster, State
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
 from hostd.unixhttp import BodyDecoder, ConnectionClosed, ProtocolError, parse_head
@@ -860,6 +860,18 @@ class Membership:
         end = endpoint(peer)
         if challenge in self._challenges and end is not None and is_local_ip(end[0]):
             self._challenges[challenge] = end
+
+    def rekeyed(self) -> None:
+        """This host took a new cluster secret: the members that refused its proof (they
+        took the new one first) are probed now, not when their backoff (up to a minute) runs
+        out; each one that answers hears from us, and probes us in turn. Until then each host
+        places chunks without the others, and reads their shares from the origin."""
+        woken = False
+        for m in list(self.roster.members.values()):
+            if m.state is State.REJECTING:
+                woken |= self.roster.probe_soon(m.name)
+        if woken:
+            self._wake.set()
 
     def heard_from(self, name: str, node: str) -> None:
         """A member asked us something with the cluster's proof: where we count it dead (or

@@ -176,9 +176,18 @@ def test_a_command_parses_the_same_with_only_its_own_options_built() -> None:
 
 
 def test_help_before_a_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--help", "status")
-    assert code == 0
-    assert all(f"\n    {name} " in out for name in COMMANDS)
+    for flag in ("--help", "--he", "-h"):  # (argparse takes a unique prefix of a long flag)
+        code, out, _ = run(capsys, flag, "status")
+        assert code == 0
+        assert all(f"\n    {name} " in out for name in COMMANDS), flag
+
+
+def test_an_abbreviated_socket_flag_takes_its_value_before_the_command() -> None:
+    """`--sock S` is argparse's `--socket S`: the word after it is the socket, not the
+    command, and the command after that parses as in the whole CLI."""
+    for argv in (["--sock", "status", "ls"], ["--so", "/run/x.sock", "--json", "ls"]):
+        assert _command_in(argv) == "ls", argv
+        assert vars(build_parser("ls").parse_args(argv)) == vars(build_parser().parse_args(argv))
 
 
 def test_help_lists_the_global_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1445,6 +1445,35 @@ def test_a_new_secret_file_takes_effect_at_a_reload(work: Path) -> None:
         assert health(new) == 200
 
 
+def test_hosts_that_refused_each_other_during_a_rotation_are_live_once_both_reloaded(
+    work: Path,
+) -> None:
+    """A secret rotated host by host: one that took the new secret first is refused by the
+    others, which count it rejecting and probe it again on a backoff that doubles up to a
+    minute. Once every host has the new secret, they were still apart until that backoff
+    ran out, each placing chunks without the others and reading their shares from the
+    origin. A reload that takes a new secret probes the members that refused it at once."""
+    fleet = Fleet(work, 2)
+    keys = []
+    for i, h in enumerate(fleet.hosts):  # a key file each, as on separate hosts
+        keys.append(key_file(work / f"key{i}", peerauth.load_secret(fleet.key.read_bytes(), "k")))
+        h.config_path.write_text(h.config_path.read_text().replace(str(fleet.key), str(keys[i])))
+    with fleet:
+        (h0, h1), (a0, _) = fleet.hosts, fleet.addrs
+        new = os.urandom(24)
+        key_file(keys[0], new)
+        h0.signal(signal.SIGHUP)
+        wait_for(lambda: "cluster secret changed" in h0.log(), "h0 to take the new secret")
+        fleet.publish(small_tree(work / "src", n=40), "m/x")
+        h1.restore("m/x", work / "t1")  # asks h0 for its share: refused
+        # refused again at each probe, until the next one is a while off
+        wait_for(lambda: member(h1, a0).get("retry_in", 0) > 6, "h1 to probe h0 rarely", timeout=30)
+        key_file(keys[1], new)
+        h1.signal(signal.SIGHUP)
+        wait_for(lambda: "cluster secret changed" in h1.log(), "h1 to take the new secret")
+        wait_for(lambda: member(h1, a0)["state"] == "live", "h0 live on h1", timeout=4)
+
+
 def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
     (port,) = free_ports(1)
     h = Hostd(work / "h", peers={"listen": f"127.0.0.1:{port}"})
