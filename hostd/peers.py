@@ -1186,6 +1186,8 @@ class PeerSource:
         wait = min(self.busy_wait, SPENT_BUSY_WAIT) if name in self._spent else self.busy_wait
         if now - since <= wait:
             return True
+        if len(self._spent) >= 4 * HAVE_FANOUT * HOLDER_TRIES:  # (members come and go)
+            self._spent &= self.membership.current().members
         if len(self._spent) < 4 * HAVE_FANOUT * HOLDER_TRIES:
             self._spent.add(name)
         return False
