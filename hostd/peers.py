@@ -1355,6 +1355,9 @@ class PeerSource:
                     self.membership.report(name, e)
                     ask.said.set_result(None)
                     continue
+                except Exception as e:  # (a fault of ours: its askers raise it, as before)
+                    ask.said.set_exception(e)
+                    continue
                 except BaseException:
                     ask.said.set_result(None)
                     raise
