@@ -821,6 +821,7 @@ class Membership:
         challenge = secrets.token_hex(16)
         self._challenges[challenge] = None
         ours: tuple[str, int] | None = None
+        secret = self.client.secret
         try:
             doc, ours = await self.client.health(m.name, challenge)
         except PeerFailure as e:
@@ -831,6 +832,12 @@ class Membership:
                 self._wake.set()
             else:
                 self.report(m.name, e)
+                # refused a proof made with the secret a reload replaced while it was out
+                # (rekeyed asked for a probe of it with the new one): probed again now, not
+                # after the backoff the refusal set
+                if e.kind == "rejected" and self.client.secret != secret:
+                    self.roster.probe_soon(m.name)
+                    self._wake.set()
             return
         except Exception:  # a supervision point: one member's answer must not end the loop
             log.exception("peers: probing %s failed", m.name)
@@ -925,12 +932,15 @@ class Membership:
                 except Exception:  # a supervision point: membership must outlive a bad round
                     log.exception("peers: refreshing the member list failed; trying again")
                 next_refresh = now + self.dns_refresh
+            # Cleared before the round, not after: a wake while it is out (a reload's new
+            # secret, a member heard from, one probed next: the round waits for a dead one's
+            # timeout) is for the next round, not lost until a backoff runs out
+            self._wake.clear()
             due = self.roster.due(self.clock())
             for at in range(0, len(due), 64):  # 64 probes at a time
                 async with asyncio.TaskGroup() as tg:
                     for m in due[at : at + 64]:
                         tg.create_task(self.probe(m))
-            self._wake.clear()
             wake_at = min(next_refresh, self.roster.next_due() or next_refresh)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.05, wake_at - self.clock())):
@@ -1354,6 +1364,12 @@ class PeerSource:
                 except PeerFailure as e:
                     self.membership.report(name, e)
                     ask.said.set_result(None)
+                    # One the failure put out of the placement (dead, struck, rejecting) is
+                    # not asked again for the asks made meanwhile: they waited for this
+                    # request, and another to it would cost them a timeout more
+                    out = name not in self.membership.current().members
+                    if out and (left := self._asking.pop(name, None)) is not None:
+                        left.said.set_result(None)
                     continue
                 except Exception as e:  # (a fault of ours: its askers raise it, as before)
                     ask.said.set_exception(e)

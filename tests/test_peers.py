@@ -1474,6 +1474,93 @@ def test_hosts_that_refused_each_other_during_a_rotation_are_live_once_both_relo
         wait_for(lambda: member(h1, a0)["state"] == "live", "h0 live on h1", timeout=4)
 
 
+async def test_a_new_secret_taken_while_a_probe_round_is_out_probes_the_rejecting_members() -> None:
+    """A reload that takes a new secret while the prober waits for a round to end (a listed
+    host switched off: its probe waits for the timeout) marks the members that refused the
+    old one for the next round. The wake it gave was cleared when that round ended, and they
+    waited for their backoff (a minute, in a rotation) after all."""
+    dead, refusing = "10.0.0.2:7460", "10.0.0.3:7460"
+    off, probed = asyncio.Event(), asyncio.Event()
+
+    class Rotating(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            if name == dead:
+                probed.set()
+                await off.wait()
+                raise PeerFailure("dead", f"peer {name}: no connection in 5 s")
+            if self.secret == b"old":
+                raise PeerFailure("rejected", f"peer {name} answered 401")
+            return {"node": "n3"}, ("127.0.0.1", 40000)
+
+    client = Rotating("me", b"old", 5.0, 10.0)
+    m = Membership((dead, refusing), (), 3600.0, client)
+    await m.refresh()
+    now = m.clock()
+    for _ in range(8):  # both at the longest backoff, due now
+        m.roster.failed(dead, now, "no connection")
+        m.roster.rejected(refusing, now, "401")
+    for n in (dead, refusing):
+        m.roster.members[n].retry_at = now
+    runner = asyncio.ensure_future(m.run())
+    try:
+        async with asyncio.timeout(10):
+            await probed.wait()  # the round is out
+            while m.roster.members[refusing].probed is False:  # noqa: ASYNC110 - refused
+                await asyncio.sleep(0.01)
+            assert m.roster.members[refusing].retry_at - m.clock() > 30
+            client.secret = b"new"
+            m.rekeyed()
+            off.set()
+            while m.roster.members[refusing].state is not State.LIVE:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await client.close()
+
+
+async def test_a_probe_refused_for_the_old_secret_after_a_reload_is_made_again() -> None:
+    """A reload that takes a new secret while a probe of a member that refused the old one
+    is out: its refusal (of the old secret's proof) comes back after the reload and set the
+    member's backoff anew, up to a minute, and the probe the reload asked for never went."""
+    name = "10.0.0.3:7460"
+    out, answer = asyncio.Event(), asyncio.Event()
+
+    class Rotating(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            signed = self.secret
+            out.set()
+            await answer.wait()
+            if signed == b"old":
+                raise PeerFailure("rejected", f"peer {name} answered 401")
+            return {"node": "n3"}, ("127.0.0.1", 40000)
+
+    client = Rotating("me", b"old", 5.0, 10.0)
+    m = Membership((name,), (), 3600.0, client)
+    await m.refresh()
+    now = m.clock()
+    for _ in range(8):  # at the longest backoff, due now
+        m.roster.rejected(name, now, "401")
+    m.roster.members[name].retry_at = now
+    runner = asyncio.ensure_future(m.run())
+    try:
+        async with asyncio.timeout(10):
+            await out.wait()
+            client.secret = b"new"
+            m.rekeyed()
+            answer.set()
+            while m.roster.members[name].state is not State.LIVE:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await client.close()
+
+
 def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
     (port,) = free_ports(1)
     h = Hostd(work / "h", peers={"listen": f"127.0.0.1:{port}"})
@@ -1911,3 +1998,45 @@ async def test_asks_whether_a_member_holds_chunks_go_one_request_at_a_time() -> 
     assert [*first, *rest[:150]] == [c in held for c in asked]
     assert all(rest[150:])
     assert (most, requests) == (1, 2)
+
+
+async def test_asks_waiting_behind_a_have_that_stalls_are_answered_with_it() -> None:
+    """A member that stalls on `have` is struck by the request that timed out. The asks made
+    while that request was out waited for it: another request to the member the placement no
+    longer holds would cost them a timeout more (twice a timeout in all, and each of them a
+    holder lookup of every restore that asked)."""
+    name = "10.0.0.2:7460"
+    asked: list[list[bytes]] = []
+    out, queued = asyncio.Event(), asyncio.Event()
+
+    class Stalling(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+        async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+            asked.append(cids)
+            out.set()
+            await queued.wait()
+            raise PeerFailure("stall", f"peer {name} sent no answer in 5 s")
+
+    client = Stalling("me", None, 5.0, 10.0)
+    m = Membership((name,), (), 10.0, client)
+    await m.refresh()
+    source = PeerSource(m, client, 5.0)
+    try:
+        async with asyncio.timeout(10):
+            first = asyncio.ensure_future(source._has(name, os.urandom(32)))
+            await out.wait()
+            second = asyncio.ensure_future(source._has(name, os.urandom(32)))
+            await asyncio.sleep(0)  # (its ask is made: the next request's)
+            assert name in source._asking
+            queued.set()
+            assert (await first, await second) == (False, False)
+    finally:
+        await client.close()
+    assert name not in m.current().members  # struck
+    assert len(asked) == 1
+    assert not source._asker
+    assert not source._asking
