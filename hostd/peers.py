@@ -1052,6 +1052,7 @@ class PeerSource:
         # `have` asks by member: the ids asked for the next request, and the task that sends
         # them, one request at a time (_has)
         self._asking: dict[str, _HaveAsk] = {}
+        self._sending: dict[str, _HaveAsk] = {}  # the request out to each member
         self._asker: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
@@ -1339,10 +1340,12 @@ class PeerSource:
         cached = self._have.get((name, cid))
         if cached is not None and now - cached[0] < HAVE_TTL:
             return cached[1]
-        ask = self._asking.get(name)
-        if ask is None:
-            ask = self._asking[name] = _HaveAsk(asyncio.get_running_loop().create_future())
-        ask.ids.add(cid)
+        ask = self._sending.get(name)
+        if ask is None or cid not in ask.ids:  # (else the request out has it: its answer)
+            ask = self._asking.get(name)
+            if ask is None:
+                ask = self._asking[name] = _HaveAsk(asyncio.get_running_loop().create_future())
+            ask.ids.add(cid)
         if name not in self._asker:
             self._asker[name] = asyncio.ensure_future(self._ask_have(name))
         said = await asyncio.shield(ask.said)
@@ -1356,6 +1359,7 @@ class PeerSource:
         try:
             await asyncio.sleep(0)  # the asks of this turn of the loop go together
             while (ask := self._asking.pop(name, None)) is not None:
+                self._sending[name] = ask
                 ids = list(ask.ids)
                 got: set[bytes] = set()
                 try:
@@ -1385,6 +1389,7 @@ class PeerSource:
                 ask.said.set_result(got)
         finally:
             del self._asker[name]
+            self._sending.pop(name, None)
             left = self._asking.pop(name, None)  # (only where cancelled: nothing sends it)
             if left is not None:
                 left.said.set_result(None)

@@ -2040,3 +2040,40 @@ async def test_asks_waiting_behind_a_have_that_stalls_are_answered_with_it() -> 
     assert len(asked) == 1
     assert not source._asker
     assert not source._asking
+
+
+async def test_an_ask_for_a_chunk_a_have_request_out_carries_waits_for_that_answer() -> None:
+    """Asked again while a request that carries it is out, a chunk went into the next
+    request too, and its fetch waited for two."""
+    name, cid = "10.0.0.2:7460", os.urandom(32)
+    requests: list[list[bytes]] = []
+    out, release = asyncio.Event(), asyncio.Event()
+
+    class Slow(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+        async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
+            requests.append(cids)
+            out.set()
+            await release.wait()
+            return set(cids)
+
+    client = Slow("me", None, 5.0, 10.0)
+    m = Membership((name,), (), 10.0, client)
+    await m.refresh()
+    source = PeerSource(m, client, 5.0)
+    try:
+        async with asyncio.timeout(10):
+            first = asyncio.ensure_future(source._has(name, cid))
+            await out.wait()
+            again = asyncio.ensure_future(source._has(name, cid))
+            await asyncio.sleep(0)
+            release.set()
+            assert (await first, await again) == (True, True)
+    finally:
+        await client.close()
+    assert requests == [[cid]]
+    assert not source._asker
