@@ -18,7 +18,10 @@ fill that gets `backlog` blobs ahead of the disk waits for it.
 A failed sync cannot say which blob it lost, so its batch and everything waiting on that tier
 is dropped (records and files: fetched again when next asked for), and the tier's next batch
 is also fsynced blob by blob, which reports an error a blob written during the failed sync
-met and the syncfs no longer would (it was reported once, to that sync).
+met and the syncfs no longer would (it was reported once, to that sync). For the same
+reason a batch whose tier another caller's sync failed on (a re-hash's, a publish's) since
+its first blob was added counts as failed too (`Tier.failed_syncs`): that sync may have
+been told the batch's own write-back error.
 
 It must not: write a row before the sync covering its blob has returned; record a blob that
 is no longer the cache's record (Cache.record_durable skips those, and writes the rest on the
@@ -87,6 +90,10 @@ class Durability:
         # of a given set of blobs looks for.
         self._unsynced: set[int] = set()
         self._suspect: set[str] = set()  # tiers whose last sync failed: check blob by blob
+        # Each tier's count of failed syncs when the first of its pending blobs was added: one
+        # that moved by the time this object's sync passed failed for another caller, which
+        # may have been told this batch's write-back error (it is told once)
+        self._failed_at: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -107,6 +114,7 @@ class Durability:
         """A blob installed with `durable=False` and recorded with `persist=False`."""
         if self._timer is None and not self._pending:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay, self._on_time)
+        self._failed_at.setdefault(b.tier.name, b.tier.failed_syncs)
         self._pending.append(b)
         self._unsynced.add(id(b))
         self._added += 1
@@ -170,7 +178,8 @@ class Durability:
             self._timer = None
         self._overdue = False
         batch, self._pending = self._pending, []
-        flight = asyncio.create_task(self._sync(batch, self._added))
+        failed_at, self._failed_at = self._failed_at, {}
+        flight = asyncio.create_task(self._sync(batch, self._added, failed_at))
         self._flight = flight
         flight.add_done_callback(self._landed)
 
@@ -186,12 +195,12 @@ class Durability:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self.max_delay, self._on_time)
 
-    async def _sync(self, batch: list[Blob], end: int) -> None:
+    async def _sync(self, batch: list[Blob], end: int, failed_at: dict[str, int]) -> None:
         tiers: dict[str, tuple[Tier, list[bytes]]] = {}
         for b in batch:
             tiers.setdefault(b.tier.name, (b.tier, []))[1].append(b.digest)
         suspect = set(self._suspect)
-        failed = await asyncio.to_thread(_sync_tiers, list(tiers.values()), suspect)
+        failed = await asyncio.to_thread(_sync_tiers, list(tiers.values()), suspect, failed_at)
         self._suspect -= set(tiers) - set(failed)
         self._suspect |= set(failed)
         self.stats.syncs += bool(tiers)
@@ -214,6 +223,8 @@ class Durability:
         lost += [b for b in self._pending if b.tier.name in failed]
         # (a flush that counted on them starts a sync of what is left, which settles them)
         self._pending = [b for b in self._pending if b.tier.name not in failed]
+        for name in failed:  # (none of its blobs waits now: the next one added counts anew)
+            self._failed_at.pop(name, None)
         self._unsynced.difference_update(id(b) for b in lost)
         self.stats.dropped += len(lost)
         first = next(iter(failed.values()))
@@ -226,12 +237,23 @@ class Durability:
         raise first
 
 
-def _sync_tiers(tiers: list[tuple[Tier, list[bytes]]], suspect: set[str]) -> dict[str, TierError]:
-    """Sync each tier (blocking); the failures, by tier name."""
+def _sync_tiers(
+    tiers: list[tuple[Tier, list[bytes]]], suspect: set[str], failed_at: dict[str, int]
+) -> dict[str, TierError]:
+    """Sync each tier (blocking); the failures, by tier name. A tier another caller's sync
+    failed on since the batch's first blob was added counts as failed too: the write-back
+    error it was told may have been this batch's, which this sync is then not told."""
     failed: dict[str, TierError] = {}
     for t, digests in tiers:
         try:
             t.sync(digests, each=t.name in suspect)
         except TierError as e:
             failed[t.name] = e
+            continue
+        if t.failed_syncs != failed_at.get(t.name, t.failed_syncs):
+            failed[t.name] = TierError(
+                f"tier {t.name!r} ({t.root}): another sync of it failed while this batch of "
+                "blobs was written, and its error may have been theirs",
+                tier=t.name,
+            )
     return failed

@@ -403,6 +403,11 @@ class Tier:
         self.budget = budget
         self._syncfs = syncfs
         self._fsync_each = fsync_each
+        # Syncs of this tier that failed, by any caller: a write-back error is reported once,
+        # to whichever sync comes first, so a batch whose own sync passed checks this too
+        # (durable.Durability)
+        self.failed_syncs = 0
+        self._failed_lock = threading.Lock()
         self.blobs_dir = root / "blobs"
         self._blobs_prefix = f"{self.blobs_dir}/"  # (blob_file: no Path's str per blob)
         self.partial_dir = root / "partial"
@@ -785,6 +790,8 @@ class Tier:
                 finally:
                     os.close(fd)
         except OSError as e:
+            with self._failed_lock:
+                self.failed_syncs += 1
             raise tier_error(self.name, self.root, e, "syncing its blobs to disk") from e
 
 

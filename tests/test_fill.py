@@ -1116,6 +1116,48 @@ async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
         rig.close()
 
 
+async def test_a_batch_whose_write_back_error_another_sync_was_told_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """syncfs reports a write-back error once, to the first sync after it on any descriptor:
+    another caller's sync of the tier (a re-hash's, a publish's) that fails while a batch is
+    written may have taken the batch's error, and the batch's own sync then passes. Its blobs
+    were recorded, rows for bytes that may never have reached the disk."""
+    broken = [False]
+
+    def syncfs(_path: Path) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class SharedTier(LoggedTier):
+        def __init__(self, name: str, root: Path, budget: int) -> None:
+            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
+
+    LoggedTier.hold.clear()
+    LoggedTier.syncing.clear()
+    LoggedTier.each = []
+    rig = Rig(tmp_path, mem_tier=SharedTier)
+    try:
+        files = [rig.file(f"f{i}", pattern(f"f{i}", 3000 + i)) for i in range(5)]
+        job = asyncio.create_task(rig.ensure(files))
+        assert await asyncio.to_thread(LoggedTier.syncing.wait, DEADLINE)  # the batch's, held
+        broken[0] = True  # another caller's sync of the tier meets the error first
+        with pytest.raises(TierError, match="syncing its blobs to disk failed"):
+            Tier.sync(rig.mem, [os.urandom(32)])
+        broken[0] = False
+        LoggedTier.hold.set()  # the batch's own sync passes
+        with pytest.raises(TierError, match="another sync of it failed"):
+            await job
+        assert [r for r in rig.index.blobs() if r.complete] == []
+        for e in files:
+            assert rig.cache.copies(e.digest) == []
+        found, _ = await rig.ensure(files)  # fetched again, and recorded this time
+        assert {r.digest for r in rig.index.blobs() if r.complete} == set(found)
+    finally:
+        LoggedTier.hold.set()
+        rig.close()
+
+
 async def test_a_restart_between_install_and_row_rehashes_and_keeps_the_blob(
     tmp_path: Path,
 ) -> None:
