@@ -48,6 +48,8 @@ def _wakeup_fd() -> int:
         except ValueError:  # not the main thread (an ident, once another's, is never main's)
             os.close(r)
             os.close(w)
+            if len(_OTHERS) > 4096:  # (a program of many short threads)
+                _OTHERS.clear()
             _OTHERS.add(me)
             return -1
         if old == -1:
