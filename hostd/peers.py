@@ -69,6 +69,9 @@ RECIPIENTS_KEPT = 8  # hosts remembered per chunk, for busy answers
 RECIPIENT_CHUNKS = 65536  # chunks they are remembered for
 BUSY_WAIT_BASE = 0.05  # the first wait between two rounds of asking, s (doubling, jittered)
 BUSY_WAIT_MAX = 0.25  # the longest
+# Every member stalling on this host within this many peer timeouts of each other is this
+# host cut off from them, not each of them at fault (Membership._cut_off)
+CUT_OFF_WINDOW = 2
 # How long a member that was busy to everything for a whole busy wait before, serving none,
 # is waited on when it is busy anew, until it serves a chunk (PeerSource._waits_on)
 SPENT_BUSY_WAIT = 1.0
@@ -762,6 +765,9 @@ class Membership:
         # Challenges of the probes in flight -> the far end (address, port) of the
         # connection on which one reached our own server, from an address of this host.
         self._challenges: dict[str, tuple[str, int] | None] = {}
+        # When each member last stalled on us (report): every one within a timeout or two of
+        # the others is this host cut off, not each of them at fault
+        self._stalled: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"Membership({self.roster!r}, self={self.roster.self_name})"
@@ -899,6 +905,8 @@ class Membership:
         elif e.kind == "rejected":
             self.roster.rejected(name, now, e.message)
             self._wake.set()
+        elif e.kind == "stall" and self._cut_off(name, now):
+            pass
         elif e.kind in ("stall", "corrupt"):
             if self.roster.strike(name, now, e.message):
                 self.client.stats.strikes[e.kind] += 1
@@ -920,6 +928,33 @@ class Membership:
         # "failed" (it broke off, or its own pull failed) says nothing either way: a peer
         # that is gone is found by the next request, which cannot connect. (A "silent" one is
         # not asked again for the same chunk: that cost a second pull wait.)
+
+    def _cut_off(self, name: str, now: float) -> bool:
+        """`name` stalled on us: whether every other member that was live (two at least) has
+        too, within CUT_OFF_WINDOW timeouts. Then it is this host that is cut off (a link, a
+        switch port), not each of them stalling: they are counted dead, not struck, so the
+        first probe that gets through once the network heals has them back, where strikes
+        kept this host on the origin for 30 s (the others strike it, as before: to them it
+        is one member that stalled)."""
+        window = CUT_OFF_WINDOW * self.client.timeout
+        self._stalled[name] = now
+        self._stalled = {n: t for n, t in self._stalled.items() if now - t <= window}
+        members = self.roster.members
+        live = {n for n, m in members.items() if m.state is State.LIVE}
+        # (those struck meanwhile stalled too: they count; the dead and rejecting do not)
+        others = live | (self._stalled.keys() & members.keys())
+        if len(others) < 2 or not live <= self._stalled.keys():
+            return False
+        log.warning(
+            "peers: every peer stalled on us within %.0f s: this host is cut off from them, "
+            "most likely; they are counted dead, and probed, until they answer",
+            window,
+        )
+        for n in others:
+            self.roster.failed(n, now, "stalled, as every peer did: this host cut off")
+        self._stalled.clear()
+        self._wake.set()
+        return True
 
     async def run(self) -> None:
         """Keep the roster current until cancelled."""

@@ -2077,3 +2077,41 @@ async def test_an_ask_for_a_chunk_a_have_request_out_carries_waits_for_that_answ
         await client.close()
     assert requests == [[cid]]
     assert not source._asker
+
+
+async def test_every_peer_stalling_at_once_is_this_host_cut_off_not_each_struck() -> None:
+    """A host whose link went down sees every peer stall within a timeout or two, and struck
+    each for 30 s: once the link was back it still read everything from the origin until
+    the strikes ran out. Every live member stalling at once is counted as this host cut off:
+    they are dead, probed, and live again at the first answer. One that stalls alone is
+    struck, as before."""
+    names = ["10.0.0.2:7460", "10.0.0.3:7460", "10.0.0.4:7460"]
+    reachable = asyncio.Event()
+
+    class Link(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            if not reachable.is_set():
+                raise PeerFailure("dead", f"peer {name}: no connection in 2 s")
+            return {"node": name}, ("127.0.0.1", 40000)
+
+    client = Link("me", None, 2.0, 10.0)
+    m = Membership(tuple(names), (), 3600.0, client)
+    await m.refresh()
+    now = m.clock()
+    for n in names:
+        m.roster.answered(n, now)
+    try:
+        m.report(names[0], PeerFailure("stall", "sent no answer in 2 s"))
+        assert m.roster.members[names[0]].state is State.STRUCK  # alone so far: struck
+        m.report(names[1], PeerFailure("stall", "sent no answer in 2 s"))
+        m.report(names[2], PeerFailure("stall", "sent no answer in 2 s"))
+        assert {m.roster.members[n].state for n in names} == {State.DEAD}
+        assert m.placement() == []  # (nothing asked of them meanwhile)
+        reachable.set()  # the link is back: the next probes find them
+        for due in m.roster.due(m.clock() + 1.5):
+            await m.probe(due)
+        assert {m.roster.members[n].state for n in names} == {State.LIVE}
+    finally:
+        await client.close()
