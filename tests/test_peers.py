@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1027,12 +1027,7 @@ async def test_a_hedged_race_both_racers_win_at_once_counts_the_chunk_once() -> 
     go = asyncio.Event()
     asked: list[str] = []
 
-    class Racing(PeerClient):
-        async def health(
-            self, name: str, challenge: str = ""
-        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-            return {"node": name}, ("127.0.0.1", 40000)
-
+    class Racing(Answering):
         async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
             return set(cids)
 
@@ -1148,6 +1143,16 @@ def test_an_owner_that_is_down_is_marked_dead_and_others_serve(work: Path) -> No
             assert m["state"] == "dead"
             assert "refused" in m["last_error"].lower()
             assert sample(h.metrics(), "hostd_peers", state="dead") == 1
+
+
+class Answering(PeerClient):
+    """A client whose every probe of a member gets its health answer (in process, no
+    sockets): the members are live once probed."""
+
+    async def health(
+        self, name: str, challenge: str = ""
+    ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+        return {"node": name}, ("127.0.0.1", 40000)
 
 
 def peer_request(
@@ -1474,6 +1479,25 @@ def test_hosts_that_refused_each_other_during_a_rotation_are_live_once_both_relo
         wait_for(lambda: member(h1, a0)["state"] == "live", "h0 live on h1", timeout=4)
 
 
+@contextlib.asynccontextmanager
+async def probing(m: Membership, client: PeerClient) -> AsyncIterator[None]:
+    """`m`'s prober running through the block, which must end within a deadline; then
+    stopped, and the client closed."""
+    runner = asyncio.ensure_future(m.run())
+    try:
+        async with asyncio.timeout(10):
+            yield
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await client.close()
+
+
+async def live(m: Membership, name: str) -> None:
+    while m.roster.members[name].state is not State.LIVE:  # noqa: ASYNC110 - no event for it
+        await asyncio.sleep(0.01)
+
+
 async def test_a_new_secret_taken_while_a_probe_round_is_out_probes_the_rejecting_members() -> None:
     """A reload that takes a new secret while the prober waits for a round to end (a listed
     host switched off: its probe waits for the timeout) marks the members that refused the
@@ -1503,22 +1527,15 @@ async def test_a_new_secret_taken_while_a_probe_round_is_out_probes_the_rejectin
         m.roster.rejected(refusing, now, "401")
     for n in (dead, refusing):
         m.roster.members[n].retry_at = now
-    runner = asyncio.ensure_future(m.run())
-    try:
-        async with asyncio.timeout(10):
-            await probed.wait()  # the round is out
-            while m.roster.members[refusing].probed is False:  # noqa: ASYNC110 - refused
-                await asyncio.sleep(0.01)
-            assert m.roster.members[refusing].retry_at - m.clock() > 30
-            client.secret = b"new"
-            m.rekeyed()
-            off.set()
-            while m.roster.members[refusing].state is not State.LIVE:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await client.close()
+    async with probing(m, client):
+        await probed.wait()  # the round is out
+        while m.roster.members[refusing].probed is False:  # noqa: ASYNC110 - refused
+            await asyncio.sleep(0.01)
+        assert m.roster.members[refusing].retry_at - m.clock() > 30
+        client.secret = b"new"
+        m.rekeyed()
+        off.set()
+        await live(m, refusing)
 
 
 async def test_a_probe_refused_for_the_old_secret_after_a_reload_is_made_again() -> None:
@@ -1546,19 +1563,12 @@ async def test_a_probe_refused_for_the_old_secret_after_a_reload_is_made_again()
     for _ in range(8):  # at the longest backoff, due now
         m.roster.rejected(name, now, "401")
     m.roster.members[name].retry_at = now
-    runner = asyncio.ensure_future(m.run())
-    try:
-        async with asyncio.timeout(10):
-            await out.wait()
-            client.secret = b"new"
-            m.rekeyed()
-            answer.set()
-            while m.roster.members[name].state is not State.LIVE:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await client.close()
+    async with probing(m, client):
+        await out.wait()
+        client.secret = b"new"
+        m.rekeyed()
+        answer.set()
+        await live(m, name)
 
 
 def test_peers_stay_off_without_a_secret_and_say_so(work: Path) -> None:
@@ -1911,12 +1921,7 @@ async def test_a_member_busy_only_while_it_serves_this_host_is_still_waited_on()
     chunks = [mf.Chunk(id=chunk_id(d), size=len(d)) for d in (first, later, other)]
     landed = asyncio.Event()
 
-    class Pulling(PeerClient):
-        async def health(
-            self, name: str, challenge: str = ""
-        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-            return {"node": name}, ("127.0.0.1", 40000)
-
+    class Pulling(Answering):
         async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
             return set()
 
@@ -1963,12 +1968,7 @@ async def test_asks_whether_a_member_holds_chunks_go_one_request_at_a_time() -> 
     held = {os.urandom(32) for _ in range(200)}
     in_flight, most, requests = 0, 0, 0
 
-    class Counting(PeerClient):
-        async def health(
-            self, name: str, challenge: str = ""
-        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-            return {"node": name}, ("127.0.0.1", 40000)
-
+    class Counting(Answering):
         async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
             nonlocal in_flight, most, requests
             in_flight, requests = in_flight + 1, requests + 1
@@ -2009,12 +2009,7 @@ async def test_asks_waiting_behind_a_have_that_stalls_are_answered_with_it() -> 
     asked: list[list[bytes]] = []
     out, queued = asyncio.Event(), asyncio.Event()
 
-    class Stalling(PeerClient):
-        async def health(
-            self, name: str, challenge: str = ""
-        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-            return {"node": name}, ("127.0.0.1", 40000)
-
+    class Stalling(Answering):
         async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
             asked.append(cids)
             out.set()
@@ -2049,12 +2044,7 @@ async def test_an_ask_for_a_chunk_a_have_request_out_carries_waits_for_that_answ
     requests: list[list[bytes]] = []
     out, release = asyncio.Event(), asyncio.Event()
 
-    class Slow(PeerClient):
-        async def health(
-            self, name: str, challenge: str = ""
-        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-            return {"node": name}, ("127.0.0.1", 40000)
-
+    class Slow(Answering):
         async def have(self, name: str, cids: list[bytes]) -> set[bytes]:
             requests.append(cids)
             out.set()
