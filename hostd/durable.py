@@ -20,8 +20,9 @@ is dropped (records and files: fetched again when next asked for), and the tier'
 is also fsynced blob by blob, which reports an error a blob written during the failed sync
 met and the syncfs no longer would (it was reported once, to that sync). For the same
 reason a batch whose tier another caller's sync failed on (a re-hash's, a publish's) since
-its first blob was added counts as failed too (`Tier.failed_syncs`): that sync may have
-been told the batch's own write-back error.
+any of its blobs began to be written counts as failed too (`Tier.failed_syncs`, sampled
+before the first byte: write-back starts while a blob is written): that sync may have been
+told the batch's own write-back error.
 
 It must not: write a row before the sync covering its blob has returned; record a blob that
 is no longer the cache's record (Cache.record_durable skips those, and writes the rest on the
@@ -90,7 +91,7 @@ class Durability:
         # of a given set of blobs looks for.
         self._unsynced: set[int] = set()
         self._suspect: set[str] = set()  # tiers whose last sync failed: check blob by blob
-        # Each tier's count of failed syncs when the first of its pending blobs was added: one
+        # Each tier's count of failed syncs before any of its pending blobs was written: one
         # that moved by the time this object's sync passed failed for another caller, which
         # may have been told this batch's write-back error (it is told once)
         self._failed_at: dict[str, int] = {}
@@ -110,11 +111,14 @@ class Durability:
     def syncing(self) -> bool:
         return self._flight is not None
 
-    def add(self, b: Blob) -> None:
-        """A blob installed with `durable=False` and recorded with `persist=False`."""
+    def add(self, b: Blob, failed_at: int | None = None) -> None:
+        """A blob installed with `durable=False` and recorded with `persist=False`.
+        `failed_at`: its tier's `failed_syncs` from before the blob's first byte was written
+        (a sync that failed while it was written may have been told its error); else now."""
         if self._timer is None and not self._pending:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay, self._on_time)
-        self._failed_at.setdefault(b.tier.name, b.tier.failed_syncs)
+        at = b.tier.failed_syncs if failed_at is None else failed_at
+        self._failed_at[b.tier.name] = min(self._failed_at.get(b.tier.name, at), at)
         self._pending.append(b)
         self._unsynced.add(id(b))
         self._added += 1

@@ -78,6 +78,7 @@ class _Whole:
     tier: Tier
     data: bytes | memoryview
     source: str
+    failed_at: int  # the tier's failed_syncs before it was written (Durability.add)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class _Open:
     tier: Tier
     blob: PartialBlob
     left: int
+    failed_at: int  # the tier's failed_syncs before its first chunk was written
     finishing: bool = False
 
 
@@ -219,11 +221,12 @@ class Filler:
             self.durability.add(self.cache.adopt(tier, st, chunk_size, persist=False))
         self.durability.kick()
 
-    def _completed(self, digest: bytes, tier: Tier, st: BlobStat) -> Blob:
+    def _completed(self, digest: bytes, tier: Tier, st: BlobStat, failed_at: int) -> Blob:
         """A blob this fill admitted is installed: complete in memory now, recorded in the
-        index once a sync has made it durable."""
+        index once a sync has made it durable. `failed_at`: the tier's `failed_syncs` from
+        before its first byte was written (Durability.add)."""
         b = self.cache.completed(digest, tier, st, persist=False)
-        self.durability.add(b)
+        self.durability.add(b, failed_at)
         return b
 
     def filling(self) -> set[bytes]:
@@ -467,6 +470,7 @@ class Filler:
         on (Cache.cramped): the copy is admitted again, evicting or to the next tier."""
         for full_left in range(FULL_RETRIES, -1, -1):
             t = await self.cache.admit(src.digest, src.size, src.chunk_size, tiers)
+            failed_at = t.failed_syncs
             copy = functools.partial(
                 t.copy_in, src.path, src.digest, src.size, src.chunk_size, durable=False
             )
@@ -487,7 +491,7 @@ class Filler:
             except BaseException:
                 self.cache.abandon(src.digest, t)
                 raise
-        b = self._completed(src.digest, t, st)
+        b = self._completed(src.digest, t, st, failed_at)
         progress.done_bytes += src.size
         progress.by_source[src.tier.name] += src.size
         await self.durability.step()
@@ -563,6 +567,7 @@ class Filler:
 
         async def open_blob(e: FileEntry) -> _Open:
             t = await self.cache.admit(e.digest, e.size, chunk_size, tiers)
+            failed_at = t.failed_syncs
             forget = functools.partial(self.cache.abandon, e.digest, t)
 
             def forget_late() -> None:
@@ -583,7 +588,7 @@ class Filler:
             present = [c.size for c, h in zip(e.chunks, pb.have, strict=True) if h]
             progress.done_bytes += sum(present)
             progress.by_source["resumed"] += sum(present)
-            return _Open(e, t, pb, len(e.chunks) - len(present))
+            return _Open(e, t, pb, len(e.chunks) - len(present), failed_at)
 
         async def get_open(e: FileEntry) -> _Open:
             fut = opened.get(e.digest)
@@ -610,7 +615,7 @@ class Filler:
                 o.blob.complete, o.entry.mtime, durable=False, mode=blob_mode(o.entry.mode)
             )
             st = await self._landing(asyncio.to_thread(complete), o.tier, chunk_size)
-            done[o.entry.digest] = self._completed(o.entry.digest, o.tier, st)
+            done[o.entry.digest] = self._completed(o.entry.digest, o.tier, st, o.failed_at)
             # whoever waits for this blob can go on now, not when this whole fill ends
             self._release(o.entry.digest, claims)
             await self.durability.step()
@@ -644,7 +649,7 @@ class Filler:
                                 raise type(r)(f"file {e.path!r}: {r.message}") from r
                             raise r
                         data, src = r
-                        queue.append(_Whole(e, t, data, src))
+                        queue.append(_Whole(e, t, data, src, t.failed_syncs))
                         queued_bytes += e.size
                         held -= e.size
                         if writers < WRITERS:
@@ -798,7 +803,7 @@ class Filler:
                 self.cache.abandon(d, w.tier)  # write_whole left nothing behind
                 failure = failure or r
                 continue
-            done[d] = self._completed(d, w.tier, r)
+            done[d] = self._completed(d, w.tier, r, w.failed_at)
             progress.done_bytes += w.entry.size
             progress.by_source[w.source] += w.entry.size
             self._release(d, claims)

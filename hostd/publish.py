@@ -632,6 +632,10 @@ class _SmallStore:
 
     def __init__(self, tier: Tier) -> None:
         self.tier = tier
+        # The tier's failed syncs before any blob of the batch is written: one that failed
+        # for another caller meanwhile may have been told this batch's write-back error
+        # (it is told once), and this batch's own sync then passes (durable.Durability)
+        self.failed_at = tier.failed_syncs
         # digest -> (bytes, mtime, mode), by put
         self.blobs: dict[bytes, tuple[bytes, int, int]] = {}
         self.puts: list[bytes] = []  # the digest of each put, in order
@@ -674,6 +678,12 @@ class _SmallStore:
 
     def sync(self) -> None:
         self.tier.sync(self.written)
+        if self.tier.failed_syncs != self.failed_at:
+            raise TierError(
+                f"tier {self.tier.name!r} ({self.tier.root}): another sync of it failed while "
+                "this batch of blobs was written, and its error may have been theirs",
+                tier=self.tier.name,
+            )
 
 
 class Publisher:

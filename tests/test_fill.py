@@ -1158,6 +1158,48 @@ async def test_a_batch_whose_write_back_error_another_sync_was_told_is_dropped(
         rig.close()
 
 
+async def test_a_batch_whose_error_another_sync_was_told_while_its_blobs_were_written_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """A blob's write-back error can be told to another caller's sync of the tier while the
+    blob is still being written (the flusher writes pages back as they are dirtied), before
+    it is handed to be made durable: the batch counts the other sync's failure from before
+    its blobs' first bytes were written, not from when they were done."""
+    broken = [False]
+    told: list[bool] = []
+
+    def syncfs(_path: Path) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class SharedTier(LoggedTier):
+        def __init__(self, name: str, root: Path, budget: int) -> None:
+            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
+
+        def write_wholes(self, blobs: Any, doing: str = "writing a blob") -> Any:
+            out = super().write_wholes(blobs, doing)
+            if told:
+                return out
+            told.append(True)
+            broken[0] = True  # another caller's sync of the tier meets the error first
+            with pytest.raises(TierError, match="syncing its blobs to disk failed"):
+                Tier.sync(self, [os.urandom(32)])
+            broken[0] = False
+            return out
+
+    LoggedTier.hold.set()
+    LoggedTier.syncing.clear()
+    LoggedTier.each = []
+    rig = Rig(tmp_path, mem_tier=SharedTier)
+    try:
+        files = [rig.file(f"f{i}", pattern(f"f{i}", 3000 + i)) for i in range(5)]
+        with pytest.raises(TierError, match="another sync of it failed"):
+            await rig.ensure(files)
+        assert [r for r in rig.index.blobs() if r.complete] == []
+    finally:
+        rig.close()
+
+
 async def test_a_restart_between_install_and_row_rehashes_and_keeps_the_blob(
     tmp_path: Path,
 ) -> None:

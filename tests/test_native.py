@@ -877,7 +877,7 @@ def test_a_fill_batch_gives_blob_stats_and_names_what_failed(
     for i, mtime in enumerate((-1, None, 1_700_000_000_123_456_789)):
         data = f"blob {i}".encode() * 100
         e = FileEntry(f"f{i}", 0o644, len(data), (Chunk(chunk_id(data), len(data)),), mtime)
-        batch.append(_Whole(e, tier, memoryview(data), "origin"))
+        batch.append(_Whole(e, tier, memoryview(data), "origin", tier.failed_syncs))
     bad = batch[1].entry.digest.hex()
     (tier.blobs_dir / bad[:2]).write_bytes(b"a file where its prefix directory goes")
     # (the tier clears that out of the way and tries again, tests/test_tier.py: not here,
@@ -1290,3 +1290,39 @@ def test_native_path_batches_survive_a_path_that_changes_the_list(
     )
     assert r.returncode == 0, (r.returncode, r.stderr[-500:])
     assert r.stdout == "ok\n"
+
+
+def test_a_publish_batch_whose_error_another_sync_was_told_is_tier_error(tmp_path: Path) -> None:
+    """syncfs tells a write-back error once: another caller's sync of the tier that failed
+    while a publish batch was written (a fill's batch, a re-hash's) may have been told the
+    batch's own error, and the batch's sync then passes: its blobs must not be recorded."""
+    from typing import Any
+
+    from hostd.errors import TierError
+    from hostd.publish import SourceFile, read_small, store_small
+    from hostd.tier import Tier
+
+    broken = [False]
+
+    def syncfs(_path: Path) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class Shared(Tier):
+        def write_new(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().write_new(*args, **kwargs)
+            broken[0] = True  # another caller's sync of the tier meets the error first
+            with pytest.raises(TierError, match="syncing its blobs to disk failed"):
+                Tier.sync(self, [os.urandom(32)])
+            broken[0] = False
+            return out
+
+    tier = Shared("disk", tmp_path / "disk", 1 << 30, syncfs=syncfs, fsync_each=0)
+    tier.prepare()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"some bytes")
+    fds = [os.open(src / "a", os.O_RDONLY | os.O_CLOEXEC)]
+    read = read_small(fds, [SourceFile("a", 0o644, 10, (0, 0))], compress="never", min_saving=0.1)
+    with pytest.raises(TierError, match="another sync of it failed"):
+        store_small(read, [0o644], tier)
