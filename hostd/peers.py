@@ -46,7 +46,7 @@ import aiohttp
 from hostd.core import codec, peerauth, rendezvous
 from hostd.core.ids import is_hex_id
 from hostd.core.manifest import Chunk
-from hostd.core.members import SILENT_STRIKE, Member, Roster, State
+from hostd.core.members import SILENT_STRIKE, STRIKE_MAX, Member, Roster, State
 from hostd.errors import ChunkCorrupt, ChunkMissing
 from hostd.fetch import Fetcher, Priority
 from hostd.unixhttp import BodyDecoder, ConnectionClosed, ProtocolError, parse_head
@@ -768,6 +768,7 @@ class Membership:
         # When each member last stalled on us (report): every one within a timeout or two of
         # the others is this host cut off, not each of them at fault
         self._stalled: dict[str, float] = {}
+        self._cut_at = float("-inf")  # when this host last counted itself cut off
 
     def __repr__(self) -> str:
         return f"Membership({self.roster!r}, self={self.roster.self_name})"
@@ -936,6 +937,13 @@ class Membership:
         first probe that gets through once the network heals has them back, where strikes
         kept this host on the origin for 30 s (the others strike it, as before: to them it
         is one member that stalled)."""
+        m = self.roster.members.get(name)
+        if m is None or m.state is not State.LIVE:
+            # A request that went out before it was counted dead or struck (many are in
+            # flight at once): nothing new. One counted dead stays dead, probed, not struck
+            # for it; and it is no live member's stall (every live one "stalled", once
+            # none is left live, would bring back members struck for their own)
+            return m is not None and m.state is State.DEAD
         window = CUT_OFF_WINDOW * self.client.timeout
         self._stalled[name] = now
         self._stalled = {n: t for n, t in self._stalled.items() if now - t <= window}
@@ -945,6 +953,14 @@ class Membership:
         others = live | (self._stalled.keys() & members.keys())
         if len(others) < 2 or not live <= self._stalled.keys():
             return False
+        if now - self._cut_at <= STRIKE_MAX and all(
+            members[n].served_at <= self._cut_at for n in others
+        ):
+            # Every one came back at a probe since the last cut-off, and stalled again before
+            # serving a chunk: what gets through is probes, not chunks (a link that drops
+            # big packets; members whose disks hang). Struck, each strike longer, not probed
+            # back every second or two for a timeout's stall each time.
+            return False
         log.warning(
             "peers: every peer stalled on us within %.0f s: this host is cut off from them, "
             "most likely; they are counted dead, and probed, until they answer",
@@ -953,6 +969,7 @@ class Membership:
         for n in others:
             self.roster.failed(n, now, "stalled, as every peer did: this host cut off")
         self._stalled.clear()
+        self._cut_at = now
         self._wake.set()
         return True
 

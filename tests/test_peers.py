@@ -2105,3 +2105,88 @@ async def test_every_peer_stalling_at_once_is_this_host_cut_off_not_each_struck(
         assert {m.roster.members[n].state for n in names} == {State.LIVE}
     finally:
         await client.close()
+
+
+async def test_requests_in_flight_to_members_counted_cut_off_strike_none_and_revive_none() -> None:
+    """A host cut off has many requests out to each member: they stall one after another,
+    after the first of each counted every member dead. Those that come in later are the
+    same cut-off, not a member struck alone (for 30 s, and more at its next strike); and
+    one to a member struck a while ago, once no member is live, is not every live member
+    stalling at once: it brings back no member struck for its own stalls."""
+    names = ["10.0.0.2:7460", "10.0.0.3:7460", "10.0.0.4:7460"]
+    t = [0.0]
+    client = PeerClient("me", None, 2.0, 10.0)
+    m = Membership(tuple(names), (), 3600.0, client, clock=lambda: t[0])
+    await m.refresh()
+    for n in names:
+        m.roster.answered(n, 0.0)
+    stall = PeerFailure("stall", "sent no answer in 2 s")
+    try:
+        for n in names * 3:  # each member's first request, then the others in flight
+            t[0] += 0.1
+            m.report(n, stall)
+        assert {n: m.roster.members[n].state for n in names} == dict.fromkeys(names, State.DEAD)
+        assert max(m.roster.members[n].strikes for n in names) <= 1
+
+        t[0] = 100.0
+        for n in names:
+            m.roster.answered(n, t[0])
+        m.roster.rejected(names[2], t[0], "another secret")
+        m.report(names[0], stall)  # stalls alone: struck
+        t[0] = 110.0
+        m.report(names[1], stall)  # stalls alone, 10 s later: struck
+        t[0] = 110.5
+        m.report(names[0], stall)  # a request to the first, out since before its strike
+        for n in names[:2]:
+            assert m.roster.members[n].state is State.STRUCK
+    finally:
+        await client.close()
+
+
+async def test_members_that_answer_probes_and_stall_every_chunk_are_struck_not_probed_back() -> (
+    None
+):
+    """Every member stalling at once is this host cut off, once: members that are back at
+    the next probe and stall again before serving a chunk (a link that drops big packets,
+    members whose disks hang) are struck, each strike longer, not probed back every second
+    or two for a timeout's stall of every request each time."""
+    names = ["10.0.0.2:7460", "10.0.0.3:7460"]
+    t = [0.0]
+
+    class Probed(PeerClient):
+        async def health(
+            self, name: str, challenge: str = ""
+        ) -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return {"node": name}, ("127.0.0.1", 40000)
+
+    client = Probed("me", None, 2.0, 10.0)
+    m = Membership(tuple(names), (), 3600.0, client, clock=lambda: t[0])
+    await m.refresh()
+    for n in names:
+        m.roster.answered(n, 0.0)
+    stall = PeerFailure("stall", "sent no answer in 2 s")
+    rounds = 0
+    try:
+        while t[0] < 600.0:
+            live = [n for n in names if m.roster.members[n].state is State.LIVE]
+            if live:
+                rounds += 1
+                t[0] += 2.0  # asked, and a timeout later: stalled
+                for n in live:
+                    m.report(n, stall)
+            else:
+                t[0] += 0.5
+                m.roster.tick(t[0])
+                for due in m.roster.due(t[0]):
+                    await m.probe(due)
+        assert rounds <= 12  # (each struck for 30, 60, 120, 240 s: not 200 rounds)
+        # one that serves a chunk once it is back: a later cut-off is one again
+        m.roster.tick(t[0] + 600.0)
+        for n in names:
+            m.roster.answered(n, t[0], served=True)
+        t[0] += 10.0
+        for n in names:
+            m.report(n, stall)
+        assert {m.roster.members[n].state for n in names} == {State.DEAD}
+    finally:
+        await client.close()

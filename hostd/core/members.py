@@ -62,6 +62,7 @@ class Member:
     node: str = ""  # its node id, once a probe has answered
     probed: bool = False
     probed_at: float = float("-inf")  # when a probe of it last began
+    served_at: float = float("-inf")  # when it last served us a chunk
 
     def to_json(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -187,6 +188,7 @@ class Roster:
         m.failures = 0
         if served:
             m.silent = 0
+            m.served_at = now
         if m.state in (State.DEAD, State.REJECTING):
             self._set(m, State.LIVE, now)
             m.last_error = ""
