@@ -245,8 +245,8 @@ def _sync_tiers(
     tiers: list[tuple[Tier, list[bytes]]], suspect: set[str], failed_at: dict[str, int]
 ) -> dict[str, TierError]:
     """Sync each tier (blocking); the failures, by tier name. A tier another caller's sync
-    failed on since the batch's first blob was added counts as failed too: the write-back
-    error it was told may have been this batch's, which this sync is then not told."""
+    failed on since before the batch's first byte was written (`failed_at`) counts as failed
+    too (Tier.failed_since)."""
     failed: dict[str, TierError] = {}
     for t, digests in tiers:
         try:
@@ -254,10 +254,6 @@ def _sync_tiers(
         except TierError as e:
             failed[t.name] = e
             continue
-        if t.failed_syncs != failed_at.get(t.name, t.failed_syncs):
-            failed[t.name] = TierError(
-                f"tier {t.name!r} ({t.root}): another sync of it failed while this batch of "
-                "blobs was written, and its error may have been theirs",
-                tier=t.name,
-            )
+        if (theirs := t.failed_since(failed_at.get(t.name, t.failed_syncs))) is not None:
+            failed[t.name] = theirs
     return failed

@@ -678,12 +678,8 @@ class _SmallStore:
 
     def sync(self) -> None:
         self.tier.sync(self.written)
-        if self.tier.failed_syncs != self.failed_at:
-            raise TierError(
-                f"tier {self.tier.name!r} ({self.tier.root}): another sync of it failed while "
-                "this batch of blobs was written, and its error may have been theirs",
-                tier=self.tier.name,
-            )
+        if (theirs := self.tier.failed_since(self.failed_at)) is not None:
+            raise theirs
 
 
 class Publisher:

@@ -752,6 +752,18 @@ class Tier:
                 os.unlink(tmp)
             raise tier_error(self.name, dest, e, "copying a blob in") from e
 
+    def failed_since(self, count: int) -> TierError | None:
+        """An error where a sync of this tier failed since `failed_syncs` was `count` (taken
+        before a batch's first byte was written): the write-back error that sync was told
+        may have been the batch's, which the batch's own sync is then not told."""
+        if self.failed_syncs == count:
+            return None
+        return TierError(
+            f"tier {self.name!r} ({self.root}): another sync of it failed while this batch of "
+            "blobs was written, and its error may have been theirs",
+            tier=self.name,
+        )
+
     def sync(self, digests: Iterable[bytes], *, each: bool = False) -> None:
         """Make durable every blob installed here with `durable=False` (`digests` names
         them): one syncfs of the tier's filesystem, which also commits their names. Since

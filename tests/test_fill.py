@@ -961,6 +961,30 @@ def logged(tmp_path: Path) -> Iterator[Rig]:
     r.close()
 
 
+class EioTier(LoggedTier):
+    """A logged tier whose syncfs fails with EIO while `broken` is set, as the kernel tells a
+    write-back error (once, to the sync that comes first); no batch fsyncs blob by blob."""
+
+    broken = False
+
+    def __init__(self, name: str, root: Path, budget: int) -> None:
+        super().__init__(name, root, budget, syncfs=self._syncfs_or_eio, fsync_each=0)
+
+    @classmethod
+    def _syncfs_or_eio(cls, _path: Path) -> None:
+        if cls.broken:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def another_sync_fails(self) -> None:
+        """Another caller's sync of this tier meets the error first."""
+        type(self).broken = True
+        try:
+            with pytest.raises(TierError, match="syncing its blobs to disk failed"):
+                Tier.sync(self, [os.urandom(32)])
+        finally:
+            type(self).broken = False
+
+
 def fsync_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = os.fsync
@@ -1074,19 +1098,10 @@ async def test_a_stalled_fill_has_what_it_made_recorded_within_max_delay(
 async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
     tmp_path: Path,
 ) -> None:
-    broken = [True]
-
-    def syncfs(_path: Path) -> None:
-        if broken[0]:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    class FailingTier(LoggedTier):
-        def __init__(self, name: str, root: Path, budget: int) -> None:
-            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
-
+    EioTier.broken = True
     LoggedTier.hold.set()
     LoggedTier.each = []
-    rig = Rig(tmp_path, mem_tier=FailingTier)
+    rig = Rig(tmp_path, mem_tier=EioTier)
     try:
         files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(5)]
         big = rig.file("big", pattern("big", 2 * CS))
@@ -1102,7 +1117,7 @@ async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
         assert rig.durability.stats.dropped == len(files) + 1
         assert {u.name: u.used for u in rig.cache.usage()}["mem"] == 0
 
-        broken[0] = False
+        EioTier.broken = False
         calls = len(rig.origin.order)
         found, _ = await rig.ensure([*files, big])
         for e in [*files, big]:
@@ -1113,6 +1128,7 @@ async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
         assert LoggedTier.each == [True]
         assert {r.digest for r in rig.index.blobs() if r.complete} == set(found)
     finally:
+        EioTier.broken = False
         rig.close()
 
 
@@ -1123,28 +1139,16 @@ async def test_a_batch_whose_write_back_error_another_sync_was_told_is_dropped(
     another caller's sync of the tier (a re-hash's, a publish's) that fails while a batch is
     written may have taken the batch's error, and the batch's own sync then passes. Its blobs
     were recorded, rows for bytes that may never have reached the disk."""
-    broken = [False]
-
-    def syncfs(_path: Path) -> None:
-        if broken[0]:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    class SharedTier(LoggedTier):
-        def __init__(self, name: str, root: Path, budget: int) -> None:
-            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
-
     LoggedTier.hold.clear()
     LoggedTier.syncing.clear()
     LoggedTier.each = []
-    rig = Rig(tmp_path, mem_tier=SharedTier)
+    rig = Rig(tmp_path, mem_tier=EioTier)
     try:
         files = [rig.file(f"f{i}", pattern(f"f{i}", 3000 + i)) for i in range(5)]
         job = asyncio.create_task(rig.ensure(files))
         assert await asyncio.to_thread(LoggedTier.syncing.wait, DEADLINE)  # the batch's, held
-        broken[0] = True  # another caller's sync of the tier meets the error first
-        with pytest.raises(TierError, match="syncing its blobs to disk failed"):
-            Tier.sync(rig.mem, [os.urandom(32)])
-        broken[0] = False
+        assert isinstance(rig.mem, EioTier)
+        rig.mem.another_sync_fails()
         LoggedTier.hold.set()  # the batch's own sync passes
         with pytest.raises(TierError, match="another sync of it failed"):
             await job
@@ -1165,26 +1169,14 @@ async def test_a_batch_whose_error_another_sync_was_told_while_its_blobs_were_wr
     blob is still being written (the flusher writes pages back as they are dirtied), before
     it is handed to be made durable: the batch counts the other sync's failure from before
     its blobs' first bytes were written, not from when they were done."""
-    broken = [False]
     told: list[bool] = []
 
-    def syncfs(_path: Path) -> None:
-        if broken[0]:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    class SharedTier(LoggedTier):
-        def __init__(self, name: str, root: Path, budget: int) -> None:
-            super().__init__(name, root, budget, syncfs=syncfs, fsync_each=0)
-
+    class SharedTier(EioTier):
         def write_wholes(self, blobs: Any, doing: str = "writing a blob") -> Any:
             out = super().write_wholes(blobs, doing)
-            if told:
-                return out
-            told.append(True)
-            broken[0] = True  # another caller's sync of the tier meets the error first
-            with pytest.raises(TierError, match="syncing its blobs to disk failed"):
-                Tier.sync(self, [os.urandom(32)])
-            broken[0] = False
+            if not told:  # the first batch's blobs are written, not yet handed on
+                told.append(True)
+                self.another_sync_fails()
             return out
 
     LoggedTier.hold.set()
