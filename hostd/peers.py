@@ -937,13 +937,13 @@ class Membership:
         first probe that gets through once the network heals has them back, where strikes
         kept this host on the origin for 30 s (the others strike it, as before: to them it
         is one member that stalled)."""
-        m = self.roster.members.get(name)
-        if m is None or m.state is not State.LIVE:
+        stalled = self.roster.members.get(name)
+        if stalled is None or stalled.state is not State.LIVE:
             # A request that went out before it was counted dead or struck (many are in
             # flight at once): nothing new. One counted dead stays dead, probed, not struck
             # for it; and it is no live member's stall (every live one "stalled", once
             # none is left live, would bring back members struck for their own)
-            return m is not None and m.state is State.DEAD
+            return stalled is not None and stalled.state is State.DEAD
         window = CUT_OFF_WINDOW * self.client.timeout
         self._stalled[name] = now
         self._stalled = {n: t for n, t in self._stalled.items() if now - t <= window}

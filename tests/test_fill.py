@@ -938,6 +938,16 @@ class LoggedTier(Tier):
     syncing = threading.Event()
     each: ClassVar[list[bool]] = []
 
+    @classmethod
+    def reset(cls, *, held: bool) -> None:
+        """A test's start: no sync seen yet, none logged; syncs `held` until `hold` is set."""
+        if held:
+            cls.hold.clear()
+        else:
+            cls.hold.set()
+        cls.syncing.clear()
+        cls.each = []
+
     def sync(self, digests: Any, *, each: bool = False) -> None:
         digests = list(digests)
         self.syncing.set()
@@ -950,9 +960,7 @@ class LoggedTier(Tier):
 
 @pytest.fixture
 def logged(tmp_path: Path) -> Iterator[Rig]:
-    LoggedTier.hold.set()
-    LoggedTier.syncing.clear()
-    LoggedTier.each = []
+    LoggedTier.reset(held=False)
     r = Rig(tmp_path, mem=4096 * CS, mem_tier=LoggedTier)
     LoggedTier.log = Log(r)
     yield r
@@ -1099,8 +1107,7 @@ async def test_a_failed_sync_drops_its_blobs_and_the_next_fill_checks_each(
     tmp_path: Path,
 ) -> None:
     EioTier.broken = True
-    LoggedTier.hold.set()
-    LoggedTier.each = []
+    LoggedTier.reset(held=False)
     rig = Rig(tmp_path, mem_tier=EioTier)
     try:
         files = [rig.file(f"f{i}", pattern(f"f{i}", 1000 + i)) for i in range(5)]
@@ -1139,9 +1146,7 @@ async def test_a_batch_whose_write_back_error_another_sync_was_told_is_dropped(
     another caller's sync of the tier (a re-hash's, a publish's) that fails while a batch is
     written may have taken the batch's error, and the batch's own sync then passes. Its blobs
     were recorded, rows for bytes that may never have reached the disk."""
-    LoggedTier.hold.clear()
-    LoggedTier.syncing.clear()
-    LoggedTier.each = []
+    LoggedTier.reset(held=True)
     rig = Rig(tmp_path, mem_tier=EioTier)
     try:
         files = [rig.file(f"f{i}", pattern(f"f{i}", 3000 + i)) for i in range(5)]
@@ -1179,9 +1184,7 @@ async def test_a_batch_whose_error_another_sync_was_told_while_its_blobs_were_wr
                 self.another_sync_fails()
             return out
 
-    LoggedTier.hold.set()
-    LoggedTier.syncing.clear()
-    LoggedTier.each = []
+    LoggedTier.reset(held=False)
     rig = Rig(tmp_path, mem_tier=SharedTier)
     try:
         files = [rig.file(f"f{i}", pattern(f"f{i}", 3000 + i)) for i in range(5)]
@@ -1198,8 +1201,7 @@ async def test_a_restart_between_install_and_row_rehashes_and_keeps_the_blob(
     """A daemon dies after its blobs were renamed into place and before their sync returned
     (so before their rows). The next one finds them with no row: it re-hashes each before its
     first use and keeps it, fetching nothing."""
-    LoggedTier.hold.clear()
-    LoggedTier.syncing.clear()
+    LoggedTier.reset(held=True)
     first = Rig(tmp_path, mem_tier=LoggedTier)
     files = [first.file(f"f{i}", pattern(f"f{i}", 2000 + i)) for i in range(8)]
     job = asyncio.create_task(first.ensure(files))
